@@ -1,0 +1,1 @@
+//! Criterion benchmarks for weir; see benches/README.md.

@@ -1,0 +1,128 @@
+//! Upstream clusters and their endpoints.
+use std::{net::SocketAddr, time::Duration};
+
+use super::{Http2Settings, Name};
+
+/// `Cluster`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub name: Name,
+    /// Stats name: `alt_stat_name` or `name`.
+    pub stat_name: String,
+    pub discovery: Discovery,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub localities: Vec<LocalityEndpoints>,
+    pub dns: DnsSettings,
+    pub protocol: UpstreamProtocol,
+    pub http2: Http2Settings,
+    /// `max_requests_per_connection`.
+    pub max_requests_per_connection: Option<u32>,
+    /// Upstream connection idle timeout (default 1 h, as Envoy).
+    pub idle_timeout: Option<Duration>,
+    pub buffer_limit: u32,
+    /// `common_lb_config.healthy_panic_threshold` (default 50%).
+    pub panic_threshold: f64,
+    /// `load_assignment.policy.overprovisioning_factor` (default 140).
+    pub overprovisioning_factor: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discovery {
+    Static,
+    StrictDns,
+    LogicalDns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    /// Power of `choice_count` choices on active requests.
+    LeastRequest { choice_count: u32 },
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsFamily {
+    Auto,
+    V4Only,
+    V6Only,
+    V4Preferred,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DnsSettings {
+    pub refresh_rate: Duration,
+    pub respect_ttl: bool,
+    pub family: DnsFamily,
+}
+
+/// How weir speaks HTTP to the cluster's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// `use_downstream_protocol_config`.
+    UseDownstream,
+    /// `auto_config`: HTTP/2 when ALPN negotiates it; cleartext is HTTP/1.1.
+    Auto,
+}
+
+/// `LocalityLbEndpoints`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalityEndpoints {
+    pub region: String,
+    pub zone: String,
+    pub sub_zone: String,
+    pub priority: u32,
+    pub weight: Option<u32>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// `LbEndpoint`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub address: EndpointAddress,
+    pub weight: u32,
+    pub health: HealthStatus,
+    pub hostname: String,
+    /// `metadata.filter_metadata` as JSON, for `%UPSTREAM_METADATA%`.
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointAddress {
+    Ip(SocketAddr),
+    /// A DNS name resolved by STRICT_DNS / LOGICAL_DNS clusters.
+    Dns(String, u16),
+}
+
+impl std::fmt::Display for EndpointAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointAddress::Ip(a) => write!(f, "{a}"),
+            EndpointAddress::Dns(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    Unknown,
+    Healthy,
+    Unhealthy,
+    Draining,
+    Timeout,
+    Degraded,
+}
+
+impl HealthStatus {
+    /// Envoy routes to UNKNOWN, HEALTHY and DEGRADED hosts.
+    pub fn is_usable(self) -> bool {
+        matches!(
+            self,
+            HealthStatus::Unknown | HealthStatus::Healthy | HealthStatus::Degraded
+        )
+    }
+}

@@ -1,0 +1,272 @@
+//! `envoy.filters.network.http_connection_manager` and access logs.
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use http::HeaderValue;
+
+use super::{Format, Name, RouteConfig};
+
+/// The HTTP connection manager of a filter chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    pub codec: Codec,
+    pub route_config: Arc<RouteConfig>,
+    pub http_filters: Vec<HttpFilterConfig>,
+    pub access_logs: Vec<Arc<AccessLog>>,
+    /// `common_http_protocol_options.idle_timeout` (default 1 h; `0s` disables).
+    pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration`.
+    pub max_connection_duration: Option<Duration>,
+    /// `common_http_protocol_options.max_headers_count` (default 100).
+    pub max_headers_count: u32,
+    /// `common_http_protocol_options.max_stream_duration`.
+    pub max_stream_duration: Option<Duration>,
+    pub headers_with_underscores: UnderscoreAction,
+    /// `common_http_protocol_options.max_requests_per_connection`.
+    pub max_requests_per_connection: Option<u32>,
+    /// `stream_idle_timeout` (default 5 min; `0s` disables).
+    pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout` (default disabled).
+    pub request_timeout: Option<Duration>,
+    /// `request_headers_timeout` (default disabled).
+    pub request_headers_timeout: Option<Duration>,
+    /// `max_request_headers_kb` (default 60).
+    pub max_request_headers_kb: u32,
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    pub skip_xff_append: bool,
+    pub via: Option<HeaderValue>,
+    /// `server_name` (default `envoy`, as Envoy).
+    pub server_name: HeaderValue,
+    pub server_header_transformation: ServerHeaderTransformation,
+    /// `generate_request_id` (default true).
+    pub generate_request_id: bool,
+    pub preserve_external_request_id: bool,
+    pub always_set_request_id_in_response: bool,
+    pub normalize_path: bool,
+    pub merge_slashes: bool,
+    pub escaped_slashes: EscapedSlashesAction,
+    pub strip_port: StripPort,
+    /// `upgrade_configs`: enabled upgrade types (lowercase), e.g. `websocket`.
+    pub upgrades: Vec<String>,
+    pub forward_client_cert: ForwardClientCert,
+    pub internal_address: InternalAddressConfig,
+    pub http1: Http1Settings,
+    pub http2: Http2Settings,
+    /// `append_x_forwarded_port`.
+    pub append_x_forwarded_port: bool,
+    /// `add_user_agent`: fill x-envoy-downstream-service-cluster / -node.
+    pub add_user_agent: bool,
+    /// `drain_timeout` (default 5 s): the GOAWAY grace period.
+    pub drain_timeout: Duration,
+    /// `delayed_close_timeout` is accepted; weir closes after the flush.
+    pub proxy_100_continue: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnderscoreAction {
+    #[default]
+    Allow,
+    RejectRequest,
+    DropHeader,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerHeaderTransformation {
+    Overwrite,
+    AppendIfAbsent,
+    PassThrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashesAction {
+    KeepUnchanged,
+    RejectRequest,
+    UnescapeAndRedirect,
+    UnescapeAndForward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripPort {
+    None,
+    /// `strip_matching_host_port`: strip when it equals the listener port.
+    Matching,
+    /// `strip_any_host_port`.
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardClientCert {
+    Sanitize,
+    ForwardOnly,
+    AppendForward,
+    SanitizeSet,
+    AlwaysForwardOnly,
+}
+
+/// Which downstream addresses count as internal (for x-envoy-* trust and
+/// `require_tls: EXTERNAL_ONLY`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct InternalAddressConfig {
+    pub unix_sockets: bool,
+    pub cidrs: Vec<Cidr>,
+}
+
+/// An IP prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len.min(32))) };
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - u32::from(self.len.min(128))) };
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// HTTP/1 server settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Http1Settings {
+    pub accept_http_10: bool,
+    pub default_host_for_http_10: Option<String>,
+}
+
+/// HTTP/2 settings (server and upstream), Envoy's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+    pub allow_connect: bool,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Option<Duration>,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: 2_147_483_647,
+            initial_stream_window_size: 268_435_456,
+            initial_connection_window_size: 268_435_456,
+            allow_connect: false,
+            keepalive_interval: None,
+            keepalive_timeout: None,
+        }
+    }
+}
+
+/// An HTTP filter in the chain: a closed set, one variant per filter weir
+/// implements (the factory in `filters` matches on it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpFilterConfig {
+    pub name: Name,
+    pub kind: HttpFilterKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HttpFilterKind {
+    /// `envoy.filters.http.router`: terminal.
+    Router(RouterConfig),
+}
+
+/// `envoy.extensions.filters.http.router.v3.Router`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RouterConfig {
+    /// `suppress_envoy_headers`.
+    pub suppress_envoy_headers: bool,
+    /// `start_child_span` is accepted (tracing is not built yet).
+    pub respect_expected_rq_timeout: bool,
+}
+
+/// An access log sink with its filter and format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    pub sink: AccessLogSink,
+    pub format: LogFormat,
+    pub filter: Option<AccessLogFilter>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AccessLogSink {
+    File(PathBuf),
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogFormat {
+    /// Text; Envoy's default format when none is given. Always ends in `\n`.
+    Text(Format),
+    /// `json_format`: keys in config order, values formats (`None` operators
+    /// render as JSON null, as Envoy).
+    Json(Vec<(String, JsonFormatValue)>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonFormatValue {
+    Format(Format),
+    Nested(Vec<(String, JsonFormatValue)>),
+    Number(f64),
+    Bool(bool),
+}
+
+/// `AccessLogFilter` (the subset weir implements).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AccessLogFilter {
+    Status(Comparison),
+    Duration(Comparison),
+    /// `response_flag_filter`: any of these flags (empty = any flag set).
+    ResponseFlag(Vec<String>),
+    NotHealthCheck,
+    And(Vec<AccessLogFilter>),
+    Or(Vec<AccessLogFilter>),
+    /// `header_filter`.
+    Header(super::HeaderMatcher),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Comparison {
+    pub op: CmpOp,
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ge,
+    Le,
+    Ne,
+}
+
+impl Comparison {
+    pub fn eval(&self, v: u64) -> bool {
+        match self.op {
+            CmpOp::Eq => v == self.value,
+            CmpOp::Ge => v >= self.value,
+            CmpOp::Le => v <= self.value,
+            CmpOp::Ne => v != self.value,
+        }
+    }
+}

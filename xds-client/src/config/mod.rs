@@ -1,0 +1,157 @@
+//! Validated, immutable configuration types.
+//!
+//! Everything here is built once by [`crate::translate`] from Envoy protos,
+//! shared behind `Arc`, and never mutated; the data path reads only these
+//! types, never protos. `PartialEq` lets the listener manager and pools diff
+//! an old snapshot against a new one.
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+pub mod cluster;
+pub mod format;
+pub mod hcm;
+pub mod matcher;
+pub mod route;
+
+pub use cluster::*;
+pub use format::*;
+pub use hcm::*;
+pub use matcher::*;
+pub use route::*;
+
+/// A shared, immutable name.
+pub type Name = Arc<str>;
+
+/// One complete, consistent configuration: what a worker pins for the life
+/// of a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub node: Node,
+    pub admin: Option<Admin>,
+    pub listeners: Vec<Arc<Listener>>,
+    pub clusters: BTreeMap<Name, Arc<Cluster>>,
+    pub stats: StatsConfig,
+    /// `overload_manager` `envoy.resource_monitors.global_downstream_max_connections`
+    /// (or `downstream_connections`) limit.
+    pub max_downstream_connections: Option<u64>,
+}
+
+/// `node` identity.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Node {
+    pub id: String,
+    pub cluster: String,
+    pub zone: String,
+    pub region: String,
+    pub sub_zone: String,
+    /// `node.metadata` as JSON, for `/server_info` and `%ENVIRONMENT%`-style lookups.
+    pub metadata: serde_json::Value,
+}
+
+/// `admin` server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub address: ListenAddress,
+    pub access_logs: Vec<Arc<AccessLog>>,
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenAddress {
+    Socket(SocketAddr),
+    Pipe(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddress::Socket(a) => write!(f, "{a}"),
+            ListenAddress::Pipe(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// `stats_config`: only `stats_matcher` changes behaviour.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum StatsConfig {
+    #[default]
+    All,
+    /// `reject_all: true`.
+    None,
+    /// `inclusion_list`: a stat is kept when any matcher matches its name.
+    Include(Vec<StringMatcher>),
+    /// `exclusion_list`: a stat is dropped when any matcher matches its name.
+    Exclude(Vec<StringMatcher>),
+}
+
+impl StatsConfig {
+    /// Whether stat `name` is instantiated.
+    pub fn accepts(&self, name: &str) -> bool {
+        match self {
+            StatsConfig::All => true,
+            StatsConfig::None => false,
+            StatsConfig::Include(ms) => ms.iter().any(|m| m.matches(name)),
+            StatsConfig::Exclude(ms) => !ms.iter().any(|m| m.matches(name)),
+        }
+    }
+}
+
+/// A listener: one bound address and its filter chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: Name,
+    pub address: SocketAddr,
+    /// Stats prefix: `listener.<stat_prefix or address>.`
+    pub stat_prefix: String,
+    pub socket: SocketOptions,
+    /// `per_connection_buffer_limit_bytes` (default 1 MiB): caps buffered
+    /// bytes per connection in each direction.
+    pub buffer_limit: u32,
+    pub filter_chain: Arc<FilterChain>,
+    pub access_logs: Vec<Arc<AccessLog>>,
+    /// `traffic_direction: INBOUND`, used by `/drain_listeners?inboundonly`.
+    pub inbound: bool,
+}
+
+/// Socket settings applied with socket2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketOptions {
+    /// `enable_reuse_port` (default true, as Envoy).
+    pub reuse_port: bool,
+    /// `tcp_backlog_size` (default 1024? Envoy: SOMAXCONN-like 128).
+    pub backlog: u32,
+    /// `socket_options` with level SOL_SOCKET / IPPROTO_TCP and an int value.
+    pub raw: Vec<RawSocketOption>,
+    /// `freebind`.
+    pub freebind: bool,
+}
+
+/// One `socket_options` entry applied with setsockopt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSocketOption {
+    pub level: i32,
+    pub name: i32,
+    pub value: RawSocketValue,
+    /// `state`: STATE_PREBIND (0), STATE_BOUND (1) or STATE_LISTENING (2).
+    pub state: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawSocketValue {
+    Int(i64),
+    Bytes(Vec<u8>),
+}
+
+/// The network filters of a chain; today the HTTP connection manager.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterChain {
+    pub name: Name,
+    pub filter: NetworkFilter,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetworkFilter {
+    Http(Arc<HttpConnectionManager>),
+}
+
+/// Default timeouts etc. reused across modules.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

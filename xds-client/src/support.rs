@@ -1,0 +1,344 @@
+//! Which proto fields weir implements.
+//!
+//! Every configuration, static or (later) from xDS, is walked against this
+//! table before translation. A set field that is not listed for its message
+//! is an error naming the field: weir never silently ignores configuration
+//! it does not implement. Fields marked `~` are accepted but only tune
+//! behaviour weir does not have (hot restart, stats flushing, ...); they are
+//! listed in ARCHITECTURE.md. A message marked `**` is accepted whole.
+//! Value-dependent limits (an enum value weir lacks, say) are checked by the
+//! translator, which names the field too.
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use prost_reflect::{DynamicMessage, ReflectMessage, Value};
+
+use crate::descriptors::decode_any;
+use crate::error::{join, ConfigErrors};
+
+/// (message full name, fields). `~name`: accepted without effect. `**` as the
+/// only entry: the whole subtree is accepted.
+pub static SUPPORTED: &[(&str, &[&str])] = &[
+    // --- bootstrap
+    ("envoy.config.bootstrap.v3.Bootstrap", &[
+        "node", "static_resources", "admin", "layered_runtime", "stats_config",
+        "overload_manager", "bootstrap_extensions",
+        "~stats_flush_interval", "~stats_flush_on_admin", "~enable_dispatcher_stats",
+        "~stats_server_version_override", "~watchdog", "~watchdogs", "~use_tcp_for_dns_lookups",
+        "~dns_resolution_config", "~typed_dns_resolver_config", "~fatal_actions",
+        "~certificate_provider_instances", "~inline_headers", "~perf_tracing_file_path",
+        "~default_regex_engine", "~memory_allocator_manager",
+    ]),
+    ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "~secrets"]),
+    ("envoy.config.bootstrap.v3.Admin", &[
+        "address", "access_log", "socket_options", "~access_log_path", "~profile_path",
+        "~ignore_global_conn_limit",
+    ]),
+    ("envoy.config.bootstrap.v3.LayeredRuntime", &["**"]),
+    ("envoy.config.bootstrap.v3.Watchdog", &["**"]),
+    ("envoy.config.bootstrap.v3.Watchdogs", &["**"]),
+    ("envoy.config.core.v3.Node", &[
+        "id", "cluster", "metadata", "locality", "~user_agent_name", "~user_agent_version",
+        "~user_agent_build_version", "~extensions", "~client_features", "~dynamic_parameters",
+        "~listening_addresses",
+    ]),
+    ("envoy.config.core.v3.Locality", &["region", "zone", "sub_zone"]),
+    ("envoy.config.metrics.v3.StatsConfig", &[
+        "stats_matcher", "~stats_tags", "~use_all_default_tags",
+    ]),
+    ("envoy.config.metrics.v3.StatsMatcher", &["reject_all", "inclusion_list", "exclusion_list"]),
+    ("envoy.type.matcher.v3.ListStringMatcher", &["patterns"]),
+    ("envoy.config.overload.v3.OverloadManager", &["resource_monitors", "~refresh_interval"]),
+    ("envoy.config.overload.v3.ResourceMonitor", &["name", "typed_config"]),
+    ("envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig", &[
+        "max_active_downstream_connections",
+    ]),
+    ("envoy.config.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
+    ("envoy.extensions.bootstrap.internal_listener.v3.InternalListener", &["**"]),
+    // --- addresses and sockets
+    ("envoy.config.core.v3.Address", &["socket_address", "pipe"]),
+    ("envoy.config.core.v3.SocketAddress", &["address", "port_value", "~protocol", "~ipv4_compat"]),
+    ("envoy.config.core.v3.Pipe", &["path", "mode"]),
+    ("envoy.config.core.v3.SocketOption", &["description", "level", "name", "int_value", "buf_value", "state"]),
+    // --- listeners
+    ("envoy.config.listener.v3.Listener", &[
+        "name", "address", "filter_chains", "default_filter_chain", "per_connection_buffer_limit_bytes",
+        "socket_options", "enable_reuse_port", "tcp_backlog_size", "freebind", "traffic_direction",
+        "stat_prefix", "access_log", "bind_to_port", "~connection_balance_config",
+        "~listener_filters_timeout", "~continue_on_listener_filters_timeout", "~drain_type",
+        "~metadata", "~reuse_port", "~ignore_global_conn_limit",
+    ]),
+    ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", &["**"]),
+    ("envoy.config.listener.v3.FilterChain", &["filters", "name", "filter_chain_match", "~metadata"]),
+    ("envoy.config.listener.v3.FilterChainMatch", &[]),
+    ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
+    // --- HTTP connection manager
+    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", &[
+        "codec_type", "stat_prefix", "http_filters", "route_config", "common_http_protocol_options",
+        "http_protocol_options", "http2_protocol_options", "server_name", "server_header_transformation",
+        "max_request_headers_kb", "stream_idle_timeout", "request_timeout", "request_headers_timeout",
+        "drain_timeout", "access_log", "use_remote_address", "xff_num_trusted_hops", "internal_address_config",
+        "skip_xff_append", "via", "generate_request_id", "preserve_external_request_id",
+        "always_set_request_id_in_response", "forward_client_cert_details", "upgrade_configs",
+        "normalize_path", "merge_slashes", "path_with_escaped_slashes_action", "strip_matching_host_port",
+        "strip_any_host_port", "append_x_forwarded_port", "add_user_agent", "proxy_100_continue",
+        "~delayed_close_timeout", "~stream_error_on_invalid_http_message", "~access_log_flush_interval",
+    ]),
+    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig", &[
+        "unix_sockets", "cidr_ranges",
+    ]),
+    ("envoy.config.core.v3.CidrRange", &["address_prefix", "prefix_len"]),
+    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig", &[
+        "upgrade_type", "enabled",
+    ]),
+    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter", &["name", "typed_config", "~is_optional"]),
+    ("envoy.extensions.filters.http.router.v3.Router", &[
+        "suppress_envoy_headers", "respect_expected_rq_timeout", "~dynamic_stats", "~start_child_span",
+    ]),
+    ("envoy.config.core.v3.HttpProtocolOptions", &[
+        "idle_timeout", "max_connection_duration", "max_headers_count", "max_stream_duration",
+        "headers_with_underscores_action", "max_requests_per_connection",
+    ]),
+    ("envoy.config.core.v3.Http1ProtocolOptions", &["accept_http_10", "default_host_for_http_10", "~allow_chunked_length"]),
+    ("envoy.config.core.v3.Http2ProtocolOptions", &[
+        "max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size",
+        "allow_connect", "connection_keepalive", "~hpack_table_size", "~max_outbound_frames",
+        "~max_outbound_control_frames", "~max_consecutive_inbound_frames_with_empty_payload",
+        "~max_inbound_priority_frames_per_stream", "~max_inbound_window_update_frames_per_data_frame_sent",
+        "~stream_error_on_invalid_http_messaging", "~override_stream_error_on_invalid_http_message",
+    ]),
+    ("envoy.config.core.v3.KeepaliveSettings", &["interval", "timeout", "~interval_jitter", "~connection_idle_interval"]),
+    // --- routes
+    ("envoy.config.route.v3.RouteConfiguration", &[
+        "name", "virtual_hosts", "internal_only_headers", "response_headers_to_add",
+        "response_headers_to_remove", "request_headers_to_add", "request_headers_to_remove",
+        "most_specific_header_mutations_wins", "ignore_port_in_host_matching", "~validate_clusters",
+        "~max_direct_response_body_size_bytes",
+    ]),
+    ("envoy.config.route.v3.VirtualHost", &[
+        "name", "domains", "routes", "require_tls", "request_headers_to_add", "request_headers_to_remove",
+        "response_headers_to_add", "response_headers_to_remove", "include_request_attempt_count",
+        "include_attempt_count_in_response", "retry_policy",
+    ]),
+    ("envoy.config.route.v3.Route", &[
+        "name", "match", "route", "redirect", "direct_response", "request_headers_to_add",
+        "request_headers_to_remove", "response_headers_to_add", "response_headers_to_remove",
+        "~metadata", "~decorator",
+    ]),
+    ("envoy.config.route.v3.Decorator", &["**"]),
+    ("envoy.config.route.v3.RouteMatch", &[
+        "prefix", "path", "safe_regex", "path_separated_prefix", "connect_matcher", "case_sensitive",
+        "headers", "query_parameters", "runtime_fraction", "grpc",
+    ]),
+    ("envoy.config.route.v3.RouteMatch.ConnectMatcher", &[]),
+    ("envoy.config.route.v3.RouteMatch.GrpcRouteMatchOptions", &[]),
+    ("envoy.config.core.v3.RuntimeFractionalPercent", &["default_value", "~runtime_key"]),
+    ("envoy.type.v3.FractionalPercent", &["numerator", "denominator"]),
+    ("envoy.config.route.v3.HeaderMatcher", &[
+        "name", "exact_match", "safe_regex_match", "range_match", "present_match", "prefix_match",
+        "suffix_match", "contains_match", "string_match", "invert_match", "treat_missing_header_as_empty",
+    ]),
+    ("envoy.config.route.v3.QueryParameterMatcher", &["name", "string_match", "present_match"]),
+    ("envoy.type.matcher.v3.StringMatcher", &["exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"]),
+    ("envoy.type.matcher.v3.RegexMatcher", &["regex", "~google_re2"]),
+    ("envoy.type.matcher.v3.RegexMatcher.GoogleRE2", &["**"]),
+    ("envoy.type.matcher.v3.RegexMatchAndSubstitute", &["pattern", "substitution"]),
+    ("envoy.type.v3.Int64Range", &["start", "end"]),
+    ("envoy.config.route.v3.RouteAction", &[
+        "cluster", "cluster_header", "weighted_clusters", "cluster_not_found_response_code",
+        "prefix_rewrite", "regex_rewrite", "host_rewrite_literal", "auto_host_rewrite",
+        "host_rewrite_header", "host_rewrite_path_regex", "append_x_forwarded_host", "timeout",
+        "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs",
+    ]),
+    ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
+    ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),
+    ("envoy.config.route.v3.WeightedCluster", &["clusters", "total_weight", "~runtime_key_prefix"]),
+    ("envoy.config.route.v3.WeightedCluster.ClusterWeight", &[
+        "name", "weight", "request_headers_to_add", "request_headers_to_remove",
+        "response_headers_to_add", "response_headers_to_remove", "host_rewrite_literal",
+    ]),
+    ("envoy.config.route.v3.RetryPolicy", &[
+        "retry_on", "num_retries", "per_try_timeout", "per_try_idle_timeout", "retry_host_predicate",
+        "host_selection_retry_max_attempts", "retriable_status_codes", "retry_back_off",
+    ]),
+    ("envoy.config.route.v3.RetryPolicy.RetryBackOff", &["base_interval", "max_interval"]),
+    ("envoy.config.route.v3.RetryPolicy.RetryHostPredicate", &["name", "typed_config"]),
+    ("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate", &[]),
+    ("envoy.config.route.v3.RedirectAction", &[
+        "https_redirect", "scheme_redirect", "host_redirect", "port_redirect", "path_redirect",
+        "prefix_rewrite", "regex_rewrite", "response_code", "strip_query",
+    ]),
+    ("envoy.config.route.v3.DirectResponseAction", &["status", "body"]),
+    ("envoy.config.core.v3.DataSource", &["filename", "inline_bytes", "inline_string", "environment_variable"]),
+    ("envoy.config.core.v3.HeaderValueOption", &["header", "append", "append_action", "keep_empty_value"]),
+    ("envoy.config.core.v3.HeaderValue", &["key", "value", "raw_value"]),
+    // --- access logs
+    ("envoy.config.accesslog.v3.AccessLog", &["name", "typed_config", "filter"]),
+    ("envoy.config.accesslog.v3.AccessLogFilter", &[
+        "status_code_filter", "duration_filter", "not_health_check_filter", "and_filter", "or_filter",
+        "response_flag_filter", "header_filter",
+    ]),
+    ("envoy.config.accesslog.v3.StatusCodeFilter", &["comparison"]),
+    ("envoy.config.accesslog.v3.DurationFilter", &["comparison"]),
+    ("envoy.config.accesslog.v3.ComparisonFilter", &["op", "value"]),
+    ("envoy.config.core.v3.RuntimeUInt32", &["default_value", "~runtime_key"]),
+    ("envoy.config.accesslog.v3.NotHealthCheckFilter", &[]),
+    ("envoy.config.accesslog.v3.AndFilter", &["filters"]),
+    ("envoy.config.accesslog.v3.OrFilter", &["filters"]),
+    ("envoy.config.accesslog.v3.ResponseFlagFilter", &["flags"]),
+    ("envoy.config.accesslog.v3.HeaderFilter", &["header"]),
+    ("envoy.extensions.access_loggers.file.v3.FileAccessLog", &["path", "format", "json_format", "log_format"]),
+    ("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", &["log_format"]),
+    ("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"]),
+    ("envoy.config.core.v3.SubstitutionFormatString", &["text_format", "text_format_source", "json_format", "~content_type"]),
+    // --- clusters
+    ("envoy.config.cluster.v3.Cluster", &[
+        "name", "alt_stat_name", "type", "connect_timeout", "lb_policy", "load_assignment",
+        "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
+        "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
+        "least_request_lb_config", "per_connection_buffer_limit_bytes", "common_lb_config",
+        "~cleanup_interval", "~metadata", "~dns_resolvers", "~use_tcp_for_dns_lookups",
+    ]),
+    ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold"]),
+    ("envoy.type.v3.Percent", &["value"]),
+    ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),
+    ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "~weighted_priority_health"]),
+    ("envoy.config.endpoint.v3.LocalityLbEndpoints", &["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
+    ("envoy.config.endpoint.v3.LbEndpoint", &["endpoint", "health_status", "load_balancing_weight", "metadata"]),
+    ("envoy.config.endpoint.v3.Endpoint", &["address", "hostname"]),
+    ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", &[
+        "common_http_protocol_options", "explicit_http_config", "use_downstream_protocol_config", "auto_config",
+    ]),
+    ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig", &["http_protocol_options", "http2_protocol_options"]),
+    ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig", &["http_protocol_options", "http2_protocol_options"]),
+    ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig", &["http_protocol_options", "http2_protocol_options"]),
+];
+
+/// Message names that may appear inside `Any` (`typed_config` etc.).
+fn table() -> &'static HashMap<&'static str, &'static [&'static str]> {
+    static T: OnceLock<HashMap<&'static str, &'static [&'static str]>> = OnceLock::new();
+    T.get_or_init(|| SUPPORTED.iter().copied().collect())
+}
+
+/// Walks `msg` and reports every set field weir does not implement.
+pub fn check(msg: &DynamicMessage, path: &str, errs: &mut ConfigErrors) {
+    let desc = msg.descriptor();
+    let full = desc.full_name();
+    if full.starts_with("google.protobuf.") {
+        if full == "google.protobuf.Any" {
+            check_any(msg, path, errs);
+        }
+        return;
+    }
+    let Some(fields) = table().get(full) else {
+        errs.push(
+            path.to_owned(),
+            format!("weir does not implement {full}"),
+        );
+        return;
+    };
+    if fields.first() == Some(&"**") {
+        return;
+    }
+    for (field, value) in msg.fields() {
+        let name = field.name();
+        let known = fields.iter().any(|f| *f == name || f.strip_prefix('~') == Some(name));
+        let fpath = join(path, name);
+        if !known {
+            errs.push(fpath, format!("weir does not implement field {name:?} of {full}"));
+            continue;
+        }
+        if fields.iter().any(|f| f.strip_prefix('~') == Some(name)) {
+            continue; // accepted without effect: do not descend.
+        }
+        check_value(value, &fpath, errs);
+    }
+}
+
+fn check_value(value: &Value, path: &str, errs: &mut ConfigErrors) {
+    match value {
+        Value::Message(m) => check(m, path, errs),
+        Value::List(items) => {
+            for (i, v) in items.iter().enumerate() {
+                check_value(v, &format!("{path}[{i}]"), errs);
+            }
+        }
+        Value::Map(map) => {
+            for (k, v) in map {
+                check_value(v, &format!("{path}[{k:?}]"), errs);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn check_any(msg: &DynamicMessage, path: &str, errs: &mut ConfigErrors) {
+    let type_url = msg
+        .get_field_by_name("type_url")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let bytes = msg
+        .get_field_by_name("value")
+        .and_then(|v| v.as_bytes().cloned())
+        .unwrap_or_default();
+    match decode_any(&type_url, &bytes) {
+        Ok(inner) => {
+            let name = inner.descriptor().full_name().to_owned();
+            if !table().contains_key(name.as_str()) {
+                errs.push(path.to_owned(), format!("weir does not implement extension {name}"));
+                return;
+            }
+            check(&inner, path, errs);
+        }
+        Err(e) => errs.push(path.to_owned(), e),
+    }
+}
+
+/// Checks a prost message by transcoding it to a dynamic one.
+pub fn check_proto<M: prost::Message + prost::Name>(m: &M, path: &str) -> ConfigErrors {
+    let mut errs = ConfigErrors::default();
+    let name = M::full_name();
+    let Some(desc) = crate::descriptors::pool().get_message_by_name(&name) else {
+        errs.push(path.to_owned(), format!("no descriptor for {name}"));
+        return errs;
+    };
+    match DynamicMessage::decode(desc, m.encode_to_vec().as_slice()) {
+        Ok(d) => check(&d, path, &mut errs),
+        Err(e) => errs.push(path.to_owned(), e.to_string()),
+    }
+    errs
+}
+
+/// Rows for the documentation table: (message, field) accepted without effect.
+pub fn accepted_without_effect() -> impl Iterator<Item = (&'static str, &'static str)> {
+    SUPPORTED.iter().flat_map(|(m, fs)| {
+        fs.iter()
+            .filter_map(move |f| f.strip_prefix('~').map(|f| (*m, f)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_entry_names_a_real_message_and_field() {
+        let pool = crate::descriptors::pool();
+        for (m, fields) in SUPPORTED {
+            let desc = pool
+                .get_message_by_name(m)
+                .unwrap_or_else(|| panic!("unknown message {m}"));
+            for f in fields.iter() {
+                if *f == "**" {
+                    continue;
+                }
+                let f = f.trim_start_matches('~');
+                assert!(
+                    desc.get_field_by_name(f).is_some(),
+                    "{m} has no field {f}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! `Cluster` translation.
+use std::time::Duration;
+
+use crate::api::envoy::config::cluster::v3 as c;
+use crate::api::envoy::config::endpoint::v3 as e;
+use crate::api::envoy::extensions::upstreams::http::v3::{http_protocol_options as hpo, HttpProtocolOptions};
+use crate::config::*;
+use crate::error::{join, ConfigErrors};
+
+use super::{hcm::http2_settings, timeout};
+
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if p.name.is_empty() {
+        errs.push(join(path, "name"), "cluster name is required");
+    }
+    let discovery = match &p.cluster_discovery_type {
+        None => Discovery::Static,
+        Some(c::cluster::ClusterDiscoveryType::Type(t)) => match c::cluster::DiscoveryType::try_from(*t) {
+            Ok(c::cluster::DiscoveryType::Static) => Discovery::Static,
+            Ok(c::cluster::DiscoveryType::StrictDns) => Discovery::StrictDns,
+            Ok(c::cluster::DiscoveryType::LogicalDns) => Discovery::LogicalDns,
+            Ok(other) => {
+                errs.push(join(path, "type"), format!("cluster type {} is not implemented yet", other.as_str_name()));
+                Discovery::Static
+            }
+            Err(_) => {
+                errs.push(join(path, "type"), "unknown cluster type");
+                Discovery::Static
+            }
+        },
+        Some(c::cluster::ClusterDiscoveryType::ClusterType(_)) => {
+            errs.push(join(path, "cluster_type"), "custom cluster types are not implemented");
+            Discovery::Static
+        }
+    };
+    let lb = match c::cluster::LbPolicy::try_from(p.lb_policy) {
+        Ok(c::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(c::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest {
+            choice_count: p
+                .lb_config
+                .as_ref()
+                .and_then(|l| match l {
+                    c::cluster::LbConfig::LeastRequestLbConfig(l) => l.choice_count.as_ref().map(|v| v.value),
+                    _ => None,
+                })
+                .unwrap_or(2)
+                .max(2),
+        },
+        Ok(c::cluster::LbPolicy::Random) => LbPolicy::Random,
+        Ok(other) => {
+            errs.push(join(path, "lb_policy"), format!("{} comes with the traffic-policy work", other.as_str_name()));
+            LbPolicy::RoundRobin
+        }
+        Err(_) => {
+            errs.push(join(path, "lb_policy"), "unknown lb_policy");
+            LbPolicy::RoundRobin
+        }
+    };
+    let connect_timeout = match timeout(p.connect_timeout.as_ref(), Some(DEFAULT_CONNECT_TIMEOUT), &join(path, "connect_timeout")) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            errs.push(join(path, "connect_timeout"), "must be greater than 0");
+            DEFAULT_CONNECT_TIMEOUT
+        }
+        Err(e) => {
+            errs.extend(e);
+            DEFAULT_CONNECT_TIMEOUT
+        }
+    };
+    let mut localities = Vec::new();
+    let mut overprovisioning_factor = 140;
+    if let Some(la) = &p.load_assignment {
+        if let Some(pol) = &la.policy {
+            if let Some(f) = &pol.overprovisioning_factor {
+                overprovisioning_factor = f.value.max(1);
+            }
+        }
+        for (i, le) in la.endpoints.iter().enumerate() {
+            match locality(le, &format!("{path}.load_assignment.endpoints[{i}]"), discovery) {
+                Ok(l) => localities.push(l),
+                Err(e) => errs.extend(e),
+            }
+        }
+    }
+    if discovery == Discovery::LogicalDns {
+        let n: usize = localities.iter().map(|l| l.endpoints.len()).sum();
+        if n != 1 {
+            errs.push(join(path, "load_assignment"), "LOGICAL_DNS clusters must have exactly one endpoint");
+        }
+    }
+    let dns_refresh_rate = match &p.dns_refresh_rate {
+        Some(d) => match super::duration(d, &join(path, "dns_refresh_rate")) {
+            Ok(d) if d >= Duration::from_millis(1) => d,
+            Ok(_) => {
+                errs.push(join(path, "dns_refresh_rate"), "must be at least 1ms");
+                Duration::from_secs(5)
+            }
+            Err(e) => {
+                errs.extend(e);
+                Duration::from_secs(5)
+            }
+        },
+        None => Duration::from_secs(5),
+    };
+    let family = match c::cluster::DnsLookupFamily::try_from(p.dns_lookup_family) {
+        Ok(c::cluster::DnsLookupFamily::V4Only) => DnsFamily::V4Only,
+        Ok(c::cluster::DnsLookupFamily::V6Only) => DnsFamily::V6Only,
+        Ok(c::cluster::DnsLookupFamily::V4Preferred) => DnsFamily::V4Preferred,
+        Ok(c::cluster::DnsLookupFamily::All) => DnsFamily::All,
+        _ => DnsFamily::Auto,
+    };
+
+    // Protocol options: typed_extension_protocol_options wins over the
+    // deprecated cluster-level fields, as Envoy.
+    let mut protocol = UpstreamProtocol::Http1;
+    let mut http2 = Http2Settings::default();
+    let mut idle_timeout = Some(Duration::from_secs(3600));
+    let mut max_requests_per_connection = None;
+    if p.http2_protocol_options.is_some() {
+        protocol = UpstreamProtocol::Http2;
+        match http2_settings(p.http2_protocol_options.as_ref(), &join(path, "http2_protocol_options")) {
+            Ok(s) => http2 = s,
+            Err(e) => errs.extend(e),
+        }
+    }
+    if let Some(common) = &p.common_http_protocol_options {
+        common_options(common, &join(path, "common_http_protocol_options"), &mut idle_timeout, &mut max_requests_per_connection, &mut errs);
+    }
+    for (k, any) in &p.typed_extension_protocol_options {
+        let kpath = format!("{path}.typed_extension_protocol_options[{k:?}]");
+        if !any.type_url.ends_with(HTTP_OPTIONS) {
+            errs.push(kpath, format!("protocol options {} are not implemented", any.type_url));
+            continue;
+        }
+        let o: HttpProtocolOptions = match super::decode(any, &kpath) {
+            Ok(o) => o,
+            Err(e) => {
+                errs.extend(e);
+                continue;
+            }
+        };
+        if let Some(common) = &o.common_http_protocol_options {
+            common_options(common, &join(&kpath, "common_http_protocol_options"), &mut idle_timeout, &mut max_requests_per_connection, &mut errs);
+        }
+        let h2 = match &o.upstream_protocol_options {
+            Some(hpo::UpstreamProtocolOptions::ExplicitHttpConfig(x)) => match &x.protocol_config {
+                Some(hpo::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(h2)) => {
+                    protocol = UpstreamProtocol::Http2;
+                    Some(h2)
+                }
+                Some(hpo::explicit_http_config::ProtocolConfig::HttpProtocolOptions(_)) => {
+                    protocol = UpstreamProtocol::Http1;
+                    None
+                }
+                Some(_) => {
+                    errs.push(join(&kpath, "explicit_http_config"), "HTTP/3 upstreams are not implemented");
+                    None
+                }
+                None => None,
+            },
+            Some(hpo::UpstreamProtocolOptions::UseDownstreamProtocolConfig(u)) => {
+                protocol = UpstreamProtocol::UseDownstream;
+                if u.http3_protocol_options.is_some() {
+                    errs.push(join(&kpath, "use_downstream_protocol_config.http3_protocol_options"), "HTTP/3 is not implemented");
+                }
+                u.http2_protocol_options.as_ref()
+            }
+            Some(hpo::UpstreamProtocolOptions::AutoConfig(a)) => {
+                protocol = UpstreamProtocol::Auto;
+                if a.http3_protocol_options.is_some() {
+                    errs.push(join(&kpath, "auto_config.http3_protocol_options"), "HTTP/3 is not implemented");
+                }
+                a.http2_protocol_options.as_ref()
+            }
+            None => None,
+        };
+        if let Some(h2) = h2 {
+            match http2_settings(Some(h2), &kpath) {
+                Ok(s) => http2 = s,
+                Err(e) => errs.extend(e),
+            }
+        }
+    }
+    let panic_threshold = p
+        .common_lb_config
+        .as_ref()
+        .and_then(|c| c.healthy_panic_threshold.as_ref())
+        .map(|v| v.value)
+        .unwrap_or(50.0);
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Cluster {
+        name: p.name.as_str().into(),
+        stat_name: if p.alt_stat_name.is_empty() { p.name.clone() } else { p.alt_stat_name.clone() },
+        discovery,
+        lb,
+        connect_timeout,
+        localities,
+        dns: DnsSettings {
+            refresh_rate: dns_refresh_rate,
+            respect_ttl: p.respect_dns_ttl,
+            family,
+        },
+        protocol,
+        http2,
+        max_requests_per_connection,
+        idle_timeout,
+        buffer_limit: p.per_connection_buffer_limit_bytes.as_ref().map(|v| v.value).unwrap_or(1024 * 1024),
+        panic_threshold,
+        overprovisioning_factor,
+    })
+}
+
+fn common_options(
+    c: &crate::api::envoy::config::core::v3::HttpProtocolOptions,
+    path: &str,
+    idle: &mut Option<Duration>,
+    max_req: &mut Option<u32>,
+    errs: &mut ConfigErrors,
+) {
+    match timeout(c.idle_timeout.as_ref(), *idle, &join(path, "idle_timeout")) {
+        Ok(v) => *idle = v,
+        Err(e) => errs.extend(e),
+    }
+    if let Some(m) = &c.max_requests_per_connection {
+        *max_req = (m.value > 0).then_some(m.value);
+    }
+    for (set, name) in [
+        (c.max_connection_duration.is_some(), "max_connection_duration"),
+        (c.max_headers_count.is_some(), "max_headers_count"),
+        (c.max_stream_duration.is_some(), "max_stream_duration"),
+        (c.headers_with_underscores_action != 0, "headers_with_underscores_action"),
+    ] {
+        if set {
+            errs.push(join(path, name), "not implemented for upstream connections yet");
+        }
+    }
+}
+
+fn locality(le: &e::LocalityLbEndpoints, path: &str, discovery: Discovery) -> Result<LocalityEndpoints, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut endpoints = Vec::new();
+    for (i, lbe) in le.lb_endpoints.iter().enumerate() {
+        let p = format!("{path}.lb_endpoints[{i}]");
+        let ep = match &lbe.host_identifier {
+            Some(e::lb_endpoint::HostIdentifier::Endpoint(ep)) => ep,
+            Some(_) => {
+                errs.push(join(&p, "endpoint_name"), "named endpoints are not implemented");
+                continue;
+            }
+            None => {
+                errs.push(join(&p, "endpoint"), "endpoint is required");
+                continue;
+            }
+        };
+        let address = match ep.address.as_ref().and_then(|a| a.address.as_ref()) {
+            Some(crate::api::envoy::config::core::v3::address::Address::SocketAddress(sa)) => {
+                let port = match &sa.port_specifier {
+                    Some(crate::api::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(v)) if *v <= 65535 => *v as u16,
+                    _ => {
+                        errs.push(join(&p, "endpoint.address.socket_address.port_value"), "a port is required");
+                        continue;
+                    }
+                };
+                match sa.address.parse::<std::net::IpAddr>() {
+                    Ok(ip) => EndpointAddress::Ip(std::net::SocketAddr::new(ip, port)),
+                    Err(_) if discovery != Discovery::Static => EndpointAddress::Dns(sa.address.clone(), port),
+                    Err(_) => {
+                        errs.push(
+                            join(&p, "endpoint.address.socket_address.address"),
+                            format!("{:?} is not an IP address (STATIC clusters need IPs; use STRICT_DNS)", sa.address),
+                        );
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                errs.push(join(&p, "endpoint.address"), "a socket address is required");
+                continue;
+            }
+        };
+        let health = match lbe.health_status {
+            1 => HealthStatus::Healthy,
+            2 => HealthStatus::Unhealthy,
+            3 => HealthStatus::Draining,
+            4 => HealthStatus::Timeout,
+            5 => HealthStatus::Degraded,
+            _ => HealthStatus::Unknown,
+        };
+        let weight = lbe.load_balancing_weight.as_ref().map(|v| v.value).unwrap_or(1);
+        if weight == 0 {
+            errs.push(join(&p, "load_balancing_weight"), "must be at least 1");
+        }
+        let metadata = lbe
+            .metadata
+            .as_ref()
+            .map(|m| {
+                serde_json::Value::Object(
+                    m.filter_metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), super::struct_to_json(v)))
+                        .collect(),
+                )
+            })
+            .unwrap_or(serde_json::Value::Null);
+        endpoints.push(Endpoint {
+            address,
+            weight,
+            health,
+            hostname: ep.hostname.clone(),
+            metadata,
+        });
+    }
+    let loc = le.locality.clone().unwrap_or_default();
+    errs.into_result(LocalityEndpoints {
+        region: loc.region,
+        zone: loc.zone,
+        sub_zone: loc.sub_zone,
+        priority: le.priority,
+        weight: le.load_balancing_weight.as_ref().map(|v| v.value),
+        endpoints,
+    })
+}

@@ -1,0 +1,505 @@
+//! Translation of Envoy protos into validated config types.
+//!
+//! The static bootstrap and (later) xDS resources go through the same
+//! functions. Each one first runs the [`crate::support`] walk, so a field weir
+//! does not implement is rejected with its path, then builds the immutable
+//! types, collecting every error it finds.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use http::{HeaderName, HeaderValue};
+use prost::Message;
+
+use crate::api::envoy::config::bootstrap::v3::Bootstrap;
+use crate::api::envoy::config::core::v3 as core;
+use crate::api::google::protobuf as pb;
+use crate::config::*;
+use crate::error::{join, ConfigErrors};
+
+pub mod cluster;
+pub mod format;
+pub mod hcm;
+pub mod listener;
+pub mod route;
+
+pub use format::{parse_format, DEFAULT_ACCESS_LOG_FORMAT};
+
+/// Translates a whole bootstrap into a snapshot.
+pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
+    let mut errs = crate::support::check_proto(b, "");
+    if b.dynamic_resources.is_some() {
+        errs.push(
+            "dynamic_resources",
+            "xDS (dynamic_resources) is not implemented yet in weir",
+        );
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let node = b
+        .node
+        .as_ref()
+        .map(|n| {
+            let loc = n.locality.clone().unwrap_or_default();
+            Node {
+                id: n.id.clone(),
+                cluster: n.cluster.clone(),
+                zone: loc.zone,
+                region: loc.region,
+                sub_zone: loc.sub_zone,
+                metadata: n
+                    .metadata
+                    .as_ref()
+                    .map(struct_to_json)
+                    .unwrap_or(serde_json::Value::Null),
+            }
+        })
+        .unwrap_or_default();
+
+    let admin = match &b.admin {
+        Some(a) => match &a.address {
+            Some(addr) => match listen_address(addr, "admin.address") {
+                Ok(address) => {
+                    let mut logs = Vec::new();
+                    for (i, l) in a.access_log.iter().enumerate() {
+                        match hcm::access_log(l, &format!("admin.access_log[{i}]")) {
+                            Ok(l) => logs.push(Arc::new(l)),
+                            Err(e) => errs.extend(e),
+                        }
+                    }
+                    Some(Admin {
+                        address,
+                        access_logs: logs,
+                    })
+                }
+                Err(e) => {
+                    errs.extend(e);
+                    None
+                }
+            },
+            None => None,
+        },
+        None => None,
+    };
+
+    let mut clusters = BTreeMap::new();
+    let mut listeners = Vec::new();
+    if let Some(sr) = &b.static_resources {
+        for (i, c) in sr.clusters.iter().enumerate() {
+            let path = format!("static_resources.clusters[{i}]");
+            match cluster::cluster(c, &path) {
+                Ok(c) => {
+                    if clusters.insert(c.name.clone(), Arc::new(c)).is_some() {
+                        errs.push(join(&path, "name"), "duplicate cluster name");
+                    }
+                }
+                Err(e) => errs.extend(e),
+            }
+        }
+        for (i, l) in sr.listeners.iter().enumerate() {
+            let path = format!("static_resources.listeners[{i}]");
+            match listener::listener(l, &path) {
+                Ok(l) => {
+                    if listeners.iter().any(|x: &Arc<Listener>| x.name == l.name) {
+                        errs.push(join(&path, "name"), "duplicate listener name");
+                    }
+                    if listeners.iter().any(|x: &Arc<Listener>| x.address == l.address) {
+                        errs.push(join(&path, "address"), "another listener has this address");
+                    }
+                    listeners.push(Arc::new(l));
+                }
+                Err(e) => errs.extend(e),
+            }
+        }
+    }
+    // Static routes must name clusters that exist (Envoy's validate_clusters
+    // default for static route configs).
+    for (li, l) in listeners.iter().enumerate() {
+        let NetworkFilter::Http(h) = &l.filter_chain.filter;
+        for vh in &h.route_config.vhosts {
+            for r in &vh.routes {
+                if let RouteKind::Forward(a) = &r.action {
+                    let names: Vec<&Name> = match &a.cluster {
+                        ClusterSpecifier::Name(n) => vec![n],
+                        ClusterSpecifier::Weighted(w) => w.clusters.iter().map(|c| &c.name).collect(),
+                        ClusterSpecifier::Header(_) => vec![],
+                    };
+                    for n in names {
+                        if !clusters.contains_key(n) {
+                            errs.push(
+                                format!("static_resources.listeners[{li}] route {:?} in virtual host {:?}", r.name, vh.name),
+                                format!("route references unknown cluster {n:?}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let stats = match &b.stats_config {
+        Some(sc) => match &sc.stats_matcher {
+            Some(m) => stats_matcher(m).unwrap_or_else(|e| {
+                errs.extend(e);
+                StatsConfig::All
+            }),
+            None => StatsConfig::All,
+        },
+        None => StatsConfig::All,
+    };
+
+    let mut max_downstream_connections = None;
+    if let Some(om) = &b.overload_manager {
+        for (i, rm) in om.resource_monitors.iter().enumerate() {
+            let path = format!("overload_manager.resource_monitors[{i}]");
+            let any = match &rm.config_type {
+                Some(crate::api::envoy::config::overload::v3::resource_monitor::ConfigType::TypedConfig(a)) => a,
+                None => {
+                    errs.push(path, "resource monitor has no typed_config");
+                    continue;
+                }
+            };
+            match decode::<crate::api::envoy::extensions::resource_monitors::downstream_connections::v3::DownstreamConnectionsConfig>(any, &path) {
+                Ok(c) => max_downstream_connections = Some(c.max_active_downstream_connections.max(0) as u64),
+                Err(e) => errs.extend(e),
+            }
+        }
+    }
+    for (i, ext) in b.bootstrap_extensions.iter().enumerate() {
+        let ok = ext
+            .typed_config
+            .as_ref()
+            .map(|a| a.type_url.ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener"))
+            .unwrap_or(false);
+        if !ok {
+            errs.push(
+                format!("bootstrap_extensions[{i}]"),
+                "only envoy.bootstrap.internal_listener is accepted",
+            );
+        }
+    }
+
+    errs.into_result(Snapshot {
+        node,
+        admin,
+        listeners,
+        clusters,
+        stats,
+        max_downstream_connections,
+    })
+}
+
+fn stats_matcher(
+    m: &crate::api::envoy::config::metrics::v3::StatsMatcher,
+) -> Result<StatsConfig, ConfigErrors> {
+    use crate::api::envoy::config::metrics::v3::stats_matcher::StatsMatcher as M;
+    let list = |l: &crate::api::envoy::r#type::matcher::v3::ListStringMatcher, p: &str| {
+        let mut errs = ConfigErrors::default();
+        let mut out = Vec::new();
+        for (i, s) in l.patterns.iter().enumerate() {
+            match string_matcher(s, &format!("{p}.patterns[{i}]")) {
+                Ok(s) => out.push(s),
+                Err(e) => errs.extend(e),
+            }
+        }
+        errs.into_result(out)
+    };
+    Ok(match &m.stats_matcher {
+        Some(M::RejectAll(true)) => StatsConfig::None,
+        Some(M::RejectAll(false)) | None => StatsConfig::All,
+        Some(M::InclusionList(l)) => StatsConfig::Include(list(l, "stats_config.stats_matcher.inclusion_list")?),
+        Some(M::ExclusionList(l)) => StatsConfig::Exclude(list(l, "stats_config.stats_matcher.exclusion_list")?),
+    })
+}
+
+// === helpers shared by the translate modules ===
+
+/// Decodes an `Any` into the expected message type.
+pub fn decode<M: Message + Default + prost::Name>(any: &pb::Any, path: &str) -> Result<M, ConfigErrors> {
+    let want = M::full_name();
+    let got = any.type_url.rsplit('/').next().unwrap_or_default();
+    if got != want {
+        let mut e = ConfigErrors::default();
+        e.push(path.to_owned(), format!("expected {want}, got {got}"));
+        return Err(e);
+    }
+    M::decode(any.value.as_slice()).map_err(|err| {
+        let mut e = ConfigErrors::default();
+        e.push(path.to_owned(), format!("invalid {want}: {err}"));
+        e
+    })
+}
+
+pub(crate) fn err(path: impl Into<String>, reason: impl Into<String>) -> ConfigErrors {
+    let mut e = ConfigErrors::default();
+    e.push(path, reason);
+    e
+}
+
+/// A protobuf Duration; negative is an error.
+pub fn duration(d: &pb::Duration, path: &str) -> Result<Duration, ConfigErrors> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(err(path, "duration must not be negative"));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// An optional timeout where `0s` means disabled; `default` when unset.
+pub fn timeout(
+    d: Option<&pb::Duration>,
+    default: Option<Duration>,
+    path: &str,
+) -> Result<Option<Duration>, ConfigErrors> {
+    match d {
+        None => Ok(default),
+        Some(d) => {
+            let d = duration(d, path)?;
+            Ok(if d.is_zero() { None } else { Some(d) })
+        }
+    }
+}
+
+pub fn header_name(s: &str, path: &str) -> Result<HeaderName, ConfigErrors> {
+    HeaderName::from_bytes(s.as_bytes()).map_err(|_| err(path, format!("invalid header name {s:?}")))
+}
+
+pub fn string_matcher(
+    m: &crate::api::envoy::r#type::matcher::v3::StringMatcher,
+    path: &str,
+) -> Result<StringMatcher, ConfigErrors> {
+    use crate::api::envoy::r#type::matcher::v3::string_matcher::MatchPattern as P;
+    let kind = match &m.match_pattern {
+        Some(P::Exact(s)) => StringMatch::Exact(s.clone()),
+        Some(P::Prefix(s)) => StringMatch::Prefix(s.clone()),
+        Some(P::Suffix(s)) => StringMatch::Suffix(s.clone()),
+        Some(P::Contains(s)) => StringMatch::Contains(s.clone()),
+        Some(P::SafeRegex(r)) => StringMatch::Regex(regex_full(r, &join(path, "safe_regex"))?),
+        Some(_) => return Err(err(path, "weir does not implement this string matcher")),
+        None => return Err(err(path, "string matcher has no pattern")),
+    };
+    if m.ignore_case && matches!(kind, StringMatch::Regex(_)) {
+        return Err(err(join(path, "ignore_case"), "ignore_case has no effect on safe_regex (Envoy rejects it)"));
+    }
+    Ok(StringMatcher {
+        kind,
+        ignore_case: m.ignore_case,
+    })
+}
+
+pub fn regex_full(
+    r: &crate::api::envoy::r#type::matcher::v3::RegexMatcher,
+    path: &str,
+) -> Result<Pattern, ConfigErrors> {
+    Pattern::full(&r.regex).map_err(|e| err(join(path, "regex"), format!("invalid regex: {e}")))
+}
+
+pub fn regex_unanchored(
+    r: &crate::api::envoy::r#type::matcher::v3::RegexMatcher,
+    path: &str,
+) -> Result<Pattern, ConfigErrors> {
+    Pattern::unanchored(&r.regex).map_err(|e| err(join(path, "regex"), format!("invalid regex: {e}")))
+}
+
+/// Converts an Envoy `\1` style substitution into the regex crate's `${1}`.
+pub fn substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.peek() {
+                Some(d) if d.is_ascii_digit() => {
+                    let d = *d;
+                    chars.next();
+                    out.push_str("${");
+                    out.push(d);
+                    out.push('}');
+                }
+                Some('\\') => {
+                    chars.next();
+                    out.push('\\');
+                }
+                _ => out.push('\\'),
+            },
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Reads a `DataSource` (inline, file, or environment variable).
+pub fn data_source(d: &core::DataSource, path: &str) -> Result<Vec<u8>, ConfigErrors> {
+    use core::data_source::Specifier as S;
+    match &d.specifier {
+        Some(S::InlineBytes(b)) => Ok(b.clone()),
+        Some(S::InlineString(s)) => Ok(s.as_bytes().to_vec()),
+        Some(S::Filename(f)) => std::fs::read(f).map_err(|e| err(join(path, "filename"), format!("cannot read {f:?}: {e}"))),
+        Some(S::EnvironmentVariable(v)) => std::env::var(v)
+            .map(String::into_bytes)
+            .map_err(|_| err(join(path, "environment_variable"), format!("environment variable {v:?} is not set"))),
+        None => Err(err(path, "data source is empty")),
+    }
+}
+
+/// A socket or pipe address to listen on.
+pub fn listen_address(a: &core::Address, path: &str) -> Result<ListenAddress, ConfigErrors> {
+    use core::address::Address as A;
+    match &a.address {
+        Some(A::SocketAddress(sa)) => socket_address(sa, &join(path, "socket_address")).map(ListenAddress::Socket),
+        Some(A::Pipe(p)) => Ok(ListenAddress::Pipe(PathBuf::from(&p.path))),
+        Some(A::EnvoyInternalAddress(_)) => Err(err(path, "internal addresses are not implemented yet")),
+        None => Err(err(path, "address is empty")),
+    }
+}
+
+/// An IP socket address (no DNS).
+pub fn socket_address(sa: &core::SocketAddress, path: &str) -> Result<SocketAddr, ConfigErrors> {
+    use core::socket_address::PortSpecifier as P;
+    let port = match &sa.port_specifier {
+        Some(P::PortValue(p)) if *p <= 65535 => *p as u16,
+        Some(P::PortValue(p)) => return Err(err(join(path, "port_value"), format!("port {p} out of range"))),
+        Some(P::NamedPort(_)) => return Err(err(join(path, "named_port"), "named ports are not supported")),
+        None => 0,
+    };
+    if !sa.resolver_name.is_empty() {
+        return Err(err(join(path, "resolver_name"), "custom resolvers are not supported"));
+    }
+    if sa.protocol != 0 {
+        return Err(err(join(path, "protocol"), "only TCP is supported"));
+    }
+    let ip: IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| err(join(path, "address"), format!("{:?} is not an IP address", sa.address)))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+pub fn header_mutations(
+    req_add: &[core::HeaderValueOption],
+    req_remove: &[String],
+    resp_add: &[core::HeaderValueOption],
+    resp_remove: &[String],
+    path: &str,
+) -> Result<HeaderMutations, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut out = HeaderMutations::default();
+    for (i, h) in req_add.iter().enumerate() {
+        match header_add(h, &format!("{path}request_headers_to_add[{i}]"), true) {
+            Ok(h) => out.request_add.push(h),
+            Err(e) => errs.extend(e),
+        }
+    }
+    for (i, h) in resp_add.iter().enumerate() {
+        match header_add(h, &format!("{path}response_headers_to_add[{i}]"), false) {
+            Ok(h) => out.response_add.push(h),
+            Err(e) => errs.extend(e),
+        }
+    }
+    for (i, n) in req_remove.iter().enumerate() {
+        match removable(n, &format!("{path}request_headers_to_remove[{i}]")) {
+            Ok(n) => out.request_remove.push(n),
+            Err(e) => errs.extend(e),
+        }
+    }
+    for (i, n) in resp_remove.iter().enumerate() {
+        match removable(n, &format!("{path}response_headers_to_remove[{i}]")) {
+            Ok(n) => out.response_remove.push(n),
+            Err(e) => errs.extend(e),
+        }
+    }
+    errs.into_result(out)
+}
+
+fn removable(n: &str, path: &str) -> Result<HeaderName, ConfigErrors> {
+    // As Envoy: pseudo-headers and Host cannot be removed.
+    if n.starts_with(':') || n.eq_ignore_ascii_case("host") {
+        return Err(err(path, format!("{n:?} cannot be removed")));
+    }
+    header_name(&n.to_ascii_lowercase(), path)
+}
+
+fn header_add(h: &core::HeaderValueOption, path: &str, request: bool) -> Result<HeaderAdd, ConfigErrors> {
+    use core::header_value_option::HeaderAppendAction as A;
+    let Some(hv) = &h.header else {
+        return Err(err(path, "header is required"));
+    };
+    let key = hv.key.to_ascii_lowercase();
+    if key.starts_with(':') || (request && key == "host") {
+        return Err(err(join(path, "header.key"), format!("{:?} cannot be modified this way", hv.key)));
+    }
+    let name = header_name(&key, &join(path, "header.key"))?;
+    let raw = if !hv.raw_value.is_empty() {
+        String::from_utf8(hv.raw_value.clone()).map_err(|_| err(join(path, "header.raw_value"), "raw_value must be UTF-8"))?
+    } else {
+        hv.value.clone()
+    };
+    let value = parse_format(&raw).map_err(|e| err(join(path, "header.value"), e))?;
+    let action = match (h.append, A::try_from(h.append_action)) {
+        (Some(pb::BoolValue { value: true }), _) => A::AppendIfExistsOrAdd,
+        (Some(pb::BoolValue { value: false }), _) => A::OverwriteIfExistsOrAdd,
+        (None, Ok(a)) => a,
+        (None, Err(_)) => return Err(err(join(path, "append_action"), "unknown append_action")),
+    };
+    if h.append.is_some() && h.append_action != 0 {
+        return Err(err(path, "append and append_action are mutually exclusive"));
+    }
+    Ok(HeaderAdd {
+        name,
+        value,
+        action: match action {
+            A::AppendIfExistsOrAdd => AppendAction::AppendIfExistsOrAdd,
+            A::AddIfAbsent => AppendAction::AddIfAbsent,
+            A::OverwriteIfExistsOrAdd => AppendAction::OverwriteIfExistsOrAdd,
+            A::OverwriteIfExists => AppendAction::OverwriteIfExists,
+        },
+        keep_empty_value: h.keep_empty_value,
+    })
+}
+
+/// `google.protobuf.Struct` to JSON.
+pub fn struct_to_json(s: &pb::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: &pb::Value) -> serde_json::Value {
+    use pb::value::Kind as K;
+    match &v.kind {
+        None | Some(K::NullValue(_)) => serde_json::Value::Null,
+        Some(K::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Some(K::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(K::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(K::StructValue(s)) => struct_to_json(s),
+        Some(K::ListValue(l)) => serde_json::Value::Array(l.values.iter().map(value_to_json).collect()),
+    }
+}
+
+/// `HeaderValue` for a literal; invalid bytes are an error.
+pub fn header_value(s: &str, path: &str) -> Result<HeaderValue, ConfigErrors> {
+    HeaderValue::from_str(s).map_err(|_| err(path, format!("invalid header value {s:?}")))
+}
+
+/// Parses `FractionalPercent` into parts per million.
+pub fn fraction_ppm(f: &crate::api::envoy::r#type::v3::FractionalPercent) -> u32 {
+    let denom: u64 = match f.denominator {
+        0 => 100,
+        1 => 10_000,
+        _ => 1_000_000,
+    };
+    let n = u64::from(f.numerator).min(denom);
+    (n * 1_000_000 / denom) as u32
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,550 @@
+//! `RouteConfiguration` translation.
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+
+use crate::api::envoy::config::route::v3 as r;
+use crate::config::*;
+use crate::error::{join, ConfigErrors};
+
+use super::{err, header_mutations, header_name, regex_full, regex_unanchored, string_matcher, substitution, timeout};
+
+pub fn route_config(p: &r::RouteConfiguration, path: &str) -> Result<RouteConfig, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if p.vhds.is_some() {
+        errs.push(join(path, "vhds"), "VHDS is not implemented");
+    }
+    let mut vhosts = Vec::new();
+    for (i, vh) in p.virtual_hosts.iter().enumerate() {
+        match virtual_host(vh, &format!("{path}.virtual_hosts[{i}]")) {
+            Ok(v) => vhosts.push(Arc::new(v)),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let headers = header_mutations(
+        &p.request_headers_to_add,
+        &p.request_headers_to_remove,
+        &p.response_headers_to_add,
+        &p.response_headers_to_remove,
+        &format!("{path}."),
+    )
+    .unwrap_or_else(|e| {
+        errs.extend(e);
+        HeaderMutations::default()
+    });
+    let mut internal_only = Vec::new();
+    for (i, h) in p.internal_only_headers.iter().enumerate() {
+        match header_name(&h.to_ascii_lowercase(), &format!("{path}.internal_only_headers[{i}]")) {
+            Ok(h) => internal_only.push(h),
+            Err(e) => errs.extend(e),
+        }
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    RouteConfig::new(
+        p.name.as_str().into(),
+        vhosts,
+        headers,
+        internal_only,
+        p.most_specific_header_mutations_wins,
+        p.ignore_port_in_host_matching,
+    )
+    .map_err(|d| err(join(path, "virtual_hosts"), format!("domain {:?} is listed in more than one virtual host", d.0)))
+}
+
+fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if p.domains.is_empty() {
+        errs.push(join(path, "domains"), "a virtual host needs at least one domain");
+    }
+    for (i, d) in p.domains.iter().enumerate() {
+        let stars = d.matches('*').count();
+        if stars > 1 || (stars == 1 && d != "*" && !d.starts_with('*') && !d.ends_with('*')) {
+            errs.push(format!("{path}.domains[{i}]"), format!("invalid wildcard domain {d:?}"));
+        }
+    }
+    let mut routes = Vec::new();
+    for (i, rt) in p.routes.iter().enumerate() {
+        match route(rt, &format!("{path}.routes[{i}]")) {
+            Ok(rt) => routes.push(rt),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let headers = header_mutations(
+        &p.request_headers_to_add,
+        &p.request_headers_to_remove,
+        &p.response_headers_to_add,
+        &p.response_headers_to_remove,
+        &format!("{path}."),
+    )
+    .unwrap_or_else(|e| {
+        errs.extend(e);
+        HeaderMutations::default()
+    });
+    let retry_policy = match &p.retry_policy {
+        Some(rp) => match retry_policy(rp, &join(path, "retry_policy")) {
+            Ok(rp) => Some(Arc::new(rp)),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        },
+        None => None,
+    };
+    let require_tls = match p.require_tls {
+        0 => TlsRequirement::None,
+        1 => TlsRequirement::ExternalOnly,
+        _ => TlsRequirement::All,
+    };
+    errs.into_result(VirtualHost {
+        name: p.name.as_str().into(),
+        domains: p.domains.clone(),
+        routes,
+        require_tls,
+        headers,
+        retry_policy,
+        include_request_attempt_count: p.include_request_attempt_count,
+        include_attempt_count_in_response: p.include_attempt_count_in_response,
+    })
+}
+
+fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let matcher = match &p.r#match {
+        Some(m) => route_match(m, &join(path, "match")).map_err(|e| errs.extend(e)).ok(),
+        None => {
+            errs.push(join(path, "match"), "match is required");
+            None
+        }
+    };
+    let action = match &p.action {
+        Some(r::route::Action::Route(a)) => route_action(a, &join(path, "route"))
+            .map(|a| RouteKind::Forward(Arc::new(a)))
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        Some(r::route::Action::Redirect(a)) => redirect(a, &join(path, "redirect"))
+            .map(|a| RouteKind::Redirect(Arc::new(a)))
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        Some(r::route::Action::DirectResponse(d)) => direct_response(d, &join(path, "direct_response"))
+            .map(|a| RouteKind::Direct(Arc::new(a)))
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        Some(_) => {
+            errs.push(path, "filter_action and non_forwarding_action are not implemented");
+            None
+        }
+        None => {
+            errs.push(path, "a route needs route, redirect or direct_response");
+            None
+        }
+    };
+    let headers = header_mutations(
+        &p.request_headers_to_add,
+        &p.request_headers_to_remove,
+        &p.response_headers_to_add,
+        &p.response_headers_to_remove,
+        &format!("{path}."),
+    )
+    .map_err(|e| errs.extend(e))
+    .ok();
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Route {
+        name: p.name.as_str().into(),
+        matcher: matcher.expect("checked"),
+        action: action.expect("checked"),
+        headers: headers.expect("checked"),
+    })
+}
+
+fn route_match(p: &r::RouteMatch, path: &str) -> Result<RouteMatch, ConfigErrors> {
+    use r::route_match::PathSpecifier as P;
+    let mut errs = ConfigErrors::default();
+    let pm = match &p.path_specifier {
+        Some(P::Prefix(s)) => PathMatch::Prefix(s.clone()),
+        Some(P::Path(s)) => PathMatch::Path(s.clone()),
+        Some(P::SafeRegex(re)) => match regex_full(re, &join(path, "safe_regex")) {
+            Ok(re) => PathMatch::Regex(re),
+            Err(e) => return Err(e),
+        },
+        Some(P::PathSeparatedPrefix(s)) => {
+            if s.contains('?') || s.contains('#') || (s.ends_with('/') && s != "/") {
+                return Err(err(join(path, "path_separated_prefix"), "must not contain ? or # or end in /"));
+            }
+            PathMatch::SeparatedPrefix(s.clone())
+        }
+        Some(P::ConnectMatcher(_)) => PathMatch::Connect,
+        Some(_) => return Err(err(path, "path_match_policy is not implemented")),
+        None => return Err(err(path, "a path specifier (prefix, path, safe_regex, ...) is required")),
+    };
+    let mut headers = Vec::new();
+    for (i, h) in p.headers.iter().enumerate() {
+        match header_matcher(h, &format!("{path}.headers[{i}]")) {
+            Ok(h) => headers.push(h),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let mut query = Vec::new();
+    for (i, q) in p.query_parameters.iter().enumerate() {
+        use r::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
+        let qp = format!("{path}.query_parameters[{i}]");
+        let m = match &q.query_parameter_match_specifier {
+            Some(Q::StringMatch(s)) => match string_matcher(s, &join(&qp, "string_match")) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    errs.extend(e);
+                    continue;
+                }
+            },
+            Some(Q::PresentMatch(true)) => None,
+            _ => {
+                errs.push(&qp, "query parameter matcher needs string_match or present_match: true");
+                continue;
+            }
+        };
+        query.push(QueryMatcher {
+            name: q.name.clone(),
+            matcher: m,
+        });
+    }
+    let runtime_fraction_ppm = p
+        .runtime_fraction
+        .as_ref()
+        .and_then(|f| f.default_value.as_ref())
+        .map(super::fraction_ppm);
+    errs.into_result(RouteMatch {
+        path: pm,
+        case_sensitive: p.case_sensitive.as_ref().map(|b| b.value).unwrap_or(true),
+        headers,
+        query,
+        grpc: p.grpc.is_some(),
+        runtime_fraction_ppm,
+    })
+}
+
+pub fn header_matcher(h: &r::HeaderMatcher, path: &str) -> Result<HeaderMatcher, ConfigErrors> {
+    use r::header_matcher::HeaderMatchSpecifier as H;
+    let name = HeaderKey::parse(&h.name)
+        .ok_or_else(|| err(join(path, "name"), format!("invalid header name {:?}", h.name)))?;
+    let s = |kind: StringMatch| HeaderMatch::String(StringMatcher { kind, ignore_case: false });
+    let kind = match &h.header_match_specifier {
+        Some(H::ExactMatch(v)) => s(StringMatch::Exact(v.clone())),
+        Some(H::PrefixMatch(v)) => s(StringMatch::Prefix(v.clone())),
+        Some(H::SuffixMatch(v)) => s(StringMatch::Suffix(v.clone())),
+        Some(H::ContainsMatch(v)) => s(StringMatch::Contains(v.clone())),
+        Some(H::SafeRegexMatch(re)) => s(StringMatch::Regex(regex_full(re, &join(path, "safe_regex_match"))?)),
+        Some(H::RangeMatch(rg)) => HeaderMatch::Range(rg.start, rg.end),
+        Some(H::PresentMatch(p)) => HeaderMatch::Present(*p),
+        Some(H::StringMatch(sm)) => HeaderMatch::String(string_matcher(sm, &join(path, "string_match"))?),
+        // No specifier: the header must be present (Envoy's default).
+        None => HeaderMatch::Present(true),
+    };
+    Ok(HeaderMatcher {
+        name,
+        kind,
+        invert: h.invert_match,
+        treat_missing_as_empty: h.treat_missing_header_as_empty,
+    })
+}
+
+fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErrors> {
+    use r::route_action::{ClusterSpecifier as C, HostRewriteSpecifier as H};
+    let mut errs = ConfigErrors::default();
+    let cluster = match &p.cluster_specifier {
+        Some(C::Cluster(c)) if !c.is_empty() => Some(ClusterSpecifier::Name(c.as_str().into())),
+        Some(C::ClusterHeader(h)) => header_name(&h.to_ascii_lowercase(), &join(path, "cluster_header"))
+            .map(ClusterSpecifier::Header)
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        Some(C::WeightedClusters(w)) => weighted(w, &join(path, "weighted_clusters"))
+            .map(ClusterSpecifier::Weighted)
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        _ => {
+            errs.push(path, "a route action needs cluster, cluster_header or weighted_clusters");
+            None
+        }
+    };
+    let cluster_not_found_status = match p.cluster_not_found_response_code {
+        0 => 503,
+        1 => 404,
+        _ => 500,
+    };
+    let regex_rewrite = match &p.regex_rewrite {
+        Some(rr) => match rr.pattern.as_ref() {
+            Some(pat) => regex_unanchored(pat, &join(path, "regex_rewrite.pattern"))
+                .map(|re| Some((re, substitution(&rr.substitution))))
+                .unwrap_or_else(|e| {
+                    errs.extend(e);
+                    None
+                }),
+            None => {
+                errs.push(join(path, "regex_rewrite.pattern"), "pattern is required");
+                None
+            }
+        },
+        None => None,
+    };
+    if !p.prefix_rewrite.is_empty() && regex_rewrite.is_some() {
+        errs.push(path, "prefix_rewrite and regex_rewrite are mutually exclusive");
+    }
+    let host_rewrite = match &p.host_rewrite_specifier {
+        None => HostRewrite::None,
+        Some(H::HostRewriteLiteral(s)) => HostRewrite::Literal(s.clone()),
+        Some(H::AutoHostRewrite(b)) if b.value => HostRewrite::Auto,
+        Some(H::AutoHostRewrite(_)) => HostRewrite::None,
+        Some(H::HostRewriteHeader(h)) => match header_name(&h.to_ascii_lowercase(), &join(path, "host_rewrite_header")) {
+            Ok(h) => HostRewrite::Header(h),
+            Err(e) => {
+                errs.extend(e);
+                HostRewrite::None
+            }
+        },
+        Some(H::HostRewritePathRegex(rr)) => match rr.pattern.as_ref() {
+            Some(pat) => match regex_unanchored(pat, &join(path, "host_rewrite_path_regex.pattern")) {
+                Ok(re) => HostRewrite::PathRegex(re, substitution(&rr.substitution)),
+                Err(e) => {
+                    errs.extend(e);
+                    HostRewrite::None
+                }
+            },
+            None => {
+                errs.push(join(path, "host_rewrite_path_regex.pattern"), "pattern is required");
+                HostRewrite::None
+            }
+        },
+        Some(_) => {
+            errs.push(path, "this host rewrite is not implemented");
+            HostRewrite::None
+        }
+    };
+    fn t(errs: &mut ConfigErrors, r: Result<Option<Duration>, ConfigErrors>) -> Option<Duration> {
+        r.map_err(|e| errs.extend(e)).ok().flatten()
+    }
+    let timeout_v = t(&mut errs, timeout(p.timeout.as_ref(), Some(Duration::from_secs(15)), &join(path, "timeout")));
+    let idle_timeout = t(&mut errs, timeout(p.idle_timeout.as_ref(), None, &join(path, "idle_timeout")));
+    let (max_stream_duration, grpc_timeout_header_max) = match &p.max_stream_duration {
+        Some(m) => {
+            if m.grpc_timeout_header_offset.is_some() {
+                errs.push(join(path, "max_stream_duration.grpc_timeout_header_offset"), "not implemented");
+            }
+            let msd = t(&mut errs, timeout(m.max_stream_duration.as_ref(), None, &join(path, "max_stream_duration.max_stream_duration")));
+            let ghm = m
+                .grpc_timeout_header_max
+                .as_ref()
+                .and_then(|d| super::duration(d, "").ok())
+                .map(|d| if d.is_zero() { Duration::MAX } else { d });
+            (msd, ghm)
+        }
+        None => (None, None),
+    };
+    let retry = match &p.retry_policy {
+        Some(rp) => retry_policy(rp, &join(path, "retry_policy"))
+            .map(|r| Some(Arc::new(r)))
+            .unwrap_or_else(|e| {
+                errs.extend(e);
+                None
+            }),
+        None => None,
+    };
+    let upgrades = p
+        .upgrade_configs
+        .iter()
+        .map(|u| (u.upgrade_type.to_ascii_lowercase(), u.enabled.as_ref().map(|b| b.value).unwrap_or(true)))
+        .collect();
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(RouteAction {
+        cluster: cluster.expect("checked"),
+        cluster_not_found_status,
+        prefix_rewrite: (!p.prefix_rewrite.is_empty()).then(|| p.prefix_rewrite.clone()),
+        regex_rewrite,
+        host_rewrite,
+        append_x_forwarded_host: p.append_x_forwarded_host,
+        timeout: timeout_v,
+        idle_timeout,
+        retry_policy: retry,
+        max_stream_duration,
+        grpc_timeout_header_max,
+        upgrades,
+    })
+}
+
+fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut clusters = Vec::new();
+    for (i, c) in w.clusters.iter().enumerate() {
+        let cp = format!("{path}.clusters[{i}]");
+        if c.name.is_empty() {
+            errs.push(join(&cp, "name"), "cluster_header in weighted clusters is not implemented; name is required");
+            continue;
+        }
+        let headers = header_mutations(
+            &c.request_headers_to_add,
+            &c.request_headers_to_remove,
+            &c.response_headers_to_add,
+            &c.response_headers_to_remove,
+            &format!("{cp}."),
+        )
+        .unwrap_or_else(|e| {
+            errs.extend(e);
+            HeaderMutations::default()
+        });
+        let host_rewrite = match &c.host_rewrite_specifier {
+            Some(r::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(s)) => Some(s.clone()),
+            None => None,
+        };
+        clusters.push(WeightedCluster {
+            name: c.name.as_str().into(),
+            weight: c.weight.as_ref().map(|v| v.value).unwrap_or(0),
+            headers,
+            host_rewrite,
+        });
+    }
+    if clusters.is_empty() && errs.is_empty() {
+        errs.push(join(path, "clusters"), "at least one cluster is required");
+    }
+    let sum: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+    let total = match &w.total_weight {
+        Some(t) => {
+            if u64::from(t.value) != sum {
+                errs.push(join(path, "total_weight"), format!("total_weight {} does not equal the sum of weights {sum}", t.value));
+            }
+            u64::from(t.value)
+        }
+        None => sum,
+    };
+    if total == 0 && errs.is_empty() {
+        errs.push(join(path, "clusters"), "the sum of weights must be greater than 0");
+    }
+    errs.into_result(WeightedClusters { clusters, total })
+}
+
+pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let retry_on = RetryOn::parse(&p.retry_on).unwrap_or_else(|bad| {
+        errs.push(join(path, "retry_on"), format!("unknown retry condition {bad:?}"));
+        RetryOn::default()
+    });
+    let mut previous_hosts = false;
+    for (i, pr) in p.retry_host_predicate.iter().enumerate() {
+        let url = match &pr.config_type {
+            Some(r::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+            None => "",
+        };
+        if pr.name == "envoy.retry_host_predicates.previous_hosts" || url.ends_with("PreviousHostsPredicate") {
+            previous_hosts = true;
+        } else {
+            errs.push(format!("{path}.retry_host_predicate[{i}]"), format!("retry host predicate {:?} is not implemented", pr.name));
+        }
+    }
+    let per_try_timeout = timeout(p.per_try_timeout.as_ref(), None, &join(path, "per_try_timeout")).unwrap_or_else(|e| {
+        errs.extend(e);
+        None
+    });
+    let per_try_idle_timeout = timeout(p.per_try_idle_timeout.as_ref(), None, &join(path, "per_try_idle_timeout")).unwrap_or_else(|e| {
+        errs.extend(e);
+        None
+    });
+    let (mut base, mut max) = (Duration::from_millis(25), None);
+    if let Some(b) = &p.retry_back_off {
+        if let Some(d) = &b.base_interval {
+            match super::duration(d, &join(path, "retry_back_off.base_interval")) {
+                Ok(d) if d >= Duration::from_millis(1) => base = d,
+                Ok(_) => errs.push(join(path, "retry_back_off.base_interval"), "must be at least 1ms"),
+                Err(e) => errs.extend(e),
+            }
+        } else {
+            errs.push(join(path, "retry_back_off.base_interval"), "base_interval is required");
+        }
+        if let Some(d) = &b.max_interval {
+            match super::duration(d, &join(path, "retry_back_off.max_interval")) {
+                Ok(d) if d >= base => max = Some(d),
+                Ok(_) => errs.push(join(path, "retry_back_off.max_interval"), "must not be less than base_interval"),
+                Err(e) => errs.extend(e),
+            }
+        }
+    }
+    let mut codes = Vec::new();
+    for c in &p.retriable_status_codes {
+        match u16::try_from(*c) {
+            Ok(c) if (100..600).contains(&c) => codes.push(c),
+            _ => errs.push(join(path, "retriable_status_codes"), format!("{c} is not an HTTP status")),
+        }
+    }
+    errs.into_result(RetryPolicy {
+        retry_on,
+        num_retries: p.num_retries.as_ref().map(|v| v.value).unwrap_or(1),
+        per_try_timeout,
+        per_try_idle_timeout,
+        retriable_status_codes: codes,
+        base_interval: base,
+        max_interval: max.unwrap_or(base * 10),
+        previous_hosts,
+        host_selection_retry_max_attempts: p.host_selection_retry_max_attempts.clamp(0, 100) as u32,
+    })
+}
+
+fn redirect(p: &r::RedirectAction, path: &str) -> Result<Redirect, ConfigErrors> {
+    use r::redirect_action::{PathRewriteSpecifier as P, SchemeRewriteSpecifier as S};
+    let scheme = match &p.scheme_rewrite_specifier {
+        Some(S::HttpsRedirect(true)) => Some("https".to_owned()),
+        Some(S::SchemeRedirect(s)) if !s.is_empty() => Some(s.to_ascii_lowercase()),
+        _ => None,
+    };
+    let path_r = match &p.path_rewrite_specifier {
+        None => RedirectPath::Keep,
+        Some(P::PathRedirect(s)) => RedirectPath::Path(s.clone()),
+        Some(P::PrefixRewrite(s)) => RedirectPath::Prefix(s.clone()),
+        Some(P::RegexRewrite(rr)) => {
+            let pat = rr.pattern.as_ref().ok_or_else(|| err(join(path, "regex_rewrite.pattern"), "pattern is required"))?;
+            RedirectPath::Regex(regex_unanchored(pat, &join(path, "regex_rewrite.pattern"))?, substitution(&rr.substitution))
+        }
+        Some(_) => return Err(err(path, "path_rewrite extensions are not implemented")),
+    };
+    let status = match p.response_code {
+        0 => 301,
+        1 => 302,
+        2 => 303,
+        3 => 307,
+        4 => 308,
+        other => return Err(err(join(path, "response_code"), format!("unknown response code {other}"))),
+    };
+    let port = match p.port_redirect {
+        0 => None,
+        p2 if p2 <= 65535 => Some(p2 as u16),
+        _ => return Err(err(join(path, "port_redirect"), "port out of range")),
+    };
+    Ok(Redirect {
+        scheme,
+        host: (!p.host_redirect.is_empty()).then(|| p.host_redirect.clone()),
+        port,
+        path: path_r,
+        status,
+        strip_query: p.strip_query,
+    })
+}
+
+fn direct_response(p: &r::DirectResponseAction, path: &str) -> Result<DirectResponse, ConfigErrors> {
+    if !(200..600).contains(&p.status) {
+        return Err(err(join(path, "status"), format!("status {} must be in [200, 600)", p.status)));
+    }
+    let body = match &p.body {
+        Some(d) => {
+            let b = super::data_source(d, &join(path, "body"))?;
+            if b.len() > 4096 && matches!(d.specifier, Some(crate::api::envoy::config::core::v3::data_source::Specifier::Filename(_))) {
+                return Err(err(join(path, "body"), "a direct response body from a file is limited to 4096 bytes (as Envoy)"));
+            }
+            Some(Bytes::from(b))
+        }
+        None => None,
+    };
+    Ok(DirectResponse {
+        status: p.status as u16,
+        body,
+    })
+}
