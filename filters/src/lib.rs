@@ -1,1 +1,13 @@
-//! placeholder
+//! weir's HTTP filter chain: a phase trait with a factory/instance split.
+//!
+//! A [`HttpFilterFactory`] is built once per listener config (validation and
+//! precomputation happen there); it creates a cheap [`HttpFilter`] instance
+//! per request. The chain runs decode phases in order and encode phases in
+//! reverse, as Envoy. The router is the terminal filter: the proxy forwards
+//! the request upstream when every decoder has continued.
+#![forbid(unsafe_code)]
+
+pub mod http;
+pub mod router;
+
+pub use http::*;

@@ -1,1 +1,63 @@
-fn main() {}
+//! The `weir` binary: Envoy's command line, then serve.
+use clap::Parser;
+use weir::cli::{Mode, Options};
+
+fn main() {
+    let o = Options::parse();
+    if let Err(e) = weir::logging::init(&o.log_level, o.component_log_level.as_deref(), o.log_path.as_deref()) {
+        eprintln!("weir: {e}");
+        std::process::exit(1);
+    }
+    let (bootstrap, snapshot) = match weir::load_config(&o) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("weir: invalid configuration:\n{e}");
+            std::process::exit(1);
+        }
+    };
+    match o.mode {
+        Mode::Validate => {
+            println!("configuration '{}' OK", o.config_path.as_deref().unwrap_or("<embedded>"));
+            return;
+        }
+        Mode::InitOnly => {
+            // Bind everything, then exit (as Envoy's init_only).
+            match weir::Server::start(o, bootstrap, snapshot) {
+                Ok(s) => {
+                    s.begin_shutdown();
+                    s.wait();
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("weir: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Mode::Serve => {}
+    }
+    let server = match weir::Server::start(o, bootstrap, snapshot) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    if let Some(a) = server.admin_addr() {
+        tracing::info!(address = %a, "admin listening");
+    }
+    let shared = server.shared.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+        rt.block_on(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        });
+        tracing::info!("signal received: draining");
+        weir::app::begin_drain(&shared, true);
+    });
+    server.wait();
+}

@@ -1,0 +1,438 @@
+//! The admin server (Envoy's admin API subset), on the control runtime.
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use xds_client::config::ListenAddress;
+
+use crate::{app::begin_drain, stats::StatValue, Shared};
+
+/// A bound admin listener.
+pub enum AdminListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl AdminListener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            AdminListener::Tcp(l) => l.local_addr().ok(),
+            AdminListener::Unix(_) => None,
+        }
+    }
+}
+
+pub async fn bind(addr: &ListenAddress) -> std::io::Result<AdminListener> {
+    match addr {
+        ListenAddress::Socket(a) => Ok(AdminListener::Tcp(tokio::net::TcpListener::bind(a).await?)),
+        ListenAddress::Pipe(p) => {
+            let _ = std::fs::remove_file(p);
+            Ok(AdminListener::Unix(tokio::net::UnixListener::bind(p)?))
+        }
+    }
+}
+
+pub async fn serve(l: AdminListener, shared: Arc<Shared>) {
+    loop {
+        let s = shared.clone();
+        let svc = service_fn(move |req| handle(req, s.clone()));
+        match &l {
+            AdminListener::Tcp(t) => {
+                let Ok((stream, _)) = t.accept().await else { continue };
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            AdminListener::Unix(u) => {
+                let Ok((stream, _)) = u.accept().await else { continue };
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+type Resp = Response<Full<bytes::Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<String>) -> Resp {
+    let mut r = Response::new(Full::new(bytes::Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=UTF-8"));
+    r
+}
+
+fn json(v: serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(bytes::Bytes::from(serde_json::to_string_pretty(&v).unwrap_or_default())));
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+const ENDPOINTS: &[(&str, &str, bool)] = &[
+    ("/", "admin home page", false),
+    ("/certs", "print certs on machine", false),
+    ("/clusters", "upstream cluster status", false),
+    ("/config_dump", "dump current Envoy configs", false),
+    ("/drain_listeners", "drain listeners", true),
+    ("/healthcheck/fail", "cause the server to fail health checks", true),
+    ("/healthcheck/ok", "cause the server to pass health checks", true),
+    ("/help", "print out list of admin commands", false),
+    ("/listeners", "print listener info", false),
+    ("/logging", "query/change logging levels", true),
+    ("/memory", "print current allocation/heap usage", false),
+    ("/quitquitquit", "exit the server", true),
+    ("/ready", "print server state, return 200 if LIVE, otherwise return 503", false),
+    ("/reset_counters", "reset all counters to zero", true),
+    ("/runtime", "print runtime values", false),
+    ("/server_info", "print server version/status information", false),
+    ("/stats", "print server stats", false),
+    ("/stats/prometheus", "print server stats in prometheus format", false),
+];
+
+fn query_params(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_owned(), percent_decode(v)),
+            None => (kv.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_owned();
+    let params = query_params(req.uri().query());
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let has = |k: &str| params.iter().any(|(n, _)| n == k);
+    if let Some((_, _, mutating)) = ENDPOINTS.iter().find(|(p, _, _)| *p == path) {
+        if *mutating && req.method() != Method::POST && !(path == "/logging" && params.is_empty()) {
+            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "This operation requires a POST request.\n"));
+        }
+    }
+    let r = match path.as_str() {
+        "/" | "/help" => {
+            let mut s = String::from("admin commands are:\n");
+            for (p, d, _) in ENDPOINTS {
+                let _ = writeln!(s, "  {p}: {d}");
+            }
+            text(StatusCode::OK, s)
+        }
+        "/ready" => {
+            let state = shared.server_stats.state.value();
+            let (code, name) = match state {
+                0 => (StatusCode::OK, "LIVE"),
+                2 => (StatusCode::SERVICE_UNAVAILABLE, "DRAINING"),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING"),
+            };
+            text(code, format!("{name}\n"))
+        }
+        "/server_info" => {
+            let state = match shared.server_stats.state.value() {
+                0 => "LIVE",
+                2 => "DRAINING",
+                _ => "INITIALIZING",
+            };
+            let n = &shared.snapshot.node;
+            json(serde_json::json!({
+                "version": format!("weir/{}", env!("CARGO_PKG_VERSION")),
+                "state": state,
+                "hot_restart_version": "disabled",
+                "command_line_options": {
+                    "concurrency": shared.workers,
+                    "drain_time": format!("{}s", shared.options.drain_time_s),
+                    "config_path": shared.options.config_path.clone().unwrap_or_default(),
+                    "log_level": shared.options.log_level,
+                },
+                "node": {"id": n.id, "cluster": n.cluster, "metadata": n.metadata,
+                         "locality": {"region": n.region, "zone": n.zone, "sub_zone": n.sub_zone}},
+                "uptime_current_epoch": format!("{}s", shared.server_stats.uptime.value()),
+                "uptime_all_epochs": format!("{}s", shared.server_stats.uptime.value()),
+            }))
+        }
+        "/stats" | "/stats/prometheus" => stats(&shared, &path, param("format"), param("filter"), has("usedonly")),
+        "/config_dump" => config_dump(&shared, param("resource"), param("name_regex")),
+        "/clusters" => clusters(&shared, param("format").as_deref() == Some("json")),
+        "/listeners" => {
+            if param("format").as_deref() == Some("json") {
+                json(serde_json::json!({"listener_statuses": shared.listeners.iter().map(|l| serde_json::json!({
+                    "name": &*l.config.name,
+                    "local_address": {"socket_address": {"address": l.bound.ip().to_string(), "port_value": l.bound.port()}},
+                })).collect::<Vec<_>>()}))
+            } else {
+                let mut s = String::new();
+                for l in &shared.listeners {
+                    let _ = writeln!(s, "{}::{}", l.config.name, l.bound);
+                }
+                text(StatusCode::OK, s)
+            }
+        }
+        "/certs" => json(serde_json::json!({"certificates": []})),
+        "/runtime" => json(serde_json::json!({"layers": [], "entries": {}})),
+        "/memory" => {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let kb = |k: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(k))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1024
+            };
+            json(serde_json::json!({
+                "allocated": kb("RssAnon:").to_string(),
+                "heap_size": kb("VmData:").to_string(),
+                "resident": kb("VmRSS:").to_string(),
+                "total_physical_bytes": kb("VmRSS:").to_string(),
+            }))
+        }
+        "/quitquitquit" => {
+            let s = shared.clone();
+            s.drain.send_replace(true);
+            s.exit_requested.store(true, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                s.writer.flush();
+                for _ in 0..(s.workers + 4) {
+                    s.exit.notify_waiters();
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            });
+            text(StatusCode::OK, "OK\n")
+        }
+        "/healthcheck/fail" => {
+            shared.healthcheck_failed.store(true, Ordering::SeqCst);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/healthcheck/ok" => {
+            shared.healthcheck_failed.store(false, Ordering::SeqCst);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/drain_listeners" => {
+            // inboundonly: only listeners with traffic_direction INBOUND stop;
+            // weir drains all of its listeners together today, so refuse a
+            // partial drain rather than drain the wrong ones.
+            if has("inboundonly") && shared.listeners.iter().any(|l| !l.config.inbound) {
+                text(StatusCode::NOT_IMPLEMENTED, "inboundonly with outbound listeners present is not implemented\n")
+            } else {
+                // As Envoy, draining listeners does not exit the process.
+                begin_drain(&shared, false);
+                text(StatusCode::OK, "OK\n")
+            }
+        }
+        "/reset_counters" => {
+            shared.stats.reset_counters();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/logging" => logging(&params),
+        _ => text(StatusCode::NOT_FOUND, "invalid path. admin commands are listed at /help\n"),
+    };
+    Ok(r)
+}
+
+fn logging(params: &[(String, String)]) -> Resp {
+    let mut changed = false;
+    for (k, v) in params {
+        if k == "level" {
+            if crate::logging::set_level(v).is_err() {
+                return text(StatusCode::BAD_REQUEST, format!("unknown log level {v:?}\n"));
+            }
+            changed = true;
+        } else if k == "paths" {
+            if crate::logging::set_components(v).is_err() {
+                return text(StatusCode::BAD_REQUEST, "invalid paths\n");
+            }
+            changed = true;
+        } else if crate::logging::set_components(&format!("{k}:{v}")).is_ok() {
+            changed = true;
+        }
+    }
+    let _ = changed;
+    text(StatusCode::OK, format!("active loggers:\n  {}\n", crate::logging::current()))
+}
+
+fn stats(shared: &Shared, path: &str, format: Option<String>, filter: Option<String>, used_only: bool) -> Resp {
+    let re = match filter.as_deref().map(regex::Regex::new) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("invalid regex: {e}\n")),
+        None => None,
+    };
+    let keep = |name: &str, used: bool| re.as_ref().is_none_or(|r| r.is_match(name)) && (!used_only || used);
+    let prom = path == "/stats/prometheus" || format.as_deref() == Some("prometheus");
+    if prom {
+        let mut out = String::new();
+        let mut last_type = String::new();
+        shared.stats.visit(|n, v| {
+            let used = match &v {
+                StatValue::Counter(c) => *c > 0,
+                StatValue::Gauge(_) => true,
+                StatValue::Histogram(h) => h.count > 0,
+            };
+            if !keep(&n.name, used) {
+                return;
+            }
+            let pname = format!("envoy_{}", sanitize(&n.tag_extracted));
+            let labels = n.tags.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "\\\""))).collect::<Vec<_>>().join(",");
+            let lb = |extra: &str| {
+                let mut all = labels.clone();
+                if !extra.is_empty() {
+                    if !all.is_empty() {
+                        all.push(',');
+                    }
+                    all.push_str(extra);
+                }
+                if all.is_empty() { String::new() } else { format!("{{{all}}}") }
+            };
+            let ty = match &v {
+                StatValue::Counter(_) => "counter",
+                StatValue::Gauge(_) => "gauge",
+                StatValue::Histogram(_) => "histogram",
+            };
+            if last_type != pname {
+                let _ = writeln!(out, "# TYPE {pname} {ty}");
+                last_type = pname.clone();
+            }
+            match v {
+                StatValue::Counter(c) => { let _ = writeln!(out, "{pname}{} {c}", lb("")); }
+                StatValue::Gauge(g) => { let _ = writeln!(out, "{pname}{} {g}", lb("")); }
+                StatValue::Histogram(h) => {
+                    for (i, b) in crate::stats::BUCKETS.iter().enumerate() {
+                        let _ = writeln!(out, "{pname}_bucket{} {}", lb(&format!("le=\"{b}\"")), h.cumulative[i]);
+                    }
+                    let _ = writeln!(out, "{pname}_bucket{} {}", lb("le=\"+Inf\""), h.count);
+                    let _ = writeln!(out, "{pname}_sum{} {}", lb(""), h.sum_ms);
+                    let _ = writeln!(out, "{pname}_count{} {}", lb(""), h.count);
+                }
+            }
+        });
+        return text(StatusCode::OK, out);
+    }
+    if format.as_deref() == Some("json") {
+        let mut arr = Vec::new();
+        shared.stats.visit(|n, v| match v {
+            StatValue::Counter(c) if keep(&n.name, c > 0) => arr.push(serde_json::json!({"name": n.name, "value": c})),
+            StatValue::Gauge(g) if keep(&n.name, true) => arr.push(serde_json::json!({"name": n.name, "value": g})),
+            StatValue::Histogram(h) if keep(&n.name, h.count > 0) => arr.push(serde_json::json!({"name": n.name, "histograms": {"count": h.count, "sum": h.sum_ms}})),
+            _ => {}
+        });
+        return json(serde_json::json!({"stats": arr}));
+    }
+    let mut out = String::new();
+    shared.stats.visit(|n, v| match v {
+        StatValue::Counter(c) if keep(&n.name, c > 0) => { let _ = writeln!(out, "{}: {c}", n.name); }
+        StatValue::Gauge(g) if keep(&n.name, true) => { let _ = writeln!(out, "{}: {g}", n.name); }
+        StatValue::Histogram(h) if keep(&n.name, h.count > 0) => {
+            if h.count == 0 {
+                let _ = writeln!(out, "{}: No recorded values", n.name);
+            } else {
+                let _ = writeln!(out, "{}: count={} sum={}", n.name, h.count, h.sum_ms);
+            }
+        }
+        _ => {}
+    });
+    text(StatusCode::OK, out)
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+fn config_dump(shared: &Shared, resource: Option<String>, name_regex: Option<String>) -> Resp {
+    use prost::Message;
+    let desc = xds_client::descriptors::pool()
+        .get_message_by_name("envoy.config.bootstrap.v3.Bootstrap")
+        .expect("bootstrap descriptor");
+    let dm = prost_reflect::DynamicMessage::decode(desc, shared.bootstrap.encode_to_vec().as_slice());
+    let bootstrap = match dm {
+        Ok(d) => serde_json::to_value(&d).unwrap_or(serde_json::Value::Null),
+        Err(_) => serde_json::Value::Null,
+    };
+    let re = name_regex.and_then(|r| regex::Regex::new(&r).ok());
+    let keep = |name: &str| re.as_ref().is_none_or(|r| r.is_match(name));
+    let sr = bootstrap.get("staticResources").cloned().unwrap_or(serde_json::Value::Null);
+    let listeners: Vec<_> = sr.get("listeners").and_then(|l| l.as_array()).cloned().unwrap_or_default()
+        .into_iter()
+        .filter(|l| keep(l.get("name").and_then(|n| n.as_str()).unwrap_or("")))
+        .map(|l| serde_json::json!({"listener": l}))
+        .collect();
+    let clusters: Vec<_> = sr.get("clusters").and_then(|l| l.as_array()).cloned().unwrap_or_default()
+        .into_iter()
+        .filter(|c| keep(c.get("name").and_then(|n| n.as_str()).unwrap_or("")))
+        .map(|c| serde_json::json!({"cluster": c}))
+        .collect();
+    let configs = vec![
+        serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": bootstrap}),
+        serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters}),
+        serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners}),
+    ];
+    match resource.as_deref() {
+        Some("static_listeners") => json(serde_json::json!({"configs": listeners})),
+        Some("static_clusters") => json(serde_json::json!({"configs": clusters})),
+        Some(other) => text(StatusCode::BAD_REQUEST, format!("unknown or unsupported resource {other:?}\n")),
+        None => json(serde_json::json!({"configs": configs})),
+    }
+}
+
+fn clusters(shared: &Shared, as_json: bool) -> Resp {
+    let mut names: Vec<_> = shared.clusters.clusters.keys().cloned().collect();
+    names.sort();
+    if as_json {
+        let arr: Vec<_> = names.iter().map(|n| {
+            let c = &shared.clusters.clusters[n];
+            let hosts = c.hosts.load();
+            serde_json::json!({
+                "name": &**n,
+                "host_statuses": hosts.hosts.iter().map(|h| serde_json::json!({
+                    "address": {"socket_address": {"address": h.addr.ip().to_string(), "port_value": h.addr.port()}},
+                    "hostname": h.hostname,
+                    "weight": h.weight,
+                    "priority": h.priority,
+                    "health_status": {"eds_health_status": if h.healthy { "HEALTHY" } else { "UNHEALTHY" }},
+                    "stats": [{"name": "rq_active", "value": h.active.load(Ordering::Relaxed).to_string(), "type": "GAUGE"}],
+                })).collect::<Vec<_>>(),
+            })
+        }).collect();
+        return json(serde_json::json!({"cluster_statuses": arr}));
+    }
+    let mut s = String::new();
+    for n in names {
+        let c = &shared.clusters.clusters[&n];
+        let _ = writeln!(s, "{n}::observability_name::{}", c.config.stat_name);
+        let _ = writeln!(s, "{n}::default_priority::max_connections::1024");
+        for h in c.hosts.load().hosts.iter() {
+            let a = h.addr;
+            let _ = writeln!(s, "{n}::{a}::rq_active::{}", h.active.load(Ordering::Relaxed));
+            let _ = writeln!(s, "{n}::{a}::hostname::{}", h.hostname);
+            let _ = writeln!(s, "{n}::{a}::health_flags::{}", if h.healthy { "healthy" } else { "/failed_eds_health" });
+            let _ = writeln!(s, "{n}::{a}::weight::{}", h.weight);
+            let _ = writeln!(s, "{n}::{a}::priority::{}", h.priority);
+        }
+    }
+    text(StatusCode::OK, s)
+}

@@ -1,0 +1,256 @@
+//! Wiring: the shared state, worker runtimes, the control runtime (admin,
+//! DNS), and the lifecycle (drain, exit).
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::sync::{watch, Notify};
+use xds_client::{api::envoy::config::bootstrap::v3::Bootstrap, config::NetworkFilter, config::Snapshot};
+
+use crate::{
+    access_log::{Logger, Writer},
+    cli::Options,
+    http::service::HcmRuntime,
+    listener::{self, ListenerRuntime},
+    metrics::{HttpStats, ListenerStats, ServerStats},
+    stats::Store,
+    upstream::ClusterManager,
+};
+
+/// State shared by every worker and the control runtime.
+pub struct Shared {
+    pub snapshot: Arc<Snapshot>,
+    pub bootstrap: Bootstrap,
+    pub clusters: ClusterManager,
+    pub stats: Arc<Store>,
+    pub server_stats: ServerStats,
+    pub options: Options,
+    pub started: std::time::SystemTime,
+    pub listeners: Vec<Arc<ListenerRuntime>>,
+    pub writer: Writer,
+    /// Drain signal: true = stop accepting, drain connections.
+    pub drain: watch::Sender<bool>,
+    /// Set when the process should exit (after draining).
+    pub exit: Notify,
+    pub exit_requested: AtomicBool,
+    pub active_connections: AtomicU64,
+    pub max_connections: Option<u64>,
+    pub next_conn_id: AtomicU64,
+    pub healthcheck_failed: AtomicBool,
+    pub admin_addr: Mutex<Option<SocketAddr>>,
+    pub workers: usize,
+}
+
+/// A running server.
+pub struct Server {
+    pub shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Builds everything, binds listeners and starts workers and admin.
+    pub fn start(options: Options, bootstrap: Bootstrap, snapshot: Snapshot) -> anyhow::Result<Server> {
+        let workers = options
+            .concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            .max(1);
+        let stats = Store::new(workers, snapshot.stats.clone());
+        let server_stats = ServerStats::new(&stats);
+        let writer = Writer::start(
+            Duration::from_millis(options.file_flush_interval_msec.max(1)),
+            (options.file_flush_min_size_kb as usize) * 1024,
+            &stats,
+        );
+        let clusters = ClusterManager::new(&snapshot, &stats, workers);
+        let mut listeners = Vec::new();
+        for l in &snapshot.listeners {
+            let (bound, sockets) = listener::bind(l, workers)
+                .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.address))?;
+            let NetworkFilter::Http(h) = &l.filter_chain.filter;
+            let logs = h
+                .access_logs
+                .iter()
+                .chain(l.access_logs.iter())
+                .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
+                .collect();
+            let hcm = Arc::new(HcmRuntime {
+                config: h.clone(),
+                chain: filters::FilterChain::build(&h.http_filters),
+                stats: HttpStats::new(&stats, &h.stat_prefix),
+                logs,
+                listener_port: bound.port(),
+            });
+            tracing::info!(listener = %l.name, address = %bound, "listener bound");
+            listeners.push(Arc::new(ListenerRuntime {
+                config: l.clone(),
+                hcm,
+                stats: ListenerStats::new(&stats, &l.stat_prefix),
+                bound,
+                sockets,
+            }));
+        }
+        let (drain, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            snapshot: Arc::new(snapshot.clone()),
+            bootstrap,
+            clusters,
+            stats: stats.clone(),
+            server_stats,
+            max_connections: snapshot.max_downstream_connections,
+            options,
+            started: std::time::SystemTime::now(),
+            listeners,
+            writer,
+            drain,
+            exit: Notify::new(),
+            exit_requested: AtomicBool::new(false),
+            active_connections: AtomicU64::new(0),
+            next_conn_id: AtomicU64::new(1),
+            healthcheck_failed: AtomicBool::new(false),
+            admin_addr: Mutex::new(None),
+            workers,
+        });
+        shared.server_stats.concurrency.set(workers as i64);
+        shared.server_stats.active_clusters.set(shared.clusters.clusters.len() as i64);
+        shared.server_stats.total_listeners_active.set(shared.listeners.len() as i64);
+
+        // Control runtime: admin, DNS refresh, uptime.
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let s2 = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("weir-control".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    rt.block_on(control(s2, ready_tx));
+                })?,
+        );
+        ready_rx
+            .recv()
+            .context("control runtime stopped during start")??;
+
+        // Workers: one current-thread runtime each, with its own listener sockets.
+        for i in 0..workers {
+            let s = shared.clone();
+            let sockets: Vec<_> = shared
+                .listeners
+                .iter()
+                .map(|l| (l.clone(), l.sockets[i].try_clone()))
+                .collect();
+            threads.push(std::thread::Builder::new().name(format!("weir-worker-{i}")).spawn(move || {
+                crate::stats::set_worker_shard(i);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("worker runtime");
+                rt.block_on(async move {
+                    let mut tasks = Vec::new();
+                    for (l, sock) in sockets {
+                        match sock {
+                            Ok(sock) => tasks.push(tokio::spawn(listener::accept_loop(l, sock, s.clone(), s.drain.subscribe()))),
+                            Err(e) => tracing::error!(error = %e, "cannot clone listener socket"),
+                        }
+                    }
+                    s.server_stats.workers_started.inc();
+                    // Run until exit: connections keep going after accept loops stop.
+                    s.exit.notified().await;
+                    for t in tasks {
+                        t.abort();
+                    }
+                });
+            })?);
+        }
+        shared.server_stats.state.set(0);
+        shared.server_stats.live.set(1);
+        Ok(Server { shared, threads })
+    }
+
+    /// The admin address, once bound.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        *self.shared.admin_addr.lock().expect("admin addr lock")
+    }
+
+    /// The bound address of listener `name`.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.shared.listeners.iter().find(|l| &*l.config.name == name).map(|l| l.bound)
+    }
+
+    /// Starts a drain; the process exits once connections finish or
+    /// `drain_time` passes.
+    pub fn begin_shutdown(&self) {
+        begin_drain(&self.shared, true);
+    }
+
+    /// Blocks until the server has exited.
+    pub fn wait(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts draining; with `exit`, the process stops when drained.
+pub fn begin_drain(shared: &Arc<Shared>, exit: bool) {
+    shared.drain.send_replace(true);
+    shared.server_stats.state.set(2); // DRAINING
+    if exit && !shared.exit_requested.swap(true, Ordering::SeqCst) {
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(s.options.drain_time_s);
+            while s.active_connections.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s.writer.flush();
+            s.server_stats.live.set(0);
+            // Wake every worker and the control runtime.
+            for _ in 0..(s.workers + 4) {
+                s.exit.notify_waiters();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+    }
+}
+
+async fn control(shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Result<()>>) {
+    shared.clusters.warm(Duration::from_secs(5)).await;
+    shared.clusters.spawn_dns_refresh();
+    let admin = match &shared.snapshot.admin {
+        Some(a) => match crate::admin::bind(&a.address).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = ready.send(Err(anyhow::anyhow!("cannot bind admin on {}: {e}", a.address)));
+                return;
+            }
+        },
+        None => None,
+    };
+    if let Some(l) = &admin {
+        *shared.admin_addr.lock().expect("admin addr lock") = l.local_addr();
+    }
+    let _ = ready.send(Ok(()));
+    if let Some(l) = admin {
+        tokio::spawn(crate::admin::serve(l, shared.clone()));
+    }
+    let s = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            let up = s.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+            s.server_stats.uptime.set(up as i64);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    shared.exit.notified().await;
+}

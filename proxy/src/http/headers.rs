@@ -1,0 +1,413 @@
+//! Request header processing at the edge, as Envoy's connection manager:
+//! x-forwarded-*, request ids, x-envoy-* sanitising, path normalisation,
+//! and configured header mutations.
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use rand::RngCore;
+use xds_client::config::{AppendAction, HeaderAdd, HeaderMutations, HttpConnectionManager};
+
+use super::info::{render, StreamInfo};
+
+pub static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
+pub static X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
+pub static X_ENVOY_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+pub static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+pub static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+pub static X_ENVOY_RETRY_ON: HeaderName = HeaderName::from_static("x-envoy-retry-on");
+pub static X_ENVOY_MAX_RETRIES: HeaderName = HeaderName::from_static("x-envoy-max-retries");
+pub static X_ENVOY_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
+pub static X_ENVOY_PER_TRY_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+pub static X_ENVOY_RETRIABLE_CODES: HeaderName = HeaderName::from_static("x-envoy-retriable-status-codes");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub static VIA: HeaderName = HeaderName::from_static("via");
+
+/// x-envoy-* request headers Envoy removes from external (edge) requests.
+const EDGE_STRIPPED: &[&str] = &[
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-internal",
+    "x-envoy-ip-tags",
+    "x-envoy-max-retries",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retry-on",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-original-path",
+];
+
+/// Whether `ip` is internal per `internal_address_config`.
+pub fn is_internal(h: &HttpConnectionManager, ip: IpAddr) -> bool {
+    h.internal_address.cidrs.iter().any(|c| c.contains(ip))
+}
+
+/// The outcome of edge processing.
+pub struct Edge {
+    /// The address the request is attributed to (`%DOWNSTREAM_REMOTE_ADDRESS%`).
+    pub remote: SocketAddr,
+    pub internal: bool,
+    /// x-envoy-* control headers are honoured only from trusted requests.
+    pub trusted: bool,
+}
+
+/// Applies x-forwarded-for/-proto, x-envoy-internal, x-envoy-* sanitising,
+/// request id and x-forwarded-client-cert handling.
+pub fn edge(h: &HttpConnectionManager, headers: &mut HeaderMap, peer: SocketAddr, scheme: &'static str) -> Edge {
+    let (remote, internal, edge_request) = if h.use_remote_address {
+        let internal = is_internal(h, peer.ip());
+        if !h.skip_xff_append {
+            append_xff(headers, peer.ip());
+        }
+        (peer, internal, !internal)
+    } else {
+        // Trust xff_num_trusted_hops addresses from the right of XFF.
+        let from_xff = xff_address(headers, h.xff_num_trusted_hops);
+        let remote = from_xff.map(|ip| SocketAddr::new(ip, 0)).unwrap_or(peer);
+        (remote, false, false)
+    };
+    if edge_request {
+        for n in EDGE_STRIPPED {
+            headers.remove(*n);
+        }
+        if h.use_remote_address {
+            if let Ok(v) = HeaderValue::from_str(&remote.ip().to_string()) {
+                headers.insert(X_ENVOY_EXTERNAL_ADDRESS.clone(), v);
+            }
+        }
+    } else if h.use_remote_address && internal {
+        headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
+    }
+    // x-forwarded-proto: set from the connection at the edge, else only when absent.
+    if h.use_remote_address || !headers.contains_key(&XFP) {
+        headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
+    }
+    // Request id.
+    if h.generate_request_id {
+        let keep = headers.contains_key(&X_REQUEST_ID) && (!edge_request || h.preserve_external_request_id);
+        if !keep {
+            headers.insert(X_REQUEST_ID.clone(), new_request_id());
+        }
+    }
+    // Client certificates: plaintext connections carry none, so every mode
+    // but the forward-only ones removes the header (as Envoy).
+    use xds_client::config::ForwardClientCert as F;
+    match h.forward_client_cert {
+        F::ForwardOnly | F::AlwaysForwardOnly => {}
+        F::Sanitize | F::SanitizeSet | F::AppendForward => {
+            headers.remove(&XFCC);
+        }
+    }
+    if let Some(via) = &h.via {
+        headers.append(VIA.clone(), via.clone());
+    }
+    Edge {
+        remote,
+        internal,
+        trusted: !edge_request,
+    }
+}
+
+fn append_xff(headers: &mut HeaderMap, ip: IpAddr) {
+    let ip = ip.to_string();
+    let v = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev},{ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        headers.insert(XFF.clone(), v);
+    }
+}
+
+fn xff_address(headers: &HeaderMap, trusted_hops: u32) -> Option<IpAddr> {
+    let joined: Vec<String> = headers
+        .get_all(&XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let joined = joined.join(",");
+    let parts: Vec<&str> = joined.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let idx = parts.len().checked_sub(1 + trusted_hops as usize)?;
+    parts[idx].parse().ok()
+}
+
+/// A random UUIDv4 as a header value.
+pub fn new_request_id() -> HeaderValue {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut s = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push(char::from(b"0123456789abcdef"[(byte >> 4) as usize]));
+        s.push(char::from(b"0123456789abcdef"[(byte & 0xf) as usize]));
+    }
+    HeaderValue::from_str(&s).expect("hex and dashes are valid")
+}
+
+/// Applies one level's `*_headers_to_add` / `*_headers_to_remove`.
+pub fn apply(headers: &mut HeaderMap, adds: &[HeaderAdd], removes: &[HeaderName], info: &StreamInfo, request: bool) {
+    for n in removes {
+        headers.remove(n);
+    }
+    for a in adds {
+        let value = if a.value.is_literal() {
+            match a.value.parts.first() {
+                Some(xds_client::config::FormatPart::Literal(s)) => s.clone(),
+                _ => String::new(),
+            }
+        } else {
+            if request {
+                render(&a.value, info, Some(headers), None, "")
+            } else {
+                render(&a.value, info, None, Some(headers), "")
+            }
+        };
+        if value.is_empty() && !a.keep_empty_value {
+            continue;
+        }
+        let Ok(v) = HeaderValue::from_str(&value) else { continue };
+        match a.action {
+            AppendAction::AppendIfExistsOrAdd => {
+                headers.append(a.name.clone(), v);
+            }
+            AppendAction::AddIfAbsent => {
+                if !headers.contains_key(&a.name) {
+                    headers.insert(a.name.clone(), v);
+                }
+            }
+            AppendAction::OverwriteIfExistsOrAdd => {
+                headers.insert(a.name.clone(), v);
+            }
+            AppendAction::OverwriteIfExists => {
+                if headers.contains_key(&a.name) {
+                    headers.insert(a.name.clone(), v);
+                }
+            }
+        }
+    }
+}
+
+/// Applies request (or response) mutations from every level in Envoy's
+/// order: the most specific level (weighted cluster, route) first and the
+/// route-config level last, so by default the least specific level wins an
+/// overwrite; `most_specific_header_mutations_wins` reverses the order.
+pub fn apply_levels(
+    headers: &mut HeaderMap,
+    levels: &[&HeaderMutations],
+    request: bool,
+    most_specific_wins: bool,
+    info: &StreamInfo,
+) {
+    // `levels` is ordered most specific first (weighted cluster, route, vhost, route config).
+    let mut apply_one = |m: &HeaderMutations| {
+        if request {
+            apply(headers, &m.request_add, &m.request_remove, info, true);
+        } else {
+            apply(headers, &m.response_add, &m.response_remove, info, false);
+        }
+    };
+    if most_specific_wins {
+        for m in levels.iter().rev() {
+            apply_one(m);
+        }
+    } else {
+        for m in levels {
+            apply_one(m);
+        }
+    }
+}
+
+/// The outcome of path normalisation.
+pub enum PathCheck {
+    Ok(Option<String>),
+    Reject,
+    Redirect(String),
+}
+
+/// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`.
+pub fn normalize(h: &HttpConnectionManager, path: &str) -> PathCheck {
+    use xds_client::config::EscapedSlashesAction as E;
+    let (p, query) = match path.find('?') {
+        Some(i) => (&path[..i], &path[i..]),
+        None => (path, ""),
+    };
+    let mut out = p.to_owned();
+    let has_escaped = contains_escaped_slash(&out);
+    if has_escaped {
+        match h.escaped_slashes {
+            E::KeepUnchanged => {}
+            E::RejectRequest => return PathCheck::Reject,
+            E::UnescapeAndForward | E::UnescapeAndRedirect => out = unescape_slashes(&out),
+        }
+    }
+    if h.normalize_path {
+        match normalize_rfc3986(&out) {
+            Some(n) => out = n,
+            None => return PathCheck::Reject,
+        }
+    }
+    if h.merge_slashes {
+        out = merge_slashes(&out);
+    }
+    if has_escaped && h.escaped_slashes == E::UnescapeAndRedirect {
+        return PathCheck::Redirect(format!("{out}{query}"));
+    }
+    if out == p {
+        PathCheck::Ok(None)
+    } else {
+        PathCheck::Ok(Some(format!("{out}{query}")))
+    }
+}
+
+fn contains_escaped_slash(p: &str) -> bool {
+    let b = p.as_bytes();
+    b.windows(3).any(|w| w[0] == b'%' && ((w[1] == b'2' && (w[2] | 0x20) == b'f') || (w[1] == b'5' && (w[2] | 0x20) == b'c')))
+}
+
+fn unescape_slashes(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    let b = p.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let (h, l) = (b[i + 1], b[i + 2] | 0x20);
+            if h == b'2' && l == b'f' {
+                out.push('/');
+                i += 3;
+                continue;
+            }
+            if h == b'5' && l == b'c' {
+                out.push('\\');
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+fn merge_slashes(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    let mut prev = false;
+    for c in p.chars() {
+        if c == '/' {
+            if !prev {
+                out.push(c);
+            }
+            prev = true;
+        } else {
+            out.push(c);
+            prev = false;
+        }
+    }
+    out
+}
+
+/// RFC 3986 normalisation as Envoy: decode percent-encoded unreserved
+/// characters, turn `\` into `/`, remove dot segments. `None` rejects.
+pub fn normalize_rfc3986(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return None;
+    }
+    // Decode unreserved %XX.
+    let b = p.as_bytes();
+    let mut dec = String::with_capacity(p.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let v = (hi * 16 + lo) as u8;
+                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                    dec.push(v as char);
+                } else {
+                    dec.push('%');
+                    dec.push((b[i + 1] as char).to_ascii_uppercase());
+                    dec.push((b[i + 2] as char).to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        dec.push(if b[i] == b'\\' { '/' } else { b[i] as char });
+        i += 1;
+    }
+    // Remove dot segments.
+    let mut segs: Vec<&str> = Vec::new();
+    let parts: Vec<&str> = dec[1..].split('/').collect();
+    let last = parts.len().saturating_sub(1);
+    let mut trailing = false;
+    for (k, s) in parts.iter().enumerate() {
+        match *s {
+            "." => trailing = k == last,
+            ".." => {
+                segs.pop();
+                trailing = k == last;
+            }
+            other => {
+                segs.push(other);
+                trailing = false;
+            }
+        }
+    }
+    let mut out = String::from("/");
+    out.push_str(&segs.join("/"));
+    if trailing && !out.ends_with('/') {
+        out.push('/');
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments() {
+        assert_eq!(normalize_rfc3986("/a/b/../c/./d").as_deref(), Some("/a/c/d"));
+        assert_eq!(normalize_rfc3986("/../a").as_deref(), Some("/a"));
+        assert_eq!(normalize_rfc3986("/a/%62c").as_deref(), Some("/a/bc"));
+        assert_eq!(normalize_rfc3986("/a/..").as_deref(), Some("/"));
+        assert_eq!(normalize_rfc3986("/a/b/.").as_deref(), Some("/a/b/"));
+        assert_eq!(normalize_rfc3986("/a%2fb").as_deref(), Some("/a%2Fb"));
+        assert_eq!(merge_slashes("//a///b/"), "/a/b/");
+        assert!(contains_escaped_slash("/a%2Fb"));
+        assert_eq!(unescape_slashes("/a%2fb%5C"), "/a/b\\");
+    }
+
+    #[test]
+    fn request_ids_are_uuid4() {
+        let v = new_request_id();
+        let s = v.to_str().expect("ascii");
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+    }
+
+    #[test]
+    fn xff_trusted_hops() {
+        let mut h = HeaderMap::new();
+        h.insert(XFF.clone(), HeaderValue::from_static("1.1.1.1, 2.2.2.2,3.3.3.3"));
+        assert_eq!(xff_address(&h, 0), Some("3.3.3.3".parse().expect("ip")));
+        assert_eq!(xff_address(&h, 1), Some("2.2.2.2".parse().expect("ip")));
+        assert_eq!(xff_address(&h, 5), None);
+    }
+}

@@ -1,0 +1,8 @@
+//! The HTTP connection manager: connections, the request pipeline, headers,
+//! routing actions and local replies.
+pub mod headers;
+pub mod info;
+pub mod local_reply;
+pub mod router;
+pub mod server;
+pub mod service;

@@ -1,0 +1,427 @@
+//! The router: cluster selection, rewrites, timeouts, retries, and the
+//! upstream exchange.
+use std::{sync::Arc, time::Duration};
+
+use http::{header, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::Rng;
+use tokio::time::Instant;
+use xds_client::config::{ClusterSpecifier, HostRewrite, PathMatch, RetryOn, RetryPolicy, RouteAction};
+
+use super::headers::*;
+use super::info::{Flags, StreamInfo};
+use super::local_reply::{reply, NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
+use crate::body::Body;
+use crate::upstream::{ClusterManager, ClusterRuntime, Host, PoolKind};
+
+/// Bodies up to this size are buffered so the request can be retried.
+const RETRY_BUFFER: u64 = 64 * 1024;
+
+/// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
+
+/// What the request pipeline hands the router.
+pub struct Forward<'a> {
+    pub action: &'a RouteAction,
+    pub route_path: &'a PathMatch,
+    pub vhost_retry: Option<&'a Arc<RetryPolicy>>,
+    pub trusted: bool,
+    pub include_attempt_count: bool,
+    pub suppress_envoy_headers: bool,
+    pub downstream_h2: bool,
+}
+
+/// The cluster a request goes to, resolved before header mutations run.
+pub struct Target {
+    pub cluster: Arc<ClusterRuntime>,
+    /// Index into the weighted clusters, for per-cluster header mutations.
+    pub weighted_index: Option<usize>,
+}
+
+/// Picks the cluster; `Err(status)` when it does not exist (flag NC).
+pub fn select_cluster(
+    cm: &ClusterManager,
+    action: &RouteAction,
+    headers: &HeaderMap,
+) -> Result<Target, u16> {
+    let (name, weighted_index): (std::borrow::Cow<'_, str>, Option<usize>) = match &action.cluster {
+        ClusterSpecifier::Name(n) => (n.as_ref().into(), None),
+        ClusterSpecifier::Header(h) => match headers.get(h).and_then(|v| v.to_str().ok()) {
+            Some(v) => (v.to_owned().into(), None),
+            None => return Err(action.cluster_not_found_status),
+        },
+        ClusterSpecifier::Weighted(w) => {
+            let r: u64 = rand::rng().random();
+            let picked = w.pick(r);
+            let idx = w.clusters.iter().position(|c| std::ptr::eq(c, picked));
+            (picked.name.as_ref().into(), idx)
+        }
+    };
+    cm.get(&name)
+        .map(|c| Target {
+            cluster: c.clone(),
+            weighted_index,
+        })
+        .ok_or(action.cluster_not_found_status)
+}
+
+/// Applies prefix/regex path rewrites; returns the new path when changed.
+pub fn rewrite_path(action: &RouteAction, route_path: &PathMatch, path_and_query: &str) -> Option<String> {
+    let (path, query) = match path_and_query.find('?') {
+        Some(i) => (&path_and_query[..i], &path_and_query[i..]),
+        None => (path_and_query, ""),
+    };
+    if let Some(new_prefix) = &action.prefix_rewrite {
+        let matched = match route_path {
+            PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) => p.len().min(path.len()),
+            PathMatch::Path(_) => path.len(),
+            _ => 0,
+        };
+        return Some(format!("{new_prefix}{}{query}", &path[matched..]));
+    }
+    if let Some((re, sub)) = &action.regex_rewrite {
+        let out = re.0.replace_all(path, sub.as_str());
+        return Some(format!("{out}{query}"));
+    }
+    None
+}
+
+/// Timeouts from the route, overridable by trusted x-envoy-* headers.
+fn timeouts(f: &Forward<'_>, headers: &HeaderMap, retry: Option<&RetryPolicy>) -> (Option<Duration>, Option<Duration>) {
+    let ms = |n: &http::HeaderName| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    let mut global = f.action.timeout;
+    let mut per_try = retry.and_then(|r| r.per_try_timeout);
+    if f.trusted {
+        if let Some(d) = ms(&X_ENVOY_RQ_TIMEOUT) {
+            global = (!d.is_zero()).then_some(d);
+        }
+        if let Some(d) = ms(&X_ENVOY_PER_TRY_TIMEOUT) {
+            per_try = (!d.is_zero()).then_some(d);
+        }
+    }
+    (global, per_try)
+}
+
+/// The effective retry policy: the route's, else the vhost's, merged with
+/// trusted `x-envoy-retry-on` / `x-envoy-max-retries` headers.
+fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
+    let base = f.action.retry_policy.as_ref().or(f.vhost_retry).map(|r| (**r).clone());
+    if !f.trusted {
+        return base;
+    }
+    let on = headers.get(&X_ENVOY_RETRY_ON).and_then(|v| v.to_str().ok()).map(RetryOn::parse_lenient);
+    let max = headers
+        .get(&X_ENVOY_MAX_RETRIES)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u32>().ok());
+    let codes: Vec<u16> = headers
+        .get(&X_ENVOY_RETRIABLE_CODES)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    if on.is_none() && max.is_none() && base.is_none() {
+        return None;
+    }
+    let mut p = base.unwrap_or(RetryPolicy {
+        retry_on: RetryOn::default(),
+        num_retries: 1,
+        per_try_timeout: None,
+        per_try_idle_timeout: None,
+        retriable_status_codes: vec![],
+        base_interval: Duration::from_millis(25),
+        max_interval: Duration::from_millis(250),
+        previous_hosts: false,
+        host_selection_retry_max_attempts: 0,
+    });
+    if let Some(on) = on {
+        p.retry_on = RetryOn(p.retry_on.0 | on.0);
+    }
+    if let Some(m) = max {
+        p.num_retries = m;
+    }
+    p.retriable_status_codes.extend(codes);
+    Some(p)
+}
+
+enum Outcome {
+    Response(Response<Incoming>),
+    ConnectFailure(String),
+    Reset(String),
+    Timeout,
+}
+
+fn retriable_status(p: &RetryPolicy, status: u16) -> bool {
+    let on = p.retry_on;
+    (on.has(RetryOn::FIVE_XX) && status >= 500)
+        || (on.has(RetryOn::GATEWAY_ERROR) && matches!(status, 502..=504))
+        || (on.has(RetryOn::RETRIABLE_4XX) && status == 409)
+        || (on.has(RetryOn::RETRIABLE_STATUS_CODES) && p.retriable_status_codes.contains(&status))
+}
+
+fn retriable_connect(p: &RetryPolicy) -> bool {
+    let on = p.retry_on;
+    on.has(RetryOn::CONNECT_FAILURE) || on.has(RetryOn::FIVE_XX) || on.has(RetryOn::GATEWAY_ERROR) || on.has(RetryOn::RESET) || on.has(RetryOn::RESET_BEFORE_REQUEST)
+}
+
+fn retriable_reset(p: &RetryPolicy) -> bool {
+    let on = p.retry_on;
+    on.has(RetryOn::RESET) || on.has(RetryOn::FIVE_XX) || on.has(RetryOn::GATEWAY_ERROR)
+}
+
+/// Forwards the request upstream with retries and timeouts.
+pub async fn forward(
+    f: Forward<'_>,
+    target: Target,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    info: &mut StreamInfo,
+) -> Response<Body> {
+    let cluster = target.cluster;
+    info.upstream_cluster = Some(cluster.config.name.clone());
+    let retry = retry_policy(&f, &parts.headers);
+    let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
+    for n in HOP_BY_HOP {
+        parts.headers.remove(*n);
+    }
+    // x-envoy control headers are consumed here, not forwarded.
+    for n in [&X_ENVOY_RETRY_ON, &X_ENVOY_MAX_RETRIES, &X_ENVOY_RQ_TIMEOUT, &X_ENVOY_PER_TRY_TIMEOUT, &X_ENVOY_RETRIABLE_CODES] {
+        parts.headers.remove(n);
+    }
+    if !f.suppress_envoy_headers {
+        let expected = match (global, per_try) {
+            (Some(g), Some(p)) => Some(g.min(p)),
+            (g, p) => g.or(p),
+        };
+        if let Some(e) = expected {
+            parts.headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), HeaderValue::from(e.as_millis() as u64));
+        }
+    }
+    let max_attempts = 1 + retry.as_ref().map(|r| r.num_retries).unwrap_or(0);
+    // Buffer small bodies so the request can be replayed on retry.
+    let mut replay: Option<bytes::Bytes> = None;
+    let mut stream_body = Some(body);
+    if max_attempts > 1 {
+        let b = stream_body.as_ref().expect("set above");
+        let small = hyper::body::Body::is_end_stream(b)
+            || hyper::body::Body::size_hint(b).upper().is_some_and(|u| u <= RETRY_BUFFER);
+        if small {
+            let b = stream_body.take().expect("set above");
+            match b.collect().await {
+                Ok(c) => {
+                    let bytes = c.to_bytes();
+                    info.bytes_received = bytes.len() as u64;
+                    replay = Some(bytes);
+                }
+                Err(_) => {
+                    info.flags.set(Flags::DC);
+                    return reply(400, "");
+                }
+            }
+        }
+    }
+    let deadline = global.map(|g| Instant::now() + g);
+    let kind = cluster.pool_kind(f.downstream_h2);
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    let authority = info.authority.clone();
+    let mut tried: Vec<std::net::SocketAddr> = Vec::new();
+    let upstream_start = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        info.attempt_count = attempt;
+        let avoid: &[std::net::SocketAddr] = if retry.as_ref().is_some_and(|r| r.previous_hosts) { &tried } else { &[] };
+        let host_attempts = retry.as_ref().map(|r| r.host_selection_retry_max_attempts).unwrap_or(0);
+        let Some(host) = cluster.choose(avoid, host_attempts) else {
+            info.flags.set(Flags::UH);
+            info.response_code_details = "no_healthy_upstream";
+            return reply(503, NO_HEALTHY_UPSTREAM);
+        };
+        tried.push(host.addr);
+        info.upstream_host = Some(host.addr);
+        if !host.metadata.is_null() {
+            info.upstream_metadata = Some(host.metadata.clone());
+        }
+        let body = match (&replay, stream_body.take()) {
+            (Some(b), _) => Body::full(b.clone()),
+            (None, Some(s)) => Body::Incoming(s),
+            (None, None) => Body::Empty,
+        };
+        // auto_host_rewrite: the chosen host's hostname becomes the authority.
+        let auth = match &f.action.host_rewrite {
+            HostRewrite::Auto if !host.hostname.is_empty() => host.hostname.as_str(),
+            _ => authority.as_str(),
+        };
+        let req = build_request(&parts, &host, kind, &path_and_query, auth, body, f.include_attempt_count.then_some(attempt));
+        let try_timeout = match (per_try, deadline) {
+            (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(Instant::now()))),
+            (Some(p), None) => Some(p),
+            (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+            (None, None) => None,
+        };
+        cluster.stats.upstream_rq_total.inc();
+        cluster.stats.upstream_rq_active.inc();
+        host.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let client = cluster.pool(kind);
+        let fut = client.request(req);
+        let res = match try_timeout {
+            Some(t) => tokio::time::timeout(t, fut).await.ok(),
+            None => Some(fut.await),
+        };
+        host.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        cluster.stats.upstream_rq_active.dec();
+        let outcome = match res {
+            None => Outcome::Timeout,
+            Some(Ok(r)) => Outcome::Response(r),
+            Some(Err(e)) if e.is_connect() => Outcome::ConnectFailure(error_chain(&e)),
+            Some(Err(e)) => Outcome::Reset(error_chain(&e)),
+        };
+        let can_retry = attempt < max_attempts;
+        let global_left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let global_expired = global_left.is_some_and(|d| d.is_zero());
+        let p = retry.as_ref();
+        let retry_this = match &outcome {
+            Outcome::Response(r) => p.is_some_and(|p| retriable_status(p, r.status().as_u16())),
+            Outcome::ConnectFailure(_) => p.is_some_and(retriable_connect),
+            Outcome::Reset(_) => p.is_some_and(retriable_reset),
+            // A per-try timeout is retried under 5xx/gateway-error (Envoy).
+            Outcome::Timeout => !global_expired && per_try.is_some() && p.is_some_and(retriable_reset),
+        };
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        if let Outcome::Response(r) = &outcome {
+            cluster.stats.record_status(r.status().as_u16());
+            cluster.stats.upstream_rq_time.record_us(elapsed_us);
+        }
+        if retry_this && can_retry && !global_expired && replay.is_some() {
+            cluster.stats.upstream_rq_retry.inc();
+            // Fully jittered exponential back-off, capped.
+            let p = p.expect("retry_this implies a policy");
+            let exp = p.base_interval.saturating_mul(1u32 << (attempt - 1).min(16));
+            let cap = exp.min(p.max_interval);
+            let wait = Duration::from_micros(rand::rng().random_range(0..=cap.as_micros().max(1) as u64));
+            let wait = match deadline {
+                Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
+                None => wait,
+            };
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        if retry_this && attempt > 1 {
+            cluster.stats.upstream_rq_retry_limit_exceeded.inc();
+            info.flags.set(Flags::URX);
+        } else if attempt > 1 && matches!(outcome, Outcome::Response(_)) {
+            cluster.stats.upstream_rq_retry_success.inc();
+        }
+        info.upstream_service_time = Some(upstream_start.elapsed());
+        return match outcome {
+            Outcome::Response(r) => {
+                info.response_code_details = "via_upstream";
+                let (mut rp, rb) = r.into_parts();
+                for n in HOP_BY_HOP {
+                    rp.headers.remove(*n);
+                }
+                if !f.suppress_envoy_headers {
+                    rp.headers.insert(
+                        X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+                        HeaderValue::from(upstream_start.elapsed().as_millis() as u64),
+                    );
+                }
+                rp.version = Version::HTTP_11;
+                Response::from_parts(rp, Body::Incoming(rb))
+            }
+            Outcome::ConnectFailure(reason) => {
+                info.flags.set(Flags::UF);
+                info.response_code_details = "upstream_reset_before_response_started{remote_connection_failure}";
+                let body = format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: {reason}"
+                );
+                info.upstream_failure_reason = Some(reason);
+                super::local_reply::reply_owned(503, body.into(), Some("text/plain"))
+            }
+            Outcome::Reset(reason) => {
+                info.flags.set(Flags::UC);
+                info.response_code_details = "upstream_reset_before_response_started{connection_termination}";
+                let _ = reason;
+                super::local_reply::reply_owned(
+                    503,
+                    bytes::Bytes::from_static(b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+                    Some("text/plain"),
+                )
+            }
+            Outcome::Timeout => {
+                info.flags.set(Flags::UT);
+                info.response_code_details = "upstream_response_timeout";
+                cluster.stats.upstream_rq_timeout.inc();
+                reply(504, UPSTREAM_TIMEOUT)
+            }
+        };
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut last = String::new();
+    while let Some(c) = cur {
+        last = c.to_string();
+        cur = c.source();
+    }
+    // "delayed connect error: Connection refused (os error 111)" -> Envoy says "... 111".
+    if let Some(i) = last.find("(os error ") {
+        let code = last[i + 10..].trim_end_matches(')');
+        return format!("delayed connect error: {code}");
+    }
+    last
+}
+
+fn build_request(
+    parts: &http::request::Parts,
+    host: &Host,
+    kind: PoolKind,
+    path_and_query: &str,
+    authority: &str,
+    body: Body,
+    attempt: Option<u32>,
+) -> Request<Body> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(host.addr.to_string())
+        .path_and_query(path_and_query)
+        .build()
+        .unwrap_or_default();
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = parts.headers.clone();
+    *req.version_mut() = match kind {
+        PoolKind::Http1 => Version::HTTP_11,
+        PoolKind::Http2 => Version::HTTP_2,
+    };
+    if let Ok(v) = HeaderValue::from_str(authority) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    if let Some(a) = attempt {
+        req.headers_mut().insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(a));
+    }
+    req
+}
+
+/// Host rewrite; returns the new authority when it changes.
+pub fn host_rewrite(action: &RouteAction, headers: &HeaderMap, path: &str, upstream_hostname: Option<&str>) -> Option<String> {
+    match &action.host_rewrite {
+        HostRewrite::None => None,
+        HostRewrite::Literal(s) => Some(s.clone()),
+        HostRewrite::Auto => upstream_hostname.filter(|h| !h.is_empty()).map(str::to_owned),
+        HostRewrite::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_owned),
+        HostRewrite::PathRegex(re, sub) => {
+            let p = path.split('?').next().unwrap_or(path);
+            Some(re.0.replace_all(p, sub.as_str()).into_owned())
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Serving one downstream connection with hyper (HTTP/1.1 and HTTP/2 prior
+//! knowledge on one port for codec AUTO), with graceful drain.
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{net::TcpStream, sync::watch};
+use xds_client::config::Codec;
+
+use super::service::{handle, ConnCtx};
+
+/// Serves `stream` until it closes, is drained, or exceeds
+/// `max_connection_duration`.
+pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Receiver<bool>) {
+    let h = ctx.hcm.config.clone();
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    {
+        let mut h1 = b.http1();
+        h1.timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_buf_size(((h.max_request_headers_kb as usize) * 1024 + 4096).max(8192))
+            .max_headers(h.max_headers_count as usize + 1);
+        if let Some(t) = h.request_headers_timeout {
+            h1.header_read_timeout(t);
+        }
+    }
+    {
+        let mut h2 = b.http2();
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(h.http2.max_concurrent_streams)
+            .initial_stream_window_size(h.http2.initial_stream_window_size)
+            .initial_connection_window_size(h.http2.initial_connection_window_size)
+            .max_header_list_size(h.max_request_headers_kb * 1024 + 4096);
+        if h.http2.allow_connect {
+            h2.enable_connect_protocol();
+        }
+        if let Some(i) = h.http2.keepalive_interval {
+            h2.keep_alive_interval(i);
+            if let Some(t) = h.http2.keepalive_timeout {
+                h2.keep_alive_timeout(t);
+            }
+        }
+    }
+    let b = match h.codec {
+        Codec::Auto => b,
+        Codec::Http1 => b.http1_only(),
+        Codec::Http2 => b.http2_only(),
+    };
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req| handle(req, svc_ctx.clone()));
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let max_dur = async {
+        match h.max_connection_duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(max_dur);
+    if *drain.borrow() {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = drain.wait_for(|d| *d) => {}
+        _ = &mut max_dur => {}
+    }
+    // Drain: HTTP/1 answers with `connection: close`, HTTP/2 sends GOAWAY;
+    // in-flight requests finish.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}

@@ -1,0 +1,104 @@
+//! Envoy-compatible stat groups for the HTTP connection manager, listeners
+//! and the server.
+use std::sync::Arc;
+
+use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
+
+/// `http.<stat_prefix>.*`.
+pub struct HttpStats {
+    pub rq_total: Arc<Counter>,
+    pub rq_active: Arc<Gauge>,
+    pub rq_xx: [Arc<Counter>; 5],
+    pub rq_time: Arc<Histogram>,
+    pub cx_total: Arc<Counter>,
+    pub cx_active: Arc<Gauge>,
+    pub cx_http1_total: Arc<Counter>,
+    pub cx_http2_total: Arc<Counter>,
+    pub no_route: Arc<Counter>,
+    pub no_cluster: Arc<Counter>,
+    pub rq_redirect: Arc<Counter>,
+    pub rq_direct_response: Arc<Counter>,
+}
+
+impl HttpStats {
+    pub fn new(store: &Store, prefix: &str) -> Self {
+        let t = |s: &str| StatName::tagged("http", prefix, s, "envoy_http_conn_manager_prefix");
+        HttpStats {
+            rq_total: store.counter(t("downstream_rq_total")),
+            rq_active: store.gauge(t("downstream_rq_active")),
+            rq_xx: [
+                store.counter(t("downstream_rq_1xx")),
+                store.counter(t("downstream_rq_2xx")),
+                store.counter(t("downstream_rq_3xx")),
+                store.counter(t("downstream_rq_4xx")),
+                store.counter(t("downstream_rq_5xx")),
+            ],
+            rq_time: store.histogram(t("downstream_rq_time")),
+            cx_total: store.counter(t("downstream_cx_total")),
+            cx_active: store.gauge(t("downstream_cx_active")),
+            cx_http1_total: store.counter(t("downstream_cx_http1_total")),
+            cx_http2_total: store.counter(t("downstream_cx_http2_total")),
+            no_route: store.counter(t("no_route")),
+            no_cluster: store.counter(t("no_cluster")),
+            rq_redirect: store.counter(t("rq_redirect")),
+            rq_direct_response: store.counter(t("rq_direct_response")),
+        }
+    }
+
+    pub fn record_status(&self, status: u16) {
+        let i = (status / 100) as usize;
+        if (1..=5).contains(&i) {
+            self.rq_xx[i - 1].inc();
+        }
+    }
+}
+
+/// `listener.<address>.*`.
+pub struct ListenerStats {
+    pub cx_total: Arc<Counter>,
+    pub cx_active: Arc<Gauge>,
+    pub cx_overflow: Arc<Counter>,
+}
+
+impl ListenerStats {
+    pub fn new(store: &Store, stat_prefix: &str) -> Self {
+        // stat_prefix is "listener.<addr>." : extract the address as a tag.
+        let addr = stat_prefix.trim_start_matches("listener.").trim_end_matches('.');
+        let t = |s: &str| StatName::tagged("listener", addr, s, "envoy_listener_address");
+        ListenerStats {
+            cx_total: store.counter(t("downstream_cx_total")),
+            cx_active: store.gauge(t("downstream_cx_active")),
+            cx_overflow: store.counter(t("downstream_cx_overflow")),
+        }
+    }
+}
+
+/// `server.*`, `listener_manager.*`, `cluster_manager.*`.
+pub struct ServerStats {
+    pub state: Arc<Gauge>,
+    pub live: Arc<Gauge>,
+    pub uptime: Arc<Gauge>,
+    pub concurrency: Arc<Gauge>,
+    pub workers_started: Arc<Gauge>,
+    pub total_listeners_active: Arc<Gauge>,
+    pub active_clusters: Arc<Gauge>,
+    pub total_connections: Arc<Gauge>,
+    pub overflow: Arc<Counter>,
+}
+
+impl ServerStats {
+    pub fn new(store: &Store) -> Self {
+        let g = |s: &str| store.gauge(StatName::plain(s));
+        ServerStats {
+            state: g("server.state"),
+            live: g("server.live"),
+            uptime: g("server.uptime"),
+            concurrency: g("server.concurrency"),
+            workers_started: g("listener_manager.workers_started"),
+            total_listeners_active: g("listener_manager.total_listeners_active"),
+            active_clusters: g("cluster_manager.active_clusters"),
+            total_connections: g("server.total_connections"),
+            overflow: store.counter(StatName::plain("overload.global_downstream_max_connections_overflow")),
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Upstream clusters at run time: hosts, load balancing, connection pools,
+//! DNS refresh and cluster stats.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, OnceLock,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use xds_client::config::{Cluster, Discovery, EndpointAddress, LbPolicy, UpstreamProtocol};
+
+use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
+
+pub mod dns;
+pub mod pool;
+
+pub use pool::{Client, PoolKind};
+
+/// One upstream host.
+#[derive(Debug)]
+pub struct Host {
+    pub addr: SocketAddr,
+    pub hostname: String,
+    pub weight: u32,
+    pub healthy: bool,
+    pub priority: u32,
+    pub metadata: serde_json::Value,
+    /// Requests in flight (least-request LB).
+    pub active: AtomicU64,
+}
+
+/// The hosts of a cluster at one moment; replaced whole on DNS changes.
+#[derive(Debug, Default)]
+pub struct HostSet {
+    pub hosts: Vec<Arc<Host>>,
+    /// Indexes of usable hosts at the chosen priority (or all, in panic mode).
+    pub usable: Vec<usize>,
+    /// Expanded weighted schedule (indexes into `hosts`) when weights differ.
+    pub weighted: Vec<usize>,
+    pub healthy_count: usize,
+}
+
+impl HostSet {
+    pub fn build(hosts: Vec<Arc<Host>>, panic_threshold: f64) -> HostSet {
+        let healthy_count = hosts.iter().filter(|h| h.healthy).count();
+        // As Envoy: the lowest priority with healthy hosts takes the traffic.
+        let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
+        prios.sort_unstable();
+        prios.dedup();
+        let mut usable = Vec::new();
+        for p in &prios {
+            let at: Vec<usize> = (0..hosts.len()).filter(|i| hosts[*i].priority == *p).collect();
+            let healthy: Vec<usize> = at.iter().copied().filter(|i| hosts[*i].healthy).collect();
+            if !healthy.is_empty() {
+                let pct = 100.0 * healthy.len() as f64 / at.len() as f64;
+                usable = if pct < panic_threshold { at } else { healthy };
+                break;
+            }
+        }
+        if usable.is_empty() && !hosts.is_empty() && panic_threshold > 0.0 {
+            // Panic mode: no healthy host anywhere, route to all (Envoy).
+            usable = (0..hosts.len()).filter(|i| hosts[*i].priority == prios[0]).collect();
+        }
+        let weights_differ = usable.windows(2).any(|w| hosts[w[0]].weight != hosts[w[1]].weight);
+        let mut weighted = Vec::new();
+        if weights_differ {
+            // Smooth weighted round robin sequence over one weight period.
+            let total: i64 = usable.iter().map(|i| i64::from(hosts[*i].weight)).sum();
+            let mut current = vec![0i64; usable.len()];
+            for _ in 0..total.min(10_000) {
+                let mut best = 0;
+                for (k, i) in usable.iter().enumerate() {
+                    current[k] += i64::from(hosts[*i].weight);
+                    if current[k] > current[best] {
+                        best = k;
+                    }
+                }
+                current[best] -= total;
+                weighted.push(usable[best]);
+            }
+        }
+        HostSet {
+            hosts,
+            usable,
+            weighted,
+            healthy_count,
+        }
+    }
+}
+
+/// Envoy-named stats of one cluster.
+pub struct ClusterStats {
+    pub upstream_rq_total: Arc<Counter>,
+    pub upstream_rq_xx: [Arc<Counter>; 5],
+    pub upstream_rq_time: Arc<Histogram>,
+    pub upstream_rq_active: Arc<Gauge>,
+    pub upstream_cx_total: Arc<Counter>,
+    pub upstream_cx_active: Arc<Gauge>,
+    pub upstream_cx_connect_fail: Arc<Counter>,
+    pub upstream_cx_connect_timeout: Arc<Counter>,
+    pub upstream_rq_timeout: Arc<Counter>,
+    pub upstream_rq_retry: Arc<Counter>,
+    pub upstream_rq_retry_success: Arc<Counter>,
+    pub upstream_rq_retry_limit_exceeded: Arc<Counter>,
+    pub upstream_rq_pending_failure_eject: Arc<Counter>,
+    pub upstream_cx_destroy_remote: Arc<Counter>,
+    pub membership_healthy: Arc<Gauge>,
+    pub membership_total: Arc<Gauge>,
+    pub update_success: Arc<Counter>,
+    pub update_failure: Arc<Counter>,
+}
+
+impl ClusterStats {
+    fn new(store: &Store, name: &str) -> Self {
+        let c = |s: &str| store.counter(StatName::tagged("cluster", name, s, "envoy_cluster_name"));
+        let g = |s: &str| store.gauge(StatName::tagged("cluster", name, s, "envoy_cluster_name"));
+        ClusterStats {
+            upstream_rq_total: c("upstream_rq_total"),
+            upstream_rq_xx: [c("upstream_rq_1xx"), c("upstream_rq_2xx"), c("upstream_rq_3xx"), c("upstream_rq_4xx"), c("upstream_rq_5xx")],
+            upstream_rq_time: store.histogram(StatName::tagged("cluster", name, "upstream_rq_time", "envoy_cluster_name")),
+            upstream_rq_active: g("upstream_rq_active"),
+            upstream_cx_total: c("upstream_cx_total"),
+            upstream_cx_active: g("upstream_cx_active"),
+            upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
+            upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
+            upstream_rq_timeout: c("upstream_rq_timeout"),
+            upstream_rq_retry: c("upstream_rq_retry"),
+            upstream_rq_retry_success: c("upstream_rq_retry_success"),
+            upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
+            upstream_rq_pending_failure_eject: c("upstream_rq_pending_failure_eject"),
+            upstream_cx_destroy_remote: c("upstream_cx_destroy_remote"),
+            membership_healthy: g("membership_healthy"),
+            membership_total: g("membership_total"),
+            update_success: c("update_success"),
+            update_failure: c("update_failure"),
+        }
+    }
+
+    /// Counts a response status (`upstream_rq_2xx`, ...).
+    pub fn record_status(&self, status: u16) {
+        let i = (status / 100) as usize;
+        if (1..=5).contains(&i) {
+            self.upstream_rq_xx[i - 1].inc();
+        }
+    }
+}
+
+/// A cluster at run time.
+pub struct ClusterRuntime {
+    pub config: Arc<Cluster>,
+    pub hosts: ArcSwap<HostSet>,
+    pub stats: ClusterStats,
+    rr: AtomicUsize,
+    /// Connection pools per worker shard and protocol.
+    pools: Box<[[OnceLock<Client>; 2]]>,
+}
+
+impl ClusterRuntime {
+    pub fn new(config: Arc<Cluster>, store: &Store, workers: usize) -> Arc<Self> {
+        let stats = ClusterStats::new(store, &config.stat_name);
+        let hosts = static_hosts(&config);
+        stats.membership_total.set(hosts.len() as i64);
+        let set = HostSet::build(hosts, config.panic_threshold);
+        stats.membership_healthy.set(set.healthy_count as i64);
+        Arc::new(ClusterRuntime {
+            config,
+            hosts: ArcSwap::from_pointee(set),
+            stats,
+            rr: AtomicUsize::new(0),
+            pools: (0..workers + 1).map(|_| [OnceLock::new(), OnceLock::new()]).collect(),
+        })
+    }
+
+    /// Replaces the host set (DNS refresh).
+    pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
+        self.stats.membership_total.set(hosts.len() as i64);
+        let set = HostSet::build(hosts, self.config.panic_threshold);
+        self.stats.membership_healthy.set(set.healthy_count as i64);
+        self.hosts.store(Arc::new(set));
+        self.stats.update_success.inc();
+    }
+
+    /// Picks a host; `avoid` lists hosts tried already (previous_hosts).
+    pub fn choose(&self, avoid: &[SocketAddr], attempts: u32) -> Option<Arc<Host>> {
+        let set = self.hosts.load();
+        if set.usable.is_empty() {
+            return None;
+        }
+        let pick = || -> Arc<Host> {
+            let idx = match self.config.lb {
+                LbPolicy::RoundRobin => {
+                    let n = self.rr.fetch_add(1, Relaxed);
+                    if set.weighted.is_empty() {
+                        set.usable[n % set.usable.len()]
+                    } else {
+                        set.weighted[n % set.weighted.len()]
+                    }
+                }
+                LbPolicy::Random => set.usable[rand::rng().random_range(0..set.usable.len())],
+                LbPolicy::LeastRequest { choice_count } => {
+                    let mut rng = rand::rng();
+                    let mut best = set.usable[rng.random_range(0..set.usable.len())];
+                    for _ in 1..choice_count {
+                        let c = set.usable[rng.random_range(0..set.usable.len())];
+                        if set.hosts[c].active.load(Relaxed) < set.hosts[best].active.load(Relaxed) {
+                            best = c;
+                        }
+                    }
+                    best
+                }
+            };
+            set.hosts[idx].clone()
+        };
+        let mut h = pick();
+        for _ in 0..attempts {
+            if !avoid.contains(&h.addr) {
+                break;
+            }
+            h = pick();
+        }
+        Some(h)
+    }
+
+    /// This worker's pool for `kind`.
+    pub fn pool(&self, kind: PoolKind) -> &Client {
+        let shard = crate::stats_shard();
+        let slot = &self.pools[shard % self.pools.len()][kind as usize];
+        slot.get_or_init(|| pool::build(&self.config, kind, &self.stats))
+    }
+
+    /// Which pool a request uses.
+    pub fn pool_kind(&self, downstream_h2: bool) -> PoolKind {
+        match self.config.protocol {
+            UpstreamProtocol::Http2 => PoolKind::Http2,
+            UpstreamProtocol::UseDownstream if downstream_h2 => PoolKind::Http2,
+            _ => PoolKind::Http1,
+        }
+    }
+}
+
+fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
+    if c.discovery != Discovery::Static {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for l in &c.localities {
+        for e in &l.endpoints {
+            if let EndpointAddress::Ip(addr) = e.address {
+                out.push(Arc::new(Host {
+                    addr,
+                    hostname: e.hostname.clone(),
+                    weight: e.weight,
+                    healthy: e.health.is_usable(),
+                    priority: l.priority,
+                    metadata: e.metadata.clone(),
+                    active: AtomicU64::new(0),
+                }));
+            }
+        }
+    }
+    out
+}
+
+/// All clusters of the current snapshot.
+pub struct ClusterManager {
+    pub clusters: HashMap<Arc<str>, Arc<ClusterRuntime>>,
+}
+
+impl ClusterManager {
+    pub fn new(snapshot: &xds_client::config::Snapshot, store: &Store, workers: usize) -> Self {
+        ClusterManager {
+            clusters: snapshot
+                .clusters
+                .iter()
+                .map(|(k, c)| (k.clone(), ClusterRuntime::new(c.clone(), store, workers)))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<ClusterRuntime>> {
+        self.clusters.get(name)
+    }
+
+    /// Resolves DNS clusters once (startup warming, bounded by `timeout`).
+    pub async fn warm(&self, timeout: Duration) {
+        let futs = self
+            .clusters
+            .values()
+            .filter(|c| c.config.discovery != Discovery::Static)
+            .map(|c| dns::refresh_once(c.clone()));
+        let _ = tokio::time::timeout(timeout, futures_util::future::join_all(futs)).await;
+    }
+
+    /// Spawns periodic DNS refresh on the current (control) runtime.
+    pub fn spawn_dns_refresh(&self) {
+        for c in self.clusters.values() {
+            if c.config.discovery != Discovery::Static {
+                tokio::spawn(dns::refresh_loop(c.clone()));
+            }
+        }
+    }
+}
