@@ -1,1 +1,60 @@
-//! placeholder
+//! Test support for weir: echo upstreams, proxy process launchers (Envoy and
+//! weir), raw HTTP clients, and the Envoy-vs-weir differential harness.
+//!
+//! The differential test lives in `tests/tests/differential.rs`; its inputs
+//! are `tests/diff/configs/*.yaml` (bootstraps) and `tests/diff/cases/*.yaml`
+//! (requests). See `tests/diff/ALLOWLIST.md`.
+pub mod client;
+pub mod diff;
+pub mod proc;
+pub mod upstream;
+
+pub use proc::{EnvoyProc, ProxyProc, WeirProc};
+
+/// A port that was free a moment ago on 127.0.0.1 (bind to `:0`, read the
+/// port, release it). Racy by nature; use only where a component must be
+/// told its port up front (a bootstrap).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Asserts that a condition becomes true, retrying with a short sleep
+/// (linkerd's `assert_eventually!`). Blocking: from async code, prefer
+/// checking inside `tokio::task::spawn_blocking` or keep the condition cheap.
+///
+/// ```
+/// # use weir_tests::assert_eventually;
+/// let start = std::time::Instant::now();
+/// assert_eventually!(start.elapsed() > std::time::Duration::from_millis(20));
+/// assert_eventually!(true, retries: 3, "never {}", "fails");
+/// ```
+#[macro_export]
+macro_rules! assert_eventually {
+    ($cond:expr, retries: $retries:expr, $($arg:tt)+) => {{
+        let delay = ::std::time::Duration::from_millis(20);
+        let start = ::std::time::Instant::now();
+        let mut i: u32 = 0;
+        loop {
+            if $cond {
+                break;
+            }
+            if i >= $retries {
+                panic!(
+                    "assertion failed after {:?} ({} retries): {}",
+                    start.elapsed(),
+                    i,
+                    format_args!($($arg)+)
+                );
+            }
+            i += 1;
+            ::std::thread::sleep(delay);
+        }
+    }};
+    ($cond:expr, $($arg:tt)+) => {
+        $crate::assert_eventually!($cond, retries: 150, $($arg)+)
+    };
+    ($cond:expr) => {
+        $crate::assert_eventually!($cond, retries: 150, "{}", stringify!($cond))
+    };
+}
