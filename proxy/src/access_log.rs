@@ -56,7 +56,9 @@ fn writer_loop(rx: mpsc::Receiver<Msg>, interval: Duration, min_bytes: usize) {
     let mut bufs: HashMap<PathBuf, (std::fs::File, Vec<u8>)> = HashMap::new();
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
-    let flush_all = |bufs: &mut HashMap<PathBuf, (std::fs::File, Vec<u8>)>, stdout: &mut Vec<u8>, stderr: &mut Vec<u8>| {
+    let flush_all = |bufs: &mut HashMap<PathBuf, (std::fs::File, Vec<u8>)>,
+                     stdout: &mut Vec<u8>,
+                     stderr: &mut Vec<u8>| {
         for (f, b) in bufs.values_mut() {
             if !b.is_empty() {
                 let _ = f.write_all(b);
@@ -81,7 +83,11 @@ fn writer_loop(rx: mpsc::Receiver<Msg>, interval: Duration, min_bytes: usize) {
                     AccessLogSink::Stderr => &mut stderr,
                     AccessLogSink::File(p) => {
                         if !bufs.contains_key(p) {
-                            match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+                            match std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(p)
+                            {
                                 Ok(f) => {
                                     bufs.insert(p.clone(), (f, Vec::new()));
                                 }
@@ -136,7 +142,12 @@ impl Logger {
             }
         }
         let line = format_line(&self.config.format, info);
-        if self.writer.tx.try_send(Msg::Line(self.sink.clone(), line)).is_err() {
+        if self
+            .writer
+            .tx
+            .try_send(Msg::Line(self.sink.clone(), line))
+            .is_err()
+        {
             self.writer.dropped.inc();
         }
     }
@@ -182,7 +193,9 @@ fn json_obj(fields: &[(String, JsonFormatValue)], info: &StreamInfo) -> serde_js
                 }
             }
             JsonFormatValue::Nested(n) => json_obj(n, info),
-            JsonFormatValue::Number(n) => serde_json::Number::from_f64(*n).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null),
+            JsonFormatValue::Number(n) => serde_json::Number::from_f64(*n)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
             JsonFormatValue::Bool(b) => serde_json::Value::Bool(*b),
         };
         m.insert(k.clone(), jv);
@@ -193,7 +206,9 @@ fn json_obj(fields: &[(String, JsonFormatValue)], info: &StreamInfo) -> serde_js
 fn filter_passes(f: &AccessLogFilter, info: &StreamInfo) -> bool {
     match f {
         AccessLogFilter::Status(c) => c.eval(u64::from(info.response_code)),
-        AccessLogFilter::Duration(c) => c.eval(info.duration.map(|d| d.as_millis() as u64).unwrap_or(0)),
+        AccessLogFilter::Duration(c) => {
+            c.eval(info.duration.map(|d| d.as_millis() as u64).unwrap_or(0))
+        }
         AccessLogFilter::ResponseFlag(flags) => info.flags.has_any(flags),
         AccessLogFilter::NotHealthCheck => true,
         AccessLogFilter::And(v) => v.iter().all(|f| filter_passes(f, info)),

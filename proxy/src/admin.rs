@@ -1,5 +1,7 @@
 //! The admin server (Envoy's admin API subset), on the control runtime.
-use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+use std::{
+    convert::Infallible, fmt::Write as _, net::SocketAddr, sync::atomic::Ordering, sync::Arc,
+};
 
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -40,7 +42,9 @@ pub async fn serve(l: AdminListener, shared: Arc<Shared>) {
         let svc = service_fn(move |req| handle(req, s.clone()));
         match &l {
             AdminListener::Tcp(t) => {
-                let Ok((stream, _)) = t.accept().await else { continue };
+                let Ok((stream, _)) = t.accept().await else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -49,7 +53,9 @@ pub async fn serve(l: AdminListener, shared: Arc<Shared>) {
                 });
             }
             AdminListener::Unix(u) => {
-                let Ok((stream, _)) = u.accept().await else { continue };
+                let Ok((stream, _)) = u.accept().await else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -65,13 +71,21 @@ type Resp = Response<Full<bytes::Bytes>>;
 fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     let mut r = Response::new(Full::new(bytes::Bytes::from(body.into())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=UTF-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
     r
 }
 
 fn json(v: serde_json::Value) -> Resp {
-    let mut r = Response::new(Full::new(bytes::Bytes::from(serde_json::to_string_pretty(&v).unwrap_or_default())));
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    let mut r = Response::new(Full::new(bytes::Bytes::from(
+        serde_json::to_string_pretty(&v).unwrap_or_default(),
+    )));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -81,19 +95,39 @@ const ENDPOINTS: &[(&str, &str, bool)] = &[
     ("/clusters", "upstream cluster status", false),
     ("/config_dump", "dump current Envoy configs", false),
     ("/drain_listeners", "drain listeners", true),
-    ("/healthcheck/fail", "cause the server to fail health checks", true),
-    ("/healthcheck/ok", "cause the server to pass health checks", true),
+    (
+        "/healthcheck/fail",
+        "cause the server to fail health checks",
+        true,
+    ),
+    (
+        "/healthcheck/ok",
+        "cause the server to pass health checks",
+        true,
+    ),
     ("/help", "print out list of admin commands", false),
     ("/listeners", "print listener info", false),
     ("/logging", "query/change logging levels", true),
     ("/memory", "print current allocation/heap usage", false),
     ("/quitquitquit", "exit the server", true),
-    ("/ready", "print server state, return 200 if LIVE, otherwise return 503", false),
+    (
+        "/ready",
+        "print server state, return 200 if LIVE, otherwise return 503",
+        false,
+    ),
     ("/reset_counters", "reset all counters to zero", true),
     ("/runtime", "print runtime values", false),
-    ("/server_info", "print server version/status information", false),
+    (
+        "/server_info",
+        "print server version/status information",
+        false,
+    ),
     ("/stats", "print server stats", false),
-    ("/stats/prometheus", "print server stats in prometheus format", false),
+    (
+        "/stats/prometheus",
+        "print server stats in prometheus format",
+        false,
+    ),
 ];
 
 fn query_params(q: Option<&str>) -> Vec<(String, String)> {
@@ -132,7 +166,10 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
     let has = |k: &str| params.iter().any(|(n, _)| n == k);
     if let Some((_, _, mutating)) = ENDPOINTS.iter().find(|(p, _, _)| *p == path) {
         if *mutating && req.method() != Method::POST && !(path == "/logging" && params.is_empty()) {
-            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "This operation requires a POST request.\n"));
+            return Ok(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "This operation requires a POST request.\n",
+            ));
         }
     }
     let r = match path.as_str() {
@@ -175,15 +212,23 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
                 "uptime_all_epochs": format!("{}s", shared.server_stats.uptime.value()),
             }))
         }
-        "/stats" | "/stats/prometheus" => stats(&shared, &path, param("format"), param("filter"), has("usedonly")),
+        "/stats" | "/stats/prometheus" => stats(
+            &shared,
+            &path,
+            param("format"),
+            param("filter"),
+            has("usedonly"),
+        ),
         "/config_dump" => config_dump(&shared, param("resource"), param("name_regex")),
         "/clusters" => clusters(&shared, param("format").as_deref() == Some("json")),
         "/listeners" => {
             if param("format").as_deref() == Some("json") {
-                json(serde_json::json!({"listener_statuses": shared.listeners.iter().map(|l| serde_json::json!({
+                json(
+                    serde_json::json!({"listener_statuses": shared.listeners.iter().map(|l| serde_json::json!({
                     "name": &*l.config.name,
                     "local_address": {"socket_address": {"address": l.bound.ip().to_string(), "port_value": l.bound.port()}},
-                })).collect::<Vec<_>>()}))
+                })).collect::<Vec<_>>()}),
+                )
             } else {
                 let mut s = String::new();
                 for l in &shared.listeners {
@@ -239,7 +284,10 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             // weir drains all of its listeners together today, so refuse a
             // partial drain rather than drain the wrong ones.
             if has("inboundonly") && shared.listeners.iter().any(|l| !l.config.inbound) {
-                text(StatusCode::NOT_IMPLEMENTED, "inboundonly with outbound listeners present is not implemented\n")
+                text(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "inboundonly with outbound listeners present is not implemented\n",
+                )
             } else {
                 // As Envoy, draining listeners does not exit the process.
                 begin_drain(&shared, false);
@@ -251,7 +299,10 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             text(StatusCode::OK, "OK\n")
         }
         "/logging" => logging(&params),
-        _ => text(StatusCode::NOT_FOUND, "invalid path. admin commands are listed at /help\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "invalid path. admin commands are listed at /help\n",
+        ),
     };
     Ok(r)
 }
@@ -261,7 +312,10 @@ fn logging(params: &[(String, String)]) -> Resp {
     for (k, v) in params {
         if k == "level" {
             if crate::logging::set_level(v).is_err() {
-                return text(StatusCode::BAD_REQUEST, format!("unknown log level {v:?}\n"));
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown log level {v:?}\n"),
+                );
             }
             changed = true;
         } else if k == "paths" {
@@ -274,16 +328,27 @@ fn logging(params: &[(String, String)]) -> Resp {
         }
     }
     let _ = changed;
-    text(StatusCode::OK, format!("active loggers:\n  {}\n", crate::logging::current()))
+    text(
+        StatusCode::OK,
+        format!("active loggers:\n  {}\n", crate::logging::current()),
+    )
 }
 
-fn stats(shared: &Shared, path: &str, format: Option<String>, filter: Option<String>, used_only: bool) -> Resp {
+fn stats(
+    shared: &Shared,
+    path: &str,
+    format: Option<String>,
+    filter: Option<String>,
+    used_only: bool,
+) -> Resp {
     let re = match filter.as_deref().map(regex::Regex::new) {
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("invalid regex: {e}\n")),
         None => None,
     };
-    let keep = |name: &str, used: bool| re.as_ref().is_none_or(|r| r.is_match(name)) && (!used_only || used);
+    let keep = |name: &str, used: bool| {
+        re.as_ref().is_none_or(|r| r.is_match(name)) && (!used_only || used)
+    };
     let prom = path == "/stats/prometheus" || format.as_deref() == Some("prometheus");
     if prom {
         let mut out = String::new();
@@ -298,7 +363,12 @@ fn stats(shared: &Shared, path: &str, format: Option<String>, filter: Option<Str
                 return;
             }
             let pname = format!("envoy_{}", sanitize(&n.tag_extracted));
-            let labels = n.tags.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "\\\""))).collect::<Vec<_>>().join(",");
+            let labels = n
+                .tags
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "\\\"")))
+                .collect::<Vec<_>>()
+                .join(",");
             let lb = |extra: &str| {
                 let mut all = labels.clone();
                 if !extra.is_empty() {
@@ -307,7 +377,11 @@ fn stats(shared: &Shared, path: &str, format: Option<String>, filter: Option<Str
                     }
                     all.push_str(extra);
                 }
-                if all.is_empty() { String::new() } else { format!("{{{all}}}") }
+                if all.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{all}}}")
+                }
             };
             let ty = match &v {
                 StatValue::Counter(_) => "counter",
@@ -319,11 +393,20 @@ fn stats(shared: &Shared, path: &str, format: Option<String>, filter: Option<Str
                 last_type = pname.clone();
             }
             match v {
-                StatValue::Counter(c) => { let _ = writeln!(out, "{pname}{} {c}", lb("")); }
-                StatValue::Gauge(g) => { let _ = writeln!(out, "{pname}{} {g}", lb("")); }
+                StatValue::Counter(c) => {
+                    let _ = writeln!(out, "{pname}{} {c}", lb(""));
+                }
+                StatValue::Gauge(g) => {
+                    let _ = writeln!(out, "{pname}{} {g}", lb(""));
+                }
                 StatValue::Histogram(h) => {
                     for (i, b) in crate::stats::BUCKETS.iter().enumerate() {
-                        let _ = writeln!(out, "{pname}_bucket{} {}", lb(&format!("le=\"{b}\"")), h.cumulative[i]);
+                        let _ = writeln!(
+                            out,
+                            "{pname}_bucket{} {}",
+                            lb(&format!("le=\"{b}\"")),
+                            h.cumulative[i]
+                        );
                     }
                     let _ = writeln!(out, "{pname}_bucket{} {}", lb("le=\"+Inf\""), h.count);
                     let _ = writeln!(out, "{pname}_sum{} {}", lb(""), h.sum_ms);
@@ -345,8 +428,12 @@ fn stats(shared: &Shared, path: &str, format: Option<String>, filter: Option<Str
     }
     let mut out = String::new();
     shared.stats.visit(|n, v| match v {
-        StatValue::Counter(c) if keep(&n.name, c > 0) => { let _ = writeln!(out, "{}: {c}", n.name); }
-        StatValue::Gauge(g) if keep(&n.name, true) => { let _ = writeln!(out, "{}: {g}", n.name); }
+        StatValue::Counter(c) if keep(&n.name, c > 0) => {
+            let _ = writeln!(out, "{}: {c}", n.name);
+        }
+        StatValue::Gauge(g) if keep(&n.name, true) => {
+            let _ = writeln!(out, "{}: {g}", n.name);
+        }
         StatValue::Histogram(h) if keep(&n.name, h.count > 0) => {
             if h.count == 0 {
                 let _ = writeln!(out, "{}: No recorded values", n.name);
@@ -360,7 +447,9 @@ fn stats(shared: &Shared, path: &str, format: Option<String>, filter: Option<Str
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 fn config_dump(shared: &Shared, resource: Option<String>, name_regex: Option<String>) -> Resp {
@@ -368,20 +457,32 @@ fn config_dump(shared: &Shared, resource: Option<String>, name_regex: Option<Str
     let desc = xds_client::descriptors::pool()
         .get_message_by_name("envoy.config.bootstrap.v3.Bootstrap")
         .expect("bootstrap descriptor");
-    let dm = prost_reflect::DynamicMessage::decode(desc, shared.bootstrap.encode_to_vec().as_slice());
+    let dm =
+        prost_reflect::DynamicMessage::decode(desc, shared.bootstrap.encode_to_vec().as_slice());
     let bootstrap = match dm {
         Ok(d) => serde_json::to_value(&d).unwrap_or(serde_json::Value::Null),
         Err(_) => serde_json::Value::Null,
     };
     let re = name_regex.and_then(|r| regex::Regex::new(&r).ok());
     let keep = |name: &str| re.as_ref().is_none_or(|r| r.is_match(name));
-    let sr = bootstrap.get("staticResources").cloned().unwrap_or(serde_json::Value::Null);
-    let listeners: Vec<_> = sr.get("listeners").and_then(|l| l.as_array()).cloned().unwrap_or_default()
+    let sr = bootstrap
+        .get("staticResources")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let listeners: Vec<_> = sr
+        .get("listeners")
+        .and_then(|l| l.as_array())
+        .cloned()
+        .unwrap_or_default()
         .into_iter()
         .filter(|l| keep(l.get("name").and_then(|n| n.as_str()).unwrap_or("")))
         .map(|l| serde_json::json!({"listener": l}))
         .collect();
-    let clusters: Vec<_> = sr.get("clusters").and_then(|l| l.as_array()).cloned().unwrap_or_default()
+    let clusters: Vec<_> = sr
+        .get("clusters")
+        .and_then(|l| l.as_array())
+        .cloned()
+        .unwrap_or_default()
         .into_iter()
         .filter(|c| keep(c.get("name").and_then(|n| n.as_str()).unwrap_or("")))
         .map(|c| serde_json::json!({"cluster": c}))
@@ -394,7 +495,10 @@ fn config_dump(shared: &Shared, resource: Option<String>, name_regex: Option<Str
     match resource.as_deref() {
         Some("static_listeners") => json(serde_json::json!({"configs": listeners})),
         Some("static_clusters") => json(serde_json::json!({"configs": clusters})),
-        Some(other) => text(StatusCode::BAD_REQUEST, format!("unknown or unsupported resource {other:?}\n")),
+        Some(other) => text(
+            StatusCode::BAD_REQUEST,
+            format!("unknown or unsupported resource {other:?}\n"),
+        ),
         None => json(serde_json::json!({"configs": configs})),
     }
 }
@@ -427,9 +531,21 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
         let _ = writeln!(s, "{n}::default_priority::max_connections::1024");
         for h in c.hosts.load().hosts.iter() {
             let a = h.addr;
-            let _ = writeln!(s, "{n}::{a}::rq_active::{}", h.active.load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "{n}::{a}::rq_active::{}",
+                h.active.load(Ordering::Relaxed)
+            );
             let _ = writeln!(s, "{n}::{a}::hostname::{}", h.hostname);
-            let _ = writeln!(s, "{n}::{a}::health_flags::{}", if h.healthy { "healthy" } else { "/failed_eds_health" });
+            let _ = writeln!(
+                s,
+                "{n}::{a}::health_flags::{}",
+                if h.healthy {
+                    "healthy"
+                } else {
+                    "/failed_eds_health"
+                }
+            );
             let _ = writeln!(s, "{n}::{a}::weight::{}", h.weight);
             let _ = writeln!(s, "{n}::{a}::priority::{}", h.priority);
         }

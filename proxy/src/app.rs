@@ -11,7 +11,9 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::sync::{watch, Notify};
-use xds_client::{api::envoy::config::bootstrap::v3::Bootstrap, config::NetworkFilter, config::Snapshot};
+use xds_client::{
+    api::envoy::config::bootstrap::v3::Bootstrap, config::NetworkFilter, config::Snapshot,
+};
 
 use crate::{
     access_log::{Logger, Writer},
@@ -55,10 +57,18 @@ pub struct Server {
 
 impl Server {
     /// Builds everything, binds listeners and starts workers and admin.
-    pub fn start(options: Options, bootstrap: Bootstrap, snapshot: Snapshot) -> anyhow::Result<Server> {
+    pub fn start(
+        options: Options,
+        bootstrap: Bootstrap,
+        snapshot: Snapshot,
+    ) -> anyhow::Result<Server> {
         let workers = options
             .concurrency
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
             .max(1);
         let stats = Store::new(workers, snapshot.stats.clone());
         let server_stats = ServerStats::new(&stats);
@@ -92,7 +102,7 @@ impl Server {
                 hcm,
                 stats: ListenerStats::new(&stats, &l.stat_prefix),
                 bound,
-                sockets,
+                sockets: std::sync::Mutex::new(sockets.into_iter().map(Some).collect()),
             }));
         }
         let (drain, _) = watch::channel(false);
@@ -117,8 +127,14 @@ impl Server {
             workers,
         });
         shared.server_stats.concurrency.set(workers as i64);
-        shared.server_stats.active_clusters.set(shared.clusters.clusters.len() as i64);
-        shared.server_stats.total_listeners_active.set(shared.listeners.len() as i64);
+        shared
+            .server_stats
+            .active_clusters
+            .set(shared.clusters.clusters.len() as i64);
+        shared
+            .server_stats
+            .total_listeners_active
+            .set(shared.listeners.len() as i64);
 
         // Control runtime: admin, DNS refresh, uptime.
         let mut threads = Vec::new();
@@ -128,7 +144,10 @@ impl Server {
             std::thread::Builder::new()
                 .name("weir-control".into())
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
                         Ok(rt) => rt,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e.into()));
@@ -148,30 +167,52 @@ impl Server {
             let sockets: Vec<_> = shared
                 .listeners
                 .iter()
-                .map(|l| (l.clone(), l.sockets[i].try_clone()))
+                .map(|l| {
+                    let sock = l
+                        .sockets
+                        .lock()
+                        .expect("sockets lock")
+                        .get_mut(i)
+                        .and_then(Option::take);
+                    (
+                        l.clone(),
+                        sock.ok_or_else(|| std::io::Error::other("socket already taken")),
+                    )
+                })
                 .collect();
-            threads.push(std::thread::Builder::new().name(format!("weir-worker-{i}")).spawn(move || {
-                crate::stats::set_worker_shard(i);
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("worker runtime");
-                rt.block_on(async move {
-                    let mut tasks = Vec::new();
-                    for (l, sock) in sockets {
-                        match sock {
-                            Ok(sock) => tasks.push(tokio::spawn(listener::accept_loop(l, sock, s.clone(), s.drain.subscribe()))),
-                            Err(e) => tracing::error!(error = %e, "cannot clone listener socket"),
-                        }
-                    }
-                    s.server_stats.workers_started.inc();
-                    // Run until exit: connections keep going after accept loops stop.
-                    s.exit.notified().await;
-                    for t in tasks {
-                        t.abort();
-                    }
-                });
-            })?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("weir-worker-{i}"))
+                    .spawn(move || {
+                        crate::stats::set_worker_shard(i);
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("worker runtime");
+                        rt.block_on(async move {
+                            let mut tasks = Vec::new();
+                            for (l, sock) in sockets {
+                                match sock {
+                                    Ok(sock) => tasks.push(tokio::spawn(listener::accept_loop(
+                                        l,
+                                        sock,
+                                        s.clone(),
+                                        s.drain.subscribe(),
+                                    ))),
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "cannot clone listener socket")
+                                    }
+                                }
+                            }
+                            s.server_stats.workers_started.inc();
+                            // Run until exit: connections keep going after accept loops stop.
+                            s.exit.notified().await;
+                            for t in tasks {
+                                t.abort();
+                            }
+                        });
+                    })?,
+            );
         }
         shared.server_stats.state.set(0);
         shared.server_stats.live.set(1);
@@ -185,7 +226,11 @@ impl Server {
 
     /// The bound address of listener `name`.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.shared.listeners.iter().find(|l| &*l.config.name == name).map(|l| l.bound)
+        self.shared
+            .listeners
+            .iter()
+            .find(|l| &*l.config.name == name)
+            .map(|l| l.bound)
     }
 
     /// Starts a drain; the process exits once connections finish or
@@ -210,7 +255,9 @@ pub fn begin_drain(shared: &Arc<Shared>, exit: bool) {
         let s = shared.clone();
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(s.options.drain_time_s);
-            while s.active_connections.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
+            while s.active_connections.load(Ordering::Relaxed) > 0
+                && std::time::Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             s.writer.flush();
@@ -231,7 +278,10 @@ async fn control(shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Res
         Some(a) => match crate::admin::bind(&a.address).await {
             Ok(l) => Some(l),
             Err(e) => {
-                let _ = ready.send(Err(anyhow::anyhow!("cannot bind admin on {}: {e}", a.address)));
+                let _ = ready.send(Err(anyhow::anyhow!(
+                    "cannot bind admin on {}: {e}",
+                    a.address
+                )));
                 return;
             }
         },

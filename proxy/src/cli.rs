@@ -98,7 +98,13 @@ pub enum IpVersion {
 impl Options {
     /// Options for an in-process server in tests.
     pub fn for_test(concurrency: usize) -> Options {
-        Options::parse_from(["weir", "--concurrency", &concurrency.to_string(), "-l", "warning"])
+        Options::parse_from([
+            "weir",
+            "--concurrency",
+            &concurrency.to_string(),
+            "-l",
+            "warning",
+        ])
     }
 }
 
@@ -109,15 +115,45 @@ mod tests {
     #[test]
     fn accepts_pilot_agent_flags() {
         let o = Options::try_parse_from([
-            "weir", "-c", "etc/istio/proxy/envoy-rev.json", "--drain-time-s", "45",
-            "--drain-strategy", "immediate", "--local-address-ip-version", "v4",
-            "--file-flush-interval-msec", "1000", "--disable-hot-restart",
-            "--allow-unknown-static-fields", "-l", "warning", "--component-log-level",
-            "misc:error", "--concurrency", "2", "--log-format", "%Y-%m-%dT%T.%fZ\t%l\tenvoy %n %g:%#\t%v\tthread=%t",
-            "--service-cluster", "c", "--service-node", "n", "--restart-epoch", "0",
-            "--base-id", "1", "--use-dynamic-base-id", "--skip-deprecated-logs", "--enable-core-dump",
-            "--parent-shutdown-time-s", "60", "--file-flush-min-size-kb", "32",
-            "--reject-unknown-dynamic-fields", "--mode", "init_only",
+            "weir",
+            "-c",
+            "etc/istio/proxy/envoy-rev.json",
+            "--drain-time-s",
+            "45",
+            "--drain-strategy",
+            "immediate",
+            "--local-address-ip-version",
+            "v4",
+            "--file-flush-interval-msec",
+            "1000",
+            "--disable-hot-restart",
+            "--allow-unknown-static-fields",
+            "-l",
+            "warning",
+            "--component-log-level",
+            "misc:error",
+            "--concurrency",
+            "2",
+            "--log-format",
+            "%Y-%m-%dT%T.%fZ\t%l\tenvoy %n %g:%#\t%v\tthread=%t",
+            "--service-cluster",
+            "c",
+            "--service-node",
+            "n",
+            "--restart-epoch",
+            "0",
+            "--base-id",
+            "1",
+            "--use-dynamic-base-id",
+            "--skip-deprecated-logs",
+            "--enable-core-dump",
+            "--parent-shutdown-time-s",
+            "60",
+            "--file-flush-min-size-kb",
+            "32",
+            "--reject-unknown-dynamic-fields",
+            "--mode",
+            "init_only",
         ])
         .expect("pilot-agent flags parse");
         assert_eq!(o.concurrency, Some(2));

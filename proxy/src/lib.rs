@@ -27,7 +27,13 @@ pub fn stats_shard() -> usize {
 /// Loads the bootstrap named by the options (or the embedded default).
 pub fn load_config(
     o: &cli::Options,
-) -> Result<(xds_client::api::envoy::config::bootstrap::v3::Bootstrap, xds_client::config::Snapshot), String> {
+) -> Result<
+    (
+        xds_client::api::envoy::config::bootstrap::v3::Bootstrap,
+        xds_client::config::Snapshot,
+    ),
+    String,
+> {
     let file = match &o.config_path {
         Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"))?),
         None if o.config_yaml.is_none() => Some(DEFAULT_CONFIG.to_owned()),
@@ -36,7 +42,9 @@ pub fn load_config(
     let opts = xds_client::bootstrap::ParseOptions {
         allow_unknown_fields: o.allow_unknown_static_fields,
     };
-    let (mut b, mut s) = xds_client::load_bootstrap(file.as_deref(), o.config_yaml.as_deref(), opts).map_err(|e| e.to_string())?;
+    let (mut b, mut s) =
+        xds_client::load_bootstrap(file.as_deref(), o.config_yaml.as_deref(), opts)
+            .map_err(|e| e.to_string())?;
     // CLI overrides of the node identity (as Envoy).
     if let Some(n) = &o.service_node {
         s.node.id = n.clone();

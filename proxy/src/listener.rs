@@ -19,8 +19,9 @@ pub struct ListenerRuntime {
     pub stats: ListenerStats,
     /// The bound address (the real port when the config says 0).
     pub bound: SocketAddr,
-    /// One socket per worker (SO_REUSEPORT), or one shared socket.
-    pub sockets: Vec<StdListener>,
+    /// One socket per worker (SO_REUSEPORT, or dups of one socket), taken
+    /// by each worker at start so a drain really closes them.
+    pub sockets: std::sync::Mutex<Vec<Option<StdListener>>>,
 }
 
 fn socket(addr: SocketAddr, l: &Listener) -> std::io::Result<Socket> {
@@ -64,13 +65,26 @@ fn apply_raw(s: &Socket, o: &xds_client::config::RawSocketOption) -> std::io::Re
         }
         RawSocketValue::Bytes(b) => setsockopt(fd, level, name, b),
     };
-    rc.map_err(|e| std::io::Error::new(e.kind(), format!("socket option level {level} name {name}: {e}")))
+    rc.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("socket option level {level} name {name}: {e}"),
+        )
+    })
 }
 
 #[allow(unsafe_code)]
 fn setsockopt(fd: i32, level: i32, name: i32, val: &[u8]) -> std::io::Result<()> {
     // SAFETY: `val` is a valid buffer of the given length for the call's duration.
-    let rc = unsafe { libc::setsockopt(fd, level, name, val.as_ptr().cast(), val.len() as libc::socklen_t) };
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            val.as_ptr().cast(),
+            val.len() as libc::socklen_t,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -97,7 +111,12 @@ pub fn bind(l: &Listener, workers: usize) -> std::io::Result<(SocketAddr, Vec<St
 }
 
 /// Accepts on one worker's socket until drained.
-pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: Arc<Shared>, mut drain: watch::Receiver<bool>) {
+pub async fn accept_loop(
+    lr: Arc<ListenerRuntime>,
+    socket: StdListener,
+    shared: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+) {
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {

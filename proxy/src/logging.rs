@@ -32,7 +32,11 @@ fn build() -> EnvFilter {
 }
 
 /// Installs the global subscriber (once).
-pub fn init(log_level: &str, components: Option<&str>, log_path: Option<&str>) -> Result<(), String> {
+pub fn init(
+    log_level: &str,
+    components: Option<&str>,
+    log_path: Option<&str>,
+) -> Result<(), String> {
     let lvl = level(log_level).map_err(|_| format!("unknown log level {log_level:?}"))?;
     CURRENT.lock().expect("log level lock").0 = lvl.to_owned();
     if let Some(c) = components {
@@ -51,8 +55,15 @@ pub fn init(log_level: &str, components: Option<&str>, log_path: Option<&str>) -
         }
         None => Box::new(|| Box::new(std::io::stderr())),
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_target(true);
-    if tracing_subscriber::registry().with(filter).with(fmt).try_init().is_ok() {
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_target(true);
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
         let _ = HANDLE.set(handle);
     }
     Ok(())
@@ -62,10 +73,16 @@ struct LockedFile(std::sync::Arc<Mutex<std::fs::File>>);
 
 impl std::io::Write for LockedFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.write(buf)
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.flush()
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .flush()
     }
 }
 
@@ -90,7 +107,9 @@ pub fn set_level(l: &str) -> Result<(), ()> {
 fn set_components_inner(spec: &str) -> Result<(), String> {
     let mut cur = CURRENT.lock().expect("log level lock");
     for part in spec.split(',').filter(|p| !p.is_empty()) {
-        let (c, l) = part.split_once(':').ok_or_else(|| format!("invalid component level {part:?}"))?;
+        let (c, l) = part
+            .split_once(':')
+            .ok_or_else(|| format!("invalid component level {part:?}"))?;
         let l = level(l).map_err(|_| format!("unknown log level {l:?}"))?;
         if !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
             return Err(format!("invalid component {c:?}"));

@@ -4,7 +4,11 @@ use weir::cli::{Mode, Options};
 
 fn main() {
     let o = Options::parse();
-    if let Err(e) = weir::logging::init(&o.log_level, o.component_log_level.as_deref(), o.log_path.as_deref()) {
+    if let Err(e) = weir::logging::init(
+        &o.log_level,
+        o.component_log_level.as_deref(),
+        o.log_path.as_deref(),
+    ) {
         eprintln!("weir: {e}");
         std::process::exit(1);
     }
@@ -17,7 +21,10 @@ fn main() {
     };
     match o.mode {
         Mode::Validate => {
-            println!("configuration '{}' OK", o.config_path.as_deref().unwrap_or("<embedded>"));
+            println!(
+                "configuration '{}' OK",
+                o.config_path.as_deref().unwrap_or("<embedded>")
+            );
             return;
         }
         Mode::InitOnly => {
@@ -48,9 +55,14 @@ fn main() {
     }
     let shared = server.shared.clone();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("signal runtime");
         rt.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

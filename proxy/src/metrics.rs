@@ -63,7 +63,9 @@ pub struct ListenerStats {
 impl ListenerStats {
     pub fn new(store: &Store, stat_prefix: &str) -> Self {
         // stat_prefix is "listener.<addr>." : extract the address as a tag.
-        let addr = stat_prefix.trim_start_matches("listener.").trim_end_matches('.');
+        let addr = stat_prefix
+            .trim_start_matches("listener.")
+            .trim_end_matches('.');
         let t = |s: &str| StatName::tagged("listener", addr, s, "envoy_listener_address");
         ListenerStats {
             cx_total: store.counter(t("downstream_cx_total")),
@@ -98,7 +100,9 @@ impl ServerStats {
             total_listeners_active: g("listener_manager.total_listeners_active"),
             active_clusters: g("cluster_manager.active_clusters"),
             total_connections: g("server.total_connections"),
-            overflow: store.counter(StatName::plain("overload.global_downstream_max_connections_overflow")),
+            overflow: store.counter(StatName::plain(
+                "overload.global_downstream_max_connections_overflow",
+            )),
         }
     }
 }

@@ -60,7 +60,9 @@ impl Counter {
     }
     #[inline]
     pub fn add(&self, v: u64) {
-        self.shards[shard() % self.shards.len()].0.fetch_add(v, Relaxed);
+        self.shards[shard() % self.shards.len()]
+            .0
+            .fetch_add(v, Relaxed);
     }
     pub fn value(&self) -> u64 {
         self.shards.iter().map(|s| s.0.load(Relaxed)).sum()
@@ -94,7 +96,9 @@ impl Gauge {
     }
     #[inline]
     pub fn add(&self, v: i64) {
-        self.shards[shard() % self.shards.len()].0.fetch_add(v, Relaxed);
+        self.shards[shard() % self.shards.len()]
+            .0
+            .fetch_add(v, Relaxed);
     }
     /// Sets the gauge (control-side gauges only: clears the other shards).
     pub fn set(&self, v: i64) {
@@ -255,10 +259,7 @@ impl Store {
     }
 
     fn accepted(&self, name: &str) -> bool {
-        self.matcher
-            .read()
-            .map(|m| m.accepts(name))
-            .unwrap_or(true)
+        self.matcher.read().map(|m| m.accepts(name)).unwrap_or(true)
     }
 
     pub fn counter(&self, name: StatName) -> Arc<Counter> {

@@ -13,16 +13,22 @@ pub static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
-pub static X_ENVOY_EXTERNAL_ADDRESS: HeaderName = HeaderName::from_static("x-envoy-external-address");
-pub static X_ENVOY_EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+pub static X_ENVOY_EXTERNAL_ADDRESS: HeaderName =
+    HeaderName::from_static("x-envoy-external-address");
+pub static X_ENVOY_EXPECTED_TIMEOUT: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 pub static X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
-pub static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+pub static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
 pub static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 pub static X_ENVOY_RETRY_ON: HeaderName = HeaderName::from_static("x-envoy-retry-on");
 pub static X_ENVOY_MAX_RETRIES: HeaderName = HeaderName::from_static("x-envoy-max-retries");
-pub static X_ENVOY_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
-pub static X_ENVOY_PER_TRY_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
-pub static X_ENVOY_RETRIABLE_CODES: HeaderName = HeaderName::from_static("x-envoy-retriable-status-codes");
+pub static X_ENVOY_RQ_TIMEOUT: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-rq-timeout-ms");
+pub static X_ENVOY_PER_TRY_TIMEOUT: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
+pub static X_ENVOY_RETRIABLE_CODES: HeaderName =
+    HeaderName::from_static("x-envoy-retriable-status-codes");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -66,7 +72,12 @@ pub struct Edge {
 
 /// Applies x-forwarded-for/-proto, x-envoy-internal, x-envoy-* sanitising,
 /// request id and x-forwarded-client-cert handling.
-pub fn edge(h: &HttpConnectionManager, headers: &mut HeaderMap, peer: SocketAddr, scheme: &'static str) -> Edge {
+pub fn edge(
+    h: &HttpConnectionManager,
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    scheme: &'static str,
+) -> Edge {
     let (remote, internal, edge_request) = if h.use_remote_address {
         let internal = is_internal(h, peer.ip());
         if !h.skip_xff_append {
@@ -97,7 +108,8 @@ pub fn edge(h: &HttpConnectionManager, headers: &mut HeaderMap, peer: SocketAddr
     }
     // Request id.
     if h.generate_request_id {
-        let keep = headers.contains_key(&X_REQUEST_ID) && (!edge_request || h.preserve_external_request_id);
+        let keep = headers.contains_key(&X_REQUEST_ID)
+            && (!edge_request || h.preserve_external_request_id);
         if !keep {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
         }
@@ -139,7 +151,11 @@ fn xff_address(headers: &HeaderMap, trusted_hops: u32) -> Option<IpAddr> {
         .filter_map(|v| v.to_str().ok().map(str::to_owned))
         .collect();
     let joined = joined.join(",");
-    let parts: Vec<&str> = joined.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let parts: Vec<&str> = joined
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     let idx = parts.len().checked_sub(1 + trusted_hops as usize)?;
     parts[idx].parse().ok()
 }
@@ -162,7 +178,13 @@ pub fn new_request_id() -> HeaderValue {
 }
 
 /// Applies one level's `*_headers_to_add` / `*_headers_to_remove`.
-pub fn apply(headers: &mut HeaderMap, adds: &[HeaderAdd], removes: &[HeaderName], info: &StreamInfo, request: bool) {
+pub fn apply(
+    headers: &mut HeaderMap,
+    adds: &[HeaderAdd],
+    removes: &[HeaderName],
+    info: &StreamInfo,
+    request: bool,
+) {
     for n in removes {
         headers.remove(n);
     }
@@ -182,7 +204,9 @@ pub fn apply(headers: &mut HeaderMap, adds: &[HeaderAdd], removes: &[HeaderName]
         if value.is_empty() && !a.keep_empty_value {
             continue;
         }
-        let Ok(v) = HeaderValue::from_str(&value) else { continue };
+        let Ok(v) = HeaderValue::from_str(&value) else {
+            continue;
+        };
         match a.action {
             AppendAction::AppendIfExistsOrAdd => {
                 headers.append(a.name.clone(), v);
@@ -278,7 +302,10 @@ pub fn normalize(h: &HttpConnectionManager, path: &str) -> PathCheck {
 
 fn contains_escaped_slash(p: &str) -> bool {
     let b = p.as_bytes();
-    b.windows(3).any(|w| w[0] == b'%' && ((w[1] == b'2' && (w[2] | 0x20) == b'f') || (w[1] == b'5' && (w[2] | 0x20) == b'c')))
+    b.windows(3).any(|w| {
+        w[0] == b'%'
+            && ((w[1] == b'2' && (w[2] | 0x20) == b'f') || (w[1] == b'5' && (w[2] | 0x20) == b'c'))
+    })
 }
 
 fn unescape_slashes(p: &str) -> String {
@@ -383,7 +410,10 @@ mod tests {
 
     #[test]
     fn dot_segments() {
-        assert_eq!(normalize_rfc3986("/a/b/../c/./d").as_deref(), Some("/a/c/d"));
+        assert_eq!(
+            normalize_rfc3986("/a/b/../c/./d").as_deref(),
+            Some("/a/c/d")
+        );
         assert_eq!(normalize_rfc3986("/../a").as_deref(), Some("/a"));
         assert_eq!(normalize_rfc3986("/a/%62c").as_deref(), Some("/a/bc"));
         assert_eq!(normalize_rfc3986("/a/..").as_deref(), Some("/"));
@@ -405,7 +435,10 @@ mod tests {
     #[test]
     fn xff_trusted_hops() {
         let mut h = HeaderMap::new();
-        h.insert(XFF.clone(), HeaderValue::from_static("1.1.1.1, 2.2.2.2,3.3.3.3"));
+        h.insert(
+            XFF.clone(),
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2,3.3.3.3"),
+        );
         assert_eq!(xff_address(&h, 0), Some("3.3.3.3".parse().expect("ip")));
         assert_eq!(xff_address(&h, 1), Some("2.2.2.2".parse().expect("ip")));
         assert_eq!(xff_address(&h, 5), None);

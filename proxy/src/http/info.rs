@@ -159,13 +159,27 @@ pub fn format_time(t: SystemTime, fmt: Option<&str>) -> String {
                     continue;
                 }
                 match it.next() {
-                    Some('Y') => { let _ = write!(out, "{y:04}"); }
-                    Some('m') => { let _ = write!(out, "{mo:02}"); }
-                    Some('d') => { let _ = write!(out, "{da:02}"); }
-                    Some('H') => { let _ = write!(out, "{h:02}"); }
-                    Some('M') => { let _ = write!(out, "{mi:02}"); }
-                    Some('S') => { let _ = write!(out, "{s:02}"); }
-                    Some('s') => { let _ = write!(out, "{secs}"); }
+                    Some('Y') => {
+                        let _ = write!(out, "{y:04}");
+                    }
+                    Some('m') => {
+                        let _ = write!(out, "{mo:02}");
+                    }
+                    Some('d') => {
+                        let _ = write!(out, "{da:02}");
+                    }
+                    Some('H') => {
+                        let _ = write!(out, "{h:02}");
+                    }
+                    Some('M') => {
+                        let _ = write!(out, "{mi:02}");
+                    }
+                    Some('S') => {
+                        let _ = write!(out, "{s:02}");
+                    }
+                    Some('s') => {
+                        let _ = write!(out, "{secs}");
+                    }
                     Some('z') => out.push_str("+0000"),
                     Some('%') => out.push('%'),
                     Some(d @ ('3' | '6' | '9')) if it.peek() == Some(&'f') => {
@@ -186,7 +200,10 @@ pub fn format_time(t: SystemTime, fmt: Option<&str>) -> String {
 }
 
 fn d_nanos(d: char, t: SystemTime) -> String {
-    let n = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let n = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
     match d {
         '3' => format!("{:03}", n / 1_000_000),
         '6' => format!("{:06}", n / 1_000),
@@ -208,7 +225,14 @@ fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = if m <= 2 { y + 1 } else { y };
-    (y, m, d, (rem / 3600) as u32, ((rem % 3600) / 60) as u32, (rem % 60) as u32)
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        ((rem % 3600) / 60) as u32,
+        (rem % 60) as u32,
+    )
 }
 
 fn addr_no_port(a: SocketAddr) -> String {
@@ -228,7 +252,12 @@ fn metadata_lookup(root: Option<&serde_json::Value>, ns: &str, keys: &[String]) 
 
 /// Evaluates one command; `None` renders as `-` in text logs and is omitted
 /// from headers.
-pub fn eval(cmd: &Command, info: &StreamInfo, req: Option<&HeaderMap>, resp: Option<&HeaderMap>) -> Option<String> {
+pub fn eval(
+    cmd: &Command,
+    info: &StreamInfo,
+    req: Option<&HeaderMap>,
+    resp: Option<&HeaderMap>,
+) -> Option<String> {
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis().to_string());
     let req = req.or(info.request_headers.as_ref());
     let resp = resp.or(info.response_headers.as_ref());
@@ -246,9 +275,13 @@ pub fn eval(cmd: &Command, info: &StreamInfo, req: Option<&HeaderMap>, resp: Opt
         Command::ResponseFlagsLong => Some(info.flags.long()),
         Command::BytesReceived => Some(info.bytes_received.to_string()),
         Command::BytesSent => Some(info.bytes_sent.to_string()),
-        Command::Duration | Command::RequestDuration | Command::ResponseDuration => ms(info.duration),
+        Command::Duration | Command::RequestDuration | Command::ResponseDuration => {
+            ms(info.duration)
+        }
         Command::UpstreamServiceTime => ms(info.upstream_service_time),
-        Command::UpstreamHost | Command::UpstreamRemoteAddress => info.upstream_host.map(|a| a.to_string()),
+        Command::UpstreamHost | Command::UpstreamRemoteAddress => {
+            info.upstream_host.map(|a| a.to_string())
+        }
         Command::UpstreamRemoteAddressWithoutPort => info.upstream_host.map(addr_no_port),
         Command::UpstreamLocalAddress => None,
         Command::UpstreamCluster => info.upstream_cluster.as_deref().map(str::to_owned),
@@ -256,7 +289,9 @@ pub fn eval(cmd: &Command, info: &StreamInfo, req: Option<&HeaderMap>, resp: Opt
         Command::DownstreamRemoteAddress => Some(info.downstream_remote.to_string()),
         Command::DownstreamRemoteAddressWithoutPort => Some(addr_no_port(info.downstream_remote)),
         Command::DownstreamDirectRemoteAddress => Some(info.downstream_direct_remote.to_string()),
-        Command::DownstreamDirectRemoteAddressWithoutPort => Some(addr_no_port(info.downstream_direct_remote)),
+        Command::DownstreamDirectRemoteAddressWithoutPort => {
+            Some(addr_no_port(info.downstream_direct_remote))
+        }
         Command::DownstreamLocalAddress => Some(info.downstream_local.to_string()),
         Command::DownstreamLocalAddressWithoutPort => Some(addr_no_port(info.downstream_local)),
         Command::DownstreamLocalPort => Some(info.downstream_local.port().to_string()),
@@ -265,7 +300,9 @@ pub fn eval(cmd: &Command, info: &StreamInfo, req: Option<&HeaderMap>, resp: Opt
         Command::Hostname => Some(hostname().to_owned()),
         Command::ConnectionId => Some(info.connection_id.to_string()),
         Command::UpstreamRequestAttemptCount => Some(info.attempt_count.to_string()),
-        Command::UpstreamMetadata(ns, keys) => metadata_lookup(info.upstream_metadata.as_ref(), ns, keys),
+        Command::UpstreamMetadata(ns, keys) => {
+            metadata_lookup(info.upstream_metadata.as_ref(), ns, keys)
+        }
         Command::DynamicMetadata(_, _) => None,
         Command::Environment(v) => std::env::var(v).ok(),
         Command::Method => Some(info.method.as_str().to_owned()),
@@ -275,7 +312,13 @@ pub fn eval(cmd: &Command, info: &StreamInfo, req: Option<&HeaderMap>, resp: Opt
 
 /// Renders a format. `none_as` is what a missing value becomes (`-` in
 /// access logs, empty in headers).
-pub fn render(f: &Format, info: &StreamInfo, req: Option<&HeaderMap>, resp: Option<&HeaderMap>, none_as: &str) -> String {
+pub fn render(
+    f: &Format,
+    info: &StreamInfo,
+    req: Option<&HeaderMap>,
+    resp: Option<&HeaderMap>,
+    none_as: &str,
+) -> String {
     let mut out = String::new();
     for p in &f.parts {
         match p {

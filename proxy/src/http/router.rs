@@ -7,7 +7,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use rand::Rng;
 use tokio::time::Instant;
-use xds_client::config::{ClusterSpecifier, HostRewrite, PathMatch, RetryOn, RetryPolicy, RouteAction};
+use xds_client::config::{
+    ClusterSpecifier, HostRewrite, PathMatch, RetryOn, RetryPolicy, RouteAction,
+};
 
 use super::headers::*;
 use super::info::{Flags, StreamInfo};
@@ -19,7 +21,15 @@ use crate::upstream::{ClusterManager, ClusterRuntime, Host, PoolKind};
 const RETRY_BUFFER: u64 = 64 * 1024;
 
 /// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
 
 /// What the request pipeline hands the router.
 pub struct Forward<'a> {
@@ -67,7 +77,11 @@ pub fn select_cluster(
 }
 
 /// Applies prefix/regex path rewrites; returns the new path when changed.
-pub fn rewrite_path(action: &RouteAction, route_path: &PathMatch, path_and_query: &str) -> Option<String> {
+pub fn rewrite_path(
+    action: &RouteAction,
+    route_path: &PathMatch,
+    path_and_query: &str,
+) -> Option<String> {
     let (path, query) = match path_and_query.find('?') {
         Some(i) => (&path_and_query[..i], &path_and_query[i..]),
         None => (path_and_query, ""),
@@ -88,7 +102,11 @@ pub fn rewrite_path(action: &RouteAction, route_path: &PathMatch, path_and_query
 }
 
 /// Timeouts from the route, overridable by trusted x-envoy-* headers.
-fn timeouts(f: &Forward<'_>, headers: &HeaderMap, retry: Option<&RetryPolicy>) -> (Option<Duration>, Option<Duration>) {
+fn timeouts(
+    f: &Forward<'_>,
+    headers: &HeaderMap,
+    retry: Option<&RetryPolicy>,
+) -> (Option<Duration>, Option<Duration>) {
     let ms = |n: &http::HeaderName| {
         headers
             .get(n)
@@ -112,11 +130,19 @@ fn timeouts(f: &Forward<'_>, headers: &HeaderMap, retry: Option<&RetryPolicy>) -
 /// The effective retry policy: the route's, else the vhost's, merged with
 /// trusted `x-envoy-retry-on` / `x-envoy-max-retries` headers.
 fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
-    let base = f.action.retry_policy.as_ref().or(f.vhost_retry).map(|r| (**r).clone());
+    let base = f
+        .action
+        .retry_policy
+        .as_ref()
+        .or(f.vhost_retry)
+        .map(|r| (**r).clone());
     if !f.trusted {
         return base;
     }
-    let on = headers.get(&X_ENVOY_RETRY_ON).and_then(|v| v.to_str().ok()).map(RetryOn::parse_lenient);
+    let on = headers
+        .get(&X_ENVOY_RETRY_ON)
+        .and_then(|v| v.to_str().ok())
+        .map(RetryOn::parse_lenient);
     let max = headers
         .get(&X_ENVOY_MAX_RETRIES)
         .and_then(|v| v.to_str().ok())
@@ -167,7 +193,11 @@ fn retriable_status(p: &RetryPolicy, status: u16) -> bool {
 
 fn retriable_connect(p: &RetryPolicy) -> bool {
     let on = p.retry_on;
-    on.has(RetryOn::CONNECT_FAILURE) || on.has(RetryOn::FIVE_XX) || on.has(RetryOn::GATEWAY_ERROR) || on.has(RetryOn::RESET) || on.has(RetryOn::RESET_BEFORE_REQUEST)
+    on.has(RetryOn::CONNECT_FAILURE)
+        || on.has(RetryOn::FIVE_XX)
+        || on.has(RetryOn::GATEWAY_ERROR)
+        || on.has(RetryOn::RESET)
+        || on.has(RetryOn::RESET_BEFORE_REQUEST)
 }
 
 fn retriable_reset(p: &RetryPolicy) -> bool {
@@ -191,7 +221,13 @@ pub async fn forward(
         parts.headers.remove(*n);
     }
     // x-envoy control headers are consumed here, not forwarded.
-    for n in [&X_ENVOY_RETRY_ON, &X_ENVOY_MAX_RETRIES, &X_ENVOY_RQ_TIMEOUT, &X_ENVOY_PER_TRY_TIMEOUT, &X_ENVOY_RETRIABLE_CODES] {
+    for n in [
+        &X_ENVOY_RETRY_ON,
+        &X_ENVOY_MAX_RETRIES,
+        &X_ENVOY_RQ_TIMEOUT,
+        &X_ENVOY_PER_TRY_TIMEOUT,
+        &X_ENVOY_RETRIABLE_CODES,
+    ] {
         parts.headers.remove(n);
     }
     if !f.suppress_envoy_headers {
@@ -200,7 +236,10 @@ pub async fn forward(
             (g, p) => g.or(p),
         };
         if let Some(e) = expected {
-            parts.headers.insert(X_ENVOY_EXPECTED_TIMEOUT.clone(), HeaderValue::from(e.as_millis() as u64));
+            parts.headers.insert(
+                X_ENVOY_EXPECTED_TIMEOUT.clone(),
+                HeaderValue::from(e.as_millis() as u64),
+            );
         }
     }
     let max_attempts = 1 + retry.as_ref().map(|r| r.num_retries).unwrap_or(0);
@@ -210,7 +249,9 @@ pub async fn forward(
     if max_attempts > 1 {
         let b = stream_body.as_ref().expect("set above");
         let small = hyper::body::Body::is_end_stream(b)
-            || hyper::body::Body::size_hint(b).upper().is_some_and(|u| u <= RETRY_BUFFER);
+            || hyper::body::Body::size_hint(b)
+                .upper()
+                .is_some_and(|u| u <= RETRY_BUFFER);
         if small {
             let b = stream_body.take().expect("set above");
             match b.collect().await {
@@ -228,7 +269,11 @@ pub async fn forward(
     }
     let deadline = global.map(|g| Instant::now() + g);
     let kind = cluster.pool_kind(f.downstream_h2);
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
     let authority = info.authority.clone();
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     let upstream_start = Instant::now();
@@ -236,8 +281,15 @@ pub async fn forward(
     loop {
         attempt += 1;
         info.attempt_count = attempt;
-        let avoid: &[std::net::SocketAddr] = if retry.as_ref().is_some_and(|r| r.previous_hosts) { &tried } else { &[] };
-        let host_attempts = retry.as_ref().map(|r| r.host_selection_retry_max_attempts).unwrap_or(0);
+        let avoid: &[std::net::SocketAddr] = if retry.as_ref().is_some_and(|r| r.previous_hosts) {
+            &tried
+        } else {
+            &[]
+        };
+        let host_attempts = retry
+            .as_ref()
+            .map(|r| r.host_selection_retry_max_attempts)
+            .unwrap_or(0);
         let Some(host) = cluster.choose(avoid, host_attempts) else {
             info.flags.set(Flags::UH);
             info.response_code_details = "no_healthy_upstream";
@@ -258,7 +310,15 @@ pub async fn forward(
             HostRewrite::Auto if !host.hostname.is_empty() => host.hostname.as_str(),
             _ => authority.as_str(),
         };
-        let req = build_request(&parts, &host, kind, &path_and_query, auth, body, f.include_attempt_count.then_some(attempt));
+        let req = build_request(
+            &parts,
+            &host,
+            kind,
+            &path_and_query,
+            auth,
+            body,
+            f.include_attempt_count.then_some(attempt),
+        );
         let try_timeout = match (per_try, deadline) {
             (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(Instant::now()))),
             (Some(p), None) => Some(p),
@@ -267,7 +327,8 @@ pub async fn forward(
         };
         cluster.stats.upstream_rq_total.inc();
         cluster.stats.upstream_rq_active.inc();
-        host.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        host.active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let client = cluster.pool(kind);
         let fut = client.request(req);
@@ -275,7 +336,8 @@ pub async fn forward(
             Some(t) => tokio::time::timeout(t, fut).await.ok(),
             None => Some(fut.await),
         };
-        host.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        host.active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         cluster.stats.upstream_rq_active.dec();
         let outcome = match res {
             None => Outcome::Timeout,
@@ -292,7 +354,9 @@ pub async fn forward(
             Outcome::ConnectFailure(_) => p.is_some_and(retriable_connect),
             Outcome::Reset(_) => p.is_some_and(retriable_reset),
             // A per-try timeout is retried under 5xx/gateway-error (Envoy).
-            Outcome::Timeout => !global_expired && per_try.is_some() && p.is_some_and(retriable_reset),
+            Outcome::Timeout => {
+                !global_expired && per_try.is_some() && p.is_some_and(retriable_reset)
+            }
         };
         let elapsed_us = started.elapsed().as_micros() as u64;
         if let Outcome::Response(r) = &outcome {
@@ -303,9 +367,12 @@ pub async fn forward(
             cluster.stats.upstream_rq_retry.inc();
             // Fully jittered exponential back-off, capped.
             let p = p.expect("retry_this implies a policy");
-            let exp = p.base_interval.saturating_mul(1u32 << (attempt - 1).min(16));
+            let exp = p
+                .base_interval
+                .saturating_mul(1u32 << (attempt - 1).min(16));
             let cap = exp.min(p.max_interval);
-            let wait = Duration::from_micros(rand::rng().random_range(0..=cap.as_micros().max(1) as u64));
+            let wait =
+                Duration::from_micros(rand::rng().random_range(0..=cap.as_micros().max(1) as u64));
             let wait = match deadline {
                 Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
                 None => wait,
@@ -338,7 +405,8 @@ pub async fn forward(
             }
             Outcome::ConnectFailure(reason) => {
                 info.flags.set(Flags::UF);
-                info.response_code_details = "upstream_reset_before_response_started{remote_connection_failure}";
+                info.response_code_details =
+                    "upstream_reset_before_response_started{remote_connection_failure}";
                 let body = format!(
                     "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: {reason}"
                 );
@@ -347,7 +415,8 @@ pub async fn forward(
             }
             Outcome::Reset(reason) => {
                 info.flags.set(Flags::UC);
-                info.response_code_details = "upstream_reset_before_response_started{connection_termination}";
+                info.response_code_details =
+                    "upstream_reset_before_response_started{connection_termination}";
                 let _ = reason;
                 super::local_reply::reply_owned(
                     503,
@@ -407,18 +476,30 @@ fn build_request(
         req.headers_mut().insert(header::HOST, v);
     }
     if let Some(a) = attempt {
-        req.headers_mut().insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(a));
+        req.headers_mut()
+            .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(a));
     }
     req
 }
 
 /// Host rewrite; returns the new authority when it changes.
-pub fn host_rewrite(action: &RouteAction, headers: &HeaderMap, path: &str, upstream_hostname: Option<&str>) -> Option<String> {
+pub fn host_rewrite(
+    action: &RouteAction,
+    headers: &HeaderMap,
+    path: &str,
+    upstream_hostname: Option<&str>,
+) -> Option<String> {
     match &action.host_rewrite {
         HostRewrite::None => None,
         HostRewrite::Literal(s) => Some(s.clone()),
-        HostRewrite::Auto => upstream_hostname.filter(|h| !h.is_empty()).map(str::to_owned),
-        HostRewrite::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_owned),
+        HostRewrite::Auto => upstream_hostname
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned),
+        HostRewrite::Header(h) => headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
         HostRewrite::PathRegex(re, sub) => {
             let p = path.split('?').next().unwrap_or(path);
             Some(re.0.replace_all(p, sub.as_str()).into_owned())

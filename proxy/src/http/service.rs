@@ -7,8 +7,8 @@ use hyper::body::Incoming;
 use rand::Rng;
 use tokio::time::Instant;
 use xds_client::config::{
-    HttpConnectionManager, RequestInfo, RouteKind, ServerHeaderTransformation, StripPort, TlsRequirement,
-    UnderscoreAction,
+    HttpConnectionManager, RequestInfo, RouteKind, ServerHeaderTransformation, StripPort,
+    TlsRequirement, UnderscoreAction,
 };
 
 use super::headers::{self, PathCheck};
@@ -38,7 +38,10 @@ pub struct ConnCtx {
 }
 
 /// The hyper service entry point; never fails (errors become responses).
-pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let hcm = &ctx.hcm;
     hcm.stats.rq_total.inc();
@@ -53,14 +56,24 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
         .uri
         .authority()
         .map(|a| a.as_str().to_owned())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_default();
     let mut info = StreamInfo {
         start: SystemTime::now(),
         start_instant: start,
         protocol,
         method: parts.method.clone(),
-        path: parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into()),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into()),
         authority,
         scheme: ctx.scheme,
         request_headers: None,
@@ -87,14 +100,20 @@ pub async fn handle(req: Request<Incoming>, ctx: Arc<ConnCtx>) -> Result<Respons
     Ok(finish(&ctx, resp, info, parts.headers))
 }
 
-async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: Incoming, info: &mut StreamInfo) -> Response<Body> {
+async fn pipeline(
+    ctx: &Arc<ConnCtx>,
+    parts: &mut http::request::Parts,
+    body: Incoming,
+    info: &mut StreamInfo,
+) -> Response<Body> {
     let h = &ctx.hcm.config;
     // --- protocol checks (Envoy's codec-level rejections)
     if parts.version == Version::HTTP_10 && !h.http1.accept_http_10 {
         info.flags.set(Flags::DPE);
         info.response_code_details = "low_version";
         let mut r = reply(426, "");
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
     if info.authority.is_empty() {
@@ -109,14 +128,25 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
         info.response_code_details = "missing_host_header";
         return reply(400, "");
     }
-    let header_bytes: usize = parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-    if parts.headers.len() > h.max_headers_count as usize || header_bytes > h.max_request_headers_kb as usize * 1024 {
+    let header_bytes: usize = parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if parts.headers.len() > h.max_headers_count as usize
+        || header_bytes > h.max_request_headers_kb as usize * 1024
+    {
         info.flags.set(Flags::DPE);
         info.response_code_details = "header_overflow";
         return reply(431, "");
     }
     if h.headers_with_underscores != UnderscoreAction::Allow {
-        let bad: Vec<_> = parts.headers.keys().filter(|k| k.as_str().contains('_')).cloned().collect();
+        let bad: Vec<_> = parts
+            .headers
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
         if !bad.is_empty() {
             if h.headers_with_underscores == UnderscoreAction::RejectRequest {
                 info.flags.set(Flags::DPE);
@@ -178,7 +208,8 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
         return reply(404, "");
     };
     if ctx.scheme == "http"
-        && (vh.require_tls == TlsRequirement::All || (vh.require_tls == TlsRequirement::ExternalOnly && !edge.internal))
+        && (vh.require_tls == TlsRequirement::All
+            || (vh.require_tls == TlsRequirement::ExternalOnly && !edge.internal))
     {
         let mut r = reply(301, "");
         if let Ok(v) = HeaderValue::from_str(&format!("https://{}{}", info.authority, info.path)) {
@@ -191,7 +222,11 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
         Some(i) => (&info.path[..i], Some(&info.path[i + 1..])),
         None => (info.path.as_str(), None),
     };
-    let random_ppm = if vh.routes.iter().any(|r| r.matcher.runtime_fraction_ppm.is_some()) {
+    let random_ppm = if vh
+        .routes
+        .iter()
+        .any(|r| r.matcher.runtime_fraction_ppm.is_some())
+    {
         rand::rng().random_range(0..1_000_000)
     } else {
         0
@@ -215,7 +250,11 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
     };
     info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
     // --- filters (decode)
-    let mut instances = if ctx.hcm.chain.is_router_only() { Vec::new() } else { ctx.hcm.chain.instantiate() };
+    let mut instances = if ctx.hcm.chain.is_router_only() {
+        Vec::new()
+    } else {
+        ctx.hcm.chain.instantiate()
+    };
     if !instances.is_empty() {
         let mut fcx = filters::FilterContext {
             route_name: info.route_name.clone(),
@@ -252,14 +291,21 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
             info.response_code_details = "direct_response";
             ctx.hcm.stats.rq_redirect.inc();
             let mut resp = reply(r.status, "");
-            let loc = redirect_location(r, &route.matcher.path, ctx.scheme, &info.authority, &info.path);
+            let loc = redirect_location(
+                r,
+                &route.matcher.path,
+                ctx.scheme,
+                &info.authority,
+                &info.path,
+            );
             if let Ok(v) = HeaderValue::from_str(&loc) {
                 resp.headers_mut().insert(header::LOCATION, v);
             }
             resp
         }
         RouteKind::Forward(action) => {
-            let target = match router::select_cluster(&ctx.shared.clusters, action, &parts.headers) {
+            let target = match router::select_cluster(&ctx.shared.clusters, action, &parts.headers)
+            {
                 Ok(t) => t,
                 Err(status) => {
                     info.response_code_details = "cluster_not_found";
@@ -277,7 +323,9 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
                 if let Ok(pq) = p.parse::<http::uri::PathAndQuery>() {
                     if let Ok(v) = HeaderValue::from_str(&info.path) {
                         if !ctx.hcm.chain.router.suppress_envoy_headers() {
-                            parts.headers.insert(headers::X_ENVOY_ORIGINAL_PATH.clone(), v);
+                            parts
+                                .headers
+                                .insert(headers::X_ENVOY_ORIGINAL_PATH.clone(), v);
                         }
                     }
                     let mut up = std::mem::take(&mut parts.uri).into_parts();
@@ -300,7 +348,13 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
                 parts.headers.insert(header::HOST, v);
             }
             let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
-            headers::apply_levels(&mut parts.headers, &lv, true, rc.most_specific_header_mutations_wins, info);
+            headers::apply_levels(
+                &mut parts.headers,
+                &lv,
+                true,
+                rc.most_specific_header_mutations_wins,
+                info,
+            );
             if !ctx.hcm.logs.is_empty() {
                 info.request_headers = Some(parts.headers.clone());
             }
@@ -320,10 +374,19 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
                 parts.headers = h.clone();
             }
             if vh.include_attempt_count_in_response {
-                resp.headers_mut().insert(headers::X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(info.attempt_count));
+                resp.headers_mut().insert(
+                    headers::X_ENVOY_ATTEMPT_COUNT.clone(),
+                    HeaderValue::from(info.attempt_count),
+                );
             }
             let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
-            headers::apply_levels(resp.headers_mut(), &lv, false, rc.most_specific_header_mutations_wins, info);
+            headers::apply_levels(
+                resp.headers_mut(),
+                &lv,
+                false,
+                rc.most_specific_header_mutations_wins,
+                info,
+            );
             if !instances.is_empty() {
                 let mut fcx = filters::FilterContext {
                     route_name: info.route_name.clone(),
@@ -340,7 +403,13 @@ async fn pipeline(ctx: &Arc<ConnCtx>, parts: &mut http::request::Parts, body: In
     };
     // Local (direct/redirect) responses still get response header mutations.
     let lv = levels(None, route, &vh, rc);
-    headers::apply_levels(resp.headers_mut(), &lv, false, rc.most_specific_header_mutations_wins, info);
+    headers::apply_levels(
+        resp.headers_mut(),
+        &lv,
+        false,
+        rc.most_specific_header_mutations_wins,
+        info,
+    );
     resp
 }
 
@@ -396,7 +465,9 @@ fn redirect_location(
             };
             (format!("{np}{}", &p[matched..]), q.to_owned())
         }
-        RedirectPath::Regex(re, sub) => (re.0.replace_all(p, sub.as_str()).into_owned(), q.to_owned()),
+        RedirectPath::Regex(re, sub) => {
+            (re.0.replace_all(p, sub.as_str()).into_owned(), q.to_owned())
+        }
     };
     if r.strip_query {
         query.clear();
@@ -417,7 +488,12 @@ fn split_host_port(a: &str) -> (&str, Option<&str>) {
 }
 
 /// Final response headers, stats and the access-log hook.
-fn finish(ctx: &Arc<ConnCtx>, mut resp: Response<Body>, mut info: StreamInfo, req_headers: http::HeaderMap) -> Response<Body> {
+fn finish(
+    ctx: &Arc<ConnCtx>,
+    mut resp: Response<Body>,
+    mut info: StreamInfo,
+    req_headers: http::HeaderMap,
+) -> Response<Body> {
     let h = &ctx.hcm.config;
     let hs = resp.headers_mut();
     match h.server_header_transformation {

@@ -39,8 +39,20 @@ async fn resolve(host: &str, family: DnsFamily) -> Result<(Vec<IpAddr>, Option<D
         DnsFamily::V4Only => v4,
         DnsFamily::V6Only => v6,
         // AUTO prefers v6 and falls back to v4; V4_PREFERRED the reverse (Envoy).
-        DnsFamily::Auto => if v6.is_empty() { v4 } else { v6 },
-        DnsFamily::V4Preferred => if v4.is_empty() { v6 } else { v4 },
+        DnsFamily::Auto => {
+            if v6.is_empty() {
+                v4
+            } else {
+                v6
+            }
+        }
+        DnsFamily::V4Preferred => {
+            if v4.is_empty() {
+                v6
+            } else {
+                v4
+            }
+        }
         DnsFamily::All => all,
     };
     Ok((ips, ttl))
@@ -64,11 +76,19 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
                         min_ttl = Some(min_ttl.map_or(t, |m| m.min(t)));
                     }
                     // LOGICAL_DNS uses the first address only.
-                    let take = if cfg.discovery == Discovery::LogicalDns { 1 } else { ips.len() };
+                    let take = if cfg.discovery == Discovery::LogicalDns {
+                        1
+                    } else {
+                        ips.len()
+                    };
                     for ip in ips.into_iter().take(take) {
                         hosts.push(Arc::new(Host {
                             addr: SocketAddr::new(ip, port),
-                            hostname: if e.hostname.is_empty() { name.clone() } else { e.hostname.clone() },
+                            hostname: if e.hostname.is_empty() {
+                                name.clone()
+                            } else {
+                                e.hostname.clone()
+                            },
                             weight: e.weight,
                             healthy: e.health.is_usable(),
                             priority: l.priority,

@@ -54,7 +54,9 @@ impl HostSet {
         prios.dedup();
         let mut usable = Vec::new();
         for p in &prios {
-            let at: Vec<usize> = (0..hosts.len()).filter(|i| hosts[*i].priority == *p).collect();
+            let at: Vec<usize> = (0..hosts.len())
+                .filter(|i| hosts[*i].priority == *p)
+                .collect();
             let healthy: Vec<usize> = at.iter().copied().filter(|i| hosts[*i].healthy).collect();
             if !healthy.is_empty() {
                 let pct = 100.0 * healthy.len() as f64 / at.len() as f64;
@@ -64,9 +66,13 @@ impl HostSet {
         }
         if usable.is_empty() && !hosts.is_empty() && panic_threshold > 0.0 {
             // Panic mode: no healthy host anywhere, route to all (Envoy).
-            usable = (0..hosts.len()).filter(|i| hosts[*i].priority == prios[0]).collect();
+            usable = (0..hosts.len())
+                .filter(|i| hosts[*i].priority == prios[0])
+                .collect();
         }
-        let weights_differ = usable.windows(2).any(|w| hosts[w[0]].weight != hosts[w[1]].weight);
+        let weights_differ = usable
+            .windows(2)
+            .any(|w| hosts[w[0]].weight != hosts[w[1]].weight);
         let mut weighted = Vec::new();
         if weights_differ {
             // Smooth weighted round robin sequence over one weight period.
@@ -121,8 +127,19 @@ impl ClusterStats {
         let g = |s: &str| store.gauge(StatName::tagged("cluster", name, s, "envoy_cluster_name"));
         ClusterStats {
             upstream_rq_total: c("upstream_rq_total"),
-            upstream_rq_xx: [c("upstream_rq_1xx"), c("upstream_rq_2xx"), c("upstream_rq_3xx"), c("upstream_rq_4xx"), c("upstream_rq_5xx")],
-            upstream_rq_time: store.histogram(StatName::tagged("cluster", name, "upstream_rq_time", "envoy_cluster_name")),
+            upstream_rq_xx: [
+                c("upstream_rq_1xx"),
+                c("upstream_rq_2xx"),
+                c("upstream_rq_3xx"),
+                c("upstream_rq_4xx"),
+                c("upstream_rq_5xx"),
+            ],
+            upstream_rq_time: store.histogram(StatName::tagged(
+                "cluster",
+                name,
+                "upstream_rq_time",
+                "envoy_cluster_name",
+            )),
             upstream_rq_active: g("upstream_rq_active"),
             upstream_cx_total: c("upstream_cx_total"),
             upstream_cx_active: g("upstream_cx_active"),
@@ -172,7 +189,9 @@ impl ClusterRuntime {
             hosts: ArcSwap::from_pointee(set),
             stats,
             rr: AtomicUsize::new(0),
-            pools: (0..workers + 1).map(|_| [OnceLock::new(), OnceLock::new()]).collect(),
+            pools: (0..workers + 1)
+                .map(|_| [OnceLock::new(), OnceLock::new()])
+                .collect(),
         })
     }
 
@@ -207,7 +226,8 @@ impl ClusterRuntime {
                     let mut best = set.usable[rng.random_range(0..set.usable.len())];
                     for _ in 1..choice_count {
                         let c = set.usable[rng.random_range(0..set.usable.len())];
-                        if set.hosts[c].active.load(Relaxed) < set.hosts[best].active.load(Relaxed) {
+                        if set.hosts[c].active.load(Relaxed) < set.hosts[best].active.load(Relaxed)
+                        {
                             best = c;
                         }
                     }

@@ -70,18 +70,19 @@ impl tower::Service<http::Uri> for Connector {
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or(ConnectError::BadAddress)?;
-            let stream = match tokio::time::timeout(this.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    this.connect_fail.inc();
-                    return Err(ConnectError::Io(e));
-                }
-                Err(_) => {
-                    this.connect_fail.inc();
-                    this.connect_timeout_c.inc();
-                    return Err(ConnectError::Timeout);
-                }
-            };
+            let stream =
+                match tokio::time::timeout(this.connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        this.connect_fail.inc();
+                        return Err(ConnectError::Io(e));
+                    }
+                    Err(_) => {
+                        this.connect_fail.inc();
+                        this.connect_timeout_c.inc();
+                        return Err(ConnectError::Timeout);
+                    }
+                };
             let _ = stream.set_nodelay(true);
             this.cx_total.inc();
             this.cx_active.inc();
@@ -112,13 +113,21 @@ impl Connection for CountedIo {
 }
 
 impl Read for CountedIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl Write for CountedIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
