@@ -35,10 +35,18 @@ pub struct FilterContext {
 
 /// One filter instance, alive for one request. Every hook defaults to Continue.
 pub trait HttpFilter: Send {
-    fn on_request_headers(&mut self, _cx: &mut FilterContext, _head: &mut http::request::Parts) -> Action {
+    fn on_request_headers(
+        &mut self,
+        _cx: &mut FilterContext,
+        _head: &mut http::request::Parts,
+    ) -> Action {
         Action::Continue
     }
-    fn on_response_headers(&mut self, _cx: &mut FilterContext, _head: &mut http::response::Parts) -> Action {
+    fn on_response_headers(
+        &mut self,
+        _cx: &mut FilterContext,
+        _head: &mut http::response::Parts,
+    ) -> Action {
         Action::Continue
     }
     fn on_log(&mut self, _cx: &FilterContext) {}
@@ -66,7 +74,10 @@ impl FilterChain {
         for c in configs {
             match &c.kind {
                 HttpFilterKind::Router(r) => {
-                    router = Some(Arc::new(crate::router::RouterFactory::new(c.name.clone(), r.clone())))
+                    router = Some(Arc::new(crate::router::RouterFactory::new(
+                        c.name.clone(),
+                        r.clone(),
+                    )))
                 }
             }
         }
@@ -130,7 +141,11 @@ mod tests {
     struct Deny;
     struct DenyFilter;
     impl HttpFilter for DenyFilter {
-        fn on_request_headers(&mut self, _cx: &mut FilterContext, head: &mut http::request::Parts) -> Action {
+        fn on_request_headers(
+            &mut self,
+            _cx: &mut FilterContext,
+            head: &mut http::request::Parts,
+        ) -> Action {
             if head.uri.path() == "/deny" {
                 Action::Respond(LocalReply {
                     status: http::StatusCode::FORBIDDEN,
@@ -139,7 +154,8 @@ mod tests {
                     details: "denied",
                 })
             } else {
-                head.headers.insert("x-seen", http::HeaderValue::from_static("1"));
+                head.headers
+                    .insert("x-seen", http::HeaderValue::from_static("1"));
                 Action::Continue
             }
         }
@@ -159,10 +175,16 @@ mod tests {
         chain.filters.push(Arc::new(Deny));
         let mut inst = chain.instantiate();
         let mut cx = FilterContext::default();
-        let (mut head, _) = http::Request::get("/ok").body(()).expect("request").into_parts();
+        let (mut head, _) = http::Request::get("/ok")
+            .body(())
+            .expect("request")
+            .into_parts();
         assert!(run_request_headers(&mut inst, &mut cx, &mut head).is_none());
         assert_eq!(head.headers["x-seen"], "1");
-        let (mut head, _) = http::Request::get("/deny").body(()).expect("request").into_parts();
+        let (mut head, _) = http::Request::get("/deny")
+            .body(())
+            .expect("request")
+            .into_parts();
         let r = run_request_headers(&mut inst, &mut cx, &mut head).expect("denied");
         assert_eq!(r.status, http::StatusCode::FORBIDDEN);
     }

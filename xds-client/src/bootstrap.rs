@@ -140,10 +140,7 @@ pub fn normalize(
             if opts.allow_unknown_fields {
                 map.remove(&key);
             } else {
-                errs.push(
-                    join(path, &key),
-                    format!("unknown field {key:?} in {full}"),
-                );
+                errs.push(join(path, &key), format!("unknown field {key:?} in {full}"));
             }
             continue;
         };
@@ -153,7 +150,9 @@ pub fn normalize(
             continue;
         }
         if field.is_map() {
-            let Kind::Message(entry) = field.kind() else { continue };
+            let Kind::Message(entry) = field.kind() else {
+                continue;
+            };
             let value_field = entry.map_entry_value_field();
             if let (Value::Object(m), Kind::Message(vd)) = (v, value_field.kind()) {
                 for (k, item) in m.iter_mut() {

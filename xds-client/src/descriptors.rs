@@ -13,14 +13,15 @@ use prost_types::{
     DescriptorProto, FieldDescriptorProto, FileDescriptorProto,
 };
 
-static ENVOY_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
+static ENVOY_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
 
 /// The process-wide pool: Envoy's descriptors plus our own additions.
 pub fn pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let mut pool =
-            DescriptorPool::decode(ENVOY_DESCRIPTORS).expect("envoy-types ships a valid descriptor set");
+        let mut pool = DescriptorPool::decode(ENVOY_DESCRIPTORS)
+            .expect("envoy-types ships a valid descriptor set");
         if pool.get_message_by_name(UDPA_TYPED_STRUCT).is_none() {
             pool.add_file_descriptor_proto(udpa_typed_struct_file())
                 .expect("udpa TypedStruct descriptor is valid");
@@ -78,10 +79,7 @@ fn to_json_name(name: &str) -> String {
 }
 
 /// Decodes `Any` bytes of a known type into a `DynamicMessage`.
-pub fn decode_any(
-    type_url: &str,
-    value: &[u8],
-) -> Result<prost_reflect::DynamicMessage, String> {
+pub fn decode_any(type_url: &str, value: &[u8]) -> Result<prost_reflect::DynamicMessage, String> {
     let name = type_url.rsplit('/').next().unwrap_or(type_url);
     let desc = pool()
         .get_message_by_name(name)
@@ -101,7 +99,9 @@ mod tests {
     #[test]
     fn pool_has_envoy_and_typed_structs() {
         let p = pool();
-        assert!(p.get_message_by_name("envoy.config.bootstrap.v3.Bootstrap").is_some());
+        assert!(p
+            .get_message_by_name("envoy.config.bootstrap.v3.Bootstrap")
+            .is_some());
         assert!(p
             .get_message_by_name(
                 "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"

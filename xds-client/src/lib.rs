@@ -21,7 +21,13 @@ pub fn load_bootstrap(
     config: Option<&str>,
     config_yaml: Option<&str>,
     opts: bootstrap::ParseOptions,
-) -> Result<(api::envoy::config::bootstrap::v3::Bootstrap, config::Snapshot), ConfigErrors> {
+) -> Result<
+    (
+        api::envoy::config::bootstrap::v3::Bootstrap,
+        config::Snapshot,
+    ),
+    ConfigErrors,
+> {
     let b = bootstrap::parse_and_merge(config, config_yaml, opts)?;
     let s = translate::bootstrap_to_snapshot(&b)?;
     Ok((b, s))

@@ -232,10 +232,7 @@ pub fn check(msg: &DynamicMessage, path: &str, errs: &mut ConfigErrors) {
         return;
     }
     let Some(fields) = table().get(full) else {
-        errs.push(
-            path.to_owned(),
-            format!("weir does not implement {full}"),
-        );
+        errs.push(path.to_owned(), format!("weir does not implement {full}"));
         return;
     };
     if fields.first() == Some(&"**") {
@@ -243,10 +240,15 @@ pub fn check(msg: &DynamicMessage, path: &str, errs: &mut ConfigErrors) {
     }
     for (field, value) in msg.fields() {
         let name = field.name();
-        let known = fields.iter().any(|f| *f == name || f.strip_prefix('~') == Some(name));
+        let known = fields
+            .iter()
+            .any(|f| *f == name || f.strip_prefix('~') == Some(name));
         let fpath = join(path, name);
         if !known {
-            errs.push(fpath, format!("weir does not implement field {name:?} of {full}"));
+            errs.push(
+                fpath,
+                format!("weir does not implement field {name:?} of {full}"),
+            );
             continue;
         }
         if fields.iter().any(|f| f.strip_prefix('~') == Some(name)) {
@@ -286,7 +288,10 @@ fn check_any(msg: &DynamicMessage, path: &str, errs: &mut ConfigErrors) {
         Ok(inner) => {
             let name = inner.descriptor().full_name().to_owned();
             if !table().contains_key(name.as_str()) {
-                errs.push(path.to_owned(), format!("weir does not implement extension {name}"));
+                errs.push(
+                    path.to_owned(),
+                    format!("weir does not implement extension {name}"),
+                );
                 return;
             }
             check(&inner, path, errs);
@@ -334,10 +339,7 @@ mod tests {
                     continue;
                 }
                 let f = f.trim_start_matches('~');
-                assert!(
-                    desc.get_field_by_name(f).is_some(),
-                    "{m} has no field {f}"
-                );
+                assert!(desc.get_field_by_name(f).is_some(), "{m} has no field {f}");
             }
         }
     }

@@ -38,7 +38,9 @@ pub enum Discovery {
 pub enum LbPolicy {
     RoundRobin,
     /// Power of `choice_count` choices on active requests.
-    LeastRequest { choice_count: u32 },
+    LeastRequest {
+        choice_count: u32,
+    },
     Random,
 }
 

@@ -108,6 +108,8 @@ impl Format {
 
     /// True when the format has no operators.
     pub fn is_literal(&self) -> bool {
-        self.parts.iter().all(|p| matches!(p, FormatPart::Literal(_)))
+        self.parts
+            .iter()
+            .all(|p| matches!(p, FormatPart::Literal(_)))
     }
 }

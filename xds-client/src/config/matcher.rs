@@ -68,9 +68,9 @@ impl StringMatcher {
                     && v[v.len() - s.len()..].eq_ignore_ascii_case(s)
             }
             StringMatch::Suffix(s) => v.ends_with(s.as_str()),
-            StringMatch::Contains(s) if self.ignore_case => v
-                .to_ascii_lowercase()
-                .contains(&s.to_ascii_lowercase()),
+            StringMatch::Contains(s) if self.ignore_case => {
+                v.to_ascii_lowercase().contains(&s.to_ascii_lowercase())
+            }
             StringMatch::Contains(s) => v.contains(s.as_str()),
         }
     }

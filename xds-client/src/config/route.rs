@@ -386,14 +386,20 @@ pub struct WeightedCluster {
 impl WeightedClusters {
     /// Picks by a random value in `[0, total)`, as Envoy (in config order).
     pub fn pick(&self, random: u64) -> &WeightedCluster {
-        let mut point = if self.total == 0 { 0 } else { random % self.total };
+        let mut point = if self.total == 0 {
+            0
+        } else {
+            random % self.total
+        };
         for c in &self.clusters {
             if point < u64::from(c.weight) {
                 return c;
             }
             point -= u64::from(c.weight);
         }
-        self.clusters.last().expect("validated: at least one cluster")
+        self.clusters
+            .last()
+            .expect("validated: at least one cluster")
     }
 }
 

@@ -3,7 +3,9 @@ use std::time::Duration;
 
 use crate::api::envoy::config::cluster::v3 as c;
 use crate::api::envoy::config::endpoint::v3 as e;
-use crate::api::envoy::extensions::upstreams::http::v3::{http_protocol_options as hpo, HttpProtocolOptions};
+use crate::api::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options as hpo, HttpProtocolOptions,
+};
 use crate::config::*;
 use crate::error::{join, ConfigErrors};
 
@@ -18,21 +20,32 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     }
     let discovery = match &p.cluster_discovery_type {
         None => Discovery::Static,
-        Some(c::cluster::ClusterDiscoveryType::Type(t)) => match c::cluster::DiscoveryType::try_from(*t) {
-            Ok(c::cluster::DiscoveryType::Static) => Discovery::Static,
-            Ok(c::cluster::DiscoveryType::StrictDns) => Discovery::StrictDns,
-            Ok(c::cluster::DiscoveryType::LogicalDns) => Discovery::LogicalDns,
-            Ok(other) => {
-                errs.push(join(path, "type"), format!("cluster type {} is not implemented yet", other.as_str_name()));
-                Discovery::Static
+        Some(c::cluster::ClusterDiscoveryType::Type(t)) => {
+            match c::cluster::DiscoveryType::try_from(*t) {
+                Ok(c::cluster::DiscoveryType::Static) => Discovery::Static,
+                Ok(c::cluster::DiscoveryType::StrictDns) => Discovery::StrictDns,
+                Ok(c::cluster::DiscoveryType::LogicalDns) => Discovery::LogicalDns,
+                Ok(other) => {
+                    errs.push(
+                        join(path, "type"),
+                        format!(
+                            "cluster type {} is not implemented yet",
+                            other.as_str_name()
+                        ),
+                    );
+                    Discovery::Static
+                }
+                Err(_) => {
+                    errs.push(join(path, "type"), "unknown cluster type");
+                    Discovery::Static
+                }
             }
-            Err(_) => {
-                errs.push(join(path, "type"), "unknown cluster type");
-                Discovery::Static
-            }
-        },
+        }
         Some(c::cluster::ClusterDiscoveryType::ClusterType(_)) => {
-            errs.push(join(path, "cluster_type"), "custom cluster types are not implemented");
+            errs.push(
+                join(path, "cluster_type"),
+                "custom cluster types are not implemented",
+            );
             Discovery::Static
         }
     };
@@ -43,7 +56,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                 .lb_config
                 .as_ref()
                 .and_then(|l| match l {
-                    c::cluster::LbConfig::LeastRequestLbConfig(l) => l.choice_count.as_ref().map(|v| v.value),
+                    c::cluster::LbConfig::LeastRequestLbConfig(l) => {
+                        l.choice_count.as_ref().map(|v| v.value)
+                    }
                     _ => None,
                 })
                 .unwrap_or(2)
@@ -51,7 +66,10 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         },
         Ok(c::cluster::LbPolicy::Random) => LbPolicy::Random,
         Ok(other) => {
-            errs.push(join(path, "lb_policy"), format!("{} comes with the traffic-policy work", other.as_str_name()));
+            errs.push(
+                join(path, "lb_policy"),
+                format!("{} comes with the traffic-policy work", other.as_str_name()),
+            );
             LbPolicy::RoundRobin
         }
         Err(_) => {
@@ -59,7 +77,11 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             LbPolicy::RoundRobin
         }
     };
-    let connect_timeout = match timeout(p.connect_timeout.as_ref(), Some(DEFAULT_CONNECT_TIMEOUT), &join(path, "connect_timeout")) {
+    let connect_timeout = match timeout(
+        p.connect_timeout.as_ref(),
+        Some(DEFAULT_CONNECT_TIMEOUT),
+        &join(path, "connect_timeout"),
+    ) {
         Ok(Some(d)) => d,
         Ok(None) => {
             errs.push(join(path, "connect_timeout"), "must be greater than 0");
@@ -79,7 +101,11 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             }
         }
         for (i, le) in la.endpoints.iter().enumerate() {
-            match locality(le, &format!("{path}.load_assignment.endpoints[{i}]"), discovery) {
+            match locality(
+                le,
+                &format!("{path}.load_assignment.endpoints[{i}]"),
+                discovery,
+            ) {
                 Ok(l) => localities.push(l),
                 Err(e) => errs.extend(e),
             }
@@ -88,7 +114,10 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     if discovery == Discovery::LogicalDns {
         let n: usize = localities.iter().map(|l| l.endpoints.len()).sum();
         if n != 1 {
-            errs.push(join(path, "load_assignment"), "LOGICAL_DNS clusters must have exactly one endpoint");
+            errs.push(
+                join(path, "load_assignment"),
+                "LOGICAL_DNS clusters must have exactly one endpoint",
+            );
         }
     }
     let dns_refresh_rate = match &p.dns_refresh_rate {
@@ -121,18 +150,30 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     let mut max_requests_per_connection = None;
     if p.http2_protocol_options.is_some() {
         protocol = UpstreamProtocol::Http2;
-        match http2_settings(p.http2_protocol_options.as_ref(), &join(path, "http2_protocol_options")) {
+        match http2_settings(
+            p.http2_protocol_options.as_ref(),
+            &join(path, "http2_protocol_options"),
+        ) {
             Ok(s) => http2 = s,
             Err(e) => errs.extend(e),
         }
     }
     if let Some(common) = &p.common_http_protocol_options {
-        common_options(common, &join(path, "common_http_protocol_options"), &mut idle_timeout, &mut max_requests_per_connection, &mut errs);
+        common_options(
+            common,
+            &join(path, "common_http_protocol_options"),
+            &mut idle_timeout,
+            &mut max_requests_per_connection,
+            &mut errs,
+        );
     }
     for (k, any) in &p.typed_extension_protocol_options {
         let kpath = format!("{path}.typed_extension_protocol_options[{k:?}]");
         if !any.type_url.ends_with(HTTP_OPTIONS) {
-            errs.push(kpath, format!("protocol options {} are not implemented", any.type_url));
+            errs.push(
+                kpath,
+                format!("protocol options {} are not implemented", any.type_url),
+            );
             continue;
         }
         let o: HttpProtocolOptions = match super::decode(any, &kpath) {
@@ -143,7 +184,13 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             }
         };
         if let Some(common) = &o.common_http_protocol_options {
-            common_options(common, &join(&kpath, "common_http_protocol_options"), &mut idle_timeout, &mut max_requests_per_connection, &mut errs);
+            common_options(
+                common,
+                &join(&kpath, "common_http_protocol_options"),
+                &mut idle_timeout,
+                &mut max_requests_per_connection,
+                &mut errs,
+            );
         }
         let h2 = match &o.upstream_protocol_options {
             Some(hpo::UpstreamProtocolOptions::ExplicitHttpConfig(x)) => match &x.protocol_config {
@@ -156,7 +203,10 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                     None
                 }
                 Some(_) => {
-                    errs.push(join(&kpath, "explicit_http_config"), "HTTP/3 upstreams are not implemented");
+                    errs.push(
+                        join(&kpath, "explicit_http_config"),
+                        "HTTP/3 upstreams are not implemented",
+                    );
                     None
                 }
                 None => None,
@@ -164,14 +214,23 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             Some(hpo::UpstreamProtocolOptions::UseDownstreamProtocolConfig(u)) => {
                 protocol = UpstreamProtocol::UseDownstream;
                 if u.http3_protocol_options.is_some() {
-                    errs.push(join(&kpath, "use_downstream_protocol_config.http3_protocol_options"), "HTTP/3 is not implemented");
+                    errs.push(
+                        join(
+                            &kpath,
+                            "use_downstream_protocol_config.http3_protocol_options",
+                        ),
+                        "HTTP/3 is not implemented",
+                    );
                 }
                 u.http2_protocol_options.as_ref()
             }
             Some(hpo::UpstreamProtocolOptions::AutoConfig(a)) => {
                 protocol = UpstreamProtocol::Auto;
                 if a.http3_protocol_options.is_some() {
-                    errs.push(join(&kpath, "auto_config.http3_protocol_options"), "HTTP/3 is not implemented");
+                    errs.push(
+                        join(&kpath, "auto_config.http3_protocol_options"),
+                        "HTTP/3 is not implemented",
+                    );
                 }
                 a.http2_protocol_options.as_ref()
             }
@@ -195,7 +254,11 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     }
     Ok(Cluster {
         name: p.name.as_str().into(),
-        stat_name: if p.alt_stat_name.is_empty() { p.name.clone() } else { p.alt_stat_name.clone() },
+        stat_name: if p.alt_stat_name.is_empty() {
+            p.name.clone()
+        } else {
+            p.alt_stat_name.clone()
+        },
         discovery,
         lb,
         connect_timeout,
@@ -209,7 +272,11 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         http2,
         max_requests_per_connection,
         idle_timeout,
-        buffer_limit: p.per_connection_buffer_limit_bytes.as_ref().map(|v| v.value).unwrap_or(1024 * 1024),
+        buffer_limit: p
+            .per_connection_buffer_limit_bytes
+            .as_ref()
+            .map(|v| v.value)
+            .unwrap_or(1024 * 1024),
         panic_threshold,
         overprovisioning_factor,
     })
@@ -230,18 +297,31 @@ fn common_options(
         *max_req = (m.value > 0).then_some(m.value);
     }
     for (set, name) in [
-        (c.max_connection_duration.is_some(), "max_connection_duration"),
+        (
+            c.max_connection_duration.is_some(),
+            "max_connection_duration",
+        ),
         (c.max_headers_count.is_some(), "max_headers_count"),
         (c.max_stream_duration.is_some(), "max_stream_duration"),
-        (c.headers_with_underscores_action != 0, "headers_with_underscores_action"),
+        (
+            c.headers_with_underscores_action != 0,
+            "headers_with_underscores_action",
+        ),
     ] {
         if set {
-            errs.push(join(path, name), "not implemented for upstream connections yet");
+            errs.push(
+                join(path, name),
+                "not implemented for upstream connections yet",
+            );
         }
     }
 }
 
-fn locality(le: &e::LocalityLbEndpoints, path: &str, discovery: Discovery) -> Result<LocalityEndpoints, ConfigErrors> {
+fn locality(
+    le: &e::LocalityLbEndpoints,
+    path: &str,
+    discovery: Discovery,
+) -> Result<LocalityEndpoints, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let mut endpoints = Vec::new();
     for (i, lbe) in le.lb_endpoints.iter().enumerate() {
@@ -249,7 +329,10 @@ fn locality(le: &e::LocalityLbEndpoints, path: &str, discovery: Discovery) -> Re
         let ep = match &lbe.host_identifier {
             Some(e::lb_endpoint::HostIdentifier::Endpoint(ep)) => ep,
             Some(_) => {
-                errs.push(join(&p, "endpoint_name"), "named endpoints are not implemented");
+                errs.push(
+                    join(&p, "endpoint_name"),
+                    "named endpoints are not implemented",
+                );
                 continue;
             }
             None => {
@@ -268,7 +351,9 @@ fn locality(le: &e::LocalityLbEndpoints, path: &str, discovery: Discovery) -> Re
                 };
                 match sa.address.parse::<std::net::IpAddr>() {
                     Ok(ip) => EndpointAddress::Ip(std::net::SocketAddr::new(ip, port)),
-                    Err(_) if discovery != Discovery::Static => EndpointAddress::Dns(sa.address.clone(), port),
+                    Err(_) if discovery != Discovery::Static => {
+                        EndpointAddress::Dns(sa.address.clone(), port)
+                    }
                     Err(_) => {
                         errs.push(
                             join(&p, "endpoint.address.socket_address.address"),
@@ -291,7 +376,11 @@ fn locality(le: &e::LocalityLbEndpoints, path: &str, discovery: Discovery) -> Re
             5 => HealthStatus::Degraded,
             _ => HealthStatus::Unknown,
         };
-        let weight = lbe.load_balancing_weight.as_ref().map(|v| v.value).unwrap_or(1);
+        let weight = lbe
+            .load_balancing_weight
+            .as_ref()
+            .map(|v| v.value)
+            .unwrap_or(1);
         if weight == 0 {
             errs.push(join(&p, "load_balancing_weight"), "must be at least 1");
         }

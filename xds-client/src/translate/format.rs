@@ -49,7 +49,11 @@ fn find_op_end(s: &str) -> Option<usize> {
 fn parse_operator(op: &str) -> Result<Operator, String> {
     // NAME, NAME(args), NAME(args):len, NAME:len
     let (head, max_len) = match op.rfind(':') {
-        Some(i) if op[i + 1..].bytes().all(|b| b.is_ascii_digit()) && i + 1 < op.len() && !op[i..].contains(')') => {
+        Some(i)
+            if op[i + 1..].bytes().all(|b| b.is_ascii_digit())
+                && i + 1 < op.len()
+                && !op[i..].contains(')') =>
+        {
             let n = op[i + 1..]
                 .parse::<usize>()
                 .map_err(|_| format!("bad length in %{op}%"))?;
@@ -74,10 +78,12 @@ fn parse_operator(op: &str) -> Result<Operator, String> {
             Some((m, alt)) => (m, Some(alt)),
             None => (a, None),
         };
-        let k = HeaderKey::parse(main).ok_or_else(|| format!("invalid header name {main:?} in %{op}%"))?;
+        let k = HeaderKey::parse(main)
+            .ok_or_else(|| format!("invalid header name {main:?} in %{op}%"))?;
         let alt = match alt {
             Some(a) => Some(
-                HeaderKey::parse(a).ok_or_else(|| format!("invalid header name {a:?} in %{op}%"))?,
+                HeaderKey::parse(a)
+                    .ok_or_else(|| format!("invalid header name {a:?} in %{op}%"))?,
             ),
             None => None,
         };
@@ -119,16 +125,22 @@ fn parse_operator(op: &str) -> Result<Operator, String> {
         "UPSTREAM_CLUSTER" => no_args(Command::UpstreamCluster)?,
         "UPSTREAM_LOCAL_ADDRESS" => no_args(Command::UpstreamLocalAddress)?,
         "UPSTREAM_REMOTE_ADDRESS" => no_args(Command::UpstreamRemoteAddress)?,
-        "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => no_args(Command::UpstreamRemoteAddressWithoutPort)?,
+        "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => {
+            no_args(Command::UpstreamRemoteAddressWithoutPort)?
+        }
         "UPSTREAM_TRANSPORT_FAILURE_REASON" => no_args(Command::UpstreamTransportFailureReason)?,
         "DOWNSTREAM_REMOTE_ADDRESS" => no_args(Command::DownstreamRemoteAddress)?,
-        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => no_args(Command::DownstreamRemoteAddressWithoutPort)?,
+        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => {
+            no_args(Command::DownstreamRemoteAddressWithoutPort)?
+        }
         "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => no_args(Command::DownstreamDirectRemoteAddress)?,
         "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
             no_args(Command::DownstreamDirectRemoteAddressWithoutPort)?
         }
         "DOWNSTREAM_LOCAL_ADDRESS" => no_args(Command::DownstreamLocalAddress)?,
-        "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => no_args(Command::DownstreamLocalAddressWithoutPort)?,
+        "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => {
+            no_args(Command::DownstreamLocalAddressWithoutPort)?
+        }
         "DOWNSTREAM_LOCAL_PORT" => no_args(Command::DownstreamLocalPort)?,
         "REQUESTED_SERVER_NAME" => no_args(Command::RequestedServerName)?,
         "ROUTE_NAME" => no_args(Command::RouteName)?,
@@ -140,7 +152,8 @@ fn parse_operator(op: &str) -> Result<Operator, String> {
         "ENVIRONMENT" => Command::Environment(need_args(args, name)?.to_owned()),
         "UPSTREAM_METADATA" | "DYNAMIC_METADATA" => {
             let a = need_args(args, name)?;
-            let (ns, keys) = parse_metadata_args(a).ok_or_else(|| format!("invalid arguments in %{op}%"))?;
+            let (ns, keys) =
+                parse_metadata_args(a).ok_or_else(|| format!("invalid arguments in %{op}%"))?;
             if name == "UPSTREAM_METADATA" {
                 Command::UpstreamMetadata(ns, keys)
             } else {
@@ -175,7 +188,11 @@ mod tests {
     #[test]
     fn parses_default_format() {
         let f = parse_format(DEFAULT_ACCESS_LOG_FORMAT).expect("default parses");
-        let ops = f.parts.iter().filter(|p| matches!(p, FormatPart::Op(_))).count();
+        let ops = f
+            .parts
+            .iter()
+            .filter(|p| matches!(p, FormatPart::Op(_)))
+            .count();
         assert_eq!(ops, 15);
     }
 
@@ -184,11 +201,17 @@ mod tests {
         let f = parse_format("100%% %REQ(x-a?x-b):3% %START_TIME(%s)%").expect("parses");
         assert_eq!(f.parts[0], FormatPart::Literal("100% ".into()));
         match &f.parts[1] {
-            FormatPart::Op(Operator { cmd: Command::Req(_, Some(_)), max_len: Some(3) }) => {}
+            FormatPart::Op(Operator {
+                cmd: Command::Req(_, Some(_)),
+                max_len: Some(3),
+            }) => {}
             other => panic!("{other:?}"),
         }
         match &f.parts[3] {
-            FormatPart::Op(Operator { cmd: Command::StartTime(Some(s)), .. }) => assert_eq!(s, "%s"),
+            FormatPart::Op(Operator {
+                cmd: Command::StartTime(Some(s)),
+                ..
+            }) => assert_eq!(s, "%s"),
             other => panic!("{other:?}"),
         }
     }
@@ -202,8 +225,13 @@ mod tests {
 
     #[test]
     fn metadata_args() {
-        let f = parse_format("%UPSTREAM_METADATA([\"ns\", \"k\"])% %DYNAMIC_METADATA(a:b:c)%").expect("ok");
-        assert!(matches!(&f.parts[0], FormatPart::Op(Operator { cmd: Command::UpstreamMetadata(ns, k), .. }) if ns == "ns" && k == &["k"]));
-        assert!(matches!(&f.parts[2], FormatPart::Op(Operator { cmd: Command::DynamicMetadata(ns, k), .. }) if ns == "a" && k.len() == 2));
+        let f = parse_format("%UPSTREAM_METADATA([\"ns\", \"k\"])% %DYNAMIC_METADATA(a:b:c)%")
+            .expect("ok");
+        assert!(
+            matches!(&f.parts[0], FormatPart::Op(Operator { cmd: Command::UpstreamMetadata(ns, k), .. }) if ns == "ns" && k == &["k"])
+        );
+        assert!(
+            matches!(&f.parts[2], FormatPart::Op(Operator { cmd: Command::DynamicMetadata(ns, k), .. }) if ns == "a" && k.len() == 2)
+        );
     }
 }

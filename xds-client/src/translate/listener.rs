@@ -7,7 +7,8 @@ use crate::error::{join, ConfigErrors};
 
 use super::{err, hcm};
 
-const HCM_TYPE: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const HCM_TYPE: &str =
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 
 pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigErrors> {
     let mut errs = ConfigErrors::default();
@@ -18,7 +19,10 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         Some(a) => match super::listen_address(a, &join(path, "address")) {
             Ok(ListenAddress::Socket(s)) => Some(s),
             Ok(ListenAddress::Pipe(_)) => {
-                errs.push(join(path, "address.pipe"), "pipe listeners are not implemented yet");
+                errs.push(
+                    join(path, "address.pipe"),
+                    "pipe listeners are not implemented yet",
+                );
                 None
             }
             Err(e) => {
@@ -32,21 +36,33 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         }
     };
     if proto.bind_to_port.as_ref().is_some_and(|b| !b.value) {
-        errs.push(join(path, "bind_to_port"), "bind_to_port: false is not implemented yet");
+        errs.push(
+            join(path, "bind_to_port"),
+            "bind_to_port: false is not implemented yet",
+        );
     }
     let chain = match (proto.filter_chains.len(), &proto.default_filter_chain) {
         (0, Some(fc)) => Some((fc, join(path, "default_filter_chain"))),
         (1, None) => Some((&proto.filter_chains[0], format!("{path}.filter_chains[0]"))),
         (1, Some(_)) => {
-            errs.push(join(path, "default_filter_chain"), "filter-chain selection (several chains) is not implemented yet");
+            errs.push(
+                join(path, "default_filter_chain"),
+                "filter-chain selection (several chains) is not implemented yet",
+            );
             None
         }
         (0, None) => {
-            errs.push(join(path, "filter_chains"), "a listener needs a filter chain");
+            errs.push(
+                join(path, "filter_chains"),
+                "a listener needs a filter chain",
+            );
             None
         }
         _ => {
-            errs.push(join(path, "filter_chains"), "filter-chain selection (several chains) is not implemented yet");
+            errs.push(
+                join(path, "filter_chains"),
+                "filter-chain selection (several chains) is not implemented yet",
+            );
             None
         }
     };
@@ -85,8 +101,16 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         address,
         stat_prefix,
         socket: SocketOptions {
-            reuse_port: proto.enable_reuse_port.as_ref().map(|b| b.value).unwrap_or(true),
-            backlog: proto.tcp_backlog_size.as_ref().map(|v| v.value).unwrap_or(1024),
+            reuse_port: proto
+                .enable_reuse_port
+                .as_ref()
+                .map(|b| b.value)
+                .unwrap_or(true),
+            backlog: proto
+                .tcp_backlog_size
+                .as_ref()
+                .map(|v| v.value)
+                .unwrap_or(1024),
             raw,
             freebind: proto.freebind.as_ref().map(|b| b.value).unwrap_or(false),
         },
@@ -112,7 +136,12 @@ fn filter_chain(fc: &l::FilterChain, path: &str) -> Result<FilterChain, ConfigEr
     let fpath = format!("{path}.filters[0]");
     let any = match &f.config_type {
         Some(l::filter::ConfigType::TypedConfig(a)) => a,
-        _ => return Err(err(join(&fpath, "typed_config"), "typed_config is required")),
+        _ => {
+            return Err(err(
+                join(&fpath, "typed_config"),
+                "typed_config is required",
+            ))
+        }
     };
     if !any.type_url.ends_with(HCM_TYPE) {
         return Err(err(

@@ -108,7 +108,10 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                     if listeners.iter().any(|x: &Arc<Listener>| x.name == l.name) {
                         errs.push(join(&path, "name"), "duplicate listener name");
                     }
-                    if listeners.iter().any(|x: &Arc<Listener>| x.address == l.address) {
+                    if listeners
+                        .iter()
+                        .any(|x: &Arc<Listener>| x.address == l.address)
+                    {
                         errs.push(join(&path, "address"), "another listener has this address");
                     }
                     listeners.push(Arc::new(l));
@@ -126,7 +129,9 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                 if let RouteKind::Forward(a) = &r.action {
                     let names: Vec<&Name> = match &a.cluster {
                         ClusterSpecifier::Name(n) => vec![n],
-                        ClusterSpecifier::Weighted(w) => w.clusters.iter().map(|c| &c.name).collect(),
+                        ClusterSpecifier::Weighted(w) => {
+                            w.clusters.iter().map(|c| &c.name).collect()
+                        }
                         ClusterSpecifier::Header(_) => vec![],
                     };
                     for n in names {
@@ -174,7 +179,10 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
         let ok = ext
             .typed_config
             .as_ref()
-            .map(|a| a.type_url.ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener"))
+            .map(|a| {
+                a.type_url
+                    .ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener")
+            })
             .unwrap_or(false);
         if !ok {
             errs.push(
@@ -212,15 +220,22 @@ fn stats_matcher(
     Ok(match &m.stats_matcher {
         Some(M::RejectAll(true)) => StatsConfig::None,
         Some(M::RejectAll(false)) | None => StatsConfig::All,
-        Some(M::InclusionList(l)) => StatsConfig::Include(list(l, "stats_config.stats_matcher.inclusion_list")?),
-        Some(M::ExclusionList(l)) => StatsConfig::Exclude(list(l, "stats_config.stats_matcher.exclusion_list")?),
+        Some(M::InclusionList(l)) => {
+            StatsConfig::Include(list(l, "stats_config.stats_matcher.inclusion_list")?)
+        }
+        Some(M::ExclusionList(l)) => {
+            StatsConfig::Exclude(list(l, "stats_config.stats_matcher.exclusion_list")?)
+        }
     })
 }
 
 // === helpers shared by the translate modules ===
 
 /// Decodes an `Any` into the expected message type.
-pub fn decode<M: Message + Default + prost::Name>(any: &pb::Any, path: &str) -> Result<M, ConfigErrors> {
+pub fn decode<M: Message + Default + prost::Name>(
+    any: &pb::Any,
+    path: &str,
+) -> Result<M, ConfigErrors> {
     let want = M::full_name();
     let got = any.type_url.rsplit('/').next().unwrap_or_default();
     if got != want {
@@ -265,7 +280,8 @@ pub fn timeout(
 }
 
 pub fn header_name(s: &str, path: &str) -> Result<HeaderName, ConfigErrors> {
-    HeaderName::from_bytes(s.as_bytes()).map_err(|_| err(path, format!("invalid header name {s:?}")))
+    HeaderName::from_bytes(s.as_bytes())
+        .map_err(|_| err(path, format!("invalid header name {s:?}")))
 }
 
 pub fn string_matcher(
@@ -283,7 +299,10 @@ pub fn string_matcher(
         None => return Err(err(path, "string matcher has no pattern")),
     };
     if m.ignore_case && matches!(kind, StringMatch::Regex(_)) {
-        return Err(err(join(path, "ignore_case"), "ignore_case has no effect on safe_regex (Envoy rejects it)"));
+        return Err(err(
+            join(path, "ignore_case"),
+            "ignore_case has no effect on safe_regex (Envoy rejects it)",
+        ));
     }
     Ok(StringMatcher {
         kind,
@@ -302,7 +321,8 @@ pub fn regex_unanchored(
     r: &crate::api::envoy::r#type::matcher::v3::RegexMatcher,
     path: &str,
 ) -> Result<Pattern, ConfigErrors> {
-    Pattern::unanchored(&r.regex).map_err(|e| err(join(path, "regex"), format!("invalid regex: {e}")))
+    Pattern::unanchored(&r.regex)
+        .map_err(|e| err(join(path, "regex"), format!("invalid regex: {e}")))
 }
 
 /// Converts an Envoy `\1` style substitution into the regex crate's `${1}`.
@@ -338,10 +358,14 @@ pub fn data_source(d: &core::DataSource, path: &str) -> Result<Vec<u8>, ConfigEr
     match &d.specifier {
         Some(S::InlineBytes(b)) => Ok(b.clone()),
         Some(S::InlineString(s)) => Ok(s.as_bytes().to_vec()),
-        Some(S::Filename(f)) => std::fs::read(f).map_err(|e| err(join(path, "filename"), format!("cannot read {f:?}: {e}"))),
-        Some(S::EnvironmentVariable(v)) => std::env::var(v)
-            .map(String::into_bytes)
-            .map_err(|_| err(join(path, "environment_variable"), format!("environment variable {v:?} is not set"))),
+        Some(S::Filename(f)) => std::fs::read(f)
+            .map_err(|e| err(join(path, "filename"), format!("cannot read {f:?}: {e}"))),
+        Some(S::EnvironmentVariable(v)) => std::env::var(v).map(String::into_bytes).map_err(|_| {
+            err(
+                join(path, "environment_variable"),
+                format!("environment variable {v:?} is not set"),
+            )
+        }),
         None => Err(err(path, "data source is empty")),
     }
 }
@@ -350,9 +374,13 @@ pub fn data_source(d: &core::DataSource, path: &str) -> Result<Vec<u8>, ConfigEr
 pub fn listen_address(a: &core::Address, path: &str) -> Result<ListenAddress, ConfigErrors> {
     use core::address::Address as A;
     match &a.address {
-        Some(A::SocketAddress(sa)) => socket_address(sa, &join(path, "socket_address")).map(ListenAddress::Socket),
+        Some(A::SocketAddress(sa)) => {
+            socket_address(sa, &join(path, "socket_address")).map(ListenAddress::Socket)
+        }
         Some(A::Pipe(p)) => Ok(ListenAddress::Pipe(PathBuf::from(&p.path))),
-        Some(A::EnvoyInternalAddress(_)) => Err(err(path, "internal addresses are not implemented yet")),
+        Some(A::EnvoyInternalAddress(_)) => {
+            Err(err(path, "internal addresses are not implemented yet"))
+        }
         None => Err(err(path, "address is empty")),
     }
 }
@@ -362,20 +390,35 @@ pub fn socket_address(sa: &core::SocketAddress, path: &str) -> Result<SocketAddr
     use core::socket_address::PortSpecifier as P;
     let port = match &sa.port_specifier {
         Some(P::PortValue(p)) if *p <= 65535 => *p as u16,
-        Some(P::PortValue(p)) => return Err(err(join(path, "port_value"), format!("port {p} out of range"))),
-        Some(P::NamedPort(_)) => return Err(err(join(path, "named_port"), "named ports are not supported")),
+        Some(P::PortValue(p)) => {
+            return Err(err(
+                join(path, "port_value"),
+                format!("port {p} out of range"),
+            ))
+        }
+        Some(P::NamedPort(_)) => {
+            return Err(err(
+                join(path, "named_port"),
+                "named ports are not supported",
+            ))
+        }
         None => 0,
     };
     if !sa.resolver_name.is_empty() {
-        return Err(err(join(path, "resolver_name"), "custom resolvers are not supported"));
+        return Err(err(
+            join(path, "resolver_name"),
+            "custom resolvers are not supported",
+        ));
     }
     if sa.protocol != 0 {
         return Err(err(join(path, "protocol"), "only TCP is supported"));
     }
-    let ip: IpAddr = sa
-        .address
-        .parse()
-        .map_err(|_| err(join(path, "address"), format!("{:?} is not an IP address", sa.address)))?;
+    let ip: IpAddr = sa.address.parse().map_err(|_| {
+        err(
+            join(path, "address"),
+            format!("{:?} is not an IP address", sa.address),
+        )
+    })?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -423,18 +466,26 @@ fn removable(n: &str, path: &str) -> Result<HeaderName, ConfigErrors> {
     header_name(&n.to_ascii_lowercase(), path)
 }
 
-fn header_add(h: &core::HeaderValueOption, path: &str, request: bool) -> Result<HeaderAdd, ConfigErrors> {
+fn header_add(
+    h: &core::HeaderValueOption,
+    path: &str,
+    request: bool,
+) -> Result<HeaderAdd, ConfigErrors> {
     use core::header_value_option::HeaderAppendAction as A;
     let Some(hv) = &h.header else {
         return Err(err(path, "header is required"));
     };
     let key = hv.key.to_ascii_lowercase();
     if key.starts_with(':') || (request && key == "host") {
-        return Err(err(join(path, "header.key"), format!("{:?} cannot be modified this way", hv.key)));
+        return Err(err(
+            join(path, "header.key"),
+            format!("{:?} cannot be modified this way", hv.key),
+        ));
     }
     let name = header_name(&key, &join(path, "header.key"))?;
     let raw = if !hv.raw_value.is_empty() {
-        String::from_utf8(hv.raw_value.clone()).map_err(|_| err(join(path, "header.raw_value"), "raw_value must be UTF-8"))?
+        String::from_utf8(hv.raw_value.clone())
+            .map_err(|_| err(join(path, "header.raw_value"), "raw_value must be UTF-8"))?
     } else {
         hv.value.clone()
     };
@@ -481,7 +532,9 @@ fn value_to_json(v: &pb::Value) -> serde_json::Value {
         Some(K::StringValue(s)) => serde_json::Value::String(s.clone()),
         Some(K::BoolValue(b)) => serde_json::Value::Bool(*b),
         Some(K::StructValue(s)) => struct_to_json(s),
-        Some(K::ListValue(l)) => serde_json::Value::Array(l.values.iter().map(value_to_json).collect()),
+        Some(K::ListValue(l)) => {
+            serde_json::Value::Array(l.values.iter().map(value_to_json).collect())
+        }
     }
 }
 

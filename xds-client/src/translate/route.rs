@@ -7,7 +7,10 @@ use crate::api::envoy::config::route::v3 as r;
 use crate::config::*;
 use crate::error::{join, ConfigErrors};
 
-use super::{err, header_mutations, header_name, regex_full, regex_unanchored, string_matcher, substitution, timeout};
+use super::{
+    err, header_mutations, header_name, regex_full, regex_unanchored, string_matcher, substitution,
+    timeout,
+};
 
 pub fn route_config(p: &r::RouteConfiguration, path: &str) -> Result<RouteConfig, ConfigErrors> {
     let mut errs = ConfigErrors::default();
@@ -34,7 +37,10 @@ pub fn route_config(p: &r::RouteConfiguration, path: &str) -> Result<RouteConfig
     });
     let mut internal_only = Vec::new();
     for (i, h) in p.internal_only_headers.iter().enumerate() {
-        match header_name(&h.to_ascii_lowercase(), &format!("{path}.internal_only_headers[{i}]")) {
+        match header_name(
+            &h.to_ascii_lowercase(),
+            &format!("{path}.internal_only_headers[{i}]"),
+        ) {
             Ok(h) => internal_only.push(h),
             Err(e) => errs.extend(e),
         }
@@ -50,18 +56,29 @@ pub fn route_config(p: &r::RouteConfiguration, path: &str) -> Result<RouteConfig
         p.most_specific_header_mutations_wins,
         p.ignore_port_in_host_matching,
     )
-    .map_err(|d| err(join(path, "virtual_hosts"), format!("domain {:?} is listed in more than one virtual host", d.0)))
+    .map_err(|d| {
+        err(
+            join(path, "virtual_hosts"),
+            format!("domain {:?} is listed in more than one virtual host", d.0),
+        )
+    })
 }
 
 fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     if p.domains.is_empty() {
-        errs.push(join(path, "domains"), "a virtual host needs at least one domain");
+        errs.push(
+            join(path, "domains"),
+            "a virtual host needs at least one domain",
+        );
     }
     for (i, d) in p.domains.iter().enumerate() {
         let stars = d.matches('*').count();
         if stars > 1 || (stars == 1 && d != "*" && !d.starts_with('*') && !d.ends_with('*')) {
-            errs.push(format!("{path}.domains[{i}]"), format!("invalid wildcard domain {d:?}"));
+            errs.push(
+                format!("{path}.domains[{i}]"),
+                format!("invalid wildcard domain {d:?}"),
+            );
         }
     }
     let mut routes = Vec::new();
@@ -112,7 +129,9 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
 fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let matcher = match &p.r#match {
-        Some(m) => route_match(m, &join(path, "match")).map_err(|e| errs.extend(e)).ok(),
+        Some(m) => route_match(m, &join(path, "match"))
+            .map_err(|e| errs.extend(e))
+            .ok(),
         None => {
             errs.push(join(path, "match"), "match is required");
             None
@@ -127,12 +146,17 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
             .map(|a| RouteKind::Redirect(Arc::new(a)))
             .map_err(|e| errs.extend(e))
             .ok(),
-        Some(r::route::Action::DirectResponse(d)) => direct_response(d, &join(path, "direct_response"))
-            .map(|a| RouteKind::Direct(Arc::new(a)))
-            .map_err(|e| errs.extend(e))
-            .ok(),
+        Some(r::route::Action::DirectResponse(d)) => {
+            direct_response(d, &join(path, "direct_response"))
+                .map(|a| RouteKind::Direct(Arc::new(a)))
+                .map_err(|e| errs.extend(e))
+                .ok()
+        }
         Some(_) => {
-            errs.push(path, "filter_action and non_forwarding_action are not implemented");
+            errs.push(
+                path,
+                "filter_action and non_forwarding_action are not implemented",
+            );
             None
         }
         None => {
@@ -172,13 +196,21 @@ fn route_match(p: &r::RouteMatch, path: &str) -> Result<RouteMatch, ConfigErrors
         },
         Some(P::PathSeparatedPrefix(s)) => {
             if s.contains('?') || s.contains('#') || (s.ends_with('/') && s != "/") {
-                return Err(err(join(path, "path_separated_prefix"), "must not contain ? or # or end in /"));
+                return Err(err(
+                    join(path, "path_separated_prefix"),
+                    "must not contain ? or # or end in /",
+                ));
             }
             PathMatch::SeparatedPrefix(s.clone())
         }
         Some(P::ConnectMatcher(_)) => PathMatch::Connect,
         Some(_) => return Err(err(path, "path_match_policy is not implemented")),
-        None => return Err(err(path, "a path specifier (prefix, path, safe_regex, ...) is required")),
+        None => {
+            return Err(err(
+                path,
+                "a path specifier (prefix, path, safe_regex, ...) is required",
+            ))
+        }
     };
     let mut headers = Vec::new();
     for (i, h) in p.headers.iter().enumerate() {
@@ -201,7 +233,10 @@ fn route_match(p: &r::RouteMatch, path: &str) -> Result<RouteMatch, ConfigErrors
             },
             Some(Q::PresentMatch(true)) => None,
             _ => {
-                errs.push(&qp, "query parameter matcher needs string_match or present_match: true");
+                errs.push(
+                    &qp,
+                    "query parameter matcher needs string_match or present_match: true",
+                );
                 continue;
             }
         };
@@ -227,18 +262,32 @@ fn route_match(p: &r::RouteMatch, path: &str) -> Result<RouteMatch, ConfigErrors
 
 pub fn header_matcher(h: &r::HeaderMatcher, path: &str) -> Result<HeaderMatcher, ConfigErrors> {
     use r::header_matcher::HeaderMatchSpecifier as H;
-    let name = HeaderKey::parse(&h.name)
-        .ok_or_else(|| err(join(path, "name"), format!("invalid header name {:?}", h.name)))?;
-    let s = |kind: StringMatch| HeaderMatch::String(StringMatcher { kind, ignore_case: false });
+    let name = HeaderKey::parse(&h.name).ok_or_else(|| {
+        err(
+            join(path, "name"),
+            format!("invalid header name {:?}", h.name),
+        )
+    })?;
+    let s = |kind: StringMatch| {
+        HeaderMatch::String(StringMatcher {
+            kind,
+            ignore_case: false,
+        })
+    };
     let kind = match &h.header_match_specifier {
         Some(H::ExactMatch(v)) => s(StringMatch::Exact(v.clone())),
         Some(H::PrefixMatch(v)) => s(StringMatch::Prefix(v.clone())),
         Some(H::SuffixMatch(v)) => s(StringMatch::Suffix(v.clone())),
         Some(H::ContainsMatch(v)) => s(StringMatch::Contains(v.clone())),
-        Some(H::SafeRegexMatch(re)) => s(StringMatch::Regex(regex_full(re, &join(path, "safe_regex_match"))?)),
+        Some(H::SafeRegexMatch(re)) => s(StringMatch::Regex(regex_full(
+            re,
+            &join(path, "safe_regex_match"),
+        )?)),
         Some(H::RangeMatch(rg)) => HeaderMatch::Range(rg.start, rg.end),
         Some(H::PresentMatch(p)) => HeaderMatch::Present(*p),
-        Some(H::StringMatch(sm)) => HeaderMatch::String(string_matcher(sm, &join(path, "string_match"))?),
+        Some(H::StringMatch(sm)) => {
+            HeaderMatch::String(string_matcher(sm, &join(path, "string_match"))?)
+        }
         // No specifier: the header must be present (Envoy's default).
         None => HeaderMatch::Present(true),
     };
@@ -255,16 +304,21 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
     let mut errs = ConfigErrors::default();
     let cluster = match &p.cluster_specifier {
         Some(C::Cluster(c)) if !c.is_empty() => Some(ClusterSpecifier::Name(c.as_str().into())),
-        Some(C::ClusterHeader(h)) => header_name(&h.to_ascii_lowercase(), &join(path, "cluster_header"))
-            .map(ClusterSpecifier::Header)
-            .map_err(|e| errs.extend(e))
-            .ok(),
+        Some(C::ClusterHeader(h)) => {
+            header_name(&h.to_ascii_lowercase(), &join(path, "cluster_header"))
+                .map(ClusterSpecifier::Header)
+                .map_err(|e| errs.extend(e))
+                .ok()
+        }
         Some(C::WeightedClusters(w)) => weighted(w, &join(path, "weighted_clusters"))
             .map(ClusterSpecifier::Weighted)
             .map_err(|e| errs.extend(e))
             .ok(),
         _ => {
-            errs.push(path, "a route action needs cluster, cluster_header or weighted_clusters");
+            errs.push(
+                path,
+                "a route action needs cluster, cluster_header or weighted_clusters",
+            );
             None
         }
     };
@@ -289,30 +343,40 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         None => None,
     };
     if !p.prefix_rewrite.is_empty() && regex_rewrite.is_some() {
-        errs.push(path, "prefix_rewrite and regex_rewrite are mutually exclusive");
+        errs.push(
+            path,
+            "prefix_rewrite and regex_rewrite are mutually exclusive",
+        );
     }
     let host_rewrite = match &p.host_rewrite_specifier {
         None => HostRewrite::None,
         Some(H::HostRewriteLiteral(s)) => HostRewrite::Literal(s.clone()),
         Some(H::AutoHostRewrite(b)) if b.value => HostRewrite::Auto,
         Some(H::AutoHostRewrite(_)) => HostRewrite::None,
-        Some(H::HostRewriteHeader(h)) => match header_name(&h.to_ascii_lowercase(), &join(path, "host_rewrite_header")) {
-            Ok(h) => HostRewrite::Header(h),
-            Err(e) => {
-                errs.extend(e);
-                HostRewrite::None
-            }
-        },
-        Some(H::HostRewritePathRegex(rr)) => match rr.pattern.as_ref() {
-            Some(pat) => match regex_unanchored(pat, &join(path, "host_rewrite_path_regex.pattern")) {
-                Ok(re) => HostRewrite::PathRegex(re, substitution(&rr.substitution)),
+        Some(H::HostRewriteHeader(h)) => {
+            match header_name(&h.to_ascii_lowercase(), &join(path, "host_rewrite_header")) {
+                Ok(h) => HostRewrite::Header(h),
                 Err(e) => {
                     errs.extend(e);
                     HostRewrite::None
                 }
-            },
+            }
+        }
+        Some(H::HostRewritePathRegex(rr)) => match rr.pattern.as_ref() {
+            Some(pat) => {
+                match regex_unanchored(pat, &join(path, "host_rewrite_path_regex.pattern")) {
+                    Ok(re) => HostRewrite::PathRegex(re, substitution(&rr.substitution)),
+                    Err(e) => {
+                        errs.extend(e);
+                        HostRewrite::None
+                    }
+                }
+            }
             None => {
-                errs.push(join(path, "host_rewrite_path_regex.pattern"), "pattern is required");
+                errs.push(
+                    join(path, "host_rewrite_path_regex.pattern"),
+                    "pattern is required",
+                );
                 HostRewrite::None
             }
         },
@@ -324,14 +388,34 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
     fn t(errs: &mut ConfigErrors, r: Result<Option<Duration>, ConfigErrors>) -> Option<Duration> {
         r.map_err(|e| errs.extend(e)).ok().flatten()
     }
-    let timeout_v = t(&mut errs, timeout(p.timeout.as_ref(), Some(Duration::from_secs(15)), &join(path, "timeout")));
-    let idle_timeout = t(&mut errs, timeout(p.idle_timeout.as_ref(), None, &join(path, "idle_timeout")));
+    let timeout_v = t(
+        &mut errs,
+        timeout(
+            p.timeout.as_ref(),
+            Some(Duration::from_secs(15)),
+            &join(path, "timeout"),
+        ),
+    );
+    let idle_timeout = t(
+        &mut errs,
+        timeout(p.idle_timeout.as_ref(), None, &join(path, "idle_timeout")),
+    );
     let (max_stream_duration, grpc_timeout_header_max) = match &p.max_stream_duration {
         Some(m) => {
             if m.grpc_timeout_header_offset.is_some() {
-                errs.push(join(path, "max_stream_duration.grpc_timeout_header_offset"), "not implemented");
+                errs.push(
+                    join(path, "max_stream_duration.grpc_timeout_header_offset"),
+                    "not implemented",
+                );
             }
-            let msd = t(&mut errs, timeout(m.max_stream_duration.as_ref(), None, &join(path, "max_stream_duration.max_stream_duration")));
+            let msd = t(
+                &mut errs,
+                timeout(
+                    m.max_stream_duration.as_ref(),
+                    None,
+                    &join(path, "max_stream_duration.max_stream_duration"),
+                ),
+            );
             let ghm = m
                 .grpc_timeout_header_max
                 .as_ref()
@@ -353,7 +437,12 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
     let upgrades = p
         .upgrade_configs
         .iter()
-        .map(|u| (u.upgrade_type.to_ascii_lowercase(), u.enabled.as_ref().map(|b| b.value).unwrap_or(true)))
+        .map(|u| {
+            (
+                u.upgrade_type.to_ascii_lowercase(),
+                u.enabled.as_ref().map(|b| b.value).unwrap_or(true),
+            )
+        })
         .collect();
     if !errs.is_empty() {
         return Err(errs);
@@ -380,7 +469,10 @@ fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, Conf
     for (i, c) in w.clusters.iter().enumerate() {
         let cp = format!("{path}.clusters[{i}]");
         if c.name.is_empty() {
-            errs.push(join(&cp, "name"), "cluster_header in weighted clusters is not implemented; name is required");
+            errs.push(
+                join(&cp, "name"),
+                "cluster_header in weighted clusters is not implemented; name is required",
+            );
             continue;
         }
         let headers = header_mutations(
@@ -395,7 +487,9 @@ fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, Conf
             HeaderMutations::default()
         });
         let host_rewrite = match &c.host_rewrite_specifier {
-            Some(r::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(s)) => Some(s.clone()),
+            Some(
+                r::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(s),
+            ) => Some(s.clone()),
             None => None,
         };
         clusters.push(WeightedCluster {
@@ -412,14 +506,23 @@ fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, Conf
     let total = match &w.total_weight {
         Some(t) => {
             if u64::from(t.value) != sum {
-                errs.push(join(path, "total_weight"), format!("total_weight {} does not equal the sum of weights {sum}", t.value));
+                errs.push(
+                    join(path, "total_weight"),
+                    format!(
+                        "total_weight {} does not equal the sum of weights {sum}",
+                        t.value
+                    ),
+                );
             }
             u64::from(t.value)
         }
         None => sum,
     };
     if total == 0 && errs.is_empty() {
-        errs.push(join(path, "clusters"), "the sum of weights must be greater than 0");
+        errs.push(
+            join(path, "clusters"),
+            "the sum of weights must be greater than 0",
+        );
     }
     errs.into_result(WeightedClusters { clusters, total })
 }
@@ -427,26 +530,46 @@ fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, Conf
 pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let retry_on = RetryOn::parse(&p.retry_on).unwrap_or_else(|bad| {
-        errs.push(join(path, "retry_on"), format!("unknown retry condition {bad:?}"));
+        errs.push(
+            join(path, "retry_on"),
+            format!("unknown retry condition {bad:?}"),
+        );
         RetryOn::default()
     });
     let mut previous_hosts = false;
     for (i, pr) in p.retry_host_predicate.iter().enumerate() {
         let url = match &pr.config_type {
-            Some(r::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+            Some(r::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a)) => {
+                a.type_url.as_str()
+            }
             None => "",
         };
-        if pr.name == "envoy.retry_host_predicates.previous_hosts" || url.ends_with("PreviousHostsPredicate") {
+        if pr.name == "envoy.retry_host_predicates.previous_hosts"
+            || url.ends_with("PreviousHostsPredicate")
+        {
             previous_hosts = true;
         } else {
-            errs.push(format!("{path}.retry_host_predicate[{i}]"), format!("retry host predicate {:?} is not implemented", pr.name));
+            errs.push(
+                format!("{path}.retry_host_predicate[{i}]"),
+                format!("retry host predicate {:?} is not implemented", pr.name),
+            );
         }
     }
-    let per_try_timeout = timeout(p.per_try_timeout.as_ref(), None, &join(path, "per_try_timeout")).unwrap_or_else(|e| {
+    let per_try_timeout = timeout(
+        p.per_try_timeout.as_ref(),
+        None,
+        &join(path, "per_try_timeout"),
+    )
+    .unwrap_or_else(|e| {
         errs.extend(e);
         None
     });
-    let per_try_idle_timeout = timeout(p.per_try_idle_timeout.as_ref(), None, &join(path, "per_try_idle_timeout")).unwrap_or_else(|e| {
+    let per_try_idle_timeout = timeout(
+        p.per_try_idle_timeout.as_ref(),
+        None,
+        &join(path, "per_try_idle_timeout"),
+    )
+    .unwrap_or_else(|e| {
         errs.extend(e);
         None
     });
@@ -455,16 +578,25 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
         if let Some(d) = &b.base_interval {
             match super::duration(d, &join(path, "retry_back_off.base_interval")) {
                 Ok(d) if d >= Duration::from_millis(1) => base = d,
-                Ok(_) => errs.push(join(path, "retry_back_off.base_interval"), "must be at least 1ms"),
+                Ok(_) => errs.push(
+                    join(path, "retry_back_off.base_interval"),
+                    "must be at least 1ms",
+                ),
                 Err(e) => errs.extend(e),
             }
         } else {
-            errs.push(join(path, "retry_back_off.base_interval"), "base_interval is required");
+            errs.push(
+                join(path, "retry_back_off.base_interval"),
+                "base_interval is required",
+            );
         }
         if let Some(d) = &b.max_interval {
             match super::duration(d, &join(path, "retry_back_off.max_interval")) {
                 Ok(d) if d >= base => max = Some(d),
-                Ok(_) => errs.push(join(path, "retry_back_off.max_interval"), "must not be less than base_interval"),
+                Ok(_) => errs.push(
+                    join(path, "retry_back_off.max_interval"),
+                    "must not be less than base_interval",
+                ),
                 Err(e) => errs.extend(e),
             }
         }
@@ -473,7 +605,10 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
     for c in &p.retriable_status_codes {
         match u16::try_from(*c) {
             Ok(c) if (100..600).contains(&c) => codes.push(c),
-            _ => errs.push(join(path, "retriable_status_codes"), format!("{c} is not an HTTP status")),
+            _ => errs.push(
+                join(path, "retriable_status_codes"),
+                format!("{c} is not an HTTP status"),
+            ),
         }
     }
     errs.into_result(RetryPolicy {
@@ -501,8 +636,14 @@ fn redirect(p: &r::RedirectAction, path: &str) -> Result<Redirect, ConfigErrors>
         Some(P::PathRedirect(s)) => RedirectPath::Path(s.clone()),
         Some(P::PrefixRewrite(s)) => RedirectPath::Prefix(s.clone()),
         Some(P::RegexRewrite(rr)) => {
-            let pat = rr.pattern.as_ref().ok_or_else(|| err(join(path, "regex_rewrite.pattern"), "pattern is required"))?;
-            RedirectPath::Regex(regex_unanchored(pat, &join(path, "regex_rewrite.pattern"))?, substitution(&rr.substitution))
+            let pat = rr
+                .pattern
+                .as_ref()
+                .ok_or_else(|| err(join(path, "regex_rewrite.pattern"), "pattern is required"))?;
+            RedirectPath::Regex(
+                regex_unanchored(pat, &join(path, "regex_rewrite.pattern"))?,
+                substitution(&rr.substitution),
+            )
         }
         Some(_) => return Err(err(path, "path_rewrite extensions are not implemented")),
     };
@@ -512,7 +653,12 @@ fn redirect(p: &r::RedirectAction, path: &str) -> Result<Redirect, ConfigErrors>
         2 => 303,
         3 => 307,
         4 => 308,
-        other => return Err(err(join(path, "response_code"), format!("unknown response code {other}"))),
+        other => {
+            return Err(err(
+                join(path, "response_code"),
+                format!("unknown response code {other}"),
+            ))
+        }
     };
     let port = match p.port_redirect {
         0 => None,
@@ -529,15 +675,29 @@ fn redirect(p: &r::RedirectAction, path: &str) -> Result<Redirect, ConfigErrors>
     })
 }
 
-fn direct_response(p: &r::DirectResponseAction, path: &str) -> Result<DirectResponse, ConfigErrors> {
+fn direct_response(
+    p: &r::DirectResponseAction,
+    path: &str,
+) -> Result<DirectResponse, ConfigErrors> {
     if !(200..600).contains(&p.status) {
-        return Err(err(join(path, "status"), format!("status {} must be in [200, 600)", p.status)));
+        return Err(err(
+            join(path, "status"),
+            format!("status {} must be in [200, 600)", p.status),
+        ));
     }
     let body = match &p.body {
         Some(d) => {
             let b = super::data_source(d, &join(path, "body"))?;
-            if b.len() > 4096 && matches!(d.specifier, Some(crate::api::envoy::config::core::v3::data_source::Specifier::Filename(_))) {
-                return Err(err(join(path, "body"), "a direct response body from a file is limited to 4096 bytes (as Envoy)"));
+            if b.len() > 4096
+                && matches!(
+                    d.specifier,
+                    Some(crate::api::envoy::config::core::v3::data_source::Specifier::Filename(_))
+                )
+            {
+                return Err(err(
+                    join(path, "body"),
+                    "a direct response body from a file is limited to 4096 bytes (as Envoy)",
+                ));
             }
             Some(Bytes::from(b))
         }
