@@ -21,7 +21,10 @@ pub enum Outcome {
     Closed { partial: String },
     /// Nothing conclusive within the read timeout.
     Timeout { partial: String },
-    /// The client itself failed (connect error, ...).
+    /// The peer answered with HTTP/2 frames (it took the bytes for an
+    /// HTTP/2 connection preface).
+    Http2Frames,
+    /// The client itself failed (connect error, unparseable answer, ...).
     Error(String),
 }
 
@@ -114,6 +117,7 @@ fn parse_http1_response(buf: &[u8], head: bool, eof: bool) -> Option<Outcome> {
                 partial: lossy(buf),
             });
         }
+        Err(_) if looks_like_http2(buf) => return Some(Outcome::Http2Frames),
         Err(e) => {
             return Some(Outcome::Error(format!(
                 "unparseable response ({e}): {}",
@@ -174,6 +178,12 @@ fn parse_http1_response(buf: &[u8], head: bool, eof: bool) -> Option<Outcome> {
     } else {
         None
     }
+}
+
+/// An HTTP/2 frame header for a SETTINGS frame on stream 0: what a server
+/// sends first after an HTTP/2 connection preface.
+fn looks_like_http2(buf: &[u8]) -> bool {
+    buf.len() >= 9 && buf[3] == 0x4 && buf[5..9] == [0, 0, 0, 0]
 }
 
 /// Decodes a complete chunked body; `None` if incomplete or malformed.

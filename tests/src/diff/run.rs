@@ -256,7 +256,11 @@ pub async fn run(corpus: &Corpus, opts: &Options) -> Report {
     }
     let mut report = Report {
         reference: reference.name(),
-        candidate: opts.candidate.name(),
+        candidate: if opts.candidate == reference {
+            "envoy2"
+        } else {
+            opts.candidate.name()
+        },
         ..Report::default()
     };
     for t in tasks {

@@ -34,7 +34,8 @@ pub fn render(text: &str, vars: &Vars) -> anyhow::Result<String> {
         let end = after
             .find("}}")
             .ok_or_else(|| anyhow!("unterminated {{{{ in {:?}", &rest[start..]))?;
-        let expr = after[..end].trim();
+        // The REPEAT text is taken verbatim (it may end in "\r\n").
+        let expr = after[..end].trim_start();
         if let Some(args) = expr.strip_prefix("REPEAT ") {
             let (n, what) = args
                 .split_once(' ')
@@ -45,6 +46,7 @@ pub fn render(text: &str, vars: &Vars) -> anyhow::Result<String> {
             }
             out.push_str(&what.repeat(n));
         } else {
+            let expr = expr.trim_end();
             let v = vars
                 .get(expr)
                 .ok_or_else(|| anyhow!("unknown placeholder {{{{{expr}}}}}"))?;

@@ -1,7 +1,8 @@
 //! Flattening and normalising an [`Outcome`] into comparable fields.
 //!
 //! Field names:
-//! - `outcome`: `response`, `closed`, `timeout` or `error: ...`
+//! - `outcome`: `response`, `closed`, `timeout`, `http2 frames` or
+//!   `error: ...`
 //! - `status`
 //! - `header.<name>`: response header values joined with ` | `, in order
 //! - `body`: the body, when it is not an echo upstream's JSON
@@ -15,6 +16,9 @@
 //!   own `x-echo-id` becomes `<echo-id>`.
 //! - The proxy's own listener and admin ports become `{{LISTENER_PORT}}` /
 //!   `{{ADMIN_PORT}}` wherever they appear as a whole number.
+//! - On a retried request (`seen > 1`) the upstream's
+//!   `x-envoy-expected-rq-timeout-ms` becomes `<time left on retry>`: it is
+//!   the remaining budget, which depends on scheduling.
 //! - The `content-length` of an echo JSON body becomes `<body length>` when
 //!   it is right (the JSON itself is compared field by field).
 use std::collections::BTreeMap;
@@ -128,6 +132,10 @@ pub fn flatten(outcome: &Outcome, masks: &Masks) -> FlatView {
             out.insert("outcome".into(), "timeout".into());
             return out;
         }
+        Outcome::Http2Frames => {
+            out.insert("outcome".into(), "http2 frames".into());
+            return out;
+        }
         Outcome::Error(e) => {
             out.insert("outcome".into(), format!("error: {}", masks.apply(e)));
             return out;
@@ -167,6 +175,14 @@ pub fn flatten(outcome: &Outcome, masks: &Masks) -> FlatView {
                 v.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 masks,
             );
+            // A retry carries the time left, which depends on scheduling.
+            if v.seen > 1 {
+                if let Some(t) = out.get_mut("upstream.header.x-envoy-expected-rq-timeout-ms") {
+                    if t.parse::<u64>().is_ok() {
+                        *t = "<time left on retry>".into();
+                    }
+                }
+            }
         }
         None => {
             out.insert(
