@@ -22,20 +22,26 @@ pub fn pool() -> &'static DescriptorPool {
     POOL.get_or_init(|| {
         let mut pool = DescriptorPool::decode(ENVOY_DESCRIPTORS)
             .expect("envoy-types ships a valid descriptor set");
-        if pool.get_message_by_name(UDPA_TYPED_STRUCT).is_none() {
-            pool.add_file_descriptor_proto(udpa_typed_struct_file())
-                .expect("udpa TypedStruct descriptor is valid");
+        for (name, file, package) in [
+            (UDPA_TYPED_STRUCT, "udpa/type/v1/typed_struct.proto", "udpa.type.v1"),
+            (XDS_TYPED_STRUCT, "xds/type/v3/typed_struct.proto", "xds.type.v3"),
+        ] {
+            if pool.get_message_by_name(name).is_none() {
+                pool.add_file_descriptor_proto(typed_struct_file(file, package))
+                    .expect("TypedStruct descriptor is valid");
+            }
         }
         pool
     })
 }
 
 /// `udpa.type.v1.TypedStruct`: the legacy spelling of `xds.type.v3.TypedStruct`.
+/// Neither is in envoy-types' descriptor set, so both are built here.
 pub const UDPA_TYPED_STRUCT: &str = "udpa.type.v1.TypedStruct";
 /// `xds.type.v3.TypedStruct`.
 pub const XDS_TYPED_STRUCT: &str = "xds.type.v3.TypedStruct";
 
-fn udpa_typed_struct_file() -> FileDescriptorProto {
+fn typed_struct_file(file: &str, package: &str) -> FileDescriptorProto {
     let field = |name: &str, number: i32, ty: Type, type_name: Option<&str>| FieldDescriptorProto {
         name: Some(name.into()),
         number: Some(number),
@@ -46,8 +52,8 @@ fn udpa_typed_struct_file() -> FileDescriptorProto {
         ..Default::default()
     };
     FileDescriptorProto {
-        name: Some("udpa/type/v1/typed_struct.proto".into()),
-        package: Some("udpa.type.v1".into()),
+        name: Some(file.into()),
+        package: Some(package.into()),
         dependency: vec!["google/protobuf/struct.proto".into()],
         message_type: vec![DescriptorProto {
             name: Some("TypedStruct".into()),
