@@ -449,3 +449,125 @@ fn invalid_config_names_every_field() {
         "{text}"
     );
 }
+
+/// A raw upstream that accepts one websocket upgrade and echoes bytes.
+async fn ws_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+                    .await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_is_spliced_and_unconfigured_upgrade_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = ws_upstream().await;
+    let routes = r#"            - name: main
+              domains: ["*"]
+              routes:
+              - match: {prefix: /}
+                route: {cluster: ws}
+"#;
+    let upgrades = "          upgrade_configs: [{upgrade_type: websocket}]\n";
+    let w = Weir::start(&config(routes, &cluster("ws", up.port(), ""), upgrades));
+    let mut s = tokio::net::TcpStream::connect(w.addr())
+        .await
+        .expect("connect");
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.expect("read head");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"ping-bytes").await.expect("write");
+    let mut got = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(&got, b"ping-bytes");
+
+    // Without upgrade_configs the upgrade is refused.
+    let w2 = Weir::start(&config(routes, &cluster("ws", up.port(), ""), ""));
+    let (st, _, _) = get(
+        &client(),
+        format!("http://{}/chat", w2.addr()),
+        &[("upgrade", "websocket"), ("connection", "upgrade")],
+    )
+    .await;
+    assert_eq!(st, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_gets_authority_and_max_requests_per_connection() {
+    let up = upstream::http2("b").await.expect("upstream");
+    let h1up = upstream::http1("a").await.expect("upstream");
+    let routes = r#"            - name: main
+              domains: ["*"]
+              routes:
+              - match: {prefix: /b}
+                route: {cluster: b}
+              - match: {prefix: /}
+                route: {cluster: a}
+"#;
+    let h2opts = "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n";
+    let h1opts = "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        common_http_protocol_options: {max_requests_per_connection: 2}\n        explicit_http_config: {http_protocol_options: {}}\n";
+    let clusters = format!(
+        "{}{}",
+        cluster("b", up.port(), h2opts),
+        cluster("a", h1up.port(), h1opts)
+    );
+    let w = Weir::start(&config(routes, &clusters, ""));
+    let c = client();
+    let (s, _, b) = get(
+        &c,
+        format!("http://{}/b", w.addr()),
+        &[("host", "svc.example")],
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v = echo_view(&b);
+    assert_eq!(v.authority, "svc.example");
+    for _ in 0..6 {
+        assert_eq!(get(&c, format!("http://{}/a", w.addr()), &[]).await.0, 200);
+    }
+    // 6 sequential requests, at most 2 per connection: at least 3 connections.
+    assert!(
+        w.stat("cluster.a.upstream_cx_total").unwrap_or(0) >= 3,
+        "{:?}",
+        w.stat("cluster.a.upstream_cx_total")
+    );
+}

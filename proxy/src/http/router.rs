@@ -40,6 +40,9 @@ pub struct Forward<'a> {
     pub include_attempt_count: bool,
     pub suppress_envoy_headers: bool,
     pub downstream_h2: bool,
+    /// An accepted upgrade (e.g. websocket): the `upgrade` header value and
+    /// the downstream connection's upgrade future.
+    pub upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
 }
 
 /// The cluster a request goes to, resolved before header mutations run.
@@ -207,7 +210,7 @@ fn retriable_reset(p: &RetryPolicy) -> bool {
 
 /// Forwards the request upstream with retries and timeouts.
 pub async fn forward(
-    f: Forward<'_>,
+    mut f: Forward<'_>,
     target: Target,
     mut parts: http::request::Parts,
     body: Incoming,
@@ -242,7 +245,19 @@ pub async fn forward(
             );
         }
     }
-    let max_attempts = 1 + retry.as_ref().map(|r| r.num_retries).unwrap_or(0);
+    let upgrade = f.upgrade.take();
+    if let Some((kind, _)) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, kind.clone());
+    }
+    // Upgrades are not retried (their body is a byte stream).
+    let max_attempts = if upgrade.is_some() {
+        1
+    } else {
+        1 + retry.as_ref().map(|r| r.num_retries).unwrap_or(0)
+    };
     // Buffer small bodies so the request can be replayed on retry.
     let mut replay: Option<bytes::Bytes> = None;
     let mut stream_body = Some(body);
@@ -268,7 +283,11 @@ pub async fn forward(
         }
     }
     let deadline = global.map(|g| Instant::now() + g);
-    let kind = cluster.pool_kind(f.downstream_h2);
+    let kind = if upgrade.is_some() {
+        PoolKind::Http1
+    } else {
+        cluster.pool_kind(f.downstream_h2)
+    };
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -331,7 +350,7 @@ pub async fn forward(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let client = cluster.pool(kind);
-        let fut = client.request(req);
+        let fut = client.request(host.addr, req);
         let res = match try_timeout {
             Some(t) => tokio::time::timeout(t, fut).await.ok(),
             None => Some(fut.await),
@@ -342,8 +361,8 @@ pub async fn forward(
         let outcome = match res {
             None => Outcome::Timeout,
             Some(Ok(r)) => Outcome::Response(r),
-            Some(Err(e)) if e.is_connect() => Outcome::ConnectFailure(error_chain(&e)),
-            Some(Err(e)) => Outcome::Reset(error_chain(&e)),
+            Some(Err(e)) if e.is_connect() => Outcome::ConnectFailure(e.to_string()),
+            Some(Err(e)) => Outcome::Reset(e.to_string()),
         };
         let can_retry = attempt < max_attempts;
         let global_left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -388,10 +407,25 @@ pub async fn forward(
         }
         info.upstream_service_time = Some(upstream_start.elapsed());
         return match outcome {
-            Outcome::Response(r) => {
+            Outcome::Response(mut r) => {
                 info.response_code_details = "via_upstream";
+                let switching = r.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                if let (true, Some((_, downstream))) = (switching, upgrade) {
+                    // Splice the two upgraded connections together.
+                    let upstream = hyper::upgrade::on(&mut r);
+                    tokio::spawn(async move {
+                        if let (Ok(d), Ok(u)) = (downstream.await, upstream.await) {
+                            let mut d = hyper_util::rt::TokioIo::new(d);
+                            let mut u = hyper_util::rt::TokioIo::new(u);
+                            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                        }
+                    });
+                }
                 let (mut rp, rb) = r.into_parts();
                 for n in HOP_BY_HOP {
+                    if switching && (*n == "upgrade" || *n == "connection") {
+                        continue;
+                    }
                     rp.headers.remove(*n);
                 }
                 if !f.suppress_envoy_headers {
@@ -434,21 +468,6 @@ pub async fn forward(
     }
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    let mut last = String::new();
-    while let Some(c) = cur {
-        last = c.to_string();
-        cur = c.source();
-    }
-    // "delayed connect error: Connection refused (os error 111)" -> Envoy says "... 111".
-    if let Some(i) = last.find("(os error ") {
-        let code = last[i + 10..].trim_end_matches(')');
-        return format!("delayed connect error: {code}");
-    }
-    last
-}
-
 fn build_request(
     parts: &http::request::Parts,
     host: &Host,
@@ -458,22 +477,34 @@ fn build_request(
     body: Body,
     attempt: Option<u32>,
 ) -> Request<Body> {
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(host.addr.to_string())
-        .path_and_query(path_and_query)
-        .build()
-        .unwrap_or_default();
+    let _ = host;
+    // HTTP/1.1 sends origin-form with a Host header; HTTP/2 carries the
+    // authority as `:authority` (Envoy turns Host into :authority).
+    let uri = match kind {
+        PoolKind::Http1 => path_and_query.parse::<Uri>().ok(),
+        PoolKind::Http2 => Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+            .ok(),
+    }
+    .unwrap_or_default();
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = parts.headers.clone();
-    *req.version_mut() = match kind {
-        PoolKind::Http1 => Version::HTTP_11,
-        PoolKind::Http2 => Version::HTTP_2,
-    };
-    if let Ok(v) = HeaderValue::from_str(authority) {
-        req.headers_mut().insert(header::HOST, v);
+    match kind {
+        PoolKind::Http1 => {
+            *req.version_mut() = Version::HTTP_11;
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        PoolKind::Http2 => {
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().remove(header::HOST);
+        }
     }
     if let Some(a) = attempt {
         req.headers_mut()

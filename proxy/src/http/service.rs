@@ -2,7 +2,7 @@
 //! router, response headers, stats and access logs.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::SystemTime};
 
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use rand::Rng;
 use tokio::time::Instant;
@@ -304,6 +304,22 @@ async fn pipeline(
             resp
         }
         RouteKind::Forward(action) => {
+            // Upgrades (websocket) must be enabled in upgrade_configs, and not
+            // disabled on the route; others are refused as Envoy (403).
+            let upgrade_type = upgrade_request(parts);
+            if let Some(t) = &upgrade_type {
+                let name = t.to_str().unwrap_or("").to_ascii_lowercase();
+                let on_route = action
+                    .upgrades
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, e)| *e);
+                let enabled = on_route.unwrap_or_else(|| h.upgrades.iter().any(|u| *u == name));
+                if !enabled {
+                    info.response_code_details = "upgrade_failed";
+                    return reply(403, "");
+                }
+            }
             let target = match router::select_cluster(&ctx.shared.clusters, action, &parts.headers)
             {
                 Ok(t) => t,
@@ -366,8 +382,17 @@ async fn pipeline(
                 include_attempt_count: vh.include_request_attempt_count,
                 suppress_envoy_headers: ctx.hcm.chain.router.suppress_envoy_headers(),
                 downstream_h2: parts.version == Version::HTTP_2,
+                upgrade: None,
             };
-            let head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
+            let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
+            let upgrade = match upgrade_type {
+                Some(t) => head
+                    .extensions
+                    .remove::<hyper::upgrade::OnUpgrade>()
+                    .map(|u| (t, u)),
+                None => None,
+            };
+            let f = Forward { upgrade, ..f };
             let mut resp = router::forward(f, target, head, body, info).await;
             // Keep the request headers for logging / response formatting.
             if let Some(h) = &info.request_headers {
@@ -411,6 +436,24 @@ async fn pipeline(
         info,
     );
     resp
+}
+
+/// The `upgrade` header of an HTTP/1.1 upgrade request (`connection: upgrade`).
+fn upgrade_request(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let conn_upgrade = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !conn_upgrade {
+        return None;
+    }
+    parts.headers.get(header::UPGRADE).cloned()
 }
 
 /// Builds a redirect's Location as Envoy's RedirectAction does.
@@ -517,10 +560,6 @@ fn finish(
     }
     let status = resp.status();
     info.response_code = status.as_u16();
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        // Upgrades are not proxied yet; never claim one.
-        *resp.status_mut() = StatusCode::BAD_GATEWAY;
-    }
     let logs_on = !ctx.hcm.logs.is_empty();
     if logs_on {
         if info.request_headers.is_none() {

@@ -19,7 +19,7 @@ use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 pub mod dns;
 pub mod pool;
 
-pub use pool::{Client, PoolKind};
+pub use pool::{Client, PoolError, PoolKind};
 
 /// One upstream host.
 #[derive(Debug)]
@@ -174,7 +174,7 @@ pub struct ClusterRuntime {
     pub stats: ClusterStats,
     rr: AtomicUsize,
     /// Connection pools per worker shard and protocol.
-    pools: Box<[[OnceLock<Client>; 2]]>,
+    pools: Box<[[OnceLock<Arc<Client>>; 2]]>,
 }
 
 impl ClusterRuntime {
@@ -247,10 +247,28 @@ impl ClusterRuntime {
     }
 
     /// This worker's pool for `kind`.
-    pub fn pool(&self, kind: PoolKind) -> &Client {
+    pub fn pool(&self, kind: PoolKind) -> &Arc<Client> {
         let shard = crate::stats_shard();
         let slot = &self.pools[shard % self.pools.len()][kind as usize];
-        slot.get_or_init(|| pool::build(&self.config, kind, &self.stats))
+        slot.get_or_init(|| {
+            let pool = Arc::new(pool::build(&self.config, kind, &self.stats));
+            // Close idle connections past the idle timeout, on this worker.
+            if let Some(t) = self.config.idle_timeout {
+                let weak = Arc::downgrade(&pool);
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep((t / 2).max(Duration::from_millis(100))).await;
+                            match weak.upgrade() {
+                                Some(p) => p.sweep(),
+                                None => return,
+                            }
+                        }
+                    });
+                }
+            }
+            pool
+        })
     }
 
     /// Which pool a request uses.

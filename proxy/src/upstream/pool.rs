@@ -1,31 +1,35 @@
-//! Connection pools: hyper-util's pooling client per (cluster, worker,
-//! protocol), keyed inside by endpoint `ip:port`. It gives HTTP/1.1
-//! keep-alive reuse, HTTP/2 multiplexing, idle expiry, and transparent retry
-//! of a request that hit a pooled connection the peer had already closed.
+//! Upstream connection pools, one per (worker, cluster, protocol), keyed
+//! inside by endpoint address.
+//!
+//! Built on hyper's connection-level client so weir controls reuse:
+//! HTTP/1.1 keeps idle connections per host and hands each request a ready
+//! one; HTTP/2 multiplexes every request of a host over one connection.
+//! `max_requests_per_connection` retires connections, idle connections close
+//! after the cluster's idle timeout, and a request that hits a pooled
+//! connection the peer already closed is sent again on a new connection
+//! (hyper hands the unsent request back), as Envoy does.
 use std::{
-    future::Future,
+    collections::HashMap,
+    net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
 
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::{
-    client::legacy::{
-        connect::{Connected, Connection},
-        Client as HyperClient,
-    },
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+use http::{Request, Response, Version};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    rt::{Read, ReadBufCursor, Write},
 };
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpStream, time::Instant};
 use xds_client::config::Cluster;
 
 use super::ClusterStats;
 use crate::body::Body;
 use crate::stats::{Counter, Gauge};
-
-pub type Client = HyperClient<Connector, Body>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolKind {
@@ -33,65 +37,269 @@ pub enum PoolKind {
     Http2 = 1,
 }
 
-/// Connects TCP with the cluster's connect timeout and counts connections.
-#[derive(Clone)]
-pub struct Connector {
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No connection could be made (Envoy: UF).
+    #[error("{0}")]
+    Connect(String),
+    /// The connection broke before a response (Envoy: UC / reset).
+    #[error("{0}")]
+    Reset(String),
+}
+
+impl PoolError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, PoolError::Connect(_))
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    used: u32,
+    since: Instant,
+}
+
+struct H2 {
+    sender: http2::SendRequest<Body>,
+    used: u32,
+}
+
+#[derive(Default)]
+struct HostConns {
+    idle: Vec<Idle>,
+    h2: Option<H2>,
+}
+
+struct Settings {
+    kind: PoolKind,
     connect_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    max_requests: Option<u32>,
+    http2: xds_client::config::Http2Settings,
     cx_total: Arc<Counter>,
     cx_active: Arc<Gauge>,
     connect_fail: Arc<Counter>,
     connect_timeout_c: Arc<Counter>,
 }
 
-/// Why a connect failed, as Envoy words it.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("delayed connect error: {0}")]
-    Io(std::io::Error),
-    #[error("connect timeout")]
-    Timeout,
-    #[error("invalid upstream address")]
-    BadAddress,
+/// A pool. The mutex is uncontended: each worker thread has its own pool.
+pub struct Client {
+    settings: Settings,
+    hosts: Mutex<HashMap<SocketAddr, HostConns>>,
 }
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = CountedIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<CountedIo, ConnectError>> + Send>>;
+/// Builds a pool for one cluster, worker and protocol.
+pub fn build(c: &Cluster, kind: PoolKind, stats: &ClusterStats) -> Client {
+    Client {
+        settings: Settings {
+            kind,
+            connect_timeout: c.connect_timeout,
+            idle_timeout: c.idle_timeout,
+            max_requests: c.max_requests_per_connection,
+            http2: c.http2,
+            cx_total: stats.upstream_cx_total.clone(),
+            cx_active: stats.upstream_cx_active.clone(),
+            connect_fail: stats.upstream_cx_connect_fail.clone(),
+            connect_timeout_c: stats.upstream_cx_connect_timeout.clone(),
+        },
+        hosts: Mutex::new(HashMap::new()),
+    }
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+impl Client {
+    /// Sends `req` to `addr`.
+    pub async fn request(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        match self.settings.kind {
+            PoolKind::Http1 => self.request_h1(addr, req).await,
+            PoolKind::Http2 => self.request_h2(addr, req).await,
+        }
     }
 
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let addr: std::net::SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or(ConnectError::BadAddress)?;
-            let stream =
-                match tokio::time::timeout(this.connect_timeout, TcpStream::connect(addr)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        this.connect_fail.inc();
-                        return Err(ConnectError::Io(e));
+    fn take_idle(&self, addr: SocketAddr) -> Option<Idle> {
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        let conns = hosts.get_mut(&addr)?;
+        let now = Instant::now();
+        let idle_timeout = self.settings.idle_timeout;
+        // Dropping a sender closes its connection.
+        conns.idle.retain(|c| {
+            !c.sender.is_closed() && idle_timeout.is_none_or(|t| now.duration_since(c.since) < t)
+        });
+        // Most recently used first (warm connections); busy ones stay.
+        let pos = conns.idle.iter().rposition(|c| c.sender.is_ready())?;
+        Some(conns.idle.swap_remove(pos))
+    }
+
+    fn put_idle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, used: u32) {
+        if self.settings.max_requests.is_some_and(|m| used >= m) {
+            return;
+        }
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        hosts.entry(addr).or_default().idle.push(Idle {
+            sender,
+            used,
+            since: Instant::now(),
+        });
+    }
+
+    async fn request_h1(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        *req.version_mut() = Version::HTTP_11;
+        // A reused connection may have been closed by the peer; hyper gives
+        // the request back when it was not sent, and we try a fresh one.
+        while let Some(mut idle) = self.take_idle(addr) {
+            match idle.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.put_idle(addr, idle.sender, idle.used + 1);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(PoolError::Reset(error_text(e.error()))),
+                },
+            }
+        }
+        let io = self.connect(addr).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(error_text(&e)))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    self.put_idle(addr, sender, 1);
+                }
+                Ok(resp)
+            }
+            Err(e) => Err(PoolError::Reset(error_text(&e))),
+        }
+    }
+
+    async fn request_h2(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        *req.version_mut() = Version::HTTP_2;
+        let existing = {
+            let mut hosts = self.hosts.lock().expect("pool lock");
+            let conns = hosts.entry(addr).or_default();
+            match &mut conns.h2 {
+                Some(h)
+                    if !h.sender.is_closed()
+                        && self.settings.max_requests.is_none_or(|m| h.used < m) =>
+                {
+                    h.used += 1;
+                    Some(h.sender.clone())
+                }
+                _ => {
+                    conns.h2 = None;
+                    None
+                }
+            }
+        };
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let io = self.connect(addr).await?;
+                let mut b = http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new())
+                    .initial_stream_window_size(self.settings.http2.initial_stream_window_size)
+                    .initial_connection_window_size(
+                        self.settings.http2.initial_connection_window_size,
+                    )
+                    .max_concurrent_reset_streams(1024);
+                if let Some(i) = self.settings.http2.keepalive_interval {
+                    b.keep_alive_interval(i);
+                    if let Some(t) = self.settings.http2.keepalive_timeout {
+                        b.keep_alive_timeout(t);
                     }
-                    Err(_) => {
-                        this.connect_fail.inc();
-                        this.connect_timeout_c.inc();
-                        return Err(ConnectError::Timeout);
-                    }
-                };
-            let _ = stream.set_nodelay(true);
-            this.cx_total.inc();
-            this.cx_active.inc();
-            Ok(CountedIo {
-                io: TokioIo::new(stream),
-                active: this.cx_active.clone(),
-            })
+                }
+                let (sender, conn) = b
+                    .handshake(io)
+                    .await
+                    .map_err(|e| PoolError::Connect(error_text(&e)))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                let mut hosts = self.hosts.lock().expect("pool lock");
+                hosts.entry(addr).or_default().h2 = Some(H2 {
+                    sender: sender.clone(),
+                    used: 1,
+                });
+                sender
+            }
+        };
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| PoolError::Reset(error_text(&e)))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<CountedIo, PoolError> {
+        let s = &self.settings;
+        let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                s.connect_fail.inc();
+                let code = e
+                    .raw_os_error()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| e.to_string());
+                return Err(PoolError::Connect(format!("delayed connect error: {code}")));
+            }
+            Err(_) => {
+                s.connect_fail.inc();
+                s.connect_timeout_c.inc();
+                return Err(PoolError::Connect("connect timeout".into()));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        s.cx_total.inc();
+        s.cx_active.inc();
+        Ok(CountedIo {
+            io: TokioIo::new(stream),
+            active: s.cx_active.clone(),
         })
     }
+
+    /// Closes idle connections past the idle timeout (called periodically).
+    pub fn sweep(&self) {
+        let Some(t) = self.settings.idle_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        for conns in hosts.values_mut() {
+            conns
+                .idle
+                .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < t);
+            if conns.h2.as_ref().is_some_and(|h| h.sender.is_closed()) {
+                conns.h2 = None;
+            }
+        }
+        hosts.retain(|_, c| !c.idle.is_empty() || c.h2.is_some());
+    }
+}
+
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut last = String::new();
+    while let Some(c) = cur {
+        last = c.to_string();
+        cur = c.source();
+    }
+    last
 }
 
 /// A TCP connection that decrements `upstream_cx_active` when closed.
@@ -103,12 +311,6 @@ pub struct CountedIo {
 impl Drop for CountedIo {
     fn drop(&mut self) {
         self.active.dec();
-    }
-}
-
-impl Connection for CountedIo {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 
@@ -146,37 +348,4 @@ impl Write for CountedIo {
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
-}
-
-/// Builds a pool for one cluster, worker and protocol.
-pub fn build(c: &Cluster, kind: PoolKind, stats: &ClusterStats) -> Client {
-    let connector = Connector {
-        connect_timeout: c.connect_timeout,
-        cx_total: stats.upstream_cx_total.clone(),
-        cx_active: stats.upstream_cx_active.clone(),
-        connect_fail: stats.upstream_cx_connect_fail.clone(),
-        connect_timeout_c: stats.upstream_cx_connect_timeout.clone(),
-    };
-    let mut b = HyperClient::builder(TokioExecutor::new());
-    b.pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(c.idle_timeout)
-        .pool_max_idle_per_host(usize::MAX)
-        .set_host(false)
-        .retry_canceled_requests(true);
-    if kind == PoolKind::Http2 {
-        b.http2_only(true)
-            .http2_initial_stream_window_size(c.http2.initial_stream_window_size)
-            .http2_initial_connection_window_size(c.http2.initial_connection_window_size)
-            .http2_max_concurrent_reset_streams(1024);
-        if let Some(i) = c.http2.keepalive_interval {
-            b.http2_keep_alive_interval(i);
-            if let Some(t) = c.http2.keepalive_timeout {
-                b.http2_keep_alive_timeout(t);
-            }
-        }
-    } else {
-        b.http1_preserve_header_case(false);
-    }
-    b.build(connector)
 }
