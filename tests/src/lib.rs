@@ -11,10 +11,28 @@ pub mod upstream;
 
 pub use proc::{EnvoyProc, ProxyProc, WeirProc};
 
-/// A port that was free a moment ago on 127.0.0.1 (bind to `:0`, read the
-/// port, release it). Racy by nature; use only where a component must be
-/// told its port up front (a bootstrap).
+/// A port that was free a moment ago on 127.0.0.1, for components that must
+/// be told their port up front (a bootstrap). Racy by nature, so it is drawn
+/// from below the kernel's ephemeral range (Linux default 32768-60999):
+/// ports the kernel hands to `bind(:0)` listeners and to outgoing
+/// connections never collide with it. Falls back to `bind(:0)`.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Start at a per-process offset so concurrent test binaries spread out.
+    let base = (std::process::id().wrapping_mul(7919)) % SPAN;
+    for _ in 0..200 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (base + n.wrapping_mul(37)) % SPAN;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local_addr").port()
 }

@@ -85,6 +85,37 @@ pub fn weir_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// A warning when the weir binary is older than the newest source file of
+/// the `weir` crate (`proxy/src`): `cargo test -p weir-tests` does not
+/// rebuild it.
+pub fn weir_binary_staleness() -> Option<String> {
+    let bin = weir_binary().ok()?;
+    let built = std::fs::metadata(&bin).ok()?.modified().ok()?;
+    let src = workspace_root().join("proxy/src");
+    let newest = newest_mtime(&src)?;
+    (newest > built).then(|| {
+        format!(
+            "{} is older than the sources in {}; run `cargo build -p weir` to test the current code",
+            bin.display(),
+            src.display()
+        )
+    })
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry.metadata().ok().and_then(|m| m.modified().ok())
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p)

@@ -44,11 +44,20 @@ async fn envoy_and_weir_agree() {
             panic!("{e:#}");
         }
     }
+    if opts.candidate == diff::Target::Weir {
+        if let Some(warning) = weir_tests::proc::weir_binary_staleness() {
+            println!("warning: {warning}");
+        }
+    }
     let report = diff::run(&corpus, &opts).await;
-    let text = report.render();
-    println!("{text}");
+    println!("{}", report.render());
     assert!(
         report.is_clean(),
-        "differential test found unexplained differences:\n{text}"
+        "{} of {} cases differ between {} and {} without an allow-list entry, {} configs could not run (report above)",
+        report.unexplained().count(),
+        report.cases_run,
+        report.reference,
+        report.candidate,
+        report.failures.len()
     );
 }

@@ -159,7 +159,23 @@ impl Report {
         }
         for m in self.unexplained() {
             let _ = writeln!(s, "\n-- {}  [{}]", m.case, m.request);
+            // When the outcome or status differs, the remaining fields are
+            // consequences: name them instead of printing them.
+            let headline = m
+                .fields
+                .iter()
+                .any(|f| f.field == "outcome" || f.field == "status");
+            let mut rest = Vec::new();
             for f in &m.fields {
+                let key = headline
+                    && !matches!(
+                        f.field.as_str(),
+                        "outcome" | "status" | "body" | "header.location" | "header.content-type"
+                    );
+                if key {
+                    rest.push(f.field.as_str());
+                    continue;
+                }
                 let mark = if f.allowed.is_some() {
                     " (allowed)"
                 } else {
@@ -168,6 +184,14 @@ impl Report {
                 let _ = writeln!(s, "   {}{mark}:", f.field);
                 let _ = writeln!(s, "      {:<6} {}", self.reference, show(&f.reference));
                 let _ = writeln!(s, "      {:<6} {}", self.candidate, show(&f.candidate));
+            }
+            if !rest.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "   (+ {} more differing fields: {})",
+                    rest.len(),
+                    rest.join(", ")
+                );
             }
         }
         if allowed > 0 {
@@ -339,23 +363,37 @@ async fn run_config(
         .set("CLOSED_PORT", free_port());
 
     let launch = |target: Target, tag: char| {
-        let mut vars = base.clone();
-        let (lport, aport) = (free_port(), free_port());
-        vars.set("LISTENER_PORT", lport).set("ADMIN_PORT", aport);
-        let text = render(template, &vars);
+        let base = base.clone();
+        let template = template.to_owned();
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || -> anyhow::Result<Side> {
-            let text = text.with_context(|| format!("render config {name}"))?;
-            let proc = target
-                .start(&text)
-                .with_context(|| format!("{} on config {name}", target.name()))?;
-            Ok(Side {
-                proc,
-                vars,
-                listener: SocketAddr::from(([127, 0, 0, 1], lport)),
-                masks: Masks::new(lport, aport),
-                tag,
-            })
+            // Ports are picked before the proxy binds them; if another
+            // process got there first, try again with fresh ones.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut vars = base.clone();
+                let (lport, aport) = (free_port(), free_port());
+                vars.set("LISTENER_PORT", lport).set("ADMIN_PORT", aport);
+                let text =
+                    render(&template, &vars).with_context(|| format!("render config {name}"))?;
+                match target.start(&text) {
+                    Ok(proc) => {
+                        return Ok(Side {
+                            proc,
+                            vars,
+                            listener: SocketAddr::from(([127, 0, 0, 1], lport)),
+                            masks: Masks::new(lport, aport),
+                            tag,
+                        })
+                    }
+                    Err(e) if attempt < 3 && format!("{e:#}").contains("in use") => continue,
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("{} on config {name}", target.name()))
+                    }
+                }
+            }
         })
     };
     let (r, c) = tokio::join!(launch(reference, 'r'), launch(candidate, 'c'));
