@@ -538,3 +538,35 @@ async fn send(case: &Case, side: &Side, seq: u64) -> anyhow::Result<Outcome> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(pairs: &[(&str, &str)]) -> FlatView {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn compare_reports_every_field_and_applies_allowlist() {
+        let r = view(&[("status", "200"), ("header.a", "1"), ("header.b", "x")]);
+        let c = view(&[("status", "404"), ("header.b", "x"), ("header.c", "2")]);
+        let allow = vec![AllowEntry {
+            case: "cfg/*".into(),
+            field: "header.c".into(),
+            reason: "test".into(),
+        }];
+        let d = compare(&r, &c, None, "cfg/one", &allow);
+        let fields: Vec<&str> = d.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["header.a", "header.c", "status"]);
+        assert!(d[1].allowed.is_some());
+        assert!(d[0].allowed.is_none() && d[2].allowed.is_none());
+
+        let only = vec!["status".to_owned()];
+        let d = compare(&r, &c, Some(&only), "cfg/one", &allow);
+        assert_eq!(d.len(), 1);
+    }
+}
