@@ -11,6 +11,11 @@ use hyper::body::Incoming;
 
 pub enum Body {
     Empty,
+    /// Empty, but with no declared length (no content-length is written).
+    None,
+    /// A downstream body whose errors are recorded (a malformed chunked
+    /// body must become a 400, not an upstream failure).
+    Watched(Incoming, std::sync::Arc<std::sync::atomic::AtomicBool>),
     Full(Option<Bytes>),
     Incoming(Incoming),
     /// A streamed body with a hook that runs when the stream ends or is dropped
@@ -68,7 +73,14 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Body::Empty => Poll::Ready(None),
+            Body::Empty | Body::None => Poll::Ready(None),
+            Body::Watched(i, flag) => {
+                let r = Pin::new(i).poll_frame(cx);
+                if let Poll::Ready(Some(Err(_))) = &r {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                r
+            }
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(i) => Pin::new(i).poll_frame(cx),
             Body::Tracked(t) => {
@@ -93,7 +105,8 @@ impl http_body::Body for Body {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Body::Empty => true,
+            Body::Empty | Body::None => true,
+            Body::Watched(i, _) => i.is_end_stream(),
             Body::Full(b) => b.is_none(),
             Body::Incoming(i) => i.is_end_stream(),
             Body::Tracked(t) => t.inner.is_end_stream() && t.done.is_none(),
@@ -103,6 +116,8 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Empty => SizeHint::with_exact(0),
+            Body::None => SizeHint::default(),
+            Body::Watched(i, _) => i.size_hint(),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Incoming(i) => i.size_hint(),

@@ -11,6 +11,7 @@ pub mod http;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod netif;
 pub mod stats;
 pub mod upstream;
 

@@ -29,30 +29,38 @@ pub static X_ENVOY_PER_TRY_TIMEOUT: HeaderName =
     HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
 pub static X_ENVOY_RETRIABLE_CODES: HeaderName =
     HeaderName::from_static("x-envoy-retriable-status-codes");
+pub static X_ENVOY_ORIGINAL_HOST: HeaderName = HeaderName::from_static("x-envoy-original-host");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub static VIA: HeaderName = HeaderName::from_static("via");
 
-/// x-envoy-* request headers Envoy removes from external (edge) requests.
+/// x-envoy-* request headers Envoy removes from every request that is not
+/// internal (`cleanInternalHeaders`).
+const EXTERNAL_STRIPPED: &[&str] = &[
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-internal",
+];
+
+/// Additionally removed from edge requests.
 const EDGE_STRIPPED: &[&str] = &[
     "x-envoy-decorator-operation",
     "x-envoy-downstream-service-cluster",
     "x-envoy-downstream-service-node",
-    "x-envoy-expected-rq-timeout-ms",
-    "x-envoy-force-trace",
-    "x-envoy-internal",
-    "x-envoy-ip-tags",
-    "x-envoy-max-retries",
-    "x-envoy-retry-grpc-on",
-    "x-envoy-retry-on",
-    "x-envoy-retriable-header-names",
-    "x-envoy-retriable-status-codes",
-    "x-envoy-upstream-alt-stat-name",
-    "x-envoy-upstream-rq-per-try-timeout-ms",
-    "x-envoy-upstream-rq-timeout-alt-response",
-    "x-envoy-upstream-rq-timeout-ms",
-    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-external-address",
     "x-envoy-original-path",
 ];
 
@@ -66,50 +74,92 @@ pub struct Edge {
     /// The address the request is attributed to (`%DOWNSTREAM_REMOTE_ADDRESS%`).
     pub remote: SocketAddr,
     pub internal: bool,
-    /// x-envoy-* control headers are honoured only from trusted requests.
+    /// x-envoy-* control headers are honoured only from internal requests
+    /// (they are stripped from the others before routing).
     pub trusted: bool,
 }
 
-/// Applies x-forwarded-for/-proto, x-envoy-internal, x-envoy-* sanitising,
-/// request id and x-forwarded-client-cert handling.
+/// This host's first non-loopback address of the configured family: what
+/// Envoy appends to x-forwarded-for for loopback peers
+/// (`--local-address-ip-version`).
+pub fn local_address(v6: bool) -> Option<IpAddr> {
+    static V4: std::sync::OnceLock<Option<IpAddr>> = std::sync::OnceLock::new();
+    static V6: std::sync::OnceLock<Option<IpAddr>> = std::sync::OnceLock::new();
+    let cell = if v6 { &V6 } else { &V4 };
+    *cell.get_or_init(|| crate::netif::first_non_loopback(v6))
+}
+
+/// Applies Envoy's `mutateRequestHeaders`: x-forwarded-for/-proto, the
+/// internal/edge decision, x-envoy-* sanitising, internal-only headers,
+/// request id, x-forwarded-client-cert and via.
 pub fn edge(
     h: &HttpConnectionManager,
+    internal_only: &[HeaderName],
     headers: &mut HeaderMap,
     peer: SocketAddr,
     scheme: &'static str,
+    local_v6: bool,
 ) -> Edge {
-    let (remote, internal, edge_request) = if h.use_remote_address {
-        let internal = is_internal(h, peer.ip());
+    // x-forwarded-for is one of Envoy's inline headers: repeated lines are
+    // coalesced into one comma-separated value.
+    if headers.get_all(&XFF).iter().nth(1).is_some() {
+        let joined: Vec<&[u8]> = headers.get_all(&XFF).iter().map(|v| v.as_bytes()).collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b","[..])) {
+            headers.insert(XFF.clone(), v);
+        }
+    }
+    let mut remote = None;
+    // Envoy: with use_remote_address the request is "single address" when
+    // the client sent no XFF; otherwise when XFF held exactly one address.
+    let mut single_xff = xff_count(headers) == 1;
+    if h.use_remote_address {
+        single_xff = !headers.contains_key(&XFF);
+        remote = Some(peer);
         if !h.skip_xff_append {
-            append_xff(headers, peer.ip());
+            // A loopback peer is recorded as this host's address (Envoy).
+            let ip = if peer.ip().is_loopback() {
+                local_address(local_v6).unwrap_or(peer.ip())
+            } else {
+                peer.ip()
+            };
+            append_xff(headers, ip);
         }
-        (peer, internal, !internal)
+        headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
     } else {
-        // Trust xff_num_trusted_hops addresses from the right of XFF.
-        let from_xff = xff_address(headers, h.xff_num_trusted_hops);
-        let remote = from_xff.map(|ip| SocketAddr::new(ip, 0)).unwrap_or(peer);
-        (remote, false, false)
-    };
-    if edge_request {
-        for n in EDGE_STRIPPED {
-            headers.remove(*n);
+        if let Some(ip) = xff_address(headers, h.xff_num_trusted_hops) {
+            remote = Some(SocketAddr::new(ip, 0));
         }
-        if h.use_remote_address {
-            if let Ok(v) = HeaderValue::from_str(&remote.ip().to_string()) {
-                headers.insert(X_ENVOY_EXTERNAL_ADDRESS.clone(), v);
+        if !headers.contains_key(&XFP) {
+            headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
+        }
+    }
+    // Internal: after appending, XFF holds exactly one address, and the final
+    // remote address is internal.
+    let internal = single_xff && remote.is_some_and(|r| is_internal(h, r.ip()));
+    let edge_request = !internal && h.use_remote_address;
+    if internal {
+        headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
+    } else {
+        if edge_request {
+            for n in EDGE_STRIPPED {
+                headers.remove(*n);
             }
         }
-    } else if h.use_remote_address && internal {
-        headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
+        for n in EXTERNAL_STRIPPED {
+            headers.remove(*n);
+        }
+        for n in internal_only {
+            headers.remove(n);
+        }
     }
-    // x-forwarded-proto: set from the connection at the edge, else only when absent.
-    if h.use_remote_address || !headers.contains_key(&XFP) {
-        headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
+    if edge_request {
+        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+            headers.insert(X_ENVOY_EXTERNAL_ADDRESS.clone(), v);
+        }
     }
     // Request id.
     if h.generate_request_id {
-        let keep = headers.contains_key(&X_REQUEST_ID)
-            && (!edge_request || h.preserve_external_request_id);
+        let keep = headers.contains_key(&X_REQUEST_ID) && (!edge_request || h.preserve_external_request_id);
         if !keep {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
         }
@@ -124,13 +174,38 @@ pub fn edge(
         }
     }
     if let Some(via) = &h.via {
-        headers.append(VIA.clone(), via.clone());
+        append_joined(headers, &VIA, via, ", ");
     }
     Edge {
-        remote,
+        remote: remote.unwrap_or(peer),
         internal,
-        trusted: !edge_request,
+        trusted: internal,
     }
+}
+
+/// Appends `v` to a header as Envoy does: into the existing value, joined by `sep`.
+pub fn append_joined(headers: &mut HeaderMap, name: &HeaderName, v: &HeaderValue, sep: &str) {
+    let joined: Vec<&[u8]> = headers.get_all(name).iter().map(|x| x.as_bytes()).collect();
+    if joined.is_empty() {
+        headers.insert(name.clone(), v.clone());
+        return;
+    }
+    let mut out = joined.join(sep.as_bytes());
+    out.extend_from_slice(sep.as_bytes());
+    out.extend_from_slice(v.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&out) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+fn xff_count(headers: &HeaderMap) -> usize {
+    headers
+        .get_all(&XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|s| !s.trim().is_empty())
+        .count()
 }
 
 fn append_xff(headers: &mut HeaderMap, ip: IpAddr) {

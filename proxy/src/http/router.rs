@@ -220,8 +220,34 @@ pub async fn forward(
     info.upstream_cluster = Some(cluster.config.name.clone());
     let retry = retry_policy(&f, &parts.headers);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
+    // Headers named in `connection` are hop-by-hop too; `te: trailers`
+    // survives (Envoy keeps only the trailers token).
+    let named: Vec<String> = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let te_trailers = parts
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for n in named {
+        if !matches!(n.as_str(), "upgrade" | "close" | "keep-alive") {
+            parts.headers.remove(n.as_str());
+        }
+    }
     for n in HOP_BY_HOP {
         parts.headers.remove(*n);
+    }
+    if te_trailers {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // x-envoy control headers are consumed here, not forwarded.
     for n in [
@@ -283,6 +309,7 @@ pub async fn forward(
         }
     }
     let deadline = global.map(|g| Instant::now() + g);
+    let body_error = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kind = if upgrade.is_some() {
         PoolKind::Http1
     } else {
@@ -321,12 +348,19 @@ pub async fn forward(
         }
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Body::full(b.clone()),
-            (None, Some(s)) => Body::Incoming(s),
+            (None, Some(s)) => Body::Watched(s, body_error.clone()),
             (None, None) => Body::Empty,
         };
         // auto_host_rewrite: the chosen host's hostname becomes the authority.
         let auth = match &f.action.host_rewrite {
-            HostRewrite::Auto if !host.hostname.is_empty() => host.hostname.as_str(),
+            HostRewrite::Auto if !host.hostname.is_empty() => {
+                if !f.suppress_envoy_headers {
+                    if let Ok(v) = HeaderValue::from_str(&authority) {
+                        parts.headers.insert(X_ENVOY_ORIGINAL_HOST.clone(), v);
+                    }
+                }
+                host.hostname.as_str()
+            }
             _ => authority.as_str(),
         };
         let req = build_request(
@@ -406,6 +440,13 @@ pub async fn forward(
             cluster.stats.upstream_rq_retry_success.inc();
         }
         info.upstream_service_time = Some(upstream_start.elapsed());
+        if body_error.load(std::sync::atomic::Ordering::Relaxed) && !matches!(outcome, Outcome::Response(_)) {
+            // The downstream body was malformed (bad chunking): a protocol
+            // error of the client, not an upstream failure (Envoy: 400).
+            info.flags.set(Flags::DPE);
+            info.response_code_details = "http1.codec_error";
+            return reply(400, "Bad Request");
+        }
         return match outcome {
             Outcome::Response(mut r) => {
                 info.response_code_details = "via_upstream";
@@ -441,9 +482,12 @@ pub async fn forward(
                 info.flags.set(Flags::UF);
                 info.response_code_details =
                     "upstream_reset_before_response_started{remote_connection_failure}";
-                let body = format!(
-                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: {reason}"
-                );
+                // Envoy's text; after retries it names the latest reset reason.
+                let body = if attempt > 1 {
+                    "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure".to_owned()
+                } else {
+                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".to_owned()
+                };
                 info.upstream_failure_reason = Some(reason);
                 super::local_reply::reply_owned(503, body.into(), Some("text/plain"))
             }
@@ -452,11 +496,12 @@ pub async fn forward(
                 info.response_code_details =
                     "upstream_reset_before_response_started{connection_termination}";
                 let _ = reason;
-                super::local_reply::reply_owned(
-                    503,
-                    bytes::Bytes::from_static(b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
-                    Some("text/plain"),
-                )
+                let text: &'static [u8] = if attempt > 1 {
+                    b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection termination"
+                } else {
+                    b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+                };
+                super::local_reply::reply_owned(503, bytes::Bytes::from_static(text), Some("text/plain"))
             }
             Outcome::Timeout => {
                 info.flags.set(Flags::UT);
@@ -494,6 +539,17 @@ fn build_request(
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = parts.headers.clone();
+    // As Envoy's HTTP/1 codec: a bodyless request with a method that may
+    // carry a body says so with content-length: 0.
+    if hyper::body::Body::is_end_stream(req.body())
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+        && !matches!(
+            *req.method(),
+            http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::CONNECT | http::Method::TRACE
+        )
+    {
+        req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
     match kind {
         PoolKind::Http1 => {
             *req.version_mut() = Version::HTTP_11;

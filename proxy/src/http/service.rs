@@ -95,8 +95,18 @@ pub async fn handle(
         downstream_local: ctx.local,
         connection_id: ctx.id,
         attempt_count: 0,
+        request_id: None,
+        grpc: false,
+        local_reply: false,
+        request_body_unread: false,
     };
+    let head_request = parts.method == http::Method::HEAD;
+    let body_empty = hyper::body::Body::is_end_stream(&body);
+    let h2 = parts.version == Version::HTTP_2;
     let resp = pipeline(&ctx, &mut parts, body, &mut info).await;
+    info.local_reply = info.response_code_details != "via_upstream";
+    info.request_body_unread = !body_empty && info.local_reply && info.upstream_cluster.is_none();
+    let resp = if info.local_reply { shape_local_reply(resp, &info, head_request, h2) } else { resp };
     Ok(finish(&ctx, resp, info, parts.headers))
 }
 
@@ -111,10 +121,7 @@ async fn pipeline(
     if parts.version == Version::HTTP_10 && !h.http1.accept_http_10 {
         info.flags.set(Flags::DPE);
         info.response_code_details = "low_version";
-        let mut r = reply(426, "");
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
+        return reply(426, "Upgrade Required");
     }
     if info.authority.is_empty() {
         if let Some(d) = &h.http1.default_host_for_http_10 {
@@ -123,22 +130,35 @@ async fn pipeline(
             }
         }
     }
-    if info.authority.is_empty() {
+    // A missing Host is an error; an empty one is routed as "" (Envoy).
+    if info.authority.is_empty() && !parts.headers.contains_key(header::HOST) {
         info.flags.set(Flags::DPE);
         info.response_code_details = "missing_host_header";
-        return reply(400, "");
+        return reply(400, "Bad Request");
     }
+    // Envoy counts the request line toward max_request_headers_kb.
     let header_bytes: usize = parts
         .headers
         .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum();
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + parts.method.as_str().len()
+        + info.path.len()
+        + 12;
     if parts.headers.len() > h.max_headers_count as usize
         || header_bytes > h.max_request_headers_kb as usize * 1024
     {
         info.flags.set(Flags::DPE);
         info.response_code_details = "header_overflow";
-        return reply(431, "");
+        return reply(431, "Request Header Fields Too Large");
+    }
+    if parts.version != Version::HTTP_2 {
+        if let Some((status, details)) = http1_checks(parts, &info.authority) {
+            info.flags.set(Flags::DPE);
+            info.response_code_details = details;
+            let text = if status == 501 { "Not Implemented" } else { "Bad Request" };
+            return reply(status, text);
+        }
     }
     if h.headers_with_underscores != UnderscoreAction::Allow {
         let bad: Vec<_> = parts
@@ -158,6 +178,13 @@ async fn pipeline(
             }
         }
     }
+    // HTTP/2 splits cookies into several headers; Envoy joins them with "; ".
+    if parts.version == Version::HTTP_2 && parts.headers.get_all(header::COOKIE).iter().nth(1).is_some() {
+        let joined: Vec<&[u8]> = parts.headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()).collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            parts.headers.insert(header::COOKIE, v);
+        }
+    }
     // --- path normalisation
     if parts.method != http::Method::CONNECT {
         match headers::normalize(h, &info.path) {
@@ -171,6 +198,7 @@ async fn pipeline(
                 }
             }
             PathCheck::Reject => {
+                info.flags.set(Flags::DPE);
                 info.response_code_details = "path_normalization_failed";
                 return reply(400, "");
             }
@@ -197,7 +225,16 @@ async fn pipeline(
         }
     }
     // --- edge headers
-    let edge = headers::edge(h, &mut parts.headers, ctx.peer, ctx.scheme);
+    let edge = headers::edge(
+        h,
+        &h.route_config.internal_only_headers,
+        &mut parts.headers,
+        ctx.peer,
+        ctx.scheme,
+        ctx.shared.options.local_address_ip_version == crate::cli::IpVersion::V6,
+    );
+    info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+    info.grpc = is_grpc(&parts.headers);
     info.downstream_remote = edge.remote;
     // --- routing
     let rc = &h.route_config;
@@ -207,7 +244,12 @@ async fn pipeline(
         ctx.hcm.stats.no_route.inc();
         return reply(404, "");
     };
-    if ctx.scheme == "http"
+    // As Envoy, the (trusted) x-forwarded-proto decides whether TLS was used.
+    let xfp_https = parts
+        .headers
+        .get(&headers::XFP)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    if !xfp_https
         && (vh.require_tls == TlsRequirement::All
             || (vh.require_tls == TlsRequirement::ExternalOnly && !edge.internal))
     {
@@ -285,7 +327,14 @@ async fn pipeline(
             info.response_code_details = "direct_response";
             ctx.hcm.stats.rq_direct_response.inc();
             let ct = d.body.as_ref().map(|_| "text/plain");
-            reply_owned(d.status, d.body.clone().unwrap_or_default(), ct)
+            let mut r = reply_owned(d.status, d.body.clone().unwrap_or_default(), ct);
+            // As Envoy: a 201 or 3xx direct response points Location at the request URL.
+            if d.status == 201 || (300..400).contains(&d.status) {
+                if let Ok(v) = HeaderValue::from_str(&format!("{}://{}{}", ctx.scheme, info.authority, info.path)) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+            }
+            r
         }
         RouteKind::Redirect(r) => {
             info.response_code_details = "direct_response";
@@ -349,13 +398,27 @@ async fn pipeline(
                     parts.uri = http::Uri::from_parts(up).unwrap_or_default();
                 }
             }
-            let new_host = weighted
-                .and_then(|w| w.host_rewrite.clone())
-                .or_else(|| router::host_rewrite(action, &parts.headers, &info.path, None));
-            if let Some(nh) = new_host {
+            let weighted_host = weighted.and_then(|w| w.host_rewrite.clone());
+            let route_host = if weighted_host.is_none() {
+                router::host_rewrite(action, &parts.headers, &info.path, None)
+            } else {
+                None
+            };
+            if let Some(nh) = weighted_host {
                 if action.append_x_forwarded_host {
                     if let Ok(v) = HeaderValue::from_str(&info.authority) {
-                        parts.headers.append(headers::X_FORWARDED_HOST.clone(), v);
+                        headers::append_joined(&mut parts.headers, &headers::X_FORWARDED_HOST, &v, ",");
+                    }
+                }
+                info.authority = nh;
+            }
+            if let Some(nh) = route_host {
+                if let Ok(v) = HeaderValue::from_str(&info.authority) {
+                    if action.append_x_forwarded_host {
+                        headers::append_joined(&mut parts.headers, &headers::X_FORWARDED_HOST, &v, ",");
+                    }
+                    if !ctx.hcm.chain.router.suppress_envoy_headers() {
+                        parts.headers.insert(headers::X_ENVOY_ORIGINAL_HOST.clone(), v);
                     }
                 }
                 info.authority = nh;
@@ -438,6 +501,120 @@ async fn pipeline(
     resp
 }
 
+/// HTTP/1 request checks Envoy's codec makes that hyper's parser does not.
+fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &'static str)> {
+    // Methods Envoy's HTTP/1 codec knows (custom methods are off by default).
+    const METHODS: &[&str] = &[
+        "DELETE", "GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS", "TRACE", "COPY", "LOCK", "MKCOL", "MOVE",
+        "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND", "UNBIND", "ACL", "REPORT", "MKACTIVITY",
+        "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PATCH", "PURGE", "MKCALENDAR",
+        "LINK", "UNLINK", "SOURCE", "QUERY",
+    ];
+    if !METHODS.contains(&parts.method.as_str()) {
+        return Some((400, "http1.codec_error"));
+    }
+    let target = parts.uri.to_string();
+    let connect = parts.method == http::Method::CONNECT;
+    if !connect {
+        let origin = target.starts_with('/');
+        let absolute = target.starts_with("http://") || target.starts_with("https://");
+        if !(origin || absolute || (target == "*" && parts.method == http::Method::OPTIONS)) {
+            return Some((400, "http1.codec_error"));
+        }
+    }
+    if target.contains('#') || !target.is_ascii() {
+        return Some((400, "http1.codec_error"));
+    }
+    let cls: Vec<&http::HeaderValue> = parts.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if cls.len() > 1 || cls.first().is_some_and(|v| v.as_bytes().contains(&b',')) {
+        return Some((400, "http1.content_length_not_allowed"));
+    }
+    let te: Vec<&http::HeaderValue> = parts.headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if !te.is_empty() {
+        if te.len() > 1 || !te[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Some((501, "http1.invalid_transfer_encoding"));
+        }
+        if !cls.is_empty() {
+            return Some((400, "http1.content_length_not_allowed"));
+        }
+    }
+    // Host characters (RFC 3986 reg-name, IP literal, port).
+    if !authority.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%@".contains(&b)) {
+        return Some((400, "http1.invalid_characters"));
+    }
+    None
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "application/grpc" || v.starts_with("application/grpc+") || v.starts_with("application/grpc;"))
+}
+
+/// Envoy's HTTP status to gRPC status mapping for local replies.
+fn grpc_status(http: u16) -> u32 {
+    match http {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// Final shape of a locally generated response, as Envoy's `sendLocalReply`:
+/// gRPC requests get a trailers-only gRPC error; a request whose body was not
+/// read closes the HTTP/1 connection; empty bodies carry no content-length on
+/// HTTP/2, 204 or HEAD.
+fn shape_local_reply(mut resp: Response<Body>, info: &StreamInfo, head: bool, h2: bool) -> Response<Body> {
+    use http_body::Body as _;
+    if info.grpc {
+        let status = resp.status().as_u16();
+        let (mut parts, body) = resp.into_parts();
+        let msg = match body {
+            Body::Full(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+            _ => String::new(),
+        };
+        parts.status = http::StatusCode::OK;
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        parts.headers.insert("grpc-status", HeaderValue::from(grpc_status(status)));
+        if !msg.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&msg)) {
+                parts.headers.insert("grpc-message", v);
+            }
+        }
+        resp = Response::from_parts(parts, Body::Empty);
+    }
+    let empty = resp.body().size_hint().exact() == Some(0);
+    if empty && (h2 || head || resp.status() == http::StatusCode::NO_CONTENT || resp.status().is_informational()) {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+        let (p, _) = resp.into_parts();
+        resp = Response::from_parts(p, Body::None);
+        if head && !h2 && resp.status() != http::StatusCode::NO_CONTENT {
+            // Envoy's HTTP/1 codec marks a bodyless HEAD reply as chunked.
+            resp.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
+    }
+    if (info.request_body_unread || info.flags.0 & Flags::DPE != 0) && !h2 {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The `upgrade` header of an HTTP/1.1 upgrade request (`connection: upgrade`).
 fn upgrade_request(parts: &http::request::Parts) -> Option<HeaderValue> {
     if parts.version != Version::HTTP_11 {
@@ -470,24 +647,15 @@ fn redirect_location(
     let mut host = host.to_owned();
     let mut port = port.map(str::to_owned);
     if let Some(hr) = &r.host {
+        // host_redirect replaces the whole authority, port included (Envoy).
         let (h2, p2) = split_host_port(hr);
         host = h2.to_owned();
-        if p2.is_some() {
-            port = p2.map(str::to_owned);
-        }
+        port = p2.map(str::to_owned);
     }
     if let Some(p) = r.port {
         port = Some(p.to_string());
-    }
-    if r.scheme.is_some() && r.port.is_none() {
-        // A scheme change drops a port that was the old scheme's default (Envoy).
-        if let Some(p) = &port {
-            if (p == "80" && new_scheme == "https") || (p == "443" && new_scheme == "http") {
-                port = None;
-            }
-        }
-    }
-    if port.as_deref() == Some(if new_scheme == "https" { "443" } else { "80" }) {
+    } else if r.scheme.as_deref() == Some("https") && port.as_deref() == Some("80") {
+        // https_redirect from the plain-HTTP default port drops it (Envoy).
         port = None;
     }
     let (p, q) = match path.find('?') {
@@ -496,8 +664,15 @@ fn redirect_location(
     };
     let (new_path, mut query) = match &r.path {
         RedirectPath::Keep => (p.to_owned(), q.to_owned()),
+        // A path_redirect with its own query keeps it, even with strip_query.
         RedirectPath::Path(np) => match np.find('?') {
-            Some(i) => (np[..i].to_owned(), np[i..].to_owned()),
+            Some(i) => {
+                let (a, b) = (np[..i].to_owned(), np[i..].to_owned());
+                if r.strip_query {
+                    return finish_location(new_scheme, &host, port.as_deref(), &a, &b);
+                }
+                (a, b)
+            }
             None => (np.clone(), q.to_owned()),
         },
         RedirectPath::Prefix(np) => {
@@ -515,9 +690,13 @@ fn redirect_location(
     if r.strip_query {
         query.clear();
     }
+    finish_location(new_scheme, &host, port.as_deref(), &new_path, &query)
+}
+
+fn finish_location(scheme: &str, host: &str, port: Option<&str>, path: &str, query: &str) -> String {
     match port {
-        Some(port) => format!("{new_scheme}://{host}:{port}{new_path}{query}"),
-        None => format!("{new_scheme}://{host}{new_path}{query}"),
+        Some(port) => format!("{scheme}://{host}:{port}{path}{query}"),
+        None => format!("{scheme}://{host}{path}{query}"),
     }
 }
 
@@ -551,12 +730,12 @@ fn finish(
         ServerHeaderTransformation::PassThrough => {}
     }
     if h.always_set_request_id_in_response {
-        if let Some(id) = req_headers.get(&headers::X_REQUEST_ID) {
+        if let Some(id) = &info.request_id {
             hs.insert(headers::X_REQUEST_ID.clone(), id.clone());
         }
     }
     if let Some(via) = &h.via {
-        hs.append(headers::VIA.clone(), via.clone());
+        headers::append_joined(hs, &headers::VIA, via, ", ");
     }
     let status = resp.status();
     info.response_code = status.as_u16();

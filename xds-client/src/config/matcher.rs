@@ -96,8 +96,23 @@ pub enum HeaderMatch {
 }
 
 impl HeaderMatcher {
-    /// Matches against the header's values as Envoy: multiple values are
-    /// joined with `,` before string matching.
+    /// Matches a header with several values: the comma-joined value, or
+    /// (as Envoy 1.40 does for string matchers) any single value.
+    pub fn matches_values(&self, values: &[&str]) -> bool {
+        if values.len() <= 1 {
+            return self.matches(values.first().copied());
+        }
+        let joined = values.join(",");
+        if self.matches(Some(&joined)) {
+            return true;
+        }
+        if self.invert || !matches!(self.kind, HeaderMatch::String(_)) {
+            return false;
+        }
+        values.iter().any(|v| self.matches(Some(v)))
+    }
+
+    /// Matches against the header's value (several values joined with `,`).
     pub fn matches(&self, value: Option<&str>) -> bool {
         let value = match value {
             None if self.treat_missing_as_empty => Some(""),

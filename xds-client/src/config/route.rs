@@ -276,7 +276,20 @@ impl RouteMatch {
             }
         }
         for h in &self.headers {
-            if !h.matches(req.header(&h.name).as_deref()) {
+            let ok = match &h.name {
+                HeaderKey::Name(n) if req.headers.get_all(n).iter().nth(1).is_some() => {
+                    let vals: Vec<String> = req
+                        .headers
+                        .get_all(n)
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
+                    let refs: Vec<&str> = vals.iter().map(String::as_str).collect();
+                    h.matches_values(&refs)
+                }
+                key => h.matches(req.header(key).as_deref()),
+            };
+            if !ok {
                 return false;
             }
         }

@@ -1,0 +1,42 @@
+//! The host's interface addresses (for Envoy's "local address").
+use std::net::IpAddr;
+
+/// The first non-loopback address of the family, from getifaddrs(3).
+#[allow(unsafe_code)]
+pub fn first_non_loopback(v6: bool) -> Option<IpAddr> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `addrs` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list returned by getifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family we check
+            // before reading it as the matching sockaddr_in/_in6.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            let ip = if family == libc::AF_INET && !v6 {
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+            } else if family == libc::AF_INET6 && v6 {
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+            } else {
+                None
+            };
+            if let Some(ip) = ip {
+                if !ip.is_loopback() {
+                    found = Some(ip);
+                    break;
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `addrs` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(addrs) };
+    found
+}
