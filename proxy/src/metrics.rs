@@ -18,6 +18,7 @@ pub struct HttpStats {
     pub no_cluster: Arc<Counter>,
     pub rq_redirect: Arc<Counter>,
     pub rq_direct_response: Arc<Counter>,
+    pub rq_reset: Arc<Counter>,
 }
 
 impl HttpStats {
@@ -42,6 +43,7 @@ impl HttpStats {
             no_cluster: store.counter(t("no_cluster")),
             rq_redirect: store.counter(t("rq_redirect")),
             rq_direct_response: store.counter(t("rq_direct_response")),
+            rq_reset: store.counter(t("downstream_rq_rx_reset")),
         }
     }
 

@@ -20,7 +20,9 @@ pub fn first_non_loopback(v6: bool) -> Option<IpAddr> {
             let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
             let ip = if family == libc::AF_INET && !v6 {
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                Some(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ))
             } else if family == libc::AF_INET6 && v6 {
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
                 Some(IpAddr::from(sin6.sin6_addr.s6_addr))

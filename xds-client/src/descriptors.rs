@@ -23,8 +23,16 @@ pub fn pool() -> &'static DescriptorPool {
         let mut pool = DescriptorPool::decode(ENVOY_DESCRIPTORS)
             .expect("envoy-types ships a valid descriptor set");
         for (name, file, package) in [
-            (UDPA_TYPED_STRUCT, "udpa/type/v1/typed_struct.proto", "udpa.type.v1"),
-            (XDS_TYPED_STRUCT, "xds/type/v3/typed_struct.proto", "xds.type.v3"),
+            (
+                UDPA_TYPED_STRUCT,
+                "udpa/type/v1/typed_struct.proto",
+                "udpa.type.v1",
+            ),
+            (
+                XDS_TYPED_STRUCT,
+                "xds/type/v3/typed_struct.proto",
+                "xds.type.v3",
+            ),
         ] {
             if pool.get_message_by_name(name).is_none() {
                 pool.add_file_descriptor_proto(typed_struct_file(file, package))

@@ -159,7 +159,8 @@ pub fn edge(
     }
     // Request id.
     if h.generate_request_id {
-        let keep = headers.contains_key(&X_REQUEST_ID) && (!edge_request || h.preserve_external_request_id);
+        let keep = headers.contains_key(&X_REQUEST_ID)
+            && (!edge_request || h.preserve_external_request_id);
         if !keep {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
         }

@@ -247,7 +247,9 @@ pub async fn forward(
         parts.headers.remove(*n);
     }
     if te_trailers {
-        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // x-envoy control headers are consumed here, not forwarded.
     for n in [
@@ -440,7 +442,9 @@ pub async fn forward(
             cluster.stats.upstream_rq_retry_success.inc();
         }
         info.upstream_service_time = Some(upstream_start.elapsed());
-        if body_error.load(std::sync::atomic::Ordering::Relaxed) && !matches!(outcome, Outcome::Response(_)) {
+        if body_error.load(std::sync::atomic::Ordering::Relaxed)
+            && !matches!(outcome, Outcome::Response(_))
+        {
             // The downstream body was malformed (bad chunking): a protocol
             // error of the client, not an upstream failure (Envoy: 400).
             info.flags.set(Flags::DPE);
@@ -501,7 +505,11 @@ pub async fn forward(
                 } else {
                     b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
                 };
-                super::local_reply::reply_owned(503, bytes::Bytes::from_static(text), Some("text/plain"))
+                super::local_reply::reply_owned(
+                    503,
+                    bytes::Bytes::from_static(text),
+                    Some("text/plain"),
+                )
             }
             Outcome::Timeout => {
                 info.flags.set(Flags::UT);
@@ -545,10 +553,15 @@ fn build_request(
         && !req.headers().contains_key(header::CONTENT_LENGTH)
         && !matches!(
             *req.method(),
-            http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::CONNECT | http::Method::TRACE
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::DELETE
+                | http::Method::CONNECT
+                | http::Method::TRACE
         )
     {
-        req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     }
     match kind {
         PoolKind::Http1 => {

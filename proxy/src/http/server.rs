@@ -33,7 +33,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Recei
             .max_concurrent_streams(h.http2.max_concurrent_streams)
             .initial_stream_window_size(h.http2.initial_stream_window_size)
             .initial_connection_window_size(h.http2.initial_connection_window_size)
-            .max_header_list_size(h.max_request_headers_kb * 1024);
+            .max_header_list_size(h.max_request_headers_kb * 2048 + 8192);
         if h.http2.allow_connect {
             h2.enable_connect_protocol();
         }

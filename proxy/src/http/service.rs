@@ -1,6 +1,6 @@
 //! The per-request pipeline: checks, edge headers, routing, filters, the
 //! router, response headers, stats and access logs.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
 use http::{header, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
@@ -27,6 +27,15 @@ pub struct HcmRuntime {
     pub listener_port: u16,
 }
 
+/// Marks a request whose stream is reset instead of answered.
+const RESET_STREAM: &str = "reset_stream";
+
+/// The service error: hyper resets the HTTP/2 stream (or closes an
+/// HTTP/1 connection) without a response.
+#[derive(Debug, thiserror::Error)]
+#[error("stream reset")]
+pub struct StreamReset;
+
 /// Per-connection facts.
 pub struct ConnCtx {
     pub hcm: Arc<HcmRuntime>,
@@ -41,7 +50,7 @@ pub struct ConnCtx {
 pub async fn handle(
     req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, StreamReset> {
     let start = Instant::now();
     let hcm = &ctx.hcm;
     hcm.stats.rq_total.inc();
@@ -104,9 +113,18 @@ pub async fn handle(
     let body_empty = hyper::body::Body::is_end_stream(&body);
     let h2 = parts.version == Version::HTTP_2;
     let resp = pipeline(&ctx, &mut parts, body, &mut info).await;
+    if info.response_code_details == RESET_STREAM {
+        ctx.hcm.stats.rq_active.dec();
+        ctx.hcm.stats.rq_reset.inc();
+        return Err(StreamReset);
+    }
     info.local_reply = info.response_code_details != "via_upstream";
     info.request_body_unread = !body_empty && info.local_reply && info.upstream_cluster.is_none();
-    let resp = if info.local_reply { shape_local_reply(resp, &info, head_request, h2) } else { resp };
+    let resp = if info.local_reply {
+        shape_local_reply(resp, &info, head_request, h2)
+    } else {
+        resp
+    };
     Ok(finish(&ctx, resp, info, parts.headers))
 }
 
@@ -150,13 +168,21 @@ async fn pipeline(
     {
         info.flags.set(Flags::DPE);
         info.response_code_details = "header_overflow";
+        if parts.version == Version::HTTP_2 {
+            // Envoy's HTTP/2 codec resets the stream instead of answering.
+            info.response_code_details = RESET_STREAM;
+        }
         return reply(431, "Request Header Fields Too Large");
     }
     if parts.version != Version::HTTP_2 {
         if let Some((status, details)) = http1_checks(parts, &info.authority) {
             info.flags.set(Flags::DPE);
             info.response_code_details = details;
-            let text = if status == 501 { "Not Implemented" } else { "Bad Request" };
+            let text = if status == 501 {
+                "Not Implemented"
+            } else {
+                "Bad Request"
+            };
             return reply(status, text);
         }
     }
@@ -179,8 +205,20 @@ async fn pipeline(
         }
     }
     // HTTP/2 splits cookies into several headers; Envoy joins them with "; ".
-    if parts.version == Version::HTTP_2 && parts.headers.get_all(header::COOKIE).iter().nth(1).is_some() {
-        let joined: Vec<&[u8]> = parts.headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()).collect();
+    if parts.version == Version::HTTP_2
+        && parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .nth(1)
+            .is_some()
+    {
+        let joined: Vec<&[u8]> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
         if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
             parts.headers.insert(header::COOKIE, v);
         }
@@ -330,7 +368,10 @@ async fn pipeline(
             let mut r = reply_owned(d.status, d.body.clone().unwrap_or_default(), ct);
             // As Envoy: a 201 or 3xx direct response points Location at the request URL.
             if d.status == 201 || (300..400).contains(&d.status) {
-                if let Ok(v) = HeaderValue::from_str(&format!("{}://{}{}", ctx.scheme, info.authority, info.path)) {
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "{}://{}{}",
+                    ctx.scheme, info.authority, info.path
+                )) {
                     r.headers_mut().insert(header::LOCATION, v);
                 }
             }
@@ -355,7 +396,16 @@ async fn pipeline(
         RouteKind::Forward(action) => {
             // Upgrades (websocket) must be enabled in upgrade_configs, and not
             // disabled on the route; others are refused as Envoy (403).
-            let upgrade_type = upgrade_request(parts);
+            let mut upgrade_type = upgrade_request(parts);
+            // `upgrade: h2c` is ignored (Envoy): the request goes on as HTTP/1.1.
+            if upgrade_type
+                .as_ref()
+                .is_some_and(|t| t.as_bytes().eq_ignore_ascii_case(b"h2c"))
+            {
+                upgrade_type = None;
+                parts.headers.remove(header::UPGRADE);
+                parts.headers.remove("http2-settings");
+            }
             if let Some(t) = &upgrade_type {
                 let name = t.to_str().unwrap_or("").to_ascii_lowercase();
                 let on_route = action
@@ -407,7 +457,12 @@ async fn pipeline(
             if let Some(nh) = weighted_host {
                 if action.append_x_forwarded_host {
                     if let Ok(v) = HeaderValue::from_str(&info.authority) {
-                        headers::append_joined(&mut parts.headers, &headers::X_FORWARDED_HOST, &v, ",");
+                        headers::append_joined(
+                            &mut parts.headers,
+                            &headers::X_FORWARDED_HOST,
+                            &v,
+                            ",",
+                        );
                     }
                 }
                 info.authority = nh;
@@ -415,10 +470,17 @@ async fn pipeline(
             if let Some(nh) = route_host {
                 if let Ok(v) = HeaderValue::from_str(&info.authority) {
                     if action.append_x_forwarded_host {
-                        headers::append_joined(&mut parts.headers, &headers::X_FORWARDED_HOST, &v, ",");
+                        headers::append_joined(
+                            &mut parts.headers,
+                            &headers::X_FORWARDED_HOST,
+                            &v,
+                            ",",
+                        );
                     }
                     if !ctx.hcm.chain.router.suppress_envoy_headers() {
-                        parts.headers.insert(headers::X_ENVOY_ORIGINAL_HOST.clone(), v);
+                        parts
+                            .headers
+                            .insert(headers::X_ENVOY_ORIGINAL_HOST.clone(), v);
                     }
                 }
                 info.authority = nh;
@@ -505,10 +567,41 @@ async fn pipeline(
 fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &'static str)> {
     // Methods Envoy's HTTP/1 codec knows (custom methods are off by default).
     const METHODS: &[&str] = &[
-        "DELETE", "GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS", "TRACE", "COPY", "LOCK", "MKCOL", "MOVE",
-        "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND", "UNBIND", "ACL", "REPORT", "MKACTIVITY",
-        "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PATCH", "PURGE", "MKCALENDAR",
-        "LINK", "UNLINK", "SOURCE", "QUERY",
+        "DELETE",
+        "GET",
+        "HEAD",
+        "POST",
+        "PUT",
+        "CONNECT",
+        "OPTIONS",
+        "TRACE",
+        "COPY",
+        "LOCK",
+        "MKCOL",
+        "MOVE",
+        "PROPFIND",
+        "PROPPATCH",
+        "SEARCH",
+        "UNLOCK",
+        "BIND",
+        "REBIND",
+        "UNBIND",
+        "ACL",
+        "REPORT",
+        "MKACTIVITY",
+        "CHECKOUT",
+        "MERGE",
+        "M-SEARCH",
+        "NOTIFY",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "PATCH",
+        "PURGE",
+        "MKCALENDAR",
+        "LINK",
+        "UNLINK",
+        "SOURCE",
+        "QUERY",
     ];
     if !METHODS.contains(&parts.method.as_str()) {
         return Some((400, "http1.codec_error"));
@@ -525,11 +618,19 @@ fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &
     if target.contains('#') || !target.is_ascii() {
         return Some((400, "http1.codec_error"));
     }
-    let cls: Vec<&http::HeaderValue> = parts.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let cls: Vec<&http::HeaderValue> = parts
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .collect();
     if cls.len() > 1 || cls.first().is_some_and(|v| v.as_bytes().contains(&b',')) {
         return Some((400, "http1.content_length_not_allowed"));
     }
-    let te: Vec<&http::HeaderValue> = parts.headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    let te: Vec<&http::HeaderValue> = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
     if !te.is_empty() {
         if te.len() > 1 || !te[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Some((501, "http1.invalid_transfer_encoding"));
@@ -539,7 +640,10 @@ fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &
         }
     }
     // Host characters (RFC 3986 reg-name, IP literal, port).
-    if !authority.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%@".contains(&b)) {
+    if !authority
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%@".contains(&b))
+    {
         return Some((400, "http1.invalid_characters"));
     }
     None
@@ -548,7 +652,11 @@ fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &
 fn is_grpc(h: &http::HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == "application/grpc" || v.starts_with("application/grpc+") || v.starts_with("application/grpc;"))
+        .is_some_and(|v| {
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        })
 }
 
 /// Envoy's HTTP status to gRPC status mapping for local replies.
@@ -567,7 +675,12 @@ fn grpc_status(http: u16) -> u32 {
 /// gRPC requests get a trailers-only gRPC error; a request whose body was not
 /// read closes the HTTP/1 connection; empty bodies carry no content-length on
 /// HTTP/2, 204 or HEAD.
-fn shape_local_reply(mut resp: Response<Body>, info: &StreamInfo, head: bool, h2: bool) -> Response<Body> {
+fn shape_local_reply(
+    mut resp: Response<Body>,
+    info: &StreamInfo,
+    head: bool,
+    h2: bool,
+) -> Response<Body> {
     use http_body::Body as _;
     if info.grpc {
         let status = resp.status().as_u16();
@@ -578,8 +691,13 @@ fn shape_local_reply(mut resp: Response<Body>, info: &StreamInfo, head: bool, h2
         };
         parts.status = http::StatusCode::OK;
         parts.headers.remove(header::CONTENT_LENGTH);
-        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        parts.headers.insert("grpc-status", HeaderValue::from(grpc_status(status)));
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        parts
+            .headers
+            .insert("grpc-status", HeaderValue::from(grpc_status(status)));
         if !msg.is_empty() {
             if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&msg)) {
                 parts.headers.insert("grpc-message", v);
@@ -588,17 +706,26 @@ fn shape_local_reply(mut resp: Response<Body>, info: &StreamInfo, head: bool, h2
         resp = Response::from_parts(parts, Body::Empty);
     }
     let empty = resp.body().size_hint().exact() == Some(0);
-    if empty && (h2 || head || resp.status() == http::StatusCode::NO_CONTENT || resp.status().is_informational()) {
+    if empty
+        && (h2
+            || head
+            || resp.status() == http::StatusCode::NO_CONTENT
+            || resp.status().is_informational())
+    {
         resp.headers_mut().remove(header::CONTENT_LENGTH);
         let (p, _) = resp.into_parts();
         resp = Response::from_parts(p, Body::None);
         if head && !h2 && resp.status() != http::StatusCode::NO_CONTENT {
             // Envoy's HTTP/1 codec marks a bodyless HEAD reply as chunked.
-            resp.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            resp.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
     }
     if (info.request_body_unread || info.flags.0 & Flags::DPE != 0) && !h2 {
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }
@@ -693,7 +820,13 @@ fn redirect_location(
     finish_location(new_scheme, &host, port.as_deref(), &new_path, &query)
 }
 
-fn finish_location(scheme: &str, host: &str, port: Option<&str>, path: &str, query: &str) -> String {
+fn finish_location(
+    scheme: &str,
+    host: &str,
+    port: Option<&str>,
+    path: &str,
+    query: &str,
+) -> String {
     match port {
         Some(port) => format!("{scheme}://{host}:{port}{path}{query}"),
         None => format!("{scheme}://{host}{path}{query}"),
