@@ -93,8 +93,8 @@ fn reload() {
 }
 
 /// Sets the global level (`/logging?level=debug`).
-pub fn set_level(l: &str) -> Result<(), ()> {
-    let lvl = level(l)?;
+pub fn set_level(l: &str) -> Result<(), String> {
+    let lvl = level(l).map_err(|_| format!("unknown log level {l:?}"))?;
     {
         let mut cur = CURRENT.lock().expect("log level lock");
         cur.0 = lvl.to_owned();
@@ -121,8 +121,8 @@ fn set_components_inner(spec: &str) -> Result<(), String> {
 }
 
 /// Sets per-component levels (`component:level,...`).
-pub fn set_components(spec: &str) -> Result<(), ()> {
-    set_components_inner(spec).map_err(|_| ())?;
+pub fn set_components(spec: &str) -> Result<(), String> {
+    set_components_inner(spec)?;
     reload();
     Ok(())
 }

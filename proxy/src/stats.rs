@@ -355,10 +355,10 @@ impl Store {
             .read()
             .expect("stats lock")
             .get(name)
-            .and_then(|e| match &e.stat {
-                Stat::Counter(c) => Some(c.value() as i64),
-                Stat::Gauge(g) => Some(g.value()),
-                Stat::Histogram(h) => Some(h.snapshot().count as i64),
+            .map(|e| match &e.stat {
+                Stat::Counter(c) => c.value() as i64,
+                Stat::Gauge(g) => g.value(),
+                Stat::Histogram(h) => h.snapshot().count as i64,
             })
     }
 }

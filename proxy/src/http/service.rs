@@ -413,7 +413,7 @@ async fn pipeline(
                     .iter()
                     .find(|(n, _)| *n == name)
                     .map(|(_, e)| *e);
-                let enabled = on_route.unwrap_or_else(|| h.upgrades.iter().any(|u| *u == name));
+                let enabled = on_route.unwrap_or_else(|| h.upgrades.contains(&name));
                 if !enabled {
                     info.response_code_details = "upgrade_failed";
                     return reply(403, "");

@@ -73,8 +73,8 @@ impl RouteConfig {
             }
         }
         // Longest wildcard wins; ties keep config order (stable sort).
-        index.suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        index.prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        index.suffix.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        index.prefix.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Ok(RouteConfig {
             name,
             vhosts,
@@ -331,7 +331,7 @@ pub fn header_value(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 }
 
 /// The first value of query parameter `name` (not percent-decoded, as Envoy).
-pub fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<String> {
+pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     let q = query?;
     for pair in q.split('&') {
         let (k, v) = match pair.split_once('=') {

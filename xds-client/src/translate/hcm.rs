@@ -94,7 +94,7 @@ pub fn hcm(
             Err(e) => errs.extend(e),
         }
     }
-    let common = p.common_http_protocol_options.clone().unwrap_or_default();
+    let common = p.common_http_protocol_options.unwrap_or_default();
     let cpath = join(path, "common_http_protocol_options");
     let mut collect = |r: Result<Option<Duration>, ConfigErrors>| match r {
         Ok(v) => v,

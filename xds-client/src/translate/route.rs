@@ -486,12 +486,11 @@ fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, Conf
             errs.extend(e);
             HeaderMutations::default()
         });
-        let host_rewrite = match &c.host_rewrite_specifier {
-            Some(
-                r::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(s),
-            ) => Some(s.clone()),
-            None => None,
-        };
+        let host_rewrite = c.host_rewrite_specifier.as_ref().map(|h| match h {
+            r::weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(s) => {
+                s.clone()
+            }
+        });
         clusters.push(WeightedCluster {
             name: c.name.as_str().into(),
             weight: c.weight.as_ref().map(|v| v.value).unwrap_or(0),
