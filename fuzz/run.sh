@@ -22,8 +22,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz --version "${CARGO_FUZZ_VERSION}"
 fi
 
-# The fuzz crate has its own lockfile; refuse to run with a stale one.
-cargo fetch --locked --quiet
+# The fuzz crate has its own lockfile; refuse to run with a stale one (it
+# goes stale when xds-client gains a dependency).
+if ! cargo fetch --locked --quiet; then
+    echo "error: fuzz/Cargo.lock is out of date; run" >&2
+    echo "  cargo update --manifest-path fuzz/Cargo.toml --workspace" >&2
+    echo "and commit fuzz/Cargo.lock" >&2
+    exit 1
+fi
 
 echo "--- building fuzz targets"
 cargo fuzz build --sanitizer none
