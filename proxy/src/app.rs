@@ -95,6 +95,7 @@ impl Server {
                 stats: HttpStats::new(&stats, &h.stat_prefix),
                 logs,
                 listener_port: bound.port(),
+                buffer_limit: l.buffer_limit,
             });
             tracing::info!(listener = %l.name, address = %bound, "listener bound");
             listeners.push(Arc::new(ListenerRuntime {

@@ -1,26 +1,96 @@
 //! One body type for downstream responses and upstream requests, so the
-//! hot path needs no boxing: empty, a full buffer, or a streamed hyper body.
+//! hot path needs no boxing: empty, a full buffer, or a streamed hyper body,
+//! plus wrappers that watch a stream's timers (Envoy's `request_timeout`,
+//! `stream_idle_timeout`, `max_stream_duration`) and count bytes for logs.
 use std::{
+    future::Future,
     pin::Pin,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why weir ended a stream's body.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("request timeout")]
+    RequestTimeout,
+    #[error("stream idle timeout")]
+    Idle,
+    #[error("max stream duration reached")]
+    Duration,
+}
+
+/// Shared facts about one stream, updated by its bodies.
+#[derive(Debug)]
+pub struct StreamState {
+    pub start: Instant,
+    /// Milliseconds since `start` of the last byte seen in either direction.
+    last_activity_ms: AtomicU64,
+    pub request_complete: AtomicBool,
+    pub body_error: AtomicBool,
+    pub request_timed_out: AtomicBool,
+}
+
+impl StreamState {
+    pub fn new(start: Instant) -> Arc<Self> {
+        Arc::new(StreamState {
+            start,
+            last_activity_ms: AtomicU64::new(0),
+            request_complete: AtomicBool::new(false),
+            body_error: AtomicBool::new(false),
+            request_timed_out: AtomicBool::new(false),
+        })
+    }
+
+    pub fn touch(&self) {
+        self.last_activity_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    pub fn last_activity(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_activity_ms.load(Relaxed))
+    }
+}
 
 pub enum Body {
     Empty,
     /// Empty, but with no declared length (no content-length is written).
     None,
-    /// A downstream body whose errors are recorded (a malformed chunked
-    /// body must become a 400, not an upstream failure).
-    Watched(Incoming, std::sync::Arc<std::sync::atomic::AtomicBool>),
     Full(Option<Bytes>),
     Incoming(Incoming),
-    /// A streamed body with a hook that runs when the stream ends or is dropped
+    /// The downstream request body: records activity, completion and
+    /// errors (a malformed chunked body must become a 400, not an upstream
+    /// failure), and ends with an error at `request_timeout`.
+    Watched(Box<Watched>),
+    /// An upstream response body under the stream idle timeout and the max
+    /// stream duration: a stall ends it with an error (the stream is reset).
+    Timed(Box<Timed>),
+    /// A body with a hook that runs when the stream ends or is dropped
     /// (access logs, stats).
     Tracked(Box<Tracked>),
+}
+
+pub struct Watched {
+    pub inner: Incoming,
+    pub state: Arc<StreamState>,
+    pub deadline: Option<Pin<Box<Sleep>>>,
+}
+
+pub struct Timed {
+    pub inner: Incoming,
+    pub state: Arc<StreamState>,
+    pub idle: Option<Duration>,
+    pub idle_sleep: Option<Pin<Box<Sleep>>>,
+    pub deadline: Option<Pin<Box<Sleep>>>,
 }
 
 /// Counts bytes and calls `done` exactly once.
@@ -62,27 +132,102 @@ impl Body {
             done: Some(done),
         }))
     }
+
+    /// The downstream request body, watched.
+    pub fn watched(
+        inner: Incoming,
+        state: Arc<StreamState>,
+        request_timeout: Option<Duration>,
+    ) -> Body {
+        let deadline = request_timeout.map(|t| Box::pin(tokio::time::sleep_until(state.start + t)));
+        Body::Watched(Box::new(Watched {
+            inner,
+            state,
+            deadline,
+        }))
+    }
+
+    /// An upstream response body under the stream's idle and duration timers.
+    pub fn timed(
+        inner: Incoming,
+        state: Arc<StreamState>,
+        idle: Option<Duration>,
+        max_duration: Option<Duration>,
+    ) -> Body {
+        if idle.is_none() && max_duration.is_none() {
+            return Body::Incoming(inner);
+        }
+        let idle_sleep = idle.map(|d| Box::pin(tokio::time::sleep(d)));
+        let deadline = max_duration.map(|d| Box::pin(tokio::time::sleep_until(state.start + d)));
+        Body::Timed(Box::new(Timed {
+            inner,
+            state,
+            idle,
+            idle_sleep,
+            deadline,
+        }))
+    }
 }
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Body::Empty | Body::None => Poll::Ready(None),
-            Body::Watched(i, flag) => {
-                let r = Pin::new(i).poll_frame(cx);
-                if let Poll::Ready(Some(Err(_))) = &r {
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                r
-            }
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Incoming(i) => Pin::new(i).poll_frame(cx),
+            Body::Incoming(i) => Pin::new(i).poll_frame(cx).map_err(Into::into),
+            Body::Watched(w) => {
+                let r = Pin::new(&mut w.inner).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(_))) => {
+                        w.state.touch();
+                        if w.inner.is_end_stream() {
+                            w.state.request_complete.store(true, Relaxed);
+                        }
+                    }
+                    Poll::Ready(None) => w.state.request_complete.store(true, Relaxed),
+                    Poll::Ready(Some(Err(_))) => w.state.body_error.store(true, Relaxed),
+                    Poll::Pending => {
+                        if let Some(d) = &mut w.deadline {
+                            if d.as_mut().poll(cx).is_ready() {
+                                w.state.request_timed_out.store(true, Relaxed);
+                                return Poll::Ready(Some(Err(StreamError::RequestTimeout.into())));
+                            }
+                        }
+                    }
+                }
+                r.map_err(Into::into)
+            }
+            Body::Timed(t) => {
+                let r = Pin::new(&mut t.inner).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(_))) => {
+                        t.state.touch();
+                        if let (Some(idle), Some(s)) = (t.idle, &mut t.idle_sleep) {
+                            s.as_mut().reset(Instant::now() + idle);
+                        }
+                    }
+                    Poll::Pending => {
+                        if let Some(s) = &mut t.idle_sleep {
+                            if s.as_mut().poll(cx).is_ready() {
+                                return Poll::Ready(Some(Err(StreamError::Idle.into())));
+                            }
+                        }
+                        if let Some(d) = &mut t.deadline {
+                            if d.as_mut().poll(cx).is_ready() {
+                                return Poll::Ready(Some(Err(StreamError::Duration.into())));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                r.map_err(Into::into)
+            }
             Body::Tracked(t) => {
                 let r = Pin::new(&mut t.inner).poll_frame(cx);
                 match &r {
@@ -106,9 +251,10 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Empty | Body::None => true,
-            Body::Watched(i, _) => i.is_end_stream(),
             Body::Full(b) => b.is_none(),
             Body::Incoming(i) => i.is_end_stream(),
+            Body::Watched(w) => w.inner.is_end_stream(),
+            Body::Timed(t) => t.inner.is_end_stream(),
             Body::Tracked(t) => t.inner.is_end_stream() && t.done.is_none(),
         }
     }
@@ -117,10 +263,11 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::None => SizeHint::default(),
-            Body::Watched(i, _) => i.size_hint(),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Incoming(i) => i.size_hint(),
+            Body::Watched(w) => w.inner.size_hint(),
+            Body::Timed(t) => t.inner.size_hint(),
             Body::Tracked(t) => t.inner.size_hint(),
         }
     }

@@ -155,6 +155,9 @@ pub async fn accept_loop(
             local,
             id,
             scheme,
+            active_streams: std::sync::atomic::AtomicU32::new(0),
+            idle_since_ms: std::sync::atomic::AtomicU64::new(0),
+            opened: tokio::time::Instant::now(),
         });
         let lr2 = lr.clone();
         let shared2 = shared.clone();

@@ -571,3 +571,77 @@ async fn h2_upstream_gets_authority_and_max_requests_per_connection() {
         w.stat("cluster.a.upstream_cx_total")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_timers_idle_request_duration_and_connection_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream::http1("a").await.expect("upstream");
+    let routes = r#"            - name: main
+              domains: ["*"]
+              routes:
+              - match: {prefix: /route-idle}
+                route: {cluster: a, idle_timeout: 0.2s, timeout: 0s}
+              - match: {prefix: /msd}
+                route: {cluster: a, timeout: 0s, max_stream_duration: {max_stream_duration: 0.2s}}
+              - match: {prefix: /}
+                route: {cluster: a, timeout: 0s}
+"#;
+    let hcm = "          stream_idle_timeout: 0.3s\n          request_timeout: 0.3s\n          common_http_protocol_options: {idle_timeout: 0.3s}\n";
+    let w = Weir::start(&config(routes, &cluster("a", up.port(), ""), hcm));
+    let c = client();
+    let base = format!("http://{}", w.addr());
+    // The upstream is silent longer than the stream idle timeout.
+    let (s, _, b) = get(&c, format!("{base}/slow"), &[("x-echo-delay-ms", "2000")]).await;
+    assert_eq!((s, &b[..]), (408, &b"stream timeout"[..]));
+    // A route's idle_timeout overrides the HCM's.
+    let t = std::time::Instant::now();
+    let (s, _, _) = get(
+        &c,
+        format!("{base}/route-idle"),
+        &[("x-echo-delay-ms", "2000")],
+    )
+    .await;
+    assert_eq!(s, 408);
+    assert!(t.elapsed() < Duration::from_millis(1500));
+    let (s, _, b) = get(&c, format!("{base}/msd"), &[("x-echo-delay-ms", "2000")]).await;
+    assert_eq!((s, &b[..]), (408, &b"downstream duration timeout"[..]));
+    // request_timeout: the body never completes.
+    let mut s = tokio::net::TcpStream::connect(w.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\nabc")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.ends_with("request timeout"), "{text}");
+    // The HCM idle timeout closes a connection with no streams.
+    let mut s = tokio::net::TcpStream::connect(w.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("response");
+    let t = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "idle connection closed after ~0.3s"
+    );
+}

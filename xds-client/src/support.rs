@@ -99,7 +99,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "idle_timeout", "max_connection_duration", "max_headers_count", "max_stream_duration",
         "headers_with_underscores_action", "max_requests_per_connection",
     ]),
-    ("envoy.config.core.v3.Http1ProtocolOptions", &["accept_http_10", "default_host_for_http_10", "~allow_chunked_length"]),
+    ("envoy.config.core.v3.Http1ProtocolOptions", &["accept_http_10", "default_host_for_http_10"]),
     ("envoy.config.core.v3.Http2ProtocolOptions", &[
         "max_concurrent_streams", "initial_stream_window_size", "initial_connection_window_size",
         "allow_connect", "connection_keepalive", "~hpack_table_size", "~max_outbound_frames",
@@ -158,7 +158,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "response_headers_to_add", "response_headers_to_remove", "host_rewrite_literal",
     ]),
     ("envoy.config.route.v3.RetryPolicy", &[
-        "retry_on", "num_retries", "per_try_timeout", "per_try_idle_timeout", "retry_host_predicate",
+        "retry_on", "num_retries", "per_try_timeout", "retry_host_predicate",
         "host_selection_retry_max_attempts", "retriable_status_codes", "retry_back_off",
     ]),
     ("envoy.config.route.v3.RetryPolicy.RetryBackOff", &["base_interval", "max_interval"]),
@@ -196,8 +196,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "name", "alt_stat_name", "type", "connect_timeout", "lb_policy", "load_assignment",
         "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
-        "least_request_lb_config", "per_connection_buffer_limit_bytes", "common_lb_config",
-        "~cleanup_interval", "~metadata", "~dns_resolvers", "~use_tcp_for_dns_lookups",
+        "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
+        "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
     ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold"]),

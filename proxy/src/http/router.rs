@@ -14,11 +14,8 @@ use xds_client::config::{
 use super::headers::*;
 use super::info::{Flags, StreamInfo};
 use super::local_reply::{reply, NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
-use crate::body::Body;
+use crate::body::{Body, StreamState};
 use crate::upstream::{ClusterManager, ClusterRuntime, Host, PoolKind};
-
-/// Bodies up to this size are buffered so the request can be retried.
-const RETRY_BUFFER: u64 = 64 * 1024;
 
 /// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -43,6 +40,90 @@ pub struct Forward<'a> {
     /// An accepted upgrade (e.g. websocket): the `upgrade` header value and
     /// the downstream connection's upgrade future.
     pub upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    /// The listener's `per_connection_buffer_limit_bytes`: request bodies up
+    /// to this size are buffered so they can be replayed on retry (Envoy
+    /// disables retries for larger bodies).
+    pub buffer_limit: u32,
+    /// The stream's shared state and timers.
+    pub state: Arc<StreamState>,
+    pub timers: StreamTimers,
+}
+
+/// Envoy's per-stream timers (`None` = disabled).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamTimers {
+    /// `stream_idle_timeout` or the route's `idle_timeout`.
+    pub idle: Option<Duration>,
+    /// HCM `request_timeout`.
+    pub request: Option<Duration>,
+    /// `max_stream_duration` (HCM or route, or a capped `grpc-timeout`).
+    pub max_duration: Option<Duration>,
+}
+
+/// Which stream timer fired.
+enum StreamTimeout {
+    Idle,
+    Request,
+    Duration,
+}
+
+/// Resolves when one of the stream's timers fires; pending forever when
+/// none is configured.
+async fn stream_timers(state: &StreamState, t: StreamTimers) -> StreamTimeout {
+    if t.idle.is_none() && t.request.is_none() && t.max_duration.is_none() {
+        return std::future::pending().await;
+    }
+    loop {
+        let now = Instant::now();
+        let mut next = now + Duration::from_secs(3600);
+        if let Some(m) = t.max_duration {
+            let at = state.start + m;
+            if now >= at {
+                return StreamTimeout::Duration;
+            }
+            next = next.min(at);
+        }
+        if let Some(r) = t.request {
+            if !state
+                .request_complete
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let at = state.start + r;
+                if now >= at {
+                    return StreamTimeout::Request;
+                }
+                next = next.min(at);
+            }
+        }
+        if let Some(i) = t.idle {
+            let at = state.last_activity() + i;
+            if now >= at {
+                return StreamTimeout::Idle;
+            }
+            next = next.min(at);
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+/// The local reply for a fired stream timer, as Envoy.
+fn stream_timeout_reply(which: StreamTimeout, info: &mut StreamInfo) -> Response<Body> {
+    match which {
+        StreamTimeout::Idle => {
+            info.flags.set(Flags::SI);
+            info.response_code_details = "stream_idle_timeout";
+            reply(408, "stream timeout")
+        }
+        StreamTimeout::Request => {
+            info.response_code_details = "request_overall_timeout";
+            reply(408, "request timeout")
+        }
+        StreamTimeout::Duration => {
+            info.flags.set(Flags::DT);
+            info.response_code_details = "max_duration_timeout";
+            reply(408, "downstream duration timeout")
+        }
+    }
 }
 
 /// The cluster a request goes to, resolved before header mutations run.
@@ -294,7 +375,7 @@ pub async fn forward(
         let small = hyper::body::Body::is_end_stream(b)
             || hyper::body::Body::size_hint(b)
                 .upper()
-                .is_some_and(|u| u <= RETRY_BUFFER);
+                .is_some_and(|u| u <= u64::from(f.buffer_limit));
         if small {
             let b = stream_body.take().expect("set above");
             match b.collect().await {
@@ -311,7 +392,8 @@ pub async fn forward(
         }
     }
     let deadline = global.map(|g| Instant::now() + g);
-    let body_error = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let state = f.state.clone();
+    let timers = f.timers;
     let kind = if upgrade.is_some() {
         PoolKind::Http1
     } else {
@@ -350,7 +432,7 @@ pub async fn forward(
         }
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Body::full(b.clone()),
-            (None, Some(s)) => Body::Watched(s, body_error.clone()),
+            (None, Some(s)) => Body::watched(s, state.clone(), timers.request),
             (None, None) => Body::Empty,
         };
         // auto_host_rewrite: the chosen host's hostname becomes the authority.
@@ -387,9 +469,19 @@ pub async fn forward(
         let started = Instant::now();
         let client = cluster.pool(kind);
         let fut = client.request(host.addr, req);
-        let res = match try_timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.ok(),
-            None => Some(fut.await),
+        let timed = async {
+            match try_timeout {
+                Some(t) => tokio::time::timeout(t, fut).await.ok(),
+                None => Some(fut.await),
+            }
+        };
+        let res = tokio::select! {
+            r = timed => r,
+            which = stream_timers(&state, timers) => {
+                host.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                cluster.stats.upstream_rq_active.dec();
+                return stream_timeout_reply(which, info);
+            }
         };
         host.active
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -442,7 +534,14 @@ pub async fn forward(
             cluster.stats.upstream_rq_retry_success.inc();
         }
         info.upstream_service_time = Some(upstream_start.elapsed());
-        if body_error.load(std::sync::atomic::Ordering::Relaxed)
+        if state
+            .request_timed_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && !matches!(outcome, Outcome::Response(_))
+        {
+            return stream_timeout_reply(StreamTimeout::Request, info);
+        }
+        if state.body_error.load(std::sync::atomic::Ordering::Relaxed)
             && !matches!(outcome, Outcome::Response(_))
         {
             // The downstream body was malformed (bad chunking): a protocol
@@ -480,7 +579,10 @@ pub async fn forward(
                     );
                 }
                 rp.version = Version::HTTP_11;
-                Response::from_parts(rp, Body::Incoming(rb))
+                Response::from_parts(
+                    rp,
+                    Body::timed(rb, state.clone(), timers.idle, timers.max_duration),
+                )
             }
             Outcome::ConnectFailure(reason) => {
                 info.flags.set(Flags::UF);

@@ -21,7 +21,11 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Recei
         let mut h1 = b.http1();
         h1.timer(TokioTimer::new())
             .keep_alive(true)
-            .max_buf_size(((h.max_request_headers_kb as usize) * 1024 + 4096).max(8192))
+            .max_buf_size(
+                ((h.max_request_headers_kb as usize) * 1024 + 4096)
+                    .max(ctx.hcm.buffer_limit as usize)
+                    .max(8192),
+            )
             .max_headers(h.max_headers_count as usize + 1);
         if let Some(t) = h.request_headers_timeout {
             h1.header_read_timeout(t);
@@ -63,10 +67,13 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Recei
     if *drain.borrow() {
         conn.as_mut().graceful_shutdown();
     }
+    let idle = ctx.idle_timeout(h.idle_timeout);
+    tokio::pin!(idle);
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = drain.wait_for(|d| *d) => {}
         _ = &mut max_dur => {}
+        _ = &mut idle => {}
     }
     // Drain: HTTP/1 answers with `connection: close`, HTTP/2 sends GOAWAY;
     // in-flight requests finish.

@@ -25,6 +25,8 @@ pub struct HcmRuntime {
     pub stats: crate::metrics::HttpStats,
     pub logs: Vec<Arc<crate::access_log::Logger>>,
     pub listener_port: u16,
+    /// The listener's `per_connection_buffer_limit_bytes`.
+    pub buffer_limit: u32,
 }
 
 /// Marks a request whose stream is reset instead of answered.
@@ -44,6 +46,42 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     pub id: u64,
     pub scheme: &'static str,
+    /// Streams in flight on this connection (for the HCM idle timeout).
+    pub active_streams: std::sync::atomic::AtomicU32,
+    /// When the connection last became idle, in ms since `opened`.
+    pub idle_since_ms: std::sync::atomic::AtomicU64,
+    pub opened: Instant,
+}
+
+impl ConnCtx {
+    fn stream_done(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.idle_since_ms
+            .store(self.opened.elapsed().as_millis() as u64, Relaxed);
+        self.active_streams.fetch_sub(1, Relaxed);
+    }
+
+    /// Resolves once the connection has had no stream for `idle` (Envoy's
+    /// HCM `idle_timeout`); pending forever when `idle` is `None`.
+    pub async fn idle_timeout(&self, idle: Option<std::time::Duration>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let since =
+                self.opened + std::time::Duration::from_millis(self.idle_since_ms.load(Relaxed));
+            if self.active_streams.load(Relaxed) == 0 && since.elapsed() >= idle {
+                return;
+            }
+            let wait = if self.active_streams.load(Relaxed) == 0 {
+                (since + idle).saturating_duration_since(Instant::now())
+            } else {
+                idle
+            };
+            tokio::time::sleep(wait.max(std::time::Duration::from_millis(1))).await;
+        }
+    }
 }
 
 /// The hyper service entry point; never fails (errors become responses).
@@ -53,6 +91,8 @@ pub async fn handle(
 ) -> Result<Response<Body>, StreamReset> {
     let start = Instant::now();
     let hcm = &ctx.hcm;
+    ctx.active_streams
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     hcm.stats.rq_total.inc();
     hcm.stats.rq_active.inc();
     let (mut parts, body) = req.into_parts();
@@ -116,6 +156,7 @@ pub async fn handle(
     if info.response_code_details == RESET_STREAM {
         ctx.hcm.stats.rq_active.dec();
         ctx.hcm.stats.rq_reset.inc();
+        ctx.stream_done();
         return Err(StreamReset);
     }
     info.local_reply = info.response_code_details != "via_upstream";
@@ -508,6 +549,22 @@ async fn pipeline(
                 suppress_envoy_headers: ctx.hcm.chain.router.suppress_envoy_headers(),
                 downstream_h2: parts.version == Version::HTTP_2,
                 upgrade: None,
+                buffer_limit: ctx.hcm.buffer_limit,
+                state: {
+                    let st = crate::body::StreamState::new(info.start_instant);
+                    if hyper::body::Body::is_end_stream(&body) {
+                        st.request_complete
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    st
+                },
+                timers: router::StreamTimers {
+                    idle: action.idle_timeout.or(h.stream_idle_timeout),
+                    request: h.request_timeout,
+                    max_duration: grpc_timeout(action, &parts.headers)
+                        .or(action.max_stream_duration)
+                        .or(h.max_stream_duration),
+                },
             };
             let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
             let upgrade = match upgrade_type {
@@ -647,6 +704,32 @@ fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &
         return Some((400, "http1.invalid_characters"));
     }
     None
+}
+
+/// `grpc-timeout` capped by `max_stream_duration.grpc_timeout_header_max`
+/// (Envoy uses it as the stream's max duration when configured).
+fn grpc_timeout(
+    action: &xds_client::config::RouteAction,
+    h: &http::HeaderMap,
+) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let cap = action.grpc_timeout_header_max?;
+    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 {
+        return None;
+    }
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(if d.is_zero() { cap } else { d.min(cap) })
 }
 
 fn is_grpc(h: &http::HeaderMap) -> bool {
@@ -883,6 +966,7 @@ fn finish(
     let (parts, body) = resp.into_parts();
     let body = body.tracked(Box::new(move |bytes, _complete| {
         let stats = &ctx2.hcm.stats;
+        ctx2.stream_done();
         stats.rq_active.dec();
         stats.record_status(info.response_code);
         let elapsed = info.start_instant.elapsed();
