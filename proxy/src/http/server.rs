@@ -21,11 +21,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Recei
         let mut h1 = b.http1();
         h1.timer(TokioTimer::new())
             .keep_alive(true)
-            .max_buf_size(
-                ((h.max_request_headers_kb as usize) * 1024 + 4096)
-                    .max(ctx.hcm.buffer_limit as usize)
-                    .max(8192),
-            )
+            .max_buf_size(((h.max_request_headers_kb as usize) * 1024 + 4096).max(8192))
             .max_headers(h.max_headers_count as usize + 1);
         if let Some(t) = h.request_headers_timeout {
             h1.header_read_timeout(t);
