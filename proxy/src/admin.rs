@@ -39,12 +39,13 @@ pub async fn bind(addr: &ListenAddress) -> std::io::Result<AdminListener> {
 pub async fn serve(l: AdminListener, shared: Arc<Shared>) {
     loop {
         let s = shared.clone();
-        let svc = service_fn(move |req| handle(req, s.clone()));
         match &l {
             AdminListener::Tcp(t) => {
-                let Ok((stream, _)) = t.accept().await else {
+                let Ok((stream, peer)) = t.accept().await else {
                     continue;
                 };
+                let local = stream.local_addr().unwrap_or(peer);
+                let svc = service_fn(move |req| logged(req, s.clone(), peer, local));
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -56,6 +57,8 @@ pub async fn serve(l: AdminListener, shared: Arc<Shared>) {
                 let Ok((stream, _)) = u.accept().await else {
                     continue;
                 };
+                let none = SocketAddr::from(([0, 0, 0, 0], 0));
+                let svc = service_fn(move |req| logged(req, s.clone(), none, none));
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -157,6 +160,47 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Serves one admin request and writes `admin.access_log` lines.
+async fn logged(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<Resp, Infallible> {
+    if shared.admin_logs.is_empty() {
+        return handle(req, shared).await;
+    }
+    let start = tokio::time::Instant::now();
+    let mut info = crate::http::info::StreamInfo::new(
+        start,
+        "HTTP/1.1",
+        req.method().clone(),
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned(),
+        "http",
+        peer,
+        local,
+        0,
+    );
+    info.request_headers = Some(req.headers().clone());
+    let resp = handle(req, shared.clone()).await?;
+    info.response_code = resp.status().as_u16();
+    info.response_headers = Some(resp.headers().clone());
+    info.bytes_sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+    info.duration = Some(start.elapsed());
+    for l in &shared.admin_logs {
+        l.log(&info);
+    }
+    Ok(resp)
 }
 
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infallible> {

@@ -47,6 +47,8 @@ pub struct Shared {
     pub healthcheck_failed: AtomicBool,
     pub admin_addr: Mutex<Option<SocketAddr>>,
     pub workers: usize,
+    /// `admin.access_log` loggers.
+    pub admin_logs: Vec<Arc<Logger>>,
 }
 
 /// A running server.
@@ -117,7 +119,7 @@ impl Server {
             options,
             started: std::time::SystemTime::now(),
             listeners,
-            writer,
+            writer: writer.clone(),
             drain,
             exit: Notify::new(),
             exit_requested: AtomicBool::new(false),
@@ -126,6 +128,12 @@ impl Server {
             healthcheck_failed: AtomicBool::new(false),
             admin_addr: Mutex::new(None),
             workers,
+            admin_logs: snapshot
+                .admin
+                .iter()
+                .flat_map(|a| a.access_logs.iter())
+                .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
+                .collect(),
         });
         shared.server_stats.concurrency.set(workers as i64);
         shared

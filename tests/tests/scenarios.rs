@@ -645,3 +645,30 @@ async fn stream_timers_idle_request_duration_and_connection_idle() {
         "idle connection closed after ~0.3s"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_access_log() {
+    let path = std::env::temp_dir().join(format!("weir-admin-al-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let routes = "            - name: v\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                direct_response: {status: 200}\n";
+    let yaml = config(routes, &cluster("a", 1, ""), "").replace(
+        "admin: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}",
+        &format!(
+            "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n  access_log:\n  - name: f\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n      path: {}\n      log_format: {{text_format_source: {{inline_string: \"%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE%\\n\"}}}}\n",
+            path.display()
+        ),
+    );
+    let w = Weir::start(&yaml);
+    let (s, _, _) = get(&client(), format!("http://{}/ready", w.admin()), &[]).await;
+    assert_eq!(s, 200);
+    let mut text = String::new();
+    for _ in 0..100 {
+        w.server.as_ref().expect("running").shared.writer.flush();
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        if !text.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(text, "GET /ready 200\n");
+}

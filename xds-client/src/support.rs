@@ -25,13 +25,12 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "overload_manager", "bootstrap_extensions",
         "~stats_flush_interval", "~stats_flush_on_admin", "~enable_dispatcher_stats",
         "~stats_server_version_override", "~watchdog", "~watchdogs", "~use_tcp_for_dns_lookups",
-        "~dns_resolution_config", "~typed_dns_resolver_config", "~fatal_actions",
-        "~certificate_provider_instances", "~inline_headers", "~perf_tracing_file_path",
+        "~fatal_actions", "~inline_headers", "~perf_tracing_file_path",
         "~default_regex_engine", "~memory_allocator_manager",
     ]),
     ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "~secrets"]),
     ("envoy.config.bootstrap.v3.Admin", &[
-        "address", "access_log", "socket_options", "~access_log_path", "~profile_path",
+        "address", "access_log", "~access_log_path", "~profile_path",
         "~ignore_global_conn_limit",
     ]),
     ("envoy.config.bootstrap.v3.LayeredRuntime", &["**"]),
@@ -323,9 +322,69 @@ pub fn accepted_without_effect() -> impl Iterator<Item = (&'static str, &'static
     })
 }
 
+/// Renders `docs/config-support.md` from the table.
+pub fn render_markdown() -> String {
+    let mut out = String::from(
+        "# Configuration weir implements\n\n\
+         Generated from `xds-client/src/support.rs` (`UPDATE_DOCS=1 cargo test -p xds-client support` \
+         rewrites it). A field set in a configuration that is not listed for its message is \
+         rejected at startup (or NACKed) with its field path. Fields in the *accepted without \
+         effect* column only tune machinery weir does not have; they are accepted and ignored. \
+         Messages marked *whole* are accepted entirely. Value limits (an LB policy or cluster type \
+         not built yet) are checked by the translator and also rejected with the field path.\n\n\
+         | message | implemented fields | accepted without effect |\n|---|---|---|\n",
+    );
+    for (m, fields) in SUPPORTED {
+        let (imp, acc): (Vec<&str>, Vec<&str>) = if fields.first() == Some(&"**") {
+            (vec!["*whole message*"], vec![])
+        } else {
+            (
+                fields
+                    .iter()
+                    .filter(|f| !f.starts_with('~'))
+                    .copied()
+                    .collect(),
+                fields.iter().filter_map(|f| f.strip_prefix('~')).collect(),
+            )
+        };
+        let fmt = |v: Vec<&str>| {
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                v.iter()
+                    .map(|f| {
+                        if f.starts_with('*') {
+                            f.to_string()
+                        } else {
+                            format!("`{f}`")
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        out.push_str(&format!("| `{m}` | {} | {} |\n", fmt(imp), fmt(acc)));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn support_doc_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config-support.md");
+        let want = render_markdown();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(path, &want).expect("write docs");
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            have == want,
+            "docs/config-support.md is stale: run UPDATE_DOCS=1 cargo test -p xds-client support"
+        );
+    }
 
     #[test]
     fn every_table_entry_names_a_real_message_and_field() {

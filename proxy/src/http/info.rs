@@ -49,6 +49,55 @@ pub struct StreamInfo {
     pub request_body_unread: bool,
 }
 
+impl StreamInfo {
+    /// Facts known when a request arrives.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        start_instant: tokio::time::Instant,
+        protocol: &'static str,
+        method: Method,
+        path: String,
+        authority: String,
+        scheme: &'static str,
+        peer: SocketAddr,
+        local: SocketAddr,
+        connection_id: u64,
+    ) -> StreamInfo {
+        StreamInfo {
+            start: SystemTime::now(),
+            start_instant,
+            protocol,
+            method,
+            path,
+            authority,
+            scheme,
+            request_headers: None,
+            response_headers: None,
+            response_code: 0,
+            response_code_details: "",
+            flags: Flags::default(),
+            bytes_received: 0,
+            bytes_sent: 0,
+            duration: None,
+            upstream_service_time: None,
+            upstream_host: None,
+            upstream_cluster: None,
+            upstream_failure_reason: None,
+            upstream_metadata: None,
+            route_name: None,
+            downstream_remote: peer,
+            downstream_direct_remote: peer,
+            downstream_local: local,
+            connection_id,
+            attempt_count: 0,
+            request_id: None,
+            grpc: false,
+            local_reply: false,
+            request_body_unread: false,
+        }
+    }
+}
+
 /// Envoy response flags, as a bit set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flags(pub u32);

@@ -1,6 +1,6 @@
 //! The per-request pipeline: checks, edge headers, routing, filters, the
 //! router, response headers, stats and access logs.
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{header, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
@@ -113,42 +113,22 @@ pub async fn handle(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let mut info = StreamInfo {
-        start: SystemTime::now(),
-        start_instant: start,
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let mut info = StreamInfo::new(
+        start,
         protocol,
-        method: parts.method.clone(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into()),
+        parts.method.clone(),
+        path,
         authority,
-        scheme: ctx.scheme,
-        request_headers: None,
-        response_headers: None,
-        response_code: 0,
-        response_code_details: "",
-        flags: Flags::default(),
-        bytes_received: 0,
-        bytes_sent: 0,
-        duration: None,
-        upstream_service_time: None,
-        upstream_host: None,
-        upstream_cluster: None,
-        upstream_failure_reason: None,
-        upstream_metadata: None,
-        route_name: None,
-        downstream_remote: ctx.peer,
-        downstream_direct_remote: ctx.peer,
-        downstream_local: ctx.local,
-        connection_id: ctx.id,
-        attempt_count: 0,
-        request_id: None,
-        grpc: false,
-        local_reply: false,
-        request_body_unread: false,
-    };
+        ctx.scheme,
+        ctx.peer,
+        ctx.local,
+        ctx.id,
+    );
     let head_request = parts.method == http::Method::HEAD;
     let body_empty = hyper::body::Body::is_end_stream(&body);
     let h2 = parts.version == Version::HTTP_2;
