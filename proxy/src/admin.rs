@@ -9,7 +9,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use xds_client::config::ListenAddress;
 
-use crate::{app::begin_drain, stats::StatValue, Shared};
+use crate::{stats::StatValue, Shared};
 
 /// A bound admin listener.
 pub enum AdminListener {
@@ -324,19 +324,21 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             text(StatusCode::OK, "OK\n")
         }
         "/drain_listeners" => {
-            // inboundonly: only listeners with traffic_direction INBOUND stop;
-            // weir drains all of its listeners together today, so refuse a
-            // partial drain rather than drain the wrong ones.
-            if has("inboundonly") && shared.listeners.iter().any(|l| !l.config.inbound) {
-                text(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "inboundonly with outbound listeners present is not implemented\n",
-                )
-            } else {
-                // As Envoy, draining listeners does not exit the process.
-                begin_drain(&shared, false);
-                text(StatusCode::OK, "OK\n")
+            // As Envoy: `inboundonly` drains only INBOUND listeners, `graceful`
+            // keeps accepting (and draining) for --drain-time-s before the
+            // sockets close; the process does not exit.
+            let inbound_only = has("inboundonly");
+            let graceful = has("graceful");
+            let drain_time = std::time::Duration::from_secs(shared.options.drain_time_s);
+            for l in &shared.listeners {
+                if !inbound_only || l.config.inbound {
+                    l.drain(graceful, drain_time);
+                }
             }
+            if !inbound_only {
+                shared.server_stats.state.set(2);
+            }
+            text(StatusCode::OK, "OK\n")
         }
         "/reset_counters" => {
             shared.stats.reset_counters();

@@ -106,6 +106,8 @@ impl Server {
                 stats: ListenerStats::new(&stats, &l.stat_prefix),
                 bound,
                 sockets: std::sync::Mutex::new(sockets.into_iter().map(Some).collect()),
+                stop_accept: watch::channel(false).0,
+                drain_conns: watch::channel(false).0,
             }));
         }
         let (drain, _) = watch::channel(false);
@@ -206,7 +208,6 @@ impl Server {
                                         l,
                                         sock,
                                         s.clone(),
-                                        s.drain.subscribe(),
                                     ))),
                                     Err(e) => {
                                         tracing::error!(error = %e, "cannot clone listener socket")
@@ -259,6 +260,9 @@ impl Server {
 /// Starts draining; with `exit`, the process stops when drained.
 pub fn begin_drain(shared: &Arc<Shared>, exit: bool) {
     shared.drain.send_replace(true);
+    for l in &shared.listeners {
+        l.drain(false, Duration::ZERO);
+    }
     shared.server_stats.state.set(2); // DRAINING
     if exit && !shared.exit_requested.swap(true, Ordering::SeqCst) {
         let s = shared.clone();

@@ -20,7 +20,7 @@ pub struct Options {
     /// component:level,component:level (applies to weir's modules).
     #[arg(long = "component-log-level")]
     pub component_log_level: Option<String>,
-    /// Accepted for compatibility; weir's log line layout is its own.
+    /// Envoy's (spdlog) log line pattern, e.g. `[%Y-%m-%d %T.%e][%t][%l][%n] %v`.
     #[arg(long = "log-format")]
     pub log_format: Option<String>,
     /// Write logs to this file instead of stderr.

@@ -22,6 +22,28 @@ pub struct ListenerRuntime {
     /// One socket per worker (SO_REUSEPORT, or dups of one socket), taken
     /// by each worker at start so a drain really closes them.
     pub sockets: std::sync::Mutex<Vec<Option<StdListener>>>,
+    /// true: stop accepting and close the sockets.
+    pub stop_accept: watch::Sender<bool>,
+    /// true: drain connections (HTTP/1 `connection: close`, HTTP/2 GOAWAY).
+    pub drain_conns: watch::Sender<bool>,
+}
+
+impl ListenerRuntime {
+    /// Starts draining this listener. `graceful` keeps accepting (and
+    /// draining the new connections too) for `drain_time`, as Envoy's
+    /// `/drain_listeners?graceful`; otherwise the sockets close now.
+    pub fn drain(self: &Arc<Self>, graceful: bool, drain_time: std::time::Duration) {
+        self.drain_conns.send_replace(true);
+        if graceful && !drain_time.is_zero() {
+            let me = self.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(drain_time);
+                me.stop_accept.send_replace(true);
+            });
+        } else {
+            self.stop_accept.send_replace(true);
+        }
+    }
 }
 
 fn socket(addr: SocketAddr, l: &Listener) -> std::io::Result<Socket> {
@@ -111,12 +133,9 @@ pub fn bind(l: &Listener, workers: usize) -> std::io::Result<(SocketAddr, Vec<St
 }
 
 /// Accepts on one worker's socket until drained.
-pub async fn accept_loop(
-    lr: Arc<ListenerRuntime>,
-    socket: StdListener,
-    shared: Arc<Shared>,
-    mut drain: watch::Receiver<bool>,
-) {
+pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: Arc<Shared>) {
+    let mut stop = lr.stop_accept.subscribe();
+    let drain = lr.drain_conns.subscribe();
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
@@ -128,7 +147,7 @@ pub async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = drain.wait_for(|d| *d) => return,
+            _ = stop.wait_for(|d| *d) => return,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,

@@ -31,11 +31,146 @@ fn build() -> EnvFilter {
     EnvFilter::try_new(&s).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Installs the global subscriber (once).
+/// Formats events with an Envoy (spdlog) `--log-format` pattern. Supported
+/// flags: `%Y %m %d %H %M %S %T %e %f %F %z %l %L %n %v %j %t %P %g %s %# %@
+/// %! %%`; other characters are written as they are.
+struct EnvoyFormat {
+    pattern: String,
+}
+
+#[derive(Default)]
+struct Collect {
+    message: String,
+    fields: String,
+}
+
+impl tracing::field::Visit for Collect {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields
+                .push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.fields.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for EnvoyFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        w.write_str(&render_pattern(&self.pattern, event))?;
+        writeln!(w)
+    }
+}
+
+/// Renders one event with an Envoy log pattern.
+fn render_pattern(pattern: &str, event: &tracing::Event<'_>) -> String {
+    use std::fmt::Write as _;
+    let meta = event.metadata();
+    let mut c = Collect::default();
+    event.record(&mut c);
+    let msg = format!("{}{}", c.message, c.fields);
+    let ts = crate::http::info::format_time(
+        std::time::SystemTime::now(),
+        Some("%Y-%m-%d %H:%M:%S %6f %9f"),
+    );
+    let mut parts = ts.split(' ');
+    let date = parts.next().unwrap_or("");
+    let time = parts.next().unwrap_or("");
+    let us = parts.next().unwrap_or("");
+    let ns = parts.next().unwrap_or("");
+    let level = match *meta.level() {
+        tracing::Level::TRACE => "trace",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::INFO => "info",
+        tracing::Level::WARN => "warning",
+        tracing::Level::ERROR => "error",
+    };
+    let name = meta.target().rsplit("::").next().unwrap_or("weir");
+    let file = meta.file().unwrap_or("");
+    let line = meta.line().unwrap_or(0);
+    let mut out = String::new();
+    let mut chars = pattern.chars();
+    while let Some(ch) = chars.next() {
+        if ch != '%' {
+            out.push(ch);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(date.get(0..4).unwrap_or("")),
+            Some('m') => out.push_str(date.get(5..7).unwrap_or("")),
+            Some('d') => out.push_str(date.get(8..10).unwrap_or("")),
+            Some('H') => out.push_str(time.get(0..2).unwrap_or("")),
+            Some('M') => out.push_str(time.get(3..5).unwrap_or("")),
+            Some('S') => out.push_str(time.get(6..8).unwrap_or("")),
+            Some('T') => out.push_str(time),
+            Some('e') => out.push_str(us.get(0..3).unwrap_or("")),
+            Some('f') => out.push_str(us),
+            Some('F') => out.push_str(ns),
+            Some('z') => out.push_str("+00:00"),
+            Some('l') => out.push_str(level),
+            Some('L') => out.push_str(&level[..1].to_ascii_uppercase()),
+            Some('n') => out.push_str(name),
+            Some('v') => out.push_str(&msg),
+            Some('j') => {
+                let j = serde_json::to_string(&msg).unwrap_or_default();
+                out.push_str(j.get(1..j.len().saturating_sub(1)).unwrap_or(""));
+            }
+            Some('t') => {
+                let _ = write!(out, "{}", thread_id());
+            }
+            Some('P') => {
+                let _ = write!(out, "{}", std::process::id());
+            }
+            Some('g') => out.push_str(file),
+            Some('s') => out.push_str(file.rsplit('/').next().unwrap_or(file)),
+            Some('#') => {
+                let _ = write!(out, "{line}");
+            }
+            Some('@') => {
+                let _ = write!(out, "{file}:{line}");
+            }
+            Some('!') => out.push_str(meta.target()),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+fn thread_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! { static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed); }
+    ID.with(|i| *i)
+}
+
+/// Installs the global subscriber (once). `log_format` is Envoy's
+/// `--log-format` pattern; without it weir uses tracing's default layout.
 pub fn init(
     log_level: &str,
     components: Option<&str>,
     log_path: Option<&str>,
+    log_format: Option<&str>,
 ) -> Result<(), String> {
     let lvl = level(log_level).map_err(|_| format!("unknown log level {log_level:?}"))?;
     CURRENT.lock().expect("log level lock").0 = lvl.to_owned();
@@ -55,15 +190,33 @@ pub fn init(
         }
         None => Box::new(|| Box::new(std::io::stderr())),
     };
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_target(true);
-    if tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .try_init()
-        .is_ok()
-    {
+    let ansi = log_path.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ok = match log_format {
+        Some(p) => {
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .event_format(EnvoyFormat {
+                    pattern: p.to_owned(),
+                });
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .try_init()
+                .is_ok()
+        }
+        None => {
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_target(true)
+                .with_ansi(ansi);
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .try_init()
+                .is_ok()
+        }
+    };
+    if ok {
         let _ = HANDLE.set(handle);
     }
     Ok(())

@@ -8,9 +8,15 @@ fn main() {
         &o.log_level,
         o.component_log_level.as_deref(),
         o.log_path.as_deref(),
+        o.log_format.as_deref(),
     ) {
         eprintln!("weir: {e}");
         std::process::exit(1);
+    }
+    if o.enable_core_dump {
+        if let Err(e) = weir::netif::enable_core_dumps() {
+            eprintln!("weir: --enable-core-dump: {e}");
+        }
     }
     let (bootstrap, snapshot) = match weir::load_config(&o) {
         Ok(x) => x,

@@ -1,4 +1,5 @@
-//! The host's interface addresses (for Envoy's "local address").
+//! Small OS interfaces: the host's interface addresses (Envoy's "local
+//! address") and core-dump limits.
 use std::net::IpAddr;
 
 /// The first non-loopback address of the family, from getifaddrs(3).
@@ -41,4 +42,26 @@ pub fn first_non_loopback(v6: bool) -> Option<IpAddr> {
     // SAFETY: `addrs` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(addrs) };
     found
+}
+
+/// `--enable-core-dump`: raise RLIMIT_CORE to its hard maximum and make the
+/// process dumpable.
+#[allow(unsafe_code)]
+pub fn enable_core_dumps() -> std::io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit/setrlimit to read and write.
+    if unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above; prctl(PR_SET_DUMPABLE, 1) takes plain integers.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &lim) } != 0
+        || unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -23,16 +23,36 @@ pub struct ParseOptions {
 
 /// Parses YAML (a superset of JSON) into a `Bootstrap`.
 pub fn parse_bootstrap(text: &str, opts: ParseOptions) -> Result<Bootstrap, ConfigErrors> {
-    let value = text_to_json(text)?;
+    match parse_bootstrap_collect(text, opts) {
+        (Some(b), errs) if errs.is_empty() => Ok(b),
+        (_, errs) => Err(errs),
+    }
+}
+
+/// Parses as far as possible: the bootstrap (unknown fields dropped) when
+/// it deserialises, and every error found on the way.
+pub fn parse_bootstrap_collect(
+    text: &str,
+    opts: ParseOptions,
+) -> (Option<Bootstrap>, ConfigErrors) {
+    let value = match text_to_json(text) {
+        Ok(v) => v,
+        Err(e) => return (None, e),
+    };
     let desc = pool()
         .get_message_by_name("envoy.config.bootstrap.v3.Bootstrap")
         .expect("descriptor pool has Bootstrap");
-    let dynamic = json_to_message(value, &desc, opts)?;
-    dynamic.transcode_to::<Bootstrap>().map_err(|e| {
-        let mut errs = ConfigErrors::default();
-        errs.push("", format!("bootstrap does not transcode: {e}"));
-        errs
-    })
+    let (dynamic, mut errs) = json_to_message_collect(value, &desc, opts);
+    let Some(dynamic) = dynamic else {
+        return (None, errs);
+    };
+    match dynamic.transcode_to::<Bootstrap>() {
+        Ok(b) => (Some(b), errs),
+        Err(e) => {
+            errs.push("", format!("bootstrap does not transcode: {e}"));
+            (None, errs)
+        }
+    }
 }
 
 /// Parses `-c` text and merges `--config-yaml` over it with protobuf merge
@@ -86,17 +106,39 @@ pub fn text_to_json(text: &str) -> Result<Value, ConfigErrors> {
 
 /// Normalises and deserialises a JSON value as message `desc`.
 pub fn json_to_message(
-    mut value: Value,
+    value: Value,
     desc: &MessageDescriptor,
     opts: ParseOptions,
 ) -> Result<DynamicMessage, ConfigErrors> {
+    let (msg, errs) = json_to_message_collect(value, desc, opts);
+    match msg {
+        Some(m) if errs.is_empty() => Ok(m),
+        _ => Err(errs),
+    }
+}
+
+/// Like [`json_to_message`], but returns the message alongside the errors
+/// found so far (unknown fields are dropped), so callers can go on finding
+/// more errors (`--mode validate` lists every one).
+pub fn json_to_message_collect(
+    mut value: Value,
+    desc: &MessageDescriptor,
+    opts: ParseOptions,
+) -> (Option<DynamicMessage>, ConfigErrors) {
     let mut errs = ConfigErrors::default();
     normalize(&mut value, desc, "", opts, &mut errs);
-    if !errs.is_empty() {
-        return Err(errs);
+    match deserialize(&value, desc) {
+        Ok(m) => (Some(m), errs),
+        Err(e) => {
+            errs.extend(e);
+            (None, errs)
+        }
     }
+}
+
+fn deserialize(value: &Value, desc: &MessageDescriptor) -> Result<DynamicMessage, ConfigErrors> {
     let mut track = serde_path_to_error::Track::new();
-    let de = serde_path_to_error::Deserializer::new(&value, &mut track);
+    let de = serde_path_to_error::Deserializer::new(value, &mut track);
     DynamicMessage::deserialize(desc.clone(), de).map_err(|e| {
         let path = track.path().to_string();
         let path = if path == "." { String::new() } else { path };
@@ -137,9 +179,10 @@ pub fn normalize(
             .get_field_by_name(&key)
             .or_else(|| desc.get_field_by_json_name(&key));
         let Some(field) = field else {
-            if opts.allow_unknown_fields {
-                map.remove(&key);
-            } else {
+            // Reported (unless allowed) and dropped, so later stages can
+            // still find the config's other errors.
+            map.remove(&key);
+            if !opts.allow_unknown_fields {
                 errs.push(join(path, &key), format!("unknown field {key:?} in {full}"));
             }
             continue;

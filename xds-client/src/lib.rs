@@ -28,7 +28,35 @@ pub fn load_bootstrap(
     ),
     ConfigErrors,
 > {
-    let b = bootstrap::parse_and_merge(config, config_yaml, opts)?;
-    let s = translate::bootstrap_to_snapshot(&b)?;
-    Ok((b, s))
+    // Collect as many errors as possible: parse problems (unknown fields,
+    // bad values) and translation problems of what did parse.
+    let (mut base, mut errs) = match config {
+        Some(t) => bootstrap::parse_bootstrap_collect(t, opts),
+        None => (Some(Default::default()), ConfigErrors::default()),
+    };
+    if let Some(t) = config_yaml {
+        let (over, mut e) = bootstrap::parse_bootstrap_collect(t, opts);
+        for err in &mut e.0 {
+            err.path = error::join("--config-yaml", &err.path);
+        }
+        errs.extend(e);
+        match (&mut base, over) {
+            (Some(b), Some(o)) => {
+                use prost::Message;
+                if let Err(e) = b.merge(o.encode_to_vec().as_slice()) {
+                    errs.push("--config-yaml", e.to_string());
+                }
+            }
+            _ => base = None,
+        }
+    }
+    let Some(b) = base else { return Err(errs) };
+    match translate::bootstrap_to_snapshot(&b) {
+        Ok(s) if errs.is_empty() => Ok((b, s)),
+        Ok(_) => Err(errs),
+        Err(e) => {
+            errs.extend(e);
+            Err(errs)
+        }
+    }
 }

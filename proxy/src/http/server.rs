@@ -71,6 +71,17 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Recei
         _ = &mut max_dur => {}
         _ = &mut idle => {}
     }
+    // --drain-strategy gradual spreads connection closes over the drain
+    // time (Envoy raises the close probability linearly); immediate closes
+    // at once.
+    if *drain.borrow() && ctx.shared.options.drain_strategy == crate::cli::DrainStrategy::Gradual {
+        let span = std::time::Duration::from_secs(ctx.shared.options.drain_time_s);
+        let wait = span.mul_f64(rand::random::<f64>());
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
     // Drain: HTTP/1 answers with `connection: close`, HTTP/2 sends GOAWAY;
     // in-flight requests finish.
     conn.as_mut().graceful_shutdown();

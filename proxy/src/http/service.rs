@@ -944,7 +944,11 @@ fn finish(
     }
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
-    let body = body.tracked(Box::new(move |bytes, _complete| {
+    let body = body.tracked(Box::new(move |bytes, complete| {
+        if !complete {
+            // The response did not reach its end: downstream went away (DC).
+            info.flags.set(Flags::DC);
+        }
         let stats = &ctx2.hcm.stats;
         ctx2.stream_done();
         stats.rq_active.dec();
