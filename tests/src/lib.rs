@@ -7,6 +7,7 @@
 pub mod client;
 pub mod diff;
 pub mod proc;
+pub mod scenario;
 pub mod upstream;
 
 pub use proc::{EnvoyProc, ProxyProc, WeirProc};

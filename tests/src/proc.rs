@@ -163,6 +163,16 @@ impl WeirProc {
 impl ProxyProc {
     /// Starts `binary` (Envoy-compatible command line) on `config`.
     pub fn start(kind: &'static str, binary: &Path, config: &str) -> anyhow::Result<ProxyProc> {
+        ProxyProc::start_with_args(kind, binary, config, &[])
+    }
+
+    /// [`ProxyProc::start`] with extra command-line arguments appended.
+    pub fn start_with_args(
+        kind: &'static str,
+        binary: &Path,
+        config: &str,
+        extra_args: &[String],
+    ) -> anyhow::Result<ProxyProc> {
         let admin_port = admin_port(config)?;
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let dir =
@@ -187,6 +197,7 @@ impl ProxyProc {
             ])
             .arg("--base-id")
             .arg(base_id.to_string())
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -213,6 +224,11 @@ impl ProxyProc {
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Everything the process wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
     }
 
     /// Whether the process is still running.

@@ -12,6 +12,7 @@
 //! | `x-echo-fail-times: K` | apply `x-echo-status` only to the first `K` requests of an id |
 //! | `x-echo-id: ID`        | count requests per id; the count is reported as `seen`        |
 //! | `x-echo-delay-ms: N`   | wait `N` ms (at most 10 s) before answering                   |
+//! | `x-echo-delay-times: K`| apply `x-echo-delay-ms` only to the first `K` requests of an id |
 //! | `x-echo-body-size: N`  | answer with `N` bytes of `a` (text/plain) instead of JSON     |
 //! | `x-echo-header-NAME: V`| add response header `NAME: V`                                 |
 //!
@@ -174,7 +175,13 @@ async fn handle(
         }
         None => 0,
     };
-    if let Some(ms) = header(&parts, "x-echo-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+    let delay_applies = header(&parts, "x-echo-delay-times")
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none_or(|k| seen <= k);
+    if let Some(ms) = header(&parts, "x-echo-delay-ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|_| delay_applies)
+    {
         tokio::time::sleep(Duration::from_millis(ms.min(MAX_DELAY_MS))).await;
     }
     let mut status = header(&parts, "x-echo-status")
