@@ -104,6 +104,10 @@ impl Options {
             &concurrency.to_string(),
             "-l",
             "warning",
+            "--drain-strategy",
+            "immediate",
+            "--drain-time-s",
+            "5",
         ])
     }
 }

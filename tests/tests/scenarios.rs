@@ -401,6 +401,7 @@ async fn drain_finishes_in_flight_requests() {
         .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let server = w.server.take().expect("running");
+    let t0 = std::time::Instant::now();
     server.begin_shutdown();
     for t in inflight {
         assert_eq!(
@@ -415,6 +416,7 @@ async fn drain_finishes_in_flight_requests() {
     tokio::task::spawn_blocking(move || server.wait())
         .await
         .expect("exits");
+    assert!(t0.elapsed() < Duration::from_secs(5), "exits once drained");
 }
 
 fn w_addr(base: &str) -> SocketAddr {
