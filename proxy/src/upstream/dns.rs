@@ -27,12 +27,22 @@ async fn resolve(host: &str, family: DnsFamily) -> Result<(Vec<IpAddr>, Option<D
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok((vec![ip], None));
     }
+    // /etc/hosts first, as the system resolver does; names found there never
+    // cause a DNS query.
+    let from_hosts = hosts_file_lookup(host);
+    if !from_hosts.is_empty() {
+        return Ok((filter_family(from_hosts, family), None));
+    }
     let r = resolver().ok_or("no DNS resolver")?;
     let lookup = r.lookup_ip(host).await.map_err(|e| e.to_string())?;
     let ttl = lookup
         .valid_until()
         .checked_duration_since(std::time::Instant::now());
-    let all: Vec<IpAddr> = lookup.iter().collect();
+    Ok((filter_family(lookup.iter().collect(), family), ttl))
+}
+
+/// Applies `dns_lookup_family` to a set of addresses.
+fn filter_family(all: Vec<IpAddr>, family: DnsFamily) -> Vec<IpAddr> {
     let v4: Vec<IpAddr> = all.iter().copied().filter(IpAddr::is_ipv4).collect();
     let v6: Vec<IpAddr> = all.iter().copied().filter(IpAddr::is_ipv6).collect();
     let ips = match family {
@@ -55,7 +65,26 @@ async fn resolve(host: &str, family: DnsFamily) -> Result<(Vec<IpAddr>, Option<D
         }
         DnsFamily::All => all,
     };
-    Ok((ips, ttl))
+    ips
+}
+
+/// Addresses for `name` in /etc/hosts.
+fn hosts_file_lookup(name: &str) -> Vec<IpAddr> {
+    let Ok(text) = std::fs::read_to_string("/etc/hosts") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut fields = line.split_whitespace();
+        let Some(ip) = fields.next().and_then(|f| f.parse::<IpAddr>().ok()) else {
+            continue;
+        };
+        if fields.any(|n| n.eq_ignore_ascii_case(name)) && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 /// Resolves every endpoint once and installs the hosts; returns the TTL.
