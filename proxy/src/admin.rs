@@ -263,7 +263,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             param("filter"),
             has("usedonly"),
         ),
-        "/config_dump" => config_dump(&shared, param("resource"), param("name_regex")),
+        "/config_dump" => config_dump(&shared, &params),
         "/clusters" => clusters(&shared, param("format").as_deref() == Some("json")),
         "/listeners" => {
             if param("format").as_deref() == Some("json") {
@@ -498,54 +498,140 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-fn config_dump(shared: &Shared, resource: Option<String>, name_regex: Option<String>) -> Resp {
-    use prost::Message;
-    let desc = xds_client::descriptors::pool()
-        .get_message_by_name("envoy.config.bootstrap.v3.Bootstrap")
-        .expect("bootstrap descriptor");
-    let dm =
-        prost_reflect::DynamicMessage::decode(desc, shared.bootstrap.encode_to_vec().as_slice());
-    let bootstrap = match dm {
-        Ok(d) => serde_json::to_value(&d).unwrap_or(serde_json::Value::Null),
-        Err(_) => serde_json::Value::Null,
+/// A proto message as Envoy's admin prints it: JSON with proto field names.
+fn proto_json<M: prost::Message + prost::Name>(m: &M) -> serde_json::Value {
+    let Some(desc) = xds_client::descriptors::pool().get_message_by_name(&M::full_name()) else {
+        return serde_json::Value::Null;
     };
-    let re = name_regex.and_then(|r| regex::Regex::new(&r).ok());
+    let Ok(dm) = prost_reflect::DynamicMessage::decode(desc, m.encode_to_vec().as_slice()) else {
+        return serde_json::Value::Null;
+    };
+    let opts = prost_reflect::SerializeOptions::new().use_proto_field_name(true);
+    let mut ser = serde_json::Serializer::new(Vec::new());
+    if dm.serialize_with_options(&mut ser, &opts).is_err() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&ser.into_inner()).unwrap_or(serde_json::Value::Null)
+}
+
+/// Keeps `@type` and the masked (dotted) field paths of a JSON object.
+fn apply_mask(v: &serde_json::Value, paths: &[&str]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    if let Some(t) = v.get("@type") {
+        out.insert("@type".into(), t.clone());
+    }
+    // Group the paths by their first segment so `a.b,a.c` keeps both.
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for p in paths {
+        let (first, rest) = match p.split_once('.') {
+            Some((f, r)) => (f, Some(r)),
+            None => (*p, None),
+        };
+        let idx = match groups.iter().position(|(f, _)| *f == first) {
+            Some(i) => i,
+            None => {
+                groups.push((first, Vec::new()));
+                groups.len() - 1
+            }
+        };
+        match rest {
+            Some(r) => groups[idx].1.push(r),
+            // The whole field: an empty sub-mask list means "everything".
+            None => groups[idx].1.push(""),
+        }
+    }
+    for (first, rests) in groups {
+        let Some(val) = v.get(first) else { continue };
+        let val = if rests.iter().any(|r| r.is_empty()) {
+            val.clone()
+        } else {
+            match val {
+                serde_json::Value::Array(items) => {
+                    serde_json::Value::Array(items.iter().map(|i| apply_mask(i, &rests)).collect())
+                }
+                other => apply_mask(other, &rests),
+            }
+        };
+        out.insert(first.to_owned(), val);
+    }
+    serde_json::Value::Object(out)
+}
+
+fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
+    use xds_client::api::envoy::config::bootstrap::v3::Bootstrap;
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let re = match param("name_regex").map(|r| regex::Regex::new(&r)) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid name_regex: {e}\n"),
+            )
+        }
+        None => None,
+    };
     let keep = |name: &str| re.as_ref().is_none_or(|r| r.is_match(name));
-    let sr = bootstrap
-        .get("staticResources")
-        .cloned()
-        .unwrap_or(serde_json::Value::Null);
+    let b: &Bootstrap = &shared.bootstrap;
+    let last_updated = crate::http::info::format_time(shared.started, None);
+    let sr = b.static_resources.clone().unwrap_or_default();
     let listeners: Vec<_> = sr
-        .get("listeners")
-        .and_then(|l| l.as_array())
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|l| keep(l.get("name").and_then(|n| n.as_str()).unwrap_or("")))
-        .map(|l| serde_json::json!({"listener": l}))
+        .listeners
+        .iter()
+        .filter(|l| keep(&l.name))
+        .map(|l| serde_json::json!({"listener": proto_json(l), "last_updated": last_updated}))
         .collect();
     let clusters: Vec<_> = sr
-        .get("clusters")
-        .and_then(|l| l.as_array())
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| keep(c.get("name").and_then(|n| n.as_str()).unwrap_or("")))
-        .map(|c| serde_json::json!({"cluster": c}))
+        .clusters
+        .iter()
+        .filter(|c| keep(&c.name))
+        .map(|c| serde_json::json!({"cluster": proto_json(c), "last_updated": last_updated}))
         .collect();
-    let configs = vec![
-        serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": bootstrap}),
+    let endpoints: Vec<_> = sr
+        .clusters
+        .iter()
+        .filter(|c| keep(&c.name))
+        .filter_map(|c| c.load_assignment.as_ref())
+        .map(|la| serde_json::json!({"endpoint_config": proto_json(la), "last_updated": last_updated}))
+        .collect();
+    let mut configs = vec![
+        serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": proto_json(b), "last_updated": last_updated}),
         serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters}),
         serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners}),
     ];
-    match resource.as_deref() {
-        Some("static_listeners") => json(serde_json::json!({"configs": listeners})),
-        Some("static_clusters") => json(serde_json::json!({"configs": clusters})),
-        Some(other) => text(
-            StatusCode::BAD_REQUEST,
-            format!("unknown or unsupported resource {other:?}\n"),
+    if params.iter().any(|(k, _)| k == "include_eds") {
+        configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "static_endpoint_configs": endpoints}));
+    }
+    let mask = param("mask");
+    let mask_paths: Vec<&str> = mask
+        .as_deref()
+        .map(|m| m.split(',').filter(|p| !p.is_empty()).collect())
+        .unwrap_or_default();
+    let masked = |v: serde_json::Value| {
+        if mask_paths.is_empty() {
+            v
+        } else {
+            apply_mask(&v, &mask_paths)
+        }
+    };
+    match param("resource").as_deref() {
+        // As Envoy: resource= returns the entries of that repeated field.
+        Some(r) => {
+            let found = configs
+                .iter()
+                .find_map(|c| c.get(r).and_then(|v| v.as_array()).cloned());
+            match found {
+                Some(items) => json(
+                    serde_json::json!({"configs": items.into_iter().map(masked).collect::<Vec<_>>()}),
+                ),
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown or unsupported resource {r:?}\n"),
+                ),
+            }
+        }
+        None => json(
+            serde_json::json!({"configs": configs.into_iter().map(masked).collect::<Vec<_>>()}),
         ),
-        None => json(serde_json::json!({"configs": configs})),
     }
 }
 

@@ -323,6 +323,29 @@ async fn admin_endpoints() {
     let (s, _, b) = get(&c, format!("{admin}/config_dump"), &[]).await;
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&b).contains("BootstrapConfigDump"));
+    let (s, _, b) = get(
+        &c,
+        format!("{admin}/config_dump?resource=static_clusters&mask=cluster.name,cluster.connect_timeout"),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
+    assert_eq!(
+        v["configs"][0]["cluster"],
+        serde_json::json!({"name": "a", "connect_timeout": "1s"}),
+        "proto field names, masked"
+    );
+    let (_, _, b) = get(
+        &c,
+        format!("{admin}/config_dump?include_eds&resource=static_endpoint_configs"),
+        &[],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
+    assert_eq!(v["configs"][0]["endpoint_config"]["cluster_name"], "a");
+    let (s, _, _) = get(&c, format!("{admin}/config_dump?resource=nope"), &[]).await;
+    assert_eq!(s, 400);
     let (s, _, b) = get(&c, format!("{admin}/server_info"), &[]).await;
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&b).contains("\"state\": \"LIVE\""));
