@@ -481,7 +481,6 @@ async fn request_header_formatting_commands() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "weir bug: lb_endpoints[].metadata is rejected (envoy.config.core.v3.Metadata missing from the support table)"]
 async fn upstream_metadata_in_headers() {
     let a = echo("a").await;
     let routes = r#"              - match: {prefix: "/"}
@@ -490,13 +489,12 @@ async fn upstream_metadata_in_headers() {
                 - header: {key: x-meta, value: "%UPSTREAM_METADATA([\"ns\", \"key\"])%"}
                 response_headers_to_add:
                 - header: {key: x-resp-meta, value: "%UPSTREAM_METADATA([\"ns\", \"key\"])%"}
-                - header: {key: x-resp-num, value: "%UPSTREAM_METADATA([\"ns\", \"num\"])%"}
 "#;
     let eps = locality(
         0,
         &[(
             a.port(),
-            "metadata: {filter_metadata: {ns: {key: meta-value, num: 7}}}",
+            "metadata: {filter_metadata: {ns: {key: meta-value}}}",
         )],
     );
     let p = Cfg::new(&vhost(routes), &cluster_eps("meta", "", &eps)).start();
@@ -507,7 +505,31 @@ async fn upstream_metadata_in_headers() {
     // headers see the chosen host.
     assert_eq!(echo_header(&r.echo(), "x-meta"), None);
     assert_eq!(r.header("x-resp-meta"), Some("meta-value"));
-    assert_eq!(r.header("x-resp-num"), Some("7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: numeric endpoint metadata renders as \"7.0\" in %UPSTREAM_METADATA% (Envoy: \"7\")"]
+async fn upstream_metadata_numbers_render_as_envoy() {
+    let a = echo("a").await;
+    let routes = r#"              - match: {prefix: "/"}
+                route: {cluster: meta}
+                response_headers_to_add:
+                - header: {key: x-int, value: "%UPSTREAM_METADATA([\"ns\", \"int\"])%"}
+                - header: {key: x-float, value: "%UPSTREAM_METADATA([\"ns\", \"float\"])%"}
+                - header: {key: x-bool, value: "%UPSTREAM_METADATA([\"ns\", \"bool\"])%"}
+"#;
+    let eps = locality(
+        0,
+        &[(
+            a.port(),
+            "metadata: {filter_metadata: {ns: {int: 7, float: 2.5, bool: true}}}",
+        )],
+    );
+    let p = Cfg::new(&vhost(routes), &cluster_eps("meta", "", &eps)).start();
+    let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
+    assert_eq!(r.header("x-int"), Some("7"));
+    assert_eq!(r.header("x-float"), Some("2.5"));
+    assert_eq!(r.header("x-bool"), Some("true"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1709,5 +1731,269 @@ async fn stdout_access_log_from_the_binary() {
             "stdout-line 200 /s1 a",
             "stdout-line 200 /s2 a"
         ]
+    );
+}
+
+// ---------------------------------------------------------------- HCM timeouts and connection limits
+
+/// Reads until EOF (or `limit`): whether the peer closed, and what came.
+async fn read_until_close(s: &mut tokio::net::TcpStream, limit: Duration) -> (bool, String) {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return (false, String::from_utf8_lossy(&all).into_owned()),
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&all).into_owned()),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Sends a POST whose body never completes (5 of 10 bytes) and reads
+/// until the proxy closes: the raw response.
+async fn incomplete_post(p: &Proxy) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(p.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhalf.")
+        .await
+        .expect("write");
+    let (closed, got) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(closed, "not closed: {got}");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_timeouts_with_an_incomplete_request_are_408() {
+    let a = echo("a").await;
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          stream_idle_timeout: 0.2s\n")
+        .start();
+    let got = incomplete_post(&p).await;
+    assert!(got.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\nstream timeout"), "{got}");
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          common_http_protocol_options: {max_stream_duration: 0.2s}\n")
+        .start();
+    let got = incomplete_post(&p).await;
+    assert!(got.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{got}");
+    assert!(
+        got.ends_with("\r\n\r\ndownstream duration timeout"),
+        "{got}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: stream idle / max stream duration timeouts answer 408 even when the request was complete (Envoy: 504); no downstream_rq_idle_timeout stat"]
+async fn stream_timeouts_after_a_complete_request_are_504() {
+    let a = echo("a").await;
+    let slow = [("x-echo-delay-ms", "1500")];
+    let http = Http::h1();
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          stream_idle_timeout: 0.2s\n")
+        .start();
+    let r = http.get(&format!("{}/", p.base()), &slow).await;
+    assert_eq!((r.status, r.text().as_str()), (504, "stream timeout"));
+    assert_eq!(
+        p.stat("http.ingress.downstream_rq_idle_timeout").await,
+        Some(1)
+    );
+    // The route's idle_timeout overrides the HCM's stream_idle_timeout.
+    let routes = format!(
+        "{}{}",
+        route("/quick", "a", ", idle_timeout: 0.2s"),
+        route("/", "a", "")
+    );
+    let p = Cfg::new(&vhost(&routes), &cluster("a", a.port()))
+        .hcm("          stream_idle_timeout: 5s\n")
+        .start();
+    let r = http.get(&format!("{}/quick", p.base()), &slow).await;
+    assert_eq!((r.status, r.text().as_str()), (504, "stream timeout"));
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          common_http_protocol_options: {max_stream_duration: 0.2s}\n")
+        .start();
+    let r = http.get(&format!("{}/", p.base()), &slow).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (504, "downstream duration timeout")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_idle_timeout_overrides_stream_idle_timeout() {
+    let a = echo("a").await;
+    let routes = format!(
+        "{}{}",
+        route("/quick", "a", ", idle_timeout: 0.2s"),
+        route("/", "a", "")
+    );
+    let p = Cfg::new(&vhost(&routes), &cluster("a", a.port()))
+        .hcm("          stream_idle_timeout: 5s\n")
+        .start();
+    let http = Http::h1();
+    let r = http
+        .get(
+            &format!("{}/quick", p.base()),
+            &[("x-echo-delay-ms", "1500")],
+        )
+        .await;
+    assert_eq!(r.text(), "stream timeout");
+    let r = http
+        .get(&format!("{}/", p.base()), &[("x-echo-delay-ms", "400")])
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: no http.<prefix>.downstream_rq_max_duration_reached stat"]
+async fn max_stream_duration_is_counted() {
+    let a = echo("a").await;
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          common_http_protocol_options: {max_stream_duration: 0.2s}\n")
+        .start();
+    let r = Http::h1()
+        .get(&format!("{}/", p.base()), &[("x-echo-delay-ms", "1500")])
+        .await;
+    assert!(r.status >= 400);
+    assert_eq!(
+        p.stat("http.ingress.downstream_rq_max_duration_reached")
+            .await,
+        Some(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_for_a_slow_request_body() {
+    let a = echo("a").await;
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          request_timeout: 0.3s\n")
+        .start();
+    let got = incomplete_post(&p).await;
+    assert!(got.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\nrequest timeout"), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: the 408 for request_timeout lacks connection: close; no downstream_rq_timeout stat"]
+async fn request_timeout_closes_and_is_counted() {
+    let a = echo("a").await;
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          request_timeout: 0.3s\n")
+        .start();
+    let got = incomplete_post(&p).await;
+    assert!(
+        got.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{got}"
+    );
+    assert_eq!(p.stat("http.ingress.downstream_rq_timeout").await, Some(1));
+}
+
+const OK_ROUTE: &str =
+    "              - match: {prefix: \"/\"}\n                direct_response: {status: 200, body: {inline_string: ok}}\n";
+
+/// Sends one request on a fresh connection, then waits for the proxy to
+/// close it: (closed, elapsed since the response, everything read).
+async fn close_after_one_request(p: &Proxy) -> (bool, Duration, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(p.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let t = std::time::Instant::now();
+    let (closed, rest) = read_until_close(&mut s, Duration::from_secs(4)).await;
+    (closed, t.elapsed(), format!("{head}{rest}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_idle_timeout_closes_idle_connections() {
+    // Envoy drains (drain_timeout) before closing an idle HTTP/1 connection.
+    let p = Cfg::new(&vhost(OK_ROUTE), "")
+        .hcm("          drain_timeout: 0.1s\n          common_http_protocol_options: {idle_timeout: 0.3s}\n")
+        .start();
+    let (closed, after, got) = close_after_one_request(&p).await;
+    assert!(closed, "still open after {after:?}: {got}");
+    assert!(
+        after >= Duration::from_millis(250),
+        "closed too early: {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_duration_closes_connections() {
+    let p = Cfg::new(&vhost(OK_ROUTE), "")
+        .hcm("          drain_timeout: 0.1s\n          common_http_protocol_options: {max_connection_duration: 0.3s}\n")
+        .start();
+    let (closed, after, got) = close_after_one_request(&p).await;
+    assert!(closed, "still open after {after:?}: {got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: no downstream_cx_idle_timeout / downstream_cx_max_duration_reached stats"]
+async fn connection_timeouts_are_counted() {
+    let p = Cfg::new(&vhost(OK_ROUTE), "")
+        .hcm("          drain_timeout: 0.1s\n          common_http_protocol_options: {idle_timeout: 0.3s}\n")
+        .start();
+    assert!(close_after_one_request(&p).await.0);
+    assert_eq!(
+        p.stat("http.ingress.downstream_cx_idle_timeout").await,
+        Some(1)
+    );
+    let p = Cfg::new(&vhost(OK_ROUTE), "")
+        .hcm("          drain_timeout: 0.1s\n          common_http_protocol_options: {max_connection_duration: 0.3s}\n")
+        .start();
+    assert!(close_after_one_request(&p).await.0);
+    assert_eq!(
+        p.stat("http.ingress.downstream_cx_max_duration_reached")
+            .await,
+        Some(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: HCM common_http_protocol_options.max_requests_per_connection is accepted but not enforced downstream"]
+async fn downstream_max_requests_per_connection() {
+    use tokio::io::AsyncWriteExt;
+    let p = Cfg::new(&vhost(OK_ROUTE), "")
+        .hcm("          common_http_protocol_options: {max_requests_per_connection: 2}\n")
+        .start();
+    let mut s = tokio::net::TcpStream::connect(p.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\nGET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (closed, got) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(closed, "{got}");
+    let responses: Vec<_> = got.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(responses.len(), 2, "{got}");
+    assert!(
+        !responses[0]
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{got}"
+    );
+    assert!(
+        responses[1]
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{got}"
+    );
+    assert_eq!(
+        p.stat("http.ingress.downstream_cx_max_requests_reached")
+            .await,
+        Some(1)
     );
 }
