@@ -1997,3 +1997,170 @@ async fn downstream_max_requests_per_connection() {
         Some(1)
     );
 }
+
+// ---------------------------------------------------------------- more access-log commands
+
+const COMMANDS_FORMAT: &str = "                text_format_source: {inline_string: \"%RESPONSE_CODE%~%RESPONSE_CODE_DETAILS%~%RESPONSE_FLAGS%~%UPSTREAM_HOST%~%UPSTREAM_CLUSTER%~%ROUTE_NAME%~%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%~%BYTES_RECEIVED%~%BYTES_SENT%~%UPSTREAM_REQUEST_ATTEMPT_COUNT%~%REQ(:AUTHORITY)%~%REQ(:METHOD)%\\n\"}\n";
+
+/// A proxy logging [`COMMANDS_FORMAT`] with routes `/rw/` (prefix rewrite
+/// to cluster a), `/dead` (a closed port, one connect-failure retry) and
+/// `/direct`.
+async fn commands_fixture(log: &std::path::Path) -> (Proxy, EchoServer, u16) {
+    let a = echo("a").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let hcm = format!(
+        "          access_log:\n{}",
+        file_log(log, COMMANDS_FORMAT, "")
+    );
+    let routes = format!(
+        "              - name: rw\n                match: {{prefix: \"/rw/\"}}\n                route: {{cluster: a, prefix_rewrite: /}}\n              - name: dead\n                match: {{prefix: \"/dead\"}}\n                route: {{cluster: dead, retry_policy: {{retry_on: connect-failure, num_retries: 1, retry_back_off: {{base_interval: 0.001s}}}}}}\n              - name: direct\n                match: {{prefix: \"/direct\"}}\n                direct_response: {{status: 200, body: {{inline_string: hello}}}}\n{}",
+        route("/", "a", "")
+    );
+    let clusters = format!("{}{}", cluster("a", a.port()), cluster("dead", dead_port));
+    (
+        Cfg::new(&vhost(&routes), &clusters).hcm(&hcm).start(),
+        a,
+        dead_port,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_commands_and_details() {
+    let path = log_path("commands");
+    let (p, a, _) = commands_fixture(&path).await;
+    let http = Http::h1();
+    let r = http
+        .get(
+            &format!("{}/rw/x", p.base()),
+            &[("host", "h.example"), ("x-echo-body-size", "3")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = http
+        .get(&format!("{}/direct", p.base()), &[("host", "h.example")])
+        .await;
+    assert_eq!(r.status, 200);
+    let r = http
+        .get(&format!("{}/dead", p.base()), &[("host", "h.example")])
+        .await;
+    assert_eq!(r.status, 503);
+    let lines = log_lines(&p, &path, 3).await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(
+        lines[..2],
+        [
+            format!(
+                "200~via_upstream~-~127.0.0.1:{}~a~rw~/rw/x~0~3~1~h.example~GET",
+                a.port()
+            ),
+            "200~direct_response~-~-~-~direct~/direct~0~5~0~h.example~GET".to_owned(),
+        ]
+    );
+    // The connect failure: both flags, two attempts, Envoy's body length.
+    let f: Vec<&str> = lines[2].split('~').collect();
+    assert_eq!(f[0], "503");
+    assert!(
+        f[1].starts_with("upstream_reset_before_response_started{remote_connection_failure"),
+        "{}",
+        lines[2]
+    );
+    let mut flags: Vec<&str> = f[2].split(',').collect();
+    flags.sort_unstable();
+    assert_eq!(flags, ["UF", "URX"]);
+    assert_eq!(
+        f[4..],
+        ["dead", "dead", "/dead", "0", "121", "2", "h.example", "GET"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: %BYTES_RECEIVED% is 0 for a streamed (not retry-buffered) request body"]
+async fn access_log_bytes_received() {
+    let path = log_path("bytes");
+    let (p, _a, _) = commands_fixture(&path).await;
+    let r = Http::h1()
+        .send(
+            "POST",
+            &format!("{}/rw/x", p.base()),
+            &[("x-echo-body-size", "3")],
+            Bytes::from_static(b"12345"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let lines = log_lines(&p, &path, 1).await;
+    let f: Vec<&str> = lines
+        .first()
+        .map(|l| l.split('~').collect())
+        .unwrap_or_default();
+    assert_eq!(f.get(7..9), Some(&["5", "3"][..]), "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: connect-failure details lack Envoy's |delayed_connect_error:_Connection_refused suffix, flags order differs (Envoy: URX,UF)"]
+async fn access_log_connect_failure_details_as_envoy() {
+    let path = log_path("connfail");
+    let (p, _a, dead_port) = commands_fixture(&path).await;
+    let r = Http::h1()
+        .get(&format!("{}/dead", p.base()), &[("host", "h.example")])
+        .await;
+    assert_eq!(r.status, 503);
+    let lines = log_lines(&p, &path, 1).await;
+    assert_eq!(
+        lines,
+        [format!("503~upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}}~URX,UF~127.0.0.1:{dead_port}~dead~dead~/dead~0~121~2~h.example~GET")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_default_format() {
+    let a = echo("a").await;
+    let path = log_path("default");
+    let hcm = format!(
+        "          access_log:\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n",
+        path.display()
+    );
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm(&hcm)
+        .start();
+    let r = Http::h1()
+        .get(
+            &format!("{}/d?q=1", p.base()),
+            &[
+                ("user-agent", "ua/1"),
+                ("x-request-id", "rid-1"),
+                ("x-forwarded-for", "192.0.2.1"),
+                ("x-echo-body-size", "4"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let lines = log_lines(&p, &path, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let l = &lines[0];
+    // [2024-01-02T03:04:05.678Z] "GET /d?q=1 HTTP/1.1" 200 - 0 4 1 0 "192.0.2.1" "ua/1" "rid-1" "127.0.0.1:port" "127.0.0.1:port"
+    let (ts, rest) = l.split_once("] ").expect("timestamp");
+    let ts = ts.strip_prefix('[').expect("[");
+    assert_eq!(ts.len(), 24, "{ts}");
+    assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+    assert!(ts.starts_with(&current_year().to_string()), "{ts}");
+    let (quoted, rest) = rest.split_once("\" ").expect("request line");
+    assert_eq!(quoted, "\"GET /d?q=1 HTTP/1.1");
+    let fields: Vec<&str> = rest.split(' ').collect();
+    assert_eq!(&fields[..4], ["200", "-", "0", "4"], "{l}");
+    assert!(fields[4].parse::<u64>().is_ok(), "duration: {l}");
+    assert!(
+        fields[5].parse::<u64>().is_ok(),
+        "upstream service time: {l}"
+    );
+    let tail = fields[6..].join(" ");
+    assert_eq!(
+        tail,
+        format!(
+            "\"192.0.2.1\" \"ua/1\" \"rid-1\" \"{}\" \"127.0.0.1:{}\"",
+            p.addr(),
+            a.port()
+        )
+    );
+}
