@@ -2164,3 +2164,228 @@ async fn access_log_default_format() {
         )
     );
 }
+
+// ---------------------------------------------------------------- more retries
+
+/// A raw HTTP/1.1 upstream: the first `drop_first` connections are closed
+/// as soon as a request head arrives; later ones answer `200 ok` and close.
+async fn flaky_upstream(drop_first: usize) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((mut s, _)) = l.accept().await {
+            n += 1;
+            let drop_it = n <= drop_first;
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&b[..k]),
+                    }
+                }
+                if drop_it {
+                    return;
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_reset_recovers_from_a_dropped_connection() {
+    let (up, _t) = flaky_upstream(1).await;
+    let routes = format!(
+        "{}{}",
+        route("/retry", "f", ", retry_policy: {retry_on: reset, num_retries: 1, retry_back_off: {base_interval: 0.001s}}"),
+        route("/", "f", "")
+    );
+    let p = Cfg::new(&vhost(&routes), &cluster("f", up.port())).start();
+    let http = Http::h1();
+    let r = http.get(&format!("{}/retry", p.base()), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(p.stat("cluster.f.upstream_rq_retry").await, Some(1));
+    drop(_t);
+    let (up2, _t2) = flaky_upstream(1).await;
+    let p = Cfg::new(&vhost(&routes), &cluster("f", up2.port())).start();
+    let r = http.get(&format!("{}/", p.base()), &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.text(),
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_count_headers() {
+    let a = echo("a").await;
+    let vh = format!(
+        "            - name: main\n              domains: [\"*\"]\n              include_request_attempt_count: true\n              include_attempt_count_in_response: true\n              routes:\n{}",
+        route("/", "a", ", retry_policy: {retry_on: 5xx, num_retries: 2, retry_back_off: {base_interval: 0.001s}}")
+    );
+    let p = Cfg::new(&vh, &cluster("a", a.port())).start();
+    let http = Http::h1();
+    let r = http
+        .get(
+            &format!("{}/", p.base()),
+            &[
+                ("x-echo-status", "503"),
+                ("x-echo-fail-times", "1"),
+                ("x-echo-id", "ac1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(echo_header(&r.echo(), "x-envoy-attempt-count"), Some("2"));
+    assert_eq!(r.header("x-envoy-attempt-count"), Some("2"));
+    let r = http.get(&format!("{}/", p.base()), &[]).await;
+    assert_eq!(echo_header(&r.echo(), "x-envoy-attempt-count"), Some("1"));
+    assert_eq!(r.header("x-envoy-attempt-count"), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_headers_from_internal_requests() {
+    let a = echo("a").await;
+    let p = Cfg::new(&vhost(&route("/", "a", "")), &cluster("a", a.port()))
+        .hcm("          use_remote_address: true\n          internal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.1, prefix_len: 32}]}\n")
+        .start();
+    let http = Http::h1();
+    let url = format!("{}/", p.base());
+    let r = http
+        .get(
+            &url,
+            &[
+                ("x-envoy-retry-on", "5xx"),
+                ("x-envoy-max-retries", "2"),
+                ("x-echo-status", "503"),
+                ("x-echo-fail-times", "2"),
+                ("x-echo-id", "ih1"),
+            ],
+        )
+        .await;
+    assert_eq!((r.status, r.echo().seen), (200, 3));
+    let v = r.echo();
+    assert_eq!(echo_header(&v, "x-envoy-retry-on"), None, "consumed");
+    assert_eq!(echo_header(&v, "x-envoy-max-retries"), None, "consumed");
+    let r = http
+        .get(
+            &url,
+            &[
+                ("x-envoy-retry-on", "retriable-status-codes"),
+                ("x-envoy-retriable-status-codes", "409"),
+                ("x-echo-status", "409"),
+                ("x-echo-fail-times", "1"),
+                ("x-echo-id", "ih2"),
+            ],
+        )
+        .await;
+    assert_eq!((r.status, r.echo().seen), (200, 2));
+    assert_eq!(p.stat("cluster.a.upstream_rq_retry").await, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failure_retries_reach_the_live_host() {
+    let a = echo("a").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let eps = locality(0, &[(dead_port, ""), (a.port(), "")]);
+    let extra = ", retry_policy: {retry_on: connect-failure, num_retries: 3, retry_back_off: {base_interval: 0.001s}}";
+    let p = Cfg::new(
+        &vhost(&route("/", "mix", extra)),
+        &cluster_eps("mix", "", &eps),
+    )
+    .start();
+    let m = spread(&Http::h1(), &format!("{}/", p.base()), &[], 10).await;
+    assert_eq!(count(&m, "a"), 10, "{m:?}");
+    assert!(
+        p.stat("cluster.mix.upstream_cx_connect_fail")
+            .await
+            .unwrap_or(0)
+            >= 1
+    );
+    assert!(p.stat("cluster.mix.upstream_rq_retry").await.unwrap_or(0) >= 1);
+}
+
+// ---------------------------------------------------------------- graceful drain, /clusters text
+
+fn fast_immediate_drain(o: &mut weir::cli::Options) {
+    o.drain_time_s = 1;
+    o.drain_strategy = weir::cli::DrainStrategy::Immediate;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "weir bug: a connection accepted during /drain_listeners?graceful is closed before its first request is answered (Envoy answers with connection: close)"]
+async fn graceful_drain_listeners_keeps_accepting_then_stops() {
+    let cfg = Cfg::new(&vhost(OK_ROUTE), "");
+    let opts = weir_tests::scenario::StartOptions {
+        args: ["--drain-time-s", "1", "--drain-strategy", "immediate"]
+            .map(String::from)
+            .to_vec(),
+        in_process: Some(fast_immediate_drain),
+        concurrency: None,
+    };
+    let p = Proxy::start_with(Target::from_env(), opts, |ports| cfg.render(ports));
+    let r = p.admin("POST", "/drain_listeners?graceful").await;
+    assert_eq!(r.status, 200);
+    let started = std::time::Instant::now();
+    // During the drain period: still accepted, but connections close.
+    let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(started.elapsed() < Duration::from_millis(800));
+    let mut stopped = false;
+    for _ in 0..100 {
+        if refused(p.addr()).await {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stopped, "still accepting after the drain time");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        p.admin("GET", "/ready").await.status,
+        200,
+        "the server stays live"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_clusters_text_shows_health_weight_and_priority() {
+    let (a, b) = (echo("a").await, echo("b").await);
+    let eps = format!(
+        "{}{}",
+        locality(0, &[(a.port(), "load_balancing_weight: 3")]),
+        locality(1, &[(b.port(), "health_status: UNHEALTHY")])
+    );
+    let p = Cfg::new(&vhost(&route("/", "c", "")), &cluster_eps("c", "", &eps)).start();
+    let t = p.admin("GET", "/clusters").await.text();
+    let ha = format!("c::127.0.0.1:{}::", a.port());
+    let hb = format!("c::127.0.0.1:{}::", b.port());
+    for line in [
+        format!("{ha}health_flags::healthy"),
+        format!("{ha}weight::3"),
+        format!("{ha}priority::0"),
+        format!("{hb}health_flags::/failed_eds_health"),
+        format!("{hb}priority::1"),
+        "c::observability_name::c".to_owned(),
+    ] {
+        assert!(t.lines().any(|l| l == line), "missing {line}:\n{t}");
+    }
+}
