@@ -71,6 +71,15 @@ pub async fn serve(l: AdminListener, shared: Arc<Shared>) {
 
 type Resp = Response<Full<bytes::Bytes>>;
 
+/// `server.state`, with a failed health check reported as DRAINING.
+fn effective_state(shared: &Shared) -> i64 {
+    if shared.healthcheck_failed.load(Ordering::SeqCst) {
+        2
+    } else {
+        shared.server_stats.state.value()
+    }
+}
+
 fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     let mut r = Response::new(Full::new(bytes::Bytes::from(body.into())));
     *r.status_mut() = status;
@@ -209,7 +218,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let has = |k: &str| params.iter().any(|(n, _)| n == k);
     if let Some((_, _, mutating)) = ENDPOINTS.iter().find(|(p, _, _)| *p == path) {
-        if *mutating && req.method() != Method::POST && !(path == "/logging" && params.is_empty()) {
+        if *mutating && req.method() != Method::POST {
             return Ok(text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "This operation requires a POST request.\n",
@@ -225,7 +234,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             text(StatusCode::OK, s)
         }
         "/ready" => {
-            let state = shared.server_stats.state.value();
+            let state = effective_state(&shared);
             let (code, name) = match state {
                 0 => (StatusCode::OK, "LIVE"),
                 2 => (StatusCode::SERVICE_UNAVAILABLE, "DRAINING"),
@@ -234,7 +243,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             text(code, format!("{name}\n"))
         }
         "/server_info" => {
-            let state = match shared.server_stats.state.value() {
+            let state = match effective_state(&shared) {
                 0 => "LIVE",
                 2 => "DRAINING",
                 _ => "INITIALIZING",
@@ -297,6 +306,11 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             json(serde_json::json!({
                 "allocated": kb("RssAnon:").to_string(),
                 "heap_size": kb("VmData:").to_string(),
+                // Envoy's tcmalloc page-heap figures have no equivalent in
+                // weir's allocator; reported as 0.
+                "pageheap_unmapped": "0",
+                "pageheap_free": "0",
+                "total_thread_cache": "0",
                 "resident": kb("VmRSS:").to_string(),
                 "total_physical_bytes": kb("VmRSS:").to_string(),
             }))
@@ -315,12 +329,16 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             });
             text(StatusCode::OK, "OK\n")
         }
+        // As Envoy: failing health checks makes the server report
+        // DRAINING and close HTTP/1 connections after each response.
         "/healthcheck/fail" => {
             shared.healthcheck_failed.store(true, Ordering::SeqCst);
+            shared.server_stats.live.set(0);
             text(StatusCode::OK, "OK\n")
         }
         "/healthcheck/ok" => {
             shared.healthcheck_failed.store(false, Ordering::SeqCst);
+            shared.server_stats.live.set(1);
             text(StatusCode::OK, "OK\n")
         }
         "/drain_listeners" => {
@@ -330,13 +348,12 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             let inbound_only = has("inboundonly");
             let graceful = has("graceful");
             let drain_time = std::time::Duration::from_secs(shared.options.drain_time_s);
+            // The server stays LIVE (Envoy); each stopped listener is counted.
             for l in &shared.listeners {
-                if !inbound_only || l.config.inbound {
+                if (!inbound_only || l.config.inbound) && !*l.stop_accept.borrow() {
                     l.drain(graceful, drain_time);
+                    shared.server_stats.listener_stopped.inc();
                 }
-            }
-            if !inbound_only {
-                shared.server_stats.state.set(2);
             }
             text(StatusCode::OK, "OK\n")
         }
@@ -354,29 +371,20 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
 }
 
 fn logging(params: &[(String, String)]) -> Resp {
-    let mut changed = false;
     for (k, v) in params {
-        if k == "level" {
-            if crate::logging::set_level(v).is_err() {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown log level {v:?}\n"),
-                );
-            }
-            changed = true;
-        } else if k == "paths" {
-            if crate::logging::set_components(v).is_err() {
-                return text(StatusCode::BAD_REQUEST, "invalid paths\n");
-            }
-            changed = true;
-        } else if crate::logging::set_components(&format!("{k}:{v}")).is_ok() {
-            changed = true;
+        let r = match k.as_str() {
+            "level" => crate::logging::set_level(v),
+            "paths" => crate::logging::set_components(v),
+            // `/logging?router=debug` sets one logger.
+            name => crate::logging::set_components(&format!("{name}:{v}")),
+        };
+        if let Err(e) = r {
+            return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
         }
     }
-    let _ = changed;
     text(
         StatusCode::OK,
-        format!("active loggers:\n  {}\n", crate::logging::current()),
+        format!("active loggers:\n{}", crate::logging::current()),
     )
 }
 
@@ -578,20 +586,20 @@ fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
         .listeners
         .iter()
         .filter(|l| keep(&l.name))
-        .map(|l| serde_json::json!({"listener": proto_json(l), "last_updated": last_updated}))
+        .map(|l| serde_json::json!({"listener": typed(l), "last_updated": last_updated}))
         .collect();
     let clusters: Vec<_> = sr
         .clusters
         .iter()
         .filter(|c| keep(&c.name))
-        .map(|c| serde_json::json!({"cluster": proto_json(c), "last_updated": last_updated}))
+        .map(|c| serde_json::json!({"cluster": typed(c), "last_updated": last_updated}))
         .collect();
     let endpoints: Vec<_> = sr
         .clusters
         .iter()
         .filter(|c| keep(&c.name))
         .filter_map(|c| c.load_assignment.as_ref())
-        .map(|la| serde_json::json!({"endpoint_config": proto_json(la), "last_updated": last_updated}))
+        .map(|la| serde_json::json!({"endpoint_config": typed(la), "last_updated": last_updated}))
         .collect();
     let mut configs = vec![
         serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": proto_json(b), "last_updated": last_updated}),
@@ -613,26 +621,73 @@ fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
             apply_mask(&v, &mask_paths)
         }
     };
+    // Envoy prints `{}` when nothing is left to dump.
+    let dump = |items: Vec<serde_json::Value>| {
+        if items.is_empty() {
+            json(serde_json::json!({}))
+        } else {
+            json(serde_json::json!({ "configs": items }))
+        }
+    };
     match param("resource").as_deref() {
-        // As Envoy: resource= returns the entries of that repeated field.
+        // As Envoy: resource= returns the entries of that repeated field,
+        // each packed as an Any of the entry's type.
         Some(r) => {
-            let found = configs
-                .iter()
-                .find_map(|c| c.get(r).and_then(|v| v.as_array()).cloned());
-            match found {
-                Some(items) => json(
-                    serde_json::json!({"configs": items.into_iter().map(masked).collect::<Vec<_>>()}),
-                ),
+            let element = match r {
+                "static_listeners" => Some("envoy.admin.v3.ListenersConfigDump.StaticListener"),
+                "static_clusters" => Some("envoy.admin.v3.ClustersConfigDump.StaticCluster"),
+                "static_endpoint_configs" => {
+                    Some("envoy.admin.v3.EndpointsConfigDump.StaticEndpointConfig")
+                }
+                _ => None,
+            };
+            const KNOWN_EMPTY: &[&str] = &[
+                "dynamic_listeners",
+                "dynamic_active_clusters",
+                "dynamic_warming_clusters",
+                "static_route_configs",
+                "dynamic_route_configs",
+                "static_scoped_route_configs",
+                "dynamic_scoped_route_configs",
+                "dynamic_endpoint_configs",
+                "static_secrets",
+                "dynamic_active_secrets",
+                "dynamic_warming_secrets",
+            ];
+            match element {
+                Some(t) => {
+                    let items = configs
+                        .iter()
+                        .find_map(|c| c.get(r).and_then(|v| v.as_array()).cloned())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|mut v| {
+                            if let serde_json::Value::Object(m) = &mut v {
+                                m.insert("@type".into(), format!("type.googleapis.com/{t}").into());
+                            }
+                            masked(v)
+                        })
+                        .collect();
+                    dump(items)
+                }
+                None if KNOWN_EMPTY.contains(&r) => dump(Vec::new()),
                 None => text(
                     StatusCode::BAD_REQUEST,
                     format!("unknown or unsupported resource {r:?}\n"),
                 ),
             }
         }
-        None => json(
-            serde_json::json!({"configs": configs.into_iter().map(masked).collect::<Vec<_>>()}),
-        ),
+        None => dump(configs.into_iter().map(masked).collect()),
     }
+}
+
+/// A proto message as an `Any` in JSON: `@type` plus its fields.
+fn typed<M: prost::Message + prost::Name>(m: &M) -> serde_json::Value {
+    let mut v = proto_json(m);
+    if let serde_json::Value::Object(map) = &mut v {
+        map.insert("@type".into(), M::type_url().into());
+    }
+    v
 }
 
 fn clusters(shared: &Shared, as_json: bool) -> Resp {

@@ -73,6 +73,7 @@ impl Server {
             })
             .max(1);
         let stats = Store::new(workers, snapshot.stats.clone());
+        crate::logging::remember_level(&options.log_level);
         let server_stats = ServerStats::new(&stats);
         let writer = Writer::start(
             Duration::from_millis(options.file_flush_interval_msec.max(1)),
@@ -88,7 +89,12 @@ impl Server {
             let logs = h
                 .access_logs
                 .iter()
-                .chain(l.access_logs.iter())
+                .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
+                .collect();
+            // A listener's own access log is written once per connection.
+            let conn_logs = l
+                .access_logs
+                .iter()
                 .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
                 .collect();
             let hcm = Arc::new(HcmRuntime {
@@ -103,10 +109,21 @@ impl Server {
             listeners.push(Arc::new(ListenerRuntime {
                 config: l.clone(),
                 hcm,
-                stats: ListenerStats::new(&stats, &l.stat_prefix),
+                // Stats carry the bound address when the config's port is 0.
+                stats: ListenerStats::new(
+                    &stats,
+                    &if l.stat_prefix
+                        == format!("listener.{}.", l.address.to_string().replace(':', "_"))
+                    {
+                        format!("listener.{}.", bound.to_string().replace(':', "_"))
+                    } else {
+                        l.stat_prefix.clone()
+                    },
+                ),
                 bound,
                 sockets: std::sync::Mutex::new(sockets.into_iter().map(Some).collect()),
                 stop_accept: watch::channel(false).0,
+                logs: conn_logs,
                 drain_conns: watch::channel(false).0,
             }));
         }

@@ -38,6 +38,8 @@ pub struct StreamState {
     pub request_complete: AtomicBool,
     pub body_error: AtomicBool,
     pub request_timed_out: AtomicBool,
+    /// Request body bytes read from downstream.
+    bytes_received: AtomicU64,
 }
 
 impl StreamState {
@@ -48,12 +50,17 @@ impl StreamState {
             request_complete: AtomicBool::new(false),
             body_error: AtomicBool::new(false),
             request_timed_out: AtomicBool::new(false),
+            bytes_received: AtomicU64::new(0),
         })
     }
 
     pub fn touch(&self) {
         self.last_activity_ms
             .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received.load(Relaxed)
     }
 
     pub fn last_activity(&self) -> Instant {
@@ -110,7 +117,10 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.finish(false);
+        // A body at its end counts as complete even if never polled again
+        // (hyper skips polling bodies it knows are empty).
+        let complete = http_body::Body::is_end_stream(&self.inner);
+        self.finish(complete);
     }
 }
 
@@ -184,8 +194,11 @@ impl http_body::Body for Body {
             Body::Watched(w) => {
                 let r = Pin::new(&mut w.inner).poll_frame(cx);
                 match &r {
-                    Poll::Ready(Some(Ok(_))) => {
+                    Poll::Ready(Some(Ok(f))) => {
                         w.state.touch();
+                        if let Some(d) = f.data_ref() {
+                            w.state.bytes_received.fetch_add(d.len() as u64, Relaxed);
+                        }
                         if w.inner.is_end_stream() {
                             w.state.request_complete.store(true, Relaxed);
                         }

@@ -22,6 +22,8 @@ pub struct ListenerRuntime {
     /// One socket per worker (SO_REUSEPORT, or dups of one socket), taken
     /// by each worker at start so a drain really closes them.
     pub sockets: std::sync::Mutex<Vec<Option<StdListener>>>,
+    /// The listener's `access_log`: one line per connection, at its close.
+    pub logs: Vec<Arc<crate::access_log::Logger>>,
     /// true: stop accepting and close the sockets.
     pub stop_accept: watch::Sender<bool>,
     /// true: drain connections (HTTP/1 `connection: close`, HTTP/2 GOAWAY).
@@ -159,7 +161,7 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
         if let Some(max) = shared.max_connections {
             if shared.active_connections.load(Ordering::Relaxed) >= max {
                 shared.server_stats.overflow.inc();
-                lr.stats.cx_overflow.inc();
+                lr.stats.global_cx_overflow.inc();
                 drop(stream);
                 continue;
             }
@@ -177,6 +179,9 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
             active_streams: std::sync::atomic::AtomicU32::new(0),
             idle_since_ms: std::sync::atomic::AtomicU64::new(0),
             opened: tokio::time::Instant::now(),
+            proto_counted: std::sync::atomic::AtomicBool::new(false),
+            requests: std::sync::atomic::AtomicU32::new(0),
+            drain: drain.clone(),
         });
         let lr2 = lr.clone();
         let shared2 = shared.clone();
@@ -187,7 +192,26 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
         lr.hcm.stats.cx_total.inc();
         lr.hcm.stats.cx_active.inc();
         tokio::spawn(async move {
+            let opened = tokio::time::Instant::now();
             crate::http::server::serve(stream, ctx, drain2).await;
+            if !lr2.logs.is_empty() {
+                let mut info = crate::http::info::StreamInfo::new(
+                    opened,
+                    "",
+                    http::Method::GET,
+                    String::new(),
+                    String::new(),
+                    "",
+                    peer,
+                    local,
+                    id,
+                );
+                info.has_request = false;
+                info.duration = Some(opened.elapsed());
+                for l in &lr2.logs {
+                    l.log(&info);
+                }
+            }
             lr2.stats.cx_active.dec();
             lr2.hcm.stats.cx_active.dec();
             shared2.active_connections.fetch_sub(1, Ordering::Relaxed);

@@ -7,7 +7,69 @@ use tracing_subscriber::{filter::EnvFilter, prelude::*, reload, Registry};
 type Handle = reload::Handle<EnvFilter, Registry>;
 
 static HANDLE: OnceLock<Handle> = OnceLock::new();
-static CURRENT: Mutex<(String, Vec<(String, String)>)> = Mutex::new((String::new(), Vec::new()));
+/// The global level and per-logger overrides (Envoy logger names).
+static CURRENT: Mutex<(String, Vec<(&'static str, String)>)> =
+    Mutex::new((String::new(), Vec::new()));
+
+/// Envoy's logger names weir has, and the `tracing` targets behind each.
+/// `/logging` and `--component-log-level` take these names.
+pub const LOGGERS: &[(&str, &[&str])] = &[
+    ("admin", &["weir::admin"]),
+    ("config", &["xds_client"]),
+    ("connection", &["weir::listener", "weir::http::server"]),
+    (
+        "dns",
+        &["weir::upstream::dns", "hickory_resolver", "hickory_proto"],
+    ),
+    ("filter", &["filters"]),
+    ("http", &["weir::http", "hyper", "hyper_util"]),
+    ("http2", &["h2"]),
+    ("main", &["weir::app", "weir::logging"]),
+    ("misc", &["weir"]),
+    ("pool", &["weir::upstream::pool"]),
+    ("router", &["weir::http::router"]),
+    ("stats", &["weir::stats"]),
+    ("upstream", &["weir::upstream"]),
+    // Envoy's other loggers: accepted so Envoy command lines keep working;
+    // nothing in weir logs under them yet.
+    ("alternate_protocols_cache", &[]),
+    ("aws", &[]),
+    ("assert", &[]),
+    ("backtrace", &[]),
+    ("client", &[]),
+    ("conn_handler", &[]),
+    ("decompression", &[]),
+    ("envoy_bug", &[]),
+    ("ext_authz", &[]),
+    ("ext_proc", &[]),
+    ("file", &[]),
+    ("forward_proxy", &[]),
+    ("grpc", &[]),
+    ("happy_eyeballs", &[]),
+    ("hc", &[]),
+    ("health_checker", &[]),
+    ("http3", &[]),
+    ("init", &[]),
+    ("io", &[]),
+    ("jwt", &[]),
+    ("key_value_store", &[]),
+    ("lua", &[]),
+    ("matcher", &[]),
+    ("multi_connection", &[]),
+    ("oauth2", &[]),
+    ("quic", &[]),
+    ("quic_stream", &[]),
+    ("rbac", &[]),
+    ("rds", &[]),
+    ("runtime", &[]),
+    ("secret", &[]),
+    ("tap", &[]),
+    ("testing", &[]),
+    ("tracing", &[]),
+    ("udp", &[]),
+    ("wasm", &[]),
+    ("websocket", &[]),
+];
 
 /// Envoy level names to tracing's.
 fn level(l: &str) -> Result<&'static str, ()> {
@@ -16,17 +78,30 @@ fn level(l: &str) -> Result<&'static str, ()> {
         "debug" => "debug",
         "info" => "info",
         "warning" | "warn" => "warn",
-        "error" | "critical" => "error",
+        "error" => "error",
+        "critical" => "error",
         "off" => "off",
         _ => return Err(()),
     })
+}
+
+/// tracing's level names back to Envoy's.
+fn envoy_level(l: &str) -> &str {
+    match l {
+        "warn" => "warning",
+        other => other,
+    }
 }
 
 fn build() -> EnvFilter {
     let cur = CURRENT.lock().expect("log level lock");
     let mut s = cur.0.clone();
     for (c, l) in &cur.1 {
-        s.push_str(&format!(",weir::{c}={l}"));
+        if let Some((_, targets)) = LOGGERS.iter().find(|(n, _)| n == c) {
+            for t in targets.iter() {
+                s.push_str(&format!(",{t}={l}"));
+            }
+        }
     }
     EnvFilter::try_new(&s).unwrap_or_else(|_| EnvFilter::new("info"))
 }
@@ -245,6 +320,15 @@ fn reload() {
     }
 }
 
+/// Records the `-l` level for `/logging` when no subscriber was installed
+/// (an in-process server in tests).
+pub fn remember_level(l: &str) {
+    let mut cur = CURRENT.lock().expect("log level lock");
+    if cur.0.is_empty() {
+        cur.0 = level(l).unwrap_or("info").to_owned();
+    }
+}
+
 /// Sets the global level (`/logging?level=debug`).
 pub fn set_level(l: &str) -> Result<(), String> {
     let lvl = level(l).map_err(|_| format!("unknown log level {l:?}"))?;
@@ -258,29 +342,49 @@ pub fn set_level(l: &str) -> Result<(), String> {
 }
 
 fn set_components_inner(spec: &str) -> Result<(), String> {
-    let mut cur = CURRENT.lock().expect("log level lock");
+    let mut parsed = Vec::new();
     for part in spec.split(',').filter(|p| !p.is_empty()) {
         let (c, l) = part
             .split_once(':')
             .ok_or_else(|| format!("invalid component level {part:?}"))?;
         let l = level(l).map_err(|_| format!("unknown log level {l:?}"))?;
-        if !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
-            return Err(format!("invalid component {c:?}"));
-        }
-        cur.1.retain(|(x, _)| x != c);
-        cur.1.push((c.to_owned(), l.to_owned()));
+        let name = LOGGERS
+            .iter()
+            .map(|(n, _)| *n)
+            .find(|n| *n == c)
+            .ok_or_else(|| format!("unknown logger {c:?}"))?;
+        parsed.push((name, l.to_owned()));
+    }
+    // All or nothing: a bad entry changes no level.
+    let mut cur = CURRENT.lock().expect("log level lock");
+    for (name, l) in parsed {
+        cur.1.retain(|(x, _)| *x != name);
+        cur.1.push((name, l));
     }
     Ok(())
 }
 
-/// Sets per-component levels (`component:level,...`).
+/// Sets per-logger levels (`logger:level,...`, Envoy's logger names).
 pub fn set_components(spec: &str) -> Result<(), String> {
     set_components_inner(spec)?;
     reload();
     Ok(())
 }
 
-/// The current filter, for `/logging` output.
+/// Every logger with its level, one per line as Envoy's `/logging` prints.
 pub fn current() -> String {
-    build().to_string()
+    let cur = CURRENT.lock().expect("log level lock");
+    let mut out = String::new();
+    let mut names: Vec<&str> = LOGGERS.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    for name in names {
+        let l = cur
+            .1
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, l)| l.as_str())
+            .unwrap_or(cur.0.as_str());
+        out.push_str(&format!("  {name}: {}\n", envoy_level(l)));
+    }
+    out
 }

@@ -19,6 +19,12 @@ pub struct HttpStats {
     pub rq_redirect: Arc<Counter>,
     pub rq_direct_response: Arc<Counter>,
     pub rq_reset: Arc<Counter>,
+    pub rq_idle_timeout: Arc<Counter>,
+    pub rq_timeout: Arc<Counter>,
+    pub rq_max_duration_reached: Arc<Counter>,
+    pub cx_idle_timeout: Arc<Counter>,
+    pub cx_max_duration_reached: Arc<Counter>,
+    pub cx_max_requests_reached: Arc<Counter>,
 }
 
 impl HttpStats {
@@ -44,6 +50,12 @@ impl HttpStats {
             rq_redirect: store.counter(t("rq_redirect")),
             rq_direct_response: store.counter(t("rq_direct_response")),
             rq_reset: store.counter(t("downstream_rq_rx_reset")),
+            rq_idle_timeout: store.counter(t("downstream_rq_idle_timeout")),
+            rq_timeout: store.counter(t("downstream_rq_timeout")),
+            rq_max_duration_reached: store.counter(t("downstream_rq_max_duration_reached")),
+            cx_idle_timeout: store.counter(t("downstream_cx_idle_timeout")),
+            cx_max_duration_reached: store.counter(t("downstream_cx_max_duration_reached")),
+            cx_max_requests_reached: store.counter(t("downstream_cx_max_requests_reached")),
         }
     }
 
@@ -60,6 +72,8 @@ pub struct ListenerStats {
     pub cx_total: Arc<Counter>,
     pub cx_active: Arc<Gauge>,
     pub cx_overflow: Arc<Counter>,
+    /// Refused by the global (overload manager) connection limit.
+    pub global_cx_overflow: Arc<Counter>,
 }
 
 impl ListenerStats {
@@ -73,6 +87,7 @@ impl ListenerStats {
             cx_total: store.counter(t("downstream_cx_total")),
             cx_active: store.gauge(t("downstream_cx_active")),
             cx_overflow: store.counter(t("downstream_cx_overflow")),
+            global_cx_overflow: store.counter(t("downstream_global_cx_overflow")),
         }
     }
 }
@@ -88,6 +103,7 @@ pub struct ServerStats {
     pub active_clusters: Arc<Gauge>,
     pub total_connections: Arc<Gauge>,
     pub overflow: Arc<Counter>,
+    pub listener_stopped: Arc<Counter>,
 }
 
 impl ServerStats {
@@ -102,6 +118,7 @@ impl ServerStats {
             total_listeners_active: g("listener_manager.total_listeners_active"),
             active_clusters: g("cluster_manager.active_clusters"),
             total_connections: g("server.total_connections"),
+            listener_stopped: store.counter(StatName::plain("listener_manager.listener_stopped")),
             overflow: store.counter(StatName::plain(
                 "overload.global_downstream_max_connections_overflow",
             )),

@@ -206,6 +206,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.endpoint.v3.LocalityLbEndpoints", &["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
     ("envoy.config.endpoint.v3.LbEndpoint", &["endpoint", "health_status", "load_balancing_weight", "metadata"]),
     ("envoy.config.endpoint.v3.Endpoint", &["address", "hostname"]),
+    ("envoy.config.core.v3.Metadata", &["filter_metadata", "~typed_filter_metadata"]),
     ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", &[
         "common_http_protocol_options", "explicit_http_config", "use_downstream_protocol_config", "auto_config",
     ]),

@@ -47,6 +47,11 @@ pub struct StreamInfo {
     pub local_reply: bool,
     /// The request body had not been read when a local reply was sent.
     pub request_body_unread: bool,
+    /// False for connection-level (listener) log entries: request operators
+    /// then render as absent.
+    pub has_request: bool,
+    /// The stream's shared state (bytes received from a streamed body).
+    pub stream: Option<std::sync::Arc<crate::body::StreamState>>,
 }
 
 impl StreamInfo {
@@ -94,13 +99,15 @@ impl StreamInfo {
             grpc: false,
             local_reply: false,
             request_body_unread: false,
+            has_request: true,
+            stream: None,
         }
     }
 }
 
 /// Envoy response flags, as a bit set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Flags(pub u32);
+pub struct Flags(pub u32, u64);
 
 impl Flags {
     pub const NR: u32 = 1;
@@ -135,8 +142,19 @@ impl Flags {
         (Self::UO, "UO", "UpstreamOverflow"),
     ];
 
+    /// Sets a flag. Flags render in the order they were set (Envoy 1.40).
     pub fn set(&mut self, f: u32) {
+        if f == 0 || self.0 & f != 0 {
+            return;
+        }
         self.0 |= f;
+        if let Some(i) = Self::NAMES.iter().position(|(b, _, _)| *b == f) {
+            // Up to 16 flags, 4 bits each, oldest in the low bits.
+            let n = (self.0.count_ones() - 1) as u64;
+            if n < 16 {
+                self.1 |= (i as u64 + 1) << (4 * n);
+            }
+        }
     }
 
     /// `%RESPONSE_FLAGS%`: comma-separated short names, `-` when none.
@@ -150,13 +168,15 @@ impl Flags {
 
     fn render(&self, long: bool) -> String {
         let mut out = String::new();
-        for (bit, s, l) in Self::NAMES {
-            if self.0 & bit != 0 {
-                if !out.is_empty() {
-                    out.push(',');
-                }
-                out.push_str(if long { l } else { s });
+        let mut order = self.1;
+        while order != 0 {
+            let i = (order & 0xf) as usize - 1;
+            order >>= 4;
+            let (_, s, l) = Self::NAMES[i];
+            if !out.is_empty() {
+                out.push(',');
             }
+            out.push_str(if long { l } else { s });
         }
         if out.is_empty() {
             out.push('-');
@@ -303,6 +323,11 @@ fn metadata_lookup(root: Option<&serde_json::Value>, ns: &str, keys: &[String]) 
     }
     Some(match v {
         serde_json::Value::String(s) => s.clone(),
+        // Struct numbers are doubles; Envoy prints integral ones without ".0".
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
         other => other.to_string(),
     })
 }
@@ -318,6 +343,19 @@ pub fn eval(
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis().to_string());
     let req = req.or(info.request_headers.as_ref());
     let resp = resp.or(info.response_headers.as_ref());
+    if !info.has_request
+        && matches!(
+            cmd,
+            Command::Req(..)
+                | Command::Resp(..)
+                | Command::Protocol
+                | Command::Method
+                | Command::Path
+                | Command::RouteName
+        )
+    {
+        return None;
+    }
     match cmd {
         Command::Req(k, alt) => header_from(req, k, info)
             .or_else(|| alt.as_ref().and_then(|a| header_from(req, a, info))),
@@ -327,10 +365,27 @@ pub fn eval(
         Command::StartTime(f) => Some(format_time(info.start, f.as_deref())),
         Command::Protocol => Some(info.protocol.to_owned()),
         Command::ResponseCode => Some(info.response_code.to_string()),
-        Command::ResponseCodeDetails => Some(info.response_code_details.to_owned()),
+        // Envoy appends the transport failure reason: `...{reason|details}`,
+        // spaces as underscores.
+        Command::ResponseCodeDetails => Some(
+            match (
+                &info.upstream_failure_reason,
+                info.response_code_details.strip_suffix('}'),
+            ) {
+                (Some(r), Some(base)) => format!("{base}|{}}}", r.replace(' ', "_")),
+                _ => info.response_code_details.to_owned(),
+            },
+        ),
         Command::ResponseFlags => Some(info.flags.short()),
         Command::ResponseFlagsLong => Some(info.flags.long()),
-        Command::BytesReceived => Some(info.bytes_received.to_string()),
+        Command::BytesReceived => Some(
+            info.stream
+                .as_ref()
+                .map(|s| s.bytes_received())
+                .unwrap_or(0)
+                .max(info.bytes_received)
+                .to_string(),
+        ),
         Command::BytesSent => Some(info.bytes_sent.to_string()),
         Command::Duration | Command::RequestDuration | Command::ResponseDuration => {
             ms(info.duration)
@@ -342,7 +397,10 @@ pub fn eval(
         Command::UpstreamRemoteAddressWithoutPort => info.upstream_host.map(addr_no_port),
         Command::UpstreamLocalAddress => None,
         Command::UpstreamCluster => info.upstream_cluster.as_deref().map(str::to_owned),
-        Command::UpstreamTransportFailureReason => info.upstream_failure_reason.clone(),
+        Command::UpstreamTransportFailureReason => info
+            .upstream_failure_reason
+            .as_ref()
+            .map(|r| r.replace(' ', "_")),
         Command::DownstreamRemoteAddress => Some(info.downstream_remote.to_string()),
         Command::DownstreamRemoteAddressWithoutPort => Some(addr_no_port(info.downstream_remote)),
         Command::DownstreamDirectRemoteAddress => Some(info.downstream_direct_remote.to_string()),

@@ -107,24 +107,37 @@ async fn stream_timers(state: &StreamState, t: StreamTimers) -> StreamTimeout {
 }
 
 /// The local reply for a fired stream timer, as Envoy.
-fn stream_timeout_reply(which: StreamTimeout, info: &mut StreamInfo) -> Response<Body> {
+///
+/// As Envoy: 408 while the request is still arriving, 504 once it was
+/// complete (the upstream is the slow side).
+fn stream_timeout_reply(
+    which: StreamTimeout,
+    info: &mut StreamInfo,
+    request_complete: bool,
+) -> Response<Body> {
+    let status = if request_complete { 504 } else { 408 };
     match which {
         StreamTimeout::Idle => {
             info.flags.set(Flags::SI);
-            info.response_code_details = "stream_idle_timeout";
-            reply(408, "stream timeout")
+            info.response_code_details = STREAM_IDLE_TIMEOUT;
+            reply(status, "stream timeout")
         }
         StreamTimeout::Request => {
-            info.response_code_details = "request_overall_timeout";
+            info.response_code_details = REQUEST_TIMEOUT;
             reply(408, "request timeout")
         }
         StreamTimeout::Duration => {
             info.flags.set(Flags::DT);
-            info.response_code_details = "max_duration_timeout";
-            reply(408, "downstream duration timeout")
+            info.response_code_details = MAX_DURATION_TIMEOUT;
+            reply(status, "downstream duration timeout")
         }
     }
 }
+
+/// `%RESPONSE_CODE_DETAILS%` of the stream timers (also used to count them).
+pub const STREAM_IDLE_TIMEOUT: &str = "stream_idle_timeout";
+pub const REQUEST_TIMEOUT: &str = "request_overall_timeout";
+pub const MAX_DURATION_TIMEOUT: &str = "max_duration_timeout";
 
 /// The cluster a request goes to, resolved before header mutations run.
 pub struct Target {
@@ -480,7 +493,8 @@ pub async fn forward(
             which = stream_timers(&state, timers) => {
                 host.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 cluster.stats.upstream_rq_active.dec();
-                return stream_timeout_reply(which, info);
+                let complete = state.request_complete.load(std::sync::atomic::Ordering::Relaxed);
+                return stream_timeout_reply(which, info, complete);
             }
         };
         host.active
@@ -505,6 +519,11 @@ pub async fn forward(
                 !global_expired && per_try.is_some() && p.is_some_and(retriable_reset)
             }
         };
+        let per_try_expired =
+            matches!(outcome, Outcome::Timeout) && !global_expired && per_try.is_some();
+        if per_try_expired {
+            cluster.stats.upstream_rq_per_try_timeout.inc();
+        }
         let elapsed_us = started.elapsed().as_micros() as u64;
         if let Outcome::Response(r) = &outcome {
             cluster.stats.record_status(r.status().as_u16());
@@ -539,7 +558,7 @@ pub async fn forward(
             .load(std::sync::atomic::Ordering::Relaxed)
             && !matches!(outcome, Outcome::Response(_))
         {
-            return stream_timeout_reply(StreamTimeout::Request, info);
+            return stream_timeout_reply(StreamTimeout::Request, info, false);
         }
         if state.body_error.load(std::sync::atomic::Ordering::Relaxed)
             && !matches!(outcome, Outcome::Response(_))
@@ -616,7 +635,9 @@ pub async fn forward(
             Outcome::Timeout => {
                 info.flags.set(Flags::UT);
                 info.response_code_details = "upstream_response_timeout";
-                cluster.stats.upstream_rq_timeout.inc();
+                if !per_try_expired {
+                    cluster.stats.upstream_rq_timeout.inc();
+                }
                 reply(504, UPSTREAM_TIMEOUT)
             }
         };

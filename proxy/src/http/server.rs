@@ -60,16 +60,26 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Recei
         }
     };
     tokio::pin!(max_dur);
-    if *drain.borrow() {
-        conn.as_mut().graceful_shutdown();
-    }
+    // A connection accepted while draining (graceful /drain_listeners) is
+    // served: its responses carry `connection: close` (see the service).
+    let accepted_draining = *drain.borrow();
     let idle = ctx.idle_timeout(h.idle_timeout);
     tokio::pin!(idle);
+    if accepted_draining {
+        let grace = std::time::Duration::from_secs(ctx.shared.options.drain_time_s);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(grace) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+        return;
+    }
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = drain.wait_for(|d| *d) => {}
-        _ = &mut max_dur => {}
-        _ = &mut idle => {}
+        _ = &mut max_dur => ctx.hcm.stats.cx_max_duration_reached.inc(),
+        _ = &mut idle => ctx.hcm.stats.cx_idle_timeout.inc(),
     }
     // --drain-strategy gradual spreads connection closes over the drain
     // time (Envoy raises the close probability linearly); immediate closes

@@ -51,6 +51,12 @@ pub struct ConnCtx {
     /// When the connection last became idle, in ms since `opened`.
     pub idle_since_ms: std::sync::atomic::AtomicU64,
     pub opened: Instant,
+    /// Whether the connection's protocol was counted.
+    pub proto_counted: std::sync::atomic::AtomicBool,
+    /// The listener's drain signal: while draining, HTTP/1 responses close.
+    pub drain: tokio::sync::watch::Receiver<bool>,
+    /// Requests answered on this connection.
+    pub requests: std::sync::atomic::AtomicU32,
 }
 
 impl ConnCtx {
@@ -93,6 +99,17 @@ pub async fn handle(
     let hcm = &ctx.hcm;
     ctx.active_streams
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if !ctx
+        .proto_counted
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        // A connection's protocol is known at its first request.
+        if req.version() == Version::HTTP_2 {
+            hcm.stats.cx_http2_total.inc();
+        } else {
+            hcm.stats.cx_http1_total.inc();
+        }
+    }
     hcm.stats.rq_total.inc();
     hcm.stats.rq_active.inc();
     let (mut parts, body) = req.into_parts();
@@ -140,6 +157,12 @@ pub async fn handle(
         return Err(StreamReset);
     }
     info.local_reply = info.response_code_details != "via_upstream";
+    match info.response_code_details {
+        router::STREAM_IDLE_TIMEOUT => ctx.hcm.stats.rq_idle_timeout.inc(),
+        router::REQUEST_TIMEOUT => ctx.hcm.stats.rq_timeout.inc(),
+        router::MAX_DURATION_TIMEOUT => ctx.hcm.stats.rq_max_duration_reached.inc(),
+        _ => {}
+    }
     info.request_body_unread = !body_empty && info.local_reply && info.upstream_cluster.is_none();
     let resp = if info.local_reply {
         shape_local_reply(resp, &info, head_request, h2)
@@ -536,6 +559,7 @@ async fn pipeline(
                         st.request_complete
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
+                    info.stream = Some(st.clone());
                     st
                 },
                 timers: router::StreamTimers {
@@ -786,7 +810,11 @@ fn shape_local_reply(
             );
         }
     }
-    if (info.request_body_unread || info.flags.0 & Flags::DPE != 0) && !h2 {
+    if (info.request_body_unread
+        || info.flags.0 & Flags::DPE != 0
+        || info.response_code_details == router::REQUEST_TIMEOUT)
+        && !h2
+    {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -924,6 +952,28 @@ fn finish(
             }
         }
         ServerHeaderTransformation::PassThrough => {}
+    }
+    // common_http_protocol_options.max_requests_per_connection: the last
+    // allowed response on an HTTP/1 connection closes it.
+    let last_request = h.max_requests_per_connection.is_some_and(|m| {
+        ctx.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+            >= m
+    });
+    if last_request {
+        ctx.hcm.stats.cx_max_requests_reached.inc();
+    }
+    if info.protocol != "HTTP/2"
+        && (last_request
+            || *ctx.drain.borrow()
+            || ctx
+                .shared
+                .healthcheck_failed
+                .load(std::sync::atomic::Ordering::Relaxed))
+    {
+        // Failing health checks: close HTTP/1 connections after each response.
+        hs.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if h.always_set_request_id_in_response {
         if let Some(id) = &info.request_id {

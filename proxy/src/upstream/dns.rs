@@ -45,7 +45,7 @@ async fn resolve(host: &str, family: DnsFamily) -> Result<(Vec<IpAddr>, Option<D
 fn filter_family(all: Vec<IpAddr>, family: DnsFamily) -> Vec<IpAddr> {
     let v4: Vec<IpAddr> = all.iter().copied().filter(IpAddr::is_ipv4).collect();
     let v6: Vec<IpAddr> = all.iter().copied().filter(IpAddr::is_ipv6).collect();
-    let ips = match family {
+    match family {
         DnsFamily::V4Only => v4,
         DnsFamily::V6Only => v6,
         // AUTO prefers v6 and falls back to v4; V4_PREFERRED the reverse (Envoy).
@@ -64,8 +64,7 @@ fn filter_family(all: Vec<IpAddr>, family: DnsFamily) -> Vec<IpAddr> {
             }
         }
         DnsFamily::All => all,
-    };
-    ips
+    }
 }
 
 /// Addresses for `name` in /etc/hosts.

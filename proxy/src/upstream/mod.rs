@@ -38,65 +38,139 @@ pub struct Host {
 #[derive(Debug, Default)]
 pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
-    /// Indexes of usable hosts at the chosen priority (or all, in panic mode).
-    pub usable: Vec<usize>,
-    /// Expanded weighted schedule (indexes into `hosts`) when weights differ.
-    pub weighted: Vec<usize>,
+    /// Per priority level (ascending), the hosts to balance over and the
+    /// share of traffic (percent) the level takes.
+    pub priorities: Vec<PriorityLevel>,
     pub healthy_count: usize,
 }
 
+/// One priority level of a host set.
+#[derive(Debug, Default)]
+pub struct PriorityLevel {
+    /// Indexes into `HostSet::hosts`: the healthy hosts, or all the level's
+    /// hosts when the level is in panic.
+    pub usable: Vec<usize>,
+    /// Smooth weighted round-robin sequence when weights differ.
+    pub weighted: Vec<usize>,
+    /// Percent of requests for this level (all levels sum to 100).
+    pub load: u32,
+}
+
 impl HostSet {
-    pub fn build(hosts: Vec<Arc<Host>>, panic_threshold: f64) -> HostSet {
+    /// Builds the set as Envoy's load balancer sees it: each level's health
+    /// (healthy share × overprovisioning factor, capped at 100%) takes
+    /// traffic in priority order; what is left spills to the next level; a
+    /// level below the panic threshold balances over all its hosts.
+    pub fn build(
+        hosts: Vec<Arc<Host>>,
+        panic_threshold: f64,
+        overprovisioning_factor: u32,
+    ) -> HostSet {
         let healthy_count = hosts.iter().filter(|h| h.healthy).count();
-        // As Envoy: the lowest priority with healthy hosts takes the traffic.
         let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
         prios.sort_unstable();
         prios.dedup();
-        let mut usable = Vec::new();
+        let mut levels = Vec::new();
+        let mut health = Vec::new();
         for p in &prios {
             let at: Vec<usize> = (0..hosts.len())
                 .filter(|i| hosts[*i].priority == *p)
                 .collect();
             let healthy: Vec<usize> = at.iter().copied().filter(|i| hosts[*i].healthy).collect();
-            if !healthy.is_empty() {
-                let pct = 100.0 * healthy.len() as f64 / at.len() as f64;
-                usable = if pct < panic_threshold { at } else { healthy };
-                break;
+            let pct = 100.0 * healthy.len() as f64 / at.len() as f64;
+            health.push((pct * f64::from(overprovisioning_factor) / 100.0).min(100.0));
+            let usable = if pct < panic_threshold || healthy.is_empty() {
+                at
+            } else {
+                healthy
+            };
+            let weighted = weighted_sequence(&hosts, &usable);
+            levels.push(PriorityLevel {
+                usable,
+                weighted,
+                load: 0,
+            });
+        }
+        let total: f64 = health.iter().sum();
+        if total <= 0.0 {
+            // Nothing healthy anywhere: everything goes to the first level (panic).
+            if let Some(l) = levels.first_mut() {
+                l.load = 100;
             }
-        }
-        if usable.is_empty() && !hosts.is_empty() && panic_threshold > 0.0 {
-            // Panic mode: no healthy host anywhere, route to all (Envoy).
-            usable = (0..hosts.len())
-                .filter(|i| hosts[*i].priority == prios[0])
+        } else {
+            let mut remaining = 100.0;
+            let mut loads: Vec<f64> = health
+                .iter()
+                .map(|h| {
+                    let l = h.min(remaining);
+                    remaining -= l;
+                    l
+                })
                 .collect();
-        }
-        let weights_differ = usable
-            .windows(2)
-            .any(|w| hosts[w[0]].weight != hosts[w[1]].weight);
-        let mut weighted = Vec::new();
-        if weights_differ {
-            // Smooth weighted round robin sequence over one weight period.
-            let total: i64 = usable.iter().map(|i| i64::from(hosts[*i].weight)).sum();
-            let mut current = vec![0i64; usable.len()];
-            for _ in 0..total.min(10_000) {
-                let mut best = 0;
-                for (k, i) in usable.iter().enumerate() {
-                    current[k] += i64::from(hosts[*i].weight);
-                    if current[k] > current[best] {
-                        best = k;
-                    }
-                }
-                current[best] -= total;
-                weighted.push(usable[best]);
+            if total < 100.0 {
+                // Not enough healthy capacity in all levels: scale up (Envoy
+                // normalises the priority load to 100%).
+                loads = health.iter().map(|h| h * 100.0 / total).collect();
+            }
+            // Integer percents that sum to exactly 100.
+            let mut assigned = 0u32;
+            let n = levels.len();
+            for (i, l) in levels.iter_mut().enumerate() {
+                l.load = if i + 1 == n {
+                    100 - assigned
+                } else {
+                    loads[i].round() as u32
+                };
+                l.load = l.load.min(100 - assigned);
+                assigned += l.load;
             }
         }
         HostSet {
             hosts,
-            usable,
-            weighted,
+            priorities: levels,
             healthy_count,
         }
     }
+
+    /// Picks the priority level for one request.
+    fn level(&self) -> Option<&PriorityLevel> {
+        if self.priorities.len() == 1 {
+            return self.priorities.first().filter(|l| !l.usable.is_empty());
+        }
+        let mut roll = rand::rng().random_range(0..100u32);
+        for l in &self.priorities {
+            if roll < l.load && !l.usable.is_empty() {
+                return Some(l);
+            }
+            roll = roll.saturating_sub(l.load);
+        }
+        self.priorities.iter().find(|l| !l.usable.is_empty())
+    }
+}
+
+/// A smooth weighted round-robin sequence over one weight period, when the
+/// hosts' weights differ (empty otherwise).
+fn weighted_sequence(hosts: &[Arc<Host>], usable: &[usize]) -> Vec<usize> {
+    let weights_differ = usable
+        .windows(2)
+        .any(|w| hosts[w[0]].weight != hosts[w[1]].weight);
+    let mut weighted = Vec::new();
+    if weights_differ {
+        let total: i64 = usable.iter().map(|i| i64::from(hosts[*i].weight)).sum();
+        let mut current = vec![0i64; usable.len()];
+        for _ in 0..total.min(10_000) {
+            let mut best = 0;
+            for (k, i) in usable.iter().enumerate() {
+                current[k] += i64::from(hosts[*i].weight);
+                if current[k] > current[best] {
+                    best = k;
+                }
+            }
+            current[best] -= total;
+            weighted.push(usable[best]);
+        }
+    }
+    weighted
 }
 
 /// Envoy-named stats of one cluster.
@@ -110,6 +184,10 @@ pub struct ClusterStats {
     pub upstream_cx_connect_fail: Arc<Counter>,
     pub upstream_cx_connect_timeout: Arc<Counter>,
     pub upstream_rq_timeout: Arc<Counter>,
+    pub upstream_rq_per_try_timeout: Arc<Counter>,
+    pub upstream_cx_http1_total: Arc<Counter>,
+    pub upstream_cx_idle_timeout: Arc<Counter>,
+    pub upstream_cx_http2_total: Arc<Counter>,
     pub upstream_rq_retry: Arc<Counter>,
     pub upstream_rq_retry_success: Arc<Counter>,
     pub upstream_rq_retry_limit_exceeded: Arc<Counter>,
@@ -146,6 +224,10 @@ impl ClusterStats {
             upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
             upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
             upstream_rq_timeout: c("upstream_rq_timeout"),
+            upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
+            upstream_cx_http1_total: c("upstream_cx_http1_total"),
+            upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
+            upstream_cx_http2_total: c("upstream_cx_http2_total"),
             upstream_rq_retry: c("upstream_rq_retry"),
             upstream_rq_retry_success: c("upstream_rq_retry_success"),
             upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
@@ -182,7 +264,11 @@ impl ClusterRuntime {
         let stats = ClusterStats::new(store, &config.stat_name);
         let hosts = static_hosts(&config);
         stats.membership_total.set(hosts.len() as i64);
-        let set = HostSet::build(hosts, config.panic_threshold);
+        let set = HostSet::build(
+            hosts,
+            config.panic_threshold,
+            config.overprovisioning_factor,
+        );
         stats.membership_healthy.set(set.healthy_count as i64);
         Arc::new(ClusterRuntime {
             config,
@@ -198,7 +284,11 @@ impl ClusterRuntime {
     /// Replaces the host set (DNS refresh).
     pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
         self.stats.membership_total.set(hosts.len() as i64);
-        let set = HostSet::build(hosts, self.config.panic_threshold);
+        let set = HostSet::build(
+            hosts,
+            self.config.panic_threshold,
+            self.config.overprovisioning_factor,
+        );
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.hosts.store(Arc::new(set));
         self.stats.update_success.inc();
@@ -207,25 +297,25 @@ impl ClusterRuntime {
     /// Picks a host; `avoid` lists hosts tried already (previous_hosts).
     pub fn choose(&self, avoid: &[SocketAddr], attempts: u32) -> Option<Arc<Host>> {
         let set = self.hosts.load();
-        if set.usable.is_empty() {
-            return None;
-        }
+        set.level()?;
         let pick = || -> Arc<Host> {
+            let level = set.level().expect("checked above: a level has hosts");
+            let usable = &level.usable;
             let idx = match self.config.lb {
                 LbPolicy::RoundRobin => {
                     let n = self.rr.fetch_add(1, Relaxed);
-                    if set.weighted.is_empty() {
-                        set.usable[n % set.usable.len()]
+                    if level.weighted.is_empty() {
+                        usable[n % usable.len()]
                     } else {
-                        set.weighted[n % set.weighted.len()]
+                        level.weighted[n % level.weighted.len()]
                     }
                 }
-                LbPolicy::Random => set.usable[rand::rng().random_range(0..set.usable.len())],
+                LbPolicy::Random => usable[rand::rng().random_range(0..usable.len())],
                 LbPolicy::LeastRequest { choice_count } => {
                     let mut rng = rand::rng();
-                    let mut best = set.usable[rng.random_range(0..set.usable.len())];
+                    let mut best = usable[rng.random_range(0..usable.len())];
                     for _ in 1..choice_count {
-                        let c = set.usable[rng.random_range(0..set.usable.len())];
+                        let c = usable[rng.random_range(0..usable.len())];
                         if set.hosts[c].active.load(Relaxed) < set.hosts[best].active.load(Relaxed)
                         {
                             best = c;

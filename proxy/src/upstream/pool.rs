@@ -78,6 +78,8 @@ struct Settings {
     max_requests: Option<u32>,
     http2: xds_client::config::Http2Settings,
     cx_total: Arc<Counter>,
+    cx_proto: Arc<Counter>,
+    idle_timeout_c: Arc<Counter>,
     cx_active: Arc<Gauge>,
     connect_fail: Arc<Counter>,
     connect_timeout_c: Arc<Counter>,
@@ -99,6 +101,11 @@ pub fn build(c: &Cluster, kind: PoolKind, stats: &ClusterStats) -> Client {
             max_requests: c.max_requests_per_connection,
             http2: c.http2,
             cx_total: stats.upstream_cx_total.clone(),
+            idle_timeout_c: stats.upstream_cx_idle_timeout.clone(),
+            cx_proto: match kind {
+                PoolKind::Http1 => stats.upstream_cx_http1_total.clone(),
+                PoolKind::Http2 => stats.upstream_cx_http2_total.clone(),
+            },
             cx_active: stats.upstream_cx_active.clone(),
             connect_fail: stats.upstream_cx_connect_fail.clone(),
             connect_timeout_c: stats.upstream_cx_connect_timeout.clone(),
@@ -252,10 +259,9 @@ impl Client {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 s.connect_fail.inc();
-                let code = e
-                    .raw_os_error()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| e.to_string());
+                // "Connection refused (os error 111)" -> "Connection refused".
+                let text = e.to_string();
+                let code = text.split(" (os error").next().unwrap_or(&text).to_owned();
                 return Err(PoolError::Connect(format!("delayed connect error: {code}")));
             }
             Err(_) => {
@@ -266,6 +272,7 @@ impl Client {
         };
         let _ = stream.set_nodelay(true);
         s.cx_total.inc();
+        s.cx_proto.inc();
         s.cx_active.inc();
         Ok(CountedIo {
             io: TokioIo::new(stream),
@@ -281,9 +288,19 @@ impl Client {
         let now = Instant::now();
         let mut hosts = self.hosts.lock().expect("pool lock");
         for conns in hosts.values_mut() {
-            conns
-                .idle
-                .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < t);
+            let idle_c = &self.settings.idle_timeout_c;
+            conns.idle.retain(|c| {
+                if c.sender.is_closed() {
+                    return false;
+                }
+                // Idle past the timeout: closed here (counted, as Envoy's
+                // upstream_cx_idle_timeout). Busy connections are not idle.
+                let expired = c.sender.is_ready() && now.duration_since(c.since) >= t;
+                if expired {
+                    idle_c.inc();
+                }
+                !expired
+            });
             if conns.h2.as_ref().is_some_and(|h| h.sender.is_closed()) {
                 conns.h2 = None;
             }

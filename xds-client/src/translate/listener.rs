@@ -92,7 +92,7 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
     }
     let address = address.expect("checked above");
     let stat_prefix = if proto.stat_prefix.is_empty() {
-        format!("listener.{address}.")
+        format!("listener.{}.", address.to_string().replace(':', "_"))
     } else {
         format!("listener.{}.", proto.stat_prefix)
     };
