@@ -22,6 +22,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz --version "${CARGO_FUZZ_VERSION}"
 fi
 
+# xds-client/build.rs runs `cargo metadata --offline` in the main workspace,
+# which needs all of that workspace's crates in the local registry.
+cargo fetch --locked --quiet --manifest-path ../Cargo.toml
+
 # The fuzz crate has its own lockfile; refuse to run with a stale one (it
 # goes stale when xds-client gains a dependency).
 if ! cargo fetch --locked --quiet; then
