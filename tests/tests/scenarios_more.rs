@@ -2445,3 +2445,126 @@ async fn upstream_idle_timeout_is_counted() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(p.stat("cluster.a.upstream_cx_idle_timeout").await, Some(1));
 }
+
+// ---------------------------------------------------------------- bodies and retries, rewrites
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_request_body_is_replayed_on_retry() {
+    let a = echo("a").await;
+    let extra =
+        ", retry_policy: {retry_on: 5xx, num_retries: 1, retry_back_off: {base_interval: 0.001s}}";
+    let p = Cfg::new(&vhost(&route("/", "a", extra)), &cluster("a", a.port())).start();
+    // Envoy buffers up to the connection buffer limit (1 MiB) for retries.
+    let r = Http::h1()
+        .send(
+            "POST",
+            &format!("{}/", p.base()),
+            &[
+                ("x-echo-status", "503"),
+                ("x-echo-fail-times", "1"),
+                ("x-echo-id", "big"),
+            ],
+            Bytes::from(vec![b'q'; BODY_100K]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.echo();
+    assert_eq!((v.seen, v.body_len), (2, BODY_100K));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_header_from_internal_requests() {
+    let a = echo("a").await;
+    let extra =
+        ", retry_policy: {retry_on: 5xx, num_retries: 1, retry_back_off: {base_interval: 0.001s}}";
+    let p = Cfg::new(&vhost(&route("/", "a", extra)), &cluster("a", a.port()))
+        .hcm("          use_remote_address: true\n          internal_address_config: {cidr_ranges: [{address_prefix: 127.0.0.1, prefix_len: 32}]}\n")
+        .start();
+    let r = Http::h1()
+        .get(
+            &format!("{}/", p.base()),
+            &[
+                ("x-envoy-upstream-rq-per-try-timeout-ms", "100"),
+                ("x-echo-delay-ms", "600"),
+                ("x-echo-delay-times", "1"),
+                ("x-echo-id", "ptt"),
+            ],
+        )
+        .await;
+    assert_eq!((r.status, r.echo().seen), (200, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_response_body_from_a_file() {
+    let path = log_path("body").with_extension("txt");
+    std::fs::write(&path, "from a file\n").expect("write body");
+    let routes = format!(
+        "              - match: {{prefix: \"/\"}}\n                direct_response: {{status: 200, body: {{filename: {}}}}}\n",
+        path.display()
+    );
+    let p = Cfg::new(&vhost(&routes), "").start();
+    let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "from a file\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_rewrites_and_x_forwarded_host() {
+    let a = echo("a").await;
+    let routes = format!(
+        "{}{}{}",
+        route("/lit", "a", ", host_rewrite_literal: lit.internal, append_x_forwarded_host: true"),
+        route("/hdr", "a", ", host_rewrite_header: x-target-host"),
+        route(
+            "/re",
+            "a",
+            ", host_rewrite_path_regex: {pattern: {regex: \"^/re/([a-z]+)/.*$\"}, substitution: \"\\\\1.svc\"}"
+        )
+    );
+    let p = Cfg::new(&vhost(&routes), &cluster("a", a.port())).start();
+    let http = Http::h1();
+    let v = http
+        .get(&format!("{}/lit", p.base()), &[("host", "orig.example")])
+        .await
+        .echo();
+    assert_eq!(echo_header(&v, "host"), Some("lit.internal"));
+    assert_eq!(echo_header(&v, "x-forwarded-host"), Some("orig.example"));
+    assert_eq!(
+        echo_header(&v, "x-envoy-original-host"),
+        Some("orig.example")
+    );
+    let v = http
+        .get(
+            &format!("{}/hdr", p.base()),
+            &[("host", "orig.example"), ("x-target-host", "from.header")],
+        )
+        .await
+        .echo();
+    assert_eq!(echo_header(&v, "host"), Some("from.header"));
+    let v = http
+        .get(
+            &format!("{}/re/abc/x", p.base()),
+            &[("host", "orig.example")],
+        )
+        .await
+        .echo();
+    assert_eq!(echo_header(&v, "host"), Some("abc.svc"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_host_rewrite_uses_the_dns_hostname() {
+    let a = echo("a").await;
+    let clusters = format!(
+        "  - name: dns\n    type: STRICT_DNS\n    dns_lookup_family: V4_ONLY\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: dns\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: localhost, port_value: {}}}}}}}\n",
+        a.port()
+    );
+    let p = Cfg::new(
+        &vhost(&route("/", "dns", ", auto_host_rewrite: true")),
+        &clusters,
+    )
+    .start();
+    let v = Http::h1()
+        .get(&format!("{}/", p.base()), &[("host", "orig.example")])
+        .await
+        .echo();
+    assert_eq!(echo_header(&v, "host"), Some("localhost"));
+}
