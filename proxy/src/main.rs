@@ -3,7 +3,19 @@ use clap::Parser;
 use weir::cli::{Mode, Options};
 
 fn main() {
-    let o = Options::parse();
+    // As Envoy: a bad command line exits 1 (clap would use 2).
+    let o = match Options::try_parse() {
+        Ok(o) => o,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => 1,
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     if let Err(e) = weir::logging::init(
         &o.log_level,
         o.component_log_level.as_deref(),

@@ -127,12 +127,65 @@ pub fn json_to_message_collect(
 ) -> (Option<DynamicMessage>, ConfigErrors) {
     let mut errs = ConfigErrors::default();
     normalize(&mut value, desc, "", opts, &mut errs);
-    match deserialize(&value, desc) {
-        Ok(m) => (Some(m), errs),
-        Err(e) => {
-            errs.extend(e);
-            (None, errs)
+    // A bad value stops deserialisation; drop it and try again so one run
+    // reports every bad value (bounded).
+    for _ in 0..64 {
+        match deserialize(&value, desc) {
+            Ok(m) => return (Some(m), errs),
+            Err(e) => {
+                let removed =
+                    e.0.first()
+                        .is_some_and(|err| remove_path(&mut value, &err.path));
+                errs.extend(e);
+                if !removed {
+                    return (None, errs);
+                }
+            }
         }
+    }
+    (None, errs)
+}
+
+/// Removes the value at a serde path (`a.b[0].c`); false when not found.
+fn remove_path(root: &mut Value, path: &str) -> bool {
+    let mut segs: Vec<(String, Option<usize>)> = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !name.is_empty() {
+            segs.push((name.to_owned(), None));
+        }
+        for idx in rest.split('[').filter(|s| !s.is_empty()) {
+            match idx.trim_end_matches(']').parse::<usize>() {
+                Ok(n) => segs.push((String::new(), Some(n))),
+                Err(_) => return false,
+            }
+        }
+    }
+    let Some(last) = segs.pop() else { return false };
+    let mut cur = root;
+    for (name, idx) in segs {
+        cur = match (idx, cur) {
+            (Some(i), Value::Array(a)) => match a.get_mut(i) {
+                Some(v) => v,
+                None => return false,
+            },
+            (None, Value::Object(m)) => match m.get_mut(&name) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, cur) {
+        ((_, Some(i)), Value::Array(a)) if i < a.len() => {
+            a.remove(i);
+            true
+        }
+        ((name, None), Value::Object(m)) => m.remove(&name).is_some(),
+        _ => false,
     }
 }
 

@@ -41,6 +41,12 @@ impl ConfigErrors {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// Drops later errors about a path already reported.
+    pub fn dedup(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        self.0.retain(|e| seen.insert(e.path.clone()));
+    }
+
     pub fn into_result<T>(self, ok: T) -> Result<T, ConfigErrors> {
         if self.0.is_empty() {
             Ok(ok)

@@ -56,6 +56,7 @@ pub fn load_bootstrap(
         Ok(_) => Err(errs),
         Err(e) => {
             errs.extend(e);
+            errs.dedup();
             Err(errs)
         }
     }

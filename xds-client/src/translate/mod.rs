@@ -31,15 +31,15 @@ pub use format::{parse_format, DEFAULT_ACCESS_LOG_FORMAT};
 
 /// Translates a whole bootstrap into a snapshot.
 pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
+    // Unimplemented fields are reported, and translation goes on so that
+    // one run lists every problem (`--mode validate`).
     let mut errs = crate::support::check_proto(b, "");
     if b.dynamic_resources.is_some() {
+        errs.0.retain(|e| e.path != "dynamic_resources");
         errs.push(
             "dynamic_resources",
             "xDS (dynamic_resources) is not implemented yet in weir",
         );
-    }
-    if !errs.is_empty() {
-        return Err(errs);
     }
     let node = b
         .node
@@ -89,6 +89,8 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
 
     let mut clusters = BTreeMap::new();
     let mut listeners = Vec::new();
+    // Each translated listener's index in static_resources.listeners.
+    let mut listener_index: Vec<usize> = Vec::new();
     if let Some(sr) = &b.static_resources {
         for (i, c) in sr.clusters.iter().enumerate() {
             let path = format!("static_resources.clusters[{i}]");
@@ -115,6 +117,7 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                         errs.push(join(&path, "address"), "another listener has this address");
                     }
                     listeners.push(Arc::new(l));
+                    listener_index.push(i);
                 }
                 Err(e) => errs.extend(e),
             }
@@ -122,23 +125,34 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     }
     // Static routes must name clusters that exist (Envoy's validate_clusters
     // default for static route configs).
-    for (li, l) in listeners.iter().enumerate() {
+    for (l, li) in listeners.iter().zip(&listener_index) {
         let NetworkFilter::Http(h) = &l.filter_chain.filter;
-        for vh in &h.route_config.vhosts {
-            for r in &vh.routes {
+        let base = format!(
+            "static_resources.listeners[{li}].filter_chains[0].filters[0].typed_config.route_config"
+        );
+        for (vi, vh) in h.route_config.vhosts.iter().enumerate() {
+            for (ri, r) in vh.routes.iter().enumerate() {
                 if let RouteKind::Forward(a) = &r.action {
-                    let names: Vec<&Name> = match &a.cluster {
-                        ClusterSpecifier::Name(n) => vec![n],
-                        ClusterSpecifier::Weighted(w) => {
-                            w.clusters.iter().map(|c| &c.name).collect()
-                        }
+                    let names: Vec<(String, &Name)> = match &a.cluster {
+                        ClusterSpecifier::Name(n) => vec![("route.cluster".to_owned(), n)],
+                        ClusterSpecifier::Weighted(w) => w
+                            .clusters
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| {
+                                (
+                                    format!("route.weighted_clusters.clusters[{i}].name"),
+                                    &c.name,
+                                )
+                            })
+                            .collect(),
                         ClusterSpecifier::Header(_) => vec![],
                     };
-                    for n in names {
+                    for (field, n) in names {
                         if !clusters.contains_key(n) {
                             errs.push(
-                                format!("static_resources.listeners[{li}] route {:?} in virtual host {:?}", r.name, vh.name),
-                                format!("route references unknown cluster {n:?}"),
+                                format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
+                                format!("unknown cluster {n:?}"),
                             );
                         }
                     }
