@@ -460,6 +460,8 @@ pub async fn forward(
             }
             _ => authority.as_str(),
         };
+        // A request that cannot be retried moves its headers.
+        let moved = (max_attempts == 1).then(|| std::mem::take(&mut parts.headers));
         let req = build_request(
             &parts,
             &host,
@@ -468,6 +470,7 @@ pub async fn forward(
             auth,
             body,
             f.include_attempt_count.then_some(attempt),
+            moved,
         );
         let try_timeout = match (per_try, deadline) {
             (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(Instant::now()))),
@@ -652,11 +655,16 @@ fn build_request(
     authority: &str,
     body: Body,
     attempt: Option<u32>,
+    headers: Option<HeaderMap>,
 ) -> Request<Body> {
     let _ = host;
     // HTTP/1.1 sends origin-form with a Host header; HTTP/2 carries the
     // authority as `:authority` (Envoy turns Host into :authority).
     let uri = match kind {
+        // An origin-form request URI is reused as is (a cheap clone).
+        PoolKind::Http1 if parts.uri.scheme().is_none() && parts.uri.authority().is_none() => {
+            Some(parts.uri.clone())
+        }
         PoolKind::Http1 => path_and_query.parse::<Uri>().ok(),
         PoolKind::Http2 => Uri::builder()
             .scheme("http")
@@ -669,7 +677,10 @@ fn build_request(
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = match headers {
+        Some(h) => h,
+        None => parts.headers.clone(),
+    };
     // As Envoy's HTTP/1 codec: a bodyless request with a method that may
     // carry a body says so with content-length: 0.
     if hyper::body::Body::is_end_stream(req.body())

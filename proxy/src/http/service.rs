@@ -667,16 +667,16 @@ fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &
     if !METHODS.contains(&parts.method.as_str()) {
         return Some((400, "http1.codec_error"));
     }
-    let target = parts.uri.to_string();
-    let connect = parts.method == http::Method::CONNECT;
-    if !connect {
-        let origin = target.starts_with('/');
-        let absolute = target.starts_with("http://") || target.starts_with("https://");
-        if !(origin || absolute || (target == "*" && parts.method == http::Method::OPTIONS)) {
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+    if parts.method != http::Method::CONNECT {
+        let origin = parts.uri.scheme().is_none() && pq.starts_with('/');
+        let absolute = matches!(parts.uri.scheme_str(), Some("http" | "https"));
+        let star = pq == "*" && parts.method == http::Method::OPTIONS;
+        if !(origin || absolute || star) {
             return Some((400, "http1.codec_error"));
         }
     }
-    if target.contains('#') || !target.is_ascii() {
+    if pq.bytes().any(|b| b == b'#' || !b.is_ascii()) {
         return Some((400, "http1.codec_error"));
     }
     let cls: Vec<&http::HeaderValue> = parts
