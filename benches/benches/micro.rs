@@ -110,10 +110,140 @@ fn translate(c: &mut Criterion) {
 }
 
 // === proxy benches ===
-//
-// Header mutation (`%VAR%` evaluation and HeaderMap edits per route level)
-// and the HTTP filter-chain runner need the proxy's and filters' APIs; their
-// author adds those groups here and lists them in `criterion_group!` below.
+
+/// A listener whose route config mutates headers at three levels: literal
+/// values, `%VAR%` commands and removals.
+const MUTATIONS_YAML: &str = r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: b
+          route_config:
+            request_headers_to_add:
+            - header: {key: x-global, value: global}
+            response_headers_to_remove: [x-internal]
+            virtual_hosts:
+            - name: v
+              domains: ["*"]
+              request_headers_to_add:
+              - header: {key: x-client, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              request_headers_to_remove: [x-debug]
+              routes:
+              - match: {prefix: /}
+                route: {cluster: c}
+                request_headers_to_add:
+                - header: {key: x-route, value: api}
+                - header: {key: x-echo-ua, value: "%REQ(user-agent)%"}
+                  append_action: ADD_IF_ABSENT
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: c
+    load_assignment:
+      cluster_name: c
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]
+"#;
+
+fn request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "bench.example.com"),
+        ("user-agent", "bench/1.0"),
+        ("accept", "*/*"),
+        ("x-debug", "1"),
+        ("x-request-id", "0b8e6c8a-1f3e-4b1e-9a55-4c0a6a3d1c1e"),
+        ("content-type", "application/json"),
+    ] {
+        h.insert(k, v.parse().expect("header value"));
+    }
+    h
+}
+
+fn header_mutation(c: &mut Criterion) {
+    let rc = route_table(MUTATIONS_YAML);
+    let vh = rc.vhosts[0].clone();
+    let route = &vh.routes[0];
+    let info = weir::http::info::StreamInfo::new(
+        weir::http::info::now_instant(),
+        "HTTP/1.1",
+        Method::GET,
+        "/items/42".into(),
+        "bench.example.com".into(),
+        "http",
+        "127.0.0.1:40000".parse().expect("addr"),
+        "127.0.0.1:10000".parse().expect("addr"),
+        1,
+    );
+    let base = request_headers();
+    let levels = [&route.headers, &vh.headers, &rc.headers];
+    let mut g = c.benchmark_group("header_mutation");
+    g.throughput(Throughput::Elements(1));
+    // The clone is part of both benches, so compare them with each other.
+    g.bench_function("clone_only", |b| b.iter(|| black_box(base.clone())));
+    g.bench_function("three_levels", |b| {
+        b.iter(|| {
+            let mut h = base.clone();
+            weir::http::headers::apply_levels(&mut h, &levels, true, false, &info);
+            black_box(h)
+        })
+    });
+    g.finish();
+}
+
+/// A do-nothing filter, to price the chain runner itself.
+struct Pass;
+
+impl filters::HttpFilter for Pass {}
+
+#[derive(Debug)]
+struct PassFactory;
+
+impl filters::HttpFilterFactory for PassFactory {
+    fn name(&self) -> &str {
+        "pass"
+    }
+    fn create(&self) -> Box<dyn filters::HttpFilter> {
+        Box::new(Pass)
+    }
+}
+
+fn filter_chain(c: &mut Criterion) {
+    let router_only = filters::FilterChain::build(&[]);
+    let mut three = filters::FilterChain::build(&[]);
+    for _ in 0..3 {
+        three.filters.push(std::sync::Arc::new(PassFactory));
+    }
+    let (head, _) = http::Request::get("/items/42")
+        .header("host", "bench.example.com")
+        .body(())
+        .expect("request")
+        .into_parts();
+    let mut g = c.benchmark_group("filter_chain");
+    for (name, chain) in [("router_only", &router_only), ("three_filters", &three)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut inst = if chain.is_router_only() {
+                    Vec::new()
+                } else {
+                    chain.instantiate()
+                };
+                let mut cx = filters::FilterContext::default();
+                let mut h = head.clone();
+                let r = filters::run_request_headers(&mut inst, &mut cx, &mut h);
+                black_box((r.is_none(), h))
+            })
+        });
+    }
+    g.finish();
+}
 
 fn config() -> Criterion {
     // Short runs keep `cargo bench -p weir-benches` to a couple of minutes on
@@ -126,6 +256,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = route_match, vhost_select, format_parse, translate
+    targets = route_match, vhost_select, format_parse, translate, header_mutation, filter_chain
 }
 criterion_main!(micro);

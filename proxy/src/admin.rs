@@ -272,7 +272,12 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             param("filter"),
             has("usedonly"),
         ),
-        "/config_dump" => config_dump(&shared, &params),
+        "/config_dump" => {
+            let r = config_dump(&shared, &params);
+            xds_client::descriptors::release();
+            crate::netif::trim_heap();
+            r
+        }
         "/clusters" => clusters(&shared, param("format").as_deref() == Some("json")),
         "/listeners" => {
             if param("format").as_deref() == Some("json") {

@@ -243,6 +243,10 @@ impl Server {
         }
         shared.server_stats.state.set(0);
         shared.server_stats.live.set(1);
+        // The data path never needs protobuf descriptors: free them.
+        xds_client::descriptors::release();
+        crate::netif::trim_heap();
+        crate::netif::drop_static_pages(xds_client::descriptors::embedded_bytes());
         Ok(Server { shared, threads })
     }
 

@@ -65,3 +65,38 @@ pub fn enable_core_dumps() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Returns freed heap memory to the OS (glibc `malloc_trim`), after
+/// config-time work that allocated a lot temporarily.
+#[allow(unsafe_code)]
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory held by the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Tells the kernel the pages of a read-only static region may be dropped
+/// (they are re-read from the binary if touched again), so they stop
+/// counting toward RSS.
+#[allow(unsafe_code)]
+pub fn drop_static_pages(region: &'static [u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let start = region.as_ptr() as usize;
+    let end = start + region.len();
+    // Only whole pages inside the region.
+    let first = start.div_ceil(page) * page;
+    let last = end / page * page;
+    if last > first {
+        // SAFETY: the range lies inside a read-only, file-backed static; with
+        // MADV_DONTNEED its pages are simply re-faulted from the file later.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                last - first,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}

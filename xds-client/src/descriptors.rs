@@ -4,7 +4,7 @@
 //! proto it generates; we add the few messages it lacks (today only
 //! `udpa.type.v1.TypedStruct`) as hand-built `FileDescriptorProto`s so no
 //! system `protoc` is needed.
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use prost::Message;
 use prost_reflect::DescriptorPool;
@@ -16,10 +16,31 @@ use prost_types::{
 static ENVOY_DESCRIPTORS: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
 
-/// The process-wide pool: Envoy's descriptors plus our own additions.
-pub fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
+
+/// The pool: Envoy's descriptors plus our own additions. Built on first use
+/// and kept until [`release`]; a `DescriptorPool` is a cheap handle.
+pub fn pool() -> DescriptorPool {
+    let mut slot = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    slot.get_or_insert_with(build).clone()
+}
+
+/// The embedded descriptor set (for callers that want to drop its resident
+/// pages after use).
+pub fn embedded_bytes() -> &'static [u8] {
+    ENVOY_DESCRIPTORS
+}
+
+/// Drops the cached pool (tens of MiB decoded): the proxy calls this once a
+/// configuration is loaded, since the data path never needs descriptors.
+/// The next [`pool`] call builds it again.
+pub fn release() {
+    let mut slot = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    *slot = None;
+}
+
+fn build() -> DescriptorPool {
+    {
         let mut pool = DescriptorPool::decode(ENVOY_DESCRIPTORS)
             .expect("envoy-types ships a valid descriptor set");
         for (name, file, package) in [
@@ -40,7 +61,7 @@ pub fn pool() -> &'static DescriptorPool {
             }
         }
         pool
-    })
+    }
 }
 
 /// `udpa.type.v1.TypedStruct`: the legacy spelling of `xds.type.v3.TypedStruct`.

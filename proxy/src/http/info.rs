@@ -54,6 +54,11 @@ pub struct StreamInfo {
     pub stream: Option<std::sync::Arc<crate::body::StreamState>>,
 }
 
+/// The current instant (for building a `StreamInfo` outside a runtime).
+pub fn now_instant() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+}
+
 impl StreamInfo {
     /// Facts known when a request arrives.
     #[allow(clippy::too_many_arguments)]
