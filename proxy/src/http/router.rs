@@ -15,7 +15,7 @@ use super::headers::*;
 use super::info::{Flags, StreamInfo};
 use super::local_reply::{reply, NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
 use crate::body::{Body, StreamState};
-use crate::upstream::{ClusterManager, ClusterRuntime, Host, PoolKind};
+use crate::upstream::{ClusterManager, ClusterRuntime, PoolKind};
 
 /// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -464,7 +464,6 @@ pub async fn forward(
         let moved = (max_attempts == 1).then(|| std::mem::take(&mut parts.headers));
         let req = build_request(
             &parts,
-            &host,
             kind,
             &path_and_query,
             auth,
@@ -649,7 +648,6 @@ pub async fn forward(
 
 fn build_request(
     parts: &http::request::Parts,
-    host: &Host,
     kind: PoolKind,
     path_and_query: &str,
     authority: &str,
@@ -657,7 +655,6 @@ fn build_request(
     attempt: Option<u32>,
     headers: Option<HeaderMap>,
 ) -> Request<Body> {
-    let _ = host;
     // HTTP/1.1 sends origin-form with a Host header; HTTP/2 carries the
     // authority as `:authority` (Envoy turns Host into :authority).
     let uri = match kind {
