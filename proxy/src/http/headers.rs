@@ -141,12 +141,18 @@ pub fn edge(
         headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
     } else {
         if edge_request {
-            for n in EDGE_STRIPPED {
-                headers.remove(*n);
+            if has_envoy_header(headers) {
+                for n in EDGE_STRIPPED {
+                    headers.remove(*n);
+                }
             }
         }
-        for n in EXTERNAL_STRIPPED {
-            headers.remove(*n);
+        // Removing by name parses and hashes each name: scan once first,
+        // most requests carry no x-envoy-* header.
+        if has_envoy_header(headers) {
+            for n in EXTERNAL_STRIPPED {
+                headers.remove(*n);
+            }
         }
         for n in internal_only {
             headers.remove(n);
@@ -181,6 +187,39 @@ pub fn edge(
         remote: remote.unwrap_or(peer),
         internal,
         trusted: internal,
+    }
+}
+
+/// Whether any `x-envoy-*` header is present (one pass over the names).
+pub fn has_envoy_header(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| k.as_str().starts_with("x-envoy-"))
+}
+
+/// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
+pub fn is_hop_by_hop(n: &HeaderName) -> bool {
+    use http::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    n == CONNECTION
+        || n == TRANSFER_ENCODING
+        || n == UPGRADE
+        || n == TE
+        || n == TRAILER
+        || n.as_str() == "keep-alive"
+        || n.as_str() == "proxy-connection"
+}
+
+/// Removes the hop-by-hop headers (except `keep` ones) in one scan.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            is_hop_by_hop(k)
+                && !(keep_upgrade
+                    && (*k == http::header::UPGRADE || *k == http::header::CONNECTION))
+        })
+        .cloned()
+        .collect();
+    for n in found {
+        headers.remove(n);
     }
 }
 

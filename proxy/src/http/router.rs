@@ -17,17 +17,6 @@ use super::local_reply::{reply, NO_HEALTHY_UPSTREAM, UPSTREAM_TIMEOUT};
 use crate::body::{Body, StreamState};
 use crate::upstream::{ClusterManager, ClusterRuntime, PoolKind};
 
-/// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-];
-
 /// What the request pipeline hands the router.
 pub struct Forward<'a> {
     pub action: &'a RouteAction,
@@ -337,23 +326,23 @@ pub async fn forward(
             parts.headers.remove(n.as_str());
         }
     }
-    for n in HOP_BY_HOP {
-        parts.headers.remove(*n);
-    }
+    strip_hop_by_hop(&mut parts.headers, false);
     if te_trailers {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // x-envoy control headers are consumed here, not forwarded.
-    for n in [
-        &X_ENVOY_RETRY_ON,
-        &X_ENVOY_MAX_RETRIES,
-        &X_ENVOY_RQ_TIMEOUT,
-        &X_ENVOY_PER_TRY_TIMEOUT,
-        &X_ENVOY_RETRIABLE_CODES,
-    ] {
-        parts.headers.remove(n);
+    if has_envoy_header(&parts.headers) {
+        for n in [
+            &X_ENVOY_RETRY_ON,
+            &X_ENVOY_MAX_RETRIES,
+            &X_ENVOY_RQ_TIMEOUT,
+            &X_ENVOY_PER_TRY_TIMEOUT,
+            &X_ENVOY_RETRIABLE_CODES,
+        ] {
+            parts.headers.remove(n);
+        }
     }
     if !f.suppress_envoy_headers {
         let expected = match (global, per_try) {
@@ -587,12 +576,7 @@ pub async fn forward(
                     });
                 }
                 let (mut rp, rb) = r.into_parts();
-                for n in HOP_BY_HOP {
-                    if switching && (*n == "upgrade" || *n == "connection") {
-                        continue;
-                    }
-                    rp.headers.remove(*n);
-                }
+                strip_hop_by_hop(&mut rp.headers, switching);
                 if !f.suppress_envoy_headers {
                     rp.headers.insert(
                         X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
