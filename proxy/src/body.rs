@@ -96,8 +96,11 @@ pub struct Timed {
     pub inner: Incoming,
     pub state: Arc<StreamState>,
     pub idle: Option<Duration>,
-    pub idle_sleep: Option<Pin<Box<Sleep>>>,
-    pub deadline: Option<Pin<Box<Sleep>>>,
+    /// The stream's end of life (`max_stream_duration`).
+    pub deadline: Option<Instant>,
+    /// Armed only while the body waits for data: most responses are ready
+    /// at once and never touch the timer wheel.
+    pub sleep: Option<Pin<Box<Sleep>>>,
 }
 
 /// Counts bytes and calls `done` exactly once.
@@ -167,14 +170,13 @@ impl Body {
         if idle.is_none() && max_duration.is_none() {
             return Body::Incoming(inner);
         }
-        let idle_sleep = idle.map(|d| Box::pin(tokio::time::sleep(d)));
-        let deadline = max_duration.map(|d| Box::pin(tokio::time::sleep_until(state.start + d)));
+        let deadline = max_duration.map(|d| state.start + d);
         Body::Timed(Box::new(Timed {
             inner,
             state,
             idle,
-            idle_sleep,
             deadline,
+            sleep: None,
         }))
     }
 }
@@ -219,21 +221,30 @@ impl http_body::Body for Body {
             Body::Timed(t) => {
                 let r = Pin::new(&mut t.inner).poll_frame(cx);
                 match &r {
-                    Poll::Ready(Some(Ok(_))) => {
-                        t.state.touch();
-                        if let (Some(idle), Some(s)) = (t.idle, &mut t.idle_sleep) {
-                            s.as_mut().reset(Instant::now() + idle);
-                        }
-                    }
+                    Poll::Ready(Some(Ok(_))) => t.state.touch(),
                     Poll::Pending => {
-                        if let Some(s) = &mut t.idle_sleep {
-                            if s.as_mut().poll(cx).is_ready() {
-                                return Poll::Ready(Some(Err(StreamError::Idle.into())));
-                            }
+                        let now = Instant::now();
+                        let idle_at = t.idle.map(|i| t.state.last_activity() + i);
+                        if t.deadline.is_some_and(|d| now >= d) {
+                            return Poll::Ready(Some(Err(StreamError::Duration.into())));
                         }
-                        if let Some(d) = &mut t.deadline {
-                            if d.as_mut().poll(cx).is_ready() {
-                                return Poll::Ready(Some(Err(StreamError::Duration.into())));
+                        if idle_at.is_some_and(|d| now >= d) {
+                            return Poll::Ready(Some(Err(StreamError::Idle.into())));
+                        }
+                        let next = match (idle_at, t.deadline) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        if let Some(next) = next {
+                            let s = t
+                                .sleep
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+                            if s.deadline() != next {
+                                s.as_mut().reset(next);
+                            }
+                            // Registers the wake-up; the checks above decide on it.
+                            if s.as_mut().poll(cx).is_ready() {
+                                cx.waker().wake_by_ref();
                             }
                         }
                     }

@@ -277,8 +277,14 @@ fn xff_address(headers: &HeaderMap, trusted_hops: u32) -> Option<IpAddr> {
 
 /// A random UUIDv4 as a header value.
 pub fn new_request_id() -> HeaderValue {
+    // A per-thread fast PRNG seeded from the OS: request ids need to be
+    // unique, not secret (Envoy uses a plain random UUID too).
+    thread_local! {
+        static RNG: std::cell::RefCell<rand::rngs::SmallRng> =
+            std::cell::RefCell::new(rand::SeedableRng::from_rng(&mut rand::rng()));
+    }
     let mut b = [0u8; 16];
-    rand::rng().fill_bytes(&mut b);
+    RNG.with(|r| r.borrow_mut().fill_bytes(&mut b));
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let mut s = String::with_capacity(36);

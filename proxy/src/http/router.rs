@@ -56,43 +56,33 @@ enum StreamTimeout {
     Duration,
 }
 
-/// Resolves when one of the stream's timers fires; pending forever when
-/// none is configured.
-async fn stream_timers(state: &StreamState, t: StreamTimers) -> StreamTimeout {
-    if t.idle.is_none() && t.request.is_none() && t.max_duration.is_none() {
-        return std::future::pending().await;
+/// The next instant a stream timer could fire, or the timer that already
+/// fired.
+fn stream_next(state: &StreamState, t: StreamTimers) -> Result<Option<Instant>, StreamTimeout> {
+    let now = Instant::now();
+    let mut next: Option<Instant> = None;
+    let mut consider = |at: Instant, which: StreamTimeout| -> Result<(), StreamTimeout> {
+        if now >= at {
+            return Err(which);
+        }
+        next = Some(next.map_or(at, |n| n.min(at)));
+        Ok(())
+    };
+    if let Some(m) = t.max_duration {
+        consider(state.start + m, StreamTimeout::Duration)?;
     }
-    loop {
-        let now = Instant::now();
-        let mut next = now + Duration::from_secs(3600);
-        if let Some(m) = t.max_duration {
-            let at = state.start + m;
-            if now >= at {
-                return StreamTimeout::Duration;
-            }
-            next = next.min(at);
+    if let Some(r) = t.request {
+        if !state
+            .request_complete
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            consider(state.start + r, StreamTimeout::Request)?;
         }
-        if let Some(r) = t.request {
-            if !state
-                .request_complete
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                let at = state.start + r;
-                if now >= at {
-                    return StreamTimeout::Request;
-                }
-                next = next.min(at);
-            }
-        }
-        if let Some(i) = t.idle {
-            let at = state.last_activity() + i;
-            if now >= at {
-                return StreamTimeout::Idle;
-            }
-            next = next.min(at);
-        }
-        tokio::time::sleep_until(next).await;
     }
+    if let Some(i) = t.idle {
+        consider(state.last_activity() + i, StreamTimeout::Idle)?;
+    }
+    Ok(next)
 }
 
 /// The local reply for a fired stream timer, as Envoy.
@@ -427,7 +417,9 @@ pub async fn forward(
             info.response_code_details = "no_healthy_upstream";
             return reply(503, NO_HEALTHY_UPSTREAM);
         };
-        tried.push(host.addr);
+        if retry.as_ref().is_some_and(|r| r.previous_hosts) {
+            tried.push(host.addr);
+        }
         info.upstream_host = Some(host.addr);
         if !host.metadata.is_null() {
             info.upstream_metadata = Some(host.metadata.clone());
@@ -473,19 +465,35 @@ pub async fn forward(
         let started = Instant::now();
         let client = cluster.pool(kind);
         let fut = client.request(host.addr, req);
-        let timed = async {
-            match try_timeout {
-                Some(t) => tokio::time::timeout(t, fut).await.ok(),
-                None => Some(fut.await),
-            }
-        };
-        let res = tokio::select! {
-            r = timed => r,
-            which = stream_timers(&state, timers) => {
-                host.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                cluster.stats.upstream_rq_active.dec();
-                let complete = state.request_complete.load(std::sync::atomic::Ordering::Relaxed);
-                return stream_timeout_reply(which, info, complete);
+        tokio::pin!(fut);
+        // One timer for the attempt: the earliest of the per-try/route
+        // deadline and the stream timers, re-armed only when request-body
+        // activity moved the idle deadline.
+        let try_deadline = try_timeout.map(|t| started + t);
+        let res = loop {
+            let stream_at = match stream_next(&state, timers) {
+                Ok(at) => at,
+                Err(which) => {
+                    host.active
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    cluster.stats.upstream_rq_active.dec();
+                    let complete = state
+                        .request_complete
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    return stream_timeout_reply(which, info, complete);
+                }
+            };
+            let at = match (try_deadline, stream_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match at {
+                None => break Some(fut.as_mut().await),
+                Some(at) => match tokio::time::timeout_at(at, fut.as_mut()).await {
+                    Ok(r) => break Some(r),
+                    Err(_) if try_deadline.is_some_and(|d| Instant::now() >= d) => break None,
+                    Err(_) => continue,
+                },
             }
         };
         host.active

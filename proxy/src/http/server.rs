@@ -23,9 +23,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Recei
             .keep_alive(true)
             .max_buf_size(((h.max_request_headers_kb as usize) * 1024 + 4096).max(8192))
             .max_headers(h.max_headers_count as usize + 1);
-        if let Some(t) = h.request_headers_timeout {
-            h1.header_read_timeout(t);
-        }
+        // Envoy has no header timeout unless request_headers_timeout is set
+        // (hyper would default to 30 s).
+        h1.header_read_timeout(h.request_headers_timeout);
     }
     {
         let mut h2 = b.http2();

@@ -29,6 +29,13 @@ pub struct HcmRuntime {
     pub buffer_limit: u32,
 }
 
+static NO_MUTATIONS: xds_client::config::HeaderMutations = xds_client::config::HeaderMutations {
+    request_add: Vec::new(),
+    request_remove: Vec::new(),
+    response_add: Vec::new(),
+    response_remove: Vec::new(),
+};
+
 /// Marks a request whose stream is reset instead of answered.
 const RESET_STREAM: &str = "reset_stream";
 
@@ -394,15 +401,13 @@ async fn pipeline(
         route: &'a xds_client::config::Route,
         vh: &'a xds_client::config::VirtualHost,
         rc: &'a xds_client::config::RouteConfig,
-    ) -> Vec<&'a xds_client::config::HeaderMutations> {
-        let mut v = Vec::with_capacity(4);
-        if let Some(w) = weighted {
-            v.push(w);
-        }
-        v.push(&route.headers);
-        v.push(&vh.headers);
-        v.push(&rc.headers);
-        v
+    ) -> [&'a xds_client::config::HeaderMutations; 4] {
+        [
+            weighted.unwrap_or(&NO_MUTATIONS),
+            &route.headers,
+            &vh.headers,
+            &rc.headers,
+        ]
     }
     let mut resp = match &route.action {
         RouteKind::Direct(d) => {
