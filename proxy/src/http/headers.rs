@@ -140,11 +140,9 @@ pub fn edge(
     if internal {
         headers.insert(X_ENVOY_INTERNAL.clone(), HeaderValue::from_static("true"));
     } else {
-        if edge_request {
-            if has_envoy_header(headers) {
-                for n in EDGE_STRIPPED {
-                    headers.remove(*n);
-                }
+        if edge_request && has_envoy_header(headers) {
+            for n in EDGE_STRIPPED {
+                headers.remove(*n);
             }
         }
         // Removing by name parses and hashes each name: scan once first,
