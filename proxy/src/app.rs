@@ -189,6 +189,17 @@ impl Server {
             .recv()
             .context("control runtime stopped during start")??;
 
+        // WEIR_RUNTIME=multi-thread: one work-stealing runtime with `workers`
+        // threads sharing one socket per listener. Kept only to measure the
+        // worker model against (ARCHITECTURE.md); the default is below.
+        if std::env::var("WEIR_RUNTIME").as_deref() == Ok("multi-thread") {
+            threads.push(spawn_multi_thread(shared.clone(), workers)?);
+            shared.server_stats.state.set(0);
+            shared.server_stats.live.set(1);
+            xds_client::descriptors::release();
+            crate::netif::trim_heap();
+            return Ok(Server { shared, threads });
+        }
         // Workers: one current-thread runtime each, with its own listener sockets.
         for i in 0..workers {
             let s = shared.clone();
@@ -276,6 +287,47 @@ impl Server {
             let _ = t.join();
         }
     }
+}
+
+/// The alternative worker model (measurement only): one multi-thread runtime.
+fn spawn_multi_thread(
+    shared: Arc<Shared>,
+    workers: usize,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let sockets: Vec<_> = shared
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let mut all = l.sockets.lock().expect("sockets lock");
+            let first = all.get_mut(0).and_then(Option::take);
+            all.clear(); // the other workers' sockets close
+            first.map(|s| (l.clone(), s))
+        })
+        .collect();
+    std::thread::Builder::new()
+        .name("weir-mt".into())
+        .spawn(move || {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .enable_all()
+                .on_thread_start(move || {
+                    crate::stats::set_worker_shard(next.fetch_add(1, Ordering::Relaxed))
+                })
+                .build()
+                .expect("multi-thread runtime");
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for (l, sock) in sockets {
+                    tasks.push(tokio::spawn(listener::accept_loop(l, sock, shared.clone())));
+                }
+                shared.server_stats.workers_started.add(workers as i64);
+                shared.exit.notified().await;
+                for t in tasks {
+                    t.abort();
+                }
+            });
+        })
 }
 
 /// Starts draining; with `exit`, the process stops when drained.

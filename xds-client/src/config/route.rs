@@ -88,9 +88,9 @@ impl RouteConfig {
 
     /// Selects the virtual host for `host` (the `:authority`/`Host`).
     ///
-    /// As Envoy: matching is case-insensitive; the host is tried as given,
-    /// then (when it carries a port and `ignore_port_in_host_matching` is set,
-    /// or no vhost matched with it) without the port.
+    /// As Envoy: matching is case-insensitive and includes the port, unless
+    /// `ignore_port_in_host_matching` is set (the HCM strips ports per
+    /// `strip_matching_host_port` / `strip_any_host_port` before this).
     pub fn select_vhost(&self, host: &str) -> Option<&Arc<VirtualHost>> {
         let lower;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {

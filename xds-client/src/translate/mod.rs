@@ -366,14 +366,32 @@ pub fn substitution(s: &str) -> String {
     out
 }
 
+/// Largest file a `DataSource` may name (direct-response bodies are further
+/// limited to 4096 bytes, as Envoy).
+const MAX_DATA_SOURCE: u64 = 1 << 20;
+
 /// Reads a `DataSource` (inline, file, or environment variable).
 pub fn data_source(d: &core::DataSource, path: &str) -> Result<Vec<u8>, ConfigErrors> {
     use core::data_source::Specifier as S;
     match &d.specifier {
         Some(S::InlineBytes(b)) => Ok(b.clone()),
         Some(S::InlineString(s)) => Ok(s.as_bytes().to_vec()),
-        Some(S::Filename(f)) => std::fs::read(f)
-            .map_err(|e| err(join(path, "filename"), format!("cannot read {f:?}: {e}"))),
+        // Bounded read: a data source is config, never an unbounded stream
+        // (a path like /dev/zero must not hang the loader).
+        Some(S::Filename(f)) => {
+            use std::io::Read;
+            let mut out = Vec::new();
+            std::fs::File::open(f)
+                .and_then(|file| file.take(MAX_DATA_SOURCE + 1).read_to_end(&mut out))
+                .map_err(|e| err(join(path, "filename"), format!("cannot read {f:?}: {e}")))?;
+            if out.len() as u64 > MAX_DATA_SOURCE {
+                return Err(err(
+                    join(path, "filename"),
+                    format!("{f:?} is larger than {MAX_DATA_SOURCE} bytes"),
+                ));
+            }
+            Ok(out)
+        }
         Some(S::EnvironmentVariable(v)) => std::env::var(v).map(String::into_bytes).map_err(|_| {
             err(
                 join(path, "environment_variable"),
