@@ -23,7 +23,11 @@ mkdir -p "$TOOLS"
 # PyPI package) and a C++ compiler (libfuzzer-sys builds libFuzzer for the
 # fuzz step of .ci/run). Install them from Debian's packages when missing.
 missing=()
-command -v "$PYTHON" >/dev/null 2>&1 || missing+=(python3 python3-venv python3-pip)
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    missing+=(python3 python3-venv python3-pip)
+elif ! "$PYTHON" -c 'import ensurepip' >/dev/null 2>&1 && ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    missing+=(python3-venv python3-pip)
+fi
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 if [ "${#missing[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
