@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod listener;
 pub mod router;
 
 pub use http::*;
