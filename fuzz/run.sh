@@ -27,7 +27,7 @@ fi
 cargo fetch --locked --quiet --manifest-path ../Cargo.toml
 
 # The fuzz crate has its own lockfile; refuse to run with a stale one (it
-# goes stale when xds-client gains a dependency).
+# goes stale when xds-client or filters gains a dependency).
 if ! cargo fetch --locked --quiet; then
     echo "error: fuzz/Cargo.lock is out of date; run" >&2
     echo "  cargo update --manifest-path fuzz/Cargo.toml --workspace" >&2
@@ -35,12 +35,16 @@ if ! cargo fetch --locked --quiet; then
     exit 1
 fi
 
-echo "--- building fuzz targets"
-cargo fuzz build --sanitizer none
-
 if [ "$#" -gt 0 ]; then
     targets=("$@")
+    # Only the named targets: one broken target does not block the others.
+    echo "--- building fuzz targets: ${targets[*]}"
+    for t in "${targets[@]}"; do
+        cargo fuzz build --sanitizer none "${t}"
+    done
 else
+    echo "--- building fuzz targets"
+    cargo fuzz build --sanitizer none
     mapfile -t targets < <(cargo fuzz list)
 fi
 
