@@ -23,6 +23,7 @@ fn request<'a>(path: &'a str, authority: &'a str, headers: &'a HeaderMap) -> Req
         scheme: "http",
         headers,
         is_connect: false,
+        peer_cert: false,
         random_ppm: 0,
     }
 }

@@ -82,8 +82,10 @@ pub fn snapshot(yaml: &str) -> Snapshot {
 /// The route table of the first listener of `yaml`.
 pub fn route_table(yaml: &str) -> Arc<RouteConfig> {
     let s = snapshot(yaml);
-    let NetworkFilter::Http(h) = &s.listeners[0].filter_chain.filter;
-    h.route_config.clone()
+    match &s.listeners[0].filter_chains[0].filter {
+        NetworkFilter::Http(h) => h.route_config.clone(),
+        NetworkFilter::Tcp(_) => panic!("the bench config's first chain is not HTTP"),
+    }
 }
 
 /// One virtual host (`bench.example.com`) with `n` routes. Most match by

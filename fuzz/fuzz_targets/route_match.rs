@@ -407,6 +407,7 @@ fuzz_target!(|input: Input| {
             scheme: "http",
             headers: &headers,
             is_connect: method == Method::CONNECT,
+            peer_cert: false,
             random_ppm: req.random_ppm % 1_000_000,
         };
 

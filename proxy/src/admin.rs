@@ -295,7 +295,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
                 text(StatusCode::OK, s)
             }
         }
-        "/certs" => json(serde_json::json!({"certificates": []})),
+        "/certs" => json(certs(&shared)),
         "/runtime" => json(serde_json::json!({"layers": [], "entries": {}})),
         "/memory" => {
             let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -524,7 +524,9 @@ fn proto_json<M: prost::Message + prost::Name>(m: &M) -> serde_json::Value {
     if dm.serialize_with_options(&mut ser, &opts).is_err() {
         return serde_json::Value::Null;
     }
-    serde_json::from_slice(&ser.into_inner()).unwrap_or(serde_json::Value::Null)
+    let mut v = serde_json::from_slice(&ser.into_inner()).unwrap_or(serde_json::Value::Null);
+    redact(&mut v, false);
+    v
 }
 
 /// Keeps `@type` and the masked (dotted) field paths of a JSON object.
@@ -611,6 +613,15 @@ fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
         serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters}),
         serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners}),
     ];
+    let secrets: Vec<_> = sr
+        .secrets
+        .iter()
+        .filter(|s| keep(&s.name))
+        .map(|s| serde_json::json!({"name": s.name, "last_updated": last_updated, "secret": typed(s)}))
+        .collect();
+    if !secrets.is_empty() {
+        configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump", "static_secrets": secrets}));
+    }
     if params.iter().any(|(k, _)| k == "include_eds") {
         configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "static_endpoint_configs": endpoints}));
     }
@@ -687,6 +698,27 @@ fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
 }
 
 /// A proto message as an `Any` in JSON: `@type` plus its fields.
+/// Envoy's config_dump redaction of sensitive fields (`private_key`,
+/// `password`): every string below them becomes `[redacted]` (bytes: its
+/// base64).
+fn redact(v: &mut serde_json::Value, sensitive: bool) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, child) in m.iter_mut() {
+                let s = sensitive || k == "private_key" || k == "password";
+                if s && k == "inline_bytes" {
+                    *child = "W3JlZGFjdGVkXQ==".into();
+                } else {
+                    redact(child, s);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| redact(c, sensitive)),
+        serde_json::Value::String(s) if sensitive => *s = "[redacted]".into(),
+        _ => {}
+    }
+}
+
 fn typed<M: prost::Message + prost::Name>(m: &M) -> serde_json::Value {
     let mut v = proto_json(m);
     if let serde_json::Value::Object(map) = &mut v {
@@ -743,4 +775,31 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
         }
     }
     text(StatusCode::OK, s)
+}
+
+/// `/certs`: every TLS context's certificates and CAs, as Envoy.
+fn certs(shared: &Shared) -> serde_json::Value {
+    let mut out = Vec::new();
+    for s in shared.tls.servers() {
+        let (certs, ca) = s.cert_infos();
+        let path = |i: usize| match s.config.certs.get(i) {
+            Some(xds_client::config::SecretRef::Inline(t)) => match &t.chain {
+                xds_client::config::CertData::File(p) => p.display().to_string(),
+                xds_client::config::CertData::Inline(_) => "<inline>".to_owned(),
+            },
+            Some(xds_client::config::SecretRef::Sds(n)) => format!("<sds:{n}>"),
+            None => String::new(),
+        };
+        out.push(serde_json::json!({
+            "ca_cert": ca.iter().map(|c| crate::tls::cert_json(c, "")).collect::<Vec<_>>(),
+            "cert_chain": certs.iter().enumerate().map(|(i, c)| crate::tls::cert_json(c, &path(i))).collect::<Vec<_>>(),
+        }));
+    }
+    for c in shared.tls.clients() {
+        out.push(serde_json::json!({
+            "ca_cert": [],
+            "cert_chain": c.cert_info().iter().map(|c| crate::tls::cert_json(c, "")).collect::<Vec<_>>(),
+        }));
+    }
+    serde_json::json!({ "certificates": out })
 }

@@ -11,16 +11,13 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::sync::{watch, Notify};
-use xds_client::{
-    api::envoy::config::bootstrap::v3::Bootstrap, config::NetworkFilter, config::Snapshot,
-};
+use xds_client::{api::envoy::config::bootstrap::v3::Bootstrap, config::Snapshot};
 
 use crate::{
     access_log::{Logger, Writer},
     cli::Options,
-    http::service::HcmRuntime,
     listener::{self, ListenerRuntime},
-    metrics::{HttpStats, ListenerStats, ServerStats},
+    metrics::{ListenerStats, ServerStats},
     stats::Store,
     upstream::ClusterManager,
 };
@@ -30,6 +27,8 @@ pub struct Shared {
     pub snapshot: Arc<Snapshot>,
     pub bootstrap: Bootstrap,
     pub clusters: ClusterManager,
+    /// Live TLS contexts (for `/certs` and certificate rotation).
+    pub tls: Arc<crate::tls::Registry>,
     pub stats: Arc<Store>,
     pub server_stats: ServerStats,
     pub options: Options,
@@ -80,46 +79,64 @@ impl Server {
             (options.file_flush_min_size_kb as usize) * 1024,
             &stats,
         );
-        let clusters = ClusterManager::new(&snapshot, &stats, workers);
+        let tls = Arc::new(crate::tls::Registry::default());
+        let tls_env = crate::upstream::TlsEnv {
+            secrets: Arc::new(snapshot.secrets.clone()),
+            registry: tls.clone(),
+        };
+        let clusters = ClusterManager::new(&snapshot, &stats, workers, &tls_env)
+            .map_err(anyhow::Error::msg)?;
         let mut listeners = Vec::new();
         for l in &snapshot.listeners {
             let (bound, sockets) = listener::bind(l, workers)
                 .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.address))?;
-            let NetworkFilter::Http(h) = &l.filter_chain.filter;
-            let logs = h
-                .access_logs
-                .iter()
-                .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
-                .collect();
             // A listener's own access log is written once per connection.
             let conn_logs = l
                 .access_logs
                 .iter()
                 .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
                 .collect();
-            let hcm = Arc::new(HcmRuntime {
-                config: h.clone(),
-                chain: filters::FilterChain::build(&h.http_filters),
-                stats: HttpStats::new(&stats, &h.stat_prefix),
-                logs,
-                listener_port: bound.port(),
-                buffer_limit: l.buffer_limit,
-            });
+            // Stats carry the bound address when the config's port is 0.
+            let lstats = ListenerStats::new(
+                &stats,
+                &if l.stat_prefix
+                    == format!("listener.{}.", l.address.to_string().replace(':', "_"))
+                {
+                    format!("listener.{}.", bound.to_string().replace(':', "_"))
+                } else {
+                    l.stat_prefix.clone()
+                },
+            );
+            let env = listener::ChainEnv {
+                store: &stats,
+                writer: &writer,
+                tls: &tls_env,
+                ssl_stats: lstats.ssl.clone(),
+            };
+            let mut chains = Vec::new();
+            for fc in &l.filter_chains {
+                chains.push(listener::build_chain(
+                    fc,
+                    bound.port(),
+                    l.buffer_limit,
+                    &env,
+                )?);
+            }
+            let default_chain = match &l.default_filter_chain {
+                Some(fc) => Some(listener::build_chain(
+                    fc,
+                    bound.port(),
+                    l.buffer_limit,
+                    &env,
+                )?),
+                None => None,
+            };
             tracing::info!(listener = %l.name, address = %bound, "listener bound");
             listeners.push(Arc::new(ListenerRuntime {
                 config: l.clone(),
-                hcm,
-                // Stats carry the bound address when the config's port is 0.
-                stats: ListenerStats::new(
-                    &stats,
-                    &if l.stat_prefix
-                        == format!("listener.{}.", l.address.to_string().replace(':', "_"))
-                    {
-                        format!("listener.{}.", bound.to_string().replace(':', "_"))
-                    } else {
-                        l.stat_prefix.clone()
-                    },
-                ),
+                chains,
+                default_chain,
+                stats: lstats,
                 bound,
                 sockets: std::sync::Mutex::new(sockets.into_iter().map(Some).collect()),
                 stop_accept: watch::channel(false).0,
@@ -132,6 +149,7 @@ impl Server {
             snapshot: Arc::new(snapshot.clone()),
             bootstrap,
             clusters,
+            tls,
             stats: stats.clone(),
             server_stats,
             max_connections: snapshot.max_downstream_connections,
@@ -385,6 +403,10 @@ async fn control(shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Res
         loop {
             let up = s.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
             s.server_stats.uptime.set(up as i64);
+            // Certificate rotation: contexts whose files changed rebuild;
+            // established connections keep their old context.
+            let tls = s.tls.clone();
+            let _ = tokio::task::spawn_blocking(move || tls.reload_changed()).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });

@@ -8,11 +8,14 @@ pub mod app;
 pub mod body;
 pub mod cli;
 pub mod http;
+pub mod io;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod netif;
 pub mod stats;
+pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use app::{Server, Shared};

@@ -4,18 +4,37 @@ use std::{
     sync::{atomic::Ordering, Arc},
 };
 
+use bytes::BytesMut;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::sync::watch;
-use xds_client::config::{Listener, RawSocketValue};
+use tokio::{io::AsyncReadExt, net::TcpStream, sync::watch};
+use xds_client::config::{
+    FilterChain, FilterChainMatch, Listener, ListenerFilter, RawSocketValue, SourceType,
+};
 
 use crate::http::service::{ConnCtx, HcmRuntime};
+use crate::io::{DownstreamIo, Rewind};
 use crate::metrics::ListenerStats;
+use crate::tls::ServerTls;
 use crate::Shared;
+
+/// A filter chain at run time.
+pub struct ChainRuntime {
+    pub config: Arc<FilterChain>,
+    pub tls: Option<Arc<ServerTls>>,
+    pub network: NetworkRuntime,
+}
+
+/// The terminal network filter at run time.
+pub enum NetworkRuntime {
+    Http(Arc<HcmRuntime>),
+    Tcp(Arc<crate::tcp::TcpRuntime>),
+}
 
 /// A listener's run-time state shared by workers.
 pub struct ListenerRuntime {
     pub config: Arc<Listener>,
-    pub hcm: Arc<HcmRuntime>,
+    pub chains: Vec<Arc<ChainRuntime>>,
+    pub default_chain: Option<Arc<ChainRuntime>>,
     pub stats: ListenerStats,
     /// The bound address (the real port when the config says 0).
     pub bound: SocketAddr,
@@ -134,10 +153,262 @@ pub fn bind(l: &Listener, workers: usize) -> std::io::Result<(SocketAddr, Vec<St
     Ok((bound, out))
 }
 
+/// What listener filters and the socket tell about a new connection, for
+/// filter-chain matching.
+#[derive(Debug, Clone)]
+pub struct ConnMeta {
+    /// Source and destination (PROXY protocol may replace the socket's).
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// The socket's own peer address.
+    pub direct_src: SocketAddr,
+    /// Lower-cased SNI from tls_inspector.
+    pub sni: Option<String>,
+    /// `tls` or `raw_buffer`.
+    pub transport: &'static str,
+    /// ALPN from tls_inspector, or the protocol http_inspector found.
+    pub alpn: Vec<String>,
+    /// PROXY protocol v2 TLVs.
+    pub tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+/// Picks the filter chain as Envoy's `FilterChainMatch` order: at each
+/// criterion the most specific matching value narrows the candidates
+/// (falling back to chains that leave the criterion empty); there is no
+/// backtracking. `None` when nothing matches.
+pub fn select_chain<'a>(
+    chains: &'a [Arc<ChainRuntime>],
+    m: &ConnMeta,
+) -> Option<&'a Arc<ChainRuntime>> {
+    let mut cand: Vec<&'a Arc<ChainRuntime>> = chains.iter().collect();
+    // 1. destination port
+    narrow(&mut cand, |c| match mt(c).destination_port {
+        Some(p) if p == m.dst.port() => Level::Specific(1),
+        Some(_) => Level::No,
+        None => Level::Any,
+    });
+    // 2. destination IP (longest prefix)
+    narrow(&mut cand, |c| cidr_level(&mt(c).prefix_ranges, m.dst.ip()));
+    // 3. server name: exact, then longest wildcard suffix
+    narrow(&mut cand, |c| {
+        let names = &mt(c).server_names;
+        if names.is_empty() {
+            return Level::Any;
+        }
+        let Some(sni) = &m.sni else {
+            return Level::No;
+        };
+        let mut best = Level::No;
+        for n in names {
+            if n == sni {
+                return Level::Specific(u32::MAX);
+            }
+            if let Some(suffix) = n.strip_prefix("*.") {
+                // `*.example.com` matches `a.example.com` and `a.b.example.com`.
+                if sni.len() > suffix.len() + 1
+                    && sni.ends_with(suffix)
+                    && sni.as_bytes()[sni.len() - suffix.len() - 1] == b'.'
+                {
+                    best = best.max(Level::Specific(suffix.len() as u32 + 1));
+                }
+            }
+        }
+        best
+    });
+    // 4. transport protocol
+    narrow(&mut cand, |c| match mt(c).transport_protocol.as_str() {
+        "" => Level::Any,
+        t if t == m.transport => Level::Specific(1),
+        _ => Level::No,
+    });
+    // 5. application protocols: the first of the connection's protocols
+    // that some chain names.
+    let hit = m.alpn.iter().position(|p| {
+        cand.iter()
+            .any(|c| mt(c).application_protocols.iter().any(|a| a == p))
+    });
+    narrow(&mut cand, |c| {
+        let aps = &mt(c).application_protocols;
+        if aps.is_empty() {
+            Level::Any
+        } else if hit.is_some_and(|i| aps.contains(&m.alpn[i])) {
+            Level::Specific(1)
+        } else {
+            Level::No
+        }
+    });
+    // 6. directly connected source IP
+    narrow(&mut cand, |c| {
+        cidr_level(&mt(c).direct_source_prefix_ranges, m.direct_src.ip())
+    });
+    // 7. source type
+    let local = m.src.ip().is_loopback() || m.src.ip() == m.dst.ip();
+    narrow(&mut cand, |c| match mt(c).source_type {
+        SourceType::Any => Level::Any,
+        SourceType::SameIpOrLoopback if local => Level::Specific(1),
+        SourceType::External if !local => Level::Specific(1),
+        _ => Level::No,
+    });
+    // 8. source IP
+    narrow(&mut cand, |c| {
+        cidr_level(&mt(c).source_prefix_ranges, m.src.ip())
+    });
+    // 9. source port
+    narrow(&mut cand, |c| {
+        let ports = &mt(c).source_ports;
+        if ports.is_empty() {
+            Level::Any
+        } else if ports.contains(&m.src.port()) {
+            Level::Specific(1)
+        } else {
+            Level::No
+        }
+    });
+    cand.into_iter().next()
+}
+
+fn mt(c: &Arc<ChainRuntime>) -> &FilterChainMatch {
+    &c.config.matcher
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    No,
+    Any,
+    Specific(u32),
+}
+
+fn narrow<T>(cand: &mut Vec<T>, level: impl Fn(&T) -> Level) {
+    let best = cand.iter().map(&level).max().unwrap_or(Level::No);
+    match best {
+        Level::No => cand.clear(),
+        b => cand.retain(|c| level(c) == b),
+    }
+}
+
+fn cidr_level(ranges: &[xds_client::config::Cidr], ip: std::net::IpAddr) -> Level {
+    if ranges.is_empty() {
+        return Level::Any;
+    }
+    ranges
+        .iter()
+        .filter(|r| r.contains(ip))
+        .map(|r| Level::Specific(u32::from(r.len) + 1))
+        .max()
+        .unwrap_or(Level::No)
+}
+
+/// Largest amount listener filters read before deciding.
+const MAX_INSPECT: usize = 64 * 1024 + 5;
+
+/// Reads more bytes for the listener filters; `Err` at EOF or error.
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ()> {
+    if buf.len() >= MAX_INSPECT {
+        return Err(());
+    }
+    buf.reserve(4096);
+    match stream.read_buf(buf).await {
+        Ok(0) | Err(_) => Err(()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Runs the listener filters in order. Bytes they read stay in `buf` (to
+/// be replayed), except a PROXY protocol header, which is consumed.
+async fn run_listener_filters(
+    lr: &ListenerRuntime,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    meta: &mut ConnMeta,
+) -> Result<(), ()> {
+    use bytes::Buf;
+    use filters::listener::Inspect;
+    use filters::listener::{http_inspector as hi, proxy_protocol as pp, tls_inspector as ti};
+    for f in &lr.config.listener_filters {
+        match f {
+            ListenerFilter::ProxyProtocol(cfg) => loop {
+                match pp::parse(buf) {
+                    Inspect::NeedMore => read_more(stream, buf).await?,
+                    Inspect::Done(Ok(h)) => {
+                        if let Some((src, dst)) = h.addresses {
+                            meta.src = src;
+                            meta.dst = dst;
+                        }
+                        meta.tlvs = h.tlvs;
+                        buf.advance(h.len);
+                        break;
+                    }
+                    Inspect::Done(Err(pp::ProxyError::NotProxy))
+                        if cfg.allow_requests_without_proxy_protocol =>
+                    {
+                        lr.stats.proxy_proto_not_found.inc();
+                        break;
+                    }
+                    Inspect::Done(Err(e)) => {
+                        lr.stats.proxy_proto_error.inc();
+                        tracing::debug!(error = %e, "PROXY protocol error; closing");
+                        return Err(());
+                    }
+                }
+            },
+            ListenerFilter::TlsInspector => loop {
+                match ti::inspect(buf) {
+                    Inspect::NeedMore => read_more(stream, buf).await?,
+                    Inspect::Done(ti::TlsDetect::Tls(h)) => {
+                        lr.stats.tls_inspector_found.inc();
+                        meta.transport = "tls";
+                        if let Some(s) = h.sni {
+                            lr.stats.tls_inspector_sni_found.inc();
+                            meta.sni = Some(s.to_ascii_lowercase());
+                        }
+                        meta.alpn = h
+                            .alpn
+                            .iter()
+                            .map(|p| String::from_utf8_lossy(p).into_owned())
+                            .collect();
+                        break;
+                    }
+                    Inspect::Done(ti::TlsDetect::TooLarge) => {
+                        lr.stats.tls_inspector_too_large.inc();
+                        return Err(());
+                    }
+                    Inspect::Done(_) => {
+                        lr.stats.tls_inspector_not_found.inc();
+                        break;
+                    }
+                }
+            },
+            ListenerFilter::HttpInspector => {
+                if meta.transport == "tls" {
+                    continue;
+                }
+                loop {
+                    match hi::inspect(buf) {
+                        Inspect::NeedMore => read_more(stream, buf).await?,
+                        Inspect::Done(d) => {
+                            match d {
+                                hi::HttpDetect::Http10 => lr.stats.http_inspector_http10.inc(),
+                                hi::HttpDetect::Http11 => lr.stats.http_inspector_http11.inc(),
+                                hi::HttpDetect::Http2 => lr.stats.http_inspector_http2.inc(),
+                                hi::HttpDetect::NotHttp => lr.stats.http_inspector_not_found.inc(),
+                                hi::HttpDetect::RequestLineTooLong => return Err(()),
+                            }
+                            if let Some(p) = d.alpn() {
+                                meta.alpn = vec![p.to_owned()];
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Accepts on one worker's socket until drained.
 pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: Arc<Shared>) {
     let mut stop = lr.stop_accept.subscribe();
-    let drain = lr.drain_conns.subscribe();
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
@@ -145,7 +416,6 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
             return;
         }
     };
-    let scheme = "http";
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -167,33 +437,16 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
             }
         }
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(lr.bound);
-        let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let ctx = Arc::new(ConnCtx {
-            hcm: lr.hcm.clone(),
-            shared: shared.clone(),
-            peer,
-            local,
-            id,
-            scheme,
-            active_streams: std::sync::atomic::AtomicU32::new(0),
-            idle_since_ms: std::sync::atomic::AtomicU64::new(0),
-            opened: tokio::time::Instant::now(),
-            proto_counted: std::sync::atomic::AtomicBool::new(false),
-            requests: std::sync::atomic::AtomicU32::new(0),
-            drain: drain.clone(),
-        });
-        let lr2 = lr.clone();
-        let shared2 = shared.clone();
-        let drain2 = drain.clone();
         shared.active_connections.fetch_add(1, Ordering::Relaxed);
         lr.stats.cx_total.inc();
         lr.stats.cx_active.inc();
-        lr.hcm.stats.cx_total.inc();
-        lr.hcm.stats.cx_active.inc();
+        let lr2 = lr.clone();
+        let shared2 = shared.clone();
         tokio::spawn(async move {
             let opened = tokio::time::Instant::now();
-            crate::http::server::serve(stream, ctx, drain2).await;
+            let local = stream.local_addr().unwrap_or(lr2.bound);
+            let id = shared2.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            connection(&lr2, stream, peer, local, id, &shared2).await;
             if !lr2.logs.is_empty() {
                 let mut info = crate::http::info::StreamInfo::new(
                     opened,
@@ -213,8 +466,158 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
                 }
             }
             lr2.stats.cx_active.dec();
-            lr2.hcm.stats.cx_active.dec();
             shared2.active_connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// One downstream connection: listener filters, filter-chain selection,
+/// the transport socket, then the chain's network filter.
+async fn connection(
+    lr: &Arc<ListenerRuntime>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: u64,
+    shared: &Arc<Shared>,
+) {
+    let mut meta = ConnMeta {
+        src: peer,
+        dst: local,
+        direct_src: peer,
+        sni: None,
+        transport: "raw_buffer",
+        alpn: Vec::new(),
+        tlvs: Vec::new(),
+    };
+    let mut buf = BytesMut::new();
+    if !lr.config.listener_filters.is_empty() {
+        let filters = run_listener_filters(lr, &mut stream, &mut buf, &mut meta);
+        let res = match lr.config.listener_filters_timeout {
+            Some(t) => match tokio::time::timeout(t, filters).await {
+                Ok(r) => r,
+                Err(_) => {
+                    lr.stats.pre_cx_timeout.inc();
+                    if lr.config.continue_on_listener_filters_timeout {
+                        Ok(())
+                    } else {
+                        Err(())
+                    }
+                }
+            },
+            None => filters.await,
+        };
+        if res.is_err() {
+            return;
+        }
+    }
+    let chain = match select_chain(&lr.chains, &meta).or(lr.default_chain.as_ref()) {
+        Some(c) => c.clone(),
+        None => {
+            lr.stats.no_filter_chain_match.inc();
+            tracing::debug!(listener = %lr.config.name, peer = %peer, "no filter chain matches; closing");
+            return;
+        }
+    };
+    let rewound = Rewind::new(buf, stream);
+    let (io, tls) = match &chain.tls {
+        Some(t) => match t
+            .accept(rewound, chain.config.transport_connect_timeout)
+            .await
+        {
+            Ok((s, info)) => (DownstreamIo::Tls(Box::new(s)), Some(Arc::new(info))),
+            Err(e) => {
+                tracing::debug!(listener = %lr.config.name, peer = %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+        },
+        None => (DownstreamIo::Plain(rewound), None),
+    };
+    match &chain.network {
+        NetworkRuntime::Http(hcm) => {
+            let ctx = Arc::new(ConnCtx {
+                hcm: hcm.clone(),
+                shared: shared.clone(),
+                peer: meta.src,
+                local: meta.dst,
+                id,
+                scheme: if tls.is_some() { "https" } else { "http" },
+                tls,
+                active_streams: std::sync::atomic::AtomicU32::new(0),
+                idle_since_ms: std::sync::atomic::AtomicU64::new(0),
+                opened: tokio::time::Instant::now(),
+                proto_counted: std::sync::atomic::AtomicBool::new(false),
+                requests: std::sync::atomic::AtomicU32::new(0),
+                drain: lr.drain_conns.subscribe(),
+            });
+            hcm.stats.cx_total.inc();
+            hcm.stats.cx_active.inc();
+            crate::http::server::serve(io, ctx, lr.drain_conns.subscribe()).await;
+            hcm.stats.cx_active.dec();
+        }
+        NetworkRuntime::Tcp(t) => {
+            t.serve(io, &meta, tls, id, shared, lr.drain_conns.subscribe())
+                .await;
+        }
+    }
+}
+
+/// Builds a listener's chains (TLS contexts, HCM and TCP runtimes).
+pub fn build_chain(
+    fc: &Arc<FilterChain>,
+    listener_port: u16,
+    buffer_limit: u32,
+    env: &ChainEnv<'_>,
+) -> anyhow::Result<Arc<ChainRuntime>> {
+    use xds_client::config::NetworkFilter;
+    let tls = match &fc.tls {
+        Some(t) => {
+            let s = ServerTls::new(t.clone(), env.tls.secrets.clone(), env.ssl_stats.clone())
+                .map_err(anyhow::Error::msg)?;
+            env.tls.registry.add_server(&s);
+            Some(s)
+        }
+        None => None,
+    };
+    let network = match &fc.filter {
+        NetworkFilter::Http(h) => {
+            let logs = h
+                .access_logs
+                .iter()
+                .map(|a| {
+                    Arc::new(crate::access_log::Logger::new(
+                        a.clone(),
+                        env.writer.clone(),
+                    ))
+                })
+                .collect();
+            NetworkRuntime::Http(Arc::new(HcmRuntime {
+                config: h.clone(),
+                chain: filters::FilterChain::build(&h.http_filters),
+                stats: crate::metrics::HttpStats::new(env.store, &h.stat_prefix),
+                logs,
+                listener_port,
+                buffer_limit,
+            }))
+        }
+        NetworkFilter::Tcp(t) => NetworkRuntime::Tcp(Arc::new(crate::tcp::TcpRuntime::new(
+            t.clone(),
+            env.store,
+            env.writer,
+            buffer_limit,
+        ))),
+    };
+    Ok(Arc::new(ChainRuntime {
+        config: fc.clone(),
+        tls,
+        network,
+    }))
+}
+
+/// What building chains needs.
+pub struct ChainEnv<'a> {
+    pub store: &'a crate::stats::Store,
+    pub writer: &'a crate::access_log::Writer,
+    pub tls: &'a crate::upstream::TlsEnv,
+    pub ssl_stats: Arc<crate::metrics::SslStats>,
 }

@@ -74,6 +74,22 @@ pub struct ListenerStats {
     pub cx_overflow: Arc<Counter>,
     /// Refused by the global (overload manager) connection limit.
     pub global_cx_overflow: Arc<Counter>,
+    pub no_filter_chain_match: Arc<Counter>,
+    /// `listener.<addr>.ssl.*`.
+    pub ssl: Arc<SslStats>,
+    /// `listener.<addr>.downstream_pre_cx_timeout` (listener filters).
+    pub pre_cx_timeout: Arc<Counter>,
+    /// `tls_inspector.*` and `http_inspector.*`, `proxy_proto.*`.
+    pub tls_inspector_found: Arc<Counter>,
+    pub tls_inspector_not_found: Arc<Counter>,
+    pub tls_inspector_sni_found: Arc<Counter>,
+    pub tls_inspector_too_large: Arc<Counter>,
+    pub http_inspector_http10: Arc<Counter>,
+    pub http_inspector_http11: Arc<Counter>,
+    pub http_inspector_http2: Arc<Counter>,
+    pub http_inspector_not_found: Arc<Counter>,
+    pub proxy_proto_error: Arc<Counter>,
+    pub proxy_proto_not_found: Arc<Counter>,
 }
 
 impl ListenerStats {
@@ -88,6 +104,90 @@ impl ListenerStats {
             cx_active: store.gauge(t("downstream_cx_active")),
             cx_overflow: store.counter(t("downstream_cx_overflow")),
             global_cx_overflow: store.counter(t("downstream_global_cx_overflow")),
+            no_filter_chain_match: store.counter(t("no_filter_chain_match")),
+            ssl: Arc::new(SslStats::new(store, |s| t(&format!("ssl.{s}")))),
+            pre_cx_timeout: store.counter(t("downstream_pre_cx_timeout")),
+            tls_inspector_found: store.counter(StatName::plain("tls_inspector.tls_found")),
+            tls_inspector_not_found: store.counter(StatName::plain("tls_inspector.tls_not_found")),
+            tls_inspector_sni_found: store.counter(StatName::plain("tls_inspector.sni_found")),
+            tls_inspector_too_large: store
+                .counter(StatName::plain("tls_inspector.client_hello_too_large")),
+            http_inspector_http10: store.counter(StatName::plain("http_inspector.http10_found")),
+            http_inspector_http11: store.counter(StatName::plain("http_inspector.http11_found")),
+            http_inspector_http2: store.counter(StatName::plain("http_inspector.http2_found")),
+            http_inspector_not_found: store
+                .counter(StatName::plain("http_inspector.http_not_found")),
+            proxy_proto_error: store.counter(StatName::plain("proxy_proto.versions.v1.error")),
+            proxy_proto_not_found: store.counter(StatName::plain("proxy_proto.not_found_allowed")),
+        }
+    }
+}
+
+/// `<scope>.ssl.*` for a listener or a cluster.
+pub struct SslStats {
+    pub handshake: Arc<Counter>,
+    pub connection_error: Arc<Counter>,
+    pub no_certificate: Arc<Counter>,
+    pub fail_verify_error: Arc<Counter>,
+    pub fail_verify_san: Arc<Counter>,
+    pub fail_verify_cert_hash: Arc<Counter>,
+    pub session_reused: Arc<Counter>,
+}
+
+impl std::fmt::Debug for SslStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SslStats")
+    }
+}
+
+impl SslStats {
+    pub fn new(store: &Store, name: impl Fn(&str) -> StatName) -> Self {
+        SslStats {
+            handshake: store.counter(name("handshake")),
+            connection_error: store.counter(name("connection_error")),
+            no_certificate: store.counter(name("no_certificate")),
+            fail_verify_error: store.counter(name("fail_verify_error")),
+            fail_verify_san: store.counter(name("fail_verify_san")),
+            fail_verify_cert_hash: store.counter(name("fail_verify_cert_hash")),
+            session_reused: store.counter(name("session_reused")),
+        }
+    }
+
+    pub fn count_failure(&self, why: crate::tls::verify::VerifyFailure) {
+        use crate::tls::verify::VerifyFailure as F;
+        match why {
+            F::Chain => self.fail_verify_error.inc(),
+            F::San => self.fail_verify_san.inc(),
+            F::Pin => self.fail_verify_cert_hash.inc(),
+        }
+    }
+}
+
+/// `tcp.<stat_prefix>.*`.
+pub struct TcpStats {
+    pub cx_total: Arc<Counter>,
+    pub cx_no_route: Arc<Counter>,
+    pub cx_tx_bytes_total: Arc<Counter>,
+    pub cx_rx_bytes_total: Arc<Counter>,
+    pub idle_timeout: Arc<Counter>,
+    pub max_duration_reached: Arc<Counter>,
+    pub upstream_flush_active: Arc<Gauge>,
+    pub cx_connect_fail: Arc<Counter>,
+}
+
+impl TcpStats {
+    pub fn new(store: &Store, stat_prefix: &str) -> Self {
+        let prefix = stat_prefix.trim_start_matches("tcp.").trim_end_matches('.');
+        let t = |s: &str| StatName::tagged("tcp", prefix, s, "envoy_tcp_prefix");
+        TcpStats {
+            cx_total: store.counter(t("downstream_cx_total")),
+            cx_no_route: store.counter(t("downstream_cx_no_route")),
+            cx_tx_bytes_total: store.counter(t("downstream_cx_tx_bytes_total")),
+            cx_rx_bytes_total: store.counter(t("downstream_cx_rx_bytes_total")),
+            idle_timeout: store.counter(t("idle_timeout")),
+            max_duration_reached: store.counter(t("max_downstream_connection_duration")),
+            upstream_flush_active: store.gauge(t("upstream_flush_active")),
+            cx_connect_fail: store.counter(t("upstream_connect_fail")),
         }
     }
 }

@@ -28,7 +28,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "~fatal_actions", "~inline_headers", "~perf_tracing_file_path",
         "~default_regex_engine", "~memory_allocator_manager",
     ]),
-    ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "~secrets"]),
+    ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "secrets"]),
     ("envoy.config.bootstrap.v3.Admin", &[
         "address", "access_log", "~access_log_path", "~profile_path",
         "~ignore_global_conn_limit",
@@ -64,12 +64,67 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "name", "address", "filter_chains", "default_filter_chain", "per_connection_buffer_limit_bytes",
         "socket_options", "enable_reuse_port", "tcp_backlog_size", "freebind", "traffic_direction",
         "stat_prefix", "access_log", "bind_to_port", "~connection_balance_config",
-        "~listener_filters_timeout", "~continue_on_listener_filters_timeout", "~drain_type",
+        "listener_filters", "listener_filters_timeout", "continue_on_listener_filters_timeout", "~drain_type",
         "~metadata", "~reuse_port", "~ignore_global_conn_limit",
     ]),
     ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", &["**"]),
-    ("envoy.config.listener.v3.FilterChain", &["filters", "name", "filter_chain_match", "~metadata"]),
-    ("envoy.config.listener.v3.FilterChainMatch", &[]),
+    ("envoy.config.listener.v3.FilterChain", &[
+        "filters", "name", "filter_chain_match", "~metadata", "transport_socket",
+        "transport_socket_connect_timeout",
+    ]),
+    ("envoy.config.listener.v3.FilterChainMatch", &[
+        "destination_port", "prefix_ranges", "direct_source_prefix_ranges", "source_type",
+        "source_prefix_ranges", "source_ports", "server_names", "transport_protocol",
+        "application_protocols",
+    ]),
+    ("envoy.config.listener.v3.ListenerFilter", &["name", "typed_config"]),
+    ("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", &[
+        "~enable_ja3_fingerprinting", "~enable_ja4_fingerprinting", "~initial_read_buffer_size",
+    ]),
+    ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", &[]),
+    ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol", &[
+        "~rules", "allow_requests_without_proxy_protocol", "~stat_prefix",
+    ]),
+    // --- TCP
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &[
+        "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "downstream_idle_timeout",
+        "upstream_idle_timeout", "access_log", "max_connect_attempts", "max_downstream_connection_duration",
+    ]),
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", &["clusters"]),
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight", &["name", "weight", "metadata_match"]),
+    ("envoy.extensions.filters.network.sni_cluster.v3.SniCluster", &[]),
+    // --- TLS
+    ("envoy.config.core.v3.TransportSocket", &["name", "typed_config"]),
+    ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", &[]),
+    ("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", &[
+        "common_tls_context", "require_client_certificate", "session_timeout",
+        "disable_stateless_session_resumption", "disable_stateful_session_resumption",
+        "ocsp_staple_policy", "~full_scan_certs_on_sni_mismatch", "~prefer_client_ciphers",
+    ]),
+    ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", &[
+        "common_tls_context", "sni", "max_session_keys", "allow_renegotiation",
+        "~enforce_rsa_key_usage",
+    ]),
+    ("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext", &[
+        "tls_params", "tls_certificates", "tls_certificate_sds_secret_configs", "alpn_protocols",
+        "validation_context", "validation_context_sds_secret_config", "combined_validation_context",
+    ]),
+    ("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext", &[
+        "default_validation_context", "validation_context_sds_secret_config",
+    ]),
+    ("envoy.extensions.transport_sockets.tls.v3.TlsParameters", &[
+        "tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites", "ecdh_curves",
+    ]),
+    ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", &["certificate_chain", "private_key"]),
+    ("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", &["name", "sds_config"]),
+    ("envoy.config.core.v3.ConfigSource", &["**"]),
+    ("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext", &[
+        "trusted_ca", "verify_certificate_spki", "verify_certificate_hash", "match_typed_subject_alt_names",
+        "match_subject_alt_names", "crl", "allow_expired_certificate", "trust_chain_verification",
+        "only_verify_leaf_cert_crl", "max_verify_depth",
+    ]),
+    ("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", &["san_type", "matcher"]),
+    ("envoy.extensions.transport_sockets.tls.v3.Secret", &["name", "tls_certificate", "validation_context"]),
     ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
     // --- HTTP connection manager
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", &[
@@ -79,6 +134,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "drain_timeout", "access_log", "use_remote_address", "xff_num_trusted_hops", "internal_address_config",
         "skip_xff_append", "via", "generate_request_id", "preserve_external_request_id",
         "always_set_request_id_in_response", "forward_client_cert_details", "upgrade_configs",
+        "set_current_client_cert_details",
         "normalize_path", "merge_slashes", "path_with_escaped_slashes_action", "strip_matching_host_port",
         "strip_any_host_port", "append_x_forwarded_port", "add_user_agent", "proxy_100_continue",
         "~delayed_close_timeout", "~stream_error_on_invalid_http_message", "~access_log_flush_interval",
@@ -87,6 +143,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "unix_sockets", "cidr_ranges",
     ]),
     ("envoy.config.core.v3.CidrRange", &["address_prefix", "prefix_len"]),
+    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.SetCurrentClientCertDetails", &[
+        "subject", "cert", "chain", "dns", "uri",
+    ]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig", &[
         "upgrade_type", "enabled",
     ]),
@@ -127,8 +186,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.Decorator", &["**"]),
     ("envoy.config.route.v3.RouteMatch", &[
         "prefix", "path", "safe_regex", "path_separated_prefix", "connect_matcher", "case_sensitive",
-        "headers", "query_parameters", "runtime_fraction", "grpc",
+        "headers", "query_parameters", "runtime_fraction", "grpc", "tls_context",
     ]),
+    ("envoy.config.route.v3.RouteMatch.TlsContextMatchOptions", &["presented", "validated"]),
     ("envoy.config.route.v3.RouteMatch.ConnectMatcher", &[]),
     ("envoy.config.route.v3.RouteMatch.GrpcRouteMatchOptions", &[]),
     ("envoy.config.core.v3.RuntimeFractionalPercent", &["default_value", "~runtime_key"]),
@@ -196,8 +256,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
+        "transport_socket", "transport_socket_matches",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
+    ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
     ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold"]),
     ("envoy.type.v3.Percent", &["value"]),

@@ -130,6 +130,7 @@ fn request<'a>(method: &'a Method, path: &'a str, headers: &'a HeaderMap) -> Req
         scheme: "http",
         headers,
         is_connect: method == Method::CONNECT,
+        peer_cert: false,
         random_ppm: 0,
     }
 }
@@ -142,6 +143,8 @@ fn route_match(path: PathMatch, case_sensitive: bool) -> RouteMatch {
         query: vec![],
         grpc: false,
         runtime_fraction_ppm: None,
+        tls_presented: None,
+        tls_validated: None,
     }
 }
 

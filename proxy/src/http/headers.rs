@@ -99,6 +99,7 @@ pub fn edge(
     peer: SocketAddr,
     scheme: &'static str,
     local_v6: bool,
+    tls: Option<&crate::tls::DownstreamTlsInfo>,
 ) -> Edge {
     // x-forwarded-for is one of Envoy's inline headers: repeated lines are
     // coalesced into one comma-separated value.
@@ -169,15 +170,7 @@ pub fn edge(
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
         }
     }
-    // Client certificates: plaintext connections carry none, so every mode
-    // but the forward-only ones removes the header (as Envoy).
-    use xds_client::config::ForwardClientCert as F;
-    match h.forward_client_cert {
-        F::ForwardOnly | F::AlwaysForwardOnly => {}
-        F::Sanitize | F::SanitizeSet | F::AppendForward => {
-            headers.remove(&XFCC);
-        }
-    }
+    xfcc(h, headers, tls);
     if let Some(via) = &h.via {
         append_joined(headers, &VIA, via, ", ");
     }
@@ -186,6 +179,80 @@ pub fn edge(
         internal,
         trusted: internal,
     }
+}
+
+/// `x-forwarded-client-cert` as Envoy's `forward_client_cert_details`:
+/// without a client certificate only ALWAYS_FORWARD_ONLY keeps the header;
+/// with one, FORWARD_ONLY keeps it, APPEND_FORWARD appends this hop's
+/// element and SANITIZE_SET replaces the header with it.
+fn xfcc(
+    h: &HttpConnectionManager,
+    headers: &mut HeaderMap,
+    tls: Option<&crate::tls::DownstreamTlsInfo>,
+) {
+    use xds_client::config::{ClientCertDetail as D, ForwardClientCert as F};
+    if h.forward_client_cert == F::AlwaysForwardOnly {
+        return;
+    }
+    let peer = tls.and_then(|t| t.peer.as_ref().map(|p| (t, p)));
+    let Some((tls, peer)) = peer.filter(|_| h.forward_client_cert != F::Sanitize) else {
+        headers.remove(&XFCC);
+        return;
+    };
+    if h.forward_client_cert == F::ForwardOnly {
+        return;
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(local) = &tls.local {
+        for u in &local.uri_sans {
+            parts.push(format!("By={u}"));
+        }
+    }
+    parts.push(format!("Hash={}", peer.sha256_hex()));
+    for d in &h.client_cert_details {
+        match d {
+            D::Subject => parts.push(format!("Subject=\"{}\"", peer.subject)),
+            D::Uri => {
+                for u in &peer.uri_sans {
+                    parts.push(format!("URI={u}"));
+                }
+            }
+            D::Cert | D::Chain => {
+                if let Some(pem) = &tls.peer_pem {
+                    let key = if *d == D::Cert { "Cert" } else { "Chain" };
+                    parts.push(format!("{key}=\"{}\"", url_encode(pem)));
+                }
+            }
+            D::Dns => {
+                for n in &peer.dns_sans {
+                    parts.push(format!("DNS={n}"));
+                }
+            }
+        }
+    }
+    let element = parts.join(";");
+    let value = match (h.forward_client_cert, headers.get(&XFCC)) {
+        (F::AppendForward, Some(old)) if !old.is_empty() => {
+            format!("{},{element}", String::from_utf8_lossy(old.as_bytes()))
+        }
+        _ => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(XFCC.clone(), v);
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3 / 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Whether any `x-envoy-*` header is present (one pass over the names).

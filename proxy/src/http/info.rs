@@ -52,6 +52,10 @@ pub struct StreamInfo {
     pub has_request: bool,
     /// The stream's shared state (bytes received from a streamed body).
     pub stream: Option<std::sync::Arc<crate::body::StreamState>>,
+    /// TLS facts of the downstream connection (terminated by weir).
+    pub tls: Option<Arc<crate::tls::DownstreamTlsInfo>>,
+    /// SNI seen by tls_inspector (TLS passthrough) or the handshake.
+    pub requested_server_name: Option<String>,
 }
 
 /// The current instant (for building a `StreamInfo` outside a runtime).
@@ -106,6 +110,8 @@ impl StreamInfo {
             request_body_unread: false,
             has_request: true,
             stream: None,
+            tls: None,
+            requested_server_name: None,
         }
     }
 }
@@ -129,8 +135,9 @@ impl Flags {
     pub const DT: u32 = 1 << 11;
     pub const UMSDR: u32 = 1 << 12;
     pub const UO: u32 = 1 << 13;
+    pub const NC: u32 = 1 << 14;
 
-    const NAMES: [(u32, &'static str, &'static str); 14] = [
+    const NAMES: [(u32, &'static str, &'static str); 15] = [
         (Self::NR, "NR", "NoRouteFound"),
         (Self::UH, "UH", "NoHealthyUpstream"),
         (Self::UF, "UF", "UpstreamConnectionFailure"),
@@ -145,6 +152,7 @@ impl Flags {
         (Self::DT, "DT", "DurationTimeout"),
         (Self::UMSDR, "UMSDR", "UpstreamMaxStreamDurationReached"),
         (Self::UO, "UO", "UpstreamOverflow"),
+        (Self::NC, "NC", "NoClusterFound"),
     ];
 
     /// Sets a flag. Flags render in the order they were set (Envoy 1.40).
@@ -415,7 +423,27 @@ pub fn eval(
         Command::DownstreamLocalAddress => Some(info.downstream_local.to_string()),
         Command::DownstreamLocalAddressWithoutPort => Some(addr_no_port(info.downstream_local)),
         Command::DownstreamLocalPort => Some(info.downstream_local.port().to_string()),
-        Command::RequestedServerName => None,
+        Command::RequestedServerName => info.requested_server_name.clone(),
+        Command::DownstreamPeerUriSan => peer(info, |p| join(&p.uri_sans)),
+        Command::DownstreamPeerDnsSan => peer(info, |p| join(&p.dns_sans)),
+        Command::DownstreamPeerSubject => peer(info, |p| Some(p.subject.clone())),
+        Command::DownstreamPeerIssuer => peer(info, |p| Some(p.issuer.clone())),
+        Command::DownstreamPeerFingerprint256 => peer(info, |p| Some(p.sha256_hex())),
+        Command::DownstreamPeerSerial => peer(info, |p| Some(p.serial.clone())),
+        Command::DownstreamPeerCert => info.tls.as_ref().and_then(|t| t.peer_pem.clone()),
+        Command::DownstreamLocalUriSan => local(info, |p| join(&p.uri_sans)),
+        Command::DownstreamLocalDnsSan => local(info, |p| join(&p.dns_sans)),
+        Command::DownstreamLocalSubject => local(info, |p| Some(p.subject.clone())),
+        Command::DownstreamTlsVersion => info
+            .tls
+            .as_ref()
+            .map(|t| t.version.to_owned())
+            .filter(|v| !v.is_empty()),
+        Command::DownstreamTlsCipher => info
+            .tls
+            .as_ref()
+            .map(|t| t.cipher.clone())
+            .filter(|v| !v.is_empty()),
         Command::RouteName => info.route_name.as_deref().map(str::to_owned),
         Command::Hostname => Some(hostname().to_owned()),
         Command::ConnectionId => Some(info.connection_id.to_string()),
@@ -461,6 +489,23 @@ pub fn render(
         }
     }
     out
+}
+
+fn peer(info: &StreamInfo, f: impl Fn(&crate::tls::CertInfo) -> Option<String>) -> Option<String> {
+    info.tls.as_ref()?.peer.as_ref().and_then(f)
+}
+
+fn local(info: &StreamInfo, f: impl Fn(&crate::tls::CertInfo) -> Option<String>) -> Option<String> {
+    info.tls.as_ref()?.local.as_ref().and_then(f)
+}
+
+/// Several SANs render comma-separated; none renders as absent.
+fn join(v: &[String]) -> Option<String> {
+    if v.is_empty() {
+        None
+    } else {
+        Some(v.join(","))
+    }
 }
 
 #[cfg(test)]

@@ -464,7 +464,7 @@ pub async fn forward(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let client = cluster.pool(kind);
-        let fut = client.request(host.addr, req);
+        let fut = client.request(host.addr, cluster.tls_for(&host), req);
         tokio::pin!(fut);
         // One timer for the attempt: the earliest of the per-try/route
         // deadline and the stream timers, re-armed only when request-body

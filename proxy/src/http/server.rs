@@ -7,14 +7,20 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpStream, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+};
 use xds_client::config::Codec;
 
 use super::service::{handle, ConnCtx};
 
 /// Serves `stream` until it closes, is drained, or exceeds
 /// `max_connection_duration`.
-pub async fn serve(stream: TcpStream, ctx: Arc<ConnCtx>, mut drain: watch::Receiver<bool>) {
+pub async fn serve<IO>(stream: IO, ctx: Arc<ConnCtx>, mut drain: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let h = ctx.hcm.config.clone();
     let mut b = auto::Builder::new(TokioExecutor::new());
     {

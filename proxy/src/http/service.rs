@@ -53,6 +53,8 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     pub id: u64,
     pub scheme: &'static str,
+    /// TLS facts when weir terminated TLS on this connection.
+    pub tls: Option<Arc<crate::tls::DownstreamTlsInfo>>,
     /// Streams in flight on this connection (for the HCM idle timeout).
     pub active_streams: std::sync::atomic::AtomicU32,
     /// When the connection last became idle, in ms since `opened`.
@@ -153,6 +155,10 @@ pub async fn handle(
         ctx.local,
         ctx.id,
     );
+    if let Some(t) = &ctx.tls {
+        info.requested_server_name = t.sni.clone();
+        info.tls = Some(t.clone());
+    }
     let head_request = parts.method == http::Method::HEAD;
     let body_empty = hyper::body::Body::is_end_stream(&body);
     let h2 = parts.version == Version::HTTP_2;
@@ -321,6 +327,7 @@ async fn pipeline(
         ctx.peer,
         ctx.scheme,
         ctx.shared.options.local_address_ip_version == crate::cli::IpVersion::V6,
+        ctx.tls.as_deref(),
     );
     info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
     info.grpc = is_grpc(&parts.headers);
@@ -371,6 +378,7 @@ async fn pipeline(
         scheme: ctx.scheme,
         headers: &parts.headers,
         is_connect: parts.method == http::Method::CONNECT,
+        peer_cert: ctx.tls.as_ref().is_some_and(|t| t.peer.is_some()),
         random_ppm,
     };
     let Some(route) = vh.select_route(&rinfo) else {

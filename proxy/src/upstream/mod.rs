@@ -12,7 +12,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rand::Rng;
-use xds_client::config::{Cluster, Discovery, EndpointAddress, LbPolicy, UpstreamProtocol};
+use xds_client::config::{
+    Cluster, Discovery, EndpointAddress, LbPolicy, UpstreamProtocol, UpstreamTransport,
+};
 
 use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 
@@ -257,11 +259,41 @@ pub struct ClusterRuntime {
     rr: AtomicUsize,
     /// Connection pools per worker shard and protocol.
     pools: Box<[[OnceLock<Arc<Client>>; 2]]>,
+    /// TLS contexts for `transport_socket` (index 0) and each
+    /// `transport_socket_matches` entry (1..); `None` = plaintext.
+    transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
 }
 
 impl ClusterRuntime {
-    pub fn new(config: Arc<Cluster>, store: &Store, workers: usize) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Cluster>,
+        store: &Store,
+        workers: usize,
+        tls: &TlsEnv,
+    ) -> Result<Arc<Self>, String> {
         let stats = ClusterStats::new(store, &config.stat_name);
+        let ssl = Arc::new(crate::metrics::SslStats::new(store, |s| {
+            StatName::tagged(
+                "cluster",
+                &config.stat_name,
+                &format!("ssl.{s}"),
+                "envoy_cluster_name",
+            )
+        }));
+        let mut transports = Vec::new();
+        for t in std::iter::once(&config.transport)
+            .chain(config.transport_matches.iter().map(|m| &m.transport))
+        {
+            transports.push(match t {
+                UpstreamTransport::Plain => None,
+                UpstreamTransport::Tls(t) => {
+                    let c =
+                        crate::tls::ClientTls::new(t.clone(), tls.secrets.clone(), ssl.clone())?;
+                    tls.registry.add_client(&c);
+                    Some(c)
+                }
+            });
+        }
         let hosts = static_hosts(&config);
         stats.membership_total.set(hosts.len() as i64);
         let set = HostSet::build(
@@ -270,7 +302,7 @@ impl ClusterRuntime {
             config.overprovisioning_factor,
         );
         stats.membership_healthy.set(set.healthy_count as i64);
-        Arc::new(ClusterRuntime {
+        Ok(Arc::new(ClusterRuntime {
             config,
             hosts: ArcSwap::from_pointee(set),
             stats,
@@ -278,7 +310,27 @@ impl ClusterRuntime {
             pools: (0..workers + 1)
                 .map(|_| [OnceLock::new(), OnceLock::new()])
                 .collect(),
-        })
+            transports,
+        }))
+    }
+
+    /// The TLS context for connections to `host` (`None` = plaintext).
+    pub fn tls_for(&self, host: &Host) -> Option<&Arc<crate::tls::ClientTls>> {
+        if self.config.transport_matches.is_empty() {
+            return self.transports[0].as_ref();
+        }
+        let t = self.config.transport_for(&host.metadata);
+        let i = if std::ptr::eq(t, &self.config.transport) {
+            0
+        } else {
+            1 + self
+                .config
+                .transport_matches
+                .iter()
+                .position(|m| std::ptr::eq(&m.transport, t))
+                .unwrap_or(0)
+        };
+        self.transports.get(i).and_then(Option::as_ref)
     }
 
     /// Replaces the host set (DNS refresh).
@@ -399,15 +451,27 @@ pub struct ClusterManager {
     pub clusters: HashMap<Arc<str>, Arc<ClusterRuntime>>,
 }
 
+/// What building TLS contexts needs: the secrets and the registry.
+pub struct TlsEnv {
+    pub secrets: crate::tls::server::Secrets,
+    pub registry: Arc<crate::tls::Registry>,
+}
+
 impl ClusterManager {
-    pub fn new(snapshot: &xds_client::config::Snapshot, store: &Store, workers: usize) -> Self {
-        ClusterManager {
-            clusters: snapshot
-                .clusters
-                .iter()
-                .map(|(k, c)| (k.clone(), ClusterRuntime::new(c.clone(), store, workers)))
-                .collect(),
+    pub fn new(
+        snapshot: &xds_client::config::Snapshot,
+        store: &Store,
+        workers: usize,
+        tls: &TlsEnv,
+    ) -> Result<Self, String> {
+        let mut clusters = HashMap::new();
+        for (k, c) in &snapshot.clusters {
+            clusters.insert(
+                k.clone(),
+                ClusterRuntime::new(c.clone(), store, workers, tls)?,
+            );
         }
+        Ok(ClusterManager { clusters })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterRuntime>> {

@@ -24,8 +24,12 @@ use hyper::{
     rt::{Read, ReadBufCursor, Write},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{net::TcpStream, time::Instant};
-use xds_client::config::Cluster;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Instant,
+};
+use xds_client::config::{Cluster, UpstreamProtocol};
 
 use super::ClusterStats;
 use crate::body::Body;
@@ -73,6 +77,8 @@ struct HostConns {
 
 struct Settings {
     kind: PoolKind,
+    /// ALPN offered on TLS connections when the context lists none.
+    alpn: crate::tls::client::AlpnFallback,
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     max_requests: Option<u32>,
@@ -96,6 +102,11 @@ pub fn build(c: &Cluster, kind: PoolKind, stats: &ClusterStats) -> Client {
     Client {
         settings: Settings {
             kind,
+            alpn: match (kind, c.protocol) {
+                (PoolKind::Http2, _) => crate::tls::client::AlpnFallback::Http2,
+                (PoolKind::Http1, UpstreamProtocol::Auto) => crate::tls::client::AlpnFallback::Auto,
+                (PoolKind::Http1, _) => crate::tls::client::AlpnFallback::Http1,
+            },
             connect_timeout: c.connect_timeout,
             idle_timeout: c.idle_timeout,
             max_requests: c.max_requests_per_connection,
@@ -119,12 +130,26 @@ impl Client {
     pub async fn request(
         &self,
         addr: SocketAddr,
+        tls: Option<&Arc<crate::tls::ClientTls>>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         match self.settings.kind {
-            PoolKind::Http1 => self.request_h1(addr, req).await,
-            PoolKind::Http2 => self.request_h2(addr, req).await,
+            // An HTTP/1 pool whose TLS upstream negotiated h2 by ALPN
+            // (`auto_config`) keeps that connection in its h2 slot.
+            PoolKind::Http1 if tls.is_some() && self.live_h2(addr) => {
+                self.request_h2(addr, tls, req).await
+            }
+            PoolKind::Http1 => self.request_h1(addr, tls, req).await,
+            PoolKind::Http2 => self.request_h2(addr, tls, req).await,
         }
+    }
+
+    fn live_h2(&self, addr: SocketAddr) -> bool {
+        let hosts = self.hosts.lock().expect("pool lock");
+        hosts
+            .get(&addr)
+            .and_then(|c| c.h2.as_ref())
+            .is_some_and(|h| !h.sender.is_closed())
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<Idle> {
@@ -156,6 +181,7 @@ impl Client {
     async fn request_h1(
         &self,
         addr: SocketAddr,
+        tls: Option<&Arc<crate::tls::ClientTls>>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         *req.version_mut() = Version::HTTP_11;
@@ -173,7 +199,15 @@ impl Client {
                 },
             }
         }
-        let io = self.connect(addr).await?;
+        let (io, alpn) = self.connect(addr, tls).await?;
+        if alpn.as_deref() == Some(b"h2") {
+            let mut sender = self.h2_handshake(addr, io).await?;
+            *req.version_mut() = Version::HTTP_2;
+            return sender
+                .send_request(req)
+                .await
+                .map_err(|e| PoolError::Reset(error_text(&e)));
+        }
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -195,6 +229,7 @@ impl Client {
     async fn request_h2(
         &self,
         addr: SocketAddr,
+        tls: Option<&Arc<crate::tls::ClientTls>>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         *req.version_mut() = Version::HTTP_2;
@@ -218,33 +253,8 @@ impl Client {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let io = self.connect(addr).await?;
-                let mut b = http2::Builder::new(TokioExecutor::new());
-                b.timer(TokioTimer::new())
-                    .initial_stream_window_size(self.settings.http2.initial_stream_window_size)
-                    .initial_connection_window_size(
-                        self.settings.http2.initial_connection_window_size,
-                    )
-                    .max_concurrent_reset_streams(1024);
-                if let Some(i) = self.settings.http2.keepalive_interval {
-                    b.keep_alive_interval(i);
-                    if let Some(t) = self.settings.http2.keepalive_timeout {
-                        b.keep_alive_timeout(t);
-                    }
-                }
-                let (sender, conn) = b
-                    .handshake(io)
-                    .await
-                    .map_err(|e| PoolError::Connect(error_text(&e)))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                let mut hosts = self.hosts.lock().expect("pool lock");
-                hosts.entry(addr).or_default().h2 = Some(H2 {
-                    sender: sender.clone(),
-                    used: 1,
-                });
-                sender
+                let (io, _) = self.connect(addr, tls).await?;
+                self.h2_handshake(addr, io).await?
             }
         };
         sender
@@ -253,7 +263,45 @@ impl Client {
             .map_err(|e| PoolError::Reset(error_text(&e)))
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<CountedIo, PoolError> {
+    /// Starts an HTTP/2 connection on `io` and keeps it as the host's.
+    async fn h2_handshake(
+        &self,
+        addr: SocketAddr,
+        io: CountedIo,
+    ) -> Result<http2::SendRequest<Body>, PoolError> {
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .initial_stream_window_size(self.settings.http2.initial_stream_window_size)
+            .initial_connection_window_size(self.settings.http2.initial_connection_window_size)
+            .max_concurrent_reset_streams(1024);
+        if let Some(i) = self.settings.http2.keepalive_interval {
+            b.keep_alive_interval(i);
+            if let Some(t) = self.settings.http2.keepalive_timeout {
+                b.keep_alive_timeout(t);
+            }
+        }
+        let (sender, conn) = b
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(error_text(&e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        hosts.entry(addr).or_default().h2 = Some(H2 {
+            sender: sender.clone(),
+            used: 1,
+        });
+        Ok(sender)
+    }
+
+    /// Connects (TCP, then TLS when the host's transport says so).
+    /// Returns the connection and the ALPN protocol TLS negotiated.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        tls: Option<&Arc<crate::tls::ClientTls>>,
+    ) -> Result<(CountedIo, Option<Vec<u8>>), PoolError> {
         let s = &self.settings;
         let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
@@ -274,10 +322,24 @@ impl Client {
         s.cx_total.inc();
         s.cx_proto.inc();
         s.cx_active.inc();
-        Ok(CountedIo {
-            io: TokioIo::new(stream),
-            active: s.cx_active.clone(),
-        })
+        let (io, alpn) = match tls {
+            None => (UpstreamIo::Plain(stream), None),
+            Some(t) => match t.connect(stream, addr, s.alpn).await {
+                Ok((t, alpn)) => (UpstreamIo::Tls(Box::new(t)), alpn),
+                Err(e) => {
+                    s.cx_active.dec();
+                    s.connect_fail.inc();
+                    return Err(PoolError::Connect(e));
+                }
+            },
+        };
+        Ok((
+            CountedIo {
+                io: TokioIo::new(io),
+                active: s.cx_active.clone(),
+            },
+            alpn,
+        ))
     }
 
     /// Closes idle connections past the idle timeout (called periodically).
@@ -319,9 +381,69 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     last
 }
 
-/// A TCP connection that decrements `upstream_cx_active` when closed.
+/// A plain or TLS upstream connection.
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+/// A connection that decrements `upstream_cx_active` when closed.
 pub struct CountedIo {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<UpstreamIo>,
     active: Arc<Gauge>,
 }
 

@@ -1,7 +1,7 @@
 //! Upstream clusters and their endpoints.
 use std::{net::SocketAddr, time::Duration};
 
-use super::{Http2Settings, Name};
+use super::{Http2Settings, Name, TransportSocketMatch, UpstreamTransport};
 
 /// `Cluster`.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +25,29 @@ pub struct Cluster {
     pub panic_threshold: f64,
     /// `load_assignment.policy.overprovisioning_factor` (default 140).
     pub overprovisioning_factor: u32,
+    /// `transport_socket` (plain or TLS).
+    pub transport: UpstreamTransport,
+    /// `transport_socket_matches`, tried in order against each endpoint's
+    /// `envoy.transport_socket_match` metadata; the first match wins, else
+    /// `transport`.
+    pub transport_matches: Vec<TransportSocketMatch>,
+}
+
+impl Cluster {
+    /// The transport for an endpoint with `metadata` (filter_metadata JSON).
+    pub fn transport_for(&self, metadata: &serde_json::Value) -> &UpstreamTransport {
+        let em = metadata.get("envoy.transport_socket_match");
+        for m in &self.transport_matches {
+            let ok = m
+                .criteria
+                .iter()
+                .all(|(k, v)| em.and_then(|e| e.get(k)) == Some(v));
+            if ok {
+                return &m.transport;
+            }
+        }
+        &self.transport
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

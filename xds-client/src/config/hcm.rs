@@ -50,6 +50,8 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs`: enabled upgrade types (lowercase), e.g. `websocket`.
     pub upgrades: Vec<String>,
     pub forward_client_cert: ForwardClientCert,
+    /// `set_current_client_cert_details`, in Envoy's order.
+    pub client_cert_details: Vec<ClientCertDetail>,
     pub internal_address: InternalAddressConfig,
     pub http1: Http1Settings,
     pub http2: Http2Settings,
@@ -100,6 +102,16 @@ pub enum StripPort {
     Matching,
     /// `strip_any_host_port`.
     Any,
+}
+
+/// Fields of `x-forwarded-client-cert` beyond `By` and `Hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertDetail {
+    Subject,
+    Uri,
+    Cert,
+    Chain,
+    Dns,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

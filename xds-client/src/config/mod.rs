@@ -11,12 +11,16 @@ pub mod format;
 pub mod hcm;
 pub mod matcher;
 pub mod route;
+pub mod tcp;
+pub mod tls;
 
 pub use cluster::*;
 pub use format::*;
 pub use hcm::*;
 pub use matcher::*;
 pub use route::*;
+pub use tcp::*;
+pub use tls::*;
 
 /// A shared, immutable name.
 pub type Name = Arc<str>;
@@ -29,6 +33,8 @@ pub struct Snapshot {
     pub admin: Option<Admin>,
     pub listeners: Vec<Arc<Listener>>,
     pub clusters: BTreeMap<Name, Arc<Cluster>>,
+    /// `static_resources.secrets` by name.
+    pub secrets: BTreeMap<Name, Arc<Secret>>,
     pub stats: StatsConfig,
     /// `overload_manager` `envoy.resource_monitors.global_downstream_max_connections`
     /// (or `downstream_connections`) limit.
@@ -106,7 +112,14 @@ pub struct Listener {
     /// `per_connection_buffer_limit_bytes` (default 1 MiB): caps buffered
     /// bytes per connection in each direction.
     pub buffer_limit: u32,
-    pub filter_chain: Arc<FilterChain>,
+    /// `filter_chains`, selected per connection by [`FilterChainMatch`].
+    pub filter_chains: Vec<Arc<FilterChain>>,
+    pub default_filter_chain: Option<Arc<FilterChain>>,
+    /// `listener_filters`, in order.
+    pub listener_filters: Vec<ListenerFilter>,
+    /// `listener_filters_timeout` (default 15 s; `None` = 0 = no timeout).
+    pub listener_filters_timeout: Option<Duration>,
+    pub continue_on_listener_filters_timeout: bool,
     pub access_logs: Vec<Arc<AccessLog>>,
     /// `traffic_direction: INBOUND`, used by `/drain_listeners?inboundonly`.
     pub inbound: bool,
@@ -141,16 +154,65 @@ pub enum RawSocketValue {
     Bytes(Vec<u8>),
 }
 
-/// The network filters of a chain; today the HTTP connection manager.
+/// A filter chain: match criteria, transport socket and network filters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FilterChain {
     pub name: Name,
+    pub matcher: FilterChainMatch,
+    /// `transport_socket` `envoy.transport_sockets.tls`; `None` = raw_buffer.
+    pub tls: Option<Arc<DownstreamTls>>,
+    /// `transport_socket_connect_timeout`: TLS handshake deadline.
+    pub transport_connect_timeout: Option<Duration>,
     pub filter: NetworkFilter,
+    /// Field path (`static_resources.listeners[0].filter_chains[1]`).
+    pub path: String,
 }
 
+/// The terminal network filter of a chain.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NetworkFilter {
     Http(Arc<HttpConnectionManager>),
+    Tcp(Arc<TcpProxy>),
+}
+
+/// `listener_filters` weir implements.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerFilter {
+    TlsInspector,
+    HttpInspector,
+    ProxyProtocol(ProxyProtocolConfig),
+}
+
+/// `envoy.filters.listener.proxy_protocol`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProxyProtocolConfig {
+    pub allow_requests_without_proxy_protocol: bool,
+    /// `rules`: TLV types copied into dynamic metadata (accepted, recorded).
+    pub tlv_types: Vec<u8>,
+}
+
+/// `FilterChainMatch`. Empty fields match anything.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FilterChainMatch {
+    pub destination_port: Option<u16>,
+    pub prefix_ranges: Vec<Cidr>,
+    /// Lower-cased; `*.example.com` wildcards allowed.
+    pub server_names: Vec<String>,
+    /// `tls` or `raw_buffer` (empty = any).
+    pub transport_protocol: String,
+    pub application_protocols: Vec<String>,
+    pub direct_source_prefix_ranges: Vec<Cidr>,
+    pub source_type: SourceType,
+    pub source_prefix_ranges: Vec<Cidr>,
+    pub source_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceType {
+    #[default]
+    Any,
+    SameIpOrLoopback,
+    External,
 }
 
 /// Default timeouts etc. reused across modules.

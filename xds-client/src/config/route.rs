@@ -178,6 +178,8 @@ pub struct RequestInfo<'a> {
     pub headers: &'a HeaderMap,
     /// Content-Type for `grpc` matching is read from `headers`.
     pub is_connect: bool,
+    /// Whether the downstream presented a (validated) client certificate.
+    pub peer_cert: bool,
     /// A per-request random value in `[0, 1_000_000)` for `runtime_fraction`.
     pub random_ppm: u32,
 }
@@ -222,6 +224,10 @@ pub struct RouteMatch {
     pub grpc: bool,
     /// `runtime_fraction.default_value` in parts per million (`None` = always).
     pub runtime_fraction_ppm: Option<u32>,
+    /// `tls_context.presented`: the client presented a certificate.
+    pub tls_presented: Option<bool>,
+    /// `tls_context.validated`: the client certificate was validated.
+    pub tls_validated: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -257,6 +263,13 @@ impl RouteMatch {
             }
         };
         if !path_ok {
+            return false;
+        }
+        // weir validates every presented certificate at the handshake, so
+        // presented and validated coincide.
+        if self.tls_presented.is_some_and(|p| p != req.peer_cert)
+            || self.tls_validated.is_some_and(|v| v != req.peer_cert)
+        {
             return false;
         }
         if let Some(ppm) = self.runtime_fraction_ppm {

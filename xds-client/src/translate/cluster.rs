@@ -243,6 +243,41 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             }
         }
     }
+    let transport = match &p.transport_socket {
+        Some(ts) => super::tls::upstream_transport(ts, &join(path, "transport_socket"))
+            .unwrap_or_else(|e| {
+                errs.extend(e);
+                UpstreamTransport::Plain
+            }),
+        None => UpstreamTransport::Plain,
+    };
+    let mut transport_matches = Vec::new();
+    for (i, m) in p.transport_socket_matches.iter().enumerate() {
+        let mpath = format!("{path}.transport_socket_matches[{i}]");
+        let transport = match &m.transport_socket {
+            Some(ts) => super::tls::upstream_transport(ts, &join(&mpath, "transport_socket"))
+                .unwrap_or_else(|e| {
+                    errs.extend(e);
+                    UpstreamTransport::Plain
+                }),
+            None => {
+                errs.push(
+                    join(&mpath, "transport_socket"),
+                    "transport_socket is required",
+                );
+                UpstreamTransport::Plain
+            }
+        };
+        let criteria = match m.r#match.as_ref().map(super::struct_to_json) {
+            Some(serde_json::Value::Object(o)) => o,
+            _ => serde_json::Map::new(),
+        };
+        transport_matches.push(TransportSocketMatch {
+            name: m.name.as_str().into(),
+            criteria,
+            transport,
+        });
+    }
     let panic_threshold = p
         .common_lb_config
         .as_ref()
@@ -279,6 +314,8 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             .unwrap_or(1024 * 1024),
         panic_threshold,
         overprovisioning_factor,
+        transport,
+        transport_matches,
     })
 }
 

@@ -243,6 +243,24 @@ pub fn hcm(
             }
             _ => ForwardClientCert::Sanitize,
         };
+    let mut client_cert_details = Vec::new();
+    if let Some(d) = &p.set_current_client_cert_details {
+        if d.subject.as_ref().is_some_and(|b| b.value) {
+            client_cert_details.push(ClientCertDetail::Subject);
+        }
+        if d.uri {
+            client_cert_details.push(ClientCertDetail::Uri);
+        }
+        if d.cert {
+            client_cert_details.push(ClientCertDetail::Cert);
+        }
+        if d.chain {
+            client_cert_details.push(ClientCertDetail::Chain);
+        }
+        if d.dns {
+            client_cert_details.push(ClientCertDetail::Dns);
+        }
+    }
     let internal_address = match &p.internal_address_config {
         Some(c) => {
             let mut cidrs = Vec::new();
@@ -336,6 +354,7 @@ pub fn hcm(
         strip_port,
         upgrades,
         forward_client_cert,
+        client_cert_details,
         internal_address,
         http1,
         http2,

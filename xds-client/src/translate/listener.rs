@@ -9,6 +9,8 @@ use super::{err, hcm};
 
 const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const SNI_CLUSTER_TYPE: &str = "envoy.extensions.filters.network.sni_cluster.v3.SniCluster";
 
 pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigErrors> {
     let mut errs = ConfigErrors::default();
@@ -41,38 +43,55 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
             "bind_to_port: false is not implemented yet",
         );
     }
-    let chain = match (proto.filter_chains.len(), &proto.default_filter_chain) {
-        (0, Some(fc)) => Some((fc, join(path, "default_filter_chain"))),
-        (1, None) => Some((&proto.filter_chains[0], format!("{path}.filter_chains[0]"))),
-        (1, Some(_)) => {
-            errs.push(
-                join(path, "default_filter_chain"),
-                "filter-chain selection (several chains) is not implemented yet",
-            );
-            None
+    if proto.filter_chains.is_empty() && proto.default_filter_chain.is_none() {
+        errs.push(
+            join(path, "filter_chains"),
+            "a listener needs a filter chain",
+        );
+    }
+    let mut filter_chains = Vec::new();
+    for (i, fc) in proto.filter_chains.iter().enumerate() {
+        match filter_chain(fc, &format!("{path}.filter_chains[{i}]")) {
+            Ok(fc) => filter_chains.push(Arc::new(fc)),
+            Err(e) => errs.extend(e),
         }
-        (0, None) => {
+    }
+    // Envoy rejects two chains with the same match criteria.
+    for (i, a) in filter_chains.iter().enumerate() {
+        if let Some(b) = filter_chains[..i].iter().find(|b| b.matcher == a.matcher) {
             errs.push(
-                join(path, "filter_chains"),
-                "a listener needs a filter chain",
+                join(&a.path, "filter_chain_match"),
+                format!(
+                    "multiple filter chains with the same matching rules are defined ({} and this one)",
+                    b.path
+                ),
             );
-            None
         }
-        _ => {
-            errs.push(
-                join(path, "filter_chains"),
-                "filter-chain selection (several chains) is not implemented yet",
-            );
-            None
-        }
+    }
+    let default_filter_chain = match &proto.default_filter_chain {
+        Some(fc) => match filter_chain(fc, &join(path, "default_filter_chain")) {
+            Ok(fc) => Some(Arc::new(fc)),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        },
+        None => None,
     };
-    let filter_chain = chain.and_then(|(fc, p)| match filter_chain(fc, &p) {
-        Ok(fc) => Some(fc),
-        Err(e) => {
-            errs.extend(e);
-            None
+    let mut listener_filters = Vec::new();
+    for (i, lf) in proto.listener_filters.iter().enumerate() {
+        match listener_filter(lf, &format!("{path}.listener_filters[{i}]")) {
+            Ok(f) => listener_filters.push(f),
+            Err(e) => errs.extend(e),
         }
-    });
+    }
+    let listener_filters_timeout = match &proto.listener_filters_timeout {
+        Some(d) => super::duration(d, &join(path, "listener_filters_timeout"))
+            .map_err(|e| errs.extend(e))
+            .ok()
+            .filter(|d| !d.is_zero()),
+        None => Some(std::time::Duration::from_secs(15)),
+    };
     let mut raw = Vec::new();
     for (i, o) in proto.socket_options.iter().enumerate() {
         match socket_option(o, &format!("{path}.socket_options[{i}]")) {
@@ -119,42 +138,337 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
             .as_ref()
             .map(|v| v.value)
             .unwrap_or(1024 * 1024),
-        filter_chain: Arc::new(filter_chain.expect("checked above")),
+        filter_chains,
+        default_filter_chain,
+        listener_filters,
+        listener_filters_timeout,
+        continue_on_listener_filters_timeout: proto.continue_on_listener_filters_timeout,
         access_logs,
         inbound: proto.traffic_direction == 1,
     })
 }
 
 fn filter_chain(fc: &l::FilterChain, path: &str) -> Result<FilterChain, ConfigErrors> {
-    if fc.filters.len() != 1 {
+    let mut errs = ConfigErrors::default();
+    let matcher = match &fc.filter_chain_match {
+        Some(m) => chain_match(m, &join(path, "filter_chain_match")).unwrap_or_else(|e| {
+            errs.extend(e);
+            FilterChainMatch::default()
+        }),
+        None => FilterChainMatch::default(),
+    };
+    let tls = match &fc.transport_socket {
+        Some(ts) => match super::tls::downstream_transport(ts, &join(path, "transport_socket")) {
+            Ok(t) => t.map(Arc::new),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        },
+        None => None,
+    };
+    let transport_connect_timeout = match &fc.transport_socket_connect_timeout {
+        Some(d) => super::duration(d, &join(path, "transport_socket_connect_timeout"))
+            .map_err(|e| errs.extend(e))
+            .ok()
+            .filter(|d| !d.is_zero()),
+        None => None,
+    };
+    let filter = network_filters(&fc.filters, path)
+        .map_err(|e| errs.extend(e))
+        .ok();
+    match filter {
+        Some(filter) if errs.is_empty() => Ok(FilterChain {
+            name: fc.name.as_str().into(),
+            matcher,
+            tls,
+            transport_connect_timeout,
+            filter,
+            path: path.to_owned(),
+        }),
+        _ => Err(errs),
+    }
+}
+
+fn typed<'a>(
+    c: &'a Option<l::filter::ConfigType>,
+    path: &str,
+) -> Result<&'a crate::api::google::protobuf::Any, ConfigErrors> {
+    match c {
+        Some(l::filter::ConfigType::TypedConfig(a)) => Ok(a),
+        _ => Err(err(join(path, "typed_config"), "typed_config is required")),
+    }
+}
+
+/// The chain's network filters: `http_connection_manager` alone, or
+/// `tcp_proxy` preceded by `sni_cluster` / Istio's `tcp_cluster_rewrite`.
+fn network_filters(filters: &[l::Filter], path: &str) -> Result<NetworkFilter, ConfigErrors> {
+    if filters.is_empty() {
         return Err(err(
             join(path, "filters"),
-            "weir needs exactly one network filter, envoy.filters.network.http_connection_manager (tcp_proxy comes with the TLS/TCP work)",
+            "a filter chain needs a network filter",
         ));
     }
-    let f = &fc.filters[0];
-    let fpath = format!("{path}.filters[0]");
-    let any = match &f.config_type {
-        Some(l::filter::ConfigType::TypedConfig(a)) => a,
-        _ => {
-            return Err(err(
-                join(&fpath, "typed_config"),
-                "typed_config is required",
-            ))
+    let mut sni_cluster = false;
+    let last = filters.len() - 1;
+    for (i, f) in filters.iter().enumerate() {
+        let fpath = format!("{path}.filters[{i}]");
+        let any = typed(&f.config_type, &fpath)?;
+        let tpath = join(&fpath, "typed_config");
+        let url = any.type_url.rsplit('/').next().unwrap_or_default();
+        match url {
+            HCM_TYPE | TCP_PROXY_TYPE if i != last => {
+                return Err(err(
+                    tpath,
+                    "a terminal network filter must be the last in the chain",
+                ))
+            }
+            HCM_TYPE if i > 0 => {
+                return Err(err(
+                    join(path, "filters"),
+                    "weir runs http_connection_manager as the only network filter of a chain",
+                ))
+            }
+            HCM_TYPE => {
+                let proto = super::decode(any, &tpath)?;
+                return Ok(NetworkFilter::Http(Arc::new(hcm::hcm(&proto, &tpath)?)));
+            }
+            TCP_PROXY_TYPE => {
+                let proto = super::decode(any, &tpath)?;
+                let mut t = tcp_proxy(&proto, &tpath)?;
+                t.sni_cluster = sni_cluster;
+                return Ok(NetworkFilter::Tcp(Arc::new(t)));
+            }
+            SNI_CLUSTER_TYPE => sni_cluster = true,
+            other => {
+                return Err(err(
+                    tpath,
+                    format!("network filter {other} is not implemented yet"),
+                ))
+            }
+        }
+    }
+    Err(err(
+        join(path, "filters"),
+        "the last network filter must be http_connection_manager or tcp_proxy",
+    ))
+}
+
+fn tcp_proxy(
+    p: &crate::api::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy,
+    path: &str,
+) -> Result<TcpProxy, ConfigErrors> {
+    use crate::api::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as C;
+    let mut errs = ConfigErrors::default();
+    if p.stat_prefix.is_empty() {
+        errs.push(join(path, "stat_prefix"), "stat_prefix is required");
+    }
+    let cluster = match &p.cluster_specifier {
+        Some(C::Cluster(c)) => TcpCluster::Name(c.as_str().into()),
+        Some(C::WeightedClusters(w)) => {
+            let mut out = Vec::new();
+            for (i, c) in w.clusters.iter().enumerate() {
+                if c.metadata_match.is_some() {
+                    errs.push(
+                        format!("{path}.weighted_clusters.clusters[{i}].metadata_match"),
+                        "metadata_match is not implemented yet",
+                    );
+                }
+                if c.weight > 0 {
+                    out.push((Name::from(c.name.as_str()), c.weight));
+                }
+            }
+            if out.is_empty() {
+                errs.push(
+                    join(path, "weighted_clusters"),
+                    "weighted_clusters needs a cluster with a positive weight",
+                );
+            }
+            TcpCluster::Weighted(out)
+        }
+        None => {
+            errs.push(
+                path.to_owned(),
+                "tcp_proxy needs cluster or weighted_clusters",
+            );
+            TcpCluster::Name("".into())
         }
     };
-    if !any.type_url.ends_with(HCM_TYPE) {
+    let opt = |d: &Option<crate::api::google::protobuf::Duration>,
+               field: &str,
+               dflt: Option<std::time::Duration>,
+               errs: &mut ConfigErrors| match d {
+        Some(d) => super::duration(d, &join(path, field))
+            .map_err(|e| errs.extend(e))
+            .ok()
+            .filter(|d| !d.is_zero()),
+        None => dflt,
+    };
+    let idle_timeout = opt(
+        &p.idle_timeout,
+        "idle_timeout",
+        Some(std::time::Duration::from_secs(3600)),
+        &mut errs,
+    );
+    let downstream_idle_timeout = opt(
+        &p.downstream_idle_timeout,
+        "downstream_idle_timeout",
+        None,
+        &mut errs,
+    );
+    let upstream_idle_timeout = opt(
+        &p.upstream_idle_timeout,
+        "upstream_idle_timeout",
+        None,
+        &mut errs,
+    );
+    let max_downstream_connection_duration = opt(
+        &p.max_downstream_connection_duration,
+        "max_downstream_connection_duration",
+        None,
+        &mut errs,
+    );
+    let mut access_logs = Vec::new();
+    for (i, a) in p.access_log.iter().enumerate() {
+        match hcm::access_log(a, &format!("{path}.access_log[{i}]")) {
+            Ok(a) => access_logs.push(Arc::new(a)),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let max_connect_attempts = p
+        .max_connect_attempts
+        .as_ref()
+        .map(|v| v.value)
+        .unwrap_or(1);
+    if max_connect_attempts == 0 {
+        errs.push(join(path, "max_connect_attempts"), "must be at least 1");
+    }
+    errs.into_result(TcpProxy {
+        stat_prefix: format!("tcp.{}.", p.stat_prefix),
+        cluster,
+        sni_cluster: false,
+        idle_timeout,
+        downstream_idle_timeout,
+        upstream_idle_timeout,
+        max_downstream_connection_duration,
+        max_connect_attempts,
+        access_logs,
+    })
+}
+
+fn chain_match(m: &l::FilterChainMatch, path: &str) -> Result<FilterChainMatch, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut out = FilterChainMatch::default();
+    if let Some(p) = &m.destination_port {
+        match u16::try_from(p.value) {
+            Ok(p) if p > 0 => out.destination_port = Some(p),
+            _ => errs.push(join(path, "destination_port"), "must be 1..65535"),
+        }
+    }
+    let cidrs = |v: &[crate::api::envoy::config::core::v3::CidrRange],
+                 field: &str,
+                 errs: &mut ConfigErrors| {
+        let mut out = Vec::new();
+        for (i, r) in v.iter().enumerate() {
+            match hcm::cidr(r, &format!("{path}.{field}[{i}]")) {
+                Ok(c) => out.push(c),
+                Err(e) => errs.extend(e),
+            }
+        }
+        out
+    };
+    out.prefix_ranges = cidrs(&m.prefix_ranges, "prefix_ranges", &mut errs);
+    out.direct_source_prefix_ranges = cidrs(
+        &m.direct_source_prefix_ranges,
+        "direct_source_prefix_ranges",
+        &mut errs,
+    );
+    out.source_prefix_ranges = cidrs(&m.source_prefix_ranges, "source_prefix_ranges", &mut errs);
+    if !m.address_suffix.is_empty() || m.suffix_len.is_some() {
+        errs.push(
+            join(path, "address_suffix"),
+            "address_suffix is not implemented (Envoy ignores it too)",
+        );
+    }
+    for (i, p) in m.source_ports.iter().enumerate() {
+        match u16::try_from(*p) {
+            Ok(p) if p > 0 => out.source_ports.push(p),
+            _ => errs.push(format!("{path}.source_ports[{i}]"), "must be 1..65535"),
+        }
+    }
+    for (i, s) in m.server_names.iter().enumerate() {
+        let s = s.to_ascii_lowercase();
+        // Envoy accepts `*.example.com` (a leading wildcard label) only.
+        let bad_wildcard = s.contains('*') && (!s.starts_with("*.") || s[2..].contains('*'));
+        if s.is_empty() || bad_wildcard {
+            errs.push(
+                format!("{path}.server_names[{i}]"),
+                format!("{s:?}: only a leading '*.' wildcard is allowed"),
+            );
+        } else {
+            out.server_names.push(s);
+        }
+    }
+    out.transport_protocol = m.transport_protocol.clone();
+    out.application_protocols = m.application_protocols.clone();
+    use l::filter_chain_match::ConnectionSourceType as S;
+    out.source_type = match S::try_from(m.source_type) {
+        Ok(S::Any) => SourceType::Any,
+        Ok(S::SameIpOrLoopback) => SourceType::SameIpOrLoopback,
+        Ok(S::External) => SourceType::External,
+        Err(_) => {
+            errs.push(join(path, "source_type"), "unknown value");
+            SourceType::Any
+        }
+    };
+    errs.into_result(out)
+}
+
+fn listener_filter(lf: &l::ListenerFilter, path: &str) -> Result<ListenerFilter, ConfigErrors> {
+    if lf.filter_disabled.is_some() {
         return Err(err(
-            join(&fpath, "typed_config"),
-            format!("network filter {} is not implemented yet", any.type_url),
+            join(path, "filter_disabled"),
+            "filter_disabled is not implemented yet",
         ));
     }
-    let proto = super::decode(any, &join(&fpath, "typed_config"))?;
-    let h = hcm::hcm(&proto, &join(&fpath, "typed_config"))?;
-    Ok(FilterChain {
-        name: fc.name.as_str().into(),
-        filter: NetworkFilter::Http(Arc::new(h)),
-    })
+    let any = match &lf.config_type {
+        Some(l::listener_filter::ConfigType::TypedConfig(a)) => a,
+        _ => return Err(err(join(path, "typed_config"), "typed_config is required")),
+    };
+    let tpath = join(path, "typed_config");
+    let url = any.type_url.rsplit('/').next().unwrap_or_default();
+    match url {
+        "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" => {
+            Ok(ListenerFilter::TlsInspector)
+        }
+        "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector" => {
+            Ok(ListenerFilter::HttpInspector)
+        }
+        "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" => {
+            let p: crate::api::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol =
+                super::decode(any, &tpath)?;
+            let mut tlv_types = Vec::new();
+            for (i, r) in p.rules.iter().enumerate() {
+                match u8::try_from(r.tlv_type) {
+                    Ok(t) => tlv_types.push(t),
+                    Err(_) => {
+                        return Err(err(
+                            format!("{tpath}.rules[{i}].tlv_type"),
+                            "must be 0..255",
+                        ))
+                    }
+                }
+            }
+            Ok(ListenerFilter::ProxyProtocol(ProxyProtocolConfig {
+                allow_requests_without_proxy_protocol: p.allow_requests_without_proxy_protocol,
+                tlv_types,
+            }))
+        }
+        other => Err(err(
+            tpath,
+            format!("listener filter {other} is not implemented yet"),
+        )),
+    }
 }
 
 fn socket_option(

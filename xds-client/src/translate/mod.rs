@@ -26,6 +26,7 @@ pub mod format;
 pub mod hcm;
 pub mod listener;
 pub mod route;
+pub mod tls;
 
 pub use format::{parse_format, DEFAULT_ACCESS_LOG_FORMAT};
 
@@ -88,10 +89,22 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     };
 
     let mut clusters = BTreeMap::new();
+    let mut secrets = BTreeMap::new();
     let mut listeners = Vec::new();
     // Each translated listener's index in static_resources.listeners.
     let mut listener_index: Vec<usize> = Vec::new();
     if let Some(sr) = &b.static_resources {
+        for (i, s) in sr.secrets.iter().enumerate() {
+            let path = format!("static_resources.secrets[{i}]");
+            match tls::secret(s, &path) {
+                Ok((name, s)) => {
+                    if secrets.insert(name, Arc::new(s)).is_some() {
+                        errs.push(join(&path, "name"), "duplicate secret name");
+                    }
+                }
+                Err(e) => errs.extend(e),
+            }
+        }
         for (i, c) in sr.clusters.iter().enumerate() {
             let path = format!("static_resources.clusters[{i}]");
             match cluster::cluster(c, &path) {
@@ -125,40 +138,14 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     }
     // Static routes must name clusters that exist (Envoy's validate_clusters
     // default for static route configs).
-    for (l, li) in listeners.iter().zip(&listener_index) {
-        let NetworkFilter::Http(h) = &l.filter_chain.filter;
-        let base = format!(
-            "static_resources.listeners[{li}].filter_chains[0].filters[0].typed_config.route_config"
-        );
-        for (vi, vh) in h.route_config.vhosts.iter().enumerate() {
-            for (ri, r) in vh.routes.iter().enumerate() {
-                if let RouteKind::Forward(a) = &r.action {
-                    let names: Vec<(String, &Name)> = match &a.cluster {
-                        ClusterSpecifier::Name(n) => vec![("route.cluster".to_owned(), n)],
-                        ClusterSpecifier::Weighted(w) => w
-                            .clusters
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| {
-                                (
-                                    format!("route.weighted_clusters.clusters[{i}].name"),
-                                    &c.name,
-                                )
-                            })
-                            .collect(),
-                        ClusterSpecifier::Header(_) => vec![],
-                    };
-                    for (field, n) in names {
-                        if !clusters.contains_key(n) {
-                            errs.push(
-                                format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
-                                format!("unknown cluster {n:?}"),
-                            );
-                        }
-                    }
-                }
-            }
+    for l in &listeners {
+        for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
+            check_chain_refs(fc, &clusters, &secrets, &mut errs);
         }
+    }
+    let _ = listener_index;
+    for (_, c) in clusters.iter() {
+        check_cluster_refs(c, &secrets, &mut errs);
     }
 
     let stats = match &b.stats_config {
@@ -211,9 +198,131 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
         admin,
         listeners,
         clusters,
+        secrets,
         stats,
         max_downstream_connections,
     })
+}
+
+/// A listener chain's references: route and tcp_proxy clusters (Envoy's
+/// `validate_clusters` default for static configs) and SDS secret names.
+fn check_chain_refs(
+    fc: &FilterChain,
+    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    secrets: &BTreeMap<Name, Arc<Secret>>,
+    errs: &mut ConfigErrors,
+) {
+    match &fc.filter {
+        NetworkFilter::Http(h) => {
+            let base = format!("{}.filters[0].typed_config.route_config", fc.path);
+            for (vi, vh) in h.route_config.vhosts.iter().enumerate() {
+                for (ri, r) in vh.routes.iter().enumerate() {
+                    let RouteKind::Forward(a) = &r.action else {
+                        continue;
+                    };
+                    let names: Vec<(String, &Name)> = match &a.cluster {
+                        ClusterSpecifier::Name(n) => vec![("route.cluster".to_owned(), n)],
+                        ClusterSpecifier::Weighted(w) => w
+                            .clusters
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| {
+                                (
+                                    format!("route.weighted_clusters.clusters[{i}].name"),
+                                    &c.name,
+                                )
+                            })
+                            .collect(),
+                        ClusterSpecifier::Header(_) => vec![],
+                    };
+                    for (field, n) in names {
+                        if !clusters.contains_key(n) {
+                            errs.push(
+                                format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
+                                format!("unknown cluster {n:?}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        NetworkFilter::Tcp(t) => {
+            // tcp_proxy resolves its cluster per connection (Envoy closes
+            // the connection when it is missing), but a static name that
+            // matches nothing is certainly a mistake, unless sni_cluster
+            // picks the cluster.
+            let names: Vec<&Name> = match &t.cluster {
+                TcpCluster::Name(n) => vec![n],
+                TcpCluster::Weighted(w) => w.iter().map(|(n, _)| n).collect(),
+            };
+            for n in names {
+                if !t.sni_cluster && !clusters.contains_key(n) {
+                    errs.push(
+                        format!("{}.filters", fc.path),
+                        format!("tcp_proxy: unknown cluster {n:?}"),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(t) = &fc.tls {
+        check_tls_refs(&t.certs, &t.validation, &t.path, secrets, errs);
+    }
+}
+
+fn check_cluster_refs(c: &Cluster, secrets: &BTreeMap<Name, Arc<Secret>>, errs: &mut ConfigErrors) {
+    let transports =
+        std::iter::once(&c.transport).chain(c.transport_matches.iter().map(|m| &m.transport));
+    for t in transports {
+        if let UpstreamTransport::Tls(t) = t {
+            check_tls_refs(t.cert.as_slice(), &t.validation, &t.path, secrets, errs);
+        }
+    }
+}
+
+fn check_tls_refs(
+    certs: &[SecretRef<TlsCertificate>],
+    validation: &Option<ValidationRef>,
+    path: &str,
+    secrets: &BTreeMap<Name, Arc<Secret>>,
+    errs: &mut ConfigErrors,
+) {
+    for c in certs {
+        if let SecretRef::Sds(n) = c {
+            match secrets.get(n).map(|s| &**s) {
+                Some(Secret::Certificate(_)) => {}
+                Some(_) => errs.push(
+                    join(
+                        path,
+                        "common_tls_context.tls_certificate_sds_secret_configs",
+                    ),
+                    format!("secret {n:?} is not a tls_certificate"),
+                ),
+                None => errs.push(
+                    join(
+                        path,
+                        "common_tls_context.tls_certificate_sds_secret_configs",
+                    ),
+                    format!("unknown static secret {n:?}"),
+                ),
+            }
+        }
+    }
+    let sds = match validation {
+        Some(ValidationRef::Sds(n)) | Some(ValidationRef::Combined { sds: n, .. }) => n,
+        _ => return,
+    };
+    match secrets.get(sds).map(|s| &**s) {
+        Some(Secret::Validation(_)) => {}
+        Some(_) => errs.push(
+            join(path, "common_tls_context"),
+            format!("secret {sds:?} is not a validation_context"),
+        ),
+        None => errs.push(
+            join(path, "common_tls_context"),
+            format!("unknown static secret {sds:?}"),
+        ),
+    }
 }
 
 fn stats_matcher(

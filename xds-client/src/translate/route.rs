@@ -257,6 +257,16 @@ fn route_match(p: &r::RouteMatch, path: &str) -> Result<RouteMatch, ConfigErrors
         query,
         grpc: p.grpc.is_some(),
         runtime_fraction_ppm,
+        tls_presented: p
+            .tls_context
+            .as_ref()
+            .and_then(|t| t.presented.as_ref())
+            .map(|b| b.value),
+        tls_validated: p
+            .tls_context
+            .as_ref()
+            .and_then(|t| t.validated.as_ref())
+            .map(|b| b.value),
     })
 }
 

@@ -1,0 +1,365 @@
+//! `envoy.filters.network.tcp_proxy`: raw TCP (or TLS-terminated, or TLS
+//! passthrough) connections to a cluster.
+//!
+//! Bytes are copied with bounded buffers in both directions; when one side
+//! half-closes, its peer's write side is shut down and the other direction
+//! keeps flowing until it closes too. Idle and duration limits close both.
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rand::Rng;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::watch,
+    time::Instant,
+};
+use xds_client::config::{TcpCluster, TcpProxy};
+
+use crate::{
+    access_log::{Logger, Writer},
+    http::info::{Flags, StreamInfo},
+    io::DownstreamIo,
+    listener::ConnMeta,
+    metrics::TcpStats,
+    stats::Store,
+    tls::DownstreamTlsInfo,
+    upstream::{pool::UpstreamIo, ClusterRuntime, Host},
+    Shared,
+};
+
+/// A tcp_proxy filter at run time.
+pub struct TcpRuntime {
+    pub config: Arc<TcpProxy>,
+    pub stats: TcpStats,
+    logs: Vec<Arc<Logger>>,
+    buffer: usize,
+}
+
+impl TcpRuntime {
+    pub fn new(config: Arc<TcpProxy>, store: &Store, writer: &Writer, buffer_limit: u32) -> Self {
+        TcpRuntime {
+            stats: TcpStats::new(store, &config.stat_prefix),
+            logs: config
+                .access_logs
+                .iter()
+                .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
+                .collect(),
+            // Copy buffers: bounded by per_connection_buffer_limit_bytes
+            // (at least 4 KiB, at most 64 KiB per direction).
+            buffer: (buffer_limit as usize).clamp(4096, 64 * 1024),
+            config,
+        }
+    }
+
+    /// The cluster a connection goes to.
+    fn cluster_name(&self, sni: Option<&str>, shared: &Shared) -> Arc<str> {
+        if self.config.sni_cluster {
+            if let Some(sni) = sni {
+                if shared.clusters.get(sni).is_some() {
+                    return sni.into();
+                }
+                if let Some(istio) = istio_sni_cluster(sni) {
+                    return istio.into();
+                }
+                return sni.into();
+            }
+        }
+        match &self.config.cluster {
+            TcpCluster::Name(n) => n.clone(),
+            TcpCluster::Weighted(w) => {
+                let total: u64 = w.iter().map(|(_, x)| u64::from(*x)).sum();
+                let mut pick = rand::rng().random_range(0..total.max(1));
+                for (n, x) in w {
+                    if pick < u64::from(*x) {
+                        return n.clone();
+                    }
+                    pick -= u64::from(*x);
+                }
+                w[0].0.clone()
+            }
+        }
+    }
+
+    /// Proxies one connection until both directions close.
+    pub async fn serve(
+        &self,
+        down: DownstreamIo,
+        meta: &ConnMeta,
+        tls: Option<Arc<DownstreamTlsInfo>>,
+        id: u64,
+        shared: &Arc<Shared>,
+        _drain: watch::Receiver<bool>,
+    ) {
+        let start = Instant::now();
+        self.stats.cx_total.inc();
+        let sni = tls
+            .as_ref()
+            .and_then(|t| t.sni.clone())
+            .or_else(|| meta.sni.clone());
+        let mut info = StreamInfo::new(
+            start,
+            "",
+            http::Method::GET,
+            String::new(),
+            String::new(),
+            "",
+            meta.src,
+            meta.dst,
+            id,
+        );
+        info.has_request = false;
+        info.downstream_direct_remote = meta.direct_src;
+        info.requested_server_name = sni.clone();
+        info.tls = tls;
+        let name = self.cluster_name(sni.as_deref(), shared);
+        info.upstream_cluster = Some(name.clone());
+        let Some(cluster) = shared.clusters.get(&name).cloned() else {
+            self.stats.cx_no_route.inc();
+            info.flags.set(Flags::NC);
+            tracing::debug!(cluster = %name, "tcp_proxy: unknown cluster; closing");
+            return self.finish(info, start);
+        };
+        let mut tried = Vec::new();
+        let mut attempt = 0;
+        let (up, host) = loop {
+            attempt += 1;
+            let Some(host) = cluster.choose(&tried, 3) else {
+                info.flags.set(Flags::UH);
+                return self.finish(info, start);
+            };
+            info.upstream_host = Some(host.addr);
+            match connect(&cluster, &host).await {
+                Ok(s) => break (s, host),
+                Err(e) => {
+                    self.stats.cx_connect_fail.inc();
+                    info.upstream_failure_reason = Some(e);
+                    if attempt >= self.config.max_connect_attempts {
+                        info.flags.set(Flags::UF);
+                        return self.finish(info, start);
+                    }
+                    tried.push(host.addr);
+                }
+            }
+        };
+        info.upstream_failure_reason = None;
+        host.active.fetch_add(1, Relaxed);
+        let activity = Arc::new(Activity::new());
+        let rx = Arc::new(AtomicU64::new(0));
+        let tx = Arc::new(AtomicU64::new(0));
+        let mut down = Tracked {
+            inner: down,
+            read: rx.clone(),
+            last: activity.clone(),
+            side: 0,
+        };
+        let mut up = Tracked {
+            inner: up,
+            read: tx.clone(),
+            last: activity.clone(),
+            side: 1,
+        };
+        let copy =
+            tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, self.buffer, self.buffer);
+        let max = async {
+            match self.config.max_downstream_connection_duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle = activity.idle(
+            self.config.idle_timeout,
+            self.config.downstream_idle_timeout,
+            self.config.upstream_idle_timeout,
+        );
+        tokio::select! {
+            r = copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "tcp_proxy: connection error");
+                }
+            }
+            _ = max => {
+                self.stats.max_duration_reached.inc();
+                info.flags.set(Flags::DT);
+            }
+            _ = idle => {
+                self.stats.idle_timeout.inc();
+            }
+        }
+        host.active.fetch_sub(1, Relaxed);
+        let (r, t) = (rx.load(Relaxed), tx.load(Relaxed));
+        self.stats.cx_rx_bytes_total.add(r);
+        self.stats.cx_tx_bytes_total.add(t);
+        info.bytes_received = r;
+        info.bytes_sent = t;
+        self.finish(info, start);
+    }
+
+    fn finish(&self, mut info: StreamInfo, start: Instant) {
+        info.duration = Some(start.elapsed());
+        for l in &self.logs {
+            l.log(&info);
+        }
+    }
+}
+
+/// Istio's AUTO_PASSTHROUGH SNI `outbound_.PORT_.SUBSET_.HOST` names the
+/// cluster `outbound|PORT|SUBSET|HOST` (subset `_` means none).
+pub fn istio_sni_cluster(sni: &str) -> Option<String> {
+    let rest = sni.strip_prefix("outbound_.")?;
+    let (port, rest) = rest.split_once("_.")?;
+    let (subset, host) = rest.split_once("_.")?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || host.is_empty() {
+        return None;
+    }
+    let subset = if subset == "_" { "" } else { subset };
+    Some(format!("outbound|{port}|{subset}|{host}"))
+}
+
+/// Connects to `host` (TLS when the cluster's transport says so; no ALPN
+/// unless configured).
+async fn connect(cluster: &ClusterRuntime, host: &Host) -> Result<UpstreamIo, String> {
+    let s = &cluster.stats;
+    let tcp = match tokio::time::timeout(
+        cluster.config.connect_timeout,
+        TcpStream::connect(host.addr),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            s.upstream_cx_connect_fail.inc();
+            let text = e.to_string();
+            return Err(text.split(" (os error").next().unwrap_or(&text).to_owned());
+        }
+        Err(_) => {
+            s.upstream_cx_connect_fail.inc();
+            s.upstream_cx_connect_timeout.inc();
+            return Err("connect timeout".into());
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    s.upstream_cx_total.inc();
+    match cluster.tls_for(host) {
+        None => Ok(UpstreamIo::Plain(tcp)),
+        Some(t) => t
+            .connect(tcp, host.addr, crate::tls::client::AlpnFallback::None)
+            .await
+            .map(|(s, _)| UpstreamIo::Tls(Box::new(s)))
+            .inspect_err(|_| s.upstream_cx_connect_fail.inc()),
+    }
+}
+
+/// Last read or write per side, in ms since `start`.
+struct Activity {
+    start: Instant,
+    last: [AtomicU64; 2],
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+    fn touch(&self, side: usize) {
+        self.last[side].store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+    /// Resolves when a side (or both, for `both`) has been idle too long.
+    async fn idle(&self, both: Option<Duration>, down: Option<Duration>, up: Option<Duration>) {
+        if both.is_none() && down.is_none() && up.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            let now = self.start.elapsed().as_millis() as u64;
+            let d = self.last[0].load(Relaxed);
+            let u = self.last[1].load(Relaxed);
+            let mut wait = u64::MAX;
+            for (limit, last) in [(both, d.max(u)), (down, d), (up, u)] {
+                if let Some(l) = limit {
+                    let l = l.as_millis() as u64;
+                    let idle = now.saturating_sub(last);
+                    if idle >= l {
+                        return;
+                    }
+                    wait = wait.min(l - idle);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+        }
+    }
+}
+
+/// Counts bytes read and records activity on reads and writes.
+struct Tracked<T> {
+    inner: T,
+    read: Arc<AtomicU64>,
+    last: Arc<Activity>,
+    side: usize,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut me.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            me.read.fetch_add(n as u64, Relaxed);
+            me.last.touch(me.side);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            me.last.touch(me.side);
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::istio_sni_cluster;
+
+    #[test]
+    fn istio_auto_passthrough_sni() {
+        assert_eq!(
+            istio_sni_cluster("outbound_.9080_._.reviews.default.svc.cluster.local").as_deref(),
+            Some("outbound|9080||reviews.default.svc.cluster.local")
+        );
+        assert_eq!(
+            istio_sni_cluster("outbound_.443_.v1_.api.example.com").as_deref(),
+            Some("outbound|443|v1|api.example.com")
+        );
+        assert_eq!(istio_sni_cluster("api.example.com"), None);
+        assert_eq!(istio_sni_cluster("outbound_.x_._.h"), None);
+    }
+}

@@ -1,0 +1,339 @@
+//! Downstream TLS termination for a filter chain.
+//!
+//! Each handshake reads the ClientHello first (tokio-rustls'
+//! `LazyConfigAcceptor`) and picks the server config for it: when the client
+//! offers ALPN and shares no protocol with `alpn_protocols`, the handshake
+//! goes on without ALPN, as Envoy does (rustls alone would abort). The
+//! certificate is chosen per ClientHello too: one whose SANs match the SNI
+//! first, then the first one whose key type the client can verify (RSA vs
+//! ECDSA). Session state (ticket keys, session cache) survives reloads so
+//! resumption keeps working across certificate rotation.
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    server::{ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions},
+    sign::CertifiedKey,
+    ServerConfig,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{server::TlsStream, LazyConfigAcceptor};
+use xds_client::config::{DownstreamTls, Name, Secret, SecretRef, ValidationRef};
+
+use super::{
+    load_certified_key, provider, verify::ClientVerifier, verify::Validator, versions, CertInfo,
+    DownstreamTlsInfo, FileStamps,
+};
+use crate::metrics::SslStats;
+
+pub type Secrets = Arc<BTreeMap<Name, Arc<Secret>>>;
+
+struct Built {
+    with_alpn: Arc<ServerConfig>,
+    without_alpn: Arc<ServerConfig>,
+    certs: Vec<CertInfo>,
+    ca: Vec<CertInfo>,
+    stamps: FileStamps,
+}
+
+/// A filter chain's TLS server context.
+pub struct ServerTls {
+    pub config: Arc<DownstreamTls>,
+    secrets: Secrets,
+    built: ArcSwap<Built>,
+    sessions: Arc<dyn StoresServerSessions>,
+    ticketer: Arc<dyn ProducesTickets>,
+    stats: Arc<SslStats>,
+}
+
+#[derive(Debug)]
+struct Resolver {
+    keys: Vec<(Arc<CertifiedKey>, Vec<String>)>,
+}
+
+fn name_matches(sni: &str, names: &[String]) -> bool {
+    names.iter().any(|n| {
+        if let Some(suffix) = n.strip_prefix("*.") {
+            sni.split_once('.')
+                .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(suffix))
+        } else {
+            n.eq_ignore_ascii_case(sni)
+        }
+    })
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let schemes = hello.signature_schemes();
+        let usable = |k: &CertifiedKey| k.key.choose_scheme(schemes).is_some();
+        if let Some(sni) = hello.server_name() {
+            if let Some((k, _)) = self
+                .keys
+                .iter()
+                .find(|(k, names)| name_matches(sni, names) && usable(k))
+            {
+                return Some(k.clone());
+            }
+        }
+        self.keys
+            .iter()
+            .find(|(k, _)| usable(k))
+            .or(self.keys.first())
+            .map(|(k, _)| k.clone())
+    }
+}
+
+impl ServerTls {
+    pub fn new(
+        config: Arc<DownstreamTls>,
+        secrets: Secrets,
+        stats: Arc<SslStats>,
+    ) -> Result<Arc<ServerTls>, String> {
+        let cache_size = if config.session_cache { 4096 } else { 0 };
+        let sessions: Arc<dyn StoresServerSessions> = if cache_size > 0 {
+            rustls::server::ServerSessionMemoryCache::new(cache_size)
+        } else {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        };
+        let ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| format!("{}: cannot create a session ticketer: {e}", config.path))?;
+        let mut me = ServerTls {
+            config,
+            secrets,
+            built: ArcSwap::from_pointee(Built {
+                with_alpn: Arc::new(placeholder()),
+                without_alpn: Arc::new(placeholder()),
+                certs: vec![],
+                ca: vec![],
+                stamps: FileStamps::default(),
+            }),
+            sessions,
+            ticketer,
+            stats,
+        };
+        let built = me.build()?;
+        me.built = ArcSwap::from_pointee(built);
+        Ok(Arc::new(me))
+    }
+
+    fn build(&self) -> Result<Built, String> {
+        let c = &self.config;
+        let provider = provider(&c.params);
+        let mut stamps = FileStamps::default();
+        let mut keys = Vec::new();
+        let mut certs = Vec::new();
+        for r in &c.certs {
+            let t = match r {
+                SecretRef::Inline(t) => t.clone(),
+                SecretRef::Sds(n) => match self.secrets.get(n).map(|s| &**s) {
+                    Some(Secret::Certificate(t)) => t.clone(),
+                    _ => return Err(format!("{}: secret {n:?} is not available", c.path)),
+                },
+            };
+            let (ck, info) = load_certified_key(&t, &provider, &mut stamps)?;
+            let mut names = info.dns_sans.clone();
+            if names.is_empty() {
+                // No DNS SAN: the subject CN names the host.
+                if let Some(cn) = info.subject.split(',').find_map(|p| p.strip_prefix("CN=")) {
+                    names.push(cn.to_owned());
+                }
+            }
+            keys.push((ck, names));
+            certs.push(info);
+        }
+        let algs = provider.signature_verification_algorithms;
+        let validator = match &c.validation {
+            None => None,
+            Some(v) => Some(self.validator(v, algs, &mut stamps)?),
+        };
+        let ca = match &c.validation {
+            Some(v) => self.ca_infos(v),
+            None => vec![],
+        };
+        let verifier = Arc::new(ClientVerifier {
+            validator,
+            mandatory: c.require_client_cert,
+            algs,
+            stats: Some(self.stats.clone()),
+        });
+        let resolver = Arc::new(Resolver { keys });
+        let mut cfg = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions(&c.params))
+            .map_err(|e| format!("{}.common_tls_context.tls_params: {e}", c.path))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(resolver);
+        cfg.session_storage = self.sessions.clone();
+        if c.session_tickets {
+            cfg.ticketer = self.ticketer.clone();
+            cfg.send_tls13_tickets = 2;
+        } else {
+            cfg.send_tls13_tickets = 0;
+        }
+        cfg.ignore_client_order = true;
+        let without_alpn = Arc::new(cfg.clone());
+        cfg.alpn_protocols = c.alpn.clone();
+        Ok(Built {
+            with_alpn: Arc::new(cfg),
+            without_alpn,
+            certs,
+            ca,
+            stamps,
+        })
+    }
+
+    fn validator(
+        &self,
+        v: &ValidationRef,
+        algs: rustls::crypto::WebPkiSupportedAlgorithms,
+        stamps: &mut FileStamps,
+    ) -> Result<Validator, String> {
+        validator(v, &self.secrets, algs, stamps, &self.config.path)
+    }
+
+    fn ca_infos(&self, v: &ValidationRef) -> Vec<CertInfo> {
+        ca_infos(v, &self.secrets)
+    }
+
+    /// Rebuilds the context when a certificate, key, CA or CRL file
+    /// changed. New handshakes use the new context; established
+    /// connections keep theirs.
+    pub fn reload_if_changed(&self) {
+        if !self.built.load().stamps.changed() {
+            return;
+        }
+        match self.build() {
+            Ok(b) => {
+                tracing::info!(context = %self.config.path, "TLS certificates reloaded");
+                self.built.store(Arc::new(b));
+            }
+            Err(e) => {
+                tracing::warn!(context = %self.config.path, error = %e, "TLS reload failed; keeping the previous certificates");
+            }
+        }
+    }
+
+    /// Our certificates and CAs, for `/certs`.
+    pub fn cert_infos(&self) -> (Vec<CertInfo>, Vec<CertInfo>) {
+        let b = self.built.load();
+        (b.certs.clone(), b.ca.clone())
+    }
+
+    /// Runs the handshake on `io`.
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+        timeout: Option<Duration>,
+    ) -> Result<(TlsStream<IO>, DownstreamTlsInfo), String>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let hs = async {
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            let built = self.built.load_full();
+            let hello = start.client_hello();
+            let overlap = match hello.alpn() {
+                Some(mut offered) => {
+                    built.with_alpn.alpn_protocols.is_empty()
+                        || offered.any(|p| built.with_alpn.alpn_protocols.iter().any(|a| a == p))
+                }
+                None => true,
+            };
+            let cfg = if overlap {
+                built.with_alpn.clone()
+            } else {
+                built.without_alpn.clone()
+            };
+            let local = built.certs.first().cloned();
+            start
+                .into_stream(cfg)
+                .await
+                .map(|s| (s, local))
+                .map_err(|e| e.to_string())
+        };
+        let res = match timeout {
+            Some(t) => tokio::time::timeout(t, hs)
+                .await
+                .unwrap_or_else(|_| Err("TLS handshake timeout".into())),
+            None => hs.await,
+        };
+        let (stream, local) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                self.stats.connection_error.inc();
+                if e.contains("peer sent no certificates") || e.contains("NoCertificatesPresented")
+                {
+                    self.stats.no_certificate.inc();
+                }
+                return Err(e);
+            }
+        };
+        self.stats.handshake.inc();
+        let (_, conn) = stream.get_ref();
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        if resumed {
+            self.stats.session_reused.inc();
+        }
+        let peer_der = conn.peer_certificates().and_then(|c| c.first());
+        let info = DownstreamTlsInfo {
+            sni: conn.server_name().map(str::to_owned),
+            version: super::version_name(conn.protocol_version()),
+            cipher: super::cipher_name(conn.negotiated_cipher_suite()),
+            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+            resumed,
+            peer: peer_der.and_then(CertInfo::parse),
+            peer_pem: peer_der.map(|d| super::to_pem(d.as_ref())),
+            local,
+        };
+        Ok((stream, info))
+    }
+}
+
+/// Builds the validator a validation reference names.
+pub fn validator(
+    v: &ValidationRef,
+    secrets: &Secrets,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+    stamps: &mut FileStamps,
+    path: &str,
+) -> Result<Validator, String> {
+    let sds = |n: &Name| match secrets.get(n).map(|s| &**s) {
+        Some(Secret::Validation(v)) => Ok(v.clone()),
+        _ => Err(format!("{path}: validation secret {n:?} is not available")),
+    };
+    match v {
+        ValidationRef::Inline(v) => Validator::build(v, None, algs, stamps),
+        ValidationRef::Sds(n) => Validator::build(&sds(n)?, None, algs, stamps),
+        ValidationRef::Combined { default, sds: n } => {
+            Validator::build(default, Some(&sds(n)?), algs, stamps)
+        }
+    }
+}
+
+fn ca_infos(v: &ValidationRef, secrets: &Secrets) -> Vec<CertInfo> {
+    let ctx = match v {
+        ValidationRef::Inline(v) => Some(v.clone()),
+        ValidationRef::Sds(n) | ValidationRef::Combined { sds: n, .. } => {
+            match secrets.get(n).map(|s| &**s) {
+                Some(Secret::Validation(v)) => Some(v.clone()),
+                _ => None,
+            }
+        }
+    };
+    ctx.and_then(|v| v.trusted_ca)
+        .and_then(|ca| super::read(&ca).ok())
+        .and_then(|pem| super::parse_certs(&pem).ok())
+        .map(|certs| certs.iter().filter_map(CertInfo::parse).collect())
+        .unwrap_or_default()
+}
+
+/// A config that is never used for a handshake (replaced before `new`
+/// returns).
+fn placeholder() -> ServerConfig {
+    ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver { keys: vec![] }))
+}

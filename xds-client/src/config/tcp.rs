@@ -1,0 +1,34 @@
+//! `envoy.filters.network.tcp_proxy` (with the `sni_cluster` filter that
+//! may precede it).
+use std::{sync::Arc, time::Duration};
+
+use super::{AccessLog, Name};
+
+/// Where a TCP connection goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TcpCluster {
+    Name(Name),
+    /// `weighted_clusters`: (cluster, weight).
+    Weighted(Vec<(Name, u32)>),
+}
+
+/// `tcp_proxy` plus the cluster-choosing filters before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpProxy {
+    /// `tcp.<stat_prefix>.`
+    pub stat_prefix: String,
+    pub cluster: TcpCluster,
+    /// `envoy.filters.network.sni_cluster` precedes the proxy: the SNI, when
+    /// present, names the cluster. Istio's AUTO_PASSTHROUGH form
+    /// `outbound_.PORT_.SUBSET_.HOST` names cluster `outbound|PORT|SUBSET|HOST`
+    /// (subset `_` = none) when no cluster has the SNI itself as its name.
+    pub sni_cluster: bool,
+    /// `idle_timeout` (default 1 h; `None` when set to 0).
+    pub idle_timeout: Option<Duration>,
+    pub downstream_idle_timeout: Option<Duration>,
+    pub upstream_idle_timeout: Option<Duration>,
+    pub max_downstream_connection_duration: Option<Duration>,
+    /// `max_connect_attempts` (default 1).
+    pub max_connect_attempts: u32,
+    pub access_logs: Vec<Arc<AccessLog>>,
+}

@@ -1,0 +1,181 @@
+//! TLS transport sockets (`envoy.transport_sockets.tls`), secrets and
+//! certificate validation, as validated config.
+//!
+//! Certificates and keys stay as [`CertData`] (bytes or a file path): the
+//! proxy parses them when it builds a TLS context and watches files so a
+//! rotated certificate applies to new handshakes.
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use super::{Name, StringMatcher};
+
+/// A `DataSource` holding PEM: inline bytes or a file (re-read on change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertData {
+    Inline(Arc<[u8]>),
+    File(PathBuf),
+}
+
+/// `TlsCertificate`: a chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCertificate {
+    pub chain: CertData,
+    pub key: CertData,
+    /// Field path, for errors found when the proxy loads it.
+    pub path: String,
+}
+
+/// Where a certificate or validation context comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecretRef<T> {
+    Inline(T),
+    /// An SDS secret name: a `static_resources.secrets` entry (later also
+    /// dynamic SDS).
+    Sds(Name),
+}
+
+/// A `Secret` from `static_resources.secrets` (or SDS).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Secret {
+    Certificate(TlsCertificate),
+    Validation(CertValidation),
+}
+
+/// TLS protocol versions weir speaks (1.0 and 1.1 are never offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// Cipher suites weir (rustls with ring) implements, by their OpenSSL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CipherSuite {
+    EcdheEcdsaAes128GcmSha256,
+    EcdheEcdsaAes256GcmSha384,
+    EcdheEcdsaChacha20Poly1305,
+    EcdheRsaAes128GcmSha256,
+    EcdheRsaAes256GcmSha384,
+    EcdheRsaChacha20Poly1305,
+}
+
+/// Key-exchange groups (`ecdh_curves`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Curve {
+    X25519,
+    P256,
+    P384,
+}
+
+/// `tls_params`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsParams {
+    pub min_version: TlsVersion,
+    pub max_version: TlsVersion,
+    /// TLS 1.2 suites, in preference order; empty = rustls' defaults.
+    pub cipher_suites: Vec<CipherSuite>,
+    /// Empty = rustls' defaults (X25519, P-256, P-384).
+    pub curves: Vec<Curve>,
+}
+
+impl Default for TlsParams {
+    fn default() -> Self {
+        TlsParams {
+            min_version: TlsVersion::V1_2,
+            max_version: TlsVersion::V1_3,
+            cipher_suites: Vec::new(),
+            curves: Vec::new(),
+        }
+    }
+}
+
+/// Which SAN a matcher looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SanType {
+    Email,
+    Dns,
+    Uri,
+    Ip,
+    /// Legacy `match_subject_alt_names`: any of DNS, URI, email and IP.
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SanMatcher {
+    pub san: SanType,
+    pub matcher: StringMatcher,
+}
+
+/// `CertificateValidationContext`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CertValidation {
+    pub trusted_ca: Option<CertData>,
+    pub san_matchers: Vec<SanMatcher>,
+    /// `verify_certificate_spki`: SHA-256 of the SubjectPublicKeyInfo.
+    pub spki_hashes: Vec<[u8; 32]>,
+    /// `verify_certificate_hash`: SHA-256 of the certificate DER.
+    pub cert_hashes: Vec<[u8; 32]>,
+    pub crl: Option<CertData>,
+    pub only_verify_leaf_cert_crl: bool,
+    pub allow_expired: bool,
+    /// `trust_chain_verification: ACCEPT_UNTRUSTED`.
+    pub accept_untrusted: bool,
+    pub max_verify_depth: Option<u32>,
+    pub path: String,
+}
+
+/// A validation context: inline, from SDS, or `combined_validation_context`
+/// (an SDS secret merged with a default context).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValidationRef {
+    Inline(CertValidation),
+    Sds(Name),
+    Combined { default: CertValidation, sds: Name },
+}
+
+/// `DownstreamTlsContext` (TLS termination on a filter chain).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownstreamTls {
+    pub certs: Vec<SecretRef<TlsCertificate>>,
+    pub params: TlsParams,
+    pub alpn: Vec<Vec<u8>>,
+    pub validation: Option<ValidationRef>,
+    pub require_client_cert: bool,
+    /// Stateless resumption with tickets (off with
+    /// `disable_stateless_session_resumption`).
+    pub session_tickets: bool,
+    /// Stateful session cache (off with `disable_stateful_session_resumption`).
+    pub session_cache: bool,
+    pub session_timeout: Option<Duration>,
+    /// Field path of the transport socket, for load errors.
+    pub path: String,
+}
+
+/// `UpstreamTlsContext` (TLS origination to a cluster's endpoints).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    pub sni: Option<String>,
+    pub cert: Option<SecretRef<TlsCertificate>>,
+    pub params: TlsParams,
+    pub alpn: Vec<Vec<u8>>,
+    pub validation: Option<ValidationRef>,
+    /// `max_session_keys` (default 1; 0 disables resumption).
+    pub max_session_keys: u32,
+    pub path: String,
+}
+
+/// A cluster's transport socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamTransport {
+    Plain,
+    Tls(Arc<UpstreamTls>),
+}
+
+/// `transport_socket_matches` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransportSocketMatch {
+    pub name: Name,
+    /// `match`: every key must equal the endpoint's
+    /// `metadata.filter_metadata["envoy.transport_socket_match"]` value.
+    pub criteria: serde_json::Map<String, serde_json::Value>,
+    pub transport: UpstreamTransport,
+}
