@@ -90,13 +90,26 @@ impl ServerTls {
         stats: Arc<SslStats>,
     ) -> Result<Arc<ServerTls>, String> {
         let cache_size = if config.session_cache { 4096 } else { 0 };
-        let sessions: Arc<dyn StoresServerSessions> = if cache_size > 0 {
+        let mut sessions: Arc<dyn StoresServerSessions> = if cache_size > 0 {
             rustls::server::ServerSessionMemoryCache::new(cache_size)
         } else {
             Arc::new(rustls::server::NoServerSessionStorage {})
         };
-        let ticketer = rustls::crypto::ring::Ticketer::new()
+        let mut ticketer = rustls::crypto::ring::Ticketer::new()
             .map_err(|e| format!("{}: cannot create a session ticketer: {e}", config.path))?;
+        // `session_timeout`: tickets and cached sessions older than this
+        // are not resumed.
+        if let Some(t) = config.session_timeout {
+            let secs = t.as_secs().clamp(1, u64::from(u32::MAX));
+            ticketer = Arc::new(Expiring {
+                inner: ticketer,
+                secs,
+            });
+            sessions = Arc::new(Expiring {
+                inner: sessions,
+                secs,
+            });
+        }
         let mut me = ServerTls {
             config,
             secrets,
@@ -287,6 +300,66 @@ impl ServerTls {
             local,
         };
         Ok((stream, info))
+    }
+}
+
+/// Session state that expires after `session_timeout`: an 8-byte creation
+/// time is prepended to each ticket and cached session.
+#[derive(Debug)]
+struct Expiring<T: ?Sized> {
+    inner: Arc<T>,
+    secs: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl<T: ?Sized> Expiring<T> {
+    fn stamp(&self, v: Vec<u8>) -> Vec<u8> {
+        let mut out = unix_now().to_be_bytes().to_vec();
+        out.extend_from_slice(&v);
+        out
+    }
+    fn check(&self, v: &[u8]) -> Option<Vec<u8>> {
+        let (ts, rest) = v.split_at_checked(8)?;
+        let ts = u64::from_be_bytes(ts.try_into().ok()?);
+        (unix_now().saturating_sub(ts) <= self.secs).then(|| rest.to_vec())
+    }
+}
+
+impl ProducesTickets for Expiring<dyn ProducesTickets> {
+    fn enabled(&self) -> bool {
+        self.inner.enabled()
+    }
+    fn lifetime(&self) -> u32 {
+        self.inner
+            .lifetime()
+            .min(u32::try_from(self.secs).unwrap_or(u32::MAX))
+    }
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.inner.encrypt(plain).map(|c| self.stamp(c))
+    }
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.check(cipher).and_then(|c| self.inner.decrypt(&c))
+    }
+}
+
+impl StoresServerSessions for Expiring<dyn StoresServerSessions> {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.inner.put(key, self.stamp(value))
+    }
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.get(key).and_then(|v| self.check(&v))
+    }
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.take(key).and_then(|v| self.check(&v))
+    }
+    fn can_cache(&self) -> bool {
+        self.inner.can_cache()
     }
 }
 
