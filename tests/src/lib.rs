@@ -8,6 +8,8 @@ pub mod client;
 pub mod diff;
 pub mod proc;
 pub mod scenario;
+pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use proc::{EnvoyProc, ProxyProc, WeirProc};
