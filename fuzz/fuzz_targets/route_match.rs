@@ -369,8 +369,10 @@ fn route_table(input: &Input) -> Option<std::sync::Arc<RouteConfig>> {
     let text = serde_json::to_string(&bootstrap_json(input)).expect("JSON values serialise");
     let b = parse_bootstrap(&text, ParseOptions::default()).ok()?;
     let snapshot = bootstrap_to_snapshot(&b).ok()?;
-    let NetworkFilter::Http(h) = &snapshot.listeners.first()?.filter_chain.filter;
-    Some(h.route_config.clone())
+    match &snapshot.listeners.first()?.filter_chains.first()?.filter {
+        NetworkFilter::Http(h) => Some(h.route_config.clone()),
+        _ => None,
+    }
 }
 
 fuzz_target!(|input: Input| {
