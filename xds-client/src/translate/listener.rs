@@ -14,9 +14,6 @@ const SNI_CLUSTER_TYPE: &str = "envoy.extensions.filters.network.sni_cluster.v3.
 
 pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigErrors> {
     let mut errs = ConfigErrors::default();
-    if proto.name.is_empty() {
-        errs.push(join(path, "name"), "listener name is required");
-    }
     let address = match &proto.address {
         Some(a) => match super::listen_address(a, &join(path, "address")) {
             Ok(ListenAddress::Socket(s)) => Some(s),
@@ -116,7 +113,12 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         format!("listener.{}.", proto.stat_prefix)
     };
     Ok(Listener {
-        name: proto.name.as_str().into(),
+        // As Envoy, a static listener without a name gets a generated one.
+        name: if proto.name.is_empty() {
+            format!("listener_{}", address.to_string().replace(':', "_")).into()
+        } else {
+            proto.name.as_str().into()
+        },
         address,
         stat_prefix,
         socket: SocketOptions {
