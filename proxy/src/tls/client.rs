@@ -105,7 +105,10 @@ impl ClientTls {
                 Ok((s, alpn))
             }
             Err(e) => {
-                self.stats.connection_error.inc();
+                // As Envoy: verification failures have their own counters.
+                if !super::is_refused_certificate(&e) {
+                    self.stats.connection_error.inc();
+                }
                 Err(transport_failure(&e))
             }
         }

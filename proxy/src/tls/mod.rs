@@ -161,6 +161,15 @@ pub fn versions(params: &TlsParams) -> Vec<&'static SupportedProtocolVersion> {
     v
 }
 
+/// Whether a failed handshake is a certificate the validation context
+/// refused (already counted as `ssl.fail_verify_*` by the verifier).
+pub fn is_refused_certificate(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_))
+    )
+}
+
 /// What weir knows about one certificate (its own or a peer's).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CertInfo {

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use rustls::{
     server::{ClientHello, ProducesTickets, ResolvesServerCert, StoresServerSessions},
     sign::CertifiedKey,
-    ServerConfig,
+    ServerConfig, SignatureScheme,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{server::TlsStream, LazyConfigAcceptor};
@@ -31,6 +31,10 @@ pub type Secrets = Arc<BTreeMap<Name, Arc<Secret>>>;
 struct Built {
     with_alpn: Arc<ServerConfig>,
     without_alpn: Arc<ServerConfig>,
+    /// The certificate choice both configs use (to know, per handshake,
+    /// which of `certs` was presented).
+    resolver: Arc<Resolver>,
+    /// Parallel to `resolver.keys`.
     certs: Vec<CertInfo>,
     ca: Vec<CertInfo>,
     stamps: FileStamps,
@@ -62,24 +66,25 @@ fn name_matches(sni: &str, names: &[String]) -> bool {
     })
 }
 
+impl Resolver {
+    /// The index of the key for a ClientHello: one whose names match the
+    /// SNI, else the first the client can verify, else the first.
+    fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> Option<usize> {
+        let usable = |k: &CertifiedKey| k.key.choose_scheme(schemes).is_some();
+        sni.and_then(|sni| {
+            self.keys
+                .iter()
+                .position(|(k, names)| name_matches(sni, names) && usable(k))
+        })
+        .or_else(|| self.keys.iter().position(|(k, _)| usable(k)))
+        .or((!self.keys.is_empty()).then_some(0))
+    }
+}
+
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let schemes = hello.signature_schemes();
-        let usable = |k: &CertifiedKey| k.key.choose_scheme(schemes).is_some();
-        if let Some(sni) = hello.server_name() {
-            if let Some((k, _)) = self
-                .keys
-                .iter()
-                .find(|(k, names)| name_matches(sni, names) && usable(k))
-            {
-                return Some(k.clone());
-            }
-        }
-        self.keys
-            .iter()
-            .find(|(k, _)| usable(k))
-            .or(self.keys.first())
-            .map(|(k, _)| k.clone())
+        self.pick(hello.server_name(), hello.signature_schemes())
+            .map(|i| self.keys[i].0.clone())
     }
 }
 
@@ -116,6 +121,7 @@ impl ServerTls {
             built: ArcSwap::from_pointee(Built {
                 with_alpn: Arc::new(placeholder()),
                 without_alpn: Arc::new(placeholder()),
+                resolver: Arc::new(Resolver { keys: vec![] }),
                 certs: vec![],
                 ca: vec![],
                 stamps: FileStamps::default(),
@@ -174,7 +180,7 @@ impl ServerTls {
             .with_protocol_versions(&versions(&c.params))
             .map_err(|e| format!("{}.common_tls_context.tls_params: {e}", c.path))?
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(resolver);
+            .with_cert_resolver(resolver.clone());
         cfg.session_storage = self.sessions.clone();
         if c.session_tickets {
             cfg.ticketer = self.ticketer.clone();
@@ -188,6 +194,7 @@ impl ServerTls {
         Ok(Built {
             with_alpn: Arc::new(cfg),
             without_alpn,
+            resolver,
             certs,
             ca,
             stamps,
@@ -241,9 +248,7 @@ impl ServerTls {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let hs = async {
-            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
-                .await
-                .map_err(|e| e.to_string())?;
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
             let built = self.built.load_full();
             let hello = start.client_hello();
             let overlap = match hello.alpn() {
@@ -258,28 +263,34 @@ impl ServerTls {
             } else {
                 built.without_alpn.clone()
             };
-            let local = built.certs.first().cloned();
-            start
-                .into_stream(cfg)
-                .await
-                .map(|s| (s, local))
-                .map_err(|e| e.to_string())
+            // The certificate this handshake presents (the resolver makes
+            // the same choice), for %DOWNSTREAM_LOCAL_*% and XFCC `By=`.
+            let local = built
+                .resolver
+                .pick(hello.server_name(), hello.signature_schemes())
+                .and_then(|i| built.certs.get(i).cloned());
+            start.into_stream(cfg).await.map(|s| (s, local))
         };
         let res = match timeout {
-            Some(t) => tokio::time::timeout(t, hs)
-                .await
-                .unwrap_or_else(|_| Err("TLS handshake timeout".into())),
+            Some(t) => tokio::time::timeout(t, hs).await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timeout",
+                ))
+            }),
             None => hs.await,
         };
         let (stream, local) = match res {
             Ok(x) => x,
             Err(e) => {
-                self.stats.connection_error.inc();
-                if e.contains("peer sent no certificates") || e.contains("NoCertificatesPresented")
-                {
-                    self.stats.no_certificate.inc();
+                // As Envoy: a refused certificate is counted by the
+                // verifier (`ssl.fail_verify_*`), not as a connection error.
+                // A missing one still is: Envoy's `ssl.fail_verify_no_cert`
+                // is not in SslStats yet.
+                if !super::is_refused_certificate(&e) {
+                    self.stats.connection_error.inc();
                 }
-                return Err(e);
+                return Err(e.to_string());
             }
         };
         self.stats.handshake.inc();
@@ -289,6 +300,10 @@ impl ServerTls {
             self.stats.session_reused.inc();
         }
         let peer_der = conn.peer_certificates().and_then(|c| c.first());
+        // As Envoy: successful handshakes without a client certificate.
+        if peer_der.is_none() {
+            self.stats.no_certificate.inc();
+        }
         let info = DownstreamTlsInfo {
             sni: conn.server_name().map(str::to_owned),
             version: super::version_name(conn.protocol_version()),
