@@ -241,8 +241,9 @@ pub fn select_chain<'a>(
     narrow(&mut cand, |c| {
         cidr_level(&mt(c).direct_source_prefix_ranges, m.direct_src.ip())
     });
-    // 7. source type
-    let local = m.src.ip().is_loopback() || m.src.ip() == m.dst.ip();
+    // 7. source type: Envoy's isSameIpOrLoopback, where loopback is the
+    // canonical address only (127.0.0.1 or ::1, not all of 127.0.0.0/8).
+    let local = is_canonical_loopback(m.src.ip()) || m.src.ip() == m.dst.ip();
     narrow(&mut cand, |c| match mt(c).source_type {
         SourceType::Any => Level::Any,
         SourceType::SameIpOrLoopback if local => Level::Specific(1),
@@ -265,6 +266,13 @@ pub fn select_chain<'a>(
         }
     });
     cand.into_iter().next()
+}
+
+fn is_canonical_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v) => v == std::net::Ipv4Addr::LOCALHOST,
+        std::net::IpAddr::V6(v) => v == std::net::Ipv6Addr::LOCALHOST,
+    }
 }
 
 fn mt(c: &Arc<ChainRuntime>) -> &FilterChainMatch {

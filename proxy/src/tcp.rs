@@ -29,7 +29,7 @@ use crate::{
     io::DownstreamIo,
     listener::ConnMeta,
     metrics::TcpStats,
-    stats::Store,
+    stats::{Counter, Store},
     tls::DownstreamTlsInfo,
     upstream::{pool::UpstreamIo, ClusterRuntime, Host},
     Shared,
@@ -59,16 +59,13 @@ impl TcpRuntime {
         }
     }
 
-    /// The cluster a connection goes to.
-    fn cluster_name(&self, sni: Option<&str>, shared: &Shared) -> Arc<str> {
+    /// The cluster a connection goes to. With sni_cluster a non-empty SNI
+    /// names the cluster as is, as Envoy: a missing cluster closes the
+    /// connection (Istio's AUTO_PASSTHROUGH gateways get "SNI-DNAT" clusters
+    /// named exactly like the SNI, `outbound_.PORT_.SUBSET_.HOST`).
+    fn cluster_name(&self, sni: Option<&str>) -> Arc<str> {
         if self.config.sni_cluster {
-            if let Some(sni) = sni {
-                if shared.clusters.get(sni).is_some() {
-                    return sni.into();
-                }
-                if let Some(istio) = istio_sni_cluster(sni) {
-                    return istio.into();
-                }
+            if let Some(sni) = sni.filter(|s| !s.is_empty()) {
                 return sni.into();
             }
         }
@@ -100,10 +97,10 @@ impl TcpRuntime {
     ) {
         let start = Instant::now();
         self.stats.cx_total.inc();
-        let sni = tls
-            .as_ref()
-            .and_then(|t| t.sni.clone())
-            .or_else(|| meta.sni.clone());
+        // Envoy's requested server name is what tls_inspector found; a TLS
+        // handshake without tls_inspector leaves it empty (for sni_cluster
+        // and %REQUESTED_SERVER_NAME% alike).
+        let sni = meta.sni.clone();
         let mut info = StreamInfo::new(
             start,
             "",
@@ -119,14 +116,15 @@ impl TcpRuntime {
         info.downstream_direct_remote = meta.direct_src;
         info.requested_server_name = sni.clone();
         info.tls = tls;
-        let name = self.cluster_name(sni.as_deref(), shared);
-        info.upstream_cluster = Some(name.clone());
+        let name = self.cluster_name(sni.as_deref());
+        // Envoy logs `%UPSTREAM_CLUSTER%` as `-` when the cluster is missing.
         let Some(cluster) = shared.clusters.get(&name).cloned() else {
             self.stats.cx_no_route.inc();
             info.flags.set(Flags::NC);
             tracing::debug!(cluster = %name, "tcp_proxy: unknown cluster; closing");
             return self.finish(info, start);
         };
+        info.upstream_cluster = Some(name.clone());
         let mut tried = Vec::new();
         let mut attempt = 0;
         let (up, host) = loop {
@@ -142,7 +140,10 @@ impl TcpRuntime {
                     self.stats.cx_connect_fail.inc();
                     info.upstream_failure_reason = Some(e);
                     if attempt >= self.config.max_connect_attempts {
+                        // As Envoy: a connect failure with the attempts
+                        // used up is UF and URX.
                         info.flags.set(Flags::UF);
+                        info.flags.set(Flags::URX);
                         return self.finish(info, start);
                     }
                     tried.push(host.addr);
@@ -154,15 +155,19 @@ impl TcpRuntime {
         let activity = Arc::new(Activity::new());
         let rx = Arc::new(AtomicU64::new(0));
         let tx = Arc::new(AtomicU64::new(0));
+        // The byte counters move as bytes flow (operators watch long-lived
+        // connections), as Envoy's do.
         let mut down = Tracked {
             inner: down,
             read: rx.clone(),
+            counter: self.stats.cx_rx_bytes_total.clone(),
             last: activity.clone(),
             side: 0,
         };
         let mut up = Tracked {
             inner: up,
             read: tx.clone(),
+            counter: self.stats.cx_tx_bytes_total.clone(),
             last: activity.clone(),
             side: 1,
         };
@@ -194,11 +199,8 @@ impl TcpRuntime {
             }
         }
         host.active.fetch_sub(1, Relaxed);
-        let (r, t) = (rx.load(Relaxed), tx.load(Relaxed));
-        self.stats.cx_rx_bytes_total.add(r);
-        self.stats.cx_tx_bytes_total.add(t);
-        info.bytes_received = r;
-        info.bytes_sent = t;
+        info.bytes_received = rx.load(Relaxed);
+        info.bytes_sent = tx.load(Relaxed);
         self.finish(info, start);
     }
 
@@ -210,23 +212,12 @@ impl TcpRuntime {
     }
 }
 
-/// Istio's AUTO_PASSTHROUGH SNI `outbound_.PORT_.SUBSET_.HOST` names the
-/// cluster `outbound|PORT|SUBSET|HOST` (subset `_` means none).
-pub fn istio_sni_cluster(sni: &str) -> Option<String> {
-    let rest = sni.strip_prefix("outbound_.")?;
-    let (port, rest) = rest.split_once("_.")?;
-    let (subset, host) = rest.split_once("_.")?;
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || host.is_empty() {
-        return None;
-    }
-    let subset = if subset == "_" { "" } else { subset };
-    Some(format!("outbound|{port}|{subset}|{host}"))
-}
-
 /// Connects to `host` (TLS when the cluster's transport says so; no ALPN
 /// unless configured).
 async fn connect(cluster: &ClusterRuntime, host: &Host) -> Result<UpstreamIo, String> {
     let s = &cluster.stats;
+    // Envoy counts every connection it creates, including failed ones.
+    s.upstream_cx_total.inc();
     let tcp = match tokio::time::timeout(
         cluster.config.connect_timeout,
         TcpStream::connect(host.addr),
@@ -246,7 +237,6 @@ async fn connect(cluster: &ClusterRuntime, host: &Host) -> Result<UpstreamIo, St
         }
     };
     let _ = tcp.set_nodelay(true);
-    s.upstream_cx_total.inc();
     match cluster.tls_for(host) {
         None => Ok(UpstreamIo::Plain(tcp)),
         Some(t) => t
@@ -298,10 +288,12 @@ impl Activity {
     }
 }
 
-/// Counts bytes read and records activity on reads and writes.
+/// Counts bytes read (for the access log and in a stat) and records
+/// activity on reads and writes.
 struct Tracked<T> {
     inner: T,
     read: Arc<AtomicU64>,
+    counter: Arc<Counter>,
     last: Arc<Activity>,
     side: usize,
 }
@@ -318,6 +310,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let n = buf.filled().len() - before;
         if n > 0 {
             me.read.fetch_add(n as u64, Relaxed);
+            me.counter.add(n as u64);
             me.last.touch(me.side);
         }
         r
@@ -342,24 +335,5 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::istio_sni_cluster;
-
-    #[test]
-    fn istio_auto_passthrough_sni() {
-        assert_eq!(
-            istio_sni_cluster("outbound_.9080_._.reviews.default.svc.cluster.local").as_deref(),
-            Some("outbound|9080||reviews.default.svc.cluster.local")
-        );
-        assert_eq!(
-            istio_sni_cluster("outbound_.443_.v1_.api.example.com").as_deref(),
-            Some("outbound|443|v1|api.example.com")
-        );
-        assert_eq!(istio_sni_cluster("api.example.com"), None);
-        assert_eq!(istio_sni_cluster("outbound_.x_._.h"), None);
     }
 }
