@@ -338,6 +338,7 @@ async fn run_listener_filters(
                 match pp::parse(buf) {
                     Inspect::NeedMore => read_more(stream, buf).await?,
                     Inspect::Done(Ok(h)) => {
+                        lr.stats.proxy_proto_found[usize::from(h.version == 2)].inc();
                         if let Some((src, dst)) = h.addresses {
                             meta.src = src;
                             meta.dst = dst;
@@ -352,8 +353,16 @@ async fn run_listener_filters(
                         lr.stats.proxy_proto_not_found.inc();
                         break;
                     }
+                    Inspect::Done(Err(pp::ProxyError::NotProxy)) => {
+                        lr.stats.proxy_proto_not_found_disallowed.inc();
+                        lr.stats.proxy_proto_cx_error.inc();
+                        tracing::debug!("no PROXY protocol header; closing");
+                        return Err(());
+                    }
                     Inspect::Done(Err(e)) => {
-                        lr.stats.proxy_proto_error.inc();
+                        let v2 = !buf.starts_with(b"PROXY");
+                        lr.stats.proxy_proto_error[usize::from(v2)].inc();
+                        lr.stats.proxy_proto_cx_error.inc();
                         tracing::debug!(error = %e, "PROXY protocol error; closing");
                         return Err(());
                     }
@@ -446,8 +455,6 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
         }
         let _ = stream.set_nodelay(true);
         shared.active_connections.fetch_add(1, Ordering::Relaxed);
-        lr.stats.cx_total.inc();
-        lr.stats.cx_active.inc();
         let lr2 = lr.clone();
         let shared2 = shared.clone();
         tokio::spawn(async move {
@@ -473,7 +480,6 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
                     l.log(&info);
                 }
             }
-            lr2.stats.cx_active.dec();
             shared2.active_connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -519,6 +525,11 @@ async fn connection(
             return;
         }
     }
+    // As Envoy: the listener counts a connection once its listener filters
+    // accepted it.
+    lr.stats.cx_total.inc();
+    lr.stats.cx_active.inc();
+    let _active = ActiveGuard(&lr.stats.cx_active);
     let chain = match select_chain(&lr.chains, &meta).or(lr.default_chain.as_ref()) {
         Some(c) => c.clone(),
         None => {
@@ -547,6 +558,8 @@ async fn connection(
                 hcm: hcm.clone(),
                 shared: shared.clone(),
                 peer: meta.src,
+                direct_peer: meta.direct_src,
+                sni: meta.sni.clone(),
                 local: meta.dst,
                 id,
                 scheme: if tls.is_some() { "https" } else { "http" },
@@ -567,6 +580,15 @@ async fn connection(
             t.serve(io, &meta, tls, id, shared, lr.drain_conns.subscribe())
                 .await;
         }
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct ActiveGuard<'a>(&'a crate::stats::Gauge);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

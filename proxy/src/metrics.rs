@@ -88,8 +88,13 @@ pub struct ListenerStats {
     pub http_inspector_http11: Arc<Counter>,
     pub http_inspector_http2: Arc<Counter>,
     pub http_inspector_not_found: Arc<Counter>,
-    pub proxy_proto_error: Arc<Counter>,
+    /// `proxy_proto.versions.v1|v2.found|error`, `not_found_allowed|disallowed`.
+    pub proxy_proto_found: [Arc<Counter>; 2],
+    pub proxy_proto_error: [Arc<Counter>; 2],
     pub proxy_proto_not_found: Arc<Counter>,
+    pub proxy_proto_not_found_disallowed: Arc<Counter>,
+    /// Envoy's legacy global `downstream_cx_proxy_proto_error`.
+    pub proxy_proto_cx_error: Arc<Counter>,
 }
 
 impl ListenerStats {
@@ -117,8 +122,18 @@ impl ListenerStats {
             http_inspector_http2: store.counter(StatName::plain("http_inspector.http2_found")),
             http_inspector_not_found: store
                 .counter(StatName::plain("http_inspector.http_not_found")),
-            proxy_proto_error: store.counter(StatName::plain("proxy_proto.versions.v1.error")),
+            proxy_proto_found: [
+                store.counter(StatName::plain("proxy_proto.versions.v1.found")),
+                store.counter(StatName::plain("proxy_proto.versions.v2.found")),
+            ],
+            proxy_proto_error: [
+                store.counter(StatName::plain("proxy_proto.versions.v1.error")),
+                store.counter(StatName::plain("proxy_proto.versions.v2.error")),
+            ],
             proxy_proto_not_found: store.counter(StatName::plain("proxy_proto.not_found_allowed")),
+            proxy_proto_not_found_disallowed: store
+                .counter(StatName::plain("proxy_proto.not_found_disallowed")),
+            proxy_proto_cx_error: store.counter(StatName::plain("downstream_cx_proxy_proto_error")),
         }
     }
 }
@@ -131,6 +146,7 @@ pub struct SslStats {
     pub fail_verify_error: Arc<Counter>,
     pub fail_verify_san: Arc<Counter>,
     pub fail_verify_cert_hash: Arc<Counter>,
+    pub fail_verify_no_cert: Arc<Counter>,
     pub session_reused: Arc<Counter>,
 }
 
@@ -149,6 +165,7 @@ impl SslStats {
             fail_verify_error: store.counter(name("fail_verify_error")),
             fail_verify_san: store.counter(name("fail_verify_san")),
             fail_verify_cert_hash: store.counter(name("fail_verify_cert_hash")),
+            fail_verify_no_cert: store.counter(name("fail_verify_no_cert")),
             session_reused: store.counter(name("session_reused")),
         }
     }
@@ -172,7 +189,6 @@ pub struct TcpStats {
     pub idle_timeout: Arc<Counter>,
     pub max_duration_reached: Arc<Counter>,
     pub upstream_flush_active: Arc<Gauge>,
-    pub cx_connect_fail: Arc<Counter>,
 }
 
 impl TcpStats {
@@ -187,7 +203,6 @@ impl TcpStats {
             idle_timeout: store.counter(t("idle_timeout")),
             max_duration_reached: store.counter(t("max_downstream_connection_duration")),
             upstream_flush_active: store.gauge(t("upstream_flush_active")),
-            cx_connect_fail: store.counter(t("upstream_connect_fail")),
         }
     }
 }

@@ -137,9 +137,9 @@ impl TcpRuntime {
             match connect(&cluster, &host).await {
                 Ok(s) => break (s, host),
                 Err(e) => {
-                    self.stats.cx_connect_fail.inc();
                     info.upstream_failure_reason = Some(e);
                     if attempt >= self.config.max_connect_attempts {
+                        cluster.stats.upstream_cx_connect_attempts_exceeded.inc();
                         // As Envoy: a connect failure with the attempts
                         // used up is UF and URX.
                         info.flags.set(Flags::UF);

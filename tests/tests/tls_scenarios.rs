@@ -836,7 +836,6 @@ async fn mtls_stats_split_verification_failures_from_connection_errors() {
 /// 4b'. A missing client certificate is `ssl.fail_verify_no_cert`, not a
 /// connection error (Envoy's `drainErrorQueue`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "SslStats (proxy/src/metrics.rs) has no fail_verify_no_cert; tls/server.rs counts the failure as connection_error meanwhile"]
 async fn mtls_missing_certificate_counts_fail_verify_no_cert() {
     let pki = Pki::new(&["mtls.test"]);
     let p = Cfg::new(Listener::new(vec![
@@ -1410,7 +1409,6 @@ async fn xfcc_modes_with_client_certificates() {
 /// `setCurrentClientCertDetails()`, which the HCM config builds in that
 /// order), and `URI=` is present even when the certificate has no URI SAN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "weir orders XFCC details Subject,URI,Cert,Chain,DNS (xds-client/src/translate/hcm.rs) and omits an empty URI= (proxy/src/http/headers.rs); Envoy: Cert,Chain,Subject,URI,DNS and always URI="]
 async fn xfcc_element_order_as_envoy() {
     let bed = XfccBed::new().await;
     let got = bed
@@ -2008,7 +2006,6 @@ async fn upstream_alpn_explicit_h2_auto_fallback_and_configured_protocols() {
 /// 14b. `auto_config` over TLS to an upstream offering h2: ALPN picks h2
 /// and the request arrives over HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "503 `connection termination`: proxy/src/upstream/pool.rs request_h1 switches an origin-form HTTP/1 request to HTTP/2 after ALPN h2 without giving it a scheme and authority; h2 refuses it (UserError::MissingUriSchemeAndAuthority)"]
 async fn upstream_alpn_auto_config_negotiates_h2() {
     let bed = AlpnBed::new().await;
     let p = Cfg::new(Listener::new(vec![Chain::to("auto_h2")]))

@@ -212,11 +212,11 @@ fn xfcc(
     for d in &h.client_cert_details {
         match d {
             D::Subject => parts.push(format!("Subject=\"{}\"", peer.subject)),
-            D::Uri => {
-                for u in &peer.uri_sans {
-                    parts.push(format!("URI={u}"));
-                }
-            }
+            // As Envoy: always one URI= with the first URI SAN (or empty).
+            D::Uri => parts.push(format!(
+                "URI={}",
+                peer.uri_sans.first().map(String::as_str).unwrap_or("")
+            )),
             D::Cert | D::Chain => {
                 if let Some(pem) = &tls.peer_pem {
                     let key = if *d == D::Cert { "Cert" } else { "Chain" };

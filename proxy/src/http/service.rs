@@ -53,6 +53,10 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     pub id: u64,
     pub scheme: &'static str,
+    /// The socket's own peer (differs from `peer` after PROXY protocol).
+    pub direct_peer: SocketAddr,
+    /// SNI found by tls_inspector (Envoy's requested server name).
+    pub sni: Option<String>,
     /// TLS facts when weir terminated TLS on this connection.
     pub tls: Option<Arc<crate::tls::DownstreamTlsInfo>>,
     /// Streams in flight on this connection (for the HCM idle timeout).
@@ -155,8 +159,9 @@ pub async fn handle(
         ctx.local,
         ctx.id,
     );
+    info.downstream_direct_remote = ctx.direct_peer;
+    info.requested_server_name = ctx.sni.clone();
     if let Some(t) = &ctx.tls {
-        info.requested_server_name = t.sni.clone();
         info.tls = Some(t.clone());
     }
     let head_request = parts.method == http::Method::HEAD;

@@ -170,6 +170,15 @@ pub fn is_refused_certificate(e: &std::io::Error) -> bool {
     )
 }
 
+/// A handshake that failed because the client sent no certificate while one
+/// is required.
+pub fn is_missing_certificate(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::NoCertificatesPresented)
+    )
+}
+
 /// What weir knows about one certificate (its own or a peer's).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CertInfo {

@@ -284,10 +284,11 @@ impl ServerTls {
             Ok(x) => x,
             Err(e) => {
                 // As Envoy: a refused certificate is counted by the
-                // verifier (`ssl.fail_verify_*`), not as a connection error.
-                // A missing one still is: Envoy's `ssl.fail_verify_no_cert`
-                // is not in SslStats yet.
-                if !super::is_refused_certificate(&e) {
+                // verifier (`ssl.fail_verify_*`), a missing required one as
+                // `ssl.fail_verify_no_cert`, neither as a connection error.
+                if super::is_missing_certificate(&e) {
+                    self.stats.fail_verify_no_cert.inc();
+                } else if !super::is_refused_certificate(&e) {
                     self.stats.connection_error.inc();
                 }
                 return Err(e.to_string());

@@ -202,7 +202,7 @@ impl Client {
         let (io, alpn) = self.connect(addr, tls).await?;
         if alpn.as_deref() == Some(b"h2") {
             let mut sender = self.h2_handshake(addr, io).await?;
-            *req.version_mut() = Version::HTTP_2;
+            to_h2(&mut req);
             return sender
                 .send_request(req)
                 .await
@@ -232,7 +232,7 @@ impl Client {
         tls: Option<&Arc<crate::tls::ClientTls>>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
-        *req.version_mut() = Version::HTTP_2;
+        to_h2(&mut req);
         let existing = {
             let mut hosts = self.hosts.lock().expect("pool lock");
             let conns = hosts.entry(addr).or_default();
@@ -368,6 +368,32 @@ impl Client {
             }
         }
         hosts.retain(|_, c| !c.idle.is_empty() || c.h2.is_some());
+    }
+}
+
+/// Turns a request built for HTTP/1.1 (origin-form URI and Host) into an
+/// HTTP/2 one (absolute URI, Host as :authority), for an HTTP/1 pool whose
+/// TLS upstream chose h2 by ALPN. Requests built for HTTP/2 are unchanged.
+fn to_h2(req: &mut Request<Body>) {
+    *req.version_mut() = Version::HTTP_2;
+    if req.uri().authority().is_some() {
+        return;
+    }
+    let Some(host) = req.headers_mut().remove(http::header::HOST) else {
+        return;
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    if let Ok(uri) = http::Uri::builder()
+        .scheme("https")
+        .authority(host.as_bytes())
+        .path_and_query(pq)
+        .build()
+    {
+        *req.uri_mut() = uri;
     }
 }
 

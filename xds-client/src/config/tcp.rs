@@ -19,9 +19,8 @@ pub struct TcpProxy {
     pub stat_prefix: String,
     pub cluster: TcpCluster,
     /// `envoy.filters.network.sni_cluster` precedes the proxy: the SNI, when
-    /// present, names the cluster. Istio's AUTO_PASSTHROUGH form
-    /// `outbound_.PORT_.SUBSET_.HOST` names cluster `outbound|PORT|SUBSET|HOST`
-    /// (subset `_` = none) when no cluster has the SNI itself as its name.
+    /// present, names the cluster as is (Istio's AUTO_PASSTHROUGH gateways
+    /// carry clusters named like the SNI, `outbound_.PORT_.SUBSET_.HOST`).
     pub sni_cluster: bool,
     /// `idle_timeout` (default 1 h; `None` when set to 0).
     pub idle_timeout: Option<Duration>,

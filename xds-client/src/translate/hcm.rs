@@ -245,17 +245,18 @@ pub fn hcm(
         };
     let mut client_cert_details = Vec::new();
     if let Some(d) = &p.set_current_client_cert_details {
-        if d.subject.as_ref().is_some_and(|b| b.value) {
-            client_cert_details.push(ClientCertDetail::Subject);
-        }
-        if d.uri {
-            client_cert_details.push(ClientCertDetail::Uri);
-        }
+        // Envoy's element order: Cert, Chain, Subject, URI, DNS.
         if d.cert {
             client_cert_details.push(ClientCertDetail::Cert);
         }
         if d.chain {
             client_cert_details.push(ClientCertDetail::Chain);
+        }
+        if d.subject.as_ref().is_some_and(|b| b.value) {
+            client_cert_details.push(ClientCertDetail::Subject);
+        }
+        if d.uri {
+            client_cert_details.push(ClientCertDetail::Uri);
         }
         if d.dns {
             client_cert_details.push(ClientCertDetail::Dns);

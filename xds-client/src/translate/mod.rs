@@ -125,7 +125,8 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                     }
                     if listeners
                         .iter()
-                        .any(|x: &Arc<Listener>| x.address == l.address)
+                        // As Envoy, listeners on port 0 never collide.
+                        .any(|x: &Arc<Listener>| x.address == l.address && l.address.port() != 0)
                     {
                         errs.push(join(&path, "address"), "another listener has this address");
                     }
@@ -246,24 +247,9 @@ fn check_chain_refs(
                 }
             }
         }
-        NetworkFilter::Tcp(t) => {
-            // tcp_proxy resolves its cluster per connection (Envoy closes
-            // the connection when it is missing), but a static name that
-            // matches nothing is certainly a mistake, unless sni_cluster
-            // picks the cluster.
-            let names: Vec<&Name> = match &t.cluster {
-                TcpCluster::Name(n) => vec![n],
-                TcpCluster::Weighted(w) => w.iter().map(|(n, _)| n).collect(),
-            };
-            for n in names {
-                if !t.sni_cluster && !clusters.contains_key(n) {
-                    errs.push(
-                        format!("{}.filters", fc.path),
-                        format!("tcp_proxy: unknown cluster {n:?}"),
-                    );
-                }
-            }
-        }
+        // As Envoy, tcp_proxy resolves its cluster per connection: a
+        // missing one closes the connection (NC, downstream_cx_no_route).
+        NetworkFilter::Tcp(_) => {}
     }
     if let Some(t) = &fc.tls {
         check_tls_refs(&t.certs, &t.validation, &t.path, secrets, errs);
