@@ -134,7 +134,7 @@ impl TcpRuntime {
                 return self.finish(info, start);
             };
             info.upstream_host = Some(host.addr);
-            match connect(&cluster, &host).await {
+            match connect(&cluster, &host, meta).await {
                 Ok(s) => break (s, host),
                 Err(e) => {
                     info.upstream_failure_reason = Some(e);
@@ -214,7 +214,11 @@ impl TcpRuntime {
 
 /// Connects to `host` (TLS when the cluster's transport says so; no ALPN
 /// unless configured).
-async fn connect(cluster: &ClusterRuntime, host: &Host) -> Result<UpstreamIo, String> {
+async fn connect(
+    cluster: &ClusterRuntime,
+    host: &Host,
+    meta: &ConnMeta,
+) -> Result<UpstreamIo, String> {
     let s = &cluster.stats;
     // Envoy counts every connection it creates, including failed ones.
     s.upstream_cx_total.inc();
@@ -236,7 +240,23 @@ async fn connect(cluster: &ClusterRuntime, host: &Host) -> Result<UpstreamIo, St
             return Err("connect timeout".into());
         }
     };
+    let mut tcp = tcp;
     let _ = tcp.set_nodelay(true);
+    // Upstream PROXY protocol: the header (with the downstream connection's
+    // addresses) goes first, before TLS.
+    if let Some(v) = cluster.proxy_protocol_for(host) {
+        use filters::listener::proxy_protocol as pp;
+        use tokio::io::AsyncWriteExt;
+        let header = if v == 2 {
+            pp::encode_v2(meta.src, meta.dst, &[]).map_err(|e| format!("PROXY protocol: {e:?}"))?
+        } else {
+            pp::encode_v1(meta.src, meta.dst)
+        };
+        if let Err(e) = tcp.write_all(&header).await {
+            s.upstream_cx_connect_fail.inc();
+            return Err(format!("PROXY protocol header: {e}"));
+        }
+    }
     match cluster.tls_for(host) {
         None => Ok(UpstreamIo::Plain(tcp)),
         Some(t) => t

@@ -1539,3 +1539,49 @@ async fn tls_termination_hcm_requested_server_name_needs_tls_inspector() {
         assert_eq!(sni, want, "inspector: {inspector}");
     }
 }
+
+// === upstream PROXY protocol transport socket ===
+
+/// `envoy.transport_sockets.upstream_proxy_protocol` on the cluster: the
+/// upstream first receives a PROXY header with the downstream connection's
+/// addresses (v1 text, v2 binary), then the client's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_upstream_proxy_protocol_header() {
+    use filters::listener::{proxy_protocol as pp, Inspect};
+    let echo = tcp::tcp_echo_server().await.expect("echo");
+    for (name, version) in [("v1", "V1"), ("v2", "V2")] {
+        let mut c = cluster(name, &[echo.port()]);
+        c["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.upstream_proxy_protocol",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport",
+                "config": {"version": version},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"},
+                },
+            },
+        });
+        let p = start(
+            json!({"filter_chains": [chain(Value::Null, vec![tcp_proxy(name, name, json!({}))])]}),
+            vec![c],
+        );
+        let mut s = connect(p.addr()).await;
+        let client = s.local_addr().expect("local addr");
+        s.write_all(b"payload").await.expect("write");
+        s.shutdown().await.expect("shutdown");
+        // The echo returns the header the proxy sent, then the payload.
+        let got = read_to_close(&mut s, WAIT).await;
+        let header = match pp::parse(&got) {
+            Inspect::Done(Ok(h)) => h,
+            other => panic!("{name}: no PROXY header in {got:?}: {other:?}"),
+        };
+        assert_eq!(header.version, if name == "v1" { 1 } else { 2 }, "{name}");
+        assert_eq!(
+            header.addresses,
+            Some((client, p.addr())),
+            "{name}: source and destination are the downstream connection's"
+        );
+        assert_eq!(&got[header.len..], b"payload", "{name}");
+    }
+}

@@ -96,6 +96,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // --- TLS
     ("envoy.config.core.v3.TransportSocket", &["name", "typed_config"]),
     ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", &[]),
+    ("envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport", &[
+        "config", "transport_socket", "allow_unspecified_address", "tlv_as_pool_key",
+    ]),
+    ("envoy.config.core.v3.ProxyProtocolConfig", &["version", "pass_through_tlvs"]),
+    ("envoy.config.core.v3.ProxyProtocolPassThroughTLVs", &["**"]),
     ("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", &[
         "common_tls_context", "require_client_certificate", "session_timeout",
         "disable_stateless_session_resumption", "disable_stateful_session_resumption",

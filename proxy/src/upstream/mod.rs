@@ -12,9 +12,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rand::Rng;
-use xds_client::config::{
-    Cluster, Discovery, EndpointAddress, LbPolicy, UpstreamProtocol, UpstreamTransport,
-};
+use xds_client::config::{Cluster, Discovery, EndpointAddress, LbPolicy, UpstreamProtocol};
 
 use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 
@@ -286,9 +284,9 @@ impl ClusterRuntime {
         for t in std::iter::once(&config.transport)
             .chain(config.transport_matches.iter().map(|m| &m.transport))
         {
-            transports.push(match t {
-                UpstreamTransport::Plain => None,
-                UpstreamTransport::Tls(t) => {
+            transports.push(match t.tls() {
+                None => None,
+                Some(t) => {
                     let c =
                         crate::tls::ClientTls::new(t.clone(), tls.secrets.clone(), ssl.clone())?;
                     tls.registry.add_client(&c);
@@ -318,11 +316,28 @@ impl ClusterRuntime {
 
     /// The TLS context for connections to `host` (`None` = plaintext).
     pub fn tls_for(&self, host: &Host) -> Option<&Arc<crate::tls::ClientTls>> {
+        self.transports
+            .get(self.transport_index(host))
+            .and_then(Option::as_ref)
+    }
+
+    /// The PROXY protocol version to send to `host` first, if any.
+    pub fn proxy_protocol_for(&self, host: &Host) -> Option<u8> {
+        match self.transport_index(host) {
+            0 => self.config.transport.proxy_protocol(),
+            i => self.config.transport_matches[i - 1]
+                .transport
+                .proxy_protocol(),
+        }
+    }
+
+    /// 0: `transport_socket`; i > 0: `transport_socket_matches[i - 1]`.
+    fn transport_index(&self, host: &Host) -> usize {
         if self.config.transport_matches.is_empty() {
-            return self.transports[0].as_ref();
+            return 0;
         }
         let t = self.config.transport_for(&host.metadata);
-        let i = if std::ptr::eq(t, &self.config.transport) {
+        if std::ptr::eq(t, &self.config.transport) {
             0
         } else {
             1 + self
@@ -331,8 +346,7 @@ impl ClusterRuntime {
                 .iter()
                 .position(|m| std::ptr::eq(&m.transport, t))
                 .unwrap_or(0)
-        };
-        self.transports.get(i).and_then(Option::as_ref)
+        }
     }
 
     /// Replaces the host set (DNS refresh).

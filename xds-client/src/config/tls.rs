@@ -168,6 +168,28 @@ pub struct UpstreamTls {
 pub enum UpstreamTransport {
     Plain,
     Tls(Arc<UpstreamTls>),
+    /// `envoy.transport_sockets.upstream_proxy_protocol`: a PROXY protocol
+    /// header (version 1 or 2) with the downstream connection's addresses,
+    /// then the inner transport.
+    ProxyProtocol(u8, Box<UpstreamTransport>),
+}
+
+impl UpstreamTransport {
+    /// The TLS context, if any (inside a PROXY-protocol wrapper too).
+    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        match self {
+            UpstreamTransport::Plain => None,
+            UpstreamTransport::Tls(t) => Some(t),
+            UpstreamTransport::ProxyProtocol(_, inner) => inner.tls(),
+        }
+    }
+    /// The PROXY protocol version to send first, if any.
+    pub fn proxy_protocol(&self) -> Option<u8> {
+        match self {
+            UpstreamTransport::ProxyProtocol(v, _) => Some(*v),
+            _ => None,
+        }
+    }
 }
 
 /// `transport_socket_matches` entry.

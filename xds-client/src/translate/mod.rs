@@ -237,11 +237,25 @@ fn check_chain_refs(
                         ClusterSpecifier::Header(_) => vec![],
                     };
                     for (field, n) in names {
-                        if !clusters.contains_key(n) {
-                            errs.push(
+                        match clusters.get(n) {
+                            None => errs.push(
                                 format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
                                 format!("unknown cluster {n:?}"),
-                            );
+                            ),
+                            // HTTP pools are shared by downstream connections;
+                            // Envoy keys them by the downstream addresses for
+                            // PROXY protocol, weir does not yet.
+                            Some(c)
+                                if std::iter::once(&c.transport)
+                                    .chain(c.transport_matches.iter().map(|m| &m.transport))
+                                    .any(|t| t.proxy_protocol().is_some()) =>
+                            {
+                                errs.push(
+                                    format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
+                                    format!("cluster {n:?} uses the upstream PROXY protocol transport, which weir implements for tcp_proxy only"),
+                                )
+                            }
+                            Some(_) => {}
                         }
                     }
                 }
@@ -260,7 +274,7 @@ fn check_cluster_refs(c: &Cluster, secrets: &BTreeMap<Name, Arc<Secret>>, errs: 
     let transports =
         std::iter::once(&c.transport).chain(c.transport_matches.iter().map(|m| &m.transport));
     for t in transports {
-        if let UpstreamTransport::Tls(t) = t {
+        if let Some(t) = t.tls() {
             check_tls_refs(t.cert.as_slice(), &t.validation, &t.path, secrets, errs);
         }
     }

@@ -58,3 +58,34 @@ fn unknown_cluster_is_named_by_its_field_path() {
         "{err}"
     );
 }
+
+#[test]
+fn http_route_to_a_proxy_protocol_cluster_is_rejected() {
+    // The upstream PROXY-protocol transport is implemented for tcp_proxy;
+    // an HTTP route to such a cluster is an error naming the route field.
+    let mut yaml = with_route("{match: {prefix: /}, route: {cluster: pp}}");
+    yaml.push_str(
+        r#"  clusters:
+  - name: pp
+    load_assignment:
+      cluster_name: pp
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]
+    transport_socket:
+      name: envoy.transport_sockets.upstream_proxy_protocol
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport
+        config: {version: V2}
+        transport_socket:
+          name: envoy.transport_sockets.raw_buffer
+          typed_config: {"@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}
+"#,
+    );
+    let b = parse_bootstrap(&yaml, ParseOptions::default()).expect("parses");
+    let err = bootstrap_to_snapshot(&b).expect_err("HTTP + PROXY protocol");
+    assert!(
+        err.to_string().contains(
+            "routes[0].route.cluster: cluster \"pp\" uses the upstream PROXY protocol transport"
+        ),
+        "{err}"
+    );
+}

@@ -11,6 +11,8 @@ use super::{decode, duration, err, string_matcher};
 const TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const UPSTREAM_TLS_TYPE: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 const RAW_BUFFER_TYPE: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+const PROXY_PROTOCOL_TYPE: &str =
+    "envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport";
 
 /// A filter chain's `transport_socket`: `None` for raw_buffer.
 pub fn downstream_transport(
@@ -126,6 +128,59 @@ pub fn upstream_transport(
     let tpath = join(path, "typed_config");
     if any.type_url.ends_with(RAW_BUFFER_TYPE) {
         return Ok(UpstreamTransport::Plain);
+    }
+    if any.type_url.ends_with(PROXY_PROTOCOL_TYPE) {
+        use crate::api::envoy::extensions::transport_sockets::proxy_protocol::v3::ProxyProtocolUpstreamTransport;
+        let p: ProxyProtocolUpstreamTransport = decode(any, &tpath)?;
+        let mut errs = ConfigErrors::default();
+        let version = match &p.config {
+            Some(c) => {
+                if c.pass_through_tlvs.is_some() {
+                    errs.push(
+                        join(&tpath, "config.pass_through_tlvs"),
+                        "pass_through_tlvs is not implemented yet",
+                    );
+                }
+                if c.version == 1 {
+                    2
+                } else {
+                    1
+                }
+            }
+            None => 1,
+        };
+        if p.allow_unspecified_address {
+            errs.push(
+                join(&tpath, "allow_unspecified_address"),
+                "allow_unspecified_address is not implemented yet",
+            );
+        }
+        if p.tlv_as_pool_key {
+            errs.push(
+                join(&tpath, "tlv_as_pool_key"),
+                "tlv_as_pool_key is not implemented yet",
+            );
+        }
+        let inner = match &p.transport_socket {
+            Some(ts) => upstream_transport(ts, &join(&tpath, "transport_socket"))
+                .map_err(|e| errs.extend(e))
+                .ok(),
+            None => Some(UpstreamTransport::Plain),
+        };
+        if let UpstreamTransport::ProxyProtocol(..) =
+            inner.as_ref().unwrap_or(&UpstreamTransport::Plain)
+        {
+            errs.push(
+                join(&tpath, "transport_socket"),
+                "nested PROXY protocol transports",
+            );
+        }
+        return match inner {
+            Some(inner) if errs.is_empty() => {
+                Ok(UpstreamTransport::ProxyProtocol(version, Box::new(inner)))
+            }
+            _ => Err(errs),
+        };
     }
     if !any.type_url.ends_with(UPSTREAM_TLS_TYPE) {
         return Err(err(
