@@ -6,7 +6,10 @@
 #
 # Each proxy runs alone on core 1 with one worker (`--concurrency 1`); wrk
 # runs on core 0 with `Connection: close`, so every request is a new TCP
-# connection and a full TLS 1.3 handshake (wrk does not resume sessions).
+# connection and a TLS 1.3 handshake. wrk keeps its session for the next
+# connection (SSL_clear), so the server disables resumption (tickets and the
+# session cache) unless RESUME=1: every handshake is then a full one with a
+# certificate signature.
 # The proxy's CPU time (utime+stime from /proc) over the measured window
 # divided by the handshakes done gives CPU us per handshake. Bounded:
 # DURATION seconds per cell (default 10), 4 cells per proxy.
@@ -20,6 +23,8 @@ CONNS="${CONNS:-16}"
 PROXY_CPU="${PROXY_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
 PORT="${PORT:-18643}"
+NO_RESUME=true
+[ "${RESUME:-0}" = 1 ] && NO_RESUME=false
 ADMIN="${ADMIN:-18644}"
 WORK="$(mktemp -d /tmp/weir-hs.XXXXXX)"
 trap 'rm -rf "$WORK"; [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null || true' EXIT
@@ -46,6 +51,8 @@ static_resources:
         name: envoy.transport_sockets.tls
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          disable_stateless_session_resumption: $NO_RESUME
+          disable_stateful_session_resumption: $NO_RESUME
           common_tls_context:
             alpn_protocols: [http/1.1]
             tls_certificates:
