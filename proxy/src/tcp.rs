@@ -260,7 +260,7 @@ async fn connect(
     match cluster.tls_for(host) {
         None => Ok(UpstreamIo::Plain(tcp)),
         Some(t) => t
-            .connect(tcp, host.addr, crate::tls::client::AlpnFallback::None)
+            .connect(tcp, host.addr, crate::tls::client::AlpnFallback::None, None)
             .await
             .map(|(s, _)| UpstreamIo::Tls(Box::new(s)))
             .inspect_err(|_| s.upstream_cx_connect_fail.inc()),

@@ -2025,3 +2025,57 @@ async fn upstream_alpn_auto_config_negotiates_h2() {
     assert_eq!(bed.h2_up.connections().len(), 1);
     assert_eq!(bed.h2_up.connections()[0].offered_alpn, ["h2", "http/1.1"]);
 }
+
+/// 15. `upstream_http_protocol_options` `auto_sni` + `auto_san_validation`
+/// (what Istio renders for TLS origination without an explicit SNI): the
+/// SNI is the request's host, connections are pooled per SNI, and the
+/// upstream certificate must carry that host as a DNS SAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_auto_sni_and_auto_san_validation() {
+    let up_ca = TestCa::new("auto-sni root");
+    let up = tls::tls_upstream(TlsServerOptions::new(
+        "api",
+        &up_ca.issue(LeafSpec::server("api.example.com").dns("www.example.com")),
+    ))
+    .await
+    .expect("tls upstream");
+    let dir = TempDir::new("tls-auto-sni").expect("dir");
+    let ca = dir.write("up-ca.pem", up_ca.pem());
+    let p = Cfg::new(Listener::new(vec![Chain::default()
+        .hcm("")
+        .routes(&format!("[{}]", route("/", "auto")))]))
+    .cluster(cluster(
+        "auto",
+        &[(up.port(), "")],
+        &format!(
+            "{}, {}",
+            upstream_tls(&format!(
+                "common_tls_context: {{validation_context: {{trusted_ca: {}}}}}",
+                file(&ca)
+            )),
+            http_options(
+                "explicit_http_config: {http_protocol_options: {}}, upstream_http_protocol_options: {auto_sni: true, auto_san_validation: true}"
+            )
+        ),
+    ))
+    .start();
+    let http = Http::h1();
+    let base = p.base();
+    for host in ["api.example.com", "www.example.com:8443"] {
+        let r = http.get(&format!("{base}/"), &[("host", host)]).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+        let want = host.split(':').next().unwrap_or_default();
+        assert_eq!(r.header("x-upstream-sni"), Some(want), "{host}");
+    }
+    // A host the certificate does not name: the handshake's SAN check fails.
+    let r = http
+        .get(&format!("{base}/"), &[("host", "evil.example.com")])
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let conns = up.wait_connections(3, Duration::from_secs(5)).await;
+    let snis: Vec<Option<String>> = conns.iter().map(|c| c.sni.clone()).collect();
+    assert!(
+        snis.contains(&Some("evil.example.com".to_owned())),
+        "the refused connection offered the request's host: {snis:?}"
+    );
+}

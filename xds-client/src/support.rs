@@ -276,7 +276,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.core.v3.Metadata", &["filter_metadata", "~typed_filter_metadata"]),
     ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", &[
         "common_http_protocol_options", "explicit_http_config", "use_downstream_protocol_config", "auto_config",
+        "upstream_http_protocol_options",
     ]),
+    ("envoy.config.core.v3.UpstreamHttpProtocolOptions", &["auto_sni", "auto_san_validation", "override_auto_sni_header"]),
     ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig", &["http_protocol_options", "http2_protocol_options"]),
     ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig", &["http_protocol_options", "http2_protocol_options"]),
     ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig", &["http_protocol_options", "http2_protocol_options"]),

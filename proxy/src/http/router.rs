@@ -464,7 +464,12 @@ pub async fn forward(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let client = cluster.pool(kind);
-        let fut = client.request(host.addr, cluster.tls_for(&host), req);
+        let fut = client.request(
+            host.addr,
+            cluster.tls_for(&host),
+            auto_sni(&cluster.config, &req),
+            req,
+        );
         tokio::pin!(fut);
         // One timer for the attempt: the earliest of the per-try/route
         // deadline and the stream timers, re-armed only when request-body
@@ -728,4 +733,37 @@ pub fn host_rewrite(
             Some(re.0.replace_all(p, sub.as_str()).into_owned())
         }
     }
+}
+
+/// `auto_sni`: the SNI for an upstream TLS connection, from
+/// `override_auto_sni_header` or the request's host (without port).
+fn auto_sni(c: &xds_client::config::Cluster, req: &Request<Body>) -> Option<Arc<str>> {
+    if !c.auto_sni {
+        return None;
+    }
+    let from_header = c
+        .auto_sni_header
+        .as_ref()
+        .and_then(|h| req.headers().get(h))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let host = from_header.or_else(|| req.uri().host()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })?;
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    // An IP literal is never sent as SNI.
+    if host.is_empty()
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+    {
+        return None;
+    }
+    Some(host.into())
 }

@@ -38,6 +38,8 @@ pub struct ClientTls {
     built: ArcSwap<Built>,
     resumption: Resumption,
     pub stats: Arc<SslStats>,
+    /// `auto_san_validation`: the certificate must match the SNI.
+    auto_san: bool,
 }
 
 impl ClientTls {
@@ -45,19 +47,21 @@ impl ClientTls {
         config: Arc<UpstreamTls>,
         secrets: Secrets,
         stats: Arc<SslStats>,
+        auto_san: bool,
     ) -> Result<Arc<ClientTls>, String> {
         let resumption = if config.max_session_keys == 0 {
             Resumption::disabled()
         } else {
             Resumption::in_memory_sessions(config.max_session_keys as usize * 8)
         };
-        let built = build(&config, &secrets, &resumption, &stats)?;
+        let built = build(&config, &secrets, &resumption, &stats, auto_san)?;
         Ok(Arc::new(ClientTls {
             config,
             secrets,
             built: ArcSwap::from_pointee(built),
             resumption,
             stats,
+            auto_san,
         }))
     }
 
@@ -65,7 +69,13 @@ impl ClientTls {
         if !self.built.load().stamps.changed() {
             return;
         }
-        match build(&self.config, &self.secrets, &self.resumption, &self.stats) {
+        match build(
+            &self.config,
+            &self.secrets,
+            &self.resumption,
+            &self.stats,
+            self.auto_san,
+        ) {
             Ok(b) => {
                 tracing::info!(context = %self.config.path, "upstream TLS certificates reloaded");
                 self.built.store(Arc::new(b));
@@ -87,11 +97,13 @@ impl ClientTls {
         tcp: TcpStream,
         addr: SocketAddr,
         alpn: AlpnFallback,
+        auto_sni: Option<&str>,
     ) -> Result<(TlsStream<TcpStream>, Option<Vec<u8>>), String> {
         let cfg = self.built.load().configs[alpn as usize].clone();
-        // No `sni`: the IP address as server name makes rustls send no SNI.
-        let name = match &self.config.sni {
-            Some(s) => ServerName::try_from(s.clone()).map_err(|e| e.to_string())?,
+        // `auto_sni` (the request's host) wins over the context's `sni`; no
+        // SNI at all: the IP address as server name makes rustls send none.
+        let name = match auto_sni.or(self.config.sni.as_deref()) {
+            Some(s) => ServerName::try_from(s.to_owned()).map_err(|e| e.to_string())?,
             None => super::ip_server_name(addr),
         };
         match TlsConnector::from(cfg).connect(name, tcp).await {
@@ -153,6 +165,7 @@ fn build(
     secrets: &Secrets,
     resumption: &Resumption,
     stats: &Arc<SslStats>,
+    auto_san: bool,
 ) -> Result<Built, String> {
     let provider = provider(&c.params);
     let mut stamps = FileStamps::default();
@@ -170,6 +183,7 @@ fn build(
         validator,
         algs: provider.signature_verification_algorithms,
         stats: Some(stats.clone()),
+        auto_san,
     });
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions(&c.params))

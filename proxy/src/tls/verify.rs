@@ -254,6 +254,16 @@ fn san_matches(matchers: &[SanMatcher], info: &CertInfo) -> bool {
     })
 }
 
+/// A DNS SAN (possibly `*.example.com`) against a host name.
+fn dns_matches(san: &str, host: &str) -> bool {
+    match san.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(suffix)),
+        None => san.eq_ignore_ascii_case(host),
+    }
+}
+
 fn map_err(e: webpki::Error) -> Error {
     use webpki::Error as W;
     Error::InvalidCertificate(match e {
@@ -337,6 +347,8 @@ pub struct ServerVerifier {
     pub validator: Option<Validator>,
     pub algs: WebPkiSupportedAlgorithms,
     pub stats: Option<Arc<crate::metrics::SslStats>>,
+    /// `auto_san_validation`: a DNS SAN must match the SNI sent.
+    pub auto_san: bool,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -344,10 +356,27 @@ impl ServerCertVerifier for ServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        if self.auto_san {
+            if let ServerName::DnsName(name) = server_name {
+                let ok = CertInfo::parse(end_entity).is_some_and(|info| {
+                    info.dns_sans
+                        .iter()
+                        .any(|san| dns_matches(san, name.as_ref()))
+                });
+                if !ok {
+                    if let Some(s) = &self.stats {
+                        s.count_failure(VerifyFailure::San);
+                    }
+                    return Err(Error::InvalidCertificate(
+                        CertificateError::ApplicationVerificationFailure,
+                    ));
+                }
+            }
+        }
         let Some(v) = &self.validator else {
             return Ok(ServerCertVerified::assertion());
         };

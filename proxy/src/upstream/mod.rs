@@ -287,8 +287,12 @@ impl ClusterRuntime {
             transports.push(match t.tls() {
                 None => None,
                 Some(t) => {
-                    let c =
-                        crate::tls::ClientTls::new(t.clone(), tls.secrets.clone(), ssl.clone())?;
+                    let c = crate::tls::ClientTls::new(
+                        t.clone(),
+                        tls.secrets.clone(),
+                        ssl.clone(),
+                        config.auto_san_validation,
+                    )?;
                     tls.registry.add_client(&c);
                     Some(c)
                 }

@@ -91,10 +91,13 @@ struct Settings {
     connect_timeout_c: Arc<Counter>,
 }
 
+/// Connections are kept per endpoint and, for `auto_sni` clusters, per SNI.
+type Key = (SocketAddr, Option<Arc<str>>);
+
 /// A pool. The mutex is uncontended: each worker thread has its own pool.
 pub struct Client {
     settings: Settings,
-    hosts: Mutex<HashMap<SocketAddr, HostConns>>,
+    hosts: Mutex<HashMap<Key, HostConns>>,
 }
 
 /// Builds a pool for one cluster, worker and protocol.
@@ -131,8 +134,11 @@ impl Client {
         &self,
         addr: SocketAddr,
         tls: Option<&Arc<crate::tls::ClientTls>>,
+        sni: Option<Arc<str>>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
+        let key = (addr, sni);
+        let addr = &key;
         match self.settings.kind {
             // An HTTP/1 pool whose TLS upstream negotiated h2 by ALPN
             // (`auto_config`) keeps that connection in its h2 slot.
@@ -144,17 +150,17 @@ impl Client {
         }
     }
 
-    fn live_h2(&self, addr: SocketAddr) -> bool {
+    fn live_h2(&self, addr: &Key) -> bool {
         let hosts = self.hosts.lock().expect("pool lock");
         hosts
-            .get(&addr)
+            .get(addr)
             .and_then(|c| c.h2.as_ref())
             .is_some_and(|h| !h.sender.is_closed())
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<Idle> {
+    fn take_idle(&self, addr: &Key) -> Option<Idle> {
         let mut hosts = self.hosts.lock().expect("pool lock");
-        let conns = hosts.get_mut(&addr)?;
+        let conns = hosts.get_mut(addr)?;
         let now = Instant::now();
         let idle_timeout = self.settings.idle_timeout;
         // Dropping a sender closes its connection.
@@ -166,12 +172,12 @@ impl Client {
         Some(conns.idle.swap_remove(pos))
     }
 
-    fn put_idle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, used: u32) {
+    fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32) {
         if self.settings.max_requests.is_some_and(|m| used >= m) {
             return;
         }
         let mut hosts = self.hosts.lock().expect("pool lock");
-        hosts.entry(addr).or_default().idle.push(Idle {
+        hosts.entry(addr.clone()).or_default().idle.push(Idle {
             sender,
             used,
             since: Instant::now(),
@@ -180,7 +186,7 @@ impl Client {
 
     async fn request_h1(
         &self,
-        addr: SocketAddr,
+        addr: &Key,
         tls: Option<&Arc<crate::tls::ClientTls>>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
@@ -199,7 +205,7 @@ impl Client {
                 },
             }
         }
-        let (io, alpn) = self.connect(addr, tls).await?;
+        let (io, alpn) = self.connect(addr.0, tls, addr.1.as_deref()).await?;
         if alpn.as_deref() == Some(b"h2") {
             let mut sender = self.h2_handshake(addr, io).await?;
             to_h2(&mut req);
@@ -228,14 +234,14 @@ impl Client {
 
     async fn request_h2(
         &self,
-        addr: SocketAddr,
+        addr: &Key,
         tls: Option<&Arc<crate::tls::ClientTls>>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         to_h2(&mut req);
         let existing = {
             let mut hosts = self.hosts.lock().expect("pool lock");
-            let conns = hosts.entry(addr).or_default();
+            let conns = hosts.entry(addr.clone()).or_default();
             match &mut conns.h2 {
                 Some(h)
                     if !h.sender.is_closed()
@@ -253,7 +259,7 @@ impl Client {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let (io, _) = self.connect(addr, tls).await?;
+                let (io, _) = self.connect(addr.0, tls, addr.1.as_deref()).await?;
                 self.h2_handshake(addr, io).await?
             }
         };
@@ -266,7 +272,7 @@ impl Client {
     /// Starts an HTTP/2 connection on `io` and keeps it as the host's.
     async fn h2_handshake(
         &self,
-        addr: SocketAddr,
+        addr: &Key,
         io: CountedIo,
     ) -> Result<http2::SendRequest<Body>, PoolError> {
         let mut b = http2::Builder::new(TokioExecutor::new());
@@ -288,7 +294,7 @@ impl Client {
             let _ = conn.await;
         });
         let mut hosts = self.hosts.lock().expect("pool lock");
-        hosts.entry(addr).or_default().h2 = Some(H2 {
+        hosts.entry(addr.clone()).or_default().h2 = Some(H2 {
             sender: sender.clone(),
             used: 1,
         });
@@ -301,6 +307,7 @@ impl Client {
         &self,
         addr: SocketAddr,
         tls: Option<&Arc<crate::tls::ClientTls>>,
+        sni: Option<&str>,
     ) -> Result<(CountedIo, Option<Vec<u8>>), PoolError> {
         let s = &self.settings;
         let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
@@ -324,7 +331,7 @@ impl Client {
         s.cx_active.inc();
         let (io, alpn) = match tls {
             None => (UpstreamIo::Plain(stream), None),
-            Some(t) => match t.connect(stream, addr, s.alpn).await {
+            Some(t) => match t.connect(stream, addr, s.alpn, sni).await {
                 Ok((t, alpn)) => (UpstreamIo::Tls(Box::new(t)), alpn),
                 Err(e) => {
                     s.cx_active.dec();

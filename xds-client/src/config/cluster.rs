@@ -31,6 +31,13 @@ pub struct Cluster {
     /// `envoy.transport_socket_match` metadata; the first match wins, else
     /// `transport`.
     pub transport_matches: Vec<TransportSocketMatch>,
+    /// `upstream_http_protocol_options.auto_sni`: TLS SNI from the upstream
+    /// request's host (or `override_auto_sni_header`).
+    pub auto_sni: bool,
+    /// `auto_san_validation`: the upstream certificate must have a DNS SAN
+    /// matching that SNI.
+    pub auto_san_validation: bool,
+    pub auto_sni_header: Option<http::HeaderName>,
 }
 
 impl Cluster {

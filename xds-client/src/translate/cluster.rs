@@ -167,6 +167,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             &mut errs,
         );
     }
+    let mut auto_sni = false;
+    let mut auto_san_validation = false;
+    let mut auto_sni_header = None;
     for (k, any) in &p.typed_extension_protocol_options {
         let kpath = format!("{path}.typed_extension_protocol_options[{k:?}]");
         if !any.type_url.ends_with(HTTP_OPTIONS) {
@@ -183,6 +186,22 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                 continue;
             }
         };
+        if let Some(u) = &o.upstream_http_protocol_options {
+            auto_sni = u.auto_sni;
+            auto_san_validation = u.auto_san_validation;
+            if !u.override_auto_sni_header.is_empty() {
+                match http::HeaderName::from_bytes(u.override_auto_sni_header.as_bytes()) {
+                    Ok(h) => auto_sni_header = Some(h),
+                    Err(_) => errs.push(
+                        join(
+                            &kpath,
+                            "upstream_http_protocol_options.override_auto_sni_header",
+                        ),
+                        "invalid header name",
+                    ),
+                }
+            }
+        }
         if let Some(common) = &o.common_http_protocol_options {
             common_options(
                 common,
@@ -316,6 +335,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         overprovisioning_factor,
         transport,
         transport_matches,
+        auto_sni,
+        auto_san_validation,
+        auto_sni_header,
     })
 }
 
