@@ -188,7 +188,7 @@ impl ServerTls {
         } else {
             cfg.send_tls13_tickets = 0;
         }
-        cfg.ignore_client_order = true;
+        cfg.ignore_client_order = !c.prefer_client_ciphers;
         let without_alpn = Arc::new(cfg.clone());
         cfg.alpn_protocols = c.alpn.clone();
         Ok(Built {

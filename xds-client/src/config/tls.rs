@@ -146,6 +146,8 @@ pub struct DownstreamTls {
     /// Stateful session cache (off with `disable_stateful_session_resumption`).
     pub session_cache: bool,
     pub session_timeout: Option<Duration>,
+    /// `prefer_client_ciphers`: the client's suite order wins (default: ours).
+    pub prefer_client_ciphers: bool,
     /// Field path of the transport socket, for load errors.
     pub path: String,
 }

@@ -112,6 +112,7 @@ pub fn downstream_tls(
         session_tickets,
         session_cache: !p.disable_stateful_session_resumption,
         session_timeout,
+        prefer_client_ciphers: p.prefer_client_ciphers,
         path: path.to_owned(),
     })
 }
