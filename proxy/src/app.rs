@@ -404,9 +404,10 @@ async fn control(shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Res
             let up = s.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
             s.server_stats.uptime.set(up as i64);
             // Certificate rotation: contexts whose files changed rebuild;
-            // established connections keep their old context.
-            let tls = s.tls.clone();
-            let _ = tokio::task::spawn_blocking(move || tls.reload_changed()).await;
+            // established connections keep their old context. A few stat
+            // calls on local files: done inline (no blocking-pool thread,
+            // which would cost idle memory).
+            s.tls.reload_changed();
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
