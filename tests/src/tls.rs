@@ -40,7 +40,6 @@
 //!   (ECDSA-only / RSA-only, key-exchange groups, versions, suites).
 //! * [`openssl_s_client`], [`curl`]: non-rustls clients.
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -51,8 +50,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
@@ -75,7 +73,6 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::scenario::Resp;
-use crate::upstream::EchoView;
 
 /// How long connects, handshakes and requests may take before failing.
 pub const TLS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1523,7 +1520,7 @@ async fn bind_tls(
 pub async fn tls_upstream(opts: TlsServerOptions) -> std::io::Result<TlsServer> {
     let (listener, addr, configs) = bind_tls(&opts).await?;
     let log: Arc<Mutex<Vec<TlsConnRecord>>> = Arc::default();
-    let state = Arc::new(EchoState::default());
+    let state = Arc::new(crate::upstream::State::default());
     let upstream: Arc<str> = Arc::from(opts.name.as_str());
     let task = {
         let log = log.clone();
@@ -1546,7 +1543,9 @@ pub async fn tls_upstream(opts: TlsServerOptions) -> std::io::Result<TlsServer> 
                     let extra = Arc::new(tls_headers(&rec));
                     let alpn = rec.tls.as_ref().and_then(|t| t.alpn.clone());
                     let svc = hyper::service::service_fn(move |req| {
-                        echo_handle(req, upstream.clone(), state.clone(), extra.clone())
+                        let (upstream, state, extra) =
+                            (upstream.clone(), state.clone(), extra.clone());
+                        async move { crate::upstream::handle(req, upstream, state, &extra).await }
                     });
                     let io = TokioIo::new(tls);
                     // Connection errors (resets, aborted requests) are part of
@@ -1628,117 +1627,6 @@ pub async fn tls_tcp_echo(opts: TlsServerOptions) -> std::io::Result<TlsServer> 
         bytes,
         task,
     })
-}
-
-// --- echo handler (same behaviour and body as crate::upstream) -------------
-
-const MAX_DELAY_MS: u64 = 10_000;
-const MAX_BODY: usize = 16 << 20;
-
-#[derive(Default)]
-struct EchoState {
-    seen: Mutex<HashMap<String, u64>>,
-}
-
-fn req_header<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a str> {
-    req.headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// The handler of `crate::upstream` (kept in step with it: same `x-echo-*`
-/// controls and [`EchoView`] body), plus `extra` response headers.
-async fn echo_handle(
-    req: Request<Incoming>,
-    upstream: Arc<str>,
-    state: Arc<EchoState>,
-    extra: Arc<Vec<(&'static str, String)>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let body_len = match body.collect().await {
-        Ok(b) => b.to_bytes().len(),
-        Err(_) => 0,
-    };
-    let seen = match req_header(&parts, "x-echo-id") {
-        Some(id) => {
-            let mut map = state.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(id.to_owned()).or_insert(0);
-            *n += 1;
-            *n
-        }
-        None => 0,
-    };
-    let delay_applies = req_header(&parts, "x-echo-delay-times")
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_none_or(|k| seen <= k);
-    if let Some(ms) = req_header(&parts, "x-echo-delay-ms")
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|_| delay_applies)
-    {
-        tokio::time::sleep(Duration::from_millis(ms.min(MAX_DELAY_MS))).await;
-    }
-    let mut status = req_header(&parts, "x-echo-status")
-        .and_then(|v| v.parse::<u16>().ok())
-        .and_then(|s| http::StatusCode::from_u16(s).ok())
-        .unwrap_or(http::StatusCode::OK);
-    if let Some(k) = req_header(&parts, "x-echo-fail-times").and_then(|v| v.parse::<u64>().ok()) {
-        if seen > k {
-            status = http::StatusCode::OK;
-        }
-    }
-    let mut headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    headers.sort_by(|a, b| a.0.cmp(&b.0));
-    let view = EchoView {
-        upstream: upstream.to_string(),
-        version: format!("{:?}", parts.version),
-        method: parts.method.to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_default(),
-        authority: parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_default(),
-        headers,
-        body_len,
-        seen,
-    };
-    let mut resp = Response::builder()
-        .status(status)
-        .header("x-echo-seen", seen.to_string());
-    for (name, value) in extra.iter() {
-        resp = resp.header(*name, value.as_str());
-    }
-    for (name, value) in parts.headers.iter() {
-        if let Some(h) = name.as_str().strip_prefix("x-echo-header-") {
-            resp = resp.header(h, value.clone());
-        }
-    }
-    let body = match req_header(&parts, "x-echo-body-size").and_then(|v| v.parse::<usize>().ok()) {
-        Some(n) => {
-            resp = resp.header("content-type", "text/plain");
-            Bytes::from(vec![b'a'; n.min(MAX_BODY)])
-        }
-        None => {
-            resp = resp.header("content-type", "application/json");
-            Bytes::from(serde_json::to_vec(&view).unwrap_or_default())
-        }
-    };
-    Ok(resp.body(Full::new(body)).unwrap_or_else(|e| {
-        let mut r = Response::new(Full::new(Bytes::from(format!("echo: {e}"))));
-        *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-        r
-    }))
 }
 
 // ---------------------------------------------------------------------------

@@ -68,7 +68,7 @@ pub enum Proto {
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     seen: Mutex<HashMap<String, u64>>,
 }
 
@@ -125,7 +125,7 @@ pub async fn echo(name: &str, proto: Proto) -> std::io::Result<EchoServer> {
             let upstream = upstream.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    handle(req, upstream.clone(), state.clone())
+                    handle(req, upstream.clone(), state.clone(), &[])
                 });
                 let io = TokioIo::new(stream);
                 // Connection errors (proxy resets, aborted requests) are part
@@ -156,10 +156,13 @@ fn header<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn handle(
+/// The echo handler (also behind the TLS upstreams of `crate::tls`), with
+/// `extra` response headers.
+pub(crate) async fn handle(
     req: Request<Incoming>,
     upstream: Arc<str>,
     state: Arc<State>,
+    extra: &[(&'static str, String)],
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
     let body_len = match body.collect().await {
@@ -227,6 +230,9 @@ async fn handle(
     let mut resp = Response::builder()
         .status(status)
         .header("x-echo-seen", seen.to_string());
+    for (name, value) in extra {
+        resp = resp.header(*name, value.as_str());
+    }
     for (name, value) in parts.headers.iter() {
         if let Some(extra) = name.as_str().strip_prefix("x-echo-header-") {
             resp = resp.header(extra, value.clone());
