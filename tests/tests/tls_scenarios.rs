@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use weir_tests::assert_eventually;
-use weir_tests::scenario::{echo_header, Http, Ports, Proxy};
+use weir_tests::scenario::{echo_header, Http, Ports, Proxy, Target};
 use weir_tests::tls::{
     self, ClientAuth, HandshakeError, KeyType, Leaf, LeafFiles, LeafSpec, SigAlgs, TempDir, TestCa,
     TlsClient, TlsRequest, TlsServerOptions, TlsVersions,
@@ -251,6 +251,18 @@ impl Cfg {
     fn start(&self) -> Proxy {
         let c = self.clone();
         Proxy::start(move |p| c.render(p))
+    }
+
+    /// With one worker: upstream pools are per worker, so a test about
+    /// connection reuse across downstream connections needs a single one.
+    fn start_one_worker(&self) -> Proxy {
+        let c = self.clone();
+        // (Process targets always run with one worker.)
+        let opts = weir_tests::scenario::StartOptions {
+            concurrency: Some(1),
+            ..Default::default()
+        };
+        Proxy::start_with(Target::from_env(), opts, move |p| c.render(p))
     }
 }
 
@@ -1117,7 +1129,7 @@ async fn resumed_mtls_session_keeps_the_peer_identity() {
 /// connection established before keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_certificate_files_are_picked_up_by_new_handshakes() {
-    if weir_tests::scenario::Target::from_env().is_envoy() {
+    if Target::from_env().is_envoy() {
         // Envoy reloads certificates from SDS (file-based SDS with a
         // watched directory), not from static `filename:` data sources.
         eprintln!("weir-only: static certificate files are not watched by Envoy");
@@ -2014,7 +2026,7 @@ async fn upstream_alpn_auto_config_negotiates_h2() {
             &[(bed.h2_up.port(), "")],
             &bed.fields("", "auto_config: {}"),
         ))
-        .start();
+        .start_one_worker();
     for i in 0..2 {
         let r = get_ok(&p, "/auto").await;
         assert_eq!(r.echo().version, "HTTP/2.0", "request {i}");

@@ -56,14 +56,7 @@ struct Resolver {
 }
 
 fn name_matches(sni: &str, names: &[String]) -> bool {
-    names.iter().any(|n| {
-        if let Some(suffix) = n.strip_prefix("*.") {
-            sni.split_once('.')
-                .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(suffix))
-        } else {
-            n.eq_ignore_ascii_case(sni)
-        }
-    })
+    names.iter().any(|n| super::verify::dns_matches(n, sni))
 }
 
 impl Resolver {

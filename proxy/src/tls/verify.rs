@@ -247,15 +247,37 @@ fn san_matches(matchers: &[SanMatcher], info: &CertInfo) -> bool {
                 m.matcher.matches(v)
                     || (matches!(m.san, SanType::Dns | SanType::Any)
                         && v.starts_with("*.")
-                        && matches!(&m.matcher.kind, xds_client::config::StringMatch::Exact(e)
-                            if e.split_once('.').is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&v[2..]))))
+                        && matches!(&m.matcher.kind,
+                            xds_client::config::StringMatch::Exact(e) if dns_matches(v, e)))
             })
         })
     })
 }
 
-/// A DNS SAN (possibly `*.example.com`) against a host name.
-fn dns_matches(san: &str, host: &str) -> bool {
+/// Validates a peer chain (no validator: accepted, as Envoy) and counts a
+/// refusal in `ssl.fail_verify_*`.
+fn check(
+    validator: Option<&Validator>,
+    stats: Option<&crate::metrics::SslStats>,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: KeyUsage,
+) -> Result<(), Error> {
+    let Some(v) = validator else {
+        return Ok(());
+    };
+    v.verify(end_entity, intermediates, now, usage)
+        .map_err(|(e, why)| {
+            if let Some(s) = stats {
+                s.count_failure(why);
+            }
+            e
+        })
+}
+
+/// A DNS name or `*.example.com` wildcard (one label) against a host name.
+pub fn dns_matches(san: &str, host: &str) -> bool {
     match san.strip_prefix("*.") {
         Some(suffix) => host
             .split_once('.')
@@ -305,18 +327,15 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let Some(v) = &self.validator else {
-            return Ok(ClientCertVerified::assertion());
-        };
-        match v.verify(end_entity, intermediates, now, KeyUsage::client_auth()) {
-            Ok(()) => Ok(ClientCertVerified::assertion()),
-            Err((e, why)) => {
-                if let Some(s) = &self.stats {
-                    s.count_failure(why);
-                }
-                Err(e)
-            }
-        }
+        check(
+            self.validator.as_ref(),
+            self.stats.as_deref(),
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::client_auth(),
+        )
+        .map(|()| ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,
@@ -377,18 +396,15 @@ impl ServerCertVerifier for ServerVerifier {
                 }
             }
         }
-        let Some(v) = &self.validator else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        match v.verify(end_entity, intermediates, now, KeyUsage::server_auth()) {
-            Ok(()) => Ok(ServerCertVerified::assertion()),
-            Err((e, why)) => {
-                if let Some(s) = &self.stats {
-                    s.count_failure(why);
-                }
-                Err(e)
-            }
-        }
+        check(
+            self.validator.as_ref(),
+            self.stats.as_deref(),
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::server_auth(),
+        )
+        .map(|()| ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,
