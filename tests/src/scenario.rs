@@ -241,6 +241,25 @@ impl Proxy {
             None => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }
+
+    /// The lines of access-log file `path` once it has at least `n`
+    /// (flushing first; bounded wait of about 2 s).
+    pub async fn log_lines(&self, path: &std::path::Path, n: usize) -> Vec<String> {
+        let mut lines = Vec::new();
+        for _ in 0..40 {
+            self.flush_logs().await;
+            lines = std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        lines
+    }
 }
 
 impl Drop for Proxy {

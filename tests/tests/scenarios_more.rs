@@ -1512,24 +1512,6 @@ fn log_path(name: &str) -> std::path::PathBuf {
     p
 }
 
-/// The lines of a log file once it has at least `n` (bounded wait).
-async fn log_lines(p: &Proxy, path: &std::path::Path, n: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    for _ in 0..40 {
-        p.flush_logs().await;
-        lines = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        if lines.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    lines
-}
-
 fn file_log(path: &std::path::Path, format: &str, filter: &str) -> String {
     format!(
         "          - name: envoy.access_loggers.file\n{filter}            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n              log_format:\n{format}",
@@ -1566,7 +1548,7 @@ async fn access_log_json_format_has_typed_values() {
     assert_eq!(r.status, 200);
     let r = http.get(&format!("{}/nothing", p.base()), &[]).await;
     assert_eq!(r.status, 404);
-    let lines = log_lines(&p, &path, 2).await;
+    let lines = p.log_lines(&path, 2).await;
     assert_eq!(lines.len(), 2, "{lines:?}");
     let v: Vec<serde_json::Value> = lines
         .iter()
@@ -1613,9 +1595,9 @@ async fn access_log_status_code_and_response_flag_filters() {
         let r = http.get(&format!("{}{path}", p.base()), &[]).await;
         assert_eq!(r.status, status, "{path}");
     }
-    let e = log_lines(&p, &errors, 2).await;
+    let e = p.log_lines(&errors, 2).await;
     assert_eq!(e, ["503 /err", "404 /nothing"]);
-    let n = log_lines(&p, &nr, 1).await;
+    let n = p.log_lines(&nr, 1).await;
     assert_eq!(n, ["404 /nothing"]);
 }
 
@@ -1642,7 +1624,7 @@ async fn local_replies_carry_only_their_own_flags() {
         let r = http.get(&format!("{}{path}", p.base()), &[]).await;
         assert_eq!(r.status, status, "{path}");
     }
-    let lines = log_lines(&p, &path, 4).await;
+    let lines = p.log_lines(&path, 4).await;
     assert_eq!(
         lines,
         ["503 /err -", "404 /nothing NR", "200 /body -", "200 /ok -"]
@@ -1677,7 +1659,7 @@ async fn listener_access_log_logs_connections() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Envoy logs a listener's access log once per connection, when it
     // closes, without HTTP-level values.
-    let lines = log_lines(&p, &path, 1).await;
+    let lines = p.log_lines(&path, 1).await;
     assert_eq!(lines, [format!("conn {} 0 -", p.addr())]);
 }
 
@@ -2029,7 +2011,7 @@ async fn access_log_commands_and_details() {
         .get(&format!("{}/dead", p.base()), &[("host", "h.example")])
         .await;
     assert_eq!(r.status, 503);
-    let lines = log_lines(&p, &path, 3).await;
+    let lines = p.log_lines(&path, 3).await;
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(
         lines[..2],
@@ -2071,7 +2053,7 @@ async fn access_log_bytes_received() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let lines = log_lines(&p, &path, 1).await;
+    let lines = p.log_lines(&path, 1).await;
     let f: Vec<&str> = lines
         .first()
         .map(|l| l.split('~').collect())
@@ -2087,7 +2069,7 @@ async fn access_log_connect_failure_details_as_envoy() {
         .get(&format!("{}/dead", p.base()), &[("host", "h.example")])
         .await;
     assert_eq!(r.status, 503);
-    let lines = log_lines(&p, &path, 1).await;
+    let lines = p.log_lines(&path, 1).await;
     assert_eq!(
         lines,
         [format!("503~upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}}~URX,UF~127.0.0.1:{dead_port}~dead~dead~/dead~0~121~2~h.example~GET")]
@@ -2117,7 +2099,7 @@ async fn access_log_default_format() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let lines = log_lines(&p, &path, 1).await;
+    let lines = p.log_lines(&path, 1).await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     let l = &lines[0];
     // [2024-01-02T03:04:05.678Z] "GET /d?q=1 HTTP/1.1" 200 - 0 4 1 0 "192.0.2.1" "ua/1" "rid-1" "127.0.0.1:port" "127.0.0.1:port"

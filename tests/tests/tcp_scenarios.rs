@@ -325,24 +325,6 @@ fn log_path(name: &str) -> std::path::PathBuf {
     p
 }
 
-/// The lines of a log file once it has at least `n` (bounded wait).
-async fn log_lines(p: &Proxy, path: &std::path::Path, n: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    for _ in 0..40 {
-        p.flush_logs().await;
-        lines = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        if lines.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    lines
-}
-
 /// A port on 127.0.0.1 that refuses connections (bound, then released).
 fn refused_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -359,6 +341,19 @@ async fn captures<const N: usize>() -> [HelloCapture; N] {
 }
 
 /// Which of `caps` received ClientHellos, as counts.
+/// The capture counts once they add up to `want`'s total (or after ~1 s).
+async fn settled_counts(caps: &[HelloCapture], want: &[usize]) -> Vec<usize> {
+    let mut counts = capture_counts(caps);
+    for _ in 0..100 {
+        if counts.iter().sum::<usize>() == want.iter().sum::<usize>() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        counts = capture_counts(caps);
+    }
+    counts
+}
+
 fn capture_counts(caps: &[HelloCapture]) -> Vec<usize> {
     caps.iter().map(|c| c.captures().len()).collect()
 }
@@ -399,7 +394,7 @@ async fn tcp_proxy_round_trip_half_close_and_stats() {
     stat_is(&p, "tcp.echo.downstream_cx_tx_bytes_total", 24).await;
     stat_is(&p, "tcp.echo.downstream_cx_no_route", 0).await;
     assert_eq!(p.stat("tcp.unused.downstream_cx_total").await, Some(0));
-    let lines = log_lines(&p, &path, 1).await;
+    let lines = p.log_lines(&path, 1).await;
     assert_eq!(lines, [format!("- echo {} 24 24 -", echo.addr())]);
 }
 
@@ -540,7 +535,7 @@ async fn tcp_proxy_idle_timeout_closes_both_sides() {
     stat_is(&p, "tcp.idle.idle_timeout", 1).await;
     // The upstream side was closed too.
     assert_eq!(echo.wait_results(1, WAIT).await, [Ok(18)]);
-    let lines = log_lines(&p, &path, 1).await;
+    let lines = p.log_lines(&path, 1).await;
     assert_eq!(lines, [format!("- echo {} 18 18 -", echo.addr())]);
 }
 
@@ -594,7 +589,7 @@ async fn tcp_proxy_single_attempt_to_a_refusing_endpoint_closes() {
     // A failed connection still counts as one created.
     stat_is(&p, "cluster.dead.upstream_cx_total", 1).await;
     stat_is(&p, "tcp.dead.downstream_cx_total", 1).await;
-    let lines = log_lines(&p, &path, 1).await;
+    let lines = p.log_lines(&path, 1).await;
     assert_eq!(lines, [format!("UF,URX dead 127.0.0.1:{dead} 0 0 -")]);
     stat_is(&p, "cluster.dead.upstream_cx_connect_attempts_exceeded", 1).await;
 }
@@ -630,7 +625,7 @@ async fn tcp_proxy_unknown_cluster_closes_the_connection() {
         assert_eq!(read_to_close(&mut s, WAIT).await, b"", "{prefix}");
         stat_is(&p, &format!("tcp.{prefix}.downstream_cx_no_route"), 1).await;
         stat_is(&p, &format!("tcp.{prefix}.downstream_cx_total"), 1).await;
-        let lines = log_lines(&p, &path, 1).await;
+        let lines = p.log_lines(&path, 1).await;
         assert_eq!(
             lines.last().map(String::as_str),
             Some("NC - - 0 0 -"),
@@ -675,7 +670,7 @@ async fn sni_cluster_unknown_sni_closes_and_no_sni_uses_the_cluster() {
     assert_eq!(p.stat("tcp.sni.downstream_cx_no_route").await, Some(1));
     // Lines are written when each connection closes: compare as a set (a
     // loaded machine may close the passthrough after the plain one).
-    let mut lines = log_lines(&p, &path, 3).await;
+    let mut lines = p.log_lines(&path, 3).await;
     lines.sort();
     let mut want = [
         "NC - - 0 0 unknown.example.com".to_owned(),
@@ -863,15 +858,7 @@ async fn chain_match_server_names_exact_then_longest_wildcard() {
         ("(no SNI)", no_sni, [2, 3, 1, 3]),
     ] {
         assert_eq!(send_hello(p.addr(), &h).await, b"", "{name}");
-        let mut counts = capture_counts(&caps);
-        for _ in 0..100 {
-            if counts.iter().sum::<usize>() == want.iter().sum::<usize>() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            counts = capture_counts(&caps);
-        }
-        assert_eq!(counts, want, "{name}");
+        assert_eq!(settled_counts(&caps, &want).await, want, "{name}");
     }
 }
 
@@ -986,15 +973,7 @@ async fn chain_match_application_protocols_from_tls_alpn() {
             b"",
             "{alpn:?}"
         );
-        let mut counts = capture_counts(&caps);
-        for _ in 0..100 {
-            if counts.iter().sum::<usize>() == want.iter().sum::<usize>() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            counts = capture_counts(&caps);
-        }
-        assert_eq!(counts, want, "{alpn:?}");
+        assert_eq!(settled_counts(&caps, &want).await, want, "{alpn:?}");
     }
 }
 
@@ -1182,7 +1161,7 @@ async fn proxy_protocol_v1_and_v2_set_the_downstream_address() {
         let v: upstream::EchoView = serde_json::from_str(&body).expect("echo body");
         assert_eq!(echo_header(&v, "x-forwarded-for"), Some(xff), "{path}");
     }
-    let lines = log_lines(&p, &path, 3).await;
+    let lines = p.log_lines(&path, 3).await;
     let addresses: Vec<&str> = lines
         .iter()
         .map(|l| l.split(" direct=").next().unwrap_or_default())
@@ -1492,7 +1471,7 @@ async fn tls_termination_then_plaintext_tcp_proxy() {
         );
         stat_is(&p, "tcp.tls_term.downstream_cx_rx_bytes_total", 10).await;
         stat_is(&p, &listener_stat(&p, "ssl.handshake"), 1).await;
-        let lines = log_lines(&p, &path, 1).await;
+        let lines = p.log_lines(&path, 1).await;
         assert_eq!(lines, [format!("- {name} {} 10 10 {sni}", up.addr())]);
     }
 }
@@ -1532,7 +1511,7 @@ async fn tls_termination_hcm_requested_server_name_needs_tls_inspector() {
             .await
             .expect("GET over TLS");
         assert_eq!((r.status, r.text().as_str()), (200, "over tls"));
-        let lines = log_lines(&p, &path, 1).await;
+        let lines = p.log_lines(&path, 1).await;
         let (head, sni) = lines[0].split_once(" sni=").expect("log line");
         assert_eq!(head, "/tls TLSv1.3");
         let want = if inspector { "h.example.com" } else { "-" };
