@@ -83,7 +83,7 @@ pub fn snapshot(yaml: &str) -> Snapshot {
 pub fn route_table(yaml: &str) -> Arc<RouteConfig> {
     let s = snapshot(yaml);
     match &s.listeners[0].filter_chains[0].filter {
-        NetworkFilter::Http(h) => h.route_config.clone(),
+        NetworkFilter::Http(h) => h.routes.inline().expect("inline routes").clone(),
         NetworkFilter::Tcp(_) => panic!("the bench config's first chain is not HTTP"),
     }
 }

@@ -370,7 +370,7 @@ fn route_table(input: &Input) -> Option<std::sync::Arc<RouteConfig>> {
     let b = parse_bootstrap(&text, ParseOptions::default()).ok()?;
     let snapshot = bootstrap_to_snapshot(&b).ok()?;
     match &snapshot.listeners.first()?.filter_chains.first()?.filter {
-        NetworkFilter::Http(h) => Some(h.route_config.clone()),
+        NetworkFilter::Http(h) => h.routes.inline().cloned(),
         _ => None,
     }
 }

@@ -74,7 +74,7 @@ type Resp = Response<Full<bytes::Bytes>>;
 /// `server.state`, with a failed health check reported as DRAINING.
 fn effective_state(shared: &Shared) -> i64 {
     if shared.healthcheck_failed.load(Ordering::SeqCst) {
-        2
+        1
     } else {
         shared.server_stats.state.value()
     }
@@ -237,18 +237,21 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             let state = effective_state(&shared);
             let (code, name) = match state {
                 0 => (StatusCode::OK, "LIVE"),
-                2 => (StatusCode::SERVICE_UNAVAILABLE, "DRAINING"),
-                _ => (StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING"),
+                1 => (StatusCode::SERVICE_UNAVAILABLE, "DRAINING"),
+                2 => (StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING"),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "INITIALIZING"),
             };
             text(code, format!("{name}\n"))
         }
         "/server_info" => {
             let state = match effective_state(&shared) {
                 0 => "LIVE",
-                2 => "DRAINING",
+                1 => "DRAINING",
+                2 => "PRE_INITIALIZING",
                 _ => "INITIALIZING",
             };
-            let n = &shared.snapshot.node;
+            let snap = shared.snapshot.load();
+            let n = &snap.node;
             json(serde_json::json!({
                 "version": format!("weir/{}", env!("CARGO_PKG_VERSION")),
                 "state": state,
@@ -282,15 +285,15 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
         "/listeners" => {
             if param("format").as_deref() == Some("json") {
                 json(
-                    serde_json::json!({"listener_statuses": shared.listeners.iter().map(|l| serde_json::json!({
-                    "name": &*l.config.name,
+                    serde_json::json!({"listener_statuses": shared.listeners.load().iter().map(|l| serde_json::json!({
+                    "name": &*l.name,
                     "local_address": {"socket_address": {"address": l.bound.ip().to_string(), "port_value": l.bound.port()}},
                 })).collect::<Vec<_>>()}),
                 )
             } else {
                 let mut s = String::new();
-                for l in &shared.listeners {
-                    let _ = writeln!(s, "{}::{}", l.config.name, l.bound);
+                for l in shared.listeners.load().iter() {
+                    let _ = writeln!(s, "{}::{}", l.name, l.bound);
                 }
                 text(StatusCode::OK, s)
             }
@@ -354,8 +357,8 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             let graceful = has("graceful");
             let drain_time = std::time::Duration::from_secs(shared.options.drain_time_s);
             // The server stays LIVE (Envoy); each stopped listener is counted.
-            for l in &shared.listeners {
-                if (!inbound_only || l.config.inbound) && !*l.stop_accept.borrow() {
+            for l in shared.listeners.load().iter() {
+                if (!inbound_only || l.config().inbound) && !*l.stop_accept.borrow() {
                     l.drain(graceful, drain_time);
                     shared.server_stats.listener_stopped.inc();
                 }
@@ -728,11 +731,12 @@ fn typed<M: prost::Message + prost::Name>(m: &M) -> serde_json::Value {
 }
 
 fn clusters(shared: &Shared, as_json: bool) -> Resp {
-    let mut names: Vec<_> = shared.clusters.clusters.keys().cloned().collect();
+    let all = shared.clusters.clusters.load_full();
+    let mut names: Vec<_> = all.keys().cloned().collect();
     names.sort();
     if as_json {
         let arr: Vec<_> = names.iter().map(|n| {
-            let c = &shared.clusters.clusters[n];
+            let c = &all[n];
             let hosts = c.hosts.load();
             serde_json::json!({
                 "name": &**n,
@@ -750,7 +754,7 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
     }
     let mut s = String::new();
     for n in names {
-        let c = &shared.clusters.clusters[&n];
+        let c = &all[&n];
         let _ = writeln!(s, "{n}::observability_name::{}", c.config.stat_name);
         let _ = writeln!(s, "{n}::default_priority::max_connections::1024");
         for h in c.hosts.load().hosts.iter() {

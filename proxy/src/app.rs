@@ -16,15 +16,16 @@ use xds_client::{api::envoy::config::bootstrap::v3::Bootstrap, config::Snapshot}
 use crate::{
     access_log::{Logger, Writer},
     cli::Options,
-    listener::{self, ListenerRuntime},
-    metrics::{ListenerStats, ServerStats},
+    listener::{self, ListenerHandle},
+    metrics::ServerStats,
     stats::Store,
     upstream::ClusterManager,
 };
 
 /// State shared by every worker and the control runtime.
 pub struct Shared {
-    pub snapshot: Arc<Snapshot>,
+    /// The configuration being served (swapped by xDS).
+    pub snapshot: arc_swap::ArcSwap<Snapshot>,
     pub bootstrap: Bootstrap,
     pub clusters: ClusterManager,
     /// Live TLS contexts (for `/certs` and certificate rotation).
@@ -33,7 +34,15 @@ pub struct Shared {
     pub server_stats: ServerStats,
     pub options: Options,
     pub started: std::time::SystemTime,
-    pub listeners: Vec<Arc<ListenerRuntime>>,
+    pub listeners: arc_swap::ArcSwap<Vec<Arc<ListenerHandle>>>,
+    /// RDS route tables.
+    pub rds: crate::manager::RdsSlots,
+    /// Commands to each worker (new listener sockets).
+    pub worker_tx: Vec<tokio::sync::mpsc::UnboundedSender<crate::manager::WorkerCmd>>,
+    /// Serialises configuration applies.
+    pub apply_lock: Mutex<()>,
+    /// The xDS client, when the bootstrap has `dynamic_resources`.
+    pub xds: std::sync::OnceLock<Arc<xds_client::xds::XdsClient>>,
     pub writer: Writer,
     /// Drain signal: true = stop accepting, drain connections.
     pub drain: watch::Sender<bool>,
@@ -44,10 +53,22 @@ pub struct Shared {
     pub max_connections: Option<u64>,
     pub next_conn_id: AtomicU64,
     pub healthcheck_failed: AtomicBool,
+    /// The initial configuration is complete (xDS initial fetch done).
+    pub initialized: AtomicBool,
     pub admin_addr: Mutex<Option<SocketAddr>>,
     pub workers: usize,
     /// `admin.access_log` loggers.
     pub admin_logs: Vec<Arc<Logger>>,
+}
+
+impl Shared {
+    /// What building TLS contexts needs, with the snapshot's secrets.
+    pub fn tls_env(&self, snap: &Snapshot) -> crate::upstream::TlsEnv {
+        crate::upstream::TlsEnv {
+            secrets: Arc::new(snap.secrets.clone()),
+            registry: self.tls.clone(),
+        }
+    }
 }
 
 /// A running server.
@@ -71,6 +92,7 @@ impl Server {
                     .unwrap_or(1)
             })
             .max(1);
+        let multi_thread = std::env::var("WEIR_RUNTIME").as_deref() == Ok("multi-thread");
         let stats = Store::new(workers, snapshot.stats.clone());
         crate::logging::remember_level(&options.log_level);
         let server_stats = ServerStats::new(&stats);
@@ -86,67 +108,13 @@ impl Server {
         };
         let clusters = ClusterManager::new(&snapshot, &stats, workers, &tls_env)
             .map_err(anyhow::Error::msg)?;
-        let mut listeners = Vec::new();
-        for l in &snapshot.listeners {
-            let (bound, sockets) = listener::bind(l, workers)
-                .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.address))?;
-            // A listener's own access log is written once per connection.
-            let conn_logs = l
-                .access_logs
-                .iter()
-                .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
-                .collect();
-            // Stats carry the bound address when the config's port is 0.
-            let lstats = ListenerStats::new(
-                &stats,
-                &if l.stat_prefix
-                    == format!("listener.{}.", l.address.to_string().replace(':', "_"))
-                {
-                    format!("listener.{}.", bound.to_string().replace(':', "_"))
-                } else {
-                    l.stat_prefix.clone()
-                },
-            );
-            let env = listener::ChainEnv {
-                store: &stats,
-                writer: &writer,
-                tls: &tls_env,
-                ssl_stats: lstats.ssl.clone(),
-            };
-            let mut chains = Vec::new();
-            for fc in &l.filter_chains {
-                chains.push(listener::build_chain(
-                    fc,
-                    bound.port(),
-                    l.buffer_limit,
-                    &env,
-                )?);
-            }
-            let default_chain = match &l.default_filter_chain {
-                Some(fc) => Some(listener::build_chain(
-                    fc,
-                    bound.port(),
-                    l.buffer_limit,
-                    &env,
-                )?),
-                None => None,
-            };
-            tracing::info!(listener = %l.name, address = %bound, "listener bound");
-            listeners.push(Arc::new(ListenerRuntime {
-                config: l.clone(),
-                chains,
-                default_chain,
-                stats: lstats,
-                bound,
-                sockets: std::sync::Mutex::new(sockets.into_iter().map(Some).collect()),
-                stop_accept: watch::channel(false).0,
-                logs: conn_logs,
-                drain_conns: watch::channel(false).0,
-            }));
-        }
+        // The multi-thread measurement model accepts on one socket per
+        // listener, shared by its threads.
+        let (worker_tx, worker_rx) =
+            crate::manager::worker_channels(if multi_thread { 1 } else { workers });
         let (drain, _) = watch::channel(false);
         let shared = Arc::new(Shared {
-            snapshot: Arc::new(snapshot.clone()),
+            snapshot: arc_swap::ArcSwap::from_pointee(snapshot.clone()),
             bootstrap,
             clusters,
             tls,
@@ -155,7 +123,11 @@ impl Server {
             max_connections: snapshot.max_downstream_connections,
             options,
             started: std::time::SystemTime::now(),
-            listeners,
+            listeners: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            rds: Default::default(),
+            worker_tx,
+            apply_lock: Mutex::new(()),
+            xds: std::sync::OnceLock::new(),
             writer: writer.clone(),
             drain,
             exit: Notify::new(),
@@ -163,6 +135,7 @@ impl Server {
             active_connections: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
             healthcheck_failed: AtomicBool::new(false),
+            initialized: AtomicBool::new(false),
             admin_addr: Mutex::new(None),
             workers,
             admin_logs: snapshot
@@ -172,17 +145,16 @@ impl Server {
                 .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
                 .collect(),
         });
+        crate::manager::apply_initial(&shared, &snapshot)?;
         shared.server_stats.concurrency.set(workers as i64);
-        shared
-            .server_stats
-            .active_clusters
-            .set(shared.clusters.clusters.len() as i64);
-        shared
-            .server_stats
-            .total_listeners_active
-            .set(shared.listeners.len() as i64);
+        // With xDS the server is INITIALIZING until the initial fetch
+        // completes (Envoy's init manager); otherwise LIVE at once.
+        let dynamic = !snapshot.dynamic.is_empty() || has_dynamic_refs(&snapshot);
+        shared.server_stats.state.set(if dynamic { 3 } else { 0 });
+        shared.server_stats.live.set(i64::from(!dynamic));
+        shared.initialized.store(!dynamic, Ordering::SeqCst);
 
-        // Control runtime: admin, DNS refresh, uptime.
+        // Control runtime: admin, DNS refresh, uptime, xDS.
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let s2 = shared.clone();
@@ -207,75 +179,41 @@ impl Server {
             .recv()
             .context("control runtime stopped during start")??;
 
+        let mut worker_rx = worker_rx.into_iter();
         // WEIR_RUNTIME=multi-thread: one work-stealing runtime with `workers`
         // threads sharing one socket per listener. Kept only to measure the
         // worker model against (ARCHITECTURE.md); the default is below.
-        if std::env::var("WEIR_RUNTIME").as_deref() == Ok("multi-thread") {
-            threads.push(spawn_multi_thread(shared.clone(), workers)?);
-            shared.server_stats.state.set(0);
-            shared.server_stats.live.set(1);
+        if multi_thread {
+            let rx = worker_rx.next().expect("one channel");
+            threads.push(spawn_multi_thread(shared.clone(), workers, rx)?);
+        } else {
+            // Workers: one current-thread runtime each, with its own
+            // listener sockets (sent as commands, also for later listeners).
+            for (i, mut rx) in worker_rx.enumerate() {
+                let s = shared.clone();
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("weir-worker-{i}"))
+                        .spawn(move || {
+                            crate::stats::set_worker_shard(i);
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                                .expect("worker runtime");
+                            rt.block_on(async move {
+                                s.server_stats.workers_started.inc();
+                                run_worker(&s, &mut rx).await;
+                            });
+                        })?,
+                );
+            }
+        }
+        if !dynamic {
+            // The data path never needs protobuf descriptors: free them.
             xds_client::descriptors::release();
             crate::netif::trim_heap();
-            return Ok(Server { shared, threads });
+            crate::netif::drop_static_pages(xds_client::descriptors::embedded_bytes());
         }
-        // Workers: one current-thread runtime each, with its own listener sockets.
-        for i in 0..workers {
-            let s = shared.clone();
-            let sockets: Vec<_> = shared
-                .listeners
-                .iter()
-                .map(|l| {
-                    let sock = l
-                        .sockets
-                        .lock()
-                        .expect("sockets lock")
-                        .get_mut(i)
-                        .and_then(Option::take);
-                    (
-                        l.clone(),
-                        sock.ok_or_else(|| std::io::Error::other("socket already taken")),
-                    )
-                })
-                .collect();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("weir-worker-{i}"))
-                    .spawn(move || {
-                        crate::stats::set_worker_shard(i);
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .expect("worker runtime");
-                        rt.block_on(async move {
-                            let mut tasks = Vec::new();
-                            for (l, sock) in sockets {
-                                match sock {
-                                    Ok(sock) => tasks.push(tokio::spawn(listener::accept_loop(
-                                        l,
-                                        sock,
-                                        s.clone(),
-                                    ))),
-                                    Err(e) => {
-                                        tracing::error!(error = %e, "cannot clone listener socket")
-                                    }
-                                }
-                            }
-                            s.server_stats.workers_started.inc();
-                            // Run until exit: connections keep going after accept loops stop.
-                            s.exit.notified().await;
-                            for t in tasks {
-                                t.abort();
-                            }
-                        });
-                    })?,
-            );
-        }
-        shared.server_stats.state.set(0);
-        shared.server_stats.live.set(1);
-        // The data path never needs protobuf descriptors: free them.
-        xds_client::descriptors::release();
-        crate::netif::trim_heap();
-        crate::netif::drop_static_pages(xds_client::descriptors::embedded_bytes());
         Ok(Server { shared, threads })
     }
 
@@ -288,8 +226,9 @@ impl Server {
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.shared
             .listeners
+            .load()
             .iter()
-            .find(|l| &*l.config.name == name)
+            .find(|l| &*l.name == name)
             .map(|l| l.bound)
     }
 
@@ -307,21 +246,33 @@ impl Server {
     }
 }
 
+/// A worker's life: accept loops for every listener socket it is sent,
+/// until exit.
+async fn run_worker(
+    s: &Arc<Shared>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<crate::manager::WorkerCmd>,
+) {
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(crate::manager::WorkerCmd::Listen(h, sock)) => {
+                    tokio::spawn(listener::accept_loop(h, sock, s.clone()));
+                }
+                None => break,
+            },
+            // Connections keep going after accept loops stop; the runtime
+            // ends at exit.
+            _ = s.exit.notified() => break,
+        }
+    }
+}
+
 /// The alternative worker model (measurement only): one multi-thread runtime.
 fn spawn_multi_thread(
     shared: Arc<Shared>,
     workers: usize,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::manager::WorkerCmd>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let sockets: Vec<_> = shared
-        .listeners
-        .iter()
-        .filter_map(|l| {
-            let mut all = l.sockets.lock().expect("sockets lock");
-            let first = all.get_mut(0).and_then(Option::take);
-            all.clear(); // the other workers' sockets close
-            first.map(|s| (l.clone(), s))
-        })
-        .collect();
     std::thread::Builder::new()
         .name("weir-mt".into())
         .spawn(move || {
@@ -335,26 +286,37 @@ fn spawn_multi_thread(
                 .build()
                 .expect("multi-thread runtime");
             rt.block_on(async move {
-                let mut tasks = Vec::new();
-                for (l, sock) in sockets {
-                    tasks.push(tokio::spawn(listener::accept_loop(l, sock, shared.clone())));
-                }
                 shared.server_stats.workers_started.add(workers as i64);
-                shared.exit.notified().await;
-                for t in tasks {
-                    t.abort();
-                }
+                run_worker(&shared, &mut rx).await;
             });
         })
+}
+
+/// Whether a static config still needs xDS (an SDS secret, an RDS table or
+/// EDS endpoints named from static resources).
+fn has_dynamic_refs(s: &Snapshot) -> bool {
+    use xds_client::config::{NetworkFilter, RouteSource};
+    s.clusters.values().any(|c| {
+        c.eds.is_some()
+            || std::iter::once(&c.transport)
+                .chain(c.transport_matches.iter().map(|m| &m.transport))
+                .filter_map(|t| t.tls())
+                .any(|t| !t.sds.is_empty())
+    }) || s.listeners.iter().any(|l| {
+        l.filter_chains.iter().chain(&l.default_filter_chain).any(|fc| {
+            matches!(&fc.filter, NetworkFilter::Http(h) if matches!(h.routes, RouteSource::Rds(_)))
+                || fc.tls.as_ref().is_some_and(|t| !t.sds.is_empty())
+        })
+    })
 }
 
 /// Starts draining; with `exit`, the process stops when drained.
 pub fn begin_drain(shared: &Arc<Shared>, exit: bool) {
     shared.drain.send_replace(true);
-    for l in &shared.listeners {
+    for l in shared.listeners.load().iter() {
         l.drain(false, Duration::ZERO);
     }
-    shared.server_stats.state.set(2); // DRAINING
+    shared.server_stats.state.set(1); // DRAINING (Envoy's ServerInfo.State)
     if exit && !shared.exit_requested.swap(true, Ordering::SeqCst) {
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -378,7 +340,7 @@ pub fn begin_drain(shared: &Arc<Shared>, exit: bool) {
 async fn control(shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Result<()>>) {
     shared.clusters.warm(Duration::from_secs(5)).await;
     shared.clusters.spawn_dns_refresh();
-    let admin = match &shared.snapshot.admin {
+    let admin = match &shared.snapshot.load().admin {
         Some(a) => match crate::admin::bind(&a.address).await {
             Ok(l) => Some(l),
             Err(e) => {
@@ -397,6 +359,9 @@ async fn control(shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Res
     let _ = ready.send(Ok(()));
     if let Some(l) = admin {
         tokio::spawn(crate::admin::serve(l, shared.clone()));
+    }
+    if !shared.initialized.load(Ordering::SeqCst) {
+        crate::xds::start(&shared);
     }
     let s = shared.clone();
     tokio::spawn(async move {

@@ -11,12 +11,14 @@ pub mod http;
 pub mod io;
 pub mod listener;
 pub mod logging;
+pub mod manager;
 pub mod metrics;
 pub mod netif;
 pub mod stats;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
+pub mod xds;
 
 pub use app::{Server, Shared};
 
@@ -60,6 +62,11 @@ pub fn load_config(
     }
     if let Some(z) = &o.service_zone {
         s.node.zone = z.clone();
+        b.node
+            .get_or_insert_with(Default::default)
+            .locality
+            .get_or_insert_with(Default::default)
+            .zone = z.clone();
     }
     Ok((b, s))
 }

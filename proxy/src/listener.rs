@@ -8,20 +8,26 @@ use bytes::BytesMut;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::{io::AsyncReadExt, net::TcpStream, sync::watch};
 use xds_client::config::{
-    FilterChain, FilterChainMatch, Listener, ListenerFilter, RawSocketValue, SourceType,
+    FilterChain, FilterChainMatch, Listener, ListenerFilter, RawSocketValue, RouteSource,
+    SourceType,
 };
 
-use crate::http::service::{ConnCtx, HcmRuntime};
+use crate::http::service::{ConnCtx, HcmRuntime, RouteSlot};
 use crate::io::{DownstreamIo, Rewind};
 use crate::metrics::ListenerStats;
 use crate::tls::ServerTls;
 use crate::Shared;
 
-/// A filter chain at run time.
+/// A filter chain at run time. A listener update keeps the runtimes of
+/// chains whose configuration did not change (their connections go on) and
+/// drains the connections of the others.
 pub struct ChainRuntime {
     pub config: Arc<FilterChain>,
     pub tls: Option<Arc<ServerTls>>,
     pub network: NetworkRuntime,
+    /// true: drain this chain's connections (HTTP/1 `connection: close`,
+    /// HTTP/2 GOAWAY, TCP closed after the drain time).
+    pub drain: watch::Sender<bool>,
 }
 
 /// The terminal network filter at run time.
@@ -30,7 +36,8 @@ pub enum NetworkRuntime {
     Tcp(Arc<crate::tcp::TcpRuntime>),
 }
 
-/// A listener's run-time state shared by workers.
+/// One version of a listener's configuration at run time: what a new
+/// connection is served with.
 pub struct ListenerRuntime {
     pub config: Arc<Listener>,
     pub chains: Vec<Arc<ChainRuntime>>,
@@ -38,23 +45,46 @@ pub struct ListenerRuntime {
     pub stats: ListenerStats,
     /// The bound address (the real port when the config says 0).
     pub bound: SocketAddr,
-    /// One socket per worker (SO_REUSEPORT, or dups of one socket), taken
-    /// by each worker at start so a drain really closes them.
-    pub sockets: std::sync::Mutex<Vec<Option<StdListener>>>,
     /// The listener's `access_log`: one line per connection, at its close.
     pub logs: Vec<Arc<crate::access_log::Logger>>,
-    /// true: stop accepting and close the sockets.
-    pub stop_accept: watch::Sender<bool>,
-    /// true: drain connections (HTTP/1 `connection: close`, HTTP/2 GOAWAY).
-    pub drain_conns: watch::Sender<bool>,
+    /// Set once this listener drains: connections accepted after that
+    /// (graceful drain) are drained at once.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl ListenerRuntime {
+    /// Every chain of this version.
+    pub fn all_chains(&self) -> impl Iterator<Item = &Arc<ChainRuntime>> {
+        self.chains.iter().chain(&self.default_chain)
+    }
+}
+
+/// A bound listener: its sockets (one accept loop per worker) and the
+/// current configuration version, swapped in place by LDS updates that keep
+/// the address.
+pub struct ListenerHandle {
+    pub name: xds_client::config::Name,
+    pub bound: SocketAddr,
+    pub current: arc_swap::ArcSwap<ListenerRuntime>,
+    /// true: stop accepting and close the sockets.
+    pub stop_accept: watch::Sender<bool>,
+}
+
+impl ListenerHandle {
+    /// The current configuration.
+    pub fn config(&self) -> Arc<Listener> {
+        self.current.load().config.clone()
+    }
+
     /// Starts draining this listener. `graceful` keeps accepting (and
     /// draining the new connections too) for `drain_time`, as Envoy's
     /// `/drain_listeners?graceful`; otherwise the sockets close now.
     pub fn drain(self: &Arc<Self>, graceful: bool, drain_time: std::time::Duration) {
-        self.drain_conns.send_replace(true);
+        let cur = self.current.load();
+        cur.draining.store(true, Ordering::Relaxed);
+        for c in cur.all_chains() {
+            c.drain.send_replace(true);
+        }
         if graceful && !drain_time.is_zero() {
             let me = self.clone();
             std::thread::spawn(move || {
@@ -424,12 +454,12 @@ async fn run_listener_filters(
 }
 
 /// Accepts on one worker's socket until drained.
-pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: Arc<Shared>) {
-    let mut stop = lr.stop_accept.subscribe();
+pub async fn accept_loop(handle: Arc<ListenerHandle>, socket: StdListener, shared: Arc<Shared>) {
+    let mut stop = handle.stop_accept.subscribe();
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(listener = %lr.config.name, error = %e, "cannot register listener");
+            tracing::error!(listener = %handle.name, error = %e, "cannot register listener");
             return;
         }
     };
@@ -438,6 +468,8 @@ pub async fn accept_loop(lr: Arc<ListenerRuntime>, socket: StdListener, shared: 
             a = listener.accept() => a,
             _ = stop.wait_for(|d| *d) => return,
         };
+        // The configuration version a connection keeps for its life.
+        let lr = handle.current.load_full();
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
@@ -531,6 +563,11 @@ async fn connection(
     lr.stats.cx_active.inc();
     let _active = ActiveGuard(&lr.stats.cx_active);
     let chain = match select_chain(&lr.chains, &meta).or(lr.default_chain.as_ref()) {
+        Some(c) if lr.draining.load(Ordering::Relaxed) => {
+            // Accepted during a graceful drain: drained at once.
+            c.drain.send_replace(true);
+            c.clone()
+        }
         Some(c) => c.clone(),
         None => {
             lr.stats.no_filter_chain_match.inc();
@@ -569,15 +606,15 @@ async fn connection(
                 opened: tokio::time::Instant::now(),
                 proto_counted: std::sync::atomic::AtomicBool::new(false),
                 requests: std::sync::atomic::AtomicU32::new(0),
-                drain: lr.drain_conns.subscribe(),
+                drain: chain.drain.subscribe(),
             });
             hcm.stats.cx_total.inc();
             hcm.stats.cx_active.inc();
-            crate::http::server::serve(io, ctx, lr.drain_conns.subscribe()).await;
+            crate::http::server::serve(io, ctx, chain.drain.subscribe()).await;
             hcm.stats.cx_active.dec();
         }
         NetworkRuntime::Tcp(t) => {
-            t.serve(io, &meta, tls, id, shared, lr.drain_conns.subscribe())
+            t.serve(io, &meta, tls, id, shared, chain.drain.subscribe())
                 .await;
         }
     }
@@ -621,7 +658,12 @@ pub fn build_chain(
                     ))
                 })
                 .collect();
+            let routes = match &h.routes {
+                RouteSource::Static(r) => RouteSlot::Static(r.clone()),
+                RouteSource::Rds(r) => RouteSlot::Rds(env.rds_slot(&r.name)),
+            };
             NetworkRuntime::Http(Arc::new(HcmRuntime {
+                routes,
                 config: h.clone(),
                 chain: filters::FilterChain::build(&h.http_filters),
                 stats: crate::metrics::HttpStats::new(env.store, &h.stat_prefix),
@@ -641,6 +683,7 @@ pub fn build_chain(
         config: fc.clone(),
         tls,
         network,
+        drain: watch::channel(false).0,
     }))
 }
 
@@ -650,4 +693,20 @@ pub struct ChainEnv<'a> {
     pub writer: &'a crate::access_log::Writer,
     pub tls: &'a crate::upstream::TlsEnv,
     pub ssl_stats: Arc<crate::metrics::SslStats>,
+    /// RDS route tables, by name, with their current contents.
+    pub rds: &'a crate::manager::RdsSlots,
+    pub routes: &'a std::collections::BTreeMap<
+        xds_client::config::Name,
+        Arc<xds_client::config::RouteConfig>,
+    >,
+}
+
+impl ChainEnv<'_> {
+    /// The shared slot of RDS table `name` (an empty table until it arrives).
+    fn rds_slot(
+        &self,
+        name: &xds_client::config::Name,
+    ) -> Arc<arc_swap::ArcSwap<xds_client::config::RouteConfig>> {
+        self.rds.slot(name, self.routes.get(name))
+    }
 }

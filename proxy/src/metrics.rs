@@ -219,6 +219,37 @@ pub struct ServerStats {
     pub total_connections: Arc<Gauge>,
     pub overflow: Arc<Counter>,
     pub listener_stopped: Arc<Counter>,
+    pub listener_added: Arc<Counter>,
+    pub listener_modified: Arc<Counter>,
+    pub listener_removed: Arc<Counter>,
+    pub listener_create_failure: Arc<Counter>,
+    pub total_listeners_warming: Arc<Gauge>,
+    pub warming_clusters: Arc<Gauge>,
+    pub connected_state: Arc<Gauge>,
+    /// `cluster_manager.cds.*` and `listener_manager.lds.*`.
+    pub cds: XdsStats,
+    pub lds: XdsStats,
+}
+
+/// One xDS subscription's stats (`update_attempt`, ...).
+pub struct XdsStats {
+    pub update_attempt: Arc<Counter>,
+    pub update_success: Arc<Counter>,
+    pub update_rejected: Arc<Counter>,
+    /// A hash of the last accepted `version_info` (Envoy's `version`).
+    pub version: Arc<Gauge>,
+}
+
+impl XdsStats {
+    fn new(store: &Store, prefix: &str) -> Self {
+        let c = |s: &str| store.counter(StatName::plain(format!("{prefix}.{s}")));
+        XdsStats {
+            update_attempt: c("update_attempt"),
+            update_success: c("update_success"),
+            update_rejected: c("update_rejected"),
+            version: store.gauge(StatName::plain(format!("{prefix}.version"))),
+        }
+    }
 }
 
 impl ServerStats {
@@ -234,6 +265,16 @@ impl ServerStats {
             active_clusters: g("cluster_manager.active_clusters"),
             total_connections: g("server.total_connections"),
             listener_stopped: store.counter(StatName::plain("listener_manager.listener_stopped")),
+            listener_added: store.counter(StatName::plain("listener_manager.listener_added")),
+            listener_modified: store.counter(StatName::plain("listener_manager.listener_modified")),
+            listener_removed: store.counter(StatName::plain("listener_manager.listener_removed")),
+            listener_create_failure: store
+                .counter(StatName::plain("listener_manager.listener_create_failure")),
+            total_listeners_warming: g("listener_manager.total_listeners_warming"),
+            warming_clusters: g("cluster_manager.warming_clusters"),
+            connected_state: g("control_plane.connected_state"),
+            cds: XdsStats::new(store, "cluster_manager.cds"),
+            lds: XdsStats::new(store, "listener_manager.lds"),
             overflow: store.counter(StatName::plain(
                 "overload.global_downstream_max_connections_overflow",
             )),

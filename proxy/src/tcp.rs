@@ -118,7 +118,7 @@ impl TcpRuntime {
         info.tls = tls;
         let name = self.cluster_name(sni.as_deref());
         // Envoy logs `%UPSTREAM_CLUSTER%` as `-` when the cluster is missing.
-        let Some(cluster) = shared.clusters.get(&name).cloned() else {
+        let Some(cluster) = shared.clusters.get(&name) else {
             self.stats.cx_no_route.inc();
             info.flags.set(Flags::NC);
             tracing::debug!(cluster = %name, "tcp_proxy: unknown cluster; closing");

@@ -468,7 +468,9 @@ fn invalid_config_names_every_field() {
         xds_client::load_bootstrap(Some(&yaml), None, Default::default()).expect_err("invalid");
     let text = err.to_string();
     assert!(
-        text.contains("static_resources.clusters[0].type: cluster type EDS is not implemented yet"),
+        text.contains(
+            "static_resources.clusters[0].eds_cluster_config: an EDS cluster needs eds_cluster_config"
+        ),
         "{text}"
     );
     assert!(

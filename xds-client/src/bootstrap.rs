@@ -55,6 +55,28 @@ pub fn parse_bootstrap_collect(
     }
 }
 
+/// Parses one xDS resource written as YAML or JSON (Envoy's proto-JSON
+/// mapping, as in a bootstrap) into an `Any` of `type_url`
+/// (`type.googleapis.com/envoy.config.listener.v3.Listener`, ...). Test
+/// control planes and filesystem xDS use it.
+pub fn any_from_text(
+    type_url: &str,
+    text: &str,
+) -> Result<crate::api::google::protobuf::Any, ConfigErrors> {
+    let name = type_url.rsplit('/').next().unwrap_or(type_url);
+    let Some(desc) = pool().get_message_by_name(name) else {
+        let mut errs = ConfigErrors::default();
+        errs.push("", format!("unknown resource type {type_url:?}"));
+        return Err(errs);
+    };
+    let value = text_to_json(text)?;
+    let msg = json_to_message(value, &desc, ParseOptions::default())?;
+    Ok(crate::api::google::protobuf::Any {
+        type_url: format!("type.googleapis.com/{name}"),
+        value: msg.encode_to_vec(),
+    })
+}
+
 /// Parses `-c` text and merges `--config-yaml` over it with protobuf merge
 /// semantics (repeated fields append, messages merge, scalars replace), as Envoy.
 pub fn parse_and_merge(

@@ -13,6 +13,7 @@ pub mod error;
 pub mod snapshot;
 pub mod support;
 pub mod translate;
+pub mod xds;
 
 pub use error::{ConfigErrors, InvalidConfig};
 

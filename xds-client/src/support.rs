@@ -22,13 +22,28 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // --- bootstrap
     ("envoy.config.bootstrap.v3.Bootstrap", &[
         "node", "static_resources", "admin", "layered_runtime", "stats_config",
-        "overload_manager", "bootstrap_extensions",
+        "overload_manager", "bootstrap_extensions", "dynamic_resources",
         "~stats_flush_interval", "~stats_flush_on_admin", "~enable_dispatcher_stats",
         "~stats_server_version_override", "~watchdog", "~watchdogs", "~use_tcp_for_dns_lookups",
         "~fatal_actions", "~inline_headers", "~perf_tracing_file_path",
         "~default_regex_engine", "~memory_allocator_manager",
     ]),
     ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "secrets"]),
+    ("envoy.config.bootstrap.v3.Bootstrap.DynamicResources", &[
+        "lds_config", "cds_config", "ads_config", "lds_resources_locator", "cds_resources_locator",
+    ]),
+    ("envoy.config.core.v3.ApiConfigSource", &[
+        "api_type", "grpc_services", "set_node_on_first_message_only", "cluster_names",
+        "config_validators", "~transport_api_version", "~refresh_delay", "~request_timeout",
+        "~rate_limit_settings",
+    ]),
+    ("envoy.config.core.v3.GrpcService", &["envoy_grpc", "google_grpc", "initial_metadata", "~timeout", "~retry_policy"]),
+    ("envoy.config.core.v3.GrpcService.EnvoyGrpc", &["cluster_name", "authority", "~retry_policy", "~max_receive_message_length", "~skip_envoy_headers"]),
+    ("envoy.config.core.v3.GrpcService.GoogleGrpc", &["target_uri", "~stat_prefix"]),
+    ("envoy.config.core.v3.AggregatedConfigSource", &[]),
+    ("envoy.config.core.v3.SelfConfigSource", &["~transport_api_version"]),
+    ("envoy.config.core.v3.PathConfigSource", &["path", "watched_directory"]),
+    ("envoy.config.core.v3.WatchedDirectory", &["path"]),
     ("envoy.config.bootstrap.v3.Admin", &[
         "address", "access_log", "~access_log_path", "~profile_path",
         "~ignore_global_conn_limit",
@@ -122,7 +137,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", &["certificate_chain", "private_key"]),
     ("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", &["name", "sds_config"]),
-    ("envoy.config.core.v3.ConfigSource", &["**"]),
+    ("envoy.config.core.v3.ConfigSource", &[
+        "ads", "api_config_source", "path", "path_config_source", "self", "initial_fetch_timeout",
+        "authorities", "~resource_api_version",
+    ]),
     ("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext", &[
         "trusted_ca", "verify_certificate_spki", "verify_certificate_hash", "match_typed_subject_alt_names",
         "match_subject_alt_names", "crl", "allow_expired_certificate", "trust_chain_verification",
@@ -133,7 +151,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
     // --- HTTP connection manager
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", &[
-        "codec_type", "stat_prefix", "http_filters", "route_config", "common_http_protocol_options",
+        "codec_type", "stat_prefix", "http_filters", "route_config", "rds", "common_http_protocol_options",
         "http_protocol_options", "http2_protocol_options", "server_name", "server_header_transformation",
         "max_request_headers_kb", "stream_idle_timeout", "request_timeout", "request_headers_timeout",
         "drain_timeout", "access_log", "use_remote_address", "xff_num_trusted_hops", "internal_address_config",
@@ -257,13 +275,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.core.v3.SubstitutionFormatString", &["text_format", "text_format_source", "json_format", "~content_type"]),
     // --- clusters
     ("envoy.config.cluster.v3.Cluster", &[
-        "name", "alt_stat_name", "type", "connect_timeout", "lb_policy", "load_assignment",
+        "name", "alt_stat_name", "type", "connect_timeout", "lb_policy", "load_assignment", "eds_cluster_config",
         "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
         "transport_socket", "transport_socket_matches",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
+    ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["eds_config", "service_name"]),
+    ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),
     ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
     ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold"]),

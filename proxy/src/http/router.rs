@@ -146,7 +146,7 @@ pub fn select_cluster(
     };
     cm.get(&name)
         .map(|c| Target {
-            cluster: c.clone(),
+            cluster: c,
             weighted_index,
         })
         .ok_or(action.cluster_not_found_status)

@@ -18,9 +18,26 @@ use super::router::{self, Forward};
 use crate::body::Body;
 use crate::Shared;
 
+/// An HCM's route table: inline, or an RDS slot swapped on updates.
+pub enum RouteSlot {
+    Static(Arc<xds_client::config::RouteConfig>),
+    Rds(Arc<arc_swap::ArcSwap<xds_client::config::RouteConfig>>),
+}
+
+impl RouteSlot {
+    /// The table for one request.
+    pub fn load(&self) -> Arc<xds_client::config::RouteConfig> {
+        match self {
+            RouteSlot::Static(r) => r.clone(),
+            RouteSlot::Rds(s) => s.load_full(),
+        }
+    }
+}
+
 /// The HTTP connection manager of one listener at run time.
 pub struct HcmRuntime {
     pub config: Arc<HttpConnectionManager>,
+    pub routes: RouteSlot,
     pub chain: filters::FilterChain,
     pub stats: crate::metrics::HttpStats,
     pub logs: Vec<Arc<crate::access_log::Logger>>,
@@ -325,9 +342,13 @@ async fn pipeline(
         }
     }
     // --- edge headers
+    // The route table is pinned for the whole request: an RDS update applies
+    // to the next request.
+    let routes = ctx.hcm.routes.load();
+    let rc: &xds_client::config::RouteConfig = &routes;
     let edge = headers::edge(
         h,
-        &h.route_config.internal_only_headers,
+        &rc.internal_only_headers,
         &mut parts.headers,
         ctx.peer,
         ctx.scheme,
@@ -338,7 +359,6 @@ async fn pipeline(
     info.grpc = is_grpc(&parts.headers);
     info.downstream_remote = edge.remote;
     // --- routing
-    let rc = &h.route_config;
     let Some(vh) = rc.select_vhost(&info.authority).cloned() else {
         info.flags.set(Flags::NR);
         info.response_code_details = "route_not_found";

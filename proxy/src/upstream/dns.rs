@@ -97,6 +97,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
             let (name, port) = match &e.address {
                 EndpointAddress::Dns(h, p) => (h.clone(), *p),
                 EndpointAddress::Ip(a) => (a.ip().to_string(), a.port()),
+                EndpointAddress::Pipe(_) => continue,
             };
             match resolve(&name, cfg.dns.family).await {
                 Ok((ips, ttl)) => {
@@ -143,13 +144,16 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
 
 /// Refreshes forever: every `dns_refresh_rate`, or the record TTL when
 /// `respect_dns_ttl` is set.
-pub async fn refresh_loop(c: Arc<ClusterRuntime>) {
+pub async fn refresh_loop(weak: std::sync::Weak<ClusterRuntime>) {
     loop {
+        // Ends when the cluster is removed from the configuration.
+        let Some(c) = weak.upgrade() else { return };
         let ttl = refresh_once(c.clone()).await;
         let wait = match (c.config.dns.respect_ttl, ttl) {
             (true, Some(t)) if !t.is_zero() => t,
             _ => c.config.dns.refresh_rate,
         };
+        drop(c);
         tokio::time::sleep(wait).await;
     }
 }

@@ -254,6 +254,8 @@ impl ClusterStats {
 /// A cluster at run time.
 pub struct ClusterRuntime {
     pub config: Arc<Cluster>,
+    /// The configuration last applied (`config` with newer EDS endpoints).
+    pub applied: ArcSwap<Cluster>,
     pub hosts: ArcSwap<HostSet>,
     pub stats: ClusterStats,
     rr: AtomicUsize,
@@ -307,6 +309,7 @@ impl ClusterRuntime {
         );
         stats.membership_healthy.set(set.healthy_count as i64);
         Ok(Arc::new(ClusterRuntime {
+            applied: ArcSwap::new(config.clone()),
             config,
             hosts: ArcSwap::from_pointee(set),
             stats,
@@ -443,8 +446,17 @@ impl ClusterRuntime {
     }
 }
 
+/// Whether two versions of a cluster differ only in their endpoints.
+fn same_but_endpoints(a: &Cluster, b: &Cluster) -> bool {
+    let mut a = a.clone();
+    a.localities = b.localities.clone();
+    a.overprovisioning_factor = b.overprovisioning_factor;
+    a == *b
+}
+
+/// The hosts of a STATIC or EDS cluster (DNS clusters resolve later).
 fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
-    if c.discovery != Discovery::Static {
+    if !matches!(c.discovery, Discovery::Static | Discovery::Eds) {
         return Vec::new();
     }
     let mut out = Vec::new();
@@ -466,9 +478,10 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
     out
 }
 
-/// All clusters of the current snapshot.
+/// All clusters of the current snapshot. The map is swapped whole on a
+/// configuration change; a request pins the runtime it picked.
 pub struct ClusterManager {
-    pub clusters: HashMap<Arc<str>, Arc<ClusterRuntime>>,
+    pub clusters: ArcSwap<HashMap<Arc<str>, Arc<ClusterRuntime>>>,
 }
 
 /// What building TLS contexts needs: the secrets and the registry.
@@ -491,28 +504,87 @@ impl ClusterManager {
                 ClusterRuntime::new(c.clone(), store, workers, tls)?,
             );
         }
-        Ok(ClusterManager { clusters })
+        Ok(ClusterManager {
+            clusters: ArcSwap::from_pointee(clusters),
+        })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<ClusterRuntime>> {
-        self.clusters.get(name)
+    pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
+        self.clusters.load().get(name).cloned()
+    }
+
+    /// Applies a new snapshot's clusters: an unchanged cluster keeps its
+    /// runtime (pools, stats, LB state); one whose only change is its
+    /// endpoints (EDS) keeps its runtime and gets the new host set; others
+    /// are built anew (the old runtime's pooled connections close when the
+    /// last request using it finishes). Returns the new runtimes that need
+    /// DNS resolution.
+    pub fn apply(
+        &self,
+        snapshot: &xds_client::config::Snapshot,
+        store: &Store,
+        workers: usize,
+        tls: &TlsEnv,
+    ) -> Vec<Arc<ClusterRuntime>> {
+        let old = self.clusters.load_full();
+        let mut next = HashMap::with_capacity(snapshot.clusters.len());
+        let mut fresh = Vec::new();
+        for (name, c) in &snapshot.clusters {
+            if let Some(rt) = old.get(name) {
+                let applied = rt.applied.load_full();
+                if Arc::ptr_eq(&applied, c) || *applied == **c {
+                    next.insert(name.clone(), rt.clone());
+                    continue;
+                }
+                if rt.config.discovery == Discovery::Eds && same_but_endpoints(&applied, c) {
+                    rt.set_hosts(static_hosts(c));
+                    rt.applied.store(c.clone());
+                    next.insert(name.clone(), rt.clone());
+                    continue;
+                }
+            }
+            match ClusterRuntime::new(c.clone(), store, workers, tls) {
+                Ok(rt) => {
+                    if !matches!(c.discovery, Discovery::Static | Discovery::Eds) {
+                        fresh.push(rt.clone());
+                    }
+                    next.insert(name.clone(), rt);
+                }
+                Err(e) => {
+                    tracing::error!(target: "config", cluster = %name, "cannot build cluster: {e}");
+                    if let Some(rt) = old.get(name) {
+                        next.insert(name.clone(), rt.clone());
+                    }
+                }
+            }
+        }
+        self.clusters.store(Arc::new(next));
+        fresh
     }
 
     /// Resolves DNS clusters once (startup warming, bounded by `timeout`).
     pub async fn warm(&self, timeout: Duration) {
-        let futs = self
-            .clusters
+        let all = self.clusters.load_full();
+        let futs = all
             .values()
-            .filter(|c| c.config.discovery != Discovery::Static)
+            .filter(|c| {
+                matches!(
+                    c.config.discovery,
+                    Discovery::StrictDns | Discovery::LogicalDns
+                )
+            })
             .map(|c| dns::refresh_once(c.clone()));
         let _ = tokio::time::timeout(timeout, futures_util::future::join_all(futs)).await;
     }
 
     /// Spawns periodic DNS refresh on the current (control) runtime.
     pub fn spawn_dns_refresh(&self) {
-        for c in self.clusters.values() {
-            if c.config.discovery != Discovery::Static {
-                tokio::spawn(dns::refresh_loop(c.clone()));
+        for c in self.clusters.load().values() {
+            if matches!(
+                c.config.discovery,
+                Discovery::StrictDns | Discovery::LogicalDns
+            ) {
+                tokio::spawn(dns::refresh_loop(Arc::downgrade(c)));
             }
         }
     }

@@ -10,6 +10,8 @@ pub struct Cluster {
     /// Stats name: `alt_stat_name` or `name`.
     pub stat_name: String,
     pub discovery: Discovery,
+    /// `eds_cluster_config` of an EDS cluster.
+    pub eds: Option<Eds>,
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub localities: Vec<LocalityEndpoints>,
@@ -62,6 +64,16 @@ pub enum Discovery {
     Static,
     StrictDns,
     LogicalDns,
+    /// Endpoints from EDS (`ClusterLoadAssignment` resources).
+    Eds,
+}
+
+/// Where an EDS cluster's endpoints come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Eds {
+    /// `service_name`, or the cluster's name.
+    pub service_name: Name,
+    pub source: super::ConfigSource,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +140,9 @@ pub enum EndpointAddress {
     Ip(SocketAddr),
     /// A DNS name resolved by STRICT_DNS / LOGICAL_DNS clusters.
     Dns(String, u16),
+    /// A Unix socket (`pipe`): gRPC clusters such as Istio's `xds-grpc`
+    /// and `sds-grpc`. HTTP routes to such a cluster find no host (503).
+    Pipe(std::path::PathBuf),
 }
 
 impl std::fmt::Display for EndpointAddress {
@@ -135,6 +150,7 @@ impl std::fmt::Display for EndpointAddress {
         match self {
             EndpointAddress::Ip(a) => write!(f, "{a}"),
             EndpointAddress::Dns(h, p) => write!(f, "{h}:{p}"),
+            EndpointAddress::Pipe(p) => write!(f, "unix://{}", p.display()),
         }
     }
 }

@@ -5,12 +5,32 @@ use http::HeaderValue;
 
 use super::{Format, Name, RouteConfig};
 
+/// Where an HCM's routes come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteSource {
+    /// `route_config`.
+    Static(Arc<RouteConfig>),
+    /// `rds`: fetched by name, swapped in per request.
+    Rds(super::Rds),
+}
+
+impl RouteSource {
+    /// The inline route configuration, if any.
+    pub fn inline(&self) -> Option<&Arc<RouteConfig>> {
+        match self {
+            RouteSource::Static(r) => Some(r),
+            RouteSource::Rds(_) => None,
+        }
+    }
+}
+
 /// The HTTP connection manager of a filter chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
     pub codec: Codec,
-    pub route_config: Arc<RouteConfig>,
+    /// The inline `route_config`, or the RDS name to fetch.
+    pub routes: RouteSource,
     pub http_filters: Vec<HttpFilterConfig>,
     pub access_logs: Vec<Arc<AccessLog>>,
     /// `common_http_protocol_options.idle_timeout` (default 1 h; `0s` disables).

@@ -13,6 +13,7 @@ pub mod matcher;
 pub mod route;
 pub mod tcp;
 pub mod tls;
+pub mod xds;
 
 pub use cluster::*;
 pub use format::*;
@@ -21,6 +22,7 @@ pub use matcher::*;
 pub use route::*;
 pub use tcp::*;
 pub use tls::*;
+pub use xds::*;
 
 /// A shared, immutable name.
 pub type Name = Arc<str>;
@@ -35,6 +37,10 @@ pub struct Snapshot {
     pub clusters: BTreeMap<Name, Arc<Cluster>>,
     /// `static_resources.secrets` by name.
     pub secrets: BTreeMap<Name, Arc<Secret>>,
+    /// Route configurations fetched by RDS, by name (empty without xDS).
+    pub routes: BTreeMap<Name, Arc<RouteConfig>>,
+    /// `dynamic_resources`: where LDS and CDS come from.
+    pub dynamic: DynamicConfig,
     pub stats: StatsConfig,
     /// `overload_manager` `envoy.resource_monitors.global_downstream_max_connections`
     /// (or `downstream_connections`) limit.

@@ -139,6 +139,8 @@ pub struct DownstreamTls {
     pub params: TlsParams,
     pub alpn: Vec<Vec<u8>>,
     pub validation: Option<ValidationRef>,
+    /// The secrets above that come from SDS, with their sources.
+    pub sds: Vec<super::SdsRef>,
     pub require_client_cert: bool,
     /// Stateless resumption with tickets (off with
     /// `disable_stateless_session_resumption`).
@@ -160,6 +162,8 @@ pub struct UpstreamTls {
     pub params: TlsParams,
     pub alpn: Vec<Vec<u8>>,
     pub validation: Option<ValidationRef>,
+    /// The secrets above that come from SDS, with their sources.
+    pub sds: Vec<super::SdsRef>,
     /// `max_session_keys` (default 1; 0 disables resumption).
     pub max_session_keys: u32,
     pub path: String,

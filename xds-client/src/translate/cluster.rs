@@ -25,6 +25,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                 Ok(c::cluster::DiscoveryType::Static) => Discovery::Static,
                 Ok(c::cluster::DiscoveryType::StrictDns) => Discovery::StrictDns,
                 Ok(c::cluster::DiscoveryType::LogicalDns) => Discovery::LogicalDns,
+                Ok(c::cluster::DiscoveryType::Eds) => Discovery::Eds,
                 Ok(other) => {
                     errs.push(
                         join(path, "type"),
@@ -92,25 +93,62 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             DEFAULT_CONNECT_TIMEOUT
         }
     };
-    let mut localities = Vec::new();
-    let mut overprovisioning_factor = 140;
-    if let Some(la) = &p.load_assignment {
-        if let Some(pol) = &la.policy {
-            if let Some(f) = &pol.overprovisioning_factor {
-                overprovisioning_factor = f.value.max(1);
+    let (localities, overprovisioning_factor) = match &p.load_assignment {
+        Some(_) if discovery == Discovery::Eds => {
+            errs.push(
+                join(path, "load_assignment"),
+                "an EDS cluster takes its endpoints from EDS, not load_assignment",
+            );
+            (Vec::new(), DEFAULT_OVERPROVISIONING)
+        }
+        Some(la) => {
+            load_assignment(la, &join(path, "load_assignment"), discovery).unwrap_or_else(|e| {
+                errs.extend(e);
+                (Vec::new(), DEFAULT_OVERPROVISIONING)
+            })
+        }
+        None => (Vec::new(), DEFAULT_OVERPROVISIONING),
+    };
+    let eds = match (&p.eds_cluster_config, discovery) {
+        (Some(e), Discovery::Eds) => {
+            let epath = join(path, "eds_cluster_config");
+            match &e.eds_config {
+                Some(cs) => match super::xds::config_source(cs, &join(&epath, "eds_config")) {
+                    Ok(source) => Some(Eds {
+                        service_name: if e.service_name.is_empty() {
+                            p.name.as_str().into()
+                        } else {
+                            e.service_name.as_str().into()
+                        },
+                        source,
+                    }),
+                    Err(er) => {
+                        errs.extend(er);
+                        None
+                    }
+                },
+                None => {
+                    errs.push(join(&epath, "eds_config"), "an eds_config is required");
+                    None
+                }
             }
         }
-        for (i, le) in la.endpoints.iter().enumerate() {
-            match locality(
-                le,
-                &format!("{path}.load_assignment.endpoints[{i}]"),
-                discovery,
-            ) {
-                Ok(l) => localities.push(l),
-                Err(e) => errs.extend(e),
-            }
+        (None, Discovery::Eds) => {
+            errs.push(
+                join(path, "eds_cluster_config"),
+                "an EDS cluster needs eds_cluster_config",
+            );
+            None
         }
-    }
+        (Some(_), _) => {
+            errs.push(
+                join(path, "eds_cluster_config"),
+                "only EDS clusters take eds_cluster_config",
+            );
+            None
+        }
+        (None, _) => None,
+    };
     if discovery == Discovery::LogicalDns {
         let n: usize = localities.iter().map(|l| l.endpoints.len()).sum();
         if n != 1 {
@@ -314,6 +352,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             p.alt_stat_name.clone()
         },
         discovery,
+        eds,
         lb,
         connect_timeout,
         localities,
@@ -339,6 +378,35 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         auto_san_validation,
         auto_sni_header,
     })
+}
+
+/// Envoy's default `overprovisioning_factor`.
+const DEFAULT_OVERPROVISIONING: u32 = 140;
+
+/// A `ClusterLoadAssignment` (a cluster's `load_assignment` or an EDS
+/// resource): the localities and the overprovisioning factor.
+pub fn load_assignment(
+    la: &crate::api::envoy::config::endpoint::v3::ClusterLoadAssignment,
+    path: &str,
+    discovery: Discovery,
+) -> Result<(Vec<LocalityEndpoints>, u32), ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut factor = DEFAULT_OVERPROVISIONING;
+    if let Some(f) = la
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.as_ref())
+    {
+        factor = f.value.max(1);
+    }
+    let mut localities = Vec::new();
+    for (i, le) in la.endpoints.iter().enumerate() {
+        match locality(le, &format!("{path}.endpoints[{i}]"), discovery) {
+            Ok(l) => localities.push(l),
+            Err(e) => errs.extend(e),
+        }
+    }
+    errs.into_result((localities, factor))
 }
 
 fn common_options(
@@ -410,17 +478,22 @@ fn locality(
                 };
                 match sa.address.parse::<std::net::IpAddr>() {
                     Ok(ip) => EndpointAddress::Ip(std::net::SocketAddr::new(ip, port)),
-                    Err(_) if discovery != Discovery::Static => {
+                    Err(_) if matches!(discovery, Discovery::StrictDns | Discovery::LogicalDns) => {
                         EndpointAddress::Dns(sa.address.clone(), port)
                     }
                     Err(_) => {
                         errs.push(
                             join(&p, "endpoint.address.socket_address.address"),
-                            format!("{:?} is not an IP address (STATIC clusters need IPs; use STRICT_DNS)", sa.address),
+                            format!("{:?} is not an IP address (STATIC and EDS clusters need IPs; use STRICT_DNS)", sa.address),
                         );
                         continue;
                     }
                 }
+            }
+            Some(crate::api::envoy::config::core::v3::address::Address::Pipe(pipe))
+                if discovery == Discovery::Static && !pipe.path.is_empty() =>
+            {
+                EndpointAddress::Pipe(pipe.path.as_str().into())
             }
             _ => {
                 errs.push(join(&p, "endpoint.address"), "a socket address is required");

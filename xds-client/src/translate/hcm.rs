@@ -31,19 +31,37 @@ pub fn hcm(
     let route_config = match &p.route_specifier {
         Some(hm::RouteSpecifier::RouteConfig(rc)) => {
             match route::route_config(rc, &join(path, "route_config")) {
-                Ok(rc) => Some(Arc::new(rc)),
+                Ok(rc) => Some(RouteSource::Static(Arc::new(rc))),
                 Err(e) => {
                     errs.extend(e);
                     None
                 }
             }
         }
-        Some(hm::RouteSpecifier::Rds(_)) => {
-            errs.push(
-                join(path, "rds"),
-                "RDS comes with the xDS client; use an inline route_config",
-            );
-            None
+        Some(hm::RouteSpecifier::Rds(r)) => {
+            let rpath = join(path, "rds");
+            if r.route_config_name.is_empty() {
+                errs.push(
+                    join(&rpath, "route_config_name"),
+                    "a route_config_name is required",
+                );
+            }
+            match r.config_source.as_ref() {
+                None => {
+                    errs.push(join(&rpath, "config_source"), "a config_source is required");
+                    None
+                }
+                Some(cs) => match super::xds::config_source(cs, &join(&rpath, "config_source")) {
+                    Ok(source) => Some(RouteSource::Rds(Rds {
+                        name: r.route_config_name.as_str().into(),
+                        source,
+                    })),
+                    Err(e) => {
+                        errs.extend(e);
+                        None
+                    }
+                },
+            }
         }
         Some(hm::RouteSpecifier::ScopedRoutes(_)) => {
             errs.push(
@@ -311,7 +329,7 @@ pub fn hcm(
     Ok(HttpConnectionManager {
         stat_prefix,
         codec,
-        route_config: route_config.expect("checked above"),
+        routes: route_config.expect("checked above"),
         http_filters,
         access_logs,
         idle_timeout,

@@ -27,6 +27,7 @@ pub mod hcm;
 pub mod listener;
 pub mod route;
 pub mod tls;
+pub mod xds;
 
 pub use format::{parse_format, DEFAULT_ACCESS_LOG_FORMAT};
 
@@ -35,13 +36,13 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     // Unimplemented fields are reported, and translation goes on so that
     // one run lists every problem (`--mode validate`).
     let mut errs = crate::support::check_proto(b, "");
-    if b.dynamic_resources.is_some() {
-        errs.0.retain(|e| e.path != "dynamic_resources");
-        errs.push(
-            "dynamic_resources",
-            "xDS (dynamic_resources) is not implemented yet in weir",
-        );
-    }
+    let dynamic = match &b.dynamic_resources {
+        Some(d) => xds::dynamic_config(d, "dynamic_resources").unwrap_or_else(|e| {
+            errs.extend(e);
+            DynamicConfig::default()
+        }),
+        None => DynamicConfig::default(),
+    };
     let node = b
         .node
         .as_ref()
@@ -139,14 +140,34 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     }
     // Static routes must name clusters that exist (Envoy's validate_clusters
     // default for static route configs).
-    for l in &listeners {
-        for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
-            check_chain_refs(fc, &clusters, &secrets, &mut errs);
+    let _ = listener_index;
+    let ads = dynamic.ads.is_some();
+    if let Some(a) = &dynamic.ads {
+        if let GrpcTarget::Cluster(c) = &a.target {
+            if !clusters.contains_key(c) {
+                errs.push(
+                    "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name",
+                    format!("unknown static cluster {c:?}"),
+                );
+            }
         }
     }
-    let _ = listener_index;
+    for (field, cs) in [("lds_config", &dynamic.lds), ("cds_config", &dynamic.cds)] {
+        if let Some(cs) = cs {
+            xds::check_source(
+                cs,
+                &format!("dynamic_resources.{field}"),
+                ads,
+                &clusters,
+                &mut errs,
+            );
+        }
+    }
+    for l in &listeners {
+        check_listener_refs(l, &clusters, &secrets, ads, true, &mut errs);
+    }
     for (_, c) in clusters.iter() {
-        check_cluster_refs(c, &secrets, &mut errs);
+        check_cluster_refs(c, &clusters, &secrets, ads, &mut errs);
     }
 
     let stats = match &b.stats_config {
@@ -200,95 +221,197 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
         listeners,
         clusters,
         secrets,
+        routes: BTreeMap::new(),
+        dynamic,
         stats,
         max_downstream_connections,
     })
 }
 
-/// A listener chain's references: route and tcp_proxy clusters (Envoy's
-/// `validate_clusters` default for static configs) and SDS secret names.
+/// A listener's references (see [`check_chain_refs`]). `static_routes`:
+/// inline routes must name known clusters (Envoy's `validate_clusters`
+/// default for static listeners; an LDS listener's routes may name clusters
+/// CDS has not sent yet).
+pub fn check_listener_refs(
+    l: &Listener,
+    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    secrets: &BTreeMap<Name, Arc<Secret>>,
+    ads: bool,
+    static_routes: bool,
+    errs: &mut ConfigErrors,
+) {
+    for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
+        check_chain_refs(fc, clusters, secrets, ads, static_routes, errs);
+    }
+}
+
+/// A listener chain's references: route and tcp_proxy clusters, SDS
+/// secret names and config sources.
 fn check_chain_refs(
     fc: &FilterChain,
     clusters: &BTreeMap<Name, Arc<Cluster>>,
     secrets: &BTreeMap<Name, Arc<Secret>>,
+    ads: bool,
+    static_routes: bool,
     errs: &mut ConfigErrors,
 ) {
     match &fc.filter {
-        NetworkFilter::Http(h) => {
-            let base = format!("{}.filters[0].typed_config.route_config", fc.path);
-            for (vi, vh) in h.route_config.vhosts.iter().enumerate() {
-                for (ri, r) in vh.routes.iter().enumerate() {
-                    let RouteKind::Forward(a) = &r.action else {
-                        continue;
-                    };
-                    let names: Vec<(String, &Name)> = match &a.cluster {
-                        ClusterSpecifier::Name(n) => vec![("route.cluster".to_owned(), n)],
-                        ClusterSpecifier::Weighted(w) => w
-                            .clusters
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| {
-                                (
-                                    format!("route.weighted_clusters.clusters[{i}].name"),
-                                    &c.name,
-                                )
-                            })
-                            .collect(),
-                        ClusterSpecifier::Header(_) => vec![],
-                    };
-                    for (field, n) in names {
-                        match clusters.get(n) {
-                            None => errs.push(
-                                format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
-                                format!("unknown cluster {n:?}"),
-                            ),
-                            // HTTP pools are shared by downstream connections;
-                            // Envoy keys them by the downstream addresses for
-                            // PROXY protocol, weir does not yet.
-                            Some(c)
-                                if std::iter::once(&c.transport)
-                                    .chain(c.transport_matches.iter().map(|m| &m.transport))
-                                    .any(|t| t.proxy_protocol().is_some()) =>
-                            {
-                                errs.push(
-                                    format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
-                                    format!("cluster {n:?} uses the upstream PROXY protocol transport, which weir implements for tcp_proxy only"),
-                                )
-                            }
-                            Some(_) => {}
-                        }
-                    }
-                }
-            }
-        }
+        NetworkFilter::Http(h) => match &h.routes {
+            RouteSource::Static(rc) => check_route_clusters(
+                rc,
+                &format!("{}.filters[0].typed_config.route_config", fc.path),
+                clusters,
+                static_routes,
+                errs,
+            ),
+            RouteSource::Rds(r) => xds::check_source(
+                &r.source,
+                &format!("{}.filters[0].typed_config.rds.config_source", fc.path),
+                ads,
+                clusters,
+                errs,
+            ),
+        },
         // As Envoy, tcp_proxy resolves its cluster per connection: a
         // missing one closes the connection (NC, downstream_cx_no_route).
         NetworkFilter::Tcp(_) => {}
     }
     if let Some(t) = &fc.tls {
-        check_tls_refs(&t.certs, &t.validation, &t.path, secrets, errs);
+        check_tls_refs(&t.certs, &t.validation, &t.sds, &t.path, secrets, errs);
+        check_sds_sources(&t.sds, &t.path, ads, clusters, errs);
     }
 }
 
-fn check_cluster_refs(c: &Cluster, secrets: &BTreeMap<Name, Arc<Secret>>, errs: &mut ConfigErrors) {
-    let transports =
-        std::iter::once(&c.transport).chain(c.transport_matches.iter().map(|m| &m.transport));
-    for t in transports {
-        if let Some(t) = t.tls() {
-            check_tls_refs(t.cert.as_slice(), &t.validation, &t.path, secrets, errs);
+/// The clusters a route configuration names. `require_known`: an unknown
+/// cluster is an error (Envoy's `validate_clusters` default for inline
+/// routes of static listeners); otherwise it is answered 503 (NC) at run
+/// time, as for RDS. A cluster with the upstream PROXY protocol transport is
+/// rejected for HTTP routes in any case.
+pub fn check_route_clusters(
+    rc: &RouteConfig,
+    base: &str,
+    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    require_known: bool,
+    errs: &mut ConfigErrors,
+) {
+    for (vi, vh) in rc.vhosts.iter().enumerate() {
+        for (ri, r) in vh.routes.iter().enumerate() {
+            let RouteKind::Forward(a) = &r.action else {
+                continue;
+            };
+            let names: Vec<(String, &Name)> = match &a.cluster {
+                ClusterSpecifier::Name(n) => vec![("route.cluster".to_owned(), n)],
+                ClusterSpecifier::Weighted(w) => w
+                    .clusters
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        (
+                            format!("route.weighted_clusters.clusters[{i}].name"),
+                            &c.name,
+                        )
+                    })
+                    .collect(),
+                ClusterSpecifier::Header(_) => vec![],
+            };
+            for (field, n) in names {
+                match clusters.get(n) {
+                    None if require_known => errs.push(
+                        format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
+                        format!("unknown cluster {n:?}"),
+                    ),
+                    None => {}
+                    // HTTP pools are shared by downstream connections;
+                    // Envoy keys them by the downstream addresses for
+                    // PROXY protocol, weir does not yet.
+                    Some(c)
+                        if std::iter::once(&c.transport)
+                            .chain(c.transport_matches.iter().map(|m| &m.transport))
+                            .any(|t| t.proxy_protocol().is_some()) =>
+                    {
+                        errs.push(
+                            format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
+                            format!("cluster {n:?} uses the upstream PROXY protocol transport, which weir implements for tcp_proxy only"),
+                        )
+                    }
+                    Some(_) => {}
+                }
+            }
         }
     }
 }
 
+/// A cluster's references: SDS secrets, and the EDS and SDS sources.
+pub fn check_cluster_refs(
+    c: &Cluster,
+    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    secrets: &BTreeMap<Name, Arc<Secret>>,
+    ads: bool,
+    errs: &mut ConfigErrors,
+) {
+    let transports =
+        std::iter::once(&c.transport).chain(c.transport_matches.iter().map(|m| &m.transport));
+    for t in transports {
+        if let Some(t) = t.tls() {
+            check_tls_refs(
+                t.cert.as_slice(),
+                &t.validation,
+                &t.sds,
+                &t.path,
+                secrets,
+                errs,
+            );
+            check_sds_sources(&t.sds, &t.path, ads, clusters, errs);
+        }
+    }
+    if let Some(e) = &c.eds {
+        xds::check_source(
+            &e.source,
+            &format!("cluster {:?} eds_cluster_config.eds_config", c.name),
+            ads,
+            clusters,
+            errs,
+        );
+    }
+}
+
+fn check_sds_sources(
+    sds: &[SdsRef],
+    path: &str,
+    ads: bool,
+    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    errs: &mut ConfigErrors,
+) {
+    for r in sds {
+        xds::check_source(
+            &r.source,
+            &join(
+                path,
+                &format!("common_tls_context (secret {:?}).sds_config", r.name),
+            ),
+            ads,
+            clusters,
+            errs,
+        );
+    }
+}
+
+/// Secrets named without `sds_config` must be static secrets of the right
+/// kind; SDS-fetched ones are checked when they arrive.
 fn check_tls_refs(
     certs: &[SecretRef<TlsCertificate>],
     validation: &Option<ValidationRef>,
+    sds: &[SdsRef],
     path: &str,
     secrets: &BTreeMap<Name, Arc<Secret>>,
     errs: &mut ConfigErrors,
 ) {
+    let dynamic = |n: &Name| sds.iter().any(|r| &r.name == n);
     for c in certs {
         if let SecretRef::Sds(n) = c {
+            if dynamic(n) {
+                continue;
+            }
             match secrets.get(n).map(|s| &**s) {
                 Some(Secret::Certificate(_)) => {}
                 Some(_) => errs.push(
@@ -308,19 +431,22 @@ fn check_tls_refs(
             }
         }
     }
-    let sds = match validation {
+    let n = match validation {
         Some(ValidationRef::Sds(n)) | Some(ValidationRef::Combined { sds: n, .. }) => n,
         _ => return,
     };
-    match secrets.get(sds).map(|s| &**s) {
+    if dynamic(n) {
+        return;
+    }
+    match secrets.get(n).map(|s| &**s) {
         Some(Secret::Validation(_)) => {}
         Some(_) => errs.push(
             join(path, "common_tls_context"),
-            format!("secret {sds:?} is not a validation_context"),
+            format!("secret {n:?} is not a validation_context"),
         ),
         None => errs.push(
             join(path, "common_tls_context"),
-            format!("unknown static secret {sds:?}"),
+            format!("unknown static secret {n:?}"),
         ),
     }
 }

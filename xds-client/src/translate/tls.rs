@@ -108,6 +108,7 @@ pub fn downstream_tls(
         params: c.params,
         alpn: c.alpn,
         validation: c.validation,
+        sds: c.sds,
         require_client_cert,
         session_tickets,
         session_cache: !p.disable_stateful_session_resumption,
@@ -237,6 +238,7 @@ pub fn upstream_tls(p: &tls::UpstreamTlsContext, path: &str) -> Result<UpstreamT
         params: c.params,
         alpn: c.alpn,
         validation: c.validation,
+        sds: c.sds,
         max_session_keys: p.max_session_keys.as_ref().map(|v| v.value).unwrap_or(1),
         path: path.to_owned(),
     })
@@ -266,6 +268,7 @@ struct Common {
     params: TlsParams,
     alpn: Vec<Vec<u8>>,
     validation: Option<ValidationRef>,
+    sds: Vec<SdsRef>,
 }
 
 fn common_context(c: &tls::CommonTlsContext, path: &str, errs: &mut ConfigErrors) -> Common {
@@ -277,6 +280,7 @@ fn common_context(c: &tls::CommonTlsContext, path: &str, errs: &mut ConfigErrors
         None => TlsParams::default(),
     };
     let mut certs = Vec::new();
+    let mut sds = Vec::new();
     for (i, t) in c.tls_certificates.iter().enumerate() {
         match tls_certificate(t, &format!("{path}.tls_certificates[{i}]")) {
             Ok(t) => certs.push(SecretRef::Inline(t)),
@@ -287,6 +291,7 @@ fn common_context(c: &tls::CommonTlsContext, path: &str, errs: &mut ConfigErrors
         match sds_name(
             s,
             &format!("{path}.tls_certificate_sds_secret_configs[{i}]"),
+            &mut sds,
         ) {
             Ok(n) => certs.push(SecretRef::Sds(n)),
             Err(e) => errs.extend(e),
@@ -316,7 +321,11 @@ fn common_context(c: &tls::CommonTlsContext, path: &str, errs: &mut ConfigErrors
             }
         }
         Some(V::ValidationContextSdsSecretConfig(s)) => {
-            match sds_name(s, &join(path, "validation_context_sds_secret_config")) {
+            match sds_name(
+                s,
+                &join(path, "validation_context_sds_secret_config"),
+                &mut sds,
+            ) {
                 Ok(n) => Some(ValidationRef::Sds(n)),
                 Err(e) => {
                     errs.extend(e);
@@ -335,8 +344,11 @@ fn common_context(c: &tls::CommonTlsContext, path: &str, errs: &mut ConfigErrors
                 None => CertValidation::default(),
             };
             match &cv.validation_context_sds_secret_config {
-                Some(s) => match sds_name(s, &join(&cpath, "validation_context_sds_secret_config"))
-                {
+                Some(s) => match sds_name(
+                    s,
+                    &join(&cpath, "validation_context_sds_secret_config"),
+                    &mut sds,
+                ) {
                     Ok(n) => Some(ValidationRef::Combined { default, sds: n }),
                     Err(e) => {
                         errs.extend(e);
@@ -365,22 +377,29 @@ fn common_context(c: &tls::CommonTlsContext, path: &str, errs: &mut ConfigErrors
         params,
         alpn,
         validation,
+        sds,
     }
 }
 
-/// An `SdsSecretConfig`: a static secret by name. Dynamic SDS (`sds_config`)
-/// arrives with the xDS client.
-fn sds_name(s: &tls::SdsSecretConfig, path: &str) -> Result<Name, ConfigErrors> {
+/// An `SdsSecretConfig`: a `static_resources.secrets` entry by name, or
+/// with `sds_config` a secret fetched by SDS (recorded in `sds`).
+fn sds_name(
+    s: &tls::SdsSecretConfig,
+    path: &str,
+    sds: &mut Vec<SdsRef>,
+) -> Result<Name, ConfigErrors> {
     if s.name.is_empty() {
         return Err(err(join(path, "name"), "an SDS secret needs a name"));
     }
-    if s.sds_config.is_some() {
-        return Err(err(
-            join(path, "sds_config"),
-            "dynamic SDS is not implemented yet (it comes with the xDS client); name a static_resources.secrets entry",
-        ));
+    let name: Name = s.name.as_str().into();
+    if let Some(cs) = &s.sds_config {
+        let source = super::xds::config_source(cs, &join(path, "sds_config"))?;
+        sds.push(SdsRef {
+            name: name.clone(),
+            source,
+        });
     }
-    Ok(s.name.as_str().into())
+    Ok(name)
 }
 
 fn cert_data(d: &core::DataSource, path: &str) -> Result<CertData, ConfigErrors> {

@@ -1,0 +1,194 @@
+//! Wiring the xDS client into the server: connections to control planes
+//! (static clusters over TCP or Unix sockets, TLS when the cluster says so),
+//! applying snapshots, readiness and stats.
+use std::sync::{Arc, Weak};
+
+use futures_util::future::BoxFuture;
+use xds_client::config::{EndpointAddress, GrpcTarget};
+use xds_client::xds::{Connector, Event, ResourceType, XdsClient, XdsIo};
+
+use crate::Shared;
+
+/// Connects to xDS servers through the bootstrap's static clusters.
+struct ClusterConnector {
+    shared: Weak<Shared>,
+}
+
+impl Connector for ClusterConnector {
+    fn connect(&self, target: &GrpcTarget) -> BoxFuture<'static, std::io::Result<XdsIo>> {
+        let shared = self.shared.upgrade();
+        let target = target.clone();
+        Box::pin(async move {
+            let shared = shared.ok_or_else(|| std::io::Error::other("server stopped"))?;
+            match target {
+                GrpcTarget::Uri(uri) => {
+                    if let Some(p) = uri.strip_prefix("unix:") {
+                        let p = if p.starts_with("//") {
+                            p.trim_start_matches('/').to_owned()
+                        } else {
+                            p.to_owned()
+                        };
+                        let p = if uri.starts_with("unix:///") {
+                            format!("/{p}")
+                        } else {
+                            p
+                        };
+                        let s = tokio::net::UnixStream::connect(p).await?;
+                        return Ok(Box::new(s) as XdsIo);
+                    }
+                    let addr: std::net::SocketAddr = uri
+                        .trim_start_matches("ipv4:")
+                        .trim_start_matches("ipv6:")
+                        .parse()
+                        .map_err(|e| std::io::Error::other(format!("{uri}: {e}")))?;
+                    let s = tokio::net::TcpStream::connect(addr).await?;
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::new(s) as XdsIo)
+                }
+                GrpcTarget::Cluster(name) => {
+                    let cluster = shared.clusters.get(&name).ok_or_else(|| {
+                        std::io::Error::other(format!("unknown cluster {name:?}"))
+                    })?;
+                    // A Unix socket endpoint (Istio's pilot-agent), else a host.
+                    let pipe = cluster
+                        .config
+                        .localities
+                        .iter()
+                        .flat_map(|l| &l.endpoints)
+                        .find_map(|e| match &e.address {
+                            EndpointAddress::Pipe(p) => Some(p.clone()),
+                            _ => None,
+                        });
+                    if let Some(p) = pipe {
+                        let s = tokio::time::timeout(
+                            cluster.config.connect_timeout,
+                            tokio::net::UnixStream::connect(&p),
+                        )
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+                        })??;
+                        return Ok(Box::new(s) as XdsIo);
+                    }
+                    let host = cluster.choose(&[], 0).ok_or_else(|| {
+                        std::io::Error::other(format!("cluster {name:?} has no host"))
+                    })?;
+                    let tcp = tokio::time::timeout(
+                        cluster.config.connect_timeout,
+                        tokio::net::TcpStream::connect(host.addr),
+                    )
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+                    })??;
+                    let _ = tcp.set_nodelay(true);
+                    match cluster.tls_for(&host) {
+                        None => Ok(Box::new(tcp) as XdsIo),
+                        Some(tls) => {
+                            let (s, _) = tls
+                                .connect(
+                                    tcp,
+                                    host.addr,
+                                    crate::tls::client::AlpnFallback::Http2,
+                                    None,
+                                )
+                                .await
+                                .map_err(std::io::Error::other)?;
+                            Ok(Box::new(s) as XdsIo)
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// The node sent to control planes: the bootstrap's (with the CLI
+/// overrides) plus Envoy's user agent fields.
+fn node(shared: &Shared) -> xds_client::api::envoy::config::core::v3::Node {
+    use xds_client::api::envoy::config::core::v3::node::UserAgentVersionType;
+    let mut n = shared.bootstrap.node.clone().unwrap_or_default();
+    // Control planes select features by user agent; weir speaks Envoy's API.
+    n.user_agent_name = "envoy".into();
+    if n.user_agent_version_type.is_none() {
+        n.user_agent_version_type = Some(UserAgentVersionType::UserAgentVersion(format!(
+            "weir/{}",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    n
+}
+
+fn version_hash(v: &str) -> i64 {
+    // Envoy's `version` gauge is a hash of version_info (FNV-1a here).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in v.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h & 0x7fff_ffff_ffff_ffff) as i64
+}
+
+/// Starts the xDS client on the current (control) runtime.
+pub fn start(shared: &Arc<Shared>) {
+    let base = shared.snapshot.load_full();
+    let weak = Arc::downgrade(shared);
+    let w2 = weak.clone();
+    let client = XdsClient::new(
+        base,
+        node(shared),
+        Arc::new(ClusterConnector {
+            shared: weak.clone(),
+        }),
+        Box::new(move |snap, init_done| {
+            let Some(s) = weak.upgrade() else { return };
+            crate::manager::apply(&s, snap);
+            if let Some(c) = s.xds.get() {
+                let (wl, wc) =
+                    c.with_state(|st| (st.warming_listeners.len(), st.warming_clusters.len()));
+                s.server_stats.total_listeners_warming.set(wl as i64);
+                s.server_stats.warming_clusters.set(wc as i64);
+            }
+            if init_done
+                && !s
+                    .initialized
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                tracing::info!("all dynamic resources initialized; server LIVE");
+                if !*s.drain.borrow() {
+                    s.server_stats.state.set(0);
+                }
+                s.server_stats.live.set(1);
+            }
+        }),
+        Box::new(move |e| {
+            let Some(s) = w2.upgrade() else { return };
+            let st = &s.server_stats;
+            let stats = |rt| match rt {
+                ResourceType::Cluster => Some(&st.cds),
+                ResourceType::Listener => Some(&st.lds),
+                _ => None,
+            };
+            match e {
+                Event::Attempt(rt) => {
+                    if let Some(x) = stats(rt) {
+                        x.update_attempt.inc();
+                    }
+                }
+                Event::Accepted { rt, version } => {
+                    if let Some(x) = stats(rt) {
+                        x.update_success.inc();
+                        x.version.set(version_hash(&version));
+                    }
+                }
+                Event::Rejected { rt, .. } => {
+                    if let Some(x) = stats(rt) {
+                        x.update_rejected.inc();
+                    }
+                }
+                Event::Connected(up) => st.connected_state.set(i64::from(up)),
+            }
+        }),
+    );
+    let _ = shared.xds.set(client.clone());
+    tokio::spawn(client.run());
+}

@@ -1,0 +1,699 @@
+//! The accepted dynamic resources and their assembly into snapshots.
+//!
+//! Resources are accepted one by one (a bad one is rejected with its reason
+//! and never poisons the others). Each accepted change re-assembles a
+//! [`Snapshot`]: the static bootstrap resources plus every dynamic resource
+//! that is *warm*. A cluster warms until its EDS assignment and SDS secrets
+//! are here, a listener until its RDS routes and SDS secrets are here (or
+//! their `initial_fetch_timeout` passed); meanwhile the previous version, if
+//! any, keeps serving, as Envoy's warming.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::api::google::protobuf::Any;
+use crate::config::*;
+use crate::error::ConfigErrors;
+
+use super::resources::{decode, Endpoints, Rejected, Resource, ResourceType};
+
+/// One accepted resource.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The SotW `version_info` it arrived with, or its delta version.
+    pub version: String,
+    pub resource: Resource,
+    /// As received, for `/config_dump`.
+    pub raw: Any,
+    pub updated: SystemTime,
+}
+
+/// What a stream should subscribe to for one type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interest {
+    Wildcard,
+    Names(BTreeSet<Name>),
+}
+
+/// Every subscription weir wants, by source and type.
+pub type Wanted = BTreeMap<SourceKind, BTreeMap<ResourceType, Interest>>;
+
+/// The outcome of applying one response.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Resources added, changed or removed (a re-assembly is needed).
+    pub changed: bool,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Applied {
+    /// The NACK `error_detail` message, if anything was rejected.
+    pub fn error_detail(&self) -> Option<String> {
+        (!self.rejected.is_empty()).then(|| {
+            self.rejected
+                .iter()
+                .map(|r| r.reason.clone())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    }
+}
+
+/// The dynamic configuration accepted so far.
+#[derive(Debug)]
+pub struct DynamicState {
+    base: Arc<Snapshot>,
+    resources: BTreeMap<ResourceType, BTreeMap<Name, Entry>>,
+    /// Last accepted SotW `version_info` per type.
+    pub type_versions: BTreeMap<ResourceType, String>,
+    /// Types whose first response arrived (or whose wait timed out).
+    received: BTreeSet<ResourceType>,
+    /// Names (`*` for a wildcard type) still awaited, with the deadline of
+    /// their initial fetch.
+    pending: BTreeMap<(ResourceType, Name), Option<Instant>>,
+    /// Names whose initial fetch timed out: warming goes on without them.
+    timed_out: BTreeSet<(ResourceType, Name)>,
+    active_listeners: BTreeMap<Name, Arc<Listener>>,
+    active_clusters: BTreeMap<Name, Arc<Cluster>>,
+    /// CDS cluster + EDS endpoints -> merged cluster, reused while both
+    /// inputs are the same `Arc`s (so unchanged clusters compare by pointer).
+    merged: BTreeMap<Name, Merged>,
+    pub warming_listeners: BTreeSet<Name>,
+    pub warming_clusters: BTreeSet<Name>,
+    init_done: bool,
+}
+
+const WILDCARD: &str = "*";
+
+/// (CDS cluster, EDS endpoints, the two merged).
+type Merged = (Arc<Cluster>, Option<Arc<Endpoints>>, Arc<Cluster>);
+
+impl DynamicState {
+    pub fn new(base: Arc<Snapshot>) -> Self {
+        let mut s = DynamicState {
+            base,
+            resources: BTreeMap::new(),
+            type_versions: BTreeMap::new(),
+            received: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            timed_out: BTreeSet::new(),
+            active_listeners: BTreeMap::new(),
+            active_clusters: BTreeMap::new(),
+            merged: BTreeMap::new(),
+            warming_listeners: BTreeSet::new(),
+            warming_clusters: BTreeSet::new(),
+            init_done: false,
+        };
+        let now = Instant::now();
+        for (rt, cs) in [
+            (ResourceType::Listener, &s.base.dynamic.lds),
+            (ResourceType::Cluster, &s.base.dynamic.cds),
+        ] {
+            if let Some(cs) = cs {
+                s.pending.insert(
+                    (rt, WILDCARD.into()),
+                    cs.initial_fetch_timeout.map(|t| now + t),
+                );
+            }
+        }
+        s
+    }
+
+    /// The static bootstrap snapshot.
+    pub fn base(&self) -> &Arc<Snapshot> {
+        &self.base
+    }
+
+    /// The accepted resources of one type.
+    pub fn entries(&self, rt: ResourceType) -> impl Iterator<Item = (&Name, &Entry)> {
+        self.resources.get(&rt).into_iter().flatten()
+    }
+
+    /// The versions of accepted resources of `rt` (delta
+    /// `initial_resource_versions` on reconnect).
+    pub fn versions(&self, rt: ResourceType) -> BTreeMap<String, String> {
+        self.entries(rt)
+            .map(|(n, e)| (n.to_string(), e.version.clone()))
+            .collect()
+    }
+
+    fn get(&self, rt: ResourceType, name: &str) -> Option<&Resource> {
+        self.resources
+            .get(&rt)
+            .and_then(|m| m.get(name))
+            .map(|e| &e.resource)
+    }
+
+    /// Applies one response's resources of type `rt`. `resources`: (name
+    /// from a delta wrapper, resource, version). `removed`: names to drop.
+    /// `sotw_full`: a state-of-the-world response of a wildcard type, where
+    /// absence means removal.
+    pub fn apply(
+        &mut self,
+        rt: ResourceType,
+        resources: &[(Option<String>, Any, String)],
+        removed: &[String],
+        sotw_full: bool,
+    ) -> Applied {
+        let mut out = Applied::default();
+        let now = SystemTime::now();
+        let mut seen: BTreeSet<Name> = BTreeSet::new();
+        let mut accepted: Vec<(Name, Entry)> = Vec::new();
+        for (wrapped_name, any, version) in resources {
+            match decode(rt, any) {
+                Ok((name, resource)) => {
+                    if let Some(w) = wrapped_name {
+                        if !w.is_empty() && **w != *name {
+                            out.rejected.push(Rejected {
+                                name: Some(name.clone()),
+                                reason: format!(
+                                    "resource named {w:?} in its wrapper but {name:?} inside"
+                                ),
+                            });
+                            seen.insert(name);
+                            continue;
+                        }
+                    }
+                    if !seen.insert(name.clone()) {
+                        out.rejected.push(Rejected {
+                            name: Some(name.clone()),
+                            reason: format!("duplicate resource {name:?} in one response"),
+                        });
+                        continue;
+                    }
+                    if let Err(e) = self.check(&name, &resource, &accepted) {
+                        out.rejected.push(Rejected {
+                            name: Some(name.clone()),
+                            reason: e,
+                        });
+                        continue;
+                    }
+                    accepted.push((
+                        name,
+                        Entry {
+                            version: version.clone(),
+                            resource,
+                            raw: any.clone(),
+                            updated: now,
+                        },
+                    ));
+                }
+                Err(r) => {
+                    if let Some(n) = &r.name {
+                        seen.insert(n.clone());
+                    }
+                    out.rejected.push(r);
+                }
+            }
+        }
+        let map = self.resources.entry(rt).or_default();
+        if sotw_full {
+            let gone: Vec<Name> = map.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+            for n in gone {
+                map.remove(&n);
+                out.changed = true;
+            }
+        }
+        for n in removed {
+            if map.remove(n.as_str()).is_some() {
+                out.changed = true;
+            }
+        }
+        for (name, entry) in accepted {
+            self.pending.remove(&(rt, name.clone()));
+            self.timed_out.remove(&(rt, name.clone()));
+            match map.get_mut(&name) {
+                Some(old) if old.resource == entry.resource => {
+                    old.version = entry.version;
+                }
+                _ => {
+                    map.insert(name, entry);
+                    out.changed = true;
+                }
+            }
+        }
+        if self.received.insert(rt) {
+            out.changed = true;
+        }
+        self.pending.remove(&(rt, WILDCARD.into()));
+        out
+    }
+
+    /// Checks that need the other resources: names and addresses that
+    /// collide with static ones or each other, and config sources.
+    fn check(&self, name: &Name, r: &Resource, batch: &[(Name, Entry)]) -> Result<(), String> {
+        let ads = self.base.dynamic.ads.is_some();
+        let mut errs = ConfigErrors::default();
+        match r {
+            Resource::Listener(l) => {
+                if self.base.listeners.iter().any(|s| s.name == *name) {
+                    return Err(format!(
+                        "Listener {name:?}: a static listener has this name"
+                    ));
+                }
+                let others = self
+                    .base
+                    .listeners
+                    .iter()
+                    .chain(self.entries(ResourceType::Listener).filter_map(|(n, e)| {
+                        match &e.resource {
+                            Resource::Listener(l) if n != name => Some(l),
+                            _ => None,
+                        }
+                    }))
+                    .chain(batch.iter().filter_map(|(_, e)| match &e.resource {
+                        Resource::Listener(l) => Some(l),
+                        _ => None,
+                    }));
+                for o in others {
+                    if o.address == l.address && l.address.port() != 0 {
+                        return Err(format!(
+                            "Listener {name:?}: address {} is used by listener {:?}",
+                            l.address, o.name
+                        ));
+                    }
+                }
+                crate::translate::check_listener_refs(
+                    l,
+                    &self.base.clusters,
+                    &self.base.secrets,
+                    ads,
+                    false,
+                    &mut errs,
+                );
+            }
+            Resource::Cluster(c) => {
+                if self.base.clusters.contains_key(name) {
+                    return Err(format!("Cluster {name:?}: a static cluster has this name"));
+                }
+                crate::translate::check_cluster_refs(
+                    c,
+                    &self.base.clusters,
+                    &self.base.secrets,
+                    ads,
+                    &mut errs,
+                );
+            }
+            Resource::Route(rc) => crate::translate::check_route_clusters(
+                rc,
+                "",
+                &self.base.clusters,
+                false,
+                &mut errs,
+            ),
+            Resource::Endpoint(_) | Resource::Secret(_) => {}
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            let kind = match r {
+                Resource::Listener(_) => "Listener",
+                Resource::Cluster(_) => "Cluster",
+                _ => "RouteConfiguration",
+            };
+            Err(format!(
+                "{kind} {name:?}: {}",
+                errs.0
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        }
+    }
+
+    /// What to subscribe to, from the bootstrap and the resources held.
+    pub fn wanted(&self) -> Wanted {
+        let mut w: Wanted = BTreeMap::new();
+        let mut add = |src: &ConfigSource, rt: ResourceType, name: Option<&Name>| {
+            let e = w.entry(src.kind.clone()).or_default();
+            match name {
+                None => {
+                    e.insert(rt, Interest::Wildcard);
+                }
+                Some(n) => {
+                    if let Interest::Names(s) = e
+                        .entry(rt)
+                        .or_insert_with(|| Interest::Names(BTreeSet::new()))
+                    {
+                        s.insert(n.clone());
+                    }
+                }
+            }
+        };
+        if let Some(cs) = &self.base.dynamic.lds {
+            add(cs, ResourceType::Listener, None);
+        }
+        if let Some(cs) = &self.base.dynamic.cds {
+            add(cs, ResourceType::Cluster, None);
+        }
+        let listeners =
+            self.base
+                .listeners
+                .iter()
+                .chain(self.entries(ResourceType::Listener).filter_map(
+                    |(_, e)| match &e.resource {
+                        Resource::Listener(l) => Some(l),
+                        _ => None,
+                    },
+                ));
+        for l in listeners {
+            for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
+                if let NetworkFilter::Http(h) = &fc.filter {
+                    if let RouteSource::Rds(r) = &h.routes {
+                        add(&r.source, ResourceType::Route, Some(&r.name));
+                    }
+                }
+                if let Some(t) = &fc.tls {
+                    for s in &t.sds {
+                        add(&s.source, ResourceType::Secret, Some(&s.name));
+                    }
+                }
+            }
+        }
+        let clusters =
+            self.base
+                .clusters
+                .values()
+                .chain(self.entries(ResourceType::Cluster).filter_map(
+                    |(_, e)| match &e.resource {
+                        Resource::Cluster(c) => Some(c),
+                        _ => None,
+                    },
+                ));
+        for c in clusters {
+            if let Some(e) = &c.eds {
+                add(&e.source, ResourceType::Endpoint, Some(&e.service_name));
+            }
+            for t in std::iter::once(&c.transport)
+                .chain(c.transport_matches.iter().map(|m| &m.transport))
+            {
+                if let Some(t) = t.tls() {
+                    for s in &t.sds {
+                        add(&s.source, ResourceType::Secret, Some(&s.name));
+                    }
+                }
+            }
+        }
+        w
+    }
+
+    /// Records the wanted names: new ones start their initial-fetch clock;
+    /// resources of by-name types nobody wants any more are dropped.
+    /// Returns true when something was dropped.
+    pub fn note_wanted(&mut self, wanted: &Wanted) -> bool {
+        let now = Instant::now();
+        let mut by_type: BTreeMap<ResourceType, BTreeSet<Name>> = BTreeMap::new();
+        let timeouts = self.fetch_timeouts();
+        for types in wanted.values() {
+            for (rt, i) in types {
+                if let Interest::Names(ns) = i {
+                    by_type.entry(*rt).or_default().extend(ns.iter().cloned());
+                }
+            }
+        }
+        for (rt, names) in &by_type {
+            for n in names {
+                let have = self.get(*rt, n).is_some();
+                let key = (*rt, n.clone());
+                if !have && !self.pending.contains_key(&key) && !self.timed_out.contains(&key) {
+                    let t = timeouts.get(&key).copied().flatten();
+                    self.pending.insert(key, t.map(|t| now + t));
+                }
+            }
+        }
+        let mut dropped = false;
+        for rt in [
+            ResourceType::Route,
+            ResourceType::Endpoint,
+            ResourceType::Secret,
+        ] {
+            let keep = by_type.get(&rt);
+            if let Some(m) = self.resources.get_mut(&rt) {
+                let before = m.len();
+                m.retain(|n, _| keep.is_some_and(|k| k.contains(n)));
+                dropped |= m.len() != before;
+            }
+            self.pending
+                .retain(|(t, n), _| *t != rt || keep.is_some_and(|k| k.contains(n)));
+        }
+        dropped
+    }
+
+    /// The initial_fetch_timeout of each referenced name.
+    fn fetch_timeouts(&self) -> BTreeMap<(ResourceType, Name), Option<Duration>> {
+        let mut out = BTreeMap::new();
+        let base = self.base.clone();
+        let listeners =
+            base.listeners
+                .iter()
+                .cloned()
+                .chain(self.entries(ResourceType::Listener).filter_map(
+                    |(_, e)| match &e.resource {
+                        Resource::Listener(l) => Some(l.clone()),
+                        _ => None,
+                    },
+                ));
+        for l in listeners {
+            for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
+                if let NetworkFilter::Http(h) = &fc.filter {
+                    if let RouteSource::Rds(r) = &h.routes {
+                        out.insert(
+                            (ResourceType::Route, r.name.clone()),
+                            r.source.initial_fetch_timeout,
+                        );
+                    }
+                }
+                if let Some(t) = &fc.tls {
+                    for s in &t.sds {
+                        out.insert(
+                            (ResourceType::Secret, s.name.clone()),
+                            s.source.initial_fetch_timeout,
+                        );
+                    }
+                }
+            }
+        }
+        let clusters =
+            base.clusters
+                .values()
+                .cloned()
+                .chain(self.entries(ResourceType::Cluster).filter_map(
+                    |(_, e)| match &e.resource {
+                        Resource::Cluster(c) => Some(c.clone()),
+                        _ => None,
+                    },
+                ));
+        for c in clusters {
+            if let Some(e) = &c.eds {
+                out.insert(
+                    (ResourceType::Endpoint, e.service_name.clone()),
+                    e.source.initial_fetch_timeout,
+                );
+            }
+            for t in std::iter::once(&c.transport)
+                .chain(c.transport_matches.iter().map(|m| &m.transport))
+            {
+                if let Some(t) = t.tls() {
+                    for s in &t.sds {
+                        out.insert(
+                            (ResourceType::Secret, s.name.clone()),
+                            s.source.initial_fetch_timeout,
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Gives up waiting for names whose initial fetch timed out. True when
+    /// something changed (re-assemble).
+    pub fn expire(&mut self, now: Instant) -> bool {
+        let due: Vec<(ResourceType, Name)> = self
+            .pending
+            .iter()
+            .filter(|(_, d)| d.is_some_and(|d| d <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &due {
+            self.pending.remove(k);
+            if &*k.1 == WILDCARD {
+                self.received.insert(k.0);
+            } else {
+                self.timed_out.insert(k.clone());
+            }
+        }
+        !due.is_empty()
+    }
+
+    /// The earliest initial-fetch deadline still pending.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().flatten().min().copied()
+    }
+
+    /// Whether the initial fetch is complete (Envoy's init manager): LDS
+    /// and CDS answered (or timed out), and nothing is warming. Latches.
+    pub fn init_done(&mut self) -> bool {
+        if !self.init_done {
+            let lds =
+                self.base.dynamic.lds.is_none() || self.received.contains(&ResourceType::Listener);
+            let cds =
+                self.base.dynamic.cds.is_none() || self.received.contains(&ResourceType::Cluster);
+            self.init_done =
+                lds && cds && self.warming_clusters.is_empty() && self.warming_listeners.is_empty();
+        }
+        self.init_done
+    }
+
+    fn present(&self, rt: ResourceType, name: &Name) -> bool {
+        self.get(rt, name).is_some() || self.timed_out.contains(&(rt, name.clone()))
+    }
+
+    fn secrets_ready(&self, sds: &[SdsRef]) -> bool {
+        sds.iter()
+            .all(|s| self.present(ResourceType::Secret, &s.name))
+    }
+
+    fn cluster_ready(&mut self, name: &Name, c: &Arc<Cluster>) -> Option<Arc<Cluster>> {
+        let tls_ok = std::iter::once(&c.transport)
+            .chain(c.transport_matches.iter().map(|m| &m.transport))
+            .filter_map(|t| t.tls())
+            .all(|t| self.secrets_ready(&t.sds));
+        if !tls_ok {
+            return None;
+        }
+        let Some(e) = &c.eds else {
+            return Some(c.clone());
+        };
+        let eps = match self.get(ResourceType::Endpoint, &e.service_name) {
+            Some(Resource::Endpoint(eps)) => Some(eps.clone()),
+            _ if self
+                .timed_out
+                .contains(&(ResourceType::Endpoint, e.service_name.clone())) =>
+            {
+                None
+            }
+            _ => return None,
+        };
+        if let Some((src, ep, merged)) = self.merged.get(name) {
+            let same_eps = match (ep, &eps) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if Arc::ptr_eq(src, c) && same_eps {
+                return Some(merged.clone());
+            }
+        }
+        let mut m = (**c).clone();
+        if let Some(eps) = &eps {
+            m.localities = eps.localities.clone();
+            m.overprovisioning_factor = eps.overprovisioning_factor;
+        }
+        let m = Arc::new(m);
+        self.merged
+            .insert(name.clone(), (c.clone(), eps, m.clone()));
+        Some(m)
+    }
+
+    fn listener_ready(&self, l: &Listener) -> bool {
+        l.filter_chains
+            .iter()
+            .chain(&l.default_filter_chain)
+            .all(|fc| {
+                let routes = match &fc.filter {
+                    NetworkFilter::Http(h) => match &h.routes {
+                        RouteSource::Rds(r) => self.present(ResourceType::Route, &r.name),
+                        RouteSource::Static(_) => true,
+                    },
+                    NetworkFilter::Tcp(_) => true,
+                };
+                routes && fc.tls.as_ref().is_none_or(|t| self.secrets_ready(&t.sds))
+            })
+    }
+
+    /// Builds the snapshot to serve: static resources plus every warm
+    /// dynamic one (or its previous warm version while the new one warms).
+    pub fn assemble(&mut self) -> Snapshot {
+        let mut snap = (*self.base).clone();
+        for (n, e) in self.entries(ResourceType::Secret) {
+            if let Resource::Secret(s) = &e.resource {
+                snap.secrets.insert(n.clone(), s.clone());
+            }
+        }
+        for (n, e) in self.entries(ResourceType::Route) {
+            if let Resource::Route(r) = &e.resource {
+                snap.routes.insert(n.clone(), r.clone());
+            }
+        }
+        // Static EDS clusters take their endpoints as they come.
+        let statics: Vec<(Name, Arc<Cluster>)> = snap
+            .clusters
+            .iter()
+            .filter(|(_, c)| c.eds.is_some())
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
+        for (n, c) in statics {
+            if let Some(m) = self.cluster_ready(&n, &c) {
+                snap.clusters.insert(n, m);
+            }
+        }
+        let cds: Vec<(Name, Arc<Cluster>)> = self
+            .entries(ResourceType::Cluster)
+            .filter_map(|(n, e)| match &e.resource {
+                Resource::Cluster(c) => Some((n.clone(), c.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut warming = BTreeSet::new();
+        let mut active = BTreeMap::new();
+        for (n, c) in cds {
+            match self.cluster_ready(&n, &c) {
+                Some(m) => {
+                    active.insert(n.clone(), m.clone());
+                    snap.clusters.insert(n, m);
+                }
+                None => {
+                    if let Some(prev) = self.active_clusters.get(&n) {
+                        active.insert(n.clone(), prev.clone());
+                        snap.clusters.insert(n.clone(), prev.clone());
+                    }
+                    warming.insert(n);
+                }
+            }
+        }
+        self.merged.retain(|n, _| {
+            active.contains_key(n) || warming.contains(n) || self.base.clusters.contains_key(n)
+        });
+        self.active_clusters = active;
+        self.warming_clusters = warming;
+
+        let lds: Vec<(Name, Arc<Listener>)> = self
+            .entries(ResourceType::Listener)
+            .filter_map(|(n, e)| match &e.resource {
+                Resource::Listener(l) => Some((n.clone(), l.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut warming = BTreeSet::new();
+        let mut active = BTreeMap::new();
+        for (n, l) in lds {
+            if self.listener_ready(&l) {
+                active.insert(n.clone(), l.clone());
+                snap.listeners.push(l);
+            } else {
+                if let Some(prev) = self.active_listeners.get(&n) {
+                    active.insert(n.clone(), prev.clone());
+                    snap.listeners.push(prev.clone());
+                }
+                warming.insert(n);
+            }
+        }
+        self.active_listeners = active;
+        self.warming_listeners = warming;
+        snap
+    }
+}
