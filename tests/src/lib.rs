@@ -11,6 +11,7 @@ pub mod scenario;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
+pub mod xds;
 
 pub use proc::{EnvoyProc, ProxyProc, WeirProc};
 
