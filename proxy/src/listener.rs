@@ -28,6 +28,16 @@ pub struct ChainRuntime {
     /// true: drain this chain's connections (HTTP/1 `connection: close`,
     /// HTTP/2 GOAWAY, TCP closed after the drain time).
     pub drain: watch::Sender<bool>,
+    /// The drain comes from a configuration update (see `ConnCtx`).
+    pub update_drain: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ChainRuntime {
+    /// Drains this chain's connections because an update replaced it.
+    pub fn drain_for_update(&self) {
+        self.update_drain.store(true, Ordering::Relaxed);
+        self.drain.send_replace(true);
+    }
 }
 
 /// The terminal network filter at run time.
@@ -74,6 +84,17 @@ impl ListenerHandle {
     /// The current configuration.
     pub fn config(&self) -> Arc<Listener> {
         self.current.load().config.clone()
+    }
+
+    /// Removed (or moved to another address) by a configuration update:
+    /// stops accepting; its connections drain as after a chain update.
+    pub fn remove(&self) {
+        let cur = self.current.load();
+        cur.draining.store(true, Ordering::Relaxed);
+        for c in cur.all_chains() {
+            c.drain_for_update();
+        }
+        self.stop_accept.send_replace(true);
     }
 
     /// Starts draining this listener. `graceful` keeps accepting (and
@@ -607,6 +628,8 @@ async fn connection(
                 proto_counted: std::sync::atomic::AtomicBool::new(false),
                 requests: std::sync::atomic::AtomicU32::new(0),
                 drain: chain.drain.subscribe(),
+                update_drain: chain.update_drain.clone(),
+                is_h2: std::sync::atomic::AtomicBool::new(false),
             });
             hcm.stats.cx_total.inc();
             hcm.stats.cx_active.inc();
@@ -684,6 +707,7 @@ pub fn build_chain(
         tls,
         network,
         drain: watch::channel(false).0,
+        update_drain: Default::default(),
     }))
 }
 

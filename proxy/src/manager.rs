@@ -192,7 +192,6 @@ pub fn apply(shared: &Arc<Shared>, snap: Snapshot) {
 
     let old = shared.listeners.load_full();
     let mut next: Vec<Arc<ListenerHandle>> = Vec::new();
-    let drain_time = std::time::Duration::from_secs(shared.options.drain_time_s);
     for l in &snap.listeners {
         let existing = old.iter().find(|h| h.name == l.name);
         match existing {
@@ -211,7 +210,7 @@ pub fn apply(shared: &Arc<Shared>, snap: Snapshot) {
                                 v.all_chains().map(Arc::as_ptr).collect();
                             for c in cur.all_chains() {
                                 if !kept.contains(&Arc::as_ptr(c)) {
-                                    c.drain.send_replace(true);
+                                    c.drain_for_update();
                                 }
                             }
                             h.current.store(Arc::new(v));
@@ -227,7 +226,7 @@ pub fn apply(shared: &Arc<Shared>, snap: Snapshot) {
                     continue;
                 }
                 // A new address: the old listener drains, a new one binds.
-                h.drain(false, drain_time);
+                h.remove();
                 shared.server_stats.listener_removed.inc();
                 match add_listener(shared, l, &snap) {
                     Ok(n) => {
@@ -255,7 +254,7 @@ pub fn apply(shared: &Arc<Shared>, snap: Snapshot) {
     for h in old.iter() {
         if !snap.listeners.iter().any(|l| l.name == h.name) {
             tracing::info!(listener = %h.name, "listener removed; draining");
-            h.drain(false, drain_time);
+            h.remove();
             shared.server_stats.listener_removed.inc();
         }
     }

@@ -98,6 +98,19 @@ where
             _ = tokio::time::sleep(wait) => {}
         }
     }
+    // A filter-chain update drains HTTP/1 connections by their next
+    // response (`connection: close`), not by closing them idle under a
+    // client that may be sending; the drain time bounds the wait.
+    if *drain.borrow()
+        && ctx.update_drain.load(std::sync::atomic::Ordering::Relaxed)
+        && !ctx.is_h2.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let span = std::time::Duration::from_secs(ctx.shared.options.drain_time_s);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(span) => {}
+        }
+    }
     // Drain: HTTP/1 answers with `connection: close`, HTTP/2 sends GOAWAY;
     // in-flight requests finish.
     conn.as_mut().graceful_shutdown();

@@ -85,6 +85,13 @@ pub struct ConnCtx {
     pub proto_counted: std::sync::atomic::AtomicBool,
     /// The listener's drain signal: while draining, HTTP/1 responses close.
     pub drain: tokio::sync::watch::Receiver<bool>,
+    /// Set when the drain comes from a configuration update of this
+    /// connection's filter chain (not a shutdown): HTTP/1 connections are
+    /// not closed while idle (a client could be sending on them); each
+    /// closes with its next response, or when the drain time ends.
+    pub update_drain: Arc<std::sync::atomic::AtomicBool>,
+    /// The connection speaks HTTP/2 (known at its first request).
+    pub is_h2: std::sync::atomic::AtomicBool,
     /// Requests answered on this connection.
     pub requests: std::sync::atomic::AtomicU32,
 }
@@ -135,6 +142,7 @@ pub async fn handle(
     {
         // A connection's protocol is known at its first request.
         if req.version() == Version::HTTP_2 {
+            ctx.is_h2.store(true, std::sync::atomic::Ordering::Relaxed);
             hcm.stats.cx_http2_total.inc();
         } else {
             hcm.stats.cx_http1_total.inc();
