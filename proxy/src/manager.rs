@@ -189,6 +189,22 @@ pub fn apply(shared: &Arc<Shared>, snap: Snapshot) {
         }
     }
     shared.rds.update(&snap.routes);
+    // SDS: contexts built with a secret that changed rebuild (rotation for
+    // new handshakes; established connections keep theirs).
+    let old_secrets = &shared.snapshot.load().secrets;
+    let changed: Vec<Name> = snap
+        .secrets
+        .iter()
+        .filter(|(n, s)| {
+            old_secrets
+                .get(*n)
+                .is_some_and(|o| !Arc::ptr_eq(o, s) && **o != ***s)
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    if !changed.is_empty() {
+        shared.tls.secrets_changed(&tls_env.secrets, &changed);
+    }
 
     let old = shared.listeners.load_full();
     let mut next: Vec<Arc<ListenerHandle>> = Vec::new();

@@ -34,7 +34,10 @@ struct Built {
 /// A cluster's (or transport-socket match's) TLS client context.
 pub struct ClientTls {
     pub config: Arc<UpstreamTls>,
-    secrets: Secrets,
+    /// The secrets this context was last built with (SDS updates swap).
+    secrets: ArcSwap<
+        std::collections::BTreeMap<xds_client::config::Name, Arc<xds_client::config::Secret>>,
+    >,
     built: ArcSwap<Built>,
     resumption: Resumption,
     pub stats: Arc<SslStats>,
@@ -57,7 +60,7 @@ impl ClientTls {
         let built = build(&config, &secrets, &resumption, &stats, auto_san)?;
         Ok(Arc::new(ClientTls {
             config,
-            secrets,
+            secrets: ArcSwap::new(secrets),
             built: ArcSwap::from_pointee(built),
             resumption,
             stats,
@@ -65,13 +68,25 @@ impl ClientTls {
         }))
     }
 
-    pub fn reload_if_changed(&self) {
-        if !self.built.load().stamps.changed() {
-            return;
+    /// Rebuilds the context with SDS secrets that changed, when it uses
+    /// any of them (new connections use them; pooled ones keep theirs).
+    pub fn update_secrets(&self, secrets: &Secrets, changed: &[xds_client::config::Name]) {
+        if self.config.sds.iter().any(|r| changed.contains(&r.name)) {
+            self.secrets.store(secrets.clone());
+            self.rebuild();
         }
+    }
+
+    pub fn reload_if_changed(&self) {
+        if self.built.load().stamps.changed() {
+            self.rebuild();
+        }
+    }
+
+    fn rebuild(&self) {
         match build(
             &self.config,
-            &self.secrets,
+            &self.secrets.load_full(),
             &self.resumption,
             &self.stats,
             self.auto_san,

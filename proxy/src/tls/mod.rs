@@ -398,6 +398,16 @@ impl Registry {
         v.retain(|w| w.strong_count() > 0);
         v.iter().filter_map(Weak::upgrade).collect()
     }
+    /// SDS secrets changed: contexts that use them rebuild.
+    pub fn secrets_changed(&self, secrets: &server::Secrets, changed: &[xds_client::config::Name]) {
+        for s in self.servers() {
+            s.update_secrets(secrets, changed);
+        }
+        for c in self.clients() {
+            c.update_secrets(secrets, changed);
+        }
+    }
+
     /// Reloads contexts whose files changed (called every second by the
     /// control thread). A failed reload keeps the old context.
     pub fn reload_changed(&self) {

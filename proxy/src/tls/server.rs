@@ -43,7 +43,8 @@ struct Built {
 /// A filter chain's TLS server context.
 pub struct ServerTls {
     pub config: Arc<DownstreamTls>,
-    secrets: Secrets,
+    /// The secrets this context was last built with (SDS updates swap).
+    secrets: ArcSwap<BTreeMap<Name, Arc<Secret>>>,
     built: ArcSwap<Built>,
     sessions: Arc<dyn StoresServerSessions>,
     ticketer: Arc<dyn ProducesTickets>,
@@ -110,7 +111,7 @@ impl ServerTls {
         }
         let mut me = ServerTls {
             config,
-            secrets,
+            secrets: ArcSwap::new(secrets),
             built: ArcSwap::from_pointee(Built {
                 with_alpn: Arc::new(placeholder()),
                 without_alpn: Arc::new(placeholder()),
@@ -137,7 +138,7 @@ impl ServerTls {
         for r in &c.certs {
             let t = match r {
                 SecretRef::Inline(t) => t.clone(),
-                SecretRef::Sds(n) => match self.secrets.get(n).map(|s| &**s) {
+                SecretRef::Sds(n) => match self.secrets.load().get(n).map(|s| &**s) {
                     Some(Secret::Certificate(t)) => t.clone(),
                     _ => return Err(format!("{}: secret {n:?} is not available", c.path)),
                 },
@@ -200,20 +201,39 @@ impl ServerTls {
         algs: rustls::crypto::WebPkiSupportedAlgorithms,
         stamps: &mut FileStamps,
     ) -> Result<Validator, String> {
-        validator(v, &self.secrets, algs, stamps, &self.config.path)
+        validator(
+            v,
+            &self.secrets.load_full(),
+            algs,
+            stamps,
+            &self.config.path,
+        )
     }
 
     fn ca_infos(&self, v: &ValidationRef) -> Vec<CertInfo> {
-        ca_infos(v, &self.secrets)
+        ca_infos(v, &self.secrets.load_full())
+    }
+
+    /// Rebuilds the context with SDS secrets that changed, when it uses
+    /// any of them. New handshakes use the new certificates; established
+    /// connections keep theirs.
+    pub fn update_secrets(&self, secrets: &Secrets, changed: &[Name]) {
+        if self.config.sds.iter().any(|r| changed.contains(&r.name)) {
+            self.secrets.store(secrets.clone());
+            self.rebuild();
+        }
     }
 
     /// Rebuilds the context when a certificate, key, CA or CRL file
     /// changed. New handshakes use the new context; established
     /// connections keep theirs.
     pub fn reload_if_changed(&self) {
-        if !self.built.load().stamps.changed() {
-            return;
+        if self.built.load().stamps.changed() {
+            self.rebuild();
         }
+    }
+
+    fn rebuild(&self) {
         match self.build() {
             Ok(b) => {
                 tracing::info!(context = %self.config.path, "TLS certificates reloaded");
