@@ -611,22 +611,43 @@ fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
         .filter_map(|c| c.load_assignment.as_ref())
         .map(|la| serde_json::json!({"endpoint_config": typed(la), "last_updated": last_updated}))
         .collect();
+    let dynamic = dynamic_dump(shared, &keep);
+    let mut cds = serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters});
+    let mut lds = serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners});
     let mut configs = vec![
         serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": proto_json(b), "last_updated": last_updated}),
-        serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters}),
-        serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners}),
     ];
+    if let Some(d) = &dynamic {
+        cds["version_info"] = d.cds_version.clone().into();
+        cds["dynamic_active_clusters"] = d.active_clusters.clone().into();
+        cds["dynamic_warming_clusters"] = d.warming_clusters.clone().into();
+        lds["version_info"] = d.lds_version.clone().into();
+        lds["dynamic_listeners"] = d.listeners.clone().into();
+    }
+    configs.push(cds);
+    configs.push(lds);
+    if let Some(d) = &dynamic {
+        configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": d.routes}));
+    }
     let secrets: Vec<_> = sr
         .secrets
         .iter()
         .filter(|s| keep(&s.name))
         .map(|s| serde_json::json!({"name": s.name, "last_updated": last_updated, "secret": typed(s)}))
         .collect();
-    if !secrets.is_empty() {
-        configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump", "static_secrets": secrets}));
+    let dyn_secrets = dynamic
+        .as_ref()
+        .map(|d| d.secrets.clone())
+        .unwrap_or_default();
+    if !secrets.is_empty() || !dyn_secrets.is_empty() {
+        configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump", "static_secrets": secrets, "dynamic_active_secrets": dyn_secrets}));
     }
     if params.iter().any(|(k, _)| k == "include_eds") {
-        configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "static_endpoint_configs": endpoints}));
+        let dyn_eps = dynamic
+            .as_ref()
+            .map(|d| d.endpoints.clone())
+            .unwrap_or_default();
+        configs.push(serde_json::json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "static_endpoint_configs": endpoints, "dynamic_endpoint_configs": dyn_eps}));
     }
     let mask = param("mask");
     let mask_paths: Vec<&str> = mask
@@ -657,6 +678,18 @@ fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
                 "static_clusters" => Some("envoy.admin.v3.ClustersConfigDump.StaticCluster"),
                 "static_endpoint_configs" => {
                     Some("envoy.admin.v3.EndpointsConfigDump.StaticEndpointConfig")
+                }
+                "dynamic_listeners" if dynamic.is_some() => {
+                    Some("envoy.admin.v3.ListenersConfigDump.DynamicListener")
+                }
+                "dynamic_active_clusters" | "dynamic_warming_clusters" if dynamic.is_some() => {
+                    Some("envoy.admin.v3.ClustersConfigDump.DynamicCluster")
+                }
+                "dynamic_route_configs" if dynamic.is_some() => {
+                    Some("envoy.admin.v3.RoutesConfigDump.DynamicRouteConfig")
+                }
+                "dynamic_active_secrets" if dynamic.is_some() => {
+                    Some("envoy.admin.v3.SecretsConfigDump.DynamicSecret")
                 }
                 _ => None,
             };
@@ -701,6 +734,70 @@ fn config_dump(shared: &Shared, params: &[(String, String)]) -> Resp {
 }
 
 /// A proto message as an `Any` in JSON: `@type` plus its fields.
+/// The xDS resources for `/config_dump`, in Envoy's ConfigDump shapes.
+struct DynamicDump {
+    cds_version: String,
+    lds_version: String,
+    active_clusters: Vec<serde_json::Value>,
+    warming_clusters: Vec<serde_json::Value>,
+    listeners: Vec<serde_json::Value>,
+    routes: Vec<serde_json::Value>,
+    endpoints: Vec<serde_json::Value>,
+    secrets: Vec<serde_json::Value>,
+}
+
+fn dynamic_dump(shared: &Shared, keep: &dyn Fn(&str) -> bool) -> Option<DynamicDump> {
+    use prost::Message;
+    use xds_client::api::envoy::config::{
+        cluster::v3 as c, endpoint::v3 as e, listener::v3 as l, route::v3 as r,
+    };
+    use xds_client::api::envoy::extensions::transport_sockets::tls::v3 as t;
+    use xds_client::xds::ResourceType as R;
+    let client = shared.xds.get()?;
+    Some(client.with_state(|st| {
+        let ts = |e: &xds_client::xds::state::Entry| crate::http::info::format_time(e.updated, None);
+        let ver = |rt| st.type_versions.get(&rt).cloned().unwrap_or_default();
+        let mut d = DynamicDump {
+            cds_version: ver(R::Cluster),
+            lds_version: ver(R::Listener),
+            active_clusters: vec![],
+            warming_clusters: vec![],
+            listeners: vec![],
+            routes: vec![],
+            endpoints: vec![],
+            secrets: vec![],
+        };
+        for (n, en) in st.entries(R::Cluster).filter(|(n, _)| keep(n)) {
+            let Ok(p) = c::Cluster::decode(en.raw.value.as_slice()) else { continue };
+            let v = serde_json::json!({"version_info": en.version, "cluster": typed(&p), "last_updated": ts(en)});
+            if st.warming_clusters.contains(n) {
+                d.warming_clusters.push(v);
+            } else {
+                d.active_clusters.push(v);
+            }
+        }
+        for (n, en) in st.entries(R::Listener).filter(|(n, _)| keep(n)) {
+            let Ok(p) = l::Listener::decode(en.raw.value.as_slice()) else { continue };
+            let state = serde_json::json!({"version_info": en.version, "listener": typed(&p), "last_updated": ts(en)});
+            let key = if st.warming_listeners.contains(n) { "warming_state" } else { "active_state" };
+            d.listeners.push(serde_json::json!({"name": &**n, key: state}));
+        }
+        for (_, en) in st.entries(R::Route) {
+            let Ok(p) = r::RouteConfiguration::decode(en.raw.value.as_slice()) else { continue };
+            d.routes.push(serde_json::json!({"version_info": en.version, "route_config": typed(&p), "last_updated": ts(en)}));
+        }
+        for (_, en) in st.entries(R::Endpoint) {
+            let Ok(p) = e::ClusterLoadAssignment::decode(en.raw.value.as_slice()) else { continue };
+            d.endpoints.push(serde_json::json!({"version_info": en.version, "endpoint_config": typed(&p), "last_updated": ts(en)}));
+        }
+        for (n, en) in st.entries(R::Secret).filter(|(n, _)| keep(n)) {
+            let Ok(p) = t::Secret::decode(en.raw.value.as_slice()) else { continue };
+            d.secrets.push(serde_json::json!({"name": &**n, "version_info": en.version, "last_updated": ts(en), "secret": typed(&p)}));
+        }
+        d
+    }))
+}
+
 /// Envoy's config_dump redaction of sensitive fields (`private_key`,
 /// `password`): every string below them becomes `[redacted]` (bytes: its
 /// base64).

@@ -192,6 +192,40 @@ async fn brings_up_and_serves(delta: bool) {
     assert_eq!(w.proxy.stat("control_plane.connected_state").await, Some(1));
     assert!(w.proxy.stat("listener_manager.lds.update_success").await >= Some(1));
     assert!(w.proxy.stat("cluster_manager.cds.update_success").await >= Some(1));
+    // /config_dump shows the dynamic resources with their versions.
+    let dump = w.proxy.admin("GET", "/config_dump").await.json();
+    let of = |ty: &str| {
+        dump["configs"]
+            .as_array()
+            .expect("configs")
+            .iter()
+            .find(|c| c["@type"] == format!("type.googleapis.com/envoy.admin.v3.{ty}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {ty} in {dump}"))
+    };
+    let lds = of("ListenersConfigDump");
+    let dl = &lds["dynamic_listeners"][0];
+    assert_eq!(dl["name"], "dyn", "{lds}");
+    assert_eq!(dl["active_state"]["listener"]["name"], "dyn", "{lds}");
+    assert!(!dl["active_state"]["version_info"]
+        .as_str()
+        .unwrap_or("")
+        .is_empty());
+    assert!(dl["active_state"]["last_updated"].is_string());
+    let cds = of("ClustersConfigDump");
+    let c1 = cds["dynamic_active_clusters"]
+        .as_array()
+        .expect("dynamic clusters")
+        .iter()
+        .find(|c| c["cluster"]["name"] == "c1")
+        .unwrap_or_else(|| panic!("c1 in {cds}"))
+        .clone();
+    assert!(!c1["version_info"].as_str().unwrap_or("").is_empty());
+    let rds = of("RoutesConfigDump");
+    assert_eq!(
+        rds["dynamic_route_configs"][0]["route_config"]["name"], "r1",
+        "{rds}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
