@@ -128,11 +128,19 @@ fn version_hash(v: &str) -> i64 {
     (h & 0x7fff_ffff_ffff_ffff) as i64
 }
 
+/// Seconds without an xDS response after which the descriptor pool (tens
+/// of MiB, needed only to check incoming resources) is freed; the next
+/// response rebuilds it.
+const POOL_IDLE_SECS: u64 = 30;
+
 /// Starts the xDS client on the current (control) runtime.
 pub fn start(shared: &Arc<Shared>) {
     let base = shared.snapshot.load_full();
     let weak = Arc::downgrade(shared);
     let w2 = weak.clone();
+    let last_response = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = std::time::Instant::now();
+    let lr = last_response.clone();
     let client = XdsClient::new(
         base,
         node(shared),
@@ -168,6 +176,10 @@ pub fn start(shared: &Arc<Shared>) {
                 ResourceType::Listener => Some(&st.lds),
                 _ => None,
             };
+            lr.store(
+                started.elapsed().as_secs() + 1,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             match e {
                 Event::Attempt(rt) => {
                     if let Some(x) = stats(rt) {
@@ -191,4 +203,19 @@ pub fn start(shared: &Arc<Shared>) {
     );
     let _ = shared.xds.set(client.clone());
     tokio::spawn(client.run());
+    tokio::spawn(async move {
+        let mut released = false;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            let last = last_response.load(std::sync::atomic::Ordering::Relaxed);
+            let idle = started.elapsed().as_secs().saturating_sub(last) >= POOL_IDLE_SECS;
+            if idle && last > 0 && !released {
+                xds_client::descriptors::release();
+                crate::netif::trim_heap();
+                released = true;
+            } else if !idle {
+                released = false;
+            }
+        }
+    });
 }
