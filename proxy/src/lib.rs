@@ -70,3 +70,23 @@ pub fn load_config(
     }
     Ok((b, s))
 }
+
+/// `application_log_config.log_format.text_format` of the bootstrap
+/// (`--config-yaml` over `-c`), looked up before logging starts. Errors are
+/// left to the full parse.
+pub fn bootstrap_log_format(o: &cli::Options) -> Option<String> {
+    let find = |text: &str| -> Option<String> {
+        let v = xds_client::bootstrap::text_to_json(text).ok()?;
+        let get = |v: &serde_json::Value, a: &str, b: &str| v.get(a).or_else(|| v.get(b)).cloned();
+        let alc = get(&v, "application_log_config", "applicationLogConfig")?;
+        let lf = get(&alc, "log_format", "logFormat")?;
+        get(&lf, "text_format", "textFormat")?
+            .as_str()
+            .map(str::to_owned)
+    };
+    let from_yaml = o.config_yaml.as_deref().and_then(find);
+    from_yaml.or_else(|| {
+        let text = std::fs::read_to_string(o.config_path.as_ref()?).ok()?;
+        find(&text)
+    })
+}

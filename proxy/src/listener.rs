@@ -498,7 +498,7 @@ pub async fn accept_loop(handle: Arc<ListenerHandle>, socket: StdListener, share
                 continue;
             }
         };
-        if let Some(max) = shared.max_connections {
+        if let Some(max) = shared.max_connections.filter(|_| !lr.config.unlimited) {
             if shared.active_connections.load(Ordering::Relaxed) >= max {
                 shared.server_stats.overflow.inc();
                 lr.stats.global_cx_overflow.inc();

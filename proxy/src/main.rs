@@ -16,11 +16,17 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // `--log-format` wins over the bootstrap's `application_log_config`
+    // (read before logging starts, as Envoy applies it at start-up).
+    let log_format = o
+        .log_format
+        .clone()
+        .or_else(|| weir::bootstrap_log_format(&o));
     if let Err(e) = weir::logging::init(
         &o.log_level,
         o.component_log_level.as_deref(),
         o.log_path.as_deref(),
-        o.log_format.as_deref(),
+        log_format.as_deref(),
     ) {
         eprintln!("weir: {e}");
         std::process::exit(1);

@@ -242,6 +242,9 @@ async fn connect(
     };
     let mut tcp = tcp;
     let _ = tcp.set_nodelay(true);
+    if let Some(k) = &cluster.config.tcp_keepalive {
+        crate::upstream::set_keepalive(&tcp, k);
+    }
     // Upstream PROXY protocol: the header (with the downstream connection's
     // addresses) goes first, before TLS.
     if let Some(v) = cluster.proxy_protocol_for(host) {

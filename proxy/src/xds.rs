@@ -82,6 +82,9 @@ impl Connector for ClusterConnector {
                         std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
                     })??;
                     let _ = tcp.set_nodelay(true);
+                    if let Some(k) = &cluster.config.tcp_keepalive {
+                        crate::upstream::set_keepalive(&tcp, k);
+                    }
                     match cluster.tls_for(&host) {
                         None => Ok(Box::new(tcp) as XdsIo),
                         Some(tls) => {

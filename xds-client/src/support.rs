@@ -22,12 +22,17 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // --- bootstrap
     ("envoy.config.bootstrap.v3.Bootstrap", &[
         "node", "static_resources", "admin", "layered_runtime", "stats_config",
-        "overload_manager", "bootstrap_extensions", "dynamic_resources",
+        "overload_manager", "bootstrap_extensions", "dynamic_resources", "cluster_manager",
+        "application_log_config", "~deferred_stat_options",
         "~stats_flush_interval", "~stats_flush_on_admin", "~enable_dispatcher_stats",
         "~stats_server_version_override", "~watchdog", "~watchdogs", "~use_tcp_for_dns_lookups",
         "~fatal_actions", "~inline_headers", "~perf_tracing_file_path",
         "~default_regex_engine", "~memory_allocator_manager",
     ]),
+    // Outlier detection is not implemented, so it has no events to log.
+    ("envoy.config.bootstrap.v3.ClusterManager", &["~outlier_detection", "~enable_deferred_cluster_creation"]),
+    ("envoy.config.bootstrap.v3.Bootstrap.ApplicationLogConfig", &["log_format"]),
+    ("envoy.config.bootstrap.v3.Bootstrap.ApplicationLogConfig.LogFormat", &["text_format"]),
     ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "secrets"]),
     ("envoy.config.bootstrap.v3.Bootstrap.DynamicResources", &[
         "lds_config", "cds_config", "ads_config", "lds_resources_locator", "cds_resources_locator",
@@ -80,7 +85,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "socket_options", "enable_reuse_port", "tcp_backlog_size", "freebind", "traffic_direction",
         "stat_prefix", "access_log", "bind_to_port", "~connection_balance_config",
         "listener_filters", "listener_filters_timeout", "continue_on_listener_filters_timeout", "~drain_type",
-        "~metadata", "~reuse_port", "~ignore_global_conn_limit",
+        "~metadata", "~reuse_port", "ignore_global_conn_limit", "bypass_overload_manager",
     ]),
     ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", &["**"]),
     ("envoy.config.listener.v3.FilterChain", &[
@@ -279,8 +284,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
-        "transport_socket", "transport_socket_matches",
+        "transport_socket", "transport_socket_matches", "max_requests_per_connection",
+        "circuit_breakers", "upstream_connection_options",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
+    ]),
+    ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
+    ("envoy.config.core.v3.TcpKeepalive", &["keepalive_probes", "keepalive_time", "keepalive_interval"]),
+    ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
+    ("envoy.config.cluster.v3.CircuitBreakers.Thresholds", &[
+        "priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
     ]),
     ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["eds_config", "service_name"]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),

@@ -589,3 +589,20 @@ impl ClusterManager {
         }
     }
 }
+
+/// `upstream_connection_options.tcp_keepalive` on a new upstream socket.
+pub fn set_keepalive(stream: &tokio::net::TcpStream, k: &xds_client::config::TcpKeepalive) {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        ka = ka.with_time(t);
+    }
+    if let Some(i) = k.interval {
+        ka = ka.with_interval(i);
+    }
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}

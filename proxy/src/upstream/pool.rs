@@ -80,6 +80,7 @@ struct Settings {
     /// ALPN offered on TLS connections when the context lists none.
     alpn: crate::tls::client::AlpnFallback,
     connect_timeout: Duration,
+    tcp_keepalive: Option<xds_client::config::TcpKeepalive>,
     idle_timeout: Option<Duration>,
     max_requests: Option<u32>,
     http2: xds_client::config::Http2Settings,
@@ -111,6 +112,7 @@ pub fn build(c: &Cluster, kind: PoolKind, stats: &ClusterStats) -> Client {
                 (PoolKind::Http1, _) => crate::tls::client::AlpnFallback::Http1,
             },
             connect_timeout: c.connect_timeout,
+            tcp_keepalive: c.tcp_keepalive,
             idle_timeout: c.idle_timeout,
             max_requests: c.max_requests_per_connection,
             http2: c.http2,
@@ -326,6 +328,9 @@ impl Client {
             }
         };
         let _ = stream.set_nodelay(true);
+        if let Some(k) = &s.tcp_keepalive {
+            super::set_keepalive(&stream, k);
+        }
         s.cx_total.inc();
         s.cx_proto.inc();
         s.cx_active.inc();

@@ -20,6 +20,9 @@ pub struct Cluster {
     pub http2: Http2Settings,
     /// `max_requests_per_connection`.
     pub max_requests_per_connection: Option<u32>,
+    /// `upstream_connection_options.tcp_keepalive`: (time, interval,
+    /// probes), each `None` = the system default.
+    pub tcp_keepalive: Option<TcpKeepalive>,
     /// Upstream connection idle timeout (default 1 h, as Envoy).
     pub idle_timeout: Option<Duration>,
     pub buffer_limit: u32,
@@ -57,6 +60,14 @@ impl Cluster {
         }
         &self.transport
     }
+}
+
+/// TCP keepalive settings of upstream sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpKeepalive {
+    pub time: Option<std::time::Duration>,
+    pub interval: Option<std::time::Duration>,
+    pub probes: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

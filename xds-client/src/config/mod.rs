@@ -129,6 +129,9 @@ pub struct Listener {
     pub access_logs: Vec<Arc<AccessLog>>,
     /// `traffic_direction: INBOUND`, used by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// `ignore_global_conn_limit` or `bypass_overload_manager`: connections
+    /// are not counted against the global downstream connection limit.
+    pub unlimited: bool,
 }
 
 /// Socket settings applied with socket2.

@@ -335,6 +335,60 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             transport,
         });
     }
+    // The deprecated cluster-level field, when the protocol options do not
+    // set one.
+    if max_requests_per_connection.is_none() {
+        if let Some(v) = &p.max_requests_per_connection {
+            max_requests_per_connection = Some(v.value);
+        }
+    }
+    let tcp_keepalive = p
+        .upstream_connection_options
+        .as_ref()
+        .and_then(|o| o.tcp_keepalive.as_ref())
+        .map(|k| TcpKeepalive {
+            time: k
+                .keepalive_time
+                .as_ref()
+                .map(|v| Duration::from_secs(v.value.into())),
+            interval: k
+                .keepalive_interval
+                .as_ref()
+                .map(|v| Duration::from_secs(v.value.into())),
+            probes: k.keepalive_probes.as_ref().map(|v| v.value),
+        });
+    // Circuit breakers come with the traffic-policy work; limits so large
+    // they never bind (Istio's xds-grpc and sds-grpc clusters use 100000)
+    // behave as weir's absence of limits and are accepted.
+    if let Some(cb) = &p.circuit_breakers {
+        for (i, t) in cb.thresholds.iter().enumerate() {
+            let small = [
+                ("max_connections", &t.max_connections),
+                ("max_pending_requests", &t.max_pending_requests),
+                ("max_requests", &t.max_requests),
+                ("max_retries", &t.max_retries),
+            ]
+            .into_iter()
+            // Unset: Envoy's defaults, which weir does not enforce for any
+            // cluster yet (the traffic-policy issue); the same as no
+            // circuit_breakers at all.
+            .filter(|(_, v)| {
+                v.as_ref()
+                    .is_some_and(|v| v.value < CIRCUIT_BREAKER_UNBOUNDED)
+            })
+            .map(|(f, _)| f)
+            .collect::<Vec<_>>();
+            if !small.is_empty() {
+                errs.push(
+                    format!("{path}.circuit_breakers.thresholds[{i}]"),
+                    format!(
+                        "circuit breaker limits are not implemented yet; {} below {CIRCUIT_BREAKER_UNBOUNDED} would bind",
+                        small.join(", ")
+                    ),
+                );
+            }
+        }
+    }
     let panic_threshold = p
         .common_lb_config
         .as_ref()
@@ -364,6 +418,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         protocol,
         http2,
         max_requests_per_connection,
+        tcp_keepalive,
         idle_timeout,
         buffer_limit: p
             .per_connection_buffer_limit_bytes
@@ -379,6 +434,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         auto_sni_header,
     })
 }
+
+/// Circuit-breaker limits at or above this never bind in practice.
+const CIRCUIT_BREAKER_UNBOUNDED: u32 = 100_000;
 
 /// Envoy's default `overprovisioning_factor`.
 const DEFAULT_OVERPROVISIONING: u32 = 140;

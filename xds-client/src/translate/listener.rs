@@ -147,6 +147,7 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         continue_on_listener_filters_timeout: proto.continue_on_listener_filters_timeout,
         access_logs,
         inbound: proto.traffic_direction == 1,
+        unlimited: proto.ignore_global_conn_limit || proto.bypass_overload_manager,
     })
 }
 

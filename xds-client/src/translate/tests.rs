@@ -89,3 +89,88 @@ fn http_route_to_a_proxy_protocol_cluster_is_rejected() {
         "{err}"
     );
 }
+
+fn translate(yaml: &str) -> Result<crate::config::Snapshot, crate::ConfigErrors> {
+    bootstrap_to_snapshot(&parse_bootstrap(yaml, ParseOptions::default()).expect("parses"))
+}
+
+/// Istio's pilot-agent bootstrap shapes: the xds-grpc cluster's options and
+/// the listener's overload bypass.
+#[test]
+fn pilot_agent_cluster_options_are_honoured() {
+    let base = |extra: &str| {
+        format!(
+            r#"
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    max_requests_per_connection: 1
+    upstream_connection_options: {{tcp_keepalive: {{keepalive_time: 300}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: ./etc/istio/proxy/XDS}}}}}}}}]}}]
+{extra}
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    bypass_overload_manager: true
+    filter_chains:
+    - filters:
+      - name: tcp
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: xds-grpc
+"#
+        )
+    };
+    let big = "    circuit_breakers:\n      thresholds:\n      - {priority: DEFAULT, max_connections: 100000, max_pending_requests: 100000, max_requests: 100000}\n";
+    let s = translate(&base(big)).expect("accepted");
+    let c = &s.clusters["xds-grpc"];
+    assert_eq!(c.max_requests_per_connection, Some(1));
+    let k = c.tcp_keepalive.expect("keepalive");
+    assert_eq!(k.time, Some(std::time::Duration::from_secs(300)));
+    assert_eq!((k.interval, k.probes), (None, None));
+    assert!(matches!(
+        c.localities[0].endpoints[0].address,
+        crate::config::EndpointAddress::Pipe(_)
+    ));
+    assert!(s.listeners[0].unlimited);
+    // A limit that would bind is not silently dropped.
+    let small = "    circuit_breakers:\n      thresholds:\n      - {max_connections: 10}\n";
+    let e = translate(&base(small)).expect_err("rejected").to_string();
+    assert!(
+        e.contains("static_resources.clusters[0].circuit_breakers.thresholds[0]")
+            && e.contains("max_connections"),
+        "{e}"
+    );
+}
+
+#[test]
+fn dynamic_sources_are_checked() {
+    let yaml = r#"
+dynamic_resources:
+  lds_config: {ads: {}}
+  cds_config: {api_config_source: {api_type: REST, cluster_names: [x]}}
+"#;
+    let e = translate(yaml).expect_err("rejected").to_string();
+    assert!(
+        e.contains("dynamic_resources.lds_config: `ads` needs dynamic_resources.ads_config"),
+        "{e}"
+    );
+    assert!(
+        e.contains("dynamic_resources.cds_config.api_config_source.api_type"),
+        "{e}"
+    );
+    let yaml = r#"
+dynamic_resources:
+  ads_config: {api_type: DELTA_GRPC, grpc_services: [{envoy_grpc: {cluster_name: nope}}]}
+"#;
+    let e = translate(yaml).expect_err("rejected").to_string();
+    assert!(
+        e.contains("envoy_grpc.cluster_name: unknown static cluster \"nope\""),
+        "{e}"
+    );
+}
