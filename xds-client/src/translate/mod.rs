@@ -506,9 +506,17 @@ pub(crate) fn err(path: impl Into<String>, reason: impl Into<String>) -> ConfigE
 }
 
 /// A protobuf Duration; negative is an error.
+/// `google.protobuf.Duration`'s largest number of seconds.
+pub const MAX_DURATION_SECS: i64 = 315_576_000_000;
+
 pub fn duration(d: &pb::Duration, path: &str) -> Result<Duration, ConfigErrors> {
     if d.seconds < 0 || d.nanos < 0 {
         return Err(err(path, "duration must not be negative"));
+    }
+    // google.protobuf.Duration's range (about 10 000 years), as the JSON
+    // mapping enforces; binary xDS must not smuggle in larger values.
+    if d.seconds > MAX_DURATION_SECS || d.nanos > 999_999_999 {
+        return Err(err(path, "duration out of range"));
     }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }

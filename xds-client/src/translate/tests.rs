@@ -174,3 +174,14 @@ dynamic_resources:
         "{e}"
     );
 }
+
+/// Binary xDS can carry durations the JSON mapping would refuse: they are
+/// rejected, not turned into clock overflows.
+#[test]
+fn durations_beyond_the_proto_range_are_rejected() {
+    use crate::api::google::protobuf::Duration as PbDuration;
+    let ok = super::duration(&PbDuration { seconds: super::MAX_DURATION_SECS, nanos: 0 }, "x");
+    assert!(ok.is_ok());
+    let e = super::duration(&PbDuration { seconds: i64::MAX, nanos: 0 }, "a.b").expect_err("too big");
+    assert_eq!(e.to_string(), "a.b: duration out of range");
+}

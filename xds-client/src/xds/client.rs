@@ -74,6 +74,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest response accepted (a full-mesh snapshot of thousands of
 /// clusters is tens of MiB).
 const MAX_MESSAGE: usize = 256 << 20;
+/// The `error_detail` code of a NACK: INTERNAL, as Envoy sends.
+const NACK_CODE: i32 = 13;
 
 impl XdsClient {
     /// `node` is sent to servers (with `user_agent_*` filled in by the
@@ -416,7 +418,7 @@ impl XdsClient {
                         resource_names: names(&interest),
                         type_url: rt.type_url().to_owned(),
                         response_nonce: resp.nonce.clone(),
-                        error_detail: detail.map(|m| Status { code: 3, message: m, details: vec![] }),
+                        error_detail: detail.map(|m| Status { code: NACK_CODE, message: m, details: vec![] }),
                         ..Default::default()
                     };
                     sent.insert(rt, (interest, resp.nonce));
@@ -498,7 +500,7 @@ impl XdsClient {
                         node: self.node_once(api, &mut first),
                         type_url: rt.type_url().to_owned(),
                         response_nonce: resp.nonce.clone(),
-                        error_detail: applied.error_detail().map(|m| Status { code: 3, message: m, details: vec![] }),
+                        error_detail: applied.error_detail().map(|m| Status { code: NACK_CODE, message: m, details: vec![] }),
                         ..Default::default()
                     };
                     tx.send(req).map_err(|_| "stream closed".to_owned())?;

@@ -114,7 +114,7 @@ impl DynamicState {
             if let Some(cs) = cs {
                 s.pending.insert(
                     (rt, WILDCARD.into()),
-                    cs.initial_fetch_timeout.map(|t| now + t),
+                    cs.initial_fetch_timeout.and_then(|t| now.checked_add(t)),
                 );
             }
         }
@@ -420,7 +420,8 @@ impl DynamicState {
                 let key = (*rt, n.clone());
                 if !have && !self.pending.contains_key(&key) && !self.timed_out.contains(&key) {
                     let t = timeouts.get(&key).copied().flatten();
-                    self.pending.insert(key, t.map(|t| now + t));
+                    // A deadline past the clock's range waits forever.
+                    self.pending.insert(key, t.and_then(|t| now.checked_add(t)));
                 }
             }
         }
