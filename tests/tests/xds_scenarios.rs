@@ -703,3 +703,80 @@ async fn sotw_hundred_updates_of_every_type_lose_no_request() {
 async fn delta_hundred_updates_of_every_type_lose_no_request() {
     hitless(true).await;
 }
+
+/// Filesystem xDS (`path_config_source`), as Envoy's examples use: LDS and
+/// CDS from files holding a DiscoveryResponse; replacing a file (atomic
+/// rename) applies the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_xds_applies_file_changes() {
+    let a = upstream::http1("a").await.expect("upstream a");
+    let b = upstream::http1("b").await.expect("upstream b");
+    let dir = std::env::temp_dir().join(format!(
+        "weir-fs-xds-{}-{}",
+        std::process::id(),
+        weir_tests::free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = weir_tests::free_port();
+    let lds = dir.join("lds.yaml");
+    let cds = dir.join("cds.yaml");
+    let write = |path: &std::path::Path, text: &str| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    };
+    let cluster = |up: u16| {
+        format!(
+            r#"version_info: "{up}"
+resources:
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: c1
+  type: STATIC
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: c1
+    endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up}}}}}}}}}]}}]
+"#
+        )
+    };
+    let listener = format!(
+        r#"version_info: "1"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: fs
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: fs
+        route_config:
+          virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: c1}}}}]}}]
+        http_filters:
+        - name: envoy.filters.http.router
+          typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    );
+    write(&cds, &cluster(a.port()));
+    write(&lds, &listener);
+    let _proxy = Proxy::start(|p| {
+        format!(
+            r#"
+node: {{id: fs-node, cluster: fs-cluster}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+dynamic_resources:
+  lds_config: {{path_config_source: {{path: {lds}}}, resource_api_version: V3}}
+  cds_config: {{path_config_source: {{path: {cds}}}, resource_api_version: V3}}
+"#,
+            admin = p.admin,
+            lds = lds.display(),
+            cds = cds.display(),
+        )
+    });
+    let url = format!("http://127.0.0.1:{port}/f");
+    get_until(&url, |r| r.status == 200 && r.echo().upstream == "a").await;
+    write(&cds, &cluster(b.port()));
+    get_until(&url, |r| r.status == 200 && r.echo().upstream == "b").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
