@@ -780,3 +780,72 @@ dynamic_resources:
     get_until(&url, |r| r.status == 200 && r.echo().upstream == "b").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TLS front for the control plane: terminates TLS (ALPN h2) and relays
+/// bytes to the plaintext gRPC port.
+async fn tls_front(cp: std::net::SocketAddr, leaf: &weir_tests::tls::Leaf) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(leaf.chain_der.clone(), leaf.private_key())
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(cp).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The xDS cluster's TLS transport socket is used to reach the control
+/// plane (server certificate validated against the configured CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ads_over_tls_to_the_control_plane() {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let ca = weir_tests::tls::TestCa::new("xds-ca");
+    let leaf = ca.issue(weir_tests::tls::LeafSpec::server("istiod.istio-system.svc"));
+    let front = tls_front(cp.addr().expect("tcp"), &leaf).await;
+    let a = upstream::http1("a").await.expect("upstream a");
+    let port = weir_tests::free_port();
+    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
+    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[a.port()])])
+        .expect("eds");
+    cp.set_yaml(t::LISTENER, &[&listener("dyn", port, "r1")])
+        .expect("lds");
+    let v = cp
+        .set_yaml(t::ROUTE, &[&route("r1", "c1", "")])
+        .expect("rds");
+    let ca_pem = ca.pem().replace('\n', "\\n");
+    let _proxy = Proxy::start(|p| {
+        let b = bootstrap(&cp, true, p.admin).replace(
+            &format!("port_value: {}}}", cp.addr().expect("tcp").port()),
+            &format!("port_value: {}}}", front.port()),
+        );
+        format!(
+            "{b}    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: istiod.istio-system.svc\n        common_tls_context:\n          alpn_protocols: [h2]\n          validation_context:\n            trusted_ca: {{inline_string: \"{ca_pem}\"}}\n            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: istiod.istio-system.svc}}}}]\n"
+        )
+    });
+    cp.wait_for_ack(t::ROUTE, &v, WAIT)
+        .await
+        .expect("rds ack over TLS");
+    let r = get_until(&format!("http://127.0.0.1:{port}/t"), |r| r.status == 200).await;
+    assert_eq!(r.echo().upstream, "a");
+}
