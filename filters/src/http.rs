@@ -79,9 +79,14 @@ impl FilterChain {
                         r.clone(),
                     )))
                 }
+                // Nothing to run: inert filters do nothing in Envoy either;
+                // pass-through ones are counted by the proxy when it builds
+                // the chain (ARCHITECTURE.md "Pass-through filters"). Neither
+                // costs a request anything.
+                HttpFilterKind::Inert(_) | HttpFilterKind::PassThrough(_) => {}
             }
         }
-        // Only the router exists today; later filters push into `filters`.
+        // Only the router runs today; later filters push into `filters`.
         filters.shrink_to_fit();
         FilterChain {
             filters,

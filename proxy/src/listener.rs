@@ -30,6 +30,8 @@ pub struct ChainRuntime {
     pub drain: watch::Sender<bool>,
     /// The drain comes from a configuration update (see `ConnCtx`).
     pub update_drain: Arc<std::sync::atomic::AtomicBool>,
+    /// Counts this chain's pass-through filters while it lives.
+    pub pass_through: crate::metrics::PassThroughStats,
 }
 
 impl ChainRuntime {
@@ -702,12 +704,22 @@ pub fn build_chain(
             buffer_limit,
         ))),
     };
+    // Network pass-through filters, then the HTTP ones.
+    let http_pass_through = match &fc.filter {
+        NetworkFilter::Http(h) => h.pass_through().collect(),
+        NetworkFilter::Tcp(_) => Vec::new(),
+    };
+    let pass_through = crate::metrics::PassThroughStats::new(
+        env.store,
+        fc.pass_through.iter().copied().chain(http_pass_through),
+    );
     Ok(Arc::new(ChainRuntime {
         config: fc.clone(),
         tls,
         network,
         drain: watch::channel(false).0,
         update_drain: Default::default(),
+        pass_through,
     }))
 }
 

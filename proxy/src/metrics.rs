@@ -180,6 +180,41 @@ impl SslStats {
     }
 }
 
+/// `weir.pass_through_filter.<name>` (weir's own; Envoy has no such stat):
+/// gauges of the filter chains alive whose configuration has a filter weir
+/// accepts without running it (ARCHITECTURE.md "Pass-through filters"),
+/// one per occurrence. A chain's runtime holds this; dropping the runtime
+/// (the chain was replaced or removed and has drained) takes it back.
+pub struct PassThroughStats(Vec<Arc<Gauge>>);
+
+impl PassThroughStats {
+    pub fn new(
+        store: &Store,
+        filters: impl IntoIterator<Item = xds_client::config::PassThrough>,
+    ) -> Self {
+        let gauges: Vec<Arc<Gauge>> = filters
+            .into_iter()
+            .map(|f| {
+                let g = store.gauge(StatName::plain(format!(
+                    "weir.pass_through_filter.{}",
+                    f.stat_name()
+                )));
+                g.inc();
+                g
+            })
+            .collect();
+        PassThroughStats(gauges)
+    }
+}
+
+impl Drop for PassThroughStats {
+    fn drop(&mut self) {
+        for g in &self.0 {
+            g.dec();
+        }
+    }
+}
+
 /// `tcp.<stat_prefix>.*`.
 pub struct TcpStats {
     pub cx_total: Arc<Counter>,
@@ -279,5 +314,25 @@ impl ServerStats {
                 "overload.global_downstream_max_connections_overflow",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xds_client::config::{PassThrough, StatsConfig};
+
+    #[test]
+    fn pass_through_gauges_follow_the_chains_alive() {
+        let store = Store::new(1, StatsConfig::default());
+        let a = PassThroughStats::new(&store, [PassThrough::IstioStats, PassThrough::GrpcStats]);
+        let b = PassThroughStats::new(&store, [PassThrough::IstioStats]);
+        assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(2));
+        assert_eq!(store.get("weir.pass_through_filter.grpc_stats"), Some(1));
+        drop(a);
+        assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(1));
+        assert_eq!(store.get("weir.pass_through_filter.grpc_stats"), Some(0));
+        drop(b);
+        assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(0));
     }
 }

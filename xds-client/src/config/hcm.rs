@@ -229,6 +229,64 @@ pub struct HttpFilterConfig {
 pub enum HttpFilterKind {
     /// `envoy.filters.http.router`: terminal.
     Router(RouterConfig),
+    /// A filter configured so that Envoy's filter does nothing; not built
+    /// into the request path.
+    Inert(InertFilter),
+    /// A filter accepted and not run until the traffic-policy work
+    /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
+    /// into the request path, counted in `weir.pass_through_filter.*`.
+    PassThrough(PassThrough),
+}
+
+/// Filters whose configuration leaves Envoy's filter nothing to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InertFilter {
+    /// `envoy.filters.http.fault` without `delay`, `abort` and
+    /// `response_rate_limit` (per-route fault config is rejected).
+    Fault,
+    /// `envoy.filters.http.cors`: policies live on routes and virtual hosts,
+    /// where weir rejects them.
+    Cors,
+}
+
+/// Filters weir accepts without running them (HTTP and network). Each one
+/// is listed, with what is missing, in ARCHITECTURE.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PassThrough {
+    /// `envoy.filters.http.grpc_stats`: no per-method gRPC stats, no filter state.
+    GrpcStats,
+    /// Istio's `istio.stats` (`stats.PluginConfig`), HTTP or network: no Istio metrics.
+    IstioStats,
+    /// Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`).
+    PeerMetadata,
+    /// Istio's `istio.alpn`: the upstream ALPN is not overridden.
+    IstioAlpn,
+    /// Istio's network `istio.metadata_exchange` (accepted only where the
+    /// exchange cannot start).
+    MetadataExchange,
+}
+
+impl PassThrough {
+    /// The last component of the stat `weir.pass_through_filter.<name>`.
+    pub fn stat_name(self) -> &'static str {
+        match self {
+            PassThrough::GrpcStats => "grpc_stats",
+            PassThrough::IstioStats => "istio_stats",
+            PassThrough::PeerMetadata => "peer_metadata",
+            PassThrough::IstioAlpn => "istio_alpn",
+            PassThrough::MetadataExchange => "metadata_exchange",
+        }
+    }
+}
+
+impl HttpConnectionManager {
+    /// The pass-through filters of the HTTP filter chain, in order.
+    pub fn pass_through(&self) -> impl Iterator<Item = PassThrough> + '_ {
+        self.http_filters.iter().filter_map(|f| match f.kind {
+            HttpFilterKind::PassThrough(p) => Some(p),
+            _ => None,
+        })
+    }
 }
 
 /// `envoy.extensions.filters.http.router.v3.Router`.

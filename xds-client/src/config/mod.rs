@@ -173,6 +173,9 @@ pub struct FilterChain {
     /// `transport_socket_connect_timeout`: TLS handshake deadline.
     pub transport_connect_timeout: Option<Duration>,
     pub filter: NetworkFilter,
+    /// Network filters before `filter` that weir accepts without running
+    /// (ARCHITECTURE.md "Pass-through filters").
+    pub pass_through: Vec<PassThrough>,
     /// Field path (`static_resources.listeners[0].filter_chains[1]`).
     pub path: String,
 }

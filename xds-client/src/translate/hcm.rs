@@ -6,7 +6,10 @@ use crate::api::envoy::config::core::v3 as core;
 use crate::api::envoy::extensions::access_loggers::{
     file::v3 as file_log, stream::v3 as stream_log,
 };
-use crate::api::envoy::extensions::filters::http::router::v3::Router;
+use crate::api::envoy::extensions::filters::http::{
+    cors::v3::Cors, fault::v3::HttpFault, grpc_stats::v3::FilterConfig as GrpcStats,
+    router::v3::Router,
+};
 use crate::api::envoy::extensions::filters::network::http_connection_manager::v3 as h;
 use crate::config::*;
 use crate::error::{join, ConfigErrors};
@@ -79,9 +82,13 @@ pub fn hcm(
     for (i, f) in p.http_filters.iter().enumerate() {
         let fpath = format!("{path}.http_filters[{i}]");
         match http_filter(f, &fpath) {
-            Ok(Some(f)) => http_filters.push(f),
-            Ok(None) => {}
+            Ok(f) => http_filters.push(f),
             Err(e) => errs.extend(e),
+        }
+    }
+    if let Some(r) = &p.request_id_extension {
+        if let Err(e) = request_id_extension(r, &join(path, "request_id_extension")) {
+            errs.extend(e);
         }
     }
     match http_filters.last() {
@@ -452,7 +459,14 @@ pub fn http2_settings(
     Ok(s)
 }
 
-fn http_filter(f: &h::HttpFilter, path: &str) -> Result<Option<HttpFilterConfig>, ConfigErrors> {
+const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+const FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
+const CORS: &str = "envoy.extensions.filters.http.cors.v3.Cors";
+const GRPC_STATS: &str = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig";
+const UUID_REQUEST_ID: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
+
+fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, ConfigErrors> {
+    use crate::descriptors::{ISTIO_ALPN, ISTIO_PEER_METADATA, ISTIO_STATS};
     let any = match &f.config_type {
         Some(h::http_filter::ConfigType::TypedConfig(a)) => a,
         Some(h::http_filter::ConfigType::ConfigDiscovery(_)) => {
@@ -474,24 +488,77 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<Option<HttpFilterConfig>
             "disabled filters (enabled per route) are not implemented",
         ));
     }
-    let name: Name = f.name.as_str().into();
-    if any
-        .type_url
-        .ends_with("envoy.extensions.filters.http.router.v3.Router")
-    {
-        let r: Router = super::decode(any, &join(path, "typed_config"))?;
-        return Ok(Some(HttpFilterConfig {
-            name,
-            kind: HttpFilterKind::Router(RouterConfig {
+    let tpath = join(path, "typed_config");
+    let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+    let kind = match any.type_url.rsplit('/').next().unwrap_or_default() {
+        ROUTER => {
+            let r: Router = super::decode(&any, &tpath)?;
+            HttpFilterKind::Router(RouterConfig {
                 suppress_envoy_headers: r.suppress_envoy_headers,
                 respect_expected_rq_timeout: r.respect_expected_rq_timeout,
-            }),
-        }));
+            })
+        }
+        FAULT => {
+            let fault: HttpFault = super::decode(&any, &tpath)?;
+            let mut errs = ConfigErrors::default();
+            for (set, field) in [
+                (fault.delay.is_some(), "delay"),
+                (fault.abort.is_some(), "abort"),
+                (fault.response_rate_limit.is_some(), "response_rate_limit"),
+            ] {
+                if set {
+                    let why = crate::support::pending_reason(FAULT, field)
+                        .unwrap_or_else(|| crate::support::FAULT_PENDING.to_owned());
+                    errs.push(join(&tpath, field), why);
+                }
+            }
+            errs.into_result(HttpFilterKind::Inert(InertFilter::Fault))?
+        }
+        CORS => {
+            let _: Cors = super::decode(&any, &tpath)?;
+            HttpFilterKind::Inert(InertFilter::Cors)
+        }
+        GRPC_STATS => {
+            let _: GrpcStats = super::decode(&any, &tpath)?;
+            HttpFilterKind::PassThrough(PassThrough::GrpcStats)
+        }
+        name @ (ISTIO_STATS | ISTIO_PEER_METADATA | ISTIO_ALPN) => {
+            crate::descriptors::decode_any(&any.type_url, &any.value)
+                .map_err(|e| err(&tpath, e))?;
+            HttpFilterKind::PassThrough(match name {
+                ISTIO_STATS => PassThrough::IstioStats,
+                ISTIO_PEER_METADATA => PassThrough::PeerMetadata,
+                _ => PassThrough::IstioAlpn,
+            })
+        }
+        other => {
+            return Err(err(
+                tpath,
+                format!("HTTP filter {other} is not implemented yet"),
+            ))
+        }
+    };
+    Ok(HttpFilterConfig {
+        name: f.name.as_str().into(),
+        kind,
+    })
+}
+
+/// `request_id_extension`: only Envoy's default (UUID) one, which is what
+/// weir generates.
+fn request_id_extension(r: &h::RequestIdExtension, path: &str) -> Result<(), ConfigErrors> {
+    let tpath = join(path, "typed_config");
+    let Some(any) = &r.typed_config else {
+        return Err(err(tpath, "typed_config is required"));
+    };
+    let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+    match any.type_url.rsplit('/').next().unwrap_or_default() {
+        UUID_REQUEST_ID => Ok(()),
+        other => Err(err(
+            tpath,
+            format!("request ID extension {other} is not implemented (UuidRequestIdConfig is)"),
+        )),
     }
-    Err(err(
-        join(path, "typed_config"),
-        format!("HTTP filter {} is not implemented yet", any.type_url),
-    ))
 }
 
 /// One `AccessLog`.
@@ -711,3 +778,427 @@ pub const RESPONSE_FLAGS: &[&str] = &[
     "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
     "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
 ];
+
+#[cfg(test)]
+mod tests {
+    //! Istio's HTTP and network filters, on both configuration paths: YAML
+    //! (a bootstrap; TypedStructs unwrapped while parsing) and binary xDS
+    //! (a decoded `Listener` resource whose TypedStructs reach the support
+    //! check and the translator as they are).
+    use prost::Message;
+
+    use crate::api::envoy::config::listener::v3 as l;
+    use crate::api::envoy::extensions::filters::network::http_connection_manager::v3 as h;
+    use crate::api::google::protobuf::Any;
+    use crate::config::{
+        HttpFilterKind, InertFilter, Listener, NetworkFilter, PassThrough, Snapshot,
+    };
+    use crate::xds::resources::{decode, Resource, ResourceType};
+
+    const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    const TS: &str = "type.googleapis.com/udpa.type.v1.TypedStruct";
+
+    /// Filters istiod sends as TypedStructs: (filter name, inner type, value).
+    const PEER_METADATA: (&str, &str, &str) = (
+        "istio.metadata_exchange",
+        "io.istio.http.peer_metadata.Config",
+        "{upstream_discovery: [{istio_headers: {}}, {workload_discovery: {}}], \
+          upstream_propagation: [{istio_headers: {skip_external_clusters: true}}]}",
+    );
+    const WAYPOINT_PEER_METADATA: (&str, &str, &str) = (
+        "waypoint_downstream_peer_metadata",
+        "io.istio.http.peer_metadata.Config",
+        "{downstream_discovery: [{workload_discovery: {}}], shared_with_upstream: true}",
+    );
+    const HTTP_STATS: (&str, &str, &str) = (
+        "istio.stats",
+        "stats.PluginConfig",
+        "{disable_host_header_fallback: true, reporter: SERVER_GATEWAY, \
+          metrics: [{name: requests_total, dimensions: {a: b}, tags_to_remove: [c]}], \
+          rotation_interval: 60s}",
+    );
+    const MX: (&str, &str, &str) = (
+        "istio.metadata_exchange.tcp",
+        "envoy.tcp.metadataexchange.config.MetadataExchange",
+        "{protocol: istio-peer-exchange, enable_discovery: true}",
+    );
+    const TCP_STATS: (&str, &str, &str) = ("istio.stats.tcp", "stats.PluginConfig", "{}");
+
+    fn ts_yaml((name, inner, value): (&str, &str, &str)) -> String {
+        format!(
+            "{{name: {name}, typed_config: {{\"@type\": {TS}, \
+             type_url: \"type.googleapis.com/{inner}\", value: {value}}}}}"
+        )
+    }
+
+    fn ts_any((_, inner, value): (&str, &str, &str)) -> Any {
+        crate::bootstrap::any_from_text(
+            TS,
+            &format!("{{type_url: \"type.googleapis.com/{inner}\", value: {value}}}"),
+        )
+        .expect("TypedStruct parses")
+    }
+
+    /// An Istio-gateway-shaped HTTP listener: `fault` is the fault filter's
+    /// typed_config (YAML flow mapping).
+    fn http_listener(fault: &str) -> String {
+        format!(
+            r#"
+name: gw
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+listener_filters:
+- name: envoy.filters.listener.tls_inspector
+  typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector, initial_read_buffer_size: 512}}
+filter_chains:
+- transport_socket:
+    name: envoy.transport_sockets.raw_buffer
+    typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}}
+  filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": {HCM}
+      stat_prefix: outbound_0.0.0.0_8080
+      request_id_extension:
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig, use_request_id_for_trace_sampling: true}}
+      route_config:
+        name: http.8080
+        virtual_hosts:
+        - name: all
+          domains: ["*"]
+          routes:
+          - match: {{prefix: /}}
+            route:
+              cluster: echo
+              retry_policy:
+                retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+                num_retries: 2
+                retry_host_predicate:
+                - name: envoy.retry_host_predicates.previous_hosts
+                  typed_config: {{"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}
+                host_selection_retry_max_attempts: "5"
+      http_filters:
+      - {peer_metadata}
+      - {waypoint_peer_metadata}
+      - name: envoy.filters.http.grpc_stats
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig, emit_filter_state: true, stats_for_all_methods: false}}
+      - name: istio.alpn
+        typed_config:
+          "@type": type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig
+          alpn_override:
+          - {{alpn_override: [istio-http/1.0, istio, http/1.0]}}
+          - {{upstream_protocol: HTTP11, alpn_override: [istio-http/1.1, istio, http/1.1]}}
+          - {{upstream_protocol: HTTP2, alpn_override: [istio-h2, istio, h2]}}
+      - name: envoy.filters.http.fault
+        typed_config: {fault}
+      - name: envoy.filters.http.cors
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}
+      - {http_stats}
+      - name: envoy.filters.http.router
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#,
+            peer_metadata = ts_yaml(PEER_METADATA),
+            waypoint_peer_metadata = ts_yaml(WAYPOINT_PEER_METADATA),
+            http_stats = ts_yaml(HTTP_STATS),
+        )
+    }
+
+    const EMPTY_FAULT: &str =
+        r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}"#;
+
+    /// A TCP listener with Istio's network filters before tcp_proxy;
+    /// `transport_socket` is YAML for the chain's field (or empty).
+    fn tcp_listener(transport_socket: &str) -> String {
+        format!(
+            r#"
+name: tcp
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+filter_chains:
+- {transport_socket}
+  filters:
+  - {mx}
+  - {stats}
+  - name: envoy.filters.network.tcp_proxy
+    typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: echo, cluster: echo}}
+"#,
+            mx = ts_yaml(MX),
+            stats = ts_yaml(TCP_STATS),
+        )
+    }
+
+    /// The YAML path: a bootstrap with `listener` and the cluster `echo`
+    /// (with Istio's upstream options: HttpProtocolOptions, RawBuffer).
+    fn bootstrap(listener: &str) -> Result<Snapshot, crate::ConfigErrors> {
+        let listener: serde_json::Value =
+            serde_yaml::from_str(listener).expect("listener YAML is valid");
+        let cluster: serde_json::Value = serde_yaml::from_str(
+            r#"
+name: echo
+type: STATIC
+connect_timeout: 10s
+transport_socket:
+  name: envoy.transport_sockets.raw_buffer
+  typed_config: {"@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}
+typed_extension_protocol_options:
+  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+    use_downstream_protocol_config: {http_protocol_options: {}, http2_protocol_options: {}}
+load_assignment:
+  cluster_name: echo
+  endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]
+"#,
+        )
+        .expect("cluster YAML is valid");
+        let b = serde_json::json!({
+            "static_resources": {"listeners": [listener], "clusters": [cluster]}
+        });
+        crate::load_bootstrap(Some(&b.to_string()), None, Default::default()).map(|(_, s)| s)
+    }
+
+    /// The binary xDS path: `listener` as an LDS resource whose filters
+    /// named in `typed_structs` carry that TypedStruct as it is.
+    fn lds(
+        listener: &str,
+        typed_structs: &[(&str, &str, &str)],
+    ) -> Result<std::sync::Arc<Listener>, String> {
+        let any = crate::bootstrap::any_from_text(LISTENER, listener).expect("listener parses");
+        let mut p = l::Listener::decode(any.value.as_slice()).expect("decodes");
+        let wrapped = |name: &str| {
+            typed_structs
+                .iter()
+                .find(|t| t.0 == name)
+                .map(|t| ts_any(*t))
+        };
+        for fc in &mut p.filter_chains {
+            for f in &mut fc.filters {
+                if let Some(a) = wrapped(&f.name) {
+                    f.config_type = Some(l::filter::ConfigType::TypedConfig(a));
+                } else if let Some(l::filter::ConfigType::TypedConfig(a)) = &mut f.config_type {
+                    if a.type_url == HCM {
+                        let mut hcm = h::HttpConnectionManager::decode(a.value.as_slice())
+                            .expect("HCM decodes");
+                        for hf in &mut hcm.http_filters {
+                            if let Some(t) = wrapped(&hf.name) {
+                                hf.config_type = Some(h::http_filter::ConfigType::TypedConfig(t));
+                            }
+                        }
+                        a.value = hcm.encode_to_vec();
+                    }
+                }
+            }
+        }
+        let any = Any {
+            type_url: LISTENER.into(),
+            value: p.encode_to_vec(),
+        };
+        match decode(ResourceType::Listener, &any) {
+            Ok((_, Resource::Listener(l))) => Ok(l),
+            Ok(_) => Err("not a listener".into()),
+            Err(r) => Err(r.reason),
+        }
+    }
+
+    fn http_kinds(l: &Listener) -> Vec<HttpFilterKind> {
+        match &l.filter_chains[0].filter {
+            NetworkFilter::Http(h) => h.http_filters.iter().map(|f| f.kind.clone()).collect(),
+            NetworkFilter::Tcp(_) => panic!("HTTP chain expected"),
+        }
+    }
+
+    fn assert_istio_http_filters(l: &Listener) {
+        let kinds = http_kinds(l);
+        assert_eq!(
+            kinds[..kinds.len() - 1],
+            [
+                HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
+                HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
+                HttpFilterKind::PassThrough(PassThrough::GrpcStats),
+                HttpFilterKind::PassThrough(PassThrough::IstioAlpn),
+                HttpFilterKind::Inert(InertFilter::Fault),
+                HttpFilterKind::Inert(InertFilter::Cors),
+                HttpFilterKind::PassThrough(PassThrough::IstioStats),
+            ]
+        );
+        assert!(matches!(kinds.last(), Some(HttpFilterKind::Router(_))));
+        assert!(l.filter_chains[0].pass_through.is_empty());
+    }
+
+    #[test]
+    fn istio_http_filters_are_accepted_from_yaml() {
+        let s = bootstrap(&http_listener(EMPTY_FAULT)).unwrap_or_else(|e| panic!("{e}"));
+        assert_istio_http_filters(&s.listeners[0]);
+    }
+
+    #[test]
+    fn istio_http_filters_are_accepted_from_binary_xds() {
+        let l = lds(
+            &http_listener(EMPTY_FAULT),
+            &[PEER_METADATA, WAYPOINT_PEER_METADATA, HTTP_STATS],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_istio_http_filters(&l);
+    }
+
+    #[test]
+    fn istio_network_filters_are_accepted_before_tcp_proxy() {
+        let check = |l: &Listener| {
+            assert!(matches!(l.filter_chains[0].filter, NetworkFilter::Tcp(_)));
+            assert_eq!(
+                l.filter_chains[0].pass_through,
+                [PassThrough::MetadataExchange, PassThrough::IstioStats]
+            );
+        };
+        let s = bootstrap(&tcp_listener("")).unwrap_or_else(|e| panic!("{e}"));
+        check(&s.listeners[0]);
+        check(&lds(&tcp_listener(""), &[MX, TCP_STATS]).unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    #[test]
+    fn pass_through_network_filters_may_precede_the_hcm() {
+        let listener = http_listener(EMPTY_FAULT).replace(
+            "  filters:\n  - name: envoy.filters.network.http_connection_manager",
+            &format!(
+                "  filters:\n  - {}\n  - name: envoy.filters.network.http_connection_manager",
+                ts_yaml(TCP_STATS)
+            ),
+        );
+        let l = lds(&listener, &[TCP_STATS, HTTP_STATS]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(l.filter_chains[0].pass_through, [PassThrough::IstioStats]);
+        assert!(matches!(
+            l.filter_chains[0].filter,
+            NetworkFilter::Http(ref h) if h.pass_through().count() == 5
+        ));
+    }
+
+    /// Where the chain's TLS offers the exchange's ALPN, Istio's filter would
+    /// run the in-band exchange weir does not implement.
+    #[test]
+    fn metadata_exchange_where_it_would_run_is_rejected() {
+        let tls = |alpn: &str| {
+            format!(
+                "transport_socket:\n    name: envoy.transport_sockets.tls\n    typed_config:\n      \
+                 \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n      \
+                 common_tls_context:\n        alpn_protocols: [{alpn}]\n        \
+                 tls_certificate_sds_secret_configs: [{{name: default, sds_config: {{ads: {{}}}}}}]"
+            )
+        };
+        let ok = lds(&tcp_listener(&tls("h2, http/1.1")), &[MX, TCP_STATS]);
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = lds(&tcp_listener(&tls("istio-peer-exchange, istio")), &[MX])
+            .expect_err("the exchange would run");
+        assert!(
+            e.contains("filter_chains[0].filters[0].typed_config.protocol: the chain's TLS context offers ALPN \"istio-peer-exchange\""),
+            "{e}"
+        );
+        let e = lds(
+            &tcp_listener("").replace("protocol: istio-peer-exchange, ", ""),
+            &[],
+        )
+        .expect_err("an empty protocol matches connections without ALPN");
+        assert!(
+            e.contains("filters[0].typed_config.protocol: an empty protocol"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fault_that_injects_is_rejected_naming_the_field() {
+        let abort = r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {http_status: 503, percentage: {numerator: 100}}}"#;
+        let path = "filter_chains[0].filters[0].typed_config.http_filters[4].typed_config";
+        let e = bootstrap(&http_listener(abort))
+            .expect_err("abort is rejected")
+            .to_string();
+        assert!(
+            e.contains(&format!("static_resources.listeners[0].{path}.abort: fault injection comes with the traffic-policy work")),
+            "{e}"
+        );
+        assert_eq!(e.matches("traffic-policy").count(), 1, "{e}");
+        let e = lds(&http_listener(abort), &[]).expect_err("abort is rejected");
+        assert!(
+            e.contains(&format!(
+                "{path}.abort: fault injection comes with the traffic-policy work"
+            )),
+            "{e}"
+        );
+        let delay = r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, delay: {fixed_delay: 1s, percentage: {numerator: 100}}}"#;
+        let e = lds(&http_listener(delay), &[]).expect_err("delay is rejected");
+        assert!(e.contains(&format!("{path}.delay: fault injection")), "{e}");
+        // In a TypedStruct too.
+        let fault = (
+            "envoy.filters.http.fault",
+            "envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "{abort: {http_status: 503}}",
+        );
+        let e = lds(&http_listener(EMPTY_FAULT), &[fault]).expect_err("abort is rejected");
+        assert!(e.contains(&format!("{path}.abort: fault injection")), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_a_typed_struct_is_rejected_naming_it() {
+        let bad = (
+            "istio.stats",
+            "stats.PluginConfig",
+            "{reporter: SERVER_GATEWAY, no_such_key: 1}",
+        );
+        let path =
+            "filter_chains[0].filters[0].typed_config.http_filters[6].typed_config.no_such_key";
+        let e = lds(&http_listener(EMPTY_FAULT), &[bad]).expect_err("unknown key");
+        assert!(e.contains(path), "{e}");
+        assert!(e.contains("no_such_key"), "{e}");
+        let listener = http_listener(EMPTY_FAULT).replace(&ts_yaml(HTTP_STATS), &ts_yaml(bad));
+        let e = bootstrap(&listener).expect_err("unknown key").to_string();
+        assert!(e.contains(path), "{e}");
+        // A bad value and an unknown inner type too.
+        let bad = (
+            "istio.stats",
+            "stats.PluginConfig",
+            "{reporter: NOT_A_REPORTER}",
+        );
+        let e = lds(&http_listener(EMPTY_FAULT), &[bad]).expect_err("bad enum");
+        assert!(e.contains("http_filters[6].typed_config"), "{e}");
+        let bad = ("istio.stats", "stats.NoSuchConfig", "{}");
+        let e = lds(&http_listener(EMPTY_FAULT), &[bad]).expect_err("unknown type");
+        assert!(
+            e.contains("http_filters[6].typed_config.type_url: unknown type URL"),
+            "{e}"
+        );
+    }
+
+    /// Route-level fault and CORS configuration would give the inert
+    /// filters something to do: it stays rejected.
+    #[test]
+    fn route_level_fault_and_cors_stay_rejected() {
+        let base = http_listener(EMPTY_FAULT);
+        let per_filter = base.replace(
+            "          - match: {prefix: /}\n",
+            "          - match: {prefix: /}\n            typed_per_filter_config:\n              envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {http_status: 503}}\n",
+        );
+        let e = lds(&per_filter, &[]).expect_err("per-route fault");
+        assert!(e.contains("routes[0].typed_per_filter_config"), "{e}");
+        let vhost_cors = base.replace(
+            "          domains: [\"*\"]\n",
+            "          domains: [\"*\"]\n          typed_per_filter_config:\n            envoy.filters.http.cors: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy, allow_origin_string_match: [{exact: a}]}\n",
+        );
+        let e = lds(&vhost_cors, &[]).expect_err("per-vhost CORS");
+        assert!(
+            e.contains("virtual_hosts[0].typed_per_filter_config"),
+            "{e}"
+        );
+        let legacy = base.replace(
+            "          domains: [\"*\"]\n",
+            "          domains: [\"*\"]\n          cors: {allow_origin_string_match: [{exact: a}]}\n",
+        );
+        let e = lds(&legacy, &[]).expect_err("vhost cors");
+        assert!(e.contains("virtual_hosts[0].cors"), "{e}");
+    }
+
+    #[test]
+    fn other_request_id_extensions_are_rejected() {
+        let l = http_listener(EMPTY_FAULT).replace(
+            "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig, use_request_id_for_trace_sampling: true",
+            "envoy.extensions.filters.http.cors.v3.Cors",
+        );
+        let e = lds(&l, &[]).expect_err("not UUID");
+        assert!(e.contains("request_id_extension.typed_config"), "{e}");
+    }
+}

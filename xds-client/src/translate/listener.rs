@@ -177,16 +177,18 @@ fn filter_chain(fc: &l::FilterChain, path: &str) -> Result<FilterChain, ConfigEr
             .filter(|d| !d.is_zero()),
         None => None,
     };
-    let filter = network_filters(&fc.filters, path)
+    let alpn = tls.as_ref().map(|t| t.alpn.as_slice()).unwrap_or_default();
+    let filter = network_filters(&fc.filters, path, alpn)
         .map_err(|e| errs.extend(e))
         .ok();
     match filter {
-        Some(filter) if errs.is_empty() => Ok(FilterChain {
+        Some((filter, pass_through)) if errs.is_empty() => Ok(FilterChain {
             name: fc.name.as_str().into(),
             matcher,
             tls,
             transport_connect_timeout,
             filter,
+            pass_through,
             path: path.to_owned(),
         }),
         _ => Err(errs),
@@ -203,9 +205,16 @@ fn typed<'a>(
     }
 }
 
-/// The chain's network filters: `http_connection_manager` alone, or
-/// `tcp_proxy` preceded by `sni_cluster` / Istio's `tcp_cluster_rewrite`.
-fn network_filters(filters: &[l::Filter], path: &str) -> Result<NetworkFilter, ConfigErrors> {
+/// The chain's network filters: pass-through filters (Istio's `istio.stats`
+/// and `istio.metadata_exchange`) in any order, then `tcp_proxy` (after
+/// `sni_cluster` if any) or `http_connection_manager`. `alpn` is what the
+/// chain's TLS context offers.
+fn network_filters(
+    filters: &[l::Filter],
+    path: &str,
+    alpn: &[Vec<u8>],
+) -> Result<(NetworkFilter, Vec<PassThrough>), ConfigErrors> {
+    use crate::descriptors::{ISTIO_METADATA_EXCHANGE, ISTIO_STATS};
     if filters.is_empty() {
         return Err(err(
             join(path, "filters"),
@@ -213,11 +222,13 @@ fn network_filters(filters: &[l::Filter], path: &str) -> Result<NetworkFilter, C
         ));
     }
     let mut sni_cluster = false;
+    let mut pass_through = Vec::new();
     let last = filters.len() - 1;
     for (i, f) in filters.iter().enumerate() {
         let fpath = format!("{path}.filters[{i}]");
         let any = typed(&f.config_type, &fpath)?;
         let tpath = join(&fpath, "typed_config");
+        let any = crate::support::unwrap_typed_struct(any, &tpath)?;
         let url = any.type_url.rsplit('/').next().unwrap_or_default();
         match url {
             HCM_TYPE | TCP_PROXY_TYPE if i != last => {
@@ -226,23 +237,34 @@ fn network_filters(filters: &[l::Filter], path: &str) -> Result<NetworkFilter, C
                     "a terminal network filter must be the last in the chain",
                 ))
             }
-            HCM_TYPE if i > 0 => {
+            HCM_TYPE if sni_cluster => {
                 return Err(err(
                     join(path, "filters"),
-                    "weir runs http_connection_manager as the only network filter of a chain",
+                    "weir runs http_connection_manager only after pass-through filters \
+                     (sni_cluster goes with tcp_proxy)",
                 ))
             }
             HCM_TYPE => {
-                let proto = super::decode(any, &tpath)?;
-                return Ok(NetworkFilter::Http(Arc::new(hcm::hcm(&proto, &tpath)?)));
+                let proto = super::decode(&any, &tpath)?;
+                let hcm = hcm::hcm(&proto, &tpath)?;
+                return Ok((NetworkFilter::Http(Arc::new(hcm)), pass_through));
             }
             TCP_PROXY_TYPE => {
-                let proto = super::decode(any, &tpath)?;
+                let proto = super::decode(&any, &tpath)?;
                 let mut t = tcp_proxy(&proto, &tpath)?;
                 t.sni_cluster = sni_cluster;
-                return Ok(NetworkFilter::Tcp(Arc::new(t)));
+                return Ok((NetworkFilter::Tcp(Arc::new(t)), pass_through));
             }
             SNI_CLUSTER_TYPE => sni_cluster = true,
+            ISTIO_STATS => {
+                crate::descriptors::decode_any(&any.type_url, &any.value)
+                    .map_err(|e| err(&tpath, e))?;
+                pass_through.push(PassThrough::IstioStats);
+            }
+            ISTIO_METADATA_EXCHANGE => {
+                metadata_exchange(&any, &tpath, alpn)?;
+                pass_through.push(PassThrough::MetadataExchange);
+            }
             other => {
                 return Err(err(
                     tpath,
@@ -255,6 +277,42 @@ fn network_filters(filters: &[l::Filter], path: &str) -> Result<NetworkFilter, C
         join(path, "filters"),
         "the last network filter must be http_connection_manager or tcp_proxy",
     ))
+}
+
+/// Istio's `istio.metadata_exchange` runs its in-band exchange only on
+/// connections whose negotiated ALPN equals its `protocol`; anywhere else it
+/// does nothing, which is what weir does. A chain where the exchange could
+/// start is rejected: passing it through would forward the peer's exchange
+/// bytes upstream and never answer them.
+fn metadata_exchange(
+    any: &crate::api::google::protobuf::Any,
+    path: &str,
+    alpn: &[Vec<u8>],
+) -> Result<(), ConfigErrors> {
+    let m = crate::descriptors::decode_any(&any.type_url, &any.value).map_err(|e| err(path, e))?;
+    let protocol = m
+        .get_field_by_name("protocol")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let ppath = join(path, "protocol");
+    if protocol.is_empty() {
+        return Err(err(
+            ppath,
+            "an empty protocol starts Istio's metadata exchange on connections without ALPN; \
+             weir does not implement the exchange",
+        ));
+    }
+    if alpn.iter().any(|a| a == protocol.as_bytes()) {
+        return Err(err(
+            ppath,
+            format!(
+                "the chain's TLS context offers ALPN {protocol:?}, which starts Istio's in-band \
+                 metadata exchange; weir does not implement the exchange (remove {protocol:?} \
+                 from alpn_protocols or the filter)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn tcp_proxy(
