@@ -849,3 +849,76 @@ async fn ads_over_tls_to_the_control_plane() {
     let r = get_until(&format!("http://127.0.0.1:{port}/t"), |r| r.status == 200).await;
     assert_eq!(r.echo().upstream, "a");
 }
+
+/// A cluster update that leaves the connection settings alone keeps the
+/// pooled upstream connections (weir; Envoy rebuilds its pools), and an EDS
+/// update closes the idle connections of endpoints that left (both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_updates_keep_pools_and_close_removed_endpoints() {
+    let opts = weir_tests::scenario::StartOptions {
+        concurrency: Some(1),
+        ..Default::default()
+    };
+    let cp = ControlPlane::start().await.expect("control plane");
+    let a = upstream::http1("a").await.expect("upstream a");
+    let b = upstream::http1("b").await.expect("upstream b");
+    let port = weir_tests::free_port();
+    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
+    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[a.port()])])
+        .expect("eds");
+    cp.set_yaml(t::LISTENER, &[&listener("dyn", port, "r1")])
+        .expect("lds");
+    let v = cp
+        .set_yaml(t::ROUTE, &[&route("r1", "c1", "")])
+        .expect("rds");
+    let proxy = Proxy::start_with(weir_tests::scenario::Target::from_env(), opts, |p| {
+        bootstrap(&cp, false, p.admin)
+    });
+    cp.wait_for_ack(t::ROUTE, &v, WAIT).await.expect("acks");
+    let url = format!("http://127.0.0.1:{port}/p");
+    get_until(&url, |r| r.status == 200).await;
+    let http = Http::h1();
+    for _ in 0..3 {
+        assert_eq!(http.get(&url, &[]).await.status, 200);
+    }
+    // A CDS change that is not about connections (the LB policy). Envoy
+    // rebuilds the cluster and re-warms it on EDS, which this control plane
+    // does not resend unchanged (go-control-plane would): weir only.
+    if !proxy.target().is_envoy() {
+        let before = proxy
+            .stat("cluster.c1.upstream_cx_total")
+            .await
+            .expect("stat");
+        let c = eds_cluster("c1") + "lb_policy: RANDOM\n";
+        let v = cp.set_yaml(t::CLUSTER, &[&c]).expect("cds");
+        cp.wait_for_ack(t::CLUSTER, &v, WAIT)
+            .await
+            .expect("cds ack");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            assert_eq!(http.get(&url, &[]).await.status, 200);
+        }
+        assert_eq!(
+            proxy.stat("cluster.c1.upstream_cx_total").await,
+            Some(before),
+            "the pooled connection was reused"
+        );
+    }
+    // The endpoint moves to b: a's pooled connection closes.
+    let v = cp
+        .set_yaml(t::ENDPOINT, &[&endpoints("c1", &[b.port()])])
+        .expect("eds");
+    cp.wait_for_ack(t::ENDPOINT, &v, WAIT)
+        .await
+        .expect("eds ack");
+    get_until(&url, |r| r.status == 200 && r.echo().upstream == "b").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while proxy.stat("cluster.c1.upstream_cx_active").await != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections to the removed endpoint stay open: {:?}",
+            proxy.stat("cluster.c1.upstream_cx_active").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -356,8 +356,17 @@ impl ClusterRuntime {
         }
     }
 
-    /// Replaces the host set (DNS refresh).
+    /// Replaces the host set (DNS refresh, EDS). Pooled connections to
+    /// hosts that left close.
     pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
+        let keep: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+        for slots in self.pools.iter() {
+            for slot in slots {
+                if let Some(p) = slot.get() {
+                    p.retain_hosts(&keep);
+                }
+            }
+        }
         self.stats.membership_total.set(hosts.len() as i64);
         let set = HostSet::build(
             hosts,
@@ -411,6 +420,23 @@ impl ClusterRuntime {
         Some(h)
     }
 
+    /// Takes over `old`'s pools (keeping connections to `hosts` only; for
+    /// DNS clusters the host set comes later and trims them then).
+    fn adopt_pools(&self, old: &ClusterRuntime, hosts: &[Arc<Host>]) {
+        let keep: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+        let dns = matches!(self.config.discovery, Discovery::StrictDns | Discovery::LogicalDns);
+        for (new, old) in self.pools.iter().zip(old.pools.iter()) {
+            for (n, o) in new.iter().zip(old.iter()) {
+                if let Some(p) = o.get() {
+                    if !dns {
+                        p.retain_hosts(&keep);
+                    }
+                    let _ = n.set(p.clone());
+                }
+            }
+        }
+    }
+
     /// This worker's pool for `kind`.
     pub fn pool(&self, kind: PoolKind) -> &Arc<Client> {
         let shard = crate::stats_shard();
@@ -444,6 +470,23 @@ impl ClusterRuntime {
             _ => PoolKind::Http1,
         }
     }
+}
+
+/// Whether connections pooled for one version of a cluster are right for
+/// another: same protocol, transport (TLS contexts), timeouts and limits.
+fn same_pool_settings(a: &Cluster, b: &Cluster) -> bool {
+    a.protocol == b.protocol
+        && a.http2 == b.http2
+        && a.transport == b.transport
+        && a.transport_matches == b.transport_matches
+        && a.connect_timeout == b.connect_timeout
+        && a.idle_timeout == b.idle_timeout
+        && a.max_requests_per_connection == b.max_requests_per_connection
+        && a.tcp_keepalive == b.tcp_keepalive
+        && a.buffer_limit == b.buffer_limit
+        && a.auto_sni == b.auto_sni
+        && a.auto_san_validation == b.auto_san_validation
+        && a.auto_sni_header == b.auto_sni_header
 }
 
 /// Whether two versions of a cluster differ only in their endpoints.
@@ -545,6 +588,14 @@ impl ClusterManager {
             }
             match ClusterRuntime::new(c.clone(), store, workers, tls) {
                 Ok(rt) => {
+                    // A changed cluster whose connection settings are the
+                    // same keeps its pooled connections (to the endpoints
+                    // that remain).
+                    if let Some(old_rt) = old.get(name) {
+                        if same_pool_settings(&old_rt.config, c) {
+                            rt.adopt_pools(old_rt, &static_hosts(c));
+                        }
+                    }
                     if !matches!(c.discovery, Discovery::Static | Discovery::Eds) {
                         fresh.push(rt.clone());
                     }

@@ -355,6 +355,15 @@ impl Client {
     }
 
     /// Closes idle connections past the idle timeout (called periodically).
+    /// Drops the pooled connections of hosts no longer in the cluster
+    /// (EDS or DNS removed them): idle ones close now; a request in flight
+    /// on one finishes first (hyper closes a connection whose sender is gone
+    /// once its exchange ends).
+    pub fn retain_hosts(&self, keep: &std::collections::HashSet<SocketAddr>) {
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        hosts.retain(|(addr, _), _| keep.contains(addr));
+    }
+
     pub fn sweep(&self) {
         let Some(t) = self.settings.idle_timeout else {
             return;
