@@ -2550,3 +2550,51 @@ async fn auto_host_rewrite_uses_the_dns_hostname() {
         .echo();
     assert_eq!(echo_header(&v, "host"), Some("localhost"));
 }
+
+/// The deprecated route `max_grpc_timeout` (Istio renders `0s`): a gRPC
+/// request's timeout is its `grpc-timeout` (none = no timeout), capped by a
+/// non-zero value; other requests keep the route `timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_grpc_timeout_replaces_the_route_timeout_for_grpc() {
+    let a = echo("a").await;
+    let http = Http::h1();
+    let grpc = ("content-type", "application/grpc");
+    let slow = ("x-echo-delay-ms", "600");
+    let p = Cfg::new(
+        &vhost(&route("/", "a", ", timeout: 0.3s, max_grpc_timeout: 0s")),
+        &cluster("a", a.port()),
+    )
+    .start();
+    let url = format!("{}/", p.base());
+    // Not gRPC: the route timeout.
+    assert_eq!(http.get(&url, &[slow]).await.status, 504);
+    // gRPC without grpc-timeout: no timeout at all.
+    let r = http.get(&url, &[slow, grpc]).await;
+    assert_eq!(
+        (r.status, r.header("grpc-status")),
+        (200, None),
+        "{}",
+        r.text()
+    );
+    // gRPC with grpc-timeout: that timeout (a gRPC local reply: HTTP 200,
+    // grpc-status 14: Envoy maps 504 to UNAVAILABLE).
+    let deadline = ("grpc-timeout", "100m");
+    let r = http.get(&url, &[slow, grpc, deadline]).await;
+    assert_eq!((r.status, r.header("grpc-status")), (200, Some("14")));
+    drop(p);
+    // A non-zero max caps it.
+    let p = Cfg::new(
+        &vhost(&route("/", "a", ", timeout: 5s, max_grpc_timeout: 0.2s")),
+        &cluster("a", a.port()),
+    )
+    .start();
+    let url = format!("{}/", p.base());
+    let r = http.get(&url, &[slow, grpc, ("grpc-timeout", "10S")]).await;
+    assert_eq!(r.header("grpc-status"), Some("14"));
+    let r = http.get(&url, &[slow, grpc]).await;
+    assert_eq!(
+        r.header("grpc-status"),
+        Some("14"),
+        "no grpc-timeout: the cap"
+    );
+}

@@ -277,7 +277,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "cluster", "cluster_header", "weighted_clusters", "cluster_not_found_response_code",
         "prefix_rewrite", "regex_rewrite", "host_rewrite_literal", "auto_host_rewrite",
         "host_rewrite_header", "host_rewrite_path_regex", "append_x_forwarded_host", "timeout",
-        "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs",
+        "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs", "max_grpc_timeout",
     ]),
     ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),
@@ -335,6 +335,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
     ("envoy.config.cluster.v3.CircuitBreakers.Thresholds", &[
         "priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
+        "~track_remaining",
     ]),
     ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["eds_config", "service_name"]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),

@@ -190,7 +190,19 @@ fn timeouts(
             .and_then(|s| s.parse::<u64>().ok())
             .map(Duration::from_millis)
     };
-    let mut global = f.action.timeout;
+    // The deprecated `max_grpc_timeout` (Istio renders `0s`): a gRPC
+    // request's timeout is its `grpc-timeout` (none = infinite), capped by
+    // the value unless it is 0, instead of the route `timeout`.
+    let mut global = match f.action.max_grpc_timeout {
+        Some(max) if super::service::is_grpc(headers) => {
+            let mut g = super::service::parse_grpc_timeout(headers).unwrap_or(Duration::ZERO);
+            if !max.is_zero() && (g.is_zero() || g > max) {
+                g = max;
+            }
+            (!g.is_zero()).then_some(g)
+        }
+        _ => f.action.timeout,
+    };
     let mut per_try = retry.and_then(|r| r.per_try_timeout);
     if f.trusted {
         if let Some(d) = ms(&X_ENVOY_RQ_TIMEOUT) {

@@ -762,15 +762,21 @@ fn grpc_timeout(
     action: &xds_client::config::RouteAction,
     h: &http::HeaderMap,
 ) -> Option<std::time::Duration> {
-    use std::time::Duration;
     let cap = action.grpc_timeout_header_max?;
+    let d = parse_grpc_timeout(h)?;
+    Some(if d.is_zero() { cap } else { d.min(cap) })
+}
+
+/// The request's `grpc-timeout` header.
+pub(crate) fn parse_grpc_timeout(h: &http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
     let v = h.get("grpc-timeout")?.to_str().ok()?;
     if v.len() < 2 {
         return None;
     }
     let (n, unit) = v.split_at(v.len() - 1);
     let n: u64 = n.parse().ok()?;
-    let d = match unit {
+    Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
         "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
@@ -778,11 +784,10 @@ fn grpc_timeout(
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
         _ => return None,
-    };
-    Some(if d.is_zero() { cap } else { d.min(cap) })
+    })
 }
 
-fn is_grpc(h: &http::HeaderMap) -> bool {
+pub(crate) fn is_grpc(h: &http::HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {

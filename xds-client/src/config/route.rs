@@ -378,6 +378,9 @@ pub struct RouteAction {
     pub append_x_forwarded_host: bool,
     /// `timeout`: `None` is disabled (`0s`); default 15 s.
     pub timeout: Option<Duration>,
+    /// The deprecated `max_grpc_timeout` (`Some(0)` = no cap): gRPC
+    /// requests use their `grpc-timeout` instead of `timeout`.
+    pub max_grpc_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub retry_policy: Option<Arc<RetryPolicy>>,
     /// `max_stream_duration.max_stream_duration`.

@@ -469,6 +469,16 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         retry_policy: retry,
         max_stream_duration,
         grpc_timeout_header_max,
+        max_grpc_timeout: match &p.max_grpc_timeout {
+            Some(d) => match super::duration(d, &join(path, "max_grpc_timeout")) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    errs.extend(e);
+                    None
+                }
+            },
+            None => None,
+        },
         upgrades,
     })
 }
