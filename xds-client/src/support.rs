@@ -326,11 +326,12 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
-        "transport_socket", "transport_socket_matches", "max_requests_per_connection",
+        "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
+    ("envoy.config.cluster.v3.Filter", &["name", "typed_config"]),
     ("envoy.config.core.v3.TcpKeepalive", &["keepalive_probes", "keepalive_time", "keepalive_interval"]),
     ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
     ("envoy.config.cluster.v3.CircuitBreakers.Thresholds", &[

@@ -264,6 +264,8 @@ pub struct ClusterRuntime {
     /// TLS contexts for `transport_socket` (index 0) and each
     /// `transport_socket_matches` entry (1..); `None` = plaintext.
     transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
+    /// Upstream filters passed through (`weir.pass_through_filter.*`).
+    _pass_through: crate::metrics::PassThroughStats,
 }
 
 impl ClusterRuntime {
@@ -308,6 +310,8 @@ impl ClusterRuntime {
             config.overprovisioning_factor,
         );
         stats.membership_healthy.set(set.healthy_count as i64);
+        let pass_through =
+            crate::metrics::PassThroughStats::new(store, config.pass_through.iter().copied());
         Ok(Arc::new(ClusterRuntime {
             applied: ArcSwap::new(config.clone()),
             config,
@@ -318,6 +322,7 @@ impl ClusterRuntime {
                 .map(|_| [OnceLock::new(), OnceLock::new()])
                 .collect(),
             transports,
+            _pass_through: pass_through,
         }))
     }
 
@@ -424,7 +429,10 @@ impl ClusterRuntime {
     /// DNS clusters the host set comes later and trims them then).
     fn adopt_pools(&self, old: &ClusterRuntime, hosts: &[Arc<Host>]) {
         let keep: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
-        let dns = matches!(self.config.discovery, Discovery::StrictDns | Discovery::LogicalDns);
+        let dns = matches!(
+            self.config.discovery,
+            Discovery::StrictDns | Discovery::LogicalDns
+        );
         for (new, old) in self.pools.iter().zip(old.pools.iter()) {
             for (n, o) in new.iter().zip(old.iter()) {
                 if let Some(p) = o.get() {

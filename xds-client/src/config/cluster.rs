@@ -36,6 +36,9 @@ pub struct Cluster {
     /// `envoy.transport_socket_match` metadata; the first match wins, else
     /// `transport`.
     pub transport_matches: Vec<TransportSocketMatch>,
+    /// Upstream `filters` passed through (Istio's metadata exchange, whose
+    /// ALPN weir does not offer).
+    pub pass_through: Vec<super::PassThrough>,
     /// `upstream_http_protocol_options.auto_sni`: TLS SNI from the upstream
     /// request's host (or `override_auto_sni_header`).
     pub auto_sni: bool,

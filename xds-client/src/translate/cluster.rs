@@ -335,6 +335,24 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             transport,
         });
     }
+    // Upstream network filters: Istio's `istio.metadata_exchange` only.
+    let mut pass_through = Vec::new();
+    let mut transport = transport;
+    for (i, f) in p.filters.iter().enumerate() {
+        let fpath = format!("{path}.filters[{i}]");
+        match upstream_metadata_exchange(f, &fpath) {
+            Ok(protocol) => {
+                // The exchange runs only when that ALPN is negotiated: weir
+                // never offers it, so the upstream never starts it.
+                strip_alpn(&mut transport, &protocol);
+                for m in &mut transport_matches {
+                    strip_alpn(&mut m.transport, &protocol);
+                }
+                pass_through.push(PassThrough::MetadataExchange);
+            }
+            Err(e) => errs.extend(e),
+        }
+    }
     // The deprecated cluster-level field, when the protocol options do not
     // set one.
     if max_requests_per_connection.is_none() {
@@ -429,10 +447,64 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         overprovisioning_factor,
         transport,
         transport_matches,
+        pass_through,
         auto_sni,
         auto_san_validation,
         auto_sni_header,
     })
+}
+
+/// A cluster `filters` entry: Istio's upstream `istio.metadata_exchange`,
+/// returning its ALPN `protocol`.
+fn upstream_metadata_exchange(
+    f: &crate::api::envoy::config::cluster::v3::Filter,
+    path: &str,
+) -> Result<String, ConfigErrors> {
+    let tpath = join(path, "typed_config");
+    let Some(any) = &f.typed_config else {
+        return Err(super::err(tpath, "an upstream filter needs a typed_config"));
+    };
+    let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+    if !any
+        .type_url
+        .ends_with(crate::descriptors::ISTIO_METADATA_EXCHANGE)
+    {
+        return Err(super::err(
+            tpath,
+            format!(
+                "upstream network filter {} is not implemented (only Istio's metadata exchange, as a pass-through)",
+                any.type_url
+            ),
+        ));
+    }
+    let m = crate::descriptors::decode_any(&any.type_url, &any.value)
+        .map_err(|e| super::err(&tpath, e))?;
+    let protocol = m
+        .get_field_by_name("protocol")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    if protocol.is_empty() {
+        return Err(super::err(
+            join(&tpath, "protocol"),
+            "an empty protocol starts Istio's metadata exchange on connections without ALPN;              weir does not implement the exchange",
+        ));
+    }
+    Ok(protocol)
+}
+
+/// Removes `protocol` from the ALPN list a TLS transport offers.
+fn strip_alpn(t: &mut UpstreamTransport, protocol: &str) {
+    match t {
+        UpstreamTransport::Tls(tls) => {
+            if tls.alpn.iter().any(|a| a == protocol.as_bytes()) {
+                let mut c = (**tls).clone();
+                c.alpn.retain(|a| a != protocol.as_bytes());
+                *tls = std::sync::Arc::new(c);
+            }
+        }
+        UpstreamTransport::ProxyProtocol(_, inner) => strip_alpn(inner, protocol),
+        UpstreamTransport::Plain => {}
+    }
 }
 
 /// Circuit-breaker limits at or above this never bind in practice.

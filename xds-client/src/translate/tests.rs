@@ -180,8 +180,74 @@ dynamic_resources:
 #[test]
 fn durations_beyond_the_proto_range_are_rejected() {
     use crate::api::google::protobuf::Duration as PbDuration;
-    let ok = super::duration(&PbDuration { seconds: super::MAX_DURATION_SECS, nanos: 0 }, "x");
+    let ok = super::duration(
+        &PbDuration {
+            seconds: super::MAX_DURATION_SECS,
+            nanos: 0,
+        },
+        "x",
+    );
     assert!(ok.is_ok());
-    let e = super::duration(&PbDuration { seconds: i64::MAX, nanos: 0 }, "a.b").expect_err("too big");
+    let e = super::duration(
+        &PbDuration {
+            seconds: i64::MAX,
+            nanos: 0,
+        },
+        "a.b",
+    )
+    .expect_err("too big");
     assert_eq!(e.to_string(), "a.b: duration out of range");
+}
+
+/// istiod's mesh clusters carry an upstream `istio.metadata_exchange`: it
+/// is passed through, and the ALPN that would start the exchange is not
+/// offered.
+#[test]
+fn upstream_metadata_exchange_is_passed_through_without_its_alpn() {
+    let yaml = |filter: &str| {
+        format!(
+            r#"
+static_resources:
+  clusters:
+  - name: "outbound|9080|v1|productpage.default.svc.cluster.local"
+    type: STATIC
+    connect_timeout: 1s
+    filters:
+    - name: istio.metadata_exchange
+      typed_config: {filter}
+    transport_socket_matches:
+    - name: tlsMode-istio
+      match: {{tlsMode: istio}}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: outbound_.9080_.v1_.productpage.default.svc.cluster.local
+          common_tls_context: {{alpn_protocols: [istio-peer-exchange, istio]}}
+    - name: tlsMode-disabled
+      match: {{}}
+      transport_socket: {{name: envoy.transport_sockets.raw_buffer, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}}}}
+"#
+        )
+    };
+    let s = translate(&yaml(
+        r#"{"@type": type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange, protocol: istio-peer-exchange}"#,
+    ))
+    .expect("accepted");
+    let c = s.clusters.values().next().expect("cluster");
+    assert_eq!(
+        c.pass_through,
+        vec![crate::config::PassThrough::MetadataExchange]
+    );
+    let tls = c.transport_matches[0].transport.tls().expect("tls");
+    assert_eq!(tls.alpn, vec![b"istio".to_vec()]);
+    let e = translate(&yaml(
+        r#"{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: x, cluster: y}"#,
+    ))
+    .expect_err("rejected")
+    .to_string();
+    assert!(
+        e.contains("filters[0].typed_config: upstream network filter"),
+        "{e}"
+    );
 }
