@@ -420,6 +420,8 @@ fn stats(
                 StatValue::Counter(c) => *c > 0,
                 StatValue::Gauge(_) => true,
                 StatValue::Histogram(h) => h.count > 0,
+                // As Envoy, Prometheus output has no text readouts.
+                StatValue::Text(_) => return,
             };
             if !keep(&n.name, used) {
                 return;
@@ -449,6 +451,7 @@ fn stats(
                 StatValue::Counter(_) => "counter",
                 StatValue::Gauge(_) => "gauge",
                 StatValue::Histogram(_) => "histogram",
+                StatValue::Text(_) => return,
             };
             if last_type != pname {
                 let _ = writeln!(out, "# TYPE {pname} {ty}");
@@ -474,6 +477,7 @@ fn stats(
                     let _ = writeln!(out, "{pname}_sum{} {}", lb(""), h.sum_ms);
                     let _ = writeln!(out, "{pname}_count{} {}", lb(""), h.count);
                 }
+                StatValue::Text(_) => {}
             }
         });
         return text(StatusCode::OK, out);
@@ -484,6 +488,7 @@ fn stats(
             StatValue::Counter(c) if keep(&n.name, c > 0) => arr.push(serde_json::json!({"name": n.name, "value": c})),
             StatValue::Gauge(g) if keep(&n.name, true) => arr.push(serde_json::json!({"name": n.name, "value": g})),
             StatValue::Histogram(h) if keep(&n.name, h.count > 0) => arr.push(serde_json::json!({"name": n.name, "histograms": {"count": h.count, "sum": h.sum_ms}})),
+            StatValue::Text(t) if keep(&n.name, !t.is_empty()) => arr.push(serde_json::json!({"name": n.name, "value": t})),
             _ => {}
         });
         return json(serde_json::json!({"stats": arr}));
@@ -495,6 +500,9 @@ fn stats(
         }
         StatValue::Gauge(g) if keep(&n.name, true) => {
             let _ = writeln!(out, "{}: {g}", n.name);
+        }
+        StatValue::Text(t) if keep(&n.name, !t.is_empty()) => {
+            let _ = writeln!(out, "{}: \"{t}\"", n.name);
         }
         StatValue::Histogram(h) if keep(&n.name, h.count > 0) => {
             if h.count == 0 {

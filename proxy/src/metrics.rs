@@ -273,6 +273,8 @@ pub struct XdsStats {
     pub update_rejected: Arc<Counter>,
     /// A hash of the last accepted `version_info` (Envoy's `version`).
     pub version: Arc<Gauge>,
+    /// The last accepted `version_info` (Envoy's `version_text`).
+    pub version_text: Arc<crate::stats::TextReadout>,
 }
 
 impl XdsStats {
@@ -283,6 +285,7 @@ impl XdsStats {
             update_success: c("update_success"),
             update_rejected: c("update_rejected"),
             version: store.gauge(StatName::plain(format!("{prefix}.version"))),
+            version_text: store.text(StatName::plain(format!("{prefix}.version_text"))),
         }
     }
 }

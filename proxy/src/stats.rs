@@ -235,6 +235,21 @@ enum Stat {
     Counter(Arc<Counter>),
     Gauge(Arc<Gauge>),
     Histogram(Arc<Histogram>),
+    Text(Arc<TextReadout>),
+}
+
+/// A text readout (Envoy's `version_text`): set rarely, from the control
+/// thread.
+#[derive(Default)]
+pub struct TextReadout(std::sync::Mutex<String>);
+
+impl TextReadout {
+    pub fn set(&self, v: &str) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = v.to_owned();
+    }
+    pub fn value(&self) -> String {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 struct Entry {
@@ -306,6 +321,28 @@ impl Store {
         g
     }
 
+    pub fn text(&self, name: StatName) -> Arc<TextReadout> {
+        let mut map = self.stats.write().expect("stats lock");
+        if let Some(Entry {
+            stat: Stat::Text(t),
+            ..
+        }) = map.get(&name.name)
+        {
+            return t.clone();
+        }
+        let t = Arc::new(TextReadout::default());
+        if self.accepted(&name.name) {
+            map.insert(
+                name.name.clone(),
+                Entry {
+                    name,
+                    stat: Stat::Text(t.clone()),
+                },
+            );
+        }
+        t
+    }
+
     pub fn histogram(&self, name: StatName) -> Arc<Histogram> {
         let mut map = self.stats.write().expect("stats lock");
         if let Some(Entry {
@@ -344,6 +381,7 @@ impl Store {
                 Stat::Counter(c) => StatValue::Counter(c.value()),
                 Stat::Gauge(g) => StatValue::Gauge(g.value()),
                 Stat::Histogram(h) => StatValue::Histogram(h.snapshot()),
+                Stat::Text(t) => StatValue::Text(t.value()),
             };
             f(&e.name, v);
         }
@@ -359,6 +397,7 @@ impl Store {
                 Stat::Counter(c) => c.value() as i64,
                 Stat::Gauge(g) => g.value(),
                 Stat::Histogram(h) => h.snapshot().count as i64,
+                Stat::Text(_) => 0,
             })
     }
 }
@@ -368,6 +407,7 @@ pub enum StatValue {
     Counter(u64),
     Gauge(i64),
     Histogram(HistogramSnapshot),
+    Text(String),
 }
 
 #[cfg(test)]

@@ -193,6 +193,7 @@ pub fn start(shared: &Arc<Shared>) {
                     if let Some(x) = stats(rt) {
                         x.update_success.inc();
                         x.version.set(version_hash(&version));
+                        x.version_text.set(&version);
                     }
                 }
                 Event::Rejected { rt, .. } => {

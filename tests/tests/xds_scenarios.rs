@@ -192,6 +192,17 @@ async fn brings_up_and_serves(delta: bool) {
     assert_eq!(w.proxy.stat("control_plane.connected_state").await, Some(1));
     assert!(w.proxy.stat("listener_manager.lds.update_success").await >= Some(1));
     assert!(w.proxy.stat("cluster_manager.cds.update_success").await >= Some(1));
+    // version_text: the last accepted version, as a text readout.
+    let stats = w
+        .proxy
+        .admin("GET", "/stats?filter=version_text")
+        .await
+        .text();
+    assert!(
+        stats.contains("cluster_manager.cds.version_text: \"")
+            && stats.contains("listener_manager.lds.version_text: \""),
+        "{stats}"
+    );
     // /config_dump shows the dynamic resources with their versions.
     let dump = w.proxy.admin("GET", "/config_dump").await.json();
     let of = |ty: &str| {
