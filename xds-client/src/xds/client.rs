@@ -153,31 +153,39 @@ impl XdsClient {
                 _ = sleep => {
                     let changed = self.with_state(|s| s.expire(Instant::now()));
                     if changed {
-                        self.republish();
+                        self.republish(false);
                     }
                 }
             }
         }
     }
 
-    /// Re-assembles and publishes after a state change.
-    fn republish(&self) {
+    /// Re-assembles and publishes after a state change. Subscriptions
+    /// derive from listeners and clusters only: after an RDS, EDS or SDS
+    /// change (`subscriptions` false) they are not recomputed, which keeps
+    /// an endpoint update from walking every cluster twice more.
+    fn republish(&self, subscriptions: bool) {
         let (snap, init, wanted) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let w = st.wanted();
-            st.note_wanted(&w);
+            let w = subscriptions.then(|| {
+                let w = st.wanted();
+                st.note_wanted(&w);
+                w
+            });
             let snap = st.assemble();
             (snap, st.init_done(), w)
         };
         (self.on_snapshot)(snap, init);
-        self.wanted.send_if_modified(|cur| {
-            if *cur != wanted {
-                *cur = wanted;
-                true
-            } else {
-                false
-            }
-        });
+        if let Some(wanted) = wanted {
+            self.wanted.send_if_modified(|cur| {
+                if *cur != wanted {
+                    *cur = wanted;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
     }
 
     /// Applies one response and publishes; returns what happened.
@@ -200,7 +208,7 @@ impl XdsClient {
         };
         // Until the initial fetch completes, any response may complete it.
         if applied.changed || !self.with_state(|s| s.init_done()) {
-            self.republish();
+            self.republish(rt.wildcard());
         }
         match applied.error_detail() {
             None => (self.on_event)(Event::Accepted {
