@@ -1092,6 +1092,55 @@ fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
     q.push_back(item);
 }
 
+impl ControlPlane {
+    /// A bootstrap that takes listeners and clusters over ADS from this
+    /// control plane (`DELTA_GRPC` when `delta`, else `GRPC`), with
+    /// `set_node_on_first_message_only`, through the static HTTP/2 cluster
+    /// `xds-grpc` (TCP or Unix socket, as the server listens), admin on
+    /// 127.0.0.1:`admin`. `node` is YAML for the `node` field.
+    pub fn ads_bootstrap(&self, node: &str, delta: bool, admin: u16) -> String {
+        let address = match (self.addr(), self.unix_path()) {
+            (Some(a), _) => format!(
+                "socket_address: {{address: {}, port_value: {}}}",
+                a.ip(),
+                a.port()
+            ),
+            (None, Some(p)) => format!("pipe: {{path: \"{}\"}}", p.display()),
+            (None, None) => unreachable!("a control plane listens on TCP or a Unix socket"),
+        };
+        format!(
+            r#"
+node: {node}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    set_node_on_first_message_only: true
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{{address}}}}}
+"#,
+            api = if delta { "DELTA_GRPC" } else { "GRPC" },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Paths real Envoy does not take in `tests/tests/xds_envoy.rs`, driven

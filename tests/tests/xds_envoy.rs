@@ -24,45 +24,21 @@ const NODE_ID: &str = "weir-xds-test";
 /// An Envoy bootstrap whose LDS and CDS come over ADS from `cp`
 /// (`api_type`: `GRPC` or `DELTA_GRPC`).
 fn bootstrap(api_type: &str, cp: &ControlPlane, admin: u16) -> String {
-    let address = match (cp.addr(), cp.unix_path()) {
-        (Some(a), _) => format!(
-            "socket_address: {{address: 127.0.0.1, port_value: {}}}",
-            a.port()
-        ),
-        (None, Some(p)) => format!("pipe: {{path: \"{}\"}}", p.display()),
-        (None, None) => unreachable!("a control plane listens somewhere"),
-    };
-    let node_first_only = api_type == "DELTA_GRPC";
-    format!(
-        r#"
-node: {{id: {NODE_ID}, cluster: weir-tests}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    set_node_on_first_message_only: {node_first_only}
-    grpc_services:
-    - envoy_grpc: {{cluster_name: xds_cluster}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds_cluster
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds_cluster
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{{address}}}}}
-"#
-    )
+    let delta = api_type == "DELTA_GRPC";
+    let b = cp.ads_bootstrap(
+        &format!("{{id: {NODE_ID}, cluster: weir-tests}}"),
+        delta,
+        admin,
+    );
+    // State of the world here sends the node on every request.
+    if delta {
+        b
+    } else {
+        b.replace(
+            "set_node_on_first_message_only: true",
+            "set_node_on_first_message_only: false",
+        )
+    }
 }
 
 fn eds_cluster(name: &str) -> String {

@@ -11,38 +11,10 @@ use weir_tests::xds::{type_url as t, ControlPlane, Recorded};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn bootstrap(cp: &ControlPlane, delta: bool, admin: u16) -> String {
-    let cp = cp.addr().expect("tcp control plane");
-    format!(
-        r#"
-node: {{id: test-node, cluster: test-cluster, metadata: {{ISTIO_VERSION: "1.24"}}}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api}
-    transport_api_version: V3
-    set_node_on_first_message_only: true
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
-"#,
-        api = if delta { "DELTA_GRPC" } else { "GRPC" },
-        ip = cp.ip(),
-        port = cp.port(),
+    cp.ads_bootstrap(
+        r#"{id: test-node, cluster: test-cluster, metadata: {ISTIO_VERSION: "1.24"}}"#,
+        delta,
+        admin,
     )
 }
 

@@ -113,13 +113,6 @@ impl Api {
             Api::Sotw => "sotw",
         }
     }
-
-    fn api_type(self) -> &'static str {
-        match self {
-            Api::Delta => "DELTA_GRPC",
-            Api::Sotw => "GRPC",
-        }
-    }
 }
 
 /// The resources of one snapshot, encoded once.
@@ -580,44 +573,10 @@ filter_chains:
 }
 
 fn bootstrap(cp: &ControlPlane, api: Api, admin: u16) -> anyhow::Result<String> {
-    let address = match (cp.addr(), cp.unix_path()) {
-        (Some(a), _) => format!(
-            "socket_address: {{address: {}, port_value: {}}}",
-            a.ip(),
-            a.port()
-        ),
-        (None, Some(p)) => format!("pipe: {{path: \"{}\"}}", p.display()),
-        (None, None) => bail!("control plane has no address"),
-    };
-    Ok(format!(
-        r#"
-node: {{id: xds-scale, cluster: xds-scale}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api}
-    transport_api_version: V3
-    set_node_on_first_message_only: true
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{{address}}}}}
-"#,
-        api = api.api_type(),
+    Ok(cp.ads_bootstrap(
+        "{id: xds-scale, cluster: xds-scale}",
+        matches!(api, Api::Delta),
+        admin,
     ))
 }
 
