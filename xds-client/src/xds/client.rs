@@ -295,41 +295,19 @@ impl XdsClient {
             Some(rt) => rt.grpc_path(api.delta),
         };
         let path = http::uri::PathAndQuery::from_static(path);
-        if api.delta {
-            let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
-            let out = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|m| (m, rx))
-            });
-            let resp = grpc
-                .streaming(
-                    tonic::Request::new(out),
-                    path,
-                    tonic_prost::ProstCodec::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>::default(),
-                )
-                .await
-                .map_err(|s| format!("stream refused: {s}"))?;
+        let r = if api.delta {
+            let (tx, inbound) =
+                open_stream::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>(&mut grpc, path).await?;
             self.set_connected(true);
-            let r = self.delta_loop(api, only, tx, resp.into_inner()).await;
-            self.set_connected(false);
-            r
+            self.delta_loop(api, only, tx, inbound).await
         } else {
-            let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
-            let out = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|m| (m, rx))
-            });
-            let resp = grpc
-                .streaming(
-                    tonic::Request::new(out),
-                    path,
-                    tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default(),
-                )
-                .await
-                .map_err(|s| format!("stream refused: {s}"))?;
+            let (tx, inbound) =
+                open_stream::<DiscoveryRequest, DiscoveryResponse>(&mut grpc, path).await?;
             self.set_connected(true);
-            let r = self.sotw_loop(api, only, tx, resp.into_inner()).await;
-            self.set_connected(false);
-            r
-        }
+            self.sotw_loop(api, only, tx, inbound).await
+        };
+        self.set_connected(false);
+        r
     }
 
     async fn channel(&self, api: &ApiSource) -> Result<tonic::transport::Channel, String> {
@@ -565,6 +543,29 @@ impl XdsClient {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// Opens a bidirectional gRPC stream on `path`: requests go in through the
+/// returned sender, responses come out of the returned stream.
+async fn open_stream<Req, Resp>(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    path: http::uri::PathAndQuery,
+) -> Result<(mpsc::UnboundedSender<Req>, tonic::Streaming<Resp>), String>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Req>();
+    let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let resp = grpc
+        .streaming(
+            tonic::Request::new(out),
+            path,
+            tonic_prost::ProstCodec::<Req, Resp>::default(),
+        )
+        .await
+        .map_err(|s| format!("stream refused: {s}"))?;
+    Ok((tx, resp.into_inner()))
 }
 
 /// Parses a `DiscoveryResponse` written as YAML or JSON.
