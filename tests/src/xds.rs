@@ -1141,6 +1141,78 @@ static_resources:
     }
 }
 
+/// YAML builders for the resources the xDS tests push (Envoy's JSON
+/// mapping; feed them to [`ControlPlane::set_yaml`] / `upsert_yaml`).
+pub mod yaml {
+    /// An EDS cluster whose endpoints come over ADS.
+    pub fn eds_cluster(name: &str) -> String {
+        format!(
+            r#"
+name: {name}
+type: EDS
+connect_timeout: 1s
+eds_cluster_config:
+  eds_config: {{ads: {{}}, resource_api_version: V3}}
+"#
+        )
+    }
+
+    /// A ClusterLoadAssignment with one 127.0.0.1 endpoint per port.
+    pub fn endpoints(cluster: &str, ports: &[u16]) -> String {
+        let eps: Vec<String> = ports
+            .iter()
+            .map(|p| {
+                format!("    - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}")
+            })
+            .collect();
+        format!(
+            "cluster_name: {cluster}\nendpoints:\n  - lb_endpoints:\n{}\n",
+            eps.join("\n")
+        )
+    }
+
+    /// A listener on 127.0.0.1:`port` whose HCM (stat prefix `name`) takes
+    /// route configuration `route` over ADS.
+    pub fn rds_listener(name: &str, port: u16, route: &str) -> String {
+        format!(
+            r#"
+name: {name}
+address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: {name}
+      rds:
+        route_config_name: {route}
+        config_source: {{ads: {{}}, resource_api_version: V3}}
+      http_filters:
+      - name: envoy.filters.http.router
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#
+        )
+    }
+
+    /// A route configuration with one vhost for every domain: the `extra`
+    /// routes (YAML list items at indent 2, starting with a newline), then
+    /// `/` to `cluster`.
+    pub fn route(name: &str, cluster: &str, extra: &str) -> String {
+        format!(
+            r#"
+name: {name}
+virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:{extra}
+  - match: {{prefix: /}}
+    route: {{cluster: {cluster}}}
+"#
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Paths real Envoy does not take in `tests/tests/xds_envoy.rs`, driven

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use weir_tests::proc::ProxyProc;
 use weir_tests::scenario::{Http, Resp};
 use weir_tests::xds::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use weir_tests::xds::yaml::{eds_cluster, endpoints, rds_listener, route};
 use weir_tests::xds::{ControlPlane, Recorded};
 use weir_tests::{free_port, upstream, EnvoyProc};
 
@@ -41,29 +42,6 @@ fn bootstrap(api_type: &str, cp: &ControlPlane, admin: u16) -> String {
     }
 }
 
-fn eds_cluster(name: &str) -> String {
-    format!(
-        r#"
-name: {name}
-type: EDS
-connect_timeout: 1s
-eds_cluster_config:
-  eds_config: {{ads: {{}}, resource_api_version: V3}}
-"#
-    )
-}
-
-fn load_assignment(cluster: &str, port: u16) -> String {
-    format!(
-        r#"
-cluster_name: {cluster}
-endpoints:
-- lb_endpoints:
-  - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
-"#
-    )
-}
-
 /// A listener on `127.0.0.1:port` whose HCM `filter` is given whole.
 fn listener_with(name: &str, port: u16, filter: &str) -> String {
     format!(
@@ -73,44 +51,6 @@ address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
 filter_chains:
 - filters:
 {filter}
-"#
-    )
-}
-
-/// A listener whose HCM takes route `route_name` over ADS (RDS).
-fn rds_listener(name: &str, port: u16, route_name: &str) -> String {
-    listener_with(
-        name,
-        port,
-        &format!(
-            r#"
-  - name: hcm
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: ingress
-      rds:
-        config_source: {{ads: {{}}, resource_api_version: V3}}
-        route_config_name: {route_name}
-      http_filters:
-      - name: envoy.filters.http.router
-        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-"#
-        ),
-    )
-}
-
-/// A route configuration: `routes` (YAML list items), then `/` to `cluster`.
-fn route(name: &str, routes: &str, cluster: &str) -> String {
-    format!(
-        r#"
-name: {name}
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:
-{routes}
-  - match: {{prefix: /}}
-    route: {{cluster: {cluster}}}
 "#
     )
 }
@@ -165,9 +105,9 @@ fn must<T>(r: anyhow::Result<T>) -> T {
 fn seed(cp: &ControlPlane, upstream_port: u16, listen: u16) -> String {
     let r = (|| {
         cp.upsert_yaml(CLUSTER, &eds_cluster("c1"))?;
-        cp.upsert_yaml(ENDPOINT, &load_assignment("c1", upstream_port))?;
+        cp.upsert_yaml(ENDPOINT, &endpoints("c1", &[upstream_port]))?;
         cp.upsert_yaml(LISTENER, &rds_listener("l", listen, "local_route"))?;
-        cp.upsert_yaml(ROUTE, &route("local_route", "", "c1"))
+        cp.upsert_yaml(ROUTE, &route("local_route", "c1", ""))
     })();
     r.unwrap_or_else(|e| panic!("seed resources: {e:#}"))
 }
@@ -266,7 +206,7 @@ async fn sotw_route_update_applies_and_bad_listener_is_nacked() {
     let base = format!("http://127.0.0.1:{listen}");
 
     // Route update.
-    let v1 = must(cp.upsert_yaml(ROUTE, &route("local_route", DIRECT_ROUTE, "c1")));
+    let v1 = must(cp.upsert_yaml(ROUTE, &route("local_route", "c1", DIRECT_ROUTE)));
     must(cp.wait_for_ack(ROUTE, &v1, WAIT).await);
     let r = get_until(&format!("{base}/direct"), "the direct response", |r| {
         r.status == 200 && r.text() == "direct"

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use weir_tests::scenario::{Http, Proxy, Resp};
 use weir_tests::upstream;
+use weir_tests::xds::yaml::{eds_cluster, endpoints, rds_listener, route};
 use weir_tests::xds::{type_url as t, ControlPlane, Recorded};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -15,67 +16,6 @@ fn bootstrap(cp: &ControlPlane, delta: bool, admin: u16) -> String {
         r#"{id: test-node, cluster: test-cluster, metadata: {ISTIO_VERSION: "1.24"}}"#,
         delta,
         admin,
-    )
-}
-
-fn listener(name: &str, port: u16, route: &str) -> String {
-    format!(
-        r#"
-name: {name}
-address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-filter_chains:
-- filters:
-  - name: envoy.filters.network.http_connection_manager
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: {name}
-      rds:
-        route_config_name: {route}
-        config_source: {{ads: {{}}, resource_api_version: V3}}
-      http_filters:
-      - name: envoy.filters.http.router
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-"#
-    )
-}
-
-fn eds_cluster(name: &str) -> String {
-    format!(
-        r#"
-name: {name}
-type: EDS
-connect_timeout: 1s
-eds_cluster_config:
-  eds_config: {{ads: {{}}, resource_api_version: V3}}
-"#
-    )
-}
-
-fn endpoints(cluster: &str, ports: &[u16]) -> String {
-    let eps: Vec<String> = ports
-        .iter()
-        .map(|p| {
-            format!("    - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}")
-        })
-        .collect();
-    format!(
-        "cluster_name: {cluster}\nendpoints:\n  - lb_endpoints:\n{}\n",
-        eps.join("\n")
-    )
-}
-
-fn route(name: &str, cluster: &str, extra: &str) -> String {
-    format!(
-        r#"
-name: {name}
-virtual_hosts:
-- name: all
-  domains: ["*"]
-  routes:{extra}
-  - match: {{prefix: /}}
-    route: {{cluster: {cluster}}}
-"#
     )
 }
 
@@ -104,6 +44,22 @@ struct World {
     b: upstream::EchoServer,
 }
 
+/// Pushes EDS cluster `c1` with one endpoint at `upstream`, `listener`,
+/// and (with `routes`) RDS `r1` sending everything to `c1`; returns the
+/// control plane's version after the last push.
+fn push_c1(cp: &ControlPlane, upstream: u16, listener: &str, routes: bool) -> String {
+    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
+    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[upstream])])
+        .expect("eds");
+    let v = cp.set_yaml(t::LISTENER, &[listener]).expect("lds");
+    if routes {
+        cp.set_yaml(t::ROUTE, &[&route("r1", "c1", "")])
+            .expect("rds")
+    } else {
+        v
+    }
+}
+
 /// A proxy on ADS with one listener (RDS `r1`), EDS cluster `c1` at
 /// upstream `a`, all acknowledged.
 async fn world(delta: bool) -> World {
@@ -111,14 +67,7 @@ async fn world(delta: bool) -> World {
     let a = upstream::http1("a").await.expect("upstream a");
     let b = upstream::http1("b").await.expect("upstream b");
     let port = weir_tests::free_port();
-    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
-    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[a.port()])])
-        .expect("eds");
-    cp.set_yaml(t::LISTENER, &[&listener("dyn", port, "r1")])
-        .expect("lds");
-    let v = cp
-        .set_yaml(t::ROUTE, &[&route("r1", "c1", "")])
-        .expect("rds");
+    let v = push_c1(&cp, a.port(), &rds_listener("dyn", port, "r1"), true);
     let proxy = Proxy::start(|p| bootstrap(&cp, delta, p.admin));
     for ty in [t::CLUSTER, t::ENDPOINT, t::LISTENER, t::ROUTE] {
         cp.wait_for_ack(ty, &v, WAIT)
@@ -297,12 +246,12 @@ async fn bad_resource_is_nacked_alone(delta: bool) {
     // One good new listener and one with a malformed address: both
     // Envoy and weir reject the latter alone.
     let port2 = weir_tests::free_port();
-    let good = listener("good", port2, "r1");
-    let bad = listener("bad", 1, "r1").replace("address: 127.0.0.1", "address: not-an-ip");
+    let good = rds_listener("good", port2, "r1");
+    let bad = rds_listener("bad", 1, "r1").replace("address: 127.0.0.1", "address: not-an-ip");
     let bad_any = weir_tests::xds::any_from_yaml(t::LISTENER, &bad).expect("bad listener");
     let good_any = weir_tests::xds::any_from_yaml(t::LISTENER, &good).expect("good");
-    let keep =
-        weir_tests::xds::any_from_yaml(t::LISTENER, &listener("dyn", w.port, "r1")).expect("dyn");
+    let keep = weir_tests::xds::any_from_yaml(t::LISTENER, &rds_listener("dyn", w.port, "r1"))
+        .expect("dyn");
     let v =
         w.cp.set(t::LISTENER, vec![keep, good_any, bad_any])
             .expect("lds");
@@ -406,14 +355,11 @@ async fn listener_warms_until_its_routes_arrive_or_time_out() {
     let cp = ControlPlane::start().await.expect("control plane");
     let a = upstream::http1("a").await.expect("upstream a");
     let port = weir_tests::free_port();
-    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
-    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[a.port()])])
-        .expect("eds");
-    let l = listener("dyn", port, "r1").replace(
+    let l = rds_listener("dyn", port, "r1").replace(
         "config_source: {ads: {}, resource_api_version: V3}",
         "config_source: {ads: {}, resource_api_version: V3, initial_fetch_timeout: 3s}",
     );
-    let v = cp.set_yaml(t::LISTENER, &[&l]).expect("lds");
+    let v = push_c1(&cp, a.port(), &l, false);
     let t0 = tokio::time::Instant::now();
     // A process target's harness waits for LIVE: it returns after the 3 s.
     let proxy = Proxy::start(|p| bootstrap(&cp, true, p.admin));
@@ -548,14 +494,7 @@ async fn listener_update_drains_only_the_changed_chain() {
     let cp = ControlPlane::start().await.expect("control plane");
     let a = upstream::http1("a").await.expect("upstream a");
     let port = weir_tests::free_port();
-    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
-    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[a.port()])])
-        .expect("eds");
-    cp.set_yaml(t::ROUTE, &[&route("r1", "c1", "")])
-        .expect("rds");
-    let v = cp
-        .set_yaml(t::LISTENER, &[&two_chain_listener(port, "chain_b")])
-        .expect("lds");
+    let v = push_c1(&cp, a.port(), &two_chain_listener(port, "chain_b"), true);
     // Drained connections close at once (Envoy's default gradual strategy
     // would spread closes over ten minutes).
     let opts = weir_tests::scenario::StartOptions {
@@ -645,7 +584,7 @@ async fn hitless(delta: bool) {
         );
         w.cp.set_yaml(t::CLUSTER, &[&c]).expect("cds");
         // Listener: a changed stat prefix replaces the filter chain.
-        let l = listener("dyn", w.port, "r1")
+        let l = rds_listener("dyn", w.port, "r1")
             .replace("stat_prefix: dyn", &format!("stat_prefix: dyn{}", i % 2));
         v = w.cp.set_yaml(t::LISTENER, &[&l]).expect("lds");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -808,14 +747,7 @@ async fn ads_over_tls_to_the_control_plane() {
     let front = tls_front(cp.addr().expect("tcp"), &leaf).await;
     let a = upstream::http1("a").await.expect("upstream a");
     let port = weir_tests::free_port();
-    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
-    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[a.port()])])
-        .expect("eds");
-    cp.set_yaml(t::LISTENER, &[&listener("dyn", port, "r1")])
-        .expect("lds");
-    let v = cp
-        .set_yaml(t::ROUTE, &[&route("r1", "c1", "")])
-        .expect("rds");
+    let v = push_c1(&cp, a.port(), &rds_listener("dyn", port, "r1"), true);
     let ca_pem = ca.pem().replace('\n', "\\n");
     let _proxy = Proxy::start(|p| {
         let b = bootstrap(&cp, true, p.admin).replace(
@@ -846,14 +778,7 @@ async fn cluster_updates_keep_pools_and_close_removed_endpoints() {
     let a = upstream::http1("a").await.expect("upstream a");
     let b = upstream::http1("b").await.expect("upstream b");
     let port = weir_tests::free_port();
-    cp.set_yaml(t::CLUSTER, &[&eds_cluster("c1")]).expect("cds");
-    cp.set_yaml(t::ENDPOINT, &[&endpoints("c1", &[a.port()])])
-        .expect("eds");
-    cp.set_yaml(t::LISTENER, &[&listener("dyn", port, "r1")])
-        .expect("lds");
-    let v = cp
-        .set_yaml(t::ROUTE, &[&route("r1", "c1", "")])
-        .expect("rds");
+    let v = push_c1(&cp, a.port(), &rds_listener("dyn", port, "r1"), true);
     let proxy = Proxy::start_with(weir_tests::scenario::Target::from_env(), opts, |p| {
         bootstrap(&cp, false, p.admin)
     });

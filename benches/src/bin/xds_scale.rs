@@ -550,28 +550,6 @@ fn any(type_url: &str, m: &impl Message) -> Any {
     }
 }
 
-fn listener_yaml(port: u16) -> String {
-    format!(
-        r#"
-name: big
-address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-filter_chains:
-- filters:
-  - name: envoy.filters.network.http_connection_manager
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: big
-      rds:
-        route_config_name: big
-        config_source: {{ads: {{}}, resource_api_version: V3}}
-      http_filters:
-      - name: envoy.filters.http.router
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-"#
-    )
-}
-
 fn bootstrap(cp: &ControlPlane, api: Api, admin: u16) -> anyhow::Result<String> {
     Ok(cp.ads_bootstrap(
         "{id: xds-scale, cluster: xds-scale}",
@@ -790,8 +768,11 @@ async fn measure(
     // Nobody subscribes to these yet: stored, not sent.
     let v_eds = cp.set(t::ENDPOINT, snap.endpoints.clone())?;
     let v_rds = cp.set(t::ROUTE, vec![snap.route.clone()])?;
-    let listener = xds_client::bootstrap::any_from_text(t::LISTENER, &listener_yaml(listen))
-        .map_err(|e| anyhow!("listener: {e}"))?;
+    let listener = xds_client::bootstrap::any_from_text(
+        t::LISTENER,
+        &weir_tests::xds::yaml::rds_listener("big", listen, "big"),
+    )
+    .map_err(|e| anyhow!("listener: {e}"))?;
     let cpu0 = proc_cpu(p.pid())?;
     let other = OtherLoad::start(Some(p.pid()))?;
     let set_start = Instant::now();
