@@ -324,30 +324,15 @@ impl DynamicState {
         }
     }
 
-    /// What to subscribe to, from the bootstrap and the resources held.
-    pub fn wanted(&self) -> Wanted {
-        let mut w: Wanted = BTreeMap::new();
-        let mut add = |src: &ConfigSource, rt: ResourceType, name: Option<&Name>| {
-            let e = w.entry(src.kind.clone()).or_default();
-            match name {
-                None => {
-                    e.insert(rt, Interest::Wildcard);
-                }
-                Some(n) => {
-                    if let Interest::Names(s) = e
-                        .entry(rt)
-                        .or_insert_with(|| Interest::Names(BTreeSet::new()))
-                    {
-                        s.insert(n.clone());
-                    }
-                }
-            }
-        };
+    /// Every dynamic reference of the bootstrap and the resources held:
+    /// LDS/CDS wildcards (`None`), then RDS, SDS and EDS names, each with
+    /// its config source.
+    fn for_each_ref(&self, mut f: impl FnMut(&ConfigSource, ResourceType, Option<&Name>)) {
         if let Some(cs) = &self.base.dynamic.lds {
-            add(cs, ResourceType::Listener, None);
+            f(cs, ResourceType::Listener, None);
         }
         if let Some(cs) = &self.base.dynamic.cds {
-            add(cs, ResourceType::Cluster, None);
+            f(cs, ResourceType::Cluster, None);
         }
         let listeners =
             self.base
@@ -363,12 +348,12 @@ impl DynamicState {
             for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
                 if let NetworkFilter::Http(h) = &fc.filter {
                     if let RouteSource::Rds(r) = &h.routes {
-                        add(&r.source, ResourceType::Route, Some(&r.name));
+                        f(&r.source, ResourceType::Route, Some(&r.name));
                     }
                 }
                 if let Some(t) = &fc.tls {
                     for s in &t.sds {
-                        add(&s.source, ResourceType::Secret, Some(&s.name));
+                        f(&s.source, ResourceType::Secret, Some(&s.name));
                     }
                 }
             }
@@ -385,18 +370,39 @@ impl DynamicState {
                 ));
         for c in clusters {
             if let Some(e) = &c.eds {
-                add(&e.source, ResourceType::Endpoint, Some(&e.service_name));
+                f(&e.source, ResourceType::Endpoint, Some(&e.service_name));
             }
             for t in std::iter::once(&c.transport)
                 .chain(c.transport_matches.iter().map(|m| &m.transport))
             {
                 if let Some(t) = t.tls() {
                     for s in &t.sds {
-                        add(&s.source, ResourceType::Secret, Some(&s.name));
+                        f(&s.source, ResourceType::Secret, Some(&s.name));
                     }
                 }
             }
         }
+    }
+
+    /// What to subscribe to, from the bootstrap and the resources held.
+    pub fn wanted(&self) -> Wanted {
+        let mut w: Wanted = BTreeMap::new();
+        self.for_each_ref(|src, rt, name| {
+            let e = w.entry(src.kind.clone()).or_default();
+            match name {
+                None => {
+                    e.insert(rt, Interest::Wildcard);
+                }
+                Some(n) => {
+                    if let Interest::Names(s) = e
+                        .entry(rt)
+                        .or_insert_with(|| Interest::Names(BTreeSet::new()))
+                    {
+                        s.insert(n.clone());
+                    }
+                }
+            }
+        });
         w
     }
 
@@ -446,67 +452,11 @@ impl DynamicState {
     /// The initial_fetch_timeout of each referenced name.
     fn fetch_timeouts(&self) -> BTreeMap<(ResourceType, Name), Option<Duration>> {
         let mut out = BTreeMap::new();
-        let base = self.base.clone();
-        let listeners =
-            base.listeners
-                .iter()
-                .cloned()
-                .chain(self.entries(ResourceType::Listener).filter_map(
-                    |(_, e)| match &e.resource {
-                        Resource::Listener(l) => Some(l.clone()),
-                        _ => None,
-                    },
-                ));
-        for l in listeners {
-            for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
-                if let NetworkFilter::Http(h) = &fc.filter {
-                    if let RouteSource::Rds(r) = &h.routes {
-                        out.insert(
-                            (ResourceType::Route, r.name.clone()),
-                            r.source.initial_fetch_timeout,
-                        );
-                    }
-                }
-                if let Some(t) = &fc.tls {
-                    for s in &t.sds {
-                        out.insert(
-                            (ResourceType::Secret, s.name.clone()),
-                            s.source.initial_fetch_timeout,
-                        );
-                    }
-                }
+        self.for_each_ref(|src, rt, name| {
+            if let Some(n) = name {
+                out.insert((rt, n.clone()), src.initial_fetch_timeout);
             }
-        }
-        let clusters =
-            base.clusters
-                .values()
-                .cloned()
-                .chain(self.entries(ResourceType::Cluster).filter_map(
-                    |(_, e)| match &e.resource {
-                        Resource::Cluster(c) => Some(c.clone()),
-                        _ => None,
-                    },
-                ));
-        for c in clusters {
-            if let Some(e) = &c.eds {
-                out.insert(
-                    (ResourceType::Endpoint, e.service_name.clone()),
-                    e.source.initial_fetch_timeout,
-                );
-            }
-            for t in std::iter::once(&c.transport)
-                .chain(c.transport_matches.iter().map(|m| &m.transport))
-            {
-                if let Some(t) = t.tls() {
-                    for s in &t.sds {
-                        out.insert(
-                            (ResourceType::Secret, s.name.clone()),
-                            s.source.initial_fetch_timeout,
-                        );
-                    }
-                }
-            }
-        }
+        });
         out
     }
 
