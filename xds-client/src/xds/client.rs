@@ -297,7 +297,8 @@ impl XdsClient {
         let path = http::uri::PathAndQuery::from_static(path);
         let r = if api.delta {
             let (tx, inbound) =
-                open_stream::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>(&mut grpc, path).await?;
+                open_stream::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>(&mut grpc, path)
+                    .await?;
             self.set_connected(true);
             self.delta_loop(api, only, tx, inbound).await
         } else {
@@ -556,7 +557,8 @@ where
     Resp: prost::Message + Default + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Req>();
-    let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let out =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let resp = grpc
         .streaming(
             tonic::Request::new(out),
