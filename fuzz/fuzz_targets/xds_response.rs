@@ -2,7 +2,8 @@
 //! dynamic state: decode -> `unwrap_any` -> `DynamicState::apply` (per
 //! resource decode, supported-field check and translation, cross-resource
 //! checks) -> `wanted` / `note_wanted` -> `assemble` (warming, EDS merge).
-//! Any resource may be rejected; nothing may panic.
+//! Any resource may be rejected; nothing may panic; an incremental
+//! assembly (after an EDS-only change) must equal a full one.
 //!
 //! Input: `mode, frame*`.
 //! - `mode` bit 0: delta (`DeltaDiscoveryResponse`) rather than state of the
@@ -177,7 +178,15 @@ fn settle(st: &mut DynamicState, rt: ResourceType, applied: &Applied, expire: bo
     }
     let w = st.wanted();
     st.note_wanted(&w);
-    let _ = st.assemble();
+    let (snap, change) = st.assemble();
+    // An incremental assembly (EDS only) equals a full one of the same state.
+    if change != xds_client::xds::state::Change::Full {
+        let warming_inc = st.warming_clusters.clone();
+        st.invalidate();
+        let (full, _) = st.assemble();
+        assert_eq!(*full, *snap, "incremental assembly differs from a full one");
+        assert_eq!(st.warming_clusters, warming_inc);
+    }
     let _ = st.versions(rt);
     let _ = st.init_done();
     let _ = st.next_deadline();

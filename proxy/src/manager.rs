@@ -11,6 +11,7 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use xds_client::config::{Listener, Name, RouteConfig, Snapshot};
+use xds_client::xds::state::Change;
 
 use crate::{
     access_log::Logger,
@@ -175,19 +176,35 @@ pub fn apply_initial(shared: &Arc<Shared>, snap: &Snapshot) -> anyhow::Result<()
 
 /// Applies a new snapshot to the running server (xDS). Problems building
 /// one listener (a port in use, say) are logged and counted; the rest
-/// applies.
-pub fn apply(shared: &Arc<Shared>, snap: Snapshot) {
+/// applies. `change` says what differs from the running snapshot: when
+/// only some clusters changed (EDS), only those are looked at.
+pub fn apply(shared: &Arc<Shared>, snap: Arc<Snapshot>, change: &Change) {
     let _serial = shared.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
     let tls_env = shared.tls_env(&snap);
+    let only = match change {
+        Change::Full => None,
+        Change::Clusters(names) => Some(names),
+    };
     for c in shared
         .clusters
-        .apply(&snap, &shared.stats, shared.workers, &tls_env)
+        .apply(&snap, only, &shared.stats, shared.workers, &tls_env)
     {
         // Runs on the control runtime (the caller's).
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(crate::upstream::dns::refresh_loop(Arc::downgrade(&c)));
         }
     }
+    if only.is_some() {
+        // Listeners, routes and secrets are the same `Arc`s as before.
+        shared.snapshot.store(snap);
+        update_gauges(shared);
+        return;
+    }
+    apply_rest(shared, snap, &tls_env);
+}
+
+/// The listeners, RDS tables and secrets of a full update.
+fn apply_rest(shared: &Arc<Shared>, snap: Arc<Snapshot>, tls_env: &crate::upstream::TlsEnv) {
     shared.rds.update(&snap.routes);
     // SDS: contexts built with a secret that changed rebuild (rotation for
     // new handshakes; established connections keep theirs).
@@ -275,7 +292,7 @@ pub fn apply(shared: &Arc<Shared>, snap: Snapshot) {
         }
     }
     shared.listeners.store(Arc::new(next));
-    shared.snapshot.store(Arc::new(snap));
+    shared.snapshot.store(snap);
     update_gauges(shared);
 }
 

@@ -150,9 +150,9 @@ pub fn start(shared: &Arc<Shared>) {
         Arc::new(ClusterConnector {
             shared: weak.clone(),
         }),
-        Box::new(move |snap, init_done| {
+        Box::new(move |snap, change, init_done| {
             let Some(s) = weak.upgrade() else { return };
-            crate::manager::apply(&s, snap);
+            crate::manager::apply(&s, snap, change);
             if let Some(c) = s.xds.get() {
                 let (wl, wc) =
                     c.with_state(|st| (st.warming_listeners.len(), st.warming_clusters.len()));

@@ -568,49 +568,44 @@ impl ClusterManager {
     /// runtime (pools, stats, LB state); one whose only change is its
     /// endpoints (EDS) keeps its runtime and gets the new host set; others
     /// are built anew (the old runtime's pooled connections close when the
-    /// last request using it finishes). Returns the new runtimes that need
-    /// DNS resolution.
+    /// last request using it finishes). `only`: the names of the clusters
+    /// that may have changed, when the caller knows every other one is the
+    /// same (an EDS update); the map is then swapped only if a runtime
+    /// had to be built anew. Returns the new runtimes that need DNS
+    /// resolution.
     pub fn apply(
         &self,
         snapshot: &xds_client::config::Snapshot,
+        only: Option<&std::collections::BTreeSet<Arc<str>>>,
         store: &Store,
         workers: usize,
         tls: &TlsEnv,
     ) -> Vec<Arc<ClusterRuntime>> {
         let old = self.clusters.load_full();
-        let mut next = HashMap::with_capacity(snapshot.clusters.len());
         let mut fresh = Vec::new();
-        for (name, c) in &snapshot.clusters {
-            if let Some(rt) = old.get(name) {
-                let applied = rt.applied.load_full();
-                if Arc::ptr_eq(&applied, c) || *applied == **c {
-                    next.insert(name.clone(), rt.clone());
+        if let Some(names) = only {
+            let mut next: Option<HashMap<Arc<str>, Arc<ClusterRuntime>>> = None;
+            for name in names {
+                let Some(c) = snapshot.clusters.get(name) else {
                     continue;
-                }
-                if rt.config.discovery == Discovery::Eds && same_but_endpoints(&applied, c) {
-                    rt.set_hosts(static_hosts(c));
-                    rt.applied.store(c.clone());
-                    next.insert(name.clone(), rt.clone());
-                    continue;
+                };
+                if let Some(rt) = Self::build(&old, name, c, store, workers, tls, &mut fresh) {
+                    next.get_or_insert_with(|| (*old).clone())
+                        .insert(name.clone(), rt);
                 }
             }
-            match ClusterRuntime::new(c.clone(), store, workers, tls) {
-                Ok(rt) => {
-                    // A changed cluster whose connection settings are the
-                    // same keeps its pooled connections (to the endpoints
-                    // that remain).
-                    if let Some(old_rt) = old.get(name) {
-                        if same_pool_settings(&old_rt.config, c) {
-                            rt.adopt_pools(old_rt, &static_hosts(c));
-                        }
-                    }
-                    if !matches!(c.discovery, Discovery::Static | Discovery::Eds) {
-                        fresh.push(rt.clone());
-                    }
+            if let Some(next) = next {
+                self.clusters.store(Arc::new(next));
+            }
+            return fresh;
+        }
+        let mut next = HashMap::with_capacity(snapshot.clusters.len());
+        for (name, c) in &snapshot.clusters {
+            match Self::build(&old, name, c, store, workers, tls, &mut fresh) {
+                Some(rt) => {
                     next.insert(name.clone(), rt);
                 }
-                Err(e) => {
-                    tracing::error!(target: "config", cluster = %name, "cannot build cluster: {e}");
+                None => {
                     if let Some(rt) = old.get(name) {
                         next.insert(name.clone(), rt.clone());
                     }
@@ -619,6 +614,52 @@ impl ClusterManager {
         }
         self.clusters.store(Arc::new(next));
         fresh
+    }
+
+    /// Brings cluster `name` to configuration `c`: `None` when its running
+    /// runtime stays (unchanged, updated in place, or kept because the new
+    /// one cannot be built), else the new runtime (pushed to `fresh` too
+    /// when it needs DNS resolution).
+    fn build(
+        old: &HashMap<Arc<str>, Arc<ClusterRuntime>>,
+        name: &Arc<str>,
+        c: &Arc<Cluster>,
+        store: &Store,
+        workers: usize,
+        tls: &TlsEnv,
+        fresh: &mut Vec<Arc<ClusterRuntime>>,
+    ) -> Option<Arc<ClusterRuntime>> {
+        if let Some(rt) = old.get(name) {
+            let applied = rt.applied.load_full();
+            if Arc::ptr_eq(&applied, c) || *applied == **c {
+                return None;
+            }
+            if rt.config.discovery == Discovery::Eds && same_but_endpoints(&applied, c) {
+                rt.set_hosts(static_hosts(c));
+                rt.applied.store(c.clone());
+                return None;
+            }
+        }
+        match ClusterRuntime::new(c.clone(), store, workers, tls) {
+            Ok(rt) => {
+                // A changed cluster whose connection settings are the
+                // same keeps its pooled connections (to the endpoints
+                // that remain).
+                if let Some(old_rt) = old.get(name) {
+                    if same_pool_settings(&old_rt.config, c) {
+                        rt.adopt_pools(old_rt, &static_hosts(c));
+                    }
+                }
+                if !matches!(c.discovery, Discovery::Static | Discovery::Eds) {
+                    fresh.push(rt.clone());
+                }
+                Some(rt)
+            }
+            Err(e) => {
+                tracing::error!(target: "config", cluster = %name, "cannot build cluster: {e}");
+                None
+            }
+        }
     }
 
     /// Resolves DNS clusters once (startup warming, bounded by `timeout`).

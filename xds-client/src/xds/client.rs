@@ -27,7 +27,7 @@ use crate::api::google::rpc::Status;
 use crate::config::{ApiSource, GrpcTarget, Snapshot, SourceKind};
 
 use super::resources::ResourceType;
-use super::state::{Applied, DynamicState, Interest, Wanted};
+use super::state::{Applied, Change, DynamicState, Interest, Wanted};
 
 /// A byte stream to an xDS server.
 pub trait XdsIoStream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -53,7 +53,8 @@ pub enum Event {
     Connected(bool),
 }
 
-type SnapshotFn = Box<dyn Fn(Snapshot, bool) + Send + Sync>;
+/// `(snapshot, what changed since the previous one, init_done)`.
+type SnapshotFn = Box<dyn Fn(Arc<Snapshot>, &Change, bool) + Send + Sync>;
 type EventFn = Box<dyn Fn(Event) + Send + Sync>;
 
 /// The xDS client of one proxy.
@@ -165,17 +166,17 @@ impl XdsClient {
     /// change (`subscriptions` false) they are not recomputed, which keeps
     /// an endpoint update from walking every cluster twice more.
     fn republish(&self, subscriptions: bool) {
-        let (snap, init, wanted) = {
+        let (snap, change, init, wanted) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let w = subscriptions.then(|| {
                 let w = st.wanted();
                 st.note_wanted(&w);
                 w
             });
-            let snap = st.assemble();
-            (snap, st.init_done(), w)
+            let (snap, change) = st.assemble();
+            (snap, change, st.init_done(), w)
         };
-        (self.on_snapshot)(snap, init);
+        (self.on_snapshot)(snap, &change, init);
         if let Some(wanted) = wanted {
             self.wanted.send_if_modified(|cur| {
                 if *cur != wanted {

@@ -8,7 +8,7 @@
 //! their `initial_fetch_timeout` passed); meanwhile the previous version, if
 //! any, keeps serving, as Envoy's warming.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -61,6 +61,16 @@ impl Applied {
     }
 }
 
+/// What changed between two assembled snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Anything may have changed.
+    Full,
+    /// Only these clusters changed (their EDS endpoints, or they finished
+    /// warming); every other part of the snapshot is the same `Arc`s.
+    Clusters(BTreeSet<Name>),
+}
+
 /// The dynamic configuration accepted so far.
 #[derive(Debug)]
 pub struct DynamicState {
@@ -83,6 +93,13 @@ pub struct DynamicState {
     pub warming_listeners: BTreeSet<Name>,
     pub warming_clusters: BTreeSet<Name>,
     init_done: bool,
+    /// The last assembled snapshot; an endpoint-only change starts from it.
+    last: Option<Arc<Snapshot>>,
+    /// Clusters whose EDS assignment changed since the last assembly;
+    /// `None` when anything else changed (the next assembly is full).
+    dirty: Option<BTreeSet<Name>>,
+    /// EDS service name -> the clusters (static and CDS) that use it.
+    eds_users: HashMap<Name, Vec<Name>>,
 }
 
 const WILDCARD: &str = "*";
@@ -105,6 +122,9 @@ impl DynamicState {
             warming_listeners: BTreeSet::new(),
             warming_clusters: BTreeSet::new(),
             init_done: false,
+            last: None,
+            dirty: None,
+            eds_users: HashMap::new(),
         };
         let now = Instant::now();
         for (rt, cs) in [
@@ -209,16 +229,18 @@ impl DynamicState {
             }
         }
         let map = self.resources.entry(rt).or_default();
+        // The names whose resource was added, changed or removed.
+        let mut touched: Vec<Name> = Vec::new();
         if sotw_full {
             let gone: Vec<Name> = map.keys().filter(|n| !seen.contains(*n)).cloned().collect();
             for n in gone {
                 map.remove(&n);
-                out.changed = true;
+                touched.push(n);
             }
         }
         for n in removed {
-            if map.remove(n.as_str()).is_some() {
-                out.changed = true;
+            if let Some((k, _)) = map.remove_entry(n.as_str()) {
+                touched.push(k);
             }
         }
         for (name, entry) in accepted {
@@ -229,16 +251,34 @@ impl DynamicState {
                     old.version = entry.version;
                 }
                 _ => {
-                    map.insert(name, entry);
-                    out.changed = true;
+                    map.insert(name.clone(), entry);
+                    touched.push(name);
                 }
             }
         }
+        out.changed = !touched.is_empty();
         if self.received.insert(rt) {
             out.changed = true;
+            self.dirty = None;
+        }
+        if rt == ResourceType::Endpoint {
+            self.touch_endpoints(&touched);
+        } else if !touched.is_empty() {
+            self.dirty = None;
         }
         self.pending.remove(&(rt, WILDCARD.into()));
         out
+    }
+
+    /// Marks the clusters using these EDS names for re-assembly.
+    fn touch_endpoints(&mut self, names: &[Name]) {
+        if let Some(dirty) = &mut self.dirty {
+            for n in names {
+                if let Some(users) = self.eds_users.get(n) {
+                    dirty.extend(users.iter().cloned());
+                }
+            }
+        }
     }
 
     /// Checks that need the other resources: names and addresses that
@@ -446,6 +486,9 @@ impl DynamicState {
             self.pending
                 .retain(|(t, n), _| *t != rt || keep.is_some_and(|k| k.contains(n)));
         }
+        if dropped {
+            self.dirty = None;
+        }
         dropped
     }
 
@@ -476,6 +519,9 @@ impl DynamicState {
             } else {
                 self.timed_out.insert(k.clone());
             }
+        }
+        if !due.is_empty() {
+            self.dirty = None;
         }
         !due.is_empty()
     }
@@ -567,8 +613,68 @@ impl DynamicState {
     }
 
     /// Builds the snapshot to serve: static resources plus every warm
-    /// dynamic one (or its previous warm version while the new one warms).
-    pub fn assemble(&mut self) -> Snapshot {
+    /// dynamic one (or its previous warm version while the new one warms),
+    /// and what changed since the last one. When only EDS assignments
+    /// changed, only the clusters using them are looked at again: the cost
+    /// follows the size of the change, not of the configuration.
+    pub fn assemble(&mut self) -> (Arc<Snapshot>, Change) {
+        let dirty = self.dirty.replace(BTreeSet::new());
+        let (snap, change) = match (dirty, self.last.take()) {
+            (Some(names), Some(last)) => {
+                let (snap, changed) = self.assemble_clusters(&last, names);
+                (snap, Change::Clusters(changed))
+            }
+            _ => (self.assemble_full(), Change::Full),
+        };
+        let snap = Arc::new(snap);
+        self.last = Some(snap.clone());
+        (snap, change)
+    }
+
+    /// Makes the next assembly a full one.
+    pub fn invalidate(&mut self) {
+        self.dirty = None;
+    }
+
+    /// `last` with the clusters `names` looked at again; returns the names
+    /// whose cluster in the snapshot changed.
+    fn assemble_clusters(
+        &mut self,
+        last: &Snapshot,
+        names: BTreeSet<Name>,
+    ) -> (Snapshot, BTreeSet<Name>) {
+        let mut snap = last.clone();
+        let mut changed = BTreeSet::new();
+        for n in names {
+            let (cluster, dynamic) = match self.base.clusters.get(&n) {
+                Some(c) => (c.clone(), false),
+                None => match self.get(ResourceType::Cluster, &n) {
+                    Some(Resource::Cluster(c)) => (c.clone(), true),
+                    _ => continue,
+                },
+            };
+            match self.cluster_ready(&n, &cluster) {
+                Some(m) => {
+                    if dynamic {
+                        self.warming_clusters.remove(&n);
+                        self.active_clusters.insert(n.clone(), m.clone());
+                    }
+                    if !snap.clusters.get(&n).is_some_and(|o| Arc::ptr_eq(o, &m)) {
+                        snap.clusters.insert(n.clone(), m);
+                        changed.insert(n);
+                    }
+                }
+                // Its previous version (if any) keeps serving.
+                None if dynamic => {
+                    self.warming_clusters.insert(n);
+                }
+                None => {}
+            }
+        }
+        (snap, changed)
+    }
+
+    fn assemble_full(&mut self) -> Snapshot {
         let mut snap = (*self.base).clone();
         for (n, e) in self.entries(ResourceType::Secret) {
             if let Resource::Secret(s) = &e.resource {
@@ -645,6 +751,168 @@ impl DynamicState {
         }
         self.active_listeners = active;
         self.warming_listeners = warming;
+
+        self.eds_users.clear();
+        let clusters =
+            self.base
+                .clusters
+                .iter()
+                .chain(self.entries(ResourceType::Cluster).filter_map(
+                    |(n, e)| match &e.resource {
+                        Resource::Cluster(c) => Some((n, c)),
+                        _ => None,
+                    },
+                ));
+        let mut users: HashMap<Name, Vec<Name>> = HashMap::new();
+        for (n, c) in clusters {
+            if let Some(e) = &c.eds {
+                users
+                    .entry(e.service_name.clone())
+                    .or_default()
+                    .push(n.clone());
+            }
+        }
+        self.eds_users = users;
         snap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bootstrap::{any_from_text, parse_bootstrap, ParseOptions};
+
+    const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    const CLA: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+    fn state() -> DynamicState {
+        let b = parse_bootstrap(
+            r#"
+dynamic_resources:
+  ads_config:
+    api_type: DELTA_GRPC
+    grpc_services: [{envoy_grpc: {cluster_name: xds}}]
+  cds_config: {ads: {}, resource_api_version: V3}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]
+  - name: static_eds
+    type: EDS
+    eds_cluster_config: {eds_config: {ads: {}, resource_api_version: V3}, service_name: shared}
+"#,
+            ParseOptions::default(),
+        )
+        .expect("bootstrap parses");
+        let snap = crate::translate::bootstrap_to_snapshot(&b).expect("bootstrap translates");
+        DynamicState::new(Arc::new(snap))
+    }
+
+    fn cluster(name: &str, service: &str) -> (Option<String>, Any, String) {
+        let text = format!(
+            "name: {name}\ntype: EDS\nconnect_timeout: 1s\neds_cluster_config: {{eds_config: {{ads: {{}}, resource_api_version: V3}}, service_name: {service}}}\n"
+        );
+        (None, any_from_text(CLUSTER, &text).unwrap(), "1".into())
+    }
+
+    fn cla(name: &str, port: u16) -> (Option<String>, Any, String) {
+        let text = format!(
+            "cluster_name: {name}\nendpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]\n"
+        );
+        (None, any_from_text(CLA, &text).unwrap(), port.to_string())
+    }
+
+    fn ports(s: &Snapshot, name: &str) -> Vec<u16> {
+        s.clusters[name]
+            .localities
+            .iter()
+            .flat_map(|l| &l.endpoints)
+            .filter_map(|e| match e.address {
+                EndpointAddress::Ip(a) => Some(a.port()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn names(ns: &[&str]) -> BTreeSet<Name> {
+        ns.iter().map(|n| Name::from(*n)).collect()
+    }
+
+    /// Checks the incremental result against a full assembly of the same
+    /// state.
+    fn assert_same_as_full(st: &mut DynamicState, snap: &Snapshot) {
+        let warming = st.warming_clusters.clone();
+        st.invalidate();
+        let (full, change) = st.assemble();
+        assert_eq!(change, Change::Full);
+        assert_eq!(*full, *snap);
+        assert_eq!(st.warming_clusters, warming);
+    }
+
+    #[test]
+    fn endpoint_changes_reassemble_only_their_clusters() {
+        let mut st = state();
+        let a = st.apply(
+            ResourceType::Cluster,
+            &[cluster("a", "ea"), cluster("b", "eb"), cluster("c", "shared")],
+            &[],
+            true,
+        );
+        assert!(a.rejected.is_empty(), "{:?}", a.rejected);
+        let w = st.wanted();
+        st.note_wanted(&w);
+        let (_, change) = st.assemble();
+        assert_eq!(change, Change::Full);
+        assert_eq!(st.warming_clusters, names(&["a", "b", "c"]));
+
+        // The first EDS response: a full assembly (a type's first answer).
+        st.apply(ResourceType::Endpoint, &[cla("ea", 1001)], &[], false);
+        let (snap, change) = st.assemble();
+        assert_eq!(change, Change::Full);
+        assert_eq!(ports(&snap, "a"), [1001]);
+        assert_eq!(st.warming_clusters, names(&["b", "c"]));
+
+        // One assignment used by two clusters (one static, one CDS): both
+        // warm, nothing else is looked at.
+        st.apply(ResourceType::Endpoint, &[cla("shared", 1003)], &[], false);
+        let (snap, change) = st.assemble();
+        assert_eq!(change, Change::Clusters(names(&["c", "static_eds"])));
+        assert_eq!(ports(&snap, "c"), [1003]);
+        assert_eq!(ports(&snap, "static_eds"), [1003]);
+        assert_eq!(st.warming_clusters, names(&["b"]));
+        assert_same_as_full(&mut st, &snap);
+
+        // An update of one: only that cluster changes; the others are the
+        // same `Arc`s as before.
+        let before = snap.clone();
+        st.apply(ResourceType::Endpoint, &[cla("ea", 2001)], &[], false);
+        let (snap, change) = st.assemble();
+        assert_eq!(change, Change::Clusters(names(&["a"])));
+        assert_eq!(ports(&snap, "a"), [2001]);
+        assert!(Arc::ptr_eq(&snap.clusters["c"], &before.clusters["c"]));
+        assert_same_as_full(&mut st, &snap);
+
+        // The same content again: no change at all.
+        st.apply(ResourceType::Endpoint, &[cla("ea", 2001)], &[], false);
+        let (_, change) = st.assemble();
+        assert_eq!(change, Change::Clusters(BTreeSet::new()));
+
+        // A removed assignment: its cluster warms again, its last version
+        // keeps serving.
+        st.apply(ResourceType::Endpoint, &[], &["ea".into()], false);
+        let (snap, change) = st.assemble();
+        assert_eq!(change, Change::Clusters(BTreeSet::new()));
+        assert_eq!(ports(&snap, "a"), [2001]);
+        assert_eq!(st.warming_clusters, names(&["a", "b"]));
+        assert_same_as_full(&mut st, &snap);
+
+        // A CDS change is a full assembly.
+        st.apply(ResourceType::Cluster, &[cluster("a", "ea")], &[], true);
+        let (snap, change) = st.assemble();
+        assert_eq!(change, Change::Full);
+        assert!(!snap.clusters.contains_key("b"));
     }
 }
