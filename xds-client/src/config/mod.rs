@@ -27,6 +27,9 @@ pub use xds::*;
 /// A shared, immutable name.
 pub type Name = Arc<str>;
 
+/// The clusters of a snapshot, by name (sorted, as a `BTreeMap`).
+pub type ClusterMap = imbl::OrdMap<Name, Arc<Cluster>>;
+
 /// One complete, consistent configuration: what a worker pins for the life
 /// of a connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +37,9 @@ pub struct Snapshot {
     pub node: Node,
     pub admin: Option<Admin>,
     pub listeners: Vec<Arc<Listener>>,
-    pub clusters: BTreeMap<Name, Arc<Cluster>>,
+    /// A persistent map: cloning a snapshot to change one cluster (EDS)
+    /// shares everything else, instead of copying thousands of entries.
+    pub clusters: ClusterMap,
     /// `static_resources.secrets` by name.
     pub secrets: BTreeMap<Name, Arc<Secret>>,
     /// Route configurations fetched by RDS, by name (empty without xDS).

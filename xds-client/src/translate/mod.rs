@@ -89,7 +89,7 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
         None => None,
     };
 
-    let mut clusters = BTreeMap::new();
+    let mut clusters = ClusterMap::new();
     let mut secrets = BTreeMap::new();
     let mut listeners = Vec::new();
     // Each translated listener's index in static_resources.listeners.
@@ -234,7 +234,7 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
 /// CDS has not sent yet).
 pub fn check_listener_refs(
     l: &Listener,
-    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    clusters: &ClusterMap,
     secrets: &BTreeMap<Name, Arc<Secret>>,
     ads: bool,
     static_routes: bool,
@@ -249,7 +249,7 @@ pub fn check_listener_refs(
 /// secret names and config sources.
 fn check_chain_refs(
     fc: &FilterChain,
-    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    clusters: &ClusterMap,
     secrets: &BTreeMap<Name, Arc<Secret>>,
     ads: bool,
     static_routes: bool,
@@ -290,7 +290,7 @@ fn check_chain_refs(
 pub fn check_route_clusters(
     rc: &RouteConfig,
     base: &str,
-    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    clusters: &ClusterMap,
     require_known: bool,
     errs: &mut ConfigErrors,
 ) {
@@ -344,7 +344,7 @@ pub fn check_route_clusters(
 /// A cluster's references: SDS secrets, and the EDS and SDS sources.
 pub fn check_cluster_refs(
     c: &Cluster,
-    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    clusters: &ClusterMap,
     secrets: &BTreeMap<Name, Arc<Secret>>,
     ads: bool,
     errs: &mut ConfigErrors,
@@ -379,7 +379,7 @@ fn check_sds_sources(
     sds: &[SdsRef],
     path: &str,
     ads: bool,
-    clusters: &BTreeMap<Name, Arc<Cluster>>,
+    clusters: &ClusterMap,
     errs: &mut ConfigErrors,
 ) {
     for r in sds {

@@ -237,7 +237,7 @@ pub fn check_source(
     source: &ConfigSource,
     path: &str,
     ads: bool,
-    static_clusters: &std::collections::BTreeMap<Name, std::sync::Arc<Cluster>>,
+    static_clusters: &crate::config::ClusterMap,
     errs: &mut ConfigErrors,
 ) {
     match &source.kind {

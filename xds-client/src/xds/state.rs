@@ -815,14 +815,22 @@ static_resources:
         let text = format!(
             "name: {name}\ntype: EDS\nconnect_timeout: 1s\neds_cluster_config: {{eds_config: {{ads: {{}}, resource_api_version: V3}}, service_name: {service}}}\n"
         );
-        (None, any_from_text(CLUSTER, &text).expect("cluster parses"), "1".into())
+        (
+            None,
+            any_from_text(CLUSTER, &text).expect("cluster parses"),
+            "1".into(),
+        )
     }
 
     fn cla(name: &str, port: u16) -> (Option<String>, Any, String) {
         let text = format!(
             "cluster_name: {name}\nendpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]\n"
         );
-        (None, any_from_text(CLA, &text).expect("assignment parses"), port.to_string())
+        (
+            None,
+            any_from_text(CLA, &text).expect("assignment parses"),
+            port.to_string(),
+        )
     }
 
     fn ports(s: &Snapshot, name: &str) -> Vec<u16> {
@@ -857,7 +865,11 @@ static_resources:
         let mut st = state();
         let a = st.apply(
             ResourceType::Cluster,
-            &[cluster("a", "ea"), cluster("b", "eb"), cluster("c", "shared")],
+            &[
+                cluster("a", "ea"),
+                cluster("b", "eb"),
+                cluster("c", "shared"),
+            ],
             &[],
             true,
         );
