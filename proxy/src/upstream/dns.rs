@@ -92,7 +92,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
     let mut hosts = Vec::new();
     let mut min_ttl: Option<Duration> = None;
     let mut failed = false;
-    for l in &cfg.localities {
+    for l in cfg.localities.iter() {
         for e in &l.endpoints {
             let (name, port) = match &e.address {
                 EndpointAddress::Dns(h, p) => (h.clone(), *p),

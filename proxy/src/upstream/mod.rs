@@ -511,7 +511,7 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
         return Vec::new();
     }
     let mut out = Vec::new();
-    for l in &c.localities {
+    for l in c.localities.iter() {
         for e in &l.endpoints {
             if let EndpointAddress::Ip(addr) = e.address {
                 out.push(Arc::new(Host {

@@ -1,5 +1,5 @@
 //! Upstream clusters and their endpoints.
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use super::{Http2Settings, Name, TransportSocketMatch, UpstreamTransport};
 
@@ -14,7 +14,8 @@ pub struct Cluster {
     pub eds: Option<Eds>,
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
-    pub localities: Vec<LocalityEndpoints>,
+    /// Shared with the EDS assignment it came from (no copy per merge).
+    pub localities: Arc<[LocalityEndpoints]>,
     pub dns: DnsSettings,
     pub protocol: UpstreamProtocol,
     pub http2: Http2Settings,

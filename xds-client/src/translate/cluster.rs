@@ -427,7 +427,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         eds,
         lb,
         connect_timeout,
-        localities,
+        localities: localities.into(),
         dns: DnsSettings {
             refresh_rate: dns_refresh_rate,
             respect_ttl: p.respect_dns_ttl,

@@ -109,7 +109,7 @@ impl ResourceType {
 /// An EDS `ClusterLoadAssignment`, translated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoints {
-    pub localities: Vec<LocalityEndpoints>,
+    pub localities: Arc<[LocalityEndpoints]>,
     pub overprovisioning_factor: u32,
 }
 
@@ -226,7 +226,7 @@ pub fn decode(rt: ResourceType, any: &Any) -> Result<(Name, Resource), Rejected>
                 Discovery::Eds
             )
             .map(|(localities, overprovisioning_factor)| Endpoints {
-                localities,
+                localities: localities.into(),
                 overprovisioning_factor
             }),
             |e| Resource::Endpoint(Arc::new(e))
