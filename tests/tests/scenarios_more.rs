@@ -177,6 +177,8 @@ async fn lb_round_robin_spreads_evenly() {
     assert_eq!(p.stat("cluster.rr.upstream_rq_total").await, Some(30));
     assert_eq!(p.stat("cluster.rr.membership_total").await, Some(3));
     assert_eq!(p.stat("cluster.rr.membership_healthy").await, Some(3));
+    // A plaintext cluster has no `ssl.*` stats (Envoy's TLS context makes them).
+    assert_eq!(p.stat("cluster.rr.ssl.handshake").await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,14 +276,9 @@ impl ClusterRuntime {
         tls: &TlsEnv,
     ) -> Result<Arc<Self>, String> {
         let stats = ClusterStats::new(store, &config.stat_name);
-        let ssl = Arc::new(crate::metrics::SslStats::new(store, |s| {
-            StatName::tagged(
-                "cluster",
-                &config.stat_name,
-                &format!("ssl.{s}"),
-                "envoy_cluster_name",
-            )
-        }));
+        // `cluster.<name>.ssl.*` exist only for clusters with a TLS
+        // transport, as Envoy's (its TLS context creates them).
+        let mut ssl: Option<Arc<crate::metrics::SslStats>> = None;
         let mut transports = Vec::new();
         for t in std::iter::once(&config.transport)
             .chain(config.transport_matches.iter().map(|m| &m.transport))
@@ -291,10 +286,22 @@ impl ClusterRuntime {
             transports.push(match t.tls() {
                 None => None,
                 Some(t) => {
+                    let ssl = ssl
+                        .get_or_insert_with(|| {
+                            Arc::new(crate::metrics::SslStats::new(store, |s| {
+                                StatName::tagged(
+                                    "cluster",
+                                    &config.stat_name,
+                                    &format!("ssl.{s}"),
+                                    "envoy_cluster_name",
+                                )
+                            }))
+                        })
+                        .clone();
                     let c = crate::tls::ClientTls::new(
                         t.clone(),
                         tls.secrets.clone(),
-                        ssl.clone(),
+                        ssl,
                         config.auto_san_validation,
                     )?;
                     tls.registry.add_client(&c);
