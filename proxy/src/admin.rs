@@ -524,10 +524,8 @@ fn sanitize(s: &str) -> String {
 
 /// A proto message as Envoy's admin prints it: JSON with proto field names.
 fn proto_json<M: prost::Message + prost::Name>(m: &M) -> serde_json::Value {
-    let Some(desc) = xds_client::descriptors::pool().get_message_by_name(&M::full_name()) else {
-        return serde_json::Value::Null;
-    };
-    let Ok(dm) = prost_reflect::DynamicMessage::decode(desc, m.encode_to_vec().as_slice()) else {
+    // With the types of its Any values loaded, so they serialise expanded.
+    let Some(dm) = xds_client::descriptors::dynamic_message(m) else {
         return serde_json::Value::Null;
     };
     let opts = prost_reflect::SerializeOptions::new().use_proto_field_name(true);

@@ -208,12 +208,12 @@ impl Server {
                 );
             }
         }
-        if !dynamic {
-            // The data path never needs protobuf descriptors: free them.
-            xds_client::descriptors::release();
-            crate::netif::trim_heap();
-            crate::netif::drop_static_pages(xds_client::descriptors::embedded_bytes());
-        }
+        // The data path never needs protobuf descriptors: free the ones the
+        // bootstrap loaded. With xDS too: the pool loads lazily, so checking
+        // resources brings back only the files their types need.
+        xds_client::descriptors::release();
+        crate::netif::trim_heap();
+        crate::netif::drop_static_pages(xds_client::descriptors::embedded_bytes());
         Ok(Server { shared, threads })
     }
 

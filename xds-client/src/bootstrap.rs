@@ -11,7 +11,7 @@ use prost_reflect::{DynamicMessage, Kind, MessageDescriptor};
 use serde_json::{Map, Value};
 
 use crate::api::envoy::config::bootstrap::v3::Bootstrap;
-use crate::descriptors::{pool, UDPA_TYPED_STRUCT, XDS_TYPED_STRUCT};
+use crate::descriptors::{self, UDPA_TYPED_STRUCT, XDS_TYPED_STRUCT};
 use crate::error::{join, ConfigErrors};
 
 /// How strict parsing is about fields the proto does not know.
@@ -39,8 +39,7 @@ pub fn parse_bootstrap_collect(
         Ok(v) => v,
         Err(e) => return (None, e),
     };
-    let desc = pool()
-        .get_message_by_name("envoy.config.bootstrap.v3.Bootstrap")
+    let desc = descriptors::message("envoy.config.bootstrap.v3.Bootstrap")
         .expect("descriptor pool has Bootstrap");
     let (dynamic, mut errs) = json_to_message_collect(value, &desc, opts);
     let Some(dynamic) = dynamic else {
@@ -64,7 +63,7 @@ pub fn any_from_text(
     text: &str,
 ) -> Result<crate::api::google::protobuf::Any, ConfigErrors> {
     let name = type_url.rsplit('/').next().unwrap_or(type_url);
-    let Some(desc) = pool().get_message_by_name(name) else {
+    let Some(desc) = descriptors::message(name) else {
         let mut errs = ConfigErrors::default();
         errs.push("", format!("unknown resource type {type_url:?}"));
         return Err(errs);
@@ -147,6 +146,16 @@ pub fn json_to_message_collect(
     desc: &MessageDescriptor,
     opts: ParseOptions,
 ) -> (Option<DynamicMessage>, ConfigErrors) {
+    // The deserialiser resolves each `@type` in the pool of `desc`, and a
+    // descriptor's pool never sees files loaded after it was taken: load
+    // every type the text names first, then take `desc` from that pool.
+    let mut names = vec![desc.full_name().to_owned()];
+    any_type_names(&value, &mut names);
+    names.sort_unstable();
+    names.dedup();
+    let desc = &descriptors::load(names.iter().map(String::as_str))
+        .get_message_by_name(desc.full_name())
+        .unwrap_or_else(|| desc.clone());
     let mut errs = ConfigErrors::default();
     normalize(&mut value, desc, "", opts, &mut errs);
     // A bad value stops deserialisation; drop it and try again so one run
@@ -166,6 +175,33 @@ pub fn json_to_message_collect(
         }
     }
     (None, errs)
+}
+
+/// Appends the message named by every `@type` in `value`, at any depth, and
+/// the `type_url` of every `TypedStruct` (which [`normalize_any`] turns into
+/// an `@type`). Names that are no type are harmless: loading skips them.
+fn any_type_names(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(url) = map.get("@type").and_then(Value::as_str) {
+                let name = type_name(url);
+                if name == UDPA_TYPED_STRUCT || name == XDS_TYPED_STRUCT {
+                    if let Some(inner) = map.get("type_url").and_then(Value::as_str) {
+                        out.push(type_name(inner).to_owned());
+                    }
+                }
+                out.push(name.to_owned());
+            }
+            map.values().for_each(|v| any_type_names(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| any_type_names(v, out)),
+        _ => {}
+    }
+}
+
+/// The message name in a type URL: what follows its last `/`.
+fn type_name(type_url: &str) -> &str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
 }
 
 /// Removes the value at a serde path (`a.b[0].c`); false when not found.
@@ -327,7 +363,7 @@ fn normalize_any(value: &mut Value, path: &str, opts: ParseOptions, errs: &mut C
         normalize_any(value, path, opts, errs);
         return;
     }
-    let Some(desc) = pool().get_message_by_name(&name) else {
+    let Some(desc) = descriptors::message(&name) else {
         errs.push(
             join(path, "@type"),
             format!("unknown type URL {type_url:?}: weir has no such extension"),
@@ -434,5 +470,106 @@ static_resources:
         let node = b.node.expect("node");
         assert_eq!((node.id.as_str(), node.cluster.as_str()), ("b", "c"));
         assert_eq!(b.static_resources.expect("sr").clusters.len(), 2);
+    }
+
+    /// The type of an `@type` is loaded before deserialising, also when
+    /// nothing loaded it before (the pool was just released).
+    #[test]
+    fn any_of_a_type_not_loaded_yet_parses() {
+        use crate::api::envoy::config::listener::v3::{filter::ConfigType, Listener};
+        use crate::api::envoy::extensions::filters::network::http_connection_manager::v3::{
+            http_filter, HttpConnectionManager,
+        };
+        const BUFFER: &str = "envoy.extensions.filters.http.buffer.v3.Buffer";
+        descriptors::release();
+        let any = any_from_text(
+            "type.googleapis.com/envoy.config.listener.v3.Listener",
+            r#"
+name: l
+filter_chains:
+- filters:
+  - name: hcm
+    typed_config:
+      "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+      type_url: type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      value:
+        stat_prefix: s
+        http_filters:
+        - name: buffer
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+            max_request_bytes: 1024
+"#,
+        )
+        .expect("parses");
+        let listener = Listener::decode(any.value.as_slice()).expect("listener");
+        let Some(ConfigType::TypedConfig(hcm)) = &listener.filter_chains[0].filters[0].config_type
+        else {
+            panic!("typed_config")
+        };
+        assert!(hcm.type_url.ends_with("HttpConnectionManager"), "{hcm:?}");
+        let hcm = HttpConnectionManager::decode(hcm.value.as_slice()).expect("hcm");
+        let Some(http_filter::ConfigType::TypedConfig(buffer)) = &hcm.http_filters[0].config_type
+        else {
+            panic!("typed_config")
+        };
+        assert_eq!(buffer.type_url, format!("type.googleapis.com/{BUFFER}"));
+        assert!(descriptors::loaded().get_message_by_name(BUFFER).is_some());
+    }
+
+    /// Unknown types give the errors they gave with the whole pool loaded
+    /// (the texts of weir 472dbc1 `--mode validate`).
+    #[test]
+    fn unknown_any_types_keep_their_errors() {
+        let errs = |text: &str| {
+            parse_bootstrap(text, ParseOptions::default())
+                .expect_err("unknown type")
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        let at = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config";
+        assert_eq!(
+            errs(
+                r#"
+static_resources:
+  listeners:
+  - name: l
+    filter_chains:
+    - filters:
+      - name: f
+        typed_config: {"@type": type.googleapis.com/foo.Bar, x: 1}
+"#
+            ),
+            [
+                format!(
+                    r#"{at}.@type: unknown type URL "type.googleapis.com/foo.Bar": weir has no such extension"#
+                ),
+                format!("{at}: message 'foo.Bar' not found"),
+            ]
+        );
+        assert_eq!(
+            errs(
+                r#"
+static_resources:
+  listeners:
+  - name: l
+    filter_chains:
+    - filters:
+      - name: f
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/foo.Baz
+          value: {a: 1}
+"#
+            ),
+            [
+                format!(
+                    r#"{at}.@type: unknown type URL "type.googleapis.com/foo.Baz": weir has no such extension"#
+                ),
+                format!("{at}: message 'foo.Baz' not found"),
+            ]
+        );
     }
 }

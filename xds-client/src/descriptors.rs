@@ -7,10 +7,23 @@
 //! that istiod sends (see [`ISTIO_TYPES`]). The Istio layouts (names,
 //! numbers, types) follow istio/proxy's `.proto` files as of its last
 //! release before the filters moved into Envoy.
+//!
+//! The pool is loaded lazily, file by file: decoding the whole set costs
+//! tens of MiB, while an xDS workload needs a few dozen of its ~500 files.
+//! `build.rs` indexes the set (each file's byte range and dependencies, and
+//! the file of every message and enum), and [`message`] / [`load`] add the
+//! file defining a type together with its transitive dependencies. Lookups
+//! by name (type URLs included) go through them, never through a pool
+//! handle alone. A `DynamicMessage` resolves `Any` values through the pool
+//! its descriptor came from, which later loads do not change (a
+//! `DescriptorPool` is copy-on-write), so code that (de)serialises `Any`s
+//! loads their types first and then takes the root descriptor from the pool
+//! [`load`] returns (see `bootstrap::json_to_message_collect` and
+//! [`dynamic_message`]).
 use std::sync::Mutex;
 
 use prost::Message;
-use prost_reflect::DescriptorPool;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage, Value};
 use prost_types::{
     descriptor_proto::ReservedRange,
     field_descriptor_proto::{Label, Type},
@@ -18,16 +31,185 @@ use prost_types::{
     FileDescriptorProto, MessageOptions, OneofDescriptorProto,
 };
 
+/// envoy-types' descriptor set without source comments (see `build.rs`).
 static ENVOY_DESCRIPTORS: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
 
-static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
+/// One file of [`ENVOY_DESCRIPTORS`].
+struct IndexedFile {
+    name: &'static str,
+    /// Its record in the set, tag and length included, so records
+    /// concatenate into a valid `FileDescriptorSet`.
+    start: usize,
+    end: usize,
+    /// Indices into [`FILES`].
+    deps: &'static [u16],
+}
 
-/// The pool: Envoy's descriptors plus our own additions. Built on first use
-/// and kept until [`release`]; a `DescriptorPool` is a cheap handle.
-pub fn pool() -> DescriptorPool {
-    let mut slot = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    slot.get_or_insert_with(build).clone()
+// `FILES: &[IndexedFile]` (set order) and `TYPES: &[(&str, u16)]` (every
+// message and enum full name with its file, sorted by name).
+include!(concat!(env!("OUT_DIR"), "/descriptor_index.rs"));
+
+static GLOBAL: Descriptors = Descriptors::new();
+
+/// A lazily filled descriptor pool. The process uses one ([`message`],
+/// [`load`], [`release`]); tests make their own to watch what gets loaded.
+pub struct Descriptors {
+    pool: Mutex<Option<DescriptorPool>>,
+}
+
+// === impl Descriptors ===
+
+impl Descriptors {
+    /// An empty pool.
+    pub const fn new() -> Self {
+        Descriptors {
+            pool: Mutex::new(None),
+        }
+    }
+
+    /// The descriptor of message `full_name`, loading its file (and that
+    /// file's dependencies) if needed; `None` for a type neither
+    /// envoy-types nor our hand-built files define.
+    pub fn message(&self, full_name: &str) -> Option<MessageDescriptor> {
+        self.load([full_name]).get_message_by_name(full_name)
+    }
+
+    /// Loads the files defining every type in `full_names` (messages or
+    /// enums; unknown names are skipped) and returns the pool, which holds
+    /// them all.
+    pub fn load<'a>(&self, full_names: impl IntoIterator<Item = &'a str>) -> DescriptorPool {
+        let mut slot = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = slot.get_or_insert_with(DescriptorPool::new);
+        let mut envoy = Vec::new();
+        let mut extra: Vec<FileDescriptorProto> = Vec::new();
+        for name in full_names {
+            if pool.get_message_by_name(name).is_some() || pool.get_enum_by_name(name).is_some() {
+                continue;
+            }
+            if let Some(file) = envoy_file_of(name) {
+                closure(pool, file, &mut envoy);
+            } else if let Some(file) = extra_file_of(name) {
+                if extra.iter().all(|f| f.name != file.name) {
+                    for dep in &file.dependency {
+                        let i = FILES
+                            .iter()
+                            .position(|f| f.name == dep)
+                            .expect("hand-built files import envoy-types' files");
+                        closure(pool, i, &mut envoy);
+                    }
+                    extra.push(file);
+                }
+            }
+        }
+        if !envoy.is_empty() {
+            let mut set = Vec::with_capacity(envoy.iter().map(|&i| file_len(i)).sum());
+            for i in envoy {
+                set.extend_from_slice(&ENVOY_DESCRIPTORS[FILES[i].start..FILES[i].end]);
+            }
+            pool.decode_file_descriptor_set(set.as_slice())
+                .expect("envoy-types ships a valid descriptor set");
+        }
+        for file in extra {
+            pool.add_file_descriptor_proto(file)
+                .expect("hand-built descriptors are valid");
+        }
+        pool.clone()
+    }
+
+    /// The files loaded so far (nothing is loaded by this call).
+    pub fn loaded(&self) -> DescriptorPool {
+        let slot = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        slot.clone().unwrap_or_default()
+    }
+
+    /// Drops every loaded file; later lookups load again what they need.
+    /// Handles taken before stay valid (they own their copy).
+    pub fn release(&self) {
+        let mut slot = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = None;
+    }
+}
+
+impl Default for Descriptors {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The file of [`FILES`] that defines `full_name`.
+fn envoy_file_of(full_name: &str) -> Option<usize> {
+    TYPES
+        .binary_search_by(|(name, _)| (*name).cmp(full_name))
+        .ok()
+        .map(|i| usize::from(TYPES[i].1))
+}
+
+fn file_len(i: usize) -> usize {
+    FILES[i].end - FILES[i].start
+}
+
+/// Appends to `order` file `file` and its dependencies that `pool` lacks,
+/// dependencies first. A loaded file has all its dependencies loaded.
+fn closure(pool: &DescriptorPool, file: usize, order: &mut Vec<usize>) {
+    // Depth-first and iterative: dependency chains in the set are short,
+    // but nothing bounds them.
+    let mut stack = vec![(file, 0usize)];
+    while let Some((f, next_dep)) = stack.pop() {
+        if next_dep == 0 && (order.contains(&f) || pool.get_file_by_name(FILES[f].name).is_some()) {
+            continue;
+        }
+        match FILES[f].deps.get(next_dep) {
+            Some(&dep) => {
+                stack.push((f, next_dep + 1));
+                stack.push((usize::from(dep), 0));
+            }
+            None => order.push(f),
+        }
+    }
+}
+
+/// The descriptor of message `full_name` in the process's pool, loading
+/// what it needs (see [`Descriptors::message`]).
+pub fn message(full_name: &str) -> Option<MessageDescriptor> {
+    GLOBAL.message(full_name)
+}
+
+/// Loads every type of `full_names` into the process's pool and returns it
+/// (see [`Descriptors::load`]).
+pub fn load<'a>(full_names: impl IntoIterator<Item = &'a str>) -> DescriptorPool {
+    GLOBAL.load(full_names)
+}
+
+/// What the process's pool holds now (for tests and measurements).
+pub fn loaded() -> DescriptorPool {
+    GLOBAL.loaded()
+}
+
+/// Drops the process's pool: the proxy calls this once a configuration is
+/// loaded, since the data path never needs descriptors. Later lookups load
+/// again only what they need.
+pub fn release() {
+    GLOBAL.release()
+}
+
+/// Every file at once: envoy-types' whole set plus the hand-built files,
+/// decoded afresh and not cached. For tests and tools that enumerate the
+/// pool; the proxy never needs it.
+pub fn full_pool() -> DescriptorPool {
+    let mut pool = DescriptorPool::decode(ENVOY_DESCRIPTORS)
+        .expect("envoy-types ships a valid descriptor set");
+    for file in extra_files() {
+        // As for a single lookup: a type envoy-types defines wins.
+        if type_names(&file)
+            .iter()
+            .all(|n| pool.get_message_by_name(n).is_none())
+        {
+            pool.add_file_descriptor_proto(file)
+                .expect("hand-built descriptors are valid");
+        }
+    }
+    pool
 }
 
 /// The embedded descriptor set (for callers that want to drop its resident
@@ -36,43 +218,52 @@ pub fn embedded_bytes() -> &'static [u8] {
     ENVOY_DESCRIPTORS
 }
 
-/// Drops the cached pool (tens of MiB decoded): the proxy calls this once a
-/// configuration is loaded, since the data path never needs descriptors.
-/// The next [`pool`] call builds it again.
-pub fn release() {
-    let mut slot = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    *slot = None;
+/// The number of files in envoy-types' set (the hand-built ones excluded).
+pub fn envoy_file_count() -> usize {
+    FILES.len()
 }
 
-fn build() -> DescriptorPool {
-    {
-        let mut pool = DescriptorPool::decode(ENVOY_DESCRIPTORS)
-            .expect("envoy-types ships a valid descriptor set");
-        for (name, file, package) in [
-            (
-                UDPA_TYPED_STRUCT,
-                "udpa/type/v1/typed_struct.proto",
-                "udpa.type.v1",
-            ),
-            (
-                XDS_TYPED_STRUCT,
-                "xds/type/v3/typed_struct.proto",
-                "xds.type.v3",
-            ),
-        ] {
-            if pool.get_message_by_name(name).is_none() {
-                pool.add_file_descriptor_proto(typed_struct_file(file, package))
-                    .expect("TypedStruct descriptor is valid");
-            }
-        }
-        for (name, file) in istio_files() {
-            if pool.get_message_by_name(name).is_none() {
-                pool.add_file_descriptor_proto(file)
-                    .expect("Istio descriptors are valid");
-            }
-        }
-        pool
+/// Our hand-built files: `TypedStruct` (both spellings, absent from
+/// envoy-types' set) and Istio's filter configurations.
+fn extra_files() -> Vec<FileDescriptorProto> {
+    let mut files = vec![
+        typed_struct_file("udpa/type/v1/typed_struct.proto", "udpa.type.v1"),
+        typed_struct_file("xds/type/v3/typed_struct.proto", "xds.type.v3"),
+    ];
+    files.extend(istio_files());
+    files
+}
+
+/// The hand-built file defining message or enum `full_name`. Built on
+/// demand: only a name missing from envoy-types' set gets here.
+fn extra_file_of(full_name: &str) -> Option<FileDescriptorProto> {
+    extra_files()
+        .into_iter()
+        .find(|f| type_names(f).iter().any(|n| n == full_name))
+}
+
+/// The full names of the messages and enums of `file`, nested ones included.
+fn type_names(file: &FileDescriptorProto) -> Vec<String> {
+    let mut names = Vec::new();
+    let package = file.package();
+    for m in &file.message_type {
+        message_type_names(m, package, &mut names);
     }
+    names.extend(
+        file.enum_type
+            .iter()
+            .map(|e| format!("{package}.{}", e.name())),
+    );
+    names
+}
+
+fn message_type_names(m: &DescriptorProto, scope: &str, out: &mut Vec<String>) {
+    let full = format!("{scope}.{}", m.name());
+    for nested in &m.nested_type {
+        message_type_names(nested, &full, out);
+    }
+    out.extend(m.enum_type.iter().map(|e| format!("{full}.{}", e.name())));
+    out.push(full);
 }
 
 /// `udpa.type.v1.TypedStruct`: the legacy spelling of `xds.type.v3.TypedStruct`.
@@ -86,7 +277,7 @@ fn typed_struct_file(file: &str, package: &str) -> FileDescriptorProto {
         file,
         package,
         &["google/protobuf/struct.proto"],
-        vec![message(
+        vec![message_proto(
             "TypedStruct",
             vec![
                 field("type_url", 1, Type::String),
@@ -115,19 +306,19 @@ pub const ISTIO_TYPES: [&str; 4] = [
     ISTIO_ALPN,
 ];
 
-/// One hand-built file per Istio package, keyed by its main message.
-fn istio_files() -> [(&'static str, FileDescriptorProto); 4] {
+/// One hand-built file per Istio package (the order of [`ISTIO_TYPES`]).
+fn istio_files() -> [FileDescriptorProto; 4] {
     [
-        (ISTIO_STATS, istio_stats_file()),
-        (ISTIO_PEER_METADATA, peer_metadata_file()),
-        (ISTIO_METADATA_EXCHANGE, metadata_exchange_file()),
-        (ISTIO_ALPN, alpn_file()),
+        istio_stats_file(),
+        peer_metadata_file(),
+        metadata_exchange_file(),
+        alpn_file(),
     ]
 }
 
 /// istio/proxy `source/extensions/filters/http/istio_stats/config.proto`.
 fn istio_stats_file() -> FileDescriptorProto {
-    let mut dimensions = message(
+    let mut dimensions = message_proto(
         "DimensionsEntry",
         vec![
             field("key", 1, Type::String),
@@ -138,7 +329,7 @@ fn istio_stats_file() -> FileDescriptorProto {
         map_entry: Some(true),
         ..Default::default()
     });
-    let mut metric_config = message(
+    let mut metric_config = message_proto(
         "MetricConfig",
         vec![
             repeated(message_field(
@@ -153,7 +344,7 @@ fn istio_stats_file() -> FileDescriptorProto {
         ],
     );
     metric_config.nested_type = vec![dimensions];
-    let metric_definition = message(
+    let metric_definition = message_proto(
         "MetricDefinition",
         vec![
             field("name", 1, Type::String),
@@ -161,7 +352,7 @@ fn istio_stats_file() -> FileDescriptorProto {
             enum_field("type", 3, ".stats.MetricType"),
         ],
     );
-    let mut plugin_config = message(
+    let mut plugin_config = message_proto(
         "PluginConfig",
         vec![
             field("disable_host_header_fallback", 6, Type::Bool),
@@ -211,7 +402,7 @@ fn istio_stats_file() -> FileDescriptorProto {
 fn peer_metadata_file() -> FileDescriptorProto {
     const P: &str = ".io.istio.http.peer_metadata.Config";
     let nested = |name: &str| format!("{P}.{name}");
-    let mut discovery = message(
+    let mut discovery = message_proto(
         "DiscoveryMethod",
         vec![
             in_oneof(message_field("baggage", 1, &nested("Baggage")), 0),
@@ -230,7 +421,7 @@ fn peer_metadata_file() -> FileDescriptorProto {
         ],
     );
     discovery.oneof_decl = vec![oneof("method_specifier")];
-    let mut propagation = message(
+    let mut propagation = message_proto(
         "PropagationMethod",
         vec![
             in_oneof(
@@ -241,7 +432,7 @@ fn peer_metadata_file() -> FileDescriptorProto {
         ],
     );
     propagation.oneof_decl = vec![oneof("method_specifier")];
-    let mut config = message(
+    let mut config = message_proto(
         "Config",
         vec![
             repeated(message_field(
@@ -269,13 +460,13 @@ fn peer_metadata_file() -> FileDescriptorProto {
         ],
     );
     config.nested_type = vec![
-        message("Baggage", vec![]),
-        message("WorkloadDiscovery", vec![]),
-        message(
+        message_proto("Baggage", vec![]),
+        message_proto("WorkloadDiscovery", vec![]),
+        message_proto(
             "IstioHeaders",
             vec![field("skip_external_clusters", 1, Type::Bool)],
         ),
-        message(
+        message_proto(
             "UpstreamFilterState",
             vec![field("peer_metadata_key", 1, Type::String)],
         ),
@@ -297,7 +488,7 @@ fn metadata_exchange_file() -> FileDescriptorProto {
         "source/extensions/filters/network/metadata_exchange/config/metadata_exchange.proto",
         "envoy.tcp.metadataexchange.config",
         &[],
-        vec![message(
+        vec![message_proto(
             "MetadataExchange",
             vec![
                 field("protocol", 1, Type::String),
@@ -312,7 +503,7 @@ fn metadata_exchange_file() -> FileDescriptorProto {
 /// istio/proxy `source/extensions/filters/http/alpn/config.proto`.
 fn alpn_file() -> FileDescriptorProto {
     const P: &str = ".istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig";
-    let mut config = message(
+    let mut config = message_proto(
         "FilterConfig",
         vec![repeated(message_field(
             "alpn_override",
@@ -320,7 +511,7 @@ fn alpn_file() -> FileDescriptorProto {
             &format!("{P}.AlpnOverride"),
         ))],
     );
-    config.nested_type = vec![message(
+    config.nested_type = vec![message_proto(
         "AlpnOverride",
         vec![
             enum_field("upstream_protocol", 1, &format!("{P}.Protocol")),
@@ -360,7 +551,7 @@ fn proto3_file(
     }
 }
 
-fn message(name: &str, fields: Vec<FieldDescriptorProto>) -> DescriptorProto {
+fn message_proto(name: &str, fields: Vec<FieldDescriptorProto>) -> DescriptorProto {
     DescriptorProto {
         name: Some(name.into()),
         field: fields,
@@ -447,13 +638,58 @@ fn to_json_name(name: &str) -> String {
     out
 }
 
-/// Decodes `Any` bytes of a known type into a `DynamicMessage`.
-pub fn decode_any(type_url: &str, value: &[u8]) -> Result<prost_reflect::DynamicMessage, String> {
+/// Decodes `Any` bytes of a known type into a `DynamicMessage` (loading
+/// the type if needed).
+pub fn decode_any(type_url: &str, value: &[u8]) -> Result<DynamicMessage, String> {
     let name = type_url.rsplit('/').next().unwrap_or(type_url);
-    let desc = pool()
-        .get_message_by_name(name)
-        .ok_or_else(|| format!("unknown type URL {type_url:?}"))?;
-    prost_reflect::DynamicMessage::decode(desc, value).map_err(|e| format!("invalid {name}: {e}"))
+    let desc = message(name).ok_or_else(|| format!("unknown type URL {type_url:?}"))?;
+    DynamicMessage::decode(desc, value).map_err(|e| format!("invalid {name}: {e}"))
+}
+
+/// `m` as a `DynamicMessage` whose pool also holds the type of every `Any`
+/// inside it, at any depth, so that it serialises to JSON with those values
+/// expanded (as with the whole pool). `None` when `m` does not decode as
+/// its own type (never for a valid prost message).
+pub fn dynamic_message<M: Message + prost::Name>(m: &M) -> Option<DynamicMessage> {
+    let name = M::full_name();
+    let bytes = m.encode_to_vec();
+    let first = DynamicMessage::decode(message(&name)?, bytes.as_slice()).ok()?;
+    let mut names = vec![name.clone()];
+    any_types(&first, &mut names);
+    names.sort_unstable();
+    names.dedup();
+    let desc = load(names.iter().map(String::as_str)).get_message_by_name(&name)?;
+    DynamicMessage::decode(desc, bytes.as_slice()).ok()
+}
+
+/// Appends the type of every `Any` in `msg`, those inside `Any`s included.
+fn any_types(msg: &DynamicMessage, out: &mut Vec<String>) {
+    if msg.descriptor().full_name() == "google.protobuf.Any" {
+        let field = |name: &str| msg.get_field_by_name(name);
+        let url = field("type_url").and_then(|v| v.as_str().map(str::to_owned));
+        let value = field("value").and_then(|v| v.as_bytes().cloned());
+        if let (Some(url), Some(value)) = (url, value) {
+            // Decoding loads the type; an unknown or undecodable one is
+            // left to the serialiser to report.
+            if let Ok(inner) = decode_any(&url, &value) {
+                out.push(inner.descriptor().full_name().to_owned());
+                any_types(&inner, out);
+            }
+        }
+        return;
+    }
+    for (_, value) in msg.fields() {
+        any_types_in(value, out);
+    }
+}
+
+fn any_types_in(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Message(m) => any_types(m, out),
+        Value::List(items) => items.iter().for_each(|v| any_types_in(v, out)),
+        Value::Map(map) => map.values().for_each(|v| any_types_in(v, out)),
+        _ => {}
+    }
 }
 
 /// Encodes a prost message (helper for tests and config dumps).
@@ -465,26 +701,42 @@ pub fn encode<M: Message>(m: &M) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    const LISTENER: &str = "envoy.config.listener.v3.Listener";
+    const HCM: &str =
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+
+    /// What an xDS workload decodes: the resources and the extensions in them.
+    const XDS_WORKLOAD: [&str; 11] = [
+        LISTENER,
+        "envoy.config.cluster.v3.Cluster",
+        "envoy.config.route.v3.RouteConfiguration",
+        "envoy.config.endpoint.v3.ClusterLoadAssignment",
+        "envoy.extensions.transport_sockets.tls.v3.Secret",
+        HCM,
+        ROUTER,
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    ];
+
+    fn file_count(d: &Descriptors) -> usize {
+        d.loaded().files().len()
+    }
+
     #[test]
     fn pool_has_envoy_and_typed_structs() {
-        let p = pool();
-        assert!(p
-            .get_message_by_name("envoy.config.bootstrap.v3.Bootstrap")
-            .is_some());
-        assert!(p
-            .get_message_by_name(
-                "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-            )
-            .is_some());
-        assert!(p.get_message_by_name(UDPA_TYPED_STRUCT).is_some());
-        assert!(p.get_message_by_name(XDS_TYPED_STRUCT).is_some());
+        assert!(message("envoy.config.bootstrap.v3.Bootstrap").is_some());
+        assert!(message(HCM).is_some());
+        assert!(message(UDPA_TYPED_STRUCT).is_some());
+        assert!(message(XDS_TYPED_STRUCT).is_some());
     }
 
     #[test]
     fn istio_messages_have_istios_layout() {
-        let p = pool();
         let fields = |m: &str| -> Vec<(String, u32, bool)> {
-            p.get_message_by_name(m)
+            message(m)
                 .unwrap_or_else(|| panic!("{m} is in the pool"))
                 .fields()
                 .map(|f| (f.name().to_owned(), f.number(), f.is_list()))
@@ -507,8 +759,7 @@ mod tests {
                 ("graceful_deletion_interval", 12, false),
             ])
         );
-        let dims = p
-            .get_message_by_name("stats.MetricConfig")
+        let dims = message("stats.MetricConfig")
             .and_then(|m| m.get_field_by_name("dimensions"))
             .expect("dimensions");
         assert!(dims.is_map());
@@ -545,5 +796,165 @@ mod tests {
             fields("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig.AlpnOverride"),
             own(&[("upstream_protocol", 1, false), ("alpn_override", 2, true)])
         );
+    }
+
+    /// build.rs's index agrees with the decoded set: the same files in the
+    /// same order with the same dependencies, and every message and enum
+    /// mapped to the file that defines it.
+    #[test]
+    fn index_matches_the_whole_set() {
+        let full = full_pool();
+        let files: Vec<(String, Vec<String>)> = full
+            .files()
+            .take(FILES.len())
+            .map(|f| {
+                let deps = f.dependencies().map(|d| d.name().to_owned()).collect();
+                (f.name().to_owned(), deps)
+            })
+            .collect();
+        let indexed: Vec<(String, Vec<String>)> = FILES
+            .iter()
+            .map(|f| {
+                let deps = f
+                    .deps
+                    .iter()
+                    .map(|&d| FILES[usize::from(d)].name.to_owned());
+                (f.name.to_owned(), deps.collect())
+            })
+            .collect();
+        assert_eq!(files, indexed);
+        let mut types: Vec<(String, usize)> = full
+            .all_messages()
+            .map(|m| (m.full_name().to_owned(), m.parent_file().index()))
+            .chain(
+                full.all_enums()
+                    .map(|e| (e.full_name().to_owned(), e.parent_file().index())),
+            )
+            .filter(|(_, file)| *file < FILES.len())
+            .collect();
+        types.sort_unstable();
+        let indexed: Vec<(String, usize)> = TYPES
+            .iter()
+            .map(|(n, f)| ((*n).to_owned(), usize::from(*f)))
+            .collect();
+        assert_eq!(types, indexed);
+    }
+
+    #[test]
+    fn a_listener_loads_only_its_closure() {
+        let d = Descriptors::new();
+        assert_eq!(file_count(&d), 0);
+        assert!(d.message(LISTENER).is_some());
+        let n = file_count(&d);
+        assert!(n > 1 && n < FILES.len() / 4, "{n} of {} files", FILES.len());
+        // The types of its Any fields are not dependencies.
+        assert!(d.loaded().get_message_by_name(HCM).is_none());
+        assert!(d.message(HCM).is_some());
+        assert!(file_count(&d) > n);
+        assert!(d.loaded().get_message_by_name(LISTENER).is_some());
+    }
+
+    #[test]
+    fn an_xds_workload_loads_a_small_part_of_the_set() {
+        let d = Descriptors::new();
+        let pool = d.load(XDS_WORKLOAD);
+        for name in XDS_WORKLOAD {
+            assert!(pool.get_message_by_name(name).is_some(), "{name}");
+        }
+        let n = pool.files().len();
+        assert!(n < FILES.len() / 3, "{n} of {} files", FILES.len());
+    }
+
+    #[test]
+    fn hand_built_files_load_on_demand() {
+        let d = Descriptors::new();
+        // A nested message of a hand-built file loads the file.
+        assert!(d.message("stats.MetricConfig").is_some());
+        assert!(d.loaded().get_message_by_name(ISTIO_STATS).is_some());
+        assert!(d.loaded().get_message_by_name(ISTIO_ALPN).is_none());
+        assert!(d.message(XDS_TYPED_STRUCT).is_some());
+        // With its dependency, and next to envoy-types' file of its package.
+        assert!(d
+            .loaded()
+            .get_message_by_name("google.protobuf.Struct")
+            .is_some());
+        assert!(d.message("xds.type.v3.CelExpression").is_some());
+    }
+
+    #[test]
+    fn unknown_types_load_nothing_and_keep_their_errors() {
+        let d = Descriptors::new();
+        assert!(d.message("foo.Bar").is_none());
+        assert!(d.message("envoy.config.listener.v3").is_none(), "a package");
+        assert_eq!(file_count(&d), 0);
+        assert_eq!(
+            decode_any("type.googleapis.com/foo.Bar", &[]).expect_err("unknown"),
+            r#"unknown type URL "type.googleapis.com/foo.Bar""#
+        );
+    }
+
+    #[test]
+    fn release_then_reuse() {
+        let d = Descriptors::new();
+        let listener = d.message(LISTENER).expect("listener");
+        d.release();
+        assert_eq!(file_count(&d), 0);
+        // Descriptors taken before stay usable: they own their pool.
+        assert!(listener.get_field_by_name("filter_chains").is_some());
+        assert!(d.message(LISTENER).is_some());
+        assert!(file_count(&d) > 1);
+        // The process's pool too.
+        release();
+        assert!(message(LISTENER).is_some());
+    }
+
+    #[test]
+    fn concurrent_loads_all_land() {
+        let d = Descriptors::new();
+        std::thread::scope(|s| {
+            for name in XDS_WORKLOAD {
+                let d = &d;
+                s.spawn(move || assert!(d.message(name).is_some(), "{name}"));
+            }
+            s.spawn(|| d.release());
+        });
+        // Whatever the interleaving with the release, every lookup found its
+        // type, and a pool loaded afterwards has them all.
+        let pool = d.load(XDS_WORKLOAD);
+        for name in XDS_WORKLOAD {
+            assert!(pool.get_message_by_name(name).is_some(), "{name}");
+        }
+    }
+
+    /// A message serialises with its Any values expanded, the types of
+    /// which are loaded on the way (as `/config_dump` needs).
+    #[test]
+    fn dynamic_message_expands_nested_anys() {
+        use crate::api::envoy::config::listener::v3::Listener;
+        let any = crate::bootstrap::any_from_text(
+            &format!("type.googleapis.com/{LISTENER}"),
+            r#"
+name: l
+filter_chains:
+- filters:
+  - name: hcm
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: s
+      http_filters:
+      - name: buffer
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+          max_request_bytes: 1024
+"#,
+        )
+        .expect("parses");
+        let listener = Listener::decode(any.value.as_slice()).expect("decodes");
+        let dm = dynamic_message(&listener).expect("known type");
+        let json = serde_json::to_value(&dm).expect("serialises");
+        let hcm = &json["filterChains"][0]["filters"][0]["typedConfig"];
+        assert_eq!(hcm["statPrefix"], "s", "{json}");
+        let buffer = &hcm["httpFilters"][0]["typedConfig"];
+        assert_eq!(buffer["maxRequestBytes"], 1024, "{json}");
     }
 }

@@ -500,7 +500,7 @@ fn typed_struct_inner(ts: &DynamicMessage, path: &str) -> Result<DynamicMessage,
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
     let name = url.rsplit('/').next().unwrap_or(&url);
-    let Some(desc) = crate::descriptors::pool().get_message_by_name(name) else {
+    let Some(desc) = crate::descriptors::message(name) else {
         errs.push(
             join(path, "type_url"),
             format!("unknown type URL {url:?}: weir has no such extension"),
@@ -564,7 +564,7 @@ pub fn unwrap_typed_struct<'a>(
 pub fn check_proto<M: prost::Message + prost::Name>(m: &M, path: &str) -> ConfigErrors {
     let mut errs = ConfigErrors::default();
     let name = M::full_name();
-    let Some(desc) = crate::descriptors::pool().get_message_by_name(&name) else {
+    let Some(desc) = crate::descriptors::message(&name) else {
         errs.push(path.to_owned(), format!("no descriptor for {name}"));
         return errs;
     };
@@ -688,11 +688,9 @@ mod tests {
 
     #[test]
     fn every_table_entry_names_a_real_message_and_field() {
-        let pool = crate::descriptors::pool();
         for (m, fields) in SUPPORTED {
-            let desc = pool
-                .get_message_by_name(m)
-                .unwrap_or_else(|| panic!("unknown message {m}"));
+            let desc =
+                crate::descriptors::message(m).unwrap_or_else(|| panic!("unknown message {m}"));
             for f in fields.iter() {
                 if *f == "**" {
                     continue;
