@@ -136,6 +136,9 @@ fn version_hash(v: &str) -> i64 {
 /// response rebuilds it.
 const POOL_IDLE_SECS: u64 = 30;
 
+/// Quiet time after a full xDS update before the heap is trimmed.
+const TRIM_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Starts the xDS client on the current (control) runtime.
 pub fn start(shared: &Arc<Shared>) {
     let base = shared.snapshot.load_full();
@@ -144,6 +147,8 @@ pub fn start(shared: &Arc<Shared>) {
     let last_response = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = std::time::Instant::now();
     let lr = last_response.clone();
+    let trim = Arc::new(tokio::sync::Notify::new());
+    let trim_tx = trim.clone();
     let client = XdsClient::new(
         base,
         node(shared),
@@ -153,6 +158,9 @@ pub fn start(shared: &Arc<Shared>) {
         Box::new(move |snap, change, init_done| {
             let Some(s) = weak.upgrade() else { return };
             crate::manager::apply(&s, snap, change);
+            if *change == xds_client::xds::state::Change::Full {
+                trim_tx.notify_one();
+            }
             if let Some(c) = s.xds.get() {
                 let (wl, wc) =
                     c.with_state(|st| (st.warming_listeners.len(), st.warming_clusters.len()));
@@ -207,6 +215,19 @@ pub fn start(shared: &Arc<Shared>) {
     );
     let _ = shared.xds.set(client.clone());
     tokio::spawn(client.run());
+    // A full update allocates a lot for a moment (decoded resources, the
+    // old snapshot); once updates pause for TRIM_DELAY, freed heap goes
+    // back to the OS so RSS reflects what the configuration holds.
+    tokio::spawn(async move {
+        loop {
+            trim.notified().await;
+            while tokio::time::timeout(TRIM_DELAY, trim.notified())
+                .await
+                .is_ok()
+            {}
+            crate::netif::trim_heap();
+        }
+    });
     tokio::spawn(async move {
         let mut released = false;
         loop {
