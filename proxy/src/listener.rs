@@ -690,7 +690,10 @@ pub fn build_chain(
             NetworkRuntime::Http(Arc::new(HcmRuntime {
                 routes,
                 config: h.clone(),
-                chain: filters::FilterChain::build(&h.http_filters),
+                chain: filters::FilterChain::build(
+                    &h.http_filters,
+                    &crate::metrics::HttpFilterStats::scope(env.store, &h.stat_prefix),
+                ),
                 stats: crate::metrics::HttpStats::new(env.store, &h.stat_prefix),
                 logs,
                 listener_port,
@@ -725,7 +728,7 @@ pub fn build_chain(
 
 /// What building chains needs.
 pub struct ChainEnv<'a> {
-    pub store: &'a crate::stats::Store,
+    pub store: &'a Arc<crate::stats::Store>,
     pub writer: &'a crate::access_log::Writer,
     pub tls: &'a crate::upstream::TlsEnv,
     pub ssl_stats: Arc<crate::metrics::SslStats>,

@@ -67,6 +67,61 @@ impl HttpStats {
     }
 }
 
+/// The HCM's stats scope as the filters see it: names relative to
+/// `http.<stat_prefix>.`, tagged like the HCM's own stats.
+pub struct HttpFilterStats {
+    store: Arc<Store>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for HttpFilterStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpFilterStats")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpFilterStats {
+    pub fn scope(store: &Arc<Store>, prefix: &str) -> Arc<dyn filters::StatsScope> {
+        Arc::new(HttpFilterStats {
+            store: store.clone(),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn name(&self, rest: &str) -> StatName {
+        StatName::tagged("http", &self.prefix, rest, "envoy_http_conn_manager_prefix")
+    }
+}
+
+impl filters::Counter for Counter {
+    fn inc(&self) {
+        Counter::inc(self)
+    }
+}
+
+impl filters::Gauge for Gauge {
+    fn inc(&self) {
+        Gauge::inc(self)
+    }
+    fn dec(&self) {
+        Gauge::dec(self)
+    }
+    fn value(&self) -> i64 {
+        Gauge::value(self)
+    }
+}
+
+impl filters::StatsScope for HttpFilterStats {
+    fn counter(&self, name: &str) -> Arc<dyn filters::Counter> {
+        self.store.counter(self.name(name))
+    }
+    fn gauge(&self, name: &str) -> Arc<dyn filters::Gauge> {
+        self.store.gauge(self.name(name))
+    }
+}
+
 /// `listener.<address>.*`.
 pub struct ListenerStats {
     pub cx_total: Arc<Counter>,

@@ -190,18 +190,28 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "suppress_envoy_headers", "respect_expected_rq_timeout", "~dynamic_stats", "~start_child_span",
     ]),
     // --- HTTP filters besides the router (ARCHITECTURE.md "Pass-through
-    // filters"). Without `delay`, `abort` and `response_rate_limit` (see
-    // PENDING) Envoy's fault filter injects nothing: the other fields only
-    // select or tune faults. Route-level fault and CORS configuration
-    // (`typed_per_filter_config`, `cors`) is not in the route tables, so it
-    // is rejected and these filters have nothing to do.
+    // filters"). The fault filter is implemented (delay and abort, fixed or
+    // header-controlled); its `*_runtime` keys are accepted without effect:
+    // weir has no runtime layer, so Envoy's behaviour without runtime
+    // overrides is weir's. `response_rate_limit` and `filter_metadata` are
+    // rejected by the translator, naming the field.
     ("envoy.extensions.filters.http.fault.v3.HTTPFault", &[
-        "~upstream_cluster", "~headers", "~downstream_nodes", "~max_active_faults",
+        "delay", "abort", "upstream_cluster", "headers", "downstream_nodes", "max_active_faults",
+        "disable_downstream_cluster_stats",
         "~delay_percent_runtime", "~abort_percent_runtime", "~delay_duration_runtime",
         "~abort_http_status_runtime", "~max_active_faults_runtime",
         "~response_rate_limit_percent_runtime", "~abort_grpc_status_runtime",
-        "~disable_downstream_cluster_stats", "~filter_metadata",
     ]),
+    ("envoy.extensions.filters.common.fault.v3.FaultDelay", &["fixed_delay", "header_delay", "percentage"]),
+    ("envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay", &[]),
+    ("envoy.extensions.filters.http.fault.v3.FaultAbort", &[
+        "http_status", "grpc_status", "header_abort", "percentage", "response_body",
+    ]),
+    ("envoy.extensions.filters.http.fault.v3.FaultAbort.HeaderAbort", &[]),
+    // `typed_per_filter_config` values: the filter's config or this wrapper
+    // (`is_optional` only matters for filters weir does not know, which are
+    // rejected anyway).
+    ("envoy.config.route.v3.FilterConfig", &["config", "disabled", "~is_optional"]),
     ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
     // Pass-through: accepted and not run (gRPC per-method stats missing).
     ("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", &[
@@ -241,17 +251,18 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "name", "virtual_hosts", "internal_only_headers", "response_headers_to_add",
         "response_headers_to_remove", "request_headers_to_add", "request_headers_to_remove",
         "most_specific_header_mutations_wins", "ignore_port_in_host_matching", "~validate_clusters",
+        "typed_per_filter_config",
         "~max_direct_response_body_size_bytes",
     ]),
     ("envoy.config.route.v3.VirtualHost", &[
         "name", "domains", "routes", "require_tls", "request_headers_to_add", "request_headers_to_remove",
         "response_headers_to_add", "response_headers_to_remove", "include_request_attempt_count",
-        "include_attempt_count_in_response", "retry_policy",
+        "include_attempt_count_in_response", "retry_policy", "typed_per_filter_config",
     ]),
     ("envoy.config.route.v3.Route", &[
         "name", "match", "route", "redirect", "direct_response", "request_headers_to_add",
         "request_headers_to_remove", "response_headers_to_add", "response_headers_to_remove",
-        "~metadata", "~decorator",
+        "~metadata", "~decorator", "typed_per_filter_config",
     ]),
     ("envoy.config.route.v3.Decorator", &["**"]),
     ("envoy.config.route.v3.RouteMatch", &[
@@ -365,24 +376,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 pub static PENDING: &[(&str, &str, &str)] = &[
     (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
-        "delay",
-        FAULT_PENDING,
-    ),
-    (
-        "envoy.extensions.filters.http.fault.v3.HTTPFault",
-        "abort",
-        FAULT_PENDING,
-    ),
-    (
-        "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "response_rate_limit",
-        FAULT_PENDING,
+        "response_rate_limit (response body throttling) is not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "filter_metadata",
+        "filter_metadata (dynamic metadata on injected faults) is not implemented",
     ),
 ];
-
-/// Why a fault filter that injects faults is rejected.
-pub const FAULT_PENDING: &str = "fault injection comes with the traffic-policy work; \
-     weir accepts envoy.filters.http.fault only without delay, abort and response_rate_limit";
 
 /// The rejection message for a [`PENDING`] field.
 pub fn pending_reason(message: &str, field: &str) -> Option<String> {
@@ -627,7 +629,7 @@ pub fn render_markdown() -> String {
         out.push_str(&format!("| `{m}` | {} | {} |\n", fmt(imp), fmt(acc)));
     }
     out.push_str(
-        "\n## Rejected until the traffic-policy work\n\n\
+        "\n## Rejected with a reason\n\n\
          These fields are rejected with the reason below. Filters that are accepted but not run \
          yet (their fields are *accepted without effect* above) are listed in ARCHITECTURE.md, \
          \"Pass-through filters\", and counted in the `weir.pass_through_filter.*` gauges.\n\n\

@@ -24,6 +24,7 @@ fn vhost(name: String, domains: Vec<String>) -> Arc<VirtualHost> {
         retry_policy: None,
         include_request_attempt_count: false,
         include_attempt_count_in_response: false,
+        per_filter: Default::default(),
     })
 }
 

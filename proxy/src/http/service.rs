@@ -422,18 +422,42 @@ async fn pipeline(
     };
     info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
     // --- filters (decode)
+    // The route's cluster, as the fault filter's `upstream_cluster` sees it
+    // (weighted clusters are picked later: `None`).
+    let route_cluster = match &route.action {
+        RouteKind::Forward(a) => match &a.cluster {
+            xds_client::config::ClusterSpecifier::Name(n) => Some(&**n),
+            xds_client::config::ClusterSpecifier::Header(h) => {
+                parts.headers.get(h).and_then(|v| v.to_str().ok())
+            }
+            xds_client::config::ClusterSpecifier::Weighted(_) => None,
+        },
+        _ => None,
+    };
     let mut instances = if ctx.hcm.chain.is_router_only() {
         Vec::new()
     } else {
-        ctx.hcm.chain.instantiate()
+        ctx.hcm.chain.instantiate(&filters::RouteView {
+            per_filter: [&route.per_filter, &vh.per_filter, &rc.per_filter],
+            cluster: route_cluster,
+        })
     };
     if !instances.is_empty() {
         let mut fcx = filters::FilterContext {
             route_name: info.route_name.clone(),
             internal: edge.internal,
+            flags: Vec::new(),
         };
-        if let Some(lr) = filters::run_request_headers(&mut instances, &mut fcx, parts) {
+        let lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
+        for f in fcx.flags.drain(..) {
+            info.flags.set(Flags::from_short(f));
+        }
+        if let Some(lr) = lr {
+            if let Some(f) = lr.flag {
+                info.flags.set(Flags::from_short(f));
+            }
             info.response_code_details = lr.details;
+            info.local_grpc_status = lr.grpc_status;
             return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
         }
     }
@@ -648,6 +672,7 @@ async fn pipeline(
                 let mut fcx = filters::FilterContext {
                     route_name: info.route_name.clone(),
                     internal: edge.internal,
+                    flags: Vec::new(),
                 };
                 let (mut rp, rb) = resp.into_parts();
                 if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
@@ -833,9 +858,13 @@ fn shape_local_reply(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        parts
-            .headers
-            .insert("grpc-status", HeaderValue::from(grpc_status(status)));
+        parts.headers.insert(
+            "grpc-status",
+            HeaderValue::from(
+                info.local_grpc_status
+                    .unwrap_or_else(|| grpc_status(status)),
+            ),
+        );
         if !msg.is_empty() {
             if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&msg)) {
                 parts.headers.insert("grpc-message", v);

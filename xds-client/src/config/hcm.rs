@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 
-use super::{Format, Name, RouteConfig};
+use super::{FaultConfig, Format, Name, RouteConfig};
 
 /// Where an HCM's routes come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -229,6 +229,9 @@ pub struct HttpFilterConfig {
 pub enum HttpFilterKind {
     /// `envoy.filters.http.router`: terminal.
     Router(RouterConfig),
+    /// `envoy.filters.http.fault`. An empty config (no `delay`, no `abort`)
+    /// still matters: routes may override it (`typed_per_filter_config`).
+    Fault(Arc<FaultConfig>),
     /// A filter configured so that Envoy's filter does nothing; not built
     /// into the request path.
     Inert(InertFilter),
@@ -241,9 +244,6 @@ pub enum HttpFilterKind {
 /// Filters whose configuration leaves Envoy's filter nothing to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InertFilter {
-    /// `envoy.filters.http.fault` without `delay`, `abort` and
-    /// `response_rate_limit` (per-route fault config is rejected).
-    Fault,
     /// `envoy.filters.http.cors`: policies live on routes and virtual hosts,
     /// where weir rejects them.
     Cors,

@@ -4,7 +4,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method};
 
-use super::{Format, HeaderKey, HeaderMatcher, Name, Pattern, QueryMatcher};
+use super::{Format, HeaderKey, HeaderMatcher, Name, Pattern, PerFilterConfigs, QueryMatcher};
 
 /// `RouteConfiguration`, with domain indexes built once.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +15,8 @@ pub struct RouteConfig {
     pub internal_only_headers: Vec<HeaderName>,
     pub most_specific_header_mutations_wins: bool,
     pub ignore_port_in_host_matching: bool,
+    /// `typed_per_filter_config`.
+    pub per_filter: PerFilterConfigs,
     index: DomainIndex,
 }
 
@@ -82,6 +84,7 @@ impl RouteConfig {
             internal_only_headers,
             most_specific_header_mutations_wins,
             ignore_port_in_host_matching,
+            per_filter: PerFilterConfigs::default(),
             index,
         })
     }
@@ -153,6 +156,8 @@ pub struct VirtualHost {
     pub retry_policy: Option<Arc<RetryPolicy>>,
     pub include_request_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
+    /// `typed_per_filter_config`.
+    pub per_filter: PerFilterConfigs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -212,6 +217,8 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: RouteKind,
     pub headers: HeaderMutations,
+    /// `typed_per_filter_config`.
+    pub per_filter: PerFilterConfigs,
 }
 
 /// `RouteMatch`.
@@ -598,6 +605,7 @@ mod tests {
             retry_policy: None,
             include_request_attempt_count: false,
             include_attempt_count_in_response: false,
+            per_filter: Default::default(),
         })
     }
 

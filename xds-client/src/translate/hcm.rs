@@ -460,7 +460,7 @@ pub fn http2_settings(
 }
 
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
-const FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
+use super::fault::FAULT;
 const CORS: &str = "envoy.extensions.filters.http.cors.v3.Cors";
 const GRPC_STATS: &str = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig";
 const UUID_REQUEST_ID: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
@@ -500,19 +500,7 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
         }
         FAULT => {
             let fault: HttpFault = super::decode(&any, &tpath)?;
-            let mut errs = ConfigErrors::default();
-            for (set, field) in [
-                (fault.delay.is_some(), "delay"),
-                (fault.abort.is_some(), "abort"),
-                (fault.response_rate_limit.is_some(), "response_rate_limit"),
-            ] {
-                if set {
-                    let why = crate::support::pending_reason(FAULT, field)
-                        .unwrap_or_else(|| crate::support::FAULT_PENDING.to_owned());
-                    errs.push(join(&tpath, field), why);
-                }
-            }
-            errs.into_result(HttpFilterKind::Inert(InertFilter::Fault))?
+            HttpFilterKind::Fault(Arc::new(super::fault::fault(&fault, &tpath)?))
         }
         CORS => {
             let _: Cors = super::decode(&any, &tpath)?;
@@ -790,8 +778,12 @@ mod tests {
     use crate::api::envoy::config::listener::v3 as l;
     use crate::api::envoy::extensions::filters::network::http_connection_manager::v3 as h;
     use crate::api::google::protobuf::Any;
+    use std::{sync::Arc, time::Duration};
+
     use crate::config::{
-        HttpFilterKind, InertFilter, Listener, NetworkFilter, PassThrough, Snapshot,
+        AbortKind, DelayKind, FaultAbort, FaultConfig, FaultDelay, FilterOverride, Fraction,
+        HttpFilterKind, InertFilter, Listener, NetworkFilter, PassThrough, PerFilterConfig,
+        PerFilterConfigs, RouteConfig, RouteSource, Snapshot,
     };
     use crate::xds::resources::{decode, Resource, ResourceType};
 
@@ -1014,7 +1006,7 @@ load_assignment:
                 HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
                 HttpFilterKind::PassThrough(PassThrough::GrpcStats),
                 HttpFilterKind::PassThrough(PassThrough::IstioAlpn),
-                HttpFilterKind::Inert(InertFilter::Fault),
+                HttpFilterKind::Fault(Arc::new(FaultConfig::default())),
                 HttpFilterKind::Inert(InertFilter::Cors),
                 HttpFilterKind::PassThrough(PassThrough::IstioStats),
             ]
@@ -1101,36 +1093,107 @@ load_assignment:
         );
     }
 
+    fn fault_of(l: &Listener) -> Arc<FaultConfig> {
+        match &http_kinds(l)[4] {
+            HttpFilterKind::Fault(f) => f.clone(),
+            k => panic!("not the fault filter: {k:?}"),
+        }
+    }
+
     #[test]
-    fn fault_that_injects_is_rejected_naming_the_field() {
-        let abort = r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {http_status: 503, percentage: {numerator: 100}}}"#;
-        let path = "filter_chains[0].filters[0].typed_config.http_filters[4].typed_config";
-        let e = bootstrap(&http_listener(abort))
-            .expect_err("abort is rejected")
-            .to_string();
-        assert!(
-            e.contains(&format!("static_resources.listeners[0].{path}.abort: fault injection comes with the traffic-policy work")),
-            "{e}"
+    fn fault_config_is_translated() {
+        let full = r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {http_status: 503, percentage: {numerator: 100}}, delay: {fixed_delay: 1.5s, percentage: {numerator: 25, denominator: TEN_THOUSAND}}, upstream_cluster: echo, downstream_nodes: [a, b], headers: [{name: x-f, exact_match: "1"}], max_active_faults: 3, disable_downstream_cluster_stats: true, abort_percent_runtime: k}"#;
+        let s = bootstrap(&http_listener(full)).unwrap_or_else(|e| panic!("{e}"));
+        let f = fault_of(&s.listeners[0]);
+        assert_eq!(
+            f.abort,
+            Some(FaultAbort {
+                kind: AbortKind::Http(503),
+                percentage: Fraction {
+                    numerator: 100,
+                    denominator: 100
+                },
+                body: None,
+            })
         );
-        assert_eq!(e.matches("traffic-policy").count(), 1, "{e}");
-        let e = lds(&http_listener(abort), &[]).expect_err("abort is rejected");
-        assert!(
-            e.contains(&format!(
-                "{path}.abort: fault injection comes with the traffic-policy work"
-            )),
-            "{e}"
+        assert_eq!(
+            f.delay,
+            Some(FaultDelay {
+                kind: DelayKind::Fixed(Duration::from_millis(1500)),
+                percentage: Fraction {
+                    numerator: 25,
+                    denominator: 10_000
+                },
+            })
         );
-        let delay = r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, delay: {fixed_delay: 1s, percentage: {numerator: 100}}}"#;
-        let e = lds(&http_listener(delay), &[]).expect_err("delay is rejected");
-        assert!(e.contains(&format!("{path}.delay: fault injection")), "{e}");
+        assert_eq!(f.upstream_cluster.as_deref(), Some("echo"));
+        assert_eq!(f.downstream_nodes, ["a", "b"]);
+        assert_eq!(f.headers.len(), 1);
+        assert_eq!(f.max_active_faults, Some(3));
+        assert!(f.disable_downstream_cluster_stats);
+        // Header-controlled and gRPC variants; an empty config.
+        let hdr = r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {header_abort: {}, percentage: {numerator: 100}}, delay: {header_delay: {}}}"#;
+        let f = fault_of(&lds(&http_listener(hdr), &[]).unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(f.abort.as_ref().map(|a| &a.kind), Some(&AbortKind::Header));
+        assert_eq!(f.delay.as_ref().map(|d| &d.kind), Some(&DelayKind::Header));
+        assert_eq!(
+            f.delay.as_ref().map(|d| d.percentage),
+            Some(Fraction::default())
+        );
+        let grpc = r#"{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {grpc_status: 14}}"#;
+        let f = fault_of(&lds(&http_listener(grpc), &[]).unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(
+            f.abort.as_ref().map(|a| &a.kind),
+            Some(&AbortKind::Grpc(14))
+        );
+        let s = bootstrap(&http_listener(EMPTY_FAULT)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!fault_of(&s.listeners[0]).is_active());
         // In a TypedStruct too.
-        let fault = (
+        let ts = (
             "envoy.filters.http.fault",
             "envoy.extensions.filters.http.fault.v3.HTTPFault",
-            "{abort: {http_status: 503}}",
+            "{abort: {http_status: 418}}",
         );
-        let e = lds(&http_listener(EMPTY_FAULT), &[fault]).expect_err("abort is rejected");
-        assert!(e.contains(&format!("{path}.abort: fault injection")), "{e}");
+        let l = lds(&http_listener(EMPTY_FAULT), &[ts]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fault_of(&l).abort.as_ref().map(|a| &a.kind),
+            Some(&AbortKind::Http(418))
+        );
+    }
+
+    #[test]
+    fn fault_limits_are_rejected_naming_the_field() {
+        let path = "filter_chains[0].filters[0].typed_config.http_filters[4].typed_config";
+        let f = |body: &str| {
+            format!(
+                r#"{{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, {body}}}"#
+            )
+        };
+        for (body, want) in [
+            (
+                "response_rate_limit: {fixed_limit: {limit_kbps: 1}}",
+                "response_rate_limit: response_rate_limit (response body throttling) is not implemented",
+            ),
+            (
+                "filter_metadata: {a: 1}",
+                "filter_metadata: filter_metadata (dynamic metadata on injected faults) is not implemented",
+            ),
+            ("abort: {http_status: 600}", "abort.http_status: http_status 600 is not in [200, 600)"),
+            ("abort: {http_status: 199}", "abort.http_status"),
+            ("abort: {percentage: {numerator: 1}}", "abort: one of http_status"),
+            ("delay: {fixed_delay: 0s}", "delay.fixed_delay: must be greater than 0s"),
+            ("delay: {percentage: {numerator: 1}}", "delay: one of fixed_delay or header_delay"),
+        ] {
+            let e = lds(&http_listener(&f(body)), &[]).expect_err(body);
+            assert!(e.contains(&format!("{path}.{want}")), "{body}: {e}");
+            let e = bootstrap(&http_listener(&f(body)))
+                .expect_err(body)
+                .to_string();
+            assert!(
+                e.contains(&format!("static_resources.listeners[0].{path}.")),
+                "{body}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -1164,17 +1227,86 @@ load_assignment:
         );
     }
 
-    /// Route-level fault and CORS configuration would give the inert
-    /// filters something to do: it stays rejected.
+    fn per_filter_of(l: &Listener) -> (RouteConfig, Vec<PerFilterConfigs>) {
+        let NetworkFilter::Http(h) = &l.filter_chains[0].filter else {
+            panic!("HCM")
+        };
+        let RouteSource::Static(rc) = &h.routes else {
+            panic!("static routes")
+        };
+        let vh = &rc.vhosts[0];
+        (
+            (**rc).clone(),
+            vec![
+                vh.routes[0].per_filter.clone(),
+                vh.per_filter.clone(),
+                rc.per_filter.clone(),
+            ],
+        )
+    }
+
+    /// `typed_per_filter_config` at route, virtual host and route
+    /// configuration level: fault configs (bare or in a `FilterConfig`) are
+    /// accepted; CORS and other filters' stay rejected.
     #[test]
-    fn route_level_fault_and_cors_stay_rejected() {
+    fn per_filter_fault_config_is_accepted_other_filters_rejected() {
         let base = http_listener(EMPTY_FAULT);
-        let per_filter = base.replace(
+        let route_level = base.replace(
             "          - match: {prefix: /}\n",
             "          - match: {prefix: /}\n            typed_per_filter_config:\n              envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {http_status: 503}}\n",
         );
-        let e = lds(&per_filter, &[]).expect_err("per-route fault");
-        assert!(e.contains("routes[0].typed_per_filter_config"), "{e}");
+        let vhost_level = route_level.replace(
+            "          domains: [\"*\"]\n",
+            "          domains: [\"*\"]\n          typed_per_filter_config:\n            envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true, is_optional: true}\n",
+        );
+        let all = vhost_level.replace(
+            "        name: http.8080\n",
+            "        name: http.8080\n        typed_per_filter_config:\n          envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, delay: {fixed_delay: 1s}}}\n",
+        );
+        assert_ne!(all, vhost_level);
+        for l in [
+            bootstrap(&all).unwrap_or_else(|e| panic!("{e}")).listeners[0].clone(),
+            lds(&all, &[]).unwrap_or_else(|e| panic!("{e}")),
+        ] {
+            let (_, levels) = per_filter_of(&l);
+            let get = |i: usize| {
+                levels[i]
+                    .get("envoy.filters.http.fault")
+                    .cloned()
+                    .expect("entry")
+            };
+            let r = get(0);
+            assert_eq!(r.disabled, None);
+            let Some(FilterOverride::Fault(f)) = &r.config else {
+                panic!("route fault")
+            };
+            assert_eq!(
+                f.abort.as_ref().map(|a| &a.kind),
+                Some(&AbortKind::Http(503))
+            );
+            assert_eq!(
+                get(1),
+                PerFilterConfig {
+                    disabled: Some(true),
+                    config: None
+                }
+            );
+            let rc = get(2);
+            assert_eq!(rc.disabled, Some(false));
+            assert!(matches!(rc.config, Some(FilterOverride::Fault(_))));
+        }
+        // A bad fault config names its path.
+        let bad = base.replace(
+            "          - match: {prefix: /}\n",
+            "          - match: {prefix: /}\n            typed_per_filter_config:\n              envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {http_status: 700}}\n",
+        );
+        let e = lds(&bad, &[]).expect_err("bad status");
+        assert!(
+            e.contains(
+                "routes[0].typed_per_filter_config[\"envoy.filters.http.fault\"].abort.http_status"
+            ),
+            "{e}"
+        );
         let vhost_cors = base.replace(
             "          domains: [\"*\"]\n",
             "          domains: [\"*\"]\n          typed_per_filter_config:\n            envoy.filters.http.cors: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy, allow_origin_string_match: [{exact: a}]}\n",
@@ -1182,6 +1314,23 @@ load_assignment:
         let e = lds(&vhost_cors, &[]).expect_err("per-vhost CORS");
         assert!(
             e.contains("virtual_hosts[0].typed_per_filter_config"),
+            "{e}"
+        );
+        let e = bootstrap(&vhost_cors)
+            .expect_err("per-vhost CORS")
+            .to_string();
+        assert!(
+            e.contains("virtual_hosts[0].typed_per_filter_config"),
+            "{e}"
+        );
+        // Another filter's config under the fault filter's FilterConfig.
+        let wrapped = base.replace(
+            "          - match: {prefix: /}\n",
+            "          - match: {prefix: /}\n            typed_per_filter_config:\n              x: {\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy}}\n",
+        );
+        let e = lds(&wrapped, &[]).expect_err("wrapped CORS");
+        assert!(
+            e.contains("routes[0].typed_per_filter_config[\"x\"].config"),
             "{e}"
         );
         let legacy = base.replace(

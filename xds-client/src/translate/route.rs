@@ -45,6 +45,14 @@ pub fn route_config(p: &r::RouteConfiguration, path: &str) -> Result<RouteConfig
             Err(e) => errs.extend(e),
         }
     }
+    let per_filter = super::fault::per_filter_configs(
+        &p.typed_per_filter_config,
+        &join(path, "typed_per_filter_config"),
+    )
+    .unwrap_or_else(|e| {
+        errs.extend(e);
+        PerFilterConfigs::default()
+    });
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -56,6 +64,10 @@ pub fn route_config(p: &r::RouteConfiguration, path: &str) -> Result<RouteConfig
         p.most_specific_header_mutations_wins,
         p.ignore_port_in_host_matching,
     )
+    .map(|mut rc| {
+        rc.per_filter = per_filter;
+        rc
+    })
     .map_err(|d| {
         err(
             join(path, "virtual_hosts"),
@@ -109,6 +121,14 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         },
         None => None,
     };
+    let per_filter = super::fault::per_filter_configs(
+        &p.typed_per_filter_config,
+        &join(path, "typed_per_filter_config"),
+    )
+    .unwrap_or_else(|e| {
+        errs.extend(e);
+        PerFilterConfigs::default()
+    });
     let require_tls = match p.require_tls {
         0 => TlsRequirement::None,
         1 => TlsRequirement::ExternalOnly,
@@ -123,6 +143,7 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         retry_policy,
         include_request_attempt_count: p.include_request_attempt_count,
         include_attempt_count_in_response: p.include_attempt_count_in_response,
+        per_filter,
     })
 }
 
@@ -173,6 +194,12 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
     )
     .map_err(|e| errs.extend(e))
     .ok();
+    let per_filter = super::fault::per_filter_configs(
+        &p.typed_per_filter_config,
+        &join(path, "typed_per_filter_config"),
+    )
+    .map_err(|e| errs.extend(e))
+    .ok();
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -181,6 +208,7 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
         matcher: matcher.expect("checked"),
         action: action.expect("checked"),
         headers: headers.expect("checked"),
+        per_filter: per_filter.expect("checked"),
     })
 }
 
