@@ -52,6 +52,9 @@ struct Shared {
     aborts_injected: Arc<dyn Counter>,
     faults_overflow: Arc<dyn Counter>,
     active_faults: Arc<dyn Gauge>,
+    /// Never incremented (`response_rate_limit` is rejected); Envoy
+    /// creates it with the others.
+    _response_rl_injected: Arc<dyn Counter>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -84,6 +87,7 @@ impl FaultFactory {
                 aborts_injected: scope.counter("fault.aborts_injected"),
                 faults_overflow: scope.counter("fault.faults_overflow"),
                 active_faults: scope.gauge("fault.active_faults"),
+                _response_rl_injected: scope.counter("fault.response_rl_injected"),
             }),
         }
     }

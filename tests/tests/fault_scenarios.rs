@@ -150,6 +150,11 @@ async fn fixed_abort() {
     assert_eq!(p.stat("http.ingress.fault.aborts_injected").await, Some(1));
     assert_eq!(p.stat("http.ingress.fault.delays_injected").await, Some(0));
     assert_eq!(p.stat("http.ingress.fault.active_faults").await, Some(0));
+    // Envoy creates the response rate limit counter too.
+    assert_eq!(
+        p.stat("http.ingress.fault.response_rl_injected").await,
+        Some(0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -487,4 +492,18 @@ async fn downstream_cluster_stats() {
     );
     assert_eq!(p.stat("http.ingress.fault.api.aborts_injected").await, None);
     assert_eq!(p.stat("http.ingress.fault.aborts_injected").await, Some(3));
+    // Prometheus: the downstream cluster is a tag, as Envoy's extractor.
+    let prom = p.admin("GET", "/stats/prometheus").await.text();
+    let lines: Vec<&str> = prom
+        .lines()
+        .filter(|l| l.starts_with("envoy_http_fault_aborts_injected{"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "envoy_http_fault_aborts_injected{envoy_http_conn_manager_prefix=\"ingress\"} 3",
+            "envoy_http_fault_aborts_injected{envoy_fault_downstream_cluster=\"web\",envoy_http_conn_manager_prefix=\"ingress\"} 1",
+        ],
+        "{prom}"
+    );
 }
