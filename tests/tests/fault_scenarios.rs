@@ -507,3 +507,79 @@ async fn downstream_cluster_stats() {
         "{prom}"
     );
 }
+
+/// The most specific `FilterConfig` decides: a route re-enables the filter
+/// a virtual host disabled, with its own config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_reenables_a_vhost_disabled_filter() {
+    let up = echo().await;
+    let on = format!(
+        "{{\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: false, config: {}}}",
+        fault_any("abort: {http_status: 451, percentage: {numerator: 100}}")
+    );
+    let routes = format!(
+        "{}{}",
+        route("/on", "a", &per_filter(16, &on)),
+        route("/", "a", "")
+    );
+    let mut c = Cfg::new(ABORT_503, &routes, &up, "reenable");
+    c.vhost_extra = per_filter(
+        14,
+        "{\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true}",
+    );
+    let p = c.start();
+    let h = Http::h1();
+    assert_eq!(h.get(&format!("{}/on", p.base()), &[]).await.status, 451);
+    assert_eq!(h.get(&format!("{}/off", p.base()), &[]).await.status, 200);
+}
+
+/// `header_abort` on gRPC requests: `x-envoy-fault-abort-grpc-request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_grpc_abort() {
+    let up = echo().await;
+    let c = Cfg::new(
+        "abort: {header_abort: {}, percentage: {numerator: 100}}",
+        &route("/", "a", ""),
+        &up,
+        "hgrpc",
+    );
+    let p = c.start();
+    let h2 = Http::h2c();
+    let url = format!("{}/svc/M", p.base());
+    let r = h2
+        .send(
+            "POST",
+            &url,
+            &[
+                ("content-type", "application/grpc"),
+                ("x-envoy-fault-abort-grpc-request", "5"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("grpc-status"), Some("5"));
+    // An HTTP status header wins; on a gRPC request it maps to grpc-status.
+    let r = h2
+        .send(
+            "POST",
+            &url,
+            &[
+                ("content-type", "application/grpc"),
+                ("x-envoy-fault-abort-grpc-request", "5"),
+                ("x-envoy-fault-abort-request", "429"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("grpc-status"), Some("14"));
+    assert_eq!(
+        lines(&p, &c.log, 2).await,
+        [
+            "200 /svc/M FI fault_filter_abort",
+            // The gRPC-shaped reply's status is what is logged.
+            "200 /svc/M FI fault_filter_abort"
+        ]
+    );
+}
