@@ -583,3 +583,50 @@ async fn header_grpc_abort() {
         ]
     );
 }
+
+/// `FaultAbort.response_body` replaces `fault filter abort`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_response_body() {
+    let up = echo().await;
+    let c = Cfg::new(
+        "abort: {http_status: 503, response_body: \"injected\", percentage: {numerator: 100}}",
+        &route("/", "a", ""),
+        &up,
+        "body",
+    );
+    let p = c.start();
+    let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.text(), "injected");
+}
+
+/// A `FilterConfig` that neither configures nor disables is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_filter_config_is_rejected() {
+    let up = echo().await;
+    let c = Cfg::new(
+        "",
+        &route(
+            "/",
+            "a",
+            &per_filter(
+                16,
+                "{\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig}",
+            ),
+        ),
+        &up,
+        "empty-fc",
+    );
+    let r = Proxy::try_start(
+        weir_tests::scenario::Target::from_env(),
+        Default::default(),
+        move |p| c.render(p),
+    );
+    let e = format!("{:#}", r.err().expect("rejected"));
+    assert!(
+        e.contains(
+            "Empty route/virtual host per filter configuration for envoy.filters.http.fault filter"
+        ),
+        "{e}"
+    );
+}

@@ -136,7 +136,7 @@ pub fn per_filter_configs(
     keys.sort();
     for k in keys {
         let kpath = format!("{path}[{k:?}]");
-        match per_filter_config(&map[k], &kpath) {
+        match per_filter_config(k, &map[k], &kpath) {
             Ok(c) => out.push((k.as_str().into(), c)),
             Err(e) => errs.extend(e),
         }
@@ -144,7 +144,11 @@ pub fn per_filter_configs(
     errs.into_result(PerFilterConfigs(out))
 }
 
-fn per_filter_config(any: &pb::Any, path: &str) -> Result<PerFilterConfig, ConfigErrors> {
+fn per_filter_config(
+    filter: &str,
+    any: &pb::Any,
+    path: &str,
+) -> Result<PerFilterConfig, ConfigErrors> {
     let any = crate::support::unwrap_typed_struct(any, path)?;
     match type_name(&any) {
         FILTER_CONFIG => {
@@ -159,7 +163,16 @@ fn per_filter_config(any: &pb::Any, path: &str) -> Result<PerFilterConfig, Confi
                     filter_override(c, &cpath)?;
                     None
                 }
-                None => None,
+                None if fc.disabled => None,
+                // As Envoy: a FilterConfig must disable or configure.
+                None => {
+                    return Err(err(
+                        path,
+                        format!(
+                            "Empty route/virtual host per filter configuration for {filter} filter"
+                        ),
+                    ))
+                }
             };
             Ok(PerFilterConfig {
                 disabled: Some(fc.disabled),

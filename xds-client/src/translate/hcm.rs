@@ -1333,6 +1333,16 @@ load_assignment:
             e.contains("routes[0].typed_per_filter_config[\"x\"].config"),
             "{e}"
         );
+        // A FilterConfig that neither disables nor configures (as Envoy).
+        let empty = base.replace(
+            "          - match: {prefix: /}\n",
+            "          - match: {prefix: /}\n            typed_per_filter_config:\n              envoy.filters.http.fault: {\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, is_optional: true}\n",
+        );
+        let e = lds(&empty, &[]).expect_err("empty FilterConfig");
+        assert!(
+            e.contains("routes[0].typed_per_filter_config[\"envoy.filters.http.fault\"]: Empty route/virtual host per filter configuration for envoy.filters.http.fault filter"),
+            "{e}"
+        );
         let legacy = base.replace(
             "          domains: [\"*\"]\n",
             "          domains: [\"*\"]\n          cors: {allow_origin_string_match: [{exact: a}]}\n",
