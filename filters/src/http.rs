@@ -61,8 +61,8 @@ pub struct RouteView<'a> {
     /// `typed_per_filter_config` of the route, its virtual host and its
     /// route configuration: most specific first.
     pub per_filter: [&'a PerFilterConfigs; 3],
-    /// The route's upstream cluster when known before forwarding (`None`
-    /// for direct responses, redirects and weighted clusters).
+    /// The route's upstream cluster (the weighted one picked already);
+    /// `None` for direct responses and redirects.
     pub cluster: Option<&'a str>,
 }
 

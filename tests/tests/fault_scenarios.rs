@@ -351,6 +351,28 @@ async fn upstream_cluster_restricts() {
     assert_eq!(h.get(&format!("{}/b", p.base()), &[]).await.status, 503);
 }
 
+/// With `weighted_clusters`, `upstream_cluster` compares the picked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_cluster_with_weighted_clusters() {
+    let up = echo().await;
+    let weighted = |prefix: &str, c: &str| {
+        format!("              - match: {{prefix: \"{prefix}\"}}\n                route: {{weighted_clusters: {{clusters: [{{name: {c}, weight: 100}}]}}}}\n")
+    };
+    let routes = format!("{}{}", weighted("/wb", "b"), weighted("/", "a"));
+    let c = Cfg::new(
+        &format!("{ABORT_503}, upstream_cluster: b"),
+        &routes,
+        &up,
+        "weighted",
+    );
+    let p = c.start();
+    let h = Http::h1();
+    let r = h.get(&format!("{}/wa", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().path, "/wa");
+    assert_eq!(h.get(&format!("{}/wb", p.base()), &[]).await.status, 503);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downstream_nodes_restrict() {
     let up = echo().await;

@@ -126,10 +126,12 @@ pub struct Target {
 }
 
 /// Picks the cluster; `Err(status)` when it does not exist (flag NC).
+/// `picked`: the weighted cluster already chosen (see [`pick_weighted`]).
 pub fn select_cluster(
     cm: &ClusterManager,
     action: &RouteAction,
     headers: &HeaderMap,
+    picked: Option<usize>,
 ) -> Result<Target, u16> {
     let (name, weighted_index): (std::borrow::Cow<'_, str>, Option<usize>) = match &action.cluster {
         ClusterSpecifier::Name(n) => (n.as_ref().into(), None),
@@ -138,10 +140,8 @@ pub fn select_cluster(
             None => return Err(action.cluster_not_found_status),
         },
         ClusterSpecifier::Weighted(w) => {
-            let r: u64 = rand::rng().random();
-            let picked = w.pick(r);
-            let idx = w.clusters.iter().position(|c| std::ptr::eq(c, picked));
-            (picked.name.as_ref().into(), idx)
+            let idx = picked.unwrap_or_else(|| pick_weighted(w));
+            (w.clusters[idx].name.as_ref().into(), Some(idx))
         }
     };
     cm.get(&name)
@@ -150,6 +150,16 @@ pub fn select_cluster(
             weighted_index,
         })
         .ok_or(action.cluster_not_found_status)
+}
+
+/// Picks one of the weighted clusters (its index), by weight.
+pub fn pick_weighted(w: &xds_client::config::WeightedClusters) -> usize {
+    let r: u64 = rand::rng().random();
+    let picked = w.pick(r);
+    w.clusters
+        .iter()
+        .position(|c| std::ptr::eq(c, picked))
+        .expect("pick returns one of the clusters")
 }
 
 /// Applies prefix/regex path rewrites; returns the new path when changed.

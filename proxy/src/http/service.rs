@@ -422,21 +422,27 @@ async fn pipeline(
     };
     info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
     // --- filters (decode)
-    // The route's cluster, as the fault filter's `upstream_cluster` sees it
-    // (weighted clusters are picked later: `None`).
-    let route_cluster = match &route.action {
-        RouteKind::Forward(a) => match &a.cluster {
-            xds_client::config::ClusterSpecifier::Name(n) => Some(&**n),
-            xds_client::config::ClusterSpecifier::Header(h) => {
-                parts.headers.get(h).and_then(|v| v.to_str().ok())
-            }
-            xds_client::config::ClusterSpecifier::Weighted(_) => None,
-        },
-        _ => None,
-    };
+    // As Envoy, a weighted cluster is picked with the route, before the
+    // filters (the fault filter's `upstream_cluster` compares it); without
+    // filters the router picks it.
+    let mut weighted_pick = None;
     let mut instances = if ctx.hcm.chain.is_router_only() {
         Vec::new()
     } else {
+        let route_cluster = match &route.action {
+            RouteKind::Forward(a) => match &a.cluster {
+                xds_client::config::ClusterSpecifier::Name(n) => Some(&**n),
+                xds_client::config::ClusterSpecifier::Header(h) => {
+                    parts.headers.get(h).and_then(|v| v.to_str().ok())
+                }
+                xds_client::config::ClusterSpecifier::Weighted(w) => {
+                    let i = router::pick_weighted(w);
+                    weighted_pick = Some(i);
+                    Some(&*w.clusters[i].name)
+                }
+            },
+            _ => None,
+        };
         ctx.hcm.chain.instantiate(&filters::RouteView {
             per_filter: [&route.per_filter, &vh.per_filter, &rc.per_filter],
             cluster: route_cluster,
@@ -533,8 +539,12 @@ async fn pipeline(
                     return reply(403, "");
                 }
             }
-            let target = match router::select_cluster(&ctx.shared.clusters, action, &parts.headers)
-            {
+            let target = match router::select_cluster(
+                &ctx.shared.clusters,
+                action,
+                &parts.headers,
+                weighted_pick,
+            ) {
                 Ok(t) => t,
                 Err(status) => {
                     info.response_code_details = "cluster_not_found";
