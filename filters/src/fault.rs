@@ -115,7 +115,7 @@ impl HttpFilterFactory for FaultFactory {
         Some(Box::new(FaultFilter {
             config: config.clone(),
             shared: self.shared.clone(),
-            active: false,
+            slot: None,
         }))
     }
 }
@@ -124,8 +124,19 @@ impl HttpFilterFactory for FaultFactory {
 struct FaultFilter {
     config: Arc<FaultConfig>,
     shared: Arc<Shared>,
-    /// This request holds an active-fault slot (at most one).
-    active: bool,
+    /// The request's active-fault slot (at most one), once a fault started.
+    slot: Option<Slot>,
+}
+
+/// One unit of `fault.active_faults`, given back when dropped: at stream
+/// end (Envoy's `onDestroy`), or when a delay ends without an abort
+/// (Envoy's `postDelayInjection`).
+struct Slot(Arc<dyn Gauge>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 // === impl FaultFilter ===
@@ -134,7 +145,7 @@ impl FaultFilter {
     /// As Envoy's `tryIncActiveFaults`: a request takes at most one slot;
     /// when `max_active_faults` are active the fault is skipped.
     fn try_activate(&mut self) -> bool {
-        if self.active {
+        if self.slot.is_some() {
             return true;
         }
         if let Some(max) = self.config.max_active_faults {
@@ -144,17 +155,8 @@ impl FaultFilter {
             }
         }
         self.shared.active_faults.inc();
-        self.active = true;
+        self.slot = Some(Slot(self.shared.active_faults.clone()));
         true
-    }
-}
-
-impl Drop for FaultFilter {
-    /// As Envoy's `onDestroy`: the slot is held until the stream ends.
-    fn drop(&mut self) {
-        if self.active {
-            self.shared.active_faults.dec();
-        }
     }
 }
 
@@ -185,9 +187,14 @@ impl HttpFilter for FaultFilter {
                 tracing::debug!(delay_ms = d.as_millis() as u64, "fault: delaying request");
                 let inputs = AbortInputs::from_headers(h);
                 let shared = self.shared.clone();
+                // The future owns the slot: dropping it (the delay ends, or
+                // the client goes away during it) gives the slot back.
+                let slot = self.slot.take();
                 return Action::Wait(Box::pin(async move {
                     tokio::time::sleep(d).await;
-                    // Delays can be followed by aborts; the slot is ours.
+                    // Delays can be followed by aborts (no new slot needed);
+                    // without one, the slot is given back at once, as Envoy.
+                    let _slot = slot;
                     let mut random = rand::random::<u64>;
                     match abort_for(&cfg, &inputs, has_cluster, &mut random) {
                         Some(a) => {

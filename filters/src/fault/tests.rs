@@ -385,7 +385,29 @@ async fn delay_then_abort_and_overflow() {
     assert!(start.elapsed() >= Duration::from_millis(1000));
     assert_eq!(r.status, 502);
     assert_eq!(rec.get("fault.aborts_injected"), 1);
-    assert_eq!(rec.get("fault.active_faults"), 1);
+    assert_eq!(rec.get("fault.active_faults"), 0);
     drop(a);
+    assert_eq!(rec.get("fault.active_faults"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_without_abort_gives_its_slot_back_when_it_ends() {
+    let mut c = fixed_delay(500, pct(100, 100));
+    c.max_active_faults = Some(1);
+    let (f, rec) = factory(c);
+    let mut a = f.create(&RouteView::empty()).expect("instance");
+    let Action::Wait(fut) = run(&mut a, &mut request(&[])).0 else {
+        panic!("delay")
+    };
+    assert_eq!(rec.get("fault.active_faults"), 1);
+    assert!(matches!(fut.await, Action::Continue));
+    // Released after the delay, while the request goes on upstream.
+    assert_eq!(rec.get("fault.active_faults"), 0);
+    let mut b = f.create(&RouteView::empty()).expect("instance");
+    assert!(matches!(run(&mut b, &mut request(&[])).0, Action::Wait(_)));
+    assert_eq!(rec.get("fault.faults_overflow"), 0);
+    // A client gone during the delay: the dropped future gives it back.
+    assert_eq!(rec.get("fault.active_faults"), 0);
+    drop((a, b));
     assert_eq!(rec.get("fault.active_faults"), 0);
 }
