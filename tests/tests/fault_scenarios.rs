@@ -652,3 +652,31 @@ async fn empty_filter_config_is_rejected() {
         "{e}"
     );
 }
+
+/// A delay without an abort gives its active-fault slot back when it ends,
+/// while the request is still upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_releases_the_active_fault_when_it_ends() {
+    let up = echo().await;
+    let c = Cfg::new(
+        "delay: {fixed_delay: 0.2s, percentage: {numerator: 100}}, max_active_faults: 1",
+        &route("/", "a", ""),
+        &up,
+        "release",
+    );
+    let p = c.start();
+    let h = Http::h1();
+    let url = format!("{}/x", p.base());
+    let slow = {
+        let (h, url) = (h.clone(), url.clone());
+        tokio::spawn(async move { h.get(&url, &[("x-echo-delay-ms", "1200")]).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(p.stat("http.ingress.fault.active_faults").await, Some(0));
+    let t = Instant::now();
+    assert_eq!(h.get(&url, &[]).await.status, 200);
+    assert!(delayed(t.elapsed(), 200), "{:?}", t.elapsed());
+    assert_eq!(slow.await.expect("slow request"), 200);
+    assert_eq!(p.stat("http.ingress.fault.delays_injected").await, Some(2));
+    assert_eq!(p.stat("http.ingress.fault.faults_overflow").await, Some(0));
+}
