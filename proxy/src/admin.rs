@@ -269,7 +269,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             }))
         }
         "/stats" | "/stats/prometheus" => stats(
-            &shared,
+            &shared.stats,
             &path,
             param("format"),
             param("filter"),
@@ -397,7 +397,7 @@ fn logging(params: &[(String, String)]) -> Resp {
 }
 
 fn stats(
-    shared: &Shared,
+    store: &crate::stats::Store,
     path: &str,
     format: Option<String>,
     filter: Option<String>,
@@ -415,7 +415,7 @@ fn stats(
     if prom {
         let mut out = String::new();
         let mut last_type = String::new();
-        shared.stats.visit(|n, v| {
+        store.visit(|n, v| {
             let used = match &v {
                 StatValue::Counter(c) => *c > 0,
                 StatValue::Gauge(_) => true,
@@ -484,7 +484,7 @@ fn stats(
     }
     if format.as_deref() == Some("json") {
         let mut arr = Vec::new();
-        shared.stats.visit(|n, v| match v {
+        store.visit(|n, v| match v {
             StatValue::Counter(c) if keep(&n.name, c > 0) => arr.push(serde_json::json!({"name": n.name, "value": c})),
             StatValue::Gauge(g) if keep(&n.name, true) => arr.push(serde_json::json!({"name": n.name, "value": g})),
             StatValue::Histogram(h) if keep(&n.name, h.count > 0) => arr.push(serde_json::json!({"name": n.name, "histograms": {"count": h.count, "sum": h.sum_ms}})),
@@ -494,7 +494,7 @@ fn stats(
         return json(serde_json::json!({"stats": arr}));
     }
     let mut out = String::new();
-    shared.stats.visit(|n, v| match v {
+    store.visit(|n, v| match v {
         StatValue::Counter(c) if keep(&n.name, c > 0) => {
             let _ = writeln!(out, "{}: {c}", n.name);
         }
@@ -912,3 +912,6 @@ fn certs(shared: &Shared) -> serde_json::Value {
     }
     serde_json::json!({ "certificates": out })
 }
+
+#[cfg(test)]
+mod tests;
