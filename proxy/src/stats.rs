@@ -4,12 +4,17 @@
 //! handed to the data path as an `Arc`. Updates touch only the calling
 //! worker's cache-line-padded shard (no locks, no shared cache lines);
 //! reads (admin, on the control runtime) sum the shards.
+//!
+//! A stat allocates its shards on its first write: a large xDS config has
+//! hundreds of thousands of stats (35 per cluster) and most of them are
+//! never written, so until then a stat reads 0 and costs an empty
+//! `OnceLock` instead of `shards * 64` bytes.
 use std::{
     cell::Cell,
     collections::BTreeMap,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
-        Arc, RwLock,
+        Arc, OnceLock, RwLock,
     },
 };
 
@@ -43,15 +48,52 @@ struct PaddedU64(AtomicU64);
 #[derive(Default)]
 struct PaddedI64(AtomicI64);
 
+/// A stat's shards, allocated on its first write: a stat that is never
+/// written costs this empty cell, not `shards * 64` bytes.
+struct Shards<T>(OnceLock<Box<[T]>>);
+
+impl<T: Default> Shards<T> {
+    const fn new() -> Self {
+        Shards(OnceLock::new())
+    }
+
+    /// The shards, allocating `n` of them if this is the first write. After
+    /// the first write this is one load and a branch before the caller's
+    /// atomic op; several threads racing on the first write allocate once
+    /// (the others wait for it).
+    #[inline]
+    fn get_or_alloc(&self, n: u8) -> &[T] {
+        match self.0.get() {
+            Some(s) => s,
+            None => self.alloc(n),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc(&self, n: u8) -> &[T] {
+        self.0
+            .get_or_init(|| (0..n.max(1)).map(|_| T::default()).collect())
+    }
+
+    /// The shards if the stat was ever written.
+    fn written(&self) -> Option<&[T]> {
+        self.0.get().map(|s| &s[..])
+    }
+}
+
 /// A monotonically increasing counter.
 pub struct Counter {
-    shards: Box<[PaddedU64]>,
+    shards: Shards<PaddedU64>,
+    /// The shard count to allocate on the first write.
+    n: u8,
 }
 
 impl Counter {
-    fn new(n: usize) -> Self {
+    fn new(n: u8) -> Self {
         Counter {
-            shards: (0..n).map(|_| PaddedU64::default()).collect(),
+            shards: Shards::new(),
+            n,
         }
     }
     #[inline]
@@ -60,15 +102,16 @@ impl Counter {
     }
     #[inline]
     pub fn add(&self, v: u64) {
-        self.shards[shard() % self.shards.len()]
-            .0
-            .fetch_add(v, Relaxed);
+        let shards = self.shards.get_or_alloc(self.n);
+        shards[shard() % shards.len()].0.fetch_add(v, Relaxed);
     }
     pub fn value(&self) -> u64 {
-        self.shards.iter().map(|s| s.0.load(Relaxed)).sum()
+        self.shards
+            .written()
+            .map_or(0, |s| s.iter().map(|s| s.0.load(Relaxed)).sum())
     }
     fn reset(&self) {
-        for s in self.shards.iter() {
+        for s in self.shards.written().unwrap_or_default() {
             s.0.store(0, Relaxed);
         }
     }
@@ -77,13 +120,16 @@ impl Counter {
 /// A gauge; increments and decrements may happen on different shards, the
 /// sum is the value.
 pub struct Gauge {
-    shards: Box<[PaddedI64]>,
+    shards: Shards<PaddedI64>,
+    /// The shard count to allocate on the first write.
+    n: u8,
 }
 
 impl Gauge {
-    fn new(n: usize) -> Self {
+    fn new(n: u8) -> Self {
         Gauge {
-            shards: (0..n).map(|_| PaddedI64::default()).collect(),
+            shards: Shards::new(),
+            n,
         }
     }
     #[inline]
@@ -96,18 +142,26 @@ impl Gauge {
     }
     #[inline]
     pub fn add(&self, v: i64) {
-        self.shards[shard() % self.shards.len()]
-            .0
-            .fetch_add(v, Relaxed);
+        let shards = self.shards.get_or_alloc(self.n);
+        shards[shard() % shards.len()].0.fetch_add(v, Relaxed);
     }
     /// Sets the gauge (control-side gauges only: clears the other shards).
     pub fn set(&self, v: i64) {
-        for (i, s) in self.shards.iter().enumerate() {
+        // Setting a never-written gauge to 0 leaves it unallocated: it
+        // already reads 0.
+        let shards = match self.shards.written() {
+            Some(s) => s,
+            None if v == 0 => return,
+            None => self.shards.get_or_alloc(self.n),
+        };
+        for (i, s) in shards.iter().enumerate() {
             s.0.store(if i == 0 { v } else { 0 }, Relaxed);
         }
     }
     pub fn value(&self) -> i64 {
-        self.shards.iter().map(|s| s.0.load(Relaxed)).sum()
+        self.shards
+            .written()
+            .map_or(0, |s| s.iter().map(|s| s.0.load(Relaxed)).sum())
     }
 }
 
@@ -118,6 +172,7 @@ pub const BUCKETS: [f64; 19] = [
 ];
 
 #[repr(align(64))]
+#[derive(Default)]
 struct HistShard {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
@@ -127,7 +182,8 @@ struct HistShard {
 
 /// A latency histogram in milliseconds.
 pub struct Histogram {
-    shards: Box<[HistShard]>,
+    shards: Shards<HistShard>,
+    n: u8,
 }
 
 /// A merged view of a histogram.
@@ -140,21 +196,17 @@ pub struct HistogramSnapshot {
 }
 
 impl Histogram {
-    fn new(n: usize) -> Self {
+    fn new(n: u8) -> Self {
         Histogram {
-            shards: (0..n)
-                .map(|_| HistShard {
-                    buckets: Default::default(),
-                    count: AtomicU64::new(0),
-                    sum_us: AtomicU64::new(0),
-                })
-                .collect(),
+            shards: Shards::new(),
+            n,
         }
     }
     /// Records a value in microseconds.
     #[inline]
     pub fn record_us(&self, us: u64) {
-        let s = &self.shards[shard() % self.shards.len()];
+        let shards = self.shards.get_or_alloc(self.n);
+        let s = &shards[shard() % shards.len()];
         let ms = us as f64 / 1000.0;
         if let Some(i) = BUCKETS.iter().position(|b| ms <= *b) {
             s.buckets[i].fetch_add(1, Relaxed);
@@ -166,7 +218,7 @@ impl Histogram {
         let mut per = vec![0u64; BUCKETS.len()];
         let mut count = 0;
         let mut sum = 0;
-        for s in self.shards.iter() {
+        for s in self.shards.written().unwrap_or_default() {
             for (i, b) in s.buckets.iter().enumerate() {
                 per[i] += b.load(Relaxed);
             }
@@ -259,15 +311,16 @@ struct Entry {
 
 /// The stats store. Creation takes a write lock (config time only).
 pub struct Store {
-    shards: usize,
+    shards: u8,
     matcher: RwLock<StatsConfig>,
     stats: RwLock<BTreeMap<String, Entry>>,
 }
 
 impl Store {
     pub fn new(workers: usize, matcher: StatsConfig) -> Arc<Self> {
+        let shards = (workers + 1).clamp(1, MAX_SHARDS);
         Arc::new(Store {
-            shards: (workers + 1).clamp(1, MAX_SHARDS),
+            shards: u8::try_from(shards).expect("MAX_SHARDS fits in a u8"),
             matcher: RwLock::new(matcher),
             stats: RwLock::new(BTreeMap::new()),
         })
@@ -411,32 +464,4 @@ pub enum StatValue {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_sum_and_matcher_filters() {
-        let s = Store::new(
-            2,
-            StatsConfig::Include(vec![xds_client::config::StringMatcher {
-                kind: xds_client::config::StringMatch::Prefix("keep.".into()),
-                ignore_case: false,
-            }]),
-        );
-        let c = s.counter(StatName::plain("keep.a"));
-        let dropped = s.counter(StatName::plain("drop.b"));
-        c.inc();
-        set_worker_shard(0);
-        c.add(2);
-        dropped.inc();
-        assert_eq!(s.get("keep.a"), Some(3));
-        assert_eq!(s.get("drop.b"), None);
-        let h = s.histogram(StatName::plain("keep.h"));
-        h.record_us(700);
-        h.record_us(3_000);
-        let snap = h.snapshot();
-        assert_eq!(snap.count, 2);
-        assert_eq!(snap.cumulative[1], 1); // <= 1ms
-        assert_eq!(snap.cumulative[2], 2); // <= 5ms
-    }
-}
+mod tests;
