@@ -423,13 +423,12 @@ fn stats(
                 // As Envoy, Prometheus output has no text readouts.
                 StatValue::Text(_) => return,
             };
-            if !keep(&n.name, used) {
+            if !keep(n.name(), used) {
                 return;
             }
-            let pname = format!("envoy_{}", sanitize(&n.tag_extracted));
+            let pname = format!("envoy_{}", sanitize(&n.tag_extracted()));
             let labels = n
-                .tags
-                .iter()
+                .tags()
                 .map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "\\\"")))
                 .collect::<Vec<_>>()
                 .join(",");
@@ -485,30 +484,30 @@ fn stats(
     if format.as_deref() == Some("json") {
         let mut arr = Vec::new();
         store.visit(|n, v| match v {
-            StatValue::Counter(c) if keep(&n.name, c > 0) => arr.push(serde_json::json!({"name": n.name, "value": c})),
-            StatValue::Gauge(g) if keep(&n.name, true) => arr.push(serde_json::json!({"name": n.name, "value": g})),
-            StatValue::Histogram(h) if keep(&n.name, h.count > 0) => arr.push(serde_json::json!({"name": n.name, "histograms": {"count": h.count, "sum": h.sum_ms}})),
-            StatValue::Text(t) if keep(&n.name, !t.is_empty()) => arr.push(serde_json::json!({"name": n.name, "value": t})),
+            StatValue::Counter(c) if keep(n.name(), c > 0) => arr.push(serde_json::json!({"name": n.name(), "value": c})),
+            StatValue::Gauge(g) if keep(n.name(), true) => arr.push(serde_json::json!({"name": n.name(), "value": g})),
+            StatValue::Histogram(h) if keep(n.name(), h.count > 0) => arr.push(serde_json::json!({"name": n.name(), "histograms": {"count": h.count, "sum": h.sum_ms}})),
+            StatValue::Text(t) if keep(n.name(), !t.is_empty()) => arr.push(serde_json::json!({"name": n.name(), "value": t})),
             _ => {}
         });
         return json(serde_json::json!({"stats": arr}));
     }
     let mut out = String::new();
     store.visit(|n, v| match v {
-        StatValue::Counter(c) if keep(&n.name, c > 0) => {
-            let _ = writeln!(out, "{}: {c}", n.name);
+        StatValue::Counter(c) if keep(n.name(), c > 0) => {
+            let _ = writeln!(out, "{}: {c}", n.name());
         }
-        StatValue::Gauge(g) if keep(&n.name, true) => {
-            let _ = writeln!(out, "{}: {g}", n.name);
+        StatValue::Gauge(g) if keep(n.name(), true) => {
+            let _ = writeln!(out, "{}: {g}", n.name());
         }
-        StatValue::Text(t) if keep(&n.name, !t.is_empty()) => {
-            let _ = writeln!(out, "{}: \"{t}\"", n.name);
+        StatValue::Text(t) if keep(n.name(), !t.is_empty()) => {
+            let _ = writeln!(out, "{}: \"{t}\"", n.name());
         }
-        StatValue::Histogram(h) if keep(&n.name, h.count > 0) => {
+        StatValue::Histogram(h) if keep(n.name(), h.count > 0) => {
             if h.count == 0 {
-                let _ = writeln!(out, "{}: No recorded values", n.name);
+                let _ = writeln!(out, "{}: No recorded values", n.name());
             } else {
-                let _ = writeln!(out, "{}: count={} sum={}", n.name, h.count, h.sum_ms);
+                let _ = writeln!(out, "{}: count={} sum={}", n.name(), h.count, h.sum_ms);
             }
         }
         _ => {}
