@@ -271,6 +271,44 @@ fn filter_chain(c: &mut Criterion) {
     g.finish();
 }
 
+/// The stats hot path: one update of a stat already written once, from a
+/// worker thread (its own shard).
+fn stats_update(c: &mut Criterion) {
+    use weir::stats::{set_worker_shard, StatName, Store};
+    let store = Store::new(2, Default::default());
+    set_worker_shard(0);
+    let counter = store.counter(StatName::tagged(
+        "cluster",
+        "c0",
+        "upstream_rq_total",
+        "envoy_cluster_name",
+    ));
+    let gauge = store.gauge(StatName::tagged(
+        "cluster",
+        "c0",
+        "upstream_rq_active",
+        "envoy_cluster_name",
+    ));
+    let hist = store.histogram(StatName::tagged(
+        "cluster",
+        "c0",
+        "upstream_rq_time",
+        "envoy_cluster_name",
+    ));
+    counter.inc();
+    gauge.inc();
+    hist.record_us(1);
+    let mut g = c.benchmark_group("stats");
+    g.bench_function("counter_inc", |b| b.iter(|| black_box(&counter).inc()));
+    g.bench_function("gauge_add", |b| {
+        b.iter(|| black_box(&gauge).add(black_box(1)))
+    });
+    g.bench_function("histogram_record", |b| {
+        b.iter(|| black_box(&hist).record_us(black_box(1_500)))
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     // Short runs keep `cargo bench -p weir-benches` to a couple of minutes on
     // 2 cores; the lookups are nanoseconds, so 2 s per bench is plenty.
@@ -282,6 +320,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = route_match, vhost_select, format_parse, translate, header_mutation, filter_chain
+    targets = route_match, vhost_select, format_parse, translate, header_mutation, filter_chain,
+        stats_update
 }
 criterion_main!(micro);

@@ -269,7 +269,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             }))
         }
         "/stats" | "/stats/prometheus" => stats(
-            &shared,
+            &shared.stats,
             &path,
             param("format"),
             param("filter"),
@@ -397,7 +397,7 @@ fn logging(params: &[(String, String)]) -> Resp {
 }
 
 fn stats(
-    shared: &Shared,
+    store: &crate::stats::Store,
     path: &str,
     format: Option<String>,
     filter: Option<String>,
@@ -415,7 +415,7 @@ fn stats(
     if prom {
         let mut out = String::new();
         let mut last_type = String::new();
-        shared.stats.visit(|n, v| {
+        store.visit(|n, v| {
             let used = match &v {
                 StatValue::Counter(c) => *c > 0,
                 StatValue::Gauge(_) => true,
@@ -423,13 +423,12 @@ fn stats(
                 // As Envoy, Prometheus output has no text readouts.
                 StatValue::Text(_) => return,
             };
-            if !keep(&n.name, used) {
+            if !keep(n.name(), used) {
                 return;
             }
-            let pname = format!("envoy_{}", sanitize(&n.tag_extracted));
+            let pname = format!("envoy_{}", sanitize(&n.tag_extracted()));
             let labels = n
-                .tags
-                .iter()
+                .tags()
                 .map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "\\\"")))
                 .collect::<Vec<_>>()
                 .join(",");
@@ -484,31 +483,31 @@ fn stats(
     }
     if format.as_deref() == Some("json") {
         let mut arr = Vec::new();
-        shared.stats.visit(|n, v| match v {
-            StatValue::Counter(c) if keep(&n.name, c > 0) => arr.push(serde_json::json!({"name": n.name, "value": c})),
-            StatValue::Gauge(g) if keep(&n.name, true) => arr.push(serde_json::json!({"name": n.name, "value": g})),
-            StatValue::Histogram(h) if keep(&n.name, h.count > 0) => arr.push(serde_json::json!({"name": n.name, "histograms": {"count": h.count, "sum": h.sum_ms}})),
-            StatValue::Text(t) if keep(&n.name, !t.is_empty()) => arr.push(serde_json::json!({"name": n.name, "value": t})),
+        store.visit(|n, v| match v {
+            StatValue::Counter(c) if keep(n.name(), c > 0) => arr.push(serde_json::json!({"name": n.name(), "value": c})),
+            StatValue::Gauge(g) if keep(n.name(), true) => arr.push(serde_json::json!({"name": n.name(), "value": g})),
+            StatValue::Histogram(h) if keep(n.name(), h.count > 0) => arr.push(serde_json::json!({"name": n.name(), "histograms": {"count": h.count, "sum": h.sum_ms}})),
+            StatValue::Text(t) if keep(n.name(), !t.is_empty()) => arr.push(serde_json::json!({"name": n.name(), "value": t})),
             _ => {}
         });
         return json(serde_json::json!({"stats": arr}));
     }
     let mut out = String::new();
-    shared.stats.visit(|n, v| match v {
-        StatValue::Counter(c) if keep(&n.name, c > 0) => {
-            let _ = writeln!(out, "{}: {c}", n.name);
+    store.visit(|n, v| match v {
+        StatValue::Counter(c) if keep(n.name(), c > 0) => {
+            let _ = writeln!(out, "{}: {c}", n.name());
         }
-        StatValue::Gauge(g) if keep(&n.name, true) => {
-            let _ = writeln!(out, "{}: {g}", n.name);
+        StatValue::Gauge(g) if keep(n.name(), true) => {
+            let _ = writeln!(out, "{}: {g}", n.name());
         }
-        StatValue::Text(t) if keep(&n.name, !t.is_empty()) => {
-            let _ = writeln!(out, "{}: \"{t}\"", n.name);
+        StatValue::Text(t) if keep(n.name(), !t.is_empty()) => {
+            let _ = writeln!(out, "{}: \"{t}\"", n.name());
         }
-        StatValue::Histogram(h) if keep(&n.name, h.count > 0) => {
+        StatValue::Histogram(h) if keep(n.name(), h.count > 0) => {
             if h.count == 0 {
-                let _ = writeln!(out, "{}: No recorded values", n.name);
+                let _ = writeln!(out, "{}: No recorded values", n.name());
             } else {
-                let _ = writeln!(out, "{}: count={} sum={}", n.name, h.count, h.sum_ms);
+                let _ = writeln!(out, "{}: count={} sum={}", n.name(), h.count, h.sum_ms);
             }
         }
         _ => {}
@@ -910,3 +909,6 @@ fn certs(shared: &Shared) -> serde_json::Value {
     }
     serde_json::json!({ "certificates": out })
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,12 +4,21 @@
 //! handed to the data path as an `Arc`. Updates touch only the calling
 //! worker's cache-line-padded shard (no locks, no shared cache lines);
 //! reads (admin, on the control runtime) sum the shards.
+//!
+//! Memory: a large xDS config has hundreds of thousands of stats (35 per
+//! cluster) and most of them are never written. So a stat allocates its
+//! shards on its first write (until then it reads 0 and costs an empty
+//! `OnceLock`), keeps its name once (the store's index borrows it from the
+//! stat), and keeps its tag as a byte range of that name plus an interned tag
+//! name instead of strings of its own.
 use std::{
+    borrow::{Borrow, Cow},
     cell::Cell,
-    collections::BTreeMap,
+    cmp::Ordering,
+    collections::BTreeSet,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
-        Arc, RwLock,
+        Arc, OnceLock, PoisonError, RwLock,
     },
 };
 
@@ -43,15 +52,51 @@ struct PaddedU64(AtomicU64);
 #[derive(Default)]
 struct PaddedI64(AtomicI64);
 
+/// A stat's shards, allocated on its first write: a stat that is never
+/// written costs this empty cell, not `shards * 64` bytes.
+struct Shards<T>(OnceLock<Box<[T]>>);
+
+impl<T: Default> Shards<T> {
+    const fn new() -> Self {
+        Shards(OnceLock::new())
+    }
+
+    /// The shards, allocating `n` of them if this is the first write. After
+    /// the first write this is one load and a branch before the caller's
+    /// atomic op; several threads racing on the first write allocate once
+    /// (the others wait for it).
+    #[inline]
+    fn get_or_alloc(&self, n: u8) -> &[T] {
+        match self.0.get() {
+            Some(s) => s,
+            None => self.alloc(n),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc(&self, n: u8) -> &[T] {
+        self.0
+            .get_or_init(|| (0..n.max(1)).map(|_| T::default()).collect())
+    }
+
+    /// The shards if the stat was ever written.
+    fn written(&self) -> Option<&[T]> {
+        self.0.get().map(|s| &s[..])
+    }
+}
+
 /// A monotonically increasing counter.
 pub struct Counter {
-    shards: Box<[PaddedU64]>,
+    shards: Shards<PaddedU64>,
+    head: Head,
 }
 
 impl Counter {
-    fn new(n: usize) -> Self {
+    fn new(head: Head) -> Self {
         Counter {
-            shards: (0..n).map(|_| PaddedU64::default()).collect(),
+            shards: Shards::new(),
+            head,
         }
     }
     #[inline]
@@ -60,15 +105,16 @@ impl Counter {
     }
     #[inline]
     pub fn add(&self, v: u64) {
-        self.shards[shard() % self.shards.len()]
-            .0
-            .fetch_add(v, Relaxed);
+        let shards = self.shards.get_or_alloc(self.head.shards);
+        shards[shard() % shards.len()].0.fetch_add(v, Relaxed);
     }
     pub fn value(&self) -> u64 {
-        self.shards.iter().map(|s| s.0.load(Relaxed)).sum()
+        self.shards
+            .written()
+            .map_or(0, |s| s.iter().map(|s| s.0.load(Relaxed)).sum())
     }
     fn reset(&self) {
-        for s in self.shards.iter() {
+        for s in self.shards.written().unwrap_or_default() {
             s.0.store(0, Relaxed);
         }
     }
@@ -77,13 +123,15 @@ impl Counter {
 /// A gauge; increments and decrements may happen on different shards, the
 /// sum is the value.
 pub struct Gauge {
-    shards: Box<[PaddedI64]>,
+    shards: Shards<PaddedI64>,
+    head: Head,
 }
 
 impl Gauge {
-    fn new(n: usize) -> Self {
+    fn new(head: Head) -> Self {
         Gauge {
-            shards: (0..n).map(|_| PaddedI64::default()).collect(),
+            shards: Shards::new(),
+            head,
         }
     }
     #[inline]
@@ -96,18 +144,26 @@ impl Gauge {
     }
     #[inline]
     pub fn add(&self, v: i64) {
-        self.shards[shard() % self.shards.len()]
-            .0
-            .fetch_add(v, Relaxed);
+        let shards = self.shards.get_or_alloc(self.head.shards);
+        shards[shard() % shards.len()].0.fetch_add(v, Relaxed);
     }
     /// Sets the gauge (control-side gauges only: clears the other shards).
     pub fn set(&self, v: i64) {
-        for (i, s) in self.shards.iter().enumerate() {
+        // Setting a never-written gauge to 0 leaves it unallocated: it
+        // already reads 0.
+        let shards = match self.shards.written() {
+            Some(s) => s,
+            None if v == 0 => return,
+            None => self.shards.get_or_alloc(self.head.shards),
+        };
+        for (i, s) in shards.iter().enumerate() {
             s.0.store(if i == 0 { v } else { 0 }, Relaxed);
         }
     }
     pub fn value(&self) -> i64 {
-        self.shards.iter().map(|s| s.0.load(Relaxed)).sum()
+        self.shards
+            .written()
+            .map_or(0, |s| s.iter().map(|s| s.0.load(Relaxed)).sum())
     }
 }
 
@@ -118,6 +174,7 @@ pub const BUCKETS: [f64; 19] = [
 ];
 
 #[repr(align(64))]
+#[derive(Default)]
 struct HistShard {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
@@ -127,7 +184,8 @@ struct HistShard {
 
 /// A latency histogram in milliseconds.
 pub struct Histogram {
-    shards: Box<[HistShard]>,
+    shards: Shards<HistShard>,
+    head: Head,
 }
 
 /// A merged view of a histogram.
@@ -140,21 +198,17 @@ pub struct HistogramSnapshot {
 }
 
 impl Histogram {
-    fn new(n: usize) -> Self {
+    fn new(head: Head) -> Self {
         Histogram {
-            shards: (0..n)
-                .map(|_| HistShard {
-                    buckets: Default::default(),
-                    count: AtomicU64::new(0),
-                    sum_us: AtomicU64::new(0),
-                })
-                .collect(),
+            shards: Shards::new(),
+            head,
         }
     }
     /// Records a value in microseconds.
     #[inline]
     pub fn record_us(&self, us: u64) {
-        let s = &self.shards[shard() % self.shards.len()];
+        let shards = self.shards.get_or_alloc(self.head.shards);
+        let s = &shards[shard() % shards.len()];
         let ms = us as f64 / 1000.0;
         if let Some(i) = BUCKETS.iter().position(|b| ms <= *b) {
             s.buckets[i].fetch_add(1, Relaxed);
@@ -166,7 +220,7 @@ impl Histogram {
         let mut per = vec![0u64; BUCKETS.len()];
         let mut count = 0;
         let mut sum = 0;
-        for s in self.shards.iter() {
+        for s in self.shards.written().unwrap_or_default() {
             for (i, b) in s.buckets.iter().enumerate() {
                 per[i] += b.load(Relaxed);
             }
@@ -203,30 +257,133 @@ impl Histogram {
     }
 }
 
-/// A stat's identity: its Envoy name plus the tags Envoy's default tag
+/// Tag names (`envoy_cluster_name`, ...), interned: a stat keeps a one-byte
+/// index (`Tag::id`, 0 = untagged) instead of a 16-byte `&'static str`. Tag
+/// names are literals in the code, so there are only a handful.
+static TAG_NAMES: RwLock<Vec<&'static str>> = RwLock::new(Vec::new());
+
+fn intern_tag(tag: &'static str) -> u8 {
+    let find = |v: &[&'static str]| v.iter().position(|t| *t == tag);
+    // (The read guard is dropped before the write lock is taken.)
+    let known = find(&TAG_NAMES.read().unwrap_or_else(PoisonError::into_inner));
+    let index = known.unwrap_or_else(|| {
+        let mut v = TAG_NAMES.write().unwrap_or_else(PoisonError::into_inner);
+        find(&v).unwrap_or_else(|| {
+            v.push(tag);
+            v.len() - 1
+        })
+    });
+    u8::try_from(index + 1).expect("fewer than 256 distinct tag names (they are code literals)")
+}
+
+fn tag_name(id: u8) -> &'static str {
+    TAG_NAMES.read().unwrap_or_else(PoisonError::into_inner)[usize::from(id) - 1]
+}
+
+/// Where a stat's one tag value sits in its name: `name[start..end]`,
+/// followed by a dot. As Envoy's tag extraction, the tag-extracted name is
+/// the name without that value and its dot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Tag {
+    start: u32,
+    end: u32,
+    /// `TAG_NAMES[id - 1]`; 0 = untagged.
+    id: u8,
+}
+
+/// A stat's identity: its Envoy name plus the tag Envoy's default tag
 /// extractors would pull out of it (for Prometheus output).
 #[derive(Debug, Clone)]
 pub struct StatName {
-    pub name: String,
-    pub tag_extracted: String,
-    pub tags: Vec<(&'static str, String)>,
+    name: Box<str>,
+    tag: Tag,
 }
 
 impl StatName {
     pub fn plain(name: impl Into<String>) -> Self {
-        let name = name.into();
         StatName {
-            tag_extracted: name.clone(),
-            name,
-            tags: vec![],
+            name: name.into().into_boxed_str(),
+            tag: Tag::default(),
         }
     }
     /// `<prefix>.<value>.<rest>` with the value extracted as tag `tag`.
     pub fn tagged(prefix: &str, value: &str, rest: &str, tag: &'static str) -> Self {
+        // Sized exactly, so the boxed name keeps no spare capacity.
+        let mut name = String::with_capacity(prefix.len() + value.len() + rest.len() + 2);
+        for part in [prefix, ".", value, ".", rest] {
+            name.push_str(part);
+        }
+        let start = prefix.len() + 1;
+        let offset = |i: usize| u32::try_from(i).expect("stat names are shorter than 4 GiB");
         StatName {
-            name: format!("{prefix}.{value}.{rest}"),
-            tag_extracted: format!("{prefix}.{rest}"),
-            tags: vec![(tag, value.to_owned())],
+            name: name.into_boxed_str(),
+            tag: Tag {
+                start: offset(start),
+                end: offset(start + value.len()),
+                id: intern_tag(tag),
+            },
+        }
+    }
+    #[cfg(test)]
+    fn view(&self) -> StatNameRef<'_> {
+        StatNameRef {
+            name: &self.name,
+            tag: self.tag,
+        }
+    }
+}
+
+/// A stored stat's name as [`Store::visit`] hands it out.
+#[derive(Debug, Clone, Copy)]
+pub struct StatNameRef<'a> {
+    name: &'a str,
+    tag: Tag,
+}
+
+impl<'a> StatNameRef<'a> {
+    /// The full Envoy name (`cluster.c1.upstream_rq_total`).
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+    /// The name without its tag value (`cluster.upstream_rq_total`).
+    pub fn tag_extracted(&self) -> Cow<'a, str> {
+        if self.tag.id == 0 {
+            return Cow::Borrowed(self.name);
+        }
+        let (start, end) = (self.tag.start as usize, self.tag.end as usize);
+        // Skip the value and the dot after it.
+        Cow::Owned([&self.name[..start], &self.name[end + 1..]].concat())
+    }
+    /// The extracted tags as (tag name, value): none or one.
+    pub fn tags(&self) -> impl Iterator<Item = (&'static str, &'a str)> {
+        let name = self.name;
+        let tag = self.tag;
+        (tag.id != 0)
+            .then(|| {
+                (
+                    tag_name(tag.id),
+                    &name[tag.start as usize..tag.end as usize],
+                )
+            })
+            .into_iter()
+    }
+}
+
+/// What every stat keeps besides its value: its name and tag (the store's
+/// index borrows the name from here) and its shard count. Flat rather than
+/// a `StatName` plus a count: 32 bytes instead of 40, which keeps a counter
+/// at 56 (see `tests::stat_sizes`).
+struct Head {
+    name: Box<str>,
+    tag: Tag,
+    shards: u8,
+}
+
+impl Head {
+    fn name_ref(&self) -> StatNameRef<'_> {
+        StatNameRef {
+            name: &self.name,
+            tag: self.tag,
         }
     }
 }
@@ -238,38 +395,80 @@ enum Stat {
     Text(Arc<TextReadout>),
 }
 
-/// A text readout (Envoy's `version_text`): set rarely, from the control
-/// thread.
-#[derive(Default)]
-pub struct TextReadout(std::sync::Mutex<String>);
-
-impl TextReadout {
-    pub fn set(&self, v: &str) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = v.to_owned();
-    }
-    pub fn value(&self) -> String {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+impl Stat {
+    fn head(&self) -> &Head {
+        match self {
+            Stat::Counter(c) => &c.head,
+            Stat::Gauge(g) => &g.head,
+            Stat::Histogram(h) => &h.head,
+            Stat::Text(t) => &t.head,
+        }
     }
 }
 
-struct Entry {
-    name: StatName,
-    stat: Stat,
+// The store is a set of stats ordered (and looked up) by name.
+impl Borrow<str> for Stat {
+    fn borrow(&self) -> &str {
+        &self.head().name
+    }
+}
+
+impl PartialEq for Stat {
+    fn eq(&self, other: &Self) -> bool {
+        self.head().name == other.head().name
+    }
+}
+
+impl Eq for Stat {}
+
+impl PartialOrd for Stat {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Stat {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.head().name.cmp(&other.head().name)
+    }
+}
+
+/// A text readout (Envoy's `version_text`): set rarely, from the control
+/// thread.
+pub struct TextReadout {
+    value: std::sync::Mutex<String>,
+    head: Head,
+}
+
+impl TextReadout {
+    fn new(head: Head) -> Self {
+        TextReadout {
+            value: Default::default(),
+            head,
+        }
+    }
+    pub fn set(&self, v: &str) {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = v.to_owned();
+    }
+    pub fn value(&self) -> String {
+        self.value.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The stats store. Creation takes a write lock (config time only).
 pub struct Store {
-    shards: usize,
+    shards: u8,
     matcher: RwLock<StatsConfig>,
-    stats: RwLock<BTreeMap<String, Entry>>,
+    stats: RwLock<BTreeSet<Stat>>,
 }
 
 impl Store {
     pub fn new(workers: usize, matcher: StatsConfig) -> Arc<Self> {
+        let shards = (workers + 1).clamp(1, MAX_SHARDS);
         Arc::new(Store {
-            shards: (workers + 1).clamp(1, MAX_SHARDS),
+            shards: u8::try_from(shards).expect("MAX_SHARDS fits in a u8"),
             matcher: RwLock::new(matcher),
-            stats: RwLock::new(BTreeMap::new()),
+            stats: RwLock::new(BTreeSet::new()),
         })
     }
 
@@ -277,113 +476,109 @@ impl Store {
         self.matcher.read().map(|m| m.accepts(name)).unwrap_or(true)
     }
 
-    pub fn counter(&self, name: StatName) -> Arc<Counter> {
-        let mut map = self.stats.write().expect("stats lock");
-        if let Some(Entry {
-            stat: Stat::Counter(c),
-            ..
-        }) = map.get(&name.name)
-        {
-            return c.clone();
-        }
-        let c = Arc::new(Counter::new(self.shards));
-        if self.accepted(&name.name) {
-            map.insert(
-                name.name.clone(),
-                Entry {
-                    name,
-                    stat: Stat::Counter(c.clone()),
-                },
-            );
-        }
-        c
-    }
-
-    pub fn gauge(&self, name: StatName) -> Arc<Gauge> {
-        let mut map = self.stats.write().expect("stats lock");
-        if let Some(Entry {
-            stat: Stat::Gauge(g),
-            ..
-        }) = map.get(&name.name)
-        {
-            return g.clone();
-        }
-        let g = Arc::new(Gauge::new(self.shards));
-        if self.accepted(&name.name) {
-            map.insert(
-                name.name.clone(),
-                Entry {
-                    name,
-                    stat: Stat::Gauge(g.clone()),
-                },
-            );
-        }
-        g
-    }
-
-    pub fn text(&self, name: StatName) -> Arc<TextReadout> {
-        let mut map = self.stats.write().expect("stats lock");
-        if let Some(Entry {
-            stat: Stat::Text(t),
-            ..
-        }) = map.get(&name.name)
-        {
+    /// The stat of that name and kind (`existing` picks the kind), else a
+    /// new one, stored if the stats matcher accepts the name (a rejected
+    /// stat still works, it is just not listed, and keeps no name).
+    fn get_or_create<T>(
+        &self,
+        name: StatName,
+        existing: fn(&Stat) -> Option<&Arc<T>>,
+        make: fn(Head) -> T,
+        wrap: fn(Arc<T>) -> Stat,
+    ) -> Arc<T> {
+        let mut set = self.stats.write().expect("stats lock");
+        if let Some(t) = set.get(&*name.name).and_then(existing) {
             return t.clone();
         }
-        let t = Arc::new(TextReadout::default());
-        if self.accepted(&name.name) {
-            map.insert(
-                name.name.clone(),
-                Entry {
-                    name,
-                    stat: Stat::Text(t.clone()),
-                },
-            );
+        let accepted = self.accepted(&name.name);
+        let head = if accepted {
+            Head {
+                name: name.name,
+                tag: name.tag,
+                shards: self.shards,
+            }
+        } else {
+            Head {
+                name: Box::default(),
+                tag: Tag::default(),
+                shards: self.shards,
+            }
+        };
+        let t = Arc::new(make(head));
+        if accepted {
+            // A stat of another kind under that name is replaced, as before.
+            set.replace(wrap(t.clone()));
         }
         t
     }
 
+    pub fn counter(&self, name: StatName) -> Arc<Counter> {
+        self.get_or_create(
+            name,
+            |s| match s {
+                Stat::Counter(c) => Some(c),
+                _ => None,
+            },
+            Counter::new,
+            Stat::Counter,
+        )
+    }
+
+    pub fn gauge(&self, name: StatName) -> Arc<Gauge> {
+        self.get_or_create(
+            name,
+            |s| match s {
+                Stat::Gauge(g) => Some(g),
+                _ => None,
+            },
+            Gauge::new,
+            Stat::Gauge,
+        )
+    }
+
+    pub fn text(&self, name: StatName) -> Arc<TextReadout> {
+        self.get_or_create(
+            name,
+            |s| match s {
+                Stat::Text(t) => Some(t),
+                _ => None,
+            },
+            TextReadout::new,
+            Stat::Text,
+        )
+    }
+
     pub fn histogram(&self, name: StatName) -> Arc<Histogram> {
-        let mut map = self.stats.write().expect("stats lock");
-        if let Some(Entry {
-            stat: Stat::Histogram(h),
-            ..
-        }) = map.get(&name.name)
-        {
-            return h.clone();
-        }
-        let h = Arc::new(Histogram::new(self.shards));
-        if self.accepted(&name.name) {
-            map.insert(
-                name.name.clone(),
-                Entry {
-                    name,
-                    stat: Stat::Histogram(h.clone()),
-                },
-            );
-        }
-        h
+        self.get_or_create(
+            name,
+            |s| match s {
+                Stat::Histogram(h) => Some(h),
+                _ => None,
+            },
+            Histogram::new,
+            Stat::Histogram,
+        )
     }
 
     /// Zeroes every counter (`/reset_counters`).
     pub fn reset_counters(&self) {
-        for e in self.stats.read().expect("stats lock").values() {
-            if let Stat::Counter(c) = &e.stat {
+        for s in self.stats.read().expect("stats lock").iter() {
+            if let Stat::Counter(c) = s {
                 c.reset();
             }
         }
     }
 
     /// Visits every stat in name order.
-    pub fn visit(&self, mut f: impl FnMut(&StatName, StatValue)) {
-        for e in self.stats.read().expect("stats lock").values() {
-            let v = match &e.stat {
+    pub fn visit(&self, mut f: impl FnMut(StatNameRef<'_>, StatValue)) {
+        for s in self.stats.read().expect("stats lock").iter() {
+            let v = match s {
                 Stat::Counter(c) => StatValue::Counter(c.value()),
                 Stat::Gauge(g) => StatValue::Gauge(g.value()),
                 Stat::Histogram(h) => StatValue::Histogram(h.snapshot()),
                 Stat::Text(t) => StatValue::Text(t.value()),
             };
-            f(&e.name, v);
+            f(s.head().name_ref(), v);
         }
     }
 
@@ -393,7 +588,7 @@ impl Store {
             .read()
             .expect("stats lock")
             .get(name)
-            .map(|e| match &e.stat {
+            .map(|s| match s {
                 Stat::Counter(c) => c.value() as i64,
                 Stat::Gauge(g) => g.value(),
                 Stat::Histogram(h) => h.snapshot().count as i64,
@@ -411,32 +606,4 @@ pub enum StatValue {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_sum_and_matcher_filters() {
-        let s = Store::new(
-            2,
-            StatsConfig::Include(vec![xds_client::config::StringMatcher {
-                kind: xds_client::config::StringMatch::Prefix("keep.".into()),
-                ignore_case: false,
-            }]),
-        );
-        let c = s.counter(StatName::plain("keep.a"));
-        let dropped = s.counter(StatName::plain("drop.b"));
-        c.inc();
-        set_worker_shard(0);
-        c.add(2);
-        dropped.inc();
-        assert_eq!(s.get("keep.a"), Some(3));
-        assert_eq!(s.get("drop.b"), None);
-        let h = s.histogram(StatName::plain("keep.h"));
-        h.record_us(700);
-        h.record_us(3_000);
-        let snap = h.snapshot();
-        assert_eq!(snap.count, 2);
-        assert_eq!(snap.cumulative[1], 1); // <= 1ms
-        assert_eq!(snap.cumulative[2], 2); // <= 5ms
-    }
-}
+mod tests;
