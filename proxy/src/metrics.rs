@@ -91,17 +91,16 @@ impl HttpFilterStats {
     }
 
     fn name(&self, rest: &str) -> StatName {
-        let mut n = StatName::tagged("http", &self.prefix, rest, "envoy_http_conn_manager_prefix");
+        let n = StatName::tagged("http", &self.prefix, rest, "envoy_http_conn_manager_prefix");
         // As Envoy's `envoy.fault_downstream_cluster` tag extractor:
         // `http.<prefix>.fault.<downstream_cluster>.<stat>`.
-        if let Some((cluster, stat)) = rest.strip_prefix("fault.").and_then(|r| r.rsplit_once('.'))
-        {
-            n.tag_extracted = format!("http.fault.{stat}");
-            // Envoy's Prometheus output sorts labels by name.
-            n.tags
-                .insert(0, ("envoy_fault_downstream_cluster", cluster.to_owned()));
+        match rest.strip_prefix("fault.").and_then(|r| r.rsplit_once('.')) {
+            Some((cluster, _)) => {
+                let start = "http.".len() + self.prefix.len() + ".fault.".len();
+                n.with_second_tag(start, cluster.len(), "envoy_fault_downstream_cluster")
+            }
+            None => n,
         }
-        n
     }
 }
 

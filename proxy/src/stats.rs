@@ -280,15 +280,25 @@ fn tag_name(id: u8) -> &'static str {
     TAG_NAMES.read().unwrap_or_else(PoisonError::into_inner)[usize::from(id) - 1]
 }
 
-/// Where a stat's one tag value sits in its name: `name[start..end]`,
-/// followed by a dot. As Envoy's tag extraction, the tag-extracted name is
-/// the name without that value and its dot.
+/// Where a stat's tag values sit in its name: `name[start..end]`, each
+/// followed by a dot (at most two: `http.<prefix>.fault.<cluster>.<stat>`
+/// has the HCM prefix and the fault filter's downstream cluster). As
+/// Envoy's tag extraction, the tag-extracted name is the name without the
+/// values and their dots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Tag {
-    start: u32,
-    end: u32,
+    start: u16,
+    end: u16,
     /// `TAG_NAMES[id - 1]`; 0 = untagged.
     id: u8,
+    /// A second tag after the first (`id2` 0 = none).
+    id2: u8,
+    start2: u16,
+    end2: u16,
+}
+
+fn offset(i: usize) -> u16 {
+    u16::try_from(i).expect("tagged stat names are shorter than 64 KiB")
 }
 
 /// A stat's identity: its Envoy name plus the tag Envoy's default tag
@@ -314,15 +324,32 @@ impl StatName {
             name.push_str(part);
         }
         let start = prefix.len() + 1;
-        let offset = |i: usize| u32::try_from(i).expect("stat names are shorter than 4 GiB");
         StatName {
             name: name.into_boxed_str(),
             tag: Tag {
                 start: offset(start),
                 end: offset(start + value.len()),
                 id: intern_tag(tag),
+                ..Tag::default()
             },
         }
+    }
+
+    /// Adds a second tag: the `len` bytes at `start` of the name (after the
+    /// first tag's value, and followed by a dot).
+    pub fn with_second_tag(mut self, start: usize, len: usize, tag: &'static str) -> Self {
+        let end = start + len;
+        let first_end = usize::from(self.tag.end);
+        if self.tag.id != 0
+            && start > first_end
+            && self.name.as_bytes().get(end) == Some(&b'.')
+            && self.name.is_char_boundary(start)
+        {
+            self.tag.start2 = offset(start);
+            self.tag.end2 = offset(end);
+            self.tag.id2 = intern_tag(tag);
+        }
+        self
     }
     #[cfg(test)]
     fn view(&self) -> StatNameRef<'_> {
@@ -350,22 +377,43 @@ impl<'a> StatNameRef<'a> {
         if self.tag.id == 0 {
             return Cow::Borrowed(self.name);
         }
-        let (start, end) = (self.tag.start as usize, self.tag.end as usize);
-        // Skip the value and the dot after it.
-        Cow::Owned([&self.name[..start], &self.name[end + 1..]].concat())
+        let (start, end) = (usize::from(self.tag.start), usize::from(self.tag.end));
+        // Skip each value and the dot after it.
+        if self.tag.id2 == 0 {
+            return Cow::Owned([&self.name[..start], &self.name[end + 1..]].concat());
+        }
+        let (start2, end2) = (usize::from(self.tag.start2), usize::from(self.tag.end2));
+        Cow::Owned(
+            [
+                &self.name[..start],
+                &self.name[end + 1..start2],
+                &self.name[end2 + 1..],
+            ]
+            .concat(),
+        )
     }
-    /// The extracted tags as (tag name, value): none or one.
+    /// The extracted tags as (tag name, value), sorted by tag name (as
+    /// Envoy's Prometheus output orders labels): none, one or two.
     pub fn tags(&self) -> impl Iterator<Item = (&'static str, &'a str)> {
         let name = self.name;
         let tag = self.tag;
-        (tag.id != 0)
-            .then(|| {
-                (
-                    tag_name(tag.id),
-                    &name[tag.start as usize..tag.end as usize],
-                )
-            })
-            .into_iter()
+        let first = (tag.id != 0).then(|| {
+            (
+                tag_name(tag.id),
+                &name[usize::from(tag.start)..usize::from(tag.end)],
+            )
+        });
+        let second = (tag.id2 != 0).then(|| {
+            (
+                tag_name(tag.id2),
+                &name[usize::from(tag.start2)..usize::from(tag.end2)],
+            )
+        });
+        let (a, b) = match (first, second) {
+            (Some(f), Some(s)) if s.0 < f.0 => (Some(s), Some(f)),
+            other => other,
+        };
+        a.into_iter().chain(b)
     }
 }
 

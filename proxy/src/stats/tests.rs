@@ -240,3 +240,37 @@ fn stat_sizes() {
     assert_eq!(std::mem::size_of::<Histogram>(), 56);
     assert_eq!(std::mem::size_of::<Stat>(), 16);
 }
+
+#[test]
+fn a_second_tag_is_extracted_too() {
+    // `http.<prefix>.fault.<downstream_cluster>.<stat>`, as the fault filter
+    // names its per-downstream-cluster stats.
+    let name = "http.ingress.fault.web.aborts_injected";
+    let n = StatName::tagged(
+        "http",
+        "ingress",
+        "fault.web.aborts_injected",
+        "envoy_http_conn_manager_prefix",
+    )
+    .with_second_tag(
+        "http.ingress.fault.".len(),
+        "web".len(),
+        "envoy_fault_downstream_cluster",
+    );
+    let v = n.view();
+    assert_eq!(v.name(), name);
+    assert_eq!(v.tag_extracted(), "http.fault.aborts_injected");
+    // Sorted by tag name, as Envoy's Prometheus labels.
+    assert_eq!(
+        v.tags().collect::<Vec<_>>(),
+        [
+            ("envoy_fault_downstream_cluster", "web"),
+            ("envoy_http_conn_manager_prefix", "ingress")
+        ]
+    );
+    // A range that is not a dot-terminated segment after the first tag is
+    // ignored.
+    let bad = StatName::tagged("http", "ingress", "x.y", "envoy_http_conn_manager_prefix")
+        .with_second_tag(0, 4, "envoy_fault_downstream_cluster");
+    assert_eq!(bad.view().tags().count(), 1);
+}
