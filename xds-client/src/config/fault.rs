@@ -1,8 +1,7 @@
-//! `envoy.filters.http.fault` (`HTTPFault`) and the per-route filter
-//! overrides (`typed_per_filter_config`).
-use std::{sync::Arc, time::Duration};
+//! `envoy.filters.http.fault` (`HTTPFault`).
+use std::time::Duration;
 
-use super::{HeaderMatcher, Name};
+use super::HeaderMatcher;
 
 /// `envoy.extensions.filters.http.fault.v3.HTTPFault`, validated.
 ///
@@ -90,36 +89,4 @@ pub enum AbortKind {
     /// `header_abort`: `x-envoy-fault-abort-request` /
     /// `x-envoy-fault-abort-grpc-request`.
     Header,
-}
-
-/// A route's, virtual host's or route configuration's
-/// `typed_per_filter_config`, by filter name.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct PerFilterConfigs(pub Vec<(Name, PerFilterConfig)>);
-
-impl PerFilterConfigs {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn get(&self, name: &str) -> Option<&PerFilterConfig> {
-        self.0.iter().find(|(n, _)| &**n == name).map(|(_, c)| c)
-    }
-}
-
-/// One `typed_per_filter_config` entry: the filter's config directly, or an
-/// `envoy.config.route.v3.FilterConfig` wrapping it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PerFilterConfig {
-    /// `FilterConfig.disabled`, when the wrapper is used (`None` otherwise).
-    /// The most specific level that says wins.
-    pub disabled: Option<bool>,
-    /// The override (`None`: `FilterConfig` without `config`, or disabled).
-    pub config: Option<FilterOverride>,
-}
-
-/// The per-route configs weir implements, one variant per filter.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FilterOverride {
-    Fault(Arc<FaultConfig>),
 }

@@ -1,11 +1,7 @@
-//! `envoy.filters.http.fault` and `typed_per_filter_config` translation.
-use std::{collections::HashMap, sync::Arc};
-
-use crate::api::envoy::config::route::v3 as r;
+//! `envoy.filters.http.fault` translation.
 use crate::api::envoy::extensions::filters::common::fault::v3 as common;
 use crate::api::envoy::extensions::filters::http::fault::v3 as f;
 use crate::api::envoy::r#type::v3::FractionalPercent;
-use crate::api::google::protobuf as pb;
 use crate::config::*;
 use crate::error::{join, ConfigErrors};
 
@@ -13,7 +9,6 @@ use super::err;
 
 /// `envoy.extensions.filters.http.fault.v3.HTTPFault`.
 pub const FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
-const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
 
 /// `HTTPFault` -> [`FaultConfig`]; `path` names the `typed_config`.
 pub fn fault(p: &f::HttpFault, path: &str) -> Result<FaultConfig, ConfigErrors> {
@@ -121,85 +116,4 @@ fn abort(p: &f::FaultAbort, path: &str) -> Result<FaultAbort, ConfigErrors> {
         body: (!p.response_body.is_empty())
             .then(|| bytes::Bytes::from(p.response_body.clone().into_bytes())),
     })
-}
-
-/// `typed_per_filter_config` of a route, virtual host or route
-/// configuration (`path` names the map). Only the fault filter's config is
-/// implemented; entries for any other filter are rejected.
-pub fn per_filter_configs(
-    map: &HashMap<String, pb::Any>,
-    path: &str,
-) -> Result<PerFilterConfigs, ConfigErrors> {
-    let mut errs = ConfigErrors::default();
-    let mut out = Vec::with_capacity(map.len());
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    for k in keys {
-        let kpath = format!("{path}[{k:?}]");
-        match per_filter_config(k, &map[k], &kpath) {
-            Ok(c) => out.push((k.as_str().into(), c)),
-            Err(e) => errs.extend(e),
-        }
-    }
-    errs.into_result(PerFilterConfigs(out))
-}
-
-fn per_filter_config(
-    filter: &str,
-    any: &pb::Any,
-    path: &str,
-) -> Result<PerFilterConfig, ConfigErrors> {
-    let any = crate::support::unwrap_typed_struct(any, path)?;
-    match type_name(&any) {
-        FILTER_CONFIG => {
-            let fc: r::FilterConfig = super::decode(&any, path)?;
-            // `is_optional` only matters for filters Envoy does not know.
-            let cpath = join(path, "config");
-            let config = match &fc.config {
-                Some(c) if !fc.disabled => Some(filter_override(c, &cpath)?),
-                // As Envoy: a disabled filter's config is ignored; it is
-                // still validated.
-                Some(c) => {
-                    filter_override(c, &cpath)?;
-                    None
-                }
-                None if fc.disabled => None,
-                // As Envoy: a FilterConfig must disable or configure.
-                None => {
-                    return Err(err(
-                        path,
-                        format!(
-                            "Empty route/virtual host per filter configuration for {filter} filter"
-                        ),
-                    ))
-                }
-            };
-            Ok(PerFilterConfig {
-                disabled: Some(fc.disabled),
-                config,
-            })
-        }
-        _ => Ok(PerFilterConfig {
-            disabled: None,
-            config: Some(filter_override(&any, path)?),
-        }),
-    }
-}
-
-fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigErrors> {
-    let any = crate::support::unwrap_typed_struct(any, path)?;
-    match type_name(&any) {
-        FAULT => {
-            let p: f::HttpFault = super::decode(&any, path)?;
-            Ok(FilterOverride::Fault(Arc::new(fault(&p, path)?)))
-        }
-        other => Err(err(
-            path,
-            format!("per-route configuration of {other} is not implemented (only {FAULT} is)"),
-        )),
-    }
-}
-
-fn type_name(any: &pb::Any) -> &str {
-    any.type_url.rsplit('/').next().unwrap_or_default()
 }

@@ -45,7 +45,7 @@ pub fn route_config(p: &r::RouteConfiguration, path: &str) -> Result<RouteConfig
             Err(e) => errs.extend(e),
         }
     }
-    let per_filter = super::fault::per_filter_configs(
+    let per_filter = super::per_filter::per_filter_configs(
         &p.typed_per_filter_config,
         &join(path, "typed_per_filter_config"),
     )
@@ -121,7 +121,7 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         },
         None => None,
     };
-    let per_filter = super::fault::per_filter_configs(
+    let per_filter = super::per_filter::per_filter_configs(
         &p.typed_per_filter_config,
         &join(path, "typed_per_filter_config"),
     )
@@ -194,7 +194,7 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
     )
     .map_err(|e| errs.extend(e))
     .ok();
-    let per_filter = super::fault::per_filter_configs(
+    let per_filter = super::per_filter::per_filter_configs(
         &p.typed_per_filter_config,
         &join(path, "typed_per_filter_config"),
     )

@@ -1,0 +1,98 @@
+//! `typed_per_filter_config` of routes, virtual hosts and route
+//! configurations: the generic `FilterConfig` wrapper and the dispatch to
+//! each filter's per-route translation.
+use std::{collections::HashMap, sync::Arc};
+
+use crate::api::envoy::config::route::v3 as r;
+use crate::api::envoy::extensions::filters::http::fault::v3::HttpFault;
+use crate::api::google::protobuf as pb;
+use crate::config::*;
+use crate::error::{join, ConfigErrors};
+
+use super::err;
+use super::fault::FAULT;
+
+const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
+
+/// `typed_per_filter_config` of a route, virtual host or route
+/// configuration (`path` names the map). Only the fault filter's config is
+/// implemented; entries for any other filter are rejected.
+pub fn per_filter_configs(
+    map: &HashMap<String, pb::Any>,
+    path: &str,
+) -> Result<PerFilterConfigs, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::with_capacity(map.len());
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    for k in keys {
+        let kpath = format!("{path}[{k:?}]");
+        match per_filter_config(k, &map[k], &kpath) {
+            Ok(c) => out.push((k.as_str().into(), c)),
+            Err(e) => errs.extend(e),
+        }
+    }
+    errs.into_result(PerFilterConfigs(out))
+}
+
+fn per_filter_config(
+    filter: &str,
+    any: &pb::Any,
+    path: &str,
+) -> Result<PerFilterConfig, ConfigErrors> {
+    let any = crate::support::unwrap_typed_struct(any, path)?;
+    match type_name(&any) {
+        FILTER_CONFIG => {
+            let fc: r::FilterConfig = super::decode(&any, path)?;
+            // `is_optional` only matters for filters Envoy does not know.
+            let cpath = join(path, "config");
+            let config = match &fc.config {
+                Some(c) if !fc.disabled => Some(filter_override(c, &cpath)?),
+                // As Envoy: a disabled filter's config is ignored; it is
+                // still validated.
+                Some(c) => {
+                    filter_override(c, &cpath)?;
+                    None
+                }
+                None if fc.disabled => None,
+                // As Envoy: a FilterConfig must disable or configure.
+                None => {
+                    return Err(err(
+                        path,
+                        format!(
+                            "Empty route/virtual host per filter configuration for {filter} filter"
+                        ),
+                    ))
+                }
+            };
+            Ok(PerFilterConfig {
+                disabled: Some(fc.disabled),
+                config,
+            })
+        }
+        _ => Ok(PerFilterConfig {
+            disabled: None,
+            config: Some(filter_override(&any, path)?),
+        }),
+    }
+}
+
+/// The per-route config of one filter, by its type. Each filter with a
+/// per-route form adds an arm here and a variant to [`FilterOverride`].
+fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigErrors> {
+    let any = crate::support::unwrap_typed_struct(any, path)?;
+    match type_name(&any) {
+        FAULT => {
+            let p: HttpFault = super::decode(&any, path)?;
+            Ok(FilterOverride::Fault(Arc::new(super::fault::fault(&p, path)?)))
+        }
+        other => Err(err(
+            path,
+            format!("per-route configuration of {other} is not implemented"),
+        )),
+    }
+}
+
+fn type_name(any: &pb::Any) -> &str {
+    any.type_url.rsplit('/').next().unwrap_or_default()
+}
