@@ -113,6 +113,19 @@ pub trait Gauge: Send + Sync {
 pub trait StatsScope: Send + Sync + std::fmt::Debug {
     fn counter(&self, name: &str) -> Arc<dyn Counter>;
     fn gauge(&self, name: &str) -> Arc<dyn Gauge>;
+    /// The counter `<head>.<value>.<rest>` (relative to the scope), with
+    /// `value` extracted as the Prometheus tag `tag` (Envoy's tag
+    /// extractors: `local_rate_limit.<prefix>.rate_limited`, ...).
+    fn tagged_counter(
+        &self,
+        head: &str,
+        value: &str,
+        rest: &str,
+        tag: &'static str,
+    ) -> Arc<dyn Counter> {
+        let _ = tag;
+        self.counter(&format!("{head}.{value}.{rest}"))
+    }
 }
 
 /// A scope that counts nothing (tests, tools).

@@ -10,6 +10,8 @@
 pub mod fault;
 pub mod http;
 pub mod listener;
+pub mod network;
 pub mod router;
+pub mod token_bucket;
 
 pub use http::*;

@@ -5,6 +5,7 @@ use std::{
 };
 
 use bytes::BytesMut;
+use filters::network::NetAction;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::{io::AsyncReadExt, net::TcpStream, sync::watch};
 use xds_client::config::{
@@ -25,6 +26,8 @@ pub struct ChainRuntime {
     pub config: Arc<FilterChain>,
     pub tls: Option<Arc<ServerTls>>,
     pub network: NetworkRuntime,
+    /// Network filters before `network` (Envoy's read filters).
+    pub read_filters: filters::network::NetworkChain,
     /// true: drain this chain's connections (HTTP/1 `connection: close`,
     /// HTTP/2 GOAWAY, TCP closed after the drain time).
     pub drain: watch::Sender<bool>,
@@ -598,6 +601,12 @@ async fn connection(
             return;
         }
     };
+    if !chain.read_filters.is_empty() {
+        let conn = conn_info(&meta, None);
+        if chain.read_filters.on_new_connection(&conn) == NetAction::Close {
+            return;
+        }
+    }
     let rewound = Rewind::new(buf, stream);
     let (io, tls) = match &chain.tls {
         Some(t) => match t
@@ -612,6 +621,13 @@ async fn connection(
         },
         None => (DownstreamIo::Plain(rewound), None),
     };
+    if !chain.read_filters.is_empty() {
+        let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
+        let conn = conn_info(&meta, peer);
+        if chain.read_filters.on_established(&conn) == NetAction::Close {
+            return;
+        }
+    }
     match &chain.network {
         NetworkRuntime::Http(hcm) => {
             let ctx = Arc::new(ConnCtx {
@@ -642,6 +658,24 @@ async fn connection(
             t.serve(io, &meta, tls, id, shared, chain.drain.subscribe())
                 .await;
         }
+    }
+}
+
+/// What network filters see of a connection.
+fn conn_info<'a>(
+    meta: &'a ConnMeta,
+    peer: Option<&'a crate::tls::CertInfo>,
+) -> filters::network::ConnectionInfo<'a> {
+    filters::network::ConnectionInfo {
+        remote: meta.src,
+        direct_remote: meta.direct_src,
+        local: meta.dst,
+        sni: meta.sni.as_deref(),
+        peer: peer.map(|p| filters::network::PeerIdentity {
+            uri_sans: &p.uri_sans,
+            dns_sans: &p.dns_sans,
+            subject: &p.subject,
+        }),
     }
 }
 
@@ -716,10 +750,15 @@ pub fn build_chain(
         env.store,
         fc.pass_through.iter().copied().chain(http_pass_through),
     );
+    let read_filters = filters::network::NetworkChain::build(
+        &fc.read_filters,
+        &crate::metrics::RootFilterStats::scope(env.store),
+    );
     Ok(Arc::new(ChainRuntime {
         config: fc.clone(),
         tls,
         network,
+        read_filters,
         drain: watch::channel(false).0,
         update_drain: Default::default(),
         pass_through,

@@ -131,6 +131,44 @@ impl filters::StatsScope for HttpFilterStats {
     }
 }
 
+/// The store's root as a filter stats scope (network filters: names are
+/// absolute).
+pub struct RootFilterStats {
+    store: Arc<Store>,
+}
+
+impl std::fmt::Debug for RootFilterStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RootFilterStats")
+    }
+}
+
+impl RootFilterStats {
+    pub fn scope(store: &Arc<Store>) -> Arc<dyn filters::StatsScope> {
+        Arc::new(RootFilterStats {
+            store: store.clone(),
+        })
+    }
+}
+
+impl filters::StatsScope for RootFilterStats {
+    fn counter(&self, name: &str) -> Arc<dyn filters::Counter> {
+        self.store.counter(StatName::plain(name))
+    }
+    fn gauge(&self, name: &str) -> Arc<dyn filters::Gauge> {
+        self.store.gauge(StatName::plain(name))
+    }
+    fn tagged_counter(
+        &self,
+        head: &str,
+        value: &str,
+        rest: &str,
+        tag: &'static str,
+    ) -> Arc<dyn filters::Counter> {
+        self.store.counter(StatName::tagged(head, value, rest, tag))
+    }
+}
+
 /// `listener.<address>.*`.
 pub struct ListenerStats {
     pub cx_total: Arc<Counter>,

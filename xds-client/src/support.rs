@@ -113,6 +113,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", &["clusters"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight", &["name", "weight", "metadata_match"]),
     ("envoy.extensions.filters.network.sni_cluster.v3.SniCluster", &[]),
+    ("envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit", &[
+        "stat_prefix", "token_bucket", "runtime_enabled", "share_key",
+    ]),
+    ("envoy.type.v3.TokenBucket", &["max_tokens", "tokens_per_fill", "fill_interval"]),
+    ("envoy.config.core.v3.RuntimeFeatureFlag", &["default_value", "~runtime_key"]),
     // --- TLS
     ("envoy.config.core.v3.TransportSocket", &["name", "typed_config"]),
     ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", &[]),

@@ -11,6 +11,7 @@ pub mod fault;
 pub mod format;
 pub mod hcm;
 pub mod matcher;
+pub mod network;
 pub mod per_filter;
 pub mod route;
 pub mod tcp;
@@ -22,6 +23,7 @@ pub use fault::*;
 pub use format::*;
 pub use hcm::*;
 pub use matcher::*;
+pub use network::*;
 pub use per_filter::*;
 pub use route::*;
 pub use tcp::*;
@@ -182,6 +184,8 @@ pub struct FilterChain {
     /// `transport_socket_connect_timeout`: TLS handshake deadline.
     pub transport_connect_timeout: Option<Duration>,
     pub filter: NetworkFilter,
+    /// Network filters weir runs before `filter`, in order.
+    pub read_filters: Vec<ReadFilterConfig>,
     /// Network filters before `filter` that weir accepts without running
     /// (ARCHITECTURE.md "Pass-through filters").
     pub pass_through: Vec<PassThrough>,

@@ -182,12 +182,13 @@ fn filter_chain(fc: &l::FilterChain, path: &str) -> Result<FilterChain, ConfigEr
         .map_err(|e| errs.extend(e))
         .ok();
     match filter {
-        Some((filter, pass_through)) if errs.is_empty() => Ok(FilterChain {
+        Some((filter, read_filters, pass_through)) if errs.is_empty() => Ok(FilterChain {
             name: fc.name.as_str().into(),
             matcher,
             tls,
             transport_connect_timeout,
             filter,
+            read_filters,
             pass_through,
             path: path.to_owned(),
         }),
@@ -205,15 +206,15 @@ fn typed<'a>(
     }
 }
 
-/// The chain's network filters: pass-through filters (Istio's `istio.stats`
-/// and `istio.metadata_exchange`) in any order, then `tcp_proxy` (after
-/// `sni_cluster` if any) or `http_connection_manager`. `alpn` is what the
-/// chain's TLS context offers.
+/// The chain's network filters: read filters weir runs and pass-through
+/// filters (Istio's `istio.stats` and `istio.metadata_exchange`) in any
+/// order, then `tcp_proxy` (after `sni_cluster` if any) or
+/// `http_connection_manager`. `alpn` is what the chain's TLS context offers.
 fn network_filters(
     filters: &[l::Filter],
     path: &str,
     alpn: &[Vec<u8>],
-) -> Result<(NetworkFilter, Vec<PassThrough>), ConfigErrors> {
+) -> Result<(NetworkFilter, Vec<ReadFilterConfig>, Vec<PassThrough>), ConfigErrors> {
     use crate::descriptors::{ISTIO_METADATA_EXCHANGE, ISTIO_STATS};
     if filters.is_empty() {
         return Err(err(
@@ -223,6 +224,7 @@ fn network_filters(
     }
     let mut sni_cluster = false;
     let mut pass_through = Vec::new();
+    let mut read_filters = Vec::new();
     let last = filters.len() - 1;
     for (i, f) in filters.iter().enumerate() {
         let fpath = format!("{path}.filters[{i}]");
@@ -247,13 +249,17 @@ fn network_filters(
             HCM_TYPE => {
                 let proto = super::decode(&any, &tpath)?;
                 let hcm = hcm::hcm(&proto, &tpath)?;
-                return Ok((NetworkFilter::Http(Arc::new(hcm)), pass_through));
+                return Ok((
+                    NetworkFilter::Http(Arc::new(hcm)),
+                    read_filters,
+                    pass_through,
+                ));
             }
             TCP_PROXY_TYPE => {
                 let proto = super::decode(&any, &tpath)?;
                 let mut t = tcp_proxy(&proto, &tpath)?;
                 t.sni_cluster = sni_cluster;
-                return Ok((NetworkFilter::Tcp(Arc::new(t)), pass_through));
+                return Ok((NetworkFilter::Tcp(Arc::new(t)), read_filters, pass_through));
             }
             SNI_CLUSTER_TYPE => sni_cluster = true,
             ISTIO_STATS => {
@@ -265,12 +271,15 @@ fn network_filters(
                 metadata_exchange(&any, &tpath, alpn)?;
                 pass_through.push(PassThrough::MetadataExchange);
             }
-            other => {
-                return Err(err(
-                    tpath,
-                    format!("network filter {other} is not implemented yet"),
-                ))
-            }
+            other => match super::network::read_filter(&f.name, &any, &tpath)? {
+                Some(r) => read_filters.push(r),
+                None => {
+                    return Err(err(
+                        tpath,
+                        format!("network filter {other} is not implemented yet"),
+                    ))
+                }
+            },
         }
     }
     Err(err(

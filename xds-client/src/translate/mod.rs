@@ -26,6 +26,7 @@ pub mod fault;
 pub mod format;
 pub mod hcm;
 pub mod listener;
+pub mod network;
 pub mod per_filter;
 pub mod route;
 pub mod tls;

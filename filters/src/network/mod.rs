@@ -1,0 +1,114 @@
+//! Network (L4) read filters: what runs on a connection before the chain's
+//! terminal filter (`tcp_proxy` or the HCM) gets it.
+//!
+//! Factories are built once per filter chain and hold all state (a filter
+//! keeping per-connection state would get an instance type then). Two hooks,
+//! as Envoy's read filters see a connection:
+//! - [`NetworkFilterFactory::on_new_connection`]: at accept, after the
+//!   listener filters and before any TLS handshake (Envoy's
+//!   `onNewConnection`): connection rate limits.
+//! - [`NetworkFilterFactory::on_established`]: once the transport is up
+//!   (TLS handshake done, the peer's certificate known) and before the
+//!   terminal filter reads: authorization. Envoy's filters that decide here
+//!   do so at the connection's first `onData`; weir decides before reading,
+//!   so a server-first protocol is decided before its server speaks.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use xds_client::config::{ReadFilterConfig, ReadFilterKind};
+
+use crate::StatsScope;
+
+pub mod local_ratelimit;
+
+/// What a network filter knows about a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo<'a> {
+    /// The downstream address (after PROXY protocol, if any).
+    pub remote: SocketAddr,
+    /// The socket's own peer address.
+    pub direct_remote: SocketAddr,
+    /// The address the connection was accepted on (or the PROXY protocol's
+    /// destination).
+    pub local: SocketAddr,
+    /// The requested server name (SNI), lower-cased.
+    pub sni: Option<&'a str>,
+    /// The peer certificate's identity, after a TLS handshake that validated
+    /// one (`on_established` only).
+    pub peer: Option<PeerIdentity<'a>>,
+}
+
+/// A validated peer certificate's names.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerIdentity<'a> {
+    pub uri_sans: &'a [String],
+    pub dns_sans: &'a [String],
+    /// RFC 2253 subject, as Envoy prints it.
+    pub subject: &'a str,
+}
+
+/// A network filter's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetAction {
+    Continue,
+    /// Close the connection at once, without flushing.
+    Close,
+}
+
+pub trait NetworkFilterFactory: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &str;
+    fn on_new_connection(&self, _conn: &ConnectionInfo<'_>) -> NetAction {
+        NetAction::Continue
+    }
+    fn on_established(&self, _conn: &ConnectionInfo<'_>) -> NetAction {
+        NetAction::Continue
+    }
+}
+
+/// A filter chain's read filters, in order.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkChain {
+    pub filters: Vec<Arc<dyn NetworkFilterFactory>>,
+}
+
+impl NetworkChain {
+    /// Builds the filters; they create their stats in `stats` (a scope at
+    /// the root of the store: names are absolute).
+    pub fn build(configs: &[ReadFilterConfig], stats: &Arc<dyn StatsScope>) -> NetworkChain {
+        let filters = configs
+            .iter()
+            .map(|c| -> Arc<dyn NetworkFilterFactory> {
+                match &c.kind {
+                    ReadFilterKind::LocalRateLimit(l) => Arc::new(
+                        local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
+                    ),
+                }
+            })
+            .collect();
+        NetworkChain { filters }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Runs `on_new_connection` in order; the first `Close` wins.
+    pub fn on_new_connection(&self, conn: &ConnectionInfo<'_>) -> NetAction {
+        for f in &self.filters {
+            if f.on_new_connection(conn) == NetAction::Close {
+                return NetAction::Close;
+            }
+        }
+        NetAction::Continue
+    }
+
+    /// Runs `on_established` in order; the first `Close` wins.
+    pub fn on_established(&self, conn: &ConnectionInfo<'_>) -> NetAction {
+        for f in &self.filters {
+            if f.on_established(conn) == NetAction::Close {
+                return NetAction::Close;
+            }
+        }
+        NetAction::Continue
+    }
+}
