@@ -43,6 +43,29 @@ impl std::fmt::Debug for Action {
     }
 }
 
+/// The downstream connection, as HTTP filters see it (built once per
+/// connection, for HCMs whose chain has filters).
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    /// The client's address (after PROXY protocol, if any).
+    pub remote: std::net::SocketAddr,
+    /// The socket's own peer address.
+    pub direct_remote: std::net::SocketAddr,
+    /// The address the connection was accepted on.
+    pub local: std::net::SocketAddr,
+    /// The requested server name (SNI), lower-cased.
+    pub sni: Option<String>,
+    /// Envoy's connection id.
+    pub connection_id: u64,
+    /// The validated peer certificate's names (empty without one).
+    pub peer_uri_sans: Vec<String>,
+    pub peer_dns_sans: Vec<String>,
+    /// RFC 2253 subject of the peer certificate, if any.
+    pub peer_subject: Option<String>,
+    /// Whether the connection is TLS terminated by weir.
+    pub tls: bool,
+}
+
 /// Per-request facts filters may read, and what they report back.
 #[derive(Debug, Default)]
 pub struct FilterContext {
@@ -50,6 +73,8 @@ pub struct FilterContext {
     pub route_name: Option<Arc<str>>,
     /// Whether the downstream peer is internal (per `internal_address_config`).
     pub internal: bool,
+    /// The downstream connection (`None` only in tests).
+    pub downstream: Option<Arc<Downstream>>,
     /// Envoy response flags (short names, `DI`, ...) filters set without
     /// answering; a local reply carries its own in [`LocalReply::flag`].
     pub flags: Vec<&'static str>,

@@ -630,7 +630,22 @@ async fn connection(
     }
     match &chain.network {
         NetworkRuntime::Http(hcm) => {
+            let downstream = (!hcm.chain.is_router_only()).then(|| {
+                let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
+                Arc::new(filters::Downstream {
+                    remote: meta.src,
+                    direct_remote: meta.direct_src,
+                    local: meta.dst,
+                    sni: meta.sni.clone(),
+                    connection_id: id,
+                    peer_uri_sans: peer.map(|p| p.uri_sans.clone()).unwrap_or_default(),
+                    peer_dns_sans: peer.map(|p| p.dns_sans.clone()).unwrap_or_default(),
+                    peer_subject: peer.map(|p| p.subject.clone()),
+                    tls: tls.is_some(),
+                })
+            });
             let ctx = Arc::new(ConnCtx {
+                downstream,
                 hcm: hcm.clone(),
                 shared: shared.clone(),
                 peer: meta.src,

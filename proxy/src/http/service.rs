@@ -94,6 +94,9 @@ pub struct ConnCtx {
     pub is_h2: std::sync::atomic::AtomicBool,
     /// Requests answered on this connection.
     pub requests: std::sync::atomic::AtomicU32,
+    /// What HTTP filters see of the connection (`None` when the chain is
+    /// router-only).
+    pub downstream: Option<Arc<filters::Downstream>>,
 }
 
 impl ConnCtx {
@@ -452,6 +455,7 @@ async fn pipeline(
         let mut fcx = filters::FilterContext {
             route_name: info.route_name.clone(),
             internal: edge.internal,
+            downstream: ctx.downstream.clone(),
             flags: Vec::new(),
         };
         let lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
@@ -682,6 +686,7 @@ async fn pipeline(
                 let mut fcx = filters::FilterContext {
                     route_name: info.route_name.clone(),
                     internal: edge.internal,
+                    downstream: ctx.downstream.clone(),
                     flags: Vec::new(),
                 };
                 let (mut rp, rb) = resp.into_parts();
