@@ -744,6 +744,7 @@ pub fn build_chain(
                     &crate::metrics::HttpFilterStats::scope(env.store, &h.stat_prefix),
                 ),
                 stats: crate::metrics::HttpStats::new(env.store, &h.stat_prefix),
+                tracing: crate::http::tracing::TracingStats::new(env.store, &h.stat_prefix),
                 logs,
                 listener_port,
                 buffer_limit,

@@ -170,15 +170,21 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "set_current_client_cert_details",
         "normalize_path", "merge_slashes", "path_with_escaped_slashes_action", "strip_matching_host_port",
         "strip_any_host_port", "append_x_forwarded_port", "add_user_agent", "proxy_100_continue",
-        "request_id_extension",
+        "request_id_extension", "tracing",
         "~delayed_close_timeout", "~stream_error_on_invalid_http_message", "~access_log_flush_interval",
     ]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.RequestIDExtension", &["typed_config"]),
-    // Envoy's default request ID extension (what weir generates). Both
-    // fields only steer tracing, which weir does not have (`tracing` is
-    // rejected).
+    // Envoy's default request ID extension (what weir generates); both
+    // fields steer the trace decision.
     ("envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", &[
-        "~pack_trace_reason", "~use_request_id_for_trace_sampling",
+        "pack_trace_reason", "use_request_id_for_trace_sampling",
+    ]),
+    // The trace decision without a tracer: `custom_tags`, `verbose`,
+    // `max_path_tag_length` and `spawn_upstream_span` only shape spans,
+    // and without a `provider` (rejected by the translator) there are none.
+    ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing", &[
+        "client_sampling", "random_sampling", "overall_sampling", "provider",
+        "~verbose", "~max_path_tag_length", "~custom_tags", "~spawn_upstream_span",
     ]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig", &[
         "unix_sockets", "cidr_ranges",

@@ -168,6 +168,14 @@ pub fn edge(
             && (!edge_request || h.preserve_external_request_id);
         if !keep {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
+        } else if edge_request {
+            // As Envoy's UUID extension: an external id kept at the edge
+            // carries no trusted trace reason.
+            super::tracing::set_reason(
+                &h.request_id,
+                headers,
+                super::tracing::Reason::NotTraceable,
+            );
         }
     }
     xfcc(h, headers, tls);

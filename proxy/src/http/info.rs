@@ -41,6 +41,9 @@ pub struct StreamInfo {
     pub attempt_count: u32,
     /// The request id after edge processing (for the response header).
     pub request_id: Option<http::HeaderValue>,
+    /// The request carried x-envoy-force-trace (after edge sanitizing): its
+    /// x-request-id is echoed in the response, as Envoy.
+    pub force_trace: bool,
     /// The request is gRPC (local replies become gRPC errors).
     pub grpc: bool,
     /// The `grpc-status` a filter chose for its local reply (`None`: mapped
@@ -108,6 +111,7 @@ impl StreamInfo {
             connection_id,
             attempt_count: 0,
             request_id: None,
+            force_trace: false,
             grpc: false,
             local_grpc_status: None,
             local_reply: false,

@@ -6,3 +6,4 @@ pub mod local_reply;
 pub mod router;
 pub mod server;
 pub mod service;
+pub mod tracing;

@@ -40,6 +40,8 @@ pub struct HcmRuntime {
     pub routes: RouteSlot,
     pub chain: filters::FilterChain,
     pub stats: crate::metrics::HttpStats,
+    /// `http.<prefix>.tracing.*` (every HCM has them, as Envoy).
+    pub tracing: super::tracing::TracingStats,
     pub logs: Vec<Arc<crate::access_log::Logger>>,
     pub listener_port: u16,
     /// The listener's `per_connection_buffer_limit_bytes`.
@@ -366,6 +368,13 @@ async fn pipeline(
         ctx.shared.options.local_address_ip_version == crate::cli::IpVersion::V6,
         ctx.tls.as_deref(),
     );
+    if let Some(t) = &h.tracing {
+        let reason = super::tracing::decide(t, &h.request_id, &mut parts.headers, || {
+            rand::rng().random_range(0..10_000)
+        });
+        ctx.hcm.tracing.charge(reason);
+    }
+    info.force_trace = parts.headers.contains_key("x-envoy-force-trace");
     info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
     info.grpc = is_grpc(&parts.headers);
     info.downstream_remote = edge.remote;
@@ -1070,7 +1079,7 @@ fn finish(
         // Failing health checks: close HTTP/1 connections after each response.
         hs.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if h.always_set_request_id_in_response {
+    if h.always_set_request_id_in_response || info.force_trace {
         if let Some(id) = &info.request_id {
             hs.insert(headers::X_REQUEST_ID.clone(), id.clone());
         }

@@ -83,6 +83,41 @@ pub struct HttpConnectionManager {
     pub drain_timeout: Duration,
     /// `delayed_close_timeout` is accepted; weir closes after the flush.
     pub proxy_100_continue: bool,
+    /// `tracing`: the trace decision (no tracer provider: no spans).
+    pub tracing: Option<TracingConfig>,
+    /// `request_id_extension`'s `UuidRequestIdConfig`.
+    pub request_id: RequestIdConfig,
+}
+
+/// HCM `tracing`, validated. Sampling rates are per 10,000 (Envoy turns
+/// the `Percent`s into `FractionalPercent`s over `TEN_THOUSAND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TracingConfig {
+    /// `client_sampling` (default 100%): requests with `x-client-trace-id`.
+    pub client_sampling: u32,
+    /// `random_sampling` (default 100%).
+    pub random_sampling: u32,
+    /// `overall_sampling` (default 100%): caps the others.
+    pub overall_sampling: u32,
+}
+
+/// Envoy's UUID request ID extension (`UuidRequestIdConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestIdConfig {
+    /// `pack_trace_reason` (default true): the trace decision is written
+    /// into the x-request-id UUID.
+    pub pack_trace_reason: bool,
+    /// `use_request_id_for_trace_sampling` (default true).
+    pub use_request_id_for_trace_sampling: bool,
+}
+
+impl Default for RequestIdConfig {
+    fn default() -> Self {
+        RequestIdConfig {
+            pack_trace_reason: true,
+            use_request_id_for_trace_sampling: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

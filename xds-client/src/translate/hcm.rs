@@ -86,11 +86,18 @@ pub fn hcm(
             Err(e) => errs.extend(e),
         }
     }
-    if let Some(r) = &p.request_id_extension {
-        if let Err(e) = request_id_extension(r, &join(path, "request_id_extension")) {
-            errs.extend(e);
-        }
-    }
+    let request_id = match &p.request_id_extension {
+        Some(r) => request_id_extension(r, &join(path, "request_id_extension"))
+            .map_err(|e| errs.extend(e))
+            .unwrap_or_default(),
+        None => RequestIdConfig::default(),
+    };
+    let tracing = match &p.tracing {
+        Some(t) => tracing(t, &join(path, "tracing"))
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        None => None,
+    };
     match http_filters.last() {
         Some(HttpFilterConfig {
             kind: HttpFilterKind::Router(_),
@@ -334,6 +341,8 @@ pub fn hcm(
         p.stat_prefix.clone()
     };
     Ok(HttpConnectionManager {
+        tracing,
+        request_id,
         stat_prefix,
         codec,
         routes: route_config.expect("checked above"),
@@ -532,16 +541,53 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
     })
 }
 
+/// HCM `tracing`: the sampling decision Envoy makes (and writes into the
+/// request ID) without a tracer; a `provider` (spans) is not implemented.
+fn tracing(
+    t: &h::http_connection_manager::Tracing,
+    path: &str,
+) -> Result<TracingConfig, ConfigErrors> {
+    if t.provider.is_some() {
+        return Err(err(
+            join(path, "provider"),
+            "tracing providers (spans to OpenTelemetry, Zipkin, ...) are not implemented yet",
+        ));
+    }
+    // As Envoy's PROTOBUF_PERCENT_TO_ROUNDED_INTEGER_OR_DEFAULT(.., 10000, 10000).
+    let rate = |p: &Option<crate::api::envoy::r#type::v3::Percent>| {
+        p.as_ref().map_or(10_000, |p| {
+            (p.value.clamp(0.0, 100.0) * 100.0).round() as u32
+        })
+    };
+    Ok(TracingConfig {
+        client_sampling: rate(&t.client_sampling),
+        random_sampling: rate(&t.random_sampling),
+        overall_sampling: rate(&t.overall_sampling),
+    })
+}
+
 /// `request_id_extension`: only Envoy's default (UUID) one, which is what
 /// weir generates.
-fn request_id_extension(r: &h::RequestIdExtension, path: &str) -> Result<(), ConfigErrors> {
+fn request_id_extension(
+    r: &h::RequestIdExtension,
+    path: &str,
+) -> Result<RequestIdConfig, ConfigErrors> {
     let tpath = join(path, "typed_config");
     let Some(any) = &r.typed_config else {
         return Err(err(tpath, "typed_config is required"));
     };
     let any = crate::support::unwrap_typed_struct(any, &tpath)?;
     match any.type_url.rsplit('/').next().unwrap_or_default() {
-        UUID_REQUEST_ID => Ok(()),
+        UUID_REQUEST_ID => {
+            let c: crate::api::envoy::extensions::request_id::uuid::v3::UuidRequestIdConfig =
+                super::decode(&any, &tpath)?;
+            Ok(RequestIdConfig {
+                pack_trace_reason: c.pack_trace_reason.is_none_or(|v| v.value),
+                use_request_id_for_trace_sampling: c
+                    .use_request_id_for_trace_sampling
+                    .is_none_or(|v| v.value),
+            })
+        }
         other => Err(err(
             tpath,
             format!("request ID extension {other} is not implemented (UuidRequestIdConfig is)"),
