@@ -217,6 +217,44 @@ async fn max_requests_overflow_is_503_uo() {
     );
 }
 
+/// HTTP/2 upstream: a second request multiplexed on the connection is
+/// still refused at max_requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_applies_to_http2_streams() {
+    let a = upstream::http2("a").await.expect("h2 upstream");
+    let log = log_path("max_requests_h2");
+    let clusters = cluster(
+        "a",
+        &[a.port()],
+        "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n    circuit_breakers:\n      thresholds:\n      - {max_requests: 1}\n",
+    );
+    let routes = route("/", "a", "");
+    // One worker (as the Envoy target): one HTTP/2 connection per worker.
+    let opts = StartOptions {
+        concurrency: Some(1),
+        ..Default::default()
+    };
+    let p = Proxy::start_with(Target::from_env(), opts, |ports| {
+        http_config(ports, &log, &routes, &clusters)
+    });
+    let slow = spawn_get(
+        format!("{}/slow", p.base()),
+        vec![("x-echo-delay-ms", "1500".into())],
+    );
+    wait_stat(&p, "cluster.a.circuit_breakers.default.rq_open", |v| {
+        v == Some(1)
+    })
+    .await;
+    let r = Http::h1().get(&format!("{}/over", p.base()), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (503, OVERFLOW_BODY));
+    assert_eq!(
+        p.stat("cluster.a.upstream_rq_active_overflow").await,
+        Some(1)
+    );
+    assert_eq!(slow.await.expect("slow").status, 200);
+    assert_eq!(p.stat("cluster.a.upstream_cx_http2_total").await, Some(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_requests_wait_for_a_connection_then_overflow() {
     let a = echo("a").await;
