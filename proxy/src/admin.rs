@@ -847,7 +847,11 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
                     "hostname": h.hostname,
                     "weight": h.weight,
                     "priority": h.priority,
-                    "health_status": {"eds_health_status": if h.healthy { "HEALTHY" } else { "UNHEALTHY" }},
+                    "health_status": if h.is_ejected() {
+                        serde_json::json!({"failed_outlier_check": true, "eds_health_status": if h.healthy { "HEALTHY" } else { "UNHEALTHY" }})
+                    } else {
+                        serde_json::json!({"eds_health_status": if h.healthy { "HEALTHY" } else { "UNHEALTHY" }})
+                    },
                     "stats": [{"name": "rq_active", "value": h.active.load(Ordering::Relaxed).to_string(), "type": "GAUGE"}],
                 })).collect::<Vec<_>>(),
             })
@@ -858,7 +862,23 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
     for n in names {
         let c = &all[&n];
         let _ = writeln!(s, "{n}::observability_name::{}", c.config.stat_name);
-        let _ = writeln!(s, "{n}::default_priority::max_connections::1024");
+        if let Some(d) = &c.outlier {
+            let (avg, thr, lavg, lthr) = d.success_rate_nums();
+            let _ = writeln!(s, "{n}::outlier::success_rate_average::{avg}");
+            let _ = writeln!(s, "{n}::outlier::success_rate_ejection_threshold::{thr}");
+            let _ = writeln!(s, "{n}::outlier::local_origin_success_rate_average::{lavg}");
+            let _ = writeln!(
+                s,
+                "{n}::outlier::local_origin_success_rate_ejection_threshold::{lthr}"
+            );
+        }
+        for (prio, rm) in [("default", &c.breakers.default), ("high", &c.breakers.high)] {
+            let [cx, pending, rq, retries] = rm.maxes();
+            let _ = writeln!(s, "{n}::{prio}_priority::max_connections::{cx}");
+            let _ = writeln!(s, "{n}::{prio}_priority::max_pending_requests::{pending}");
+            let _ = writeln!(s, "{n}::{prio}_priority::max_requests::{rq}");
+            let _ = writeln!(s, "{n}::{prio}_priority::max_retries::{retries}");
+        }
         for h in c.hosts.load().hosts.iter() {
             let a = h.addr;
             let _ = writeln!(
@@ -867,17 +887,19 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
                 h.active.load(Ordering::Relaxed)
             );
             let _ = writeln!(s, "{n}::{a}::hostname::{}", h.hostname);
-            let _ = writeln!(
-                s,
-                "{n}::{a}::health_flags::{}",
-                if h.healthy {
-                    "healthy"
-                } else {
-                    "/failed_eds_health"
-                }
-            );
+            // As Envoy's HostUtility::healthFlagsToString, in flag order.
+            let flags = match (h.is_ejected(), h.healthy) {
+                (false, true) => "healthy",
+                (true, true) => "/failed_outlier_check",
+                (false, false) => "/failed_eds_health",
+                (true, false) => "/failed_outlier_check/failed_eds_health",
+            };
+            let _ = writeln!(s, "{n}::{a}::health_flags::{flags}");
             let _ = writeln!(s, "{n}::{a}::weight::{}", h.weight);
             let _ = writeln!(s, "{n}::{a}::priority::{}", h.priority);
+            let (sr, lsr) = h.outlier.get().map_or((-1.0, -1.0), |m| m.success_rates());
+            let _ = writeln!(s, "{n}::{a}::success_rate::{sr}");
+            let _ = writeln!(s, "{n}::{a}::local_origin_success_rate::{lsr}");
         }
     }
     text(StatusCode::OK, s)

@@ -189,9 +189,10 @@ pub fn apply(shared: &Arc<Shared>, snap: Arc<Snapshot>, change: &Change) {
         .clusters
         .apply(&snap, only, &shared.stats, shared.workers, &tls_env)
     {
-        // Runs on the control runtime (the caller's).
+        // Runs on the control runtime (the caller's): DNS refresh, outlier
+        // detection timer.
         if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(crate::upstream::dns::refresh_loop(Arc::downgrade(&c)));
+            crate::upstream::spawn_control_tasks(&c);
         }
     }
     if only.is_some() {

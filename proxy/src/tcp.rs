@@ -31,7 +31,7 @@ use crate::{
     metrics::TcpStats,
     stats::{Counter, Store},
     tls::DownstreamTlsInfo,
-    upstream::{pool::UpstreamIo, ClusterRuntime, Host},
+    upstream::{outlier::LocalResult, pool::UpstreamIo, ClusterRuntime, Host},
     Shared,
 };
 
@@ -125,6 +125,16 @@ impl TcpRuntime {
             return self.finish(info, start);
         };
         info.upstream_cluster = Some(name.clone());
+        // As Envoy's tcp_proxy: at max_connections (DEFAULT priority) the
+        // connection is closed at once (UO, upstream_cx_overflow); else the
+        // upstream connection holds its place until it closes.
+        let limits = &cluster.breakers.default;
+        if !limits.connections.can_create() {
+            cluster.stats.upstream_cx_overflow.inc();
+            info.flags.set(Flags::UO);
+            return self.finish(info, start);
+        }
+        let _cx_slot = limits.connections.guard();
         let mut tried = Vec::new();
         let mut attempt = 0;
         let (up, host) = loop {
@@ -135,8 +145,12 @@ impl TcpRuntime {
             };
             info.upstream_host = Some(host.addr);
             match connect(&cluster, &host, meta).await {
-                Ok(s) => break (s, host),
+                Ok(s) => {
+                    cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
+                    break (s, host);
+                }
                 Err(e) => {
+                    cluster.outlier_local(&host, LocalResult::ConnectFailed);
                     info.upstream_failure_reason = Some(e);
                     if attempt >= self.config.max_connect_attempts {
                         cluster.stats.upstream_cx_connect_attempts_exceeded.inc();

@@ -29,8 +29,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "~fatal_actions", "~inline_headers", "~perf_tracing_file_path",
         "~default_regex_engine", "~memory_allocator_manager",
     ]),
-    // Outlier detection is not implemented, so it has no events to log.
-    ("envoy.config.bootstrap.v3.ClusterManager", &["~outlier_detection", "~enable_deferred_cluster_creation"]),
+    // Istio's bootstrap sends an empty `outlier_detection`; the ejection
+    // event log (`event_log_path`, `event_service`) is not implemented.
+    ("envoy.config.bootstrap.v3.ClusterManager", &["outlier_detection", "~enable_deferred_cluster_creation"]),
+    ("envoy.config.bootstrap.v3.ClusterManager.OutlierDetection", &[]),
     ("envoy.config.bootstrap.v3.Bootstrap.ApplicationLogConfig", &["log_format"]),
     ("envoy.config.bootstrap.v3.Bootstrap.ApplicationLogConfig.LogFormat", &["text_format"]),
     ("envoy.config.bootstrap.v3.Bootstrap.StaticResources", &["listeners", "clusters", "secrets"]),
@@ -349,7 +351,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
-        "circuit_breakers", "upstream_connection_options",
+        "circuit_breakers", "upstream_connection_options", "outlier_detection",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
@@ -358,7 +360,21 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.cluster.v3.CircuitBreakers", &["thresholds"]),
     ("envoy.config.cluster.v3.CircuitBreakers.Thresholds", &[
         "priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
-        "~track_remaining",
+        "track_remaining", "retry_budget",
+    ]),
+    ("envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget", &["budget_percent", "min_retry_concurrency"]),
+    // No active health checking: the un-ejection on a passing check has nothing to act on.
+    ("envoy.config.cluster.v3.OutlierDetection", &[
+        "consecutive_5xx", "interval", "base_ejection_time", "max_ejection_percent",
+        "enforcing_consecutive_5xx", "enforcing_success_rate", "success_rate_minimum_hosts",
+        "success_rate_request_volume", "success_rate_stdev_factor", "consecutive_gateway_failure",
+        "enforcing_consecutive_gateway_failure", "split_external_local_origin_errors",
+        "consecutive_local_origin_failure", "enforcing_consecutive_local_origin_failure",
+        "enforcing_local_origin_success_rate", "failure_percentage_threshold",
+        "enforcing_failure_percentage", "enforcing_failure_percentage_local_origin",
+        "failure_percentage_minimum_hosts", "failure_percentage_request_volume",
+        "max_ejection_time", "max_ejection_time_jitter", "always_eject_one_host",
+        "~successful_active_health_check_uneject_host",
     ]),
     ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["eds_config", "service_name"]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),

@@ -279,6 +279,8 @@ enum Outcome {
     ConnectFailure(String),
     Reset(String),
     Timeout,
+    /// A circuit breaker refused the attempt (never retried, as Envoy).
+    Overflow,
 }
 
 fn retriable_status(p: &RetryPolicy, status: u16) -> bool {
@@ -422,6 +424,9 @@ pub async fn forward(
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     let upstream_start = Instant::now();
     let mut attempt = 0u32;
+    // The retry in flight holds a place under max_retries / the retry
+    // budget until its outcome is known (Envoy's RetryState).
+    let mut _retry_slot: Option<crate::upstream::circuit_breaker::LimitGuard<'_>> = None;
     loop {
         attempt += 1;
         info.attempt_count = attempt;
@@ -529,9 +534,31 @@ pub async fn forward(
         let outcome = match res {
             None => Outcome::Timeout,
             Some(Ok(r)) => Outcome::Response(r),
+            Some(Err(e)) if e.is_overflow() => Outcome::Overflow,
             Some(Err(e)) if e.is_connect() => Outcome::ConnectFailure(e.to_string()),
             Some(Err(e)) => Outcome::Reset(e.to_string()),
         };
+        // Outlier detection, as Envoy's router reports: the status code of a
+        // response, a local-origin failure for a connect failure, reset or
+        // timeout; never a circuit-breaker overflow.
+        if cluster.outlier.is_some() {
+            use crate::upstream::outlier::LocalResult;
+            match &outcome {
+                Outcome::Response(r) => {
+                    cluster.outlier_local(&host, LocalResult::ConnectSuccess);
+                    cluster.outlier_http(&host, r.status().as_u16());
+                }
+                Outcome::ConnectFailure(_) => {
+                    cluster.outlier_local(&host, LocalResult::ConnectFailed)
+                }
+                Outcome::Reset(_) => {
+                    cluster.outlier_local(&host, LocalResult::ConnectSuccess);
+                    cluster.outlier_local(&host, LocalResult::ConnectFailed);
+                }
+                Outcome::Timeout => cluster.outlier_local(&host, LocalResult::Timeout),
+                Outcome::Overflow => {}
+            }
+        }
         let can_retry = attempt < max_attempts;
         let global_left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let global_expired = global_left.is_some_and(|d| d.is_zero());
@@ -544,7 +571,9 @@ pub async fn forward(
             Outcome::Timeout => {
                 !global_expired && per_try.is_some() && p.is_some_and(retriable_reset)
             }
+            Outcome::Overflow => false,
         };
+        _retry_slot = None;
         let per_try_expired =
             matches!(outcome, Outcome::Timeout) && !global_expired && per_try.is_some();
         if per_try_expired {
@@ -555,7 +584,18 @@ pub async fn forward(
             cluster.stats.record_status(r.status().as_u16());
             cluster.stats.upstream_rq_time.record_us(elapsed_us);
         }
+        let mut retry_overflow = false;
         if retry_this && can_retry && !global_expired && replay.is_some() {
+            // max_retries / retry_budget: over the limit the response (or
+            // failure) stands, flagged UO (Envoy's RetryStatus::NoOverflow).
+            let rm = &cluster.breakers.default;
+            retry_overflow = !rm.can_retry();
+        }
+        if retry_overflow {
+            cluster.stats.upstream_rq_retry_overflow.inc();
+            info.flags.set(Flags::UO);
+        } else if retry_this && can_retry && !global_expired && replay.is_some() {
+            _retry_slot = Some(cluster.breakers.default.retry_guard());
             cluster.stats.upstream_rq_retry.inc();
             // Fully jittered exponential back-off, capped.
             let p = p.expect("retry_this implies a policy");
@@ -572,10 +612,10 @@ pub async fn forward(
             tokio::time::sleep(wait).await;
             continue;
         }
-        if retry_this && attempt > 1 {
+        if retry_this && attempt > 1 && !retry_overflow {
             cluster.stats.upstream_rq_retry_limit_exceeded.inc();
             info.flags.set(Flags::URX);
-        } else if attempt > 1 && matches!(outcome, Outcome::Response(_)) {
+        } else if attempt > 1 && !retry_overflow && matches!(outcome, Outcome::Response(_)) {
             cluster.stats.upstream_rq_retry_success.inc();
         }
         info.upstream_service_time = Some(upstream_start.elapsed());
@@ -652,6 +692,28 @@ pub async fn forward(
                     bytes::Bytes::from_static(text),
                     Some("text/plain"),
                 )
+            }
+            Outcome::Overflow => {
+                info.flags.set(Flags::UO);
+                info.response_code_details = "upstream_reset_before_response_started{overflow}";
+                let text: &'static [u8] = if attempt > 1 {
+                    b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+                } else {
+                    b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+                };
+                let mut r = super::local_reply::reply_owned(
+                    503,
+                    bytes::Bytes::from_static(text),
+                    Some("text/plain"),
+                );
+                // As Envoy's router for a dropped (overflowed) request.
+                if !f.suppress_envoy_headers {
+                    r.headers_mut().insert(
+                        http::HeaderName::from_static("x-envoy-overloaded"),
+                        HeaderValue::from_static("true"),
+                    );
+                }
+                r
             }
             Outcome::Timeout => {
                 info.flags.set(Flags::UT);

@@ -123,6 +123,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
                             priority: l.priority,
                             metadata: e.metadata.clone(),
                             active: AtomicU64::new(0),
+                            outlier: std::sync::OnceLock::new(),
                         }));
                     }
                 }

@@ -16,7 +16,9 @@ use xds_client::config::{Cluster, Discovery, EndpointAddress, LbPolicy, Upstream
 
 use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 
+pub mod circuit_breaker;
 pub mod dns;
+pub mod outlier;
 pub mod pool;
 
 pub use pool::{Client, PoolError, PoolKind};
@@ -32,6 +34,23 @@ pub struct Host {
     pub metadata: serde_json::Value,
     /// Requests in flight (least-request LB).
     pub active: AtomicU64,
+    /// Outlier detection state, when the cluster has a detector (set once
+    /// when the host joins the cluster's host set).
+    pub outlier: OnceLock<Arc<outlier::HostMonitor>>,
+}
+
+impl Host {
+    /// Usable by the load balancer: healthy by EDS and not ejected by
+    /// outlier detection (Envoy's FAILED_OUTLIER_CHECK).
+    #[inline]
+    pub fn is_healthy(&self) -> bool {
+        self.healthy && !self.is_ejected()
+    }
+
+    #[inline]
+    pub fn is_ejected(&self) -> bool {
+        self.outlier.get().is_some_and(|m| m.ejected())
+    }
 }
 
 /// The hosts of a cluster at one moment; replaced whole on DNS changes.
@@ -66,7 +85,7 @@ impl HostSet {
         panic_threshold: f64,
         overprovisioning_factor: u32,
     ) -> HostSet {
-        let healthy_count = hosts.iter().filter(|h| h.healthy).count();
+        let healthy_count = hosts.iter().filter(|h| h.is_healthy()).count();
         let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
         prios.sort_unstable();
         prios.dedup();
@@ -76,9 +95,16 @@ impl HostSet {
             let at: Vec<usize> = (0..hosts.len())
                 .filter(|i| hosts[*i].priority == *p)
                 .collect();
-            let healthy: Vec<usize> = at.iter().copied().filter(|i| hosts[*i].healthy).collect();
+            let healthy: Vec<usize> = at
+                .iter()
+                .copied()
+                .filter(|i| hosts[*i].is_healthy())
+                .collect();
             let pct = 100.0 * healthy.len() as f64 / at.len() as f64;
             health.push((pct * f64::from(overprovisioning_factor) / 100.0).min(100.0));
+            // No healthy host at all is panic too, even at a 0% threshold
+            // (Envoy 1.40 still routes when outlier detection ejected
+            // every host).
             let usable = if pct < panic_threshold || healthy.is_empty() {
                 at
             } else {
@@ -194,6 +220,13 @@ pub struct ClusterStats {
     pub upstream_rq_retry_limit_exceeded: Arc<Counter>,
     pub upstream_rq_pending_failure_eject: Arc<Counter>,
     pub upstream_cx_destroy_remote: Arc<Counter>,
+    pub upstream_rq_pending_overflow: Arc<Counter>,
+    pub upstream_rq_active_overflow: Arc<Counter>,
+    pub upstream_cx_pool_overflow: Arc<Counter>,
+    pub upstream_rq_pending_total: Arc<Counter>,
+    pub upstream_rq_pending_active: Arc<Gauge>,
+    pub upstream_cx_overflow: Arc<Counter>,
+    pub upstream_rq_retry_overflow: Arc<Counter>,
     pub membership_healthy: Arc<Gauge>,
     pub membership_total: Arc<Gauge>,
     pub update_success: Arc<Counter>,
@@ -235,6 +268,14 @@ impl ClusterStats {
             upstream_rq_retry_limit_exceeded: c("upstream_rq_retry_limit_exceeded"),
             upstream_rq_pending_failure_eject: c("upstream_rq_pending_failure_eject"),
             upstream_cx_destroy_remote: c("upstream_cx_destroy_remote"),
+            upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            upstream_rq_active_overflow: c("upstream_rq_active_overflow"),
+            // max_connection_pools is rejected: never written.
+            upstream_cx_pool_overflow: c("upstream_cx_pool_overflow"),
+            upstream_rq_pending_total: c("upstream_rq_pending_total"),
+            upstream_rq_pending_active: g("upstream_rq_pending_active"),
+            upstream_cx_overflow: c("upstream_cx_overflow"),
+            upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
             membership_healthy: g("membership_healthy"),
             membership_total: g("membership_total"),
             update_success: c("update_success"),
@@ -258,6 +299,13 @@ pub struct ClusterRuntime {
     pub applied: ArcSwap<Cluster>,
     pub hosts: ArcSwap<HostSet>,
     pub stats: ClusterStats,
+    /// Circuit breakers (shared with this cluster's pools on every worker).
+    pub breakers: Arc<circuit_breaker::CircuitBreakers>,
+    /// `outlier_detection`, when configured.
+    pub outlier: Option<outlier::Detector>,
+    /// Serialises host-set rebuilds (EDS/DNS updates on the control
+    /// thread, ejections from workers and the detector's timer).
+    rebuild: std::sync::Mutex<()>,
     rr: AtomicUsize,
     /// Connection pools per worker shard and protocol.
     pools: Box<[[OnceLock<Arc<Client>>; 2]]>,
@@ -276,6 +324,11 @@ impl ClusterRuntime {
         tls: &TlsEnv,
     ) -> Result<Arc<Self>, String> {
         let stats = ClusterStats::new(store, &config.stat_name);
+        let breakers = Arc::new(circuit_breaker::CircuitBreakers::new(
+            &config.circuit_breakers,
+            store,
+            &config.stat_name,
+        ));
         // `cluster.<name>.ssl.*` exist only for clusters with a TLS
         // transport, as Envoy's (its TLS context creates them).
         let mut ssl: Option<Arc<crate::metrics::SslStats>> = None;
@@ -309,7 +362,13 @@ impl ClusterRuntime {
                 }
             });
         }
+        let outlier = config
+            .outlier_detection
+            .map(|o| outlier::Detector::new(o, store, &config.stat_name));
         let hosts = static_hosts(&config);
+        if let Some(d) = &outlier {
+            attach_monitors(d, &hosts);
+        }
         stats.membership_total.set(hosts.len() as i64);
         let set = HostSet::build(
             hosts,
@@ -324,6 +383,9 @@ impl ClusterRuntime {
             config,
             hosts: ArcSwap::from_pointee(set),
             stats,
+            breakers,
+            outlier,
+            rebuild: std::sync::Mutex::new(()),
             rr: AtomicUsize::new(0),
             pools: (0..workers + 1)
                 .map(|_| [OnceLock::new(), OnceLock::new()])
@@ -379,6 +441,10 @@ impl ClusterRuntime {
                 }
             }
         }
+        let _serial = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = &self.outlier {
+            attach_monitors(d, &hosts);
+        }
         self.stats.membership_total.set(hosts.len() as i64);
         let set = HostSet::build(
             hosts,
@@ -388,6 +454,51 @@ impl ClusterRuntime {
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.hosts.store(Arc::new(set));
         self.stats.update_success.inc();
+    }
+
+    /// Rebuilds the host set after an ejection or un-ejection (the same
+    /// hosts, their health changed).
+    fn refresh_health(&self) {
+        let _serial = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let hosts = self.hosts.load().hosts.clone();
+        let set = HostSet::build(
+            hosts,
+            self.config.panic_threshold,
+            self.config.overprovisioning_factor,
+        );
+        self.stats.membership_healthy.set(set.healthy_count as i64);
+        self.hosts.store(Arc::new(set));
+    }
+
+    /// An HTTP status from `host`, for outlier detection.
+    #[inline]
+    pub fn outlier_http(&self, host: &Host, status: u16) {
+        if let (Some(d), Some(m)) = (&self.outlier, host.outlier.get()) {
+            let ev = m.put_http(status, &d.config);
+            if ev != 0 && d.on_events(m, ev) {
+                self.refresh_health();
+            }
+        }
+    }
+
+    /// A local-origin result for `host`, for outlier detection.
+    #[inline]
+    pub fn outlier_local(&self, host: &Host, r: outlier::LocalResult) {
+        if let (Some(d), Some(m)) = (&self.outlier, host.outlier.get()) {
+            let ev = m.put_local(r, &d.config);
+            if ev != 0 && d.on_events(m, ev) {
+                self.refresh_health();
+            }
+        }
+    }
+
+    /// One outlier detection interval (control runtime).
+    fn outlier_tick(&self) {
+        if let Some(d) = &self.outlier {
+            if d.tick(tokio::time::Instant::now()) {
+                self.refresh_health();
+            }
+        }
     }
 
     /// Picks a host; `avoid` lists hosts tried already (previous_hosts).
@@ -457,7 +568,12 @@ impl ClusterRuntime {
         let shard = crate::stats_shard();
         let slot = &self.pools[shard % self.pools.len()][kind as usize];
         slot.get_or_init(|| {
-            let pool = Arc::new(pool::build(&self.config, kind, &self.stats));
+            let pool = Arc::new(pool::build(
+                &self.config,
+                kind,
+                &self.stats,
+                self.breakers.clone(),
+            ));
             // Close idle connections past the idle timeout, on this worker.
             if let Some(t) = self.config.idle_timeout {
                 let weak = Arc::downgrade(&pool);
@@ -502,6 +618,8 @@ fn same_pool_settings(a: &Cluster, b: &Cluster) -> bool {
         && a.auto_sni == b.auto_sni
         && a.auto_san_validation == b.auto_san_validation
         && a.auto_sni_header == b.auto_sni_header
+        // Adopted pools keep counting against their breakers.
+        && a.circuit_breakers == b.circuit_breakers
 }
 
 /// Whether two versions of a cluster differ only in their endpoints.
@@ -510,6 +628,47 @@ fn same_but_endpoints(a: &Cluster, b: &Cluster) -> bool {
     a.localities = b.localities.clone();
     a.overprovisioning_factor = b.overprovisioning_factor;
     a == *b
+}
+
+/// Gives each host its outlier monitor (kept per address across host-set
+/// changes).
+fn attach_monitors(d: &outlier::Detector, hosts: &[Arc<Host>]) {
+    let addrs: Vec<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+    for (h, m) in hosts.iter().zip(d.monitors_for(&addrs)) {
+        let _ = h.outlier.set(m);
+    }
+}
+
+/// Runs the outlier detector's interval timer until the runtime is gone
+/// (on the control runtime).
+pub async fn outlier_loop(weak: std::sync::Weak<ClusterRuntime>) {
+    let Some(interval) = weak
+        .upgrade()
+        .and_then(|c| c.outlier.as_ref().map(|d| d.config.interval))
+    else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match weak.upgrade() {
+            Some(c) => c.outlier_tick(),
+            None => return,
+        }
+    }
+}
+
+/// Starts the control-runtime tasks a new cluster runtime needs: DNS
+/// refresh for DNS clusters, the outlier detection timer.
+pub fn spawn_control_tasks(c: &Arc<ClusterRuntime>) {
+    if matches!(
+        c.config.discovery,
+        Discovery::StrictDns | Discovery::LogicalDns
+    ) {
+        tokio::spawn(dns::refresh_loop(Arc::downgrade(c)));
+    }
+    if c.outlier.is_some() {
+        tokio::spawn(outlier_loop(Arc::downgrade(c)));
+    }
 }
 
 /// The hosts of a STATIC or EDS cluster (DNS clusters resolve later).
@@ -529,6 +688,7 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
                     priority: l.priority,
                     metadata: e.metadata.clone(),
                     active: AtomicU64::new(0),
+                    outlier: OnceLock::new(),
                 }));
             }
         }
@@ -578,8 +738,8 @@ impl ClusterManager {
     /// last request using it finishes). `only`: the names of the clusters
     /// that may have changed, when the caller knows every other one is the
     /// same (an EDS update); the map is then swapped only if a runtime
-    /// had to be built anew. Returns the new runtimes that need DNS
-    /// resolution.
+    /// had to be built anew. Returns the new runtimes that need control
+    /// tasks (DNS resolution, the outlier detection timer).
     pub fn apply(
         &self,
         snapshot: &xds_client::config::Snapshot,
@@ -657,7 +817,9 @@ impl ClusterManager {
                         rt.adopt_pools(old_rt, &static_hosts(c));
                     }
                 }
-                if !matches!(c.discovery, Discovery::Static | Discovery::Eds) {
+                if !matches!(c.discovery, Discovery::Static | Discovery::Eds)
+                    || rt.outlier.is_some()
+                {
                     fresh.push(rt.clone());
                 }
                 Some(rt)
@@ -684,15 +846,11 @@ impl ClusterManager {
         let _ = tokio::time::timeout(timeout, futures_util::future::join_all(futs)).await;
     }
 
-    /// Spawns periodic DNS refresh on the current (control) runtime.
+    /// Spawns periodic DNS refresh and outlier detection timers on the
+    /// current (control) runtime.
     pub fn spawn_dns_refresh(&self) {
         for c in self.clusters.load().values() {
-            if matches!(
-                c.config.discovery,
-                Discovery::StrictDns | Discovery::LogicalDns
-            ) {
-                tokio::spawn(dns::refresh_loop(Arc::downgrade(c)));
-            }
+            spawn_control_tasks(c);
         }
     }
 }

@@ -8,11 +8,23 @@
 //! after the cluster's idle timeout, and a request that hits a pooled
 //! connection the peer already closed is sent again on a new connection
 //! (hyper hands the unsent request back), as Envoy does.
+//!
+//! Circuit breakers as Envoy's connection pools apply them: a request that
+//! finds no ready connection is *pending* (limited by
+//! `max_pending_requests`) until a connection is made for it or one frees
+//! up; a new connection needs room under `max_connections` unless the host
+//! has none in this pool; a request attached to a connection counts against
+//! `max_requests` until its response headers arrive. Over a limit the
+//! request fails with [`PoolError::Overflow`] (Envoy: reset reason
+//! `overflow`, flag UO). Weir's routes are all of the DEFAULT priority.
 use std::{
     collections::HashMap,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -31,6 +43,7 @@ use tokio::{
 };
 use xds_client::config::{Cluster, UpstreamProtocol};
 
+use super::circuit_breaker::{CircuitBreakers, LimitGuard, ResourceManager};
 use super::ClusterStats;
 use crate::body::Body;
 use crate::stats::{Counter, Gauge};
@@ -50,11 +63,17 @@ pub enum PoolError {
     /// The connection broke before a response (Envoy: UC / reset).
     #[error("{0}")]
     Reset(String),
+    /// A circuit breaker refused the request (Envoy: UO).
+    #[error("overflow")]
+    Overflow,
 }
 
 impl PoolError {
     pub fn is_connect(&self) -> bool {
         matches!(self, PoolError::Connect(_))
+    }
+    pub fn is_overflow(&self) -> bool {
+        matches!(self, PoolError::Overflow)
     }
 }
 
@@ -73,6 +92,10 @@ struct H2 {
 struct HostConns {
     idle: Vec<Idle>,
     h2: Option<H2>,
+    /// Connections to this host open or opening in this pool (busy ones
+    /// included), for the circuit breaker's "a host with no connection
+    /// always gets one" rule.
+    open: Arc<AtomicUsize>,
 }
 
 struct Settings {
@@ -90,6 +113,11 @@ struct Settings {
     cx_active: Arc<Gauge>,
     connect_fail: Arc<Counter>,
     connect_timeout_c: Arc<Counter>,
+    pending_overflow: Arc<Counter>,
+    active_overflow: Arc<Counter>,
+    pending_total: Arc<Counter>,
+    pending_active: Arc<Gauge>,
+    cx_overflow: Arc<Counter>,
 }
 
 /// Connections are kept per endpoint and, for `auto_sni` clusters, per SNI.
@@ -99,10 +127,19 @@ type Key = (SocketAddr, Option<Arc<str>>);
 pub struct Client {
     settings: Settings,
     hosts: Mutex<HashMap<Key, HostConns>>,
+    breakers: Arc<CircuitBreakers>,
+    /// Woken when a connection is returned idle or closes, for requests
+    /// pending at the connection limit.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 /// Builds a pool for one cluster, worker and protocol.
-pub fn build(c: &Cluster, kind: PoolKind, stats: &ClusterStats) -> Client {
+pub fn build(
+    c: &Cluster,
+    kind: PoolKind,
+    stats: &ClusterStats,
+    breakers: Arc<CircuitBreakers>,
+) -> Client {
     Client {
         settings: Settings {
             kind,
@@ -125,8 +162,27 @@ pub fn build(c: &Cluster, kind: PoolKind, stats: &ClusterStats) -> Client {
             cx_active: stats.upstream_cx_active.clone(),
             connect_fail: stats.upstream_cx_connect_fail.clone(),
             connect_timeout_c: stats.upstream_cx_connect_timeout.clone(),
+            pending_overflow: stats.upstream_rq_pending_overflow.clone(),
+            active_overflow: stats.upstream_rq_active_overflow.clone(),
+            pending_total: stats.upstream_rq_pending_total.clone(),
+            pending_active: stats.upstream_rq_pending_active.clone(),
+            cx_overflow: stats.upstream_cx_overflow.clone(),
         },
         hosts: Mutex::new(HashMap::new()),
+        breakers,
+        freed: Arc::new(tokio::sync::Notify::new()),
+    }
+}
+
+/// A request waiting for a connection (`upstream_rq_pending_active`).
+struct Pending<'a> {
+    _slot: LimitGuard<'a>,
+    active: &'a Gauge,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.active.dec();
     }
 }
 
@@ -174,16 +230,75 @@ impl Client {
         Some(conns.idle.swap_remove(pos))
     }
 
+    /// A pooled connection still busy with a response (its body not yet
+    /// read), for a request waiting at the connection limit.
+    fn take_busy(&self, addr: &Key) -> Option<Idle> {
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        let conns = hosts.get_mut(addr)?;
+        let pos = conns
+            .idle
+            .iter()
+            .position(|c| !c.sender.is_closed() && !c.sender.is_ready())?;
+        Some(conns.idle.swap_remove(pos))
+    }
+
+    /// Returns a connection taken by [`Client::take_busy`].
+    fn put_back(&self, addr: &Key, c: Idle) {
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        hosts.entry(addr.clone()).or_default().idle.push(c);
+    }
+
     fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32) {
         if self.settings.max_requests.is_some_and(|m| used >= m) {
             return;
         }
+        {
+            let mut hosts = self.hosts.lock().expect("pool lock");
+            hosts.entry(addr.clone()).or_default().idle.push(Idle {
+                sender,
+                used,
+                since: Instant::now(),
+            });
+        }
+        // Requests pending at the connection limit may take it.
+        self.freed.notify_waiters();
+    }
+
+    /// The DEFAULT priority's limits (routes cannot ask for HIGH).
+    fn limits(&self) -> &ResourceManager {
+        &self.breakers.default
+    }
+
+    /// Enters the pending state, or fails at `max_pending_requests`.
+    fn pending(&self) -> Result<Pending<'_>, PoolError> {
+        let rm = self.limits();
+        if !rm.pending.can_create() {
+            self.settings.pending_overflow.inc();
+            return Err(PoolError::Overflow);
+        }
+        self.settings.pending_total.inc();
+        self.settings.pending_active.inc();
+        Ok(Pending {
+            _slot: rm.pending.guard(),
+            active: &self.settings.pending_active,
+        })
+    }
+
+    /// Attaches a request to a connection, or fails at `max_requests`
+    /// (`upstream_rq_active_overflow`, as Envoy 1.40).
+    fn attach(&self) -> Result<LimitGuard<'_>, PoolError> {
+        let rm = self.limits();
+        if !rm.requests.can_create() {
+            self.settings.active_overflow.inc();
+            return Err(PoolError::Overflow);
+        }
+        Ok(rm.requests.guard())
+    }
+
+    /// The open-connection count of `addr` in this pool.
+    fn host_open(&self, addr: &Key) -> Arc<AtomicUsize> {
         let mut hosts = self.hosts.lock().expect("pool lock");
-        hosts.entry(addr.clone()).or_default().idle.push(Idle {
-            sender,
-            used,
-            since: Instant::now(),
-        });
+        hosts.entry(addr.clone()).or_default().open.clone()
     }
 
     async fn request_h1(
@@ -193,21 +308,53 @@ impl Client {
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         *req.version_mut() = Version::HTTP_11;
-        // A reused connection may have been closed by the peer; hyper gives
-        // the request back when it was not sent, and we try a fresh one.
-        while let Some(mut idle) = self.take_idle(addr) {
-            match idle.sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.put_idle(addr, idle.sender, idle.used + 1);
-                    return Ok(resp);
+        let mut pending: Option<Pending<'_>> = None;
+        loop {
+            // Registered before looking, so a connection freed between the
+            // look and the wait is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            // A reused connection may have been closed by the peer; hyper
+            // gives the request back when it was not sent, and we try
+            // another.
+            while let Some(mut idle) = self.take_idle(addr) {
+                pending = None;
+                let _rq = self.attach()?;
+                match idle.sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.put_idle(addr, idle.sender, idle.used + 1);
+                        return Ok(resp);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(r) => req = r,
+                        None => return Err(PoolError::Reset(error_text(e.error()))),
+                    },
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(PoolError::Reset(error_text(e.error()))),
-                },
+            }
+            if pending.is_none() {
+                pending = Some(self.pending()?);
+            }
+            let open = self.host_open(addr);
+            if self.limits().connections.can_create() || open.load(Relaxed) == 0 {
+                break;
+            }
+            // At max_connections: wait for one of this pool's connections
+            // to the host to finish its exchange, come back or close (the
+            // route timeout bounds the wait).
+            self.settings.cx_overflow.inc();
+            match self.take_busy(addr) {
+                Some(mut busy) => {
+                    if busy.sender.ready().await.is_ok() {
+                        self.put_back(addr, busy);
+                    }
+                }
+                None => freed.await,
             }
         }
-        let (io, alpn) = self.connect(addr.0, tls, addr.1.as_deref()).await?;
+        let (io, alpn) = self.connect(addr, tls).await?;
+        drop(pending);
+        let _rq = self.attach()?;
         if alpn.as_deref() == Some(b"h2") {
             let mut sender = self.h2_handshake(addr, io).await?;
             to_h2(&mut req);
@@ -261,10 +408,20 @@ impl Client {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let (io, _) = self.connect(addr.0, tls, addr.1.as_deref()).await?;
-                self.h2_handshake(addr, io).await?
+                // Pending while the connection is made. The host has no
+                // HTTP/2 connection here, so one is made even at
+                // max_connections (counted as an overflow), as Envoy.
+                let pending = self.pending()?;
+                if !self.limits().connections.can_create() {
+                    self.settings.cx_overflow.inc();
+                }
+                let (io, _) = self.connect(addr, tls).await?;
+                let s = self.h2_handshake(addr, io).await?;
+                drop(pending);
+                s
             }
         };
+        let _rq = self.attach()?;
         sender
             .send_request(req)
             .await
@@ -307,11 +464,18 @@ impl Client {
     /// Returns the connection and the ALPN protocol TLS negotiated.
     async fn connect(
         &self,
-        addr: SocketAddr,
+        key: &Key,
         tls: Option<&Arc<crate::tls::ClientTls>>,
-        sni: Option<&str>,
     ) -> Result<(CountedIo, Option<Vec<u8>>), PoolError> {
+        let (addr, sni) = (key.0, key.1.as_deref());
         let s = &self.settings;
+        // Counted against max_connections from the attempt on (Envoy counts
+        // connecting connections too) until the connection closes.
+        let slot = ConnSlot::new(
+            self.breakers.clone(),
+            self.host_open(key),
+            self.freed.clone(),
+        );
         let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -349,6 +513,7 @@ impl Client {
             CountedIo {
                 io: TokioIo::new(io),
                 active: s.cx_active.clone(),
+                _slot: slot,
             },
             alpn,
         ))
@@ -388,7 +553,7 @@ impl Client {
                 conns.h2 = None;
             }
         }
-        hosts.retain(|_, c| !c.idle.is_empty() || c.h2.is_some());
+        hosts.retain(|_, c| !c.idle.is_empty() || c.h2.is_some() || c.open.load(Relaxed) > 0);
     }
 }
 
@@ -488,10 +653,43 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
+/// A connection's place under the cluster's `max_connections`, held from
+/// the connect attempt until the connection closes.
+struct ConnSlot {
+    breakers: Arc<CircuitBreakers>,
+    host_open: Arc<AtomicUsize>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl ConnSlot {
+    fn new(
+        breakers: Arc<CircuitBreakers>,
+        host_open: Arc<AtomicUsize>,
+        freed: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        breakers.default.connections.inc();
+        host_open.fetch_add(1, Relaxed);
+        ConnSlot {
+            breakers,
+            host_open,
+            freed,
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.breakers.default.connections.dec();
+        self.host_open.fetch_sub(1, Relaxed);
+        self.freed.notify_waiters();
+    }
+}
+
 /// A connection that decrements `upstream_cx_active` when closed.
 pub struct CountedIo {
     io: TokioIo<UpstreamIo>,
     active: Arc<Gauge>,
+    _slot: ConnSlot,
 }
 
 impl Drop for CountedIo {

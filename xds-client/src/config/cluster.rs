@@ -47,6 +47,11 @@ pub struct Cluster {
     /// matching that SNI.
     pub auto_san_validation: bool,
     pub auto_sni_header: Option<http::HeaderName>,
+    /// `circuit_breakers`: limits per routing priority (Envoy's defaults
+    /// when a priority has no thresholds).
+    pub circuit_breakers: CircuitBreakers,
+    /// `outlier_detection` (`None`: no detector, as Envoy).
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 impl Cluster {
@@ -187,5 +192,112 @@ impl HealthStatus {
             self,
             HealthStatus::Unknown | HealthStatus::Healthy | HealthStatus::Degraded
         )
+    }
+}
+
+/// `CircuitBreakers`: thresholds for the DEFAULT and HIGH routing
+/// priorities (the first `thresholds` entry of each priority, as Envoy).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CircuitBreakers {
+    pub default: Thresholds,
+    pub high: Thresholds,
+}
+
+/// `CircuitBreakers.Thresholds` of one priority.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+    /// `retry_budget`: when set, the retry limit is a share of the active
+    /// and pending requests instead of `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
+    /// `track_remaining`: publish the `remaining_*` gauges.
+    pub track_remaining: bool,
+}
+
+impl Default for Thresholds {
+    /// Envoy's defaults: 1024 connections, pending and active requests, 3
+    /// concurrent retries.
+    fn default() -> Self {
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None,
+            track_remaining: false,
+        }
+    }
+}
+
+/// `CircuitBreakers.Thresholds.RetryBudget`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// `budget_percent` (default 20%).
+    pub budget_percent: f64,
+    /// `min_retry_concurrency` (default 3).
+    pub min_retry_concurrency: u32,
+}
+
+/// `OutlierDetection`, with Envoy's defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierDetection {
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    /// Default: the larger of 300 s and `base_ejection_time`.
+    pub max_ejection_time: Duration,
+    pub max_ejection_time_jitter: Duration,
+    pub max_ejection_percent: u32,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway_failure: u32,
+    pub consecutive_local_origin_failure: u32,
+    pub split_external_local_origin_errors: bool,
+    pub enforcing_consecutive_5xx: u32,
+    pub enforcing_consecutive_gateway_failure: u32,
+    pub enforcing_consecutive_local_origin_failure: u32,
+    pub success_rate_minimum_hosts: u32,
+    pub success_rate_request_volume: u32,
+    /// `success_rate_stdev_factor` / 1000.
+    pub success_rate_stdev_factor: f64,
+    pub enforcing_success_rate: u32,
+    pub enforcing_local_origin_success_rate: u32,
+    pub failure_percentage_threshold: u32,
+    pub failure_percentage_minimum_hosts: u32,
+    pub failure_percentage_request_volume: u32,
+    pub enforcing_failure_percentage: u32,
+    pub enforcing_failure_percentage_local_origin: u32,
+    pub always_eject_one_host: bool,
+}
+
+impl Default for OutlierDetection {
+    /// Envoy's defaults (`outlier_detection.proto`).
+    fn default() -> Self {
+        OutlierDetection {
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_time_jitter: Duration::ZERO,
+            max_ejection_percent: 10,
+            consecutive_5xx: 5,
+            consecutive_gateway_failure: 5,
+            consecutive_local_origin_failure: 5,
+            split_external_local_origin_errors: false,
+            enforcing_consecutive_5xx: 100,
+            enforcing_consecutive_gateway_failure: 0,
+            enforcing_consecutive_local_origin_failure: 100,
+            success_rate_minimum_hosts: 5,
+            success_rate_request_volume: 100,
+            success_rate_stdev_factor: 1.9,
+            enforcing_success_rate: 100,
+            enforcing_local_origin_success_rate: 100,
+            failure_percentage_threshold: 85,
+            failure_percentage_minimum_hosts: 5,
+            failure_percentage_request_volume: 50,
+            enforcing_failure_percentage: 0,
+            enforcing_failure_percentage_local_origin: 0,
+            always_eject_one_host: false,
+        }
     }
 }

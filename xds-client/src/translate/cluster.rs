@@ -375,38 +375,14 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                 .map(|v| Duration::from_secs(v.value.into())),
             probes: k.keepalive_probes.as_ref().map(|v| v.value),
         });
-    // Circuit breakers come with the traffic-policy work; limits so large
-    // they never bind (Istio's xds-grpc and sds-grpc clusters use 100000)
-    // behave as weir's absence of limits and are accepted.
-    if let Some(cb) = &p.circuit_breakers {
-        for (i, t) in cb.thresholds.iter().enumerate() {
-            let small = [
-                ("max_connections", &t.max_connections),
-                ("max_pending_requests", &t.max_pending_requests),
-                ("max_requests", &t.max_requests),
-                ("max_retries", &t.max_retries),
-            ]
-            .into_iter()
-            // Unset: Envoy's defaults, which weir does not enforce for any
-            // cluster yet (the traffic-policy issue); the same as no
-            // circuit_breakers at all.
-            .filter(|(_, v)| {
-                v.as_ref()
-                    .is_some_and(|v| v.value < CIRCUIT_BREAKER_UNBOUNDED)
-            })
-            .map(|(f, _)| f)
-            .collect::<Vec<_>>();
-            if !small.is_empty() {
-                errs.push(
-                    format!("{path}.circuit_breakers.thresholds[{i}]"),
-                    format!(
-                        "circuit breaker limits are not implemented yet; {} below {CIRCUIT_BREAKER_UNBOUNDED} would bind",
-                        small.join(", ")
-                    ),
-                );
-            }
-        }
-    }
+    let circuit_breakers = match &p.circuit_breakers {
+        Some(cb) => circuit_breakers(cb, &join(path, "circuit_breakers"), &mut errs),
+        None => CircuitBreakers::default(),
+    };
+    let outlier_detection = p
+        .outlier_detection
+        .as_ref()
+        .map(|o| outlier_detection(o, &join(path, "outlier_detection"), &mut errs));
     let panic_threshold = p
         .common_lb_config
         .as_ref()
@@ -451,6 +427,8 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         auto_sni,
         auto_san_validation,
         auto_sni_header,
+        circuit_breakers,
+        outlier_detection,
     })
 }
 
@@ -506,9 +484,6 @@ fn strip_alpn(t: &mut UpstreamTransport, protocol: &str) {
         UpstreamTransport::Plain => {}
     }
 }
-
-/// Circuit-breaker limits at or above this never bind in practice.
-const CIRCUIT_BREAKER_UNBOUNDED: u32 = 100_000;
 
 /// Envoy's default `overprovisioning_factor`.
 const DEFAULT_OVERPROVISIONING: u32 = 140;
@@ -675,4 +650,192 @@ fn locality(
         weight: le.load_balancing_weight.as_ref().map(|v| v.value),
         endpoints,
     })
+}
+
+/// `circuit_breakers`: the first `thresholds` entry of each priority, as
+/// Envoy; Envoy's defaults for a priority without one.
+fn circuit_breakers(
+    cb: &c::CircuitBreakers,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> CircuitBreakers {
+    let mut out = CircuitBreakers::default();
+    let mut seen = [false; 2];
+    for (i, t) in cb.thresholds.iter().enumerate() {
+        let tpath = format!("{path}.thresholds[{i}]");
+        let slot = match t.priority {
+            0 => 0,
+            1 => 1,
+            _ => {
+                errs.push(join(&tpath, "priority"), "unknown routing priority");
+                continue;
+            }
+        };
+        let budget = t.retry_budget.as_ref().map(|b| RetryBudget {
+            budget_percent: b.budget_percent.as_ref().map_or(20.0, |p| p.value),
+            min_retry_concurrency: b.min_retry_concurrency.as_ref().map_or(3, |v| v.value),
+        });
+        if let Some(b) = &budget {
+            if !(0.0..=100.0).contains(&b.budget_percent) {
+                errs.push(
+                    format!("{tpath}.retry_budget.budget_percent.value"),
+                    "must be between 0 and 100",
+                );
+            }
+        }
+        if std::mem::replace(&mut seen[slot], true) {
+            // Envoy uses the first entry of a priority; later ones are
+            // validated and unused.
+            continue;
+        }
+        let d = Thresholds::default();
+        let th = Thresholds {
+            max_connections: t
+                .max_connections
+                .as_ref()
+                .map_or(d.max_connections, |v| v.value),
+            max_pending_requests: t
+                .max_pending_requests
+                .as_ref()
+                .map_or(d.max_pending_requests, |v| v.value),
+            max_requests: t.max_requests.as_ref().map_or(d.max_requests, |v| v.value),
+            max_retries: t.max_retries.as_ref().map_or(d.max_retries, |v| v.value),
+            retry_budget: budget,
+            track_remaining: t.track_remaining,
+        };
+        if slot == 0 {
+            out.default = th;
+        } else {
+            out.high = th;
+        }
+    }
+    out
+}
+
+/// `outlier_detection` with Envoy's defaults and its proto constraints.
+fn outlier_detection(
+    o: &c::OutlierDetection,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> OutlierDetection {
+    let d = OutlierDetection::default();
+    let mut dur = |v: &Option<crate::api::google::protobuf::Duration>,
+                   name: &str,
+                   default: Duration| match v {
+        None => default,
+        Some(v) => match super::duration(v, &join(path, name)) {
+            Ok(x) if x.is_zero() && name != "max_ejection_time_jitter" => {
+                errs.push(join(path, name), "must be greater than 0s");
+                default
+            }
+            Ok(x) => x,
+            Err(e) => {
+                errs.extend(e);
+                default
+            }
+        },
+    };
+    let interval = dur(&o.interval, "interval", d.interval);
+    let base_ejection_time = dur(
+        &o.base_ejection_time,
+        "base_ejection_time",
+        d.base_ejection_time,
+    );
+    let max_ejection_time = dur(
+        &o.max_ejection_time,
+        "max_ejection_time",
+        d.max_ejection_time.max(base_ejection_time),
+    );
+    let max_ejection_time_jitter = dur(
+        &o.max_ejection_time_jitter,
+        "max_ejection_time_jitter",
+        d.max_ejection_time_jitter,
+    );
+    let mut pct = |v: &Option<u32>, name: &str, default: u32| -> u32 {
+        match v {
+            Some(v) if *v > 100 => {
+                errs.push(join(path, name), "must be at most 100");
+                default
+            }
+            Some(v) => *v,
+            None => default,
+        }
+    };
+    let w = |v: &Option<crate::api::google::protobuf::UInt32Value>| v.as_ref().map(|v| v.value);
+    let out = OutlierDetection {
+        interval,
+        base_ejection_time,
+        max_ejection_time,
+        max_ejection_time_jitter,
+        max_ejection_percent: pct(
+            &w(&o.max_ejection_percent),
+            "max_ejection_percent",
+            d.max_ejection_percent,
+        ),
+        consecutive_5xx: w(&o.consecutive_5xx).unwrap_or(d.consecutive_5xx),
+        consecutive_gateway_failure: w(&o.consecutive_gateway_failure)
+            .unwrap_or(d.consecutive_gateway_failure),
+        consecutive_local_origin_failure: w(&o.consecutive_local_origin_failure)
+            .unwrap_or(d.consecutive_local_origin_failure),
+        split_external_local_origin_errors: o.split_external_local_origin_errors,
+        enforcing_consecutive_5xx: pct(
+            &w(&o.enforcing_consecutive_5xx),
+            "enforcing_consecutive_5xx",
+            d.enforcing_consecutive_5xx,
+        ),
+        enforcing_consecutive_gateway_failure: pct(
+            &w(&o.enforcing_consecutive_gateway_failure),
+            "enforcing_consecutive_gateway_failure",
+            d.enforcing_consecutive_gateway_failure,
+        ),
+        enforcing_consecutive_local_origin_failure: pct(
+            &w(&o.enforcing_consecutive_local_origin_failure),
+            "enforcing_consecutive_local_origin_failure",
+            d.enforcing_consecutive_local_origin_failure,
+        ),
+        success_rate_minimum_hosts: w(&o.success_rate_minimum_hosts)
+            .unwrap_or(d.success_rate_minimum_hosts),
+        success_rate_request_volume: w(&o.success_rate_request_volume)
+            .unwrap_or(d.success_rate_request_volume),
+        success_rate_stdev_factor: w(&o.success_rate_stdev_factor)
+            .map_or(d.success_rate_stdev_factor, |v| f64::from(v) / 1000.0),
+        enforcing_success_rate: pct(
+            &w(&o.enforcing_success_rate),
+            "enforcing_success_rate",
+            d.enforcing_success_rate,
+        ),
+        enforcing_local_origin_success_rate: pct(
+            &w(&o.enforcing_local_origin_success_rate),
+            "enforcing_local_origin_success_rate",
+            d.enforcing_local_origin_success_rate,
+        ),
+        failure_percentage_threshold: pct(
+            &w(&o.failure_percentage_threshold),
+            "failure_percentage_threshold",
+            d.failure_percentage_threshold,
+        ),
+        failure_percentage_minimum_hosts: w(&o.failure_percentage_minimum_hosts)
+            .unwrap_or(d.failure_percentage_minimum_hosts),
+        failure_percentage_request_volume: w(&o.failure_percentage_request_volume)
+            .unwrap_or(d.failure_percentage_request_volume),
+        enforcing_failure_percentage: pct(
+            &w(&o.enforcing_failure_percentage),
+            "enforcing_failure_percentage",
+            d.enforcing_failure_percentage,
+        ),
+        enforcing_failure_percentage_local_origin: pct(
+            &w(&o.enforcing_failure_percentage_local_origin),
+            "enforcing_failure_percentage_local_origin",
+            d.enforcing_failure_percentage_local_origin,
+        ),
+        always_eject_one_host: o.always_eject_one_host.as_ref().is_some_and(|v| v.value),
+    };
+    // As Envoy's detector: a cap below the base time is a configuration error.
+    if out.max_ejection_time < out.base_ejection_time {
+        errs.push(
+            join(path, "max_ejection_time"),
+            "outlier detector's max_ejection_time cannot be smaller than base_ejection_time",
+        );
+    }
+    out
 }

@@ -138,14 +138,67 @@ static_resources:
         crate::config::EndpointAddress::Pipe(_)
     ));
     assert!(s.listeners[0].unlimited);
-    // A limit that would bind is not silently dropped.
-    let small = "    circuit_breakers:\n      thresholds:\n      - {max_connections: 10}\n";
-    let e = translate(&base(small)).expect_err("rejected").to_string();
+    // Limits that bind are kept per priority (the first entry of each).
+    let small = "    circuit_breakers:\n      thresholds:\n      - {max_connections: 10, track_remaining: true}\n      - {priority: HIGH, max_retries: 7, retry_budget: {budget_percent: {value: 50}}}\n      - {max_connections: 11}\n";
+    let s = translate(&base(small)).expect("accepted");
+    let cb = s.clusters["xds-grpc"].circuit_breakers;
+    assert_eq!(cb.default.max_connections, 10);
+    assert_eq!(cb.default.max_pending_requests, 1024);
+    assert!(cb.default.track_remaining);
+    assert_eq!(cb.high.max_retries, 7);
+    assert_eq!(
+        cb.high
+            .retry_budget
+            .map(|b| (b.budget_percent, b.min_retry_concurrency)),
+        Some((50.0, 3))
+    );
+    let pools = "    circuit_breakers:\n      thresholds:\n      - {max_connection_pools: 10}\n";
+    let e = translate(&base(pools)).expect_err("rejected").to_string();
     assert!(
-        e.contains("static_resources.clusters[0].circuit_breakers.thresholds[0]")
-            && e.contains("max_connections"),
+        e.contains("circuit_breakers.thresholds[0].max_connection_pools"),
         "{e}"
     );
+    // Outlier detection: Envoy's defaults, Istio's fields, constraints.
+    let od = "    outlier_detection: {consecutive_5xx: 7, interval: 0.5s, base_ejection_time: 400s, max_ejection_percent: 100, consecutive_gateway_failure: 2, enforcing_consecutive_gateway_failure: 100}\n";
+    let s = translate(&base(od)).expect("accepted");
+    let o = s.clusters["xds-grpc"]
+        .outlier_detection
+        .expect("outlier detection");
+    assert_eq!(o.consecutive_5xx, 7);
+    assert_eq!(o.interval, std::time::Duration::from_millis(500));
+    // max_ejection_time defaults to the larger of 300 s and the base time.
+    assert_eq!(o.max_ejection_time, std::time::Duration::from_secs(400));
+    assert_eq!(
+        (
+            o.max_ejection_percent,
+            o.enforcing_consecutive_gateway_failure
+        ),
+        (100, 100)
+    );
+    assert_eq!(
+        (o.enforcing_consecutive_5xx, o.success_rate_request_volume),
+        (100, 100)
+    );
+    for (bad, field) in [
+        (
+            "{max_ejection_percent: 101}",
+            "outlier_detection.max_ejection_percent",
+        ),
+        (
+            "{base_ejection_time: 10s, max_ejection_time: 5s}",
+            "outlier_detection.max_ejection_time",
+        ),
+        ("{interval: 0s}", "outlier_detection.interval"),
+        (
+            "{detect_degraded_hosts: true}",
+            "outlier_detection.detect_degraded_hosts",
+        ),
+    ] {
+        let e = translate(&base(&format!("    outlier_detection: {bad}\n")))
+            .expect_err("rejected")
+            .to_string();
+        assert!(e.contains(field), "{bad}: {e}");
+    }
 }
 
 #[test]
