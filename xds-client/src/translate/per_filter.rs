@@ -4,6 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::api::envoy::config::route::v3 as r;
+use crate::api::envoy::extensions::filters::http::cors::v3::CorsPolicy as CorsPolicyProto;
 use crate::api::envoy::extensions::filters::http::fault::v3::HttpFault;
 use crate::api::google::protobuf as pb;
 use crate::config::*;
@@ -27,6 +28,12 @@ pub fn per_filter_configs(
     keys.sort();
     for k in keys {
         let kpath = format!("{path}[{k:?}]");
+        // The empty key names no filter; weir keeps legacy CORS policies
+        // there (`LEGACY_CORS_KEY`).
+        if k.as_str() == LEGACY_CORS_KEY {
+            errs.push(kpath, "a typed_per_filter_config key must name a filter");
+            continue;
+        }
         match per_filter_config(k, &map[k], &kpath) {
             Ok(c) => out.push((k.as_str().into(), c)),
             Err(e) => errs.extend(e),
@@ -84,7 +91,15 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
     match type_name(&any) {
         FAULT => {
             let p: HttpFault = super::decode(&any, path)?;
-            Ok(FilterOverride::Fault(Arc::new(super::fault::fault(&p, path)?)))
+            Ok(FilterOverride::Fault(Arc::new(super::fault::fault(
+                &p, path,
+            )?)))
+        }
+        super::cors::CORS_POLICY => {
+            let p: CorsPolicyProto = super::decode(&any, path)?;
+            Ok(FilterOverride::Cors(Arc::new(super::cors::cors_policy(
+                &p, path,
+            )?)))
         }
         other => Err(err(
             path,
