@@ -49,6 +49,17 @@ pub fn cors_policy(p: &c::CorsPolicy, path: &str) -> Result<CorsPolicy, ConfigEr
     )
 }
 
+/// A `typed_per_filter_config` value of type [`CORS_POLICY`] (`path` names it).
+pub fn per_route(
+    any: &crate::api::google::protobuf::Any,
+    path: &str,
+) -> Result<FilterOverride, ConfigErrors> {
+    let p: c::CorsPolicy = super::decode(any, path)?;
+    Ok(FilterOverride::Cors(std::sync::Arc::new(cors_policy(
+        &p, path,
+    )?)))
+}
+
 /// The deprecated `cors` field of a virtual host or route action.
 pub fn legacy_cors_policy(p: &r::CorsPolicy, path: &str) -> Result<CorsPolicy, ConfigErrors> {
     use r::cors_policy::EnabledSpecifier;

@@ -4,7 +4,6 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::api::envoy::config::route::v3 as r;
-use crate::api::envoy::extensions::filters::http::cors::v3::CorsPolicy as CorsPolicyProto;
 use crate::api::envoy::extensions::filters::http::fault::v3::HttpFault;
 use crate::api::google::protobuf as pb;
 use crate::config::*;
@@ -95,12 +94,7 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 &p, path,
             )?)))
         }
-        super::cors::CORS_POLICY => {
-            let p: CorsPolicyProto = super::decode(&any, path)?;
-            Ok(FilterOverride::Cors(Arc::new(super::cors::cors_policy(
-                &p, path,
-            )?)))
-        }
+        super::cors::CORS_POLICY => super::cors::per_route(&any, path),
         other => Err(err(
             path,
             format!("per-route configuration of {other} is not implemented"),
