@@ -377,4 +377,51 @@ static_resources:
             "{e}"
         );
     }
+
+    /// RDS (the binary xDS path): the policies as istiod sends them.
+    #[test]
+    fn policies_from_rds() {
+        use crate::xds::resources::{decode, Resource, ResourceType};
+        let yaml = format!(
+            r#"
+name: r
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  typed_per_filter_config:
+    envoy.filters.http.cors: {{"@type": {POLICY}, allow_origin_string_match: [{{exact: "https://a"}}], allow_methods: GET, filter_enabled: {{default_value: {{numerator: 100}}, runtime_key: k}}}}
+  routes:
+  - match: {{prefix: /}}
+    route: {{cluster: c, cors: {{allow_headers: x-a}}}}
+"#
+        );
+        let any = crate::bootstrap::any_from_text(ResourceType::Route.type_url(), &yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Ok((_, Resource::Route(rc))) = decode(ResourceType::Route, &any) else {
+            panic!("route configuration rejected")
+        };
+        let vh = &rc.vhosts[0];
+        let p = cors(&vh.per_filter, "envoy.filters.http.cors");
+        assert!(p.allow_origins[0].matches("https://a"));
+        assert_eq!(p.filter_enabled.map(|f| f.numerator), Some(100));
+        let l = cors(&vh.routes[0].per_filter, LEGACY_CORS_KEY);
+        assert_eq!(
+            l.allow_headers.as_ref().map(|v| v.as_bytes()),
+            Some(&b"x-a"[..])
+        );
+        // A bad policy is rejected naming its field.
+        let bad = yaml.replace("allow_methods: GET", "allow_methods: \"a\\u0001\"");
+        let any = crate::bootstrap::any_from_text(ResourceType::Route.type_url(), &bad)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Err(e) = decode(ResourceType::Route, &any) else {
+            panic!("bad allow_methods accepted")
+        };
+        assert!(
+            e.reason.contains(
+                "virtual_hosts[0].typed_per_filter_config[\"envoy.filters.http.cors\"].allow_methods"
+            ),
+            "{}",
+            e.reason
+        );
+    }
 }
