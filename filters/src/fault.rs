@@ -101,7 +101,8 @@ impl HttpFilterFactory for FaultFactory {
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
         let config = match route.override_for(&self.name) {
             Some(FilterOverride::Fault(f)) => f,
-            None => &self.config,
+            // As Envoy: another filter's config type is not this filter's.
+            Some(_) | None => &self.config,
         };
         if !config.is_active() {
             return None;

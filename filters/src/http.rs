@@ -226,14 +226,17 @@ impl FilterChain {
                         r.clone(),
                     )))
                 }
-                // Nothing to run: inert filters do nothing in Envoy either;
-                // pass-through ones are counted by the proxy when it builds
-                // the chain (ARCHITECTURE.md "Pass-through filters"). Neither
-                // costs a request anything.
-                HttpFilterKind::Inert(_) | HttpFilterKind::PassThrough(_) => {}
+                // Nothing to run: pass-through filters are counted by the
+                // proxy when it builds the chain (ARCHITECTURE.md
+                // "Pass-through filters"); they cost a request nothing.
+                HttpFilterKind::PassThrough(_) => {}
                 HttpFilterKind::Fault(f) => filters.push(Arc::new(
                     crate::fault::FaultFactory::new(c.name.clone(), f.clone(), stats),
                 )),
+                HttpFilterKind::Cors => filters.push(Arc::new(crate::cors::CorsFactory::new(
+                    c.name.clone(),
+                    stats,
+                ))),
             }
         }
         filters.shrink_to_fit();

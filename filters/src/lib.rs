@@ -7,6 +7,7 @@
 //! the request upstream when every decoder has continued.
 #![forbid(unsafe_code)]
 
+pub mod cors;
 pub mod fault;
 pub mod http;
 pub mod listener;

@@ -226,6 +226,19 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // rejected anyway).
     ("envoy.config.route.v3.FilterConfig", &["config", "disabled", "~is_optional"]),
     ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
+    // CORS policies: `typed_per_filter_config`, and the deprecated `cors` of
+    // virtual hosts and route actions. `runtime_key`s of `filter_enabled` /
+    // `shadow_enabled` are accepted without effect (no runtime layer).
+    ("envoy.extensions.filters.http.cors.v3.CorsPolicy", &[
+        "allow_origin_string_match", "allow_methods", "allow_headers", "expose_headers", "max_age",
+        "allow_credentials", "filter_enabled", "shadow_enabled", "allow_private_network_access",
+        "forward_not_matching_preflights",
+    ]),
+    ("envoy.config.route.v3.CorsPolicy", &[
+        "allow_origin_string_match", "allow_methods", "allow_headers", "expose_headers", "max_age",
+        "allow_credentials", "filter_enabled", "shadow_enabled", "allow_private_network_access",
+        "forward_not_matching_preflights",
+    ]),
     // Pass-through: accepted and not run (gRPC per-method stats missing).
     ("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", &[
         "~emit_filter_state", "~individual_method_stats_allowlist", "~stats_for_all_methods",
@@ -271,6 +284,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "name", "domains", "routes", "require_tls", "request_headers_to_add", "request_headers_to_remove",
         "response_headers_to_add", "response_headers_to_remove", "include_request_attempt_count",
         "include_attempt_count_in_response", "retry_policy", "typed_per_filter_config",
+        // Deprecated, still honoured by Envoy 1.40's CORS filter.
+        "cors",
     ]),
     ("envoy.config.route.v3.Route", &[
         "name", "match", "route", "redirect", "direct_response", "request_headers_to_add",
@@ -302,6 +317,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "prefix_rewrite", "regex_rewrite", "host_rewrite_literal", "auto_host_rewrite",
         "host_rewrite_header", "host_rewrite_path_regex", "append_x_forwarded_host", "timeout",
         "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs", "max_grpc_timeout",
+        // Deprecated, still honoured by Envoy 1.40's CORS filter.
+        "cors",
     ]),
     ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),

@@ -477,7 +477,14 @@ async fn pipeline(
             }
             info.response_code_details = lr.details;
             info.local_grpc_status = lr.grpc_status;
-            return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
+            let resp = reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
+            // As Envoy, a filter's local reply passes every filter's
+            // response phase (the CORS filter adds its headers there).
+            let (mut rp, rb) = resp.into_parts();
+            if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+                return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
+            }
+            return Response::from_parts(rp, rb);
         }
     }
     fn levels<'a>(

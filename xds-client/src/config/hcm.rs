@@ -267,21 +267,13 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.fault`. An empty config (no `delay`, no `abort`)
     /// still matters: routes may override it (`typed_per_filter_config`).
     Fault(Arc<FaultConfig>),
-    /// A filter configured so that Envoy's filter does nothing; not built
-    /// into the request path.
-    Inert(InertFilter),
+    /// `envoy.filters.http.cors`: no config of its own; its policies are
+    /// per route ([`FilterOverride::Cors`]).
+    Cors,
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.
     PassThrough(PassThrough),
-}
-
-/// Filters whose configuration leaves Envoy's filter nothing to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InertFilter {
-    /// `envoy.filters.http.cors`: policies live on routes and virtual hosts,
-    /// where weir rejects them.
-    Cors,
 }
 
 /// Filters weir accepts without running them (HTTP and network). Each one

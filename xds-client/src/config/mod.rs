@@ -7,6 +7,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 pub mod cluster;
+pub mod cors;
 pub mod fault;
 pub mod format;
 pub mod hcm;
@@ -19,6 +20,7 @@ pub mod tls;
 pub mod xds;
 
 pub use cluster::*;
+pub use cors::*;
 pub use fault::*;
 pub use format::*;
 pub use hcm::*;

@@ -513,7 +513,7 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
         }
         CORS => {
             let _: Cors = super::decode(&any, &tpath)?;
-            HttpFilterKind::Inert(InertFilter::Cors)
+            HttpFilterKind::Cors
         }
         GRPC_STATS => {
             let _: GrpcStats = super::decode(&any, &tpath)?;
@@ -828,8 +828,8 @@ mod tests {
 
     use crate::config::{
         AbortKind, DelayKind, FaultAbort, FaultConfig, FaultDelay, FilterOverride, Fraction,
-        HttpFilterKind, InertFilter, Listener, NetworkFilter, PassThrough, PerFilterConfig,
-        PerFilterConfigs, RouteConfig, RouteSource, Snapshot,
+        HttpFilterKind, Listener, NetworkFilter, PassThrough, PerFilterConfig, PerFilterConfigs,
+        RouteConfig, RouteSource, Snapshot,
     };
     use crate::xds::resources::{decode, Resource, ResourceType};
 
@@ -1053,7 +1053,7 @@ load_assignment:
                 HttpFilterKind::PassThrough(PassThrough::GrpcStats),
                 HttpFilterKind::PassThrough(PassThrough::IstioAlpn),
                 HttpFilterKind::Fault(Arc::new(FaultConfig::default())),
-                HttpFilterKind::Inert(InertFilter::Cors),
+                HttpFilterKind::Cors,
                 HttpFilterKind::PassThrough(PassThrough::IstioStats),
             ]
         );
@@ -1293,7 +1293,7 @@ load_assignment:
 
     /// `typed_per_filter_config` at route, virtual host and route
     /// configuration level: fault configs (bare or in a `FilterConfig`) are
-    /// accepted; CORS and other filters' stay rejected.
+    /// accepted; other filters' stay rejected (CORS: `translate::cors`).
     #[test]
     fn per_filter_fault_config_is_accepted_other_filters_rejected() {
         let base = http_listener(EMPTY_FAULT);
@@ -1353,28 +1353,12 @@ load_assignment:
             ),
             "{e}"
         );
-        let vhost_cors = base.replace(
-            "          domains: [\"*\"]\n",
-            "          domains: [\"*\"]\n          typed_per_filter_config:\n            envoy.filters.http.cors: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy, allow_origin_string_match: [{exact: a}]}\n",
-        );
-        let e = lds(&vhost_cors, &[]).expect_err("per-vhost CORS");
-        assert!(
-            e.contains("virtual_hosts[0].typed_per_filter_config"),
-            "{e}"
-        );
-        let e = bootstrap(&vhost_cors)
-            .expect_err("per-vhost CORS")
-            .to_string();
-        assert!(
-            e.contains("virtual_hosts[0].typed_per_filter_config"),
-            "{e}"
-        );
         // Another filter's config under the fault filter's FilterConfig.
         let wrapped = base.replace(
             "          - match: {prefix: /}\n",
-            "          - match: {prefix: /}\n            typed_per_filter_config:\n              x: {\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy}}\n",
+            "          - match: {prefix: /}\n            typed_per_filter_config:\n              x: {\"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig}}\n",
         );
-        let e = lds(&wrapped, &[]).expect_err("wrapped CORS");
+        let e = lds(&wrapped, &[]).expect_err("wrapped grpc_stats");
         assert!(
             e.contains("routes[0].typed_per_filter_config[\"x\"].config"),
             "{e}"
@@ -1389,12 +1373,6 @@ load_assignment:
             e.contains("routes[0].typed_per_filter_config[\"envoy.filters.http.fault\"]: Empty route/virtual host per filter configuration for envoy.filters.http.fault filter"),
             "{e}"
         );
-        let legacy = base.replace(
-            "          domains: [\"*\"]\n",
-            "          domains: [\"*\"]\n          cors: {allow_origin_string_match: [{exact: a}]}\n",
-        );
-        let e = lds(&legacy, &[]).expect_err("vhost cors");
-        assert!(e.contains("virtual_hosts[0].cors"), "{e}");
     }
 
     #[test]

@@ -27,6 +27,12 @@ pub fn per_filter_configs(
     keys.sort();
     for k in keys {
         let kpath = format!("{path}[{k:?}]");
+        // The empty key names no filter; weir keeps legacy CORS policies
+        // there (`LEGACY_CORS_KEY`).
+        if k.as_str() == LEGACY_CORS_KEY {
+            errs.push(kpath, "a typed_per_filter_config key must name a filter");
+            continue;
+        }
         match per_filter_config(k, &map[k], &kpath) {
             Ok(c) => out.push((k.as_str().into(), c)),
             Err(e) => errs.extend(e),
@@ -88,6 +94,7 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 &p, path,
             )?)))
         }
+        super::cors::CORS_POLICY => super::cors::per_route(&any, path),
         other => Err(err(
             path,
             format!("per-route configuration of {other} is not implemented"),

@@ -129,6 +129,16 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         errs.extend(e);
         PerFilterConfigs::default()
     });
+    // The deprecated `cors`, kept with the per-filter configs
+    // (`LEGACY_CORS_KEY`).
+    let mut per_filter = per_filter;
+    #[allow(deprecated)]
+    let legacy = p.cors.as_ref();
+    if let Some(c) = legacy {
+        if let Err(e) = super::cors::add_legacy(&mut per_filter, c, &join(path, "cors")) {
+            errs.extend(e);
+        }
+    }
     let require_tls = match p.require_tls {
         0 => TlsRequirement::None,
         1 => TlsRequirement::ExternalOnly,
@@ -200,6 +210,19 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
     )
     .map_err(|e| errs.extend(e))
     .ok();
+    let mut per_filter = per_filter;
+    // The deprecated `cors` of the route action, kept with the route's
+    // per-filter configs (`LEGACY_CORS_KEY`).
+    #[allow(deprecated)]
+    let legacy = match &p.action {
+        Some(r::route::Action::Route(a)) => a.cors.as_ref(),
+        _ => None,
+    };
+    if let (Some(c), Some(pf)) = (legacy, per_filter.as_mut()) {
+        if let Err(e) = super::cors::add_legacy(pf, c, &join(path, "route.cors")) {
+            errs.extend(e);
+        }
+    }
     if !errs.is_empty() {
         return Err(errs);
     }
