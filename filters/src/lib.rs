@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fault;
+pub mod grpc_stats;
 pub mod http;
 pub mod listener;
 pub mod router;

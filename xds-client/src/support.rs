@@ -213,11 +213,14 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // rejected anyway).
     ("envoy.config.route.v3.FilterConfig", &["config", "disabled", "~is_optional"]),
     ("envoy.extensions.filters.http.cors.v3.Cors", &[]),
-    // Pass-through: accepted and not run (gRPC per-method stats missing).
+    // `emit_filter_state` has no reader in weir (`%FILTER_STATE%` is
+    // rejected in formats), so it is accepted without effect.
     ("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", &[
-        "~emit_filter_state", "~individual_method_stats_allowlist", "~stats_for_all_methods",
-        "~enable_upstream_stats", "~replace_dots_in_grpc_service_name",
+        "~emit_filter_state", "individual_method_stats_allowlist", "stats_for_all_methods",
+        "enable_upstream_stats", "replace_dots_in_grpc_service_name",
     ]),
+    ("envoy.config.core.v3.GrpcMethodList", &["services"]),
+    ("envoy.config.core.v3.GrpcMethodList.Service", &["name", "method_names"]),
     // Istio's filters (descriptors hand-built in descriptors.rs), pass-through.
     ("stats.PluginConfig", &[
         "~disable_host_header_fallback", "~tcp_reporting_duration", "~metrics", "~definitions",

@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 
-use super::{FaultConfig, Format, Name, RouteConfig};
+use super::{FaultConfig, Format, GrpcStatsConfig, Name, RouteConfig};
 
 /// Where an HCM's routes come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,6 +232,8 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.fault`. An empty config (no `delay`, no `abort`)
     /// still matters: routes may override it (`typed_per_filter_config`).
     Fault(Arc<FaultConfig>),
+    /// `envoy.filters.http.grpc_stats`.
+    GrpcStats(Arc<GrpcStatsConfig>),
     /// A filter configured so that Envoy's filter does nothing; not built
     /// into the request path.
     Inert(InertFilter),
@@ -253,8 +255,6 @@ pub enum InertFilter {
 /// is listed, with what is missing, in ARCHITECTURE.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PassThrough {
-    /// `envoy.filters.http.grpc_stats`: no per-method gRPC stats, no filter state.
-    GrpcStats,
     /// Istio's `istio.stats` (`stats.PluginConfig`), HTTP or network: no Istio metrics.
     IstioStats,
     /// Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`).
@@ -270,7 +270,6 @@ impl PassThrough {
     /// The last component of the stat `weir.pass_through_filter.<name>`.
     pub fn stat_name(self) -> &'static str {
         match self {
-            PassThrough::GrpcStats => "grpc_stats",
             PassThrough::IstioStats => "istio_stats",
             PassThrough::PeerMetadata => "peer_metadata",
             PassThrough::IstioAlpn => "istio_alpn",

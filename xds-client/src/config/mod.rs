@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time
 pub mod cluster;
 pub mod fault;
 pub mod format;
+pub mod grpc_stats;
 pub mod hcm;
 pub mod matcher;
 pub mod per_filter;
@@ -20,6 +21,7 @@ pub mod xds;
 pub use cluster::*;
 pub use fault::*;
 pub use format::*;
+pub use grpc_stats::*;
 pub use hcm::*;
 pub use matcher::*;
 pub use per_filter::*;

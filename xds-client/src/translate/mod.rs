@@ -24,6 +24,7 @@ use crate::error::{join, ConfigErrors};
 pub mod cluster;
 pub mod fault;
 pub mod format;
+pub mod grpc_stats;
 pub mod hcm;
 pub mod listener;
 pub mod per_filter;

@@ -84,7 +84,9 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
     match type_name(&any) {
         FAULT => {
             let p: HttpFault = super::decode(&any, path)?;
-            Ok(FilterOverride::Fault(Arc::new(super::fault::fault(&p, path)?)))
+            Ok(FilterOverride::Fault(Arc::new(super::fault::fault(
+                &p, path,
+            )?)))
         }
         other => Err(err(
             path,
