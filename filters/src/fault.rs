@@ -101,7 +101,9 @@ impl HttpFilterFactory for FaultFactory {
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
         let config = match route.override_for(&self.name) {
             Some(FilterOverride::Fault(f)) => f,
-            None => &self.config,
+            // Another filter's type under this name: Envoy's typed lookup
+            // finds none.
+            Some(_) | None => &self.config,
         };
         if !config.is_active() {
             return None;

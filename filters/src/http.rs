@@ -354,6 +354,9 @@ impl FilterChain {
                 HttpFilterKind::Fault(f) => filters.push(Arc::new(
                     crate::fault::FaultFactory::new(c.name.clone(), f.clone(), stats),
                 )),
+                HttpFilterKind::Compressor(cc) => filters.push(Arc::new(
+                    crate::compressor::CompressorFactory::new(&c.name, cc, configs, stats),
+                )),
                 HttpFilterKind::GrpcStats(g) => filters.push(Arc::new(
                     crate::grpc_stats::GrpcStatsFactory::new(&*c.name, g.clone(), stats),
                 )),

@@ -7,6 +7,7 @@
 //! the request upstream when every decoder has continued.
 #![forbid(unsafe_code)]
 
+pub mod compressor;
 pub mod fault;
 pub mod grpc_stats;
 pub mod http;

@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 
-use super::{FaultConfig, Format, GrpcStatsConfig, Name, RouteConfig};
+use super::{CompressorConfig, FaultConfig, Format, GrpcStatsConfig, Name, RouteConfig};
 
 /// Where an HCM's routes come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +234,8 @@ pub enum HttpFilterKind {
     Fault(Arc<FaultConfig>),
     /// `envoy.filters.http.grpc_stats`.
     GrpcStats(Arc<GrpcStatsConfig>),
+    /// `envoy.filters.http.compressor`.
+    Compressor(Arc<CompressorConfig>),
     /// A filter configured so that Envoy's filter does nothing; not built
     /// into the request path.
     Inert(InertFilter),

@@ -7,6 +7,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 pub mod cluster;
+pub mod compressor;
 pub mod fault;
 pub mod format;
 pub mod grpc_stats;
@@ -19,6 +20,7 @@ pub mod tls;
 pub mod xds;
 
 pub use cluster::*;
+pub use compressor::*;
 pub use fault::*;
 pub use format::*;
 pub use grpc_stats::*;

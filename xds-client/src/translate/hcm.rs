@@ -506,6 +506,11 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let _: Cors = super::decode(&any, &tpath)?;
             HttpFilterKind::Inert(InertFilter::Cors)
         }
+        super::compressor::COMPRESSOR => {
+            let c: crate::api::envoy::extensions::filters::http::compressor::v3::Compressor =
+                super::decode(&any, &tpath)?;
+            HttpFilterKind::Compressor(Arc::new(super::compressor::compressor(&c, &tpath)?))
+        }
         GRPC_STATS => {
             let g: GrpcStats = super::decode(&any, &tpath)?;
             HttpFilterKind::GrpcStats(Arc::new(super::grpc_stats::grpc_stats(&g)))

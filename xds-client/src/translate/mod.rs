@@ -22,6 +22,7 @@ use crate::config::*;
 use crate::error::{join, ConfigErrors};
 
 pub mod cluster;
+pub mod compressor;
 pub mod fault;
 pub mod format;
 pub mod grpc_stats;
