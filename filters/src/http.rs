@@ -78,6 +78,9 @@ pub struct FilterContext {
     /// Envoy response flags (short names, `DI`, ...) filters set without
     /// answering; a local reply carries its own in [`LocalReply::flag`].
     pub flags: Vec<&'static str>,
+    /// In the response header phase: the response has no body (Envoy's
+    /// `end_stream` on `encodeHeaders`), so no body hook will run.
+    pub end_stream: bool,
 }
 
 /// What the selected route tells the chain when it instantiates filters.
@@ -89,6 +92,10 @@ pub struct RouteView<'a> {
     /// The route's upstream cluster (the weighted one picked already);
     /// `None` for direct responses and redirects.
     pub cluster: Option<&'a str>,
+    /// The request head as the chain is instantiated (routed, before any
+    /// filter ran), so a factory can tell at once that a request is none
+    /// of its business (grpc_stats: not gRPC); `None` in tests.
+    pub request: Option<&'a http::request::Parts>,
 }
 
 impl<'a> RouteView<'a> {
@@ -98,6 +105,7 @@ impl<'a> RouteView<'a> {
         RouteView {
             per_filter: [&EMPTY, &EMPTY, &EMPTY],
             cluster: None,
+            request: None,
         }
     }
 
@@ -122,6 +130,17 @@ impl<'a> RouteView<'a> {
 /// A counter a filter increments (the proxy's store implements it).
 pub trait Counter: Send + Sync {
     fn inc(&self);
+    fn add(&self, n: u64) {
+        for _ in 0..n {
+            self.inc();
+        }
+    }
+}
+
+/// A histogram a filter records into, in the stat's unit (milliseconds for
+/// Envoy's `*_time` stats).
+pub trait Histogram: Send + Sync {
+    fn record(&self, v: u64);
 }
 
 /// A gauge a filter moves and reads.
@@ -151,6 +170,16 @@ pub trait StatsScope: Send + Sync + std::fmt::Debug {
         let _ = tag;
         self.counter(&format!("{head}.{value}.{rest}"))
     }
+    /// A counter in an upstream cluster's scope, `cluster.<cluster>.<name>`
+    /// (grpc_stats charges the route's cluster, as Envoy). The default
+    /// counts nothing.
+    fn cluster_counter(&self, _cluster: &str, _name: &str) -> Arc<dyn Counter> {
+        Arc::new(Nop)
+    }
+    /// A millisecond histogram in an upstream cluster's scope.
+    fn cluster_histogram(&self, _cluster: &str, _name: &str) -> Arc<dyn Histogram> {
+        Arc::new(Nop)
+    }
 }
 
 /// A scope that counts nothing (tests, tools).
@@ -160,6 +189,9 @@ pub struct NoStats;
 struct Nop;
 impl Counter for Nop {
     fn inc(&self) {}
+}
+impl Histogram for Nop {
+    fn record(&self, _: u64) {}
 }
 impl Gauge for Nop {
     fn inc(&self) {}
@@ -195,6 +227,132 @@ pub trait HttpFilter: Send {
         Action::Continue
     }
     fn on_log(&mut self, _cx: &FilterContext) {}
+    /// An observer of the request body on its way upstream, asked once
+    /// after every request header phase continued. `None` (the default):
+    /// the request body is not wrapped.
+    fn request_body_observer(&mut self) -> Option<Box<dyn RequestBodyObserver>> {
+        None
+    }
+    /// Whether [`on_response_data`](Self::on_response_data) and
+    /// [`on_response_trailers`](Self::on_response_trailers) must run, asked
+    /// once after the response header phases. `false` (the default) for
+    /// every instance: the response body is not wrapped.
+    fn wants_response_body(&self) -> bool {
+        false
+    }
+    /// A response body chunk on its way downstream (Envoy's `encodeData`);
+    /// the filter may replace it (an empty result sends nothing).
+    /// `end_of_stream`: no data or trailers follow; when the body ends
+    /// without data this runs once with an empty chunk.
+    fn on_response_data(&mut self, _data: &mut Bytes, _end_of_stream: bool) {}
+    /// The response trailers (Envoy's `encodeTrailers`). What the filter
+    /// puts in `data` (empty on entry) goes downstream before them, through
+    /// the later filters' data hooks (Envoy's `addEncodedData`).
+    fn on_response_trailers(&mut self, _trailers: &mut http::HeaderMap, _data: &mut Bytes) {}
+}
+
+/// Watches the request body on its way upstream (Envoy's `decodeData`,
+/// observation only: the bytes are not changed). It lives in the request
+/// body, which the upstream connection polls, so it owns what it needs.
+pub trait RequestBodyObserver: Send {
+    fn on_data(&mut self, data: &Bytes);
+    /// The body ended (after its last chunk, or its trailers).
+    fn on_end(&mut self) {}
+}
+
+/// The request body observers of a request's instances, as one; `None`
+/// (no allocation) when no filter observes.
+pub fn request_body_observer(
+    filters: &mut [Box<dyn HttpFilter>],
+) -> Option<Box<dyn RequestBodyObserver>> {
+    let mut one: Option<Box<dyn RequestBodyObserver>> = None;
+    let mut more: Vec<Box<dyn RequestBodyObserver>> = Vec::new();
+    for f in filters.iter_mut() {
+        if let Some(o) = f.request_body_observer() {
+            match one.take() {
+                None if more.is_empty() => one = Some(o),
+                prev => {
+                    more.extend(prev);
+                    more.push(o);
+                }
+            }
+        }
+    }
+    if more.is_empty() {
+        one
+    } else {
+        Some(Box::new(Observers(more)))
+    }
+}
+
+struct Observers(Vec<Box<dyn RequestBodyObserver>>);
+
+impl RequestBodyObserver for Observers {
+    fn on_data(&mut self, data: &Bytes) {
+        for o in &mut self.0 {
+            o.on_data(data);
+        }
+    }
+    fn on_end(&mut self) {
+        for o in &mut self.0 {
+            o.on_end();
+        }
+    }
+}
+
+/// The instances whose response body hooks run, in encode (reverse) order.
+/// Built only when one wants them, so other responses are not wrapped.
+pub struct ResponseBodyChain(Vec<Box<dyn HttpFilter>>);
+
+impl std::fmt::Debug for ResponseBodyChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ResponseBodyChain({})", self.0.len())
+    }
+}
+
+impl ResponseBodyChain {
+    /// Keeps the instances that want the body hooks; `None` when none does
+    /// (the others are dropped, as they were without body hooks).
+    pub fn new(filters: Vec<Box<dyn HttpFilter>>) -> Option<ResponseBodyChain> {
+        if !filters.iter().any(|f| f.wants_response_body()) {
+            return None;
+        }
+        let mut v: Vec<Box<dyn HttpFilter>> = filters
+            .into_iter()
+            .filter(|f| f.wants_response_body())
+            .collect();
+        v.reverse();
+        Some(ResponseBodyChain(v))
+    }
+
+    /// Runs a chunk through the data hooks; returns what goes downstream.
+    pub fn data(&mut self, data: Bytes, end_of_stream: bool) -> Bytes {
+        Self::data_from(&mut self.0, data, end_of_stream)
+    }
+
+    fn data_from(filters: &mut [Box<dyn HttpFilter>], mut data: Bytes, eos: bool) -> Bytes {
+        for f in filters.iter_mut() {
+            f.on_response_data(&mut data, eos);
+        }
+        data
+    }
+
+    /// Runs the trailer hooks; returns the data to send before `trailers`.
+    pub fn trailers(&mut self, trailers: &mut http::HeaderMap) -> Bytes {
+        let mut out = bytes::BytesMut::new();
+        for i in 0..self.0.len() {
+            let mut added = Bytes::new();
+            self.0[i].on_response_trailers(trailers, &mut added);
+            if !added.is_empty() {
+                // Data a filter adds passes through the later filters' data
+                // hooks before their trailer hooks run (each sees all data
+                // first, in stream order).
+                let d = Self::data_from(&mut self.0[i + 1..], added, false);
+                out.extend_from_slice(&d);
+            }
+        }
+        out.freeze()
+    }
 }
 
 /// Builds filter instances; created once per config.
@@ -237,6 +395,12 @@ impl FilterChain {
                     c.name.clone(),
                     stats,
                 ))),
+                HttpFilterKind::Compressor(cc) => filters.push(Arc::new(
+                    crate::compressor::CompressorFactory::new(&c.name, cc, configs, stats),
+                )),
+                HttpFilterKind::GrpcStats(g) => filters.push(Arc::new(
+                    crate::grpc_stats::GrpcStatsFactory::new(&*c.name, g.clone(), stats),
+                )),
             }
         }
         filters.shrink_to_fit();

@@ -7,8 +7,10 @@
 //! the request upstream when every decoder has continued.
 #![forbid(unsafe_code)]
 
+pub mod compressor;
 pub mod cors;
 pub mod fault;
+pub mod grpc_stats;
 pub mod http;
 pub mod listener;
 pub mod network;

@@ -84,12 +84,27 @@ pub enum Body {
     /// A body with a hook that runs when the stream ends or is dropped
     /// (access logs, stats).
     Tracked(Box<Tracked>),
+    /// A response body through the HTTP filters' body and trailer hooks
+    /// (only when an instance asked for them).
+    Filtered(Box<Filtered>),
+}
+
+/// A response body whose chunks and trailers run through filter hooks.
+pub struct Filtered {
+    pub inner: Body,
+    pub chain: filters::ResponseBodyChain,
+    /// Trailers held while the data a filter added before them goes out.
+    trailers: Option<http::HeaderMap>,
+    /// The hooks have seen the end of the stream.
+    ended: bool,
 }
 
 pub struct Watched {
     pub inner: Incoming,
     pub state: Arc<StreamState>,
     pub deadline: Option<Pin<Box<Sleep>>>,
+    /// HTTP filters watching the request body (`None` without such a filter).
+    pub observer: Option<Box<dyn filters::RequestBodyObserver>>,
 }
 
 pub struct Timed {
@@ -157,6 +172,25 @@ impl Body {
             inner,
             state,
             deadline,
+            observer: None,
+        }))
+    }
+
+    /// Lets `observer` watch a downstream request body's chunks.
+    pub fn observed(mut self, observer: Option<Box<dyn filters::RequestBodyObserver>>) -> Body {
+        if let Body::Watched(w) = &mut self {
+            w.observer = observer;
+        }
+        self
+    }
+
+    /// Runs the response body through `chain`'s body and trailer hooks.
+    pub fn filtered(self, chain: filters::ResponseBodyChain) -> Body {
+        Body::Filtered(Box::new(Filtered {
+            inner: self,
+            chain,
+            trailers: None,
+            ended: false,
         }))
     }
 
@@ -200,12 +234,23 @@ impl http_body::Body for Body {
                         w.state.touch();
                         if let Some(d) = f.data_ref() {
                             w.state.bytes_received.fetch_add(d.len() as u64, Relaxed);
+                            if let Some(o) = &mut w.observer {
+                                o.on_data(d);
+                            }
                         }
                         if w.inner.is_end_stream() {
                             w.state.request_complete.store(true, Relaxed);
+                            if let Some(mut o) = w.observer.take() {
+                                o.on_end();
+                            }
                         }
                     }
-                    Poll::Ready(None) => w.state.request_complete.store(true, Relaxed),
+                    Poll::Ready(None) => {
+                        w.state.request_complete.store(true, Relaxed);
+                        if let Some(mut o) = w.observer.take() {
+                            o.on_end();
+                        }
+                    }
                     Poll::Ready(Some(Err(_))) => w.state.body_error.store(true, Relaxed),
                     Poll::Pending => {
                         if let Some(d) = &mut w.deadline {
@@ -269,6 +314,7 @@ impl http_body::Body for Body {
                 }
                 r
             }
+            Body::Filtered(f) => f.poll(cx),
         }
     }
 
@@ -280,6 +326,8 @@ impl http_body::Body for Body {
             Body::Watched(w) => w.inner.is_end_stream(),
             Body::Timed(t) => t.inner.is_end_stream(),
             Body::Tracked(t) => t.inner.is_end_stream() && t.done.is_none(),
+            // Only once the hooks saw the end (they may add data at it).
+            Body::Filtered(f) => f.ended && f.trailers.is_none(),
         }
     }
 
@@ -293,6 +341,57 @@ impl http_body::Body for Body {
             Body::Watched(w) => w.inner.size_hint(),
             Body::Timed(t) => t.inner.size_hint(),
             Body::Tracked(t) => t.inner.size_hint(),
+            // Filters may change the length (content-length is theirs to
+            // remove); hyper must not derive one from the inner body.
+            Body::Filtered(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl Filtered {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use http_body::Body as _;
+        loop {
+            if let Some(t) = self.trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    let out = self.chain.data(Bytes::new(), true);
+                    return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(out))));
+                }
+                Poll::Ready(Some(Ok(f))) => f,
+            };
+            match frame.into_data() {
+                Ok(d) => {
+                    let eos = self.inner.is_end_stream();
+                    self.ended = eos;
+                    let out = self.chain.data(d, eos);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(mut t) = frame.into_trailers() {
+                        self.ended = true;
+                        let out = self.chain.trailers(&mut t);
+                        if out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        }
+                        self.trailers = Some(t);
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+            }
         }
     }
 }

@@ -108,6 +108,30 @@ impl filters::Counter for Counter {
     fn inc(&self) {
         Counter::inc(self)
     }
+    fn add(&self, n: u64) {
+        Counter::add(self, n)
+    }
+}
+
+impl filters::Histogram for Histogram {
+    fn record(&self, ms: u64) {
+        self.record_us(ms.saturating_mul(1000))
+    }
+}
+
+/// `cluster.<cluster>.<rest>`, tagged as Envoy's default extractors:
+/// the cluster name, and for `grpc.<service>.<...>` the gRPC service
+/// (`envoy.grpc_bridge_service`). Envoy also extracts the method
+/// (`envoy.grpc_bridge_method`); weir's stats keep two tags at most.
+fn cluster_stat_name(cluster: &str, rest: &str) -> StatName {
+    let n = StatName::tagged("cluster", cluster, rest, "envoy_cluster_name");
+    match rest.strip_prefix("grpc.").and_then(|r| r.split_once('.')) {
+        Some((service, _)) => {
+            let start = "cluster.".len() + cluster.len() + ".grpc.".len();
+            n.with_second_tag(start, service.len(), "envoy_grpc_bridge_service")
+        }
+        None => n,
+    }
 }
 
 impl filters::Gauge for Gauge {
@@ -128,6 +152,12 @@ impl filters::StatsScope for HttpFilterStats {
     }
     fn gauge(&self, name: &str) -> Arc<dyn filters::Gauge> {
         self.store.gauge(self.name(name))
+    }
+    fn cluster_counter(&self, cluster: &str, name: &str) -> Arc<dyn filters::Counter> {
+        self.store.counter(cluster_stat_name(cluster, name))
+    }
+    fn cluster_histogram(&self, cluster: &str, name: &str) -> Arc<dyn filters::Histogram> {
+        self.store.histogram(cluster_stat_name(cluster, name))
     }
 }
 
@@ -430,13 +460,13 @@ mod tests {
     #[test]
     fn pass_through_gauges_follow_the_chains_alive() {
         let store = Store::new(1, StatsConfig::default());
-        let a = PassThroughStats::new(&store, [PassThrough::IstioStats, PassThrough::GrpcStats]);
+        let a = PassThroughStats::new(&store, [PassThrough::IstioStats, PassThrough::IstioAlpn]);
         let b = PassThroughStats::new(&store, [PassThrough::IstioStats]);
         assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(2));
-        assert_eq!(store.get("weir.pass_through_filter.grpc_stats"), Some(1));
+        assert_eq!(store.get("weir.pass_through_filter.istio_alpn"), Some(1));
         drop(a);
         assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(1));
-        assert_eq!(store.get("weir.pass_through_filter.grpc_stats"), Some(0));
+        assert_eq!(store.get("weir.pass_through_filter.istio_alpn"), Some(0));
         drop(b);
         assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(0));
     }

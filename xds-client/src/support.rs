@@ -239,11 +239,48 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "allow_credentials", "filter_enabled", "shadow_enabled", "allow_private_network_access",
         "forward_not_matching_preflights",
     ]),
-    // Pass-through: accepted and not run (gRPC per-method stats missing).
+    // `emit_filter_state` has no reader in weir (`%FILTER_STATE%` is
+    // rejected in formats), so it is accepted without effect.
     ("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", &[
-        "~emit_filter_state", "~individual_method_stats_allowlist", "~stats_for_all_methods",
-        "~enable_upstream_stats", "~replace_dots_in_grpc_service_name",
+        "~emit_filter_state", "individual_method_stats_allowlist", "stats_for_all_methods",
+        "enable_upstream_stats", "replace_dots_in_grpc_service_name",
     ]),
+    ("envoy.config.core.v3.GrpcMethodList", &["services"]),
+    // The compressor filter: response compression with gzip, brotli and
+    // zstd. Request compression, the newer response options and zstd
+    // dictionaries are rejected by the translator, naming the field.
+    // `memory_level` tunes zlib's internal state only (ARCHITECTURE.md).
+    ("envoy.extensions.filters.http.compressor.v3.Compressor", &[
+        "compressor_library", "response_direction_config", "request_direction_config",
+        "choose_first", "content_length", "content_type", "disable_on_etag_header",
+        "remove_accept_encoding_header", "runtime_enabled",
+    ]),
+    ("envoy.extensions.filters.http.compressor.v3.Compressor.ResponseDirectionConfig", &[
+        "common_config", "disable_on_etag_header", "remove_accept_encoding_header",
+        "weaken_etag_on_compress", "uncompressible_response_codes", "status_header_enabled",
+    ]),
+    ("envoy.extensions.filters.http.compressor.v3.Compressor.RequestDirectionConfig", &["common_config"]),
+    ("envoy.extensions.filters.http.compressor.v3.Compressor.CommonDirectionConfig", &[
+        "enabled", "min_content_length", "content_type", "content_type_matcher",
+    ]),
+    ("envoy.extensions.filters.http.compressor.v3.CompressorPerRoute", &["disabled", "overrides"]),
+    ("envoy.extensions.filters.http.compressor.v3.CompressorOverrides", &[
+        "response_direction_config", "compressor_library",
+    ]),
+    ("envoy.extensions.filters.http.compressor.v3.ResponseDirectionOverrides", &["remove_accept_encoding_header"]),
+    // No runtime layer: the default value decides (as the fault filter's keys).
+    ("envoy.config.core.v3.RuntimeFeatureFlag", &["default_value", "~runtime_key"]),
+    ("envoy.extensions.compression.gzip.compressor.v3.Gzip", &[
+        "compression_level", "compression_strategy", "window_bits", "chunk_size", "~memory_level",
+    ]),
+    ("envoy.extensions.compression.brotli.compressor.v3.Brotli", &[
+        "quality", "encoder_mode", "window_bits", "input_block_bits", "chunk_size",
+        "disable_literal_context_modeling",
+    ]),
+    ("envoy.extensions.compression.zstd.compressor.v3.Zstd", &[
+        "compression_level", "enable_checksum", "strategy", "chunk_size", "dictionary",
+    ]),
+    ("envoy.config.core.v3.GrpcMethodList.Service", &["name", "method_names"]),
     // Istio's filters (descriptors hand-built in descriptors.rs), pass-through.
     ("stats.PluginConfig", &[
         "~disable_host_header_fallback", "~tcp_reporting_duration", "~metrics", "~definitions",

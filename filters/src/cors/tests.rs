@@ -93,6 +93,7 @@ fn view<'a>(levels: [&'a PerFilterConfigs; 3]) -> RouteView<'a> {
     RouteView {
         per_filter: levels,
         cluster: Some("a"),
+        request: None,
     }
 }
 
@@ -168,7 +169,8 @@ fn no_policy_no_instance() {
     assert!(f
         .create(&RouteView {
             per_filter: [&p, &empty, &empty],
-            cluster: None
+            cluster: None,
+            request: None,
         })
         .is_none());
 }

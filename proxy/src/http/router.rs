@@ -36,6 +36,8 @@ pub struct Forward<'a> {
     /// The stream's shared state and timers.
     pub state: Arc<StreamState>,
     pub timers: StreamTimers,
+    /// HTTP filters watching the request body (once, whatever the retries).
+    pub request_observer: Option<Box<dyn filters::RequestBodyObserver>>,
 }
 
 /// Envoy's per-stream timers (`None` = disabled).
@@ -398,6 +400,10 @@ pub async fn forward(
                 Ok(c) => {
                     let bytes = c.to_bytes();
                     info.bytes_received = bytes.len() as u64;
+                    if let Some(mut o) = f.request_observer.take() {
+                        o.on_data(&bytes);
+                        o.on_end();
+                    }
                     replay = Some(bytes);
                 }
                 Err(_) => {
@@ -453,7 +459,9 @@ pub async fn forward(
         }
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Body::full(b.clone()),
-            (None, Some(s)) => Body::watched(s, state.clone(), timers.request),
+            (None, Some(s)) => {
+                Body::watched(s, state.clone(), timers.request).observed(f.request_observer.take())
+            }
             (None, None) => Body::Empty,
         };
         // auto_host_rewrite: the chosen host's hostname becomes the authority.

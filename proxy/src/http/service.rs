@@ -458,6 +458,7 @@ async fn pipeline(
         ctx.hcm.chain.instantiate(&filters::RouteView {
             per_filter: [&route.per_filter, &vh.per_filter, &rc.per_filter],
             cluster: route_cluster,
+            request: Some(parts),
         })
     };
     if !instances.is_empty() {
@@ -466,6 +467,7 @@ async fn pipeline(
             internal: edge.internal,
             downstream: ctx.downstream.clone(),
             flags: Vec::new(),
+            end_stream: false,
         };
         let lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
         for f in fcx.flags.drain(..) {
@@ -487,6 +489,8 @@ async fn pipeline(
             return Response::from_parts(rp, rb);
         }
     }
+    // Only filters with a request body hook wrap the body (none: no cost).
+    let request_observer = filters::request_body_observer(&mut instances);
     fn levels<'a>(
         weighted: Option<&'a xds_client::config::HeaderMutations>,
         route: &'a xds_client::config::Route,
@@ -669,6 +673,7 @@ async fn pipeline(
                         .or(action.max_stream_duration)
                         .or(h.max_stream_duration),
                 },
+                request_observer,
             };
             let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
             let upgrade = match upgrade_type {
@@ -699,15 +704,30 @@ async fn pipeline(
                 info,
             );
             if !instances.is_empty() {
+                // As Envoy, filters see a gRPC request's local reply (no
+                // upstream, a timeout) as the trailers-only reply it becomes.
+                if info.grpc && info.response_code_details != "via_upstream" {
+                    info.local_grpc_status = Some(
+                        info.local_grpc_status
+                            .unwrap_or_else(|| grpc_status(resp.status().as_u16())),
+                    );
+                    resp = grpc_local_reply(resp, info);
+                }
                 let mut fcx = filters::FilterContext {
                     route_name: info.route_name.clone(),
                     internal: edge.internal,
                     downstream: ctx.downstream.clone(),
                     flags: Vec::new(),
+                    end_stream: false,
                 };
-                let (mut rp, rb) = resp.into_parts();
+                let (mut rp, mut rb) = resp.into_parts();
+                fcx.end_stream = http_body::Body::is_end_stream(&rb);
                 if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
                     return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
+                }
+                // Only a filter that asked for the body hooks wraps it.
+                if let Some(chain) = filters::ResponseBodyChain::new(instances) {
+                    rb = rb.filtered(chain);
                 }
                 resp = Response::from_parts(rp, rb);
             }
@@ -877,31 +897,7 @@ fn shape_local_reply(
 ) -> Response<Body> {
     use http_body::Body as _;
     if info.grpc {
-        let status = resp.status().as_u16();
-        let (mut parts, body) = resp.into_parts();
-        let msg = match body {
-            Body::Full(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
-            _ => String::new(),
-        };
-        parts.status = http::StatusCode::OK;
-        parts.headers.remove(header::CONTENT_LENGTH);
-        parts.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        parts.headers.insert(
-            "grpc-status",
-            HeaderValue::from(
-                info.local_grpc_status
-                    .unwrap_or_else(|| grpc_status(status)),
-            ),
-        );
-        if !msg.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&msg)) {
-                parts.headers.insert("grpc-message", v);
-            }
-        }
-        resp = Response::from_parts(parts, Body::Empty);
+        resp = grpc_local_reply(resp, info);
     }
     let empty = resp.body().size_hint().exact() == Some(0);
     if empty
@@ -930,6 +926,37 @@ fn shape_local_reply(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// A local reply to a gRPC request as Envoy sends it: a trailers-only
+/// `200` with `grpc-status` (and `grpc-message` from the body). Applying it
+/// twice changes nothing once `info.local_grpc_status` is set.
+fn grpc_local_reply(resp: Response<Body>, info: &StreamInfo) -> Response<Body> {
+    let status = resp.status().as_u16();
+    let (mut parts, body) = resp.into_parts();
+    let msg = match body {
+        Body::Full(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        _ => String::new(),
+    };
+    parts.status = http::StatusCode::OK;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    parts.headers.insert(
+        "grpc-status",
+        HeaderValue::from(
+            info.local_grpc_status
+                .unwrap_or_else(|| grpc_status(status)),
+        ),
+    );
+    if !msg.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&msg)) {
+            parts.headers.insert("grpc-message", v);
+        }
+    }
+    Response::from_parts(parts, Body::Empty)
 }
 
 fn grpc_percent_encode(s: &str) -> String {

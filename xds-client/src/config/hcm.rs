@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 
-use super::{FaultConfig, Format, Name, RouteConfig};
+use super::{CompressorConfig, FaultConfig, Format, GrpcStatsConfig, Name, RouteConfig};
 
 /// Where an HCM's routes come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -270,6 +270,10 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.cors`: no config of its own; its policies are
     /// per route ([`FilterOverride::Cors`]).
     Cors,
+    /// `envoy.filters.http.grpc_stats`.
+    GrpcStats(Arc<GrpcStatsConfig>),
+    /// `envoy.filters.http.compressor`.
+    Compressor(Arc<CompressorConfig>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.
@@ -280,8 +284,6 @@ pub enum HttpFilterKind {
 /// is listed, with what is missing, in ARCHITECTURE.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PassThrough {
-    /// `envoy.filters.http.grpc_stats`: no per-method gRPC stats, no filter state.
-    GrpcStats,
     /// Istio's `istio.stats` (`stats.PluginConfig`), HTTP or network: no Istio metrics.
     IstioStats,
     /// Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`).
@@ -297,7 +299,6 @@ impl PassThrough {
     /// The last component of the stat `weir.pass_through_filter.<name>`.
     pub fn stat_name(self) -> &'static str {
         match self {
-            PassThrough::GrpcStats => "grpc_stats",
             PassThrough::IstioStats => "istio_stats",
             PassThrough::PeerMetadata => "peer_metadata",
             PassThrough::IstioAlpn => "istio_alpn",

@@ -7,9 +7,11 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 pub mod cluster;
+pub mod compressor;
 pub mod cors;
 pub mod fault;
 pub mod format;
+pub mod grpc_stats;
 pub mod hcm;
 pub mod matcher;
 pub mod network;
@@ -20,9 +22,11 @@ pub mod tls;
 pub mod xds;
 
 pub use cluster::*;
+pub use compressor::*;
 pub use cors::*;
 pub use fault::*;
 pub use format::*;
+pub use grpc_stats::*;
 pub use hcm::*;
 pub use matcher::*;
 pub use network::*;

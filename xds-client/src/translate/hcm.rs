@@ -471,7 +471,7 @@ pub fn http2_settings(
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 use super::fault::FAULT;
 const CORS: &str = "envoy.extensions.filters.http.cors.v3.Cors";
-const GRPC_STATS: &str = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig";
+use super::grpc_stats::GRPC_STATS;
 const UUID_REQUEST_ID: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
 
 fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, ConfigErrors> {
@@ -515,9 +515,14 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let _: Cors = super::decode(&any, &tpath)?;
             HttpFilterKind::Cors
         }
+        super::compressor::COMPRESSOR => {
+            let c: crate::api::envoy::extensions::filters::http::compressor::v3::Compressor =
+                super::decode(&any, &tpath)?;
+            HttpFilterKind::Compressor(Arc::new(super::compressor::compressor(&c, &tpath)?))
+        }
         GRPC_STATS => {
-            let _: GrpcStats = super::decode(&any, &tpath)?;
-            HttpFilterKind::PassThrough(PassThrough::GrpcStats)
+            let g: GrpcStats = super::decode(&any, &tpath)?;
+            HttpFilterKind::GrpcStats(Arc::new(super::grpc_stats::grpc_stats(&g)))
         }
         name @ (ISTIO_STATS | ISTIO_PEER_METADATA | ISTIO_ALPN) => {
             crate::descriptors::decode_any(&any.type_url, &any.value)
@@ -1050,7 +1055,10 @@ load_assignment:
             [
                 HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
                 HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
-                HttpFilterKind::PassThrough(PassThrough::GrpcStats),
+                HttpFilterKind::GrpcStats(Arc::new(crate::config::GrpcStatsConfig {
+                    emit_filter_state: true,
+                    ..Default::default()
+                })),
                 HttpFilterKind::PassThrough(PassThrough::IstioAlpn),
                 HttpFilterKind::Fault(Arc::new(FaultConfig::default())),
                 HttpFilterKind::Cors,
@@ -1104,7 +1112,7 @@ load_assignment:
         assert_eq!(l.filter_chains[0].pass_through, [PassThrough::IstioStats]);
         assert!(matches!(
             l.filter_chains[0].filter,
-            NetworkFilter::Http(ref h) if h.pass_through().count() == 5
+            NetworkFilter::Http(ref h) if h.pass_through().count() == 4
         ));
     }
 

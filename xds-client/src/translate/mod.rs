@@ -22,9 +22,11 @@ use crate::config::*;
 use crate::error::{join, ConfigErrors};
 
 pub mod cluster;
+pub mod compressor;
 pub mod cors;
 pub mod fault;
 pub mod format;
+pub mod grpc_stats;
 pub mod hcm;
 pub mod listener;
 pub mod network;

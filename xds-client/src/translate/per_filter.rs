@@ -94,6 +94,13 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 &p, path,
             )?)))
         }
+        super::compressor::COMPRESSOR_PER_ROUTE => {
+            let p: crate::api::envoy::extensions::filters::http::compressor::v3::CompressorPerRoute =
+                super::decode(&any, path)?;
+            Ok(FilterOverride::Compressor(super::compressor::per_route(
+                &p, path,
+            )?))
+        }
         super::cors::CORS_POLICY => super::cors::per_route(&any, path),
         other => Err(err(
             path,
