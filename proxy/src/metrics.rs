@@ -129,6 +129,9 @@ impl filters::StatsScope for HttpFilterStats {
     fn gauge(&self, name: &str) -> Arc<dyn filters::Gauge> {
         self.store.gauge(self.name(name))
     }
+    fn root(&self) -> Option<Arc<dyn filters::StatsScope>> {
+        Some(RootFilterStats::scope(&self.store))
+    }
 }
 
 /// The store's root as a filter stats scope (network filters: names are

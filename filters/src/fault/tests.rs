@@ -336,6 +336,7 @@ fn per_route_override_and_disable() {
     let view = RouteView {
         per_filter: [&empty, &route, &empty],
         cluster: None,
+        rate_limits: None,
     };
     let mut i = f.create(&view).expect("vhost override");
     let Action::Respond(r) = run(&mut i, &mut request(&[])).0 else {
@@ -352,6 +353,7 @@ fn per_route_override_and_disable() {
     let view = RouteView {
         per_filter: [&off, &route, &empty],
         cluster: None,
+        rate_limits: None,
     };
     assert!(view.disabled("envoy.filters.http.fault"));
     assert!(!view.disabled("other"));

@@ -446,9 +446,18 @@ async fn pipeline(
             },
             _ => None,
         };
+        let rate_limits = match &route.action {
+            RouteKind::Forward(a) => Some(filters::RouteRateLimits {
+                route: &a.rate_limits,
+                vhost: &vh.rate_limits,
+                include_vh: a.include_vh_rate_limits,
+            }),
+            _ => None,
+        };
         ctx.hcm.chain.instantiate(&filters::RouteView {
             per_filter: [&route.per_filter, &vh.per_filter, &rc.per_filter],
             cluster: route_cluster,
+            rate_limits,
         })
     };
     if !instances.is_empty() {
@@ -468,7 +477,12 @@ async fn pipeline(
             }
             info.response_code_details = lr.details;
             info.local_grpc_status = lr.grpc_status;
-            return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
+            // As Envoy, a filter's local reply passes the encode phases
+            // (the local rate limit adds its headers there).
+            let (mut rp, rb) =
+                reply_owned(lr.status.as_u16(), lr.body, Some("text/plain")).into_parts();
+            let _ = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+            return Response::from_parts(rp, rb);
         }
     }
     fn levels<'a>(
@@ -707,6 +721,18 @@ async fn pipeline(
         rc.most_specific_header_mutations_wins,
         info,
     );
+    // As Envoy, the router's direct responses pass the encode phases.
+    if !instances.is_empty() {
+        let mut fcx = filters::FilterContext {
+            route_name: info.route_name.clone(),
+            internal: edge.internal,
+            downstream: ctx.downstream.clone(),
+            flags: Vec::new(),
+        };
+        let (mut rp, rb) = resp.into_parts();
+        let _ = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+        resp = Response::from_parts(rp, rb);
+    }
     resp
 }
 

@@ -232,6 +232,9 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.fault`. An empty config (no `delay`, no `abort`)
     /// still matters: routes may override it (`typed_per_filter_config`).
     Fault(Arc<FaultConfig>),
+    /// `envoy.filters.http.local_ratelimit`. Without `filter_enabled` or a
+    /// bucket it does nothing, but routes may override it.
+    LocalRateLimit(Arc<super::HttpLocalRateLimit>),
     /// A filter configured so that Envoy's filter does nothing; not built
     /// into the request path.
     Inert(InertFilter),

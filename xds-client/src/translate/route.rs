@@ -129,6 +129,11 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         errs.extend(e);
         PerFilterConfigs::default()
     });
+    let rate_limits = super::ratelimit::rate_limits(&p.rate_limits, &join(path, "rate_limits"))
+        .unwrap_or_else(|e| {
+            errs.extend(e);
+            Default::default()
+        });
     let require_tls = match p.require_tls {
         0 => TlsRequirement::None,
         1 => TlsRequirement::ExternalOnly,
@@ -144,6 +149,7 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         include_request_attempt_count: p.include_request_attempt_count,
         include_attempt_count_in_response: p.include_attempt_count_in_response,
         per_filter,
+        rate_limits,
     })
 }
 
@@ -482,6 +488,11 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             )
         })
         .collect();
+    let rate_limits = super::ratelimit::rate_limits(&p.rate_limits, &join(path, "rate_limits"))
+        .unwrap_or_else(|e| {
+            errs.extend(e);
+            Default::default()
+        });
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -508,6 +519,8 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             None => None,
         },
         upgrades,
+        rate_limits,
+        include_vh_rate_limits: p.include_vh_rate_limits.is_some_and(|b| b.value),
     })
 }
 
