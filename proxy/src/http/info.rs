@@ -554,11 +554,11 @@ mod tests {
         all.set(Flags::NR);
         assert_eq!(
             all.short(),
-            "FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
+            "RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
         );
         assert!(all
             .long()
-            .starts_with("FaultInjected,DelayInjected,NoClusterFound,"));
+            .starts_with("RateLimited,FaultInjected,DelayInjected,NoClusterFound,"));
         assert_eq!(Flags::from_short("FI"), Flags::FI);
         assert_eq!(Flags::from_short("??"), 0);
     }
