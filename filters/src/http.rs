@@ -74,9 +74,9 @@ pub struct Downstream {
 /// Connection-scoped filter state by key, created on first use and freed
 /// with the connection (its `Downstream`).
 #[derive(Clone, Default)]
-pub struct ConnectionState(
-    Arc<std::sync::Mutex<Vec<(&'static str, Arc<dyn std::any::Any + Send + Sync>)>>>,
-);
+pub struct ConnectionState(Arc<std::sync::Mutex<Vec<(&'static str, StateValue)>>>);
+
+type StateValue = Arc<dyn std::any::Any + Send + Sync>;
 
 impl std::fmt::Debug for ConnectionState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

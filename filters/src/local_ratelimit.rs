@@ -826,3 +826,49 @@ mod tests {
         assert_eq!(descriptor(&hm(false), &req), None);
     }
 }
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+
+    #[test]
+    fn per_connection_buckets_die_with_the_connection() {
+        let state = crate::http::ConnectionState::default();
+        let c = HttpLocalRateLimit {
+            token_bucket: Some(TokenBucketConfig {
+                max_tokens: 1,
+                tokens_per_fill: 1,
+                fill_interval: std::time::Duration::from_secs(60),
+            }),
+            ..tests_cfg()
+        };
+        let b = state.get_or_insert_with(PER_CONNECTION, || Buckets::new(&c));
+        assert!(b.request_allowed(&[]).allowed);
+        // The same connection: the same buckets.
+        let again = state.get_or_insert_with(PER_CONNECTION, || Buckets::new(&c));
+        assert!(!again.request_allowed(&[]).allowed);
+        let weak = Arc::downgrade(&b);
+        drop((b, again, state));
+        assert!(weak.upgrade().is_none(), "freed with the connection");
+    }
+
+    fn tests_cfg() -> HttpLocalRateLimit {
+        HttpLocalRateLimit {
+            stat_prefix: "p".into(),
+            status: 429,
+            token_bucket: None,
+            filter_enabled: None,
+            filter_enforced: None,
+            request_headers_when_not_enforced: vec![],
+            response_headers: vec![],
+            descriptors: vec![],
+            stage: 0,
+            per_connection: true,
+            x_ratelimit_headers: false,
+            vh_rate_limits: VhRateLimits::Override,
+            always_consume_default: true,
+            resource_exhausted: false,
+            max_dynamic_descriptors: 20,
+        }
+    }
+}

@@ -501,6 +501,7 @@ async fn per_connection_buckets() {
         json!({
             "token_bucket": bucket(2, "60s"),
             "local_rate_limit_per_downstream_connection": true,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
         }),
     );
     // A direct response (a known content-length) has no route entry; the
@@ -518,11 +519,11 @@ async fn per_connection_buckets() {
     assert_eq!(b.get().await, 429);
     // The 429 keeps the connection open, and limited.
     assert_eq!(a.get().await, 429);
-    // A new connection starts full.
-    assert_eq!(
-        Http::h1().get(&format!("{}/x", p.base()), &[]).await.status,
-        200
-    );
+    // A new connection starts full. Direct responses carry the headers.
+    let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "ok");
+    assert_eq!(x_ratelimit(&r), (Some("2"), Some("1"), Some("0")));
     assert_eq!(
         stats(&p, "conn").await,
         [Some(8), Some(5), Some(3), Some(3)]

@@ -220,3 +220,76 @@ fn query_matcher(q: &r::QueryParameterMatcher, path: &str) -> Result<QueryMatche
         matcher,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::envoy::config::route::v3::rate_limit::action::{self, ActionSpecifier as A};
+    use crate::api::google::protobuf as pb;
+
+    fn rl(actions: Vec<A>, stage: u32) -> r::RateLimit {
+        r::RateLimit {
+            stage: Some(pb::UInt32Value { value: stage }),
+            actions: actions
+                .into_iter()
+                .map(|a| r::rate_limit::Action {
+                    action_specifier: Some(a),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_rejections() {
+        let ok = rate_limits(
+            &[rl(
+                vec![
+                    A::GenericKey(action::GenericKey {
+                        descriptor_value: "v".into(),
+                        ..Default::default()
+                    }),
+                    A::MaskedRemoteAddress(action::MaskedRemoteAddress::default()),
+                ],
+                3,
+            )],
+            "rl",
+        )
+        .expect("valid");
+        assert_eq!(ok[0].stage, 3);
+        assert_eq!(
+            ok[0].actions,
+            [
+                RateLimitAction::GenericKey {
+                    key: "generic_key".into(),
+                    value: "v".into()
+                },
+                RateLimitAction::MaskedRemoteAddress {
+                    v4_len: 32,
+                    v6_len: 128
+                }
+            ]
+        );
+        let bad = [
+            rl(vec![A::SourceCluster(action::SourceCluster {})], 0),
+            rl(vec![A::RemoteAddress(action::RemoteAddress {})], 11),
+            rl(
+                vec![A::MaskedRemoteAddress(action::MaskedRemoteAddress {
+                    v4_prefix_mask_len: Some(pb::UInt32Value { value: 33 }),
+                    v6_prefix_mask_len: None,
+                })],
+                0,
+            ),
+            rl(vec![], 0),
+        ];
+        let e = rate_limits(&bad, "rl").expect_err("invalid").to_string();
+        for path in [
+            "rl[0].actions[0]",
+            "rl[1].stage",
+            "rl[2].actions[0].masked_remote_address.v4_prefix_mask_len",
+            "rl[3].actions",
+        ] {
+            assert!(e.contains(path), "{path} in {e}");
+        }
+    }
+}
