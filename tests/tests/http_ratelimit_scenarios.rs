@@ -570,3 +570,82 @@ async fn grpc_requests_get_grpc_status() {
         "200 /exhausted RL local_rate_limited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_values_of_other_actions() {
+    let up = echo().await;
+    let one = |k: &str, v: &str| json!({"entries": [{"key": k, "value": v}], "token_bucket": bucket(1, "60s")});
+    let filter = lrl(
+        "acts",
+        json!({
+            "token_bucket": bucket(100, "60s"),
+            "descriptors": [
+                one("masked_remote_address", "127.0.0.0/24"),
+                one("header_match", "no-debug"),
+                one("query_match", "beta"),
+                one("destination_cluster", "up"),
+                one("tenant", "t1"),
+            ],
+        }),
+    );
+    let rate_limit = |action: Value| json!({"rate_limits": [{"actions": [action]}]});
+    let routes = vec![
+        route(
+            "/masked",
+            json!({}),
+            rate_limit(json!({"masked_remote_address": {"v4_prefix_mask_len": 24}})),
+        ),
+        route(
+            "/header",
+            json!({}),
+            rate_limit(json!({"header_value_match": {
+                "descriptor_value": "no-debug", "expect_match": false,
+                "headers": [{"name": "x-debug", "present_match": true}],
+            }})),
+        ),
+        route(
+            "/query",
+            json!({}),
+            rate_limit(json!({"query_parameter_value_match": {
+                "descriptor_value": "beta",
+                "query_parameters": [{"name": "beta", "string_match": {"exact": "1"}}],
+            }})),
+        ),
+        route(
+            "/cluster",
+            json!({}),
+            rate_limit(json!({"destination_cluster": {}})),
+        ),
+        route(
+            "/tenant",
+            json!({}),
+            rate_limit(json!({"query_parameters": {
+                "query_parameter_name": "tenant", "descriptor_key": "tenant",
+            }})),
+        ),
+    ];
+    let c = Cfg::new(filter, routes, &up, "actions");
+    let p = c.start();
+    let h = Http::h1();
+    let status = |path: &str, headers: &'static [(&'static str, &'static str)]| {
+        let (h, url) = (h.clone(), format!("{}{path}", p.base()));
+        async move { h.get(&url, headers).await.status }
+    };
+    for path in ["/masked", "/cluster"] {
+        assert_eq!(status(path, &[]).await, 200, "{path}");
+        assert_eq!(status(path, &[]).await, 429, "{path}");
+    }
+    // With x-debug the descriptor is not produced: not limited.
+    assert_eq!(status("/header", &[]).await, 200);
+    assert_eq!(status("/header", &[("x-debug", "1")]).await, 200);
+    assert_eq!(status("/header", &[]).await, 429);
+    assert_eq!(status("/query?beta=2", &[]).await, 200);
+    assert_eq!(status("/query?beta=1", &[]).await, 200);
+    assert_eq!(status("/query?beta=2", &[]).await, 200);
+    assert_eq!(status("/query?beta=1", &[]).await, 429);
+    assert_eq!(status("/tenant?tenant=t2", &[]).await, 200);
+    assert_eq!(status("/tenant?tenant=t1", &[]).await, 200);
+    assert_eq!(status("/tenant?tenant=t1", &[]).await, 429);
+    // Without the parameter (no skip_if_absent): no descriptor.
+    assert_eq!(status("/tenant", &[]).await, 200);
+}
