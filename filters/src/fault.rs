@@ -101,8 +101,8 @@ impl HttpFilterFactory for FaultFactory {
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
         let config = match route.override_for(&self.name) {
             Some(FilterOverride::Fault(f)) => f,
-            // As Envoy: another filter's config type is not this filter's.
-            Some(_) | None => &self.config,
+            // Another filter's config under this name: ignored, as Envoy.
+            _ => &self.config,
         };
         if !config.is_active() {
             return None;
@@ -242,7 +242,7 @@ fn selects(cfg: &FaultConfig, head: &Parts) -> bool {
 }
 
 /// Envoy's `HeaderUtility::matchHeaders` for one matcher.
-fn header_matches(m: &HeaderMatcher, head: &Parts) -> bool {
+pub(crate) fn header_matches(m: &HeaderMatcher, head: &Parts) -> bool {
     match &m.name {
         HeaderKey::Name(n) => {
             let mut all = head.headers.get_all(n).iter();

@@ -13,6 +13,7 @@ pub mod fault;
 pub mod grpc_stats;
 pub mod http;
 pub mod listener;
+pub mod local_ratelimit;
 pub mod network;
 pub mod router;
 pub mod token_bucket;

@@ -99,6 +99,22 @@ impl TokenBucket {
     pub fn max_tokens(&self) -> u32 {
         self.max_tokens
     }
+
+    /// Whole seconds until the next token (0 with one available), rounded
+    /// up (for `x-ratelimit-reset`, as Envoy's `resetSeconds`).
+    pub fn reset_seconds(&self) -> u64 {
+        let total = self.scaled(now_ns(), self.empty_at.load(Ordering::Relaxed));
+        if total >= self.interval {
+            return 0;
+        }
+        let wait_ns = (self.interval - total + self.tokens_per_fill - 1) / self.tokens_per_fill;
+        u64::try_from((wait_ns + 999_999_999) / 1_000_000_000).unwrap_or(u64::MAX)
+    }
+
+    /// Orders buckets by fill rate (tokens per unit of time), slowest first.
+    pub fn cmp_rate(&self, other: &TokenBucket) -> std::cmp::Ordering {
+        (self.tokens_per_fill * other.interval).cmp(&(other.tokens_per_fill * self.interval))
+    }
 }
 
 #[cfg(test)]

@@ -642,6 +642,7 @@ async fn connection(
                     peer_dns_sans: peer.map(|p| p.dns_sans.clone()).unwrap_or_default(),
                     peer_subject: peer.map(|p| p.subject.clone()),
                     tls: tls.is_some(),
+                    state: Default::default(),
                 })
             });
             let ctx = Arc::new(ConnCtx {

@@ -159,6 +159,9 @@ impl filters::StatsScope for HttpFilterStats {
     fn cluster_histogram(&self, cluster: &str, name: &str) -> Arc<dyn filters::Histogram> {
         self.store.histogram(cluster_stat_name(cluster, name))
     }
+    fn root(&self) -> Option<Arc<dyn filters::StatsScope>> {
+        Some(RootFilterStats::scope(&self.store))
+    }
 }
 
 /// The store's root as a filter stats scope (network filters: names are

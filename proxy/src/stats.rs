@@ -317,13 +317,22 @@ impl StatName {
         }
     }
     /// `<prefix>.<value>.<rest>` with the value extracted as tag `tag`.
+    /// An empty `prefix` puts the value first (`<value>.<rest>`).
     pub fn tagged(prefix: &str, value: &str, rest: &str, tag: &'static str) -> Self {
         // Sized exactly, so the boxed name keeps no spare capacity.
         let mut name = String::with_capacity(prefix.len() + value.len() + rest.len() + 2);
-        for part in [prefix, ".", value, ".", rest] {
+        if !prefix.is_empty() {
+            name.push_str(prefix);
+            name.push('.');
+        }
+        for part in [value, ".", rest] {
             name.push_str(part);
         }
-        let start = prefix.len() + 1;
+        let start = if prefix.is_empty() {
+            0
+        } else {
+            prefix.len() + 1
+        };
         StatName {
             name: name.into_boxed_str(),
             tag: Tag {

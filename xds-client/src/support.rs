@@ -221,6 +221,38 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "http_status", "grpc_status", "header_abort", "percentage", "response_body",
     ]),
     ("envoy.extensions.filters.http.fault.v3.FaultAbort.HeaderAbort", &[]),
+    // envoy.filters.http.local_ratelimit (ARCHITECTURE.md "HTTP local rate
+    // limit"). `local_cluster_rate_limit`, the filter's own `rate_limits`,
+    // `enable_retry_after_header` and descriptors' `shadow_mode` are not
+    // implemented (rejected, see PENDING).
+    ("envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", &[
+        "stat_prefix", "status", "token_bucket", "filter_enabled", "filter_enforced",
+        "request_headers_to_add_when_not_enforced", "response_headers_to_add", "descriptors",
+        "stage", "local_rate_limit_per_downstream_connection",
+        "enable_x_ratelimit_headers", "vh_rate_limits", "always_consume_default_token_bucket",
+        "rate_limited_as_resource_exhausted", "max_dynamic_descriptors",
+    ]),
+    ("envoy.type.v3.HttpStatus", &["code"]),
+    ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", &["entries", "token_bucket"]),
+    ("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry", &["key", "value"]),
+    // Route and virtual host `rate_limits` (the descriptors rate limit
+    // filters ask about).
+    ("envoy.config.route.v3.RateLimit", &["stage", "disable_key", "actions"]),
+    ("envoy.config.route.v3.RateLimit.Action", &[
+        "destination_cluster", "request_headers", "query_parameters", "remote_address",
+        "masked_remote_address", "generic_key", "header_value_match",
+        "query_parameter_value_match",
+    ]),
+    ("envoy.config.route.v3.RateLimit.Action.DestinationCluster", &[]),
+    ("envoy.config.route.v3.RateLimit.Action.RequestHeaders", &["header_name", "descriptor_key", "skip_if_absent"]),
+    ("envoy.config.route.v3.RateLimit.Action.QueryParameters", &["query_parameter_name", "descriptor_key", "skip_if_absent"]),
+    ("envoy.config.route.v3.RateLimit.Action.RemoteAddress", &[]),
+    ("envoy.config.route.v3.RateLimit.Action.MaskedRemoteAddress", &["v4_prefix_mask_len", "v6_prefix_mask_len"]),
+    ("envoy.config.route.v3.RateLimit.Action.GenericKey", &["descriptor_value", "descriptor_key"]),
+    ("envoy.config.route.v3.RateLimit.Action.HeaderValueMatch", &["descriptor_value", "descriptor_key", "expect_match", "headers"]),
+    ("envoy.config.route.v3.RateLimit.Action.QueryParameterValueMatch", &[
+        "descriptor_value", "descriptor_key", "expect_match", "query_parameters",
+    ]),
     // `typed_per_filter_config` values: the filter's config or this wrapper
     // (`is_optional` only matters for filters weir does not know, which are
     // rejected anyway).
@@ -323,6 +355,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "include_attempt_count_in_response", "retry_policy", "typed_per_filter_config",
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
+        "rate_limits",
     ]),
     ("envoy.config.route.v3.Route", &[
         "name", "match", "route", "redirect", "direct_response", "request_headers_to_add",
@@ -356,6 +389,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs", "max_grpc_timeout",
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
+        "rate_limits", "include_vh_rate_limits",
     ]),
     ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),
@@ -464,6 +498,26 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "filter_metadata",
         "filter_metadata (dynamic metadata on injected faults) is not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "local_cluster_rate_limit",
+        "local_cluster_rate_limit (tokens shared across the local cluster) is not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "rate_limits",
+        "the filter's own rate_limits are not implemented (route and virtual host rate_limits are)",
+    ),
+    (
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "enable_retry_after_header",
+        "enable_retry_after_header is not implemented",
+    ),
+    (
+        "envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor",
+        "shadow_mode",
+        "descriptor shadow_mode is not implemented",
     ),
 ];
 

@@ -25,6 +25,7 @@ fn vhost(name: String, domains: Vec<String>) -> Arc<VirtualHost> {
         include_request_attempt_count: false,
         include_attempt_count_in_response: false,
         per_filter: Default::default(),
+        rate_limits: Default::default(),
     })
 }
 

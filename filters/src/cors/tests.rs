@@ -94,6 +94,7 @@ fn view<'a>(levels: [&'a PerFilterConfigs; 3]) -> RouteView<'a> {
         per_filter: levels,
         cluster: Some("a"),
         request: None,
+        rate_limits: None,
     }
 }
 
@@ -171,6 +172,7 @@ fn no_policy_no_instance() {
             per_filter: [&p, &empty, &empty],
             cluster: None,
             request: None,
+            rate_limits: None,
         })
         .is_none());
 }

@@ -337,6 +337,7 @@ fn per_route_override_and_disable() {
         per_filter: [&empty, &route, &empty],
         cluster: None,
         request: None,
+        rate_limits: None,
     };
     let mut i = f.create(&view).expect("vhost override");
     let Action::Respond(r) = run(&mut i, &mut request(&[])).0 else {
@@ -354,6 +355,7 @@ fn per_route_override_and_disable() {
         per_filter: [&off, &route, &empty],
         cluster: None,
         request: None,
+        rate_limits: None,
     };
     assert!(view.disabled("envoy.filters.http.fault"));
     assert!(!view.disabled("other"));

@@ -146,8 +146,9 @@ impl Flags {
     pub const NC: u32 = 1 << 14;
     pub const DI: u32 = 1 << 15;
     pub const FI: u32 = 1 << 16;
+    pub const RL: u32 = 1 << 17;
 
-    const NAMES: [(u32, &'static str, &'static str); 17] = [
+    const NAMES: [(u32, &'static str, &'static str); 18] = [
         (Self::NR, "NR", "NoRouteFound"),
         (Self::UH, "UH", "NoHealthyUpstream"),
         (Self::UF, "UF", "UpstreamConnectionFailure"),
@@ -165,6 +166,7 @@ impl Flags {
         (Self::NC, "NC", "NoClusterFound"),
         (Self::DI, "DI", "DelayInjected"),
         (Self::FI, "FI", "FaultInjected"),
+        (Self::RL, "RL", "RateLimited"),
     ];
 
     /// The bit of a short name (`DI`), as filters report them; 0 if unknown.
@@ -183,7 +185,7 @@ impl Flags {
         self.0 |= f;
         if let Some(i) = Self::NAMES.iter().position(|(b, _, _)| *b == f) {
             // Every flag fits: 5 bits each (index + 1), oldest in the low
-            // bits; 17 flags need 85 of the 128 bits.
+            // bits; 18 flags need 90 of the 128 bits.
             let n = self.0.count_ones() - 1;
             if n < 25 {
                 self.1 |= (i as u128 + 1) << (5 * n);
@@ -556,11 +558,11 @@ mod tests {
         all.set(Flags::NR);
         assert_eq!(
             all.short(),
-            "FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
+            "RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
         );
         assert!(all
             .long()
-            .starts_with("FaultInjected,DelayInjected,NoClusterFound,"));
+            .starts_with("RateLimited,FaultInjected,DelayInjected,NoClusterFound,"));
         assert_eq!(Flags::from_short("FI"), Flags::FI);
         assert_eq!(Flags::from_short("??"), 0);
     }

@@ -455,10 +455,19 @@ async fn pipeline(
             },
             _ => None,
         };
+        let rate_limits = match &route.action {
+            RouteKind::Forward(a) => Some(filters::RouteRateLimits {
+                route: &a.rate_limits,
+                vhost: &vh.rate_limits,
+                include_vh: a.include_vh_rate_limits,
+            }),
+            _ => None,
+        };
         ctx.hcm.chain.instantiate(&filters::RouteView {
             per_filter: [&route.per_filter, &vh.per_filter, &rc.per_filter],
             cluster: route_cluster,
             request: Some(parts),
+            rate_limits,
         })
     };
     if !instances.is_empty() {
@@ -481,10 +490,15 @@ async fn pipeline(
             info.local_grpc_status = lr.grpc_status;
             let resp = reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
             // As Envoy, a filter's local reply passes every filter's
-            // response phase (the CORS filter adds its headers there).
-            let (mut rp, rb) = resp.into_parts();
+            // response phases (CORS and the rate limit add headers there,
+            // the compressor may compress it).
+            let (mut rp, mut rb) = resp.into_parts();
+            fcx.end_stream = http_body::Body::is_end_stream(&rb);
             if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
                 return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
+            }
+            if let Some(chain) = filters::ResponseBodyChain::new(instances) {
+                rb = rb.filtered(chain);
             }
             return Response::from_parts(rp, rb);
         }
@@ -743,6 +757,25 @@ async fn pipeline(
         rc.most_specific_header_mutations_wins,
         info,
     );
+    // As Envoy, the router's direct responses pass the encode phases.
+    if !instances.is_empty() {
+        let mut fcx = filters::FilterContext {
+            route_name: info.route_name.clone(),
+            internal: edge.internal,
+            downstream: ctx.downstream.clone(),
+            flags: Vec::new(),
+            end_stream: false,
+        };
+        let (mut rp, mut rb) = resp.into_parts();
+        fcx.end_stream = http_body::Body::is_end_stream(&rb);
+        if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+            return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
+        }
+        if let Some(chain) = filters::ResponseBodyChain::new(instances) {
+            rb = rb.filtered(chain);
+        }
+        resp = Response::from_parts(rp, rb);
+    }
     resp
 }
 

@@ -274,6 +274,9 @@ pub enum HttpFilterKind {
     GrpcStats(Arc<GrpcStatsConfig>),
     /// `envoy.filters.http.compressor`.
     Compressor(Arc<CompressorConfig>),
+    /// `envoy.filters.http.local_ratelimit`. Without `filter_enabled` or a
+    /// bucket it does nothing, but routes may override it.
+    LocalRateLimit(Arc<super::HttpLocalRateLimit>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.

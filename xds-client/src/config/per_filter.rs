@@ -1,7 +1,7 @@
 //! `typed_per_filter_config`: per-route overrides of HTTP filters.
 use std::sync::Arc;
 
-use super::{CompressorPerRoute, CorsPolicy, FaultConfig, Name};
+use super::{CompressorPerRoute, CorsPolicy, FaultConfig, HttpLocalRateLimit, Name};
 
 /// A route's, virtual host's or route configuration's
 /// `typed_per_filter_config`, by filter name.
@@ -36,4 +36,5 @@ pub enum FilterOverride {
     /// `envoy.extensions.filters.http.cors.v3.CorsPolicy`.
     Cors(Arc<CorsPolicy>),
     Compressor(CompressorPerRoute),
+    LocalRateLimit(Arc<HttpLocalRateLimit>),
 }

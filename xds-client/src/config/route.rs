@@ -158,6 +158,8 @@ pub struct VirtualHost {
     pub include_attempt_count_in_response: bool,
     /// `typed_per_filter_config`.
     pub per_filter: PerFilterConfigs,
+    /// `rate_limits`.
+    pub rate_limits: Arc<[super::RateLimitPolicy]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -396,6 +398,10 @@ pub struct RouteAction {
     pub grpc_timeout_header_max: Option<Duration>,
     /// `upgrade_configs` overrides: (upgrade type, enabled).
     pub upgrades: Vec<(String, bool)>,
+    /// `rate_limits`.
+    pub rate_limits: Arc<[super::RateLimitPolicy]>,
+    /// `include_vh_rate_limits`.
+    pub include_vh_rate_limits: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -606,6 +612,7 @@ mod tests {
             include_request_attempt_count: false,
             include_attempt_count_in_response: false,
             per_filter: Default::default(),
+            rate_limits: Default::default(),
         })
     }
 

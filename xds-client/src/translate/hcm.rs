@@ -511,6 +511,13 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let fault: HttpFault = super::decode(&any, &tpath)?;
             HttpFilterKind::Fault(Arc::new(super::fault::fault(&fault, &tpath)?))
         }
+        super::local_ratelimit::LOCAL_RATE_LIMIT => {
+            let p: crate::api::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit =
+                super::decode(&any, &tpath)?;
+            HttpFilterKind::LocalRateLimit(Arc::new(super::local_ratelimit::local_rate_limit(
+                &p, &tpath, false,
+            )?))
+        }
         CORS => {
             let _: Cors = super::decode(&any, &tpath)?;
             HttpFilterKind::Cors

@@ -29,8 +29,10 @@ pub mod format;
 pub mod grpc_stats;
 pub mod hcm;
 pub mod listener;
+pub mod local_ratelimit;
 pub mod network;
 pub mod per_filter;
+pub mod ratelimit;
 pub mod route;
 pub mod tls;
 pub mod xds;
@@ -747,7 +749,7 @@ fn removable(n: &str, path: &str) -> Result<HeaderName, ConfigErrors> {
     header_name(&n.to_ascii_lowercase(), path)
 }
 
-fn header_add(
+pub(crate) fn header_add(
     h: &core::HeaderValueOption,
     path: &str,
     request: bool,

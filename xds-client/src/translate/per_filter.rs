@@ -102,6 +102,13 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
             )?))
         }
         super::cors::CORS_POLICY => super::cors::per_route(&any, path),
+        super::local_ratelimit::LOCAL_RATE_LIMIT => {
+            let p: crate::api::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit =
+                super::decode(&any, path)?;
+            Ok(FilterOverride::LocalRateLimit(Arc::new(
+                super::local_ratelimit::local_rate_limit(&p, path, true)?,
+            )))
+        }
         other => Err(err(
             path,
             format!("per-route configuration of {other} is not implemented"),

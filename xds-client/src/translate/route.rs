@@ -139,6 +139,11 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
             errs.extend(e);
         }
     }
+    let rate_limits = super::ratelimit::rate_limits(&p.rate_limits, &join(path, "rate_limits"))
+        .unwrap_or_else(|e| {
+            errs.extend(e);
+            Default::default()
+        });
     let require_tls = match p.require_tls {
         0 => TlsRequirement::None,
         1 => TlsRequirement::ExternalOnly,
@@ -154,6 +159,7 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         include_request_attempt_count: p.include_request_attempt_count,
         include_attempt_count_in_response: p.include_attempt_count_in_response,
         per_filter,
+        rate_limits,
     })
 }
 
@@ -505,6 +511,11 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             )
         })
         .collect();
+    let rate_limits = super::ratelimit::rate_limits(&p.rate_limits, &join(path, "rate_limits"))
+        .unwrap_or_else(|e| {
+            errs.extend(e);
+            Default::default()
+        });
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -531,6 +542,8 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             None => None,
         },
         upgrades,
+        rate_limits,
+        include_vh_rate_limits: p.include_vh_rate_limits.is_some_and(|b| b.value),
     })
 }
 
