@@ -227,7 +227,7 @@ fn validate_lists_unknown_and_unimplemented_fields_with_paths() {
             9901,
             10000,
             ", bogus_field: 1",
-            "    outlier_detection: {consecutive_5xx: 3}\n",
+            "    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
         ),
     );
     let out = run(
@@ -242,7 +242,7 @@ fn validate_lists_unknown_and_unimplemented_fields_with_paths() {
         "{err}"
     );
     assert!(
-        err.contains("static_resources.clusters[0].outlier_detection: weir does not implement"),
+        err.contains("static_resources.clusters[0].lb_subset_config: weir does not implement"),
         "{err}"
     );
 }
@@ -287,7 +287,7 @@ fn validate_lists_every_error_in_one_run() {
         9901,
         10000,
         ", bogus_field: 1",
-        "    outlier_detection: {consecutive_5xx: 3}\n",
+        "    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
     )
     .replace("route: {cluster: a,", "route: {cluster: nope,")
     .replace("connect_timeout: 1s", "connect_timeout: 1.5xs");
@@ -301,7 +301,7 @@ fn validate_lists_every_error_in_one_run() {
     for needle in [
         format!("{ROUTE_PATH}.bogus_field"),
         "static_resources.clusters[0].connect_timeout".to_owned(),
-        "static_resources.clusters[0].outlier_detection".to_owned(),
+        "static_resources.clusters[0].lb_subset_config".to_owned(),
         format!("{ROUTE_PATH}.cluster"),
     ] {
         assert!(err.contains(&needle), "missing {needle}:\n{err}");
@@ -360,7 +360,7 @@ fn validate_allow_unknown_static_fields() {
             9901,
             10000,
             "",
-            "    outlier_detection: {consecutive_5xx: 3}\n",
+            "    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
         ),
     );
     let out = run(
