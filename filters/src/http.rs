@@ -75,6 +75,9 @@ pub struct FilterContext {
     pub internal: bool,
     /// The downstream connection (`None` only in tests).
     pub downstream: Option<Arc<Downstream>>,
+    /// The downstream remote address the HCM derived (XFF, trusted hops);
+    /// `None`: the connection's.
+    pub downstream_remote: Option<std::net::SocketAddr>,
     /// Envoy response flags (short names, `DI`, ...) filters set without
     /// answering; a local reply carries its own in [`LocalReply::flag`].
     pub flags: Vec<&'static str>,
@@ -233,6 +236,9 @@ impl FilterChain {
                 HttpFilterKind::Inert(_) | HttpFilterKind::PassThrough(_) => {}
                 HttpFilterKind::Fault(f) => filters.push(Arc::new(
                     crate::fault::FaultFactory::new(c.name.clone(), f.clone(), stats),
+                )),
+                HttpFilterKind::Rbac(r) => filters.push(Arc::new(
+                    crate::rbac::http::RbacFactory::new(c.name.clone(), r.clone(), stats),
                 )),
             }
         }

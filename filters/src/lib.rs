@@ -11,6 +11,7 @@ pub mod fault;
 pub mod http;
 pub mod listener;
 pub mod network;
+pub mod rbac;
 pub mod router;
 pub mod token_bucket;
 

@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 
-use super::{FaultConfig, Format, Name, RouteConfig};
+use super::{FaultConfig, Format, HttpRbac, Name, RouteConfig};
 
 /// Where an HCM's routes come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,6 +232,9 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.fault`. An empty config (no `delay`, no `abort`)
     /// still matters: routes may override it (`typed_per_filter_config`).
     Fault(Arc<FaultConfig>),
+    /// `envoy.filters.http.rbac`. Without rules (or shadow rules) it still
+    /// matters: routes may override it (`RBACPerRoute`).
+    Rbac(Arc<HttpRbac>),
     /// A filter configured so that Envoy's filter does nothing; not built
     /// into the request path.
     Inert(InertFilter),

@@ -1,7 +1,7 @@
 //! `typed_per_filter_config`: per-route overrides of HTTP filters.
 use std::sync::Arc;
 
-use super::{FaultConfig, Name};
+use super::{FaultConfig, HttpRbac, Name};
 
 /// A route's, virtual host's or route configuration's
 /// `typed_per_filter_config`, by filter name.
@@ -33,4 +33,6 @@ pub struct PerFilterConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum FilterOverride {
     Fault(Arc<FaultConfig>),
+    /// `RBACPerRoute`: replaces the filter's engines (no `rbac`: none).
+    Rbac(Arc<HttpRbac>),
 }

@@ -502,6 +502,10 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let fault: HttpFault = super::decode(&any, &tpath)?;
             HttpFilterKind::Fault(Arc::new(super::fault::fault(&fault, &tpath)?))
         }
+        super::rbac::HTTP_RBAC => {
+            let p = super::decode(&any, &tpath)?;
+            HttpFilterKind::Rbac(Arc::new(super::rbac::http_rbac(&p, &tpath)?))
+        }
         CORS => {
             let _: Cors = super::decode(&any, &tpath)?;
             HttpFilterKind::Inert(InertFilter::Cors)

@@ -28,6 +28,7 @@ pub mod hcm;
 pub mod listener;
 pub mod network;
 pub mod per_filter;
+pub mod rbac;
 pub mod route;
 pub mod tls;
 pub mod xds;

@@ -88,6 +88,12 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 &p, path,
             )?)))
         }
+        super::rbac::HTTP_RBAC_PER_ROUTE => {
+            let p = super::decode(&any, path)?;
+            Ok(FilterOverride::Rbac(Arc::new(
+                super::rbac::http_rbac_per_route(&p, path)?,
+            )))
+        }
         other => Err(err(
             path,
             format!("per-route configuration of {other} is not implemented"),
