@@ -15,10 +15,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{request::Parts, HeaderMap};
-use xds_client::config::{
-    header_value, AbortKind, DelayKind, FaultConfig, FilterOverride, Fraction, HeaderKey,
-    HeaderMatcher, Name,
-};
+use xds_client::config::{AbortKind, DelayKind, FaultConfig, FilterOverride, Fraction, Name};
 
 use crate::http::{
     Action, Counter, FilterContext, Gauge, HttpFilter, HttpFilterFactory, LocalReply, RouteView,
@@ -238,41 +235,7 @@ fn selects(cfg: &FaultConfig, head: &Parts) -> bool {
             return false;
         }
     }
-    cfg.headers.iter().all(|m| header_matches(m, head))
-}
-
-/// Envoy's `HeaderUtility::matchHeaders` for one matcher.
-pub(crate) fn header_matches(m: &HeaderMatcher, head: &Parts) -> bool {
-    match &m.name {
-        HeaderKey::Name(n) => {
-            let mut all = head.headers.get_all(n).iter();
-            match (all.next(), all.next()) {
-                (Some(_), Some(_)) => {
-                    let vals: Vec<String> = head
-                        .headers
-                        .get_all(n)
-                        .iter()
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .collect();
-                    let refs: Vec<&str> = vals.iter().map(String::as_str).collect();
-                    m.matches_values(&refs)
-                }
-                _ => m.matches(header_value(&head.headers, n).as_deref()),
-            }
-        }
-        HeaderKey::Method => m.matches(Some(head.method.as_str())),
-        HeaderKey::Path => m.matches(head.uri.path_and_query().map(|p| p.as_str())),
-        HeaderKey::Authority => {
-            let host = head.uri.authority().map(|a| a.as_str()).or_else(|| {
-                head.headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-            });
-            m.matches(host)
-        }
-        HeaderKey::Scheme => m.matches(head.uri.scheme_str()),
-        HeaderKey::Status => m.matches(None),
-    }
+    cfg.headers.iter().all(|m| m.matches_head(head))
 }
 
 fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {

@@ -116,6 +116,9 @@ pub struct FilterContext {
     pub internal: bool,
     /// The downstream connection (`None` only in tests).
     pub downstream: Option<Arc<Downstream>>,
+    /// The downstream remote address the HCM derived (XFF, trusted hops);
+    /// `None`: the connection's.
+    pub downstream_remote: Option<std::net::SocketAddr>,
     /// Envoy response flags (short names, `DI`, ...) filters set without
     /// answering; a local reply carries its own in [`LocalReply::flag`].
     pub flags: Vec<&'static str>,
@@ -465,6 +468,9 @@ impl FilterChain {
                 )),
                 HttpFilterKind::LocalRateLimit(l) => filters.push(Arc::new(
                     crate::local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
+                )),
+                HttpFilterKind::Rbac(r) => filters.push(Arc::new(
+                    crate::rbac::http::RbacFactory::new(c.name.clone(), r.clone(), stats),
                 )),
             }
         }

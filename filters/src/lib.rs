@@ -15,6 +15,7 @@ pub mod http;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;
+pub mod rbac;
 pub mod router;
 pub mod token_bucket;
 

@@ -465,9 +465,7 @@ fn descriptor(p: &RateLimitPolicy, req: &Request<'_>) -> Option<Descriptor> {
                 expect_match,
                 headers,
             } => {
-                let all = headers
-                    .iter()
-                    .all(|m| crate::fault::header_matches(m, req.head));
+                let all = headers.iter().all(|m| m.matches_head(req.head));
                 if all != *expect_match {
                     return None;
                 }

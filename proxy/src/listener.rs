@@ -602,7 +602,7 @@ async fn connection(
         }
     };
     if !chain.read_filters.is_empty() {
-        let conn = conn_info(&meta, None);
+        let conn = conn_info(&meta, None, false);
         if chain.read_filters.on_new_connection(&conn) == NetAction::Close {
             return;
         }
@@ -623,7 +623,7 @@ async fn connection(
     };
     if !chain.read_filters.is_empty() {
         let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
-        let conn = conn_info(&meta, peer);
+        let conn = conn_info(&meta, peer, tls.is_some());
         if chain.read_filters.on_established(&conn) == NetAction::Close {
             return;
         }
@@ -681,6 +681,7 @@ async fn connection(
 fn conn_info<'a>(
     meta: &'a ConnMeta,
     peer: Option<&'a crate::tls::CertInfo>,
+    tls: bool,
 ) -> filters::network::ConnectionInfo<'a> {
     filters::network::ConnectionInfo {
         remote: meta.src,
@@ -692,6 +693,7 @@ fn conn_info<'a>(
             dns_sans: &p.dns_sans,
             subject: &p.subject,
         }),
+        tls,
     }
 }
 

@@ -253,6 +253,31 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.RateLimit.Action.QueryParameterValueMatch", &[
         "descriptor_value", "descriptor_key", "expect_match", "query_parameters",
     ]),
+    // RBAC (HTTP and network): `rules` policies with the matchers weir
+    // evaluates; the matcher API, metadata, filter state, CEL conditions
+    // and audit logging are rejected (PENDING).
+    ("envoy.extensions.filters.http.rbac.v3.RBAC", &[
+        "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
+    ]),
+    ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
+    ("envoy.extensions.filters.network.rbac.v3.RBAC", &[
+        "rules", "shadow_rules", "shadow_rules_stat_prefix", "stat_prefix", "enforcement_type",
+    ]),
+    ("envoy.config.rbac.v3.RBAC", &["action", "policies"]),
+    ("envoy.config.rbac.v3.Policy", &["permissions", "principals"]),
+    ("envoy.config.rbac.v3.Permission", &[
+        "and_rules", "or_rules", "any", "header", "url_path", "destination_ip",
+        "destination_port", "destination_port_range", "not_rule", "requested_server_name",
+    ]),
+    ("envoy.config.rbac.v3.Permission.Set", &["rules"]),
+    ("envoy.config.rbac.v3.Principal", &[
+        "and_ids", "or_ids", "any", "authenticated", "source_ip", "direct_remote_ip",
+        "remote_ip", "header", "url_path", "not_id",
+    ]),
+    ("envoy.config.rbac.v3.Principal.Set", &["ids"]),
+    ("envoy.config.rbac.v3.Principal.Authenticated", &["principal_name"]),
+    ("envoy.type.matcher.v3.PathMatcher", &["path"]),
+    ("envoy.type.v3.Int32Range", &["start", "end"]),
     // `typed_per_filter_config` values: the filter's config or this wrapper
     // (`is_optional` only matters for filters weir does not know, which are
     // rejected anyway).
@@ -518,6 +543,97 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor",
         "shadow_mode",
         "descriptor shadow_mode is not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.rbac.v3.RBAC",
+        "matcher",
+        "the matcher API form of RBAC is not implemented (use rules)",
+    ),
+    (
+        "envoy.extensions.filters.http.rbac.v3.RBAC",
+        "shadow_matcher",
+        "the matcher API form of RBAC is not implemented (use shadow_rules)",
+    ),
+    (
+        "envoy.extensions.filters.http.rbac.v3.RBAC",
+        "track_per_rule_stats",
+        "per-policy RBAC stats are not implemented",
+    ),
+    (
+        "envoy.extensions.filters.network.rbac.v3.RBAC",
+        "matcher",
+        "the matcher API form of RBAC is not implemented (use rules)",
+    ),
+    (
+        "envoy.extensions.filters.network.rbac.v3.RBAC",
+        "shadow_matcher",
+        "the matcher API form of RBAC is not implemented (use shadow_rules)",
+    ),
+    (
+        "envoy.extensions.filters.network.rbac.v3.RBAC",
+        "delay_deny",
+        "delay_deny is not implemented",
+    ),
+    (
+        "envoy.config.rbac.v3.RBAC",
+        "audit_logging_options",
+        "RBAC audit logging is not implemented",
+    ),
+    (
+        "envoy.config.rbac.v3.Policy",
+        "condition",
+        "CEL conditions are not implemented",
+    ),
+    (
+        "envoy.config.rbac.v3.Policy",
+        "checked_condition",
+        "CEL conditions are not implemented",
+    ),
+    (
+        "envoy.config.rbac.v3.Policy",
+        "cel_config",
+        "CEL conditions are not implemented",
+    ),
+    (
+        "envoy.config.rbac.v3.Permission",
+        "metadata",
+        "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
+    ),
+    (
+        "envoy.config.rbac.v3.Permission",
+        "sourced_metadata",
+        "metadata matching is not implemented (weir has no dynamic metadata)",
+    ),
+    (
+        "envoy.config.rbac.v3.Permission",
+        "matcher",
+        "RBAC matcher extensions are not implemented",
+    ),
+    (
+        "envoy.config.rbac.v3.Permission",
+        "uri_template",
+        "uri_template is not implemented",
+    ),
+    (
+        "envoy.config.rbac.v3.Principal",
+        "metadata",
+        "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
+    ),
+    (
+        "envoy.config.rbac.v3.Principal",
+        "sourced_metadata",
+        "metadata matching is not implemented (weir has no dynamic metadata)",
+    ),
+    (
+        "envoy.config.rbac.v3.Principal",
+        "filter_state",
+        "filter state matching is not implemented (weir has no filter state; Istio's \
+         io.istio.peer_principal needs it)",
+    ),
+    (
+        "envoy.config.rbac.v3.Principal",
+        "custom",
+        "custom principal extensions are not implemented",
     ),
 ];
 

@@ -3,7 +3,8 @@ use std::sync::Mutex;
 
 use futures_util::FutureExt;
 use xds_client::config::{
-    FaultAbort, FaultDelay, PerFilterConfig, PerFilterConfigs, StringMatch, StringMatcher,
+    FaultAbort, FaultDelay, HeaderKey, HeaderMatcher, PerFilterConfig, PerFilterConfigs,
+    StringMatch, StringMatcher,
 };
 
 use super::*;

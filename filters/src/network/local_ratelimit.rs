@@ -120,6 +120,7 @@ mod tests {
             local: a,
             sni: None,
             peer: None,
+            tls: false,
         }
     }
 

@@ -20,6 +20,7 @@ use xds_client::config::{ReadFilterConfig, ReadFilterKind};
 use crate::StatsScope;
 
 pub mod local_ratelimit;
+pub mod rbac;
 
 /// What a network filter knows about a connection.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +37,9 @@ pub struct ConnectionInfo<'a> {
     /// The peer certificate's identity, after a TLS handshake that validated
     /// one (`on_established` only).
     pub peer: Option<PeerIdentity<'a>>,
+    /// Whether weir terminated TLS on the connection (`on_established`
+    /// only; with or without a peer certificate).
+    pub tls: bool,
 }
 
 /// A validated peer certificate's names.
@@ -82,6 +86,9 @@ impl NetworkChain {
                     ReadFilterKind::LocalRateLimit(l) => Arc::new(
                         local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
                     ),
+                    ReadFilterKind::Rbac(r) => {
+                        Arc::new(rbac::RbacFactory::new(c.name.clone(), r.clone(), stats))
+                    }
                 }
             })
             .collect();

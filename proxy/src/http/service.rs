@@ -379,60 +379,55 @@ async fn pipeline(
     info.grpc = is_grpc(&parts.headers);
     info.downstream_remote = edge.remote;
     // --- routing
-    let Some(vh) = rc.select_vhost(&info.authority).cloned() else {
-        info.flags.set(Flags::NR);
-        info.response_code_details = "route_not_found";
-        ctx.hcm.stats.no_route.inc();
-        return reply(404, "");
-    };
+    // The route is selected first (filters read its per-route config), but,
+    // as Envoy, every decoder filter runs before the router acts on it: no
+    // route (404), a TLS redirect, a direct response or a redirect.
+    let vh = rc.select_vhost(&info.authority);
     // As Envoy, the (trusted) x-forwarded-proto decides whether TLS was used.
     let xfp_https = parts
         .headers
         .get(&headers::XFP)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
-    if !xfp_https
-        && (vh.require_tls == TlsRequirement::All
-            || (vh.require_tls == TlsRequirement::ExternalOnly && !edge.internal))
-    {
-        let mut r = reply(301, "");
-        if let Ok(v) = HeaderValue::from_str(&format!("https://{}{}", info.authority, info.path)) {
-            r.headers_mut().insert(header::LOCATION, v);
+    // Envoy's `SslRedirectRoute`: a route without per-filter config.
+    let tls_redirect = vh.is_some_and(|vh| {
+        !xfp_https
+            && (vh.require_tls == TlsRequirement::All
+                || (vh.require_tls == TlsRequirement::ExternalOnly && !edge.internal))
+    });
+    let route = match vh {
+        Some(vh) if !tls_redirect => {
+            let (path_only, query) = match info.path.find('?') {
+                Some(i) => (&info.path[..i], Some(&info.path[i + 1..])),
+                None => (info.path.as_str(), None),
+            };
+            let random_ppm = if vh
+                .routes
+                .iter()
+                .any(|r| r.matcher.runtime_fraction_ppm.is_some())
+            {
+                rand::rng().random_range(0..1_000_000)
+            } else {
+                0
+            };
+            let rinfo = RequestInfo {
+                method: &parts.method,
+                path: path_only,
+                query,
+                full_path: &info.path,
+                authority: &info.authority,
+                scheme: ctx.scheme,
+                headers: &parts.headers,
+                is_connect: parts.method == http::Method::CONNECT,
+                peer_cert: ctx.tls.as_ref().is_some_and(|t| t.peer.is_some()),
+                random_ppm,
+            };
+            vh.select_route(&rinfo)
         }
-        info.response_code_details = "direct_response";
-        return r;
+        _ => None,
+    };
+    if let Some(route) = route {
+        info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
     }
-    let (path_only, query) = match info.path.find('?') {
-        Some(i) => (&info.path[..i], Some(&info.path[i + 1..])),
-        None => (info.path.as_str(), None),
-    };
-    let random_ppm = if vh
-        .routes
-        .iter()
-        .any(|r| r.matcher.runtime_fraction_ppm.is_some())
-    {
-        rand::rng().random_range(0..1_000_000)
-    } else {
-        0
-    };
-    let rinfo = RequestInfo {
-        method: &parts.method,
-        path: path_only,
-        query,
-        full_path: &info.path,
-        authority: &info.authority,
-        scheme: ctx.scheme,
-        headers: &parts.headers,
-        is_connect: parts.method == http::Method::CONNECT,
-        peer_cert: ctx.tls.as_ref().is_some_and(|t| t.peer.is_some()),
-        random_ppm,
-    };
-    let Some(route) = vh.select_route(&rinfo) else {
-        info.flags.set(Flags::NR);
-        info.response_code_details = "route_not_found";
-        ctx.hcm.stats.no_route.inc();
-        return reply(404, "");
-    };
-    info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
     // --- filters (decode)
     // As Envoy, a weighted cluster is picked with the route, before the
     // filters (the fault filter's `upstream_cluster` compares it); without
@@ -441,40 +436,51 @@ async fn pipeline(
     let mut instances = if ctx.hcm.chain.is_router_only() {
         Vec::new()
     } else {
-        let route_cluster = match &route.action {
-            RouteKind::Forward(a) => match &a.cluster {
-                xds_client::config::ClusterSpecifier::Name(n) => Some(&**n),
-                xds_client::config::ClusterSpecifier::Header(h) => {
-                    parts.headers.get(h).and_then(|v| v.to_str().ok())
-                }
-                xds_client::config::ClusterSpecifier::Weighted(w) => {
-                    let i = router::pick_weighted(w);
-                    weighted_pick = Some(i);
-                    Some(&*w.clusters[i].name)
-                }
-            },
-            _ => None,
-        };
-        let rate_limits = match &route.action {
-            RouteKind::Forward(a) => Some(filters::RouteRateLimits {
-                route: &a.rate_limits,
-                vhost: &vh.rate_limits,
-                include_vh: a.include_vh_rate_limits,
+        match (route, vh) {
+            (Some(route), Some(vh)) => {
+                let route_cluster = match &route.action {
+                    RouteKind::Forward(a) => match &a.cluster {
+                        xds_client::config::ClusterSpecifier::Name(n) => Some(&**n),
+                        xds_client::config::ClusterSpecifier::Header(h) => {
+                            parts.headers.get(h).and_then(|v| v.to_str().ok())
+                        }
+                        xds_client::config::ClusterSpecifier::Weighted(w) => {
+                            let i = router::pick_weighted(w);
+                            weighted_pick = Some(i);
+                            Some(&*w.clusters[i].name)
+                        }
+                    },
+                    _ => None,
+                };
+                let rate_limits = match &route.action {
+                    RouteKind::Forward(a) => Some(filters::RouteRateLimits {
+                        route: &a.rate_limits,
+                        vhost: &vh.rate_limits,
+                        include_vh: a.include_vh_rate_limits,
+                    }),
+                    _ => None,
+                };
+                ctx.hcm.chain.instantiate(&filters::RouteView {
+                    per_filter: [&route.per_filter, &vh.per_filter, &rc.per_filter],
+                    cluster: route_cluster,
+                    request: Some(parts),
+                    rate_limits,
+                })
+            }
+            // No route (or the TLS redirect): no per-route config, as
+            // Envoy's `mostSpecificPerFilterConfig` without a route entry.
+            _ => ctx.hcm.chain.instantiate(&filters::RouteView {
+                request: Some(parts),
+                ..filters::RouteView::empty()
             }),
-            _ => None,
-        };
-        ctx.hcm.chain.instantiate(&filters::RouteView {
-            per_filter: [&route.per_filter, &vh.per_filter, &rc.per_filter],
-            cluster: route_cluster,
-            request: Some(parts),
-            rate_limits,
-        })
+        }
     };
     if !instances.is_empty() {
         let mut fcx = filters::FilterContext {
             route_name: info.route_name.clone(),
             internal: edge.internal,
             downstream: ctx.downstream.clone(),
+            downstream_remote: Some(edge.remote),
             flags: Vec::new(),
             end_stream: false,
         };
@@ -503,6 +509,27 @@ async fn pipeline(
             return Response::from_parts(rp, rb);
         }
     }
+    // --- the router acts on the route
+    let Some(vh) = vh.cloned() else {
+        info.flags.set(Flags::NR);
+        info.response_code_details = "route_not_found";
+        ctx.hcm.stats.no_route.inc();
+        return reply(404, "");
+    };
+    if tls_redirect {
+        let mut r = reply(301, "");
+        if let Ok(v) = HeaderValue::from_str(&format!("https://{}{}", info.authority, info.path)) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        info.response_code_details = "direct_response";
+        return r;
+    }
+    let Some(route) = route else {
+        info.flags.set(Flags::NR);
+        info.response_code_details = "route_not_found";
+        ctx.hcm.stats.no_route.inc();
+        return reply(404, "");
+    };
     // Only filters with a request body hook wrap the body (none: no cost).
     let request_observer = filters::request_body_observer(&mut instances);
     fn levels<'a>(
@@ -731,6 +758,7 @@ async fn pipeline(
                     route_name: info.route_name.clone(),
                     internal: edge.internal,
                     downstream: ctx.downstream.clone(),
+                    downstream_remote: Some(edge.remote),
                     flags: Vec::new(),
                     end_stream: false,
                 };
@@ -763,6 +791,7 @@ async fn pipeline(
             route_name: info.route_name.clone(),
             internal: edge.internal,
             downstream: ctx.downstream.clone(),
+            downstream_remote: Some(edge.remote),
             flags: Vec::new(),
             end_stream: false,
         };

@@ -3,7 +3,7 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 
-use super::{CompressorConfig, FaultConfig, Format, GrpcStatsConfig, Name, RouteConfig};
+use super::{CompressorConfig, FaultConfig, Format, GrpcStatsConfig, HttpRbac, Name, RouteConfig};
 
 /// Where an HCM's routes come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -277,6 +277,9 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.local_ratelimit`. Without `filter_enabled` or a
     /// bucket it does nothing, but routes may override it.
     LocalRateLimit(Arc<super::HttpLocalRateLimit>),
+    /// `envoy.filters.http.rbac`. Without rules (or shadow rules) it still
+    /// matters: routes may override it (`RBACPerRoute`).
+    Rbac(Arc<HttpRbac>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.

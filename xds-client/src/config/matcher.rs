@@ -112,6 +112,40 @@ impl HeaderMatcher {
         values.iter().any(|v| self.matches(Some(v)))
     }
 
+    /// Envoy's `HeaderUtility::matchHeaders` against a request: a regular
+    /// header is read from `headers` (several values as
+    /// [`Self::matches_values`]); a pseudo-header from `pseudo`. Allocates
+    /// only for a header with several values.
+    pub fn matches_request<'a>(
+        &self,
+        headers: &http::HeaderMap,
+        pseudo: impl FnOnce(&HeaderKey) -> Option<&'a str>,
+    ) -> bool {
+        let HeaderKey::Name(n) = &self.name else {
+            return self.matches(pseudo(&self.name));
+        };
+        let mut all = headers.get_all(n).iter();
+        match (all.next(), all.next()) {
+            (None, _) => self.matches(None),
+            (Some(v), None) => self.matches(Some(&String::from_utf8_lossy(v.as_bytes()))),
+            _ => {
+                let vals: Vec<std::borrow::Cow<'_, str>> = headers
+                    .get_all(n)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                    .collect();
+                let refs: Vec<&str> = vals.iter().map(|v| &**v).collect();
+                self.matches_values(&refs)
+            }
+        }
+    }
+
+    /// [`Self::matches_request`] on a request head: pseudo-headers read its
+    /// method, URI (`:path` with the query) and `Host`.
+    pub fn matches_head(&self, head: &http::request::Parts) -> bool {
+        self.matches_request(&head.headers, |k| request_pseudo(head, k))
+    }
+
     /// Matches against the header's value (several values joined with `,`).
     pub fn matches(&self, value: Option<&str>) -> bool {
         let value = match value {
@@ -134,6 +168,22 @@ impl HeaderMatcher {
             (HeaderMatch::String(m), Some(v)) => m.matches(v),
         };
         hit != self.invert
+    }
+}
+
+/// A pseudo-header of a request head (`None` for `:status` and regular
+/// headers).
+pub fn request_pseudo<'a>(head: &'a http::request::Parts, key: &HeaderKey) -> Option<&'a str> {
+    match key {
+        HeaderKey::Method => Some(head.method.as_str()),
+        HeaderKey::Path => head.uri.path_and_query().map(|p| p.as_str()),
+        HeaderKey::Authority => head.uri.authority().map(|a| a.as_str()).or_else(|| {
+            head.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+        }),
+        HeaderKey::Scheme => head.uri.scheme_str(),
+        HeaderKey::Status | HeaderKey::Name(_) => None,
     }
 }
 

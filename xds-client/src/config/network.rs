@@ -16,6 +16,8 @@ pub struct ReadFilterConfig {
 pub enum ReadFilterKind {
     /// `envoy.filters.network.local_ratelimit`.
     LocalRateLimit(Arc<NetworkLocalRateLimit>),
+    /// `envoy.filters.network.rbac`.
+    Rbac(Arc<super::NetworkRbac>),
 }
 
 /// `envoy.type.v3.TokenBucket`, validated (`fill_interval` >= 50 ms, as

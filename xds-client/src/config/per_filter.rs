@@ -1,7 +1,7 @@
 //! `typed_per_filter_config`: per-route overrides of HTTP filters.
 use std::sync::Arc;
 
-use super::{CompressorPerRoute, CorsPolicy, FaultConfig, HttpLocalRateLimit, Name};
+use super::{CompressorPerRoute, CorsPolicy, FaultConfig, HttpLocalRateLimit, HttpRbac, Name};
 
 /// A route's, virtual host's or route configuration's
 /// `typed_per_filter_config`, by filter name.
@@ -37,4 +37,6 @@ pub enum FilterOverride {
     Cors(Arc<CorsPolicy>),
     Compressor(CompressorPerRoute),
     LocalRateLimit(Arc<HttpLocalRateLimit>),
+    /// `RBACPerRoute`: replaces the filter's engines (no `rbac`: none).
+    Rbac(Arc<HttpRbac>),
 }

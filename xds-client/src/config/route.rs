@@ -192,15 +192,14 @@ pub struct RequestInfo<'a> {
 }
 
 impl RequestInfo<'_> {
-    /// A header's value for matching; pseudo-headers read the request line.
-    pub fn header(&self, key: &HeaderKey) -> Option<String> {
+    /// A pseudo-header's value for matching (`None` for regular headers).
+    pub fn pseudo(&self, key: &HeaderKey) -> Option<&str> {
         match key {
-            HeaderKey::Name(n) => header_value(self.headers, n),
-            HeaderKey::Method => Some(self.method.as_str().to_owned()),
-            HeaderKey::Path => Some(self.full_path.to_owned()),
-            HeaderKey::Authority => Some(self.authority.to_owned()),
-            HeaderKey::Scheme => Some(self.scheme.to_owned()),
-            HeaderKey::Status => None,
+            HeaderKey::Method => Some(self.method.as_str()),
+            HeaderKey::Path => Some(self.full_path),
+            HeaderKey::Authority => Some(self.authority),
+            HeaderKey::Scheme => Some(self.scheme),
+            HeaderKey::Status | HeaderKey::Name(_) => None,
         }
     }
 }
@@ -298,20 +297,7 @@ impl RouteMatch {
             }
         }
         for h in &self.headers {
-            let ok = match &h.name {
-                HeaderKey::Name(n) if req.headers.get_all(n).iter().nth(1).is_some() => {
-                    let vals: Vec<String> = req
-                        .headers
-                        .get_all(n)
-                        .iter()
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .collect();
-                    let refs: Vec<&str> = vals.iter().map(String::as_str).collect();
-                    h.matches_values(&refs)
-                }
-                key => h.matches(req.header(key).as_deref()),
-            };
-            if !ok {
+            if !h.matches_request(req.headers, |k| req.pseudo(k)) {
                 return false;
             }
         }

@@ -518,6 +518,10 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
                 &p, &tpath, false,
             )?))
         }
+        super::rbac::HTTP_RBAC => {
+            let p = super::decode(&any, &tpath)?;
+            HttpFilterKind::Rbac(Arc::new(super::rbac::http_rbac(&p, &tpath)?))
+        }
         CORS => {
             let _: Cors = super::decode(&any, &tpath)?;
             HttpFilterKind::Cors

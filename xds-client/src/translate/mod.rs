@@ -33,6 +33,7 @@ pub mod local_ratelimit;
 pub mod network;
 pub mod per_filter;
 pub mod ratelimit;
+pub mod rbac;
 pub mod route;
 pub mod tls;
 pub mod xds;

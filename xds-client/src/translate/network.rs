@@ -22,6 +22,10 @@ pub fn read_filter(
             let p: LocalRateLimit = super::decode(any, path)?;
             ReadFilterKind::LocalRateLimit(Arc::new(local_rate_limit(&p, path)?))
         }
+        super::rbac::NETWORK_RBAC => {
+            let p = super::decode(any, path)?;
+            ReadFilterKind::Rbac(Arc::new(super::rbac::network_rbac(&p, path)?))
+        }
         _ => return Ok(None),
     };
     Ok(Some(ReadFilterConfig {

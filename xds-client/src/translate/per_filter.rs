@@ -109,6 +109,12 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 super::local_ratelimit::local_rate_limit(&p, path, true)?,
             )))
         }
+        super::rbac::HTTP_RBAC_PER_ROUTE => {
+            let p = super::decode(&any, path)?;
+            Ok(FilterOverride::Rbac(Arc::new(
+                super::rbac::http_rbac_per_route(&p, path)?,
+            )))
+        }
         other => Err(err(
             path,
             format!("per-route configuration of {other} is not implemented"),

@@ -1,0 +1,130 @@
+//! The RBAC engine shared by `envoy.filters.http.rbac` and
+//! `envoy.filters.network.rbac`, as Envoy 1.40's
+//! `Filters::Common::RBAC::RoleBasedAccessControlEngineImpl`.
+//!
+//! Policies are evaluated in name order (Envoy keeps them in a `std::map`);
+//! the first that matches is the effective policy. A policy matches when
+//! any of its permissions and any of its principals match. Matchers are the
+//! validated config types (regexes compiled, CIDRs parsed at config time):
+//! evaluation allocates nothing, except for a header with several values.
+use std::net::SocketAddr;
+
+use xds_client::config::{Permission, Principal, RbacAction, RbacRules, StringMatcher};
+
+pub mod http;
+
+/// What the engine evaluates: the request (HTTP only) and its connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// The request head; `None` for the network filter, which sees an empty
+    /// header map as Envoy's (no `:path`, no `:method`).
+    pub head: Option<&'a ::http::request::Parts>,
+    /// The connection's remote address, after PROXY protocol (`source_ip`).
+    pub source: SocketAddr,
+    /// The socket's own peer (`direct_remote_ip`).
+    pub direct_remote: SocketAddr,
+    /// The downstream remote address: after XFF for HTTP (`remote_ip`).
+    pub remote: SocketAddr,
+    /// The local (destination) address.
+    pub local: SocketAddr,
+    /// SNI (empty without one).
+    pub sni: &'a str,
+    /// `Some` on a TLS connection, with the peer certificate's names (empty
+    /// without a certificate).
+    pub tls: Option<Peer<'a>>,
+}
+
+/// The peer certificate's names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peer<'a> {
+    pub uri_sans: &'a [String],
+    pub dns_sans: &'a [String],
+    /// RFC 2253 subject (empty without a certificate).
+    pub subject: &'a str,
+}
+
+/// An engine's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The first matching policy (index in name order), if any.
+    pub policy: Option<usize>,
+}
+
+/// As Envoy's `handleAction`: ALLOW allows when a policy matches, DENY
+/// denies when one does, LOG always allows.
+pub fn evaluate(rules: &RbacRules, input: &Input<'_>) -> Decision {
+    let policy = rules.policies.iter().position(|(_, p)| {
+        p.permissions.iter().any(|x| permission(x, input))
+            && p.principals.iter().any(|x| principal(x, input))
+    });
+    let allowed = match rules.action {
+        RbacAction::Allow => policy.is_some(),
+        RbacAction::Deny => policy.is_none(),
+        RbacAction::Log => true,
+    };
+    Decision { allowed, policy }
+}
+
+fn permission(p: &Permission, i: &Input<'_>) -> bool {
+    match p {
+        Permission::Any => true,
+        Permission::And(v) => v.iter().all(|x| permission(x, i)),
+        Permission::Or(v) => v.iter().any(|x| permission(x, i)),
+        Permission::Not(x) => !permission(x, i),
+        Permission::Header(h) => header(h, i),
+        Permission::UrlPath(m) => url_path(m, i),
+        Permission::DestinationIp(c) => c.contains(i.local.ip()),
+        Permission::DestinationPort(port) => i.local.port() == *port,
+        Permission::DestinationPortRange(start, end) => {
+            (*start..*end).contains(&u32::from(i.local.port()))
+        }
+        Permission::RequestedServerName(m) => m.matches(i.sni),
+    }
+}
+
+fn principal(p: &Principal, i: &Input<'_>) -> bool {
+    match p {
+        Principal::Any => true,
+        Principal::And(v) => v.iter().all(|x| principal(x, i)),
+        Principal::Or(v) => v.iter().any(|x| principal(x, i)),
+        Principal::Not(x) => !principal(x, i),
+        Principal::Authenticated(m) => authenticated(m.as_ref(), i),
+        Principal::SourceIp(c) => c.contains(i.source.ip()),
+        Principal::DirectRemoteIp(c) => c.contains(i.direct_remote.ip()),
+        Principal::RemoteIp(c) => c.contains(i.remote.ip()),
+        Principal::Header(h) => header(h, i),
+        Principal::UrlPath(m) => url_path(m, i),
+    }
+}
+
+fn header(h: &xds_client::config::HeaderMatcher, i: &Input<'_>) -> bool {
+    match i.head {
+        Some(head) => h.matches_head(head),
+        // Envoy matches the network filter's empty header map (creating
+        // an empty map does not allocate).
+        None => h.matches_request(&::http::HeaderMap::new(), |_| None),
+    }
+}
+
+/// As Envoy's `PathMatcher`: `:path` without query and fragment; no
+/// `:path` (the network filter) never matches.
+fn url_path(m: &StringMatcher, i: &Input<'_>) -> bool {
+    let Some(head) = i.head else { return false };
+    let path = head.uri.path_and_query().map_or("", |p| p.as_str());
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    m.matches(path)
+}
+
+/// As Envoy's `AuthenticatedMatcher`: TLS required; without a name any TLS
+/// connection; else any URI SAN, any DNS SAN, or the subject.
+fn authenticated(m: Option<&StringMatcher>, i: &Input<'_>) -> bool {
+    let Some(peer) = &i.tls else { return false };
+    let Some(m) = m else { return true };
+    peer.uri_sans.iter().any(|s| m.matches(s))
+        || peer.dns_sans.iter().any(|s| m.matches(s))
+        || m.matches(peer.subject)
+}
+
+#[cfg(test)]
+mod tests;

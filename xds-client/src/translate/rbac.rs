@@ -1,0 +1,512 @@
+//! `envoy.filters.http.rbac` and `envoy.filters.network.rbac` translation:
+//! `envoy.config.rbac.v3.RBAC` policies into [`RbacRules`].
+//!
+//! What weir cannot evaluate is rejected naming the field: the matcher API
+//! (`matcher`, `shadow_matcher`), dynamic metadata and filter state (weir
+//! has neither), CEL conditions, audit logging, `uri_template`, custom
+//! matchers and principals, per-rule stats, network `delay_deny` and
+//! `CONTINUOUS` enforcement; as Envoy, `header` rules in the network filter.
+use std::sync::Arc;
+
+use crate::api::envoy::config::rbac::v3 as rbac;
+use crate::api::envoy::extensions::filters::http::rbac::v3 as http_rbac;
+use crate::api::envoy::extensions::filters::network::rbac::v3 as net_rbac;
+use crate::api::envoy::r#type::matcher::v3::PathMatcher;
+use crate::config::*;
+use crate::error::{join, ConfigErrors};
+
+use super::err;
+
+/// `envoy.extensions.filters.http.rbac.v3.RBAC`.
+pub const HTTP_RBAC: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
+/// `envoy.extensions.filters.http.rbac.v3.RBACPerRoute`.
+pub const HTTP_RBAC_PER_ROUTE: &str = "envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
+/// `envoy.extensions.filters.network.rbac.v3.RBAC`.
+pub const NETWORK_RBAC: &str = "envoy.extensions.filters.network.rbac.v3.RBAC";
+
+/// The HTTP filter's config; `path` names the `typed_config`.
+pub fn http_rbac(p: &http_rbac::Rbac, path: &str) -> Result<HttpRbac, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if p.matcher.is_some() {
+        errs.push(
+            join(path, "matcher"),
+            "the matcher API form of RBAC is not implemented (use rules)",
+        );
+    }
+    if p.shadow_matcher.is_some() {
+        errs.push(
+            join(path, "shadow_matcher"),
+            "the matcher API form of RBAC is not implemented (use shadow_rules)",
+        );
+    }
+    if p.track_per_rule_stats {
+        errs.push(
+            join(path, "track_per_rule_stats"),
+            "per-policy RBAC stats are not implemented",
+        );
+    }
+    let rules = optional_rules(p.rules.as_ref(), &join(path, "rules"), &mut errs);
+    let shadow_rules = optional_rules(
+        p.shadow_rules.as_ref(),
+        &join(path, "shadow_rules"),
+        &mut errs,
+    );
+    errs.into_result(HttpRbac {
+        rules,
+        rules_stat_prefix: p.rules_stat_prefix.clone(),
+        shadow_rules,
+        shadow_rules_stat_prefix: p.shadow_rules_stat_prefix.clone(),
+    })
+}
+
+/// `RBACPerRoute`: its `rbac` replaces the filter's engines on the route
+/// (absent: no engine, everything allowed, as Envoy).
+pub fn http_rbac_per_route(
+    p: &http_rbac::RbacPerRoute,
+    path: &str,
+) -> Result<HttpRbac, ConfigErrors> {
+    match &p.rbac {
+        Some(r) => http_rbac(r, &join(path, "rbac")),
+        None => Ok(HttpRbac::default()),
+    }
+}
+
+/// The network filter's config; `path` names the `typed_config`.
+pub fn network_rbac(p: &net_rbac::Rbac, path: &str) -> Result<NetworkRbac, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if p.stat_prefix.is_empty() {
+        errs.push(
+            join(path, "stat_prefix"),
+            "value length must be at least 1 characters",
+        );
+    }
+    if p.matcher.is_some() {
+        errs.push(
+            join(path, "matcher"),
+            "the matcher API form of RBAC is not implemented (use rules)",
+        );
+    }
+    if p.shadow_matcher.is_some() {
+        errs.push(
+            join(path, "shadow_matcher"),
+            "the matcher API form of RBAC is not implemented (use shadow_rules)",
+        );
+    }
+    if p.enforcement_type != net_rbac::rbac::EnforcementType::OneTimeOnFirstByte as i32 {
+        errs.push(
+            join(path, "enforcement_type"),
+            "only ONE_TIME_ON_FIRST_BYTE is implemented (CONTINUOUS needs dynamic metadata)",
+        );
+    }
+    if p.delay_deny.is_some() {
+        errs.push(join(path, "delay_deny"), "delay_deny is not implemented");
+    }
+    // As Envoy: the network filter has no request headers and refuses
+    // header rules at config time (`url_path` rules are accepted and never
+    // match).
+    for (field, r) in [("rules", &p.rules), ("shadow_rules", &p.shadow_rules)] {
+        if let Some(r) = r {
+            let rpath = join(path, field);
+            let mut names: Vec<&String> = r.policies.keys().collect();
+            names.sort();
+            for name in names {
+                let ppath = format!("{}[{name:?}]", join(&rpath, "policies"));
+                let pol = &r.policies[name];
+                for (i, x) in pol.permissions.iter().enumerate() {
+                    no_header_permission(x, &format!("{ppath}.permissions[{i}]"), &mut errs);
+                }
+                for (i, x) in pol.principals.iter().enumerate() {
+                    no_header_principal(x, &format!("{ppath}.principals[{i}]"), &mut errs);
+                }
+            }
+        }
+    }
+    let rules = optional_rules(p.rules.as_ref(), &join(path, "rules"), &mut errs);
+    let shadow_rules = optional_rules(
+        p.shadow_rules.as_ref(),
+        &join(path, "shadow_rules"),
+        &mut errs,
+    );
+    errs.into_result(NetworkRbac {
+        rules,
+        shadow_rules,
+        shadow_rules_stat_prefix: p.shadow_rules_stat_prefix.clone(),
+        stat_prefix: p.stat_prefix.clone(),
+    })
+}
+
+const NETWORK_HEADER: &str = "header rules are not supported by the RBAC network filter";
+
+fn no_header_permission(p: &rbac::Permission, path: &str, errs: &mut ConfigErrors) {
+    use rbac::permission::Rule as R;
+    match &p.rule {
+        Some(R::Header(_)) => errs.push(join(path, "header"), NETWORK_HEADER),
+        Some(R::AndRules(s)) | Some(R::OrRules(s)) => {
+            let field = if matches!(p.rule, Some(R::AndRules(_))) {
+                "and_rules"
+            } else {
+                "or_rules"
+            };
+            for (i, r) in s.rules.iter().enumerate() {
+                no_header_permission(r, &format!("{}.rules[{i}]", join(path, field)), errs);
+            }
+        }
+        Some(R::NotRule(r)) => no_header_permission(r, &join(path, "not_rule"), errs),
+        _ => {}
+    }
+}
+
+fn no_header_principal(p: &rbac::Principal, path: &str, errs: &mut ConfigErrors) {
+    use rbac::principal::Identifier as I;
+    match &p.identifier {
+        Some(I::Header(_)) => errs.push(join(path, "header"), NETWORK_HEADER),
+        Some(I::AndIds(s)) | Some(I::OrIds(s)) => {
+            let field = if matches!(p.identifier, Some(I::AndIds(_))) {
+                "and_ids"
+            } else {
+                "or_ids"
+            };
+            for (i, r) in s.ids.iter().enumerate() {
+                no_header_principal(r, &format!("{}.ids[{i}]", join(path, field)), errs);
+            }
+        }
+        Some(I::NotId(r)) => no_header_principal(r, &join(path, "not_id"), errs),
+        _ => {}
+    }
+}
+
+fn optional_rules(
+    p: Option<&rbac::Rbac>,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> Option<Arc<RbacRules>> {
+    p.and_then(|r| rules(r, path).map_err(|e| errs.extend(e)).ok())
+        .map(Arc::new)
+}
+
+/// `envoy.config.rbac.v3.RBAC`: policies sorted by name.
+pub fn rules(p: &rbac::Rbac, path: &str) -> Result<RbacRules, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let action = match rbac::rbac::Action::try_from(p.action) {
+        Ok(rbac::rbac::Action::Allow) => Some(RbacAction::Allow),
+        Ok(rbac::rbac::Action::Deny) => Some(RbacAction::Deny),
+        Ok(rbac::rbac::Action::Log) => Some(RbacAction::Log),
+        Err(_) => {
+            errs.push(join(path, "action"), format!("unknown action {}", p.action));
+            None
+        }
+    };
+    if p.audit_logging_options.is_some() {
+        errs.push(
+            join(path, "audit_logging_options"),
+            "RBAC audit logging is not implemented",
+        );
+    }
+    let mut names: Vec<&String> = p.policies.keys().collect();
+    names.sort();
+    let mut policies = Vec::with_capacity(names.len());
+    for name in names {
+        let ppath = format!("{}[{name:?}]", join(path, "policies"));
+        match policy(&p.policies[name], &ppath) {
+            Ok(pol) => policies.push((name.clone(), pol)),
+            Err(e) => errs.extend(e),
+        }
+    }
+    match action {
+        Some(action) if errs.is_empty() => Ok(compile(action, policies)),
+        _ => Err(errs),
+    }
+}
+
+/// Rules from validated policies: sorted by name, with the details of
+/// each denial interned.
+pub fn compile(action: RbacAction, mut policies: Vec<(String, RbacPolicy)>) -> RbacRules {
+    policies.sort_by(|a, b| a.0.cmp(&b.0));
+    let denied_details = policies
+        .iter()
+        .map(|(n, _)| denied_details(Some(n)))
+        .chain(std::iter::once(denied_details(None)))
+        .collect();
+    RbacRules {
+        action,
+        policies,
+        denied_details,
+    }
+}
+
+fn policy(p: &rbac::Policy, path: &str) -> Result<RbacPolicy, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if p.condition.is_some() {
+        errs.push(
+            join(path, "condition"),
+            "CEL conditions are not implemented",
+        );
+    }
+    if p.checked_condition.is_some() {
+        errs.push(
+            join(path, "checked_condition"),
+            "CEL conditions are not implemented",
+        );
+    }
+    if p.cel_config.is_some() {
+        errs.push(
+            join(path, "cel_config"),
+            "CEL conditions are not implemented",
+        );
+    }
+    // As Envoy's proto validation: at least one of each.
+    if p.permissions.is_empty() {
+        errs.push(
+            join(path, "permissions"),
+            "value must contain at least 1 item(s)",
+        );
+    }
+    if p.principals.is_empty() {
+        errs.push(
+            join(path, "principals"),
+            "value must contain at least 1 item(s)",
+        );
+    }
+    let mut permissions = Vec::with_capacity(p.permissions.len());
+    for (i, perm) in p.permissions.iter().enumerate() {
+        match permission(perm, &format!("{path}.permissions[{i}]")) {
+            Ok(x) => permissions.push(x),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let mut principals = Vec::with_capacity(p.principals.len());
+    for (i, id) in p.principals.iter().enumerate() {
+        match principal(id, &format!("{path}.principals[{i}]")) {
+            Ok(x) => principals.push(x),
+            Err(e) => errs.extend(e),
+        }
+    }
+    errs.into_result(RbacPolicy {
+        permissions,
+        principals,
+    })
+}
+
+fn permission_set(rules: &[rbac::Permission], path: &str) -> Result<Vec<Permission>, ConfigErrors> {
+    if rules.is_empty() {
+        return Err(err(
+            join(path, "rules"),
+            "value must contain at least 1 item(s)",
+        ));
+    }
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::with_capacity(rules.len());
+    for (i, r) in rules.iter().enumerate() {
+        match permission(r, &format!("{path}.rules[{i}]")) {
+            Ok(p) => out.push(p),
+            Err(e) => errs.extend(e),
+        }
+    }
+    errs.into_result(out)
+}
+
+fn principal_set(ids: &[rbac::Principal], path: &str) -> Result<Vec<Principal>, ConfigErrors> {
+    if ids.is_empty() {
+        return Err(err(
+            join(path, "ids"),
+            "value must contain at least 1 item(s)",
+        ));
+    }
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::with_capacity(ids.len());
+    for (i, r) in ids.iter().enumerate() {
+        match principal(r, &format!("{path}.ids[{i}]")) {
+            Ok(p) => out.push(p),
+            Err(e) => errs.extend(e),
+        }
+    }
+    errs.into_result(out)
+}
+
+/// `envoy.config.rbac.v3.Permission`.
+pub fn permission(p: &rbac::Permission, path: &str) -> Result<Permission, ConfigErrors> {
+    use rbac::permission::Rule as R;
+    Ok(match &p.rule {
+        Some(R::Any(true)) => Permission::Any,
+        Some(R::Any(false)) => {
+            return Err(err(join(path, "any"), "value must equal true"));
+        }
+        Some(R::AndRules(s)) => {
+            Permission::And(permission_set(&s.rules, &join(path, "and_rules"))?)
+        }
+        Some(R::OrRules(s)) => Permission::Or(permission_set(&s.rules, &join(path, "or_rules"))?),
+        Some(R::NotRule(n)) => Permission::Not(Box::new(permission(n, &join(path, "not_rule"))?)),
+        Some(R::Header(h)) => {
+            Permission::Header(super::route::header_matcher(h, &join(path, "header"))?)
+        }
+        Some(R::UrlPath(m)) => Permission::UrlPath(path_matcher(m, &join(path, "url_path"))?),
+        Some(R::DestinationIp(c)) => {
+            Permission::DestinationIp(super::hcm::cidr(c, &join(path, "destination_ip"))?)
+        }
+        Some(R::DestinationPort(port)) => match u16::try_from(*port) {
+            Ok(port) => Permission::DestinationPort(port),
+            Err(_) => {
+                return Err(err(
+                    join(path, "destination_port"),
+                    "value must be less than or equal to 65535",
+                ))
+            }
+        },
+        Some(R::DestinationPortRange(r)) => {
+            let rpath = join(path, "destination_port_range");
+            // As Envoy's `PortRangeMatcher`.
+            if !(0..=65536).contains(&r.start) {
+                return Err(err(
+                    join(&rpath, "start"),
+                    format!("range start {} is out of bounds", r.start),
+                ));
+            }
+            if !(0..=65536).contains(&r.end) {
+                return Err(err(
+                    join(&rpath, "end"),
+                    format!("range end {} is out of bounds", r.end),
+                ));
+            }
+            if r.start >= r.end {
+                return Err(err(
+                    rpath,
+                    format!(
+                        "range start {} cannot be greater or equal than range end {}",
+                        r.start, r.end
+                    ),
+                ));
+            }
+            Permission::DestinationPortRange(r.start as u32, r.end as u32)
+        }
+        Some(R::RequestedServerName(m)) => Permission::RequestedServerName(super::string_matcher(
+            m,
+            &join(path, "requested_server_name"),
+        )?),
+        Some(R::Metadata(_)) => {
+            return Err(err(
+                join(path, "metadata"),
+                "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
+            ))
+        }
+        Some(R::Matcher(_)) => {
+            return Err(err(
+                join(path, "matcher"),
+                "RBAC matcher extensions are not implemented",
+            ))
+        }
+        Some(R::UriTemplate(_)) => {
+            return Err(err(
+                join(path, "uri_template"),
+                "uri_template is not implemented",
+            ))
+        }
+        Some(R::SourcedMetadata(_)) => {
+            return Err(err(
+                join(path, "sourced_metadata"),
+                "metadata matching is not implemented (weir has no dynamic metadata)",
+            ))
+        }
+        None => return Err(err(path, "a permission needs a rule")),
+    })
+}
+
+/// `envoy.config.rbac.v3.Principal`.
+pub fn principal(p: &rbac::Principal, path: &str) -> Result<Principal, ConfigErrors> {
+    use rbac::principal::Identifier as I;
+    Ok(match &p.identifier {
+        Some(I::Any(true)) => Principal::Any,
+        Some(I::Any(false)) => {
+            return Err(err(join(path, "any"), "value must equal true"));
+        }
+        Some(I::AndIds(s)) => Principal::And(principal_set(&s.ids, &join(path, "and_ids"))?),
+        Some(I::OrIds(s)) => Principal::Or(principal_set(&s.ids, &join(path, "or_ids"))?),
+        Some(I::NotId(n)) => Principal::Not(Box::new(principal(n, &join(path, "not_id"))?)),
+        Some(I::Authenticated(a)) => Principal::Authenticated(match &a.principal_name {
+            Some(m) => Some(super::string_matcher(
+                m,
+                &join(&join(path, "authenticated"), "principal_name"),
+            )?),
+            None => None,
+        }),
+        Some(I::SourceIp(c)) => Principal::SourceIp(super::hcm::cidr(c, &join(path, "source_ip"))?),
+        Some(I::DirectRemoteIp(c)) => {
+            Principal::DirectRemoteIp(super::hcm::cidr(c, &join(path, "direct_remote_ip"))?)
+        }
+        Some(I::RemoteIp(c)) => Principal::RemoteIp(super::hcm::cidr(c, &join(path, "remote_ip"))?),
+        Some(I::Header(h)) => {
+            Principal::Header(super::route::header_matcher(h, &join(path, "header"))?)
+        }
+        Some(I::UrlPath(m)) => Principal::UrlPath(path_matcher(m, &join(path, "url_path"))?),
+        Some(I::Metadata(_)) => {
+            return Err(err(
+                join(path, "metadata"),
+                "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
+            ))
+        }
+        Some(I::FilterState(_)) => {
+            return Err(err(
+                join(path, "filter_state"),
+                "filter state matching is not implemented (weir has no filter state; \
+                 Istio's io.istio.peer_principal needs it)",
+            ))
+        }
+        Some(I::SourcedMetadata(_)) => {
+            return Err(err(
+                join(path, "sourced_metadata"),
+                "metadata matching is not implemented (weir has no dynamic metadata)",
+            ))
+        }
+        Some(I::Custom(_)) => {
+            return Err(err(
+                join(path, "custom"),
+                "custom principal extensions are not implemented",
+            ))
+        }
+        None => return Err(err(path, "a principal needs an identifier")),
+    })
+}
+
+/// `envoy.type.matcher.v3.PathMatcher`.
+fn path_matcher(m: &PathMatcher, path: &str) -> Result<StringMatcher, ConfigErrors> {
+    use crate::api::envoy::r#type::matcher::v3::path_matcher::Rule;
+    match &m.rule {
+        Some(Rule::Path(s)) => super::string_matcher(s, &join(path, "path")),
+        None => Err(err(join(path, "path"), "value is required")),
+    }
+}
+
+/// `rbac_access_denied_matched_policy[<policy>]`, whitespace replaced by
+/// `_` as Envoy's `responseDetail` (`none` without a policy). Interned:
+/// response code details are `&'static str`, so each distinct policy name
+/// is leaked once, process-wide (bounded by the names a control plane ever
+/// sends, not by requests).
+pub fn denied_details(policy: Option<&str>) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static SET: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let sanitized: String = policy
+        .unwrap_or("none")
+        .chars()
+        .map(|c| {
+            if " \t\n\r\x0b\x0c".contains(c) {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let s = format!("rbac_access_denied_matched_policy[{sanitized}]");
+    let mut set = SET
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = set.get(s.as_str()) {
+        return v;
+    }
+    let leaked: &'static str = Box::leak(s.into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
+#[cfg(test)]
+mod tests;
