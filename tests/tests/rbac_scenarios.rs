@@ -644,3 +644,28 @@ async fn network_rbac_over_tcp_proxy_with_mtls_principals() {
         );
     }
 }
+
+/// A virtual host requiring TLS answers plain requests with a redirect, as
+/// Envoy's router does on its `SslRedirectRoute`: after the filters, which
+/// see no per-route config there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_runs_before_the_require_tls_redirect() {
+    let rbac = json!({"rules": rules("ALLOW", &[("needs-ok", json!([header_exact("x-ok", "1")]), any())])});
+    let routes = json!([route("/", per_route(json!({"@type": RBAC_PER_ROUTE})))]);
+    let (p, _echo, log) =
+        http_proxy("tls-redirect", rbac, routes, json!({"require_tls": "ALL"})).await;
+    let c = Http::h1();
+    let base = p.base();
+    let r = c.get(&format!("{base}/a"), &[]).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = c.get(&format!("{base}/a"), &[("x-ok", "1")]).await;
+    assert_eq!(r.status, 301);
+    let lines = p.log_lines(&log, 2).await;
+    assert_eq!(
+        lines,
+        [
+            "403 /a rbac_access_denied_matched_policy[none]",
+            "301 /a direct_response",
+        ]
+    );
+}
