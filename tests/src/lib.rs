@@ -5,6 +5,7 @@
 //! are `tests/diff/configs/*.yaml` (bootstraps) and `tests/diff/cases/*.yaml`
 //! (requests). See `tests/diff/ALLOWLIST.md`.
 pub mod client;
+pub mod config;
 pub mod diff;
 pub mod proc;
 pub mod scenario;

@@ -1,0 +1,187 @@
+//! Envoy v3 bootstrap builders shared by the scenario suites (JSON, which
+//! both weir and Envoy accept), and the waits scenario tests repeat.
+//!
+//! A suite composes these and adds only what its feature needs, e.g.:
+//!
+//! ```ignore
+//! let p = Proxy::start(move |ports| {
+//!     bootstrap(ports, vec![listener("l", ports.listen, vec![chain(vec![
+//!         hcm("ingress", vec![filter("envoy.filters.http.rbac", RBAC, rbac.clone())],
+//!             vec![vhost("vh", vec![route("/", "echo", json!({}))], json!({}))], json!({})),
+//!     ])])], vec![cluster("echo", &[port], json!({}))])
+//! });
+//! ```
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::scenario::{Ports, Proxy};
+
+pub const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+pub const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+pub const FILE_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
+pub const DOWNSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+pub const UPSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+pub const HTTP_PROTOCOL_OPTIONS: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// `base` with the fields of `extra` (an object; anything else adds
+/// nothing) set over it.
+pub fn merge(mut base: Value, extra: Value) -> Value {
+    if let (Some(o), Value::Object(e)) = (base.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    base
+}
+
+/// A `socket_address` on 127.0.0.1.
+pub fn sock(port: u16) -> Value {
+    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+}
+
+/// A STATIC cluster with one locality of endpoints on 127.0.0.1 `ports`
+/// (`extra`: more cluster fields).
+pub fn cluster(name: &str, ports: &[u16], extra: Value) -> Value {
+    let endpoints: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"endpoint": {"address": sock(*p)}}))
+        .collect();
+    merge(
+        json!({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        }),
+        extra,
+    )
+}
+
+/// `extra` with HTTP/2 upstream protocol options for a cluster.
+pub fn h2_upstream(extra: Value) -> Value {
+    merge(
+        json!({"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        }}),
+        extra,
+    )
+}
+
+/// A filter (HTTP or network) `name` with `typed_config` of type `ty` and
+/// `fields`.
+pub fn filter(name: &str, ty: &str, fields: Value) -> Value {
+    json!({"name": name, "typed_config": merge(json!({"@type": ty}), fields)})
+}
+
+/// A route on `prefix` to `cluster` (`extra`: more route fields).
+pub fn route(prefix: &str, cluster: &str, extra: Value) -> Value {
+    merge(
+        json!({"match": {"prefix": prefix}, "route": {"cluster": cluster}}),
+        extra,
+    )
+}
+
+/// A virtual host for every domain (`extra`: more fields).
+pub fn vhost(name: &str, routes: Vec<Value>, extra: Value) -> Value {
+    merge(
+        json!({"name": name, "domains": ["*"], "routes": routes}),
+        extra,
+    )
+}
+
+/// A file access log to `path` with text `format`.
+pub fn file_log(path: &std::path::Path, format: &str) -> Value {
+    json!({"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": FILE_LOG, "path": path.display().to_string(),
+        "log_format": {"text_format_source": {"inline_string": format}},
+    }})
+}
+
+/// The HTTP connection manager network filter: `http_filters` then the
+/// router, an inline route configuration `rc` with `vhosts` (`extra`: more
+/// HCM fields, e.g. `access_log`).
+pub fn hcm(stat_prefix: &str, http_filters: Vec<Value>, vhosts: Vec<Value>, extra: Value) -> Value {
+    let mut filters = http_filters;
+    filters.push(filter("envoy.filters.http.router", ROUTER, json!({})));
+    filter(
+        "envoy.filters.network.http_connection_manager",
+        HCM,
+        merge(
+            json!({
+                "stat_prefix": stat_prefix,
+                "route_config": {"name": "rc", "virtual_hosts": vhosts},
+                "http_filters": filters,
+            }),
+            extra,
+        ),
+    )
+}
+
+/// The `tcp_proxy` network filter to `cluster` (`extra`: more fields).
+pub fn tcp_proxy(stat_prefix: &str, cluster: &str, extra: Value) -> Value {
+    filter(
+        "envoy.filters.network.tcp_proxy",
+        TCP_PROXY,
+        merge(
+            json!({"stat_prefix": stat_prefix, "cluster": cluster}),
+            extra,
+        ),
+    )
+}
+
+/// A filter chain of network `filters`.
+pub fn chain(filters: Vec<Value>) -> Value {
+    json!({"filters": filters})
+}
+
+/// A listener on 127.0.0.1 `port`.
+pub fn listener(name: &str, port: u16, chains: Vec<Value>) -> Value {
+    json!({"name": name, "address": sock(port), "filter_chains": chains})
+}
+
+/// A static bootstrap with the admin on `p.admin`.
+pub fn bootstrap(p: &Ports, listeners: Vec<Value>, clusters: Vec<Value>) -> String {
+    json!({
+        "admin": {"address": sock(p.admin)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    })
+    .to_string()
+}
+
+/// A fresh (removed if present) log file path `name.log` in a temporary
+/// directory of this test process and `suite`.
+pub fn log_path(suite: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weir-{suite}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let p = dir.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Waits (about 2 s at most) until stat `name` satisfies `ok`; returns its
+/// last value either way.
+pub async fn wait_stat(p: &Proxy, name: &str, ok: impl Fn(Option<i64>) -> bool) -> Option<i64> {
+    let mut last = None;
+    for _ in 0..100 {
+        last = p.stat(name).await;
+        if ok(last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
+/// Waits until stat `name` is `want`; panics with its value otherwise.
+pub async fn stat_is(p: &Proxy, name: &str, want: i64) {
+    let last = wait_stat(p, name, |v| v == Some(want)).await;
+    assert_eq!(last, Some(want), "{name}");
+}
