@@ -69,6 +69,9 @@ pub struct Downstream {
     /// Filter state that lives as long as the connection (Envoy's
     /// `LifeSpan::Connection`): the local rate limit's per-connection buckets.
     pub state: ConnectionState,
+    /// Filter state the network filters set before the HCM (Envoy's
+    /// connection-lifespan filter state); read-only for HTTP filters.
+    pub filter_state: crate::state::FilterState,
 }
 
 /// Connection-scoped filter state by key, created on first use and freed
@@ -125,6 +128,21 @@ pub struct FilterContext {
     /// In the response header phase: the response has no body (Envoy's
     /// `end_stream` on `encodeHeaders`), so no body hook will run.
     pub end_stream: bool,
+    /// The request's filter state (Envoy's request-lifespan filter state).
+    pub filter_state: crate::state::FilterState,
+    /// The request's dynamic metadata, by filter namespace.
+    pub metadata: crate::state::DynamicMetadata,
+}
+
+impl FilterContext {
+    /// Filter state `key`: the request's entry, else the connection's.
+    pub fn filter_state_get(&self, key: &str) -> Option<&Arc<dyn crate::state::StateObject>> {
+        self.filter_state.get(key).or_else(|| {
+            self.downstream
+                .as_deref()
+                .and_then(|d| d.filter_state.get(key))
+        })
+    }
 }
 
 /// What the selected route tells the chain when it instantiates filters.
@@ -439,6 +457,18 @@ impl FilterChain {
     /// Builds the chain from validated config (the translator guarantees the
     /// router is present and last); filters create their stats in `stats`.
     pub fn build(configs: &[HttpFilterConfig], stats: &Arc<dyn StatsScope>) -> FilterChain {
+        let none: Arc<dyn crate::callout::Callouts> = Arc::new(crate::callout::NoCallouts);
+        Self::build_with(configs, stats, &none)
+    }
+
+    /// [`FilterChain::build`] with the proxy's [`Callouts`](crate::callout::Callouts)
+    /// for filters that call a cluster (ext_authz, rate-limit service, JWKS).
+    pub fn build_with(
+        configs: &[HttpFilterConfig],
+        stats: &Arc<dyn StatsScope>,
+        callouts: &Arc<dyn crate::callout::Callouts>,
+    ) -> FilterChain {
+        let _ = callouts;
         let mut filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
         let mut router = None;
         for c in configs {

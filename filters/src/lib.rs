@@ -7,6 +7,7 @@
 //! the request upstream when every decoder has continued.
 #![forbid(unsafe_code)]
 
+pub mod callout;
 pub mod compressor;
 pub mod cors;
 pub mod fault;
@@ -17,6 +18,7 @@ pub mod local_ratelimit;
 pub mod network;
 pub mod rbac;
 pub mod router;
+pub mod state;
 pub mod token_bucket;
 
 pub use http::*;

@@ -643,6 +643,7 @@ async fn connection(
                     peer_subject: peer.map(|p| p.subject.clone()),
                     tls: tls.is_some(),
                     state: Default::default(),
+                    filter_state: Default::default(),
                 })
             });
             let ctx = Arc::new(ConnCtx {

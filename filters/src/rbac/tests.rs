@@ -328,6 +328,7 @@ fn http_filter_denies_counts_and_follows_route_overrides() {
         peer_subject: Some(String::new()),
         tls: true,
         state: Default::default(),
+        filter_state: Default::default(),
     };
     let mut cx = FilterContext {
         downstream: Some(Arc::new(ds(vec![principal.to_owned()]))),

@@ -475,14 +475,17 @@ async fn pipeline(
             }),
         }
     };
+    // One context for every phase of the request: what a filter leaves in
+    // filter state or dynamic metadata is there for the later phases
+    // (empty, allocation-free, when no filter runs).
+    let mut fcx = filters::FilterContext::default();
     if !instances.is_empty() {
-        let mut fcx = filters::FilterContext {
+        fcx = filters::FilterContext {
             route_name: info.route_name.clone(),
             internal: edge.internal,
             downstream: ctx.downstream.clone(),
             downstream_remote: Some(edge.remote),
-            flags: Vec::new(),
-            end_stream: false,
+            ..Default::default()
         };
         let lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
         for f in fcx.flags.drain(..) {
@@ -754,14 +757,6 @@ async fn pipeline(
                     );
                     resp = grpc_local_reply(resp, info);
                 }
-                let mut fcx = filters::FilterContext {
-                    route_name: info.route_name.clone(),
-                    internal: edge.internal,
-                    downstream: ctx.downstream.clone(),
-                    downstream_remote: Some(edge.remote),
-                    flags: Vec::new(),
-                    end_stream: false,
-                };
                 let (mut rp, mut rb) = resp.into_parts();
                 fcx.end_stream = http_body::Body::is_end_stream(&rb);
                 if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
@@ -787,14 +782,6 @@ async fn pipeline(
     );
     // As Envoy, the router's direct responses pass the encode phases.
     if !instances.is_empty() {
-        let mut fcx = filters::FilterContext {
-            route_name: info.route_name.clone(),
-            internal: edge.internal,
-            downstream: ctx.downstream.clone(),
-            downstream_remote: Some(edge.remote),
-            flags: Vec::new(),
-            end_stream: false,
-        };
         let (mut rp, mut rb) = resp.into_parts();
         fcx.end_stream = http_body::Body::is_end_stream(&rb);
         if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {

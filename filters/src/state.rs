@@ -1,0 +1,234 @@
+//! Filter state and dynamic metadata: what filters leave for later filters,
+//! the router, access logs and the stats filters (Envoy's
+//! `StreamInfo::filterState()` and `dynamicMetadata()`).
+//!
+//! - [`FilterState`]: named objects. A request's own
+//!   ([`FilterContext::filter_state`](crate::FilterContext)) lives as long
+//!   as the request; the connection's
+//!   ([`Downstream::filter_state`](crate::Downstream)) is set by network
+//!   filters before the HCM runs and is read-only afterwards. Lookups from an
+//!   HTTP filter see the request's entries first, then the connection's
+//!   ([`FilterContext::filter_state_get`](crate::FilterContext::filter_state_get)).
+//! - [`DynamicMetadata`]: per filter namespace, a JSON object (Envoy's
+//!   `google.protobuf.Struct` per namespace), as RBAC's metadata matchers,
+//!   `%DYNAMIC_METADATA(ns:key)%` and jwt_authn's `payload_in_metadata` use
+//!   it.
+//!
+//! Both are empty vectors until a filter writes: a request with no such
+//! filter allocates nothing.
+use std::any::Any;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+/// An object in filter state. `serialize_as_string` is what
+/// `%FILTER_STATE(key:PLAIN)%`, RBAC's `filter_state` string matcher and a
+/// `filter_state` hash policy see (Envoy's `serializeAsString`).
+pub trait StateObject: Any + Send + Sync + std::fmt::Debug {
+    fn serialize_as_string(&self) -> Option<String> {
+        None
+    }
+    /// For typed reads (`downcast_ref`).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A plain string value (Envoy's `StringAccessor`), what
+/// `set_filter_state` stores by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StringValue(pub String);
+
+impl StateObject for StringValue {
+    fn serialize_as_string(&self) -> Option<String> {
+        Some(self.0.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// How an entry may be changed and whether it follows the request upstream
+/// (Envoy's `StateType` and `StreamSharingMayImpactPooling`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateFlags {
+    /// Envoy's `StateType::ReadOnly`: a later write of the key fails.
+    pub read_only: bool,
+    /// Shared with the upstream connection (`shared_with_upstream` other
+    /// than NONE).
+    pub shared_with_upstream: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    key: Arc<str>,
+    value: Arc<dyn StateObject>,
+    flags: StateFlags,
+}
+
+/// Named filter-state objects (few per request: a vector, searched
+/// linearly).
+#[derive(Debug, Clone, Default)]
+pub struct FilterState(Vec<Entry>);
+
+/// Writing over a read-only entry (Envoy treats it as a bug and asserts;
+/// weir reports it to the writer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOnlyKey(pub String);
+
+impl std::fmt::Display for ReadOnlyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "filter state {:?} is read-only", self.0)
+    }
+}
+
+impl FilterState {
+    /// Sets `key` (replacing a mutable entry of the same key).
+    pub fn set(
+        &mut self,
+        key: impl Into<Arc<str>>,
+        value: Arc<dyn StateObject>,
+        flags: StateFlags,
+    ) -> Result<(), ReadOnlyKey> {
+        let key = key.into();
+        match self.0.iter_mut().find(|e| e.key == key) {
+            Some(e) if e.flags.read_only => Err(ReadOnlyKey(key.to_string())),
+            Some(e) => {
+                e.value = value;
+                e.flags = flags;
+                Ok(())
+            }
+            None => {
+                self.0.push(Entry { key, value, flags });
+                Ok(())
+            }
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Arc<dyn StateObject>> {
+        self.0.iter().find(|e| &*e.key == key).map(|e| &e.value)
+    }
+
+    /// The entry's value as `T`, when it is one.
+    pub fn get_typed<T: 'static>(&self, key: &str) -> Option<&T> {
+        self.get(key).and_then(|v| v.as_any().downcast_ref::<T>())
+    }
+
+    pub fn flags(&self, key: &str) -> Option<StateFlags> {
+        self.0.iter().find(|e| &*e.key == key).map(|e| e.flags)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every entry, in the order first set.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn StateObject>, StateFlags)> {
+        self.0.iter().map(|e| (&*e.key, &e.value, e.flags))
+    }
+}
+
+/// Dynamic metadata: per filter namespace (e.g. `envoy.filters.http.jwt_authn`),
+/// a JSON object.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DynamicMetadata(Vec<(String, Map<String, Value>)>);
+
+impl DynamicMetadata {
+    /// The namespace's object, if any filter wrote to it.
+    pub fn namespace(&self, ns: &str) -> Option<&Map<String, Value>> {
+        self.0.iter().find(|(n, _)| n == ns).map(|(_, m)| m)
+    }
+
+    /// The namespace's object to write into (created empty).
+    pub fn namespace_mut(&mut self, ns: &str) -> &mut Map<String, Value> {
+        let i = match self.0.iter().position(|(n, _)| n == ns) {
+            Some(i) => i,
+            None => {
+                self.0.push((ns.to_owned(), Map::new()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Merges `fields` into namespace `ns` (Envoy's `setDynamicMetadata`:
+    /// top-level keys replace).
+    pub fn merge(&mut self, ns: &str, fields: Map<String, Value>) {
+        self.namespace_mut(ns).extend(fields);
+    }
+
+    /// The value at `path` (keys into nested objects) in namespace `ns`, as
+    /// Envoy's `Metadata::metadataValue`.
+    pub fn value(&self, ns: &str, path: &[&str]) -> Option<&Value> {
+        let (first, rest) = path.split_first()?;
+        let mut v = self.namespace(ns)?.get(*first)?;
+        for k in rest {
+            v = v.as_object()?.get(*k)?;
+        }
+        Some(v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Map<String, Value>)> {
+        self.0.iter().map(|(n, m)| (n.as_str(), m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn filter_state_replaces_mutable_and_keeps_read_only() {
+        let mut s = FilterState::default();
+        let ro = StateFlags {
+            read_only: true,
+            ..Default::default()
+        };
+        s.set(
+            "a",
+            Arc::new(StringValue("1".into())),
+            StateFlags::default(),
+        )
+        .unwrap();
+        s.set("a", Arc::new(StringValue("2".into())), ro).unwrap();
+        assert_eq!(
+            s.get_typed::<StringValue>("a"),
+            Some(&StringValue("2".into()))
+        );
+        assert_eq!(
+            s.set(
+                "a",
+                Arc::new(StringValue("3".into())),
+                StateFlags::default()
+            ),
+            Err(ReadOnlyKey("a".into()))
+        );
+        assert_eq!(
+            s.get("a").and_then(|v| v.serialize_as_string()).as_deref(),
+            Some("2")
+        );
+        assert!(s.get("b").is_none());
+    }
+
+    #[test]
+    fn metadata_paths_and_merge() {
+        let mut m = DynamicMetadata::default();
+        assert!(m.is_empty());
+        m.merge(
+            "jwt",
+            json!({"payload": {"iss": "x", "sub": {"a": 1}}})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        assert_eq!(m.value("jwt", &["payload", "iss"]), Some(&json!("x")));
+        assert_eq!(m.value("jwt", &["payload", "sub", "a"]), Some(&json!(1)));
+        assert_eq!(m.value("jwt", &["payload", "nope"]), None);
+        assert_eq!(m.value("other", &["payload"]), None);
+        m.merge("jwt", json!({"payload": 2}).as_object().unwrap().clone());
+        assert_eq!(m.value("jwt", &["payload"]), Some(&json!(2)));
+    }
+}
