@@ -192,8 +192,9 @@ mod tests {
             Arc::new(StringValue("1".into())),
             StateFlags::default(),
         )
-        .unwrap();
-        s.set("a", Arc::new(StringValue("2".into())), ro).unwrap();
+        .expect("test value");
+        s.set("a", Arc::new(StringValue("2".into())), ro)
+            .expect("test value");
         assert_eq!(
             s.get_typed::<StringValue>("a"),
             Some(&StringValue("2".into()))
@@ -221,14 +222,20 @@ mod tests {
             "jwt",
             json!({"payload": {"iss": "x", "sub": {"a": 1}}})
                 .as_object()
-                .unwrap()
+                .expect("test value")
                 .clone(),
         );
         assert_eq!(m.value("jwt", &["payload", "iss"]), Some(&json!("x")));
         assert_eq!(m.value("jwt", &["payload", "sub", "a"]), Some(&json!(1)));
         assert_eq!(m.value("jwt", &["payload", "nope"]), None);
         assert_eq!(m.value("other", &["payload"]), None);
-        m.merge("jwt", json!({"payload": 2}).as_object().unwrap().clone());
+        m.merge(
+            "jwt",
+            json!({"payload": 2})
+                .as_object()
+                .expect("test value")
+                .clone(),
+        );
         assert_eq!(m.value("jwt", &["payload"]), Some(&json!(2)));
     }
 }
