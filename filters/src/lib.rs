@@ -10,6 +10,7 @@
 pub mod callout;
 pub mod compressor;
 pub mod cors;
+pub mod ext_authz;
 pub mod fault;
 pub mod grpc_stats;
 pub mod http;

@@ -24,6 +24,7 @@ use crate::error::{join, ConfigErrors};
 pub mod cluster;
 pub mod compressor;
 pub mod cors;
+pub mod ext_authz;
 pub mod fault;
 pub mod format;
 pub mod grpc_stats;
