@@ -512,6 +512,14 @@ impl FilterChain {
                 HttpFilterKind::Rbac(r) => filters.push(Arc::new(
                     crate::rbac::http::RbacFactory::new(c.name.clone(), r.clone(), stats),
                 )),
+                HttpFilterKind::RateLimit(r) => {
+                    filters.push(Arc::new(crate::ratelimit::RateLimitFactory::new(
+                        c.name.clone(),
+                        r.clone(),
+                        stats,
+                        callouts,
+                    )))
+                }
                 HttpFilterKind::ExtAuthz(e) => {
                     filters.push(Arc::new(crate::ext_authz::ExtAuthzFactory::new(
                         c.name.clone(),

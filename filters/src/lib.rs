@@ -17,6 +17,7 @@ pub mod http;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;
+pub mod ratelimit;
 pub mod rbac;
 pub mod router;
 pub mod state;

@@ -252,6 +252,13 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "allowed_client_headers_on_success", "dynamic_metadata_from_headers",
     ]),
     ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", &["disabled", "check_settings"]),
+    // envoy.filters.http.ratelimit (ARCHITECTURE.md "Global rate limit").
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", &[
+        "domain", "stage", "request_type", "timeout", "failure_mode_deny", "rate_limit_service",
+        "enable_x_ratelimit_headers", "disable_x_envoy_ratelimited_header",
+        "rate_limited_as_resource_exhausted", "rate_limited_status",
+    ]),
+    ("envoy.config.ratelimit.v3.RateLimitServiceConfig", &["grpc_service", "transport_api_version"]),
     ("envoy.extensions.filters.http.ext_authz.v3.CheckSettings", &["context_extensions", "disable_request_body_buffering"]),
     ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", &["entries", "token_bucket"]),
     ("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry", &["key", "value"]),

@@ -100,3 +100,34 @@ pub struct ExtAuthzPerRoute {
     /// `check_settings.disable_request_body_buffering`.
     pub disable_request_body_buffering: bool,
 }
+
+/// `envoy.filters.http.ratelimit` (`RateLimit`): the global rate limit
+/// service (kept here with the other filters that call a gRPC service).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRateLimit {
+    /// `domain` (required).
+    pub domain: String,
+    /// `stage` (0..=10): the route `rate_limits` entries of this stage.
+    pub stage: u32,
+    /// `request_type`.
+    pub request_type: RequestType,
+    /// `timeout` (Envoy's default 20 ms).
+    pub timeout: Duration,
+    pub failure_mode_deny: bool,
+    /// `rate_limit_service.grpc_service`.
+    pub service: GrpcService,
+    /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`.
+    pub x_ratelimit_headers: bool,
+    pub disable_x_envoy_ratelimited_header: bool,
+    pub rate_limited_as_resource_exhausted: bool,
+    /// `rate_limited_status` (429 when unset or under 400).
+    pub rate_limited_status: u16,
+}
+
+/// `RateLimit.request_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    Both,
+    Internal,
+    External,
+}

@@ -282,6 +282,8 @@ pub enum HttpFilterKind {
     Rbac(Arc<HttpRbac>),
     /// `envoy.filters.http.ext_authz`.
     ExtAuthz(Arc<super::ExtAuthz>),
+    /// `envoy.filters.http.ratelimit` (the global rate limit service).
+    RateLimit(Arc<super::HttpRateLimit>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.

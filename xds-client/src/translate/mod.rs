@@ -33,6 +33,7 @@ pub mod listener;
 pub mod local_ratelimit;
 pub mod network;
 pub mod per_filter;
+pub mod rate_limit_service;
 pub mod ratelimit;
 pub mod rbac;
 pub mod route;
