@@ -154,24 +154,20 @@ fn grpc_filter(extra: Value) -> Value {
 
 /// A proxy with `ext_authz` (`f`) in front of the echo upstream, routes
 /// `routes` (default: `/` to echo), and the authz cluster on `authz_port`
-/// (HTTP/2 when `h2`).
+/// (`authz_extra`: more cluster fields).
 fn start(
     f: Value,
     routes: Option<Vec<Value>>,
     vhost_extra: Value,
     echo: u16,
     authz_port: u16,
-    h2: bool,
+    authz_extra: Value,
     log: &std::path::Path,
 ) -> Proxy {
     let log = log.to_path_buf();
     let routes = routes.unwrap_or_else(|| vec![route("/", "echo", json!({}))]);
     Proxy::start(move |ports| {
-        let authz = if h2 {
-            cluster("authz", &[authz_port], h2_upstream(json!({})))
-        } else {
-            cluster("authz", &[authz_port], json!({}))
-        };
+        let authz = cluster("authz", &[authz_port], authz_extra.clone());
         bootstrap(
             ports,
             vec![listener(
@@ -226,7 +222,7 @@ async fn grpc_allow_applies_header_mutations_h1_and_h2() {
         json!({}),
         echo.port(),
         authz.port,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     for (i, c) in [Http::h1(), Http::h2c()].into_iter().enumerate() {
@@ -332,7 +328,7 @@ async fn grpc_deny_answers_with_the_services_status_body_and_headers() {
         json!({}),
         echo.port(),
         authz.port,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     for c in [Http::h1(), Http::h2c()] {
@@ -371,7 +367,7 @@ async fn service_down_is_403_or_let_through_with_failure_mode_allow() {
         json!({}),
         echo.port(),
         down,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
@@ -389,7 +385,7 @@ async fn service_down_is_403_or_let_through_with_failure_mode_allow() {
         json!({}),
         echo.port(),
         down,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     let r = Http::h2c().get(&format!("{}/x", p.base()), &[]).await;
@@ -403,7 +399,7 @@ async fn service_down_is_403_or_let_through_with_failure_mode_allow() {
         json!({}),
         echo.port(),
         down,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     let r = Http::h1()
@@ -442,7 +438,7 @@ async fn a_slow_service_times_out_as_an_error() {
         json!({}),
         echo.port(),
         authz.port,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     let started = std::time::Instant::now();
@@ -481,7 +477,7 @@ async fn per_route_disable_and_context_extensions() {
         vh,
         echo.port(),
         authz.port,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     let r = Http::h1().get(&format!("{}/open", p.base()), &[]).await;
@@ -527,7 +523,7 @@ async fn filter_enabled_and_deny_at_disable() {
         json!({}),
         echo.port(),
         authz.port,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
@@ -544,7 +540,7 @@ async fn filter_enabled_and_deny_at_disable() {
         json!({}),
         echo.port(),
         authz.port,
-        true,
+        h2_upstream(json!({})),
         &log,
     );
     let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
@@ -645,7 +641,7 @@ async fn http_service_allows_and_denies() {
             },
         }}),
     );
-    let p = start(f, None, json!({}), echo.port(), authz.port, false, &log);
+    let p = start(f, None, json!({}), echo.port(), authz.port, json!({}), &log);
     for c in [Http::h1(), Http::h2c()] {
         let r = c
             .get(
@@ -687,4 +683,55 @@ async fn http_service_allows_and_denies() {
     stat_is(&p, "http.ingress.ext_authz.denied", 1).await;
     let lines = p.log_lines(&log, 3).await;
     assert_eq!(lines[2], "403 UAEX ext_authz_denied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_service_over_a_tls_cluster() {
+    use weir_tests::tls::{self, LeafSpec, TestCa, TlsServerOptions};
+    let echo = upstream::http1("echo").await.expect("echo");
+    let ca = TestCa::new("authz root");
+    let authz = tls::tls_upstream(TlsServerOptions::new(
+        "authz",
+        &ca.issue(LeafSpec::server("authz.test")),
+    ))
+    .await
+    .expect("tls authz");
+    let log = log_path("ext_authz", "tls");
+    let f = filter(
+        NAME,
+        EXT_AUTHZ,
+        json!({"http_service": {
+            "server_uri": {"uri": "https://authz.test", "cluster": "authz", "timeout": "2s"},
+            "authorization_request": {"allowed_headers": {"patterns": [{"exact": "x-echo-status"}]}},
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": [{"exact": "x-upstream-sni"}]},
+            },
+        }}),
+    );
+    let tls_cluster = json!({"transport_socket": {"name": "envoy.transport_sockets.tls",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": "authz.test",
+        "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": ca.pem()}}},
+    }}});
+    let p = start(
+        f,
+        None,
+        json!({}),
+        echo.port(),
+        authz.addr().port(),
+        tls_cluster,
+        &log,
+    );
+    let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The authorization server saw the cluster's SNI: its echo header went
+    // upstream as an allowed header.
+    assert_eq!(echo_header(&r.echo(), "x-upstream-sni"), Some("authz.test"));
+    let r = Http::h2c()
+        .get(&format!("{}/x", p.base()), &[("x-echo-status", "401")])
+        .await;
+    assert_eq!(r.status, 401);
+    stat_is(&p, "http.ingress.ext_authz.ok", 1).await;
+    stat_is(&p, "http.ingress.ext_authz.denied", 1).await;
 }
