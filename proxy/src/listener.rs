@@ -627,6 +627,10 @@ async fn connection(
         if chain.read_filters.on_established(&conn) == NetAction::Close {
             return;
         }
+        // Filters that wait on a call (ext_authz); none: no future.
+        if chain.read_filters.checks && chain.read_filters.check(&conn).await == NetAction::Close {
+            return;
+        }
     }
     match &chain.network {
         NetworkRuntime::Http(hcm) => {
@@ -771,9 +775,10 @@ pub fn build_chain(
         env.store,
         fc.pass_through.iter().copied().chain(http_pass_through),
     );
-    let read_filters = filters::network::NetworkChain::build(
+    let read_filters = filters::network::NetworkChain::build_with(
         &fc.read_filters,
         &crate::metrics::RootFilterStats::scope(env.store),
+        &env.callouts,
     );
     Ok(Arc::new(ChainRuntime {
         config: fc.clone(),

@@ -735,3 +735,100 @@ async fn http_service_over_a_tls_cluster() {
     stat_is(&p, "http.ingress.ext_authz.ok", 1).await;
     stat_is(&p, "http.ingress.ext_authz.denied", 1).await;
 }
+
+/// Writes and expects the echo back (true), or sees the connection closed
+/// (false).
+async fn tcp_echoes(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The write may fail when the proxy closed the connection already.
+    let _ = s.write_all(b"hello").await;
+    let _ = s.flush().await;
+    let mut buf = [0u8; 5];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await {
+        Err(_) => panic!("neither echoed nor closed"),
+        Ok(Ok(_)) => {
+            assert_eq!(&buf, b"hello");
+            true
+        }
+        Ok(Err(_)) => false,
+    }
+}
+
+/// `envoy.filters.network.ext_authz` in front of `tcp_proxy`: allowed
+/// connections are proxied, denied ones closed; with the service down,
+/// `failure_mode_allow` goes on to the next filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_ext_authz_over_tcp_proxy() {
+    const NET: &str = "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz";
+    let echo = weir_tests::tcp::tcp_echo_server().await.expect("echo");
+    let allow = GrpcAuthz::start(Duration::ZERO, |_| ok(auth::OkHttpResponse::default())).await;
+    let deny = GrpcAuthz::start(Duration::ZERO, |_| denied(0, "", vec![])).await;
+    let down = closed_port().await;
+    let (echo_port, allow_port, deny_port) = (echo.port(), allow.port, deny.port);
+    let net = |prefix: &str, cluster: &str, extra: Value| {
+        filter(
+            "envoy.filters.network.ext_authz",
+            NET,
+            weir_tests::config::merge(
+                json!({"stat_prefix": prefix,
+                    "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "2s"}}),
+                extra,
+            ),
+        )
+    };
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![
+                listener(
+                    "l",
+                    ports.listen,
+                    vec![chain(vec![
+                        net("allowed", "allow", json!({})),
+                        weir_tests::config::tcp_proxy("tcp", "echo", json!({})),
+                    ])],
+                ),
+                listener(
+                    "l2",
+                    ports.listen2,
+                    vec![chain(vec![
+                        net("down", "down", json!({"failure_mode_allow": true})),
+                        net("denied", "deny", json!({})),
+                        weir_tests::config::tcp_proxy("tcp2", "echo", json!({})),
+                    ])],
+                ),
+            ],
+            vec![
+                cluster("echo", &[echo_port], json!({})),
+                cluster("allow", &[allow_port], h2_upstream(json!({}))),
+                cluster("deny", &[deny_port], h2_upstream(json!({}))),
+                cluster("down", &[down], h2_upstream(json!({}))),
+            ],
+        )
+    });
+    assert!(tcp_echoes(p.addr()).await);
+    assert!(tcp_echoes(p.addr()).await);
+    stat_is(&p, "ext_authz.allowed.ok", 2).await;
+    stat_is(&p, "ext_authz.allowed.total", 2).await;
+    let a = allow.seen();
+    assert_eq!(a.len(), 2);
+    let src = a[0]
+        .attributes
+        .as_ref()
+        .and_then(|a| a.source.as_ref())
+        .and_then(|s| s.address.as_ref())
+        .and_then(|a| a.address.as_ref());
+    match src {
+        Some(core::address::Address::SocketAddress(s)) => assert_eq!(s.address, "127.0.0.1"),
+        other => panic!("no source address: {other:?}"),
+    }
+    assert!(!tcp_echoes(p.addr2()).await);
+    stat_is(&p, "ext_authz.denied.denied", 1).await;
+    stat_is(&p, "ext_authz.denied.cx_closed", 1).await;
+    // The service down, let through by failure_mode_allow to the next
+    // filter.
+    stat_is(&p, "ext_authz.down.error", 1).await;
+    stat_is(&p, "ext_authz.down.failure_mode_allowed", 1).await;
+    stat_is(&p, "ext_authz.down.cx_closed", 0).await;
+}

@@ -252,6 +252,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "allowed_client_headers_on_success", "dynamic_metadata_from_headers",
     ]),
     ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", &["disabled", "check_settings"]),
+    ("envoy.extensions.filters.network.ext_authz.v3.ExtAuthz", &[
+        "stat_prefix", "grpc_service", "failure_mode_allow", "transport_api_version",
+    ]),
     // envoy.filters.http.ratelimit (ARCHITECTURE.md "Global rate limit").
     ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", &[
         "domain", "stage", "request_type", "timeout", "failure_mode_deny", "rate_limit_service",

@@ -19,6 +19,7 @@ use xds_client::config::{ReadFilterConfig, ReadFilterKind};
 
 use crate::StatsScope;
 
+pub mod ext_authz;
 pub mod local_ratelimit;
 pub mod rbac;
 
@@ -67,18 +68,42 @@ pub trait NetworkFilterFactory: Send + Sync + std::fmt::Debug {
     fn on_established(&self, _conn: &ConnectionInfo<'_>) -> NetAction {
         NetAction::Continue
     }
+    /// After `on_established` continued: a decision that waits on a call
+    /// (ext_authz); `None` (the default): nothing to wait for.
+    fn check(&self, _conn: &ConnectionInfo<'_>) -> Option<CheckFuture> {
+        None
+    }
 }
+
+/// A network filter's pending decision.
+pub type CheckFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = NetAction> + Send + 'static>>;
 
 /// A filter chain's read filters, in order.
 #[derive(Debug, Clone, Default)]
 pub struct NetworkChain {
     pub filters: Vec<Arc<dyn NetworkFilterFactory>>,
+    /// Whether a filter may wait ([`NetworkChain::check`]).
+    pub checks: bool,
 }
 
 impl NetworkChain {
     /// Builds the filters; they create their stats in `stats` (a scope at
     /// the root of the store: names are absolute).
     pub fn build(configs: &[ReadFilterConfig], stats: &Arc<dyn StatsScope>) -> NetworkChain {
+        let none: Arc<dyn crate::callout::Callouts> = Arc::new(crate::callout::NoCallouts);
+        Self::build_with(configs, stats, &none)
+    }
+
+    /// [`NetworkChain::build`] with the proxy's callouts (ext_authz).
+    pub fn build_with(
+        configs: &[ReadFilterConfig],
+        stats: &Arc<dyn StatsScope>,
+        callouts: &Arc<dyn crate::callout::Callouts>,
+    ) -> NetworkChain {
+        let checks = configs
+            .iter()
+            .any(|c| matches!(c.kind, ReadFilterKind::ExtAuthz(_)));
         let filters = configs
             .iter()
             .map(|c| -> Arc<dyn NetworkFilterFactory> {
@@ -89,10 +114,16 @@ impl NetworkChain {
                     ReadFilterKind::Rbac(r) => {
                         Arc::new(rbac::RbacFactory::new(c.name.clone(), r.clone(), stats))
                     }
+                    ReadFilterKind::ExtAuthz(e) => Arc::new(ext_authz::ExtAuthzFactory::new(
+                        c.name.clone(),
+                        e.clone(),
+                        stats,
+                        callouts,
+                    )),
                 }
             })
             .collect();
-        NetworkChain { filters }
+        NetworkChain { filters, checks }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,6 +135,19 @@ impl NetworkChain {
         for f in &self.filters {
             if f.on_new_connection(conn) == NetAction::Close {
                 return NetAction::Close;
+            }
+        }
+        NetAction::Continue
+    }
+
+    /// Runs the filters' waiting decisions in order (only when
+    /// [`NetworkChain::checks`]); the first `Close` wins.
+    pub async fn check(&self, conn: &ConnectionInfo<'_>) -> NetAction {
+        for f in &self.filters {
+            if let Some(fut) = f.check(conn) {
+                if fut.await == NetAction::Close {
+                    return NetAction::Close;
+                }
             }
         }
         NetAction::Continue

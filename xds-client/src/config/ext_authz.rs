@@ -131,3 +131,14 @@ pub enum RequestType {
     Internal,
     External,
 }
+
+/// `envoy.filters.network.ext_authz` (`envoy.extensions.filters.network.ext_authz.v3.ExtAuthz`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkExtAuthz {
+    /// Stats are `ext_authz.<stat_prefix>.*`.
+    pub stat_prefix: String,
+    pub service: GrpcService,
+    /// `grpc_service.timeout` (Envoy's default 200 ms).
+    pub timeout: Duration,
+    pub failure_mode_allow: bool,
+}

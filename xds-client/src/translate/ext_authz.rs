@@ -328,6 +328,51 @@ pub fn per_route(p: &ea::ExtAuthzPerRoute, path: &str) -> Result<ExtAuthzPerRout
     }
 }
 
+/// `envoy.extensions.filters.network.ext_authz.v3.ExtAuthz`.
+pub const NETWORK_EXT_AUTHZ: &str = "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz";
+
+/// The network `ExtAuthz` -> [`NetworkExtAuthz`].
+pub fn network_ext_authz(
+    p: &crate::api::envoy::extensions::filters::network::ext_authz::v3::ExtAuthz,
+    path: &str,
+) -> Result<NetworkExtAuthz, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if p.stat_prefix.is_empty() {
+        errs.push(
+            join(path, "stat_prefix"),
+            "value length must be at least 1 characters",
+        );
+    }
+    if !matches!(p.transport_api_version, 0 | 2) {
+        errs.push(
+            join(path, "transport_api_version"),
+            "only the V3 transport API is supported",
+        );
+    }
+    let service = match &p.grpc_service {
+        None => {
+            errs.push(join(path, "grpc_service"), "grpc_service is required");
+            None
+        }
+        Some(g) => match grpc_service(g, &join(path, "grpc_service")) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        },
+    };
+    match service {
+        Some(service) if errs.is_empty() => Ok(NetworkExtAuthz {
+            stat_prefix: p.stat_prefix.clone(),
+            timeout: service.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            service,
+            failure_mode_allow: p.failure_mode_allow,
+        }),
+        _ => Err(errs),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,10 @@ pub fn read_filter(
             let p = super::decode(any, path)?;
             ReadFilterKind::Rbac(Arc::new(super::rbac::network_rbac(&p, path)?))
         }
+        super::ext_authz::NETWORK_EXT_AUTHZ => {
+            let p = super::decode(any, path)?;
+            ReadFilterKind::ExtAuthz(Arc::new(super::ext_authz::network_ext_authz(&p, path)?))
+        }
         _ => return Ok(None),
     };
     Ok(Some(ReadFilterConfig {
