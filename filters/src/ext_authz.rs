@@ -199,14 +199,20 @@ impl HttpFilter for ExtAuthzFilter {
     ) -> Action {
         let sh = &self.shared;
         let cfg = &sh.cfg;
-        if let Some(f) = cfg.filter_enabled {
-            if !f.hit(rand::random::<u64>()) {
-                sh.stats.disabled.inc();
-                if cfg.deny_at_disable {
-                    return Action::Respond(error_reply(cfg.status_on_error));
-                }
-                return Action::Continue;
+        // As Envoy's `filterEnabled`: the fraction, then the metadata.
+        let enabled = cfg
+            .filter_enabled
+            .is_none_or(|f| f.hit(rand::random::<u64>()))
+            && cfg.filter_enabled_metadata.as_ref().is_none_or(|m| {
+                let path: Vec<&str> = m.path.iter().map(String::as_str).collect();
+                m.matches(cx.metadata.value(&m.filter, &path))
+            });
+        if !enabled {
+            sh.stats.disabled.inc();
+            if cfg.deny_at_disable {
+                return Action::Respond(error_reply(cfg.status_on_error));
             }
+            return Action::Continue;
         }
         let slot: Slot = Arc::new(Mutex::new(None));
         self.slot = Some(slot.clone());

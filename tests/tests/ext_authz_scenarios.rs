@@ -832,3 +832,61 @@ async fn network_ext_authz_over_tcp_proxy() {
     stat_is(&p, "ext_authz.down.failure_mode_allowed", 1).await;
     stat_is(&p, "ext_authz.down.cx_closed", 0).await;
 }
+
+/// Istio's CUSTOM AuthorizationPolicy: RBAC shadow rules (prefix
+/// `istio_ext_authz_`) mark the requests the policy selects in the dynamic
+/// metadata, and ext_authz's `filter_enabled_metadata` checks only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_custom_policy_selects_requests_through_rbac_shadow_metadata() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let authz = GrpcAuthz::start(Duration::ZERO, |_| denied(0, "", vec![])).await;
+    let log = log_path("ext_authz", "istio-custom");
+    let (echo_port, authz_port) = (echo.port(), authz.port);
+    let policy = "istio-ext-authz-ns[foo]-policy[ext]-rule[0]";
+    let rbac = filter(
+        "envoy.filters.http.rbac",
+        "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        json!({
+            "shadow_rules": {"action": "DENY", "policies": {policy: {
+                "permissions": [{"url_path": {"path": {"prefix": "/secure"}}}],
+                "principals": [{"any": true}],
+            }}},
+            "shadow_rules_stat_prefix": "istio_ext_authz_",
+        }),
+    );
+    let authz_filter = grpc_filter(json!({"filter_enabled_metadata": {
+        "filter": "envoy.filters.http.rbac",
+        "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+        "value": {"string_match": {"prefix": "istio-ext-authz"}},
+    }}));
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![rbac.clone(), authz_filter.clone()],
+                    vec![vhost("vh", vec![route("/", "echo", json!({}))], json!({}))],
+                    json!({"access_log": [file_log(&log, LOG_FORMAT)]}),
+                )])],
+            )],
+            vec![
+                cluster("echo", &[echo_port], json!({})),
+                cluster("authz", &[authz_port], h2_upstream(json!({}))),
+            ],
+        )
+    });
+    let r = Http::h1().get(&format!("{}/public", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    stat_is(&p, "http.ingress.ext_authz.disabled", 1).await;
+    assert!(authz.seen().is_empty());
+    let r = Http::h2c()
+        .get(&format!("{}/secure/x", p.base()), &[])
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(authz.seen().len(), 1);
+    stat_is(&p, "http.ingress.ext_authz.denied", 1).await;
+    stat_is(&p, "http.ingress.rbac.istio_ext_authz_.shadow_denied", 1).await;
+}

@@ -239,7 +239,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "grpc_service", "http_service", "transport_api_version", "failure_mode_allow",
         "failure_mode_allow_header_add", "status_on_error",
         "metadata_context_namespaces", "filter_enabled", "deny_at_disable",
-        "stat_prefix", "allowed_headers",
+        "stat_prefix", "allowed_headers", "filter_enabled_metadata",
         "~charge_cluster_response_stats",
     ]),
     ("envoy.extensions.filters.http.ext_authz.v3.HttpService", &[
@@ -252,6 +252,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "allowed_client_headers_on_success", "dynamic_metadata_from_headers",
     ]),
     ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", &["disabled", "check_settings"]),
+    // ext_authz `filter_enabled_metadata` (string, bool and presence values).
+    ("envoy.type.matcher.v3.MetadataMatcher", &["filter", "path", "value", "invert"]),
+    ("envoy.type.matcher.v3.MetadataMatcher.PathSegment", &["key"]),
+    ("envoy.type.matcher.v3.ValueMatcher", &["string_match", "bool_match", "present_match"]),
     ("envoy.extensions.filters.network.ext_authz.v3.ExtAuthz", &[
         "stat_prefix", "grpc_service", "failure_mode_allow", "transport_api_version",
     ]),

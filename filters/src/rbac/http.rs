@@ -145,6 +145,22 @@ impl HttpFilter for RbacFilter {
                 policy = shadow.policy_name(r.policy),
                 "rbac: shadow decision"
             );
+            // As Envoy: the shadow result (and the matched policy) in the
+            // dynamic metadata, for later filters (Istio's CUSTOM
+            // ext_authz enables itself on `istio_ext_authz_*`).
+            let prefix = &self.config.shadow_rules_stat_prefix;
+            let mut m = serde_json::Map::new();
+            if r.policy.is_some() {
+                m.insert(
+                    format!("{prefix}shadow_effective_policy_id"),
+                    serde_json::Value::String(shadow.policy_name(r.policy).to_owned()),
+                );
+            }
+            m.insert(
+                format!("{prefix}shadow_engine_result"),
+                serde_json::Value::String(if r.allowed { "allowed" } else { "denied" }.into()),
+            );
+            cx.metadata.merge("envoy.filters.http.rbac", m);
         }
         let Some(engine) = &self.config.rules else {
             return Action::Continue;
