@@ -503,7 +503,6 @@ mod tests {
                 match_pattern: Some(p),
             }),
             invert,
-            ..Default::default()
         };
         use m::value_matcher::MatchPattern as P;
         let b = metadata_matcher(&mk(P::BoolMatch(true), false), "f").expect("bool");
