@@ -240,7 +240,7 @@ impl HttpFilter for ExtAuthzFilter {
                     let outcome = match fut.await {
                         Ok(r) => grpc_outcome(r),
                         Err(e) => {
-                            tracing::debug!(target: "ext_authz", error = %e, "check failed");
+                            tracing::debug!(error = %e, "check failed");
                             Outcome::Error
                         }
                     };
@@ -260,7 +260,7 @@ impl HttpFilter for ExtAuthzFilter {
                             ExtAuthzService::Grpc(_) => Outcome::Error,
                         },
                         Err(e) => {
-                            tracing::debug!(target: "ext_authz", error = %e, "check failed");
+                            tracing::debug!(error = %e, "check failed");
                             Outcome::Error
                         }
                     };

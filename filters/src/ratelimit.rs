@@ -200,7 +200,7 @@ impl HttpFilter for RateLimitFilter {
             let resp = match call.await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::debug!(target: "ratelimit", error = %e, "rate limit call failed");
+                    tracing::debug!(error = %e, "rate limit call failed");
                     return error(cfg, &stats);
                 }
             };

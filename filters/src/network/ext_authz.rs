@@ -142,7 +142,7 @@ impl NetworkFilterFactory for ExtAuthzFactory {
                     NetAction::Close
                 }
                 Err(e) => {
-                    tracing::debug!(target: "ext_authz", error = %e, "network check failed");
+                    tracing::debug!(error = %e, "network check failed");
                     stats.error.inc();
                     if allow_on_error {
                         stats.failure_mode_allowed.inc();
