@@ -11,6 +11,7 @@ pub mod callout;
 pub mod compressor;
 pub mod cors;
 pub mod fault;
+pub mod format;
 pub mod grpc_stats;
 pub mod http;
 pub mod listener;
@@ -18,7 +19,9 @@ pub mod local_ratelimit;
 pub mod network;
 pub mod rbac;
 pub mod router;
+pub mod set_filter_state;
 pub mod state;
 pub mod token_bucket;
 
 pub use http::*;
+pub use state::{DynamicMetadata, FilterState, StateFlags, StateObject, StringValue};

@@ -254,12 +254,18 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "descriptor_value", "descriptor_key", "expect_match", "query_parameters",
     ]),
     // RBAC (HTTP and network): `rules` policies with the matchers weir
-    // evaluates; the matcher API, metadata, filter state, CEL conditions
+    // evaluates; the matcher API, metadata, CEL conditions
     // and audit logging are rejected (PENDING).
     ("envoy.extensions.filters.http.rbac.v3.RBAC", &[
         "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
     ]),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
+    // set_filter_state (HTTP): string objects set at the request headers.
+    ("envoy.extensions.filters.http.set_filter_state.v3.Config", &["on_request_headers"]),
+    ("envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue", &[
+        "object_key", "factory_key", "format_string", "read_only", "shared_with_upstream",
+        "skip_if_empty",
+    ]),
     ("envoy.extensions.filters.network.rbac.v3.RBAC", &[
         "rules", "shadow_rules", "shadow_rules_stat_prefix", "stat_prefix", "enforcement_type",
     ]),
@@ -272,8 +278,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.rbac.v3.Permission.Set", &["rules"]),
     ("envoy.config.rbac.v3.Principal", &[
         "and_ids", "or_ids", "any", "authenticated", "source_ip", "direct_remote_ip",
-        "remote_ip", "header", "url_path", "not_id",
+        "remote_ip", "header", "url_path", "not_id", "filter_state",
     ]),
+    ("envoy.type.matcher.v3.FilterStateMatcher", &["key", "string_match"]),
     ("envoy.config.rbac.v3.Principal.Set", &["ids"]),
     ("envoy.config.rbac.v3.Principal.Authenticated", &["principal_name"]),
     ("envoy.type.matcher.v3.PathMatcher", &["path"]),
@@ -623,12 +630,6 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.config.rbac.v3.Principal",
         "sourced_metadata",
         "metadata matching is not implemented (weir has no dynamic metadata)",
-    ),
-    (
-        "envoy.config.rbac.v3.Principal",
-        "filter_state",
-        "filter state matching is not implemented (weir has no filter state; Istio's \
-         io.istio.peer_principal needs it)",
     ),
     (
         "envoy.config.rbac.v3.Principal",

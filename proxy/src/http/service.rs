@@ -488,6 +488,7 @@ async fn pipeline(
             ..Default::default()
         };
         let lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
+        keep_filter_state(info, &fcx);
         for f in fcx.flags.drain(..) {
             info.flags.set(Flags::from_short(f));
         }
@@ -503,7 +504,9 @@ async fn pipeline(
             // the compressor may compress it).
             let (mut rp, mut rb) = resp.into_parts();
             fcx.end_stream = http_body::Body::is_end_stream(&rb);
-            if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+            let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+            keep_filter_state(info, &fcx);
+            if let Some(lr) = lr {
                 return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
             }
             if let Some(chain) = filters::ResponseBodyChain::new(instances) {
@@ -759,7 +762,9 @@ async fn pipeline(
                 }
                 let (mut rp, mut rb) = resp.into_parts();
                 fcx.end_stream = http_body::Body::is_end_stream(&rb);
-                if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+                let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+                keep_filter_state(info, &fcx);
+                if let Some(lr) = lr {
                     return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
                 }
                 // Only a filter that asked for the body hooks wraps it.
@@ -784,7 +789,9 @@ async fn pipeline(
     if !instances.is_empty() {
         let (mut rp, mut rb) = resp.into_parts();
         fcx.end_stream = http_body::Body::is_end_stream(&rb);
-        if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+        let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+        keep_filter_state(info, &fcx);
+        if let Some(lr) = lr {
             return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
         }
         if let Some(chain) = filters::ResponseBodyChain::new(instances) {
@@ -1201,4 +1208,15 @@ fn finish(
         }
     }));
     Response::from_parts(parts, body)
+}
+
+/// Copies what filters left in their context to the stream info (for
+/// access logs and header formats); nothing to copy, nothing done.
+fn keep_filter_state(info: &mut StreamInfo, fcx: &filters::FilterContext) {
+    if !fcx.metadata.is_empty() {
+        info.dynamic_metadata = fcx.metadata.clone();
+    }
+    if !fcx.filter_state.is_empty() {
+        info.filter_state = fcx.filter_state.clone();
+    }
 }

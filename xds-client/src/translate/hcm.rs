@@ -531,6 +531,12 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
                 super::decode(&any, &tpath)?;
             HttpFilterKind::Compressor(Arc::new(super::compressor::compressor(&c, &tpath)?))
         }
+        super::set_filter_state::HTTP_SET_FILTER_STATE => {
+            let c = super::decode(&any, &tpath)?;
+            HttpFilterKind::SetFilterState(Arc::new(super::set_filter_state::set_filter_state(
+                &c, &tpath,
+            )?))
+        }
         GRPC_STATS => {
             let g: GrpcStats = super::decode(&any, &tpath)?;
             HttpFilterKind::GrpcStats(Arc::new(super::grpc_stats::grpc_stats(&g)))
@@ -691,7 +697,7 @@ fn default_format() -> Result<LogFormat, ConfigErrors> {
     ))
 }
 
-fn substitution_format(
+pub(super) fn substitution_format(
     s: &core::SubstitutionFormatString,
     path: &str,
 ) -> Result<LogFormat, ConfigErrors> {

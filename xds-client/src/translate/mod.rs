@@ -35,6 +35,7 @@ pub mod per_filter;
 pub mod ratelimit;
 pub mod rbac;
 pub mod route;
+pub mod set_filter_state;
 pub mod tls;
 pub mod xds;
 
