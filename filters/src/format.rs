@@ -10,12 +10,25 @@ use crate::FilterContext;
 /// Renders `f` for the request `head`; an operator without a value
 /// renders as `-`, as Envoy's text formatter does.
 pub fn eval_request(f: &Format, cx: &FilterContext, head: &http::request::Parts) -> String {
+    eval(f, cx, Some(head), None, "-")
+}
+
+/// Renders `f` with what a filter has: the request head (if kept) and, in
+/// the response phase, the response head; an operator without a value
+/// renders as `none_as` (`-` in values, empty in headers).
+pub fn eval(
+    f: &Format,
+    cx: &FilterContext,
+    req: Option<&http::request::Parts>,
+    resp: Option<&http::response::Parts>,
+    none_as: &str,
+) -> String {
     let mut out = String::new();
     for p in &f.parts {
         match p {
             FormatPart::Literal(s) => out.push_str(s),
             FormatPart::Op(op) => {
-                if let Some(mut v) = value(&op.cmd, cx, head) {
+                if let Some(mut v) = value(&op.cmd, cx, req, resp) {
                     if let Some(n) = op.max_len {
                         if v.len() > n {
                             let mut cut = n;
@@ -27,7 +40,7 @@ pub fn eval_request(f: &Format, cx: &FilterContext, head: &http::request::Parts)
                     }
                     out.push_str(&v);
                 } else {
-                    out.push('-');
+                    out.push_str(none_as);
                 }
             }
         }
@@ -55,15 +68,38 @@ fn header(k: &HeaderKey, head: &http::request::Parts) -> Option<String> {
     }
 }
 
-fn value(c: &Command, cx: &FilterContext, head: &http::request::Parts) -> Option<String> {
+fn resp_header(k: &HeaderKey, resp: &http::response::Parts) -> Option<String> {
+    match k {
+        HeaderKey::Name(n) => resp
+            .headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        HeaderKey::Status => Some(resp.status.as_u16().to_string()),
+        _ => None,
+    }
+}
+
+fn value(
+    c: &Command,
+    cx: &FilterContext,
+    req: Option<&http::request::Parts>,
+    resp: Option<&http::response::Parts>,
+) -> Option<String> {
     let d = cx.downstream.as_deref();
     let remote = cx.downstream_remote.or(d.map(|d| d.remote));
     match c {
         Command::Req(k, alt) => {
+            let head = req?;
             header(k, head).or_else(|| alt.as_ref().and_then(|a| header(a, head)))
         }
+        Command::Resp(k, alt) => {
+            let r = resp?;
+            resp_header(k, r).or_else(|| alt.as_ref().and_then(|a| resp_header(a, r)))
+        }
+        Command::ResponseCode => resp.map(|r| r.status.as_u16().to_string()),
         Command::Protocol => Some(
-            match head.version {
+            match req?.version {
                 http::Version::HTTP_10 => "HTTP/1.0",
                 http::Version::HTTP_11 => "HTTP/1.1",
                 http::Version::HTTP_2 => "HTTP/2",
@@ -117,8 +153,8 @@ fn value(c: &Command, cx: &FilterContext, head: &http::request::Parts) -> Option
             })
         }
         Command::Environment(v) => std::env::var(v).ok(),
-        Command::Method => Some(head.method.as_str().to_owned()),
-        Command::Path => head.uri.path_and_query().map(|p| p.as_str().to_owned()),
+        Command::Method => req.map(|h| h.method.as_str().to_owned()),
+        Command::Path => req?.uri.path_and_query().map(|p| p.as_str().to_owned()),
         // Not request-time: rejected by the translators.
         _ => None,
     }

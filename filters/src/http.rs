@@ -499,6 +499,9 @@ impl FilterChain {
                 HttpFilterKind::LocalRateLimit(l) => filters.push(Arc::new(
                     crate::local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
                 )),
+                HttpFilterKind::HeaderMutation(m) => filters.push(Arc::new(
+                    crate::header_mutation::HeaderMutationFactory::new(c.name.clone(), m.clone()),
+                )),
                 HttpFilterKind::SetFilterState(c2) => filters.push(Arc::new(
                     crate::set_filter_state::SetFilterStateFactory::new(c.name.clone(), c2.clone()),
                 )),

@@ -13,6 +13,7 @@ pub mod cors;
 pub mod fault;
 pub mod format;
 pub mod grpc_stats;
+pub mod header_mutation;
 pub mod http;
 pub mod listener;
 pub mod local_ratelimit;

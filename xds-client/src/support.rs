@@ -260,6 +260,17 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
     ]),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
+    // header_mutation: header mutations (query parameter and trailer
+    // mutations are rejected).
+    ("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", &[
+        "mutations", "most_specific_header_mutations_wins",
+    ]),
+    ("envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute", &["mutations"]),
+    ("envoy.extensions.filters.http.header_mutation.v3.Mutations", &[
+        "request_mutations", "response_mutations",
+    ]),
+    ("envoy.config.common.mutation_rules.v3.HeaderMutation", &["remove", "append", "remove_on_match"]),
+    ("envoy.config.common.mutation_rules.v3.HeaderMutation.RemoveOnMatch", &["key_matcher"]),
     // set_filter_state (HTTP): string objects set at the request headers.
     ("envoy.extensions.filters.http.set_filter_state.v3.Config", &["on_request_headers"]),
     ("envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue", &[

@@ -280,6 +280,9 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.rbac`. Without rules (or shadow rules) it still
     /// matters: routes may override it (`RBACPerRoute`).
     Rbac(Arc<HttpRbac>),
+    /// `envoy.filters.http.header_mutation`. Without mutations it still
+    /// matters: routes may add theirs (`HeaderMutationPerRoute`).
+    HeaderMutation(Arc<super::HeaderMutationConfig>),
     /// `envoy.filters.http.set_filter_state`.
     SetFilterState(Arc<super::SetFilterState>),
     /// A filter accepted and not run until the traffic-policy work

@@ -39,4 +39,6 @@ pub enum FilterOverride {
     LocalRateLimit(Arc<HttpLocalRateLimit>),
     /// `RBACPerRoute`: replaces the filter's engines (no `rbac`: none).
     Rbac(Arc<HttpRbac>),
+    /// `HeaderMutationPerRoute`: applied with the filter's own mutations.
+    HeaderMutation(Arc<super::Mutations>),
 }

@@ -531,6 +531,12 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
                 super::decode(&any, &tpath)?;
             HttpFilterKind::Compressor(Arc::new(super::compressor::compressor(&c, &tpath)?))
         }
+        super::header_mutation::HEADER_MUTATION => {
+            let c = super::decode(&any, &tpath)?;
+            HttpFilterKind::HeaderMutation(Arc::new(super::header_mutation::header_mutation(
+                &c, &tpath,
+            )?))
+        }
         super::set_filter_state::HTTP_SET_FILTER_STATE => {
             let c = super::decode(&any, &tpath)?;
             HttpFilterKind::SetFilterState(Arc::new(super::set_filter_state::set_filter_state(
