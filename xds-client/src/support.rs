@@ -132,6 +132,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "common_tls_context", "require_client_certificate", "session_timeout",
         "disable_stateless_session_resumption", "disable_stateful_session_resumption",
         "ocsp_staple_policy", "~full_scan_certs_on_sni_mismatch", "prefer_client_ciphers",
+        "~require_sni",
     ]),
     ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", &[
         "common_tls_context", "sni", "max_session_keys", "allow_renegotiation",
