@@ -468,7 +468,6 @@ impl FilterChain {
         stats: &Arc<dyn StatsScope>,
         callouts: &Arc<dyn crate::callout::Callouts>,
     ) -> FilterChain {
-        let _ = callouts;
         let mut filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
         let mut router = None;
         for c in configs {
@@ -499,6 +498,13 @@ impl FilterChain {
                 HttpFilterKind::LocalRateLimit(l) => filters.push(Arc::new(
                     crate::local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
                 )),
+                HttpFilterKind::HealthCheck(h) => {
+                    filters.push(Arc::new(crate::health_check::HealthCheckFactory::new(
+                        c.name.clone(),
+                        h.clone(),
+                        callouts,
+                    )))
+                }
                 HttpFilterKind::HeaderMutation(m) => filters.push(Arc::new(
                     crate::header_mutation::HeaderMutationFactory::new(c.name.clone(), m.clone()),
                 )),

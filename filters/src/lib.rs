@@ -14,6 +14,7 @@ pub mod fault;
 pub mod format;
 pub mod grpc_stats;
 pub mod header_mutation;
+pub mod health_check;
 pub mod http;
 pub mod listener;
 pub mod local_ratelimit;

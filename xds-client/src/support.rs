@@ -261,6 +261,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
     ]),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
+    ("envoy.extensions.filters.http.health_check.v3.HealthCheck", &[
+        "pass_through_mode", "cache_time", "cluster_min_healthy_percentages", "headers",
+    ]),
     // header_mutation: header mutations (query parameter and trailer
     // mutations are rejected).
     ("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", &[

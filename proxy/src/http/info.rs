@@ -153,8 +153,9 @@ impl Flags {
     pub const DI: u32 = 1 << 15;
     pub const FI: u32 = 1 << 16;
     pub const RL: u32 = 1 << 17;
+    pub const LH: u32 = 1 << 18;
 
-    const NAMES: [(u32, &'static str, &'static str); 18] = [
+    const NAMES: [(u32, &'static str, &'static str); 19] = [
         (Self::NR, "NR", "NoRouteFound"),
         (Self::UH, "UH", "NoHealthyUpstream"),
         (Self::UF, "UF", "UpstreamConnectionFailure"),
@@ -173,6 +174,7 @@ impl Flags {
         (Self::DI, "DI", "DelayInjected"),
         (Self::FI, "FI", "FaultInjected"),
         (Self::RL, "RL", "RateLimited"),
+        (Self::LH, "LH", "FailedLocalHealthCheck"),
     ];
 
     /// The bit of a short name (`DI`), as filters report them; 0 if unknown.
@@ -191,7 +193,7 @@ impl Flags {
         self.0 |= f;
         if let Some(i) = Self::NAMES.iter().position(|(b, _, _)| *b == f) {
             // Every flag fits: 5 bits each (index + 1), oldest in the low
-            // bits; 18 flags need 90 of the 128 bits.
+            // bits; 19 flags need 95 of the 128 bits.
             let n = self.0.count_ones() - 1;
             if n < 25 {
                 self.1 |= (i as u128 + 1) << (5 * n);

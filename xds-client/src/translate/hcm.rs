@@ -531,6 +531,10 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
                 super::decode(&any, &tpath)?;
             HttpFilterKind::Compressor(Arc::new(super::compressor::compressor(&c, &tpath)?))
         }
+        super::health_check::HEALTH_CHECK => {
+            let c = super::decode(&any, &tpath)?;
+            HttpFilterKind::HealthCheck(Arc::new(super::health_check::health_check(&c, &tpath)?))
+        }
         super::header_mutation::HEADER_MUTATION => {
             let c = super::decode(&any, &tpath)?;
             HttpFilterKind::HeaderMutation(Arc::new(super::header_mutation::header_mutation(

@@ -29,6 +29,7 @@ pub mod format;
 pub mod grpc_stats;
 pub mod hcm;
 pub mod header_mutation;
+pub mod health_check;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;
