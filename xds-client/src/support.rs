@@ -436,7 +436,13 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs", "max_grpc_timeout",
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
-        "rate_limits", "include_vh_rate_limits",
+        "rate_limits", "include_vh_rate_limits", "request_mirror_policies",
+    ]),
+    // Shadowing: `trace_sampled` only steers the shadow's span (weir
+    // reports no spans).
+    ("envoy.config.route.v3.RouteAction.RequestMirrorPolicy", &[
+        "cluster", "cluster_header", "runtime_fraction", "~trace_sampled",
+        "disable_shadow_host_suffix_append", "request_headers_mutations", "host_rewrite_literal",
     ]),
     ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),

@@ -38,6 +38,130 @@ pub struct Forward<'a> {
     pub timers: StreamTimers,
     /// HTTP filters watching the request body (once, whatever the retries).
     pub request_observer: Option<Box<dyn filters::RequestBodyObserver>>,
+    /// The route's mirror policies that fire for this request, with their
+    /// clusters ([`mirrors_for`]).
+    pub mirrors: Vec<(Arc<ClusterRuntime>, &'a xds_client::config::MirrorPolicy)>,
+}
+
+/// The route's `request_mirror_policies` that fire for this request: the
+/// cluster exists (else skipped, as Envoy) and the runtime fraction hits.
+pub fn mirrors_for<'a>(
+    action: &'a RouteAction,
+    clusters: &crate::upstream::ClusterManager,
+    headers: &http::HeaderMap,
+) -> Vec<(Arc<ClusterRuntime>, &'a xds_client::config::MirrorPolicy)> {
+    use xds_client::config::MirrorCluster;
+    if action.mirrors.is_empty() {
+        return Vec::new();
+    }
+    action
+        .mirrors
+        .iter()
+        .filter(|m| m.fraction.is_none_or(|f| f.hit(rand::random::<u64>())))
+        .filter_map(|m| {
+            let name = match &m.cluster {
+                MirrorCluster::Name(n) => &**n,
+                MirrorCluster::Header(h) => headers.get(h)?.to_str().ok()?,
+            };
+            Some((clusters.get(name)?, m))
+        })
+        .collect()
+}
+
+/// Envoy's shadow host: `-shadow` after the host name (before a port,
+/// unless the host is an IP address).
+fn shadow_host(authority: &str) -> String {
+    if let Some((host, port)) = authority.rsplit_once(':') {
+        let ip = host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok();
+        if !ip && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+            return format!("{host}-shadow:{port}");
+        }
+    }
+    format!("{authority}-shadow")
+}
+
+/// Sends the shadow copies (fire and forget): the request as forwarded,
+/// with the shadow host and the policy's header mutations, its whole body.
+fn send_mirrors(
+    mirrors: &[(Arc<ClusterRuntime>, &xds_client::config::MirrorPolicy)],
+    parts: &http::request::Parts,
+    body: &bytes::Bytes,
+    timeout: Option<Duration>,
+    info: &StreamInfo,
+) {
+    use xds_client::config::{AppendAction, HeaderOp};
+    // Bounded even when the route has no timeout.
+    let timeout = timeout.unwrap_or(Duration::from_secs(300));
+    for (rt, m) in mirrors {
+        let mut headers = parts.headers.clone();
+        let authority = match &m.host_rewrite {
+            Some(h) => h.clone(),
+            None if m.host_suffix => shadow_host(&info.authority),
+            None => info.authority.clone(),
+        };
+        for op in &m.headers {
+            match op {
+                HeaderOp::Remove(n) => {
+                    headers.remove(n);
+                }
+                HeaderOp::RemoveOnMatch(sm) => {
+                    let names: Vec<_> = headers
+                        .keys()
+                        .filter(|k| sm.matches(k.as_str()))
+                        .cloned()
+                        .collect();
+                    for n in names {
+                        headers.remove(n);
+                    }
+                }
+                HeaderOp::Append(a) => {
+                    let v = super::info::render(&a.value, info, Some(&headers), None, "");
+                    if v.is_empty() && !a.keep_empty_value {
+                        continue;
+                    }
+                    let Ok(v) = HeaderValue::from_str(&v) else {
+                        continue;
+                    };
+                    match a.action {
+                        AppendAction::AppendIfExistsOrAdd => {
+                            headers.append(a.name.clone(), v);
+                        }
+                        AppendAction::AddIfAbsent => {
+                            if !headers.contains_key(&a.name) {
+                                headers.insert(a.name.clone(), v);
+                            }
+                        }
+                        AppendAction::OverwriteIfExistsOrAdd => {
+                            headers.insert(a.name.clone(), v);
+                        }
+                        AppendAction::OverwriteIfExists => {
+                            if headers.contains_key(&a.name) {
+                                headers.insert(a.name.clone(), v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let req = filters::callout::CalloutRequest {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            authority,
+            headers,
+            body: body.clone(),
+        };
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            // The shadow's answer is dropped; its body is read (bounded) so
+            // the connection can be reused.
+            let _ =
+                tokio::time::timeout(timeout, crate::upstream::callout::call(&rt, req, 1 << 20))
+                    .await;
+        });
+    }
 }
 
 /// Envoy's per-stream timers (`None` = disabled).
@@ -385,10 +509,11 @@ pub async fn forward(
     } else {
         1 + retry.as_ref().map(|r| r.num_retries).unwrap_or(0)
     };
-    // Buffer small bodies so the request can be replayed on retry.
+    // Buffer small bodies so the request can be replayed on retry (and
+    // copied to mirrors).
     let mut replay: Option<bytes::Bytes> = None;
     let mut stream_body = Some(body);
-    if max_attempts > 1 {
+    if max_attempts > 1 || (!f.mirrors.is_empty() && upgrade.is_none()) {
         let b = stream_body.as_ref().expect("set above");
         let small = hyper::body::Body::is_end_stream(b)
             || hyper::body::Body::size_hint(b)
@@ -411,6 +536,13 @@ pub async fn forward(
                     return reply(400, "");
                 }
             }
+        }
+    }
+    if !f.mirrors.is_empty() && upgrade.is_none() {
+        match &replay {
+            Some(b) => send_mirrors(&f.mirrors, &parts, b, global, info),
+            // A body larger than the buffer limit is not shadowed.
+            None => tracing::debug!("request body too large to mirror"),
         }
     }
     let deadline = global.map(|g| Instant::now() + g);

@@ -721,6 +721,7 @@ async fn pipeline(
                         .or(h.max_stream_duration),
                 },
                 request_observer,
+                mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
             };
             let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
             let upgrade = match upgrade_type {

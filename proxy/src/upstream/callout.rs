@@ -89,7 +89,7 @@ impl Callouts for ClusterCallouts {
 }
 
 /// One exchange with a host of `rt`: the whole response, body bounded.
-async fn call(
+pub(crate) async fn call(
     rt: &Arc<ClusterRuntime>,
     req: CalloutRequest,
     max_body: usize,

@@ -388,6 +388,30 @@ pub struct RouteAction {
     pub rate_limits: Arc<[super::RateLimitPolicy]>,
     /// `include_vh_rate_limits`.
     pub include_vh_rate_limits: bool,
+    /// `request_mirror_policies`: shadow copies of the request.
+    pub mirrors: Vec<MirrorPolicy>,
+}
+
+/// `RouteAction.RequestMirrorPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorPolicy {
+    pub cluster: MirrorCluster,
+    /// `runtime_fraction.default_value` (`None`: every request).
+    pub fraction: Option<super::Fraction>,
+    /// Append `-shadow` to the host (unless
+    /// `disable_shadow_host_suffix_append` or `host_rewrite_literal`).
+    pub host_suffix: bool,
+    /// `host_rewrite_literal`.
+    pub host_rewrite: Option<String>,
+    /// `request_headers_mutations`, in order.
+    pub headers: Vec<super::HeaderOp>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MirrorCluster {
+    Name(Name),
+    /// `cluster_header`: the cluster named by a request header.
+    Header(http::HeaderName),
 }
 
 #[derive(Debug, Clone, PartialEq)]

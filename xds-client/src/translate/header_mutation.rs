@@ -63,7 +63,7 @@ fn mutations(m: &PbMutations, path: &str) -> Result<Mutations, ConfigErrors> {
     errs.into_result(out)
 }
 
-fn header_op(op: &Op, path: &str, request: bool) -> Result<HeaderOp, ConfigErrors> {
+pub(crate) fn header_op(op: &Op, path: &str, request: bool) -> Result<HeaderOp, ConfigErrors> {
     match &op.action {
         Some(Action::Remove(n)) => {
             let n = n.to_ascii_lowercase();

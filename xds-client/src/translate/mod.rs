@@ -326,7 +326,17 @@ pub fn check_route_clusters(
                     .collect(),
                 ClusterSpecifier::Header(_) => vec![],
             };
-            for (field, n) in names {
+            let mirrors = a
+                .mirrors
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| match &m.cluster {
+                    MirrorCluster::Name(n) => {
+                        Some((format!("route.request_mirror_policies[{i}].cluster"), n))
+                    }
+                    MirrorCluster::Header(_) => None,
+                });
+            for (field, n) in names.into_iter().chain(mirrors) {
                 match clusters.get(n) {
                     None if require_known => errs.push(
                         format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),

@@ -519,6 +519,7 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
     if !errs.is_empty() {
         return Err(errs);
     }
+    let mirrors = mirror_policies(&p.request_mirror_policies, path)?;
     Ok(RouteAction {
         cluster: cluster.expect("checked"),
         cluster_not_found_status,
@@ -544,7 +545,69 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         upgrades,
         rate_limits,
         include_vh_rate_limits: p.include_vh_rate_limits.is_some_and(|b| b.value),
+        mirrors,
     })
+}
+
+/// `request_mirror_policies`.
+fn mirror_policies(
+    list: &[r::route_action::RequestMirrorPolicy],
+    path: &str,
+) -> Result<Vec<MirrorPolicy>, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let mpath = format!("{}[{i}]", join(path, "request_mirror_policies"));
+        let cluster = match (m.cluster.is_empty(), m.cluster_header.is_empty()) {
+            (false, true) => MirrorCluster::Name(m.cluster.as_str().into()),
+            (true, false) => match header_name(
+                &m.cluster_header.to_ascii_lowercase(),
+                &join(&mpath, "cluster_header"),
+            ) {
+                Ok(h) => MirrorCluster::Header(h),
+                Err(e) => {
+                    errs.extend(e);
+                    continue;
+                }
+            },
+            _ => {
+                errs.push(
+                    &mpath,
+                    "exactly one of cluster and cluster_header is required",
+                );
+                continue;
+            }
+        };
+        let fraction = m.runtime_fraction.as_ref().map(|r| match &r.default_value {
+            None => Fraction::default(),
+            Some(p) => Fraction {
+                numerator: p.numerator,
+                denominator: match p.denominator {
+                    0 => 100,
+                    1 => 10_000,
+                    _ => 1_000_000,
+                },
+            },
+        });
+        let mut headers = Vec::new();
+        for (j, op) in m.request_headers_mutations.iter().enumerate() {
+            let opath = format!("{}[{j}]", join(&mpath, "request_headers_mutations"));
+            match super::header_mutation::header_op(op, &opath, true) {
+                Ok(o) => headers.push(o),
+                Err(e) => errs.extend(e),
+            }
+        }
+        let host_rewrite =
+            (!m.host_rewrite_literal.is_empty()).then(|| m.host_rewrite_literal.clone());
+        out.push(MirrorPolicy {
+            cluster,
+            fraction,
+            host_suffix: !m.disable_shadow_host_suffix_append && host_rewrite.is_none(),
+            host_rewrite,
+            headers,
+        });
+    }
+    errs.into_result(out)
 }
 
 fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, ConfigErrors> {
