@@ -454,7 +454,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.RetryPolicy", &[
         "retry_on", "num_retries", "per_try_timeout", "retry_host_predicate",
         "host_selection_retry_max_attempts", "retriable_status_codes", "retry_back_off",
+        "retriable_headers", "retriable_request_headers", "rate_limited_retry_back_off",
     ]),
+    ("envoy.config.route.v3.RetryPolicy.RateLimitedRetryBackOff", &["reset_headers", "max_interval"]),
+    ("envoy.config.route.v3.RetryPolicy.ResetHeader", &["name", "format"]),
     ("envoy.config.route.v3.RetryPolicy.RetryBackOff", &["base_interval", "max_interval"]),
     ("envoy.config.route.v3.RetryPolicy.RetryHostPredicate", &["name", "typed_config"]),
     ("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate", &[]),

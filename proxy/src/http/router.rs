@@ -353,7 +353,23 @@ fn timeouts(
 
 /// The effective retry policy: the route's, else the vhost's, merged with
 /// trusted `x-envoy-retry-on` / `x-envoy-max-retries` headers.
-fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
+fn retry_policy(f: &Forward<'_>, head: &http::request::Parts) -> Option<RetryPolicy> {
+    let mut p = retry_policy_of(f, &head.headers)?;
+    // `retriable_request_headers`: other requests are not retried (their
+    // per-try timeout still applies, as Envoy's).
+    if !p.retriable_request_headers.is_empty()
+        && !p
+            .retriable_request_headers
+            .iter()
+            .any(|m| m.matches_head(head))
+    {
+        p.retry_on = RetryOn::default();
+        p.num_retries = 0;
+    }
+    Some(p)
+}
+
+fn retry_policy_of(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
     let base = f
         .action
         .retry_policy
@@ -389,6 +405,9 @@ fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
         max_interval: Duration::from_millis(250),
         previous_hosts: false,
         host_selection_retry_max_attempts: 0,
+        retriable_headers: vec![],
+        retriable_request_headers: vec![],
+        rate_limited_back_off: None,
     });
     if let Some(on) = on {
         p.retry_on = RetryOn(p.retry_on.0 | on.0);
@@ -398,6 +417,64 @@ fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
     }
     p.retriable_status_codes.extend(codes);
     Some(p)
+}
+
+/// Whether an upstream response is retriable under `p`: its status,
+/// `retriable_headers` (`retriable-headers`), `x-envoy-ratelimited`
+/// (`envoy-ratelimited`) or a trailers-only `grpc-status` (the gRPC
+/// conditions), as Envoy's `RetryStateImpl::shouldRetryHeaders`.
+fn retriable_response(p: &RetryPolicy, status: u16, headers: &HeaderMap) -> bool {
+    let on = p.retry_on;
+    if retriable_status(p, status) {
+        return true;
+    }
+    if on.has(RetryOn::ENVOY_RATELIMITED) && headers.contains_key("x-envoy-ratelimited") {
+        return true;
+    }
+    if on.has(RetryOn::RETRIABLE_HEADERS) && !p.retriable_headers.is_empty() {
+        let code = status.to_string();
+        let pseudo = |k: &xds_client::config::HeaderKey| {
+            matches!(k, xds_client::config::HeaderKey::Status).then_some(code.as_str())
+        };
+        if p.retriable_headers
+            .iter()
+            .any(|m| m.matches_request(headers, pseudo))
+        {
+            return true;
+        }
+    }
+    let grpc = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    match grpc {
+        Some(1) => on.has(RetryOn::CANCELLED),
+        Some(4) => on.has(RetryOn::DEADLINE_EXCEEDED),
+        Some(8) => on.has(RetryOn::RESOURCE_EXHAUSTED),
+        Some(13) => on.has(RetryOn::INTERNAL),
+        Some(14) => on.has(RetryOn::UNAVAILABLE),
+        _ => false,
+    }
+}
+
+/// `rate_limited_retry_back_off`: the interval a retriable response asks
+/// for in a reset header (seconds, or a Unix timestamp), when over 1 ms and
+/// within `max_interval` (Envoy's `parseRateLimitedResetInterval`).
+fn rate_limited_interval(p: &RetryPolicy, headers: &HeaderMap) -> Option<Duration> {
+    let b = p.rate_limited_back_off.as_ref()?;
+    b.reset_headers.iter().find_map(|(name, unix)| {
+        let v: u64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+        let d = if *unix {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs();
+            Duration::from_secs(v.checked_sub(now)?)
+        } else {
+            Duration::from_secs(v)
+        };
+        (d > Duration::from_millis(1) && d <= b.max_interval).then_some(d)
+    })
 }
 
 enum Outcome {
@@ -441,7 +518,7 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
-    let retry = retry_policy(&f, &parts.headers);
+    let retry = retry_policy(&f, &parts);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
     // Headers named in `connection` are hop-by-hop too; `te: trailers`
     // survives (Envoy keeps only the trailers token).
@@ -704,7 +781,9 @@ pub async fn forward(
         let global_expired = global_left.is_some_and(|d| d.is_zero());
         let p = retry.as_ref();
         let retry_this = match &outcome {
-            Outcome::Response(r) => p.is_some_and(|p| retriable_status(p, r.status().as_u16())),
+            Outcome::Response(r) => {
+                p.is_some_and(|p| retriable_response(p, r.status().as_u16(), r.headers()))
+            }
             Outcome::ConnectFailure(_) => p.is_some_and(retriable_connect),
             Outcome::Reset(_) => p.is_some_and(retriable_reset),
             // A per-try timeout is retried under 5xx/gateway-error (Envoy).
@@ -737,14 +816,29 @@ pub async fn forward(
         } else if retry_this && can_retry && !global_expired && replay.is_some() {
             _retry_slot = Some(cluster.breakers.default.retry_guard());
             cluster.stats.upstream_rq_retry.inc();
-            // Fully jittered exponential back-off, capped.
+            // Fully jittered exponential back-off, capped; a rate-limited
+            // response's reset header instead sets a jittered lower bound
+            // (interval to 1.5x, Envoy's JitteredLowerBoundBackOffStrategy).
             let p = p.expect("retry_this implies a policy");
-            let exp = p
-                .base_interval
-                .saturating_mul(1u32 << (attempt - 1).min(16));
-            let cap = exp.min(p.max_interval);
-            let wait =
-                Duration::from_micros(rand::rng().random_range(0..=cap.as_micros().max(1) as u64));
+            let limited = match &outcome {
+                Outcome::Response(r) => rate_limited_interval(p, r.headers()),
+                _ => None,
+            };
+            let wait = match limited {
+                Some(d) => {
+                    let ms = d.as_millis() as u64;
+                    Duration::from_millis(rand::rng().random_range(ms..=ms + ms / 2))
+                }
+                None => {
+                    let exp = p
+                        .base_interval
+                        .saturating_mul(1u32 << (attempt - 1).min(16));
+                    let cap = exp.min(p.max_interval);
+                    Duration::from_micros(
+                        rand::rng().random_range(0..=cap.as_micros().max(1) as u64),
+                    )
+                }
+            };
             let wait = match deadline {
                 Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
                 None => wait,

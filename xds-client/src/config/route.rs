@@ -480,6 +480,23 @@ pub struct RetryPolicy {
     /// `retry_host_predicate: envoy.retry_host_predicates.previous_hosts`.
     pub previous_hosts: bool,
     pub host_selection_retry_max_attempts: u32,
+    /// `retriable_headers`: with `retriable-headers`, a response matching
+    /// any of them is retried.
+    pub retriable_headers: Vec<super::HeaderMatcher>,
+    /// `retriable_request_headers`: when set, only requests matching one
+    /// of them are retried.
+    pub retriable_request_headers: Vec<super::HeaderMatcher>,
+    /// `rate_limited_retry_back_off`.
+    pub rate_limited_back_off: Option<RateLimitedBackOff>,
+}
+
+/// `RetryPolicy.RateLimitedRetryBackOff`: the back-off a response asks for
+/// in one of `reset_headers`, capped at `max_interval` (default 300 s).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitedBackOff {
+    /// Header name and whether its value is a Unix timestamp (else seconds).
+    pub reset_headers: Vec<(http::HeaderName, bool)>,
+    pub max_interval: Duration,
 }
 
 /// `retry_on` conditions (Envoy's `x-envoy-retry-on` names).

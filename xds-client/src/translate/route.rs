@@ -757,7 +757,64 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
             ),
         }
     }
+    let matchers = |list: &[r::HeaderMatcher], field: &str, errs: &mut ConfigErrors| {
+        let mut out = Vec::new();
+        for (i, h) in list.iter().enumerate() {
+            match header_matcher(h, &format!("{}[{i}]", join(path, field))) {
+                Ok(m) => out.push(m),
+                Err(e) => errs.extend(e),
+            }
+        }
+        out
+    };
+    let retriable_headers = matchers(&p.retriable_headers, "retriable_headers", &mut errs);
+    let retriable_request_headers = matchers(
+        &p.retriable_request_headers,
+        "retriable_request_headers",
+        &mut errs,
+    );
+    let rate_limited_back_off = match &p.rate_limited_retry_back_off {
+        None => None,
+        Some(b) => {
+            let bpath = join(path, "rate_limited_retry_back_off");
+            let mut reset_headers = Vec::new();
+            for (i, h) in b.reset_headers.iter().enumerate() {
+                let hpath = format!("{}[{i}].name", join(&bpath, "reset_headers"));
+                match header_name(&h.name.to_ascii_lowercase(), &hpath) {
+                    Ok(n) => reset_headers.push((n, h.format == 1)),
+                    Err(e) => errs.extend(e),
+                }
+            }
+            if reset_headers.is_empty() {
+                errs.push(
+                    join(&bpath, "reset_headers"),
+                    "at least one reset header is required",
+                );
+            }
+            let max_interval = match &b.max_interval {
+                Some(d) => match super::duration(d, &join(&bpath, "max_interval")) {
+                    Ok(d) if d >= Duration::from_millis(1) => d,
+                    Ok(_) => {
+                        errs.push(join(&bpath, "max_interval"), "must be at least 1ms");
+                        Duration::from_secs(300)
+                    }
+                    Err(e) => {
+                        errs.extend(e);
+                        Duration::from_secs(300)
+                    }
+                },
+                None => Duration::from_secs(300),
+            };
+            Some(RateLimitedBackOff {
+                reset_headers,
+                max_interval,
+            })
+        }
+    };
     errs.into_result(RetryPolicy {
+        retriable_headers,
+        retriable_request_headers,
+        rate_limited_back_off,
         retry_on,
         num_retries: p.num_retries.as_ref().map(|v| v.value).unwrap_or(1),
         per_try_timeout,
