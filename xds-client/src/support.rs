@@ -415,7 +415,17 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
         "rate_limits", "include_vh_rate_limits",
+        "hash_policy",
     ]),
+    // `filter_state` is rejected: weir has no filter state.
+    ("envoy.config.route.v3.RouteAction.HashPolicy", &[
+        "header", "cookie", "connection_properties", "query_parameter", "terminal",
+    ]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Header", &["header_name", "regex_rewrite"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Cookie", &["name", "ttl", "path", "attributes"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute", &["name", "value"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties", &["source_ip"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter", &["name"]),
     ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),
     ("envoy.config.route.v3.WeightedCluster", &["clusters", "total_weight", "~runtime_key_prefix"]),
@@ -465,6 +475,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
+        "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
@@ -493,7 +504,25 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),
     ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
     ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
-    ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold"]),
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold", "consistent_hashing_lb_config"]),
+    // Consistent hashing: `hash_balance_factor` (bounded loads) is not implemented.
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing"]),
+    ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", &["minimum_ring_size", "maximum_ring_size", "hash_function"]),
+    ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
+    // `load_balancing_policy`: the first policy is used (Envoy uses the first
+    // it knows; an extension weir lacks anywhere in the list is rejected).
+    // Slow start, locality configs, bounded loads and an LB-level
+    // `hash_policy` are not implemented.
+    ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),
+    ("envoy.config.cluster.v3.LoadBalancingPolicy.Policy", &["typed_extension_config"]),
+    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &[]),
+    ("envoy.extensions.load_balancing_policies.random.v3.Random", &[]),
+    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count"]),
+    ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
+        "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
+    ]),
+    ("envoy.extensions.load_balancing_policies.maglev.v3.Maglev", &["table_size", "consistent_hashing_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing"]),
     ("envoy.type.v3.Percent", &["value"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "~weighted_priority_health"]),

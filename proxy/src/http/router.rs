@@ -317,6 +317,19 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
+    // The request hash, once, only for a consistent-hash cluster on a
+    // route with a hash policy (Envoy evaluates it for those LBs only).
+    let mut lb_hash = if cluster.config.lb.is_hash() && !f.action.hash_policy.is_empty() {
+        crate::upstream::hash_lb::request_hash(
+            &f.action.hash_policy,
+            &parts.headers,
+            &parts.uri,
+            info.downstream_remote,
+            info.downstream_local,
+        )
+    } else {
+        crate::upstream::hash_lb::RequestHash::default()
+    };
     let retry = retry_policy(&f, &parts.headers);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
     // Headers named in `connection` are hop-by-hop too; `te: trailers`
@@ -445,7 +458,7 @@ pub async fn forward(
             .as_ref()
             .map(|r| r.host_selection_retry_max_attempts)
             .unwrap_or(0);
-        let Some(host) = cluster.choose(avoid, host_attempts) else {
+        let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {
             info.flags.set(Flags::UH);
             info.response_code_details = "no_healthy_upstream";
             return reply(503, NO_HEALTHY_UPSTREAM);
@@ -660,6 +673,11 @@ pub async fn forward(
                 }
                 let (mut rp, rb) = r.into_parts();
                 strip_hop_by_hop(&mut rp.headers, switching);
+                // A cookie the hash policy generated (Envoy's headers
+                // modifier on the upstream response).
+                if let Some(c) = lb_hash.set_cookie.take() {
+                    rp.headers.append(header::SET_COOKIE, c);
+                }
                 if !f.suppress_envoy_headers {
                     rp.headers.insert(
                         X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),

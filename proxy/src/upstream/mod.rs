@@ -18,6 +18,7 @@ use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 
 pub mod circuit_breaker;
 pub mod dns;
+pub mod hash_lb;
 pub mod outlier;
 pub mod pool;
 
@@ -73,6 +74,10 @@ pub struct PriorityLevel {
     pub weighted: Vec<usize>,
     /// Percent of requests for this level (all levels sum to 100).
     pub load: u32,
+    /// Balancing over all the level's hosts (too few healthy).
+    pub panic: bool,
+    /// The consistent-hash table over `usable` (RING_HASH, MAGLEV).
+    pub table: Option<(hash_lb::HashTable, hash_lb::TableStats)>,
 }
 
 impl HostSet {
@@ -84,6 +89,7 @@ impl HostSet {
         hosts: Vec<Arc<Host>>,
         panic_threshold: f64,
         overprovisioning_factor: u32,
+        lb: &LbPolicy,
     ) -> HostSet {
         let healthy_count = hosts.iter().filter(|h| h.is_healthy()).count();
         let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
@@ -105,16 +111,19 @@ impl HostSet {
             // No healthy host at all is panic too, even at a 0% threshold
             // (Envoy 1.40 still routes when outlier detection ejected
             // every host).
-            let usable = if pct < panic_threshold || healthy.is_empty() {
-                at
+            let panic = pct < panic_threshold || healthy.is_empty();
+            let usable = if panic { at } else { healthy };
+            let (weighted, table) = if lb.is_hash() {
+                (Vec::new(), hash_lb::HashTable::build(lb, &hosts, &usable))
             } else {
-                healthy
+                (weighted_sequence(&hosts, &usable), None)
             };
-            let weighted = weighted_sequence(&hosts, &usable);
             levels.push(PriorityLevel {
                 usable,
                 weighted,
                 load: 0,
+                panic,
+                table,
             });
         }
         let total: f64 = health.iter().sum();
@@ -156,6 +165,29 @@ impl HostSet {
             priorities: levels,
             healthy_count,
         }
+    }
+
+    /// Picks the priority level for a request hash, as Envoy's
+    /// `choosePriority`: `hash % 100 + 1` against the cumulative loads.
+    fn level_for_hash(&self, hash: u64) -> Option<&PriorityLevel> {
+        let point = hash % 100 + 1;
+        let mut cumulative = 0u64;
+        for l in &self.priorities {
+            cumulative += u64::from(l.load);
+            if point <= cumulative {
+                return Some(l);
+            }
+        }
+        self.priorities.first()
+    }
+
+    /// The consistent-hash table stats of the last level that has a table
+    /// (what Envoy's gauges show: each level's build overwrites them).
+    pub fn table_stats(&self) -> Option<hash_lb::TableStats> {
+        self.priorities
+            .iter()
+            .rev()
+            .find_map(|l| l.table.as_ref().map(|t| t.1))
     }
 
     /// Picks the priority level for one request.
@@ -229,6 +261,8 @@ pub struct ClusterStats {
     pub upstream_rq_retry_overflow: Arc<Counter>,
     pub membership_healthy: Arc<Gauge>,
     pub membership_total: Arc<Gauge>,
+    /// Hosts picked from a level in panic (Envoy's `lb_healthy_panic`).
+    pub lb_healthy_panic: Arc<Counter>,
     pub update_success: Arc<Counter>,
     pub update_failure: Arc<Counter>,
 }
@@ -278,6 +312,7 @@ impl ClusterStats {
             upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
             membership_healthy: g("membership_healthy"),
             membership_total: g("membership_total"),
+            lb_healthy_panic: c("lb_healthy_panic"),
             update_success: c("update_success"),
             update_failure: c("update_failure"),
         }
@@ -314,6 +349,51 @@ pub struct ClusterRuntime {
     transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
     /// Upstream filters passed through (`weir.pass_through_filter.*`).
     _pass_through: crate::metrics::PassThroughStats,
+    /// `ring_hash_lb.*` / `maglev_lb.*` gauges of a consistent-hash cluster.
+    table_gauges: Option<TableGauges>,
+}
+
+/// Envoy's consistent-hash gauges: `cluster.<c>.ring_hash_lb.{size,
+/// min_hashes_per_host, max_hashes_per_host}` or `cluster.<c>.maglev_lb.
+/// {min_entries_per_host, max_entries_per_host}`.
+struct TableGauges {
+    size: Option<Arc<Gauge>>,
+    min: Arc<Gauge>,
+    max: Arc<Gauge>,
+}
+
+impl TableGauges {
+    fn new(store: &Store, cluster: &str, lb: &LbPolicy) -> Option<TableGauges> {
+        let g = |s: &str| {
+            store.gauge(StatName::tagged(
+                "cluster",
+                cluster,
+                s,
+                "envoy_cluster_name",
+            ))
+        };
+        match lb {
+            LbPolicy::RingHash(_) => Some(TableGauges {
+                size: Some(g("ring_hash_lb.size")),
+                min: g("ring_hash_lb.min_hashes_per_host"),
+                max: g("ring_hash_lb.max_hashes_per_host"),
+            }),
+            LbPolicy::Maglev(_) => Some(TableGauges {
+                size: None,
+                min: g("maglev_lb.min_entries_per_host"),
+                max: g("maglev_lb.max_entries_per_host"),
+            }),
+            _ => None,
+        }
+    }
+
+    fn set(&self, t: hash_lb::TableStats) {
+        if let Some(s) = &self.size {
+            s.set(t.size as i64);
+        }
+        self.min.set(t.min_per_host as i64);
+        self.max.set(t.max_per_host as i64);
+    }
 }
 
 impl ClusterRuntime {
@@ -374,8 +454,13 @@ impl ClusterRuntime {
             hosts,
             config.panic_threshold,
             config.overprovisioning_factor,
+            &config.lb,
         );
         stats.membership_healthy.set(set.healthy_count as i64);
+        let table_gauges = TableGauges::new(store, &config.stat_name, &config.lb);
+        if let (Some(g), Some(t)) = (&table_gauges, set.table_stats()) {
+            g.set(t);
+        }
         let pass_through =
             crate::metrics::PassThroughStats::new(store, config.pass_through.iter().copied());
         Ok(Arc::new(ClusterRuntime {
@@ -392,6 +477,7 @@ impl ClusterRuntime {
                 .collect(),
             transports,
             _pass_through: pass_through,
+            table_gauges,
         }))
     }
 
@@ -450,8 +536,10 @@ impl ClusterRuntime {
             hosts,
             self.config.panic_threshold,
             self.config.overprovisioning_factor,
+            &self.config.lb,
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
+        self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
         self.stats.update_success.inc();
     }
@@ -465,8 +553,10 @@ impl ClusterRuntime {
             hosts,
             self.config.panic_threshold,
             self.config.overprovisioning_factor,
+            &self.config.lb,
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
+        self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
     }
 
@@ -501,12 +591,59 @@ impl ClusterRuntime {
         }
     }
 
+    /// Publishes a new host set's consistent-hash table gauges.
+    fn publish_table_stats(&self, set: &HostSet) {
+        if let (Some(g), Some(t)) = (&self.table_gauges, set.table_stats()) {
+            g.set(t);
+        }
+    }
+
+    /// Picks a host by the request's hash (route `hash_policy`) on a
+    /// consistent-hash cluster, as Envoy's thread-aware load balancer: no
+    /// hash is a random one; the priority level is chosen by the hash too;
+    /// `attempts` more picks (moving along the ring, perturbing the Maglev
+    /// hash) while the host is one of `avoid`. Other policies ignore
+    /// `hash`.
+    pub fn choose_hashed(
+        &self,
+        hash: Option<u64>,
+        avoid: &[SocketAddr],
+        attempts: u32,
+    ) -> Option<Arc<Host>> {
+        if !self.config.lb.is_hash() {
+            return self.choose(avoid, attempts);
+        }
+        let set = self.hosts.load();
+        let h = hash.unwrap_or_else(|| rand::rng().random());
+        let level = set.level_for_hash(h)?;
+        if level.panic {
+            self.stats.lb_healthy_panic.inc();
+        }
+        let (table, _) = level.table.as_ref()?;
+        let mut pick = None;
+        for attempt in 0..=attempts {
+            let host = set.hosts.get(table.choose(h, attempt)?)?;
+            pick = Some(host.clone());
+            if !avoid.contains(&host.addr) {
+                break;
+            }
+        }
+        pick
+    }
+
     /// Picks a host; `avoid` lists hosts tried already (previous_hosts).
     pub fn choose(&self, avoid: &[SocketAddr], attempts: u32) -> Option<Arc<Host>> {
+        if self.config.lb.is_hash() {
+            // No request hash here (TCP, xDS): a random point, as Envoy.
+            return self.choose_hashed(None, avoid, attempts);
+        }
         let set = self.hosts.load();
         set.level()?;
         let pick = || -> Arc<Host> {
             let level = set.level().expect("checked above: a level has hosts");
+            if level.panic {
+                self.stats.lb_healthy_panic.inc();
+            }
             let usable = &level.usable;
             let idx = match self.config.lb {
                 LbPolicy::RoundRobin => {
@@ -517,7 +654,9 @@ impl ClusterRuntime {
                         level.weighted[n % level.weighted.len()]
                     }
                 }
-                LbPolicy::Random => usable[rand::rng().random_range(0..usable.len())],
+                LbPolicy::Random | LbPolicy::RingHash(_) | LbPolicy::Maglev(_) => {
+                    usable[rand::rng().random_range(0..usable.len())]
+                }
                 LbPolicy::LeastRequest { choice_count } => {
                     let mut rng = rand::rng();
                     let mut best = usable[rng.random_range(0..usable.len())];

@@ -66,10 +66,45 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                 .max(2),
         },
         Ok(c::cluster::LbPolicy::Random) => LbPolicy::Random,
+        Ok(c::cluster::LbPolicy::RingHash) => {
+            let mut r = RingHash {
+                use_hostname: use_hostname(p),
+                ..RingHash::default()
+            };
+            if let Some(c::cluster::LbConfig::RingHashLbConfig(l)) = &p.lb_config {
+                let lpath = join(path, "ring_hash_lb_config");
+                if let Some(v) = &l.minimum_ring_size {
+                    r.minimum_ring_size = v.value;
+                }
+                if let Some(v) = &l.maximum_ring_size {
+                    r.maximum_ring_size = v.value;
+                }
+                if l.hash_function == 1 {
+                    r.hash_function = RingHashFunction::MurmurHash2;
+                }
+                check_ring(&r, &lpath, &mut errs);
+            }
+            LbPolicy::RingHash(r)
+        }
+        Ok(c::cluster::LbPolicy::Maglev) => {
+            let mut m = Maglev {
+                use_hostname: use_hostname(p),
+                ..Maglev::default()
+            };
+            if let Some(c::cluster::LbConfig::MaglevLbConfig(l)) = &p.lb_config {
+                if let Some(v) = &l.table_size {
+                    m.table_size = v.value;
+                }
+                check_maglev(&m, &join(path, "maglev_lb_config.table_size"), &mut errs);
+            }
+            LbPolicy::Maglev(m)
+        }
+        // `load_balancing_policy` decides (below).
+        Ok(c::cluster::LbPolicy::LoadBalancingPolicyConfig) => LbPolicy::RoundRobin,
         Ok(other) => {
             errs.push(
                 join(path, "lb_policy"),
-                format!("{} comes with the traffic-policy work", other.as_str_name()),
+                format!("{} is not implemented", other.as_str_name()),
             );
             LbPolicy::RoundRobin
         }
@@ -77,6 +112,11 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             errs.push(join(path, "lb_policy"), "unknown lb_policy");
             LbPolicy::RoundRobin
         }
+    };
+    // `load_balancing_policy` takes precedence over `lb_policy`, as Envoy.
+    let lb = match &p.load_balancing_policy {
+        Some(lbp) => typed_lb_policy(lbp, &join(path, "load_balancing_policy"), &mut errs),
+        None => lb,
     };
     let connect_timeout = match timeout(
         p.connect_timeout.as_ref(),
@@ -838,4 +878,158 @@ fn outlier_detection(
         );
     }
     out
+}
+
+/// `common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing`.
+fn use_hostname(p: &c::Cluster) -> bool {
+    p.common_lb_config
+        .as_ref()
+        .and_then(|c| c.consistent_hashing_lb_config.as_ref())
+        .is_some_and(|h| h.use_hostname_for_hashing)
+}
+
+/// Envoy's ring size limits (`RingHashLbConfig` validation and the load
+/// balancer's own check).
+fn check_ring(r: &RingHash, path: &str, errs: &mut ConfigErrors) {
+    const MAX: u64 = 8 * 1024 * 1024;
+    if r.minimum_ring_size > MAX {
+        errs.push(join(path, "minimum_ring_size"), "must be at most 8388608");
+    }
+    if r.maximum_ring_size > MAX {
+        errs.push(join(path, "maximum_ring_size"), "must be at most 8388608");
+    }
+    if r.minimum_ring_size == 0 {
+        errs.push(join(path, "minimum_ring_size"), "must be at least 1");
+    }
+    if r.minimum_ring_size > r.maximum_ring_size {
+        errs.push(
+            join(path, "minimum_ring_size"),
+            format!(
+                "ring hash: minimum_ring_size ({}) > maximum_ring_size ({})",
+                r.minimum_ring_size, r.maximum_ring_size
+            ),
+        );
+    }
+}
+
+/// Envoy's Maglev table constraints: a prime below 5000011.
+fn check_maglev(m: &Maglev, path: &str, errs: &mut ConfigErrors) {
+    if m.table_size > 5_000_011 {
+        errs.push(path, "must be at most 5000011");
+    } else if !is_prime(m.table_size) {
+        errs.push(path, "The table size of maglev must be prime number");
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// `load_balancing_policy`: the first policy of the list, as Envoy (the
+/// supported-field table has already rejected any extension weir lacks,
+/// `client_side_weighted_round_robin` and `override_host` among them).
+fn typed_lb_policy(lbp: &c::LoadBalancingPolicy, path: &str, errs: &mut ConfigErrors) -> LbPolicy {
+    use crate::api::envoy::extensions::load_balancing_policies as lbx;
+    let Some(first) = lbp.policies.first() else {
+        errs.push(join(path, "policies"), "at least one policy is required");
+        return LbPolicy::RoundRobin;
+    };
+    let tpath = join(path, "policies[0].typed_extension_config.typed_config");
+    let Some(any) = first
+        .typed_extension_config
+        .as_ref()
+        .and_then(|t| t.typed_config.as_ref())
+    else {
+        errs.push(tpath, "a typed_config is required");
+        return LbPolicy::RoundRobin;
+    };
+    let any = match crate::support::unwrap_typed_struct(any, &tpath) {
+        Ok(a) => a.into_owned(),
+        Err(e) => {
+            errs.extend(e);
+            return LbPolicy::RoundRobin;
+        }
+    };
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let hostname = |h: &Option<lbx::common::v3::ConsistentHashingLbConfig>| {
+        h.as_ref().is_some_and(|h| h.use_hostname_for_hashing)
+    };
+    match name {
+        "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" => {
+            LbPolicy::RoundRobin
+        }
+        "envoy.extensions.load_balancing_policies.random.v3.Random" => LbPolicy::Random,
+        "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest" => {
+            match super::decode::<lbx::least_request::v3::LeastRequest>(&any, &tpath) {
+                Ok(l) => LbPolicy::LeastRequest {
+                    choice_count: l.choice_count.map_or(2, |v| v.value).max(2),
+                },
+                Err(e) => {
+                    errs.extend(e);
+                    LbPolicy::RoundRobin
+                }
+            }
+        }
+        "envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash" => {
+            match super::decode::<lbx::ring_hash::v3::RingHash>(&any, &tpath) {
+                Ok(l) => {
+                    let mut r = RingHash {
+                        use_hostname: hostname(&l.consistent_hashing_lb_config),
+                        ..RingHash::default()
+                    };
+                    if let Some(v) = &l.minimum_ring_size {
+                        r.minimum_ring_size = v.value;
+                    }
+                    if let Some(v) = &l.maximum_ring_size {
+                        r.maximum_ring_size = v.value;
+                    }
+                    if l.hash_function == 2 {
+                        r.hash_function = RingHashFunction::MurmurHash2;
+                    }
+                    check_ring(&r, &tpath, errs);
+                    LbPolicy::RingHash(r)
+                }
+                Err(e) => {
+                    errs.extend(e);
+                    LbPolicy::RoundRobin
+                }
+            }
+        }
+        "envoy.extensions.load_balancing_policies.maglev.v3.Maglev" => {
+            match super::decode::<lbx::maglev::v3::Maglev>(&any, &tpath) {
+                Ok(l) => {
+                    let mut m = Maglev {
+                        use_hostname: hostname(&l.consistent_hashing_lb_config),
+                        ..Maglev::default()
+                    };
+                    if let Some(v) = &l.table_size {
+                        m.table_size = v.value;
+                    }
+                    check_maglev(&m, &join(&tpath, "table_size"), errs);
+                    LbPolicy::Maglev(m)
+                }
+                Err(e) => {
+                    errs.extend(e);
+                    LbPolicy::RoundRobin
+                }
+            }
+        }
+        other => {
+            errs.push(
+                tpath,
+                format!("load balancing policy {other} is not implemented"),
+            );
+            LbPolicy::RoundRobin
+        }
+    }
 }
