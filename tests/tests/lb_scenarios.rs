@@ -1,0 +1,461 @@
+//! Consistent-hash load balancing (`RING_HASH`, `MAGLEV`, the typed
+//! `load_balancing_policy`) with route `hash_policy`, over several real echo
+//! upstreams that name themselves.
+//!
+//! The host each key should reach is computed with weir's own table
+//! construction (`weir::upstream::hash_lb`) from the upstreams' actual
+//! addresses; every test runs against weir in-process by default and
+//! against real Envoy 1.40 with `WEIR_SCENARIO_TARGET=envoy`, which is how
+//! weir's rings, Maglev tables, host keys and request hashes were checked to
+//! pick the same host as Envoy:
+//!
+//! ```sh
+//! cargo test -p weir-tests --test lb_scenarios
+//! WEIR_SCENARIO_TARGET=envoy cargo test -p weir-tests --test lb_scenarios
+//! ```
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{atomic::AtomicU64, Arc, OnceLock};
+
+use serde_json::{json, Value};
+use weir::upstream::hash_lb::{xxhash64, HashTable};
+use weir::upstream::Host;
+use weir_tests::config::{bootstrap, chain, cluster, hcm, listener, sock, stat_is, vhost};
+use weir_tests::scenario::{Http, Proxy};
+use weir_tests::upstream::{self, EchoServer};
+use xds_client::config::{LbPolicy, Maglev, RingHash, RingHashFunction};
+
+/// One endpoint of the test cluster.
+#[derive(Clone)]
+struct Ep {
+    port: u16,
+    weight: u32,
+    /// `metadata.filter_metadata["envoy.lb"].hash_key`.
+    hash_key: Option<&'static str>,
+    healthy: bool,
+}
+
+fn ep(port: u16) -> Ep {
+    Ep {
+        port,
+        weight: 1,
+        hash_key: None,
+        healthy: true,
+    }
+}
+
+/// `n` echo upstreams named `u0`, `u1`, ...
+async fn upstreams(n: usize) -> Vec<EchoServer> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(upstream::http1(&format!("u{i}")).await.expect("echo"));
+    }
+    out
+}
+
+/// The `load_assignment` of cluster `hashed` with `eps`.
+fn assignment(eps: &[Ep]) -> Value {
+    let lb: Vec<Value> = eps
+        .iter()
+        .map(|e| {
+            let mut v = json!({
+                "endpoint": {"address": sock(e.port)},
+                "load_balancing_weight": e.weight,
+            });
+            if !e.healthy {
+                v["health_status"] = json!("UNHEALTHY");
+            }
+            if let Some(k) = e.hash_key {
+                v["metadata"] = json!({"filter_metadata": {"envoy.lb": {"hash_key": k}}});
+            }
+            v
+        })
+        .collect();
+    json!({"cluster_name": "hashed", "endpoints": [{"lb_endpoints": lb}]})
+}
+
+/// A proxy routing `/` to cluster `hashed` (`lb`: its LB fields) with the
+/// route's `hash_policy`.
+fn start(eps: &[Ep], lb: Value, hash_policy: Value) -> Proxy {
+    let mut extra = lb;
+    extra["load_assignment"] = assignment(eps);
+    let c = cluster("hashed", &[], extra);
+    let r = json!({"match": {"prefix": "/"}, "route": {"cluster": "hashed", "hash_policy": hash_policy}});
+    Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![],
+                    vec![vhost("vh", vec![r.clone()], json!({}))],
+                    json!({}),
+                )])],
+            )],
+            vec![c.clone()],
+        )
+    })
+}
+
+/// The endpoint (index into `eps`) weir's table picks for `hash`: the
+/// expectation both weir and Envoy must meet.
+fn expected(lb: &LbPolicy, eps: &[Ep], hash: u64) -> usize {
+    let hosts: Vec<Arc<Host>> = eps
+        .iter()
+        .map(|e| {
+            let metadata = match e.hash_key {
+                Some(k) => json!({"envoy.lb": {"hash_key": k}}),
+                None => Value::Null,
+            };
+            Arc::new(Host {
+                addr: format!("127.0.0.1:{}", e.port).parse().expect("addr"),
+                hostname: String::new(),
+                weight: e.weight,
+                healthy: e.healthy,
+                priority: 0,
+                metadata,
+                active: AtomicU64::new(0),
+                outlier: OnceLock::new(),
+            })
+        })
+        .collect();
+    let usable: Vec<usize> = (0..eps.len()).filter(|i| eps[*i].healthy).collect();
+    let (table, _) = HashTable::build(lb, &hosts, &usable).expect("a table");
+    table.choose(hash, 0).expect("a host")
+}
+
+/// Sends `GET path` with `headers` twice; both must reach the same upstream,
+/// whose name is returned.
+async fn sticky(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> String {
+    let c = Http::h1();
+    let url = format!("{}{path}", p.base());
+    let a = c.get(&url, headers).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let b = c.get(&url, headers).await;
+    let (a, b) = (a.echo().upstream, b.echo().upstream);
+    assert_eq!(
+        a, b,
+        "{path} {headers:?}: the same key reaches the same host"
+    );
+    a
+}
+
+fn keys() -> Vec<String> {
+    (0..24).map(|i| format!("user-{i}")).collect()
+}
+
+/// RING_HASH with default ring sizes, hashing a header: every key reaches
+/// the host Envoy's ring (keys `127.0.0.1:<port>_<i>`, xxHash64) gives it,
+/// and the keys spread over all hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_header_keys_reach_envoys_host() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let mut seen = HashSet::new();
+    for k in keys() {
+        let got = sticky(&p, "/", &[("x-user", &k)]).await;
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "key {k}");
+        seen.insert(got);
+    }
+    assert_eq!(seen.len(), 3, "keys spread over every host");
+    stat_is(&p, "cluster.hashed.ring_hash_lb.size", 1026).await;
+    stat_is(&p, "cluster.hashed.ring_hash_lb.min_hashes_per_host", 342).await;
+    stat_is(&p, "cluster.hashed.ring_hash_lb.max_hashes_per_host", 342).await;
+}
+
+/// Weights: a host of weight 3 gets three times the ring points of a host
+/// of weight 1 (and the keys Envoy gives it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_weights() {
+    let ups = upstreams(2).await;
+    let mut eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    eps[1].weight = 3;
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    for k in keys() {
+        let got = sticky(&p, "/", &[("x-user", &k)]).await;
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "key {k}");
+    }
+    stat_is(&p, "cluster.hashed.ring_hash_lb.size", 1024).await;
+    stat_is(&p, "cluster.hashed.ring_hash_lb.min_hashes_per_host", 256).await;
+    stat_is(&p, "cluster.hashed.ring_hash_lb.max_hashes_per_host", 768).await;
+}
+
+/// `ring_hash_lb_config` with MURMUR_HASH_2 and a small ring, and a header
+/// `regex_rewrite`: `tenant-a/1` and `tenant-a/2` hash as `tenant-a`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_murmur_and_header_rewrite() {
+    let ups = upstreams(4).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH", "ring_hash_lb_config": {
+            "minimum_ring_size": 64, "maximum_ring_size": 256, "hash_function": "MURMUR_HASH_2",
+        }}),
+        json!([{"header": {"header_name": "x-tenant", "regex_rewrite": {
+            "pattern": {"regex": "/.*$"}, "substitution": "",
+        }}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash {
+        minimum_ring_size: 64,
+        maximum_ring_size: 256,
+        hash_function: RingHashFunction::MurmurHash2,
+        use_hostname: false,
+    });
+    for t in [
+        "tenant-a", "tenant-b", "tenant-c", "tenant-d", "tenant-e", "tenant-f",
+    ] {
+        let one = sticky(&p, "/", &[("x-tenant", &format!("{t}/1"))]).await;
+        let two = sticky(&p, "/", &[("x-tenant", &format!("{t}/2"))]).await;
+        assert_eq!(one, two, "{t}: rewritten to the same key");
+        let want = expected(&lb, &eps, xxhash64(t.as_bytes(), 0));
+        assert_eq!(one, format!("u{want}"), "tenant {t}");
+    }
+    stat_is(&p, "cluster.hashed.ring_hash_lb.size", 64).await;
+}
+
+/// MAGLEV hashing a query parameter, hosts keyed by their endpoint metadata
+/// `envoy.lb`/`hash_key`; the table gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maglev_query_parameter_and_metadata_hash_key() {
+    let ups = upstreams(3).await;
+    let names = ["alpha", "beta", "gamma"];
+    let eps: Vec<Ep> = ups
+        .iter()
+        .zip(names)
+        .map(|(u, n)| Ep {
+            hash_key: Some(n),
+            ..ep(u.port())
+        })
+        .collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 1021}}),
+        json!([{"query_parameter": {"name": "session"}}]),
+    );
+    let lb = LbPolicy::Maglev(Maglev {
+        table_size: 1021,
+        use_hostname: false,
+    });
+    let mut seen = HashSet::new();
+    for k in keys() {
+        let got = sticky(&p, &format!("/q?a=1&session={k}&session=other"), &[]).await;
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "session {k}");
+        seen.insert(got);
+    }
+    assert_eq!(seen.len(), 3);
+    // The table's spread, as Envoy reports it.
+    let (min, max) = maglev_counts(&eps, 1021);
+    stat_is(&p, "cluster.hashed.maglev_lb.min_entries_per_host", min).await;
+    stat_is(&p, "cluster.hashed.maglev_lb.max_entries_per_host", max).await;
+}
+
+/// Fewest and most table entries per host of a Maglev table over `eps`.
+fn maglev_counts(eps: &[Ep], size: u64) -> (i64, i64) {
+    let lb = LbPolicy::Maglev(Maglev {
+        table_size: size,
+        use_hostname: false,
+    });
+    let mut counts: BTreeMap<usize, i64> = BTreeMap::new();
+    for slot in 0..size {
+        *counts.entry(expected(&lb, eps, slot)).or_default() += 1;
+    }
+    let min = counts.values().copied().min().unwrap_or(0);
+    let max = counts.values().copied().max().unwrap_or(0);
+    (min, max)
+}
+
+/// An unhealthy endpoint is left out of the ring: its keys move; the other
+/// hosts' keys mostly stay (the ring gives each remaining host more points,
+/// as Envoy's does, so a few of them move too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_host_only_remaps_its_keys() {
+    let ups = upstreams(3).await;
+    let all: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let mut eps = all.clone();
+    eps[2].healthy = false;
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let (mut orphaned, mut kept, mut others) = (0, 0, 0);
+    for i in 0..96 {
+        let k = format!("key-{i}");
+        let h = xxhash64(k.as_bytes(), 0);
+        let got = sticky(&p, "/", &[("x-user", &k)]).await;
+        assert_ne!(got, "u2", "the unhealthy host gets nothing");
+        assert_eq!(got, format!("u{}", expected(&lb, &eps, h)), "key {k}");
+        let before = expected(&lb, &all, h);
+        if before == 2 {
+            orphaned += 1;
+        } else {
+            others += 1;
+            if got == format!("u{before}") {
+                kept += 1;
+            }
+        }
+    }
+    assert!(orphaned > 0, "some keys were the unhealthy host's");
+    assert!(
+        kept * 10 >= others * 6,
+        "{kept} of {others} keys of healthy hosts kept their host"
+    );
+}
+
+/// A cookie policy with a `ttl`: a request without the cookie gets one
+/// (`Set-Cookie: name="<16 hex>"; Max-Age=<ttl>; Path=<path>; <attributes>;
+/// HttpOnly`, as Envoy formats it); sending it back reaches the same host;
+/// a request that has the cookie gets no new one. Without `ttl` a missing
+/// cookie yields no hash and no cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_generated_and_followed() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([
+            {"cookie": {"name": "plain"}},
+            {"cookie": {"name": "sticky", "ttl": "3600s", "path": "/app",
+                        "attributes": [{"name": "SameSite", "value": "Lax"}, {"name": "Secure"}]}},
+        ]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let c = Http::h1();
+    let url = format!("{}/app", p.base());
+    let first = c.get(&url, &[]).await;
+    assert_eq!(first.status, 200);
+    let set = first.header_all("set-cookie");
+    assert_eq!(set.len(), 1, "{set:?}");
+    let v = &set[0];
+    let value = v
+        .strip_prefix("sticky=\"")
+        .and_then(|r| r.split_once('"'))
+        .map(|(val, _)| val.to_owned())
+        .unwrap_or_else(|| panic!("cookie format: {v}"));
+    assert_eq!(value.len(), 16, "{v}");
+    assert!(
+        value
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{v}"
+    );
+    assert_eq!(
+        v,
+        &format!("sticky=\"{value}\"; Max-Age=3600; Path=/app; SameSite=Lax; Secure; HttpOnly")
+    );
+    let want = format!("u{}", expected(&lb, &eps, xxhash64(value.as_bytes(), 0)));
+    assert_eq!(first.echo().upstream, want, "the generated cookie's host");
+    let cookie = format!("sticky={value}");
+    for _ in 0..3 {
+        let r = c.get(&url, &[("cookie", &cookie)]).await;
+        assert_eq!(r.echo().upstream, want);
+        assert!(r.header("set-cookie").is_none(), "cookie present: none set");
+    }
+    // A quoted cookie value hashes the same; the plain (no ttl) policy
+    // combines with it when present.
+    let quoted = format!("sticky=\"{value}\"");
+    let r = c.get(&url, &[("cookie", &quoted)]).await;
+    assert_eq!(r.echo().upstream, want);
+    for k in keys() {
+        let cookie = format!("plain={k}; sticky={value}");
+        let got = sticky(&p, "/app", &[("cookie", &cookie)]).await;
+        let h = xxhash64(k.as_bytes(), 0).rotate_left(1) ^ xxhash64(value.as_bytes(), 0);
+        assert_eq!(got, format!("u{}", expected(&lb, &eps, h)), "plain={k}");
+    }
+}
+
+/// `connection_properties.source_ip`, combined with a `terminal` header
+/// policy placed first: with the header only the header counts; without it
+/// the source IP (127.0.0.1) decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_ip_and_terminal_policies() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "MAGLEV"}),
+        json!([
+            {"header": {"header_name": "x-user"}, "terminal": true},
+            {"connection_properties": {"source_ip": true}},
+        ]),
+    );
+    let lb = LbPolicy::Maglev(Maglev::default());
+    let ip = sticky(&p, "/", &[]).await;
+    assert_eq!(
+        ip,
+        format!("u{}", expected(&lb, &eps, xxhash64(b"127.0.0.1", 0)))
+    );
+    for k in keys() {
+        let got = sticky(&p, "/", &[("x-user", &k)]).await;
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "terminal header {k}");
+    }
+}
+
+/// The typed `load_balancing_policy` Istio emits: the first policy of the
+/// list (`ring_hash` here, over `lb_policy`), with its own ring sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_ring_hash_policy() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"load_balancing_policy": {"policies": [
+            {"typed_extension_config": {"name": "envoy.load_balancing_policies.ring_hash", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash",
+                "minimum_ring_size": 128,
+            }}},
+            {"typed_extension_config": {"name": "envoy.load_balancing_policies.round_robin", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
+            }}},
+        ]}}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash {
+        minimum_ring_size: 128,
+        ..RingHash::default()
+    });
+    for k in keys() {
+        let got = sticky(&p, "/", &[("x-user", &k)]).await;
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "key {k}");
+    }
+    stat_is(&p, "cluster.hashed.ring_hash_lb.size", 129).await;
+}
+
+/// A request whose policies yield no hash (header absent) gets a random
+/// host, as Envoy: requests spread over the hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_hash_is_random() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let c = Http::h1();
+    let mut seen = HashSet::new();
+    for _ in 0..60 {
+        let r = c.get(&format!("{}/", p.base()), &[]).await;
+        seen.insert(r.echo().upstream);
+    }
+    assert!(seen.len() >= 2, "random spread: {seen:?}");
+}
