@@ -31,7 +31,11 @@ struct Ep {
     weight: u32,
     /// `metadata.filter_metadata["envoy.lb"].hash_key`.
     hash_key: Option<&'static str>,
+    /// `endpoint.hostname`.
+    hostname: Option<&'static str>,
     healthy: bool,
+    /// The locality's priority.
+    priority: u32,
 }
 
 fn ep(port: u16) -> Ep {
@@ -39,7 +43,9 @@ fn ep(port: u16) -> Ep {
         port,
         weight: 1,
         hash_key: None,
+        hostname: None,
         healthy: true,
+        priority: 0,
     }
 }
 
@@ -52,15 +58,32 @@ async fn upstreams(n: usize) -> Vec<EchoServer> {
     out
 }
 
-/// The `load_assignment` of cluster `hashed` with `eps`.
+/// The `load_assignment` of cluster `hashed` with `eps` (one locality per
+/// priority).
 fn assignment(eps: &[Ep]) -> Value {
-    let lb: Vec<Value> = eps
+    let mut prios: Vec<u32> = eps.iter().map(|e| e.priority).collect();
+    prios.sort_unstable();
+    prios.dedup();
+    let localities: Vec<Value> = prios
         .iter()
+        .map(|p| {
+            let at: Vec<Ep> = eps.iter().filter(|e| e.priority == *p).cloned().collect();
+            json!({"priority": p, "lb_endpoints": lb_endpoints(&at)})
+        })
+        .collect();
+    json!({"cluster_name": "hashed", "endpoints": localities})
+}
+
+fn lb_endpoints(eps: &[Ep]) -> Vec<Value> {
+    eps.iter()
         .map(|e| {
             let mut v = json!({
                 "endpoint": {"address": sock(e.port)},
                 "load_balancing_weight": e.weight,
             });
+            if let Some(h) = e.hostname {
+                v["endpoint"]["hostname"] = json!(h);
+            }
             if !e.healthy {
                 v["health_status"] = json!("UNHEALTHY");
             }
@@ -69,8 +92,7 @@ fn assignment(eps: &[Ep]) -> Value {
             }
             v
         })
-        .collect();
-    json!({"cluster_name": "hashed", "endpoints": [{"lb_endpoints": lb}]})
+        .collect()
 }
 
 /// A proxy routing `/` to cluster `hashed` (`lb`: its LB fields) with the
@@ -98,9 +120,15 @@ fn start(eps: &[Ep], lb: Value, hash_policy: Value) -> Proxy {
     })
 }
 
-/// The endpoint (index into `eps`) weir's table picks for `hash`: the
-/// expectation both weir and Envoy must meet.
+/// The endpoint (index into `eps`) weir's table picks for `hash` over the
+/// healthy endpoints: the expectation both weir and Envoy must meet.
 fn expected(lb: &LbPolicy, eps: &[Ep], hash: u64) -> usize {
+    let usable: Vec<usize> = (0..eps.len()).filter(|i| eps[*i].healthy).collect();
+    table(lb, eps, &usable).choose(hash, 0).expect("a host")
+}
+
+/// weir's table over `usable` (indexes into `eps`).
+fn table(lb: &LbPolicy, eps: &[Ep], usable: &[usize]) -> HashTable {
     let hosts: Vec<Arc<Host>> = eps
         .iter()
         .map(|e| {
@@ -110,7 +138,7 @@ fn expected(lb: &LbPolicy, eps: &[Ep], hash: u64) -> usize {
             };
             Arc::new(Host {
                 addr: format!("127.0.0.1:{}", e.port).parse().expect("addr"),
-                hostname: String::new(),
+                hostname: e.hostname.unwrap_or_default().to_owned(),
                 weight: e.weight,
                 healthy: e.healthy,
                 priority: 0,
@@ -120,9 +148,7 @@ fn expected(lb: &LbPolicy, eps: &[Ep], hash: u64) -> usize {
             })
         })
         .collect();
-    let usable: Vec<usize> = (0..eps.len()).filter(|i| eps[*i].healthy).collect();
-    let (table, _) = HashTable::build(lb, &hosts, &usable).expect("a table");
-    table.choose(hash, 0).expect("a host")
+    HashTable::build(lb, &hosts, usable).expect("a table").0
 }
 
 /// Sends `GET path` with `headers` twice; both must reach the same upstream,
@@ -383,20 +409,37 @@ async fn cookie_generated_and_followed() {
 
 /// `connection_properties.source_ip`, combined with a `terminal` header
 /// policy placed first: with the header only the header counts; without it
-/// the source IP (127.0.0.1) decides.
+/// the source IP (127.0.0.1) decides. Hosts are keyed by their hostnames
+/// (the typed `maglev` policy's `use_hostname_for_hashing`; Envoy allows
+/// the `common_lb_config` one on STRICT_DNS clusters only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_ip_and_terminal_policies() {
     let ups = upstreams(3).await;
-    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let eps: Vec<Ep> = ups
+        .iter()
+        .zip(["web-0.svc", "web-1.svc", "web-2.svc"])
+        .map(|(u, h)| Ep {
+            hostname: Some(h),
+            ..ep(u.port())
+        })
+        .collect();
     let p = start(
         &eps,
-        json!({"lb_policy": "MAGLEV"}),
+        json!({"load_balancing_policy": {"policies": [
+            {"typed_extension_config": {"name": "envoy.load_balancing_policies.maglev", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev",
+                "consistent_hashing_lb_config": {"use_hostname_for_hashing": true},
+            }}},
+        ]}}),
         json!([
             {"header": {"header_name": "x-user"}, "terminal": true},
             {"connection_properties": {"source_ip": true}},
         ]),
     );
-    let lb = LbPolicy::Maglev(Maglev::default());
+    let lb = LbPolicy::Maglev(Maglev {
+        use_hostname: true,
+        ..Maglev::default()
+    });
     let ip = sticky(&p, "/", &[]).await;
     assert_eq!(
         ip,
@@ -458,4 +501,143 @@ async fn no_hash_is_random() {
         seen.insert(r.echo().upstream);
     }
     assert!(seen.len() >= 2, "random spread: {seen:?}");
+}
+
+/// A level below the panic threshold (1 of 3 healthy < 50%) balances over
+/// all its hosts, unhealthy ones included, each pick counted in
+/// `lb_healthy_panic`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_level_hashes_over_all_hosts() {
+    let ups = upstreams(3).await;
+    let mut eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    eps[1].healthy = false;
+    eps[2].healthy = false;
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let all = table(&lb, &eps, &[0, 1, 2]);
+    let mut seen = HashSet::new();
+    for k in keys() {
+        let got = sticky(&p, "/", &[("x-user", &k)]).await;
+        let want = all.choose(xxhash64(k.as_bytes(), 0), 0).expect("host");
+        assert_eq!(got, format!("u{want}"), "key {k}");
+        seen.insert(got);
+    }
+    assert_eq!(seen.len(), 3, "unhealthy hosts take keys in panic");
+    stat_is(
+        &p,
+        "cluster.hashed.lb_healthy_panic",
+        2 * keys().len() as i64,
+    )
+    .await;
+}
+
+/// Priorities: the hash picks the level too (`hash % 100 + 1` against the
+/// levels' loads). Priority 0 has 1 of 2 hosts healthy: 50% × the
+/// overprovisioning factor 1.4 = 70% of the keys stay there (on its healthy
+/// host), the rest go to priority 1's ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_level_chosen_by_the_hash() {
+    let ups = upstreams(4).await;
+    let mut eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    eps[1].healthy = false;
+    eps[2].priority = 1;
+    eps[3].priority = 1;
+    let p = start(
+        &eps,
+        json!({"lb_policy": "MAGLEV"}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let lb = LbPolicy::Maglev(Maglev::default());
+    let p1 = table(&lb, &eps, &[2, 3]);
+    let (mut low, mut high) = (0, 0);
+    for i in 0..48 {
+        let k = format!("key-{i}");
+        let h = xxhash64(k.as_bytes(), 0);
+        let got = sticky(&p, "/", &[("x-user", &k)]).await;
+        let want = if h % 100 < 70 {
+            low += 1;
+            0
+        } else {
+            high += 1;
+            p1.choose(h, 0).expect("host")
+        };
+        assert_eq!(
+            got,
+            format!("u{want}"),
+            "key {k} (hash % 100 = {})",
+            h % 100
+        );
+    }
+    assert!(low > 0 && high > 0, "both levels used: {low} / {high}");
+}
+
+/// A retry with the `previous_hosts` predicate on a hash LB: the next pick
+/// moves along the ring (ring hash) or perturbs the hash (Maglev) until
+/// the host is not one tried already, as Envoy's `chooseHost(hash,
+/// attempt)`. One endpoint refuses connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_moves_to_the_next_host_of_the_table() {
+    let ups = upstreams(2).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    eps.push(ep(dead));
+    for (policy, lb) in [
+        ("RING_HASH", LbPolicy::RingHash(RingHash::default())),
+        ("MAGLEV", LbPolicy::Maglev(Maglev::default())),
+    ] {
+        let mut extra = json!({"lb_policy": policy});
+        extra["load_assignment"] = assignment(&eps);
+        let c = cluster("hashed", &[], extra);
+        let r = json!({"match": {"prefix": "/"}, "route": {
+            "cluster": "hashed",
+            "hash_policy": [{"header": {"header_name": "x-user"}}],
+            "retry_policy": {
+                "retry_on": "connect-failure", "num_retries": 2,
+                "host_selection_retry_max_attempts": 5,
+                "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+            },
+        }});
+        let p = Proxy::start(move |ports| {
+            bootstrap(
+                ports,
+                vec![listener(
+                    "l",
+                    ports.listen,
+                    vec![chain(vec![hcm(
+                        "ingress",
+                        vec![],
+                        vec![vhost("vh", vec![r.clone()], json!({}))],
+                        json!({}),
+                    )])],
+                )],
+                vec![c.clone()],
+            )
+        });
+        let t = table(&lb, &eps, &[0, 1, 2]);
+        let mut retried = 0;
+        for k in keys() {
+            let h = xxhash64(k.as_bytes(), 0);
+            let first = t.choose(h, 0).expect("host");
+            let want = if first == 2 {
+                retried += 1;
+                (0..=5)
+                    .map(|a| t.choose(h, a).expect("host"))
+                    .find(|i| *i != 2)
+                    .expect("a live host within 5 attempts")
+            } else {
+                first
+            };
+            let got = sticky(&p, "/", &[("x-user", &k)]).await;
+            assert_eq!(got, format!("u{want}"), "{policy} key {k}");
+        }
+        assert!(retried > 0, "{policy}: some keys start on the dead host");
+    }
 }

@@ -113,6 +113,17 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             LbPolicy::RoundRobin
         }
     };
+    // As Envoy's cluster factory: hostnames as hash keys only where hosts
+    // have one (STRICT_DNS).
+    if use_hostname(p) && discovery != Discovery::StrictDns {
+        errs.push(
+            join(
+                path,
+                "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing",
+            ),
+            "Cannot use hostname for consistent hashing loadbalancing for a cluster that is not STRICT_DNS",
+        );
+    }
     // `load_balancing_policy` takes precedence over `lb_policy`, as Envoy.
     let lb = match &p.load_balancing_policy {
         Some(lbp) => typed_lb_policy(lbp, &join(path, "load_balancing_policy"), &mut errs),

@@ -327,7 +327,7 @@ fn load(yaml: &str) -> Result<crate::config::Snapshot, String> {
 fn hash_lb_configs_and_hash_policies() {
     use crate::config::{LbPolicy, RingHashFunction};
     let s = load(&hashed(
-        "    lb_policy: RING_HASH\n    ring_hash_lb_config: {minimum_ring_size: 16, hash_function: MURMUR_HASH_2}\n    common_lb_config: {consistent_hashing_lb_config: {use_hostname_for_hashing: true}}\n",
+        "    type: STRICT_DNS\n    lb_policy: RING_HASH\n    ring_hash_lb_config: {minimum_ring_size: 16, hash_function: MURMUR_HASH_2}\n    common_lb_config: {consistent_hashing_lb_config: {use_hostname_for_hashing: true}}\n",
         ", hash_policy: [{header: {header_name: X-User}, terminal: true}, {cookie: {name: s, ttl: 60s, path: /}}, {connection_properties: {source_ip: true}}, {query_parameter: {name: q}}]",
     ))
     .expect("accepted");
@@ -366,6 +366,11 @@ fn hash_lb_configs_and_hash_policies() {
         "    lb_policy: RING_HASH\n    ring_hash_lb_config: {minimum_ring_size: 2048, maximum_ring_size: 1024}\n",
         "",
         "ring_hash_lb_config.minimum_ring_size: ring hash: minimum_ring_size (2048) > maximum_ring_size (1024)",
+    );
+    reject(
+        "    lb_policy: RING_HASH\n    common_lb_config: {consistent_hashing_lb_config: {use_hostname_for_hashing: true}}\n",
+        "",
+        "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing: Cannot use hostname",
     );
     reject(
         "    lb_policy: RING_HASH\n    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 150}}\n",
