@@ -139,7 +139,19 @@ impl TcpRuntime {
         let mut attempt = 0;
         let (up, host) = loop {
             attempt += 1;
-            let Some(host) = cluster.choose(&tried, 3) else {
+            // `hash_policy` source_ip on a consistent-hash cluster: the host
+            // of the downstream IP (Envoy's tcp_proxy retries it as is).
+            let picked = if self.config.hash_source_ip && cluster.config.lb.is_hash() {
+                let ip = meta.src.ip().to_string();
+                cluster.choose_hashed(
+                    Some(crate::upstream::hash_lb::xxhash64(ip.as_bytes(), 0)),
+                    &[],
+                    0,
+                )
+            } else {
+                cluster.choose(&tried, 3)
+            };
+            let Some(host) = picked else {
                 info.flags.set(Flags::UH);
                 return self.finish(info, start);
             };

@@ -19,7 +19,9 @@ use std::sync::{atomic::AtomicU64, Arc, OnceLock};
 use serde_json::{json, Value};
 use weir::upstream::hash_lb::{xxhash64, HashTable};
 use weir::upstream::Host;
-use weir_tests::config::{bootstrap, chain, cluster, hcm, listener, sock, stat_is, vhost};
+use weir_tests::config::{
+    bootstrap, chain, cluster, hcm, listener, sock, stat_is, tcp_proxy, vhost,
+};
 use weir_tests::scenario::{Http, Proxy};
 use weir_tests::upstream::{self, EchoServer};
 use xds_client::config::{LbPolicy, Maglev, RingHash, RingHashFunction};
@@ -628,16 +630,61 @@ async fn retry_moves_to_the_next_host_of_the_table() {
             let first = t.choose(h, 0).expect("host");
             let want = if first == 2 {
                 retried += 1;
+                // The first of 6 picks that is not the dead host; when all
+                // are, every attempt fails (503), as in Envoy.
                 (0..=5)
                     .map(|a| t.choose(h, a).expect("host"))
                     .find(|i| *i != 2)
-                    .expect("a live host within 5 attempts")
             } else {
-                first
+                Some(first)
             };
-            let got = sticky(&p, "/", &[("x-user", &k)]).await;
-            assert_eq!(got, format!("u{want}"), "{policy} key {k}");
+            match want {
+                Some(want) => {
+                    let got = sticky(&p, "/", &[("x-user", &k)]).await;
+                    assert_eq!(got, format!("u{want}"), "{policy} key {k}");
+                }
+                None => {
+                    let r = Http::h1()
+                        .get(&format!("{}/", p.base()), &[("x-user", &k)])
+                        .await;
+                    assert_eq!(r.status, 503, "{policy} key {k}: only the dead host");
+                }
+            }
         }
         assert!(retried > 0, "{policy}: some keys start on the dead host");
+    }
+}
+
+/// `tcp_proxy` with `hash_policy: [{source_ip: {}}]`: every connection from
+/// 127.0.0.1 reaches the host of that IP on the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_source_ip_hash() {
+    let ups = upstreams(4).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let mut extra = json!({"lb_policy": "RING_HASH"});
+    extra["load_assignment"] = assignment(&eps);
+    let c = cluster("hashed", &[], extra);
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![tcp_proxy(
+                    "tcp",
+                    "hashed",
+                    json!({"hash_policy": [{"source_ip": {}}]}),
+                )])],
+            )],
+            vec![c.clone()],
+        )
+    });
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let want = format!("u{}", expected(&lb, &eps, xxhash64(b"127.0.0.1", 0)));
+    for _ in 0..8 {
+        // A new client each time: a new connection, hashed again.
+        let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().upstream, want);
     }
 }

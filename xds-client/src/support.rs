@@ -111,7 +111,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &[
         "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "downstream_idle_timeout",
         "upstream_idle_timeout", "access_log", "max_connect_attempts", "max_downstream_connection_duration",
+        "hash_policy",
     ]),
+    // `filter_state` is rejected: weir has no filter state.
+    ("envoy.type.v3.HashPolicy", &["source_ip"]),
+    ("envoy.type.v3.HashPolicy.SourceIp", &[]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", &["clusters"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight", &["name", "weight", "metadata_match"]),
     ("envoy.extensions.filters.network.sni_cluster.v3.SniCluster", &[]),
