@@ -688,3 +688,34 @@ async fn tcp_proxy_source_ip_hash() {
         assert_eq!(r.echo().upstream, want);
     }
 }
+
+/// Hashing the host: `header_name: host` (or Envoy's `:authority`) hashes
+/// the request's authority, over HTTP/1.1 (`Host`) and HTTP/2 (`:authority`)
+/// alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_authority_hash() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let lb = LbPolicy::RingHash(RingHash::default());
+    for name in ["host", ":authority"] {
+        let p = start(
+            &eps,
+            json!({"lb_policy": "RING_HASH"}),
+            json!([{"header": {"header_name": name}}]),
+        );
+        for h in ["example.com", "api.example.com", "shop.example.org", "a.b"] {
+            let got = sticky(&p, "/", &[("host", h)]).await;
+            let want = expected(&lb, &eps, xxhash64(h.as_bytes(), 0));
+            assert_eq!(got, format!("u{want}"), "{name}: {h}");
+        }
+        let authority = p.addr().to_string();
+        let want = format!(
+            "u{}",
+            expected(&lb, &eps, xxhash64(authority.as_bytes(), 0))
+        );
+        for _ in 0..3 {
+            let r = Http::h2c().get(&format!("{}/", p.base()), &[]).await;
+            assert_eq!(r.echo().upstream, want, "{name} over HTTP/2: {authority}");
+        }
+    }
+}

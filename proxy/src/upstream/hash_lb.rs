@@ -331,6 +331,13 @@ pub fn request_hash(
                     .iter()
                     .map(|v| std::borrow::Cow::Borrowed(v.as_bytes()))
                     .collect();
+                // Envoy keeps the host as `:authority`: an HTTP/2 request's
+                // authority is in its URI.
+                if values.is_empty() && name == http::header::HOST {
+                    if let Some(a) = uri.authority() {
+                        values.push(std::borrow::Cow::Borrowed(a.as_str().as_bytes()));
+                    }
+                }
                 if values.is_empty() {
                     None
                 } else {

@@ -404,7 +404,7 @@ pub struct HashPolicy {
 #[derive(Debug, Clone, PartialEq)]
 pub enum HashPolicyKind {
     /// `header`: every value of the header (sorted), after the optional
-    /// `regex_rewrite`.
+    /// `regex_rewrite`; `host` (or `:authority`) is the request's authority.
     Header {
         name: HeaderName,
         rewrite: Option<(Pattern, String)>,

@@ -810,11 +810,19 @@ fn hash_policies(
         let kind = match &p.policy_specifier {
             Some(P::Header(h)) => {
                 let hpath = join(&ppath, "header.header_name");
-                if h.header_name.starts_with(':') {
-                    errs.push(hpath, "hashing on a pseudo-header is not implemented");
+                // `:authority` is Envoy's name for the host header.
+                let lower = match h.header_name.to_ascii_lowercase() {
+                    a if a == ":authority" => "host".to_owned(),
+                    l => l,
+                };
+                if lower.starts_with(':') {
+                    errs.push(
+                        hpath,
+                        "hashing on a pseudo-header other than :authority is not implemented",
+                    );
                     continue;
                 }
-                let name = match header_name(&h.header_name.to_ascii_lowercase(), &hpath) {
+                let name = match header_name(&lower, &hpath) {
                     Ok(n) => n,
                     Err(e) => {
                         errs.extend(e);

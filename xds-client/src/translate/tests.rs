@@ -384,7 +384,7 @@ fn hash_lb_configs_and_hash_policies() {
     );
     reject(
         "    lb_policy: RING_HASH\n",
-        ", hash_policy: [{header: {header_name: \":authority\"}}]",
+        ", hash_policy: [{header: {header_name: \":path\"}}]",
         "route.hash_policy[0].header.header_name",
     );
     reject(
