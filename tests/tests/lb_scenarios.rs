@@ -144,6 +144,8 @@ fn table(lb: &LbPolicy, eps: &[Ep], usable: &[usize]) -> HashTable {
                 weight: e.weight,
                 healthy: e.healthy,
                 priority: 0,
+                locality: 0,
+                locality_weight: 0,
                 metadata,
                 active: AtomicU64::new(0),
                 outlier: OnceLock::new(),
@@ -718,4 +720,119 @@ async fn host_and_authority_hash() {
             assert_eq!(r.echo().upstream, want, "{name} over HTTP/2: {authority}");
         }
     }
+}
+
+/// A cluster `lw` (round robin, `locality_weighted_lb_config`) with one
+/// locality per `(zone, load_balancing_weight, endpoints)` and a proxy
+/// routing `/` to it.
+fn start_localities(zones: &[(&str, Option<u32>, Vec<Ep>)]) -> Proxy {
+    let localities: Vec<Value> = zones
+        .iter()
+        .map(|(zone, weight, eps)| {
+            let mut l = json!({
+                "locality": {"region": "r", "zone": zone},
+                "lb_endpoints": lb_endpoints(eps),
+            });
+            if let Some(w) = weight {
+                l["load_balancing_weight"] = json!(w);
+            }
+            l
+        })
+        .collect();
+    let c = cluster(
+        "lw",
+        &[],
+        json!({
+            "common_lb_config": {"locality_weighted_lb_config": {}},
+            "load_assignment": {"cluster_name": "lw", "endpoints": localities},
+        }),
+    );
+    let r = json!({"match": {"prefix": "/"}, "route": {"cluster": "lw"}});
+    Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![],
+                    vec![vhost("vh", vec![r.clone()], json!({}))],
+                    json!({}),
+                )])],
+            )],
+            vec![c.clone()],
+        )
+    })
+}
+
+/// How many of `n` requests each upstream answered.
+async fn spread(p: &Proxy, n: usize) -> BTreeMap<String, usize> {
+    let c = Http::h1();
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let r = c.get(&format!("{}/", p.base()), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        *out.entry(r.echo().upstream).or_default() += 1;
+    }
+    out
+}
+
+/// `locality_weighted_lb_config`: localities take traffic in proportion to
+/// their `load_balancing_weight` (1:4 here, whatever their host counts:
+/// plain round robin would give u0 a third), hosts share their locality's
+/// part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_weights_split_traffic() {
+    let ups = upstreams(3).await;
+    let p = start_localities(&[
+        ("a", Some(1), vec![ep(ups[0].port())]),
+        ("b", Some(4), vec![ep(ups[1].port()), ep(ups[2].port())]),
+    ]);
+    let s = spread(&p, 500).await;
+    let n = |u: &str| s.get(u).copied().unwrap_or(0);
+    assert!((70..=130).contains(&n("u0")), "zone a ~20%: {s:?}");
+    assert!(
+        n("u1") >= 150 && n("u2") >= 150,
+        "zone b's hosts share 80%: {s:?}"
+    );
+}
+
+/// A locality's weight is scaled by its health (healthy share × the
+/// overprovisioning factor 1.4, at most 1): two thirds of zone a are
+/// unhealthy, so it weighs 0.47 against zone b's 1 (32% of the requests;
+/// unscaled weights would give it 50%, plain round robin 25%). A locality
+/// without a weight gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_weights_follow_health() {
+    let ups = upstreams(4).await;
+    let down = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        Ep {
+            healthy: false,
+            ..ep(l.local_addr().expect("addr").port())
+        }
+    };
+    let p = start_localities(&[
+        ("a", Some(1), vec![ep(ups[0].port()), down(), down()]),
+        (
+            "b",
+            Some(1),
+            vec![ep(ups[1].port()), ep(ups[2].port()), ep(ups[3].port())],
+        ),
+    ]);
+    let s = spread(&p, 1600).await;
+    let n = |u: &str| s.get(u).copied().unwrap_or(0);
+    assert!((450..=570).contains(&n("u0")), "zone a ~32%: {s:?}");
+    drop(p);
+    let p = start_localities(&[
+        ("a", None, vec![ep(ups[0].port())]),
+        ("b", Some(1), vec![ep(ups[1].port())]),
+    ]);
+    let s = spread(&p, 40).await;
+    assert_eq!(
+        s.get("u1").copied(),
+        Some(40),
+        "the weightless zone gets nothing: {s:?}"
+    );
 }

@@ -456,6 +456,8 @@ mod tests {
             weight,
             healthy: true,
             priority: 0,
+            locality: 0,
+            locality_weight: 0,
             metadata: serde_json::Value::Null,
             active: AtomicU64::new(0),
             outlier: OnceLock::new(),

@@ -32,6 +32,10 @@ pub struct Host {
     pub weight: u32,
     pub healthy: bool,
     pub priority: u32,
+    /// Index of the host's locality in the cluster's assignment, and that
+    /// locality's `load_balancing_weight` (0 when unset, as Envoy).
+    pub locality: u32,
+    pub locality_weight: u32,
     pub metadata: serde_json::Value,
     /// Requests in flight (least-request LB).
     pub active: AtomicU64,
@@ -78,6 +82,42 @@ pub struct PriorityLevel {
     pub panic: bool,
     /// The consistent-hash table over `usable` (RING_HASH, MAGLEV).
     pub table: Option<(hash_lb::HashTable, hash_lb::TableStats)>,
+    /// With `locality_weighted_lb_config`: the localities that can take
+    /// traffic and their effective weights (summing to `locality_total`).
+    pub localities: Vec<LocalityLevel>,
+    pub locality_total: f64,
+}
+
+/// One locality of a priority level, for locality-weighted balancing.
+#[derive(Debug, Default)]
+pub struct LocalityLevel {
+    /// Its healthy hosts (indexes into `HostSet::hosts`).
+    pub usable: Vec<usize>,
+    pub weighted: Vec<usize>,
+    /// Envoy's effective locality weight: `load_balancing_weight` ×
+    /// min(1, overprovisioning factor × healthy share).
+    pub weight: f64,
+}
+
+impl PriorityLevel {
+    /// The hosts one request balances over: with locality weights (and
+    /// not in panic) a locality's, picked in proportion to its effective
+    /// weight, as Envoy's `chooseHealthyLocality`; else the level's.
+    fn source(&self) -> (&[usize], &[usize]) {
+        if !self.panic && self.locality_total > 0.0 {
+            let mut x = rand::rng().random::<f64>() * self.locality_total;
+            for l in &self.localities {
+                if x < l.weight {
+                    return (&l.usable, &l.weighted);
+                }
+                x -= l.weight;
+            }
+            if let Some(l) = self.localities.last() {
+                return (&l.usable, &l.weighted);
+            }
+        }
+        (&self.usable, &self.weighted)
+    }
 }
 
 impl HostSet {
@@ -90,6 +130,7 @@ impl HostSet {
         panic_threshold: f64,
         overprovisioning_factor: u32,
         lb: &LbPolicy,
+        locality_weighted: bool,
     ) -> HostSet {
         let healthy_count = hosts.iter().filter(|h| h.is_healthy()).count();
         let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
@@ -112,6 +153,11 @@ impl HostSet {
             // (Envoy 1.40 still routes when outlier detection ejected
             // every host).
             let panic = pct < panic_threshold || healthy.is_empty();
+            let (localities, locality_total) = if locality_weighted && !lb.is_hash() {
+                locality_levels(&hosts, &at, overprovisioning_factor)
+            } else {
+                (Vec::new(), 0.0)
+            };
             let usable = if panic { at } else { healthy };
             let (weighted, table) = if lb.is_hash() {
                 (Vec::new(), hash_lb::HashTable::build(lb, &hosts, &usable))
@@ -124,6 +170,8 @@ impl HostSet {
                 load: 0,
                 panic,
                 table,
+                localities,
+                locality_total,
             });
         }
         let total: f64 = health.iter().sum();
@@ -204,6 +252,45 @@ impl HostSet {
         }
         self.priorities.iter().find(|l| !l.usable.is_empty())
     }
+}
+
+/// The localities of one priority level's hosts `at` with a positive
+/// effective weight (Envoy's `effectiveLocalityWeight`), in assignment
+/// order, and their total.
+fn locality_levels(
+    hosts: &[Arc<Host>],
+    at: &[usize],
+    overprovisioning_factor: u32,
+) -> (Vec<LocalityLevel>, f64) {
+    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
+    for i in at {
+        let loc = hosts[*i].locality;
+        match groups.iter_mut().find(|g| g.0 == loc) {
+            Some(g) => g.1.push(*i),
+            None => groups.push((loc, vec![*i])),
+        }
+    }
+    let mut out = Vec::new();
+    let mut total = 0.0;
+    for (_, members) in groups {
+        let usable: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|i| hosts[*i].is_healthy())
+            .collect();
+        let availability = usable.len() as f64 / members.len() as f64;
+        let weight = f64::from(hosts[members[0]].locality_weight)
+            * (f64::from(overprovisioning_factor) / 100.0 * availability).min(1.0);
+        if weight > 0.0 && !usable.is_empty() {
+            total += weight;
+            out.push(LocalityLevel {
+                weighted: weighted_sequence(hosts, &usable),
+                usable,
+                weight,
+            });
+        }
+    }
+    (out, total)
 }
 
 /// A smooth weighted round-robin sequence over one weight period, when the
@@ -455,6 +542,7 @@ impl ClusterRuntime {
             config.panic_threshold,
             config.overprovisioning_factor,
             &config.lb,
+            config.locality_weighted,
         );
         stats.membership_healthy.set(set.healthy_count as i64);
         let table_gauges = TableGauges::new(store, &config.stat_name, &config.lb);
@@ -537,6 +625,7 @@ impl ClusterRuntime {
             self.config.panic_threshold,
             self.config.overprovisioning_factor,
             &self.config.lb,
+            self.config.locality_weighted,
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
@@ -554,6 +643,7 @@ impl ClusterRuntime {
             self.config.panic_threshold,
             self.config.overprovisioning_factor,
             &self.config.lb,
+            self.config.locality_weighted,
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
@@ -644,14 +734,14 @@ impl ClusterRuntime {
             if level.panic {
                 self.stats.lb_healthy_panic.inc();
             }
-            let usable = &level.usable;
+            let (usable, weighted) = level.source();
             let idx = match self.config.lb {
                 LbPolicy::RoundRobin => {
                     let n = self.rr.fetch_add(1, Relaxed);
-                    if level.weighted.is_empty() {
+                    if weighted.is_empty() {
                         usable[n % usable.len()]
                     } else {
-                        level.weighted[n % level.weighted.len()]
+                        weighted[n % weighted.len()]
                     }
                 }
                 LbPolicy::Random | LbPolicy::RingHash(_) | LbPolicy::Maglev(_) => {
@@ -816,7 +906,7 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
         return Vec::new();
     }
     let mut out = Vec::new();
-    for l in c.localities.iter() {
+    for (li, l) in c.localities.iter().enumerate() {
         for e in &l.endpoints {
             if let EndpointAddress::Ip(addr) = e.address {
                 out.push(Arc::new(Host {
@@ -825,6 +915,8 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
                     weight: e.weight,
                     healthy: e.health.is_usable(),
                     priority: l.priority,
+                    locality: li as u32,
+                    locality_weight: l.weight.unwrap_or(0),
                     metadata: e.metadata.clone(),
                     active: AtomicU64::new(0),
                     outlier: OnceLock::new(),

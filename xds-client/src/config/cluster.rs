@@ -29,6 +29,9 @@ pub struct Cluster {
     pub buffer_limit: u32,
     /// `common_lb_config.healthy_panic_threshold` (default 50%).
     pub panic_threshold: f64,
+    /// `common_lb_config.locality_weighted_lb_config`: pick a locality by
+    /// its `load_balancing_weight` (scaled by its health) before a host.
+    pub locality_weighted: bool,
     /// `load_assignment.policy.overprovisioning_factor` (default 140).
     pub overprovisioning_factor: u32,
     /// `transport_socket` (plain or TLS).

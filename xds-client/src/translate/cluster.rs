@@ -440,10 +440,24 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         .and_then(|c| c.healthy_panic_threshold.as_ref())
         .map(|v| v.value)
         .unwrap_or(50.0);
+    use c::cluster::common_lb_config::LocalityConfigSpecifier as Lcs;
+    let locality_weighted = matches!(
+        p.common_lb_config
+            .as_ref()
+            .and_then(|c| c.locality_config_specifier.as_ref()),
+        Some(Lcs::LocalityWeightedLbConfig(_))
+    );
+    if locality_weighted && lb.is_hash() {
+        errs.push(
+            join(path, "common_lb_config.locality_weighted_lb_config"),
+            "locality weights are not implemented for RING_HASH and MAGLEV",
+        );
+    }
     if !errs.is_empty() {
         return Err(errs);
     }
     Ok(Cluster {
+        locality_weighted,
         name: p.name.as_str().into(),
         stat_name: if p.alt_stat_name.is_empty() {
             p.name.clone()

@@ -402,6 +402,17 @@ fn hash_lb_configs_and_hash_policies() {
         "",
         "clusters[0].lb_subset_config",
     );
+    reject(
+        "    lb_policy: MAGLEV\n    common_lb_config: {locality_weighted_lb_config: {}}\n",
+        "",
+        "clusters[0].common_lb_config.locality_weighted_lb_config: locality weights are not implemented for RING_HASH and MAGLEV",
+    );
+    let s = load(&hashed(
+        "    common_lb_config: {locality_weighted_lb_config: {}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].locality_weighted);
 
     // The typed least_request policy maps onto the same internal policy.
     let s = load(&hashed(
