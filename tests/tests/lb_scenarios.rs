@@ -836,3 +836,71 @@ async fn locality_weights_follow_health() {
         "the weightless zone gets nothing: {s:?}"
     );
 }
+
+/// A header sent more than once hashes all its values, sorted, each value's
+/// hash seeding the next (`b`, `a` hashes as xxHash64(`b`, seed
+/// xxHash64(`a`))), in either order; Maglev with endpoint weights 1:2:3
+/// fills its table by weight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_header_values_and_weighted_maglev() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups
+        .iter()
+        .zip([1, 2, 3])
+        .map(|(u, w)| Ep {
+            weight: w,
+            ..ep(u.port())
+        })
+        .collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 211}}),
+        json!([{"header": {"header_name": "x-user"}}]),
+    );
+    let lb = LbPolicy::Maglev(Maglev {
+        table_size: 211,
+        use_hostname: false,
+    });
+    for i in 0..16 {
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        let one = sticky(&p, "/", &[("x-user", &b), ("x-user", &a)]).await;
+        let two = sticky(&p, "/", &[("x-user", &a), ("x-user", &b)]).await;
+        assert_eq!(one, two, "order does not matter");
+        let h = xxhash64(b.as_bytes(), xxhash64(a.as_bytes(), 0));
+        let want = expected(&lb, &eps, h);
+        assert_eq!(one, format!("u{want}"), "{a} + {b}");
+    }
+    let (min, max) = maglev_counts(&eps, 211);
+    stat_is(&p, "cluster.hashed.maglev_lb.min_entries_per_host", min).await;
+    stat_is(&p, "cluster.hashed.maglev_lb.max_entries_per_host", max).await;
+}
+
+/// Cookies over HTTP/2: split `cookie` headers (crumbs) are read like one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_crumbs_over_http2() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"cookie": {"name": "session"}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let c = Http::h2c();
+    for k in keys() {
+        let session = format!("session={k}");
+        let r = c
+            .get(
+                &format!("{}/", p.base()),
+                &[
+                    ("cookie", "theme=dark"),
+                    ("cookie", &session),
+                    ("cookie", "x=1"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(r.echo().upstream, format!("u{want}"), "session {k}");
+    }
+}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Uri};
 use xds_client::config::{HashPolicy, HashPolicyKind, LbPolicy, RingHashFunction};
-use xxhash_rust::xxh64::{xxh64, Xxh64};
+use xxhash_rust::xxh64::xxh64;
 
 use super::Host;
 
@@ -348,13 +348,11 @@ pub fn request_hash(
                             *v = std::borrow::Cow::Owned(r.into_bytes());
                         }
                     }
-                    // The same hash whatever the order of the values.
+                    // The same hash whatever the order of the values; each
+                    // value's hash seeds the next (Envoy 1.40's
+                    // `HashUtil::xxHash64` over a span, checked against it).
                     values.sort();
-                    let mut x = Xxh64::new(0);
-                    for v in &values {
-                        x.update(v);
-                    }
-                    Some(x.digest())
+                    Some(values.iter().fold(0, |seed, v| xxhash64(v, seed)))
                 }
             }
             HashPolicyKind::Cookie {
@@ -584,12 +582,15 @@ mod tests {
         };
         let h = |ps: &[HashPolicy]| request_hash(ps, &headers, &uri, remote, local);
         assert_eq!(h(&[header("x-user")]).hash, Some(xxhash64(b"alice", 0)));
-        assert_eq!(h(&[header("x-multi")]).hash, Some(xxhash64(b"ab", 0)));
+        assert_eq!(
+            h(&[header("x-multi")]).hash,
+            Some(xxhash64(b"b", xxhash64(b"a", 0)))
+        );
         assert_eq!(h(&[header("x-none")]).hash, None);
         let both = h(&[header("x-user"), header("x-multi")]).hash;
         assert_eq!(
             both,
-            Some(xxhash64(b"alice", 0).rotate_left(1) ^ xxhash64(b"ab", 0))
+            Some(xxhash64(b"alice", 0).rotate_left(1) ^ xxhash64(b"b", xxhash64(b"a", 0)))
         );
         let mut t = header("x-user");
         t.terminal = true;
