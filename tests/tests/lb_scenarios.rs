@@ -904,3 +904,30 @@ async fn cookie_crumbs_over_http2() {
         assert_eq!(r.echo().upstream, format!("u{want}"), "session {k}");
     }
 }
+
+/// Query parameters are hashed as they appear (not percent-decoded); a
+/// parameter without `=` has the empty value; a later policy on a missing
+/// parameter adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_parameter_raw_values() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"query_parameter": {"name": "k"}}, {"query_parameter": {"name": "absent"}}]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    for (q, v) in [
+        ("k=a%20b", "a%20b"),
+        ("k=x+y&k=z", "x+y"),
+        ("z=1&k", ""),
+        ("k=&z=2", ""),
+        ("k=%2Fpath", "%2Fpath"),
+        ("k=caf%C3%A9", "caf%C3%A9"),
+    ] {
+        let got = sticky(&p, &format!("/p?{q}"), &[]).await;
+        let want = expected(&lb, &eps, xxhash64(v.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "?{q}");
+    }
+}
