@@ -931,3 +931,71 @@ async fn query_parameter_raw_values() {
         assert_eq!(got, format!("u{want}"), "?{q}");
     }
 }
+
+/// Behind `x-forwarded-for` (no `use_remote_address`): `source_ip` hashes
+/// the forwarded address, while a generated cookie's value is xxHash64 of
+/// the connection's own peer address followed by the listener's address,
+/// in hex (one value per connection, whatever `x-forwarded-for` says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_address_for_source_ip_and_cookie() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([
+            {"cookie": {"name": "c", "ttl": "0s"}, "terminal": true},
+            {"connection_properties": {"source_ip": true}},
+        ]),
+    );
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let mut s = tokio::net::TcpStream::connect(p.addr())
+        .await
+        .expect("connect");
+    let me = s.local_addr().expect("local address");
+    s.write_all(
+        b"GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 10.1.2.3\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let seed = format!("{me}{}", p.addr());
+    let value = format!("{:016x}", xxhash64(seed.as_bytes(), 0));
+    // A zero ttl: a session cookie (no Max-Age).
+    let want_cookie = format!("set-cookie: c=\"{value}\"; HttpOnly");
+    assert!(
+        text.lines().any(|l| l.eq_ignore_ascii_case(&want_cookie)),
+        "{want_cookie} in {text}"
+    );
+    let want = expected(&lb, &eps, xxhash64(value.as_bytes(), 0));
+    assert!(
+        text.contains(&format!("\"upstream\":\"u{want}\"")),
+        "u{want} in {text}"
+    );
+    // With the cookie, the terminal cookie policy alone decides.
+    for k in keys() {
+        let cookie = format!("c={k}");
+        let got = sticky(
+            &p,
+            "/",
+            &[("x-forwarded-for", "10.1.2.3"), ("cookie", &cookie)],
+        )
+        .await;
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "cookie {k}");
+    }
+    drop(p);
+    let p = start(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!([{"connection_properties": {"source_ip": true}}]),
+    );
+    for ip in ["10.1.2.3", "192.168.7.9", "10.0.0.200", "172.16.5.4"] {
+        let got = sticky(&p, "/", &[("x-forwarded-for", ip)]).await;
+        let want = expected(&lb, &eps, xxhash64(ip.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "xff {ip}");
+    }
+}

@@ -325,6 +325,7 @@ pub async fn forward(
             &parts.headers,
             &parts.uri,
             info.downstream_remote,
+            info.downstream_direct_remote,
             info.downstream_local,
         )
     } else {

@@ -314,12 +314,14 @@ pub struct RequestHash {
 
 /// Envoy's `HashPolicyImpl::generateHash`: each policy that yields a hash
 /// is folded in as `rotl(previous, 1) ^ new`; a terminal policy that
-/// produced one stops the walk.
+/// produced one stops the walk. `remote` is the downstream address (after
+/// `x-forwarded-for`), `peer` and `local` the connection's own addresses.
 pub fn request_hash(
     policies: &[HashPolicy],
     headers: &HeaderMap,
     uri: &Uri,
     remote: SocketAddr,
+    peer: SocketAddr,
     local: SocketAddr,
 ) -> RequestHash {
     let mut out = RequestHash::default();
@@ -365,8 +367,9 @@ pub fn request_hash(
                 None => match ttl {
                     Some(ttl) => {
                         // Envoy derives the value from the connection's
-                        // addresses, so one client keeps one host.
-                        let seed = format!("{remote}{local}");
+                        // own addresses (not x-forwarded-for): one value
+                        // per connection.
+                        let seed = format!("{peer}{local}");
                         let value = format!("{:016x}", xxhash64(seed.as_bytes(), 0));
                         let mut c = format!("{name}=\"{value}\"");
                         if !ttl.is_zero() {
@@ -580,7 +583,8 @@ mod tests {
             },
             terminal: false,
         };
-        let h = |ps: &[HashPolicy]| request_hash(ps, &headers, &uri, remote, local);
+        let peer: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let h = |ps: &[HashPolicy]| request_hash(ps, &headers, &uri, remote, peer, local);
         assert_eq!(h(&[header("x-user")]).hash, Some(xxhash64(b"alice", 0)));
         assert_eq!(
             h(&[header("x-multi")]).hash,
@@ -624,7 +628,7 @@ mod tests {
         assert!(r.set_cookie.is_none(), "present cookie: nothing to set");
         assert_eq!(h(&[cookie("missing", None)]).hash, None);
         let r = h(&[cookie("missing", Some(60))]);
-        let value = format!("{:016x}", xxhash64(b"10.1.2.3:555510.0.0.1:80", 0));
+        let value = format!("{:016x}", xxhash64(b"127.0.0.1:400010.0.0.1:80", 0));
         assert_eq!(r.hash, Some(xxhash64(value.as_bytes(), 0)));
         assert_eq!(
             r.set_cookie.expect("generated").to_str().expect("ascii"),
