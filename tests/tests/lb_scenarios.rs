@@ -999,3 +999,63 @@ async fn forwarded_address_for_source_ip_and_cookie() {
         assert_eq!(got, format!("u{want}"), "xff {ip}");
     }
 }
+
+/// A typed policy's own `consistent_hashing_lb_config.hash_policy` decides
+/// the request hash instead of the route's `hash_policy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_hash_policy_overrides_the_routes() {
+    let ups = upstreams(3).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let p = start(
+        &eps,
+        json!({"load_balancing_policy": {"policies": [
+            {"typed_extension_config": {"name": "envoy.load_balancing_policies.maglev", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev",
+                "consistent_hashing_lb_config": {"hash_policy": [{"header": {"header_name": "x-lb"}}]},
+            }}},
+        ]}}),
+        json!([{"header": {"header_name": "x-route"}}]),
+    );
+    let lb = LbPolicy::Maglev(Maglev::default());
+    for k in keys() {
+        let other = format!("{k}-route");
+        let got = sticky(&p, "/", &[("x-lb", &k), ("x-route", &other)]).await;
+        let want = expected(&lb, &eps, xxhash64(k.as_bytes(), 0));
+        assert_eq!(got, format!("u{want}"), "x-lb {k}");
+    }
+}
+
+/// `tcp_proxy` without a hash policy in front of a Maglev policy with its
+/// own `source_ip` hash policy: every connection reaches the host of
+/// 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_follows_the_clusters_hash_policy() {
+    let ups = upstreams(4).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let mut extra = json!({"load_balancing_policy": {"policies": [
+        {"typed_extension_config": {"name": "envoy.load_balancing_policies.maglev", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev",
+            "consistent_hashing_lb_config": {"hash_policy": [{"connection_properties": {"source_ip": true}}]},
+        }}},
+    ]}});
+    extra["load_assignment"] = assignment(&eps);
+    let c = cluster("hashed", &[], extra);
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![tcp_proxy("tcp", "hashed", json!({}))])],
+            )],
+            vec![c.clone()],
+        )
+    });
+    let lb = LbPolicy::Maglev(Maglev::default());
+    let want = format!("u{}", expected(&lb, &eps, xxhash64(b"127.0.0.1", 0)));
+    for _ in 0..12 {
+        // A new client each time: a new connection, hashed again.
+        let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
+        assert_eq!(r.echo().upstream, want);
+    }
+}

@@ -317,11 +317,17 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
-    // The request hash, once, only for a consistent-hash cluster on a
-    // route with a hash policy (Envoy evaluates it for those LBs only).
-    let mut lb_hash = if cluster.config.lb.is_hash() && !f.action.hash_policy.is_empty() {
+    // The request hash, once, only for a consistent-hash cluster with a
+    // hash policy: the cluster's own, else the route's (Envoy evaluates it
+    // for those LBs only).
+    let policies = if cluster.config.lb_hash_policy.is_empty() {
+        &f.action.hash_policy
+    } else {
+        &cluster.config.lb_hash_policy
+    };
+    let mut lb_hash = if cluster.config.lb.is_hash() && !policies.is_empty() {
         crate::upstream::hash_lb::request_hash(
-            &f.action.hash_policy,
+            policies,
             &parts.headers,
             &parts.uri,
             info.downstream_remote,

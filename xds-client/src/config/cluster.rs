@@ -32,6 +32,10 @@ pub struct Cluster {
     /// `common_lb_config.locality_weighted_lb_config`: pick a locality by
     /// its `load_balancing_weight` (scaled by its health) before a host.
     pub locality_weighted: bool,
+    /// The typed ring_hash/maglev policy's `consistent_hashing_lb_config.
+    /// hash_policy`: when set, the request hash comes from it, not from the
+    /// route's `hash_policy` (as Envoy).
+    pub lb_hash_policy: Arc<[super::HashPolicy]>,
     /// `load_assignment.policy.overprovisioning_factor` (default 140).
     pub overprovisioning_factor: u32,
     /// `transport_socket` (plain or TLS).

@@ -125,8 +125,14 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         );
     }
     // `load_balancing_policy` takes precedence over `lb_policy`, as Envoy.
+    let mut lb_hash_policy = Vec::new();
     let lb = match &p.load_balancing_policy {
-        Some(lbp) => typed_lb_policy(lbp, &join(path, "load_balancing_policy"), &mut errs),
+        Some(lbp) => typed_lb_policy(
+            lbp,
+            &join(path, "load_balancing_policy"),
+            &mut lb_hash_policy,
+            &mut errs,
+        ),
         None => lb,
     };
     let connect_timeout = match timeout(
@@ -458,6 +464,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     }
     Ok(Cluster {
         locality_weighted,
+        lb_hash_policy: lb_hash_policy.into(),
         name: p.name.as_str().into(),
         stat_name: if p.alt_stat_name.is_empty() {
             p.name.clone()
@@ -963,7 +970,12 @@ fn is_prime(n: u64) -> bool {
 /// `load_balancing_policy`: the first policy of the list, as Envoy (the
 /// supported-field table has already rejected any extension weir lacks,
 /// `client_side_weighted_round_robin` and `override_host` among them).
-fn typed_lb_policy(lbp: &c::LoadBalancingPolicy, path: &str, errs: &mut ConfigErrors) -> LbPolicy {
+fn typed_lb_policy(
+    lbp: &c::LoadBalancingPolicy,
+    path: &str,
+    lb_hash: &mut Vec<HashPolicy>,
+    errs: &mut ConfigErrors,
+) -> LbPolicy {
     use crate::api::envoy::extensions::load_balancing_policies as lbx;
     let Some(first) = lbp.policies.first() else {
         errs.push(join(path, "policies"), "at least one policy is required");
@@ -988,6 +1000,20 @@ fn typed_lb_policy(lbp: &c::LoadBalancingPolicy, path: &str, errs: &mut ConfigEr
     let name = any.type_url.rsplit('/').next().unwrap_or_default();
     let hostname = |h: &Option<lbx::common::v3::ConsistentHashingLbConfig>| {
         h.as_ref().is_some_and(|h| h.use_hostname_for_hashing)
+    };
+    // `consistent_hashing_lb_config.hash_policy`: the cluster's own request
+    // hash, used instead of the route's.
+    let mut own_hash = |h: &Option<lbx::common::v3::ConsistentHashingLbConfig>,
+                        errs: &mut ConfigErrors| {
+        if let Some(h) = h.as_ref().filter(|h| !h.hash_policy.is_empty()) {
+            match super::route::hash_policies(
+                &h.hash_policy,
+                &join(&tpath, "consistent_hashing_lb_config"),
+            ) {
+                Ok(v) => *lb_hash = v,
+                Err(e) => errs.extend(e),
+            }
+        }
     };
     match name {
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" => {
@@ -1022,6 +1048,7 @@ fn typed_lb_policy(lbp: &c::LoadBalancingPolicy, path: &str, errs: &mut ConfigEr
                         r.hash_function = RingHashFunction::MurmurHash2;
                     }
                     check_ring(&r, &tpath, errs);
+                    own_hash(&l.consistent_hashing_lb_config, errs);
                     LbPolicy::RingHash(r)
                 }
                 Err(e) => {
@@ -1041,6 +1068,7 @@ fn typed_lb_policy(lbp: &c::LoadBalancingPolicy, path: &str, errs: &mut ConfigEr
                         m.table_size = v.value;
                     }
                     check_maglev(&m, &join(&tpath, "table_size"), errs);
+                    own_hash(&l.consistent_hashing_lb_config, errs);
                     LbPolicy::Maglev(m)
                 }
                 Err(e) => {

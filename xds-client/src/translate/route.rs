@@ -797,8 +797,9 @@ fn direct_response(
     })
 }
 
-/// `RouteAction.hash_policy`, in order (Envoy's `HashPolicyImpl`).
-fn hash_policies(
+/// `RouteAction.hash_policy`, in order (Envoy's `HashPolicyImpl`); also a
+/// consistent-hash policy's own `hash_policy`.
+pub(super) fn hash_policies(
     ps: &[r::route_action::HashPolicy],
     path: &str,
 ) -> Result<Vec<HashPolicy>, ConfigErrors> {
