@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{atomic::AtomicU64, Arc, OnceLock};
 
 use serde_json::{json, Value};
-use weir::upstream::hash_lb::{xxhash64, HashTable};
+use weir::upstream::hash_lb::{normalize_localities, xxhash64, HashTable, LocalityKey};
 use weir::upstream::Host;
 use weir_tests::config::{
     bootstrap, chain, cluster, hcm, listener, sock, stat_is, tcp_proxy, vhost,
@@ -144,7 +144,7 @@ fn table(lb: &LbPolicy, eps: &[Ep], usable: &[usize]) -> HashTable {
                 weight: e.weight,
                 healthy: e.healthy,
                 priority: 0,
-                locality: 0,
+                locality: Default::default(),
                 locality_weight: 0,
                 metadata,
                 active: AtomicU64::new(0),
@@ -1057,5 +1057,126 @@ async fn tcp_proxy_follows_the_clusters_hash_policy() {
         // A new client each time: a new connection, hashed again.
         let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
         assert_eq!(r.echo().upstream, want);
+    }
+}
+
+/// Zones for a locality-weighted cluster: `(zone, weight, endpoints)`.
+type Zones<'a> = [(&'a str, Option<u32>, Vec<Ep>)];
+
+/// The endpoint (index into the zones' endpoints, flattened in order) the
+/// locality-weighted table picks for `hash`, with `local` the node's zone.
+fn expected_zones(lb: &LbPolicy, zones: &Zones<'_>, local: Option<&str>, hash: u64) -> usize {
+    let mut hosts = Vec::new();
+    for (zone, weight, eps) in zones {
+        let key = Arc::new(LocalityKey {
+            region: "r".into(),
+            zone: (*zone).into(),
+            sub_zone: String::new(),
+        });
+        for e in eps {
+            hosts.push(Arc::new(Host {
+                addr: format!("127.0.0.1:{}", e.port).parse().expect("addr"),
+                hostname: String::new(),
+                weight: e.weight,
+                healthy: e.healthy,
+                priority: 0,
+                locality: key.clone(),
+                locality_weight: weight.unwrap_or(0),
+                metadata: Value::Null,
+                active: AtomicU64::new(0),
+                outlier: OnceLock::new(),
+            }));
+        }
+    }
+    let local = local.map(|z| LocalityKey {
+        region: "r".into(),
+        zone: z.into(),
+        sub_zone: String::new(),
+    });
+    let at: Vec<usize> = (0..hosts.len()).collect();
+    let n = normalize_localities(&hosts, &at, false, local.as_ref());
+    let (t, _) = HashTable::build_weighted(lb, &hosts, &n).expect("a table");
+    t.choose(hash, 0).expect("a host")
+}
+
+/// A ring-hash proxy over locality-weighted `zones` (listed out of order:
+/// Envoy sorts them, the node's own zone first), the node in `local`.
+fn start_zones(zones: &Zones<'_>, local: Option<&str>) -> Proxy {
+    let localities: Vec<Value> = zones
+        .iter()
+        .map(|(zone, weight, eps)| {
+            let mut l = json!({
+                "locality": {"region": "r", "zone": zone},
+                "lb_endpoints": lb_endpoints(eps),
+            });
+            if let Some(w) = weight {
+                l["load_balancing_weight"] = json!(w);
+            }
+            l
+        })
+        .collect();
+    let c = cluster(
+        "hashed",
+        &[],
+        json!({
+            "lb_policy": "RING_HASH",
+            "common_lb_config": {"locality_weighted_lb_config": {}},
+            "load_assignment": {"cluster_name": "hashed", "endpoints": localities},
+        }),
+    );
+    let r = json!({"match": {"prefix": "/"}, "route": {
+        "cluster": "hashed", "hash_policy": [{"header": {"header_name": "x-user"}}],
+    }});
+    let local = local.map(str::to_owned);
+    Proxy::start(move |ports| {
+        let b = bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![],
+                    vec![vhost("vh", vec![r.clone()], json!({}))],
+                    json!({}),
+                )])],
+            )],
+            vec![c.clone()],
+        );
+        let mut v: Value = serde_json::from_str(&b).expect("bootstrap json");
+        if let Some(z) = &local {
+            v["node"] = json!({"id": "n", "cluster": "c", "locality": {"region": "r", "zone": z}});
+        }
+        v.to_string()
+    })
+}
+
+/// Ring hash with locality weights: each locality's share of the ring is
+/// its `load_balancing_weight` over the total, split among its healthy
+/// hosts; localities are laid out sorted by name, the node's own first, so
+/// every key reaches the host Envoy's ring gives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_with_locality_weights() {
+    let ups = upstreams(5).await;
+    let e = |i: usize| ep(ups[i].port());
+    let zones = [
+        ("c", Some(1), vec![e(0), e(1)]),
+        ("a", Some(3), vec![e(2)]),
+        ("b", None, vec![e(3)]),
+        ("d", Some(2), vec![Ep { weight: 3, ..e(4) }]),
+    ];
+    // Upstream names by the flattened endpoint order above.
+    let names = ["u0", "u1", "u2", "u3", "u4"];
+    let lb = LbPolicy::RingHash(RingHash::default());
+    for local in [None, Some("d")] {
+        let p = start_zones(&zones, local);
+        let mut seen = HashSet::new();
+        for k in keys() {
+            let got = sticky(&p, "/", &[("x-user", &k)]).await;
+            let want = expected_zones(&lb, &zones, local, xxhash64(k.as_bytes(), 0));
+            assert_eq!(got, names[want], "key {k} (local zone {local:?})");
+            seen.insert(got);
+        }
+        assert!(!seen.contains("u3"), "zone b has no weight");
     }
 }

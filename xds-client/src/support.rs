@@ -527,8 +527,12 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count"]),
     ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
         "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
+        "locality_weighted_lb_config",
     ]),
-    ("envoy.extensions.load_balancing_policies.maglev.v3.Maglev", &["table_size", "consistent_hashing_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.maglev.v3.Maglev", &[
+        "table_size", "consistent_hashing_lb_config", "locality_weighted_lb_config",
+    ]),
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.LocalityWeightedLbConfig", &[]),
     ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_policy"]),
     ("envoy.type.v3.Percent", &["value"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),

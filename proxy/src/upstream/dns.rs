@@ -92,7 +92,12 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
     let mut hosts = Vec::new();
     let mut min_ttl: Option<Duration> = None;
     let mut failed = false;
-    for (li, l) in cfg.localities.iter().enumerate() {
+    for l in cfg.localities.iter() {
+        let locality = Arc::new(super::hash_lb::LocalityKey {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            sub_zone: l.sub_zone.clone(),
+        });
         for e in &l.endpoints {
             let (name, port) = match &e.address {
                 EndpointAddress::Dns(h, p) => (h.clone(), *p),
@@ -121,7 +126,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
                             weight: e.weight,
                             healthy: e.health.is_usable(),
                             priority: l.priority,
-                            locality: li as u32,
+                            locality: locality.clone(),
                             locality_weight: l.weight.unwrap_or(0),
                             metadata: e.metadata.clone(),
                             active: AtomicU64::new(0),

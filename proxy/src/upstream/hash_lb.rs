@@ -82,7 +82,19 @@ impl HashTable {
         hosts: &[Arc<Host>],
         usable: &[usize],
     ) -> Option<(HashTable, TableStats)> {
-        if usable.is_empty() {
+        let mut weighted = Vec::with_capacity(usable.len());
+        normalize(hosts, usable, 1.0, &mut weighted);
+        Self::build_weighted(lb, hosts, &weighted)
+    }
+
+    /// Builds the table for `lb` over (host index, normalized weight)
+    /// pairs, in Envoy's order; `None` for a non-hash policy or no hosts.
+    pub fn build_weighted(
+        lb: &LbPolicy,
+        hosts: &[Arc<Host>],
+        normalized: &[(usize, f64)],
+    ) -> Option<(HashTable, TableStats)> {
+        if normalized.is_empty() {
             return None;
         }
         let use_hostname = match lb {
@@ -90,16 +102,9 @@ impl HashTable {
             LbPolicy::Maglev(m) => m.use_hostname,
             _ => return None,
         };
-        // Envoy's normalizeHostWeights: each host's share of the level's
-        // total weight.
-        let sum: u64 = usable.iter().map(|i| u64::from(hosts[*i].weight)).sum();
-        let weighted: Vec<(u32, String, f64)> = usable
+        let weighted: Vec<(u32, String, f64)> = normalized
             .iter()
-            .map(|i| {
-                let h = &hosts[*i];
-                let w = f64::from(h.weight) * 1.0 / sum as f64;
-                (*i as u32, hash_key(h, use_hostname), w)
-            })
+            .map(|(i, w)| (*i as u32, hash_key(&hosts[*i], use_hostname), *w))
             .collect();
         Some(match lb {
             LbPolicy::RingHash(r) => ring(
@@ -132,6 +137,69 @@ impl HashTable {
             }
         }
     }
+}
+
+/// Envoy's `normalizeHostWeights`: each of `members` gets its share of
+/// their total weight, scaled by `share` (its locality's normalized weight,
+/// or 1).
+pub fn normalize(hosts: &[Arc<Host>], members: &[usize], share: f64, out: &mut Vec<(usize, f64)>) {
+    let sum: u64 = members.iter().map(|i| u64::from(hosts[*i].weight)).sum();
+    for i in members {
+        out.push((*i, f64::from(hosts[*i].weight) * share / sum as f64));
+    }
+}
+
+/// Envoy's `normalizeLocalityWeights` for one priority level's hosts `at`:
+/// localities in Envoy's order (the node's own first, then by region, zone
+/// and sub-zone), each with its `load_balancing_weight` over the total
+/// (localities without weight get nothing), split among its healthy hosts
+/// (all of them in panic) by their weights.
+pub fn normalize_localities(
+    hosts: &[Arc<Host>],
+    at: &[usize],
+    panic: bool,
+    local: Option<&LocalityKey>,
+) -> Vec<(usize, f64)> {
+    let mut groups: std::collections::BTreeMap<&LocalityKey, Vec<usize>> = Default::default();
+    for i in at {
+        groups.entry(&*hosts[*i].locality).or_default().push(*i);
+    }
+    let mut ordered: Vec<(&LocalityKey, Vec<usize>)> = Vec::with_capacity(groups.len());
+    if let Some(l) = local {
+        if let Some(g) = groups.remove(l) {
+            ordered.push((l, g));
+        }
+    }
+    ordered.extend(groups);
+    // A locality named twice takes its last entry's weight, as Envoy's map.
+    let weight = |g: &[usize]| g.last().map_or(0, |i| hosts[*i].locality_weight);
+    let sum: u64 = ordered.iter().map(|(_, g)| u64::from(weight(g))).sum();
+    let mut out = Vec::new();
+    if sum == 0 {
+        return out;
+    }
+    for (_, g) in &ordered {
+        let w = weight(g);
+        if w == 0 {
+            continue;
+        }
+        let members: Vec<usize> = g
+            .iter()
+            .copied()
+            .filter(|i| panic || hosts[*i].is_healthy())
+            .collect();
+        normalize(hosts, &members, f64::from(w) / sum as f64, &mut out);
+    }
+    out
+}
+
+/// A locality (`region`, `zone`, `sub_zone`), ordered as Envoy's
+/// `LocalityLess`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LocalityKey {
+    pub region: String,
+    pub zone: String,
+    pub sub_zone: String,
 }
 
 /// Envoy's `hashKey`: metadata `envoy.lb`/`hash_key` when a non-empty
@@ -457,7 +525,7 @@ mod tests {
             weight,
             healthy: true,
             priority: 0,
-            locality: 0,
+            locality: Default::default(),
             locality_weight: 0,
             metadata: serde_json::Value::Null,
             active: AtomicU64::new(0),

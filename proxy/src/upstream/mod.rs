@@ -32,9 +32,9 @@ pub struct Host {
     pub weight: u32,
     pub healthy: bool,
     pub priority: u32,
-    /// Index of the host's locality in the cluster's assignment, and that
+    /// The host's locality (shared by its locality's hosts), and that
     /// locality's `load_balancing_weight` (0 when unset, as Envoy).
-    pub locality: u32,
+    pub locality: Arc<hash_lb::LocalityKey>,
     pub locality_weight: u32,
     pub metadata: serde_json::Value,
     /// Requests in flight (least-request LB).
@@ -131,6 +131,7 @@ impl HostSet {
         overprovisioning_factor: u32,
         lb: &LbPolicy,
         locality_weighted: bool,
+        local: Option<&hash_lb::LocalityKey>,
     ) -> HostSet {
         let healthy_count = hosts.iter().filter(|h| h.is_healthy()).count();
         let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
@@ -158,8 +159,14 @@ impl HostSet {
             } else {
                 (Vec::new(), 0.0)
             };
-            let usable = if panic { at } else { healthy };
-            let (weighted, table) = if lb.is_hash() {
+            let usable = if panic { at.clone() } else { healthy };
+            let (weighted, table) = if lb.is_hash() && locality_weighted {
+                let n = hash_lb::normalize_localities(&hosts, &at, panic, local);
+                (
+                    Vec::new(),
+                    hash_lb::HashTable::build_weighted(lb, &hosts, &n),
+                )
+            } else if lb.is_hash() {
                 (Vec::new(), hash_lb::HashTable::build(lb, &hosts, &usable))
             } else {
                 (weighted_sequence(&hosts, &usable), None)
@@ -262,9 +269,9 @@ fn locality_levels(
     at: &[usize],
     overprovisioning_factor: u32,
 ) -> (Vec<LocalityLevel>, f64) {
-    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
+    let mut groups: Vec<(&hash_lb::LocalityKey, Vec<usize>)> = Vec::new();
     for i in at {
-        let loc = hosts[*i].locality;
+        let loc = &*hosts[*i].locality;
         match groups.iter_mut().find(|g| g.0 == loc) {
             Some(g) => g.1.push(*i),
             None => groups.push((loc, vec![*i])),
@@ -279,7 +286,9 @@ fn locality_levels(
             .filter(|i| hosts[*i].is_healthy())
             .collect();
         let availability = usable.len() as f64 / members.len() as f64;
-        let weight = f64::from(hosts[members[0]].locality_weight)
+        // A locality named twice takes its last entry's weight (Envoy's map).
+        let last = *members.last().expect("a group has members");
+        let weight = f64::from(hosts[last].locality_weight)
             * (f64::from(overprovisioning_factor) / 100.0 * availability).min(1.0);
         if weight > 0.0 && !usable.is_empty() {
             total += weight;
@@ -438,6 +447,20 @@ pub struct ClusterRuntime {
     _pass_through: crate::metrics::PassThroughStats,
     /// `ring_hash_lb.*` / `maglev_lb.*` gauges of a consistent-hash cluster.
     table_gauges: Option<TableGauges>,
+    /// The node's locality (bootstrap `node.locality`), first in a
+    /// locality-weighted hash ring as in Envoy.
+    local_locality: Option<Arc<hash_lb::LocalityKey>>,
+}
+
+/// The node's locality, when it has one.
+fn node_locality(n: &xds_client::config::Node) -> Option<Arc<hash_lb::LocalityKey>> {
+    (!n.region.is_empty() || !n.zone.is_empty() || !n.sub_zone.is_empty()).then(|| {
+        Arc::new(hash_lb::LocalityKey {
+            region: n.region.clone(),
+            zone: n.zone.clone(),
+            sub_zone: n.sub_zone.clone(),
+        })
+    })
 }
 
 /// Envoy's consistent-hash gauges: `cluster.<c>.ring_hash_lb.{size,
@@ -489,6 +512,7 @@ impl ClusterRuntime {
         store: &Store,
         workers: usize,
         tls: &TlsEnv,
+        local_locality: Option<Arc<hash_lb::LocalityKey>>,
     ) -> Result<Arc<Self>, String> {
         let stats = ClusterStats::new(store, &config.stat_name);
         let breakers = Arc::new(circuit_breaker::CircuitBreakers::new(
@@ -543,6 +567,7 @@ impl ClusterRuntime {
             config.overprovisioning_factor,
             &config.lb,
             config.locality_weighted,
+            local_locality.as_deref(),
         );
         stats.membership_healthy.set(set.healthy_count as i64);
         let table_gauges = TableGauges::new(store, &config.stat_name, &config.lb);
@@ -566,6 +591,7 @@ impl ClusterRuntime {
             transports,
             _pass_through: pass_through,
             table_gauges,
+            local_locality,
         }))
     }
 
@@ -626,6 +652,7 @@ impl ClusterRuntime {
             self.config.overprovisioning_factor,
             &self.config.lb,
             self.config.locality_weighted,
+            self.local_locality.as_deref(),
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
@@ -644,6 +671,7 @@ impl ClusterRuntime {
             self.config.overprovisioning_factor,
             &self.config.lb,
             self.config.locality_weighted,
+            self.local_locality.as_deref(),
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
@@ -906,7 +934,12 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
         return Vec::new();
     }
     let mut out = Vec::new();
-    for (li, l) in c.localities.iter().enumerate() {
+    for l in c.localities.iter() {
+        let locality = Arc::new(hash_lb::LocalityKey {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            sub_zone: l.sub_zone.clone(),
+        });
         for e in &l.endpoints {
             if let EndpointAddress::Ip(addr) = e.address {
                 out.push(Arc::new(Host {
@@ -915,7 +948,7 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
                     weight: e.weight,
                     healthy: e.health.is_usable(),
                     priority: l.priority,
-                    locality: li as u32,
+                    locality: locality.clone(),
                     locality_weight: l.weight.unwrap_or(0),
                     metadata: e.metadata.clone(),
                     active: AtomicU64::new(0),
@@ -950,7 +983,13 @@ impl ClusterManager {
         for (k, c) in &snapshot.clusters {
             clusters.insert(
                 k.clone(),
-                ClusterRuntime::new(c.clone(), store, workers, tls)?,
+                ClusterRuntime::new(
+                    c.clone(),
+                    store,
+                    workers,
+                    tls,
+                    node_locality(&snapshot.node),
+                )?,
             );
         }
         Ok(ClusterManager {
@@ -980,6 +1019,7 @@ impl ClusterManager {
         tls: &TlsEnv,
     ) -> Vec<Arc<ClusterRuntime>> {
         let old = self.clusters.load_full();
+        let local = node_locality(&snapshot.node);
         let mut fresh = Vec::new();
         if let Some(names) = only {
             let mut next: Option<HashMap<Arc<str>, Arc<ClusterRuntime>>> = None;
@@ -987,7 +1027,9 @@ impl ClusterManager {
                 let Some(c) = snapshot.clusters.get(name) else {
                     continue;
                 };
-                if let Some(rt) = Self::build(&old, name, c, store, workers, tls, &mut fresh) {
+                if let Some(rt) =
+                    Self::build(&old, name, c, store, workers, tls, &local, &mut fresh)
+                {
                     next.get_or_insert_with(|| (*old).clone())
                         .insert(name.clone(), rt);
                 }
@@ -999,7 +1041,7 @@ impl ClusterManager {
         }
         let mut next = HashMap::with_capacity(snapshot.clusters.len());
         for (name, c) in &snapshot.clusters {
-            match Self::build(&old, name, c, store, workers, tls, &mut fresh) {
+            match Self::build(&old, name, c, store, workers, tls, &local, &mut fresh) {
                 Some(rt) => {
                     next.insert(name.clone(), rt);
                 }
@@ -1018,6 +1060,7 @@ impl ClusterManager {
     /// runtime stays (unchanged, updated in place, or kept because the new
     /// one cannot be built), else the new runtime (pushed to `fresh` too
     /// when it needs DNS resolution).
+    #[allow(clippy::too_many_arguments)]
     fn build(
         old: &HashMap<Arc<str>, Arc<ClusterRuntime>>,
         name: &Arc<str>,
@@ -1025,6 +1068,7 @@ impl ClusterManager {
         store: &Store,
         workers: usize,
         tls: &TlsEnv,
+        local: &Option<Arc<hash_lb::LocalityKey>>,
         fresh: &mut Vec<Arc<ClusterRuntime>>,
     ) -> Option<Arc<ClusterRuntime>> {
         if let Some(rt) = old.get(name) {
@@ -1038,7 +1082,7 @@ impl ClusterManager {
                 return None;
             }
         }
-        match ClusterRuntime::new(c.clone(), store, workers, tls) {
+        match ClusterRuntime::new(c.clone(), store, workers, tls, local.clone()) {
             Ok(rt) => {
                 // A changed cluster whose connection settings are the
                 // same keeps its pooled connections (to the endpoints

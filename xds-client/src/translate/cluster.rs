@@ -126,11 +126,13 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     }
     // `load_balancing_policy` takes precedence over `lb_policy`, as Envoy.
     let mut lb_hash_policy = Vec::new();
+    let mut typed_locality_weighted = false;
     let lb = match &p.load_balancing_policy {
         Some(lbp) => typed_lb_policy(
             lbp,
             &join(path, "load_balancing_policy"),
             &mut lb_hash_policy,
+            &mut typed_locality_weighted,
             &mut errs,
         ),
         None => lb,
@@ -453,12 +455,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             .and_then(|c| c.locality_config_specifier.as_ref()),
         Some(Lcs::LocalityWeightedLbConfig(_))
     );
-    if locality_weighted && lb.is_hash() {
-        errs.push(
-            join(path, "common_lb_config.locality_weighted_lb_config"),
-            "locality weights are not implemented for RING_HASH and MAGLEV",
-        );
-    }
+    let locality_weighted = locality_weighted || typed_locality_weighted;
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -974,6 +971,7 @@ fn typed_lb_policy(
     lbp: &c::LoadBalancingPolicy,
     path: &str,
     lb_hash: &mut Vec<HashPolicy>,
+    locality_weighted: &mut bool,
     errs: &mut ConfigErrors,
 ) -> LbPolicy {
     use crate::api::envoy::extensions::load_balancing_policies as lbx;
@@ -1049,6 +1047,7 @@ fn typed_lb_policy(
                     }
                     check_ring(&r, &tpath, errs);
                     own_hash(&l.consistent_hashing_lb_config, errs);
+                    *locality_weighted = l.locality_weighted_lb_config.is_some();
                     LbPolicy::RingHash(r)
                 }
                 Err(e) => {
@@ -1069,6 +1068,7 @@ fn typed_lb_policy(
                     }
                     check_maglev(&m, &join(&tpath, "table_size"), errs);
                     own_hash(&l.consistent_hashing_lb_config, errs);
+                    *locality_weighted = l.locality_weighted_lb_config.is_some();
                     LbPolicy::Maglev(m)
                 }
                 Err(e) => {

@@ -402,11 +402,12 @@ fn hash_lb_configs_and_hash_policies() {
         "",
         "clusters[0].lb_subset_config",
     );
-    reject(
+    let s = load(&hashed(
         "    lb_policy: MAGLEV\n    common_lb_config: {locality_weighted_lb_config: {}}\n",
         "",
-        "clusters[0].common_lb_config.locality_weighted_lb_config: locality weights are not implemented for RING_HASH and MAGLEV",
-    );
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].locality_weighted);
     let s = load(&hashed(
         "    common_lb_config: {locality_weighted_lb_config: {}}\n",
         "",
