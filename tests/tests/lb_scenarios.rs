@@ -726,6 +726,14 @@ async fn host_and_authority_hash() {
 /// locality per `(zone, load_balancing_weight, endpoints)` and a proxy
 /// routing `/` to it.
 fn start_localities(zones: &[(&str, Option<u32>, Vec<Ep>)]) -> Proxy {
+    start_localities_with(
+        zones,
+        json!({"common_lb_config": {"locality_weighted_lb_config": {}}}),
+    )
+}
+
+/// [`start_localities`] with other LB fields (`lb`) for the cluster.
+fn start_localities_with(zones: &[(&str, Option<u32>, Vec<Ep>)], lb: Value) -> Proxy {
     let localities: Vec<Value> = zones
         .iter()
         .map(|(zone, weight, eps)| {
@@ -739,14 +747,9 @@ fn start_localities(zones: &[(&str, Option<u32>, Vec<Ep>)]) -> Proxy {
             l
         })
         .collect();
-    let c = cluster(
-        "lw",
-        &[],
-        json!({
-            "common_lb_config": {"locality_weighted_lb_config": {}},
-            "load_assignment": {"cluster_name": "lw", "endpoints": localities},
-        }),
-    );
+    let mut extra = lb;
+    extra["load_assignment"] = json!({"cluster_name": "lw", "endpoints": localities});
+    let c = cluster("lw", &[], extra);
     let r = json!({"match": {"prefix": "/"}, "route": {"cluster": "lw"}});
     Proxy::start(move |ports| {
         bootstrap(
@@ -1179,4 +1182,27 @@ async fn ring_hash_with_locality_weights() {
         }
         assert!(!seen.contains("u3"), "zone b has no weight");
     }
+}
+
+/// The typed `least_request` policy's `locality_lb_config.
+/// locality_weighted_lb_config` (what Envoy Gateway emits) weighs
+/// localities the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_policy_locality_weights() {
+    let ups = upstreams(3).await;
+    let p = start_localities_with(
+        &[
+            ("a", Some(1), vec![ep(ups[0].port())]),
+            ("b", Some(4), vec![ep(ups[1].port()), ep(ups[2].port())]),
+        ],
+        json!({"load_balancing_policy": {"policies": [
+            {"typed_extension_config": {"name": "envoy.load_balancing_policies.least_request", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+                "locality_lb_config": {"locality_weighted_lb_config": {}},
+            }}},
+        ]}}),
+    );
+    let s = spread(&p, 500).await;
+    let n = |u: &str| s.get(u).copied().unwrap_or(0);
+    assert!((70..=130).contains(&n("u0")), "zone a ~20%: {s:?}");
 }

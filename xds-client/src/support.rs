@@ -522,9 +522,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // `hash_policy` are not implemented.
     ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),
     ("envoy.config.cluster.v3.LoadBalancingPolicy.Policy", &["typed_extension_config"]),
-    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &[]),
-    ("envoy.extensions.load_balancing_policies.random.v3.Random", &[]),
-    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count"]),
+    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.random.v3.Random", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count", "locality_lb_config"]),
+    // Zone-aware routing is not implemented.
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig", &["locality_weighted_lb_config"]),
     ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
         "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
         "locality_weighted_lb_config",

@@ -1013,16 +1013,39 @@ fn typed_lb_policy(
             }
         }
     };
+    // `locality_lb_config.locality_weighted_lb_config` of the non-hash
+    // policies (the supported-field table rejects zone-aware routing).
+    let weighted_localities = |l: &Option<lbx::common::v3::LocalityLbConfig>| {
+        use lbx::common::v3::locality_lb_config::LocalityConfigSpecifier as L;
+        matches!(
+            l.as_ref()
+                .and_then(|l| l.locality_config_specifier.as_ref()),
+            Some(L::LocalityWeightedLbConfig(_))
+        )
+    };
     match name {
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" => {
+            match super::decode::<lbx::round_robin::v3::RoundRobin>(&any, &tpath) {
+                Ok(l) => *locality_weighted = weighted_localities(&l.locality_lb_config),
+                Err(e) => errs.extend(e),
+            }
             LbPolicy::RoundRobin
         }
-        "envoy.extensions.load_balancing_policies.random.v3.Random" => LbPolicy::Random,
+        "envoy.extensions.load_balancing_policies.random.v3.Random" => {
+            match super::decode::<lbx::random::v3::Random>(&any, &tpath) {
+                Ok(l) => *locality_weighted = weighted_localities(&l.locality_lb_config),
+                Err(e) => errs.extend(e),
+            }
+            LbPolicy::Random
+        }
         "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest" => {
             match super::decode::<lbx::least_request::v3::LeastRequest>(&any, &tpath) {
-                Ok(l) => LbPolicy::LeastRequest {
-                    choice_count: l.choice_count.map_or(2, |v| v.value).max(2),
-                },
+                Ok(l) => {
+                    *locality_weighted = weighted_localities(&l.locality_lb_config);
+                    LbPolicy::LeastRequest {
+                        choice_count: l.choice_count.map_or(2, |v| v.value).max(2),
+                    }
+                }
                 Err(e) => {
                     errs.extend(e);
                     LbPolicy::RoundRobin
