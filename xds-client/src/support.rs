@@ -111,7 +111,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &[
         "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "downstream_idle_timeout",
         "upstream_idle_timeout", "access_log", "max_connect_attempts", "max_downstream_connection_duration",
+        "hash_policy",
     ]),
+    // `filter_state` is rejected: weir has no filter state.
+    ("envoy.type.v3.HashPolicy", &["source_ip"]),
+    ("envoy.type.v3.HashPolicy.SourceIp", &[]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", &["clusters"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight", &["name", "weight", "metadata_match"]),
     ("envoy.extensions.filters.network.sni_cluster.v3.SniCluster", &[]),
@@ -436,7 +440,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs", "max_grpc_timeout",
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
-        "rate_limits", "include_vh_rate_limits", "request_mirror_policies",
+        "rate_limits", "include_vh_rate_limits", "request_mirror_policies", "hash_policy",
     ]),
     // Shadowing: `trace_sampled` only steers the shadow's span (weir
     // reports no spans).
@@ -444,6 +448,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "cluster", "cluster_header", "runtime_fraction", "~trace_sampled",
         "disable_shadow_host_suffix_append", "request_headers_mutations", "host_rewrite_literal",
     ]),
+    // `filter_state` is rejected: weir has no filter state.
+    ("envoy.config.route.v3.RouteAction.HashPolicy", &[
+        "header", "cookie", "connection_properties", "query_parameter", "terminal",
+    ]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Header", &["header_name", "regex_rewrite"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Cookie", &["name", "ttl", "path", "attributes"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute", &["name", "value"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties", &["source_ip"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter", &["name"]),
     ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),
     ("envoy.config.route.v3.WeightedCluster", &["clusters", "total_weight", "~runtime_key_prefix"]),
@@ -496,6 +509,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
+        "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
@@ -524,7 +538,34 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),
     ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
     ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
-    ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold"]),
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &[
+        "healthy_panic_threshold", "consistent_hashing_lb_config", "locality_weighted_lb_config",
+    ]),
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", &[]),
+    // Consistent hashing: `hash_balance_factor` (bounded loads) is not implemented.
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing"]),
+    ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", &["minimum_ring_size", "maximum_ring_size", "hash_function"]),
+    ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
+    // `load_balancing_policy`: the first policy is used (Envoy uses the first
+    // it knows; an extension weir lacks anywhere in the list is rejected).
+    // Slow start, locality configs, bounded loads and an LB-level
+    // `hash_policy` are not implemented.
+    ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),
+    ("envoy.config.cluster.v3.LoadBalancingPolicy.Policy", &["typed_extension_config"]),
+    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.random.v3.Random", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count", "locality_lb_config"]),
+    // Zone-aware routing is not implemented.
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig", &["locality_weighted_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
+        "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
+        "locality_weighted_lb_config",
+    ]),
+    ("envoy.extensions.load_balancing_policies.maglev.v3.Maglev", &[
+        "table_size", "consistent_hashing_lb_config", "locality_weighted_lb_config",
+    ]),
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.LocalityWeightedLbConfig", &[]),
+    ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_policy"]),
     ("envoy.type.v3.Percent", &["value"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "~weighted_priority_health"]),

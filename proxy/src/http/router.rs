@@ -518,6 +518,26 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
+    // The request hash, once, only for a consistent-hash cluster with a
+    // hash policy: the cluster's own, else the route's (Envoy evaluates it
+    // for those LBs only).
+    let policies = if cluster.config.lb_hash_policy.is_empty() {
+        &f.action.hash_policy
+    } else {
+        &cluster.config.lb_hash_policy
+    };
+    let mut lb_hash = if cluster.config.lb.is_hash() && !policies.is_empty() {
+        crate::upstream::hash_lb::request_hash(
+            policies,
+            &parts.headers,
+            &parts.uri,
+            info.downstream_remote,
+            info.downstream_direct_remote,
+            info.downstream_local,
+        )
+    } else {
+        crate::upstream::hash_lb::RequestHash::default()
+    };
     let retry = retry_policy(&f, &parts);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
     // Headers named in `connection` are hop-by-hop too; `te: trailers`
@@ -654,7 +674,7 @@ pub async fn forward(
             .as_ref()
             .map(|r| r.host_selection_retry_max_attempts)
             .unwrap_or(0);
-        let Some(host) = cluster.choose(avoid, host_attempts) else {
+        let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {
             info.flags.set(Flags::UH);
             info.response_code_details = "no_healthy_upstream";
             return reply(503, NO_HEALTHY_UPSTREAM);
@@ -886,6 +906,11 @@ pub async fn forward(
                 }
                 let (mut rp, rb) = r.into_parts();
                 strip_hop_by_hop(&mut rp.headers, switching);
+                // A cookie the hash policy generated (Envoy's headers
+                // modifier on the upstream response).
+                if let Some(c) = lb_hash.set_cookie.take() {
+                    rp.headers.append(header::SET_COOKIE, c);
+                }
                 if !f.suppress_envoy_headers {
                     rp.headers.insert(
                         X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),

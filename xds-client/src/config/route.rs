@@ -390,6 +390,8 @@ pub struct RouteAction {
     pub include_vh_rate_limits: bool,
     /// `request_mirror_policies`: shadow copies of the request.
     pub mirrors: Vec<MirrorPolicy>,
+    /// `hash_policy`: the request hash for consistent-hash clusters.
+    pub hash_policy: Arc<[HashPolicy]>,
 }
 
 /// `RouteAction.RequestMirrorPolicy`.
@@ -412,6 +414,38 @@ pub enum MirrorCluster {
     Name(Name),
     /// `cluster_header`: the cluster named by a request header.
     Header(http::HeaderName),
+}
+
+/// `RouteAction.HashPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashPolicy {
+    pub kind: HashPolicyKind,
+    /// `terminal`: once this policy yields a hash, later ones are skipped.
+    pub terminal: bool,
+}
+
+/// What a `HashPolicy` hashes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashPolicyKind {
+    /// `header`: every value of the header (sorted), after the optional
+    /// `regex_rewrite`; `host` (or `:authority`) is the request's authority.
+    Header {
+        name: HeaderName,
+        rewrite: Option<(Pattern, String)>,
+    },
+    /// `cookie`: the cookie's value; with a `ttl` a missing cookie is
+    /// generated and set on the response.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: String,
+        /// `attributes` (name, value) appended to a generated cookie.
+        attributes: Vec<(String, String)>,
+    },
+    /// `connection_properties.source_ip`.
+    SourceIp,
+    /// `query_parameter`: the first value of the parameter.
+    QueryParameter { name: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]

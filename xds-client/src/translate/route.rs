@@ -516,6 +516,10 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             errs.extend(e);
             Default::default()
         });
+    let hash_policy = hash_policies(&p.hash_policy, path).unwrap_or_else(|e| {
+        errs.extend(e);
+        Vec::new()
+    });
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -546,6 +550,7 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         rate_limits,
         include_vh_rate_limits: p.include_vh_rate_limits.is_some_and(|b| b.value),
         mirrors,
+        hash_policy: hash_policy.into(),
     })
 }
 
@@ -910,4 +915,120 @@ fn direct_response(
         status: p.status as u16,
         body,
     })
+}
+
+/// `RouteAction.hash_policy`, in order (Envoy's `HashPolicyImpl`); also a
+/// consistent-hash policy's own `hash_policy`.
+pub(super) fn hash_policies(
+    ps: &[r::route_action::HashPolicy],
+    path: &str,
+) -> Result<Vec<HashPolicy>, ConfigErrors> {
+    use r::route_action::hash_policy::PolicySpecifier as P;
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        let ppath = format!("{path}.hash_policy[{i}]");
+        let kind = match &p.policy_specifier {
+            Some(P::Header(h)) => {
+                let hpath = join(&ppath, "header.header_name");
+                // `:authority` is Envoy's name for the host header.
+                let lower = match h.header_name.to_ascii_lowercase() {
+                    a if a == ":authority" => "host".to_owned(),
+                    l => l,
+                };
+                if lower.starts_with(':') {
+                    errs.push(
+                        hpath,
+                        "hashing on a pseudo-header other than :authority is not implemented",
+                    );
+                    continue;
+                }
+                let name = match header_name(&lower, &hpath) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        errs.extend(e);
+                        continue;
+                    }
+                };
+                let rewrite = match &h.regex_rewrite {
+                    Some(rr) => match rr.pattern.as_ref() {
+                        Some(pat) => match regex_unanchored(
+                            pat,
+                            &join(&ppath, "header.regex_rewrite.pattern"),
+                        ) {
+                            Ok(re) => Some((re, substitution(&rr.substitution))),
+                            Err(e) => {
+                                errs.extend(e);
+                                continue;
+                            }
+                        },
+                        None => {
+                            errs.push(
+                                join(&ppath, "header.regex_rewrite.pattern"),
+                                "pattern is required",
+                            );
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                HashPolicyKind::Header { name, rewrite }
+            }
+            Some(P::Cookie(c)) => {
+                if c.name.is_empty() {
+                    errs.push(join(&ppath, "cookie.name"), "a cookie name is required");
+                    continue;
+                }
+                // As Envoy: the ttl's whole seconds (`Max-Age`).
+                let ttl = c
+                    .ttl
+                    .as_ref()
+                    .map(|d| Duration::from_secs(d.seconds.max(0) as u64));
+                HashPolicyKind::Cookie {
+                    name: c.name.clone(),
+                    ttl,
+                    path: c.path.clone(),
+                    attributes: c
+                        .attributes
+                        .iter()
+                        .map(|a| (a.name.clone(), a.value.clone()))
+                        .collect(),
+                }
+            }
+            // `source_ip: false` hashes nothing (Envoy adds no method).
+            Some(P::ConnectionProperties(cp)) if !cp.source_ip => continue,
+            Some(P::ConnectionProperties(_)) => HashPolicyKind::SourceIp,
+            Some(P::QueryParameter(q)) => {
+                if q.name.is_empty() {
+                    errs.push(
+                        join(&ppath, "query_parameter.name"),
+                        "a parameter name is required",
+                    );
+                    continue;
+                }
+                HashPolicyKind::QueryParameter {
+                    name: q.name.clone(),
+                }
+            }
+            Some(P::FilterState(_)) => {
+                errs.push(
+                    join(&ppath, "filter_state"),
+                    "hashing on filter state is not implemented (weir has no filter state)",
+                );
+                continue;
+            }
+            None => {
+                errs.push(
+                    ppath,
+                    "a hash policy needs header, cookie, connection_properties or query_parameter",
+                );
+                continue;
+            }
+        };
+        out.push(HashPolicy {
+            kind,
+            terminal: p.terminal,
+        });
+    }
+    errs.into_result(out)
 }
