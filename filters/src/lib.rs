@@ -7,6 +7,7 @@
 //! the request upstream when every decoder has continued.
 #![forbid(unsafe_code)]
 
+pub mod buffer;
 pub mod callout;
 pub mod compressor;
 pub mod cors;

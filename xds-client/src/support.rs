@@ -265,6 +265,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
     ]),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
+    ("envoy.extensions.filters.http.buffer.v3.Buffer", &["max_request_bytes"]),
+    ("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", &["disabled", "buffer"]),
     ("envoy.extensions.filters.http.health_check.v3.HealthCheck", &[
         "pass_through_mode", "cache_time", "cluster_min_healthy_percentages", "headers",
     ]),

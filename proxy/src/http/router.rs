@@ -41,6 +41,9 @@ pub struct Forward<'a> {
     /// The route's mirror policies that fire for this request, with their
     /// clusters ([`mirrors_for`]).
     pub mirrors: Vec<(Arc<ClusterRuntime>, &'a xds_client::config::MirrorPolicy)>,
+    /// The whole request body, read already (the buffer filter); the
+    /// `Incoming` body is then spent.
+    pub buffered: Option<bytes::Bytes>,
 }
 
 /// The route's `request_mirror_policies` that fire for this request: the
@@ -608,9 +611,18 @@ pub async fn forward(
     };
     // Buffer small bodies so the request can be replayed on retry (and
     // copied to mirrors).
-    let mut replay: Option<bytes::Bytes> = None;
-    let mut stream_body = Some(body);
-    if max_attempts > 1 || (!f.mirrors.is_empty() && upgrade.is_none()) {
+    let mut replay: Option<bytes::Bytes> = f.buffered.take();
+    let mut stream_body = if replay.is_some() {
+        info.bytes_received = replay.as_ref().map_or(0, |b| b.len() as u64);
+        if let (Some(b), Some(mut o)) = (&replay, f.request_observer.take()) {
+            o.on_data(b);
+            o.on_end();
+        }
+        None
+    } else {
+        Some(body)
+    };
+    if replay.is_none() && (max_attempts > 1 || (!f.mirrors.is_empty() && upgrade.is_none())) {
         let b = stream_body.as_ref().expect("set above");
         let small = hyper::body::Body::is_end_stream(b)
             || hyper::body::Body::size_hint(b)
