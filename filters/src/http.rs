@@ -309,6 +309,17 @@ pub trait HttpFilter: Send {
     ) -> Action {
         Action::Continue
     }
+    /// After an [`Action::Wait`] of the request header phase resolved to
+    /// `Continue`: the filter may change the request with what its future
+    /// learnt (Envoy: a filter's callback edits the headers, then
+    /// `continueDecoding`). The default continues.
+    fn on_request_headers_resumed(
+        &mut self,
+        _cx: &mut FilterContext,
+        _head: &mut http::request::Parts,
+    ) -> Action {
+        Action::Continue
+    }
     fn on_log(&mut self, _cx: &FilterContext) {}
     /// The buffer filter: the whole request body (at most this many bytes)
     /// must be read before the router acts. `None` (the default): streamed.
@@ -522,6 +533,22 @@ impl FilterChain {
                 HttpFilterKind::Rbac(r) => filters.push(Arc::new(
                     crate::rbac::http::RbacFactory::new(c.name.clone(), r.clone(), stats),
                 )),
+                HttpFilterKind::RateLimit(r) => {
+                    filters.push(Arc::new(crate::ratelimit::RateLimitFactory::new(
+                        c.name.clone(),
+                        r.clone(),
+                        stats,
+                        callouts,
+                    )))
+                }
+                HttpFilterKind::ExtAuthz(e) => {
+                    filters.push(Arc::new(crate::ext_authz::ExtAuthzFactory::new(
+                        c.name.clone(),
+                        e.clone(),
+                        stats,
+                        callouts,
+                    )))
+                }
             }
         }
         filters.shrink_to_fit();
@@ -566,7 +593,12 @@ pub async fn run_request_headers(
             match action {
                 Action::Continue => break,
                 Action::Respond(r) => return Some(r),
-                Action::Wait(fut) => action = fut.await,
+                Action::Wait(fut) => {
+                    action = fut.await;
+                    if matches!(action, Action::Continue) {
+                        action = f.on_request_headers_resumed(cx, head);
+                    }
+                }
             }
         }
     }

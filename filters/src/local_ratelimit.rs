@@ -336,7 +336,7 @@ impl HttpFilterFactory for LocalRateLimitFactory {
             (Policies::default(), None)
         } else {
             (
-                Policies::select(route, &limiter.cfg),
+                Policies::select(route, limiter.cfg.vh_rate_limits),
                 route.cluster.map(Box::from),
             )
         };
@@ -350,9 +350,10 @@ impl HttpFilterFactory for LocalRateLimitFactory {
     }
 }
 
-/// The `rate_limits` that apply to a request (route's, virtual host's).
+/// The `rate_limits` that apply to a request (route's, virtual host's);
+/// shared with the global rate limit filter (`crate::ratelimit`).
 #[derive(Debug, Default)]
-struct Policies {
+pub(crate) struct Policies {
     route: Option<Arc<[RateLimitPolicy]>>,
     vhost: Option<Arc<[RateLimitPolicy]>>,
 }
@@ -360,14 +361,14 @@ struct Policies {
 impl Policies {
     /// As Envoy's `Filter::populateDescriptors`: the route's, then the
     /// virtual host's per `include_vh_rate_limits` / `vh_rate_limits`.
-    fn select(route: &RouteView<'_>, cfg: &HttpLocalRateLimit) -> Policies {
+    pub(crate) fn select(route: &RouteView<'_>, vh_rate_limits: VhRateLimits) -> Policies {
         let Some(rl) = route.rate_limits else {
             return Policies::default();
         };
         let vh = if rl.include_vh {
             VhRateLimits::Include
         } else {
-            cfg.vh_rate_limits
+            vh_rate_limits
         };
         let vhost = match vh {
             VhRateLimits::Ignore => false,
@@ -380,10 +381,22 @@ impl Policies {
         }
     }
 
-    fn descriptors(&self, stage: u32, req: &Request<'_>) -> Vec<Descriptor> {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.route.is_none() && self.vhost.is_none()
+    }
+
+    /// The descriptors of the entries of `stage`; `with_disable_key`:
+    /// entries with a `disable_key` too (the global filter's runtime keys
+    /// default to enabled; the local filter skips them).
+    pub(crate) fn descriptors_with(
+        &self,
+        stage: u32,
+        req: &Request<'_>,
+        with_disable_key: bool,
+    ) -> Vec<Descriptor> {
         let mut out = Vec::new();
         for p in self.route.iter().chain(&self.vhost).flat_map(|l| l.iter()) {
-            if p.stage != stage || !p.disable_key.is_empty() {
+            if p.stage != stage || (!with_disable_key && !p.disable_key.is_empty()) {
                 continue;
             }
             if let Some(d) = descriptor(p, req) {
@@ -392,13 +405,17 @@ impl Policies {
         }
         out
     }
+
+    fn descriptors(&self, stage: u32, req: &Request<'_>) -> Vec<Descriptor> {
+        self.descriptors_with(stage, req, false)
+    }
 }
 
 /// What the actions read.
-struct Request<'a> {
-    head: &'a Parts,
-    remote: Option<IpAddr>,
-    cluster: Option<&'a str>,
+pub(crate) struct Request<'a> {
+    pub(crate) head: &'a Parts,
+    pub(crate) remote: Option<IpAddr>,
+    pub(crate) cluster: Option<&'a str>,
 }
 
 /// One policy's descriptor, as Envoy's `RateLimitPolicyEntryImpl::populateDescriptors`:

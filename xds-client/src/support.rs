@@ -238,6 +238,33 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "rate_limited_as_resource_exhausted", "max_dynamic_descriptors",
     ]),
     ("envoy.type.v3.HttpStatus", &["code"]),
+    // envoy.filters.http.ext_authz (ARCHITECTURE.md "External
+    // authorization"): the rest of `ExtAuthz` is rejected.
+    ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", &[
+        "grpc_service", "http_service", "transport_api_version", "failure_mode_allow",
+        "failure_mode_allow_header_add", "status_on_error",
+        "metadata_context_namespaces", "filter_enabled", "deny_at_disable",
+        "stat_prefix", "allowed_headers",
+        "~charge_cluster_response_stats",
+    ]),
+    ("envoy.extensions.filters.http.ext_authz.v3.HttpService", &[
+        "server_uri", "path_prefix", "authorization_request", "authorization_response",
+    ]),
+    ("envoy.config.core.v3.HttpUri", &["uri", "cluster", "timeout"]),
+    ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest", &["allowed_headers", "headers_to_add"]),
+    ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse", &[
+        "allowed_upstream_headers", "allowed_upstream_headers_to_append", "allowed_client_headers",
+        "allowed_client_headers_on_success", "dynamic_metadata_from_headers",
+    ]),
+    ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", &["disabled", "check_settings"]),
+    // envoy.filters.http.ratelimit (ARCHITECTURE.md "Global rate limit").
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", &[
+        "domain", "stage", "request_type", "timeout", "failure_mode_deny", "rate_limit_service",
+        "enable_x_ratelimit_headers", "disable_x_envoy_ratelimited_header",
+        "rate_limited_as_resource_exhausted", "rate_limited_status",
+    ]),
+    ("envoy.config.ratelimit.v3.RateLimitServiceConfig", &["grpc_service", "transport_api_version"]),
+    ("envoy.extensions.filters.http.ext_authz.v3.CheckSettings", &["context_extensions", "disable_request_body_buffering"]),
     ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", &["entries", "token_bucket"]),
     ("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry", &["key", "value"]),
     // Route and virtual host `rate_limits` (the descriptors rate limit
@@ -588,6 +615,16 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// Fields rejected with a reason because the traffic-policy work will
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "with_request_body",
+        "sending the request body to the authorization service is not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "include_peer_certificate",
+        "sending the peer certificate to the authorization service is not implemented",
+    ),
     (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "response_rate_limit",

@@ -153,9 +153,11 @@ impl Flags {
     pub const DI: u32 = 1 << 15;
     pub const FI: u32 = 1 << 16;
     pub const RL: u32 = 1 << 17;
-    pub const LH: u32 = 1 << 18;
+    pub const UAEX: u32 = 1 << 18;
+    pub const RLSE: u32 = 1 << 19;
+    pub const LH: u32 = 1 << 20;
 
-    const NAMES: [(u32, &'static str, &'static str); 19] = [
+    const NAMES: [(u32, &'static str, &'static str); 21] = [
         (Self::NR, "NR", "NoRouteFound"),
         (Self::UH, "UH", "NoHealthyUpstream"),
         (Self::UF, "UF", "UpstreamConnectionFailure"),
@@ -174,6 +176,8 @@ impl Flags {
         (Self::DI, "DI", "DelayInjected"),
         (Self::FI, "FI", "FaultInjected"),
         (Self::RL, "RL", "RateLimited"),
+        (Self::UAEX, "UAEX", "UnauthorizedExternalService"),
+        (Self::RLSE, "RLSE", "RateLimitServiceError"),
         (Self::LH, "LH", "FailedLocalHealthCheck"),
     ];
 
@@ -193,7 +197,7 @@ impl Flags {
         self.0 |= f;
         if let Some(i) = Self::NAMES.iter().position(|(b, _, _)| *b == f) {
             // Every flag fits: 5 bits each (index + 1), oldest in the low
-            // bits; 19 flags need 95 of the 128 bits.
+            // bits; 21 flags need 105 of the 128 bits.
             let n = self.0.count_ones() - 1;
             if n < 25 {
                 self.1 |= (i as u128 + 1) << (5 * n);
@@ -585,11 +589,11 @@ mod tests {
         all.set(Flags::NR);
         assert_eq!(
             all.short(),
-            "RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
+            "RLSE,UAEX,RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
         );
         assert!(all
             .long()
-            .starts_with("RateLimited,FaultInjected,DelayInjected,NoClusterFound,"));
+            .starts_with("RateLimitServiceError,UnauthorizedExternalService,RateLimited,"));
         assert_eq!(Flags::from_short("FI"), Flags::FI);
         assert_eq!(Flags::from_short("??"), 0);
     }

@@ -289,6 +289,10 @@ pub enum HttpFilterKind {
     HeaderMutation(Arc<super::HeaderMutationConfig>),
     /// `envoy.filters.http.set_filter_state`.
     SetFilterState(Arc<super::SetFilterState>),
+    /// `envoy.filters.http.ext_authz`.
+    ExtAuthz(Arc<super::ExtAuthz>),
+    /// `envoy.filters.http.ratelimit` (the global rate limit service).
+    RateLimit(Arc<super::HttpRateLimit>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.

@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time
 pub mod cluster;
 pub mod compressor;
 pub mod cors;
+pub mod ext_authz;
 pub mod fault;
 pub mod format;
 pub mod grpc_stats;
@@ -31,6 +32,7 @@ pub mod xds;
 pub use cluster::*;
 pub use compressor::*;
 pub use cors::*;
+pub use ext_authz::*;
 pub use fault::*;
 pub use format::*;
 pub use grpc_stats::*;

@@ -43,4 +43,6 @@ pub enum FilterOverride {
     Buffer(Option<u32>),
     /// `HeaderMutationPerRoute`: applied with the filter's own mutations.
     HeaderMutation(Arc<super::Mutations>),
+    /// `ExtAuthzPerRoute`.
+    ExtAuthz(Arc<super::ExtAuthzPerRoute>),
 }

@@ -538,6 +538,14 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let p = super::decode(&any, &tpath)?;
             HttpFilterKind::Rbac(Arc::new(super::rbac::http_rbac(&p, &tpath)?))
         }
+        super::rate_limit_service::RATE_LIMIT => {
+            let p = super::decode(&any, &tpath)?;
+            HttpFilterKind::RateLimit(Arc::new(super::rate_limit_service::rate_limit(&p, &tpath)?))
+        }
+        super::ext_authz::EXT_AUTHZ => {
+            let p = super::decode(&any, &tpath)?;
+            HttpFilterKind::ExtAuthz(Arc::new(super::ext_authz::ext_authz(&p, &tpath)?))
+        }
         CORS => {
             let _: Cors = super::decode(&any, &tpath)?;
             HttpFilterKind::Cors

@@ -148,7 +148,7 @@ pub fn local_rate_limit(
 
 /// `RuntimeFractionalPercent.default_value` (no runtime layer: what Envoy
 /// does when the runtime does not override the key). Unset is 0 %.
-fn runtime_fraction(r: &core::RuntimeFractionalPercent) -> Fraction {
+pub(crate) fn runtime_fraction(r: &core::RuntimeFractionalPercent) -> Fraction {
     match &r.default_value {
         None => Fraction::default(),
         Some(p) => Fraction {

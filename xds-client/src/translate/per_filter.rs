@@ -134,6 +134,12 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 super::header_mutation::per_route(&p, path)?,
             ))
         }
+        super::ext_authz::EXT_AUTHZ_PER_ROUTE => {
+            let p = super::decode(&any, path)?;
+            Ok(FilterOverride::ExtAuthz(Arc::new(
+                super::ext_authz::per_route(&p, path)?,
+            )))
+        }
         other => Err(err(
             path,
             format!("per-route configuration of {other} is not implemented"),
