@@ -310,6 +310,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.common.mutation_rules.v3.HeaderMutation.RemoveOnMatch", &["key_matcher"]),
     // set_filter_state (HTTP): string objects set at the request headers.
     ("envoy.extensions.filters.http.set_filter_state.v3.Config", &["on_request_headers"]),
+    ("envoy.extensions.filters.network.set_filter_state.v3.Config", &["on_new_connection"]),
     ("envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue", &[
         "object_key", "factory_key", "format_string", "read_only", "shared_with_upstream",
         "skip_if_empty",

@@ -1241,8 +1241,20 @@ fn keep_filter_state(info: &mut StreamInfo, fcx: &filters::FilterContext) {
     if !fcx.metadata.is_empty() {
         info.dynamic_metadata = fcx.metadata.clone();
     }
-    if !fcx.filter_state.is_empty() {
-        info.filter_state = fcx.filter_state.clone();
+    // The connection's objects (network set_filter_state), then the
+    // request's over them, as Envoy's stream filter state with its
+    // connection parent.
+    let conn = fcx.downstream.as_deref().map(|d| &d.filter_state);
+    match conn {
+        Some(c) if !c.is_empty() => {
+            let mut all = c.clone();
+            for (k, v, flags) in fcx.filter_state.iter() {
+                let _ = all.set(k, v.clone(), flags);
+            }
+            info.filter_state = all;
+        }
+        _ if !fcx.filter_state.is_empty() => info.filter_state = fcx.filter_state.clone(),
+        _ => {}
     }
 }
 

@@ -18,6 +18,8 @@ pub enum ReadFilterKind {
     LocalRateLimit(Arc<NetworkLocalRateLimit>),
     /// `envoy.filters.network.rbac`.
     Rbac(Arc<super::NetworkRbac>),
+    /// `envoy.filters.network.set_filter_state` (`on_new_connection`).
+    SetFilterState(Arc<super::SetFilterState>),
 }
 
 /// `envoy.type.v3.TokenBucket`, validated (`fill_interval` >= 50 ms, as
