@@ -20,7 +20,7 @@
 //! that needs them, as Envoy's filter state `per_connection_local_rate_limiter`.
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{request::Parts, HeaderValue};
@@ -277,37 +277,16 @@ impl LocalRateLimitFactory {
         }
     }
 
-    /// The limiter of a per-route config: built once per config (its
-    /// buckets live as long as the route configuration, as Envoy's
-    /// per-route `FilterConfig`).
+    /// The limiter of a per-route config: built once per config, held by
+    /// the config itself (its buckets live as long as the route
+    /// configuration, as Envoy's per-route `FilterConfig`).
     fn route_limiter(&self, cfg: &Arc<HttpLocalRateLimit>) -> Arc<Limiter> {
-        // By config allocation; the weak reference tells a live config from
-        // a new one at a freed one's address.
-        type Registry = RwLock<HashMap<usize, (Weak<HttpLocalRateLimit>, Arc<Limiter>)>>;
-        static ROUTE_LIMITERS: OnceLock<Registry> = OnceLock::new();
-        let registry = ROUTE_LIMITERS.get_or_init(Default::default);
-        let key = Arc::as_ptr(cfg) as usize;
-        let live = |w: &Weak<HttpLocalRateLimit>| {
-            std::ptr::eq(w.as_ptr(), Arc::as_ptr(cfg)) && w.strong_count() > 0
-        };
-        if let Some((w, l)) = registry.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            if live(w) {
-                return l.clone();
-            }
-        }
-        let mut all = registry.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((w, l)) = all.get(&key) {
-            if live(w) {
-                return l.clone();
-            }
-        }
-        // Configs gone with their route tables free their buckets here.
-        all.retain(|_, (w, _)| w.strong_count() > 0);
-        // The limiter keeps its own copy: a reference to `cfg` would keep
-        // it alive forever.
-        let l = Arc::new(Limiter::new(Arc::new((**cfg).clone()), &self.root));
-        all.insert(key, (Arc::downgrade(cfg), l.clone()));
-        l
+        // The limiter keeps its own copy of the config (whose slot is
+        // empty): a reference to `cfg` would be a cycle through the slot.
+        let make = || Limiter::new(Arc::new((**cfg).clone()), &self.root);
+        cfg.runtime
+            .get_or_init(make)
+            .unwrap_or_else(|| Arc::new(make()))
     }
 }
 
@@ -676,6 +655,7 @@ mod tests {
             always_consume_default: true,
             resource_exhausted: false,
             max_dynamic_descriptors: 20,
+            runtime: Default::default(),
         }
     }
 
@@ -884,6 +864,7 @@ mod connection_tests {
             always_consume_default: true,
             resource_exhausted: false,
             max_dynamic_descriptors: 20,
+            runtime: Default::default(),
         }
     }
 }

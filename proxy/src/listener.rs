@@ -601,9 +601,11 @@ async fn connection(
             return;
         }
     };
+    // The connection's filter state (network set_filter_state).
+    let mut conn_state = filters::FilterState::default();
     if !chain.read_filters.is_empty() {
-        let conn = conn_info(&meta, None, false);
-        if chain.read_filters.on_new_connection(&conn) == NetAction::Close {
+        let conn = conn_info(&meta, None, false, None);
+        if chain.read_filters.on_new_connection(&conn, &mut conn_state) == NetAction::Close {
             return;
         }
     }
@@ -623,7 +625,7 @@ async fn connection(
     };
     if !chain.read_filters.is_empty() {
         let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
-        let conn = conn_info(&meta, peer, tls.is_some());
+        let conn = conn_info(&meta, peer, tls.is_some(), Some(&conn_state));
         if chain.read_filters.on_established(&conn) == NetAction::Close {
             return;
         }
@@ -647,7 +649,7 @@ async fn connection(
                     peer_subject: peer.map(|p| p.subject.clone()),
                     tls: tls.is_some(),
                     state: Default::default(),
-                    filter_state: Default::default(),
+                    filter_state: conn_state,
                 })
             });
             let ctx = Arc::new(ConnCtx {
@@ -687,6 +689,7 @@ fn conn_info<'a>(
     meta: &'a ConnMeta,
     peer: Option<&'a crate::tls::CertInfo>,
     tls: bool,
+    filter_state: Option<&'a filters::FilterState>,
 ) -> filters::network::ConnectionInfo<'a> {
     filters::network::ConnectionInfo {
         remote: meta.src,
@@ -699,6 +702,7 @@ fn conn_info<'a>(
             subject: &p.subject,
         }),
         tls,
+        filter_state,
     }
 }
 

@@ -22,6 +22,7 @@ use crate::StatsScope;
 pub mod ext_authz;
 pub mod local_ratelimit;
 pub mod rbac;
+pub mod set_filter_state;
 
 /// What a network filter knows about a connection.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +42,9 @@ pub struct ConnectionInfo<'a> {
     /// Whether weir terminated TLS on the connection (`on_established`
     /// only; with or without a peer certificate).
     pub tls: bool,
+    /// The connection's filter state (`on_established` only: what
+    /// `set_filter_state` put there at the new connection).
+    pub filter_state: Option<&'a crate::FilterState>,
 }
 
 /// A validated peer certificate's names.
@@ -73,6 +77,9 @@ pub trait NetworkFilterFactory: Send + Sync + std::fmt::Debug {
     fn check(&self, _conn: &ConnectionInfo<'_>) -> Option<CheckFuture> {
         None
     }
+    /// Before [`Self::on_new_connection`]: objects this filter puts into the
+    /// connection's filter state (`set_filter_state`).
+    fn set_state(&self, _conn: &ConnectionInfo<'_>, _state: &mut crate::FilterState) {}
 }
 
 /// A network filter's pending decision.
@@ -120,6 +127,9 @@ impl NetworkChain {
                         stats,
                         callouts,
                     )),
+                    ReadFilterKind::SetFilterState(v) => Arc::new(
+                        set_filter_state::SetFilterStateFactory::new(c.name.clone(), v.clone()),
+                    ),
                 }
             })
             .collect();
@@ -130,9 +140,15 @@ impl NetworkChain {
         self.filters.is_empty()
     }
 
-    /// Runs `on_new_connection` in order; the first `Close` wins.
-    pub fn on_new_connection(&self, conn: &ConnectionInfo<'_>) -> NetAction {
+    /// Runs `on_new_connection` in order (each filter's state first); the
+    /// first `Close` wins.
+    pub fn on_new_connection(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        state: &mut crate::FilterState,
+    ) -> NetAction {
         for f in &self.filters {
+            f.set_state(conn, state);
             if f.on_new_connection(conn) == NetAction::Close {
                 return NetAction::Close;
             }

@@ -70,6 +70,7 @@ impl NetworkFilterFactory for RbacFactory {
                 },
                 None => Peer::default(),
             }),
+            filter_state: [None, conn.filter_state],
         };
         if let Some(shadow) = &self.config.shadow_rules {
             let r = evaluate(shadow, &input);

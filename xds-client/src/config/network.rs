@@ -20,6 +20,8 @@ pub enum ReadFilterKind {
     Rbac(Arc<super::NetworkRbac>),
     /// `envoy.filters.network.ext_authz`.
     ExtAuthz(Arc<super::NetworkExtAuthz>),
+    /// `envoy.filters.network.set_filter_state` (`on_new_connection`).
+    SetFilterState(Arc<super::SetFilterState>),
 }
 
 /// `envoy.type.v3.TokenBucket`, validated (`fill_interval` >= 50 ms, as

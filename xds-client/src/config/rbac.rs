@@ -86,6 +86,9 @@ pub enum Principal {
     RemoteIp(Cidr),
     Header(HeaderMatcher),
     UrlPath(StringMatcher),
+    /// `filter_state` (`FilterStateMatcher.string_match`): the object under
+    /// `key` (the request's, else the connection's) in its string form.
+    FilterState(String, StringMatcher),
 }
 
 /// `envoy.extensions.filters.http.rbac.v3.RBAC` (and the `rbac` of an

@@ -142,6 +142,7 @@ pub fn local_rate_limit(
             .is_none_or(|b| b.value),
         resource_exhausted: p.rate_limited_as_resource_exhausted,
         max_dynamic_descriptors: p.max_dynamic_descriptors.map_or(20, |v| v.value),
+        runtime: Default::default(),
     })
 }
 
