@@ -280,6 +280,10 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.rbac`. Without rules (or shadow rules) it still
     /// matters: routes may override it (`RBACPerRoute`).
     Rbac(Arc<HttpRbac>),
+    /// Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`).
+    PeerMetadata(Arc<super::PeerMetadataConfig>),
+    /// Istio's `istio.stats` HTTP filter (`stats.PluginConfig`).
+    IstioStats(Arc<super::IstioStatsConfig>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.
@@ -290,10 +294,8 @@ pub enum HttpFilterKind {
 /// is listed, with what is missing, in ARCHITECTURE.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PassThrough {
-    /// Istio's `istio.stats` (`stats.PluginConfig`), HTTP or network: no Istio metrics.
+    /// Istio's network `istio.stats` (`stats.PluginConfig`): no TCP metrics.
     IstioStats,
-    /// Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`).
-    PeerMetadata,
     /// Istio's `istio.alpn`: the upstream ALPN is not overridden.
     IstioAlpn,
     /// Istio's network `istio.metadata_exchange` (accepted only where the
@@ -306,7 +308,6 @@ impl PassThrough {
     pub fn stat_name(self) -> &'static str {
         match self {
             PassThrough::IstioStats => "istio_stats",
-            PassThrough::PeerMetadata => "peer_metadata",
             PassThrough::IstioAlpn => "istio_alpn",
             PassThrough::MetadataExchange => "metadata_exchange",
         }

@@ -535,14 +535,20 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let g: GrpcStats = super::decode(&any, &tpath)?;
             HttpFilterKind::GrpcStats(Arc::new(super::grpc_stats::grpc_stats(&g)))
         }
-        name @ (ISTIO_STATS | ISTIO_PEER_METADATA | ISTIO_ALPN) => {
+        ISTIO_STATS => {
+            let m = crate::descriptors::decode_any(&any.type_url, &any.value)
+                .map_err(|e| err(&tpath, e))?;
+            HttpFilterKind::IstioStats(Arc::new(super::istio::istio_stats(&m, &tpath)?))
+        }
+        ISTIO_PEER_METADATA => {
+            let m = crate::descriptors::decode_any(&any.type_url, &any.value)
+                .map_err(|e| err(&tpath, e))?;
+            HttpFilterKind::PeerMetadata(Arc::new(super::istio::peer_metadata(&m, &tpath)?))
+        }
+        ISTIO_ALPN => {
             crate::descriptors::decode_any(&any.type_url, &any.value)
                 .map_err(|e| err(&tpath, e))?;
-            HttpFilterKind::PassThrough(match name {
-                ISTIO_STATS => PassThrough::IstioStats,
-                ISTIO_PEER_METADATA => PassThrough::PeerMetadata,
-                _ => PassThrough::IstioAlpn,
-            })
+            HttpFilterKind::PassThrough(PassThrough::IstioAlpn)
         }
         other => {
             return Err(err(
@@ -869,7 +875,7 @@ mod tests {
         "istio.stats",
         "stats.PluginConfig",
         "{disable_host_header_fallback: true, reporter: SERVER_GATEWAY, \
-          metrics: [{name: requests_total, dimensions: {a: b}, tags_to_remove: [c]}], \
+          metrics: [{name: requests_total, dimensions: {a: \"'b'\"}, tags_to_remove: [c]}], \
           rotation_interval: 60s}",
     );
     const MX: (&str, &str, &str) = (
@@ -1064,8 +1070,21 @@ load_assignment:
         assert_eq!(
             kinds[..kinds.len() - 1],
             [
-                HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
-                HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
+                HttpFilterKind::PeerMetadata(Arc::new(crate::config::PeerMetadataConfig {
+                    upstream_discovery: vec![
+                        crate::config::PeerDiscovery::IstioHeaders,
+                        crate::config::PeerDiscovery::WorkloadDiscovery,
+                    ],
+                    upstream_propagation: vec![crate::config::PeerPropagation::IstioHeaders {
+                        skip_external_clusters: true,
+                    }],
+                    ..Default::default()
+                })),
+                HttpFilterKind::PeerMetadata(Arc::new(crate::config::PeerMetadataConfig {
+                    downstream_discovery: vec![crate::config::PeerDiscovery::WorkloadDiscovery],
+                    shared_with_upstream: true,
+                    ..Default::default()
+                })),
                 HttpFilterKind::GrpcStats(Arc::new(crate::config::GrpcStatsConfig {
                     emit_filter_state: true,
                     ..Default::default()
@@ -1073,7 +1092,18 @@ load_assignment:
                 HttpFilterKind::PassThrough(PassThrough::IstioAlpn),
                 HttpFilterKind::Fault(Arc::new(FaultConfig::default())),
                 HttpFilterKind::Cors,
-                HttpFilterKind::PassThrough(PassThrough::IstioStats),
+                HttpFilterKind::IstioStats(Arc::new(crate::config::IstioStatsConfig {
+                    disable_host_header_fallback: true,
+                    server_gateway: true,
+                    inbound: false,
+                    metrics: vec![crate::config::IstioMetricConfig {
+                        name: "requests_total".into(),
+                        dimensions: vec![("a".into(), 0)],
+                        tags_to_remove: vec!["c".into()],
+                        drop: false,
+                    }],
+                    expressions: vec![crate::config::DimensionExpr::Literal("b".into())],
+                })),
             ]
         );
         assert!(matches!(kinds.last(), Some(HttpFilterKind::Router(_))));

@@ -65,7 +65,7 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
             );
         }
     }
-    let default_filter_chain = match &proto.default_filter_chain {
+    let mut default_filter_chain = match &proto.default_filter_chain {
         Some(fc) => match filter_chain(fc, &join(path, "default_filter_chain")) {
             Ok(fc) => Some(Arc::new(fc)),
             Err(e) => {
@@ -75,6 +75,16 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         },
         None => None,
     };
+    // `istio.stats` reports by the listener's direction (Istio reads it
+    // from the listener at filter creation).
+    if proto.traffic_direction == 1 {
+        for fc in filter_chains
+            .iter_mut()
+            .chain(default_filter_chain.as_mut())
+        {
+            set_inbound(fc);
+        }
+    }
     let mut listener_filters = Vec::new();
     for (i, lf) in proto.listener_filters.iter().enumerate() {
         match listener_filter(lf, &format!("{path}.listener_filters[{i}]")) {
@@ -149,6 +159,29 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         inbound: proto.traffic_direction == 1,
         unlimited: proto.ignore_global_conn_limit || proto.bypass_overload_manager,
     })
+}
+
+/// Marks the chain's `istio.stats` filters as on an INBOUND listener.
+fn set_inbound(fc: &mut Arc<FilterChain>) {
+    let NetworkFilter::Http(h) = &fc.filter else {
+        return;
+    };
+    if !h
+        .http_filters
+        .iter()
+        .any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)))
+    {
+        return;
+    }
+    let fc = Arc::make_mut(fc);
+    let NetworkFilter::Http(h) = &mut fc.filter else {
+        return;
+    };
+    for f in &mut Arc::make_mut(h).http_filters {
+        if let HttpFilterKind::IstioStats(s) = &mut f.kind {
+            Arc::make_mut(s).inbound = true;
+        }
+    }
 }
 
 fn filter_chain(fc: &l::FilterChain, path: &str) -> Result<FilterChain, ConfigErrors> {
