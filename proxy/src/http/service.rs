@@ -504,8 +504,10 @@ async fn pipeline(
             let (mut rp, mut rb) = resp.into_parts();
             fcx.end_stream = http_body::Body::is_end_stream(&rb);
             if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+                info.filter_log.keep(&mut instances, &mut fcx);
                 return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
             }
+            info.filter_log.keep(&mut instances, &mut fcx);
             if let Some(chain) = filters::ResponseBodyChain::new(instances) {
                 rb = rb.filtered(chain);
             }
@@ -517,6 +519,7 @@ async fn pipeline(
         info.flags.set(Flags::NR);
         info.response_code_details = "route_not_found";
         ctx.hcm.stats.no_route.inc();
+        info.filter_log.keep(&mut instances, &mut fcx);
         return reply(404, "");
     };
     if tls_redirect {
@@ -525,12 +528,14 @@ async fn pipeline(
             r.headers_mut().insert(header::LOCATION, v);
         }
         info.response_code_details = "direct_response";
+        info.filter_log.keep(&mut instances, &mut fcx);
         return r;
     }
     let Some(route) = route else {
         info.flags.set(Flags::NR);
         info.response_code_details = "route_not_found";
         ctx.hcm.stats.no_route.inc();
+        info.filter_log.keep(&mut instances, &mut fcx);
         return reply(404, "");
     };
     // Only filters with a request body hook wrap the body (none: no cost).
@@ -604,6 +609,7 @@ async fn pipeline(
                 let enabled = on_route.unwrap_or_else(|| h.upgrades.contains(&name));
                 if !enabled {
                     info.response_code_details = "upgrade_failed";
+                    info.filter_log.keep(&mut instances, &mut fcx);
                     return reply(403, "");
                 }
             }
@@ -618,6 +624,7 @@ async fn pipeline(
                     info.response_code_details = "cluster_not_found";
                     ctx.hcm.stats.no_cluster.inc();
                     info.flags.set(0);
+                    info.filter_log.keep(&mut instances, &mut fcx);
                     return reply(status, "");
                 }
             };
@@ -760,9 +767,11 @@ async fn pipeline(
                 let (mut rp, mut rb) = resp.into_parts();
                 fcx.end_stream = http_body::Body::is_end_stream(&rb);
                 if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+                    info.filter_log.keep(&mut instances, &mut fcx);
                     return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
                 }
                 // Only a filter that asked for the body hooks wraps it.
+                info.filter_log.keep(&mut instances, &mut fcx);
                 if let Some(chain) = filters::ResponseBodyChain::new(instances) {
                     rb = rb.filtered(chain);
                 }
@@ -785,8 +794,10 @@ async fn pipeline(
         let (mut rp, mut rb) = resp.into_parts();
         fcx.end_stream = http_body::Body::is_end_stream(&rb);
         if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+            info.filter_log.keep(&mut instances, &mut fcx);
             return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
         }
+        info.filter_log.keep(&mut instances, &mut fcx);
         if let Some(chain) = filters::ResponseBodyChain::new(instances) {
             rb = rb.filtered(chain);
         }
@@ -1192,6 +1203,30 @@ fn finish(
         stats.record_status(info.response_code);
         let elapsed = info.start_instant.elapsed();
         stats.rq_time.record_us(elapsed.as_micros() as u64);
+        if let Some(l) = info.filter_log.take() {
+            let bytes_received = info
+                .stream
+                .as_ref()
+                .map_or(0, |s| s.bytes_received())
+                .max(info.bytes_received);
+            l.finish(&filters::StreamEnd {
+                response_code: info.response_code,
+                flags: info.flags.order(),
+                flags_short: Flags::short_of,
+                request_body_bytes: bytes_received,
+                response_body_bytes: bytes,
+                duration: elapsed,
+                grpc: info.grpc,
+                grpc_status: info.local_grpc_status,
+                authority: &info.authority,
+                path: &info.path,
+                method: &info.method,
+                protocol: info.protocol,
+                scheme: info.scheme,
+                cluster: info.upstream_cluster.as_deref(),
+                route_name: info.route_name.as_deref(),
+            });
+        }
         if logs_on {
             info.bytes_sent = bytes;
             info.duration = Some(elapsed);
