@@ -185,3 +185,10 @@ pub async fn stat_is(p: &Proxy, name: &str, want: i64) {
     let last = wait_stat(p, name, |v| v == Some(want)).await;
     assert_eq!(last, Some(want), "{name}");
 }
+
+/// `bootstrap` (a [`bootstrap`] JSON text) with `node` set (Istio's
+/// filters read the node's id and metadata).
+pub fn with_node(bootstrap: String, node: Value) -> String {
+    let v: Value = serde_json::from_str(&bootstrap).expect("bootstrap JSON");
+    merge(v, json!({ "node": node })).to_string()
+}

@@ -1127,6 +1127,58 @@ load_assignment:
     }
 
     #[test]
+    fn istio_stats_reports_by_the_listener_direction() {
+        let inbound = http_listener(EMPTY_FAULT).replacen(
+            "name: gw\n",
+            "name: gw\ntraffic_direction: INBOUND\n",
+            1,
+        );
+        for (yaml, want) in [(http_listener(EMPTY_FAULT), false), (inbound, true)] {
+            let l = lds(&yaml, &[PEER_METADATA, WAYPOINT_PEER_METADATA, HTTP_STATS])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let stats = http_kinds(&l).into_iter().find_map(|k| match k {
+                HttpFilterKind::IstioStats(s) => Some(s),
+                _ => None,
+            });
+            assert_eq!(stats.map(|s| s.inbound), Some(want));
+        }
+    }
+
+    #[test]
+    fn istio_telemetry_fields_weir_cannot_honour_are_rejected() {
+        for (filter, value, want) in [
+            (
+                "io.istio.http.peer_metadata.Config",
+                "{downstream_discovery: [{baggage: {}}]}",
+                "typed_config.downstream_discovery[0].baggage: peer discovery from baggage",
+            ),
+            (
+                "io.istio.http.peer_metadata.Config",
+                "{upstream_propagation: [{baggage: {}}]}",
+                "typed_config.upstream_propagation[0].baggage: baggage propagation",
+            ),
+            (
+                "stats.PluginConfig",
+                "{metrics: [{dimensions: {x: \"request.size + 1\"}}]}",
+                "typed_config.metrics[0].dimensions[x]: expression",
+            ),
+            (
+                "stats.PluginConfig",
+                "{metrics: [{name: requests_total, match: \"request.method == 'GET'\"}]}",
+                "typed_config.metrics[0].match",
+            ),
+        ] {
+            let listener = http_listener(EMPTY_FAULT).replacen(
+                &ts_yaml(HTTP_STATS),
+                &ts_yaml(("istio.stats", filter, value)),
+                1,
+            );
+            let e = lds(&listener, &[]).expect_err(value);
+            assert!(e.contains(want), "{value}: {e}");
+        }
+    }
+
+    #[test]
     fn istio_network_filters_are_accepted_before_tcp_proxy() {
         let check = |l: &Listener| {
             assert!(matches!(l.filter_chains[0].filter, NetworkFilter::Tcp(_)));
@@ -1153,7 +1205,8 @@ load_assignment:
         assert_eq!(l.filter_chains[0].pass_through, [PassThrough::IstioStats]);
         assert!(matches!(
             l.filter_chains[0].filter,
-            NetworkFilter::Http(ref h) if h.pass_through().count() == 4
+            // istio.alpn only: peer metadata and istio.stats run.
+            NetworkFilter::Http(ref h) if h.pass_through().count() == 1
         ));
     }
 
