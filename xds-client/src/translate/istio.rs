@@ -15,7 +15,7 @@ fn field<'a>(m: &'a DynamicMessage, name: &str) -> Option<std::borrow::Cow<'a, V
         .flatten()
 }
 
-fn list<'a>(m: &'a DynamicMessage, name: &str) -> Vec<Value> {
+fn list(m: &DynamicMessage, name: &str) -> Vec<Value> {
     match field(m, name).as_deref() {
         Some(Value::List(l)) => l.clone(),
         _ => Vec::new(),

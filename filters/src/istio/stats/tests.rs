@@ -3,9 +3,11 @@ use std::sync::Mutex;
 
 use xds_client::config::IstioMetricConfig;
 
-/// Records the labeled stats created and their values.
+type Labels = Vec<(String, String)>;
+
+/// Records the labeled stats created (name, labels) and their values.
 #[derive(Debug, Default)]
-struct Recorder(Mutex<Vec<(String, Vec<(String, String)>, Arc<Rec>)>>);
+struct Recorder(Mutex<Vec<(String, Labels, Arc<Rec>)>>);
 
 #[derive(Debug, Default)]
 struct Rec(Mutex<Vec<u64>>);
@@ -36,7 +38,7 @@ impl Recorder {
         all.push((full, l, r.clone()));
         r
     }
-    fn find(&self, name: &str) -> Vec<(Vec<(String, String)>, Vec<u64>)> {
+    fn find(&self, name: &str) -> Vec<(Labels, Vec<u64>)> {
         self.0
             .lock()
             .expect("lock")
