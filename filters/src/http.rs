@@ -387,8 +387,8 @@ pub struct StreamEnd<'a> {
     pub duration: std::time::Duration,
     /// The request was gRPC.
     pub grpc: bool,
-    /// `grpc-status` of the response when the proxy knows it (a local
-    /// reply; response trailers the proxy saw).
+    /// `grpc-status` of the response when the proxy knows it: the response
+    /// trailers', else a local reply's.
     pub grpc_status: Option<u32>,
     /// `:authority` as forwarded (after host rewrites).
     pub authority: &'a str,

@@ -426,6 +426,104 @@ async fn custom_dimensions_tags_to_remove_and_drop() {
     assert!(!resp.contains("team="), "{resp}");
 }
 
+/// A gRPC upstream (h2c): every call answers 200 with one message and
+/// trailers `grpc-status: 5`.
+async fn grpc_upstream() -> (u16, tokio::task::JoinHandle<()>) {
+    use http_body_util::{BodyExt, StreamBody};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        // Read the call before answering.
+                        let _ = req.into_body().collect().await;
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
+                        let frames = vec![
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                Bytes::from_static(b"\0\0\0\0\x01a"),
+                            )),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ];
+                        let body = StreamBody::new(futures_util::stream::iter(frames));
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .expect("response"),
+                        )
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_status_from_trailers() {
+    let (port, task) = grpc_upstream().await;
+    let p = start(move |ports| {
+        let l = weir_tests::config::merge(
+            listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "outbound_0.0.0.0_8080",
+                    vec![gateway_peer_metadata(), stats(json!({}))],
+                    vec![vhost(
+                        "grpc",
+                        vec![route("/", PRODUCTPAGE, json!({}))],
+                        json!({}),
+                    )],
+                    json!({}),
+                )])],
+            ),
+            json!({"traffic_direction": "OUTBOUND"}),
+        );
+        with_node(
+            bootstrap(
+                ports,
+                vec![l],
+                vec![cluster(
+                    PRODUCTPAGE,
+                    &[port],
+                    weir_tests::config::h2_upstream(json!({})),
+                )],
+            ),
+            node(),
+        )
+    });
+    let r = Http::h2c()
+        .send(
+            "POST",
+            &format!("{}/bookinfo.Reviews/Get", p.base()),
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            Bytes::from_static(b"\0\0\0\0\0"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let l = gateway_labels(
+        "productpage.default.svc.cluster.local",
+        "productpage",
+        200,
+        "-",
+        false,
+    )
+    .replace("request_protocol=\"http\"", "request_protocol=\"grpc\"")
+    .replace("grpc_response_status=\"\"", "grpc_response_status=\"5\"");
+    prometheus(&p, &[format!("istio_requests_total{{{l}}} 1")]).await;
+    task.abort();
+}
+
 /// A TLS listener requiring a client certificate from `ca`.
 fn mtls(ca: &TestCa, dir: &TempDir) -> Value {
     let files = ca

@@ -1192,7 +1192,8 @@ fn finish(
     }
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
-    let body = body.tracked(Box::new(move |bytes, complete| {
+    let body = body.tracked(Box::new(move |end: crate::body::TrackedEnd| {
+        let (bytes, complete) = (end.bytes, end.complete);
         if !complete {
             // The response did not reach its end: downstream went away (DC).
             info.flags.set(Flags::DC);
@@ -1217,7 +1218,8 @@ fn finish(
                 response_body_bytes: bytes,
                 duration: elapsed,
                 grpc: info.grpc,
-                grpc_status: info.local_grpc_status,
+                // As Envoy's `getGrpcStatus`: the trailers first.
+                grpc_status: end.grpc_status.or(info.local_grpc_status),
                 authority: &info.authority,
                 path: &info.path,
                 method: &info.method,
