@@ -661,3 +661,56 @@ async fn unsupported_fields_are_rejected_by_path() {
         assert!(e.contains(path), "{path}: {e}");
     }
 }
+
+/// The network `istio.stats` in front of `tcp_proxy` (istiod's TCP chains):
+/// without the TCP metadata exchange Istio reports each connection when it
+/// closes, with `request_protocol="tcp"` and no response code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_and_bytes() {
+    let echo = weir_tests::tcp::tcp_echo_server().await.expect("tcp echo");
+    let port = echo.port();
+    const MONGO: &str = "outbound|27017||mongo.db.svc.cluster.local";
+    let p = start(move |ports| {
+        let l = weir_tests::config::merge(
+            listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![
+                    stats(json!({"tcp_reporting_duration": "5s"})),
+                    weir_tests::config::tcp_proxy(MONGO, MONGO, json!({})),
+                ])],
+            ),
+            json!({"traffic_direction": "OUTBOUND"}),
+        );
+        with_node(
+            bootstrap(ports, vec![l], vec![cluster(MONGO, &[port], json!({}))]),
+            node(),
+        )
+    });
+    for _ in 0..2 {
+        let t = weir_tests::tcp::stream_through(p.addr(), 4096)
+            .await
+            .expect("tcp_proxy");
+        assert_eq!(t.received, 4096);
+    }
+    let l = "reporter=\"source\",source_workload=\"istio-ingressgateway\",\
+             source_canonical_service=\"istio-ingressgateway\",source_canonical_revision=\"latest\",\
+             source_workload_namespace=\"istio-system\",source_principal=\"unknown\",\
+             source_app=\"istio-ingressgateway\",source_version=\"\",source_cluster=\"Kubernetes\",\
+             destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",\
+             destination_principal=\"unknown\",destination_app=\"unknown\",destination_version=\"unknown\",\
+             destination_service=\"mongo.db.svc.cluster.local\",destination_canonical_service=\"unknown\",\
+             destination_canonical_revision=\"latest\",destination_service_name=\"mongo\",\
+             destination_service_namespace=\"db\",destination_cluster=\"unknown\",\
+             request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"unknown\"";
+    prometheus(
+        &p,
+        &[
+            format!("istio_tcp_connections_opened_total{{{l}}} 2"),
+            format!("istio_tcp_connections_closed_total{{{l}}} 2"),
+            format!("istio_tcp_sent_bytes_total{{{l}}} 8192"),
+            format!("istio_tcp_received_bytes_total{{{l}}} 8192"),
+        ],
+    )
+    .await;
+}

@@ -108,49 +108,36 @@ struct MetricPlan {
 }
 
 fn plans(c: &IstioStatsConfig) -> [MetricPlan; 4] {
-    let mut plans: [MetricPlan; 4] = Default::default();
+    METRICS.map(|m| plan_of(c, m))
+}
+
+/// The plan of standard metric `metric` (Istio's name without `istio_`).
+fn plan_of(c: &IstioStatsConfig, metric: &str) -> MetricPlan {
+    let mut plan = MetricPlan::default();
     for m in &c.metrics {
-        let targets: Vec<usize> = if m.name.is_empty() {
-            (0..METRICS.len()).collect()
-        } else {
-            METRICS
-                .iter()
-                .position(|n| *n == m.name)
-                .into_iter()
-                .collect()
-        };
+        if !m.name.is_empty() && m.name != metric {
+            continue;
+        }
         if m.drop {
             // As Istio: only a named standard metric is dropped.
             if !m.name.is_empty() {
-                for t in &targets {
-                    plans[*t].drop = true;
-                }
+                plan.drop = true;
             }
             continue;
         }
         for tag in &m.tags_to_remove {
             if let Some(i) = LABELS.iter().position(|l| l == tag) {
-                for t in &targets {
-                    plans[*t].overrides[i] = Some(None);
-                }
+                plan.overrides[i] = Some(None);
             }
         }
         for (tag, e) in &m.dimensions {
             match LABELS.iter().position(|l| l == tag) {
-                Some(i) => {
-                    for t in &targets {
-                        plans[*t].overrides[i] = Some(Some(*e));
-                    }
-                }
-                None => {
-                    for t in &targets {
-                        plans[*t].additions.push((tag.clone(), *e));
-                    }
-                }
+                Some(i) => plan.overrides[i] = Some(Some(*e)),
+                None => plan.additions.push((tag.clone(), *e)),
             }
         }
     }
-    plans
+    plan
 }
 
 /// Built once per config.
@@ -476,22 +463,8 @@ impl Inner {
                 _ => self.eval(i, input).render(),
             })
             .collect();
-        let labels_of = |p: &MetricPlan| -> Vec<(String, String)> {
-            let mut out = Vec::with_capacity(LABELS.len() + p.additions.len());
-            for (i, v) in std.iter().enumerate() {
-                match p.overrides[i] {
-                    None => out.push((LABELS[i].to_owned(), v.clone())),
-                    Some(None) => {}
-                    Some(Some(e)) => out.push((LABELS[i].to_owned(), values[e].clone())),
-                }
-            }
-            for (k, e) in &p.additions {
-                out.push((k.clone(), values[*e].clone()));
-            }
-            out
-        };
         let make = |i: usize| -> Option<Vec<(String, String)>> {
-            (!self.plans[i].drop).then(|| labels_of(&self.plans[i]))
+            (!self.plans[i].drop).then(|| apply_plan(&self.plans[i], &std, &values, &[]))
         };
         let hist = |i: usize| {
             make(i).map(|l| {
@@ -513,6 +486,141 @@ impl Inner {
 
 fn refs(l: &[(String, String)]) -> Vec<(&str, &str)> {
     l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// The TCP metrics (Istio's network `istio.stats`), in Istio's names.
+const TCP_METRICS: [&str; 4] = [
+    "tcp_connections_opened_total",
+    "tcp_connections_closed_total",
+    "tcp_sent_bytes_total",
+    "tcp_received_bytes_total",
+];
+
+/// Istio's network `istio.stats` in front of `tcp_proxy`. Without the TCP
+/// metadata exchange (weir has none) Istio reports a connection when it
+/// closes: opened, closed and the bytes each way, with the HTTP labels but
+/// `request_protocol="tcp"` and no `response_code` / `grpc_response_status`.
+/// Labels are formatted once per connection, at its close.
+#[derive(Debug)]
+pub struct IstioTcpStatsFactory {
+    name: Arc<str>,
+    config: Arc<IstioStatsConfig>,
+    reporter: Reporter,
+    local: Arc<LocalNode>,
+    scope: Arc<dyn StatsScope>,
+    /// Plans of [`TCP_METRICS`].
+    plans: Vec<MetricPlan>,
+}
+
+impl IstioTcpStatsFactory {
+    pub fn new(
+        name: Arc<str>,
+        config: Arc<IstioStatsConfig>,
+        local: Arc<LocalNode>,
+        stats: &Arc<dyn StatsScope>,
+    ) -> Self {
+        let scope = stats.root().unwrap_or_else(|| stats.clone());
+        IstioTcpStatsFactory {
+            name,
+            reporter: Reporter::of(&config),
+            plans: TCP_METRICS.iter().map(|m| plan_of(&config, m)).collect(),
+            config,
+            local,
+            scope,
+        }
+    }
+}
+
+impl crate::network::NetworkFilterFactory for IstioTcpStatsFactory {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn on_close(
+        &self,
+        conn: &crate::network::ConnectionInfo<'_>,
+        end: &crate::network::ConnEnd<'_>,
+    ) {
+        let method = http::Method::GET;
+        let stream = StreamEnd {
+            response_code: 0,
+            flags: end.flags,
+            flags_short: end.flags_short,
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+            duration: std::time::Duration::ZERO,
+            grpc: false,
+            grpc_status: None,
+            authority: "",
+            path: "",
+            method: &method,
+            protocol: "",
+            scheme: "",
+            cluster: end.cluster,
+            route_name: None,
+        };
+        let input = Input {
+            downstream_peer: None,
+            upstream_peer: None,
+            peer_uri_san: conn
+                .peer
+                .and_then(|p| p.uri_sans.first())
+                .map(String::as_str),
+            tls: conn.tls,
+            grpc_status: None,
+            end: &stream,
+            request_headers: &[],
+            response_headers: &[],
+        };
+        let mut std = standard_labels(self.reporter, &self.local.peer, &input, None);
+        std[20] = "tcp".to_owned();
+        // Request-only expressions have nothing to read on a connection.
+        let values: Vec<String> = self
+            .config
+            .expressions
+            .iter()
+            .map(|e| match e {
+                DimensionExpr::Literal(s) => s.clone(),
+                DimensionExpr::ClusterName => end.cluster.unwrap_or("unknown").to_owned(),
+                _ => "unknown".to_owned(),
+            })
+            .collect();
+        let amounts = [1, 1, end.bytes_sent, end.bytes_received];
+        for (i, p) in self.plans.iter().enumerate() {
+            if p.drop {
+                continue;
+            }
+            let l = apply_plan(p, &std, &values, &[21, 22]);
+            self.scope
+                .labeled_counter(NAMESPACE, &format!("istio_{}", TCP_METRICS[i]), &refs(&l))
+                .add(amounts[i]);
+        }
+    }
+}
+
+/// The labels of one metric: the standard ones (but `skip`) with the
+/// plan's overrides, then its additions.
+fn apply_plan(
+    p: &MetricPlan,
+    std: &[String],
+    values: &[String],
+    skip: &[usize],
+) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(LABELS.len() + p.additions.len());
+    for (i, v) in std.iter().enumerate() {
+        if skip.contains(&i) {
+            continue;
+        }
+        match p.overrides[i] {
+            None => out.push((LABELS[i].to_owned(), v.clone())),
+            Some(None) => {}
+            Some(Some(e)) => out.push((LABELS[i].to_owned(), values[e].clone())),
+        }
+    }
+    for (k, e) in &p.additions {
+        out.push((k.clone(), values[*e].clone()));
+    }
+    out
 }
 
 /// Lets a `&mut dyn Hasher` be used where `impl Hasher` is expected.

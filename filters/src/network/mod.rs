@@ -51,6 +51,21 @@ pub struct PeerIdentity<'a> {
     pub subject: &'a str,
 }
 
+/// What the proxy knows when a `tcp_proxy` connection ends.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnEnd<'a> {
+    /// Bytes received from downstream.
+    pub bytes_received: u64,
+    /// Bytes sent to downstream.
+    pub bytes_sent: u64,
+    /// The upstream cluster, if one was chosen.
+    pub cluster: Option<&'a str>,
+    /// The response flags in the order set (see `flags_short`).
+    pub flags: u128,
+    /// Renders `flags` as `%RESPONSE_FLAGS%`.
+    pub flags_short: fn(u128) -> String,
+}
+
 /// A network filter's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetAction {
@@ -67,6 +82,8 @@ pub trait NetworkFilterFactory: Send + Sync + std::fmt::Debug {
     fn on_established(&self, _conn: &ConnectionInfo<'_>) -> NetAction {
         NetAction::Continue
     }
+    /// A `tcp_proxy` connection ended (`conn` as at `on_established`).
+    fn on_close(&self, _conn: &ConnectionInfo<'_>, _end: &ConnEnd<'_>) {}
 }
 
 /// A filter chain's read filters, in order.
@@ -89,6 +106,14 @@ impl NetworkChain {
                     ReadFilterKind::Rbac(r) => {
                         Arc::new(rbac::RbacFactory::new(c.name.clone(), r.clone(), stats))
                     }
+                    ReadFilterKind::IstioStats(s) => {
+                        Arc::new(crate::istio::stats::IstioTcpStatsFactory::new(
+                            c.name.clone(),
+                            s.clone(),
+                            crate::istio::local_node(),
+                            stats,
+                        ))
+                    }
                 }
             })
             .collect();
@@ -107,6 +132,13 @@ impl NetworkChain {
             }
         }
         NetAction::Continue
+    }
+
+    /// Runs every filter's `on_close`.
+    pub fn on_close(&self, conn: &ConnectionInfo<'_>, end: &ConnEnd<'_>) {
+        for f in &self.filters {
+            f.on_close(conn, end);
+        }
     }
 
     /// Runs `on_established` in order; the first `Close` wins.

@@ -294,7 +294,8 @@ pub enum HttpFilterKind {
 /// is listed, with what is missing, in ARCHITECTURE.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PassThrough {
-    /// Istio's network `istio.stats` (`stats.PluginConfig`): no TCP metrics.
+    /// Istio's network `istio.stats` (`stats.PluginConfig`) in front of the
+    /// HCM (in front of `tcp_proxy` it runs).
     IstioStats,
     /// Istio's `istio.alpn`: the upstream ALPN is not overridden.
     IstioAlpn,

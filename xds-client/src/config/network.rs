@@ -18,6 +18,9 @@ pub enum ReadFilterKind {
     LocalRateLimit(Arc<NetworkLocalRateLimit>),
     /// `envoy.filters.network.rbac`.
     Rbac(Arc<super::NetworkRbac>),
+    /// Istio's network `istio.stats` in front of `tcp_proxy` (in front of
+    /// the HCM it is passed through).
+    IstioStats(Arc<super::IstioStatsConfig>),
 }
 
 /// `envoy.type.v3.TokenBucket`, validated (`fill_interval` >= 50 ms, as

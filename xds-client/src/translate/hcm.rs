@@ -1184,8 +1184,16 @@ load_assignment:
             assert!(matches!(l.filter_chains[0].filter, NetworkFilter::Tcp(_)));
             assert_eq!(
                 l.filter_chains[0].pass_through,
-                [PassThrough::MetadataExchange, PassThrough::IstioStats]
+                [PassThrough::MetadataExchange]
             );
+            // The network istio.stats runs in front of tcp_proxy.
+            assert!(matches!(
+                l.filter_chains[0].read_filters[..],
+                [crate::config::ReadFilterConfig {
+                    kind: crate::config::ReadFilterKind::IstioStats(_),
+                    ..
+                }]
+            ));
         };
         let s = bootstrap(&tcp_listener("")).unwrap_or_else(|e| panic!("{e}"));
         check(&s.listeners[0]);

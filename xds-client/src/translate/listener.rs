@@ -163,6 +163,17 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
 
 /// Marks the chain's `istio.stats` filters as on an INBOUND listener.
 fn set_inbound(fc: &mut Arc<FilterChain>) {
+    if fc
+        .read_filters
+        .iter()
+        .any(|r| matches!(r.kind, ReadFilterKind::IstioStats(_)))
+    {
+        for r in &mut Arc::make_mut(fc).read_filters {
+            if let ReadFilterKind::IstioStats(s) = &mut r.kind {
+                Arc::make_mut(s).inbound = true;
+            }
+        }
+    }
     let NetworkFilter::Http(h) = &fc.filter else {
         return;
     };
@@ -282,6 +293,16 @@ fn network_filters(
             HCM_TYPE => {
                 let proto = super::decode(&any, &tpath)?;
                 let hcm = hcm::hcm(&proto, &tpath)?;
+                // The network istio.stats reports TCP connections: in front
+                // of the HCM it is passed through (istiod does not put it
+                // there).
+                read_filters.retain(|r: &ReadFilterConfig| {
+                    let tcp_stats = matches!(r.kind, ReadFilterKind::IstioStats(_));
+                    if tcp_stats {
+                        pass_through.push(PassThrough::IstioStats);
+                    }
+                    !tcp_stats
+                });
                 return Ok((
                     NetworkFilter::Http(Arc::new(hcm)),
                     read_filters,
@@ -296,9 +317,14 @@ fn network_filters(
             }
             SNI_CLUSTER_TYPE => sni_cluster = true,
             ISTIO_STATS => {
-                crate::descriptors::decode_any(&any.type_url, &any.value)
+                let m = crate::descriptors::decode_any(&any.type_url, &any.value)
                     .map_err(|e| err(&tpath, e))?;
-                pass_through.push(PassThrough::IstioStats);
+                read_filters.push(ReadFilterConfig {
+                    name: f.name.as_str().into(),
+                    kind: ReadFilterKind::IstioStats(Arc::new(super::istio::istio_stats(
+                        &m, &tpath,
+                    )?)),
+                });
             }
             ISTIO_METADATA_EXCHANGE => {
                 metadata_exchange(&any, &tpath, alpn)?;
