@@ -678,8 +678,24 @@ async fn connection(
             hcm.stats.cx_active.dec();
         }
         NetworkRuntime::Tcp(t) => {
-            t.serve(io, &meta, tls, id, shared, chain.drain.subscribe())
+            let tls2 = tls.clone();
+            let end = t
+                .serve(io, &meta, tls, id, shared, chain.drain.subscribe())
                 .await;
+            if !chain.read_filters.is_empty() {
+                let peer = tls2.as_ref().and_then(|t| t.peer.as_ref());
+                let conn = conn_info(&meta, peer, tls2.is_some(), Some(&conn_state));
+                chain.read_filters.on_close(
+                    &conn,
+                    &filters::network::ConnEnd {
+                        bytes_received: end.bytes_received,
+                        bytes_sent: end.bytes_sent,
+                        cluster: end.cluster.as_deref(),
+                        flags: end.flags,
+                        flags_short: crate::http::info::Flags::short_of,
+                    },
+                );
+            }
         }
     }
 }

@@ -56,6 +56,21 @@ pub struct PeerIdentity<'a> {
     pub subject: &'a str,
 }
 
+/// What the proxy knows when a `tcp_proxy` connection ends.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnEnd<'a> {
+    /// Bytes received from downstream.
+    pub bytes_received: u64,
+    /// Bytes sent to downstream.
+    pub bytes_sent: u64,
+    /// The upstream cluster, if one was chosen.
+    pub cluster: Option<&'a str>,
+    /// The response flags in the order set (see `flags_short`).
+    pub flags: u128,
+    /// Renders `flags` as `%RESPONSE_FLAGS%`.
+    pub flags_short: fn(u128) -> String,
+}
+
 /// A network filter's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetAction {
@@ -80,6 +95,8 @@ pub trait NetworkFilterFactory: Send + Sync + std::fmt::Debug {
     /// Before [`Self::on_new_connection`]: objects this filter puts into the
     /// connection's filter state (`set_filter_state`).
     fn set_state(&self, _conn: &ConnectionInfo<'_>, _state: &mut crate::FilterState) {}
+    /// A `tcp_proxy` connection ended (`conn` as at `on_established`).
+    fn on_close(&self, _conn: &ConnectionInfo<'_>, _end: &ConnEnd<'_>) {}
 }
 
 /// A network filter's pending decision.
@@ -130,6 +147,14 @@ impl NetworkChain {
                     ReadFilterKind::SetFilterState(v) => Arc::new(
                         set_filter_state::SetFilterStateFactory::new(c.name.clone(), v.clone()),
                     ),
+                    ReadFilterKind::IstioStats(s) => {
+                        Arc::new(crate::istio::stats::IstioTcpStatsFactory::new(
+                            c.name.clone(),
+                            s.clone(),
+                            crate::istio::local_node(),
+                            stats,
+                        ))
+                    }
                 }
             })
             .collect();
@@ -167,6 +192,13 @@ impl NetworkChain {
             }
         }
         NetAction::Continue
+    }
+
+    /// Runs every filter's `on_close`.
+    pub fn on_close(&self, conn: &ConnectionInfo<'_>, end: &ConnEnd<'_>) {
+        for f in &self.filters {
+            f.on_close(conn, end);
+        }
     }
 
     /// Runs `on_established` in order; the first `Close` wins.

@@ -22,6 +22,9 @@ pub enum ReadFilterKind {
     ExtAuthz(Arc<super::NetworkExtAuthz>),
     /// `envoy.filters.network.set_filter_state` (`on_new_connection`).
     SetFilterState(Arc<super::SetFilterState>),
+    /// Istio's network `istio.stats` in front of `tcp_proxy` (in front of
+    /// the HCM it is passed through).
+    IstioStats(Arc<super::IstioStatsConfig>),
 }
 
 /// `envoy.type.v3.TokenBucket`, validated (`fill_interval` >= 50 ms, as
