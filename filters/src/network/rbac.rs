@@ -70,6 +70,7 @@ impl NetworkFilterFactory for RbacFactory {
                 },
                 None => Peer::default(),
             }),
+            metadata: None,
         };
         if let Some(shadow) = &self.config.shadow_rules {
             let r = evaluate(shadow, &input);
