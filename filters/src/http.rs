@@ -502,6 +502,9 @@ impl FilterChain {
                 HttpFilterKind::Rbac(r) => filters.push(Arc::new(
                     crate::rbac::http::RbacFactory::new(c.name.clone(), r.clone(), stats),
                 )),
+                HttpFilterKind::JwtAuthn(j) => filters.push(Arc::new(
+                    crate::jwt_authn::JwtAuthnFactory::new(c.name.clone(), j.clone(), stats),
+                )),
             }
         }
         filters.shrink_to_fit();

@@ -13,6 +13,7 @@ pub mod cors;
 pub mod fault;
 pub mod grpc_stats;
 pub mod http;
+pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;

@@ -280,6 +280,8 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.rbac`. Without rules (or shadow rules) it still
     /// matters: routes may override it (`RBACPerRoute`).
     Rbac(Arc<HttpRbac>),
+    /// `envoy.filters.http.jwt_authn`.
+    JwtAuthn(Arc<super::JwtAuthn>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.

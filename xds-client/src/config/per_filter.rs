@@ -39,4 +39,6 @@ pub enum FilterOverride {
     LocalRateLimit(Arc<HttpLocalRateLimit>),
     /// `RBACPerRoute`: replaces the filter's engines (no `rbac`: none).
     Rbac(Arc<HttpRbac>),
+    /// jwt_authn's `PerRouteConfig`.
+    JwtAuthn(super::JwtPerRoute),
 }

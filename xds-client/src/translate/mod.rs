@@ -28,6 +28,7 @@ pub mod fault;
 pub mod format;
 pub mod grpc_stats;
 pub mod hcm;
+pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;
