@@ -74,7 +74,8 @@ impl Signer {
             .output()
             .expect("run openssl genpkey");
         assert!(out.status.success(), "openssl genpkey failed");
-        let pair = signature::RsaKeyPair::from_pkcs8(&out.stdout).expect("PKCS#8 RSA key");
+        // `-outform DER` writes a PKCS#1 RSAPrivateKey.
+        let pair = signature::RsaKeyPair::from_der(&out.stdout).expect("PKCS#1 RSA key");
         Signer {
             key: Key::Rsa(pair),
             kid: kid.into(),
@@ -95,10 +96,9 @@ impl Signer {
     fn jwk(&self) -> Value {
         match &self.key {
             Key::Rsa(k) => {
-                let p = k.public();
+                let c: ring::rsa::PublicKeyComponents<Vec<u8>> = k.public().into();
                 json!({"kty": "RSA", "alg": "RS256", "kid": self.kid,
-                    "n": b64(p.modulus().big_endian_without_leading_zero()),
-                    "e": b64(p.exponent().big_endian_without_leading_zero())})
+                    "n": b64(&c.n), "e": b64(&c.e)})
             }
             Key::Ec(k) => {
                 let pt = k.public_key().as_ref();
@@ -209,6 +209,7 @@ async fn tokens_requirements_and_failures() {
         ],
     });
     let port = up.port();
+    let log_file = log.clone();
     let p = Proxy::start(move |ports| {
         let per_route = json!({"typed_per_filter_config": {"jwt": {
             "@type": JWT_PER_ROUTE, "requirement_name": "ec"}}});
@@ -234,7 +235,7 @@ async fn tokens_requirements_and_failures() {
                         ],
                         json!({}),
                     )],
-                    json!({"access_log": [file_log(&log, LOG_FORMAT)]}),
+                    json!({"access_log": [file_log(&log_file, LOG_FORMAT)]}),
                 )])],
             )],
             vec![cluster("echo", &[port], json!({}))],
