@@ -743,9 +743,10 @@ pub fn build_chain(
             NetworkRuntime::Http(Arc::new(HcmRuntime {
                 routes,
                 config: h.clone(),
-                chain: filters::FilterChain::build(
+                chain: filters::FilterChain::build_with(
                     &h.http_filters,
                     &crate::metrics::HttpFilterStats::scope(env.store, &h.stat_prefix),
+                    &env.callouts,
                 ),
                 stats: crate::metrics::HttpStats::new(env.store, &h.stat_prefix),
                 tracing: crate::http::tracing::TracingStats::new(env.store, &h.stat_prefix),
@@ -797,6 +798,8 @@ pub struct ChainEnv<'a> {
         xds_client::config::Name,
         Arc<xds_client::config::RouteConfig>,
     >,
+    /// Filters' calls to clusters (ext_authz, rate-limit service, JWKS).
+    pub callouts: Arc<dyn filters::callout::Callouts>,
 }
 
 impl ChainEnv<'_> {

@@ -16,6 +16,7 @@ use xds_client::config::{Cluster, Discovery, EndpointAddress, LbPolicy, Upstream
 
 use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 
+pub mod callout;
 pub mod circuit_breaker;
 pub mod dns;
 pub mod outlier;
