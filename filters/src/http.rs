@@ -309,6 +309,17 @@ pub trait HttpFilter: Send {
     ) -> Action {
         Action::Continue
     }
+    /// After an [`Action::Wait`] of the request header phase resolved to
+    /// `Continue`: the filter may change the request with what its future
+    /// learnt (Envoy: a filter's callback edits the headers, then
+    /// `continueDecoding`). The default continues.
+    fn on_request_headers_resumed(
+        &mut self,
+        _cx: &mut FilterContext,
+        _head: &mut http::request::Parts,
+    ) -> Action {
+        Action::Continue
+    }
     fn on_log(&mut self, _cx: &FilterContext) {}
     /// An observer of the request body on its way upstream, asked once
     /// after every request header phase continued. `None` (the default):
@@ -468,7 +479,6 @@ impl FilterChain {
         stats: &Arc<dyn StatsScope>,
         callouts: &Arc<dyn crate::callout::Callouts>,
     ) -> FilterChain {
-        let _ = callouts;
         let mut filters: Vec<Arc<dyn HttpFilterFactory>> = Vec::new();
         let mut router = None;
         for c in configs {
@@ -502,9 +512,14 @@ impl FilterChain {
                 HttpFilterKind::Rbac(r) => filters.push(Arc::new(
                     crate::rbac::http::RbacFactory::new(c.name.clone(), r.clone(), stats),
                 )),
-                HttpFilterKind::JwtAuthn(j) => filters.push(Arc::new(
-                    crate::jwt_authn::JwtAuthnFactory::new(c.name.clone(), j.clone(), stats),
-                )),
+                HttpFilterKind::JwtAuthn(j) => {
+                    filters.push(Arc::new(crate::jwt_authn::JwtAuthnFactory::new(
+                        c.name.clone(),
+                        j.clone(),
+                        stats,
+                        callouts,
+                    )))
+                }
             }
         }
         filters.shrink_to_fit();
@@ -549,7 +564,12 @@ pub async fn run_request_headers(
             match action {
                 Action::Continue => break,
                 Action::Respond(r) => return Some(r),
-                Action::Wait(fut) => action = fut.await,
+                Action::Wait(fut) => {
+                    action = fut.await;
+                    if matches!(action, Action::Continue) {
+                        action = f.on_request_headers_resumed(cx, head);
+                    }
+                }
             }
         }
     }

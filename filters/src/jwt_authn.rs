@@ -15,12 +15,15 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture as SharedInner, FutureExt, Shared as SharedFuture};
 use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 use xds_client::config::{
-    FilterOverride, JwtAuthn, JwtPerRoute, JwtProvider, JwtRequirement, Name, RequestInfo,
-    RouteMatch,
+    FilterOverride, Jwks, JwksSource, JwtAuthn, JwtPerRoute, JwtProvider, JwtRequirement, Name,
+    RemoteJwks, RequestInfo, RouteMatch,
 };
+
+use crate::callout::{CalloutRequest, Callouts};
 
 use crate::http::{
     Action, Counter, FilterContext, HttpFilter, HttpFilterFactory, LocalReply, RouteView,
@@ -38,11 +41,16 @@ const DEFAULT_CLOCK_SKEW: u64 = 60;
 /// Envoy's `MaximumUriLength` for the realm.
 const MAX_URI_PATH: usize = 256;
 
+/// The largest JWKS body read from a remote server.
+const MAX_JWKS_BODY: usize = 1 << 20;
+
 /// `http.<prefix>.jwt_authn.*`.
 struct Stats {
     allowed: Arc<dyn Counter>,
     denied: Arc<dyn Counter>,
     cors_preflight_bypassed: Arc<dyn Counter>,
+    jwks_fetch_success: Arc<dyn Counter>,
+    jwks_fetch_failed: Arc<dyn Counter>,
 }
 
 /// Which issuers put their tokens in a location (Envoy's `JwtIssuerChecker`).
@@ -339,11 +347,121 @@ impl Verifier {
     }
 }
 
-/// A provider with its keys decoded.
+/// A provider with its keys decoded (or their cache) and its own locations.
 #[derive(Debug)]
 struct Provider {
     config: Arc<JwtProvider>,
-    keys: Vec<VerifyKey>,
+    keys: Keys,
+    /// This provider's locations (does a request carry a token for it?).
+    extractor: Extractor,
+}
+
+#[derive(Debug)]
+enum Keys {
+    Local(Arc<Vec<VerifyKey>>),
+    Remote(Arc<RemoteCache>),
+}
+
+impl Keys {
+    /// The keys to verify with; `None`: a remote JWKS not (freshly)
+    /// fetched, i.e. its fetch failed.
+    fn get(&self) -> Option<Arc<Vec<VerifyKey>>> {
+        match self {
+            Keys::Local(k) => Some(k.clone()),
+            Keys::Remote(c) => c.fresh(),
+        }
+    }
+}
+
+type FetchFuture = SharedFuture<SharedInner<'static, ()>>;
+
+/// A remote JWKS shared by the factory's requests (Envoy's per-provider
+/// `JwksData` with its `JwksFetcher`): fetched on first use and again once
+/// `cache_duration` passed; requests that need it meanwhile share one fetch.
+struct RemoteCache {
+    config: Arc<RemoteJwks>,
+    callouts: Arc<dyn Callouts>,
+    success: Arc<dyn Counter>,
+    failed: Arc<dyn Counter>,
+    state: std::sync::Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    keys: Option<(Arc<Vec<VerifyKey>>, tokio::time::Instant)>,
+    inflight: Option<FetchFuture>,
+}
+
+impl std::fmt::Debug for RemoteCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteCache")
+            .field("uri", &self.config.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fresh(&self) -> Option<Arc<Vec<VerifyKey>>> {
+        let s = self.lock();
+        s.keys
+            .as_ref()
+            .filter(|(_, until)| tokio::time::Instant::now() < *until)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// The fetch under way, or a new one.
+    fn fetch(self: &Arc<Self>) -> FetchFuture {
+        let mut s = self.lock();
+        if let Some(f) = &s.inflight {
+            return f.clone();
+        }
+        let me = self.clone();
+        let fut = async move {
+            let c = &me.config;
+            let req = CalloutRequest {
+                method: http::Method::GET,
+                path_and_query: c.path.clone(),
+                authority: c.authority.clone(),
+                headers: http::HeaderMap::new(),
+                body: Bytes::new(),
+            };
+            let res = me
+                .callouts
+                .send(&c.cluster, req, c.timeout, MAX_JWKS_BODY)
+                .await;
+            let keys = match res {
+                Ok(r) if r.status == http::StatusCode::OK => std::str::from_utf8(&r.body)
+                    .map_err(|_| "Jwks is an invalid JSON".to_owned())
+                    .and_then(|b| Jwks::parse(b).map_err(str::to_owned)),
+                Ok(r) => Err(format!("status {}", r.status)),
+                Err(e) => Err(e.to_string()),
+            };
+            let mut s = me.lock();
+            s.inflight = None;
+            match keys {
+                Ok(j) => {
+                    me.success.inc();
+                    let keys = j.keys.iter().map(VerifyKey::new).collect();
+                    s.keys = Some((
+                        Arc::new(keys),
+                        tokio::time::Instant::now() + c.cache_duration,
+                    ));
+                }
+                Err(e) => {
+                    me.failed.inc();
+                    tracing::debug!(uri = %c.uri, error = %e, "jwt_authn: JWKS fetch failed");
+                }
+            }
+        }
+        .boxed()
+        .shared();
+        s.inflight = Some(fut.clone());
+        fut
+    }
 }
 
 /// What one request's verification works on.
@@ -474,7 +592,10 @@ impl Verify<'_> {
         if !audiences_allowed(audiences.unwrap_or(&cfg.audiences), &jwt.audiences) {
             return Status::JwtAudienceNotAllowed;
         }
-        let s = jwt.verify(&p.keys);
+        let Some(keys) = p.keys.get() else {
+            return Status::JwksFetchFail;
+        };
+        let s = jwt.verify(&keys);
         if s != Status::Ok {
             return s;
         }
@@ -635,12 +756,36 @@ pub struct JwtAuthnFactory {
 
 impl JwtAuthnFactory {
     /// `scope` is the HCM's (`http.<stat_prefix>.`).
-    pub fn new(name: Name, config: Arc<JwtAuthn>, scope: &Arc<dyn StatsScope>) -> JwtAuthnFactory {
+    pub fn new(
+        name: Name,
+        config: Arc<JwtAuthn>,
+        scope: &Arc<dyn StatsScope>,
+        callouts: &Arc<dyn Callouts>,
+    ) -> JwtAuthnFactory {
+        let stats = Stats {
+            allowed: scope.counter("jwt_authn.allowed"),
+            denied: scope.counter("jwt_authn.denied"),
+            cors_preflight_bypassed: scope.counter("jwt_authn.cors_preflight_bypassed"),
+            jwks_fetch_success: scope.counter("jwt_authn.jwks_fetch_success"),
+            jwks_fetch_failed: scope.counter("jwt_authn.jwks_fetch_failed"),
+        };
         let providers: Vec<Provider> = config
             .providers
             .iter()
             .map(|p| Provider {
-                keys: p.jwks.keys.iter().map(VerifyKey::new).collect(),
+                keys: match &p.jwks {
+                    JwksSource::Local(j) => {
+                        Keys::Local(Arc::new(j.keys.iter().map(VerifyKey::new).collect()))
+                    }
+                    JwksSource::Remote(r) => Keys::Remote(Arc::new(RemoteCache {
+                        config: r.clone(),
+                        callouts: callouts.clone(),
+                        success: stats.jwks_fetch_success.clone(),
+                        failed: stats.jwks_fetch_failed.clone(),
+                        state: Default::default(),
+                    })),
+                },
+                extractor: Extractor::new(Some(&**p)),
                 config: p.clone(),
             })
             .collect();
@@ -659,11 +804,6 @@ impl JwtAuthnFactory {
             .iter()
             .map(|(n, q)| (n.clone(), Arc::new(Verifier::new(q, &providers))))
             .collect();
-        let stats = Stats {
-            allowed: scope.counter("jwt_authn.allowed"),
-            denied: scope.counter("jwt_authn.denied"),
-            cors_preflight_bypassed: scope.counter("jwt_authn.cors_preflight_bypassed"),
-        };
         JwtAuthnFactory {
             name,
             shared: Arc::new(Shared {
@@ -711,6 +851,7 @@ impl HttpFilterFactory for JwtAuthnFactory {
             shared: self.shared.clone(),
             pick,
             www_authenticate: None,
+            fetched: false,
         }))
     }
 }
@@ -720,6 +861,21 @@ struct JwtAuthnFilter {
     pick: Pick,
     /// Set on a denial, added to the local reply's headers.
     www_authenticate: Option<HeaderValue>,
+    /// The remote JWKS this request needed were fetched (or failed): the
+    /// resumed header phase verifies with what is there.
+    fetched: bool,
+}
+
+/// Whether verifier `v` may verify tokens of provider `i`.
+fn reaches(v: &Verifier, i: usize) -> bool {
+    match v {
+        Verifier::Provider { provider, .. } => *provider == i,
+        Verifier::Allow { .. } => true,
+        Verifier::Any { children, .. } | Verifier::All(children) => {
+            children.iter().any(|c| reaches(c, i))
+        }
+        Verifier::AllowAll => false,
+    }
 }
 
 impl JwtAuthnFilter {
@@ -789,6 +945,33 @@ impl HttpFilter for JwtAuthnFilter {
             stats.allowed.inc();
             return Action::Continue;
         };
+        // Remote JWKS that a token of this request needs and that are not
+        // cached: fetched (one fetch shared by the requests waiting for
+        // it), then this phase runs again (`on_request_headers_resumed`).
+        if !self.fetched {
+            let fetches: Vec<FetchFuture> = shared
+                .providers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| match &p.keys {
+                    Keys::Remote(c)
+                        if reaches(verifier, i)
+                            && c.fresh().is_none()
+                            && !p.extractor.extract(head).is_empty() =>
+                    {
+                        Some(c.fetch())
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !fetches.is_empty() {
+                self.fetched = true;
+                return Action::Wait(Box::pin(async move {
+                    futures_util::future::join_all(fetches).await;
+                    Action::Continue
+                }));
+            }
+        }
         let uri = original_uri(head);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -834,6 +1017,14 @@ impl HttpFilter for JwtAuthnFilter {
             details: status.details(),
             grpc_status: None,
         })
+    }
+
+    fn on_request_headers_resumed(
+        &mut self,
+        cx: &mut FilterContext,
+        head: &mut http::request::Parts,
+    ) -> Action {
+        self.on_request_headers(cx, head)
     }
 
     fn on_response_headers(

@@ -520,3 +520,128 @@ async fn rbac_allows_by_claim_in_metadata() {
     stat_is(&p, "http.gw.rbac.allowed", 2).await;
     stat_is(&p, "http.gw.rbac.denied", 4).await;
 }
+
+/// A JWKS server: `GET /jwks` answers `jwks`, anything else 500; counts
+/// the requests per path.
+async fn jwks_server(jwks: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let jwks = jwks.clone();
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .expect("head end")
+                        + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    seen.lock().expect("seen").push(path.clone());
+                    let (status, body) = if path == "/jwks" {
+                        ("200 OK", jwks.clone())
+                    } else {
+                        ("500 Internal Server Error", "down".to_owned())
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_jwks_fetched_on_first_use_and_cached() {
+    let up = upstream::http1("echo").await.expect("upstream");
+    let ec = Signer::ec("e1");
+    let (jwks_port, seen) = jwks_server(ec.jwks()).await;
+    let remote = |path: &str| {
+        json!({"http_uri": {"uri": format!("http://jwks.example{path}"), "cluster": "jwks",
+            "timeout": "5s"}, "cache_duration": "300s"})
+    };
+    let jwt = json!({
+        "providers": {
+            "remote": {"issuer": EC_ISS, "remote_jwks": remote("/jwks"),
+                "claim_to_headers": [{"header_name": "x-sub", "claim_name": "sub"}]},
+            "down": {"issuer": "https://down.example", "remote_jwks": remote("/down"),
+                "from_headers": [{"name": "x-down"}]},
+        },
+        "rules": [
+            {"match": {"prefix": "/down"}, "requires": {"provider_name": "down"}},
+            {"match": {"prefix": "/"}, "requires": {"provider_name": "remote"}},
+        ],
+    });
+    let port = up.port();
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "jwt",
+                    vec![filter("jwt", JWT, jwt.clone())],
+                    vec![vhost("vh", vec![route("/", "echo", json!({}))], json!({}))],
+                    json!({}),
+                )])],
+            )],
+            vec![
+                cluster("echo", &[port], json!({})),
+                cluster("jwks", &[jwks_port], json!({})),
+            ],
+        )
+    });
+    let base = p.base();
+    let h1 = Http::h1();
+    // No token: nothing to fetch for.
+    let r = h1.get(&format!("{base}/"), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (401, "Jwt is missing"));
+    assert!(seen.lock().expect("seen").is_empty());
+    // The first token fetches the JWKS, the next ones use the cache.
+    for sub in ["a", "b", "c"] {
+        let t = ec.token(&json!({"iss": EC_ISS, "sub": sub}));
+        let r = h1
+            .get(&format!("{base}/"), &[("authorization", &bearer(&t))])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(echo_header(&r.echo(), "x-sub"), Some(sub));
+    }
+    assert_eq!(*seen.lock().expect("seen"), vec!["/jwks".to_owned()]);
+    // A failed fetch fails the token and is not cached.
+    let t = ec.token(&json!({"iss": "https://down.example"}));
+    for _ in 0..2 {
+        let r = h1.get(&format!("{base}/down"), &[("x-down", &t)]).await;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (401, "Jwks remote fetch is failed")
+        );
+    }
+    assert_eq!(seen.lock().expect("seen").len(), 3);
+    stat_is(&p, "http.jwt.jwt_authn.jwks_fetch_success", 1).await;
+    stat_is(&p, "http.jwt.jwt_authn.jwks_fetch_failed", 2).await;
+    stat_is(&p, "http.jwt.jwt_authn.allowed", 3).await;
+    stat_is(&p, "http.jwt.jwt_authn.denied", 3).await;
+}

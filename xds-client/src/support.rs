@@ -299,7 +299,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "issuer", "audiences", "forward", "from_headers", "from_params", "from_cookies",
         "forward_payload_header", "pad_forward_payload_header", "payload_in_metadata",
         "header_in_metadata", "clock_skew_seconds", "claim_to_headers", "local_jwks",
+        "remote_jwks",
     ]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks", &["http_uri", "cache_duration"]),
+    ("envoy.config.core.v3.HttpUri", &["uri", "cluster", "timeout"]),
     ("envoy.extensions.filters.http.jwt_authn.v3.JwtHeader", &["name", "value_prefix"]),
     ("envoy.extensions.filters.http.jwt_authn.v3.JwtClaimToHeader", &["header_name", "claim_name"]),
     ("envoy.extensions.filters.http.jwt_authn.v3.RequirementRule", &["match", "requires", "requirement_name"]),
@@ -660,9 +663,14 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "custom principal extensions are not implemented",
     ),
     (
-        "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider",
-        "remote_jwks",
-        "remote JWKS fetching is not implemented yet (istiod inlines the JWKS as local_jwks)",
+        "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",
+        "async_fetch",
+        "async_fetch (fetching at start) is not implemented: JWKS are fetched on first use",
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",
+        "retry_policy",
+        "JWKS fetch retries are not implemented",
     ),
     (
         "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider",

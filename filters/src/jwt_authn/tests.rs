@@ -84,7 +84,7 @@ fn provider(name: &str, issuer: &str, keys: &[&Value]) -> JwtProvider {
         header_in_metadata: String::new(),
         clock_skew_seconds: 0,
         claim_to_headers: vec![],
-        jwks: Arc::new(Jwks::parse(&jwks).expect("jwks")),
+        jwks: JwksSource::Local(Arc::new(Jwks::parse(&jwks).expect("jwks"))),
     }
 }
 
@@ -118,7 +118,8 @@ fn config(providers: Vec<JwtProvider>, requires: JwtRequirement) -> JwtAuthn {
 
 fn factory(c: JwtAuthn) -> JwtAuthnFactory {
     let stats: Arc<dyn StatsScope> = Arc::new(NoStats);
-    JwtAuthnFactory::new("jwt".into(), Arc::new(c), &stats)
+    let callouts: Arc<dyn Callouts> = Arc::new(crate::callout::NoCallouts);
+    JwtAuthnFactory::new("jwt".into(), Arc::new(c), &stats, &callouts)
 }
 
 fn head(path: &str, headers: &[(&str, &str)]) -> http::request::Parts {

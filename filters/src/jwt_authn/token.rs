@@ -39,6 +39,7 @@ pub enum Status {
     JwtAudienceNotAllowed,
     JwtVerificationFail,
     JwksKidAlgMismatch,
+    JwksFetchFail,
 }
 
 /// `(status, text, details)`: the text is Envoy's `getStatusString`, the
@@ -111,6 +112,8 @@ statuses! {
         "jwt_authn_access_denied{Jwt_verification_fails}";
     JwksKidAlgMismatch => "Jwks doesn't have key to match kid or alg from Jwt",
         "jwt_authn_access_denied{Jwks_doesn't_have_key_to_match_kid_or_alg_from_Jwt}";
+    JwksFetchFail => "Jwks remote fetch is failed",
+        "jwt_authn_access_denied{Jwks_remote_fetch_is_failed}";
 }
 
 /// A parsed (not yet verified) token.

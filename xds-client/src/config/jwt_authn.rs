@@ -106,8 +106,34 @@ pub struct JwtProvider {
     pub clock_skew_seconds: u64,
     /// `claim_to_headers`: (header, claim path with `.` between keys).
     pub claim_to_headers: Vec<(HeaderName, String)>,
+    /// Where the keys come from.
+    pub jwks: JwksSource,
+}
+
+/// `jwks_source_specifier`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JwksSource {
     /// `local_jwks`, parsed.
-    pub jwks: Arc<Jwks>,
+    Local(Arc<Jwks>),
+    /// `remote_jwks`: fetched through a cluster on first use.
+    Remote(Arc<RemoteJwks>),
+}
+
+/// `RemoteJwks`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteJwks {
+    /// `http_uri.uri`, whole (for logs).
+    pub uri: String,
+    /// `:authority` of the fetch (the URI's host and port).
+    pub authority: String,
+    /// `:path` of the fetch (path and query).
+    pub path: String,
+    /// `http_uri.cluster`.
+    pub cluster: String,
+    /// `http_uri.timeout`.
+    pub timeout: std::time::Duration,
+    /// `cache_duration` (default 10 minutes, as Envoy).
+    pub cache_duration: std::time::Duration,
 }
 
 /// `envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig`.

@@ -3,8 +3,8 @@
 //! provider indices. As Envoy, a requirement naming an unknown provider and
 //! a rule naming an unknown `requirement_name` are config errors.
 //!
-//! Rejected naming the field: `remote_jwks` (no JWKS fetching yet: istiod
-//! inlines what it fetched), `failed_status_in_metadata`,
+//! Rejected naming the field: `remote_jwks.async_fetch` and `retry_policy`,
+//! `failed_status_in_metadata`,
 //! `filter_state_rules`, `extract_only_without_validation` (support table),
 //! and, by value, a local JWKS without a usable key (Envoy accepts it and
 //! fails every token of that provider with `Jwks doesn't have any valid
@@ -164,7 +164,7 @@ fn provider(name: &str, p: &j::JwtProvider, path: &str) -> Result<JwtProvider, C
                     .map_err(|_| "Jwks is an invalid JSON")
                     .and_then(Jwks::parse)
                 {
-                    Ok(j) => Some(Arc::new(j)),
+                    Ok(j) => Some(JwksSource::Local(Arc::new(j))),
                     Err(e) => {
                         errs.push(jpath, e);
                         None
@@ -176,13 +176,13 @@ fn provider(name: &str, p: &j::JwtProvider, path: &str) -> Result<JwtProvider, C
                 }
             }
         }
-        Some(S::RemoteJwks(_)) => {
-            errs.push(
-                join(path, "remote_jwks"),
-                "remote JWKS fetching is not implemented yet (istiod inlines the JWKS as local_jwks)",
-            );
-            None
-        }
+        Some(S::RemoteJwks(r)) => match remote_jwks(r, &join(path, "remote_jwks")) {
+            Ok(r) => Some(JwksSource::Remote(Arc::new(r))),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        },
         None => {
             errs.push(
                 path,
@@ -253,6 +253,64 @@ fn provider(name: &str, p: &j::JwtProvider, path: &str) -> Result<JwtProvider, C
         }),
         _ => Err(errs),
     }
+}
+
+/// Envoy's default `cache_duration`.
+const DEFAULT_CACHE_DURATION: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn remote_jwks(r: &j::RemoteJwks, path: &str) -> Result<RemoteJwks, ConfigErrors> {
+    if r.async_fetch.is_some() {
+        return Err(err(
+            join(path, "async_fetch"),
+            "async_fetch (fetching at start) is not implemented: JWKS are fetched on first use",
+        ));
+    }
+    if r.retry_policy.is_some() {
+        return Err(err(
+            join(path, "retry_policy"),
+            "JWKS fetch retries are not implemented",
+        ));
+    }
+    let upath = join(path, "http_uri");
+    let Some(h) = &r.http_uri else {
+        return Err(err(upath, "value is required"));
+    };
+    use crate::api::envoy::config::core::v3::http_uri::HttpUpstreamType;
+    let cluster = match &h.http_upstream_type {
+        Some(HttpUpstreamType::Cluster(c)) if !c.is_empty() => c.clone(),
+        _ => {
+            return Err(err(
+                join(&upath, "cluster"),
+                "value length must be at least 1 characters",
+            ))
+        }
+    };
+    let Some(t) = &h.timeout else {
+        return Err(err(join(&upath, "timeout"), "value is required"));
+    };
+    let timeout = super::duration(t, &join(&upath, "timeout"))?;
+    let uri: http::Uri = h
+        .uri
+        .parse()
+        .map_err(|_| err(join(&upath, "uri"), format!("invalid URI {:?}", h.uri)))?;
+    let (Some(authority), Some(_)) = (uri.authority(), uri.scheme()) else {
+        return Err(err(
+            join(&upath, "uri"),
+            format!("invalid URI {:?}: scheme and host are required", h.uri),
+        ));
+    };
+    let cache_duration = match &r.cache_duration {
+        Some(d) => super::duration(d, &join(path, "cache_duration"))?,
+        None => DEFAULT_CACHE_DURATION,
+    };
+    Ok(RemoteJwks {
+        uri: h.uri.clone(),
+        authority: authority.as_str().to_owned(),
+        path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        cluster,
+        timeout,
+        cache_duration,
+    })
 }
 
 fn requirement(
