@@ -127,7 +127,7 @@ fn build_version(
         ssl_stats: stats.ssl.clone(),
         rds: &shared.rds,
         routes: &snap.routes,
-        callouts: crate::upstream::callout::ClusterCallouts::new(shared),
+        callouts: crate::upstream::callout::ClusterCallouts::shared(shared),
     };
     let reuse = |fc: &Arc<xds_client::config::FilterChain>| -> Option<Arc<ChainRuntime>> {
         prev?

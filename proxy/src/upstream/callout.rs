@@ -32,7 +32,8 @@ impl std::fmt::Debug for ClusterCallouts {
 }
 
 impl ClusterCallouts {
-    pub fn new(shared: &Arc<Shared>) -> Arc<dyn Callouts> {
+    /// The callouts of `shared`, as filter chains hold them.
+    pub fn shared(shared: &Arc<Shared>) -> Arc<dyn Callouts> {
         Arc::new(ClusterCallouts {
             shared: Arc::downgrade(shared),
         })
