@@ -177,16 +177,15 @@ fn build(req: CalloutRequest, kind: PoolKind) -> Result<Request<Body>, CalloutEr
 
 /// `auto_sni` for a callout: the authority's host, unless it is an IP.
 fn sni_of(authority: &str) -> Option<Arc<str>> {
-    let host = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => authority,
+    let host = match authority.strip_prefix('[') {
+        // An IPv6 literal, with or without a port.
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        },
     };
-    if host.is_empty()
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_ok()
-    {
+    if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
         return None;
     }
     Some(host.into())
