@@ -108,11 +108,15 @@ fn principal(p: &Principal, i: &Input<'_>) -> bool {
 /// As Envoy's `MetadataMatcher::match`: the value at the path (absent when
 /// a key is missing or a step is not an object), matched, then inverted.
 fn metadata(m: &MetadataMatcher, i: &Input<'_>) -> bool {
+    // The translator guarantees a non-empty path.
+    let Some((first, rest)) = m.path.split_first() else {
+        return m.invert;
+    };
     let mut v = i
         .metadata
         .and_then(|md| md.namespace(&m.filter))
-        .and_then(|ns| ns.get(m.path[0].as_str()));
-    for k in &m.path[1..] {
+        .and_then(|ns| ns.get(first.as_str()));
+    for k in rest {
         v = v
             .and_then(|x| x.as_object())
             .and_then(|o| o.get(k.as_str()));
