@@ -504,9 +504,7 @@ fn per_route_requirement_name_and_cors_bypass() {
     let off = per(JwtPerRoute::Disabled);
     assert!(run(&f, &view(&off), &mut head("/", &[])).is_ok());
     let wrong = per(JwtPerRoute::RequirementName("nope".into()));
-    let (r, www) = run(&f, &view(&wrong), &mut head("/", &[]))
-        .err()
-        .expect("403");
+    let (r, www) = run(&f, &view(&wrong), &mut head("/", &[])).expect_err("403");
     assert_eq!(r.status, 403);
     assert_eq!(
         r.body,
