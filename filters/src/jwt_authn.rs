@@ -735,6 +735,8 @@ struct Shared {
     providers: Vec<Provider>,
     rules: Vec<(RouteMatch, Option<Verifier>)>,
     named: Vec<(String, Arc<Verifier>)>,
+    /// Whether a rule's match has a `runtime_fraction`.
+    random_rules: bool,
     stats: Stats,
 }
 
@@ -807,6 +809,10 @@ impl JwtAuthnFactory {
         JwtAuthnFactory {
             name,
             shared: Arc::new(Shared {
+                random_rules: config
+                    .rules
+                    .iter()
+                    .any(|r| r.matcher.runtime_fraction_ppm.is_some()),
                 config,
                 providers,
                 rules,
@@ -898,7 +904,12 @@ impl JwtAuthnFilter {
             headers: &head.headers,
             is_connect: head.method == http::Method::CONNECT,
             peer_cert: false,
-            random_ppm: rand::random_range(0..1_000_000),
+            // Drawn only when a rule has a `runtime_fraction`.
+            random_ppm: if self.shared.random_rules {
+                rand::random_range(0..1_000_000)
+            } else {
+                0
+            },
         };
         self.shared
             .rules

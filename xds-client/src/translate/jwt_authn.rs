@@ -389,3 +389,96 @@ fn requirement(
         None => JwtRequirement::AllowAll,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn translate(yaml: &str) -> Result<JwtAuthn, String> {
+        let any = crate::bootstrap::any_from_text(JWT_AUTHN, yaml).map_err(|e| e.to_string())?;
+        let p = j::JwtAuthentication::decode(any.value.as_slice()).expect("decodes");
+        jwt_authn(&p, "f").map_err(|e| e.to_string())
+    }
+
+    const KEY: &str = r#"{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}"#;
+
+    #[test]
+    fn providers_requirements_and_rules() {
+        let c = translate(&format!(
+            "providers: {{b: {{issuer: ib, local_jwks: {{inline_string: \"{KEY}\"}}}}, \
+             a: {{issuer: ia, local_jwks: {{inline_string: \"{KEY}\"}}, from_headers: [{{name: x-t, value_prefix: \"T \"}}]}}}}\n\
+             requirement_map: {{r: {{requires_any: {{requirements: [{{provider_name: b}}, {{allow_missing: {{}}}}]}}}}}}\n\
+             rules: [{{match: {{prefix: /a}}, requires: {{provider_and_audiences: {{provider_name: a, audiences: [x]}}}}}}, \
+             {{match: {{prefix: /r}}, requirement_name: r}}, {{match: {{prefix: /}}}}]"
+        ))
+        .expect("valid");
+        assert_eq!(c.providers[0].name, "a");
+        assert_eq!(c.providers[0].from_headers[0].1, "T ");
+        assert_eq!(
+            c.rules[0].requires.as_deref(),
+            Some(&JwtRequirement::Provider {
+                provider: 0,
+                audiences: Some(vec!["x".into()])
+            })
+        );
+        assert_eq!(
+            c.rules[1].requires.as_deref(),
+            Some(&JwtRequirement::Any {
+                requirements: vec![JwtRequirement::Provider {
+                    provider: 1,
+                    audiences: None
+                }],
+                allow_missing: true,
+                allow_missing_or_failed: false,
+            })
+        );
+        assert!(c.rules[2].requires.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = translate("providers: {a: {local_jwks: {inline_string: \"{}\"}}}")
+            .expect_err("no keys");
+        assert!(
+            e.contains("f.providers[\"a\"].local_jwks")
+                && e.contains("Jwks does not have [keys] field"),
+            "{e}"
+        );
+        let e = translate(&format!(
+            "providers: {{a: {{local_jwks: {{inline_string: \"{KEY}\"}}}}}}\n\
+             rules: [{{match: {{prefix: /}}, requires: {{provider_name: nope}}}}, {{match: {{prefix: /}}, requirement_name: zz}}]"
+        ))
+        .expect_err("unknown names");
+        assert!(
+            e.contains("f.rules[0].requires.provider_name")
+                && e.contains("Required provider ['nope'] is not configured.")
+                && e.contains("f.rules[1].requirement_name")
+                && e.contains("Wrong requirement_name: zz"),
+            "{e}"
+        );
+        let e = translate(
+            "providers: {a: {remote_jwks: {http_uri: {uri: \"http://h/jwks\", cluster: c, timeout: 1s}, async_fetch: {}}}}",
+        )
+        .expect_err("async_fetch");
+        assert!(
+            e.contains("f.providers[\"a\"].remote_jwks.async_fetch"),
+            "{e}"
+        );
+        let c = translate(
+            "providers: {a: {remote_jwks: {http_uri: {uri: \"http://h:8080/jwks?x=1\", cluster: c, timeout: 1s}}}}",
+        )
+        .expect("remote");
+        let JwksSource::Remote(r) = &c.providers[0].jwks else {
+            panic!("remote");
+        };
+        assert_eq!(
+            (
+                r.authority.as_str(),
+                r.path.as_str(),
+                r.cache_duration.as_secs()
+            ),
+            ("h:8080", "/jwks?x=1", 600)
+        );
+    }
+}
