@@ -67,8 +67,20 @@ impl std::fmt::Display for CalloutError {
 pub type CalloutFuture =
     Pin<Box<dyn Future<Output = Result<CalloutResponse, CalloutError>> + Send + 'static>>;
 
-/// Sends requests to clusters on behalf of filters.
+/// What filters ask of the proxy: requests to clusters, and the server's
+/// own facts (the health_check filter's).
 pub trait Callouts: Send + Sync + std::fmt::Debug {
+    /// The server was told to fail health checks (admin
+    /// `/healthcheck/fail`; Envoy's `healthCheckFailed()`).
+    fn health_check_failed(&self) -> bool;
+
+    /// The local node's cluster name (`node.cluster`, `--service-cluster`).
+    fn local_cluster(&self) -> String;
+
+    /// A cluster's `(membership_total, membership_healthy)`; `None` when
+    /// there is no such cluster.
+    fn cluster_membership(&self, cluster: &str) -> Option<(u64, u64)>;
+
     /// Sends `req` to a host of `cluster` with the cluster's protocol and
     /// transport; the whole exchange (connect, response head, body of at
     /// most `max_body` bytes, trailers) is bounded by `timeout`.
@@ -87,6 +99,15 @@ pub trait Callouts: Send + Sync + std::fmt::Debug {
 pub struct NoCallouts;
 
 impl Callouts for NoCallouts {
+    fn health_check_failed(&self) -> bool {
+        false
+    }
+    fn local_cluster(&self) -> String {
+        String::new()
+    }
+    fn cluster_membership(&self, _: &str) -> Option<(u64, u64)> {
+        None
+    }
     fn send(&self, _: &str, _: CalloutRequest, _: Duration, _: usize) -> CalloutFuture {
         Box::pin(async { Err(CalloutError::ClusterNotFound) })
     }

@@ -321,6 +321,11 @@ pub trait HttpFilter: Send {
         Action::Continue
     }
     fn on_log(&mut self, _cx: &FilterContext) {}
+    /// The buffer filter: the whole request body (at most this many bytes)
+    /// must be read before the router acts. `None` (the default): streamed.
+    fn buffer_request_body(&self) -> Option<u64> {
+        None
+    }
     /// An observer of the request body on its way upstream, asked once
     /// after every request header phase continued. `None` (the default):
     /// the request body is not wrapped.
@@ -509,9 +514,41 @@ impl FilterChain {
                 HttpFilterKind::LocalRateLimit(l) => filters.push(Arc::new(
                     crate::local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
                 )),
+                HttpFilterKind::Buffer(max) => filters.push(Arc::new(
+                    crate::buffer::BufferFactory::new(c.name.clone(), *max),
+                )),
+                HttpFilterKind::HealthCheck(h) => {
+                    filters.push(Arc::new(crate::health_check::HealthCheckFactory::new(
+                        c.name.clone(),
+                        h.clone(),
+                        callouts,
+                    )))
+                }
+                HttpFilterKind::HeaderMutation(m) => filters.push(Arc::new(
+                    crate::header_mutation::HeaderMutationFactory::new(c.name.clone(), m.clone()),
+                )),
+                HttpFilterKind::SetFilterState(c2) => filters.push(Arc::new(
+                    crate::set_filter_state::SetFilterStateFactory::new(c.name.clone(), c2.clone()),
+                )),
                 HttpFilterKind::Rbac(r) => filters.push(Arc::new(
                     crate::rbac::http::RbacFactory::new(c.name.clone(), r.clone(), stats),
                 )),
+                HttpFilterKind::RateLimit(r) => {
+                    filters.push(Arc::new(crate::ratelimit::RateLimitFactory::new(
+                        c.name.clone(),
+                        r.clone(),
+                        stats,
+                        callouts,
+                    )))
+                }
+                HttpFilterKind::ExtAuthz(e) => {
+                    filters.push(Arc::new(crate::ext_authz::ExtAuthzFactory::new(
+                        c.name.clone(),
+                        e.clone(),
+                        stats,
+                        callouts,
+                    )))
+                }
                 HttpFilterKind::JwtAuthn(j) => {
                     filters.push(Arc::new(crate::jwt_authn::JwtAuthnFactory::new(
                         c.name.clone(),

@@ -20,7 +20,7 @@
 //! that needs them, as Envoy's filter state `per_connection_local_rate_limiter`.
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{request::Parts, HeaderValue};
@@ -277,37 +277,16 @@ impl LocalRateLimitFactory {
         }
     }
 
-    /// The limiter of a per-route config: built once per config (its
-    /// buckets live as long as the route configuration, as Envoy's
-    /// per-route `FilterConfig`).
+    /// The limiter of a per-route config: built once per config, held by
+    /// the config itself (its buckets live as long as the route
+    /// configuration, as Envoy's per-route `FilterConfig`).
     fn route_limiter(&self, cfg: &Arc<HttpLocalRateLimit>) -> Arc<Limiter> {
-        // By config allocation; the weak reference tells a live config from
-        // a new one at a freed one's address.
-        type Registry = RwLock<HashMap<usize, (Weak<HttpLocalRateLimit>, Arc<Limiter>)>>;
-        static ROUTE_LIMITERS: OnceLock<Registry> = OnceLock::new();
-        let registry = ROUTE_LIMITERS.get_or_init(Default::default);
-        let key = Arc::as_ptr(cfg) as usize;
-        let live = |w: &Weak<HttpLocalRateLimit>| {
-            std::ptr::eq(w.as_ptr(), Arc::as_ptr(cfg)) && w.strong_count() > 0
-        };
-        if let Some((w, l)) = registry.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            if live(w) {
-                return l.clone();
-            }
-        }
-        let mut all = registry.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((w, l)) = all.get(&key) {
-            if live(w) {
-                return l.clone();
-            }
-        }
-        // Configs gone with their route tables free their buckets here.
-        all.retain(|_, (w, _)| w.strong_count() > 0);
-        // The limiter keeps its own copy: a reference to `cfg` would keep
-        // it alive forever.
-        let l = Arc::new(Limiter::new(Arc::new((**cfg).clone()), &self.root));
-        all.insert(key, (Arc::downgrade(cfg), l.clone()));
-        l
+        // The limiter keeps its own copy of the config (whose slot is
+        // empty): a reference to `cfg` would be a cycle through the slot.
+        let make = || Limiter::new(Arc::new((**cfg).clone()), &self.root);
+        cfg.runtime
+            .get_or_init(make)
+            .unwrap_or_else(|| Arc::new(make()))
     }
 }
 
@@ -357,7 +336,7 @@ impl HttpFilterFactory for LocalRateLimitFactory {
             (Policies::default(), None)
         } else {
             (
-                Policies::select(route, &limiter.cfg),
+                Policies::select(route, limiter.cfg.vh_rate_limits),
                 route.cluster.map(Box::from),
             )
         };
@@ -371,9 +350,10 @@ impl HttpFilterFactory for LocalRateLimitFactory {
     }
 }
 
-/// The `rate_limits` that apply to a request (route's, virtual host's).
+/// The `rate_limits` that apply to a request (route's, virtual host's);
+/// shared with the global rate limit filter (`crate::ratelimit`).
 #[derive(Debug, Default)]
-struct Policies {
+pub(crate) struct Policies {
     route: Option<Arc<[RateLimitPolicy]>>,
     vhost: Option<Arc<[RateLimitPolicy]>>,
 }
@@ -381,14 +361,14 @@ struct Policies {
 impl Policies {
     /// As Envoy's `Filter::populateDescriptors`: the route's, then the
     /// virtual host's per `include_vh_rate_limits` / `vh_rate_limits`.
-    fn select(route: &RouteView<'_>, cfg: &HttpLocalRateLimit) -> Policies {
+    pub(crate) fn select(route: &RouteView<'_>, vh_rate_limits: VhRateLimits) -> Policies {
         let Some(rl) = route.rate_limits else {
             return Policies::default();
         };
         let vh = if rl.include_vh {
             VhRateLimits::Include
         } else {
-            cfg.vh_rate_limits
+            vh_rate_limits
         };
         let vhost = match vh {
             VhRateLimits::Ignore => false,
@@ -401,10 +381,22 @@ impl Policies {
         }
     }
 
-    fn descriptors(&self, stage: u32, req: &Request<'_>) -> Vec<Descriptor> {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.route.is_none() && self.vhost.is_none()
+    }
+
+    /// The descriptors of the entries of `stage`; `with_disable_key`:
+    /// entries with a `disable_key` too (the global filter's runtime keys
+    /// default to enabled; the local filter skips them).
+    pub(crate) fn descriptors_with(
+        &self,
+        stage: u32,
+        req: &Request<'_>,
+        with_disable_key: bool,
+    ) -> Vec<Descriptor> {
         let mut out = Vec::new();
         for p in self.route.iter().chain(&self.vhost).flat_map(|l| l.iter()) {
-            if p.stage != stage || !p.disable_key.is_empty() {
+            if p.stage != stage || (!with_disable_key && !p.disable_key.is_empty()) {
                 continue;
             }
             if let Some(d) = descriptor(p, req) {
@@ -413,13 +405,17 @@ impl Policies {
         }
         out
     }
+
+    fn descriptors(&self, stage: u32, req: &Request<'_>) -> Vec<Descriptor> {
+        self.descriptors_with(stage, req, false)
+    }
 }
 
 /// What the actions read.
-struct Request<'a> {
-    head: &'a Parts,
-    remote: Option<IpAddr>,
-    cluster: Option<&'a str>,
+pub(crate) struct Request<'a> {
+    pub(crate) head: &'a Parts,
+    pub(crate) remote: Option<IpAddr>,
+    pub(crate) cluster: Option<&'a str>,
 }
 
 /// One policy's descriptor, as Envoy's `RateLimitPolicyEntryImpl::populateDescriptors`:
@@ -659,6 +655,7 @@ mod tests {
             always_consume_default: true,
             resource_exhausted: false,
             max_dynamic_descriptors: 20,
+            runtime: Default::default(),
         }
     }
 
@@ -867,6 +864,7 @@ mod connection_tests {
             always_consume_default: true,
             resource_exhausted: false,
             max_dynamic_descriptors: 20,
+            runtime: Default::default(),
         }
     }
 }

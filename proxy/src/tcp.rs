@@ -139,7 +139,32 @@ impl TcpRuntime {
         let mut attempt = 0;
         let (up, host) = loop {
             attempt += 1;
-            let Some(host) = cluster.choose(&tried, 3) else {
+            // A consistent-hash cluster's own hash policy (no request: only
+            // `source_ip` can yield a hash), else `hash_policy` source_ip:
+            // the host of the downstream IP (Envoy's tcp_proxy retries it
+            // as is).
+            let picked = if !cluster.config.lb_hash_policy.is_empty() && cluster.config.lb.is_hash()
+            {
+                let h = crate::upstream::hash_lb::request_hash(
+                    &cluster.config.lb_hash_policy,
+                    &http::HeaderMap::new(),
+                    &http::Uri::from_static("/"),
+                    meta.src,
+                    meta.direct_src,
+                    meta.dst,
+                );
+                cluster.choose_hashed(h.hash, &[], 0)
+            } else if self.config.hash_source_ip && cluster.config.lb.is_hash() {
+                let ip = meta.src.ip().to_string();
+                cluster.choose_hashed(
+                    Some(crate::upstream::hash_lb::xxhash64(ip.as_bytes(), 0)),
+                    &[],
+                    0,
+                )
+            } else {
+                cluster.choose(&tried, 3)
+            };
+            let Some(host) = picked else {
                 info.flags.set(Flags::UH);
                 return self.finish(info, start);
             };

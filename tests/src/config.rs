@@ -185,3 +185,20 @@ pub async fn stat_is(p: &Proxy, name: &str, want: i64) {
     let last = wait_stat(p, name, |v| v == Some(want)).await;
     assert_eq!(last, Some(want), "{name}");
 }
+
+/// [`bootstrap`] with more top-level fields (`node`, ...).
+pub fn bootstrap_with(
+    p: &Ports,
+    listeners: Vec<Value>,
+    clusters: Vec<Value>,
+    extra: Value,
+) -> String {
+    merge(
+        json!({
+            "admin": {"address": sock(p.admin)},
+            "static_resources": {"listeners": listeners, "clusters": clusters},
+        }),
+        extra,
+    )
+    .to_string()
+}

@@ -70,16 +70,45 @@ pub enum Proto {
 #[derive(Default)]
 pub(crate) struct State {
     seen: Mutex<HashMap<String, u64>>,
+    /// The last requests received (at most [`RECORDED`]).
+    recorded: Mutex<std::collections::VecDeque<EchoView>>,
 }
+
+/// How many requests an echo upstream remembers.
+const RECORDED: usize = 256;
 
 /// A running echo upstream. Stops accepting when dropped.
 pub struct EchoServer {
     addr: SocketAddr,
     name: String,
     task: JoinHandle<()>,
+    state: Arc<State>,
 }
 
 impl EchoServer {
+    /// The requests received so far (the last 256), oldest first.
+    pub fn requests(&self) -> Vec<EchoView> {
+        let r = self
+            .state
+            .recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        r.iter().cloned().collect()
+    }
+
+    /// Waits (about 2 s at most) until `n` requests were received; returns
+    /// them.
+    pub async fn wait_requests(&self, n: usize) -> Vec<EchoView> {
+        for _ in 0..100 {
+            let r = self.requests();
+            if r.len() >= n {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.requests()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -114,6 +143,7 @@ pub async fn echo(name: &str, proto: Proto) -> std::io::Result<EchoServer> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let state = Arc::new(State::default());
+    let kept = state.clone();
     let upstream: Arc<str> = Arc::from(name);
     let task = tokio::spawn(async move {
         loop {
@@ -149,6 +179,7 @@ pub async fn echo(name: &str, proto: Proto) -> std::io::Result<EchoServer> {
         addr,
         name: name.to_owned(),
         task,
+        state: kept,
     })
 }
 
@@ -226,6 +257,13 @@ pub(crate) async fn handle(
         body_len,
         seen,
     };
+    {
+        let mut r = state.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == RECORDED {
+            r.pop_front();
+        }
+        r.push_back(view.clone());
+    }
 
     let mut resp = Response::builder()
         .status(status)

@@ -452,7 +452,7 @@ fn w_addr(base: &str) -> SocketAddr {
 fn invalid_config_names_every_field() {
     let yaml = config(
         "            - name: v\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: nope, bogus_field: 1}\n",
-        "  - name: c\n    type: EDS\n    lb_policy: MAGLEV\n",
+        "  - name: c\n    type: EDS\n    lb_policy: CLUSTER_PROVIDED\n",
         "",
     );
     let err =
@@ -461,7 +461,7 @@ fn invalid_config_names_every_field() {
     assert!(text.contains("route.bogus_field"), "{text}");
     let yaml = config(
         "            - name: v\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: nope}\n",
-        "  - name: c\n    type: EDS\n    lb_policy: MAGLEV\n",
+        "  - name: c\n    type: EDS\n    lb_policy: CLUSTER_PROVIDED\n",
         "",
     );
     let err =

@@ -845,6 +845,22 @@ async fn mtls_stats_split_verification_failures_from_connection_errors() {
     wait_stat(&p2, &s2("ssl.no_certificate"), 1);
 }
 
+/// 4c. `require_sni` is a hidden field Envoy 1.40 does not implement: a
+/// ClientHello without SNI is still served, by Envoy and by weir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_sni_is_accepted_without_effect_as_envoy() {
+    let pki = Pki::new(&["sni.test"]);
+    let p = Cfg::new(Listener::new(vec![
+        Chain::direct("sni").tls(&format!("{}, require_sni: true", pki.common("")))
+    ]))
+    .start();
+    for client in [pki.client().build(), pki.client().no_sni().build()] {
+        let r = client.get(p.addr(), "sni.test", "/").await.expect("served");
+        assert_eq!(r.text(), "sni");
+    }
+    wait_stat(&p, &lstat(p.addr(), "ssl.handshake"), 2);
+}
+
 /// 4b'. A missing client certificate is `ssl.fail_verify_no_cert`, not a
 /// connection error (Envoy's `drainErrorQueue`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,7 +111,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &[
         "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "downstream_idle_timeout",
         "upstream_idle_timeout", "access_log", "max_connect_attempts", "max_downstream_connection_duration",
+        "hash_policy",
     ]),
+    // `filter_state` is rejected: weir has no filter state.
+    ("envoy.type.v3.HashPolicy", &["source_ip"]),
+    ("envoy.type.v3.HashPolicy.SourceIp", &[]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", &["clusters"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight", &["name", "weight", "metadata_match"]),
     ("envoy.extensions.filters.network.sni_cluster.v3.SniCluster", &[]),
@@ -132,6 +136,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "common_tls_context", "require_client_certificate", "session_timeout",
         "disable_stateless_session_resumption", "disable_stateful_session_resumption",
         "ocsp_staple_policy", "~full_scan_certs_on_sni_mismatch", "prefer_client_ciphers",
+        "~require_sni",
     ]),
     ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", &[
         "common_tls_context", "sni", "max_session_keys", "allow_renegotiation",
@@ -233,6 +238,33 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "rate_limited_as_resource_exhausted", "max_dynamic_descriptors",
     ]),
     ("envoy.type.v3.HttpStatus", &["code"]),
+    // envoy.filters.http.ext_authz (ARCHITECTURE.md "External
+    // authorization"): the rest of `ExtAuthz` is rejected.
+    ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", &[
+        "grpc_service", "http_service", "transport_api_version", "failure_mode_allow",
+        "failure_mode_allow_header_add", "status_on_error",
+        "metadata_context_namespaces", "filter_enabled", "deny_at_disable",
+        "stat_prefix", "allowed_headers",
+        "~charge_cluster_response_stats",
+    ]),
+    ("envoy.extensions.filters.http.ext_authz.v3.HttpService", &[
+        "server_uri", "path_prefix", "authorization_request", "authorization_response",
+    ]),
+    ("envoy.config.core.v3.HttpUri", &["uri", "cluster", "timeout"]),
+    ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest", &["allowed_headers", "headers_to_add"]),
+    ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse", &[
+        "allowed_upstream_headers", "allowed_upstream_headers_to_append", "allowed_client_headers",
+        "allowed_client_headers_on_success", "dynamic_metadata_from_headers",
+    ]),
+    ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", &["disabled", "check_settings"]),
+    // envoy.filters.http.ratelimit (ARCHITECTURE.md "Global rate limit").
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", &[
+        "domain", "stage", "request_type", "timeout", "failure_mode_deny", "rate_limit_service",
+        "enable_x_ratelimit_headers", "disable_x_envoy_ratelimited_header",
+        "rate_limited_as_resource_exhausted", "rate_limited_status",
+    ]),
+    ("envoy.config.ratelimit.v3.RateLimitServiceConfig", &["grpc_service", "transport_api_version"]),
+    ("envoy.extensions.filters.http.ext_authz.v3.CheckSettings", &["context_extensions", "disable_request_body_buffering"]),
     ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", &["entries", "token_bucket"]),
     ("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry", &["key", "value"]),
     // Route and virtual host `rate_limits` (the descriptors rate limit
@@ -254,12 +286,34 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "descriptor_value", "descriptor_key", "expect_match", "query_parameters",
     ]),
     // RBAC (HTTP and network): `rules` policies with the matchers weir
-    // evaluates; the matcher API, metadata, filter state, CEL conditions
+    // evaluates; the matcher API, metadata, CEL conditions
     // and audit logging are rejected (PENDING).
     ("envoy.extensions.filters.http.rbac.v3.RBAC", &[
         "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
     ]),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
+    ("envoy.extensions.filters.http.buffer.v3.Buffer", &["max_request_bytes"]),
+    ("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", &["disabled", "buffer"]),
+    ("envoy.extensions.filters.http.health_check.v3.HealthCheck", &[
+        "pass_through_mode", "cache_time", "cluster_min_healthy_percentages", "headers",
+    ]),
+    // header_mutation: header mutations (query parameter and trailer
+    // mutations are rejected).
+    ("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", &[
+        "mutations", "most_specific_header_mutations_wins",
+    ]),
+    ("envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute", &["mutations"]),
+    ("envoy.extensions.filters.http.header_mutation.v3.Mutations", &[
+        "request_mutations", "response_mutations",
+    ]),
+    ("envoy.config.common.mutation_rules.v3.HeaderMutation", &["remove", "append", "remove_on_match"]),
+    ("envoy.config.common.mutation_rules.v3.HeaderMutation.RemoveOnMatch", &["key_matcher"]),
+    // set_filter_state (HTTP): string objects set at the request headers.
+    ("envoy.extensions.filters.http.set_filter_state.v3.Config", &["on_request_headers"]),
+    ("envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue", &[
+        "object_key", "factory_key", "format_string", "read_only", "shared_with_upstream",
+        "skip_if_empty",
+    ]),
     ("envoy.extensions.filters.network.rbac.v3.RBAC", &[
         "rules", "shadow_rules", "shadow_rules_stat_prefix", "stat_prefix", "enforcement_type",
     ]),
@@ -273,8 +327,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.rbac.v3.Permission.Set", &["rules"]),
     ("envoy.config.rbac.v3.Principal", &[
         "and_ids", "or_ids", "any", "authenticated", "source_ip", "direct_remote_ip",
-        "remote_ip", "header", "url_path", "not_id", "metadata",
+        "remote_ip", "header", "url_path", "not_id", "filter_state", "metadata",
     ]),
+    ("envoy.type.matcher.v3.FilterStateMatcher", &["key", "string_match"]),
     ("envoy.config.rbac.v3.Principal.Set", &["ids"]),
     ("envoy.config.rbac.v3.Principal.Authenticated", &["principal_name"]),
     ("envoy.type.matcher.v3.PathMatcher", &["path"]),
@@ -451,8 +506,23 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "idle_timeout", "retry_policy", "max_stream_duration", "upgrade_configs", "max_grpc_timeout",
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
-        "rate_limits", "include_vh_rate_limits",
+        "rate_limits", "include_vh_rate_limits", "request_mirror_policies", "hash_policy",
     ]),
+    // Shadowing: `trace_sampled` only steers the shadow's span (weir
+    // reports no spans).
+    ("envoy.config.route.v3.RouteAction.RequestMirrorPolicy", &[
+        "cluster", "cluster_header", "runtime_fraction", "~trace_sampled",
+        "disable_shadow_host_suffix_append", "request_headers_mutations", "host_rewrite_literal",
+    ]),
+    // `filter_state` is rejected: weir has no filter state.
+    ("envoy.config.route.v3.RouteAction.HashPolicy", &[
+        "header", "cookie", "connection_properties", "query_parameter", "terminal",
+    ]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Header", &["header_name", "regex_rewrite"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.Cookie", &["name", "ttl", "path", "attributes"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute", &["name", "value"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties", &["source_ip"]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter", &["name"]),
     ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),
     ("envoy.config.route.v3.WeightedCluster", &["clusters", "total_weight", "~runtime_key_prefix"]),
@@ -463,7 +533,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.RetryPolicy", &[
         "retry_on", "num_retries", "per_try_timeout", "retry_host_predicate",
         "host_selection_retry_max_attempts", "retriable_status_codes", "retry_back_off",
+        "retriable_headers", "retriable_request_headers", "rate_limited_retry_back_off",
     ]),
+    ("envoy.config.route.v3.RetryPolicy.RateLimitedRetryBackOff", &["reset_headers", "max_interval"]),
+    ("envoy.config.route.v3.RetryPolicy.ResetHeader", &["name", "format"]),
     ("envoy.config.route.v3.RetryPolicy.RetryBackOff", &["base_interval", "max_interval"]),
     ("envoy.config.route.v3.RetryPolicy.RetryHostPredicate", &["name", "typed_config"]),
     ("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate", &[]),
@@ -502,6 +575,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
+        "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
@@ -530,7 +604,34 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),
     ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
     ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
-    ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &["healthy_panic_threshold"]),
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &[
+        "healthy_panic_threshold", "consistent_hashing_lb_config", "locality_weighted_lb_config",
+    ]),
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", &[]),
+    // Consistent hashing: `hash_balance_factor` (bounded loads) is not implemented.
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing"]),
+    ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", &["minimum_ring_size", "maximum_ring_size", "hash_function"]),
+    ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
+    // `load_balancing_policy`: the first policy is used (Envoy uses the first
+    // it knows; an extension weir lacks anywhere in the list is rejected).
+    // Slow start, locality configs, bounded loads and an LB-level
+    // `hash_policy` are not implemented.
+    ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),
+    ("envoy.config.cluster.v3.LoadBalancingPolicy.Policy", &["typed_extension_config"]),
+    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.random.v3.Random", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count", "locality_lb_config"]),
+    // Zone-aware routing is not implemented.
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig", &["locality_weighted_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
+        "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
+        "locality_weighted_lb_config",
+    ]),
+    ("envoy.extensions.load_balancing_policies.maglev.v3.Maglev", &[
+        "table_size", "consistent_hashing_lb_config", "locality_weighted_lb_config",
+    ]),
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.LocalityWeightedLbConfig", &[]),
+    ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_policy"]),
     ("envoy.type.v3.Percent", &["value"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "~weighted_priority_health"]),
@@ -551,6 +652,16 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// Fields rejected with a reason because the traffic-policy work will
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "with_request_body",
+        "sending the request body to the authorization service is not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "include_peer_certificate",
+        "sending the peer certificate to the authorization service is not implemented",
+    ),
     (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "response_rate_limit",
@@ -650,12 +761,6 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.config.rbac.v3.Principal",
         "sourced_metadata",
         "sourced_metadata matching is not implemented",
-    ),
-    (
-        "envoy.config.rbac.v3.Principal",
-        "filter_state",
-        "filter state matching is not implemented (weir has no filter state; Istio's \
-         io.istio.peer_principal needs it)",
     ),
     (
         "envoy.config.rbac.v3.Principal",

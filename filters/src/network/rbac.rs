@@ -70,6 +70,8 @@ impl NetworkFilterFactory for RbacFactory {
                 },
                 None => Peer::default(),
             }),
+            // No network filter sets connection filter state yet.
+            filter_state: [None, None],
             metadata: None,
         };
         if let Some(shadow) = &self.config.shadow_rules {

@@ -132,6 +132,7 @@ impl HttpFilter for RbacFilter {
                 dns_sans: &d.peer_dns_sans,
                 subject: d.peer_subject.as_deref().unwrap_or(""),
             }),
+            filter_state: [Some(&cx.filter_state), d.map(|d| &d.filter_state)],
             metadata: Some(&cx.metadata),
         };
         if let Some(shadow) = &self.config.shadow_rules {

@@ -34,6 +34,9 @@ pub struct Input<'a> {
     /// `Some` on a TLS connection, with the peer certificate's names (empty
     /// without a certificate).
     pub tls: Option<Peer<'a>>,
+    /// Filter state: the request's, then the connection's (`filter_state`
+    /// principals).
+    pub filter_state: [Option<&'a crate::FilterState>; 2],
     /// The request's dynamic metadata (`metadata` matchers); `None` for
     /// the network filter (no filter writes connection metadata).
     pub metadata: Option<&'a crate::state::DynamicMetadata>,
@@ -101,6 +104,13 @@ fn principal(p: &Principal, i: &Input<'_>) -> bool {
         Principal::RemoteIp(c) => c.contains(i.remote.ip()),
         Principal::Header(h) => header(h, i),
         Principal::UrlPath(m) => url_path(m, i),
+        Principal::FilterState(key, m) => i
+            .filter_state
+            .iter()
+            .flatten()
+            .find_map(|s| s.get(key))
+            .and_then(|v| v.serialize_as_string())
+            .is_some_and(|v| m.matches(&v)),
         Principal::Metadata(m) => metadata(m, i),
     }
 }

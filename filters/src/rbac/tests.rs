@@ -60,6 +60,7 @@ fn input<'a>(head: Option<&'a ::http::request::Parts>) -> Input<'a> {
         local: addr("127.0.0.1:8080"),
         sni: "svc.example.com",
         tls: None,
+        filter_state: [None, None],
         metadata: None,
     }
 }

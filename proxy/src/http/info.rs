@@ -62,6 +62,10 @@ pub struct StreamInfo {
     pub tls: Option<Arc<crate::tls::DownstreamTlsInfo>>,
     /// SNI seen by tls_inspector (TLS passthrough) or the handshake.
     pub requested_server_name: Option<String>,
+    /// What HTTP filters left (copied from their context after each phase
+    /// that ran filters): `%DYNAMIC_METADATA%`, `%FILTER_STATE%`.
+    pub dynamic_metadata: filters::DynamicMetadata,
+    pub filter_state: filters::FilterState,
 }
 
 /// The current instant (for building a `StreamInfo` outside a runtime).
@@ -120,6 +124,8 @@ impl StreamInfo {
             stream: None,
             tls: None,
             requested_server_name: None,
+            dynamic_metadata: Default::default(),
+            filter_state: Default::default(),
         }
     }
 }
@@ -147,8 +153,11 @@ impl Flags {
     pub const DI: u32 = 1 << 15;
     pub const FI: u32 = 1 << 16;
     pub const RL: u32 = 1 << 17;
+    pub const UAEX: u32 = 1 << 18;
+    pub const RLSE: u32 = 1 << 19;
+    pub const LH: u32 = 1 << 20;
 
-    const NAMES: [(u32, &'static str, &'static str); 18] = [
+    const NAMES: [(u32, &'static str, &'static str); 21] = [
         (Self::NR, "NR", "NoRouteFound"),
         (Self::UH, "UH", "NoHealthyUpstream"),
         (Self::UF, "UF", "UpstreamConnectionFailure"),
@@ -167,6 +176,9 @@ impl Flags {
         (Self::DI, "DI", "DelayInjected"),
         (Self::FI, "FI", "FaultInjected"),
         (Self::RL, "RL", "RateLimited"),
+        (Self::UAEX, "UAEX", "UnauthorizedExternalService"),
+        (Self::RLSE, "RLSE", "RateLimitServiceError"),
+        (Self::LH, "LH", "FailedLocalHealthCheck"),
     ];
 
     /// The bit of a short name (`DI`), as filters report them; 0 if unknown.
@@ -185,7 +197,7 @@ impl Flags {
         self.0 |= f;
         if let Some(i) = Self::NAMES.iter().position(|(b, _, _)| *b == f) {
             // Every flag fits: 5 bits each (index + 1), oldest in the low
-            // bits; 18 flags need 90 of the 128 bits.
+            // bits; 21 flags need 105 of the 128 bits.
             let n = self.0.count_ones() - 1;
             if n < 25 {
                 self.1 |= (i as u128 + 1) << (5 * n);
@@ -233,12 +245,7 @@ impl Flags {
 
 /// The local hostname for `%HOSTNAME%`.
 pub fn hostname() -> &'static str {
-    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    H.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into())
-    })
+    filters::format::hostname()
 }
 
 fn header_from(map: Option<&HeaderMap>, key: &HeaderKey, info: &StreamInfo) -> Option<String> {
@@ -357,7 +364,13 @@ fn metadata_lookup(root: Option<&serde_json::Value>, ns: &str, keys: &[String]) 
     for k in keys {
         v = v.get(k)?;
     }
-    Some(match v {
+    Some(metadata_string(v))
+}
+
+/// A metadata value as Envoy prints it: strings bare, integral numbers
+/// without `.0`, the rest as JSON.
+fn metadata_string(v: &serde_json::Value) -> String {
+    match v {
         serde_json::Value::String(s) => s.clone(),
         // Struct numbers are doubles; Envoy prints integral ones without ".0".
         serde_json::Value::Number(n) => match n.as_f64() {
@@ -365,7 +378,7 @@ fn metadata_lookup(root: Option<&serde_json::Value>, ns: &str, keys: &[String]) 
             _ => n.to_string(),
         },
         other => other.to_string(),
-    })
+    }
 }
 
 /// Evaluates one command; `None` renders as `-` in text logs and is omitted
@@ -474,7 +487,25 @@ pub fn eval(
         Command::UpstreamMetadata(ns, keys) => {
             metadata_lookup(info.upstream_metadata.as_ref(), ns, keys)
         }
-        Command::DynamicMetadata(_, _) => None,
+        Command::DynamicMetadata(ns, keys) => {
+            let root = info.dynamic_metadata.namespace(ns)?;
+            let mut v = match keys.split_first() {
+                None => return Some(serde_json::Value::Object(root.clone()).to_string()),
+                Some((first, _)) => root.get(first)?,
+            };
+            for k in &keys[1..] {
+                v = v.get(k)?;
+            }
+            Some(metadata_string(v))
+        }
+        Command::FilterState { key, plain } => {
+            let s = info.filter_state.get(key)?.serialize_as_string()?;
+            Some(if *plain {
+                s
+            } else {
+                serde_json::Value::String(s).to_string()
+            })
+        }
         Command::Environment(v) => std::env::var(v).ok(),
         Command::Method => Some(info.method.as_str().to_owned()),
         Command::Path => Some(info.path.clone()),
@@ -558,11 +589,11 @@ mod tests {
         all.set(Flags::NR);
         assert_eq!(
             all.short(),
-            "RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
+            "RLSE,UAEX,RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
         );
         assert!(all
             .long()
-            .starts_with("RateLimited,FaultInjected,DelayInjected,NoClusterFound,"));
+            .starts_with("RateLimitServiceError,UnauthorizedExternalService,RateLimited,"));
         assert_eq!(Flags::from_short("FI"), Flags::FI);
         assert_eq!(Flags::from_short("??"), 0);
     }

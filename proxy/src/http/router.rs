@@ -38,6 +38,133 @@ pub struct Forward<'a> {
     pub timers: StreamTimers,
     /// HTTP filters watching the request body (once, whatever the retries).
     pub request_observer: Option<Box<dyn filters::RequestBodyObserver>>,
+    /// The route's mirror policies that fire for this request, with their
+    /// clusters ([`mirrors_for`]).
+    pub mirrors: Vec<(Arc<ClusterRuntime>, &'a xds_client::config::MirrorPolicy)>,
+    /// The whole request body, read already (the buffer filter); the
+    /// `Incoming` body is then spent.
+    pub buffered: Option<bytes::Bytes>,
+}
+
+/// The route's `request_mirror_policies` that fire for this request: the
+/// cluster exists (else skipped, as Envoy) and the runtime fraction hits.
+pub fn mirrors_for<'a>(
+    action: &'a RouteAction,
+    clusters: &crate::upstream::ClusterManager,
+    headers: &http::HeaderMap,
+) -> Vec<(Arc<ClusterRuntime>, &'a xds_client::config::MirrorPolicy)> {
+    use xds_client::config::MirrorCluster;
+    if action.mirrors.is_empty() {
+        return Vec::new();
+    }
+    action
+        .mirrors
+        .iter()
+        .filter(|m| m.fraction.is_none_or(|f| f.hit(rand::random::<u64>())))
+        .filter_map(|m| {
+            let name = match &m.cluster {
+                MirrorCluster::Name(n) => &**n,
+                MirrorCluster::Header(h) => headers.get(h)?.to_str().ok()?,
+            };
+            Some((clusters.get(name)?, m))
+        })
+        .collect()
+}
+
+/// Envoy's shadow host: `-shadow` after the host name (before a port,
+/// unless the host is an IP address).
+fn shadow_host(authority: &str) -> String {
+    if let Some((host, port)) = authority.rsplit_once(':') {
+        let ip = host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok();
+        if !ip && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+            return format!("{host}-shadow:{port}");
+        }
+    }
+    format!("{authority}-shadow")
+}
+
+/// Sends the shadow copies (fire and forget): the request as forwarded,
+/// with the shadow host and the policy's header mutations, its whole body.
+fn send_mirrors(
+    mirrors: &[(Arc<ClusterRuntime>, &xds_client::config::MirrorPolicy)],
+    parts: &http::request::Parts,
+    body: &bytes::Bytes,
+    timeout: Option<Duration>,
+    info: &StreamInfo,
+) {
+    use xds_client::config::{AppendAction, HeaderOp};
+    // Bounded even when the route has no timeout.
+    let timeout = timeout.unwrap_or(Duration::from_secs(300));
+    for (rt, m) in mirrors {
+        let mut headers = parts.headers.clone();
+        let authority = match &m.host_rewrite {
+            Some(h) => h.clone(),
+            None if m.host_suffix => shadow_host(&info.authority),
+            None => info.authority.clone(),
+        };
+        for op in &m.headers {
+            match op {
+                HeaderOp::Remove(n) => {
+                    headers.remove(n);
+                }
+                HeaderOp::RemoveOnMatch(sm) => {
+                    let names: Vec<_> = headers
+                        .keys()
+                        .filter(|k| sm.matches(k.as_str()))
+                        .cloned()
+                        .collect();
+                    for n in names {
+                        headers.remove(n);
+                    }
+                }
+                HeaderOp::Append(a) => {
+                    let v = super::info::render(&a.value, info, Some(&headers), None, "");
+                    if v.is_empty() && !a.keep_empty_value {
+                        continue;
+                    }
+                    let Ok(v) = HeaderValue::from_str(&v) else {
+                        continue;
+                    };
+                    match a.action {
+                        AppendAction::AppendIfExistsOrAdd => {
+                            headers.append(a.name.clone(), v);
+                        }
+                        AppendAction::AddIfAbsent => {
+                            if !headers.contains_key(&a.name) {
+                                headers.insert(a.name.clone(), v);
+                            }
+                        }
+                        AppendAction::OverwriteIfExistsOrAdd => {
+                            headers.insert(a.name.clone(), v);
+                        }
+                        AppendAction::OverwriteIfExists => {
+                            if headers.contains_key(&a.name) {
+                                headers.insert(a.name.clone(), v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let req = filters::callout::CalloutRequest {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            authority,
+            headers,
+            body: body.clone(),
+        };
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            // The shadow's answer is dropped; its body is read (bounded) so
+            // the connection can be reused.
+            let _ =
+                tokio::time::timeout(timeout, crate::upstream::callout::call(&rt, req, 1 << 20))
+                    .await;
+        });
+    }
 }
 
 /// Envoy's per-stream timers (`None` = disabled).
@@ -229,7 +356,23 @@ fn timeouts(
 
 /// The effective retry policy: the route's, else the vhost's, merged with
 /// trusted `x-envoy-retry-on` / `x-envoy-max-retries` headers.
-fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
+fn retry_policy(f: &Forward<'_>, head: &http::request::Parts) -> Option<RetryPolicy> {
+    let mut p = retry_policy_of(f, &head.headers)?;
+    // `retriable_request_headers`: other requests are not retried (their
+    // per-try timeout still applies, as Envoy's).
+    if !p.retriable_request_headers.is_empty()
+        && !p
+            .retriable_request_headers
+            .iter()
+            .any(|m| m.matches_head(head))
+    {
+        p.retry_on = RetryOn::default();
+        p.num_retries = 0;
+    }
+    Some(p)
+}
+
+fn retry_policy_of(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
     let base = f
         .action
         .retry_policy
@@ -265,6 +408,9 @@ fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
         max_interval: Duration::from_millis(250),
         previous_hosts: false,
         host_selection_retry_max_attempts: 0,
+        retriable_headers: vec![],
+        retriable_request_headers: vec![],
+        rate_limited_back_off: None,
     });
     if let Some(on) = on {
         p.retry_on = RetryOn(p.retry_on.0 | on.0);
@@ -274,6 +420,64 @@ fn retry_policy(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> {
     }
     p.retriable_status_codes.extend(codes);
     Some(p)
+}
+
+/// Whether an upstream response is retriable under `p`: its status,
+/// `retriable_headers` (`retriable-headers`), `x-envoy-ratelimited`
+/// (`envoy-ratelimited`) or a trailers-only `grpc-status` (the gRPC
+/// conditions), as Envoy's `RetryStateImpl::shouldRetryHeaders`.
+fn retriable_response(p: &RetryPolicy, status: u16, headers: &HeaderMap) -> bool {
+    let on = p.retry_on;
+    if retriable_status(p, status) {
+        return true;
+    }
+    if on.has(RetryOn::ENVOY_RATELIMITED) && headers.contains_key("x-envoy-ratelimited") {
+        return true;
+    }
+    if on.has(RetryOn::RETRIABLE_HEADERS) && !p.retriable_headers.is_empty() {
+        let code = status.to_string();
+        let pseudo = |k: &xds_client::config::HeaderKey| {
+            matches!(k, xds_client::config::HeaderKey::Status).then_some(code.as_str())
+        };
+        if p.retriable_headers
+            .iter()
+            .any(|m| m.matches_request(headers, pseudo))
+        {
+            return true;
+        }
+    }
+    let grpc = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    match grpc {
+        Some(1) => on.has(RetryOn::CANCELLED),
+        Some(4) => on.has(RetryOn::DEADLINE_EXCEEDED),
+        Some(8) => on.has(RetryOn::RESOURCE_EXHAUSTED),
+        Some(13) => on.has(RetryOn::INTERNAL),
+        Some(14) => on.has(RetryOn::UNAVAILABLE),
+        _ => false,
+    }
+}
+
+/// `rate_limited_retry_back_off`: the interval a retriable response asks
+/// for in a reset header (seconds, or a Unix timestamp), when over 1 ms and
+/// within `max_interval` (Envoy's `parseRateLimitedResetInterval`).
+fn rate_limited_interval(p: &RetryPolicy, headers: &HeaderMap) -> Option<Duration> {
+    let b = p.rate_limited_back_off.as_ref()?;
+    b.reset_headers.iter().find_map(|(name, unix)| {
+        let v: u64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+        let d = if *unix {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs();
+            Duration::from_secs(v.checked_sub(now)?)
+        } else {
+            Duration::from_secs(v)
+        };
+        (d > Duration::from_millis(1) && d <= b.max_interval).then_some(d)
+    })
 }
 
 enum Outcome {
@@ -317,7 +521,27 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
-    let retry = retry_policy(&f, &parts.headers);
+    // The request hash, once, only for a consistent-hash cluster with a
+    // hash policy: the cluster's own, else the route's (Envoy evaluates it
+    // for those LBs only).
+    let policies = if cluster.config.lb_hash_policy.is_empty() {
+        &f.action.hash_policy
+    } else {
+        &cluster.config.lb_hash_policy
+    };
+    let mut lb_hash = if cluster.config.lb.is_hash() && !policies.is_empty() {
+        crate::upstream::hash_lb::request_hash(
+            policies,
+            &parts.headers,
+            &parts.uri,
+            info.downstream_remote,
+            info.downstream_direct_remote,
+            info.downstream_local,
+        )
+    } else {
+        crate::upstream::hash_lb::RequestHash::default()
+    };
+    let retry = retry_policy(&f, &parts);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
     // Headers named in `connection` are hop-by-hop too; `te: trailers`
     // survives (Envoy keeps only the trailers token).
@@ -385,10 +609,20 @@ pub async fn forward(
     } else {
         1 + retry.as_ref().map(|r| r.num_retries).unwrap_or(0)
     };
-    // Buffer small bodies so the request can be replayed on retry.
-    let mut replay: Option<bytes::Bytes> = None;
-    let mut stream_body = Some(body);
-    if max_attempts > 1 {
+    // Buffer small bodies so the request can be replayed on retry (and
+    // copied to mirrors).
+    let mut replay: Option<bytes::Bytes> = f.buffered.take();
+    let mut stream_body = if replay.is_some() {
+        info.bytes_received = replay.as_ref().map_or(0, |b| b.len() as u64);
+        if let (Some(b), Some(mut o)) = (&replay, f.request_observer.take()) {
+            o.on_data(b);
+            o.on_end();
+        }
+        None
+    } else {
+        Some(body)
+    };
+    if replay.is_none() && (max_attempts > 1 || (!f.mirrors.is_empty() && upgrade.is_none())) {
         let b = stream_body.as_ref().expect("set above");
         let small = hyper::body::Body::is_end_stream(b)
             || hyper::body::Body::size_hint(b)
@@ -411,6 +645,13 @@ pub async fn forward(
                     return reply(400, "");
                 }
             }
+        }
+    }
+    if !f.mirrors.is_empty() && upgrade.is_none() {
+        match &replay {
+            Some(b) => send_mirrors(&f.mirrors, &parts, b, global, info),
+            // A body larger than the buffer limit is not shadowed.
+            None => tracing::debug!("request body too large to mirror"),
         }
     }
     let deadline = global.map(|g| Instant::now() + g);
@@ -445,7 +686,7 @@ pub async fn forward(
             .as_ref()
             .map(|r| r.host_selection_retry_max_attempts)
             .unwrap_or(0);
-        let Some(host) = cluster.choose(avoid, host_attempts) else {
+        let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {
             info.flags.set(Flags::UH);
             info.response_code_details = "no_healthy_upstream";
             return reply(503, NO_HEALTHY_UPSTREAM);
@@ -572,7 +813,9 @@ pub async fn forward(
         let global_expired = global_left.is_some_and(|d| d.is_zero());
         let p = retry.as_ref();
         let retry_this = match &outcome {
-            Outcome::Response(r) => p.is_some_and(|p| retriable_status(p, r.status().as_u16())),
+            Outcome::Response(r) => {
+                p.is_some_and(|p| retriable_response(p, r.status().as_u16(), r.headers()))
+            }
             Outcome::ConnectFailure(_) => p.is_some_and(retriable_connect),
             Outcome::Reset(_) => p.is_some_and(retriable_reset),
             // A per-try timeout is retried under 5xx/gateway-error (Envoy).
@@ -605,14 +848,29 @@ pub async fn forward(
         } else if retry_this && can_retry && !global_expired && replay.is_some() {
             _retry_slot = Some(cluster.breakers.default.retry_guard());
             cluster.stats.upstream_rq_retry.inc();
-            // Fully jittered exponential back-off, capped.
+            // Fully jittered exponential back-off, capped; a rate-limited
+            // response's reset header instead sets a jittered lower bound
+            // (interval to 1.5x, Envoy's JitteredLowerBoundBackOffStrategy).
             let p = p.expect("retry_this implies a policy");
-            let exp = p
-                .base_interval
-                .saturating_mul(1u32 << (attempt - 1).min(16));
-            let cap = exp.min(p.max_interval);
-            let wait =
-                Duration::from_micros(rand::rng().random_range(0..=cap.as_micros().max(1) as u64));
+            let limited = match &outcome {
+                Outcome::Response(r) => rate_limited_interval(p, r.headers()),
+                _ => None,
+            };
+            let wait = match limited {
+                Some(d) => {
+                    let ms = d.as_millis() as u64;
+                    Duration::from_millis(rand::rng().random_range(ms..=ms + ms / 2))
+                }
+                None => {
+                    let exp = p
+                        .base_interval
+                        .saturating_mul(1u32 << (attempt - 1).min(16));
+                    let cap = exp.min(p.max_interval);
+                    Duration::from_micros(
+                        rand::rng().random_range(0..=cap.as_micros().max(1) as u64),
+                    )
+                }
+            };
             let wait = match deadline {
                 Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
                 None => wait,
@@ -660,6 +918,11 @@ pub async fn forward(
                 }
                 let (mut rp, rb) = r.into_parts();
                 strip_hop_by_hop(&mut rp.headers, switching);
+                // A cookie the hash policy generated (Envoy's headers
+                // modifier on the upstream response).
+                if let Some(c) = lb_hash.set_cookie.take() {
+                    rp.headers.append(header::SET_COOKIE, c);
+                }
                 if !f.suppress_envoy_headers {
                     rp.headers.insert(
                         X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),

@@ -223,7 +223,7 @@ pub async fn handle(
 async fn pipeline(
     ctx: &Arc<ConnCtx>,
     parts: &mut http::request::Parts,
-    body: Incoming,
+    mut body: Incoming,
     info: &mut StreamInfo,
 ) -> Response<Body> {
     let h = &ctx.hcm.config;
@@ -475,6 +475,8 @@ async fn pipeline(
             }),
         }
     };
+    // The request body, when a filter had it buffered.
+    let mut buffered: Option<bytes::Bytes> = None;
     // One context for every phase of the request: what a filter leaves in
     // filter state or dynamic metadata is there for the later phases
     // (empty, allocation-free, when no filter runs).
@@ -487,9 +489,31 @@ async fn pipeline(
             downstream_remote: Some(edge.remote),
             ..Default::default()
         };
-        let lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
+        let mut lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
+        keep_filter_state(info, &fcx);
         for f in fcx.flags.drain(..) {
             info.flags.set(Flags::from_short(f));
+        }
+        // The buffer filter: the whole request body before the router acts
+        // (too large: 413, as Envoy's connection manager answers).
+        if lr.is_none() {
+            if let Some(max) = instances
+                .iter()
+                .filter_map(|f| f.buffer_request_body())
+                .min()
+            {
+                match buffer_body(&mut body, max).await {
+                    Ok(b) => {
+                        if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+                            parts
+                                .headers
+                                .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                        }
+                        buffered = Some(b);
+                    }
+                    Err(lr2) => lr = Some(lr2),
+                }
+            }
         }
         if let Some(lr) = lr {
             if let Some(f) = lr.flag {
@@ -503,7 +527,9 @@ async fn pipeline(
             // the compressor may compress it).
             let (mut rp, mut rb) = resp.into_parts();
             fcx.end_stream = http_body::Body::is_end_stream(&rb);
-            if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+            let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+            keep_filter_state(info, &fcx);
+            if let Some(lr) = lr {
                 return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
             }
             if let Some(chain) = filters::ResponseBodyChain::new(instances) {
@@ -718,6 +744,8 @@ async fn pipeline(
                         .or(h.max_stream_duration),
                 },
                 request_observer,
+                mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
+                buffered: buffered.take(),
             };
             let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
             let upgrade = match upgrade_type {
@@ -759,7 +787,9 @@ async fn pipeline(
                 }
                 let (mut rp, mut rb) = resp.into_parts();
                 fcx.end_stream = http_body::Body::is_end_stream(&rb);
-                if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+                let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+                keep_filter_state(info, &fcx);
+                if let Some(lr) = lr {
                     return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
                 }
                 // Only a filter that asked for the body hooks wraps it.
@@ -784,7 +814,9 @@ async fn pipeline(
     if !instances.is_empty() {
         let (mut rp, mut rb) = resp.into_parts();
         fcx.end_stream = http_body::Body::is_end_stream(&rb);
-        if let Some(lr) = filters::run_response_headers(&mut instances, &mut fcx, &mut rp) {
+        let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
+        keep_filter_state(info, &fcx);
+        if let Some(lr) = lr {
             return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
         }
         if let Some(chain) = filters::ResponseBodyChain::new(instances) {
@@ -1201,4 +1233,49 @@ fn finish(
         }
     }));
     Response::from_parts(parts, body)
+}
+
+/// Copies what filters left in their context to the stream info (for
+/// access logs and header formats); nothing to copy, nothing done.
+fn keep_filter_state(info: &mut StreamInfo, fcx: &filters::FilterContext) {
+    if !fcx.metadata.is_empty() {
+        info.dynamic_metadata = fcx.metadata.clone();
+    }
+    if !fcx.filter_state.is_empty() {
+        info.filter_state = fcx.filter_state.clone();
+    }
+}
+
+/// Reads the whole request body, at most `max` bytes; a larger one is
+/// answered 413 (Envoy's `request_payload_too_large`), a broken one 400.
+async fn buffer_body(body: &mut Incoming, max: u64) -> Result<bytes::Bytes, filters::LocalReply> {
+    use http_body_util::BodyExt;
+    let mut out = bytes::BytesMut::new();
+    if hyper::body::Body::is_end_stream(body) {
+        return Ok(out.freeze());
+    }
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(filters::LocalReply {
+                status: http::StatusCode::BAD_REQUEST,
+                body: bytes::Bytes::from_static(b"Bad Request"),
+                flag: Some("DPE"),
+                details: "http1.codec_error",
+                grpc_status: None,
+            });
+        };
+        if let Ok(d) = frame.into_data() {
+            if (out.len() + d.len()) as u64 > max {
+                return Err(filters::LocalReply {
+                    status: http::StatusCode::PAYLOAD_TOO_LARGE,
+                    body: bytes::Bytes::from_static(b"Payload Too Large"),
+                    flag: None,
+                    details: "request_payload_too_large",
+                    grpc_status: None,
+                });
+            }
+            out.extend_from_slice(&d);
+        }
+    }
+    Ok(out.freeze())
 }

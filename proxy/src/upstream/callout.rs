@@ -41,6 +41,29 @@ impl ClusterCallouts {
 }
 
 impl Callouts for ClusterCallouts {
+    fn health_check_failed(&self) -> bool {
+        self.shared.upgrade().is_some_and(|s| {
+            s.healthcheck_failed
+                .load(std::sync::atomic::Ordering::SeqCst)
+        })
+    }
+
+    fn local_cluster(&self) -> String {
+        self.shared
+            .upgrade()
+            .map(|s| s.snapshot.load().node.cluster.clone())
+            .unwrap_or_default()
+    }
+
+    fn cluster_membership(&self, cluster: &str) -> Option<(u64, u64)> {
+        let rt = self.shared.upgrade()?.clusters.get(cluster)?;
+        let n = |g: &crate::stats::Gauge| u64::try_from(g.value()).unwrap_or(0);
+        Some((
+            n(&rt.stats.membership_total),
+            n(&rt.stats.membership_healthy),
+        ))
+    }
+
     fn send(
         &self,
         cluster: &str,
@@ -67,7 +90,7 @@ impl Callouts for ClusterCallouts {
 }
 
 /// One exchange with a host of `rt`: the whole response, body bounded.
-async fn call(
+pub(crate) async fn call(
     rt: &Arc<ClusterRuntime>,
     req: CalloutRequest,
     max_body: usize,

@@ -93,6 +93,11 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
     let mut min_ttl: Option<Duration> = None;
     let mut failed = false;
     for l in cfg.localities.iter() {
+        let locality = Arc::new(super::hash_lb::LocalityKey {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            sub_zone: l.sub_zone.clone(),
+        });
         for e in &l.endpoints {
             let (name, port) = match &e.address {
                 EndpointAddress::Dns(h, p) => (h.clone(), *p),
@@ -121,6 +126,8 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
                             weight: e.weight,
                             healthy: e.health.is_usable(),
                             priority: l.priority,
+                            locality: locality.clone(),
+                            locality_weight: l.weight.unwrap_or(0),
                             metadata: e.metadata.clone(),
                             active: AtomicU64::new(0),
                             outlier: std::sync::OnceLock::new(),

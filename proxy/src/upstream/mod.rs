@@ -19,6 +19,7 @@ use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 pub mod callout;
 pub mod circuit_breaker;
 pub mod dns;
+pub mod hash_lb;
 pub mod outlier;
 pub mod pool;
 
@@ -32,6 +33,10 @@ pub struct Host {
     pub weight: u32,
     pub healthy: bool,
     pub priority: u32,
+    /// The host's locality (shared by its locality's hosts), and that
+    /// locality's `load_balancing_weight` (0 when unset, as Envoy).
+    pub locality: Arc<hash_lb::LocalityKey>,
+    pub locality_weight: u32,
     pub metadata: serde_json::Value,
     /// Requests in flight (least-request LB).
     pub active: AtomicU64,
@@ -74,6 +79,46 @@ pub struct PriorityLevel {
     pub weighted: Vec<usize>,
     /// Percent of requests for this level (all levels sum to 100).
     pub load: u32,
+    /// Balancing over all the level's hosts (too few healthy).
+    pub panic: bool,
+    /// The consistent-hash table over `usable` (RING_HASH, MAGLEV).
+    pub table: Option<(hash_lb::HashTable, hash_lb::TableStats)>,
+    /// With `locality_weighted_lb_config`: the localities that can take
+    /// traffic and their effective weights (summing to `locality_total`).
+    pub localities: Vec<LocalityLevel>,
+    pub locality_total: f64,
+}
+
+/// One locality of a priority level, for locality-weighted balancing.
+#[derive(Debug, Default)]
+pub struct LocalityLevel {
+    /// Its healthy hosts (indexes into `HostSet::hosts`).
+    pub usable: Vec<usize>,
+    pub weighted: Vec<usize>,
+    /// Envoy's effective locality weight: `load_balancing_weight` ×
+    /// min(1, overprovisioning factor × healthy share).
+    pub weight: f64,
+}
+
+impl PriorityLevel {
+    /// The hosts one request balances over: with locality weights (and
+    /// not in panic) a locality's, picked in proportion to its effective
+    /// weight, as Envoy's `chooseHealthyLocality`; else the level's.
+    fn source(&self) -> (&[usize], &[usize]) {
+        if !self.panic && self.locality_total > 0.0 {
+            let mut x = rand::rng().random::<f64>() * self.locality_total;
+            for l in &self.localities {
+                if x < l.weight {
+                    return (&l.usable, &l.weighted);
+                }
+                x -= l.weight;
+            }
+            if let Some(l) = self.localities.last() {
+                return (&l.usable, &l.weighted);
+            }
+        }
+        (&self.usable, &self.weighted)
+    }
 }
 
 impl HostSet {
@@ -85,6 +130,9 @@ impl HostSet {
         hosts: Vec<Arc<Host>>,
         panic_threshold: f64,
         overprovisioning_factor: u32,
+        lb: &LbPolicy,
+        locality_weighted: bool,
+        local: Option<&hash_lb::LocalityKey>,
     ) -> HostSet {
         let healthy_count = hosts.iter().filter(|h| h.is_healthy()).count();
         let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
@@ -106,16 +154,32 @@ impl HostSet {
             // No healthy host at all is panic too, even at a 0% threshold
             // (Envoy 1.40 still routes when outlier detection ejected
             // every host).
-            let usable = if pct < panic_threshold || healthy.is_empty() {
-                at
+            let panic = pct < panic_threshold || healthy.is_empty();
+            let (localities, locality_total) = if locality_weighted && !lb.is_hash() {
+                locality_levels(&hosts, &at, overprovisioning_factor)
             } else {
-                healthy
+                (Vec::new(), 0.0)
             };
-            let weighted = weighted_sequence(&hosts, &usable);
+            let usable = if panic { at.clone() } else { healthy };
+            let (weighted, table) = if lb.is_hash() && locality_weighted {
+                let n = hash_lb::normalize_localities(&hosts, &at, panic, local);
+                (
+                    Vec::new(),
+                    hash_lb::HashTable::build_weighted(lb, &hosts, &n),
+                )
+            } else if lb.is_hash() {
+                (Vec::new(), hash_lb::HashTable::build(lb, &hosts, &usable))
+            } else {
+                (weighted_sequence(&hosts, &usable), None)
+            };
             levels.push(PriorityLevel {
                 usable,
                 weighted,
                 load: 0,
+                panic,
+                table,
+                localities,
+                locality_total,
             });
         }
         let total: f64 = health.iter().sum();
@@ -159,6 +223,29 @@ impl HostSet {
         }
     }
 
+    /// Picks the priority level for a request hash, as Envoy's
+    /// `choosePriority`: `hash % 100 + 1` against the cumulative loads.
+    fn level_for_hash(&self, hash: u64) -> Option<&PriorityLevel> {
+        let point = hash % 100 + 1;
+        let mut cumulative = 0u64;
+        for l in &self.priorities {
+            cumulative += u64::from(l.load);
+            if point <= cumulative {
+                return Some(l);
+            }
+        }
+        self.priorities.first()
+    }
+
+    /// The consistent-hash table stats of the last level that has a table
+    /// (what Envoy's gauges show: each level's build overwrites them).
+    pub fn table_stats(&self) -> Option<hash_lb::TableStats> {
+        self.priorities
+            .iter()
+            .rev()
+            .find_map(|l| l.table.as_ref().map(|t| t.1))
+    }
+
     /// Picks the priority level for one request.
     fn level(&self) -> Option<&PriorityLevel> {
         if self.priorities.len() == 1 {
@@ -173,6 +260,47 @@ impl HostSet {
         }
         self.priorities.iter().find(|l| !l.usable.is_empty())
     }
+}
+
+/// The localities of one priority level's hosts `at` with a positive
+/// effective weight (Envoy's `effectiveLocalityWeight`), in assignment
+/// order, and their total.
+fn locality_levels(
+    hosts: &[Arc<Host>],
+    at: &[usize],
+    overprovisioning_factor: u32,
+) -> (Vec<LocalityLevel>, f64) {
+    let mut groups: Vec<(&hash_lb::LocalityKey, Vec<usize>)> = Vec::new();
+    for i in at {
+        let loc = &*hosts[*i].locality;
+        match groups.iter_mut().find(|g| g.0 == loc) {
+            Some(g) => g.1.push(*i),
+            None => groups.push((loc, vec![*i])),
+        }
+    }
+    let mut out = Vec::new();
+    let mut total = 0.0;
+    for (_, members) in groups {
+        let usable: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|i| hosts[*i].is_healthy())
+            .collect();
+        let availability = usable.len() as f64 / members.len() as f64;
+        // A locality named twice takes its last entry's weight (Envoy's map).
+        let last = *members.last().expect("a group has members");
+        let weight = f64::from(hosts[last].locality_weight)
+            * (f64::from(overprovisioning_factor) / 100.0 * availability).min(1.0);
+        if weight > 0.0 && !usable.is_empty() {
+            total += weight;
+            out.push(LocalityLevel {
+                weighted: weighted_sequence(hosts, &usable),
+                usable,
+                weight,
+            });
+        }
+    }
+    (out, total)
 }
 
 /// A smooth weighted round-robin sequence over one weight period, when the
@@ -230,6 +358,8 @@ pub struct ClusterStats {
     pub upstream_rq_retry_overflow: Arc<Counter>,
     pub membership_healthy: Arc<Gauge>,
     pub membership_total: Arc<Gauge>,
+    /// Hosts picked from a level in panic (Envoy's `lb_healthy_panic`).
+    pub lb_healthy_panic: Arc<Counter>,
     pub update_success: Arc<Counter>,
     pub update_failure: Arc<Counter>,
 }
@@ -279,6 +409,7 @@ impl ClusterStats {
             upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
             membership_healthy: g("membership_healthy"),
             membership_total: g("membership_total"),
+            lb_healthy_panic: c("lb_healthy_panic"),
             update_success: c("update_success"),
             update_failure: c("update_failure"),
         }
@@ -315,6 +446,65 @@ pub struct ClusterRuntime {
     transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
     /// Upstream filters passed through (`weir.pass_through_filter.*`).
     _pass_through: crate::metrics::PassThroughStats,
+    /// `ring_hash_lb.*` / `maglev_lb.*` gauges of a consistent-hash cluster.
+    table_gauges: Option<TableGauges>,
+    /// The node's locality (bootstrap `node.locality`), first in a
+    /// locality-weighted hash ring as in Envoy.
+    local_locality: Option<Arc<hash_lb::LocalityKey>>,
+}
+
+/// The node's locality, when it has one.
+fn node_locality(n: &xds_client::config::Node) -> Option<Arc<hash_lb::LocalityKey>> {
+    (!n.region.is_empty() || !n.zone.is_empty() || !n.sub_zone.is_empty()).then(|| {
+        Arc::new(hash_lb::LocalityKey {
+            region: n.region.clone(),
+            zone: n.zone.clone(),
+            sub_zone: n.sub_zone.clone(),
+        })
+    })
+}
+
+/// Envoy's consistent-hash gauges: `cluster.<c>.ring_hash_lb.{size,
+/// min_hashes_per_host, max_hashes_per_host}` or `cluster.<c>.maglev_lb.
+/// {min_entries_per_host, max_entries_per_host}`.
+struct TableGauges {
+    size: Option<Arc<Gauge>>,
+    min: Arc<Gauge>,
+    max: Arc<Gauge>,
+}
+
+impl TableGauges {
+    fn new(store: &Store, cluster: &str, lb: &LbPolicy) -> Option<TableGauges> {
+        let g = |s: &str| {
+            store.gauge(StatName::tagged(
+                "cluster",
+                cluster,
+                s,
+                "envoy_cluster_name",
+            ))
+        };
+        match lb {
+            LbPolicy::RingHash(_) => Some(TableGauges {
+                size: Some(g("ring_hash_lb.size")),
+                min: g("ring_hash_lb.min_hashes_per_host"),
+                max: g("ring_hash_lb.max_hashes_per_host"),
+            }),
+            LbPolicy::Maglev(_) => Some(TableGauges {
+                size: None,
+                min: g("maglev_lb.min_entries_per_host"),
+                max: g("maglev_lb.max_entries_per_host"),
+            }),
+            _ => None,
+        }
+    }
+
+    fn set(&self, t: hash_lb::TableStats) {
+        if let Some(s) = &self.size {
+            s.set(t.size as i64);
+        }
+        self.min.set(t.min_per_host as i64);
+        self.max.set(t.max_per_host as i64);
+    }
 }
 
 impl ClusterRuntime {
@@ -323,6 +513,7 @@ impl ClusterRuntime {
         store: &Store,
         workers: usize,
         tls: &TlsEnv,
+        local_locality: Option<Arc<hash_lb::LocalityKey>>,
     ) -> Result<Arc<Self>, String> {
         let stats = ClusterStats::new(store, &config.stat_name);
         let breakers = Arc::new(circuit_breaker::CircuitBreakers::new(
@@ -375,8 +566,15 @@ impl ClusterRuntime {
             hosts,
             config.panic_threshold,
             config.overprovisioning_factor,
+            &config.lb,
+            config.locality_weighted,
+            local_locality.as_deref(),
         );
         stats.membership_healthy.set(set.healthy_count as i64);
+        let table_gauges = TableGauges::new(store, &config.stat_name, &config.lb);
+        if let (Some(g), Some(t)) = (&table_gauges, set.table_stats()) {
+            g.set(t);
+        }
         let pass_through =
             crate::metrics::PassThroughStats::new(store, config.pass_through.iter().copied());
         Ok(Arc::new(ClusterRuntime {
@@ -393,6 +591,8 @@ impl ClusterRuntime {
                 .collect(),
             transports,
             _pass_through: pass_through,
+            table_gauges,
+            local_locality,
         }))
     }
 
@@ -451,8 +651,12 @@ impl ClusterRuntime {
             hosts,
             self.config.panic_threshold,
             self.config.overprovisioning_factor,
+            &self.config.lb,
+            self.config.locality_weighted,
+            self.local_locality.as_deref(),
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
+        self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
         self.stats.update_success.inc();
     }
@@ -466,8 +670,12 @@ impl ClusterRuntime {
             hosts,
             self.config.panic_threshold,
             self.config.overprovisioning_factor,
+            &self.config.lb,
+            self.config.locality_weighted,
+            self.local_locality.as_deref(),
         );
         self.stats.membership_healthy.set(set.healthy_count as i64);
+        self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
     }
 
@@ -502,23 +710,72 @@ impl ClusterRuntime {
         }
     }
 
+    /// Publishes a new host set's consistent-hash table gauges.
+    fn publish_table_stats(&self, set: &HostSet) {
+        if let (Some(g), Some(t)) = (&self.table_gauges, set.table_stats()) {
+            g.set(t);
+        }
+    }
+
+    /// Picks a host by the request's hash (route `hash_policy`) on a
+    /// consistent-hash cluster, as Envoy's thread-aware load balancer: no
+    /// hash is a random one; the priority level is chosen by the hash too;
+    /// `attempts` more picks (moving along the ring, perturbing the Maglev
+    /// hash) while the host is one of `avoid`. Other policies ignore
+    /// `hash`.
+    pub fn choose_hashed(
+        &self,
+        hash: Option<u64>,
+        avoid: &[SocketAddr],
+        attempts: u32,
+    ) -> Option<Arc<Host>> {
+        if !self.config.lb.is_hash() {
+            return self.choose(avoid, attempts);
+        }
+        let set = self.hosts.load();
+        let h = hash.unwrap_or_else(|| rand::rng().random());
+        let level = set.level_for_hash(h)?;
+        if level.panic {
+            self.stats.lb_healthy_panic.inc();
+        }
+        let (table, _) = level.table.as_ref()?;
+        let mut pick = None;
+        for attempt in 0..=attempts {
+            let host = set.hosts.get(table.choose(h, attempt)?)?;
+            pick = Some(host.clone());
+            if !avoid.contains(&host.addr) {
+                break;
+            }
+        }
+        pick
+    }
+
     /// Picks a host; `avoid` lists hosts tried already (previous_hosts).
     pub fn choose(&self, avoid: &[SocketAddr], attempts: u32) -> Option<Arc<Host>> {
+        if self.config.lb.is_hash() {
+            // No request hash here (TCP, xDS): a random point, as Envoy.
+            return self.choose_hashed(None, avoid, attempts);
+        }
         let set = self.hosts.load();
         set.level()?;
         let pick = || -> Arc<Host> {
             let level = set.level().expect("checked above: a level has hosts");
-            let usable = &level.usable;
+            if level.panic {
+                self.stats.lb_healthy_panic.inc();
+            }
+            let (usable, weighted) = level.source();
             let idx = match self.config.lb {
                 LbPolicy::RoundRobin => {
                     let n = self.rr.fetch_add(1, Relaxed);
-                    if level.weighted.is_empty() {
+                    if weighted.is_empty() {
                         usable[n % usable.len()]
                     } else {
-                        level.weighted[n % level.weighted.len()]
+                        weighted[n % weighted.len()]
                     }
                 }
-                LbPolicy::Random => usable[rand::rng().random_range(0..usable.len())],
+                LbPolicy::Random | LbPolicy::RingHash(_) | LbPolicy::Maglev(_) => {
+                    usable[rand::rng().random_range(0..usable.len())]
+                }
                 LbPolicy::LeastRequest { choice_count } => {
                     let mut rng = rand::rng();
                     let mut best = usable[rng.random_range(0..usable.len())];
@@ -679,6 +936,11 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
     }
     let mut out = Vec::new();
     for l in c.localities.iter() {
+        let locality = Arc::new(hash_lb::LocalityKey {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            sub_zone: l.sub_zone.clone(),
+        });
         for e in &l.endpoints {
             if let EndpointAddress::Ip(addr) = e.address {
                 out.push(Arc::new(Host {
@@ -687,6 +949,8 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
                     weight: e.weight,
                     healthy: e.health.is_usable(),
                     priority: l.priority,
+                    locality: locality.clone(),
+                    locality_weight: l.weight.unwrap_or(0),
                     metadata: e.metadata.clone(),
                     active: AtomicU64::new(0),
                     outlier: OnceLock::new(),
@@ -720,7 +984,13 @@ impl ClusterManager {
         for (k, c) in &snapshot.clusters {
             clusters.insert(
                 k.clone(),
-                ClusterRuntime::new(c.clone(), store, workers, tls)?,
+                ClusterRuntime::new(
+                    c.clone(),
+                    store,
+                    workers,
+                    tls,
+                    node_locality(&snapshot.node),
+                )?,
             );
         }
         Ok(ClusterManager {
@@ -750,6 +1020,7 @@ impl ClusterManager {
         tls: &TlsEnv,
     ) -> Vec<Arc<ClusterRuntime>> {
         let old = self.clusters.load_full();
+        let local = node_locality(&snapshot.node);
         let mut fresh = Vec::new();
         if let Some(names) = only {
             let mut next: Option<HashMap<Arc<str>, Arc<ClusterRuntime>>> = None;
@@ -757,7 +1028,9 @@ impl ClusterManager {
                 let Some(c) = snapshot.clusters.get(name) else {
                     continue;
                 };
-                if let Some(rt) = Self::build(&old, name, c, store, workers, tls, &mut fresh) {
+                if let Some(rt) =
+                    Self::build(&old, name, c, store, workers, tls, &local, &mut fresh)
+                {
                     next.get_or_insert_with(|| (*old).clone())
                         .insert(name.clone(), rt);
                 }
@@ -769,7 +1042,7 @@ impl ClusterManager {
         }
         let mut next = HashMap::with_capacity(snapshot.clusters.len());
         for (name, c) in &snapshot.clusters {
-            match Self::build(&old, name, c, store, workers, tls, &mut fresh) {
+            match Self::build(&old, name, c, store, workers, tls, &local, &mut fresh) {
                 Some(rt) => {
                     next.insert(name.clone(), rt);
                 }
@@ -788,6 +1061,7 @@ impl ClusterManager {
     /// runtime stays (unchanged, updated in place, or kept because the new
     /// one cannot be built), else the new runtime (pushed to `fresh` too
     /// when it needs DNS resolution).
+    #[allow(clippy::too_many_arguments)]
     fn build(
         old: &HashMap<Arc<str>, Arc<ClusterRuntime>>,
         name: &Arc<str>,
@@ -795,6 +1069,7 @@ impl ClusterManager {
         store: &Store,
         workers: usize,
         tls: &TlsEnv,
+        local: &Option<Arc<hash_lb::LocalityKey>>,
         fresh: &mut Vec<Arc<ClusterRuntime>>,
     ) -> Option<Arc<ClusterRuntime>> {
         if let Some(rt) = old.get(name) {
@@ -808,7 +1083,7 @@ impl ClusterManager {
                 return None;
             }
         }
-        match ClusterRuntime::new(c.clone(), store, workers, tls) {
+        match ClusterRuntime::new(c.clone(), store, workers, tls, local.clone()) {
             Ok(rt) => {
                 // A changed cluster whose connection settings are the
                 // same keeps its pooled connections (to the endpoints

@@ -29,6 +29,13 @@ pub struct Cluster {
     pub buffer_limit: u32,
     /// `common_lb_config.healthy_panic_threshold` (default 50%).
     pub panic_threshold: f64,
+    /// `common_lb_config.locality_weighted_lb_config`: pick a locality by
+    /// its `load_balancing_weight` (scaled by its health) before a host.
+    pub locality_weighted: bool,
+    /// The typed ring_hash/maglev policy's `consistent_hashing_lb_config.
+    /// hash_policy`: when set, the request hash comes from it, not from the
+    /// route's `hash_policy` (as Envoy).
+    pub lb_hash_policy: Arc<[super::HashPolicy]>,
     /// `load_assignment.policy.overprovisioning_factor` (default 140).
     pub overprovisioning_factor: u32,
     /// `transport_socket` (plain or TLS).
@@ -104,6 +111,66 @@ pub enum LbPolicy {
         choice_count: u32,
     },
     Random,
+    /// `RING_HASH` (or the `ring_hash` typed policy): Envoy's ketama ring.
+    RingHash(RingHash),
+    /// `MAGLEV` (or the `maglev` typed policy).
+    Maglev(Maglev),
+}
+
+impl LbPolicy {
+    /// A consistent-hash policy: hosts are picked by the request's hash
+    /// (route `hash_policy`).
+    pub fn is_hash(&self) -> bool {
+        matches!(self, LbPolicy::RingHash(_) | LbPolicy::Maglev(_))
+    }
+}
+
+/// `ring_hash_lb_config`, with Envoy's defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingHash {
+    /// `minimum_ring_size` (default 1024).
+    pub minimum_ring_size: u64,
+    /// `maximum_ring_size` (default 8M, at most 8M).
+    pub maximum_ring_size: u64,
+    pub hash_function: RingHashFunction,
+    /// `use_hostname_for_hashing`: hosts are keyed by hostname, not address.
+    pub use_hostname: bool,
+}
+
+impl Default for RingHash {
+    fn default() -> Self {
+        RingHash {
+            minimum_ring_size: 1024,
+            maximum_ring_size: 8 * 1024 * 1024,
+            hash_function: RingHashFunction::XxHash,
+            use_hostname: false,
+        }
+    }
+}
+
+/// `RingHashLbConfig.HashFunction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingHashFunction {
+    XxHash,
+    /// libstdc++'s 64-bit MurmurHash2 (`std::hash<std::string>`).
+    MurmurHash2,
+}
+
+/// `maglev_lb_config`, with Envoy's defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Maglev {
+    /// `table_size` (default 65537; prime).
+    pub table_size: u64,
+    pub use_hostname: bool,
+}
+
+impl Default for Maglev {
+    fn default() -> Self {
+        Maglev {
+            table_size: 65537,
+            use_hostname: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -76,6 +76,12 @@ pub enum Command {
     UpstreamMetadata(String, Vec<String>),
     /// `%DYNAMIC_METADATA(namespace:key...)%`.
     DynamicMetadata(String, Vec<String>),
+    /// `%FILTER_STATE(KEY:PLAIN)%` / `%FILTER_STATE(KEY)%` (TYPED): a
+    /// filter state object's string form; TYPED renders it as JSON.
+    FilterState {
+        key: String,
+        plain: bool,
+    },
     /// `%ENVIRONMENT(X)%`: resolved at config time, as Envoy does.
     Environment(String),
     /// `%REQUEST_HEADERS_BYTES%` etc. are not here: unknown commands are rejected.

@@ -280,6 +280,19 @@ pub enum HttpFilterKind {
     /// `envoy.filters.http.rbac`. Without rules (or shadow rules) it still
     /// matters: routes may override it (`RBACPerRoute`).
     Rbac(Arc<HttpRbac>),
+    /// `envoy.filters.http.buffer`: `max_request_bytes`.
+    Buffer(u32),
+    /// `envoy.filters.http.health_check`.
+    HealthCheck(Arc<super::HealthCheckConfig>),
+    /// `envoy.filters.http.header_mutation`. Without mutations it still
+    /// matters: routes may add theirs (`HeaderMutationPerRoute`).
+    HeaderMutation(Arc<super::HeaderMutationConfig>),
+    /// `envoy.filters.http.set_filter_state`.
+    SetFilterState(Arc<super::SetFilterState>),
+    /// `envoy.filters.http.ext_authz`.
+    ExtAuthz(Arc<super::ExtAuthz>),
+    /// `envoy.filters.http.ratelimit` (the global rate limit service).
+    RateLimit(Arc<super::HttpRateLimit>),
     /// `envoy.filters.http.jwt_authn`.
     JwtAuthn(Arc<super::JwtAuthn>),
     /// A filter accepted and not run until the traffic-policy work

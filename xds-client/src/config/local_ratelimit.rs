@@ -32,6 +32,9 @@ pub struct HttpLocalRateLimit {
     /// `max_dynamic_descriptors` (default 20): buckets kept per wildcard
     /// descriptor.
     pub max_dynamic_descriptors: u32,
+    /// The filter's buckets for this config when it is a per-route one
+    /// (built on first use, freed with the route configuration).
+    pub runtime: super::RuntimeSlot,
 }
 
 impl HttpLocalRateLimit {

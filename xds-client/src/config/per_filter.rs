@@ -39,6 +39,12 @@ pub enum FilterOverride {
     LocalRateLimit(Arc<HttpLocalRateLimit>),
     /// `RBACPerRoute`: replaces the filter's engines (no `rbac`: none).
     Rbac(Arc<HttpRbac>),
+    /// `BufferPerRoute`: `Some(max_request_bytes)`, or `None` (`disabled`).
+    Buffer(Option<u32>),
+    /// `HeaderMutationPerRoute`: applied with the filter's own mutations.
+    HeaderMutation(Arc<super::Mutations>),
+    /// `ExtAuthzPerRoute`.
+    ExtAuthz(Arc<super::ExtAuthzPerRoute>),
     /// jwt_authn's `PerRouteConfig`.
     JwtAuthn(super::JwtPerRoute),
 }

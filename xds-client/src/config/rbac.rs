@@ -88,6 +88,9 @@ pub enum Principal {
     RemoteIp(Cidr),
     Header(HeaderMatcher),
     UrlPath(StringMatcher),
+    /// `filter_state` (`FilterStateMatcher.string_match`): the object under
+    /// `key` (the request's, else the connection's) in its string form.
+    FilterState(String, StringMatcher),
     /// `metadata`: the request's dynamic metadata (jwt_authn's payload for
     /// Istio's `request.auth.claims[..]`).
     Metadata(MetadataMatcher),

@@ -388,6 +388,64 @@ pub struct RouteAction {
     pub rate_limits: Arc<[super::RateLimitPolicy]>,
     /// `include_vh_rate_limits`.
     pub include_vh_rate_limits: bool,
+    /// `request_mirror_policies`: shadow copies of the request.
+    pub mirrors: Vec<MirrorPolicy>,
+    /// `hash_policy`: the request hash for consistent-hash clusters.
+    pub hash_policy: Arc<[HashPolicy]>,
+}
+
+/// `RouteAction.RequestMirrorPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorPolicy {
+    pub cluster: MirrorCluster,
+    /// `runtime_fraction.default_value` (`None`: every request).
+    pub fraction: Option<super::Fraction>,
+    /// Append `-shadow` to the host (unless
+    /// `disable_shadow_host_suffix_append` or `host_rewrite_literal`).
+    pub host_suffix: bool,
+    /// `host_rewrite_literal`.
+    pub host_rewrite: Option<String>,
+    /// `request_headers_mutations`, in order.
+    pub headers: Vec<super::HeaderOp>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MirrorCluster {
+    Name(Name),
+    /// `cluster_header`: the cluster named by a request header.
+    Header(http::HeaderName),
+}
+
+/// `RouteAction.HashPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashPolicy {
+    pub kind: HashPolicyKind,
+    /// `terminal`: once this policy yields a hash, later ones are skipped.
+    pub terminal: bool,
+}
+
+/// What a `HashPolicy` hashes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashPolicyKind {
+    /// `header`: every value of the header (sorted), after the optional
+    /// `regex_rewrite`; `host` (or `:authority`) is the request's authority.
+    Header {
+        name: HeaderName,
+        rewrite: Option<(Pattern, String)>,
+    },
+    /// `cookie`: the cookie's value; with a `ttl` a missing cookie is
+    /// generated and set on the response.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: String,
+        /// `attributes` (name, value) appended to a generated cookie.
+        attributes: Vec<(String, String)>,
+    },
+    /// `connection_properties.source_ip`.
+    SourceIp,
+    /// `query_parameter`: the first value of the parameter.
+    QueryParameter { name: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -456,6 +514,23 @@ pub struct RetryPolicy {
     /// `retry_host_predicate: envoy.retry_host_predicates.previous_hosts`.
     pub previous_hosts: bool,
     pub host_selection_retry_max_attempts: u32,
+    /// `retriable_headers`: with `retriable-headers`, a response matching
+    /// any of them is retried.
+    pub retriable_headers: Vec<super::HeaderMatcher>,
+    /// `retriable_request_headers`: when set, only requests matching one
+    /// of them are retried.
+    pub retriable_request_headers: Vec<super::HeaderMatcher>,
+    /// `rate_limited_retry_back_off`.
+    pub rate_limited_back_off: Option<RateLimitedBackOff>,
+}
+
+/// `RetryPolicy.RateLimitedRetryBackOff`: the back-off a response asks for
+/// in one of `reset_headers`, capped at `max_interval` (default 300 s).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitedBackOff {
+    /// Header name and whether its value is a Unix timestamp (else seconds).
+    pub reset_headers: Vec<(http::HeaderName, bool)>,
+    pub max_interval: Duration,
 }
 
 /// `retry_on` conditions (Envoy's `x-envoy-retry-on` names).

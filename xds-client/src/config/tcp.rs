@@ -30,4 +30,7 @@ pub struct TcpProxy {
     /// `max_connect_attempts` (default 1).
     pub max_connect_attempts: u32,
     pub access_logs: Vec<Arc<AccessLog>>,
+    /// `hash_policy` `source_ip`: consistent-hash clusters pick the host by
+    /// the downstream IP.
+    pub hash_source_ip: bool,
 }

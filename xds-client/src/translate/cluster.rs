@@ -66,10 +66,45 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                 .max(2),
         },
         Ok(c::cluster::LbPolicy::Random) => LbPolicy::Random,
+        Ok(c::cluster::LbPolicy::RingHash) => {
+            let mut r = RingHash {
+                use_hostname: use_hostname(p),
+                ..RingHash::default()
+            };
+            if let Some(c::cluster::LbConfig::RingHashLbConfig(l)) = &p.lb_config {
+                let lpath = join(path, "ring_hash_lb_config");
+                if let Some(v) = &l.minimum_ring_size {
+                    r.minimum_ring_size = v.value;
+                }
+                if let Some(v) = &l.maximum_ring_size {
+                    r.maximum_ring_size = v.value;
+                }
+                if l.hash_function == 1 {
+                    r.hash_function = RingHashFunction::MurmurHash2;
+                }
+                check_ring(&r, &lpath, &mut errs);
+            }
+            LbPolicy::RingHash(r)
+        }
+        Ok(c::cluster::LbPolicy::Maglev) => {
+            let mut m = Maglev {
+                use_hostname: use_hostname(p),
+                ..Maglev::default()
+            };
+            if let Some(c::cluster::LbConfig::MaglevLbConfig(l)) = &p.lb_config {
+                if let Some(v) = &l.table_size {
+                    m.table_size = v.value;
+                }
+                check_maglev(&m, &join(path, "maglev_lb_config.table_size"), &mut errs);
+            }
+            LbPolicy::Maglev(m)
+        }
+        // `load_balancing_policy` decides (below).
+        Ok(c::cluster::LbPolicy::LoadBalancingPolicyConfig) => LbPolicy::RoundRobin,
         Ok(other) => {
             errs.push(
                 join(path, "lb_policy"),
-                format!("{} comes with the traffic-policy work", other.as_str_name()),
+                format!("{} is not implemented", other.as_str_name()),
             );
             LbPolicy::RoundRobin
         }
@@ -77,6 +112,30 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             errs.push(join(path, "lb_policy"), "unknown lb_policy");
             LbPolicy::RoundRobin
         }
+    };
+    // As Envoy's cluster factory: hostnames as hash keys only where hosts
+    // have one (STRICT_DNS).
+    if use_hostname(p) && discovery != Discovery::StrictDns {
+        errs.push(
+            join(
+                path,
+                "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing",
+            ),
+            "Cannot use hostname for consistent hashing loadbalancing for a cluster that is not STRICT_DNS",
+        );
+    }
+    // `load_balancing_policy` takes precedence over `lb_policy`, as Envoy.
+    let mut lb_hash_policy = Vec::new();
+    let mut typed_locality_weighted = false;
+    let lb = match &p.load_balancing_policy {
+        Some(lbp) => typed_lb_policy(
+            lbp,
+            &join(path, "load_balancing_policy"),
+            &mut lb_hash_policy,
+            &mut typed_locality_weighted,
+            &mut errs,
+        ),
+        None => lb,
     };
     let connect_timeout = match timeout(
         p.connect_timeout.as_ref(),
@@ -389,10 +448,20 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         .and_then(|c| c.healthy_panic_threshold.as_ref())
         .map(|v| v.value)
         .unwrap_or(50.0);
+    use c::cluster::common_lb_config::LocalityConfigSpecifier as Lcs;
+    let locality_weighted = matches!(
+        p.common_lb_config
+            .as_ref()
+            .and_then(|c| c.locality_config_specifier.as_ref()),
+        Some(Lcs::LocalityWeightedLbConfig(_))
+    );
+    let locality_weighted = locality_weighted || typed_locality_weighted;
     if !errs.is_empty() {
         return Err(errs);
     }
     Ok(Cluster {
+        locality_weighted,
+        lb_hash_policy: lb_hash_policy.into(),
         name: p.name.as_str().into(),
         stat_name: if p.alt_stat_name.is_empty() {
             p.name.clone()
@@ -838,4 +907,205 @@ fn outlier_detection(
         );
     }
     out
+}
+
+/// `common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing`.
+fn use_hostname(p: &c::Cluster) -> bool {
+    p.common_lb_config
+        .as_ref()
+        .and_then(|c| c.consistent_hashing_lb_config.as_ref())
+        .is_some_and(|h| h.use_hostname_for_hashing)
+}
+
+/// Envoy's ring size limits (`RingHashLbConfig` validation and the load
+/// balancer's own check).
+fn check_ring(r: &RingHash, path: &str, errs: &mut ConfigErrors) {
+    const MAX: u64 = 8 * 1024 * 1024;
+    if r.minimum_ring_size > MAX {
+        errs.push(join(path, "minimum_ring_size"), "must be at most 8388608");
+    }
+    if r.maximum_ring_size > MAX {
+        errs.push(join(path, "maximum_ring_size"), "must be at most 8388608");
+    }
+    if r.minimum_ring_size == 0 {
+        errs.push(join(path, "minimum_ring_size"), "must be at least 1");
+    }
+    if r.minimum_ring_size > r.maximum_ring_size {
+        errs.push(
+            join(path, "minimum_ring_size"),
+            format!(
+                "ring hash: minimum_ring_size ({}) > maximum_ring_size ({})",
+                r.minimum_ring_size, r.maximum_ring_size
+            ),
+        );
+    }
+}
+
+/// Envoy's Maglev table constraints: a prime below 5000011.
+fn check_maglev(m: &Maglev, path: &str, errs: &mut ConfigErrors) {
+    if m.table_size > 5_000_011 {
+        errs.push(path, "must be at most 5000011");
+    } else if !is_prime(m.table_size) {
+        errs.push(path, "The table size of maglev must be prime number");
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// `load_balancing_policy`: the first policy of the list, as Envoy (the
+/// supported-field table has already rejected any extension weir lacks,
+/// `client_side_weighted_round_robin` and `override_host` among them).
+fn typed_lb_policy(
+    lbp: &c::LoadBalancingPolicy,
+    path: &str,
+    lb_hash: &mut Vec<HashPolicy>,
+    locality_weighted: &mut bool,
+    errs: &mut ConfigErrors,
+) -> LbPolicy {
+    use crate::api::envoy::extensions::load_balancing_policies as lbx;
+    let Some(first) = lbp.policies.first() else {
+        errs.push(join(path, "policies"), "at least one policy is required");
+        return LbPolicy::RoundRobin;
+    };
+    let tpath = join(path, "policies[0].typed_extension_config.typed_config");
+    let Some(any) = first
+        .typed_extension_config
+        .as_ref()
+        .and_then(|t| t.typed_config.as_ref())
+    else {
+        errs.push(tpath, "a typed_config is required");
+        return LbPolicy::RoundRobin;
+    };
+    let any = match crate::support::unwrap_typed_struct(any, &tpath) {
+        Ok(a) => a.into_owned(),
+        Err(e) => {
+            errs.extend(e);
+            return LbPolicy::RoundRobin;
+        }
+    };
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let hostname = |h: &Option<lbx::common::v3::ConsistentHashingLbConfig>| {
+        h.as_ref().is_some_and(|h| h.use_hostname_for_hashing)
+    };
+    // `consistent_hashing_lb_config.hash_policy`: the cluster's own request
+    // hash, used instead of the route's.
+    let mut own_hash = |h: &Option<lbx::common::v3::ConsistentHashingLbConfig>,
+                        errs: &mut ConfigErrors| {
+        if let Some(h) = h.as_ref().filter(|h| !h.hash_policy.is_empty()) {
+            match super::route::hash_policies(
+                &h.hash_policy,
+                &join(&tpath, "consistent_hashing_lb_config"),
+            ) {
+                Ok(v) => *lb_hash = v,
+                Err(e) => errs.extend(e),
+            }
+        }
+    };
+    // `locality_lb_config.locality_weighted_lb_config` of the non-hash
+    // policies (the supported-field table rejects zone-aware routing).
+    let weighted_localities = |l: &Option<lbx::common::v3::LocalityLbConfig>| {
+        use lbx::common::v3::locality_lb_config::LocalityConfigSpecifier as L;
+        matches!(
+            l.as_ref()
+                .and_then(|l| l.locality_config_specifier.as_ref()),
+            Some(L::LocalityWeightedLbConfig(_))
+        )
+    };
+    match name {
+        "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" => {
+            match super::decode::<lbx::round_robin::v3::RoundRobin>(&any, &tpath) {
+                Ok(l) => *locality_weighted = weighted_localities(&l.locality_lb_config),
+                Err(e) => errs.extend(e),
+            }
+            LbPolicy::RoundRobin
+        }
+        "envoy.extensions.load_balancing_policies.random.v3.Random" => {
+            match super::decode::<lbx::random::v3::Random>(&any, &tpath) {
+                Ok(l) => *locality_weighted = weighted_localities(&l.locality_lb_config),
+                Err(e) => errs.extend(e),
+            }
+            LbPolicy::Random
+        }
+        "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest" => {
+            match super::decode::<lbx::least_request::v3::LeastRequest>(&any, &tpath) {
+                Ok(l) => {
+                    *locality_weighted = weighted_localities(&l.locality_lb_config);
+                    LbPolicy::LeastRequest {
+                        choice_count: l.choice_count.map_or(2, |v| v.value).max(2),
+                    }
+                }
+                Err(e) => {
+                    errs.extend(e);
+                    LbPolicy::RoundRobin
+                }
+            }
+        }
+        "envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash" => {
+            match super::decode::<lbx::ring_hash::v3::RingHash>(&any, &tpath) {
+                Ok(l) => {
+                    let mut r = RingHash {
+                        use_hostname: hostname(&l.consistent_hashing_lb_config),
+                        ..RingHash::default()
+                    };
+                    if let Some(v) = &l.minimum_ring_size {
+                        r.minimum_ring_size = v.value;
+                    }
+                    if let Some(v) = &l.maximum_ring_size {
+                        r.maximum_ring_size = v.value;
+                    }
+                    if l.hash_function == 2 {
+                        r.hash_function = RingHashFunction::MurmurHash2;
+                    }
+                    check_ring(&r, &tpath, errs);
+                    own_hash(&l.consistent_hashing_lb_config, errs);
+                    *locality_weighted = l.locality_weighted_lb_config.is_some();
+                    LbPolicy::RingHash(r)
+                }
+                Err(e) => {
+                    errs.extend(e);
+                    LbPolicy::RoundRobin
+                }
+            }
+        }
+        "envoy.extensions.load_balancing_policies.maglev.v3.Maglev" => {
+            match super::decode::<lbx::maglev::v3::Maglev>(&any, &tpath) {
+                Ok(l) => {
+                    let mut m = Maglev {
+                        use_hostname: hostname(&l.consistent_hashing_lb_config),
+                        ..Maglev::default()
+                    };
+                    if let Some(v) = &l.table_size {
+                        m.table_size = v.value;
+                    }
+                    check_maglev(&m, &join(&tpath, "table_size"), errs);
+                    own_hash(&l.consistent_hashing_lb_config, errs);
+                    *locality_weighted = l.locality_weighted_lb_config.is_some();
+                    LbPolicy::Maglev(m)
+                }
+                Err(e) => {
+                    errs.extend(e);
+                    LbPolicy::RoundRobin
+                }
+            }
+        }
+        other => {
+            errs.push(
+                tpath,
+                format!("load balancing policy {other} is not implemented"),
+            );
+            LbPolicy::RoundRobin
+        }
+    }
 }

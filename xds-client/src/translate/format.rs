@@ -172,6 +172,25 @@ fn parse_operator(op: &str) -> Result<Operator, String> {
                 Command::DynamicMetadata(ns, keys)
             }
         }
+        "FILTER_STATE" => {
+            let a = need_args(args, name)?;
+            let mut it = a.split(':');
+            let key = it.next().unwrap_or_default().to_owned();
+            let plain = match (it.next(), it.next()) {
+                (None | Some("TYPED"), None) => false,
+                (Some("PLAIN"), None) => true,
+                (Some("TYPED"), Some(_)) => {
+                    return Err(format!(
+                        "%{op}%: weir does not implement FIELD access in filter state"
+                    ))
+                }
+                _ => return Err(format!("invalid arguments in %{op}%")),
+            };
+            if key.is_empty() {
+                return Err(format!("invalid arguments in %{op}%"));
+            }
+            Command::FilterState { key, plain }
+        }
         other => return Err(format!("weir does not implement format operator %{other}%")),
     };
     Ok(Operator { cmd, max_len })
@@ -233,6 +252,20 @@ mod tests {
         assert!(parse_format("%NOPE%").is_err());
         assert!(parse_format("abc %REQ(x)").is_err());
         assert!(parse_format("%REQ%").is_err());
+    }
+
+    #[test]
+    fn filter_state_args() {
+        let f = parse_format("%FILTER_STATE(a.b:PLAIN)% %FILTER_STATE(k)%").expect("parses");
+        assert!(
+            matches!(&f.parts[0], FormatPart::Op(Operator { cmd: Command::FilterState { key, plain: true }, .. }) if key == "a.b")
+        );
+        assert!(
+            matches!(&f.parts[2], FormatPart::Op(Operator { cmd: Command::FilterState { key, plain: false }, .. }) if key == "k")
+        );
+        assert!(parse_format("%FILTER_STATE(k:TYPED:f)%").is_err());
+        assert!(parse_format("%FILTER_STATE(k:RAW)%").is_err());
+        assert!(parse_format("%FILTER_STATE(:PLAIN)%").is_err());
     }
 
     #[test]

@@ -471,6 +471,22 @@ pub fn http2_settings(
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 use super::fault::FAULT;
 const CORS: &str = "envoy.extensions.filters.http.cors.v3.Cors";
+const BUFFER: &str = "envoy.extensions.filters.http.buffer.v3.Buffer";
+pub(super) const BUFFER_PER_ROUTE: &str = "envoy.extensions.filters.http.buffer.v3.BufferPerRoute";
+
+/// `Buffer.max_request_bytes` (required, above 0).
+pub(super) fn buffer_max(
+    v: Option<crate::api::google::protobuf::UInt32Value>,
+    path: &str,
+) -> Result<u32, ConfigErrors> {
+    match v {
+        Some(v) if v.value > 0 => Ok(v.value),
+        _ => Err(err(
+            join(path, "max_request_bytes"),
+            "max_request_bytes is required and above 0",
+        )),
+    }
+}
 use super::grpc_stats::GRPC_STATS;
 const UUID_REQUEST_ID: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
 
@@ -522,6 +538,14 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let p = super::decode(&any, &tpath)?;
             HttpFilterKind::Rbac(Arc::new(super::rbac::http_rbac(&p, &tpath)?))
         }
+        super::rate_limit_service::RATE_LIMIT => {
+            let p = super::decode(&any, &tpath)?;
+            HttpFilterKind::RateLimit(Arc::new(super::rate_limit_service::rate_limit(&p, &tpath)?))
+        }
+        super::ext_authz::EXT_AUTHZ => {
+            let p = super::decode(&any, &tpath)?;
+            HttpFilterKind::ExtAuthz(Arc::new(super::ext_authz::ext_authz(&p, &tpath)?))
+        }
         super::jwt_authn::JWT_AUTHN => {
             let p = super::decode(&any, &tpath)?;
             HttpFilterKind::JwtAuthn(Arc::new(super::jwt_authn::jwt_authn(&p, &tpath)?))
@@ -534,6 +558,27 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let c: crate::api::envoy::extensions::filters::http::compressor::v3::Compressor =
                 super::decode(&any, &tpath)?;
             HttpFilterKind::Compressor(Arc::new(super::compressor::compressor(&c, &tpath)?))
+        }
+        BUFFER => {
+            let b: crate::api::envoy::extensions::filters::http::buffer::v3::Buffer =
+                super::decode(&any, &tpath)?;
+            HttpFilterKind::Buffer(buffer_max(b.max_request_bytes, &tpath)?)
+        }
+        super::health_check::HEALTH_CHECK => {
+            let c = super::decode(&any, &tpath)?;
+            HttpFilterKind::HealthCheck(Arc::new(super::health_check::health_check(&c, &tpath)?))
+        }
+        super::header_mutation::HEADER_MUTATION => {
+            let c = super::decode(&any, &tpath)?;
+            HttpFilterKind::HeaderMutation(Arc::new(super::header_mutation::header_mutation(
+                &c, &tpath,
+            )?))
+        }
+        super::set_filter_state::HTTP_SET_FILTER_STATE => {
+            let c = super::decode(&any, &tpath)?;
+            HttpFilterKind::SetFilterState(Arc::new(super::set_filter_state::set_filter_state(
+                &c, &tpath,
+            )?))
         }
         GRPC_STATS => {
             let g: GrpcStats = super::decode(&any, &tpath)?;
@@ -695,7 +740,7 @@ fn default_format() -> Result<LogFormat, ConfigErrors> {
     ))
 }
 
-fn substitution_format(
+pub(super) fn substitution_format(
     s: &core::SubstitutionFormatString,
     path: &str,
 ) -> Result<LogFormat, ConfigErrors> {

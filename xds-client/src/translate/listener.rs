@@ -413,6 +413,29 @@ fn tcp_proxy(
     if max_connect_attempts == 0 {
         errs.push(join(path, "max_connect_attempts"), "must be at least 1");
     }
+    // `hash_policy`: at most one (proto constraint), `source_ip` only (weir
+    // has no filter state).
+    let mut hash_source_ip = false;
+    if p.hash_policy.len() > 1 {
+        errs.push(
+            join(path, "hash_policy"),
+            "at most one hash policy is allowed",
+        );
+    }
+    if let Some(h) = p.hash_policy.first() {
+        use crate::api::envoy::r#type::v3::hash_policy::PolicySpecifier as P;
+        match &h.policy_specifier {
+            Some(P::SourceIp(_)) => hash_source_ip = true,
+            Some(P::FilterState(_)) => errs.push(
+                join(path, "hash_policy[0].filter_state"),
+                "hashing on filter state is not implemented (weir has no filter state)",
+            ),
+            None => errs.push(
+                join(path, "hash_policy[0]"),
+                "a hash policy needs source_ip",
+            ),
+        }
+    }
     errs.into_result(TcpProxy {
         stat_prefix: format!("tcp.{}.", p.stat_prefix),
         cluster,
@@ -423,6 +446,7 @@ fn tcp_proxy(
         max_downstream_connection_duration,
         max_connect_attempts,
         access_logs,
+        hash_source_ip,
     })
 }
 

@@ -142,12 +142,13 @@ pub fn local_rate_limit(
             .is_none_or(|b| b.value),
         resource_exhausted: p.rate_limited_as_resource_exhausted,
         max_dynamic_descriptors: p.max_dynamic_descriptors.map_or(20, |v| v.value),
+        runtime: Default::default(),
     })
 }
 
 /// `RuntimeFractionalPercent.default_value` (no runtime layer: what Envoy
 /// does when the runtime does not override the key). Unset is 0 %.
-fn runtime_fraction(r: &core::RuntimeFractionalPercent) -> Fraction {
+pub(crate) fn runtime_fraction(r: &core::RuntimeFractionalPercent) -> Fraction {
     match &r.default_value {
         None => Fraction::default(),
         Some(p) => Fraction {

@@ -24,18 +24,23 @@ use crate::error::{join, ConfigErrors};
 pub mod cluster;
 pub mod compressor;
 pub mod cors;
+pub mod ext_authz;
 pub mod fault;
 pub mod format;
 pub mod grpc_stats;
 pub mod hcm;
+pub mod header_mutation;
+pub mod health_check;
 pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;
 pub mod per_filter;
+pub mod rate_limit_service;
 pub mod ratelimit;
 pub mod rbac;
 pub mod route;
+pub mod set_filter_state;
 pub mod tls;
 pub mod xds;
 
@@ -324,7 +329,17 @@ pub fn check_route_clusters(
                     .collect(),
                 ClusterSpecifier::Header(_) => vec![],
             };
-            for (field, n) in names {
+            let mirrors = a
+                .mirrors
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| match &m.cluster {
+                    MirrorCluster::Name(n) => {
+                        Some((format!("route.request_mirror_policies[{i}].cluster"), n))
+                    }
+                    MirrorCluster::Header(_) => None,
+                });
+            for (field, n) in names.into_iter().chain(mirrors) {
                 match clusters.get(n) {
                     None if require_known => errs.push(
                         format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),

@@ -115,6 +115,31 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 super::rbac::http_rbac_per_route(&p, path)?,
             )))
         }
+        super::hcm::BUFFER_PER_ROUTE => {
+            use crate::api::envoy::extensions::filters::http::buffer::v3::{
+                buffer_per_route::Override, BufferPerRoute,
+            };
+            let p: BufferPerRoute = super::decode(&any, path)?;
+            match p.r#override {
+                Some(Override::Disabled(true)) => Ok(FilterOverride::Buffer(None)),
+                Some(Override::Buffer(b)) => Ok(FilterOverride::Buffer(Some(
+                    super::hcm::buffer_max(b.max_request_bytes, &join(path, "buffer"))?,
+                ))),
+                _ => Err(err(path, "BufferPerRoute needs disabled: true or buffer")),
+            }
+        }
+        super::header_mutation::HEADER_MUTATION_PER_ROUTE => {
+            let p = super::decode(&any, path)?;
+            Ok(FilterOverride::HeaderMutation(
+                super::header_mutation::per_route(&p, path)?,
+            ))
+        }
+        super::ext_authz::EXT_AUTHZ_PER_ROUTE => {
+            let p = super::decode(&any, path)?;
+            Ok(FilterOverride::ExtAuthz(Arc::new(
+                super::ext_authz::per_route(&p, path)?,
+            )))
+        }
         super::jwt_authn::JWT_PER_ROUTE => {
             let p = super::decode(&any, path)?;
             Ok(FilterOverride::JwtAuthn(super::jwt_authn::per_route(

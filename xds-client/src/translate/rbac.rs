@@ -433,12 +433,25 @@ pub fn principal(p: &rbac::Principal, path: &str) -> Result<Principal, ConfigErr
         }
         Some(I::UrlPath(m)) => Principal::UrlPath(path_matcher(m, &join(path, "url_path"))?),
         Some(I::Metadata(m)) => Principal::Metadata(metadata_matcher(m, &join(path, "metadata"))?),
-        Some(I::FilterState(_)) => {
-            return Err(err(
-                join(path, "filter_state"),
-                "filter state matching is not implemented (weir has no filter state; \
-                 Istio's io.istio.peer_principal needs it)",
-            ))
+        Some(I::FilterState(f)) => {
+            use crate::api::envoy::r#type::matcher::v3::filter_state_matcher::Matcher as M;
+            let fpath = join(path, "filter_state");
+            if f.key.is_empty() {
+                return Err(err(join(&fpath, "key"), "key must not be empty"));
+            }
+            match &f.matcher {
+                Some(M::StringMatch(m)) => Principal::FilterState(
+                    f.key.clone(),
+                    super::string_matcher(m, &join(&fpath, "string_match"))?,
+                ),
+                Some(_) => {
+                    return Err(err(
+                        fpath,
+                        "only string_match filter state matchers are implemented",
+                    ))
+                }
+                None => return Err(err(fpath, "a matcher is required")),
+            }
         }
         Some(I::SourcedMetadata(_)) => {
             return Err(err(

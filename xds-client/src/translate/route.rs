@@ -516,9 +516,14 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             errs.extend(e);
             Default::default()
         });
+    let hash_policy = hash_policies(&p.hash_policy, path).unwrap_or_else(|e| {
+        errs.extend(e);
+        Vec::new()
+    });
     if !errs.is_empty() {
         return Err(errs);
     }
+    let mirrors = mirror_policies(&p.request_mirror_policies, path)?;
     Ok(RouteAction {
         cluster: cluster.expect("checked"),
         cluster_not_found_status,
@@ -544,7 +549,70 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         upgrades,
         rate_limits,
         include_vh_rate_limits: p.include_vh_rate_limits.is_some_and(|b| b.value),
+        mirrors,
+        hash_policy: hash_policy.into(),
     })
+}
+
+/// `request_mirror_policies`.
+fn mirror_policies(
+    list: &[r::route_action::RequestMirrorPolicy],
+    path: &str,
+) -> Result<Vec<MirrorPolicy>, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let mpath = format!("{}[{i}]", join(path, "request_mirror_policies"));
+        let cluster = match (m.cluster.is_empty(), m.cluster_header.is_empty()) {
+            (false, true) => MirrorCluster::Name(m.cluster.as_str().into()),
+            (true, false) => match header_name(
+                &m.cluster_header.to_ascii_lowercase(),
+                &join(&mpath, "cluster_header"),
+            ) {
+                Ok(h) => MirrorCluster::Header(h),
+                Err(e) => {
+                    errs.extend(e);
+                    continue;
+                }
+            },
+            _ => {
+                errs.push(
+                    &mpath,
+                    "exactly one of cluster and cluster_header is required",
+                );
+                continue;
+            }
+        };
+        let fraction = m.runtime_fraction.as_ref().map(|r| match &r.default_value {
+            None => Fraction::default(),
+            Some(p) => Fraction {
+                numerator: p.numerator,
+                denominator: match p.denominator {
+                    0 => 100,
+                    1 => 10_000,
+                    _ => 1_000_000,
+                },
+            },
+        });
+        let mut headers = Vec::new();
+        for (j, op) in m.request_headers_mutations.iter().enumerate() {
+            let opath = format!("{}[{j}]", join(&mpath, "request_headers_mutations"));
+            match super::header_mutation::header_op(op, &opath, true) {
+                Ok(o) => headers.push(o),
+                Err(e) => errs.extend(e),
+            }
+        }
+        let host_rewrite =
+            (!m.host_rewrite_literal.is_empty()).then(|| m.host_rewrite_literal.clone());
+        out.push(MirrorPolicy {
+            cluster,
+            fraction,
+            host_suffix: !m.disable_shadow_host_suffix_append && host_rewrite.is_none(),
+            host_rewrite,
+            headers,
+        });
+    }
+    errs.into_result(out)
 }
 
 fn weighted(w: &r::WeightedCluster, path: &str) -> Result<WeightedClusters, ConfigErrors> {
@@ -694,7 +762,64 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
             ),
         }
     }
+    let matchers = |list: &[r::HeaderMatcher], field: &str, errs: &mut ConfigErrors| {
+        let mut out = Vec::new();
+        for (i, h) in list.iter().enumerate() {
+            match header_matcher(h, &format!("{}[{i}]", join(path, field))) {
+                Ok(m) => out.push(m),
+                Err(e) => errs.extend(e),
+            }
+        }
+        out
+    };
+    let retriable_headers = matchers(&p.retriable_headers, "retriable_headers", &mut errs);
+    let retriable_request_headers = matchers(
+        &p.retriable_request_headers,
+        "retriable_request_headers",
+        &mut errs,
+    );
+    let rate_limited_back_off = match &p.rate_limited_retry_back_off {
+        None => None,
+        Some(b) => {
+            let bpath = join(path, "rate_limited_retry_back_off");
+            let mut reset_headers = Vec::new();
+            for (i, h) in b.reset_headers.iter().enumerate() {
+                let hpath = format!("{}[{i}].name", join(&bpath, "reset_headers"));
+                match header_name(&h.name.to_ascii_lowercase(), &hpath) {
+                    Ok(n) => reset_headers.push((n, h.format == 1)),
+                    Err(e) => errs.extend(e),
+                }
+            }
+            if reset_headers.is_empty() {
+                errs.push(
+                    join(&bpath, "reset_headers"),
+                    "at least one reset header is required",
+                );
+            }
+            let max_interval = match &b.max_interval {
+                Some(d) => match super::duration(d, &join(&bpath, "max_interval")) {
+                    Ok(d) if d >= Duration::from_millis(1) => d,
+                    Ok(_) => {
+                        errs.push(join(&bpath, "max_interval"), "must be at least 1ms");
+                        Duration::from_secs(300)
+                    }
+                    Err(e) => {
+                        errs.extend(e);
+                        Duration::from_secs(300)
+                    }
+                },
+                None => Duration::from_secs(300),
+            };
+            Some(RateLimitedBackOff {
+                reset_headers,
+                max_interval,
+            })
+        }
+    };
     errs.into_result(RetryPolicy {
+        retriable_headers,
+        retriable_request_headers,
+        rate_limited_back_off,
         retry_on,
         num_retries: p.num_retries.as_ref().map(|v| v.value).unwrap_or(1),
         per_try_timeout,
@@ -790,4 +915,120 @@ fn direct_response(
         status: p.status as u16,
         body,
     })
+}
+
+/// `RouteAction.hash_policy`, in order (Envoy's `HashPolicyImpl`); also a
+/// consistent-hash policy's own `hash_policy`.
+pub(super) fn hash_policies(
+    ps: &[r::route_action::HashPolicy],
+    path: &str,
+) -> Result<Vec<HashPolicy>, ConfigErrors> {
+    use r::route_action::hash_policy::PolicySpecifier as P;
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        let ppath = format!("{path}.hash_policy[{i}]");
+        let kind = match &p.policy_specifier {
+            Some(P::Header(h)) => {
+                let hpath = join(&ppath, "header.header_name");
+                // `:authority` is Envoy's name for the host header.
+                let lower = match h.header_name.to_ascii_lowercase() {
+                    a if a == ":authority" => "host".to_owned(),
+                    l => l,
+                };
+                if lower.starts_with(':') {
+                    errs.push(
+                        hpath,
+                        "hashing on a pseudo-header other than :authority is not implemented",
+                    );
+                    continue;
+                }
+                let name = match header_name(&lower, &hpath) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        errs.extend(e);
+                        continue;
+                    }
+                };
+                let rewrite = match &h.regex_rewrite {
+                    Some(rr) => match rr.pattern.as_ref() {
+                        Some(pat) => match regex_unanchored(
+                            pat,
+                            &join(&ppath, "header.regex_rewrite.pattern"),
+                        ) {
+                            Ok(re) => Some((re, substitution(&rr.substitution))),
+                            Err(e) => {
+                                errs.extend(e);
+                                continue;
+                            }
+                        },
+                        None => {
+                            errs.push(
+                                join(&ppath, "header.regex_rewrite.pattern"),
+                                "pattern is required",
+                            );
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                HashPolicyKind::Header { name, rewrite }
+            }
+            Some(P::Cookie(c)) => {
+                if c.name.is_empty() {
+                    errs.push(join(&ppath, "cookie.name"), "a cookie name is required");
+                    continue;
+                }
+                // As Envoy: the ttl's whole seconds (`Max-Age`).
+                let ttl = c
+                    .ttl
+                    .as_ref()
+                    .map(|d| Duration::from_secs(d.seconds.max(0) as u64));
+                HashPolicyKind::Cookie {
+                    name: c.name.clone(),
+                    ttl,
+                    path: c.path.clone(),
+                    attributes: c
+                        .attributes
+                        .iter()
+                        .map(|a| (a.name.clone(), a.value.clone()))
+                        .collect(),
+                }
+            }
+            // `source_ip: false` hashes nothing (Envoy adds no method).
+            Some(P::ConnectionProperties(cp)) if !cp.source_ip => continue,
+            Some(P::ConnectionProperties(_)) => HashPolicyKind::SourceIp,
+            Some(P::QueryParameter(q)) => {
+                if q.name.is_empty() {
+                    errs.push(
+                        join(&ppath, "query_parameter.name"),
+                        "a parameter name is required",
+                    );
+                    continue;
+                }
+                HashPolicyKind::QueryParameter {
+                    name: q.name.clone(),
+                }
+            }
+            Some(P::FilterState(_)) => {
+                errs.push(
+                    join(&ppath, "filter_state"),
+                    "hashing on filter state is not implemented (weir has no filter state)",
+                );
+                continue;
+            }
+            None => {
+                errs.push(
+                    ppath,
+                    "a hash policy needs header, cookie, connection_properties or query_parameter",
+                );
+                continue;
+            }
+        };
+        out.push(HashPolicy {
+            kind,
+            terminal: p.terminal,
+        });
+    }
+    errs.into_result(out)
 }

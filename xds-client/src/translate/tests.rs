@@ -304,3 +304,125 @@ static_resources:
         "{e}"
     );
 }
+
+/// A static cluster `c` with `lb` (cluster fields, YAML lines indented by
+/// four spaces) behind a route with `hash` (route action fields).
+fn hashed(lb: &str, hash: &str) -> String {
+    let route = format!("match: {{prefix: /}}\n                route: {{cluster: c{hash}}}");
+    format!(
+        "{}  clusters:\n  - name: c\n    connect_timeout: 1s\n{lb}    load_assignment:\n      cluster_name: c\n      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]\n",
+        with_route(&route)
+    )
+}
+
+fn load(yaml: &str) -> Result<crate::config::Snapshot, String> {
+    crate::load_bootstrap(Some(yaml), None, Default::default())
+        .map(|(_, s)| s)
+        .map_err(|e| e.to_string())
+}
+
+/// Consistent-hash LB and route hash policies: what is translated, and
+/// what weir cannot honour rejected with its field path.
+#[test]
+fn hash_lb_configs_and_hash_policies() {
+    use crate::config::{LbPolicy, RingHashFunction};
+    let s = load(&hashed(
+        "    type: STRICT_DNS\n    lb_policy: RING_HASH\n    ring_hash_lb_config: {minimum_ring_size: 16, hash_function: MURMUR_HASH_2}\n    common_lb_config: {consistent_hashing_lb_config: {use_hostname_for_hashing: true}}\n",
+        ", hash_policy: [{header: {header_name: X-User}, terminal: true}, {cookie: {name: s, ttl: 60s, path: /}}, {connection_properties: {source_ip: true}}, {query_parameter: {name: q}}]",
+    ))
+    .expect("accepted");
+    let c = &s.clusters["c"];
+    let LbPolicy::RingHash(r) = c.lb else {
+        panic!("{:?}", c.lb)
+    };
+    assert_eq!(r.minimum_ring_size, 16);
+    assert_eq!(r.maximum_ring_size, 8 * 1024 * 1024);
+    assert_eq!(r.hash_function, RingHashFunction::MurmurHash2);
+    assert!(r.use_hostname);
+    // The four policies, in order, header names lowercased.
+    let routes = format!("{:?}", s.listeners);
+    let at = |needle: &str| {
+        routes
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {routes}"))
+    };
+    assert!(
+        at("Header { name: \"x-user\"") < at("Cookie { name: \"s\", ttl: Some(60s), path: \"/\"")
+    );
+    assert!(at("ttl: Some(60s)") < at("SourceIp"));
+    assert!(at("SourceIp") < at("QueryParameter { name: \"q\" }"));
+    assert!(routes.contains("terminal: true"));
+
+    let reject = |lb: &str, hash: &str, want: &str| {
+        let e = load(&hashed(lb, hash)).expect_err("rejected");
+        assert!(e.contains(want), "want {want:?} in: {e}");
+    };
+    reject(
+        "    lb_policy: MAGLEV\n    maglev_lb_config: {table_size: 65536}\n",
+        "",
+        "clusters[0].maglev_lb_config.table_size: The table size of maglev must be prime number",
+    );
+    reject(
+        "    lb_policy: RING_HASH\n    ring_hash_lb_config: {minimum_ring_size: 2048, maximum_ring_size: 1024}\n",
+        "",
+        "ring_hash_lb_config.minimum_ring_size: ring hash: minimum_ring_size (2048) > maximum_ring_size (1024)",
+    );
+    reject(
+        "    lb_policy: RING_HASH\n    common_lb_config: {consistent_hashing_lb_config: {use_hostname_for_hashing: true}}\n",
+        "",
+        "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing: Cannot use hostname",
+    );
+    reject(
+        "    lb_policy: RING_HASH\n    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 150}}\n",
+        "",
+        "common_lb_config.consistent_hashing_lb_config.hash_balance_factor",
+    );
+    reject(
+        "    lb_policy: RING_HASH\n",
+        ", hash_policy: [{filter_state: {key: k}}]",
+        "route.hash_policy[0].filter_state",
+    );
+    reject(
+        "    lb_policy: RING_HASH\n",
+        ", hash_policy: [{header: {header_name: \":path\"}}]",
+        "route.hash_policy[0].header.header_name",
+    );
+    reject(
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: w, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin}}}]}\n",
+        "",
+        "clusters[0].load_balancing_policy.policies[0].typed_extension_config.typed_config",
+    );
+    reject(
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: r, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin, slow_start_config: {slow_start_window: 10s}}}}]}\n",
+        "",
+        "typed_config.slow_start_config",
+    );
+    reject(
+        "    lb_policy: RING_HASH\n    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
+        "",
+        "clusters[0].lb_subset_config",
+    );
+    let s = load(&hashed(
+        "    lb_policy: MAGLEV\n    common_lb_config: {locality_weighted_lb_config: {}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].locality_weighted);
+    let s = load(&hashed(
+        "    common_lb_config: {locality_weighted_lb_config: {}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].locality_weighted);
+
+    // The typed least_request policy maps onto the same internal policy.
+    let s = load(&hashed(
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: l, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest, choice_count: 3}}}]}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert_eq!(
+        s.clusters["c"].lb,
+        LbPolicy::LeastRequest { choice_count: 3 }
+    );
+}

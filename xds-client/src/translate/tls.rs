@@ -64,12 +64,9 @@ pub fn downstream_tls(
             "require_client_certificate needs a validation context with trusted_ca (Envoy rejects it too)",
         );
     }
-    if p.require_sni.as_ref().is_some_and(|b| b.value) {
-        errs.push(
-            join(path, "require_sni"),
-            "require_sni is not implemented yet",
-        );
-    }
+    // `require_sni` is accepted without effect: Envoy 1.40 does not
+    // implement it either (a hidden field; a ClientHello without SNI is
+    // served), so weir behaves as Envoy does.
     if let Ok(tls::downstream_tls_context::OcspStaplePolicy::MustStaple) =
         tls::downstream_tls_context::OcspStaplePolicy::try_from(p.ocsp_staple_policy)
     {

@@ -125,10 +125,14 @@ fn bad_values_name_their_field() {
         "{e}"
     );
     let e = http(
+        "rules: {policies: {p: {permissions: [{any: true}], principals: [{filter_state: {key: io.istio.peer_principal, address_match: {ranges: [{address_prefix: 10.0.0.0, prefix_len: 8}]}}}]}}}",
+    )
+    .expect_err("filter state address_match");
+    assert!(e.contains("principals[0].filter_state"), "{e}");
+    http(
         "rules: {policies: {p: {permissions: [{any: true}], principals: [{filter_state: {key: io.istio.peer_principal, string_match: {exact: x}}}]}}}",
     )
-    .expect_err("filter state");
-    assert!(e.contains("principals[0].filter_state"), "{e}");
+    .expect("filter state string_match");
     let e = http(
         "rules: {policies: {p: {permissions: [{and_rules: {rules: [{metadata: {filter: f, value: {present_match: true}}}]}}], principals: [{any: true}]}}}",
     )
@@ -227,18 +231,18 @@ fn the_loader_rejects_unimplemented_fields_by_path() {
         {"name": "envoy.filters.network.rbac", "typed_config": {
           "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
           "stat_prefix": "t", "rules": {"policies": {"p": {"permissions": [{"any": true}],
-            "principals": [{"filter_state": {"key": "io.istio.peer_principal", "string_match": {"exact": "x"}}}]}}}}},
+            "principals": [{"sourced_metadata": {"metadata_matcher": {"filter": "f", "path": [{"key": "k"}], "value": {"present_match": true}}}}]}}}}},
         {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
           "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
           "stat_prefix": "t", "cluster": "c"}}]}]}],
       "clusters": [{"name": "c", "connect_timeout": "1s"}]}}"#;
     let e = crate::load_bootstrap(Some(b), None, Default::default())
         .map(|_| ())
-        .expect_err("filter_state");
+        .expect_err("sourced_metadata");
     let e = e.to_string();
     assert!(
-        e.contains("rules.policies[\"p\"].principals[0].filter_state")
-            && e.contains("filter state matching is not implemented"),
+        e.contains("rules.policies[\"p\"].principals[0].sourced_metadata")
+            && e.contains("metadata matching is not implemented"),
         "{e}"
     );
 }

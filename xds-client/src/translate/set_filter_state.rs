@@ -1,0 +1,128 @@
+//! `envoy.filters.http.set_filter_state` -> [`SetFilterState`].
+use std::sync::Arc;
+
+use crate::api::envoy::extensions::filters::common::set_filter_state::v3::{
+    filter_state_value, FilterStateValue as Value,
+};
+use crate::api::envoy::extensions::filters::http::set_filter_state::v3::Config;
+use crate::config::{Command, FilterStateValue, FormatPart, LogFormat, SetFilterState};
+use crate::error::{join, ConfigErrors};
+
+use super::err;
+
+pub const HTTP_SET_FILTER_STATE: &str = "envoy.extensions.filters.http.set_filter_state.v3.Config";
+
+/// Object factories weir has: string objects (Envoy's `envoy.string`,
+/// `envoy.hashable_string`, and Istio's principal keys, which Istio's
+/// proxy registers as strings).
+const STRING_FACTORIES: &[&str] = &[
+    "envoy.string",
+    "envoy.hashable_string",
+    "io.istio.peer_principal",
+    "io.istio.local_principal",
+];
+
+pub fn set_filter_state(c: &Config, path: &str) -> Result<SetFilterState, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut on_request_headers = Vec::new();
+    for (i, v) in c.on_request_headers.iter().enumerate() {
+        let vpath = format!("{}[{i}]", join(path, "on_request_headers"));
+        match value(v, &vpath) {
+            Ok(v) => on_request_headers.push(v),
+            Err(e) => errs.extend(e),
+        }
+    }
+    errs.into_result(SetFilterState { on_request_headers })
+}
+
+fn value(v: &Value, path: &str) -> Result<FilterStateValue, ConfigErrors> {
+    let key = match &v.key {
+        Some(filter_state_value::Key::ObjectKey(k)) if !k.is_empty() => k.clone(),
+        _ => return Err(err(join(path, "object_key"), "object_key is required")),
+    };
+    let factory = if v.factory_key.is_empty() {
+        key.as_str()
+    } else {
+        v.factory_key.as_str()
+    };
+    if !STRING_FACTORIES.contains(&factory) {
+        let field = if v.factory_key.is_empty() {
+            "object_key"
+        } else {
+            "factory_key"
+        };
+        return Err(err(
+            join(path, field),
+            format!(
+                "weir has no filter state object factory {factory:?} (string objects: {})",
+                STRING_FACTORIES.join(", ")
+            ),
+        ));
+    }
+    let fpath = join(path, "format_string");
+    let format = match &v.value {
+        Some(filter_state_value::Value::FormatString(f)) => {
+            match super::hcm::substitution_format(f, &fpath)? {
+                LogFormat::Text(t) => t,
+                LogFormat::Json(_) => {
+                    return Err(err(
+                        join(&fpath, "json_format"),
+                        "filter state values are strings: use a text format",
+                    ))
+                }
+            }
+        }
+        None => return Err(err(fpath, "format_string is required")),
+    };
+    for part in &format.parts {
+        if let FormatPart::Op(op) = part {
+            if !request_time(&op.cmd) {
+                return Err(err(
+                    fpath,
+                    format!(
+                        "format operator {:?} has no value when set_filter_state runs \
+                         (weir evaluates request-time operators only)",
+                        op.cmd
+                    ),
+                ));
+            }
+        }
+    }
+    use filter_state_value::SharedWithUpstream as S;
+    Ok(FilterStateValue {
+        key: Arc::from(key),
+        format,
+        read_only: v.read_only,
+        shared_with_upstream: S::try_from(v.shared_with_upstream).unwrap_or(S::None) != S::None,
+        skip_if_empty: v.skip_if_empty,
+    })
+}
+
+/// Operators whose value is known at the request headers (what
+/// `filters::format::eval_request` evaluates).
+pub fn request_time(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Req(..)
+            | Command::Protocol
+            | Command::DownstreamRemoteAddress
+            | Command::DownstreamRemoteAddressWithoutPort
+            | Command::DownstreamDirectRemoteAddress
+            | Command::DownstreamDirectRemoteAddressWithoutPort
+            | Command::DownstreamLocalAddress
+            | Command::DownstreamLocalAddressWithoutPort
+            | Command::DownstreamLocalPort
+            | Command::RequestedServerName
+            | Command::DownstreamPeerUriSan
+            | Command::DownstreamPeerDnsSan
+            | Command::DownstreamPeerSubject
+            | Command::RouteName
+            | Command::Hostname
+            | Command::ConnectionId
+            | Command::DynamicMetadata(..)
+            | Command::FilterState { .. }
+            | Command::Environment(_)
+            | Command::Method
+            | Command::Path
+    )
+}
