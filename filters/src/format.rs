@@ -169,3 +169,65 @@ pub fn hostname() -> &'static str {
             .unwrap_or_else(|_| "localhost".into())
     })
 }
+
+/// Renders `f` for a connection being accepted (the network
+/// `set_filter_state`): the connection's addresses, SNI, filter state so
+/// far; an operator without a value renders `-`.
+pub fn eval_connection(
+    f: &Format,
+    conn: &crate::network::ConnectionInfo<'_>,
+    state: &crate::FilterState,
+) -> String {
+    let mut out = String::new();
+    for p in &f.parts {
+        match p {
+            FormatPart::Literal(s) => out.push_str(s),
+            FormatPart::Op(op) => {
+                let v = match &op.cmd {
+                    Command::DownstreamRemoteAddress => Some(conn.remote.to_string()),
+                    Command::DownstreamRemoteAddressWithoutPort => {
+                        Some(conn.remote.ip().to_string())
+                    }
+                    Command::DownstreamDirectRemoteAddress => Some(conn.direct_remote.to_string()),
+                    Command::DownstreamDirectRemoteAddressWithoutPort => {
+                        Some(conn.direct_remote.ip().to_string())
+                    }
+                    Command::DownstreamLocalAddress => Some(conn.local.to_string()),
+                    Command::DownstreamLocalAddressWithoutPort => Some(conn.local.ip().to_string()),
+                    Command::DownstreamLocalPort => Some(conn.local.port().to_string()),
+                    Command::RequestedServerName => conn.sni.map(str::to_owned),
+                    Command::Hostname => Some(hostname().to_owned()),
+                    Command::FilterState { key, plain } => state
+                        .get(key)
+                        .and_then(|v| v.serialize_as_string())
+                        .map(|s| {
+                            if *plain {
+                                s
+                            } else {
+                                serde_json::Value::String(s).to_string()
+                            }
+                        }),
+                    Command::Environment(v) => std::env::var(v).ok(),
+                    // Not known at a new connection: rejected by the translator.
+                    _ => None,
+                };
+                match v {
+                    Some(mut v) => {
+                        if let Some(n) = op.max_len {
+                            if v.len() > n {
+                                let mut cut = n;
+                                while !v.is_char_boundary(cut) {
+                                    cut -= 1;
+                                }
+                                v.truncate(cut);
+                            }
+                        }
+                        out.push_str(&v);
+                    }
+                    None => out.push('-'),
+                }
+            }
+        }
+    }
+    out
+}

@@ -263,6 +263,29 @@ pub trait StatsScope: Send + Sync + std::fmt::Debug {
     fn root(&self) -> Option<Arc<dyn StatsScope>> {
         None
     }
+    /// A counter in a custom stat namespace with explicit labels (Envoy's
+    /// `counterFromStatNames` with tags under a registered namespace, as
+    /// `istio.stats` uses: `istiocustom.istio_requests_total` renders as
+    /// `istio_requests_total{reporter="source",...}`). The default counts
+    /// nothing.
+    fn labeled_counter(
+        &self,
+        _namespace: &str,
+        _name: &str,
+        _labels: &[(&str, &str)],
+    ) -> Arc<dyn Counter> {
+        Arc::new(Nop)
+    }
+    /// A histogram likewise; values are recorded in the metric's own unit
+    /// (milliseconds or bytes) against Envoy's default buckets.
+    fn labeled_histogram(
+        &self,
+        _namespace: &str,
+        _name: &str,
+        _labels: &[(&str, &str)],
+    ) -> Arc<dyn Histogram> {
+        Arc::new(Nop)
+    }
 }
 
 /// A scope that counts nothing (tests, tools).
@@ -326,6 +349,17 @@ pub trait HttpFilter: Send {
     fn buffer_request_body(&self) -> Option<u64> {
         None
     }
+    /// Whether the instance must be kept until the stream ends, for
+    /// [`on_log`](Self::on_log) and [`on_stream_end`](Self::on_stream_end)
+    /// (asked once after the response header phases; an instance that also
+    /// wants the response body hooks is not kept). `false` (the default):
+    /// nothing is kept and nothing runs at the end.
+    fn wants_log(&self) -> bool {
+        false
+    }
+    /// The stream ended (Envoy's access-log phase): what the proxy knows
+    /// then. Runs after `on_log`, only for instances that [`wants_log`](Self::wants_log).
+    fn on_stream_end(&mut self, _cx: &FilterContext, _end: &StreamEnd<'_>) {}
     /// An observer of the request body on its way upstream, asked once
     /// after every request header phase continued. `None` (the default):
     /// the request body is not wrapped.
@@ -348,6 +382,93 @@ pub trait HttpFilter: Send {
     /// puts in `data` (empty on entry) goes downstream before them, through
     /// the later filters' data hooks (Envoy's `addEncodedData`).
     fn on_response_trailers(&mut self, _trailers: &mut http::HeaderMap, _data: &mut Bytes) {}
+}
+
+/// What the proxy knows when a stream ends (Envoy's stream info at the
+/// access-log phase).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamEnd<'a> {
+    /// The response code sent downstream (0: none).
+    pub response_code: u16,
+    /// The response flags, in the order set (comparable and hashable; see
+    /// `flags_short`).
+    pub flags: u128,
+    /// Renders `flags` as `%RESPONSE_FLAGS%` (`-` when none).
+    pub flags_short: fn(u128) -> String,
+    /// Request body bytes received from downstream.
+    pub request_body_bytes: u64,
+    /// Response body bytes sent downstream.
+    pub response_body_bytes: u64,
+    /// From the request's arrival to the end of the response.
+    pub duration: std::time::Duration,
+    /// The request was gRPC.
+    pub grpc: bool,
+    /// `grpc-status` of the response when the proxy knows it: the response
+    /// trailers', else a local reply's.
+    pub grpc_status: Option<u32>,
+    /// `:authority` as forwarded (after host rewrites).
+    pub authority: &'a str,
+    /// `:path` as received.
+    pub path: &'a str,
+    pub method: &'a http::Method,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: &'static str,
+    pub scheme: &'static str,
+    /// The upstream cluster chosen, if any.
+    pub cluster: Option<&'a str>,
+    /// The route's name, if any.
+    pub route_name: Option<&'a str>,
+}
+
+/// The instances kept for the end of a stream, with the request's filter
+/// context (built only when an instance [`wants_log`](HttpFilter::wants_log)).
+pub struct StreamLog {
+    filters: Vec<Box<dyn HttpFilter>>,
+    cx: FilterContext,
+}
+
+impl std::fmt::Debug for StreamLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamLog({})", self.filters.len())
+    }
+}
+
+impl StreamLog {
+    /// Takes the instances that want the end of the stream out of
+    /// `filters`, with the context; `None` (nothing taken, no allocation)
+    /// when none does.
+    pub fn take(
+        filters: &mut Vec<Box<dyn HttpFilter>>,
+        cx: &mut FilterContext,
+    ) -> Option<StreamLog> {
+        if !filters
+            .iter()
+            .any(|f| f.wants_log() && !f.wants_response_body())
+        {
+            return None;
+        }
+        let mut kept = Vec::new();
+        let mut i = 0;
+        while i < filters.len() {
+            if filters[i].wants_log() && !filters[i].wants_response_body() {
+                kept.push(filters.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        Some(StreamLog {
+            filters: kept,
+            cx: std::mem::take(cx),
+        })
+    }
+
+    /// Runs `on_log` and `on_stream_end` of every kept instance.
+    pub fn finish(mut self, end: &StreamEnd<'_>) {
+        for f in &mut self.filters {
+            f.on_log(&self.cx);
+            f.on_stream_end(&self.cx, end);
+        }
+    }
 }
 
 /// Watches the request body on its way upstream (Envoy's `decodeData`,
@@ -547,6 +668,21 @@ impl FilterChain {
                         e.clone(),
                         stats,
                         callouts,
+                    )))
+                }
+                HttpFilterKind::PeerMetadata(p) => filters.push(Arc::new(
+                    crate::istio::peer_metadata::PeerMetadataFactory::new(
+                        c.name.clone(),
+                        p.clone(),
+                        &crate::istio::local_node(),
+                    ),
+                )),
+                HttpFilterKind::IstioStats(s) => {
+                    filters.push(Arc::new(crate::istio::stats::IstioStatsFactory::new(
+                        c.name.clone(),
+                        s.clone(),
+                        crate::istio::local_node(),
+                        stats,
                     )))
                 }
                 HttpFilterKind::JwtAuthn(j) => {

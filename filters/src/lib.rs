@@ -18,6 +18,7 @@ pub mod grpc_stats;
 pub mod header_mutation;
 pub mod health_check;
 pub mod http;
+pub mod istio;
 pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;

@@ -479,6 +479,66 @@ fn stats(
                 StatValue::Text(_) => {}
             }
         });
+        // Custom namespaces (Istio's `istiocustom`): no `envoy_` prefix, the
+        // namespace left out, the labels as given (as Envoy's
+        // `CustomStatNamespaces`).
+        store.visit_labeled(|full, l, v| {
+            let used = match &v {
+                StatValue::Counter(c) => *c > 0,
+                StatValue::Histogram(h) => h.count > 0,
+                _ => return,
+            };
+            if !keep(full, used) {
+                return;
+            }
+            let pname = sanitize(&l.name);
+            let labels = l
+                .labels
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
+                    format!("{}=\"{v}\"", sanitize(k))
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let lb = |extra: &str| match (labels.is_empty(), extra.is_empty()) {
+                (true, true) => String::new(),
+                (true, false) => format!("{{{extra}}}"),
+                (false, true) => format!("{{{labels}}}"),
+                (false, false) => format!("{{{labels},{extra}}}"),
+            };
+            let ty = if matches!(v, StatValue::Counter(_)) {
+                "counter"
+            } else {
+                "histogram"
+            };
+            if last_type != pname {
+                let _ = writeln!(out, "# TYPE {pname} {ty}");
+                last_type = pname.clone();
+            }
+            match v {
+                StatValue::Counter(c) => {
+                    let _ = writeln!(out, "{pname}{} {c}", lb(""));
+                }
+                StatValue::Histogram(h) => {
+                    for (i, b) in crate::stats::BUCKETS.iter().enumerate() {
+                        let _ = writeln!(
+                            out,
+                            "{pname}_bucket{} {}",
+                            lb(&format!("le=\"{b}\"")),
+                            h.cumulative[i]
+                        );
+                    }
+                    let _ = writeln!(out, "{pname}_bucket{} {}", lb("le=\"+Inf\""), h.count);
+                    let _ = writeln!(out, "{pname}_sum{} {}", lb(""), h.sum_ms);
+                    let _ = writeln!(out, "{pname}_count{} {}", lb(""), h.count);
+                }
+                _ => {}
+            }
+        });
         return text(StatusCode::OK, out);
     }
     if format.as_deref() == Some("json") {
@@ -488,6 +548,11 @@ fn stats(
             StatValue::Gauge(g) if keep(n.name(), true) => arr.push(serde_json::json!({"name": n.name(), "value": g})),
             StatValue::Histogram(h) if keep(n.name(), h.count > 0) => arr.push(serde_json::json!({"name": n.name(), "histograms": {"count": h.count, "sum": h.sum_ms}})),
             StatValue::Text(t) if keep(n.name(), !t.is_empty()) => arr.push(serde_json::json!({"name": n.name(), "value": t})),
+            _ => {}
+        });
+        store.visit_labeled(|full, _, v| match v {
+            StatValue::Counter(c) if keep(full, c > 0) => arr.push(serde_json::json!({"name": full, "value": c})),
+            StatValue::Histogram(h) if keep(full, h.count > 0) => arr.push(serde_json::json!({"name": full, "histograms": {"count": h.count, "sum": h.sum_ms}})),
             _ => {}
         });
         return json(serde_json::json!({"stats": arr}));
@@ -509,6 +574,15 @@ fn stats(
             } else {
                 let _ = writeln!(out, "{}: count={} sum={}", n.name(), h.count, h.sum_ms);
             }
+        }
+        _ => {}
+    });
+    store.visit_labeled(|full, _, v| match v {
+        StatValue::Counter(c) if keep(full, c > 0) => {
+            let _ = writeln!(out, "{full}: {c}");
+        }
+        StatValue::Histogram(h) if keep(full, h.count > 0) => {
+            let _ = writeln!(out, "{full}: count={} sum={}", h.count, h.sum_ms);
         }
         _ => {}
     });

@@ -93,6 +93,8 @@ impl Server {
             })
             .max(1);
         let multi_thread = std::env::var("WEIR_RUNTIME").as_deref() == Ok("multi-thread");
+        // The node Istio's filters report (Envoy's `LocalInfo`).
+        filters::istio::set_local_node(&snapshot.node);
         let stats = Store::new(workers, snapshot.stats.clone());
         crate::logging::remember_level(&options.log_level);
         let server_stats = ServerStats::new(&stats);

@@ -118,17 +118,34 @@ pub struct Timed {
     pub sleep: Option<Pin<Box<Sleep>>>,
 }
 
+/// What a tracked body saw when it ended.
+#[derive(Debug, Clone, Copy)]
+pub struct TrackedEnd {
+    /// Data bytes.
+    pub bytes: u64,
+    /// It reached its end (else it was dropped or failed).
+    pub complete: bool,
+    /// `grpc-status` of its trailers, if it had any.
+    pub grpc_status: Option<u32>,
+}
+
 /// Counts bytes and calls `done` exactly once.
 pub struct Tracked {
     pub inner: Body,
     pub bytes: u64,
-    pub done: Option<Box<dyn FnOnce(u64, bool) + Send>>,
+    /// `grpc-status` seen in the trailers.
+    pub grpc_status: Option<u32>,
+    pub done: Option<Box<dyn FnOnce(TrackedEnd) + Send>>,
 }
 
 impl Tracked {
     fn finish(&mut self, complete: bool) {
         if let Some(f) = self.done.take() {
-            f(self.bytes, complete);
+            f(TrackedEnd {
+                bytes: self.bytes,
+                complete,
+                grpc_status: self.grpc_status,
+            });
         }
     }
 }
@@ -152,11 +169,12 @@ impl Body {
         }
     }
 
-    /// Wraps the body so `done(bytes, completed)` runs once at its end.
-    pub fn tracked(self, done: Box<dyn FnOnce(u64, bool) + Send>) -> Body {
+    /// Wraps the body so `done` runs once at its end.
+    pub fn tracked(self, done: Box<dyn FnOnce(TrackedEnd) + Send>) -> Body {
         Body::Tracked(Box::new(Tracked {
             inner: self,
             bytes: 0,
+            grpc_status: None,
             done: Some(done),
         }))
     }
@@ -303,6 +321,11 @@ impl http_body::Body for Body {
                     Poll::Ready(Some(Ok(f))) => {
                         if let Some(d) = f.data_ref() {
                             t.bytes += d.len() as u64;
+                        } else if let Some(tr) = f.trailers_ref() {
+                            t.grpc_status = tr
+                                .get("grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse().ok());
                         }
                         if t.inner.is_end_stream() {
                             t.finish(true);

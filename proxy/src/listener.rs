@@ -601,9 +601,11 @@ async fn connection(
             return;
         }
     };
+    // The connection's filter state (network set_filter_state).
+    let mut conn_state = filters::FilterState::default();
     if !chain.read_filters.is_empty() {
-        let conn = conn_info(&meta, None, false);
-        if chain.read_filters.on_new_connection(&conn) == NetAction::Close {
+        let conn = conn_info(&meta, None, false, None);
+        if chain.read_filters.on_new_connection(&conn, &mut conn_state) == NetAction::Close {
             return;
         }
     }
@@ -623,7 +625,7 @@ async fn connection(
     };
     if !chain.read_filters.is_empty() {
         let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
-        let conn = conn_info(&meta, peer, tls.is_some());
+        let conn = conn_info(&meta, peer, tls.is_some(), Some(&conn_state));
         if chain.read_filters.on_established(&conn) == NetAction::Close {
             return;
         }
@@ -643,7 +645,7 @@ async fn connection(
                     peer_subject: peer.map(|p| p.subject.clone()),
                     tls: tls.is_some(),
                     state: Default::default(),
-                    filter_state: Default::default(),
+                    filter_state: conn_state,
                 })
             });
             let ctx = Arc::new(ConnCtx {
@@ -672,8 +674,24 @@ async fn connection(
             hcm.stats.cx_active.dec();
         }
         NetworkRuntime::Tcp(t) => {
-            t.serve(io, &meta, tls, id, shared, chain.drain.subscribe())
+            let tls2 = tls.clone();
+            let end = t
+                .serve(io, &meta, tls, id, shared, chain.drain.subscribe())
                 .await;
+            if !chain.read_filters.is_empty() {
+                let peer = tls2.as_ref().and_then(|t| t.peer.as_ref());
+                let conn = conn_info(&meta, peer, tls2.is_some(), Some(&conn_state));
+                chain.read_filters.on_close(
+                    &conn,
+                    &filters::network::ConnEnd {
+                        bytes_received: end.bytes_received,
+                        bytes_sent: end.bytes_sent,
+                        cluster: end.cluster.as_deref(),
+                        flags: end.flags,
+                        flags_short: crate::http::info::Flags::short_of,
+                    },
+                );
+            }
         }
     }
 }
@@ -683,6 +701,7 @@ fn conn_info<'a>(
     meta: &'a ConnMeta,
     peer: Option<&'a crate::tls::CertInfo>,
     tls: bool,
+    filter_state: Option<&'a filters::FilterState>,
 ) -> filters::network::ConnectionInfo<'a> {
     filters::network::ConnectionInfo {
         remote: meta.src,
@@ -695,6 +714,7 @@ fn conn_info<'a>(
             subject: &p.subject,
         }),
         tls,
+        filter_state,
     }
 }
 

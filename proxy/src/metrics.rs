@@ -162,6 +162,22 @@ impl filters::StatsScope for HttpFilterStats {
     fn root(&self) -> Option<Arc<dyn filters::StatsScope>> {
         Some(RootFilterStats::scope(&self.store))
     }
+    fn labeled_counter(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Arc<dyn filters::Counter> {
+        self.store.labeled_counter(namespace, name, labels)
+    }
+    fn labeled_histogram(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Arc<dyn filters::Histogram> {
+        self.store.labeled_histogram(namespace, name, labels)
+    }
 }
 
 /// The store's root as a filter stats scope (network filters: names are
@@ -190,6 +206,22 @@ impl filters::StatsScope for RootFilterStats {
     }
     fn gauge(&self, name: &str) -> Arc<dyn filters::Gauge> {
         self.store.gauge(StatName::plain(name))
+    }
+    fn labeled_counter(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Arc<dyn filters::Counter> {
+        self.store.labeled_counter(namespace, name, labels)
+    }
+    fn labeled_histogram(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Arc<dyn filters::Histogram> {
+        self.store.labeled_histogram(namespace, name, labels)
     }
     fn tagged_counter(
         &self,

@@ -517,6 +517,24 @@ pub struct Store {
     shards: u8,
     matcher: RwLock<StatsConfig>,
     stats: RwLock<BTreeSet<Stat>>,
+    /// Stats in a custom namespace with explicit labels (Istio's
+    /// `istiocustom.*`), by their Envoy name
+    /// (`<namespace>.<name>.<label>.<value>...`). Created when a filter sees
+    /// a new label set, not only at config time.
+    labeled: RwLock<std::collections::BTreeMap<Box<str>, Labeled>>,
+}
+
+/// A labeled stat: its namespace, name and labels, and its value.
+pub struct Labeled {
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+    pub labels: Box<[(Box<str>, Box<str>)]>,
+    stat: LabeledKind,
+}
+
+enum LabeledKind {
+    Counter(Arc<Counter>),
+    Histogram(Arc<Histogram>),
 }
 
 impl Store {
@@ -526,7 +544,115 @@ impl Store {
             shards: u8::try_from(shards).expect("MAX_SHARDS fits in a u8"),
             matcher: RwLock::new(matcher),
             stats: RwLock::new(BTreeSet::new()),
+            labeled: RwLock::new(Default::default()),
         })
+    }
+
+    /// Envoy's name of a labeled stat: `<namespace>.<name>.<k>.<v>...`.
+    fn labeled_name(namespace: &str, name: &str, labels: &[(&str, &str)]) -> String {
+        let mut full = format!("{namespace}.{name}");
+        for (k, v) in labels {
+            full.push('.');
+            full.push_str(k);
+            full.push('.');
+            full.push_str(v);
+        }
+        full
+    }
+
+    fn labeled(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        counter: bool,
+    ) -> LabeledKind {
+        let full = Self::labeled_name(namespace, name, labels);
+        let existing = |l: &Labeled| match (&l.stat, counter) {
+            (LabeledKind::Counter(c), true) => Some(LabeledKind::Counter(c.clone())),
+            (LabeledKind::Histogram(h), false) => Some(LabeledKind::Histogram(h.clone())),
+            _ => None,
+        };
+        if let Some(k) = self
+            .labeled
+            .read()
+            .expect("stats lock")
+            .get(full.as_str())
+            .and_then(existing)
+        {
+            return k;
+        }
+        let head = || Head {
+            name: Box::default(),
+            tag: Tag::default(),
+            shards: self.shards,
+        };
+        let stat = if counter {
+            LabeledKind::Counter(Arc::new(Counter::new(head())))
+        } else {
+            LabeledKind::Histogram(Arc::new(Histogram::new(head())))
+        };
+        let ret = match &stat {
+            LabeledKind::Counter(c) => LabeledKind::Counter(c.clone()),
+            LabeledKind::Histogram(h) => LabeledKind::Histogram(h.clone()),
+        };
+        if !self.accepted(&full) {
+            return ret;
+        }
+        let mut map = self.labeled.write().expect("stats lock");
+        if let Some(k) = map.get(full.as_str()).and_then(existing) {
+            return k;
+        }
+        map.insert(
+            full.into(),
+            Labeled {
+                namespace: namespace.into(),
+                name: name.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+                stat,
+            },
+        );
+        ret
+    }
+
+    /// A counter in a custom namespace with labels (see [`Labeled`]).
+    pub fn labeled_counter(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Arc<Counter> {
+        match self.labeled(namespace, name, labels, true) {
+            LabeledKind::Counter(c) => c,
+            LabeledKind::Histogram(_) => unreachable!("asked for a counter"),
+        }
+    }
+
+    /// A histogram in a custom namespace with labels (see [`Labeled`]).
+    pub fn labeled_histogram(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Arc<Histogram> {
+        match self.labeled(namespace, name, labels, false) {
+            LabeledKind::Histogram(h) => h,
+            LabeledKind::Counter(_) => unreachable!("asked for a histogram"),
+        }
+    }
+
+    /// Visits every labeled stat in Envoy-name order.
+    pub fn visit_labeled(&self, mut f: impl FnMut(&str, &Labeled, StatValue)) {
+        for (full, l) in self.labeled.read().expect("stats lock").iter() {
+            let v = match &l.stat {
+                LabeledKind::Counter(c) => StatValue::Counter(c.value()),
+                LabeledKind::Histogram(h) => StatValue::Histogram(h.snapshot()),
+            };
+            f(full, l, v);
+        }
     }
 
     fn accepted(&self, name: &str) -> bool {
@@ -621,6 +747,11 @@ impl Store {
     pub fn reset_counters(&self) {
         for s in self.stats.read().expect("stats lock").iter() {
             if let Stat::Counter(c) = s {
+                c.reset();
+            }
+        }
+        for l in self.labeled.read().expect("stats lock").values() {
+            if let LabeledKind::Counter(c) = &l.stat {
                 c.reset();
             }
         }

@@ -94,7 +94,7 @@ impl TcpRuntime {
         id: u64,
         shared: &Arc<Shared>,
         _drain: watch::Receiver<bool>,
-    ) {
+    ) -> TcpEnd {
         let start = Instant::now();
         self.stats.cx_total.inc();
         // Envoy's requested server name is what tls_inspector found; a TLS
@@ -240,15 +240,32 @@ impl TcpRuntime {
         host.active.fetch_sub(1, Relaxed);
         info.bytes_received = rx.load(Relaxed);
         info.bytes_sent = tx.load(Relaxed);
-        self.finish(info, start);
+        self.finish(info, start)
     }
 
-    fn finish(&self, mut info: StreamInfo, start: Instant) {
+    fn finish(&self, mut info: StreamInfo, start: Instant) -> TcpEnd {
         info.duration = Some(start.elapsed());
         for l in &self.logs {
             l.log(&info);
         }
+        TcpEnd {
+            bytes_received: info.bytes_received,
+            bytes_sent: info.bytes_sent,
+            cluster: info.upstream_cluster.take(),
+            flags: info.flags.order(),
+        }
     }
+}
+
+/// What a proxied connection ended with (for the network filters'
+/// `on_close`).
+#[derive(Debug)]
+pub struct TcpEnd {
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub cluster: Option<Arc<str>>,
+    /// Response flags in the order set (`Flags::order`).
+    pub flags: u128,
 }
 
 /// Connects to `host` (TLS when the cluster's transport says so; no ALPN

@@ -202,3 +202,10 @@ pub fn bootstrap_with(
     )
     .to_string()
 }
+
+/// `bootstrap` (a [`bootstrap`] JSON text) with `node` set (Istio's
+/// filters read the node's id and metadata).
+pub fn with_node(bootstrap: String, node: Value) -> String {
+    let v: Value = serde_json::from_str(&bootstrap).expect("bootstrap JSON");
+    merge(v, json!({ "node": node })).to_string()
+}

@@ -199,3 +199,64 @@ async fn unsupported_values_are_rejected() {
         }
     }
 }
+
+const NET_SET_FILTER_STATE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config";
+
+/// The network `set_filter_state` fills the connection's filter state when
+/// it is accepted; HTTP RBAC `filter_state` principals and access logs see
+/// those objects on every request of the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_filter_state_reaches_http_filters() {
+    let echo = upstream::http1("echo").await.expect("echo upstream");
+    let port = echo.port();
+    let log = log_path("filter-state", "network");
+    let l = log.clone();
+    let p = Proxy::start(move |ports| {
+        let net = filter(
+            "envoy.filters.network.set_filter_state",
+            NET_SET_FILTER_STATE,
+            json!({"on_new_connection": [
+                value("conn.src", "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", json!({})),
+                value("conn.dst", "port-%DOWNSTREAM_LOCAL_PORT%", json!({})),
+            ]}),
+        );
+        let h = |want: &str| {
+            hcm(
+                "ingress",
+                vec![rbac_allow("conn.src", want)],
+                vec![vhost("vh", vec![route("/", "echo", json!({}))], json!({}))],
+                json!({"access_log": [file_log(&l, "%RESPONSE_CODE% %FILTER_STATE(conn.src:PLAIN)% %FILTER_STATE(conn.dst:PLAIN)%\n")]}),
+            )
+        };
+        bootstrap(
+            ports,
+            vec![
+                listener(
+                    "l",
+                    ports.listen,
+                    vec![chain(vec![net.clone(), h("127.0.0.1")])],
+                ),
+                listener(
+                    "l2",
+                    ports.listen2,
+                    vec![chain(vec![net.clone(), h("10.9.9.9")])],
+                ),
+            ],
+            vec![cluster("echo", &[port], json!({}))],
+        )
+    });
+    let c = Http::h1();
+    let r = c.get(&format!("{}/", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    let r = c.get(&format!("http://{}/", p.addr2()), &[]).await;
+    assert_eq!(r.status, 403);
+    let lines = p.log_lines(&log, 2).await;
+    assert_eq!(
+        lines,
+        [
+            format!("200 127.0.0.1 port-{}", p.addr().port()),
+            format!("403 127.0.0.1 port-{}", p.addr2().port()),
+        ]
+    );
+}

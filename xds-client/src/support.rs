@@ -310,6 +310,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.common.mutation_rules.v3.HeaderMutation.RemoveOnMatch", &["key_matcher"]),
     // set_filter_state (HTTP): string objects set at the request headers.
     ("envoy.extensions.filters.http.set_filter_state.v3.Config", &["on_request_headers"]),
+    ("envoy.extensions.filters.network.set_filter_state.v3.Config", &["on_new_connection"]),
     ("envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue", &[
         "object_key", "factory_key", "format_string", "read_only", "shared_with_upstream",
         "skip_if_empty",
@@ -430,15 +431,28 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "compression_level", "enable_checksum", "strategy", "chunk_size", "dictionary",
     ]),
     ("envoy.config.core.v3.GrpcMethodList.Service", &["name", "method_names"]),
-    // Istio's filters (descriptors hand-built in descriptors.rs), pass-through.
+    // Istio's filters (descriptors hand-built in descriptors.rs). The HTTP
+    // `istio.stats` and peer metadata filters run (ARCHITECTURE.md "Istio
+    // telemetry"); the network `istio.stats` is pass-through. Metric scope
+    // rotation only bounds memory (weir's label cache is bounded), and the
+    // TCP reporting period has nothing to report periodically in weir.
     ("stats.PluginConfig", &[
-        "~disable_host_header_fallback", "~tcp_reporting_duration", "~metrics", "~definitions",
-        "~reporter", "~rotation_interval", "~graceful_deletion_interval",
+        "disable_host_header_fallback", "~tcp_reporting_duration", "metrics", "definitions",
+        "reporter", "~rotation_interval", "~graceful_deletion_interval",
     ]),
+    ("stats.MetricConfig", &["dimensions", "name", "tags_to_remove", "match", "drop"]),
     ("io.istio.http.peer_metadata.Config", &[
-        "~downstream_discovery", "~upstream_discovery", "~downstream_propagation",
-        "~upstream_propagation", "~shared_with_upstream", "~additional_labels",
+        "downstream_discovery", "upstream_discovery", "downstream_propagation",
+        "upstream_propagation", "shared_with_upstream", "additional_labels",
     ]),
+    ("io.istio.http.peer_metadata.Config.DiscoveryMethod", &[
+        "baggage", "workload_discovery", "istio_headers", "upstream_filter_state",
+    ]),
+    ("io.istio.http.peer_metadata.Config.PropagationMethod", &["istio_headers", "baggage"]),
+    ("io.istio.http.peer_metadata.Config.IstioHeaders", &["skip_external_clusters"]),
+    ("io.istio.http.peer_metadata.Config.Baggage", &[]),
+    ("io.istio.http.peer_metadata.Config.WorkloadDiscovery", &[]),
+    ("io.istio.http.peer_metadata.Config.UpstreamFilterState", &["peer_metadata_key"]),
     ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig", &["~alpn_override"]),
     // `protocol` decides whether the exchange would run (the translator
     // rejects chains where it would).

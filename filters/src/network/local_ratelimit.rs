@@ -121,6 +121,7 @@ mod tests {
             sni: None,
             peer: None,
             tls: false,
+            filter_state: None,
         }
     }
 

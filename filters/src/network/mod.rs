@@ -21,6 +21,7 @@ use crate::StatsScope;
 
 pub mod local_ratelimit;
 pub mod rbac;
+pub mod set_filter_state;
 
 /// What a network filter knows about a connection.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +41,9 @@ pub struct ConnectionInfo<'a> {
     /// Whether weir terminated TLS on the connection (`on_established`
     /// only; with or without a peer certificate).
     pub tls: bool,
+    /// The connection's filter state (`on_established` only: what
+    /// `set_filter_state` put there at the new connection).
+    pub filter_state: Option<&'a crate::FilterState>,
 }
 
 /// A validated peer certificate's names.
@@ -49,6 +53,21 @@ pub struct PeerIdentity<'a> {
     pub dns_sans: &'a [String],
     /// RFC 2253 subject, as Envoy prints it.
     pub subject: &'a str,
+}
+
+/// What the proxy knows when a `tcp_proxy` connection ends.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnEnd<'a> {
+    /// Bytes received from downstream.
+    pub bytes_received: u64,
+    /// Bytes sent to downstream.
+    pub bytes_sent: u64,
+    /// The upstream cluster, if one was chosen.
+    pub cluster: Option<&'a str>,
+    /// The response flags in the order set (see `flags_short`).
+    pub flags: u128,
+    /// Renders `flags` as `%RESPONSE_FLAGS%`.
+    pub flags_short: fn(u128) -> String,
 }
 
 /// A network filter's decision.
@@ -67,6 +86,11 @@ pub trait NetworkFilterFactory: Send + Sync + std::fmt::Debug {
     fn on_established(&self, _conn: &ConnectionInfo<'_>) -> NetAction {
         NetAction::Continue
     }
+    /// Before [`Self::on_new_connection`]: objects this filter puts into the
+    /// connection's filter state (`set_filter_state`).
+    fn set_state(&self, _conn: &ConnectionInfo<'_>, _state: &mut crate::FilterState) {}
+    /// A `tcp_proxy` connection ended (`conn` as at `on_established`).
+    fn on_close(&self, _conn: &ConnectionInfo<'_>, _end: &ConnEnd<'_>) {}
 }
 
 /// A filter chain's read filters, in order.
@@ -89,6 +113,17 @@ impl NetworkChain {
                     ReadFilterKind::Rbac(r) => {
                         Arc::new(rbac::RbacFactory::new(c.name.clone(), r.clone(), stats))
                     }
+                    ReadFilterKind::SetFilterState(v) => Arc::new(
+                        set_filter_state::SetFilterStateFactory::new(c.name.clone(), v.clone()),
+                    ),
+                    ReadFilterKind::IstioStats(s) => {
+                        Arc::new(crate::istio::stats::IstioTcpStatsFactory::new(
+                            c.name.clone(),
+                            s.clone(),
+                            crate::istio::local_node(),
+                            stats,
+                        ))
+                    }
                 }
             })
             .collect();
@@ -99,14 +134,27 @@ impl NetworkChain {
         self.filters.is_empty()
     }
 
-    /// Runs `on_new_connection` in order; the first `Close` wins.
-    pub fn on_new_connection(&self, conn: &ConnectionInfo<'_>) -> NetAction {
+    /// Runs `on_new_connection` in order (each filter's state first); the
+    /// first `Close` wins.
+    pub fn on_new_connection(
+        &self,
+        conn: &ConnectionInfo<'_>,
+        state: &mut crate::FilterState,
+    ) -> NetAction {
         for f in &self.filters {
+            f.set_state(conn, state);
             if f.on_new_connection(conn) == NetAction::Close {
                 return NetAction::Close;
             }
         }
         NetAction::Continue
+    }
+
+    /// Runs every filter's `on_close`.
+    pub fn on_close(&self, conn: &ConnectionInfo<'_>, end: &ConnEnd<'_>) {
+        for f in &self.filters {
+            f.on_close(conn, end);
+        }
     }
 
     /// Runs `on_established` in order; the first `Close` wins.

@@ -70,8 +70,7 @@ impl NetworkFilterFactory for RbacFactory {
                 },
                 None => Peer::default(),
             }),
-            // No network filter sets connection filter state yet.
-            filter_state: [None, None],
+            filter_state: [None, conn.filter_state],
             metadata: None,
         };
         if let Some(shadow) = &self.config.shadow_rules {

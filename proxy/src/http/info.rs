@@ -66,6 +66,49 @@ pub struct StreamInfo {
     /// that ran filters): `%DYNAMIC_METADATA%`, `%FILTER_STATE%`.
     pub dynamic_metadata: filters::DynamicMetadata,
     pub filter_state: filters::FilterState,
+    /// HTTP filter instances that run when the stream ends (`istio.stats`).
+    pub filter_log: FilterLogSlot,
+}
+
+/// The filter instances kept for the end of a stream (empty: none asked).
+/// A clone is empty: the instances run once, for the original stream.
+#[derive(Default)]
+pub struct FilterLogSlot(Option<std::sync::Mutex<filters::StreamLog>>);
+
+impl FilterLogSlot {
+    /// Keeps the instances of `instances` that want the end of the stream.
+    pub fn keep(
+        &mut self,
+        instances: &mut Vec<Box<dyn filters::HttpFilter>>,
+        cx: &mut filters::FilterContext,
+    ) {
+        if self.0.is_none() {
+            self.0 = filters::StreamLog::take(instances, cx).map(std::sync::Mutex::new);
+        }
+    }
+
+    /// The kept instances (once).
+    pub fn take(&mut self) -> Option<filters::StreamLog> {
+        self.0
+            .take()
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Clone for FilterLogSlot {
+    fn clone(&self) -> Self {
+        FilterLogSlot(None)
+    }
+}
+
+impl std::fmt::Debug for FilterLogSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "FilterLogSlot(..)"
+        } else {
+            "FilterLogSlot"
+        })
+    }
 }
 
 /// The current instant (for building a `StreamInfo` outside a runtime).
@@ -126,6 +169,7 @@ impl StreamInfo {
             requested_server_name: None,
             dynamic_metadata: Default::default(),
             filter_state: Default::default(),
+            filter_log: FilterLogSlot::default(),
         }
     }
 }
@@ -208,6 +252,17 @@ impl Flags {
     /// `%RESPONSE_FLAGS%`: comma-separated short names, `-` when none.
     pub fn short(&self) -> String {
         self.render(false)
+    }
+
+    /// The flags in the order set, as one comparable value (`short_of`
+    /// renders it): what filters see at the end of a stream.
+    pub fn order(&self) -> u128 {
+        self.1
+    }
+
+    /// [`short`](Self::short) of an [`order`](Self::order).
+    pub fn short_of(order: u128) -> String {
+        Flags(0, order).render(false)
     }
 
     pub fn long(&self) -> String {

@@ -530,8 +530,10 @@ async fn pipeline(
             let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
             keep_filter_state(info, &fcx);
             if let Some(lr) = lr {
+                info.filter_log.keep(&mut instances, &mut fcx);
                 return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
             }
+            info.filter_log.keep(&mut instances, &mut fcx);
             if let Some(chain) = filters::ResponseBodyChain::new(instances) {
                 rb = rb.filtered(chain);
             }
@@ -543,6 +545,7 @@ async fn pipeline(
         info.flags.set(Flags::NR);
         info.response_code_details = "route_not_found";
         ctx.hcm.stats.no_route.inc();
+        info.filter_log.keep(&mut instances, &mut fcx);
         return reply(404, "");
     };
     if tls_redirect {
@@ -551,12 +554,14 @@ async fn pipeline(
             r.headers_mut().insert(header::LOCATION, v);
         }
         info.response_code_details = "direct_response";
+        info.filter_log.keep(&mut instances, &mut fcx);
         return r;
     }
     let Some(route) = route else {
         info.flags.set(Flags::NR);
         info.response_code_details = "route_not_found";
         ctx.hcm.stats.no_route.inc();
+        info.filter_log.keep(&mut instances, &mut fcx);
         return reply(404, "");
     };
     // Only filters with a request body hook wrap the body (none: no cost).
@@ -630,6 +635,7 @@ async fn pipeline(
                 let enabled = on_route.unwrap_or_else(|| h.upgrades.contains(&name));
                 if !enabled {
                     info.response_code_details = "upgrade_failed";
+                    info.filter_log.keep(&mut instances, &mut fcx);
                     return reply(403, "");
                 }
             }
@@ -644,6 +650,7 @@ async fn pipeline(
                     info.response_code_details = "cluster_not_found";
                     ctx.hcm.stats.no_cluster.inc();
                     info.flags.set(0);
+                    info.filter_log.keep(&mut instances, &mut fcx);
                     return reply(status, "");
                 }
             };
@@ -790,9 +797,11 @@ async fn pipeline(
                 let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
                 keep_filter_state(info, &fcx);
                 if let Some(lr) = lr {
+                    info.filter_log.keep(&mut instances, &mut fcx);
                     return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
                 }
                 // Only a filter that asked for the body hooks wraps it.
+                info.filter_log.keep(&mut instances, &mut fcx);
                 if let Some(chain) = filters::ResponseBodyChain::new(instances) {
                     rb = rb.filtered(chain);
                 }
@@ -817,8 +826,10 @@ async fn pipeline(
         let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
         keep_filter_state(info, &fcx);
         if let Some(lr) = lr {
+            info.filter_log.keep(&mut instances, &mut fcx);
             return reply_owned(lr.status.as_u16(), lr.body, Some("text/plain"));
         }
+        info.filter_log.keep(&mut instances, &mut fcx);
         if let Some(chain) = filters::ResponseBodyChain::new(instances) {
             rb = rb.filtered(chain);
         }
@@ -1213,7 +1224,8 @@ fn finish(
     }
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
-    let body = body.tracked(Box::new(move |bytes, complete| {
+    let body = body.tracked(Box::new(move |end: crate::body::TrackedEnd| {
+        let (bytes, complete) = (end.bytes, end.complete);
         if !complete {
             // The response did not reach its end: downstream went away (DC).
             info.flags.set(Flags::DC);
@@ -1224,6 +1236,31 @@ fn finish(
         stats.record_status(info.response_code);
         let elapsed = info.start_instant.elapsed();
         stats.rq_time.record_us(elapsed.as_micros() as u64);
+        if let Some(l) = info.filter_log.take() {
+            let bytes_received = info
+                .stream
+                .as_ref()
+                .map_or(0, |s| s.bytes_received())
+                .max(info.bytes_received);
+            l.finish(&filters::StreamEnd {
+                response_code: info.response_code,
+                flags: info.flags.order(),
+                flags_short: Flags::short_of,
+                request_body_bytes: bytes_received,
+                response_body_bytes: bytes,
+                duration: elapsed,
+                grpc: info.grpc,
+                // As Envoy's `getGrpcStatus`: the trailers first.
+                grpc_status: end.grpc_status.or(info.local_grpc_status),
+                authority: &info.authority,
+                path: &info.path,
+                method: &info.method,
+                protocol: info.protocol,
+                scheme: info.scheme,
+                cluster: info.upstream_cluster.as_deref(),
+                route_name: info.route_name.as_deref(),
+            });
+        }
         if logs_on {
             info.bytes_sent = bytes;
             info.duration = Some(elapsed);
@@ -1241,8 +1278,20 @@ fn keep_filter_state(info: &mut StreamInfo, fcx: &filters::FilterContext) {
     if !fcx.metadata.is_empty() {
         info.dynamic_metadata = fcx.metadata.clone();
     }
-    if !fcx.filter_state.is_empty() {
-        info.filter_state = fcx.filter_state.clone();
+    // The connection's objects (network set_filter_state), then the
+    // request's over them, as Envoy's stream filter state with its
+    // connection parent.
+    let conn = fcx.downstream.as_deref().map(|d| &d.filter_state);
+    match conn {
+        Some(c) if !c.is_empty() => {
+            let mut all = c.clone();
+            for (k, v, flags) in fcx.filter_state.iter() {
+                let _ = all.set(k, v.clone(), flags);
+            }
+            info.filter_state = all;
+        }
+        _ if !fcx.filter_state.is_empty() => info.filter_state = fcx.filter_state.clone(),
+        _ => {}
     }
 }
 

@@ -293,6 +293,10 @@ pub enum HttpFilterKind {
     ExtAuthz(Arc<super::ExtAuthz>),
     /// `envoy.filters.http.ratelimit` (the global rate limit service).
     RateLimit(Arc<super::HttpRateLimit>),
+    /// Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`).
+    PeerMetadata(Arc<super::PeerMetadataConfig>),
+    /// Istio's `istio.stats` HTTP filter (`stats.PluginConfig`).
+    IstioStats(Arc<super::IstioStatsConfig>),
     /// `envoy.filters.http.jwt_authn`.
     JwtAuthn(Arc<super::JwtAuthn>),
     /// A filter accepted and not run until the traffic-policy work
@@ -305,10 +309,9 @@ pub enum HttpFilterKind {
 /// is listed, with what is missing, in ARCHITECTURE.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PassThrough {
-    /// Istio's `istio.stats` (`stats.PluginConfig`), HTTP or network: no Istio metrics.
+    /// Istio's network `istio.stats` (`stats.PluginConfig`) in front of the
+    /// HCM (in front of `tcp_proxy` it runs).
     IstioStats,
-    /// Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`).
-    PeerMetadata,
     /// Istio's `istio.alpn`: the upstream ALPN is not overridden.
     IstioAlpn,
     /// Istio's network `istio.metadata_exchange` (accepted only where the
@@ -321,7 +324,6 @@ impl PassThrough {
     pub fn stat_name(self) -> &'static str {
         match self {
             PassThrough::IstioStats => "istio_stats",
-            PassThrough::PeerMetadata => "peer_metadata",
             PassThrough::IstioAlpn => "istio_alpn",
             PassThrough::MetadataExchange => "metadata_exchange",
         }

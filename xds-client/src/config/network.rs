@@ -18,6 +18,11 @@ pub enum ReadFilterKind {
     LocalRateLimit(Arc<NetworkLocalRateLimit>),
     /// `envoy.filters.network.rbac`.
     Rbac(Arc<super::NetworkRbac>),
+    /// `envoy.filters.network.set_filter_state` (`on_new_connection`).
+    SetFilterState(Arc<super::SetFilterState>),
+    /// Istio's network `istio.stats` in front of `tcp_proxy` (in front of
+    /// the HCM it is passed through).
+    IstioStats(Arc<super::IstioStatsConfig>),
 }
 
 /// `envoy.type.v3.TokenBucket`, validated (`fill_interval` >= 50 ms, as

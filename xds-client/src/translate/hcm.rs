@@ -584,14 +584,20 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let g: GrpcStats = super::decode(&any, &tpath)?;
             HttpFilterKind::GrpcStats(Arc::new(super::grpc_stats::grpc_stats(&g)))
         }
-        name @ (ISTIO_STATS | ISTIO_PEER_METADATA | ISTIO_ALPN) => {
+        ISTIO_STATS => {
+            let m = crate::descriptors::decode_any(&any.type_url, &any.value)
+                .map_err(|e| err(&tpath, e))?;
+            HttpFilterKind::IstioStats(Arc::new(super::istio::istio_stats(&m, &tpath)?))
+        }
+        ISTIO_PEER_METADATA => {
+            let m = crate::descriptors::decode_any(&any.type_url, &any.value)
+                .map_err(|e| err(&tpath, e))?;
+            HttpFilterKind::PeerMetadata(Arc::new(super::istio::peer_metadata(&m, &tpath)?))
+        }
+        ISTIO_ALPN => {
             crate::descriptors::decode_any(&any.type_url, &any.value)
                 .map_err(|e| err(&tpath, e))?;
-            HttpFilterKind::PassThrough(match name {
-                ISTIO_STATS => PassThrough::IstioStats,
-                ISTIO_PEER_METADATA => PassThrough::PeerMetadata,
-                _ => PassThrough::IstioAlpn,
-            })
+            HttpFilterKind::PassThrough(PassThrough::IstioAlpn)
         }
         other => {
             return Err(err(
@@ -918,7 +924,7 @@ mod tests {
         "istio.stats",
         "stats.PluginConfig",
         "{disable_host_header_fallback: true, reporter: SERVER_GATEWAY, \
-          metrics: [{name: requests_total, dimensions: {a: b}, tags_to_remove: [c]}], \
+          metrics: [{name: requests_total, dimensions: {a: \"'b'\"}, tags_to_remove: [c]}], \
           rotation_interval: 60s}",
     );
     const MX: (&str, &str, &str) = (
@@ -1113,8 +1119,21 @@ load_assignment:
         assert_eq!(
             kinds[..kinds.len() - 1],
             [
-                HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
-                HttpFilterKind::PassThrough(PassThrough::PeerMetadata),
+                HttpFilterKind::PeerMetadata(Arc::new(crate::config::PeerMetadataConfig {
+                    upstream_discovery: vec![
+                        crate::config::PeerDiscovery::IstioHeaders,
+                        crate::config::PeerDiscovery::WorkloadDiscovery,
+                    ],
+                    upstream_propagation: vec![crate::config::PeerPropagation::IstioHeaders {
+                        skip_external_clusters: true,
+                    }],
+                    ..Default::default()
+                })),
+                HttpFilterKind::PeerMetadata(Arc::new(crate::config::PeerMetadataConfig {
+                    downstream_discovery: vec![crate::config::PeerDiscovery::WorkloadDiscovery],
+                    shared_with_upstream: true,
+                    ..Default::default()
+                })),
                 HttpFilterKind::GrpcStats(Arc::new(crate::config::GrpcStatsConfig {
                     emit_filter_state: true,
                     ..Default::default()
@@ -1122,7 +1141,18 @@ load_assignment:
                 HttpFilterKind::PassThrough(PassThrough::IstioAlpn),
                 HttpFilterKind::Fault(Arc::new(FaultConfig::default())),
                 HttpFilterKind::Cors,
-                HttpFilterKind::PassThrough(PassThrough::IstioStats),
+                HttpFilterKind::IstioStats(Arc::new(crate::config::IstioStatsConfig {
+                    disable_host_header_fallback: true,
+                    server_gateway: true,
+                    inbound: false,
+                    metrics: vec![crate::config::IstioMetricConfig {
+                        name: "requests_total".into(),
+                        dimensions: vec![("a".into(), 0)],
+                        tags_to_remove: vec!["c".into()],
+                        drop: false,
+                    }],
+                    expressions: vec![crate::config::DimensionExpr::Literal("b".into())],
+                })),
             ]
         );
         assert!(matches!(kinds.last(), Some(HttpFilterKind::Router(_))));
@@ -1146,13 +1176,73 @@ load_assignment:
     }
 
     #[test]
+    fn istio_stats_reports_by_the_listener_direction() {
+        let inbound = http_listener(EMPTY_FAULT).replacen(
+            "name: gw\n",
+            "name: gw\ntraffic_direction: INBOUND\n",
+            1,
+        );
+        for (yaml, want) in [(http_listener(EMPTY_FAULT), false), (inbound, true)] {
+            let l = lds(&yaml, &[PEER_METADATA, WAYPOINT_PEER_METADATA, HTTP_STATS])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let stats = http_kinds(&l).into_iter().find_map(|k| match k {
+                HttpFilterKind::IstioStats(s) => Some(s),
+                _ => None,
+            });
+            assert_eq!(stats.map(|s| s.inbound), Some(want));
+        }
+    }
+
+    #[test]
+    fn istio_telemetry_fields_weir_cannot_honour_are_rejected() {
+        for (filter, value, want) in [
+            (
+                "io.istio.http.peer_metadata.Config",
+                "{downstream_discovery: [{baggage: {}}]}",
+                "typed_config.downstream_discovery[0].baggage: peer discovery from baggage",
+            ),
+            (
+                "io.istio.http.peer_metadata.Config",
+                "{upstream_propagation: [{baggage: {}}]}",
+                "typed_config.upstream_propagation[0].baggage: baggage propagation",
+            ),
+            (
+                "stats.PluginConfig",
+                "{metrics: [{dimensions: {x: \"request.size + 1\"}}]}",
+                "typed_config.metrics[0].dimensions[x]: expression",
+            ),
+            (
+                "stats.PluginConfig",
+                "{metrics: [{name: requests_total, match: \"request.method == 'GET'\"}]}",
+                "typed_config.metrics[0].match",
+            ),
+        ] {
+            let listener = http_listener(EMPTY_FAULT).replacen(
+                &ts_yaml(HTTP_STATS),
+                &ts_yaml(("istio.stats", filter, value)),
+                1,
+            );
+            let e = lds(&listener, &[]).expect_err(value);
+            assert!(e.contains(want), "{value}: {e}");
+        }
+    }
+
+    #[test]
     fn istio_network_filters_are_accepted_before_tcp_proxy() {
         let check = |l: &Listener| {
             assert!(matches!(l.filter_chains[0].filter, NetworkFilter::Tcp(_)));
             assert_eq!(
                 l.filter_chains[0].pass_through,
-                [PassThrough::MetadataExchange, PassThrough::IstioStats]
+                [PassThrough::MetadataExchange]
             );
+            // The network istio.stats runs in front of tcp_proxy.
+            assert!(matches!(
+                l.filter_chains[0].read_filters[..],
+                [crate::config::ReadFilterConfig {
+                    kind: crate::config::ReadFilterKind::IstioStats(_),
+                    ..
+                }]
+            ));
         };
         let s = bootstrap(&tcp_listener("")).unwrap_or_else(|e| panic!("{e}"));
         check(&s.listeners[0]);
@@ -1172,7 +1262,8 @@ load_assignment:
         assert_eq!(l.filter_chains[0].pass_through, [PassThrough::IstioStats]);
         assert!(matches!(
             l.filter_chains[0].filter,
-            NetworkFilter::Http(ref h) if h.pass_through().count() == 4
+            // istio.alpn only: peer metadata and istio.stats run.
+            NetworkFilter::Http(ref h) if h.pass_through().count() == 1
         ));
     }
 

@@ -65,7 +65,7 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
             );
         }
     }
-    let default_filter_chain = match &proto.default_filter_chain {
+    let mut default_filter_chain = match &proto.default_filter_chain {
         Some(fc) => match filter_chain(fc, &join(path, "default_filter_chain")) {
             Ok(fc) => Some(Arc::new(fc)),
             Err(e) => {
@@ -75,6 +75,16 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         },
         None => None,
     };
+    // `istio.stats` reports by the listener's direction (Istio reads it
+    // from the listener at filter creation).
+    if proto.traffic_direction == 1 {
+        for fc in filter_chains
+            .iter_mut()
+            .chain(default_filter_chain.as_mut())
+        {
+            set_inbound(fc);
+        }
+    }
     let mut listener_filters = Vec::new();
     for (i, lf) in proto.listener_filters.iter().enumerate() {
         match listener_filter(lf, &format!("{path}.listener_filters[{i}]")) {
@@ -149,6 +159,40 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         inbound: proto.traffic_direction == 1,
         unlimited: proto.ignore_global_conn_limit || proto.bypass_overload_manager,
     })
+}
+
+/// Marks the chain's `istio.stats` filters as on an INBOUND listener.
+fn set_inbound(fc: &mut Arc<FilterChain>) {
+    if fc
+        .read_filters
+        .iter()
+        .any(|r| matches!(r.kind, ReadFilterKind::IstioStats(_)))
+    {
+        for r in &mut Arc::make_mut(fc).read_filters {
+            if let ReadFilterKind::IstioStats(s) = &mut r.kind {
+                Arc::make_mut(s).inbound = true;
+            }
+        }
+    }
+    let NetworkFilter::Http(h) = &fc.filter else {
+        return;
+    };
+    if !h
+        .http_filters
+        .iter()
+        .any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)))
+    {
+        return;
+    }
+    let fc = Arc::make_mut(fc);
+    let NetworkFilter::Http(h) = &mut fc.filter else {
+        return;
+    };
+    for f in &mut Arc::make_mut(h).http_filters {
+        if let HttpFilterKind::IstioStats(s) = &mut f.kind {
+            Arc::make_mut(s).inbound = true;
+        }
+    }
 }
 
 fn filter_chain(fc: &l::FilterChain, path: &str) -> Result<FilterChain, ConfigErrors> {
@@ -249,6 +293,16 @@ fn network_filters(
             HCM_TYPE => {
                 let proto = super::decode(&any, &tpath)?;
                 let hcm = hcm::hcm(&proto, &tpath)?;
+                // The network istio.stats reports TCP connections: in front
+                // of the HCM it is passed through (istiod does not put it
+                // there).
+                read_filters.retain(|r: &ReadFilterConfig| {
+                    let tcp_stats = matches!(r.kind, ReadFilterKind::IstioStats(_));
+                    if tcp_stats {
+                        pass_through.push(PassThrough::IstioStats);
+                    }
+                    !tcp_stats
+                });
                 return Ok((
                     NetworkFilter::Http(Arc::new(hcm)),
                     read_filters,
@@ -263,9 +317,14 @@ fn network_filters(
             }
             SNI_CLUSTER_TYPE => sni_cluster = true,
             ISTIO_STATS => {
-                crate::descriptors::decode_any(&any.type_url, &any.value)
+                let m = crate::descriptors::decode_any(&any.type_url, &any.value)
                     .map_err(|e| err(&tpath, e))?;
-                pass_through.push(PassThrough::IstioStats);
+                read_filters.push(ReadFilterConfig {
+                    name: f.name.as_str().into(),
+                    kind: ReadFilterKind::IstioStats(Arc::new(super::istio::istio_stats(
+                        &m, &tpath,
+                    )?)),
+                });
             }
             ISTIO_METADATA_EXCHANGE => {
                 metadata_exchange(&any, &tpath, alpn)?;

@@ -31,6 +31,7 @@ pub mod grpc_stats;
 pub mod hcm;
 pub mod header_mutation;
 pub mod health_check;
+pub mod istio;
 pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;

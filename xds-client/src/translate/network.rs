@@ -26,6 +26,12 @@ pub fn read_filter(
             let p = super::decode(any, path)?;
             ReadFilterKind::Rbac(Arc::new(super::rbac::network_rbac(&p, path)?))
         }
+        super::set_filter_state::NETWORK_SET_FILTER_STATE => {
+            let p = super::decode(any, path)?;
+            ReadFilterKind::SetFilterState(Arc::new(
+                super::set_filter_state::network_set_filter_state(&p, path)?,
+            ))
+        }
         _ => return Ok(None),
     };
     Ok(Some(ReadFilterConfig {

@@ -22,12 +22,39 @@ const STRING_FACTORIES: &[&str] = &[
     "io.istio.local_principal",
 ];
 
+pub const NETWORK_SET_FILTER_STATE: &str =
+    "envoy.extensions.filters.network.set_filter_state.v3.Config";
+
 pub fn set_filter_state(c: &Config, path: &str) -> Result<SetFilterState, ConfigErrors> {
+    values(
+        &c.on_request_headers,
+        &join(path, "on_request_headers"),
+        request_time,
+    )
+}
+
+/// The network filter: `on_new_connection` values (connection facts only).
+pub fn network_set_filter_state(
+    c: &crate::api::envoy::extensions::filters::network::set_filter_state::v3::Config,
+    path: &str,
+) -> Result<SetFilterState, ConfigErrors> {
+    values(
+        &c.on_new_connection,
+        &join(path, "on_new_connection"),
+        connection_time,
+    )
+}
+
+fn values(
+    list: &[Value],
+    path: &str,
+    allowed: fn(&Command) -> bool,
+) -> Result<SetFilterState, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let mut on_request_headers = Vec::new();
-    for (i, v) in c.on_request_headers.iter().enumerate() {
-        let vpath = format!("{}[{i}]", join(path, "on_request_headers"));
-        match value(v, &vpath) {
+    for (i, v) in list.iter().enumerate() {
+        let vpath = format!("{path}[{i}]");
+        match value(v, &vpath, allowed) {
             Ok(v) => on_request_headers.push(v),
             Err(e) => errs.extend(e),
         }
@@ -35,7 +62,11 @@ pub fn set_filter_state(c: &Config, path: &str) -> Result<SetFilterState, Config
     errs.into_result(SetFilterState { on_request_headers })
 }
 
-fn value(v: &Value, path: &str) -> Result<FilterStateValue, ConfigErrors> {
+fn value(
+    v: &Value,
+    path: &str,
+    allowed: fn(&Command) -> bool,
+) -> Result<FilterStateValue, ConfigErrors> {
     let key = match &v.key {
         Some(filter_state_value::Key::ObjectKey(k)) if !k.is_empty() => k.clone(),
         _ => return Err(err(join(path, "object_key"), "object_key is required")),
@@ -76,12 +107,12 @@ fn value(v: &Value, path: &str) -> Result<FilterStateValue, ConfigErrors> {
     };
     for part in &format.parts {
         if let FormatPart::Op(op) = part {
-            if !request_time(&op.cmd) {
+            if !allowed(&op.cmd) {
                 return Err(err(
                     fpath,
                     format!(
                         "format operator {:?} has no value when set_filter_state runs \
-                         (weir evaluates request-time operators only)",
+                         (weir evaluates the operators known at that point only)",
                         op.cmd
                     ),
                 ));
@@ -124,5 +155,24 @@ pub fn request_time(c: &Command) -> bool {
             | Command::Environment(_)
             | Command::Method
             | Command::Path
+    )
+}
+
+/// Operators known when a connection is accepted (what
+/// `filters::format::eval_connection` evaluates).
+pub fn connection_time(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::DownstreamRemoteAddress
+            | Command::DownstreamRemoteAddressWithoutPort
+            | Command::DownstreamDirectRemoteAddress
+            | Command::DownstreamDirectRemoteAddressWithoutPort
+            | Command::DownstreamLocalAddress
+            | Command::DownstreamLocalAddressWithoutPort
+            | Command::DownstreamLocalPort
+            | Command::RequestedServerName
+            | Command::Hostname
+            | Command::FilterState { .. }
+            | Command::Environment(_)
     )
 }

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The cost of the HTTP filters istiod installs in every connection manager,
+# measured with ../shared/bench/peers.sh (same run, same machine):
+#
+#   plain   - the bench bootstrap as is (router only), Envoy and weir;
+#   filters - the same bootstrap with istiod's empty `fault`, `cors` and
+#             `grpc_stats` (emit_filter_state, stats_for_all_methods: false)
+#             before the router, Envoy and weir; weir also gets Istio's
+#             `istio.stats` and peer metadata filters (gateway shape), which
+#             upstream Envoy does not have.
+#
+# Usage (from the repository root, after `cargo build --release -p weir`):
+#   ENVOY_BIN=$(cat .tools/envoy-path) bash benches/filter_cost.sh
+# Knobs: PEERS_DIR (default ../shared/bench), SCENARIOS (default h1),
+# CONNS (default 16), DURATION / WARMUP as peers.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PEERS_DIR=${PEERS_DIR:-$ROOT/../shared/bench}
+WEIR=${WEIR:-$ROOT/target/release/weir}
+[ -x "$WEIR" ] || { echo "build weir first: cargo build --release -p weir" >&2; exit 1; }
+WORK=$(mktemp -d /tmp/weir-filter-cost.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+cp -r "$PEERS_DIR" "$WORK/plain"
+cp -r "$PEERS_DIR" "$WORK/filters"
+rm -rf "$WORK/plain/results" "$WORK/filters/results"
+
+# Insert istiod's always-installed filters before every router.
+python3 - "$WORK/filters/envoy.yaml.tmpl" <<'EOF'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+router = "          - name: envoy.filters.http.router\n"
+extra = """          - name: envoy.filters.http.grpc_stats
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig
+              emit_filter_state: true
+              stats_for_all_methods: false
+          - name: envoy.filters.http.fault
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+          - name: envoy.filters.http.cors
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
+"""
+assert router in s
+open(p, "w").write(s.replace(router, extra + router))
+EOF
+
+# weir additionally runs Istio's own filters (not in upstream Envoy).
+cat > "$WORK/istio-weir.sh" <<'EOF'
+#!/usr/bin/env bash
+set -euo pipefail
+out="$BENCH_WORKDIR/ours-istio.yaml"
+python3 - "$BENCH_ENVOY_CONFIG" "$out" <<'PY'
+import sys
+s = open(sys.argv[1]).read()
+router = "          - name: envoy.filters.http.router\n"
+ts = "type.googleapis.com/udpa.type.v1.TypedStruct"
+extra = f"""          - name: istio.metadata_exchange
+            typed_config:
+              "@type": {ts}
+              type_url: type.googleapis.com/io.istio.http.peer_metadata.Config
+              value: {{upstream_discovery: [{{istio_headers: {{}}}}], upstream_propagation: [{{istio_headers: {{}}}}]}}
+          - name: istio.stats
+            typed_config:
+              "@type": {ts}
+              type_url: type.googleapis.com/stats.PluginConfig
+              value: {{disable_host_header_fallback: true, reporter: SERVER_GATEWAY}}
+"""
+open(sys.argv[2], "w").write(s.replace(router, extra + router))
+PY
+exec "$WEIR" -c "$out" --concurrency "$BENCH_WORKERS"
+EOF
+chmod +x "$WORK/istio-weir.sh"
+
+export WEIR
+export SCENARIOS=${SCENARIOS:-h1} CONNS=${CONNS:-16}
+echo "== plain (router only)"
+(cd "$WORK/plain" && PROXIES="envoy ours" \
+    OURS_CMD="$WEIR -c \"\$BENCH_ENVOY_CONFIG\" --concurrency \$BENCH_WORKERS" \
+    OURS_NAME=weir ./peers.sh)
+echo "== filters (fault, cors, grpc_stats; weir also istio.stats + peer metadata)"
+(cd "$WORK/filters" && PROXIES="envoy ours" OURS_CMD="$WORK/istio-weir.sh" \
+    OURS_NAME=weir-istio ./peers.sh)

@@ -1,0 +1,343 @@
+//! Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`), as
+//! istio/proxy's `peer_metadata/filter.cc`: discovers the downstream peer
+//! from the request headers and the upstream peer from the response headers
+//! (`istio_headers`: `x-envoy-peer-metadata` + `-id`, removed once read),
+//! stores them as filter state `downstream_peer` / `upstream_peer`, and
+//! sends this proxy's node metadata upstream (request) and downstream
+//! (response, only when the request carried them).
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use http::{HeaderName, HeaderValue};
+use xds_client::config::{PeerDiscovery, PeerMetadataConfig, PeerPropagation};
+
+use super::{LocalNode, PeerInfo, DOWNSTREAM_PEER, UPSTREAM_PEER};
+use crate::http::{Action, FilterContext, HttpFilter, HttpFilterFactory, RouteView};
+use crate::state::StateFlags;
+
+/// `x-envoy-peer-metadata`.
+pub const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
+/// `x-envoy-peer-metadata-id`.
+pub const PEER_METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
+
+/// Decoded peers kept per factory (Istio keeps a per-worker cache too).
+const PEER_CACHE: usize = 1000;
+
+/// Built once per config: the propagated header values are encoded here.
+#[derive(Debug)]
+pub struct PeerMetadataFactory {
+    name: Arc<str>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Arc<PeerMetadataConfig>,
+    /// Our `node.id`, for `x-envoy-peer-metadata-id`.
+    id: Option<HeaderValue>,
+    /// Our node metadata, encoded once, for `x-envoy-peer-metadata`.
+    value: Option<HeaderValue>,
+    /// Decoded peers by header value, so equal headers share one object
+    /// (and `istio.stats` finds its labels by it).
+    cache: RwLock<HashMap<Box<[u8]>, Arc<PeerInfo>>>,
+}
+
+impl PeerMetadataFactory {
+    pub fn new(name: Arc<str>, config: Arc<PeerMetadataConfig>, local: &LocalNode) -> Self {
+        let mut me = PeerInfo::from_json(&local.metadata, &config.additional_labels);
+        me.identity.clear();
+        let value = HeaderValue::from_str(&me.encode_header()).ok();
+        let id = HeaderValue::from_str(&local.id).ok();
+        PeerMetadataFactory {
+            name,
+            inner: Arc::new(Inner {
+                config,
+                id,
+                value,
+                cache: RwLock::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// The peer a header value describes (cached by value).
+    fn lookup(&self, value: &[u8]) -> Option<Arc<PeerInfo>> {
+        if let Some(p) = self
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(value)
+        {
+            return Some(p.clone());
+        }
+        let p = Arc::new(PeerInfo::decode_header(
+            value,
+            &self.config.additional_labels,
+        )?);
+        let mut c = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        if c.len() >= PEER_CACHE {
+            c.clear();
+        }
+        c.insert(value.into(), p.clone());
+        Some(p)
+    }
+
+    /// Runs the discovery methods on `headers`; the first result is stored
+    /// under `key` (unless already there, as Istio), then every method's
+    /// headers are removed. Returns whether the two headers were present.
+    fn discover(
+        &self,
+        methods: &[PeerDiscovery],
+        headers: &mut http::HeaderMap,
+        cx: &mut FilterContext,
+        key: &'static str,
+    ) -> (bool, bool) {
+        let mut seen = (false, false);
+        let mut found = None;
+        for m in methods {
+            match m {
+                PeerDiscovery::IstioHeaders => {
+                    let v = headers.get(&PEER_METADATA);
+                    seen = (headers.contains_key(&PEER_METADATA_ID), v.is_some());
+                    if found.is_none() {
+                        found = v
+                            .filter(|v| !v.is_empty())
+                            .and_then(|v| self.lookup(v.as_bytes()));
+                    }
+                }
+                // No workload metadata provider (see the config type).
+                PeerDiscovery::WorkloadDiscovery => {}
+            }
+        }
+        if let Some(p) = found {
+            if cx.filter_state.get(key).is_none() {
+                let flags = StateFlags {
+                    read_only: false,
+                    shared_with_upstream: self.config.shared_with_upstream,
+                };
+                // A mutable entry: setting cannot fail.
+                let _ = cx.filter_state.set(key, p, flags);
+            }
+        }
+        if methods.contains(&PeerDiscovery::IstioHeaders) {
+            headers.remove(&PEER_METADATA_ID);
+            headers.remove(&PEER_METADATA);
+        }
+        seen
+    }
+
+    /// Adds our headers (`downstream`: only those the request carried).
+    fn propagate(
+        &self,
+        methods: &[PeerPropagation],
+        headers: &mut http::HeaderMap,
+        external: bool,
+        only: Option<(bool, bool)>,
+    ) {
+        for m in methods {
+            let PeerPropagation::IstioHeaders {
+                skip_external_clusters,
+            } = m;
+            if *skip_external_clusters && external {
+                continue;
+            }
+            let (id, md) = only.unwrap_or((true, true));
+            if let (true, Some(v)) = (id, &self.id) {
+                headers.insert(PEER_METADATA_ID, v.clone());
+            }
+            if let (true, Some(v)) = (md, &self.value) {
+                headers.insert(PEER_METADATA, v.clone());
+            }
+        }
+    }
+}
+
+impl HttpFilterFactory for PeerMetadataFactory {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
+        Some(Box::new(PeerMetadata {
+            inner: self.inner.clone(),
+            // As Istio's `skipMXHeaders`: the passthrough cluster is
+            // external (weir has no cluster metadata `istio.external`).
+            external: route.cluster == Some("PassthroughCluster"),
+            request_headers: (false, false),
+        }))
+    }
+}
+
+/// One request's instance.
+struct PeerMetadata {
+    inner: Arc<Inner>,
+    external: bool,
+    /// The request carried `x-envoy-peer-metadata-id` / `x-envoy-peer-metadata`.
+    request_headers: (bool, bool),
+}
+
+impl HttpFilter for PeerMetadata {
+    fn on_request_headers(
+        &mut self,
+        cx: &mut FilterContext,
+        head: &mut http::request::Parts,
+    ) -> Action {
+        let c = &self.inner.config;
+        let seen = self.inner.discover(
+            &c.downstream_discovery,
+            &mut head.headers,
+            cx,
+            DOWNSTREAM_PEER,
+        );
+        if c.downstream_discovery
+            .contains(&PeerDiscovery::IstioHeaders)
+        {
+            self.request_headers = seen;
+        }
+        self.inner.propagate(
+            &c.upstream_propagation,
+            &mut head.headers,
+            self.external,
+            None,
+        );
+        Action::Continue
+    }
+
+    fn on_response_headers(
+        &mut self,
+        cx: &mut FilterContext,
+        head: &mut http::response::Parts,
+    ) -> Action {
+        let c = &self.inner.config;
+        self.inner
+            .discover(&c.upstream_discovery, &mut head.headers, cx, UPSTREAM_PEER);
+        self.inner.propagate(
+            &c.downstream_propagation,
+            &mut head.headers,
+            self.external,
+            Some(self.request_headers),
+        );
+        Action::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> LocalNode {
+        LocalNode::new(&xds_client::config::Node {
+            id: "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local".into(),
+            metadata: serde_json::json!({
+                "NAME": "gw-1", "NAMESPACE": "istio-system", "CLUSTER_ID": "Kubernetes",
+                "WORKLOAD_NAME": "gw", "LABELS": {"app": "gw"},
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn reads_strips_and_propagates() {
+        let config = Arc::new(PeerMetadataConfig {
+            downstream_discovery: vec![PeerDiscovery::IstioHeaders],
+            upstream_discovery: vec![
+                PeerDiscovery::IstioHeaders,
+                PeerDiscovery::WorkloadDiscovery,
+            ],
+            downstream_propagation: vec![PeerPropagation::IstioHeaders {
+                skip_external_clusters: false,
+            }],
+            upstream_propagation: vec![PeerPropagation::IstioHeaders {
+                skip_external_clusters: true,
+            }],
+            ..Default::default()
+        });
+        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let client = PeerInfo {
+            workload: "client".into(),
+            namespace: "apps".into(),
+            ..Default::default()
+        };
+        let mut i = f.create(&RouteView::empty()).expect("instance");
+        let mut cx = FilterContext::default();
+        let (mut req, _) = http::Request::get("/")
+            .header(&PEER_METADATA, client.encode_header())
+            .header(&PEER_METADATA_ID, "client-id")
+            .body(())
+            .expect("request")
+            .into_parts();
+        assert!(matches!(
+            i.on_request_headers(&mut cx, &mut req),
+            Action::Continue
+        ));
+        let got = cx
+            .filter_state
+            .get_typed::<PeerInfo>(DOWNSTREAM_PEER)
+            .expect("peer");
+        assert_eq!(got.workload, "client");
+        // Ours replace the client's on the way upstream.
+        assert_eq!(req.headers[&PEER_METADATA_ID], *node().id);
+        let ours =
+            PeerInfo::decode_header(req.headers[&PEER_METADATA].as_bytes(), &[]).expect("ours");
+        assert_eq!(
+            (ours.workload.as_str(), ours.namespace.as_str()),
+            ("gw", "istio-system")
+        );
+        // The upstream's are read and removed; ours go downstream.
+        let server = PeerInfo {
+            workload: "server".into(),
+            ..Default::default()
+        };
+        let (mut resp, _) = http::Response::builder()
+            .header(&PEER_METADATA, server.encode_header())
+            .body(())
+            .expect("response")
+            .into_parts();
+        i.on_response_headers(&mut cx, &mut resp);
+        let up = cx
+            .filter_state
+            .get_typed::<PeerInfo>(UPSTREAM_PEER)
+            .expect("upstream");
+        assert_eq!(up.workload, "server");
+        assert_eq!(resp.headers[&PEER_METADATA_ID], *node().id);
+        assert_eq!(resp.headers[&PEER_METADATA], req.headers[&PEER_METADATA]);
+    }
+
+    #[test]
+    fn skips_external_and_answers_only_what_was_asked() {
+        let config = Arc::new(PeerMetadataConfig {
+            downstream_discovery: vec![PeerDiscovery::IstioHeaders],
+            downstream_propagation: vec![PeerPropagation::IstioHeaders {
+                skip_external_clusters: false,
+            }],
+            upstream_propagation: vec![PeerPropagation::IstioHeaders {
+                skip_external_clusters: true,
+            }],
+            ..Default::default()
+        });
+        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let route = RouteView {
+            cluster: Some("PassthroughCluster"),
+            ..RouteView::empty()
+        };
+        let mut i = f.create(&route).expect("instance");
+        let mut cx = FilterContext::default();
+        let (mut req, _) = http::Request::get("/")
+            .header(&PEER_METADATA, "@@not base64")
+            .body(())
+            .expect("request")
+            .into_parts();
+        i.on_request_headers(&mut cx, &mut req);
+        assert!(cx.filter_state.get(DOWNSTREAM_PEER).is_none());
+        assert!(!req.headers.contains_key(&PEER_METADATA));
+        assert!(!req.headers.contains_key(&PEER_METADATA_ID));
+        let (mut resp, _) = http::Response::builder()
+            .body(())
+            .expect("response")
+            .into_parts();
+        i.on_response_headers(&mut cx, &mut resp);
+        // The request had the metadata header but no id: only that one.
+        assert!(resp.headers.contains_key(&PEER_METADATA));
+        assert!(!resp.headers.contains_key(&PEER_METADATA_ID));
+    }
+}

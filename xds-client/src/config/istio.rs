@@ -1,0 +1,148 @@
+//! Istio's telemetry filters: peer metadata
+//! (`io.istio.http.peer_metadata.Config`) and `istio.stats`
+//! (`stats.PluginConfig`), validated.
+
+/// `io.istio.http.peer_metadata.Config`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PeerMetadataConfig {
+    /// `downstream_discovery`, in order (the first method with a result wins).
+    pub downstream_discovery: Vec<PeerDiscovery>,
+    /// `upstream_discovery` (from the response headers).
+    pub upstream_discovery: Vec<PeerDiscovery>,
+    /// `downstream_propagation` (response headers).
+    pub downstream_propagation: Vec<PeerPropagation>,
+    /// `upstream_propagation` (request headers).
+    pub upstream_propagation: Vec<PeerPropagation>,
+    /// `shared_with_upstream`: the peer filter state is marked shared.
+    pub shared_with_upstream: bool,
+    /// `additional_labels`: peer labels kept besides Istio's four.
+    pub additional_labels: Vec<String>,
+}
+
+/// A `DiscoveryMethod`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerDiscovery {
+    /// `istio_headers`: `x-envoy-peer-metadata` / `-id`, removed after.
+    IstioHeaders,
+    /// `workload_discovery`: Istio looks the peer up in its WDS provider
+    /// (bootstrap extension `metadata_discovery`), which weir's bootstraps
+    /// cannot configure; without a provider Istio finds nothing, so this
+    /// finds nothing either.
+    WorkloadDiscovery,
+}
+
+/// A `PropagationMethod`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPropagation {
+    /// `istio_headers`: our node's id and metadata.
+    IstioHeaders {
+        /// `skip_external_clusters`: not to `PassthroughCluster`.
+        skip_external_clusters: bool,
+    },
+}
+
+/// `stats.PluginConfig` (HTTP filter).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IstioStatsConfig {
+    /// `disable_host_header_fallback`.
+    pub disable_host_header_fallback: bool,
+    /// `reporter: SERVER_GATEWAY` (`waypoint`); else the listener's
+    /// direction decides.
+    pub server_gateway: bool,
+    /// The listener's `traffic_direction` is INBOUND (set by the listener
+    /// translator): the reporter is `destination`, else `source`.
+    pub inbound: bool,
+    /// `metrics`, in order.
+    pub metrics: Vec<IstioMetricConfig>,
+    /// The distinct dimension expressions, by index.
+    pub expressions: Vec<DimensionExpr>,
+}
+
+/// One `metrics` entry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IstioMetricConfig {
+    /// `name` without the `istio_` prefix; empty: every metric.
+    pub name: String,
+    /// `dimensions`, sorted by tag: tag -> index into
+    /// [`IstioStatsConfig::expressions`].
+    pub dimensions: Vec<(String, usize)>,
+    /// `tags_to_remove`.
+    pub tags_to_remove: Vec<String>,
+    /// `drop`.
+    pub drop: bool,
+}
+
+/// The CEL forms weir evaluates for `dimensions` (the attribute reads
+/// people write; anything else is rejected naming the field).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DimensionExpr {
+    /// A string literal (`'text'` or `"text"`).
+    Literal(String),
+    /// `request.host` (`:authority`).
+    RequestHost,
+    /// `request.method`.
+    RequestMethod,
+    /// `request.path` (with the query).
+    RequestPath,
+    /// `request.url_path` (without the query).
+    RequestUrlPath,
+    /// `request.scheme`.
+    RequestScheme,
+    /// `request.protocol` (`HTTP/1.1`, `HTTP/2`).
+    RequestProtocol,
+    /// `request.headers['name']` (lower-cased name).
+    RequestHeader(String),
+    /// `response.code`.
+    ResponseCode,
+    /// `response.headers['name']`.
+    ResponseHeader(String),
+    /// `xds.cluster_name`.
+    ClusterName,
+    /// `xds.route_name`.
+    RouteName,
+    /// `upstream_peer.<field>` / `filter_state.upstream_peer.<field>`.
+    UpstreamPeer(PeerField),
+    /// `downstream_peer.<field>` / `filter_state.downstream_peer.<field>`.
+    DownstreamPeer(PeerField),
+}
+
+/// The fields of Istio's peer object (`WorkloadMetadataObject` tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerField {
+    /// `name`
+    Name,
+    /// `namespace`
+    Namespace,
+    /// `cluster`
+    Cluster,
+    /// `service` (canonical name)
+    Service,
+    /// `revision` (canonical revision)
+    Revision,
+    /// `app`
+    App,
+    /// `version`
+    Version,
+    /// `workload`
+    Workload,
+    /// `type`
+    Type,
+}
+
+impl PeerField {
+    /// The field of Istio's token name.
+    pub fn from_token(t: &str) -> Option<PeerField> {
+        Some(match t {
+            "name" => PeerField::Name,
+            "namespace" => PeerField::Namespace,
+            "cluster" => PeerField::Cluster,
+            "service" => PeerField::Service,
+            "revision" => PeerField::Revision,
+            "app" => PeerField::App,
+            "version" => PeerField::Version,
+            "workload" => PeerField::Workload,
+            "type" => PeerField::Type,
+            _ => return None,
+        })
+    }
+}
