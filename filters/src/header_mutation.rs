@@ -11,9 +11,7 @@
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue};
-use xds_client::config::{
-    AppendAction, FilterOverride, HeaderMutationConfig, HeaderOp, Mutations, Name,
-};
+use xds_client::config::{FilterOverride, HeaderMutationConfig, HeaderOp, Mutations, Name};
 
 use crate::{format, Action, FilterContext, HttpFilter, HttpFilterFactory, RouteView};
 
@@ -76,7 +74,7 @@ struct HeaderMutationFilter {
 /// Applies `ops` in order to `target`'s headers; each value is rendered
 /// from the target as it is at that point (Envoy's formatters read the
 /// live header map).
-fn apply<T>(
+pub fn apply<T>(
     ops: &[HeaderOp],
     target: &mut T,
     headers: fn(&mut T) -> &mut HeaderMap,
@@ -106,25 +104,7 @@ fn apply<T>(
                 let Ok(v) = HeaderValue::from_str(&v) else {
                     continue;
                 };
-                let h = headers(target);
-                match a.action {
-                    AppendAction::AppendIfExistsOrAdd => {
-                        h.append(a.name.clone(), v);
-                    }
-                    AppendAction::AddIfAbsent => {
-                        if !h.contains_key(&a.name) {
-                            h.insert(a.name.clone(), v);
-                        }
-                    }
-                    AppendAction::OverwriteIfExistsOrAdd => {
-                        h.insert(a.name.clone(), v);
-                    }
-                    AppendAction::OverwriteIfExists => {
-                        if h.contains_key(&a.name) {
-                            h.insert(a.name.clone(), v);
-                        }
-                    }
-                }
+                a.apply_to(headers(target), v);
             }
         }
     }

@@ -685,6 +685,14 @@ impl FilterChain {
                         stats,
                     )))
                 }
+                HttpFilterKind::JwtAuthn(j) => {
+                    filters.push(Arc::new(crate::jwt_authn::JwtAuthnFactory::new(
+                        c.name.clone(),
+                        j.clone(),
+                        stats,
+                        callouts,
+                    )))
+                }
             }
         }
         filters.shrink_to_fit();

@@ -19,6 +19,7 @@ pub mod header_mutation;
 pub mod health_check;
 pub mod http;
 pub mod istio;
+pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;

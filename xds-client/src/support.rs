@@ -330,16 +330,53 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.rbac.v3.Permission", &[
         "and_rules", "or_rules", "any", "header", "url_path", "destination_ip",
         "destination_port", "destination_port_range", "not_rule", "requested_server_name",
+        "metadata",
     ]),
     ("envoy.config.rbac.v3.Permission.Set", &["rules"]),
     ("envoy.config.rbac.v3.Principal", &[
         "and_ids", "or_ids", "any", "authenticated", "source_ip", "direct_remote_ip",
-        "remote_ip", "header", "url_path", "not_id", "filter_state",
+        "remote_ip", "header", "url_path", "not_id", "filter_state", "metadata",
     ]),
     ("envoy.type.matcher.v3.FilterStateMatcher", &["key", "string_match"]),
     ("envoy.config.rbac.v3.Principal.Set", &["ids"]),
     ("envoy.config.rbac.v3.Principal.Authenticated", &["principal_name"]),
     ("envoy.type.matcher.v3.PathMatcher", &["path"]),
+    // RBAC `metadata` matchers read the request's dynamic metadata
+    // (jwt_authn's `payload_in_metadata`, Istio's `request.auth.claims`).
+    ("envoy.type.matcher.v3.MetadataMatcher", &["filter", "path", "value", "invert"]),
+    ("envoy.type.matcher.v3.MetadataMatcher.PathSegment", &["key"]),
+    ("envoy.type.matcher.v3.ValueMatcher", &[
+        "null_match", "double_match", "string_match", "bool_match", "present_match", "list_match",
+        "or_match",
+    ]),
+    ("envoy.type.matcher.v3.ValueMatcher.NullMatch", &[]),
+    ("envoy.type.matcher.v3.DoubleMatcher", &["range", "exact"]),
+    ("envoy.type.v3.DoubleRange", &["start", "end"]),
+    ("envoy.type.matcher.v3.ListMatcher", &["one_of"]),
+    ("envoy.type.matcher.v3.OrMatcher", &["value_matchers"]),
+    // envoy.filters.http.jwt_authn (ARCHITECTURE.md "JWT authentication").
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication", &[
+        "providers", "rules", "requirement_map", "bypass_cors_preflight", "strip_failure_response",
+    ]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtProvider", &[
+        "issuer", "audiences", "forward", "from_headers", "from_params", "from_cookies",
+        "forward_payload_header", "pad_forward_payload_header", "payload_in_metadata",
+        "header_in_metadata", "clock_skew_seconds", "claim_to_headers", "local_jwks",
+        "remote_jwks",
+    ]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks", &["http_uri", "cache_duration"]),
+    ("envoy.config.core.v3.HttpUri", &["uri", "cluster", "timeout"]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtHeader", &["name", "value_prefix"]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtClaimToHeader", &["header_name", "claim_name"]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.RequirementRule", &["match", "requires", "requirement_name"]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtRequirement", &[
+        "provider_name", "provider_and_audiences", "requires_any", "requires_all",
+        "allow_missing_or_failed", "allow_missing",
+    ]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.ProviderWithAudiences", &["provider_name", "audiences"]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtRequirementOrList", &["requirements"]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.JwtRequirementAndList", &["requirements"]),
+    ("envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig", &["disabled", "requirement_name"]),
     ("envoy.type.v3.Int32Range", &["start", "end"]),
     // `typed_per_filter_config` values: the filter's config or this wrapper
     // (`is_optional` only matters for filters weir does not know, which are
@@ -728,13 +765,8 @@ pub static PENDING: &[(&str, &str, &str)] = &[
     ),
     (
         "envoy.config.rbac.v3.Permission",
-        "metadata",
-        "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
-    ),
-    (
-        "envoy.config.rbac.v3.Permission",
         "sourced_metadata",
-        "metadata matching is not implemented (weir has no dynamic metadata)",
+        "sourced_metadata matching is not implemented",
     ),
     (
         "envoy.config.rbac.v3.Permission",
@@ -748,18 +780,38 @@ pub static PENDING: &[(&str, &str, &str)] = &[
     ),
     (
         "envoy.config.rbac.v3.Principal",
-        "metadata",
-        "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
-    ),
-    (
-        "envoy.config.rbac.v3.Principal",
         "sourced_metadata",
-        "metadata matching is not implemented (weir has no dynamic metadata)",
+        "sourced_metadata matching is not implemented",
     ),
     (
         "envoy.config.rbac.v3.Principal",
         "custom",
         "custom principal extensions are not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",
+        "async_fetch",
+        "async_fetch (fetching at start) is not implemented: JWKS are fetched on first use",
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",
+        "retry_policy",
+        "JWKS fetch retries are not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider",
+        "failed_status_in_metadata",
+        "failed_status_in_metadata is not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "filter_state_rules",
+        "filter_state_rules (requirements chosen by filter state) are not implemented",
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtRequirement",
+        "extract_only_without_validation",
+        "extract_only_without_validation is not implemented",
     ),
 ];
 

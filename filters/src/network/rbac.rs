@@ -71,6 +71,7 @@ impl NetworkFilterFactory for RbacFactory {
                 None => Peer::default(),
             }),
             filter_state: [None, conn.filter_state],
+            metadata: None,
         };
         if let Some(shadow) = &self.config.shadow_rules {
             let r = evaluate(shadow, &input);

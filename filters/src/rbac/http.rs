@@ -133,6 +133,7 @@ impl HttpFilter for RbacFilter {
                 subject: d.peer_subject.as_deref().unwrap_or(""),
             }),
             filter_state: [Some(&cx.filter_state), d.map(|d| &d.filter_state)],
+            metadata: Some(&cx.metadata),
         };
         if let Some(shadow) = &self.config.shadow_rules {
             let r = super::evaluate(shadow, &input);

@@ -9,7 +9,9 @@
 //! evaluation allocates nothing, except for a header with several values.
 use std::net::SocketAddr;
 
-use xds_client::config::{Permission, Principal, RbacAction, RbacRules, StringMatcher};
+use xds_client::config::{
+    MetadataMatcher, Permission, Principal, RbacAction, RbacRules, StringMatcher, ValueMatcher,
+};
 
 pub mod http;
 
@@ -35,6 +37,9 @@ pub struct Input<'a> {
     /// Filter state: the request's, then the connection's (`filter_state`
     /// principals).
     pub filter_state: [Option<&'a crate::FilterState>; 2],
+    /// The request's dynamic metadata (`metadata` matchers); `None` for
+    /// the network filter (no filter writes connection metadata).
+    pub metadata: Option<&'a crate::state::DynamicMetadata>,
 }
 
 /// The peer certificate's names.
@@ -83,6 +88,7 @@ fn permission(p: &Permission, i: &Input<'_>) -> bool {
             (*start..*end).contains(&u32::from(i.local.port()))
         }
         Permission::RequestedServerName(m) => m.matches(i.sni),
+        Permission::Metadata(m) => metadata(m, i),
     }
 }
 
@@ -105,6 +111,47 @@ fn principal(p: &Principal, i: &Input<'_>) -> bool {
             .find_map(|s| s.get(key))
             .and_then(|v| v.serialize_as_string())
             .is_some_and(|v| m.matches(&v)),
+        Principal::Metadata(m) => metadata(m, i),
+    }
+}
+
+/// As Envoy's `MetadataMatcher::match`: the value at the path (absent when
+/// a key is missing or a step is not an object), matched, then inverted.
+fn metadata(m: &MetadataMatcher, i: &Input<'_>) -> bool {
+    // The translator guarantees a non-empty path.
+    let Some((first, rest)) = m.path.split_first() else {
+        return m.invert;
+    };
+    let mut v = i
+        .metadata
+        .and_then(|md| md.namespace(&m.filter))
+        .and_then(|ns| ns.get(first.as_str()));
+    for k in rest {
+        v = v
+            .and_then(|x| x.as_object())
+            .and_then(|o| o.get(k.as_str()));
+    }
+    value_matches(&m.value, v) ^ m.invert
+}
+
+/// As Envoy's `Matchers::ValueMatcher` (`None`: no value, Envoy's unset
+/// `Value` kind).
+fn value_matches(m: &ValueMatcher, v: Option<&serde_json::Value>) -> bool {
+    use serde_json::Value as J;
+    match (m, v) {
+        (ValueMatcher::Null, Some(J::Null)) => true,
+        (ValueMatcher::DoubleRange(start, end), Some(J::Number(n))) => {
+            n.as_f64().is_some_and(|x| *start <= x && x < *end)
+        }
+        (ValueMatcher::DoubleExact(e), Some(J::Number(n))) => n.as_f64() == Some(*e),
+        (ValueMatcher::String(s), Some(J::String(x))) => s.matches(x),
+        (ValueMatcher::Bool(b), Some(J::Bool(x))) => b == x,
+        (ValueMatcher::Present(p), v) => *p && v.is_some(),
+        (ValueMatcher::ListOneOf(one), Some(J::Array(items))) => {
+            items.iter().any(|x| value_matches(one, Some(x)))
+        }
+        (ValueMatcher::Or(all), v) => all.iter().any(|x| value_matches(x, v)),
+        _ => false,
     }
 }
 

@@ -61,6 +61,7 @@ fn input<'a>(head: Option<&'a ::http::request::Parts>) -> Input<'a> {
         sni: "svc.example.com",
         tls: None,
         filter_state: [None, None],
+        metadata: None,
     }
 }
 
@@ -387,4 +388,94 @@ fn http_filter_denies_counts_and_follows_route_overrides() {
     };
     let r = run(&f, &view, &mut cx, head("GET", "/", &[])).expect("denied");
     assert_eq!(r.details, "rbac_access_denied_matched_policy[deny_all]");
+}
+
+#[test]
+fn metadata_principal_reads_jwt_payload() {
+    use serde_json::json;
+    // Istio's `request.auth.claims[groups]` with a claim that is a list or
+    // a string.
+    let claim = |v: ValueMatcher| {
+        Principal::Metadata(MetadataMatcher {
+            filter: "envoy.filters.http.jwt_authn".into(),
+            path: vec!["issuer.example".into(), "groups".into()],
+            value: v,
+            invert: false,
+        })
+    };
+    let admin = ValueMatcher::String(sm(StringMatch::Exact("admin".into())));
+    let rules = xds_client::translate::rbac::compile(
+        RbacAction::Allow,
+        vec![(
+            "claims".into(),
+            policy(
+                Permission::Any,
+                Principal::Or(vec![
+                    claim(admin.clone()),
+                    claim(ValueMatcher::ListOneOf(Box::new(admin))),
+                ]),
+            ),
+        )],
+    );
+    let mut md = crate::state::DynamicMetadata::default();
+    let mut with = |payload: serde_json::Value| {
+        md = crate::state::DynamicMetadata::default();
+        md.merge(
+            "envoy.filters.http.jwt_authn",
+            json!({ "issuer.example": payload })
+                .as_object()
+                .expect("object")
+                .clone(),
+        );
+        let mut i = input(None);
+        i.metadata = Some(&md);
+        evaluate(&rules, &i).allowed
+    };
+    assert!(with(json!({"groups": ["dev", "admin"]})));
+    assert!(with(json!({"groups": "admin"})));
+    assert!(!with(json!({"groups": ["dev"]})));
+    assert!(!with(json!({"sub": "x"})));
+    assert!(!with(json!("not an object")));
+    // No metadata at all (no jwt_authn ran): no match.
+    assert!(!evaluate(&rules, &input(None)).allowed);
+    // Present, bool, double and inverted matchers.
+    let one = |v: ValueMatcher, invert: bool, payload: serde_json::Value| {
+        let rules = xds_client::translate::rbac::compile(
+            RbacAction::Allow,
+            vec![(
+                "p".into(),
+                policy(
+                    Permission::Any,
+                    Principal::Metadata(MetadataMatcher {
+                        filter: "ns".into(),
+                        path: vec!["k".into()],
+                        value: v,
+                        invert,
+                    }),
+                ),
+            )],
+        );
+        let mut md = crate::state::DynamicMetadata::default();
+        md.merge("ns", payload.as_object().expect("object").clone());
+        let mut i = input(None);
+        i.metadata = Some(&md);
+        evaluate(&rules, &i).allowed
+    };
+    assert!(one(ValueMatcher::Present(true), false, json!({"k": 1})));
+    assert!(!one(ValueMatcher::Present(true), false, json!({"j": 1})));
+    assert!(one(ValueMatcher::Present(true), true, json!({"j": 1})));
+    assert!(one(ValueMatcher::Bool(true), false, json!({"k": true})));
+    assert!(!one(ValueMatcher::Bool(true), false, json!({"k": "true"})));
+    assert!(one(
+        ValueMatcher::DoubleRange(1.0, 2.0),
+        false,
+        json!({"k": 1.5})
+    ));
+    assert!(!one(
+        ValueMatcher::DoubleRange(1.0, 2.0),
+        false,
+        json!({"k": 2})
+    ));
+    assert!(one(ValueMatcher::DoubleExact(3.0), false, json!({"k": 3})));
+    assert!(one(ValueMatcher::Null, false, json!({"k": null})));
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::RngCore;
-use xds_client::config::{AppendAction, HeaderAdd, HeaderMutations, HttpConnectionManager};
+use xds_client::config::{HeaderAdd, HeaderMutations, HttpConnectionManager};
 
 use super::info::{render, StreamInfo};
 
@@ -401,24 +401,7 @@ pub fn apply(
         let Ok(v) = HeaderValue::from_str(&value) else {
             continue;
         };
-        match a.action {
-            AppendAction::AppendIfExistsOrAdd => {
-                headers.append(a.name.clone(), v);
-            }
-            AppendAction::AddIfAbsent => {
-                if !headers.contains_key(&a.name) {
-                    headers.insert(a.name.clone(), v);
-                }
-            }
-            AppendAction::OverwriteIfExistsOrAdd => {
-                headers.insert(a.name.clone(), v);
-            }
-            AppendAction::OverwriteIfExists => {
-                if headers.contains_key(&a.name) {
-                    headers.insert(a.name.clone(), v);
-                }
-            }
-        }
+        a.apply_to(headers, v);
     }
 }
 

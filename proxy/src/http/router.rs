@@ -92,7 +92,6 @@ fn send_mirrors(
     timeout: Option<Duration>,
     info: &StreamInfo,
 ) {
-    use xds_client::config::{AppendAction, HeaderOp};
     // Bounded even when the route has no timeout.
     let timeout = timeout.unwrap_or(Duration::from_secs(300));
     for (rt, m) in mirrors {
@@ -102,50 +101,12 @@ fn send_mirrors(
             None if m.host_suffix => shadow_host(&info.authority),
             None => info.authority.clone(),
         };
-        for op in &m.headers {
-            match op {
-                HeaderOp::Remove(n) => {
-                    headers.remove(n);
-                }
-                HeaderOp::RemoveOnMatch(sm) => {
-                    let names: Vec<_> = headers
-                        .keys()
-                        .filter(|k| sm.matches(k.as_str()))
-                        .cloned()
-                        .collect();
-                    for n in names {
-                        headers.remove(n);
-                    }
-                }
-                HeaderOp::Append(a) => {
-                    let v = super::info::render(&a.value, info, Some(&headers), None, "");
-                    if v.is_empty() && !a.keep_empty_value {
-                        continue;
-                    }
-                    let Ok(v) = HeaderValue::from_str(&v) else {
-                        continue;
-                    };
-                    match a.action {
-                        AppendAction::AppendIfExistsOrAdd => {
-                            headers.append(a.name.clone(), v);
-                        }
-                        AppendAction::AddIfAbsent => {
-                            if !headers.contains_key(&a.name) {
-                                headers.insert(a.name.clone(), v);
-                            }
-                        }
-                        AppendAction::OverwriteIfExistsOrAdd => {
-                            headers.insert(a.name.clone(), v);
-                        }
-                        AppendAction::OverwriteIfExists => {
-                            if headers.contains_key(&a.name) {
-                                headers.insert(a.name.clone(), v);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        filters::header_mutation::apply(
+            &m.headers,
+            &mut headers,
+            |h| h,
+            |f, h| super::info::render(f, info, Some(h), None, ""),
+        );
         let req = filters::callout::CalloutRequest {
             method: parts.method.clone(),
             path_and_query: parts

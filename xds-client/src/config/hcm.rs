@@ -297,6 +297,8 @@ pub enum HttpFilterKind {
     PeerMetadata(Arc<super::PeerMetadataConfig>),
     /// Istio's `istio.stats` HTTP filter (`stats.PluginConfig`).
     IstioStats(Arc<super::IstioStatsConfig>),
+    /// `envoy.filters.http.jwt_authn`.
+    JwtAuthn(Arc<super::JwtAuthn>),
     /// A filter accepted and not run until the traffic-policy work
     /// implements it (ARCHITECTURE.md "Pass-through filters"); not built
     /// into the request path, counted in `weir.pass_through_filter.*`.

@@ -45,4 +45,6 @@ pub enum FilterOverride {
     HeaderMutation(Arc<super::Mutations>),
     /// `ExtAuthzPerRoute`.
     ExtAuthz(Arc<super::ExtAuthzPerRoute>),
+    /// jwt_authn's `PerRouteConfig`.
+    JwtAuthn(super::JwtPerRoute),
 }

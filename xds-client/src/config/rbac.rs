@@ -67,6 +67,8 @@ pub enum Permission {
     /// `[start, end)`.
     DestinationPortRange(u32, u32),
     RequestedServerName(StringMatcher),
+    /// `metadata`: the request's dynamic metadata.
+    Metadata(MetadataMatcher),
 }
 
 /// `envoy.config.rbac.v3.Principal`: who the downstream is.
@@ -89,6 +91,41 @@ pub enum Principal {
     /// `filter_state` (`FilterStateMatcher.string_match`): the object under
     /// `key` (the request's, else the connection's) in its string form.
     FilterState(String, StringMatcher),
+    /// `metadata`: the request's dynamic metadata (jwt_authn's payload for
+    /// Istio's `request.auth.claims[..]`).
+    Metadata(MetadataMatcher),
+}
+
+/// `envoy.type.matcher.v3.MetadataMatcher`: the value at `path` in
+/// namespace `filter` of the dynamic metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetadataMatcher {
+    pub filter: String,
+    /// `path[].key`, at least one.
+    pub path: Vec<String>,
+    pub value: ValueMatcher,
+    pub invert: bool,
+}
+
+/// `envoy.type.matcher.v3.ValueMatcher`, as Envoy's `Matchers::ValueMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueMatcher {
+    /// `null_match`: a JSON null.
+    Null,
+    /// `double_match.range`: a number in `[start, end)`.
+    DoubleRange(f64, f64),
+    /// `double_match.exact`.
+    DoubleExact(f64),
+    /// `string_match`: a string.
+    String(StringMatcher),
+    /// `bool_match`.
+    Bool(bool),
+    /// `present_match`: `true` matches any value present; `false` nothing.
+    Present(bool),
+    /// `list_match.one_of`: a list with an element that matches.
+    ListOneOf(Box<ValueMatcher>),
+    /// `or_match`: any of them.
+    Or(Vec<ValueMatcher>),
 }
 
 /// `envoy.extensions.filters.http.rbac.v3.RBAC` (and the `rbac` of an

@@ -650,6 +650,31 @@ pub struct HeaderAdd {
     pub keep_empty_value: bool,
 }
 
+impl HeaderAdd {
+    /// Puts `value` (this header's rendered value) into `headers` as the
+    /// append action says.
+    pub fn apply_to(&self, headers: &mut http::HeaderMap, value: http::HeaderValue) {
+        match self.action {
+            AppendAction::AppendIfExistsOrAdd => {
+                headers.append(self.name.clone(), value);
+            }
+            AppendAction::AddIfAbsent => {
+                if !headers.contains_key(&self.name) {
+                    headers.insert(self.name.clone(), value);
+                }
+            }
+            AppendAction::OverwriteIfExistsOrAdd => {
+                headers.insert(self.name.clone(), value);
+            }
+            AppendAction::OverwriteIfExists => {
+                if headers.contains_key(&self.name) {
+                    headers.insert(self.name.clone(), value);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendAction {
     AppendIfExistsOrAdd,

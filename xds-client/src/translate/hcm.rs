@@ -546,6 +546,10 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             let p = super::decode(&any, &tpath)?;
             HttpFilterKind::ExtAuthz(Arc::new(super::ext_authz::ext_authz(&p, &tpath)?))
         }
+        super::jwt_authn::JWT_AUTHN => {
+            let p = super::decode(&any, &tpath)?;
+            HttpFilterKind::JwtAuthn(Arc::new(super::jwt_authn::jwt_authn(&p, &tpath)?))
+        }
         CORS => {
             let _: Cors = super::decode(&any, &tpath)?;
             HttpFilterKind::Cors

@@ -32,6 +32,7 @@ pub mod hcm;
 pub mod header_mutation;
 pub mod health_check;
 pub mod istio;
+pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod network;

@@ -140,6 +140,12 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
                 super::ext_authz::per_route(&p, path)?,
             )))
         }
+        super::jwt_authn::JWT_PER_ROUTE => {
+            let p = super::decode(&any, path)?;
+            Ok(FilterOverride::JwtAuthn(super::jwt_authn::per_route(
+                &p, path,
+            )?))
+        }
         other => Err(err(
             path,
             format!("per-route configuration of {other} is not implemented"),

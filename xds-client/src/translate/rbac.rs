@@ -2,8 +2,7 @@
 //! `envoy.config.rbac.v3.RBAC` policies into [`RbacRules`].
 //!
 //! What weir cannot evaluate is rejected naming the field: the matcher API
-//! (`matcher`, `shadow_matcher`), dynamic metadata and filter state (weir
-//! has neither), CEL conditions, audit logging, `uri_template`, custom
+//! (`matcher`, `shadow_matcher`), `sourced_metadata` and filter state, CEL conditions, audit logging, `uri_template`, custom
 //! matchers and principals, per-rule stats, network `delay_deny` and
 //! `CONTINUOUS` enforcement; as Envoy, `header` rules in the network filter.
 use std::sync::Arc;
@@ -11,6 +10,7 @@ use std::sync::Arc;
 use crate::api::envoy::config::rbac::v3 as rbac;
 use crate::api::envoy::extensions::filters::http::rbac::v3 as http_rbac;
 use crate::api::envoy::extensions::filters::network::rbac::v3 as net_rbac;
+use crate::api::envoy::r#type::matcher::v3 as mt;
 use crate::api::envoy::r#type::matcher::v3::PathMatcher;
 use crate::config::*;
 use crate::error::{join, ConfigErrors};
@@ -382,12 +382,7 @@ pub fn permission(p: &rbac::Permission, path: &str) -> Result<Permission, Config
             m,
             &join(path, "requested_server_name"),
         )?),
-        Some(R::Metadata(_)) => {
-            return Err(err(
-                join(path, "metadata"),
-                "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
-            ))
-        }
+        Some(R::Metadata(m)) => Permission::Metadata(metadata_matcher(m, &join(path, "metadata"))?),
         Some(R::Matcher(_)) => {
             return Err(err(
                 join(path, "matcher"),
@@ -437,12 +432,7 @@ pub fn principal(p: &rbac::Principal, path: &str) -> Result<Principal, ConfigErr
             Principal::Header(super::route::header_matcher(h, &join(path, "header"))?)
         }
         Some(I::UrlPath(m)) => Principal::UrlPath(path_matcher(m, &join(path, "url_path"))?),
-        Some(I::Metadata(_)) => {
-            return Err(err(
-                join(path, "metadata"),
-                "dynamic metadata matching is not implemented (weir has no dynamic metadata)",
-            ))
-        }
+        Some(I::Metadata(m)) => Principal::Metadata(metadata_matcher(m, &join(path, "metadata"))?),
         Some(I::FilterState(f)) => {
             use crate::api::envoy::r#type::matcher::v3::filter_state_matcher::Matcher as M;
             let fpath = join(path, "filter_state");
@@ -476,6 +466,99 @@ pub fn principal(p: &rbac::Principal, path: &str) -> Result<Principal, ConfigErr
             ))
         }
         None => return Err(err(path, "a principal needs an identifier")),
+    })
+}
+
+/// `envoy.type.matcher.v3.MetadataMatcher` (on dynamic metadata).
+pub fn metadata_matcher(
+    m: &mt::MetadataMatcher,
+    path: &str,
+) -> Result<MetadataMatcher, ConfigErrors> {
+    use mt::metadata_matcher::path_segment::Segment;
+    // As Envoy's proto validation.
+    if m.filter.is_empty() {
+        return Err(err(
+            join(path, "filter"),
+            "value length must be at least 1 characters",
+        ));
+    }
+    if m.path.is_empty() {
+        return Err(err(
+            join(path, "path"),
+            "value must contain at least 1 item(s)",
+        ));
+    }
+    let mut keys = Vec::with_capacity(m.path.len());
+    for (i, seg) in m.path.iter().enumerate() {
+        match &seg.segment {
+            Some(Segment::Key(k)) if !k.is_empty() => keys.push(k.clone()),
+            _ => {
+                return Err(err(
+                    format!("{}[{i}].key", join(path, "path")),
+                    "value length must be at least 1 characters",
+                ))
+            }
+        }
+    }
+    let Some(v) = &m.value else {
+        return Err(err(join(path, "value"), "value is required"));
+    };
+    Ok(MetadataMatcher {
+        filter: m.filter.clone(),
+        path: keys,
+        value: value_matcher(v, &join(path, "value"))?,
+        invert: m.invert,
+    })
+}
+
+/// `envoy.type.matcher.v3.ValueMatcher`.
+fn value_matcher(v: &mt::ValueMatcher, path: &str) -> Result<ValueMatcher, ConfigErrors> {
+    use mt::value_matcher::MatchPattern as M;
+    Ok(match &v.match_pattern {
+        Some(M::NullMatch(_)) => ValueMatcher::Null,
+        Some(M::DoubleMatch(d)) => {
+            use mt::double_matcher::MatchPattern as D;
+            match &d.match_pattern {
+                Some(D::Range(r)) => ValueMatcher::DoubleRange(r.start, r.end),
+                Some(D::Exact(x)) => ValueMatcher::DoubleExact(*x),
+                None => {
+                    return Err(err(
+                        join(path, "double_match"),
+                        "a match pattern is required",
+                    ))
+                }
+            }
+        }
+        Some(M::StringMatch(s)) => {
+            ValueMatcher::String(super::string_matcher(s, &join(path, "string_match"))?)
+        }
+        Some(M::BoolMatch(b)) => ValueMatcher::Bool(*b),
+        Some(M::PresentMatch(b)) => ValueMatcher::Present(*b),
+        Some(M::ListMatch(l)) => {
+            use mt::list_matcher::MatchPattern as L;
+            let lpath = join(path, "list_match");
+            match &l.match_pattern {
+                Some(L::OneOf(one)) => {
+                    ValueMatcher::ListOneOf(Box::new(value_matcher(one, &join(&lpath, "one_of"))?))
+                }
+                None => return Err(err(lpath, "a match pattern is required")),
+            }
+        }
+        Some(M::OrMatch(o)) => {
+            let opath = join(path, "or_match");
+            if o.value_matchers.len() < 2 {
+                return Err(err(
+                    join(&opath, "value_matchers"),
+                    "value must contain at least 2 item(s)",
+                ));
+            }
+            let mut out = Vec::with_capacity(o.value_matchers.len());
+            for (i, m) in o.value_matchers.iter().enumerate() {
+                out.push(value_matcher(m, &format!("{opath}.value_matchers[{i}]"))?);
+            }
+            ValueMatcher::Or(out)
+        }
+        None => return Err(err(path, "a match pattern is required")),
     })
 }
 

@@ -241,7 +241,7 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
     })
 }
 
-fn route_match(p: &r::RouteMatch, path: &str) -> Result<RouteMatch, ConfigErrors> {
+pub(crate) fn route_match(p: &r::RouteMatch, path: &str) -> Result<RouteMatch, ConfigErrors> {
     use r::route_match::PathSpecifier as P;
     let mut errs = ConfigErrors::default();
     let pm = match &p.path_specifier {

@@ -134,13 +134,24 @@ fn bad_values_name_their_field() {
     )
     .expect("filter state string_match");
     let e = http(
-        "rules: {policies: {p: {permissions: [{and_rules: {rules: [{metadata: {filter: f, path: [{key: k}], value: {present_match: true}}}]}}], principals: [{any: true}]}}}",
+        "rules: {policies: {p: {permissions: [{and_rules: {rules: [{metadata: {filter: f, value: {present_match: true}}}]}}], principals: [{any: true}]}}}",
     )
-    .expect_err("metadata");
+    .expect_err("metadata without a path");
     assert!(
-        e.contains("permissions[0].and_rules.rules[0].metadata"),
+        e.contains("permissions[0].and_rules.rules[0].metadata.path"),
         "{e}"
     );
+    // Istio's request.auth.claims[groups] over jwt_authn's payload.
+    let ok = http(
+        "rules: {policies: {p: {permissions: [{any: true}], principals: [{metadata: {filter: envoy.filters.http.jwt_authn, path: [{key: iss}, {key: groups}], value: {list_match: {one_of: {string_match: {exact: admin}}}}}}]}}}",
+    )
+    .expect("metadata principal");
+    let rules = ok.rules.expect("rules");
+    assert!(matches!(
+        &rules.policies[0].1.principals[0],
+        Principal::Metadata(MetadataMatcher { filter, path, value: ValueMatcher::ListOneOf(_), invert: false })
+            if filter == "envoy.filters.http.jwt_authn" && path == &["iss".to_owned(), "groups".to_owned()]
+    ));
     let e = http(
         "rules: {policies: {p: {permissions: [{any: true}], principals: [{source_ip: {address_prefix: nope}}]}}}",
     )
