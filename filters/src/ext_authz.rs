@@ -203,10 +203,10 @@ impl HttpFilter for ExtAuthzFilter {
         let enabled = cfg
             .filter_enabled
             .is_none_or(|f| f.hit(rand::random::<u64>()))
-            && cfg.filter_enabled_metadata.as_ref().is_none_or(|m| {
-                let path: Vec<&str> = m.path.iter().map(String::as_str).collect();
-                m.matches(cx.metadata.value(&m.filter, &path))
-            });
+            && cfg
+                .filter_enabled_metadata
+                .as_ref()
+                .is_none_or(|m| crate::rbac::metadata_matches(m, Some(&cx.metadata)));
         if !enabled {
             sh.stats.disabled.inc();
             if cfg.deny_at_disable {

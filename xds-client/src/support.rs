@@ -250,17 +250,12 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.http.ext_authz.v3.HttpService", &[
         "server_uri", "path_prefix", "authorization_request", "authorization_response",
     ]),
-    ("envoy.config.core.v3.HttpUri", &["uri", "cluster", "timeout"]),
     ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest", &["allowed_headers", "headers_to_add"]),
     ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse", &[
         "allowed_upstream_headers", "allowed_upstream_headers_to_append", "allowed_client_headers",
         "allowed_client_headers_on_success", "dynamic_metadata_from_headers",
     ]),
     ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", &["disabled", "check_settings"]),
-    // ext_authz `filter_enabled_metadata` (string, bool and presence values).
-    ("envoy.type.matcher.v3.MetadataMatcher", &["filter", "path", "value", "invert"]),
-    ("envoy.type.matcher.v3.MetadataMatcher.PathSegment", &["key"]),
-    ("envoy.type.matcher.v3.ValueMatcher", &["string_match", "bool_match", "present_match"]),
     ("envoy.extensions.filters.network.ext_authz.v3.ExtAuthz", &[
         "stat_prefix", "grpc_service", "failure_mode_allow", "transport_api_version",
     ]),

@@ -110,33 +110,37 @@ struct RbacFilter {
 
 const UNSPECIFIED: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
+/// What the engines read of a request.
+fn input<'a>(cx: &'a FilterContext, head: &'a http::request::Parts) -> Input<'a> {
+    let d = cx.downstream.as_deref();
+    Input {
+        head: Some(head),
+        source: d.map_or(UNSPECIFIED, |d| d.remote),
+        direct_remote: d.map_or(UNSPECIFIED, |d| d.direct_remote),
+        remote: cx
+            .downstream_remote
+            .or(d.map(|d| d.remote))
+            .unwrap_or(UNSPECIFIED),
+        local: d.map_or(UNSPECIFIED, |d| d.local),
+        sni: d.and_then(|d| d.sni.as_deref()).unwrap_or(""),
+        tls: d.filter(|d| d.tls).map(|d| Peer {
+            uri_sans: &d.peer_uri_sans,
+            dns_sans: &d.peer_dns_sans,
+            subject: d.peer_subject.as_deref().unwrap_or(""),
+        }),
+        filter_state: [Some(&cx.filter_state), d.map(|d| &d.filter_state)],
+        metadata: Some(&cx.metadata),
+    }
+}
+
 impl HttpFilter for RbacFilter {
     fn on_request_headers(
         &mut self,
         cx: &mut FilterContext,
         head: &mut http::request::Parts,
     ) -> Action {
-        let d = cx.downstream.as_deref();
-        let input = Input {
-            head: Some(&*head),
-            source: d.map_or(UNSPECIFIED, |d| d.remote),
-            direct_remote: d.map_or(UNSPECIFIED, |d| d.direct_remote),
-            remote: cx
-                .downstream_remote
-                .or(d.map(|d| d.remote))
-                .unwrap_or(UNSPECIFIED),
-            local: d.map_or(UNSPECIFIED, |d| d.local),
-            sni: d.and_then(|d| d.sni.as_deref()).unwrap_or(""),
-            tls: d.filter(|d| d.tls).map(|d| Peer {
-                uri_sans: &d.peer_uri_sans,
-                dns_sans: &d.peer_dns_sans,
-                subject: d.peer_subject.as_deref().unwrap_or(""),
-            }),
-            filter_state: [Some(&cx.filter_state), d.map(|d| &d.filter_state)],
-            metadata: Some(&cx.metadata),
-        };
         if let Some(shadow) = &self.config.shadow_rules {
-            let r = super::evaluate(shadow, &input);
+            let r = super::evaluate(shadow, &input(cx, head));
             if r.allowed {
                 self.stats.shadow_allowed.inc();
             } else {
@@ -167,7 +171,7 @@ impl HttpFilter for RbacFilter {
         let Some(engine) = &self.config.rules else {
             return Action::Continue;
         };
-        let r = super::evaluate(engine, &input);
+        let r = super::evaluate(engine, &input(cx, head));
         tracing::debug!(
             allowed = r.allowed,
             policy = engine.policy_name(r.policy),

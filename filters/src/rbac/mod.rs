@@ -118,12 +118,20 @@ fn principal(p: &Principal, i: &Input<'_>) -> bool {
 /// As Envoy's `MetadataMatcher::match`: the value at the path (absent when
 /// a key is missing or a step is not an object), matched, then inverted.
 fn metadata(m: &MetadataMatcher, i: &Input<'_>) -> bool {
+    metadata_matches(m, i.metadata)
+}
+
+/// A `MetadataMatcher` on a request's dynamic metadata (RBAC, and
+/// ext_authz's `filter_enabled_metadata`).
+pub(crate) fn metadata_matches(
+    m: &MetadataMatcher,
+    metadata: Option<&crate::state::DynamicMetadata>,
+) -> bool {
     // The translator guarantees a non-empty path.
     let Some((first, rest)) = m.path.split_first() else {
         return m.invert;
     };
-    let mut v = i
-        .metadata
+    let mut v = metadata
         .and_then(|md| md.namespace(&m.filter))
         .and_then(|ns| ns.get(first.as_str()));
     for k in rest {

@@ -42,7 +42,7 @@ pub struct ExtAuthz {
     pub filter_enabled: Option<Fraction>,
     /// `filter_enabled_metadata`: the filter runs only when the request's
     /// dynamic metadata matches.
-    pub filter_enabled_metadata: Option<MetadataMatch>,
+    pub filter_enabled_metadata: Option<super::MetadataMatcher>,
     /// `deny_at_disable.default_value`.
     pub deny_at_disable: bool,
     /// `metadata_context_namespaces`: dynamic metadata namespaces sent in
@@ -144,40 +144,4 @@ pub struct NetworkExtAuthz {
     /// `grpc_service.timeout` (Envoy's default 200 ms).
     pub timeout: Duration,
     pub failure_mode_allow: bool,
-}
-
-/// `envoy.type.matcher.v3.MetadataMatcher` over the request's dynamic
-/// metadata (the value kinds weir implements).
-#[derive(Debug, Clone, PartialEq)]
-pub struct MetadataMatch {
-    /// `filter`: the metadata namespace.
-    pub filter: String,
-    /// `path` keys.
-    pub path: Vec<String>,
-    pub value: MetadataValueMatch,
-    pub invert: bool,
-}
-
-/// `ValueMatcher`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MetadataValueMatch {
-    String(StringMatcher),
-    Bool(bool),
-    /// `present_match`: whether a value must be there.
-    Present(bool),
-}
-
-impl MetadataMatch {
-    /// As Envoy's `MetadataMatcher::match`: the value at the path (a
-    /// string, a bool, or anything for `present_match`), inverted with
-    /// `invert`.
-    pub fn matches(&self, value: Option<&serde_json::Value>) -> bool {
-        let m = match (&self.value, value) {
-            (MetadataValueMatch::String(s), Some(serde_json::Value::String(v))) => s.matches(v),
-            (MetadataValueMatch::Bool(b), Some(serde_json::Value::Bool(v))) => b == v,
-            (MetadataValueMatch::Present(p), v) => *p == v.is_some_and(|v| !v.is_null()),
-            _ => false,
-        };
-        m != self.invert
-    }
 }

@@ -290,13 +290,15 @@ pub fn ext_authz(p: &ea::ExtAuthz, path: &str) -> Result<ExtAuthz, ConfigErrors>
             .map(super::local_ratelimit::runtime_fraction),
         filter_enabled_metadata: match &p.filter_enabled_metadata {
             None => None,
-            Some(m) => match metadata_matcher(m, &join(path, "filter_enabled_metadata")) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    errs.extend(e);
-                    None
+            Some(m) => {
+                match super::rbac::metadata_matcher(m, &join(path, "filter_enabled_metadata")) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        errs.extend(e);
+                        None
+                    }
                 }
-            },
+            }
         },
         deny_at_disable: p
             .deny_at_disable
@@ -307,62 +309,6 @@ pub fn ext_authz(p: &ea::ExtAuthz, path: &str) -> Result<ExtAuthz, ConfigErrors>
         allowed_headers,
     };
     errs.into_result(out)
-}
-
-/// A `MetadataMatcher` with a string, bool or presence value matcher.
-pub fn metadata_matcher(
-    m: &crate::api::envoy::r#type::matcher::v3::MetadataMatcher,
-    path: &str,
-) -> Result<MetadataMatch, ConfigErrors> {
-    use crate::api::envoy::r#type::matcher::v3::metadata_matcher::path_segment::Segment;
-    use crate::api::envoy::r#type::matcher::v3::value_matcher::MatchPattern as P;
-    let mut errs = ConfigErrors::default();
-    if m.filter.is_empty() {
-        errs.push(
-            join(path, "filter"),
-            "value length must be at least 1 characters",
-        );
-    }
-    if m.path.is_empty() {
-        errs.push(join(path, "path"), "value must contain at least 1 item(s)");
-    }
-    let keys: Vec<String> = m
-        .path
-        .iter()
-        .filter_map(|s| s.segment.as_ref().map(|Segment::Key(k)| k.clone()))
-        .collect();
-    let vpath = join(path, "value");
-    let value = match m.value.as_ref().and_then(|v| v.match_pattern.as_ref()) {
-        Some(P::StringMatch(s)) => match super::string_matcher(s, &join(&vpath, "string_match")) {
-            Ok(s) => Some(MetadataValueMatch::String(s)),
-            Err(e) => {
-                errs.extend(e);
-                None
-            }
-        },
-        Some(P::BoolMatch(b)) => Some(MetadataValueMatch::Bool(*b)),
-        Some(P::PresentMatch(b)) => Some(MetadataValueMatch::Present(*b)),
-        Some(_) => {
-            errs.push(
-                &vpath,
-                "only string_match, bool_match and present_match are implemented",
-            );
-            None
-        }
-        None => {
-            errs.push(&vpath, "value is required");
-            None
-        }
-    };
-    match value {
-        Some(value) if errs.is_empty() => Ok(MetadataMatch {
-            filter: m.filter.clone(),
-            path: keys,
-            value,
-            invert: m.invert,
-        }),
-        _ => Err(errs),
-    }
 }
 
 /// `ExtAuthzPerRoute` -> [`ExtAuthzPerRoute`].
@@ -489,31 +435,5 @@ mod tests {
             ExtAuthzService::Grpc(g) => assert_eq!(&*g.authority, "authz"),
             ExtAuthzService::Http(_) => panic!("gRPC expected"),
         }
-    }
-
-    #[test]
-    fn metadata_matcher_values_and_invert() {
-        use crate::api::envoy::r#type::matcher::v3 as m;
-        let mk = |p: m::value_matcher::MatchPattern, invert: bool| m::MetadataMatcher {
-            filter: "ns".into(),
-            path: vec![m::metadata_matcher::PathSegment {
-                segment: Some(m::metadata_matcher::path_segment::Segment::Key("k".into())),
-            }],
-            value: Some(m::ValueMatcher {
-                match_pattern: Some(p),
-            }),
-            invert,
-        };
-        use m::value_matcher::MatchPattern as P;
-        let b = metadata_matcher(&mk(P::BoolMatch(true), false), "f").expect("bool");
-        assert!(b.matches(Some(&serde_json::json!(true))));
-        assert!(!b.matches(Some(&serde_json::json!("true"))));
-        let p = metadata_matcher(&mk(P::PresentMatch(true), true), "f").expect("present");
-        assert!(p.matches(None));
-        assert!(!p.matches(Some(&serde_json::json!(1))));
-        let e = metadata_matcher(&mk(P::DoubleMatch(Default::default()), false), "f")
-            .expect_err("double")
-            .to_string();
-        assert!(e.contains("f.value"), "{e}");
     }
 }
