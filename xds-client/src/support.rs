@@ -509,9 +509,21 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
-        "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy",
+        "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
+    // Active health checking (`upstream/health_check.rs`): HTTP/1.1 GET and
+    // TCP checks; no event logs, TLS options, alt_port or gRPC checks.
+    ("envoy.config.core.v3.HealthCheck", &[
+        "timeout", "interval", "initial_jitter", "interval_jitter", "interval_jitter_percent",
+        "unhealthy_threshold", "healthy_threshold", "reuse_connection", "no_traffic_interval",
+        "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval",
+        "healthy_edge_interval", "http_health_check", "tcp_health_check", "grpc_health_check",
+        "custom_health_check",
+    ]),
+    ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &["host", "path", "expected_statuses", "codec_client_type"]),
+    ("envoy.config.core.v3.HealthCheck.TcpHealthCheck", &["send", "receive"]),
+    ("envoy.config.core.v3.HealthCheck.Payload", &["text", "binary"]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
     ("envoy.config.cluster.v3.Filter", &["name", "typed_config"]),
     ("envoy.config.core.v3.TcpKeepalive", &["keepalive_probes", "keepalive_time", "keepalive_interval"]),
