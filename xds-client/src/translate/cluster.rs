@@ -701,7 +701,7 @@ fn active_health_check(
 /// Decodes Envoy's hex `Payload.text` (case-insensitive, even length).
 fn hex_decode(t: &str) -> Option<Vec<u8>> {
     let b = t.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     b.chunks(2)
