@@ -532,7 +532,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "track_remaining", "retry_budget",
     ]),
     ("envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget", &["budget_percent", "min_retry_concurrency"]),
-    // No active health checking: the un-ejection on a passing check has nothing to act on.
+    // `successful_active_health_check_uneject_host`: a passing active check does not un-eject (yet).
     ("envoy.config.cluster.v3.OutlierDetection", &[
         "consecutive_5xx", "interval", "base_ejection_time", "max_ejection_percent",
         "enforcing_consecutive_5xx", "enforcing_success_rate", "success_rate_minimum_hosts",
