@@ -906,6 +906,19 @@ fn typed<M: prost::Message + prost::Name>(m: &M) -> serde_json::Value {
     v
 }
 
+/// A host's `health_status` in `/clusters?format=json`.
+fn health_status_json(h: &crate::upstream::Host) -> serde_json::Value {
+    let mut st =
+        serde_json::json!({"eds_health_status": if h.healthy { "HEALTHY" } else { "UNHEALTHY" }});
+    if h.is_ejected() {
+        st["failed_outlier_check"] = true.into();
+    }
+    if h.failed_active_hc() {
+        st["failed_active_health_check"] = true.into();
+    }
+    st
+}
+
 fn clusters(shared: &Shared, as_json: bool) -> Resp {
     let all = shared.clusters.clusters.load_full();
     let mut names: Vec<_> = all.keys().cloned().collect();
@@ -921,11 +934,7 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
                     "hostname": h.hostname,
                     "weight": h.weight,
                     "priority": h.priority,
-                    "health_status": if h.is_ejected() {
-                        serde_json::json!({"failed_outlier_check": true, "eds_health_status": if h.healthy { "HEALTHY" } else { "UNHEALTHY" }})
-                    } else {
-                        serde_json::json!({"eds_health_status": if h.healthy { "HEALTHY" } else { "UNHEALTHY" }})
-                    },
+                    "health_status": health_status_json(h),
                     "stats": [{"name": "rq_active", "value": h.active.load(Ordering::Relaxed).to_string(), "type": "GAUGE"}],
                 })).collect::<Vec<_>>(),
             })
@@ -962,12 +971,19 @@ fn clusters(shared: &Shared, as_json: bool) -> Resp {
             );
             let _ = writeln!(s, "{n}::{a}::hostname::{}", h.hostname);
             // As Envoy's HostUtility::healthFlagsToString, in flag order.
-            let flags = match (h.is_ejected(), h.healthy) {
-                (false, true) => "healthy",
-                (true, true) => "/failed_outlier_check",
-                (false, false) => "/failed_eds_health",
-                (true, false) => "/failed_outlier_check/failed_eds_health",
-            };
+            let mut flags = String::new();
+            if h.failed_active_hc() {
+                flags.push_str("/failed_active_hc");
+            }
+            if h.is_ejected() {
+                flags.push_str("/failed_outlier_check");
+            }
+            if !h.healthy {
+                flags.push_str("/failed_eds_health");
+            }
+            if flags.is_empty() {
+                flags.push_str("healthy");
+            }
             let _ = writeln!(s, "{n}::{a}::health_flags::{flags}");
             let _ = writeln!(s, "{n}::{a}::weight::{}", h.weight);
             let _ = writeln!(s, "{n}::{a}::priority::{}", h.priority);

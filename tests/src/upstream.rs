@@ -72,6 +72,8 @@ pub(crate) struct State {
     seen: Mutex<HashMap<String, u64>>,
     /// The last requests received (at most [`RECORDED`]).
     recorded: Mutex<std::collections::VecDeque<EchoView>>,
+    /// The status of requests without `x-echo-status` (0: 200).
+    default_status: std::sync::atomic::AtomicU16,
 }
 
 /// How many requests an echo upstream remembers.
@@ -111,6 +113,14 @@ impl EchoServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Answers requests without `x-echo-status` with `status` from now on
+    /// (e.g. to fail a proxy's active health checks).
+    pub fn set_default_status(&self, status: u16) {
+        self.state
+            .default_status
+            .store(status, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn port(&self) -> u16 {
@@ -221,7 +231,12 @@ pub(crate) async fn handle(
     let mut status = header(&parts, "x-echo-status")
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|s| http::StatusCode::from_u16(s).ok())
-        .unwrap_or(http::StatusCode::OK);
+        .unwrap_or_else(|| {
+            let d = state
+                .default_status
+                .load(std::sync::atomic::Ordering::Relaxed);
+            http::StatusCode::from_u16(d).unwrap_or(http::StatusCode::OK)
+        });
     if let Some(k) = header(&parts, "x-echo-fail-times").and_then(|v| v.parse::<u64>().ok()) {
         if seen > k {
             status = http::StatusCode::OK;

@@ -152,6 +152,7 @@ fn table(lb: &LbPolicy, eps: &[Ep], usable: &[usize]) -> HashTable {
                 metadata,
                 active: AtomicU64::new(0),
                 outlier: OnceLock::new(),
+                active_hc: OnceLock::new(),
             })
         })
         .collect();
@@ -1091,6 +1092,7 @@ fn expected_zones(lb: &LbPolicy, zones: &Zones<'_>, local: Option<&str>, hash: u
                 metadata: Value::Null,
                 active: AtomicU64::new(0),
                 outlier: OnceLock::new(),
+                active_hc: OnceLock::new(),
             }));
         }
     }

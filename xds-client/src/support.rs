@@ -591,9 +591,20 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
-        "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy",
+        "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
+    // Active health checking (`upstream/health_check.rs`): HTTP/1.1 GET and
+    // TCP checks; no event logs, TLS options, alt_port or gRPC checks.
+    ("envoy.config.core.v3.HealthCheck", &[
+        "timeout", "interval", "initial_jitter", "interval_jitter", "interval_jitter_percent",
+        "unhealthy_threshold", "healthy_threshold", "reuse_connection", "no_traffic_interval",
+        "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval",
+        "healthy_edge_interval", "http_health_check", "tcp_health_check",
+    ]),
+    ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &["host", "path", "expected_statuses", "codec_client_type"]),
+    ("envoy.config.core.v3.HealthCheck.TcpHealthCheck", &["send", "receive"]),
+    ("envoy.config.core.v3.HealthCheck.Payload", &["text", "binary"]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
     ("envoy.config.cluster.v3.Filter", &["name", "typed_config"]),
     ("envoy.config.core.v3.TcpKeepalive", &["keepalive_probes", "keepalive_time", "keepalive_interval"]),
@@ -603,7 +614,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "track_remaining", "retry_budget",
     ]),
     ("envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget", &["budget_percent", "min_retry_concurrency"]),
-    // No active health checking: the un-ejection on a passing check has nothing to act on.
+    // `successful_active_health_check_uneject_host`: a passing active check does not un-eject (yet).
     ("envoy.config.cluster.v3.OutlierDetection", &[
         "consecutive_5xx", "interval", "base_ejection_time", "max_ejection_percent",
         "enforcing_consecutive_5xx", "enforcing_success_rate", "success_rate_minimum_hosts",

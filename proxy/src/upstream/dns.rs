@@ -131,6 +131,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
                             metadata: e.metadata.clone(),
                             active: AtomicU64::new(0),
                             outlier: std::sync::OnceLock::new(),
+                            active_hc: std::sync::OnceLock::new(),
                         }));
                     }
                 }

@@ -530,6 +530,7 @@ mod tests {
             metadata: serde_json::Value::Null,
             active: AtomicU64::new(0),
             outlier: OnceLock::new(),
+            active_hc: OnceLock::new(),
         })
     }
 

@@ -20,6 +20,7 @@ pub mod callout;
 pub mod circuit_breaker;
 pub mod dns;
 pub mod hash_lb;
+pub mod health_check;
 pub mod outlier;
 pub mod pool;
 
@@ -43,14 +44,23 @@ pub struct Host {
     /// Outlier detection state, when the cluster has a detector (set once
     /// when the host joins the cluster's host set).
     pub outlier: OnceLock<Arc<outlier::HostMonitor>>,
+    /// Active health check state, when the cluster has `health_checks`
+    /// (set once when the host joins the cluster's host set).
+    pub active_hc: OnceLock<Arc<health_check::HostState>>,
 }
 
 impl Host {
-    /// Usable by the load balancer: healthy by EDS and not ejected by
-    /// outlier detection (Envoy's FAILED_OUTLIER_CHECK).
+    /// Usable by the load balancer: healthy by EDS, not ejected by
+    /// outlier detection (Envoy's FAILED_OUTLIER_CHECK) and not failing
+    /// active health checks (FAILED_ACTIVE_HC).
     #[inline]
     pub fn is_healthy(&self) -> bool {
-        self.healthy && !self.is_ejected()
+        self.healthy && !self.is_ejected() && !self.failed_active_hc()
+    }
+
+    #[inline]
+    pub fn failed_active_hc(&self) -> bool {
+        self.active_hc.get().is_some_and(|s| s.failed())
     }
 
     #[inline]
@@ -435,6 +445,8 @@ pub struct ClusterRuntime {
     pub breakers: Arc<circuit_breaker::CircuitBreakers>,
     /// `outlier_detection`, when configured.
     pub outlier: Option<outlier::Detector>,
+    /// `health_checks`, when configured.
+    pub health_check: Option<health_check::Checker>,
     /// Serialises host-set rebuilds (EDS/DNS updates on the control
     /// thread, ejections from workers and the detector's timer).
     rebuild: std::sync::Mutex<()>,
@@ -561,6 +573,13 @@ impl ClusterRuntime {
         if let Some(d) = &outlier {
             attach_monitors(d, &hosts);
         }
+        let health_check = config
+            .health_check
+            .clone()
+            .map(|h| health_check::Checker::new(h, store, &config.stat_name));
+        if let Some(ck) = &health_check {
+            ck.attach(&hosts);
+        }
         stats.membership_total.set(hosts.len() as i64);
         let set = HostSet::build(
             hosts,
@@ -584,6 +603,7 @@ impl ClusterRuntime {
             stats,
             breakers,
             outlier,
+            health_check,
             rebuild: std::sync::Mutex::new(()),
             rr: AtomicUsize::new(0),
             pools: (0..workers + 1)
@@ -645,6 +665,9 @@ impl ClusterRuntime {
         let _serial = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = &self.outlier {
             attach_monitors(d, &hosts);
+        }
+        if let Some(ck) = &self.health_check {
+            ck.attach(&hosts);
         }
         self.stats.membership_total.set(hosts.len() as i64);
         let set = HostSet::build(
@@ -927,6 +950,9 @@ pub fn spawn_control_tasks(c: &Arc<ClusterRuntime>) {
     if c.outlier.is_some() {
         tokio::spawn(outlier_loop(Arc::downgrade(c)));
     }
+    if let Some(ck) = &c.health_check {
+        ck.start(Arc::downgrade(c), &c.hosts.load().hosts);
+    }
 }
 
 /// The hosts of a STATIC or EDS cluster (DNS clusters resolve later).
@@ -954,6 +980,7 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
                     metadata: e.metadata.clone(),
                     active: AtomicU64::new(0),
                     outlier: OnceLock::new(),
+                    active_hc: OnceLock::new(),
                 }));
             }
         }
@@ -1095,6 +1122,7 @@ impl ClusterManager {
                 }
                 if !matches!(c.discovery, Discovery::Static | Discovery::Eds)
                     || rt.outlier.is_some()
+                    || rt.health_check.is_some()
                 {
                     fresh.push(rt.clone());
                 }

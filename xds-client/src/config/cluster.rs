@@ -59,6 +59,9 @@ pub struct Cluster {
     pub circuit_breakers: CircuitBreakers,
     /// `outlier_detection` (`None`: no detector, as Envoy).
     pub outlier_detection: Option<OutlierDetection>,
+    /// `health_checks[0]`: active health checking (`None`: hosts are not
+    /// checked, as Envoy).
+    pub health_check: Option<Arc<ActiveHealthCheck>>,
 }
 
 impl Cluster {
@@ -367,4 +370,52 @@ impl Default for OutlierDetection {
             always_eject_one_host: false,
         }
     }
+}
+
+/// A cluster's active health check (`envoy.config.core.v3.HealthCheck`),
+/// with Envoy's defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveHealthCheck {
+    pub timeout: Duration,
+    pub interval: Duration,
+    pub initial_jitter: Duration,
+    pub interval_jitter: Duration,
+    pub interval_jitter_percent: u32,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    /// Used while the cluster has never made an upstream connection
+    /// (default 60 s).
+    pub no_traffic_interval: Duration,
+    /// For a healthy host while there is no traffic (default
+    /// `no_traffic_interval`).
+    pub no_traffic_healthy_interval: Duration,
+    /// Default `interval`.
+    pub unhealthy_interval: Duration,
+    /// Default `unhealthy_interval`.
+    pub unhealthy_edge_interval: Duration,
+    /// Default `interval`.
+    pub healthy_edge_interval: Duration,
+    /// Default true.
+    pub reuse_connection: bool,
+    pub kind: HealthCheckKind,
+}
+
+/// What one check does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HealthCheckKind {
+    /// `http_health_check` (HTTP/1.1 `GET`).
+    Http {
+        path: String,
+        /// `host`, or the cluster name.
+        host: String,
+        /// `[start, end)` ranges; default `[200, 201)`.
+        expected: Vec<(u16, u16)>,
+    },
+    /// `tcp_health_check`: `send` written after connecting; every
+    /// `receive` block must then arrive, in order (connect-only when both
+    /// are empty).
+    Tcp {
+        send: Vec<u8>,
+        receive: Vec<Vec<u8>>,
+    },
 }

@@ -442,6 +442,32 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         .outlier_detection
         .as_ref()
         .map(|o| outlier_detection(o, &join(path, "outlier_detection"), &mut errs));
+    // Envoy: "Multiple health checks not supported".
+    if p.health_checks.len() > 1 {
+        errs.push(
+            join(path, "health_checks"),
+            "multiple health checks not supported",
+        );
+    }
+    if !p.health_checks.is_empty()
+        && (transport.tls().is_some()
+            || transport_matches
+                .iter()
+                .any(|m| m.transport.tls().is_some()))
+    {
+        errs.push(
+            join(path, "health_checks"),
+            "active health checks of TLS clusters are not implemented",
+        );
+    }
+    let health_check = p.health_checks.first().map(|h| {
+        std::sync::Arc::new(active_health_check(
+            h,
+            &p.name,
+            &join(path, "health_checks[0]"),
+            &mut errs,
+        ))
+    });
     let panic_threshold = p
         .common_lb_config
         .as_ref()
@@ -498,7 +524,192 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         auto_sni_header,
         circuit_breakers,
         outlier_detection,
+        health_check,
     })
+}
+
+/// `health_checks[0]` with Envoy's defaults and proto constraints.
+fn active_health_check(
+    h: &crate::api::envoy::config::core::v3::HealthCheck,
+    cluster: &str,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> ActiveHealthCheck {
+    use crate::api::envoy::config::core::v3::health_check::{self as hc, HealthChecker};
+    let mut dur = |v: &Option<crate::api::google::protobuf::Duration>,
+                   name: &str,
+                   zero_ok: bool|
+     -> Option<Duration> {
+        let v = v.as_ref()?;
+        match super::duration(v, &join(path, name)) {
+            Ok(x) if x.is_zero() && !zero_ok => {
+                errs.push(join(path, name), "must be greater than 0s");
+                None
+            }
+            Ok(x) => Some(x),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        }
+    };
+    let timeout = dur(&h.timeout, "timeout", false);
+    let interval = dur(&h.interval, "interval", false);
+    let initial_jitter = dur(&h.initial_jitter, "initial_jitter", true).unwrap_or_default();
+    let interval_jitter = dur(&h.interval_jitter, "interval_jitter", true).unwrap_or_default();
+    let no_traffic_interval = dur(&h.no_traffic_interval, "no_traffic_interval", false)
+        .unwrap_or(Duration::from_secs(60));
+    let no_traffic_healthy_interval = dur(
+        &h.no_traffic_healthy_interval,
+        "no_traffic_healthy_interval",
+        false,
+    )
+    .unwrap_or(no_traffic_interval);
+    let unhealthy_interval = dur(&h.unhealthy_interval, "unhealthy_interval", false);
+    let unhealthy_edge_interval = dur(&h.unhealthy_edge_interval, "unhealthy_edge_interval", false);
+    let healthy_edge_interval = dur(&h.healthy_edge_interval, "healthy_edge_interval", false);
+    for (v, name) in [(&h.timeout, "timeout"), (&h.interval, "interval")] {
+        if v.is_none() {
+            errs.push(join(path, name), "value is required");
+        }
+    }
+    let interval = interval.unwrap_or(Duration::from_secs(1));
+    let unhealthy_interval = unhealthy_interval.unwrap_or(interval);
+    let mut threshold = |v: &Option<crate::api::google::protobuf::UInt32Value>, name: &str| {
+        v.as_ref().map(|v| v.value).unwrap_or_else(|| {
+            errs.push(join(path, name), "value is required");
+            1
+        })
+    };
+    let unhealthy_threshold = threshold(&h.unhealthy_threshold, "unhealthy_threshold");
+    let healthy_threshold = threshold(&h.healthy_threshold, "healthy_threshold");
+    let kind = match &h.health_checker {
+        Some(HealthChecker::HttpHealthCheck(x)) => {
+            let p = join(path, "http_health_check");
+            if x.path.is_empty() {
+                errs.push(join(&p, "path"), "path is required");
+            }
+            use crate::api::envoy::r#type::v3::CodecClientType as Codec;
+            if !matches!(Codec::try_from(x.codec_client_type), Ok(Codec::Http1)) {
+                errs.push(
+                    join(&p, "codec_client_type"),
+                    "only HTTP1 health checks are implemented",
+                );
+            }
+            let mut expected = Vec::new();
+            for (i, r) in x.expected_statuses.iter().enumerate() {
+                if r.start < 100 || r.end > 600 || r.start >= r.end {
+                    errs.push(
+                        format!("{p}.expected_statuses[{i}]"),
+                        format!(
+                            "invalid http expected status range: expecting start < end, \
+                             start >= 100 and end <= 600, got [{}, {})",
+                            r.start, r.end
+                        ),
+                    );
+                } else {
+                    expected.push((r.start as u16, r.end as u16));
+                }
+            }
+            if x.expected_statuses.is_empty() {
+                expected.push((200, 201));
+            }
+            HealthCheckKind::Http {
+                path: x.path.clone(),
+                host: if x.host.is_empty() {
+                    cluster.to_owned()
+                } else {
+                    x.host.clone()
+                },
+                expected,
+            }
+        }
+        Some(HealthChecker::TcpHealthCheck(x)) => {
+            let p = join(path, "tcp_health_check");
+            let mut payload = |v: &hc::Payload, at: String| -> Vec<u8> {
+                match &v.payload {
+                    Some(hc::payload::Payload::Binary(b)) => b.clone(),
+                    Some(hc::payload::Payload::Text(t)) => hex_decode(t).unwrap_or_else(|| {
+                        errs.push(join(&at, "text"), format!("invalid hex string {t:?}"));
+                        Vec::new()
+                    }),
+                    None => {
+                        errs.push(at, "payload is required");
+                        Vec::new()
+                    }
+                }
+            };
+            let send = x
+                .send
+                .as_ref()
+                .map(|s| payload(s, join(&p, "send")))
+                .unwrap_or_default();
+            let receive = x
+                .receive
+                .iter()
+                .enumerate()
+                .map(|(i, r)| payload(r, format!("{p}.receive[{i}]")))
+                .collect();
+            HealthCheckKind::Tcp { send, receive }
+        }
+        Some(HealthChecker::GrpcHealthCheck(_)) => {
+            errs.push(
+                join(path, "grpc_health_check"),
+                "gRPC health checks are not implemented",
+            );
+            HealthCheckKind::Tcp {
+                send: Vec::new(),
+                receive: Vec::new(),
+            }
+        }
+        Some(HealthChecker::CustomHealthCheck(_)) => {
+            errs.push(
+                join(path, "custom_health_check"),
+                "custom health checks are not implemented",
+            );
+            HealthCheckKind::Tcp {
+                send: Vec::new(),
+                receive: Vec::new(),
+            }
+        }
+        None => {
+            errs.push(path, "a health checker is required");
+            HealthCheckKind::Tcp {
+                send: Vec::new(),
+                receive: Vec::new(),
+            }
+        }
+    };
+    ActiveHealthCheck {
+        timeout: timeout.unwrap_or(Duration::from_secs(1)),
+        interval,
+        initial_jitter,
+        interval_jitter,
+        interval_jitter_percent: h.interval_jitter_percent,
+        unhealthy_threshold,
+        healthy_threshold,
+        no_traffic_interval,
+        no_traffic_healthy_interval,
+        unhealthy_interval,
+        unhealthy_edge_interval: unhealthy_edge_interval.unwrap_or(unhealthy_interval),
+        healthy_edge_interval: healthy_edge_interval.unwrap_or(interval),
+        reuse_connection: h.reuse_connection.as_ref().is_none_or(|v| v.value),
+        kind,
+    }
+}
+
+/// Decodes Envoy's hex `Payload.text` (case-insensitive, even length).
+fn hex_decode(t: &str) -> Option<Vec<u8>> {
+    let b = t.as_bytes();
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    b.chunks(2)
+        .map(|c| {
+            let s = std::str::from_utf8(c).ok()?;
+            u8::from_str_radix(s, 16).ok()
+        })
+        .collect()
 }
 
 /// A cluster `filters` entry: Istio's upstream `istio.metadata_exchange`,

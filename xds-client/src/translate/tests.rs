@@ -199,6 +199,34 @@ static_resources:
             .to_string();
         assert!(e.contains(field), "{bad}: {e}");
     }
+    // Active health checks: Envoy's defaults; what weir lacks is rejected
+    // by field.
+    let hc = "    health_checks: [{timeout: 1s, interval: 2s, unhealthy_threshold: 3, healthy_threshold: 2, http_health_check: {path: /healthz}}]\n";
+    let s = translate(&base(hc)).expect("accepted");
+    let h = s.clusters["xds-grpc"].health_check.clone().expect("hc");
+    assert_eq!(h.no_traffic_interval, std::time::Duration::from_secs(60));
+    assert_eq!(h.unhealthy_edge_interval, std::time::Duration::from_secs(2));
+    assert!(h.reuse_connection);
+    assert_eq!(
+        h.kind,
+        crate::config::HealthCheckKind::Http {
+            path: "/healthz".into(),
+            host: "xds-grpc".into(),
+            expected: vec![(200, 201)],
+        }
+    );
+    for (bad, field) in [
+        ("{interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}}", "health_checks[0].timeout"),
+        ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: {}}", "health_checks[0].grpc_health_check"),
+        ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: {path: /h, codec_client_type: HTTP2}}", "http_health_check.codec_client_type"),
+        ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: {path: /h, method: POST}}", "http_health_check.method"),
+        ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {send: {text: zz}}}", "tcp_health_check.send.text"),
+    ] {
+        let e = translate(&base(&format!("    health_checks: [{bad}]\n")))
+            .expect_err("rejected")
+            .to_string();
+        assert!(e.contains(field), "{bad}: {e}");
+    }
 }
 
 #[test]

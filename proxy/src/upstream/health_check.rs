@@ -1,0 +1,456 @@
+//! Active health checking (cluster `health_checks`), as Envoy's
+//! `HealthCheckerImplBase` with its HTTP and TCP checkers: one session
+//! task per host on the control runtime, a host state kept per address
+//! across host-set updates.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Weak,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xds_client::config::{ActiveHealthCheck, HealthCheckKind};
+
+use crate::stats::{Counter, Gauge, StatName, Store};
+
+use super::{ClusterRuntime, Host};
+
+/// One host's active health state (Envoy's `FAILED_ACTIVE_HC` flag).
+#[derive(Debug)]
+pub struct HostState {
+    failed: AtomicBool,
+}
+
+impl HostState {
+    #[inline]
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// `cluster.<c>.health_check.*`, as Envoy names them.
+struct Stats {
+    attempt: Arc<Counter>,
+    success: Arc<Counter>,
+    failure: Arc<Counter>,
+    network_failure: Arc<Counter>,
+    /// Never written: weir has no passive (outlier) feedback into the
+    /// checker, `verify_cluster` needs `service_name_matcher` (rejected),
+    /// `degraded` needs `x-envoy-degraded` handling (not implemented).
+    _passive_failure: Arc<Counter>,
+    _verify_cluster: Arc<Counter>,
+    _degraded: Arc<Gauge>,
+    healthy: Arc<Gauge>,
+}
+
+/// A cluster's health checker: the config, the host states and the
+/// running sessions (aborted when a host leaves or the checker drops).
+pub struct Checker {
+    pub config: Arc<ActiveHealthCheck>,
+    stats: Stats,
+    inner: std::sync::Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    states: HashMap<SocketAddr, Arc<HostState>>,
+    sessions: HashMap<SocketAddr, tokio::task::AbortHandle>,
+    /// The runtime, once its control tasks started (sessions need it).
+    owner: Option<Weak<ClusterRuntime>>,
+}
+
+/// How a check failed (Envoy's `HealthCheckFailureType`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Failure {
+    /// An unexpected answer: the host is unhealthy at once.
+    Active,
+    /// Connect failure, reset, timeout: counts toward `unhealthy_threshold`.
+    Network,
+}
+
+/// Envoy's `HealthTransition`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Transition {
+    Unchanged,
+    Changed,
+    ChangePending,
+}
+
+impl Checker {
+    pub fn new(config: Arc<ActiveHealthCheck>, store: &Store, cluster: &str) -> Self {
+        let name = |s: &str| {
+            StatName::tagged(
+                "cluster",
+                cluster,
+                &format!("health_check.{s}"),
+                "envoy_cluster_name",
+            )
+        };
+        let c = |s: &str| store.counter(name(s));
+        let g = |s: &str| store.gauge(name(s));
+        Checker {
+            config,
+            stats: Stats {
+                attempt: c("attempt"),
+                success: c("success"),
+                failure: c("failure"),
+                network_failure: c("network_failure"),
+                _passive_failure: c("passive_failure"),
+                _verify_cluster: c("verify_cluster"),
+                _degraded: g("degraded"),
+                healthy: g("healthy"),
+            },
+            inner: Default::default(),
+        }
+    }
+
+    /// Gives each host its state: kept per address, a new address starts
+    /// failed (Envoy sets `FAILED_ACTIVE_HC` on hosts added to a checked
+    /// cluster). Stops the sessions of hosts that left and, once running,
+    /// starts sessions for new ones.
+    pub fn attach(&self, hosts: &[Arc<Host>]) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let keep: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+        inner.states.retain(|a, _| keep.contains(a));
+        inner.sessions.retain(|a, s| {
+            let k = keep.contains(a);
+            if !k {
+                s.abort();
+            }
+            k
+        });
+        for h in hosts {
+            let st = inner
+                .states
+                .entry(h.addr)
+                .or_insert_with(|| {
+                    Arc::new(HostState {
+                        failed: AtomicBool::new(true),
+                    })
+                })
+                .clone();
+            let _ = h.active_hc.set(st);
+        }
+        self.publish_healthy(&inner);
+        if let Some(owner) = inner.owner.clone() {
+            Self::start_sessions(&mut inner, &owner, hosts);
+        }
+    }
+
+    /// Starts checking (control runtime): a session per host.
+    pub fn start(&self, owner: Weak<ClusterRuntime>, hosts: &[Arc<Host>]) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.owner = Some(owner.clone());
+        Self::start_sessions(&mut inner, &owner, hosts);
+    }
+
+    fn start_sessions(inner: &mut Inner, owner: &Weak<ClusterRuntime>, hosts: &[Arc<Host>]) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        for h in hosts {
+            if inner.sessions.contains_key(&h.addr) {
+                continue;
+            }
+            let Some(st) = inner.states.get(&h.addr).cloned() else {
+                continue;
+            };
+            let task = tokio::spawn(session(owner.clone(), h.addr, st));
+            inner.sessions.insert(h.addr, task.abort_handle());
+        }
+    }
+
+    fn publish_healthy(&self, inner: &Inner) {
+        let n = inner.states.values().filter(|s| !s.failed()).count();
+        self.stats.healthy.set(n as i64);
+    }
+
+    /// The wait before the next check (Envoy's
+    /// `HealthCheckerImplBase::interval`): `no_traffic_*` until the
+    /// cluster made an upstream connection, then by the host's state and
+    /// whether it just changed, plus jitter.
+    fn interval(&self, healthy: bool, t: Transition, traffic: bool) -> Duration {
+        let c = &self.config;
+        let base = match (traffic, healthy, t) {
+            (false, true, _) => c.no_traffic_healthy_interval,
+            (false, false, _) => c.no_traffic_interval,
+            (true, false, Transition::Changed) => c.unhealthy_edge_interval,
+            (true, false, _) => c.unhealthy_interval,
+            (true, true, Transition::Changed) => c.healthy_edge_interval,
+            (true, true, _) => c.interval,
+        };
+        let mut ms = base.as_millis() as u64;
+        let pct = c.interval_jitter_percent as u64 * ms / 100;
+        let mut rng = rand::rng();
+        if pct > 0 {
+            ms += rng.random_range(0..pct);
+        }
+        let j = c.interval_jitter.as_millis() as u64;
+        if j > 0 {
+            ms += rng.random_range(0..j);
+        }
+        Duration::from_millis(ms)
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        for s in inner.sessions.values() {
+            s.abort();
+        }
+    }
+}
+
+/// Per-host counters of one session (Envoy's `ActiveHealthCheckSession`).
+struct Session {
+    num_healthy: u32,
+    num_unhealthy: u32,
+    first_check: bool,
+}
+
+impl Session {
+    /// Envoy's `handleSuccess`: the first check ever passing, or
+    /// `healthy_threshold` in a row, clears `FAILED_ACTIVE_HC`.
+    fn success(&mut self, ck: &Checker, st: &HostState) -> Transition {
+        self.num_unhealthy = 0;
+        let mut t = Transition::Unchanged;
+        if st.failed() {
+            self.num_healthy += 1;
+            if self.first_check || self.num_healthy >= ck.config.healthy_threshold {
+                st.failed.store(false, Ordering::Relaxed);
+                t = Transition::Changed;
+            } else {
+                t = Transition::ChangePending;
+            }
+        }
+        ck.stats.success.inc();
+        self.first_check = false;
+        t
+    }
+
+    /// Envoy's `handleFailure`: an unexpected answer fails the host at
+    /// once, network failures after `unhealthy_threshold` in a row.
+    fn failure(&mut self, ck: &Checker, st: &HostState, f: Failure) -> Transition {
+        self.num_healthy = 0;
+        let mut t = Transition::Unchanged;
+        if !st.failed() {
+            self.num_unhealthy += 1;
+            if f == Failure::Active || self.num_unhealthy >= ck.config.unhealthy_threshold {
+                st.failed.store(true, Ordering::Relaxed);
+                t = Transition::Changed;
+            } else {
+                t = Transition::ChangePending;
+            }
+        }
+        ck.stats.failure.inc();
+        if f == Failure::Network {
+            ck.stats.network_failure.inc();
+        }
+        self.first_check = false;
+        t
+    }
+}
+
+/// A reusable connection between checks.
+enum Conn {
+    Http(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+}
+
+/// Checks one host until its session is aborted or the cluster runtime
+/// is gone.
+async fn session(owner: Weak<ClusterRuntime>, addr: SocketAddr, st: Arc<HostState>) {
+    let jitter = match owner.upgrade() {
+        Some(c) => match &c.health_check {
+            Some(ck) => ck.config.initial_jitter,
+            None => return,
+        },
+        None => return,
+    };
+    if !jitter.is_zero() {
+        let ms = rand::rng().random_range(0..jitter.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mut s = Session {
+        num_healthy: 0,
+        num_unhealthy: 0,
+        first_check: true,
+    };
+    let mut conn: Option<Conn> = None;
+    loop {
+        let Some(c) = owner.upgrade() else { return };
+        let Some(ck) = c.health_check.as_ref() else {
+            return;
+        };
+        let cfg = ck.config.clone();
+        let connect_timeout = c.config.connect_timeout;
+        drop(c);
+        ck_stats(&owner, |ck| ck.stats.attempt.inc());
+        let result = match tokio::time::timeout(
+            cfg.timeout,
+            check_once(&cfg, addr, connect_timeout, &mut conn),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                conn = None;
+                Err(Failure::Network)
+            }
+        };
+        if result.is_err() || !cfg.reuse_connection {
+            conn = None;
+        }
+        let Some(c) = owner.upgrade() else { return };
+        let Some(ck) = c.health_check.as_ref() else {
+            return;
+        };
+        let was_failed = st.failed();
+        let t = match result {
+            Ok(()) => s.success(ck, &st),
+            Err(f) => s.failure(ck, &st, f),
+        };
+        if st.failed() != was_failed {
+            {
+                let inner = ck.inner.lock().unwrap_or_else(|p| p.into_inner());
+                ck.publish_healthy(&inner);
+            }
+            tracing::debug!(target: "upstream", cluster = %c.config.name, host = %addr,
+                healthy = !st.failed(), "active health check transition");
+            c.refresh_health();
+        }
+        let traffic = c.stats.upstream_cx_total.value() > 0;
+        let wait = ck.interval(!st.failed(), t, traffic);
+        drop(c);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn ck_stats(owner: &Weak<ClusterRuntime>, f: impl FnOnce(&Checker)) {
+    if let Some(c) = owner.upgrade() {
+        if let Some(ck) = &c.health_check {
+            f(ck);
+        }
+    }
+}
+
+/// One check; the caller bounds it by `timeout`.
+async fn check_once(
+    cfg: &ActiveHealthCheck,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    conn: &mut Option<Conn>,
+) -> Result<(), Failure> {
+    match &cfg.kind {
+        HealthCheckKind::Tcp { send, receive } => {
+            let mut s = connect(addr, connect_timeout).await?;
+            if !send.is_empty() {
+                s.write_all(send).await.map_err(|_| Failure::Network)?;
+            }
+            // Connect-only: success once connected (Envoy closes it).
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !receive.is_empty() && !matches_in_order(&buf, receive) {
+                let n = s.read(&mut chunk).await.map_err(|_| Failure::Network)?;
+                if n == 0 {
+                    return Err(Failure::Network);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Ok(())
+        }
+        HealthCheckKind::Http {
+            path,
+            host,
+            expected,
+        } => {
+            let reused = match conn.take() {
+                Some(Conn::Http(mut s)) => s.ready().await.is_ok().then_some(s),
+                None => None,
+            };
+            let mut sender = match reused {
+                Some(s) => s,
+                None => {
+                    let s = connect(addr, connect_timeout).await?;
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+                            .await
+                            .map_err(|_| Failure::Network)?;
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    sender
+                }
+            };
+            let req = http::Request::get(path.as_str())
+                .header(http::header::HOST, host.as_str())
+                .header(http::header::USER_AGENT, "Envoy/HC")
+                .body(Empty::<Bytes>::new())
+                .map_err(|_| Failure::Network)?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|_| Failure::Network)?;
+            let status = resp.status().as_u16();
+            let close = resp
+                .headers()
+                .get(http::header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            // Read the body so the connection can carry the next check.
+            resp.into_body()
+                .collect()
+                .await
+                .map_err(|_| Failure::Network)?;
+            if !close {
+                *conn = Some(Conn::Http(sender));
+            }
+            if expected.iter().any(|(a, b)| (*a..*b).contains(&status)) {
+                Ok(())
+            } else {
+                Err(Failure::Active)
+            }
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, t: Duration) -> Result<tokio::net::TcpStream, Failure> {
+    match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        _ => Err(Failure::Network),
+    }
+}
+
+/// Envoy's `TcpHealthCheckMatcher::match`: each block found in order.
+fn matches_in_order(buf: &[u8], blocks: &[Vec<u8>]) -> bool {
+    let mut at = 0;
+    for b in blocks {
+        match buf[at..].windows(b.len().max(1)).position(|w| w == &b[..]) {
+            Some(i) => at += i + b.len(),
+            None => return b.is_empty(),
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches_in_order;
+
+    #[test]
+    fn receive_blocks_match_in_order() {
+        let blocks = vec![b"ab".to_vec(), b"cd".to_vec()];
+        assert!(matches_in_order(b"xxabyycd", &blocks));
+        assert!(!matches_in_order(b"cdab", &blocks));
+        assert!(!matches_in_order(b"ab", &blocks));
+    }
+}
