@@ -3,6 +3,7 @@
 # measured with ../shared/bench/peers.sh (same run, same machine):
 #
 #   plain   - the bench bootstrap as is (router only), Envoy and weir;
+#   weir-filters - weir with istiod's upstream filters only (below);
 #   filters - the same bootstrap with istiod's empty `fault`, `cors` and
 #             `grpc_stats` (emit_filter_state, stats_for_all_methods: false)
 #             before the router, Envoy and weir; weir also gets Istio's
@@ -81,6 +82,10 @@ echo "== plain (router only)"
 (cd "$WORK/plain" && PROXIES="envoy ours" \
     OURS_CMD="$WEIR -c \"\$BENCH_ENVOY_CONFIG\" --concurrency \$BENCH_WORKERS" \
     OURS_NAME=weir ./peers.sh)
+echo "== filters: weir with fault, cors, grpc_stats only"
+(cd "$WORK/filters" && PROXIES="ours" \
+    OURS_CMD="$WEIR -c \"\$BENCH_ENVOY_CONFIG\" --concurrency \$BENCH_WORKERS" \
+    OURS_NAME=weir-filters ./peers.sh)
 echo "== filters (fault, cors, grpc_stats; weir also istio.stats + peer metadata)"
 (cd "$WORK/filters" && PROXIES="envoy ours" OURS_CMD="$WORK/istio-weir.sh" \
     OURS_NAME=weir-istio ./peers.sh)
