@@ -644,11 +644,11 @@ mod tests {
         all.set(Flags::NR);
         assert_eq!(
             all.short(),
-            "RLSE,UAEX,RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
+            "LH,RLSE,UAEX,RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
         );
-        assert!(all
-            .long()
-            .starts_with("RateLimitServiceError,UnauthorizedExternalService,RateLimited,"));
+        assert!(all.long().starts_with(
+            "FailedLocalHealthCheck,RateLimitServiceError,UnauthorizedExternalService,"
+        ));
         assert_eq!(Flags::from_short("FI"), Flags::FI);
         assert_eq!(Flags::from_short("??"), 0);
     }
