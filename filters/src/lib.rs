@@ -31,4 +31,6 @@ pub mod state;
 pub mod token_bucket;
 
 pub use http::*;
-pub use state::{DynamicMetadata, FilterState, StateFlags, StateObject, StringValue};
+pub use state::{
+    DynamicMetadata, FilterState, HashableStringValue, StateFlags, StateObject, StringValue,
+};

@@ -59,14 +59,24 @@ impl HttpFilter for SetFilterStateFilter {
                 shared_with_upstream: v.shared_with_upstream,
             };
             // A read-only object stays as it is (Envoy refuses the write).
-            if let Err(e) = cx
-                .filter_state
-                .set(v.key.clone(), Arc::new(StringValue(value)), flags)
+            if let Err(e) =
+                cx.filter_state
+                    .set(v.key.clone(), string_object(value, v.hashable), flags)
             {
                 tracing::debug!("set_filter_state: {e}");
             }
         }
         Action::Continue
+    }
+}
+
+/// The object a value becomes: a string, hashable when its factory is
+/// `envoy.hashable_string`.
+pub(crate) fn string_object(value: String, hashable: bool) -> Arc<dyn crate::StateObject> {
+    if hashable {
+        Arc::new(crate::HashableStringValue(value))
+    } else {
+        Arc::new(StringValue(value))
     }
 }
 
@@ -83,6 +93,7 @@ mod tests {
             read_only,
             shared_with_upstream: false,
             skip_if_empty: skip,
+            hashable: false,
         }
     }
 

@@ -30,6 +30,27 @@ pub trait StateObject: Any + Send + Sync + std::fmt::Debug {
     }
     /// For typed reads (`downcast_ref`).
     fn as_any(&self) -> &dyn Any;
+    /// Whether a `filter_state` hash policy hashes this object (Envoy's
+    /// `Hashable`: xxHash64 of its string form).
+    fn hashable(&self) -> bool {
+        false
+    }
+}
+
+/// A string object that hash policies hash (Envoy's `envoy.hashable_string`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashableStringValue(pub String);
+
+impl StateObject for HashableStringValue {
+    fn serialize_as_string(&self) -> Option<String> {
+        Some(self.0.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn hashable(&self) -> bool {
+        true
+    }
 }
 
 /// A plain string value (Envoy's `StringAccessor`), what

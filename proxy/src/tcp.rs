@@ -152,6 +152,7 @@ impl TcpRuntime {
                     meta.src,
                     meta.direct_src,
                     meta.dst,
+                    None,
                 );
                 cluster.choose_hashed(h.hash, &[], 0)
             } else if self.config.hash_source_ip && cluster.config.lb.is_hash() {

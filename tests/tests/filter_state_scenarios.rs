@@ -260,3 +260,69 @@ async fn connection_filter_state_reaches_http_filters() {
         ]
     );
 }
+
+/// A `filter_state` hash policy hashes a hashable object
+/// (`envoy.hashable_string`) as a header policy hashes the same value: on a
+/// ring hash cluster each user lands on the same host either way, every
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_state_hash_policy_on_a_ring() {
+    let mut ups = Vec::new();
+    for n in ["u0", "u1", "u2"] {
+        ups.push(upstream::http1(n).await.expect("echo upstream"));
+    }
+    let ports: Vec<u16> = ups.iter().map(|u| u.port()).collect();
+    let p = Proxy::start(move |ports_| {
+        let sfs = set_filter_state(vec![value(
+            "lb.key",
+            "%REQ(x-user)%",
+            json!({"factory_key": "envoy.hashable_string"}),
+        )]);
+        let routes = vec![
+            route(
+                "/h",
+                "ring",
+                json!({"route": {"cluster": "ring",
+                    "hash_policy": [{"header": {"header_name": "x-user"}}]}}),
+            ),
+            route(
+                "/f",
+                "ring",
+                json!({"route": {"cluster": "ring",
+                    "hash_policy": [{"filter_state": {"key": "lb.key"}}]}}),
+            ),
+        ];
+        let h = hcm(
+            "ingress",
+            vec![sfs],
+            vec![vhost("vh", routes, json!({}))],
+            json!({}),
+        );
+        bootstrap(
+            ports_,
+            vec![listener("l", ports_.listen, vec![chain(vec![h])])],
+            vec![cluster("ring", &ports, json!({"lb_policy": "RING_HASH"}))],
+        )
+    });
+    let c = Http::h1();
+    let mut hosts = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let user = format!("user-{i}");
+        let by = |path: &'static str| {
+            let c = &c;
+            let url = format!("{}{path}", p.base());
+            let user = user.clone();
+            async move {
+                let r = c.get(&url, &[("x-user", user.as_str())]).await;
+                assert_eq!(r.status, 200);
+                r.echo().upstream
+            }
+        };
+        let h = by("/h").await;
+        let f = by("/f").await;
+        assert_eq!(h, f, "{user}");
+        assert_eq!(by("/f").await, f, "{user}: sticky");
+        hosts.insert(f);
+    }
+    assert!(hosts.len() > 1, "{hosts:?}");
+}

@@ -530,10 +530,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "cluster", "cluster_header", "runtime_fraction", "~trace_sampled",
         "disable_shadow_host_suffix_append", "request_headers_mutations", "host_rewrite_literal",
     ]),
-    // `filter_state` is rejected: weir has no filter state.
     ("envoy.config.route.v3.RouteAction.HashPolicy", &[
-        "header", "cookie", "connection_properties", "query_parameter", "terminal",
+        "header", "cookie", "connection_properties", "query_parameter", "filter_state", "terminal",
     ]),
+    ("envoy.config.route.v3.RouteAction.HashPolicy.FilterState", &["key"]),
     ("envoy.config.route.v3.RouteAction.HashPolicy.Header", &["header_name", "regex_rewrite"]),
     ("envoy.config.route.v3.RouteAction.HashPolicy.Cookie", &["name", "ttl", "path", "attributes"]),
     ("envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute", &["name", "value"]),

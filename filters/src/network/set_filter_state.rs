@@ -8,7 +8,8 @@ use std::sync::Arc;
 use xds_client::config::{Name, SetFilterState};
 
 use super::{ConnectionInfo, NetworkFilterFactory};
-use crate::{format::eval_connection, FilterState, StateFlags, StringValue};
+use crate::set_filter_state::string_object;
+use crate::{format::eval_connection, FilterState, StateFlags};
 
 #[derive(Debug)]
 pub struct SetFilterStateFactory {
@@ -37,7 +38,7 @@ impl NetworkFilterFactory for SetFilterStateFactory {
                 read_only: v.read_only,
                 shared_with_upstream: v.shared_with_upstream,
             };
-            if let Err(e) = state.set(v.key.clone(), Arc::new(StringValue(value)), flags) {
+            if let Err(e) = state.set(v.key.clone(), string_object(value, v.hashable), flags) {
                 tracing::debug!("set_filter_state: {e}");
             }
         }

@@ -498,6 +498,7 @@ pub async fn forward(
             info.downstream_remote,
             info.downstream_direct_remote,
             info.downstream_local,
+            Some(&info.filter_state),
         )
     } else {
         crate::upstream::hash_lb::RequestHash::default()

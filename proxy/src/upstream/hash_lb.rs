@@ -391,6 +391,7 @@ pub fn request_hash(
     remote: SocketAddr,
     peer: SocketAddr,
     local: SocketAddr,
+    filter_state: Option<&filters::FilterState>,
 ) -> RequestHash {
     let mut out = RequestHash::default();
     for p in policies {
@@ -466,6 +467,12 @@ pub fn request_hash(
             HashPolicyKind::QueryParameter { name } => {
                 query_value(uri.query(), name).map(|v| xxhash64(v.as_bytes(), 0))
             }
+            // A hashable object only (Envoy's `Hashable`), as its string.
+            HashPolicyKind::FilterState { key } => filter_state
+                .and_then(|s| s.get(key))
+                .filter(|o| o.hashable())
+                .and_then(|o| o.serialize_as_string())
+                .map(|v| xxhash64(v.as_bytes(), 0)),
         };
         if let Some(n) = new {
             let old = out.hash.map_or(0, |h| h.rotate_left(1));
@@ -653,7 +660,7 @@ mod tests {
             terminal: false,
         };
         let peer: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
-        let h = |ps: &[HashPolicy]| request_hash(ps, &headers, &uri, remote, peer, local);
+        let h = |ps: &[HashPolicy]| request_hash(ps, &headers, &uri, remote, peer, local, None);
         assert_eq!(h(&[header("x-user")]).hash, Some(xxhash64(b"alice", 0)));
         assert_eq!(
             h(&[header("x-multi")]).hash,

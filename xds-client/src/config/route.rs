@@ -446,6 +446,8 @@ pub enum HashPolicyKind {
     SourceIp,
     /// `query_parameter`: the first value of the parameter.
     QueryParameter { name: String },
+    /// `filter_state`: the object under `key`, when it is hashable.
+    FilterState { key: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]

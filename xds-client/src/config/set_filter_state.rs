@@ -23,4 +23,7 @@ pub struct FilterStateValue {
     /// `shared_with_upstream` other than NONE.
     pub shared_with_upstream: bool,
     pub skip_if_empty: bool,
+    /// A hashable string (`envoy.hashable_string`): `filter_state` hash
+    /// policies hash it.
+    pub hashable: bool,
 }

@@ -1010,12 +1010,12 @@ pub(super) fn hash_policies(
                     name: q.name.clone(),
                 }
             }
-            Some(P::FilterState(_)) => {
-                errs.push(
-                    join(&ppath, "filter_state"),
-                    "hashing on filter state is not implemented (weir has no filter state)",
-                );
-                continue;
+            Some(P::FilterState(f)) => {
+                if f.key.is_empty() {
+                    errs.push(join(&ppath, "filter_state.key"), "a key is required");
+                    continue;
+                }
+                HashPolicyKind::FilterState { key: f.key.clone() }
             }
             None => {
                 errs.push(

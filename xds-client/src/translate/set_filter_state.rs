@@ -18,6 +18,7 @@ pub const HTTP_SET_FILTER_STATE: &str = "envoy.extensions.filters.http.set_filte
 const STRING_FACTORIES: &[&str] = &[
     "envoy.string",
     "envoy.hashable_string",
+    "istio.hashable_string",
     "io.istio.peer_principal",
     "io.istio.local_principal",
 ];
@@ -119,6 +120,7 @@ fn value(
             }
         }
     }
+    let hashable = factory.ends_with(".hashable_string");
     use filter_state_value::SharedWithUpstream as S;
     Ok(FilterStateValue {
         key: Arc::from(key),
@@ -126,6 +128,7 @@ fn value(
         read_only: v.read_only,
         shared_with_upstream: S::try_from(v.shared_with_upstream).unwrap_or(S::None) != S::None,
         skip_if_empty: v.skip_if_empty,
+        hashable,
     })
 }
 

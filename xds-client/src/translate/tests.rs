@@ -407,9 +407,14 @@ fn hash_lb_configs_and_hash_policies() {
     );
     reject(
         "    lb_policy: RING_HASH\n",
-        ", hash_policy: [{filter_state: {key: k}}]",
-        "route.hash_policy[0].filter_state",
+        ", hash_policy: [{filter_state: {}}]",
+        "route.hash_policy[0].filter_state.key",
     );
+    load(&hashed(
+        "    lb_policy: RING_HASH\n",
+        ", hash_policy: [{filter_state: {key: k}}]",
+    ))
+    .expect("filter_state hash");
     reject(
         "    lb_policy: RING_HASH\n",
         ", hash_policy: [{header: {header_name: \":path\"}}]",
