@@ -369,8 +369,8 @@ fn retry_policy_of(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> 
         max_interval: Duration::from_millis(250),
         previous_hosts: false,
         host_selection_retry_max_attempts: 0,
-        retriable_headers: vec![],
-        retriable_request_headers: vec![],
+        retriable_headers: Arc::from([]),
+        retriable_request_headers: Arc::from([]),
         rate_limited_back_off: None,
     });
     if let Some(on) = on {

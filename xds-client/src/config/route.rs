@@ -518,12 +518,12 @@ pub struct RetryPolicy {
     pub host_selection_retry_max_attempts: u32,
     /// `retriable_headers`: with `retriable-headers`, a response matching
     /// any of them is retried.
-    pub retriable_headers: Vec<super::HeaderMatcher>,
+    pub retriable_headers: Arc<[super::HeaderMatcher]>,
     /// `retriable_request_headers`: when set, only requests matching one
     /// of them are retried.
-    pub retriable_request_headers: Vec<super::HeaderMatcher>,
+    pub retriable_request_headers: Arc<[super::HeaderMatcher]>,
     /// `rate_limited_retry_back_off`.
-    pub rate_limited_back_off: Option<RateLimitedBackOff>,
+    pub rate_limited_back_off: Option<Arc<RateLimitedBackOff>>,
 }
 
 /// `RetryPolicy.RateLimitedRetryBackOff`: the back-off a response asks for

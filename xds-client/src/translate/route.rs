@@ -817,9 +817,10 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
         }
     };
     errs.into_result(RetryPolicy {
-        retriable_headers,
-        retriable_request_headers,
-        rate_limited_back_off,
+        // Shared, not copied: the router clones the policy per request.
+        retriable_headers: retriable_headers.into(),
+        retriable_request_headers: retriable_request_headers.into(),
+        rate_limited_back_off: rate_limited_back_off.map(Arc::new),
         retry_on,
         num_retries: p.num_retries.as_ref().map(|v| v.value).unwrap_or(1),
         per_try_timeout,
