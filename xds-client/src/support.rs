@@ -488,7 +488,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "include_attempt_count_in_response", "retry_policy", "typed_per_filter_config",
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
-        "rate_limits",
+        "rate_limits", "hedge_policy",
     ]),
     ("envoy.config.route.v3.Route", &[
         "name", "match", "route", "redirect", "direct_response", "request_headers_to_add",
@@ -523,7 +523,21 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         // Deprecated, still honoured by Envoy 1.40's CORS filter.
         "cors",
         "rate_limits", "include_vh_rate_limits", "request_mirror_policies", "hash_policy",
+        "hedge_policy", "internal_redirect_policy",
+        // Deprecated (Envoy 1.40 still turns them into an internal redirect policy).
+        "internal_redirect_action", "max_internal_redirects",
     ]),
+    // Router extras (ARCHITECTURE.md "Hedging and internal redirects"):
+    // `initial_requests` / `additional_request_chance` are not implemented
+    // by Envoy's router either (rejected, see PENDING).
+    ("envoy.config.route.v3.HedgePolicy", &["hedge_on_per_try_timeout"]),
+    ("envoy.config.route.v3.InternalRedirectPolicy", &[
+        "max_internal_redirects", "redirect_response_codes", "predicates",
+        "allow_cross_scheme_redirect", "response_headers_to_copy",
+    ]),
+    ("envoy.extensions.internal_redirect.previous_routes.v3.PreviousRoutesConfig", &[]),
+    ("envoy.extensions.internal_redirect.allow_listed_routes.v3.AllowListedRoutesConfig", &["allowed_route_names"]),
+    ("envoy.extensions.internal_redirect.safe_cross_scheme.v3.SafeCrossSchemeConfig", &[]),
     // Shadowing: `trace_sampled` only steers the shadow's span (weir
     // reports no spans).
     ("envoy.config.route.v3.RouteAction.RequestMirrorPolicy", &[
@@ -679,6 +693,16 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// Fields rejected with a reason because the traffic-policy work will
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
+    (
+        "envoy.config.route.v3.HedgePolicy",
+        "initial_requests",
+        "not implemented (Envoy 1.40's router ignores it too)",
+    ),
+    (
+        "envoy.config.route.v3.HedgePolicy",
+        "additional_request_chance",
+        "not implemented (Envoy 1.40's router ignores it too)",
+    ),
     (
         "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "with_request_body",

@@ -26,6 +26,7 @@ fn vhost(name: String, domains: Vec<String>) -> Arc<VirtualHost> {
         include_attempt_count_in_response: false,
         per_filter: Default::default(),
         rate_limits: Default::default(),
+        hedge_on_per_try_timeout: None,
     })
 }
 

@@ -29,6 +29,8 @@ pub static X_ENVOY_PER_TRY_TIMEOUT: HeaderName =
     HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
 pub static X_ENVOY_RETRIABLE_CODES: HeaderName =
     HeaderName::from_static("x-envoy-retriable-status-codes");
+pub static X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT: HeaderName =
+    HeaderName::from_static("x-envoy-hedge-on-per-try-timeout");
 pub static X_ENVOY_ORIGINAL_HOST: HeaderName = HeaderName::from_static("x-envoy-original-host");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");

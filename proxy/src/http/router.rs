@@ -22,6 +22,9 @@ pub struct Forward<'a> {
     pub action: &'a RouteAction,
     pub route_path: &'a PathMatch,
     pub vhost_retry: Option<&'a Arc<RetryPolicy>>,
+    /// `hedge_policy.hedge_on_per_try_timeout` (the route's, else the
+    /// virtual host's).
+    pub hedge_on_per_try_timeout: bool,
     pub trusted: bool,
     pub include_attempt_count: bool,
     pub suppress_envoy_headers: bool,
@@ -441,6 +444,130 @@ fn rate_limited_interval(p: &RetryPolicy, headers: &HeaderMap) -> Option<Duratio
     })
 }
 
+/// Outlier detection, as Envoy's router reports: the status code of a
+/// response, a local-origin failure for a connect failure, reset or
+/// timeout; never a circuit-breaker overflow.
+fn report_outlier(cluster: &ClusterRuntime, host: &crate::upstream::Host, outcome: &Outcome) {
+    if cluster.outlier.is_none() {
+        return;
+    }
+    use crate::upstream::outlier::LocalResult;
+    match outcome {
+        Outcome::Response(r) => {
+            cluster.outlier_local(host, LocalResult::ConnectSuccess);
+            cluster.outlier_http(host, r.status().as_u16());
+        }
+        Outcome::ConnectFailure(_) => cluster.outlier_local(host, LocalResult::ConnectFailed),
+        Outcome::Reset(_) => {
+            cluster.outlier_local(host, LocalResult::ConnectSuccess);
+            cluster.outlier_local(host, LocalResult::ConnectFailed);
+        }
+        Outcome::Timeout => cluster.outlier_local(host, LocalResult::Timeout),
+        Outcome::Overflow => {}
+    }
+}
+
+fn outcome_of(res: Result<Response<Incoming>, crate::upstream::PoolError>) -> Outcome {
+    match res {
+        Ok(r) => Outcome::Response(r),
+        Err(e) if e.is_overflow() => Outcome::Overflow,
+        Err(e) if e.is_connect() => Outcome::ConnectFailure(e.to_string()),
+        Err(e) => Outcome::Reset(e.to_string()),
+    }
+}
+
+/// The back-off before retry number `n` (1-based): fully jittered
+/// exponential, capped; a rate-limited response's reset header instead
+/// sets a jittered lower bound (interval to 1.5x, Envoy's
+/// `JitteredLowerBoundBackOffStrategy`).
+fn back_off(p: &RetryPolicy, n: u32, response: Option<&HeaderMap>) -> Duration {
+    if let Some(d) = response.and_then(|h| rate_limited_interval(p, h)) {
+        let ms = d.as_millis() as u64;
+        return Duration::from_millis(rand::rng().random_range(ms..=ms + ms / 2));
+    }
+    let exp = p.base_interval.saturating_mul(1u32 << n.saturating_sub(1).min(16));
+    let cap = exp.min(p.max_interval);
+    Duration::from_micros(rand::rng().random_range(0..=cap.as_micros().max(1) as u64))
+}
+
+/// One upstream attempt of a hedged request.
+struct Try<'c> {
+    fut: std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Response<Incoming>, crate::upstream::PoolError>>
+                + Send
+                + 'c,
+        >,
+    >,
+    host: Arc<crate::upstream::Host>,
+    attempt: u32,
+    started: Instant,
+    /// When its per-try timeout fires (`None`: fired already, or none).
+    per_try_at: Option<Instant>,
+    /// A hedge was sent for it (Envoy's `UpstreamRequest::retried`): its
+    /// own failure is never retried.
+    retried: bool,
+}
+
+/// The retries of a hedged request (Envoy's `RetryState`).
+struct HedgeRetries<'p> {
+    /// The policy when Envoy would keep a retry state.
+    policy: Option<&'p RetryPolicy>,
+    left: u32,
+    done: u32,
+    deadline: Option<Instant>,
+}
+
+impl HedgeRetries<'_> {
+    /// Envoy's `shouldRetry` for a retriable outcome: whether a retry is
+    /// scheduled (`upstream_rq_retry`), else the limit or overflow that
+    /// prevented it is counted and flagged.
+    fn schedule<'c>(
+        &mut self,
+        cluster: &'c ClusterRuntime,
+        info: &mut StreamInfo,
+        response: Option<&HeaderMap>,
+        slot: &mut Option<crate::upstream::circuit_breaker::LimitGuard<'c>>,
+        next_start: &mut Option<Instant>,
+    ) -> bool {
+        let Some(p) = self.policy else {
+            return false;
+        };
+        if self.left == 0 {
+            cluster.stats.upstream_rq_retry_limit_exceeded.inc();
+            info.flags.set(Flags::URX);
+            return false;
+        }
+        self.left -= 1;
+        // The previous retry's place is released first (Envoy's `resetRetry`).
+        *slot = None;
+        if !cluster.breakers.default.can_retry() {
+            cluster.stats.upstream_rq_retry_overflow.inc();
+            info.flags.set(Flags::UO);
+            return false;
+        }
+        *slot = Some(cluster.breakers.default.retry_guard());
+        cluster.stats.upstream_rq_retry.inc();
+        self.done += 1;
+        let mut wait = back_off(p, self.done, response);
+        if let Some(d) = self.deadline {
+            wait = wait.min(d.saturating_duration_since(Instant::now()));
+        }
+        *next_start = Some(Instant::now() + wait);
+        true
+    }
+}
+
+/// Ends attempts still in flight (their streams are reset on drop).
+fn drop_tries(cluster: &ClusterRuntime, tries: &mut Vec<Try<'_>>) {
+    for t in tries.drain(..) {
+        t.host
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        cluster.stats.upstream_rq_active.dec();
+    }
+}
+
 enum Outcome {
     Response(Response<Incoming>),
     ConnectFailure(String),
@@ -505,6 +632,18 @@ pub async fn forward(
     };
     let retry = retry_policy(&f, &parts);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
+    // A trusted `x-envoy-hedge-on-per-try-timeout: true|false` overrides
+    // the policy (Envoy's `finalHedgingParams`); hedging needs a per-try
+    // timeout.
+    let mut hedge = f.hedge_on_per_try_timeout;
+    if f.trusted {
+        match parts.headers.get(&X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT).map(|v| v.as_bytes()) {
+            Some(b"true") => hedge = true,
+            Some(b"false") => hedge = false,
+            _ => {}
+        }
+    }
+    let hedge = hedge && per_try.is_some() && f.upgrade.is_none();
     // Headers named in `connection` are hop-by-hop too; `te: trailers`
     // survives (Envoy keeps only the trailers token).
     let named: Vec<String> = parts
@@ -542,12 +681,16 @@ pub async fn forward(
             &X_ENVOY_RQ_TIMEOUT,
             &X_ENVOY_PER_TRY_TIMEOUT,
             &X_ENVOY_RETRIABLE_CODES,
+            &X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT,
         ] {
             parts.headers.remove(n);
         }
     }
     if !f.suppress_envoy_headers {
         let expected = match (global, per_try) {
+            // Hedged tries are not cancelled: the upstream has the whole
+            // global timeout (Envoy's `finalTimeout`).
+            (g, Some(_)) if hedge => g,
             (Some(g), Some(p)) => Some(g.min(p)),
             (g, p) => g.or(p),
         };
@@ -636,6 +779,247 @@ pub async fn forward(
     // The retry in flight holds a place under max_retries / the retry
     // budget until its outcome is known (Envoy's RetryState).
     let mut _retry_slot: Option<crate::upstream::circuit_breaker::LimitGuard<'_>> = None;
+    if hedge {
+        // `hedge_on_per_try_timeout` (Envoy's `onSoftPerTryTimeout`): a
+        // per-try timeout does not end the try; another is sent (a retry:
+        // `num_retries`, `max_retries` / the budget, back-off) and the
+        // first usable response wins, the other tries are reset.
+        //
+        // Envoy keeps a retry state only for a policy with retry conditions
+        // and a body it can replay; without one a per-try timeout does
+        // nothing (the global timeout still applies).
+        let state_policy = retry
+            .as_ref()
+            .filter(|p| p.retry_on.0 != 0 && (replay.is_some() || p.num_retries == 0));
+        let mut budget = HedgeRetries {
+            policy: state_policy,
+            left: state_policy.map_or(0, |p| p.num_retries),
+            done: 0,
+            deadline,
+        };
+        let per_try = per_try.expect("hedging needs a per-try timeout");
+        let mut tries: Vec<Try<'_>> = Vec::new();
+        let mut next_start = Some(Instant::now());
+        let mut last: Option<(Outcome, u32)> = None;
+        loop {
+            if next_start.is_some_and(|t| Instant::now() >= t) {
+                next_start = None;
+                attempt += 1;
+                info.attempt_count = attempt;
+                let prev = retry.as_ref().is_some_and(|r| r.previous_hosts);
+                let avoid: &[std::net::SocketAddr] = if prev { &tried } else { &[] };
+                let host_attempts = retry
+                    .as_ref()
+                    .map_or(0, |r| r.host_selection_retry_max_attempts);
+                let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {
+                    // As Envoy's `doRetry`: no host ends the request.
+                    drop_tries(&cluster, &mut tries);
+                    info.flags.set(Flags::UH);
+                    info.response_code_details = "no_healthy_upstream";
+                    return reply(503, NO_HEALTHY_UPSTREAM);
+                };
+                if prev {
+                    tried.push(host.addr);
+                }
+                info.upstream_host = Some(host.addr);
+                if !host.metadata.is_null() {
+                    info.upstream_metadata = Some(host.metadata.clone());
+                }
+                let body = match (&replay, stream_body.take()) {
+                    (Some(b), _) => Body::full(b.clone()),
+                    (None, Some(s)) => Body::watched(s, state.clone(), timers.request)
+                        .observed(f.request_observer.take()),
+                    (None, None) => Body::Empty,
+                };
+                let auth = match &f.action.host_rewrite {
+                    HostRewrite::Auto if !host.hostname.is_empty() => {
+                        if !f.suppress_envoy_headers {
+                            if let Ok(v) = HeaderValue::from_str(&authority) {
+                                parts.headers.insert(X_ENVOY_ORIGINAL_HOST.clone(), v);
+                            }
+                        }
+                        host.hostname.clone()
+                    }
+                    _ => authority.clone(),
+                };
+                let req = build_request(
+                    &parts,
+                    kind,
+                    &path_and_query,
+                    &auth,
+                    body,
+                    f.include_attempt_count.then_some(attempt),
+                    None,
+                );
+                cluster.stats.upstream_rq_total.inc();
+                cluster.stats.upstream_rq_active.inc();
+                host.active
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let sni = auto_sni(&cluster.config, &req);
+                let fut = cluster
+                    .pool(kind)
+                    .request(host.addr, cluster.tls_for(&host), sni, req);
+                tries.push(Try {
+                    fut: Box::pin(fut),
+                    host,
+                    attempt,
+                    started: Instant::now(),
+                    per_try_at: Some(Instant::now() + per_try),
+                    retried: false,
+                });
+            }
+            if tries.is_empty() && next_start.is_none() {
+                // Every try failed: the latest failure answers.
+                let (outcome, n) = last.take().unwrap_or((Outcome::Timeout, attempt));
+                info.upstream_service_time = Some(upstream_start.elapsed());
+                return respond(
+                    outcome,
+                    n,
+                    false,
+                    &f,
+                    None,
+                    lb_hash.set_cookie.take(),
+                    &cluster,
+                    upstream_start,
+                    &state,
+                    timers,
+                    info,
+                );
+            }
+            let stream_at = match stream_next(&state, timers) {
+                Ok(at) => at,
+                Err(which) => {
+                    drop_tries(&cluster, &mut tries);
+                    let complete = state
+                        .request_complete
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    return stream_timeout_reply(which, info, complete);
+                }
+            };
+            let wake = [next_start, deadline, stream_at]
+                .into_iter()
+                .chain(tries.iter().map(|t| t.per_try_at))
+                .flatten()
+                .min();
+            let any = std::future::poll_fn(|cx| {
+                for (i, t) in tries.iter_mut().enumerate() {
+                    if let std::task::Poll::Ready(r) = t.fut.as_mut().poll(cx) {
+                        return std::task::Poll::Ready((i, r));
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            let done = match wake {
+                Some(at) => tokio::time::timeout_at(at, any).await.ok(),
+                None => Some(any.await),
+            };
+            let Some((i, res)) = done else {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    // The global timeout resets every try, each counted
+                    // as an upstream timeout (Envoy's `onResponseTimeout`).
+                    for t in &tries {
+                        if t.per_try_at.is_some() {
+                            report_outlier(&cluster, &t.host, &Outcome::Timeout);
+                        }
+                        cluster.stats.upstream_rq_timeout.inc();
+                    }
+                    drop_tries(&cluster, &mut tries);
+                    info.upstream_service_time = Some(upstream_start.elapsed());
+                    // Counted above: `respond` must not count it again.
+                    return respond(
+                        Outcome::Timeout,
+                        attempt,
+                        true,
+                        &f,
+                        None,
+                        lb_hash.set_cookie.take(),
+                        &cluster,
+                        upstream_start,
+                        &state,
+                        timers,
+                        info,
+                    );
+                }
+                // Soft per-try timeouts: the try goes on, a hedge is sent.
+                // As Envoy, not counted as `upstream_rq_per_try_timeout`.
+                for k in 0..tries.len() {
+                    if tries[k].per_try_at.is_some_and(|at| now >= at) {
+                        tries[k].per_try_at = None;
+                        report_outlier(&cluster, &tries[k].host, &Outcome::Timeout);
+                        if budget.schedule(&cluster, info, None, &mut _retry_slot, &mut next_start) {
+                            tries[k].retried = true;
+                        }
+                    }
+                }
+                continue;
+            };
+            let t = tries.swap_remove(i);
+            t.host
+                .active
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            cluster.stats.upstream_rq_active.dec();
+            let outcome = outcome_of(res);
+            report_outlier(&cluster, &t.host, &outcome);
+            let would_retry = state_policy.is_some_and(|p| match &outcome {
+                Outcome::Response(r) => retriable_response(p, r.status().as_u16(), r.headers()),
+                Outcome::ConnectFailure(_) => retriable_connect(p),
+                Outcome::Reset(_) => retriable_reset(p),
+                Outcome::Timeout | Outcome::Overflow => false,
+            });
+            let pending = !tries.is_empty() || next_start.is_some();
+            if let Outcome::Response(r) = &outcome {
+                cluster.stats.record_status(r.status().as_u16());
+                cluster
+                    .stats
+                    .upstream_rq_time
+                    .record_us(t.started.elapsed().as_micros() as u64);
+                let mut could_not_retry = t.retried && would_retry;
+                if !t.retried && would_retry {
+                    if budget.schedule(
+                        &cluster,
+                        info,
+                        Some(r.headers()),
+                        &mut _retry_slot,
+                        &mut next_start,
+                    ) {
+                        continue;
+                    }
+                    could_not_retry = true;
+                }
+                if !t.retried && !would_retry && budget.done > 0 {
+                    cluster.stats.upstream_rq_retry_success.inc();
+                }
+                if could_not_retry && pending {
+                    // Others may still answer better (Envoy waits for them).
+                    continue;
+                }
+                drop_tries(&cluster, &mut tries);
+                info.upstream_host = Some(t.host.addr);
+                info.upstream_service_time = Some(upstream_start.elapsed());
+                return respond(
+                    outcome,
+                    t.attempt.max(attempt),
+                    false,
+                    &f,
+                    None,
+                    lb_hash.set_cookie.take(),
+                    &cluster,
+                    upstream_start,
+                    &state,
+                    timers,
+                    info,
+                );
+            }
+            if !t.retried
+                && would_retry
+                && budget.schedule(&cluster, info, None, &mut _retry_slot, &mut next_start)
+            {
+                continue;
+            }
+            last = Some((outcome, attempt));
+        }
+    }
     loop {
         attempt += 1;
         info.attempt_count = attempt;
@@ -744,32 +1128,12 @@ pub async fn forward(
         cluster.stats.upstream_rq_active.dec();
         let outcome = match res {
             None => Outcome::Timeout,
-            Some(Ok(r)) => Outcome::Response(r),
-            Some(Err(e)) if e.is_overflow() => Outcome::Overflow,
-            Some(Err(e)) if e.is_connect() => Outcome::ConnectFailure(e.to_string()),
-            Some(Err(e)) => Outcome::Reset(e.to_string()),
+            Some(r) => outcome_of(r),
         };
         // Outlier detection, as Envoy's router reports: the status code of a
         // response, a local-origin failure for a connect failure, reset or
         // timeout; never a circuit-breaker overflow.
-        if cluster.outlier.is_some() {
-            use crate::upstream::outlier::LocalResult;
-            match &outcome {
-                Outcome::Response(r) => {
-                    cluster.outlier_local(&host, LocalResult::ConnectSuccess);
-                    cluster.outlier_http(&host, r.status().as_u16());
-                }
-                Outcome::ConnectFailure(_) => {
-                    cluster.outlier_local(&host, LocalResult::ConnectFailed)
-                }
-                Outcome::Reset(_) => {
-                    cluster.outlier_local(&host, LocalResult::ConnectSuccess);
-                    cluster.outlier_local(&host, LocalResult::ConnectFailed);
-                }
-                Outcome::Timeout => cluster.outlier_local(&host, LocalResult::Timeout),
-                Outcome::Overflow => {}
-            }
-        }
+        report_outlier(&cluster, &host, &outcome);
         let can_retry = attempt < max_attempts;
         let global_left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let global_expired = global_left.is_some_and(|d| d.is_zero());
@@ -810,29 +1174,12 @@ pub async fn forward(
         } else if retry_this && can_retry && !global_expired && replay.is_some() {
             _retry_slot = Some(cluster.breakers.default.retry_guard());
             cluster.stats.upstream_rq_retry.inc();
-            // Fully jittered exponential back-off, capped; a rate-limited
-            // response's reset header instead sets a jittered lower bound
-            // (interval to 1.5x, Envoy's JitteredLowerBoundBackOffStrategy).
             let p = p.expect("retry_this implies a policy");
-            let limited = match &outcome {
-                Outcome::Response(r) => rate_limited_interval(p, r.headers()),
+            let headers = match &outcome {
+                Outcome::Response(r) => Some(r.headers()),
                 _ => None,
             };
-            let wait = match limited {
-                Some(d) => {
-                    let ms = d.as_millis() as u64;
-                    Duration::from_millis(rand::rng().random_range(ms..=ms + ms / 2))
-                }
-                None => {
-                    let exp = p
-                        .base_interval
-                        .saturating_mul(1u32 << (attempt - 1).min(16));
-                    let cap = exp.min(p.max_interval);
-                    Duration::from_micros(
-                        rand::rng().random_range(0..=cap.as_micros().max(1) as u64),
-                    )
-                }
-            };
+            let wait = back_off(p, attempt, headers);
             let wait = match deadline {
                 Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
                 None => wait,
@@ -846,118 +1193,149 @@ pub async fn forward(
         } else if attempt > 1 && !retry_overflow && matches!(outcome, Outcome::Response(_)) {
             cluster.stats.upstream_rq_retry_success.inc();
         }
-        info.upstream_service_time = Some(upstream_start.elapsed());
-        if state
-            .request_timed_out
-            .load(std::sync::atomic::Ordering::Relaxed)
-            && !matches!(outcome, Outcome::Response(_))
-        {
-            return stream_timeout_reply(StreamTimeout::Request, info, false);
-        }
-        if state.body_error.load(std::sync::atomic::Ordering::Relaxed)
-            && !matches!(outcome, Outcome::Response(_))
-        {
-            // The downstream body was malformed (bad chunking): a protocol
-            // error of the client, not an upstream failure (Envoy: 400).
-            info.flags.set(Flags::DPE);
-            info.response_code_details = "http1.codec_error";
-            return reply(400, "Bad Request");
-        }
-        return match outcome {
-            Outcome::Response(mut r) => {
-                info.response_code_details = "via_upstream";
-                let switching = r.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-                if let (true, Some((_, downstream))) = (switching, upgrade) {
-                    // Splice the two upgraded connections together.
-                    let upstream = hyper::upgrade::on(&mut r);
-                    tokio::spawn(async move {
-                        if let (Ok(d), Ok(u)) = (downstream.await, upstream.await) {
-                            let mut d = hyper_util::rt::TokioIo::new(d);
-                            let mut u = hyper_util::rt::TokioIo::new(u);
-                            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
-                        }
-                    });
-                }
-                let (mut rp, rb) = r.into_parts();
-                strip_hop_by_hop(&mut rp.headers, switching);
-                // A cookie the hash policy generated (Envoy's headers
-                // modifier on the upstream response).
-                if let Some(c) = lb_hash.set_cookie.take() {
-                    rp.headers.append(header::SET_COOKIE, c);
-                }
-                if !f.suppress_envoy_headers {
-                    rp.headers.insert(
-                        X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-                        HeaderValue::from(upstream_start.elapsed().as_millis() as u64),
-                    );
-                }
-                rp.version = Version::HTTP_11;
-                Response::from_parts(
-                    rp,
-                    Body::timed(rb, state.clone(), timers.idle, timers.max_duration),
-                )
-            }
-            Outcome::ConnectFailure(reason) => {
-                info.flags.set(Flags::UF);
-                info.response_code_details =
-                    "upstream_reset_before_response_started{remote_connection_failure}";
-                // Envoy's text; after retries it names the latest reset reason.
-                let body = if attempt > 1 {
-                    "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure".to_owned()
-                } else {
-                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".to_owned()
-                };
-                info.upstream_failure_reason = Some(reason);
-                super::local_reply::reply_owned(503, body.into(), Some("text/plain"))
-            }
-            Outcome::Reset(reason) => {
-                info.flags.set(Flags::UC);
-                info.response_code_details =
-                    "upstream_reset_before_response_started{connection_termination}";
-                let _ = reason;
-                let text: &'static [u8] = if attempt > 1 {
-                    b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection termination"
-                } else {
-                    b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
-                };
-                super::local_reply::reply_owned(
-                    503,
-                    bytes::Bytes::from_static(text),
-                    Some("text/plain"),
-                )
-            }
-            Outcome::Overflow => {
-                info.flags.set(Flags::UO);
-                info.response_code_details = "upstream_reset_before_response_started{overflow}";
-                let text: &'static [u8] = if attempt > 1 {
-                    b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
-                } else {
-                    b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
-                };
-                let mut r = super::local_reply::reply_owned(
-                    503,
-                    bytes::Bytes::from_static(text),
-                    Some("text/plain"),
-                );
-                // As Envoy's router for a dropped (overflowed) request.
-                if !f.suppress_envoy_headers {
-                    r.headers_mut().insert(
-                        http::HeaderName::from_static("x-envoy-overloaded"),
-                        HeaderValue::from_static("true"),
-                    );
-                }
-                r
-            }
-            Outcome::Timeout => {
-                info.flags.set(Flags::UT);
-                info.response_code_details = "upstream_response_timeout";
-                if !per_try_expired {
-                    cluster.stats.upstream_rq_timeout.inc();
-                }
-                reply(504, UPSTREAM_TIMEOUT)
-            }
-        };
+        return respond(
+            outcome,
+            attempt,
+            per_try_expired,
+            &f,
+            upgrade,
+            lb_hash.set_cookie.take(),
+            &cluster,
+            upstream_start,
+            &state,
+            timers,
+            info,
+        );
     }
+}
+
+/// The downstream response for the attempt that settled the request: the
+/// upstream response, or the local reply for its failure.
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    outcome: Outcome,
+    attempt: u32,
+    per_try_expired: bool,
+    f: &Forward<'_>,
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    set_cookie: Option<HeaderValue>,
+    cluster: &ClusterRuntime,
+    upstream_start: Instant,
+    state: &Arc<StreamState>,
+    timers: StreamTimers,
+    info: &mut StreamInfo,
+) -> Response<Body> {
+    info.upstream_service_time = Some(upstream_start.elapsed());
+    if state
+        .request_timed_out
+        .load(std::sync::atomic::Ordering::Relaxed)
+        && !matches!(outcome, Outcome::Response(_))
+    {
+        return stream_timeout_reply(StreamTimeout::Request, info, false);
+    }
+    if state.body_error.load(std::sync::atomic::Ordering::Relaxed)
+        && !matches!(outcome, Outcome::Response(_))
+    {
+        // The downstream body was malformed (bad chunking): a protocol
+        // error of the client, not an upstream failure (Envoy: 400).
+        info.flags.set(Flags::DPE);
+        info.response_code_details = "http1.codec_error";
+        return reply(400, "Bad Request");
+    }
+    return match outcome {
+        Outcome::Response(mut r) => {
+            info.response_code_details = "via_upstream";
+            let switching = r.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            if let (true, Some((_, downstream))) = (switching, upgrade) {
+                // Splice the two upgraded connections together.
+                let upstream = hyper::upgrade::on(&mut r);
+                tokio::spawn(async move {
+                    if let (Ok(d), Ok(u)) = (downstream.await, upstream.await) {
+                        let mut d = hyper_util::rt::TokioIo::new(d);
+                        let mut u = hyper_util::rt::TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    }
+                });
+            }
+            let (mut rp, rb) = r.into_parts();
+            strip_hop_by_hop(&mut rp.headers, switching);
+            // A cookie the hash policy generated (Envoy's headers
+            // modifier on the upstream response).
+            if let Some(c) = set_cookie {
+                rp.headers.append(header::SET_COOKIE, c);
+            }
+            if !f.suppress_envoy_headers {
+                rp.headers.insert(
+                    X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+                    HeaderValue::from(upstream_start.elapsed().as_millis() as u64),
+                );
+            }
+            rp.version = Version::HTTP_11;
+            Response::from_parts(
+                rp,
+                Body::timed(rb, state.clone(), timers.idle, timers.max_duration),
+            )
+        }
+        Outcome::ConnectFailure(reason) => {
+            info.flags.set(Flags::UF);
+            info.response_code_details =
+                "upstream_reset_before_response_started{remote_connection_failure}";
+            // Envoy's text; after retries it names the latest reset reason.
+            let body = if attempt > 1 {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure".to_owned()
+            } else {
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".to_owned()
+            };
+            info.upstream_failure_reason = Some(reason);
+            super::local_reply::reply_owned(503, body.into(), Some("text/plain"))
+        }
+        Outcome::Reset(reason) => {
+            info.flags.set(Flags::UC);
+            info.response_code_details =
+                "upstream_reset_before_response_started{connection_termination}";
+            let _ = reason;
+            let text: &'static [u8] = if attempt > 1 {
+                b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection termination"
+            } else {
+                b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+            };
+            super::local_reply::reply_owned(
+                503,
+                bytes::Bytes::from_static(text),
+                Some("text/plain"),
+            )
+        }
+        Outcome::Overflow => {
+            info.flags.set(Flags::UO);
+            info.response_code_details = "upstream_reset_before_response_started{overflow}";
+            let text: &'static [u8] = if attempt > 1 {
+                b"upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+            } else {
+                b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            };
+            let mut r = super::local_reply::reply_owned(
+                503,
+                bytes::Bytes::from_static(text),
+                Some("text/plain"),
+            );
+            // As Envoy's router for a dropped (overflowed) request.
+            if !f.suppress_envoy_headers {
+                r.headers_mut().insert(
+                    http::HeaderName::from_static("x-envoy-overloaded"),
+                    HeaderValue::from_static("true"),
+                );
+            }
+            r
+        }
+        Outcome::Timeout => {
+            info.flags.set(Flags::UT);
+            info.response_code_details = "upstream_response_timeout";
+            if !per_try_expired {
+                cluster.stats.upstream_rq_timeout.inc();
+            }
+            reply(504, UPSTREAM_TIMEOUT)
+        }
+    };
 }
 
 fn build_request(

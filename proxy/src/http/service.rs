@@ -728,6 +728,10 @@ async fn pipeline(
                 action,
                 route_path: &route.matcher.path,
                 vhost_retry: vh.retry_policy.as_ref(),
+                hedge_on_per_try_timeout: action
+                    .hedge_on_per_try_timeout
+                    .or(vh.hedge_on_per_try_timeout)
+                    .unwrap_or(false),
                 trusted: edge.trusted,
                 include_attempt_count: vh.include_request_attempt_count,
                 suppress_envoy_headers: ctx.hcm.chain.router.suppress_envoy_headers(),

@@ -160,6 +160,9 @@ pub struct VirtualHost {
     pub per_filter: PerFilterConfigs,
     /// `rate_limits`.
     pub rate_limits: Arc<[super::RateLimitPolicy]>,
+    /// `hedge_policy.hedge_on_per_try_timeout` (`None`: no hedge policy;
+    /// a route's own hedge policy replaces it).
+    pub hedge_on_per_try_timeout: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -392,6 +395,41 @@ pub struct RouteAction {
     pub mirrors: Vec<MirrorPolicy>,
     /// `hash_policy`: the request hash for consistent-hash clusters.
     pub hash_policy: Arc<[HashPolicy]>,
+    /// `hedge_policy.hedge_on_per_try_timeout` (`None`: the virtual
+    /// host's).
+    pub hedge_on_per_try_timeout: Option<bool>,
+    /// `internal_redirect_policy`: 3xx responses the router follows itself.
+    pub internal_redirect: Option<Arc<InternalRedirectPolicy>>,
+}
+
+/// `RouteAction.internal_redirect_policy` (Envoy's
+/// `InternalRedirectPolicyImpl`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InternalRedirectPolicy {
+    /// `max_internal_redirects` (default 1).
+    pub max_redirects: u32,
+    /// `redirect_response_codes` (default 302; only 301, 302, 303, 307
+    /// and 308 count).
+    pub codes: Vec<u16>,
+    /// `allow_cross_scheme_redirect`.
+    pub allow_cross_scheme: bool,
+    /// `response_headers_to_copy`.
+    pub headers_to_copy: Vec<HeaderName>,
+    /// `predicates`, in order.
+    pub predicates: Vec<RedirectPredicate>,
+}
+
+/// An internal redirect predicate: whether a redirect may target a route.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedirectPredicate {
+    /// `previous_routes`: a route is targeted at most once per request.
+    /// The index tells predicates apart (each keeps its own set).
+    PreviousRoutes(usize),
+    /// `allow_listed_routes`: only these route names.
+    AllowListed(Vec<String>),
+    /// `safe_cross_scheme`: HTTPS downstreams may go to HTTP or HTTPS, HTTP
+    /// downstreams to HTTP only.
+    SafeCrossScheme,
 }
 
 /// `RouteAction.RequestMirrorPolicy`.
@@ -701,6 +739,7 @@ mod tests {
             include_attempt_count_in_response: false,
             per_filter: Default::default(),
             rate_limits: Default::default(),
+            hedge_on_per_try_timeout: None,
         })
     }
 

@@ -149,6 +149,10 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         1 => TlsRequirement::ExternalOnly,
         _ => TlsRequirement::All,
     };
+    let hedge = p
+        .hedge_policy
+        .as_ref()
+        .and_then(|h| hedge_policy(h, &join(path, "hedge_policy"), &mut errs));
     errs.into_result(VirtualHost {
         name: p.name.as_str().into(),
         domains: p.domains.clone(),
@@ -160,7 +164,116 @@ fn virtual_host(p: &r::VirtualHost, path: &str) -> Result<VirtualHost, ConfigErr
         include_attempt_count_in_response: p.include_attempt_count_in_response,
         per_filter,
         rate_limits,
+        hedge_on_per_try_timeout: hedge,
     })
+}
+
+/// `hedge_policy`: Envoy 1.40's router acts on `hedge_on_per_try_timeout`
+/// only; `initial_requests` and `additional_request_chance` are
+/// `[#not-implemented-hide:]` in Envoy and rejected here.
+fn hedge_policy(h: &r::HedgePolicy, path: &str, errs: &mut ConfigErrors) -> Option<bool> {
+    if h.initial_requests.is_some() {
+        errs.push(
+            join(path, "initial_requests"),
+            "not implemented (Envoy 1.40's router ignores it: not-implemented-hide)",
+        );
+    }
+    if h.additional_request_chance.is_some() {
+        errs.push(
+            join(path, "additional_request_chance"),
+            "not implemented (Envoy 1.40's router ignores it: not-implemented-hide)",
+        );
+    }
+    Some(h.hedge_on_per_try_timeout)
+}
+
+/// `internal_redirect_policy`, or the deprecated `internal_redirect_action:
+/// HANDLE_INTERNAL_REDIRECT` with `max_internal_redirects` (as Envoy's
+/// `buildInternalRedirectPolicy`).
+#[allow(deprecated)]
+fn internal_redirect(
+    p: &r::RouteAction,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> Option<Arc<InternalRedirectPolicy>> {
+    use crate::api::envoy::extensions::internal_redirect as ir;
+    let legacy;
+    let (cfg, cpath) = match &p.internal_redirect_policy {
+        Some(c) => (c, join(path, "internal_redirect_policy")),
+        None if p.internal_redirect_action == 1 => {
+            legacy = r::InternalRedirectPolicy {
+                max_internal_redirects: p.max_internal_redirects,
+                ..Default::default()
+            };
+            (&legacy, path.to_owned())
+        }
+        None => return None,
+    };
+    let mut codes = Vec::new();
+    for c in &cfg.redirect_response_codes {
+        // As Envoy: other codes are ignored.
+        if matches!(c, 301 | 302 | 303 | 307 | 308) {
+            codes.push(*c as u16);
+        }
+    }
+    if cfg.redirect_response_codes.is_empty() {
+        codes.push(302);
+    }
+    let mut headers_to_copy = Vec::new();
+    for (i, h) in cfg.response_headers_to_copy.iter().enumerate() {
+        let hp = format!("{}[{i}]", join(&cpath, "response_headers_to_copy"));
+        let lower = h.to_ascii_lowercase();
+        // Envoy refuses pseudo-headers and `host`.
+        if lower.starts_with(':') || lower == "host" {
+            errs.push(hp, format!("header {h:?} cannot be copied"));
+            continue;
+        }
+        match header_name(&lower, &hp) {
+            Ok(n) => headers_to_copy.push(n),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let mut predicates = Vec::new();
+    for (i, pr) in cfg.predicates.iter().enumerate() {
+        let pp = format!("{}[{i}]", join(&cpath, "predicates"));
+        let Some(any) = &pr.typed_config else {
+            errs.push(join(&pp, "typed_config"), "typed_config is required");
+            continue;
+        };
+        let url = any.type_url.rsplit('/').next().unwrap_or_default();
+        let tp = join(&pp, "typed_config");
+        match url {
+            "envoy.extensions.internal_redirect.previous_routes.v3.PreviousRoutesConfig" => {
+                predicates.push(RedirectPredicate::PreviousRoutes(i))
+            }
+            "envoy.extensions.internal_redirect.safe_cross_scheme.v3.SafeCrossSchemeConfig" => {
+                predicates.push(RedirectPredicate::SafeCrossScheme)
+            }
+            "envoy.extensions.internal_redirect.allow_listed_routes.v3.AllowListedRoutesConfig" => {
+                match super::decode::<ir::allow_listed_routes::v3::AllowListedRoutesConfig>(
+                    any, &tp,
+                ) {
+                    Ok(c) if c.allowed_route_names.is_empty() => errs.push(
+                        join(&tp, "allowed_route_names"),
+                        "at least one route name is required",
+                    ),
+                    Ok(c) => predicates.push(RedirectPredicate::AllowListed(c.allowed_route_names)),
+                    Err(e) => errs.extend(e),
+                }
+            }
+            other => errs.push(
+                tp,
+                format!("internal redirect predicate {other:?} is not implemented"),
+            ),
+        }
+    }
+    Some(Arc::new(InternalRedirectPolicy {
+        max_redirects: cfg.max_internal_redirects.map_or(1, |v| v.value),
+        codes,
+        allow_cross_scheme: cfg.allow_cross_scheme_redirect,
+        headers_to_copy,
+        predicates,
+    }))
 }
 
 fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
@@ -520,6 +633,11 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         errs.extend(e);
         Vec::new()
     });
+    let hedge = p
+        .hedge_policy
+        .as_ref()
+        .and_then(|h| hedge_policy(h, &join(path, "hedge_policy"), &mut errs));
+    let internal_redirect = internal_redirect(p, path, &mut errs);
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -551,6 +669,8 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         include_vh_rate_limits: p.include_vh_rate_limits.is_some_and(|b| b.value),
         mirrors,
         hash_policy: hash_policy.into(),
+        hedge_on_per_try_timeout: hedge,
+        internal_redirect,
     })
 }
 
