@@ -25,6 +25,9 @@ pub struct HttpStats {
     pub cx_idle_timeout: Arc<Counter>,
     pub cx_max_duration_reached: Arc<Counter>,
     pub cx_max_requests_reached: Arc<Counter>,
+    /// The router's `passthrough_internal_redirect_*`: why an internal
+    /// redirect was not followed.
+    pub passthrough_internal_redirect: [Arc<Counter>; 5],
 }
 
 impl HttpStats {
@@ -56,6 +59,13 @@ impl HttpStats {
             cx_idle_timeout: store.counter(t("downstream_cx_idle_timeout")),
             cx_max_duration_reached: store.counter(t("downstream_cx_max_duration_reached")),
             cx_max_requests_reached: store.counter(t("downstream_cx_max_requests_reached")),
+            passthrough_internal_redirect: [
+                store.counter(t("passthrough_internal_redirect_bad_location")),
+                store.counter(t("passthrough_internal_redirect_unsafe_scheme")),
+                store.counter(t("passthrough_internal_redirect_too_many_redirects")),
+                store.counter(t("passthrough_internal_redirect_no_route")),
+                store.counter(t("passthrough_internal_redirect_predicate")),
+            ],
         }
     }
 

@@ -570,6 +570,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.RetryPolicy.RetryBackOff", &["base_interval", "max_interval"]),
     ("envoy.config.route.v3.RetryPolicy.RetryHostPredicate", &["name", "typed_config"]),
     ("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate", &[]),
+    ("envoy.extensions.retry.host.omit_canary_hosts.v3.OmitCanaryHostsPredicate", &[]),
+    ("envoy.extensions.retry.host.omit_host_metadata.v3.OmitHostMetadataConfig", &["metadata_match"]),
     ("envoy.config.route.v3.RedirectAction", &[
         "https_redirect", "scheme_redirect", "host_redirect", "port_redirect", "path_redirect",
         "prefix_rewrite", "regex_rewrite", "response_code", "strip_query",
@@ -693,6 +695,21 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// Fields rejected with a reason because the traffic-policy work will
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
+    (
+        "envoy.config.route.v3.RouteAction",
+        "priority",
+        "HIGH routing priority (the cluster's HIGH circuit-breaker thresholds and connection pools) is not implemented: weir's pools apply the DEFAULT thresholds only",
+    ),
+    (
+        "envoy.config.route.v3.RetryPolicy",
+        "retry_priority",
+        "retry priority plugins (envoy.retry_priorities.previous_priorities) are not implemented",
+    ),
+    (
+        "envoy.config.route.v3.RetryPolicy",
+        "retry_options_predicates",
+        "retry options predicates (upstream socket options per retry) are not implemented",
+    ),
     (
         "envoy.config.route.v3.HedgePolicy",
         "initial_requests",

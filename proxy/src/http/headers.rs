@@ -29,6 +29,8 @@ pub static X_ENVOY_PER_TRY_TIMEOUT: HeaderName =
     HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms");
 pub static X_ENVOY_RETRIABLE_CODES: HeaderName =
     HeaderName::from_static("x-envoy-retriable-status-codes");
+pub static X_ENVOY_RETRIABLE_HEADER_NAMES: HeaderName =
+    HeaderName::from_static("x-envoy-retriable-header-names");
 pub static X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT: HeaderName =
     HeaderName::from_static("x-envoy-hedge-on-per-try-timeout");
 pub static X_ENVOY_ORIGINAL_HOST: HeaderName = HeaderName::from_static("x-envoy-original-host");
@@ -72,6 +74,7 @@ pub fn is_internal(h: &HttpConnectionManager, ip: IpAddr) -> bool {
 }
 
 /// The outcome of edge processing.
+#[derive(Debug, Clone, Copy)]
 pub struct Edge {
     /// The address the request is attributed to (`%DOWNSTREAM_REMOTE_ADDRESS%`).
     pub remote: SocketAddr,

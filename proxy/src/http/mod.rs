@@ -3,6 +3,7 @@
 pub mod headers;
 pub mod info;
 pub mod local_reply;
+pub mod redirect;
 pub mod router;
 pub mod server;
 pub mod service;

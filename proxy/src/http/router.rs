@@ -44,9 +44,12 @@ pub struct Forward<'a> {
     /// The route's mirror policies that fire for this request, with their
     /// clusters ([`mirrors_for`]).
     pub mirrors: Vec<(Arc<ClusterRuntime>, &'a xds_client::config::MirrorPolicy)>,
-    /// The whole request body, read already (the buffer filter); the
-    /// `Incoming` body is then spent.
+    /// The whole request body, read already (the buffer filter, or the
+    /// replay of an internal redirect); the `Incoming` body is then spent.
     pub buffered: Option<bytes::Bytes>,
+    /// With an `internal_redirect_policy`: where to keep the request as
+    /// forwarded (its body buffered like a retry's), for the redirect.
+    pub keep_request: Option<&'a mut Option<super::redirect::Source>>,
 }
 
 /// The route's `request_mirror_policies` that fire for this request: the
@@ -375,6 +378,8 @@ fn retry_policy_of(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> 
         retriable_headers: Arc::from([]),
         retriable_request_headers: Arc::from([]),
         rate_limited_back_off: None,
+        omit_canary: false,
+        omit_host_metadata: None,
     });
     if let Some(on) = on {
         p.retry_on = RetryOn(p.retry_on.0 | on.0);
@@ -383,6 +388,25 @@ fn retry_policy_of(f: &Forward<'_>, headers: &HeaderMap) -> Option<RetryPolicy> 
         p.num_retries = m;
     }
     p.retriable_status_codes.extend(codes);
+    // `x-envoy-retriable-header-names`: each name, when present on the
+    // response, makes it retriable under `retriable-headers` (Envoy adds a
+    // present matcher per name).
+    let names: Vec<xds_client::config::HeaderMatcher> = headers
+        .get(&X_ENVOY_RETRIABLE_HEADER_NAMES)
+        .and_then(|v| v.to_str().ok())
+        .into_iter()
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
+        .map(|n| xds_client::config::HeaderMatcher {
+            name: xds_client::config::HeaderKey::Name(n),
+            kind: xds_client::config::HeaderMatch::Present(true),
+            invert: false,
+            treat_missing_as_empty: false,
+        })
+        .collect();
+    if !names.is_empty() {
+        p.retriable_headers = p.retriable_headers.iter().cloned().chain(names).collect();
+    }
     Some(p)
 }
 
@@ -485,9 +509,50 @@ fn back_off(p: &RetryPolicy, n: u32, response: Option<&HeaderMap>) -> Duration {
         let ms = d.as_millis() as u64;
         return Duration::from_millis(rand::rng().random_range(ms..=ms + ms / 2));
     }
-    let exp = p.base_interval.saturating_mul(1u32 << n.saturating_sub(1).min(16));
+    let exp = p
+        .base_interval
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16));
     let cap = exp.min(p.max_interval);
     Duration::from_micros(rand::rng().random_range(0..=cap.as_micros().max(1) as u64))
+}
+
+/// The hosts the retry host predicates reject (Envoy's
+/// `shouldSelectAnotherHost`, re-picked up to
+/// `host_selection_retry_max_attempts` times): the hosts tried already
+/// (`previous_hosts`), canaries (`omit_canary_hosts`: `envoy.lb` metadata
+/// `canary: true`) and hosts whose `envoy.lb` metadata has every label of
+/// `omit_host_metadata`.
+fn avoid_hosts(
+    cluster: &ClusterRuntime,
+    p: &RetryPolicy,
+    tried: &[std::net::SocketAddr],
+) -> Vec<std::net::SocketAddr> {
+    let mut out = if p.previous_hosts {
+        tried.to_vec()
+    } else {
+        Vec::new()
+    };
+    let set = cluster.hosts.load();
+    for h in &set.hosts {
+        let lb = h.metadata.get("envoy.lb");
+        let canary = p.omit_canary
+            && lb
+                .and_then(|m| m.get("canary"))
+                .is_some_and(|c| c.as_bool() == Some(true));
+        let labelled = p.omit_host_metadata.as_deref().is_some_and(|want| {
+            want.as_object().is_some_and(|labels| {
+                labels.iter().all(|(k, v)| {
+                    lb.and_then(|m| m.get(k)).is_some_and(|have| {
+                        have == v || have.as_array().is_some_and(|a| a.contains(v))
+                    })
+                })
+            })
+        });
+        if canary || labelled {
+            out.push(h.addr);
+        }
+    }
+    out
 }
 
 /// One upstream attempt of a hedged request.
@@ -604,7 +669,7 @@ pub async fn forward(
     mut f: Forward<'_>,
     target: Target,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: Option<Incoming>,
     info: &mut StreamInfo,
 ) -> Response<Body> {
     let cluster = target.cluster;
@@ -637,7 +702,11 @@ pub async fn forward(
     // timeout.
     let mut hedge = f.hedge_on_per_try_timeout;
     if f.trusted {
-        match parts.headers.get(&X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT).map(|v| v.as_bytes()) {
+        match parts
+            .headers
+            .get(&X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT)
+            .map(|v| v.as_bytes())
+        {
             Some(b"true") => hedge = true,
             Some(b"false") => hedge = false,
             _ => {}
@@ -682,6 +751,7 @@ pub async fn forward(
             &X_ENVOY_PER_TRY_TIMEOUT,
             &X_ENVOY_RETRIABLE_CODES,
             &X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT,
+            &X_ENVOY_RETRIABLE_HEADER_NAMES,
         ] {
             parts.headers.remove(n);
         }
@@ -725,10 +795,11 @@ pub async fn forward(
         }
         None
     } else {
-        Some(body)
+        body
     };
-    if replay.is_none() && (max_attempts > 1 || (!f.mirrors.is_empty() && upgrade.is_none())) {
-        let b = stream_body.as_ref().expect("set above");
+    let keep = f.keep_request.is_some() && upgrade.is_none();
+    let want_buffer = max_attempts > 1 || keep || (!f.mirrors.is_empty() && upgrade.is_none());
+    if let (true, None, Some(b)) = (want_buffer, &replay, &stream_body) {
         let small = hyper::body::Body::is_end_stream(b)
             || hyper::body::Body::size_hint(b)
                 .upper()
@@ -758,6 +829,17 @@ pub async fn forward(
             // A body larger than the buffer limit is not shadowed.
             None => tracing::debug!("request body too large to mirror"),
         }
+    }
+    if let Some(k) = f.keep_request.take().filter(|_| keep) {
+        let mut head = http::Request::new(()).into_parts().0;
+        head.method = parts.method.clone();
+        head.uri = parts.uri.clone();
+        head.version = parts.version;
+        head.headers = parts.headers.clone();
+        *k = Some(super::redirect::Source {
+            head,
+            body: replay.clone(),
+        });
     }
     let deadline = global.map(|g| Instant::now() + g);
     let state = f.state.clone();
@@ -807,9 +889,18 @@ pub async fn forward(
                 attempt += 1;
                 info.attempt_count = attempt;
                 let prev = retry.as_ref().is_some_and(|r| r.previous_hosts);
-                let avoid: &[std::net::SocketAddr] = if prev { &tried } else { &[] };
+                let avoid_buf;
+                let avoid: &[std::net::SocketAddr] = match retry.as_ref().filter(|_| attempt > 1) {
+                    Some(r) if r.omit_canary || r.omit_host_metadata.is_some() => {
+                        avoid_buf = avoid_hosts(&cluster, r, &tried);
+                        &avoid_buf
+                    }
+                    _ if prev => &tried,
+                    _ => &[],
+                };
                 let host_attempts = retry
                     .as_ref()
+                    .filter(|_| attempt > 1)
                     .map_or(0, |r| r.host_selection_retry_max_attempts);
                 let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {
                     // As Envoy's `doRetry`: no host ends the request.
@@ -947,7 +1038,8 @@ pub async fn forward(
                     if tries[k].per_try_at.is_some_and(|at| now >= at) {
                         tries[k].per_try_at = None;
                         report_outlier(&cluster, &tries[k].host, &Outcome::Timeout);
-                        if budget.schedule(&cluster, info, None, &mut _retry_slot, &mut next_start) {
+                        if budget.schedule(&cluster, info, None, &mut _retry_slot, &mut next_start)
+                        {
                             tries[k].retried = true;
                         }
                     }
@@ -1023,13 +1115,20 @@ pub async fn forward(
     loop {
         attempt += 1;
         info.attempt_count = attempt;
-        let avoid: &[std::net::SocketAddr] = if retry.as_ref().is_some_and(|r| r.previous_hosts) {
-            &tried
-        } else {
-            &[]
+        // Retry host predicates apply to retries only (Envoy's
+        // `shouldSelectAnotherHost` checks `is_retry_`).
+        let avoid_buf;
+        let avoid: &[std::net::SocketAddr] = match retry.as_ref().filter(|_| attempt > 1) {
+            Some(r) if r.omit_canary || r.omit_host_metadata.is_some() => {
+                avoid_buf = avoid_hosts(&cluster, r, &tried);
+                &avoid_buf
+            }
+            Some(r) if r.previous_hosts => &tried,
+            _ => &[],
         };
         let host_attempts = retry
             .as_ref()
+            .filter(|_| attempt > 1)
             .map(|r| r.host_selection_retry_max_attempts)
             .unwrap_or(0);
         let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {

@@ -194,10 +194,60 @@ pub async fn handle(
     if let Some(t) = &ctx.tls {
         info.tls = Some(t.clone());
     }
-    let head_request = parts.method == http::Method::HEAD;
+    let mut head_request = parts.method == http::Method::HEAD;
     let body_empty = hyper::body::Body::is_end_stream(&body);
     let h2 = parts.version == Version::HTTP_2;
-    let resp = pipeline(&ctx, &mut parts, body, &mut info).await;
+    let mut redirects = super::redirect::State::default();
+    let mut resp = pipeline(
+        &ctx,
+        &mut parts,
+        Some(body),
+        None,
+        &mut info,
+        &mut redirects,
+    )
+    .await;
+    // A followed internal redirect: Envoy recreates the stream, so the new
+    // request runs the whole pipeline again (route, filters, cluster); only
+    // the final stream is logged.
+    while let Some(next) = redirects.next.take() {
+        parts = next.head;
+        head_request = parts.method == http::Method::HEAD;
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".into(), |p| p.as_str().to_owned());
+        let mut next_info = StreamInfo::new(
+            start,
+            protocol,
+            parts.method.clone(),
+            path,
+            authority,
+            ctx.scheme,
+            ctx.peer,
+            ctx.local,
+            ctx.id,
+        );
+        next_info.downstream_direct_remote = ctx.direct_peer;
+        next_info.requested_server_name = ctx.sni.clone();
+        next_info.tls = info.tls.take();
+        info = next_info;
+        resp = pipeline(
+            &ctx,
+            &mut parts,
+            None,
+            Some(next.body),
+            &mut info,
+            &mut redirects,
+        )
+        .await;
+    }
     if info.response_code_details == RESET_STREAM {
         ctx.hcm.stats.rq_active.dec();
         ctx.hcm.stats.rq_reset.inc();
@@ -223,8 +273,10 @@ pub async fn handle(
 async fn pipeline(
     ctx: &Arc<ConnCtx>,
     parts: &mut http::request::Parts,
-    mut body: Incoming,
+    mut body: Option<Incoming>,
+    replay: Option<bytes::Bytes>,
     info: &mut StreamInfo,
+    redirects: &mut super::redirect::State,
 ) -> Response<Body> {
     let h = &ctx.hcm.config;
     // --- protocol checks (Envoy's codec-level rejections)
@@ -359,15 +411,19 @@ async fn pipeline(
     // to the next request.
     let routes = ctx.hcm.routes.load();
     let rc: &xds_client::config::RouteConfig = &routes;
-    let edge = headers::edge(
-        h,
-        &rc.internal_only_headers,
-        &mut parts.headers,
-        ctx.peer,
-        ctx.scheme,
-        ctx.shared.options.local_address_ip_version == crate::cli::IpVersion::V6,
-        ctx.tls.as_deref(),
-    );
+    let edge = match redirects.edge {
+        Some(e) => e,
+        None => headers::edge(
+            h,
+            &rc.internal_only_headers,
+            &mut parts.headers,
+            ctx.peer,
+            ctx.scheme,
+            ctx.shared.options.local_address_ip_version == crate::cli::IpVersion::V6,
+            ctx.tls.as_deref(),
+        ),
+    };
+    redirects.edge = Some(edge);
     if let Some(t) = &h.tracing {
         let reason = super::tracing::decide(t, &h.request_id, &mut parts.headers, || {
             rand::rng().random_range(0..10_000)
@@ -475,8 +531,9 @@ async fn pipeline(
             }),
         }
     };
-    // The request body, when a filter had it buffered.
-    let mut buffered: Option<bytes::Bytes> = None;
+    // The request body, when a filter had it buffered (or the replay of an
+    // internal redirect).
+    let mut buffered: Option<bytes::Bytes> = replay;
     // One context for every phase of the request: what a filter leaves in
     // filter state or dynamic metadata is there for the later phases
     // (empty, allocation-free, when no filter runs).
@@ -497,12 +554,13 @@ async fn pipeline(
         // The buffer filter: the whole request body before the router acts
         // (too large: 413, as Envoy's connection manager answers).
         if lr.is_none() {
-            if let Some(max) = instances
+            let max = instances
                 .iter()
                 .filter_map(|f| f.buffer_request_body())
-                .min()
-            {
-                match buffer_body(&mut body, max).await {
+                .min();
+            // A replayed (redirected) request's body is whole already.
+            if let (Some(max), Some(body)) = (max, body.as_mut()) {
+                match buffer_body(body, max).await {
                     Ok(b) => {
                         if !parts.headers.contains_key(header::CONTENT_LENGTH) {
                             parts
@@ -740,7 +798,7 @@ async fn pipeline(
                 buffer_limit: ctx.hcm.buffer_limit,
                 state: {
                     let st = crate::body::StreamState::new(info.start_instant);
-                    if hyper::body::Body::is_end_stream(&body) {
+                    if body.as_ref().is_none_or(hyper::body::Body::is_end_stream) {
                         st.request_complete
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -757,6 +815,7 @@ async fn pipeline(
                 request_observer,
                 mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
                 buffered: buffered.take(),
+                keep_request: None,
             };
             let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
             let upgrade = match upgrade_type {
@@ -766,8 +825,60 @@ async fn pipeline(
                     .map(|u| (t, u)),
                 None => None,
             };
-            let f = Forward { upgrade, ..f };
+            let mut kept = None;
+            let redirect_policy = action.internal_redirect.as_ref();
+            let keep_request = redirect_policy.map(|_| &mut kept);
+            let f = Forward {
+                upgrade,
+                keep_request,
+                ..f
+            };
+            let cluster = target.cluster.clone();
             let mut resp = router::forward(f, target, head, body, info).await;
+            if let (Some(policy), Some(src)) = (redirect_policy, kept) {
+                let status = resp.status().as_u16();
+                if info.response_code_details == "via_upstream" && policy.codes.contains(&status) {
+                    let owner = route.name.to_string();
+                    let outcome = super::redirect::convert(
+                        policy,
+                        src,
+                        status,
+                        resp.headers(),
+                        ctx.scheme,
+                        &owner,
+                        redirects,
+                        |head, authority| {
+                            route_for(ctx, rc, head, authority).map(|r| r.name.to_string())
+                        },
+                    );
+                    match outcome {
+                        Ok(next) => {
+                            cluster
+                                .stats
+                                .upstream_internal_redirect_succeeded_total
+                                .inc();
+                            redirects.next = Some(next);
+                            // The redirect's own response is not used.
+                            return resp;
+                        }
+                        Err(why) => {
+                            use super::redirect::Refused;
+                            cluster.stats.upstream_internal_redirect_failed_total.inc();
+                            let i = match why {
+                                Refused::Unavailable => None,
+                                Refused::BadLocation => Some(0),
+                                Refused::UnsafeScheme => Some(1),
+                                Refused::TooManyRedirects => Some(2),
+                                Refused::NoRoute => Some(3),
+                                Refused::Predicate => Some(4),
+                            };
+                            if let Some(i) = i {
+                                ctx.hcm.stats.passthrough_internal_redirect[i].inc();
+                            }
+                        }
+                    }
+                }
+            }
             // Keep the request headers for logging / response formatting.
             if let Some(h) = &info.request_headers {
                 parts.headers = h.clone();
@@ -840,6 +951,43 @@ async fn pipeline(
         resp = Response::from_parts(rp, rb);
     }
     resp
+}
+
+/// The route a request would take (an internal redirect's target), as the
+/// pipeline selects it.
+fn route_for<'r>(
+    ctx: &ConnCtx,
+    rc: &'r xds_client::config::RouteConfig,
+    head: &http::request::Parts,
+    authority: &str,
+) -> Option<&'r xds_client::config::Route> {
+    let vh = rc.select_vhost(authority)?;
+    let full = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let (path, query) = match full.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (full, None),
+    };
+    let random_ppm = if vh
+        .routes
+        .iter()
+        .any(|r| r.matcher.runtime_fraction_ppm.is_some())
+    {
+        rand::rng().random_range(0..1_000_000)
+    } else {
+        0
+    };
+    vh.select_route(&RequestInfo {
+        method: &head.method,
+        path,
+        query,
+        full_path: full,
+        authority,
+        scheme: ctx.scheme,
+        headers: &head.headers,
+        is_connect: head.method == http::Method::CONNECT,
+        peer_cert: ctx.tls.as_ref().is_some_and(|t| t.peer.is_some()),
+        random_ppm,
+    })
 }
 
 /// HTTP/1 request checks Envoy's codec makes that hyper's parser does not.

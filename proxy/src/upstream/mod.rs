@@ -366,6 +366,9 @@ pub struct ClusterStats {
     pub upstream_rq_pending_active: Arc<Gauge>,
     pub upstream_cx_overflow: Arc<Counter>,
     pub upstream_rq_retry_overflow: Arc<Counter>,
+    /// Internal redirects followed / not followed (`internal_redirect_policy`).
+    pub upstream_internal_redirect_succeeded_total: Arc<Counter>,
+    pub upstream_internal_redirect_failed_total: Arc<Counter>,
     pub membership_healthy: Arc<Gauge>,
     pub membership_total: Arc<Gauge>,
     /// Hosts picked from a level in panic (Envoy's `lb_healthy_panic`).
@@ -417,6 +420,10 @@ impl ClusterStats {
             upstream_rq_pending_active: g("upstream_rq_pending_active"),
             upstream_cx_overflow: c("upstream_cx_overflow"),
             upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
+            upstream_internal_redirect_succeeded_total: c(
+                "upstream_internal_redirect_succeeded_total",
+            ),
+            upstream_internal_redirect_failed_total: c("upstream_internal_redirect_failed_total"),
             membership_healthy: g("membership_healthy"),
             membership_total: g("membership_total"),
             lb_healthy_panic: c("lb_healthy_panic"),

@@ -562,6 +562,12 @@ pub struct RetryPolicy {
     pub retriable_request_headers: Arc<[super::HeaderMatcher]>,
     /// `rate_limited_retry_back_off`.
     pub rate_limited_back_off: Option<Arc<RateLimitedBackOff>>,
+    /// `retry_host_predicate: envoy.retry_host_predicates.omit_canary_hosts`:
+    /// hosts whose `envoy.lb` metadata has `canary: true` are re-picked.
+    pub omit_canary: bool,
+    /// `envoy.retry_host_predicates.omit_host_metadata`: the `envoy.lb`
+    /// labels (a JSON object) whose hosts are re-picked.
+    pub omit_host_metadata: Option<Arc<serde_json::Value>>,
 }
 
 /// `RetryPolicy.RateLimitedRetryBackOff`: the back-off a response asks for

@@ -808,6 +808,8 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
         RetryOn::default()
     });
     let mut previous_hosts = false;
+    let mut omit_canary = false;
+    let mut omit_host_metadata = None;
     for (i, pr) in p.retry_host_predicate.iter().enumerate() {
         let url = match &pr.config_type {
             Some(r::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a)) => {
@@ -819,6 +821,29 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
             || url.ends_with("PreviousHostsPredicate")
         {
             previous_hosts = true;
+        } else if url.ends_with("OmitCanaryHostsPredicate")
+            || (url.is_empty() && pr.name == "envoy.retry_host_predicates.omit_canary_hosts")
+        {
+            omit_canary = true;
+        } else if url.ends_with("OmitHostMetadataConfig") {
+            use crate::api::envoy::extensions::retry::host::omit_host_metadata::v3::OmitHostMetadataConfig;
+            let tp = format!("{path}.retry_host_predicate[{i}].typed_config");
+            let any = match &pr.config_type {
+                Some(r::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a)) => a,
+                None => continue,
+            };
+            match super::decode::<OmitHostMetadataConfig>(any, &tp) {
+                Ok(c) => {
+                    let labels = c
+                        .metadata_match
+                        .as_ref()
+                        .and_then(|m| m.filter_metadata.get("envoy.lb"))
+                        .map(super::struct_to_json)
+                        .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+                    omit_host_metadata = Some(Arc::new(labels));
+                }
+                Err(e) => errs.extend(e),
+            }
         } else {
             errs.push(
                 format!("{path}.retry_host_predicate[{i}]"),
@@ -941,6 +966,8 @@ pub fn retry_policy(p: &r::RetryPolicy, path: &str) -> Result<RetryPolicy, Confi
         retriable_headers: retriable_headers.into(),
         retriable_request_headers: retriable_request_headers.into(),
         rate_limited_back_off: rate_limited_back_off.map(Arc::new),
+        omit_canary,
+        omit_host_metadata,
         retry_on,
         num_retries: p.num_retries.as_ref().map(|v| v.value).unwrap_or(1),
         per_try_timeout,
