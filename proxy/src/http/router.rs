@@ -1034,13 +1034,13 @@ pub async fn forward(
                 }
                 // Soft per-try timeouts: the try goes on, a hedge is sent.
                 // As Envoy, not counted as `upstream_rq_per_try_timeout`.
-                for k in 0..tries.len() {
-                    if tries[k].per_try_at.is_some_and(|at| now >= at) {
-                        tries[k].per_try_at = None;
-                        report_outlier(&cluster, &tries[k].host, &Outcome::Timeout);
+                for t in tries.iter_mut() {
+                    if t.per_try_at.is_some_and(|at| now >= at) {
+                        t.per_try_at = None;
+                        report_outlier(&cluster, &t.host, &Outcome::Timeout);
                         if budget.schedule(&cluster, info, None, &mut _retry_slot, &mut next_start)
                         {
-                            tries[k].retried = true;
+                            t.retried = true;
                         }
                     }
                 }
@@ -1341,7 +1341,7 @@ fn respond(
         info.response_code_details = "http1.codec_error";
         return reply(400, "Bad Request");
     }
-    return match outcome {
+    match outcome {
         Outcome::Response(mut r) => {
             info.response_code_details = "via_upstream";
             let switching = r.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -1434,7 +1434,7 @@ fn respond(
             }
             reply(504, UPSTREAM_TIMEOUT)
         }
-    };
+    }
 }
 
 fn build_request(

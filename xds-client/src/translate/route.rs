@@ -1180,3 +1180,95 @@ pub(super) fn hash_policies(
     }
     errs.into_result(out)
 }
+
+#[cfg(test)]
+mod tests {
+    /// A bootstrap whose one route carries `action` (route action fields
+    /// besides `cluster`) and whose virtual host carries `vhost`.
+    fn load(action: serde_json::Value, vhost: serde_json::Value) -> Result<(), String> {
+        let mut route_action = serde_json::json!({"cluster": "c"});
+        if let (Some(o), serde_json::Value::Object(e)) = (route_action.as_object_mut(), action) {
+            o.extend(e);
+        }
+        let mut vh = serde_json::json!({
+            "name": "vh", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": route_action}],
+        });
+        if let (Some(o), serde_json::Value::Object(e)) = (vh.as_object_mut(), vhost) {
+            o.extend(e);
+        }
+        let b = serde_json::json!({"static_resources": {
+            "listeners": [{
+                "name": "l",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "hcm",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "s",
+                        "route_config": {"name": "rc", "virtual_hosts": [vh]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                    },
+                }]}],
+            }],
+            "clusters": [{"name": "c", "type": "STATIC", "connect_timeout": "1s"}],
+        }});
+        crate::load_bootstrap(Some(&b.to_string()), None, Default::default())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn router_extras_accepted() {
+        load(
+            serde_json::json!({
+                "hedge_policy": {"hedge_on_per_try_timeout": true},
+                "internal_redirect_policy": {
+                    "max_internal_redirects": 3, "redirect_response_codes": [301, 307],
+                    "response_headers_to_copy": ["x-a"],
+                    "predicates": [{"name": "p", "typed_config": {"@type":
+                        "type.googleapis.com/envoy.extensions.internal_redirect.safe_cross_scheme.v3.SafeCrossSchemeConfig"}}],
+                },
+            }),
+            serde_json::json!({"hedge_policy": {"hedge_on_per_try_timeout": false}}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn router_extras_rejected_naming_the_field() {
+        let base = "virtual_hosts[0].routes[0].route";
+        for (action, vhost, want) in [
+            (
+                serde_json::json!({"hedge_policy": {"initial_requests": 2}}),
+                serde_json::json!({}),
+                format!("{base}.hedge_policy.initial_requests"),
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!({"hedge_policy": {"additional_request_chance": {"numerator": 5}}}),
+                "virtual_hosts[0].hedge_policy.additional_request_chance".to_owned(),
+            ),
+            (
+                serde_json::json!({"internal_redirect_policy": {"response_headers_to_copy": [":path"]}}),
+                serde_json::json!({}),
+                format!("{base}.internal_redirect_policy.response_headers_to_copy[0]"),
+            ),
+            (
+                serde_json::json!({"internal_redirect_policy": {"predicates": [{"name": "p", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.internal_redirect.allow_listed_routes.v3.AllowListedRoutesConfig"}}]}}),
+                serde_json::json!({}),
+                format!("{base}.internal_redirect_policy.predicates[0].typed_config.allowed_route_names"),
+            ),
+            (
+                serde_json::json!({"priority": "HIGH"}),
+                serde_json::json!({}),
+                "priority".to_owned(),
+            ),
+        ] {
+            let e = load(action.clone(), vhost).expect_err(&action.to_string());
+            assert!(e.contains(&want), "{action}: {e}");
+        }
+    }
+}
