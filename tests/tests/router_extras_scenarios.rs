@@ -295,6 +295,16 @@ async fn redirect_is_followed_and_routed_again() {
     );
     assert_eq!(a.requests().len(), 1);
     assert_eq!(b.requests().len(), 1);
+    // The recreated request is not sanitized again: the same
+    // x-forwarded-for and request id as the first one.
+    let first = &a.requests()[0];
+    for h in ["x-forwarded-for", "x-request-id", "x-forwarded-proto"] {
+        assert_eq!(
+            weir_tests::scenario::echo_header(&seen, h),
+            weir_tests::scenario::echo_header(first, h),
+            "{h}"
+        );
+    }
     stat_is(
         &p,
         "cluster.a.upstream_internal_redirect_succeeded_total",
@@ -302,6 +312,62 @@ async fn redirect_is_followed_and_routed_again() {
     )
     .await;
     stat_is(&p, "cluster.a.upstream_internal_redirect_failed_total", 0).await;
+}
+
+/// The deprecated `internal_redirect_action: HANDLE_INTERNAL_REDIRECT`
+/// (with `max_internal_redirects`) is an internal redirect policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deprecated_internal_redirect_action() {
+    let a = upstream::http1("a").await.expect("upstream a");
+    let b = upstream::http1("b").await.expect("upstream b");
+    a.set_default_status(302);
+    let (ap, bp) = (a.port(), b.port());
+    let p = Proxy::start(move |ports| {
+        let ra = json!({
+            "match": {"prefix": "/a"},
+            "route": {"cluster": "a", "internal_redirect_action": "HANDLE_INTERNAL_REDIRECT",
+                      "max_internal_redirects": 2},
+        });
+        let rb = json!({"match": {"prefix": "/b"}, "route": {"cluster": "b"}});
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost("vh", vec![ra, rb], json!({}))],
+            json!({}),
+        );
+        bootstrap(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("a", &[ap], json!({})),
+                cluster("b", &[bp], json!({})),
+            ],
+        )
+    });
+    let c = Http::h1();
+    let r = c
+        .get(
+            &format!("{}/a/1", p.base()),
+            &[("x-echo-header-location", "http://redirected.example/a/2")],
+        )
+        .await;
+    // Two redirects allowed: /a/1 -> /a/2 -> /a/2, the third 302 passes.
+    assert_eq!(r.status, 302);
+    assert_eq!(a.wait_requests(3).await.len(), 3);
+    let r = c
+        .get(
+            &format!("{}/a/1", p.base()),
+            &[("x-echo-header-location", "http://redirected.example/b/x")],
+        )
+        .await;
+    assert_eq!((r.status, r.echo().upstream.as_str()), (200, "b"));
+    stat_is(
+        &p,
+        "cluster.a.upstream_internal_redirect_succeeded_total",
+        3,
+    )
+    .await;
+    stat_is(&p, "cluster.a.upstream_internal_redirect_failed_total", 1).await;
 }
 
 /// Only `redirect_response_codes` (default: 302) are followed; another 3xx
