@@ -830,3 +830,33 @@ async fn retriable_header_names_request_header() {
     .is_none()));
     stat_is(&p, "cluster.m.upstream_rq_retry", 1).await;
 }
+
+/// A trusted `x-envoy-hedge-on-per-try-timeout: true` turns hedging on for
+/// the request (and is consumed): the slow first try is not cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedge_request_header_turns_hedging_on() {
+    let (p, x, y) = pair_proxy(
+        json!({"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.2s"}),
+        json!({}),
+    )
+    .await;
+    let r = Http::h1()
+        .get(
+            &format!("{}/", p.base()),
+            &[
+                ("x-envoy-hedge-on-per-try-timeout", "true"),
+                ("x-echo-delay-ms", "500"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let winner = r.echo();
+    assert_eq!(
+        weir_tests::scenario::echo_header(&winner, "x-envoy-hedge-on-per-try-timeout"),
+        None
+    );
+    stat_is(&p, "cluster.m.upstream_rq_total", 2).await;
+    stat_is(&p, "cluster.m.upstream_rq_retry", 1).await;
+    stat_is(&p, "cluster.m.upstream_rq_per_try_timeout", 0).await;
+    drop((x, y));
+}
