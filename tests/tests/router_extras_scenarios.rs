@@ -860,3 +860,25 @@ async fn hedge_request_header_turns_hedging_on() {
     stat_is(&p, "cluster.m.upstream_rq_per_try_timeout", 0).await;
     drop((x, y));
 }
+
+/// An HTTP/2 downstream request is redirected the same way (the new
+/// authority and path replace `:authority` and `:path`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_is_followed_for_http2_downstreams() {
+    let (p, a, b) = redirect_proxy(json!({}), 302).await;
+    let r = Http::h2c()
+        .get(
+            &format!("{}/a/start", p.base()),
+            &[("x-echo-header-location", "http://redirected.example/b/h2")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.echo();
+    assert_eq!((seen.upstream.as_str(), seen.path.as_str()), ("b", "/b/h2"));
+    assert_eq!(
+        weir_tests::scenario::echo_header(&seen, "host"),
+        Some("redirected.example")
+    );
+    assert_eq!(a.requests().len(), 1);
+    assert_eq!(b.requests().len(), 1);
+}
