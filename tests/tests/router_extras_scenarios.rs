@@ -882,3 +882,66 @@ async fn redirect_is_followed_for_http2_downstreams() {
     assert_eq!(a.requests().len(), 1);
     assert_eq!(b.requests().len(), 1);
 }
+
+/// The recreated stream is a request of its own: counted in
+/// `downstream_rq_total` (not by status: it sent no response) and logged,
+/// as Envoy, with the redirect's status and the request headers and
+/// cluster as changed for the redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_request_is_logged_once() {
+    let a = upstream::http1("a").await.expect("upstream a");
+    let b = upstream::http1("b").await.expect("upstream b");
+    a.set_default_status(302);
+    let (ap, bp) = (a.port(), b.port());
+    let log = weir_tests::config::log_path("router_extras", "redirect");
+    let log2 = log.clone();
+    let p = Proxy::start(move |ports| {
+        let ra = json!({
+            "match": {"prefix": "/a"},
+            "route": {"cluster": "a", "internal_redirect_policy": {}},
+        });
+        let rb = json!({"match": {"prefix": "/b"}, "route": {"cluster": "b"}});
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost("vh", vec![ra, rb], json!({}))],
+            json!({"access_log": [weir_tests::config::file_log(
+                &log2,
+                "%RESPONSE_CODE% %UPSTREAM_CLUSTER% %REQ(:PATH)% %REQ(X-ENVOY-ORIGINAL-URL)%\n",
+            )]}),
+        );
+        bootstrap(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("a", &[ap], json!({})),
+                cluster("b", &[bp], json!({})),
+            ],
+        )
+    });
+    let c = Http::h1();
+    let r = c
+        .get(
+            &format!("{}/a/start", p.base()),
+            &[("x-echo-header-location", "http://redirected.example/b/next")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // A plain request afterwards: its line shows the log is complete.
+    let r = c.get(&format!("{}/b/plain", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    let lines = p.log_lines(&log, 3).await;
+    let original = format!("{}/a/start", p.base());
+    assert_eq!(
+        lines,
+        vec![
+            format!("302 b /b/next {original}"),
+            format!("200 b /b/next {original}"),
+            "200 b /b/plain -".to_owned(),
+        ]
+    );
+    stat_is(&p, "http.ingress.downstream_rq_total", 3).await;
+    stat_is(&p, "http.ingress.downstream_rq_2xx", 2).await;
+    stat_is(&p, "http.ingress.downstream_rq_3xx", 0).await;
+    stat_is(&p, "http.ingress.downstream_rq_active", 0).await;
+}

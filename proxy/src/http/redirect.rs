@@ -31,6 +31,11 @@ pub struct Source {
 pub struct Next {
     pub head: http::request::Parts,
     pub body: Bytes,
+    /// The redirect's status (what the recreated stream logs).
+    pub status: u16,
+    /// The cluster of the new route, when it names one (Envoy's recreated
+    /// stream logs it: its route was refreshed).
+    pub cluster: Option<std::sync::Arc<str>>,
 }
 
 /// What the redirects of one downstream request share across its
@@ -127,7 +132,7 @@ pub fn convert(
     conn_scheme: &str,
     owner: &str,
     state: &mut State,
-    route_of: impl FnOnce(&http::request::Parts, &str) -> Option<String>,
+    route_of: impl FnOnce(&http::request::Parts, &str) -> Option<(String, Option<std::sync::Arc<str>>)>,
 ) -> Result<Next, Refused> {
     let Some(body) = src.body else {
         return Err(Refused::Unavailable);
@@ -174,7 +179,7 @@ pub fn convert(
         .map_err(|_| Refused::BadLocation)?;
     head.headers.insert(header::HOST, host);
     head.uri = http::Uri::from(pq);
-    let Some(route_name) = route_of(&head, url.host_and_port) else {
+    let Some((route_name, cluster)) = route_of(&head, url.host_and_port) else {
         return Err(Refused::NoRoute);
     };
     for p in &policy.predicates {
@@ -203,7 +208,12 @@ pub fn convert(
     if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{original_host}{original_path}")) {
         head.headers.insert(X_ENVOY_ORIGINAL_URL.clone(), v);
     }
-    Ok(Next { head, body })
+    Ok(Next {
+        head,
+        body,
+        status,
+        cluster,
+    })
 }
 
 #[cfg(test)]

@@ -211,6 +211,25 @@ pub async fn handle(
     // request runs the whole pipeline again (route, filters, cluster); only
     // the final stream is logged.
     while let Some(next) = redirects.next.take() {
+        // As Envoy, the recreated stream counts as a request and is logged:
+        // the redirect's status, the new request's headers and path, the
+        // new route's cluster (its headers were changed in place).
+        hcm.stats.rq_total.inc();
+        if !ctx.hcm.logs.is_empty() {
+            info.response_code = next.status;
+            info.path = next
+                .head
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".into(), |p| p.as_str().to_owned());
+            info.request_headers = Some(next.head.headers.clone());
+            info.response_headers = Some(resp.headers().clone());
+            info.upstream_cluster = next.cluster.clone();
+            info.duration = Some(info.start_instant.elapsed());
+            for l in &ctx.hcm.logs {
+                l.log(&info);
+            }
+        }
         parts = next.head;
         head_request = parts.method == http::Method::HEAD;
         let authority = parts
@@ -848,7 +867,18 @@ async fn pipeline(
                         &owner,
                         redirects,
                         |head, authority| {
-                            route_for(ctx, rc, head, authority).map(|r| r.name.to_string())
+                            route_for(ctx, rc, head, authority).map(|r| {
+                                let cluster = match &r.action {
+                                    RouteKind::Forward(a) => match &a.cluster {
+                                        xds_client::config::ClusterSpecifier::Name(n) => {
+                                            Some(std::sync::Arc::<str>::from(&**n))
+                                        }
+                                        _ => None,
+                                    },
+                                    _ => None,
+                                };
+                                (r.name.to_string(), cluster)
+                            })
                         },
                     );
                     match outcome {
