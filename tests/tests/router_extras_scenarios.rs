@@ -25,6 +25,16 @@ async fn hedge_proxy(
     route_extra: Value,
     vhost_extra: Value,
 ) -> (Proxy, upstream::EchoServer) {
+    hedge_proxy_with(retry, route_extra, vhost_extra, json!({})).await
+}
+
+/// [`hedge_proxy`] with `cluster_extra` merged into cluster `a`.
+async fn hedge_proxy_with(
+    retry: Value,
+    route_extra: Value,
+    vhost_extra: Value,
+    cluster_extra: Value,
+) -> (Proxy, upstream::EchoServer) {
     let echo = upstream::http1("a").await.expect("echo upstream");
     let port = echo.port();
     let p = Proxy::start(move |ports| {
@@ -46,7 +56,7 @@ async fn hedge_proxy(
         bootstrap(
             ports,
             vec![listener("l", ports.listen, vec![chain(vec![h])])],
-            vec![cluster("a", &[port], json!({}))],
+            vec![cluster("a", &[port], cluster_extra.clone())],
         )
     });
     (p, echo)
@@ -944,4 +954,29 @@ async fn redirected_request_is_logged_once() {
     stat_is(&p, "http.ingress.downstream_rq_2xx", 2).await;
     stat_is(&p, "http.ingress.downstream_rq_3xx", 0).await;
     stat_is(&p, "http.ingress.downstream_rq_active", 0).await;
+}
+
+/// A hedge is a retry for the `max_retries` circuit breaker: at 0 the hedge
+/// overflows (`upstream_rq_retry_overflow`) and the first try, still
+/// running, answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedge_overflowing_max_retries_keeps_the_first_try() {
+    let (p, _echo) = hedge_proxy_with(
+        json!({"retry_on": "5xx", "num_retries": 2, "per_try_timeout": "0.2s"}),
+        json!({"timeout": "3s"}),
+        hedge_on(),
+        json!({"circuit_breakers": {"thresholds": [{"max_retries": 0}]}}),
+    )
+    .await;
+    let r = Http::h1()
+        .get(
+            &format!("{}/", p.base()),
+            &[("x-echo-id", "ovf"), ("x-echo-delay-ms", "500")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-echo-seen"), Some("1"));
+    stat_is(&p, "cluster.a.upstream_rq_retry_overflow", 1).await;
+    stat_is(&p, "cluster.a.upstream_rq_retry", 0).await;
+    stat_is(&p, "cluster.a.upstream_rq_total", 1).await;
 }
