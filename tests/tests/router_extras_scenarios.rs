@@ -363,7 +363,22 @@ async fn deprecated_internal_redirect_action() {
         .await;
     // Two redirects allowed: /a/1 -> /a/2 -> /a/2, the third 302 passes.
     assert_eq!(r.status, 302);
-    assert_eq!(a.wait_requests(3).await.len(), 3);
+    let reqs = a.wait_requests(3).await;
+    assert_eq!(reqs.len(), 3);
+    // Each redirect sets `x-envoy-original-url` to the URL it redirected.
+    let original = format!("{}/a/1", p.base());
+    let urls: Vec<_> = reqs
+        .iter()
+        .map(|v| weir_tests::scenario::echo_header(v, "x-envoy-original-url"))
+        .collect();
+    assert_eq!(
+        urls,
+        vec![
+            None,
+            Some(original.as_str()),
+            Some("http://redirected.example/a/2")
+        ]
+    );
     let r = c
         .get(
             &format!("{}/a/1", p.base()),

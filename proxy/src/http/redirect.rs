@@ -15,7 +15,8 @@ use xds_client::config::{InternalRedirectPolicy, RedirectPredicate};
 
 use super::headers::XFP;
 
-/// `x-envoy-original-url`: the URL before the first redirect.
+/// `x-envoy-original-url`: the URL of the request a redirect replaced
+/// (set again by each redirect, as Envoy).
 pub static X_ENVOY_ORIGINAL_URL: http::HeaderName =
     http::HeaderName::from_static("x-envoy-original-url");
 
