@@ -1266,6 +1266,22 @@ mod tests {
                 serde_json::json!({}),
                 "priority".to_owned(),
             ),
+            (
+                serde_json::json!({"retry_policy": {"retry_priority": {
+                    "name": "envoy.retry_priorities.previous_priorities",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                        "update_frequency": 1,
+                    },
+                }}}),
+                serde_json::json!({}),
+                "retry priority plugins".to_owned(),
+            ),
+            (
+                serde_json::json!({"retry_policy": {"retry_options_predicates": [{"name": "x"}]}}),
+                serde_json::json!({}),
+                "retry options predicates".to_owned(),
+            ),
         ] {
             let e = load(action.clone(), vhost).expect_err(&action.to_string());
             assert!(e.contains(&want), "{action}: {e}");
