@@ -677,6 +677,9 @@ impl FilterChain {
                         &crate::istio::local_node(),
                     ),
                 )),
+                HttpFilterKind::IstioAlpn(a) => filters.push(Arc::new(
+                    crate::istio::alpn::IstioAlpnFactory::new(c.name.clone(), a.clone()),
+                )),
                 HttpFilterKind::IstioStats(s) => {
                     filters.push(Arc::new(crate::istio::stats::IstioStatsFactory::new(
                         c.name.clone(),

@@ -680,9 +680,29 @@ async fn connection(
         NetworkRuntime::Tcp(t) => {
             let tls2 = tls.clone();
             let end = t
-                .serve(io, &meta, tls, id, shared, chain.drain.subscribe())
+                .serve(
+                    io,
+                    &meta,
+                    tls,
+                    id,
+                    shared,
+                    chain.drain.subscribe(),
+                    &conn_state,
+                    chain.read_filters.mx.as_ref(),
+                )
                 .await;
             if !chain.read_filters.is_empty() {
+                // The exchanged peers, as Istio's connection filter state,
+                // for istio.stats.
+                let shared = filters::StateFlags::default();
+                for (key, peer) in [
+                    (filters::istio::DOWNSTREAM_PEER, end.downstream_peer.clone()),
+                    (filters::istio::UPSTREAM_PEER, end.upstream_peer.clone()),
+                ] {
+                    if let Some(p) = peer {
+                        let _ = conn_state.set(key, p, shared);
+                    }
+                }
                 let peer = tls2.as_ref().and_then(|t| t.peer.as_ref());
                 let conn = conn_info(&meta, peer, tls2.is_some(), Some(&conn_state));
                 chain.read_filters.on_close(

@@ -94,9 +94,22 @@ impl TcpRuntime {
         id: u64,
         shared: &Arc<Shared>,
         _drain: watch::Receiver<bool>,
+        conn_state: &filters::FilterState,
+        mx: Option<&Arc<filters::istio::mx::MetadataExchange>>,
     ) -> TcpEnd {
         let start = Instant::now();
         self.stats.cx_total.inc();
+        // Istio's metadata exchange with the downstream peer, when its ALPN
+        // was negotiated (else the bytes pass unchanged).
+        let alpn = tls.as_ref().and_then(|t| t.alpn.clone());
+        let down = match crate::mx::start(down, mx, alpn.as_deref()).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "tcp_proxy: metadata exchange write failed");
+                return TcpEnd::default();
+            }
+        };
+        let downstream_peer = down.peer();
         // Envoy's requested server name is what tls_inspector found; a TLS
         // handshake without tls_inspector leaves it empty (for sni_cluster
         // and %REQUESTED_SERVER_NAME% alike).
@@ -135,9 +148,14 @@ impl TcpRuntime {
             return self.finish(info, start);
         }
         let _cx_slot = limits.connections.guard();
+        // As Envoy's tcp_proxy: the connection's filter state may override
+        // the upstream ALPN (`envoy.network.application_protocols`).
+        let alpn_override = conn_state
+            .get_typed::<filters::ApplicationProtocols>(filters::state::APPLICATION_PROTOCOLS)
+            .and_then(|a| a.resolve(None));
         let mut tried = Vec::new();
         let mut attempt = 0;
-        let (up, host) = loop {
+        let (up, host, up_alpn) = loop {
             attempt += 1;
             // A consistent-hash cluster's own hash policy (no request: only
             // `source_ip` can yield a hash), else `hash_policy` source_ip:
@@ -170,10 +188,10 @@ impl TcpRuntime {
                 return self.finish(info, start);
             };
             info.upstream_host = Some(host.addr);
-            match connect(&cluster, &host, meta).await {
-                Ok(s) => {
+            match connect(&cluster, &host, meta, alpn_override.as_deref()).await {
+                Ok((s, a)) => {
                     cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
-                    break (s, host);
+                    break (s, host, a);
                 }
                 Err(e) => {
                     cluster.outlier_local(&host, LocalResult::ConnectFailed);
@@ -191,6 +209,16 @@ impl TcpRuntime {
             }
         };
         info.upstream_failure_reason = None;
+        // The cluster's upstream metadata exchange (Istio's cluster filter).
+        let up = match crate::mx::start(up, cluster.mx.as_ref(), up_alpn.as_deref()).await {
+            Ok(u) => u,
+            Err(e) => {
+                info.upstream_failure_reason = Some(format!("metadata exchange: {e}"));
+                info.flags.set(Flags::UF);
+                return self.finish(info, start);
+            }
+        };
+        let upstream_peer = up.peer();
         host.active.fetch_add(1, Relaxed);
         let activity = Arc::new(Activity::new());
         let rx = Arc::new(AtomicU64::new(0));
@@ -241,7 +269,10 @@ impl TcpRuntime {
         host.active.fetch_sub(1, Relaxed);
         info.bytes_received = rx.load(Relaxed);
         info.bytes_sent = tx.load(Relaxed);
-        self.finish(info, start)
+        let mut end = self.finish(info, start);
+        end.downstream_peer = downstream_peer.get().cloned();
+        end.upstream_peer = upstream_peer.get().cloned();
+        end
     }
 
     fn finish(&self, mut info: StreamInfo, start: Instant) -> TcpEnd {
@@ -254,19 +285,24 @@ impl TcpRuntime {
             bytes_sent: info.bytes_sent,
             cluster: info.upstream_cluster.take(),
             flags: info.flags.order(),
+            ..Default::default()
         }
     }
 }
 
 /// What a proxied connection ended with (for the network filters'
 /// `on_close`).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct TcpEnd {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub cluster: Option<Arc<str>>,
     /// Response flags in the order set (`Flags::order`).
     pub flags: u128,
+    /// The peers Istio's metadata exchange found (downstream: the
+    /// listener's filter; upstream: the cluster's).
+    pub downstream_peer: Option<Arc<filters::istio::PeerInfo>>,
+    pub upstream_peer: Option<Arc<filters::istio::PeerInfo>>,
 }
 
 /// Connects to `host` (TLS when the cluster's transport says so; no ALPN
@@ -275,7 +311,8 @@ async fn connect(
     cluster: &ClusterRuntime,
     host: &Host,
     meta: &ConnMeta,
-) -> Result<UpstreamIo, String> {
+    alpn: Option<&[Vec<u8>]>,
+) -> Result<(UpstreamIo, Option<Vec<u8>>), String> {
     let s = &cluster.stats;
     // Envoy counts every connection it creates, including failed ones.
     s.upstream_cx_total.inc();
@@ -318,11 +355,17 @@ async fn connect(
         }
     }
     match cluster.tls_for(host) {
-        None => Ok(UpstreamIo::Plain(tcp)),
+        None => Ok((UpstreamIo::Plain(tcp), None)),
         Some(t) => t
-            .connect(tcp, host.addr, crate::tls::client::AlpnFallback::None, None)
+            .connect_with(
+                tcp,
+                host.addr,
+                crate::tls::client::AlpnFallback::None,
+                None,
+                alpn,
+            )
             .await
-            .map(|(s, _)| UpstreamIo::Tls(Box::new(s)))
+            .map(|(s, a)| (UpstreamIo::Tls(Box::new(s)), a))
             .inspect_err(|_| s.upstream_cx_connect_fail.inc()),
     }
 }

@@ -455,11 +455,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("io.istio.http.peer_metadata.Config.Baggage", &[]),
     ("io.istio.http.peer_metadata.Config.WorkloadDiscovery", &[]),
     ("io.istio.http.peer_metadata.Config.UpstreamFilterState", &["peer_metadata_key"]),
-    ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig", &["~alpn_override"]),
-    // `protocol` decides whether the exchange would run (the translator
-    // rejects chains where it would).
+    ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig", &["alpn_override"]),
+    ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig.AlpnOverride", &[
+        "upstream_protocol", "alpn_override",
+    ]),
+    // `enable_discovery` asks the WDS provider of Istio's bootstrap
+    // extension `metadata_discovery`, which weir's bootstraps cannot
+    // configure (Istio without one finds nothing either).
     ("envoy.tcp.metadataexchange.config.MetadataExchange", &[
-        "protocol", "~enable_discovery", "~additional_labels",
+        "protocol", "~enable_discovery", "additional_labels",
     ]),
     ("envoy.config.core.v3.HttpProtocolOptions", &[
         "idle_timeout", "max_connection_duration", "max_headers_count", "max_stream_duration",

@@ -559,9 +559,11 @@ impl crate::network::NetworkFilterFactory for IstioTcpStatsFactory {
             cluster: end.cluster,
             route_name: None,
         };
+        // The peers the metadata exchange found (connection filter state).
+        let peer = |key: &str| conn.filter_state.and_then(|s| s.get_typed::<PeerInfo>(key));
         let input = Input {
-            downstream_peer: None,
-            upstream_peer: None,
+            downstream_peer: peer(DOWNSTREAM_PEER),
+            upstream_peer: peer(UPSTREAM_PEER),
             peer_uri_san: conn
                 .peer
                 .and_then(|p| p.uri_sans.first())

@@ -109,6 +109,9 @@ pub struct NetworkChain {
     pub filters: Vec<Arc<dyn NetworkFilterFactory>>,
     /// Whether a filter may wait ([`NetworkChain::check`]).
     pub checks: bool,
+    /// Istio's metadata exchange, which the proxy runs on the byte stream
+    /// (not a hook filter).
+    pub mx: Option<Arc<crate::istio::mx::MetadataExchange>>,
 }
 
 impl NetworkChain {
@@ -128,10 +131,21 @@ impl NetworkChain {
         let checks = configs
             .iter()
             .any(|c| matches!(c.kind, ReadFilterKind::ExtAuthz(_)));
+        let mx = configs.iter().find_map(|c| match &c.kind {
+            ReadFilterKind::MetadataExchange(m) => {
+                Some(Arc::new(crate::istio::mx::MetadataExchange::new(
+                    m.clone(),
+                    &crate::istio::local_node(),
+                    crate::istio::mx::MxStats::new(stats),
+                )))
+            }
+            _ => None,
+        });
         let filters = configs
             .iter()
-            .map(|c| -> Arc<dyn NetworkFilterFactory> {
-                match &c.kind {
+            .filter_map(|c| -> Option<Arc<dyn NetworkFilterFactory>> {
+                Some(match &c.kind {
+                    ReadFilterKind::MetadataExchange(_) => return None,
                     ReadFilterKind::LocalRateLimit(l) => Arc::new(
                         local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
                     ),
@@ -155,10 +169,14 @@ impl NetworkChain {
                             stats,
                         ))
                     }
-                }
+                })
             })
             .collect();
-        NetworkChain { filters, checks }
+        NetworkChain {
+            filters,
+            checks,
+            mx,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
