@@ -647,6 +647,11 @@ async fn connection(
                     peer_uri_sans: peer.map(|p| p.uri_sans.clone()).unwrap_or_default(),
                     peer_dns_sans: peer.map(|p| p.dns_sans.clone()).unwrap_or_default(),
                     peer_subject: peer.map(|p| p.subject.clone()),
+                    local_uri_sans: tls
+                        .as_ref()
+                        .and_then(|t| t.local.as_ref())
+                        .map(|c| c.uri_sans.clone())
+                        .unwrap_or_default(),
                     tls: tls.is_some(),
                     state: Default::default(),
                     filter_state: conn_state,
@@ -704,7 +709,14 @@ async fn connection(
                     }
                 }
                 let peer = tls2.as_ref().and_then(|t| t.peer.as_ref());
-                let conn = conn_info(&meta, peer, tls2.is_some(), Some(&conn_state));
+                let mut conn = conn_info(&meta, peer, tls2.is_some(), Some(&conn_state));
+                if let Some(l) = tls2.as_ref().and_then(|t| t.local.as_ref()) {
+                    conn.local_uri_sans = &l.uri_sans;
+                }
+                conn.upstream_sans = (
+                    end.upstream_local_san.as_deref(),
+                    end.upstream_peer_san.as_deref(),
+                );
                 chain.read_filters.on_close(
                     &conn,
                     &filters::network::ConnEnd {
@@ -728,6 +740,8 @@ fn conn_info<'a>(
     filter_state: Option<&'a filters::FilterState>,
 ) -> filters::network::ConnectionInfo<'a> {
     filters::network::ConnectionInfo {
+        local_uri_sans: &[],
+        upstream_sans: (None, None),
         remote: meta.src,
         direct_remote: meta.direct_src,
         local: meta.dst,

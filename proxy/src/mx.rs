@@ -41,6 +41,11 @@ impl<T> MxIo<T> {
         }
     }
 
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     /// The peer, once its header was read.
     pub fn peer(&self) -> PeerSlot {
         self.peer.clone()

@@ -219,6 +219,7 @@ impl TcpRuntime {
             }
         };
         let upstream_peer = up.peer();
+        let (upstream_local_san, upstream_peer_san) = upstream_sans(&cluster, &host, &up);
         host.active.fetch_add(1, Relaxed);
         let activity = Arc::new(Activity::new());
         let rx = Arc::new(AtomicU64::new(0));
@@ -272,6 +273,8 @@ impl TcpRuntime {
         let mut end = self.finish(info, start);
         end.downstream_peer = downstream_peer.get().cloned();
         end.upstream_peer = upstream_peer.get().cloned();
+        end.upstream_local_san = upstream_local_san;
+        end.upstream_peer_san = upstream_peer_san;
         end
     }
 
@@ -303,6 +306,10 @@ pub struct TcpEnd {
     /// listener's filter; upstream: the cluster's).
     pub downstream_peer: Option<Arc<filters::istio::PeerInfo>>,
     pub upstream_peer: Option<Arc<filters::istio::PeerInfo>>,
+    /// The upstream TLS connection's first URI SANs: our certificate's
+    /// and the upstream's.
+    pub upstream_local_san: Option<String>,
+    pub upstream_peer_san: Option<String>,
 }
 
 /// Connects to `host` (TLS when the cluster's transport says so; no ALPN
@@ -368,6 +375,30 @@ async fn connect(
             .map(|(s, a)| (UpstreamIo::Tls(Box::new(s)), a))
             .inspect_err(|_| s.upstream_cx_connect_fail.inc()),
     }
+}
+
+/// The first URI SAN of our certificate and of the upstream's on a TLS
+/// upstream connection (Istio's `source` reporter principals).
+fn upstream_sans(
+    cluster: &ClusterRuntime,
+    host: &Host,
+    up: &crate::mx::MxIo<UpstreamIo>,
+) -> (Option<String>, Option<String>) {
+    let UpstreamIo::Tls(t) = up.get_ref() else {
+        return (None, None);
+    };
+    let local = cluster
+        .tls_for(host)
+        .and_then(|c| c.cert_info())
+        .and_then(|c| c.uri_sans.into_iter().next());
+    let peer = t
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::CertInfo::parse)
+        .and_then(|c| c.uri_sans.into_iter().next());
+    (local, peer)
 }
 
 /// Last read or write per side, in ms since `start`.

@@ -200,6 +200,9 @@ async fn weir_to_weir_exchange_labels_both_sides() {
         "destination_canonical_revision=\"v1\"",
         "destination_cluster=\"Kubernetes\"",
         "request_protocol=\"tcp\"",
+        // As Istio: the upstream TLS connection's certificates.
+        "source_principal=\"spiffe://cluster.local/ns/apps/sa/client\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/ratings\"",
     ];
     assert_eq!(
         metric(&c, "istio_tcp_connections_closed_total", &src).await,
@@ -219,6 +222,7 @@ async fn weir_to_weir_exchange_labels_both_sides() {
         "source_workload_namespace=\"apps\"",
         "source_app=\"ratings\"",
         "source_cluster=\"Kubernetes\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/ratings\"",
         "connection_security_policy=\"mutual_tls\"",
     ];
     assert_eq!(

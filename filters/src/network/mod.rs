@@ -45,6 +45,11 @@ pub struct ConnectionInfo<'a> {
     /// The connection's filter state (`on_established` only: what
     /// `set_filter_state` put there at the new connection).
     pub filter_state: Option<&'a crate::FilterState>,
+    /// URI SANs of the certificate weir presented (`on_close` only).
+    pub local_uri_sans: &'a [String],
+    /// The upstream TLS connection's first URI SANs, ours and the peer's
+    /// (`on_close` only: for Istio's `source` reporter).
+    pub upstream_sans: (Option<&'a str>, Option<&'a str>),
 }
 
 /// A validated peer certificate's names.
