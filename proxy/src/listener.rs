@@ -691,9 +691,11 @@ async fn connection(
                     tls,
                     id,
                     shared,
-                    chain.drain.subscribe(),
-                    &conn_state,
-                    chain.read_filters.mx.as_ref(),
+                    crate::tcp::ConnFilters {
+                        drain: chain.drain.subscribe(),
+                        state: &conn_state,
+                        mx: chain.read_filters.mx.as_ref(),
+                    },
                 )
                 .await;
             if !chain.read_filters.is_empty() {

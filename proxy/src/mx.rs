@@ -106,7 +106,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MxIo<T> {
                         Read::More => continue,
                         Read::Peer { peer, consumed } => {
                             if let Some(p) = peer {
-                                let _ = me.peer.set(Arc::new(p));
+                                let _ = me.peer.set(Arc::new(*p));
                             }
                             State::Draining(std::mem::take(buf), consumed)
                         }

@@ -93,10 +93,9 @@ impl TcpRuntime {
         tls: Option<Arc<DownstreamTlsInfo>>,
         id: u64,
         shared: &Arc<Shared>,
-        _drain: watch::Receiver<bool>,
-        conn_state: &filters::FilterState,
-        mx: Option<&Arc<filters::istio::mx::MetadataExchange>>,
+        conn: ConnFilters<'_>,
     ) -> TcpEnd {
+        let (conn_state, mx) = (conn.state, conn.mx);
         let start = Instant::now();
         self.stats.cx_total.inc();
         // Istio's metadata exchange with the downstream peer, when its ALPN
@@ -291,6 +290,17 @@ impl TcpRuntime {
             ..Default::default()
         }
     }
+}
+
+/// What the connection's network filters left for `tcp_proxy`, and its
+/// chain's drain signal.
+pub struct ConnFilters<'a> {
+    /// The chain's drain signal (not used by tcp_proxy yet).
+    pub drain: watch::Receiver<bool>,
+    /// The connection's filter state (`envoy.network.application_protocols`).
+    pub state: &'a filters::FilterState,
+    /// Istio's metadata exchange (the listener's filter).
+    pub mx: Option<&'a Arc<filters::istio::mx::MetadataExchange>>,
 }
 
 /// What a proxied connection ended with (for the network filters'

@@ -413,7 +413,8 @@ async fn peers_without_the_exchange_pass_unchanged() {
 }
 
 /// `istio.alpn`: upstream TLS offers the list configured for the upstream
-/// protocol (HTTP/1.1 and HTTP/2 clusters), instead of the cluster's.
+/// protocol (HTTP/1.1 and HTTP/2 clusters), instead of the cluster's,
+/// except on clusters istiod marks `istio.alpn_override: "false"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_alpn_overrides_upstream_alpn_by_protocol() {
     let ca = TestCa::new("root");
@@ -424,7 +425,10 @@ async fn istio_alpn_overrides_upstream_alpn_by_protocol() {
     let h2 = tls::tls_upstream(TlsServerOptions::new("h2", &leaf))
         .await
         .expect("h2 upstream");
-    let (p1, p2) = (h1.port(), h2.port());
+    let ext = tls::tls_upstream(TlsServerOptions::new("ext", &leaf).alpn(&[]))
+        .await
+        .expect("ext upstream");
+    let (p1, p2, p3) = (h1.port(), h2.port(), ext.port());
     let p = start(move |ports| {
         let alpn = istio_filter(
             "istio.alpn",
@@ -440,7 +444,11 @@ async fn istio_alpn_overrides_upstream_alpn_by_protocol() {
             vec![alpn],
             vec![vhost(
                 "vh",
-                vec![route("/h2", "h2", json!({})), route("/", "h1", json!({}))],
+                vec![
+                    route("/h2", "h2", json!({})),
+                    route("/ext", "ext", json!({})),
+                    route("/", "h1", json!({})),
+                ],
                 json!({}),
             )],
             json!({}),
@@ -455,6 +463,15 @@ async fn istio_alpn_overrides_upstream_alpn_by_protocol() {
             vec![
                 cluster("h1", &[p1], tls.clone()),
                 cluster("h2", &[p2], weir_tests::config::h2_upstream(tls.clone())),
+                // istiod's mark on clusters with user TLS settings.
+                cluster(
+                    "ext",
+                    &[p3],
+                    merge(
+                        tls.clone(),
+                        json!({"metadata": {"filter_metadata": {"istio": {"alpn_override": "false"}}}}),
+                    ),
+                ),
             ],
         )
     });
@@ -471,5 +488,13 @@ async fn istio_alpn_overrides_upstream_alpn_by_protocol() {
     assert_eq!(
         h2.wait_connection(1, WAIT).await.offered_alpn,
         ["istio-h2", "istio", "h2"]
+    );
+    // `alpn_override: "false"`: the cluster's own ALPN (the server has no
+    // ALPN: none negotiated, HTTP/1.1 spoken).
+    let r = Http::h1().get(&format!("{}/ext", p.base()), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        ext.wait_connection(1, WAIT).await.offered_alpn,
+        ["istio-peer-exchange", "istio"]
     );
 }

@@ -169,7 +169,7 @@ pub enum Read {
     /// application's. `peer` is `None` when the struct had no
     /// `x-envoy-peer-metadata` (Istio then sets no peer).
     Peer {
-        peer: Option<PeerInfo>,
+        peer: Option<Box<PeerInfo>>,
         consumed: usize,
     },
     /// No exchange (not the magic): every byte is the application's.
@@ -236,12 +236,13 @@ impl HeaderReader {
             };
         };
         let peer = match st.fields.get(PEER_METADATA).and_then(|v| v.kind.as_ref()) {
-            Some(Kind::StructValue(m)) => {
-                Some(PeerInfo::from_struct(m, &self.mx.config.additional_labels))
-            }
+            Some(Kind::StructValue(m)) => Some(Box::new(PeerInfo::from_struct(
+                m,
+                &self.mx.config.additional_labels,
+            ))),
             // Istio reads `struct_value()` of whatever is there: an empty
             // struct, a peer with nothing known.
-            Some(_) => Some(PeerInfo::default()),
+            Some(_) => Some(Box::default()),
             None => None,
         };
         Read::Peer {

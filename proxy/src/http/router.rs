@@ -1068,6 +1068,11 @@ fn upstream_alpn(
     use xds_client::config::UpstreamProtocol as P;
     let o =
         state.get_typed::<filters::ApplicationProtocols>(filters::state::APPLICATION_PROTOCOLS)?;
+    // As Istio's istio.alpn: clusters istiod marks `alpn_override: "false"`
+    // (user TLS settings) keep their own ALPN.
+    if c.istio_alpn_override_disabled && matches!(o, filters::ApplicationProtocols::ByProtocol(_)) {
+        return None;
+    }
     let proto = match c.protocol {
         P::Http2 | P::Auto => 2,
         P::UseDownstream if downstream_h2 => 2,

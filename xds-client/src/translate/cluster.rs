@@ -516,6 +516,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         transport_matches,
         pass_through,
         metadata_exchange,
+        istio_alpn_override_disabled: istio_alpn_override_disabled(p),
         auto_sni,
         auto_san_validation,
         auto_sni_header,
@@ -707,6 +708,16 @@ fn hex_decode(t: &str) -> Option<Vec<u8>> {
             u8::from_str_radix(s, 16).ok()
         })
         .collect()
+}
+
+/// Cluster metadata `filter_metadata.istio.alpn_override` is `"false"`.
+fn istio_alpn_override_disabled(p: &crate::api::envoy::config::cluster::v3::Cluster) -> bool {
+    use crate::api::google::protobuf::value::Kind;
+    p.metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|s| s.fields.get("alpn_override"))
+        .is_some_and(|v| matches!(&v.kind, Some(Kind::StringValue(s)) if s == "false"))
 }
 
 /// A cluster `filters` entry: Istio's upstream `istio.metadata_exchange`.
