@@ -1300,6 +1300,33 @@ load_assignment:
             &[MX, TCP_STATS],
         );
         assert!(ok.is_ok(), "{ok:?}");
+        // In front of the HCM it is passed through, so a chain where it
+        // would start is refused.
+        let http = |alpn: &str| {
+            http_listener(EMPTY_FAULT)
+                .replace(
+                    "  filters:\n  - name: envoy.filters.network.http_connection_manager",
+                    &format!(
+                        "  filters:\n  - {}\n  - name: envoy.filters.network.http_connection_manager",
+                        ts_yaml(MX)
+                    ),
+                )
+                .replace(
+                    "- transport_socket:\n    name: envoy.transport_sockets.raw_buffer\n    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}",
+                    &format!("- {}", tls(alpn)),
+                )
+        };
+        let l = lds(&http("h2, http/1.1"), &[MX, HTTP_STATS]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            l.filter_chains[0].pass_through,
+            [PassThrough::MetadataExchange]
+        );
+        let e = lds(&http("istio-peer-exchange, h2"), &[MX, HTTP_STATS])
+            .expect_err("the exchange would start in front of the HCM");
+        assert!(
+            e.contains("filters[0].typed_config.protocol: the chain's TLS context offers ALPN"),
+            "{e}"
+        );
         let e = lds(
             &tcp_listener("").replace("protocol: istio-peer-exchange, ", ""),
             &[],

@@ -389,7 +389,7 @@ fn metadata_exchange(
         return Err(err(
             ppath,
             "an empty protocol starts Istio's metadata exchange on connections without ALPN; \
-             weir does not implement the exchange",
+             weir runs the exchange in front of tcp_proxy only",
         ));
     }
     if alpn.iter().any(|a| a == protocol.as_bytes()) {
@@ -397,8 +397,8 @@ fn metadata_exchange(
             ppath,
             format!(
                 "the chain's TLS context offers ALPN {protocol:?}, which starts Istio's in-band \
-                 metadata exchange; weir does not implement the exchange (remove {protocol:?} \
-                 from alpn_protocols or the filter)"
+                 metadata exchange; weir runs the exchange in front of tcp_proxy only, not the \
+                 HCM (remove {protocol:?} from alpn_protocols or the filter)"
             ),
         ));
     }
