@@ -457,7 +457,9 @@ async fn istio_alpn_overrides_upstream_alpn_by_protocol() {
             "@type": UPSTREAM_TLS, "sni": "up.test",
             "common_tls_context": {"alpn_protocols": ["istio-peer-exchange", "istio"]},
         }}});
-        bootstrap(
+        // Every proxy of this suite runs as the same node: the node is
+        // process-wide and the tests run in parallel.
+        let b = bootstrap(
             ports,
             vec![listener("l", ports.listen, vec![chain(vec![h])])],
             vec![
@@ -473,7 +475,8 @@ async fn istio_alpn_overrides_upstream_alpn_by_protocol() {
                     ),
                 ),
             ],
-        )
+        );
+        with_node(b, node())
     });
     let r = Http::h1().get(&format!("{}/a", p.base()), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
