@@ -64,6 +64,8 @@ pub struct Downstream {
     pub peer_dns_sans: Vec<String>,
     /// RFC 2253 subject of the peer certificate, if any.
     pub peer_subject: Option<String>,
+    /// URI SANs of the certificate weir presented (empty without TLS).
+    pub local_uri_sans: Vec<String>,
     /// Whether the connection is TLS terminated by weir.
     pub tls: bool,
     /// Filter state that lives as long as the connection (Envoy's
@@ -676,6 +678,9 @@ impl FilterChain {
                         p.clone(),
                         &crate::istio::local_node(),
                     ),
+                )),
+                HttpFilterKind::IstioAlpn(a) => filters.push(Arc::new(
+                    crate::istio::alpn::IstioAlpnFactory::new(c.name.clone(), a.clone()),
                 )),
                 HttpFilterKind::IstioStats(s) => {
                     filters.push(Arc::new(crate::istio::stats::IstioStatsFactory::new(

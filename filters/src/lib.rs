@@ -32,5 +32,6 @@ pub mod token_bucket;
 
 pub use http::*;
 pub use state::{
-    DynamicMetadata, FilterState, HashableStringValue, StateFlags, StateObject, StringValue,
+    ApplicationProtocols, DynamicMetadata, FilterState, HashableStringValue, StateFlags,
+    StateObject, StringValue,
 };

@@ -59,9 +59,9 @@ impl HttpFilter for SetFilterStateFilter {
                 shared_with_upstream: v.shared_with_upstream,
             };
             // A read-only object stays as it is (Envoy refuses the write).
-            if let Err(e) =
-                cx.filter_state
-                    .set(v.key.clone(), string_object(value, v.hashable), flags)
+            if let Err(e) = cx
+                .filter_state
+                .set(v.key.clone(), state_object(value, v), flags)
             {
                 tracing::debug!("set_filter_state: {e}");
             }
@@ -70,10 +70,16 @@ impl HttpFilter for SetFilterStateFilter {
     }
 }
 
-/// The object a value becomes: a string, hashable when its factory is
-/// `envoy.hashable_string`.
-pub(crate) fn string_object(value: String, hashable: bool) -> Arc<dyn crate::StateObject> {
-    if hashable {
+/// The object a value becomes: an upstream ALPN list for
+/// `envoy.network.application_protocols`, else a string, hashable when its
+/// factory is `envoy.hashable_string`.
+pub(crate) fn state_object(
+    value: String,
+    v: &xds_client::config::FilterStateValue,
+) -> Arc<dyn crate::StateObject> {
+    if v.application_protocols {
+        Arc::new(crate::ApplicationProtocols::from_bytes(&value))
+    } else if v.hashable {
         Arc::new(crate::HashableStringValue(value))
     } else {
         Arc::new(StringValue(value))
@@ -94,6 +100,7 @@ mod tests {
             shared_with_upstream: false,
             skip_if_empty: skip,
             hashable: false,
+            application_protocols: false,
         }
     }
 

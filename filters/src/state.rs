@@ -67,6 +67,48 @@ impl StateObject for StringValue {
     }
 }
 
+/// Filter state key of the upstream ALPN override (Envoy's
+/// `Network::ApplicationProtocols::key()`).
+pub const APPLICATION_PROTOCOLS: &str = "envoy.network.application_protocols";
+
+/// The ALPN list upstream TLS offers instead of the cluster's (Envoy's
+/// `Network::ApplicationProtocols`, read by the router and `tcp_proxy` into
+/// the transport socket options; pooled connections are keyed by it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplicationProtocols {
+    /// A fixed list (`set_filter_state` with the object factory
+    /// `envoy.network.application_protocols`: the value split at `,`).
+    List(Arc<[Vec<u8>]>),
+    /// Istio's `istio.alpn`: the list for the upstream protocol the router
+    /// uses (HTTP/1.0, HTTP/1.1, HTTP/2), resolved when it connects.
+    ByProtocol(Arc<xds_client::config::IstioAlpnConfig>),
+}
+
+impl ApplicationProtocols {
+    /// As Envoy's object factory: the bytes split at every `,`.
+    pub fn from_bytes(value: &str) -> ApplicationProtocols {
+        ApplicationProtocols::List(value.split(',').map(|p| p.as_bytes().to_vec()).collect())
+    }
+
+    /// The list to offer for upstream protocol `proto` (0 HTTP/1.0, 1
+    /// HTTP/1.1, 2 HTTP/2; `tcp_proxy` asks for `None`). `None`: no
+    /// override (an empty list, or `istio.alpn` without one for `proto`).
+    pub fn resolve(&self, proto: Option<usize>) -> Option<Arc<[Vec<u8>]>> {
+        let list = match self {
+            ApplicationProtocols::List(l) => l.clone(),
+            ApplicationProtocols::ByProtocol(c) => c.by_protocol.get(proto?)?.clone()?,
+        };
+        // An empty protocol cannot be offered (BoringSSL refuses the list).
+        (!list.is_empty() && list.iter().all(|p| !p.is_empty() && p.len() <= 255)).then_some(list)
+    }
+}
+
+impl StateObject for ApplicationProtocols {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// How an entry may be changed and whether it follows the request upstream
 /// (Envoy's `StateType` and `StreamSharingMayImpactPooling`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

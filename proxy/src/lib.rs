@@ -13,6 +13,7 @@ pub mod listener;
 pub mod logging;
 pub mod manager;
 pub mod metrics;
+pub mod mx;
 pub mod netif;
 pub mod stats;
 pub mod tcp;

@@ -647,6 +647,11 @@ async fn connection(
                     peer_uri_sans: peer.map(|p| p.uri_sans.clone()).unwrap_or_default(),
                     peer_dns_sans: peer.map(|p| p.dns_sans.clone()).unwrap_or_default(),
                     peer_subject: peer.map(|p| p.subject.clone()),
+                    local_uri_sans: tls
+                        .as_ref()
+                        .and_then(|t| t.local.as_ref())
+                        .map(|c| c.uri_sans.clone())
+                        .unwrap_or_default(),
                     tls: tls.is_some(),
                     state: Default::default(),
                     filter_state: conn_state,
@@ -680,11 +685,40 @@ async fn connection(
         NetworkRuntime::Tcp(t) => {
             let tls2 = tls.clone();
             let end = t
-                .serve(io, &meta, tls, id, shared, chain.drain.subscribe())
+                .serve(
+                    io,
+                    &meta,
+                    tls,
+                    id,
+                    shared,
+                    crate::tcp::ConnFilters {
+                        drain: chain.drain.subscribe(),
+                        state: &conn_state,
+                        mx: chain.read_filters.mx.as_ref(),
+                    },
+                )
                 .await;
             if !chain.read_filters.is_empty() {
+                // The exchanged peers, as Istio's connection filter state,
+                // for istio.stats.
+                let shared = filters::StateFlags::default();
+                for (key, peer) in [
+                    (filters::istio::DOWNSTREAM_PEER, end.downstream_peer.clone()),
+                    (filters::istio::UPSTREAM_PEER, end.upstream_peer.clone()),
+                ] {
+                    if let Some(p) = peer {
+                        let _ = conn_state.set(key, p, shared);
+                    }
+                }
                 let peer = tls2.as_ref().and_then(|t| t.peer.as_ref());
-                let conn = conn_info(&meta, peer, tls2.is_some(), Some(&conn_state));
+                let mut conn = conn_info(&meta, peer, tls2.is_some(), Some(&conn_state));
+                if let Some(l) = tls2.as_ref().and_then(|t| t.local.as_ref()) {
+                    conn.local_uri_sans = &l.uri_sans;
+                }
+                conn.upstream_sans = (
+                    end.upstream_local_san.as_deref(),
+                    end.upstream_peer_san.as_deref(),
+                );
                 chain.read_filters.on_close(
                     &conn,
                     &filters::network::ConnEnd {
@@ -708,6 +742,8 @@ fn conn_info<'a>(
     filter_state: Option<&'a filters::FilterState>,
 ) -> filters::network::ConnectionInfo<'a> {
     filters::network::ConnectionInfo {
+        local_uri_sans: &[],
+        upstream_sans: (None, None),
         remote: meta.src,
         direct_remote: meta.direct_src,
         local: meta.dst,

@@ -505,13 +505,22 @@ mod tests {
     #[test]
     fn pass_through_gauges_follow_the_chains_alive() {
         let store = Store::new(1, StatsConfig::default());
-        let a = PassThroughStats::new(&store, [PassThrough::IstioStats, PassThrough::IstioAlpn]);
+        let a = PassThroughStats::new(
+            &store,
+            [PassThrough::IstioStats, PassThrough::MetadataExchange],
+        );
         let b = PassThroughStats::new(&store, [PassThrough::IstioStats]);
         assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(2));
-        assert_eq!(store.get("weir.pass_through_filter.istio_alpn"), Some(1));
+        assert_eq!(
+            store.get("weir.pass_through_filter.metadata_exchange"),
+            Some(1)
+        );
         drop(a);
         assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(1));
-        assert_eq!(store.get("weir.pass_through_filter.istio_alpn"), Some(0));
+        assert_eq!(
+            store.get("weir.pass_through_filter.metadata_exchange"),
+            Some(0)
+        );
         drop(b);
         assert_eq!(store.get("weir.pass_through_filter.istio_stats"), Some(0));
     }

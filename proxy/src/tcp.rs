@@ -93,10 +93,22 @@ impl TcpRuntime {
         tls: Option<Arc<DownstreamTlsInfo>>,
         id: u64,
         shared: &Arc<Shared>,
-        _drain: watch::Receiver<bool>,
+        conn: ConnFilters<'_>,
     ) -> TcpEnd {
+        let (conn_state, mx) = (conn.state, conn.mx);
         let start = Instant::now();
         self.stats.cx_total.inc();
+        // Istio's metadata exchange with the downstream peer, when its ALPN
+        // was negotiated (else the bytes pass unchanged).
+        let alpn = tls.as_ref().and_then(|t| t.alpn.clone());
+        let down = match crate::mx::start(down, mx, alpn.as_deref()).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "tcp_proxy: metadata exchange write failed");
+                return TcpEnd::default();
+            }
+        };
+        let downstream_peer = down.peer();
         // Envoy's requested server name is what tls_inspector found; a TLS
         // handshake without tls_inspector leaves it empty (for sni_cluster
         // and %REQUESTED_SERVER_NAME% alike).
@@ -135,9 +147,14 @@ impl TcpRuntime {
             return self.finish(info, start);
         }
         let _cx_slot = limits.connections.guard();
+        // As Envoy's tcp_proxy: the connection's filter state may override
+        // the upstream ALPN (`envoy.network.application_protocols`).
+        let alpn_override = conn_state
+            .get_typed::<filters::ApplicationProtocols>(filters::state::APPLICATION_PROTOCOLS)
+            .and_then(|a| a.resolve(None));
         let mut tried = Vec::new();
         let mut attempt = 0;
-        let (up, host) = loop {
+        let (up, host, up_alpn) = loop {
             attempt += 1;
             // A consistent-hash cluster's own hash policy (no request: only
             // `source_ip` can yield a hash), else `hash_policy` source_ip:
@@ -170,10 +187,10 @@ impl TcpRuntime {
                 return self.finish(info, start);
             };
             info.upstream_host = Some(host.addr);
-            match connect(&cluster, &host, meta).await {
-                Ok(s) => {
+            match connect(&cluster, &host, meta, alpn_override.as_deref()).await {
+                Ok((s, a)) => {
                     cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
-                    break (s, host);
+                    break (s, host, a);
                 }
                 Err(e) => {
                     cluster.outlier_local(&host, LocalResult::ConnectFailed);
@@ -191,6 +208,17 @@ impl TcpRuntime {
             }
         };
         info.upstream_failure_reason = None;
+        // The cluster's upstream metadata exchange (Istio's cluster filter).
+        let up = match crate::mx::start(up, cluster.mx.as_ref(), up_alpn.as_deref()).await {
+            Ok(u) => u,
+            Err(e) => {
+                info.upstream_failure_reason = Some(format!("metadata exchange: {e}"));
+                info.flags.set(Flags::UF);
+                return self.finish(info, start);
+            }
+        };
+        let upstream_peer = up.peer();
+        let (upstream_local_san, upstream_peer_san) = upstream_sans(&cluster, &host, &up);
         host.active.fetch_add(1, Relaxed);
         let activity = Arc::new(Activity::new());
         let rx = Arc::new(AtomicU64::new(0));
@@ -241,7 +269,12 @@ impl TcpRuntime {
         host.active.fetch_sub(1, Relaxed);
         info.bytes_received = rx.load(Relaxed);
         info.bytes_sent = tx.load(Relaxed);
-        self.finish(info, start)
+        let mut end = self.finish(info, start);
+        end.downstream_peer = downstream_peer.get().cloned();
+        end.upstream_peer = upstream_peer.get().cloned();
+        end.upstream_local_san = upstream_local_san;
+        end.upstream_peer_san = upstream_peer_san;
+        end
     }
 
     fn finish(&self, mut info: StreamInfo, start: Instant) -> TcpEnd {
@@ -254,19 +287,39 @@ impl TcpRuntime {
             bytes_sent: info.bytes_sent,
             cluster: info.upstream_cluster.take(),
             flags: info.flags.order(),
+            ..Default::default()
         }
     }
 }
 
+/// What the connection's network filters left for `tcp_proxy`, and its
+/// chain's drain signal.
+pub struct ConnFilters<'a> {
+    /// The chain's drain signal (not used by tcp_proxy yet).
+    pub drain: watch::Receiver<bool>,
+    /// The connection's filter state (`envoy.network.application_protocols`).
+    pub state: &'a filters::FilterState,
+    /// Istio's metadata exchange (the listener's filter).
+    pub mx: Option<&'a Arc<filters::istio::mx::MetadataExchange>>,
+}
+
 /// What a proxied connection ended with (for the network filters'
 /// `on_close`).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct TcpEnd {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub cluster: Option<Arc<str>>,
     /// Response flags in the order set (`Flags::order`).
     pub flags: u128,
+    /// The peers Istio's metadata exchange found (downstream: the
+    /// listener's filter; upstream: the cluster's).
+    pub downstream_peer: Option<Arc<filters::istio::PeerInfo>>,
+    pub upstream_peer: Option<Arc<filters::istio::PeerInfo>>,
+    /// The upstream TLS connection's first URI SANs: our certificate's
+    /// and the upstream's.
+    pub upstream_local_san: Option<String>,
+    pub upstream_peer_san: Option<String>,
 }
 
 /// Connects to `host` (TLS when the cluster's transport says so; no ALPN
@@ -275,7 +328,8 @@ async fn connect(
     cluster: &ClusterRuntime,
     host: &Host,
     meta: &ConnMeta,
-) -> Result<UpstreamIo, String> {
+    alpn: Option<&[Vec<u8>]>,
+) -> Result<(UpstreamIo, Option<Vec<u8>>), String> {
     let s = &cluster.stats;
     // Envoy counts every connection it creates, including failed ones.
     s.upstream_cx_total.inc();
@@ -318,13 +372,43 @@ async fn connect(
         }
     }
     match cluster.tls_for(host) {
-        None => Ok(UpstreamIo::Plain(tcp)),
+        None => Ok((UpstreamIo::Plain(tcp), None)),
         Some(t) => t
-            .connect(tcp, host.addr, crate::tls::client::AlpnFallback::None, None)
+            .connect_with(
+                tcp,
+                host.addr,
+                crate::tls::client::AlpnFallback::None,
+                None,
+                alpn,
+            )
             .await
-            .map(|(s, _)| UpstreamIo::Tls(Box::new(s)))
+            .map(|(s, a)| (UpstreamIo::Tls(Box::new(s)), a))
             .inspect_err(|_| s.upstream_cx_connect_fail.inc()),
     }
+}
+
+/// The first URI SAN of our certificate and of the upstream's on a TLS
+/// upstream connection (Istio's `source` reporter principals).
+fn upstream_sans(
+    cluster: &ClusterRuntime,
+    host: &Host,
+    up: &crate::mx::MxIo<UpstreamIo>,
+) -> (Option<String>, Option<String>) {
+    let UpstreamIo::Tls(t) = up.get_ref() else {
+        return (None, None);
+    };
+    let local = cluster
+        .tls_for(host)
+        .and_then(|c| c.cert_info())
+        .and_then(|c| c.uri_sans.into_iter().next());
+    let peer = t
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::CertInfo::parse)
+        .and_then(|c| c.uri_sans.into_iter().next());
+    (local, peer)
 }
 
 /// Last read or write per side, in ms since `start`.

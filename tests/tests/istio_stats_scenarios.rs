@@ -30,6 +30,7 @@ const NODE_ID: &str =
 const PRODUCTPAGE: &str = "outbound|9080||productpage.default.svc.cluster.local";
 const RATINGS: &str = "outbound|9080||ratings.default.svc.cluster.local";
 const CLIENT_SAN: &str = "spiffe://cluster.local/ns/apps/sa/client";
+const GW_SAN: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
 
 /// The gateway's node (what pilot-agent puts in the bootstrap).
 fn node() -> Value {
@@ -527,7 +528,7 @@ async fn grpc_status_from_trailers() {
 /// A TLS listener requiring a client certificate from `ca`.
 fn mtls(ca: &TestCa, dir: &TempDir) -> Value {
     let files = ca
-        .issue(LeafSpec::server("productpage.default.svc.cluster.local"))
+        .issue(LeafSpec::server("productpage.default.svc.cluster.local").uri(GW_SAN))
         .write_files(dir, "server");
     let ca_file = dir.write("ca.pem", ca.pem());
     json!({"name": "envoy.transport_sockets.tls", "typed_config": {
@@ -617,7 +618,7 @@ async fn inbound_mtls_principal_and_downstream_peer() {
          source_canonical_revision=\"latest\",source_workload_namespace=\"apps\",\
          source_principal=\"{CLIENT_SAN}\",source_app=\"client\",source_version=\"v2\",\
          source_cluster=\"c1\",destination_workload=\"istio-ingressgateway\",\
-         destination_workload_namespace=\"istio-system\",destination_principal=\"unknown\",\
+         destination_workload_namespace=\"istio-system\",destination_principal=\"{GW_SAN}\",\
          destination_app=\"istio-ingressgateway\",destination_version=\"\",\
          destination_service=\"productpage.default.svc.cluster.local\",\
          destination_canonical_service=\"istio-ingressgateway\",destination_canonical_revision=\"latest\",\

@@ -436,8 +436,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // Istio's filters (descriptors hand-built in descriptors.rs). The HTTP
     // `istio.stats` and peer metadata filters run (ARCHITECTURE.md "Istio
     // telemetry"); the network `istio.stats` is pass-through. Metric scope
-    // rotation only bounds memory (weir's label cache is bounded), and the
-    // TCP reporting period has nothing to report periodically in weir.
+    // rotation only bounds memory (weir's label cache is bounded); TCP
+    // connections are reported at close (totals as Istio's periodic
+    // reports; ARCHITECTURE.md "Istio ALPN and the TCP metadata exchange").
     ("stats.PluginConfig", &[
         "disable_host_header_fallback", "~tcp_reporting_duration", "metrics", "definitions",
         "reporter", "~rotation_interval", "~graceful_deletion_interval",
@@ -455,11 +456,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("io.istio.http.peer_metadata.Config.Baggage", &[]),
     ("io.istio.http.peer_metadata.Config.WorkloadDiscovery", &[]),
     ("io.istio.http.peer_metadata.Config.UpstreamFilterState", &["peer_metadata_key"]),
-    ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig", &["~alpn_override"]),
-    // `protocol` decides whether the exchange would run (the translator
-    // rejects chains where it would).
+    ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig", &["alpn_override"]),
+    ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig.AlpnOverride", &[
+        "upstream_protocol", "alpn_override",
+    ]),
+    // `enable_discovery` asks the WDS provider of Istio's bootstrap
+    // extension `metadata_discovery`, which weir's bootstraps cannot
+    // configure (Istio without one finds nothing either).
     ("envoy.tcp.metadataexchange.config.MetadataExchange", &[
-        "protocol", "~enable_discovery", "~additional_labels",
+        "protocol", "~enable_discovery", "additional_labels",
     ]),
     ("envoy.config.core.v3.HttpProtocolOptions", &[
         "idle_timeout", "max_connection_duration", "max_headers_count", "max_stream_duration",
@@ -608,7 +613,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
         "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
-        "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
+        "~cleanup_interval", "metadata", "~use_tcp_for_dns_lookups",
     ]),
     // Active health checking (`upstream/health_check.rs`): HTTP/1.1 GET and
     // TCP checks; no event logs, TLS options, alt_port or gRPC checks.

@@ -3,6 +3,8 @@
 //! `istio.stats` ([`stats`]), as istio/proxy's native filters.
 use std::sync::{Arc, PoisonError, RwLock};
 
+pub mod alpn;
+pub mod mx;
 pub mod peer;
 pub mod peer_metadata;
 pub mod stats;

@@ -23,6 +23,11 @@ use crate::http::{
     StreamEnd,
 };
 
+/// Filter state keys of the peer's and our principal (Istio's
+/// `istio_authn` filter sets them; `set_filter_state` may too).
+const PEER_PRINCIPAL: &str = "io.istio.peer_principal";
+const LOCAL_PRINCIPAL: &str = "io.istio.local_principal";
+
 /// Istio's custom stat namespace (rendered without it and without `envoy_`).
 pub const NAMESPACE: &str = "istiocustom";
 /// Distinct label sets cached per filter config; past it a label set's
@@ -286,10 +291,29 @@ impl HttpFilter for IstioStats {
                 .and_then(|v| v.as_any().downcast_ref::<PeerInfo>())
         };
         let ds = cx.downstream.as_deref();
+        let principal = |key: &str| {
+            cx.filter_state_get(key)
+                .and_then(|v| v.as_any().downcast_ref::<crate::StringValue>())
+                .map(|v| v.0.as_str())
+        };
+        let (peer_uri_san, local_uri_san) = if self.inner.reporter == Reporter::ClientSidecar {
+            // The upstream connection's certificates are not known here.
+            (None, None)
+        } else {
+            match (principal(PEER_PRINCIPAL), principal(LOCAL_PRINCIPAL)) {
+                (None, None) => (
+                    ds.and_then(|d| d.peer_uri_sans.first()).map(String::as_str),
+                    ds.and_then(|d| d.local_uri_sans.first())
+                        .map(String::as_str),
+                ),
+                set => set,
+            }
+        };
         let input = Input {
             downstream_peer: peer(DOWNSTREAM_PEER),
             upstream_peer: peer(UPSTREAM_PEER),
-            peer_uri_san: ds.and_then(|d| d.peer_uri_sans.first()).map(String::as_str),
+            peer_uri_san,
+            local_uri_san,
             tls: ds.is_some_and(|d| d.tls),
             grpc_status: if end.grpc {
                 Some(
@@ -337,7 +361,12 @@ fn grpc_from_http(code: u16) -> u32 {
 struct Input<'a> {
     downstream_peer: Option<&'a PeerInfo>,
     upstream_peer: Option<&'a PeerInfo>,
+    /// Server reporters: the downstream peer's and our principal (filter
+    /// state `io.istio.peer_principal` / `io.istio.local_principal` when
+    /// either is set, else the TLS certificates' first URI SANs). Client
+    /// reporter: the upstream TLS connection's peer and local URI SANs.
     peer_uri_san: Option<&'a str>,
+    local_uri_san: Option<&'a str>,
     tls: bool,
     grpc_status: Option<u32>,
     end: &'a StreamEnd<'a>,
@@ -419,6 +448,7 @@ impl Inner {
             input.downstream_peer.hash(&mut HashAdapter(h));
             input.upstream_peer.hash(&mut HashAdapter(h));
             input.peer_uri_san.hash(&mut HashAdapter(h));
+            input.local_uri_san.hash(&mut HashAdapter(h));
             input.tls.hash(&mut HashAdapter(h));
             input.grpc_status.hash(&mut HashAdapter(h));
             e.grpc.hash(&mut HashAdapter(h));
@@ -559,13 +589,23 @@ impl crate::network::NetworkFilterFactory for IstioTcpStatsFactory {
             cluster: end.cluster,
             route_name: None,
         };
+        // The peers the metadata exchange found (connection filter state).
+        let peer = |key: &str| conn.filter_state.and_then(|s| s.get_typed::<PeerInfo>(key));
         let input = Input {
-            downstream_peer: None,
-            upstream_peer: None,
-            peer_uri_san: conn
-                .peer
-                .and_then(|p| p.uri_sans.first())
-                .map(String::as_str),
+            downstream_peer: peer(DOWNSTREAM_PEER),
+            upstream_peer: peer(UPSTREAM_PEER),
+            peer_uri_san: if self.reporter == Reporter::ClientSidecar {
+                conn.upstream_sans.1
+            } else {
+                conn.peer
+                    .and_then(|p| p.uri_sans.first())
+                    .map(String::as_str)
+            },
+            local_uri_san: if self.reporter == Reporter::ClientSidecar {
+                conn.upstream_sans.0
+            } else {
+                conn.local_uri_sans.first().map(String::as_str)
+            },
             tls: conn.tls,
             grpc_status: None,
             end: &stream,
@@ -706,21 +746,16 @@ fn standard_labels(
         },
     }
     let server = reporter != Reporter::ClientSidecar;
-    let (peer, peer_san, mtls) = if server {
-        let san = input.peer_uri_san.unwrap_or_default();
-        // weir does not read its own certificate's SAN: a TLS connection
-        // with a peer URI SAN counts as mutual TLS.
+    let peer_san = input.peer_uri_san.unwrap_or_default();
+    let local_san = input.local_uri_san.unwrap_or_default();
+    let (peer, mtls) = if server {
+        // As Istio: mutual TLS when both principals are known.
         (
             input.downstream_peer,
-            san,
-            Some(!san.is_empty() && input.tls),
+            Some(!peer_san.is_empty() && !local_san.is_empty()),
         )
     } else {
-        let san = input
-            .upstream_peer
-            .map(|p| p.identity.as_str())
-            .unwrap_or_default();
-        (input.upstream_peer, san, None)
+        (input.upstream_peer, None)
     };
     let peer_namespace = san_namespace(peer_san)
         .filter(|n| !n.is_empty())
@@ -741,7 +776,7 @@ fn standard_labels(
             let ep = input.upstream_peer;
             v.push(pf(ep, |p| &p.workload, UNKNOWN));
             v.push(pf(ep, |p| &p.namespace, UNKNOWN));
-            v.push(pf(ep, |p| &p.identity, UNKNOWN));
+            v.push(or(local_san, UNKNOWN));
             v.push(pf(ep, |p| &p.app, UNKNOWN));
             v.push(pf(ep, |p| &p.version, UNKNOWN));
             v.push(or(service_host, UNKNOWN));
@@ -753,8 +788,7 @@ fn standard_labels(
         } else {
             v.push(local.workload.clone());
             v.push(local.namespace.clone());
-            // This node's own SAN is not known to the filter.
-            v.push(UNKNOWN.to_owned());
+            v.push(or(local_san, UNKNOWN));
             v.push(local.app.clone());
             v.push(local.version.clone());
             v.push(or(service_host, &local.canonical_name));
@@ -769,8 +803,7 @@ fn standard_labels(
         v.push(local.canonical_name.clone());
         v.push(local.canonical_revision.clone());
         v.push(local.namespace.clone());
-        // The upstream connection's own SAN is not known to the filter.
-        v.push(UNKNOWN.to_owned());
+        v.push(or(local_san, UNKNOWN));
         v.push(local.app.clone());
         v.push(local.version.clone());
         v.push(local.cluster.clone());

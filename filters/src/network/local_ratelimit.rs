@@ -115,6 +115,8 @@ mod tests {
     fn conn() -> ConnectionInfo<'static> {
         let a = "127.0.0.1:1".parse().expect("addr");
         ConnectionInfo {
+            local_uri_sans: &[],
+            upstream_sans: (None, None),
             remote: a,
             direct_remote: a,
             local: a,

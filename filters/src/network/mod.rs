@@ -45,6 +45,11 @@ pub struct ConnectionInfo<'a> {
     /// The connection's filter state (`on_established` only: what
     /// `set_filter_state` put there at the new connection).
     pub filter_state: Option<&'a crate::FilterState>,
+    /// URI SANs of the certificate weir presented (`on_close` only).
+    pub local_uri_sans: &'a [String],
+    /// The upstream TLS connection's first URI SANs, ours and the peer's
+    /// (`on_close` only: for Istio's `source` reporter).
+    pub upstream_sans: (Option<&'a str>, Option<&'a str>),
 }
 
 /// A validated peer certificate's names.
@@ -109,6 +114,9 @@ pub struct NetworkChain {
     pub filters: Vec<Arc<dyn NetworkFilterFactory>>,
     /// Whether a filter may wait ([`NetworkChain::check`]).
     pub checks: bool,
+    /// Istio's metadata exchange, which the proxy runs on the byte stream
+    /// (not a hook filter).
+    pub mx: Option<Arc<crate::istio::mx::MetadataExchange>>,
 }
 
 impl NetworkChain {
@@ -128,10 +136,21 @@ impl NetworkChain {
         let checks = configs
             .iter()
             .any(|c| matches!(c.kind, ReadFilterKind::ExtAuthz(_)));
+        let mx = configs.iter().find_map(|c| match &c.kind {
+            ReadFilterKind::MetadataExchange(m) => {
+                Some(Arc::new(crate::istio::mx::MetadataExchange::new(
+                    m.clone(),
+                    &crate::istio::local_node(),
+                    crate::istio::mx::MxStats::new(stats),
+                )))
+            }
+            _ => None,
+        });
         let filters = configs
             .iter()
-            .map(|c| -> Arc<dyn NetworkFilterFactory> {
-                match &c.kind {
+            .filter_map(|c| -> Option<Arc<dyn NetworkFilterFactory>> {
+                Some(match &c.kind {
+                    ReadFilterKind::MetadataExchange(_) => return None,
                     ReadFilterKind::LocalRateLimit(l) => Arc::new(
                         local_ratelimit::LocalRateLimitFactory::new(c.name.clone(), l, stats),
                     ),
@@ -155,10 +174,14 @@ impl NetworkChain {
                             stats,
                         ))
                     }
-                }
+                })
             })
             .collect();
-        NetworkChain { filters, checks }
+        NetworkChain {
+            filters,
+            checks,
+            mx,
+        }
     }
 
     pub fn is_empty(&self) -> bool {

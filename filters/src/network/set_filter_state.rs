@@ -8,7 +8,7 @@ use std::sync::Arc;
 use xds_client::config::{Name, SetFilterState};
 
 use super::{ConnectionInfo, NetworkFilterFactory};
-use crate::set_filter_state::string_object;
+use crate::set_filter_state::state_object;
 use crate::{format::eval_connection, FilterState, StateFlags};
 
 #[derive(Debug)]
@@ -38,7 +38,7 @@ impl NetworkFilterFactory for SetFilterStateFactory {
                 read_only: v.read_only,
                 shared_with_upstream: v.shared_with_upstream,
             };
-            if let Err(e) = state.set(v.key.clone(), string_object(value, v.hashable), flags) {
+            if let Err(e) = state.set(v.key.clone(), state_object(value, v), flags) {
                 tracing::debug!("set_filter_state: {e}");
             }
         }

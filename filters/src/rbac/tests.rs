@@ -320,6 +320,7 @@ fn http_filter_denies_counts_and_follows_route_overrides() {
     let scope: Arc<dyn StatsScope> = rec.clone();
     let f = http::RbacFactory::new("envoy.filters.http.rbac".into(), config, &scope);
     let ds = |uris: Vec<String>| Downstream {
+        local_uri_sans: vec![],
         remote: addr("10.0.0.1:1"),
         direct_remote: addr("10.0.0.1:1"),
         local: addr("127.0.0.1:80"),

@@ -849,6 +849,7 @@ pub async fn forward(
     } else {
         cluster.pool_kind(f.downstream_h2)
     };
+    let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -1185,10 +1186,11 @@ pub async fn forward(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let client = cluster.pool(kind);
-        let fut = client.request(
+        let fut = client.request_with_alpn(
             host.addr,
             cluster.tls_for(&host),
             auto_sni(&cluster.config, &req),
+            alpn_override.clone(),
             req,
         );
         tokio::pin!(fut);
@@ -1527,6 +1529,33 @@ pub fn host_rewrite(
             Some(re.0.replace_all(p, sub.as_str()).into_owned())
         }
     }
+}
+
+/// The upstream ALPN override in the stream's filter state
+/// (`envoy.network.application_protocols`, the connection's objects
+/// included), resolved for the upstream protocol as Envoy's
+/// `ClusterInfo::upstreamHttpProtocol` picks it first: HTTP/2 for HTTP/2 and
+/// `auto_config` clusters, the downstream's for
+/// `use_downstream_protocol_config` (HTTP/1.0 as HTTP/1.1), else HTTP/1.1.
+fn upstream_alpn(
+    state: &filters::FilterState,
+    c: &xds_client::config::Cluster,
+    downstream_h2: bool,
+) -> Option<Arc<[Vec<u8>]>> {
+    use xds_client::config::UpstreamProtocol as P;
+    let o =
+        state.get_typed::<filters::ApplicationProtocols>(filters::state::APPLICATION_PROTOCOLS)?;
+    // As Istio's istio.alpn: clusters istiod marks `alpn_override: "false"`
+    // (user TLS settings) keep their own ALPN.
+    if c.istio_alpn_override_disabled && matches!(o, filters::ApplicationProtocols::ByProtocol(_)) {
+        return None;
+    }
+    let proto = match c.protocol {
+        P::Http2 | P::Auto => 2,
+        P::UseDownstream if downstream_h2 => 2,
+        P::UseDownstream | P::Http1 => 1,
+    };
+    o.resolve(Some(proto))
 }
 
 /// `auto_sni`: the SNI for an upstream TLS connection, from

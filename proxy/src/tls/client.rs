@@ -114,7 +114,29 @@ impl ClientTls {
         alpn: AlpnFallback,
         auto_sni: Option<&str>,
     ) -> Result<(TlsStream<TcpStream>, Option<Vec<u8>>), String> {
-        let cfg = self.built.load().configs[alpn as usize].clone();
+        self.connect_with(tcp, addr, alpn, auto_sni, None).await
+    }
+
+    /// [`ClientTls::connect`] offering `alpn_override` when given (filter
+    /// state `envoy.network.application_protocols`), which wins over the
+    /// context's `alpn_protocols` and the fallback, as Envoy's
+    /// `ClientContextImpl::newSsl`.
+    pub async fn connect_with(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        alpn: AlpnFallback,
+        auto_sni: Option<&str>,
+        alpn_override: Option<&[Vec<u8>]>,
+    ) -> Result<(TlsStream<TcpStream>, Option<Vec<u8>>), String> {
+        let mut cfg = self.built.load().configs[alpn as usize].clone();
+        if let Some(list) = alpn_override {
+            // Per new connection only: pooled connections are keyed by the
+            // override, so this copy is made once per connection.
+            let mut c = (*cfg).clone();
+            c.alpn_protocols = list.to_vec();
+            cfg = Arc::new(c);
+        }
         // `auto_sni` (the request's host) wins over the context's `sni`; no
         // SNI at all: the IP address as server name makes rustls send none.
         let name = match auto_sni.or(self.config.sni.as_deref()) {

@@ -465,6 +465,8 @@ pub struct ClusterRuntime {
     transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
     /// Upstream filters passed through (`weir.pass_through_filter.*`).
     _pass_through: crate::metrics::PassThroughStats,
+    /// The upstream `istio.metadata_exchange` (cluster `filters`).
+    pub mx: Option<Arc<filters::istio::mx::MetadataExchange>>,
     /// `ring_hash_lb.*` / `maglev_lb.*` gauges of a consistent-hash cluster.
     table_gauges: Option<TableGauges>,
     /// The node's locality (bootstrap `node.locality`), first in a
@@ -603,7 +605,15 @@ impl ClusterRuntime {
         }
         let pass_through =
             crate::metrics::PassThroughStats::new(store, config.pass_through.iter().copied());
+        let mx = config.metadata_exchange.as_ref().map(|m| {
+            Arc::new(filters::istio::mx::MetadataExchange::new(
+                m.clone(),
+                &filters::istio::local_node(),
+                filters::istio::mx::MxStats::with(|n| store.counter(StatName::plain(n))),
+            ))
+        });
         Ok(Arc::new(ClusterRuntime {
+            mx,
             applied: ArcSwap::new(config.clone()),
             config,
             hosts: ArcSwap::from_pointee(set),
@@ -856,12 +866,10 @@ impl ClusterRuntime {
         let shard = crate::stats_shard();
         let slot = &self.pools[shard % self.pools.len()][kind as usize];
         slot.get_or_init(|| {
-            let pool = Arc::new(pool::build(
-                &self.config,
-                kind,
-                &self.stats,
-                self.breakers.clone(),
-            ));
+            let pool = Arc::new(
+                pool::build(&self.config, kind, &self.stats, self.breakers.clone())
+                    .with_metadata_exchange(self.mx.clone()),
+            );
             // Close idle connections past the idle timeout, on this worker.
             if let Some(t) = self.config.idle_timeout {
                 let weak = Arc::downgrade(&pool);
@@ -906,6 +914,7 @@ fn same_pool_settings(a: &Cluster, b: &Cluster) -> bool {
         && a.auto_sni == b.auto_sni
         && a.auto_san_validation == b.auto_san_validation
         && a.auto_sni_header == b.auto_sni_header
+        && a.metadata_exchange == b.metadata_exchange
         // Adopted pools keep counting against their breakers.
         && a.circuit_breakers == b.circuit_breakers
 }

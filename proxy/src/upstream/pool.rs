@@ -118,10 +118,16 @@ struct Settings {
     pending_total: Arc<Counter>,
     pending_active: Arc<Gauge>,
     cx_overflow: Arc<Counter>,
+    /// The cluster's upstream `istio.metadata_exchange`: run on TLS
+    /// connections that negotiate its ALPN.
+    mx: Option<Arc<filters::istio::mx::MetadataExchange>>,
 }
 
-/// Connections are kept per endpoint and, for `auto_sni` clusters, per SNI.
-type Key = (SocketAddr, Option<Arc<str>>);
+/// Connections are kept per endpoint and, for `auto_sni` clusters, per SNI,
+/// and per upstream ALPN override (filter state
+/// `envoy.network.application_protocols`; Envoy hashes it into the pool
+/// key), so connections that offered different ALPN are not shared.
+type Key = (SocketAddr, Option<Arc<str>>, Option<Arc<[Vec<u8>]>>);
 
 /// A pool. The mutex is uncontended: each worker thread has its own pool.
 pub struct Client {
@@ -167,6 +173,7 @@ pub fn build(
             pending_total: stats.upstream_rq_pending_total.clone(),
             pending_active: stats.upstream_rq_pending_active.clone(),
             cx_overflow: stats.upstream_cx_overflow.clone(),
+            mx: None,
         },
         hosts: Mutex::new(HashMap::new()),
         breakers,
@@ -187,6 +194,16 @@ impl Drop for Pending<'_> {
 }
 
 impl Client {
+    /// Runs Istio's metadata exchange on connections that negotiate its
+    /// ALPN (the cluster's `filters`).
+    pub fn with_metadata_exchange(
+        mut self,
+        mx: Option<Arc<filters::istio::mx::MetadataExchange>>,
+    ) -> Self {
+        self.settings.mx = mx;
+        self
+    }
+
     /// Sends `req` to `addr`.
     pub async fn request(
         &self,
@@ -195,7 +212,21 @@ impl Client {
         sni: Option<Arc<str>>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
-        let key = (addr, sni);
+        self.request_with_alpn(addr, tls, sni, None, req).await
+    }
+
+    /// [`Client::request`] on a connection whose TLS handshake offers
+    /// `alpn` instead of the cluster's ALPN (ignored without TLS).
+    pub async fn request_with_alpn(
+        &self,
+        addr: SocketAddr,
+        tls: Option<&Arc<crate::tls::ClientTls>>,
+        sni: Option<Arc<str>>,
+        alpn: Option<Arc<[Vec<u8>]>>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let alpn = alpn.filter(|_| tls.is_some());
+        let key = (addr, sni, alpn);
         let addr = &key;
         match self.settings.kind {
             // An HTTP/1 pool whose TLS upstream negotiated h2 by ALPN
@@ -467,7 +498,7 @@ impl Client {
         key: &Key,
         tls: Option<&Arc<crate::tls::ClientTls>>,
     ) -> Result<(CountedIo, Option<Vec<u8>>), PoolError> {
-        let (addr, sni) = (key.0, key.1.as_deref());
+        let (addr, sni, alpn_override) = (key.0, key.1.as_deref(), key.2.as_deref());
         let s = &self.settings;
         // Counted against max_connections from the attempt on (Envoy counts
         // connecting connections too) until the connection closes.
@@ -500,7 +531,29 @@ impl Client {
         s.cx_active.inc();
         let (io, alpn) = match tls {
             None => (UpstreamIo::Plain(stream), None),
-            Some(t) => match t.connect(stream, addr, s.alpn, sni).await {
+            Some(t) => match t
+                .connect_with(stream, addr, s.alpn, sni, alpn_override)
+                .await
+            {
+                Ok((t, alpn)) if s.mx.is_some() => {
+                    // Istio's upstream metadata exchange, when the ALPN
+                    // says so; the upstream peer is not kept for HTTP
+                    // (istio.stats reads its peer from the headers).
+                    match crate::mx::start(
+                        UpstreamIo::Tls(Box::new(t)),
+                        s.mx.as_ref(),
+                        alpn.as_deref(),
+                    )
+                    .await
+                    {
+                        Ok(io) => (UpstreamIo::Exchanged(Box::new(io)), alpn),
+                        Err(e) => {
+                            s.cx_active.dec();
+                            s.connect_fail.inc();
+                            return Err(PoolError::Connect(format!("metadata exchange: {e}")));
+                        }
+                    }
+                }
                 Ok((t, alpn)) => (UpstreamIo::Tls(Box::new(t)), alpn),
                 Err(e) => {
                     s.cx_active.dec();
@@ -526,7 +579,7 @@ impl Client {
     /// once its exchange ends).
     pub fn retain_hosts(&self, keep: &std::collections::HashSet<SocketAddr>) {
         let mut hosts = self.hosts.lock().expect("pool lock");
-        hosts.retain(|(addr, _), _| keep.contains(addr));
+        hosts.retain(|(addr, _, _), _| keep.contains(addr));
     }
 
     pub fn sweep(&self) {
@@ -597,6 +650,8 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 pub enum UpstreamIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// After Istio's metadata exchange (its header stripped from reads).
+    Exchanged(Box<crate::mx::MxIo<UpstreamIo>>),
 }
 
 impl AsyncRead for UpstreamIo {
@@ -608,6 +663,7 @@ impl AsyncRead for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -621,24 +677,28 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
             UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             UpstreamIo::Plain(s) => s.is_write_vectored(),
             UpstreamIo::Tls(s) => s.is_write_vectored(),
+            UpstreamIo::Exchanged(s) => s.is_write_vectored(),
         }
     }
     fn poll_write_vectored(
@@ -649,6 +709,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
 }

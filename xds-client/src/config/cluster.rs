@@ -47,6 +47,13 @@ pub struct Cluster {
     /// Upstream `filters` passed through (Istio's metadata exchange, whose
     /// ALPN weir does not offer).
     pub pass_through: Vec<super::PassThrough>,
+    /// Upstream `filters`: Istio's metadata exchange, run on connections
+    /// that negotiate its ALPN.
+    pub metadata_exchange: Option<Arc<super::MetadataExchangeConfig>>,
+    /// Cluster metadata `istio.alpn_override: "false"` (istiod's mark on
+    /// clusters with user TLS settings): Istio's `istio.alpn` leaves their
+    /// ALPN alone.
+    pub istio_alpn_override_disabled: bool,
     /// `upstream_http_protocol_options.auto_sni`: TLS SNI from the upstream
     /// request's host (or `override_auto_sni_header`).
     pub auto_sni: bool,

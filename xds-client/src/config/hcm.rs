@@ -297,6 +297,8 @@ pub enum HttpFilterKind {
     PeerMetadata(Arc<super::PeerMetadataConfig>),
     /// Istio's `istio.stats` HTTP filter (`stats.PluginConfig`).
     IstioStats(Arc<super::IstioStatsConfig>),
+    /// Istio's `istio.alpn`: the upstream ALPN by upstream protocol.
+    IstioAlpn(Arc<super::IstioAlpnConfig>),
     /// `envoy.filters.http.jwt_authn`.
     JwtAuthn(Arc<super::JwtAuthn>),
     /// A filter accepted and not run until the traffic-policy work
@@ -312,8 +314,6 @@ pub enum PassThrough {
     /// Istio's network `istio.stats` (`stats.PluginConfig`) in front of the
     /// HCM (in front of `tcp_proxy` it runs).
     IstioStats,
-    /// Istio's `istio.alpn`: the upstream ALPN is not overridden.
-    IstioAlpn,
     /// Istio's network `istio.metadata_exchange` (accepted only where the
     /// exchange cannot start).
     MetadataExchange,
@@ -324,7 +324,6 @@ impl PassThrough {
     pub fn stat_name(self) -> &'static str {
         match self {
             PassThrough::IstioStats => "istio_stats",
-            PassThrough::IstioAlpn => "istio_alpn",
             PassThrough::MetadataExchange => "metadata_exchange",
         }
     }

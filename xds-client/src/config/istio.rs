@@ -146,3 +146,24 @@ impl PeerField {
         })
     }
 }
+
+/// `istio.alpn` (`istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig`):
+/// the ALPN list to offer upstream, per upstream HTTP protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IstioAlpnConfig {
+    /// `alpn_override` per `upstream_protocol`: HTTP10, HTTP11, HTTP2 (the
+    /// first entry of a protocol wins, as Istio's map insert; an empty list
+    /// overrides nothing).
+    pub by_protocol: [Option<std::sync::Arc<[Vec<u8>]>>; 3],
+}
+
+/// Istio's TCP metadata exchange
+/// (`envoy.tcp.metadataexchange.config.MetadataExchange`), downstream (a
+/// listener's network filter) or upstream (a cluster's `filters`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetadataExchangeConfig {
+    /// `protocol`: the ALPN that starts the exchange (never empty).
+    pub protocol: String,
+    /// `additional_labels`: peer labels kept besides Istio's four.
+    pub additional_labels: Vec<String>,
+}

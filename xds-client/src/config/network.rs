@@ -25,6 +25,9 @@ pub enum ReadFilterKind {
     /// Istio's network `istio.stats` in front of `tcp_proxy` (in front of
     /// the HCM it is passed through).
     IstioStats(Arc<super::IstioStatsConfig>),
+    /// Istio's `istio.metadata_exchange` in front of `tcp_proxy` (in front
+    /// of the HCM it is passed through).
+    MetadataExchange(Arc<super::MetadataExchangeConfig>),
 }
 
 /// `envoy.type.v3.TokenBucket`, validated (`fill_interval` >= 50 ms, as

@@ -26,4 +26,7 @@ pub struct FilterStateValue {
     /// A hashable string (`envoy.hashable_string`): `filter_state` hash
     /// policies hash it.
     pub hashable: bool,
+    /// An upstream ALPN override (`envoy.network.application_protocols`):
+    /// the value split at `,`.
+    pub application_protocols: bool,
 }

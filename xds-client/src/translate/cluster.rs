@@ -395,20 +395,16 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         });
     }
     // Upstream network filters: Istio's `istio.metadata_exchange` only.
-    let mut pass_through = Vec::new();
-    let mut transport = transport;
+    let pass_through = Vec::new();
+    let mut metadata_exchange = None;
     for (i, f) in p.filters.iter().enumerate() {
         let fpath = format!("{path}.filters[{i}]");
         match upstream_metadata_exchange(f, &fpath) {
-            Ok(protocol) => {
-                // The exchange runs only when that ALPN is negotiated: weir
-                // never offers it, so the upstream never starts it.
-                strip_alpn(&mut transport, &protocol);
-                for m in &mut transport_matches {
-                    strip_alpn(&mut m.transport, &protocol);
-                }
-                pass_through.push(PassThrough::MetadataExchange);
-            }
+            Ok(_) if metadata_exchange.is_some() => errs.push(
+                fpath,
+                "weir runs one metadata exchange per cluster (a second would read the first's header)",
+            ),
+            Ok(c) => metadata_exchange = Some(std::sync::Arc::new(c)),
             Err(e) => errs.extend(e),
         }
     }
@@ -519,6 +515,8 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         transport,
         transport_matches,
         pass_through,
+        metadata_exchange,
+        istio_alpn_override_disabled: istio_alpn_override_disabled(p),
         auto_sni,
         auto_san_validation,
         auto_sni_header,
@@ -712,12 +710,21 @@ fn hex_decode(t: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// A cluster `filters` entry: Istio's upstream `istio.metadata_exchange`,
-/// returning its ALPN `protocol`.
+/// Cluster metadata `filter_metadata.istio.alpn_override` is `"false"`.
+fn istio_alpn_override_disabled(p: &crate::api::envoy::config::cluster::v3::Cluster) -> bool {
+    use crate::api::google::protobuf::value::Kind;
+    p.metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|s| s.fields.get("alpn_override"))
+        .is_some_and(|v| matches!(&v.kind, Some(Kind::StringValue(s)) if s == "false"))
+}
+
+/// A cluster `filters` entry: Istio's upstream `istio.metadata_exchange`.
 fn upstream_metadata_exchange(
     f: &crate::api::envoy::config::cluster::v3::Filter,
     path: &str,
-) -> Result<String, ConfigErrors> {
+) -> Result<crate::config::MetadataExchangeConfig, ConfigErrors> {
     let tpath = join(path, "typed_config");
     let Some(any) = &f.typed_config else {
         return Err(super::err(tpath, "an upstream filter needs a typed_config"));
@@ -737,32 +744,7 @@ fn upstream_metadata_exchange(
     }
     let m = crate::descriptors::decode_any(&any.type_url, &any.value)
         .map_err(|e| super::err(&tpath, e))?;
-    let protocol = m
-        .get_field_by_name("protocol")
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    if protocol.is_empty() {
-        return Err(super::err(
-            join(&tpath, "protocol"),
-            "an empty protocol starts Istio's metadata exchange on connections without ALPN;              weir does not implement the exchange",
-        ));
-    }
-    Ok(protocol)
-}
-
-/// Removes `protocol` from the ALPN list a TLS transport offers.
-fn strip_alpn(t: &mut UpstreamTransport, protocol: &str) {
-    match t {
-        UpstreamTransport::Tls(tls) => {
-            if tls.alpn.iter().any(|a| a == protocol.as_bytes()) {
-                let mut c = (**tls).clone();
-                c.alpn.retain(|a| a != protocol.as_bytes());
-                *tls = std::sync::Arc::new(c);
-            }
-        }
-        UpstreamTransport::ProxyProtocol(_, inner) => strip_alpn(inner, protocol),
-        UpstreamTransport::Plain => {}
-    }
+    super::istio::metadata_exchange(&m, &tpath)
 }
 
 /// Envoy's default `overprovisioning_factor`.

@@ -595,9 +595,9 @@ fn http_filter(f: &h::HttpFilter, path: &str) -> Result<HttpFilterConfig, Config
             HttpFilterKind::PeerMetadata(Arc::new(super::istio::peer_metadata(&m, &tpath)?))
         }
         ISTIO_ALPN => {
-            crate::descriptors::decode_any(&any.type_url, &any.value)
+            let m = crate::descriptors::decode_any(&any.type_url, &any.value)
                 .map_err(|e| err(&tpath, e))?;
-            HttpFilterKind::PassThrough(PassThrough::IstioAlpn)
+            HttpFilterKind::IstioAlpn(Arc::new(super::istio::istio_alpn(&m, &tpath)?))
         }
         other => {
             return Err(err(
@@ -1114,6 +1114,10 @@ load_assignment:
         }
     }
 
+    fn alpn(list: &[&str]) -> Arc<[Vec<u8>]> {
+        list.iter().map(|p| p.as_bytes().to_vec()).collect()
+    }
+
     fn assert_istio_http_filters(l: &Listener) {
         let kinds = http_kinds(l);
         assert_eq!(
@@ -1138,7 +1142,13 @@ load_assignment:
                     emit_filter_state: true,
                     ..Default::default()
                 })),
-                HttpFilterKind::PassThrough(PassThrough::IstioAlpn),
+                HttpFilterKind::IstioAlpn(Arc::new(crate::config::IstioAlpnConfig {
+                    by_protocol: [
+                        Some(alpn(&["istio-http/1.0", "istio", "http/1.0"])),
+                        Some(alpn(&["istio-http/1.1", "istio", "http/1.1"])),
+                        Some(alpn(&["istio-h2", "istio", "h2"])),
+                    ],
+                })),
                 HttpFilterKind::Fault(Arc::new(FaultConfig::default())),
                 HttpFilterKind::Cors,
                 HttpFilterKind::IstioStats(Arc::new(crate::config::IstioStatsConfig {
@@ -1231,17 +1241,21 @@ load_assignment:
     fn istio_network_filters_are_accepted_before_tcp_proxy() {
         let check = |l: &Listener| {
             assert!(matches!(l.filter_chains[0].filter, NetworkFilter::Tcp(_)));
-            assert_eq!(
-                l.filter_chains[0].pass_through,
-                [PassThrough::MetadataExchange]
-            );
-            // The network istio.stats runs in front of tcp_proxy.
+            assert!(l.filter_chains[0].pass_through.is_empty());
+            // The metadata exchange and the network istio.stats run in
+            // front of tcp_proxy.
             assert!(matches!(
                 l.filter_chains[0].read_filters[..],
-                [crate::config::ReadFilterConfig {
-                    kind: crate::config::ReadFilterKind::IstioStats(_),
-                    ..
-                }]
+                [
+                    crate::config::ReadFilterConfig {
+                        kind: crate::config::ReadFilterKind::MetadataExchange(_),
+                        ..
+                    },
+                    crate::config::ReadFilterConfig {
+                        kind: crate::config::ReadFilterKind::IstioStats(_),
+                        ..
+                    }
+                ]
             ));
         };
         let s = bootstrap(&tcp_listener("")).unwrap_or_else(|e| panic!("{e}"));
@@ -1262,15 +1276,15 @@ load_assignment:
         assert_eq!(l.filter_chains[0].pass_through, [PassThrough::IstioStats]);
         assert!(matches!(
             l.filter_chains[0].filter,
-            // istio.alpn only: peer metadata and istio.stats run.
-            NetworkFilter::Http(ref h) if h.pass_through().count() == 1
+            // Peer metadata, istio.alpn and istio.stats run.
+            NetworkFilter::Http(ref h) if h.pass_through().count() == 0
         ));
     }
 
-    /// Where the chain's TLS offers the exchange's ALPN, Istio's filter would
-    /// run the in-band exchange weir does not implement.
+    /// In front of tcp_proxy the exchange runs whatever the chain's ALPN;
+    /// an empty protocol is rejected (Istio asserts one).
     #[test]
-    fn metadata_exchange_where_it_would_run_is_rejected() {
+    fn metadata_exchange_config_is_checked() {
         let tls = |alpn: &str| {
             format!(
                 "transport_socket:\n    name: envoy.transport_sockets.tls\n    typed_config:\n      \
@@ -1281,10 +1295,36 @@ load_assignment:
         };
         let ok = lds(&tcp_listener(&tls("h2, http/1.1")), &[MX, TCP_STATS]);
         assert!(ok.is_ok(), "{ok:?}");
-        let e = lds(&tcp_listener(&tls("istio-peer-exchange, istio")), &[MX])
-            .expect_err("the exchange would run");
+        let ok = lds(
+            &tcp_listener(&tls("istio-peer-exchange, istio")),
+            &[MX, TCP_STATS],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        // In front of the HCM it is passed through, so a chain where it
+        // would start is refused.
+        let http = |alpn: &str| {
+            http_listener(EMPTY_FAULT)
+                .replace(
+                    "  filters:\n  - name: envoy.filters.network.http_connection_manager",
+                    &format!(
+                        "  filters:\n  - {}\n  - name: envoy.filters.network.http_connection_manager",
+                        ts_yaml(MX)
+                    ),
+                )
+                .replace(
+                    "- transport_socket:\n    name: envoy.transport_sockets.raw_buffer\n    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}",
+                    &format!("- {}", tls(alpn)),
+                )
+        };
+        let l = lds(&http("h2, http/1.1"), &[MX, HTTP_STATS]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            l.filter_chains[0].pass_through,
+            [PassThrough::MetadataExchange]
+        );
+        let e = lds(&http("istio-peer-exchange, h2"), &[MX, HTTP_STATS])
+            .expect_err("the exchange would start in front of the HCM");
         assert!(
-            e.contains("filter_chains[0].filters[0].typed_config.protocol: the chain's TLS context offers ALPN \"istio-peer-exchange\""),
+            e.contains("filters[0].typed_config.protocol: the chain's TLS context offers ALPN"),
             "{e}"
         );
         let e = lds(
@@ -1293,7 +1333,7 @@ load_assignment:
         )
         .expect_err("an empty protocol matches connections without ALPN");
         assert!(
-            e.contains("filters[0].typed_config.protocol: an empty protocol"),
+            e.contains("filters[0].typed_config.protocol: the metadata exchange needs"),
             "{e}"
         );
     }

@@ -4,8 +4,8 @@
 use prost_reflect::{DynamicMessage, Value};
 
 use crate::config::{
-    DimensionExpr, IstioMetricConfig, IstioStatsConfig, PeerDiscovery, PeerField,
-    PeerMetadataConfig, PeerPropagation,
+    DimensionExpr, IstioAlpnConfig, IstioMetricConfig, IstioStatsConfig, MetadataExchangeConfig,
+    PeerDiscovery, PeerField, PeerMetadataConfig, PeerPropagation,
 };
 use crate::error::{join, ConfigErrors};
 
@@ -90,6 +90,65 @@ pub fn peer_metadata(m: &DynamicMessage, path: &str) -> Result<PeerMetadataConfi
         upstream_propagation,
         shared_with_upstream: boolean(m, "shared_with_upstream"),
         additional_labels,
+    })
+}
+
+/// `istio.alpn`'s `FilterConfig` -> [`IstioAlpnConfig`]. As Istio's
+/// config: the first entry of a protocol wins; an ALPN value must be 1 to
+/// 255 bytes (BoringSSL refuses others when the connection is made).
+pub fn istio_alpn(m: &DynamicMessage, path: &str) -> Result<IstioAlpnConfig, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    let mut out = IstioAlpnConfig::default();
+    for (i, v) in list(m, "alpn_override").iter().enumerate() {
+        let p = format!("{}[{i}]", join(path, "alpn_override"));
+        let Some(o) = v.as_message() else { continue };
+        let proto = match field(o, "upstream_protocol").as_deref() {
+            Some(Value::EnumNumber(n)) => *n,
+            _ => 0,
+        };
+        let Some(slot) = usize::try_from(proto)
+            .ok()
+            .and_then(|n| out.by_protocol.get_mut(n))
+        else {
+            errs.push(join(&p, "upstream_protocol"), "unknown upstream protocol");
+            continue;
+        };
+        let mut alpn = Vec::new();
+        for (j, a) in list(o, "alpn_override").iter().enumerate() {
+            let a = string(a);
+            if a.is_empty() || a.len() > 255 {
+                errs.push(
+                    format!("{}[{j}]", join(&p, "alpn_override")),
+                    "an ALPN protocol is 1 to 255 bytes",
+                );
+            }
+            alpn.push(a.into_bytes());
+        }
+        if slot.is_none() {
+            *slot = Some(alpn.into());
+        }
+    }
+    errs.into_result(out)
+}
+
+/// `envoy.tcp.metadataexchange.config.MetadataExchange` ->
+/// [`MetadataExchangeConfig`] (downstream or upstream). An empty
+/// `protocol` is rejected: Istio asserts it is set (a release build would
+/// start the exchange on every connection without ALPN).
+pub fn metadata_exchange(
+    m: &DynamicMessage,
+    path: &str,
+) -> Result<MetadataExchangeConfig, ConfigErrors> {
+    let protocol = field(m, "protocol").map(|v| string(&v)).unwrap_or_default();
+    if protocol.is_empty() {
+        return Err(crate::translate::err(
+            join(path, "protocol"),
+            "the metadata exchange needs the ALPN protocol that starts it",
+        ));
+    }
+    Ok(MetadataExchangeConfig {
+        protocol,
+        additional_labels: list(m, "additional_labels").iter().map(string).collect(),
     })
 }
 

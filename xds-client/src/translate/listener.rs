@@ -326,6 +326,18 @@ fn network_filters(
                     )?)),
                 });
             }
+            // In front of tcp_proxy it runs; in front of the HCM it is
+            // passed through where it cannot start.
+            ISTIO_METADATA_EXCHANGE if !terminal_is_hcm(filters) => {
+                let m = crate::descriptors::decode_any(&any.type_url, &any.value)
+                    .map_err(|e| err(&tpath, e))?;
+                read_filters.push(ReadFilterConfig {
+                    name: f.name.as_str().into(),
+                    kind: ReadFilterKind::MetadataExchange(Arc::new(
+                        super::istio::metadata_exchange(&m, &tpath)?,
+                    )),
+                });
+            }
             ISTIO_METADATA_EXCHANGE => {
                 metadata_exchange(&any, &tpath, alpn)?;
                 pass_through.push(PassThrough::MetadataExchange);
@@ -347,7 +359,17 @@ fn network_filters(
     ))
 }
 
-/// Istio's `istio.metadata_exchange` runs its in-band exchange only on
+/// Whether the chain ends with the HCM (else `tcp_proxy` or an error).
+fn terminal_is_hcm(filters: &[l::Filter]) -> bool {
+    use l::filter::ConfigType;
+    let Some(ConfigType::TypedConfig(a)) = filters.last().and_then(|f| f.config_type.as_ref())
+    else {
+        return false;
+    };
+    crate::support::unwrap_typed_struct(a, "").is_ok_and(|a| a.type_url.ends_with(HCM_TYPE))
+}
+
+/// In front of the HCM, Istio's `istio.metadata_exchange` runs its in-band exchange only on
 /// connections whose negotiated ALPN equals its `protocol`; anywhere else it
 /// does nothing, which is what weir does. A chain where the exchange could
 /// start is rejected: passing it through would forward the peer's exchange
@@ -367,7 +389,7 @@ fn metadata_exchange(
         return Err(err(
             ppath,
             "an empty protocol starts Istio's metadata exchange on connections without ALPN; \
-             weir does not implement the exchange",
+             weir runs the exchange in front of tcp_proxy only",
         ));
     }
     if alpn.iter().any(|a| a == protocol.as_bytes()) {
@@ -375,8 +397,8 @@ fn metadata_exchange(
             ppath,
             format!(
                 "the chain's TLS context offers ALPN {protocol:?}, which starts Istio's in-band \
-                 metadata exchange; weir does not implement the exchange (remove {protocol:?} \
-                 from alpn_protocols or the filter)"
+                 metadata exchange; weir runs the exchange in front of tcp_proxy only, not the \
+                 HCM (remove {protocol:?} from alpn_protocols or the filter)"
             ),
         ));
     }

@@ -23,6 +23,10 @@ const STRING_FACTORIES: &[&str] = &[
     "io.istio.local_principal",
 ];
 
+/// Envoy's `Network::ApplicationProtocols` factory: the upstream ALPN
+/// override (the value split at `,`).
+const APPLICATION_PROTOCOLS: &str = "envoy.network.application_protocols";
+
 pub const NETWORK_SET_FILTER_STATE: &str =
     "envoy.extensions.filters.network.set_filter_state.v3.Config";
 
@@ -77,7 +81,8 @@ fn value(
     } else {
         v.factory_key.as_str()
     };
-    if !STRING_FACTORIES.contains(&factory) {
+    let application_protocols = factory == APPLICATION_PROTOCOLS;
+    if !application_protocols && !STRING_FACTORIES.contains(&factory) {
         let field = if v.factory_key.is_empty() {
             "object_key"
         } else {
@@ -86,7 +91,8 @@ fn value(
         return Err(err(
             join(path, field),
             format!(
-                "weir has no filter state object factory {factory:?} (string objects: {})",
+                "weir has no filter state object factory {factory:?} (string objects: {}; \
+                 {APPLICATION_PROTOCOLS})",
                 STRING_FACTORIES.join(", ")
             ),
         ));
@@ -129,6 +135,7 @@ fn value(
         shared_with_upstream: S::try_from(v.shared_with_upstream).unwrap_or(S::None) != S::None,
         skip_if_empty: v.skip_if_empty,
         hashable,
+        application_protocols,
     })
 }
 

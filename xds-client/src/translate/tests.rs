@@ -281,10 +281,9 @@ fn durations_beyond_the_proto_range_are_rejected() {
 }
 
 /// istiod's mesh clusters carry an upstream `istio.metadata_exchange`: it
-/// is passed through, and the ALPN that would start the exchange is not
-/// offered.
+/// runs on connections that negotiate its ALPN, which stays offered.
 #[test]
-fn upstream_metadata_exchange_is_passed_through_without_its_alpn() {
+fn upstream_metadata_exchange_is_translated_and_its_alpn_kept() {
     let yaml = |filter: &str| {
         format!(
             r#"
@@ -316,12 +315,19 @@ static_resources:
     ))
     .expect("accepted");
     let c = s.clusters.values().next().expect("cluster");
+    assert!(c.pass_through.is_empty());
     assert_eq!(
-        c.pass_through,
-        vec![crate::config::PassThrough::MetadataExchange]
+        c.metadata_exchange.as_deref(),
+        Some(&crate::config::MetadataExchangeConfig {
+            protocol: "istio-peer-exchange".into(),
+            additional_labels: vec![],
+        })
     );
     let tls = c.transport_matches[0].transport.tls().expect("tls");
-    assert_eq!(tls.alpn, vec![b"istio".to_vec()]);
+    assert_eq!(
+        tls.alpn,
+        vec![b"istio-peer-exchange".to_vec(), b"istio".to_vec()]
+    );
     let e = translate(&yaml(
         r#"{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: x, cluster: y}"#,
     ))

@@ -214,6 +214,7 @@ fn server_labels_from_san_and_overrides() {
     let f = IstioStatsFactory::new("s".into(), Arc::new(config), local(), &scope);
     let mut cx = FilterContext {
         downstream: Some(Arc::new(crate::http::Downstream {
+            local_uri_sans: vec!["spiffe://cluster.local/ns/istio-system/sa/gw".into()],
             remote: "127.0.0.1:1".parse().expect("addr"),
             direct_remote: "127.0.0.1:1".parse().expect("addr"),
             local: "127.0.0.1:2".parse().expect("addr"),
@@ -244,6 +245,11 @@ fn server_labels_from_san_and_overrides() {
     assert!(l.contains(&"source_workload_namespace=apps".to_owned()));
     assert!(l.contains(&"source_app=gw".to_owned()));
     assert!(l.contains(&"destination_service=istio-ingressgateway".to_owned()));
+    // As Istio: our principal from our certificate; mutual TLS since both
+    // principals are known.
+    assert!(l.contains(
+        &"destination_principal=spiffe://cluster.local/ns/istio-system/sa/gw".to_owned()
+    ));
     assert!(l.contains(&"connection_security_policy=mutual_tls".to_owned()));
     assert!(!l.iter().any(|x| x.starts_with("response_flags=")));
     assert_eq!(l.last().map(String::as_str), Some("team=blue"));
