@@ -153,6 +153,7 @@ fn table(lb: &LbPolicy, eps: &[Ep], usable: &[usize]) -> HashTable {
                 active: AtomicU64::new(0),
                 outlier: OnceLock::new(),
                 active_hc: OnceLock::new(),
+                since: AtomicU64::new(0),
             })
         })
         .collect();
@@ -1093,6 +1094,7 @@ fn expected_zones(lb: &LbPolicy, zones: &Zones<'_>, local: Option<&str>, hash: u
                 active: AtomicU64::new(0),
                 outlier: OnceLock::new(),
                 active_hc: OnceLock::new(),
+                since: AtomicU64::new(0),
             }));
         }
     }

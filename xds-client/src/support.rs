@@ -589,6 +589,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
+        "round_robin_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
         "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
@@ -630,9 +631,22 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["eds_config", "service_name"]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),
     ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
-    ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
+    ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count", "slow_start_config"]),
+    ("envoy.config.cluster.v3.Cluster.RoundRobinLbConfig", &["slow_start_config"]),
+    ("envoy.config.cluster.v3.Cluster.SlowStartConfig", &["slow_start_window", "aggression", "min_weight_percent"]),
+    ("envoy.extensions.load_balancing_policies.common.v3.SlowStartConfig", &["slow_start_window", "aggression", "min_weight_percent"]),
+    // `aggression`: the default value (no runtime layer).
+    ("envoy.config.core.v3.RuntimeDouble", &["default_value", "~runtime_key"]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &[
         "healthy_panic_threshold", "consistent_hashing_lb_config", "locality_weighted_lb_config",
+        "zone_aware_lb_config",
+    ]),
+    // Zone-aware routing needs `cluster_manager.local_cluster_name` (not
+    // taken): without it Envoy ignores `routing_enabled` and
+    // `min_cluster_size`; `fail_traffic_on_panic` still fails a pick from a
+    // level in panic.
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ZoneAwareLbConfig", &[
+        "~routing_enabled", "~min_cluster_size", "fail_traffic_on_panic",
     ]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", &[]),
     // Consistent hashing: `hash_balance_factor` (bounded loads) is not implemented.
@@ -645,11 +659,17 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // `hash_policy` are not implemented.
     ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),
     ("envoy.config.cluster.v3.LoadBalancingPolicy.Policy", &["typed_extension_config"]),
-    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config", "slow_start_config"]),
     ("envoy.extensions.load_balancing_policies.random.v3.Random", &["locality_lb_config"]),
-    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count", "locality_lb_config"]),
-    // Zone-aware routing is not implemented.
-    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig", &["locality_weighted_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count", "locality_lb_config", "slow_start_config"]),
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig", &[
+        "locality_weighted_lb_config", "zone_aware_lb_config",
+    ]),
+    // As the legacy ZoneAwareLbConfig; `force_local_zone`, `locality_basis`
+    // and the deprecated `force_locality_direct_routing` are rejected.
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.ZoneAwareLbConfig", &[
+        "~routing_enabled", "~min_cluster_size", "fail_traffic_on_panic",
+    ]),
     ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
         "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
         "locality_weighted_lb_config",
@@ -661,7 +681,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_policy"]),
     ("envoy.type.v3.Percent", &["value"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),
-    ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "~weighted_priority_health"]),
+    ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "weighted_priority_health"]),
     ("envoy.config.endpoint.v3.LocalityLbEndpoints", &["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
     ("envoy.config.endpoint.v3.LbEndpoint", &["endpoint", "health_status", "load_balancing_weight", "metadata"]),
     ("envoy.config.endpoint.v3.Endpoint", &["address", "hostname"]),
