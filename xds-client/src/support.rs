@@ -649,7 +649,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "~routing_enabled", "~min_cluster_size", "fail_traffic_on_panic",
     ]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", &[]),
-    // Consistent hashing: `hash_balance_factor` (bounded loads) is not implemented.
+    // Consistent hashing: `hash_balance_factor` (bounded loads) is PENDING.
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing"]),
     ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", &["minimum_ring_size", "maximum_ring_size", "hash_function"]),
     ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
@@ -699,6 +699,36 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// Fields rejected with a reason because the traffic-policy work will
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
+    (
+        "envoy.config.cluster.v3.Cluster",
+        "lb_subset_config",
+        "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig",
+        "hash_balance_factor",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    ),
+    (
+        "envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig",
+        "hash_balance_factor",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
+        "active_request_bias",
+        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
+    ),
+    (
+        "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+        "active_request_bias",
+        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
+    ),
+    (
+        "envoy.config.bootstrap.v3.ClusterManager",
+        "local_cluster_name",
+        "zone-aware routing against a local cluster (local_cluster_name) is not implemented",
+    ),
     (
         "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "with_request_body",

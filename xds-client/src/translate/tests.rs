@@ -551,4 +551,16 @@ fn slow_start_priority_and_zone_aware_configs() {
         "    load_balancing_policy: {policies: [{typed_extension_config: {name: r, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin, locality_lb_config: {zone_aware_lb_config: {force_local_zone: {}}}}}}]}\n",
         "zone_aware_lb_config.force_local_zone",
     );
+    reject(
+        "    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
+        "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
+    );
+    reject(
+        "    lb_policy: MAGLEV\n    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 150}}\n",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    );
+    reject(
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: o, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost}}}]}\n",
+        "weir does not implement extension envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+    );
 }
