@@ -680,7 +680,15 @@ async fn connection(
         NetworkRuntime::Tcp(t) => {
             let tls2 = tls.clone();
             let end = t
-                .serve(io, &meta, tls, id, shared, chain.drain.subscribe())
+                .serve_with_state(
+                    io,
+                    &meta,
+                    tls,
+                    id,
+                    shared,
+                    chain.drain.subscribe(),
+                    Some(&conn_state),
+                )
                 .await;
             if !chain.read_filters.is_empty() {
                 let peer = tls2.as_ref().and_then(|t| t.peer.as_ref());

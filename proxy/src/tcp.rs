@@ -93,7 +93,24 @@ impl TcpRuntime {
         tls: Option<Arc<DownstreamTlsInfo>>,
         id: u64,
         shared: &Arc<Shared>,
+        drain: watch::Receiver<bool>,
+    ) -> TcpEnd {
+        self.serve_with_state(down, meta, tls, id, shared, drain, None)
+            .await
+    }
+
+    /// [`Self::serve`] with the connection's filter state (network
+    /// filters'), for a `filter_state` hash policy.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn serve_with_state(
+        &self,
+        down: DownstreamIo,
+        meta: &ConnMeta,
+        tls: Option<Arc<DownstreamTlsInfo>>,
+        id: u64,
+        shared: &Arc<Shared>,
         _drain: watch::Receiver<bool>,
+        filter_state: Option<&filters::FilterState>,
     ) -> TcpEnd {
         let start = Instant::now();
         self.stats.cx_total.inc();
@@ -153,6 +170,21 @@ impl TcpRuntime {
                     meta.direct_src,
                     meta.dst,
                     None,
+                );
+                cluster.choose_hashed(h.hash, &[], 0)
+            } else if let (Some(policy), true) =
+                (&self.config.hash_filter_state, cluster.config.lb.is_hash())
+            {
+                // The hashable object under the key, as the route's
+                // `filter_state` policy (none: a random pick, as Envoy).
+                let h = crate::upstream::hash_lb::request_hash(
+                    policy,
+                    &http::HeaderMap::new(),
+                    &http::Uri::from_static("/"),
+                    meta.src,
+                    meta.direct_src,
+                    meta.dst,
+                    filter_state,
                 );
                 cluster.choose_hashed(h.hash, &[], 0)
             } else if self.config.hash_source_ip && cluster.config.lb.is_hash() {

@@ -114,8 +114,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "hash_policy",
     ]),
     // `filter_state` is rejected: weir has no filter state.
-    ("envoy.type.v3.HashPolicy", &["source_ip"]),
+    ("envoy.type.v3.HashPolicy", &["source_ip", "filter_state"]),
     ("envoy.type.v3.HashPolicy.SourceIp", &[]),
+    ("envoy.type.v3.HashPolicy.FilterState", &["key"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", &["clusters"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight", &["name", "weight", "metadata_match"]),
     ("envoy.extensions.filters.network.sni_cluster.v3.SniCluster", &[]),
