@@ -242,6 +242,58 @@ async fn hosts_starting_together_share_evenly() {
     }
 }
 
+/// With active health checking a host's slow start begins when it passes
+/// its check (Envoy's `lastHcPassTime`), not when it joined: u3 fails its
+/// checks (503) past the others' window, then passes and ramps up like a
+/// new host (2 s window), taking its full share after the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_begins_when_a_host_passes_its_health_check() {
+    let ups = upstreams(4).await;
+    ups[3].set_default_status(503);
+    let ports: Vec<u16> = ups.iter().map(|u| u.port()).collect();
+    let hc = json!({
+        "timeout": "1s", "interval": "0.1s", "no_traffic_interval": "0.1s",
+        "unhealthy_threshold": 1, "healthy_threshold": 1,
+        "http_health_check": {"path": "/hc"},
+    });
+    let c = cluster(
+        "c",
+        &ports,
+        json!({
+            "health_checks": [hc],
+            "round_robin_lb_config": {"slow_start_config": {"slow_start_window": "2s"}},
+        }),
+    );
+    let p =
+        Proxy::start(move |ports| bootstrap(ports, vec![ingress(ports.listen)], vec![c.clone()]));
+    let healthy = |n: i64| {
+        let p = &p;
+        async move {
+            let got = wait_stat(p, "cluster.c.membership_healthy", |v| v == Some(n)).await;
+            assert_eq!(got, Some(n), "cluster.c.membership_healthy");
+        }
+    };
+    healthy(3).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let s = spread(&p, 60).await;
+    assert_eq!(count(&s, "u3"), 0, "u3 fails its checks: {s:?}");
+    ups[3].set_default_status(200);
+    healthy(4).await;
+    let passed = tokio::time::Instant::now();
+    let s = spread(&p, 150).await;
+    assert!(
+        count(&s, "u3") <= 22,
+        "u3 is in slow start ({:?} after its check passed): {s:?}",
+        passed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(passed.elapsed())).await;
+    let s = spread(&p, 240).await;
+    assert!(
+        (35..=90).contains(&count(&s, "u3")),
+        "full share after the window: {s:?}"
+    );
+}
+
 // --- priority load split ----------------------------------------------
 
 /// One endpoint: (port, weight, healthy).
