@@ -564,3 +564,36 @@ fn slow_start_priority_and_zone_aware_configs() {
         "weir does not implement extension envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
     );
 }
+
+/// `tcp_proxy` `hash_policy`: `filter_state` needs a key.
+#[test]
+fn tcp_proxy_filter_state_hash_policy() {
+    let yaml = |hash: &str| {
+        format!(
+            r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}
+    filter_chains:
+    - filters:
+      - name: t
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+          hash_policy: [{hash}]
+  clusters:
+  - name: c
+    connect_timeout: 1s
+    lb_policy: RING_HASH
+    load_assignment:
+      cluster_name: c
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 2}}}}}}}}]}}]
+"#
+        )
+    };
+    load(&yaml("{filter_state: {key: lb.key}}")).expect("accepted");
+    let e = load(&yaml("{filter_state: {}}")).expect_err("rejected");
+    assert!(e.contains("hash_policy[0].filter_state.key"), "{e}");
+}
