@@ -1379,3 +1379,105 @@ pub fn set_keepalive(stream: &tokio::net::TcpStream, k: &xds_client::config::Tcp
         tracing::debug!(error = %e, "cannot set TCP keepalive");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Priority loads and slow start bookkeeping, against the numbers
+    //! Envoy's `LoadBalancerBase` computes for the same host sets.
+    use super::*;
+
+    /// Hosts per level: (weight, healthy) each.
+    fn set(levels: &[&[(u32, bool)]], opts: LoadOptions) -> HostSet {
+        let mut hosts = Vec::new();
+        let mut port = 1000;
+        for (prio, level) in levels.iter().enumerate() {
+            for (weight, healthy) in level.iter() {
+                port += 1;
+                hosts.push(Arc::new(Host {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    hostname: String::new(),
+                    weight: *weight,
+                    healthy: *healthy,
+                    priority: prio as u32,
+                    locality: Arc::new(hash_lb::LocalityKey::default()),
+                    locality_weight: 0,
+                    metadata: serde_json::Value::Null,
+                    active: AtomicU64::new(0),
+                    outlier: OnceLock::new(),
+                    active_hc: OnceLock::new(),
+                    since: AtomicU64::new(0),
+                }));
+            }
+        }
+        HostSet::build_with(hosts, &opts, &LbPolicy::RoundRobin, false, None)
+    }
+
+    fn opts(panic_threshold: f64) -> LoadOptions {
+        LoadOptions {
+            panic_threshold,
+            overprovisioning_factor: 140,
+            weighted_priority_health: false,
+            slow_start: None,
+        }
+    }
+
+    fn loads(s: &HostSet) -> Vec<(u32, bool)> {
+        s.priorities.iter().map(|l| (l.load, l.panic)).collect()
+    }
+
+    #[test]
+    fn priority_loads_follow_envoys_integer_health() {
+        let h = (1, true);
+        let u = (1, false);
+        // 46% healthy P0 (1 of 3 × 1.4), the rest to P1; no panic while
+        // the total is 100, so P0 keeps only its healthy host.
+        let s = set(&[&[h, u, u], &[h, h]], opts(50.0));
+        assert_eq!(loads(&s), vec![(46, false), (54, false)]);
+        assert_eq!(s.priorities[0].usable.len(), 1);
+        // Health 14 / 28 / 14 (normalised 56) scales to 25 / 50 / 25.
+        let tenth = |n: usize| {
+            let mut v = vec![u; 10];
+            v[..n].fill(h);
+            v
+        };
+        let s = set(&[&tenth(1), &tenth(2), &tenth(1)], opts(0.0));
+        assert_eq!(loads(&s), vec![(25, false), (50, false), (25, false)]);
+        // 46 + 46 + 35 caps at 100: the last level gets what is left.
+        let s = set(&[&[h, u, u], &[h, u, u], &[h, u, u, u]], opts(0.0));
+        assert_eq!(loads(&s), vec![(46, false), (46, false), (8, false)]);
+        // Every level in panic: the load follows host counts (4:2 is
+        // 66 + 33, the remainder to P0).
+        let s = set(&[&[h, u, u, u], &[u, u]], opts(50.0));
+        assert_eq!(loads(&s), vec![(67, true), (33, true)]);
+        assert_eq!(s.priorities[1].usable.len(), 2);
+        // weighted_priority_health: 1 of 4 by weight is 35%.
+        let mut o = opts(50.0);
+        o.weighted_priority_health = true;
+        let s = set(&[&[(1, true), (3, false)], &[h]], o);
+        assert_eq!(loads(&s), vec![(35, false), (65, false)]);
+        let s = set(&[&[(1, true), (3, false)], &[h]], opts(50.0));
+        assert_eq!(loads(&s), vec![(70, false), (30, false)]);
+    }
+
+    #[test]
+    fn slow_start_clock_starts_for_healthy_hosts_only() {
+        let mut o = opts(50.0);
+        o.slow_start = Some(SlowStart {
+            window: Duration::from_secs(30),
+            aggression: 1.0,
+            min_weight: 0.1,
+        });
+        let s = set(&[&[(1, true), (1, false)]], o);
+        assert!(s.slow_until > clock_ms());
+        assert_ne!(s.hosts[0].since.load(Relaxed), 0);
+        assert_eq!(s.hosts[1].since.load(Relaxed), 0);
+        // Just started: weighed at the 10% floor; unhealthy: unscaled.
+        let now = clock_ms();
+        let s0 = o.slow_start.expect("set");
+        assert!((s.hosts[0].slow_start_weight(&s0, now) - 0.1).abs() < 1e-9);
+        assert_eq!(s.hosts[1].slow_start_weight(&s0, now), 1.0);
+        // Past the window: full weight.
+        let later = s.hosts[0].since.load(Relaxed) + 30_000;
+        assert_eq!(s.hosts[0].slow_start_weight(&s0, later), 1.0);
+    }
+}
