@@ -139,7 +139,7 @@ async fn members(p: &Proxy, n: i64) {
     assert_eq!(got, Some(n), "cluster.c.membership_total");
 }
 
-/// Legacy `round_robin_lb_config.slow_start_config` (2 s window, default
+/// Legacy `round_robin_lb_config.slow_start_config` (3 s window, default
 /// aggression 1 and minimum weight 10%): three hosts past their window, a
 /// fourth added by EDS takes max(elapsed / window, 10%) of a full weight
 /// at first (well under its 25% share; Envoy weighs it so in its EDF
@@ -152,7 +152,7 @@ async fn round_robin_slow_start_ramps_up_a_new_host() {
     push_endpoints(&cp, &ports[..3], false).await;
     let p = start_eds(
         &cp,
-        json!({"round_robin_lb_config": {"slow_start_config": {"slow_start_window": "2s"}}}),
+        json!({"round_robin_lb_config": {"slow_start_config": {"slow_start_window": "3s"}}}),
     );
     members(&p, 3).await;
     // The first hosts started their own window with the cluster: let it
@@ -161,7 +161,7 @@ async fn round_robin_slow_start_ramps_up_a_new_host() {
     for u in ["u0", "u1", "u2"] {
         assert!((10..=30).contains(&count(&s, u)), "even shares: {s:?}");
     }
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tokio::time::sleep(Duration::from_millis(3300)).await;
     push_endpoints(&cp, &ports, true).await;
     members(&p, 4).await;
     let added = tokio::time::Instant::now();
@@ -172,7 +172,7 @@ async fn round_robin_slow_start_ramps_up_a_new_host() {
         "the new host is in slow start ({early:?} into its window): {s:?}"
     );
     // Past the window: the full share (25%).
-    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(added.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(added.elapsed())).await;
     let s = spread(&p, 240).await;
     assert!(
         (35..=90).contains(&count(&s, "u3")),
@@ -180,9 +180,9 @@ async fn round_robin_slow_start_ramps_up_a_new_host() {
     );
 }
 
-/// Typed `least_request` policy with `slow_start_config` (2 s window,
+/// Typed `least_request` policy with `slow_start_config` (3 s window,
 /// `min_weight_percent` 50): next to one settled host, a new host weighs
-/// max(elapsed / 2 s, 0.5) during its first second, about a third of the
+/// max(elapsed / 3 s, 0.5) during its first 1.5 s, about a third of the
 /// requests (10% would be the default floor, half without slow start),
 /// then half once the window is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,12 +197,12 @@ async fn least_request_slow_start_minimum_weight() {
             "name": "envoy.load_balancing_policies.least_request",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
-                "slow_start_config": {"slow_start_window": "2s", "min_weight_percent": {"value": 50}},
+                "slow_start_config": {"slow_start_window": "3s", "min_weight_percent": {"value": 50}},
             },
         }}]}}),
     );
     members(&p, 1).await;
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tokio::time::sleep(Duration::from_millis(3300)).await;
     push_endpoints(&cp, &ports, true).await;
     members(&p, 2).await;
     let added = tokio::time::Instant::now();
@@ -212,7 +212,7 @@ async fn least_request_slow_start_minimum_weight() {
         (28..=68).contains(&count(&s, "u1")),
         "the new host weighs half of a settled one ({early:?} in): {s:?}"
     );
-    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(added.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(added.elapsed())).await;
     let s = spread(&p, 200).await;
     assert!(
         (75..=125).contains(&count(&s, "u1")),
@@ -245,7 +245,7 @@ async fn hosts_starting_together_share_evenly() {
 /// With active health checking a host's slow start begins when it passes
 /// its check (Envoy's `lastHcPassTime`), not when it joined: u3 fails its
 /// checks (503) past the others' window, then passes and ramps up like a
-/// new host (2 s window), taking its full share after the window.
+/// new host (3 s window), taking its full share after the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_begins_when_a_host_passes_its_health_check() {
     let ups = upstreams(4).await;
@@ -261,7 +261,7 @@ async fn slow_start_begins_when_a_host_passes_its_health_check() {
         &ports,
         json!({
             "health_checks": [hc],
-            "round_robin_lb_config": {"slow_start_config": {"slow_start_window": "2s"}},
+            "round_robin_lb_config": {"slow_start_config": {"slow_start_window": "3s"}},
         }),
     );
     let p =
@@ -274,7 +274,7 @@ async fn slow_start_begins_when_a_host_passes_its_health_check() {
         }
     };
     healthy(3).await;
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    tokio::time::sleep(Duration::from_millis(3300)).await;
     let s = spread(&p, 60).await;
     assert_eq!(count(&s, "u3"), 0, "u3 fails its checks: {s:?}");
     ups[3].set_default_status(200);
@@ -286,7 +286,7 @@ async fn slow_start_begins_when_a_host_passes_its_health_check() {
         "u3 is in slow start ({:?} after its check passed): {s:?}",
         passed.elapsed()
     );
-    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(passed.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(passed.elapsed())).await;
     let s = spread(&p, 240).await;
     assert!(
         (35..=90).contains(&count(&s, "u3")),
