@@ -101,12 +101,16 @@ impl Host {
     /// start: scaled while it is healthy and within the window, as
     /// Envoy's `applySlowStartFactor`.
     fn slow_start_weight(&self, s: &SlowStart, now: u64) -> f64 {
-        let w = f64::from(self.weight);
+        f64::from(self.weight) * self.slow_start_factor(s, now)
+    }
+
+    /// The slow-start factor alone (1.0 outside the window or unhealthy).
+    fn slow_start_factor(&self, s: &SlowStart, now: u64) -> f64 {
         let t = self.last_pass();
         if t == 0 || !self.is_healthy() {
-            return w;
+            return 1.0;
         }
-        w * s.factor(Duration::from_millis(now.saturating_sub(t)))
+        s.factor(Duration::from_millis(now.saturating_sub(t)))
     }
 }
 
@@ -421,14 +425,23 @@ fn slow_start_until(hosts: &[Arc<Host>], s: &SlowStart) -> u64 {
 /// A weighted random pick among `usable` (indexes into `hosts`) by each
 /// host's slow-start weight (divided by its requests in flight + 1 for
 /// least request, Envoy's `hostWeight` with the default bias): what
-/// Envoy's EDF schedule does while a host is in slow start.
+/// Envoy's EDF schedule does while a host is in slow start. `None` when
+/// every host has the same factor (hosts that started together): the
+/// shares are then the usual ones, and the usual pick keeps its order.
 fn slow_start_pick(
     hosts: &[Arc<Host>],
     usable: &[usize],
     s: &SlowStart,
     least_request: bool,
     now: u64,
-) -> usize {
+) -> Option<usize> {
+    let first = hosts[*usable.first()?].slow_start_factor(s, now);
+    if usable
+        .iter()
+        .all(|i| hosts[*i].slow_start_factor(s, now) == first)
+    {
+        return None;
+    }
     let weight = |i: usize| {
         let h = &hosts[i];
         let w = h.slow_start_weight(s, now);
@@ -440,17 +453,17 @@ fn slow_start_pick(
     };
     let total: f64 = usable.iter().map(|i| weight(*i)).sum();
     if total <= 0.0 {
-        return usable[rand::rng().random_range(0..usable.len())];
+        return Some(usable[rand::rng().random_range(0..usable.len())]);
     }
     let mut x = rand::rng().random::<f64>() * total;
     for i in usable {
         let w = weight(*i);
         if x < w {
-            return *i;
+            return Some(*i);
         }
         x -= w;
     }
-    usable[usable.len() - 1]
+    usable.last().copied()
 }
 
 /// The localities of one priority level's hosts `at` with a positive
@@ -982,9 +995,9 @@ impl ClusterRuntime {
                 let now = clock_ms();
                 if now < set.slow_until {
                     let lr = matches!(self.config.lb, LbPolicy::LeastRequest { .. });
-                    return Some(
-                        set.hosts[slow_start_pick(&set.hosts, usable, s, lr, now)].clone(),
-                    );
+                    if let Some(i) = slow_start_pick(&set.hosts, usable, s, lr, now) {
+                        return Some(set.hosts[i].clone());
+                    }
                 }
             }
             let idx = match self.config.lb {
