@@ -701,36 +701,6 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
     (
-        "envoy.config.cluster.v3.Cluster",
-        "lb_subset_config",
-        "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
-    ),
-    (
-        "envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig",
-        "hash_balance_factor",
-        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
-    ),
-    (
-        "envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig",
-        "hash_balance_factor",
-        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
-    ),
-    (
-        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
-        "active_request_bias",
-        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
-    ),
-    (
-        "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
-        "active_request_bias",
-        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
-    ),
-    (
-        "envoy.config.bootstrap.v3.ClusterManager",
-        "local_cluster_name",
-        "zone-aware routing against a local cluster (local_cluster_name) is not implemented",
-    ),
-    (
         "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "with_request_body",
         "sending the request body to the authorization service is not implemented",
@@ -869,6 +839,36 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.extensions.filters.http.jwt_authn.v3.JwtRequirement",
         "extract_only_without_validation",
         "extract_only_without_validation is not implemented",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        "lb_subset_config",
+        "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig",
+        "hash_balance_factor",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    ),
+    (
+        "envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig",
+        "hash_balance_factor",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
+        "active_request_bias",
+        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
+    ),
+    (
+        "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+        "active_request_bias",
+        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
+    ),
+    (
+        "envoy.config.bootstrap.v3.ClusterManager",
+        "local_cluster_name",
+        "zone-aware routing against a local cluster (local_cluster_name) is not implemented",
     ),
 ];
 
