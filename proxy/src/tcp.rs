@@ -110,7 +110,7 @@ impl TcpRuntime {
         id: u64,
         shared: &Arc<Shared>,
         _drain: watch::Receiver<bool>,
-        filter_state: Option<&filters::FilterState>,
+        conn_state: Option<&filters::FilterState>,
     ) -> TcpEnd {
         let start = Instant::now();
         self.stats.cx_total.inc();
@@ -184,7 +184,10 @@ impl TcpRuntime {
                     meta.src,
                     meta.direct_src,
                     meta.dst,
-                    filter_state,
+                    // `.into()`: the connection's filter state whether it is
+                    // held as an Option or a reference.
+                    #[allow(clippy::useless_conversion)]
+                    conn_state.into(),
                 );
                 cluster.choose_hashed(h.hash, &[], 0)
             } else if self.config.hash_source_ip && cluster.config.lb.is_hash() {
