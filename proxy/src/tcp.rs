@@ -172,6 +172,24 @@ impl TcpRuntime {
                     None,
                 );
                 cluster.choose_hashed(h.hash, &[], 0)
+            } else if let (Some(policy), true) =
+                (&self.config.hash_filter_state, cluster.config.lb.is_hash())
+            {
+                // The hashable object under the key, as the route's
+                // `filter_state` policy (none: a random pick, as Envoy).
+                let h = crate::upstream::hash_lb::request_hash(
+                    policy,
+                    &http::HeaderMap::new(),
+                    &http::Uri::from_static("/"),
+                    meta.src,
+                    meta.direct_src,
+                    meta.dst,
+                    // `.into()`: the connection's filter state whether it is
+                    // held as an Option or a reference.
+                    #[allow(clippy::useless_conversion)]
+                    conn_state.into(),
+                );
+                cluster.choose_hashed(h.hash, &[], 0)
             } else if self.config.hash_source_ip && cluster.config.lb.is_hash() {
                 let ip = meta.src.ip().to_string();
                 cluster.choose_hashed(

@@ -153,6 +153,7 @@ fn table(lb: &LbPolicy, eps: &[Ep], usable: &[usize]) -> HashTable {
                 active: AtomicU64::new(0),
                 outlier: OnceLock::new(),
                 active_hc: OnceLock::new(),
+                since: AtomicU64::new(0),
             })
         })
         .collect();
@@ -695,6 +696,69 @@ async fn tcp_proxy_source_ip_hash() {
     }
 }
 
+/// `tcp_proxy` with `hash_policy: [{filter_state: {key}}]`: the network
+/// `set_filter_state` stores each connection's downstream address (an
+/// `envoy.hashable_string`, so it hashes as xxHash64 of the string), and
+/// every connection reaches the ring's host for its own `127.0.0.1:<port>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_filter_state_hash() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ups = upstreams(4).await;
+    let eps: Vec<Ep> = ups.iter().map(|u| ep(u.port())).collect();
+    let mut extra = json!({"lb_policy": "RING_HASH"});
+    extra["load_assignment"] = assignment(&eps);
+    let c = cluster("hashed", &[], extra);
+    let sfs = weir_tests::config::filter(
+        "envoy.filters.network.set_filter_state",
+        "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config",
+        json!({"on_new_connection": [{
+            "object_key": "lb.key", "factory_key": "envoy.hashable_string",
+            "format_string": {"text_format_source": {"inline_string": "%DOWNSTREAM_REMOTE_ADDRESS%"}},
+        }]}),
+    );
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![
+                    sfs.clone(),
+                    tcp_proxy(
+                        "tcp",
+                        "hashed",
+                        json!({"hash_policy": [{"filter_state": {"key": "lb.key"}}]}),
+                    ),
+                ])],
+            )],
+            vec![c.clone()],
+        )
+    });
+    let lb = LbPolicy::RingHash(RingHash::default());
+    let mut seen = HashSet::new();
+    for _ in 0..16 {
+        let mut s = tokio::net::TcpStream::connect(p.addr())
+            .await
+            .expect("connect");
+        let me = s.local_addr().expect("local address").to_string();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&buf);
+        let body = text.split("\r\n\r\n").nth(1).expect("a body");
+        let echo: Value = serde_json::from_str(body).expect("echo JSON");
+        let want = format!("u{}", expected(&lb, &eps, xxhash64(me.as_bytes(), 0)));
+        assert_eq!(echo["upstream"], want.as_str(), "connection from {me}");
+        seen.insert(want);
+    }
+    assert!(seen.len() > 1, "the keys spread over the ring: {seen:?}");
+}
+
 /// Hashing the host: `header_name: host` (or Envoy's `:authority`) hashes
 /// the request's authority, over HTTP/1.1 (`Host`) and HTTP/2 (`:authority`)
 /// alike.
@@ -1093,6 +1157,7 @@ fn expected_zones(lb: &LbPolicy, zones: &Zones<'_>, local: Option<&str>, hash: u
                 active: AtomicU64::new(0),
                 outlier: OnceLock::new(),
                 active_hc: OnceLock::new(),
+                since: AtomicU64::new(0),
             }));
         }
     }

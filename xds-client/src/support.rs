@@ -114,8 +114,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "hash_policy",
     ]),
     // `filter_state` is rejected: weir has no filter state.
-    ("envoy.type.v3.HashPolicy", &["source_ip"]),
+    ("envoy.type.v3.HashPolicy", &["source_ip", "filter_state"]),
     ("envoy.type.v3.HashPolicy.SourceIp", &[]),
+    ("envoy.type.v3.HashPolicy.FilterState", &["key"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster", &["clusters"]),
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight", &["name", "weight", "metadata_match"]),
     ("envoy.extensions.filters.network.sni_cluster.v3.SniCluster", &[]),
@@ -610,6 +611,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family", "typed_extension_protocol_options",
         "http2_protocol_options", "http_protocol_options", "common_http_protocol_options",
         "least_request_lb_config", "~per_connection_buffer_limit_bytes", "common_lb_config",
+        "round_robin_lb_config",
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
         "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
@@ -651,12 +653,25 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &["eds_config", "service_name"]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.Rds", &["config_source", "route_config_name"]),
     ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", &["name", "match", "transport_socket"]),
-    ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count"]),
+    ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", &["choice_count", "slow_start_config"]),
+    ("envoy.config.cluster.v3.Cluster.RoundRobinLbConfig", &["slow_start_config"]),
+    ("envoy.config.cluster.v3.Cluster.SlowStartConfig", &["slow_start_window", "aggression", "min_weight_percent"]),
+    ("envoy.extensions.load_balancing_policies.common.v3.SlowStartConfig", &["slow_start_window", "aggression", "min_weight_percent"]),
+    // `aggression`: the default value (no runtime layer).
+    ("envoy.config.core.v3.RuntimeDouble", &["default_value", "~runtime_key"]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig", &[
         "healthy_panic_threshold", "consistent_hashing_lb_config", "locality_weighted_lb_config",
+        "zone_aware_lb_config",
+    ]),
+    // Zone-aware routing needs `cluster_manager.local_cluster_name` (not
+    // taken): without it Envoy ignores `routing_enabled` and
+    // `min_cluster_size`; `fail_traffic_on_panic` still fails a pick from a
+    // level in panic.
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ZoneAwareLbConfig", &[
+        "~routing_enabled", "~min_cluster_size", "fail_traffic_on_panic",
     ]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", &[]),
-    // Consistent hashing: `hash_balance_factor` (bounded loads) is not implemented.
+    // Consistent hashing: `hash_balance_factor` (bounded loads) is PENDING.
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing"]),
     ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", &["minimum_ring_size", "maximum_ring_size", "hash_function"]),
     ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
@@ -666,11 +681,17 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // `hash_policy` are not implemented.
     ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),
     ("envoy.config.cluster.v3.LoadBalancingPolicy.Policy", &["typed_extension_config"]),
-    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config", "slow_start_config"]),
     ("envoy.extensions.load_balancing_policies.random.v3.Random", &["locality_lb_config"]),
-    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count", "locality_lb_config"]),
-    // Zone-aware routing is not implemented.
-    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig", &["locality_weighted_lb_config"]),
+    ("envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest", &["choice_count", "locality_lb_config", "slow_start_config"]),
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig", &[
+        "locality_weighted_lb_config", "zone_aware_lb_config",
+    ]),
+    // As the legacy ZoneAwareLbConfig; `force_local_zone`, `locality_basis`
+    // and the deprecated `force_locality_direct_routing` are rejected.
+    ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.ZoneAwareLbConfig", &[
+        "~routing_enabled", "~min_cluster_size", "fail_traffic_on_panic",
+    ]),
     ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
         "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
         "locality_weighted_lb_config",
@@ -682,7 +703,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_policy"]),
     ("envoy.type.v3.Percent", &["value"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),
-    ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "~weighted_priority_health"]),
+    ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "weighted_priority_health"]),
     ("envoy.config.endpoint.v3.LocalityLbEndpoints", &["locality", "lb_endpoints", "load_balancing_weight", "priority"]),
     ("envoy.config.endpoint.v3.LbEndpoint", &["endpoint", "health_status", "load_balancing_weight", "metadata"]),
     ("envoy.config.endpoint.v3.Endpoint", &["address", "hostname"]),
@@ -864,6 +885,36 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.extensions.filters.http.jwt_authn.v3.JwtRequirement",
         "extract_only_without_validation",
         "extract_only_without_validation is not implemented",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster",
+        "lb_subset_config",
+        "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig",
+        "hash_balance_factor",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    ),
+    (
+        "envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig",
+        "hash_balance_factor",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
+        "active_request_bias",
+        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
+    ),
+    (
+        "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+        "active_request_bias",
+        "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
+    ),
+    (
+        "envoy.config.bootstrap.v3.ClusterManager",
+        "local_cluster_name",
+        "zone-aware routing against a local cluster (local_cluster_name) is not implemented",
     ),
 ];
 

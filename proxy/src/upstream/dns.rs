@@ -132,6 +132,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
                             active: AtomicU64::new(0),
                             outlier: std::sync::OnceLock::new(),
                             active_hc: std::sync::OnceLock::new(),
+                            since: AtomicU64::new(0),
                         }));
                     }
                 }

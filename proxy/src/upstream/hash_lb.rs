@@ -538,6 +538,7 @@ mod tests {
             active: AtomicU64::new(0),
             outlier: OnceLock::new(),
             active_hc: OnceLock::new(),
+            since: AtomicU64::new(0),
         })
     }
 

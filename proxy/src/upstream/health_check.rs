@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Weak,
     },
     time::Duration,
@@ -26,12 +26,20 @@ use super::{ClusterRuntime, Host};
 #[derive(Debug)]
 pub struct HostState {
     failed: AtomicBool,
+    /// Envoy's `lastHcPassTime`: the last passing check while the host
+    /// was failing (`super::clock_ms`, 0 = none), for slow start.
+    last_pass: AtomicU64,
 }
 
 impl HostState {
     #[inline]
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn last_pass(&self) -> u64 {
+        self.last_pass.load(Ordering::Relaxed)
     }
 }
 
@@ -133,6 +141,7 @@ impl Checker {
                 .or_insert_with(|| {
                     Arc::new(HostState {
                         failed: AtomicBool::new(true),
+                        last_pass: AtomicU64::new(0),
                     })
                 })
                 .clone();
@@ -223,6 +232,7 @@ impl Session {
         self.num_unhealthy = 0;
         let mut t = Transition::Unchanged;
         if st.failed() {
+            st.last_pass.store(super::clock_ms(), Ordering::Relaxed);
             self.num_healthy += 1;
             if self.first_check || self.num_healthy >= ck.config.healthy_threshold {
                 st.failed.store(false, Ordering::Relaxed);

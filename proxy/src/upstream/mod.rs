@@ -12,7 +12,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rand::Rng;
-use xds_client::config::{Cluster, Discovery, EndpointAddress, LbPolicy, UpstreamProtocol};
+use xds_client::config::{
+    Cluster, Discovery, EndpointAddress, LbPolicy, SlowStart, UpstreamProtocol,
+};
 
 use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 
@@ -47,6 +49,22 @@ pub struct Host {
     /// Active health check state, when the cluster has `health_checks`
     /// (set once when the host joins the cluster's host set).
     pub active_hc: OnceLock<Arc<health_check::HostState>>,
+    /// Slow start: when the load balancer first saw the host healthy
+    /// ([`clock_ms`]; 0 = not yet), Envoy's `lastHcPassTime` for hosts
+    /// without active health checking. Carried over by address when the
+    /// host set is replaced.
+    pub since: AtomicU64,
+}
+
+/// Milliseconds on a process-wide monotonic clock, from 1 (0 means
+/// "never" in [`Host::since`]).
+pub fn clock_ms() -> u64 {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 impl Host {
@@ -67,6 +85,33 @@ impl Host {
     pub fn is_ejected(&self) -> bool {
         self.outlier.get().is_some_and(|m| m.ejected())
     }
+
+    /// Envoy's `lastHcPassTime` ([`clock_ms`], 0 = none): the last passing
+    /// active check while the host was failing, else when the load
+    /// balancer first saw it healthy.
+    #[inline]
+    pub fn last_pass(&self) -> u64 {
+        match self.active_hc.get().map(|s| s.last_pass()) {
+            Some(t) if t != 0 => t,
+            _ => self.since.load(Relaxed),
+        }
+    }
+
+    /// The host's weight for a pick at `now` ([`clock_ms`]) with slow
+    /// start: scaled while it is healthy and within the window, as
+    /// Envoy's `applySlowStartFactor`.
+    fn slow_start_weight(&self, s: &SlowStart, now: u64) -> f64 {
+        f64::from(self.weight) * self.slow_start_factor(s, now)
+    }
+
+    /// The slow-start factor alone (1.0 outside the window or unhealthy).
+    fn slow_start_factor(&self, s: &SlowStart, now: u64) -> f64 {
+        let t = self.last_pass();
+        if t == 0 || !self.is_healthy() {
+            return 1.0;
+        }
+        s.factor(Duration::from_millis(now.saturating_sub(t)))
+    }
 }
 
 /// The hosts of a cluster at one moment; replaced whole on DNS changes.
@@ -77,6 +122,31 @@ pub struct HostSet {
     /// share of traffic (percent) the level takes.
     pub priorities: Vec<PriorityLevel>,
     pub healthy_count: usize,
+    /// Slow start: picks before this time ([`clock_ms`]) weigh hosts by
+    /// their slow-start factor (0: no host is in its window).
+    pub slow_until: u64,
+}
+
+/// How [`HostSet::build_for`] computes priority loads and slow start,
+/// from the cluster's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub panic_threshold: f64,
+    pub overprovisioning_factor: u32,
+    /// `weighted_priority_health`: health by weight, not host count.
+    pub weighted_priority_health: bool,
+    pub slow_start: Option<SlowStart>,
+}
+
+impl LoadOptions {
+    pub fn of(c: &Cluster) -> LoadOptions {
+        LoadOptions {
+            panic_threshold: c.panic_threshold,
+            overprovisioning_factor: c.overprovisioning_factor,
+            weighted_priority_health: c.weighted_priority_health,
+            slow_start: c.slow_start,
+        }
+    }
 }
 
 /// One priority level of a host set.
@@ -132,10 +202,8 @@ impl PriorityLevel {
 }
 
 impl HostSet {
-    /// Builds the set as Envoy's load balancer sees it: each level's health
-    /// (healthy share × overprovisioning factor, capped at 100%) takes
-    /// traffic in priority order; what is left spills to the next level; a
-    /// level below the panic threshold balances over all its hosts.
+    /// Builds the set as Envoy's load balancer sees it (default options:
+    /// unweighted priority health, no slow start).
     pub fn build(
         hosts: Vec<Arc<Host>>,
         panic_threshold: f64,
@@ -144,11 +212,56 @@ impl HostSet {
         locality_weighted: bool,
         local: Option<&hash_lb::LocalityKey>,
     ) -> HostSet {
+        let opts = LoadOptions {
+            panic_threshold,
+            overprovisioning_factor,
+            weighted_priority_health: false,
+            slow_start: None,
+        };
+        Self::build_with(hosts, &opts, lb, locality_weighted, local)
+    }
+
+    /// [`HostSet::build_with`] with cluster `c`'s options.
+    pub fn build_for(
+        hosts: Vec<Arc<Host>>,
+        c: &Cluster,
+        local: Option<&hash_lb::LocalityKey>,
+    ) -> HostSet {
+        Self::build_with(
+            hosts,
+            &LoadOptions::of(c),
+            &c.lb,
+            c.locality_weighted,
+            local,
+        )
+    }
+
+    /// Builds the set as Envoy's `LoadBalancerBase` computes it (integer
+    /// percents, as Envoy): each level's health is min(100, overprovisioning
+    /// factor × healthy hosts / hosts) (by weight with
+    /// `weighted_priority_health`); levels take load in priority order
+    /// in proportion to their health over the normalised total (capped at
+    /// 100), the rounding remainder going to the first level with health.
+    /// No level is in panic while the normalised total is 100; below it a
+    /// level whose healthy share is under the panic threshold balances over
+    /// all its hosts, and when every level is in panic the load follows
+    /// the levels' host counts.
+    pub fn build_with(
+        hosts: Vec<Arc<Host>>,
+        opts: &LoadOptions,
+        lb: &LbPolicy,
+        locality_weighted: bool,
+        local: Option<&hash_lb::LocalityKey>,
+    ) -> HostSet {
+        let overprovisioning_factor = opts.overprovisioning_factor;
+        let panic_threshold = opts.panic_threshold.min(100.0);
         let healthy_count = hosts.iter().filter(|h| h.is_healthy()).count();
+        let slow_until = opts.slow_start.map_or(0, |s| slow_start_until(&hosts, &s));
         let mut prios: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
         prios.sort_unstable();
         prios.dedup();
-        let mut levels = Vec::new();
+        // Per level: its hosts, its healthy hosts, its health (0-100).
+        let mut groups = Vec::new();
         let mut health = Vec::new();
         for p in &prios {
             let at: Vec<usize> = (0..hosts.len())
@@ -159,12 +272,63 @@ impl HostSet {
                 .copied()
                 .filter(|i| hosts[*i].is_healthy())
                 .collect();
-            let pct = 100.0 * healthy.len() as f64 / at.len() as f64;
-            health.push((pct * f64::from(overprovisioning_factor) / 100.0).min(100.0));
-            // No healthy host at all is panic too, even at a 0% threshold
-            // (Envoy 1.40 still routes when outlier detection ejected
-            // every host).
-            let panic = pct < panic_threshold || healthy.is_empty();
+            let (healthy_w, total_w) = if opts.weighted_priority_health {
+                let w = |v: &[usize]| v.iter().map(|i| u64::from(hosts[*i].weight)).sum::<u64>();
+                (w(&healthy), w(&at))
+            } else {
+                (healthy.len() as u64, at.len() as u64)
+            };
+            health.push(
+                (u64::from(overprovisioning_factor) * healthy_w)
+                    .checked_div(total_w)
+                    .unwrap_or(0)
+                    .min(100),
+            );
+            groups.push((at, healthy));
+        }
+        let normalized = health.iter().sum::<u64>().min(100);
+        let mut loads = vec![0u64; groups.len()];
+        if normalized > 0 {
+            let mut remaining = 100u64;
+            for (i, h) in health.iter().enumerate() {
+                loads[i] = (h * 100)
+                    .checked_div(normalized)
+                    .unwrap_or(0)
+                    .min(remaining);
+                remaining -= loads[i];
+            }
+            if let Some(first) = health.iter().position(|h| *h > 0) {
+                loads[first] += remaining;
+            }
+        }
+        let panics: Vec<bool> = groups
+            .iter()
+            .map(|(at, healthy)| {
+                let pct = 100.0 * healthy.len() as f64 / at.len() as f64;
+                // No healthy host at all is panic too, even at a 0%
+                // threshold (Envoy 1.40 still routes when outlier
+                // detection ejected every host).
+                normalized < 100 && (pct < panic_threshold || healthy.is_empty())
+            })
+            .collect();
+        if !groups.is_empty() && panics.iter().all(|p| *p) {
+            // Total panic: the load follows each level's host count.
+            let total: u64 = groups.iter().map(|g| g.0.len() as u64).sum();
+            let mut remaining = 100u64;
+            for (i, g) in groups.iter().enumerate() {
+                loads[i] = 100 * g.0.len() as u64 / total;
+                remaining -= loads[i];
+            }
+            loads[0] += remaining;
+        } else if normalized == 0 {
+            // Nothing healthy and no panic: Envoy gives P0 everything
+            // (nothing is picked from it).
+            if let Some(l) = loads.first_mut() {
+                *l = 100;
+            }
+        }
+        let mut levels = Vec::new();
+        for (((at, healthy), panic), load) in groups.into_iter().zip(panics).zip(loads) {
             let (localities, locality_total) = if locality_weighted && !lb.is_hash() {
                 locality_levels(&hosts, &at, overprovisioning_factor)
             } else {
@@ -185,51 +349,18 @@ impl HostSet {
             levels.push(PriorityLevel {
                 usable,
                 weighted,
-                load: 0,
+                load: load as u32,
                 panic,
                 table,
                 localities,
                 locality_total,
             });
         }
-        let total: f64 = health.iter().sum();
-        if total <= 0.0 {
-            // Nothing healthy anywhere: everything goes to the first level (panic).
-            if let Some(l) = levels.first_mut() {
-                l.load = 100;
-            }
-        } else {
-            let mut remaining = 100.0;
-            let mut loads: Vec<f64> = health
-                .iter()
-                .map(|h| {
-                    let l = h.min(remaining);
-                    remaining -= l;
-                    l
-                })
-                .collect();
-            if total < 100.0 {
-                // Not enough healthy capacity in all levels: scale up (Envoy
-                // normalises the priority load to 100%).
-                loads = health.iter().map(|h| h * 100.0 / total).collect();
-            }
-            // Integer percents that sum to exactly 100.
-            let mut assigned = 0u32;
-            let n = levels.len();
-            for (i, l) in levels.iter_mut().enumerate() {
-                l.load = if i + 1 == n {
-                    100 - assigned
-                } else {
-                    loads[i].round() as u32
-                };
-                l.load = l.load.min(100 - assigned);
-                assigned += l.load;
-            }
-        }
         HostSet {
             hosts,
             priorities: levels,
             healthy_count,
+            slow_until,
         }
     }
 
@@ -270,6 +401,69 @@ impl HostSet {
         }
         self.priorities.iter().find(|l| !l.usable.is_empty())
     }
+}
+
+/// Slow start bookkeeping of a new host set: a healthy host without a pass
+/// time gets "now" (Envoy's `recalculateHostsInSlowStart`); returns when
+/// the last host still in its window leaves it (0: none is).
+fn slow_start_until(hosts: &[Arc<Host>], s: &SlowStart) -> u64 {
+    let now = clock_ms();
+    let window = s.window.as_millis() as u64;
+    let mut until = 0;
+    for h in hosts.iter().filter(|h| h.is_healthy()) {
+        if h.last_pass() == 0 {
+            h.since.store(now, Relaxed);
+        }
+        let t = h.last_pass();
+        if now.saturating_sub(t) <= window {
+            until = until.max(t + window);
+        }
+    }
+    until
+}
+
+/// A weighted random pick among `usable` (indexes into `hosts`) by each
+/// host's slow-start weight (divided by its requests in flight + 1 for
+/// least request, Envoy's `hostWeight` with the default bias): what
+/// Envoy's EDF schedule does while a host is in slow start. `None` when
+/// every host has the same factor (hosts that started together): the
+/// shares are then the usual ones, and the usual pick keeps its order.
+fn slow_start_pick(
+    hosts: &[Arc<Host>],
+    usable: &[usize],
+    s: &SlowStart,
+    least_request: bool,
+    now: u64,
+) -> Option<usize> {
+    let first = hosts[*usable.first()?].slow_start_factor(s, now);
+    if usable
+        .iter()
+        .all(|i| hosts[*i].slow_start_factor(s, now) == first)
+    {
+        return None;
+    }
+    let weight = |i: usize| {
+        let h = &hosts[i];
+        let w = h.slow_start_weight(s, now);
+        if least_request {
+            w / (h.active.load(Relaxed) as f64 + 1.0)
+        } else {
+            w
+        }
+    };
+    let total: f64 = usable.iter().map(|i| weight(*i)).sum();
+    if total <= 0.0 {
+        return Some(usable[rand::rng().random_range(0..usable.len())]);
+    }
+    let mut x = rand::rng().random::<f64>() * total;
+    for i in usable {
+        let w = weight(*i);
+        if x < w {
+            return Some(*i);
+        }
+        x -= w;
+    }
+    usable.last().copied()
 }
 
 /// The localities of one priority level's hosts `at` with a positive
@@ -590,14 +784,7 @@ impl ClusterRuntime {
             ck.attach(&hosts);
         }
         stats.membership_total.set(hosts.len() as i64);
-        let set = HostSet::build(
-            hosts,
-            config.panic_threshold,
-            config.overprovisioning_factor,
-            &config.lb,
-            config.locality_weighted,
-            local_locality.as_deref(),
-        );
+        let set = HostSet::build_for(hosts, &config, local_locality.as_deref());
         stats.membership_healthy.set(set.healthy_count as i64);
         let table_gauges = TableGauges::new(store, &config.stat_name, &config.lb);
         if let (Some(g), Some(t)) = (&table_gauges, set.table_stats()) {
@@ -687,14 +874,22 @@ impl ClusterRuntime {
             ck.attach(&hosts);
         }
         self.stats.membership_total.set(hosts.len() as i64);
-        let set = HostSet::build(
-            hosts,
-            self.config.panic_threshold,
-            self.config.overprovisioning_factor,
-            &self.config.lb,
-            self.config.locality_weighted,
-            self.local_locality.as_deref(),
-        );
+        if self.config.slow_start.is_some() {
+            // A host that stays keeps its slow-start clock (Envoy updates
+            // the host in place).
+            let old = self.hosts.load();
+            let since: HashMap<SocketAddr, u64> = old
+                .hosts
+                .iter()
+                .map(|h| (h.addr, h.since.load(Relaxed)))
+                .collect();
+            for h in &hosts {
+                if let Some(t) = since.get(&h.addr) {
+                    h.since.store(*t, Relaxed);
+                }
+            }
+        }
+        let set = self.build_set(hosts);
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
@@ -706,17 +901,23 @@ impl ClusterRuntime {
     fn refresh_health(&self) {
         let _serial = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
         let hosts = self.hosts.load().hosts.clone();
-        let set = HostSet::build(
-            hosts,
-            self.config.panic_threshold,
-            self.config.overprovisioning_factor,
-            &self.config.lb,
-            self.config.locality_weighted,
-            self.local_locality.as_deref(),
-        );
+        let set = self.build_set(hosts);
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
+    }
+
+    /// A host set over `hosts` with the last applied configuration's
+    /// assignment policy (EDS may change it) and this runtime's LB.
+    fn build_set(&self, hosts: Vec<Arc<Host>>) -> HostSet {
+        let applied = self.applied.load();
+        HostSet::build_with(
+            hosts,
+            &LoadOptions::of(&applied),
+            &self.config.lb,
+            self.config.locality_weighted,
+            self.local_locality.as_deref(),
+        )
     }
 
     /// An HTTP status from `host`, for outlier detection.
@@ -798,12 +999,24 @@ impl ClusterRuntime {
         }
         let set = self.hosts.load();
         set.level()?;
-        let pick = || -> Arc<Host> {
+        let pick = || -> Option<Arc<Host>> {
             let level = set.level().expect("checked above: a level has hosts");
             if level.panic {
                 self.stats.lb_healthy_panic.inc();
+                if self.config.fail_traffic_on_panic {
+                    return None;
+                }
             }
             let (usable, weighted) = level.source();
+            if let Some(s) = &self.config.slow_start {
+                let now = clock_ms();
+                if now < set.slow_until {
+                    let lr = matches!(self.config.lb, LbPolicy::LeastRequest { .. });
+                    if let Some(i) = slow_start_pick(&set.hosts, usable, s, lr, now) {
+                        return Some(set.hosts[i].clone());
+                    }
+                }
+            }
             let idx = match self.config.lb {
                 LbPolicy::RoundRobin => {
                     let n = self.rr.fetch_add(1, Relaxed);
@@ -829,14 +1042,14 @@ impl ClusterRuntime {
                     best
                 }
             };
-            set.hosts[idx].clone()
+            Some(set.hosts[idx].clone())
         };
-        let mut h = pick();
+        let mut h = pick()?;
         for _ in 0..attempts {
             if !avoid.contains(&h.addr) {
                 break;
             }
-            h = pick();
+            h = pick()?;
         }
         Some(h)
     }
@@ -924,6 +1137,7 @@ fn same_but_endpoints(a: &Cluster, b: &Cluster) -> bool {
     let mut a = a.clone();
     a.localities = b.localities.clone();
     a.overprovisioning_factor = b.overprovisioning_factor;
+    a.weighted_priority_health = b.weighted_priority_health;
     a == *b
 }
 
@@ -997,6 +1211,7 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
                     active: AtomicU64::new(0),
                     outlier: OnceLock::new(),
                     active_hc: OnceLock::new(),
+                    since: AtomicU64::new(0),
                 }));
             }
         }
@@ -1121,8 +1336,10 @@ impl ClusterManager {
                 return None;
             }
             if rt.config.discovery == Discovery::Eds && same_but_endpoints(&applied, c) {
-                rt.set_hosts(static_hosts(c));
+                // `applied` first: the new host set takes its assignment
+                // policy (overprovisioning factor, weighted health).
                 rt.applied.store(c.clone());
+                rt.set_hosts(static_hosts(c));
                 return None;
             }
         }
@@ -1189,5 +1406,107 @@ pub fn set_keepalive(stream: &tokio::net::TcpStream, k: &xds_client::config::Tcp
     }
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Priority loads and slow start bookkeeping, against the numbers
+    //! Envoy's `LoadBalancerBase` computes for the same host sets.
+    use super::*;
+
+    /// Hosts per level: (weight, healthy) each.
+    fn set(levels: &[&[(u32, bool)]], opts: LoadOptions) -> HostSet {
+        let mut hosts = Vec::new();
+        let mut port = 1000;
+        for (prio, level) in levels.iter().enumerate() {
+            for (weight, healthy) in level.iter() {
+                port += 1;
+                hosts.push(Arc::new(Host {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    hostname: String::new(),
+                    weight: *weight,
+                    healthy: *healthy,
+                    priority: prio as u32,
+                    locality: Arc::new(hash_lb::LocalityKey::default()),
+                    locality_weight: 0,
+                    metadata: serde_json::Value::Null,
+                    active: AtomicU64::new(0),
+                    outlier: OnceLock::new(),
+                    active_hc: OnceLock::new(),
+                    since: AtomicU64::new(0),
+                }));
+            }
+        }
+        HostSet::build_with(hosts, &opts, &LbPolicy::RoundRobin, false, None)
+    }
+
+    fn opts(panic_threshold: f64) -> LoadOptions {
+        LoadOptions {
+            panic_threshold,
+            overprovisioning_factor: 140,
+            weighted_priority_health: false,
+            slow_start: None,
+        }
+    }
+
+    fn loads(s: &HostSet) -> Vec<(u32, bool)> {
+        s.priorities.iter().map(|l| (l.load, l.panic)).collect()
+    }
+
+    #[test]
+    fn priority_loads_follow_envoys_integer_health() {
+        let h = (1, true);
+        let u = (1, false);
+        // 46% healthy P0 (1 of 3 × 1.4), the rest to P1; no panic while
+        // the total is 100, so P0 keeps only its healthy host.
+        let s = set(&[&[h, u, u], &[h, h]], opts(50.0));
+        assert_eq!(loads(&s), vec![(46, false), (54, false)]);
+        assert_eq!(s.priorities[0].usable.len(), 1);
+        // Health 14 / 28 / 14 (normalised 56) scales to 25 / 50 / 25.
+        let tenth = |n: usize| {
+            let mut v = vec![u; 10];
+            v[..n].fill(h);
+            v
+        };
+        let s = set(&[&tenth(1), &tenth(2), &tenth(1)], opts(0.0));
+        assert_eq!(loads(&s), vec![(25, false), (50, false), (25, false)]);
+        // 46 + 46 + 35 caps at 100: the last level gets what is left.
+        let s = set(&[&[h, u, u], &[h, u, u], &[h, u, u, u]], opts(0.0));
+        assert_eq!(loads(&s), vec![(46, false), (46, false), (8, false)]);
+        // Every level in panic: the load follows host counts (4:2 is
+        // 66 + 33, the remainder to P0).
+        let s = set(&[&[h, u, u, u], &[u, u]], opts(50.0));
+        assert_eq!(loads(&s), vec![(67, true), (33, true)]);
+        assert_eq!(s.priorities[1].usable.len(), 2);
+        // weighted_priority_health: 1 of 4 by weight is 35%.
+        let mut o = opts(50.0);
+        o.weighted_priority_health = true;
+        let s = set(&[&[(1, true), (3, false)], &[h]], o);
+        assert_eq!(loads(&s), vec![(35, false), (65, false)]);
+        let s = set(&[&[(1, true), (3, false)], &[h]], opts(50.0));
+        assert_eq!(loads(&s), vec![(70, false), (30, false)]);
+    }
+
+    #[test]
+    fn slow_start_clock_starts_for_healthy_hosts_only() {
+        let mut o = opts(50.0);
+        o.slow_start = Some(SlowStart {
+            window: Duration::from_secs(30),
+            aggression: 1.0,
+            min_weight: 0.1,
+        });
+        let s = set(&[&[(1, true), (1, false)]], o);
+        assert!(s.slow_until > clock_ms());
+        assert_ne!(s.hosts[0].since.load(Relaxed), 0);
+        assert_eq!(s.hosts[1].since.load(Relaxed), 0);
+        // Just started: weighed at the 10% floor; unhealthy: unscaled.
+        let now = clock_ms();
+        let s0 = o.slow_start.expect("set");
+        assert!((s.hosts[0].slow_start_weight(&s0, now) - 0.1).abs() < 1e-9);
+        assert_eq!(s.hosts[1].slow_start_weight(&s0, now), 1.0);
+        // Past the window: full weight.
+        let later = s.hosts[0].since.load(Relaxed) + 30_000;
+        assert_eq!(s.hosts[0].slow_start_weight(&s0, later), 1.0);
     }
 }

@@ -38,6 +38,17 @@ pub struct Cluster {
     pub lb_hash_policy: Arc<[super::HashPolicy]>,
     /// `load_assignment.policy.overprovisioning_factor` (default 140).
     pub overprovisioning_factor: u32,
+    /// `load_assignment.policy.weighted_priority_health`: a priority
+    /// level's health is its healthy hosts' share of the level's weight,
+    /// not of its host count.
+    pub weighted_priority_health: bool,
+    /// `slow_start_config` of a round robin or least request policy (legacy
+    /// `round_robin_lb_config` / `least_request_lb_config` or the typed
+    /// policy), when its window is positive.
+    pub slow_start: Option<SlowStart>,
+    /// `zone_aware_lb_config.fail_traffic_on_panic` (round robin, least
+    /// request, random): a priority level in panic yields no host.
+    pub fail_traffic_on_panic: bool,
     /// `transport_socket` (plain or TLS).
     pub transport: UpstreamTransport,
     /// `transport_socket_matches`, tried in order against each endpoint's
@@ -132,6 +143,42 @@ impl LbPolicy {
     /// (route `hash_policy`).
     pub fn is_hash(&self) -> bool {
         matches!(self, LbPolicy::RingHash(_) | LbPolicy::Maglev(_))
+    }
+}
+
+/// `SlowStartConfig`: a host that joins (or passes its active health
+/// check again) takes a growing share of traffic during `window`: its
+/// weight × max((elapsed / window)^(1 / aggression), min_weight).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStart {
+    pub window: Duration,
+    /// `aggression.default_value` (1.0 when unset; Envoy uses 1.0 for a
+    /// value <= 0 or NaN).
+    pub aggression: f64,
+    /// `min_weight_percent` as a fraction (default 0.1).
+    pub min_weight: f64,
+}
+
+impl SlowStart {
+    /// The factor for a host healthy for `elapsed` (1.0 past the window),
+    /// as Envoy's `applySlowStartFactor` (at least 1 ms elapsed).
+    pub fn factor(&self, elapsed: Duration) -> f64 {
+        if elapsed >= self.window {
+            return 1.0;
+        }
+        let ms = elapsed.as_millis().max(1) as f64;
+        let t = ms / self.window.as_millis().max(1) as f64;
+        let a = if self.aggression > 0.0 {
+            self.aggression
+        } else {
+            1.0
+        };
+        let scaled = if a == 1.0 || t == 1.0 {
+            t
+        } else {
+            t.powf(1.0 / a)
+        };
+        scaled.max(self.min_weight)
     }
 }
 

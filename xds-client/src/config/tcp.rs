@@ -33,4 +33,9 @@ pub struct TcpProxy {
     /// `hash_policy` `source_ip`: consistent-hash clusters pick the host by
     /// the downstream IP.
     pub hash_source_ip: bool,
+    /// `hash_policy` `filter_state.key`: consistent-hash clusters pick the
+    /// host by the connection's hashable filter state object under the key
+    /// (no hash, a random pick, when it is absent or not hashable).
+    /// Held as the one-policy list the hash function takes.
+    pub hash_filter_state: Option<Arc<[super::HashPolicy]>>,
 }

@@ -124,17 +124,62 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             "Cannot use hostname for consistent hashing loadbalancing for a cluster that is not STRICT_DNS",
         );
     }
+    // The legacy `slow_start_config`, for the policy it belongs to (Envoy
+    // reads `round_robin_lb_config` for ROUND_ROBIN and
+    // `least_request_lb_config` for LEAST_REQUEST only).
+    let mut slow_start = match (&lb, &p.lb_config) {
+        (LbPolicy::RoundRobin, Some(c::cluster::LbConfig::RoundRobinLbConfig(r))) => {
+            r.slow_start_config.as_ref().and_then(|s| {
+                slow_start_config(
+                    s.slow_start_window.as_ref(),
+                    s.aggression.as_ref(),
+                    s.min_weight_percent.as_ref(),
+                    &join(path, "round_robin_lb_config.slow_start_config"),
+                    &mut errs,
+                )
+            })
+        }
+        (LbPolicy::LeastRequest { .. }, Some(c::cluster::LbConfig::LeastRequestLbConfig(r))) => {
+            r.slow_start_config.as_ref().and_then(|s| {
+                slow_start_config(
+                    s.slow_start_window.as_ref(),
+                    s.aggression.as_ref(),
+                    s.min_weight_percent.as_ref(),
+                    &join(path, "least_request_lb_config.slow_start_config"),
+                    &mut errs,
+                )
+            })
+        }
+        _ => None,
+    };
     // `load_balancing_policy` takes precedence over `lb_policy`, as Envoy.
     let mut lb_hash_policy = Vec::new();
     let mut typed_locality_weighted = false;
+    // `zone_aware_lb_config.fail_traffic_on_panic` (legacy; the typed
+    // policy's replaces it).
+    use c::cluster::common_lb_config::LocalityConfigSpecifier as Lcs;
+    let mut fail_traffic_on_panic = matches!(
+        p.common_lb_config
+            .as_ref()
+            .and_then(|c| c.locality_config_specifier.as_ref()),
+        Some(Lcs::ZoneAwareLbConfig(z)) if z.fail_traffic_on_panic
+    );
     let lb = match &p.load_balancing_policy {
-        Some(lbp) => typed_lb_policy(
-            lbp,
-            &join(path, "load_balancing_policy"),
-            &mut lb_hash_policy,
-            &mut typed_locality_weighted,
-            &mut errs,
-        ),
+        Some(lbp) => {
+            slow_start = None;
+            fail_traffic_on_panic = false;
+            typed_lb_policy(
+                lbp,
+                &join(path, "load_balancing_policy"),
+                &mut TypedLb {
+                    lb_hash: &mut lb_hash_policy,
+                    locality_weighted: &mut typed_locality_weighted,
+                    slow_start: &mut slow_start,
+                    fail_traffic_on_panic: &mut fail_traffic_on_panic,
+                },
+                &mut errs,
+            )
+        }
         None => lb,
     };
     let connect_timeout = match timeout(
@@ -168,6 +213,10 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         }
         None => (Vec::new(), DEFAULT_OVERPROVISIONING),
     };
+    let weighted_priority_health = p
+        .load_assignment
+        .as_ref()
+        .is_some_and(weighted_priority_health);
     let eds = match (&p.eds_cluster_config, discovery) {
         (Some(e), Discovery::Eds) => {
             let epath = join(path, "eds_cluster_config");
@@ -464,13 +513,14 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             &mut errs,
         ))
     });
+    // Consistent-hash balancers have no zone-aware routing in Envoy.
+    let fail_traffic_on_panic = fail_traffic_on_panic && !lb.is_hash();
     let panic_threshold = p
         .common_lb_config
         .as_ref()
         .and_then(|c| c.healthy_panic_threshold.as_ref())
         .map(|v| v.value)
         .unwrap_or(50.0);
-    use c::cluster::common_lb_config::LocalityConfigSpecifier as Lcs;
     let locality_weighted = matches!(
         p.common_lb_config
             .as_ref()
@@ -512,6 +562,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             .unwrap_or(1024 * 1024),
         panic_threshold,
         overprovisioning_factor,
+        weighted_priority_health,
+        slow_start,
+        fail_traffic_on_panic,
         transport,
         transport_matches,
         pass_through,
@@ -749,6 +802,51 @@ fn upstream_metadata_exchange(
 
 /// Envoy's default `overprovisioning_factor`.
 const DEFAULT_OVERPROVISIONING: u32 = 140;
+
+/// `policy.weighted_priority_health` of a `ClusterLoadAssignment`.
+pub fn weighted_priority_health(
+    la: &crate::api::envoy::config::endpoint::v3::ClusterLoadAssignment,
+) -> bool {
+    la.policy
+        .as_ref()
+        .is_some_and(|p| p.weighted_priority_health)
+}
+
+/// A `SlowStartConfig` (legacy or typed, same fields): `None` when the
+/// window is unset or zero (Envoy's slow start is then off).
+fn slow_start_config(
+    window: Option<&crate::api::google::protobuf::Duration>,
+    aggression: Option<&crate::api::envoy::config::core::v3::RuntimeDouble>,
+    min_weight_percent: Option<&crate::api::envoy::r#type::v3::Percent>,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> Option<SlowStart> {
+    let window = match window.map(|w| super::duration(w, &join(path, "slow_start_window"))) {
+        None => return None,
+        Some(Ok(w)) => w,
+        Some(Err(e)) => {
+            errs.extend(e);
+            return None;
+        }
+    };
+    let min_weight = match min_weight_percent.map(|p| p.value) {
+        None => 0.1,
+        Some(v) if (0.0..=100.0).contains(&v) => v / 100.0,
+        Some(_) => {
+            errs.push(
+                join(path, "min_weight_percent.value"),
+                "must be between 0 and 100",
+            );
+            0.1
+        }
+    };
+    // Envoy takes whole milliseconds of the window.
+    (window.as_millis() > 0).then_some(SlowStart {
+        window: Duration::from_millis(window.as_millis() as u64),
+        aggression: aggression.map_or(1.0, |a| a.default_value),
+        min_weight,
+    })
+}
 
 /// A `ClusterLoadAssignment` (a cluster's `load_assignment` or an EDS
 /// resource): the localities and the overprovisioning factor.
@@ -1160,14 +1258,42 @@ fn is_prime(n: u64) -> bool {
 /// `load_balancing_policy`: the first policy of the list, as Envoy (the
 /// supported-field table has already rejected any extension weir lacks,
 /// `client_side_weighted_round_robin` and `override_host` among them).
+/// The typed policies' `slow_start_config`.
+fn typed_slow_start(
+    s: &Option<crate::api::envoy::extensions::load_balancing_policies::common::v3::SlowStartConfig>,
+    tpath: &str,
+    errs: &mut ConfigErrors,
+) -> Option<SlowStart> {
+    s.as_ref().and_then(|s| {
+        slow_start_config(
+            s.slow_start_window.as_ref(),
+            s.aggression.as_ref(),
+            s.min_weight_percent.as_ref(),
+            &join(tpath, "slow_start_config"),
+            errs,
+        )
+    })
+}
+
+/// What a typed `load_balancing_policy` sets besides the policy.
+struct TypedLb<'a> {
+    lb_hash: &'a mut Vec<HashPolicy>,
+    locality_weighted: &'a mut bool,
+    slow_start: &'a mut Option<SlowStart>,
+    fail_traffic_on_panic: &'a mut bool,
+}
+
 fn typed_lb_policy(
     lbp: &c::LoadBalancingPolicy,
     path: &str,
-    lb_hash: &mut Vec<HashPolicy>,
-    locality_weighted: &mut bool,
+    out: &mut TypedLb<'_>,
     errs: &mut ConfigErrors,
 ) -> LbPolicy {
     use crate::api::envoy::extensions::load_balancing_policies as lbx;
+    let lb_hash = &mut *out.lb_hash;
+    let locality_weighted = &mut *out.locality_weighted;
+    let slow_start = &mut *out.slow_start;
+    let fail_on_panic = &mut *out.fail_traffic_on_panic;
     let Some(first) = lbp.policies.first() else {
         errs.push(join(path, "policies"), "at least one policy is required");
         return LbPolicy::RoundRobin;
@@ -1208,18 +1334,24 @@ fn typed_lb_policy(
     };
     // `locality_lb_config.locality_weighted_lb_config` of the non-hash
     // policies (the supported-field table rejects zone-aware routing).
-    let weighted_localities = |l: &Option<lbx::common::v3::LocalityLbConfig>| {
+    // and `zone_aware_lb_config.fail_traffic_on_panic` (its other fields
+    // need a local cluster, which weir does not take: no effect, as in
+    // Envoy without one).
+    let mut weighted_localities = |l: &Option<lbx::common::v3::LocalityLbConfig>| {
         use lbx::common::v3::locality_lb_config::LocalityConfigSpecifier as L;
-        matches!(
-            l.as_ref()
-                .and_then(|l| l.locality_config_specifier.as_ref()),
-            Some(L::LocalityWeightedLbConfig(_))
-        )
+        let spec = l
+            .as_ref()
+            .and_then(|l| l.locality_config_specifier.as_ref());
+        *fail_on_panic = matches!(spec, Some(L::ZoneAwareLbConfig(z)) if z.fail_traffic_on_panic);
+        matches!(spec, Some(L::LocalityWeightedLbConfig(_)))
     };
     match name {
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" => {
             match super::decode::<lbx::round_robin::v3::RoundRobin>(&any, &tpath) {
-                Ok(l) => *locality_weighted = weighted_localities(&l.locality_lb_config),
+                Ok(l) => {
+                    *locality_weighted = weighted_localities(&l.locality_lb_config);
+                    *slow_start = typed_slow_start(&l.slow_start_config, &tpath, errs);
+                }
                 Err(e) => errs.extend(e),
             }
             LbPolicy::RoundRobin
@@ -1235,6 +1367,7 @@ fn typed_lb_policy(
             match super::decode::<lbx::least_request::v3::LeastRequest>(&any, &tpath) {
                 Ok(l) => {
                     *locality_weighted = weighted_localities(&l.locality_lb_config);
+                    *slow_start = typed_slow_start(&l.slow_start_config, &tpath, errs);
                     LbPolicy::LeastRequest {
                         choice_count: l.choice_count.map_or(2, |v| v.value).max(2),
                     }

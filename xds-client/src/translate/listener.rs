@@ -494,9 +494,10 @@ fn tcp_proxy(
     if max_connect_attempts == 0 {
         errs.push(join(path, "max_connect_attempts"), "must be at least 1");
     }
-    // `hash_policy`: at most one (proto constraint), `source_ip` only (weir
-    // has no filter state).
+    // `hash_policy`: at most one (proto constraint), `source_ip` or
+    // `filter_state` (the connection's, set by network filters).
     let mut hash_source_ip = false;
+    let mut hash_filter_state = None;
     if p.hash_policy.len() > 1 {
         errs.push(
             join(path, "hash_policy"),
@@ -507,13 +508,19 @@ fn tcp_proxy(
         use crate::api::envoy::r#type::v3::hash_policy::PolicySpecifier as P;
         match &h.policy_specifier {
             Some(P::SourceIp(_)) => hash_source_ip = true,
-            Some(P::FilterState(_)) => errs.push(
-                join(path, "hash_policy[0].filter_state"),
-                "hashing on filter state is not implemented (weir has no filter state)",
+            Some(P::FilterState(f)) if f.key.is_empty() => errs.push(
+                join(path, "hash_policy[0].filter_state.key"),
+                "must not be empty",
             ),
+            Some(P::FilterState(f)) => {
+                hash_filter_state = Some(std::sync::Arc::from(vec![crate::config::HashPolicy {
+                    kind: crate::config::HashPolicyKind::FilterState { key: f.key.clone() },
+                    terminal: false,
+                }]))
+            }
             None => errs.push(
                 join(path, "hash_policy[0]"),
-                "a hash policy needs source_ip",
+                "a hash policy needs source_ip or filter_state",
             ),
         }
     }
@@ -528,6 +535,7 @@ fn tcp_proxy(
         max_connect_attempts,
         access_logs,
         hash_source_ip,
+        hash_filter_state,
     })
 }
 

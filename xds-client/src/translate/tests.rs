@@ -432,11 +432,6 @@ fn hash_lb_configs_and_hash_policies() {
         "clusters[0].load_balancing_policy.policies[0].typed_extension_config.typed_config",
     );
     reject(
-        "    load_balancing_policy: {policies: [{typed_extension_config: {name: r, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin, slow_start_config: {slow_start_window: 10s}}}}]}\n",
-        "",
-        "typed_config.slow_start_config",
-    );
-    reject(
         "    lb_policy: RING_HASH\n    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
         "",
         "clusters[0].lb_subset_config",
@@ -464,4 +459,147 @@ fn hash_lb_configs_and_hash_policies() {
         s.clusters["c"].lb,
         LbPolicy::LeastRequest { choice_count: 3 }
     );
+}
+
+/// Slow start (legacy and typed), weighted priority health and the
+/// zone-aware flags: what is translated, and bad values rejected with
+/// their field path.
+#[test]
+fn slow_start_priority_and_zone_aware_configs() {
+    use crate::config::LbPolicy;
+    use std::time::Duration;
+    let s = load(&hashed(
+        "    round_robin_lb_config: {slow_start_config: {slow_start_window: 10s, aggression: {default_value: 2, runtime_key: k}, min_weight_percent: {value: 25}}}\n",
+        "",
+    ))
+    .expect("accepted");
+    let ss = s.clusters["c"].slow_start.expect("slow start");
+    assert_eq!(ss.window, Duration::from_secs(10));
+    assert_eq!(ss.aggression, 2.0);
+    assert_eq!(ss.min_weight, 0.25);
+    // Envoy's factor: max((t / window)^(1 / aggression), min weight).
+    assert_eq!(ss.factor(Duration::from_millis(1)), 0.25);
+    assert!((ss.factor(Duration::from_secs(9)) - 0.9f64.sqrt()).abs() < 1e-9);
+    assert_eq!(ss.factor(Duration::from_secs(10)), 1.0);
+
+    // A window of zero (or none) is no slow start; the config of another
+    // policy is not read.
+    let s = load(&hashed(
+        "    round_robin_lb_config: {slow_start_config: {slow_start_window: 0s}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].slow_start.is_none());
+    let s = load(&hashed(
+        "    lb_policy: RANDOM\n    round_robin_lb_config: {slow_start_config: {slow_start_window: 5s}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].slow_start.is_none());
+
+    let s = load(&hashed(
+        "    lb_policy: LEAST_REQUEST\n    least_request_lb_config: {slow_start_config: {slow_start_window: 3s}}\n",
+        "",
+    ))
+    .expect("accepted");
+    let ss = s.clusters["c"].slow_start.expect("slow start");
+    assert_eq!((ss.aggression, ss.min_weight), (1.0, 0.1));
+
+    let s = load(&hashed(
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: l, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest, slow_start_config: {slow_start_window: 1s}, locality_lb_config: {zone_aware_lb_config: {fail_traffic_on_panic: true, min_cluster_size: 3}}}}}]}\n",
+        "",
+    ))
+    .expect("accepted");
+    let c = &s.clusters["c"];
+    assert!(matches!(c.lb, LbPolicy::LeastRequest { .. }));
+    assert_eq!(c.slow_start.map(|s| s.window), Some(Duration::from_secs(1)));
+    assert!(c.fail_traffic_on_panic);
+
+    let s = load(&hashed(
+        "    common_lb_config: {zone_aware_lb_config: {fail_traffic_on_panic: true, routing_enabled: {value: 50}}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].fail_traffic_on_panic);
+    // Hash balancers have no zone-aware routing.
+    let s = load(&hashed(
+        "    lb_policy: MAGLEV\n    common_lb_config: {zone_aware_lb_config: {fail_traffic_on_panic: true}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert!(!s.clusters["c"].fail_traffic_on_panic);
+
+    let s = load(&format!(
+        "{}  clusters:\n  - name: c\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c\n      policy: {{weighted_priority_health: true, overprovisioning_factor: 200}}\n      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]\n",
+        with_route("match: {prefix: /}\n                route: {cluster: c}")
+    ))
+    .expect("accepted");
+    assert!(s.clusters["c"].weighted_priority_health);
+    assert_eq!(s.clusters["c"].overprovisioning_factor, 200);
+
+    let reject = |lb: &str, want: &str| {
+        let e = load(&hashed(lb, "")).expect_err("rejected");
+        assert!(e.contains(want), "want {want:?} in: {e}");
+    };
+    reject(
+        "    round_robin_lb_config: {slow_start_config: {slow_start_window: 1s, min_weight_percent: {value: 150}}}\n",
+        "clusters[0].round_robin_lb_config.slow_start_config.min_weight_percent.value",
+    );
+    reject(
+        "    round_robin_lb_config: {slow_start_config: {slow_start_window: -1s}}\n",
+        "clusters[0].round_robin_lb_config.slow_start_config.slow_start_window",
+    );
+    reject(
+        "    common_lb_config: {zone_aware_lb_config: {fail_traffic_on_panic: true}}\n    lb_policy: LEAST_REQUEST\n    least_request_lb_config: {active_request_bias: {default_value: 2}}\n",
+        "clusters[0].least_request_lb_config.active_request_bias",
+    );
+    reject(
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: r, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin, locality_lb_config: {zone_aware_lb_config: {force_local_zone: {}}}}}}]}\n",
+        "zone_aware_lb_config.force_local_zone",
+    );
+    reject(
+        "    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
+        "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
+    );
+    reject(
+        "    lb_policy: MAGLEV\n    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 150}}\n",
+        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+    );
+    reject(
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: o, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost}}}]}\n",
+        "weir does not implement extension envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+    );
+}
+
+/// `tcp_proxy` `hash_policy`: `filter_state` needs a key.
+#[test]
+fn tcp_proxy_filter_state_hash_policy() {
+    let yaml = |hash: &str| {
+        format!(
+            r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}
+    filter_chains:
+    - filters:
+      - name: t
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+          hash_policy: [{hash}]
+  clusters:
+  - name: c
+    connect_timeout: 1s
+    lb_policy: RING_HASH
+    load_assignment:
+      cluster_name: c
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 2}}}}}}}}]}}]
+"#
+        )
+    };
+    load(&yaml("{filter_state: {key: lb.key}}")).expect("accepted");
+    let e = load(&yaml("{filter_state: {}}")).expect_err("rejected");
+    assert!(e.contains("hash_policy[0].filter_state.key"), "{e}");
 }

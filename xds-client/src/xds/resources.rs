@@ -111,6 +111,8 @@ impl ResourceType {
 pub struct Endpoints {
     pub localities: Arc<[LocalityEndpoints]>,
     pub overprovisioning_factor: u32,
+    /// `policy.weighted_priority_health`.
+    pub weighted_priority_health: bool,
 }
 
 /// One translated resource.
@@ -227,7 +229,8 @@ pub fn decode(rt: ResourceType, any: &Any) -> Result<(Name, Resource), Rejected>
             )
             .map(|(localities, overprovisioning_factor)| Endpoints {
                 localities: localities.into(),
-                overprovisioning_factor
+                overprovisioning_factor,
+                weighted_priority_health: translate::cluster::weighted_priority_health(p),
             }),
             |e| Resource::Endpoint(Arc::new(e))
         ),

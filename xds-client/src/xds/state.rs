@@ -589,6 +589,7 @@ impl DynamicState {
         if let Some(eps) = &eps {
             m.localities = eps.localities.clone();
             m.overprovisioning_factor = eps.overprovisioning_factor;
+            m.weighted_priority_health = eps.weighted_priority_health;
         }
         let m = Arc::new(m);
         self.merged
