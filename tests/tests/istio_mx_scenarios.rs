@@ -115,7 +115,7 @@ async fn server(ca: &TestCa, dir: &TempDir) -> (Proxy, weir_tests::tcp::TcpServe
 
 /// A metric line's value once it has all `labels` (substrings of the label
 /// set), waiting for it; panics after [`WAIT`].
-async fn metric(p: &Proxy, name: &str, labels: &[&str]) -> u64 {
+async fn metric(p: &Proxy, name: &str, labels: &[&str], want: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let text = p.admin("GET", "/stats/prometheus").await.text();
@@ -124,13 +124,17 @@ async fn metric(p: &Proxy, name: &str, labels: &[&str]) -> u64 {
                 .is_some_and(|r| r.starts_with('{') && labels.iter().all(|x| r.contains(x)))
         });
         if let Some(l) = hit {
-            return l
+            let v: u64 = l
                 .rsplit(' ')
                 .next()
                 .and_then(|v| v.parse().ok())
                 .expect("value");
-        }
-        if tokio::time::Instant::now() >= deadline {
+            // Connections are reported at close, after the client saw its
+            // bytes: wait for the expected value, return the last one seen.
+            if v == want || tokio::time::Instant::now() >= deadline {
+                return v;
+            }
+        } else if tokio::time::Instant::now() >= deadline {
             let istio: Vec<&str> = text.lines().filter(|l| l.starts_with("istio_")).collect();
             panic!("no {name} with {labels:?} in:\n{}", istio.join("\n"));
         }
@@ -205,11 +209,11 @@ async fn weir_to_weir_exchange_labels_both_sides() {
         "destination_principal=\"spiffe://cluster.local/ns/default/sa/ratings\"",
     ];
     assert_eq!(
-        metric(&c, "istio_tcp_connections_closed_total", &src).await,
+        metric(&c, "istio_tcp_connections_closed_total", &src, 2).await,
         2
     );
     assert_eq!(
-        metric(&c, "istio_tcp_sent_bytes_total", &src).await,
+        metric(&c, "istio_tcp_sent_bytes_total", &src, 100_010).await,
         100_010
     );
     // The server (reporter destination) knows the client's workload and
@@ -226,11 +230,11 @@ async fn weir_to_weir_exchange_labels_both_sides() {
         "connection_security_policy=\"mutual_tls\"",
     ];
     assert_eq!(
-        metric(&s, "istio_tcp_connections_opened_total", &dst).await,
+        metric(&s, "istio_tcp_connections_opened_total", &dst, 2).await,
         2
     );
     assert_eq!(
-        metric(&s, "istio_tcp_received_bytes_total", &dst).await,
+        metric(&s, "istio_tcp_received_bytes_total", &dst, 100_010).await,
         100_010
     );
     for p in [&c, &s] {
@@ -360,10 +364,13 @@ async fn hand_written_peer_speaks_the_wire_format() {
         "destination_workload=\"ratings-v1\"",
     ];
     assert_eq!(
-        metric(&s, "istio_tcp_connections_closed_total", &dst).await,
+        metric(&s, "istio_tcp_connections_closed_total", &dst, 1).await,
         1
     );
-    assert_eq!(metric(&s, "istio_tcp_received_bytes_total", &dst).await, 26);
+    assert_eq!(
+        metric(&s, "istio_tcp_received_bytes_total", &dst, 26).await,
+        26
+    );
 }
 
 /// Peers without the exchange: without the ALPN the bytes pass unchanged
@@ -407,7 +414,7 @@ async fn peers_without_the_exchange_pass_unchanged() {
         "source_principal=\"spiffe://cluster.local/ns/apps/sa/client\"",
     ];
     assert_eq!(
-        metric(&s, "istio_tcp_connections_closed_total", &dst).await,
+        metric(&s, "istio_tcp_connections_closed_total", &dst, 2).await,
         2
     );
 }

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use weir_tests::config::{
     bootstrap, chain, cluster, filter, hcm, listener, route, tcp_proxy, vhost,
 };
-use weir_tests::scenario::{Http, Proxy};
+use weir_tests::scenario::{Http, Proxy, StartOptions, Target};
 use weir_tests::tcp;
 use weir_tests::tls::{self, LeafSpec, TestCa, TlsServerOptions};
 
@@ -63,7 +63,13 @@ async fn http_filter_state_overrides_upstream_alpn_and_keys_the_pool() {
         .await
         .expect("tls upstream");
     let port = up.port();
-    let p = Proxy::start(move |ports| {
+    // One worker (as the Envoy target): the client's requests share one
+    // upstream pool.
+    let opts = StartOptions {
+        concurrency: Some(1),
+        ..Default::default()
+    };
+    let p = Proxy::start_with(Target::from_env(), opts, move |ports| {
         let sfs = filter(
             "envoy.filters.http.set_filter_state",
             HTTP_SFS,

@@ -948,9 +948,13 @@ pub async fn forward(
                 host.active
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let sni = auto_sni(&cluster.config, &req);
-                let fut = cluster
-                    .pool(kind)
-                    .request(host.addr, cluster.tls_for(&host), sni, req);
+                let fut = cluster.pool(kind).request_with_alpn(
+                    host.addr,
+                    cluster.tls_for(&host),
+                    sni,
+                    alpn_override.clone(),
+                    req,
+                );
                 tries.push(Try {
                     fut: Box::pin(fut),
                     host,
