@@ -17,6 +17,7 @@ pub mod netif;
 pub mod stats;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod xds;
 

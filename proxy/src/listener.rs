@@ -774,6 +774,13 @@ pub fn build_chain(
                 ),
                 stats: crate::metrics::HttpStats::new(env.store, &h.stat_prefix),
                 tracing: crate::http::tracing::TracingStats::new(env.store, &h.stat_prefix),
+                tracer: h
+                    .tracing
+                    .as_ref()
+                    .and_then(|t| t.provider.as_ref())
+                    .map(|p| {
+                        crate::trace::Tracer::new(p, env.callouts.clone(), env.store, env.node)
+                    }),
                 logs,
                 listener_port,
                 buffer_limit,
@@ -825,6 +832,8 @@ pub struct ChainEnv<'a> {
     >,
     /// Filters' calls to clusters (ext_authz, rate-limit service, JWKS).
     pub callouts: Arc<dyn filters::callout::Callouts>,
+    /// The local node (span tags `node_id`, `zone`).
+    pub node: &'a xds_client::config::Node,
 }
 
 impl ChainEnv<'_> {

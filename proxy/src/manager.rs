@@ -128,6 +128,7 @@ fn build_version(
         rds: &shared.rds,
         routes: &snap.routes,
         callouts: crate::upstream::callout::ClusterCallouts::shared(shared),
+        node: &snap.node,
     };
     let reuse = |fc: &Arc<xds_client::config::FilterChain>| -> Option<Arc<ChainRuntime>> {
         prev?

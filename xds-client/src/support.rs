@@ -186,13 +186,22 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", &[
         "pack_trace_reason", "use_request_id_for_trace_sampling",
     ]),
-    // The trace decision without a tracer: `custom_tags`, `verbose`,
-    // `max_path_tag_length` and `spawn_upstream_span` only shape spans,
-    // and without a `provider` (rejected by the translator) there are none.
+    // The trace decision, and spans through a provider (OpenTelemetry).
+    // `verbose` and `spawn_upstream_span` are refused by the translator
+    // when set with a provider (they only shape spans).
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing", &[
         "client_sampling", "random_sampling", "overall_sampling", "provider",
-        "~verbose", "~max_path_tag_length", "~custom_tags", "~spawn_upstream_span",
+        "verbose", "max_path_tag_length", "custom_tags", "spawn_upstream_span",
     ]),
+    ("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"]),
+    ("envoy.config.trace.v3.OpenTelemetryConfig", &["grpc_service", "service_name"]),
+    // `metadata` and `value` tags: accepted without a provider (no spans),
+    // refused by the translator with one.
+    ("envoy.type.tracing.v3.CustomTag", &["tag", "literal", "environment", "request_header", "metadata", "value"]),
+    ("envoy.type.tracing.v3.CustomTag.Metadata", &["**"]),
+    ("envoy.type.tracing.v3.CustomTag.Literal", &["value"]),
+    ("envoy.type.tracing.v3.CustomTag.Environment", &["name", "default_value"]),
+    ("envoy.type.tracing.v3.CustomTag.Header", &["name", "default_value"]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig", &[
         "unix_sockets", "cidr_ranges",
     ]),

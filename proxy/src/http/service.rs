@@ -42,6 +42,8 @@ pub struct HcmRuntime {
     pub stats: crate::metrics::HttpStats,
     /// `http.<prefix>.tracing.*` (every HCM has them, as Envoy).
     pub tracing: super::tracing::TracingStats,
+    /// The span exporter of `tracing.provider`.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     pub logs: Vec<Arc<crate::access_log::Logger>>,
     pub listener_port: u16,
     /// The listener's `per_connection_buffer_limit_bytes`.
@@ -373,6 +375,24 @@ async fn pipeline(
             rand::rng().random_range(0..10_000)
         });
         ctx.hcm.tracing.charge(reason);
+        if let Some(tracer) = &ctx.hcm.tracer {
+            info.span.0 = tracer.start_span(
+                t,
+                &parts.headers,
+                reason != super::tracing::Reason::NotTraceable,
+                info.start,
+                &info.authority,
+            );
+            if let Some(s) = &mut info.span.0 {
+                s.set_request(
+                    &parts.headers,
+                    parts.method.as_str(),
+                    &info.path,
+                    info.protocol,
+                    &ctx.direct_peer.ip().to_string(),
+                );
+            }
+        }
     }
     info.force_trace = parts.headers.contains_key("x-envoy-force-trace");
     info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
@@ -754,6 +774,18 @@ async fn pipeline(
                 mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
                 buffered: buffered.take(),
             };
+            // As Envoy's router: the span's context goes upstream, and its
+            // request tags see the request as sent.
+            if let Some(s) = &mut info.span.0 {
+                s.set_request(
+                    &parts.headers,
+                    parts.method.as_str(),
+                    &info.path,
+                    info.protocol,
+                    &ctx.direct_peer.ip().to_string(),
+                );
+                s.inject(&mut parts.headers);
+            }
             let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
             let upgrade = match upgrade_type {
                 Some(t) => head
@@ -1259,6 +1291,19 @@ fn finish(
                 scheme: info.scheme,
                 cluster: info.upstream_cluster.as_deref(),
                 route_name: info.route_name.as_deref(),
+            });
+        }
+        if let Some(span) = info.span.0.take() {
+            span.finish(&crate::trace::StreamEnd {
+                request_size: info
+                    .stream
+                    .as_ref()
+                    .map_or(0, |s| s.bytes_received())
+                    .max(info.bytes_received),
+                response_size: bytes,
+                upstream_cluster: info.upstream_cluster.as_deref(),
+                status: info.response_code,
+                flags: info.flags.short(),
             });
         }
         if logs_on {

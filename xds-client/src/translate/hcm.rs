@@ -618,11 +618,37 @@ fn tracing(
     t: &h::http_connection_manager::Tracing,
     path: &str,
 ) -> Result<TracingConfig, ConfigErrors> {
-    if t.provider.is_some() {
-        return Err(err(
-            join(path, "provider"),
-            "tracing providers (spans to OpenTelemetry, Zipkin, ...) are not implemented yet",
-        ));
+    let mut errs = ConfigErrors::default();
+    let provider = match &t.provider {
+        Some(p) => tracing_provider(p, &join(path, "provider"))
+            .map_err(|e| errs.extend(e))
+            .ok()
+            .map(Arc::new),
+        None => None,
+    };
+    if provider.is_some() {
+        // Without a provider these only shape spans nobody makes.
+        if t.verbose {
+            errs.push(
+                join(path, "verbose"),
+                "verbose span logs (timing events) are not implemented",
+            );
+        }
+        if t.spawn_upstream_span.is_some_and(|v| v.value) {
+            errs.push(
+                join(path, "spawn_upstream_span"),
+                "upstream (child) spans are not implemented",
+            );
+        }
+    }
+    let mut custom_tags = Vec::with_capacity(t.custom_tags.len());
+    for (i, c) in t.custom_tags.iter().enumerate() {
+        match custom_tag(c, &format!("{path}.custom_tags[{i}]")) {
+            Ok(c) => custom_tags.push(c),
+            // Without a provider there are no spans to tag.
+            Err(e) if provider.is_some() || t.provider.is_some() => errs.extend(e),
+            Err(_) => {}
+        }
     }
     // As Envoy's PROTOBUF_PERCENT_TO_ROUNDED_INTEGER_OR_DEFAULT(.., 10000, 10000).
     let rate = |p: &Option<crate::api::envoy::r#type::v3::Percent>| {
@@ -630,10 +656,104 @@ fn tracing(
             (p.value.clamp(0.0, 100.0) * 100.0).round() as u32
         })
     };
-    Ok(TracingConfig {
+    errs.into_result(TracingConfig {
         client_sampling: rate(&t.client_sampling),
         random_sampling: rate(&t.random_sampling),
         overall_sampling: rate(&t.overall_sampling),
+        provider,
+        max_path_tag_length: t.max_path_tag_length.map_or(256, |v| v.value as usize),
+        custom_tags,
+        egress: false,
+    })
+}
+
+const OPENTELEMETRY_CONFIG: &str = "envoy.config.trace.v3.OpenTelemetryConfig";
+
+/// `tracing.provider` (HCM) or the bootstrap's `tracing.http`.
+pub(crate) fn tracing_provider(
+    p: &crate::api::envoy::config::trace::v3::tracing::Http,
+    path: &str,
+) -> Result<TraceProvider, ConfigErrors> {
+    use crate::api::envoy::config::trace::v3::tracing::http::ConfigType;
+    let tpath = join(path, "typed_config");
+    let Some(ConfigType::TypedConfig(any)) = &p.config_type else {
+        return Err(err(tpath, "a tracer needs a typed_config"));
+    };
+    let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+    match any.type_url.rsplit('/').next().unwrap_or_default() {
+        OPENTELEMETRY_CONFIG => {
+            let c: crate::api::envoy::config::trace::v3::OpenTelemetryConfig =
+                super::decode(&any, &tpath)?;
+            let mut errs = ConfigErrors::default();
+            let grpc = match &c.grpc_service {
+                Some(g) => super::ext_authz::grpc_service(g, &join(&tpath, "grpc_service"))
+                    .map_err(|e| errs.extend(e))
+                    .ok(),
+                None => {
+                    errs.push(
+                        join(&tpath, "grpc_service"),
+                        "grpc_service is required (the HTTP exporter is not implemented)",
+                    );
+                    None
+                }
+            };
+            let service_name = if c.service_name.is_empty() {
+                "unknown_service:envoy".to_owned()
+            } else {
+                c.service_name.clone()
+            };
+            match grpc {
+                Some(grpc) if errs.is_empty() => {
+                    Ok(TraceProvider::OpenTelemetry(OpenTelemetryProvider {
+                        grpc,
+                        service_name,
+                    }))
+                }
+                _ => Err(errs),
+            }
+        }
+        other => Err(err(
+            tpath,
+            format!("tracer {other} is not implemented (OpenTelemetryConfig is)"),
+        )),
+    }
+}
+
+/// One `custom_tags` entry (`literal`, `environment`, `request_header`).
+fn custom_tag(
+    c: &crate::api::envoy::r#type::tracing::v3::CustomTag,
+    path: &str,
+) -> Result<CustomTag, ConfigErrors> {
+    use crate::api::envoy::r#type::tracing::v3::custom_tag::Type;
+    let value = match &c.r#type {
+        Some(Type::Literal(l)) => CustomTagValue::Literal(l.value.clone()),
+        Some(Type::Environment(e)) => CustomTagValue::Environment(
+            std::env::var(&e.name).unwrap_or_else(|_| e.default_value.clone()),
+        ),
+        Some(Type::RequestHeader(r)) => CustomTagValue::RequestHeader(
+            super::header_name(
+                &r.name.to_ascii_lowercase(),
+                &join(path, "request_header.name"),
+            )?,
+            r.default_value.clone(),
+        ),
+        Some(Type::Metadata(_)) => {
+            return Err(err(
+                join(path, "metadata"),
+                "metadata custom tags are not implemented",
+            ))
+        }
+        Some(Type::Value(_)) => {
+            return Err(err(
+                join(path, "value"),
+                "formatted custom tags are not implemented",
+            ))
+        }
+        None => return Err(err(path, "a custom tag needs a type")),
+    };
+    Ok(CustomTag {
+        tag: c.tag.clone(),
+        value,
     })
 }
 

@@ -1,0 +1,485 @@
+//! Tracing with span providers: the OpenTelemetry tracer (OTLP over gRPC to
+//! a real collector that records every `ExportTraceServiceRequest`), W3C
+//! `traceparent`/`tracestate` continued and injected into the upstream
+//! request, spans named, kinded and tagged as Envoy 1.40's.
+//!
+//! Every test runs against weir in-process by default and against real
+//! Envoy 1.40 with `WEIR_SCENARIO_TARGET=envoy`, which is how the
+//! expectations were checked:
+//!
+//! ```sh
+//! cargo test -p weir-tests --test tracing_span_scenarios
+//! WEIR_SCENARIO_TARGET=envoy cargo test -p weir-tests --test tracing_span_scenarios
+//! ```
+//!
+//! Envoy's OpenTelemetry tracer flushes its buffer at 5 spans
+//! (`tracing.opentelemetry.min_flush_spans`) or every 5 s: the tests send
+//! 5 traced requests on one connection (one Envoy worker) so that the
+//! spans arrive without waiting for the timer.
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
+use serde_json::{json, Value};
+use weir::trace::otlp;
+use weir_tests::config::{
+    bootstrap_with, chain, cluster, h2_upstream, hcm, listener, merge, route, vhost,
+};
+use weir_tests::scenario::{echo_header, Http, Proxy};
+use weir_tests::upstream;
+
+const OTEL: &str = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig";
+
+/// A gRPC OTLP TraceService collector (HTTP/2 on 127.0.0.1:0) recording
+/// every export: its path, `:authority` and decoded request.
+struct OtlpCollector {
+    port: u16,
+    seen: Arc<Mutex<Vec<(String, otlp::ExportTraceServiceRequest)>>>,
+}
+
+impl OtlpCollector {
+    async fn start() -> OtlpCollector {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let seen: Arc<Mutex<Vec<(String, otlp::ExportTraceServiceRequest)>>> = Arc::default();
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            if let Ok(b) = body {
+                                // One uncompressed length-prefixed message.
+                                if b.len() >= 5 && b[0] == 0 {
+                                    if let Ok(m) = otlp::ExportTraceServiceRequest::decode(&b[5..])
+                                    {
+                                        seen.lock().expect("lock").push((path, m));
+                                    }
+                                }
+                            }
+                            let reply = otlp::ExportTraceServiceResponse::default().encode_to_vec();
+                            let mut framed = vec![0u8];
+                            framed.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+                            framed.extend_from_slice(&reply);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let body =
+                                http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+                                    Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(
+                                        framed,
+                                    ))),
+                                    Ok(hyper::body::Frame::trailers(trailers)),
+                                ]));
+                            let resp = hyper::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .expect("response");
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        OtlpCollector { port, seen }
+    }
+
+    /// Every span received so far with its resource attributes.
+    fn spans(&self) -> Vec<(Vec<otlp::KeyValue>, otlp::Span)> {
+        let seen = self.seen.lock().expect("lock");
+        let mut out = Vec::new();
+        for (_, req) in seen.iter() {
+            for rs in &req.resource_spans {
+                let res = rs
+                    .resource
+                    .as_ref()
+                    .map(|r| r.attributes.clone())
+                    .unwrap_or_default();
+                for ss in &rs.scope_spans {
+                    for s in &ss.spans {
+                        out.push((res.clone(), s.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits (10 s at most) for `n` spans.
+    async fn wait_spans(&self, n: usize) -> Vec<(Vec<otlp::KeyValue>, otlp::Span)> {
+        for _ in 0..200 {
+            if self.spans().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.spans()
+    }
+}
+
+fn attr(attrs: &[otlp::KeyValue], key: &str) -> Option<String> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.text())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A proxy routing `/` to echo cluster `up`, with HCM `tracing` (plus
+/// `tracing_extra`) whose provider is OpenTelemetry to cluster `otel`.
+fn otel_bootstrap(
+    ports: &weir_tests::scenario::Ports,
+    up: u16,
+    collector: u16,
+    otel: Value,
+    tracing_extra: Value,
+    route_extra: Value,
+) -> String {
+    let tracing = merge(
+        json!({"provider": {"name": "envoy.tracers.opentelemetry", "typed_config": merge(json!({"@type": OTEL}), otel)}}),
+        tracing_extra,
+    );
+    let h = hcm(
+        "ingress",
+        vec![],
+        vec![vhost("vh", vec![route("/", "up", route_extra)], json!({}))],
+        json!({"tracing": tracing}),
+    );
+    bootstrap_with(
+        ports,
+        vec![listener("l", ports.listen, vec![chain(vec![h])])],
+        vec![
+            cluster("up", &[up], json!({})),
+            cluster("otel", &[collector], h2_upstream(json!({}))),
+        ],
+        json!({"node": {"id": "node-1", "cluster": "c1", "locality": {"zone": "zone-a"}}}),
+    )
+}
+
+const OTEL_SVC: &str = "otel";
+
+fn otel_provider() -> Value {
+    json!({"grpc_service": {"envoy_grpc": {"cluster_name": OTEL_SVC}}, "service_name": "svc"})
+}
+
+/// An echo upstream, a collector and a proxy whose HCM traces to it.
+async fn setup(
+    tracing_extra: Value,
+    route_extra: Value,
+) -> (Proxy, upstream::EchoServer, OtlpCollector) {
+    let up = upstream::http1("up").await.expect("upstream");
+    let col = OtlpCollector::start().await;
+    let (upp, cp) = (up.port(), col.port);
+    let p = Proxy::start(move |ports| {
+        otel_bootstrap(
+            ports,
+            upp,
+            cp,
+            otel_provider(),
+            tracing_extra.clone(),
+            route_extra.clone(),
+        )
+    });
+    (p, up, col)
+}
+
+const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const PARENT: &str = "b7ad6b7169203331";
+
+/// The span whose trace id is `trace`.
+fn span_of<'a>(
+    spans: &'a [(Vec<otlp::KeyValue>, otlp::Span)],
+    trace: &str,
+) -> &'a (Vec<otlp::KeyValue>, otlp::Span) {
+    spans
+        .iter()
+        .find(|(_, s)| hex(&s.trace_id) == trace)
+        .unwrap_or_else(|| panic!("no span of trace {trace}"))
+}
+
+/// A server span per request, named `ingress`, tagged as Envoy 1.40 in
+/// its order; the first request's `traceparent` is continued (its trace
+/// id, its span id as the parent, its `tracestate`, the remote-parent
+/// flag) and every upstream request carries the span's own context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_spans_continue_w3c_context_and_carry_envoy_tags() {
+    let (p, up, col) = setup(json!({}), json!({})).await;
+    let http = Http::h1();
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        let tp = format!("00-{TRACE}-{PARENT}-01");
+        let hs: Vec<(&str, &str)> = if i == 0 {
+            vec![("traceparent", &tp), ("tracestate", "a=b")]
+        } else {
+            vec![]
+        };
+        let r = http.get(&format!("{}/p{i}?q=1", p.base()), &hs).await;
+        assert_eq!(r.status, 200);
+        seen.push((r.echo(), r.body.len()));
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5, "one span per request");
+    assert_eq!(
+        col.seen.lock().expect("lock")[0].0,
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    );
+    for (i, (echo, body_len)) in seen.iter().enumerate() {
+        let tp = echo_header(echo, "traceparent").expect("traceparent upstream");
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"), "{tp}");
+        let (res, s) = span_of(&spans, parts[1]);
+        assert_eq!(hex(&s.span_id), parts[2], "upstream parent is the span");
+        assert_eq!(attr(res, "service.name").as_deref(), Some("svc"));
+        assert_eq!(s.name, "ingress");
+        assert_eq!(s.kind, otlp::span_kind::SERVER);
+        assert!(s.end_time_unix_nano >= s.start_time_unix_nano);
+        if i == 0 {
+            assert_eq!(parts[1], TRACE, "the incoming trace continues");
+            assert_eq!(hex(&s.parent_span_id), PARENT);
+            assert_eq!(s.trace_state, "a=b");
+            assert_eq!(echo_header(echo, "tracestate"), Some("a=b"));
+            // Envoy 1.40: HAS_IS_REMOTE | IS_REMOTE | sampled.
+            assert_eq!(s.flags, 0x301);
+        } else {
+            assert_ne!(parts[1], TRACE);
+            assert!(s.parent_span_id.is_empty());
+            assert_eq!(s.trace_state, "");
+            // Envoy injects an empty tracestate too.
+            assert_eq!(echo_header(echo, "tracestate"), Some(""));
+            assert_eq!(s.flags, 0x101);
+        }
+        let keys: Vec<&str> = s.attributes.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "node_id",
+                "zone",
+                "guid:x-request-id",
+                "http.url",
+                "http.method",
+                "downstream_cluster",
+                "user_agent",
+                "http.protocol",
+                "peer.address",
+                "request_size",
+                "response_size",
+                "component",
+                "upstream_cluster",
+                "upstream_cluster.name",
+                "http.status_code",
+                "response_flags",
+            ]
+        );
+        let a = |k: &str| attr(&s.attributes, k);
+        assert_eq!(a("node_id").as_deref(), Some("node-1"));
+        assert_eq!(a("zone").as_deref(), Some("zone-a"));
+        assert_eq!(
+            a("guid:x-request-id").as_deref(),
+            echo_header(echo, "x-request-id")
+        );
+        assert_eq!(
+            a("http.url"),
+            Some(format!("http://127.0.0.1:{}/p{i}?q=1", p.addr().port()))
+        );
+        assert_eq!(a("http.method").as_deref(), Some("GET"));
+        assert_eq!(a("downstream_cluster").as_deref(), Some("-"));
+        assert_eq!(a("user_agent").as_deref(), Some("-"));
+        assert_eq!(a("http.protocol").as_deref(), Some("HTTP/1.1"));
+        assert_eq!(a("peer.address").as_deref(), Some("127.0.0.1"));
+        assert_eq!(a("request_size").as_deref(), Some("0"));
+        assert_eq!(a("response_size"), Some(body_len.to_string()));
+        assert_eq!(a("component").as_deref(), Some("proxy"));
+        assert_eq!(a("upstream_cluster").as_deref(), Some("up"));
+        assert_eq!(a("upstream_cluster.name").as_deref(), Some("up"));
+        assert_eq!(a("http.status_code").as_deref(), Some("200"));
+        assert_eq!(a("response_flags").as_deref(), Some("-"));
+    }
+    assert_eq!(up.requests().len(), 5);
+    weir_tests::config::stat_is(&p, "tracing.opentelemetry.spans_sent", 5).await;
+}
+
+/// An unsampled incoming context is continued (upstream sees its trace
+/// with flags `00`) but its span is not exported; an invalid
+/// `traceparent` makes no span and passes upstream untouched (Envoy's
+/// null span injects nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsampled_and_invalid_contexts_export_nothing() {
+    let (p, up, col) = setup(json!({}), json!({})).await;
+    let http = Http::h1();
+    let unsampled = format!("00-{TRACE}-{PARENT}-00");
+    let r = http
+        .get(&format!("{}/u", p.base()), &[("traceparent", &unsampled)])
+        .await;
+    let tp = echo_header(&r.echo(), "traceparent")
+        .expect("traceparent")
+        .to_owned();
+    assert!(tp.starts_with(&format!("00-{TRACE}-")), "{tp}");
+    assert!(tp.ends_with("-00"), "{tp}");
+    assert_ne!(tp, unsampled, "a new span id");
+    let invalid = "00-xyz-b7ad6b7169203331-01";
+    let r = http
+        .get(&format!("{}/i", p.base()), &[("traceparent", invalid)])
+        .await;
+    assert_eq!(echo_header(&r.echo(), "traceparent"), Some(invalid));
+    assert_eq!(echo_header(&r.echo(), "tracestate"), None);
+    for i in 0..5 {
+        http.get(&format!("{}/s{i}", p.base()), &[]).await;
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    for (_, s) in &spans {
+        assert_ne!(hex(&s.trace_id), TRACE, "the unsampled span is not sent");
+        let url = attr(&s.attributes, "http.url").unwrap_or_default();
+        assert!(url.contains("/s"), "{url}");
+    }
+    assert_eq!(up.requests().len(), 7);
+}
+
+/// A request not traced by the decision (random_sampling 0) still gets a
+/// context upstream, unsampled; nothing is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_traced_requests_propagate_unsampled() {
+    let (p, _up, col) = setup(json!({"random_sampling": {"value": 0}}), json!({})).await;
+    let http = Http::h1();
+    for _ in 0..5 {
+        let r = http.get(&format!("{}/", p.base()), &[]).await;
+        let tp = echo_header(&r.echo(), "traceparent")
+            .expect("traceparent")
+            .to_owned();
+        assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+        assert_eq!(tp.len(), 55);
+    }
+    weir_tests::config::stat_is(&p, "http.ingress.tracing.not_traceable", 5).await;
+    assert!(col.spans().is_empty());
+}
+
+/// Failed and unrouted requests: `error` when the status is 5xx, the
+/// response flags, no upstream cluster without a route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_flags_and_status_tags() {
+    let dead = weir_tests::free_port();
+    let up = upstream::http1("up").await.expect("upstream");
+    let col = OtlpCollector::start().await;
+    let (upp, cp) = (up.port(), col.port);
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost(
+                "vh",
+                vec![
+                    route("/dead", "dead", json!({})),
+                    route("/ok", "up", json!({})),
+                ],
+                json!({}),
+            )],
+            json!({"tracing": {"provider": {"name": "envoy.tracers.opentelemetry",
+                "typed_config": merge(json!({"@type": OTEL}), otel_provider())}}}),
+        );
+        bootstrap_with(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("up", &[upp], json!({})),
+                cluster("dead", &[dead], json!({})),
+                cluster(OTEL_SVC, &[cp], h2_upstream(json!({}))),
+            ],
+            json!({"node": {"id": "n", "locality": {"zone": "z"}}}),
+        )
+    });
+    let http = Http::h1();
+    let mut want = Vec::new();
+    for path in ["/dead", "/none", "/ok", "/dead", "/none"] {
+        let r = http
+            .get(&format!("{}{path}", p.base()), &[("user-agent", "ua/1")])
+            .await;
+        want.push((path, r.status));
+    }
+    assert_eq!(want[0].1, 503);
+    assert_eq!(want[1].1, 404);
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    for (_, s) in &spans {
+        let a = |k: &str| attr(&s.attributes, k);
+        let url = a("http.url").unwrap_or_default();
+        assert_eq!(a("user_agent").as_deref(), Some("ua/1"));
+        if url.ends_with("/dead") {
+            assert_eq!(a("http.status_code").as_deref(), Some("503"));
+            assert_eq!(a("response_flags").as_deref(), Some("UF"));
+            assert_eq!(a("error").as_deref(), Some("true"));
+            assert_eq!(a("upstream_cluster").as_deref(), Some("dead"));
+        } else if url.ends_with("/none") {
+            assert_eq!(a("http.status_code").as_deref(), Some("404"));
+            assert_eq!(a("response_flags").as_deref(), Some("NR"));
+            assert_eq!(a("error"), None);
+            assert_eq!(a("upstream_cluster"), None);
+        } else {
+            assert_eq!(a("http.status_code").as_deref(), Some("200"));
+            assert_eq!(a("error"), None);
+        }
+    }
+}
+
+/// `custom_tags` (literal, environment, request header) come last;
+/// `max_path_tag_length` cuts the path in `http.url`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_tags_and_max_path_tag_length() {
+    let (p, _up, col) = setup(
+        json!({
+            "max_path_tag_length": 4,
+            "custom_tags": [
+                {"tag": "lit", "literal": {"value": "v1"}},
+                {"tag": "env", "environment": {"name": "WEIR_TEST_SURELY_UNSET", "default_value": "dflt"}},
+                {"tag": "hdr", "request_header": {"name": "x-tag", "default_value": "none"}},
+            ],
+        }),
+        json!({}),
+    )
+    .await;
+    let http = Http::h1();
+    for i in 0..5 {
+        let hs: Vec<(&str, &str)> = if i == 0 {
+            vec![("x-tag", "t0")]
+        } else {
+            vec![]
+        };
+        http.get(&format!("{}/abcdef{i}", p.base()), &hs).await;
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    let mut hdr = Vec::new();
+    for (_, s) in &spans {
+        let a = |k: &str| attr(&s.attributes, k);
+        assert_eq!(
+            a("http.url"),
+            Some(format!("http://127.0.0.1:{}/abc", p.addr().port()))
+        );
+        assert_eq!(a("lit").as_deref(), Some("v1"));
+        assert_eq!(a("env").as_deref(), Some("dflt"));
+        hdr.push(a("hdr").unwrap_or_default());
+        let keys: Vec<&str> = s.attributes.iter().map(|a| a.key.as_str()).collect();
+        // Last, in no fixed order (Envoy keeps them in a hash map).
+        let mut last = keys[keys.len() - 3..].to_vec();
+        last.sort();
+        assert_eq!(last, ["env", "hdr", "lit"]);
+    }
+    hdr.sort();
+    assert_eq!(hdr, ["none", "none", "none", "none", "t0"]);
+}
