@@ -2,7 +2,7 @@
 //! Envoy's `ConnectionManagerUtility::mutateTracingRequestHeader` with the
 //! UUID request ID extension: the reason is read from and written into the
 //! x-request-id UUID (its 15th character), and counted in
-//! `http.<prefix>.tracing.*`. No spans are made: a provider is rejected.
+//! `http.<prefix>.tracing.*`. Spans (a `provider`) are `crate::trace`.
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};

@@ -1279,6 +1279,75 @@ load_assignment:
         assert!(l.filter_chains[0].pass_through.is_empty());
     }
 
+    /// `http_listener` with HCM `tracing` set to `tracing` (flow YAML).
+    fn traced_listener(tracing: &str) -> String {
+        http_listener(EMPTY_FAULT).replacen(
+            "      stat_prefix: outbound_0.0.0.0_8080\n",
+            &format!("      stat_prefix: outbound_0.0.0.0_8080\n      tracing: {tracing}\n"),
+            1,
+        )
+    }
+
+    const OTEL: &str = r#"{name: envoy.tracers.opentelemetry, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {envoy_grpc: {cluster_name: echo}}}}"#;
+
+    #[test]
+    fn tracing_providers_translate_and_reject_naming_the_field() {
+        let s = bootstrap(&traced_listener(&format!("{{provider: {OTEL}}}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let NetworkFilter::Http(h) = &s.listeners[0].filter_chains[0].filter else {
+            panic!("an HCM");
+        };
+        let t = h.tracing.as_ref().expect("tracing");
+        let Some(crate::config::TraceProvider::OpenTelemetry(o)) = t.provider.as_deref() else {
+            panic!("an OpenTelemetry provider");
+        };
+        assert_eq!(&*o.grpc.cluster, "echo");
+        assert_eq!(o.service_name, "unknown_service:envoy");
+        assert_eq!(t.max_path_tag_length, 256);
+        assert!(!t.egress);
+        for (tracing, want) in [
+            (format!("{{provider: {OTEL}, verbose: true}}"), "tracing.verbose: verbose span logs"),
+            (
+                format!("{{provider: {OTEL}, spawn_upstream_span: true}}"),
+                "tracing.spawn_upstream_span: upstream (child) spans",
+            ),
+            (
+                format!("{{provider: {OTEL}, custom_tags: [{{tag: a, metadata: {{kind: {{request: {{}}}}, metadata_key: {{key: k, path: [{{key: x}}]}}}}}}]}}"),
+                "tracing.custom_tags[0].metadata: metadata custom tags",
+            ),
+            (
+                r#"{provider: {name: envoy.tracers.zipkin, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: echo, collector_endpoint: /api/v2/spans}}}"#.to_owned(),
+                "tracing.provider.typed_config",
+            ),
+            (
+                r#"{provider: {name: envoy.tracers.opentelemetry, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {envoy_grpc: {cluster_name: echo}}, resource_detectors: [{name: x, typed_config: {"@type": type.googleapis.com/google.protobuf.Empty}}]}}}"#.to_owned(),
+                "resource_detectors",
+            ),
+        ] {
+            let e = bootstrap(&traced_listener(&tracing))
+                .err()
+                .unwrap_or_else(|| panic!("{tracing} must be rejected"))
+                .to_string();
+            assert!(e.contains(want), "{tracing}: {e}");
+        }
+        // Without a provider, custom tags of any kind are accepted (no spans).
+        bootstrap(&traced_listener(
+            "{custom_tags: [{tag: a, metadata: {kind: {request: {}}, metadata_key: {key: k, path: [{key: x}]}}}]}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        // An OUTBOUND listener traces as egress.
+        let out = traced_listener(&format!("{{provider: {OTEL}}}")).replacen(
+            "name: gw\n",
+            "name: gw\ntraffic_direction: OUTBOUND\n",
+            1,
+        );
+        let s = bootstrap(&out).unwrap_or_else(|e| panic!("{e}"));
+        let NetworkFilter::Http(h) = &s.listeners[0].filter_chains[0].filter else {
+            panic!("an HCM");
+        };
+        assert!(h.tracing.as_ref().is_some_and(|t| t.egress));
+    }
+
     #[test]
     fn istio_http_filters_are_accepted_from_yaml() {
         let s = bootstrap(&http_listener(EMPTY_FAULT)).unwrap_or_else(|e| panic!("{e}"));
