@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
@@ -482,4 +482,109 @@ async fn custom_tags_and_max_path_tag_length() {
     }
     hdr.sort();
     assert_eq!(hdr, ["none", "none", "none", "none", "t0"]);
+}
+
+/// Route `decorator`: its operation names the span and, propagated,
+/// answers in `x-envoy-decorator-operation`; a request's
+/// `x-envoy-decorator-operation` overrides the name (ingress), is not
+/// forwarded, and then nothing is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_decorator_names_the_span() {
+    let up = upstream::http1("up").await.expect("upstream");
+    let col = OtlpCollector::start().await;
+    let (upp, cp) = (up.port(), col.port);
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost(
+                "vh",
+                vec![
+                    route("/a", "up", json!({"decorator": {"operation": "op-a"}})),
+                    route(
+                        "/b",
+                        "up",
+                        json!({"decorator": {"operation": "op-b", "propagate": false}}),
+                    ),
+                ],
+                json!({}),
+            )],
+            json!({"tracing": {"provider": {"name": "envoy.tracers.opentelemetry",
+                "typed_config": merge(json!({"@type": OTEL}), otel_provider())}}}),
+        );
+        bootstrap_with(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("up", &[upp], json!({})),
+                cluster(OTEL_SVC, &[cp], h2_upstream(json!({}))),
+            ],
+            json!({}),
+        )
+    });
+    let http = Http::h1();
+    let mut names = Vec::new();
+    for (path, over) in [
+        ("/a", None),
+        ("/a", Some("over")),
+        ("/b", None),
+        ("/a", None),
+        ("/b", None),
+    ] {
+        let hs: Vec<(&str, &str)> = over
+            .map(|o| vec![("x-envoy-decorator-operation", o)])
+            .unwrap_or_default();
+        let r = http.get(&format!("{}{path}", p.base()), &hs).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(echo_header(&r.echo(), "x-envoy-decorator-operation"), None);
+        let want = match (path, over) {
+            ("/a", None) => Some("op-a"),
+            _ => None,
+        };
+        assert_eq!(
+            r.header("x-envoy-decorator-operation"),
+            want,
+            "{path} {over:?}"
+        );
+        names.push(over.unwrap_or(if path == "/a" { "op-a" } else { "op-b" }));
+    }
+    let spans = col.wait_spans(5).await;
+    let mut got: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    got.sort();
+    names.sort();
+    assert_eq!(got, names);
+}
+
+/// With HCM `tracing` but no provider (Envoy's null tracer), the route
+/// decorator still answers in `x-envoy-decorator-operation`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decorator_without_provider_still_answers() {
+    let up = upstream::http1("up").await.expect("upstream");
+    let upp = up.port();
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost(
+                "vh",
+                vec![route(
+                    "/",
+                    "up",
+                    json!({"decorator": {"operation": "op-a"}}),
+                )],
+                json!({}),
+            )],
+            json!({"tracing": {}}),
+        );
+        bootstrap_with(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![cluster("up", &[upp], json!({}))],
+            json!({}),
+        )
+    });
+    let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-envoy-decorator-operation"), Some("op-a"));
+    assert_eq!(echo_header(&r.echo(), "traceparent"), None);
 }

@@ -376,14 +376,14 @@ async fn pipeline(
         });
         ctx.hcm.tracing.charge(reason);
         if let Some(tracer) = &ctx.hcm.tracer {
-            info.span.0 = tracer.start_span(
+            info.span.span = tracer.start_span(
                 t,
                 &parts.headers,
                 reason != super::tracing::Reason::NotTraceable,
                 info.start,
                 &info.authority,
             );
-            if let Some(s) = &mut info.span.0 {
+            if let Some(s) = &mut info.span.span {
                 s.set_request(
                     &parts.headers,
                     parts.method.as_str(),
@@ -447,6 +447,13 @@ async fn pipeline(
     };
     if let Some(route) = route {
         info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
+    }
+    if let Some(t) = &h.tracing {
+        info.span.decorate(
+            t.egress,
+            route.and_then(|r| r.decorator.as_ref()),
+            &mut parts.headers,
+        );
     }
     // --- filters (decode)
     // As Envoy, a weighted cluster is picked with the route, before the
@@ -776,7 +783,7 @@ async fn pipeline(
             };
             // As Envoy's router: the span's context goes upstream, and its
             // request tags see the request as sent.
-            if let Some(s) = &mut info.span.0 {
+            if let Some(s) = &mut info.span.span {
                 s.set_request(
                     &parts.headers,
                     parts.method.as_str(),
@@ -1245,6 +1252,9 @@ fn finish(
     if let Some(via) = &h.via {
         headers::append_joined(hs, &headers::VIA, via, ", ");
     }
+    if h.tracing.is_some() {
+        info.span.on_response(hs);
+    }
     let status = resp.status();
     info.response_code = status.as_u16();
     let logs_on = !ctx.hcm.logs.is_empty();
@@ -1293,7 +1303,7 @@ fn finish(
                 route_name: info.route_name.as_deref(),
             });
         }
-        if let Some(span) = info.span.0.take() {
+        if let Some(span) = info.span.span.take() {
             span.finish(&crate::trace::StreamEnd {
                 request_size: info
                     .stream

@@ -165,6 +165,7 @@ mod tests {
             client_sampling: client,
             random_sampling: random,
             overall_sampling: overall,
+            ..Default::default()
         }
     }
 

@@ -161,7 +161,7 @@ impl Tracer {
         node: &xds_client::config::Node,
     ) -> Arc<Tracer> {
         let TraceProvider::OpenTelemetry(p) = provider;
-        let c = |s: &str| store.counter(StatName::plain(&format!("tracing.opentelemetry.{s}")));
+        let c = |s: &str| store.counter(StatName::plain(format!("tracing.opentelemetry.{s}")));
         let t = Arc::new(Tracer {
             provider: p.clone(),
             callouts,
@@ -504,20 +504,91 @@ fn set_tag(a: &mut Vec<otlp::KeyValue>, key: &str, value: &str) {
     }
 }
 
-/// A stream's span in its `StreamInfo`. A clone is empty: the span ends
-/// once, with the original stream.
+pub static X_ENVOY_DECORATOR_OPERATION: HeaderName =
+    HeaderName::from_static("x-envoy-decorator-operation");
+
+/// A stream's span in its `StreamInfo`, and the route decorator's
+/// operation the response carries. A clone is empty: the span ends once,
+/// with the original stream.
 #[derive(Default)]
-pub struct SpanSlot(pub Option<Box<ActiveSpan>>);
+pub struct SpanSlot {
+    pub span: Option<Box<ActiveSpan>>,
+    /// Ingress: the decorated operation to answer with
+    /// (`x-envoy-decorator-operation`).
+    pub response_operation: Option<Arc<str>>,
+    /// Egress: the response's `x-envoy-decorator-operation` renames the span.
+    pub egress: bool,
+}
 
 impl Clone for SpanSlot {
     fn clone(&self) -> Self {
-        SpanSlot(None)
+        SpanSlot::default()
     }
 }
 
 impl std::fmt::Debug for SpanSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Span" } else { "NoSpan" })
+        f.write_str(if self.span.is_some() {
+            "Span"
+        } else {
+            "NoSpan"
+        })
+    }
+}
+
+impl SpanSlot {
+    /// As Envoy's `traceRequest` once the route is known: the route's
+    /// decorator names the span; on ingress a request's
+    /// `x-envoy-decorator-operation` overrides it (and is removed), on
+    /// egress the decorator's operation goes upstream in that header.
+    pub fn decorate(
+        &mut self,
+        egress: bool,
+        decorator: Option<&xds_client::config::Decorator>,
+        h: &mut HeaderMap,
+    ) {
+        self.egress = egress;
+        if let (Some(d), Some(s)) = (decorator, &mut self.span) {
+            s.span.name = d.operation.to_string();
+        }
+        let mut decorated = decorator
+            .filter(|d| d.propagate)
+            .map(|d| d.operation.clone());
+        if egress {
+            if let Some(op) = &decorated {
+                if let Ok(v) = HeaderValue::from_str(op) {
+                    h.insert(X_ENVOY_DECORATOR_OPERATION.clone(), v);
+                }
+            }
+            return;
+        }
+        if let Some(v) = h.remove(&X_ENVOY_DECORATOR_OPERATION) {
+            if !v.is_empty() {
+                if let (Some(s), Ok(op)) = (&mut self.span, v.to_str()) {
+                    s.span.name = op.to_owned();
+                }
+                decorated = None;
+            }
+        }
+        self.response_operation = decorated;
+    }
+
+    /// The response side: ingress answers with the decorated operation;
+    /// egress takes the upstream's as the span name (and removes it).
+    pub fn on_response(&mut self, h: &mut HeaderMap) {
+        if self.egress {
+            if let Some(v) = h.remove(&X_ENVOY_DECORATOR_OPERATION) {
+                if let (Some(s), Ok(op)) = (&mut self.span, v.to_str()) {
+                    if !op.is_empty() {
+                        s.span.name = op.to_owned();
+                    }
+                }
+            }
+        } else if let Some(op) = &self.response_operation {
+            if let Ok(v) = HeaderValue::from_str(op) {
+                h.insert(X_ENVOY_DECORATOR_OPERATION.clone(), v);
+            }
+        }
     }
 }
 

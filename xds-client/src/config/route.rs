@@ -220,6 +220,18 @@ pub struct Route {
     pub headers: HeaderMutations,
     /// `typed_per_filter_config`.
     pub per_filter: PerFilterConfigs,
+    /// `decorator`: the span's operation (HCM `tracing` only).
+    pub decorator: Option<Decorator>,
+}
+
+/// A route's `decorator`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decorator {
+    /// `operation`: the span name.
+    pub operation: Arc<str>,
+    /// `propagate` (default true): `x-envoy-decorator-operation` goes to
+    /// the peer (in the response on ingress, the request on egress).
+    pub propagate: bool,
 }
 
 /// `RouteMatch`.

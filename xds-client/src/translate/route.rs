@@ -229,10 +229,25 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
             errs.extend(e);
         }
     }
+    let decorator = match &p.decorator {
+        Some(d) if d.operation.is_empty() => {
+            errs.push(
+                join(path, "decorator.operation"),
+                "an operation is required",
+            );
+            None
+        }
+        Some(d) => Some(Decorator {
+            operation: d.operation.as_str().into(),
+            propagate: d.propagate.is_none_or(|v| v.value),
+        }),
+        None => None,
+    };
     if !errs.is_empty() {
         return Err(errs);
     }
     Ok(Route {
+        decorator,
         name: p.name.as_str().into(),
         matcher: matcher.expect("checked"),
         action: action.expect("checked"),
