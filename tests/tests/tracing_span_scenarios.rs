@@ -1,4 +1,5 @@
-//! Tracing with span providers: the OpenTelemetry tracer (OTLP over gRPC to
+//! Tracing with span providers: the Zipkin tracer (JSON v2 to a real HTTP
+//! collector, B3 continued) and the OpenTelemetry tracer (OTLP over gRPC to
 //! a real collector that records every `ExportTraceServiceRequest`), W3C
 //! `traceparent`/`tracestate` continued and injected into the upstream
 //! request, spans named, kinded and tagged as Envoy 1.40's.
@@ -587,4 +588,232 @@ async fn decorator_without_provider_still_answers() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-envoy-decorator-operation"), Some("op-a"));
     assert_eq!(echo_header(&r.echo(), "traceparent"), None);
+}
+
+const ZIPKIN: &str = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig";
+
+/// An HTTP Zipkin collector recording every report: path, headers, body.
+struct ZipkinCollector {
+    port: u16,
+    seen: Arc<Mutex<Vec<(String, http::HeaderMap, Value)>>>,
+}
+
+impl ZipkinCollector {
+    async fn start() -> ZipkinCollector {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let seen: Arc<Mutex<Vec<(String, http::HeaderMap, Value)>>> = Arc::default();
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let headers = req.headers().clone();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            if let Ok(b) = body {
+                                let v = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                                seen.lock().expect("lock").push((path, headers, v));
+                            }
+                            Ok::<_, Infallible>(
+                                hyper::Response::builder()
+                                    .status(202)
+                                    .body(http_body_util::Empty::<Bytes>::new())
+                                    .expect("response"),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        ZipkinCollector { port, seen }
+    }
+
+    fn spans(&self) -> Vec<Value> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|(_, _, v)| v.as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    async fn wait_spans(&self, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            if self.spans().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.spans()
+    }
+}
+
+/// The Zipkin tracer: B3 continued (multi headers and the single `b3`
+/// header, each passed on in its own style), the server span sharing the
+/// caller's span id (`shared_span_context` default), named after the
+/// host; new traces get a 64-bit trace id equal to the root span's id;
+/// W3C `traceparent` is not read. Spans go as JSON v2 to the collector
+/// endpoint with Envoy's tags, `localEndpoint` and `ss` annotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zipkin_spans_continue_b3_and_report_json_v2() {
+    let up = upstream::http1("up").await.expect("upstream");
+    let col = ZipkinCollector::start().await;
+    let (upp, cp) = (up.port(), col.port);
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost("vh", vec![route("/", "up", json!({}))], json!({}))],
+            json!({"tracing": {"provider": {"name": "envoy.tracers.zipkin",
+                "typed_config": {"@type": ZIPKIN, "collector_cluster": "zipkin",
+                    "collector_endpoint": "/api/v2/spans", "collector_endpoint_version": "HTTP_JSON"}}}}),
+        );
+        bootstrap_with(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("up", &[upp], json!({})),
+                cluster("zipkin", &[cp], json!({})),
+            ],
+            json!({"node": {"id": "node-1", "cluster": "c1", "locality": {"zone": "zone-a"}}}),
+        )
+    });
+    let http = Http::h1();
+    let single = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90";
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-parentspanid", "0020000000000001"),
+            ("x-b3-sampled", "1"),
+        ],
+        vec![("b3", single)],
+        vec![
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ],
+        vec![("traceparent", tp)],
+        vec![],
+    ];
+    let mut echoes = Vec::new();
+    for (i, hs) in cases.iter().enumerate() {
+        let r = http.get(&format!("{}/z{i}", p.base()), hs).await;
+        assert_eq!(r.status, 200);
+        echoes.push(r.echo());
+    }
+    let h = |i: usize, n: &str| echo_header(&echoes[i], n).map(str::to_owned);
+    assert_eq!(
+        h(0, "x-b3-traceid").as_deref(),
+        Some("463ac35c9f6413ad48485a3953bb6124")
+    );
+    assert_eq!(h(0, "x-b3-spanid").as_deref(), Some("a2fb4a1d1a96d312"));
+    assert_eq!(
+        h(0, "x-b3-parentspanid").as_deref(),
+        Some("0020000000000001")
+    );
+    assert_eq!(h(0, "x-b3-sampled").as_deref(), Some("1"));
+    assert_eq!(h(0, "b3"), None);
+    assert_eq!(h(1, "b3").as_deref(), Some(single));
+    assert_eq!(h(1, "x-b3-traceid"), None);
+    assert_eq!(h(2, "x-b3-traceid").as_deref(), Some("463ac35c9f6413ad"));
+    assert_eq!(h(2, "x-b3-sampled").as_deref(), Some("1"));
+    assert_eq!(h(2, "x-b3-parentspanid"), None);
+    assert_eq!(h(3, "traceparent").as_deref(), Some(tp));
+    assert_eq!(h(3, "tracestate"), None);
+    for i in [3, 4] {
+        let t = h(i, "x-b3-traceid").expect("a new trace");
+        assert_eq!(t.len(), 16);
+        assert_eq!(
+            h(i, "x-b3-spanid"),
+            Some(t),
+            "a root's trace id is its span id"
+        );
+        assert_eq!(h(i, "x-b3-sampled").as_deref(), Some("1"));
+        assert_eq!(h(i, "x-b3-parentspanid"), None);
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    {
+        let seen = col.seen.lock().expect("lock");
+        assert_eq!(seen.len(), 1, "one report of 5 spans");
+        let (path, headers, _) = &seen[0];
+        assert_eq!(path, "/api/v2/spans");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["host"], "zipkin");
+    }
+    let by_id = |id: &str| -> Value {
+        spans
+            .iter()
+            .find(|s| s["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no span {id}: {spans:?}"))
+    };
+    let host = format!("127.0.0.1:{}", p.addr().port());
+    let s0 = by_id("a2fb4a1d1a96d312");
+    assert_eq!(s0["traceId"], "463ac35c9f6413ad48485a3953bb6124");
+    assert_eq!(s0["parentId"], "0020000000000001");
+    let s1 = by_id("e457b5a2e4d86bd1");
+    assert_eq!(s1["traceId"], "80f198ee56343ba864fe8b2a57d3eff7");
+    assert_eq!(s1["parentId"], "05e3ac9a4f6e3b90");
+    for i in [3, 4] {
+        let id = h(i, "x-b3-spanid").expect("span id");
+        let s = by_id(&id);
+        assert_eq!(s["traceId"], id.as_str());
+        assert!(s.get("parentId").is_none());
+    }
+    for (i, s) in spans.iter().enumerate() {
+        assert_eq!(s["kind"], "SERVER", "{s}");
+        assert_eq!(s["name"], host.as_str());
+        assert_eq!(s["shared"], true);
+        assert_eq!(s["localEndpoint"]["serviceName"], "c1");
+        assert_eq!(s["localEndpoint"]["port"], 0);
+        let ip = s["localEndpoint"]["ipv4"].as_str().unwrap_or_default();
+        assert!(ip.parse::<std::net::Ipv4Addr>().is_ok(), "{s}");
+        assert!(s["timestamp"].as_u64().is_some() && s["duration"].as_u64().is_some());
+        assert_eq!(s["annotations"][0]["value"], "ss");
+        let tags = s["tags"].as_object().expect("tags");
+        let mut keys: Vec<&str> = tags.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "component",
+                "downstream_cluster",
+                "guid:x-request-id",
+                "http.method",
+                "http.protocol",
+                "http.status_code",
+                "http.url",
+                "node_id",
+                "peer.address",
+                "request_size",
+                "response_flags",
+                "response_size",
+                "upstream_cluster",
+                "upstream_cluster.name",
+                "user_agent",
+                "zone",
+            ],
+            "span {i}"
+        );
+        assert_eq!(tags["node_id"], "node-1");
+        assert_eq!(tags["zone"], "zone-a");
+        assert_eq!(tags["http.status_code"], "200");
+        assert_eq!(tags["upstream_cluster"], "up");
+        assert_eq!(tags["component"], "proxy");
+        let url = tags["http.url"].as_str().unwrap_or_default();
+        assert!(url.starts_with(&format!("http://{host}/z")), "{url}");
+    }
+    weir_tests::config::stat_is(&p, "tracing.zipkin.spans_sent", 5).await;
+    weir_tests::config::stat_is(&p, "tracing.zipkin.reports_sent", 1).await;
 }

@@ -195,6 +195,13 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"]),
     ("envoy.config.trace.v3.OpenTelemetryConfig", &["grpc_service", "service_name"]),
+    // Versions other than HTTP_JSON, split spans and W3C propagation are
+    // refused by the translator.
+    ("envoy.config.trace.v3.ZipkinConfig", &[
+        "collector_cluster", "collector_endpoint", "trace_id_128bit", "shared_span_context",
+        "collector_endpoint_version", "collector_hostname", "split_spans_for_request",
+        "trace_context_option",
+    ]),
     // `metadata` and `value` tags: accepted without a provider (no spans),
     // refused by the translator with one.
     ("envoy.type.tracing.v3.CustomTag", &["tag", "literal", "environment", "request_header", "metadata", "value"]),

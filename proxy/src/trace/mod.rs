@@ -1,4 +1,4 @@
-//! Spans (HCM `tracing.provider`): the OpenTelemetry tracer, as Envoy
+//! Spans (HCM `tracing.provider`): the OpenTelemetry and Zipkin tracers, as Envoy
 //! 1.40's `envoy.tracers.opentelemetry` with its gRPC exporter.
 //!
 //! A traced HCM starts one span per request right after the trace
@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use filters::callout::Callouts;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
-use xds_client::config::{CustomTagValue, OpenTelemetryProvider, TraceProvider, TracingConfig};
+use xds_client::config::{CustomTagValue, TraceProvider, TracingConfig};
 
 use crate::stats::{Counter, StatName, Store};
 
@@ -124,29 +124,155 @@ pub fn extract_w3c(h: &HeaderMap) -> Incoming {
     })
 }
 
-/// `tracing.opentelemetry.*` (Envoy's names).
-struct OtelStats {
+/// How a span context travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Style {
+    W3c,
+    B3Multi,
+    B3Single,
+}
+
+/// A B3 context.
+#[derive(Debug, PartialEq, Eq)]
+pub struct B3Context {
+    /// 8 or 16 bytes.
+    pub trace_id: Vec<u8>,
+    pub span_id: [u8; 8],
+    pub parent_id: Option<[u8; 8]>,
+    /// `None`: the header did not say (the trace decision decides).
+    pub sampled: Option<bool>,
+    /// It came in the single `b3` header.
+    pub single: bool,
+}
+
+/// What B3 headers say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum B3 {
+    /// No ids (a bare sampling decision at most).
+    None(Option<bool>),
+    /// Ids that do not parse: Envoy makes no span.
+    Invalid,
+    Context(B3Context),
+}
+
+fn b3_sampled(v: &str) -> Option<bool> {
+    match v {
+        "1" | "true" | "d" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+fn b3_trace_id(s: &str) -> Option<Vec<u8>> {
+    match s.len() {
+        16 => hex_to::<8>(s).map(|b| b.to_vec()),
+        32 => hex_to::<16>(s).map(|b| b.to_vec()),
+        _ => None,
+    }
+}
+
+fn b3_parent(p: Option<&str>) -> Result<Option<[u8; 8]>, ()> {
+    match p {
+        Some(p) => hex_to::<8>(p).map(Some).ok_or(()),
+        None => Ok(None),
+    }
+}
+
+/// Reads B3: the single `b3` header (`trace-span[-sampled[-parent]]`, or
+/// a bare sampling state) first, else `x-b3-traceid`, `x-b3-spanid`,
+/// `x-b3-parentspanid`, `x-b3-sampled` and `x-b3-flags` (debug: sampled).
+pub fn extract_b3(h: &HeaderMap) -> B3 {
+    let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
+    if let Some(v) = text("b3") {
+        let parts: Vec<&str> = v.split('-').collect();
+        if parts.len() == 1 {
+            return B3::None(b3_sampled(parts[0]));
+        }
+        if parts.len() > 4 {
+            return B3::Invalid;
+        }
+        let (Some(trace_id), Some(span_id)) = (b3_trace_id(parts[0]), hex_to::<8>(parts[1])) else {
+            return B3::Invalid;
+        };
+        let sampled = match parts.get(2) {
+            Some(s) => match b3_sampled(s) {
+                Some(v) => Some(v),
+                None => return B3::Invalid,
+            },
+            None => None,
+        };
+        let Ok(parent_id) = b3_parent(parts.get(3).copied()) else {
+            return B3::Invalid;
+        };
+        return B3::Context(B3Context {
+            trace_id,
+            span_id,
+            parent_id,
+            sampled,
+            single: true,
+        });
+    }
+    let sampled = if text("x-b3-flags") == Some("1") {
+        Some(true)
+    } else {
+        text("x-b3-sampled").and_then(b3_sampled)
+    };
+    let (Some(t), Some(s)) = (text("x-b3-traceid"), text("x-b3-spanid")) else {
+        return B3::None(sampled);
+    };
+    let (Some(trace_id), Some(span_id)) = (b3_trace_id(t), hex_to::<8>(s)) else {
+        return B3::Invalid;
+    };
+    let Ok(parent_id) = b3_parent(text("x-b3-parentspanid")) else {
+        return B3::Invalid;
+    };
+    B3::Context(B3Context {
+        trace_id,
+        span_id,
+        parent_id,
+        sampled,
+        single: false,
+    })
+}
+
+/// The tracer's counters: `tracing.opentelemetry.*` or `tracing.zipkin.*`
+/// (Envoy's names; `spans_dropped` is weir's, for a full buffer).
+struct TracerStats {
     spans_sent: Arc<Counter>,
     timer_flushed: Arc<Counter>,
-    /// weir-only: spans dropped because the buffer was full.
     spans_dropped: Arc<Counter>,
+    /// Zipkin: a 202 answer.
+    reports_sent: Arc<Counter>,
+    /// Zipkin: another answer.
+    reports_dropped: Arc<Counter>,
+    /// Zipkin: no answer.
+    reports_failed: Arc<Counter>,
+}
+
+/// A finished span waiting for export.
+enum Buffered {
+    Otlp(otlp::Span),
+    Zipkin(serde_json::Value),
 }
 
 /// One provider's exporter: shared by the requests of an HCM.
 pub struct Tracer {
-    provider: OpenTelemetryProvider,
+    provider: TraceProvider,
     callouts: Arc<dyn Callouts>,
     node_id: String,
     zone: String,
-    buffer: Mutex<Vec<otlp::Span>>,
+    /// Zipkin's `localEndpoint`: the node's cluster and the host's address.
+    local_cluster: String,
+    local_ip: Option<std::net::IpAddr>,
+    buffer: Mutex<Vec<Buffered>>,
     in_flight: Arc<AtomicUsize>,
-    stats: OtelStats,
+    stats: Arc<TracerStats>,
 }
 
 impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracer")
-            .field("cluster", &self.provider.grpc.cluster)
+            .field("provider", &self.provider)
             .finish()
     }
 }
@@ -160,20 +286,33 @@ impl Tracer {
         store: &Store,
         node: &xds_client::config::Node,
     ) -> Arc<Tracer> {
-        let TraceProvider::OpenTelemetry(p) = provider;
-        let c = |s: &str| store.counter(StatName::plain(format!("tracing.opentelemetry.{s}")));
+        let prefix = match provider {
+            TraceProvider::OpenTelemetry(_) => "opentelemetry",
+            TraceProvider::Zipkin(_) => "zipkin",
+        };
+        let c = |s: &str| store.counter(StatName::plain(format!("tracing.{prefix}.{s}")));
+        let zipkin = matches!(provider, TraceProvider::Zipkin(_));
         let t = Arc::new(Tracer {
-            provider: p.clone(),
+            provider: provider.clone(),
             callouts,
             node_id: node.id.clone(),
             zone: node.zone.clone(),
+            local_cluster: node.cluster.clone(),
+            local_ip: if zipkin {
+                crate::netif::first_non_loopback(false)
+            } else {
+                None
+            },
             buffer: Mutex::new(Vec::new()),
             in_flight: Arc::new(AtomicUsize::new(0)),
-            stats: OtelStats {
+            stats: Arc::new(TracerStats {
                 spans_sent: c("spans_sent"),
                 timer_flushed: c("timer_flushed"),
                 spans_dropped: c("spans_dropped"),
-            },
+                reports_sent: c("reports_sent"),
+                reports_dropped: c("reports_dropped"),
+                reports_failed: c("reports_failed"),
+            }),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak: Weak<Tracer> = Arc::downgrade(&t);
@@ -200,36 +339,93 @@ impl Tracer {
         host: &str,
     ) -> Option<Box<ActiveSpan>> {
         let mut rng = rand::rng();
-        let (trace_id, parent, sampled, tracestate, remote) = match extract_w3c(headers) {
-            Incoming::Invalid => return None,
-            Incoming::None => (
-                rng.random::<[u8; 16]>(),
-                Vec::new(),
-                traced,
-                String::new(),
-                false,
-            ),
-            Incoming::Context(c) => (
-                c.trace_id,
-                c.span_id.to_vec(),
-                c.sampled,
-                c.tracestate,
-                true,
-            ),
-        };
-        let span_id = rng.random::<[u8; 8]>();
-        let name = if cfg.egress {
-            format!("egress {host}")
-        } else {
-            "ingress".to_owned()
+        let mut span_id = rng.random::<[u8; 8]>().to_vec();
+        let (trace_id, parent, sampled, tracestate, remote, style, name) = match &self.provider {
+            TraceProvider::OpenTelemetry(_) => {
+                let name = if cfg.egress {
+                    format!("egress {host}")
+                } else {
+                    "ingress".to_owned()
+                };
+                match extract_w3c(headers) {
+                    Incoming::Invalid => return None,
+                    Incoming::None => {
+                        let t = rng.random::<[u8; 16]>().to_vec();
+                        (
+                            t,
+                            Vec::new(),
+                            traced,
+                            String::new(),
+                            false,
+                            Style::W3c,
+                            name,
+                        )
+                    }
+                    Incoming::Context(c) => (
+                        c.trace_id.to_vec(),
+                        c.span_id.to_vec(),
+                        c.sampled,
+                        c.tracestate,
+                        true,
+                        Style::W3c,
+                        name,
+                    ),
+                }
+            }
+            // Envoy 1.40's Zipkin spans are named after the host.
+            TraceProvider::Zipkin(z) => match extract_b3(headers) {
+                B3::Invalid => return None,
+                B3::None(s) => {
+                    // A root span's 64-bit trace id is its span id (Envoy).
+                    let t = if z.trace_id_128bit {
+                        rng.random::<[u8; 16]>().to_vec()
+                    } else {
+                        span_id.clone()
+                    };
+                    let sampled = s.unwrap_or(traced);
+                    (
+                        t,
+                        Vec::new(),
+                        sampled,
+                        String::new(),
+                        false,
+                        Style::B3Multi,
+                        host.to_owned(),
+                    )
+                }
+                B3::Context(c) => {
+                    let parent = if z.shared_span_context && !cfg.egress {
+                        // The server span shares the caller's span id.
+                        span_id = c.span_id.to_vec();
+                        c.parent_id.map(|p| p.to_vec()).unwrap_or_default()
+                    } else {
+                        c.span_id.to_vec()
+                    };
+                    let style = if c.single {
+                        Style::B3Single
+                    } else {
+                        Style::B3Multi
+                    };
+                    let sampled = c.sampled.unwrap_or(traced);
+                    (
+                        c.trace_id,
+                        parent,
+                        sampled,
+                        String::new(),
+                        true,
+                        style,
+                        host.to_owned(),
+                    )
+                }
+            },
         };
         let mut flags = FLAG_HAS_IS_REMOTE | u32::from(sampled);
         if remote {
             flags |= FLAG_IS_REMOTE;
         }
         let span = otlp::Span {
-            trace_id: trace_id.to_vec(),
-            span_id: span_id.to_vec(),
+            trace_id,
+            span_id,
             trace_state: tracestate,
             parent_span_id: parent,
             flags,
@@ -250,6 +446,7 @@ impl Tracer {
             tracer: self.clone(),
             span,
             sampled,
+            style,
             request_tags: Vec::new(),
             max_path: cfg.max_path_tag_length,
             custom: cfg.custom_tags.clone(),
@@ -259,6 +456,10 @@ impl Tracer {
 
     /// Buffers a finished, sampled span; exports at `MIN_FLUSH_SPANS`.
     fn record(&self, span: otlp::Span) {
+        let item = match &self.provider {
+            TraceProvider::OpenTelemetry(_) => Buffered::Otlp(span),
+            TraceProvider::Zipkin(z) => Buffered::Zipkin(self.zipkin_json(z, span)),
+        };
         let ready = {
             let Ok(mut b) = self.buffer.lock() else {
                 return;
@@ -267,7 +468,7 @@ impl Tracer {
                 self.stats.spans_dropped.inc();
                 return;
             }
-            b.push(span);
+            b.push(item);
             b.len() >= MIN_FLUSH_SPANS
         };
         if ready {
@@ -289,37 +490,90 @@ impl Tracer {
             _ => return,
         };
         self.stats.spans_sent.add(spans.len() as u64);
-        let req = self.export_request(spans);
-        let g = &self.provider.grpc;
-        let call = filters::callout::grpc_unary::<_, otlp::ExportTraceServiceResponse>(
-            &*self.callouts,
-            &g.cluster,
-            &g.authority,
-            otlp::EXPORT_PATH,
-            &req,
-            g.timeout.unwrap_or(EXPORT_TIMEOUT),
-            &g.initial_metadata,
-        );
         let in_flight = self.in_flight.clone();
         in_flight.fetch_add(1, Ordering::Relaxed);
-        rt.spawn(async move {
-            if let Err(e) = call.await {
-                tracing::debug!(error = %e, "opentelemetry export failed");
+        match &self.provider {
+            TraceProvider::OpenTelemetry(p) => {
+                let spans = spans
+                    .into_iter()
+                    .filter_map(|b| match b {
+                        Buffered::Otlp(s) => Some(s),
+                        Buffered::Zipkin(_) => None,
+                    })
+                    .collect();
+                let req = self.export_request(&p.service_name, spans);
+                let g = &p.grpc;
+                let call = filters::callout::grpc_unary::<_, otlp::ExportTraceServiceResponse>(
+                    &*self.callouts,
+                    &g.cluster,
+                    &g.authority,
+                    otlp::EXPORT_PATH,
+                    &req,
+                    g.timeout.unwrap_or(EXPORT_TIMEOUT),
+                    &g.initial_metadata,
+                );
+                rt.spawn(async move {
+                    if let Err(e) = call.await {
+                        tracing::debug!(error = %e, "opentelemetry export failed");
+                    }
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                });
             }
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-        });
+            TraceProvider::Zipkin(z) => {
+                let body: Vec<serde_json::Value> = spans
+                    .into_iter()
+                    .filter_map(|b| match b {
+                        Buffered::Zipkin(v) => Some(v),
+                        Buffered::Otlp(_) => None,
+                    })
+                    .collect();
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                let req = filters::callout::CalloutRequest {
+                    method: http::Method::POST,
+                    path_and_query: z.endpoint.clone(),
+                    authority: z.hostname.clone(),
+                    headers,
+                    body: body.into(),
+                };
+                let call = self
+                    .callouts
+                    .send(&z.cluster, req, EXPORT_TIMEOUT, 64 * 1024);
+                let stats = self.stats.clone();
+                rt.spawn(async move {
+                    // As Envoy: only a 202 counts as sent.
+                    match call.await {
+                        Ok(r) if r.status == http::StatusCode::ACCEPTED => stats.reports_sent.inc(),
+                        Ok(_) => stats.reports_dropped.inc(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "zipkin report failed");
+                            stats.reports_failed.inc();
+                        }
+                    }
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
     }
 
     /// The export of `spans` with the resource Envoy describes itself by
     /// (`service.name` and the telemetry SDK attributes, as weir's own).
-    fn export_request(&self, spans: Vec<otlp::Span>) -> otlp::ExportTraceServiceRequest {
+    fn export_request(
+        &self,
+        service_name: &str,
+        spans: Vec<otlp::Span>,
+    ) -> otlp::ExportTraceServiceRequest {
         otlp::ExportTraceServiceRequest {
             resource_spans: vec![otlp::ResourceSpans {
                 resource: Some(otlp::Resource {
                     attributes: vec![
                         otlp::KeyValue::string("telemetry.sdk.language", "rust"),
                         otlp::KeyValue::string("telemetry.sdk.name", "weir"),
-                        otlp::KeyValue::string("service.name", &self.provider.service_name),
+                        otlp::KeyValue::string("service.name", service_name),
                         otlp::KeyValue::string("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
                     ],
                     dropped_attributes_count: 0,
@@ -332,6 +586,66 @@ impl Tracer {
                 schema_url: String::new(),
             }],
         }
+    }
+
+    /// A span as Zipkin's JSON v2, as Envoy 1.40 writes it (`shared` on a
+    /// server span with a shared context, an `ss` annotation at its end).
+    fn zipkin_json(
+        &self,
+        z: &xds_client::config::ZipkinProvider,
+        s: otlp::Span,
+    ) -> serde_json::Value {
+        use serde_json::{json, Map, Value};
+        let server = s.kind == otlp::span_kind::SERVER;
+        let us = |n: u64| n / 1000;
+        let mut o = Map::new();
+        o.insert("traceId".into(), to_hex(&s.trace_id).into());
+        o.insert("id".into(), to_hex(&s.span_id).into());
+        if !s.parent_span_id.is_empty() {
+            o.insert("parentId".into(), to_hex(&s.parent_span_id).into());
+        }
+        o.insert(
+            "kind".into(),
+            (if server { "SERVER" } else { "CLIENT" }).into(),
+        );
+        o.insert("timestamp".into(), us(s.start_time_unix_nano).into());
+        o.insert(
+            "duration".into(),
+            us(s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano)).into(),
+        );
+        let mut ep = Map::new();
+        ep.insert("serviceName".into(), self.local_cluster.clone().into());
+        match self.local_ip {
+            Some(std::net::IpAddr::V4(ip)) => {
+                ep.insert("ipv4".into(), ip.to_string().into());
+            }
+            Some(std::net::IpAddr::V6(ip)) => {
+                ep.insert("ipv6".into(), ip.to_string().into());
+            }
+            None => {}
+        }
+        ep.insert("port".into(), 0.into());
+        o.insert("localEndpoint".into(), Value::Object(ep));
+        if server && z.shared_span_context {
+            o.insert("shared".into(), true.into());
+        }
+        let tags: Map<String, Value> = s
+            .attributes
+            .iter()
+            .filter_map(|kv| Some((kv.key.clone(), Value::from(kv.text()?))))
+            .collect();
+        o.insert("tags".into(), Value::Object(tags));
+        let ann = if server {
+            json!([{"timestamp": us(s.end_time_unix_nano), "value": "ss"}])
+        } else {
+            json!([
+                {"timestamp": us(s.start_time_unix_nano), "value": "cs"},
+                {"timestamp": us(s.end_time_unix_nano), "value": "cr"},
+            ])
+        };
+        o.insert("annotations".into(), ann);
+        o.insert("name".into(), s.name.into());
+        Value::Object(o)
     }
 }
 
@@ -355,6 +669,8 @@ pub struct ActiveSpan {
     tracer: Arc<Tracer>,
     span: otlp::Span,
     sampled: bool,
+    /// How the context travels (as it came in, for B3).
+    style: Style,
     /// Tags from the request headers (Envoy reads them at the end from
     /// the request as the router sent it).
     request_tags: Vec<otlp::KeyValue>,
@@ -425,20 +741,40 @@ impl ActiveSpan {
             .collect();
     }
 
-    /// Writes the span's context into the upstream request, as Envoy's
-    /// OpenTelemetry `injectContext` (an empty `tracestate` included).
+    /// Writes the span's context into the upstream request: Envoy's
+    /// OpenTelemetry `injectContext` (`traceparent`, and `tracestate`,
+    /// empty or not), or Zipkin's B3 in the style it came in (multi
+    /// headers for a new trace).
     pub fn inject(&self, h: &mut HeaderMap) {
-        let tp = format!(
-            "00-{}-{}-{:02x}",
-            to_hex(&self.span.trace_id),
-            to_hex(&self.span.span_id),
-            u8::from(self.sampled)
-        );
-        if let Ok(v) = HeaderValue::from_str(&tp) {
-            h.insert(TRACEPARENT.clone(), v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&self.span.trace_state) {
-            h.insert(TRACESTATE.clone(), v);
+        let trace = to_hex(&self.span.trace_id);
+        let span = to_hex(&self.span.span_id);
+        let set = |h: &mut HeaderMap, n: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(n, v);
+            }
+        };
+        match self.style {
+            Style::W3c => {
+                let tp = format!("00-{trace}-{span}-{:02x}", u8::from(self.sampled));
+                set(h, "traceparent", &tp);
+                set(h, "tracestate", &self.span.trace_state);
+            }
+            Style::B3Multi => {
+                set(h, "x-b3-traceid", &trace);
+                set(h, "x-b3-spanid", &span);
+                if !self.span.parent_span_id.is_empty() {
+                    set(h, "x-b3-parentspanid", &to_hex(&self.span.parent_span_id));
+                }
+                set(h, "x-b3-sampled", if self.sampled { "1" } else { "0" });
+            }
+            Style::B3Single => {
+                let mut v = format!("{trace}-{span}-{}", u8::from(self.sampled));
+                if !self.span.parent_span_id.is_empty() {
+                    v.push('-');
+                    v.push_str(&to_hex(&self.span.parent_span_id));
+                }
+                set(h, "b3", &v);
+            }
         }
     }
 

@@ -129,6 +129,24 @@ impl Default for TracingConfig {
 pub enum TraceProvider {
     /// `envoy.tracers.opentelemetry`: OTLP over gRPC.
     OpenTelemetry(OpenTelemetryProvider),
+    /// `envoy.tracers.zipkin`: JSON v2 over HTTP.
+    Zipkin(ZipkinProvider),
+}
+
+/// `ZipkinConfig` (`HTTP_JSON`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZipkinProvider {
+    /// `collector_cluster`.
+    pub cluster: Name,
+    /// `collector_endpoint`: the path reports are POSTed to.
+    pub endpoint: String,
+    /// `collector_hostname` (default: the cluster name).
+    pub hostname: String,
+    /// `trace_id_128bit` (default false): new traces get 128-bit ids.
+    pub trace_id_128bit: bool,
+    /// `shared_span_context` (default true): the server span reuses the
+    /// incoming span id.
+    pub shared_span_context: bool,
 }
 
 /// `OpenTelemetryConfig`.

@@ -668,6 +668,7 @@ fn tracing(
 }
 
 const OPENTELEMETRY_CONFIG: &str = "envoy.config.trace.v3.OpenTelemetryConfig";
+const ZIPKIN_CONFIG: &str = "envoy.config.trace.v3.ZipkinConfig";
 
 /// `tracing.provider` (HCM) or the bootstrap's `tracing.http`.
 pub(crate) fn tracing_provider(
@@ -712,9 +713,53 @@ pub(crate) fn tracing_provider(
                 _ => Err(errs),
             }
         }
+        ZIPKIN_CONFIG => {
+            let c: crate::api::envoy::config::trace::v3::ZipkinConfig =
+                super::decode(&any, &tpath)?;
+            let mut errs = ConfigErrors::default();
+            if c.collector_cluster.is_empty() {
+                errs.push(join(&tpath, "collector_cluster"), "a cluster is required");
+            }
+            if !c.collector_endpoint.starts_with('/') {
+                errs.push(
+                    join(&tpath, "collector_endpoint"),
+                    "a path (starting with /) is required",
+                );
+            }
+            if c.collector_endpoint_version != 1 {
+                errs.push(
+                    join(&tpath, "collector_endpoint_version"),
+                    "only HTTP_JSON is implemented",
+                );
+            }
+            if c.split_spans_for_request {
+                errs.push(
+                    join(&tpath, "split_spans_for_request"),
+                    "split spans are not implemented",
+                );
+            }
+            if c.trace_context_option != 0 {
+                errs.push(
+                    join(&tpath, "trace_context_option"),
+                    "only B3 propagation (USE_B3) is implemented",
+                );
+            }
+            let hostname = if c.collector_hostname.is_empty() {
+                c.collector_cluster.clone()
+            } else {
+                c.collector_hostname.clone()
+            };
+            errs.into_result(TraceProvider::Zipkin(ZipkinProvider {
+                cluster: c.collector_cluster.as_str().into(),
+                endpoint: c.collector_endpoint.clone(),
+                hostname,
+                trace_id_128bit: c.trace_id_128bit,
+                shared_span_context: c.shared_span_context.is_none_or(|v| v.value),
+            }))
+        }
         other => Err(err(
             tpath,
-            format!("tracer {other} is not implemented (OpenTelemetryConfig is)"),
+            format!("tracer {other} is not implemented (OpenTelemetryConfig and ZipkinConfig are)"),
         )),
     }
 }
@@ -1317,7 +1362,7 @@ load_assignment:
             ),
             (
                 r#"{provider: {name: envoy.tracers.zipkin, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: echo, collector_endpoint: /api/v2/spans}}}"#.to_owned(),
-                "tracing.provider.typed_config",
+                "tracing.provider.typed_config.collector_endpoint_version: only HTTP_JSON",
             ),
             (
                 r#"{provider: {name: envoy.tracers.opentelemetry, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {envoy_grpc: {cluster_name: echo}}, resource_detectors: [{name: x, typed_config: {"@type": type.googleapis.com/google.protobuf.Empty}}]}}}"#.to_owned(),
