@@ -777,7 +777,7 @@ pub fn build_chain(
                 tracer: h
                     .tracing
                     .as_ref()
-                    .and_then(|t| t.provider.as_ref())
+                    .and_then(|t| t.provider.as_ref().or(env.default_tracer))
                     .map(|p| {
                         crate::trace::Tracer::new(p, env.callouts.clone(), env.store, env.node)
                     }),
@@ -834,6 +834,8 @@ pub struct ChainEnv<'a> {
     pub callouts: Arc<dyn filters::callout::Callouts>,
     /// The local node (span tags `node_id`, `zone`).
     pub node: &'a xds_client::config::Node,
+    /// The bootstrap's `tracing.http`, for HCMs without a provider.
+    pub default_tracer: Option<&'a Arc<xds_client::config::TraceProvider>>,
 }
 
 impl ChainEnv<'_> {

@@ -817,3 +817,65 @@ async fn zipkin_spans_continue_b3_and_report_json_v2() {
     weir_tests::config::stat_is(&p, "tracing.zipkin.spans_sent", 5).await;
     weir_tests::config::stat_is(&p, "tracing.zipkin.reports_sent", 1).await;
 }
+
+/// The bootstrap's `tracing.http` (Istio's Zipkin block) is the provider
+/// of an HCM whose `tracing` names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_tracing_http_is_the_default_provider() {
+    let up = upstream::http1("up").await.expect("upstream");
+    let col = ZipkinCollector::start().await;
+    let (upp, cp) = (up.port(), col.port);
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost("vh", vec![route("/", "up", json!({}))], json!({}))],
+            json!({"tracing": {"random_sampling": {"value": 100}}}),
+        );
+        bootstrap_with(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("up", &[upp], json!({})),
+                cluster("zipkin", &[cp], json!({})),
+            ],
+            json!({
+                "node": {"id": "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local", "cluster": "app.ns"},
+                "tracing": {"http": {"name": "envoy.tracers.zipkin", "typed_config": {
+                    "@type": ZIPKIN, "collector_cluster": "zipkin",
+                    "collector_endpoint": "/api/v2/spans", "collector_endpoint_version": "HTTP_JSON",
+                    "trace_id_128bit": true, "shared_span_context": false,
+                }}},
+            }),
+        )
+    });
+    let http = Http::h1();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = http.get(&format!("{}/b{i}", p.base()), &[]).await;
+        let e = r.echo();
+        let t = echo_header(&e, "x-b3-traceid")
+            .expect("x-b3-traceid")
+            .to_owned();
+        assert_eq!(t.len(), 32, "trace_id_128bit");
+        ids.push((
+            t,
+            echo_header(&e, "x-b3-spanid").expect("span id").to_owned(),
+        ));
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    for (t, s) in &ids {
+        let span = spans
+            .iter()
+            .find(|v| v["id"] == s.as_str())
+            .unwrap_or_else(|| panic!("no span {s}"));
+        assert_eq!(span["traceId"], t.as_str());
+        assert_eq!(span["localEndpoint"]["serviceName"], "app.ns");
+        assert!(span.get("shared").is_none(), "shared_span_context false");
+        assert_eq!(
+            span["tags"]["node_id"],
+            "sidecar~10.0.0.1~app.ns~ns.svc.cluster.local"
+        );
+    }
+}

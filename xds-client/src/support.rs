@@ -23,7 +23,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.bootstrap.v3.Bootstrap", &[
         "node", "static_resources", "admin", "layered_runtime", "stats_config",
         "overload_manager", "bootstrap_extensions", "dynamic_resources", "cluster_manager",
-        "application_log_config", "~deferred_stat_options",
+        "application_log_config", "tracing", "~deferred_stat_options",
         "~stats_flush_interval", "~stats_flush_on_admin", "~enable_dispatcher_stats",
         "~stats_server_version_override", "~watchdog", "~watchdogs", "~use_tcp_for_dns_lookups",
         "~fatal_actions", "~inline_headers", "~perf_tracing_file_path",
@@ -193,6 +193,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "client_sampling", "random_sampling", "overall_sampling", "provider",
         "verbose", "max_path_tag_length", "custom_tags", "spawn_upstream_span",
     ]),
+    ("envoy.config.trace.v3.Tracing", &["http"]),
     ("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"]),
     ("envoy.config.trace.v3.OpenTelemetryConfig", &["grpc_service", "service_name"]),
     // Versions other than HTTP_JSON, split spans and W3C propagation are
