@@ -879,3 +879,70 @@ async fn bootstrap_tracing_http_is_the_default_provider() {
         );
     }
 }
+
+/// A route's `tracing` samples instead of the HCM's (its unset samplings
+/// are 100%) and its custom tags replace the HCM's of the same name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_tracing_overrides_sampling_and_tags() {
+    let up = upstream::http1("up").await.expect("upstream");
+    let col = OtlpCollector::start().await;
+    let (upp, cp) = (up.port(), col.port);
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost(
+                "vh",
+                vec![
+                    route(
+                        "/on",
+                        "up",
+                        json!({"tracing": {"custom_tags": [{"tag": "a", "literal": {"value": "route"}}]}}),
+                    ),
+                    route("/off", "up", json!({})),
+                ],
+                json!({}),
+            )],
+            json!({"tracing": {
+                "random_sampling": {"value": 0},
+                "custom_tags": [
+                    {"tag": "a", "literal": {"value": "hcm"}},
+                    {"tag": "b", "literal": {"value": "hcm-b"}},
+                ],
+                "provider": {"name": "envoy.tracers.opentelemetry",
+                    "typed_config": merge(json!({"@type": OTEL}), otel_provider())}}}),
+        );
+        bootstrap_with(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("up", &[upp], json!({})),
+                cluster(OTEL_SVC, &[cp], h2_upstream(json!({}))),
+            ],
+            json!({}),
+        )
+    });
+    let http = Http::h1();
+    for _ in 0..2 {
+        let r = http.get(&format!("{}/off", p.base()), &[]).await;
+        let tp = echo_header(&r.echo(), "traceparent")
+            .expect("traceparent")
+            .to_owned();
+        assert!(tp.ends_with("-00"), "{tp}");
+    }
+    for _ in 0..5 {
+        let r = http.get(&format!("{}/on", p.base()), &[]).await;
+        let tp = echo_header(&r.echo(), "traceparent")
+            .expect("traceparent")
+            .to_owned();
+        assert!(tp.ends_with("-01"), "{tp}");
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    for (_, s) in &spans {
+        assert_eq!(attr(&s.attributes, "a").as_deref(), Some("route"));
+        assert_eq!(attr(&s.attributes, "b").as_deref(), Some("hcm-b"));
+    }
+    weir_tests::config::stat_is(&p, "http.ingress.tracing.random_sampling", 5).await;
+    weir_tests::config::stat_is(&p, "http.ingress.tracing.not_traceable", 2).await;
+}

@@ -510,9 +510,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.Route", &[
         "name", "match", "route", "redirect", "direct_response", "request_headers_to_add",
         "request_headers_to_remove", "response_headers_to_add", "response_headers_to_remove",
-        "~metadata", "decorator", "typed_per_filter_config",
+        "~metadata", "decorator", "typed_per_filter_config", "tracing",
     ]),
     ("envoy.config.route.v3.Decorator", &["operation", "propagate"]),
+    ("envoy.config.route.v3.Tracing", &["client_sampling", "random_sampling", "overall_sampling", "custom_tags"]),
     ("envoy.config.route.v3.RouteMatch", &[
         "prefix", "path", "safe_regex", "path_separated_prefix", "connect_matcher", "case_sensitive",
         "headers", "query_parameters", "runtime_fraction", "grpc", "tls_context",

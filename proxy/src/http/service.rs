@@ -370,32 +370,6 @@ async fn pipeline(
         ctx.shared.options.local_address_ip_version == crate::cli::IpVersion::V6,
         ctx.tls.as_deref(),
     );
-    if let Some(t) = &h.tracing {
-        let reason = super::tracing::decide(t, &h.request_id, &mut parts.headers, || {
-            rand::rng().random_range(0..10_000)
-        });
-        ctx.hcm.tracing.charge(reason);
-        if let Some(tracer) = &ctx.hcm.tracer {
-            info.span.span = tracer.start_span(
-                t,
-                &parts.headers,
-                reason != super::tracing::Reason::NotTraceable,
-                info.start,
-                &info.authority,
-            );
-            if let Some(s) = &mut info.span.span {
-                s.set_request(
-                    &parts.headers,
-                    parts.method.as_str(),
-                    &info.path,
-                    info.protocol,
-                    &ctx.direct_peer.ip().to_string(),
-                );
-            }
-        }
-    }
-    info.force_trace = parts.headers.contains_key("x-envoy-force-trace");
-    info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
     info.grpc = is_grpc(&parts.headers);
     info.downstream_remote = edge.remote;
     // --- routing
@@ -448,6 +422,37 @@ async fn pipeline(
     if let Some(route) = route {
         info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
     }
+    // As Envoy, the trace decision follows routing (a route's `tracing`
+    // samples instead of the HCM's).
+    if let Some(t) = &h.tracing {
+        let route_tracing = route.and_then(|r| r.tracing.as_ref());
+        let reason =
+            super::tracing::decide(t, route_tracing, &h.request_id, &mut parts.headers, || {
+                rand::rng().random::<u64>()
+            });
+        ctx.hcm.tracing.charge(reason);
+        if let Some(tracer) = &ctx.hcm.tracer {
+            info.span.span = tracer.start_span(
+                t,
+                route_tracing.map_or(&[][..], |r| &r.custom_tags),
+                &parts.headers,
+                reason != super::tracing::Reason::NotTraceable,
+                info.start,
+                &info.authority,
+            );
+            if let Some(s) = &mut info.span.span {
+                s.set_request(
+                    &parts.headers,
+                    parts.method.as_str(),
+                    &info.path,
+                    info.protocol,
+                    &ctx.direct_peer.ip().to_string(),
+                );
+            }
+        }
+    }
+    info.force_trace = parts.headers.contains_key("x-envoy-force-trace");
+    info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
     if let Some(t) = &h.tracing {
         info.span.decorate(
             t.egress,

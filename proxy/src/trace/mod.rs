@@ -333,6 +333,7 @@ impl Tracer {
     pub fn start_span(
         self: &Arc<Tracer>,
         cfg: &TracingConfig,
+        route_tags: &[xds_client::config::CustomTag],
         headers: &HeaderMap,
         traced: bool,
         start: SystemTime,
@@ -449,7 +450,7 @@ impl Tracer {
             style,
             request_tags: Vec::new(),
             max_path: cfg.max_path_tag_length,
-            custom: cfg.custom_tags.clone(),
+            custom: merge_tags(&cfg.custom_tags, route_tags),
             header_tags: Vec::new(),
         }))
     }
@@ -829,6 +830,24 @@ impl ActiveSpan {
         span.end_time_unix_nano = unix_nanos(SystemTime::now());
         tracer.record(span);
     }
+}
+
+/// The HCM's custom tags with the route's over them (Envoy's
+/// `ActiveStream::customTags`).
+fn merge_tags(
+    hcm: &[xds_client::config::CustomTag],
+    route: &[xds_client::config::CustomTag],
+) -> Vec<xds_client::config::CustomTag> {
+    if route.is_empty() {
+        return hcm.to_vec();
+    }
+    let mut out: Vec<_> = hcm
+        .iter()
+        .filter(|t| !route.iter().any(|r| r.tag == t.tag))
+        .cloned()
+        .collect();
+    out.extend(route.iter().cloned());
+    out
 }
 
 /// Sets a tag, replacing one of the same key (OTel attribute keys are

@@ -222,6 +222,19 @@ pub struct Route {
     pub per_filter: PerFilterConfigs,
     /// `decorator`: the span's operation (HCM `tracing` only).
     pub decorator: Option<Decorator>,
+    /// `tracing`: the route's sampling and custom tags over the HCM's.
+    pub tracing: Option<RouteTracing>,
+}
+
+/// A route's `tracing`. Samplings are `FractionalPercent`s as
+/// (numerator, denominator value); unset ones are 100%.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteTracing {
+    pub client_sampling: (u32, u32),
+    pub random_sampling: (u32, u32),
+    pub overall_sampling: (u32, u32),
+    /// Added to the HCM's (replacing those of the same tag).
+    pub custom_tags: Vec<super::CustomTag>,
 }
 
 /// A route's `decorator`.

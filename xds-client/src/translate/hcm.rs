@@ -765,7 +765,7 @@ pub(crate) fn tracing_provider(
 }
 
 /// One `custom_tags` entry (`literal`, `environment`, `request_header`).
-fn custom_tag(
+pub(crate) fn custom_tag(
     c: &crate::api::envoy::r#type::tracing::v3::CustomTag,
     path: &str,
 ) -> Result<CustomTag, ConfigErrors> {
