@@ -978,4 +978,73 @@ mod tests {
         }
         assert_eq!(extract_w3c(&HeaderMap::new()), Incoming::None);
     }
+
+    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn b3_single_and_multi() {
+        let B3::Context(c) = extract_b3(&hm(&[(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+        )])) else {
+            panic!("single b3");
+        };
+        assert!(c.single);
+        assert_eq!(to_hex(&c.trace_id), "80f198ee56343ba864fe8b2a57d3eff7");
+        assert_eq!(to_hex(&c.span_id), "e457b5a2e4d86bd1");
+        assert_eq!(
+            c.parent_id.map(|p| to_hex(&p)).as_deref(),
+            Some("05e3ac9a4f6e3b90")
+        );
+        assert_eq!(c.sampled, Some(true));
+        let B3::Context(c) = extract_b3(&hm(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-flags", "1"),
+            ("x-b3-sampled", "0"),
+        ])) else {
+            panic!("multi b3");
+        };
+        assert!(!c.single);
+        assert_eq!(c.trace_id.len(), 8);
+        assert_eq!(c.parent_id, None);
+        assert_eq!(c.sampled, Some(true), "debug flag samples");
+        assert_eq!(extract_b3(&hm(&[("b3", "0")])), B3::None(Some(false)));
+        assert_eq!(
+            extract_b3(&hm(&[("x-b3-sampled", "1")])),
+            B3::None(Some(true))
+        );
+        for bad in [
+            &[("b3", "xyz-e457b5a2e4d86bd1")][..],
+            &[("b3", "463ac35c9f6413ad-e457b5a2e4d86bd1-7")][..],
+            &[
+                ("x-b3-traceid", "463ac35c9f6413a"),
+                ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ][..],
+            &[
+                ("x-b3-traceid", "463ac35c9f6413ad"),
+                ("x-b3-spanid", "a2fb4a1d1a96d312"),
+                ("x-b3-parentspanid", "zz"),
+            ][..],
+        ] {
+            assert_eq!(extract_b3(&hm(bad)), B3::Invalid, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn route_tags_replace_hcm_tags_of_the_same_name() {
+        use xds_client::config::CustomTag;
+        let t = |tag: &str, v: &str| CustomTag {
+            tag: tag.into(),
+            value: CustomTagValue::Literal(v.into()),
+        };
+        let merged = merge_tags(&[t("a", "1"), t("b", "2")], &[t("a", "3")]);
+        assert_eq!(merged, vec![t("b", "2"), t("a", "3")]);
+    }
 }
