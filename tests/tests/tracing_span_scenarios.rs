@@ -946,3 +946,50 @@ async fn route_tracing_overrides_sampling_and_tags() {
     weir_tests::config::stat_is(&p, "http.ingress.tracing.random_sampling", 5).await;
     weir_tests::config::stat_is(&p, "http.ingress.tracing.not_traceable", 2).await;
 }
+
+/// A gRPC request's span gets Envoy's `grpc.*` tags: the request's path,
+/// authority, content type and timeout, the answer's `grpc-status` and
+/// `grpc-message`, and `error` for a server-side failure status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_requests_get_grpc_tags() {
+    let (p, _up, col) = setup(json!({}), json!({})).await;
+    let http = Http::h1();
+    for i in 0..5 {
+        let status = if i == 0 { "14" } else { "5" };
+        let r = http
+            .send(
+                "POST",
+                &format!("{}/pkg.Svc/M{i}", p.base()),
+                &[
+                    ("content-type", "application/grpc"),
+                    ("grpc-timeout", "5S"),
+                    ("x-echo-header-grpc-status", status),
+                    ("x-echo-header-grpc-message", "down"),
+                ],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    for (_, s) in &spans {
+        let a = |k: &str| attr(&s.attributes, k);
+        let path = a("grpc.path").unwrap_or_default();
+        assert!(path.starts_with("/pkg.Svc/M"), "{path}");
+        assert_eq!(
+            a("grpc.authority"),
+            Some(format!("127.0.0.1:{}", p.addr().port()))
+        );
+        assert_eq!(a("grpc.content_type").as_deref(), Some("application/grpc"));
+        assert_eq!(a("grpc.timeout").as_deref(), Some("5S"));
+        assert_eq!(a("grpc.message").as_deref(), Some("down"));
+        if path.ends_with("M0") {
+            assert_eq!(a("grpc.status_code").as_deref(), Some("14"));
+            assert_eq!(a("error").as_deref(), Some("true"));
+        } else {
+            assert_eq!(a("grpc.status_code").as_deref(), Some("5"));
+            assert_eq!(a("error"), None, "NOT_FOUND is the client's");
+        }
+    }
+}

@@ -1269,6 +1269,18 @@ fn finish(
         }
         info.response_headers = Some(resp.headers().clone());
     }
+    // A trailers-only gRPC answer's status, for the span.
+    let grpc_head = if info.span.span.is_some() {
+        let text = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        (text("grpc-status"), text("grpc-message"))
+    } else {
+        (None, None)
+    };
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
     let body = body.tracked(Box::new(move |end: crate::body::TrackedEnd| {
@@ -1310,6 +1322,11 @@ fn finish(
         }
         if let Some(span) = info.span.span.take() {
             span.finish(&crate::trace::StreamEnd {
+                grpc_status: grpc_head
+                    .0
+                    .clone()
+                    .or_else(|| end.grpc_status.map(|s| s.to_string())),
+                grpc_message: grpc_head.1.clone(),
                 request_size: info
                     .stream
                     .as_ref()

@@ -657,6 +657,10 @@ fn unix_nanos(t: SystemTime) -> u64 {
 
 /// The facts of a finished stream a span is tagged with.
 pub struct StreamEnd<'a> {
+    /// `grpc-status` and `grpc-message` of the response headers, else the
+    /// status of its trailers.
+    pub grpc_status: Option<String>,
+    pub grpc_message: Option<String>,
     pub request_size: u64,
     pub response_size: u64,
     pub upstream_cluster: Option<&'a str>,
@@ -724,6 +728,19 @@ impl ActiveSpan {
         tags.push(otlp::KeyValue::string("peer.address", peer));
         if let Some(c) = text("x-client-trace-id") {
             tags.push(otlp::KeyValue::string("guid:x-client-trace-id", c));
+        }
+        // As Envoy's `addGrpcRequestTags`, for a gRPC request.
+        if text("content-type").is_some_and(|c| c.starts_with("application/grpc")) {
+            tags.push(otlp::KeyValue::string("grpc.path", path));
+            for (tag, h) in [
+                ("grpc.authority", "host"),
+                ("grpc.content_type", "content-type"),
+                ("grpc.timeout", "grpc-timeout"),
+            ] {
+                if let Some(v) = text(h) {
+                    tags.push(otlp::KeyValue::string(tag, v));
+                }
+            }
         }
         self.request_tags = tags;
         // Custom request-header tags read the same headers.
@@ -825,6 +842,16 @@ impl ActiveSpan {
             };
             if let Some(v) = v.filter(|v| !v.is_empty()) {
                 set_tag(a, &c.tag, &v);
+            }
+        }
+        // As Envoy's `addGrpcResponseTags`: server-side failures are errors.
+        if let Some(st) = &end.grpc_status {
+            set_tag(a, "grpc.status_code", st);
+            if let Some(m) = &end.grpc_message {
+                set_tag(a, "grpc.message", m);
+            }
+            if matches!(st.as_str(), "2" | "4" | "8" | "12" | "13" | "14" | "15") {
+                set_tag(a, "error", "true");
             }
         }
         span.end_time_unix_nano = unix_nanos(SystemTime::now());
