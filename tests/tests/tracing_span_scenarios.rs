@@ -993,3 +993,71 @@ async fn grpc_requests_get_grpc_tags() {
         }
     }
 }
+
+/// On an OUTBOUND listener the span is Envoy's `egress <host>` of kind
+/// CLIENT, and a propagated route decorator goes upstream in
+/// `x-envoy-decorator-operation` (and names the span).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_listeners_make_egress_client_spans() {
+    let up = upstream::http1("up").await.expect("upstream");
+    let col = OtlpCollector::start().await;
+    let (upp, cp) = (up.port(), col.port);
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "egress",
+            vec![],
+            vec![vhost(
+                "vh",
+                vec![
+                    route("/dec", "up", json!({"decorator": {"operation": "op-e"}})),
+                    route("/", "up", json!({})),
+                ],
+                json!({}),
+            )],
+            json!({"tracing": {"provider": {"name": "envoy.tracers.opentelemetry",
+                "typed_config": merge(json!({"@type": OTEL}), otel_provider())}}}),
+        );
+        let mut l = listener("l", ports.listen, vec![chain(vec![h])]);
+        l["traffic_direction"] = json!("OUTBOUND");
+        bootstrap_with(
+            ports,
+            vec![l],
+            vec![
+                cluster("up", &[upp], json!({})),
+                cluster(OTEL_SVC, &[cp], h2_upstream(json!({}))),
+            ],
+            json!({}),
+        )
+    });
+    let http = Http::h1();
+    for i in 0..5 {
+        let path = if i == 0 { "/dec" } else { "/plain" };
+        let r = http
+            .get(
+                &format!("{}{path}", p.base()),
+                &[("host", "svc.example:8080")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let want = (i == 0).then_some("op-e");
+        assert_eq!(echo_header(&r.echo(), "x-envoy-decorator-operation"), want);
+        assert_eq!(r.header("x-envoy-decorator-operation"), None);
+    }
+    let spans = col.wait_spans(5).await;
+    assert_eq!(spans.len(), 5);
+    let mut names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "egress svc.example:8080",
+            "egress svc.example:8080",
+            "egress svc.example:8080",
+            "egress svc.example:8080",
+            "op-e"
+        ]
+    );
+    for (_, s) in &spans {
+        assert_eq!(s.kind, otlp::span_kind::CLIENT);
+    }
+}
