@@ -18,6 +18,7 @@ pub mod netif;
 pub mod stats;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod xds;
 

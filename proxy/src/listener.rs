@@ -810,6 +810,13 @@ pub fn build_chain(
                 ),
                 stats: crate::metrics::HttpStats::new(env.store, &h.stat_prefix),
                 tracing: crate::http::tracing::TracingStats::new(env.store, &h.stat_prefix),
+                tracer: h
+                    .tracing
+                    .as_ref()
+                    .and_then(|t| t.provider.as_ref().or(env.default_tracer))
+                    .map(|p| {
+                        crate::trace::Tracer::new(p, env.callouts.clone(), env.store, env.node)
+                    }),
                 logs,
                 listener_port,
                 buffer_limit,
@@ -861,6 +868,10 @@ pub struct ChainEnv<'a> {
     >,
     /// Filters' calls to clusters (ext_authz, rate-limit service, JWKS).
     pub callouts: Arc<dyn filters::callout::Callouts>,
+    /// The local node (span tags `node_id`, `zone`).
+    pub node: &'a xds_client::config::Node,
+    /// The bootstrap's `tracing.http`, for HCMs without a provider.
+    pub default_tracer: Option<&'a Arc<xds_client::config::TraceProvider>>,
 }
 
 impl ChainEnv<'_> {

@@ -128,6 +128,8 @@ fn build_version(
         rds: &shared.rds,
         routes: &snap.routes,
         callouts: crate::upstream::callout::ClusterCallouts::shared(shared),
+        node: &snap.node,
+        default_tracer: snap.default_tracer.as_ref(),
     };
     let reuse = |fc: &Arc<xds_client::config::FilterChain>| -> Option<Arc<ChainRuntime>> {
         prev?

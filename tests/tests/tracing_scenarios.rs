@@ -216,20 +216,23 @@ async fn external_request_ids_at_the_edge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tracing_provider_is_rejected_by_weir() {
+async fn unimplemented_tracer_fields_are_rejected_by_weir() {
     if Target::from_env().is_envoy() {
-        return; // Envoy runs the provider; weir names the field it lacks.
+        return; // Envoy splits the spans; weir names the field it lacks.
     }
     let extra = json!({"tracing": {"provider": {"name": "envoy.tracers.zipkin", "typed_config": {
         "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
         "collector_cluster": "z", "collector_endpoint": "/api/v2/spans",
-        "collector_endpoint_version": "HTTP_JSON",
+        "collector_endpoint_version": "HTTP_JSON", "split_spans_for_request": true,
     }}}});
     let r = Proxy::try_start(Target::from_env(), StartOptions::default(), move |p| {
         bootstrap(p, &extra)
     });
     let Err(e) = r else {
-        panic!("started with a tracing provider")
+        panic!("started with split_spans_for_request")
     };
-    assert!(format!("{e:#}").contains("tracing.provider"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("tracing.provider.typed_config.split_spans_for_request"),
+        "{e:#}"
+    );
 }

@@ -23,7 +23,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.bootstrap.v3.Bootstrap", &[
         "node", "static_resources", "admin", "layered_runtime", "stats_config",
         "overload_manager", "bootstrap_extensions", "dynamic_resources", "cluster_manager",
-        "application_log_config", "~deferred_stat_options",
+        "application_log_config", "tracing", "~deferred_stat_options",
         "~stats_flush_interval", "~stats_flush_on_admin", "~enable_dispatcher_stats",
         "~stats_server_version_override", "~watchdog", "~watchdogs", "~use_tcp_for_dns_lookups",
         "~fatal_actions", "~inline_headers", "~perf_tracing_file_path",
@@ -187,13 +187,30 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig", &[
         "pack_trace_reason", "use_request_id_for_trace_sampling",
     ]),
-    // The trace decision without a tracer: `custom_tags`, `verbose`,
-    // `max_path_tag_length` and `spawn_upstream_span` only shape spans,
-    // and without a `provider` (rejected by the translator) there are none.
+    // The trace decision, and spans through a provider (OpenTelemetry).
+    // `verbose` and `spawn_upstream_span` are refused by the translator
+    // when set with a provider (they only shape spans).
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing", &[
         "client_sampling", "random_sampling", "overall_sampling", "provider",
-        "~verbose", "~max_path_tag_length", "~custom_tags", "~spawn_upstream_span",
+        "verbose", "max_path_tag_length", "custom_tags", "spawn_upstream_span",
     ]),
+    ("envoy.config.trace.v3.Tracing", &["http"]),
+    ("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"]),
+    ("envoy.config.trace.v3.OpenTelemetryConfig", &["grpc_service", "service_name"]),
+    // Versions other than HTTP_JSON, split spans and W3C propagation are
+    // refused by the translator.
+    ("envoy.config.trace.v3.ZipkinConfig", &[
+        "collector_cluster", "collector_endpoint", "trace_id_128bit", "shared_span_context",
+        "collector_endpoint_version", "collector_hostname", "split_spans_for_request",
+        "trace_context_option",
+    ]),
+    // `metadata` and `value` tags: accepted without a provider (no spans),
+    // refused by the translator with one.
+    ("envoy.type.tracing.v3.CustomTag", &["tag", "literal", "environment", "request_header", "metadata", "value"]),
+    ("envoy.type.tracing.v3.CustomTag.Metadata", &["**"]),
+    ("envoy.type.tracing.v3.CustomTag.Literal", &["value"]),
+    ("envoy.type.tracing.v3.CustomTag.Environment", &["name", "default_value"]),
+    ("envoy.type.tracing.v3.CustomTag.Header", &["name", "default_value"]),
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig", &[
         "unix_sockets", "cidr_ranges",
     ]),
@@ -499,9 +516,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.Route", &[
         "name", "match", "route", "redirect", "direct_response", "request_headers_to_add",
         "request_headers_to_remove", "response_headers_to_add", "response_headers_to_remove",
-        "~metadata", "~decorator", "typed_per_filter_config",
+        "~metadata", "decorator", "typed_per_filter_config", "tracing",
     ]),
-    ("envoy.config.route.v3.Decorator", &["**"]),
+    ("envoy.config.route.v3.Decorator", &["operation", "propagate"]),
+    ("envoy.config.route.v3.Tracing", &["client_sampling", "random_sampling", "overall_sampling", "custom_tags"]),
     ("envoy.config.route.v3.RouteMatch", &[
         "prefix", "path", "safe_regex", "path_separated_prefix", "connect_matcher", "case_sensitive",
         "headers", "query_parameters", "runtime_fraction", "grpc", "tls_context",

@@ -68,6 +68,8 @@ pub struct StreamInfo {
     pub filter_state: filters::FilterState,
     /// HTTP filter instances that run when the stream ends (`istio.stats`).
     pub filter_log: FilterLogSlot,
+    /// The request's span (HCM `tracing.provider`).
+    pub span: crate::trace::SpanSlot,
 }
 
 /// The filter instances kept for the end of a stream (empty: none asked).
@@ -170,6 +172,7 @@ impl StreamInfo {
             dynamic_metadata: Default::default(),
             filter_state: Default::default(),
             filter_log: FilterLogSlot::default(),
+            span: Default::default(),
         }
     }
 }

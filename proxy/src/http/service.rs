@@ -42,6 +42,8 @@ pub struct HcmRuntime {
     pub stats: crate::metrics::HttpStats,
     /// `http.<prefix>.tracing.*` (every HCM has them, as Envoy).
     pub tracing: super::tracing::TracingStats,
+    /// The span exporter of `tracing.provider`.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     pub logs: Vec<Arc<crate::access_log::Logger>>,
     pub listener_port: u16,
     /// The listener's `per_connection_buffer_limit_bytes`.
@@ -443,14 +445,6 @@ async fn pipeline(
         ),
     };
     redirects.edge = Some(edge);
-    if let Some(t) = &h.tracing {
-        let reason = super::tracing::decide(t, &h.request_id, &mut parts.headers, || {
-            rand::rng().random_range(0..10_000)
-        });
-        ctx.hcm.tracing.charge(reason);
-    }
-    info.force_trace = parts.headers.contains_key("x-envoy-force-trace");
-    info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
     info.grpc = is_grpc(&parts.headers);
     info.downstream_remote = edge.remote;
     // --- routing
@@ -502,6 +496,44 @@ async fn pipeline(
     };
     if let Some(route) = route {
         info.route_name = (!route.name.is_empty()).then(|| route.name.clone());
+    }
+    // As Envoy, the trace decision follows routing (a route's `tracing`
+    // samples instead of the HCM's).
+    if let Some(t) = &h.tracing {
+        let route_tracing = route.and_then(|r| r.tracing.as_ref());
+        let reason =
+            super::tracing::decide(t, route_tracing, &h.request_id, &mut parts.headers, || {
+                rand::rng().random::<u64>()
+            });
+        ctx.hcm.tracing.charge(reason);
+        if let Some(tracer) = &ctx.hcm.tracer {
+            info.span.span = tracer.start_span(
+                t,
+                route_tracing.map_or(&[][..], |r| &r.custom_tags),
+                &parts.headers,
+                reason != super::tracing::Reason::NotTraceable,
+                info.start,
+                &info.authority,
+            );
+            if let Some(s) = &mut info.span.span {
+                s.set_request(
+                    &parts.headers,
+                    parts.method.as_str(),
+                    &info.path,
+                    info.protocol,
+                    &ctx.direct_peer.ip().to_string(),
+                );
+            }
+        }
+    }
+    info.force_trace = parts.headers.contains_key("x-envoy-force-trace");
+    info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+    if let Some(t) = &h.tracing {
+        info.span.decorate(
+            t.egress,
+            route.and_then(|r| r.decorator.as_ref()),
+            &mut parts.headers,
+        );
     }
     // --- filters (decode)
     // As Envoy, a weighted cluster is picked with the route, before the
@@ -836,6 +868,18 @@ async fn pipeline(
                 buffered: buffered.take(),
                 keep_request: None,
             };
+            // As Envoy's router: the span's context goes upstream, and its
+            // request tags see the request as sent.
+            if let Some(s) = &mut info.span.span {
+                s.set_request(
+                    &parts.headers,
+                    parts.method.as_str(),
+                    &info.path,
+                    info.protocol,
+                    &ctx.direct_peer.ip().to_string(),
+                );
+                s.inject(&mut parts.headers);
+            }
             let mut head = std::mem::replace(parts, http::Request::new(()).into_parts().0);
             let upgrade = match upgrade_type {
                 Some(t) => head
@@ -1395,6 +1439,9 @@ fn finish(
     if let Some(via) = &h.via {
         headers::append_joined(hs, &headers::VIA, via, ", ");
     }
+    if h.tracing.is_some() {
+        info.span.on_response(hs);
+    }
     let status = resp.status();
     info.response_code = status.as_u16();
     let logs_on = !ctx.hcm.logs.is_empty();
@@ -1404,6 +1451,18 @@ fn finish(
         }
         info.response_headers = Some(resp.headers().clone());
     }
+    // A trailers-only gRPC answer's status, for the span.
+    let grpc_head = if info.span.span.is_some() {
+        let text = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        (text("grpc-status"), text("grpc-message"))
+    } else {
+        (None, None)
+    };
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
     let body = body.tracked(Box::new(move |end: crate::body::TrackedEnd| {
@@ -1441,6 +1500,24 @@ fn finish(
                 scheme: info.scheme,
                 cluster: info.upstream_cluster.as_deref(),
                 route_name: info.route_name.as_deref(),
+            });
+        }
+        if let Some(span) = info.span.span.take() {
+            span.finish(&crate::trace::StreamEnd {
+                grpc_status: grpc_head
+                    .0
+                    .clone()
+                    .or_else(|| end.grpc_status.map(|s| s.to_string())),
+                grpc_message: grpc_head.1.clone(),
+                request_size: info
+                    .stream
+                    .as_ref()
+                    .map_or(0, |s| s.bytes_received())
+                    .max(info.bytes_received),
+                response_size: bytes,
+                upstream_cluster: info.upstream_cluster.as_deref(),
+                status: info.response_code,
+                flags: info.flags.short(),
             });
         }
         if logs_on {

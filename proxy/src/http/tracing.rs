@@ -2,7 +2,7 @@
 //! Envoy's `ConnectionManagerUtility::mutateTracingRequestHeader` with the
 //! UUID request ID extension: the reason is read from and written into the
 //! x-request-id UUID (its 15th character), and counted in
-//! `http.<prefix>.tracing.*`. No spans are made: a provider is rejected.
+//! `http.<prefix>.tracing.*`. Spans (a `provider`) are `crate::trace`.
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -118,12 +118,15 @@ pub fn set_reason(rid: &RequestIdConfig, headers: &mut HeaderMap, r: Reason) {
 }
 
 /// Decides whether the request is traced and records the reason in its
-/// x-request-id. `random` draws the client-sampling coin (0..10000).
+/// x-request-id. `random` draws the client-sampling coin. The route's
+/// `tracing` samplings, when it has them, replace the HCM's (Envoy's
+/// `mutateTracingRequestHeader`).
 pub fn decide(
     cfg: &TracingConfig,
+    route: Option<&xds_client::config::RouteTracing>,
     rid: &RequestIdConfig,
     headers: &mut HeaderMap,
-    random: impl FnOnce() -> u32,
+    random: impl FnOnce() -> u64,
 ) -> Reason {
     if !rid.use_request_id_for_trace_sampling {
         return Reason::Sampling;
@@ -135,21 +138,30 @@ pub fn decide(
     else {
         return Reason::NotTraceable;
     };
-    let result = result as u32;
+    let (client, sampling, overall) = match route {
+        Some(r) => (r.client_sampling, r.random_sampling, r.overall_sampling),
+        None => (
+            (cfg.client_sampling, 10_000),
+            (cfg.random_sampling, 10_000),
+            (cfg.overall_sampling, 10_000),
+        ),
+    };
+    // Envoy's `evaluateFractionalPercent`: value mod denominator < numerator.
+    let on = |(num, den): (u32, u32), v: u64| v % u64::from(den.max(1)) < u64::from(num);
     let mut reason = get_reason(rid, headers);
     if reason == Reason::NotTraceable {
-        if headers.contains_key(&X_CLIENT_TRACE_ID) && random() < cfg.client_sampling {
+        if headers.contains_key(&X_CLIENT_TRACE_ID) && on(client, random()) {
             reason = Reason::ClientForced;
             set_reason(rid, headers, reason);
         } else if headers.contains_key(&X_ENVOY_FORCE_TRACE) {
             reason = Reason::ServiceForced;
             set_reason(rid, headers, reason);
-        } else if result < cfg.random_sampling {
+        } else if on(sampling, result) {
             reason = Reason::Sampling;
             set_reason(rid, headers, reason);
         }
     }
-    if reason != Reason::NotTraceable && result >= cfg.overall_sampling {
+    if reason != Reason::NotTraceable && !on(overall, result) {
         reason = Reason::NotTraceable;
         set_reason(rid, headers, reason);
     }
@@ -165,6 +177,7 @@ mod tests {
             client_sampling: client,
             random_sampling: random,
             overall_sampling: overall,
+            ..Default::default()
         }
     }
 
@@ -177,6 +190,15 @@ mod tests {
         h
     }
 
+    fn decide_hcm(
+        cfg: &TracingConfig,
+        rid: &RequestIdConfig,
+        h: &mut HeaderMap,
+        random: impl FnOnce() -> u64,
+    ) -> Reason {
+        decide(cfg, None, rid, h, random)
+    }
+
     const RID: &str = "00000064-1234-4234-8234-123456789012"; // 100 % 10000 = 100
 
     #[test]
@@ -184,24 +206,24 @@ mod tests {
         let rid = RequestIdConfig::default();
         let mut h = with_rid(RID, &[]);
         assert_eq!(
-            decide(&cfg(10_000, 101, 10_000), &rid, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 101, 10_000), &rid, &mut h, || 0),
             Reason::Sampling
         );
         assert_eq!(h[&X_REQUEST_ID], "00000064-1234-9234-8234-123456789012");
         // Already sampled: kept, even at 0% random sampling.
         assert_eq!(
-            decide(&cfg(10_000, 0, 10_000), &rid, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 0, 10_000), &rid, &mut h, || 0),
             Reason::Sampling
         );
         // Overall sampling below the id's value: cleared.
         assert_eq!(
-            decide(&cfg(10_000, 0, 100), &rid, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 0, 100), &rid, &mut h, || 0),
             Reason::NotTraceable
         );
         assert_eq!(h[&X_REQUEST_ID], RID);
         let mut h = with_rid(RID, &[]);
         assert_eq!(
-            decide(&cfg(10_000, 100, 10_000), &rid, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 100, 10_000), &rid, &mut h, || 0),
             Reason::NotTraceable
         );
         assert_eq!(h[&X_REQUEST_ID], RID, "unchanged when not traced");
@@ -212,7 +234,7 @@ mod tests {
         let rid = RequestIdConfig::default();
         let mut h = with_rid(RID, &[("x-client-trace-id", "x")]);
         assert_eq!(
-            decide(&cfg(10_000, 0, 10_000), &rid, &mut h, || 9_999),
+            decide_hcm(&cfg(10_000, 0, 10_000), &rid, &mut h, || 9_999),
             Reason::ClientForced
         );
         assert_eq!(h[&X_REQUEST_ID].as_bytes()[REASON_AT], b'b');
@@ -222,7 +244,7 @@ mod tests {
             &[("x-client-trace-id", "x"), ("x-envoy-force-trace", "1")],
         );
         assert_eq!(
-            decide(&cfg(0, 0, 10_000), &rid, &mut h, || 0),
+            decide_hcm(&cfg(0, 0, 10_000), &rid, &mut h, || 0),
             Reason::ServiceForced
         );
         assert_eq!(h[&X_REQUEST_ID].as_bytes()[REASON_AT], b'a');
@@ -233,18 +255,18 @@ mod tests {
         let rid = RequestIdConfig::default();
         let mut h = with_rid("not-a-uuid", &[]);
         assert_eq!(
-            decide(&cfg(10_000, 10_000, 10_000), &rid, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 10_000, 10_000), &rid, &mut h, || 0),
             Reason::NotTraceable
         );
         let mut h = HeaderMap::new();
         assert_eq!(
-            decide(&cfg(10_000, 10_000, 10_000), &rid, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 10_000, 10_000), &rid, &mut h, || 0),
             Reason::NotTraceable
         );
         // A short id still samples by its first 8 digits, but nothing is packed.
         let mut h = with_rid("00000001-short", &[]);
         assert_eq!(
-            decide(&cfg(10_000, 10_000, 10_000), &rid, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 10_000, 10_000), &rid, &mut h, || 0),
             Reason::Sampling
         );
         assert_eq!(h[&X_REQUEST_ID], "00000001-short");
@@ -254,7 +276,7 @@ mod tests {
         };
         let mut h = with_rid(RID, &[]);
         assert_eq!(
-            decide(&cfg(10_000, 10_000, 10_000), &no_pack, &mut h, || 0),
+            decide_hcm(&cfg(10_000, 10_000, 10_000), &no_pack, &mut h, || 0),
             Reason::Sampling
         );
         assert_eq!(h[&X_REQUEST_ID], RID);
@@ -263,7 +285,7 @@ mod tests {
             use_request_id_for_trace_sampling: false,
         };
         assert_eq!(
-            decide(&cfg(0, 0, 0), &no_rid, &mut h, || 0),
+            decide_hcm(&cfg(0, 0, 0), &no_rid, &mut h, || 0),
             Reason::Sampling
         );
     }

@@ -1,7 +1,7 @@
 //! `envoy.filters.network.http_connection_manager` and access logs.
 use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
 use super::{CompressorConfig, FaultConfig, Format, GrpcStatsConfig, HttpRbac, Name, RouteConfig};
 
@@ -91,7 +91,7 @@ pub struct HttpConnectionManager {
 
 /// HCM `tracing`, validated. Sampling rates are per 10,000 (Envoy turns
 /// the `Percent`s into `FractionalPercent`s over `TEN_THOUSAND`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TracingConfig {
     /// `client_sampling` (default 100%): requests with `x-client-trace-id`.
     pub client_sampling: u32,
@@ -99,6 +99,81 @@ pub struct TracingConfig {
     pub random_sampling: u32,
     /// `overall_sampling` (default 100%): caps the others.
     pub overall_sampling: u32,
+    /// `provider`: who gets the spans (`None`: the decision only).
+    pub provider: Option<Arc<TraceProvider>>,
+    /// `max_path_tag_length` (default 256): the path's share of `http.url`.
+    pub max_path_tag_length: usize,
+    /// `custom_tags`, applied last to every span.
+    pub custom_tags: Vec<CustomTag>,
+    /// The listener's `traffic_direction` is OUTBOUND: Envoy's `egress`
+    /// operation (span name `egress <host>`, kind CLIENT).
+    pub egress: bool,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            client_sampling: 10_000,
+            random_sampling: 10_000,
+            overall_sampling: 10_000,
+            provider: None,
+            max_path_tag_length: 256,
+            custom_tags: Vec::new(),
+            egress: false,
+        }
+    }
+}
+
+/// A tracer provider (HCM `tracing.provider`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TraceProvider {
+    /// `envoy.tracers.opentelemetry`: OTLP over gRPC.
+    OpenTelemetry(OpenTelemetryProvider),
+    /// `envoy.tracers.zipkin`: JSON v2 over HTTP.
+    Zipkin(ZipkinProvider),
+}
+
+/// `ZipkinConfig` (`HTTP_JSON`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZipkinProvider {
+    /// `collector_cluster`.
+    pub cluster: Name,
+    /// `collector_endpoint`: the path reports are POSTed to.
+    pub endpoint: String,
+    /// `collector_hostname` (default: the cluster name).
+    pub hostname: String,
+    /// `trace_id_128bit` (default false): new traces get 128-bit ids.
+    pub trace_id_128bit: bool,
+    /// `shared_span_context` (default true): the server span reuses the
+    /// incoming span id.
+    pub shared_span_context: bool,
+}
+
+/// `OpenTelemetryConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenTelemetryProvider {
+    /// `grpc_service` (envoy_grpc): where `TraceService/Export` goes.
+    pub grpc: super::GrpcService,
+    /// `service_name` (default `unknown_service:envoy`, as Envoy).
+    pub service_name: String,
+}
+
+/// One `custom_tags` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomTag {
+    pub tag: String,
+    pub value: CustomTagValue,
+}
+
+/// Where a custom tag's value comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CustomTagValue {
+    /// `literal.value`.
+    Literal(String),
+    /// `environment`: read once at translation, `default_value` when unset.
+    Environment(String),
+    /// `request_header.name`, else `default_value` (no tag when empty).
+    RequestHeader(HeaderName, String),
 }
 
 /// Envoy's UUID request ID extension (`UuidRequestIdConfig`).

@@ -82,6 +82,9 @@ pub struct Snapshot {
     /// `overload_manager` `envoy.resource_monitors.global_downstream_max_connections`
     /// (or `downstream_connections`) limit.
     pub max_downstream_connections: Option<u64>,
+    /// The bootstrap's `tracing.http`: the provider of every HCM whose
+    /// `tracing` names none (Envoy's fallback).
+    pub default_tracer: Option<Arc<TraceProvider>>,
 }
 
 /// `node` identity.

@@ -223,6 +223,31 @@ pub struct Route {
     pub headers: HeaderMutations,
     /// `typed_per_filter_config`.
     pub per_filter: PerFilterConfigs,
+    /// `decorator`: the span's operation (HCM `tracing` only).
+    pub decorator: Option<Decorator>,
+    /// `tracing`: the route's sampling and custom tags over the HCM's.
+    pub tracing: Option<RouteTracing>,
+}
+
+/// A route's `tracing`. Samplings are `FractionalPercent`s as
+/// (numerator, denominator value); unset ones are 100%.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteTracing {
+    pub client_sampling: (u32, u32),
+    pub random_sampling: (u32, u32),
+    pub overall_sampling: (u32, u32),
+    /// Added to the HCM's (replacing those of the same tag).
+    pub custom_tags: Vec<super::CustomTag>,
+}
+
+/// A route's `decorator`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decorator {
+    /// `operation`: the span name.
+    pub operation: Arc<str>,
+    /// `propagate` (default true): `x-envoy-decorator-operation` goes to
+    /// the peer (in the response on ingress, the request on egress).
+    pub propagate: bool,
 }
 
 /// `RouteMatch`.

@@ -618,11 +618,37 @@ fn tracing(
     t: &h::http_connection_manager::Tracing,
     path: &str,
 ) -> Result<TracingConfig, ConfigErrors> {
-    if t.provider.is_some() {
-        return Err(err(
-            join(path, "provider"),
-            "tracing providers (spans to OpenTelemetry, Zipkin, ...) are not implemented yet",
-        ));
+    let mut errs = ConfigErrors::default();
+    let provider = match &t.provider {
+        Some(p) => tracing_provider(p, &join(path, "provider"))
+            .map_err(|e| errs.extend(e))
+            .ok()
+            .map(Arc::new),
+        None => None,
+    };
+    if provider.is_some() {
+        // Without a provider these only shape spans nobody makes.
+        if t.verbose {
+            errs.push(
+                join(path, "verbose"),
+                "verbose span logs (timing events) are not implemented",
+            );
+        }
+        if t.spawn_upstream_span.is_some_and(|v| v.value) {
+            errs.push(
+                join(path, "spawn_upstream_span"),
+                "upstream (child) spans are not implemented",
+            );
+        }
+    }
+    let mut custom_tags = Vec::with_capacity(t.custom_tags.len());
+    for (i, c) in t.custom_tags.iter().enumerate() {
+        match custom_tag(c, &format!("{path}.custom_tags[{i}]")) {
+            Ok(c) => custom_tags.push(c),
+            // Without a provider there are no spans to tag.
+            Err(e) if provider.is_some() || t.provider.is_some() => errs.extend(e),
+            Err(_) => {}
+        }
     }
     // As Envoy's PROTOBUF_PERCENT_TO_ROUNDED_INTEGER_OR_DEFAULT(.., 10000, 10000).
     let rate = |p: &Option<crate::api::envoy::r#type::v3::Percent>| {
@@ -630,10 +656,149 @@ fn tracing(
             (p.value.clamp(0.0, 100.0) * 100.0).round() as u32
         })
     };
-    Ok(TracingConfig {
+    errs.into_result(TracingConfig {
         client_sampling: rate(&t.client_sampling),
         random_sampling: rate(&t.random_sampling),
         overall_sampling: rate(&t.overall_sampling),
+        provider,
+        max_path_tag_length: t.max_path_tag_length.map_or(256, |v| v.value as usize),
+        custom_tags,
+        egress: false,
+    })
+}
+
+const OPENTELEMETRY_CONFIG: &str = "envoy.config.trace.v3.OpenTelemetryConfig";
+const ZIPKIN_CONFIG: &str = "envoy.config.trace.v3.ZipkinConfig";
+
+/// `tracing.provider` (HCM) or the bootstrap's `tracing.http`.
+pub(crate) fn tracing_provider(
+    p: &crate::api::envoy::config::trace::v3::tracing::Http,
+    path: &str,
+) -> Result<TraceProvider, ConfigErrors> {
+    use crate::api::envoy::config::trace::v3::tracing::http::ConfigType;
+    let tpath = join(path, "typed_config");
+    let Some(ConfigType::TypedConfig(any)) = &p.config_type else {
+        return Err(err(tpath, "a tracer needs a typed_config"));
+    };
+    let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+    match any.type_url.rsplit('/').next().unwrap_or_default() {
+        OPENTELEMETRY_CONFIG => {
+            let c: crate::api::envoy::config::trace::v3::OpenTelemetryConfig =
+                super::decode(&any, &tpath)?;
+            let mut errs = ConfigErrors::default();
+            let grpc = match &c.grpc_service {
+                Some(g) => super::ext_authz::grpc_service(g, &join(&tpath, "grpc_service"))
+                    .map_err(|e| errs.extend(e))
+                    .ok(),
+                None => {
+                    errs.push(
+                        join(&tpath, "grpc_service"),
+                        "grpc_service is required (the HTTP exporter is not implemented)",
+                    );
+                    None
+                }
+            };
+            let service_name = if c.service_name.is_empty() {
+                "unknown_service:envoy".to_owned()
+            } else {
+                c.service_name.clone()
+            };
+            match grpc {
+                Some(grpc) if errs.is_empty() => {
+                    Ok(TraceProvider::OpenTelemetry(OpenTelemetryProvider {
+                        grpc,
+                        service_name,
+                    }))
+                }
+                _ => Err(errs),
+            }
+        }
+        ZIPKIN_CONFIG => {
+            let c: crate::api::envoy::config::trace::v3::ZipkinConfig =
+                super::decode(&any, &tpath)?;
+            let mut errs = ConfigErrors::default();
+            if c.collector_cluster.is_empty() {
+                errs.push(join(&tpath, "collector_cluster"), "a cluster is required");
+            }
+            if !c.collector_endpoint.starts_with('/') {
+                errs.push(
+                    join(&tpath, "collector_endpoint"),
+                    "a path (starting with /) is required",
+                );
+            }
+            if c.collector_endpoint_version != 1 {
+                errs.push(
+                    join(&tpath, "collector_endpoint_version"),
+                    "only HTTP_JSON is implemented",
+                );
+            }
+            if c.split_spans_for_request {
+                errs.push(
+                    join(&tpath, "split_spans_for_request"),
+                    "split spans are not implemented",
+                );
+            }
+            if c.trace_context_option != 0 {
+                errs.push(
+                    join(&tpath, "trace_context_option"),
+                    "only B3 propagation (USE_B3) is implemented",
+                );
+            }
+            let hostname = if c.collector_hostname.is_empty() {
+                c.collector_cluster.clone()
+            } else {
+                c.collector_hostname.clone()
+            };
+            errs.into_result(TraceProvider::Zipkin(ZipkinProvider {
+                cluster: c.collector_cluster.as_str().into(),
+                endpoint: c.collector_endpoint.clone(),
+                hostname,
+                trace_id_128bit: c.trace_id_128bit,
+                shared_span_context: c.shared_span_context.is_none_or(|v| v.value),
+            }))
+        }
+        other => Err(err(
+            tpath,
+            format!("tracer {other} is not implemented (OpenTelemetryConfig and ZipkinConfig are)"),
+        )),
+    }
+}
+
+/// One `custom_tags` entry (`literal`, `environment`, `request_header`).
+pub(crate) fn custom_tag(
+    c: &crate::api::envoy::r#type::tracing::v3::CustomTag,
+    path: &str,
+) -> Result<CustomTag, ConfigErrors> {
+    use crate::api::envoy::r#type::tracing::v3::custom_tag::Type;
+    let value = match &c.r#type {
+        Some(Type::Literal(l)) => CustomTagValue::Literal(l.value.clone()),
+        Some(Type::Environment(e)) => CustomTagValue::Environment(
+            std::env::var(&e.name).unwrap_or_else(|_| e.default_value.clone()),
+        ),
+        Some(Type::RequestHeader(r)) => CustomTagValue::RequestHeader(
+            super::header_name(
+                &r.name.to_ascii_lowercase(),
+                &join(path, "request_header.name"),
+            )?,
+            r.default_value.clone(),
+        ),
+        Some(Type::Metadata(_)) => {
+            return Err(err(
+                join(path, "metadata"),
+                "metadata custom tags are not implemented",
+            ))
+        }
+        Some(Type::Value(_)) => {
+            return Err(err(
+                join(path, "value"),
+                "formatted custom tags are not implemented",
+            ))
+        }
+        None => return Err(err(path, "a custom tag needs a type")),
+    };
+    Ok(CustomTag {
+        tag: c.tag.clone(),
+        value,
     })
 }
 
@@ -1167,6 +1332,75 @@ load_assignment:
         );
         assert!(matches!(kinds.last(), Some(HttpFilterKind::Router(_))));
         assert!(l.filter_chains[0].pass_through.is_empty());
+    }
+
+    /// `http_listener` with HCM `tracing` set to `tracing` (flow YAML).
+    fn traced_listener(tracing: &str) -> String {
+        http_listener(EMPTY_FAULT).replacen(
+            "      stat_prefix: outbound_0.0.0.0_8080\n",
+            &format!("      stat_prefix: outbound_0.0.0.0_8080\n      tracing: {tracing}\n"),
+            1,
+        )
+    }
+
+    const OTEL: &str = r#"{name: envoy.tracers.opentelemetry, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {envoy_grpc: {cluster_name: echo}}}}"#;
+
+    #[test]
+    fn tracing_providers_translate_and_reject_naming_the_field() {
+        let s = bootstrap(&traced_listener(&format!("{{provider: {OTEL}}}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let NetworkFilter::Http(h) = &s.listeners[0].filter_chains[0].filter else {
+            panic!("an HCM");
+        };
+        let t = h.tracing.as_ref().expect("tracing");
+        let Some(crate::config::TraceProvider::OpenTelemetry(o)) = t.provider.as_deref() else {
+            panic!("an OpenTelemetry provider");
+        };
+        assert_eq!(&*o.grpc.cluster, "echo");
+        assert_eq!(o.service_name, "unknown_service:envoy");
+        assert_eq!(t.max_path_tag_length, 256);
+        assert!(!t.egress);
+        for (tracing, want) in [
+            (format!("{{provider: {OTEL}, verbose: true}}"), "tracing.verbose: verbose span logs"),
+            (
+                format!("{{provider: {OTEL}, spawn_upstream_span: true}}"),
+                "tracing.spawn_upstream_span: upstream (child) spans",
+            ),
+            (
+                format!("{{provider: {OTEL}, custom_tags: [{{tag: a, metadata: {{kind: {{request: {{}}}}, metadata_key: {{key: k, path: [{{key: x}}]}}}}}}]}}"),
+                "tracing.custom_tags[0].metadata: metadata custom tags",
+            ),
+            (
+                r#"{provider: {name: envoy.tracers.zipkin, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: echo, collector_endpoint: /api/v2/spans}}}"#.to_owned(),
+                "tracing.provider.typed_config.collector_endpoint_version: only HTTP_JSON",
+            ),
+            (
+                r#"{provider: {name: envoy.tracers.opentelemetry, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {envoy_grpc: {cluster_name: echo}}, resource_detectors: [{name: x, typed_config: {"@type": type.googleapis.com/google.protobuf.Empty}}]}}}"#.to_owned(),
+                "resource_detectors",
+            ),
+        ] {
+            let e = bootstrap(&traced_listener(&tracing))
+                .err()
+                .unwrap_or_else(|| panic!("{tracing} must be rejected"))
+                .to_string();
+            assert!(e.contains(want), "{tracing}: {e}");
+        }
+        // Without a provider, custom tags of any kind are accepted (no spans).
+        bootstrap(&traced_listener(
+            "{custom_tags: [{tag: a, metadata: {kind: {request: {}}, metadata_key: {key: k, path: [{key: x}]}}}]}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        // An OUTBOUND listener traces as egress.
+        let out = traced_listener(&format!("{{provider: {OTEL}}}")).replacen(
+            "name: gw\n",
+            "name: gw\ntraffic_direction: OUTBOUND\n",
+            1,
+        );
+        let s = bootstrap(&out).unwrap_or_else(|e| panic!("{e}"));
+        let NetworkFilter::Http(h) = &s.listeners[0].filter_chains[0].filter else {
+            panic!("an HCM");
+        };
+        assert!(h.tracing.as_ref().is_some_and(|t| t.egress));
     }
 
     #[test]

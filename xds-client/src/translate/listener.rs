@@ -85,6 +85,15 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
             set_inbound(fc);
         }
     }
+    // As Envoy, an OUTBOUND listener's HCMs trace as `egress`.
+    if proto.traffic_direction == 2 {
+        for fc in filter_chains
+            .iter_mut()
+            .chain(default_filter_chain.as_mut())
+        {
+            set_egress(fc);
+        }
+    }
     let mut listener_filters = Vec::new();
     for (i, lf) in proto.listener_filters.iter().enumerate() {
         match listener_filter(lf, &format!("{path}.listener_filters[{i}]")) {
@@ -162,6 +171,21 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
 }
 
 /// Marks the chain's `istio.stats` filters as on an INBOUND listener.
+/// Marks the chain's HCM tracing as Envoy's `egress` operation.
+fn set_egress(fc: &mut Arc<FilterChain>) {
+    let NetworkFilter::Http(h) = &fc.filter else {
+        return;
+    };
+    if h.tracing.is_none() {
+        return;
+    }
+    if let NetworkFilter::Http(h) = &mut Arc::make_mut(fc).filter {
+        if let Some(t) = &mut Arc::make_mut(h).tracing {
+            t.egress = true;
+        }
+    }
+}
+
 fn set_inbound(fc: &mut Arc<FilterChain>) {
     if fc
         .read_filters

@@ -231,7 +231,15 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
         }
     }
 
+    let default_tracer = match b.tracing.as_ref().and_then(|t| t.http.as_ref()) {
+        Some(h) => hcm::tracing_provider(h, "tracing.http")
+            .map_err(|e| errs.extend(e))
+            .ok()
+            .map(Arc::new),
+        None => None,
+    };
     errs.into_result(Snapshot {
+        default_tracer,
         node,
         admin,
         listeners,

@@ -342,10 +342,51 @@ fn route(p: &r::Route, path: &str) -> Result<Route, ConfigErrors> {
             errs.extend(e);
         }
     }
+    let decorator = match &p.decorator {
+        Some(d) if d.operation.is_empty() => {
+            errs.push(
+                join(path, "decorator.operation"),
+                "an operation is required",
+            );
+            None
+        }
+        Some(d) => Some(Decorator {
+            operation: d.operation.as_str().into(),
+            propagate: d.propagate.is_none_or(|v| v.value),
+        }),
+        None => None,
+    };
+    let tracing = p.tracing.as_ref().map(|t| {
+        let frac = |f: &Option<crate::api::envoy::r#type::v3::FractionalPercent>| {
+            f.as_ref().map_or((100, 100), |f| {
+                let den = match f.denominator {
+                    1 => 10_000,
+                    2 => 1_000_000,
+                    _ => 100,
+                };
+                (f.numerator.min(den), den)
+            })
+        };
+        let mut custom_tags = Vec::new();
+        for (i, c) in t.custom_tags.iter().enumerate() {
+            match super::hcm::custom_tag(c, &format!("{path}.tracing.custom_tags[{i}]")) {
+                Ok(c) => custom_tags.push(c),
+                Err(e) => errs.extend(e),
+            }
+        }
+        RouteTracing {
+            client_sampling: frac(&t.client_sampling),
+            random_sampling: frac(&t.random_sampling),
+            overall_sampling: frac(&t.overall_sampling),
+            custom_tags,
+        }
+    });
     if !errs.is_empty() {
         return Err(errs);
     }
     Ok(Route {
+        tracing,
+        decorator,
         name: p.name.as_str().into(),
         matcher: matcher.expect("checked"),
         action: action.expect("checked"),
