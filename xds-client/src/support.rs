@@ -288,11 +288,49 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "descriptor_value", "descriptor_key", "expect_match", "query_parameters",
     ]),
     // RBAC (HTTP and network): `rules` policies with the matchers weir
-    // evaluates; the matcher API, metadata, CEL conditions
-    // and audit logging are rejected (PENDING).
+    // evaluates, or the matcher API (`matcher`, `shadow_matcher`: see the
+    // xDS matcher below); metadata, CEL conditions and audit logging are
+    // rejected (PENDING).
     ("envoy.extensions.filters.http.rbac.v3.RBAC", &[
         "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
+        "matcher", "shadow_matcher",
     ]),
+    ("envoy.config.rbac.v3.Action", &["name", "action"]),
+    // The xDS matcher API (`translate/match_tree.rs`); each user accepts
+    // its own inputs and actions, the translator rejects the others naming
+    // the field.
+    ("xds.type.matcher.v3.Matcher", &["matcher_list", "matcher_tree", "on_no_match"]),
+    ("xds.type.matcher.v3.Matcher.OnMatch", &["matcher", "action"]),
+    ("xds.type.matcher.v3.Matcher.MatcherList", &["matchers"]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher", &["predicate", "on_match"]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.Predicate", &[
+        "single_predicate", "or_matcher", "and_matcher", "not_matcher",
+    ]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.Predicate.SinglePredicate", &[
+        "input", "value_match", "custom_match",
+    ]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList", &["predicate"]),
+    ("xds.type.matcher.v3.Matcher.MatcherTree", &["input", "exact_match_map", "prefix_match_map"]),
+    ("xds.type.matcher.v3.Matcher.MatcherTree.MatchMap", &["map"]),
+    ("xds.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
+    ("xds.type.matcher.v3.StringMatcher", &["exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"]),
+    ("xds.type.matcher.v3.RegexMatcher", &["regex", "~google_re2"]),
+    ("xds.type.matcher.v3.RegexMatcher.GoogleRE2", &[]),
+    ("envoy.type.matcher.v3.HttpRequestHeaderMatchInput", &["header_name"]),
+    ("envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.SourceIPInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.SourcePortInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.DirectSourceIPInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.ServerNameInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.FilterStateInput", &["key"]),
+    ("envoy.extensions.matching.common_inputs.ssl.v3.UriSanInput", &[]),
+    ("envoy.extensions.matching.common_inputs.ssl.v3.DnsSanInput", &[]),
+    ("envoy.extensions.matching.common_inputs.ssl.v3.SubjectInput", &[]),
+    // The IP matcher: `stat_prefix` names Envoy's `ip_parsing_failed`
+    // counter, which weir does not emit (a value that is no IP simply
+    // does not match, as in Envoy).
+    ("envoy.extensions.matching.input_matchers.ip.v3.Ip", &["cidr_ranges", "~stat_prefix"]),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
     ("envoy.extensions.filters.http.buffer.v3.Buffer", &["max_request_bytes"]),
     ("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", &["disabled", "buffer"]),
@@ -319,6 +357,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.extensions.filters.network.rbac.v3.RBAC", &[
         "rules", "shadow_rules", "shadow_rules_stat_prefix", "stat_prefix", "enforcement_type",
+        "matcher", "shadow_matcher",
     ]),
     ("envoy.config.rbac.v3.RBAC", &["action", "policies"]),
     ("envoy.config.rbac.v3.Policy", &["permissions", "principals"]),
@@ -721,28 +760,8 @@ pub static PENDING: &[(&str, &str, &str)] = &[
     ),
     (
         "envoy.extensions.filters.http.rbac.v3.RBAC",
-        "matcher",
-        "the matcher API form of RBAC is not implemented (use rules)",
-    ),
-    (
-        "envoy.extensions.filters.http.rbac.v3.RBAC",
-        "shadow_matcher",
-        "the matcher API form of RBAC is not implemented (use shadow_rules)",
-    ),
-    (
-        "envoy.extensions.filters.http.rbac.v3.RBAC",
         "track_per_rule_stats",
         "per-policy RBAC stats are not implemented",
-    ),
-    (
-        "envoy.extensions.filters.network.rbac.v3.RBAC",
-        "matcher",
-        "the matcher API form of RBAC is not implemented (use rules)",
-    ),
-    (
-        "envoy.extensions.filters.network.rbac.v3.RBAC",
-        "shadow_matcher",
-        "the matcher API form of RBAC is not implemented (use shadow_rules)",
     ),
     (
         "envoy.extensions.filters.network.rbac.v3.RBAC",

@@ -315,6 +315,7 @@ fn http_filter_denies_counts_and_follows_route_overrides() {
         rules_stat_prefix: String::new(),
         shadow_rules: Some(allow_bar),
         shadow_rules_stat_prefix: "dry_".into(),
+        ..Default::default()
     });
     let rec = Arc::new(Recorder::default());
     let scope: Arc<dyn StatsScope> = rec.clone();
