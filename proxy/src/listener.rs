@@ -647,6 +647,7 @@ async fn connection(
                     peer_uri_sans: peer.map(|p| p.uri_sans.clone()).unwrap_or_default(),
                     peer_dns_sans: peer.map(|p| p.dns_sans.clone()).unwrap_or_default(),
                     peer_subject: peer.map(|p| p.subject.clone()),
+                    peer_pem: tls.as_ref().and_then(|t| t.peer_pem.clone()),
                     tls: tls.is_some(),
                     state: Default::default(),
                     filter_state: conn_state,

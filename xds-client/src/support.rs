@@ -245,7 +245,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "failure_mode_allow_header_add", "status_on_error",
         "metadata_context_namespaces", "filter_enabled", "deny_at_disable",
         "stat_prefix", "allowed_headers", "filter_enabled_metadata",
-        "~charge_cluster_response_stats",
+        "~charge_cluster_response_stats", "with_request_body", "include_peer_certificate",
+    ]),
+    // `allow_partial_message: true` is rejected by the translator.
+    ("envoy.extensions.filters.http.ext_authz.v3.BufferSettings", &[
+        "max_request_bytes", "allow_partial_message", "pack_as_bytes",
     ]),
     ("envoy.extensions.filters.http.ext_authz.v3.HttpService", &[
         "server_uri", "path_prefix", "authorization_request", "authorization_response",
@@ -718,16 +722,6 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// Fields rejected with a reason because the traffic-policy work will
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
-    (
-        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-        "with_request_body",
-        "sending the request body to the authorization service is not implemented",
-    ),
-    (
-        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-        "include_peer_certificate",
-        "sending the peer certificate to the authorization service is not implemented",
-    ),
     (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "response_rate_limit",

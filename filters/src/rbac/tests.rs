@@ -329,6 +329,7 @@ fn http_filter_denies_counts_and_follows_route_overrides() {
         peer_uri_sans: uris,
         peer_dns_sans: Vec::new(),
         peer_subject: Some(String::new()),
+        peer_pem: None,
         tls: true,
         state: Default::default(),
         filter_state: Default::default(),
