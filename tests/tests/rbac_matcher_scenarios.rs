@@ -43,6 +43,9 @@ const OTHER: &str = "spiffe://cluster.local/ns/foo/sa/other";
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// A request (path, headers) and the status it must get.
+type Case = (&'static str, &'static [(&'static str, &'static str)], u16);
+
 /// An `on_match` with an RBAC action.
 fn action(name: &str, action: &str) -> Value {
     json!({"action": {"name": "rbac-action", "typed_config": {
@@ -162,7 +165,7 @@ async fn matcher_list_first_match_decides() {
     let (p, _echo, log) = http_proxy("list", json!({"matcher": matcher}), Value::Null).await;
     let c = Http::h1();
     let base = p.base();
-    let cases: [(&str, &[(&str, &str)], u16); 7] = [
+    let cases: [Case; 7] = [
         ("/a", &[("x-role", "admin")], 200),
         ("/a", &[("x-role", "developer")], 200),
         // `devs` fails on the path; nothing else but `audit` (LOG) matches.
@@ -293,7 +296,7 @@ async fn matcher_tree_exact_and_prefix_maps() {
     let (p, _echo, log) = http_proxy("tree", json!({"matcher": exact}), routes).await;
     let c = Http::h1();
     let base = p.base();
-    let cases: [(&str, &[(&str, &str)], u16); 8] = [
+    let cases: [Case; 8] = [
         ("/a", &[("x-tenant", "t1")], 200),
         ("/a", &[("x-tenant", "t2"), ("x-level", "gold")], 200),
         ("/a", &[("x-tenant", "t2")], 403),

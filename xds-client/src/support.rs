@@ -637,14 +637,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
         "~cleanup_interval", "~metadata", "~use_tcp_for_dns_lookups",
     ]),
-    // Active health checking (`upstream/health_check.rs`): HTTP/1.1 GET and
-    // TCP checks; no event logs, TLS options, alt_port or gRPC checks.
+    // Active health checking (`upstream/health_check.rs`): HTTP/1.1 and
+    // HTTP/2 GET, gRPC and TCP checks; no event logs, TLS options or alt_port.
     ("envoy.config.core.v3.HealthCheck", &[
         "timeout", "interval", "initial_jitter", "interval_jitter", "interval_jitter_percent",
         "unhealthy_threshold", "healthy_threshold", "reuse_connection", "no_traffic_interval",
         "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval",
-        "healthy_edge_interval", "http_health_check", "tcp_health_check",
+        "healthy_edge_interval", "http_health_check", "tcp_health_check", "grpc_health_check",
     ]),
+    ("envoy.config.core.v3.HealthCheck.GrpcHealthCheck", &["service_name", "authority", "initial_metadata"]),
     ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &["host", "path", "expected_statuses", "codec_client_type"]),
     ("envoy.config.core.v3.HealthCheck.TcpHealthCheck", &["send", "receive"]),
     ("envoy.config.core.v3.HealthCheck.Payload", &["text", "binary"]),

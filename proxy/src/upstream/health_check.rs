@@ -1,5 +1,6 @@
 //! Active health checking (cluster `health_checks`), as Envoy's
-//! `HealthCheckerImplBase` with its HTTP and TCP checkers: one session
+//! `HealthCheckerImplBase` with its HTTP (HTTP/1.1 and HTTP/2), gRPC and
+//! TCP checkers: one session
 //! task per host on the control runtime, a host state kept per address
 //! across host-set updates.
 use std::{
@@ -13,7 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xds_client::config::{ActiveHealthCheck, HealthCheckKind};
@@ -262,7 +263,95 @@ impl Session {
 /// A reusable connection between checks.
 enum Conn {
     Http(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    /// HTTP/2 (prior knowledge): HTTP/2 and gRPC checks.
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
+
+/// An HTTP/2 connection for a check: the kept one if it is still ready,
+/// else a new one.
+async fn h2_sender(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, Failure> {
+    if let Some(Conn::Http2(mut s)) = conn.take() {
+        if s.ready().await.is_ok() {
+            return Ok(s);
+        }
+    }
+    let s = connect(addr, connect_timeout).await?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .map_err(|_| Failure::Network)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// `grpc.health.v1.HealthCheckRequest { service }` in a gRPC frame.
+fn grpc_health_request(service: &str) -> Bytes {
+    let mut msg = Vec::with_capacity(service.len() + 8);
+    if !service.is_empty() {
+        msg.push(0x0a); // field 1, length-delimited
+        prost::encoding::encode_varint(service.len() as u64, &mut msg);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut out = Vec::with_capacity(msg.len() + 5);
+    out.push(0); // not compressed
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    Bytes::from(out)
+}
+
+/// `grpc.health.v1.HealthCheckResponse.status` of one gRPC frame (0,
+/// UNKNOWN, when absent or malformed).
+fn grpc_health_status(body: &[u8]) -> u64 {
+    let Some(msg) = body.get(5..) else { return 0 };
+    let len = body
+        .get(1..5)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    if body[0] != 0 || msg.len() < len {
+        return 0;
+    }
+    let mut buf = &msg[..len];
+    let mut status = 0;
+    while !buf.is_empty() {
+        let Ok(key) = prost::encoding::decode_varint(&mut buf) else {
+            return 0;
+        };
+        match (key >> 3, key & 7) {
+            (1, 0) => match prost::encoding::decode_varint(&mut buf) {
+                Ok(v) => status = v,
+                Err(_) => return 0,
+            },
+            (_, 0) => {
+                if prost::encoding::decode_varint(&mut buf).is_err() {
+                    return 0;
+                }
+            }
+            (_, 2) => {
+                let Ok(n) = prost::encoding::decode_varint(&mut buf) else {
+                    return 0;
+                };
+                let Some(rest) = buf.get(n as usize..) else {
+                    return 0;
+                };
+                buf = rest;
+            }
+            (_, 5) if buf.len() >= 4 => buf = &buf[4..],
+            (_, 1) if buf.len() >= 8 => buf = &buf[8..],
+            _ => return 0,
+        }
+    }
+    status
+}
+
+/// `SERVING` in `grpc.health.v1.HealthCheckResponse.ServingStatus`.
+const SERVING: u64 = 1;
 
 /// Checks one host until its session is aborted or the cluster runtime
 /// is gone.
@@ -370,10 +459,82 @@ async fn check_once(
             path,
             host,
             expected,
+            http2: true,
+        } => {
+            let mut sender = h2_sender(conn, addr, connect_timeout).await?;
+            let uri = format!("http://{host}{path}");
+            let req = http::Request::get(uri.as_str())
+                .header(http::header::USER_AGENT, "Envoy/HC")
+                .body(Full::new(Bytes::new()))
+                .map_err(|_| Failure::Network)?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|_| Failure::Network)?;
+            let status = resp.status().as_u16();
+            resp.into_body()
+                .collect()
+                .await
+                .map_err(|_| Failure::Network)?;
+            *conn = Some(Conn::Http2(sender));
+            if expected.iter().any(|(a, b)| (*a..*b).contains(&status)) {
+                Ok(())
+            } else {
+                Err(Failure::Active)
+            }
+        }
+        HealthCheckKind::Grpc {
+            service_name,
+            authority,
+            metadata,
+        } => {
+            let mut sender = h2_sender(conn, addr, connect_timeout).await?;
+            let uri = format!("http://{authority}/grpc.health.v1.Health/Check");
+            let mut req = http::Request::post(uri.as_str())
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                .header(http::header::USER_AGENT, "Envoy/HC")
+                .body(Full::new(grpc_health_request(service_name)))
+                .map_err(|_| Failure::Network)?;
+            for (k, v) in metadata {
+                req.headers_mut().append(k.clone(), v.clone());
+            }
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|_| Failure::Network)?;
+            // As Envoy's gRPC checker: a non-200 answer, a non-OK
+            // grpc-status (trailers, or headers of a trailers-only answer)
+            // or any status but SERVING fails the host.
+            let ok_status = resp.status() == http::StatusCode::OK;
+            let head_grpc = resp.headers().get("grpc-status").cloned();
+            let collected = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| Failure::Network)?;
+            *conn = Some(Conn::Http2(sender));
+            let grpc_status = collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status").cloned())
+                .or(head_grpc);
+            let body = collected.to_bytes();
+            let grpc_ok = grpc_status.is_some_and(|v| v.as_bytes() == b"0");
+            if ok_status && grpc_ok && grpc_health_status(&body) == SERVING {
+                Ok(())
+            } else {
+                Err(Failure::Active)
+            }
+        }
+        HealthCheckKind::Http {
+            path,
+            host,
+            expected,
+            http2: false,
         } => {
             let reused = match conn.take() {
                 Some(Conn::Http(mut s)) => s.ready().await.is_ok().then_some(s),
-                None => None,
+                _ => None,
             };
             let mut sender = match reused {
                 Some(s) => s,
@@ -452,5 +613,24 @@ mod tests {
         assert!(matches_in_order(b"xxabyycd", &blocks));
         assert!(!matches_in_order(b"cdab", &blocks));
         assert!(!matches_in_order(b"ab", &blocks));
+    }
+}
+
+#[cfg(test)]
+mod grpc_tests {
+    use super::*;
+
+    #[test]
+    fn grpc_health_frames() {
+        assert_eq!(&grpc_health_request("")[..], &[0, 0, 0, 0, 0]);
+        assert_eq!(
+            &grpc_health_request("a")[..],
+            &[0, 0, 0, 0, 3, 0x0a, 1, b'a']
+        );
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 2, 0x08, 1]), SERVING);
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 2, 0x08, 2]), 2);
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 0]), 0);
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 9, 0x08]), 0);
+        assert_eq!(grpc_health_status(&[]), 0);
     }
 }

@@ -468,6 +468,20 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             &mut errs,
         ))
     });
+    // As Envoy: gRPC health checks need an HTTP/2 cluster.
+    if health_check
+        .as_ref()
+        .is_some_and(|h| matches!(h.kind, HealthCheckKind::Grpc { .. }))
+        && protocol == UpstreamProtocol::Http1
+    {
+        errs.push(
+            join(path, "health_checks[0].grpc_health_check"),
+            format!(
+                "{} cluster must support HTTP/2 for gRPC healthchecking",
+                p.name
+            ),
+        );
+    }
     let panic_threshold = p
         .common_lb_config
         .as_ref()
@@ -590,12 +604,17 @@ fn active_health_check(
                 errs.push(join(&p, "path"), "path is required");
             }
             use crate::api::envoy::r#type::v3::CodecClientType as Codec;
-            if !matches!(Codec::try_from(x.codec_client_type), Ok(Codec::Http1)) {
-                errs.push(
-                    join(&p, "codec_client_type"),
-                    "only HTTP1 health checks are implemented",
-                );
-            }
+            let http2 = match Codec::try_from(x.codec_client_type) {
+                Ok(Codec::Http1) => false,
+                Ok(Codec::Http2) => true,
+                _ => {
+                    errs.push(
+                        join(&p, "codec_client_type"),
+                        "only HTTP1 and HTTP2 health checks are implemented",
+                    );
+                    false
+                }
+            };
             let mut expected = Vec::new();
             for (i, r) in x.expected_statuses.iter().enumerate() {
                 if r.start < 100 || r.end > 600 || r.start >= r.end {
@@ -622,6 +641,39 @@ fn active_health_check(
                     x.host.clone()
                 },
                 expected,
+                http2,
+            }
+        }
+        Some(HealthChecker::GrpcHealthCheck(x)) => {
+            let p = join(path, "grpc_health_check");
+            let mut metadata = Vec::with_capacity(x.initial_metadata.len());
+            for (i, m) in x.initial_metadata.iter().enumerate() {
+                let mpath = format!("{p}.initial_metadata[{i}]");
+                let Some(h) = &m.header else {
+                    errs.push(join(&mpath, "header"), "value is required");
+                    continue;
+                };
+                let value = if h.raw_value.is_empty() {
+                    h.value.as_bytes()
+                } else {
+                    h.raw_value.as_slice()
+                };
+                match (
+                    http::HeaderName::from_bytes(h.key.as_bytes()),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    (Ok(k), Ok(v)) => metadata.push((k, v)),
+                    _ => errs.push(join(&mpath, "header"), "invalid header"),
+                }
+            }
+            HealthCheckKind::Grpc {
+                service_name: x.service_name.clone(),
+                authority: if x.authority.is_empty() {
+                    cluster.to_owned()
+                } else {
+                    x.authority.clone()
+                },
+                metadata,
             }
         }
         Some(HealthChecker::TcpHealthCheck(x)) => {
@@ -651,16 +703,6 @@ fn active_health_check(
                 .map(|(i, r)| payload(r, format!("{p}.receive[{i}]")))
                 .collect();
             HealthCheckKind::Tcp { send, receive }
-        }
-        Some(HealthChecker::GrpcHealthCheck(_)) => {
-            errs.push(
-                join(path, "grpc_health_check"),
-                "gRPC health checks are not implemented",
-            );
-            HealthCheckKind::Tcp {
-                send: Vec::new(),
-                receive: Vec::new(),
-            }
         }
         Some(HealthChecker::CustomHealthCheck(_)) => {
             errs.push(
