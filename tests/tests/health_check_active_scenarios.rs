@@ -459,3 +459,65 @@ async fn grpc_check_needs_an_http2_cluster() {
         assert!(e.contains("health_checks[0].grpc_health_check"), "{e}");
     }
 }
+
+/// Checks go over the cluster's TLS transport socket (its SNI and trust):
+/// the TLS host passes; a plaintext host fails the handshake (a network
+/// failure) and stays failed.
+#[tokio::test]
+async fn http_check_over_the_clusters_tls_transport() {
+    use weir_tests::tls::{self, LeafSpec, TestCa, TlsServerOptions};
+    let ca = TestCa::new("hc root");
+    let secure = tls::tls_upstream(TlsServerOptions::new(
+        "secure",
+        &ca.issue(LeafSpec::server("hc.test")),
+    ))
+    .await
+    .expect("tls upstream");
+    let plain = upstream::http1("plain").await.expect("plain");
+    let (sp, pp) = (secure.port(), plain.port());
+    let ca_pem = ca.pem();
+    let p = Proxy::start(move |p| {
+        bootstrap(
+            p,
+            vec![listener(
+                "l",
+                p.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![],
+                    vec![vhost("vh", vec![route("/", "c", json!({}))], json!({}))],
+                    json!({}),
+                )])],
+            )],
+            vec![cluster(
+                "c",
+                &[sp, pp],
+                json!({
+                    "health_checks": [common(json!({"http_health_check": {"path": "/healthz"}}))],
+                    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "sni": "hc.test",
+                        "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": ca_pem.clone()}}},
+                    }},
+                }),
+            )],
+        )
+    });
+    stat_is(&p, "cluster.c.health_check.healthy", 1).await;
+    assert_eq!(flags(&p, sp, |f| f == "healthy").await, "healthy");
+    assert_eq!(
+        flags(&p, pp, |f| f == "/failed_active_hc").await,
+        "/failed_active_hc"
+    );
+    let nf = wait_stat(&p, "cluster.c.health_check.network_failure", |v| {
+        v.is_some_and(|n| n >= 1)
+    })
+    .await;
+    assert!(nf.is_some_and(|n| n >= 1), "network_failure {nf:?}");
+    let conn = secure.last_connection().expect("a TLS check connection");
+    assert_eq!(conn.sni.as_deref(), Some("hc.test"));
+    // Requests go to the healthy TLS host only.
+    let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().upstream, "secure");
+}

@@ -163,7 +163,7 @@ impl Checker {
             let Some(st) = inner.states.get(&h.addr).cloned() else {
                 continue;
             };
-            let task = tokio::spawn(session(owner.clone(), h.addr, st));
+            let task = tokio::spawn(session(owner.clone(), h.clone(), st));
             inner.sessions.insert(h.addr, task.abort_handle());
         }
     }
@@ -273,13 +273,14 @@ async fn h2_sender(
     conn: &mut Option<Conn>,
     addr: SocketAddr,
     connect_timeout: Duration,
+    tls: Option<&crate::tls::ClientTls>,
 ) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, Failure> {
     if let Some(Conn::Http2(mut s)) = conn.take() {
         if s.ready().await.is_ok() {
             return Ok(s);
         }
     }
-    let s = connect(addr, connect_timeout).await?;
+    let s = connect(addr, connect_timeout, tls).await?;
     let (sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(s),
@@ -355,7 +356,8 @@ const SERVING: u64 = 1;
 
 /// Checks one host until its session is aborted or the cluster runtime
 /// is gone.
-async fn session(owner: Weak<ClusterRuntime>, addr: SocketAddr, st: Arc<HostState>) {
+async fn session(owner: Weak<ClusterRuntime>, host: Arc<Host>, st: Arc<HostState>) {
+    let addr = host.addr;
     let jitter = match owner.upgrade() {
         Some(c) => match &c.health_check {
             Some(ck) => ck.config.initial_jitter,
@@ -380,11 +382,13 @@ async fn session(owner: Weak<ClusterRuntime>, addr: SocketAddr, st: Arc<HostStat
         };
         let cfg = ck.config.clone();
         let connect_timeout = c.config.connect_timeout;
+        // Checks go over the host's transport socket, as Envoy's.
+        let tls = c.tls_for(&host).cloned();
         drop(c);
         ck_stats(&owner, |ck| ck.stats.attempt.inc());
         let result = match tokio::time::timeout(
             cfg.timeout,
-            check_once(&cfg, addr, connect_timeout, &mut conn),
+            check_once(&cfg, addr, connect_timeout, tls.as_deref(), &mut conn),
         )
         .await
         {
@@ -435,8 +439,10 @@ async fn check_once(
     cfg: &ActiveHealthCheck,
     addr: SocketAddr,
     connect_timeout: Duration,
+    tls: Option<&crate::tls::ClientTls>,
     conn: &mut Option<Conn>,
 ) -> Result<(), Failure> {
+    let connect = |addr, t| connect(addr, t, tls);
     match &cfg.kind {
         HealthCheckKind::Tcp { send, receive } => {
             let mut s = connect(addr, connect_timeout).await?;
@@ -461,7 +467,7 @@ async fn check_once(
             expected,
             http2: true,
         } => {
-            let mut sender = h2_sender(conn, addr, connect_timeout).await?;
+            let mut sender = h2_sender(conn, addr, connect_timeout, tls).await?;
             let uri = format!("http://{host}{path}");
             let req = http::Request::get(uri.as_str())
                 .header(http::header::USER_AGENT, "Envoy/HC")
@@ -488,7 +494,7 @@ async fn check_once(
             authority,
             metadata,
         } => {
-            let mut sender = h2_sender(conn, addr, connect_timeout).await?;
+            let mut sender = h2_sender(conn, addr, connect_timeout, tls).await?;
             let uri = format!("http://{authority}/grpc.health.v1.Health/Check");
             let mut req = http::Request::post(uri.as_str())
                 .header(http::header::CONTENT_TYPE, "application/grpc")
@@ -581,13 +587,37 @@ async fn check_once(
     }
 }
 
-async fn connect(addr: SocketAddr, t: Duration) -> Result<tokio::net::TcpStream, Failure> {
-    match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
+/// A check connection: plain TCP or TLS.
+trait CheckIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> CheckIo for T {}
+
+/// Connects within `t`, then the TLS handshake of the host's transport
+/// socket if it has one (its configured ALPN; none added, as Envoy's
+/// checkers add none).
+async fn connect(
+    addr: SocketAddr,
+    t: Duration,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<Box<dyn CheckIo>, Failure> {
+    let s = match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok(s)
+            s
         }
-        _ => Err(Failure::Network),
+        _ => return Err(Failure::Network),
+    };
+    match tls {
+        None => Ok(Box::new(s)),
+        Some(tls) => match tls
+            .connect(s, addr, crate::tls::client::AlpnFallback::None, None)
+            .await
+        {
+            Ok((s, _)) => Ok(Box::new(s)),
+            Err(e) => {
+                tracing::debug!(target: "upstream", host = %addr, error = %e, "health check TLS handshake failed");
+                Err(Failure::Network)
+            }
+        },
     }
 }
 

@@ -449,17 +449,6 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             "multiple health checks not supported",
         );
     }
-    if !p.health_checks.is_empty()
-        && (transport.tls().is_some()
-            || transport_matches
-                .iter()
-                .any(|m| m.transport.tls().is_some()))
-    {
-        errs.push(
-            join(path, "health_checks"),
-            "active health checks of TLS clusters are not implemented",
-        );
-    }
     let health_check = p.health_checks.first().map(|h| {
         std::sync::Arc::new(active_health_check(
             h,
