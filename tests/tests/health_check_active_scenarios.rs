@@ -521,3 +521,34 @@ async fn http_check_over_the_clusters_tls_transport() {
     assert_eq!(r.status, 200);
     assert_eq!(r.echo().upstream, "secure");
 }
+
+/// `request_headers_to_remove` then `request_headers_to_add` (literal
+/// values) shape the check request.
+#[tokio::test]
+async fn http_check_request_headers() {
+    let a = upstream::http1("a").await.expect("a");
+    let p = start(
+        vec![a.port()],
+        common(json!({"http_health_check": {
+            "path": "/healthz",
+            "request_headers_to_add": [
+                {"header": {"key": "x-hc", "value": "yes"}},
+                {"header": {"key": "x-hc", "value": "again"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"},
+            ],
+            "request_headers_to_remove": ["user-agent"],
+        }})),
+    );
+    stat_is(&p, "cluster.c.health_check.healthy", 1).await;
+    let hc = a.wait_requests(1).await;
+    let first = hc.first().expect("a was checked");
+    let values = |name: &str| -> Vec<&str> {
+        first
+            .headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(values("x-hc"), ["yes", "again"]);
+    assert!(values("user-agent").is_empty(), "{:?}", first.headers);
+}

@@ -646,7 +646,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "healthy_edge_interval", "http_health_check", "tcp_health_check", "grpc_health_check",
     ]),
     ("envoy.config.core.v3.HealthCheck.GrpcHealthCheck", &["service_name", "authority", "initial_metadata"]),
-    ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &["host", "path", "expected_statuses", "codec_client_type"]),
+    ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &[
+        "host", "path", "expected_statuses", "codec_client_type", "request_headers_to_add",
+        "request_headers_to_remove",
+    ]),
     ("envoy.config.core.v3.HealthCheck.TcpHealthCheck", &["send", "receive"]),
     ("envoy.config.core.v3.HealthCheck.Payload", &["text", "binary"]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),

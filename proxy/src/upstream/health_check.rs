@@ -466,13 +466,16 @@ async fn check_once(
             host,
             expected,
             http2: true,
+            remove,
+            add,
         } => {
             let mut sender = h2_sender(conn, addr, connect_timeout, tls).await?;
             let uri = format!("http://{host}{path}");
-            let req = http::Request::get(uri.as_str())
+            let mut req = http::Request::get(uri.as_str())
                 .header(http::header::USER_AGENT, "Envoy/HC")
                 .body(Full::new(Bytes::new()))
                 .map_err(|_| Failure::Network)?;
+            mutate(req.headers_mut(), remove, add);
             let resp = sender
                 .send_request(req)
                 .await
@@ -537,6 +540,8 @@ async fn check_once(
             host,
             expected,
             http2: false,
+            remove,
+            add,
         } => {
             let reused = match conn.take() {
                 Some(Conn::Http(mut s)) => s.ready().await.is_ok().then_some(s),
@@ -556,11 +561,12 @@ async fn check_once(
                     sender
                 }
             };
-            let req = http::Request::get(path.as_str())
+            let mut req = http::Request::get(path.as_str())
                 .header(http::header::HOST, host.as_str())
                 .header(http::header::USER_AGENT, "Envoy/HC")
                 .body(Empty::<Bytes>::new())
                 .map_err(|_| Failure::Network)?;
+            mutate(req.headers_mut(), remove, add);
             let resp = sender
                 .send_request(req)
                 .await
@@ -584,6 +590,20 @@ async fn check_once(
                 Err(Failure::Active)
             }
         }
+    }
+}
+
+/// `request_headers_to_remove`, then `request_headers_to_add`.
+fn mutate(
+    h: &mut http::HeaderMap,
+    remove: &[http::HeaderName],
+    add: &[(xds_client::config::HeaderAdd, http::HeaderValue)],
+) {
+    for n in remove {
+        h.remove(n);
+    }
+    for (a, v) in add {
+        a.apply_to(h, v.clone());
     }
 }
 

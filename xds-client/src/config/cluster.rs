@@ -412,6 +412,10 @@ pub enum HealthCheckKind {
         expected: Vec<(u16, u16)>,
         /// `codec_client_type: HTTP2` (prior knowledge, h2c).
         http2: bool,
+        /// `request_headers_to_remove` (removed first, as Envoy's header
+        /// parser), then `request_headers_to_add` (literal values).
+        remove: Vec<http::HeaderName>,
+        add: Vec<(super::HeaderAdd, http::HeaderValue)>,
     },
     /// `grpc_health_check`: `grpc.health.v1.Health/Check` over HTTP/2;
     /// healthy only on `SERVING`.

@@ -622,7 +622,45 @@ fn active_health_check(
             if x.expected_statuses.is_empty() {
                 expected.push((200, 201));
             }
+            let mutations = super::header_mutations(
+                &x.request_headers_to_add,
+                &x.request_headers_to_remove,
+                &[],
+                &[],
+                &format!("{p}."),
+            );
+            let (mut remove, mut add) = (Vec::new(), Vec::new());
+            match mutations {
+                Ok(m) => {
+                    remove = m.request_remove;
+                    for (i, h) in m.request_add.into_iter().enumerate() {
+                        let value: String = h
+                            .value
+                            .parts
+                            .iter()
+                            .map(|part| match part {
+                                FormatPart::Literal(s) => s.as_str(),
+                                FormatPart::Op(_) => "",
+                            })
+                            .collect();
+                        match (h.value.is_literal(), http::HeaderValue::from_str(&value)) {
+                            (true, Ok(v)) => add.push((h, v)),
+                            (false, _) => errs.push(
+                                format!("{p}.request_headers_to_add[{i}].header.value"),
+                                "substitution formatters in health check headers are not implemented",
+                            ),
+                            (true, Err(_)) => errs.push(
+                                format!("{p}.request_headers_to_add[{i}].header.value"),
+                                "invalid header value",
+                            ),
+                        }
+                    }
+                }
+                Err(e) => errs.extend(e),
+            }
             HealthCheckKind::Http {
+                remove,
+                add,
                 path: x.path.clone(),
                 host: if x.host.is_empty() {
                     cluster.to_owned()

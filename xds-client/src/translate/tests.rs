@@ -214,6 +214,8 @@ static_resources:
             host: "xds-grpc".into(),
             expected: vec![(200, 201)],
             http2: false,
+            remove: Vec::new(),
+            add: Vec::new(),
         }
     );
     for (bad, field) in [
