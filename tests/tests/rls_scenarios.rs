@@ -294,3 +294,89 @@ async fn service_down_allows_unless_failure_mode_deny() {
     let lines = p.log_lines(&log, 1).await;
     assert_eq!(lines, vec!["500 RLSE rate_limiter_error"]);
 }
+
+/// `RateLimitPerRoute`: `vh_rate_limits` (INCLUDE adds the virtual host's
+/// descriptors after the route's, IGNORE drops them, the default uses them
+/// only for a route without rate limits) and `domain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_route_vh_rate_limits_and_domain() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let rls = Rls::start(decide).await;
+    let log = log_path("rls", "per-route");
+    let (echo_port, rls_port) = (echo.port(), rls.port);
+    let per_route = |v: Value| {
+        json!({"typed_per_filter_config": {"envoy.filters.http.ratelimit": merge(
+            json!({"@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute"}),
+            v,
+        )}})
+    };
+    let key = |v: &str| json!([{"actions": [{"generic_key": {"descriptor_value": v}}]}]);
+    let routes = vec![
+        route(
+            "/inc",
+            "echo",
+            merge(
+                json!({"route": {"cluster": "echo", "rate_limits": key("route")}}),
+                per_route(json!({"vh_rate_limits": "INCLUDE", "domain": "inc-domain"})),
+            ),
+        ),
+        route(
+            "/ign",
+            "echo",
+            per_route(json!({"vh_rate_limits": "IGNORE"})),
+        ),
+        route("/", "echo", json!({})),
+    ];
+    let l = log.clone();
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![rl_filter(json!({}))],
+                    vec![vhost(
+                        "vh",
+                        routes.clone(),
+                        json!({"rate_limits": key("vh")}),
+                    )],
+                    json!({"access_log": [file_log(&l, LOG_FORMAT)]}),
+                )])],
+            )],
+            vec![
+                cluster("echo", &[echo_port], json!({})),
+                cluster("rls", &[rls_port], h2_upstream(json!({}))),
+            ],
+        )
+    });
+    let c = Http::h1();
+    for path in ["/inc", "/ign", "/other"] {
+        let r = c.get(&format!("{}{path}", p.base()), &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let seen = rls.seen();
+    let calls: Vec<(String, Vec<String>)> = seen
+        .iter()
+        .map(|r| {
+            (
+                r.domain.clone(),
+                r.descriptors
+                    .iter()
+                    .flat_map(|d| d.entries.iter().map(|e| e.value.clone()))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        vec![
+            (
+                "inc-domain".to_owned(),
+                vec!["route".to_owned(), "vh".to_owned()]
+            ),
+            ("edge".to_owned(), vec!["vh".to_owned()]),
+        ]
+    );
+}

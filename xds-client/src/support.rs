@@ -270,6 +270,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "rate_limited_as_resource_exhausted", "rate_limited_status",
     ]),
     ("envoy.config.ratelimit.v3.RateLimitServiceConfig", &["grpc_service", "transport_api_version"]),
+    // Per route: which virtual host rate limits apply, and the domain
+    // (`rate_limits` and `override_option` are not implemented).
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute", &["vh_rate_limits", "domain"]),
     ("envoy.extensions.filters.http.ext_authz.v3.CheckSettings", &["context_extensions", "disable_request_body_buffering"]),
     ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", &["entries", "token_bucket"]),
     ("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry", &["key", "value"]),
