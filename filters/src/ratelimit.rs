@@ -162,6 +162,14 @@ impl HttpFilter for RateLimitFilter {
         head: &mut http::request::Parts,
     ) -> Action {
         let cfg = &self.shared.cfg;
+        // As Envoy: a request the filter is not enabled for is not checked
+        // (nothing counted).
+        if cfg
+            .filter_enabled
+            .is_some_and(|f| !f.hit(rand::random::<u64>()))
+        {
+            return Action::Continue;
+        }
         // Envoy's `isEnvoyInternalRequest`: `x-envoy-internal: true`, which
         // the HCM sets for internal peers.
         let internal = head
@@ -241,7 +249,13 @@ impl HttpFilter for RateLimitFilter {
             }
             let body = Bytes::from(resp.raw_body);
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
-            if code == Code::OverLimit {
+            // As Envoy: an over-limit answer that is not enforced
+            // (`filter_enforced`) lets the request go upstream with the
+            // service's headers (`x-envoy-ratelimited` included).
+            let enforced = cfg
+                .filter_enforced
+                .is_none_or(|f| f.hit(rand::random::<u64>()));
+            if code == Code::OverLimit && enforced {
                 return Action::Respond(LocalReply {
                     status: http::StatusCode::from_u16(cfg.rate_limited_status)
                         .unwrap_or(http::StatusCode::TOO_MANY_REQUESTS),

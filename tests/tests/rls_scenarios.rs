@@ -380,3 +380,44 @@ async fn per_route_vh_rate_limits_and_domain() {
         ]
     );
 }
+
+/// `filter_enforced` 0%: an over-limit answer lets the request go
+/// upstream, the response still carrying the service's headers and
+/// `x-envoy-ratelimited` (counted as `over_limit`); `filter_enabled` 0%:
+/// no call at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_enforced_and_filter_enabled() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let rls = Rls::start(decide).await;
+    let log = log_path("rls", "enforced");
+    let zero = json!({"default_value": {"numerator": 0}, "runtime_key": "rl.off"});
+    let p = start(
+        rl_filter(json!({"filter_enforced": zero.clone()})),
+        echo.port(),
+        rls.port,
+        &log,
+    );
+    let r = Http::h1()
+        .get(&format!("{}/a", p.base()), &[("x-user", "blocked")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().upstream, "echo");
+    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"));
+    assert_eq!(r.header("x-rl"), Some("over"));
+    assert_eq!(rls.seen().len(), 1);
+    stat_is(&p, "cluster.echo.ratelimit.over_limit", 1).await;
+    drop(p);
+
+    let log2 = log_path("rls", "disabled");
+    let p = start(
+        rl_filter(json!({"filter_enabled": zero})),
+        echo.port(),
+        rls.port,
+        &log2,
+    );
+    let r = Http::h1()
+        .get(&format!("{}/a", p.base()), &[("x-user", "blocked")])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(rls.seen().len(), 1, "no call when the filter is disabled");
+}

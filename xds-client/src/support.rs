@@ -267,7 +267,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", &[
         "domain", "stage", "request_type", "timeout", "failure_mode_deny", "rate_limit_service",
         "enable_x_ratelimit_headers", "disable_x_envoy_ratelimited_header",
-        "rate_limited_as_resource_exhausted", "rate_limited_status",
+        "rate_limited_as_resource_exhausted", "rate_limited_status", "filter_enabled",
+        "filter_enforced",
     ]),
     ("envoy.config.ratelimit.v3.RateLimitServiceConfig", &["grpc_service", "transport_api_version"]),
     // Per route: which virtual host rate limits apply, and the domain
