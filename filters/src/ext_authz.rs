@@ -134,8 +134,22 @@ impl HttpFilterFactory for ExtAuthzFactory {
                 }
             }
         }
+        // The most specific `disable_request_body_buffering` wins.
+        let no_body = route.per_filter.iter().find_map(|level| {
+            match level.get(&self.name).and_then(|c| c.config.as_ref()) {
+                Some(FilterOverride::ExtAuthz(p)) if !p.disabled => {
+                    Some(p.disable_request_body_buffering)
+                }
+                _ => None,
+            }
+        });
+        let body_max = match (no_body, self.shared.cfg.with_request_body) {
+            (Some(true), _) | (_, None) => None,
+            (_, Some(b)) => Some(u64::from(b.max_request_bytes)),
+        };
         Some(Box::new(ExtAuthzFilter {
             shared: self.shared.clone(),
+            body_max,
             context_extensions,
             slot: None,
             response: None,
@@ -175,6 +189,9 @@ type Slot = Arc<Mutex<Option<Decision>>>;
 
 pub struct ExtAuthzFilter {
     shared: Arc<Shared>,
+    /// `with_request_body.max_request_bytes`, unless the route disables
+    /// body buffering.
+    body_max: Option<u64>,
     context_extensions: BTreeMap<String, String>,
     slot: Option<Slot>,
     /// What the response phase applies.
@@ -192,6 +209,10 @@ enum Outcome {
 }
 
 impl HttpFilter for ExtAuthzFilter {
+    fn request_body_wanted(&self) -> Option<u64> {
+        self.body_max
+    }
+
     fn on_request_headers(
         &mut self,
         cx: &mut FilterContext,
@@ -248,7 +269,8 @@ impl HttpFilter for ExtAuthzFilter {
                 })
             }
             ExtAuthzService::Http(h) => {
-                let req = http_request(h, &headers);
+                let body = cfg.with_request_body.and(cx.request_body.as_ref());
+                let req = http_request(h, &headers, body);
                 let fut = sh
                     .callouts
                     .send(&h.cluster, req, cfg.timeout, MAX_HTTP_BODY);
@@ -515,6 +537,12 @@ fn check_request(
         };
         ac::Peer {
             address: Some(socket_address(d.remote)),
+            // As Envoy's `urlEncodedPemEncodedPeerCertificate`.
+            certificate: if cfg.include_peer_certificate {
+                d.peer_pem.as_deref().map(url_encode).unwrap_or_default()
+            } else {
+                String::new()
+            },
             principal,
             service: header(headers, "x-envoy-downstream-service-cluster").to_owned(),
             ..Default::default()
@@ -550,8 +578,21 @@ fn check_request(
         http::Version::HTTP_3 => "HTTP/3",
         _ => "HTTP/1.1",
     };
+    // `with_request_body`: the whole body (a larger one was refused with a
+    // 413 before the check), with Envoy's `x-envoy-auth-partial-body`.
+    let (mut body, mut raw_body) = (String::new(), Vec::new());
+    if let (Some(b), Some(s)) = (&cx.request_body, cfg.with_request_body) {
+        if s.pack_as_bytes {
+            raw_body = b.to_vec();
+        } else {
+            body = String::from_utf8_lossy(b).into_owned();
+        }
+        hmap.insert("x-envoy-auth-partial-body".to_owned(), "false".to_owned());
+    }
     let http = ac::HttpRequest {
         id: rand::random::<u64>().to_string(),
+        body,
+        raw_body,
         method: head.method.as_str().to_owned(),
         path: header(headers, ":path").to_owned(),
         host: header(headers, ":authority").to_owned(),
@@ -686,7 +727,25 @@ fn mutations(opts: &[core::HeaderValueOption], kind: Kind) -> Vec<Mutation> {
 
 /// The HTTP service's request: `content-length: 0`, the allowed request
 /// headers (`:path` behind `path_prefix`), then `headers_to_add`.
-fn http_request(h: &HttpAuthzService, headers: &[(String, String)]) -> CalloutRequest {
+/// Percent-encoding of everything but unreserved characters (RFC 3986),
+/// as Envoy encodes the peer certificate's PEM.
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3 / 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn http_request(
+    h: &HttpAuthzService,
+    headers: &[(String, String)],
+    body: Option<&Bytes>,
+) -> CalloutRequest {
     let mut out = HeaderMap::new();
     let mut method = http::Method::GET;
     let mut path = "/".to_owned();
@@ -717,13 +776,15 @@ fn http_request(h: &HttpAuthzService, headers: &[(String, String)]) -> CalloutRe
     for (k, v) in &h.headers_to_add {
         out.insert(k.clone(), v.clone());
     }
-    out.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    // `with_request_body`: the request body is the authorization request's.
+    let body = body.cloned().unwrap_or_default();
+    out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     CalloutRequest {
         method,
         path_and_query: path,
         authority,
         headers: out,
-        body: Bytes::new(),
+        body,
     }
 }
 

@@ -66,6 +66,9 @@ pub struct Downstream {
     pub peer_subject: Option<String>,
     /// URI SANs of the certificate weir presented (empty without TLS).
     pub local_uri_sans: Vec<String>,
+    /// The peer leaf certificate in PEM (ext_authz
+    /// `include_peer_certificate`), if any.
+    pub peer_pem: Option<String>,
     /// Whether the connection is TLS terminated by weir.
     pub tls: bool,
     /// Filter state that lives as long as the connection (Envoy's
@@ -134,6 +137,10 @@ pub struct FilterContext {
     pub filter_state: crate::state::FilterState,
     /// The request's dynamic metadata, by filter namespace.
     pub metadata: crate::state::DynamicMetadata,
+    /// The request body, once a filter asked for it
+    /// ([`HttpFilter::request_body_wanted`]); `None` before, or when the
+    /// request has no body (headers ended the stream).
+    pub request_body: Option<Bytes>,
 }
 
 impl FilterContext {
@@ -346,6 +353,15 @@ pub trait HttpFilter: Send {
         Action::Continue
     }
     fn on_log(&mut self, _cx: &FilterContext) {}
+    /// A filter whose request header phase needs the request body (Envoy's
+    /// `StopIterationAndBuffer` in `decodeHeaders`, as ext_authz's
+    /// `with_request_body`): at most this many bytes. The runner reads the
+    /// whole body first (over the limit: 413, as Envoy's buffer limit) and
+    /// leaves it in [`FilterContext::request_body`]. `None` (the default):
+    /// the header phase runs at once.
+    fn request_body_wanted(&self) -> Option<u64> {
+        None
+    }
     /// The buffer filter: the whole request body (at most this many bytes)
     /// must be read before the router acts. `None` (the default): streamed.
     fn buffer_request_body(&self) -> Option<u64> {
@@ -736,7 +752,38 @@ pub async fn run_request_headers(
     cx: &mut FilterContext,
     head: &mut http::request::Parts,
 ) -> Option<LocalReply> {
+    run_request_headers_with_body(filters, cx, head, None).await
+}
+
+/// Where the runner reads the request body for a filter that wants it
+/// ([`HttpFilter::request_body_wanted`]).
+pub trait RequestBodySource: Send {
+    /// The whole body, at most `max` bytes (`Ok(None)`: the request has no
+    /// body; `Err`: the reply to send, a 413 when over `max`).
+    fn read(
+        &mut self,
+        max: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Bytes>, LocalReply>> + Send + '_>>;
+}
+
+/// [`run_request_headers`] with the request body at hand: a filter that
+/// wants the body gets it in [`FilterContext::request_body`] before its
+/// header phase (without a source, it sees none).
+pub async fn run_request_headers_with_body(
+    filters: &mut [Box<dyn HttpFilter>],
+    cx: &mut FilterContext,
+    head: &mut http::request::Parts,
+    mut body: Option<&mut dyn RequestBodySource>,
+) -> Option<LocalReply> {
+    let mut body_read = false;
     for f in filters.iter_mut() {
+        if let (Some(max), false, Some(src)) = (f.request_body_wanted(), body_read, body.as_mut()) {
+            body_read = true;
+            match src.read(max).await {
+                Ok(b) => cx.request_body = b,
+                Err(r) => return Some(r),
+            }
+        }
         let mut action = f.on_request_headers(cx, head);
         loop {
             match action {

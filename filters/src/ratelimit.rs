@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue};
 use xds_client::api::envoy::config::core::v3 as core;
 use xds_client::api::envoy::extensions::common::ratelimit::v3 as common;
 use xds_client::api::envoy::service::ratelimit::v3 as rls;
-use xds_client::config::{HttpRateLimit, RequestType, VhRateLimits};
+use xds_client::config::{FilterOverride, HttpRateLimit, RequestType, VhRateLimits};
 
 use crate::callout::{grpc_unary, Callouts};
 use crate::http::{
@@ -109,12 +109,25 @@ impl HttpFilterFactory for RateLimitFactory {
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
         // No route entry or cluster: nothing to do (as Envoy).
         let cluster = route.cluster?;
-        let policies = Policies::select(route, VhRateLimits::Override);
+        // The most specific `RateLimitPerRoute`: which virtual host rate
+        // limits apply, and the domain (as Envoy's `getDomain`).
+        let per_route = match route.override_for(&self.name) {
+            Some(FilterOverride::RateLimit(p)) => Some(p.clone()),
+            _ => None,
+        };
+        let vh = per_route
+            .as_ref()
+            .map_or(VhRateLimits::Override, |p| p.vh_rate_limits);
+        let policies = Policies::select(route, vh);
         if policies.is_empty() {
             return None;
         }
+        let domain = per_route
+            .filter(|p| !p.domain.is_empty())
+            .map(|p| p.domain.clone());
         Some(Box::new(RateLimitFilter {
             shared: self.shared.clone(),
+            domain,
             policies,
             cluster: cluster.into(),
             slot: None,
@@ -134,6 +147,8 @@ type Slot = Arc<Mutex<Option<Decision>>>;
 
 struct RateLimitFilter {
     shared: Arc<Shared>,
+    /// `RateLimitPerRoute.domain`, when set.
+    domain: Option<String>,
     policies: Policies,
     cluster: Box<str>,
     slot: Option<Slot>,
@@ -147,6 +162,14 @@ impl HttpFilter for RateLimitFilter {
         head: &mut http::request::Parts,
     ) -> Action {
         let cfg = &self.shared.cfg;
+        // As Envoy: a request the filter is not enabled for is not checked
+        // (nothing counted).
+        if cfg
+            .filter_enabled
+            .is_some_and(|f| !f.hit(rand::random::<u64>()))
+        {
+            return Action::Continue;
+        }
         // Envoy's `isEnvoyInternalRequest`: `x-envoy-internal: true`, which
         // the HCM sets for internal peers.
         let internal = head
@@ -169,7 +192,7 @@ impl HttpFilter for RateLimitFilter {
             return Action::Continue;
         }
         let msg = rls::RateLimitRequest {
-            domain: cfg.domain.clone(),
+            domain: self.domain.clone().unwrap_or_else(|| cfg.domain.clone()),
             descriptors: descriptors
                 .into_iter()
                 .map(|d| common::RateLimitDescriptor {
@@ -226,7 +249,13 @@ impl HttpFilter for RateLimitFilter {
             }
             let body = Bytes::from(resp.raw_body);
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
-            if code == Code::OverLimit {
+            // As Envoy: an over-limit answer that is not enforced
+            // (`filter_enforced`) lets the request go upstream with the
+            // service's headers (`x-envoy-ratelimited` included).
+            let enforced = cfg
+                .filter_enforced
+                .is_none_or(|f| f.hit(rand::random::<u64>()));
+            if code == Code::OverLimit && enforced {
                 return Action::Respond(LocalReply {
                     status: http::StatusCode::from_u16(cfg.rate_limited_status)
                         .unwrap_or(http::StatusCode::TOO_MANY_REQUESTS),

@@ -652,6 +652,7 @@ async fn connection(
                         .and_then(|t| t.local.as_ref())
                         .map(|c| c.uri_sans.clone())
                         .unwrap_or_default(),
+                    peer_pem: tls.as_ref().and_then(|t| t.peer_pem.clone()),
                     tls: tls.is_some(),
                     state: Default::default(),
                     filter_state: conn_state,

@@ -556,6 +556,7 @@ type HttpDecide = dyn Fn(&http::request::Parts) -> http::Response<Full<Bytes>> +
 struct HttpAuthz {
     port: u16,
     seen: Arc<Mutex<Vec<http::request::Parts>>>,
+    bodies: Arc<Mutex<Vec<Bytes>>>,
 }
 
 impl HttpAuthz {
@@ -569,19 +570,23 @@ impl HttpAuthz {
         let seen: Arc<Mutex<Vec<http::request::Parts>>> = Arc::new(Mutex::new(Vec::new()));
         let decide: Arc<HttpDecide> = Arc::new(decide);
         let seen2 = seen.clone();
+        let bodies: Arc<Mutex<Vec<Bytes>>> = Arc::new(Mutex::new(Vec::new()));
+        let bodies2 = bodies.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else {
                     return;
                 };
-                let (seen, decide) = (seen2.clone(), decide.clone());
+                let (seen, decide, bodies) = (seen2.clone(), decide.clone(), bodies2.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
-                            let (seen, decide) = (seen.clone(), decide.clone());
+                            let (seen, decide, bodies) =
+                                (seen.clone(), decide.clone(), bodies.clone());
                             async move {
                                 let (parts, body) = req.into_parts();
-                                let _ = body.collect().await;
+                                let b = body.collect().await.map(|c| c.to_bytes());
+                                bodies.lock().expect("lock").push(b.unwrap_or_default());
                                 let resp = decide(&parts);
                                 seen.lock().expect("lock").push(parts);
                                 Ok::<_, Infallible>(resp)
@@ -594,7 +599,7 @@ impl HttpAuthz {
                 });
             }
         });
-        HttpAuthz { port, seen }
+        HttpAuthz { port, seen, bodies }
     }
 
     fn seen(&self) -> Vec<http::request::Parts> {
@@ -889,4 +894,247 @@ async fn istio_custom_policy_selects_requests_through_rbac_shadow_metadata() {
     assert_eq!(authz.seen().len(), 1);
     stat_is(&p, "http.ingress.ext_authz.denied", 1).await;
     stat_is(&p, "http.ingress.rbac.istio_ext_authz_.shadow_denied", 1).await;
+}
+
+/// The `HttpRequest` of the `i`th check request.
+fn http_of(seen: &[auth::CheckRequest], i: usize) -> auth::attribute_context::HttpRequest {
+    seen[i]
+        .attributes
+        .clone()
+        .and_then(|a| a.request)
+        .and_then(|r| r.http)
+        .expect("http request")
+}
+
+/// `with_request_body`: the whole body goes in the check request (`body`,
+/// or `raw_body` with `pack_as_bytes`) with `x-envoy-auth-partial-body:
+/// false`, and then upstream; a body over `max_request_bytes` is answered
+/// 413 without a check; a request without a body (headers end the stream)
+/// is checked at once, without body or header, as Envoy;
+/// `disable_request_body_buffering` on a route turns it off there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_with_request_body() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let authz = GrpcAuthz::start(Duration::ZERO, |_| ok(Default::default())).await;
+    let log = log_path("ext_authz", "body");
+    let routes = vec![
+        route(
+            "/nobuf",
+            "echo",
+            json!({"typed_per_filter_config": {NAME: {
+                "@type": PER_ROUTE,
+                "check_settings": {"disable_request_body_buffering": true},
+            }}}),
+        ),
+        route("/", "echo", json!({})),
+    ];
+    let p = start(
+        grpc_filter(json!({"with_request_body": {"max_request_bytes": 16}})),
+        Some(routes),
+        json!({}),
+        echo.port(),
+        authz.port,
+        h2_upstream(json!({})),
+        &log,
+    );
+    let base = p.base();
+    for (i, c) in [Http::h1(), Http::h2c()].into_iter().enumerate() {
+        let r = c
+            .send(
+                "POST",
+                &format!("{base}/a"),
+                &[],
+                Bytes::from_static(b"hello authz"),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echo().body_len, 11);
+        let h = http_of(&authz.seen(), i);
+        assert_eq!(h.body, "hello authz");
+        assert!(h.raw_body.is_empty());
+        assert_eq!(
+            h.headers
+                .get("x-envoy-auth-partial-body")
+                .map(String::as_str),
+            Some("false")
+        );
+    }
+    let c = Http::h1();
+    // No body: checked at once, no body attributes.
+    let r = c.get(&format!("{base}/a"), &[]).await;
+    assert_eq!(r.status, 200);
+    let h = http_of(&authz.seen(), 2);
+    assert!(h.body.is_empty());
+    assert_eq!(h.headers.get("x-envoy-auth-partial-body"), None);
+    // Too large: 413 before any check.
+    let r = c
+        .send(
+            "POST",
+            &format!("{base}/a"),
+            &[],
+            Bytes::from(vec![b'x'; 32]),
+        )
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(authz.seen().len(), 3);
+    // Buffering disabled on the route: checked without the body, which
+    // still goes upstream.
+    let r = c
+        .send(
+            "POST",
+            &format!("{base}/nobuf"),
+            &[],
+            Bytes::from(vec![b'y'; 32]),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().body_len, 32);
+    let h = http_of(&authz.seen(), 3);
+    assert!(h.body.is_empty());
+    assert_eq!(h.headers.get("x-envoy-auth-partial-body"), None);
+    let lines = p.log_lines(&log, 5).await;
+    assert_eq!(lines[3], "413 - request_payload_too_large");
+}
+
+/// `pack_as_bytes`: the body in `raw_body` (bytes, not UTF-8 checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_with_request_body_packed_as_bytes() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let authz = GrpcAuthz::start(Duration::ZERO, |_| ok(Default::default())).await;
+    let log = log_path("ext_authz", "raw-body");
+    let p = start(
+        grpc_filter(json!({"with_request_body": {"max_request_bytes": 64, "pack_as_bytes": true}})),
+        None,
+        json!({}),
+        echo.port(),
+        authz.port,
+        h2_upstream(json!({})),
+        &log,
+    );
+    let body = Bytes::from_static(b"\xff\x00binary");
+    let r = Http::h1()
+        .send("POST", &format!("{}/a", p.base()), &[], body.clone())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = http_of(&authz.seen(), 0);
+    assert_eq!(h.raw_body, body.to_vec());
+    assert!(h.body.is_empty());
+}
+
+/// The HTTP service: the request body is the authorization request's body
+/// (its `content-length` too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_service_with_request_body() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let authz = HttpAuthz::start(|_| {
+        http::Response::builder()
+            .status(200)
+            .body(Full::new(Bytes::new()))
+            .expect("response")
+    })
+    .await;
+    let log = log_path("ext_authz", "http-body");
+    let f = filter(
+        NAME,
+        EXT_AUTHZ,
+        json!({
+            "http_service": {"server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "2s"}},
+            "with_request_body": {"max_request_bytes": 100},
+        }),
+    );
+    let p = start(f, None, json!({}), echo.port(), authz.port, json!({}), &log);
+    let r = Http::h1()
+        .send(
+            "POST",
+            &format!("{}/a", p.base()),
+            &[],
+            Bytes::from_static(b"payload"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().body_len, 7);
+    let seen = authz.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, http::Method::POST);
+    assert_eq!(seen[0].headers["content-length"], "7");
+    assert_eq!(
+        authz.bodies.lock().expect("lock")[0],
+        Bytes::from_static(b"payload")
+    );
+}
+
+/// Percent-encoding of all but unreserved characters.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `include_peer_certificate`: the client certificate of an mTLS
+/// connection, URL-encoded PEM, in `source.certificate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_include_peer_certificate() {
+    use weir_tests::tls::{LeafSpec, TempDir, TestCa, TlsClient};
+    let ca = TestCa::new("ext_authz peer root");
+    let dir = TempDir::new("ext-authz-peer").expect("temp dir");
+    let files = ca
+        .issue(LeafSpec::server("example.com"))
+        .write_files(&dir, "server");
+    let ca_file = dir.write("ca.pem", ca.pem());
+    let client = ca.issue(LeafSpec::spiffe("spiffe://cluster.local/ns/a/sa/b"));
+    let echo = upstream::http1("echo").await.expect("echo");
+    let authz = GrpcAuthz::start(Duration::ZERO, |_| ok(Default::default())).await;
+    let (echo_port, authz_port) = (echo.port(), authz.port);
+    let tls = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": weir_tests::config::DOWNSTREAM_TLS,
+        "require_client_certificate": true,
+        "common_tls_context": {
+            "tls_certificates": [{
+                "certificate_chain": {"filename": files.chain.display().to_string()},
+                "private_key": {"filename": files.key.display().to_string()},
+            }],
+            "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
+        },
+    }});
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![grpc_filter(json!({"include_peer_certificate": true}))],
+            vec![vhost("vh", vec![route("/", "echo", json!({}))], json!({}))],
+            json!({}),
+        );
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![weir_tests::config::merge(
+                    chain(vec![h]),
+                    json!({"transport_socket": tls.clone()}),
+                )],
+            )],
+            vec![
+                cluster("echo", &[echo_port], json!({})),
+                cluster("authz", &[authz_port], h2_upstream(json!({}))),
+            ],
+        )
+    });
+    let c = TlsClient::builder().trust(&ca).client_cert(&client).build();
+    let r = c.get(p.addr(), "example.com", "/x").await.expect("get");
+    assert_eq!(r.status, 200);
+    let seen = authz.seen();
+    assert_eq!(seen.len(), 1);
+    let source = seen[0]
+        .attributes
+        .clone()
+        .and_then(|a| a.source)
+        .expect("source");
+    assert_eq!(source.certificate, url_encode(&client.cert_pem));
+    assert_eq!(source.principal, "spiffe://cluster.local/ns/a/sa/b");
 }

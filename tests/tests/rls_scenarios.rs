@@ -294,3 +294,130 @@ async fn service_down_allows_unless_failure_mode_deny() {
     let lines = p.log_lines(&log, 1).await;
     assert_eq!(lines, vec!["500 RLSE rate_limiter_error"]);
 }
+
+/// `RateLimitPerRoute`: `vh_rate_limits` (INCLUDE adds the virtual host's
+/// descriptors after the route's, IGNORE drops them, the default uses them
+/// only for a route without rate limits) and `domain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_route_vh_rate_limits_and_domain() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let rls = Rls::start(decide).await;
+    let log = log_path("rls", "per-route");
+    let (echo_port, rls_port) = (echo.port(), rls.port);
+    let per_route = |v: Value| {
+        json!({"typed_per_filter_config": {"envoy.filters.http.ratelimit": merge(
+            json!({"@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute"}),
+            v,
+        )}})
+    };
+    let key = |v: &str| json!([{"actions": [{"generic_key": {"descriptor_value": v}}]}]);
+    let routes = vec![
+        route(
+            "/inc",
+            "echo",
+            merge(
+                json!({"route": {"cluster": "echo", "rate_limits": key("route")}}),
+                per_route(json!({"vh_rate_limits": "INCLUDE", "domain": "inc-domain"})),
+            ),
+        ),
+        route(
+            "/ign",
+            "echo",
+            per_route(json!({"vh_rate_limits": "IGNORE"})),
+        ),
+        route("/", "echo", json!({})),
+    ];
+    let l = log.clone();
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![rl_filter(json!({}))],
+                    vec![vhost(
+                        "vh",
+                        routes.clone(),
+                        json!({"rate_limits": key("vh")}),
+                    )],
+                    json!({"access_log": [file_log(&l, LOG_FORMAT)]}),
+                )])],
+            )],
+            vec![
+                cluster("echo", &[echo_port], json!({})),
+                cluster("rls", &[rls_port], h2_upstream(json!({}))),
+            ],
+        )
+    });
+    let c = Http::h1();
+    for path in ["/inc", "/ign", "/other"] {
+        let r = c.get(&format!("{}{path}", p.base()), &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let seen = rls.seen();
+    let calls: Vec<(String, Vec<String>)> = seen
+        .iter()
+        .map(|r| {
+            (
+                r.domain.clone(),
+                r.descriptors
+                    .iter()
+                    .flat_map(|d| d.entries.iter().map(|e| e.value.clone()))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        vec![
+            (
+                "inc-domain".to_owned(),
+                vec!["route".to_owned(), "vh".to_owned()]
+            ),
+            ("edge".to_owned(), vec!["vh".to_owned()]),
+        ]
+    );
+}
+
+/// `filter_enforced` 0%: an over-limit answer lets the request go
+/// upstream, the response still carrying the service's headers and
+/// `x-envoy-ratelimited` (counted as `over_limit`); `filter_enabled` 0%:
+/// no call at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_enforced_and_filter_enabled() {
+    let echo = upstream::http1("echo").await.expect("echo");
+    let rls = Rls::start(decide).await;
+    let log = log_path("rls", "enforced");
+    let zero = json!({"default_value": {"numerator": 0}, "runtime_key": "rl.off"});
+    let p = start(
+        rl_filter(json!({"filter_enforced": zero.clone()})),
+        echo.port(),
+        rls.port,
+        &log,
+    );
+    let r = Http::h1()
+        .get(&format!("{}/a", p.base()), &[("x-user", "blocked")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().upstream, "echo");
+    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"));
+    assert_eq!(r.header("x-rl"), Some("over"));
+    assert_eq!(rls.seen().len(), 1);
+    stat_is(&p, "cluster.echo.ratelimit.over_limit", 1).await;
+    drop(p);
+
+    let log2 = log_path("rls", "disabled");
+    let p = start(
+        rl_filter(json!({"filter_enabled": zero})),
+        echo.port(),
+        rls.port,
+        &log2,
+    );
+    let r = Http::h1()
+        .get(&format!("{}/a", p.base()), &[("x-user", "blocked")])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(rls.seen().len(), 1, "no call when the filter is disabled");
+}

@@ -263,7 +263,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "failure_mode_allow_header_add", "status_on_error",
         "metadata_context_namespaces", "filter_enabled", "deny_at_disable",
         "stat_prefix", "allowed_headers", "filter_enabled_metadata",
-        "~charge_cluster_response_stats",
+        "~charge_cluster_response_stats", "with_request_body", "include_peer_certificate",
+    ]),
+    // `allow_partial_message: true` is rejected by the translator.
+    ("envoy.extensions.filters.http.ext_authz.v3.BufferSettings", &[
+        "max_request_bytes", "allow_partial_message", "pack_as_bytes",
     ]),
     ("envoy.extensions.filters.http.ext_authz.v3.HttpService", &[
         "server_uri", "path_prefix", "authorization_request", "authorization_response",
@@ -281,9 +285,13 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.http.ratelimit.v3.RateLimit", &[
         "domain", "stage", "request_type", "timeout", "failure_mode_deny", "rate_limit_service",
         "enable_x_ratelimit_headers", "disable_x_envoy_ratelimited_header",
-        "rate_limited_as_resource_exhausted", "rate_limited_status",
+        "rate_limited_as_resource_exhausted", "rate_limited_status", "filter_enabled",
+        "filter_enforced",
     ]),
     ("envoy.config.ratelimit.v3.RateLimitServiceConfig", &["grpc_service", "transport_api_version"]),
+    // Per route: which virtual host rate limits apply, and the domain
+    // (`rate_limits` and `override_option` are not implemented).
+    ("envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute", &["vh_rate_limits", "domain"]),
     ("envoy.extensions.filters.http.ext_authz.v3.CheckSettings", &["context_extensions", "disable_request_body_buffering"]),
     ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", &["entries", "token_bucket"]),
     ("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry", &["key", "value"]),
@@ -306,11 +314,49 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "descriptor_value", "descriptor_key", "expect_match", "query_parameters",
     ]),
     // RBAC (HTTP and network): `rules` policies with the matchers weir
-    // evaluates; the matcher API, metadata, CEL conditions
-    // and audit logging are rejected (PENDING).
+    // evaluates, or the matcher API (`matcher`, `shadow_matcher`: see the
+    // xDS matcher below); metadata, CEL conditions and audit logging are
+    // rejected (PENDING).
     ("envoy.extensions.filters.http.rbac.v3.RBAC", &[
         "rules", "rules_stat_prefix", "shadow_rules", "shadow_rules_stat_prefix",
+        "matcher", "shadow_matcher",
     ]),
+    ("envoy.config.rbac.v3.Action", &["name", "action"]),
+    // The xDS matcher API (`translate/match_tree.rs`); each user accepts
+    // its own inputs and actions, the translator rejects the others naming
+    // the field.
+    ("xds.type.matcher.v3.Matcher", &["matcher_list", "matcher_tree", "on_no_match"]),
+    ("xds.type.matcher.v3.Matcher.OnMatch", &["matcher", "action"]),
+    ("xds.type.matcher.v3.Matcher.MatcherList", &["matchers"]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher", &["predicate", "on_match"]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.Predicate", &[
+        "single_predicate", "or_matcher", "and_matcher", "not_matcher",
+    ]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.Predicate.SinglePredicate", &[
+        "input", "value_match", "custom_match",
+    ]),
+    ("xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList", &["predicate"]),
+    ("xds.type.matcher.v3.Matcher.MatcherTree", &["input", "exact_match_map", "prefix_match_map"]),
+    ("xds.type.matcher.v3.Matcher.MatcherTree.MatchMap", &["map"]),
+    ("xds.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
+    ("xds.type.matcher.v3.StringMatcher", &["exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"]),
+    ("xds.type.matcher.v3.RegexMatcher", &["regex", "~google_re2"]),
+    ("xds.type.matcher.v3.RegexMatcher.GoogleRE2", &[]),
+    ("envoy.type.matcher.v3.HttpRequestHeaderMatchInput", &["header_name"]),
+    ("envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.SourceIPInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.SourcePortInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.DirectSourceIPInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.ServerNameInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.FilterStateInput", &["key"]),
+    ("envoy.extensions.matching.common_inputs.ssl.v3.UriSanInput", &[]),
+    ("envoy.extensions.matching.common_inputs.ssl.v3.DnsSanInput", &[]),
+    ("envoy.extensions.matching.common_inputs.ssl.v3.SubjectInput", &[]),
+    // The IP matcher: `stat_prefix` names Envoy's `ip_parsing_failed`
+    // counter, which weir does not emit (a value that is no IP simply
+    // does not match, as in Envoy).
+    ("envoy.extensions.matching.input_matchers.ip.v3.Ip", &["cidr_ranges", "~stat_prefix"]),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
     ("envoy.extensions.filters.http.buffer.v3.Buffer", &["max_request_bytes"]),
     ("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", &["disabled", "buffer"]),
@@ -337,6 +383,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.extensions.filters.network.rbac.v3.RBAC", &[
         "rules", "shadow_rules", "shadow_rules_stat_prefix", "stat_prefix", "enforcement_type",
+        "matcher", "shadow_matcher",
     ]),
     ("envoy.config.rbac.v3.RBAC", &["action", "policies"]),
     ("envoy.config.rbac.v3.Policy", &["permissions", "principals"]),
@@ -635,15 +682,19 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
         "~cleanup_interval", "metadata", "~use_tcp_for_dns_lookups",
     ]),
-    // Active health checking (`upstream/health_check.rs`): HTTP/1.1 GET and
-    // TCP checks; no event logs, TLS options, alt_port or gRPC checks.
+    // Active health checking (`upstream/health_check.rs`): HTTP/1.1 and
+    // HTTP/2 GET, gRPC and TCP checks; no event logs, TLS options or alt_port.
     ("envoy.config.core.v3.HealthCheck", &[
         "timeout", "interval", "initial_jitter", "interval_jitter", "interval_jitter_percent",
         "unhealthy_threshold", "healthy_threshold", "reuse_connection", "no_traffic_interval",
         "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval",
-        "healthy_edge_interval", "http_health_check", "tcp_health_check",
+        "healthy_edge_interval", "http_health_check", "tcp_health_check", "grpc_health_check",
     ]),
-    ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &["host", "path", "expected_statuses", "codec_client_type"]),
+    ("envoy.config.core.v3.HealthCheck.GrpcHealthCheck", &["service_name", "authority", "initial_metadata"]),
+    ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &[
+        "host", "path", "expected_statuses", "codec_client_type", "request_headers_to_add",
+        "request_headers_to_remove",
+    ]),
     ("envoy.config.core.v3.HealthCheck.TcpHealthCheck", &["send", "receive"]),
     ("envoy.config.core.v3.HealthCheck.Payload", &["text", "binary"]),
     ("envoy.config.cluster.v3.UpstreamConnectionOptions", &["tcp_keepalive"]),
@@ -765,16 +816,6 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "not implemented (Envoy 1.40's router ignores it too)",
     ),
     (
-        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-        "with_request_body",
-        "sending the request body to the authorization service is not implemented",
-    ),
-    (
-        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-        "include_peer_certificate",
-        "sending the peer certificate to the authorization service is not implemented",
-    ),
-    (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "response_rate_limit",
         "response_rate_limit (response body throttling) is not implemented",
@@ -806,28 +847,8 @@ pub static PENDING: &[(&str, &str, &str)] = &[
     ),
     (
         "envoy.extensions.filters.http.rbac.v3.RBAC",
-        "matcher",
-        "the matcher API form of RBAC is not implemented (use rules)",
-    ),
-    (
-        "envoy.extensions.filters.http.rbac.v3.RBAC",
-        "shadow_matcher",
-        "the matcher API form of RBAC is not implemented (use shadow_rules)",
-    ),
-    (
-        "envoy.extensions.filters.http.rbac.v3.RBAC",
         "track_per_rule_stats",
         "per-policy RBAC stats are not implemented",
-    ),
-    (
-        "envoy.extensions.filters.network.rbac.v3.RBAC",
-        "matcher",
-        "the matcher API form of RBAC is not implemented (use rules)",
-    ),
-    (
-        "envoy.extensions.filters.network.rbac.v3.RBAC",
-        "shadow_matcher",
-        "the matcher API form of RBAC is not implemented (use shadow_rules)",
     ),
     (
         "envoy.extensions.filters.network.rbac.v3.RBAC",

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use xds_client::config::{Name, NetworkRbac};
 
 use super::{ConnectionInfo, NetAction, NetworkFilterFactory};
-use crate::rbac::{evaluate, Input, Peer};
+use crate::rbac::{Engine, Input, Peer};
 use crate::{Counter, StatsScope};
 
 pub struct RbacFactory {
@@ -73,8 +73,9 @@ impl NetworkFilterFactory for RbacFactory {
             filter_state: [None, conn.filter_state],
             metadata: None,
         };
-        if let Some(shadow) = &self.config.shadow_rules {
-            let r = evaluate(shadow, &input);
+        let c = &*self.config;
+        if let Some(shadow) = Engine::of(c.shadow_rules.as_ref(), c.shadow_matcher.as_ref()) {
+            let r = shadow.evaluate(&input);
             if r.allowed {
                 self.shadow_allowed.inc();
             } else {
@@ -82,17 +83,17 @@ impl NetworkFilterFactory for RbacFactory {
             }
             tracing::debug!(
                 allowed = r.allowed,
-                policy = shadow.policy_name(r.policy),
+                policy = r.policy.unwrap_or("none"),
                 "rbac: shadow decision"
             );
         }
-        let Some(rules) = &self.config.rules else {
+        let Some(engine) = Engine::of(c.rules.as_ref(), c.matcher.as_ref()) else {
             return NetAction::Continue;
         };
-        let r = evaluate(rules, &input);
+        let r = engine.evaluate(&input);
         tracing::debug!(
             allowed = r.allowed,
-            policy = rules.policy_name(r.policy),
+            policy = r.policy.unwrap_or("none"),
             "rbac: enforced decision"
         );
         if r.allowed {

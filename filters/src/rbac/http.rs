@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use xds_client::config::{FilterOverride, HttpRbac, Name};
 
-use super::{Input, Peer};
+use super::{Engine, Input, Peer};
 use crate::http::{
     Action, Counter, FilterContext, HttpFilter, HttpFilterFactory, LocalReply, RouteView,
     StatsScope,
@@ -93,7 +93,11 @@ impl HttpFilterFactory for RbacFactory {
             Some(FilterOverride::Rbac(c)) => c,
             _ => &self.config,
         };
-        if config.rules.is_none() && config.shadow_rules.is_none() {
+        if config.rules.is_none()
+            && config.shadow_rules.is_none()
+            && config.matcher.is_none()
+            && config.shadow_matcher.is_none()
+        {
             return None;
         }
         Some(Box::new(RbacFilter {
@@ -139,8 +143,9 @@ impl HttpFilter for RbacFilter {
         cx: &mut FilterContext,
         head: &mut http::request::Parts,
     ) -> Action {
-        if let Some(shadow) = &self.config.shadow_rules {
-            let r = super::evaluate(shadow, &input(cx, head));
+        let c = &*self.config;
+        if let Some(shadow) = Engine::of(c.shadow_rules.as_ref(), c.shadow_matcher.as_ref()) {
+            let r = shadow.evaluate(&input(cx, head));
             if r.allowed {
                 self.stats.shadow_allowed.inc();
             } else {
@@ -148,18 +153,18 @@ impl HttpFilter for RbacFilter {
             }
             tracing::debug!(
                 allowed = r.allowed,
-                policy = shadow.policy_name(r.policy),
+                policy = r.policy.unwrap_or("none"),
                 "rbac: shadow decision"
             );
             // As Envoy: the shadow result (and the matched policy) in the
             // dynamic metadata, for later filters (Istio's CUSTOM
             // ext_authz enables itself on `istio_ext_authz_*`).
-            let prefix = &self.config.shadow_rules_stat_prefix;
+            let prefix = &c.shadow_rules_stat_prefix;
             let mut m = serde_json::Map::new();
-            if r.policy.is_some() {
+            if let Some(policy) = r.policy {
                 m.insert(
                     format!("{prefix}shadow_effective_policy_id"),
-                    serde_json::Value::String(shadow.policy_name(r.policy).to_owned()),
+                    serde_json::Value::String(policy.to_owned()),
                 );
             }
             m.insert(
@@ -168,13 +173,13 @@ impl HttpFilter for RbacFilter {
             );
             cx.metadata.merge("envoy.filters.http.rbac", m);
         }
-        let Some(engine) = &self.config.rules else {
+        let Some(engine) = Engine::of(c.rules.as_ref(), c.matcher.as_ref()) else {
             return Action::Continue;
         };
-        let r = super::evaluate(engine, &input(cx, head));
+        let r = engine.evaluate(&input(cx, head));
         tracing::debug!(
             allowed = r.allowed,
-            policy = engine.policy_name(r.policy),
+            policy = r.policy.unwrap_or("none"),
             "rbac: enforced decision"
         );
         if r.allowed {
@@ -186,7 +191,7 @@ impl HttpFilter for RbacFilter {
             status: http::StatusCode::FORBIDDEN,
             body: Bytes::from_static(DENIED_BODY),
             flag: None,
-            details: engine.details(r.policy),
+            details: r.details,
             grpc_status: None,
         })
     }

@@ -7,10 +7,13 @@
 //! any of its permissions and any of its principals match. Matchers are the
 //! validated config types (regexes compiled, CIDRs parsed at config time):
 //! evaluation allocates nothing, except for a header with several values.
+use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use xds_client::config::{
-    MetadataMatcher, Permission, Principal, RbacAction, RbacRules, StringMatcher, ValueMatcher,
+    request_pseudo, DataInput, HeaderKey, InputData, MatchingData, MetadataMatcher, Permission,
+    Principal, RbacAction, RbacMatcher, RbacRules, StringMatcher, ValueMatcher,
 };
 
 pub mod http;
@@ -57,6 +60,129 @@ pub struct Decision {
     pub allowed: bool,
     /// The first matching policy (index in name order), if any.
     pub policy: Option<usize>,
+}
+
+/// An RBAC engine: `rules` policies or a `matcher`.
+#[derive(Debug, Clone, Copy)]
+pub enum Engine<'a> {
+    Rules(&'a RbacRules),
+    Matcher(&'a RbacMatcher),
+}
+
+/// An engine's verdict on a request or connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict<'a> {
+    pub allowed: bool,
+    /// The effective policy: the first matching policy's name, or the
+    /// matched action's `name` (`None`: none, or an empty name, as Envoy).
+    pub policy: Option<&'a str>,
+    /// `%RESPONSE_CODE_DETAILS%` of a denial.
+    pub details: &'static str,
+}
+
+impl<'a> Engine<'a> {
+    /// The engine of a config: its matcher, else its rules (as Envoy, a
+    /// matcher replaces the rules of its kind; the translator keeps one).
+    pub fn of(
+        rules: Option<&'a Arc<RbacRules>>,
+        matcher: Option<&'a Arc<RbacMatcher>>,
+    ) -> Option<Engine<'a>> {
+        matcher
+            .map(|m| Engine::Matcher(m))
+            .or(rules.map(|r| Engine::Rules(r)))
+    }
+
+    pub fn evaluate(&self, input: &Input<'_>) -> Verdict<'a> {
+        match *self {
+            Engine::Rules(rules) => {
+                let d = evaluate(rules, input);
+                Verdict {
+                    allowed: d.allowed,
+                    policy: d
+                        .policy
+                        .and_then(|i| rules.policies.get(i))
+                        .map(|(n, _)| n.as_str()),
+                    details: rules.details(d.policy),
+                }
+            }
+            // As Envoy's `RoleBasedAccessControlMatcherEngineImpl`: ALLOW
+            // and LOG allow, DENY denies, no match denies.
+            Engine::Matcher(m) => match m.evaluate(input) {
+                Some(a) => Verdict {
+                    allowed: a.action != RbacAction::Deny,
+                    policy: (!a.name.is_empty()).then_some(a.name.as_str()),
+                    details: a.denied_details,
+                },
+                None => Verdict {
+                    allowed: false,
+                    policy: None,
+                    details: "rbac_access_denied_matched_policy[none]",
+                },
+            },
+        }
+    }
+}
+
+/// What the matcher inputs read, as Envoy's `HttpMatchingDataImpl` over the
+/// connection: addresses of the connection (not the XFF-derived remote),
+/// no data for a missing header, SNI, certificate name or filter state.
+impl MatchingData for Input<'_> {
+    fn get(&self, input: &DataInput) -> InputData<'_> {
+        fn joined(v: &[String]) -> InputData<'_> {
+            match v {
+                [] => InputData::None,
+                [one] => InputData::Str(Cow::Borrowed(one)),
+                many => InputData::Str(Cow::Owned(many.join(","))),
+            }
+        }
+        fn non_empty(s: &str) -> InputData<'_> {
+            if s.is_empty() {
+                InputData::None
+            } else {
+                InputData::Str(Cow::Borrowed(s))
+            }
+        }
+        match input {
+            DataInput::RequestHeader(key) => {
+                let Some(head) = self.head else {
+                    return InputData::None;
+                };
+                let HeaderKey::Name(name) = key else {
+                    return request_pseudo(head, key)
+                        .map_or(InputData::None, |v| InputData::Str(Cow::Borrowed(v)));
+                };
+                let mut all = head.headers.get_all(name).iter();
+                match (all.next(), all.next()) {
+                    (None, _) => InputData::None,
+                    (Some(v), None) => InputData::Str(String::from_utf8_lossy(v.as_bytes())),
+                    _ => InputData::Str(Cow::Owned(
+                        head.headers
+                            .get_all(name)
+                            .iter()
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )),
+                }
+            }
+            DataInput::DestinationIp => InputData::Ip(self.local.ip()),
+            DataInput::DestinationPort => InputData::Port(self.local.port()),
+            DataInput::SourceIp => InputData::Ip(self.source.ip()),
+            DataInput::SourcePort => InputData::Port(self.source.port()),
+            DataInput::DirectSourceIp => InputData::Ip(self.direct_remote.ip()),
+            DataInput::ServerName => non_empty(self.sni),
+            DataInput::FilterState(key) => self
+                .filter_state
+                .iter()
+                .flatten()
+                .find_map(|s| s.get(key))
+                .and_then(|v| v.serialize_as_string())
+                .map_or(InputData::None, |v| InputData::Str(Cow::Owned(v))),
+            DataInput::UriSan => self.tls.map_or(InputData::None, |p| joined(p.uri_sans)),
+            DataInput::DnsSan => self.tls.map_or(InputData::None, |p| joined(p.dns_sans)),
+            DataInput::Subject => self.tls.map_or(InputData::None, |p| non_empty(p.subject)),
+        }
+    }
 }
 
 /// As Envoy's `handleAction`: ALLOW allows when a policy matches, DENY

@@ -315,6 +315,7 @@ fn http_filter_denies_counts_and_follows_route_overrides() {
         rules_stat_prefix: String::new(),
         shadow_rules: Some(allow_bar),
         shadow_rules_stat_prefix: "dry_".into(),
+        ..Default::default()
     });
     let rec = Arc::new(Recorder::default());
     let scope: Arc<dyn StatsScope> = rec.clone();
@@ -329,6 +330,7 @@ fn http_filter_denies_counts_and_follows_route_overrides() {
         peer_uri_sans: uris,
         peer_dns_sans: Vec::new(),
         peer_subject: Some(String::new()),
+        peer_pem: None,
         tls: true,
         state: Default::default(),
         filter_state: Default::default(),

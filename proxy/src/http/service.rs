@@ -597,7 +597,24 @@ async fn pipeline(
             downstream_remote: Some(edge.remote),
             ..Default::default()
         };
-        let mut lr = filters::run_request_headers(&mut instances, &mut fcx, parts).await;
+        let mut source = BodySource(&mut body, buffered.clone());
+        let mut lr = filters::run_request_headers_with_body(
+            &mut instances,
+            &mut fcx,
+            parts,
+            Some(&mut source),
+        )
+        .await;
+        // A filter read the body in its header phase (ext_authz
+        // `with_request_body`): it goes upstream from the buffer.
+        if let Some(b) = fcx.request_body.clone() {
+            if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            }
+            buffered = Some(b);
+        }
         keep_filter_state(info, &fcx);
         for f in fcx.flags.drain(..) {
             info.flags.set(Flags::from_short(f));
@@ -609,10 +626,17 @@ async fn pipeline(
                 .iter()
                 .filter_map(|f| f.buffer_request_body())
                 .min();
-            // A replayed (redirected) request's body is whole already.
-            if let (Some(max), Some(body)) = (max, body.as_mut()) {
-                match buffer_body(body, max).await {
-                    Ok(b) => {
+            if let Some(max) = max {
+                // Already read by a filter, or replayed by an internal
+                // redirect: only the limit applies.
+                let read = match (buffered.take(), body.as_mut()) {
+                    (Some(b), _) if b.len() as u64 > max => Err(payload_too_large()),
+                    (Some(b), _) => Ok(Some(b)),
+                    (None, Some(body)) => buffer_body(body, max).await.map(Some),
+                    (None, None) => Ok(None),
+                };
+                match read {
+                    Ok(Some(b)) => {
                         if !parts.headers.contains_key(header::CONTENT_LENGTH) {
                             parts
                                 .headers
@@ -620,6 +644,7 @@ async fn pipeline(
                         }
                         buffered = Some(b);
                     }
+                    Ok(None) => {}
                     Err(lr2) => lr = Some(lr2),
                 }
             }
@@ -1556,6 +1581,50 @@ fn keep_filter_state(info: &mut StreamInfo, fcx: &filters::FilterContext) {
 
 /// Reads the whole request body, at most `max` bytes; a larger one is
 /// answered 413 (Envoy's `request_payload_too_large`), a broken one 400.
+/// The request body for a filter's header phase
+/// ([`filters::RequestBodySource`]).
+/// The request body for a filter that reads it in its header phase: the
+/// stream, or an internal redirect's replayed body.
+struct BodySource<'a>(&'a mut Option<Incoming>, Option<bytes::Bytes>);
+
+impl filters::RequestBodySource for BodySource<'_> {
+    fn read(
+        &mut self,
+        max: u64,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<bytes::Bytes>, filters::LocalReply>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let Some(body) = self.0.as_mut() else {
+                return match self.1.clone() {
+                    Some(b) if b.len() as u64 > max => Err(payload_too_large()),
+                    b => Ok(b),
+                };
+            };
+            // As Envoy: headers that end the stream leave no body to buffer.
+            if hyper::body::Body::is_end_stream(&*body) {
+                return Ok(None);
+            }
+            buffer_body(body, max).await.map(Some)
+        })
+    }
+}
+
+/// The 413 of a body over a buffer limit (Envoy's connection manager).
+fn payload_too_large() -> filters::LocalReply {
+    filters::LocalReply {
+        status: http::StatusCode::PAYLOAD_TOO_LARGE,
+        body: bytes::Bytes::from_static(b"Payload Too Large"),
+        flag: None,
+        details: "request_payload_too_large",
+        grpc_status: None,
+    }
+}
+
 async fn buffer_body(body: &mut Incoming, max: u64) -> Result<bytes::Bytes, filters::LocalReply> {
     use http_body_util::BodyExt;
     let mut out = bytes::BytesMut::new();
@@ -1574,13 +1643,7 @@ async fn buffer_body(body: &mut Incoming, max: u64) -> Result<bytes::Bytes, filt
         };
         if let Ok(d) = frame.into_data() {
             if (out.len() + d.len()) as u64 > max {
-                return Err(filters::LocalReply {
-                    status: http::StatusCode::PAYLOAD_TOO_LARGE,
-                    body: bytes::Bytes::from_static(b"Payload Too Large"),
-                    flag: None,
-                    details: "request_payload_too_large",
-                    grpc_status: None,
-                });
+                return Err(payload_too_large());
             }
             out.extend_from_slice(&d);
         }

@@ -1,5 +1,6 @@
 //! Active health checking (cluster `health_checks`), as Envoy's
-//! `HealthCheckerImplBase` with its HTTP and TCP checkers: one session
+//! `HealthCheckerImplBase` with its HTTP (HTTP/1.1 and HTTP/2), gRPC and
+//! TCP checkers: one session
 //! task per host on the control runtime, a host state kept per address
 //! across host-set updates.
 use std::{
@@ -13,7 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xds_client::config::{ActiveHealthCheck, HealthCheckKind};
@@ -171,7 +172,7 @@ impl Checker {
             let Some(st) = inner.states.get(&h.addr).cloned() else {
                 continue;
             };
-            let task = tokio::spawn(session(owner.clone(), h.addr, st));
+            let task = tokio::spawn(session(owner.clone(), h.clone(), st));
             inner.sessions.insert(h.addr, task.abort_handle());
         }
     }
@@ -272,11 +273,101 @@ impl Session {
 /// A reusable connection between checks.
 enum Conn {
     Http(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    /// HTTP/2 (prior knowledge): HTTP/2 and gRPC checks.
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
+
+/// An HTTP/2 connection for a check: the kept one if it is still ready,
+/// else a new one.
+async fn h2_sender(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, Failure> {
+    if let Some(Conn::Http2(mut s)) = conn.take() {
+        if s.ready().await.is_ok() {
+            return Ok(s);
+        }
+    }
+    let s = connect(addr, connect_timeout, tls).await?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .map_err(|_| Failure::Network)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// `grpc.health.v1.HealthCheckRequest { service }` in a gRPC frame.
+fn grpc_health_request(service: &str) -> Bytes {
+    let mut msg = Vec::with_capacity(service.len() + 8);
+    if !service.is_empty() {
+        msg.push(0x0a); // field 1, length-delimited
+        prost::encoding::encode_varint(service.len() as u64, &mut msg);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut out = Vec::with_capacity(msg.len() + 5);
+    out.push(0); // not compressed
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    Bytes::from(out)
+}
+
+/// `grpc.health.v1.HealthCheckResponse.status` of one gRPC frame (0,
+/// UNKNOWN, when absent or malformed).
+fn grpc_health_status(body: &[u8]) -> u64 {
+    let Some(msg) = body.get(5..) else { return 0 };
+    let len = body
+        .get(1..5)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    if body[0] != 0 || msg.len() < len {
+        return 0;
+    }
+    let mut buf = &msg[..len];
+    let mut status = 0;
+    while !buf.is_empty() {
+        let Ok(key) = prost::encoding::decode_varint(&mut buf) else {
+            return 0;
+        };
+        match (key >> 3, key & 7) {
+            (1, 0) => match prost::encoding::decode_varint(&mut buf) {
+                Ok(v) => status = v,
+                Err(_) => return 0,
+            },
+            (_, 0) => {
+                if prost::encoding::decode_varint(&mut buf).is_err() {
+                    return 0;
+                }
+            }
+            (_, 2) => {
+                let Ok(n) = prost::encoding::decode_varint(&mut buf) else {
+                    return 0;
+                };
+                let Some(rest) = buf.get(n as usize..) else {
+                    return 0;
+                };
+                buf = rest;
+            }
+            (_, 5) if buf.len() >= 4 => buf = &buf[4..],
+            (_, 1) if buf.len() >= 8 => buf = &buf[8..],
+            _ => return 0,
+        }
+    }
+    status
+}
+
+/// `SERVING` in `grpc.health.v1.HealthCheckResponse.ServingStatus`.
+const SERVING: u64 = 1;
 
 /// Checks one host until its session is aborted or the cluster runtime
 /// is gone.
-async fn session(owner: Weak<ClusterRuntime>, addr: SocketAddr, st: Arc<HostState>) {
+async fn session(owner: Weak<ClusterRuntime>, host: Arc<Host>, st: Arc<HostState>) {
+    let addr = host.addr;
     let jitter = match owner.upgrade() {
         Some(c) => match &c.health_check {
             Some(ck) => ck.config.initial_jitter,
@@ -301,11 +392,13 @@ async fn session(owner: Weak<ClusterRuntime>, addr: SocketAddr, st: Arc<HostStat
         };
         let cfg = ck.config.clone();
         let connect_timeout = c.config.connect_timeout;
+        // Checks go over the host's transport socket, as Envoy's.
+        let tls = c.tls_for(&host).cloned();
         drop(c);
         ck_stats(&owner, |ck| ck.stats.attempt.inc());
         let result = match tokio::time::timeout(
             cfg.timeout,
-            check_once(&cfg, addr, connect_timeout, &mut conn),
+            check_once(&cfg, addr, connect_timeout, tls.as_deref(), &mut conn),
         )
         .await
         {
@@ -356,8 +449,10 @@ async fn check_once(
     cfg: &ActiveHealthCheck,
     addr: SocketAddr,
     connect_timeout: Duration,
+    tls: Option<&crate::tls::ClientTls>,
     conn: &mut Option<Conn>,
 ) -> Result<(), Failure> {
+    let connect = |addr, t| connect(addr, t, tls);
     match &cfg.kind {
         HealthCheckKind::Tcp { send, receive } => {
             let mut s = connect(addr, connect_timeout).await?;
@@ -380,10 +475,87 @@ async fn check_once(
             path,
             host,
             expected,
+            http2: true,
+            remove,
+            add,
+        } => {
+            let mut sender = h2_sender(conn, addr, connect_timeout, tls).await?;
+            let uri = format!("http://{host}{path}");
+            let mut req = http::Request::get(uri.as_str())
+                .header(http::header::USER_AGENT, "Envoy/HC")
+                .body(Full::new(Bytes::new()))
+                .map_err(|_| Failure::Network)?;
+            mutate(req.headers_mut(), remove, add);
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|_| Failure::Network)?;
+            let status = resp.status().as_u16();
+            resp.into_body()
+                .collect()
+                .await
+                .map_err(|_| Failure::Network)?;
+            *conn = Some(Conn::Http2(sender));
+            if expected.iter().any(|(a, b)| (*a..*b).contains(&status)) {
+                Ok(())
+            } else {
+                Err(Failure::Active)
+            }
+        }
+        HealthCheckKind::Grpc {
+            service_name,
+            authority,
+            metadata,
+        } => {
+            let mut sender = h2_sender(conn, addr, connect_timeout, tls).await?;
+            let uri = format!("http://{authority}/grpc.health.v1.Health/Check");
+            let mut req = http::Request::post(uri.as_str())
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                .header(http::header::USER_AGENT, "Envoy/HC")
+                .body(Full::new(grpc_health_request(service_name)))
+                .map_err(|_| Failure::Network)?;
+            for (k, v) in metadata {
+                req.headers_mut().append(k.clone(), v.clone());
+            }
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|_| Failure::Network)?;
+            // As Envoy's gRPC checker: a non-200 answer, a non-OK
+            // grpc-status (trailers, or headers of a trailers-only answer)
+            // or any status but SERVING fails the host.
+            let ok_status = resp.status() == http::StatusCode::OK;
+            let head_grpc = resp.headers().get("grpc-status").cloned();
+            let collected = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| Failure::Network)?;
+            *conn = Some(Conn::Http2(sender));
+            let grpc_status = collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status").cloned())
+                .or(head_grpc);
+            let body = collected.to_bytes();
+            let grpc_ok = grpc_status.is_some_and(|v| v.as_bytes() == b"0");
+            if ok_status && grpc_ok && grpc_health_status(&body) == SERVING {
+                Ok(())
+            } else {
+                Err(Failure::Active)
+            }
+        }
+        HealthCheckKind::Http {
+            path,
+            host,
+            expected,
+            http2: false,
+            remove,
+            add,
         } => {
             let reused = match conn.take() {
                 Some(Conn::Http(mut s)) => s.ready().await.is_ok().then_some(s),
-                None => None,
+                _ => None,
             };
             let mut sender = match reused {
                 Some(s) => s,
@@ -399,11 +571,12 @@ async fn check_once(
                     sender
                 }
             };
-            let req = http::Request::get(path.as_str())
+            let mut req = http::Request::get(path.as_str())
                 .header(http::header::HOST, host.as_str())
                 .header(http::header::USER_AGENT, "Envoy/HC")
                 .body(Empty::<Bytes>::new())
                 .map_err(|_| Failure::Network)?;
+            mutate(req.headers_mut(), remove, add);
             let resp = sender
                 .send_request(req)
                 .await
@@ -430,13 +603,51 @@ async fn check_once(
     }
 }
 
-async fn connect(addr: SocketAddr, t: Duration) -> Result<tokio::net::TcpStream, Failure> {
-    match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
+/// `request_headers_to_remove`, then `request_headers_to_add`.
+fn mutate(
+    h: &mut http::HeaderMap,
+    remove: &[http::HeaderName],
+    add: &[(xds_client::config::HeaderAdd, http::HeaderValue)],
+) {
+    for n in remove {
+        h.remove(n);
+    }
+    for (a, v) in add {
+        a.apply_to(h, v.clone());
+    }
+}
+
+/// A check connection: plain TCP or TLS.
+trait CheckIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> CheckIo for T {}
+
+/// Connects within `t`, then the TLS handshake of the host's transport
+/// socket if it has one (its configured ALPN; none added, as Envoy's
+/// checkers add none).
+async fn connect(
+    addr: SocketAddr,
+    t: Duration,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<Box<dyn CheckIo>, Failure> {
+    let s = match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok(s)
+            s
         }
-        _ => Err(Failure::Network),
+        _ => return Err(Failure::Network),
+    };
+    match tls {
+        None => Ok(Box::new(s)),
+        Some(tls) => match tls
+            .connect(s, addr, crate::tls::client::AlpnFallback::None, None)
+            .await
+        {
+            Ok((s, _)) => Ok(Box::new(s)),
+            Err(e) => {
+                tracing::debug!(target: "upstream", host = %addr, error = %e, "health check TLS handshake failed");
+                Err(Failure::Network)
+            }
+        },
     }
 }
 
@@ -462,5 +673,24 @@ mod tests {
         assert!(matches_in_order(b"xxabyycd", &blocks));
         assert!(!matches_in_order(b"cdab", &blocks));
         assert!(!matches_in_order(b"ab", &blocks));
+    }
+}
+
+#[cfg(test)]
+mod grpc_tests {
+    use super::*;
+
+    #[test]
+    fn grpc_health_frames() {
+        assert_eq!(&grpc_health_request("")[..], &[0, 0, 0, 0, 0]);
+        assert_eq!(
+            &grpc_health_request("a")[..],
+            &[0, 0, 0, 0, 3, 0x0a, 1, b'a']
+        );
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 2, 0x08, 1]), SERVING);
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 2, 0x08, 2]), 2);
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 0]), 0);
+        assert_eq!(grpc_health_status(&[0, 0, 0, 0, 9, 0x08]), 0);
+        assert_eq!(grpc_health_status(&[]), 0);
     }
 }

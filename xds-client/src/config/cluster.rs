@@ -457,13 +457,29 @@ pub struct ActiveHealthCheck {
 /// What one check does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HealthCheckKind {
-    /// `http_health_check` (HTTP/1.1 `GET`).
+    /// `http_health_check` (`GET`).
     Http {
         path: String,
         /// `host`, or the cluster name.
         host: String,
         /// `[start, end)` ranges; default `[200, 201)`.
         expected: Vec<(u16, u16)>,
+        /// `codec_client_type: HTTP2` (prior knowledge, h2c).
+        http2: bool,
+        /// `request_headers_to_remove` (removed first, as Envoy's header
+        /// parser), then `request_headers_to_add` (literal values).
+        remove: Vec<http::HeaderName>,
+        add: Vec<(super::HeaderAdd, http::HeaderValue)>,
+    },
+    /// `grpc_health_check`: `grpc.health.v1.Health/Check` over HTTP/2;
+    /// healthy only on `SERVING`.
+    Grpc {
+        /// `service_name` (empty: the server's overall health).
+        service_name: String,
+        /// `authority`, or the cluster name.
+        authority: String,
+        /// `initial_metadata`: headers sent with every check.
+        metadata: Vec<(http::HeaderName, http::HeaderValue)>,
     },
     /// `tcp_health_check`: `send` written after connecting; every
     /// `receive` block must then arrive, in order (connect-only when both

@@ -125,6 +125,12 @@ pub struct HttpRateLimit {
     pub rate_limited_as_resource_exhausted: bool,
     /// `rate_limited_status` (429 when unset or under 400).
     pub rate_limited_status: u16,
+    /// `filter_enabled.default_value` (`None`: always): the share of
+    /// requests the filter checks at all.
+    pub filter_enabled: Option<Fraction>,
+    /// `filter_enforced.default_value` (`None`: always): the share of
+    /// over-limit answers that are enforced (the others go upstream).
+    pub filter_enforced: Option<Fraction>,
 }
 
 /// `RateLimit.request_type`.

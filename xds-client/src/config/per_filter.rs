@@ -47,4 +47,15 @@ pub enum FilterOverride {
     ExtAuthz(Arc<super::ExtAuthzPerRoute>),
     /// jwt_authn's `PerRouteConfig`.
     JwtAuthn(super::JwtPerRoute),
+    /// `envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute`.
+    RateLimit(Arc<RateLimitPerRoute>),
+}
+
+/// `RateLimitPerRoute` (the global rate limit filter).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RateLimitPerRoute {
+    /// `vh_rate_limits` (a route's `include_vh_rate_limits` wins).
+    pub vh_rate_limits: super::VhRateLimits,
+    /// `domain` (empty: the filter's).
+    pub domain: String,
 }

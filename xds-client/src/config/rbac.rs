@@ -3,7 +3,7 @@
 //! (regexes built, CIDRs parsed, policies sorted by name).
 use std::sync::Arc;
 
-use super::{Cidr, HeaderMatcher, StringMatcher};
+use super::{Cidr, HeaderMatcher, MatchTree, StringMatcher};
 
 /// `envoy.config.rbac.v3.RBAC.Action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +128,21 @@ pub enum ValueMatcher {
     Or(Vec<ValueMatcher>),
 }
 
+/// `envoy.config.rbac.v3.Action`: what a `matcher` selects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RbacMatchAction {
+    /// `name`: the effective policy (stats, metadata, details).
+    pub name: String,
+    pub action: RbacAction,
+    /// `rbac_access_denied_matched_policy[<name>]`, interned.
+    pub denied_details: &'static str,
+}
+
+/// The `matcher` form of an RBAC engine. As Envoy's
+/// `RoleBasedAccessControlMatcherEngineImpl`: ALLOW and LOG allow, DENY
+/// denies, and no match denies.
+pub type RbacMatcher = MatchTree<RbacMatchAction>;
+
 /// `envoy.extensions.filters.http.rbac.v3.RBAC` (and the `rbac` of an
 /// `RBACPerRoute`).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -138,6 +153,11 @@ pub struct HttpRbac {
     /// `shadow_rules`: evaluated and counted, never enforced.
     pub shadow_rules: Option<Arc<RbacRules>>,
     pub shadow_rules_stat_prefix: String,
+    /// `matcher`: replaces `rules` when set (as Envoy, which ignores
+    /// `rules` then).
+    pub matcher: Option<Arc<RbacMatcher>>,
+    /// `shadow_matcher`: replaces `shadow_rules` when set.
+    pub shadow_matcher: Option<Arc<RbacMatcher>>,
 }
 
 /// `envoy.extensions.filters.network.rbac.v3.RBAC`.
@@ -147,4 +167,8 @@ pub struct NetworkRbac {
     pub shadow_rules: Option<Arc<RbacRules>>,
     pub shadow_rules_stat_prefix: String,
     pub stat_prefix: String,
+    /// `matcher` (replaces `rules`) and `shadow_matcher`, as the HTTP
+    /// filter's.
+    pub matcher: Option<Arc<RbacMatcher>>,
+    pub shadow_matcher: Option<Arc<RbacMatcher>>,
 }

@@ -494,17 +494,6 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             "multiple health checks not supported",
         );
     }
-    if !p.health_checks.is_empty()
-        && (transport.tls().is_some()
-            || transport_matches
-                .iter()
-                .any(|m| m.transport.tls().is_some()))
-    {
-        errs.push(
-            join(path, "health_checks"),
-            "active health checks of TLS clusters are not implemented",
-        );
-    }
     let health_check = p.health_checks.first().map(|h| {
         std::sync::Arc::new(active_health_check(
             h,
@@ -515,6 +504,20 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     });
     // Consistent-hash balancers have no zone-aware routing in Envoy.
     let fail_traffic_on_panic = fail_traffic_on_panic && !lb.is_hash();
+    // As Envoy: gRPC health checks need an HTTP/2 cluster.
+    if health_check
+        .as_ref()
+        .is_some_and(|h| matches!(h.kind, HealthCheckKind::Grpc { .. }))
+        && protocol == UpstreamProtocol::Http1
+    {
+        errs.push(
+            join(path, "health_checks[0].grpc_health_check"),
+            format!(
+                "{} cluster must support HTTP/2 for gRPC healthchecking",
+                p.name
+            ),
+        );
+    }
     let panic_threshold = p
         .common_lb_config
         .as_ref()
@@ -641,12 +644,17 @@ fn active_health_check(
                 errs.push(join(&p, "path"), "path is required");
             }
             use crate::api::envoy::r#type::v3::CodecClientType as Codec;
-            if !matches!(Codec::try_from(x.codec_client_type), Ok(Codec::Http1)) {
-                errs.push(
-                    join(&p, "codec_client_type"),
-                    "only HTTP1 health checks are implemented",
-                );
-            }
+            let http2 = match Codec::try_from(x.codec_client_type) {
+                Ok(Codec::Http1) => false,
+                Ok(Codec::Http2) => true,
+                _ => {
+                    errs.push(
+                        join(&p, "codec_client_type"),
+                        "only HTTP1 and HTTP2 health checks are implemented",
+                    );
+                    false
+                }
+            };
             let mut expected = Vec::new();
             for (i, r) in x.expected_statuses.iter().enumerate() {
                 if r.start < 100 || r.end > 600 || r.start >= r.end {
@@ -665,7 +673,45 @@ fn active_health_check(
             if x.expected_statuses.is_empty() {
                 expected.push((200, 201));
             }
+            let mutations = super::header_mutations(
+                &x.request_headers_to_add,
+                &x.request_headers_to_remove,
+                &[],
+                &[],
+                &format!("{p}."),
+            );
+            let (mut remove, mut add) = (Vec::new(), Vec::new());
+            match mutations {
+                Ok(m) => {
+                    remove = m.request_remove;
+                    for (i, h) in m.request_add.into_iter().enumerate() {
+                        let value: String = h
+                            .value
+                            .parts
+                            .iter()
+                            .map(|part| match part {
+                                FormatPart::Literal(s) => s.as_str(),
+                                FormatPart::Op(_) => "",
+                            })
+                            .collect();
+                        match (h.value.is_literal(), http::HeaderValue::from_str(&value)) {
+                            (true, Ok(v)) => add.push((h, v)),
+                            (false, _) => errs.push(
+                                format!("{p}.request_headers_to_add[{i}].header.value"),
+                                "substitution formatters in health check headers are not implemented",
+                            ),
+                            (true, Err(_)) => errs.push(
+                                format!("{p}.request_headers_to_add[{i}].header.value"),
+                                "invalid header value",
+                            ),
+                        }
+                    }
+                }
+                Err(e) => errs.extend(e),
+            }
             HealthCheckKind::Http {
+                remove,
+                add,
                 path: x.path.clone(),
                 host: if x.host.is_empty() {
                     cluster.to_owned()
@@ -673,6 +719,39 @@ fn active_health_check(
                     x.host.clone()
                 },
                 expected,
+                http2,
+            }
+        }
+        Some(HealthChecker::GrpcHealthCheck(x)) => {
+            let p = join(path, "grpc_health_check");
+            let mut metadata = Vec::with_capacity(x.initial_metadata.len());
+            for (i, m) in x.initial_metadata.iter().enumerate() {
+                let mpath = format!("{p}.initial_metadata[{i}]");
+                let Some(h) = &m.header else {
+                    errs.push(join(&mpath, "header"), "value is required");
+                    continue;
+                };
+                let value = if h.raw_value.is_empty() {
+                    h.value.as_bytes()
+                } else {
+                    h.raw_value.as_slice()
+                };
+                match (
+                    http::HeaderName::from_bytes(h.key.as_bytes()),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    (Ok(k), Ok(v)) => metadata.push((k, v)),
+                    _ => errs.push(join(&mpath, "header"), "invalid header"),
+                }
+            }
+            HealthCheckKind::Grpc {
+                service_name: x.service_name.clone(),
+                authority: if x.authority.is_empty() {
+                    cluster.to_owned()
+                } else {
+                    x.authority.clone()
+                },
+                metadata,
             }
         }
         Some(HealthChecker::TcpHealthCheck(x)) => {
@@ -702,16 +781,6 @@ fn active_health_check(
                 .map(|(i, r)| payload(r, format!("{p}.receive[{i}]")))
                 .collect();
             HealthCheckKind::Tcp { send, receive }
-        }
-        Some(HealthChecker::GrpcHealthCheck(_)) => {
-            errs.push(
-                join(path, "grpc_health_check"),
-                "gRPC health checks are not implemented",
-            );
-            HealthCheckKind::Tcp {
-                send: Vec::new(),
-                receive: Vec::new(),
-            }
         }
         Some(HealthChecker::CustomHealthCheck(_)) => {
             errs.push(

@@ -123,18 +123,32 @@ pub fn ext_authz(p: &ea::ExtAuthz, path: &str) -> Result<ExtAuthz, ConfigErrors>
             "only the V3 transport API is supported",
         );
     }
-    if p.include_peer_certificate {
-        errs.push(
-            join(path, "include_peer_certificate"),
-            "the peer certificate is not kept for filters; not implemented",
-        );
-    }
-    if p.with_request_body.is_some() {
-        errs.push(
-            join(path, "with_request_body"),
-            "sending the request body to the authorization service is not implemented",
-        );
-    }
+    let with_request_body = p.with_request_body.as_ref().and_then(|b| {
+        let bpath = join(path, "with_request_body");
+        // As Envoy's proto validation.
+        if b.max_request_bytes == 0 {
+            errs.push(
+                join(&bpath, "max_request_bytes"),
+                "value must be greater than 0",
+            );
+            return None;
+        }
+        // A partial body goes to the service while the whole body streams
+        // upstream: weir's request body is either buffered whole or
+        // streamed, not a buffered prefix then the stream.
+        if b.allow_partial_message {
+            errs.push(
+                join(&bpath, "allow_partial_message"),
+                "partial request bodies are not implemented",
+            );
+            return None;
+        }
+        Some(BufferSettings {
+            max_request_bytes: b.max_request_bytes,
+            allow_partial_message: b.allow_partial_message,
+            pack_as_bytes: b.pack_as_bytes,
+        })
+    });
     let (service, timeout) = match &p.services {
         Some(S::GrpcService(g)) => match grpc_service(g, &join(path, "grpc_service")) {
             Ok(g) => {
@@ -280,7 +294,7 @@ pub fn ext_authz(p: &ea::ExtAuthz, path: &str) -> Result<ExtAuthz, ConfigErrors>
         timeout,
         failure_mode_allow: p.failure_mode_allow,
         failure_mode_allow_header_add: p.failure_mode_allow_header_add,
-        with_request_body: None,
+        with_request_body,
         status_on_error,
         include_peer_certificate: p.include_peer_certificate,
         stat_prefix: p.stat_prefix.clone(),
@@ -399,15 +413,13 @@ mod tests {
                 ..Default::default()
             })),
             with_request_body: Some(Default::default()),
-            include_peer_certificate: true,
             transport_api_version: 1,
             ..Default::default()
         };
         let e = ext_authz(&p, "f").expect_err("rejected").to_string();
         for field in [
             "f.grpc_service.google_grpc",
-            "f.with_request_body",
-            "f.include_peer_certificate",
+            "f.with_request_body.max_request_bytes",
             "f.transport_api_version",
         ] {
             assert!(e.contains(field), "{field} in {e}");

@@ -35,6 +35,7 @@ pub mod istio;
 pub mod jwt_authn;
 pub mod listener;
 pub mod local_ratelimit;
+pub mod match_tree;
 pub mod network;
 pub mod per_filter;
 pub mod rate_limit_service;

@@ -13,6 +13,9 @@ use super::err;
 use super::fault::FAULT;
 
 const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
+/// `envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute`.
+pub const RATE_LIMIT_PER_ROUTE: &str =
+    "envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute";
 
 /// `typed_per_filter_config` of a route, virtual host or route
 /// configuration (`path` names the map). Only the fault filter's config is
@@ -108,6 +111,27 @@ fn filter_override(any: &pb::Any, path: &str) -> Result<FilterOverride, ConfigEr
             Ok(FilterOverride::LocalRateLimit(Arc::new(
                 super::local_ratelimit::local_rate_limit(&p, path, true)?,
             )))
+        }
+        RATE_LIMIT_PER_ROUTE => {
+            use crate::api::envoy::extensions::filters::http::ratelimit::v3::{
+                rate_limit_per_route::VhRateLimitsOptions as O, RateLimitPerRoute as P,
+            };
+            let p: P = super::decode(&any, path)?;
+            let vh_rate_limits = match O::try_from(p.vh_rate_limits) {
+                Ok(O::Override) => VhRateLimits::Override,
+                Ok(O::Include) => VhRateLimits::Include,
+                Ok(O::Ignore) => VhRateLimits::Ignore,
+                Err(_) => {
+                    return Err(super::err(
+                        join(path, "vh_rate_limits"),
+                        format!("unknown value {}", p.vh_rate_limits),
+                    ))
+                }
+            };
+            Ok(FilterOverride::RateLimit(Arc::new(RateLimitPerRoute {
+                vh_rate_limits,
+                domain: p.domain,
+            })))
         }
         super::rbac::HTTP_RBAC_PER_ROUTE => {
             let p = super::decode(&any, path)?;

@@ -99,6 +99,14 @@ pub fn rate_limit(p: &rl::RateLimit, path: &str) -> Result<HttpRateLimit, Config
             disable_x_envoy_ratelimited_header: p.disable_x_envoy_ratelimited_header,
             rate_limited_as_resource_exhausted: p.rate_limited_as_resource_exhausted,
             rate_limited_status,
+            filter_enabled: p
+                .filter_enabled
+                .as_ref()
+                .map(super::local_ratelimit::runtime_fraction),
+            filter_enforced: p
+                .filter_enforced
+                .as_ref()
+                .map(super::local_ratelimit::runtime_fraction),
         }),
         _ => Err(errs),
     }

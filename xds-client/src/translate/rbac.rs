@@ -1,8 +1,10 @@
 //! `envoy.filters.http.rbac` and `envoy.filters.network.rbac` translation:
 //! `envoy.config.rbac.v3.RBAC` policies into [`RbacRules`].
 //!
-//! What weir cannot evaluate is rejected naming the field: the matcher API
-//! (`matcher`, `shadow_matcher`), `sourced_metadata` and filter state, CEL conditions, audit logging, `uri_template`, custom
+//! The `matcher` / `shadow_matcher` form goes through the generic
+//! [`super::match_tree`] with `envoy.config.rbac.v3.Action` actions.
+//!
+//! What weir cannot evaluate is rejected naming the field: `sourced_metadata` and filter state, CEL conditions, audit logging, `uri_template`, custom
 //! matchers and principals, per-rule stats, network `delay_deny` and
 //! `CONTINUOUS` enforcement; as Envoy, `header` rules in the network filter.
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use crate::config::*;
 use crate::error::{join, ConfigErrors};
 
 use super::err;
+use super::match_tree::inputs;
+use crate::api::xds::r#type::matcher::v3 as xm;
 
 /// `envoy.extensions.filters.http.rbac.v3.RBAC`.
 pub const HTTP_RBAC: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
@@ -27,18 +31,13 @@ pub const NETWORK_RBAC: &str = "envoy.extensions.filters.network.rbac.v3.RBAC";
 /// The HTTP filter's config; `path` names the `typed_config`.
 pub fn http_rbac(p: &http_rbac::Rbac, path: &str) -> Result<HttpRbac, ConfigErrors> {
     let mut errs = ConfigErrors::default();
-    if p.matcher.is_some() {
-        errs.push(
-            join(path, "matcher"),
-            "the matcher API form of RBAC is not implemented (use rules)",
-        );
-    }
-    if p.shadow_matcher.is_some() {
-        errs.push(
-            join(path, "shadow_matcher"),
-            "the matcher API form of RBAC is not implemented (use shadow_rules)",
-        );
-    }
+    let matcher = optional_matcher(p.matcher.as_ref(), &join(path, "matcher"), true, &mut errs);
+    let shadow_matcher = optional_matcher(
+        p.shadow_matcher.as_ref(),
+        &join(path, "shadow_matcher"),
+        true,
+        &mut errs,
+    );
     if p.track_per_rule_stats {
         errs.push(
             join(path, "track_per_rule_stats"),
@@ -51,11 +50,15 @@ pub fn http_rbac(p: &http_rbac::Rbac, path: &str) -> Result<HttpRbac, ConfigErro
         &join(path, "shadow_rules"),
         &mut errs,
     );
+    // As Envoy: a matcher replaces the rules of its kind (they are
+    // validated, then ignored).
     errs.into_result(HttpRbac {
-        rules,
+        rules: rules.filter(|_| matcher.is_none()),
         rules_stat_prefix: p.rules_stat_prefix.clone(),
-        shadow_rules,
+        shadow_rules: shadow_rules.filter(|_| shadow_matcher.is_none()),
         shadow_rules_stat_prefix: p.shadow_rules_stat_prefix.clone(),
+        matcher,
+        shadow_matcher,
     })
 }
 
@@ -80,18 +83,13 @@ pub fn network_rbac(p: &net_rbac::Rbac, path: &str) -> Result<NetworkRbac, Confi
             "value length must be at least 1 characters",
         );
     }
-    if p.matcher.is_some() {
-        errs.push(
-            join(path, "matcher"),
-            "the matcher API form of RBAC is not implemented (use rules)",
-        );
-    }
-    if p.shadow_matcher.is_some() {
-        errs.push(
-            join(path, "shadow_matcher"),
-            "the matcher API form of RBAC is not implemented (use shadow_rules)",
-        );
-    }
+    let matcher = optional_matcher(p.matcher.as_ref(), &join(path, "matcher"), false, &mut errs);
+    let shadow_matcher = optional_matcher(
+        p.shadow_matcher.as_ref(),
+        &join(path, "shadow_matcher"),
+        false,
+        &mut errs,
+    );
     if p.enforcement_type != net_rbac::rbac::EnforcementType::OneTimeOnFirstByte as i32 {
         errs.push(
             join(path, "enforcement_type"),
@@ -128,10 +126,12 @@ pub fn network_rbac(p: &net_rbac::Rbac, path: &str) -> Result<NetworkRbac, Confi
         &mut errs,
     );
     errs.into_result(NetworkRbac {
-        rules,
-        shadow_rules,
+        rules: rules.filter(|_| matcher.is_none()),
+        shadow_rules: shadow_rules.filter(|_| shadow_matcher.is_none()),
         shadow_rules_stat_prefix: p.shadow_rules_stat_prefix.clone(),
         stat_prefix: p.stat_prefix.clone(),
+        matcher,
+        shadow_matcher,
     })
 }
 
@@ -173,6 +173,103 @@ fn no_header_principal(p: &rbac::Principal, path: &str, errs: &mut ConfigErrors)
         Some(I::NotId(r)) => no_header_principal(r, &join(path, "not_id"), errs),
         _ => {}
     }
+}
+
+/// The inputs Envoy 1.40's RBAC filters accept (its
+/// `ActionValidationVisitor`s), less those weir does not implement
+/// (`DynamicMetadataInput`, CEL, `NetworkNamespaceInput`): the HTTP filter
+/// also reads request headers; the network filter does not.
+const NETWORK_INPUTS: &[&str] = &[
+    inputs::DESTINATION_IP,
+    inputs::DESTINATION_PORT,
+    inputs::SOURCE_IP,
+    inputs::SOURCE_PORT,
+    inputs::DIRECT_SOURCE_IP,
+    inputs::SERVER_NAME,
+    inputs::URI_SAN,
+    inputs::DNS_SAN,
+    inputs::SUBJECT,
+    inputs::FILTER_STATE,
+];
+const HTTP_INPUTS: &[&str] = &[
+    inputs::DESTINATION_IP,
+    inputs::DESTINATION_PORT,
+    inputs::SOURCE_IP,
+    inputs::SOURCE_PORT,
+    inputs::DIRECT_SOURCE_IP,
+    inputs::SERVER_NAME,
+    inputs::URI_SAN,
+    inputs::DNS_SAN,
+    inputs::SUBJECT,
+    inputs::FILTER_STATE,
+    inputs::REQUEST_HEADER,
+];
+
+/// `envoy.config.rbac.v3.Action`.
+pub const RBAC_ACTION: &str = "envoy.config.rbac.v3.Action";
+
+fn optional_matcher(
+    m: Option<&xm::Matcher>,
+    path: &str,
+    http: bool,
+    errs: &mut ConfigErrors,
+) -> Option<Arc<RbacMatcher>> {
+    m.and_then(|m| rbac_matcher(m, path, http).map_err(|e| errs.extend(e)).ok())
+        .map(Arc::new)
+}
+
+/// An RBAC `matcher` (`http`: the HTTP filter's, which may read headers).
+pub fn rbac_matcher(m: &xm::Matcher, path: &str, http: bool) -> Result<RbacMatcher, ConfigErrors> {
+    let action = |c: &crate::api::xds::core::v3::TypedExtensionConfig,
+                  path: &str|
+     -> Result<RbacMatchAction, ConfigErrors> {
+        let tpath = join(path, "typed_config");
+        let Some(any) = &c.typed_config else {
+            return Err(err(tpath, "value is required"));
+        };
+        let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+        let name = any.type_url.rsplit('/').next().unwrap_or_default();
+        if name != RBAC_ACTION {
+            return Err(err(
+                tpath,
+                format!("an RBAC matcher's action must be {RBAC_ACTION}, not {name}"),
+            ));
+        }
+        let a: rbac::Action = super::decode(&any, &tpath)?;
+        // As Envoy's proto validation.
+        if a.name.is_empty() {
+            return Err(err(
+                join(&tpath, "name"),
+                "value length must be at least 1 characters",
+            ));
+        }
+        let action = match rbac::rbac::Action::try_from(a.action) {
+            Ok(rbac::rbac::Action::Allow) => RbacAction::Allow,
+            Ok(rbac::rbac::Action::Deny) => RbacAction::Deny,
+            Ok(rbac::rbac::Action::Log) => RbacAction::Log,
+            Err(_) => {
+                return Err(err(
+                    join(&tpath, "action"),
+                    format!("unknown action {}", a.action),
+                ))
+            }
+        };
+        Ok(RbacMatchAction {
+            denied_details: denied_details(Some(&a.name)),
+            name: a.name,
+            action,
+        })
+    };
+    let rules = super::match_tree::Rules {
+        inputs: if http { HTTP_INPUTS } else { NETWORK_INPUTS },
+        who: if http {
+            "RBAC HTTP filter"
+        } else {
+            "RBAC network filter"
+        },
+        action: &action,
+    };
+    super::match_tree::match_tree(m, path, &rules)
 }
 
 fn optional_rules(

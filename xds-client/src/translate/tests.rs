@@ -213,12 +213,15 @@ static_resources:
             path: "/healthz".into(),
             host: "xds-grpc".into(),
             expected: vec![(200, 201)],
+            http2: false,
+            remove: Vec::new(),
+            add: Vec::new(),
         }
     );
     for (bad, field) in [
         ("{interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}}", "health_checks[0].timeout"),
         ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, grpc_health_check: {}}", "health_checks[0].grpc_health_check"),
-        ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: {path: /h, codec_client_type: HTTP2}}", "http_health_check.codec_client_type"),
+        ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: {path: /h, codec_client_type: HTTP3}}", "http_health_check.codec_client_type"),
         ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: {path: /h, method: POST}}", "http_health_check.method"),
         ("{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {send: {text: zz}}}", "tcp_health_check.send.text"),
     ] {

@@ -223,6 +223,7 @@ fn server_labels_from_san_and_overrides() {
             peer_uri_sans: vec!["spiffe://cluster.local/ns/apps/sa/client".into()],
             peer_dns_sans: vec![],
             peer_subject: None,
+            peer_pem: None,
             tls: true,
             state: Default::default(),
             filter_state: Default::default(),

@@ -157,7 +157,8 @@ fn bad_values_name_their_field() {
     )
     .expect_err("bad CIDR");
     assert!(e.contains("principals[0].source_ip.address_prefix"), "{e}");
-    let e = http("matcher: {}\ntrack_per_rule_stats: true").expect_err("matcher");
+    let e = http("matcher: {matcher_list: {matchers: []}}\ntrack_per_rule_stats: true")
+        .expect_err("matcher");
     assert!(
         e.contains("f.matcher") && e.contains("f.track_per_rule_stats"),
         "{e}"
@@ -243,6 +244,117 @@ fn the_loader_rejects_unimplemented_fields_by_path() {
     assert!(
         e.contains("rules.policies[\"p\"].principals[0].sourced_metadata")
             && e.contains("metadata matching is not implemented"),
+        "{e}"
+    );
+}
+
+const ACTION: &str = "type.googleapis.com/envoy.config.rbac.v3.Action";
+
+#[test]
+fn matcher_translates_and_replaces_rules() {
+    let c = http(&format!(
+        r#"
+rules: {{action: DENY}}
+matcher:
+  matcher_list:
+    matchers:
+    - predicate:
+        or_matcher:
+          predicate:
+          - single_predicate:
+              input: {{name: h, typed_config: {{"@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput, header_name: X-A}}}}
+              value_match: {{prefix: v}}
+          - single_predicate:
+              input: {{name: s, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.SourceIPInput}}}}
+              custom_match: {{name: ip, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.input_matchers.ip.v3.Ip, stat_prefix: s, cidr_ranges: [{{address_prefix: 10.0.0.0, prefix_len: 8}}]}}}}
+      on_match: {{action: {{name: a, typed_config: {{"@type": {ACTION}, name: "p 1", action: DENY}}}}}}
+  on_no_match: {{action: {{name: a, typed_config: {{"@type": {ACTION}, name: rest, action: LOG}}}}}}
+"#
+    ))
+    .expect("valid");
+    assert!(c.rules.is_none(), "a matcher replaces the rules");
+    let m = c.matcher.as_ref().expect("matcher");
+    let actions: Vec<(&str, RbacAction, &str)> = m
+        .actions()
+        .into_iter()
+        .map(|a| (a.name.as_str(), a.action, a.denied_details))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (
+                "p 1",
+                RbacAction::Deny,
+                "rbac_access_denied_matched_policy[p_1]"
+            ),
+            (
+                "rest",
+                RbacAction::Log,
+                "rbac_access_denied_matched_policy[rest]"
+            ),
+        ]
+    );
+    let MatchKind::List(l) = &m.kind else {
+        panic!("a list: {m:?}")
+    };
+    let Predicate::Or(ps) = &l[0].predicate else {
+        panic!("or: {l:?}")
+    };
+    assert!(
+        matches!(&ps[0], Predicate::Single(DataInput::RequestHeader(HeaderKey::Name(n)), InputMatcher::Value(_)) if n == "x-a")
+    );
+    assert!(
+        matches!(&ps[1], Predicate::Single(DataInput::SourceIp, InputMatcher::Ip(r)) if r.len() == 1)
+    );
+}
+
+#[test]
+fn matcher_errors_name_the_field() {
+    let input = |ty: &str| {
+        format!(
+            "{{name: i, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.{ty}}}}}"
+        )
+    };
+    let single = |input: String, on_match: String| {
+        format!(
+            "matcher: {{matcher_list: {{matchers: [{{predicate: {{single_predicate: {{input: {input}, value_match: {{exact: x}}}}}}, on_match: {on_match}}}]}}}}"
+        )
+    };
+    let allow = format!("{{action: {{name: a, typed_config: {{\"@type\": {ACTION}, name: p}}}}}}");
+    // A header input in the network filter.
+    let header = "{name: h, typed_config: {\"@type\": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput, header_name: x}}";
+    let e = network(&format!(
+        "stat_prefix: n\n{}",
+        single(header.to_owned(), allow.clone())
+    ))
+    .expect_err("header in network");
+    assert!(
+        e.contains(
+            "f.matcher.matcher_list.matchers[0].predicate.single_predicate.input.typed_config"
+        ) && e.contains("RBAC network filter cannot match"),
+        "{e}"
+    );
+    // An empty action name, keep_matching, a one-predicate or_matcher.
+    let unnamed = format!("{{action: {{name: a, typed_config: {{\"@type\": {ACTION}}}}}}}");
+    let e = http(&single(input("SourceIPInput"), unnamed)).expect_err("unnamed");
+    assert!(e.contains("on_match.action.typed_config.name"), "{e}");
+    let keep = format!("{{keep_matching: true, action: {{name: a, typed_config: {{\"@type\": {ACTION}, name: p}}}}}}");
+    let e = http(&single(input("SourceIPInput"), keep)).expect_err("keep_matching");
+    assert!(e.contains("on_match.keep_matching"), "{e}");
+    let e = http(&format!(
+        "matcher: {{matcher_list: {{matchers: [{{predicate: {{or_matcher: {{predicate: [{{single_predicate: {{input: {}, value_match: {{exact: x}}}}}}]}}}}, on_match: {allow}}}]}}}}",
+        input("SourceIPInput")
+    ))
+    .expect_err("one predicate");
+    assert!(e.contains("predicate.or_matcher.predicate"), "{e}");
+    // A tree without entries.
+    let e = http(&format!(
+        "matcher: {{matcher_tree: {{input: {}, exact_match_map: {{map: {{}}}}}}}}",
+        input("ServerNameInput")
+    ))
+    .expect_err("empty map");
+    assert!(
+        e.contains("f.matcher.matcher_tree.exact_match_map.map"),
         "{e}"
     );
 }
