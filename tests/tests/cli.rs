@@ -242,7 +242,9 @@ fn validate_lists_unknown_and_unimplemented_fields_with_paths() {
         "{err}"
     );
     assert!(
-        err.contains("static_resources.clusters[0].lb_subset_config: weir does not implement"),
+        err.contains(
+            "static_resources.clusters[0].lb_subset_config: subset load balancing (lb_subset_config) is not implemented"
+        ),
         "{err}"
     );
 }
