@@ -11,7 +11,7 @@ use std::sync::{
     Arc,
 };
 
-use xds_client::config::{CircuitBreakers as Config, RetryBudget, Thresholds};
+use xds_client::config::{CircuitBreakers as Config, RetryBudget, RoutingPriority, Thresholds};
 
 use crate::stats::{Gauge, StatName, Store};
 
@@ -214,6 +214,15 @@ impl CircuitBreakers {
         CircuitBreakers {
             default: ResourceManager::new(&c.default, store, cluster, "default"),
             high: ResourceManager::new(&c.high, store, cluster, "high"),
+        }
+    }
+
+    /// The limits of a route's priority (Envoy's `resourceManager(priority)`).
+    #[inline]
+    pub fn at(&self, p: RoutingPriority) -> &ResourceManager {
+        match p {
+            RoutingPriority::Default => &self.default,
+            RoutingPriority::High => &self.high,
         }
     }
 }
