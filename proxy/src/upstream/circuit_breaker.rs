@@ -301,4 +301,22 @@ mod tests {
         assert!(rm.can_retry());
         drop(g);
     }
+
+    #[test]
+    fn a_routing_priority_uses_its_own_limits() {
+        let s = store();
+        let c = Config {
+            high: Thresholds {
+                max_requests: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let cb = CircuitBreakers::new(&c, &s, "c");
+        let _g = cb.at(RoutingPriority::High).requests.guard();
+        assert!(!cb.at(RoutingPriority::High).requests.can_create());
+        assert!(cb.at(RoutingPriority::Default).requests.can_create());
+        assert_eq!(s.get("cluster.c.circuit_breakers.high.rq_open"), Some(1));
+        assert_eq!(s.get("cluster.c.circuit_breakers.default.rq_open"), Some(0));
+    }
 }
