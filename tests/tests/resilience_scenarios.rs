@@ -386,6 +386,277 @@ async fn retry_overflow_keeps_the_response_and_flags_uo() {
     );
 }
 
+// ------------------------------------------------- routing priority (HIGH)
+
+/// A route's `priority` picks the cluster's thresholds: with HIGH's
+/// `max_requests` at 1, a second concurrent request on the HIGH route
+/// overflows while the DEFAULT route (default thresholds) still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_route_overflows_high_max_requests_only() {
+    let a = echo("a").await;
+    let log = log_path("high_max_requests");
+    let clusters = cluster(
+        "a",
+        &[a.port()],
+        "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, max_requests: 1, track_remaining: true}\n",
+    );
+    let routes = route("/hi", "a", ", priority: HIGH") + &route("/", "a", "");
+    let p = Proxy::start(|ports| http_config(ports, &log, &routes, &clusters));
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.remaining_rq").await,
+        Some(1)
+    );
+    let slow = spawn_get(
+        format!("{}/hi/slow", p.base()),
+        vec![("x-echo-delay-ms", "1500".into())],
+    );
+    wait_stat(&p, "cluster.a.circuit_breakers.high.rq_open", |v| {
+        v == Some(1)
+    })
+    .await;
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.remaining_rq").await,
+        Some(0)
+    );
+    let r = Http::h1().get(&format!("{}/hi/over", p.base()), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (503, OVERFLOW_BODY));
+    assert_eq!(r.header("x-envoy-overloaded"), Some("true"));
+    assert_eq!(
+        p.stat("cluster.a.upstream_rq_active_overflow").await,
+        Some(1)
+    );
+    // The same concurrency on the DEFAULT route is within its limits.
+    let d = Http::h1().get(&format!("{}/default", p.base()), &[]).await;
+    assert_eq!(d.status, 200);
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.default.rq_open").await,
+        Some(0)
+    );
+    assert_eq!(
+        p.stat("cluster.a.upstream_rq_active_overflow").await,
+        Some(1)
+    );
+    assert_eq!(slow.await.expect("slow").status, 200);
+    wait_stat(&p, "cluster.a.circuit_breakers.high.rq_open", |v| {
+        v == Some(0)
+    })
+    .await;
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.remaining_rq").await,
+        Some(1)
+    );
+    let lines = p.log_lines(&log, 3).await;
+    for want in [
+        "503 UO upstream_reset_before_response_started{overflow} /hi/over",
+        "200 - via_upstream /default",
+        "200 - via_upstream /hi/slow",
+    ] {
+        assert!(lines.contains(&want.to_owned()), "{want}: {lines:?}");
+    }
+}
+
+/// The reverse: DEFAULT's `max_requests` at 1 overflows the DEFAULT route
+/// while a HIGH route (default HIGH thresholds) passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_route_overflow_leaves_the_high_route_alone() {
+    let a = echo("a").await;
+    let log = log_path("default_max_requests");
+    let clusters = cluster(
+        "a",
+        &[a.port()],
+        "    circuit_breakers:\n      thresholds:\n      - {priority: DEFAULT, max_requests: 1}\n      - {priority: HIGH, max_requests: 100, track_remaining: true}\n",
+    );
+    let routes = route("/hi", "a", ", priority: HIGH") + &route("/", "a", "");
+    let p = Proxy::start(|ports| http_config(ports, &log, &routes, &clusters));
+    let slow = spawn_get(
+        format!("{}/slow", p.base()),
+        vec![("x-echo-delay-ms", "1500".into())],
+    );
+    wait_stat(&p, "cluster.a.circuit_breakers.default.rq_open", |v| {
+        v == Some(1)
+    })
+    .await;
+    let r = Http::h1().get(&format!("{}/over", p.base()), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (503, OVERFLOW_BODY));
+    assert_eq!(r.header("x-envoy-overloaded"), Some("true"));
+    let h = Http::h1().get(&format!("{}/hi/ok", p.base()), &[]).await;
+    assert_eq!(h.status, 200);
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.rq_open").await,
+        Some(0)
+    );
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.remaining_rq").await,
+        Some(100)
+    );
+    assert_eq!(
+        p.stat("cluster.a.upstream_rq_active_overflow").await,
+        Some(1)
+    );
+    assert_eq!(slow.await.expect("slow").status, 200);
+    let lines = p.log_lines(&log, 3).await;
+    for want in [
+        "503 UO upstream_reset_before_response_started{overflow} /over",
+        "200 - via_upstream /hi/ok",
+    ] {
+        assert!(lines.contains(&want.to_owned()), "{want}: {lines:?}");
+    }
+}
+
+/// HIGH routes take their connections from the cluster's HIGH pool, under
+/// HIGH's `max_connections` and `max_pending_requests`; a DEFAULT route
+/// never reuses them (Envoy keys connection pools by priority).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_connections_come_from_their_own_pool() {
+    let a = echo("a").await;
+    let log = log_path("high_pool");
+    let clusters = cluster(
+        "a",
+        &[a.port()],
+        "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, max_connections: 1, max_pending_requests: 1, track_remaining: true}\n",
+    );
+    let routes = route("/hi", "a", ", priority: HIGH") + &route("/", "a", "");
+    // One worker, as the Envoy target: pools are per worker.
+    let opts = StartOptions {
+        concurrency: Some(1),
+        ..Default::default()
+    };
+    let p = Proxy::start_with(Target::from_env(), opts, |ports| {
+        http_config(ports, &log, &routes, &clusters)
+    });
+    // A warm HIGH connection, idle afterwards.
+    let w = Http::h1().get(&format!("{}/hi/warm", p.base()), &[]).await;
+    assert_eq!(w.status, 200);
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.cx_open").await,
+        Some(1)
+    );
+    // The DEFAULT route does not take it: a connection of its own.
+    let d = Http::h1().get(&format!("{}/default", p.base()), &[]).await;
+    assert_eq!(d.status, 200);
+    assert_eq!(p.stat("cluster.a.upstream_cx_total").await, Some(2));
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.default.cx_open").await,
+        Some(0)
+    );
+    // A slow HIGH request holds the HIGH connection (reused).
+    let first = spawn_get(
+        format!("{}/hi/first", p.base()),
+        vec![("x-echo-delay-ms", "1500".into())],
+    );
+    wait_stat(&p, "cluster.a.upstream_rq_active", |v| v == Some(1)).await;
+    // The next HIGH request waits for it, at HIGH's pending limit.
+    let second = spawn_get(format!("{}/hi/second", p.base()), vec![]);
+    wait_stat(&p, "cluster.a.circuit_breakers.high.rq_pending_open", |v| {
+        v == Some(1)
+    })
+    .await;
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.remaining_pending")
+            .await,
+        Some(0)
+    );
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.high.remaining_cx").await,
+        Some(0)
+    );
+    assert!(p.stat("cluster.a.upstream_cx_overflow").await.unwrap_or(0) >= 1);
+    // A third finds HIGH's pending queue full...
+    let r = Http::h1().get(&format!("{}/hi/third", p.base()), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (503, OVERFLOW_BODY));
+    assert_eq!(r.header("x-envoy-overloaded"), Some("true"));
+    assert_eq!(
+        p.stat("cluster.a.upstream_rq_pending_overflow").await,
+        Some(1)
+    );
+    // ...while the DEFAULT route still passes.
+    let d2 = Http::h1().get(&format!("{}/default2", p.base()), &[]).await;
+    assert_eq!(d2.status, 200);
+    assert_eq!(
+        p.stat("cluster.a.circuit_breakers.default.rq_pending_open")
+            .await,
+        Some(0)
+    );
+    assert_eq!(first.await.expect("first").status, 200);
+    assert_eq!(second.await.expect("second").status, 200);
+    // Both HIGH requests used the one HIGH connection.
+    assert_eq!(p.stat("cluster.a.upstream_cx_total").await, Some(2));
+    wait_stat(&p, "cluster.a.circuit_breakers.high.rq_pending_open", |v| {
+        v == Some(0)
+    })
+    .await;
+    let lines = p.log_lines(&log, 6).await;
+    assert!(
+        lines.contains(
+            &"503 UO upstream_reset_before_response_started{overflow} /hi/third".to_owned()
+        ),
+        "{lines:?}"
+    );
+}
+
+/// Retries on a HIGH route count against HIGH's `max_retries` or retry
+/// budget; the DEFAULT route keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_route_uses_high_retry_limits() {
+    let a = echo("a").await;
+    let log = log_path("high_retries");
+    let clusters = cluster(
+        "a",
+        &[a.port()],
+        "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, max_retries: 0}\n",
+    ) + &cluster(
+        "b",
+        &[a.port()],
+        "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, track_remaining: true, retry_budget: {budget_percent: {value: 0}, min_retry_concurrency: 0}}\n",
+    );
+    let retry = "retry_policy: {retry_on: 5xx, num_retries: 2}";
+    let routes = route("/a/hi", "a", &format!(", priority: HIGH, {retry}"))
+        + &route("/b/hi", "b", &format!(", priority: HIGH, {retry}"))
+        + &route("/a", "a", &format!(", {retry}"));
+    let p = Proxy::start(|ports| http_config(ports, &log, &routes, &clusters));
+    for c in ["a", "b"] {
+        let r = Http::h1()
+            .get(&format!("{}/{c}/hi", p.base()), &[("x-echo-status", "503")])
+            .await;
+        assert_eq!(r.status, 503, "{c}");
+        assert_eq!(r.header("x-echo-seen"), Some("0"), "{c}");
+        assert_eq!(
+            p.stat(&format!("cluster.{c}.upstream_rq_retry_overflow"))
+                .await,
+            Some(1),
+            "{c}"
+        );
+    }
+    assert_eq!(
+        p.stat("cluster.b.circuit_breakers.high.remaining_retries")
+            .await,
+        Some(0)
+    );
+    // DEFAULT keeps Envoy's default max_retries (3): both retries run.
+    let r = Http::h1()
+        .get(
+            &format!("{}/a/default", p.base()),
+            &[("x-echo-status", "503")],
+        )
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(p.stat("cluster.a.upstream_rq_retry").await, Some(2));
+    assert_eq!(
+        p.stat("cluster.a.upstream_rq_retry_overflow").await,
+        Some(1)
+    );
+    let lines = p.log_lines(&log, 3).await;
+    for want in ["503 UO via_upstream /a/hi", "503 UO via_upstream /b/hi"] {
+        assert!(lines.contains(&want.to_owned()), "{want}: {lines:?}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(" /a/default") && !l.contains("UO")),
+        "{lines:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_proxy_connections_count_against_max_connections() {
     let up = weir_tests::tcp::tcp_echo_server().await.expect("tcp echo");

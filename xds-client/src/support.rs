@@ -597,6 +597,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "hedge_policy", "internal_redirect_policy",
         // Deprecated (Envoy 1.40 still turns them into an internal redirect policy).
         "internal_redirect_action", "max_internal_redirects",
+        // The cluster's HIGH circuit-breaker thresholds and connection pools.
+        "priority",
     ]),
     // Router extras (ARCHITECTURE.md "Hedging and internal redirects"):
     // `initial_requests` / `additional_request_chance` are not implemented
@@ -790,11 +792,6 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
 /// Fields rejected with a reason because the traffic-policy work will
 /// implement them: (message, field, reason).
 pub static PENDING: &[(&str, &str, &str)] = &[
-    (
-        "envoy.config.route.v3.RouteAction",
-        "priority",
-        "HIGH routing priority (the cluster's HIGH circuit-breaker thresholds and connection pools) is not implemented: weir's pools apply the DEFAULT thresholds only",
-    ),
     (
         "envoy.config.route.v3.RetryPolicy",
         "retry_priority",

@@ -581,6 +581,8 @@ struct HedgeRetries<'p> {
     left: u32,
     done: u32,
     deadline: Option<Instant>,
+    /// The route's priority: whose retry limit applies.
+    priority: xds_client::config::RoutingPriority,
 }
 
 impl HedgeRetries<'_> {
@@ -606,12 +608,13 @@ impl HedgeRetries<'_> {
         self.left -= 1;
         // The previous retry's place is released first (Envoy's `resetRetry`).
         *slot = None;
-        if !cluster.breakers.default.can_retry() {
+        let rm = cluster.breakers.at(self.priority);
+        if !rm.can_retry() {
             cluster.stats.upstream_rq_retry_overflow.inc();
             info.flags.set(Flags::UO);
             return false;
         }
-        *slot = Some(cluster.breakers.default.retry_guard());
+        *slot = Some(rm.retry_guard());
         cluster.stats.upstream_rq_retry.inc();
         self.done += 1;
         let mut wait = back_off(p, self.done, response);
@@ -879,6 +882,7 @@ pub async fn forward(
             left: state_policy.map_or(0, |p| p.num_retries),
             done: 0,
             deadline,
+            priority: f.action.priority,
         };
         let per_try = per_try.expect("hedging needs a per-try timeout");
         let mut tries: Vec<Try<'_>> = Vec::new();
@@ -948,7 +952,7 @@ pub async fn forward(
                 host.active
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let sni = auto_sni(&cluster.config, &req);
-                let fut = cluster.pool(kind).request_with_alpn(
+                let fut = cluster.pool_at(kind, f.action.priority).request_with_alpn(
                     host.addr,
                     cluster.tls_for(&host),
                     sni,
@@ -1189,7 +1193,7 @@ pub async fn forward(
         host.active
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
-        let client = cluster.pool(kind);
+        let client = cluster.pool_at(kind, f.action.priority);
         let fut = client.request_with_alpn(
             host.addr,
             cluster.tls_for(&host),
@@ -1270,14 +1274,14 @@ pub async fn forward(
         if retry_this && can_retry && !global_expired && replay.is_some() {
             // max_retries / retry_budget: over the limit the response (or
             // failure) stands, flagged UO (Envoy's RetryStatus::NoOverflow).
-            let rm = &cluster.breakers.default;
+            let rm = cluster.breakers.at(f.action.priority);
             retry_overflow = !rm.can_retry();
         }
         if retry_overflow {
             cluster.stats.upstream_rq_retry_overflow.inc();
             info.flags.set(Flags::UO);
         } else if retry_this && can_retry && !global_expired && replay.is_some() {
-            _retry_slot = Some(cluster.breakers.default.retry_guard());
+            _retry_slot = Some(cluster.breakers.at(f.action.priority).retry_guard());
             cluster.stats.upstream_rq_retry.inc();
             let p = p.expect("retry_this implies a policy");
             let headers = match &outcome {

@@ -11,7 +11,7 @@ use std::sync::{
     Arc,
 };
 
-use xds_client::config::{CircuitBreakers as Config, RetryBudget, Thresholds};
+use xds_client::config::{CircuitBreakers as Config, RetryBudget, RoutingPriority, Thresholds};
 
 use crate::stats::{Gauge, StatName, Store};
 
@@ -216,6 +216,15 @@ impl CircuitBreakers {
             high: ResourceManager::new(&c.high, store, cluster, "high"),
         }
     }
+
+    /// The limits of a route's priority (Envoy's `resourceManager(priority)`).
+    #[inline]
+    pub fn at(&self, p: RoutingPriority) -> &ResourceManager {
+        match p {
+            RoutingPriority::Default => &self.default,
+            RoutingPriority::High => &self.high,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -291,5 +300,23 @@ mod tests {
         drop(r1);
         assert!(rm.can_retry());
         drop(g);
+    }
+
+    #[test]
+    fn a_routing_priority_uses_its_own_limits() {
+        let s = store();
+        let c = Config {
+            high: Thresholds {
+                max_requests: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let cb = CircuitBreakers::new(&c, &s, "c");
+        let _g = cb.at(RoutingPriority::High).requests.guard();
+        assert!(!cb.at(RoutingPriority::High).requests.can_create());
+        assert!(cb.at(RoutingPriority::Default).requests.can_create());
+        assert_eq!(s.get("cluster.c.circuit_breakers.high.rq_open"), Some(1));
+        assert_eq!(s.get("cluster.c.circuit_breakers.default.rq_open"), Some(0));
     }
 }

@@ -652,8 +652,9 @@ pub struct ClusterRuntime {
     /// thread, ejections from workers and the detector's timer).
     rebuild: std::sync::Mutex<()>,
     rr: AtomicUsize,
-    /// Connection pools per worker shard and protocol.
-    pools: Box<[[OnceLock<Arc<Client>>; 2]]>,
+    /// Connection pools per worker shard, protocol and routing priority
+    /// (index `priority * 2 + protocol`).
+    pools: Box<[[OnceLock<Arc<Client>>; 4]]>,
     /// TLS contexts for `transport_socket` (index 0) and each
     /// `transport_socket_matches` entry (1..); `None` = plaintext.
     transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
@@ -811,7 +812,7 @@ impl ClusterRuntime {
             rebuild: std::sync::Mutex::new(()),
             rr: AtomicUsize::new(0),
             pools: (0..workers + 1)
-                .map(|_| [OnceLock::new(), OnceLock::new()])
+                .map(|_| std::array::from_fn(|_| OnceLock::new()))
                 .collect(),
             transports,
             _pass_through: pass_through,
@@ -1074,14 +1075,29 @@ impl ClusterRuntime {
         }
     }
 
-    /// This worker's pool for `kind`.
+    /// This worker's pool for `kind` at the DEFAULT routing priority.
     pub fn pool(&self, kind: PoolKind) -> &Arc<Client> {
+        self.pool_at(kind, xds_client::config::RoutingPriority::Default)
+    }
+
+    /// This worker's pool for `kind` and a route's priority.
+    pub fn pool_at(
+        &self,
+        kind: PoolKind,
+        priority: xds_client::config::RoutingPriority,
+    ) -> &Arc<Client> {
         let shard = crate::stats_shard();
-        let slot = &self.pools[shard % self.pools.len()][kind as usize];
+        let slot = &self.pools[shard % self.pools.len()][priority as usize * 2 + kind as usize];
         slot.get_or_init(|| {
             let pool = Arc::new(
-                pool::build(&self.config, kind, &self.stats, self.breakers.clone())
-                    .with_metadata_exchange(self.mx.clone()),
+                pool::build(
+                    &self.config,
+                    kind,
+                    priority,
+                    &self.stats,
+                    self.breakers.clone(),
+                )
+                .with_metadata_exchange(self.mx.clone()),
             );
             // Close idle connections past the idle timeout, on this worker.
             if let Some(t) = self.config.idle_timeout {

@@ -1,5 +1,5 @@
-//! Upstream connection pools, one per (worker, cluster, protocol), keyed
-//! inside by endpoint address.
+//! Upstream connection pools, one per (worker, cluster, protocol, routing
+//! priority), keyed inside by endpoint address.
 //!
 //! Built on hyper's connection-level client so weir controls reuse:
 //! HTTP/1.1 keeps idle connections per host and hands each request a ready
@@ -16,7 +16,9 @@
 //! has none in this pool; a request attached to a connection counts against
 //! `max_requests` until its response headers arrive. Over a limit the
 //! request fails with [`PoolError::Overflow`] (Envoy: reset reason
-//! `overflow`, flag UO). Weir's routes are all of the DEFAULT priority.
+//! `overflow`, flag UO). A pool applies the thresholds of its routing
+//! priority: a route with `priority: HIGH` uses the cluster's HIGH pools
+//! and limits (Envoy keys its pools by priority too).
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -41,7 +43,7 @@ use tokio::{
     net::TcpStream,
     time::Instant,
 };
-use xds_client::config::{Cluster, UpstreamProtocol};
+use xds_client::config::{Cluster, RoutingPriority, UpstreamProtocol};
 
 use super::circuit_breaker::{CircuitBreakers, LimitGuard, ResourceManager};
 use super::ClusterStats;
@@ -134,15 +136,18 @@ pub struct Client {
     settings: Settings,
     hosts: Mutex<HashMap<Key, HostConns>>,
     breakers: Arc<CircuitBreakers>,
+    /// Whose thresholds this pool applies.
+    priority: RoutingPriority,
     /// Woken when a connection is returned idle or closes, for requests
     /// pending at the connection limit.
     freed: Arc<tokio::sync::Notify>,
 }
 
-/// Builds a pool for one cluster, worker and protocol.
+/// Builds a pool for one cluster, worker, protocol and routing priority.
 pub fn build(
     c: &Cluster,
     kind: PoolKind,
+    priority: RoutingPriority,
     stats: &ClusterStats,
     breakers: Arc<CircuitBreakers>,
 ) -> Client {
@@ -177,6 +182,7 @@ pub fn build(
         },
         hosts: Mutex::new(HashMap::new()),
         breakers,
+        priority,
         freed: Arc::new(tokio::sync::Notify::new()),
     }
 }
@@ -295,9 +301,9 @@ impl Client {
         self.freed.notify_waiters();
     }
 
-    /// The DEFAULT priority's limits (routes cannot ask for HIGH).
+    /// The limits of this pool's routing priority.
     fn limits(&self) -> &ResourceManager {
-        &self.breakers.default
+        self.breakers.at(self.priority)
     }
 
     /// Enters the pending state, or fails at `max_pending_requests`.
@@ -504,6 +510,7 @@ impl Client {
         // connecting connections too) until the connection closes.
         let slot = ConnSlot::new(
             self.breakers.clone(),
+            self.priority,
             self.host_open(key),
             self.freed.clone(),
         );
@@ -718,6 +725,7 @@ impl AsyncWrite for UpstreamIo {
 /// the connect attempt until the connection closes.
 struct ConnSlot {
     breakers: Arc<CircuitBreakers>,
+    priority: RoutingPriority,
     host_open: Arc<AtomicUsize>,
     freed: Arc<tokio::sync::Notify>,
 }
@@ -725,13 +733,15 @@ struct ConnSlot {
 impl ConnSlot {
     fn new(
         breakers: Arc<CircuitBreakers>,
+        priority: RoutingPriority,
         host_open: Arc<AtomicUsize>,
         freed: Arc<tokio::sync::Notify>,
     ) -> Self {
-        breakers.default.connections.inc();
+        breakers.at(priority).connections.inc();
         host_open.fetch_add(1, Relaxed);
         ConnSlot {
             breakers,
+            priority,
             host_open,
             freed,
         }
@@ -740,7 +750,7 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.breakers.default.connections.dec();
+        self.breakers.at(self.priority).connections.dec();
         self.host_open.fetch_sub(1, Relaxed);
         self.freed.notify_waiters();
     }

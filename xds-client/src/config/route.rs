@@ -425,6 +425,17 @@ pub struct RouteAction {
     pub hedge_on_per_try_timeout: Option<bool>,
     /// `internal_redirect_policy`: 3xx responses the router follows itself.
     pub internal_redirect: Option<Arc<InternalRedirectPolicy>>,
+    /// `priority`: which of the cluster's circuit-breaker thresholds and
+    /// connection pools the route's requests use.
+    pub priority: RoutingPriority,
+}
+
+/// `RoutingPriority` of a route (Envoy's `ResourcePriority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RoutingPriority {
+    #[default]
+    Default = 0,
+    High = 1,
 }
 
 /// `RouteAction.internal_redirect_policy` (Envoy's

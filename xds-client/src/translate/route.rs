@@ -679,6 +679,14 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         .as_ref()
         .and_then(|h| hedge_policy(h, &join(path, "hedge_policy"), &mut errs));
     let internal_redirect = internal_redirect(p, path, &mut errs);
+    let priority = match p.priority {
+        0 => RoutingPriority::Default,
+        1 => RoutingPriority::High,
+        _ => {
+            errs.push(join(path, "priority"), "unknown routing priority");
+            RoutingPriority::Default
+        }
+    };
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -712,6 +720,7 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
         hash_policy: hash_policy.into(),
         hedge_on_per_try_timeout: hedge,
         internal_redirect,
+        priority,
     })
 }
 
@@ -1261,6 +1270,31 @@ mod tests {
     }
 
     #[test]
+    fn routing_priority_translated() {
+        use super::{r, route_action, RoutingPriority};
+        let action = |priority| r::RouteAction {
+            cluster_specifier: Some(r::route_action::ClusterSpecifier::Cluster("c".into())),
+            priority,
+            ..Default::default()
+        };
+        assert_eq!(
+            route_action(&action(0), "route").expect("DEFAULT").priority,
+            RoutingPriority::Default
+        );
+        assert_eq!(
+            route_action(&action(1), "route").expect("HIGH").priority,
+            RoutingPriority::High
+        );
+        let e = route_action(&action(7), "route").expect_err("unknown");
+        assert!(e.to_string().contains("route.priority"), "{e}");
+        load(
+            serde_json::json!({"priority": "HIGH"}),
+            serde_json::json!({}),
+        )
+        .expect("HIGH");
+    }
+
+    #[test]
     fn router_extras_accepted() {
         load(
             serde_json::json!({
@@ -1301,11 +1335,6 @@ mod tests {
                     "@type": "type.googleapis.com/envoy.extensions.internal_redirect.allow_listed_routes.v3.AllowListedRoutesConfig"}}]}}),
                 serde_json::json!({}),
                 format!("{base}.internal_redirect_policy.predicates[0].typed_config.allowed_route_names"),
-            ),
-            (
-                serde_json::json!({"priority": "HIGH"}),
-                serde_json::json!({}),
-                "priority".to_owned(),
             ),
             (
                 serde_json::json!({"retry_policy": {"retry_priority": {
