@@ -113,7 +113,6 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "upstream_idle_timeout", "access_log", "max_connect_attempts", "max_downstream_connection_duration",
         "hash_policy",
     ]),
-    // `filter_state` is rejected: weir has no filter state.
     ("envoy.type.v3.HashPolicy", &["source_ip", "filter_state"]),
     ("envoy.type.v3.HashPolicy.SourceIp", &[]),
     ("envoy.type.v3.HashPolicy.FilterState", &["key"]),
@@ -611,8 +610,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.internal_redirect.previous_routes.v3.PreviousRoutesConfig", &[]),
     ("envoy.extensions.internal_redirect.allow_listed_routes.v3.AllowListedRoutesConfig", &["allowed_route_names"]),
     ("envoy.extensions.internal_redirect.safe_cross_scheme.v3.SafeCrossSchemeConfig", &[]),
-    // Shadowing: `trace_sampled` only steers the shadow's span (weir
-    // reports no spans).
+    // Shadowing: `trace_sampled` only steers the shadow's own span (weir
+    // makes no span for a shadow request).
     ("envoy.config.route.v3.RouteAction.RequestMirrorPolicy", &[
         "cluster", "cluster_header", "runtime_fraction", "~trace_sampled",
         "disable_shadow_host_suffix_append", "request_headers_mutations", "host_rewrite_literal",

@@ -927,22 +927,12 @@ pub async fn forward(
                         .observed(f.request_observer.take()),
                     (None, None) => Body::Empty,
                 };
-                let auth = match &f.action.host_rewrite {
-                    HostRewrite::Auto if !host.hostname.is_empty() => {
-                        if !f.suppress_envoy_headers {
-                            if let Ok(v) = HeaderValue::from_str(&authority) {
-                                parts.headers.insert(X_ENVOY_ORIGINAL_HOST.clone(), v);
-                            }
-                        }
-                        host.hostname.clone()
-                    }
-                    _ => authority.clone(),
-                };
+                let auth = upstream_authority(&f, &host.hostname, &authority, &mut parts.headers);
                 let req = build_request(
                     &parts,
                     kind,
                     &path_and_query,
-                    &auth,
+                    auth,
                     body,
                     f.include_attempt_count.then_some(attempt),
                     None,
@@ -1159,18 +1149,7 @@ pub async fn forward(
             }
             (None, None) => Body::Empty,
         };
-        // auto_host_rewrite: the chosen host's hostname becomes the authority.
-        let auth = match &f.action.host_rewrite {
-            HostRewrite::Auto if !host.hostname.is_empty() => {
-                if !f.suppress_envoy_headers {
-                    if let Ok(v) = HeaderValue::from_str(&authority) {
-                        parts.headers.insert(X_ENVOY_ORIGINAL_HOST.clone(), v);
-                    }
-                }
-                host.hostname.as_str()
-            }
-            _ => authority.as_str(),
-        };
+        let auth = upstream_authority(&f, &host.hostname, &authority, &mut parts.headers);
         // A request that cannot be retried moves its headers.
         let moved = (max_attempts == 1).then(|| std::mem::take(&mut parts.headers));
         let req = build_request(
@@ -1444,6 +1423,28 @@ fn respond(
             }
             reply(504, UPSTREAM_TIMEOUT)
         }
+    }
+}
+
+/// `auto_host_rewrite`: the chosen host's hostname becomes the authority
+/// (the original goes in x-envoy-original-host unless Envoy headers are
+/// suppressed); otherwise the request's own.
+fn upstream_authority<'a>(
+    f: &Forward<'_>,
+    hostname: &'a str,
+    authority: &'a str,
+    headers: &mut HeaderMap,
+) -> &'a str {
+    match &f.action.host_rewrite {
+        HostRewrite::Auto if !hostname.is_empty() => {
+            if !f.suppress_envoy_headers {
+                if let Ok(v) = HeaderValue::from_str(authority) {
+                    headers.insert(X_ENVOY_ORIGINAL_HOST.clone(), v);
+                }
+            }
+            hostname
+        }
+        _ => authority,
     }
 }
 

@@ -9,7 +9,8 @@ pub struct GrpcStatsConfig {
     pub enable_upstream_stats: bool,
     /// `replace_dots_in_grpc_service_name` (with `stats_for_all_methods`).
     pub replace_dots_in_grpc_service_name: bool,
-    /// `emit_filter_state`: accepted; nothing in weir reads filter state.
+    /// `emit_filter_state`: accepted; the filter state object is not produced
+    /// yet (a known gap, ARCHITECTURE.md).
     pub emit_filter_state: bool,
 }
 
