@@ -145,12 +145,12 @@ fn value(
             })
         }
         Command::FilterState { key, plain } => {
-            let s = cx.filter_state_get(key)?.serialize_as_string()?;
-            Some(if *plain {
-                s
+            let v = cx.filter_state_get(key)?;
+            if *plain {
+                v.serialize_as_string()
             } else {
-                serde_json::Value::String(s).to_string()
-            })
+                v.serialize_as_json()
+            }
         }
         Command::Environment(v) => std::env::var(v).ok(),
         Command::Method => req.map(|h| h.method.as_str().to_owned()),
@@ -197,16 +197,13 @@ pub fn eval_connection(
                     Command::DownstreamLocalPort => Some(conn.local.port().to_string()),
                     Command::RequestedServerName => conn.sni.map(str::to_owned),
                     Command::Hostname => Some(hostname().to_owned()),
-                    Command::FilterState { key, plain } => state
-                        .get(key)
-                        .and_then(|v| v.serialize_as_string())
-                        .map(|s| {
-                            if *plain {
-                                s
-                            } else {
-                                serde_json::Value::String(s).to_string()
-                            }
-                        }),
+                    Command::FilterState { key, plain } => state.get(key).and_then(|v| {
+                        if *plain {
+                            v.serialize_as_string()
+                        } else {
+                            v.serialize_as_json()
+                        }
+                    }),
                     Command::Environment(v) => std::env::var(v).ok(),
                     // Not known at a new connection: rejected by the translator.
                     _ => None,

@@ -6,6 +6,12 @@
 //! The factory decides at `create` whether a request is gRPC (so other
 //! requests cost nothing) and resolves its stats there: they are created
 //! once per (cluster, method) and cached, since creating a stat may lock.
+//!
+//! With `emit_filter_state`, a gRPC request also gets Envoy's
+//! `GrpcStatsObject` ([`GrpcStatsObject`]) in its filter state under
+//! `envoy.filters.http.grpc_stats`: its message counts, shared (atomics)
+//! by the request body observer and the response hooks and read when the
+//! access log or `istio.stats` serializes it.
 use std::{
     collections::HashMap,
     sync::{
@@ -22,6 +28,7 @@ use crate::http::{
     Action, Counter, FilterContext, Histogram, HttpFilter, HttpFilterFactory, RequestBodyObserver,
     RouteView, StatsScope,
 };
+use crate::state::{StateFlags, StateObject};
 
 #[cfg(test)]
 mod tests;
@@ -33,6 +40,75 @@ const MAX_METHODS: usize = 10_000;
 /// Distinct `grpc-status` values counted per method, at most (Envoy counts
 /// any string an upstream sends).
 const MAX_STATUSES: usize = 32;
+
+/// The filter state key of [`GrpcStatsObject`] (the filter's name, as
+/// Envoy sets it).
+pub const GRPC_STATS_STATE: &str = "envoy.filters.http.grpc_stats";
+
+/// Envoy's `GrpcStatsObject`: the gRPC messages of the request and of the
+/// response so far (`emit_filter_state`). Envoy sets it at the first message
+/// either way; weir puts it in the filter state with the request headers and
+/// serializes nothing until a message was counted, which renders and
+/// matches the same (`-` before the first message).
+#[derive(Debug, Default)]
+pub struct GrpcStatsObject {
+    request: AtomicU64,
+    response: AtomicU64,
+}
+
+impl GrpcStatsObject {
+    pub fn request_message_count(&self) -> u64 {
+        self.request.load(Relaxed)
+    }
+
+    pub fn response_message_count(&self) -> u64 {
+        self.response.load(Relaxed)
+    }
+
+    /// Whether Envoy would have the object: a message was counted.
+    pub fn emitted(&self) -> bool {
+        self.request_message_count() > 0 || self.response_message_count() > 0
+    }
+
+    /// Both counts, when [emitted](Self::emitted).
+    fn counts(&self) -> Option<(u64, u64)> {
+        let c = (self.request_message_count(), self.response_message_count());
+        (c != (0, 0)).then_some(c)
+    }
+}
+
+impl StateObject for GrpcStatsObject {
+    /// `<request>,<response>`, as Envoy's `serializeAsString`.
+    fn serialize_as_string(&self) -> Option<String> {
+        let (rq, rs) = self.counts()?;
+        Some(format!("{rq},{rs}"))
+    }
+
+    /// The `grpc_stats.v3.FilterObject` proto as Envoy's
+    /// `MessageToJsonString` renders it: camelCase names, 64-bit integers
+    /// as strings, zero fields left out.
+    fn serialize_as_json(&self) -> Option<String> {
+        use std::fmt::Write;
+        let (rq, rs) = self.counts()?;
+        let mut out = String::with_capacity(64);
+        out.push('{');
+        if rq > 0 {
+            let _ = write!(out, "\"requestMessageCount\":\"{rq}\"");
+        }
+        if rs > 0 {
+            if rq > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "\"responseMessageCount\":\"{rs}\"");
+        }
+        out.push('}');
+        Some(out)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
 
 /// A `grpc-status` value and its counter.
 type StatusCounter = (Box<str>, Arc<dyn Counter>);
@@ -135,6 +211,9 @@ pub struct GrpcStatsFactory {
     config: Arc<GrpcStatsConfig>,
     stats: Arc<dyn StatsScope>,
     cache: RwLock<HashMap<Box<str>, ClusterStats>>,
+    /// [`GRPC_STATS_STATE`], with `emit_filter_state` (shared by the
+    /// requests' filter state entries).
+    state_key: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for GrpcStatsFactory {
@@ -174,6 +253,7 @@ impl GrpcStatsFactory {
     ) -> Self {
         GrpcStatsFactory {
             name: name.into(),
+            state_key: config.emit_filter_state.then(|| GRPC_STATS_STATE.into()),
             config,
             stats: stats.clone(),
             cache: RwLock::new(HashMap::new()),
@@ -255,44 +335,57 @@ impl HttpFilterFactory for GrpcStatsFactory {
     }
 
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
-        use std::borrow::Cow;
-        // Not gRPC, or no upstream cluster (Envoy's `clusterInfo()` is null
-        // for direct responses), or not a `/service/method` path: nothing
-        // to count, no instance.
+        // Not gRPC: nothing to count, no instance. A gRPC request without
+        // an upstream cluster (Envoy's `clusterInfo()` is null for direct
+        // responses) or without a `/service/method` path has no stats, but
+        // its messages still go to the filter state object.
         let req = route.request?;
-        let cluster = route.cluster?;
         if !grpc_content_type(&req.headers) {
             return None;
         }
-        let path = req.uri.path();
+        let stats = route.cluster.and_then(|c| self.resolve(c, req.uri.path()));
+        let state = self.state_key.as_ref().map(|k| State {
+            key: k.clone(),
+            object: Arc::new(GrpcStatsObject::default()),
+        });
+        if stats.is_none() && state.is_none() {
+            return None;
+        }
+        Some(Box::new(GrpcStatsFilter::new(stats, state, &self.config)))
+    }
+}
+
+impl GrpcStatsFactory {
+    /// The stats a request to `path` on `cluster` charges; `None` when the
+    /// path is not `/service/method`.
+    fn resolve(&self, cluster: &str, path: &str) -> Option<Arc<MethodStats>> {
+        use std::borrow::Cow;
         let (s, m) = service_and_method(path)?;
         let own = match &self.config.methods {
             GrpcStatsMethods::All => true,
             GrpcStatsMethods::None => false,
             GrpcStatsMethods::Allowlist(l) => l.iter().any(|(ls, lm)| ls == s && lm == m),
         };
-        let stats = if own {
-            // Only `stats_for_all_methods` replaces dots (as Envoy).
-            let replace = matches!(self.config.methods, GrpcStatsMethods::All)
-                && self.config.replace_dots_in_grpc_service_name
-                && s.contains('.');
-            let service: Cow<'_, str> = if replace {
-                Cow::Owned(s.replace('.', "_"))
-            } else {
-                Cow::Borrowed(s)
-            };
-            // A canonical `/service/method` path is its own key (no
-            // allocation once the method is known).
-            let key: Cow<'_, str> = if !replace && path.len() == s.len() + m.len() + 2 {
-                Cow::Borrowed(&path[1..])
-            } else {
-                Cow::Owned(format!("{service}/{m}"))
-            };
-            self.method(cluster, &key, &service, m)
+        if !own {
+            return Some(self.bucket(cluster));
+        }
+        // Only `stats_for_all_methods` replaces dots (as Envoy).
+        let replace = matches!(self.config.methods, GrpcStatsMethods::All)
+            && self.config.replace_dots_in_grpc_service_name
+            && s.contains('.');
+        let service: Cow<'_, str> = if replace {
+            Cow::Owned(s.replace('.', "_"))
         } else {
-            self.bucket(cluster)
+            Cow::Borrowed(s)
         };
-        Some(Box::new(GrpcStatsFilter::new(stats, &self.config)))
+        // A canonical `/service/method` path is its own key (no
+        // allocation once the method is known).
+        let key: Cow<'_, str> = if !replace && path.len() == s.len() + m.len() + 2 {
+            Cow::Borrowed(&path[1..])
+        } else {
+            Cow::Owned(format!("{service}/{m}"))
+        };
+        Some(self.method(cluster, &key, &service, m))
     }
 }
 
@@ -349,8 +442,17 @@ impl FrameCounter {
 #[derive(Debug, Default)]
 struct SentAt(AtomicU64);
 
+/// The request's [`GrpcStatsObject`] and its key (`emit_filter_state`).
+struct State {
+    key: Arc<str>,
+    object: Arc<GrpcStatsObject>,
+}
+
 struct GrpcStatsFilter {
-    stats: Arc<MethodStats>,
+    /// `None`: no cluster or no `/service/method` path (only the filter
+    /// state object counts).
+    stats: Option<Arc<MethodStats>>,
+    state: Option<State>,
     created: Instant,
     sent: Option<Arc<SentAt>>,
     grpc_response: bool,
@@ -360,13 +462,17 @@ struct GrpcStatsFilter {
 }
 
 impl GrpcStatsFilter {
-    fn new(stats: Arc<MethodStats>, config: &GrpcStatsConfig) -> Self {
+    fn new(
+        stats: Option<Arc<MethodStats>>,
+        state: Option<State>,
+        config: &GrpcStatsConfig,
+    ) -> Self {
         GrpcStatsFilter {
             created: Instant::now(),
-            sent: config
-                .enable_upstream_stats
+            sent: (stats.is_some() && config.enable_upstream_stats)
                 .then(|| Arc::new(SentAt::default())),
             stats,
+            state,
             grpc_response: false,
             body: false,
             responses: FrameCounter::default(),
@@ -376,7 +482,11 @@ impl GrpcStatsFilter {
     /// `upstream_rq_time`: from the end of the request (its body, else its
     /// headers) to the end of the response, in milliseconds.
     fn charge_upstream(&self) {
-        if let (Some(h), Some(sent)) = (&self.stats.upstream_rq_time, &self.sent) {
+        let h = self
+            .stats
+            .as_ref()
+            .and_then(|s| s.upstream_rq_time.as_ref());
+        if let (Some(h), Some(sent)) = (h, &self.sent) {
             let since = std::time::Duration::from_micros(sent.0.load(Relaxed));
             let d = self.created.elapsed().saturating_sub(since);
             h.record(d.as_millis() as u64);
@@ -385,7 +495,8 @@ impl GrpcStatsFilter {
 }
 
 struct RequestCounter {
-    stats: Arc<MethodStats>,
+    stats: Option<Arc<MethodStats>>,
+    object: Option<Arc<GrpcStatsObject>>,
     frames: FrameCounter,
     created: Instant,
     sent: Option<Arc<SentAt>>,
@@ -395,7 +506,12 @@ impl RequestBodyObserver for RequestCounter {
     fn on_data(&mut self, data: &Bytes) {
         let n = self.frames.inspect(data);
         if n > 0 {
-            self.stats.request_messages.add(n);
+            if let Some(s) = &self.stats {
+                s.request_messages.add(n);
+            }
+            if let Some(o) = &self.object {
+                o.request.fetch_add(n, Relaxed);
+            }
         }
     }
     fn on_end(&mut self) {
@@ -406,9 +522,25 @@ impl RequestBodyObserver for RequestCounter {
 }
 
 impl HttpFilter for GrpcStatsFilter {
+    fn on_request_headers(
+        &mut self,
+        cx: &mut FilterContext,
+        _head: &mut http::request::Parts,
+    ) -> Action {
+        if let Some(st) = &self.state {
+            // A read-only entry of the same key (set by an earlier filter)
+            // stays: Envoy asserts on such a write.
+            let _ = cx
+                .filter_state
+                .set(st.key.clone(), st.object.clone(), StateFlags::default());
+        }
+        Action::Continue
+    }
+
     fn request_body_observer(&mut self) -> Option<Box<dyn RequestBodyObserver>> {
         Some(Box::new(RequestCounter {
             stats: self.stats.clone(),
+            object: self.state.as_ref().map(|s| s.object.clone()),
             frames: FrameCounter::default(),
             created: self.created,
             sent: self.sent.clone(),
@@ -429,8 +561,8 @@ impl HttpFilter for GrpcStatsFilter {
         } else {
             head.status == http::StatusCode::OK && grpc_content_type(&head.headers)
         };
-        if let Some(s) = status {
-            self.stats.charge_status(s.as_bytes());
+        if let (Some(stats), Some(s)) = (&self.stats, status) {
+            stats.charge_status(s.as_bytes());
         }
         if cx.end_stream {
             self.charge_upstream();
@@ -440,22 +572,29 @@ impl HttpFilter for GrpcStatsFilter {
 
     fn wants_response_body(&self) -> bool {
         // Trailers carry the status whether or not the response looks like
-        // gRPC (Envoy charges them for any gRPC request).
-        self.body
+        // gRPC (Envoy charges them for any gRPC request); without stats
+        // only a gRPC response's messages count.
+        self.body && (self.stats.is_some() || self.grpc_response)
     }
 
     fn on_response_data(&mut self, data: &mut Bytes, _end_of_stream: bool) {
         if self.grpc_response {
             let n = self.responses.inspect(data);
             if n > 0 {
-                self.stats.response_messages.add(n);
+                if let Some(s) = &self.stats {
+                    s.response_messages.add(n);
+                }
+                if let Some(st) = &self.state {
+                    st.object.response.fetch_add(n, Relaxed);
+                }
             }
         }
     }
 
     fn on_response_trailers(&mut self, trailers: &mut http::HeaderMap, _data: &mut Bytes) {
+        let Some(stats) = &self.stats else { return };
         if let Some(s) = trailers.get("grpc-status") {
-            self.stats.charge_status(s.as_bytes());
+            stats.charge_status(s.as_bytes());
         }
         self.charge_upstream();
     }

@@ -28,6 +28,14 @@ pub trait StateObject: Any + Send + Sync + std::fmt::Debug {
     fn serialize_as_string(&self) -> Option<String> {
         None
     }
+    /// What `%FILTER_STATE(key)%` / `%FILTER_STATE(key:TYPED)%` renders:
+    /// Envoy's `serializeAsProto` as `MessageToJsonString` writes it. By
+    /// default the string form as a JSON string (Envoy's string accessors
+    /// serialize as a `StringValue`).
+    fn serialize_as_json(&self) -> Option<String> {
+        self.serialize_as_string()
+            .map(|s| serde_json::Value::String(s).to_string())
+    }
     /// For typed reads (`downcast_ref`).
     fn as_any(&self) -> &dyn Any;
     /// Whether a `filter_state` hash policy hashes this object (Envoy's

@@ -45,10 +45,10 @@ fn grpc_body(chunks: Vec<Vec<u8>>, status: Option<&str>) -> BoxBody {
     BodyExt::boxed(StreamBody::new(stream::iter(frames)))
 }
 
-/// A gRPC server over h2c: `/<svc>/Unary` answers one message, `Stream`
-/// three (split across chunks, one header split too), `Fail` a
-/// trailers-only `grpc-status: 13`, `FailLate` one message then
-/// `grpc-status: 5` in trailers.
+/// A gRPC server over h2c: `/<svc>/Unary` (and the client-streaming
+/// `Collect`) answers one message, `Stream` three (split across chunks, one
+/// header split too), `Fail` a trailers-only `grpc-status: 13`, anything
+/// else (`FailLate`) one message then `grpc-status: 5` in trailers.
 async fn grpc_upstream() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -67,7 +67,7 @@ async fn grpc_upstream() -> SocketAddr {
                         .header("content-type", "application/grpc");
                     let method = path.rsplit('/').next().unwrap_or_default().to_owned();
                     let r = match method.as_str() {
-                        "Unary" => ok.body(grpc_body(vec![frame(b"hello")], Some("0"))),
+                        "Unary" | "Collect" => ok.body(grpc_body(vec![frame(b"hello")], Some("0"))),
                         "Stream" => {
                             let mut all = frame(b"one");
                             all.extend(frame(b"two"));
@@ -176,6 +176,11 @@ fn cluster(name: &str, addr: SocketAddr, h2: bool) -> String {
 /// A bootstrap with `filters` (HTTP filter list items at indent 10, before
 /// the router), `routes` (indent 14) and `clusters` (indent 2).
 fn bootstrap(p: &Ports, filters: &str, routes: &str, clusters: &str) -> String {
+    bootstrap_hcm(p, "", filters, routes, clusters)
+}
+
+/// [`bootstrap`] with more HCM fields (`hcm`: lines at indent 10).
+fn bootstrap_hcm(p: &Ports, hcm: &str, filters: &str, routes: &str, clusters: &str) -> String {
     format!(
         r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
 static_resources:
@@ -188,7 +193,7 @@ static_resources:
         typed_config:
           "@type": {HCM_TYPE}
           stat_prefix: ingress
-          route_config:
+{hcm}          route_config:
             name: rc
             virtual_hosts:
             - name: main
@@ -419,6 +424,108 @@ async fn grpc_stats_count_local_replies() {
         p.stat("cluster.dead.grpc.pkg.Svc.Unary.total").await,
         Some(1)
     );
+}
+
+/// `emit_filter_state`: the `envoy.filters.http.grpc_stats` object (message
+/// counts so far) as access logs render it, plain (`<request>,<response>`)
+/// and typed (the `FilterObject` proto as JSON); no object before a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_stats_emit_filter_state() {
+    let up = grpc_upstream().await;
+    let log = weir_tests::config::log_path("grpc_compress", "grpc_state");
+    let hcm = format!(
+        "          access_log:\n          - name: envoy.access_loggers.file\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: {path}, log_format: {{text_format_source: {{inline_string: \"%REQ(:PATH)% %FILTER_STATE(envoy.filters.http.grpc_stats:PLAIN)% %FILTER_STATE(envoy.filters.http.grpc_stats:TYPED)% %FILTER_STATE(envoy.filters.http.grpc_stats)%\\n\"}}}}}}\n",
+        path = log.display()
+    );
+    let filters = format!(
+        "          - name: envoy.filters.http.grpc_stats\n            typed_config: {{\"@type\": {GRPC_STATS}, emit_filter_state: true}}\n"
+    );
+    let routes = "              - {match: {prefix: \"/\"}, route: {cluster: grpc}}\n";
+    let clusters = cluster("grpc", up, true);
+    let p = Proxy::start(move |p| bootstrap_hcm(p, &hcm, &filters, routes, &clusters));
+
+    // Unary: one message each way.
+    let r = call(&p, "/pkg.Svc/Unary", &[b"a"]).await;
+    assert_eq!(grpc_status(&r), Some("0"));
+    // Client streaming: three messages in separate DATA frames, one back.
+    let r = call_streaming(&p, "/pkg.Svc/Collect", &[b"x", b"yy", &[9u8; 300]]).await;
+    assert_eq!(grpc_status(&r), Some("0"));
+    assert_eq!(&r.body[..], &frame(b"hello")[..]);
+    // Server streaming: three responses.
+    call(&p, "/pkg.Svc/Stream", &[b"x"]).await;
+    // No request message, one response message: the zero is left out of
+    // the typed form.
+    let r = call(&p, "/pkg.Svc/FailLate", &[]).await;
+    assert_eq!(grpc_status(&r), Some("5"));
+    // No message at all (trailers-only): no object.
+    let r = call(&p, "/pkg.Svc/Fail", &[]).await;
+    assert_eq!(grpc_status(&r), Some("13"));
+    // Not a `/service/method` path: no stats, but the object counts.
+    let r = call(&p, "/only-one", &[b"a", b"b"]).await;
+    assert_eq!(grpc_status(&r), Some("5"));
+
+    let lines = p.log_lines(&log, 6).await;
+    let line = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l.split(' ').next() == Some(path))
+            .unwrap_or_else(|| panic!("no log line for {path}: {lines:?}"))
+            .clone()
+    };
+    assert_eq!(
+        line("/pkg.Svc/Unary"),
+        r#"/pkg.Svc/Unary 1,1 {"requestMessageCount":"1","responseMessageCount":"1"} {"requestMessageCount":"1","responseMessageCount":"1"}"#
+    );
+    assert_eq!(
+        line("/pkg.Svc/Collect"),
+        r#"/pkg.Svc/Collect 3,1 {"requestMessageCount":"3","responseMessageCount":"1"} {"requestMessageCount":"3","responseMessageCount":"1"}"#
+    );
+    assert_eq!(
+        line("/pkg.Svc/Stream"),
+        r#"/pkg.Svc/Stream 1,3 {"requestMessageCount":"1","responseMessageCount":"3"} {"requestMessageCount":"1","responseMessageCount":"3"}"#
+    );
+    assert_eq!(
+        line("/pkg.Svc/FailLate"),
+        r#"/pkg.Svc/FailLate 0,1 {"responseMessageCount":"1"} {"responseMessageCount":"1"}"#
+    );
+    assert_eq!(line("/pkg.Svc/Fail"), "/pkg.Svc/Fail - - -");
+    assert_eq!(
+        line("/only-one"),
+        r#"/only-one 2,1 {"requestMessageCount":"2","responseMessageCount":"1"} {"requestMessageCount":"2","responseMessageCount":"1"}"#
+    );
+    // The filter state does not change the stats.
+    assert_eq!(p.stat("cluster.grpc.grpc.total").await, Some(5));
+    assert_eq!(
+        p.stat("cluster.grpc.grpc.request_message_count").await,
+        Some(5)
+    );
+}
+
+/// A client-streaming gRPC call over h2c: each message its own DATA frame.
+async fn call_streaming(p: &Proxy, path: &str, messages: &[&[u8]]) -> GrpcResp {
+    let client: Client<_, BoxBody> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let frames: Vec<Vec<u8>> = messages.iter().map(|m| frame(m)).collect();
+    let req = http::Request::post(format!("{}{path}", p.base()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(grpc_body(frames, None))
+        .expect("request");
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let c = resp.into_body().collect().await.expect("body");
+    let trailers = c.trailers().cloned();
+    GrpcResp {
+        status,
+        headers,
+        body: c.to_bytes(),
+        trailers,
+    }
 }
 
 // --- compressor

@@ -364,3 +364,122 @@ fn status_counters_are_bounded() {
         (MAX_STATUSES + 10) as u64
     );
 }
+
+/// The request's `envoy.filters.http.grpc_stats` object, as the instance
+/// left it at its request headers.
+fn state_of(inst: &mut Box<dyn HttpFilter>, path: &str) -> Option<Arc<dyn StateObject>> {
+    let mut cx = FilterContext::default();
+    let mut head = grpc_request(path, "application/grpc");
+    assert!(matches!(
+        inst.on_request_headers(&mut cx, &mut head),
+        Action::Continue
+    ));
+    cx.filter_state.get(GRPC_STATS_STATE).cloned()
+}
+
+#[test]
+fn emit_filter_state_counts_messages_both_ways() {
+    let (f, rec) = factory(GrpcStatsConfig {
+        emit_filter_state: true,
+        ..GrpcStatsConfig::default()
+    });
+    let req = grpc_request("/s/m", "application/grpc");
+    let mut inst = f.create(&view(&req, Some("c1"))).expect("instance");
+    let state = state_of(&mut inst, "/s/m").expect("object");
+    // No message yet: nothing to render (Envoy has no object yet).
+    assert_eq!(state.serialize_as_string(), None);
+    assert_eq!(state.serialize_as_json(), None);
+    let mut obs = inst.request_body_observer().expect("observer");
+    let mut body = frame(b"a");
+    body.extend(frame(b"bb"));
+    let (x, y) = body.split_at(3);
+    obs.on_data(&Bytes::copy_from_slice(x));
+    obs.on_data(&Bytes::copy_from_slice(y));
+    obs.on_end();
+    assert_eq!(state.serialize_as_string().as_deref(), Some("2,0"));
+    assert_eq!(
+        state.serialize_as_json().as_deref(),
+        Some(r#"{"requestMessageCount":"2"}"#)
+    );
+    let (mut head, _) = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("response")
+        .into_parts();
+    let mut cx = FilterContext::default();
+    inst.on_response_headers(&mut cx, &mut head);
+    let mut chain = ResponseBodyChain::new(vec![inst]).expect("watched");
+    let _ = chain.data(Bytes::from(frame(b"r")), false);
+    let mut t = http::HeaderMap::new();
+    t.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let _ = chain.trailers(&mut t);
+    assert_eq!(state.serialize_as_string().as_deref(), Some("2,1"));
+    assert_eq!(
+        state.serialize_as_json().as_deref(),
+        Some(r#"{"requestMessageCount":"2","responseMessageCount":"1"}"#)
+    );
+    let o = state
+        .as_any()
+        .downcast_ref::<GrpcStatsObject>()
+        .expect("typed");
+    assert!(o.emitted());
+    assert_eq!(
+        (o.request_message_count(), o.response_message_count()),
+        (2, 1)
+    );
+    // The stats are counted as without the object.
+    assert_eq!(rec.get("cluster.c1.grpc.request_message_count"), 2);
+    assert_eq!(rec.get("cluster.c1.grpc.response_message_count"), 1);
+    assert_eq!(rec.get("cluster.c1.grpc.success"), 1);
+
+    // A response-only count leaves the request field out of the JSON.
+    let o = GrpcStatsObject::default();
+    o.response.fetch_add(3, Relaxed);
+    assert_eq!(o.serialize_as_string().as_deref(), Some("0,3"));
+    assert_eq!(
+        o.serialize_as_json().as_deref(),
+        Some(r#"{"responseMessageCount":"3"}"#)
+    );
+}
+
+#[test]
+fn emit_filter_state_without_stats() {
+    let (f, rec) = factory(GrpcStatsConfig {
+        emit_filter_state: true,
+        ..GrpcStatsConfig::default()
+    });
+    // No cluster, or no `/service/method` path: an instance for the object
+    // only (Envoy counts the messages of any gRPC request).
+    for (path, cluster) in [("/s/m", None), ("/only-one", Some("c1"))] {
+        let req = grpc_request(path, "application/grpc");
+        let mut inst = f.create(&view(&req, cluster)).expect("instance");
+        let state = state_of(&mut inst, path).expect("object");
+        let mut obs = inst.request_body_observer().expect("observer");
+        obs.on_data(&Bytes::from(frame(b"a")));
+        obs.on_end();
+        let (mut head, _) = http::Response::builder()
+            .status(200)
+            .header("content-type", "text/plain")
+            .body(())
+            .expect("response")
+            .into_parts();
+        let mut cx = FilterContext::default();
+        inst.on_response_headers(&mut cx, &mut head);
+        // Not a gRPC response and no stats: the body is not watched.
+        assert!(ResponseBodyChain::new(vec![inst]).is_none());
+        assert_eq!(state.serialize_as_string().as_deref(), Some("1,0"));
+    }
+    assert!(rec.names().is_empty(), "{:?}", rec.names());
+    // Not gRPC: still nothing.
+    let req = grpc_request("/s/m", "text/plain");
+    assert!(f.create(&view(&req, Some("c1"))).is_none());
+}
+
+#[test]
+fn no_filter_state_without_emit() {
+    let (f, _) = factory(GrpcStatsConfig::default());
+    let req = grpc_request("/s/m", "application/grpc");
+    let mut inst = f.create(&view(&req, Some("c1"))).expect("instance");
+    assert!(state_of(&mut inst, "/s/m").is_none());
+}

@@ -557,12 +557,12 @@ pub fn eval(
             Some(metadata_string(v))
         }
         Command::FilterState { key, plain } => {
-            let s = info.filter_state.get(key)?.serialize_as_string()?;
-            Some(if *plain {
-                s
+            let v = info.filter_state.get(key)?;
+            if *plain {
+                v.serialize_as_string()
             } else {
-                serde_json::Value::String(s).to_string()
-            })
+                v.serialize_as_json()
+            }
         }
         Command::Environment(v) => std::env::var(v).ok(),
         Command::Method => Some(info.method.as_str().to_owned()),

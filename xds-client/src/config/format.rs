@@ -77,7 +77,7 @@ pub enum Command {
     /// `%DYNAMIC_METADATA(namespace:key...)%`.
     DynamicMetadata(String, Vec<String>),
     /// `%FILTER_STATE(KEY:PLAIN)%` / `%FILTER_STATE(KEY)%` (TYPED): a
-    /// filter state object's string form; TYPED renders it as JSON.
+    /// filter state object's string form, or (TYPED) its JSON form.
     FilterState {
         key: String,
         plain: bool,

@@ -9,8 +9,9 @@ pub struct GrpcStatsConfig {
     pub enable_upstream_stats: bool,
     /// `replace_dots_in_grpc_service_name` (with `stats_for_all_methods`).
     pub replace_dots_in_grpc_service_name: bool,
-    /// `emit_filter_state`: accepted; the filter state object is not produced
-    /// yet (a known gap, ARCHITECTURE.md).
+    /// `emit_filter_state`: the request and response message counts as the
+    /// `envoy.filters.http.grpc_stats` filter state object (Envoy's
+    /// `GrpcStatsObject`, `filters::grpc_stats::GrpcStatsObject`).
     pub emit_filter_state: bool,
 }
 

@@ -5,9 +5,9 @@ use crate::config::{GrpcStatsConfig, GrpcStatsMethods};
 /// `envoy.extensions.filters.http.grpc_stats.v3.FilterConfig`.
 pub const GRPC_STATS: &str = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig";
 
-/// `FilterConfig` -> [`GrpcStatsConfig`]. Every field is honoured except
-/// `emit_filter_state`, accepted because istiod always sets it: the filter
-/// state object is not produced yet (a known gap, see ARCHITECTURE.md).
+/// `FilterConfig` -> [`GrpcStatsConfig`]. Every field is honoured,
+/// `emit_filter_state` included (the `envoy.filters.http.grpc_stats` filter
+/// state object; istiod always sets it).
 pub fn grpc_stats(p: &g::FilterConfig) -> GrpcStatsConfig {
     use g::filter_config::PerMethodStatSpecifier as S;
     let methods = match &p.per_method_stat_specifier {
