@@ -455,10 +455,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "allow_credentials", "filter_enabled", "shadow_enabled", "allow_private_network_access",
         "forward_not_matching_preflights",
     ]),
-    // `emit_filter_state` has no reader in weir (`%FILTER_STATE%` is
-    // rejected in formats), so it is accepted without effect.
+    // `emit_filter_state`: the `envoy.filters.http.grpc_stats` filter state
+    // object (message counts) for `%FILTER_STATE%`.
     ("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", &[
-        "~emit_filter_state", "individual_method_stats_allowlist", "stats_for_all_methods",
+        "emit_filter_state", "individual_method_stats_allowlist", "stats_for_all_methods",
         "enable_upstream_stats", "replace_dots_in_grpc_service_name",
     ]),
     ("envoy.config.core.v3.GrpcMethodList", &["services"]),
