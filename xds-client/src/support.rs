@@ -31,7 +31,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     // Istio's bootstrap sends an empty `outlier_detection`; the ejection
     // event log (`event_log_path`, `event_service`) is not implemented.
-    ("envoy.config.bootstrap.v3.ClusterManager", &["outlier_detection", "~enable_deferred_cluster_creation"]),
+    ("envoy.config.bootstrap.v3.ClusterManager", &["outlier_detection", "local_cluster_name", "~enable_deferred_cluster_creation"]),
     ("envoy.config.bootstrap.v3.ClusterManager.OutlierDetection", &[]),
     ("envoy.config.bootstrap.v3.Bootstrap.ApplicationLogConfig", &["log_format"]),
     ("envoy.config.bootstrap.v3.Bootstrap.ApplicationLogConfig.LogFormat", &["text_format"]),
@@ -733,22 +733,16 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "healthy_panic_threshold", "consistent_hashing_lb_config", "locality_weighted_lb_config",
         "zone_aware_lb_config",
     ]),
-    // Zone-aware routing needs `cluster_manager.local_cluster_name` (not
-    // taken): without it Envoy ignores `routing_enabled` and
-    // `min_cluster_size`; `fail_traffic_on_panic` still fails a pick from a
-    // level in panic.
+    // Zone-aware routing takes effect with `cluster_manager.local_cluster_name`.
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ZoneAwareLbConfig", &[
-        "~routing_enabled", "~min_cluster_size", "fail_traffic_on_panic",
+        "routing_enabled", "min_cluster_size", "fail_traffic_on_panic",
     ]),
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig", &[]),
-    // Consistent hashing: `hash_balance_factor` (bounded loads) is PENDING.
-    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing"]),
+    ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_balance_factor"]),
     ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", &["minimum_ring_size", "maximum_ring_size", "hash_function"]),
     ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
     // `load_balancing_policy`: the first policy is used (Envoy uses the first
     // it knows; an extension weir lacks anywhere in the list is rejected).
-    // Slow start, locality configs, bounded loads and an LB-level
-    // `hash_policy` are not implemented.
     ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),
     ("envoy.config.cluster.v3.LoadBalancingPolicy.Policy", &["typed_extension_config"]),
     ("envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin", &["locality_lb_config", "slow_start_config"]),
@@ -760,7 +754,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // As the legacy ZoneAwareLbConfig; `force_local_zone`, `locality_basis`
     // and the deprecated `force_locality_direct_routing` are rejected.
     ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.ZoneAwareLbConfig", &[
-        "~routing_enabled", "~min_cluster_size", "fail_traffic_on_panic",
+        "routing_enabled", "min_cluster_size", "fail_traffic_on_panic",
     ]),
     ("envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash", &[
         "hash_function", "minimum_ring_size", "maximum_ring_size", "consistent_hashing_lb_config",
@@ -769,8 +763,16 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.load_balancing_policies.maglev.v3.Maglev", &[
         "table_size", "consistent_hashing_lb_config", "locality_weighted_lb_config",
     ]),
+    // `override_host`: `selected_host_key` (dynamic metadata naming the
+    // picked host) is PENDING.
+    ("envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost", &[
+        "override_host_sources", "fallback_policy",
+    ]),
+    ("envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost.OverrideHostSource", &["header", "metadata"]),
+    ("envoy.type.metadata.v3.MetadataKey", &["key", "path"]),
+    ("envoy.type.metadata.v3.MetadataKey.PathSegment", &["key"]),
     ("envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.LocalityWeightedLbConfig", &[]),
-    ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_policy"]),
+    ("envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_policy", "hash_balance_factor"]),
     ("envoy.type.v3.Percent", &["value"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment", &["cluster_name", "endpoints", "policy"]),
     ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", &["overprovisioning_factor", "weighted_priority_health"]),
@@ -927,16 +929,6 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
     ),
     (
-        "envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig",
-        "hash_balance_factor",
-        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
-    ),
-    (
-        "envoy.extensions.load_balancing_policies.common.v3.ConsistentHashingLbConfig",
-        "hash_balance_factor",
-        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
-    ),
-    (
         "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
         "active_request_bias",
         "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
@@ -947,9 +939,9 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
     ),
     (
-        "envoy.config.bootstrap.v3.ClusterManager",
-        "local_cluster_name",
-        "zone-aware routing against a local cluster (local_cluster_name) is not implemented",
+        "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+        "selected_host_key",
+        "selected_host_key (dynamic metadata naming the picked host) is not implemented",
     ),
 ];
 

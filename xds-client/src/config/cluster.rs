@@ -49,6 +49,17 @@ pub struct Cluster {
     /// `zone_aware_lb_config.fail_traffic_on_panic` (round robin, least
     /// request, random): a priority level in panic yields no host.
     pub fail_traffic_on_panic: bool,
+    /// `zone_aware_lb_config` (round robin, least request, random): zone-aware
+    /// routing against the bootstrap's local cluster.
+    pub zone_aware: ZoneAware,
+    /// `consistent_hashing_lb_config.hash_balance_factor` of a ring hash or
+    /// Maglev cluster (at least 100): bounded loads, a host with more
+    /// active requests than its share of factor/100 × the cluster's is
+    /// passed over.
+    pub hash_balance_factor: Option<u32>,
+    /// The `override_host` typed policy: hosts named by the request first,
+    /// then `lb` (its `fallback_policy`).
+    pub override_host: Option<Arc<OverrideHost>>,
     /// `transport_socket` (plain or TLS).
     pub transport: UpstreamTransport,
     /// `transport_socket_matches`, tried in order against each endpoint's
@@ -144,6 +155,46 @@ impl LbPolicy {
     pub fn is_hash(&self) -> bool {
         matches!(self, LbPolicy::RingHash(_) | LbPolicy::Maglev(_))
     }
+}
+
+/// `ZoneAwareLbConfig`'s routing knobs (Envoy's defaults when unset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZoneAware {
+    /// `routing_enabled`: the percent of picks that try zone-aware routing
+    /// (rounded to an integer, as Envoy; default 100).
+    pub routing_enabled: u32,
+    /// `min_cluster_size`: fewer healthy hosts at priority 0 disable it
+    /// (default 6).
+    pub min_cluster_size: u64,
+}
+
+impl Default for ZoneAware {
+    fn default() -> Self {
+        ZoneAware {
+            routing_enabled: 100,
+            min_cluster_size: 6,
+        }
+    }
+}
+
+/// `envoy.load_balancing_policies.override_host`: each request names its
+/// hosts (`ip:port`, comma-separated) in the sources, read in order; a try
+/// takes the next named address that is in the cluster's host set (any
+/// health, as Envoy), and the cluster's `lb` (the `fallback_policy`) picks
+/// once none is left.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverrideHost {
+    pub sources: Vec<OverrideHostSource>,
+}
+
+/// `OverrideHost.OverrideHostSource`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OverrideHostSource {
+    /// The first value of a request header (`None`: a name no request can
+    /// carry; Envoy accepts any header value as the name).
+    Header(Option<http::HeaderName>),
+    /// A string in the request's dynamic metadata: namespace and path.
+    Metadata { namespace: String, path: Vec<String> },
 }
 
 /// `SlowStartConfig`: a host that joins (or passes its active health

@@ -87,6 +87,9 @@ pub struct Snapshot {
     /// The bootstrap's `tracing.http`: the provider of every HCM whose
     /// `tracing` names none (Envoy's fallback).
     pub default_tracer: Option<Arc<TraceProvider>>,
+    /// `cluster_manager.local_cluster_name`: the static cluster whose hosts
+    /// give zone-aware routing the local zone distribution.
+    pub local_cluster: Option<Name>,
 }
 
 /// `node` identity.

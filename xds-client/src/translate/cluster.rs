@@ -158,16 +158,47 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     // `zone_aware_lb_config.fail_traffic_on_panic` (legacy; the typed
     // policy's replaces it).
     use c::cluster::common_lb_config::LocalityConfigSpecifier as Lcs;
-    let mut fail_traffic_on_panic = matches!(
-        p.common_lb_config
-            .as_ref()
-            .and_then(|c| c.locality_config_specifier.as_ref()),
-        Some(Lcs::ZoneAwareLbConfig(z)) if z.fail_traffic_on_panic
-    );
+    let mut override_host = None;
+    // Legacy bounded loads (ring hash and Maglev only, as Envoy).
+    let mut hash_balance_factor = match p
+        .common_lb_config
+        .as_ref()
+        .and_then(|c| c.consistent_hashing_lb_config.as_ref())
+        .and_then(|h| h.hash_balance_factor.as_ref())
+    {
+        Some(f) if lb.is_hash() => balance_factor(
+            f.value,
+            &join(
+                path,
+                "common_lb_config.consistent_hashing_lb_config.hash_balance_factor",
+            ),
+            &mut errs,
+        ),
+        _ => None,
+    };
+    let legacy_zone = match p
+        .common_lb_config
+        .as_ref()
+        .and_then(|c| c.locality_config_specifier.as_ref())
+    {
+        Some(Lcs::ZoneAwareLbConfig(z)) => Some(z),
+        _ => None,
+    };
+    let mut fail_traffic_on_panic = legacy_zone.is_some_and(|z| z.fail_traffic_on_panic);
+    let mut zone_aware = legacy_zone.map_or_else(ZoneAware::default, |z| {
+        zone_aware_config(
+            z.routing_enabled.as_ref(),
+            z.min_cluster_size.as_ref().map(|v| &v.value),
+            &join(path, "common_lb_config.zone_aware_lb_config"),
+            &mut errs,
+        )
+    });
     let lb = match &p.load_balancing_policy {
         Some(lbp) => {
             slow_start = None;
             fail_traffic_on_panic = false;
+            zone_aware = ZoneAware::default();
+            hash_balance_factor = None;
             typed_lb_policy(
                 lbp,
                 &join(path, "load_balancing_policy"),
@@ -176,6 +207,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                     locality_weighted: &mut typed_locality_weighted,
                     slow_start: &mut slow_start,
                     fail_traffic_on_panic: &mut fail_traffic_on_panic,
+                    zone_aware: &mut zone_aware,
+                    hash_balance_factor: &mut hash_balance_factor,
+                    override_host: &mut override_host,
                 },
                 &mut errs,
             )
@@ -568,6 +602,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         weighted_priority_health,
         slow_start,
         fail_traffic_on_panic,
+        zone_aware,
+        hash_balance_factor,
+        override_host,
         transport,
         transport_matches,
         pass_through,
@@ -1326,7 +1363,7 @@ fn is_prime(n: u64) -> bool {
 
 /// `load_balancing_policy`: the first policy of the list, as Envoy (the
 /// supported-field table has already rejected any extension weir lacks,
-/// `client_side_weighted_round_robin` and `override_host` among them).
+/// `client_side_weighted_round_robin` among them).
 /// The typed policies' `slow_start_config`.
 fn typed_slow_start(
     s: &Option<crate::api::envoy::extensions::load_balancing_policies::common::v3::SlowStartConfig>,
@@ -1344,12 +1381,128 @@ fn typed_slow_start(
     })
 }
 
+/// `ZoneAwareLbConfig.{routing_enabled, min_cluster_size}` at `zpath`.
+fn zone_aware_config(
+    routing_enabled: Option<&crate::api::envoy::r#type::v3::Percent>,
+    min_cluster_size: Option<&u64>,
+    zpath: &str,
+    errs: &mut ConfigErrors,
+) -> ZoneAware {
+    let mut z = ZoneAware::default();
+    if let Some(p) = routing_enabled {
+        if !(0.0..=100.0).contains(&p.value) {
+            errs.push(
+                join(zpath, "routing_enabled.value"),
+                "must be between 0 and 100",
+            );
+        } else {
+            // As Envoy's PROTOBUF_PERCENT_TO_ROUNDED_INTEGER_OR_DEFAULT.
+            z.routing_enabled = p.value.round() as u32;
+        }
+    }
+    if let Some(m) = min_cluster_size {
+        z.min_cluster_size = *m;
+    }
+    z
+}
+
+/// `hash_balance_factor` at `fpath`: at least 100 (Envoy's validation).
+fn balance_factor(f: u32, fpath: &str, errs: &mut ConfigErrors) -> Option<u32> {
+    if f < 100 {
+        errs.push(fpath, "value must be greater than or equal to 100");
+        return None;
+    }
+    Some(f)
+}
+
 /// What a typed `load_balancing_policy` sets besides the policy.
 struct TypedLb<'a> {
     lb_hash: &'a mut Vec<HashPolicy>,
     locality_weighted: &'a mut bool,
     slow_start: &'a mut Option<SlowStart>,
     fail_traffic_on_panic: &'a mut bool,
+    zone_aware: &'a mut ZoneAware,
+    hash_balance_factor: &'a mut Option<u32>,
+    override_host: &'a mut Option<std::sync::Arc<OverrideHost>>,
+}
+
+const OVERRIDE_HOST: &str = "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost";
+
+/// The `override_host` policy at `tpath` (its `typed_config`): its sources,
+/// then its `fallback_policy` as the cluster's policy.
+fn override_host_policy(
+    any: &crate::api::google::protobuf::Any,
+    tpath: &str,
+    out: &mut TypedLb<'_>,
+    errs: &mut ConfigErrors,
+) -> LbPolicy {
+    use crate::api::envoy::extensions::load_balancing_policies::override_host::v3 as oh;
+    let o = match super::decode::<oh::OverrideHost>(any, tpath) {
+        Ok(o) => o,
+        Err(e) => {
+            errs.extend(e);
+            return LbPolicy::RoundRobin;
+        }
+    };
+    if out.override_host.is_some() {
+        errs.push(
+            tpath,
+            "override_host as the fallback_policy of override_host is not implemented",
+        );
+        return LbPolicy::RoundRobin;
+    }
+    if o.override_host_sources.is_empty() {
+        errs.push(
+            join(tpath, "override_host_sources"),
+            "at least one override host source is required",
+        );
+    }
+    let mut sources = Vec::new();
+    for (i, src) in o.override_host_sources.iter().enumerate() {
+        let spath = format!("{tpath}.override_host_sources[{i}]");
+        match (src.header.is_empty(), &src.metadata) {
+            (true, None) => errs.push(spath, "Empty override source"),
+            (false, Some(_)) => errs.push(spath, "Only one override source must be set"),
+            (false, None) => {
+                if src.header.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')) {
+                    errs.push(join(&spath, "header"), "invalid header value characters");
+                }
+                // Envoy lowercases the name; one no request can carry
+                // never matches.
+                let name = http::HeaderName::from_bytes(src.header.to_ascii_lowercase().as_bytes()).ok();
+                sources.push(OverrideHostSource::Header(name));
+            }
+            (true, Some(k)) => {
+                let kpath = join(&spath, "metadata");
+                if k.key.is_empty() {
+                    errs.push(join(&kpath, "key"), "must not be empty");
+                }
+                if k.path.is_empty() {
+                    errs.push(join(&kpath, "path"), "at least one path segment is required");
+                }
+                let mut path = Vec::new();
+                for (j, seg) in k.path.iter().enumerate() {
+                    use crate::api::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
+                    match &seg.segment {
+                        Some(Segment::Key(key)) if !key.is_empty() => path.push(key.clone()),
+                        _ => errs.push(format!("{kpath}.path[{j}].key"), "must not be empty"),
+                    }
+                }
+                sources.push(OverrideHostSource::Metadata {
+                    namespace: k.key.clone(),
+                    path,
+                });
+            }
+        }
+    }
+    *out.override_host = Some(std::sync::Arc::new(OverrideHost { sources }));
+    match &o.fallback_policy {
+        Some(f) => typed_lb_policy(f, &join(tpath, "fallback_policy"), out, errs),
+        None => {
+            errs.push(join(tpath, "fallback_policy"), "a fallback_policy is required");
+            LbPolicy::RoundRobin
+        }
+    }
 }
 
 fn typed_lb_policy(
@@ -1359,10 +1512,6 @@ fn typed_lb_policy(
     errs: &mut ConfigErrors,
 ) -> LbPolicy {
     use crate::api::envoy::extensions::load_balancing_policies as lbx;
-    let lb_hash = &mut *out.lb_hash;
-    let locality_weighted = &mut *out.locality_weighted;
-    let slow_start = &mut *out.slow_start;
-    let fail_on_panic = &mut *out.fail_traffic_on_panic;
     let Some(first) = lbp.policies.first() else {
         errs.push(join(path, "policies"), "at least one policy is required");
         return LbPolicy::RoundRobin;
@@ -1384,6 +1533,16 @@ fn typed_lb_policy(
         }
     };
     let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if name == OVERRIDE_HOST {
+        return override_host_policy(&any, &tpath, out, errs);
+    }
+    let lb_hash = &mut *out.lb_hash;
+    let locality_weighted = &mut *out.locality_weighted;
+    let slow_start = &mut *out.slow_start;
+    let fail_on_panic = &mut *out.fail_traffic_on_panic;
+    let zone_aware = &mut *out.zone_aware;
+    let balance = &mut *out.hash_balance_factor;
+    let zpath = join(&tpath, "locality_lb_config.zone_aware_lb_config");
     let hostname = |h: &Option<lbx::common::v3::ConsistentHashingLbConfig>| {
         h.as_ref().is_some_and(|h| h.use_hostname_for_hashing)
     };
@@ -1391,6 +1550,13 @@ fn typed_lb_policy(
     // hash, used instead of the route's.
     let mut own_hash = |h: &Option<lbx::common::v3::ConsistentHashingLbConfig>,
                         errs: &mut ConfigErrors| {
+        if let Some(f) = h.as_ref().and_then(|h| h.hash_balance_factor.as_ref()) {
+            *balance = balance_factor(
+                f.value,
+                &join(&tpath, "consistent_hashing_lb_config.hash_balance_factor"),
+                errs,
+            );
+        }
         if let Some(h) = h.as_ref().filter(|h| !h.hash_policy.is_empty()) {
             match super::route::hash_policies(
                 &h.hash_policy,
@@ -1401,24 +1567,31 @@ fn typed_lb_policy(
             }
         }
     };
-    // `locality_lb_config.locality_weighted_lb_config` of the non-hash
-    // policies (the supported-field table rejects zone-aware routing).
-    // and `zone_aware_lb_config.fail_traffic_on_panic` (its other fields
-    // need a local cluster, which weir does not take: no effect, as in
-    // Envoy without one).
-    let mut weighted_localities = |l: &Option<lbx::common::v3::LocalityLbConfig>| {
+    // `locality_lb_config` of the non-hash policies: locality-weighted
+    // balancing, or zone-aware routing (`zone_aware_lb_config`; it takes
+    // effect with the bootstrap's local cluster).
+    let mut weighted_localities = |l: &Option<lbx::common::v3::LocalityLbConfig>,
+                                   zerrs: &mut ConfigErrors| {
         use lbx::common::v3::locality_lb_config::LocalityConfigSpecifier as L;
         let spec = l
             .as_ref()
             .and_then(|l| l.locality_config_specifier.as_ref());
         *fail_on_panic = matches!(spec, Some(L::ZoneAwareLbConfig(z)) if z.fail_traffic_on_panic);
+        if let Some(L::ZoneAwareLbConfig(z)) = spec {
+            *zone_aware = zone_aware_config(
+                z.routing_enabled.as_ref(),
+                z.min_cluster_size.as_ref().map(|v| &v.value),
+                &zpath,
+                zerrs,
+            );
+        }
         matches!(spec, Some(L::LocalityWeightedLbConfig(_)))
     };
     match name {
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" => {
             match super::decode::<lbx::round_robin::v3::RoundRobin>(&any, &tpath) {
                 Ok(l) => {
-                    *locality_weighted = weighted_localities(&l.locality_lb_config);
+                    *locality_weighted = weighted_localities(&l.locality_lb_config, errs);
                     *slow_start = typed_slow_start(&l.slow_start_config, &tpath, errs);
                 }
                 Err(e) => errs.extend(e),
@@ -1427,7 +1600,7 @@ fn typed_lb_policy(
         }
         "envoy.extensions.load_balancing_policies.random.v3.Random" => {
             match super::decode::<lbx::random::v3::Random>(&any, &tpath) {
-                Ok(l) => *locality_weighted = weighted_localities(&l.locality_lb_config),
+                Ok(l) => *locality_weighted = weighted_localities(&l.locality_lb_config, errs),
                 Err(e) => errs.extend(e),
             }
             LbPolicy::Random
@@ -1435,7 +1608,7 @@ fn typed_lb_policy(
         "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest" => {
             match super::decode::<lbx::least_request::v3::LeastRequest>(&any, &tpath) {
                 Ok(l) => {
-                    *locality_weighted = weighted_localities(&l.locality_lb_config);
+                    *locality_weighted = weighted_localities(&l.locality_lb_config, errs);
                     *slow_start = typed_slow_start(&l.slow_start_config, &tpath, errs);
                     LbPolicy::LeastRequest {
                         choice_count: l.choice_count.map_or(2, |v| v.value).max(2),

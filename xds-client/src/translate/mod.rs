@@ -239,7 +239,23 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
             .map(Arc::new),
         None => None,
     };
+    // As Envoy: the local cluster must be a static cluster.
+    let local_cluster = b
+        .cluster_manager
+        .as_ref()
+        .map(|m| m.local_cluster_name.as_str())
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            if !clusters.contains_key(n) {
+                errs.push(
+                    "cluster_manager.local_cluster_name",
+                    format!("local cluster '{n}' must be defined"),
+                );
+            }
+            Name::from(n)
+        });
     errs.into_result(Snapshot {
+        local_cluster,
         default_tracer,
         node,
         admin,

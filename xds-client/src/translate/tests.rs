@@ -410,11 +410,6 @@ fn hash_lb_configs_and_hash_policies() {
         "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing: Cannot use hostname",
     );
     reject(
-        "    lb_policy: RING_HASH\n    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 150}}\n",
-        "",
-        "common_lb_config.consistent_hashing_lb_config.hash_balance_factor",
-    );
-    reject(
         "    lb_policy: RING_HASH\n",
         ", hash_policy: [{filter_state: {}}]",
         "route.hash_policy[0].filter_state.key",
@@ -517,6 +512,8 @@ fn slow_start_priority_and_zone_aware_configs() {
     assert!(matches!(c.lb, LbPolicy::LeastRequest { .. }));
     assert_eq!(c.slow_start.map(|s| s.window), Some(Duration::from_secs(1)));
     assert!(c.fail_traffic_on_panic);
+    assert_eq!(c.zone_aware.min_cluster_size, 3);
+    assert_eq!(c.zone_aware.routing_enabled, 100);
 
     let s = load(&hashed(
         "    common_lb_config: {zone_aware_lb_config: {fail_traffic_on_panic: true, routing_enabled: {value: 50}}}\n",
@@ -524,6 +521,33 @@ fn slow_start_priority_and_zone_aware_configs() {
     ))
     .expect("accepted");
     assert!(s.clusters["c"].fail_traffic_on_panic);
+    assert_eq!(s.clusters["c"].zone_aware.routing_enabled, 50);
+    assert_eq!(s.clusters["c"].zone_aware.min_cluster_size, 6);
+    let e = load(&hashed(
+        "    common_lb_config: {zone_aware_lb_config: {routing_enabled: {value: 150}}}\n",
+        "",
+    ))
+    .expect_err("rejected");
+    assert!(
+        e.contains("clusters[0].common_lb_config.zone_aware_lb_config.routing_enabled.value"),
+        "{e}"
+    );
+    // The local cluster must be a static cluster.
+    let e = load(&format!(
+        "cluster_manager: {{local_cluster_name: nope}}\n{}",
+        hashed("", "")
+    ))
+    .expect_err("rejected");
+    assert!(
+        e.contains("cluster_manager.local_cluster_name: local cluster 'nope' must be defined"),
+        "{e}"
+    );
+    let s = load(&format!(
+        "cluster_manager: {{local_cluster_name: c}}\n{}",
+        hashed("", "")
+    ))
+    .expect("accepted");
+    assert_eq!(s.local_cluster.as_deref(), Some("c"));
     // Hash balancers have no zone-aware routing.
     let s = load(&hashed(
         "    lb_policy: MAGLEV\n    common_lb_config: {zone_aware_lb_config: {fail_traffic_on_panic: true}}\n",
@@ -564,13 +588,71 @@ fn slow_start_priority_and_zone_aware_configs() {
         "    lb_subset_config: {fallback_policy: ANY_ENDPOINT}\n",
         "subset load balancing (lb_subset_config) is not implemented; Istio sends DestinationRule subsets as separate clusters",
     );
-    reject(
+    let s = load(&hashed(
         "    lb_policy: MAGLEV\n    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 150}}\n",
-        "bounded-load consistent hashing (hash_balance_factor) is not implemented",
+        "",
+    ))
+    .expect("accepted");
+    assert_eq!(s.clusters["c"].hash_balance_factor, Some(150));
+    // Not a hash policy: no bounded loads (Envoy ignores it).
+    let s = load(&hashed(
+        "    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 150}}\n",
+        "",
+    ))
+    .expect("accepted");
+    assert_eq!(s.clusters["c"].hash_balance_factor, None);
+    reject(
+        "    lb_policy: RING_HASH\n    common_lb_config: {consistent_hashing_lb_config: {hash_balance_factor: 99}}\n",
+        "clusters[0].common_lb_config.consistent_hashing_lb_config.hash_balance_factor: value must be greater than or equal to 100",
     );
     reject(
-        "    load_balancing_policy: {policies: [{typed_extension_config: {name: o, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost}}}]}\n",
-        "weir does not implement extension envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+        "    load_balancing_policy: {policies: [{typed_extension_config: {name: m, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev, consistent_hashing_lb_config: {hash_balance_factor: 50}}}}]}\n",
+        "typed_config.consistent_hashing_lb_config.hash_balance_factor",
+    );
+    // override_host: sources, then the fallback policy as the cluster's.
+    let oh = |body: &str| {
+        format!("    load_balancing_policy: {{policies: [{{typed_extension_config: {{name: o, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost, {body}}}}}}}]}}\n")
+    };
+    const LR: &str = "fallback_policy: {policies: [{typed_extension_config: {name: l, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest, choice_count: 4}}}]}";
+    let s = load(&hashed(
+        &oh(&format!("override_host_sources: [{{header: X-Dest}}, {{metadata: {{key: ns, path: [{{key: a}}, {{key: b}}]}}}}], {LR}")),
+        "",
+    ))
+    .expect("accepted");
+    let c = &s.clusters["c"];
+    assert_eq!(c.lb, crate::config::LbPolicy::LeastRequest { choice_count: 4 });
+    let o = c.override_host.as_ref().expect("override_host");
+    assert_eq!(
+        o.sources,
+        vec![
+            crate::config::OverrideHostSource::Header(Some(http::HeaderName::from_static("x-dest"))),
+            crate::config::OverrideHostSource::Metadata {
+                namespace: "ns".into(),
+                path: vec!["a".into(), "b".into()]
+            },
+        ]
+    );
+    let tp = "clusters[0].load_balancing_policy.policies[0].typed_extension_config.typed_config";
+    reject(&oh(LR), &format!("{tp}.override_host_sources"));
+    reject(
+        &oh(&format!("override_host_sources: [{{}}], {LR}")),
+        &format!("{tp}.override_host_sources[0]: Empty override source"),
+    );
+    reject(
+        &oh(&format!("override_host_sources: [{{header: x, metadata: {{key: ns, path: [{{key: a}}]}}}}], {LR}")),
+        "Only one override source must be set",
+    );
+    reject(
+        &oh(&format!("override_host_sources: [{{metadata: {{key: ns}}}}], {LR}")),
+        &format!("{tp}.override_host_sources[0].metadata.path"),
+    );
+    reject(
+        &oh("override_host_sources: [{header: x}]"),
+        &format!("{tp}.fallback_policy"),
+    );
+    reject(
+        &oh(&format!("override_host_sources: [{{header: x}}], selected_host_key: {{key: ns, path: [{{key: a}}]}}, {LR}")),
+        "selected_host_key (dynamic metadata naming the picked host) is not implemented",
     );
 }
 
