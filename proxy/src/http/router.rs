@@ -698,6 +698,8 @@ pub async fn forward(
     } else {
         crate::upstream::hash_lb::RequestHash::default()
     };
+    // `override_host`: the hosts the request names, one per try.
+    let mut overrides = cluster.override_hosts(&parts.headers, Some(&info.dynamic_metadata));
     let retry = retry_policy(&f, &parts);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
     // A trusted `x-envoy-hedge-on-per-try-timeout: true|false` overrides
@@ -907,7 +909,7 @@ pub async fn forward(
                     .as_ref()
                     .filter(|_| attempt > 1)
                     .map_or(0, |r| r.host_selection_retry_max_attempts);
-                let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {
+                let Some(host) = cluster.choose_request(lb_hash.hash, &mut overrides, avoid, host_attempts) else {
                     // As Envoy's `doRetry`: no host ends the request.
                     drop_tries(&cluster, &mut tries);
                     info.flags.set(Flags::UH);
@@ -1130,7 +1132,7 @@ pub async fn forward(
             .filter(|_| attempt > 1)
             .map(|r| r.host_selection_retry_max_attempts)
             .unwrap_or(0);
-        let Some(host) = cluster.choose_hashed(lb_hash.hash, avoid, host_attempts) else {
+        let Some(host) = cluster.choose_request(lb_hash.hash, &mut overrides, avoid, host_attempts) else {
             info.flags.set(Flags::UH);
             info.response_code_details = "no_healthy_upstream";
             return reply(503, NO_HEALTHY_UPSTREAM);

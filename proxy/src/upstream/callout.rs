@@ -95,7 +95,10 @@ pub(crate) async fn call(
     req: CalloutRequest,
     max_body: usize,
 ) -> Result<CalloutResponse, CalloutError> {
-    let Some(host) = rt.choose(&[], 0) else {
+    // A mirror to an `override_host` cluster follows its request's headers
+    // (Envoy's async client gives the LB the shadow's headers).
+    let mut overrides = rt.override_hosts(&req.headers, None);
+    let Some(host) = rt.choose_request(None, &mut overrides, &[], 0) else {
         return Err(CalloutError::NoHealthyUpstream);
     };
     // A callout has no downstream protocol to follow: HTTP/2 when the

@@ -139,6 +139,105 @@ impl HashTable {
     }
 }
 
+/// Envoy's bounded-load pick (`BoundedLoadHashingLoadBalancer`): `first`
+/// (the table's pick for `hash`) unless it has more active requests than
+/// its slots, ⌈⌈(cluster active + 1) × `factor` / 100⌉ × its normalized
+/// weight⌉ (at least 1); then the first host that is not over its slots
+/// in a shuffle of `normalized` seeded by the hash (the same for the same
+/// request hash, as Envoy's `std::mt19937`), else the least loaded one.
+/// `active`: requests in flight on a host; `cluster_active`: on the
+/// cluster (`upstream_rq_active`).
+pub fn bounded_pick(
+    first: usize,
+    hash: u64,
+    factor: u32,
+    normalized: &[(usize, f64)],
+    cluster_active: u64,
+    active: impl Fn(usize) -> u64,
+) -> usize {
+    let total_slots = ((cluster_active + 1) * u64::from(factor)).div_ceil(100);
+    let overload = |i: usize, w: f64| {
+        let slots = ((total_slots as f64 * w).ceil() as u64).max(1);
+        active(i) as f64 / slots as f64
+    };
+    let weight = |i: usize| normalized.iter().find(|(h, _)| *h == i).map_or(0.0, |e| e.1);
+    let mut least = (first, overload(first, weight(first)));
+    if least.1 <= 1.0 {
+        return first;
+    }
+    let n = normalized.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    // std::mt19937 takes the seed modulo 2^32.
+    let mut rng = Mt19937::new(hash as u32);
+    for i in 0..n {
+        let j = rng.uniform((n - i) as u32) as usize;
+        order.swap(i, i + j);
+        let (alt, w) = normalized[order[i]];
+        if alt == first {
+            continue;
+        }
+        let f = overload(alt, w);
+        if f <= 1.0 {
+            return alt;
+        }
+        if f < least.1 {
+            least = (alt, f);
+        }
+    }
+    least.0
+}
+
+/// The 32-bit Mersenne Twister (`std::mt19937`), for Envoy's seeded
+/// bounded-load probe order.
+pub struct Mt19937 {
+    mt: [u32; 624],
+    idx: usize,
+}
+
+impl Mt19937 {
+    pub fn new(seed: u32) -> Mt19937 {
+        let mut mt = [0u32; 624];
+        mt[0] = seed;
+        for i in 1..624 {
+            mt[i] = 1_812_433_253u32
+                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
+                .wrapping_add(i as u32);
+        }
+        Mt19937 { mt, idx: 624 }
+    }
+
+    pub fn next_u32(&mut self) -> u32 {
+        if self.idx >= 624 {
+            for i in 0..624 {
+                let x = (self.mt[i] & 0x8000_0000) | (self.mt[(i + 1) % 624] & 0x7fff_ffff);
+                let mut xa = x >> 1;
+                if x & 1 != 0 {
+                    xa ^= 0x9908_b0df;
+                }
+                self.mt[i] = self.mt[(i + 397) % 624] ^ xa;
+            }
+            self.idx = 0;
+        }
+        let mut y = self.mt[self.idx];
+        self.idx += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+
+    /// Uniform in [0, k) by rejection, as Envoy's `uniform_int` (k > 0).
+    fn uniform(&mut self, k: u32) -> u32 {
+        let bucket = (1u64 << 32) / u64::from(k);
+        loop {
+            let x = (u64::from(self.next_u32()) / bucket) as u32;
+            if x < k {
+                return x;
+            }
+        }
+    }
+}
+
 /// Envoy's `normalizeHostWeights`: each of `members` gets its share of
 /// their total weight, scaled by `share` (its locality's normalized weight,
 /// or 1).
@@ -540,6 +639,36 @@ mod tests {
             active_hc: OnceLock::new(),
             since: AtomicU64::new(0),
         })
+    }
+
+    #[test]
+    fn mt19937_matches_the_standard_sequence() {
+        // The C++ standard's check: the 10000th output of a
+        // default-constructed std::mt19937 (seed 5489).
+        let mut m = Mt19937::new(5489);
+        let mut last = 0;
+        for _ in 0..10_000 {
+            last = m.next_u32();
+        }
+        assert_eq!(last, 4_123_659_995);
+    }
+
+    #[test]
+    fn bounded_pick_passes_over_hosts_past_their_slots() {
+        let n = [(0, 1.0 / 3.0), (1, 1.0 / 3.0), (2, 1.0 / 3.0)];
+        // 2 active on the table's pick, 2 on the cluster: 3 slots in all,
+        // 1 per host; host 0 is over, so another host is picked.
+        let load = [2, 0, 0];
+        let p = bounded_pick(0, 42, 100, &n, 2, |i| load[i]);
+        assert_ne!(p, 0);
+        // The same hash probes in the same order.
+        assert_eq!(bounded_pick(0, 42, 100, &n, 2, |i| load[i]), p);
+        // Within its slots: the table's pick.
+        assert_eq!(bounded_pick(0, 42, 100, &n, 0, |_| 0), 0);
+        assert_eq!(bounded_pick(0, 42, 150, &n, 2, |i| [1, 0, 0][i]), 0);
+        // Every host over: the least loaded.
+        let load = [9, 7, 8];
+        assert_eq!(bounded_pick(0, 42, 100, &n, 3, |i| load[i]), 1);
     }
 
     #[test]

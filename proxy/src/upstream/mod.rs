@@ -13,7 +13,8 @@ use std::{
 use arc_swap::ArcSwap;
 use rand::Rng;
 use xds_client::config::{
-    Cluster, Discovery, EndpointAddress, LbPolicy, SlowStart, UpstreamProtocol,
+    Cluster, Discovery, EndpointAddress, LbPolicy, OverrideHost, OverrideHostSource, SlowStart,
+    UpstreamProtocol,
 };
 
 use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
@@ -25,6 +26,7 @@ pub mod hash_lb;
 pub mod health_check;
 pub mod outlier;
 pub mod pool;
+pub mod zone;
 
 pub use pool::{Client, PoolError, PoolKind};
 
@@ -122,6 +124,11 @@ pub struct HostSet {
     /// share of traffic (percent) the level takes.
     pub priorities: Vec<PriorityLevel>,
     pub healthy_count: usize,
+    /// Every host by address, across priorities and health (Envoy's
+    /// `crossPriorityHostMap`), for `override_host` clusters only.
+    pub by_addr: HashMap<SocketAddr, usize>,
+    /// Zone-aware routing of priority 0 (with a local cluster).
+    pub zone: Option<zone::ZoneRouting>,
     /// Slow start: picks before this time ([`clock_ms`]) weigh hosts by
     /// their slow-start factor (0: no host is in its window).
     pub slow_until: u64,
@@ -136,6 +143,8 @@ pub struct LoadOptions {
     /// `weighted_priority_health`: health by weight, not host count.
     pub weighted_priority_health: bool,
     pub slow_start: Option<SlowStart>,
+    /// Index hosts by address ([`HostSet::by_addr`]).
+    pub by_addr: bool,
 }
 
 impl LoadOptions {
@@ -145,6 +154,7 @@ impl LoadOptions {
             overprovisioning_factor: c.overprovisioning_factor,
             weighted_priority_health: c.weighted_priority_health,
             slow_start: c.slow_start,
+            by_addr: c.override_host.is_some(),
         }
     }
 }
@@ -163,6 +173,8 @@ pub struct PriorityLevel {
     pub panic: bool,
     /// The consistent-hash table over `usable` (RING_HASH, MAGLEV).
     pub table: Option<(hash_lb::HashTable, hash_lb::TableStats)>,
+    /// The table's hosts and normalized weights (bounded loads).
+    pub normalized: Vec<(usize, f64)>,
     /// With `locality_weighted_lb_config`: the localities that can take
     /// traffic and their effective weights (summing to `locality_total`).
     pub localities: Vec<LocalityLevel>,
@@ -217,6 +229,7 @@ impl HostSet {
             overprovisioning_factor,
             weighted_priority_health: false,
             slow_start: None,
+            by_addr: false,
         };
         Self::build_with(hosts, &opts, lb, locality_weighted, local)
     }
@@ -335,16 +348,18 @@ impl HostSet {
                 (Vec::new(), 0.0)
             };
             let usable = if panic { at.clone() } else { healthy };
-            let (weighted, table) = if lb.is_hash() && locality_weighted {
-                let n = hash_lb::normalize_localities(&hosts, &at, panic, local);
-                (
-                    Vec::new(),
-                    hash_lb::HashTable::build_weighted(lb, &hosts, &n),
-                )
-            } else if lb.is_hash() {
-                (Vec::new(), hash_lb::HashTable::build(lb, &hosts, &usable))
+            let (weighted, table, normalized) = if lb.is_hash() {
+                let n = if locality_weighted {
+                    hash_lb::normalize_localities(&hosts, &at, panic, local)
+                } else {
+                    let mut n = Vec::with_capacity(usable.len());
+                    hash_lb::normalize(&hosts, &usable, 1.0, &mut n);
+                    n
+                };
+                let table = hash_lb::HashTable::build_weighted(lb, &hosts, &n);
+                (Vec::new(), table, n)
             } else {
-                (weighted_sequence(&hosts, &usable), None)
+                (weighted_sequence(&hosts, &usable), None, Vec::new())
             };
             levels.push(PriorityLevel {
                 usable,
@@ -352,14 +367,22 @@ impl HostSet {
                 load: load as u32,
                 panic,
                 table,
+                normalized,
                 localities,
                 locality_total,
             });
         }
+        let by_addr = if opts.by_addr {
+            hosts.iter().enumerate().map(|(i, h)| (h.addr, i)).collect()
+        } else {
+            HashMap::new()
+        };
         HostSet {
             hosts,
             priorities: levels,
             healthy_count,
+            by_addr,
+            zone: None,
             slow_until,
         }
     }
@@ -400,6 +423,66 @@ impl HostSet {
             roll = roll.saturating_sub(l.load);
         }
         self.priorities.iter().find(|l| !l.usable.is_empty())
+    }
+}
+
+/// The hosts one request names for an `override_host` cluster, consumed
+/// one per pick across its tries (Envoy's `OverrideHostFilterState`).
+#[derive(Debug, Default)]
+pub struct OverrideHosts {
+    addrs: Vec<SocketAddr>,
+    next: usize,
+}
+
+impl OverrideHosts {
+    /// The addresses named by `o`'s sources, in source order: a header's
+    /// first value or a metadata string, split at commas (blank entries
+    /// skipped, entries trimmed), as Envoy's `getSelectedHosts`. Envoy
+    /// looks each up by its text in the host map (`ip:port`, IPv6 in
+    /// brackets); an entry that is not an address in that canonical form
+    /// can never match, so it is dropped here.
+    pub fn of(
+        o: &OverrideHost,
+        headers: &http::HeaderMap,
+        metadata: Option<&filters::DynamicMetadata>,
+    ) -> OverrideHosts {
+        let mut addrs = Vec::new();
+        for src in &o.sources {
+            let value: Option<std::borrow::Cow<'_, str>> = match src {
+                OverrideHostSource::Header(name) => name
+                    .as_ref()
+                    .and_then(|n| headers.get(n))
+                    .map(|v| String::from_utf8_lossy(v.as_bytes())),
+                OverrideHostSource::Metadata { namespace, path } => {
+                    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                    metadata
+                        .and_then(|m| m.value(namespace, &path))
+                        .and_then(|v| v.as_str())
+                        .map(std::borrow::Cow::Borrowed)
+                }
+            };
+            let Some(value) = value else { continue };
+            for entry in value.split(',') {
+                let entry = entry.trim_matches(|c: char| c.is_ascii_whitespace());
+                if let Ok(a) = entry.parse::<SocketAddr>() {
+                    if a.to_string() == entry {
+                        addrs.push(a);
+                    }
+                }
+            }
+        }
+        OverrideHosts { addrs, next: 0 }
+    }
+
+    /// The next named host in `set`, consuming the entries up to it.
+    fn next_in(&mut self, set: &HostSet) -> Option<Arc<Host>> {
+        while let Some(a) = self.addrs.get(self.next) {
+            self.next += 1;
+            if let Some(i) = set.by_addr.get(a) {
+                return set.hosts.get(*i).cloned();
+            }
+        }
+        None
     }
 }
 
@@ -567,6 +650,15 @@ pub struct ClusterStats {
     pub membership_total: Arc<Gauge>,
     /// Hosts picked from a level in panic (Envoy's `lb_healthy_panic`).
     pub lb_healthy_panic: Arc<Counter>,
+    /// Zone-aware routing (Envoy's names): rebuilds of the routing state
+    /// and why one found no zone routing, then per pick how it routed.
+    pub lb_recalculate_zone_structures: Arc<Counter>,
+    pub lb_zone_cluster_too_small: Arc<Counter>,
+    pub lb_local_cluster_not_ok: Arc<Counter>,
+    pub lb_zone_routing_all_directly: Arc<Counter>,
+    pub lb_zone_routing_sampled: Arc<Counter>,
+    pub lb_zone_routing_cross_zone: Arc<Counter>,
+    pub lb_zone_no_capacity_left: Arc<Counter>,
     pub update_success: Arc<Counter>,
     pub update_failure: Arc<Counter>,
 }
@@ -621,6 +713,13 @@ impl ClusterStats {
             membership_healthy: g("membership_healthy"),
             membership_total: g("membership_total"),
             lb_healthy_panic: c("lb_healthy_panic"),
+            lb_recalculate_zone_structures: c("lb_recalculate_zone_structures"),
+            lb_zone_cluster_too_small: c("lb_zone_cluster_too_small"),
+            lb_local_cluster_not_ok: c("lb_local_cluster_not_ok"),
+            lb_zone_routing_all_directly: c("lb_zone_routing_all_directly"),
+            lb_zone_routing_sampled: c("lb_zone_routing_sampled"),
+            lb_zone_routing_cross_zone: c("lb_zone_routing_cross_zone"),
+            lb_zone_no_capacity_left: c("lb_zone_no_capacity_left"),
             update_success: c("update_success"),
             update_failure: c("update_failure"),
         }
@@ -667,6 +766,21 @@ pub struct ClusterRuntime {
     /// The node's locality (bootstrap `node.locality`), first in a
     /// locality-weighted hash ring as in Envoy.
     local_locality: Option<Arc<hash_lb::LocalityKey>>,
+    /// Zone-aware routing: this cluster is the local cluster (publishes its
+    /// hosts) or routes by zone against it.
+    local: LocalRole,
+}
+
+/// A cluster's part in zone-aware routing.
+#[derive(Clone, Default)]
+pub enum LocalRole {
+    #[default]
+    None,
+    /// `cluster_manager.local_cluster_name` names this cluster.
+    Publisher(Arc<zone::LocalCluster>),
+    /// Round robin, least request or random with a local cluster: routes
+    /// priority 0 by zone (the node's locality).
+    Subscriber(Arc<zone::LocalCluster>),
 }
 
 /// The node's locality, when it has one.
@@ -730,7 +844,13 @@ impl ClusterRuntime {
         workers: usize,
         tls: &TlsEnv,
         local_locality: Option<Arc<hash_lb::LocalityKey>>,
+        local: LocalRole,
     ) -> Result<Arc<Self>, String> {
+        // Consistent-hash balancers have no zone-aware routing (Envoy's).
+        let local = match local {
+            LocalRole::Subscriber(_) if config.lb.is_hash() => LocalRole::None,
+            r => r,
+        };
         let stats = ClusterStats::new(store, &config.stat_name);
         let breakers = Arc::new(circuit_breaker::CircuitBreakers::new(
             &config.circuit_breakers,
@@ -785,7 +905,11 @@ impl ClusterRuntime {
             ck.attach(&hosts);
         }
         stats.membership_total.set(hosts.len() as i64);
-        let set = HostSet::build_for(hosts, &config, local_locality.as_deref());
+        let mut set = HostSet::build_for(hosts, &config, local_locality.as_deref());
+        set.zone = zone_routing(&set.hosts, &config, &local, local_locality.as_deref(), &stats);
+        if let LocalRole::Publisher(l) = &local {
+            l.publish(zone::LocalCounts::of(&set.hosts));
+        }
         stats.membership_healthy.set(set.healthy_count as i64);
         let table_gauges = TableGauges::new(store, &config.stat_name, &config.lb);
         if let (Some(g), Some(t)) = (&table_gauges, set.table_stats()) {
@@ -800,7 +924,7 @@ impl ClusterRuntime {
                 filters::istio::mx::MxStats::with(|n| store.counter(StatName::plain(n))),
             ))
         });
-        Ok(Arc::new(ClusterRuntime {
+        let rt = Arc::new(ClusterRuntime {
             mx,
             applied: ArcSwap::new(config.clone()),
             config,
@@ -818,7 +942,12 @@ impl ClusterRuntime {
             _pass_through: pass_through,
             table_gauges,
             local_locality,
-        }))
+            local,
+        });
+        if let LocalRole::Subscriber(l) = &rt.local {
+            l.subscribe(&rt);
+        }
+        Ok(rt)
     }
 
     /// The TLS context for connections to `host` (`None` = plaintext).
@@ -899,7 +1028,7 @@ impl ClusterRuntime {
 
     /// Rebuilds the host set after an ejection or un-ejection (the same
     /// hosts, their health changed).
-    fn refresh_health(&self) {
+    pub(crate) fn refresh_health(&self) {
         let _serial = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
         let hosts = self.hosts.load().hosts.clone();
         let set = self.build_set(hosts);
@@ -912,13 +1041,24 @@ impl ClusterRuntime {
     /// assignment policy (EDS may change it) and this runtime's LB.
     fn build_set(&self, hosts: Vec<Arc<Host>>) -> HostSet {
         let applied = self.applied.load();
-        HostSet::build_with(
+        let mut set = HostSet::build_with(
             hosts,
             &LoadOptions::of(&applied),
             &self.config.lb,
             self.config.locality_weighted,
             self.local_locality.as_deref(),
-        )
+        );
+        set.zone = zone_routing(
+            &set.hosts,
+            &self.config,
+            &self.local,
+            self.local_locality.as_deref(),
+            &self.stats,
+        );
+        if let LocalRole::Publisher(l) = &self.local {
+            l.publish(zone::LocalCounts::of(&set.hosts));
+        }
+        set
     }
 
     /// An HTTP status from `host`, for outlier detection.
@@ -983,13 +1123,52 @@ impl ClusterRuntime {
         let (table, _) = level.table.as_ref()?;
         let mut pick = None;
         for attempt in 0..=attempts {
-            let host = set.hosts.get(table.choose(h, attempt)?)?;
+            let mut i = table.choose(h, attempt)?;
+            if let Some(f) = self.config.hash_balance_factor {
+                let cluster_active = self.stats.upstream_rq_active.value().max(0) as u64;
+                i = hash_lb::bounded_pick(i, h, f, &level.normalized, cluster_active, |k| {
+                    set.hosts[k].active.load(Relaxed)
+                });
+            }
+            let host = set.hosts.get(i)?;
             pick = Some(host.clone());
             if !avoid.contains(&host.addr) {
                 break;
             }
         }
         pick
+    }
+
+    /// Picks a host for one try of a request: the next host the request
+    /// names when the cluster has the `override_host` policy (whatever its
+    /// health, with no retry host predicate, as Envoy), else the cluster's
+    /// (fallback) policy as [`ClusterRuntime::choose_hashed`].
+    pub fn choose_request(
+        &self,
+        hash: Option<u64>,
+        overrides: &mut OverrideHosts,
+        avoid: &[SocketAddr],
+        attempts: u32,
+    ) -> Option<Arc<Host>> {
+        if overrides.next < overrides.addrs.len() {
+            if let Some(h) = overrides.next_in(&self.hosts.load()) {
+                return Some(h);
+            }
+        }
+        self.choose_hashed(hash, avoid, attempts)
+    }
+
+    /// The hosts a request names for this cluster (none without the
+    /// `override_host` policy).
+    pub fn override_hosts(
+        &self,
+        headers: &http::HeaderMap,
+        metadata: Option<&filters::DynamicMetadata>,
+    ) -> OverrideHosts {
+        match &self.config.override_host {
+            Some(o) => OverrideHosts::of(o, headers, metadata),
+            None => OverrideHosts::default(),
+        }
     }
 
     /// Picks a host; `avoid` lists hosts tried already (previous_hosts).
@@ -1008,7 +1187,16 @@ impl ClusterRuntime {
                     return None;
                 }
             }
-            let (usable, weighted) = level.source();
+            let (usable, weighted) = match self.zone_source(&set, level) {
+                ZonePick::Hosts(u, w) => (u, w),
+                ZonePick::Fail => return None,
+                ZonePick::Level => level.source(),
+            };
+            // A locality picked by zone may have no healthy host left (as
+            // Envoy: no host).
+            if usable.is_empty() {
+                return None;
+            }
             if let Some(s) = &self.config.slow_start {
                 let now = clock_ms();
                 if now < set.slow_until {
@@ -1053,6 +1241,35 @@ impl ClusterRuntime {
             h = pick()?;
         }
         Some(h)
+    }
+
+    /// Zone-aware routing for one pick from `level` (Envoy's
+    /// `hostSourceToUse` after the panic and locality-weighted checks):
+    /// priority 0 only, in `routing_enabled` percent of picks, not while
+    /// the local cluster is in panic.
+    fn zone_source<'a>(&self, set: &'a HostSet, level: &'a PriorityLevel) -> ZonePick<'a> {
+        let Some(z) = set.zone.as_ref() else {
+            return ZonePick::Level;
+        };
+        if level.panic
+            || self.config.locality_weighted
+            || !set.priorities.first().is_some_and(|p0| std::ptr::eq(p0, level))
+        {
+            return ZonePick::Level;
+        }
+        if rand::rng().random_range(0..100u32) >= z.cfg.routing_enabled {
+            return ZonePick::Level;
+        }
+        if z.local_panic {
+            self.stats.lb_local_cluster_not_ok.inc();
+            return if self.config.fail_traffic_on_panic {
+                ZonePick::Fail
+            } else {
+                ZonePick::Level
+            };
+        }
+        let l = z.choose_locality(&self.stats);
+        ZonePick::Hosts(&l.usable, &l.weighted)
     }
 
     /// Takes over `old`'s pools (keeping connections to `hosts` only; for
@@ -1126,6 +1343,43 @@ impl ClusterRuntime {
             _ => PoolKind::Http1,
         }
     }
+}
+
+/// What zone-aware routing makes of one pick.
+enum ZonePick<'a> {
+    /// A locality's healthy hosts (and their weighted sequence).
+    Hosts(&'a [usize], &'a [usize]),
+    /// No host (`fail_traffic_on_panic` with the local cluster in panic).
+    Fail,
+    /// The level's hosts, as without zone-aware routing.
+    Level,
+}
+
+/// The zone-aware routing of a new host set of a cluster that routes by
+/// zone (`None` otherwise, or when Envoy's checks rule it out).
+fn zone_routing(
+    hosts: &[Arc<Host>],
+    config: &Cluster,
+    role: &LocalRole,
+    node: Option<&hash_lb::LocalityKey>,
+    stats: &ClusterStats,
+) -> Option<zone::ZoneRouting> {
+    let LocalRole::Subscriber(l) = role else {
+        return None;
+    };
+    let local = l.counts();
+    // Without a node locality Envoy's local locality is the empty one.
+    let none = hash_lb::LocalityKey::default();
+    zone::ZoneRouting::build(
+        hosts,
+        &zone::ZoneInputs {
+            local: &local,
+            node: node.unwrap_or(&none),
+            cfg: config.zone_aware,
+            panic_threshold: config.panic_threshold,
+            stats,
+        },
+    )
 }
 
 /// Whether connections pooled for one version of a cluster are right for
@@ -1239,6 +1493,9 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
 /// configuration change; a request pins the runtime it picked.
 pub struct ClusterManager {
     pub clusters: ArcSwap<HashMap<Arc<str>, Arc<ClusterRuntime>>>,
+    /// `cluster_manager.local_cluster_name` and the hosts it publishes
+    /// (static: fixed by the bootstrap).
+    local: Option<(Arc<str>, Arc<zone::LocalCluster>)>,
 }
 
 /// What building TLS contexts needs: the secrets and the registry.
@@ -1254,8 +1511,19 @@ impl ClusterManager {
         workers: usize,
         tls: &TlsEnv,
     ) -> Result<Self, String> {
+        let local = snapshot
+            .local_cluster
+            .clone()
+            .map(|n| (n, Arc::new(zone::LocalCluster::default())));
+        let mut m = ClusterManager {
+            clusters: ArcSwap::from_pointee(HashMap::new()),
+            local,
+        };
         let mut clusters = HashMap::new();
-        for (k, c) in &snapshot.clusters {
+        // The local cluster first: the others route against its hosts.
+        let mut order: Vec<_> = snapshot.clusters.iter().collect();
+        order.sort_by_key(|(k, _)| Some(*k) != m.local.as_ref().map(|l| &l.0));
+        for (k, c) in order {
             clusters.insert(
                 k.clone(),
                 ClusterRuntime::new(
@@ -1264,12 +1532,21 @@ impl ClusterManager {
                     workers,
                     tls,
                     node_locality(&snapshot.node),
+                    m.role(k),
                 )?,
             );
         }
-        Ok(ClusterManager {
-            clusters: ArcSwap::from_pointee(clusters),
-        })
+        m.clusters = ArcSwap::from_pointee(clusters);
+        Ok(m)
+    }
+
+    /// Cluster `name`'s part in zone-aware routing.
+    fn role(&self, name: &str) -> LocalRole {
+        match &self.local {
+            None => LocalRole::None,
+            Some((n, l)) if &**n == name => LocalRole::Publisher(l.clone()),
+            Some((_, l)) => LocalRole::Subscriber(l.clone()),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
@@ -1302,9 +1579,17 @@ impl ClusterManager {
                 let Some(c) = snapshot.clusters.get(name) else {
                     continue;
                 };
-                if let Some(rt) =
-                    Self::build(&old, name, c, store, workers, tls, &local, &mut fresh)
-                {
+                if let Some(rt) = Self::build(
+                    &old,
+                    name,
+                    c,
+                    store,
+                    workers,
+                    tls,
+                    &local,
+                    self.role(name),
+                    &mut fresh,
+                ) {
                     next.get_or_insert_with(|| (*old).clone())
                         .insert(name.clone(), rt);
                 }
@@ -1316,7 +1601,17 @@ impl ClusterManager {
         }
         let mut next = HashMap::with_capacity(snapshot.clusters.len());
         for (name, c) in &snapshot.clusters {
-            match Self::build(&old, name, c, store, workers, tls, &local, &mut fresh) {
+            match Self::build(
+                &old,
+                name,
+                c,
+                store,
+                workers,
+                tls,
+                &local,
+                self.role(name),
+                &mut fresh,
+            ) {
                 Some(rt) => {
                     next.insert(name.clone(), rt);
                 }
@@ -1344,6 +1639,7 @@ impl ClusterManager {
         workers: usize,
         tls: &TlsEnv,
         local: &Option<Arc<hash_lb::LocalityKey>>,
+        role: LocalRole,
         fresh: &mut Vec<Arc<ClusterRuntime>>,
     ) -> Option<Arc<ClusterRuntime>> {
         if let Some(rt) = old.get(name) {
@@ -1359,7 +1655,7 @@ impl ClusterManager {
                 return None;
             }
         }
-        match ClusterRuntime::new(c.clone(), store, workers, tls, local.clone()) {
+        match ClusterRuntime::new(c.clone(), store, workers, tls, local.clone(), role) {
             Ok(rt) => {
                 // A changed cluster whose connection settings are the
                 // same keeps its pooled connections (to the endpoints
@@ -1463,6 +1759,7 @@ mod tests {
             overprovisioning_factor: 140,
             weighted_priority_health: false,
             slow_start: None,
+            by_addr: false,
         }
     }
 
