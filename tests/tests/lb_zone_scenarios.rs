@@ -316,12 +316,7 @@ fn zone_proxy(node_zone: &'static str, local: Value, upstream: Value) -> Proxy {
 
 /// Echo upstreams `u0..u{n}`: the first `n / 2` in zone `za`, the rest in
 /// `zb`; returns the upstreams and cluster `c` (with `extra` fields).
-async fn two_zone_upstream(
-    n: usize,
-    za: &str,
-    zb: &str,
-    extra: Value,
-) -> (Vec<EchoServer>, Value) {
+async fn two_zone_upstream(n: usize, za: &str, zb: &str, extra: Value) -> (Vec<EchoServer>, Value) {
     let us = upstreams(n).await;
     let ports: Vec<u16> = us.iter().map(EchoServer::port).collect();
     let (a, b) = ports.split_at(n / 2);
@@ -352,10 +347,7 @@ async fn zone_routing_all_directly() {
     let d = dead_ports(2);
     let local = zoned(
         "local",
-        &[
-            ("a", vec![d[0]], "HEALTHY"),
-            ("b", vec![d[1]], "HEALTHY"),
-        ],
+        &[("a", vec![d[0]], "HEALTHY"), ("b", vec![d[1]], "HEALTHY")],
         json!({}),
     );
     let p = zone_proxy("a", local, c);
@@ -439,10 +431,7 @@ async fn zone_routing_needs_min_cluster_size() {
         let d = dead_ports(2);
         let local = zoned(
             "local",
-            &[
-                ("a", vec![d[0]], "HEALTHY"),
-                ("b", vec![d[1]], "HEALTHY"),
-            ],
+            &[("a", vec![d[0]], "HEALTHY"), ("b", vec![d[1]], "HEALTHY")],
             json!({}),
         );
         let p = zone_proxy("a", local, c);
@@ -468,10 +457,7 @@ async fn zone_routing_needs_the_node_zone_in_the_local_cluster() {
     let d = dead_ports(2);
     let local = zoned(
         "local",
-        &[
-            ("b", vec![d[0]], "HEALTHY"),
-            ("c", vec![d[1]], "HEALTHY"),
-        ],
+        &[("b", vec![d[0]], "HEALTHY"), ("c", vec![d[1]], "HEALTHY")],
         json!({}),
     );
     let p = zone_proxy("a", local, c);
@@ -501,10 +487,7 @@ async fn zone_routing_enabled_percent() {
     let d = dead_ports(2);
     let local = zoned(
         "local",
-        &[
-            ("a", vec![d[0]], "HEALTHY"),
-            ("b", vec![d[1]], "HEALTHY"),
-        ],
+        &[("a", vec![d[0]], "HEALTHY"), ("b", vec![d[1]], "HEALTHY")],
         json!({}),
     );
     let p = zone_proxy("a", local, c);
@@ -521,7 +504,8 @@ async fn zone_routing_enabled_percent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_routing_with_the_local_cluster_in_panic() {
     for fail in [false, true] {
-        let extra = json!({"common_lb_config": {"zone_aware_lb_config": {"fail_traffic_on_panic": fail}}});
+        let extra =
+            json!({"common_lb_config": {"zone_aware_lb_config": {"fail_traffic_on_panic": fail}}});
         let (_us, c) = two_zone_upstream(6, "a", "b", extra).await;
         let d = dead_ports(3);
         let local = zoned(

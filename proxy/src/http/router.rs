@@ -909,7 +909,9 @@ pub async fn forward(
                     .as_ref()
                     .filter(|_| attempt > 1)
                     .map_or(0, |r| r.host_selection_retry_max_attempts);
-                let Some(host) = cluster.choose_request(lb_hash.hash, &mut overrides, avoid, host_attempts) else {
+                let Some(host) =
+                    cluster.choose_request(lb_hash.hash, &mut overrides, avoid, host_attempts)
+                else {
                     // As Envoy's `doRetry`: no host ends the request.
                     drop_tries(&cluster, &mut tries);
                     info.flags.set(Flags::UH);
@@ -1132,7 +1134,8 @@ pub async fn forward(
             .filter(|_| attempt > 1)
             .map(|r| r.host_selection_retry_max_attempts)
             .unwrap_or(0);
-        let Some(host) = cluster.choose_request(lb_hash.hash, &mut overrides, avoid, host_attempts) else {
+        let Some(host) = cluster.choose_request(lb_hash.hash, &mut overrides, avoid, host_attempts)
+        else {
             info.flags.set(Flags::UH);
             info.response_code_details = "no_healthy_upstream";
             return reply(503, NO_HEALTHY_UPSTREAM);

@@ -160,7 +160,12 @@ pub fn bounded_pick(
         let slots = ((total_slots as f64 * w).ceil() as u64).max(1);
         active(i) as f64 / slots as f64
     };
-    let weight = |i: usize| normalized.iter().find(|(h, _)| *h == i).map_or(0.0, |e| e.1);
+    let weight = |i: usize| {
+        normalized
+            .iter()
+            .find(|(h, _)| *h == i)
+            .map_or(0.0, |e| e.1)
+    };
     let mut least = (first, overload(first, weight(first)));
     if least.1 <= 1.0 {
         return first;

@@ -906,7 +906,13 @@ impl ClusterRuntime {
         }
         stats.membership_total.set(hosts.len() as i64);
         let mut set = HostSet::build_for(hosts, &config, local_locality.as_deref());
-        set.zone = zone_routing(&set.hosts, &config, &local, local_locality.as_deref(), &stats);
+        set.zone = zone_routing(
+            &set.hosts,
+            &config,
+            &local,
+            local_locality.as_deref(),
+            &stats,
+        );
         if let LocalRole::Publisher(l) = &local {
             l.publish(zone::LocalCounts::of(&set.hosts));
         }
@@ -1253,7 +1259,10 @@ impl ClusterRuntime {
         };
         if level.panic
             || self.config.locality_weighted
-            || !set.priorities.first().is_some_and(|p0| std::ptr::eq(p0, level))
+            || !set
+                .priorities
+                .first()
+                .is_some_and(|p0| std::ptr::eq(p0, level))
         {
             return ZonePick::Level;
         }

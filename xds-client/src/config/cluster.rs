@@ -194,7 +194,10 @@ pub enum OverrideHostSource {
     /// carry; Envoy accepts any header value as the name).
     Header(Option<http::HeaderName>),
     /// A string in the request's dynamic metadata: namespace and path.
-    Metadata { namespace: String, path: Vec<String> },
+    Metadata {
+        namespace: String,
+        path: Vec<String>,
+    },
 }
 
 /// `SlowStartConfig`: a host that joins (or passes its active health

@@ -1426,7 +1426,8 @@ struct TypedLb<'a> {
     override_host: &'a mut Option<std::sync::Arc<OverrideHost>>,
 }
 
-const OVERRIDE_HOST: &str = "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost";
+const OVERRIDE_HOST: &str =
+    "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost";
 
 /// The `override_host` policy at `tpath` (its `typed_config`): its sources,
 /// then its `fallback_policy` as the cluster's policy.
@@ -1469,7 +1470,8 @@ fn override_host_policy(
                 }
                 // Envoy lowercases the name; one no request can carry
                 // never matches.
-                let name = http::HeaderName::from_bytes(src.header.to_ascii_lowercase().as_bytes()).ok();
+                let name =
+                    http::HeaderName::from_bytes(src.header.to_ascii_lowercase().as_bytes()).ok();
                 sources.push(OverrideHostSource::Header(name));
             }
             (true, Some(k)) => {
@@ -1478,7 +1480,10 @@ fn override_host_policy(
                     errs.push(join(&kpath, "key"), "must not be empty");
                 }
                 if k.path.is_empty() {
-                    errs.push(join(&kpath, "path"), "at least one path segment is required");
+                    errs.push(
+                        join(&kpath, "path"),
+                        "at least one path segment is required",
+                    );
                 }
                 let mut path = Vec::new();
                 for (j, seg) in k.path.iter().enumerate() {
@@ -1499,7 +1504,10 @@ fn override_host_policy(
     match &o.fallback_policy {
         Some(f) => typed_lb_policy(f, &join(tpath, "fallback_policy"), out, errs),
         None => {
-            errs.push(join(tpath, "fallback_policy"), "a fallback_policy is required");
+            errs.push(
+                join(tpath, "fallback_policy"),
+                "a fallback_policy is required",
+            );
             LbPolicy::RoundRobin
         }
     }

@@ -620,12 +620,17 @@ fn slow_start_priority_and_zone_aware_configs() {
     ))
     .expect("accepted");
     let c = &s.clusters["c"];
-    assert_eq!(c.lb, crate::config::LbPolicy::LeastRequest { choice_count: 4 });
+    assert_eq!(
+        c.lb,
+        crate::config::LbPolicy::LeastRequest { choice_count: 4 }
+    );
     let o = c.override_host.as_ref().expect("override_host");
     assert_eq!(
         o.sources,
         vec![
-            crate::config::OverrideHostSource::Header(Some(http::HeaderName::from_static("x-dest"))),
+            crate::config::OverrideHostSource::Header(Some(http::HeaderName::from_static(
+                "x-dest"
+            ))),
             crate::config::OverrideHostSource::Metadata {
                 namespace: "ns".into(),
                 path: vec!["a".into(), "b".into()]
@@ -643,7 +648,9 @@ fn slow_start_priority_and_zone_aware_configs() {
         "Only one override source must be set",
     );
     reject(
-        &oh(&format!("override_host_sources: [{{metadata: {{key: ns}}}}], {LR}")),
+        &oh(&format!(
+            "override_host_sources: [{{metadata: {{key: ns}}}}], {LR}"
+        )),
         &format!("{tp}.override_host_sources[0].metadata.path"),
     );
     reject(
