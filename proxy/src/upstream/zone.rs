@@ -258,3 +258,111 @@ impl ZoneRouting {
         &self.localities[i]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The routing state for host sets whose outcome Envoy's
+    //! `regenerateLocalityRoutingStructures` gives in its own tests'
+    //! numbers (percentages in 1/10000).
+    use std::sync::{atomic::AtomicU64, OnceLock};
+
+    use super::*;
+    use crate::stats::Store;
+
+    fn hosts(zones: &[(&str, usize, usize)]) -> Vec<Arc<Host>> {
+        let mut out = Vec::new();
+        let mut port = 1000;
+        for (zone, healthy, unhealthy) in zones {
+            let locality = Arc::new(LocalityKey {
+                zone: (*zone).to_owned(),
+                ..LocalityKey::default()
+            });
+            for i in 0..healthy + unhealthy {
+                port += 1;
+                out.push(Arc::new(Host {
+                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    hostname: String::new(),
+                    weight: 1,
+                    healthy: i < *healthy,
+                    priority: 0,
+                    locality: locality.clone(),
+                    locality_weight: 0,
+                    metadata: serde_json::Value::Null,
+                    active: AtomicU64::new(0),
+                    outlier: OnceLock::new(),
+                    active_hc: OnceLock::new(),
+                    since: AtomicU64::new(0),
+                }));
+            }
+        }
+        out
+    }
+
+    fn build(up: &[(&str, usize, usize)], local: &[(&str, usize, usize)]) -> Option<ZoneRouting> {
+        let store = Store::new(1, xds_client::config::StatsConfig::All);
+        let stats = ClusterStats::new(&store, "c");
+        let local = LocalCounts::of(&hosts(local));
+        let node = LocalityKey {
+            zone: "a".into(),
+            ..LocalityKey::default()
+        };
+        ZoneRouting::build(
+            &hosts(up),
+            &ZoneInputs {
+                local: &local,
+                node: &node,
+                cfg: ZoneAware::default(),
+                panic_threshold: 50.0,
+                stats: &stats,
+            },
+        )
+    }
+
+    #[test]
+    fn direct_residual_and_cross_zone_states() {
+        // Local share 50% against 50% upstream: direct.
+        let z = build(&[("a", 3, 0), ("b", 3, 0)], &[("a", 1, 0), ("b", 1, 0)]);
+        assert!(matches!(z.map(|z| z.routing), Some(Routing::Direct)));
+        // 75% local against 50% upstream: 2/3 stay, the rest to b.
+        let z = build(&[("b", 3, 0), ("a", 3, 0)], &[("a", 3, 0), ("b", 1, 0)]).expect("zone");
+        assert_eq!(z.localities.len(), 2);
+        match z.routing {
+            Routing::Residual {
+                local_percent,
+                residual,
+            } => {
+                assert_eq!(local_percent, 6666);
+                assert_eq!(residual, vec![0, 2500]);
+            }
+            Routing::Direct => panic!("residual expected"),
+        }
+        // No upstream host in zone a: all cross, by spare capacity.
+        let z = build(
+            &[("b", 3, 0), ("c", 3, 0)],
+            &[("a", 1, 0), ("b", 1, 0), ("c", 2, 0)],
+        )
+        .expect("zone");
+        match z.routing {
+            Routing::Residual {
+                local_percent,
+                residual,
+            } => {
+                assert_eq!(local_percent, 0);
+                assert_eq!(residual, vec![2500, 2500]);
+            }
+            Routing::Direct => panic!("residual expected"),
+        }
+    }
+
+    #[test]
+    fn early_exits_and_local_panic() {
+        // Too few healthy upstream hosts (default minimum 6).
+        assert!(build(&[("a", 2, 1), ("b", 3, 0)], &[("a", 1, 0), ("b", 1, 0)]).is_none());
+        // One local locality, or none matching the node.
+        assert!(build(&[("a", 3, 0), ("b", 3, 0)], &[("a", 2, 0)]).is_none());
+        assert!(build(&[("a", 3, 0), ("b", 3, 0)], &[("b", 1, 0), ("c", 1, 0)]).is_none());
+        // 1 of 3 local hosts healthy: the local cluster is in panic.
+        let z = build(&[("a", 3, 0), ("b", 3, 0)], &[("a", 1, 0), ("b", 0, 2)]).expect("zone");
+        assert!(z.local_panic);
+    }
+}
