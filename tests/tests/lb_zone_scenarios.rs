@@ -270,6 +270,42 @@ async fn override_host_from_dynamic_metadata() {
     assert_eq!(count(&s, "u0"), 4, "{s:?}");
 }
 
+/// A mirror to an `override_host` cluster follows the shadow's headers
+/// (Envoy's async client hands them to the load balancer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn override_host_on_a_mirror_cluster() {
+    let us = upstreams(3).await;
+    let main = upstream::http1("main").await.expect("echo");
+    let eps: Vec<Value> = us.iter().map(|u| ep(u.port())).collect();
+    let main_port = main.port();
+    let p = Proxy::start(move |ports| {
+        let r = json!({"match": {"prefix": "/"}, "route": {
+            "cluster": "main",
+            "request_mirror_policies": [{"cluster": "c"}],
+        }});
+        let l = listener(
+            "l",
+            ports.listen,
+            vec![chain(vec![hcm(
+                "ingress",
+                vec![],
+                vec![json!({"name": "vh", "domains": ["*"], "routes": [r]})],
+                json!({}),
+            )])],
+        );
+        let main = json!({
+            "name": "main", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "main", "endpoints": [{"lb_endpoints": [ep(main_port)]}]},
+        });
+        bootstrap(ports, vec![l], vec![main, override_cluster(eps.clone())])
+    });
+    let s = spread(&p, 4, &[("x-dest", &addr(us[2].port()))]).await;
+    assert_eq!(count(&s, "main"), 4, "{s:?}");
+    assert_eq!(us[2].wait_requests(4).await.len(), 4);
+    stat_is(&p, "cluster.c.upstream_rq_total", 4).await;
+    assert!(us[0].requests().is_empty() && us[1].requests().is_empty());
+}
+
 // --- zone-aware routing -------------------------------------------------
 
 /// LbEndpoints grouped in localities: (zone, ports, health status).
