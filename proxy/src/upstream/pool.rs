@@ -1,5 +1,7 @@
 //! Upstream connection pools, one per (worker, cluster, protocol, routing
-//! priority), keyed inside by endpoint address.
+//! priority), keyed inside by endpoint address (and SNI, ALPN override and
+//! the downstream addresses of an upstream PROXY protocol header, see
+//! [`Key`]).
 //!
 //! Built on hyper's connection-level client so weir controls reuse:
 //! HTTP/1.1 keeps idle connections per host and hands each request a ready
@@ -126,10 +128,43 @@ struct Settings {
 }
 
 /// Connections are kept per endpoint and, for `auto_sni` clusters, per SNI,
-/// and per upstream ALPN override (filter state
+/// per upstream ALPN override (filter state
 /// `envoy.network.application_protocols`; Envoy hashes it into the pool
-/// key), so connections that offered different ALPN are not shared.
-type Key = (SocketAddr, Option<Arc<str>>, Option<Arc<[Vec<u8>]>>);
+/// key), so connections that offered different ALPN are not shared, and,
+/// when the host's transport sends a PROXY protocol header, per downstream
+/// (source, destination) the header carries (Envoy's `hashKey` of the
+/// upstream PROXY protocol socket).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    sni: Option<Arc<str>>,
+    alpn: Option<Arc<[Vec<u8>]>>,
+    proxy_source: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// Where a request goes: the host, its transport socket, and what the
+/// request adds to the pool key. Built by `ClusterRuntime::dest`.
+#[derive(Clone)]
+pub struct Dest<'a> {
+    pub addr: SocketAddr,
+    pub tls: Option<&'a Arc<crate::tls::ClientTls>>,
+    /// The host's transport starts with a PROXY protocol header.
+    pub proxy_protocol: Option<&'a xds_client::config::ProxyProtocolUpstream>,
+    /// `auto_sni`: the SNI for this request.
+    pub sni: Option<Arc<str>>,
+    /// The ALPN TLS offers instead of the cluster's (ignored without TLS).
+    pub alpn: Option<Arc<[Vec<u8>]>>,
+    /// The downstream the PROXY protocol header describes (`None`: a
+    /// connection for no downstream, e.g. a callout).
+    pub source: Option<&'a super::proxy_protocol::ProxySource>,
+}
+
+/// What a new connection needs beyond its key.
+struct Transport<'a> {
+    tls: Option<&'a Arc<crate::tls::ClientTls>>,
+    proxy_protocol: Option<&'a xds_client::config::ProxyProtocolUpstream>,
+    source: Option<&'a super::proxy_protocol::ProxySource>,
+}
 
 /// A pool. The mutex is uncontended: each worker thread has its own pool.
 pub struct Client {
@@ -210,38 +245,37 @@ impl Client {
         self
     }
 
-    /// Sends `req` to `addr`.
+    /// Sends `req` to `d.addr` on a pooled connection of its key, or a new
+    /// one.
     pub async fn request(
         &self,
-        addr: SocketAddr,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
-        sni: Option<Arc<str>>,
+        d: Dest<'_>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
-        self.request_with_alpn(addr, tls, sni, None, req).await
-    }
-
-    /// [`Client::request`] on a connection whose TLS handshake offers
-    /// `alpn` instead of the cluster's ALPN (ignored without TLS).
-    pub async fn request_with_alpn(
-        &self,
-        addr: SocketAddr,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
-        sni: Option<Arc<str>>,
-        alpn: Option<Arc<[Vec<u8>]>>,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, PoolError> {
-        let alpn = alpn.filter(|_| tls.is_some());
-        let key = (addr, sni, alpn);
+        let tls = d.tls;
+        let key = Key {
+            addr: d.addr,
+            sni: d.sni,
+            alpn: d.alpn.filter(|_| tls.is_some()),
+            proxy_source: d
+                .proxy_protocol
+                .and(d.source)
+                .map(super::proxy_protocol::ProxySource::key),
+        };
+        let t = Transport {
+            tls,
+            proxy_protocol: d.proxy_protocol,
+            source: d.source,
+        };
         let addr = &key;
         match self.settings.kind {
             // An HTTP/1 pool whose TLS upstream negotiated h2 by ALPN
             // (`auto_config`) keeps that connection in its h2 slot.
             PoolKind::Http1 if tls.is_some() && self.live_h2(addr) => {
-                self.request_h2(addr, tls, req).await
+                self.request_h2(addr, &t, req).await
             }
-            PoolKind::Http1 => self.request_h1(addr, tls, req).await,
-            PoolKind::Http2 => self.request_h2(addr, tls, req).await,
+            PoolKind::Http1 => self.request_h1(addr, &t, req).await,
+            PoolKind::Http2 => self.request_h2(addr, &t, req).await,
         }
     }
 
@@ -341,7 +375,7 @@ impl Client {
     async fn request_h1(
         &self,
         addr: &Key,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
+        tls: &Transport<'_>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         *req.version_mut() = Version::HTTP_11;
@@ -421,7 +455,7 @@ impl Client {
     async fn request_h2(
         &self,
         addr: &Key,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
+        tls: &Transport<'_>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         to_h2(&mut req);
@@ -502,9 +536,10 @@ impl Client {
     async fn connect(
         &self,
         key: &Key,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
+        t: &Transport<'_>,
     ) -> Result<(CountedIo, Option<Vec<u8>>), PoolError> {
-        let (addr, sni, alpn_override) = (key.0, key.1.as_deref(), key.2.as_deref());
+        let (addr, sni, alpn_override) = (key.addr, key.sni.as_deref(), key.alpn.as_deref());
+        let tls = t.tls;
         let s = &self.settings;
         // Counted against max_connections from the attempt on (Envoy counts
         // connecting connections too) until the connection closes.
@@ -514,24 +549,32 @@ impl Client {
             self.host_open(key),
             self.freed.clone(),
         );
-        let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                s.connect_fail.inc();
-                // "Connection refused (os error 111)" -> "Connection refused".
-                let text = e.to_string();
-                let code = text.split(" (os error").next().unwrap_or(&text).to_owned();
-                return Err(PoolError::Connect(format!("delayed connect error: {code}")));
-            }
-            Err(_) => {
-                s.connect_fail.inc();
-                s.connect_timeout_c.inc();
-                return Err(PoolError::Connect("connect timeout".into()));
-            }
-        };
+        let mut stream =
+            match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    s.connect_fail.inc();
+                    // "Connection refused (os error 111)" -> "Connection refused".
+                    let text = e.to_string();
+                    let code = text.split(" (os error").next().unwrap_or(&text).to_owned();
+                    return Err(PoolError::Connect(format!("delayed connect error: {code}")));
+                }
+                Err(_) => {
+                    s.connect_fail.inc();
+                    s.connect_timeout_c.inc();
+                    return Err(PoolError::Connect("connect timeout".into()));
+                }
+            };
         let _ = stream.set_nodelay(true);
         if let Some(k) = &s.tcp_keepalive {
             super::set_keepalive(&stream, k);
+        }
+        // The upstream PROXY protocol header goes first, before TLS.
+        if let Some(pp) = t.proxy_protocol {
+            if let Err(e) = super::proxy_protocol::write_header(&mut stream, pp, t.source).await {
+                s.connect_fail.inc();
+                return Err(PoolError::Connect(format!("PROXY protocol header: {e}")));
+            }
         }
         s.cx_total.inc();
         s.cx_proto.inc();
@@ -579,20 +622,20 @@ impl Client {
         ))
     }
 
-    /// Closes idle connections past the idle timeout (called periodically).
     /// Drops the pooled connections of hosts no longer in the cluster
     /// (EDS or DNS removed them): idle ones close now; a request in flight
     /// on one finishes first (hyper closes a connection whose sender is gone
     /// once its exchange ends).
     pub fn retain_hosts(&self, keep: &std::collections::HashSet<SocketAddr>) {
         let mut hosts = self.hosts.lock().expect("pool lock");
-        hosts.retain(|(addr, _, _), _| keep.contains(addr));
+        hosts.retain(|k, _| keep.contains(&k.addr));
     }
 
+    /// Closes idle connections past the idle timeout and forgets keys with
+    /// no connection left (keys per downstream connection of a PROXY
+    /// protocol cluster come and go with their clients).
     pub fn sweep(&self) {
-        let Some(t) = self.settings.idle_timeout else {
-            return;
-        };
+        let t = self.settings.idle_timeout.unwrap_or(Duration::MAX);
         let now = Instant::now();
         let mut hosts = self.hosts.lock().expect("pool lock");
         for conns in hosts.values_mut() {
