@@ -413,6 +413,10 @@ async fn http2_upstream_connections_multiplex_one_downstream_only() {
     assert_eq!(on_b[0].header.addresses, Some((b.local, addr)));
 }
 
+/// (listener `pass_through_tlvs`, socket `pass_through_tlvs`, socket
+/// `added_tlvs`) and the TLVs the upstream header then carries.
+type TlvCase = (Value, Value, Value, Vec<(u8, &'static [u8])>);
+
 /// The downstream's own PROXY header (listener `proxy_protocol` filter)
 /// gives the addresses the upstream header carries; its TLVs go upstream
 /// as far as the listener's and the socket's `pass_through_tlvs` both let
@@ -432,8 +436,7 @@ async fn listener_header_addresses_and_tlvs_reach_the_upstream_header() {
         ],
     )
     .expect("header");
-    // (listener pass-through, socket pass-through, added) -> upstream TLVs.
-    let cases: Vec<(Value, Value, Value, Vec<(u8, &[u8])>)> = vec![
+    let cases: Vec<TlvCase> = vec![
         // The listener keeps none unless told.
         (Value::Null, json!({}), json!([]), vec![]),
         (
