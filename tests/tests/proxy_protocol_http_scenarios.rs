@@ -219,6 +219,11 @@ impl H1Conn {
             .header("host", "example.com")
             .body(Empty::new())
             .expect("request");
+        // The previous exchange may still be finishing on the connection.
+        tokio::time::timeout(WAIT, self.sender.ready())
+            .await
+            .expect("ready in time")
+            .expect("connection open");
         let resp = tokio::time::timeout(WAIT, self.sender.send_request(req))
             .await
             .expect("in time")
@@ -391,11 +396,13 @@ async fn http2_upstream_connections_multiplex_one_downstream_only() {
     let a = H2Conn::open(p.addr()).await;
     let b = H2Conn::open(p.addr()).await;
     let addr = p.addr();
-    let (r1, r2, r3) = tokio::join!(a.get(addr, "/a1"), a.get(addr, "/a2"), b.get(addr, "/b1"));
+    // a's connection first (weir opens one connection per stream that
+    // finds none ready, so concurrent first streams could open two).
+    assert_eq!(a.get(addr, "/a1").await.0, 200);
+    let (r1, r2, r3) = tokio::join!(a.get(addr, "/a2"), a.get(addr, "/a3"), b.get(addr, "/b1"));
     for r in [&r1, &r2, &r3] {
         assert_eq!(r.0, 200, "{}", r.1);
     }
-    assert_eq!(a.get(addr, "/a3").await.0, 200);
     let conns = up.wait_requests(4).await;
     assert_eq!(conns.len(), 2, "{conns:?}");
     let on_a = up.carrying("/a1");
@@ -579,4 +586,53 @@ async fn health_checks_send_the_header_of_their_own_connection() {
         assert_eq!(hc.header.addresses, want, "v{v}");
         assert!(hc.header.tlvs.is_empty());
     }
+}
+
+/// TLVs of one type: repeated downstream TLVs pass through in order, and
+/// repeated `added_tlvs` types are all sent (Envoy 1.40 keeps duplicates,
+/// its `proxy_protocol_allow_duplicate_tlvs` default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_tlv_types_are_kept() {
+    let src: SocketAddr = "192.0.2.30:7000".parse().expect("addr");
+    let dst: SocketAddr = "198.51.100.3:80".parse().expect("addr");
+    let down = pp::encode_v2(
+        src,
+        dst,
+        &[
+            (0xE1, b"a".to_vec()),
+            (0xE2, b"z".to_vec()),
+            (0xE1, b"b".to_vec()),
+        ],
+    )
+    .expect("header");
+    let up = PpUpstream::start(false).await;
+    let c = cluster(
+        "up",
+        &[up.port()],
+        pp_socket(
+            json!({"version": "V2", "pass_through_tlvs": {"match_type": "INCLUDE_ALL"},
+                   "added_tlvs": [{"type": 0xF0, "value": "eA=="}, {"type": 0xF0, "value": "eQ=="}]}),
+            json!({}),
+        ),
+    );
+    let lf = json!({"pass_through_tlvs": {"match_type": "INCLUDE_ALL"}});
+    let p = start_http(json!({"listener_filters": [pp_listener_filter(lf)]}), c);
+    let mut a = H1Conn::open(p.addr(), &down).await;
+    assert_eq!(a.get("/d").await.0, 200);
+    let conns = up.wait_requests(1).await;
+    assert_eq!(conns.len(), 1);
+    let got: Vec<(u8, &[u8])> = conns[0]
+        .header
+        .tlvs
+        .iter()
+        .map(|(t, v)| (*t, &v[..]))
+        .collect();
+    let want: Vec<(u8, &[u8])> = vec![
+        (0xF0, b"x"),
+        (0xF0, b"y"),
+        (0xE1, b"a"),
+        (0xE2, b"z"),
+        (0xE1, b"b"),
+    ];
+    assert_eq!(got, want);
 }
