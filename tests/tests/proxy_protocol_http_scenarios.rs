@@ -75,6 +75,11 @@ impl Drop for PpUpstream {
 
 impl PpUpstream {
     async fn start(h2: bool) -> PpUpstream {
+        PpUpstream::start_with(h2, None).await
+    }
+
+    /// With `tls`: a TLS handshake follows the PROXY header.
+    async fn start_with(h2: bool, tls: Option<Arc<rustls::ServerConfig>>) -> PpUpstream {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let conns: Arc<Mutex<Vec<UpConn>>> = Arc::default();
@@ -85,6 +90,7 @@ impl PpUpstream {
                     continue;
                 };
                 let conns = conns.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let Some(header) = read_header(&mut s).await else {
                         return;
@@ -110,18 +116,15 @@ impl PpUpstream {
                             ))))
                         }
                     });
-                    let io = hyper_util::rt::TokioIo::new(s);
-                    let _ = if h2 {
-                        hyper::server::conn::http2::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        )
-                        .serve_connection(io, svc)
-                        .await
-                    } else {
-                        hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await
-                    };
+                    match tls {
+                        None => serve(s, h2, svc).await,
+                        Some(cfg) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                            if let Ok(t) = acceptor.accept(s).await {
+                                serve(t, h2, svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -159,6 +162,30 @@ impl PpUpstream {
             .filter(|c| c.paths.iter().any(|p| p == path))
             .collect()
     }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on `io` until the connection ends.
+async fn serve<I, S>(io: I, h2: bool, svc: S)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<Full<Bytes>>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    let _ = if h2 {
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await
+    };
 }
 
 /// Reads exactly one PROXY protocol header (v1 line or v2 block), so the
@@ -635,4 +662,39 @@ async fn repeated_tlv_types_are_kept() {
         (0xE1, b"b"),
     ];
     assert_eq!(got, want);
+}
+
+/// The socket's inner transport is TLS: the PROXY header goes first, in
+/// clear, then the TLS handshake and the requests over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_precedes_the_inner_tls_handshake() {
+    use weir_tests::tls::{LeafSpec, TestCa};
+    let ca = TestCa::new("pp root");
+    let leaf = ca.issue(LeafSpec::server("up.test"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(leaf.chain_der.clone(), leaf.private_key())
+        .expect("server config");
+    let up = PpUpstream::start_with(false, Some(Arc::new(cfg))).await;
+    let tls = json!({"transport_socket": {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "up.test",
+            "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": ca.pem()}}},
+        },
+    }});
+    let c = cluster("up", &[up.port()], pp_socket(json!({"version": "V1"}), tls));
+    let p = start_http(json!({}), c);
+    let mut a = H1Conn::open(p.addr(), b"").await;
+    let (status, body) = a.get("/tls").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.get("/tls2").await.0, 200);
+    let conns = up.wait_requests(2).await;
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert_eq!(conns[0].header.addresses, Some((a.local, p.addr())));
+    assert_eq!(conns[0].paths, ["/tls", "/tls2"]);
 }
