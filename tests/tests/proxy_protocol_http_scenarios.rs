@@ -698,3 +698,54 @@ async fn the_header_precedes_the_inner_tls_handshake() {
     assert_eq!(conns[0].header.addresses, Some((a.local, p.addr())));
     assert_eq!(conns[0].paths, ["/tls", "/tls2"]);
 }
+
+/// The PROXY protocol socket chosen by `transport_socket_matches` (the
+/// endpoint's `envoy.transport_socket_match` metadata) works the same: the
+/// endpoint that matches gets headers and pools per downstream; the other
+/// endpoint keeps the cluster's plain transport and gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_matched_transport_socket_entry_sends_the_header() {
+    let up = PpUpstream::start(false).await;
+    let plain = weir_tests::upstream::http1("plain").await.expect("plain");
+    let pp_entry = pp_socket(json!({"version": "V2"}), json!({}));
+    let endpoints = json!([
+        {"endpoint": {"address": weir_tests::config::sock(up.port())},
+         "metadata": {"filter_metadata": {"envoy.transport_socket_match": {"pp": "yes"}}}},
+        {"endpoint": {"address": weir_tests::config::sock(plain.port())}},
+    ]);
+    let c = json!({
+        "name": "up", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": "up", "endpoints": [{"lb_endpoints": endpoints}]},
+        "transport_socket_matches": [{
+            "name": "pp", "match": {"pp": "yes"},
+            "transport_socket": pp_entry["transport_socket"].clone(),
+        }],
+    });
+    let p = start_http(json!({}), c);
+    let mut a = H1Conn::open(p.addr(), b"").await;
+    let mut b = H1Conn::open(p.addr(), b"").await;
+    // Round robin alternates the endpoints; in this order each client's
+    // requests take alternate turns, so each reaches both endpoints twice.
+    for (i, who) in ["a", "b", "b", "a", "a", "b", "b", "a"]
+        .into_iter()
+        .enumerate()
+    {
+        let c = if who == "a" { &mut a } else { &mut b };
+        assert_eq!(c.get(&format!("/{who}{i}")).await.0, 200);
+    }
+    let conns = up.wait_requests(4).await;
+    assert_eq!(plain.wait_requests(4).await.len(), 4);
+    assert_eq!(conns.len(), 2, "one PROXY connection per client: {conns:?}");
+    for (client, prefix) in [(&a, "/a"), (&b, "/b")] {
+        let mine: Vec<&UpConn> = conns
+            .iter()
+            .filter(|c| c.paths.iter().any(|p| p.starts_with(prefix)))
+            .collect();
+        assert_eq!(mine.len(), 1, "{prefix}: {conns:?}");
+        assert_eq!(mine[0].header.addresses, Some((client.local, p.addr())));
+        assert!(
+            mine[0].paths.iter().all(|p| p.starts_with(prefix)),
+            "{conns:?}"
+        );
+    }
+}
