@@ -423,13 +423,13 @@ async fn http2_upstream_connections_multiplex_one_downstream_only() {
     let a = H2Conn::open(p.addr()).await;
     let b = H2Conn::open(p.addr()).await;
     let addr = p.addr();
-    // a's connection first (weir opens one connection per stream that
-    // finds none ready, so concurrent first streams could open two).
-    assert_eq!(a.get(addr, "/a1").await.0, 200);
-    let (r1, r2, r3) = tokio::join!(a.get(addr, "/a2"), a.get(addr, "/a3"), b.get(addr, "/b1"));
+    // Concurrent first streams: the second waits for the connection the
+    // first is making.
+    let (r1, r2, r3) = tokio::join!(a.get(addr, "/a1"), a.get(addr, "/a2"), b.get(addr, "/b1"));
     for r in [&r1, &r2, &r3] {
         assert_eq!(r.0, 200, "{}", r.1);
     }
+    assert_eq!(a.get(addr, "/a3").await.0, 200);
     let conns = up.wait_requests(4).await;
     assert_eq!(conns.len(), 2, "{conns:?}");
     let on_a = up.carrying("/a1");

@@ -5,7 +5,8 @@
 //!
 //! Built on hyper's connection-level client so weir controls reuse:
 //! HTTP/1.1 keeps idle connections per host and hands each request a ready
-//! one; HTTP/2 multiplexes every request of a host over one connection.
+//! one; HTTP/2 multiplexes every request of a host over one connection
+//! (streams arriving while it is being made wait for it).
 //! `max_requests_per_connection` retires connections, idle connections close
 //! after the cluster's idle timeout, and a request that hits a pooled
 //! connection the peer already closed is sent again on a new connection
@@ -100,6 +101,10 @@ struct HostConns {
     /// included), for the circuit breaker's "a host with no connection
     /// always gets one" rule.
     open: Arc<AtomicUsize>,
+    /// Held while this key's HTTP/2 connection is being made: streams that
+    /// arrive meanwhile wait for it instead of opening their own (Envoy
+    /// attaches them to the connecting connection).
+    h2_connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct Settings {
@@ -459,37 +464,27 @@ impl Client {
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         to_h2(&mut req);
-        let existing = {
-            let mut hosts = self.hosts.lock().expect("pool lock");
-            let conns = hosts.entry(addr.clone()).or_default();
-            match &mut conns.h2 {
-                Some(h)
-                    if !h.sender.is_closed()
-                        && self.settings.max_requests.is_none_or(|m| h.used < m) =>
-                {
-                    h.used += 1;
-                    Some(h.sender.clone())
-                }
-                _ => {
-                    conns.h2 = None;
-                    None
-                }
-            }
-        };
-        let mut sender = match existing {
-            Some(s) => s,
-            None => {
+        let mut sender = match self.take_h2(addr) {
+            Ok(s) => s,
+            Err(gate) => {
                 // Pending while the connection is made. The host has no
                 // HTTP/2 connection here, so one is made even at
                 // max_connections (counted as an overflow), as Envoy.
                 let pending = self.pending()?;
-                if !self.limits().connections.can_create() {
-                    self.settings.cx_overflow.inc();
+                let _making = gate.lock().await;
+                // Made by the stream that held the gate meanwhile?
+                match self.take_h2(addr) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        if !self.limits().connections.can_create() {
+                            self.settings.cx_overflow.inc();
+                        }
+                        let (io, _) = self.connect(addr, tls).await?;
+                        let s = self.h2_handshake(addr, io).await?;
+                        drop(pending);
+                        s
+                    }
                 }
-                let (io, _) = self.connect(addr, tls).await?;
-                let s = self.h2_handshake(addr, io).await?;
-                drop(pending);
-                s
             }
         };
         let _rq = self.attach()?;
@@ -497,6 +492,27 @@ impl Client {
             .send_request(req)
             .await
             .map_err(|e| PoolError::Reset(error_text(&e)))
+    }
+
+    /// A stream on the key's HTTP/2 connection if it is open and under
+    /// `max_requests_per_connection`; else the gate to hold while making
+    /// a new one.
+    fn take_h2(&self, addr: &Key) -> Result<http2::SendRequest<Body>, Arc<tokio::sync::Mutex<()>>> {
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        let conns = hosts.entry(addr.clone()).or_default();
+        match &mut conns.h2 {
+            Some(h)
+                if !h.sender.is_closed()
+                    && self.settings.max_requests.is_none_or(|m| h.used < m) =>
+            {
+                h.used += 1;
+                Ok(h.sender.clone())
+            }
+            _ => {
+                conns.h2 = None;
+                Err(conns.h2_connecting.clone())
+            }
+        }
     }
 
     /// Starts an HTTP/2 connection on `io` and keeps it as the host's.
