@@ -104,7 +104,17 @@ struct HostConns {
     /// Held while this key's HTTP/2 connection is being made: streams that
     /// arrive meanwhile wait for it instead of opening their own (Envoy
     /// attaches them to the connecting connection).
-    h2_connecting: Arc<tokio::sync::Mutex<()>>,
+    h2_connecting: Arc<H2Gate>,
+}
+
+/// One HTTP/2 connection attempt at a time per key.
+#[derive(Default)]
+struct H2Gate {
+    /// Held by the stream making the connection; inside, the attempt that
+    /// failed last and why.
+    lock: tokio::sync::Mutex<Option<(usize, String)>>,
+    /// Attempts started.
+    started: AtomicUsize,
 }
 
 struct Settings {
@@ -471,18 +481,36 @@ impl Client {
                 // HTTP/2 connection here, so one is made even at
                 // max_connections (counted as an overflow), as Envoy.
                 let pending = self.pending()?;
-                let _making = gate.lock().await;
+                let seen = gate.started.load(Relaxed);
+                let (mut making, waited) = match gate.lock.try_lock() {
+                    Ok(g) => (g, false),
+                    Err(_) => (gate.lock.lock().await, true),
+                };
                 // Made by the stream that held the gate meanwhile?
                 match self.take_h2(addr) {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        *making = None;
+                        s
+                    }
+                    // The attempt in progress when this stream arrived
+                    // failed: so does this stream (Envoy fails the streams
+                    // waiting on a connection that fails).
+                    Err(_) if waited && making.as_ref().is_some_and(|(n, _)| *n == seen) => {
+                        let why = making.as_ref().map(|(_, e)| e.clone()).unwrap_or_default();
+                        return Err(PoolError::Connect(why));
+                    }
                     Err(_) => {
+                        let attempt = gate.started.fetch_add(1, Relaxed) + 1;
                         if !self.limits().connections.can_create() {
                             self.settings.cx_overflow.inc();
                         }
-                        let (io, _) = self.connect(addr, tls).await?;
-                        let s = self.h2_handshake(addr, io).await?;
+                        let made = match self.connect(addr, tls).await {
+                            Ok((io, _)) => self.h2_handshake(addr, io).await,
+                            Err(e) => Err(e),
+                        };
+                        *making = made.as_ref().err().map(|e| (attempt, e.to_string()));
                         drop(pending);
-                        s
+                        made?
                     }
                 }
             }
@@ -497,7 +525,7 @@ impl Client {
     /// A stream on the key's HTTP/2 connection if it is open and under
     /// `max_requests_per_connection`; else the gate to hold while making
     /// a new one.
-    fn take_h2(&self, addr: &Key) -> Result<http2::SendRequest<Body>, Arc<tokio::sync::Mutex<()>>> {
+    fn take_h2(&self, addr: &Key) -> Result<http2::SendRequest<Body>, Arc<H2Gate>> {
         let mut hosts = self.hosts.lock().expect("pool lock");
         let conns = hosts.entry(addr.clone()).or_default();
         match &mut conns.h2 {
