@@ -224,7 +224,7 @@ pub struct ConnMeta {
     pub transport: &'static str,
     /// ALPN from tls_inspector, or the protocol http_inspector found.
     pub alpn: Vec<String>,
-    /// PROXY protocol v2 TLVs.
+    /// PROXY protocol v2 TLVs the listener filter keeps for pass-through.
     pub tlvs: Vec<(u8, Vec<u8>)>,
 }
 
@@ -399,7 +399,14 @@ async fn run_listener_filters(
                             meta.src = src;
                             meta.dst = dst;
                         }
-                        meta.tlvs = h.tlvs;
+                        // Kept for an upstream PROXY protocol header as
+                        // the filter's `pass_through_tlvs` says (Envoy's
+                        // `envoy.network.proxy_protocol_options`).
+                        meta.tlvs = h
+                            .tlvs
+                            .into_iter()
+                            .filter(|(t, _)| cfg.pass_through.includes(*t))
+                            .collect();
                         buf.advance(h.len);
                         break;
                     }
@@ -677,6 +684,11 @@ async fn connection(
                 drain: chain.drain.subscribe(),
                 update_drain: chain.update_drain.clone(),
                 is_h2: std::sync::atomic::AtomicBool::new(false),
+                proxy_source: Arc::new(crate::upstream::proxy_protocol::ProxySource {
+                    src: meta.src,
+                    dst: meta.dst,
+                    tlvs: std::mem::take(&mut meta.tlvs),
+                }),
             });
             hcm.stats.cx_total.inc();
             hcm.stats.cx_active.inc();

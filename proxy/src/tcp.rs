@@ -374,17 +374,17 @@ async fn connect(
     if let Some(k) = &cluster.config.tcp_keepalive {
         crate::upstream::set_keepalive(&tcp, k);
     }
-    // Upstream PROXY protocol: the header (with the downstream connection's
-    // addresses) goes first, before TLS.
-    if let Some(v) = cluster.proxy_protocol_for(host) {
-        use filters::listener::proxy_protocol as pp;
-        use tokio::io::AsyncWriteExt;
-        let header = if v == 2 {
-            pp::encode_v2(meta.src, meta.dst, &[]).map_err(|e| format!("PROXY protocol: {e:?}"))?
-        } else {
-            pp::encode_v1(meta.src, meta.dst)
+    // Upstream PROXY protocol: the header (the downstream connection's
+    // addresses and the TLVs the listener kept) goes first, before TLS.
+    if let Some(pp) = cluster.proxy_protocol_for(host) {
+        let source = crate::upstream::proxy_protocol::ProxySource {
+            src: meta.src,
+            dst: meta.dst,
+            tlvs: meta.tlvs.clone(),
         };
-        if let Err(e) = tcp.write_all(&header).await {
+        if let Err(e) =
+            crate::upstream::proxy_protocol::write_header(&mut tcp, pp, Some(&source)).await
+        {
             s.upstream_cx_connect_fail.inc();
             return Err(format!("PROXY protocol header: {e}"));
         }

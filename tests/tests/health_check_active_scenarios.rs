@@ -552,3 +552,120 @@ async fn http_check_request_headers() {
     assert_eq!(values("x-hc"), ["yes", "again"]);
     assert!(values("user-agent").is_empty(), "{:?}", first.headers);
 }
+
+/// An upstream TLS context (`sni`, trusting `ca_pem`, offering `alpn`).
+fn upstream_tls(sni: &str, ca_pem: &str, alpn: &[&str]) -> Value {
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": sni,
+        "common_tls_context": {
+            "alpn_protocols": alpn,
+            "validation_context": {"trusted_ca": {"inline_string": ca_pem}},
+        },
+    }})
+}
+
+/// `tls_options.alpn_protocols`: check connections offer that list instead
+/// of the TLS context's; without it they offer the context's.
+#[tokio::test]
+async fn tls_options_alpn_replaces_the_contexts_for_checks() {
+    use weir_tests::tls::{self, LeafSpec, TestCa, TlsServerOptions};
+    let ca = TestCa::new("hc alpn root");
+    for (tls_options, want) in [
+        (
+            json!({"alpn_protocols": ["x-hc", "http/1.1"]}),
+            ["x-hc", "http/1.1"],
+        ),
+        (Value::Null, ["x-data", "http/1.1"]),
+    ] {
+        let secure = tls::tls_upstream(
+            TlsServerOptions::new("secure", &ca.issue(LeafSpec::server("hc.test")))
+                .alpn(&["http/1.1"]),
+        )
+        .await
+        .expect("tls upstream");
+        let mut hc = common(json!({"http_health_check": {"path": "/healthz"}}));
+        if !tls_options.is_null() {
+            hc["tls_options"] = tls_options.clone();
+        }
+        let transport = upstream_tls("hc.test", &ca.pem(), &["x-data", "http/1.1"]);
+        let sp = secure.port();
+        let p = Proxy::start(move |p| {
+            bootstrap(
+                p,
+                vec![],
+                vec![cluster(
+                    "c",
+                    &[sp],
+                    json!({"health_checks": [hc.clone()], "transport_socket": transport.clone()}),
+                )],
+            )
+        });
+        stat_is(&p, "cluster.c.health_check.healthy", 1).await;
+        let conn = secure.wait_connection(1, Duration::from_secs(3)).await;
+        assert_eq!(conn.offered_alpn, want, "tls_options {tls_options}");
+    }
+}
+
+/// `transport_socket_match_criteria` alone picks the
+/// `transport_socket_matches` entry of check connections (here the one
+/// with SNI `hc.test`); requests keep the endpoint's transport (the
+/// cluster's `transport_socket`, SNI `data.test`).
+#[tokio::test]
+async fn transport_socket_match_criteria_picks_the_checks_transport() {
+    use weir_tests::tls::{self, LeafSpec, TestCa, TlsServerOptions};
+    let ca = TestCa::new("hc match root");
+    let secure = tls::tls_upstream(TlsServerOptions::new(
+        "secure",
+        &ca.issue(LeafSpec::server("hc.test")),
+    ))
+    .await
+    .expect("tls upstream");
+    let sp = secure.port();
+    let ca_pem = ca.pem();
+    let p = Proxy::start(move |p| {
+        bootstrap(
+            p,
+            vec![listener(
+                "l",
+                p.listen,
+                vec![chain(vec![hcm(
+                    "ingress",
+                    vec![],
+                    vec![vhost("vh", vec![route("/", "c", json!({}))], json!({}))],
+                    json!({}),
+                )])],
+            )],
+            vec![cluster(
+                "c",
+                &[sp],
+                json!({
+                    "health_checks": [common(json!({
+                        "http_health_check": {"path": "/healthz"},
+                        "transport_socket_match_criteria": {"purpose": "hc"},
+                    }))],
+                    "transport_socket": upstream_tls("data.test", &ca_pem, &[]),
+                    "transport_socket_matches": [{
+                        "name": "hc", "match": {"purpose": "hc"},
+                        "transport_socket": upstream_tls("hc.test", &ca_pem, &[]),
+                    }],
+                }),
+            )],
+        )
+    });
+    stat_is(&p, "cluster.c.health_check.healthy", 1).await;
+    let checks = secure.wait_connections(1, Duration::from_secs(3)).await;
+    assert!(
+        checks.iter().all(|c| c.sni.as_deref() == Some("hc.test")),
+        "{:?}",
+        checks.iter().map(|c| c.sni.clone()).collect::<Vec<_>>()
+    );
+    let r = Http::h1().get(&format!("{}/x", p.base()), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let data = secure.connections();
+    assert!(
+        data.iter().any(|c| c.sni.as_deref() == Some("data.test")),
+        "{:?}",
+        data.iter().map(|c| c.sni.clone()).collect::<Vec<_>>()
+    );
+}

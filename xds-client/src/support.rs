@@ -105,7 +105,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", &[]),
     ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol", &[
-        "~rules", "allow_requests_without_proxy_protocol", "~stat_prefix",
+        "~rules", "allow_requests_without_proxy_protocol", "~stat_prefix", "pass_through_tlvs",
     ]),
     // --- TCP
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &[
@@ -128,10 +128,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.core.v3.TransportSocket", &["name", "typed_config"]),
     ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", &[]),
     ("envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport", &[
-        "config", "transport_socket", "allow_unspecified_address", "tlv_as_pool_key",
+        "config", "transport_socket", "~allow_unspecified_address", "~tlv_as_pool_key",
     ]),
-    ("envoy.config.core.v3.ProxyProtocolConfig", &["version", "pass_through_tlvs"]),
+    ("envoy.config.core.v3.ProxyProtocolConfig", &["version", "pass_through_tlvs", "added_tlvs"]),
     ("envoy.config.core.v3.ProxyProtocolPassThroughTLVs", &["**"]),
+    ("envoy.config.core.v3.TlvEntry", &["type", "value"]),
     ("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", &[
         "common_tls_context", "require_client_certificate", "session_timeout",
         "disable_stateless_session_resumption", "disable_stateful_session_resumption",
@@ -690,7 +691,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "unhealthy_threshold", "healthy_threshold", "reuse_connection", "no_traffic_interval",
         "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval",
         "healthy_edge_interval", "http_health_check", "tcp_health_check", "grpc_health_check",
+        "tls_options", "transport_socket_match_criteria",
     ]),
+    ("envoy.config.core.v3.HealthCheck.TlsOptions", &["alpn_protocols"]),
     ("envoy.config.core.v3.HealthCheck.GrpcHealthCheck", &["service_name", "authority", "initial_metadata"]),
     ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", &[
         "host", "path", "expected_statuses", "codec_client_type", "request_headers_to_add",
@@ -942,6 +945,11 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
         "selected_host_key",
         "selected_host_key (dynamic metadata naming the picked host) is not implemented",
+    ),
+    (
+        "envoy.config.core.v3.TlvEntry",
+        "format_string",
+        "upstream PROXY protocol TLVs from a format string are not implemented (static values are)",
     ),
 ];
 

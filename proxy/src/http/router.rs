@@ -50,6 +50,8 @@ pub struct Forward<'a> {
     /// With an `internal_redirect_policy`: where to keep the request as
     /// forwarded (its body buffered like a retry's), for the redirect.
     pub keep_request: Option<&'a mut Option<super::redirect::Source>>,
+    /// The downstream an upstream PROXY protocol header describes.
+    pub proxy_source: Arc<crate::upstream::proxy_protocol::ProxySource>,
 }
 
 /// The route's `request_mirror_policies` that fire for this request: the
@@ -855,6 +857,7 @@ pub async fn forward(
         cluster.pool_kind(f.downstream_h2)
     };
     let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
+    let proxy_source = f.proxy_source.clone();
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -945,12 +948,13 @@ pub async fn forward(
                 cluster.stats.upstream_rq_active.inc();
                 host.active
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let sni = auto_sni(&cluster.config, &req);
-                let fut = cluster.pool_at(kind, f.action.priority).request_with_alpn(
-                    host.addr,
-                    cluster.tls_for(&host),
-                    sni,
+                let fut = send_try(
+                    &cluster,
+                    kind,
+                    f.action.priority,
+                    &host,
                     alpn_override.clone(),
+                    &proxy_source,
                     req,
                 );
                 tries.push(Try {
@@ -1177,12 +1181,13 @@ pub async fn forward(
         host.active
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
-        let client = cluster.pool_at(kind, f.action.priority);
-        let fut = client.request_with_alpn(
-            host.addr,
-            cluster.tls_for(&host),
-            auto_sni(&cluster.config, &req),
+        let fut = send_try(
+            &cluster,
+            kind,
+            f.action.priority,
+            &host,
             alpn_override.clone(),
+            &proxy_source,
             req,
         );
         tokio::pin!(fut);
@@ -1570,6 +1575,29 @@ fn upstream_alpn(
         P::UseDownstream | P::Http1 => 1,
     };
     o.resolve(Some(proto))
+}
+
+/// Sends one try (first, retry or hedged) to `host` on this worker's pool
+/// for the request's protocol and route priority: the one place a try
+/// picks its pool and pool key.
+fn send_try<'a>(
+    cluster: &'a ClusterRuntime,
+    kind: PoolKind,
+    priority: xds_client::config::RoutingPriority,
+    host: &crate::upstream::Host,
+    alpn: Option<Arc<[Vec<u8>]>>,
+    source: &'a crate::upstream::proxy_protocol::ProxySource,
+    req: Request<Body>,
+) -> impl std::future::Future<
+    Output = Result<Response<hyper::body::Incoming>, crate::upstream::PoolError>,
+> + 'a {
+    let dest = crate::upstream::pool::Dest {
+        sni: auto_sni(&cluster.config, &req),
+        alpn,
+        source: Some(source),
+        ..cluster.dest(host)
+    };
+    cluster.pool_at(kind, priority).request(dest, req)
 }
 
 /// `auto_sni`: the SNI for an upstream TLS connection, from

@@ -101,6 +101,8 @@ pub struct ConnCtx {
     /// What HTTP filters see of the connection (`None` when the chain is
     /// router-only).
     pub downstream: Option<Arc<filters::Downstream>>,
+    /// What an upstream PROXY protocol header says of this connection.
+    pub proxy_source: Arc<crate::upstream::proxy_protocol::ProxySource>,
 }
 
 impl ConnCtx {
@@ -889,6 +891,7 @@ async fn pipeline(
                         .or(h.max_stream_duration),
                 },
                 request_observer,
+                proxy_source: ctx.proxy_source.clone(),
                 mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
                 buffered: buffered.take(),
                 keep_request: None,

@@ -14,7 +14,7 @@ use http::{header, HeaderValue, Request, Version};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::{ClusterRuntime, PoolKind};
+use super::{pool, ClusterRuntime, PoolKind};
 use crate::body::Body;
 use crate::Shared;
 
@@ -121,7 +121,13 @@ pub(crate) async fn call(
     let _active = Active(rt.clone(), host.clone());
     let resp = rt
         .pool(kind)
-        .request(host.addr, rt.tls_for(&host), sni, request)
+        .request(
+            pool::Dest {
+                sni,
+                ..rt.dest(&host)
+            },
+            request,
+        )
         .await
         .map_err(|e| CalloutError::Failed(e.to_string()))?;
     stats.record_status(resp.status().as_u16());

@@ -283,7 +283,7 @@ async fn h2_sender(
     conn: &mut Option<Conn>,
     addr: SocketAddr,
     connect_timeout: Duration,
-    tls: Option<&crate::tls::ClientTls>,
+    tls: &CheckTransport,
 ) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, Failure> {
     if let Some(Conn::Http2(mut s)) = conn.take() {
         if s.ready().await.is_ok() {
@@ -393,12 +393,17 @@ async fn session(owner: Weak<ClusterRuntime>, host: Arc<Host>, st: Arc<HostState
         let cfg = ck.config.clone();
         let connect_timeout = c.config.connect_timeout;
         // Checks go over the host's transport socket, as Envoy's.
-        let tls = c.tls_for(&host).cloned();
+        let (tls, proxy_protocol) = c.check_transport(&host, cfg.transport_match.as_ref());
+        let tls = CheckTransport {
+            tls: tls.cloned(),
+            proxy_protocol: proxy_protocol.cloned(),
+            alpn: (!cfg.alpn.is_empty()).then(|| cfg.alpn.clone()),
+        };
         drop(c);
         ck_stats(&owner, |ck| ck.stats.attempt.inc());
         let result = match tokio::time::timeout(
             cfg.timeout,
-            check_once(&cfg, addr, connect_timeout, tls.as_deref(), &mut conn),
+            check_once(&cfg, addr, connect_timeout, &tls, &mut conn),
         )
         .await
         {
@@ -449,7 +454,7 @@ async fn check_once(
     cfg: &ActiveHealthCheck,
     addr: SocketAddr,
     connect_timeout: Duration,
-    tls: Option<&crate::tls::ClientTls>,
+    tls: &CheckTransport,
     conn: &mut Option<Conn>,
 ) -> Result<(), Failure> {
     let connect = |addr, t| connect(addr, t, tls);
@@ -621,25 +626,47 @@ fn mutate(
 trait CheckIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> CheckIo for T {}
 
-/// Connects within `t`, then the TLS handshake of the host's transport
-/// socket if it has one (its configured ALPN; none added, as Envoy's
-/// checkers add none).
+/// The transport socket of a host's check connections.
+#[derive(Clone, Default)]
+struct CheckTransport {
+    tls: Option<Arc<crate::tls::ClientTls>>,
+    /// Checks are made for no downstream: a v1 header carries the check
+    /// connection's own addresses, v2 is `LOCAL` (as Envoy's).
+    proxy_protocol: Option<Arc<xds_client::config::ProxyProtocolUpstream>>,
+    /// `tls_options.alpn_protocols`, offered instead of the context's.
+    alpn: Option<Vec<Vec<u8>>>,
+}
+
+/// Connects within `t`, then the PROXY protocol header and the TLS
+/// handshake of the host's transport socket if it has them (its
+/// configured ALPN; none added, as Envoy's checkers add none).
 async fn connect(
     addr: SocketAddr,
     t: Duration,
-    tls: Option<&crate::tls::ClientTls>,
+    tr: &CheckTransport,
 ) -> Result<Box<dyn CheckIo>, Failure> {
-    let s = match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
+    let mut s = match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             s
         }
         _ => return Err(Failure::Network),
     };
-    match tls {
+    if let Some(pp) = &tr.proxy_protocol {
+        super::proxy_protocol::write_header(&mut s, pp, None)
+            .await
+            .map_err(|_| Failure::Network)?;
+    }
+    match tr.tls.as_deref() {
         None => Ok(Box::new(s)),
         Some(tls) => match tls
-            .connect(s, addr, crate::tls::client::AlpnFallback::None, None)
+            .connect_with(
+                s,
+                addr,
+                crate::tls::client::AlpnFallback::None,
+                None,
+                tr.alpn.as_deref(),
+            )
             .await
         {
             Ok((s, _)) => Ok(Box::new(s)),

@@ -26,6 +26,7 @@ pub mod hash_lb;
 pub mod health_check;
 pub mod outlier;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod zone;
 
 pub use pool::{Client, PoolError, PoolKind};
@@ -963,8 +964,12 @@ impl ClusterRuntime {
             .and_then(Option::as_ref)
     }
 
-    /// The PROXY protocol version to send to `host` first, if any.
-    pub fn proxy_protocol_for(&self, host: &Host) -> Option<u8> {
+    /// The PROXY protocol header settings for connections to `host`, if
+    /// its transport sends one.
+    pub fn proxy_protocol_for(
+        &self,
+        host: &Host,
+    ) -> Option<&Arc<xds_client::config::ProxyProtocolUpstream>> {
         match self.transport_index(host) {
             0 => self.config.transport.proxy_protocol(),
             i => self.config.transport_matches[i - 1]
@@ -973,12 +978,53 @@ impl ClusterRuntime {
         }
     }
 
+    /// Where a request to `host` goes: its address and transport socket
+    /// (SNI, ALPN override and PROXY protocol source unset).
+    pub fn dest(&self, host: &Host) -> pool::Dest<'_> {
+        pool::Dest {
+            addr: host.addr,
+            tls: self.tls_for(host),
+            proxy_protocol: self.proxy_protocol_for(host).map(|p| &**p),
+            sni: None,
+            alpn: None,
+            source: None,
+        }
+    }
+
+    /// The TLS context and PROXY protocol settings of active health check
+    /// connections to `host`: its transport, or with
+    /// `transport_socket_match_criteria` (`metadata`), the entry those
+    /// criteria alone match (Envoy's `transportSocketMatchMetadata`).
+    pub fn check_transport(
+        &self,
+        host: &Host,
+        metadata: Option<&serde_json::Value>,
+    ) -> (
+        Option<&Arc<crate::tls::ClientTls>>,
+        Option<&Arc<xds_client::config::ProxyProtocolUpstream>>,
+    ) {
+        let i = self.transport_index_of(metadata.unwrap_or(&host.metadata));
+        let tls = self.transports.get(i).and_then(Option::as_ref);
+        let pp = match i {
+            0 => self.config.transport.proxy_protocol(),
+            i => self.config.transport_matches[i - 1]
+                .transport
+                .proxy_protocol(),
+        };
+        (tls, pp)
+    }
+
     /// 0: `transport_socket`; i > 0: `transport_socket_matches[i - 1]`.
     fn transport_index(&self, host: &Host) -> usize {
+        self.transport_index_of(&host.metadata)
+    }
+
+    /// [`Self::transport_index`] for endpoint `metadata`.
+    fn transport_index_of(&self, metadata: &serde_json::Value) -> usize {
         if self.config.transport_matches.is_empty() {
             return 0;
         }
-        let t = self.config.transport_for(&host.metadata);
+        let t = self.config.transport_for(metadata);
         if std::ptr::eq(t, &self.config.transport) {
             0
         } else {
@@ -1325,13 +1371,23 @@ impl ClusterRuntime {
                 )
                 .with_metadata_exchange(self.mx.clone()),
             );
-            // Close idle connections past the idle timeout, on this worker.
-            if let Some(t) = self.config.idle_timeout {
+            // Close idle connections past the idle timeout, on this worker;
+            // with PROXY protocol (keys per downstream connection) forget
+            // the keys whose connections are gone, timeout or not.
+            let pp = std::iter::once(&self.config.transport)
+                .chain(self.config.transport_matches.iter().map(|m| &m.transport))
+                .any(|t| t.proxy_protocol().is_some());
+            let period = match self.config.idle_timeout {
+                Some(t) => Some(t / 2),
+                None if pp => Some(Duration::from_secs(60)),
+                None => None,
+            };
+            if let Some(t) = period {
                 let weak = Arc::downgrade(&pool);
                 if tokio::runtime::Handle::try_current().is_ok() {
                     tokio::spawn(async move {
                         loop {
-                            tokio::time::sleep((t / 2).max(Duration::from_millis(100))).await;
+                            tokio::time::sleep(t.max(Duration::from_millis(100))).await;
                             match weak.upgrade() {
                                 Some(p) => p.sweep(),
                                 None => return,

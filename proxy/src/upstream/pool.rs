@@ -1,9 +1,12 @@
 //! Upstream connection pools, one per (worker, cluster, protocol, routing
-//! priority), keyed inside by endpoint address.
+//! priority), keyed inside by endpoint address (and SNI, ALPN override and
+//! the downstream addresses of an upstream PROXY protocol header, see
+//! [`Key`]).
 //!
 //! Built on hyper's connection-level client so weir controls reuse:
 //! HTTP/1.1 keeps idle connections per host and hands each request a ready
-//! one; HTTP/2 multiplexes every request of a host over one connection.
+//! one; HTTP/2 multiplexes every request of a host over one connection
+//! (streams arriving while it is being made wait for it).
 //! `max_requests_per_connection` retires connections, idle connections close
 //! after the cluster's idle timeout, and a request that hits a pooled
 //! connection the peer already closed is sent again on a new connection
@@ -98,6 +101,20 @@ struct HostConns {
     /// included), for the circuit breaker's "a host with no connection
     /// always gets one" rule.
     open: Arc<AtomicUsize>,
+    /// Held while this key's HTTP/2 connection is being made: streams that
+    /// arrive meanwhile wait for it instead of opening their own (Envoy
+    /// attaches them to the connecting connection).
+    h2_connecting: Arc<H2Gate>,
+}
+
+/// One HTTP/2 connection attempt at a time per key.
+#[derive(Default)]
+struct H2Gate {
+    /// Held by the stream making the connection; inside, the attempt that
+    /// failed last and why.
+    lock: tokio::sync::Mutex<Option<(usize, String)>>,
+    /// Attempts started.
+    started: AtomicUsize,
 }
 
 struct Settings {
@@ -126,10 +143,43 @@ struct Settings {
 }
 
 /// Connections are kept per endpoint and, for `auto_sni` clusters, per SNI,
-/// and per upstream ALPN override (filter state
+/// per upstream ALPN override (filter state
 /// `envoy.network.application_protocols`; Envoy hashes it into the pool
-/// key), so connections that offered different ALPN are not shared.
-type Key = (SocketAddr, Option<Arc<str>>, Option<Arc<[Vec<u8>]>>);
+/// key), so connections that offered different ALPN are not shared, and,
+/// when the host's transport sends a PROXY protocol header, per downstream
+/// (source, destination) the header carries (Envoy's `hashKey` of the
+/// upstream PROXY protocol socket).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    sni: Option<Arc<str>>,
+    alpn: Option<Arc<[Vec<u8>]>>,
+    proxy_source: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// Where a request goes: the host, its transport socket, and what the
+/// request adds to the pool key. Built by `ClusterRuntime::dest`.
+#[derive(Clone)]
+pub struct Dest<'a> {
+    pub addr: SocketAddr,
+    pub tls: Option<&'a Arc<crate::tls::ClientTls>>,
+    /// The host's transport starts with a PROXY protocol header.
+    pub proxy_protocol: Option<&'a xds_client::config::ProxyProtocolUpstream>,
+    /// `auto_sni`: the SNI for this request.
+    pub sni: Option<Arc<str>>,
+    /// The ALPN TLS offers instead of the cluster's (ignored without TLS).
+    pub alpn: Option<Arc<[Vec<u8>]>>,
+    /// The downstream the PROXY protocol header describes (`None`: a
+    /// connection for no downstream, e.g. a callout).
+    pub source: Option<&'a super::proxy_protocol::ProxySource>,
+}
+
+/// What a new connection needs beyond its key.
+struct Transport<'a> {
+    tls: Option<&'a Arc<crate::tls::ClientTls>>,
+    proxy_protocol: Option<&'a xds_client::config::ProxyProtocolUpstream>,
+    source: Option<&'a super::proxy_protocol::ProxySource>,
+}
 
 /// A pool. The mutex is uncontended: each worker thread has its own pool.
 pub struct Client {
@@ -210,38 +260,37 @@ impl Client {
         self
     }
 
-    /// Sends `req` to `addr`.
+    /// Sends `req` to `d.addr` on a pooled connection of its key, or a new
+    /// one.
     pub async fn request(
         &self,
-        addr: SocketAddr,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
-        sni: Option<Arc<str>>,
+        d: Dest<'_>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
-        self.request_with_alpn(addr, tls, sni, None, req).await
-    }
-
-    /// [`Client::request`] on a connection whose TLS handshake offers
-    /// `alpn` instead of the cluster's ALPN (ignored without TLS).
-    pub async fn request_with_alpn(
-        &self,
-        addr: SocketAddr,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
-        sni: Option<Arc<str>>,
-        alpn: Option<Arc<[Vec<u8>]>>,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, PoolError> {
-        let alpn = alpn.filter(|_| tls.is_some());
-        let key = (addr, sni, alpn);
+        let tls = d.tls;
+        let key = Key {
+            addr: d.addr,
+            sni: d.sni,
+            alpn: d.alpn.filter(|_| tls.is_some()),
+            proxy_source: d
+                .proxy_protocol
+                .and(d.source)
+                .map(super::proxy_protocol::ProxySource::key),
+        };
+        let t = Transport {
+            tls,
+            proxy_protocol: d.proxy_protocol,
+            source: d.source,
+        };
         let addr = &key;
         match self.settings.kind {
             // An HTTP/1 pool whose TLS upstream negotiated h2 by ALPN
             // (`auto_config`) keeps that connection in its h2 slot.
             PoolKind::Http1 if tls.is_some() && self.live_h2(addr) => {
-                self.request_h2(addr, tls, req).await
+                self.request_h2(addr, &t, req).await
             }
-            PoolKind::Http1 => self.request_h1(addr, tls, req).await,
-            PoolKind::Http2 => self.request_h2(addr, tls, req).await,
+            PoolKind::Http1 => self.request_h1(addr, &t, req).await,
+            PoolKind::Http2 => self.request_h2(addr, &t, req).await,
         }
     }
 
@@ -341,7 +390,7 @@ impl Client {
     async fn request_h1(
         &self,
         addr: &Key,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
+        tls: &Transport<'_>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         *req.version_mut() = Version::HTTP_11;
@@ -421,41 +470,49 @@ impl Client {
     async fn request_h2(
         &self,
         addr: &Key,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
+        tls: &Transport<'_>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, PoolError> {
         to_h2(&mut req);
-        let existing = {
-            let mut hosts = self.hosts.lock().expect("pool lock");
-            let conns = hosts.entry(addr.clone()).or_default();
-            match &mut conns.h2 {
-                Some(h)
-                    if !h.sender.is_closed()
-                        && self.settings.max_requests.is_none_or(|m| h.used < m) =>
-                {
-                    h.used += 1;
-                    Some(h.sender.clone())
-                }
-                _ => {
-                    conns.h2 = None;
-                    None
-                }
-            }
-        };
-        let mut sender = match existing {
-            Some(s) => s,
-            None => {
+        let mut sender = match self.take_h2(addr) {
+            Ok(s) => s,
+            Err(gate) => {
                 // Pending while the connection is made. The host has no
                 // HTTP/2 connection here, so one is made even at
                 // max_connections (counted as an overflow), as Envoy.
                 let pending = self.pending()?;
-                if !self.limits().connections.can_create() {
-                    self.settings.cx_overflow.inc();
+                let seen = gate.started.load(Relaxed);
+                let (mut making, waited) = match gate.lock.try_lock() {
+                    Ok(g) => (g, false),
+                    Err(_) => (gate.lock.lock().await, true),
+                };
+                // Made by the stream that held the gate meanwhile?
+                match self.take_h2(addr) {
+                    Ok(s) => {
+                        *making = None;
+                        s
+                    }
+                    // The attempt in progress when this stream arrived
+                    // failed: so does this stream (Envoy fails the streams
+                    // waiting on a connection that fails).
+                    Err(_) if waited && making.as_ref().is_some_and(|(n, _)| *n == seen) => {
+                        let why = making.as_ref().map(|(_, e)| e.clone()).unwrap_or_default();
+                        return Err(PoolError::Connect(why));
+                    }
+                    Err(_) => {
+                        let attempt = gate.started.fetch_add(1, Relaxed) + 1;
+                        if !self.limits().connections.can_create() {
+                            self.settings.cx_overflow.inc();
+                        }
+                        let made = match self.connect(addr, tls).await {
+                            Ok((io, _)) => self.h2_handshake(addr, io).await,
+                            Err(e) => Err(e),
+                        };
+                        *making = made.as_ref().err().map(|e| (attempt, e.to_string()));
+                        drop(pending);
+                        made?
+                    }
                 }
-                let (io, _) = self.connect(addr, tls).await?;
-                let s = self.h2_handshake(addr, io).await?;
-                drop(pending);
-                s
             }
         };
         let _rq = self.attach()?;
@@ -463,6 +520,27 @@ impl Client {
             .send_request(req)
             .await
             .map_err(|e| PoolError::Reset(error_text(&e)))
+    }
+
+    /// A stream on the key's HTTP/2 connection if it is open and under
+    /// `max_requests_per_connection`; else the gate to hold while making
+    /// a new one.
+    fn take_h2(&self, addr: &Key) -> Result<http2::SendRequest<Body>, Arc<H2Gate>> {
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        let conns = hosts.entry(addr.clone()).or_default();
+        match &mut conns.h2 {
+            Some(h)
+                if !h.sender.is_closed()
+                    && self.settings.max_requests.is_none_or(|m| h.used < m) =>
+            {
+                h.used += 1;
+                Ok(h.sender.clone())
+            }
+            _ => {
+                conns.h2 = None;
+                Err(conns.h2_connecting.clone())
+            }
+        }
     }
 
     /// Starts an HTTP/2 connection on `io` and keeps it as the host's.
@@ -502,9 +580,10 @@ impl Client {
     async fn connect(
         &self,
         key: &Key,
-        tls: Option<&Arc<crate::tls::ClientTls>>,
+        t: &Transport<'_>,
     ) -> Result<(CountedIo, Option<Vec<u8>>), PoolError> {
-        let (addr, sni, alpn_override) = (key.0, key.1.as_deref(), key.2.as_deref());
+        let (addr, sni, alpn_override) = (key.addr, key.sni.as_deref(), key.alpn.as_deref());
+        let tls = t.tls;
         let s = &self.settings;
         // Counted against max_connections from the attempt on (Envoy counts
         // connecting connections too) until the connection closes.
@@ -514,24 +593,32 @@ impl Client {
             self.host_open(key),
             self.freed.clone(),
         );
-        let stream = match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                s.connect_fail.inc();
-                // "Connection refused (os error 111)" -> "Connection refused".
-                let text = e.to_string();
-                let code = text.split(" (os error").next().unwrap_or(&text).to_owned();
-                return Err(PoolError::Connect(format!("delayed connect error: {code}")));
-            }
-            Err(_) => {
-                s.connect_fail.inc();
-                s.connect_timeout_c.inc();
-                return Err(PoolError::Connect("connect timeout".into()));
-            }
-        };
+        let mut stream =
+            match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    s.connect_fail.inc();
+                    // "Connection refused (os error 111)" -> "Connection refused".
+                    let text = e.to_string();
+                    let code = text.split(" (os error").next().unwrap_or(&text).to_owned();
+                    return Err(PoolError::Connect(format!("delayed connect error: {code}")));
+                }
+                Err(_) => {
+                    s.connect_fail.inc();
+                    s.connect_timeout_c.inc();
+                    return Err(PoolError::Connect("connect timeout".into()));
+                }
+            };
         let _ = stream.set_nodelay(true);
         if let Some(k) = &s.tcp_keepalive {
             super::set_keepalive(&stream, k);
+        }
+        // The upstream PROXY protocol header goes first, before TLS.
+        if let Some(pp) = t.proxy_protocol {
+            if let Err(e) = super::proxy_protocol::write_header(&mut stream, pp, t.source).await {
+                s.connect_fail.inc();
+                return Err(PoolError::Connect(format!("PROXY protocol header: {e}")));
+            }
         }
         s.cx_total.inc();
         s.cx_proto.inc();
@@ -579,20 +666,20 @@ impl Client {
         ))
     }
 
-    /// Closes idle connections past the idle timeout (called periodically).
     /// Drops the pooled connections of hosts no longer in the cluster
     /// (EDS or DNS removed them): idle ones close now; a request in flight
     /// on one finishes first (hyper closes a connection whose sender is gone
     /// once its exchange ends).
     pub fn retain_hosts(&self, keep: &std::collections::HashSet<SocketAddr>) {
         let mut hosts = self.hosts.lock().expect("pool lock");
-        hosts.retain(|(addr, _, _), _| keep.contains(addr));
+        hosts.retain(|k, _| keep.contains(&k.addr));
     }
 
+    /// Closes idle connections past the idle timeout and forgets keys with
+    /// no connection left (keys per downstream connection of a PROXY
+    /// protocol cluster come and go with their clients).
     pub fn sweep(&self) {
-        let Some(t) = self.settings.idle_timeout else {
-            return;
-        };
+        let t = self.settings.idle_timeout.unwrap_or(Duration::MAX);
         let now = Instant::now();
         let mut hosts = self.hosts.lock().expect("pool lock");
         for conns in hosts.values_mut() {

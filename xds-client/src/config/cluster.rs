@@ -506,6 +506,13 @@ pub struct ActiveHealthCheck {
     /// Default true.
     pub reuse_connection: bool,
     pub kind: HealthCheckKind,
+    /// `tls_options.alpn_protocols`: the ALPN a TLS check connection
+    /// offers instead of its transport's (empty: the transport's).
+    pub alpn: Vec<Vec<u8>>,
+    /// `transport_socket_match_criteria`, as endpoint `filter_metadata`
+    /// (`{"envoy.transport_socket_match": criteria}`): when set, it alone
+    /// picks the `transport_socket_matches` entry of check connections.
+    pub transport_match: Option<serde_json::Value>,
 }
 
 /// What one check does.

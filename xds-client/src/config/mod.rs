@@ -248,6 +248,10 @@ pub struct ProxyProtocolConfig {
     pub allow_requests_without_proxy_protocol: bool,
     /// `rules`: TLV types copied into dynamic metadata (accepted, recorded).
     pub tlv_types: Vec<u8>,
+    /// `pass_through_tlvs`: the TLVs kept for an upstream PROXY protocol
+    /// header (Envoy's `envoy.network.proxy_protocol_options`); unset keeps
+    /// none.
+    pub pass_through: TlvPassThrough,
 }
 
 /// `FilterChainMatch`. Empty fields match anything.

@@ -175,9 +175,44 @@ pub enum UpstreamTransport {
     Plain,
     Tls(Arc<UpstreamTls>),
     /// `envoy.transport_sockets.upstream_proxy_protocol`: a PROXY protocol
-    /// header (version 1 or 2) with the downstream connection's addresses,
-    /// then the inner transport.
-    ProxyProtocol(u8, Box<UpstreamTransport>),
+    /// header with the downstream connection's addresses, then the inner
+    /// transport.
+    ProxyProtocol(Arc<ProxyProtocolUpstream>, Box<UpstreamTransport>),
+}
+
+/// `ProxyProtocolUpstreamTransport.config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocolUpstream {
+    /// 1 or 2.
+    pub version: u8,
+    /// `pass_through_tlvs`: which TLVs the downstream PROXY header brought
+    /// (as far as the listener's own `pass_through_tlvs` kept them) are
+    /// sent on (v2 only).
+    pub pass_through: TlvPassThrough,
+    /// `added_tlvs` (static values), in order, before the passed-through
+    /// ones; a type listed here is not passed through (v2 only).
+    pub added_tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+/// `ProxyProtocolPassThroughTLVs`; unset passes none.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TlvPassThrough {
+    #[default]
+    None,
+    /// `INCLUDE_ALL`.
+    All,
+    /// `INCLUDE` with these `tlv_type`s.
+    Only(Vec<u8>),
+}
+
+impl TlvPassThrough {
+    pub fn includes(&self, tlv_type: u8) -> bool {
+        match self {
+            TlvPassThrough::None => false,
+            TlvPassThrough::All => true,
+            TlvPassThrough::Only(t) => t.contains(&tlv_type),
+        }
+    }
 }
 
 impl UpstreamTransport {
@@ -189,10 +224,10 @@ impl UpstreamTransport {
             UpstreamTransport::ProxyProtocol(_, inner) => inner.tls(),
         }
     }
-    /// The PROXY protocol version to send first, if any.
-    pub fn proxy_protocol(&self) -> Option<u8> {
+    /// The PROXY protocol header to send first, if any.
+    pub fn proxy_protocol(&self) -> Option<&Arc<ProxyProtocolUpstream>> {
         match self {
-            UpstreamTransport::ProxyProtocol(v, _) => Some(*v),
+            UpstreamTransport::ProxyProtocol(p, _) => Some(p),
             _ => None,
         }
     }

@@ -852,6 +852,16 @@ fn active_health_check(
         healthy_edge_interval: healthy_edge_interval.unwrap_or(interval),
         reuse_connection: h.reuse_connection.as_ref().is_none_or(|v| v.value),
         kind,
+        alpn: h
+            .tls_options
+            .iter()
+            .flat_map(|t| &t.alpn_protocols)
+            .map(|a| a.as_bytes().to_vec())
+            .collect(),
+        transport_match: h
+            .transport_socket_match_criteria
+            .as_ref()
+            .map(|c| serde_json::json!({"envoy.transport_socket_match": super::struct_to_json(c)})),
     }
 }
 
@@ -1086,6 +1096,19 @@ fn locality(
             .unwrap_or(1);
         if weight == 0 {
             errs.push(join(&p, "load_balancing_weight"), "must be at least 1");
+        }
+        // Host-level PROXY protocol TLVs (`PerHostConfig`); typed metadata
+        // is otherwise without effect.
+        const HOST_TLVS: &str = "envoy.transport_sockets.proxy_protocol";
+        if lbe
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.typed_filter_metadata.contains_key(HOST_TLVS))
+        {
+            errs.push(
+                format!("{p}.metadata.typed_filter_metadata[\"{HOST_TLVS}\"]"),
+                "host-level PROXY protocol TLVs are not implemented",
+            );
         }
         let metadata = lbe
             .metadata

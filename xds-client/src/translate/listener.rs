@@ -666,9 +666,19 @@ fn listener_filter(lf: &l::ListenerFilter, path: &str) -> Result<ListenerFilter,
                     }
                 }
             }
+            let mut errs = ConfigErrors::default();
+            let pass_through = super::tls::tlv_pass_through(
+                p.pass_through_tlvs.as_ref(),
+                &join(&tpath, "pass_through_tlvs"),
+                &mut errs,
+            );
+            if !errs.is_empty() {
+                return Err(errs);
+            }
             Ok(ListenerFilter::ProxyProtocol(ProxyProtocolConfig {
                 allow_requests_without_proxy_protocol: p.allow_requests_without_proxy_protocol,
                 tlv_types,
+                pass_through,
             }))
         }
         other => Err(err(

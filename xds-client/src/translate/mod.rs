@@ -326,8 +326,9 @@ fn check_chain_refs(
 /// The clusters a route configuration names. `require_known`: an unknown
 /// cluster is an error (Envoy's `validate_clusters` default for inline
 /// routes of static listeners); otherwise it is answered 503 (NC) at run
-/// time, as for RDS. A cluster with the upstream PROXY protocol transport is
-/// rejected for HTTP routes in any case.
+/// time, as for RDS. A mirror to a cluster with the upstream PROXY protocol
+/// transport is rejected in any case (which addresses a shadow's header
+/// carries is not settled; routes to such clusters work).
 pub fn check_route_clusters(
     rc: &RouteConfig,
     base: &str,
@@ -365,24 +366,23 @@ pub fn check_route_clusters(
                     }
                     MirrorCluster::Header(_) => None,
                 });
-            for (field, n) in names.into_iter().chain(mirrors) {
+            let names = names.into_iter().map(|(f, n)| (f, n, false));
+            for (field, n, mirror) in names.chain(mirrors.map(|(f, n)| (f, n, true))) {
                 match clusters.get(n) {
                     None if require_known => errs.push(
                         format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
                         format!("unknown cluster {n:?}"),
                     ),
                     None => {}
-                    // HTTP pools are shared by downstream connections;
-                    // Envoy keys them by the downstream addresses for
-                    // PROXY protocol, weir does not yet.
                     Some(c)
-                        if std::iter::once(&c.transport)
+                        if mirror
+                            && std::iter::once(&c.transport)
                             .chain(c.transport_matches.iter().map(|m| &m.transport))
                             .any(|t| t.proxy_protocol().is_some()) =>
                     {
                         errs.push(
                             format!("{base}.virtual_hosts[{vi}].routes[{ri}].{field}"),
-                            format!("cluster {n:?} uses the upstream PROXY protocol transport, which weir implements for tcp_proxy only"),
+                            format!("cluster {n:?} uses the upstream PROXY protocol transport, which weir does not implement for request mirrors"),
                         )
                     }
                     Some(_) => {}

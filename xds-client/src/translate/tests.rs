@@ -2,6 +2,7 @@
 use crate::bootstrap::{parse_bootstrap, ParseOptions};
 
 use super::bootstrap_to_snapshot;
+use crate::config::TlvPassThrough;
 
 fn with_route(route: &str) -> String {
     format!(
@@ -59,13 +60,8 @@ fn unknown_cluster_is_named_by_its_field_path() {
     );
 }
 
-#[test]
-fn http_route_to_a_proxy_protocol_cluster_is_rejected() {
-    // The upstream PROXY-protocol transport is implemented for tcp_proxy;
-    // an HTTP route to such a cluster is an error naming the route field.
-    let mut yaml = with_route("{match: {prefix: /}, route: {cluster: pp}}");
-    yaml.push_str(
-        r#"  clusters:
+/// A cluster with the upstream PROXY protocol transport (v2).
+const PP_CLUSTER: &str = r#"  clusters:
   - name: pp
     load_assignment:
       cluster_name: pp
@@ -74,17 +70,49 @@ fn http_route_to_a_proxy_protocol_cluster_is_rejected() {
       name: envoy.transport_sockets.upstream_proxy_protocol
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport
-        config: {version: V2}
+        config: {version: V2, pass_through_tlvs: {match_type: INCLUDE, tlv_type: [1, 2]}, added_tlvs: [{type: 0xE0, value: eA==}]}
         transport_socket:
           name: envoy.transport_sockets.raw_buffer
           typed_config: {"@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}
-"#,
+"#;
+
+#[test]
+fn http_route_to_a_proxy_protocol_cluster_is_accepted() {
+    // HTTP pools are keyed by the downstream addresses for such clusters.
+    let mut yaml = with_route("{match: {prefix: /}, route: {cluster: pp}}");
+    yaml.push_str(PP_CLUSTER);
+    let snap = translate(&yaml).expect("HTTP + PROXY protocol");
+    let c = snap.clusters.get("pp").expect("cluster");
+    let pp = c.transport.proxy_protocol().expect("PROXY protocol");
+    assert_eq!(pp.version, 2);
+    assert_eq!(pp.pass_through, TlvPassThrough::Only(vec![1, 2]));
+    assert_eq!(pp.added_tlvs, vec![(0xE0, b"x".to_vec())]);
+}
+
+#[test]
+fn mirror_to_a_proxy_protocol_cluster_is_rejected() {
+    let mut yaml = with_route(
+        "{match: {prefix: /}, route: {cluster: pp, request_mirror_policies: [{cluster: pp}]}}",
     );
-    let b = parse_bootstrap(&yaml, ParseOptions::default()).expect("parses");
-    let err = bootstrap_to_snapshot(&b).expect_err("HTTP + PROXY protocol");
+    yaml.push_str(PP_CLUSTER);
+    let err = translate(&yaml).expect_err("mirror + PROXY protocol");
     assert!(
         err.to_string().contains(
-            "routes[0].route.cluster: cluster \"pp\" uses the upstream PROXY protocol transport"
+            "routes[0].route.request_mirror_policies[0].cluster: cluster \"pp\" uses the upstream PROXY protocol transport"
+        ),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("route.cluster:"), "{err}");
+}
+
+#[test]
+fn proxy_protocol_added_tlv_needs_a_value() {
+    let mut yaml = with_route("{match: {prefix: /}, route: {cluster: pp}}");
+    yaml.push_str(&PP_CLUSTER.replace("value: eA==", "value: \"\""));
+    let err = translate(&yaml).expect_err("empty added TLV");
+    assert!(
+        err.to_string().contains(
+            "typed_config.config.added_tlvs[0]: one of 'value' or 'format_string' must be set"
         ),
         "{err}"
     );
@@ -694,4 +722,20 @@ static_resources:
     load(&yaml("{filter_state: {key: lb.key}}")).expect("accepted");
     let e = load(&yaml("{filter_state: {}}")).expect_err("rejected");
     assert!(e.contains("hash_policy[0].filter_state.key"), "{e}");
+}
+
+#[test]
+fn host_level_proxy_protocol_tlvs_are_rejected() {
+    let mut yaml = with_route("{match: {prefix: /}, route: {cluster: pp}}");
+    yaml.push_str(&PP_CLUSTER.replace(
+        "{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}",
+        r#"{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}, metadata: {typed_filter_metadata: {envoy.transport_sockets.proxy_protocol: {"@type": type.googleapis.com/envoy.config.core.v3.PerHostConfig, added_tlvs: [{type: 0xE5, value: eA==}]}}}}"#,
+    ));
+    let err = translate(&yaml).expect_err("host TLVs");
+    assert!(
+        err.to_string().contains(
+            "lb_endpoints[0].metadata.typed_filter_metadata[\"envoy.transport_sockets.proxy_protocol\"]: host-level PROXY protocol TLVs are not implemented"
+        ),
+        "{err}"
+    );
 }

@@ -132,34 +132,10 @@ pub fn upstream_transport(
         use crate::api::envoy::extensions::transport_sockets::proxy_protocol::v3::ProxyProtocolUpstreamTransport;
         let p: ProxyProtocolUpstreamTransport = decode(any, &tpath)?;
         let mut errs = ConfigErrors::default();
-        let version = match &p.config {
-            Some(c) => {
-                if c.pass_through_tlvs.is_some() {
-                    errs.push(
-                        join(&tpath, "config.pass_through_tlvs"),
-                        "pass_through_tlvs is not implemented yet",
-                    );
-                }
-                if c.version == 1 {
-                    2
-                } else {
-                    1
-                }
-            }
-            None => 1,
-        };
-        if p.allow_unspecified_address {
-            errs.push(
-                join(&tpath, "allow_unspecified_address"),
-                "allow_unspecified_address is not implemented yet",
-            );
-        }
-        if p.tlv_as_pool_key {
-            errs.push(
-                join(&tpath, "tlv_as_pool_key"),
-                "tlv_as_pool_key is not implemented yet",
-            );
-        }
+        let cfg = proxy_protocol_upstream(p.config.as_ref(), &join(&tpath, "config"), &mut errs);
+        // `allow_unspecified_address` and `tlv_as_pool_key` are hidden,
+        // not-implemented fields in Envoy 1.40 (nothing reads them); they
+        // are accepted without effect in the support table.
         let inner = match &p.transport_socket {
             Some(ts) => upstream_transport(ts, &join(&tpath, "transport_socket"))
                 .map_err(|e| errs.extend(e))
@@ -175,9 +151,10 @@ pub fn upstream_transport(
             );
         }
         return match inner {
-            Some(inner) if errs.is_empty() => {
-                Ok(UpstreamTransport::ProxyProtocol(version, Box::new(inner)))
-            }
+            Some(inner) if errs.is_empty() => Ok(UpstreamTransport::ProxyProtocol(
+                Arc::new(cfg),
+                Box::new(inner),
+            )),
             _ => Err(errs),
         };
     }
@@ -192,6 +169,68 @@ pub fn upstream_transport(
     }
     let p: tls::UpstreamTlsContext = decode(any, &tpath)?;
     upstream_tls(&p, &tpath).map(|t| UpstreamTransport::Tls(Arc::new(t)))
+}
+
+/// `ProxyProtocolUpstreamTransport.config` (unset: v1, no TLVs).
+fn proxy_protocol_upstream(
+    c: Option<&core::ProxyProtocolConfig>,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> ProxyProtocolUpstream {
+    let Some(c) = c else {
+        return ProxyProtocolUpstream {
+            version: 1,
+            pass_through: TlvPassThrough::None,
+            added_tlvs: Vec::new(),
+        };
+    };
+    let mut added_tlvs = Vec::new();
+    for (i, t) in c.added_tlvs.iter().enumerate() {
+        let tp = format!("{path}.added_tlvs[{i}]");
+        let Ok(ty) = u8::try_from(t.r#type) else {
+            errs.push(join(&tp, "type"), "must be below 256");
+            continue;
+        };
+        // As Envoy's parseTLVs: exactly one of value and format_string
+        // (format_string itself is not in the support table).
+        if t.value.is_empty() && t.format_string.is_none() {
+            errs.push(tp, "one of 'value' or 'format_string' must be set");
+            continue;
+        }
+        added_tlvs.push((ty, t.value.clone()));
+    }
+    ProxyProtocolUpstream {
+        version: if c.version == 1 { 2 } else { 1 },
+        pass_through: tlv_pass_through(
+            c.pass_through_tlvs.as_ref(),
+            &join(path, "pass_through_tlvs"),
+            errs,
+        ),
+        added_tlvs,
+    }
+}
+
+/// `ProxyProtocolPassThroughTLVs` (listener filter and upstream socket).
+pub fn tlv_pass_through(
+    p: Option<&core::ProxyProtocolPassThroughTlVs>,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> TlvPassThrough {
+    let Some(p) = p else {
+        return TlvPassThrough::None;
+    };
+    // INCLUDE_ALL = 0, INCLUDE = 1.
+    if p.match_type != 1 {
+        return TlvPassThrough::All;
+    }
+    let mut types = Vec::new();
+    for (i, t) in p.tlv_type.iter().enumerate() {
+        match u8::try_from(*t) {
+            Ok(t) => types.push(t),
+            Err(_) => errs.push(format!("{path}.tlv_type[{i}]"), "must be below 256"),
+        }
+    }
+    TlvPassThrough::Only(types)
 }
 
 pub fn upstream_tls(p: &tls::UpstreamTlsContext, path: &str) -> Result<UpstreamTls, ConfigErrors> {
