@@ -23,8 +23,13 @@ pub const PEER_METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-m
 /// W3C `baggage`.
 pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 
-/// Decoded peers kept per factory (Istio keeps a per-worker cache too).
+/// Decoded peers kept per factory and method (Istio keeps a per-worker
+/// cache too).
 const PEER_CACHE: usize = 1000;
+/// Longer header values are decoded per request, not kept: the cache stays
+/// within `PEER_CACHE` times this many key bytes (a `baggage` header may
+/// carry per-request members of any length up to the header limit).
+const MAX_CACHED_VALUE: usize = 4096;
 
 /// Built once per config: the propagated header values are encoded here.
 #[derive(Debug)]
@@ -85,6 +90,9 @@ fn cached(
     value: &[u8],
     decode: impl FnOnce(&[u8]) -> Option<PeerInfo>,
 ) -> Option<Arc<PeerInfo>> {
+    if value.len() > MAX_CACHED_VALUE {
+        return decode(value).map(Arc::new);
+    }
     if let Some(p) = cache
         .read()
         .unwrap_or_else(PoisonError::into_inner)
@@ -466,5 +474,33 @@ mod tests {
             .into_parts();
         i.on_response_headers(&mut cx, &mut resp);
         assert!(resp.headers.contains_key(&PEER_METADATA));
+    }
+
+    #[test]
+    fn long_baggage_is_read_but_not_cached() {
+        let config = Arc::new(PeerMetadataConfig {
+            downstream_discovery: vec![PeerDiscovery::Baggage],
+            ..Default::default()
+        });
+        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let long = format!("junk={},k8s.namespace.name=big", "x".repeat(8000));
+        for _ in 0..2 {
+            let mut i = f.create(&RouteView::empty()).expect("instance");
+            let mut cx = FilterContext::default();
+            let (mut req, _) = http::Request::get("/")
+                .header("baggage", long.as_str())
+                .body(())
+                .expect("request")
+                .into_parts();
+            i.on_request_headers(&mut cx, &mut req);
+            let got = cx
+                .filter_state
+                .get_typed::<PeerInfo>(DOWNSTREAM_PEER)
+                .expect("peer");
+            assert_eq!(got.namespace, "big");
+            assert_eq!(req.headers["baggage"], long.as_str());
+        }
+        let cached = f.inner.baggage_cache.read().expect("lock").len();
+        assert_eq!(cached, 0);
     }
 }

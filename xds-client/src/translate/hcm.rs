@@ -1450,12 +1450,14 @@ load_assignment:
             1,
         );
         let l = lds(&listener, &[]).unwrap_or_else(|e| panic!("{e}"));
+        // Ours replaced istio.stats, after the listener's own.
         let pm = http_kinds(&l)
             .into_iter()
-            .find_map(|k| match k {
+            .filter_map(|k| match k {
                 HttpFilterKind::PeerMetadata(c) => Some(c),
                 _ => None,
             })
+            .last()
             .expect("peer metadata filter");
         assert_eq!(
             pm.downstream_discovery,
