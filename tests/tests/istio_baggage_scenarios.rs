@@ -550,3 +550,77 @@ async fn grpc_message_counters() {
     assert_eq!(count_lines(&text, "istio_response_messages_total{"), 1);
     task.abort();
 }
+
+/// A baggage peer's locality is a dimension (`downstream_peer.region`,
+/// `filter_state.downstream_peer.availability_zone`); the message counters
+/// take `metrics` overrides like the others, but a dimension replacing a
+/// label they do not have (`response_code`) adds nothing (Istio overrides
+/// present tags only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baggage_locality_dimensions_and_message_overrides() {
+    let (port, task) = grpc_upstream().await;
+    let p = proxy(
+        "INBOUND",
+        vec![
+            filter(
+                "envoy.filters.http.grpc_stats",
+                GRPC_STATS,
+                json!({"emit_filter_state": true}),
+            ),
+            peer_metadata(json!({"downstream_discovery": [{"baggage": {}}]})),
+            istio_filter(
+                "istio.stats",
+                "stats.PluginConfig",
+                json!({"metrics": [
+                    {"name": "requests_total", "dimensions": {
+                        "peer_region": "downstream_peer.region",
+                        "peer_zone": "filter_state.downstream_peer.availability_zone",
+                    }},
+                    {"name": "request_messages_total",
+                     "dimensions": {"response_code": "'x'", "kind": "'msg'"},
+                     "tags_to_remove": ["source_cluster"]},
+                ]}),
+            ),
+        ],
+        INBOUND,
+        port,
+        true,
+    );
+    let host = p.addr().to_string();
+    let r = Http::h2c()
+        .send(
+            "POST",
+            &format!("{}/bookinfo.Reviews/List", p.base()),
+            &[
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                (
+                    "baggage",
+                    "k8s.pod.name=client-0,k8s.namespace.name=front,\
+                     cloud.region=eu-west1,cloud.availability_zone=eu-west1-a",
+                ),
+            ],
+            Bytes::from(grpc_frame(b"q")),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let client = (
+        "client-0", "unknown", "latest", "front", "unknown", "unknown", "unknown",
+    );
+    let w = inbound_workload_labels(client, &host);
+    let want = [
+        format!(
+            "istio_requests_total{{{w},request_protocol=\"grpc\",response_code=\"200\",\
+             grpc_response_status=\"0\",response_flags=\"-\",\
+             connection_security_policy=\"none\",peer_region=\"eu-west1\",\
+             peer_zone=\"eu-west1-a\"}} 1"
+        ),
+        format!(
+            "istio_request_messages_total{{{},kind=\"msg\"}} 1",
+            w.replace(",source_cluster=\"unknown\"", "")
+        ),
+        format!("istio_response_messages_total{{{w}}} 3"),
+    ];
+    prometheus(&p, &want).await;
+    task.abort();
+}
