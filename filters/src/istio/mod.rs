@@ -23,6 +23,10 @@ pub struct LocalNode {
     pub id: String,
     /// `node.metadata`.
     pub metadata: serde_json::Value,
+    /// `node.locality.region` (propagated when the metadata has no `REGION`).
+    pub region: String,
+    /// `node.locality.zone` (likewise for `AVAILABILITY_ZONE`).
+    pub zone: String,
     /// The metadata as Istio's peer object (for `istio.stats` labels).
     pub peer: PeerInfo,
 }
@@ -32,6 +36,8 @@ impl LocalNode {
         LocalNode {
             id: node.id.clone(),
             metadata: node.metadata.clone(),
+            region: node.region.clone(),
+            zone: node.zone.clone(),
             peer: PeerInfo::from_json(&node.metadata, &[]),
         }
     }

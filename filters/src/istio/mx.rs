@@ -128,9 +128,15 @@ impl MetadataExchange {
 }
 
 /// Our node as Istio sends it: `node.metadata` reduced to the workload
-/// fields (`convertStructToWorkloadMetadata` then back), and `node.id`.
+/// fields (`convertStructToWorkloadMetadata` with the node's locality, then
+/// back), and `node.id`.
 pub fn encode(local: &LocalNode, additional_labels: &[String]) -> Vec<u8> {
-    let me = PeerInfo::from_json(&local.metadata, additional_labels);
+    let me = PeerInfo::local(
+        &local.metadata,
+        &local.region,
+        &local.zone,
+        additional_labels,
+    );
     let mut fields = std::collections::BTreeMap::new();
     fields.insert(
         PEER_METADATA.to_owned(),

@@ -1,7 +1,9 @@
-//! Istio's peer object (`WorkloadMetadataObject`) and its wire form in
-//! `x-envoy-peer-metadata`: base64 of a protobuf `google.protobuf.Struct`
-//! of node metadata (`NAME`, `NAMESPACE`, `CLUSTER_ID`, `WORKLOAD_NAME`,
-//! `OWNER`, `LABELS`), as istio/proxy's `metadata_object.cc`.
+//! Istio's peer object (`WorkloadMetadataObject`) and its wire forms, as
+//! istio/proxy's `metadata_object.cc`: `x-envoy-peer-metadata` (base64 of
+//! a protobuf `google.protobuf.Struct` of node metadata: `NAME`,
+//! `NAMESPACE`, `CLUSTER_ID`, `WORKLOAD_NAME`, `OWNER`, `LABELS`, `REGION`,
+//! `AVAILABILITY_ZONE`) and the W3C `baggage` header (`k8s.namespace.name=..,
+//! service.name=..,...`).
 use std::any::Any;
 use std::collections::BTreeMap;
 
@@ -13,6 +15,9 @@ use crate::state::StateObject;
 
 const CANONICAL_NAME: &str = "service.istio.io/canonical-name";
 const CANONICAL_REVISION: &str = "service.istio.io/canonical-revision";
+/// Kubernetes' recommended labels win over `app` / `version` (Istio).
+const APP_NAME_QUALIFIED: &str = "app.kubernetes.io/name";
+const APP_VERSION_QUALIFIED: &str = "app.kubernetes.io/version";
 const OWNER_PREFIX: &str = "kubernetes://apis/apps/v1/namespaces/";
 const WORKLOAD_TYPES: [&str; 4] = ["pod", "deployment", "job", "cronjob"];
 
@@ -40,6 +45,10 @@ pub struct PeerInfo {
     pub workload_type: Option<&'static str>,
     /// The SPIFFE identity (never carried by the headers).
     pub identity: String,
+    /// `REGION` (or the node's `locality.region` for our own).
+    pub region: String,
+    /// `AVAILABILITY_ZONE` (or the node's `locality.zone` for our own).
+    pub zone: String,
     /// `additional_labels` found in `LABELS`, in key order.
     pub labels: Vec<(String, String)>,
 }
@@ -56,12 +65,12 @@ impl PeerInfo {
             namespace: text("NAMESPACE"),
             cluster: text("CLUSTER_ID"),
             workload: text("WORKLOAD_NAME"),
+            region: text("REGION"),
+            zone: text("AVAILABILITY_ZONE"),
             ..Default::default()
         };
         p.workload_type = parse_owner(&text("OWNER"), &p.workload);
-        if let Some(Kind::StructValue(labels)) =
-            s.fields.get("LABELS").and_then(|v| v.kind.as_ref())
-        {
+        if let Some(labels) = labels_of(s) {
             for (k, v) in &labels.fields {
                 let Some(Kind::StringValue(v)) = &v.kind else {
                     continue;
@@ -69,8 +78,9 @@ impl PeerInfo {
                 match k.as_str() {
                     CANONICAL_NAME => p.canonical_name = v.clone(),
                     CANONICAL_REVISION => p.canonical_revision = v.clone(),
-                    "app" => p.app = v.clone(),
-                    "version" => p.version = v.clone(),
+                    "app" | "version" => {}
+                    APP_NAME_QUALIFIED => p.app = v.clone(),
+                    APP_VERSION_QUALIFIED => p.version = v.clone(),
                     k if additional_labels.iter().any(|a| a == k) => {
                         p.labels.push((k.to_owned(), v.clone()))
                     }
@@ -78,7 +88,136 @@ impl PeerInfo {
                 }
             }
         }
+        // The qualified labels win whatever the map order (as Istio).
+        let label = |k: &str| match labels_of(s).and_then(|l| l.fields.get(k)) {
+            Some(Value {
+                kind: Some(Kind::StringValue(v)),
+            }) => Some(v.clone()),
+            _ => None,
+        };
+        if p.app.is_empty() {
+            p.app = label("app").unwrap_or_default();
+        }
+        if p.version.is_empty() {
+            p.version = label("version").unwrap_or_default();
+        }
         p
+    }
+
+    /// This proxy's peer object, as Istio's propagation methods build it:
+    /// the node metadata, the node's `locality` filling `REGION` /
+    /// `AVAILABILITY_ZONE` when the metadata has none.
+    pub fn local(
+        metadata: &serde_json::Value,
+        region: &str,
+        zone: &str,
+        additional_labels: &[String],
+    ) -> PeerInfo {
+        let mut p = PeerInfo::from_json(metadata, additional_labels);
+        if p.region.is_empty() {
+            p.region = region.to_owned();
+        }
+        if p.zone.is_empty() {
+            p.zone = zone.to_owned();
+        }
+        p
+    }
+
+    /// As Istio's `convertBaggageToWorkloadMetadata`: the value is split at
+    /// `,`, each member at its first `=` (the value ends at a second `=`);
+    /// nothing is trimmed or percent-decoded and W3C properties (`;..`)
+    /// stay in the value, as Istio. Unknown keys and members without `=`
+    /// are ignored, so any value yields a peer (possibly empty). The
+    /// service and app names (and versions) default to each other.
+    pub fn from_baggage(value: &[u8]) -> PeerInfo {
+        let mut p = PeerInfo::default();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        for member in value.split(|b| *b == b',') {
+            let mut parts = member.split(|b| *b == b'=');
+            let key = parts.next().unwrap_or_default();
+            let v = parts.next().unwrap_or_default();
+            match key {
+                b"k8s.namespace.name" => p.namespace = text(v),
+                b"k8s.cluster.name" => p.cluster = text(v),
+                b"service.name" => {
+                    p.canonical_name = text(v);
+                    if p.app.is_empty() {
+                        p.app = text(v);
+                    }
+                }
+                b"service.version" => {
+                    p.canonical_revision = text(v);
+                    if p.version.is_empty() {
+                        p.version = text(v);
+                    }
+                }
+                b"app.name" => {
+                    p.app = text(v);
+                    if p.canonical_name.is_empty() {
+                        p.canonical_name = text(v);
+                    }
+                }
+                b"app.version" => {
+                    p.version = text(v);
+                    if p.canonical_revision.is_empty() {
+                        p.canonical_revision = text(v);
+                    }
+                }
+                b"k8s.deployment.name"
+                | b"k8s.pod.name"
+                | b"k8s.cronjob.name"
+                | b"k8s.job.name" => {
+                    p.workload = text(v);
+                    // `k8s.<type>.name`: the type is the second token.
+                    let kind = &key[4..key.len() - 5];
+                    p.workload_type = WORKLOAD_TYPES
+                        .iter()
+                        .copied()
+                        .find(|t| t.as_bytes() == kind);
+                }
+                b"k8s.instance.name" => p.name = text(v),
+                b"cloud.region" => p.region = text(v),
+                b"cloud.availability_zone" => p.zone = text(v),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    /// As Istio's `WorkloadMetadataObject::baggage`: the `baggage` value
+    /// this peer propagates. Keys in Istio's order: `k8s.<type>.name` (type
+    /// `pod` when unknown), `service.name`, `app.name` (when not the
+    /// service name), `service.version`, `app.version` (likewise),
+    /// `k8s.namespace.name`, `k8s.cluster.name`, `k8s.instance.name`,
+    /// `cloud.region`, `cloud.availability_zone`; empty values are left
+    /// out and nothing is encoded (as Istio).
+    pub fn baggage(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        if !self.workload.is_empty() {
+            let kind = self.workload_type.unwrap_or("pod");
+            parts.push(format!("k8s.{kind}.name={}", self.workload));
+        }
+        // Istio reads the service name through `field()`, which always has
+        // a value: the canonical name is never replaced by the app here.
+        let mut add = |k: &str, v: &str| {
+            if !v.is_empty() {
+                parts.push(format!("{k}={v}"));
+            }
+        };
+        add("service.name", &self.canonical_name);
+        if self.app != self.canonical_name {
+            add("app.name", &self.app);
+        }
+        add("service.version", &self.canonical_revision);
+        if self.version != self.canonical_revision {
+            add("app.version", &self.version);
+        }
+        add("k8s.namespace.name", &self.namespace);
+        add("k8s.cluster.name", &self.cluster);
+        add("k8s.instance.name", &self.name);
+        add("cloud.region", &self.region);
+        add("cloud.availability_zone", &self.zone);
+        parts.join(",")
     }
 
     /// The same from JSON node metadata (the bootstrap's `node.metadata`).
@@ -116,6 +255,8 @@ impl PeerInfo {
             let owner = format!("{OWNER_PREFIX}{}/{t}s/{}", self.namespace, self.workload);
             fields.insert("OWNER".into(), string_value(&owner));
         }
+        put(&mut fields, "REGION", &self.region);
+        put(&mut fields, "AVAILABILITY_ZONE", &self.zone);
         Struct { fields }
     }
 
@@ -145,6 +286,8 @@ impl PeerInfo {
             PeerField::Version => &self.version,
             PeerField::Workload => &self.workload,
             PeerField::Type => self.workload_type.unwrap_or(""),
+            PeerField::Region => &self.region,
+            PeerField::Zone => &self.zone,
         }
     }
 }
@@ -167,6 +310,8 @@ impl StateObject for PeerInfo {
         add("revision", &self.canonical_revision);
         add("app", &self.app);
         add("version", &self.version);
+        add("region", &self.region);
+        add("availability_zone", &self.zone);
         for (k, v) in &self.labels {
             parts.push(format!("labels[]{k}={v}"));
         }
@@ -186,6 +331,13 @@ fn parse_owner(owner: &str, workload: &str) -> Option<&'static str> {
     let head = owner.get(..owner.len() - workload.len() - 2)?;
     let suffix = &head[head.rfind('/')? + 1..];
     WORKLOAD_TYPES.iter().copied().find(|t| *t == suffix)
+}
+
+fn labels_of(s: &Struct) -> Option<&Struct> {
+    match s.fields.get("LABELS").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StructValue(l)) => Some(l),
+        _ => None,
+    }
 }
 
 fn string_value(v: &str) -> Value {
@@ -325,6 +477,78 @@ mod tests {
         );
         assert_eq!(p.field(PeerField::Service), "productpage-v1");
         assert!(PeerInfo::decode_header(b"not base64!", &[]).is_none());
+    }
+
+    #[test]
+    fn baggage_is_parsed_as_istio() {
+        // As istio/proxy's metadata_object_test: service and app default to
+        // each other; the workload type is the key's second token.
+        let p = PeerInfo::from_baggage(
+            b"k8s.cluster.name=c1,k8s.namespace.name=apps,k8s.deployment.name=client-v2,\
+              service.name=client,service.version=v2,k8s.instance.name=client-v2-abc,\
+              cloud.region=eu,cloud.availability_zone=eu-1a,other=x",
+        );
+        assert_eq!(
+            p,
+            PeerInfo {
+                name: "client-v2-abc".into(),
+                namespace: "apps".into(),
+                cluster: "c1".into(),
+                workload: "client-v2".into(),
+                canonical_name: "client".into(),
+                canonical_revision: "v2".into(),
+                app: "client".into(),
+                version: "v2".into(),
+                workload_type: Some("deployment"),
+                region: "eu".into(),
+                zone: "eu-1a".into(),
+                ..Default::default()
+            }
+        );
+        let p = PeerInfo::from_baggage(b"app.name=a,service.name=s,app.version=1,k8s.pod.name=p");
+        assert_eq!((p.app.as_str(), p.canonical_name.as_str()), ("a", "s"));
+        assert_eq!(
+            (p.version.as_str(), p.canonical_revision.as_str()),
+            ("1", "1")
+        );
+        assert_eq!(p.workload_type, Some("pod"));
+        // Nothing trimmed or decoded; `=` ends the value; junk ignored.
+        let p = PeerInfo::from_baggage(
+            b" k8s.namespace.name=x,k8s.cluster.name=a%20b;p=1,service.name=v=w,=,,junk",
+        );
+        assert_eq!(p.namespace, "");
+        assert_eq!(p.cluster, "a%20b;p");
+        assert_eq!(p.canonical_name, "v");
+        assert_eq!(PeerInfo::from_baggage(b""), PeerInfo::default());
+    }
+
+    #[test]
+    fn baggage_is_rendered_as_istio() {
+        let md = serde_json::json!({
+            "NAME": "gw-1", "NAMESPACE": "istio-system", "CLUSTER_ID": "Kubernetes",
+            "WORKLOAD_NAME": "gw",
+            "OWNER": "kubernetes://apis/apps/v1/namespaces/istio-system/deployments/gw",
+            "LABELS": {
+                "app": "gateway", "version": "v1",
+                "service.istio.io/canonical-name": "gw",
+                "service.istio.io/canonical-revision": "v1",
+            },
+        });
+        assert_eq!(
+            PeerInfo::local(&md, "eu", "eu-1a", &[]).baggage(),
+            "k8s.deployment.name=gw,service.name=gw,app.name=gateway,service.version=v1,\
+             k8s.namespace.name=istio-system,k8s.cluster.name=Kubernetes,\
+             k8s.instance.name=gw-1,cloud.region=eu,cloud.availability_zone=eu-1a"
+        );
+        // No canonical labels: Istio still reads the (empty) canonical name,
+        // so the app goes as `app.name`; an unknown type is `pod`.
+        let md = serde_json::json!({"WORKLOAD_NAME": "w", "REGION": "r",
+            "LABELS": {"app": "a", "app.kubernetes.io/name": "q"}});
+        assert_eq!(
+            PeerInfo::local(&md, "other", "", &[]).baggage(),
+            "k8s.pod.name=w,app.name=q,cloud.region=r"
+        );
+        assert_eq!(PeerInfo::default().baggage(), "");
     }
 
     #[test]

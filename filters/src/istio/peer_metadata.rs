@@ -1,10 +1,11 @@
 //! Istio's peer metadata filter (`io.istio.http.peer_metadata.Config`), as
 //! istio/proxy's `peer_metadata/filter.cc`: discovers the downstream peer
 //! from the request headers and the upstream peer from the response headers
-//! (`istio_headers`: `x-envoy-peer-metadata` + `-id`, removed once read),
-//! stores them as filter state `downstream_peer` / `upstream_peer`, and
-//! sends this proxy's node metadata upstream (request) and downstream
-//! (response, only when the request carried them).
+//! (`istio_headers`: `x-envoy-peer-metadata` + `-id`, removed once read;
+//! `baggage`, downstream only, kept), stores them as filter state
+//! `downstream_peer` / `upstream_peer`, and sends this proxy's node metadata
+//! upstream (request) and downstream (response): `istio_headers` (downstream
+//! only when the request carried them) and `baggage` (always).
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -19,9 +20,16 @@ use crate::state::StateFlags;
 pub const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
 /// `x-envoy-peer-metadata-id`.
 pub const PEER_METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
+/// W3C `baggage`.
+pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 
-/// Decoded peers kept per factory (Istio keeps a per-worker cache too).
+/// Decoded peers kept per factory and method (Istio keeps a per-worker
+/// cache too).
 const PEER_CACHE: usize = 1000;
+/// Longer header values are decoded per request, not kept: the cache stays
+/// within `PEER_CACHE` times this many key bytes (a `baggage` header may
+/// carry per-request members of any length up to the header limit).
+const MAX_CACHED_VALUE: usize = 4096;
 
 /// Built once per config: the propagated header values are encoded here.
 #[derive(Debug)]
@@ -37,50 +45,84 @@ struct Inner {
     id: Option<HeaderValue>,
     /// Our node metadata, encoded once, for `x-envoy-peer-metadata`.
     value: Option<HeaderValue>,
-    /// Decoded peers by header value, so equal headers share one object
-    /// (and `istio.stats` finds its labels by it).
+    /// Our node metadata as Istio renders it for `baggage`, once.
+    baggage: Option<HeaderValue>,
+    /// Decoded peers by header value, so equal headers share one object.
     cache: RwLock<HashMap<Box<[u8]>, Arc<PeerInfo>>>,
+    /// Likewise for `baggage` values.
+    baggage_cache: RwLock<HashMap<Box<[u8]>, Arc<PeerInfo>>>,
 }
 
 impl PeerMetadataFactory {
     pub fn new(name: Arc<str>, config: Arc<PeerMetadataConfig>, local: &LocalNode) -> Self {
-        let mut me = PeerInfo::from_json(&local.metadata, &config.additional_labels);
+        // As Istio: the node's locality stands in for a missing `REGION` /
+        // `AVAILABILITY_ZONE` in both propagated forms.
+        let mut me = PeerInfo::local(
+            &local.metadata,
+            &local.region,
+            &local.zone,
+            &config.additional_labels,
+        );
         me.identity.clear();
         let value = HeaderValue::from_str(&me.encode_header()).ok();
         let id = HeaderValue::from_str(&local.id).ok();
+        // Baggage carries no labels. A value that is no valid header value
+        // (a control character in the node metadata) is not sent.
+        let baggage = HeaderValue::from_str(&me.baggage()).ok();
         PeerMetadataFactory {
             name,
             inner: Arc::new(Inner {
                 config,
                 id,
                 value,
+                baggage,
                 cache: RwLock::new(HashMap::new()),
+                baggage_cache: RwLock::new(HashMap::new()),
             }),
         }
     }
 }
 
+/// The peer `value` describes, from `cache` or decoded by `decode` (and
+/// kept: at most [`PEER_CACHE`] values, then the cache starts over).
+fn cached(
+    cache: &RwLock<HashMap<Box<[u8]>, Arc<PeerInfo>>>,
+    value: &[u8],
+    decode: impl FnOnce(&[u8]) -> Option<PeerInfo>,
+) -> Option<Arc<PeerInfo>> {
+    if value.len() > MAX_CACHED_VALUE {
+        return decode(value).map(Arc::new);
+    }
+    if let Some(p) = cache
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(value)
+    {
+        return Some(p.clone());
+    }
+    let p = Arc::new(decode(value)?);
+    let mut c = cache.write().unwrap_or_else(PoisonError::into_inner);
+    if c.len() >= PEER_CACHE {
+        c.clear();
+    }
+    c.insert(value.into(), p.clone());
+    Some(p)
+}
+
 impl Inner {
-    /// The peer a header value describes (cached by value).
+    /// The peer an `x-envoy-peer-metadata` value describes.
     fn lookup(&self, value: &[u8]) -> Option<Arc<PeerInfo>> {
-        if let Some(p) = self
-            .cache
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(value)
-        {
-            return Some(p.clone());
-        }
-        let p = Arc::new(PeerInfo::decode_header(
-            value,
-            &self.config.additional_labels,
-        )?);
-        let mut c = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-        if c.len() >= PEER_CACHE {
-            c.clear();
-        }
-        c.insert(value.into(), p.clone());
-        Some(p)
+        cached(&self.cache, value, |v| {
+            PeerInfo::decode_header(v, &self.config.additional_labels)
+        })
+    }
+
+    /// The peer a `baggage` value describes (always one, as Istio).
+    fn lookup_baggage(&self, value: &[u8]) -> Arc<PeerInfo> {
+        cached(&self.baggage_cache, value, |v| {
+            Some(PeerInfo::from_baggage(v))
+        })
+        .unwrap_or_default()
     }
 
     /// Runs the discovery methods on `headers`; the first result is stored
@@ -95,19 +137,25 @@ impl Inner {
     ) -> (bool, bool) {
         let mut seen = (false, false);
         let mut found = None;
+        // As Istio: the methods run in order until one finds the peer; the
+        // later ones are not asked (so `seen` stays false behind a hit).
         for m in methods {
-            match m {
+            found = match m {
                 PeerDiscovery::IstioHeaders => {
                     let v = headers.get(&PEER_METADATA);
                     seen = (headers.contains_key(&PEER_METADATA_ID), v.is_some());
-                    if found.is_none() {
-                        found = v
-                            .filter(|v| !v.is_empty())
-                            .and_then(|v| self.lookup(v.as_bytes()));
-                    }
+                    v.filter(|v| !v.is_empty())
+                        .and_then(|v| self.lookup(v.as_bytes()))
                 }
+                // The first `baggage` header, whatever it holds.
+                PeerDiscovery::Baggage => headers
+                    .get(&BAGGAGE)
+                    .map(|v| self.lookup_baggage(v.as_bytes())),
                 // No workload metadata provider (see the config type).
-                PeerDiscovery::WorkloadDiscovery => {}
+                PeerDiscovery::WorkloadDiscovery => None,
+            };
+            if found.is_some() {
+                break;
             }
         }
         if let Some(p) = found {
@@ -127,7 +175,8 @@ impl Inner {
         seen
     }
 
-    /// Adds our headers (`downstream`: only those the request carried).
+    /// Adds our headers (`only`, downstream: of the two `istio_headers`
+    /// only those the request carried).
     fn propagate(
         &self,
         methods: &[PeerPropagation],
@@ -136,9 +185,19 @@ impl Inner {
         only: Option<(bool, bool)>,
     ) {
         for m in methods {
-            let PeerPropagation::IstioHeaders {
-                skip_external_clusters,
-            } = m;
+            let skip_external_clusters = match m {
+                PeerPropagation::IstioHeaders {
+                    skip_external_clusters,
+                } => skip_external_clusters,
+                // As Istio: set (replacing any) in both directions, to
+                // every cluster.
+                PeerPropagation::Baggage => {
+                    if let Some(v) = &self.baggage {
+                        headers.insert(BAGGAGE, v.clone());
+                    }
+                    continue;
+                }
+            };
             if *skip_external_clusters && external {
                 continue;
             }
@@ -339,5 +398,109 @@ mod tests {
         // The request had the metadata header but no id: only that one.
         assert!(resp.headers.contains_key(&PEER_METADATA));
         assert!(!resp.headers.contains_key(&PEER_METADATA_ID));
+    }
+
+    #[test]
+    fn baggage_discovery_in_order_and_propagation() {
+        let config = Arc::new(PeerMetadataConfig {
+            downstream_discovery: vec![PeerDiscovery::Baggage, PeerDiscovery::IstioHeaders],
+            downstream_propagation: vec![
+                PeerPropagation::IstioHeaders {
+                    skip_external_clusters: false,
+                },
+                PeerPropagation::Baggage,
+            ],
+            upstream_propagation: vec![PeerPropagation::Baggage],
+            ..Default::default()
+        });
+        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let ours = "k8s.pod.name=gw,app.name=gw,k8s.namespace.name=istio-system,\
+                    k8s.cluster.name=Kubernetes,k8s.instance.name=gw-1";
+        let mx = PeerInfo {
+            workload: "mx".into(),
+            ..Default::default()
+        };
+        // Baggage first: it wins, istio_headers is not asked (so nothing
+        // of it goes back) but its headers are removed all the same.
+        let mut i = f.create(&RouteView::empty()).expect("instance");
+        let mut cx = FilterContext::default();
+        let (mut req, _) = http::Request::get("/")
+            .header("baggage", "k8s.namespace.name=apps,service.name=client")
+            .header("baggage", "k8s.namespace.name=second")
+            .header(&PEER_METADATA, mx.encode_header())
+            .body(())
+            .expect("request")
+            .into_parts();
+        i.on_request_headers(&mut cx, &mut req);
+        let got = cx
+            .filter_state
+            .get_typed::<PeerInfo>(DOWNSTREAM_PEER)
+            .expect("peer");
+        assert_eq!(
+            (got.namespace.as_str(), got.app.as_str()),
+            ("apps", "client")
+        );
+        assert!(!req.headers.contains_key(&PEER_METADATA));
+        // Ours replaces the client's baggage upstream.
+        assert_eq!(
+            req.headers.get_all(&BAGGAGE).iter().collect::<Vec<_>>(),
+            [ours]
+        );
+        let (mut resp, _) = http::Response::builder()
+            .body(())
+            .expect("response")
+            .into_parts();
+        i.on_response_headers(&mut cx, &mut resp);
+        assert_eq!(resp.headers[&BAGGAGE], ours);
+        assert!(!resp.headers.contains_key(&PEER_METADATA));
+
+        // Without baggage the next method is asked.
+        let mut i = f.create(&RouteView::empty()).expect("instance");
+        let mut cx = FilterContext::default();
+        let (mut req, _) = http::Request::get("/")
+            .header(&PEER_METADATA, mx.encode_header())
+            .body(())
+            .expect("request")
+            .into_parts();
+        i.on_request_headers(&mut cx, &mut req);
+        let got = cx
+            .filter_state
+            .get_typed::<PeerInfo>(DOWNSTREAM_PEER)
+            .expect("peer");
+        assert_eq!(got.workload, "mx");
+        let (mut resp, _) = http::Response::builder()
+            .body(())
+            .expect("response")
+            .into_parts();
+        i.on_response_headers(&mut cx, &mut resp);
+        assert!(resp.headers.contains_key(&PEER_METADATA));
+    }
+
+    #[test]
+    fn long_baggage_is_read_but_not_cached() {
+        let config = Arc::new(PeerMetadataConfig {
+            downstream_discovery: vec![PeerDiscovery::Baggage],
+            ..Default::default()
+        });
+        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let long = format!("junk={},k8s.namespace.name=big", "x".repeat(8000));
+        for _ in 0..2 {
+            let mut i = f.create(&RouteView::empty()).expect("instance");
+            let mut cx = FilterContext::default();
+            let (mut req, _) = http::Request::get("/")
+                .header("baggage", long.as_str())
+                .body(())
+                .expect("request")
+                .into_parts();
+            i.on_request_headers(&mut cx, &mut req);
+            let got = cx
+                .filter_state
+                .get_typed::<PeerInfo>(DOWNSTREAM_PEER)
+                .expect("peer");
+            assert_eq!(got.namespace, "big");
+            assert_eq!(req.headers["baggage"], long.as_str());
+        }
+        let cached = f.inner.baggage_cache.read().expect("lock").len();
+        assert_eq!(cached, 0);
     }
 }

@@ -4,7 +4,10 @@
 //! `istio_response_bytes` in the `istiocustom` namespace, labelled with the
 //! reporter, the source and destination workloads (this node's metadata,
 //! the peers in filter state, the TLS peer identity, the upstream cluster)
-//! and the response.
+//! and the response; for gRPC with `grpc_stats`' filter state object,
+//! `istio_request_messages_total` / `istio_response_messages_total` with
+//! the workload labels only (as Istio, which counts them before it adds the
+//! response's).
 //!
 //! Hot path: the labels are formatted once per distinct label set. A
 //! request hashes its inputs (peer objects, cluster, host, code, flags,
@@ -18,6 +21,7 @@ use http::HeaderValue;
 use xds_client::config::{DimensionExpr, IstioStatsConfig};
 
 use super::{LocalNode, PeerInfo, DOWNSTREAM_PEER, UPSTREAM_PEER};
+use crate::grpc_stats::{GrpcStatsObject, GRPC_STATS_STATE};
 use crate::http::{
     Counter, FilterContext, Histogram, HttpFilter, HttpFilterFactory, RouteView, StatsScope,
     StreamEnd,
@@ -35,12 +39,18 @@ pub const NAMESPACE: &str = "istiocustom";
 const CACHE_LIMIT: usize = 10_000;
 
 /// The HTTP metrics, in Istio's names (without `istio_`).
-const METRICS: [&str; 4] = [
+const METRICS: [&str; 6] = [
     "requests_total",
     "request_duration_milliseconds",
     "request_bytes",
     "response_bytes",
+    "request_messages_total",
+    "response_messages_total",
 ];
+
+/// The labels the message counters do not have (`request_protocol` to
+/// `connection_security_policy`).
+const RESPONSE_LABELS: [usize; 5] = [20, 21, 22, 23, 24];
 
 /// Istio's standard labels, in the order it emits them.
 pub const LABELS: [&str; 25] = [
@@ -112,7 +122,7 @@ struct MetricPlan {
     additions: Vec<(String, usize)>,
 }
 
-fn plans(c: &IstioStatsConfig) -> [MetricPlan; 4] {
+fn plans(c: &IstioStatsConfig) -> [MetricPlan; 6] {
     METRICS.map(|m| plan_of(c, m))
 }
 
@@ -158,7 +168,7 @@ struct Inner {
     reporter: Reporter,
     local: Arc<LocalNode>,
     scope: Arc<dyn StatsScope>,
-    plans: [MetricPlan; 4],
+    plans: [MetricPlan; 6],
     /// Request / response header names the dimensions read, in expression
     /// order (captured at the header phases; empty without such dimensions).
     request_headers: Vec<http::HeaderName>,
@@ -174,6 +184,9 @@ struct Metrics {
     duration: Option<Arc<dyn Histogram>>,
     request_bytes: Option<Arc<dyn Histogram>>,
     response_bytes: Option<Arc<dyn Histogram>>,
+    /// gRPC streams with a [`GrpcStatsObject`] only.
+    request_messages: Option<Arc<dyn Counter>>,
+    response_messages: Option<Arc<dyn Counter>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -309,12 +322,24 @@ impl HttpFilter for IstioStats {
                 set => set,
             }
         };
+        // As Istio: gRPC message counts come from `grpc_stats`' filter
+        // state object, which Envoy creates at the first message.
+        let messages = end
+            .grpc
+            .then(|| {
+                cx.filter_state_get(GRPC_STATS_STATE)
+                    .and_then(|v| v.as_any().downcast_ref::<GrpcStatsObject>())
+                    .filter(|o| o.emitted())
+                    .map(|o| (o.request_message_count(), o.response_message_count()))
+            })
+            .flatten();
         let input = Input {
             downstream_peer: peer(DOWNSTREAM_PEER),
             upstream_peer: peer(UPSTREAM_PEER),
             peer_uri_san,
             local_uri_san,
             tls: ds.is_some_and(|d| d.tls),
+            messages: messages.is_some(),
             grpc_status: if end.grpc {
                 Some(
                     end.grpc_status
@@ -340,6 +365,15 @@ impl HttpFilter for IstioStats {
         }
         if let Some(h) = &m.response_bytes {
             h.record(end.response_body_bytes);
+        }
+        if let Some((rq, rs)) = messages {
+            // Zero counts too: Istio adds them (creating the counter).
+            if let Some(c) = &m.request_messages {
+                c.add(rq);
+            }
+            if let Some(c) = &m.response_messages {
+                c.add(rs);
+            }
         }
     }
 }
@@ -368,6 +402,8 @@ struct Input<'a> {
     peer_uri_san: Option<&'a str>,
     local_uri_san: Option<&'a str>,
     tls: bool,
+    /// A gRPC stream whose message counts are known.
+    messages: bool,
     grpc_status: Option<u32>,
     end: &'a StreamEnd<'a>,
     request_headers: &'a [Option<HeaderValue>],
@@ -450,6 +486,7 @@ impl Inner {
             input.peer_uri_san.hash(&mut HashAdapter(h));
             input.local_uri_san.hash(&mut HashAdapter(h));
             input.tls.hash(&mut HashAdapter(h));
+            input.messages.hash(&mut HashAdapter(h));
             input.grpc_status.hash(&mut HashAdapter(h));
             e.grpc.hash(&mut HashAdapter(h));
             e.response_code.hash(&mut HashAdapter(h));
@@ -493,8 +530,24 @@ impl Inner {
                 _ => self.eval(i, input).render(),
             })
             .collect();
-        let make = |i: usize| -> Option<Vec<(String, String)>> {
-            (!self.plans[i].drop).then(|| apply_plan(&self.plans[i], &std, &values, &[]))
+        let make_without = |i: usize, skip: &[usize]| -> Option<Vec<(String, String)>> {
+            (!self.plans[i].drop).then(|| apply_plan(&self.plans[i], &std, &values, skip))
+        };
+        let make = |i: usize| make_without(i, &[]);
+        // Created for streams that count messages only (else they would be
+        // rendered at 0 for every label set).
+        let messages = |i: usize| {
+            input
+                .messages
+                .then(|| make_without(i, &RESPONSE_LABELS))
+                .flatten()
+                .map(|l| {
+                    self.scope.labeled_counter(
+                        NAMESPACE,
+                        &format!("istio_{}", METRICS[i]),
+                        &refs(&l),
+                    )
+                })
         };
         let hist = |i: usize| {
             make(i).map(|l| {
@@ -510,6 +563,8 @@ impl Inner {
             duration: hist(1),
             request_bytes: hist(2),
             response_bytes: hist(3),
+            request_messages: messages(4),
+            response_messages: messages(5),
         }
     }
 }
@@ -607,6 +662,7 @@ impl crate::network::NetworkFilterFactory for IstioTcpStatsFactory {
                 conn.local_uri_sans.first().map(String::as_str)
             },
             tls: conn.tls,
+            messages: false,
             grpc_status: None,
             end: &stream,
             request_headers: &[],

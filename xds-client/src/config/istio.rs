@@ -24,6 +24,11 @@ pub struct PeerMetadataConfig {
 pub enum PeerDiscovery {
     /// `istio_headers`: `x-envoy-peer-metadata` / `-id`, removed after.
     IstioHeaders,
+    /// `baggage`: the request's first `baggage` header, as Istio parses it
+    /// (any value yields a peer; the header is kept). Downstream only: Istio
+    /// ignores it in `upstream_discovery` (with a warning), so does the
+    /// translator.
+    Baggage,
     /// `workload_discovery`: Istio looks the peer up in its WDS provider
     /// (bootstrap extension `metadata_discovery`), which weir's bootstraps
     /// cannot configure; without a provider Istio finds nothing, so this
@@ -39,6 +44,9 @@ pub enum PeerPropagation {
         /// `skip_external_clusters`: not to `PassthroughCluster`.
         skip_external_clusters: bool,
     },
+    /// `baggage`: our node metadata as a `baggage` header (replacing any),
+    /// on every request (upstream) or response (downstream).
+    Baggage,
 }
 
 /// `stats.PluginConfig` (HTTP filter).
@@ -127,6 +135,10 @@ pub enum PeerField {
     Workload,
     /// `type`
     Type,
+    /// `region`
+    Region,
+    /// `availability_zone`
+    Zone,
 }
 
 impl PeerField {
@@ -142,6 +154,8 @@ impl PeerField {
             "version" => PeerField::Version,
             "workload" => PeerField::Workload,
             "type" => PeerField::Type,
+            "region" => PeerField::Region,
+            "availability_zone" => PeerField::Zone,
             _ => return None,
         })
     }

@@ -1438,17 +1438,52 @@ load_assignment:
     }
 
     #[test]
+    fn istio_baggage_discovery_and_propagation_are_accepted() {
+        use crate::config::{PeerDiscovery, PeerPropagation};
+        let value = "{downstream_discovery: [{baggage: {}}, {istio_headers: {}}], \
+                     upstream_discovery: [{baggage: {}}, {istio_headers: {}}], \
+                     downstream_propagation: [{baggage: {}}], \
+                     upstream_propagation: [{istio_headers: {}}, {baggage: {}}]}";
+        let listener = http_listener(EMPTY_FAULT).replacen(
+            &ts_yaml(HTTP_STATS),
+            &ts_yaml(("istio.stats", "io.istio.http.peer_metadata.Config", value)),
+            1,
+        );
+        let l = lds(&listener, &[]).unwrap_or_else(|e| panic!("{e}"));
+        // Ours replaced istio.stats, after the listener's own.
+        let pm = http_kinds(&l)
+            .into_iter()
+            .filter_map(|k| match k {
+                HttpFilterKind::PeerMetadata(c) => Some(c),
+                _ => None,
+            })
+            .last()
+            .expect("peer metadata filter");
+        assert_eq!(
+            pm.downstream_discovery,
+            [PeerDiscovery::Baggage, PeerDiscovery::IstioHeaders]
+        );
+        // As Istio: baggage is no upstream discovery method (ignored).
+        assert_eq!(pm.upstream_discovery, [PeerDiscovery::IstioHeaders]);
+        assert_eq!(pm.downstream_propagation, [PeerPropagation::Baggage]);
+        assert_eq!(
+            pm.upstream_propagation,
+            [
+                PeerPropagation::IstioHeaders {
+                    skip_external_clusters: false
+                },
+                PeerPropagation::Baggage
+            ]
+        );
+    }
+
+    #[test]
     fn istio_telemetry_fields_weir_cannot_honour_are_rejected() {
         for (filter, value, want) in [
             (
                 "io.istio.http.peer_metadata.Config",
-                "{downstream_discovery: [{baggage: {}}]}",
-                "typed_config.downstream_discovery[0].baggage: peer discovery from baggage",
-            ),
-            (
-                "io.istio.http.peer_metadata.Config",
-                "{upstream_propagation: [{baggage: {}}]}",
-                "typed_config.upstream_propagation[0].baggage: baggage propagation",
+                "{upstream_discovery: [{upstream_filter_state: {peer_metadata_key: k}}]}",
+                "typed_config.upstream_discovery[0].upstream_filter_state: peer discovery",
             ),
             (
                 "stats.PluginConfig",

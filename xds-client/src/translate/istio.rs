@@ -44,9 +44,11 @@ pub fn peer_metadata(m: &DynamicMessage, path: &str) -> Result<PeerMetadataConfi
                 // As Istio: baggage discovery is for the downstream peer
                 // only; upstream it is ignored (with a warning there).
                 if downstream {
-                    errs.push(
-                        join(&p, "baggage"),
-                        "peer discovery from baggage is not implemented",
+                    out.push(PeerDiscovery::Baggage);
+                } else {
+                    tracing::warn!(
+                        path = %join(&p, "baggage"),
+                        "baggage peer discovery is only available downstream; ignored"
                     );
                 }
             } else if d.has_field_by_name("workload_discovery") {
@@ -62,20 +64,16 @@ pub fn peer_metadata(m: &DynamicMessage, path: &str) -> Result<PeerMetadataConfi
     };
     let downstream_discovery = discovery("downstream_discovery", true);
     let upstream_discovery = discovery("upstream_discovery", false);
-    let mut propagation = |name: &str| -> Vec<PeerPropagation> {
+    let propagation = |name: &str| -> Vec<PeerPropagation> {
         let mut out = Vec::new();
-        for (i, v) in list(m, name).iter().enumerate() {
-            let p = format!("{}[{i}]", join(path, name));
+        for v in list(m, name).iter() {
             let Some(d) = v.as_message() else { continue };
             if let Some(Value::Message(h)) = field(d, "istio_headers").as_deref() {
                 out.push(PeerPropagation::IstioHeaders {
                     skip_external_clusters: boolean(h, "skip_external_clusters"),
                 });
             } else if d.has_field_by_name("baggage") {
-                errs.push(
-                    join(&p, "baggage"),
-                    "baggage propagation is not implemented",
-                );
+                out.push(PeerPropagation::Baggage);
             }
         }
         out
