@@ -205,6 +205,7 @@ fn build(
     auto_san: bool,
 ) -> Result<Built, String> {
     let provider = provider(&c.params);
+    let schemes = super::signature_schemes(&c.params);
     let mut stamps = FileStamps::default();
     let validator = match &c.validation {
         Some(v) => Some(validator(
@@ -219,6 +220,7 @@ fn build(
     let verifier = Arc::new(ServerVerifier {
         validator,
         algs: provider.signature_verification_algorithms,
+        allowed: schemes.clone(),
         stats: Some(stats.clone()),
         auto_san,
     });
@@ -238,6 +240,7 @@ fn build(
                 },
             };
             let (ck, info) = load_certified_key(&t, &provider, &mut stamps)?;
+            let ck = super::restrict_signing(ck, schemes.as_deref());
             cert = Some(info);
             builder.with_client_cert_resolver(Arc::new(ClientCert(ck)))
         }

@@ -132,6 +132,7 @@ impl ServerTls {
     fn build(&self) -> Result<Built, String> {
         let c = &self.config;
         let provider = provider(&c.params);
+        let schemes = super::signature_schemes(&c.params);
         let mut stamps = FileStamps::default();
         let mut keys = Vec::new();
         let mut certs = Vec::new();
@@ -144,6 +145,7 @@ impl ServerTls {
                 },
             };
             let (ck, info) = load_certified_key(&t, &provider, &mut stamps)?;
+            let ck = super::restrict_signing(ck, schemes.as_deref());
             let mut names = info.dns_sans.clone();
             if names.is_empty() {
                 // No DNS SAN: the subject CN names the host.
@@ -167,6 +169,7 @@ impl ServerTls {
             validator,
             mandatory: c.require_client_cert,
             algs,
+            allowed: schemes.clone(),
             stats: Some(self.stats.clone()),
         });
         let resolver = Arc::new(Resolver { keys });
@@ -176,7 +179,29 @@ impl ServerTls {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(resolver.clone());
         cfg.session_storage = self.sessions.clone();
-        if c.session_tickets {
+        if let Some(keys) = &c.ticket_keys {
+            // Configured keys: tickets open on every context with the same
+            // keys and session context (other chains, other instances).
+            let keys = match keys {
+                SecretRef::Inline(k) => k.clone(),
+                SecretRef::Sds(n) => match self.secrets.load().get(n).map(|s| &**s) {
+                    Some(Secret::SessionTicketKeys(k)) => k.clone(),
+                    _ => {
+                        return Err(format!(
+                            "{}: session ticket keys secret {n:?} is not available",
+                            c.path
+                        ))
+                    }
+                },
+            };
+            let lifetime = c
+                .session_timeout
+                .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+                .unwrap_or(super::tickets::DEFAULT_LIFETIME_SECS);
+            let context = session_context(c, &certs, &ca, &self.secrets.load_full());
+            cfg.ticketer = Arc::new(super::tickets::KeyTicketer::new(&keys, context, lifetime));
+            cfg.send_tls13_tickets = 2;
+        } else if c.session_tickets {
             cfg.ticketer = self.ticketer.clone();
             cfg.send_tls13_tickets = 2;
         } else {
@@ -390,6 +415,80 @@ impl StoresServerSessions for Expiring<dyn StoresServerSessions> {
     fn can_cache(&self) -> bool {
         self.inner.can_cache()
     }
+}
+
+/// The session context of a TLS context, as Envoy's session id context:
+/// the certificates' subject CN, DNS/URI/IP SANs and issuer, the trusted
+/// CAs and the rest of the validation settings, and the filter chain's
+/// server names. Tickets sealed with shared keys open only where this is
+/// the same, so a session never resumes into a context that would not have
+/// accepted the original handshake (another CA, other names).
+fn session_context(
+    c: &DownstreamTls,
+    certs: &[CertInfo],
+    ca: &[CertInfo],
+    secrets: &Secrets,
+) -> [u8; 32] {
+    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut put = |b: &[u8]| {
+        d.update(&(b.len() as u64).to_be_bytes());
+        d.update(b);
+    };
+    for info in certs {
+        if let Some(cn) = info.subject.split(',').find_map(|p| p.strip_prefix("CN=")) {
+            put(cn.as_bytes());
+        }
+        for san in info
+            .dns_sans
+            .iter()
+            .chain(&info.uri_sans)
+            .chain(&info.ip_sans)
+        {
+            put(san.as_bytes());
+        }
+        put(info.issuer.as_bytes());
+    }
+    put(b"--");
+    for info in ca {
+        put(&info.sha256);
+    }
+    // The validation settings without their field paths (the same context
+    // on two listeners has two paths).
+    let sds = |n: &Name| match secrets.get(n).map(|s| &**s) {
+        Some(Secret::Validation(v)) => Some(v),
+        _ => None,
+    };
+    let contexts: Vec<&xds_client::config::CertValidation> = match &c.validation {
+        None => vec![],
+        Some(ValidationRef::Inline(v)) => vec![v],
+        Some(ValidationRef::Sds(n)) => sds(n).into_iter().collect(),
+        Some(ValidationRef::Combined { default, sds: n }) => {
+            std::iter::once(default).chain(sds(n)).collect()
+        }
+    };
+    for v in contexts {
+        put(format!(
+            "{:?}/{:?}/{:?}/{}/{}/{}/{:?}/{}",
+            v.san_matchers,
+            v.spki_hashes,
+            v.cert_hashes,
+            v.allow_expired,
+            v.accept_untrusted,
+            v.only_verify_leaf_cert_crl,
+            v.max_verify_depth,
+            v.crl.is_some(),
+        )
+        .as_bytes());
+    }
+    put(&[u8::from(c.require_client_cert)]);
+    put(b"--");
+    for n in &c.chain_server_names {
+        put(n.as_bytes());
+    }
+    let out = d.finish();
+    let mut id = [0u8; 32];
+    id.copy_from_slice(out.as_ref());
+    id
 }
 
 /// Builds the validator a validation reference names.

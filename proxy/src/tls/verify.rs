@@ -302,12 +302,42 @@ fn map_err(e: webpki::Error) -> Error {
     })
 }
 
+/// The schemes advertised to the peer: `allowed` (in its order) that the
+/// provider implements, else all the provider's.
+fn supported_schemes(
+    algs: &WebPkiSupportedAlgorithms,
+    allowed: Option<&[SignatureScheme]>,
+) -> Vec<SignatureScheme> {
+    let all = algs.supported_schemes();
+    match allowed {
+        Some(a) => a.iter().copied().filter(|s| all.contains(s)).collect(),
+        None => all,
+    }
+}
+
+/// A peer's handshake signature must use an allowed scheme (rustls already
+/// refuses schemes it did not advertise; this keeps the rule local).
+fn scheme_allowed(
+    allowed: Option<&[SignatureScheme]>,
+    dss: &DigitallySignedStruct,
+) -> Result<(), Error> {
+    match allowed {
+        Some(a) if !a.contains(&dss.scheme) => Err(Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Client-certificate verifier for a downstream TLS context.
 #[derive(Debug)]
 pub struct ClientVerifier {
     pub validator: Option<Validator>,
     pub mandatory: bool,
     pub algs: WebPkiSupportedAlgorithms,
+    /// `signature_algorithms`: the schemes accepted from the peer (and
+    /// advertised), in preference order; `None`: all of `algs`.
+    pub allowed: Option<Vec<SignatureScheme>>,
     pub stats: Option<Arc<crate::metrics::SslStats>>,
 }
 
@@ -343,6 +373,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls12_signature(message, cert, dss, &self.algs)
     }
     fn verify_tls13_signature(
@@ -351,10 +382,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls13_signature(message, cert, dss, &self.algs)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        supported_schemes(&self.algs, self.allowed.as_deref())
     }
 }
 
@@ -365,6 +397,8 @@ impl ClientCertVerifier for ClientVerifier {
 pub struct ServerVerifier {
     pub validator: Option<Validator>,
     pub algs: WebPkiSupportedAlgorithms,
+    /// As [`ClientVerifier::allowed`].
+    pub allowed: Option<Vec<SignatureScheme>>,
     pub stats: Option<Arc<crate::metrics::SslStats>>,
     /// `auto_san_validation`: a DNS SAN must match the SNI sent.
     pub auto_san: bool,
@@ -412,6 +446,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls12_signature(message, cert, dss, &self.algs)
     }
     fn verify_tls13_signature(
@@ -420,9 +455,10 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls13_signature(message, cert, dss, &self.algs)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        supported_schemes(&self.algs, self.allowed.as_deref())
     }
 }
