@@ -1,7 +1,8 @@
 //! TLS context fields beyond the basics (`tls_scenarios`): explicit session
 //! ticket keys (`session_ticket_keys`, `session_ticket_keys_sds_secret_config`
-//! with a static `session_ticket_keys` secret) and `tls_params.signature_algorithms`
-//! (downstream and upstream).
+//! with a static `session_ticket_keys` secret), `tls_params.signature_algorithms`
+//! (downstream and upstream), and OCSP stapling (`TlsCertificate.ocsp_staple`,
+//! `ocsp_staple_policy`, observed with `openssl s_client -status`).
 //!
 //! Every test runs against weir in-process by default and against Envoy
 //! with `WEIR_SCENARIO_TARGET=envoy`, which is how the expectations were
@@ -436,4 +437,234 @@ fn signature_algorithm_errors_name_the_field() {
             "{e}"
         );
     }
+}
+
+// ================================================================ OCSP stapling
+
+/// A DER element.
+fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let n = content.len();
+    if n < 0x80 {
+        out.push(n as u8);
+    } else if n < 0x100 {
+        out.extend([0x81, n as u8]);
+    } else {
+        out.extend([0x82, (n >> 8) as u8, n as u8]);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+fn der_seq(parts: &[Vec<u8>]) -> Vec<u8> {
+    der(0x30, &parts.concat())
+}
+
+/// `YYYYMMDDHHMMSSZ` for `unix` seconds.
+fn generalized_time(unix: i64) -> Vec<u8> {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let s = format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    );
+    der(0x18, s.as_bytes())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A minimal successful basic OCSP response for the certificate with
+/// `serial` (status good), `nextUpdate` at `next_update` (none: `None`).
+/// Unsigned (an empty signature): neither Envoy nor weir checks the
+/// signature of a configured response, and the clients here only print it.
+fn ocsp_response(serial: &[u8], next_update: Option<i64>) -> Vec<u8> {
+    const SHA1: &[u8] = &[0x2b, 0x0e, 0x03, 0x02, 0x1a];
+    const SHA256_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b];
+    const BASIC: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x01];
+    let cert_id = der_seq(&[
+        der_seq(&[der(0x06, SHA1), vec![0x05, 0x00]]),
+        der(0x04, &[0x11; 20]),
+        der(0x04, &[0x22; 20]),
+        der(0x02, serial),
+    ]);
+    let mut single = vec![cert_id, vec![0x80, 0x00], generalized_time(now() - 3600)];
+    if let Some(t) = next_update {
+        single.push(der(0xa0, &generalized_time(t)));
+    }
+    let data = der_seq(&[
+        der(0xa2, &der(0x04, &[0x33; 20])),
+        generalized_time(now() - 3600),
+        der_seq(&[der_seq(&single)]),
+    ]);
+    let basic = der_seq(&[
+        data,
+        der_seq(&[der(0x06, SHA256_RSA), vec![0x05, 0x00]]),
+        der(0x03, &[0x00]),
+    ]);
+    der_seq(&[
+        der(0x0a, &[0x00]),
+        der(0xa0, &der_seq(&[der(0x06, BASIC), der(0x04, &basic)])),
+    ])
+}
+
+/// The serial number of `leaf` (DER INTEGER content).
+fn serial(leaf: &Leaf) -> Vec<u8> {
+    let hex = tls::CertInfo::parse(leaf.cert_der.as_ref()).serial_hex;
+    let hex: String = hex.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    let mut out: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
+        .collect();
+    if out.first().is_some_and(|b| *b >= 0x80) {
+        out.insert(0, 0);
+    }
+    out
+}
+
+/// A server certificate with an OCSP response file and a policy.
+struct Stapled {
+    ca_file: std::path::PathBuf,
+    leaf: Leaf,
+    files: LeafFiles,
+    dir: TempDir,
+}
+
+impl Stapled {
+    fn new() -> Stapled {
+        let ca = TestCa::new("weir ocsp root");
+        let leaf = ca.issue(LeafSpec::server("ocsp.test"));
+        let dir = TempDir::new("tls-fields-ocsp").expect("dir");
+        let files = leaf.write_files(&dir, "server");
+        let ca_file = dir.write("ca.pem", ca.pem());
+        Stapled {
+            ca_file,
+            leaf,
+            files,
+            dir,
+        }
+    }
+
+    /// A chain whose certificate staples `response` (none: no
+    /// `ocsp_staple`) under `policy`.
+    fn chain(&self, response: Option<&[u8]>, policy: &str) -> Value {
+        let mut cert = json!({
+            "certificate_chain": {"filename": self.files.chain.display().to_string()},
+            "private_key": {"filename": self.files.key.display().to_string()},
+        });
+        if let Some(r) = response {
+            let path = self.dir.write(&format!("ocsp-{}.der", r.len()), r);
+            cert["ocsp_staple"] = json!({"filename": path.display().to_string()});
+        }
+        tls_chain(
+            json!({"common_tls_context": {"tls_certificates": [cert]}, "ocsp_staple_policy": policy}),
+            "ok",
+        )
+    }
+
+    /// `openssl s_client` (asking for the status with `status`): whether
+    /// the handshake succeeded and whether a response was stapled.
+    async fn handshake(&self, addr: SocketAddr, status: bool) -> (bool, bool) {
+        let ca = self.ca_file.display().to_string();
+        let mut args = vec!["-CAfile", ca.as_str(), "-verify_return_error"];
+        if status {
+            args.push("-status");
+        }
+        let out = tls::openssl_s_client(addr, Some("ocsp.test"), &args).await;
+        let text = out.combined();
+        let ok = out.success() && out.s_client_protocol().is_some();
+        (ok, text.contains("OCSP Response Status: successful"))
+    }
+}
+
+/// LENIENT_STAPLING (the default): a good response is stapled for clients
+/// that ask; an expired one (or one without `nextUpdate`) is not, and the
+/// handshake still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocsp_lenient_staples_good_responses_and_omits_expired_ones() {
+    let s = Stapled::new();
+    let good = ocsp_response(&serial(&s.leaf), Some(now() + 86_400));
+    let expired = ocsp_response(&serial(&s.leaf), Some(now() - 60));
+    let p = start(s.chain(Some(&good), "LENIENT_STAPLING"), vec![]);
+    assert_eq!(s.handshake(p.addr(), true).await, (true, true));
+    assert_eq!(s.handshake(p.addr(), false).await, (true, false));
+    stat_is(&p, &lstat(p.addr(), "ssl.ocsp_staple_requests"), 1).await;
+    stat_is(&p, &lstat(p.addr(), "ssl.ocsp_staple_responses"), 1).await;
+
+    for stale in [expired, ocsp_response(&serial(&s.leaf), None)] {
+        let p = start(s.chain(Some(&stale), "LENIENT_STAPLING"), vec![]);
+        assert_eq!(s.handshake(p.addr(), true).await, (true, false));
+        stat_is(&p, &lstat(p.addr(), "ssl.ocsp_staple_omitted"), 1).await;
+    }
+}
+
+/// STRICT_STAPLING: an expired response fails the handshake of a client
+/// that asks for the status (`ssl.ocsp_staple_failed`), not of one that
+/// does not; without a response the certificate is used unstapled.
+/// MUST_STAPLE: a good response is stapled, an expired one fails clients
+/// that ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocsp_strict_and_must_staple_fail_expired_responses() {
+    let s = Stapled::new();
+    let good = ocsp_response(&serial(&s.leaf), Some(now() + 86_400));
+    let expired = ocsp_response(&serial(&s.leaf), Some(now() - 60));
+
+    let strict = start(s.chain(Some(&expired), "STRICT_STAPLING"), vec![]);
+    assert!(!s.handshake(strict.addr(), true).await.0);
+    assert_eq!(s.handshake(strict.addr(), false).await, (true, false));
+    stat_is(&strict, &lstat(strict.addr(), "ssl.ocsp_staple_failed"), 1).await;
+    let none = start(s.chain(None, "STRICT_STAPLING"), vec![]);
+    assert_eq!(s.handshake(none.addr(), true).await, (true, false));
+
+    let must = start(s.chain(Some(&good), "MUST_STAPLE"), vec![]);
+    assert_eq!(s.handshake(must.addr(), true).await, (true, true));
+    let must_expired = start(s.chain(Some(&expired), "MUST_STAPLE"), vec![]);
+    assert!(!s.handshake(must_expired.addr(), true).await.0);
+    assert_eq!(s.handshake(must_expired.addr(), false).await, (true, false));
+}
+
+/// Config errors, as Envoy's: MUST_STAPLE without a response, a response
+/// for another certificate, and bytes that are not an OCSP response. These
+/// are found when the context is built (weir: at start).
+#[test]
+fn ocsp_config_errors() {
+    let s = Stapled::new();
+    let target = Target::from_env();
+    let refused = |chain: Value| -> String {
+        match Proxy::try_start(target, StartOptions::default(), move |p| {
+            config(p, chain.clone(), vec![], vec![])
+        }) {
+            Ok(_) => panic!("{target:?} accepted the configuration"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let weir = !target.is_envoy();
+    let e = refused(s.chain(None, "MUST_STAPLE"));
+    assert!(
+        !weir || e.contains("Required OCSP response is missing from TLS context"),
+        "{e}"
+    );
+    let other = ocsp_response(&[0x01, 0x02, 0x03], Some(now() + 86_400));
+    let e = refused(s.chain(Some(&other), "LENIENT_STAPLING"));
+    assert!(
+        !weir || e.contains("OCSP response does not match its TLS certificate"),
+        "{e}"
+    );
+    let e = refused(s.chain(Some(b"not der"), "LENIENT_STAPLING"));
+    assert!(!weir || e.contains("ocsp_staple"), "{e}");
 }

@@ -17,6 +17,7 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use xds_client::config::{CertData, CipherSuite, Curve, TlsCertificate, TlsParams, TlsVersion};
 
 pub mod client;
+pub mod ocsp;
 pub mod server;
 pub mod tickets;
 pub mod verify;
