@@ -668,3 +668,162 @@ fn ocsp_config_errors() {
     let e = refused(s.chain(Some(b"not der"), "LENIENT_STAPLING"));
     assert!(!weir || e.contains("ocsp_staple"), "{e}");
 }
+
+// ================================================================ auto_host_sni
+
+/// A STATIC cluster to `port` whose endpoint has `hostname` (empty: none),
+/// with an UpstreamTlsContext of `tls` fields and `extra` cluster fields.
+fn host_cluster(name: &str, port: u16, hostname: &str, tls: Value, extra: Value) -> Value {
+    let mut endpoint = json!({"address": sock(port)});
+    if !hostname.is_empty() {
+        endpoint["hostname"] = json!(hostname);
+    }
+    merge(
+        json!({
+            "name": name, "type": "STATIC", "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}]},
+            "transport_socket": {"name": "envoy.transport_sockets.tls",
+                "typed_config": merge(json!({"@type": UPSTREAM_TLS}), tls)},
+        }),
+        extra,
+    )
+}
+
+/// A proxy routing `/<cluster>` to each cluster (the route prefix is the
+/// cluster name).
+fn router(clusters: Vec<Value>) -> Proxy {
+    let routes: Vec<Value> = clusters
+        .iter()
+        .map(|c| {
+            let n = c["name"].as_str().unwrap_or_default().to_owned();
+            route(&format!("/{n}"), &n, json!({}))
+        })
+        .collect();
+    Proxy::start(move |ports| {
+        let hcm = hcm(
+            "ingress",
+            vec![],
+            vec![vhost("v", routes.clone(), json!({}))],
+            json!({}),
+        );
+        bootstrap_with(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![hcm])])],
+            clusters.clone(),
+            json!({}),
+        )
+    })
+}
+
+/// `auto_host_sni`: the SNI is the endpoint's `hostname`; without one, the
+/// context's `sni`; `auto_sni` (the request's host) wins over both, as
+/// Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_host_sni_uses_the_endpoint_hostname() {
+    let ca = TestCa::new("auto-host-sni root");
+    let up = tls::tls_upstream(TlsServerOptions::new(
+        "up",
+        &ca.issue(LeafSpec::server("host.example.com")),
+    ))
+    .await
+    .expect("tls upstream");
+    let tls = json!({"sni": "default.example.com", "auto_host_sni": true});
+    let auto_sni = json!({"typed_extension_protocol_options": {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": weir_tests::config::HTTP_PROTOCOL_OPTIONS,
+        "explicit_http_config": {"http_protocol_options": {}},
+        "upstream_http_protocol_options": {"auto_sni": true},
+    }}});
+    let p = router(vec![
+        host_cluster(
+            "named",
+            up.port(),
+            "host.example.com",
+            tls.clone(),
+            json!({}),
+        ),
+        host_cluster("unnamed", up.port(), "", tls.clone(), json!({})),
+        host_cluster("both", up.port(), "host.example.com", tls, auto_sni),
+    ]);
+    let http = weir_tests::scenario::Http::h1();
+    for (path, host, want) in [
+        ("/named", "front.test", "host.example.com"),
+        ("/unnamed", "front.test", "default.example.com"),
+        ("/both", "request.example.com", "request.example.com"),
+    ] {
+        let r = http
+            .get(&format!("{}{path}", p.base()), &[("host", host)])
+            .await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.header("x-upstream-sni"), Some(want), "{path}");
+    }
+}
+
+/// `auto_sni_san_validation`: the upstream certificate must carry the SNI
+/// sent (here from `auto_host_sni`) as a DNS SAN, and that check replaces
+/// the validation context's SAN matchers (one that matches nothing here).
+/// Without a validation context it is a config error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_sni_san_validation_checks_the_sni_sent() {
+    let ca = TestCa::new("auto-sni-san root");
+    let up = tls::tls_upstream(TlsServerOptions::new(
+        "up",
+        &ca.issue(LeafSpec::server("host.example.com")),
+    ))
+    .await
+    .expect("tls upstream");
+    let dir = TempDir::new("tls-fields-san").expect("dir");
+    let ca_file = dir.write("ca.pem", ca.pem());
+    let tls = json!({
+        "auto_host_sni": true, "auto_sni_san_validation": true,
+        "common_tls_context": {"validation_context": {
+            "trusted_ca": {"filename": ca_file.display().to_string()},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "nothing.example.com"}}],
+        }},
+    });
+    let p = router(vec![
+        host_cluster(
+            "good",
+            up.port(),
+            "host.example.com",
+            tls.clone(),
+            json!({}),
+        ),
+        host_cluster("bad", up.port(), "evil.example.com", tls, json!({})),
+    ]);
+    let http = weir_tests::scenario::Http::h1();
+    let r = http.get(&format!("{}/good", p.base()), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-upstream-sni"), Some("host.example.com"));
+    let r = http.get(&format!("{}/bad", p.base()), &[]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let conns = up
+        .wait_connections(2, std::time::Duration::from_secs(5))
+        .await;
+    assert!(
+        conns
+            .iter()
+            .any(|c| c.sni.as_deref() == Some("evil.example.com")),
+        "the refused connection sent the endpoint's hostname"
+    );
+
+    // No validation context: refused.
+    let cluster = host_cluster(
+        "c",
+        up.port(),
+        "host.example.com",
+        json!({"auto_sni_san_validation": true}),
+        json!({}),
+    );
+    let target = Target::from_env();
+    let started = Proxy::try_start(target, StartOptions::default(), move |ports| {
+        bootstrap_with(ports, vec![], vec![cluster.clone()], json!({}))
+    });
+    match started {
+        Ok(_) => panic!("{target:?} accepted auto_sni_san_validation without a validation context"),
+        Err(e) => assert!(
+            target.is_envoy() || format!("{e:#}").contains("auto_sni_san_validation"),
+            "{e:#}"
+        ),
+    }
+}

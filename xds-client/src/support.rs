@@ -141,7 +141,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.transport_sockets.tls.v3.TlsSessionTicketKeys", &["keys"]),
     ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", &[
         "common_tls_context", "sni", "max_session_keys", "allow_renegotiation",
-        "~enforce_rsa_key_usage",
+        "~enforce_rsa_key_usage", "auto_host_sni", "auto_sni_san_validation",
     ]),
     ("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext", &[
         "tls_params", "tls_certificates", "tls_certificate_sds_secret_configs", "alpn_protocols",

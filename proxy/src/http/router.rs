@@ -941,10 +941,12 @@ pub async fn forward(
                 cluster.stats.upstream_rq_active.inc();
                 host.active
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let sni = auto_sni(&cluster.config, &req);
+                let tls = cluster.tls_for(&host);
+                let sni = auto_sni(&cluster.config, &req)
+                    .or_else(|| tls.and_then(|t| t.host_sni(&host.hostname)));
                 let fut = cluster.pool_at(kind, f.action.priority).request_with_alpn(
                     host.addr,
-                    cluster.tls_for(&host),
+                    tls,
                     sni,
                     alpn_override.clone(),
                     req,
@@ -1173,13 +1175,10 @@ pub async fn forward(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let client = cluster.pool_at(kind, f.action.priority);
-        let fut = client.request_with_alpn(
-            host.addr,
-            cluster.tls_for(&host),
-            auto_sni(&cluster.config, &req),
-            alpn_override.clone(),
-            req,
-        );
+        let tls = cluster.tls_for(&host);
+        let sni = auto_sni(&cluster.config, &req)
+            .or_else(|| tls.and_then(|t| t.host_sni(&host.hostname)));
+        let fut = client.request_with_alpn(host.addr, tls, sni, alpn_override.clone(), req);
         tokio::pin!(fut);
         // One timer for the attempt: the earliest of the per-try/route
         // deadline and the stream timers, re-armed only when request-body

@@ -105,13 +105,15 @@ impl Validator {
         !self.roots.is_empty()
     }
 
-    /// Validates a peer chain for `usage`.
+    /// Validates a peer chain for `usage` (`skip_san`: the SAN matchers are
+    /// replaced by another check, `auto_sni_san_validation`).
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: KeyUsage,
+        skip_san: bool,
     ) -> Result<(), (Error, VerifyFailure)> {
         let info = CertInfo::parse(end_entity).ok_or((
             Error::InvalidCertificate(CertificateError::BadEncoding),
@@ -133,7 +135,7 @@ impl Validator {
                 ));
             }
         }
-        if !self.san.is_empty() && !san_matches(&self.san, &info) {
+        if !skip_san && !self.san.is_empty() && !san_matches(&self.san, &info) {
             return Err((
                 Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure),
                 VerifyFailure::San,
@@ -263,11 +265,12 @@ fn check(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: KeyUsage,
+    skip_san: bool,
 ) -> Result<(), Error> {
     let Some(v) = validator else {
         return Ok(());
     };
-    v.verify(end_entity, intermediates, now, usage)
+    v.verify(end_entity, intermediates, now, usage, skip_san)
         .map_err(|(e, why)| {
             if let Some(s) = stats {
                 s.count_failure(why);
@@ -364,6 +367,7 @@ impl ClientCertVerifier for ClientVerifier {
             intermediates,
             now,
             KeyUsage::client_auth(),
+            false,
         )
         .map(|()| ClientCertVerified::assertion())
     }
@@ -402,6 +406,9 @@ pub struct ServerVerifier {
     pub stats: Option<Arc<crate::metrics::SslStats>>,
     /// `auto_san_validation`: a DNS SAN must match the SNI sent.
     pub auto_san: bool,
+    /// `auto_sni_san_validation`: a DNS SAN must match the SNI sent, instead
+    /// of the validation context's SAN matchers (no SNI sent: the matchers).
+    pub auto_sni_san: bool,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -413,7 +420,8 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        if self.auto_san {
+        let sni_sent = matches!(server_name, ServerName::DnsName(_));
+        if self.auto_san || self.auto_sni_san {
             if let ServerName::DnsName(name) = server_name {
                 let ok = CertInfo::parse(end_entity).is_some_and(|info| {
                     info.dns_sans
@@ -437,6 +445,7 @@ impl ServerCertVerifier for ServerVerifier {
             intermediates,
             now,
             KeyUsage::server_auth(),
+            self.auto_sni_san && sni_sent,
         )
         .map(|()| ServerCertVerified::assertion())
     }

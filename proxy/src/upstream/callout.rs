@@ -116,9 +116,11 @@ pub(crate) async fn call(
     // Undone on every exit, the caller's timeout dropping this future
     // included.
     let _active = Active(rt.clone(), host.clone());
+    let tls = rt.tls_for(&host);
+    let sni = sni.or_else(|| tls.and_then(|t| t.host_sni(&host.hostname)));
     let resp = rt
         .pool(kind)
-        .request(host.addr, rt.tls_for(&host), sni, request)
+        .request(host.addr, tls, sni, request)
         .await
         .map_err(|e| CalloutError::Failed(e.to_string()))?;
     stats.record_status(resp.status().as_u16());

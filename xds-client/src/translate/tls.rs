@@ -224,16 +224,11 @@ pub fn upstream_tls(p: &tls::UpstreamTlsContext, path: &str) -> Result<UpstreamT
             "TLS renegotiation is not supported (rustls never renegotiates)",
         );
     }
-    if p.auto_host_sni {
-        errs.push(
-            join(path, "auto_host_sni"),
-            "auto_host_sni is not implemented yet",
-        );
-    }
-    if p.auto_sni_san_validation {
+    if p.auto_sni_san_validation && c.validation.is_none() {
+        // Envoy's words: checking the SAN needs a validation context.
         errs.push(
             join(path, "auto_sni_san_validation"),
-            "auto_sni_san_validation is not implemented yet",
+            "'auto_sni_san_validation' was configured without a validation context",
         );
     }
     if !p.sni.is_empty() && rustls_name_ok(&p.sni).is_err() {
