@@ -827,3 +827,23 @@ async fn auto_sni_san_validation_checks_the_sni_sent() {
         ),
     }
 }
+
+/// `/config_dump` never shows ticket keys (Envoy's `keys` is a sensitive
+/// field: redacted as `[redacted]`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_redacts_ticket_keys() {
+    let pki = Pki::new("tickets.test", KeyType::EcdsaP256);
+    let key = ticket_key(9);
+    let p = start(
+        tls_chain(
+            json!({"common_tls_context": pki.common(json!({})), "session_ticket_keys": keys(&[&key])}),
+            "ok",
+        ),
+        vec![json!({"name": "stk", "session_ticket_keys": keys(&[&key])})],
+    );
+    let dump = p.admin("GET", "/config_dump").await;
+    assert_eq!(dump.status, 200);
+    let text = dump.text();
+    assert!(text.contains("session_ticket_keys"), "{text}");
+    assert!(!text.contains(&tls::base64(&key)), "ticket key in /config_dump");
+}
