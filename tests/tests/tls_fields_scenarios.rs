@@ -845,5 +845,8 @@ async fn config_dump_redacts_ticket_keys() {
     assert_eq!(dump.status, 200);
     let text = dump.text();
     assert!(text.contains("session_ticket_keys"), "{text}");
-    assert!(!text.contains(&tls::base64(&key)), "ticket key in /config_dump");
+    assert!(
+        !text.contains(&tls::base64(&key)),
+        "ticket key in /config_dump"
+    );
 }

@@ -269,13 +269,13 @@ mod tests {
     fn malformed_responses_are_errors() {
         assert!(parse(&[]).is_err());
         assert!(parse(&[0x30, 0x03, 0x0a, 0x01, 0x01])
-            .unwrap_err()
+            .expect_err("malformed")
             .contains("unsuccessful"));
         assert!(parse(&[0x30, 0x03, 0x0a, 0x01, 0x00])
-            .unwrap_err()
+            .expect_err("malformed")
             .contains("no body"));
         assert!(parse(&[0x30, 0x03, 0x0a, 0x01, 0x00, 0x00])
-            .unwrap_err()
+            .expect_err("malformed")
             .contains("more than a single"));
     }
 }

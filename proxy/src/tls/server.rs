@@ -69,7 +69,7 @@ struct Key {
 
 /// Envoy's `OcspStapleAction`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Staple {
+enum StapleAction {
     Staple,
     NoStaple,
     Fail,
@@ -90,9 +90,9 @@ fn name_matches(sni: &str, names: &[String]) -> bool {
 
 impl Resolver {
     /// Envoy's `ocspStapleAction` for one certificate.
-    fn action(&self, k: &Key, now: i64) -> Staple {
+    fn action(&self, k: &Key, now: i64) -> StapleAction {
         if !self.ocsp_capable {
-            return Staple::ClientNotCapable;
+            return StapleAction::ClientNotCapable;
         }
         let policy = if k.must_staple {
             OcspStaplePolicy::MustStaple
@@ -101,11 +101,11 @@ impl Resolver {
         };
         let valid = k.ocsp.as_ref().is_some_and(|r| !r.is_expired(now));
         match policy {
-            _ if valid => Staple::Staple,
-            OcspStaplePolicy::Lenient => Staple::NoStaple,
-            OcspStaplePolicy::Strict if k.ocsp.is_some() => Staple::Fail,
-            OcspStaplePolicy::Strict => Staple::NoStaple,
-            OcspStaplePolicy::MustStaple => Staple::Fail,
+            _ if valid => StapleAction::Staple,
+            OcspStaplePolicy::Lenient => StapleAction::NoStaple,
+            OcspStaplePolicy::Strict if k.ocsp.is_some() => StapleAction::Fail,
+            OcspStaplePolicy::Strict => StapleAction::NoStaple,
+            OcspStaplePolicy::MustStaple => StapleAction::Fail,
         }
     }
 
@@ -113,10 +113,15 @@ impl Resolver {
     /// the SNI, else the first the client can verify (skipping those whose
     /// OCSP policy fails, as Envoy), else the first, whatever its policy
     /// says (`Fail`: the handshake fails).
-    fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> Option<(usize, Staple)> {
+    fn pick(
+        &self,
+        sni: Option<&str>,
+        schemes: &[SignatureScheme],
+    ) -> Option<(usize, StapleAction)> {
         let now = super::tickets::unix_now() as i64;
         let ok = |k: &Key| {
-            k.plain.key.choose_scheme(schemes).is_some() && self.action(k, now) != Staple::Fail
+            k.plain.key.choose_scheme(schemes).is_some()
+                && self.action(k, now) != StapleAction::Fail
         };
         sni.and_then(|sni| {
             self.keys
@@ -134,9 +139,9 @@ impl ResolvesServerCert for Resolver {
         let (i, staple) = self.pick(hello.server_name(), hello.signature_schemes())?;
         let k = &self.keys[i];
         match staple {
-            Staple::Fail => None,
-            Staple::Staple => Some(k.stapled.clone().unwrap_or_else(|| k.plain.clone())),
-            Staple::NoStaple | Staple::ClientNotCapable => Some(k.plain.clone()),
+            StapleAction::Fail => None,
+            StapleAction::Staple => Some(k.stapled.clone().unwrap_or_else(|| k.plain.clone())),
+            StapleAction::NoStaple | StapleAction::ClientNotCapable => Some(k.plain.clone()),
         }
     }
 }
@@ -397,10 +402,10 @@ impl ServerTls {
                     self.stats.ocsp_staple_requests.inc();
                 }
                 match picked.map(|(_, s)| s) {
-                    Some(Staple::Staple) => self.stats.ocsp_staple_responses.inc(),
-                    Some(Staple::NoStaple) => self.stats.ocsp_staple_omitted.inc(),
-                    Some(Staple::Fail) => self.stats.ocsp_staple_failed.inc(),
-                    Some(Staple::ClientNotCapable) | None => {}
+                    Some(StapleAction::Staple) => self.stats.ocsp_staple_responses.inc(),
+                    Some(StapleAction::NoStaple) => self.stats.ocsp_staple_omitted.inc(),
+                    Some(StapleAction::Fail) => self.stats.ocsp_staple_failed.inc(),
+                    Some(StapleAction::ClientNotCapable) | None => {}
                 }
             }
             let local = picked.and_then(|(i, _)| built.certs.get(i).cloned());
