@@ -878,13 +878,18 @@ fn dynamic_dump(shared: &Shared, keep: &dyn Fn(&str) -> bool) -> Option<DynamicD
 }
 
 /// Envoy's config_dump redaction of sensitive fields (`private_key`,
-/// `password`): every string below them becomes `[redacted]` (bytes: its
+/// `password`, `session_ticket_keys`): every string below them becomes `[redacted]` (bytes: its
 /// base64).
 fn redact(v: &mut serde_json::Value, sensitive: bool) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, child) in m.iter_mut() {
-                let s = sensitive || k == "private_key" || k == "password";
+                // `session_ticket_keys` are secret too (Envoy's
+                // `TlsSessionTicketKeys.keys` is a sensitive field).
+                let s = sensitive
+                    || k == "private_key"
+                    || k == "password"
+                    || k == "session_ticket_keys";
                 if s && k == "inline_bytes" {
                     *child = "W3JlZGFjdGVkXQ==".into();
                 } else {

@@ -325,6 +325,10 @@ pub struct SslStats {
     pub fail_verify_cert_hash: Arc<Counter>,
     pub fail_verify_no_cert: Arc<Counter>,
     pub session_reused: Arc<Counter>,
+    pub ocsp_staple_requests: Arc<Counter>,
+    pub ocsp_staple_responses: Arc<Counter>,
+    pub ocsp_staple_omitted: Arc<Counter>,
+    pub ocsp_staple_failed: Arc<Counter>,
 }
 
 impl std::fmt::Debug for SslStats {
@@ -344,6 +348,10 @@ impl SslStats {
             fail_verify_cert_hash: store.counter(name("fail_verify_cert_hash")),
             fail_verify_no_cert: store.counter(name("fail_verify_no_cert")),
             session_reused: store.counter(name("session_reused")),
+            ocsp_staple_requests: store.counter(name("ocsp_staple_requests")),
+            ocsp_staple_responses: store.counter(name("ocsp_staple_responses")),
+            ocsp_staple_omitted: store.counter(name("ocsp_staple_omitted")),
+            ocsp_staple_failed: store.counter(name("ocsp_staple_failed")),
         }
     }
 

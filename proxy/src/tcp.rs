@@ -396,7 +396,7 @@ async fn connect(
                 tcp,
                 host.addr,
                 crate::tls::client::AlpnFallback::None,
-                None,
+                t.host_sni(&host.hostname).as_deref(),
                 alpn,
             )
             .await

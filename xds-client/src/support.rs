@@ -137,11 +137,12 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "common_tls_context", "require_client_certificate", "session_timeout",
         "disable_stateless_session_resumption", "disable_stateful_session_resumption",
         "ocsp_staple_policy", "~full_scan_certs_on_sni_mismatch", "prefer_client_ciphers",
-        "~require_sni",
+        "~require_sni", "session_ticket_keys", "session_ticket_keys_sds_secret_config",
     ]),
+    ("envoy.extensions.transport_sockets.tls.v3.TlsSessionTicketKeys", &["keys"]),
     ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", &[
         "common_tls_context", "sni", "max_session_keys", "allow_renegotiation",
-        "~enforce_rsa_key_usage",
+        "~enforce_rsa_key_usage", "auto_host_sni", "auto_sni_san_validation",
     ]),
     ("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext", &[
         "tls_params", "tls_certificates", "tls_certificate_sds_secret_configs", "alpn_protocols",
@@ -152,8 +153,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.extensions.transport_sockets.tls.v3.TlsParameters", &[
         "tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites", "ecdh_curves",
+        "signature_algorithms",
     ]),
-    ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", &["certificate_chain", "private_key"]),
+    ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", &["certificate_chain", "private_key", "ocsp_staple"]),
     ("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", &["name", "sds_config"]),
     ("envoy.config.core.v3.ConfigSource", &[
         "ads", "api_config_source", "path", "path_config_source", "self", "initial_fetch_timeout",
@@ -165,7 +167,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "only_verify_leaf_cert_crl", "max_verify_depth",
     ]),
     ("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", &["san_type", "matcher"]),
-    ("envoy.extensions.transport_sockets.tls.v3.Secret", &["name", "tls_certificate", "validation_context"]),
+    ("envoy.extensions.transport_sockets.tls.v3.Secret", &["name", "tls_certificate", "validation_context", "session_ticket_keys"]),
     ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
     // --- HTTP connection manager
     ("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", &[

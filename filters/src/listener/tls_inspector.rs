@@ -73,6 +73,7 @@ const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const EXT_SERVER_NAME: u16 = 0;
 const EXT_ALPN: u16 = 16;
 const EXT_SUPPORTED_VERSIONS: u16 = 43;
+const EXT_STATUS_REQUEST: u16 = 5;
 const TLS1_0: u16 = 0x0301;
 const TLS1_3: u16 = 0x0304;
 
@@ -87,6 +88,9 @@ pub struct ClientHelloInfo {
     /// Bytes from the start of the buffer to the end of the ClientHello
     /// (Envoy's `tls_inspector.bytes_processed`).
     pub bytes_processed: usize,
+    /// The client asks for the certificate status (`status_request`, OCSP
+    /// stapling).
+    pub status_request: bool,
 }
 
 /// The verdict on a peeked buffer.
@@ -162,10 +166,11 @@ pub fn inspect(buf: &[u8]) -> Inspect<TlsDetect> {
             message,
             bytes_processed,
         } => Inspect::Done(match parse_client_hello(&message) {
-            Ok((sni, alpn)) => TlsDetect::Tls(ClientHelloInfo {
+            Ok((sni, alpn, status_request)) => TlsDetect::Tls(ClientHelloInfo {
                 sni,
                 alpn,
                 bytes_processed,
+                status_request,
             }),
             Err(m) => TlsDetect::Malformed(m),
         }),
@@ -334,7 +339,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-type Hello = (Option<String>, Vec<Vec<u8>>);
+type Hello = (Option<String>, Vec<Vec<u8>>, bool);
 
 /// Parses a ClientHello body; see the module docs for what is checked.
 fn parse_client_hello(body: &[u8]) -> Result<Hello, Malformed> {
@@ -367,6 +372,7 @@ fn parse_client_hello(body: &[u8]) -> Result<Hello, Malformed> {
     let mut server_name = None;
     let mut alpn = None;
     let mut supported_versions = None;
+    let mut status_request = false;
     let mut r = Reader::new(extensions);
     while !r.is_empty() {
         let typ = r.u16().ok_or(Malformed::Syntax)?;
@@ -378,6 +384,7 @@ fn parse_client_hello(body: &[u8]) -> Result<Hello, Malformed> {
             EXT_SERVER_NAME => server_name = Some(data),
             EXT_ALPN => alpn = Some(data),
             EXT_SUPPORTED_VERSIONS => supported_versions = Some(data),
+            EXT_STATUS_REQUEST => status_request = true,
             _ => {}
         }
     }
@@ -391,7 +398,7 @@ fn parse_client_hello(body: &[u8]) -> Result<Hello, Malformed> {
         return Err(Malformed::Compression);
     }
     let alpn = alpn.and_then(parse_alpn).unwrap_or_default();
-    Ok((sni, alpn))
+    Ok((sni, alpn, status_request))
 }
 
 /// As BoringSSL's `extract_sni`: exactly one entry, of type host_name,

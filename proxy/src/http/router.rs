@@ -1591,11 +1591,12 @@ fn send_try<'a>(
 ) -> impl std::future::Future<
     Output = Result<Response<hyper::body::Incoming>, crate::upstream::PoolError>,
 > + 'a {
+    let dest = cluster.dest(host);
     let dest = crate::upstream::pool::Dest {
-        sni: auto_sni(&cluster.config, &req),
+        sni: auto_sni(&cluster.config, &req).or(dest.sni),
         alpn,
         source: Some(source),
-        ..cluster.dest(host)
+        ..dest
     };
     cluster.pool_at(kind, priority).request(dest, req)
 }

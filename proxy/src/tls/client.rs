@@ -101,6 +101,14 @@ impl ClientTls {
         }
     }
 
+    /// `auto_host_sni`: the SNI for a host, its hostname (`Endpoint.hostname`
+    /// or the DNS name it was resolved from) when it has one. Callers use it
+    /// after `auto_sni` (the request's host wins, as Envoy) and before the
+    /// context's `sni` (which `connect_with` falls back to).
+    pub fn host_sni(&self, hostname: &str) -> Option<Arc<str>> {
+        (self.config.auto_host_sni && !hostname.is_empty()).then(|| hostname.into())
+    }
+
     /// The client certificate, for `/certs`.
     pub fn cert_info(&self) -> Option<CertInfo> {
         self.built.load().cert.clone()
@@ -205,6 +213,7 @@ fn build(
     auto_san: bool,
 ) -> Result<Built, String> {
     let provider = provider(&c.params);
+    let schemes = super::signature_schemes(&c.params);
     let mut stamps = FileStamps::default();
     let validator = match &c.validation {
         Some(v) => Some(validator(
@@ -219,8 +228,10 @@ fn build(
     let verifier = Arc::new(ServerVerifier {
         validator,
         algs: provider.signature_verification_algorithms,
+        allowed: schemes.clone(),
         stats: Some(stats.clone()),
         auto_san,
+        auto_sni_san: c.auto_sni_san_validation,
     });
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions(&c.params))
@@ -238,6 +249,7 @@ fn build(
                 },
             };
             let (ck, info) = load_certified_key(&t, &provider, &mut stamps)?;
+            let ck = super::restrict_signing(ck, schemes.as_deref());
             cert = Some(info);
             builder.with_client_cert_resolver(Arc::new(ClientCert(ck)))
         }

@@ -10,14 +10,16 @@ use std::{
 
 use rustls::{
     crypto::{ring as rp, CryptoProvider},
-    sign::CertifiedKey,
-    SupportedCipherSuite, SupportedProtocolVersion,
+    sign::{CertifiedKey, Signer, SigningKey},
+    SignatureScheme, SupportedCipherSuite, SupportedProtocolVersion,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use xds_client::config::{CertData, CipherSuite, Curve, TlsCertificate, TlsParams, TlsVersion};
 
 pub mod client;
+pub mod ocsp;
 pub mod server;
+pub mod tickets;
 pub mod verify;
 
 pub use client::ClientTls;
@@ -102,6 +104,74 @@ pub fn load_certified_key(
         )
     })?;
     Ok((Arc::new(ck), info))
+}
+
+/// `signature_algorithms` as rustls schemes, in preference order (`None`:
+/// not configured, rustls' defaults).
+pub fn signature_schemes(params: &TlsParams) -> Option<Vec<SignatureScheme>> {
+    use xds_client::config::SignatureAlgorithm as A;
+    (!params.signature_algorithms.is_empty()).then(|| {
+        params
+            .signature_algorithms
+            .iter()
+            .map(|a| match a {
+                A::RsaPkcs1Sha256 => SignatureScheme::RSA_PKCS1_SHA256,
+                A::RsaPkcs1Sha384 => SignatureScheme::RSA_PKCS1_SHA384,
+                A::RsaPkcs1Sha512 => SignatureScheme::RSA_PKCS1_SHA512,
+                A::EcdsaSecp256r1Sha256 => SignatureScheme::ECDSA_NISTP256_SHA256,
+                A::EcdsaSecp384r1Sha384 => SignatureScheme::ECDSA_NISTP384_SHA384,
+                A::RsaPssRsaeSha256 => SignatureScheme::RSA_PSS_SHA256,
+                A::RsaPssRsaeSha384 => SignatureScheme::RSA_PSS_SHA384,
+                A::RsaPssRsaeSha512 => SignatureScheme::RSA_PSS_SHA512,
+                A::Ed25519 => SignatureScheme::ED25519,
+            })
+            .collect()
+    })
+}
+
+/// A signing key that signs only with the configured schemes, in their
+/// order (BoringSSL's signing preferences: the first configured scheme the
+/// peer offered and the key can do). None in common: the handshake fails.
+#[derive(Debug)]
+struct RestrictedKey {
+    inner: Arc<dyn SigningKey>,
+    allowed: Vec<SignatureScheme>,
+}
+
+impl SigningKey for RestrictedKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        self.allowed
+            .iter()
+            .filter(|s| offered.contains(s))
+            .find_map(|s| self.inner.choose_scheme(&[*s]))
+    }
+    fn public_key(&self) -> Option<rustls_pki_types::SubjectPublicKeyInfoDer<'_>> {
+        self.inner.public_key()
+    }
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.inner.algorithm()
+    }
+}
+
+/// Restricts a loaded identity's signatures to `allowed` (when configured).
+pub fn restrict_signing(
+    ck: Arc<CertifiedKey>,
+    allowed: Option<&[SignatureScheme]>,
+) -> Arc<CertifiedKey> {
+    match allowed {
+        None => ck,
+        Some(a) => {
+            let mut out = CertifiedKey::new(
+                ck.cert.clone(),
+                Arc::new(RestrictedKey {
+                    inner: ck.key.clone(),
+                    allowed: a.to_vec(),
+                }),
+            );
+            out.ocsp = ck.ocsp.clone();
+            Arc::new(out)
+        }
+    }
 }
 
 /// A crypto provider restricted to the configured suites and groups.

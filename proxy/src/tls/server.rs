@@ -18,23 +18,26 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{server::TlsStream, LazyConfigAcceptor};
-use xds_client::config::{DownstreamTls, Name, Secret, SecretRef, ValidationRef};
+use xds_client::config::{DownstreamTls, Name, OcspStaplePolicy, Secret, SecretRef, ValidationRef};
 
 use super::{
     load_certified_key, provider, verify::ClientVerifier, verify::Validator, versions, CertInfo,
     DownstreamTlsInfo, FileStamps,
 };
-use crate::metrics::SslStats;
+use crate::{io::Rewind, metrics::SslStats};
 
 pub type Secrets = Arc<BTreeMap<Name, Arc<Secret>>>;
 
 struct Built {
-    with_alpn: Arc<ServerConfig>,
-    without_alpn: Arc<ServerConfig>,
-    /// The certificate choice both configs use (to know, per handshake,
-    /// which of `certs` was presented).
-    resolver: Arc<Resolver>,
-    /// Parallel to `resolver.keys`.
+    /// Server configs by [ALPN overlap][client asks for OCSP status].
+    configs: [[Arc<ServerConfig>; 2]; 2],
+    /// The certificate choice of those configs, by [client asks for OCSP
+    /// status] (to know, per handshake, which of `certs` was presented).
+    resolvers: [Arc<Resolver>; 2],
+    /// Stapling can change the choice: the ClientHello is read first to
+    /// see whether the client asks for the certificate status.
+    ocsp: bool,
+    /// Parallel to the resolvers' keys.
     certs: Vec<CertInfo>,
     ca: Vec<CertInfo>,
     stamps: FileStamps,
@@ -51,9 +54,34 @@ pub struct ServerTls {
     stats: Arc<SslStats>,
 }
 
+/// One certificate of a context.
+#[derive(Debug)]
+struct Key {
+    plain: Arc<CertifiedKey>,
+    /// The same with its OCSP response (rustls staples it only for clients
+    /// that ask).
+    stapled: Option<Arc<CertifiedKey>>,
+    names: Vec<String>,
+    ocsp: Option<super::ocsp::OcspResponse>,
+    /// The certificate has the must-staple extension: MUST_STAPLE for it.
+    must_staple: bool,
+}
+
+/// Envoy's `OcspStapleAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StapleAction {
+    Staple,
+    NoStaple,
+    Fail,
+    ClientNotCapable,
+}
+
 #[derive(Debug)]
 struct Resolver {
-    keys: Vec<(Arc<CertifiedKey>, Vec<String>)>,
+    keys: Arc<Vec<Key>>,
+    policy: OcspStaplePolicy,
+    /// This resolver serves ClientHellos with `status_request`.
+    ocsp_capable: bool,
 }
 
 fn name_matches(sni: &str, names: &[String]) -> bool {
@@ -61,24 +89,60 @@ fn name_matches(sni: &str, names: &[String]) -> bool {
 }
 
 impl Resolver {
-    /// The index of the key for a ClientHello: one whose names match the
-    /// SNI, else the first the client can verify, else the first.
-    fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> Option<usize> {
-        let usable = |k: &CertifiedKey| k.key.choose_scheme(schemes).is_some();
+    /// Envoy's `ocspStapleAction` for one certificate.
+    fn action(&self, k: &Key, now: i64) -> StapleAction {
+        if !self.ocsp_capable {
+            return StapleAction::ClientNotCapable;
+        }
+        let policy = if k.must_staple {
+            OcspStaplePolicy::MustStaple
+        } else {
+            self.policy
+        };
+        let valid = k.ocsp.as_ref().is_some_and(|r| !r.is_expired(now));
+        match policy {
+            _ if valid => StapleAction::Staple,
+            OcspStaplePolicy::Lenient => StapleAction::NoStaple,
+            OcspStaplePolicy::Strict if k.ocsp.is_some() => StapleAction::Fail,
+            OcspStaplePolicy::Strict => StapleAction::NoStaple,
+            OcspStaplePolicy::MustStaple => StapleAction::Fail,
+        }
+    }
+
+    /// The key for a ClientHello and its stapling: one whose names match
+    /// the SNI, else the first the client can verify (skipping those whose
+    /// OCSP policy fails, as Envoy), else the first, whatever its policy
+    /// says (`Fail`: the handshake fails).
+    fn pick(
+        &self,
+        sni: Option<&str>,
+        schemes: &[SignatureScheme],
+    ) -> Option<(usize, StapleAction)> {
+        let now = super::tickets::unix_now() as i64;
+        let ok = |k: &Key| {
+            k.plain.key.choose_scheme(schemes).is_some()
+                && self.action(k, now) != StapleAction::Fail
+        };
         sni.and_then(|sni| {
             self.keys
                 .iter()
-                .position(|(k, names)| name_matches(sni, names) && usable(k))
+                .position(|k| name_matches(sni, &k.names) && ok(k))
         })
-        .or_else(|| self.keys.iter().position(|(k, _)| usable(k)))
+        .or_else(|| self.keys.iter().position(ok))
         .or((!self.keys.is_empty()).then_some(0))
+        .map(|i| (i, self.action(&self.keys[i], now)))
     }
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.pick(hello.server_name(), hello.signature_schemes())
-            .map(|i| self.keys[i].0.clone())
+        let (i, staple) = self.pick(hello.server_name(), hello.signature_schemes())?;
+        let k = &self.keys[i];
+        match staple {
+            StapleAction::Fail => None,
+            StapleAction::Staple => Some(k.stapled.clone().unwrap_or_else(|| k.plain.clone())),
+            StapleAction::NoStaple | StapleAction::ClientNotCapable => Some(k.plain.clone()),
+        }
     }
 }
 
@@ -113,9 +177,9 @@ impl ServerTls {
             config,
             secrets: ArcSwap::new(secrets),
             built: ArcSwap::from_pointee(Built {
-                with_alpn: Arc::new(placeholder()),
-                without_alpn: Arc::new(placeholder()),
-                resolver: Arc::new(Resolver { keys: vec![] }),
+                configs: std::array::from_fn(|_| std::array::from_fn(|_| Arc::new(placeholder()))),
+                resolvers: std::array::from_fn(|_| Arc::new(Resolver::empty())),
+                ocsp: false,
                 certs: vec![],
                 ca: vec![],
                 stamps: FileStamps::default(),
@@ -132,6 +196,7 @@ impl ServerTls {
     fn build(&self) -> Result<Built, String> {
         let c = &self.config;
         let provider = provider(&c.params);
+        let schemes = super::signature_schemes(&c.params);
         let mut stamps = FileStamps::default();
         let mut keys = Vec::new();
         let mut certs = Vec::new();
@@ -144,6 +209,7 @@ impl ServerTls {
                 },
             };
             let (ck, info) = load_certified_key(&t, &provider, &mut stamps)?;
+            let ck = super::restrict_signing(ck, schemes.as_deref());
             let mut names = info.dns_sans.clone();
             if names.is_empty() {
                 // No DNS SAN: the subject CN names the host.
@@ -151,9 +217,19 @@ impl ServerTls {
                     names.push(cn.to_owned());
                 }
             }
-            keys.push((ck, names));
+            let (ocsp, stapled, must_staple) =
+                ocsp_staple(&t, &ck, c.ocsp_staple_policy, &mut stamps)?;
+            keys.push(Key {
+                plain: ck,
+                stapled,
+                names,
+                ocsp,
+                must_staple,
+            });
             certs.push(info);
         }
+        let ocsp = c.ocsp_staple_policy != OcspStaplePolicy::Lenient
+            || keys.iter().any(|k| k.ocsp.is_some() || k.must_staple);
         let algs = provider.signature_verification_algorithms;
         let validator = match &c.validation {
             None => None,
@@ -167,28 +243,67 @@ impl ServerTls {
             validator,
             mandatory: c.require_client_cert,
             algs,
+            allowed: schemes.clone(),
             stats: Some(self.stats.clone()),
         });
-        let resolver = Arc::new(Resolver { keys });
+        let keys = Arc::new(keys);
+        let resolvers = [false, true].map(|ocsp_capable| {
+            Arc::new(Resolver {
+                keys: keys.clone(),
+                policy: c.ocsp_staple_policy,
+                ocsp_capable,
+            })
+        });
         let mut cfg = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&versions(&c.params))
             .map_err(|e| format!("{}.common_tls_context.tls_params: {e}", c.path))?
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(resolver.clone());
+            .with_cert_resolver(resolvers[0].clone());
         cfg.session_storage = self.sessions.clone();
-        if c.session_tickets {
+        if let Some(keys) = &c.ticket_keys {
+            // Configured keys: tickets open on every context with the same
+            // keys and session context (other chains, other instances).
+            let keys = match keys {
+                SecretRef::Inline(k) => k.clone(),
+                SecretRef::Sds(n) => match self.secrets.load().get(n).map(|s| &**s) {
+                    Some(Secret::SessionTicketKeys(k)) => k.clone(),
+                    _ => {
+                        return Err(format!(
+                            "{}: session ticket keys secret {n:?} is not available",
+                            c.path
+                        ))
+                    }
+                },
+            };
+            let lifetime = c
+                .session_timeout
+                .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+                .unwrap_or(super::tickets::DEFAULT_LIFETIME_SECS);
+            let context = session_context(c, &certs, &ca, &self.secrets.load_full());
+            cfg.ticketer = Arc::new(super::tickets::KeyTicketer::new(&keys, context, lifetime));
+            cfg.send_tls13_tickets = 2;
+        } else if c.session_tickets {
             cfg.ticketer = self.ticketer.clone();
             cfg.send_tls13_tickets = 2;
         } else {
             cfg.send_tls13_tickets = 0;
         }
         cfg.ignore_client_order = !c.prefer_client_ciphers;
-        let without_alpn = Arc::new(cfg.clone());
-        cfg.alpn_protocols = c.alpn.clone();
+        let variant = |alpn: bool, ocsp_capable: bool| {
+            let mut v = cfg.clone();
+            if alpn {
+                v.alpn_protocols = c.alpn.clone();
+            }
+            v.cert_resolver = resolvers[usize::from(ocsp_capable)].clone();
+            Arc::new(v)
+        };
         Ok(Built {
-            with_alpn: Arc::new(cfg),
-            without_alpn,
-            resolver,
+            configs: [
+                [variant(false, false), variant(false, true)],
+                [variant(true, false), variant(true, true)],
+            ],
+            resolvers,
+            ocsp,
             certs,
             ca,
             stamps,
@@ -252,36 +367,48 @@ impl ServerTls {
     }
 
     /// Runs the handshake on `io`.
-    pub async fn accept<IO>(
+    pub async fn accept<T>(
         &self,
-        io: IO,
+        io: Rewind<T>,
         timeout: Option<Duration>,
-    ) -> Result<(TlsStream<IO>, DownstreamTlsInfo), String>
+    ) -> Result<(TlsStream<Rewind<T>>, DownstreamTlsInfo), String>
     where
-        IO: AsyncRead + AsyncWrite + Unpin,
+        T: AsyncRead + AsyncWrite + Unpin,
     {
         let hs = async {
-            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
             let built = self.built.load_full();
+            let (io, ocsp_capable) = if built.ocsp {
+                asks_certificate_status(io).await?
+            } else {
+                (io, false)
+            };
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
             let hello = start.client_hello();
+            let alpn = &built.configs[1][0].alpn_protocols;
             let overlap = match hello.alpn() {
                 Some(mut offered) => {
-                    built.with_alpn.alpn_protocols.is_empty()
-                        || offered.any(|p| built.with_alpn.alpn_protocols.iter().any(|a| a == p))
+                    alpn.is_empty() || offered.any(|p| alpn.iter().any(|a| a == p))
                 }
                 None => true,
             };
-            let cfg = if overlap {
-                built.with_alpn.clone()
-            } else {
-                built.without_alpn.clone()
-            };
+            let cfg = built.configs[usize::from(overlap)][usize::from(ocsp_capable)].clone();
             // The certificate this handshake presents (the resolver makes
             // the same choice), for %DOWNSTREAM_LOCAL_*% and XFCC `By=`.
-            let local = built
-                .resolver
-                .pick(hello.server_name(), hello.signature_schemes())
-                .and_then(|i| built.certs.get(i).cloned());
+            let picked = built.resolvers[usize::from(ocsp_capable)]
+                .pick(hello.server_name(), hello.signature_schemes());
+            if built.ocsp {
+                // As Envoy's certificate selector.
+                if ocsp_capable {
+                    self.stats.ocsp_staple_requests.inc();
+                }
+                match picked.map(|(_, s)| s) {
+                    Some(StapleAction::Staple) => self.stats.ocsp_staple_responses.inc(),
+                    Some(StapleAction::NoStaple) => self.stats.ocsp_staple_omitted.inc(),
+                    Some(StapleAction::Fail) => self.stats.ocsp_staple_failed.inc(),
+                    Some(StapleAction::ClientNotCapable) | None => {}
+                }
+            }
+            let local = picked.and_then(|(i, _)| built.certs.get(i).cloned());
             start.into_stream(cfg).await.map(|s| (s, local))
         };
         let res = match timeout {
@@ -330,6 +457,82 @@ impl ServerTls {
         };
         Ok((stream, info))
     }
+}
+
+/// Reads the ClientHello (and puts it back) to learn whether the client
+/// asks for the certificate status (`status_request`). Anything that is not
+/// a well-formed hello is left to rustls to refuse.
+async fn asks_certificate_status<T: AsyncRead + Unpin>(
+    io: Rewind<T>,
+) -> std::io::Result<(Rewind<T>, bool)> {
+    use filters::listener::{
+        tls_inspector::{inspect, TlsDetect, MAX_CLIENT_HELLO},
+        Inspect,
+    };
+    use tokio::io::AsyncReadExt;
+    let (mut buf, mut inner) = io.into_parts();
+    let asks = loop {
+        match inspect(&buf) {
+            Inspect::Done(TlsDetect::Tls(h)) => break h.status_request,
+            Inspect::Done(_) => break false,
+            Inspect::NeedMore if buf.len() >= MAX_CLIENT_HELLO => break false,
+            Inspect::NeedMore => {}
+        }
+        if inner.read_buf(&mut buf).await? == 0 {
+            break false;
+        }
+    };
+    Ok((Rewind::new(buf, inner), asks))
+}
+
+/// A certificate's OCSP response (`ocsp_staple`) checked as Envoy does at
+/// load: it parses, is for this certificate, and is present when the policy
+/// or the certificate (must-staple extension) requires one. Returns the
+/// response, the stapled identity and whether the certificate is must-staple.
+#[allow(clippy::type_complexity)]
+fn ocsp_staple(
+    t: &xds_client::config::TlsCertificate,
+    ck: &Arc<CertifiedKey>,
+    policy: OcspStaplePolicy,
+    stamps: &mut FileStamps,
+) -> Result<
+    (
+        Option<super::ocsp::OcspResponse>,
+        Option<Arc<CertifiedKey>>,
+        bool,
+    ),
+    String,
+> {
+    let leaf = ck.cert.first().map(|c| c.as_ref()).unwrap_or_default();
+    let must_staple = super::ocsp::is_must_staple(leaf);
+    let Some(d) = &t.ocsp_staple else {
+        if must_staple {
+            return Err(format!(
+                "{}: OCSP response is required for must-staple certificate",
+                t.path
+            ));
+        }
+        if policy == OcspStaplePolicy::MustStaple {
+            return Err(format!(
+                "{}: Required OCSP response is missing from TLS context",
+                t.path
+            ));
+        }
+        return Ok((None, None, false));
+    };
+    stamps.add(d);
+    let der = super::read(d).map_err(|e| format!("{}.ocsp_staple: {e}", t.path))?;
+    let resp = super::ocsp::parse(&der).map_err(|e| format!("{}.ocsp_staple: {e}", t.path))?;
+    let serial = super::ocsp::cert_serial(leaf).unwrap_or_default();
+    if !resp.matches_serial(&serial) {
+        return Err(format!(
+            "{}.ocsp_staple: OCSP response does not match its TLS certificate",
+            t.path
+        ));
+    }
+    let mut stapled = (**ck).clone();
+    stapled.ocsp = Some(der.to_vec());
+    Ok((Some(resp), Some(Arc::new(stapled)), must_staple))
 }
 
 /// Session state that expires after `session_timeout`: an 8-byte creation
@@ -392,6 +595,80 @@ impl StoresServerSessions for Expiring<dyn StoresServerSessions> {
     }
 }
 
+/// The session context of a TLS context, as Envoy's session id context:
+/// the certificates' subject CN, DNS/URI/IP SANs and issuer, the trusted
+/// CAs and the rest of the validation settings, and the filter chain's
+/// server names. Tickets sealed with shared keys open only where this is
+/// the same, so a session never resumes into a context that would not have
+/// accepted the original handshake (another CA, other names).
+fn session_context(
+    c: &DownstreamTls,
+    certs: &[CertInfo],
+    ca: &[CertInfo],
+    secrets: &Secrets,
+) -> [u8; 32] {
+    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut put = |b: &[u8]| {
+        d.update(&(b.len() as u64).to_be_bytes());
+        d.update(b);
+    };
+    for info in certs {
+        if let Some(cn) = info.subject.split(',').find_map(|p| p.strip_prefix("CN=")) {
+            put(cn.as_bytes());
+        }
+        for san in info
+            .dns_sans
+            .iter()
+            .chain(&info.uri_sans)
+            .chain(&info.ip_sans)
+        {
+            put(san.as_bytes());
+        }
+        put(info.issuer.as_bytes());
+    }
+    put(b"--");
+    for info in ca {
+        put(&info.sha256);
+    }
+    // The validation settings without their field paths (the same context
+    // on two listeners has two paths).
+    let sds = |n: &Name| match secrets.get(n).map(|s| &**s) {
+        Some(Secret::Validation(v)) => Some(v),
+        _ => None,
+    };
+    let contexts: Vec<&xds_client::config::CertValidation> = match &c.validation {
+        None => vec![],
+        Some(ValidationRef::Inline(v)) => vec![v],
+        Some(ValidationRef::Sds(n)) => sds(n).into_iter().collect(),
+        Some(ValidationRef::Combined { default, sds: n }) => {
+            std::iter::once(default).chain(sds(n)).collect()
+        }
+    };
+    for v in contexts {
+        put(format!(
+            "{:?}/{:?}/{:?}/{}/{}/{}/{:?}/{}",
+            v.san_matchers,
+            v.spki_hashes,
+            v.cert_hashes,
+            v.allow_expired,
+            v.accept_untrusted,
+            v.only_verify_leaf_cert_crl,
+            v.max_verify_depth,
+            v.crl.is_some(),
+        )
+        .as_bytes());
+    }
+    put(&[u8::from(c.require_client_cert)]);
+    put(b"--");
+    for n in &c.chain_server_names {
+        put(n.as_bytes());
+    }
+    let out = d.finish();
+    let mut id = [0u8; 32];
+    id.copy_from_slice(out.as_ref());
+    id
+}
+
 /// Builds the validator a validation reference names.
 pub fn validator(
     v: &ValidationRef,
@@ -430,6 +707,16 @@ fn ca_infos(v: &ValidationRef, secrets: &Secrets) -> Vec<CertInfo> {
         .unwrap_or_default()
 }
 
+impl Resolver {
+    fn empty() -> Resolver {
+        Resolver {
+            keys: Arc::default(),
+            policy: OcspStaplePolicy::Lenient,
+            ocsp_capable: false,
+        }
+    }
+}
+
 /// A config that is never used for a handshake (replaced before `new`
 /// returns).
 fn placeholder() -> ServerConfig {
@@ -437,5 +724,5 @@ fn placeholder() -> ServerConfig {
         .with_safe_default_protocol_versions()
         .expect("ring supports the default versions")
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Resolver { keys: vec![] }))
+        .with_cert_resolver(Arc::new(Resolver::empty()))
 }

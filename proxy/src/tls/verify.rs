@@ -105,13 +105,15 @@ impl Validator {
         !self.roots.is_empty()
     }
 
-    /// Validates a peer chain for `usage`.
+    /// Validates a peer chain for `usage` (`skip_san`: the SAN matchers are
+    /// replaced by another check, `auto_sni_san_validation`).
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: KeyUsage,
+        skip_san: bool,
     ) -> Result<(), (Error, VerifyFailure)> {
         let info = CertInfo::parse(end_entity).ok_or((
             Error::InvalidCertificate(CertificateError::BadEncoding),
@@ -133,7 +135,7 @@ impl Validator {
                 ));
             }
         }
-        if !self.san.is_empty() && !san_matches(&self.san, &info) {
+        if !skip_san && !self.san.is_empty() && !san_matches(&self.san, &info) {
             return Err((
                 Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure),
                 VerifyFailure::San,
@@ -263,11 +265,12 @@ fn check(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: KeyUsage,
+    skip_san: bool,
 ) -> Result<(), Error> {
     let Some(v) = validator else {
         return Ok(());
     };
-    v.verify(end_entity, intermediates, now, usage)
+    v.verify(end_entity, intermediates, now, usage, skip_san)
         .map_err(|(e, why)| {
             if let Some(s) = stats {
                 s.count_failure(why);
@@ -302,12 +305,42 @@ fn map_err(e: webpki::Error) -> Error {
     })
 }
 
+/// The schemes advertised to the peer: `allowed` (in its order) that the
+/// provider implements, else all the provider's.
+fn supported_schemes(
+    algs: &WebPkiSupportedAlgorithms,
+    allowed: Option<&[SignatureScheme]>,
+) -> Vec<SignatureScheme> {
+    let all = algs.supported_schemes();
+    match allowed {
+        Some(a) => a.iter().copied().filter(|s| all.contains(s)).collect(),
+        None => all,
+    }
+}
+
+/// A peer's handshake signature must use an allowed scheme (rustls already
+/// refuses schemes it did not advertise; this keeps the rule local).
+fn scheme_allowed(
+    allowed: Option<&[SignatureScheme]>,
+    dss: &DigitallySignedStruct,
+) -> Result<(), Error> {
+    match allowed {
+        Some(a) if !a.contains(&dss.scheme) => Err(Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Client-certificate verifier for a downstream TLS context.
 #[derive(Debug)]
 pub struct ClientVerifier {
     pub validator: Option<Validator>,
     pub mandatory: bool,
     pub algs: WebPkiSupportedAlgorithms,
+    /// `signature_algorithms`: the schemes accepted from the peer (and
+    /// advertised), in preference order; `None`: all of `algs`.
+    pub allowed: Option<Vec<SignatureScheme>>,
     pub stats: Option<Arc<crate::metrics::SslStats>>,
 }
 
@@ -334,6 +367,7 @@ impl ClientCertVerifier for ClientVerifier {
             intermediates,
             now,
             KeyUsage::client_auth(),
+            false,
         )
         .map(|()| ClientCertVerified::assertion())
     }
@@ -343,6 +377,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls12_signature(message, cert, dss, &self.algs)
     }
     fn verify_tls13_signature(
@@ -351,10 +386,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls13_signature(message, cert, dss, &self.algs)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        supported_schemes(&self.algs, self.allowed.as_deref())
     }
 }
 
@@ -365,9 +401,14 @@ impl ClientCertVerifier for ClientVerifier {
 pub struct ServerVerifier {
     pub validator: Option<Validator>,
     pub algs: WebPkiSupportedAlgorithms,
+    /// As [`ClientVerifier::allowed`].
+    pub allowed: Option<Vec<SignatureScheme>>,
     pub stats: Option<Arc<crate::metrics::SslStats>>,
     /// `auto_san_validation`: a DNS SAN must match the SNI sent.
     pub auto_san: bool,
+    /// `auto_sni_san_validation`: a DNS SAN must match the SNI sent, instead
+    /// of the validation context's SAN matchers (no SNI sent: the matchers).
+    pub auto_sni_san: bool,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -379,7 +420,8 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        if self.auto_san {
+        let sni_sent = matches!(server_name, ServerName::DnsName(_));
+        if self.auto_san || self.auto_sni_san {
             if let ServerName::DnsName(name) = server_name {
                 let ok = CertInfo::parse(end_entity).is_some_and(|info| {
                     info.dns_sans
@@ -403,6 +445,7 @@ impl ServerCertVerifier for ServerVerifier {
             intermediates,
             now,
             KeyUsage::server_auth(),
+            self.auto_sni_san && sni_sent,
         )
         .map(|()| ServerCertVerified::assertion())
     }
@@ -412,6 +455,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls12_signature(message, cert, dss, &self.algs)
     }
     fn verify_tls13_signature(
@@ -420,9 +464,10 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        scheme_allowed(self.allowed.as_deref(), dss)?;
         verify_tls13_signature(message, cert, dss, &self.algs)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        supported_schemes(&self.algs, self.allowed.as_deref())
     }
 }

@@ -119,12 +119,13 @@ pub(crate) async fn call(
     // Undone on every exit, the caller's timeout dropping this future
     // included.
     let _active = Active(rt.clone(), host.clone());
+    let dest = rt.dest(&host);
     let resp = rt
         .pool(kind)
         .request(
             pool::Dest {
-                sni,
-                ..rt.dest(&host)
+                sni: sni.or(dest.sni),
+                ..dest
             },
             request,
         )

@@ -981,11 +981,14 @@ impl ClusterRuntime {
     /// Where a request to `host` goes: its address and transport socket
     /// (SNI, ALPN override and PROXY protocol source unset).
     pub fn dest(&self, host: &Host) -> pool::Dest<'_> {
+        let tls = self.tls_for(host);
         pool::Dest {
             addr: host.addr,
-            tls: self.tls_for(host),
+            tls,
             proxy_protocol: self.proxy_protocol_for(host).map(|p| &**p),
-            sni: None,
+            // `auto_host_sni`: the endpoint's hostname; `auto_sni` from the
+            // request replaces it (the caller's `sni`).
+            sni: tls.and_then(|t| t.host_sni(&host.hostname)),
             alpn: None,
             source: None,
         }

@@ -20,6 +20,9 @@ pub enum CertData {
 pub struct TlsCertificate {
     pub chain: CertData,
     pub key: CertData,
+    /// `ocsp_staple`: a DER OCSP response for the leaf, stapled to
+    /// handshakes whose client asks for the certificate status.
+    pub ocsp_staple: Option<CertData>,
     /// Field path, for errors found when the proxy loads it.
     pub path: String,
 }
@@ -38,6 +41,61 @@ pub enum SecretRef<T> {
 pub enum Secret {
     Certificate(TlsCertificate),
     Validation(CertValidation),
+    SessionTicketKeys(SessionTicketKeys),
+}
+
+/// One session ticket key in Envoy's 80-byte layout: a 16-byte name (sent
+/// in the clear, picks the key when a ticket comes back), then 32 bytes of
+/// HMAC key and 32 bytes of AES key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionTicketKey {
+    pub name: [u8; 16],
+    pub hmac: [u8; 32],
+    pub aes: [u8; 32],
+}
+
+impl std::fmt::Debug for SessionTicketKey {
+    // Secret material stays out of logs and debug dumps: only the name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name: String = self.name.iter().map(|b| format!("{b:02x}")).collect();
+        f.debug_struct("SessionTicketKey")
+            .field("name", &name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `TlsSessionTicketKeys`: the first key encrypts new tickets, every key
+/// decrypts (rotation: the new key first, the previous one after it).
+/// Never empty.
+pub type SessionTicketKeys = Arc<[SessionTicketKey]>;
+
+/// `ocsp_staple_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OcspStaplePolicy {
+    /// A missing or expired response: the certificate is used unstapled.
+    #[default]
+    Lenient,
+    /// An expired response: the certificate is not used for clients that
+    /// ask for the status; a missing one: used unstapled.
+    Strict,
+    /// Every certificate needs a response (a config error otherwise); an
+    /// expired one: not used for clients that ask for the status.
+    MustStaple,
+}
+
+/// TLS signature schemes by Envoy's (BoringSSL's) names, the ones rustls
+/// with ring implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SignatureAlgorithm {
+    RsaPkcs1Sha256,
+    RsaPkcs1Sha384,
+    RsaPkcs1Sha512,
+    EcdsaSecp256r1Sha256,
+    EcdsaSecp384r1Sha384,
+    RsaPssRsaeSha256,
+    RsaPssRsaeSha384,
+    RsaPssRsaeSha512,
+    Ed25519,
 }
 
 /// TLS protocol versions weir speaks (1.0 and 1.1 are never offered).
@@ -75,6 +133,9 @@ pub struct TlsParams {
     pub cipher_suites: Vec<CipherSuite>,
     /// Empty = rustls' defaults (X25519, P-256, P-384).
     pub curves: Vec<Curve>,
+    /// `signature_algorithms`, in preference order: what weir signs with
+    /// and what it accepts from the peer. Empty = rustls' defaults.
+    pub signature_algorithms: Vec<SignatureAlgorithm>,
 }
 
 impl Default for TlsParams {
@@ -84,6 +145,7 @@ impl Default for TlsParams {
             max_version: TlsVersion::V1_3,
             cipher_suites: Vec::new(),
             curves: Vec::new(),
+            signature_algorithms: Vec::new(),
         }
     }
 }
@@ -145,6 +207,14 @@ pub struct DownstreamTls {
     /// Stateless resumption with tickets (off with
     /// `disable_stateless_session_resumption`).
     pub session_tickets: bool,
+    /// `session_ticket_keys` (inline) or `session_ticket_keys_sds_secret_config`;
+    /// `None`: weir's own rotating keys.
+    pub ticket_keys: Option<SecretRef<SessionTicketKeys>>,
+    /// The filter chain's `filter_chain_match.server_names`: part of the
+    /// session context (as Envoy's session id context), so tickets from
+    /// shared keys resume only on a chain for the same names.
+    pub chain_server_names: Vec<String>,
+    pub ocsp_staple_policy: OcspStaplePolicy,
     /// Stateful session cache (off with `disable_stateful_session_resumption`).
     pub session_cache: bool,
     pub session_timeout: Option<Duration>,
@@ -158,6 +228,12 @@ pub struct DownstreamTls {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamTls {
     pub sni: Option<String>,
+    /// `auto_host_sni`: the SNI is the upstream host's hostname
+    /// (`Endpoint.hostname`) when it has one.
+    pub auto_host_sni: bool,
+    /// `auto_sni_san_validation`: the certificate must carry the SNI sent
+    /// (when it came from `auto_host_sni` or `auto_sni`) as a SAN.
+    pub auto_sni_san_validation: bool,
     pub cert: Option<SecretRef<TlsCertificate>>,
     pub params: TlsParams,
     pub alpn: Vec<Vec<u8>>,

@@ -230,7 +230,12 @@ fn filter_chain(fc: &l::FilterChain, path: &str) -> Result<FilterChain, ConfigEr
     };
     let tls = match &fc.transport_socket {
         Some(ts) => match super::tls::downstream_transport(ts, &join(path, "transport_socket")) {
-            Ok(t) => t.map(Arc::new),
+            Ok(t) => t.map(|mut t| {
+                // Part of the TLS session context (resumption with shared
+                // ticket keys stays within chains for the same names).
+                t.chain_server_names = matcher.server_names.clone();
+                Arc::new(t)
+            }),
             Err(e) => {
                 errs.extend(e);
                 None

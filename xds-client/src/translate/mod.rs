@@ -319,6 +319,7 @@ fn check_chain_refs(
     }
     if let Some(t) = &fc.tls {
         check_tls_refs(&t.certs, &t.validation, &t.sds, &t.path, secrets, errs);
+        check_ticket_keys_ref(t, secrets, errs);
         check_sds_sources(&t.sds, &t.path, ads, clusters, errs);
     }
 }
@@ -444,6 +445,28 @@ fn check_sds_sources(
             clusters,
             errs,
         );
+    }
+}
+
+/// `session_ticket_keys_sds_secret_config` without `sds_config` names a
+/// static `session_ticket_keys` secret (Envoy: "Unknown tls session ticket
+/// keys").
+fn check_ticket_keys_ref(
+    t: &DownstreamTls,
+    secrets: &BTreeMap<Name, Arc<Secret>>,
+    errs: &mut ConfigErrors,
+) {
+    let Some(SecretRef::Sds(n)) = &t.ticket_keys else {
+        return;
+    };
+    if t.sds.iter().any(|r| &r.name == n) {
+        return;
+    }
+    let path = join(&t.path, "session_ticket_keys_sds_secret_config");
+    match secrets.get(n).map(|s| &**s) {
+        Some(Secret::SessionTicketKeys(_)) => {}
+        Some(_) => errs.push(path, format!("secret {n:?} is not session_ticket_keys")),
+        None => errs.push(path, format!("Unknown tls session ticket keys: {n}")),
     }
 }
 

@@ -67,27 +67,37 @@ pub fn downstream_tls(
     // `require_sni` is accepted without effect: Envoy 1.40 does not
     // implement it either (a hidden field; a ClientHello without SNI is
     // served), so weir behaves as Envoy does.
-    if let Ok(tls::downstream_tls_context::OcspStaplePolicy::MustStaple) =
-        tls::downstream_tls_context::OcspStaplePolicy::try_from(p.ocsp_staple_policy)
-    {
-        errs.push(
-            join(path, "ocsp_staple_policy"),
-            "MUST_STAPLE is not implemented (weir does not staple OCSP responses)",
-        );
-    }
+    use tls::downstream_tls_context::OcspStaplePolicy as Ocsp;
+    let ocsp_staple_policy = match Ocsp::try_from(p.ocsp_staple_policy) {
+        Ok(Ocsp::LenientStapling) => OcspStaplePolicy::Lenient,
+        Ok(Ocsp::StrictStapling) => OcspStaplePolicy::Strict,
+        Ok(Ocsp::MustStaple) => OcspStaplePolicy::MustStaple,
+        Err(_) => {
+            errs.push(join(path, "ocsp_staple_policy"), "unknown value");
+            OcspStaplePolicy::Lenient
+        }
+    };
     let mut session_tickets = true;
+    let mut ticket_keys = None;
+    let mut sds = c.sds;
     if let Some(t) = &p.session_ticket_keys_type {
         use tls::downstream_tls_context::SessionTicketKeysType as T;
         match t {
             T::DisableStatelessSessionResumption(d) => session_tickets = !d,
-            T::SessionTicketKeys(_) => errs.push(
-                join(path, "session_ticket_keys"),
-                "explicit session ticket keys are not implemented; weir rotates its own ticket keys",
-            ),
-            T::SessionTicketKeysSdsSecretConfig(_) => errs.push(
-                join(path, "session_ticket_keys_sds_secret_config"),
-                "session ticket keys from SDS are not implemented",
-            ),
+            T::SessionTicketKeys(k) => {
+                match session_ticket_keys(k, &join(path, "session_ticket_keys")) {
+                    Ok(k) => ticket_keys = Some(SecretRef::Inline(k)),
+                    Err(e) => errs.extend(e),
+                }
+            }
+            T::SessionTicketKeysSdsSecretConfig(s) => match sds_name(
+                s,
+                &join(path, "session_ticket_keys_sds_secret_config"),
+                &mut sds,
+            ) {
+                Ok(n) => ticket_keys = Some(SecretRef::Sds(n)),
+                Err(e) => errs.extend(e),
+            },
         }
     }
     let session_timeout = match &p.session_timeout {
@@ -105,9 +115,12 @@ pub fn downstream_tls(
         params: c.params,
         alpn: c.alpn,
         validation: c.validation,
-        sds: c.sds,
+        sds,
         require_client_cert,
         session_tickets,
+        ticket_keys,
+        chain_server_names: Vec::new(),
+        ocsp_staple_policy,
         session_cache: !p.disable_stateful_session_resumption,
         session_timeout,
         prefer_client_ciphers: p.prefer_client_ciphers,
@@ -250,16 +263,11 @@ pub fn upstream_tls(p: &tls::UpstreamTlsContext, path: &str) -> Result<UpstreamT
             "TLS renegotiation is not supported (rustls never renegotiates)",
         );
     }
-    if p.auto_host_sni {
-        errs.push(
-            join(path, "auto_host_sni"),
-            "auto_host_sni is not implemented yet",
-        );
-    }
-    if p.auto_sni_san_validation {
+    if p.auto_sni_san_validation && c.validation.is_none() {
+        // Envoy's words: checking the SAN needs a validation context.
         errs.push(
             join(path, "auto_sni_san_validation"),
-            "auto_sni_san_validation is not implemented yet",
+            "'auto_sni_san_validation' was configured without a validation context",
         );
     }
     if !p.sni.is_empty() && rustls_name_ok(&p.sni).is_err() {
@@ -270,6 +278,8 @@ pub fn upstream_tls(p: &tls::UpstreamTlsContext, path: &str) -> Result<UpstreamT
     }
     errs.into_result(UpstreamTls {
         sni: (!p.sni.is_empty()).then(|| p.sni.clone()),
+        auto_host_sni: p.auto_host_sni,
+        auto_sni_san_validation: p.auto_sni_san_validation,
         cert: c.certs.into_iter().next(),
         params: c.params,
         alpn: c.alpn,
@@ -477,10 +487,17 @@ pub fn tls_certificate(
             None
         }
     };
+    let ocsp_staple = match &t.ocsp_staple {
+        Some(d) => cert_data(d, &join(path, "ocsp_staple"))
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        None => None,
+    };
     match (chain, key) {
         (Some(chain), Some(key)) if errs.is_empty() => Ok(TlsCertificate {
             chain,
             key,
+            ocsp_staple,
             path: path.to_owned(),
         }),
         _ => Err(errs),
@@ -728,13 +745,114 @@ pub fn tls_params(p: &tls::TlsParameters, path: &str) -> Result<TlsParams, Confi
             out.curves.push(curve);
         }
     }
-    if !p.signature_algorithms.is_empty() {
+    let mut unimplemented = Vec::new();
+    for (i, name) in p.signature_algorithms.iter().enumerate() {
+        match signature_algorithm(name) {
+            Some(Ok(a)) => {
+                if !out.signature_algorithms.contains(&a) {
+                    out.signature_algorithms.push(a);
+                }
+            }
+            Some(Err(())) => unimplemented.push(name.clone()),
+            None => errs.push(
+                format!("{path}.signature_algorithms[{i}]"),
+                format!("unknown signature algorithm {name:?}"),
+            ),
+        }
+    }
+    if !p.signature_algorithms.is_empty() && out.signature_algorithms.is_empty() && errs.is_empty()
+    {
         errs.push(
             join(path, "signature_algorithms"),
-            "signature_algorithms is not implemented yet",
+            format!(
+                "none of the signature algorithms is implemented by weir (it has ECDSA P-256/P-384, RSA PKCS#1 and PSS with SHA-256/384/512, Ed25519); not implemented: {}",
+                unimplemented.join(", ")
+            ),
+        );
+    } else if !unimplemented.is_empty() {
+        tracing::warn!(
+            field = %join(path, "signature_algorithms"),
+            "signature algorithms not implemented by weir are not used: {}",
+            unimplemented.join(", ")
         );
     }
     errs.into_result(out)
+}
+
+/// A BoringSSL signature algorithm name (`SSL_CTX_set1_sigalgs_list`: the
+/// TLS 1.3 names, or OpenSSL's `KEYTYPE+HASH` form). `Some(Err)`: a name
+/// BoringSSL knows that rustls does not implement (SHA-1, MD5, P-521).
+fn signature_algorithm(name: &str) -> Option<Result<SignatureAlgorithm, ()>> {
+    use SignatureAlgorithm as A;
+    Some(Ok(match name {
+        "rsa_pkcs1_sha256" | "RSA+SHA256" => A::RsaPkcs1Sha256,
+        "rsa_pkcs1_sha384" | "RSA+SHA384" => A::RsaPkcs1Sha384,
+        "rsa_pkcs1_sha512" | "RSA+SHA512" => A::RsaPkcs1Sha512,
+        "ecdsa_secp256r1_sha256" | "ECDSA+SHA256" => A::EcdsaSecp256r1Sha256,
+        "ecdsa_secp384r1_sha384" | "ECDSA+SHA384" => A::EcdsaSecp384r1Sha384,
+        "rsa_pss_rsae_sha256" | "RSA-PSS+SHA256" | "PSS+SHA256" => A::RsaPssRsaeSha256,
+        "rsa_pss_rsae_sha384" | "RSA-PSS+SHA384" | "PSS+SHA384" => A::RsaPssRsaeSha384,
+        "rsa_pss_rsae_sha512" | "RSA-PSS+SHA512" | "PSS+SHA512" => A::RsaPssRsaeSha512,
+        "ed25519" | "Ed25519" => A::Ed25519,
+        "rsa_pkcs1_md5_sha1"
+        | "rsa_pkcs1_sha1"
+        | "RSA+SHA1"
+        | "ecdsa_sha1"
+        | "ECDSA+SHA1"
+        | "ecdsa_secp521r1_sha512"
+        | "ECDSA+SHA512" => return Some(Err(())),
+        _ => return None,
+    }))
+}
+
+/// Envoy's key layout: 16 bytes of name, 32 of HMAC key, 32 of AES key.
+const TICKET_KEY_LEN: usize = 80;
+
+/// `TlsSessionTicketKeys`: at least one key, each exactly 80 bytes (the
+/// DataSources are read now, as Envoy reads them at config load).
+pub fn session_ticket_keys(
+    k: &tls::TlsSessionTicketKeys,
+    path: &str,
+) -> Result<SessionTicketKeys, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if k.keys.is_empty() {
+        return Err(err(
+            join(path, "keys"),
+            "session ticket keys need at least one key",
+        ));
+    }
+    let mut out = Vec::with_capacity(k.keys.len());
+    for (i, d) in k.keys.iter().enumerate() {
+        let kpath = format!("{path}.keys[{i}]");
+        let bytes = match super::data_source(d, &kpath) {
+            Ok(b) => b,
+            Err(e) => {
+                errs.extend(e);
+                continue;
+            }
+        };
+        if bytes.len() != TICKET_KEY_LEN {
+            // Envoy's words.
+            errs.push(
+                kpath,
+                format!(
+                    "Incorrect TLS session ticket key length. Length {}, expected length {TICKET_KEY_LEN}.",
+                    bytes.len()
+                ),
+            );
+            continue;
+        }
+        let mut key = SessionTicketKey {
+            name: [0; 16],
+            hmac: [0; 32],
+            aes: [0; 32],
+        };
+        key.name.copy_from_slice(&bytes[..16]);
+        key.hmac.copy_from_slice(&bytes[16..48]);
+        key.aes.copy_from_slice(&bytes[48..]);
+        out.push(key);
+    }
+    errs.into_result(out.into())
 }
 
 /// A `static_resources.secrets` entry.
@@ -750,11 +868,8 @@ pub fn secret(s: &tls::Secret, path: &str) -> Result<(Name, Secret), ConfigError
         Some(T::ValidationContext(v)) => {
             Secret::Validation(validation_context(v, &join(path, "validation_context"))?)
         }
-        Some(T::SessionTicketKeys(_)) => {
-            return Err(err(
-                join(path, "session_ticket_keys"),
-                "session ticket key secrets are not implemented",
-            ))
+        Some(T::SessionTicketKeys(k)) => {
+            Secret::SessionTicketKeys(session_ticket_keys(k, &join(path, "session_ticket_keys"))?)
         }
         Some(T::GenericSecret(_)) => {
             return Err(err(
