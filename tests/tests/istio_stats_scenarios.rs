@@ -220,7 +220,8 @@ fn gateway_labels(service: &str, name: &str, code: u16, flags: &str, peer: bool)
 /// recorded when each response body ends, just after the client has it).
 async fn prometheus(p: &Proxy, want: &[String]) -> String {
     let mut text = String::new();
-    for _ in 0..100 {
+    // Up to 10 s: a loaded CI machine can be slow to end the stream.
+    for _ in 0..500 {
         text = p.admin("GET", "/stats/prometheus").await.text();
         if want.iter().all(|w| text.lines().any(|l| l == w)) {
             return text;
