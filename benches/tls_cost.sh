@@ -64,6 +64,8 @@ trap cleanup EXIT
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
     -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -subj "/CN=bench.test" 2>/dev/null
+# nginx's workers (not root) read the origin's files.
+chmod 755 "$WORK"
 BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
 mkdir -p "$WORK/www" "$WORK/tmp"
 printf '%s' "$BODY" > "$WORK/www/1k"
@@ -187,7 +189,7 @@ load() { # $1 = target, $2 = proto, $3 = conns, $4 = requests
     local ok
     ok=$(echo "$out" | awk '/^requests:/ {print $8}')
     if [ "$ok" != "$4" ]; then
-        echo "h2load: $ok of $4 requests succeeded:" >&2; echo "$out" | tail -8 >&2; exit 1
+        echo "h2load ($1 $2 -c$3): $ok of $4 requests succeeded:" >&2; echo "$out" | tail -8 >&2; exit 1
     fi
 }
 
@@ -231,11 +233,11 @@ native_window() { # target proto conns reqs
 
 # One callgrind window: prints "Ir D1miss LLmiss".
 cg_window() { # target proto conns reqs
-    callgrind_control -z "$PID" >/dev/null
+    callgrind_control -z "$PID" >/dev/null 2>&1
     load "$1" "$2" "$3" "$4"
     settle "$1"
     rm -f "$WORK"/cg.out.*
-    callgrind_control -d "$PID" >/dev/null
+    callgrind_control -d "$PID" >/dev/null 2>&1
     local f
     for _ in $(seq 100); do
         f=$(ls "$WORK"/cg.out.* 2>/dev/null | grep -v '\.0$' | head -1 || true)
