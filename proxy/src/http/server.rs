@@ -56,7 +56,11 @@ where
         Codec::Http2 => b.http2_only(),
     };
     let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| handle(req, svc_ctx.clone()));
+    // The request future is boxed: it is several KiB, and hyper's HTTP/2
+    // server spawns one task per stream, which moved it by value several
+    // times (most of an h2c request's user-space instructions were those
+    // copies); a box moves as a pointer.
+    let svc = service_fn(move |req| Box::pin(handle(req, svc_ctx.clone())));
     let conn = b.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let max_dur = async {
