@@ -129,28 +129,49 @@ pub struct TrackedEnd {
     pub grpc_status: Option<u32>,
 }
 
-/// Counts bytes and calls `done` exactly once.
-pub struct Tracked {
+/// The end-of-stream hook of a [`Tracked`] body: a closure run at most once.
+pub trait OnEnd: Send {
+    /// Runs the hook, if it has not run yet.
+    fn call(&mut self, end: TrackedEnd);
+    /// Whether the hook has yet to run.
+    fn pending(&self) -> bool;
+}
+
+impl<F: FnOnce(TrackedEnd) + Send> OnEnd for Option<F> {
+    fn call(&mut self, end: TrackedEnd) {
+        if let Some(f) = self.take() {
+            f(end);
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.is_some()
+    }
+}
+
+/// Counts bytes and calls `done` exactly once. The hook is stored inline
+/// (`Tracked<dyn OnEnd>` is unsized): one allocation per response carries
+/// the counters and the hook with what it captured.
+pub struct Tracked<D: ?Sized + OnEnd = dyn OnEnd> {
     pub inner: Body,
     pub bytes: u64,
     /// `grpc-status` seen in the trailers.
     pub grpc_status: Option<u32>,
-    pub done: Option<Box<dyn FnOnce(TrackedEnd) + Send>>,
+    done: D,
 }
 
-impl Tracked {
+impl<D: ?Sized + OnEnd> Tracked<D> {
     fn finish(&mut self, complete: bool) {
-        if let Some(f) = self.done.take() {
-            f(TrackedEnd {
-                bytes: self.bytes,
-                complete,
-                grpc_status: self.grpc_status,
-            });
-        }
+        let end = TrackedEnd {
+            bytes: self.bytes,
+            complete,
+            grpc_status: self.grpc_status,
+        };
+        self.done.call(end);
     }
 }
 
-impl Drop for Tracked {
+impl<D: ?Sized + OnEnd> Drop for Tracked<D> {
     fn drop(&mut self) {
         // A body at its end counts as complete even if never polled again
         // (hyper skips polling bodies it knows are empty).
@@ -170,7 +191,7 @@ impl Body {
     }
 
     /// Wraps the body so `done` runs once at its end.
-    pub fn tracked(self, done: Box<dyn FnOnce(TrackedEnd) + Send>) -> Body {
+    pub fn tracked(self, done: impl FnOnce(TrackedEnd) + Send + 'static) -> Body {
         Body::Tracked(Box::new(Tracked {
             inner: self,
             bytes: 0,
@@ -348,7 +369,7 @@ impl http_body::Body for Body {
             Body::Incoming(i) => i.is_end_stream(),
             Body::Watched(w) => w.inner.is_end_stream(),
             Body::Timed(t) => t.inner.is_end_stream(),
-            Body::Tracked(t) => t.inner.is_end_stream() && t.done.is_none(),
+            Body::Tracked(t) => t.inner.is_end_stream() && !t.done.pending(),
             // Only once the hooks saw the end (they may add data at it).
             Body::Filtered(f) => f.ended && f.trailers.is_none(),
         }

@@ -168,9 +168,15 @@ impl Inner {
                 let _ = cx.filter_state.set(key, p, flags);
             }
         }
+        // Only what is there (`seen`): a remove by name hashes and probes
+        // even for an absent header.
         if methods.contains(&PeerDiscovery::IstioHeaders) {
-            headers.remove(&PEER_METADATA_ID);
-            headers.remove(&PEER_METADATA);
+            if seen.0 {
+                headers.remove(&PEER_METADATA_ID);
+            }
+            if seen.1 {
+                headers.remove(&PEER_METADATA);
+            }
         }
         seen
     }

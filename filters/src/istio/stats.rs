@@ -10,11 +10,12 @@
 //! response's).
 //!
 //! Hot path: the labels are formatted once per distinct label set. A
-//! request hashes its inputs (peer objects, cluster, host, code, flags,
-//! dimension values: no allocation) and finds its stats in a bounded cache;
+//! request encodes its inputs (peer objects, cluster, host, code, flags,
+//! dimension values) into a per-thread byte buffer, the exact cache key,
+//! and finds its stats in a bounded cache with one hash of that buffer;
 //! only a new label set builds strings and stats.
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use http::HeaderValue;
@@ -173,9 +174,8 @@ struct Inner {
     /// order (captured at the header phases; empty without such dimensions).
     request_headers: Vec<http::HeaderName>,
     response_headers: Vec<http::HeaderName>,
-    /// Second, independently keyed hash of the label inputs.
-    hasher: std::collections::hash_map::RandomState,
-    cache: RwLock<HashMap<(u64, u64), Arc<Metrics>>>,
+    /// Keyed by the encoded label inputs (exact: no collisions).
+    cache: RwLock<HashMap<Box<[u8]>, Arc<Metrics>>>,
 }
 
 /// The stats of one label set (`None`: dropped by config).
@@ -226,7 +226,6 @@ impl IstioStatsFactory {
                 config,
                 local,
                 scope,
-                hasher: Default::default(),
                 cache: RwLock::new(HashMap::new()),
             }),
         }
@@ -475,50 +474,52 @@ impl Inner {
             .then_some(input.end.authority)
     }
 
-    /// The stats for this request's label set: cached by a hash of the
-    /// inputs (two independent 64-bit hashes; a collision would need
-    /// ~2^64 label sets).
+    /// The stats for this request's label set, cached by the label inputs
+    /// themselves: their `Hash` byte stream (length-prefixed and
+    /// terminated, so it encodes the inputs exactly) is written into a
+    /// per-thread buffer and looked up with one hash of it.
     fn metrics(&self, input: &Input<'_>) -> Arc<Metrics> {
+        thread_local! {
+            static KEY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let e = input.end;
-        let feed = |h: &mut dyn Hasher| {
-            input.downstream_peer.hash(&mut HashAdapter(h));
-            input.upstream_peer.hash(&mut HashAdapter(h));
-            input.peer_uri_san.hash(&mut HashAdapter(h));
-            input.local_uri_san.hash(&mut HashAdapter(h));
-            input.tls.hash(&mut HashAdapter(h));
-            input.messages.hash(&mut HashAdapter(h));
-            input.grpc_status.hash(&mut HashAdapter(h));
-            e.grpc.hash(&mut HashAdapter(h));
-            e.response_code.hash(&mut HashAdapter(h));
-            e.flags.hash(&mut HashAdapter(h));
-            e.cluster.hash(&mut HashAdapter(h));
+        KEY.with(|key| {
+            let mut key = key.borrow_mut();
+            key.clear();
+            let h = &mut KeyBytes(&mut key);
+            input.downstream_peer.hash(h);
+            input.upstream_peer.hash(h);
+            input.peer_uri_san.hash(h);
+            input.local_uri_san.hash(h);
+            input.tls.hash(h);
+            input.messages.hash(h);
+            input.grpc_status.hash(h);
+            e.grpc.hash(h);
+            e.response_code.hash(h);
+            e.flags.hash(h);
+            e.cluster.hash(h);
             e.route_name
                 .filter(|r| *r == "block_all" || *r == "allow_any")
-                .hash(&mut HashAdapter(h));
-            self.host(input).hash(&mut HashAdapter(h));
+                .hash(h);
+            self.host(input).hash(h);
             for i in 0..self.config.expressions.len() {
-                self.eval(i, input).hash(&mut HashAdapter(h));
+                self.eval(i, input).hash(h);
             }
-        };
-        let mut h1 = std::collections::hash_map::DefaultHasher::new();
-        feed(&mut h1);
-        let mut h2 = self.hasher.build_hasher();
-        feed(&mut h2);
-        let key = (h1.finish(), h2.finish());
-        if let Some(m) = self
-            .cache
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
-            return m.clone();
-        }
-        let m = Arc::new(self.build(input));
-        let mut c = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-        if c.len() < CACHE_LIMIT {
-            c.insert(key, m.clone());
-        }
-        m
+            if let Some(m) = self
+                .cache
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&key[..])
+            {
+                return m.clone();
+            }
+            let m = Arc::new(self.build(input));
+            let mut c = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+            if c.len() < CACHE_LIMIT {
+                c.insert(key[..].into(), m.clone());
+            }
+            m
+        })
     }
 
     /// Formats the label sets and creates the stats (a new label set only).
@@ -719,15 +720,15 @@ fn apply_plan(
     out
 }
 
-/// Lets a `&mut dyn Hasher` be used where `impl Hasher` is expected.
-struct HashAdapter<'a>(&'a mut dyn Hasher);
+/// A "hasher" that keeps the bytes it is fed: the exact cache key.
+struct KeyBytes<'a>(&'a mut Vec<u8>);
 
-impl Hasher for HashAdapter<'_> {
+impl Hasher for KeyBytes<'_> {
     fn finish(&self) -> u64 {
-        self.0.finish()
+        0
     }
     fn write(&mut self, bytes: &[u8]) {
-        self.0.write(bytes)
+        self.0.extend_from_slice(bytes)
     }
 }
 

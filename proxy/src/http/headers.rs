@@ -273,6 +273,21 @@ pub fn has_envoy_header(headers: &HeaderMap) -> bool {
     headers.keys().any(|k| k.as_str().starts_with("x-envoy-"))
 }
 
+/// Removes those of `names` the map holds, in one scan of its names: a
+/// remove by name hashes and probes even when the header is absent, and
+/// `has_envoy_header` is true for every request carrying any x-envoy-*
+/// header (Istio's peer metadata, for one).
+pub fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| names.contains(k))
+        .cloned()
+        .collect();
+    for n in found {
+        headers.remove(n);
+    }
+}
+
 /// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
 pub fn is_hop_by_hop(n: &HeaderName) -> bool {
     use http::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
@@ -353,6 +368,67 @@ fn xff_address(headers: &HeaderMap, trusted_hops: u32) -> Option<IpAddr> {
     parts[idx].parse().ok()
 }
 
+/// A decimal header value (a count of milliseconds, an attempt count)
+/// without the two allocations of `HeaderValue::from(u64)` in the common
+/// cases: values below 1000 come from a table of static strings built once,
+/// larger ones from a per-thread cache of the last value (a route's timeout
+/// is the same for every request).
+pub fn number_value(n: u64) -> HeaderValue {
+    const SMALL: usize = 1000;
+    static TABLE: std::sync::OnceLock<Box<[HeaderValue]>> = std::sync::OnceLock::new();
+    if (n as usize) < SMALL {
+        let table = TABLE.get_or_init(|| {
+            let mut digits = String::new();
+            let mut ends = Vec::with_capacity(SMALL);
+            for i in 0..SMALL {
+                digits.push_str(&i.to_string());
+                ends.push(digits.len());
+            }
+            // Built once per process (~3 KiB); the values borrow it forever.
+            let digits: &'static str = Box::leak(digits.into_boxed_str());
+            let mut start = 0;
+            ends.iter()
+                .map(|&end| {
+                    let v = HeaderValue::from_static(&digits[start..end]);
+                    start = end;
+                    v
+                })
+                .collect()
+        });
+        return table[n as usize].clone();
+    }
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((m, v)) if *m == n => v.clone(),
+            _ => {
+                let v = HeaderValue::from(n);
+                *last = Some((n, v.clone()));
+                v
+            }
+        }
+    })
+}
+
+/// Sets `Host` to `authority`, unless the request already carries exactly
+/// that one value (most requests: the header is then left as parsed, with
+/// no copy of the authority).
+pub fn set_host(headers: &mut HeaderMap, authority: &str) {
+    let mut values = headers.get_all(http::header::HOST).iter();
+    if let (Some(v), None) = (values.next(), values.next()) {
+        if v.as_bytes() == authority.as_bytes() {
+            return;
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(authority) {
+        headers.insert(http::header::HOST, v);
+    }
+}
+
 /// A random UUIDv4 as a header value.
 pub fn new_request_id() -> HeaderValue {
     // A per-thread fast PRNG seeded from the OS: request ids need to be
@@ -365,15 +441,19 @@ pub fn new_request_id() -> HeaderValue {
     RNG.with(|r| r.borrow_mut().fill_bytes(&mut b));
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut s = String::with_capacity(36);
+    // Formatted on the stack: the header value is the only allocation.
+    let mut s = [0u8; 36];
+    let mut at = 0;
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
+            s[at] = b'-';
+            at += 1;
         }
-        s.push(char::from(b"0123456789abcdef"[(byte >> 4) as usize]));
-        s.push(char::from(b"0123456789abcdef"[(byte & 0xf) as usize]));
+        s[at] = b"0123456789abcdef"[(byte >> 4) as usize];
+        s[at + 1] = b"0123456789abcdef"[(byte & 0xf) as usize];
+        at += 2;
     }
-    HeaderValue::from_str(&s).expect("hex and dashes are valid")
+    HeaderValue::from_bytes(&s).expect("hex and dashes are valid")
 }
 
 /// Applies one level's `*_headers_to_add` / `*_headers_to_remove`.
@@ -624,5 +704,43 @@ mod tests {
         assert_eq!(xff_address(&h, 0), Some("3.3.3.3".parse().expect("ip")));
         assert_eq!(xff_address(&h, 1), Some("2.2.2.2".parse().expect("ip")));
         assert_eq!(xff_address(&h, 5), None);
+    }
+
+    #[test]
+    fn number_values_match_decimal() {
+        for n in [
+            0u64,
+            1,
+            9,
+            10,
+            99,
+            100,
+            999,
+            1000,
+            15000,
+            15000,
+            15001,
+            u64::MAX,
+        ] {
+            assert_eq!(number_value(n).to_str().expect("ascii"), n.to_string());
+        }
+    }
+
+    #[test]
+    fn set_host_keeps_an_equal_single_value() {
+        let mut h = HeaderMap::new();
+        set_host(&mut h, "a.example");
+        assert_eq!(h.get_all(http::header::HOST).iter().count(), 1);
+        assert_eq!(h[http::header::HOST], "a.example");
+        set_host(&mut h, "a.example");
+        assert_eq!(h[http::header::HOST], "a.example");
+        set_host(&mut h, "b.example:8080");
+        assert_eq!(h[http::header::HOST], "b.example:8080");
+        h.append(
+            http::header::HOST,
+            HeaderValue::from_static("b.example:8080"),
+        );
+        set_host(&mut h, "b.example:8080");
+        assert_eq!(h.get_all(http::header::HOST).iter().count(), 1);
     }
 }

@@ -156,8 +156,11 @@ enum StreamTimeout {
 
 /// The next instant a stream timer could fire, or the timer that already
 /// fired.
-fn stream_next(state: &StreamState, t: StreamTimers) -> Result<Option<Instant>, StreamTimeout> {
-    let now = Instant::now();
+fn stream_next(
+    state: &StreamState,
+    t: StreamTimers,
+    now: Instant,
+) -> Result<Option<Instant>, StreamTimeout> {
     let mut next: Option<Instant> = None;
     let mut consider = |at: Instant, which: StreamTimeout| -> Result<(), StreamTimeout> {
         if now >= at {
@@ -751,17 +754,18 @@ pub async fn forward(
     }
     // x-envoy control headers are consumed here, not forwarded.
     if has_envoy_header(&parts.headers) {
-        for n in [
-            &X_ENVOY_RETRY_ON,
-            &X_ENVOY_MAX_RETRIES,
-            &X_ENVOY_RQ_TIMEOUT,
-            &X_ENVOY_PER_TRY_TIMEOUT,
-            &X_ENVOY_RETRIABLE_CODES,
-            &X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT,
-            &X_ENVOY_RETRIABLE_HEADER_NAMES,
-        ] {
-            parts.headers.remove(n);
-        }
+        remove_present(
+            &mut parts.headers,
+            &[
+                &X_ENVOY_RETRY_ON,
+                &X_ENVOY_MAX_RETRIES,
+                &X_ENVOY_RQ_TIMEOUT,
+                &X_ENVOY_PER_TRY_TIMEOUT,
+                &X_ENVOY_RETRIABLE_CODES,
+                &X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT,
+                &X_ENVOY_RETRIABLE_HEADER_NAMES,
+            ],
+        );
     }
     if !f.suppress_envoy_headers {
         let expected = match (global, per_try) {
@@ -774,7 +778,7 @@ pub async fn forward(
         if let Some(e) = expected {
             parts.headers.insert(
                 X_ENVOY_EXPECTED_TIMEOUT.clone(),
-                HeaderValue::from(e.as_millis() as u64),
+                super::headers::number_value(e.as_millis() as u64),
             );
         }
     }
@@ -848,7 +852,9 @@ pub async fn forward(
             body: replay.clone(),
         });
     }
-    let deadline = global.map(|g| Instant::now() + g);
+    // One clock read for the route deadline and the upstream start.
+    let upstream_start = Instant::now();
+    let deadline = global.map(|g| upstream_start + g);
     let state = f.state.clone();
     let timers = f.timers;
     let kind = if upgrade.is_some() {
@@ -858,14 +864,11 @@ pub async fn forward(
     };
     let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
     let proxy_source = f.proxy_source.clone();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+    // A refcounted clone, not a copy of the text.
+    let pq = parts.uri.path_and_query().cloned();
+    let path_and_query = pq.as_ref().map_or("/", |p| p.as_str());
     let authority = info.authority.clone();
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
-    let upstream_start = Instant::now();
     let mut attempt = 0u32;
     // The retry in flight holds a place under max_retries / the retry
     // budget until its outcome is known (Envoy's RetryState).
@@ -938,7 +941,7 @@ pub async fn forward(
                 let req = build_request(
                     &parts,
                     kind,
-                    &path_and_query,
+                    path_and_query,
                     auth,
                     body,
                     f.include_attempt_count.then_some(attempt),
@@ -969,7 +972,6 @@ pub async fn forward(
             if tries.is_empty() && next_start.is_none() {
                 // Every try failed: the latest failure answers.
                 let (outcome, n) = last.take().unwrap_or((Outcome::Timeout, attempt));
-                info.upstream_service_time = Some(upstream_start.elapsed());
                 return respond(
                     outcome,
                     n,
@@ -978,13 +980,13 @@ pub async fn forward(
                     None,
                     lb_hash.set_cookie.take(),
                     &cluster,
-                    upstream_start,
+                    upstream_start.elapsed(),
                     &state,
                     timers,
                     info,
                 );
             }
-            let stream_at = match stream_next(&state, timers) {
+            let stream_at = match stream_next(&state, timers, Instant::now()) {
                 Ok(at) => at,
                 Err(which) => {
                     drop_tries(&cluster, &mut tries);
@@ -1023,7 +1025,6 @@ pub async fn forward(
                         cluster.stats.upstream_rq_timeout.inc();
                     }
                     drop_tries(&cluster, &mut tries);
-                    info.upstream_service_time = Some(upstream_start.elapsed());
                     // Counted above: `respond` must not count it again.
                     return respond(
                         Outcome::Timeout,
@@ -1033,7 +1034,7 @@ pub async fn forward(
                         None,
                         lb_hash.set_cookie.take(),
                         &cluster,
-                        upstream_start,
+                        upstream_start.elapsed(),
                         &state,
                         timers,
                         info,
@@ -1095,7 +1096,6 @@ pub async fn forward(
                 }
                 drop_tries(&cluster, &mut tries);
                 info.upstream_host = Some(t.host.addr);
-                info.upstream_service_time = Some(upstream_start.elapsed());
                 return respond(
                     outcome,
                     t.attempt.max(attempt),
@@ -1104,7 +1104,7 @@ pub async fn forward(
                     None,
                     lb_hash.set_cookie.take(),
                     &cluster,
-                    upstream_start,
+                    upstream_start.elapsed(),
                     &state,
                     timers,
                     info,
@@ -1164,23 +1164,25 @@ pub async fn forward(
         let req = build_request(
             &parts,
             kind,
-            &path_and_query,
+            path_and_query,
             auth,
             body,
             f.include_attempt_count.then_some(attempt),
             moved,
         );
+        // One clock read for the try's timeout, its start and the first
+        // check of the stream timers.
+        let started = Instant::now();
         let try_timeout = match (per_try, deadline) {
-            (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(Instant::now()))),
+            (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(started))),
             (Some(p), None) => Some(p),
-            (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+            (None, Some(d)) => Some(d.saturating_duration_since(started)),
             (None, None) => None,
         };
         cluster.stats.upstream_rq_total.inc();
         cluster.stats.upstream_rq_active.inc();
         host.active
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let started = Instant::now();
         let fut = send_try(
             &cluster,
             kind,
@@ -1195,8 +1197,9 @@ pub async fn forward(
         // deadline and the stream timers, re-armed only when request-body
         // activity moved the idle deadline.
         let try_deadline = try_timeout.map(|t| started + t);
+        let mut checked_at = started;
         let res = loop {
-            let stream_at = match stream_next(&state, timers) {
+            let stream_at = match stream_next(&state, timers, checked_at) {
                 Ok(at) => at,
                 Err(which) => {
                     host.active
@@ -1216,8 +1219,13 @@ pub async fn forward(
                 None => break Some(fut.as_mut().await),
                 Some(at) => match tokio::time::timeout_at(at, fut.as_mut()).await {
                     Ok(r) => break Some(r),
-                    Err(_) if try_deadline.is_some_and(|d| Instant::now() >= d) => break None,
-                    Err(_) => continue,
+                    Err(_) => {
+                        checked_at = Instant::now();
+                        if try_deadline.is_some_and(|d| checked_at >= d) {
+                            break None;
+                        }
+                        continue;
+                    }
                 },
             }
         };
@@ -1233,7 +1241,10 @@ pub async fn forward(
         // timeout; never a circuit-breaker overflow.
         report_outlier(&cluster, &host, &outcome);
         let can_retry = attempt < max_attempts;
-        let global_left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // One clock read for the try's outcome: the global deadline, the
+        // upstream time histogram and the service time.
+        let done_at = Instant::now();
+        let global_left = deadline.map(|d| d.saturating_duration_since(done_at));
         let global_expired = global_left.is_some_and(|d| d.is_zero());
         let p = retry.as_ref();
         let retry_this = match &outcome {
@@ -1254,7 +1265,7 @@ pub async fn forward(
         if per_try_expired {
             cluster.stats.upstream_rq_per_try_timeout.inc();
         }
-        let elapsed_us = started.elapsed().as_micros() as u64;
+        let elapsed_us = done_at.saturating_duration_since(started).as_micros() as u64;
         if let Outcome::Response(r) = &outcome {
             cluster.stats.record_status(r.status().as_u16());
             cluster.stats.upstream_rq_time.record_us(elapsed_us);
@@ -1299,7 +1310,7 @@ pub async fn forward(
             upgrade,
             lb_hash.set_cookie.take(),
             &cluster,
-            upstream_start,
+            done_at.saturating_duration_since(upstream_start),
             &state,
             timers,
             info,
@@ -1318,12 +1329,12 @@ fn respond(
     upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
     set_cookie: Option<HeaderValue>,
     cluster: &ClusterRuntime,
-    upstream_start: Instant,
+    service_time: Duration,
     state: &Arc<StreamState>,
     timers: StreamTimers,
     info: &mut StreamInfo,
 ) -> Response<Body> {
-    info.upstream_service_time = Some(upstream_start.elapsed());
+    info.upstream_service_time = Some(service_time);
     if state
         .request_timed_out
         .load(std::sync::atomic::Ordering::Relaxed)
@@ -1365,7 +1376,7 @@ fn respond(
             if !f.suppress_envoy_headers {
                 rp.headers.insert(
                     X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-                    HeaderValue::from(upstream_start.elapsed().as_millis() as u64),
+                    super::headers::number_value(service_time.as_millis() as u64),
                 );
             }
             rp.version = Version::HTTP_11;
@@ -1509,9 +1520,7 @@ fn build_request(
     match kind {
         PoolKind::Http1 => {
             *req.version_mut() = Version::HTTP_11;
-            if let Ok(v) = HeaderValue::from_str(authority) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+            super::headers::set_host(req.headers_mut(), authority);
         }
         PoolKind::Http2 => {
             *req.version_mut() = Version::HTTP_2;
@@ -1519,8 +1528,10 @@ fn build_request(
         }
     }
     if let Some(a) = attempt {
-        req.headers_mut()
-            .insert(X_ENVOY_ATTEMPT_COUNT.clone(), HeaderValue::from(a));
+        req.headers_mut().insert(
+            X_ENVOY_ATTEMPT_COUNT.clone(),
+            super::headers::number_value(a.into()),
+        );
     }
     req
 }

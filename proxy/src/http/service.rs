@@ -846,9 +846,7 @@ async fn pipeline(
                 }
                 info.authority = nh;
             }
-            if let Ok(v) = HeaderValue::from_str(&info.authority) {
-                parts.headers.insert(header::HOST, v);
-            }
+            headers::set_host(&mut parts.headers, &info.authority);
             let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
             headers::apply_levels(
                 &mut parts.headers,
@@ -988,7 +986,7 @@ async fn pipeline(
             if vh.include_attempt_count_in_response {
                 resp.headers_mut().insert(
                     headers::X_ENVOY_ATTEMPT_COUNT.clone(),
-                    HeaderValue::from(info.attempt_count),
+                    headers::number_value(info.attempt_count.into()),
                 );
             }
             let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
@@ -1132,7 +1130,21 @@ fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &
         "SOURCE",
         "QUERY",
     ];
-    if !METHODS.contains(&parts.method.as_str()) {
+    // The standard methods compare as enum values; only an extension
+    // method is looked up by name.
+    let standard = matches!(
+        parts.method,
+        http::Method::GET
+            | http::Method::POST
+            | http::Method::HEAD
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::OPTIONS
+            | http::Method::PATCH
+            | http::Method::CONNECT
+            | http::Method::TRACE
+    );
+    if !standard && !METHODS.contains(&parts.method.as_str()) {
         return Some((400, "http1.codec_error"));
     }
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
@@ -1168,11 +1180,23 @@ fn http1_checks(parts: &http::request::Parts, authority: &str) -> Option<(u16, &
             return Some((400, "http1.content_length_not_allowed"));
         }
     }
-    // Host characters (RFC 3986 reg-name, IP literal, port).
-    if !authority
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%@".contains(&b))
-    {
+    // Host characters (RFC 3986 reg-name, IP literal, port), as a table.
+    const HOST_CHARS: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = (i as u8).is_ascii_alphanumeric();
+            i += 1;
+        }
+        let extra = b"-._~!$&'()*+,;=:[]%@";
+        let mut j = 0;
+        while j < extra.len() {
+            t[extra[j] as usize] = true;
+            j += 1;
+        }
+        t
+    };
+    if !authority.bytes().all(|b| HOST_CHARS[b as usize]) {
         return Some((400, "http1.invalid_characters"));
     }
     None
@@ -1493,7 +1517,7 @@ fn finish(
     };
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
-    let body = body.tracked(Box::new(move |end: crate::body::TrackedEnd| {
+    let body = body.tracked(move |end: crate::body::TrackedEnd| {
         let (bytes, complete) = (end.bytes, end.complete);
         if !complete {
             // The response did not reach its end: downstream went away (DC).
@@ -1555,7 +1579,7 @@ fn finish(
                 l.log(&info);
             }
         }
-    }));
+    });
     Response::from_parts(parts, body)
 }
 
