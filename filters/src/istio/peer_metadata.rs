@@ -136,12 +136,14 @@ impl Inner {
         key: &'static str,
     ) -> (bool, bool) {
         let mut seen = (false, false);
+        let mut asked = false;
         let mut found = None;
         // As Istio: the methods run in order until one finds the peer; the
         // later ones are not asked (so `seen` stays false behind a hit).
         for m in methods {
             found = match m {
                 PeerDiscovery::IstioHeaders => {
+                    asked = true;
                     let v = headers.get(&PEER_METADATA);
                     seen = (headers.contains_key(&PEER_METADATA_ID), v.is_some());
                     v.filter(|v| !v.is_empty())
@@ -168,13 +170,14 @@ impl Inner {
                 let _ = cx.filter_state.set(key, p, flags);
             }
         }
-        // Only what is there (`seen`): a remove by name hashes and probes
-        // even for an absent header.
+        // Removed even when an earlier method found the peer; when
+        // `istio_headers` was asked, only what it saw (a remove by name
+        // hashes and probes even for an absent header).
         if methods.contains(&PeerDiscovery::IstioHeaders) {
-            if seen.0 {
+            if !asked || seen.0 {
                 headers.remove(&PEER_METADATA_ID);
             }
-            if seen.1 {
+            if !asked || seen.1 {
                 headers.remove(&PEER_METADATA);
             }
         }
