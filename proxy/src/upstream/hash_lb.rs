@@ -626,23 +626,12 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{atomic::AtomicU64, OnceLock};
     use xds_client::config::{Maglev, RingHash};
 
     fn host(addr: &str, weight: u32) -> Arc<Host> {
         Arc::new(Host {
-            addr: addr.parse().expect("addr"),
-            hostname: String::new(),
             weight,
-            healthy: true,
-            priority: 0,
-            locality: Default::default(),
-            locality_weight: 0,
-            metadata: serde_json::Value::Null,
-            active: AtomicU64::new(0),
-            outlier: OnceLock::new(),
-            active_hc: OnceLock::new(),
-            since: AtomicU64::new(0),
+            ..Host::test(addr.parse().expect("addr"))
         })
     }
 

@@ -59,6 +59,28 @@ pub struct Host {
     pub since: AtomicU64,
 }
 
+#[cfg(test)]
+impl Host {
+    /// A healthy host of weight 1 at `addr` in priority 0, for unit tests
+    /// (override fields with struct update syntax).
+    pub(crate) fn test(addr: SocketAddr) -> Host {
+        Host {
+            addr,
+            hostname: String::new(),
+            weight: 1,
+            healthy: true,
+            priority: 0,
+            locality: Default::default(),
+            locality_weight: 0,
+            metadata: serde_json::Value::Null,
+            active: AtomicU64::new(0),
+            outlier: OnceLock::new(),
+            active_hc: OnceLock::new(),
+            since: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Milliseconds on a process-wide monotonic clock, from 1 (0 means
 /// "never" in [`Host::since`]).
 pub fn clock_ms() -> u64 {
@@ -1803,18 +1825,10 @@ mod tests {
             for (weight, healthy) in level.iter() {
                 port += 1;
                 hosts.push(Arc::new(Host {
-                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                    hostname: String::new(),
                     weight: *weight,
                     healthy: *healthy,
                     priority: prio as u32,
-                    locality: Arc::new(hash_lb::LocalityKey::default()),
-                    locality_weight: 0,
-                    metadata: serde_json::Value::Null,
-                    active: AtomicU64::new(0),
-                    outlier: OnceLock::new(),
-                    active_hc: OnceLock::new(),
-                    since: AtomicU64::new(0),
+                    ..Host::test(SocketAddr::from(([127, 0, 0, 1], port)))
                 }));
             }
         }

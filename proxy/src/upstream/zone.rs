@@ -264,7 +264,6 @@ mod tests {
     //! The routing state for host sets whose outcome Envoy's
     //! `regenerateLocalityRoutingStructures` gives in its own tests'
     //! numbers (percentages in 1/10000).
-    use std::sync::{atomic::AtomicU64, OnceLock};
 
     use super::*;
     use crate::stats::Store;
@@ -280,18 +279,9 @@ mod tests {
             for i in 0..healthy + unhealthy {
                 port += 1;
                 out.push(Arc::new(Host {
-                    addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-                    hostname: String::new(),
-                    weight: 1,
                     healthy: i < *healthy,
-                    priority: 0,
                     locality: locality.clone(),
-                    locality_weight: 0,
-                    metadata: serde_json::Value::Null,
-                    active: AtomicU64::new(0),
-                    outlier: OnceLock::new(),
-                    active_hc: OnceLock::new(),
-                    since: AtomicU64::new(0),
+                    ..Host::test(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
                 }));
             }
         }
