@@ -992,22 +992,18 @@ impl ClusterRuntime {
         &self,
         host: &Host,
     ) -> Option<&Arc<xds_client::config::ProxyProtocolUpstream>> {
-        match self.transport_index(host) {
-            0 => self.config.transport.proxy_protocol(),
-            i => self.config.transport_matches[i - 1]
-                .transport
-                .proxy_protocol(),
-        }
+        self.transport_at(self.transport_index(host)).1
     }
 
     /// Where a request to `host` goes: its address and transport socket
     /// (SNI, ALPN override and PROXY protocol source unset).
     pub fn dest(&self, host: &Host) -> pool::Dest<'_> {
-        let tls = self.tls_for(host);
+        // One metadata match for both halves of the transport.
+        let (tls, pp) = self.transport_at(self.transport_index(host));
         pool::Dest {
             addr: host.addr,
             tls,
-            proxy_protocol: self.proxy_protocol_for(host).map(|p| &**p),
+            proxy_protocol: pp.map(|p| &**p),
             // `auto_host_sni`: the endpoint's hostname; `auto_sni` from the
             // request replaces it (the caller's `sni`).
             sni: tls.and_then(|t| t.host_sni(&host.hostname)),
@@ -1028,7 +1024,18 @@ impl ClusterRuntime {
         Option<&Arc<crate::tls::ClientTls>>,
         Option<&Arc<xds_client::config::ProxyProtocolUpstream>>,
     ) {
-        let i = self.transport_index_of(metadata.unwrap_or(&host.metadata));
+        self.transport_at(self.transport_index_of(metadata.unwrap_or(&host.metadata)))
+    }
+
+    /// The TLS context and PROXY protocol settings of transport `i` (see
+    /// [`Self::transport_index`]).
+    fn transport_at(
+        &self,
+        i: usize,
+    ) -> (
+        Option<&Arc<crate::tls::ClientTls>>,
+        Option<&Arc<xds_client::config::ProxyProtocolUpstream>>,
+    ) {
         let tls = self.transports.get(i).and_then(Option::as_ref);
         let pp = match i {
             0 => self.config.transport.proxy_protocol(),
