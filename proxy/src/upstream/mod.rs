@@ -1670,23 +1670,26 @@ impl ClusterManager {
         let old = self.clusters.load_full();
         let local = node_locality(&snapshot.node);
         let mut fresh = Vec::new();
+        let mut build = |name: &Arc<str>, c: &Arc<Cluster>| {
+            Self::build(
+                &old,
+                name,
+                c,
+                store,
+                workers,
+                tls,
+                &local,
+                self.role(name),
+                &mut fresh,
+            )
+        };
         if let Some(names) = only {
             let mut next: Option<HashMap<Arc<str>, Arc<ClusterRuntime>>> = None;
             for name in names {
                 let Some(c) = snapshot.clusters.get(name) else {
                     continue;
                 };
-                if let Some(rt) = Self::build(
-                    &old,
-                    name,
-                    c,
-                    store,
-                    workers,
-                    tls,
-                    &local,
-                    self.role(name),
-                    &mut fresh,
-                ) {
+                if let Some(rt) = build(name, c) {
                     next.get_or_insert_with(|| (*old).clone())
                         .insert(name.clone(), rt);
                 }
@@ -1698,17 +1701,7 @@ impl ClusterManager {
         }
         let mut next = HashMap::with_capacity(snapshot.clusters.len());
         for (name, c) in &snapshot.clusters {
-            match Self::build(
-                &old,
-                name,
-                c,
-                store,
-                workers,
-                tls,
-                &local,
-                self.role(name),
-                &mut fresh,
-            ) {
+            match build(name, c) {
                 Some(rt) => {
                     next.insert(name.clone(), rt);
                 }
