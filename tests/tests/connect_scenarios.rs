@@ -602,3 +602,37 @@ async fn route_upgrade_alone_without_allow_connect() {
         .expect("echo");
     assert_eq!(&got, b"h1");
 }
+
+/// The client resets one tunnel mid-transfer: only that stream ends (its
+/// upstream connection is closed, the log says `DR`, Envoy's downstream
+/// remote reset); another tunnel on the same connection keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_stream_ends_only_its_tunnel() {
+    let path = log_path("connect", "reset");
+    let echo = tcp::tcp_echo_server().await.expect("echo");
+    let port = echo.port();
+    let log = file_log(
+        &path,
+        "%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:AUTHORITY)%\n",
+    );
+    let p = start(
+        vec![],
+        vec![],
+        json!({"access_log": [log]}),
+        vec![cluster("up", &[port], json!({}))],
+    );
+    let c = H2Conn::h2c(p.addr()).await.expect("h2c");
+    let mut a = c.connect("10.0.0.1:80", &[]).await.expect("CONNECT");
+    let mut b = c.connect("10.0.0.2:80", &[]).await.expect("CONNECT");
+    assert_eq!((a.status, b.status), (200, 200));
+    echo_once(&mut a.stream, b"before the reset").await;
+    echo_once(&mut b.stream, b"b before").await;
+    a.stream.reset();
+    // The reset tunnel's upstream connection is closed.
+    let r = echo.wait_results(1, WAIT).await;
+    assert_eq!(r.len(), 1, "{r:?}");
+    echo_once(&mut b.stream, b"b after the reset").await;
+    assert!(!c.is_closed());
+    let lines = p.log_lines(&path, 1).await;
+    assert_eq!(lines, vec!["200 DR 10.0.0.1:80"]);
+}

@@ -203,8 +203,9 @@ impl Flags {
     pub const UAEX: u32 = 1 << 18;
     pub const RLSE: u32 = 1 << 19;
     pub const LH: u32 = 1 << 20;
+    pub const DR: u32 = 1 << 21;
 
-    const NAMES: [(u32, &'static str, &'static str); 21] = [
+    const NAMES: [(u32, &'static str, &'static str); 22] = [
         (Self::NR, "NR", "NoRouteFound"),
         (Self::UH, "UH", "NoHealthyUpstream"),
         (Self::UF, "UF", "UpstreamConnectionFailure"),
@@ -226,6 +227,7 @@ impl Flags {
         (Self::UAEX, "UAEX", "UnauthorizedExternalService"),
         (Self::RLSE, "RLSE", "RateLimitServiceError"),
         (Self::LH, "LH", "FailedLocalHealthCheck"),
+        (Self::DR, "DR", "DownstreamRemoteReset"),
     ];
 
     /// The bit of a short name (`DI`), as filters report them; 0 if unknown.

@@ -1650,16 +1650,20 @@ fn finish(
     // A terminated CONNECT whose 200 goes out: the stream lives on as the
     // tunnel, and ends (stats, access log) when the tunnel does.
     if let Some(t) = tunnel.filter(|_| parts.status.is_success()) {
+        let h2 = ctx.is_h2.load(std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let end = t.run().await;
+            let failed = end.end == super::connect::End::DownstreamFailed;
+            // As Envoy: an HTTP/2 client's reset is `DR`; a failed HTTP/1
+            // connection is `DC` (an incomplete end).
             let flags = match end.end {
                 super::connect::End::UpstreamFailed => Flags::UC,
+                _ if failed && h2 => Flags::DR,
                 _ => 0,
             };
             let tracked = crate::body::TrackedEnd {
                 bytes: end.sent,
-                // Not complete: the downstream failed (`DC`).
-                complete: end.end != super::connect::End::DownstreamFailed,
+                complete: !failed || h2,
                 grpc_status: None,
             };
             done(tracked, Some((end.received, flags)));
