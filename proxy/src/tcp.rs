@@ -152,6 +152,12 @@ impl TcpRuntime {
         let alpn_override = conn_state
             .get_typed::<filters::ApplicationProtocols>(filters::state::APPLICATION_PROTOCOLS)
             .and_then(|a| a.resolve(None));
+        // What an upstream PROXY protocol header says of this connection.
+        let source = crate::upstream::proxy_protocol::ProxySource {
+            src: meta.src,
+            dst: meta.dst,
+            tlvs: meta.tlvs.clone(),
+        };
         let mut tried = Vec::new();
         let mut attempt = 0;
         let (up, host, up_alpn) = loop {
@@ -205,7 +211,7 @@ impl TcpRuntime {
                 return self.finish(info, start);
             };
             info.upstream_host = Some(host.addr);
-            match connect(&cluster, &host, meta, alpn_override.as_deref()).await {
+            match connect(&cluster, &host, &source, alpn_override.as_deref()).await {
                 Ok((s, a)) => {
                     cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
                     break (s, host, a);
@@ -341,11 +347,13 @@ pub struct TcpEnd {
 }
 
 /// Connects to `host` (TLS when the cluster's transport says so; no ALPN
-/// unless configured).
-async fn connect(
+/// unless configured; a PROXY protocol header describing `source` first
+/// when the cluster's transport asks). Shared by `tcp_proxy` and CONNECT
+/// termination (`http/connect.rs`).
+pub(crate) async fn connect(
     cluster: &ClusterRuntime,
     host: &Host,
-    meta: &ConnMeta,
+    source: &crate::upstream::proxy_protocol::ProxySource,
     alpn: Option<&[Vec<u8>]>,
 ) -> Result<(UpstreamIo, Option<Vec<u8>>), String> {
     let s = &cluster.stats;
@@ -377,13 +385,8 @@ async fn connect(
     // Upstream PROXY protocol: the header (the downstream connection's
     // addresses and the TLVs the listener kept) goes first, before TLS.
     if let Some(pp) = cluster.proxy_protocol_for(host) {
-        let source = crate::upstream::proxy_protocol::ProxySource {
-            src: meta.src,
-            dst: meta.dst,
-            tlvs: meta.tlvs.clone(),
-        };
         if let Err(e) =
-            crate::upstream::proxy_protocol::write_header(&mut tcp, pp, Some(&source)).await
+            crate::upstream::proxy_protocol::write_header(&mut tcp, pp, Some(source)).await
         {
             s.upstream_cx_connect_fail.inc();
             return Err(format!("PROXY protocol header: {e}"));

@@ -11,6 +11,7 @@ pub mod proc;
 pub mod scenario;
 pub mod tcp;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 pub mod xds;
 

@@ -628,7 +628,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute", &["name", "value"]),
     ("envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties", &["source_ip"]),
     ("envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter", &["name"]),
-    ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled"]),
+    ("envoy.config.route.v3.RouteAction.UpgradeConfig", &["upgrade_type", "enabled", "connect_config"]),
+    // CONNECT termination (ARCHITECTURE.md "CONNECT termination"); its two
+    // fields are rejected (PENDING).
+    ("envoy.config.route.v3.RouteAction.UpgradeConfig.ConnectConfig", &[]),
     ("envoy.config.route.v3.RouteAction.MaxStreamDuration", &["max_stream_duration", "grpc_timeout_header_max"]),
     ("envoy.config.route.v3.WeightedCluster", &["clusters", "total_weight", "~runtime_key_prefix"]),
     ("envoy.config.route.v3.WeightedCluster.ClusterWeight", &[
@@ -817,6 +820,16 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.config.route.v3.HedgePolicy",
         "additional_request_chance",
         "not implemented (Envoy 1.40's router ignores it too)",
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.UpgradeConfig.ConnectConfig",
+        "proxy_protocol_config",
+        "a PROXY protocol header on terminated CONNECT tunnels is not implemented",
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.UpgradeConfig.ConnectConfig",
+        "allow_post",
+        "POST tunnels (allow_post) are not implemented",
     ),
     (
         "envoy.extensions.filters.http.fault.v3.HTTPFault",

@@ -203,8 +203,9 @@ impl Flags {
     pub const UAEX: u32 = 1 << 18;
     pub const RLSE: u32 = 1 << 19;
     pub const LH: u32 = 1 << 20;
+    pub const DR: u32 = 1 << 21;
 
-    const NAMES: [(u32, &'static str, &'static str); 21] = [
+    const NAMES: [(u32, &'static str, &'static str); 22] = [
         (Self::NR, "NR", "NoRouteFound"),
         (Self::UH, "UH", "NoHealthyUpstream"),
         (Self::UF, "UF", "UpstreamConnectionFailure"),
@@ -226,6 +227,7 @@ impl Flags {
         (Self::UAEX, "UAEX", "UnauthorizedExternalService"),
         (Self::RLSE, "RLSE", "RateLimitServiceError"),
         (Self::LH, "LH", "FailedLocalHealthCheck"),
+        (Self::DR, "DR", "DownstreamRemoteReset"),
     ];
 
     /// The bit of a short name (`DI`), as filters report them; 0 if unknown.
@@ -244,7 +246,7 @@ impl Flags {
         self.0 |= f;
         if let Some(i) = Self::NAMES.iter().position(|(b, _, _)| *b == f) {
             // Every flag fits: 5 bits each (index + 1), oldest in the low
-            // bits; 21 flags need 105 of the 128 bits.
+            // bits; 22 flags need 110 of the 128 bits.
             let n = self.0.count_ones() - 1;
             if n < 25 {
                 self.1 |= (i as u128 + 1) << (5 * n);
@@ -647,11 +649,11 @@ mod tests {
         all.set(Flags::NR);
         assert_eq!(
             all.short(),
-            "LH,RLSE,UAEX,RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
+            "DR,LH,RLSE,UAEX,RL,FI,DI,NC,UO,UMSDR,DT,SI,UPE,DPE,LR,DC,UC,UT,URX,UF,UH,NR"
         );
-        assert!(all.long().starts_with(
-            "FailedLocalHealthCheck,RateLimitServiceError,UnauthorizedExternalService,"
-        ));
+        assert!(all
+            .long()
+            .starts_with("DownstreamRemoteReset,FailedLocalHealthCheck,RateLimitServiceError,"));
         assert_eq!(Flags::from_short("FI"), Flags::FI);
         assert_eq!(Flags::from_short("??"), 0);
     }

@@ -1,5 +1,6 @@
 //! The HTTP connection manager: connections, the request pipeline, headers,
 //! routing actions and local replies.
+mod connect;
 pub mod headers;
 pub mod info;
 pub mod local_reply;

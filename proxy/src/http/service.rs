@@ -290,7 +290,11 @@ pub async fn handle(
     } else {
         resp
     };
-    Ok(finish(&ctx, resp, info, parts.headers))
+    let tunnel = parts
+        .extensions
+        .get::<super::connect::PendingTunnel>()
+        .and_then(|t| t.take());
+    Ok(finish(&ctx, resp, info, parts.headers, tunnel))
 }
 
 async fn pipeline(
@@ -748,6 +752,46 @@ async fn pipeline(
             }
             resp
         }
+        // CONNECT termination (`connect.rs`): the route's CONNECT upgrade
+        // has a `connect_config`. Its 200 (or failure) then gets the
+        // response header mutations and encode phases below.
+        RouteKind::Forward(action)
+            if action.connect_terminate && parts.method == http::Method::CONNECT =>
+        {
+            if !upgrade_enabled(action, h, "connect") {
+                info.response_code_details = "upgrade_failed";
+                info.filter_log.keep(&mut instances, &mut fcx);
+                return reply(403, "");
+            }
+            match router::select_cluster(
+                &ctx.shared.clusters,
+                action,
+                &parts.headers,
+                weighted_pick,
+            ) {
+                Ok(target) => {
+                    if !ctx.hcm.logs.is_empty() {
+                        info.request_headers = Some(parts.headers.clone());
+                    }
+                    super::connect::terminate(
+                        ctx,
+                        action,
+                        target,
+                        parts,
+                        info,
+                        action.idle_timeout.or(h.stream_idle_timeout),
+                        action.max_stream_duration.or(h.max_stream_duration),
+                    )
+                    .await
+                }
+                Err(status) => {
+                    info.response_code_details = "cluster_not_found";
+                    ctx.hcm.stats.no_cluster.inc();
+                    info.flags.set(Flags::NC);
+                    reply(status, "")
+                }
+            }
+        }
         RouteKind::Forward(action) => {
             // Upgrades (websocket) must be enabled in upgrade_configs, and not
             // disabled on the route; others are refused as Envoy (403).
@@ -763,17 +807,20 @@ async fn pipeline(
             }
             if let Some(t) = &upgrade_type {
                 let name = t.to_str().unwrap_or("").to_ascii_lowercase();
-                let on_route = action
-                    .upgrades
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, e)| *e);
-                let enabled = on_route.unwrap_or_else(|| h.upgrades.contains(&name));
-                if !enabled {
+                if !upgrade_enabled(action, h, &name) {
                     info.response_code_details = "upgrade_failed";
                     info.filter_log.keep(&mut instances, &mut fcx);
                     return reply(403, "");
                 }
+            }
+            // CONNECT is an upgrade too (Envoy's upgrade type is the method).
+            if upgrade_type.is_none()
+                && parts.method == http::Method::CONNECT
+                && !upgrade_enabled(action, h, "connect")
+            {
+                info.response_code_details = "upgrade_failed";
+                info.filter_log.keep(&mut instances, &mut fcx);
+                return reply(403, "");
             }
             let target = match router::select_cluster(
                 &ctx.shared.clusters,
@@ -1341,6 +1388,19 @@ fn grpc_percent_encode(s: &str) -> String {
     out
 }
 
+/// Whether upgrade `name` (lowercase) is enabled: the route's
+/// `upgrade_configs` decide, else the HCM's (Envoy's upgrade map).
+fn upgrade_enabled(
+    action: &xds_client::config::RouteAction,
+    h: &HttpConnectionManager,
+    name: &str,
+) -> bool {
+    match action.upgrades.iter().find(|(n, _)| n == name) {
+        Some((_, enabled)) => *enabled,
+        None => h.upgrades.iter().any(|u| u == name),
+    }
+}
+
 /// The `upgrade` header of an HTTP/1.1 upgrade request (`connection: upgrade`).
 fn upgrade_request(parts: &http::request::Parts) -> Option<HeaderValue> {
     if parts.version != Version::HTTP_11 {
@@ -1447,6 +1507,7 @@ fn finish(
     mut resp: Response<Body>,
     mut info: StreamInfo,
     req_headers: http::HeaderMap,
+    tunnel: Option<super::connect::Tunnel>,
 ) -> Response<Body> {
     let h = &ctx.hcm.config;
     let hs = resp.headers_mut();
@@ -1517,7 +1578,13 @@ fn finish(
     };
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
-    let body = body.tracked(move |end: crate::body::TrackedEnd| {
+    // `tunnel`: a tunnel's bytes from downstream (else the request body's,
+    // counted as it streamed) and the flags of its end.
+    let mut done = move |end: crate::body::TrackedEnd, tunnel: Option<(u64, u32)>| {
+        if let Some((received, flags)) = tunnel {
+            info.bytes_received = received;
+            info.flags.set(flags);
+        }
         let (bytes, complete) = (end.bytes, end.complete);
         if !complete {
             // The response did not reach its end: downstream went away (DC).
@@ -1579,7 +1646,31 @@ fn finish(
                 l.log(&info);
             }
         }
-    });
+    };
+    // A terminated CONNECT whose 200 goes out: the stream lives on as the
+    // tunnel, and ends (stats, access log) when the tunnel does.
+    if let Some(t) = tunnel.filter(|_| parts.status.is_success()) {
+        let h2 = ctx.is_h2.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(async move {
+            let end = t.run().await;
+            let failed = end.end == super::connect::End::DownstreamFailed;
+            // As Envoy: an HTTP/2 client's reset is `DR`; a failed HTTP/1
+            // connection is `DC` (an incomplete end).
+            let flags = match end.end {
+                super::connect::End::UpstreamFailed => Flags::UC,
+                _ if failed && h2 => Flags::DR,
+                _ => 0,
+            };
+            let tracked = crate::body::TrackedEnd {
+                bytes: end.sent,
+                complete: !failed || h2,
+                grpc_status: None,
+            };
+            done(tracked, Some((end.received, flags)));
+        });
+        return Response::from_parts(parts, Body::None);
+    }
+    let body = body.tracked(move |end: crate::body::TrackedEnd| done(end, None));
     Response::from_parts(parts, body)
 }
 

@@ -412,6 +412,10 @@ pub struct RouteAction {
     pub grpc_timeout_header_max: Option<Duration>,
     /// `upgrade_configs` overrides: (upgrade type, enabled).
     pub upgrades: Vec<(String, bool)>,
+    /// The CONNECT upgrade config has a `connect_config`: the router
+    /// terminates CONNECT requests (a TCP connection to a host of the
+    /// cluster, then raw bytes both ways) instead of forwarding them.
+    pub connect_terminate: bool,
     /// `rate_limits`.
     pub rate_limits: Arc<[super::RateLimitPolicy]>,
     /// `include_vh_rate_limits`.

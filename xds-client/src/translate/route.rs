@@ -655,16 +655,34 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             }),
         None => None,
     };
-    let upgrades = p
-        .upgrade_configs
-        .iter()
-        .map(|u| {
-            (
-                u.upgrade_type.to_ascii_lowercase(),
-                u.enabled.as_ref().map(|b| b.value).unwrap_or(true),
-            )
-        })
-        .collect();
+    let mut upgrades: Vec<(String, bool)> = Vec::with_capacity(p.upgrade_configs.len());
+    let mut connect_terminate = false;
+    for (i, u) in p.upgrade_configs.iter().enumerate() {
+        let upath = format!("{}.upgrade_configs[{i}]", path);
+        let t = u.upgrade_type.to_ascii_lowercase();
+        // As Envoy's route entry: one entry per upgrade type, and a
+        // `connect_config` only on the CONNECT upgrade.
+        if upgrades.iter().any(|(n, _)| *n == t) {
+            errs.push(
+                join(&upath, "upgrade_type"),
+                format!("duplicate upgrade {}", u.upgrade_type),
+            );
+        }
+        if u.connect_config.is_some() {
+            if t == "connect" {
+                connect_terminate = true;
+            } else {
+                errs.push(
+                    join(&upath, "connect_config"),
+                    format!(
+                        "non-CONNECT upgrade type {} has ConnectConfig",
+                        u.upgrade_type
+                    ),
+                );
+            }
+        }
+        upgrades.push((t, u.enabled.as_ref().map(|b| b.value).unwrap_or(true)));
+    }
     let rate_limits = super::ratelimit::rate_limits(&p.rate_limits, &join(path, "rate_limits"))
         .unwrap_or_else(|e| {
             errs.extend(e);
@@ -714,6 +732,7 @@ fn route_action(p: &r::RouteAction, path: &str) -> Result<RouteAction, ConfigErr
             None => None,
         },
         upgrades,
+        connect_terminate,
         rate_limits,
         include_vh_rate_limits: p.include_vh_rate_limits.is_some_and(|b| b.value),
         mirrors,
@@ -1355,6 +1374,62 @@ mod tests {
         ] {
             let e = load(action.clone(), vhost).expect_err(&action.to_string());
             assert!(e.contains(&want), "{action}: {e}");
+        }
+    }
+
+    /// `connect_config` on the CONNECT upgrade terminates CONNECT; Envoy's
+    /// route errors (a duplicate type, `connect_config` on another type)
+    /// and the two fields not implemented are rejected naming the field.
+    #[test]
+    fn connect_config() {
+        use super::{r, route_action};
+        let action = |u: Vec<r::route_action::UpgradeConfig>| r::RouteAction {
+            cluster_specifier: Some(r::route_action::ClusterSpecifier::Cluster("c".into())),
+            upgrade_configs: u,
+            ..Default::default()
+        };
+        let up = |t: &str, connect: bool| r::route_action::UpgradeConfig {
+            upgrade_type: t.into(),
+            connect_config: connect.then(Default::default),
+            ..Default::default()
+        };
+        let a = route_action(&action(vec![up("CONNECT", true)]), "route").expect("connect");
+        assert!(a.connect_terminate);
+        assert_eq!(a.upgrades, vec![("connect".to_owned(), true)]);
+        let a = route_action(&action(vec![up("CONNECT", false)]), "route").expect("proxy");
+        assert!(!a.connect_terminate);
+        let e = route_action(&action(vec![up("websocket", true)]), "route").expect_err("ws");
+        assert!(
+            e.to_string()
+                .contains("route.upgrade_configs[0].connect_config"),
+            "{e}"
+        );
+        let e = route_action(
+            &action(vec![up("websocket", false), up("WebSocket", false)]),
+            "route",
+        )
+        .expect_err("duplicate");
+        assert!(
+            e.to_string()
+                .contains("route.upgrade_configs[1].upgrade_type"),
+            "{e}"
+        );
+        load(
+            serde_json::json!({"upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}),
+            serde_json::json!({}),
+        )
+        .expect("connect_config");
+        for field in [
+            serde_json::json!({"allow_post": true}),
+            serde_json::json!({"proxy_protocol_config": {"version": "V2"}}),
+        ] {
+            let name = field.as_object().and_then(|o| o.keys().next().cloned());
+            let e = load(
+                serde_json::json!({"upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": field}]}),
+                serde_json::json!({}),
+            )
+            .expect_err("pending");
+            assert!(e.contains(&name.expect("a field")), "{e}");
         }
     }
 }
