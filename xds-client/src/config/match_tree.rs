@@ -79,7 +79,7 @@ impl<A> IpTree<A> {
             on_match.push(o);
         }
         // Stable: equal lengths keep declaration order.
-        ranges.sort_by(|a, b| b.cidr.len.cmp(&a.cidr.len));
+        ranges.sort_by_key(|r| std::cmp::Reverse(r.cidr.len));
         IpTree { ranges, on_match }
     }
 

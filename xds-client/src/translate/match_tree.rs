@@ -442,7 +442,7 @@ fn ip_tree_match<A>(
             // Envoy reads an unset `prefix_len` as 0.
             let core = crate::api::envoy::config::core::v3::CidrRange {
                 address_prefix: r.address_prefix.clone(),
-                prefix_len: Some(r.prefix_len.clone().unwrap_or_default()),
+                prefix_len: Some(r.prefix_len.unwrap_or_default()),
             };
             match super::hcm::cidr(&core, &cpath) {
                 Ok(c) => cidrs.push(c),
