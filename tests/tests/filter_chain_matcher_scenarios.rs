@@ -545,6 +545,56 @@ async fn filter_state_input_does_not_see_the_chains_own_filter_state() {
     assert_eq!(body("127.0.0.1", port).await, "no_state");
 }
 
+/// `GET /` from `src` (a loopback address the client binds) to
+/// `dst:port`: the body of the 200.
+async fn body_from(src: [u8; 4], dst: [u8; 4], port: u16) -> String {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::from((src, 0))).expect("bind");
+    let mut s = sock
+        .connect(SocketAddr::from((dst, port)))
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let got = String::from_utf8_lossy(&read_to_close(&mut s, WAIT).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    got.split_once("\r\n\r\n").expect("complete").1.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_type_input_is_local_for_loopback_or_the_same_ip() {
+    // SourceTypeInput gives `local` for Envoy's isSameIpOrLoopback (the
+    // canonical loopback address, or source IP = destination IP) and no
+    // data otherwise; other 127/8 sources are not loopback to Envoy.
+    let port = weir_tests::free_port();
+    let m = exact(
+        input("SourceTypeInput"),
+        json!({"local": to("local")}),
+        to("external"),
+    );
+    let _p = start(
+        port,
+        json!({
+            "filter_chain_matcher": m,
+            "filter_chains": [http_chain("local"), http_chain("external")],
+        }),
+        vec![],
+    );
+    assert_eq!(
+        body_from([127, 0, 0, 1], [127, 0, 0, 6], port).await,
+        "local"
+    );
+    assert_eq!(
+        body_from([127, 0, 0, 7], [127, 0, 0, 7], port).await,
+        "local"
+    );
+    assert_eq!(
+        body_from([127, 0, 0, 5], [127, 0, 0, 6], port).await,
+        "external"
+    );
+}
+
 // === no chain ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
