@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod chain_match;
 pub mod cli;
 pub mod http;
 pub mod io;

@@ -299,7 +299,7 @@ pub fn select_chain<'a>(
     });
     // 7. source type: Envoy's isSameIpOrLoopback, where loopback is the
     // canonical address only (127.0.0.1 or ::1, not all of 127.0.0.0/8).
-    let local = is_canonical_loopback(m.src.ip()) || m.src.ip() == m.dst.ip();
+    let local = is_same_ip_or_loopback(m);
     narrow(&mut cand, |c| match mt(c).source_type {
         SourceType::Any => Level::Any,
         SourceType::SameIpOrLoopback if local => Level::Specific(1),
@@ -322,6 +322,11 @@ pub fn select_chain<'a>(
         }
     });
     cand.into_iter().next()
+}
+
+/// Envoy's `isSameIpOrLoopback` (source type `SAME_IP_OR_LOOPBACK`).
+pub(crate) fn is_same_ip_or_loopback(m: &ConnMeta) -> bool {
+    is_canonical_loopback(m.src.ip()) || m.src.ip() == m.dst.ip()
 }
 
 fn is_canonical_loopback(ip: std::net::IpAddr) -> bool {
@@ -388,7 +393,13 @@ async fn run_listener_filters(
     use bytes::Buf;
     use filters::listener::Inspect;
     use filters::listener::{http_inspector as hi, proxy_protocol as pp, tls_inspector as ti};
-    for f in &lr.config.listener_filters {
+    for (i, f) in lr.config.listener_filters.iter().enumerate() {
+        // `filter_disabled`, on the (restored) destination port.
+        if let Some(Some(p)) = lr.config.listener_filters_disabled.get(i) {
+            if p.matches(meta.dst.port()) {
+                continue;
+            }
+        }
         match f {
             ListenerFilter::ProxyProtocol(cfg) => loop {
                 match pp::parse(buf) {
@@ -595,7 +606,7 @@ async fn connection(
     lr.stats.cx_total.inc();
     lr.stats.cx_active.inc();
     let _active = ActiveGuard(&lr.stats.cx_active);
-    let chain = match select_chain(&lr.chains, &meta).or(lr.default_chain.as_ref()) {
+    let chain = match crate::chain_match::select(lr, &meta, None) {
         Some(c) if lr.draining.load(Ordering::Relaxed) => {
             // Accepted during a graceful drain: drained at once.
             c.drain.send_replace(true);

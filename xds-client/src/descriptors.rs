@@ -231,7 +231,43 @@ fn extra_files() -> Vec<FileDescriptorProto> {
         typed_struct_file("xds/type/v3/typed_struct.proto", "xds.type.v3"),
     ];
     files.extend(istio_files());
+    files.push(ip_matcher_file());
     files
+}
+
+/// `xds.type.matcher.v3.IPMatcher` (cncf/xds `xds/type/matcher/v3/ip.proto`),
+/// the custom matcher tree of a listener's `filter_chain_matcher` that
+/// envoy-types does not generate.
+pub const XDS_IP_MATCHER: &str = "xds.type.matcher.v3.IPMatcher";
+
+fn ip_matcher_file() -> FileDescriptorProto {
+    let range_matcher = message_proto(
+        "IPRangeMatcher",
+        vec![
+            repeated(message_field("ranges", 1, ".xds.core.v3.CidrRange")),
+            message_field("on_match", 2, ".xds.type.matcher.v3.Matcher.OnMatch"),
+            field("exclusive", 3, Type::Bool),
+        ],
+    );
+    let mut ip_matcher = message_proto(
+        "IPMatcher",
+        vec![repeated(message_field(
+            "range_matchers",
+            1,
+            ".xds.type.matcher.v3.IPMatcher.IPRangeMatcher",
+        ))],
+    );
+    ip_matcher.nested_type = vec![range_matcher];
+    proto3_file(
+        "xds/type/matcher/v3/ip.proto",
+        "xds.type.matcher.v3",
+        &[
+            "xds/core/v3/cidr.proto",
+            "xds/type/matcher/v3/matcher.proto",
+        ],
+        vec![ip_matcher],
+        vec![],
+    )
 }
 
 /// The hand-built file defining message or enum `full_name`. Built on

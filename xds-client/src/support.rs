@@ -88,6 +88,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "stat_prefix", "access_log", "bind_to_port", "~connection_balance_config",
         "listener_filters", "listener_filters_timeout", "continue_on_listener_filters_timeout", "~drain_type",
         "~metadata", "~reuse_port", "ignore_global_conn_limit", "bypass_overload_manager",
+        "filter_chain_matcher",
     ]),
     ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", &["**"]),
     ("envoy.config.listener.v3.FilterChain", &[
@@ -99,7 +100,11 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "source_prefix_ranges", "source_ports", "server_names", "transport_protocol",
         "application_protocols",
     ]),
-    ("envoy.config.listener.v3.ListenerFilter", &["name", "typed_config"]),
+    ("envoy.config.listener.v3.ListenerFilter", &["name", "typed_config", "filter_disabled"]),
+    ("envoy.config.listener.v3.ListenerFilterChainMatchPredicate", &[
+        "or_match", "and_match", "not_match", "any_match", "destination_port_range",
+    ]),
+    ("envoy.config.listener.v3.ListenerFilterChainMatchPredicate.MatchSet", &["rules"]),
     ("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", &[
         "~enable_ja3_fingerprinting", "~enable_ja4_fingerprinting", "~initial_read_buffer_size",
     ]),
@@ -338,7 +343,15 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "input", "value_match", "custom_match",
     ]),
     ("xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList", &["predicate"]),
-    ("xds.type.matcher.v3.Matcher.MatcherTree", &["input", "exact_match_map", "prefix_match_map"]),
+    ("xds.type.matcher.v3.Matcher.MatcherTree", &[
+        "input", "exact_match_map", "prefix_match_map", "custom_match",
+    ]),
+    // A listener's `filter_chain_matcher` action: the chain's name.
+    ("google.protobuf.StringValue", &["value"]),
+    // The IP tree (`custom_match`, Envoy's trie matcher).
+    ("xds.type.matcher.v3.IPMatcher", &["range_matchers"]),
+    ("xds.type.matcher.v3.IPMatcher.IPRangeMatcher", &["ranges", "on_match", "exclusive"]),
+    ("xds.core.v3.CidrRange", &["address_prefix", "prefix_len"]),
     ("xds.type.matcher.v3.Matcher.MatcherTree.MatchMap", &["map"]),
     ("xds.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
     ("xds.type.matcher.v3.StringMatcher", &["exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"]),
@@ -352,6 +365,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.matching.common_inputs.network.v3.DirectSourceIPInput", &[]),
     ("envoy.extensions.matching.common_inputs.network.v3.ServerNameInput", &[]),
     ("envoy.extensions.matching.common_inputs.network.v3.FilterStateInput", &["key"]),
+    ("envoy.extensions.matching.common_inputs.network.v3.SourceTypeInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.TransportProtocolInput", &[]),
+    ("envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput", &[]),
     ("envoy.extensions.matching.common_inputs.ssl.v3.UriSanInput", &[]),
     ("envoy.extensions.matching.common_inputs.ssl.v3.DnsSanInput", &[]),
     ("envoy.extensions.matching.common_inputs.ssl.v3.SubjectInput", &[]),

@@ -181,6 +181,10 @@ impl MatchingData for Input<'_> {
             DataInput::UriSan => self.tls.map_or(InputData::None, |p| joined(p.uri_sans)),
             DataInput::DnsSan => self.tls.map_or(InputData::None, |p| joined(p.dns_sans)),
             DataInput::Subject => self.tls.map_or(InputData::None, |p| non_empty(p.subject)),
+            // Listener inputs RBAC does not accept (rejected at translation).
+            DataInput::SourceType
+            | DataInput::TransportProtocol
+            | DataInput::ApplicationProtocol => InputData::None,
         }
     }
 }

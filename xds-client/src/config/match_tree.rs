@@ -10,6 +10,11 @@
 //!   falls through to the next field matcher (then to `on_no_match`);
 //! - an exact map looks the input up; a prefix map tries every key that is
 //!   a prefix of the input, longest first, with the same fall-through;
+//! - an IP tree (`xds.type.matcher.v3.IPMatcher`, Envoy's trie matcher)
+//!   tries the ranges containing the input address, longest prefix first
+//!   (declaration order between equal lengths), with the same
+//!   fall-through, except that an `exclusive` range is skipped once a
+//!   longer range was tried;
 //! - an input without data (a missing header, no SNI, no TLS) matches no
 //!   `value_match` (inverted by `not_matcher`), and no tree key.
 use std::borrow::Cow;
@@ -35,6 +40,72 @@ pub enum MatchKind<A> {
     Exact(DataInput, HashMap<String, OnMatch<A>>),
     /// `matcher_tree.prefix_match_map`, longest key first.
     Prefix(DataInput, Vec<(String, OnMatch<A>)>),
+    /// `matcher_tree.custom_match` `xds.type.matcher.v3.IPMatcher`.
+    Ip(DataInput, IpTree<A>),
+}
+
+/// The ranges of an `IPMatcher`, ready for lookup: a sorted vector (a few
+/// hundred ranges in practice; no trie needed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpTree<A> {
+    /// One entry per range, longest prefix first, then declaration order.
+    pub ranges: Vec<IpRange>,
+    /// `range_matchers[i].on_match`, by [`IpRange::matcher`].
+    pub on_match: Vec<OnMatch<A>>,
+}
+
+/// One `ranges` entry of an `IPRangeMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpRange {
+    pub cidr: Cidr,
+    /// The `range_matchers` index it belongs to.
+    pub matcher: usize,
+    /// `exclusive`: not tried when a longer range was tried first.
+    pub exclusive: bool,
+}
+
+impl<A> IpTree<A> {
+    /// Builds the tree from `(ranges, exclusive, on_match)` per range
+    /// matcher, in declaration order.
+    pub fn new(matchers: Vec<(Vec<Cidr>, bool, OnMatch<A>)>) -> Self {
+        let mut ranges = Vec::new();
+        let mut on_match = Vec::with_capacity(matchers.len());
+        for (i, (cidrs, exclusive, o)) in matchers.into_iter().enumerate() {
+            ranges.extend(cidrs.into_iter().map(|cidr| IpRange {
+                cidr,
+                matcher: i,
+                exclusive,
+            }));
+            on_match.push(o);
+        }
+        // Stable: equal lengths keep declaration order.
+        ranges.sort_by_key(|r| std::cmp::Reverse(r.cidr.len));
+        IpTree { ranges, on_match }
+    }
+
+    fn evaluate<'s>(&'s self, ip: IpAddr, data: &dyn MatchingData) -> Option<&'s A> {
+        // A v4-mapped IPv6 address (a dual-stack socket) is its IPv4 address.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let mut first = true;
+        for r in self.ranges.iter().filter(|r| same_family(r.cidr.addr, ip)) {
+            if !r.cidr.contains(ip) || (!first && r.exclusive) {
+                continue;
+            }
+            if let Some(a) = self.on_match[r.matcher].evaluate(data) {
+                return Some(a);
+            }
+            first = false;
+        }
+        None
+    }
+}
+
+/// Envoy's trie keeps IPv4 and IPv6 ranges apart.
+fn same_family(a: IpAddr, b: IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
 }
 
 /// `xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher`.
@@ -88,6 +159,15 @@ pub enum DataInput {
     ServerName,
     /// `FilterStateInput`: the object's string form (no data without it).
     FilterState(String),
+    /// `SourceTypeInput`: `local` for a connection from the same IP or the
+    /// loopback address, else no data.
+    SourceType,
+    /// `TransportProtocolInput`: `tls` or `raw_buffer`.
+    TransportProtocol,
+    /// `ApplicationProtocolInput`: the requested protocols (ALPN, or what
+    /// http_inspector found) rendered as Envoy does, `'h2','http/1.1'`; no
+    /// data without any.
+    ApplicationProtocol,
     /// `...ssl.v3.UriSanInput`: the peer certificate's URI SANs joined with
     /// `,` (no data without TLS or SANs).
     UriSan,
@@ -147,6 +227,13 @@ impl<A> MatchTree<A> {
                         .find_map(|(_, m)| m.evaluate(data))
                 })
             }
+            // As Envoy, the input's string form parsed as an address; no
+            // data or no address goes to `on_no_match`.
+            MatchKind::Ip(input, tree) => match data.get(input) {
+                InputData::Ip(ip) => tree.evaluate(ip, data),
+                InputData::Str(s) => s.parse().ok().and_then(|ip| tree.evaluate(ip, data)),
+                InputData::None | InputData::Port(_) => None,
+            },
         };
         hit.or_else(|| self.on_no_match.as_ref().and_then(|m| m.evaluate(data)))
     }
@@ -163,6 +250,7 @@ impl<A> MatchTree<A> {
             MatchKind::List(ms) => ms.iter().for_each(|m| m.on_match.collect(out)),
             MatchKind::Exact(_, map) => map.values().for_each(|m| m.collect(out)),
             MatchKind::Prefix(_, keys) => keys.iter().for_each(|(_, m)| m.collect(out)),
+            MatchKind::Ip(_, tree) => tree.on_match.iter().for_each(|m| m.collect(out)),
         }
         if let Some(m) = &self.on_no_match {
             m.collect(out);
@@ -287,6 +375,52 @@ mod tests {
         assert_eq!(tree.evaluate(&Data(vec![])), None);
         let not = Predicate::Not(Box::new(single(DataInput::ServerName, "x")));
         assert!(not.matches(&Data(vec![])));
+    }
+
+    fn cidr(s: &str, len: u8) -> Cidr {
+        Cidr {
+            addr: s.parse().expect("ip"),
+            len,
+        }
+    }
+
+    #[test]
+    fn ip_tree_longest_first_falls_through_and_skips_exclusive() {
+        let never = || {
+            OnMatch::Matcher(Box::new(MatchTree {
+                kind: MatchKind::Exact(
+                    DataInput::ServerName,
+                    [("x".to_owned(), OnMatch::Action(0))].into(),
+                ),
+                on_no_match: None,
+            }))
+        };
+        let tree = |exclusive: bool| MatchTree {
+            kind: MatchKind::Ip(
+                DataInput::DestinationIp,
+                IpTree::new(vec![
+                    (vec![cidr("10.0.0.0", 8)], false, OnMatch::Action(8)),
+                    (vec![cidr("10.1.0.0", 16)], exclusive, OnMatch::Action(16)),
+                    (vec![cidr("10.1.2.3", 32)], false, never()),
+                    (vec![cidr("10.1.2.4", 32)], false, OnMatch::Action(32)),
+                ]),
+            ),
+            on_no_match: Some(Box::new(OnMatch::Action(99))),
+        };
+        let at = |ip: &'static str| Data(vec![(DataInput::DestinationIp, ip)]);
+        let t = tree(false);
+        assert_eq!(t.evaluate(&at("10.1.2.4")), Some(&32));
+        assert_eq!(t.evaluate(&at("10.1.2.3")), Some(&16));
+        assert_eq!(t.evaluate(&at("10.1.9.9")), Some(&16));
+        assert_eq!(t.evaluate(&at("10.2.0.1")), Some(&8));
+        assert_eq!(t.evaluate(&at("11.0.0.1")), Some(&99));
+        assert_eq!(t.evaluate(&at("::ffff:10.2.0.1")), Some(&8));
+        assert_eq!(t.evaluate(&at("not an ip")), Some(&99));
+        assert_eq!(t.evaluate(&Data(vec![])), Some(&99));
+        let x = tree(true);
+        assert_eq!(x.evaluate(&at("10.1.2.3")), Some(&8));
+        assert_eq!(x.evaluate(&at("10.1.9.9")), Some(&16));
+        assert_eq!(x.actions(), vec![&8, &16, &0, &32, &99]);
     }
 
     #[test]

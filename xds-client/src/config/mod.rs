@@ -168,6 +168,12 @@ pub struct Listener {
     pub default_filter_chain: Option<Arc<FilterChain>>,
     /// `listener_filters`, in order.
     pub listener_filters: Vec<ListenerFilter>,
+    /// `listener_filters[i].filter_disabled`, by index: the filter is
+    /// skipped for a connection the predicate matches.
+    pub listener_filters_disabled: Vec<Option<ListenerFilterPredicate>>,
+    /// `filter_chain_matcher`: selects a chain by name in place of the
+    /// chains' `filter_chain_match` (`None`: the `FilterChainMatch` order).
+    pub filter_chain_matcher: Option<Arc<MatchTree<ChainAction>>>,
     /// `listener_filters_timeout` (default 15 s; `None` = 0 = no timeout).
     pub listener_filters_timeout: Option<Duration>,
     pub continue_on_listener_filters_timeout: bool,
@@ -240,6 +246,46 @@ pub enum ListenerFilter {
     TlsInspector,
     HttpInspector,
     ProxyProtocol(ProxyProtocolConfig),
+}
+
+/// A `filter_chain_matcher` action (`google.protobuf.StringValue`): a
+/// chain's name, resolved at translation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainAction {
+    pub name: Name,
+    /// The index in `filter_chains`; `None` for a name no chain has (the
+    /// default chain is not named by the matcher): such a match selects no
+    /// chain, as in Envoy.
+    pub index: Option<usize>,
+}
+
+/// `ListenerFilterChainMatchPredicate`, evaluated on the connection's
+/// destination port (as restored by PROXY protocol).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerFilterPredicate {
+    Any,
+    /// `destination_port_range`: `start <= port < end`.
+    DestinationPorts {
+        start: u32,
+        end: u32,
+    },
+    Not(Box<ListenerFilterPredicate>),
+    And(Vec<ListenerFilterPredicate>),
+    Or(Vec<ListenerFilterPredicate>),
+}
+
+impl ListenerFilterPredicate {
+    pub fn matches(&self, port: u16) -> bool {
+        match self {
+            ListenerFilterPredicate::Any => true,
+            ListenerFilterPredicate::DestinationPorts { start, end } => {
+                *start <= u32::from(port) && u32::from(port) < *end
+            }
+            ListenerFilterPredicate::Not(p) => !p.matches(port),
+            ListenerFilterPredicate::And(v) => v.iter().all(|p| p.matches(port)),
+            ListenerFilterPredicate::Or(v) => v.iter().any(|p| p.matches(port)),
+        }
+    }
 }
 
 /// `envoy.filters.listener.proxy_protocol`.

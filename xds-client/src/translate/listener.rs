@@ -53,8 +53,39 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
             Err(e) => errs.extend(e),
         }
     }
+    // With `filter_chain_matcher`, chains are picked by name: every chain
+    // needs a unique one and its `filter_chain_match` is ignored (Envoy
+    // logs it at debug level), duplicates included.
+    let filter_chain_matcher = match &proto.filter_chain_matcher {
+        Some(m) => {
+            let mut names = std::collections::HashMap::new();
+            for (i, fc) in proto.filter_chains.iter().enumerate() {
+                let fpath = format!("{path}.filter_chains[{i}].name");
+                if fc.name.is_empty() {
+                    errs.push(
+                        fpath,
+                        "\"name\" field is required when using a listener matcher",
+                    );
+                } else if names.insert(fc.name.as_str(), i).is_some() {
+                    errs.push(
+                        fpath,
+                        format!("\"name\" field is duplicated with value '{}'", fc.name),
+                    );
+                }
+            }
+            filter_chain_matcher(m, &join(path, "filter_chain_matcher"), &names)
+                .map_err(|e| errs.extend(e))
+                .ok()
+                .map(Arc::new)
+        }
+        None => None,
+    };
     // Envoy rejects two chains with the same match criteria.
-    for (i, a) in filter_chains.iter().enumerate() {
+    for (i, a) in filter_chains
+        .iter()
+        .enumerate()
+        .filter(|_| filter_chain_matcher.is_none())
+    {
         if let Some(b) = filter_chains[..i].iter().find(|b| b.matcher == a.matcher) {
             errs.push(
                 join(&a.path, "filter_chain_match"),
@@ -95,10 +126,19 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         }
     }
     let mut listener_filters = Vec::new();
+    let mut listener_filters_disabled = Vec::new();
     for (i, lf) in proto.listener_filters.iter().enumerate() {
-        match listener_filter(lf, &format!("{path}.listener_filters[{i}]")) {
+        let lpath = format!("{path}.listener_filters[{i}]");
+        match listener_filter(lf, &lpath) {
             Ok(f) => listener_filters.push(f),
             Err(e) => errs.extend(e),
+        }
+        match &lf.filter_disabled {
+            Some(p) => match listener_predicate(p, &join(&lpath, "filter_disabled"), 0) {
+                Ok(p) => listener_filters_disabled.push(Some(p)),
+                Err(e) => errs.extend(e),
+            },
+            None => listener_filters_disabled.push(None),
         }
     }
     let listener_filters_timeout = match &proto.listener_filters_timeout {
@@ -162,6 +202,8 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         filter_chains,
         default_filter_chain,
         listener_filters,
+        listener_filters_disabled,
+        filter_chain_matcher,
         listener_filters_timeout,
         continue_on_listener_filters_timeout: proto.continue_on_listener_filters_timeout,
         access_logs,
@@ -636,13 +678,111 @@ fn chain_match(m: &l::FilterChainMatch, path: &str) -> Result<FilterChainMatch, 
     errs.into_result(out)
 }
 
-fn listener_filter(lf: &l::ListenerFilter, path: &str) -> Result<ListenerFilter, ConfigErrors> {
-    if lf.filter_disabled.is_some() {
+/// `Listener.filter_chain_matcher`: network inputs, and actions naming a
+/// chain of `names` (name → index in `filter_chains`).
+fn filter_chain_matcher(
+    m: &crate::api::xds::r#type::matcher::v3::Matcher,
+    path: &str,
+    names: &std::collections::HashMap<&str, usize>,
+) -> Result<MatchTree<ChainAction>, ConfigErrors> {
+    use super::match_tree::inputs::*;
+    const STRING_VALUE: &str = "google.protobuf.StringValue";
+    let action = |a: &crate::api::xds::core::v3::TypedExtensionConfig,
+                  apath: &str|
+     -> Result<ChainAction, ConfigErrors> {
+        let tpath = join(apath, "typed_config");
+        let Some(any) = &a.typed_config else {
+            return Err(err(tpath, "value is required"));
+        };
+        let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+        let url = any.type_url.rsplit('/').next().unwrap_or_default();
+        if url != STRING_VALUE {
+            return Err(err(
+                tpath,
+                format!("a filter chain matcher action must be a {STRING_VALUE} naming a filter chain, not {url}"),
+            ));
+        }
+        let v: crate::api::google::protobuf::StringValue = super::decode(&any, &tpath)?;
+        // Envoy resolves the name when a connection matches; a name no
+        // chain has selects no chain (the connection is closed).
+        Ok(ChainAction {
+            index: names.get(v.value.as_str()).copied(),
+            name: v.value.as_str().into(),
+        })
+    };
+    let rules = super::match_tree::Rules {
+        inputs: &[
+            DESTINATION_IP,
+            DESTINATION_PORT,
+            SOURCE_IP,
+            SOURCE_PORT,
+            DIRECT_SOURCE_IP,
+            SOURCE_TYPE,
+            SERVER_NAME,
+            TRANSPORT_PROTOCOL,
+            APPLICATION_PROTOCOL,
+            FILTER_STATE,
+        ],
+        who: "a listener's filter_chain_matcher",
+        action: &action,
+    };
+    super::match_tree::match_tree(m, path, &rules)
+}
+
+/// Nesting deeper than this is refused (the proto is recursive).
+const MAX_PREDICATE_DEPTH: usize = 32;
+
+/// `ListenerFilter.filter_disabled`.
+fn listener_predicate(
+    p: &l::ListenerFilterChainMatchPredicate,
+    path: &str,
+    depth: usize,
+) -> Result<ListenerFilterPredicate, ConfigErrors> {
+    use l::listener_filter_chain_match_predicate::Rule;
+    if depth > MAX_PREDICATE_DEPTH {
         return Err(err(
-            join(path, "filter_disabled"),
-            "filter_disabled is not implemented yet",
+            path,
+            format!("predicates nest deeper than {MAX_PREDICATE_DEPTH}"),
         ));
     }
+    let set = |rules: &[l::ListenerFilterChainMatchPredicate],
+               field: &str|
+     -> Result<Vec<ListenerFilterPredicate>, ConfigErrors> {
+        let spath = join(path, field);
+        let mut errs = ConfigErrors::default();
+        // As Envoy's proto validation.
+        if rules.len() < 2 {
+            errs.push(
+                join(&spath, "rules"),
+                "value must contain at least 2 item(s)",
+            );
+        }
+        let mut out = Vec::with_capacity(rules.len());
+        for (i, r) in rules.iter().enumerate() {
+            match listener_predicate(r, &format!("{spath}.rules[{i}]"), depth + 1) {
+                Ok(p) => out.push(p),
+                Err(e) => errs.extend(e),
+            }
+        }
+        errs.into_result(out)
+    };
+    match &p.rule {
+        Some(Rule::OrMatch(s)) => set(&s.rules, "or_match").map(ListenerFilterPredicate::Or),
+        Some(Rule::AndMatch(s)) => set(&s.rules, "and_match").map(ListenerFilterPredicate::And),
+        Some(Rule::NotMatch(n)) => listener_predicate(n, &join(path, "not_match"), depth + 1)
+            .map(|p| ListenerFilterPredicate::Not(Box::new(p))),
+        Some(Rule::AnyMatch(true)) => Ok(ListenerFilterPredicate::Any),
+        Some(Rule::AnyMatch(false)) => Err(err(join(path, "any_match"), "value must equal true")),
+        // Envoy compares the port with the bounds read as unsigned.
+        Some(Rule::DestinationPortRange(r)) => Ok(ListenerFilterPredicate::DestinationPorts {
+            start: r.start as u32,
+            end: r.end as u32,
+        }),
+        None => Err(err(path, "value is required")),
+    }
+}
+
+fn listener_filter(lf: &l::ListenerFilter, path: &str) -> Result<ListenerFilter, ConfigErrors> {
     let any = match &lf.config_type {
         Some(l::listener_filter::ConfigType::TypedConfig(a)) => a,
         _ => return Err(err(join(path, "typed_config"), "typed_config is required")),

@@ -5,7 +5,9 @@
 //! Rejected naming the field: inputs the user does not accept or weir does
 //! not implement, `custom_match` other than the IP matcher
 //! (`envoy.extensions.matching.input_matchers.ip.v3.Ip`), tree
-//! `custom_match`, `keep_matching`, and what Envoy's proto validation
+//! `custom_match` other than `xds.type.matcher.v3.IPMatcher` (Envoy's
+//! `envoy.matching.custom_matchers.trie_matcher`), `keep_matching`, and what
+//! Envoy's proto validation
 //! rejects (empty lists and maps, a predicate list with fewer than two
 //! predicates, a missing input or matcher).
 use std::collections::HashMap;
@@ -36,6 +38,12 @@ pub mod inputs {
         "envoy.extensions.matching.common_inputs.network.v3.ServerNameInput";
     pub const FILTER_STATE: &str =
         "envoy.extensions.matching.common_inputs.network.v3.FilterStateInput";
+    pub const SOURCE_TYPE: &str =
+        "envoy.extensions.matching.common_inputs.network.v3.SourceTypeInput";
+    pub const TRANSPORT_PROTOCOL: &str =
+        "envoy.extensions.matching.common_inputs.network.v3.TransportProtocolInput";
+    pub const APPLICATION_PROTOCOL: &str =
+        "envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput";
     pub const URI_SAN: &str = "envoy.extensions.matching.common_inputs.ssl.v3.UriSanInput";
     pub const DNS_SAN: &str = "envoy.extensions.matching.common_inputs.ssl.v3.DnsSanInput";
     pub const SUBJECT: &str = "envoy.extensions.matching.common_inputs.ssl.v3.SubjectInput";
@@ -43,6 +51,40 @@ pub mod inputs {
 
 /// `envoy.extensions.matching.input_matchers.ip.v3.Ip`.
 pub const IP_MATCHER: &str = "envoy.extensions.matching.input_matchers.ip.v3.Ip";
+
+/// `xds.type.matcher.v3.IPMatcher`: the custom matcher tree of Envoy's
+/// `envoy.matching.custom_matchers.trie_matcher`.
+pub const IP_TREE: &str = "xds.type.matcher.v3.IPMatcher";
+
+/// `xds/type/matcher/v3/ip.proto`, which envoy-types does not generate (its
+/// descriptor is hand-built in `descriptors.rs` for YAML/JSON).
+mod ip_tree {
+    use crate::api::xds::core::v3::CidrRange;
+    use crate::api::xds::r#type::matcher::v3::matcher::OnMatch;
+
+    /// `xds.type.matcher.v3.IPMatcher`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct IpMatcher {
+        #[prost(message, repeated, tag = "1")]
+        pub range_matchers: Vec<IpRangeMatcher>,
+    }
+
+    /// `xds.type.matcher.v3.IPMatcher.IPRangeMatcher`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct IpRangeMatcher {
+        #[prost(message, repeated, tag = "1")]
+        pub ranges: Vec<CidrRange>,
+        #[prost(message, optional, tag = "2")]
+        pub on_match: Option<OnMatch>,
+        #[prost(bool, tag = "3")]
+        pub exclusive: bool,
+    }
+
+    impl prost::Name for IpMatcher {
+        const NAME: &'static str = "IPMatcher";
+        const PACKAGE: &'static str = "xds.type.matcher.v3";
+    }
+}
 
 /// What a user of the matcher accepts.
 pub struct Rules<'a, A> {
@@ -168,12 +210,14 @@ fn tree<A>(
                     entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
                     input.map(|i| MatchKind::Prefix(i, entries))
                 }
-                Some(TT::CustomMatch(_)) => {
-                    errs.push(
-                        join(&tpath, "custom_match"),
-                        "custom matcher trees are not implemented",
-                    );
-                    None
+                Some(TT::CustomMatch(c)) => {
+                    match ip_tree_match(c, &join(&tpath, "custom_match"), rules, depth) {
+                        Ok(tree) => input.map(|i| MatchKind::Ip(i, tree)),
+                        Err(e) => {
+                            errs.extend(e);
+                            None
+                        }
+                    }
                 }
                 None => {
                     errs.push(tpath.clone(), "a matcher tree needs a tree_type");
@@ -329,6 +373,9 @@ fn data_input<A>(
         SOURCE_PORT => DataInput::SourcePort,
         DIRECT_SOURCE_IP => DataInput::DirectSourceIp,
         SERVER_NAME => DataInput::ServerName,
+        SOURCE_TYPE => DataInput::SourceType,
+        TRANSPORT_PROTOCOL => DataInput::TransportProtocol,
+        APPLICATION_PROTOCOL => DataInput::ApplicationProtocol,
         FILTER_STATE => {
             let f: net_in::FilterStateInput = super::decode(&any, &tpath)?;
             if f.key.is_empty() {
@@ -349,6 +396,73 @@ fn data_input<A>(
             ))
         }
     })
+}
+
+/// A tree's `custom_match`: `xds.type.matcher.v3.IPMatcher` only.
+fn ip_tree_match<A>(
+    c: &TypedExtensionConfig,
+    path: &str,
+    rules: &Rules<'_, A>,
+    depth: usize,
+) -> Result<IpTree<A>, ConfigErrors> {
+    let Some(any) = &c.typed_config else {
+        return Err(err(join(path, "typed_config"), "value is required"));
+    };
+    let tpath = join(path, "typed_config");
+    let any = crate::support::unwrap_typed_struct(any, &tpath)?;
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if name != IP_TREE {
+        return Err(err(
+            tpath,
+            format!("weir does not implement the custom matcher tree {name}"),
+        ));
+    }
+    let m: ip_tree::IpMatcher = super::decode(&any, &tpath)?;
+    let mut errs = ConfigErrors::default();
+    let mut out = Vec::with_capacity(m.range_matchers.len());
+    for (i, rm) in m.range_matchers.iter().enumerate() {
+        let rpath = format!("{tpath}.range_matchers[{i}]");
+        // As Envoy's proto validation.
+        if rm.ranges.is_empty() {
+            errs.push(
+                join(&rpath, "ranges"),
+                "value must contain at least 1 item(s)",
+            );
+        }
+        let mut cidrs = Vec::with_capacity(rm.ranges.len());
+        for (j, r) in rm.ranges.iter().enumerate() {
+            let cpath = format!("{rpath}.ranges[{j}]");
+            if r.address_prefix.is_empty() {
+                errs.push(
+                    join(&cpath, "address_prefix"),
+                    "value length must be at least 1 characters",
+                );
+                continue;
+            }
+            // Envoy reads an unset `prefix_len` as 0.
+            let core = crate::api::envoy::config::core::v3::CidrRange {
+                address_prefix: r.address_prefix.clone(),
+                prefix_len: Some(r.prefix_len.unwrap_or_default()),
+            };
+            match super::hcm::cidr(&core, &cpath) {
+                Ok(c) => cidrs.push(c),
+                Err(e) => errs.extend(e),
+            }
+        }
+        let o = match &rm.on_match {
+            Some(o) => on_match(o, &join(&rpath, "on_match"), rules, depth)
+                .map_err(|e| errs.extend(e))
+                .ok(),
+            None => {
+                errs.push(join(&rpath, "on_match"), "value is required");
+                None
+            }
+        };
+        if let Some(o) = o {
+            out.push((cidrs, rm.exclusive, o));
+        }
+    }
+    errs.into_result(IpTree::new(out))
 }
 
 fn custom_match(c: &TypedExtensionConfig, path: &str) -> Result<InputMatcher, ConfigErrors> {
