@@ -218,8 +218,8 @@ async fn upstream_certificates_in_the_access_log() {
     let log2 = log.clone();
     let p = Proxy::start_with(Target::from_env(), opts, move |ports| {
         let format = "%REQ(:PATH)% %UPSTREAM_PEER_URI_SAN% %UPSTREAM_LOCAL_URI_SAN% \
-                      %UPSTREAM_PEER_SUBJECT% %UPSTREAM_PEER_ISSUER% %UPSTREAM_LOCAL_SUBJECT% \
-                      %UPSTREAM_PEER_DNS_SAN%\n";
+                      %UPSTREAM_PEER_SUBJECT% %UPSTREAM_PEER_DNS_SAN% %UPSTREAM_LOCAL_DNS_SAN% \
+                      [%UPSTREAM_PEER_ISSUER%]\n";
         let h = hcm(
             "h",
             vec![],
@@ -261,14 +261,15 @@ async fn upstream_certificates_in_the_access_log() {
     }
     assert_eq!(up.wait_connections(1, WAIT).await.len(), 1);
     let lines = p.log_lines(&log, 3).await;
-    let tls_line =
-        |path: &str| format!("{path} {PEER} {LOCAL} CN=up.test CN=mesh root CN=gateway up.test");
+    let tls_line = |path: &str| {
+        format!("{path} {PEER} {LOCAL} CN=up.test up.test - [O=weir tests,CN=mesh root]")
+    };
     assert_eq!(
         lines,
         [
             tls_line("/a"),
             tls_line("/b"),
-            "/plain - - - - - -".to_owned()
+            "/plain - - - - - [-]".to_owned()
         ]
     );
 }

@@ -547,7 +547,6 @@ pub fn eval(
         Command::UpstreamPeerIssuer => upstream(info, true, |p| Some(p.issuer.clone())),
         Command::UpstreamLocalUriSan => upstream(info, false, |p| join(&p.uri_sans)),
         Command::UpstreamLocalDnsSan => upstream(info, false, |p| join(&p.dns_sans)),
-        Command::UpstreamLocalSubject => upstream(info, false, |p| Some(p.subject.clone())),
         Command::DownstreamTlsVersion => info
             .tls
             .as_ref()

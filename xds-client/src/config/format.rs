@@ -76,7 +76,6 @@ pub enum Command {
     UpstreamPeerIssuer,
     UpstreamLocalUriSan,
     UpstreamLocalDnsSan,
-    UpstreamLocalSubject,
     RouteName,
     Hostname,
     ConnectionId,

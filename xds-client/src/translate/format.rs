@@ -161,7 +161,6 @@ fn parse_operator(op: &str) -> Result<Operator, String> {
         "UPSTREAM_PEER_ISSUER" => no_args(Command::UpstreamPeerIssuer)?,
         "UPSTREAM_LOCAL_URI_SAN" => no_args(Command::UpstreamLocalUriSan)?,
         "UPSTREAM_LOCAL_DNS_SAN" => no_args(Command::UpstreamLocalDnsSan)?,
-        "UPSTREAM_LOCAL_SUBJECT" => no_args(Command::UpstreamLocalSubject)?,
         "ROUTE_NAME" => no_args(Command::RouteName)?,
         "HOSTNAME" => no_args(Command::Hostname)?,
         "CONNECTION_ID" => no_args(Command::ConnectionId)?,
