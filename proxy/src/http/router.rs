@@ -496,9 +496,12 @@ fn report_outlier(cluster: &ClusterRuntime, host: &crate::upstream::Host, outcom
     }
 }
 
-fn outcome_of(
-    res: Result<(Response<Incoming>, crate::upstream::pool::ConnTls), crate::upstream::PoolError>,
-) -> Outcome {
+/// What one try's pool exchange gives: the response with its connection's
+/// certificates, or why there is none.
+type TryResult =
+    Result<(Response<Incoming>, crate::upstream::pool::ConnTls), crate::upstream::PoolError>;
+
+fn outcome_of(res: TryResult) -> Outcome {
     match res {
         Ok((r, tls)) => Outcome::Response(r, tls),
         Err(e) if e.is_overflow() => Outcome::Overflow,
@@ -564,17 +567,7 @@ fn avoid_hosts(
 
 /// One upstream attempt of a hedged request.
 struct Try<'c> {
-    fut: std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        (Response<Incoming>, crate::upstream::pool::ConnTls),
-                        crate::upstream::PoolError,
-                    >,
-                > + Send
-                + 'c,
-        >,
-    >,
+    fut: std::pin::Pin<Box<dyn std::future::Future<Output = TryResult> + Send + 'c>>,
     host: Arc<crate::upstream::Host>,
     attempt: u32,
     started: Instant,

@@ -154,7 +154,7 @@ pub fn response(
     let te_chunked = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .last()
+        .next_back()
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
     if headers.contains_key(header::TRANSFER_ENCODING) {
         chunked = te_chunked && can_chunk;
