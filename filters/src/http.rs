@@ -417,6 +417,12 @@ pub struct StreamEnd<'a> {
     pub request_body_bytes: u64,
     /// Response body bytes sent downstream.
     pub response_body_bytes: u64,
+    /// The request's downstream wire bytes (header block and body), as
+    /// Envoy's downstream bytes meter counts them for HTTP/1 (the proxy's
+    /// `http::wire` says how HTTP/2 is approximated).
+    pub request_wire_bytes: u64,
+    /// The response's downstream wire bytes, likewise.
+    pub response_wire_bytes: u64,
     /// From the request's arrival to the end of the response.
     pub duration: std::time::Duration,
     /// The request was gRPC.
@@ -436,6 +442,11 @@ pub struct StreamEnd<'a> {
     pub cluster: Option<&'a str>,
     /// The route's name, if any.
     pub route_name: Option<&'a str>,
+    /// The first URI SAN of the upstream TLS connection's peer certificate
+    /// and of our certificate on it (Envoy's `upstreamSslConnection()`
+    /// `uriSanPeerCertificate()` / `uriSanLocalCertificate()`).
+    pub upstream_peer_uri_san: Option<&'a str>,
+    pub upstream_local_uri_san: Option<&'a str>,
 }
 
 /// The instances kept for the end of a stream, with the request's filter

@@ -127,6 +127,9 @@ pub struct TrackedEnd {
     pub complete: bool,
     /// `grpc-status` of its trailers, if it had any.
     pub grpc_status: Option<u32>,
+    /// The HTTP/1 chunk framing its data frames take when sent chunked
+    /// ([`crate::http::wire::chunk_framing`]).
+    pub framing: u64,
 }
 
 /// The end-of-stream hook of a [`Tracked`] body: a closure run at most once.
@@ -157,6 +160,8 @@ pub struct Tracked<D: ?Sized + OnEnd = dyn OnEnd> {
     pub bytes: u64,
     /// `grpc-status` seen in the trailers.
     pub grpc_status: Option<u32>,
+    /// See [`TrackedEnd::framing`].
+    pub framing: u64,
     done: D,
 }
 
@@ -166,6 +171,7 @@ impl<D: ?Sized + OnEnd> Tracked<D> {
             bytes: self.bytes,
             complete,
             grpc_status: self.grpc_status,
+            framing: self.framing,
         };
         self.done.call(end);
     }
@@ -196,6 +202,7 @@ impl Body {
             inner: self,
             bytes: 0,
             grpc_status: None,
+            framing: 0,
             done: Some(done),
         }))
     }
@@ -342,6 +349,7 @@ impl http_body::Body for Body {
                     Poll::Ready(Some(Ok(f))) => {
                         if let Some(d) = f.data_ref() {
                             t.bytes += d.len() as u64;
+                            t.framing += crate::http::wire::chunk_framing(d.len());
                         } else if let Some(tr) = f.trailers_ref() {
                             t.grpc_status = tr
                                 .get("grpc-status")

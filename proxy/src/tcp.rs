@@ -242,7 +242,17 @@ impl TcpRuntime {
             }
         };
         let upstream_peer = up.peer();
-        let (upstream_local_san, upstream_peer_san) = upstream_sans(&cluster, &host, &up);
+        info.upstream_tls = upstream_tls(&cluster, &host, &up);
+        let upstream_local_san = info
+            .upstream_tls
+            .as_ref()
+            .and_then(|t| t.local_uri_san())
+            .map(str::to_owned);
+        let upstream_peer_san = info
+            .upstream_tls
+            .as_ref()
+            .and_then(|t| t.peer_uri_san())
+            .map(str::to_owned);
         host.active.fetch_add(1, Relaxed);
         let activity = Arc::new(Activity::new());
         let rx = Arc::new(AtomicU64::new(0));
@@ -408,28 +418,18 @@ pub(crate) async fn connect(
     }
 }
 
-/// The first URI SAN of our certificate and of the upstream's on a TLS
-/// upstream connection (Istio's `source` reporter principals).
-fn upstream_sans(
+/// The certificates of a TLS upstream connection (`%UPSTREAM_PEER_*%`,
+/// Istio's `source` reporter principals).
+fn upstream_tls(
     cluster: &ClusterRuntime,
     host: &Host,
     up: &crate::mx::MxIo<UpstreamIo>,
-) -> (Option<String>, Option<String>) {
+) -> Option<std::sync::Arc<crate::tls::UpstreamTlsInfo>> {
     let UpstreamIo::Tls(t) = up.get_ref() else {
-        return (None, None);
+        return None;
     };
-    let local = cluster
-        .tls_for(host)
-        .and_then(|c| c.cert_info())
-        .and_then(|c| c.uri_sans.into_iter().next());
-    let peer = t
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(crate::tls::CertInfo::parse)
-        .and_then(|c| c.uri_sans.into_iter().next());
-    (local, peer)
+    let ctls = cluster.tls_for(host)?;
+    Some(std::sync::Arc::new(ctls.upstream_info(t)))
 }
 
 /// Last read or write per side, in ms since `start`.

@@ -324,20 +324,109 @@ async fn gateway_counts_by_code_and_flags_with_upstream_peer() {
     );
 }
 
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The length of the complete HTTP/1.1 response at the start of `buf`
+/// (`content-length` or chunked without trailers), once it is all there.
+fn response_len(buf: &[u8]) -> Option<usize> {
+    let head_end = find(buf, b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if let Some(n) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        let total = head_end + n.trim().parse::<usize>().ok()?;
+        return (buf.len() >= total).then_some(total);
+    }
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    // The last chunk follows the previous chunk's CRLF (or the head).
+    let rest = &buf[head_end - 2..];
+    find(rest, b"\r\n0\r\n\r\n").map(|i| head_end - 2 + i + 7)
+}
+
+/// Writes `raw` on `s` and reads one response: every byte the client got.
+async fn exchange(s: &mut tokio::net::TcpStream, raw: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(raw).await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(n) = response_len(&buf) {
+            assert_eq!(n, buf.len(), "one response, nothing after it");
+            return buf;
+        }
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// An upstream that answers every request (without a body) with a chunked
+/// response of two chunks, `hello` and `abc`.
+async fn chunked_upstream() -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(i) = find(&buf, b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        let resp: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                            5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n";
+                        if s.write_all(resp).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// `istio_request_bytes` / `istio_response_bytes` record the downstream
+/// wire bytes, as Istio (Envoy's downstream bytes meter: request line or
+/// status line, headers, framing and body), checked against the bytes a
+/// raw HTTP/1.1 client wrote and read: a request with a body and a
+/// `content-length` response, then, on the same connection, a request whose
+/// response weir sends chunked (the chunk framing counts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duration_and_size_histograms() {
+async fn duration_and_wire_size_histograms() {
     let echo = upstream::http1("productpage").await.expect("echo");
-    let p = gateway(echo.port(), dead_port().await, json!({}));
-    let r = Http::h1()
-        .send(
-            "POST",
-            &format!("{}/productpage", p.base()),
-            &[("x-echo-body-size", "700")],
-            Bytes::from_static(b"abc"),
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body.len(), 700);
+    let (chunked_port, task) = chunked_upstream().await;
+    let p = gateway(echo.port(), chunked_port, json!({}));
+    let mut s = tokio::net::TcpStream::connect(p.addr())
+        .await
+        .expect("connect");
+    let rq1: &[u8] = b"POST /productpage HTTP/1.1\r\nhost: bookinfo.example.com\r\n\
+        x-echo-body-size: 700\r\ncontent-length: 3\r\n\r\nabc";
+    let rs1 = exchange(&mut s, rq1).await;
+    assert!(rs1.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert!(rs1.ends_with(&[b'a'; 700]));
+    let rq2: &[u8] =
+        b"GET /ratings HTTP/1.1\r\nhost: bookinfo.example.com\r\nuser-agent: raw\r\n\r\n";
+    let rs2 = exchange(&mut s, rq2).await;
+    assert!(
+        rs2.ends_with(b"0\r\n\r\n"),
+        "{}",
+        String::from_utf8_lossy(&rs2)
+    );
     let l = gateway_labels(
         "productpage.default.svc.cluster.local",
         "productpage",
@@ -345,16 +434,24 @@ async fn duration_and_size_histograms() {
         "-",
         false,
     );
+    let l2 = gateway_labels(
+        "ratings.default.svc.cluster.local",
+        "ratings",
+        200,
+        "-",
+        false,
+    );
     let want = [
-        format!("istio_request_bytes_bucket{{{l},le=\"1\"}} 0"),
-        format!("istio_request_bytes_bucket{{{l},le=\"5\"}} 1"),
-        format!("istio_request_bytes_bucket{{{l},le=\"+Inf\"}} 1"),
-        format!("istio_request_bytes_sum{{{l}}} 3"),
+        format!("istio_request_bytes_bucket{{{l},le=\"100\"}} 0"),
+        format!("istio_request_bytes_bucket{{{l},le=\"250\"}} 1"),
+        format!("istio_request_bytes_sum{{{l}}} {}", rq1.len()),
         format!("istio_request_bytes_count{{{l}}} 1"),
         format!("istio_response_bytes_bucket{{{l},le=\"500\"}} 0"),
         format!("istio_response_bytes_bucket{{{l},le=\"1000\"}} 1"),
-        format!("istio_response_bytes_sum{{{l}}} 700"),
+        format!("istio_response_bytes_sum{{{l}}} {}", rs1.len()),
         format!("istio_response_bytes_count{{{l}}} 1"),
+        format!("istio_request_bytes_sum{{{l2}}} {}", rq2.len()),
+        format!("istio_response_bytes_sum{{{l2}}} {}", rs2.len()),
         format!("istio_request_duration_milliseconds_bucket{{{l},le=\"3600000\"}} 1"),
         format!("istio_request_duration_milliseconds_count{{{l}}} 1"),
         "# TYPE istio_request_duration_milliseconds histogram".to_owned(),
@@ -368,6 +465,7 @@ async fn duration_and_size_histograms() {
         ),
         "{text}"
     );
+    task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,6 +727,88 @@ async fn inbound_mtls_principal_and_downstream_peer() {
          response_flags=\"-\",connection_security_policy=\"mutual_tls\""
     );
     prometheus(&p, &[format!("istio_requests_total{{{l}}} 1")]).await;
+}
+
+/// The `source` reporter's principals come from the upstream mutual-TLS
+/// connection, as Istio's (`upstreamSslConnection()`): ours is
+/// `source_principal`, the upstream's `destination_principal` (its
+/// `/ns/<namespace>/` the destination namespace); the security policy
+/// stays `unknown` for the source reporter, as Istio's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_principals_from_the_upstream_mtls_connection() {
+    const PRODUCTPAGE_SAN: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+    let ca = TestCa::new("istio root");
+    let dir = TempDir::new("istio-stats-up").expect("temp dir");
+    let leaf =
+        ca.issue(LeafSpec::server("productpage.default.svc.cluster.local").uri(PRODUCTPAGE_SAN));
+    let up = weir_tests::tls::tls_upstream(
+        weir_tests::tls::TlsServerOptions::new("productpage", &leaf)
+            .alpn(&["http/1.1"])
+            .require_client_cert(&ca),
+    )
+    .await
+    .expect("tls upstream");
+    let gw = ca
+        .issue(LeafSpec::client("gateway").uri(GW_SAN))
+        .write_files(&dir, "gw");
+    let ca_file = dir.write("ca.pem", ca.pem());
+    let port = up.port();
+    let p = start(move |ports| {
+        let l = listener(
+            "l",
+            ports.listen,
+            vec![chain(vec![hcm(
+                "outbound_0.0.0.0_8080",
+                vec![gateway_peer_metadata(), stats(json!({}))],
+                vec![vhost(
+                    "bookinfo",
+                    vec![route("/", PRODUCTPAGE, json!({}))],
+                    json!({}),
+                )],
+                json!({}),
+            )])],
+        );
+        let l = weir_tests::config::merge(l, json!({"traffic_direction": "OUTBOUND"}));
+        let tls = json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "productpage.default.svc.cluster.local",
+            "common_tls_context": {
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": gw.chain.display().to_string()},
+                    "private_key": {"filename": gw.key.display().to_string()},
+                }],
+                "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
+            },
+        }}});
+        with_node(
+            bootstrap(ports, vec![l], vec![cluster(PRODUCTPAGE, &[port], tls)]),
+            node(),
+        )
+    });
+    for http in [Http::h1(), Http::h1()] {
+        let r = http.get(&format!("{}/productpage", p.base()), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let l = gateway_labels(
+        "productpage.default.svc.cluster.local",
+        "productpage",
+        200,
+        "-",
+        false,
+    )
+    .replace(
+        "source_principal=\"unknown\"",
+        &format!("source_principal=\"{GW_SAN}\""),
+    )
+    .replace(
+        "destination_workload_namespace=\"unknown\"",
+        "destination_workload_namespace=\"default\"",
+    )
+    .replace(
+        "destination_principal=\"unknown\"",
+        &format!("destination_principal=\"{PRODUCTPAGE_SAN}\""),
+    );
+    prometheus(&p, &[format!("istio_requests_total{{{l}}} 2")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

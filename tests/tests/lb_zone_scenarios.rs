@@ -270,6 +270,53 @@ async fn override_host_from_dynamic_metadata() {
     assert_eq!(count(&s, "u0"), 4, "{s:?}");
 }
 
+/// `selected_host_key`: every pick writes the picked host's `ip:port` to
+/// the stream's dynamic metadata (a nested path makes objects), where
+/// `%DYNAMIC_METADATA%` finds it, here in a response header: a named host,
+/// a fallback pick (Envoy 1.40 writes those too), and a retry after a
+/// named dead host (the last pick wins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn override_host_selected_host_key_names_the_picked_host() {
+    let us = upstreams(3).await;
+    let dead = dead_port();
+    let mut eps: Vec<Value> = us.iter().map(|u| ep(u.port())).collect();
+    eps.push(ep(dead));
+    let route = json!({"retry_policy": {"retry_on": "connect-failure", "num_retries": 1}});
+    let p = Proxy::start(move |ports| {
+        let mut c = override_cluster(eps.clone());
+        c["load_balancing_policy"]["policies"][0]["typed_extension_config"]["typed_config"]
+            ["selected_host_key"] =
+            json!({"key": "envoy.lb", "path": [{"key": "a"}, {"key": "served"}]});
+        let mut l = ingress(ports.listen, vec![], route.clone());
+        l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
+            ["response_headers_to_add"] = json!([
+            {"header": {"key": "x-served", "value": "%DYNAMIC_METADATA(envoy.lb:a:served)%"}},
+        ]);
+        bootstrap(ports, vec![l], vec![c])
+    });
+    let h = Http::h1();
+    let url = format!("{}/", p.base());
+    let named = addr(us[1].port());
+    let r = h.get(&url, &[("x-dest", &named)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().upstream, "u1");
+    assert_eq!(r.header("x-served"), Some(named.as_str()));
+    // No header: the fallback's pick.
+    for _ in 0..3 {
+        let r = h.get(&url, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let served = r.echo().upstream;
+        let i: usize = served[1..].parse().expect("u<i>");
+        assert_eq!(r.header("x-served"), Some(addr(us[i].port()).as_str()));
+    }
+    // The named dead host fails to connect; the retry's pick is written.
+    let list = format!("{},{}", addr(dead), addr(us[2].port()));
+    let r = h.get(&url, &[("x-dest", &list)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.echo().upstream, "u2");
+    assert_eq!(r.header("x-served"), Some(addr(us[2].port()).as_str()));
+}
+
 /// A mirror to an `override_host` cluster follows the shadow's headers
 /// (Envoy's async client hands them to the load balancer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,9 @@
 //! HTTP and network) replaces the ALPN list upstream TLS offers, for the
 //! router and for `tcp_proxy`, and upstream connections made with
 //! different lists are not shared. A real TLS upstream records what each
-//! handshake offered.
+//! handshake offered. Also the upstream TLS connection's certificates in
+//! access logs (`%UPSTREAM_PEER_URI_SAN%` and friends) with a mutual-TLS
+//! upstream presenting SPIFFE certificates.
 //!
 //! Every test runs against weir in-process by default and against real
 //! Envoy 1.40 with `WEIR_SCENARIO_TARGET=envoy` (Envoy registers the
@@ -180,4 +182,94 @@ async fn tcp_proxy_offers_the_connection_filter_state_alpn() {
     assert_eq!(t.received, 10);
     let c = up.wait_connection(2, WAIT).await;
     assert!(c.offered_alpn.is_empty(), "{c:?}");
+}
+
+/// The upstream TLS connection's certificates in the access log
+/// (`%UPSTREAM_PEER_URI_SAN%`, `%UPSTREAM_LOCAL_URI_SAN%`,
+/// `%UPSTREAM_PEER_SUBJECT%`, ...): a mutual-TLS upstream with SPIFFE
+/// certificates on both sides, two requests over one pooled connection (the
+/// second reuses what the first connection found), and a plain-text cluster,
+/// whose entries have none (`-`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_certificates_in_the_access_log() {
+    const PEER: &str = "spiffe://cluster.local/ns/default/sa/productpage";
+    const LOCAL: &str = "spiffe://cluster.local/ns/istio-system/sa/gateway";
+    let ca = TestCa::new("mesh root");
+    let dir = tls::TempDir::new("upstream-sans").expect("temp dir");
+    let leaf = ca.issue(LeafSpec::server("up.test").uri(PEER));
+    let up = tls::tls_upstream(
+        TlsServerOptions::new("up", &leaf)
+            .alpn(&["http/1.1"])
+            .require_client_cert(&ca),
+    )
+    .await
+    .expect("tls upstream");
+    let plain = weir_tests::upstream::http1("plain").await.expect("echo");
+    let client = ca
+        .issue(LeafSpec::client("gateway").uri(LOCAL))
+        .write_files(&dir, "client");
+    let ca_file = dir.write("ca.pem", ca.pem());
+    let log = dir.path().join("access.log");
+    let (tls_port, plain_port) = (up.port(), plain.port());
+    let opts = StartOptions {
+        concurrency: Some(1),
+        ..Default::default()
+    };
+    let log2 = log.clone();
+    let p = Proxy::start_with(Target::from_env(), opts, move |ports| {
+        let format = "%REQ(:PATH)% %UPSTREAM_PEER_URI_SAN% %UPSTREAM_LOCAL_URI_SAN% \
+                      %UPSTREAM_PEER_SUBJECT% %UPSTREAM_PEER_DNS_SAN% %UPSTREAM_LOCAL_DNS_SAN% \
+                      [%UPSTREAM_PEER_ISSUER%]\n";
+        let h = hcm(
+            "h",
+            vec![],
+            vec![vhost(
+                "vh",
+                vec![
+                    route("/plain", "plain", json!({})),
+                    route("/", "up", json!({})),
+                ],
+                json!({}),
+            )],
+            json!({"access_log": [weir_tests::config::file_log(&log2, format)]}),
+        );
+        let tls = json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": TLS, "sni": "up.test",
+            "common_tls_context": {
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": client.chain.display().to_string()},
+                    "private_key": {"filename": client.key.display().to_string()},
+                }],
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file.display().to_string()},
+                },
+            },
+        }}});
+        bootstrap(
+            ports,
+            vec![listener("l", ports.listen, vec![chain(vec![h])])],
+            vec![
+                cluster("up", &[tls_port], tls),
+                cluster("plain", &[plain_port], json!({})),
+            ],
+        )
+    });
+    let h = Http::h1();
+    for path in ["/a", "/b", "/plain"] {
+        let r = h.get(&format!("{}{path}", p.base()), &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert_eq!(up.wait_connections(1, WAIT).await.len(), 1);
+    let lines = p.log_lines(&log, 3).await;
+    let tls_line = |path: &str| {
+        format!("{path} {PEER} {LOCAL} CN=up.test up.test - [O=weir tests,CN=mesh root]")
+    };
+    assert_eq!(
+        lines,
+        [
+            tls_line("/a"),
+            tls_line("/b"),
+            "/plain - - - - - [-]".to_owned()
+        ]
+    );
 }

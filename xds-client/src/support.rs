@@ -787,10 +787,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.load_balancing_policies.maglev.v3.Maglev", &[
         "table_size", "consistent_hashing_lb_config", "locality_weighted_lb_config",
     ]),
-    // `override_host`: `selected_host_key` (dynamic metadata naming the
-    // picked host) is PENDING.
     ("envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost", &[
-        "override_host_sources", "fallback_policy",
+        "override_host_sources", "fallback_policy", "selected_host_key",
     ]),
     ("envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost.OverrideHostSource", &["header", "metadata"]),
     ("envoy.type.metadata.v3.MetadataKey", &["key", "path"]),
@@ -971,11 +969,6 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
         "active_request_bias",
         "active_request_bias is not implemented (weighted least request uses Envoy's default bias 1.0)",
-    ),
-    (
-        "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
-        "selected_host_key",
-        "selected_host_key (dynamic metadata naming the picked host) is not implemented",
     ),
     (
         "envoy.config.core.v3.TlvEntry",

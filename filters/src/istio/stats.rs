@@ -309,8 +309,8 @@ impl HttpFilter for IstioStats {
                 .map(|v| v.0.as_str())
         };
         let (peer_uri_san, local_uri_san) = if self.inner.reporter == Reporter::ClientSidecar {
-            // The upstream connection's certificates are not known here.
-            (None, None)
+            // As Istio: the upstream TLS connection's certificates.
+            (end.upstream_peer_uri_san, end.upstream_local_uri_san)
         } else {
             match (principal(PEER_PRINCIPAL), principal(LOCAL_PRINCIPAL)) {
                 (None, None) => (
@@ -359,11 +359,12 @@ impl HttpFilter for IstioStats {
         if let Some(h) = &m.duration {
             h.record(end.duration.as_millis() as u64);
         }
+        // As Istio: the downstream wire bytes (headers and framing too).
         if let Some(h) = &m.request_bytes {
-            h.record(end.request_body_bytes);
+            h.record(end.request_wire_bytes);
         }
         if let Some(h) = &m.response_bytes {
-            h.record(end.response_body_bytes);
+            h.record(end.response_wire_bytes);
         }
         if let Some((rq, rs)) = messages {
             // Zero counts too: Istio adds them (creating the counter).
@@ -634,6 +635,8 @@ impl crate::network::NetworkFilterFactory for IstioTcpStatsFactory {
             flags_short: end.flags_short,
             request_body_bytes: 0,
             response_body_bytes: 0,
+            request_wire_bytes: 0,
+            response_wire_bytes: 0,
             duration: std::time::Duration::ZERO,
             grpc: false,
             grpc_status: None,
@@ -644,6 +647,8 @@ impl crate::network::NetworkFilterFactory for IstioTcpStatsFactory {
             scheme: "",
             cluster: end.cluster,
             route_name: None,
+            upstream_peer_uri_san: None,
+            upstream_local_uri_san: None,
         };
         // The peers the metadata exchange found (connection filter state).
         let peer = |key: &str| conn.filter_state.and_then(|s| s.get_typed::<PeerInfo>(key));

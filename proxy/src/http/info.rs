@@ -60,6 +60,9 @@ pub struct StreamInfo {
     pub stream: Option<std::sync::Arc<crate::body::StreamState>>,
     /// TLS facts of the downstream connection (terminated by weir).
     pub tls: Option<Arc<crate::tls::DownstreamTlsInfo>>,
+    /// The certificates of the upstream TLS connection that carried the
+    /// response (shared with the pooled connection).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTlsInfo>>,
     /// SNI seen by tls_inspector (TLS passthrough) or the handshake.
     pub requested_server_name: Option<String>,
     /// What HTTP filters left (copied from their context after each phase
@@ -70,6 +73,9 @@ pub struct StreamInfo {
     pub filter_log: FilterLogSlot,
     /// The request's span (HCM `tracing.provider`).
     pub span: crate::trace::SpanSlot,
+    /// The request's downstream header bytes and connection tokens
+    /// (computed on chains with HTTP filters only: `istio.stats`).
+    pub request_wire: super::wire::RequestWire,
 }
 
 /// The filter instances kept for the end of a stream (empty: none asked).
@@ -87,6 +93,11 @@ impl FilterLogSlot {
         if self.0.is_none() {
             self.0 = filters::StreamLog::take(instances, cx).map(std::sync::Mutex::new);
         }
+    }
+
+    /// Whether instances were kept.
+    pub fn is_kept(&self) -> bool {
+        self.0.is_some()
     }
 
     /// The kept instances (once).
@@ -168,11 +179,13 @@ impl StreamInfo {
             has_request: true,
             stream: None,
             tls: None,
+            upstream_tls: None,
             requested_server_name: None,
             dynamic_metadata: Default::default(),
             filter_state: Default::default(),
             filter_log: FilterLogSlot::default(),
             span: Default::default(),
+            request_wire: Default::default(),
         }
     }
 }
@@ -530,6 +543,12 @@ pub fn eval(
         Command::DownstreamLocalUriSan => local(info, |p| join(&p.uri_sans)),
         Command::DownstreamLocalDnsSan => local(info, |p| join(&p.dns_sans)),
         Command::DownstreamLocalSubject => local(info, |p| Some(p.subject.clone())),
+        Command::UpstreamPeerUriSan => upstream(info, true, |p| join(&p.uri_sans)),
+        Command::UpstreamPeerDnsSan => upstream(info, true, |p| join(&p.dns_sans)),
+        Command::UpstreamPeerSubject => upstream(info, true, |p| Some(p.subject.clone())),
+        Command::UpstreamPeerIssuer => upstream(info, true, |p| Some(p.issuer.clone())),
+        Command::UpstreamLocalUriSan => upstream(info, false, |p| join(&p.uri_sans)),
+        Command::UpstreamLocalDnsSan => upstream(info, false, |p| join(&p.dns_sans)),
         Command::DownstreamTlsVersion => info
             .tls
             .as_ref()
@@ -611,6 +630,21 @@ fn peer(info: &StreamInfo, f: impl Fn(&crate::tls::CertInfo) -> Option<String>) 
 
 fn local(info: &StreamInfo, f: impl Fn(&crate::tls::CertInfo) -> Option<String>) -> Option<String> {
     info.tls.as_ref()?.local.as_ref().and_then(f)
+}
+
+/// The upstream TLS connection's peer (`peer`) or local certificate.
+fn upstream(
+    info: &StreamInfo,
+    peer: bool,
+    f: impl Fn(&crate::tls::CertInfo) -> Option<String>,
+) -> Option<String> {
+    let t = info.upstream_tls.as_ref()?;
+    if peer {
+        t.peer.as_ref()
+    } else {
+        t.local.as_ref()
+    }
+    .and_then(f)
 }
 
 /// Several SANs render comma-separated; none renders as absent.

@@ -9,3 +9,4 @@ pub mod router;
 pub mod server;
 pub mod service;
 pub mod tracing;
+pub mod wire;

@@ -482,7 +482,7 @@ fn report_outlier(cluster: &ClusterRuntime, host: &crate::upstream::Host, outcom
     }
     use crate::upstream::outlier::LocalResult;
     match outcome {
-        Outcome::Response(r) => {
+        Outcome::Response(r, _) => {
             cluster.outlier_local(host, LocalResult::ConnectSuccess);
             cluster.outlier_http(host, r.status().as_u16());
         }
@@ -496,9 +496,14 @@ fn report_outlier(cluster: &ClusterRuntime, host: &crate::upstream::Host, outcom
     }
 }
 
-fn outcome_of(res: Result<Response<Incoming>, crate::upstream::PoolError>) -> Outcome {
+/// What one try's pool exchange gives: the response with its connection's
+/// certificates, or why there is none.
+type TryResult =
+    Result<(Response<Incoming>, crate::upstream::pool::ConnTls), crate::upstream::PoolError>;
+
+fn outcome_of(res: TryResult) -> Outcome {
     match res {
-        Ok(r) => Outcome::Response(r),
+        Ok((r, tls)) => Outcome::Response(r, tls),
         Err(e) if e.is_overflow() => Outcome::Overflow,
         Err(e) if e.is_connect() => Outcome::ConnectFailure(e.to_string()),
         Err(e) => Outcome::Reset(e.to_string()),
@@ -562,13 +567,7 @@ fn avoid_hosts(
 
 /// One upstream attempt of a hedged request.
 struct Try<'c> {
-    fut: std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Response<Incoming>, crate::upstream::PoolError>>
-                + Send
-                + 'c,
-        >,
-    >,
+    fut: std::pin::Pin<Box<dyn std::future::Future<Output = TryResult> + Send + 'c>>,
     host: Arc<crate::upstream::Host>,
     attempt: u32,
     started: Instant,
@@ -642,7 +641,8 @@ fn drop_tries(cluster: &ClusterRuntime, tries: &mut Vec<Try<'_>>) {
 }
 
 enum Outcome {
-    Response(Response<Incoming>),
+    /// With the certificates of the upstream connection that carried it.
+    Response(Response<Incoming>, crate::upstream::pool::ConnTls),
     ConnectFailure(String),
     Reset(String),
     Timeout,
@@ -924,6 +924,7 @@ pub async fn forward(
                     info.response_code_details = "no_healthy_upstream";
                     return reply(503, NO_HEALTHY_UPSTREAM);
                 };
+                cluster.record_selected_host(&mut info.dynamic_metadata, host.addr);
                 if prev {
                     tried.push(host.addr);
                 }
@@ -1062,13 +1063,13 @@ pub async fn forward(
             let outcome = outcome_of(res);
             report_outlier(&cluster, &t.host, &outcome);
             let would_retry = state_policy.is_some_and(|p| match &outcome {
-                Outcome::Response(r) => retriable_response(p, r.status().as_u16(), r.headers()),
+                Outcome::Response(r, _) => retriable_response(p, r.status().as_u16(), r.headers()),
                 Outcome::ConnectFailure(_) => retriable_connect(p),
                 Outcome::Reset(_) => retriable_reset(p),
                 Outcome::Timeout | Outcome::Overflow => false,
             });
             let pending = !tries.is_empty() || next_start.is_some();
-            if let Outcome::Response(r) = &outcome {
+            if let Outcome::Response(r, _) = &outcome {
                 cluster.stats.record_status(r.status().as_u16());
                 cluster
                     .stats
@@ -1144,6 +1145,7 @@ pub async fn forward(
             info.response_code_details = "no_healthy_upstream";
             return reply(503, NO_HEALTHY_UPSTREAM);
         };
+        cluster.record_selected_host(&mut info.dynamic_metadata, host.addr);
         if retry.as_ref().is_some_and(|r| r.previous_hosts) {
             tried.push(host.addr);
         }
@@ -1248,7 +1250,7 @@ pub async fn forward(
         let global_expired = global_left.is_some_and(|d| d.is_zero());
         let p = retry.as_ref();
         let retry_this = match &outcome {
-            Outcome::Response(r) => {
+            Outcome::Response(r, _) => {
                 p.is_some_and(|p| retriable_response(p, r.status().as_u16(), r.headers()))
             }
             Outcome::ConnectFailure(_) => p.is_some_and(retriable_connect),
@@ -1266,7 +1268,7 @@ pub async fn forward(
             cluster.stats.upstream_rq_per_try_timeout.inc();
         }
         let elapsed_us = done_at.saturating_duration_since(started).as_micros() as u64;
-        if let Outcome::Response(r) = &outcome {
+        if let Outcome::Response(r, _) = &outcome {
             cluster.stats.record_status(r.status().as_u16());
             cluster.stats.upstream_rq_time.record_us(elapsed_us);
         }
@@ -1285,7 +1287,7 @@ pub async fn forward(
             cluster.stats.upstream_rq_retry.inc();
             let p = p.expect("retry_this implies a policy");
             let headers = match &outcome {
-                Outcome::Response(r) => Some(r.headers()),
+                Outcome::Response(r, _) => Some(r.headers()),
                 _ => None,
             };
             let wait = back_off(p, attempt, headers);
@@ -1299,7 +1301,7 @@ pub async fn forward(
         if retry_this && attempt > 1 && !retry_overflow {
             cluster.stats.upstream_rq_retry_limit_exceeded.inc();
             info.flags.set(Flags::URX);
-        } else if attempt > 1 && !retry_overflow && matches!(outcome, Outcome::Response(_)) {
+        } else if attempt > 1 && !retry_overflow && matches!(outcome, Outcome::Response(..)) {
             cluster.stats.upstream_rq_retry_success.inc();
         }
         return respond(
@@ -1338,12 +1340,12 @@ fn respond(
     if state
         .request_timed_out
         .load(std::sync::atomic::Ordering::Relaxed)
-        && !matches!(outcome, Outcome::Response(_))
+        && !matches!(outcome, Outcome::Response(..))
     {
         return stream_timeout_reply(StreamTimeout::Request, info, false);
     }
     if state.body_error.load(std::sync::atomic::Ordering::Relaxed)
-        && !matches!(outcome, Outcome::Response(_))
+        && !matches!(outcome, Outcome::Response(..))
     {
         // The downstream body was malformed (bad chunking): a protocol
         // error of the client, not an upstream failure (Envoy: 400).
@@ -1352,8 +1354,9 @@ fn respond(
         return reply(400, "Bad Request");
     }
     match outcome {
-        Outcome::Response(mut r) => {
+        Outcome::Response(mut r, conn_tls) => {
             info.response_code_details = "via_upstream";
+            info.upstream_tls = conn_tls;
             let switching = r.status() == http::StatusCode::SWITCHING_PROTOCOLS;
             if let (true, Some((_, downstream))) = (switching, upgrade) {
                 // Splice the two upgraded connections together.
@@ -1600,7 +1603,13 @@ fn send_try<'a>(
     source: &'a crate::upstream::proxy_protocol::ProxySource,
     req: Request<Body>,
 ) -> impl std::future::Future<
-    Output = Result<Response<hyper::body::Incoming>, crate::upstream::PoolError>,
+    Output = Result<
+        (
+            Response<hyper::body::Incoming>,
+            crate::upstream::pool::ConnTls,
+        ),
+        crate::upstream::PoolError,
+    >,
 > + 'a {
     let dest = cluster.dest(host);
     let dest = crate::upstream::pool::Dest {

@@ -198,6 +198,11 @@ pub async fn handle(
     if let Some(t) = &ctx.tls {
         info.tls = Some(t.clone());
     }
+    // The request's wire size, before anything changes its headers (chains
+    // with HTTP filters only: `istio.stats` records it).
+    if ctx.downstream.is_some() {
+        info.request_wire = super::wire::request(&parts);
+    }
     let mut head_request = parts.method == http::Method::HEAD;
     let body_empty = hyper::body::Body::is_end_stream(&body);
     let h2 = parts.version == Version::HTTP_2;
@@ -260,6 +265,7 @@ pub async fn handle(
         next_info.downstream_direct_remote = ctx.direct_peer;
         next_info.requested_server_name = ctx.sni.clone();
         next_info.tls = info.tls.take();
+        next_info.request_wire = info.request_wire;
         info = next_info;
         resp = pipeline(
             &ctx,
@@ -971,6 +977,19 @@ async fn pipeline(
             };
             let cluster = target.cluster.clone();
             let mut resp = router::forward(f, target, head, body, info).await;
+            // `override_host` `selected_host_key`: the host the router wrote
+            // to the stream's dynamic metadata is there for the response
+            // filters too.
+            if let Some((ns, _)) = cluster
+                .config
+                .override_host
+                .as_ref()
+                .and_then(|o| o.selected_host_key.as_ref())
+            {
+                if let Some(m) = info.dynamic_metadata.namespace(ns) {
+                    fcx.metadata.merge(ns, m.clone());
+                }
+            }
             if let (Some(policy), Some(src)) = (redirect_policy, kept) {
                 let status = resp.status().as_u16();
                 if info.response_code_details == "via_upstream" && policy.codes.contains(&status) {
@@ -1576,6 +1595,22 @@ fn finish(
     } else {
         (None, None)
     };
+    // How hyper will frame the response (for `istio.stats`' wire bytes).
+    let response_wire = info.filter_log.is_kept().then(|| {
+        let version = match info.protocol {
+            "HTTP/2" => http::Version::HTTP_2,
+            "HTTP/1.0" => http::Version::HTTP_10,
+            _ => http::Version::HTTP_11,
+        };
+        super::wire::response(
+            version,
+            &info.method,
+            status,
+            resp.headers(),
+            hyper::body::Body::size_hint(resp.body()).exact(),
+            info.request_wire,
+        )
+    });
     let ctx2 = ctx.clone();
     let (parts, body) = resp.into_parts();
     // `tunnel`: a tunnel's bytes from downstream (else the request body's,
@@ -1608,6 +1643,8 @@ fn finish(
                 flags_short: Flags::short_of,
                 request_body_bytes: bytes_received,
                 response_body_bytes: bytes,
+                request_wire_bytes: info.request_wire.head + bytes_received,
+                response_wire_bytes: response_wire.map_or(bytes, |w| w.total(bytes, end.framing)),
                 duration: elapsed,
                 grpc: info.grpc,
                 // As Envoy's `getGrpcStatus`: the trailers first.
@@ -1619,6 +1656,8 @@ fn finish(
                 scheme: info.scheme,
                 cluster: info.upstream_cluster.as_deref(),
                 route_name: info.route_name.as_deref(),
+                upstream_peer_uri_san: info.upstream_tls.as_ref().and_then(|t| t.peer_uri_san()),
+                upstream_local_uri_san: info.upstream_tls.as_ref().and_then(|t| t.local_uri_san()),
             });
         }
         if let Some(span) = info.span.span.take() {

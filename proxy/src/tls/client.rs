@@ -114,6 +114,20 @@ impl ClientTls {
         self.built.load().cert.clone()
     }
 
+    /// The certificates of a connection this context made (once per
+    /// connection).
+    pub fn upstream_info(&self, s: &TlsStream<TcpStream>) -> super::UpstreamTlsInfo {
+        super::UpstreamTlsInfo {
+            peer: s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(super::CertInfo::parse),
+            local: self.cert_info(),
+        }
+    }
+
     /// Handshakes over `tcp`. Returns the stream and the negotiated ALPN.
     pub async fn connect(
         &self,

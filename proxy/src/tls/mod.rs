@@ -383,6 +383,29 @@ pub struct DownstreamTlsInfo {
     pub local: Option<CertInfo>,
 }
 
+/// The certificates of an upstream TLS connection, made once per
+/// connection and shared by reference with the streams it carries:
+/// `%UPSTREAM_PEER_*%` / `%UPSTREAM_LOCAL_*%` and the principals of
+/// Istio's `source` reporter.
+#[derive(Debug, Default)]
+pub struct UpstreamTlsInfo {
+    /// The upstream's leaf certificate.
+    pub peer: Option<CertInfo>,
+    /// The certificate we presented (the cluster's), if any.
+    pub local: Option<CertInfo>,
+}
+
+impl UpstreamTlsInfo {
+    /// The peer's first URI SAN.
+    pub fn peer_uri_san(&self) -> Option<&str> {
+        self.peer.as_ref()?.uri_sans.first().map(String::as_str)
+    }
+    /// Our first URI SAN.
+    pub fn local_uri_san(&self) -> Option<&str> {
+        self.local.as_ref()?.uri_sans.first().map(String::as_str)
+    }
+}
+
 pub fn version_name(v: Option<rustls::ProtocolVersion>) -> &'static str {
     match v {
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",

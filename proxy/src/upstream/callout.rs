@@ -130,7 +130,8 @@ pub(crate) async fn call(
             request,
         )
         .await
-        .map_err(|e| CalloutError::Failed(e.to_string()))?;
+        .map_err(|e| CalloutError::Failed(e.to_string()))?
+        .0;
     stats.record_status(resp.status().as_u16());
     stats
         .upstream_rq_time

@@ -1244,6 +1244,37 @@ impl ClusterRuntime {
 
     /// The hosts a request names for this cluster (none without the
     /// `override_host` policy).
+    /// `override_host` `selected_host_key`: writes the picked host's
+    /// `ip:port` into the stream's dynamic metadata at the key's path
+    /// (objects made along it), at every pick, as Envoy 1.40.
+    pub fn record_selected_host(&self, md: &mut filters::DynamicMetadata, addr: SocketAddr) {
+        let Some((ns, path)) = self
+            .config
+            .override_host
+            .as_ref()
+            .and_then(|o| o.selected_host_key.as_ref())
+        else {
+            return;
+        };
+        let Some((last, parents)) = path.split_last() else {
+            return;
+        };
+        let mut m = md.namespace_mut(ns);
+        for k in parents {
+            let v = m
+                .entry(k.clone())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !v.is_object() {
+                *v = serde_json::Value::Object(Default::default());
+            }
+            let serde_json::Value::Object(next) = v else {
+                return;
+            };
+            m = next;
+        }
+        m.insert(last.clone(), serde_json::Value::String(addr.to_string()));
+    }
+
     pub fn override_hosts(
         &self,
         headers: &http::HeaderMap,

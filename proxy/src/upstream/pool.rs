@@ -82,15 +82,21 @@ impl PoolError {
     }
 }
 
+/// The certificates of a pooled TLS connection, shared by reference with
+/// each response it carries (`None`: plain connection).
+pub type ConnTls = Option<Arc<crate::tls::UpstreamTlsInfo>>;
+
 struct Idle {
     sender: http1::SendRequest<Body>,
     used: u32,
     since: Instant,
+    tls: ConnTls,
 }
 
 struct H2 {
     sender: http2::SendRequest<Body>,
     used: u32,
+    tls: ConnTls,
 }
 
 #[derive(Default)]
@@ -261,12 +267,12 @@ impl Client {
     }
 
     /// Sends `req` to `d.addr` on a pooled connection of its key, or a new
-    /// one.
+    /// one; with the response, that connection's certificates.
     pub async fn request(
         &self,
         d: Dest<'_>,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
         let tls = d.tls;
         let key = Key {
             addr: d.addr,
@@ -334,7 +340,7 @@ impl Client {
         hosts.entry(addr.clone()).or_default().idle.push(c);
     }
 
-    fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32) {
+    fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32, tls: ConnTls) {
         if self.settings.max_requests.is_some_and(|m| used >= m) {
             return;
         }
@@ -344,6 +350,7 @@ impl Client {
                 sender,
                 used,
                 since: Instant::now(),
+                tls,
             });
         }
         // Requests pending at the connection limit may take it.
@@ -392,7 +399,7 @@ impl Client {
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
         *req.version_mut() = Version::HTTP_11;
         let mut pending: Option<Pending<'_>> = None;
         loop {
@@ -409,8 +416,9 @@ impl Client {
                 let _rq = self.attach()?;
                 match idle.sender.try_send_request(req).await {
                     Ok(resp) => {
-                        self.put_idle(addr, idle.sender, idle.used + 1);
-                        return Ok(resp);
+                        let tls = idle.tls.clone();
+                        self.put_idle(addr, idle.sender, idle.used + 1, idle.tls);
+                        return Ok((resp, tls));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(r) => req = r,
@@ -438,15 +446,16 @@ impl Client {
                 None => freed.await,
             }
         }
-        let (io, alpn) = self.connect(addr, tls).await?;
+        let (io, alpn, conn_tls) = self.connect(addr, tls).await?;
         drop(pending);
         let _rq = self.attach()?;
         if alpn.as_deref() == Some(b"h2") {
-            let mut sender = self.h2_handshake(addr, io).await?;
+            let mut sender = self.h2_handshake(addr, io, conn_tls.clone()).await?;
             to_h2(&mut req);
             return sender
                 .send_request(req)
                 .await
+                .map(|r| (r, conn_tls))
                 .map_err(|e| PoolError::Reset(error_text(&e)));
         }
         let (mut sender, conn) = http1::Builder::new()
@@ -459,9 +468,9 @@ impl Client {
         match sender.send_request(req).await {
             Ok(resp) => {
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    self.put_idle(addr, sender, 1);
+                    self.put_idle(addr, sender, 1, conn_tls.clone());
                 }
-                Ok(resp)
+                Ok((resp, conn_tls))
             }
             Err(e) => Err(PoolError::Reset(error_text(&e))),
         }
@@ -472,9 +481,9 @@ impl Client {
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
         to_h2(&mut req);
-        let mut sender = match self.take_h2(addr) {
+        let (mut sender, conn_tls) = match self.take_h2(addr) {
             Ok(s) => s,
             Err(gate) => {
                 // Pending while the connection is made. The host has no
@@ -505,7 +514,9 @@ impl Client {
                             self.settings.cx_overflow.inc();
                         }
                         let made = match self.connect(addr, tls).await {
-                            Ok((io, _)) => self.h2_handshake(addr, io).await,
+                            Ok((io, _, t)) => {
+                                self.h2_handshake(addr, io, t.clone()).await.map(|s| (s, t))
+                            }
                             Err(e) => Err(e),
                         };
                         *making = made.as_ref().err().map(|e| (attempt, e.to_string()));
@@ -519,13 +530,14 @@ impl Client {
         sender
             .send_request(req)
             .await
+            .map(|r| (r, conn_tls))
             .map_err(|e| PoolError::Reset(error_text(&e)))
     }
 
     /// A stream on the key's HTTP/2 connection if it is open and under
     /// `max_requests_per_connection`; else the gate to hold while making
     /// a new one.
-    fn take_h2(&self, addr: &Key) -> Result<http2::SendRequest<Body>, Arc<H2Gate>> {
+    fn take_h2(&self, addr: &Key) -> Result<(http2::SendRequest<Body>, ConnTls), Arc<H2Gate>> {
         let mut hosts = self.hosts.lock().expect("pool lock");
         let conns = hosts.entry(addr.clone()).or_default();
         match &mut conns.h2 {
@@ -534,7 +546,7 @@ impl Client {
                     && self.settings.max_requests.is_none_or(|m| h.used < m) =>
             {
                 h.used += 1;
-                Ok(h.sender.clone())
+                Ok((h.sender.clone(), h.tls.clone()))
             }
             _ => {
                 conns.h2 = None;
@@ -548,6 +560,7 @@ impl Client {
         &self,
         addr: &Key,
         io: CountedIo,
+        tls: ConnTls,
     ) -> Result<http2::SendRequest<Body>, PoolError> {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -571,6 +584,7 @@ impl Client {
         hosts.entry(addr.clone()).or_default().h2 = Some(H2 {
             sender: sender.clone(),
             used: 1,
+            tls,
         });
         Ok(sender)
     }
@@ -581,7 +595,7 @@ impl Client {
         &self,
         key: &Key,
         t: &Transport<'_>,
-    ) -> Result<(CountedIo, Option<Vec<u8>>), PoolError> {
+    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnTls), PoolError> {
         let (addr, sni, alpn_override) = (key.addr, key.sni.as_deref(), key.alpn.as_deref());
         let tls = t.tls;
         let s = &self.settings;
@@ -623,13 +637,14 @@ impl Client {
         s.cx_total.inc();
         s.cx_proto.inc();
         s.cx_active.inc();
-        let (io, alpn) = match tls {
-            None => (UpstreamIo::Plain(stream), None),
-            Some(t) => match t
+        let (io, alpn, conn_tls) = match tls {
+            None => (UpstreamIo::Plain(stream), None, None),
+            Some(ctls) => match ctls
                 .connect_with(stream, addr, s.alpn, sni, alpn_override)
                 .await
             {
                 Ok((t, alpn)) if s.mx.is_some() => {
+                    let conn_tls = Some(Arc::new(ctls.upstream_info(&t)));
                     // Istio's upstream metadata exchange, when the ALPN
                     // says so; the upstream peer is not kept for HTTP
                     // (istio.stats reads its peer from the headers).
@@ -640,7 +655,7 @@ impl Client {
                     )
                     .await
                     {
-                        Ok(io) => (UpstreamIo::Exchanged(Box::new(io)), alpn),
+                        Ok(io) => (UpstreamIo::Exchanged(Box::new(io)), alpn, conn_tls),
                         Err(e) => {
                             s.cx_active.dec();
                             s.connect_fail.inc();
@@ -648,7 +663,10 @@ impl Client {
                         }
                     }
                 }
-                Ok((t, alpn)) => (UpstreamIo::Tls(Box::new(t)), alpn),
+                Ok((t, alpn)) => {
+                    let conn_tls = Some(Arc::new(ctls.upstream_info(&t)));
+                    (UpstreamIo::Tls(Box::new(t)), alpn, conn_tls)
+                }
                 Err(e) => {
                     s.cx_active.dec();
                     s.connect_fail.inc();
@@ -663,6 +681,7 @@ impl Client {
                 _slot: slot,
             },
             alpn,
+            conn_tls,
         ))
     }
 

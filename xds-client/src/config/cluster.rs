@@ -185,6 +185,10 @@ impl Default for ZoneAware {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OverrideHost {
     pub sources: Vec<OverrideHostSource>,
+    /// `selected_host_key`: the dynamic metadata (namespace, key path) the
+    /// picked host's `ip:port` is written to at each pick, named or
+    /// fallback (Envoy 1.40 writes it for every pick).
+    pub selected_host_key: Option<(String, Vec<String>)>,
 }
 
 /// `OverrideHost.OverrideHostSource`.

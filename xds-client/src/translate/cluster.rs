@@ -1498,32 +1498,19 @@ fn override_host_policy(
                 sources.push(OverrideHostSource::Header(name));
             }
             (true, Some(k)) => {
-                let kpath = join(&spath, "metadata");
-                if k.key.is_empty() {
-                    errs.push(join(&kpath, "key"), "must not be empty");
-                }
-                if k.path.is_empty() {
-                    errs.push(
-                        join(&kpath, "path"),
-                        "at least one path segment is required",
-                    );
-                }
-                let mut path = Vec::new();
-                for (j, seg) in k.path.iter().enumerate() {
-                    use crate::api::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
-                    match &seg.segment {
-                        Some(Segment::Key(key)) if !key.is_empty() => path.push(key.clone()),
-                        _ => errs.push(format!("{kpath}.path[{j}].key"), "must not be empty"),
-                    }
-                }
-                sources.push(OverrideHostSource::Metadata {
-                    namespace: k.key.clone(),
-                    path,
-                });
+                let (namespace, path) = metadata_key(k, &join(&spath, "metadata"), errs);
+                sources.push(OverrideHostSource::Metadata { namespace, path });
             }
         }
     }
-    *out.override_host = Some(std::sync::Arc::new(OverrideHost { sources }));
+    let selected_host_key = o
+        .selected_host_key
+        .as_ref()
+        .map(|k| metadata_key(k, &join(tpath, "selected_host_key"), errs));
+    *out.override_host = Some(std::sync::Arc::new(OverrideHost {
+        sources,
+        selected_host_key,
+    }));
     match &o.fallback_policy {
         Some(f) => typed_lb_policy(f, &join(tpath, "fallback_policy"), out, errs),
         None => {
@@ -1707,4 +1694,28 @@ fn typed_lb_policy(
             LbPolicy::RoundRobin
         }
     }
+}
+
+/// A `MetadataKey` (namespace and key path; both required, as Envoy's
+/// validation rules).
+fn metadata_key(
+    k: &crate::api::envoy::r#type::metadata::v3::MetadataKey,
+    kpath: &str,
+    errs: &mut ConfigErrors,
+) -> (String, Vec<String>) {
+    use crate::api::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
+    if k.key.is_empty() {
+        errs.push(join(kpath, "key"), "must not be empty");
+    }
+    if k.path.is_empty() {
+        errs.push(join(kpath, "path"), "at least one path segment is required");
+    }
+    let mut path = Vec::new();
+    for (j, seg) in k.path.iter().enumerate() {
+        match &seg.segment {
+            Some(Segment::Key(key)) if !key.is_empty() => path.push(key.clone()),
+            _ => errs.push(format!("{kpath}.path[{j}].key"), "must not be empty"),
+        }
+    }
+    (k.key.clone(), path)
 }

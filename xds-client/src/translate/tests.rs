@@ -686,8 +686,25 @@ fn slow_start_priority_and_zone_aware_configs() {
         &format!("{tp}.fallback_policy"),
     );
     reject(
-        &oh(&format!("override_host_sources: [{{header: x}}], selected_host_key: {{key: ns, path: [{{key: a}}]}}, {LR}")),
-        "selected_host_key (dynamic metadata naming the picked host) is not implemented",
+        &oh(&format!(
+            "override_host_sources: [{{header: x}}], selected_host_key: {{key: ns}}, {LR}"
+        )),
+        &format!("{tp}.selected_host_key.path"),
+    );
+    let s = load(&hashed(
+        &oh(&format!(
+            "override_host_sources: [{{header: x}}], selected_host_key: {{key: envoy.lb, path: [{{key: a}}, {{key: b}}]}}, {LR}"
+        )),
+        "",
+    ))
+    .expect("accepted");
+    let c = &s.clusters["c"];
+    assert_eq!(
+        c.override_host
+            .as_ref()
+            .expect("override_host")
+            .selected_host_key,
+        Some(("envoy.lb".into(), vec!["a".into(), "b".into()]))
     );
 }
 

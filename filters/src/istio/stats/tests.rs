@@ -88,6 +88,8 @@ fn end<'a>(code: u16, cluster: Option<&'a str>, method: &'a http::Method) -> Str
         flags_short: |f| if f == 0 { "-".into() } else { "UF".into() },
         request_body_bytes: 3,
         response_body_bytes: 700,
+        request_wire_bytes: 60,
+        response_wire_bytes: 800,
         duration: std::time::Duration::from_millis(7),
         grpc: false,
         grpc_status: None,
@@ -98,6 +100,8 @@ fn end<'a>(code: u16, cluster: Option<&'a str>, method: &'a http::Method) -> Str
         scheme: "http",
         cluster,
         route_name: Some("r"),
+        upstream_peer_uri_san: None,
+        upstream_local_uri_san: None,
     }
 }
 
@@ -178,7 +182,7 @@ fn gateway_labels_from_upstream_peer_and_cluster_name() {
     assert_eq!(d[0].1, [7, 7]);
     assert_eq!(
         rec.find("istiocustom.istio_response_bytes")[0].1,
-        [700, 700]
+        [800, 800]
     );
 }
 
