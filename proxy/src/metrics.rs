@@ -290,7 +290,7 @@ impl ProxyProtoStats {
         } else {
             format!("proxy_proto.{stat_prefix}.")
         };
-        let c = |s: &str| store.counter(StatName::plain(&format!("{root}{s}")));
+        let c = |s: &str| store.counter(StatName::plain(format!("{root}{s}")));
         ProxyProtoStats {
             found: [c("versions.v1.found"), c("versions.v2.found")],
             disallowed: [c("versions.v1.disallowed"), c("versions.v2.disallowed")],
