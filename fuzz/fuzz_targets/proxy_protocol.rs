@@ -10,14 +10,18 @@
 //! - round trips: `encode_v1` / `encode_v2` / `encode_v2_local` output, with
 //!   the fuzz input appended as payload, parses back to the same addresses
 //!   (IPv4 mapped to IPv6 when the families differ) and TLVs, consuming
-//!   exactly the encoded bytes; non-unicast addresses are rejected.
+//!   exactly the encoded bytes; non-unicast addresses are rejected;
+//! - `parse_versions` agrees with `parse` for allowed versions and never
+//!   accepts a disallowed one; `sanitize_utf8` keeps the byte length and
+//!   valid UTF-8.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use arbitrary::{Arbitrary, Unstructured};
 use filters::listener::proxy_protocol::{
-    encode_v1, encode_v2, encode_v2_local, parse, ProxyError, V1_MAX_LEN, V2_HEADER_LEN, V2_MAX_LEN,
+    encode_v1, encode_v2, encode_v2_local, parse, parse_versions, sanitize_utf8, ProxyError,
+    Versions, V1_MAX_LEN, V2_HEADER_LEN, V2_MAX_LEN,
 };
 use filters::listener::Inspect;
 use libfuzzer_sys::fuzz_target;
@@ -48,6 +52,38 @@ fuzz_target!(|data: &[u8]| {
             p == Inspect::NeedMore || p == full,
             "prefix of {end} bytes gave {p:?}, the whole input {full:?}"
         );
+    }
+
+    // `disallowed_versions`: with both versions allowed it is `parse`; a
+    // disallowed version never parses; optional headers only ever turn a
+    // disallowed version into "no header".
+    for (v1, v2, optional) in [
+        (true, true, false),
+        (true, false, false),
+        (false, true, false),
+        (true, false, true),
+        (false, true, true),
+    ] {
+        let p = parse_versions(data, Versions { v1, v2, optional });
+        match &p {
+            Inspect::Done(Ok(h)) => {
+                assert!(if h.version == 1 { v1 } else { v2 });
+                assert_eq!(p, full);
+            }
+            Inspect::Done(Err(ProxyError::Disallowed(v))) => {
+                assert!(!optional && if *v == 1 { !v1 } else { !v2 });
+            }
+            _ if v1 && v2 => assert_eq!(p, full),
+            _ => {}
+        }
+    }
+
+    // TLV values into metadata: valid UTF-8 stays, each other byte becomes
+    // one `!`.
+    let s = sanitize_utf8(data);
+    assert_eq!(s.len(), data.len());
+    if let Ok(valid) = std::str::from_utf8(data) {
+        assert_eq!(s, valid);
     }
 
     if let Ok(rt) = RoundTrip::arbitrary(&mut Unstructured::new(data)) {

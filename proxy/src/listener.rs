@@ -58,6 +58,8 @@ pub struct ListenerRuntime {
     pub chains: Vec<Arc<ChainRuntime>>,
     pub default_chain: Option<Arc<ChainRuntime>>,
     pub stats: ListenerStats,
+    /// One per `proxy_protocol` listener filter, in order.
+    pub proxy_proto: Vec<crate::metrics::ProxyProtoStats>,
     /// The bound address (the real port when the config says 0).
     pub bound: SocketAddr,
     /// The listener's `access_log`: one line per connection, at its close.
@@ -226,6 +228,10 @@ pub struct ConnMeta {
     pub alpn: Vec<String>,
     /// PROXY protocol v2 TLVs the listener filter keeps for pass-through.
     pub tlvs: Vec<(u8, Vec<u8>)>,
+    /// The connection's dynamic metadata (the PROXY protocol filter's
+    /// `rules`): seen by network filters and tcp_proxy's access log, not by
+    /// HTTP streams (as Envoy: a stream's metadata starts empty).
+    pub metadata: filters::DynamicMetadata,
 }
 
 /// Picks the filter chain as Envoy's `FilterChainMatch` order: at each
@@ -393,55 +399,83 @@ async fn run_listener_filters(
     use bytes::Buf;
     use filters::listener::Inspect;
     use filters::listener::{http_inspector as hi, proxy_protocol as pp, tls_inspector as ti};
+    // One stats set per PROXY protocol filter, in order (a disabled
+    // filter's set is skipped with it).
+    let mut pp_stats = lr.proxy_proto.iter();
     for (i, f) in lr.config.listener_filters.iter().enumerate() {
         // `filter_disabled`, on the (restored) destination port.
         if let Some(Some(p)) = lr.config.listener_filters_disabled.get(i) {
             if p.matches(meta.dst.port()) {
+                if matches!(f, ListenerFilter::ProxyProtocol(_)) {
+                    pp_stats.next();
+                }
                 continue;
             }
         }
         match f {
-            ListenerFilter::ProxyProtocol(cfg) => loop {
-                match pp::parse(buf) {
-                    Inspect::NeedMore => read_more(stream, buf).await?,
-                    Inspect::Done(Ok(h)) => {
-                        lr.stats.proxy_proto_found[usize::from(h.version == 2)].inc();
-                        if let Some((src, dst)) = h.addresses {
-                            meta.src = src;
-                            meta.dst = dst;
+            ListenerFilter::ProxyProtocol(cfg) => {
+                let Some(stats) = pp_stats.next() else {
+                    return Err(());
+                };
+                let versions = pp::Versions {
+                    v1: cfg.allow_v1,
+                    v2: cfg.allow_v2,
+                    optional: cfg.allow_requests_without_proxy_protocol,
+                };
+                loop {
+                    match pp::parse_versions(buf, versions) {
+                        Inspect::NeedMore => read_more(stream, buf).await?,
+                        Inspect::Done(Ok(h)) => {
+                            stats.found[usize::from(h.version == 2)].inc();
+                            if let Some((src, dst)) = h.addresses {
+                                meta.src = src;
+                                meta.dst = dst;
+                            }
+                            pp::apply_rules(&cfg.rules, &h.tlvs, &mut meta.metadata);
+                            // Kept for an upstream PROXY protocol header as
+                            // the filter's `pass_through_tlvs` says (Envoy's
+                            // `envoy.network.proxy_protocol_options`).
+                            meta.tlvs = h
+                                .tlvs
+                                .into_iter()
+                                .filter(|(t, _)| cfg.pass_through.includes(*t))
+                                .collect();
+                            buf.advance(h.len);
+                            break;
                         }
-                        // Kept for an upstream PROXY protocol header as
-                        // the filter's `pass_through_tlvs` says (Envoy's
-                        // `envoy.network.proxy_protocol_options`).
-                        meta.tlvs = h
-                            .tlvs
-                            .into_iter()
-                            .filter(|(t, _)| cfg.pass_through.includes(*t))
-                            .collect();
-                        buf.advance(h.len);
-                        break;
-                    }
-                    Inspect::Done(Err(pp::ProxyError::NotProxy))
-                        if cfg.allow_requests_without_proxy_protocol =>
-                    {
-                        lr.stats.proxy_proto_not_found.inc();
-                        break;
-                    }
-                    Inspect::Done(Err(pp::ProxyError::NotProxy)) => {
-                        lr.stats.proxy_proto_not_found_disallowed.inc();
-                        lr.stats.proxy_proto_cx_error.inc();
-                        tracing::debug!("no PROXY protocol header; closing");
-                        return Err(());
-                    }
-                    Inspect::Done(Err(e)) => {
-                        let v2 = !buf.starts_with(b"PROXY");
-                        lr.stats.proxy_proto_error[usize::from(v2)].inc();
-                        lr.stats.proxy_proto_cx_error.inc();
-                        tracing::debug!(error = %e, "PROXY protocol error; closing");
-                        return Err(());
+                        Inspect::Done(Err(pp::ProxyError::NotProxy))
+                            if cfg.allow_requests_without_proxy_protocol =>
+                        {
+                            stats.not_found_allowed.inc();
+                            break;
+                        }
+                        Inspect::Done(Err(pp::ProxyError::NotProxy)) => {
+                            stats.not_found_disallowed.inc();
+                            stats.cx_error.inc();
+                            tracing::debug!("no PROXY protocol header; closing");
+                            return Err(());
+                        }
+                        Inspect::Done(Err(pp::ProxyError::Disallowed(v))) => {
+                            // As Envoy: found and disallowed, not an error.
+                            let i = usize::from(v == 2);
+                            stats.found[i].inc();
+                            stats.disallowed[i].inc();
+                            tracing::debug!(
+                                version = v,
+                                "PROXY protocol version disallowed; closing"
+                            );
+                            return Err(());
+                        }
+                        Inspect::Done(Err(e)) => {
+                            let v2 = !buf.starts_with(b"PROXY");
+                            stats.error[usize::from(v2)].inc();
+                            stats.cx_error.inc();
+                            tracing::debug!(error = %e, "PROXY protocol error; closing");
+                            return Err(());
+                        }
                     }
                 }
-            },
+            }
             ListenerFilter::TlsInspector => loop {
                 match ti::inspect(buf) {
                     Inspect::NeedMore => read_more(stream, buf).await?,
@@ -579,6 +613,7 @@ async fn connection(
         transport: "raw_buffer",
         alpn: Vec::new(),
         tlvs: Vec::new(),
+        metadata: Default::default(),
     };
     let mut buf = BytesMut::new();
     if !lr.config.listener_filters.is_empty() {
@@ -779,6 +814,7 @@ fn conn_info<'a>(
         }),
         tls,
         filter_state,
+        metadata: Some(&meta.metadata),
     }
 }
 

@@ -156,6 +156,16 @@ fn build_version(
         chains,
         default_chain,
         stats,
+        proxy_proto: l
+            .listener_filters
+            .iter()
+            .filter_map(|f| match f {
+                xds_client::config::ListenerFilter::ProxyProtocol(p) => Some(
+                    crate::metrics::ProxyProtoStats::new(&shared.stats, &p.stat_prefix),
+                ),
+                _ => None,
+            })
+            .collect(),
         bound,
         logs: l
             .access_logs

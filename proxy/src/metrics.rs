@@ -256,7 +256,7 @@ pub struct ListenerStats {
     pub ssl: Arc<SslStats>,
     /// `listener.<addr>.downstream_pre_cx_timeout` (listener filters).
     pub pre_cx_timeout: Arc<Counter>,
-    /// `tls_inspector.*` and `http_inspector.*`, `proxy_proto.*`.
+    /// `tls_inspector.*` and `http_inspector.*` (`proxy_proto.*`: [`ProxyProtoStats`]).
     pub tls_inspector_found: Arc<Counter>,
     pub tls_inspector_not_found: Arc<Counter>,
     pub tls_inspector_sni_found: Arc<Counter>,
@@ -265,13 +265,41 @@ pub struct ListenerStats {
     pub http_inspector_http11: Arc<Counter>,
     pub http_inspector_http2: Arc<Counter>,
     pub http_inspector_not_found: Arc<Counter>,
-    /// `proxy_proto.versions.v1|v2.found|error`, `not_found_allowed|disallowed`.
-    pub proxy_proto_found: [Arc<Counter>; 2],
-    pub proxy_proto_error: [Arc<Counter>; 2],
-    pub proxy_proto_not_found: Arc<Counter>,
-    pub proxy_proto_not_found_disallowed: Arc<Counter>,
-    /// Envoy's legacy global `downstream_cx_proxy_proto_error`.
-    pub proxy_proto_cx_error: Arc<Counter>,
+}
+
+/// One `proxy_protocol` listener filter's stats, as Envoy 1.40's:
+/// `proxy_proto.[<stat_prefix>.]versions.v1|v2.found|disallowed|error`,
+/// `proxy_proto.[<stat_prefix>.]not_found_allowed|not_found_disallowed`,
+/// and the legacy unprefixed `downstream_cx_proxy_proto_error`. Created
+/// with the filter (so they read 0 before any connection), shared by
+/// filters with the same prefix.
+pub struct ProxyProtoStats {
+    /// Indexed by `version == 2`.
+    pub found: [Arc<Counter>; 2],
+    pub disallowed: [Arc<Counter>; 2],
+    pub error: [Arc<Counter>; 2],
+    pub not_found_allowed: Arc<Counter>,
+    pub not_found_disallowed: Arc<Counter>,
+    pub cx_error: Arc<Counter>,
+}
+
+impl ProxyProtoStats {
+    pub fn new(store: &Store, stat_prefix: &str) -> Self {
+        let root = if stat_prefix.is_empty() {
+            "proxy_proto.".to_owned()
+        } else {
+            format!("proxy_proto.{stat_prefix}.")
+        };
+        let c = |s: &str| store.counter(StatName::plain(format!("{root}{s}")));
+        ProxyProtoStats {
+            found: [c("versions.v1.found"), c("versions.v2.found")],
+            disallowed: [c("versions.v1.disallowed"), c("versions.v2.disallowed")],
+            error: [c("versions.v1.error"), c("versions.v2.error")],
+            not_found_allowed: c("not_found_allowed"),
+            not_found_disallowed: c("not_found_disallowed"),
+            cx_error: store.counter(StatName::plain("downstream_cx_proxy_proto_error")),
+        }
+    }
 }
 
 impl ListenerStats {
@@ -299,18 +327,6 @@ impl ListenerStats {
             http_inspector_http2: store.counter(StatName::plain("http_inspector.http2_found")),
             http_inspector_not_found: store
                 .counter(StatName::plain("http_inspector.http_not_found")),
-            proxy_proto_found: [
-                store.counter(StatName::plain("proxy_proto.versions.v1.found")),
-                store.counter(StatName::plain("proxy_proto.versions.v2.found")),
-            ],
-            proxy_proto_error: [
-                store.counter(StatName::plain("proxy_proto.versions.v1.error")),
-                store.counter(StatName::plain("proxy_proto.versions.v2.error")),
-            ],
-            proxy_proto_not_found: store.counter(StatName::plain("proxy_proto.not_found_allowed")),
-            proxy_proto_not_found_disallowed: store
-                .counter(StatName::plain("proxy_proto.not_found_disallowed")),
-            proxy_proto_cx_error: store.counter(StatName::plain("downstream_cx_proxy_proto_error")),
         }
     }
 }

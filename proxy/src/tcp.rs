@@ -128,6 +128,9 @@ impl TcpRuntime {
         info.downstream_direct_remote = meta.direct_src;
         info.requested_server_name = sni.clone();
         info.tls = tls;
+        // The connection's metadata (PROXY protocol `rules`): tcp_proxy's
+        // log shares the connection's stream info, as Envoy's.
+        info.dynamic_metadata = meta.metadata.clone();
         let name = self.cluster_name(sni.as_deref());
         // Envoy logs `%UPSTREAM_CLUSTER%` as `-` when the cluster is missing.
         let Some(cluster) = shared.clusters.get(&name) else {

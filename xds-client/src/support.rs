@@ -110,7 +110,14 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", &[]),
     ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol", &[
-        "~rules", "allow_requests_without_proxy_protocol", "~stat_prefix", "pass_through_tlvs",
+        "rules", "allow_requests_without_proxy_protocol", "stat_prefix", "pass_through_tlvs",
+        "disallowed_versions",
+    ]),
+    ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol.Rule", &[
+        "tlv_type", "on_tlv_present",
+    ]),
+    ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol.KeyValuePair", &[
+        "metadata_namespace", "key", "value_string_encoding",
     ]),
     // --- TCP
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &[
@@ -974,6 +981,11 @@ pub static PENDING: &[(&str, &str, &str)] = &[
         "envoy.config.core.v3.TlvEntry",
         "format_string",
         "upstream PROXY protocol TLVs from a format string are not implemented (static values are)",
+    ),
+    (
+        "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
+        "tlv_location",
+        "TLVs in filter state (FILTER_STATE) are not implemented; rules write dynamic metadata only",
     ),
 ];
 

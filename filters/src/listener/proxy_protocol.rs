@@ -96,6 +96,8 @@ pub enum ProxyError {
     V2Tlv,
     /// A source or destination address that is not unicast.
     NotUnicast,
+    /// A header of a version in `disallowed_versions` (1 or 2).
+    Disallowed(u8),
 }
 
 /// [`encode_v2`]: the TLVs do not fit the 16-bit length field.
@@ -127,6 +129,7 @@ impl fmt::Display for ProxyError {
             ),
             ProxyError::V2Tlv => f.write_str("malformed proxy protocol v2 tlv"),
             ProxyError::NotUnicast => f.write_str("proxy protocol address is not unicast"),
+            ProxyError::Disallowed(v) => write!(f, "proxy protocol version {v} is disallowed"),
         }
     }
 }
@@ -366,6 +369,119 @@ fn check_unicast((src, dst): (SocketAddr, SocketAddr)) -> Result<(), ProxyError>
         Ok(())
     } else {
         Err(ProxyError::NotUnicast)
+    }
+}
+
+/// The versions a filter accepts (`disallowed_versions`) and whether it
+/// lets connections without a header through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    pub v1: bool,
+    pub v2: bool,
+    /// `allow_requests_without_proxy_protocol`.
+    pub optional: bool,
+}
+
+/// [`parse`] for a filter that may disallow a version, as Envoy 1.40:
+///
+/// - when headers are optional, a disallowed version's signature is not
+///   looked for: its bytes are [`ProxyError::NotProxy`] (and stay for the
+///   next filters);
+/// - else a disallowed version is [`ProxyError::Disallowed`] once Envoy
+///   knows the version: a v1 line when its CRLF is in (before the line is
+///   parsed; no CRLF within [`V1_MAX_LEN`] bytes stays
+///   [`ProxyError::V1TooLong`]), a v2 header when its fixed 16 bytes are.
+pub fn parse_versions(buf: &[u8], versions: Versions) -> Inspect<Result<ProxyHeader, ProxyError>> {
+    // The two signatures differ from the first byte, so a non-empty buffer
+    // starts like at most one of them.
+    let (looks_v1, looks_v2) = if buf.is_empty() {
+        (false, false)
+    } else {
+        (
+            starts_like(buf, V1_SIGNATURE),
+            starts_like(buf, V2_SIGNATURE),
+        )
+    };
+    let disallowed = if looks_v1 && !versions.v1 {
+        1
+    } else if looks_v2 && !versions.v2 {
+        2
+    } else {
+        return parse(buf);
+    };
+    if versions.optional {
+        return Inspect::Done(Err(ProxyError::NotProxy));
+    }
+    if disallowed == 1 {
+        let window = buf.get(..V1_MAX_LEN).unwrap_or(buf);
+        if window.windows(2).any(|w| w == b"\r\n") {
+            Inspect::Done(Err(ProxyError::Disallowed(1)))
+        } else if buf.len() >= V1_MAX_LEN {
+            Inspect::Done(Err(ProxyError::V1TooLong))
+        } else {
+            Inspect::NeedMore
+        }
+    } else if buf.len() >= V2_HEADER_LEN {
+        Inspect::Done(Err(ProxyError::Disallowed(2)))
+    } else {
+        Inspect::NeedMore
+    }
+}
+
+// === TLVs to dynamic metadata ===
+
+/// Applies the filter's `rules` to a v2 header's TLVs, as Envoy 1.40: each
+/// TLV whose type has a rule sets the rule's key, in its namespace, to the
+/// value as a string (`SANITIZED_UTF8`: every byte that does not start a
+/// valid UTF-8 sequence becomes `!`; `BASE64`: standard alphabet with
+/// padding). A key an earlier TLV of the header set is kept (Envoy inserts
+/// into the namespace's struct without replacing), so of repeated TLVs the
+/// first wins.
+pub fn apply_rules(
+    rules: &[xds_client::config::TlvRule],
+    tlvs: &[(u8, Vec<u8>)],
+    metadata: &mut crate::state::DynamicMetadata,
+) {
+    use base64::Engine as _;
+    if rules.is_empty() {
+        return;
+    }
+    for (typ, value) in tlvs {
+        let Some(rule) = rules.iter().find(|r| r.tlv_type == *typ) else {
+            continue;
+        };
+        let ns = metadata.namespace_mut(&rule.namespace);
+        if ns.contains_key(&rule.key) {
+            continue;
+        }
+        let s = if rule.base64 {
+            base64::engine::general_purpose::STANDARD.encode(value)
+        } else {
+            sanitize_utf8(value)
+        };
+        ns.insert(rule.key.clone(), serde_json::Value::String(s));
+    }
+}
+
+/// Envoy's `MessageUtil::sanitizeUtf8String`: the longest valid UTF-8
+/// prefix is kept, the byte after it becomes `!`, and so on from the next
+/// byte (so each byte of a truncated or invalid sequence is one `!`).
+pub fn sanitize_utf8(mut b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    loop {
+        match std::str::from_utf8(b) {
+            Ok(s) => {
+                out.push_str(s);
+                return out;
+            }
+            Err(e) => {
+                let (valid, rest) = b.split_at(e.valid_up_to());
+                // Valid by construction.
+                out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                out.push('!');
+                b = rest.get(1..).unwrap_or_default();
+            }
+        }
     }
 }
 

@@ -124,6 +124,7 @@ mod tests {
             peer: None,
             tls: false,
             filter_state: None,
+            metadata: None,
         }
     }
 

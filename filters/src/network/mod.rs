@@ -50,6 +50,9 @@ pub struct ConnectionInfo<'a> {
     /// The upstream TLS connection's first URI SANs, ours and the peer's
     /// (`on_close` only: for Istio's `source` reporter).
     pub upstream_sans: (Option<&'a str>, Option<&'a str>),
+    /// The connection's dynamic metadata (what the PROXY protocol
+    /// listener filter's `rules` set), for RBAC `metadata` matchers.
+    pub metadata: Option<&'a crate::state::DynamicMetadata>,
 }
 
 /// A validated peer certificate's names.

@@ -4,7 +4,8 @@
 //! (weir decides before the first read; see the module above); a denial
 //! closes the connection at once. The engines see an empty request header
 //! map, as Envoy's: `header` and `url_path` rules see no `:path` or
-//! `:method`. Stats: `<stat_prefix>.rbac.{allowed,denied}` and
+//! `:method`; `metadata` rules see the connection's dynamic metadata (the
+//! PROXY protocol listener filter's `rules`). Stats: `<stat_prefix>.rbac.{allowed,denied}` and
 //! `<stat_prefix>.rbac.<shadow_rules_stat_prefix>shadow_{allowed,denied}`.
 use std::sync::Arc;
 
@@ -71,7 +72,7 @@ impl NetworkFilterFactory for RbacFactory {
                 None => Peer::default(),
             }),
             filter_state: [None, conn.filter_state],
-            metadata: None,
+            metadata: conn.metadata,
         };
         let c = &*self.config;
         if let Some(shadow) = Engine::of(c.shadow_rules.as_ref(), c.shadow_matcher.as_ref()) {

@@ -40,8 +40,8 @@ pub struct Input<'a> {
     /// Filter state: the request's, then the connection's (`filter_state`
     /// principals).
     pub filter_state: [Option<&'a crate::FilterState>; 2],
-    /// The request's dynamic metadata (`metadata` matchers); `None` for
-    /// the network filter (no filter writes connection metadata).
+    /// The request's dynamic metadata (`metadata` matchers); for the
+    /// network filter, the connection's.
     pub metadata: Option<&'a crate::state::DynamicMetadata>,
 }
 

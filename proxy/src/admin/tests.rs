@@ -74,6 +74,8 @@ fn populated() -> Arc<Store> {
     listener.cx_active.inc();
     listener.ssl.session_reused.inc();
     listener.tls_inspector_found.inc();
+    // A proxy_protocol listener filter without stat_prefix.
+    let _pp = crate::metrics::ProxyProtoStats::new(&store, "");
     let http = HttpStats::new(&store, "ingress_http");
     http.rq_total.add(2);
     http.record_status(200);

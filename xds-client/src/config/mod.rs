@@ -289,15 +289,35 @@ impl ListenerFilterPredicate {
 }
 
 /// `envoy.filters.listener.proxy_protocol`.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProxyProtocolConfig {
     pub allow_requests_without_proxy_protocol: bool,
-    /// `rules`: TLV types copied into dynamic metadata (accepted, recorded).
-    pub tlv_types: Vec<u8>,
+    /// `rules`: TLVs copied into the connection's dynamic metadata, at
+    /// most one per TLV type (as Envoy's map, a later rule for a type
+    /// replaces an earlier one), in rule order.
+    pub rules: Vec<TlvRule>,
+    /// `stat_prefix`: stats are `proxy_proto.<stat_prefix>.*` (empty:
+    /// `proxy_proto.*`).
+    pub stat_prefix: String,
+    /// Versions not in `disallowed_versions`.
+    pub allow_v1: bool,
+    pub allow_v2: bool,
     /// `pass_through_tlvs`: the TLVs kept for an upstream PROXY protocol
     /// header (Envoy's `envoy.network.proxy_protocol_options`); unset keeps
     /// none.
     pub pass_through: TlvPassThrough,
+}
+
+/// One `ProxyProtocol.rules` entry: a v2 TLV of `tlv_type` sets
+/// `key` in dynamic metadata namespace `namespace`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlvRule {
+    pub tlv_type: u8,
+    /// `metadata_namespace`, or `envoy.filters.listener.proxy_protocol`.
+    pub namespace: String,
+    pub key: String,
+    /// `value_string_encoding: BASE64`; else `SANITIZED_UTF8`.
+    pub base64: bool,
 }
 
 /// `FilterChainMatch`. Empty fields match anything.

@@ -799,30 +799,39 @@ fn listener_filter(lf: &l::ListenerFilter, path: &str) -> Result<ListenerFilter,
         "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" => {
             let p: crate::api::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol =
                 super::decode(any, &tpath)?;
-            let mut tlv_types = Vec::new();
-            for (i, r) in p.rules.iter().enumerate() {
-                match u8::try_from(r.tlv_type) {
-                    Ok(t) => tlv_types.push(t),
-                    Err(_) => {
-                        return Err(err(
-                            format!("{tpath}.rules[{i}].tlv_type"),
-                            "must be 0..255",
-                        ))
-                    }
-                }
-            }
             let mut errs = ConfigErrors::default();
+            let rules = tlv_rules(&p.rules, &tpath, &mut errs);
             let pass_through = super::tls::tlv_pass_through(
                 p.pass_through_tlvs.as_ref(),
                 &join(&tpath, "pass_through_tlvs"),
                 &mut errs,
             );
+            let (mut allow_v1, mut allow_v2) = (true, true);
+            for (i, v) in p.disallowed_versions.iter().enumerate() {
+                match v {
+                    0 => allow_v1 = false,
+                    1 => allow_v2 = false,
+                    _ => errs.push(
+                        format!("{tpath}.disallowed_versions[{i}]"),
+                        format!("unknown PROXY protocol version {v}"),
+                    ),
+                }
+            }
+            if !allow_v1 && !allow_v2 {
+                errs.push(
+                    join(&tpath, "disallowed_versions"),
+                    "all PROXY protocol versions are disallowed",
+                );
+            }
             if !errs.is_empty() {
                 return Err(errs);
             }
             Ok(ListenerFilter::ProxyProtocol(ProxyProtocolConfig {
                 allow_requests_without_proxy_protocol: p.allow_requests_without_proxy_protocol,
-                tlv_types,
+                rules,
+                stat_prefix: p.stat_prefix,
+                allow_v1,
+                allow_v2,
                 pass_through,
             }))
         }
@@ -831,6 +840,58 @@ fn listener_filter(lf: &l::ListenerFilter, path: &str) -> Result<ListenerFilter,
             format!("listener filter {other} is not implemented yet"),
         )),
     }
+}
+
+/// `ProxyProtocol.rules`: one rule per TLV type (a later rule for a type
+/// replaces an earlier one, as Envoy's map does), in first-seen order.
+fn tlv_rules(
+    rules: &[crate::api::envoy::extensions::filters::listener::proxy_protocol::v3::proxy_protocol::Rule],
+    tpath: &str,
+    errs: &mut ConfigErrors,
+) -> Vec<TlvRule> {
+    let mut out: Vec<TlvRule> = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let rpath = format!("{tpath}.rules[{i}]");
+        let Ok(tlv_type) = u8::try_from(r.tlv_type) else {
+            errs.push(join(&rpath, "tlv_type"), "must be 0..255");
+            continue;
+        };
+        // As Envoy: a rule without `on_tlv_present` keeps the empty pair
+        // (the key "" in the filter's namespace); a pair that is set needs
+        // a key.
+        let unset = Default::default();
+        let kv = r.on_tlv_present.as_ref().unwrap_or(&unset);
+        if r.on_tlv_present.is_some() && kv.key.is_empty() {
+            errs.push(join(&rpath, "on_tlv_present.key"), "must not be empty");
+            continue;
+        }
+        let base64 = match kv.value_string_encoding {
+            0 | 1 => false,
+            2 => true,
+            v => {
+                errs.push(
+                    join(&rpath, "on_tlv_present.value_string_encoding"),
+                    format!("unknown encoding {v}"),
+                );
+                continue;
+            }
+        };
+        let rule = TlvRule {
+            tlv_type,
+            namespace: if kv.metadata_namespace.is_empty() {
+                "envoy.filters.listener.proxy_protocol".to_owned()
+            } else {
+                kv.metadata_namespace.clone()
+            },
+            key: kv.key.clone(),
+            base64,
+        };
+        match out.iter_mut().find(|o| o.tlv_type == tlv_type) {
+            Some(o) => *o = rule,
+            None => out.push(rule),
+        }
+    }
+    out
 }
 
 fn socket_option(

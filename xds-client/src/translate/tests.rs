@@ -756,3 +756,90 @@ fn host_level_proxy_protocol_tlvs_are_rejected() {
         "{err}"
     );
 }
+
+/// A listener with the proxy_protocol listener filter of `fields` (YAML
+/// flow mapping entries).
+fn with_proxy_protocol(fields: &str) -> String {
+    format!(
+        r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    listener_filters:
+    - name: envoy.filters.listener.proxy_protocol
+      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol, {fields}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: c}}
+  clusters:
+  - name: c
+    type: STATIC
+    load_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]}}
+"#
+    )
+}
+
+fn proxy_protocol_result(fields: &str) -> Result<crate::config::ProxyProtocolConfig, String> {
+    let b = parse_bootstrap(&with_proxy_protocol(fields), ParseOptions::default())
+        .map_err(|e| e.to_string())?;
+    let s = bootstrap_to_snapshot(&b).map_err(|e| e.to_string())?;
+    match s.listeners[0].listener_filters.first() {
+        Some(crate::config::ListenerFilter::ProxyProtocol(p)) => Ok(p.clone()),
+        other => panic!("not the proxy_protocol filter: {other:?}"),
+    }
+}
+
+#[test]
+fn proxy_protocol_rules_stat_prefix_and_versions_translate() {
+    let p = proxy_protocol_result(
+        "stat_prefix: pfx, disallowed_versions: [V1], rules: [\
+         {tlv_type: 2, on_tlv_present: {key: authority}}, \
+         {tlv_type: 224, on_tlv_present: {key: a, metadata_namespace: ns, value_string_encoding: BASE64}}, \
+         {tlv_type: 2, on_tlv_present: {key: replaced}}, \
+         {tlv_type: 225}]",
+    )
+    .expect("valid");
+    assert_eq!(p.stat_prefix, "pfx");
+    assert!(!p.allow_v1 && p.allow_v2);
+    let rules: Vec<(u8, &str, &str, bool)> = p
+        .rules
+        .iter()
+        .map(|r| (r.tlv_type, r.namespace.as_str(), r.key.as_str(), r.base64))
+        .collect();
+    let ns = "envoy.filters.listener.proxy_protocol";
+    assert_eq!(
+        rules,
+        [
+            (2, ns, "replaced", false),
+            (224, "ns", "a", true),
+            (225, ns, "", false)
+        ]
+    );
+    let p = proxy_protocol_result("allow_requests_without_proxy_protocol: true").expect("valid");
+    assert!(p.allow_v1 && p.allow_v2 && p.rules.is_empty() && p.stat_prefix.is_empty());
+}
+
+#[test]
+fn proxy_protocol_bad_fields_are_named() {
+    let at = "static_resources.listeners[0].listener_filters[0].typed_config";
+    for (fields, want) in [
+        (
+            "rules: [{tlv_type: 256, on_tlv_present: {key: k}}]",
+            format!("{at}.rules[0].tlv_type: must be 0..255"),
+        ),
+        (
+            "rules: [{tlv_type: 1, on_tlv_present: {key: k}}, {tlv_type: 2, on_tlv_present: {metadata_namespace: n}}]",
+            format!("{at}.rules[1].on_tlv_present.key: must not be empty"),
+        ),
+        (
+            "disallowed_versions: [V2, V1]",
+            format!("{at}.disallowed_versions: all PROXY protocol versions are disallowed"),
+        ),
+        ("tlv_location: FILTER_STATE", format!("{at}.tlv_location")),
+    ] {
+        let err = proxy_protocol_result(fields).expect_err(fields);
+        assert!(err.contains(&want), "{fields}: {err}");
+    }
+}

@@ -436,3 +436,115 @@ fn encode_v2_local_parses() {
     assert_eq!(enc.len(), V2_HEADER_LEN);
     assert_eq!(ok(&enc).addresses, None);
 }
+
+// === disallowed_versions, rules ===
+
+fn versions(v1: bool, v2: bool, optional: bool) -> Versions {
+    Versions { v1, v2, optional }
+}
+
+#[test]
+fn disallowed_versions_decide_when_the_version_is_known() {
+    let line = b"PROXY TCP4 192.0.2.1 198.51.100.1 1 2\r\nrest";
+    let header = encode_v2(sa("192.0.2.1:1"), sa("198.51.100.1:2"), &[]).expect("v2");
+    let strict_v2 = versions(true, false, false);
+    let strict_v1 = versions(false, true, false);
+    // Allowed versions parse as usual.
+    assert!(matches!(parse_versions(line, strict_v2), Inspect::Done(Ok(h)) if h.version == 1));
+    assert!(matches!(parse_versions(&header, strict_v1), Inspect::Done(Ok(h)) if h.version == 2));
+    // A disallowed v1 line is decided at its CRLF, parsed or not.
+    assert_eq!(
+        parse_versions(b"PROXY TCP4 1", strict_v1),
+        Inspect::NeedMore
+    );
+    assert_eq!(
+        parse_versions(line, strict_v1),
+        Inspect::Done(Err(ProxyError::Disallowed(1)))
+    );
+    assert_eq!(
+        parse_versions(b"PROXY garbage\r\n", strict_v1),
+        Inspect::Done(Err(ProxyError::Disallowed(1)))
+    );
+    assert_eq!(
+        parse_versions(&[b'P'; V1_MAX_LEN], strict_v1),
+        Inspect::Done(Err(ProxyError::NotProxy))
+    );
+    let mut long = b"PROXY ".to_vec();
+    long.resize(V1_MAX_LEN, b'x');
+    assert_eq!(
+        parse_versions(&long, strict_v1),
+        Inspect::Done(Err(ProxyError::V1TooLong))
+    );
+    // A disallowed v2 header is decided at 16 bytes.
+    assert_eq!(parse_versions(&header[..15], strict_v2), Inspect::NeedMore);
+    assert_eq!(
+        parse_versions(&header[..16], strict_v2),
+        Inspect::Done(Err(ProxyError::Disallowed(2)))
+    );
+    // Optional headers: a disallowed signature is not looked for.
+    for (buf, v) in [
+        (&line[..3], versions(false, true, true)),
+        (&header[..3], versions(true, false, true)),
+    ] {
+        assert_eq!(
+            parse_versions(buf, v),
+            Inspect::Done(Err(ProxyError::NotProxy))
+        );
+    }
+    assert_eq!(
+        parse_versions(b"", versions(false, true, true)),
+        Inspect::NeedMore
+    );
+}
+
+#[test]
+fn sanitize_utf8_replaces_each_bad_byte() {
+    assert_eq!(sanitize_utf8(b"plain"), "plain");
+    assert_eq!(sanitize_utf8("é€😀".as_bytes()), "é€😀");
+    assert_eq!(sanitize_utf8(b"a\xffb\xc3\x28c\xe2\x82"), "a!b!(c!!");
+    // Overlong, surrogate and beyond U+10FFFF encodings are invalid.
+    assert_eq!(sanitize_utf8(b"\xc0\x80"), "!!");
+    assert_eq!(sanitize_utf8(b"\xed\xa0\x80x"), "!!!x");
+    assert_eq!(sanitize_utf8(b"\xf4\x90\x80\x80"), "!!!!");
+    assert_eq!(sanitize_utf8(b""), "");
+}
+
+#[test]
+fn rules_set_metadata_first_tlv_wins() {
+    use xds_client::config::TlvRule;
+    let rule = |t: u8, ns: &str, key: &str, base64: bool| TlvRule {
+        tlv_type: t,
+        namespace: ns.into(),
+        key: key.into(),
+        base64,
+    };
+    let rules = [
+        rule(0x02, "pp", "authority", false),
+        rule(0xE0, "custom", "k", false),
+        rule(0xE1, "custom", "k", false),
+        rule(0xE2, "pp", "b64", true),
+    ];
+    let tlvs = [
+        (0x01, b"h2".to_vec()),
+        (0xE1, b"from-e1".to_vec()),
+        (0x02, b"a\xff".to_vec()),
+        (0xE0, b"from-e0".to_vec()),
+        (0x02, b"second".to_vec()),
+        (0xE2, vec![0, 1, 0xfe]),
+    ];
+    let mut md = crate::state::DynamicMetadata::default();
+    apply_rules(&rules, &tlvs, &mut md);
+    assert_eq!(
+        md.namespace("pp")
+            .map(|m| serde_json::Value::Object(m.clone())),
+        Some(serde_json::json!({"authority": "a!", "b64": "AAH+"}))
+    );
+    assert_eq!(
+        md.value("custom", &["k"]),
+        Some(&serde_json::json!("from-e1"))
+    );
+    let mut empty = crate::state::DynamicMetadata::default();
+    apply_rules(&[], &tlvs, &mut empty);
+    apply_rules(&rules, &[], &mut empty);
+    assert!(empty.is_empty());
+}
