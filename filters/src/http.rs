@@ -476,6 +476,16 @@ impl StreamLog {
         {
             return None;
         }
+        // When no other instance wants the response body hooks, the others
+        // are dropped now (the caller's `ResponseBodyChain::new` would drop
+        // them at once) and the vector itself is kept: no allocation.
+        if !filters.iter().any(|f| f.wants_response_body()) {
+            filters.retain(|f| f.wants_log());
+            return Some(StreamLog {
+                filters: std::mem::take(filters),
+                cx: std::mem::take(cx),
+            });
+        }
         let mut kept = Vec::new();
         let mut i = 0;
         while i < filters.len() {
@@ -748,9 +758,12 @@ impl FilterChain {
     /// (`FilterConfig.disabled`) or with nothing to do are left out, so the
     /// vector stays unallocated when none runs.
     pub fn instantiate(&self, route: &RouteView<'_>) -> Vec<Box<dyn HttpFilter>> {
+        // Without per-filter config at any level (the common case) no
+        // filter is disabled: no lookup per filter.
+        let per_filter = route.per_filter.iter().any(|l| !l.is_empty());
         self.filters
             .iter()
-            .filter(|f| !route.disabled(f.name()))
+            .filter(|f| !per_filter || !route.disabled(f.name()))
             .filter_map(|f| f.create(route))
             .collect()
     }

@@ -109,6 +109,24 @@ fn cached(
     Some(p)
 }
 
+/// Whether `headers` hold `x-envoy-peer-metadata-id` / `x-envoy-peer-metadata`,
+/// in one scan of the names (compared by length first): a lookup by name
+/// hashes the name and probes even when the header is absent, which is
+/// the common case (most requests and responses carry neither).
+fn istio_headers_present(headers: &http::HeaderMap) -> (bool, bool) {
+    let (id, md) = ("x-envoy-peer-metadata-id", "x-envoy-peer-metadata");
+    let mut seen = (false, false);
+    for k in headers.keys() {
+        let k = k.as_str();
+        if k.len() == id.len() && k == id {
+            seen.0 = true;
+        } else if k.len() == md.len() && k == md {
+            seen.1 = true;
+        }
+    }
+    seen
+}
+
 impl Inner {
     /// The peer an `x-envoy-peer-metadata` value describes.
     fn lookup(&self, value: &[u8]) -> Option<Arc<PeerInfo>> {
@@ -144,8 +162,12 @@ impl Inner {
             found = match m {
                 PeerDiscovery::IstioHeaders => {
                     asked = true;
-                    let v = headers.get(&PEER_METADATA);
-                    seen = (headers.contains_key(&PEER_METADATA_ID), v.is_some());
+                    seen = istio_headers_present(headers);
+                    let v = if seen.1 {
+                        headers.get(&PEER_METADATA)
+                    } else {
+                        None
+                    };
                     v.filter(|v| !v.is_empty())
                         .and_then(|v| self.lookup(v.as_bytes()))
                 }

@@ -176,7 +176,13 @@ struct Inner {
     response_headers: Vec<http::HeaderName>,
     /// Keyed by the encoded label inputs (exact: no collisions).
     cache: RwLock<HashMap<Box<[u8]>, Arc<Metrics>>>,
+    /// This config's identity for the per-thread last-hit entry (unique per
+    /// factory, never reused, unlike an address).
+    id: u64,
 }
+
+/// Source of [`Inner::id`].
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The stats of one label set (`None`: dropped by config).
 struct Metrics {
@@ -227,6 +233,7 @@ impl IstioStatsFactory {
                 local,
                 scope,
                 cache: RwLock::new(HashMap::new()),
+                id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             }),
         }
     }
@@ -236,9 +243,18 @@ impl HttpFilterFactory for IstioStatsFactory {
     fn name(&self) -> &str {
         &self.name
     }
-    fn create(&self, _route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
+    fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
+        // The response's `grpc-status` header is read only for requests
+        // that may be gRPC (a content type starting `application/grpc`,
+        // wider than the proxy's `grpc` test): the others never use it.
+        let grpc = route.request.is_none_or(|r| {
+            r.headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        });
         Some(Box::new(IstioStats {
             inner: self.inner.clone(),
+            grpc,
             grpc_status: None,
             request_headers: Vec::new(),
             response_headers: Vec::new(),
@@ -249,6 +265,8 @@ impl HttpFilterFactory for IstioStatsFactory {
 /// One request's instance.
 struct IstioStats {
     inner: Arc<Inner>,
+    /// The request may be gRPC (see `create`).
+    grpc: bool,
     /// `grpc-status` in the response headers (trailers-only gRPC).
     grpc_status: Option<u32>,
     request_headers: Vec<Option<HeaderValue>>,
@@ -277,11 +295,13 @@ impl HttpFilter for IstioStats {
         _cx: &mut FilterContext,
         head: &mut http::response::Parts,
     ) -> crate::http::Action {
-        self.grpc_status = head
-            .headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        if self.grpc {
+            self.grpc_status = head
+                .headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+        }
         if !self.inner.response_headers.is_empty() {
             self.response_headers = self
                 .inner
@@ -480,14 +500,25 @@ impl Inner {
     /// terminated, so it encodes the inputs exactly) is written into a
     /// per-thread buffer and looked up with one hash of it.
     fn metrics(&self, input: &Input<'_>) -> Arc<Metrics> {
+        /// The key buffer, and the last label set this thread looked up:
+        /// consecutive requests mostly share one, found by comparing the
+        /// key bytes (no hash, no lock).
+        #[derive(Default)]
+        struct Keys {
+            key: Vec<u8>,
+            last_id: u64,
+            last_key: Vec<u8>,
+            last: Option<Arc<Metrics>>,
+        }
         thread_local! {
-            static KEY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            static KEYS: std::cell::RefCell<Keys> = std::cell::RefCell::new(Keys::default());
         }
         let e = input.end;
-        KEY.with(|key| {
-            let mut key = key.borrow_mut();
+        KEYS.with(|keys| {
+            let keys = &mut *keys.borrow_mut();
+            let key = &mut keys.key;
             key.clear();
-            let h = &mut KeyBytes(&mut key);
+            let h = &mut KeyBytes(key);
             input.downstream_peer.hash(h);
             input.upstream_peer.hash(h);
             input.peer_uri_san.hash(h);
@@ -506,19 +537,31 @@ impl Inner {
             for i in 0..self.config.expressions.len() {
                 self.eval(i, input).hash(h);
             }
-            if let Some(m) = self
+            if keys.last_id == self.id && keys.last_key == *key {
+                if let Some(m) = &keys.last {
+                    return m.clone();
+                }
+            }
+            let cached = self
                 .cache
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&key[..])
-            {
-                return m.clone();
-            }
-            let m = Arc::new(self.build(input));
-            let mut c = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-            if c.len() < CACHE_LIMIT {
-                c.insert(key[..].into(), m.clone());
-            }
+                .cloned();
+            let m = match cached {
+                Some(m) => m,
+                None => {
+                    let m = Arc::new(self.build(input));
+                    let mut c = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+                    if c.len() < CACHE_LIMIT {
+                        c.insert(key[..].into(), m.clone());
+                    }
+                    m
+                }
+            };
+            keys.last_id = self.id;
+            keys.last_key.clone_from(key);
+            keys.last = Some(m.clone());
             m
         })
     }

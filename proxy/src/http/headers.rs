@@ -278,9 +278,14 @@ pub fn has_envoy_header(headers: &HeaderMap) -> bool {
 /// `has_envoy_header` is true for every request carrying any x-envoy-*
 /// header (Istio's peer metadata, for one).
 pub fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
+    // The names' lengths as a bit set: most keys are ruled out by their
+    // length alone, without comparing them with every name.
+    let lengths = names
+        .iter()
+        .fold(0u64, |m, n| m | (1 << (n.as_str().len() % 64)));
     let found: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| names.contains(k))
+        .filter(|k| lengths & (1 << (k.as_str().len() % 64)) != 0 && names.contains(k))
         .cloned()
         .collect();
     for n in found {
@@ -669,6 +674,32 @@ pub fn normalize_rfc3986(p: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_present_removes_exactly_the_names() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-envoy-retry-on", "5xx"),
+            ("x-envoy-max-retries", "1"),
+            ("x-envoy-peer-metadata", "m"),
+            ("x-envoy-retry-ox", "same length, other name"),
+            ("host", "h"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h.append(
+            HeaderName::from_static("x-envoy-max-retries"),
+            HeaderValue::from_static("2"),
+        );
+        remove_present(
+            &mut h,
+            &[&X_ENVOY_RETRY_ON, &X_ENVOY_MAX_RETRIES, &X_ENVOY_RQ_TIMEOUT],
+        );
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "x-envoy-peer-metadata", "x-envoy-retry-ox"]);
+        assert_eq!(h.len(), 3);
+    }
 
     #[test]
     fn dot_segments() {

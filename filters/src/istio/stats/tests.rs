@@ -281,3 +281,40 @@ fn cluster_names_and_sans() {
     assert_eq!(san_namespace("spiffe://td/sa/bar"), None);
     assert_eq!(grpc_from_http(503), 14);
 }
+
+/// The per-thread last label set belongs to one config: two configs whose
+/// requests have the same inputs, alternating on one thread, each count
+/// into their own stats (and a config's repeated label set into the same).
+#[test]
+fn last_label_set_is_per_config() {
+    let rec_a: Arc<Recorder> = Arc::new(Recorder::default());
+    let rec_b: Arc<Recorder> = Arc::new(Recorder::default());
+    let (sa, sb): (Arc<dyn StatsScope>, Arc<dyn StatsScope>) = (rec_a.clone(), rec_b.clone());
+    let cfg = Arc::new(IstioStatsConfig::default());
+    let a = IstioStatsFactory::new("a".into(), cfg.clone(), local(), &sa);
+    let b = IstioStatsFactory::new("b".into(), cfg, local(), &sb);
+    let cx = FilterContext::default();
+    let m = http::Method::GET;
+    for (f, code) in [
+        (&a, 200),
+        (&b, 200),
+        (&a, 200),
+        (&a, 503),
+        (&b, 200),
+        (&a, 200),
+    ] {
+        let mut i = f.create(&RouteView::empty()).expect("instance");
+        i.on_stream_end(&cx, &end(code, Some("c"), &m));
+    }
+    let count = |rec: &Recorder, code: &str| {
+        rec.find("istiocustom.istio_requests_total")
+            .into_iter()
+            .filter(|(l, _)| l.iter().any(|(k, v)| k == "response_code" && v == code))
+            .map(|(_, v)| v.len())
+            .sum::<usize>()
+    };
+    assert_eq!(count(&rec_a, "200"), 3);
+    assert_eq!(count(&rec_a, "503"), 1);
+    assert_eq!(count(&rec_b, "200"), 2);
+    assert_eq!(count(&rec_b, "503"), 0);
+}
