@@ -215,7 +215,11 @@ impl Server {
         // resources brings back only the files their types need.
         xds_client::descriptors::release();
         crate::netif::trim_heap();
-        crate::netif::drop_static_pages(xds_client::descriptors::embedded_bytes());
+        // Start-up code and tables need not stay resident (the serving path
+        // faults back in what it uses).
+        if crate::netif::drop_binary_pages() == 0 {
+            crate::netif::drop_static_pages(xds_client::descriptors::embedded_bytes());
+        }
         Ok(Server { shared, threads })
     }
 
