@@ -265,6 +265,10 @@ burst() { # bounded h2load burst on h1 and h2c, then RSS right after and settled
     echo "  after load: VmRSS $(mib "$(kib VmRSS)") MiB  VmHWM $(mib "$(kib VmHWM)") MiB"
     sleep "$SETTLE"
     echo "  after load + ${SETTLE}s: VmRSS $(mib "$(kib VmRSS)") MiB  RssAnon $(mib "$(kib RssAnon)") MiB"
+    if [ "${TRIM_PROBE:-0}" = 1 ]; then # how much of it is free heap: /config_dump trims
+        curl -s -m 5 -o /dev/null "http://127.0.0.1:$P_ADMIN/config_dump" || true
+        echo "  after /config_dump (malloc_trim): VmRSS $(mib "$(kib VmRSS)") MiB  RssAnon $(mib "$(kib RssAnon)") MiB"
+    fi
 }
 
 echo "weir: $WEIR (built $(date -u -r "$WEIR" +%Y-%m-%dT%H:%MZ))  $(date -u +%Y-%m-%dT%H:%MZ)  cores: $(nproc)"
