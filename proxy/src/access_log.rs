@@ -1,15 +1,24 @@
 //! Access logs: formatting on the worker, writing on a background thread.
 //!
-//! A worker formats the line and pushes it into a bounded channel; a writer
+//! A worker formats the line and pushes it into a bounded queue; a writer
 //! thread buffers lines per file and flushes every
 //! `--file-flush-interval-msec` or once `--file-flush-min-size-kb` is
-//! buffered. A full channel drops the line and counts it rather than block a
+//! buffered. A full queue drops the line and counts it rather than block a
 //! worker.
+//!
+//! The queue is std's list channel (blocks allocated as lines arrive, freed
+//! as they are written) bounded by a counter of queued lines, not
+//! `sync_channel`: that one allocates and initialises all its slots up
+//! front, 2.5 MiB of resident memory for 65,536 slots whether or not any
+//! access log is configured.
 use std::{
     collections::HashMap,
     io::Write,
     path::PathBuf,
-    sync::{mpsc, Arc},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc,
+    },
     time::Duration,
 };
 
@@ -23,24 +32,45 @@ enum Msg {
     Flush(mpsc::Sender<()>),
 }
 
+/// Lines queued for the writer at most; more are dropped (and counted).
+const QUEUE_LINES: usize = 65_536;
+
 /// The process-wide writer.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::SyncSender<Msg>,
+    tx: mpsc::Sender<Msg>,
+    /// Lines sent and not yet taken by the writer thread.
+    queued: Arc<AtomicUsize>,
     dropped: Arc<Counter>,
 }
 
 impl Writer {
     pub fn start(flush_interval: Duration, min_flush_bytes: usize, stats: &Store) -> Writer {
-        let (tx, rx) = mpsc::sync_channel::<Msg>(65_536);
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
         std::thread::Builder::new()
             .name("weir-access-log".into())
-            .spawn(move || writer_loop(rx, flush_interval, min_flush_bytes))
+            .spawn(move || writer_loop(rx, &q, flush_interval, min_flush_bytes))
             .expect("spawn access log thread");
         Writer {
             tx,
+            queued,
             dropped: stats.counter(StatName::plain("access_log.dropped_lines")),
         }
+    }
+
+    /// Queues a line unless `QUEUE_LINES` are already waiting.
+    fn send_line(&self, sink: Arc<AccessLogSink>, line: String) -> bool {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE_LINES {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.tx.send(Msg::Line(sink, line)).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Waits until everything queued so far is written (shutdown, tests).
@@ -52,7 +82,12 @@ impl Writer {
     }
 }
 
-fn writer_loop(rx: mpsc::Receiver<Msg>, interval: Duration, min_bytes: usize) {
+fn writer_loop(
+    rx: mpsc::Receiver<Msg>,
+    queued: &AtomicUsize,
+    interval: Duration,
+    min_bytes: usize,
+) {
     let mut bufs: HashMap<PathBuf, (std::fs::File, Vec<u8>)> = HashMap::new();
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
@@ -78,6 +113,7 @@ fn writer_loop(rx: mpsc::Receiver<Msg>, interval: Duration, min_bytes: usize) {
     loop {
         match rx.recv_timeout(interval) {
             Ok(Msg::Line(sink, line)) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
                 let buf = match &*sink {
                     AccessLogSink::Stdout => &mut stdout,
                     AccessLogSink::Stderr => &mut stderr,
@@ -142,12 +178,7 @@ impl Logger {
             }
         }
         let line = format_line(&self.config.format, info);
-        if self
-            .writer
-            .tx
-            .try_send(Msg::Line(self.sink.clone(), line))
-            .is_err()
-        {
+        if !self.writer.send_line(self.sink.clone(), line) {
             self.writer.dropped.inc();
         }
     }

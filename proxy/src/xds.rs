@@ -226,6 +226,7 @@ pub fn start(shared: &Arc<Shared>) {
                 .is_ok()
             {}
             crate::netif::trim_heap();
+            crate::netif::drop_binary_pages();
         }
     });
     tokio::spawn(async move {
