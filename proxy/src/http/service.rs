@@ -1704,6 +1704,8 @@ fn finish(
                 bytes: end.sent,
                 complete: !failed || h2,
                 grpc_status: None,
+                // Tunnel bytes are raw, never chunked.
+                framing: 0,
             };
             done(tracked, Some((end.received, flags)));
         });
