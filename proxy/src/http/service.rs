@@ -840,7 +840,7 @@ async fn pipeline(
                 info.authority = nh.into();
             }
             headers::set_host(&mut parts.headers, &info.authority);
-            let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
+            let lv = levels(weighted.map(|w| &w.headers), route, vh, rc);
             headers::apply_levels(
                 &mut parts.headers,
                 &lv,
@@ -982,7 +982,7 @@ async fn pipeline(
                     headers::number_value(info.attempt_count.into()),
                 );
             }
-            let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
+            let lv = levels(weighted.map(|w| &w.headers), route, vh, rc);
             headers::apply_levels(
                 resp.headers_mut(),
                 &lv,
@@ -1019,7 +1019,7 @@ async fn pipeline(
         }
     };
     // Local (direct/redirect) responses still get response header mutations.
-    let lv = levels(None, route, &vh, rc);
+    let lv = levels(None, route, vh, rc);
     headers::apply_levels(
         resp.headers_mut(),
         &lv,
