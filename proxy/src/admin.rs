@@ -188,13 +188,13 @@ async fn logged(
         req.method().clone(),
         req.uri()
             .path_and_query()
-            .map(|p| p.as_str().to_owned())
+            .map(|p| p.as_str().into())
             .unwrap_or_default(),
         req.headers()
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
-            .to_owned(),
+            .into(),
         "http",
         peer,
         local,

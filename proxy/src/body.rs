@@ -222,6 +222,22 @@ impl Body {
         }))
     }
 
+    /// The downstream request body for the router: watched, unless it has
+    /// already ended and no filter observes it (it is never polled then, so
+    /// the wrapper would only cost an allocation; the stream state marks
+    /// the request complete when the router is entered).
+    pub fn request(
+        inner: Incoming,
+        state: &Arc<StreamState>,
+        request_timeout: Option<Duration>,
+        observer: Option<Box<dyn filters::RequestBodyObserver>>,
+    ) -> Body {
+        if observer.is_none() && http_body::Body::is_end_stream(&inner) {
+            return Body::Incoming(inner);
+        }
+        Body::watched(inner, state.clone(), request_timeout).observed(observer)
+    }
+
     /// Lets `observer` watch a downstream request body's chunks.
     pub fn observed(mut self, observer: Option<Box<dyn filters::RequestBodyObserver>>) -> Body {
         if let Body::Watched(w) = &mut self {

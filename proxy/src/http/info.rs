@@ -17,8 +17,8 @@ pub struct StreamInfo {
     pub start_instant: tokio::time::Instant,
     pub protocol: &'static str,
     pub method: Method,
-    pub path: String,
-    pub authority: String,
+    pub path: ReqStr,
+    pub authority: ReqStr,
     pub scheme: &'static str,
     pub request_headers: Option<HeaderMap>,
     pub response_headers: Option<HeaderMap>,
@@ -124,6 +124,84 @@ impl std::fmt::Debug for FilterLogSlot {
     }
 }
 
+/// Text of the request head that the stream info keeps (authority, path):
+/// a refcounted clone of what the codec parsed, not a copy, so a request
+/// does not allocate for it. Reads as `&str`.
+#[derive(Clone, Default)]
+pub enum ReqStr {
+    #[default]
+    Empty,
+    Authority(http::uri::Authority),
+    Path(http::uri::PathAndQuery),
+    /// A header value that is visible ASCII (see [`ReqStr::header`]).
+    Header(http::HeaderValue),
+    Static(&'static str),
+    Owned(String),
+}
+
+impl ReqStr {
+    /// A header value's text; `None` when it is not visible ASCII (as
+    /// `HeaderValue::to_str`).
+    pub fn header(v: &http::HeaderValue) -> Option<ReqStr> {
+        v.to_str().ok().map(|_| ReqStr::Header(v.clone()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ReqStr::Empty => "",
+            ReqStr::Authority(a) => a.as_str(),
+            ReqStr::Path(p) => p.as_str(),
+            // Checked when built: visible ASCII is UTF-8.
+            ReqStr::Header(v) => std::str::from_utf8(v.as_bytes()).unwrap_or_default(),
+            ReqStr::Static(s) => s,
+            ReqStr::Owned(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for ReqStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for ReqStr {
+    fn from(s: String) -> ReqStr {
+        ReqStr::Owned(s)
+    }
+}
+
+impl From<&str> for ReqStr {
+    fn from(s: &str) -> ReqStr {
+        ReqStr::Owned(s.to_owned())
+    }
+}
+
+impl PartialEq<str> for ReqStr {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ReqStr {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for ReqStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for ReqStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// The current instant (for building a `StreamInfo` outside a runtime).
 pub fn now_instant() -> tokio::time::Instant {
     tokio::time::Instant::now()
@@ -136,8 +214,8 @@ impl StreamInfo {
         start_instant: tokio::time::Instant,
         protocol: &'static str,
         method: Method,
-        path: String,
-        authority: String,
+        path: ReqStr,
+        authority: ReqStr,
         scheme: &'static str,
         peer: SocketAddr,
         local: SocketAddr,
@@ -324,8 +402,8 @@ pub fn hostname() -> &'static str {
 fn header_from(map: Option<&HeaderMap>, key: &HeaderKey, info: &StreamInfo) -> Option<String> {
     match key {
         HeaderKey::Method => Some(info.method.as_str().to_owned()),
-        HeaderKey::Path => Some(info.path.clone()),
-        HeaderKey::Authority => Some(info.authority.clone()),
+        HeaderKey::Path => Some(info.path.to_string()),
+        HeaderKey::Authority => Some(info.authority.to_string()),
         HeaderKey::Scheme => Some(info.scheme.to_owned()),
         HeaderKey::Status => Some(info.response_code.to_string()),
         HeaderKey::Name(n) => map
@@ -587,7 +665,7 @@ pub fn eval(
         }
         Command::Environment(v) => std::env::var(v).ok(),
         Command::Method => Some(info.method.as_str().to_owned()),
-        Command::Path => Some(info.path.clone()),
+        Command::Path => Some(info.path.to_string()),
     }
 }
 

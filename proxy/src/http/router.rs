@@ -107,7 +107,7 @@ fn send_mirrors(
         let authority = match &m.host_rewrite {
             Some(h) => h.clone(),
             None if m.host_suffix => shadow_host(&info.authority),
-            None => info.authority.clone(),
+            None => info.authority.to_string(),
         };
         filters::header_mutation::apply(
             &m.headers,
@@ -865,8 +865,12 @@ pub async fn forward(
     let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
     let proxy_source = f.proxy_source.clone();
     // A refcounted clone, not a copy of the text.
-    let pq = parts.uri.path_and_query().cloned();
-    let path_and_query = pq.as_ref().map_or("/", |p| p.as_str());
+    let path_and_query = &parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    // A refcounted clone (`ReqStr`), not a copy of the text.
     let authority = info.authority.clone();
     let mut tried: Vec<std::net::SocketAddr> = Vec::new();
     let mut attempt = 0u32;
@@ -934,8 +938,9 @@ pub async fn forward(
                 }
                 let body = match (&replay, stream_body.take()) {
                     (Some(b), _) => Body::full(b.clone()),
-                    (None, Some(s)) => Body::watched(s, state.clone(), timers.request)
-                        .observed(f.request_observer.take()),
+                    (None, Some(s)) => {
+                        Body::request(s, &state, timers.request, f.request_observer.take())
+                    }
                     (None, None) => Body::Empty,
                 };
                 let auth = upstream_authority(&f, &host.hostname, &authority, &mut parts.headers);
@@ -1155,9 +1160,7 @@ pub async fn forward(
         }
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Body::full(b.clone()),
-            (None, Some(s)) => {
-                Body::watched(s, state.clone(), timers.request).observed(f.request_observer.take())
-            }
+            (None, Some(s)) => Body::request(s, &state, timers.request, f.request_observer.take()),
             (None, None) => Body::Empty,
         };
         let auth = upstream_authority(&f, &host.hostname, &authority, &mut parts.headers);
@@ -1475,7 +1478,7 @@ fn upstream_authority<'a>(
 fn build_request(
     parts: &http::request::Parts,
     kind: PoolKind,
-    path_and_query: &str,
+    path_and_query: &http::uri::PathAndQuery,
     authority: &str,
     body: Body,
     attempt: Option<u32>,
@@ -1488,11 +1491,12 @@ fn build_request(
         PoolKind::Http1 if parts.uri.scheme().is_none() && parts.uri.authority().is_none() => {
             Some(parts.uri.clone())
         }
-        PoolKind::Http1 => path_and_query.parse::<Uri>().ok(),
+        // From the parsed path: a refcounted clone, not a parse and copy.
+        PoolKind::Http1 => Some(Uri::from(path_and_query.clone())),
         PoolKind::Http2 => Uri::builder()
             .scheme("http")
             .authority(authority)
-            .path_and_query(path_and_query)
+            .path_and_query(path_and_query.clone())
             .build()
             .ok(),
     }

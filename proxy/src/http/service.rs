@@ -12,7 +12,7 @@ use xds_client::config::{
 };
 
 use super::headers::{self, PathCheck};
-use super::info::{Flags, StreamInfo};
+use super::info::{Flags, ReqStr, StreamInfo};
 use super::local_reply::{reply, reply_owned};
 use super::router::{self, Forward};
 use crate::body::Body;
@@ -165,23 +165,16 @@ pub async fn handle(
         Version::HTTP_2 => "HTTP/2",
         _ => "HTTP/1.1",
     };
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+    // Refcounted clones of the parsed head, not copies.
+    let authority = match parts.uri.authority() {
+        Some(a) => ReqStr::Authority(a.clone()),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(ReqStr::header)
+            .unwrap_or_default(),
+    };
+    let path = request_path(&parts.uri);
     let mut info = StreamInfo::new(
         start,
         protocol,
@@ -226,11 +219,7 @@ pub async fn handle(
         hcm.stats.rq_total.inc();
         if !ctx.hcm.logs.is_empty() {
             info.response_code = next.status;
-            info.path = next
-                .head
-                .uri
-                .path_and_query()
-                .map_or_else(|| "/".into(), |p| p.as_str().to_owned());
+            info.path = request_path(&next.head.uri);
             info.request_headers = Some(next.head.headers.clone());
             info.response_headers = Some(resp.headers().clone());
             info.upstream_cluster = next.cluster.clone();
@@ -244,13 +233,9 @@ pub async fn handle(
         let authority = parts
             .headers
             .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".into(), |p| p.as_str().to_owned());
+            .and_then(ReqStr::header)
+            .unwrap_or_default();
+        let path = request_path(&parts.uri);
         let mut next_info = StreamInfo::new(
             start,
             protocol,
@@ -303,6 +288,13 @@ pub async fn handle(
     Ok(finish(&ctx, resp, info, parts.headers, tunnel))
 }
 
+/// The request's path and query as the stream info keeps it (`/` when the
+/// target has none).
+fn request_path(uri: &http::Uri) -> ReqStr {
+    uri.path_and_query()
+        .map_or(ReqStr::Static("/"), |p| ReqStr::Path(p.clone()))
+}
+
 async fn pipeline(
     ctx: &Arc<ConnCtx>,
     parts: &mut http::request::Parts,
@@ -321,7 +313,7 @@ async fn pipeline(
     if info.authority.is_empty() {
         if let Some(d) = &h.http1.default_host_for_http_10 {
             if parts.version == Version::HTTP_10 {
-                info.authority = d.clone();
+                info.authority = d.clone().into();
             }
         }
     }
@@ -409,7 +401,7 @@ async fn pipeline(
                     let mut up = std::mem::take(&mut parts.uri).into_parts();
                     up.path_and_query = Some(pq);
                     parts.uri = http::Uri::from_parts(up).unwrap_or_default();
-                    info.path = p;
+                    info.path = p.into();
                 }
             }
             PathCheck::Reject => {
@@ -434,7 +426,7 @@ async fn pipeline(
             if stripped.len() != info.authority.len() {
                 let port = &info.authority[stripped.len() + 1..];
                 if h.strip_port == StripPort::Any || port == ctx.hcm.listener_port.to_string() {
-                    info.authority = stripped.to_owned();
+                    info.authority = stripped.into();
                 }
             }
         }
@@ -687,7 +679,8 @@ async fn pipeline(
         }
     }
     // --- the router acts on the route
-    let Some(vh) = vh.cloned() else {
+    // A borrow of the pinned table, not an `Arc` clone.
+    let Some(vh) = vh else {
         info.flags.set(Flags::NR);
         info.response_code_details = "route_not_found";
         ctx.hcm.stats.no_route.inc();
@@ -879,7 +872,7 @@ async fn pipeline(
                         );
                     }
                 }
-                info.authority = nh;
+                info.authority = nh.into();
             }
             if let Some(nh) = route_host {
                 if let Ok(v) = HeaderValue::from_str(&info.authority) {
@@ -897,10 +890,10 @@ async fn pipeline(
                             .insert(headers::X_ENVOY_ORIGINAL_HOST.clone(), v);
                     }
                 }
-                info.authority = nh;
+                info.authority = nh.into();
             }
             headers::set_host(&mut parts.headers, &info.authority);
-            let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
+            let lv = levels(weighted.map(|w| &w.headers), route, vh, rc);
             headers::apply_levels(
                 &mut parts.headers,
                 &lv,
@@ -1055,7 +1048,7 @@ async fn pipeline(
                     headers::number_value(info.attempt_count.into()),
                 );
             }
-            let lv = levels(weighted.map(|w| &w.headers), route, &vh, rc);
+            let lv = levels(weighted.map(|w| &w.headers), route, vh, rc);
             headers::apply_levels(
                 resp.headers_mut(),
                 &lv,
@@ -1092,7 +1085,7 @@ async fn pipeline(
         }
     };
     // Local (direct/redirect) responses still get response header mutations.
-    let lv = levels(None, route, &vh, rc);
+    let lv = levels(None, route, vh, rc);
     headers::apply_levels(
         resp.headers_mut(),
         &lv,
