@@ -133,8 +133,9 @@ pub enum ReqStr {
     Empty,
     Authority(http::uri::Authority),
     Path(http::uri::PathAndQuery),
-    /// A header value that is visible ASCII (see [`ReqStr::header`]).
-    Header(http::HeaderValue),
+    /// A header value that is visible ASCII (only [`ReqStr::header`]
+    /// builds one).
+    Header(AsciiValue),
     Static(&'static str),
     Owned(String),
 }
@@ -143,7 +144,9 @@ impl ReqStr {
     /// A header value's text; `None` when it is not visible ASCII (as
     /// `HeaderValue::to_str`).
     pub fn header(v: &http::HeaderValue) -> Option<ReqStr> {
-        v.to_str().ok().map(|_| ReqStr::Header(v.clone()))
+        v.to_str()
+            .ok()
+            .map(|_| ReqStr::Header(AsciiValue(v.clone())))
     }
 
     pub fn as_str(&self) -> &str {
@@ -151,11 +154,27 @@ impl ReqStr {
             ReqStr::Empty => "",
             ReqStr::Authority(a) => a.as_str(),
             ReqStr::Path(p) => p.as_str(),
-            // Checked when built: visible ASCII is UTF-8.
-            ReqStr::Header(v) => std::str::from_utf8(v.as_bytes()).unwrap_or_default(),
+            ReqStr::Header(v) => v.as_str(),
             ReqStr::Static(s) => s,
             ReqStr::Owned(s) => s,
         }
+    }
+}
+
+/// A header value checked to be visible ASCII when built; its field is
+/// private, so no other value can be wrapped. Read as `&str` without a
+/// second check (the authority is read several times per request: logs,
+/// filters, the upstream request).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AsciiValue(http::HeaderValue);
+
+impl AsciiValue {
+    #[allow(unsafe_code)]
+    fn as_str(&self) -> &str {
+        // SAFETY: `ReqStr::header`, the only constructor, checked with
+        // `HeaderValue::to_str` that every byte is visible ASCII (or tab),
+        // which is valid UTF-8; `HeaderValue` is immutable.
+        unsafe { std::str::from_utf8_unchecked(self.0.as_bytes()) }
     }
 }
 
