@@ -752,21 +752,22 @@ pub async fn forward(
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    // x-envoy control headers are consumed here, not forwarded.
-    if has_envoy_header(&parts.headers) {
-        remove_present(
-            &mut parts.headers,
-            &[
-                &X_ENVOY_RETRY_ON,
-                &X_ENVOY_MAX_RETRIES,
-                &X_ENVOY_RQ_TIMEOUT,
-                &X_ENVOY_PER_TRY_TIMEOUT,
-                &X_ENVOY_RETRIABLE_CODES,
-                &X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT,
-                &X_ENVOY_RETRIABLE_HEADER_NAMES,
-            ],
-        );
-    }
+    // x-envoy control headers are consumed here, not forwarded. One scan:
+    // `remove_present` rules most keys out by length (a separate "any
+    // x-envoy-*?" pass first would always pass when Istio's peer metadata
+    // headers are there).
+    remove_present(
+        &mut parts.headers,
+        &[
+            &X_ENVOY_RETRY_ON,
+            &X_ENVOY_MAX_RETRIES,
+            &X_ENVOY_RQ_TIMEOUT,
+            &X_ENVOY_PER_TRY_TIMEOUT,
+            &X_ENVOY_RETRIABLE_CODES,
+            &X_ENVOY_HEDGE_ON_PER_TRY_TIMEOUT,
+            &X_ENVOY_RETRIABLE_HEADER_NAMES,
+        ],
+    );
     if !f.suppress_envoy_headers {
         let expected = match (global, per_try) {
             // Hedged tries are not cancelled: the upstream has the whole

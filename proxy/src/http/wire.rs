@@ -32,13 +32,38 @@ pub struct RequestWire {
     pub keep_alive: bool,
 }
 
-/// Sum of name and value lengths, and the number of fields.
-fn fields(h: &HeaderMap) -> (u64, u64) {
-    let mut bytes = 0;
-    for (n, v) in h {
-        bytes += (n.as_str().len() + v.len()) as u64;
+/// One pass over a header map: the sum of name and value lengths, the
+/// number of fields, and the framing headers hyper's encoder looks at
+/// (found by name comparison during the pass: no extra map lookups).
+#[derive(Default)]
+struct Scan<'a> {
+    bytes: u64,
+    n: u64,
+    connection: bool,
+    content_length: bool,
+    date: bool,
+    /// The last `transfer-encoding` value.
+    te_last: Option<&'a http::HeaderValue>,
+}
+
+fn scan(h: &HeaderMap) -> Scan<'_> {
+    let mut s = Scan {
+        n: h.len() as u64,
+        ..Scan::default()
+    };
+    for (name, v) in h {
+        s.bytes += (name.as_str().len() + v.len()) as u64;
+        if name == header::CONNECTION {
+            s.connection = true;
+        } else if name == header::CONTENT_LENGTH {
+            s.content_length = true;
+        } else if name == header::DATE {
+            s.date = true;
+        } else if name == header::TRANSFER_ENCODING {
+            s.te_last = Some(v);
+        }
     }
-    (bytes, h.len() as u64)
+    s
 }
 
 fn has_token(h: &HeaderMap, token: &str) -> bool {
@@ -50,7 +75,8 @@ fn has_token(h: &HeaderMap, token: &str) -> bool {
 
 /// The request as received (call before anything changes its headers).
 pub fn request(parts: &http::request::Parts) -> RequestWire {
-    let (field_bytes, n) = fields(&parts.headers);
+    let scan = scan(&parts.headers);
+    let (field_bytes, n) = (scan.bytes, scan.n);
     let method = parts.method.as_str().len() as u64;
     let pq = parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) as u64;
     let authority = parts.uri.authority().map_or(0, |a| a.as_str().len()) as u64;
@@ -73,8 +99,8 @@ pub fn request(parts: &http::request::Parts) -> RequestWire {
     let http10 = parts.version == Version::HTTP_10;
     RequestWire {
         head,
-        close: !http10 && has_token(&parts.headers, "close"),
-        keep_alive: http10 && has_token(&parts.headers, "keep-alive"),
+        close: !http10 && scan.connection && has_token(&parts.headers, "close"),
+        keep_alive: http10 && scan.connection && has_token(&parts.headers, "keep-alive"),
     }
 }
 
@@ -124,7 +150,8 @@ pub fn response(
     body_len: Option<u64>,
     request: RequestWire,
 ) -> ResponseWire {
-    let (field_bytes, n) = fields(headers);
+    let scan = scan(headers);
+    let (field_bytes, n) = (scan.bytes, scan.n);
     if version == Version::HTTP_2 {
         return ResponseWire {
             head: 7 + 3 + field_bytes,
@@ -145,20 +172,16 @@ pub fn response(
     };
     head += field_bytes + 4 * n;
     // hyper's `enforce_version`.
-    if http10 && request.keep_alive && !has_token(headers, "keep-alive") {
+    let has = |token| scan.connection && has_token(headers, token);
+    if http10 && request.keep_alive && !has("keep-alive") {
         head += 24; // connection: keep-alive\r\n
-    } else if !http10 && request.close && !has_token(headers, "close") {
+    } else if !http10 && request.close && !has("close") {
         head += 19; // connection: close\r\n
     }
     let mut chunked = false;
-    let te_chunked = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        chunked = te_chunked && can_chunk;
-    } else if !headers.contains_key(header::CONTENT_LENGTH) && !connect_ok {
+    if let Some(te) = scan.te_last {
+        chunked = te.as_bytes().eq_ignore_ascii_case(b"chunked") && can_chunk;
+    } else if !scan.content_length && !connect_ok {
         match body_len {
             None if http10 || !can_chunk => {}
             None => {
@@ -178,7 +201,7 @@ pub fn response(
         }
     }
     // `date: <29 bytes>\r\n` unless present, then the blank line.
-    if !headers.contains_key(header::DATE) {
+    if !scan.date {
         head += 37;
     }
     head += 2;
