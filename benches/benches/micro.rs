@@ -256,7 +256,7 @@ fn filter_chain(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let mut inst = if chain.is_router_only() {
-                    Vec::new()
+                    filters::Instances::new()
                 } else {
                     chain.instantiate(&filters::RouteView::empty())
                 };

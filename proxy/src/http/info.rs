@@ -85,11 +85,7 @@ pub struct FilterLogSlot(Option<std::sync::Mutex<filters::StreamLog>>);
 
 impl FilterLogSlot {
     /// Keeps the instances of `instances` that want the end of the stream.
-    pub fn keep(
-        &mut self,
-        instances: &mut Vec<Box<dyn filters::HttpFilter>>,
-        cx: &mut filters::FilterContext,
-    ) {
+    pub fn keep(&mut self, instances: &mut filters::Instances, cx: &mut filters::FilterContext) {
         if self.0.is_none() {
             self.0 = filters::StreamLog::take(instances, cx).map(std::sync::Mutex::new);
         }

@@ -545,7 +545,7 @@ async fn pipeline(
     // filters the router picks it.
     let mut weighted_pick = None;
     let mut instances = if ctx.hcm.chain.is_router_only() {
-        Vec::new()
+        filters::Instances::new()
     } else {
         match (route, vh) {
             (Some(route), Some(vh)) => {
