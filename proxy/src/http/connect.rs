@@ -83,25 +83,7 @@ pub(super) async fn terminate(
     info.upstream_cluster = Some(cluster.config.name.clone());
     // Host selection as the router: the request hash for a consistent-hash
     // cluster (the cluster's policy, else the route's), `override_host`.
-    let policies = if cluster.config.lb_hash_policy.is_empty() {
-        &action.hash_policy
-    } else {
-        &cluster.config.lb_hash_policy
-    };
-    let hash = if cluster.config.lb.is_hash() && !policies.is_empty() {
-        crate::upstream::hash_lb::request_hash(
-            policies,
-            &parts.headers,
-            &parts.uri,
-            info.downstream_remote,
-            info.downstream_direct_remote,
-            info.downstream_local,
-            Some(&info.filter_state),
-        )
-        .hash
-    } else {
-        None
-    };
+    let hash = super::router::request_hash(&cluster, action, parts, info).hash;
     let mut overrides = cluster.override_hosts(&parts.headers, Some(&info.dynamic_metadata));
     let Some(host) = cluster.choose_request(hash, &mut overrides, &[], 0) else {
         info.flags.set(Flags::UH);

@@ -682,27 +682,7 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
-    // The request hash, once, only for a consistent-hash cluster with a
-    // hash policy: the cluster's own, else the route's (Envoy evaluates it
-    // for those LBs only).
-    let policies = if cluster.config.lb_hash_policy.is_empty() {
-        &f.action.hash_policy
-    } else {
-        &cluster.config.lb_hash_policy
-    };
-    let mut lb_hash = if cluster.config.lb.is_hash() && !policies.is_empty() {
-        crate::upstream::hash_lb::request_hash(
-            policies,
-            &parts.headers,
-            &parts.uri,
-            info.downstream_remote,
-            info.downstream_direct_remote,
-            info.downstream_local,
-            Some(&info.filter_state),
-        )
-    } else {
-        crate::upstream::hash_lb::RequestHash::default()
-    };
+    let mut lb_hash = request_hash(&cluster, &f.action, &parts, info);
     // `override_host`: the hosts the request names, one per try.
     let mut overrides = cluster.override_hosts(&parts.headers, Some(&info.dynamic_metadata));
     let retry = retry_policy(&f, &parts);
@@ -1657,4 +1637,32 @@ fn auto_sni(c: &xds_client::config::Cluster, req: &Request<Body>) -> Option<Arc<
         return None;
     }
     Some(host.into())
+}
+
+/// The request hash, once, only for a consistent-hash cluster with a hash
+/// policy: the cluster's own, else the route's (Envoy evaluates it for
+/// those LBs only). Used by the router and by CONNECT termination.
+pub(crate) fn request_hash(
+    cluster: &crate::upstream::ClusterRuntime,
+    action: &xds_client::config::RouteAction,
+    parts: &http::request::Parts,
+    info: &StreamInfo,
+) -> crate::upstream::hash_lb::RequestHash {
+    let policies = if cluster.config.lb_hash_policy.is_empty() {
+        &action.hash_policy
+    } else {
+        &cluster.config.lb_hash_policy
+    };
+    if !cluster.config.lb.is_hash() || policies.is_empty() {
+        return crate::upstream::hash_lb::RequestHash::default();
+    }
+    crate::upstream::hash_lb::request_hash(
+        policies,
+        &parts.headers,
+        &parts.uri,
+        info.downstream_remote,
+        info.downstream_direct_remote,
+        info.downstream_local,
+        Some(&info.filter_state),
+    )
 }
