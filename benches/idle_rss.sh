@@ -35,6 +35,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/lib/origin.sh
+. benches/lib/origin.sh
 WEIR="$(realpath "${1:-target/release/weir}")"
 CONCS="${CONCS:-default 1}"
 SETTLE="${SETTLE:-2}"
@@ -81,21 +83,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
     > "$WORK/openssl.log" 2>&1
 
-cat > "$WORK/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-daemon off;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp;
-    fastcgi_temp_path $WORK/tmp; uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
-    server { listen 127.0.0.1:$P_ORIGIN; root $WORK/www; location / { } }
-}
-EOF
+write_origin_nginx_conf "$WORK" "$P_ORIGIN"
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log" &
 NGINX_PID=$!
 wait_port "$NGINX_PID" "$P_ORIGIN" || { echo "nginx did not start" >&2; exit 1; }

@@ -34,6 +34,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/lib/origin.sh
+. benches/lib/origin.sh
 WEIR="$(realpath "${1:-target/release/weir}")"
 REQS="${REQS:-20000}"
 CONNS="${CONNS:-16 128}"
@@ -70,21 +72,7 @@ BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
 mkdir -p "$WORK/www" "$WORK/tmp"
 printf '%s' "$BODY" > "$WORK/www/1k"
 
-cat > "$WORK/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-daemon off;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp;
-    fastcgi_temp_path $WORK/tmp; uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
-    server { listen 127.0.0.1:$P_ORIGIN; root $WORK/www; location / { } }
-}
-EOF
+write_origin_nginx_conf "$WORK" "$P_ORIGIN"
 
 tls_chain() {
     cat <<EOF
