@@ -32,6 +32,6 @@ pub mod token_bucket;
 
 pub use http::*;
 pub use state::{
-    ApplicationProtocols, DynamicMetadata, FilterState, HashableStringValue, StateFlags,
-    StateObject, StringValue,
+    AddressObject, ApplicationProtocols, DynamicMetadata, FilterState, HashableStringValue,
+    StateFlags, StateObject, StringValue,
 };

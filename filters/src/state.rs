@@ -75,6 +75,39 @@ impl StateObject for StringValue {
     }
 }
 
+/// Filter state keys of addresses (Envoy's `Network::AddressObject`
+/// factories): the `original_dst` listener filter of an internal listener
+/// restores the connection's local and remote addresses from them
+/// (Istio's waypoint sets them from the HBONE CONNECT with
+/// `set_filter_state`, `shared_with_upstream: ONCE`).
+pub const ORIGINAL_DST_LOCAL_IP: &str = "envoy.filters.listener.original_dst.local_ip";
+pub const ORIGINAL_DST_REMOTE_IP: &str = "envoy.filters.listener.original_dst.remote_ip";
+/// The host an `ORIGINAL_DST` cluster connects to when set (Envoy's
+/// `envoy.network.transport_socket.original_dst_address`).
+pub const ORIGINAL_DST_ADDRESS: &str = "envoy.network.transport_socket.original_dst_address";
+
+/// An address in filter state (Envoy's `Network::AddressObject`: its
+/// factory parses `ip:port`; the string form is the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressObject(pub std::net::SocketAddr);
+
+impl AddressObject {
+    /// As Envoy's address object factory: `ip:port` (IPv6 in brackets);
+    /// anything else is no object.
+    pub fn parse(value: &str) -> Option<AddressObject> {
+        value.parse().ok().map(AddressObject)
+    }
+}
+
+impl StateObject for AddressObject {
+    fn serialize_as_string(&self) -> Option<String> {
+        Some(self.0.to_string())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// Filter state key of the upstream ALPN override (Envoy's
 /// `Network::ApplicationProtocols::key()`).
 pub const APPLICATION_PROTOCOLS: &str = "envoy.network.application_protocols";
