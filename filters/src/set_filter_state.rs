@@ -58,11 +58,14 @@ impl HttpFilter for SetFilterStateFilter {
                 read_only: v.read_only,
                 shared_with_upstream: v.shared_with_upstream,
             };
+            // As Envoy: a value its factory cannot make an object of sets
+            // nothing.
+            let Some(object) = state_object(value, v) else {
+                tracing::debug!(key = %v.key, "set_filter_state: value is not a valid object");
+                continue;
+            };
             // A read-only object stays as it is (Envoy refuses the write).
-            if let Err(e) = cx
-                .filter_state
-                .set(v.key.clone(), state_object(value, v), flags)
-            {
+            if let Err(e) = cx.filter_state.set(v.key.clone(), object, flags) {
                 tracing::debug!("set_filter_state: {e}");
             }
         }
@@ -71,19 +74,22 @@ impl HttpFilter for SetFilterStateFilter {
 }
 
 /// The object a value becomes: an upstream ALPN list for
-/// `envoy.network.application_protocols`, else a string, hashable when its
-/// factory is `envoy.hashable_string`.
+/// `envoy.network.application_protocols`, an address for the address
+/// factories (none when the value is not `ip:port`), else a string,
+/// hashable when its factory is `envoy.hashable_string`.
 pub(crate) fn state_object(
     value: String,
     v: &xds_client::config::FilterStateValue,
-) -> Arc<dyn crate::StateObject> {
-    if v.application_protocols {
+) -> Option<Arc<dyn crate::StateObject>> {
+    Some(if v.application_protocols {
         Arc::new(crate::ApplicationProtocols::from_bytes(&value))
+    } else if v.address {
+        Arc::new(crate::AddressObject::parse(&value)?)
     } else if v.hashable {
         Arc::new(crate::HashableStringValue(value))
     } else {
         Arc::new(StringValue(value))
-    }
+    })
 }
 
 #[cfg(test)]
@@ -97,7 +103,8 @@ mod tests {
             key: key.into(),
             format: parse_format(format).expect("format"),
             read_only,
-            shared_with_upstream: false,
+            shared_with_upstream: xds_client::config::Sharing::None,
+            address: false,
             skip_if_empty: skip,
             hashable: false,
             application_protocols: false,
@@ -135,5 +142,53 @@ mod tests {
         // An absent header renders `-` (not empty): set.
         assert_eq!(get("c").as_deref(), Some("-"));
         assert_eq!(get("d"), None);
+    }
+
+    #[test]
+    fn address_objects_parse_ip_port_and_skip_anything_else() {
+        let mut good = value(
+            crate::state::ORIGINAL_DST_LOCAL_IP,
+            "%REQ(:authority)%",
+            false,
+            false,
+        );
+        good.address = true;
+        good.shared_with_upstream = xds_client::config::Sharing::Once;
+        let mut bad = value(
+            crate::state::ORIGINAL_DST_REMOTE_IP,
+            "%REQ(x-r)%",
+            false,
+            false,
+        );
+        bad.address = true;
+        let f = SetFilterStateFactory::new(
+            "sfs".into(),
+            Arc::new(SetFilterState {
+                on_request_headers: vec![good, bad],
+            }),
+        );
+        let mut inst = f.create(&RouteView::empty()).expect("instance");
+        let (mut head, _) = http::Request::get("http://[::1]:9080/p")
+            .header("x-r", "not-an-address")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let mut cx = FilterContext::default();
+        inst.on_request_headers(&mut cx, &mut head);
+        let local = cx
+            .filter_state
+            .get_typed::<crate::AddressObject>(crate::state::ORIGINAL_DST_LOCAL_IP)
+            .expect("address object");
+        assert_eq!(local.0, "[::1]:9080".parse().unwrap());
+        assert_eq!(
+            cx.filter_state
+                .flags(crate::state::ORIGINAL_DST_LOCAL_IP)
+                .map(|f| f.shared_with_upstream),
+            Some(xds_client::config::Sharing::Once)
+        );
+        assert!(cx
+            .filter_state
+            .get(crate::state::ORIGINAL_DST_REMOTE_IP)
+            .is_none());
     }
 }

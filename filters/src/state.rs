@@ -156,9 +156,9 @@ impl StateObject for ApplicationProtocols {
 pub struct StateFlags {
     /// Envoy's `StateType::ReadOnly`: a later write of the key fails.
     pub read_only: bool,
-    /// Shared with the upstream connection (`shared_with_upstream` other
-    /// than NONE).
-    pub shared_with_upstream: bool,
+    /// Whether (and how far) it follows the request to an internal
+    /// upstream connection (`shared_with_upstream`).
+    pub shared_with_upstream: xds_client::config::Sharing,
 }
 
 #[derive(Debug, Clone)]

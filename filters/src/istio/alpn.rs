@@ -53,7 +53,7 @@ impl HttpFilter for IstioAlpn {
     ) -> Action {
         let flags = StateFlags {
             read_only: true,
-            shared_with_upstream: false,
+            shared_with_upstream: xds_client::config::Sharing::None,
         };
         // A read-only object set before stays (Envoy would assert).
         if let Err(e) = cx

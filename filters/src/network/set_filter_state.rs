@@ -38,7 +38,11 @@ impl NetworkFilterFactory for SetFilterStateFactory {
                 read_only: v.read_only,
                 shared_with_upstream: v.shared_with_upstream,
             };
-            if let Err(e) = state.set(v.key.clone(), state_object(value, v), flags) {
+            let Some(object) = state_object(value, v) else {
+                tracing::debug!(key = %v.key, "set_filter_state: value is not a valid object");
+                continue;
+            };
+            if let Err(e) = state.set(v.key.clone(), object, flags) {
                 tracing::debug!("set_filter_state: {e}");
             }
         }

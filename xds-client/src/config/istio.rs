@@ -13,8 +13,9 @@ pub struct PeerMetadataConfig {
     pub downstream_propagation: Vec<PeerPropagation>,
     /// `upstream_propagation` (request headers).
     pub upstream_propagation: Vec<PeerPropagation>,
-    /// `shared_with_upstream`: the peer filter state is marked shared.
-    pub shared_with_upstream: bool,
+    /// `shared_with_upstream`: the peer filter state is shared with the
+    /// upstream connection once (as Istio's filter).
+    pub shared_with_upstream: super::Sharing,
     /// `additional_labels`: peer labels kept besides Istio's four.
     pub additional_labels: Vec<String>,
 }

@@ -20,13 +20,36 @@ pub struct FilterStateValue {
     /// `format_string` (request-time operators only; checked at config).
     pub format: Format,
     pub read_only: bool,
-    /// `shared_with_upstream` other than NONE.
-    pub shared_with_upstream: bool,
+    /// `shared_with_upstream`.
+    pub shared_with_upstream: Sharing,
     pub skip_if_empty: bool,
     /// A hashable string (`envoy.hashable_string`): `filter_state` hash
     /// policies hash it.
     pub hashable: bool,
+    /// An address (Envoy's `Network::AddressObject` factories: the
+    /// `original_dst` keys and `envoy.network.transport_socket.original_dst_address`):
+    /// the value parsed as `ip:port`; a value that does not parse sets nothing.
+    pub address: bool,
     /// An upstream ALPN override (`envoy.network.application_protocols`):
     /// the value split at `,`.
     pub application_protocols: bool,
+}
+
+/// Whether a filter state object follows the request to the upstream
+/// connection (`FilterStateValue.SharedWithUpstream`, Envoy's
+/// `StreamSharingMayImpactPooling`): over an internal upstream connection
+/// the object is copied into the internal listener's connection; `Once`
+/// stops there, `Transitive` keeps being shared from there on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sharing {
+    #[default]
+    None,
+    Once,
+    Transitive,
+}
+
+impl Sharing {
+    pub fn is_shared(self) -> bool {
+        self != Sharing::None
+    }
 }

@@ -1300,7 +1300,7 @@ load_assignment:
                 })),
                 HttpFilterKind::PeerMetadata(Arc::new(crate::config::PeerMetadataConfig {
                     downstream_discovery: vec![crate::config::PeerDiscovery::WorkloadDiscovery],
-                    shared_with_upstream: true,
+                    shared_with_upstream: crate::config::Sharing::Once,
                     ..Default::default()
                 })),
                 HttpFilterKind::GrpcStats(Arc::new(crate::config::GrpcStatsConfig {

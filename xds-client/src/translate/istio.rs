@@ -86,7 +86,11 @@ pub fn peer_metadata(m: &DynamicMessage, path: &str) -> Result<PeerMetadataConfi
         upstream_discovery,
         downstream_propagation,
         upstream_propagation,
-        shared_with_upstream: boolean(m, "shared_with_upstream"),
+        shared_with_upstream: if boolean(m, "shared_with_upstream") {
+            crate::config::Sharing::Once
+        } else {
+            crate::config::Sharing::None
+        },
         additional_labels,
     })
 }

@@ -5,7 +5,7 @@ use crate::api::envoy::extensions::filters::common::set_filter_state::v3::{
     filter_state_value, FilterStateValue as Value,
 };
 use crate::api::envoy::extensions::filters::http::set_filter_state::v3::Config;
-use crate::config::{Command, FilterStateValue, FormatPart, LogFormat, SetFilterState};
+use crate::config::{Command, FilterStateValue, FormatPart, LogFormat, SetFilterState, Sharing};
 use crate::error::{join, ConfigErrors};
 
 use super::err;
@@ -26,6 +26,13 @@ const STRING_FACTORIES: &[&str] = &[
 /// Envoy's `Network::ApplicationProtocols` factory: the upstream ALPN
 /// override (the value split at `,`).
 const APPLICATION_PROTOCOLS: &str = "envoy.network.application_protocols";
+
+/// Envoy's `Network::AddressObject` factories (`ip:port`).
+const ADDRESS_FACTORIES: &[&str] = &[
+    "envoy.filters.listener.original_dst.local_ip",
+    "envoy.filters.listener.original_dst.remote_ip",
+    "envoy.network.transport_socket.original_dst_address",
+];
 
 pub const NETWORK_SET_FILTER_STATE: &str =
     "envoy.extensions.filters.network.set_filter_state.v3.Config";
@@ -82,7 +89,8 @@ fn value(
         v.factory_key.as_str()
     };
     let application_protocols = factory == APPLICATION_PROTOCOLS;
-    if !application_protocols && !STRING_FACTORIES.contains(&factory) {
+    let address = ADDRESS_FACTORIES.contains(&factory);
+    if !application_protocols && !address && !STRING_FACTORIES.contains(&factory) {
         let field = if v.factory_key.is_empty() {
             "object_key"
         } else {
@@ -92,8 +100,9 @@ fn value(
             join(path, field),
             format!(
                 "weir has no filter state object factory {factory:?} (string objects: {}; \
-                 {APPLICATION_PROTOCOLS})",
-                STRING_FACTORIES.join(", ")
+                 addresses: {}; {APPLICATION_PROTOCOLS})",
+                STRING_FACTORIES.join(", "),
+                ADDRESS_FACTORIES.join(", ")
             ),
         ));
     }
@@ -132,7 +141,12 @@ fn value(
         key: Arc::from(key),
         format,
         read_only: v.read_only,
-        shared_with_upstream: S::try_from(v.shared_with_upstream).unwrap_or(S::None) != S::None,
+        shared_with_upstream: match S::try_from(v.shared_with_upstream).unwrap_or(S::None) {
+            S::None => Sharing::None,
+            S::Once => Sharing::Once,
+            S::Transitive => Sharing::Transitive,
+        },
+        address,
         skip_if_empty: v.skip_if_empty,
         hashable,
         application_protocols,
