@@ -76,6 +76,8 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ]),
     ("envoy.config.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
     ("envoy.extensions.bootstrap.internal_listener.v3.InternalListener", &["**"]),
+    // istio/proxy's workload discovery extension (WDS over ADS).
+    ("istio.workload.BootstrapExtension", &["config_source"]),
     // --- addresses and sockets
     ("envoy.config.core.v3.Address", &["socket_address", "pipe"]),
     ("envoy.config.core.v3.SocketAddress", &["address", "port_value", "~protocol", "~ipv4_compat"]),

@@ -55,6 +55,10 @@ impl Callouts for ClusterCallouts {
             .unwrap_or_default()
     }
 
+    fn workloads(&self) -> Option<filters::istio::workloads::Workloads> {
+        self.shared.upgrade().map(|s| s.workloads.clone())
+    }
+
     fn cluster_membership(&self, cluster: &str) -> Option<(u64, u64)> {
         let rt = self.shared.upgrade()?.clusters.get(cluster)?;
         let n = |g: &crate::stats::Gauge| u64::try_from(g.value()).unwrap_or(0);

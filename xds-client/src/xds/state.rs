@@ -159,6 +159,16 @@ impl DynamicState {
             .collect()
     }
 
+    /// The workloads WDS delivered (by `uid`), for the peer index.
+    pub fn workloads(&self) -> Vec<Arc<Workload>> {
+        self.entries(ResourceType::Workload)
+            .filter_map(|(_, e)| match &e.resource {
+                Resource::Workload(w) => Some(w.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn get(&self, rt: ResourceType, name: &str) -> Option<&Resource> {
         self.resources
             .get(&rt)
@@ -257,6 +267,13 @@ impl DynamicState {
             }
         }
         out.changed = !touched.is_empty();
+        if rt == ResourceType::Workload {
+            // Workloads are not part of the snapshot (see `workloads`):
+            // no re-assembly, and WDS never holds up initialisation (as
+            // Istio's subscription, which registers no init target).
+            self.received.insert(rt);
+            return out;
+        }
         if self.received.insert(rt) {
             out.changed = true;
             self.dirty = None;
@@ -343,7 +360,7 @@ impl DynamicState {
                 false,
                 &mut errs,
             ),
-            Resource::Endpoint(_) | Resource::Secret(_) => {}
+            Resource::Endpoint(_) | Resource::Secret(_) | Resource::Workload(_) => {}
         }
         if errs.is_empty() {
             Ok(())
@@ -373,6 +390,9 @@ impl DynamicState {
         }
         if let Some(cs) = &self.base.dynamic.cds {
             f(cs, ResourceType::Cluster, None);
+        }
+        if let Some(cs) = &self.base.dynamic.wds {
+            f(cs, ResourceType::Workload, None);
         }
         let listeners =
             self.base
