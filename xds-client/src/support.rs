@@ -552,9 +552,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig.AlpnOverride", &[
         "upstream_protocol", "alpn_override",
     ]),
-    // `enable_discovery` asks the WDS provider of Istio's bootstrap
-    // extension `metadata_discovery`, which weir's bootstraps cannot
-    // configure (Istio without one finds nothing either).
+    // `enable_discovery`: Istio falls back to its WDS provider (bootstrap
+    // extension `metadata_discovery`) when no header came; weir's network
+    // filter does not yet (open, see ARCHITECTURE "Workload discovery"):
+    // without the extension both find nothing.
     ("envoy.tcp.metadataexchange.config.MetadataExchange", &[
         "protocol", "~enable_discovery", "additional_labels",
     ]),
