@@ -226,30 +226,36 @@ impl TcpRuntime {
                         .await
                     {
                         Ok(o) => Ok(Up::Tunnel(o)),
+                        // As Envoy: a pool overflow is a local close
+                        // before connecting: no UF, and no outlier event.
                         Err(crate::tunnel::OpenError::Overflow) => {
-                            info.flags.set(Flags::UO);
-                            return self.finish(info, start);
+                            Err(("overflow".to_owned(), false))
                         }
-                        Err(crate::tunnel::OpenError::Failed(e)) => Err(e),
+                        Err(crate::tunnel::OpenError::Failed(e)) => Err((e, true)),
                     }
                 }
                 None => connect(&cluster, &host, &source, alpn_override.as_deref())
                     .await
-                    .map(|(s, a)| Up::Tcp(s, a)),
+                    .map(|(s, a)| Up::Tcp(s, a))
+                    .map_err(|e| (e, true)),
             };
             match attempt_result {
                 Ok(u) => {
                     cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
                     break (u, host);
                 }
-                Err(e) => {
-                    cluster.outlier_local(&host, LocalResult::ConnectFailed);
+                Err((e, remote)) => {
+                    if remote {
+                        cluster.outlier_local(&host, LocalResult::ConnectFailed);
+                    }
                     info.upstream_failure_reason = Some(e);
                     if attempt >= self.config.max_connect_attempts {
                         cluster.stats.upstream_cx_connect_attempts_exceeded.inc();
                         // As Envoy: a connect failure with the attempts
-                        // used up is UF and URX.
-                        info.flags.set(Flags::UF);
+                        // used up is UF and URX (a local one URX only).
+                        if remote {
+                            info.flags.set(Flags::UF);
+                        }
                         info.flags.set(Flags::URX);
                         return self.finish(info, start);
                     }

@@ -346,6 +346,11 @@ async fn h2_conn(
     if let Some(c) = pool.pick(key) {
         return Ok(c);
     }
+    // No connection with room: the stream is pending until one is made
+    // (Envoy's `upstream_rq_pending_*`).
+    cluster.stats.upstream_rq_pending_total.inc();
+    cluster.stats.upstream_rq_pending_active.inc();
+    let _pending = PendingGuard(&cluster.stats.upstream_rq_pending_active);
     let (gate, attempts, _) = pool.gate(key);
     let seen = attempts.load(Relaxed);
     let mut last = gate.lock().await;
@@ -381,6 +386,15 @@ async fn h2_conn(
             *last = Some((n, e.clone()));
             Err(OpenError::Failed(e))
         }
+    }
+}
+
+/// Decrements `upstream_rq_pending_active` when the wait ends.
+struct PendingGuard<'a>(&'a crate::stats::Gauge);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -501,8 +515,9 @@ async fn open_h2(
         let conn = h2_conn(cluster, host, &key).await?;
         let requests = &cluster.breakers.default.requests;
         if !requests.can_create() {
-            // Envoy's pool: a stream over max_requests fails as overflow.
-            cluster.stats.upstream_rq_pending_overflow.inc();
+            // Envoy's pool: a stream over max_requests fails as overflow
+            // (`upstream_rq_active_overflow`).
+            cluster.stats.upstream_rq_active_overflow.inc();
             if conn.streams.fetch_sub(1, Relaxed) == 1 {
                 conn.idle.notify_one();
             }

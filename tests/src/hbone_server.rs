@@ -79,6 +79,8 @@ struct State {
     open: AtomicUsize,
     log: Arc<Mutex<Vec<TlsConnRecord>>>,
     behavior: Behavior,
+    /// Bumped by [`HboneServer::close_connections`].
+    kill: tokio::sync::watch::Sender<u64>,
 }
 
 /// A running HBONE server on `127.0.0.1:0`; stops accepting when dropped.
@@ -98,6 +100,7 @@ impl HboneServer {
             open: AtomicUsize::new(0),
             log: Arc::default(),
             behavior: opts.behavior,
+            kill: tokio::sync::watch::Sender::new(0),
         });
         let st = state.clone();
         let (proto, max_streams) = (opts.proto, opts.max_concurrent_streams);
@@ -133,6 +136,12 @@ impl HboneServer {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Closes every open connection at once (no GOAWAY: as a peer that
+    /// went away), failing their streams.
+    pub fn close_connections(&self) {
+        self.state.kill.send_modify(|n| *n += 1);
     }
 
     /// Answers requests for `authority` with `status` (no tunnel).
@@ -206,7 +215,12 @@ impl HboneServer {
     }
 
     /// Waits until `f(self)` holds; panics after `timeout`.
-    pub async fn wait_until(&self, timeout: Duration, what: &str, f: impl Fn(&HboneServer) -> bool) {
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&HboneServer) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         while !f(self) {
             assert!(Instant::now() < deadline, "not in {timeout:?}: {what}");
@@ -265,8 +279,14 @@ where
     let Ok(mut h2c) = b.handshake::<_, Bytes>(io).await else {
         return;
     };
-    while let Some(r) = h2c.accept().await {
-        let Ok((req, mut respond)) = r else {
+    let mut kill = st.kill.subscribe();
+    kill.borrow_and_update();
+    loop {
+        let r = tokio::select! {
+            r = h2c.accept() => r,
+            _ = kill.changed() => return,
+        };
+        let Some(Ok((req, mut respond))) = r else {
             break;
         };
         let st = st.clone();

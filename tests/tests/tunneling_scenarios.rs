@@ -33,7 +33,8 @@ const DOWNSTREAM_TLS: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const HTTP_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
-const LOG: &str = "%UPSTREAM_HOST% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_CLUSTER%\n";
+const LOG: &str =
+    "%UPSTREAM_HOST% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_CLUSTER%\n";
 
 const WAYPOINT: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const ZTUNNEL: &str = "spiffe://cluster.local/ns/default/sa/ztunnel";
@@ -159,7 +160,11 @@ fn start(filter: Value, cluster: Value) -> Proxy {
     Proxy::start(move |ports| {
         bootstrap(
             ports,
-            vec![listener("l", ports.listen, vec![chain(vec![filter.clone()])])],
+            vec![listener(
+                "l",
+                ports.listen,
+                vec![chain(vec![filter.clone()])],
+            )],
             vec![cluster.clone()],
         )
     })
@@ -217,7 +222,10 @@ async fn connect_authority_headers_and_identity() {
     assert_eq!(s.method, "CONNECT");
     assert_eq!(s.authority, p.addr().to_string());
     assert_eq!(s.scheme, None, "{s:?}");
-    assert_eq!(s.headers.get("baggage").unwrap(), "k8s.namespace.name=default");
+    assert_eq!(
+        s.headers.get("baggage").unwrap(),
+        "k8s.namespace.name=default"
+    );
     assert_eq!(
         s.headers.get("x-local-port").unwrap(),
         &p.addr().port().to_string()
@@ -343,7 +351,9 @@ async fn many_connections_share_one_http2_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_connection_opens_another() {
     let mesh = Mesh::new();
-    let srv = mesh.server(HboneProto::Http2, Behavior::Echo, Some(2)).await;
+    let srv = mesh
+        .server(HboneProto::Http2, Behavior::Echo, Some(2))
+        .await;
     let log = log_path("tunneling", "full");
     let p = start(
         tunnel_proxy(json!({"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}), &log),
@@ -488,7 +498,10 @@ async fn san_mismatch_fails_the_handshake() {
     let r = read_to_end(&mut c).await;
     assert!(matches!(&r, Ok(b) if b.is_empty()) || r.is_err(), "{r:?}");
     let lines = p.log_lines(&log, 1).await;
-    assert_eq!(lines[0], format!("{} UF,URX 0 0 connect_originate", srv.addr()));
+    assert_eq!(
+        lines[0],
+        format!("{} UF,URX 0 0 connect_originate", srv.addr())
+    );
     assert_eq!(srv.tls_connections(), 0);
     assert!(srv.seen().is_empty());
     stat_is(&p, "cluster.connect_originate.ssl.fail_verify_san", 1).await;
@@ -513,8 +526,10 @@ async fn idle_timeout_closes_the_pooled_connection() {
     echo(&mut c, b"still").await;
     c.shutdown().await.expect("FIN");
     assert!(read_to_end(&mut c).await.expect("clean end").is_empty());
-    srv.wait_until(WAIT, "pooled connection closed", |s| s.open_connections() == 0)
-        .await;
+    srv.wait_until(WAIT, "pooled connection closed", |s| {
+        s.open_connections() == 0
+    })
+    .await;
     stat_is(&p, "cluster.connect_originate.upstream_cx_idle_timeout", 1).await;
     stat_is(&p, "cluster.connect_originate.upstream_cx_active", 0).await;
     let mut c = TcpStream::connect(p.addr()).await.expect("connect");
@@ -529,10 +544,15 @@ async fn server_first_protocol_forwarded() {
     const LEN: u64 = 1 << 20;
     let mesh = Mesh::new();
     let src = tcp::tcp_source_server(LEN).await.expect("source");
-    let srv = mesh.server(HboneProto::Http2, Behavior::Forward, None).await;
+    let srv = mesh
+        .server(HboneProto::Http2, Behavior::Forward, None)
+        .await;
     let log = log_path("tunneling", "forward");
     let p = start(
-        tunnel_proxy(json!({"hostname": format!("127.0.0.1:{}", src.port())}), &log),
+        tunnel_proxy(
+            json!({"hostname": format!("127.0.0.1:{}", src.port())}),
+            &log,
+        ),
         mesh.cluster(srv.port(), true, json!({}), json!({})),
     );
     let mut c = TcpStream::connect(p.addr()).await.expect("connect");
@@ -547,17 +567,13 @@ async fn server_first_protocol_forwarded() {
     assert_eq!(srv.wait_end(0, WAIT).await, Ok(0));
 }
 
-/// weir terminating HBONE (its `connect_terminate` shape: mTLS, HTTP/2
-/// `allow_connect`, a `connect_matcher` route to a TCP echo) is the far
-/// end of the originator under test.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn weir_terminates_what_the_originator_sends() {
-    let mesh = Mesh::new();
-    let echo_srv = tcp::tcp_echo_server().await.expect("echo");
+/// A proxy (`target`) terminating HBONE in Istio's `connect_terminate`
+/// shape (mTLS with the ztunnel certificate, HTTP/2 `allow_connect`, a
+/// `connect_matcher` route) to a TCP echo on `echo_port`.
+fn terminator(target: Target, mesh: &Mesh, echo_port: u16) -> Proxy {
     let zt = mesh.ztunnel.write_files(&mesh.dir, "ztunnel");
     let ca_file = mesh.ca_file.clone();
-    let echo_port = echo_srv.port();
-    let terminator = Proxy::start_with(Target::InProcess, StartOptions::default(), move |ports| {
+    Proxy::start_with(target, StartOptions::default(), move |ports| {
         let h = weir_tests::config::hcm(
             "connect_terminate",
             vec![],
@@ -591,8 +607,16 @@ async fn weir_terminates_what_the_originator_sends() {
             vec![listener("l", ports.listen, vec![ch])],
             vec![cluster("echo", &[echo_port], json!({}))],
         )
-    });
-    let log = log_path("tunneling", "weir-far");
+    })
+}
+
+/// The originator under test in front of `far` (a terminator): 1 MiB each
+/// way through the tunnel, the access log names the far end.
+async fn through_terminator(far: Target, name: &str) {
+    let mesh = Mesh::new();
+    let echo_srv = tcp::tcp_echo_server().await.expect("echo");
+    let terminator = terminator(far, &mesh, echo_srv.port());
+    let log = log_path("tunneling", name);
     let p = start(
         tunnel_proxy(json!({"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}), &log),
         mesh.cluster(terminator.addr().port(), true, json!({}), json!({})),
@@ -612,6 +636,123 @@ async fn weir_terminates_what_the_originator_sends() {
         lines[0],
         format!("{far} - {} {} connect_originate", 1 << 20, 1 << 20)
     );
+}
+
+/// weir's own CONNECT termination is the far end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_terminates_what_the_originator_sends() {
+    through_terminator(Target::InProcess, "weir-far").await;
+}
+
+/// Envoy's CONNECT termination is the far end (Envoy 1.40, whatever the
+/// originator under test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_terminates_what_the_originator_sends() {
+    through_terminator(Target::Envoy, "envoy-far").await;
+}
+
+/// A downstream reset (RST) resets its stream only: the other tunnel on
+/// the same pooled connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downstream_reset_resets_only_its_stream() {
+    let mesh = Mesh::new();
+    let srv = mesh.server(HboneProto::Http2, Behavior::Echo, None).await;
+    let log = log_path("tunneling", "reset");
+    let p = start(
+        tunnel_proxy(json!({"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}), &log),
+        mesh.cluster(srv.port(), true, json!({}), json!({})),
+    );
+    let mut a = TcpStream::connect(p.addr()).await.expect("connect");
+    echo(&mut a, b"a").await;
+    let mut b = TcpStream::connect(p.addr()).await.expect("connect");
+    echo(&mut b, b"b").await;
+    // RST instead of FIN.
+    #[allow(deprecated)] // SO_LINGER 0 on purpose: the close is a reset.
+    a.set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(a);
+    let end = srv.wait_end(0, WAIT).await;
+    assert!(end.is_err(), "a reset, not an end of stream: {end:?}");
+    echo(&mut b, b"b still flows").await;
+    b.shutdown().await.expect("FIN");
+    assert!(read_to_end(&mut b).await.expect("clean end").is_empty());
+    assert_eq!(srv.wait_end(1, WAIT).await, Ok(14));
+    assert_eq!(srv.tls_connections(), 1);
+}
+
+/// A pooled connection the peer dropped is replaced: the next tunnel
+/// opens a new connection and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_connection_is_replaced() {
+    let mesh = Mesh::new();
+    let srv = mesh.server(HboneProto::Http2, Behavior::Echo, None).await;
+    let log = log_path("tunneling", "dead");
+    let p = start(
+        tunnel_proxy(json!({"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}), &log),
+        mesh.cluster(srv.port(), true, json!({}), json!({})),
+    );
+    let mut c = TcpStream::connect(p.addr()).await.expect("connect");
+    echo(&mut c, b"first").await;
+    c.shutdown().await.expect("FIN");
+    assert!(read_to_end(&mut c).await.expect("clean end").is_empty());
+    srv.close_connections();
+    srv.wait_until(WAIT, "connections closed", |s| s.open_connections() == 0)
+        .await;
+    stat_is(&p, "cluster.connect_originate.upstream_cx_active", 0).await;
+    let mut c = TcpStream::connect(p.addr()).await.expect("connect");
+    echo(&mut c, b"second").await;
+    assert_eq!(srv.tls_connections(), 2);
+    stat_is(&p, "cluster.connect_originate.upstream_cx_http2_total", 2).await;
+}
+
+/// `max_requests` 1: a second concurrent tunnel overflows (the stream is
+/// refused by the pool, `upstream_rq_active_overflow`), its downstream
+/// connection closes; the first goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_limits_streams() {
+    let mesh = Mesh::new();
+    let srv = mesh.server(HboneProto::Http2, Behavior::Echo, None).await;
+    let log = log_path("tunneling", "overflow");
+    let p = start(
+        tunnel_proxy(json!({"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}), &log),
+        mesh.cluster(
+            srv.port(),
+            true,
+            json!({}),
+            json!({"circuit_breakers": {"thresholds": [{"max_requests": 1}]}}),
+        ),
+    );
+    let mut a = TcpStream::connect(p.addr()).await.expect("connect");
+    echo(&mut a, b"first").await;
+    let mut b = TcpStream::connect(p.addr()).await.expect("connect");
+    let _ = b.write_all(b"x").await;
+    let r = read_to_end(&mut b).await;
+    assert!(matches!(&r, Ok(v) if v.is_empty()) || r.is_err(), "{r:?}");
+    stat_is(
+        &p,
+        "cluster.connect_originate.upstream_rq_active_overflow",
+        1,
+    )
+    .await;
+    stat_is(
+        &p,
+        "cluster.connect_originate.upstream_cx_connect_attempts_exceeded",
+        1,
+    )
+    .await;
+    // The first stream waited for the connection being made.
+    stat_is(&p, "cluster.connect_originate.upstream_rq_pending_total", 1).await;
+    stat_is(&p, "cluster.connect_originate.upstream_rq_total", 1).await;
+    // As Envoy: a local close before connecting, attempts used up (URX,
+    // not UF).
+    let lines = p.log_lines(&log, 1).await;
+    assert_eq!(
+        lines[0],
+        format!("{} URX 0 0 connect_originate", srv.addr())
+    );
+    echo(&mut a, b"first again").await;
+    a.shutdown().await.expect("FIN");
+    assert!(read_to_end(&mut a).await.expect("clean end").is_empty());
+    assert_eq!(srv.seen().len(), 1);
 }
 
 /// Fields weir does not implement are refused with their path.
