@@ -318,6 +318,18 @@ impl TunnelPool {
         }
     }
 
+    /// Marks every connection closed (each closes when its last stream
+    /// ends).
+    fn close_all(&self) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in keys.values() {
+            for c in &slot.conns {
+                c.closed.store(true, Relaxed);
+                c.idle.notify_one();
+            }
+        }
+    }
+
     /// Closes the pool's connections to hosts not in `keep` (hosts that
     /// left the cluster): new streams no longer use them.
     pub fn retain_hosts(&self, keep: &std::collections::HashSet<SocketAddr>) {
@@ -332,6 +344,12 @@ impl TunnelPool {
             }
             stay
         });
+    }
+}
+
+impl Drop for TunnelPool {
+    fn drop(&mut self) {
+        self.close_all();
     }
 }
 
@@ -441,9 +459,19 @@ async fn connect_h2(
         max_uses: cluster.config.max_requests_per_connection,
     });
     let idle_timeout = cluster.config.idle_timeout;
-    let (cl, cn, k) = (cluster.clone(), c.clone(), key.clone());
+    let keepalive = h.keepalive_interval.map(|i| (i, h.keepalive_timeout));
+    let mut conn = conn;
+    let pings = keepalive.and_then(|_| conn.ping_pong());
+    // The task holds the cluster weakly: a replaced cluster's pool goes
+    // away with it (its idle connections close, busy ones when their last
+    // stream ends), as Envoy drains a cluster's pools on update.
+    let (cl, cn, k) = (Arc::downgrade(cluster), c.clone(), key.clone());
+    let active = cluster.stats.upstream_cx_active.clone();
+    let idle_c = cluster.stats.upstream_cx_idle_timeout.clone();
+    let breakers = cluster.breakers.clone();
     tokio::spawn(async move {
-        let idle = idle_close(&cl, &cn, idle_timeout);
+        let idle = idle_close(&cl, &cn, idle_timeout, &idle_c);
+        let alive = keepalive_pings(pings, keepalive);
         tokio::select! {
             r = conn => {
                 if let Err(e) = r {
@@ -451,17 +479,47 @@ async fn connect_h2(
                 }
             }
             () = idle => {}
+            () = alive => {
+                tracing::debug!("tunnel: http/2 keepalive ping timed out; closing");
+            }
         }
-        cl.tunnels.remove(&k, &cn);
-        cl.stats.upstream_cx_active.dec();
-        cl.breakers.default.connections.dec();
+        cn.closed.store(true, Relaxed);
+        if let Some(cl) = cl.upgrade() {
+            cl.tunnels.remove(&k, &cn);
+        }
+        active.dec();
+        breakers.default.connections.dec();
     });
     Ok(c)
 }
 
+/// `connection_keepalive`: a PING every interval; resolves when one is not
+/// answered within the timeout (Envoy's default 15 s when unset).
+async fn keepalive_pings(
+    pings: Option<h2::PingPong>,
+    keepalive: Option<(Duration, Option<Duration>)>,
+) {
+    let (Some(mut pp), Some((interval, timeout))) = (pings, keepalive) else {
+        return std::future::pending().await;
+    };
+    let timeout = timeout.unwrap_or(Duration::from_secs(15));
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+    }
+}
+
 /// Resolves when `c` must close: idle (no stream) for `timeout` (counted
-/// in `upstream_cx_idle_timeout`), or taken out of the pool while idle.
-async fn idle_close(cluster: &ClusterRuntime, c: &Conn, timeout: Option<Duration>) {
+/// in `idle_c`), or taken out of the pool (or its pool gone) while idle.
+async fn idle_close(
+    cluster: &std::sync::Weak<ClusterRuntime>,
+    c: &Conn,
+    timeout: Option<Duration>,
+    idle_c: &crate::stats::Counter,
+) {
     loop {
         if c.streams.load(Relaxed) > 0 {
             c.idle.notified().await;
@@ -479,6 +537,9 @@ async fn idle_close(cluster: &ClusterRuntime, c: &Conn, timeout: Option<Duration
             () = tokio::time::sleep(t) => {}
             () = c.idle.notified() => continue,
         }
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
         // Idle all along (no stream started meanwhile): take it out of the
         // pool under the lock, so no stream picks it while it closes.
         let keys = cluster
@@ -489,7 +550,7 @@ async fn idle_close(cluster: &ClusterRuntime, c: &Conn, timeout: Option<Duration
         if c.streams.load(Relaxed) == 0 && c.generation.load(Relaxed) == generation {
             c.closed.store(true, Relaxed);
             drop(keys);
-            cluster.stats.upstream_cx_idle_timeout.inc();
+            idle_c.inc();
             return;
         }
     }
