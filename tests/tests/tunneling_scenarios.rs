@@ -223,11 +223,11 @@ async fn connect_authority_headers_and_identity() {
     assert_eq!(s.authority, p.addr().to_string());
     assert_eq!(s.scheme, None, "{s:?}");
     assert_eq!(
-        s.headers.get("baggage").unwrap(),
+        s.headers.get("baggage").expect("baggage"),
         "k8s.namespace.name=default"
     );
     assert_eq!(
-        s.headers.get("x-local-port").unwrap(),
+        s.headers.get("x-local-port").expect("x-local-port"),
         &p.addr().port().to_string()
     );
     assert_eq!(srv.wait_end(0, WAIT).await, Ok(19));
@@ -301,8 +301,8 @@ async fn http1_connect_upstream() {
         let s = &srv.wait_seen(i + 1, WAIT).await[i];
         assert_eq!(s.method, "CONNECT");
         assert_eq!(s.authority, p.addr().to_string());
-        assert_eq!(s.headers.get("host").unwrap(), &p.addr().to_string());
-        assert_eq!(s.headers.get("x-tunnel").unwrap(), "h1");
+        assert_eq!(s.headers.get("host").expect("host"), &p.addr().to_string());
+        assert_eq!(s.headers.get("x-tunnel").expect("x-tunnel"), "h1");
         assert_eq!(srv.wait_end(i, WAIT).await, Ok(13));
     }
     // No reuse of an HTTP/1.1 tunnel connection.
