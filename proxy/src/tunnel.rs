@@ -316,6 +316,24 @@ impl TunnelPool {
         if let Some(slot) = keys.get_mut(key) {
             slot.conns.retain(|c| c.id != conn.id);
         }
+        Self::prune_locked(&mut keys, key);
+    }
+
+    /// Drops `key`'s entry once it has no connection and no stream waits
+    /// on its gate: destinations come and go (ORIGINAL_DST), the map does
+    /// not keep them.
+    fn prune(&self, key: &Key) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        Self::prune_locked(&mut keys, key);
+    }
+
+    fn prune_locked(keys: &mut HashMap<Key, Slot>, key: &Key) {
+        if keys
+            .get(key)
+            .is_some_and(|s| s.conns.is_empty() && Arc::strong_count(&s.gate) == 1)
+        {
+            keys.remove(key);
+        }
     }
 
     /// Marks every connection closed (each closes when its last stream
@@ -380,7 +398,11 @@ async fn h2_conn(
     // a connection that could not be made).
     if let Some((n, why)) = &*last {
         if *n > seen {
-            return Err(OpenError::Failed(why.clone()));
+            let why = why.clone();
+            drop(last);
+            drop(gate);
+            pool.prune(key);
+            return Err(OpenError::Failed(why));
         }
     }
     // Envoy's connection-pool rule: a new connection needs room under
@@ -402,6 +424,9 @@ async fn h2_conn(
         }
         Err(e) => {
             *last = Some((n, e.clone()));
+            drop(last);
+            drop(gate);
+            pool.prune(key);
             Err(OpenError::Failed(e))
         }
     }

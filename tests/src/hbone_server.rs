@@ -81,6 +81,8 @@ struct State {
     behavior: Behavior,
     /// Bumped by [`HboneServer::close_connections`].
     kill: tokio::sync::watch::Sender<u64>,
+    /// Bumped by [`HboneServer::freeze_connections`].
+    freeze: tokio::sync::watch::Sender<u64>,
 }
 
 /// A running HBONE server on `127.0.0.1:0`; stops accepting when dropped.
@@ -101,6 +103,7 @@ impl HboneServer {
             log: Arc::default(),
             behavior: opts.behavior,
             kill: tokio::sync::watch::Sender::new(0),
+            freeze: tokio::sync::watch::Sender::new(0),
         });
         let st = state.clone();
         let (proto, max_streams) = (opts.proto, opts.max_concurrent_streams);
@@ -142,6 +145,12 @@ impl HboneServer {
     /// went away), failing their streams.
     pub fn close_connections(&self) {
         self.state.kill.send_modify(|n| *n += 1);
+    }
+
+    /// Stops serving every open connection without closing it: nothing is
+    /// read or answered any more (PINGs included), as a peer that hangs.
+    pub fn freeze_connections(&self) {
+        self.state.freeze.send_modify(|n| *n += 1);
     }
 
     /// Answers requests for `authority` with `status` (no tunnel).
@@ -281,10 +290,17 @@ where
     };
     let mut kill = st.kill.subscribe();
     kill.borrow_and_update();
+    let mut freeze = st.freeze.subscribe();
+    freeze.borrow_and_update();
     loop {
         let r = tokio::select! {
             r = h2c.accept() => r,
             _ = kill.changed() => return,
+            _ = freeze.changed() => {
+                // Hold the connection, never poll it again, until killed.
+                let _ = kill.changed().await;
+                return;
+            }
         };
         let Some(Ok((req, mut respond))) = r else {
             break;

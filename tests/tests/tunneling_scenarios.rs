@@ -537,6 +537,34 @@ async fn idle_timeout_closes_the_pooled_connection() {
     assert_eq!(srv.tls_connections(), 2);
 }
 
+/// `connection_keepalive`: a peer that stops answering PINGs has its
+/// pooled connection closed after the timeout, and the tunnel on it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_closes_a_hung_connection() {
+    let mesh = Mesh::new();
+    let srv = mesh.server(HboneProto::Http2, Behavior::Echo, None).await;
+    let log = log_path("tunneling", "keepalive");
+    let mut cl = mesh.cluster(srv.port(), true, json!({}), json!({}));
+    cl["typed_extension_protocol_options"]
+        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+        ["http2_protocol_options"]["connection_keepalive"] =
+        json!({"interval": "0.2s", "timeout": "0.3s"});
+    let p = start(
+        tunnel_proxy(json!({"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}), &log),
+        cl,
+    );
+    let mut c = TcpStream::connect(p.addr()).await.expect("connect");
+    echo(&mut c, b"alive").await;
+    // PINGs answered: the idle tunnel stays up past several intervals.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    echo(&mut c, b"still alive").await;
+    srv.freeze_connections();
+    let r = read_to_end(&mut c).await;
+    assert!(matches!(&r, Ok(b) if b.is_empty()) || r.is_err(), "{r:?}");
+    stat_is(&p, "cluster.connect_originate.upstream_cx_active", 0).await;
+    srv.close_connections();
+}
+
 /// A server-first protocol through the tunnel, with the HBONE server
 /// forwarding to the authority (a TCP source that speaks first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
