@@ -910,4 +910,7 @@ static_resources:
         let e = translate(&with(cfg)).expect_err(cfg).to_string();
         assert!(e.contains(field), "{cfg}: {e}");
     }
+    // Fields newer than the protos weir reads are unknown fields.
+    let e = load(&with(r#"{hostname: "h:1", request_id_extension: {}}"#)).expect_err("unknown");
+    assert!(e.contains("request_id_extension"), "{e}");
 }
