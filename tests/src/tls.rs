@@ -1348,7 +1348,7 @@ fn server_config(opts: &TlsServerOptions, leaf: &Leaf) -> Arc<ServerConfig> {
 
 type KeyedConfig = (KeyAlg, Arc<ServerConfig>);
 
-struct ServerConfigs {
+pub(crate) struct ServerConfigs {
     default: KeyedConfig,
     by_sni: HashMap<String, KeyedConfig>,
     alt: Vec<KeyedConfig>,
@@ -1396,7 +1396,7 @@ impl ServerConfigs {
 }
 
 /// Runs the server side of a handshake, recording it in `log`.
-async fn accept_tls(
+pub(crate) async fn accept_tls(
     stream: TcpStream,
     peer: SocketAddr,
     configs: &ServerConfigs,
@@ -1505,7 +1505,7 @@ fn tls_headers(rec: &TlsConnRecord) -> Vec<(&'static str, String)> {
     h
 }
 
-async fn bind_tls(
+pub(crate) async fn bind_tls(
     opts: &TlsServerOptions,
 ) -> std::io::Result<(TcpListener, SocketAddr, Arc<ServerConfigs>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;

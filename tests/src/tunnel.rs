@@ -123,6 +123,17 @@ pub struct H2Tunnel {
 }
 
 impl H2Tunnel {
+    /// A tunnel over a stream's two halves (a client's request stream and
+    /// response body, or a server's response stream and request body).
+    pub fn from_parts(tx: h2::SendStream<Bytes>, rx: h2::RecvStream) -> H2Tunnel {
+        H2Tunnel {
+            tx,
+            rx,
+            pending: Bytes::new(),
+            wrote_eos: false,
+        }
+    }
+
     /// Resets the stream (RST_STREAM CANCEL).
     pub fn reset(&mut self) {
         self.tx.send_reset(h2::Reason::CANCEL);

@@ -125,7 +125,12 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &[
         "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "downstream_idle_timeout",
         "upstream_idle_timeout", "access_log", "max_connect_attempts", "max_downstream_connection_duration",
-        "hash_policy",
+        "hash_policy", "tunneling_config",
+    ]),
+    // `propagate_response_*` are value-checked: only `false` is accepted.
+    ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TunnelingConfig", &[
+        "hostname", "use_post", "post_path", "headers_to_add", "propagate_response_headers",
+        "propagate_response_trailers",
     ]),
     ("envoy.type.v3.HashPolicy", &["source_ip", "filter_state"]),
     ("envoy.type.v3.HashPolicy.SourceIp", &[]),

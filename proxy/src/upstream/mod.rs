@@ -777,6 +777,9 @@ pub struct ClusterRuntime {
     /// Connection pools per worker shard, protocol and routing priority
     /// (index `priority * 2 + protocol`).
     pools: Box<[[OnceLock<Arc<Client>>; 4]]>,
+    /// HTTP/2 tunnel connections of `tcp_proxy` `tunneling_config` (one
+    /// pool for every worker, see `crate::tunnel`).
+    pub tunnels: crate::tunnel::TunnelPool,
     /// TLS contexts for `transport_socket` (index 0) and each
     /// `transport_socket_matches` entry (1..); `None` = plaintext.
     transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
@@ -967,6 +970,7 @@ impl ClusterRuntime {
             pools: (0..workers + 1)
                 .map(|_| std::array::from_fn(|_| OnceLock::new()))
                 .collect(),
+            tunnels: Default::default(),
             transports,
             _pass_through: pass_through,
             table_gauges,
@@ -1073,6 +1077,7 @@ impl ClusterRuntime {
     /// hosts that left close.
     pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
         let keep: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+        self.tunnels.retain_hosts(&keep);
         for slots in self.pools.iter() {
             for slot in slots {
                 if let Some(p) = slot.get() {
