@@ -72,6 +72,9 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// A listener filter restored `local` (an ORIGINAL_DST cluster's last
+    /// source of a destination).
+    pub local_restored: bool,
     pub id: u64,
     pub scheme: &'static str,
     /// The socket's own peer (differs from `peer` after PROXY protocol).
@@ -936,6 +939,8 @@ async fn pipeline(
                 },
                 request_observer,
                 proxy_source: ctx.proxy_source.clone(),
+                conn_state: ctx.downstream.as_deref().map(|d| &d.filter_state),
+                restored_local: ctx.local_restored.then_some(ctx.local),
                 mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
                 buffered: buffered.take(),
                 keep_request: None,
