@@ -22,8 +22,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir_tests::config::{
-    bootstrap, chain, file_log, filter, h2_upstream, hcm, log_path, route, tcp_proxy, vhost,
-    wait_stat, UPSTREAM_TLS,
+    bootstrap, chain, file_log, filter, h2_upstream, hcm, log_path, route, stat_is, tcp_proxy,
+    vhost, wait_stat, UPSTREAM_TLS,
 };
 use weir_tests::scenario::{Proxy, StartOptions, Target};
 use weir_tests::tls::{LeafSpec, TestCa, TlsServerOptions};
@@ -516,4 +516,201 @@ async fn bad_configs_are_rejected() {
             assert!(msg.contains(path) && msg.contains(text), "{msg}");
         }
     }
+}
+
+/// A PROXY protocol v2 header (TCP4) from 10.1.1.1:4000 to `dst` with
+/// `tlvs`.
+fn pp_v2(dst: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut body = vec![10, 1, 1, 1];
+    match dst.ip() {
+        IpAddr::V4(v) => body.extend_from_slice(&v.octets()),
+        IpAddr::V6(_) => panic!("v4 only"),
+    }
+    body.extend_from_slice(&4000u16.to_be_bytes());
+    body.extend_from_slice(&dst.port().to_be_bytes());
+    for (t, v) in tlvs {
+        body.push(*t);
+        body.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        body.extend_from_slice(v);
+    }
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11]);
+    h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    h.extend_from_slice(&body);
+    h
+}
+
+/// `metadata_key`: a string in the connection's dynamic metadata (here a
+/// PROXY protocol TLV the listener filter's `rules` store) names the
+/// destination for `tcp_proxy`, before the restored local address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_key_names_the_destination() {
+    let (_a, _b, port) = upstream_pair(Proto::Http1).await;
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener_at(
+                "l",
+                ip(1),
+                ports.listen,
+                vec![chain(vec![tcp_proxy("odtcp", "od", json!({}))])],
+                json!({"listener_filters": [{
+                    "name": "envoy.filters.listener.proxy_protocol",
+                    "typed_config": {"@type": PROXY_PROTOCOL, "rules": [
+                        {"tlv_type": 224, "on_tlv_present": {"metadata_namespace": "od", "key": "dst"}},
+                    ]},
+                }]}),
+            )],
+            vec![od_cluster(
+                json!({"metadata_key": {"key": "od", "path": [{"key": "dst"}]}}),
+                json!({}),
+            )],
+        )
+    });
+    let l = at(&p, ip(1), false);
+    let t3 = format!("127.0.0.3:{port}");
+    // The TLV wins over the restored local address (127.0.0.2).
+    let hdr = pp_v2(SocketAddr::new(ip(2), port), &[(224, t3.as_bytes())]);
+    let (status, body) = get(l, &hdr, &[]).await;
+    assert_eq!((status, upstream_of(&body).as_str()), (200, "up3"), "{body}");
+    // Without the TLV the restored local address decides.
+    let hdr = pp_v2(SocketAddr::new(ip(2), port), &[]);
+    let (status, body) = get(l, &hdr, &[]).await;
+    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
+    // Not `ip:port`: counted, then the local address.
+    let hdr = pp_v2(SocketAddr::new(ip(2), port), &[(224, b"nope")]);
+    let (status, body) = get(l, &hdr, &[]).await;
+    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
+    assert_eq!(p.stat("cluster.od.original_dst_host_invalid").await, Some(1));
+}
+
+/// CONNECT termination (the HBONE shape) to an ORIGINAL_DST cluster: the
+/// HTTP `set_filter_state` turns the CONNECT authority into the
+/// destination; the tunnel reaches that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_to_the_authority() {
+    let (_a, _b, port) = upstream_pair(Proto::Http1).await;
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![http_sfs("%REQ(:AUTHORITY)%")],
+            vec![json!({"name": "vh", "domains": ["*"], "routes": [{
+                "match": {"connect_matcher": {}},
+                "route": {"cluster": "od", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+            }]})],
+            json!({"upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                   "http2_protocol_options": {"allow_connect": true}}),
+        );
+        bootstrap(
+            ports,
+            vec![listener_at("l", ip(1), ports.listen, vec![chain(vec![h])], json!({}))],
+            vec![od_cluster(json!({}), json!({}))],
+        )
+    });
+    let c = weir_tests::tunnel::H2Conn::h2c(at(&p, ip(1), false))
+        .await
+        .expect("h2c");
+    for (last, want) in [(3, "up3"), (2, "up2")] {
+        let mut o = c
+            .connect(&format!("127.0.0.{last}:{port}"), &[])
+            .await
+            .expect("CONNECT");
+        assert_eq!(o.status, 200);
+        o.stream
+            .write_all(b"GET /t HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let got = tokio::time::timeout(WAIT, o.stream.read_all(1 << 16))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&got);
+        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        assert_eq!(upstream_of(body), want, "{text}");
+    }
+}
+
+/// Circuit breakers apply to ORIGINAL_DST hosts: at `max_connections`
+/// tcp_proxy closes the next connection (`upstream_cx_overflow`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_apply() {
+    let (_a, _b, port) = upstream_pair(Proto::Http1).await;
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener_at(
+                "l",
+                ip(2),
+                ports.listen,
+                vec![chain(vec![
+                    net_sfs("%DOWNSTREAM_LOCAL_ADDRESS%"),
+                    tcp_proxy("odtcp", "od", json!({})),
+                ])],
+                json!({}),
+            )],
+            vec![od_cluster(
+                json!({"upstream_port_override": port}),
+                json!({"circuit_breakers": {"thresholds": [{"max_connections": 1}]}}),
+            )],
+        )
+    });
+    let l = at(&p, ip(2), false);
+    let mut held = tokio::net::TcpStream::connect(l).await.expect("connect");
+    held.write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(WAIT, held.read(&mut buf))
+        .await
+        .expect("answer")
+        .expect("read");
+    assert!(n > 0);
+    let (status, _) = get(l, b"", &[]).await;
+    assert_eq!(status, 0, "the second connection is closed");
+    assert_eq!(p.stat("cluster.od.upstream_cx_overflow").await, Some(1));
+    drop(held);
+}
+
+/// Active health checks and outlier detection are accepted, as Envoy:
+/// hosts made on demand are checked once the cluster knows them, and their
+/// health does not decide the pick (the destination does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_run_on_made_hosts() {
+    let (_a, _b, port) = upstream_pair(Proto::Http1).await;
+    let log = log_path("original_dst", "hc");
+    let h = od_hcm(vec![], &log);
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener_at("l", ip(1), ports.listen, vec![chain(vec![h.clone()])], json!({}))],
+            vec![od_cluster(
+                json!({"use_http_header": true}),
+                json!({
+                    "health_checks": [{"timeout": "1s", "interval": "0.2s",
+                        "unhealthy_threshold": 1, "healthy_threshold": 1,
+                        "http_health_check": {"path": "/healthz"}}],
+                    "outlier_detection": {"consecutive_5xx": 1, "max_ejection_percent": 100},
+                }),
+            )],
+        )
+    });
+    let l = at(&p, ip(1), false);
+    let t2 = format!("127.0.0.2:{port}");
+    assert_eq!(p.stat("cluster.od.health_check.attempt").await, Some(0));
+    let (status, body) = get(l, b"", &[("x-envoy-original-dst-host", &t2)]).await;
+    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
+    let n = wait_stat(&p, "cluster.od.health_check.success", |v| v.unwrap_or(0) > 0).await;
+    assert!(n.unwrap_or(0) > 0, "{n:?}");
+    // A 5xx ejects the host, which is still picked (ORIGINAL_DST looks at
+    // the destination only).
+    let (status, _) = get(
+        l,
+        b"",
+        &[("x-envoy-original-dst-host", &t2), ("x-echo-status", "503")],
+    )
+    .await;
+    assert_eq!(status, 503);
+    stat_is(&p, "cluster.od.outlier_detection.ejections_active", 1).await;
+    let (status, body) = get(l, b"", &[("x-envoy-original-dst-host", &t2)]).await;
+    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
 }
