@@ -177,8 +177,7 @@ impl TcpRuntime {
                     headers: None,
                     restored_local: meta.local_restored.then_some(meta.dst),
                 })
-            } else if !cluster.config.lb_hash_policy.is_empty() && cluster.config.lb.is_hash()
-            {
+            } else if !cluster.config.lb_hash_policy.is_empty() && cluster.config.lb.is_hash() {
                 let h = crate::upstream::hash_lb::request_hash(
                     &cluster.config.lb_hash_policy,
                     &http::HeaderMap::new(),

@@ -198,7 +198,10 @@ async fn restored_local_address_with_port_override() {
                     "typed_config": {"@type": PROXY_PROTOCOL, "allow_requests_without_proxy_protocol": true},
                 }]}),
             )],
-            vec![od_cluster(json!({"upstream_port_override": port}), json!({}))],
+            vec![od_cluster(
+                json!({"upstream_port_override": port}),
+                json!({}),
+            )],
         )
     });
     let l = at(&p, ip(1), false);
@@ -225,7 +228,10 @@ async fn restored_local_address_with_port_override() {
         let host = format!("od::127.0.0.{last}:{port}::hostname::od127.0.0.{last}:{port}");
         assert!(c.contains(&host), "{c:#?}");
     }
-    assert_eq!(wait_stat(&p, "cluster.od.membership_total", |v| v == Some(2)).await, Some(2));
+    assert_eq!(
+        wait_stat(&p, "cluster.od.membership_total", |v| v == Some(2)).await,
+        Some(2)
+    );
 }
 
 /// Listeners on two loopback addresses whose network `set_filter_state`
@@ -242,23 +248,43 @@ async fn loopback_listeners_name_their_address_in_filter_state() {
             ports,
             vec![
                 // HTTP on 127.0.0.2, tcp_proxy on 127.0.0.3.
-                listener_at("l", ip(2), ports.listen, vec![chain(vec![sfs.clone(), h.clone()])], json!({})),
+                listener_at(
+                    "l",
+                    ip(2),
+                    ports.listen,
+                    vec![chain(vec![sfs.clone(), h.clone()])],
+                    json!({}),
+                ),
                 listener_at(
                     "l2",
                     ip(3),
                     ports.listen2,
-                    vec![chain(vec![sfs.clone(), tcp_proxy("odtcp", "od", json!({}))])],
+                    vec![chain(vec![
+                        sfs.clone(),
+                        tcp_proxy("odtcp", "od", json!({})),
+                    ])],
                     json!({}),
                 ),
             ],
-            vec![od_cluster(json!({"upstream_port_override": port}), json!({}))],
+            vec![od_cluster(
+                json!({"upstream_port_override": port}),
+                json!({}),
+            )],
         )
     });
     let (status, body) = get(at(&p, ip(2), false), b"", &[]).await;
-    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "up2"),
+        "{body}"
+    );
     // tcp_proxy: the raw HTTP request goes through to 127.0.0.3.
     let (status, body) = get(at(&p, ip(3), true), b"", &[]).await;
-    assert_eq!((status, upstream_of(&body).as_str()), (200, "up3"), "{body}");
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "up3"),
+        "{body}"
+    );
     assert_eq!(p.stat("tcp.odtcp.downstream_cx_total").await, Some(1));
     let lines = p.log_lines(&log, 1).await;
     assert_eq!(lines, vec![format!("200 - 127.0.0.2:{port}")]);
@@ -276,14 +302,21 @@ async fn http_filter_state_then_header() {
     let p = Proxy::start(move |ports| {
         bootstrap(
             ports,
-            vec![listener_at("l", ip(1), ports.listen, vec![chain(vec![h.clone()])], json!({}))],
+            vec![listener_at(
+                "l",
+                ip(1),
+                ports.listen,
+                vec![chain(vec![h.clone()])],
+                json!({}),
+            )],
             vec![od_cluster(json!({"use_http_header": true}), json!({}))],
         )
     });
     let l = at(&p, ip(1), false);
     let t2 = format!("127.0.0.2:{port}");
     let t3 = format!("127.0.0.3:{port}");
-    let cases: Vec<(Vec<(&str, &str)>, u16, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (vec![("x-envoy-original-dst-host", &t2)], 200, "up2"),
         (vec![("x-target", &t3)], 200, "up3"),
         // Filter state wins over the header.
@@ -298,14 +331,25 @@ async fn http_filter_state_then_header() {
             200,
             "up2",
         ),
-        (vec![("x-envoy-original-dst-host", "not-an-address")], 503, ""),
+        (
+            vec![("x-envoy-original-dst-host", "not-an-address")],
+            503,
+            "",
+        ),
         (vec![], 503, ""),
     ];
     for (headers, status, up) in &cases {
         let (s, body) = get(l, b"", headers).await;
-        assert_eq!((s, upstream_of(&body).as_str()), (*status, *up), "{headers:?}: {body}");
+        assert_eq!(
+            (s, upstream_of(&body).as_str()),
+            (*status, *up),
+            "{headers:?}: {body}"
+        );
     }
-    assert_eq!(p.stat("cluster.od.original_dst_host_invalid").await, Some(1));
+    assert_eq!(
+        p.stat("cluster.od.original_dst_host_invalid").await,
+        Some(1)
+    );
     let lines = p.log_lines(&log, cases.len()).await;
     assert_eq!(lines.last().map(String::as_str), Some("503 UH -"));
 }
@@ -357,7 +401,13 @@ async fn tls_origination_checks_each_destinations_san() {
         }});
         bootstrap(
             ports,
-            vec![listener_at("l", ip(1), ports.listen, vec![chain(vec![h.clone()])], json!({}))],
+            vec![listener_at(
+                "l",
+                ip(1),
+                ports.listen,
+                vec![chain(vec![h.clone()])],
+                json!({}),
+            )],
             vec![od_cluster(
                 json!({"use_http_header": true}),
                 h2_upstream(json!({"transport_socket": tls})),
@@ -365,16 +415,32 @@ async fn tls_origination_checks_each_destinations_san() {
         )
     });
     let l = at(&p, ip(1), false);
-    let (status, body) = get(l, b"", &[("x-envoy-original-dst-host", &format!("127.0.0.2:{port}"))]).await;
+    let (status, body) = get(
+        l,
+        b"",
+        &[("x-envoy-original-dst-host", &format!("127.0.0.2:{port}"))],
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let v: EchoView = serde_json::from_str(&body).expect("echo");
-    assert_eq!((v.upstream.as_str(), v.version.as_str()), ("tls2", "HTTP/2.0"));
-    let (status, _) = get(l, b"", &[("x-envoy-original-dst-host", &format!("127.0.0.3:{port}"))]).await;
+    assert_eq!(
+        (v.upstream.as_str(), v.version.as_str()),
+        ("tls2", "HTTP/2.0")
+    );
+    let (status, _) = get(
+        l,
+        b"",
+        &[("x-envoy-original-dst-host", &format!("127.0.0.3:{port}"))],
+    )
+    .await;
     assert_eq!(status, 503);
     let lines = p.log_lines(&log, 2).await;
     assert_eq!(
         lines,
-        vec![format!("200 - 127.0.0.2:{port}"), format!("503 UF 127.0.0.3:{port}")]
+        vec![
+            format!("200 - 127.0.0.2:{port}"),
+            format!("503 UF 127.0.0.3:{port}")
+        ]
     );
     assert_eq!(
         a.0.last_connection().and_then(|r| r.sni).as_deref(),
@@ -395,12 +461,21 @@ async fn unused_hosts_are_cleaned_up() {
         bootstrap(
             ports,
             vec![
-                listener_at("l", ip(2), ports.listen, vec![chain(vec![sfs.clone(), h.clone()])], json!({})),
+                listener_at(
+                    "l",
+                    ip(2),
+                    ports.listen,
+                    vec![chain(vec![sfs.clone(), h.clone()])],
+                    json!({}),
+                ),
                 listener_at(
                     "l2",
                     ip(3),
                     ports.listen2,
-                    vec![chain(vec![sfs.clone(), tcp_proxy("odtcp", "od", json!({}))])],
+                    vec![chain(vec![
+                        sfs.clone(),
+                        tcp_proxy("odtcp", "od", json!({})),
+                    ])],
                     json!({}),
                 ),
             ],
@@ -482,7 +557,10 @@ async fn bad_configs_are_rejected() {
             "cluster provided LB specified but cluster 'od' did not provide one",
         ),
         (
-            od_cluster(json!({}), json!({"load_assignment": {"cluster_name": "od"}})),
+            od_cluster(
+                json!({}),
+                json!({"load_assignment": {"cluster_name": "od"}}),
+            ),
             "static_resources.clusters[0].load_assignment",
             "ORIGINAL_DST clusters must have no load assignment configured",
         ),
@@ -572,16 +650,31 @@ async fn metadata_key_names_the_destination() {
     // The TLV wins over the restored local address (127.0.0.2).
     let hdr = pp_v2(SocketAddr::new(ip(2), port), &[(224, t3.as_bytes())]);
     let (status, body) = get(l, &hdr, &[]).await;
-    assert_eq!((status, upstream_of(&body).as_str()), (200, "up3"), "{body}");
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "up3"),
+        "{body}"
+    );
     // Without the TLV the restored local address decides.
     let hdr = pp_v2(SocketAddr::new(ip(2), port), &[]);
     let (status, body) = get(l, &hdr, &[]).await;
-    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "up2"),
+        "{body}"
+    );
     // Not `ip:port`: counted, then the local address.
     let hdr = pp_v2(SocketAddr::new(ip(2), port), &[(224, b"nope")]);
     let (status, body) = get(l, &hdr, &[]).await;
-    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
-    assert_eq!(p.stat("cluster.od.original_dst_host_invalid").await, Some(1));
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "up2"),
+        "{body}"
+    );
+    assert_eq!(
+        p.stat("cluster.od.original_dst_host_invalid").await,
+        Some(1)
+    );
 }
 
 /// CONNECT termination (the HBONE shape) to an ORIGINAL_DST cluster: the
@@ -603,7 +696,13 @@ async fn connect_tunnels_to_the_authority() {
         );
         bootstrap(
             ports,
-            vec![listener_at("l", ip(1), ports.listen, vec![chain(vec![h])], json!({}))],
+            vec![listener_at(
+                "l",
+                ip(1),
+                ports.listen,
+                vec![chain(vec![h])],
+                json!({}),
+            )],
             vec![od_cluster(json!({}), json!({}))],
         )
     });
@@ -682,7 +781,13 @@ async fn health_checks_run_on_made_hosts() {
     let p = Proxy::start(move |ports| {
         bootstrap(
             ports,
-            vec![listener_at("l", ip(1), ports.listen, vec![chain(vec![h.clone()])], json!({}))],
+            vec![listener_at(
+                "l",
+                ip(1),
+                ports.listen,
+                vec![chain(vec![h.clone()])],
+                json!({}),
+            )],
             vec![od_cluster(
                 json!({"use_http_header": true}),
                 json!({
@@ -698,8 +803,15 @@ async fn health_checks_run_on_made_hosts() {
     let t2 = format!("127.0.0.2:{port}");
     assert_eq!(p.stat("cluster.od.health_check.attempt").await, Some(0));
     let (status, body) = get(l, b"", &[("x-envoy-original-dst-host", &t2)]).await;
-    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
-    let n = wait_stat(&p, "cluster.od.health_check.success", |v| v.unwrap_or(0) > 0).await;
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "up2"),
+        "{body}"
+    );
+    let n = wait_stat(&p, "cluster.od.health_check.success", |v| {
+        v.unwrap_or(0) > 0
+    })
+    .await;
     assert!(n.unwrap_or(0) > 0, "{n:?}");
     // A 5xx ejects the host, which is still picked (ORIGINAL_DST looks at
     // the destination only).
@@ -712,5 +824,9 @@ async fn health_checks_run_on_made_hosts() {
     assert_eq!(status, 503);
     stat_is(&p, "cluster.od.outlier_detection.ejections_active", 1).await;
     let (status, body) = get(l, b"", &[("x-envoy-original-dst-host", &t2)]).await;
-    assert_eq!((status, upstream_of(&body).as_str()), (200, "up2"), "{body}");
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "up2"),
+        "{body}"
+    );
 }

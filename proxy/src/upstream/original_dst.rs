@@ -94,8 +94,8 @@ impl OriginalDstHosts {
                 fs.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_ADDRESS)
             })
             .map(|a| a.0)
-            .or_else(|| self.from_metadata(inputs))
-            .or_else(|| self.from_header(inputs))
+            .or_else(|| self.metadata_host(inputs))
+            .or_else(|| self.header_host(inputs))
             .or(inputs.restored_local)?;
         if let Some(p) = self.config.port_override {
             dst.set_port(p);
@@ -105,7 +105,7 @@ impl OriginalDstHosts {
 
     /// `metadata_key`: the first stream info (request, then connection)
     /// whose value there is a string (a list counts by its first entry).
-    fn from_metadata(&self, inputs: &DstInputs<'_>) -> Option<SocketAddr> {
+    fn metadata_host(&self, inputs: &DstInputs<'_>) -> Option<SocketAddr> {
         let (ns, path) = self.config.metadata_key.as_ref()?;
         let path: Vec<&str> = path.iter().map(String::as_str).collect();
         let value = inputs.metadata.iter().flatten().find_map(|m| {
@@ -120,7 +120,7 @@ impl OriginalDstHosts {
     }
 
     /// `use_http_header`: the header's first value.
-    fn from_header(&self, inputs: &DstInputs<'_>) -> Option<SocketAddr> {
+    fn header_host(&self, inputs: &DstInputs<'_>) -> Option<SocketAddr> {
         let name = self.config.header.as_ref()?;
         let v = inputs.headers?.get(name)?;
         self.parse(&String::from_utf8_lossy(v.as_bytes()))
@@ -316,25 +316,30 @@ mod tests {
         let mut fs = filters::FilterState::default();
         fs.set(
             filters::state::ORIGINAL_DST_ADDRESS,
-            Arc::new(filters::AddressObject("127.0.0.9:9".parse().unwrap())),
+            Arc::new(filters::AddressObject(
+                "127.0.0.9:9".parse().expect("test value"),
+            )),
             Default::default(),
         )
-        .unwrap();
+        .expect("test value");
         let mut md = filters::DynamicMetadata::default();
         md.namespace_mut("ns").insert(
             "k".into(),
             serde_json::json!(["127.0.0.8:8", "127.0.0.7:7"]),
         );
         let mut h = http::HeaderMap::new();
-        h.insert("x-envoy-original-dst-host", "127.0.0.6:6".parse().unwrap());
-        let local = Some("127.0.0.5:5".parse().unwrap());
+        h.insert(
+            "x-envoy-original-dst-host",
+            "127.0.0.6:6".parse().expect("test value"),
+        );
+        let local = Some("127.0.0.5:5".parse().expect("test value"));
         let all = DstInputs {
             filter_state: [None, Some(&fs)],
             metadata: [None, Some(&md)],
             headers: Some(&h),
             restored_local: local,
         };
-        let a = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        let a = |s: &str| Some(s.parse::<SocketAddr>().expect("test value"));
         assert_eq!(od.destination(&all), a("127.0.0.9:9"));
         let no_fs = DstInputs {
             filter_state: [None, None],
@@ -348,7 +353,10 @@ mod tests {
         assert_eq!(od.destination(&no_md), a("127.0.0.6:6"));
         // An invalid header is counted and skipped.
         let mut bad = http::HeaderMap::new();
-        bad.insert("x-envoy-original-dst-host", "nope".parse().unwrap());
+        bad.insert(
+            "x-envoy-original-dst-host",
+            "nope".parse().expect("test value"),
+        );
         let bad_h = DstInputs {
             headers: Some(&bad),
             ..no_md
@@ -370,7 +378,7 @@ mod tests {
     #[test]
     fn hosts_are_shared_and_cleaned_up_after_an_unused_round() {
         let od = hosts(cfg());
-        let a: SocketAddr = "127.0.0.2:80".parse().unwrap();
+        let a: SocketAddr = "127.0.0.2:80".parse().expect("test value");
         let (h1, made) = od.host(a);
         assert!(made);
         assert_eq!(h1.hostname, "od127.0.0.2:80");
