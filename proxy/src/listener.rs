@@ -728,6 +728,7 @@ async fn connection(
                 sni: meta.sni.clone(),
                 local: meta.dst,
                 local_restored: meta.local_restored,
+                metadata: std::mem::take(&mut meta.metadata),
                 id,
                 scheme: if tls.is_some() { "https" } else { "http" },
                 tls,

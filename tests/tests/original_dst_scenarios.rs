@@ -620,10 +620,22 @@ fn pp_v2(dst: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
 
 /// `metadata_key`: a string in the connection's dynamic metadata (here a
 /// PROXY protocol TLV the listener filter's `rules` store) names the
-/// destination for `tcp_proxy`, before the restored local address.
+/// destination, before the restored local address, for `tcp_proxy` and
+/// for HTTP (Envoy reads the connection's metadata after the request's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_key_names_the_destination() {
+    metadata_key_case(false).await;
+    metadata_key_case(true).await;
+}
+
+async fn metadata_key_case(http: bool) {
     let (_a, _b, port) = upstream_pair(Proto::Http1).await;
+    let log = log_path("original_dst", "metadata");
+    let network = if http {
+        od_hcm(vec![], &log)
+    } else {
+        tcp_proxy("odtcp", "od", json!({}))
+    };
     let p = Proxy::start(move |ports| {
         bootstrap(
             ports,
@@ -631,7 +643,7 @@ async fn metadata_key_names_the_destination() {
                 "l",
                 ip(1),
                 ports.listen,
-                vec![chain(vec![tcp_proxy("odtcp", "od", json!({}))])],
+                vec![chain(vec![network.clone()])],
                 json!({"listener_filters": [{
                     "name": "envoy.filters.listener.proxy_protocol",
                     "typed_config": {"@type": PROXY_PROTOCOL, "rules": [

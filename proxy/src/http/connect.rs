@@ -91,7 +91,7 @@ pub(super) async fn terminate(
                 Some(&info.filter_state),
                 ctx.downstream.as_deref().map(|d| &d.filter_state),
             ],
-            metadata: [Some(&info.dynamic_metadata), None],
+            metadata: [Some(&info.dynamic_metadata), Some(&ctx.metadata)],
             headers: Some(&parts.headers),
             restored_local: ctx.local_restored.then_some(ctx.local),
         });

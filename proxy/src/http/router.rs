@@ -57,6 +57,9 @@ pub struct Forward<'a> {
     pub conn_state: Option<&'a filters::FilterState>,
     /// The connection's local address when a listener filter restored it.
     pub restored_local: Option<std::net::SocketAddr>,
+    /// The connection's dynamic metadata, for an ORIGINAL_DST cluster's
+    /// `metadata_key`.
+    pub conn_metadata: Option<&'a filters::DynamicMetadata>,
 }
 
 /// The route's `request_mirror_policies` that fire for this request: the
@@ -695,7 +698,7 @@ pub async fn forward(
     if let Some(od) = &cluster.original_dst {
         overrides.original_dst = od.destination(&crate::upstream::original_dst::DstInputs {
             filter_state: [Some(&info.filter_state), f.conn_state],
-            metadata: [Some(&info.dynamic_metadata), None],
+            metadata: [Some(&info.dynamic_metadata), f.conn_metadata],
             headers: Some(&parts.headers),
             restored_local: f.restored_local,
         });
