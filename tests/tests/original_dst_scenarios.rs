@@ -842,3 +842,59 @@ async fn health_checks_run_on_made_hosts() {
         "{body}"
     );
 }
+
+/// A request mirrored to an ORIGINAL_DST cluster goes where its headers
+/// say (`use_http_header`): the shadow reaches 127.0.0.3 while the request
+/// itself is answered by the route's cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_follows_the_header() {
+    let (_a, b, port) = upstream_pair(Proto::Http1).await;
+    let main = weir_tests::upstream::http1("main").await.expect("main");
+    let main_port = main.port();
+    let p = Proxy::start(move |ports| {
+        let h = hcm(
+            "ingress",
+            vec![],
+            vec![vhost(
+                "vh",
+                vec![route(
+                    "/",
+                    "main",
+                    json!({"route": {"cluster": "main", "request_mirror_policies": [{"cluster": "od"}]}}),
+                )],
+                json!({}),
+            )],
+            json!({}),
+        );
+        bootstrap(
+            ports,
+            vec![listener_at(
+                "l",
+                ip(1),
+                ports.listen,
+                vec![chain(vec![h])],
+                json!({}),
+            )],
+            vec![
+                od_cluster(json!({"use_http_header": true}), json!({})),
+                weir_tests::config::cluster("main", &[main_port], json!({})),
+            ],
+        )
+    });
+    let t3 = format!("127.0.0.3:{port}");
+    let (status, body) = get(
+        at(&p, ip(1), false),
+        b"",
+        &[("x-envoy-original-dst-host", &t3)],
+    )
+    .await;
+    assert_eq!(
+        (status, upstream_of(&body).as_str()),
+        (200, "main"),
+        "{body}"
+    );
+    let seen = tokio::time::timeout(WAIT, b.wait_requests(1))
+        .await
+        .expect("the shadow arrives");
+    assert_eq!(seen[0].path, "/od");
+}
