@@ -232,6 +232,9 @@ async fn restored_local_address_with_port_override() {
         wait_stat(&p, "cluster.od.membership_total", |v| v == Some(2)).await,
         Some(2)
     );
+    assert_eq!(p.stat("cluster.od.membership_healthy").await, Some(2));
+    // Hosts made on demand are no discovery update.
+    assert_eq!(p.stat("cluster.od.update_success").await, Some(0));
 }
 
 /// Listeners on two loopback addresses whose network `set_filter_state`

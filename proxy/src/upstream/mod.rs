@@ -1103,6 +1103,7 @@ impl ClusterRuntime {
             }
         }
         self.replace_hosts(hosts);
+        self.stats.update_success.inc();
     }
 
     /// Replaces the host set, leaving the pools alone (ORIGINAL_DST hosts
@@ -1135,7 +1136,6 @@ impl ClusterRuntime {
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
-        self.stats.update_success.inc();
     }
 
     /// Rebuilds the host set after an ejection or un-ejection (the same
