@@ -225,8 +225,16 @@ async fn restored_local_address_with_port_override() {
     );
     let c = od_clusters(&p).await;
     for last in [2, 3] {
-        let host = format!("od::127.0.0.{last}:{port}::hostname::od127.0.0.{last}:{port}");
-        assert!(c.contains(&host), "{c:#?}");
+        let h = format!("od::127.0.0.{last}:{port}");
+        for line in [
+            format!("{h}::hostname::od127.0.0.{last}:{port}"),
+            format!("{h}::health_flags::healthy"),
+            format!("{h}::weight::1"),
+            format!("{h}::priority::0"),
+            format!("{h}::rq_active::0"),
+        ] {
+            assert!(c.contains(&line), "{line}: {c:#?}");
+        }
     }
     assert_eq!(
         wait_stat(&p, "cluster.od.membership_total", |v| v == Some(2)).await,
