@@ -909,3 +909,38 @@ async fn mirror_follows_the_header() {
         .expect("the shadow arrives");
     assert_eq!(seen[0].path, "/od");
 }
+
+/// A pooled (idle, keep-alive) upstream connection keeps its host across
+/// cleanup rounds: only the cluster's idle timeout lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connection_keeps_its_host() {
+    let (_a, _b, port) = upstream_pair(Proto::Http1).await;
+    let log = log_path("original_dst", "pooled");
+    let h = od_hcm(vec![], &log);
+    let p = Proxy::start(move |ports| {
+        bootstrap(
+            ports,
+            vec![listener_at(
+                "l",
+                ip(2),
+                ports.listen,
+                vec![chain(vec![
+                    net_sfs("%DOWNSTREAM_LOCAL_ADDRESS%"),
+                    h.clone(),
+                ])],
+                json!({}),
+            )],
+            vec![od_cluster(
+                json!({"upstream_port_override": port}),
+                json!({"cleanup_interval": "0.3s"}),
+            )],
+        )
+    });
+    let (status, _) = get(at(&p, ip(2), false), b"", &[]).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let host = format!("od::127.0.0.2:{port}::hostname::od127.0.0.2:{port}");
+    let c = od_clusters(&p).await;
+    assert!(c.contains(&host), "{c:#?}");
+    assert_eq!(p.stat("cluster.od.membership_total").await, Some(1));
+}
