@@ -218,6 +218,9 @@ pub struct ConnMeta {
     /// Source and destination (PROXY protocol may replace the socket's).
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    /// A listener filter restored `dst` (Envoy's `localAddressRestored()`,
+    /// what an ORIGINAL_DST cluster connects to).
+    pub local_restored: bool,
     /// The socket's own peer address.
     pub direct_src: SocketAddr,
     /// Lower-cased SNI from tls_inspector.
@@ -430,6 +433,8 @@ async fn run_listener_filters(
                             if let Some((src, dst)) = h.addresses {
                                 meta.src = src;
                                 meta.dst = dst;
+                                // As Envoy's filter: `restoreLocalAddress`.
+                                meta.local_restored = true;
                             }
                             pp::apply_rules(&cfg.rules, &h.tlvs, &mut meta.metadata);
                             // Kept for an upstream PROXY protocol header as
@@ -608,6 +613,7 @@ async fn connection(
     let mut meta = ConnMeta {
         src: peer,
         dst: local,
+        local_restored: false,
         direct_src: peer,
         sni: None,
         transport: "raw_buffer",
@@ -689,7 +695,9 @@ async fn connection(
     }
     match &chain.network {
         NetworkRuntime::Http(hcm) => {
-            let downstream = (!hcm.chain.is_router_only()).then(|| {
+            // Also for a router-only chain when network filters left filter
+            // state (an ORIGINAL_DST cluster reads it).
+            let downstream = (!hcm.chain.is_router_only() || !conn_state.is_empty()).then(|| {
                 let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
                 Arc::new(filters::Downstream {
                     remote: meta.src,
@@ -719,6 +727,8 @@ async fn connection(
                 direct_peer: meta.direct_src,
                 sni: meta.sni.clone(),
                 local: meta.dst,
+                local_restored: meta.local_restored,
+                metadata: std::mem::take(&mut meta.metadata),
                 id,
                 scheme: if tls.is_some() { "https" } else { "http" },
                 tls,

@@ -175,8 +175,15 @@ impl TcpRuntime {
             // `source_ip` can yield a hash), else `hash_policy` source_ip:
             // the host of the downstream IP (Envoy's tcp_proxy retries it
             // as is).
-            let picked = if !cluster.config.lb_hash_policy.is_empty() && cluster.config.lb.is_hash()
-            {
+            let picked = if cluster.original_dst.is_some() {
+                // ORIGINAL_DST: the connection names its destination.
+                cluster.original_dst_host(&crate::upstream::original_dst::DstInputs {
+                    filter_state: [Some(conn_state), None],
+                    metadata: [Some(&info.dynamic_metadata), None],
+                    headers: None,
+                    restored_local: meta.local_restored.then_some(meta.dst),
+                })
+            } else if !cluster.config.lb_hash_policy.is_empty() && cluster.config.lb.is_hash() {
                 let h = crate::upstream::hash_lb::request_hash(
                     &cluster.config.lb_hash_policy,
                     &http::HeaderMap::new(),

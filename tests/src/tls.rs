@@ -1095,6 +1095,8 @@ pub struct TlsServerOptions {
     pub alpn: Vec<String>,
     pub client_auth: ClientAuth,
     pub versions: TlsVersions,
+    /// Where to listen (`127.0.0.1:0` by default).
+    pub bind: SocketAddr,
 }
 
 impl TlsServerOptions {
@@ -1110,7 +1112,14 @@ impl TlsServerOptions {
             alpn: vec!["h2".to_owned(), "http/1.1".to_owned()],
             client_auth: ClientAuth::None,
             versions: TlsVersions::Any,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
+    }
+
+    /// Listens on `addr` instead of `127.0.0.1:0`.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
     }
 
     pub fn alpn(mut self, protos: &[&str]) -> Self {
@@ -1508,7 +1517,7 @@ fn tls_headers(rec: &TlsConnRecord) -> Vec<(&'static str, String)> {
 pub(crate) async fn bind_tls(
     opts: &TlsServerOptions,
 ) -> std::io::Result<(TcpListener, SocketAddr, Arc<ServerConfigs>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = TcpListener::bind(opts.bind).await?;
     let addr = listener.local_addr()?;
     Ok((listener, addr, Arc::new(ServerConfigs::new(opts))))
 }

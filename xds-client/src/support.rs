@@ -718,7 +718,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "transport_socket", "transport_socket_matches", "max_requests_per_connection", "filters",
         "circuit_breakers", "upstream_connection_options", "outlier_detection",
         "ring_hash_lb_config", "maglev_lb_config", "load_balancing_policy", "health_checks",
-        "~cleanup_interval", "metadata", "~use_tcp_for_dns_lookups",
+        "cleanup_interval", "original_dst_lb_config", "metadata", "~use_tcp_for_dns_lookups",
     ]),
     // Active health checking (`upstream/health_check.rs`): HTTP/1.1 and
     // HTTP/2 GET, gRPC and TCP checks; no event logs, TLS options or alt_port.
@@ -780,6 +780,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", &["use_hostname_for_hashing", "hash_balance_factor"]),
     ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", &["minimum_ring_size", "maximum_ring_size", "hash_function"]),
     ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", &["table_size"]),
+    // ORIGINAL_DST clusters (`upstream/original_dst.rs`); ignored by other types, as Envoy.
+    ("envoy.config.cluster.v3.Cluster.OriginalDstLbConfig", &[
+        "use_http_header", "http_header_name", "upstream_port_override", "metadata_key",
+    ]),
     // `load_balancing_policy`: the first policy is used (Envoy uses the first
     // it knows; an extension weir lacks anywhere in the list is rejected).
     ("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"]),

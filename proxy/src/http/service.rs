@@ -72,6 +72,13 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// A listener filter restored `local` (an ORIGINAL_DST cluster's last
+    /// source of a destination).
+    pub local_restored: bool,
+    /// The connection's dynamic metadata (PROXY protocol `rules`): not a
+    /// stream's (which starts empty, as Envoy's), read by an ORIGINAL_DST
+    /// cluster's `metadata_key` after the request's.
+    pub metadata: filters::DynamicMetadata,
     pub id: u64,
     pub scheme: &'static str,
     /// The socket's own peer (differs from `peer` after PROXY protocol).
@@ -937,6 +944,9 @@ async fn pipeline(
                 },
                 request_observer,
                 proxy_source: ctx.proxy_source.clone(),
+                conn_state: ctx.downstream.as_deref().map(|d| &d.filter_state),
+                restored_local: ctx.local_restored.then_some(ctx.local),
+                conn_metadata: Some(&ctx.metadata),
                 mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
                 buffered: buffered.take(),
                 keep_request: None,

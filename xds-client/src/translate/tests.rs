@@ -913,4 +913,68 @@ static_resources:
     // Fields newer than the protos weir reads are unknown fields.
     let e = load(&with(r#"{hostname: "h:1", request_id_extension: {}}"#)).expect_err("unknown");
     assert!(e.contains("request_id_extension"), "{e}");
+/// Istio's `connect_originate` cluster shape: ORIGINAL_DST with its
+/// settings; Envoy's defaults when `original_dst_lb_config` is absent.
+#[test]
+fn original_dst_cluster_settings() {
+    let snap = translate(
+        r#"
+static_resources:
+  clusters:
+  - name: connect_originate
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+    cleanup_interval: 60s
+    original_dst_lb_config:
+      upstream_port_override: 15008
+      use_http_header: true
+      http_header_name: X-Dst
+      metadata_key: {key: ns, path: [{key: a}, {key: b}]}
+  - name: plain
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+  - name: static
+    connect_timeout: 1s
+    original_dst_lb_config: {use_http_header: true}
+"#,
+    )
+    .expect("valid");
+    let od = snap.clusters["connect_originate"]
+        .original_dst
+        .clone()
+        .expect("original_dst");
+    assert_eq!(od.cleanup_interval, std::time::Duration::from_secs(60));
+    assert_eq!(od.port_override, Some(15008));
+    assert_eq!(od.header.as_ref().map(|h| h.as_str()), Some("x-dst"));
+    assert_eq!(
+        od.metadata_key,
+        Some(("ns".to_owned(), vec!["a".to_owned(), "b".to_owned()]))
+    );
+    let plain = snap.clusters["plain"].original_dst.clone().expect("set");
+    assert_eq!(plain.cleanup_interval, std::time::Duration::from_secs(5));
+    assert_eq!((plain.header.is_none(), plain.port_override), (true, None));
+    // Other types ignore the settings, as Envoy.
+    assert!(snap.clusters["static"].original_dst.is_none());
+    let err = translate(
+        r#"
+static_resources:
+  clusters:
+  - name: od
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    original_dst_lb_config: {metadata_key: {key: ""}}
+    load_balancing_policy: {policies: [{typed_extension_config: {name: rr, typed_config: {"@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin}}}]}
+"#,
+    )
+    .expect_err("invalid")
+    .to_string();
+    for path in [
+        "clusters[0].original_dst_lb_config.metadata_key.key",
+        "clusters[0].original_dst_lb_config.metadata_key.path",
+        "clusters[0].load_balancing_policy",
+    ] {
+        assert!(err.contains(path), "{path}: {err}");
+    }
 }
