@@ -288,6 +288,10 @@ async fn exact_shape_tunnels_and_sets_filter_state() {
     let mut o = connect_z(&c, "10.96.1.201:9080").await;
     assert_eq!(o.status, 200);
     assert!(o.headers.get("content-length").is_none(), "{:?}", o.headers);
+    // `server_name`, a date, nothing else (as Envoy).
+    assert_eq!(o.headers.len(), 2, "{:?}", o.headers);
+    assert_eq!(o.headers["server"], "istio-envoy");
+    assert!(o.headers.contains_key("date"));
     echo_once(&mut o.stream, b"hello through hbone").await;
     o.stream.shutdown().await.expect("END_STREAM");
     let rest = tokio::time::timeout(WAIT, o.stream.read_all(64))
@@ -308,7 +312,8 @@ async fn exact_shape_tunnels_and_sets_filter_state() {
 /// The address objects and their string/typed forms: the remote address
 /// object is the client's address; `%FILTER_STATE(key)%` (typed) of an
 /// address object renders as Envoy does. A host name authority (valid
-/// CONNECT) tunnels but is no address, so `local_ip` is not set.
+/// CONNECT) tunnels but is no address, so `local_ip` is not set; a
+/// port with a `+` and leading zeros is one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn address_objects_in_the_access_log() {
     let m = mesh();
@@ -323,14 +328,19 @@ async fn address_objects_in_the_access_log() {
     ));
     let p = waypoint(&m, o);
     let (c, _) = m.client().connect(p.addr()).await.expect("HBONE");
-    for a in ["10.96.1.201:9080", "[fd00::1]:80", "reviews.app:9080"] {
+    for a in [
+        "10.96.1.201:9080",
+        "[fd00::1]:80",
+        "reviews.app:9080",
+        "10.0.0.1:+080",
+    ] {
         let mut o = connect_z(&c, a).await;
         assert_eq!(o.status, 200, "{a}");
         o.stream.shutdown().await.expect("END_STREAM");
         let _ = o.stream.read_all(64).await;
     }
-    let lines = p.log_lines(&path, 3).await;
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    let lines = p.log_lines(&path, 4).await;
+    assert_eq!(lines.len(), 4, "{lines:?}");
     let fields: Vec<Vec<&str>> = lines.iter().map(|l| l.split(' ').collect()).collect();
     for f in &fields {
         // remote_ip is the client's address, as DOWNSTREAM_REMOTE_ADDRESS.
@@ -343,6 +353,8 @@ async fn address_objects_in_the_access_log() {
     );
     assert_eq!(&fields[1][..3], &["[fd00::1]:80", "[fd00::1]:80", "-"]);
     assert_eq!(&fields[2][..3], &["reviews.app:9080", "-", "-"]);
+    // The port as absl::SimpleAtoi reads it.
+    assert_eq!(&fields[3][..3], &["10.0.0.1:+080", "10.0.0.1:80", "-"]);
 }
 
 /// The TLS requirements: a client without a certificate, with TLS 1.2
