@@ -357,6 +357,40 @@ async fn address_objects_in_the_access_log() {
     assert_eq!(&fields[3][..3], &["10.0.0.1:+080", "10.0.0.1:80", "-"]);
 }
 
+/// `use_remote_address: false`: the downstream remote address (and so the
+/// `remote_ip` address object) comes from `x-forwarded-for` when a CONNECT
+/// carries one (ztunnel sends `forwarded`, which is not read), as Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_address_from_xff_without_use_remote_address() {
+    let m = mesh();
+    let echo = tcp::tcp_echo_server().await.expect("echo");
+    let path = log_path("hbone", "xff");
+    let mut o = Opts::to(echo.port());
+    o.access_log = Some((
+        path.clone(),
+        "%FILTER_STATE(envoy.filters.listener.original_dst.remote_ip:PLAIN)% \
+         %DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%\n",
+    ));
+    let p = waypoint(&m, o);
+    let (c, _) = m.client().connect(p.addr()).await.expect("HBONE");
+    for h in [
+        vec![("x-forwarded-for", "10.244.0.9")],
+        vec![("x-forwarded-for", "192.0.2.1, 10.244.0.10")],
+        vec![("forwarded", "for=10.244.0.11")],
+    ] {
+        let mut o = c.connect("10.0.0.1:80", &h).await.expect("CONNECT");
+        assert_eq!(o.status, 200);
+        o.stream.shutdown().await.expect("END_STREAM");
+        let _ = o.stream.read_all(64).await;
+    }
+    let lines = p.log_lines(&path, 3).await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0], "10.244.0.9:0 10.244.0.9:0 127.0.0.1");
+    assert_eq!(lines[1], "10.244.0.10:0 10.244.0.10:0 127.0.0.1");
+    let f: Vec<&str> = lines[2].split(' ').collect();
+    assert!(f[0].starts_with("127.0.0.1:") && f[0] == f[1], "{f:?}");
+}
+
 /// The TLS requirements: a client without a certificate, with TLS 1.2
 /// only, with an identity outside the trust domain's prefix, or from
 /// another root is refused; the mesh client is accepted.
