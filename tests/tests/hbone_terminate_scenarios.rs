@@ -433,10 +433,14 @@ async fn tls_requirements_as_istiod_sets_them() {
     assert_eq!(echo.connections(), 1);
 }
 
+/// How a stream was answered, then how a next one on the same connection
+/// was (`None`: the connection is gone).
+type Outcome = (Answer, Option<Answer>);
+
 /// One raw CONNECT with `authority` on a fresh HBONE connection: how the
 /// server answers stream 1, and then whether a good CONNECT on stream 3
 /// of the same connection is answered (`None`: the connection is gone).
-async fn raw_answer(m: &Mesh, addr: SocketAddr, authority: &[u8]) -> (Answer, Option<Answer>) {
+async fn raw_answer(m: &Mesh, addr: SocketAddr, authority: &[u8]) -> Outcome {
     let (tls, _) = m.client().tls(addr).await.expect("TLS");
     let mut r = RawConn::start(tls).await.expect("preface");
     r.connect(1, authority).await.expect("HEADERS");
@@ -477,7 +481,7 @@ async fn malformed_authorities() {
             Some(Answer::Status(Some(200))),
         )
     };
-    let cases: Vec<(&[u8], (Answer, Option<Answer>))> = vec![
+    let cases: Vec<(&[u8], Outcome)> = vec![
         (b"10.0.0.1:80", ok.clone()),
         (b"10.0.0.1", ok.clone()),
         (b"10.0.0.1:99999", ok.clone()),
