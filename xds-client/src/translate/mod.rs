@@ -144,7 +144,7 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                     if listeners
                         .iter()
                         // As Envoy, listeners on port 0 never collide.
-                        .any(|x: &Arc<Listener>| x.address == l.address && l.address.port() != 0)
+                        .any(|x: &Arc<Listener>| x.address == l.address && l.address.port() != 0 && !l.internal && !x.internal)
                     {
                         errs.push(join(&path, "address"), "another listener has this address");
                     }
@@ -157,7 +157,6 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     }
     // Static routes must name clusters that exist (Envoy's validate_clusters
     // default for static route configs).
-    let _ = listener_index;
     let ads = dynamic.ads.is_some();
     if let Some(a) = &dynamic.ads {
         if let GrpcTarget::Cluster(c) = &a.target {
@@ -215,19 +214,33 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
             }
         }
     }
+    let mut internal_listener_buffer = None;
     for (i, ext) in b.bootstrap_extensions.iter().enumerate() {
-        let ok = ext
-            .typed_config
-            .as_ref()
-            .map(|a| {
-                a.type_url
-                    .ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener")
-            })
-            .unwrap_or(false);
-        if !ok {
+        let path = format!("bootstrap_extensions[{i}]");
+        match ext.typed_config.as_ref().filter(|a| {
+            a.type_url
+                .ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener")
+        }) {
+            Some(a) => {
+                use crate::api::envoy::extensions::bootstrap::internal_listener::v3::InternalListener;
+                match decode::<InternalListener>(a, &join(&path, "typed_config")) {
+                    // Envoy's default is 1 MiB per direction.
+                    Ok(il) => {
+                        internal_listener_buffer = Some(
+                            il.buffer_size_kb.map_or(1024, |v| v.value as usize) * 1024,
+                        )
+                    }
+                    Err(e) => errs.extend(e),
+                }
+            }
+            None => errs.push(path, "only envoy.bootstrap.internal_listener is accepted"),
+        }
+    }
+    for (l, i) in listeners.iter().zip(&listener_index) {
+        if l.internal && internal_listener_buffer.is_none() {
             errs.push(
-                format!("bootstrap_extensions[{i}]"),
-                "only envoy.bootstrap.internal_listener is accepted",
+                format!("static_resources.listeners[{i}].internal_listener"),
+                INTERNAL_LISTENER_WITHOUT_REGISTRY,
             );
         }
     }
@@ -255,6 +268,7 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
             Name::from(n)
         });
     errs.into_result(Snapshot {
+        internal_listener_buffer,
         local_cluster,
         default_tracer,
         node,
@@ -718,6 +732,11 @@ pub fn data_source(d: &core::DataSource, path: &str) -> Result<Vec<u8>, ConfigEr
         None => Err(err(path, "data source is empty")),
     }
 }
+
+/// Envoy's error for an internal listener without the
+/// `envoy.bootstrap.internal_listener` bootstrap extension.
+pub const INTERNAL_LISTENER_WITHOUT_REGISTRY: &str =
+    "internal listener registry is not initialized (the envoy.bootstrap.internal_listener bootstrap extension is required)";
 
 /// A socket or pipe address to listen on.
 pub fn listen_address(a: &core::Address, path: &str) -> Result<ListenAddress, ConfigErrors> {

@@ -307,8 +307,14 @@ impl DynamicState {
                         Resource::Listener(l) => Some(l),
                         _ => None,
                     }));
+                if l.internal && self.base.internal_listener_buffer.is_none() {
+                    return Err(format!(
+                        "Listener {name:?}: internal_listener: {}",
+                        crate::translate::INTERNAL_LISTENER_WITHOUT_REGISTRY
+                    ));
+                }
                 for o in others {
-                    if o.address == l.address && l.address.port() != 0 {
+                    if o.address == l.address && l.address.port() != 0 && !l.internal {
                         return Err(format!(
                             "Listener {name:?}: address {} is used by listener {:?}",
                             l.address, o.name
