@@ -214,7 +214,15 @@ impl TcpRuntime {
                 return self.finish(info, start);
             };
             info.upstream_host = Some(host.addr);
-            match connect(&cluster, &host, &source, alpn_override.as_deref()).await {
+            match connect(
+                &cluster,
+                &host,
+                &source,
+                alpn_override.as_deref(),
+                conn_state.into(),
+            )
+            .await
+            {
                 Ok((s, a)) => {
                     cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
                     break (s, host, a);
@@ -368,10 +376,30 @@ pub(crate) async fn connect(
     host: &Host,
     source: &crate::upstream::proxy_protocol::ProxySource,
     alpn: Option<&[Vec<u8>]>,
+    state: Option<&filters::FilterState>,
 ) -> Result<(UpstreamIo, Option<Vec<u8>>), String> {
     let s = &cluster.stats;
     // Envoy counts every connection it creates, including failed ones.
     s.upstream_cx_total.inc();
+    if let Some(h) = &host.internal {
+        // An in-process connection to the internal listener (TLS and
+        // PROXY protocol inside internal_upstream are rejected at load).
+        if cluster.tls_for(host).is_some() || cluster.proxy_protocol_for(host).is_some() {
+            s.upstream_cx_connect_fail.inc();
+            return Err("TLS or PROXY protocol over an internal connection is not implemented".into());
+        }
+        let passed = crate::upstream::pool::InternalDest {
+            host: h.clone(),
+            shared: state
+                .filter(|_| h.upstream)
+                .and_then(crate::internal::shared_objects),
+        }
+        .passed();
+        return Ok((
+            UpstreamIo::Internal(crate::internal::connect(&h.target, passed)),
+            None,
+        ));
+    }
     let tcp = match tokio::time::timeout(
         cluster.config.connect_timeout,
         TcpStream::connect(host.addr),

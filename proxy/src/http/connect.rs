@@ -117,7 +117,15 @@ pub(super) async fn terminate(
     };
     cluster.stats.upstream_rq_total.inc();
     let started = Instant::now();
-    let upstream = match crate::tcp::connect(&cluster, &host, &ctx.proxy_source, None).await {
+    let upstream = match crate::tcp::connect(
+        &cluster,
+        &host,
+        &ctx.proxy_source,
+        None,
+        Some(&info.filter_state),
+    )
+    .await
+    {
         Ok((io, _alpn)) => io,
         Err(reason) => {
             cluster.outlier_local(&host, LocalResult::ConnectFailed);

@@ -845,6 +845,12 @@ pub async fn forward(
     };
     let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
     let proxy_source = f.proxy_source.clone();
+    // Filter state shared with upstream: only an internal connection
+    // carries it, so only clusters with an internal transport look.
+    let shared_objects = cluster
+        .internal_transport
+        .then(|| crate::internal::shared_objects(&info.filter_state))
+        .flatten();
     // A refcounted clone, not a copy of the text.
     let path_and_query = &parts
         .uri
@@ -945,6 +951,7 @@ pub async fn forward(
                     &host,
                     alpn_override.clone(),
                     &proxy_source,
+                    shared_objects.as_ref(),
                     req,
                 );
                 tries.push(Try {
@@ -1176,6 +1183,7 @@ pub async fn forward(
             &host,
             alpn_override.clone(),
             &proxy_source,
+            shared_objects.as_ref(),
             req,
         );
         tokio::pin!(fut);
@@ -1586,6 +1594,7 @@ fn send_try<'a>(
     host: &crate::upstream::Host,
     alpn: Option<Arc<[Vec<u8>]>>,
     source: &'a crate::upstream::proxy_protocol::ProxySource,
+    shared: Option<&Arc<crate::internal::SharedObjects>>,
     req: Request<Body>,
 ) -> impl std::future::Future<
     Output = Result<
@@ -1601,6 +1610,10 @@ fn send_try<'a>(
         sni: auto_sni(&cluster.config, &req).or(dest.sni),
         alpn,
         source: Some(source),
+        internal: dest.internal.map(|i| crate::upstream::pool::InternalDest {
+            shared: shared.cloned(),
+            ..i
+        }),
         ..dest
     };
     cluster.pool_at(kind, priority).request(dest, req)
