@@ -773,7 +773,9 @@ async fn connection(
     }
     match &chain.network {
         NetworkRuntime::Http(hcm) => {
-            let downstream = (!hcm.chain.is_router_only()).then(|| {
+            // Built for chains with HTTP filters, and for connections
+            // with filter state (an internal connection's shared objects).
+            let downstream = (!hcm.chain.is_router_only() || !conn_state.is_empty()).then(|| {
                 let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
                 Arc::new(filters::Downstream {
                     remote: meta.src,

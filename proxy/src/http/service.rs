@@ -191,6 +191,13 @@ pub async fn handle(
     if let Some(t) = &ctx.tls {
         info.tls = Some(t.clone());
     }
+    // The connection's objects (network set_filter_state, or what an
+    // internal connection brought) under the request's, as Envoy's stream
+    // filter state with its connection parent, whether or not a filter
+    // runs.
+    if let Some(d) = ctx.downstream.as_deref().filter(|d| !d.filter_state.is_empty()) {
+        info.filter_state = d.filter_state.clone();
+    }
     // The request's wire size, before anything changes its headers (chains
     // with HTTP filters only: `istio.stats` records it).
     if ctx.downstream.is_some() {
