@@ -100,14 +100,18 @@ pub struct Passed {
     pub metadata: filters::DynamicMetadata,
     /// Filter state objects the downstream shared with upstream.
     pub state: filters::FilterState,
+    /// Told once the listener has taken the connection (a filter chain
+    /// matched, or a listener filter waits for bytes); dropped untold when
+    /// it closes it first (see [`connect`]).
+    pub ready: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The filter state objects a request shares with upstream
 /// (`shared_with_upstream`), as the internal connection receives them:
 /// `Once` arrives unshared, `Transitive` stays transitive (Envoy's
-/// `StreamSharingMayImpactPooling`). Requests with different objects never
-/// share a pooled connection (`hash` goes into the pool key, as Envoy
-/// hashes shared objects into its).
+/// `StreamSharingMayImpactPooling`). Requests with different hashable
+/// objects never share a pooled connection (`hash` goes into the pool key,
+/// as Envoy hashes its shared `Hashable` objects into its).
 #[derive(Debug)]
 pub struct SharedObjects {
     pub state: filters::FilterState,
@@ -124,11 +128,12 @@ pub fn shared_objects(state: &filters::FilterState) -> Option<Arc<SharedObjects>
             Sharing::Once => Sharing::None,
             Sharing::Transitive => Sharing::Transitive,
         };
-        key.hash(&mut h);
-        // Objects without a string form hash by identity.
-        match value.serialize_as_string() {
-            Some(s) => s.hash(&mut h),
-            None => (Arc::as_ptr(value) as *const () as usize).hash(&mut h),
+        // As Envoy's pool key, only hashable objects count: requests whose
+        // other shared objects differ may share a connection (it carries
+        // the objects of the request that opened it).
+        if value.hashable() {
+            key.hash(&mut h);
+            value.serialize_as_string().hash(&mut h);
         }
         let _ = out.set(
             key,
@@ -168,41 +173,65 @@ pub fn passthrough_metadata(
 }
 
 /// Opens an internal connection to `target`'s listener on this worker.
-/// As Envoy, a name with no internal listener (or a thread that is no
-/// worker) gives a connection whose peer is already closed: the caller
-/// sees it fail on its first read or write.
-pub fn connect(target: &InternalTarget, passed: Passed) -> DuplexStream {
-    let shared = worker();
-    let handle = shared.as_ref().and_then(|s| {
-        s.listeners
-            .load()
-            .iter()
-            .find(|h| h.name == target.listener && h.internal && !*h.stop_accept.borrow())
-            .cloned()
-    });
+/// As Envoy, where the internal listener runs its listener filters and
+/// chain selection within the connect call: the connection fails like a
+/// refused one when no internal listener has that name (or this thread is
+/// no worker) or when the listener closes it before taking it (no filter
+/// chain matches, a listener filter rejects it).
+pub async fn connect(target: &InternalTarget, passed: Passed) -> Result<DuplexStream, String> {
+    // The spawn is in a plain function: the connection it serves may make
+    // internal connections itself, and an async fn spawning it would make
+    // its future type contain itself.
+    let (client, taken) = open(target, passed)?;
+    match taken.await {
+        Ok(()) => Ok(client),
+        Err(_) => Err(REFUSED.to_owned()),
+    }
+}
+
+/// Envoy reports no transport failure reason for an internal connection
+/// its listener closed at once (`%RESPONSE_CODE_DETAILS%` ends without one).
+const REFUSED: &str = "";
+
+/// Starts serving the listener's end; the receiver tells whether the
+/// listener took the connection.
+fn open(
+    target: &InternalTarget,
+    mut passed: Passed,
+) -> Result<(DuplexStream, tokio::sync::oneshot::Receiver<()>), String> {
+    // Envoy's text when no internal listener has the name.
+    let refused = || format!("immediate connect error: Invalid argument|remote address:{target}");
+    let Some(shared) = worker() else {
+        return Err(refused());
+    };
+    let Some(handle) = shared
+        .listeners
+        .load()
+        .iter()
+        .find(|h| h.name == target.listener && h.internal && !*h.stop_accept.borrow())
+        .cloned()
+    else {
+        tracing::debug!(listener = %target.listener, "no internal listener of that name");
+        return Err(refused());
+    };
     let buffer = shared
-        .as_ref()
-        .and_then(|s| s.snapshot.load().internal_listener_buffer)
+        .snapshot
+        .load()
+        .internal_listener_buffer
         .unwrap_or(1024 * 1024)
         .max(1);
     let (client, server) = tokio::io::duplex(buffer);
-    match (shared, handle) {
-        (Some(shared), Some(handle)) => {
-            let lr = handle.current.load_full();
-            tokio::spawn(crate::listener::serve_internal(
-                lr,
-                server,
-                target.clone(),
-                passed,
-                shared,
-            ));
-        }
-        _ => {
-            tracing::debug!(listener = %target.listener, "no internal listener of that name; closing");
-            drop(server);
-        }
-    }
-    client
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    passed.ready = Some(tx);
+    let lr = handle.current.load_full();
+    tokio::spawn(crate::listener::serve_internal(
+        lr,
+        server,
+        target.clone(),
+        passed,
+        shared,
+    ));
+    Ok((client, rx))
 }
 
 #[cfg(test)]
@@ -250,9 +279,24 @@ mod tests {
             o.state.flags("far").map(|f| f.shared_with_upstream),
             Some(Sharing::Transitive)
         );
-        // Different values, different pool keys.
+        // Strings do not go into the pool key; hashable strings do.
         set(&mut s, "once", "c", Sharing::Once);
-        assert_ne!(shared_objects(&s).expect("shared").hash, o.hash);
+        assert_eq!(shared_objects(&s).expect("shared").hash, o.hash);
+        let mut hashed = |v: &str| {
+            s.set(
+                "h",
+                Arc::new(filters::HashableStringValue(v.into())),
+                filters::StateFlags {
+                    read_only: false,
+                    shared_with_upstream: Sharing::Once,
+                },
+            )
+            .expect("set");
+            shared_objects(&s).expect("shared").hash
+        };
+        let (a, b) = (hashed("a"), hashed("b"));
+        assert_ne!(a, b);
+        assert_ne!(a, o.hash);
     }
 
     #[test]

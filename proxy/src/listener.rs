@@ -380,9 +380,18 @@ fn cidr_level(ranges: &[xds_client::config::Cidr], ip: std::net::IpAddr) -> Leve
 const MAX_INSPECT: usize = 64 * 1024 + 5;
 
 /// Reads more bytes for the listener filters; `Err` at EOF or error.
-async fn read_more(stream: &mut Conn, buf: &mut BytesMut) -> Result<(), ()> {
+async fn read_more(
+    stream: &mut Conn,
+    buf: &mut BytesMut,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<(), ()> {
     if buf.len() >= MAX_INSPECT {
         return Err(());
+    }
+    // An internal connection's client waits for the listener to take it:
+    // a filter waiting for bytes has.
+    if let Some(r) = ready.take() {
+        let _ = r.send(());
     }
     buf.reserve(4096);
     match stream.read_buf(buf).await {
@@ -399,6 +408,7 @@ async fn run_listener_filters(
     buf: &mut BytesMut,
     meta: &mut ConnMeta,
     state: &filters::FilterState,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), ()> {
     use bytes::Buf;
     use filters::listener::Inspect;
@@ -428,7 +438,7 @@ async fn run_listener_filters(
                 };
                 loop {
                     match pp::parse_versions(buf, versions) {
-                        Inspect::NeedMore => read_more(stream, buf).await?,
+                        Inspect::NeedMore => read_more(stream, buf, ready).await?,
                         Inspect::Done(Ok(h)) => {
                             stats.found[usize::from(h.version == 2)].inc();
                             if let Some((src, dst)) = h.addresses {
@@ -483,7 +493,7 @@ async fn run_listener_filters(
             ListenerFilter::OriginalDst => original_dst(stream, meta, state),
             ListenerFilter::TlsInspector => loop {
                 match ti::inspect(buf) {
-                    Inspect::NeedMore => read_more(stream, buf).await?,
+                    Inspect::NeedMore => read_more(stream, buf, ready).await?,
                     Inspect::Done(ti::TlsDetect::Tls(h)) => {
                         lr.stats.tls_inspector_found.inc();
                         meta.transport = "tls";
@@ -514,7 +524,7 @@ async fn run_listener_filters(
                 }
                 loop {
                     match hi::inspect(buf) {
-                        Inspect::NeedMore => read_more(stream, buf).await?,
+                        Inspect::NeedMore => read_more(stream, buf, ready).await?,
                         Inspect::Done(d) => {
                             match d {
                                 hi::HttpDetect::Http10 => lr.stats.http_inspector_http10.inc(),
@@ -683,8 +693,8 @@ async fn connection(
     shared: &Arc<Shared>,
 ) {
     // An internal connection arrives with metadata and filter state.
-    let (metadata, mut conn_state) = match passed {
-        Some(p) => (p.metadata, p.state),
+    let (metadata, mut conn_state, mut ready) = match passed {
+        Some(p) => (p.metadata, p.state, p.ready),
         None => Default::default(),
     };
     let mut meta = ConnMeta {
@@ -699,7 +709,14 @@ async fn connection(
     };
     let mut buf = BytesMut::new();
     if !lr.config.listener_filters.is_empty() {
-        let filters = run_listener_filters(lr, &mut stream, &mut buf, &mut meta, &conn_state);
+        let filters = run_listener_filters(
+            lr,
+            &mut stream,
+            &mut buf,
+            &mut meta,
+            &conn_state,
+            &mut ready,
+        );
         let res = match lr.config.listener_filters_timeout {
             Some(t) => match tokio::time::timeout(t, filters).await {
                 Ok(r) => r,
@@ -736,6 +753,7 @@ async fn connection(
         Some(c) => c.clone(),
         None => {
             lr.stats.no_filter_chain_match.inc();
+            drop(ready);
             tracing::debug!(listener = %lr.config.name, peer = %peer, "no filter chain matches; closing");
             return;
         }
@@ -745,6 +763,10 @@ async fn connection(
         if chain.read_filters.on_new_connection(&conn, &mut conn_state) == NetAction::Close {
             return;
         }
+    }
+    // Taken: an internal connection's client goes on.
+    if let Some(r) = ready.take() {
+        let _ = r.send(());
     }
     let rewound = Rewind::new(buf, stream);
     let (io, tls) = match &chain.tls {

@@ -395,10 +395,13 @@ pub(crate) async fn connect(
                 .and_then(crate::internal::shared_objects),
         }
         .passed();
-        return Ok((
-            UpstreamIo::Internal(crate::internal::connect(&h.target, passed)),
-            None,
-        ));
+        return match crate::internal::connect(&h.target, passed).await {
+            Ok(c) => Ok((UpstreamIo::Internal(c), None)),
+            Err(e) => {
+                s.upstream_cx_connect_fail.inc();
+                Err(e)
+            }
+        };
     }
     let tcp = match tokio::time::timeout(
         cluster.config.connect_timeout,

@@ -230,12 +230,17 @@ async fn http_through_an_internal_listener_h1_and_h2() {
 /// connection fails like a refused one (503).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_internal_listener_is_503() {
+    let path = log_path("internal", "unknown");
+    let log = file_log(
+        &path,
+        "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n",
+    );
     let p = Proxy::start(move |ports| {
         let outer = hcm(
             "outer",
             vec![],
             vec![vhost("vh", vec![route("/", "nowhere", json!({}))], json!({}))],
-            json!({}),
+            json!({"access_log": [log.clone()]}),
         );
         bootstrap(
             ports,
@@ -249,12 +254,16 @@ async fn unknown_internal_listener_is_503() {
     });
     let r = Http::h1().get(&format!("{}/", p.base()), &[]).await;
     assert_eq!(r.status, 503);
-    assert!(
-        r.text()
-            .starts_with("upstream connect error or disconnect/reset before headers"),
-        "{}",
-        r.text()
+    assert_eq!(
+        r.text(),
+        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
     );
+    let lines = p.log_lines(&path, 1).await;
+    assert_eq!(
+        lines,
+        vec!["503 UF upstream_reset_before_response_started{remote_connection_failure|immediate_connect_error:_Invalid_argument|remote_address:envoy://no_such_listener/}"]
+    );
+    assert_eq!(p.stat("cluster.nowhere.upstream_cx_connect_fail").await, Some(1));
 }
 
 // === TCP through an internal listener ===
@@ -358,14 +367,15 @@ async fn passthrough_metadata_restores_the_destination() {
 
 /// `shared_with_upstream: ONCE`: the object reaches the internal listener
 /// the request goes to (`%FILTER_STATE(key:PLAIN)%` there) and not the
-/// next one behind it. Requests with different values do not share a
-/// pooled internal connection.
+/// next one behind it. Requests with different hashable objects
+/// (`envoy.hashable_string`) do not share a pooled internal connection
+/// (a plain `envoy.string` would not split the pool, as Envoy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_filter_state_once_goes_one_hop() {
     let p = Proxy::start(move |ports| {
         let outer = hcm(
             "outer",
-            vec![set_state("my.key", "envoy.string", "%REQ(x-val)%", "ONCE")],
+            vec![set_state("my.key", "envoy.hashable_string", "%REQ(x-val)%", "ONCE")],
             vec![vhost("vh", vec![route("/", "to_mid", json!({}))], json!({}))],
             json!({}),
         );
@@ -635,13 +645,14 @@ async fn hbone_connect_through_an_internal_listener() {
     assert!(a.stream.read_all(64).await.expect("end").is_empty());
     let lines = p.log_lines(&path, 1).await;
     assert_eq!(lines, vec!["10.96.1.201:9080 echo 21"]);
-    // A destination port no chain matches: the internal connection is
-    // closed, nothing is echoed.
-    let no_chain = conn.connect("10.96.1.201:7777", &[]).await;
-    if let Ok(mut t) = no_chain {
-        let _ = t.stream.write_all(b"nobody").await;
-        let got = tokio::time::timeout(WAIT, t.stream.read_all(64)).await;
-        assert!(!matches!(got, Ok(Ok(ref v)) if !v.is_empty()), "{got:?}");
-    }
+    // A destination port no chain matches: the internal listener closes
+    // the connection as it accepts it, so the connect fails (503).
+    let mut t = conn.connect("10.96.1.201:7777", &[]).await.expect("answer");
+    let body = t.stream.read_all(1024).await.expect("body");
+    assert_eq!(t.status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
+    );
     echo_once(&mut b.stream, b"still open").await;
 }

@@ -1390,7 +1390,9 @@ fn respond(
             } else {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".to_owned()
             };
-            info.upstream_failure_reason = Some(reason);
+            // An internal connection the listener refused has none (Envoy's
+            // user-space sockets report no transport failure).
+            info.upstream_failure_reason = (!reason.is_empty()).then_some(reason);
             super::local_reply::reply_owned(503, body.into(), Some("text/plain"))
         }
         Outcome::Reset(reason) => {

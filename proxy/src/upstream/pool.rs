@@ -269,6 +269,7 @@ impl InternalDest {
             return Default::default();
         }
         crate::internal::Passed {
+            ready: None,
             metadata: self.host.metadata.clone(),
             state: self
                 .shared
@@ -719,7 +720,9 @@ impl Client {
             self.freed.clone(),
         );
         if let Some(i) = &t.internal {
-            return self.connect_internal(i, tls.is_some() || t.proxy_protocol.is_some(), slot);
+            return self
+                .connect_internal(i, tls.is_some() || t.proxy_protocol.is_some(), slot)
+                .await;
         }
         let mut stream =
             match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
@@ -801,7 +804,7 @@ impl Client {
 
     /// A connection to an internal host: an in-process pipe to its
     /// listener (see [`crate::internal`]).
-    fn connect_internal(
+    async fn connect_internal(
         &self,
         i: &InternalDest,
         wrapped: bool,
@@ -814,7 +817,13 @@ impl Client {
                 "TLS or PROXY protocol over an internal connection is not implemented".into(),
             ));
         }
-        let stream = crate::internal::connect(&i.host.target, i.passed());
+        let stream = match crate::internal::connect(&i.host.target, i.passed()).await {
+            Ok(c) => c,
+            Err(e) => {
+                s.connect_fail.inc();
+                return Err(PoolError::Connect(e));
+            }
+        };
         s.cx_total.inc();
         s.cx_proto.inc();
         s.cx_active.inc();
