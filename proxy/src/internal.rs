@@ -92,6 +92,22 @@ impl InternalHost {
     }
 }
 
+/// The addresses of an internal connection as Envoy names them, for the
+/// ones `original_dst` did not restore: the listener's end is
+/// `envoy://LISTENER/ENDPOINT_ID`, the client's
+/// `envoy://internal_client_address/`. (weir keeps `0.0.0.0:0` in the
+/// socket-address fields meanwhile.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalAddrs {
+    /// `None` once restored.
+    pub local: Option<Arc<str>>,
+    /// Still the internal client address (not restored).
+    pub remote: bool,
+}
+
+/// Envoy's address of the client end of every internal connection.
+pub const CLIENT_ADDRESS: &str = "envoy://internal_client_address/";
+
 /// What an internal connection carries into the internal listener's
 /// connection besides its bytes.
 #[derive(Default)]

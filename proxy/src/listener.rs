@@ -235,6 +235,9 @@ pub struct ConnMeta {
     /// `rules`): seen by network filters and tcp_proxy's access log, not by
     /// HTTP streams (as Envoy: a stream's metadata starts empty).
     pub metadata: filters::DynamicMetadata,
+    /// An internal connection's addresses as Envoy names them (those
+    /// `original_dst` did not restore).
+    pub internal: Option<crate::internal::InternalAddrs>,
 }
 
 /// Picks the filter chain as Envoy's `FilterChainMatch` order: at each
@@ -560,6 +563,7 @@ fn original_dst(stream: &Conn, meta: &mut ConnMeta, state: &filters::FilterState
             }
         }
         Conn::Internal(_) => {
+            let before = (meta.src, meta.dst);
             if let Some(a) = meta
                 .metadata
                 .value("envoy.filters.listener.original_dst", &["local"])
@@ -574,6 +578,14 @@ fn original_dst(stream: &Conn, meta: &mut ConnMeta, state: &filters::FilterState
             if let Some(a) = state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_REMOTE_IP) {
                 meta.src = a.0;
             }
+            if let Some(i) = &mut meta.internal {
+                if meta.dst != before.1 || state.get(filters::state::ORIGINAL_DST_LOCAL_IP).is_some() {
+                    i.local = None;
+                }
+                if meta.src != before.0 || state.get(filters::state::ORIGINAL_DST_REMOTE_IP).is_some() {
+                    i.remote = false;
+                }
+            }
         }
     }
 }
@@ -587,15 +599,18 @@ pub async fn serve_internal(
     passed: crate::internal::Passed,
     shared: Arc<Shared>,
 ) {
-    let _ = target;
     shared.active_connections.fetch_add(1, Ordering::Relaxed);
+    let addrs = crate::internal::InternalAddrs {
+        local: Some(target.to_string().into()),
+        remote: true,
+    };
     let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
     run_connection(
         lr,
         Conn::Internal(stream),
         unspecified,
         unspecified,
-        Some(passed),
+        Some((passed, addrs)),
         shared,
     )
     .await;
@@ -608,7 +623,7 @@ async fn run_connection(
     stream: Conn,
     peer: SocketAddr,
     local: SocketAddr,
-    passed: Option<crate::internal::Passed>,
+    passed: Option<(crate::internal::Passed, crate::internal::InternalAddrs)>,
     shared2: Arc<Shared>,
 ) {
     let opened = tokio::time::Instant::now();
@@ -689,12 +704,12 @@ async fn connection(
     peer: SocketAddr,
     local: SocketAddr,
     id: u64,
-    passed: Option<crate::internal::Passed>,
+    passed: Option<(crate::internal::Passed, crate::internal::InternalAddrs)>,
     shared: &Arc<Shared>,
 ) {
     // An internal connection arrives with metadata and filter state.
-    let (metadata, mut conn_state, mut ready) = match passed {
-        Some(p) => (p.metadata, p.state, p.ready),
+    let (metadata, mut conn_state, mut ready, internal) = match passed {
+        Some((p, a)) => (p.metadata, p.state, p.ready, Some(a)),
         None => Default::default(),
     };
     let mut meta = ConnMeta {
@@ -706,6 +721,7 @@ async fn connection(
         alpn: Vec::new(),
         tlvs: Vec::new(),
         metadata,
+        internal,
     };
     let mut buf = BytesMut::new();
     if !lr.config.listener_filters.is_empty() {
@@ -838,6 +854,7 @@ async fn connection(
                 drain: chain.drain.subscribe(),
                 update_drain: chain.update_drain.clone(),
                 is_h2: std::sync::atomic::AtomicBool::new(false),
+                internal_addrs: meta.internal.take().map(Arc::new),
                 proxy_source: Arc::new(crate::upstream::proxy_protocol::ProxySource {
                     src: meta.src,
                     dst: meta.dst,

@@ -126,6 +126,7 @@ impl TcpRuntime {
         );
         info.has_request = false;
         info.downstream_direct_remote = meta.direct_src;
+        info.internal_addrs = meta.internal.clone().map(Arc::new);
         info.requested_server_name = sni.clone();
         info.tls = tls;
         // The connection's metadata (PROXY protocol `rules`): tcp_proxy's
@@ -213,7 +214,7 @@ impl TcpRuntime {
                 info.flags.set(Flags::UH);
                 return self.finish(info, start);
             };
-            info.upstream_host = Some(host.addr);
+            info.set_upstream_host(&host);
             match connect(
                 &cluster,
                 &host,

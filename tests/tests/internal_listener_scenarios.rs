@@ -171,7 +171,15 @@ async fn echo_once<T: AsyncReadExt + AsyncWriteExt + Unpin>(t: &mut T, msg: &[u8
 async fn http_through_an_internal_listener_h1_and_h2() {
     let up = weir_tests::upstream::http1("up").await.expect("upstream");
     let port = up.port();
-    let p = Proxy::start(move |ports| {
+    let path = log_path("internal", "http");
+    let log = file_log(&path, "%UPSTREAM_HOST% %UPSTREAM_CLUSTER%\n");
+    // One worker (process targets run with one): pools are per worker,
+    // so are the connection counts below.
+    let one_worker = StartOptions {
+        concurrency: Some(1),
+        ..Default::default()
+    };
+    let p = Proxy::start_with(Target::from_env(), one_worker, move |ports| {
         let outer = hcm(
             "outer",
             vec![],
@@ -183,12 +191,18 @@ async fn http_through_an_internal_listener_h1_and_h2() {
                 ],
                 json!({}),
             )],
-            json!({}),
+            json!({"access_log": [log.clone()]}),
         );
+        // The internal connection's addresses, as Envoy names them.
+        let addrs = "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS%";
         let inner = hcm(
             "inner",
             vec![],
-            vec![vhost("vh", vec![route("/", "up", json!({}))], json!({}))],
+            vec![vhost(
+                "vh",
+                vec![route("/", "up", json!({}))],
+                json!({"response_headers_to_add": [{"header": {"key": "x-addrs", "value": addrs}}]}),
+            )],
             json!({}),
         );
         bootstrap(
@@ -215,10 +229,17 @@ async fn http_through_an_internal_listener_h1_and_h2() {
                 .await;
             assert_eq!(r.status, 200, "{path}");
             assert_eq!(r.echo().path, path);
+            assert_eq!(
+                r.header("x-addrs"),
+                Some("envoy://inner/ envoy://internal_client_address/ envoy://internal_client_address/")
+            );
         }
     }
     let seen = up.wait_requests(8).await;
     assert_eq!(seen.len(), 8);
+    let lines = p.log_lines(&path, 8).await;
+    assert_eq!(lines[0], "envoy://inner/ inner_h1");
+    assert_eq!(lines[1], "envoy://inner/ inner_h2");
     // Each upstream pool made one internal connection and reused it.
     assert_eq!(p.stat("cluster.inner_h1.upstream_cx_total").await, Some(1));
     assert_eq!(p.stat("cluster.inner_h2.upstream_cx_total").await, Some(1));
@@ -577,7 +598,7 @@ async fn hbone_connect_through_an_internal_listener() {
     let path = log_path("internal", "hbone");
     let log = file_log(
         &path,
-        "%DOWNSTREAM_LOCAL_ADDRESS% %UPSTREAM_CLUSTER% %BYTES_RECEIVED%\n",
+        "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %UPSTREAM_CLUSTER% %BYTES_RECEIVED%\n",
     );
     let p = Proxy::start(move |ports| {
         let vh = vec![json!({"name": "vh", "domains": ["*"], "routes": [{
@@ -644,7 +665,10 @@ async fn hbone_connect_through_an_internal_listener() {
     a.stream.shutdown().await.expect("END_STREAM");
     assert!(a.stream.read_all(64).await.expect("end").is_empty());
     let lines = p.log_lines(&path, 1).await;
-    assert_eq!(lines, vec!["10.96.1.201:9080 echo 21"]);
+    assert_eq!(
+        lines,
+        vec!["10.96.1.201:9080 envoy://internal_client_address/ echo 21"]
+    );
     // A destination port no chain matches: the internal listener closes
     // the connection as it accepts it, so the connect fails (503).
     let mut t = conn.connect("10.96.1.201:7777", &[]).await.expect("answer");

@@ -90,7 +90,7 @@ pub(super) async fn terminate(
         info.response_code_details = "no_healthy_upstream";
         return reply(503, NO_HEALTHY_UPSTREAM);
     };
-    info.upstream_host = Some(host.addr);
+    info.set_upstream_host(&host);
     if !host.metadata.is_null() {
         info.upstream_metadata = Some(host.metadata.clone());
     }

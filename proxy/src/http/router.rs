@@ -919,7 +919,7 @@ pub async fn forward(
                 if prev {
                     tried.push(host.addr);
                 }
-                info.upstream_host = Some(host.addr);
+                info.set_upstream_host(&host);
                 if !host.metadata.is_null() {
                     info.upstream_metadata = Some(host.metadata.clone());
                 }
@@ -1089,7 +1089,7 @@ pub async fn forward(
                     continue;
                 }
                 drop_tries(&cluster, &mut tries);
-                info.upstream_host = Some(t.host.addr);
+                info.set_upstream_host(&t.host);
                 return respond(
                     outcome,
                     t.attempt.max(attempt),
@@ -1142,7 +1142,7 @@ pub async fn forward(
         if retry.as_ref().is_some_and(|r| r.previous_hosts) {
             tried.push(host.addr);
         }
-        info.upstream_host = Some(host.addr);
+        info.set_upstream_host(&host);
         if !host.metadata.is_null() {
             info.upstream_metadata = Some(host.metadata.clone());
         }

@@ -69,6 +69,8 @@ pub struct StreamReset;
 /// Per-connection facts.
 pub struct ConnCtx {
     pub hcm: Arc<HcmRuntime>,
+    /// An internal connection's unrestored addresses (Envoy's names).
+    pub internal_addrs: Option<Arc<crate::internal::InternalAddrs>>,
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
@@ -188,6 +190,7 @@ pub async fn handle(
     );
     info.downstream_direct_remote = ctx.direct_peer;
     info.requested_server_name = ctx.sni.clone();
+    info.internal_addrs = ctx.internal_addrs.clone();
     if let Some(t) = &ctx.tls {
         info.tls = Some(t.clone());
     }
