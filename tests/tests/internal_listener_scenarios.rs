@@ -326,6 +326,9 @@ async fn tcp_through_an_internal_listener() {
     }
     weir_tests::config::stat_is(&p, "tcp.inner.downstream_cx_total", 33).await;
     weir_tests::config::stat_is(&p, "cluster.inner.upstream_cx_total", 33).await;
+    // Envoy names an internal listener's stats `envoy_internal_NAME`.
+    weir_tests::config::stat_is(&p, "listener.envoy_internal_inner.downstream_cx_total", 33).await;
+    weir_tests::config::stat_is(&p, "listener.envoy_internal_inner.downstream_cx_active", 0).await;
 }
 
 // === original_dst and filter_chain_matcher ===
@@ -680,3 +683,4 @@ async fn hbone_connect_through_an_internal_listener() {
     );
     echo_once(&mut b.stream, b"still open").await;
 }
+

@@ -181,9 +181,8 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
     }
     let address = address.expect("checked above");
     let stat_prefix = if proto.stat_prefix.is_empty() && internal {
-        // Envoy names an internal listener's stats by its internal
-        // address, `envoy://NAME/`, sanitised (`:` to `_`).
-        format!("listener.envoy_//{}/.", proto.name)
+        // Envoy names an internal listener's stats `envoy_internal_NAME`.
+        format!("listener.envoy_internal_{}.", proto.name)
     } else if proto.stat_prefix.is_empty() {
         format!("listener.{}.", address.to_string().replace(':', "_"))
     } else {
