@@ -572,17 +572,25 @@ fn original_dst(stream: &Conn, meta: &mut ConnMeta, state: &filters::FilterState
             {
                 meta.dst = a;
             }
-            if let Some(a) = state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_LOCAL_IP) {
+            if let Some(a) =
+                state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_LOCAL_IP)
+            {
                 meta.dst = a.0;
             }
-            if let Some(a) = state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_REMOTE_IP) {
+            if let Some(a) =
+                state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_REMOTE_IP)
+            {
                 meta.src = a.0;
             }
             if let Some(i) = &mut meta.internal {
-                if meta.dst != before.1 || state.get(filters::state::ORIGINAL_DST_LOCAL_IP).is_some() {
+                if meta.dst != before.1
+                    || state.get(filters::state::ORIGINAL_DST_LOCAL_IP).is_some()
+                {
                     i.local = None;
                 }
-                if meta.src != before.0 || state.get(filters::state::ORIGINAL_DST_REMOTE_IP).is_some() {
+                if meta.src != before.0
+                    || state.get(filters::state::ORIGINAL_DST_REMOTE_IP).is_some()
+                {
                     i.remote = false;
                 }
             }

@@ -387,7 +387,9 @@ pub(crate) async fn connect(
         // PROXY protocol inside internal_upstream are rejected at load).
         if cluster.tls_for(host).is_some() || cluster.proxy_protocol_for(host).is_some() {
             s.upstream_cx_connect_fail.inc();
-            return Err("TLS or PROXY protocol over an internal connection is not implemented".into());
+            return Err(
+                "TLS or PROXY protocol over an internal connection is not implemented".into(),
+            );
         }
         let passed = crate::upstream::pool::InternalDest {
             host: h.clone(),

@@ -115,10 +115,8 @@ fn to(name: &str) -> Value {
 
 /// A `filter_chain_matcher` on the destination port: `ports` to chains.
 fn by_port(ports: &[(u16, &str)]) -> Value {
-    let map: serde_json::Map<String, Value> = ports
-        .iter()
-        .map(|(p, c)| (p.to_string(), to(c)))
-        .collect();
+    let map: serde_json::Map<String, Value> =
+        ports.iter().map(|(p, c)| (p.to_string(), to(c))).collect();
     json!({"matcher_tree": {"input": input("DestinationPortInput"), "exact_match_map": {"map": map}}})
 }
 
@@ -132,7 +130,9 @@ fn answering_chain(name: &str) -> Value {
 fn vh_with_local(name: &str) -> Value {
     vhost(
         "vh",
-        vec![json!({"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": name}}})],
+        vec![
+            json!({"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": name}}}),
+        ],
         json!({"response_headers_to_add": [{"header": {"key": "x-local", "value": "%DOWNSTREAM_LOCAL_ADDRESS%"}}]}),
     )
 }
@@ -212,7 +212,11 @@ async fn http_through_an_internal_listener_h1_and_h2() {
                 internal_listener("inner", json!({"filter_chains": [chain(vec![inner])]})),
             ],
             vec![
-                internal_cluster("inner_h1", vec![internal_endpoint("inner", "", Value::Null)], json!({})),
+                internal_cluster(
+                    "inner_h1",
+                    vec![internal_endpoint("inner", "", Value::Null)],
+                    json!({}),
+                ),
                 internal_cluster(
                     "inner_h2",
                     vec![internal_endpoint("inner", "", Value::Null)],
@@ -260,7 +264,11 @@ async fn unknown_internal_listener_is_503() {
         let outer = hcm(
             "outer",
             vec![],
-            vec![vhost("vh", vec![route("/", "nowhere", json!({}))], json!({}))],
+            vec![vhost(
+                "vh",
+                vec![route("/", "nowhere", json!({}))],
+                json!({}),
+            )],
             json!({"access_log": [log.clone()]}),
         );
         bootstrap(
@@ -284,7 +292,10 @@ async fn unknown_internal_listener_is_503() {
         lines,
         vec!["503 UF upstream_reset_before_response_started{remote_connection_failure|immediate_connect_error:_Invalid_argument|remote_address:envoy://no_such_listener/}"]
     );
-    assert_eq!(p.stat("cluster.nowhere.upstream_cx_connect_fail").await, Some(1));
+    assert_eq!(
+        p.stat("cluster.nowhere.upstream_cx_connect_fail").await,
+        Some(1)
+    );
 }
 
 // === TCP through an internal listener ===
@@ -299,19 +310,29 @@ async fn tcp_through_an_internal_listener() {
         bootstrap(
             ports,
             vec![
-                listener("l", ports.listen, vec![chain(vec![tcp_proxy("outer", "inner", json!({}))])]),
+                listener(
+                    "l",
+                    ports.listen,
+                    vec![chain(vec![tcp_proxy("outer", "inner", json!({}))])],
+                ),
                 internal_listener(
                     "inner",
                     json!({"filter_chains": [chain(vec![tcp_proxy("inner", "echo", json!({}))])]}),
                 ),
             ],
             vec![
-                internal_cluster("inner", vec![internal_endpoint("inner", "", Value::Null)], json!({})),
+                internal_cluster(
+                    "inner",
+                    vec![internal_endpoint("inner", "", Value::Null)],
+                    json!({}),
+                ),
                 cluster("echo", &[port], json!({})),
             ],
         )
     });
-    let t = tcp::stream_through(p.addr(), 16 << 20).await.expect("transfer");
+    let t = tcp::stream_through(p.addr(), 16 << 20)
+        .await
+        .expect("transfer");
     assert_eq!(t.received, 16 << 20);
     let mut tasks = Vec::new();
     for i in 0..32u64 {
@@ -345,7 +366,10 @@ async fn passthrough_metadata_restores_the_destination() {
             vec![],
             vec![vhost(
                 "vh",
-                vec![route("/a", "vip_a", json!({})), route("/b", "vip_b", json!({}))],
+                vec![
+                    route("/a", "vip_a", json!({})),
+                    route("/b", "vip_b", json!({})),
+                ],
                 json!({}),
             )],
             json!({}),
@@ -367,12 +391,20 @@ async fn passthrough_metadata_restores_the_destination() {
             vec![
                 internal_cluster(
                     "vip_a",
-                    vec![internal_endpoint("main", "10.1.2.3:9080", md("10.1.2.3:9080"))],
+                    vec![internal_endpoint(
+                        "main",
+                        "10.1.2.3:9080",
+                        md("10.1.2.3:9080"),
+                    )],
                     internal_upstream(),
                 ),
                 internal_cluster(
                     "vip_b",
-                    vec![internal_endpoint("main", "10.9.8.7:8080", md("10.9.8.7:8080"))],
+                    vec![internal_endpoint(
+                        "main",
+                        "10.9.8.7:8080",
+                        md("10.9.8.7:8080"),
+                    )],
                     internal_upstream(),
                 ),
             ],
@@ -399,8 +431,17 @@ async fn shared_filter_state_once_goes_one_hop() {
     let p = Proxy::start(move |ports| {
         let outer = hcm(
             "outer",
-            vec![set_state("my.key", "envoy.hashable_string", "%REQ(x-val)%", "ONCE")],
-            vec![vhost("vh", vec![route("/", "to_mid", json!({}))], json!({}))],
+            vec![set_state(
+                "my.key",
+                "envoy.hashable_string",
+                "%REQ(x-val)%",
+                "ONCE",
+            )],
+            vec![vhost(
+                "vh",
+                vec![route("/", "to_mid", json!({}))],
+                json!({}),
+            )],
             json!({}),
         );
         let mid = hcm(
@@ -418,7 +459,9 @@ async fn shared_filter_state_once_goes_one_hop() {
             vec![],
             vec![vhost(
                 "vh",
-                vec![json!({"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "far"}}})],
+                vec![
+                    json!({"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "far"}}}),
+                ],
                 json!({"response_headers_to_add": [{"header": {"key": "x-far", "value": "[%FILTER_STATE(my.key:PLAIN)%]"}}]}),
             )],
             json!({}),
@@ -431,8 +474,16 @@ async fn shared_filter_state_once_goes_one_hop() {
                 internal_listener("far", json!({"filter_chains": [chain(vec![far])]})),
             ],
             vec![
-                internal_cluster("to_mid", vec![internal_endpoint("mid", "", Value::Null)], internal_upstream()),
-                internal_cluster("to_far", vec![internal_endpoint("far", "", Value::Null)], internal_upstream()),
+                internal_cluster(
+                    "to_mid",
+                    vec![internal_endpoint("mid", "", Value::Null)],
+                    internal_upstream(),
+                ),
+                internal_cluster(
+                    "to_far",
+                    vec![internal_endpoint("far", "", Value::Null)],
+                    internal_upstream(),
+                ),
             ],
         )
     });
@@ -543,7 +594,10 @@ async fn unsupported_internal_fields_are_rejected() {
     .err()
     .expect("rejected");
     let text = format!("{e:#}");
-    assert!(text.contains("static_resources.clusters[0].health_checks[0]"), "{text}");
+    assert!(
+        text.contains("static_resources.clusters[0].health_checks[0]"),
+        "{text}"
+    );
     // An internal address in a DNS cluster.
     let e = try_start(|ports| {
         bootstrap(
@@ -628,7 +682,10 @@ async fn hbone_connect_through_an_internal_listener() {
                 listener(
                     "l",
                     ports.listen,
-                    vec![merge(chain(vec![terminate]), json!({"transport_socket": tls.clone()}))],
+                    vec![merge(
+                        chain(vec![terminate]),
+                        json!({"transport_socket": tls.clone()}),
+                    )],
                 ),
                 internal_listener(
                     "main_internal",
@@ -659,10 +716,16 @@ async fn hbone_connect_through_an_internal_listener() {
         .build();
     let (stream, _) = c.connect(p.addr(), "waypoint.example").await.expect("TLS");
     let conn = H2Conn::over(stream).await.expect("h2");
-    let mut a = conn.connect("10.96.1.201:9080", &[]).await.expect("CONNECT");
+    let mut a = conn
+        .connect("10.96.1.201:9080", &[])
+        .await
+        .expect("CONNECT");
     assert_eq!(a.status, 200);
     echo_once(&mut a.stream, b"through main_internal").await;
-    let mut b = conn.connect("10.96.1.202:9080", &[]).await.expect("CONNECT");
+    let mut b = conn
+        .connect("10.96.1.202:9080", &[])
+        .await
+        .expect("CONNECT");
     assert_eq!(b.status, 200);
     echo_once(&mut b.stream, b"second tunnel").await;
     a.stream.shutdown().await.expect("END_STREAM");
@@ -683,4 +746,3 @@ async fn hbone_connect_through_an_internal_listener() {
     );
     echo_once(&mut b.stream, b"still open").await;
 }
-

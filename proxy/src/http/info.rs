@@ -623,7 +623,9 @@ pub fn eval(
         Command::UpstreamHost | Command::UpstreamRemoteAddress
             if info.upstream_internal.is_some() =>
         {
-            info.upstream_internal.as_ref().map(|h| h.target.to_string())
+            info.upstream_internal
+                .as_ref()
+                .map(|h| h.target.to_string())
         }
         Command::UpstreamHost | Command::UpstreamRemoteAddress => {
             info.upstream_host.map(|a| a.to_string())
@@ -649,7 +651,10 @@ pub fn eval(
             Some(crate::internal::CLIENT_ADDRESS.to_owned())
         }
         Command::DownstreamLocalAddress | Command::DownstreamLocalAddressWithoutPort
-            if info.internal_addrs.as_ref().is_some_and(|a| a.local.is_some()) =>
+            if info
+                .internal_addrs
+                .as_ref()
+                .is_some_and(|a| a.local.is_some()) =>
         {
             info.internal_addrs
                 .as_ref()

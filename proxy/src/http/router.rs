@@ -682,7 +682,7 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
-    let mut lb_hash = request_hash(&cluster, &f.action, &parts, info);
+    let mut lb_hash = request_hash(&cluster, f.action, &parts, info);
     // `override_host`: the hosts the request names, one per try.
     let mut overrides = cluster.override_hosts(&parts.headers, Some(&info.dynamic_metadata));
     let retry = retry_policy(&f, &parts);
@@ -1589,6 +1589,9 @@ fn upstream_alpn(
 /// Sends one try (first, retry or hedged) to `host` on this worker's pool
 /// for the request's protocol and route priority: the one place a try
 /// picks its pool and pool key.
+// Every part of the pool key is an argument: this is the one place a try
+// picks its pool and key.
+#[allow(clippy::too_many_arguments)]
 fn send_try<'a>(
     cluster: &'a ClusterRuntime,
     kind: PoolKind,

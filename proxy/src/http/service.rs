@@ -198,7 +198,11 @@ pub async fn handle(
     // internal connection brought) under the request's, as Envoy's stream
     // filter state with its connection parent, whether or not a filter
     // runs.
-    if let Some(d) = ctx.downstream.as_deref().filter(|d| !d.filter_state.is_empty()) {
+    if let Some(d) = ctx
+        .downstream
+        .as_deref()
+        .filter(|d| !d.filter_state.is_empty())
+    {
         info.filter_state = d.filter_state.clone();
     }
     // The request's wire size, before anything changes its headers (chains

@@ -480,7 +480,9 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
     // `internal_upstream` `passthrough_metadata` of kind `cluster`: the
     // cluster's own metadata, known now.
     let cluster_metadata = p.metadata.as_ref();
-    for t in std::iter::once(&mut transport).chain(transport_matches.iter_mut().map(|m| &mut m.transport)) {
+    for t in std::iter::once(&mut transport)
+        .chain(transport_matches.iter_mut().map(|m| &mut m.transport))
+    {
         if let UpstreamTransport::Internal(i, _) = t {
             let i = std::sync::Arc::make_mut(i);
             for src in &mut i.passthrough {
@@ -1104,9 +1106,9 @@ fn locality(
             {
                 EndpointAddress::Pipe(pipe.path.as_str().into())
             }
-            Some(crate::api::envoy::config::core::v3::address::Address::EnvoyInternalAddress(ia))
-                if matches!(discovery, Discovery::Static | Discovery::Eds) =>
-            {
+            Some(crate::api::envoy::config::core::v3::address::Address::EnvoyInternalAddress(
+                ia,
+            )) if matches!(discovery, Discovery::Static | Discovery::Eds) => {
                 use crate::api::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier as N;
                 match &ia.address_name_specifier {
                     Some(N::ServerListenerName(n)) if !n.is_empty() => EndpointAddress::Internal {
@@ -1115,14 +1117,19 @@ fn locality(
                     },
                     _ => {
                         errs.push(
-                            join(&p, "endpoint.address.envoy_internal_address.server_listener_name"),
+                            join(
+                                &p,
+                                "endpoint.address.envoy_internal_address.server_listener_name",
+                            ),
                             "an internal address needs server_listener_name",
                         );
                         continue;
                     }
                 }
             }
-            Some(crate::api::envoy::config::core::v3::address::Address::EnvoyInternalAddress(_)) => {
+            Some(crate::api::envoy::config::core::v3::address::Address::EnvoyInternalAddress(
+                _,
+            )) => {
                 errs.push(
                     join(&p, "endpoint.address.envoy_internal_address"),
                     "internal addresses are for STATIC and EDS clusters",

@@ -144,7 +144,12 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                     if listeners
                         .iter()
                         // As Envoy, listeners on port 0 never collide.
-                        .any(|x: &Arc<Listener>| x.address == l.address && l.address.port() != 0 && !l.internal && !x.internal)
+                        .any(|x: &Arc<Listener>| {
+                            x.address == l.address
+                                && l.address.port() != 0
+                                && !l.internal
+                                && !x.internal
+                        })
                     {
                         errs.push(join(&path, "address"), "another listener has this address");
                     }
@@ -226,9 +231,8 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                 match decode::<InternalListener>(a, &join(&path, "typed_config")) {
                     // Envoy's default is 1 MiB per direction.
                     Ok(il) => {
-                        internal_listener_buffer = Some(
-                            il.buffer_size_kb.map_or(1024, |v| v.value as usize) * 1024,
-                        )
+                        internal_listener_buffer =
+                            Some(il.buffer_size_kb.map_or(1024, |v| v.value as usize) * 1024)
                     }
                     Err(e) => errs.extend(e),
                 }
