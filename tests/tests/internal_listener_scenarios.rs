@@ -423,7 +423,8 @@ async fn passthrough_metadata_restores_the_destination() {
 
 /// `shared_with_upstream: ONCE`: the object reaches the internal listener
 /// the request goes to (`%FILTER_STATE(key:PLAIN)%` there) and not the
-/// next one behind it. Requests with different hashable objects
+/// next one behind it; `TRANSITIVE` goes on. Requests with different
+/// hashable objects
 /// (`envoy.hashable_string`) do not share a pooled internal connection
 /// (a plain `envoy.string` would not split the pool, as Envoy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,12 +432,10 @@ async fn shared_filter_state_once_goes_one_hop() {
     let p = Proxy::start(move |ports| {
         let outer = hcm(
             "outer",
-            vec![set_state(
-                "my.key",
-                "envoy.hashable_string",
-                "%REQ(x-val)%",
-                "ONCE",
-            )],
+            vec![
+                set_state("my.key", "envoy.hashable_string", "%REQ(x-val)%", "ONCE"),
+                set_state("all.key", "envoy.string", "everywhere", "TRANSITIVE"),
+            ],
             vec![vhost(
                 "vh",
                 vec![route("/", "to_mid", json!({}))],
@@ -462,7 +461,10 @@ async fn shared_filter_state_once_goes_one_hop() {
                 vec![
                     json!({"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "far"}}}),
                 ],
-                json!({"response_headers_to_add": [{"header": {"key": "x-far", "value": "[%FILTER_STATE(my.key:PLAIN)%]"}}]}),
+                json!({"response_headers_to_add": [
+                    {"header": {"key": "x-far", "value": "[%FILTER_STATE(my.key:PLAIN)%]"}},
+                    {"header": {"key": "x-far-all", "value": "[%FILTER_STATE(all.key:PLAIN)%]"}},
+                ]}),
             )],
             json!({}),
         );
@@ -493,6 +495,8 @@ async fn shared_filter_state_once_goes_one_hop() {
         assert_eq!((r.status, r.text().as_str()), (200, "far"));
         assert_eq!(r.header("x-mid"), Some(format!("[{v}]").as_str()));
         assert_eq!(r.header("x-far"), Some("[]"));
+        // TRANSITIVE keeps going.
+        assert_eq!(r.header("x-far-all"), Some("[everywhere]"));
     }
     // "one" and "two" need connections of their own; the second "one"
     // reuses the first's.
