@@ -77,6 +77,12 @@ pub trait Callouts: Send + Sync + std::fmt::Debug {
     /// The local node's cluster name (`node.cluster`, `--service-cluster`).
     fn local_cluster(&self) -> String;
 
+    /// The workloads of workload discovery (WDS) for peer metadata's
+    /// `workload_discovery`; `None` without a proxy.
+    fn workloads(&self) -> Option<crate::istio::workloads::Workloads> {
+        None
+    }
+
     /// A cluster's `(membership_total, membership_healthy)`; `None` when
     /// there is no such cluster.
     fn cluster_membership(&self, cluster: &str) -> Option<(u64, u64)>;

@@ -127,6 +127,10 @@ fn value(
         Command::DownstreamPeerSubject => d
             .and_then(|d| d.peer_subject.clone())
             .filter(|s| !s.is_empty()),
+        // The waypoint's `io.istio.local_principal`.
+        Command::DownstreamLocalUriSan => d
+            .filter(|d| !d.local_uri_sans.is_empty())
+            .map(|d| d.local_uri_sans.join(",")),
         Command::RouteName => cx.route_name.as_deref().map(str::to_owned),
         Command::Hostname => Some(hostname().to_owned()),
         Command::ConnectionId => d.map(|d| d.connection_id.to_string()),

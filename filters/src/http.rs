@@ -127,6 +127,9 @@ pub struct FilterContext {
     /// The downstream remote address the HCM derived (XFF, trusted hops);
     /// `None`: the connection's.
     pub downstream_remote: Option<std::net::SocketAddr>,
+    /// In the response phases: the upstream host that answered, if any
+    /// (Envoy's `upstreamInfo().upstreamHost()->address()`).
+    pub upstream_host: Option<std::net::SocketAddr>,
     /// Envoy response flags (short names, `DI`, ...) filters set without
     /// answering; a local reply carries its own in [`LocalReply::flag`].
     pub flags: Vec<&'static str>,
@@ -719,6 +722,7 @@ impl FilterChain {
                         c.name.clone(),
                         p.clone(),
                         &crate::istio::local_node(),
+                        callouts.workloads(),
                     ),
                 )),
                 HttpFilterKind::IstioAlpn(a) => filters.push(Arc::new(

@@ -87,24 +87,75 @@ pub const ORIGINAL_DST_REMOTE_IP: &str = "envoy.filters.listener.original_dst.re
 pub const ORIGINAL_DST_ADDRESS: &str = "envoy.network.transport_socket.original_dst_address";
 
 /// An address in filter state (Envoy's `Network::AddressObject`: its
-/// factory parses `ip:port`; the string form is the same).
+/// factory parses `ip:port`; the string form is the same; hashable; no
+/// typed form, so `%FILTER_STATE(key)%` renders `-`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AddressObject(pub std::net::SocketAddr);
 
 impl AddressObject {
-    /// As Envoy's address object factory: `ip:port` (IPv6 in brackets);
-    /// anything else is no object.
+    /// As Envoy's address object factory
+    /// (`Utility::parseInternetAddressAndPortNoThrow`): `[v6]:port` (the
+    /// last `]:` splits) or `v4:port` (the last `:` splits); the port as
+    /// `absl::SimpleAtoi` reads it (ASCII whitespace around it and a
+    /// leading `+` allowed, decimal, at most 65535); the address in its
+    /// strict numeric form (an IPv6 scope only as a number, `%2`).
+    /// Anything else is no object.
     pub fn parse(value: &str) -> Option<AddressObject> {
-        value.parse().ok().map(AddressObject)
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+        if value.starts_with('[') {
+            let pos = value.rfind("]:")?;
+            let port = simple_atoi_port(&value[pos + 2..])?;
+            let (ip, scope) = match value[1..pos].split_once('%') {
+                Some((ip, scope)) => (ip, scope_id(scope)?),
+                None => (&value[1..pos], 0),
+            };
+            let ip: Ipv6Addr = ip.parse().ok()?;
+            return Some(AddressObject(SocketAddr::V6(SocketAddrV6::new(
+                ip, port, 0, scope,
+            ))));
+        }
+        let pos = value.rfind(':')?;
+        let port = simple_atoi_port(&value[pos + 1..])?;
+        let ip: Ipv4Addr = value[..pos].parse().ok()?;
+        Some(AddressObject(SocketAddr::V4(SocketAddrV4::new(ip, port))))
     }
+}
+
+/// A port as `absl::SimpleAtoi` into a `uint64_t`, then at most 65535.
+fn simple_atoi_port(s: &str) -> Option<u16> {
+    // absl's whitespace: space, \t, \n, \v, \f, \r.
+    let s = s.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r'));
+    let digits = s.strip_prefix('+').unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Leading zeros are fine; a value past u64 fails as absl's overflow.
+    let v: u64 = digits.parse().ok()?;
+    u16::try_from(v).ok()
+}
+
+/// A numeric IPv6 scope id (`getaddrinfo` with `AI_NUMERICHOST` also
+/// takes an interface name; weir does not look names up).
+fn scope_id(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 impl StateObject for AddressObject {
     fn serialize_as_string(&self) -> Option<String> {
         Some(self.0.to_string())
     }
+    /// Envoy's address object has no proto form.
+    fn serialize_as_json(&self) -> Option<String> {
+        None
+    }
     fn as_any(&self) -> &dyn Any {
         self
+    }
+    fn hashable(&self) -> bool {
+        true
     }
 }
 
@@ -341,5 +392,49 @@ mod tests {
                 .clone(),
         );
         assert_eq!(m.value("jwt", &["payload"]), Some(&json!(2)));
+    }
+
+    #[test]
+    fn address_objects_parse_as_envoys_factory() {
+        let ok = |s: &str| AddressObject::parse(s).map(|a| a.0.to_string());
+        assert_eq!(ok("10.0.0.1:80").as_deref(), Some("10.0.0.1:80"));
+        assert_eq!(ok("10.0.0.1:080").as_deref(), Some("10.0.0.1:80"));
+        assert_eq!(ok("10.0.0.1:+80").as_deref(), Some("10.0.0.1:80"));
+        assert_eq!(ok("10.0.0.1: 80 ").as_deref(), Some("10.0.0.1:80"));
+        assert_eq!(ok("10.0.0.1:65535").as_deref(), Some("10.0.0.1:65535"));
+        assert_eq!(ok("[::1]:9080").as_deref(), Some("[::1]:9080"));
+        assert_eq!(ok("[fe80::1%2]:80").as_deref(), Some("[fe80::1%2]:80"));
+        assert_eq!(
+            ok("[::ffff:1.2.3.4]:1").as_deref(),
+            Some("[::ffff:1.2.3.4]:1")
+        );
+        for bad in [
+            "",
+            ":",
+            "10.0.0.1",
+            "10.0.0.1:",
+            "10.0.0.1:65536",
+            "10.0.0.1:-1",
+            "10.0.0.1:++1",
+            "10.0.0.1:0x50",
+            "10.0.0.1:99999999999999999999999",
+            "01.0.0.1:80",
+            "::1:80",
+            "[::1]",
+            "[::1]80",
+            "[]:80",
+            "[::1%]:80",
+            "[::1%eth0]:80",
+            "host:80",
+            "1.2.3:80",
+            " 10.0.0.1:80",
+            "[",
+            "[:",
+        ] {
+            assert_eq!(ok(bad), None, "{bad:?}");
+        }
+        let a = AddressObject::parse("10.0.0.1:80").expect("parses");
+        assert_eq!(a.serialize_as_json(), None);
+        assert!(a.hashable());
     }
 }

@@ -10,8 +10,8 @@
 //!   world (`DiscoveryResponse`); bit 1: after every response, expire the
 //!   initial fetches as if a day had passed.
 //! - a frame: `type, len_hi, len_lo, len bytes` (fewer when the input ends
-//!   first); `type % 5` picks the resource type (`ResourceType::ALL`: CDS,
-//!   EDS, LDS, RDS, SDS) the response is applied as, whatever its
+//!   first); `type % 6` picks the resource type (`ResourceType::ALL`: CDS,
+//!   EDS, LDS, RDS, SDS, WDS) the response is applied as, whatever its
 //!   `type_url` says.
 //!
 //! So later frames update, replace (SotW of LDS/CDS) or remove (delta)

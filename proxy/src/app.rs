@@ -59,6 +59,9 @@ pub struct Shared {
     pub workers: usize,
     /// `admin.access_log` loggers.
     pub admin_logs: Vec<Arc<Logger>>,
+    /// Workload discovery's index (address -> peer), swapped on each WDS
+    /// change; read by peer metadata's `workload_discovery`.
+    pub workloads: filters::istio::workloads::Workloads,
 }
 
 impl Shared {
@@ -146,6 +149,7 @@ impl Server {
                 .flat_map(|a| a.access_logs.iter())
                 .map(|a| Arc::new(Logger::new(a.clone(), writer.clone())))
                 .collect(),
+            workloads: filters::istio::workloads::new_workloads(),
         });
         crate::manager::apply_initial(&shared, &snapshot)?;
         shared.server_stats.concurrency.set(workers as i64);

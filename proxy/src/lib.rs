@@ -21,6 +21,7 @@ pub mod stats;
 pub mod tcp;
 pub mod tls;
 pub mod trace;
+pub mod tunnel;
 pub mod upstream;
 pub mod xds;
 

@@ -221,6 +221,9 @@ pub struct ConnMeta {
     /// Source and destination (PROXY protocol may replace the socket's).
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    /// A listener filter restored `dst` (Envoy's `localAddressRestored()`,
+    /// what an ORIGINAL_DST cluster connects to).
+    pub local_restored: bool,
     /// The socket's own peer address.
     pub direct_src: SocketAddr,
     /// Lower-cased SNI from tls_inspector.
@@ -447,6 +450,8 @@ async fn run_listener_filters(
                             if let Some((src, dst)) = h.addresses {
                                 meta.src = src;
                                 meta.dst = dst;
+                                // As Envoy's filter: `restoreLocalAddress`.
+                                meta.local_restored = true;
                             }
                             pp::apply_rules(&cfg.rules, &h.tlvs, &mut meta.metadata);
                             // Kept for an upstream PROXY protocol header as
@@ -723,6 +728,7 @@ async fn connection(
     let mut meta = ConnMeta {
         src: peer,
         dst: local,
+        local_restored: false,
         direct_src: peer,
         sni: None,
         transport: "raw_buffer",
@@ -821,6 +827,8 @@ async fn connection(
         NetworkRuntime::Http(hcm) => {
             // Built for chains with HTTP filters, and for connections
             // with filter state (an internal connection's shared objects).
+            // Also for a router-only chain when network filters left filter
+            // state (an ORIGINAL_DST cluster reads it).
             let downstream = (!hcm.chain.is_router_only() || !conn_state.is_empty()).then(|| {
                 let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
                 Arc::new(filters::Downstream {
@@ -851,6 +859,8 @@ async fn connection(
                 direct_peer: meta.direct_src,
                 sni: meta.sni.clone(),
                 local: meta.dst,
+                local_restored: meta.local_restored,
+                metadata: std::mem::take(&mut meta.metadata),
                 id,
                 scheme: if tls.is_some() { "https" } else { "http" },
                 tls,

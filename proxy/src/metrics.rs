@@ -479,7 +479,7 @@ pub struct XdsStats {
 }
 
 impl XdsStats {
-    fn new(store: &Store, prefix: &str) -> Self {
+    pub fn new(store: &Store, prefix: &str) -> Self {
         let c = |s: &str| store.counter(StatName::plain(format!("{prefix}.{s}")));
         XdsStats {
             update_attempt: c("update_attempt"),

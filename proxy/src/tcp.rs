@@ -150,7 +150,13 @@ impl TcpRuntime {
             info.flags.set(Flags::UO);
             return self.finish(info, start);
         }
-        let _cx_slot = limits.connections.guard();
+        // A tunnel's upstream connection is pooled: the pool counts it.
+        let tunneling = self.config.tunneling.as_deref();
+        let _cx_slot = tunneling.is_none().then(|| limits.connections.guard());
+        if tunneling.is_some() {
+            // The tunnel's hostname and headers may read it.
+            info.filter_state = conn_state.clone();
+        }
         // As Envoy's tcp_proxy: the connection's filter state may override
         // the upstream ALPN (`envoy.network.application_protocols`).
         let alpn_override = conn_state
@@ -164,14 +170,21 @@ impl TcpRuntime {
         };
         let mut tried = Vec::new();
         let mut attempt = 0;
-        let (up, host, up_alpn) = loop {
+        let (up, host) = loop {
             attempt += 1;
             // A consistent-hash cluster's own hash policy (no request: only
             // `source_ip` can yield a hash), else `hash_policy` source_ip:
             // the host of the downstream IP (Envoy's tcp_proxy retries it
             // as is).
-            let picked = if !cluster.config.lb_hash_policy.is_empty() && cluster.config.lb.is_hash()
-            {
+            let picked = if cluster.original_dst.is_some() {
+                // ORIGINAL_DST: the connection names its destination.
+                cluster.original_dst_host(&crate::upstream::original_dst::DstInputs {
+                    filter_state: [Some(conn_state), None],
+                    metadata: [Some(&info.dynamic_metadata), None],
+                    headers: None,
+                    restored_local: meta.local_restored.then_some(meta.dst),
+                })
+            } else if !cluster.config.lb_hash_policy.is_empty() && cluster.config.lb.is_hash() {
                 let h = crate::upstream::hash_lb::request_hash(
                     &cluster.config.lb_hash_policy,
                     &http::HeaderMap::new(),
@@ -215,27 +228,48 @@ impl TcpRuntime {
                 return self.finish(info, start);
             };
             info.set_upstream_host(&host);
-            match connect(
-                &cluster,
-                &host,
-                &source,
-                alpn_override.as_deref(),
-                conn_state.into(),
-            )
-            .await
-            {
-                Ok((s, a)) => {
-                    cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
-                    break (s, host, a);
+            let attempt_result = match tunneling {
+                Some(t) => {
+                    match crate::tunnel::open(&cluster, &host, t, &info, alpn_override.clone())
+                        .await
+                    {
+                        Ok(o) => Ok(Up::Tunnel(o)),
+                        // As Envoy: a pool overflow is a local close
+                        // before connecting: no UF, and no outlier event.
+                        Err(crate::tunnel::OpenError::Overflow) => {
+                            Err(("overflow".to_owned(), false))
+                        }
+                        Err(crate::tunnel::OpenError::Failed(e)) => Err((e, true)),
+                    }
                 }
-                Err(e) => {
-                    cluster.outlier_local(&host, LocalResult::ConnectFailed);
+                None => connect(
+                    &cluster,
+                    &host,
+                    &source,
+                    alpn_override.as_deref(),
+                    conn_state.into(),
+                )
+                .await
+                .map(|(s, a)| Up::Tcp(s, a))
+                .map_err(|e| (e, true)),
+            };
+            match attempt_result {
+                Ok(u) => {
+                    cluster.outlier_local(&host, LocalResult::ConnectSuccessFinal);
+                    break (u, host);
+                }
+                Err((e, remote)) => {
+                    if remote {
+                        cluster.outlier_local(&host, LocalResult::ConnectFailed);
+                    }
                     info.upstream_failure_reason = Some(e);
                     if attempt >= self.config.max_connect_attempts {
                         cluster.stats.upstream_cx_connect_attempts_exceeded.inc();
                         // As Envoy: a connect failure with the attempts
-                        // used up is UF and URX.
-                        info.flags.set(Flags::UF);
+                        // used up is UF and URX (a local one URX only).
+                        if remote {
+                            info.flags.set(Flags::UF);
+                        }
                         info.flags.set(Flags::URX);
                         return self.finish(info, start);
                     }
@@ -244,17 +278,30 @@ impl TcpRuntime {
             }
         };
         info.upstream_failure_reason = None;
-        // The cluster's upstream metadata exchange (Istio's cluster filter).
-        let up = match crate::mx::start(up, cluster.mx.as_ref(), up_alpn.as_deref()).await {
-            Ok(u) => u,
-            Err(e) => {
-                info.upstream_failure_reason = Some(format!("metadata exchange: {e}"));
-                info.flags.set(Flags::UF);
-                return self.finish(info, start);
+        let up = match up {
+            Up::Tcp(up, up_alpn) => {
+                // The cluster's upstream metadata exchange (Istio's cluster
+                // filter).
+                let up = match crate::mx::start(up, cluster.mx.as_ref(), up_alpn.as_deref()).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        info.upstream_failure_reason = Some(format!("metadata exchange: {e}"));
+                        info.flags.set(Flags::UF);
+                        return self.finish(info, start);
+                    }
+                };
+                info.upstream_tls = upstream_tls(&cluster, &host, &up);
+                UpSplice::Tcp(up)
+            }
+            Up::Tunnel(o) => {
+                info.upstream_tls = o.tls;
+                UpSplice::Tunnel(o.io)
             }
         };
-        let upstream_peer = up.peer();
-        info.upstream_tls = upstream_tls(&cluster, &host, &up);
+        let upstream_peer = match &up {
+            UpSplice::Tcp(u) => Some(u.peer()),
+            UpSplice::Tunnel(_) => None,
+        };
         let upstream_local_san = info
             .upstream_tls
             .as_ref()
@@ -317,7 +364,7 @@ impl TcpRuntime {
         info.bytes_sent = tx.load(Relaxed);
         let mut end = self.finish(info, start);
         end.downstream_peer = downstream_peer.get().cloned();
-        end.upstream_peer = upstream_peer.get().cloned();
+        end.upstream_peer = upstream_peer.and_then(|p| p.get().cloned());
         end.upstream_local_san = upstream_local_san;
         end.upstream_peer_san = upstream_peer_san;
         end
@@ -347,6 +394,57 @@ pub struct ConnFilters<'a> {
     pub state: &'a filters::FilterState,
     /// Istio's metadata exchange (the listener's filter).
     pub mx: Option<&'a Arc<filters::istio::mx::MetadataExchange>>,
+}
+
+/// The upstream of one attempt: a TCP (or TLS) connection with its ALPN,
+/// or a tunnel stream.
+enum Up {
+    Tcp(UpstreamIo, Option<Vec<u8>>),
+    Tunnel(crate::tunnel::Opened),
+}
+
+/// What the bytes are copied to.
+enum UpSplice {
+    Tcp(crate::mx::MxIo<UpstreamIo>),
+    Tunnel(crate::tunnel::Tunnel),
+}
+
+impl AsyncRead for UpSplice {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpSplice::Tcp(u) => Pin::new(u).poll_read(cx, buf),
+            UpSplice::Tunnel(u) => Pin::new(u).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpSplice {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpSplice::Tcp(u) => Pin::new(u).poll_write(cx, buf),
+            UpSplice::Tunnel(u) => Pin::new(u).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpSplice::Tcp(u) => Pin::new(u).poll_flush(cx),
+            UpSplice::Tunnel(u) => Pin::new(u).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpSplice::Tcp(u) => Pin::new(u).poll_shutdown(cx),
+            UpSplice::Tunnel(u) => Pin::new(u).poll_shutdown(cx),
+        }
+    }
 }
 
 /// What a proxied connection ended with (for the network filters'

@@ -142,6 +142,11 @@ const TRIM_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Starts the xDS client on the current (control) runtime.
 pub fn start(shared: &Arc<Shared>) {
     let base = shared.snapshot.load_full();
+    let base_has_wds = base.dynamic.wds.is_some();
+    // Istio's `workload_discovery.*` subscription stats (scope
+    // `workload_discovery`), when the extension is configured.
+    let wds_stats =
+        base_has_wds.then(|| crate::metrics::XdsStats::new(&shared.stats, "workload_discovery"));
     let weak = Arc::downgrade(shared);
     let w2 = weak.clone();
     let last_response = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -185,6 +190,7 @@ pub fn start(shared: &Arc<Shared>) {
             let stats = |rt| match rt {
                 ResourceType::Cluster => Some(&st.cds),
                 ResourceType::Listener => Some(&st.lds),
+                ResourceType::Workload => wds_stats.as_ref(),
                 _ => None,
             };
             lr.store(
@@ -213,6 +219,9 @@ pub fn start(shared: &Arc<Shared>) {
             }
         }),
     );
+    if base_has_wds {
+        set_workloads_hook(shared, &client);
+    }
     let _ = shared.xds.set(client.clone());
     tokio::spawn(client.run());
     // A full update allocates a lot for a moment (decoded resources, the
@@ -244,4 +253,39 @@ pub fn start(shared: &Arc<Shared>) {
             }
         }
     });
+}
+
+/// Workload discovery: each WDS change rebuilds the address index (peer
+/// objects of unchanged workloads reused) and swaps it in; the gauge
+/// `workload_discovery.total` counts the addresses (as Istio's).
+fn set_workloads_hook(shared: &Arc<Shared>, client: &XdsClient) {
+    let weak = Arc::downgrade(shared);
+    let total = shared
+        .stats
+        .gauge(crate::stats::StatName::plain("workload_discovery.total"));
+    let network = shared
+        .snapshot
+        .load()
+        .node
+        .metadata
+        .get("NETWORK")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    client.on_workloads(Box::new(move |workloads| {
+        let Some(s) = weak.upgrade() else { return };
+        let index = filters::istio::workloads::WorkloadIndex::build(
+            &s.workloads.load(),
+            &workloads,
+            &network,
+        );
+        total.set(index.len() as i64);
+        tracing::debug!(
+            target: "config",
+            workloads = index.workloads(),
+            addresses = index.len(),
+            "workload discovery updated"
+        );
+        s.workloads.store(Arc::new(index));
+    }));
 }

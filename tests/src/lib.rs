@@ -7,6 +7,8 @@
 pub mod client;
 pub mod config;
 pub mod diff;
+pub mod hbone;
+pub mod hbone_server;
 pub mod proc;
 pub mod scenario;
 pub mod tcp;

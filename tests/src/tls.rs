@@ -1095,6 +1095,8 @@ pub struct TlsServerOptions {
     pub alpn: Vec<String>,
     pub client_auth: ClientAuth,
     pub versions: TlsVersions,
+    /// Where to listen (`127.0.0.1:0` by default).
+    pub bind: SocketAddr,
 }
 
 impl TlsServerOptions {
@@ -1110,7 +1112,14 @@ impl TlsServerOptions {
             alpn: vec!["h2".to_owned(), "http/1.1".to_owned()],
             client_auth: ClientAuth::None,
             versions: TlsVersions::Any,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
+    }
+
+    /// Listens on `addr` instead of `127.0.0.1:0`.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
     }
 
     pub fn alpn(mut self, protos: &[&str]) -> Self {
@@ -1348,7 +1357,7 @@ fn server_config(opts: &TlsServerOptions, leaf: &Leaf) -> Arc<ServerConfig> {
 
 type KeyedConfig = (KeyAlg, Arc<ServerConfig>);
 
-struct ServerConfigs {
+pub(crate) struct ServerConfigs {
     default: KeyedConfig,
     by_sni: HashMap<String, KeyedConfig>,
     alt: Vec<KeyedConfig>,
@@ -1396,7 +1405,7 @@ impl ServerConfigs {
 }
 
 /// Runs the server side of a handshake, recording it in `log`.
-async fn accept_tls(
+pub(crate) async fn accept_tls(
     stream: TcpStream,
     peer: SocketAddr,
     configs: &ServerConfigs,
@@ -1505,10 +1514,10 @@ fn tls_headers(rec: &TlsConnRecord) -> Vec<(&'static str, String)> {
     h
 }
 
-async fn bind_tls(
+pub(crate) async fn bind_tls(
     opts: &TlsServerOptions,
 ) -> std::io::Result<(TcpListener, SocketAddr, Arc<ServerConfigs>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = TcpListener::bind(opts.bind).await?;
     let addr = listener.local_addr()?;
     Ok((listener, addr, Arc::new(ServerConfigs::new(opts))))
 }

@@ -150,7 +150,13 @@ pub async fn http2(name: &str) -> std::io::Result<EchoServer> {
 
 /// An echo upstream speaking `proto`.
 pub async fn echo(name: &str, proto: Proto) -> std::io::Result<EchoServer> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    echo_at(name, proto, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// An echo upstream speaking `proto` on `bind` (another loopback address,
+/// a chosen port).
+pub async fn echo_at(name: &str, proto: Proto, bind: SocketAddr) -> std::io::Result<EchoServer> {
+    let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let state = Arc::new(State::default());
     let kept = state.clone();

@@ -70,6 +70,8 @@ pub mod type_url {
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     /// SDS.
     pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    /// WDS (istio/proxy's workload discovery): named by `uid`.
+    pub const WORKLOAD: &str = "type.googleapis.com/istio.workload.Workload";
 }
 
 /// One request received on an ADS stream, as decoded.
@@ -1041,7 +1043,13 @@ pub fn any_from_yaml(type_url: &str, text: &str) -> anyhow::Result<Any> {
 pub fn resource_name(any: &Any) -> anyhow::Result<String> {
     let msg = xds_client::descriptors::decode_any(&any.type_url, &any.value)
         .map_err(|e| anyhow!("cannot read the resource's name: {e}"))?;
-    for field in ["name", "cluster_name"] {
+    // A WDS workload is named by its uid (its `name` is the pod's).
+    let fields: &[&str] = if any.type_url == type_url::WORKLOAD {
+        &["uid"]
+    } else {
+        &["name", "cluster_name"]
+    };
+    for field in fields {
         let value = msg.get_field_by_name(field);
         if let Some(name) = value.as_deref().and_then(|v| v.as_str()) {
             if !name.is_empty() {
@@ -1063,7 +1071,9 @@ fn check_type(type_url: &str, any: &Any) -> anyhow::Result<()> {
 }
 
 fn is_wildcard_type(type_url: &str) -> bool {
-    type_url == type_url::LISTENER || type_url == type_url::CLUSTER
+    type_url == type_url::LISTENER
+        || type_url == type_url::CLUSTER
+        || type_url == type_url::WORKLOAD
 }
 
 fn short_type(type_url: &str) -> &str {

@@ -515,3 +515,78 @@ fn unknown_flag_exits_1() {
     let out = run(&binary(), &["--no-such-flag"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
 }
+
+/// An ambient proxy's bootstrap as istio-agent renders it
+/// (istio/istio `pkg/bootstrap/testdata/ambient_golden.json`, trimmed to
+/// the parts that matter here): the `metadata_discovery` extension
+/// (`istio.workload.BootstrapExtension`, WDS over ADS, as a TypedStruct)
+/// and the internal listener extension, delta ADS over the agent's socket.
+/// `config_source` is the extension's, spliced in.
+fn ambient_bootstrap(config_source: &str) -> String {
+    format!(
+        r#"{{
+  "node": {{"id": "sidecar~10.0.0.1~waypoint-abc.default~default.svc.cluster.local",
+            "cluster": "waypoint.default",
+            "metadata": {{"NAMESPACE": "default", "CLUSTER_ID": "Kubernetes", "ENABLE_HBONE": true}}}},
+  "bootstrap_extensions": [
+    {{"name": "metadata_discovery",
+      "typed_config": {{"@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                        "type_url": "type.googleapis.com/istio.workload.BootstrapExtension",
+                        "value": {{"config_source": {config_source}}}}}}},
+    {{"name": "envoy.bootstrap.internal_listener",
+      "typed_config": {{"@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                        "type_url": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+                        "value": {{"buffer_size_kb": 64}}}}}}
+  ],
+  "dynamic_resources": {{
+    "lds_config": {{"ads": {{}}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}},
+    "cds_config": {{"ads": {{}}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}},
+    "ads_config": {{"api_type": "DELTA_GRPC", "set_node_on_first_message_only": true,
+                    "transport_api_version": "V3",
+                    "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}}
+  }},
+  "static_resources": {{"clusters": [
+    {{"name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
+      "load_assignment": {{"cluster_name": "xds-grpc", "endpoints": [{{"lb_endpoints": [
+        {{"endpoint": {{"address": {{"pipe": {{"path": "./etc/istio/proxy/XDS"}}}}}}}}]}}]}},
+      "typed_extension_protocol_options": {{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {{
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {{"http2_protocol_options": {{}}}}}}}}}}
+  ]}}
+}}"#
+    )
+}
+
+#[test]
+fn validate_accepts_the_ambient_bootstrap_with_workload_discovery() {
+    let dir = tmp_dir();
+    let cfg = write(&dir, "ambient.json", &ambient_bootstrap(r#"{"ads": {}}"#));
+    let out = run(
+        &weir(),
+        &["--mode", "validate", "-c", cfg.to_str().expect("utf-8")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("OK"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn validate_rejects_workload_discovery_off_ads_with_its_path() {
+    let dir = tmp_dir();
+    let cfg = write(
+        &dir,
+        "ambient-path.json",
+        &ambient_bootstrap(r#"{"path": "/etc/wds.yaml"}"#),
+    );
+    let out = run(
+        &weir(),
+        &["--mode", "validate", "-c", cfg.to_str().expect("utf-8")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "bootstrap_extensions[0].typed_config.config_source: only ads is supported for workload discovery"
+        ),
+        "{err}"
+    );
+}

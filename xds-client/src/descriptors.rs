@@ -232,6 +232,7 @@ fn extra_files() -> Vec<FileDescriptorProto> {
     ];
     files.extend(istio_files());
     files.push(ip_matcher_file());
+    files.push(istio_workload_file());
     files
 }
 
@@ -564,6 +565,67 @@ fn alpn_file() -> FileDescriptorProto {
         &[],
         vec![config],
         vec![],
+    )
+}
+
+/// `istio.workload.BootstrapExtension`: the `metadata_discovery` bootstrap
+/// extension (WDS over a config source) of an ambient proxy's bootstrap.
+pub const ISTIO_WORKLOAD_EXTENSION: &str = "istio.workload.BootstrapExtension";
+/// `istio.workload.Workload`: the WDS resource (type URL
+/// `type.googleapis.com/istio.workload.Workload`).
+pub const ISTIO_WORKLOAD: &str = "istio.workload.Workload";
+
+/// istio/proxy `source/extensions/common/workload_discovery/extension.proto`
+/// and the part of `discovery.proto` (itself ztunnel's `workload.proto`)
+/// that peer metadata reads: `Workload` with the fields weir uses (the
+/// others are unknown fields to this descriptor: skipped when decoding,
+/// as a proxy built from an older schema does), `Locality` and
+/// `WorkloadType`. Numbers and names as upstream.
+fn istio_workload_file() -> FileDescriptorProto {
+    const P: &str = ".istio.workload";
+    let extension = message_proto(
+        "BootstrapExtension",
+        vec![message_field(
+            "config_source",
+            1,
+            ".envoy.config.core.v3.ConfigSource",
+        )],
+    );
+    let workload = message_proto(
+        "Workload",
+        vec![
+            field("uid", 20, Type::String),
+            field("name", 1, Type::String),
+            field("namespace", 2, Type::String),
+            repeated(field("addresses", 3, Type::Bytes)),
+            field("network", 4, Type::String),
+            field("trust_domain", 6, Type::String),
+            field("service_account", 7, Type::String),
+            field("canonical_name", 10, Type::String),
+            field("canonical_revision", 11, Type::String),
+            enum_field("workload_type", 12, &format!("{P}.WorkloadType")),
+            field("workload_name", 13, Type::String),
+            field("cluster_id", 18, Type::String),
+            message_field("locality", 24, &format!("{P}.Locality")),
+        ],
+    );
+    let locality = message_proto(
+        "Locality",
+        vec![
+            field("region", 1, Type::String),
+            field("zone", 2, Type::String),
+            field("subzone", 3, Type::String),
+        ],
+    );
+    proto3_file(
+        "source/extensions/common/workload_discovery/discovery.proto",
+        "istio.workload",
+        &["envoy/config/core/v3/config_source.proto"],
+        vec![extension, workload, locality],
+        vec![enumeration(
+            "WorkloadType",
+            &[("DEPLOYMENT", 0), ("CRONJOB", 1), ("POD", 2), ("JOB", 3)],
+        )],
     )
 }
 

@@ -8,6 +8,7 @@ pub mod mx;
 pub mod peer;
 pub mod peer_metadata;
 pub mod stats;
+pub mod workloads;
 
 pub use peer::PeerInfo;
 

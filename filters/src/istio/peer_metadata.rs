@@ -12,6 +12,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use http::{HeaderName, HeaderValue};
 use xds_client::config::{PeerDiscovery, PeerMetadataConfig, PeerPropagation};
 
+use super::workloads::Workloads;
 use super::{LocalNode, PeerInfo, DOWNSTREAM_PEER, UPSTREAM_PEER};
 use crate::http::{Action, FilterContext, HttpFilter, HttpFilterFactory, RouteView};
 use crate::state::StateFlags;
@@ -22,6 +23,9 @@ pub const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-meta
 pub const PEER_METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
 /// W3C `baggage`.
 pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+/// `x-forwarded-network`: the network a request came from (set by an
+/// east-west gateway).
+pub const FORWARDED_NETWORK: HeaderName = HeaderName::from_static("x-forwarded-network");
 
 /// Decoded peers kept per factory and method (Istio keeps a per-worker
 /// cache too).
@@ -51,10 +55,21 @@ struct Inner {
     cache: RwLock<HashMap<Box<[u8]>, Arc<PeerInfo>>>,
     /// Likewise for `baggage` values.
     baggage_cache: RwLock<HashMap<Box<[u8]>, Arc<PeerInfo>>>,
+    /// The workloads of workload discovery (the proxy's; `None` in tests
+    /// without one: `workload_discovery` then finds nothing, as Istio
+    /// without a provider).
+    workloads: Option<Workloads>,
+    /// Our node metadata's `NETWORK` (empty when unset).
+    network: String,
 }
 
 impl PeerMetadataFactory {
-    pub fn new(name: Arc<str>, config: Arc<PeerMetadataConfig>, local: &LocalNode) -> Self {
+    pub fn new(
+        name: Arc<str>,
+        config: Arc<PeerMetadataConfig>,
+        local: &LocalNode,
+        workloads: Option<Workloads>,
+    ) -> Self {
         // As Istio: the node's locality stands in for a missing `REGION` /
         // `AVAILABILITY_ZONE` in both propagated forms.
         let mut me = PeerInfo::local(
@@ -78,6 +93,13 @@ impl PeerMetadataFactory {
                 baggage,
                 cache: RwLock::new(HashMap::new()),
                 baggage_cache: RwLock::new(HashMap::new()),
+                workloads,
+                network: local
+                    .metadata
+                    .get("NETWORK")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
             }),
         }
     }
@@ -143,6 +165,31 @@ impl Inner {
         .unwrap_or_default()
     }
 
+    /// `workload_discovery`, as Istio's `XDSMethod`: downstream, the
+    /// request's remote address (unless `x-forwarded-network` names
+    /// another network than ours); upstream, the address of the host that
+    /// answered.
+    fn workload_peer(
+        &self,
+        headers: &http::HeaderMap,
+        cx: &FilterContext,
+        downstream: bool,
+    ) -> Option<Arc<PeerInfo>> {
+        let index = self.workloads.as_ref()?;
+        let addr = if downstream {
+            if let Some(n) = headers.get(&FORWARDED_NETWORK) {
+                if n.as_bytes() != self.network.as_bytes() {
+                    return None;
+                }
+            }
+            cx.downstream_remote
+                .or_else(|| cx.downstream.as_ref().map(|d| d.remote))?
+        } else {
+            cx.upstream_host?
+        };
+        index.load().get(addr.ip()).cloned()
+    }
+
     /// Runs the discovery methods on `headers`; the first result is stored
     /// under `key` (unless already there, as Istio), then every method's
     /// headers are removed. Returns whether the two headers were present.
@@ -175,8 +222,9 @@ impl Inner {
                 PeerDiscovery::Baggage => headers
                     .get(&BAGGAGE)
                     .map(|v| self.lookup_baggage(v.as_bytes())),
-                // No workload metadata provider (see the config type).
-                PeerDiscovery::WorkloadDiscovery => None,
+                PeerDiscovery::WorkloadDiscovery => {
+                    self.workload_peer(headers, cx, key == DOWNSTREAM_PEER)
+                }
             };
             if found.is_some() {
                 break;
@@ -342,7 +390,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let f = PeerMetadataFactory::new("pm".into(), config, &node(), None);
         let client = PeerInfo {
             workload: "client".into(),
             namespace: "apps".into(),
@@ -405,7 +453,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let f = PeerMetadataFactory::new("pm".into(), config, &node(), None);
         let route = RouteView {
             cluster: Some("PassthroughCluster"),
             ..RouteView::empty()
@@ -444,7 +492,7 @@ mod tests {
             upstream_propagation: vec![PeerPropagation::Baggage],
             ..Default::default()
         });
-        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let f = PeerMetadataFactory::new("pm".into(), config, &node(), None);
         let ours = "k8s.pod.name=gw,app.name=gw,k8s.namespace.name=istio-system,\
                     k8s.cluster.name=Kubernetes,k8s.instance.name=gw-1";
         let mx = PeerInfo {
@@ -513,7 +561,7 @@ mod tests {
             downstream_discovery: vec![PeerDiscovery::Baggage],
             ..Default::default()
         });
-        let f = PeerMetadataFactory::new("pm".into(), config, &node());
+        let f = PeerMetadataFactory::new("pm".into(), config, &node(), None);
         let long = format!("junk={},k8s.namespace.name=big", "x".repeat(8000));
         for _ in 0..2 {
             let mut i = f.create(&RouteView::empty()).expect("instance");

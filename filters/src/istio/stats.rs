@@ -851,8 +851,16 @@ fn standard_labels(
         },
     }
     let server = reporter != Reporter::ClientSidecar;
-    let peer_san = input.peer_uri_san.unwrap_or_default();
+    let mut peer_san = input.peer_uri_san.unwrap_or_default();
     let local_san = input.local_uri_san.unwrap_or_default();
+    if !server && peer_san.is_empty() {
+        // As Istio: without an upstream certificate, the endpoint peer's
+        // identity (known from workload discovery).
+        peer_san = input
+            .upstream_peer
+            .map(|p| p.identity.as_str())
+            .unwrap_or_default();
+    }
     let (peer, mtls) = if server {
         // As Istio: mutual TLS when both principals are known.
         (
@@ -881,7 +889,9 @@ fn standard_labels(
             let ep = input.upstream_peer;
             v.push(pf(ep, |p| &p.workload, UNKNOWN));
             v.push(pf(ep, |p| &p.namespace, UNKNOWN));
-            v.push(or(local_san, UNKNOWN));
+            // As Istio (istio/proxy #5514): the endpoint peer's identity (known
+            // from workload discovery), not our own certificate.
+            v.push(pf(ep, |p| &p.identity, UNKNOWN));
             v.push(pf(ep, |p| &p.app, UNKNOWN));
             v.push(pf(ep, |p| &p.version, UNKNOWN));
             v.push(or(service_host, UNKNOWN));

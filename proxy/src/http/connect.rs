@@ -85,6 +85,17 @@ pub(super) async fn terminate(
     // cluster (the cluster's policy, else the route's), `override_host`.
     let hash = super::router::request_hash(&cluster, action, parts, info).hash;
     let mut overrides = cluster.override_hosts(&parts.headers, Some(&info.dynamic_metadata));
+    if let Some(od) = &cluster.original_dst {
+        overrides.original_dst = od.destination(&crate::upstream::original_dst::DstInputs {
+            filter_state: [
+                Some(&info.filter_state),
+                ctx.downstream.as_deref().map(|d| &d.filter_state),
+            ],
+            metadata: [Some(&info.dynamic_metadata), Some(&ctx.metadata)],
+            headers: Some(&parts.headers),
+            restored_local: ctx.local_restored.then_some(ctx.local),
+        });
+    }
     let Some(host) = cluster.choose_request(hash, &mut overrides, &[], 0) else {
         info.flags.set(Flags::UH);
         info.response_code_details = "no_healthy_upstream";

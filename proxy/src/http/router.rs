@@ -52,6 +52,14 @@ pub struct Forward<'a> {
     pub keep_request: Option<&'a mut Option<super::redirect::Source>>,
     /// The downstream an upstream PROXY protocol header describes.
     pub proxy_source: Arc<crate::upstream::proxy_protocol::ProxySource>,
+    /// The connection's filter state (network filters), for an
+    /// ORIGINAL_DST cluster.
+    pub conn_state: Option<&'a filters::FilterState>,
+    /// The connection's local address when a listener filter restored it.
+    pub restored_local: Option<std::net::SocketAddr>,
+    /// The connection's dynamic metadata, for an ORIGINAL_DST cluster's
+    /// `metadata_key`.
+    pub conn_metadata: Option<&'a filters::DynamicMetadata>,
 }
 
 /// The route's `request_mirror_policies` that fire for this request: the
@@ -685,6 +693,16 @@ pub async fn forward(
     let mut lb_hash = request_hash(&cluster, f.action, &parts, info);
     // `override_host`: the hosts the request names, one per try.
     let mut overrides = cluster.override_hosts(&parts.headers, Some(&info.dynamic_metadata));
+    // ORIGINAL_DST: the destination the request names (every try goes
+    // there).
+    if let Some(od) = &cluster.original_dst {
+        overrides.original_dst = od.destination(&crate::upstream::original_dst::DstInputs {
+            filter_state: [Some(&info.filter_state), f.conn_state],
+            metadata: [Some(&info.dynamic_metadata), f.conn_metadata],
+            headers: Some(&parts.headers),
+            restored_local: f.restored_local,
+        });
+    }
     let retry = retry_policy(&f, &parts);
     let (global, per_try) = timeouts(&f, &parts.headers, retry.as_ref());
     // A trusted `x-envoy-hedge-on-per-try-timeout: true|false` overrides

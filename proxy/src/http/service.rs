@@ -74,6 +74,13 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// A listener filter restored `local` (an ORIGINAL_DST cluster's last
+    /// source of a destination).
+    pub local_restored: bool,
+    /// The connection's dynamic metadata (PROXY protocol `rules`): not a
+    /// stream's (which starts empty, as Envoy's), read by an ORIGINAL_DST
+    /// cluster's `metadata_key` after the request's.
+    pub metadata: filters::DynamicMetadata,
     pub id: u64,
     pub scheme: &'static str,
     /// The socket's own peer (differs from `peer` after PROXY protocol).
@@ -679,6 +686,7 @@ async fn pipeline(
             // the compressor may compress it).
             let (mut rp, mut rb) = resp.into_parts();
             fcx.end_stream = http_body::Body::is_end_stream(&rb);
+            fcx.upstream_host = info.upstream_host;
             let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
             keep_filter_state(info, &fcx);
             if let Some(lr) = lr {
@@ -950,6 +958,9 @@ async fn pipeline(
                 },
                 request_observer,
                 proxy_source: ctx.proxy_source.clone(),
+                conn_state: ctx.downstream.as_deref().map(|d| &d.filter_state),
+                restored_local: ctx.local_restored.then_some(ctx.local),
+                conn_metadata: Some(&ctx.metadata),
                 mirrors: router::mirrors_for(action, &ctx.shared.clusters, &parts.headers),
                 buffered: buffered.take(),
                 keep_request: None,
@@ -1082,6 +1093,7 @@ async fn pipeline(
                 }
                 let (mut rp, mut rb) = resp.into_parts();
                 fcx.end_stream = http_body::Body::is_end_stream(&rb);
+                fcx.upstream_host = info.upstream_host;
                 let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
                 keep_filter_state(info, &fcx);
                 if let Some(lr) = lr {
@@ -1111,6 +1123,7 @@ async fn pipeline(
     if !instances.is_empty() {
         let (mut rp, mut rb) = resp.into_parts();
         fcx.end_stream = http_body::Body::is_end_stream(&rb);
+        fcx.upstream_host = info.upstream_host;
         let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
         keep_filter_state(info, &fcx);
         if let Some(lr) = lr {

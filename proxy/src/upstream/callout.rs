@@ -55,6 +55,10 @@ impl Callouts for ClusterCallouts {
             .unwrap_or_default()
     }
 
+    fn workloads(&self) -> Option<filters::istio::workloads::Workloads> {
+        self.shared.upgrade().map(|s| s.workloads.clone())
+    }
+
     fn cluster_membership(&self, cluster: &str) -> Option<(u64, u64)> {
         let rt = self.shared.upgrade()?.clusters.get(cluster)?;
         let n = |g: &crate::stats::Gauge| u64::try_from(g.value()).unwrap_or(0);
@@ -98,6 +102,14 @@ pub(crate) async fn call(
     // A mirror to an `override_host` cluster follows its request's headers
     // (Envoy's async client gives the LB the shadow's headers).
     let mut overrides = rt.override_hosts(&req.headers, None);
+    // An ORIGINAL_DST cluster: only the request's headers can name the
+    // destination (a callout has no stream or connection of its own).
+    if let Some(od) = &rt.original_dst {
+        overrides.original_dst = od.destination(&super::original_dst::DstInputs {
+            headers: Some(&req.headers),
+            ..Default::default()
+        });
+    }
     let Some(host) = rt.choose_request(None, &mut overrides, &[], 0) else {
         return Err(CalloutError::NoHealthyUpstream);
     };

@@ -24,6 +24,7 @@ pub mod circuit_breaker;
 pub mod dns;
 pub mod hash_lb;
 pub mod health_check;
+pub mod original_dst;
 pub mod outlier;
 pub mod pool;
 pub mod proxy_protocol;
@@ -461,6 +462,9 @@ impl HostSet {
 pub struct OverrideHosts {
     addrs: Vec<SocketAddr>,
     next: usize,
+    /// An ORIGINAL_DST cluster's destination for this request (the caller
+    /// sets it from [`original_dst::OriginalDstHosts::destination`]).
+    pub original_dst: Option<SocketAddr>,
 }
 
 impl OverrideHosts {
@@ -500,7 +504,11 @@ impl OverrideHosts {
                 }
             }
         }
-        OverrideHosts { addrs, next: 0 }
+        OverrideHosts {
+            addrs,
+            next: 0,
+            original_dst: None,
+        }
     }
 
     /// The next named host in `set`, consuming the entries up to it.
@@ -690,6 +698,9 @@ pub struct ClusterStats {
     pub lb_zone_no_capacity_left: Arc<Counter>,
     pub update_success: Arc<Counter>,
     pub update_failure: Arc<Counter>,
+    /// An ORIGINAL_DST header or metadata value that is not `ip:port`
+    /// (every cluster has it, as Envoy's).
+    pub original_dst_host_invalid: Arc<Counter>,
 }
 
 impl ClusterStats {
@@ -751,6 +762,7 @@ impl ClusterStats {
             lb_zone_no_capacity_left: c("lb_zone_no_capacity_left"),
             update_success: c("update_success"),
             update_failure: c("update_failure"),
+            original_dst_host_invalid: c("original_dst_host_invalid"),
         }
     }
 
@@ -779,6 +791,8 @@ pub struct ClusterRuntime {
     pub outlier: Option<outlier::Detector>,
     /// `health_checks`, when configured.
     pub health_check: Option<health_check::Checker>,
+    /// The hosts of an ORIGINAL_DST cluster (made per destination).
+    pub original_dst: Option<original_dst::OriginalDstHosts>,
     /// Serialises host-set rebuilds (EDS/DNS updates on the control
     /// thread, ejections from workers and the detector's timer).
     rebuild: std::sync::Mutex<()>,
@@ -786,6 +800,9 @@ pub struct ClusterRuntime {
     /// Connection pools per worker shard, protocol and routing priority
     /// (index `priority * 2 + protocol`).
     pools: Box<[[OnceLock<Arc<Client>>; 4]]>,
+    /// HTTP/2 tunnel connections of `tcp_proxy` `tunneling_config` (one
+    /// pool for every worker, see `crate::tunnel`).
+    pub tunnels: crate::tunnel::TunnelPool,
     /// TLS contexts for `transport_socket` (index 0) and each
     /// `transport_socket_matches` entry (1..); `None` = plaintext.
     transports: Vec<Option<Arc<crate::tls::ClientTls>>>,
@@ -965,8 +982,16 @@ impl ClusterRuntime {
         let internal_transport = std::iter::once(&config.transport)
             .chain(config.transport_matches.iter().map(|m| &m.transport))
             .any(|t| t.internal().is_some());
+        let original_dst = config.original_dst.clone().map(|o| {
+            original_dst::OriginalDstHosts::new(
+                o,
+                config.name.clone(),
+                stats.original_dst_host_invalid.clone(),
+            )
+        });
         let rt = Arc::new(ClusterRuntime {
             internal_transport,
+            original_dst,
             mx,
             applied: ArcSwap::new(config.clone()),
             config,
@@ -980,6 +1005,7 @@ impl ClusterRuntime {
             pools: (0..workers + 1)
                 .map(|_| std::array::from_fn(|_| OnceLock::new()))
                 .collect(),
+            tunnels: Default::default(),
             transports,
             _pass_through: pass_through,
             table_gauges,
@@ -1090,6 +1116,7 @@ impl ClusterRuntime {
     /// hosts that left close.
     pub fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
         let keep: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+        self.tunnels.retain_hosts(&keep);
         for slots in self.pools.iter() {
             for slot in slots {
                 if let Some(p) = slot.get() {
@@ -1097,6 +1124,13 @@ impl ClusterRuntime {
                 }
             }
         }
+        self.replace_hosts(hosts);
+        self.stats.update_success.inc();
+    }
+
+    /// Replaces the host set, leaving the pools alone (ORIGINAL_DST hosts
+    /// come and go with their own pool bookkeeping).
+    fn replace_hosts(&self, hosts: Vec<Arc<Host>>) {
         let _serial = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = &self.outlier {
             attach_monitors(d, &hosts);
@@ -1124,7 +1158,6 @@ impl ClusterRuntime {
         self.stats.membership_healthy.set(set.healthy_count as i64);
         self.publish_table_stats(&set);
         self.hosts.store(Arc::new(set));
-        self.stats.update_success.inc();
     }
 
     /// Rebuilds the host set after an ejection or un-ejection (the same
@@ -1251,6 +1284,9 @@ impl ClusterRuntime {
         avoid: &[SocketAddr],
         attempts: u32,
     ) -> Option<Arc<Host>> {
+        if self.original_dst.is_some() {
+            return self.original_dst_host_at(overrides.original_dst?);
+        }
         if overrides.next < overrides.addrs.len() {
             if let Some(h) = overrides.next_in(&self.hosts.load()) {
                 return Some(h);
@@ -1304,7 +1340,12 @@ impl ClusterRuntime {
     }
 
     /// Picks a host; `avoid` lists hosts tried already (previous_hosts).
+    /// An ORIGINAL_DST cluster has nothing to balance: no host without a
+    /// destination ([`ClusterRuntime::original_dst_host`]).
     pub fn choose(&self, avoid: &[SocketAddr], attempts: u32) -> Option<Arc<Host>> {
+        if self.original_dst.is_some() {
+            return None;
+        }
         if self.config.lb.is_hash() {
             // No request hash here (TCP, xDS): a random point, as Envoy.
             return self.choose_hashed(None, avoid, attempts);
@@ -1594,6 +1635,9 @@ pub fn spawn_control_tasks(c: &Arc<ClusterRuntime>) {
     }
     if c.outlier.is_some() {
         tokio::spawn(outlier_loop(Arc::downgrade(c)));
+    }
+    if c.original_dst.is_some() {
+        tokio::spawn(original_dst::original_dst_loop(Arc::downgrade(c)));
     }
     if let Some(ck) = &c.health_check {
         ck.start(Arc::downgrade(c), &c.hosts.load().hosts);

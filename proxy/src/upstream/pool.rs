@@ -847,6 +847,26 @@ impl Client {
         hosts.retain(|k, _| keep.contains(&k.addr));
     }
 
+    /// Forgets `gone` hosts (an ORIGINAL_DST cleanup): their idle
+    /// connections close; requests in flight finish on theirs.
+    pub fn remove_hosts(&self, gone: &std::collections::HashSet<SocketAddr>) {
+        let mut hosts = self.hosts.lock().expect("pool lock");
+        hosts.retain(|k, _| !gone.contains(&k.addr));
+    }
+
+    /// Whether this pool holds a connection (idle, HTTP/2 or busy) to
+    /// `addr`: an ORIGINAL_DST host stays while one does (Envoy keeps a
+    /// host its connection pools use).
+    pub fn holds(&self, addr: SocketAddr) -> bool {
+        let hosts = self.hosts.lock().expect("pool lock");
+        hosts.iter().any(|(k, c)| {
+            k.addr == addr
+                && (c.idle.iter().any(|i| !i.sender.is_closed())
+                    || c.h2.as_ref().is_some_and(|h| !h.sender.is_closed())
+                    || c.open.load(Relaxed) > 0)
+        })
+    }
+
     /// Closes idle connections past the idle timeout and forgets keys with
     /// no connection left (keys per downstream connection of a PROXY
     /// protocol cluster come and go with their clients).

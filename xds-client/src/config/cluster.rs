@@ -91,6 +91,26 @@ pub struct Cluster {
     /// `health_checks[0]`: active health checking (`None`: hosts are not
     /// checked, as Envoy).
     pub health_check: Option<Arc<ActiveHealthCheck>>,
+    /// `type: ORIGINAL_DST` (`lb_policy: CLUSTER_PROVIDED`): hosts made per
+    /// request from where it was going (`None` for other types).
+    pub original_dst: Option<Arc<OriginalDst>>,
+}
+
+/// An `ORIGINAL_DST` cluster's settings (`original_dst_lb_config` and
+/// `cleanup_interval`), as Envoy's `OriginalDstCluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// `cleanup_interval` (default 5 s): a host not picked for a whole
+    /// interval and holding no connection is removed.
+    pub cleanup_interval: Duration,
+    /// `use_http_header`: the header naming the host (`http_header_name`,
+    /// default `x-envoy-original-dst-host`).
+    pub header: Option<http::HeaderName>,
+    /// `upstream_port_override`: the port every host gets.
+    pub port_override: Option<u16>,
+    /// `metadata_key`: the dynamic metadata string (or first list entry)
+    /// naming the host: namespace and path.
+    pub metadata_key: Option<(String, Vec<String>)>,
 }
 
 impl Cluster {
@@ -125,6 +145,9 @@ pub enum Discovery {
     LogicalDns,
     /// Endpoints from EDS (`ClusterLoadAssignment` resources).
     Eds,
+    /// `ORIGINAL_DST`: a host per destination the requests name, made on
+    /// demand (no endpoints in the configuration).
+    OriginalDst,
 }
 
 /// Where an EDS cluster's endpoints come from.

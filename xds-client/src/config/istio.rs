@@ -30,10 +30,10 @@ pub enum PeerDiscovery {
     /// ignores it in `upstream_discovery` (with a warning), so does the
     /// translator.
     Baggage,
-    /// `workload_discovery`: Istio looks the peer up in its WDS provider
-    /// (bootstrap extension `metadata_discovery`), which weir's bootstraps
-    /// cannot configure; without a provider Istio finds nothing, so this
-    /// finds nothing either.
+    /// `workload_discovery`: the peer's address looked up among the
+    /// workloads WDS delivered (bootstrap extension
+    /// `istio.workload.BootstrapExtension`); without that extension
+    /// nothing is found, as Istio without a provider.
     WorkloadDiscovery,
 }
 
@@ -181,4 +181,42 @@ pub struct MetadataExchangeConfig {
     pub protocol: String,
     /// `additional_labels`: peer labels kept besides Istio's four.
     pub additional_labels: Vec<String>,
+}
+
+/// One workload from WDS (`istio.workload.Workload`), reduced to what
+/// Istio's peer metadata reads of it. Values are as received (Istio's
+/// defaults for elided fields are applied when the peer object is built).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Workload {
+    /// `uid`: the resource name.
+    pub uid: String,
+    /// `name` (the pod).
+    pub name: String,
+    pub namespace: String,
+    /// `addresses`, each 4 or 16 bytes on the wire.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// `network` (empty: the default network).
+    pub network: String,
+    pub trust_domain: String,
+    pub service_account: String,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub workload_type: WorkloadKind,
+    pub workload_name: String,
+    pub cluster_id: String,
+    /// `locality.region`.
+    pub region: String,
+    /// `locality.zone`.
+    pub zone: String,
+}
+
+/// `istio.workload.WorkloadType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkloadKind {
+    /// `DEPLOYMENT` (0), and any value Istio does not know.
+    #[default]
+    Deployment,
+    CronJob,
+    Pod,
+    Job,
 }

@@ -2,7 +2,7 @@
 //! may precede it).
 use std::{sync::Arc, time::Duration};
 
-use super::{AccessLog, Name};
+use super::{AccessLog, Format, HeaderAdd, Name};
 
 /// Where a TCP connection goes.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,4 +38,22 @@ pub struct TcpProxy {
     /// (no hash, a random pick, when it is absent or not hashable).
     /// Held as the one-policy list the hash function takes.
     pub hash_filter_state: Option<Arc<[super::HashPolicy]>>,
+    /// `tunneling_config`: each downstream connection is carried in an
+    /// HTTP CONNECT (or POST) stream to the cluster's host instead of a
+    /// TCP connection of its own.
+    pub tunneling: Option<Arc<TunnelingConfig>>,
+}
+
+/// `TcpProxy.TunnelingConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelingConfig {
+    /// `hostname`: the request's `:authority` (a substitution format,
+    /// e.g. `%DOWNSTREAM_LOCAL_ADDRESS%`).
+    pub hostname: Format,
+    /// `use_post`: `POST post_path` instead of `CONNECT`.
+    pub use_post: bool,
+    /// `post_path` (default `/`).
+    pub post_path: String,
+    /// `headers_to_add`, evaluated against the downstream connection.
+    pub headers_to_add: Vec<HeaderAdd>,
 }

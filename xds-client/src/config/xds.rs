@@ -68,12 +68,15 @@ pub struct DynamicConfig {
     pub lds: Option<ConfigSource>,
     /// `cds_config`.
     pub cds: Option<ConfigSource>,
+    /// The config source of the `istio.workload.BootstrapExtension`
+    /// bootstrap extension: workload discovery (WDS, always `ads`).
+    pub wds: Option<ConfigSource>,
 }
 
 impl DynamicConfig {
     /// Whether anything is fetched dynamically.
     pub fn is_empty(&self) -> bool {
-        self.ads.is_none() && self.lds.is_none() && self.cds.is_none()
+        self.ads.is_none() && self.lds.is_none() && self.cds.is_none() && self.wds.is_none()
     }
 }
 

@@ -26,16 +26,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
                 Ok(c::cluster::DiscoveryType::StrictDns) => Discovery::StrictDns,
                 Ok(c::cluster::DiscoveryType::LogicalDns) => Discovery::LogicalDns,
                 Ok(c::cluster::DiscoveryType::Eds) => Discovery::Eds,
-                Ok(other) => {
-                    errs.push(
-                        join(path, "type"),
-                        format!(
-                            "cluster type {} is not implemented yet",
-                            other.as_str_name()
-                        ),
-                    );
-                    Discovery::Static
-                }
+                Ok(c::cluster::DiscoveryType::OriginalDst) => Discovery::OriginalDst,
                 Err(_) => {
                     errs.push(join(path, "type"), "unknown cluster type");
                     Discovery::Static
@@ -101,18 +92,15 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         }
         // `load_balancing_policy` decides (below).
         Ok(c::cluster::LbPolicy::LoadBalancingPolicyConfig) => LbPolicy::RoundRobin,
-        Ok(other) => {
-            errs.push(
-                join(path, "lb_policy"),
-                format!("{} is not implemented", other.as_str_name()),
-            );
-            LbPolicy::RoundRobin
-        }
+        // The cluster balances itself: only ORIGINAL_DST provides a load
+        // balancer (checked below); the value is never used.
+        Ok(c::cluster::LbPolicy::ClusterProvided) => LbPolicy::RoundRobin,
         Err(_) => {
             errs.push(join(path, "lb_policy"), "unknown lb_policy");
             LbPolicy::RoundRobin
         }
     };
+    let original_dst = original_dst(p, discovery, path, &mut errs);
     // As Envoy's cluster factory: hostnames as hash keys only where hosts
     // have one (STRICT_DNS).
     if use_hostname(p) && discovery != Discovery::StrictDns {
@@ -646,7 +634,117 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
         circuit_breakers,
         outlier_detection,
         health_check,
+        original_dst,
     })
+}
+
+/// `type: ORIGINAL_DST` with Envoy's checks (`OriginalDstClusterFactory`
+/// and the cluster manager's, same messages): `lb_policy` must be
+/// `CLUSTER_PROVIDED` (and only this type provides one), no
+/// `load_assignment`, `http_header_name` only with `use_http_header`.
+/// Other cluster types ignore `original_dst_lb_config` and
+/// `cleanup_interval`, as Envoy.
+fn original_dst(
+    p: &c::Cluster,
+    discovery: Discovery,
+    path: &str,
+    errs: &mut ConfigErrors,
+) -> Option<std::sync::Arc<OriginalDst>> {
+    let provided = p.lb_policy == c::cluster::LbPolicy::ClusterProvided as i32;
+    if discovery != Discovery::OriginalDst {
+        if provided {
+            errs.push(
+                join(path, "lb_policy"),
+                format!(
+                    "cluster manager: cluster provided LB specified but cluster '{}' did not provide one. Check cluster documentation.",
+                    p.name
+                ),
+            );
+        }
+        return None;
+    }
+    if !provided {
+        let name = c::cluster::LbPolicy::try_from(p.lb_policy)
+            .map(|l| l.as_str_name())
+            .unwrap_or("UNKNOWN");
+        errs.push(
+            join(path, "lb_policy"),
+            format!(
+                "cluster: LB policy {name} is not valid for Cluster type ORIGINAL_DST. Only 'CLUSTER_PROVIDED' is allowed with cluster type 'ORIGINAL_DST'"
+            ),
+        );
+    }
+    if p.load_assignment.is_some() {
+        errs.push(
+            join(path, "load_assignment"),
+            "ORIGINAL_DST clusters must have no load assignment configured",
+        );
+    }
+    if p.load_balancing_policy.is_some() {
+        // Envoy's ORIGINAL_DST cluster always balances itself.
+        errs.push(
+            join(path, "load_balancing_policy"),
+            "an ORIGINAL_DST cluster provides its own load balancer (lb_policy CLUSTER_PROVIDED); weir does not take a load_balancing_policy with it",
+        );
+    }
+    let cleanup_interval = match &p.cleanup_interval {
+        Some(d) => match super::duration(d, &join(path, "cleanup_interval")) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                errs.push(
+                    join(path, "cleanup_interval"),
+                    "value must be greater than 0s",
+                );
+                Duration::from_secs(5)
+            }
+            Err(e) => {
+                errs.extend(e);
+                Duration::from_secs(5)
+            }
+        },
+        None => Duration::from_secs(5),
+    };
+    let mut out = OriginalDst {
+        cleanup_interval,
+        header: None,
+        port_override: None,
+        metadata_key: None,
+    };
+    if let Some(c::cluster::LbConfig::OriginalDstLbConfig(o)) = &p.lb_config {
+        let opath = join(path, "original_dst_lb_config");
+        if o.use_http_header {
+            let name = if o.http_header_name.is_empty() {
+                "x-envoy-original-dst-host".to_owned()
+            } else {
+                o.http_header_name.to_ascii_lowercase()
+            };
+            match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => out.header = Some(h),
+                Err(_) => errs.push(join(&opath, "http_header_name"), "invalid header name"),
+            }
+        } else if !o.http_header_name.is_empty() {
+            errs.push(
+                join(&opath, "http_header_name"),
+                format!(
+                    "ORIGINAL_DST cluster: invalid config http_header_name={} and use_http_header is false. Set use_http_header to true if http_header_name is desired.",
+                    o.http_header_name
+                ),
+            );
+        }
+        if let Some(v) = &o.upstream_port_override {
+            match u16::try_from(v.value) {
+                Ok(port) => out.port_override = Some(port),
+                Err(_) => errs.push(
+                    join(&opath, "upstream_port_override"),
+                    "value must be less than or equal to 65535",
+                ),
+            }
+        }
+        if let Some(k) = &o.metadata_key {
+            out.metadata_key = Some(metadata_key(k, &join(&opath, "metadata_key"), errs));
+        }
+    }
+    Some(std::sync::Arc::new(out))
 }
 
 /// `health_checks[0]` with Envoy's defaults and proto constraints.

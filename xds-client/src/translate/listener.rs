@@ -613,6 +613,16 @@ fn tcp_proxy(
             ),
         }
     }
+    let tunneling = match &p.tunneling_config {
+        Some(t) => match tunneling_config(t, &join(path, "tunneling_config")) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                errs.extend(e);
+                None
+            }
+        },
+        None => None,
+    };
     errs.into_result(TcpProxy {
         stat_prefix: format!("tcp.{}.", p.stat_prefix),
         cluster,
@@ -625,6 +635,70 @@ fn tcp_proxy(
         access_logs,
         hash_source_ip,
         hash_filter_state,
+        tunneling,
+    })
+}
+
+/// `TcpProxy.TunnelingConfig`. Response header and trailer propagation
+/// (into the connection's filter state) is not implemented: set, it is
+/// rejected.
+fn tunneling_config(
+    t: &crate::api::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::TunnelingConfig,
+    path: &str,
+) -> Result<TunnelingConfig, ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    // As Envoy's proto: `hostname` is required (min_len 1).
+    let hostname = if t.hostname.is_empty() {
+        errs.push(join(path, "hostname"), "hostname is required");
+        None
+    } else {
+        match crate::translate::format::parse_format(&t.hostname) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                errs.push(join(path, "hostname"), e);
+                None
+            }
+        }
+    };
+    // As Envoy's TunnelingConfigHelper: a post_path without use_post is an
+    // error; a POST path must be a path.
+    if !t.post_path.is_empty() && !t.use_post {
+        errs.push(
+            join(path, "post_path"),
+            "post_path needs use_post: true (Envoy: can't set a post path when POST method isn't used)",
+        );
+    }
+    if !t.post_path.is_empty() && !t.post_path.starts_with('/') {
+        errs.push(join(path, "post_path"), "post_path must start with '/'");
+    }
+    for (field, set) in [
+        ("propagate_response_headers", t.propagate_response_headers),
+        ("propagate_response_trailers", t.propagate_response_trailers),
+    ] {
+        if set {
+            errs.push(
+                join(path, field),
+                "weir does not put tunnel response headers or trailers into filter state",
+            );
+        }
+    }
+    let mut headers_to_add = Vec::new();
+    for (i, h) in t.headers_to_add.iter().enumerate() {
+        match super::header_add(h, &format!("{path}.headers_to_add[{i}]"), true) {
+            Ok(h) => headers_to_add.push(h),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let post_path = if t.post_path.is_empty() {
+        "/".to_owned()
+    } else {
+        t.post_path.clone()
+    };
+    errs.into_result(TunnelingConfig {
+        hostname: hostname.unwrap_or_default(),
+        use_post: t.use_post,
+        post_path,
+        headers_to_add,
     })
 }
 

@@ -44,6 +44,7 @@ pub mod rbac;
 pub mod route;
 pub mod set_filter_state;
 pub mod tls;
+pub mod workload;
 pub mod xds;
 
 pub use format::{parse_format, DEFAULT_ACCESS_LOG_FORMAT};
@@ -53,7 +54,7 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     // Unimplemented fields are reported, and translation goes on so that
     // one run lists every problem (`--mode validate`).
     let mut errs = crate::support::check_proto(b, "");
-    let dynamic = match &b.dynamic_resources {
+    let mut dynamic = match &b.dynamic_resources {
         Some(d) => xds::dynamic_config(d, "dynamic_resources").unwrap_or_else(|e| {
             errs.extend(e);
             DynamicConfig::default()
@@ -222,12 +223,13 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     let mut internal_listener_buffer = None;
     for (i, ext) in b.bootstrap_extensions.iter().enumerate() {
         let path = format!("bootstrap_extensions[{i}]");
-        match ext.typed_config.as_ref().filter(|a| {
-            a.type_url
-                .ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener")
-        }) {
-            Some(a) => {
+        let type_url = ext.typed_config.as_ref().map(|a| a.type_url.as_str());
+        match type_url {
+            Some(t) if t.ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener") => {
                 use crate::api::envoy::extensions::bootstrap::internal_listener::v3::InternalListener;
+                let Some(a) = ext.typed_config.as_ref() else {
+                    continue;
+                };
                 match decode::<InternalListener>(a, &join(&path, "typed_config")) {
                     // Envoy's default is 1 MiB per direction.
                     Ok(il) => {
@@ -237,7 +239,27 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                     Err(e) => errs.extend(e),
                 }
             }
-            None => errs.push(path, "only envoy.bootstrap.internal_listener is accepted"),
+            // istio/proxy's `envoy.bootstrap.workload_discovery`
+            // (`metadata_discovery` in istio-agent's bootstrap).
+            Some(t) if t.ends_with(&format!("/{}", crate::descriptors::ISTIO_WORKLOAD_EXTENSION)) => {
+                let tpath = join(&path, "typed_config");
+                if dynamic.wds.is_some() {
+                    errs.push(tpath, "a second workload discovery extension");
+                    continue;
+                }
+                let value = ext.typed_config.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+                match workload::bootstrap_extension(value, &tpath) {
+                    Ok(cs) => {
+                        xds::check_source(&cs, &join(&tpath, "config_source"), ads, &clusters, &mut errs);
+                        dynamic.wds = Some(cs);
+                    }
+                    Err(e) => errs.extend(e),
+                }
+            }
+            _ => errs.push(
+                path,
+                "only envoy.bootstrap.internal_listener and istio.workload.BootstrapExtension are accepted",
+            ),
         }
     }
     for (l, i) in listeners.iter().zip(&listener_index) {

@@ -171,6 +171,7 @@ pub fn request_time(c: &Command) -> bool {
             | Command::DownstreamPeerUriSan
             | Command::DownstreamPeerDnsSan
             | Command::DownstreamPeerSubject
+            | Command::DownstreamLocalUriSan
             | Command::RouteName
             | Command::Hostname
             | Command::ConnectionId

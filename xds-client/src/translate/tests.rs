@@ -843,3 +843,138 @@ fn proxy_protocol_bad_fields_are_named() {
         assert!(err.contains(&want), "{fields}: {err}");
     }
 }
+
+/// `tcp_proxy` `tunneling_config`: the hostname is a format, `post_path`
+/// defaults to `/`, headers are formatted; what weir does not implement
+/// (response propagation) and what Envoy refuses (a post_path without
+/// use_post) are rejected with their path.
+#[test]
+fn tcp_proxy_tunneling_config() {
+    let with = |t: &str| {
+        format!(
+            r#"
+static_resources:
+  clusters:
+  - name: c
+    connect_timeout: 1s
+    load_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]}}
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: tcp
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+          tunneling_config: {t}
+"#
+        )
+    };
+    let s = translate(&with(
+        r#"{hostname: "%DOWNSTREAM_LOCAL_ADDRESS%", use_post: true, headers_to_add: [{header: {key: baggage, value: "a=%DOWNSTREAM_LOCAL_PORT%"}}]}"#,
+    ))
+    .expect("accepted");
+    let crate::config::NetworkFilter::Tcp(p) = &s.listeners[0].filter_chains[0].filter else {
+        panic!("tcp_proxy");
+    };
+    let t = p.tunneling.as_ref().expect("tunneling");
+    assert!(t.use_post);
+    assert_eq!(t.post_path, "/");
+    assert!(!t.hostname.is_literal());
+    assert_eq!(t.headers_to_add[0].name.as_str(), "baggage");
+    for (cfg, field) in [
+        (
+            r#"{hostname: "h:1", propagate_response_headers: true}"#,
+            "tunneling_config.propagate_response_headers",
+        ),
+        (
+            r#"{hostname: "h:1", propagate_response_trailers: true}"#,
+            "tunneling_config.propagate_response_trailers",
+        ),
+        (
+            r#"{hostname: "h:1", post_path: /x}"#,
+            "tunneling_config.post_path",
+        ),
+        (
+            r#"{hostname: "h:1", use_post: true, post_path: x}"#,
+            "tunneling_config.post_path",
+        ),
+        (r#"{use_post: true}"#, "tunneling_config.hostname"),
+        (
+            r#"{hostname: "h:1", headers_to_add: [{header: {key: ":authority", value: x}}]}"#,
+            "tunneling_config.headers_to_add[0].header.key",
+        ),
+    ] {
+        let e = translate(&with(cfg)).expect_err(cfg).to_string();
+        assert!(e.contains(field), "{cfg}: {e}");
+    }
+    // Fields newer than the protos weir reads are unknown fields.
+    let e = load(&with(r#"{hostname: "h:1", request_id_extension: {}}"#)).expect_err("unknown");
+    assert!(e.contains("request_id_extension"), "{e}");
+/// Istio's `connect_originate` cluster shape: ORIGINAL_DST with its
+/// settings; Envoy's defaults when `original_dst_lb_config` is absent.
+#[test]
+fn original_dst_cluster_settings() {
+    let snap = translate(
+        r#"
+static_resources:
+  clusters:
+  - name: connect_originate
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+    cleanup_interval: 60s
+    original_dst_lb_config:
+      upstream_port_override: 15008
+      use_http_header: true
+      http_header_name: X-Dst
+      metadata_key: {key: ns, path: [{key: a}, {key: b}]}
+  - name: plain
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+  - name: static
+    connect_timeout: 1s
+    original_dst_lb_config: {use_http_header: true}
+"#,
+    )
+    .expect("valid");
+    let od = snap.clusters["connect_originate"]
+        .original_dst
+        .clone()
+        .expect("original_dst");
+    assert_eq!(od.cleanup_interval, std::time::Duration::from_secs(60));
+    assert_eq!(od.port_override, Some(15008));
+    assert_eq!(od.header.as_ref().map(|h| h.as_str()), Some("x-dst"));
+    assert_eq!(
+        od.metadata_key,
+        Some(("ns".to_owned(), vec!["a".to_owned(), "b".to_owned()]))
+    );
+    let plain = snap.clusters["plain"].original_dst.clone().expect("set");
+    assert_eq!(plain.cleanup_interval, std::time::Duration::from_secs(5));
+    assert_eq!((plain.header.is_none(), plain.port_override), (true, None));
+    // Other types ignore the settings, as Envoy.
+    assert!(snap.clusters["static"].original_dst.is_none());
+    let err = translate(
+        r#"
+static_resources:
+  clusters:
+  - name: od
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    original_dst_lb_config: {metadata_key: {key: ""}}
+    load_balancing_policy: {policies: [{typed_extension_config: {name: rr, typed_config: {"@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin}}}]}
+"#,
+    )
+    .expect_err("invalid")
+    .to_string();
+    for path in [
+        "clusters[0].original_dst_lb_config.metadata_key.key",
+        "clusters[0].original_dst_lb_config.metadata_key.path",
+        "clusters[0].load_balancing_policy",
+    ] {
+        assert!(err.contains(path), "{path}: {err}");
+    }
+}

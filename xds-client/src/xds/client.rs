@@ -56,6 +56,8 @@ pub enum Event {
 /// `(snapshot, what changed since the previous one, init_done)`.
 type SnapshotFn = Box<dyn Fn(Arc<Snapshot>, &Change, bool) + Send + Sync>;
 type EventFn = Box<dyn Fn(Event) + Send + Sync>;
+/// Every workload held after a WDS change.
+pub type WorkloadsFn = Box<dyn Fn(Vec<Arc<crate::config::Workload>>) + Send + Sync>;
 
 /// The xDS client of one proxy.
 pub struct XdsClient {
@@ -67,6 +69,8 @@ pub struct XdsClient {
     wanted: watch::Sender<Wanted>,
     /// Streams currently connected.
     connected: std::sync::atomic::AtomicUsize,
+    /// Told of the workloads after each WDS change (see [`XdsClient::on_workloads`]).
+    on_workloads: std::sync::OnceLock<WorkloadsFn>,
 }
 
 /// Envoy's default retry back-off: 500 ms base, 30 s cap, jittered.
@@ -99,7 +103,15 @@ impl XdsClient {
             on_event,
             wanted: watch::channel(wanted).0,
             connected: std::sync::atomic::AtomicUsize::new(0),
+            on_workloads: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets what receives the workloads after each accepted WDS change
+    /// (set before [`XdsClient::run`]; a second call is ignored). WDS
+    /// changes do not re-assemble the snapshot: workloads go only here.
+    pub fn on_workloads(&self, f: WorkloadsFn) {
+        let _ = self.on_workloads.set(f);
     }
 
     /// Runs with the state locked (config dump, stats).
@@ -207,8 +219,14 @@ impl XdsClient {
             }
             a
         };
-        // Until the initial fetch completes, any response may complete it.
-        if applied.changed || !self.with_state(|s| s.init_done()) {
+        if rt == ResourceType::Workload {
+            if applied.changed {
+                if let Some(f) = self.on_workloads.get() {
+                    f(self.with_state(|s| s.workloads()));
+                }
+            }
+        } else if applied.changed || !self.with_state(|s| s.init_done()) {
+            // Until the initial fetch completes, any response may complete it.
             self.republish(rt.wildcard());
         }
         match applied.error_detail() {

@@ -20,6 +20,8 @@ pub enum ResourceType {
     Cluster,
     Endpoint,
     Secret,
+    /// WDS: `istio.workload.Workload` (istio/proxy's workload discovery).
+    Workload,
 }
 
 /// `envoy.service.discovery.v3.Resource`, the wrapper some servers put
@@ -27,12 +29,13 @@ pub enum ResourceType {
 const RESOURCE_WRAPPER: &str = "type.googleapis.com/envoy.service.discovery.v3.Resource";
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 5] = [
+    pub const ALL: [ResourceType; 6] = [
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
         ResourceType::Route,
         ResourceType::Secret,
+        ResourceType::Workload,
     ];
 
     pub fn type_url(self) -> &'static str {
@@ -46,6 +49,7 @@ impl ResourceType {
             ResourceType::Secret => {
                 "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
             }
+            ResourceType::Workload => translate::workload::WORKLOAD_TYPE_URL,
         }
     }
 
@@ -53,9 +57,13 @@ impl ResourceType {
         ResourceType::ALL.into_iter().find(|t| t.type_url() == url)
     }
 
-    /// LDS and CDS subscribe to everything (wildcard); the others by name.
+    /// LDS, CDS and WDS subscribe to everything (wildcard); the others by
+    /// name.
     pub fn wildcard(self) -> bool {
-        matches!(self, ResourceType::Listener | ResourceType::Cluster)
+        matches!(
+            self,
+            ResourceType::Listener | ResourceType::Cluster | ResourceType::Workload
+        )
     }
 
     /// Envoy's short name (`lds`, `rds`, ...), for stats and logs.
@@ -66,6 +74,7 @@ impl ResourceType {
             ResourceType::Cluster => "cds",
             ResourceType::Endpoint => "eds",
             ResourceType::Secret => "sds",
+            ResourceType::Workload => "wds",
         }
     }
 
@@ -102,6 +111,14 @@ impl ResourceType {
             (ResourceType::Secret, true) => {
                 "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets"
             }
+            // WDS has no service of its own: only `ads` is accepted for it
+            // (see `translate::workload`), so this is never dialled.
+            (ResourceType::Workload, false) => {
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+            }
+            (ResourceType::Workload, true) => {
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+            }
         }
     }
 }
@@ -123,6 +140,7 @@ pub enum Resource {
     Cluster(Arc<Cluster>),
     Endpoint(Arc<Endpoints>),
     Secret(Arc<Secret>),
+    Workload(Arc<crate::config::Workload>),
 }
 
 /// Why one resource was rejected: its name when known, and the reason
@@ -153,6 +171,7 @@ fn describe(rt: ResourceType, name: &str, errs: ConfigErrors) -> String {
         ResourceType::Cluster => "Cluster",
         ResourceType::Endpoint => "ClusterLoadAssignment",
         ResourceType::Secret => "Secret",
+        ResourceType::Workload => "Workload",
     };
     let details: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
     format!("{kind} {name:?}: {}", details.join("; "))
@@ -240,5 +259,11 @@ pub fn decode(rt: ResourceType, any: &Any) -> Result<(Name, Resource), Rejected>
             |p: &sds::Secret| translate::tls::secret(p, "").map(|(_, s)| s),
             |s| Resource::Secret(Arc::new(s))
         ),
+        // Data, not configuration: fields weir does not read are skipped
+        // (as a proxy built from an older schema does), not refused.
+        ResourceType::Workload => match translate::workload::workload(v) {
+            Ok(w) => Ok((Name::from(w.uid.as_str()), Resource::Workload(Arc::new(w)))),
+            Err((name, reason)) => Err(bad(name.as_deref(), reason)),
+        },
     }
 }

@@ -159,6 +159,16 @@ impl DynamicState {
             .collect()
     }
 
+    /// The workloads WDS delivered (by `uid`), for the peer index.
+    pub fn workloads(&self) -> Vec<Arc<Workload>> {
+        self.entries(ResourceType::Workload)
+            .filter_map(|(_, e)| match &e.resource {
+                Resource::Workload(w) => Some(w.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn get(&self, rt: ResourceType, name: &str) -> Option<&Resource> {
         self.resources
             .get(&rt)
@@ -257,6 +267,13 @@ impl DynamicState {
             }
         }
         out.changed = !touched.is_empty();
+        if rt == ResourceType::Workload {
+            // Workloads are not part of the snapshot (see `workloads`):
+            // no re-assembly, and WDS never holds up initialisation (as
+            // Istio's subscription, which registers no init target).
+            self.received.insert(rt);
+            return out;
+        }
         if self.received.insert(rt) {
             out.changed = true;
             self.dirty = None;
@@ -349,7 +366,7 @@ impl DynamicState {
                 false,
                 &mut errs,
             ),
-            Resource::Endpoint(_) | Resource::Secret(_) => {}
+            Resource::Endpoint(_) | Resource::Secret(_) | Resource::Workload(_) => {}
         }
         if errs.is_empty() {
             Ok(())
@@ -379,6 +396,9 @@ impl DynamicState {
         }
         if let Some(cs) = &self.base.dynamic.cds {
             f(cs, ResourceType::Cluster, None);
+        }
+        if let Some(cs) = &self.base.dynamic.wds {
+            f(cs, ResourceType::Workload, None);
         }
         let listeners =
             self.base
@@ -933,6 +953,97 @@ static_resources:
         let (snap, change) = st.assemble();
         assert_eq!(change, Change::Full);
         assert!(!snap.clusters.contains_key("b"));
+    }
+
+    fn workload(uid: &str, addresses: Vec<Vec<u8>>) -> (Option<String>, Any, String) {
+        use prost::Message;
+        let w = crate::translate::workload::proto::Workload {
+            uid: uid.into(),
+            addresses,
+            ..Default::default()
+        };
+        (
+            Some(uid.into()),
+            Any {
+                type_url: crate::translate::workload::WORKLOAD_TYPE_URL.into(),
+                value: w.encode_to_vec(),
+            },
+            "1".into(),
+        )
+    }
+
+    #[test]
+    fn workloads_are_held_apart_from_the_snapshot() {
+        let b = parse_bootstrap(
+            r#"
+dynamic_resources:
+  ads_config:
+    api_type: DELTA_GRPC
+    grpc_services: [{envoy_grpc: {cluster_name: xds}}]
+  cds_config: {ads: {}, resource_api_version: V3}
+bootstrap_extensions:
+- name: metadata_discovery
+  typed_config:
+    "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+    type_url: type.googleapis.com/istio.workload.BootstrapExtension
+    value: {config_source: {ads: {}}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]
+"#,
+            ParseOptions::default(),
+        )
+        .expect("bootstrap parses");
+        let snap = crate::translate::bootstrap_to_snapshot(&b).expect("bootstrap translates");
+        let mut st = DynamicState::new(Arc::new(snap));
+        // Wildcard WDS on ADS, next to CDS.
+        let w = st.wanted();
+        assert_eq!(
+            w[&SourceKind::Ads].get(&ResourceType::Workload),
+            Some(&Interest::Wildcard)
+        );
+        let (first, _) = st.assemble();
+        // One good, one bad (a 5-byte address): the bad one is rejected
+        // with its reason, the good one held; the snapshot is untouched.
+        let a = st.apply(
+            ResourceType::Workload,
+            &[
+                workload("a", vec![vec![10, 0, 0, 1]]),
+                workload("b", vec![vec![1; 5]]),
+            ],
+            &[],
+            false,
+        );
+        assert!(a.changed);
+        assert_eq!(a.rejected.len(), 1);
+        assert!(
+            a.rejected[0].reason.contains("addresses[0]: 5 bytes"),
+            "{}",
+            a.rejected[0].reason
+        );
+        assert_eq!(st.workloads().len(), 1);
+        let (again, change) = st.assemble();
+        assert_eq!(change, Change::Clusters(BTreeSet::new()));
+        assert_eq!(*again, *first);
+        // WDS does not complete (or hold up) the initial fetch: CDS does.
+        assert!(!st.init_done());
+        st.apply(ResourceType::Cluster, &[], &[], true);
+        assert!(st.init_done());
+        // The same content again changes nothing; a removal does.
+        let a = st.apply(
+            ResourceType::Workload,
+            &[workload("a", vec![vec![10, 0, 0, 1]])],
+            &[],
+            false,
+        );
+        assert!(!a.changed);
+        let a = st.apply(ResourceType::Workload, &[], &["a".into()], false);
+        assert!(a.changed);
+        assert!(st.workloads().is_empty());
     }
 }
 
