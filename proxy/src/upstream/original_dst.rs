@@ -157,6 +157,7 @@ impl OriginalDstHosts {
         }
         let host = Arc::new(Host {
             addr,
+            internal: None,
             hostname: format!("{}{}", self.cluster, addr),
             weight: 1,
             healthy: true,
