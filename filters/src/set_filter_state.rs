@@ -179,7 +179,7 @@ mod tests {
             .filter_state
             .get_typed::<crate::AddressObject>(crate::state::ORIGINAL_DST_LOCAL_IP)
             .expect("address object");
-        assert_eq!(local.0, "[::1]:9080".parse().unwrap());
+        assert_eq!(local.0, "[::1]:9080".parse().expect("address"));
         assert_eq!(
             cx.filter_state
                 .flags(crate::state::ORIGINAL_DST_LOCAL_IP)

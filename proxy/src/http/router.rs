@@ -682,7 +682,7 @@ pub async fn forward(
 ) -> Response<Body> {
     let cluster = target.cluster;
     info.upstream_cluster = Some(cluster.config.name.clone());
-    let mut lb_hash = request_hash(&cluster, &f.action, &parts, info);
+    let mut lb_hash = request_hash(&cluster, f.action, &parts, info);
     // `override_host`: the hosts the request names, one per try.
     let mut overrides = cluster.override_hosts(&parts.headers, Some(&info.dynamic_metadata));
     let retry = retry_policy(&f, &parts);
