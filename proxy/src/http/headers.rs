@@ -539,28 +539,32 @@ pub fn normalize(h: &HttpConnectionManager, path: &str) -> PathCheck {
         Some(i) => (&path[..i], &path[i..]),
         None => (path, ""),
     };
-    let mut out = p.to_owned();
-    let has_escaped = contains_escaped_slash(&out);
+    // Borrowed until a step rewrites it: with no normalisation configured
+    // (Envoy's defaults) a request's path is not copied.
+    let mut out = std::borrow::Cow::Borrowed(p);
+    let has_escaped = contains_escaped_slash(p);
     if has_escaped {
         match h.escaped_slashes {
             E::KeepUnchanged => {}
             E::RejectRequest => return PathCheck::Reject,
-            E::UnescapeAndForward | E::UnescapeAndRedirect => out = unescape_slashes(&out),
+            E::UnescapeAndForward | E::UnescapeAndRedirect => {
+                out = unescape_slashes(&out).into();
+            }
         }
     }
     if h.normalize_path {
         match normalize_rfc3986(&out) {
-            Some(n) => out = n,
+            Some(n) => out = n.into(),
             None => return PathCheck::Reject,
         }
     }
     if h.merge_slashes {
-        out = merge_slashes(&out);
+        out = merge_slashes(&out).into();
     }
     if has_escaped && h.escaped_slashes == E::UnescapeAndRedirect {
         return PathCheck::Redirect(format!("{out}{query}"));
     }
-    if out == p {
+    if *out == *p {
         PathCheck::Ok(None)
     } else {
         PathCheck::Ok(Some(format!("{out}{query}")))

@@ -1701,10 +1701,14 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
     out
 }
 
+/// The clusters by name, hashed with the pool's seeded hasher: every
+/// request looks its cluster up once, and SipHash cost ~160 instructions.
+pub type ClusterMap = HashMap<Arc<str>, Arc<ClusterRuntime>, pool::KeyHash>;
+
 /// All clusters of the current snapshot. The map is swapped whole on a
 /// configuration change; a request pins the runtime it picked.
 pub struct ClusterManager {
-    pub clusters: ArcSwap<HashMap<Arc<str>, Arc<ClusterRuntime>>>,
+    pub clusters: ArcSwap<ClusterMap>,
     /// `cluster_manager.local_cluster_name` and the hosts it publishes
     /// (static: fixed by the bootstrap).
     local: Option<(Arc<str>, Arc<zone::LocalCluster>)>,
@@ -1728,10 +1732,10 @@ impl ClusterManager {
             .clone()
             .map(|n| (n, Arc::new(zone::LocalCluster::default())));
         let mut m = ClusterManager {
-            clusters: ArcSwap::from_pointee(HashMap::new()),
+            clusters: ArcSwap::from_pointee(ClusterMap::with_hasher(pool::KeyHash::new())),
             local,
         };
-        let mut clusters = HashMap::new();
+        let mut clusters = ClusterMap::with_hasher(pool::KeyHash::new());
         // The local cluster first: the others route against its hosts.
         let mut order: Vec<_> = snapshot.clusters.iter().collect();
         order.sort_by_key(|(k, _)| Some(*k) != m.local.as_ref().map(|l| &l.0));
@@ -1799,7 +1803,7 @@ impl ClusterManager {
             )
         };
         if let Some(names) = only {
-            let mut next: Option<HashMap<Arc<str>, Arc<ClusterRuntime>>> = None;
+            let mut next: Option<ClusterMap> = None;
             for name in names {
                 let Some(c) = snapshot.clusters.get(name) else {
                     continue;
@@ -1814,7 +1818,7 @@ impl ClusterManager {
             }
             return fresh;
         }
-        let mut next = HashMap::with_capacity(snapshot.clusters.len());
+        let mut next = ClusterMap::with_capacity_and_hasher(snapshot.clusters.len(), *old.hasher());
         for (name, c) in &snapshot.clusters {
             match build(name, c) {
                 Some(rt) => {
@@ -1837,7 +1841,7 @@ impl ClusterManager {
     /// when it needs DNS resolution).
     #[allow(clippy::too_many_arguments)]
     fn build(
-        old: &HashMap<Arc<str>, Arc<ClusterRuntime>>,
+        old: &ClusterMap,
         name: &Arc<str>,
         c: &Arc<Cluster>,
         store: &Store,

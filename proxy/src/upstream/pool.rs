@@ -172,13 +172,20 @@ struct Key {
 /// folded multiply per written word (as foldhash and wyhash mix), seeded
 /// once per pool from the process RNG, so the layout is not predictable
 /// from outside (keys with an upstream PROXY protocol header include the
-/// downstream addresses).
+/// downstream addresses). The cluster manager's map by cluster name uses it
+/// too (one lookup per request; the names come from the configuration).
 #[derive(Clone, Copy)]
-struct KeyHash(u64);
+pub struct KeyHash(u64);
 
 impl KeyHash {
-    fn new() -> KeyHash {
+    pub fn new() -> KeyHash {
         KeyHash(rand::random())
+    }
+}
+
+impl Default for KeyHash {
+    fn default() -> KeyHash {
+        KeyHash::new()
     }
 }
 
@@ -189,7 +196,7 @@ impl std::hash::BuildHasher for KeyHash {
     }
 }
 
-struct KeyHasher(u64);
+pub struct KeyHasher(u64);
 
 impl KeyHasher {
     #[inline]
