@@ -7,7 +7,7 @@ use std::{
 
 use bytes::{Buf, BytesMut};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, ReadBuf},
     net::TcpStream,
 };
 
@@ -87,6 +87,71 @@ macro_rules! delegate_async_write {
 }
 pub(crate) use delegate_async_write;
 
+/// `AsyncRead` and `AsyncWrite` for an enum whose every variant holds one
+/// stream (`Variant(stream)`, boxed or not): each call goes to the
+/// variant's stream, so the enum costs a branch per call, no boxing.
+macro_rules! enum_io {
+    ($ty:ident { $($v:ident),+ $(,)? }) => {
+        impl tokio::io::AsyncRead for $ty {
+            #[inline]
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+
+        impl tokio::io::AsyncWrite for $ty {
+            #[inline]
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_flush(cx),)+
+                }
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $($ty::$v(s) => s.is_write_vectored(),)+
+                }
+            }
+            #[inline]
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$v(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use enum_io;
+
 delegate_async_write!(Rewind);
 
 /// The downstream connection after the transport socket.
@@ -100,62 +165,7 @@ pub enum Conn {
     Internal(tokio::io::DuplexStream),
 }
 
-impl AsyncRead for Conn {
-    #[inline]
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Internal(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    #[inline]
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Internal(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Conn::Internal(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Internal(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Tcp(s) => s.is_write_vectored(),
-            Conn::Internal(s) => s.is_write_vectored(),
-        }
-    }
-    #[inline]
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Internal(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-}
+enum_io!(Conn { Tcp, Internal });
 
 /// A downstream stream: plaintext, or TLS terminated by weir.
 pub enum DownstreamIo {
@@ -163,56 +173,4 @@ pub enum DownstreamIo {
     Tls(Box<tokio_rustls::server::TlsStream<Downstream>>),
 }
 
-macro_rules! both {
-    ($self:expr, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            DownstreamIo::Plain($s) => {
-                let $s = Pin::new($s);
-                $e
-            }
-            DownstreamIo::Tls($s) => {
-                let $s = Pin::new(&mut **$s);
-                $e
-            }
-        }
-    };
-}
-
-impl AsyncRead for DownstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        both!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for DownstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        both!(self, s => s.poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        both!(self, s => s.poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        both!(self, s => s.poll_shutdown(cx))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            DownstreamIo::Plain(s) => s.is_write_vectored(),
-            DownstreamIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        both!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-}
+enum_io!(DownstreamIo { Plain, Tls });

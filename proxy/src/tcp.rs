@@ -409,43 +409,7 @@ enum UpSplice {
     Tunnel(crate::tunnel::Tunnel),
 }
 
-impl AsyncRead for UpSplice {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpSplice::Tcp(u) => Pin::new(u).poll_read(cx, buf),
-            UpSplice::Tunnel(u) => Pin::new(u).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpSplice {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpSplice::Tcp(u) => Pin::new(u).poll_write(cx, buf),
-            UpSplice::Tunnel(u) => Pin::new(u).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpSplice::Tcp(u) => Pin::new(u).poll_flush(cx),
-            UpSplice::Tunnel(u) => Pin::new(u).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpSplice::Tcp(u) => Pin::new(u).poll_shutdown(cx),
-            UpSplice::Tunnel(u) => Pin::new(u).poll_shutdown(cx),
-        }
-    }
-}
+crate::io::enum_io!(UpSplice { Tcp, Tunnel });
 
 /// What a proxied connection ended with (for the network filters'
 /// `on_close`).

@@ -909,40 +909,4 @@ impl AsyncWrite for H1Stream {
     }
 }
 
-impl AsyncRead for Tunnel {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Tunnel::H2(s) => Pin::new(s).poll_read(cx, out),
-            Tunnel::H1(s) => Pin::new(s).poll_read(cx, out),
-        }
-    }
-}
-
-impl AsyncWrite for Tunnel {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Tunnel::H2(s) => Pin::new(s).poll_write(cx, buf),
-            Tunnel::H1(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Tunnel::H2(s) => Pin::new(s).poll_flush(cx),
-            Tunnel::H1(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Tunnel::H2(s) => Pin::new(s).poll_shutdown(cx),
-            Tunnel::H1(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+crate::io::enum_io!(Tunnel { H2, H1 });

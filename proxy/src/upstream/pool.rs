@@ -41,11 +41,7 @@ use hyper::{
     rt::{Read, ReadBufCursor, Write},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::{net::TcpStream, time::Instant};
 use xds_client::config::{Cluster, RoutingPriority, UpstreamProtocol};
 
 use super::circuit_breaker::{CircuitBreakers, LimitGuard, ResourceManager};
@@ -949,71 +945,12 @@ pub enum UpstreamIo {
     Internal(tokio::io::DuplexStream),
 }
 
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_read(cx, buf),
-            UpstreamIo::Internal(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_write(cx, buf),
-            UpstreamIo::Internal(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_flush(cx),
-            UpstreamIo::Internal(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_shutdown(cx),
-            UpstreamIo::Internal(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
-            UpstreamIo::Exchanged(s) => s.is_write_vectored(),
-            UpstreamIo::Internal(s) => s.is_write_vectored(),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Internal(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-}
+crate::io::enum_io!(UpstreamIo {
+    Plain,
+    Tls,
+    Exchanged,
+    Internal
+});
 
 /// A connection's place under the cluster's `max_connections`, held from
 /// the connect attempt until the connection closes.
