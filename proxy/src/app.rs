@@ -262,6 +262,7 @@ async fn run_worker(
     s: &Arc<Shared>,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<crate::manager::WorkerCmd>,
 ) {
+    crate::internal::set_worker(s);
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
@@ -290,8 +291,12 @@ fn spawn_multi_thread(
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
                 .enable_all()
-                .on_thread_start(move || {
-                    crate::stats::set_worker_shard(next.fetch_add(1, Ordering::Relaxed))
+                .on_thread_start({
+                    let s = shared.clone();
+                    move || {
+                        crate::stats::set_worker_shard(next.fetch_add(1, Ordering::Relaxed));
+                        crate::internal::set_worker(&s);
+                    }
                 })
                 .build()
                 .expect("multi-thread runtime");

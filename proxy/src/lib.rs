@@ -9,6 +9,7 @@ pub mod body;
 pub mod chain_match;
 pub mod cli;
 pub mod http;
+pub mod internal;
 pub mod io;
 pub mod listener;
 pub mod logging;

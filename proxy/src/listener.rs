@@ -7,14 +7,14 @@ use std::{
 use bytes::BytesMut;
 use filters::network::NetAction;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::{io::AsyncReadExt, net::TcpStream, sync::watch};
+use tokio::{io::AsyncReadExt, sync::watch};
 use xds_client::config::{
     FilterChain, FilterChainMatch, Listener, ListenerFilter, RawSocketValue, RouteSource,
     SourceType,
 };
 
 use crate::http::service::{ConnCtx, HcmRuntime, RouteSlot};
-use crate::io::{DownstreamIo, Rewind};
+use crate::io::{Conn, DownstreamIo, Rewind};
 use crate::metrics::ListenerStats;
 use crate::tls::ServerTls;
 use crate::Shared;
@@ -83,6 +83,9 @@ pub struct ListenerHandle {
     pub name: xds_client::config::Name,
     pub bound: SocketAddr,
     pub current: arc_swap::ArcSwap<ListenerRuntime>,
+    /// An internal listener: no sockets; reached by name
+    /// ([`crate::internal::connect`]) until `stop_accept`.
+    pub internal: bool,
     /// true: stop accepting and close the sockets.
     pub stop_accept: watch::Sender<bool>,
 }
@@ -235,6 +238,9 @@ pub struct ConnMeta {
     /// `rules`): seen by network filters and tcp_proxy's access log, not by
     /// HTTP streams (as Envoy: a stream's metadata starts empty).
     pub metadata: filters::DynamicMetadata,
+    /// An internal connection's addresses as Envoy names them (those
+    /// `original_dst` did not restore).
+    pub internal: Option<crate::internal::InternalAddrs>,
 }
 
 /// Picks the filter chain as Envoy's `FilterChainMatch` order: at each
@@ -380,9 +386,18 @@ fn cidr_level(ranges: &[xds_client::config::Cidr], ip: std::net::IpAddr) -> Leve
 const MAX_INSPECT: usize = 64 * 1024 + 5;
 
 /// Reads more bytes for the listener filters; `Err` at EOF or error.
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ()> {
+async fn read_more(
+    stream: &mut Conn,
+    buf: &mut BytesMut,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<(), ()> {
     if buf.len() >= MAX_INSPECT {
         return Err(());
+    }
+    // An internal connection's client waits for the listener to take it:
+    // a filter waiting for bytes has.
+    if let Some(r) = ready.take() {
+        let _ = r.send(());
     }
     buf.reserve(4096);
     match stream.read_buf(buf).await {
@@ -395,9 +410,11 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ()>
 /// be replayed), except a PROXY protocol header, which is consumed.
 async fn run_listener_filters(
     lr: &ListenerRuntime,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     buf: &mut BytesMut,
     meta: &mut ConnMeta,
+    state: &filters::FilterState,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), ()> {
     use bytes::Buf;
     use filters::listener::Inspect;
@@ -427,7 +444,7 @@ async fn run_listener_filters(
                 };
                 loop {
                     match pp::parse_versions(buf, versions) {
-                        Inspect::NeedMore => read_more(stream, buf).await?,
+                        Inspect::NeedMore => read_more(stream, buf, ready).await?,
                         Inspect::Done(Ok(h)) => {
                             stats.found[usize::from(h.version == 2)].inc();
                             if let Some((src, dst)) = h.addresses {
@@ -481,9 +498,10 @@ async fn run_listener_filters(
                     }
                 }
             }
+            ListenerFilter::OriginalDst => original_dst(stream, meta, state),
             ListenerFilter::TlsInspector => loop {
                 match ti::inspect(buf) {
-                    Inspect::NeedMore => read_more(stream, buf).await?,
+                    Inspect::NeedMore => read_more(stream, buf, ready).await?,
                     Inspect::Done(ti::TlsDetect::Tls(h)) => {
                         lr.stats.tls_inspector_found.inc();
                         meta.transport = "tls";
@@ -514,7 +532,7 @@ async fn run_listener_filters(
                 }
                 loop {
                     match hi::inspect(buf) {
-                        Inspect::NeedMore => read_more(stream, buf).await?,
+                        Inspect::NeedMore => read_more(stream, buf, ready).await?,
                         Inspect::Done(d) => {
                             match d {
                                 hi::HttpDetect::Http10 => lr.stats.http_inspector_http10.inc(),
@@ -534,6 +552,115 @@ async fn run_listener_filters(
         }
     }
     Ok(())
+}
+
+/// `envoy.filters.listener.original_dst`, as Envoy's: on a socket, the
+/// destination before NAT (`SO_ORIGINAL_DST`; unchanged when the kernel
+/// has none); on an internal connection, the passed-through metadata
+/// `envoy.filters.listener.original_dst` `local` (`ip:port`), then the
+/// filter state `…original_dst.local_ip` (which wins) for the local
+/// address and `…original_dst.remote_ip` for the remote one.
+fn original_dst(stream: &Conn, meta: &mut ConnMeta, state: &filters::FilterState) {
+    match stream {
+        Conn::Tcp(s) => {
+            if let Some(a) = crate::netif::original_dst(s) {
+                meta.dst = a;
+            }
+        }
+        Conn::Internal(_) => {
+            let before = (meta.src, meta.dst);
+            if let Some(a) = meta
+                .metadata
+                .value("envoy.filters.listener.original_dst", &["local"])
+                .and_then(|v| v.as_str())
+                .and_then(|v| v.parse::<SocketAddr>().ok())
+            {
+                meta.dst = a;
+            }
+            if let Some(a) =
+                state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_LOCAL_IP)
+            {
+                meta.dst = a.0;
+            }
+            if let Some(a) =
+                state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_REMOTE_IP)
+            {
+                meta.src = a.0;
+            }
+            if let Some(i) = &mut meta.internal {
+                if meta.dst != before.1
+                    || state.get(filters::state::ORIGINAL_DST_LOCAL_IP).is_some()
+                {
+                    i.local = None;
+                }
+                if meta.src != before.0
+                    || state.get(filters::state::ORIGINAL_DST_REMOTE_IP).is_some()
+                {
+                    i.remote = false;
+                }
+            }
+        }
+    }
+}
+
+/// Serves the listener's end of an internal connection on this worker
+/// (see [`crate::internal`]): counted and logged like an accepted one.
+pub async fn serve_internal(
+    lr: Arc<ListenerRuntime>,
+    stream: tokio::io::DuplexStream,
+    target: crate::internal::InternalTarget,
+    passed: crate::internal::Passed,
+    shared: Arc<Shared>,
+) {
+    shared.active_connections.fetch_add(1, Ordering::Relaxed);
+    let addrs = crate::internal::InternalAddrs {
+        local: Some(target.to_string().into()),
+        remote: true,
+    };
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+    run_connection(
+        lr,
+        Conn::Internal(stream),
+        unspecified,
+        unspecified,
+        Some((passed, addrs)),
+        shared,
+    )
+    .await;
+}
+
+/// One accepted connection's life: [`connection`], then the listener's
+/// access log. The caller counted it in `active_connections`.
+async fn run_connection(
+    lr2: Arc<ListenerRuntime>,
+    stream: Conn,
+    peer: SocketAddr,
+    local: SocketAddr,
+    passed: Option<(crate::internal::Passed, crate::internal::InternalAddrs)>,
+    shared2: Arc<Shared>,
+) {
+    let opened = tokio::time::Instant::now();
+    let id = shared2.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    connection(&lr2, stream, peer, local, id, passed, &shared2).await;
+    if !lr2.logs.is_empty() {
+        let mut info = crate::http::info::StreamInfo::new(
+            opened,
+            "",
+            http::Method::GET,
+            Default::default(),
+            Default::default(),
+            "",
+            peer,
+            local,
+            id,
+        );
+        info.has_request = false;
+        info.duration = Some(opened.elapsed());
+        for l in &lr2.logs {
+            l.log(&info);
+        }
+    }
+    shared2.active_connections.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Accepts on one worker's socket until drained.
@@ -569,34 +696,16 @@ pub async fn accept_loop(handle: Arc<ListenerHandle>, socket: StdListener, share
             }
         }
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(lr.bound);
         shared.active_connections.fetch_add(1, Ordering::Relaxed);
-        let lr2 = lr.clone();
-        let shared2 = shared.clone();
-        tokio::spawn(async move {
-            let opened = tokio::time::Instant::now();
-            let local = stream.local_addr().unwrap_or(lr2.bound);
-            let id = shared2.next_conn_id.fetch_add(1, Ordering::Relaxed);
-            connection(&lr2, stream, peer, local, id, &shared2).await;
-            if !lr2.logs.is_empty() {
-                let mut info = crate::http::info::StreamInfo::new(
-                    opened,
-                    "",
-                    http::Method::GET,
-                    Default::default(),
-                    Default::default(),
-                    "",
-                    peer,
-                    local,
-                    id,
-                );
-                info.has_request = false;
-                info.duration = Some(opened.elapsed());
-                for l in &lr2.logs {
-                    l.log(&info);
-                }
-            }
-            shared2.active_connections.fetch_sub(1, Ordering::Relaxed);
-        });
+        tokio::spawn(run_connection(
+            lr,
+            Conn::Tcp(stream),
+            peer,
+            local,
+            None,
+            shared.clone(),
+        ));
     }
 }
 
@@ -604,12 +713,18 @@ pub async fn accept_loop(handle: Arc<ListenerHandle>, socket: StdListener, share
 /// the transport socket, then the chain's network filter.
 async fn connection(
     lr: &Arc<ListenerRuntime>,
-    mut stream: TcpStream,
+    mut stream: Conn,
     peer: SocketAddr,
     local: SocketAddr,
     id: u64,
+    passed: Option<(crate::internal::Passed, crate::internal::InternalAddrs)>,
     shared: &Arc<Shared>,
 ) {
+    // An internal connection arrives with metadata and filter state.
+    let (metadata, mut conn_state, mut ready, internal) = match passed {
+        Some((p, a)) => (p.metadata, p.state, p.ready, Some(a)),
+        None => Default::default(),
+    };
     let mut meta = ConnMeta {
         src: peer,
         dst: local,
@@ -619,11 +734,19 @@ async fn connection(
         transport: "raw_buffer",
         alpn: Vec::new(),
         tlvs: Vec::new(),
-        metadata: Default::default(),
+        metadata,
+        internal,
     };
     let mut buf = BytesMut::new();
     if !lr.config.listener_filters.is_empty() {
-        let filters = run_listener_filters(lr, &mut stream, &mut buf, &mut meta);
+        let filters = run_listener_filters(
+            lr,
+            &mut stream,
+            &mut buf,
+            &mut meta,
+            &conn_state,
+            &mut ready,
+        );
         let res = match lr.config.listener_filters_timeout {
             Some(t) => match tokio::time::timeout(t, filters).await {
                 Ok(r) => r,
@@ -647,7 +770,11 @@ async fn connection(
     lr.stats.cx_total.inc();
     lr.stats.cx_active.inc();
     let _active = ActiveGuard(&lr.stats.cx_active);
-    let chain = match crate::chain_match::select(lr, &meta, None) {
+    let chain = match crate::chain_match::select(
+        lr,
+        &meta,
+        (!conn_state.is_empty()).then_some(&conn_state),
+    ) {
         Some(c) if lr.draining.load(Ordering::Relaxed) => {
             // Accepted during a graceful drain: drained at once.
             c.drain.send_replace(true);
@@ -656,17 +783,20 @@ async fn connection(
         Some(c) => c.clone(),
         None => {
             lr.stats.no_filter_chain_match.inc();
+            drop(ready);
             tracing::debug!(listener = %lr.config.name, peer = %peer, "no filter chain matches; closing");
             return;
         }
     };
-    // The connection's filter state (network set_filter_state).
-    let mut conn_state = filters::FilterState::default();
     if !chain.read_filters.is_empty() {
         let conn = conn_info(&meta, None, false, None);
         if chain.read_filters.on_new_connection(&conn, &mut conn_state) == NetAction::Close {
             return;
         }
+    }
+    // Taken: an internal connection's client goes on.
+    if let Some(r) = ready.take() {
+        let _ = r.send(());
     }
     let rewound = Rewind::new(buf, stream);
     let (io, tls) = match &chain.tls {
@@ -696,7 +826,8 @@ async fn connection(
     match &chain.network {
         NetworkRuntime::Http(hcm) => {
             // Also for a router-only chain when network filters left filter
-            // state (an ORIGINAL_DST cluster reads it).
+            // state (an ORIGINAL_DST cluster reads it), and for connections
+            // with filter state (an internal connection's shared objects).
             let downstream = (!hcm.chain.is_router_only() || !conn_state.is_empty()).then(|| {
                 let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
                 Arc::new(filters::Downstream {
@@ -740,6 +871,7 @@ async fn connection(
                 drain: chain.drain.subscribe(),
                 update_drain: chain.update_drain.clone(),
                 is_h2: std::sync::atomic::AtomicBool::new(false),
+                internal_addrs: meta.internal.take().map(Arc::new),
                 proxy_source: Arc::new(crate::upstream::proxy_protocol::ProxySource {
                     src: meta.src,
                     dst: meta.dst,

@@ -83,15 +83,25 @@ fn add_listener(
     snap: &Snapshot,
 ) -> anyhow::Result<Arc<ListenerHandle>> {
     use anyhow::Context as _;
-    let (bound, sockets) = listener::bind(l, shared.workers)
-        .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.address))?;
+    // An internal listener binds nothing: connections reach it by name.
+    let (bound, sockets) = if l.internal {
+        (l.address, Vec::new())
+    } else {
+        listener::bind(l, shared.workers)
+            .with_context(|| format!("cannot bind listener {:?} on {}", l.name, l.address))?
+    };
     let version = build_version(shared, l, bound, None, snap)?;
     let handle = Arc::new(ListenerHandle {
         name: l.name.clone(),
         bound,
         current: ArcSwap::from_pointee(version),
+        internal: l.internal,
         stop_accept: watch::channel(false).0,
     });
+    if l.internal {
+        tracing::info!(listener = %l.name, "internal listener added");
+        return Ok(handle);
+    }
     let mut sockets = sockets.into_iter();
     for tx in &shared.worker_tx {
         if let Some(s) = sockets.next() {
@@ -248,7 +258,10 @@ fn apply_rest(shared: &Arc<Shared>, snap: Arc<Snapshot>, tls_env: &crate::upstre
                     next.push(h.clone());
                     continue;
                 }
-                if cur.config.address == l.address && cur.config.socket == l.socket {
+                if cur.config.address == l.address
+                    && cur.config.socket == l.socket
+                    && cur.config.internal == l.internal
+                {
                     // In place: same sockets, chains that did not change
                     // keep their connections; the others drain.
                     match build_version(shared, l, h.bound, Some(&cur), &snap) {

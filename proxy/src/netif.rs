@@ -180,6 +180,71 @@ fn clean_readonly_mappings(smaps: &str, path: &str) -> Vec<(usize, usize)> {
     out
 }
 
+/// The destination a connection had before the kernel redirected it
+/// (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, netfilter NAT), as Envoy's
+/// `getOriginalDst`. `None` when the kernel has none (no conntrack entry,
+/// not Linux).
+#[allow(unsafe_code)]
+pub fn original_dst(s: &tokio::net::TcpStream) -> Option<std::net::SocketAddr> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // Both are option 80 of their level (linux/netfilter_ipv4.h,
+        // linux/netfilter_ipv6/ip6_tables.h).
+        const SO_ORIGINAL_DST: libc::c_int = 80;
+        let local = s.local_addr().ok()?;
+        let fd = s.as_raw_fd();
+        // SAFETY: an all-zero sockaddr_storage is a valid value.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let level = if local.is_ipv6() {
+            libc::SOL_IPV6
+        } else {
+            libc::SOL_IP
+        };
+        // SAFETY: `ss` is writable for `len` bytes; the kernel writes at most that.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                SO_ORIGINAL_DST,
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        match i32::from(ss.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in.
+                let sin =
+                    unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                Some(std::net::SocketAddr::new(
+                    IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()),
+                    u16::from_be(sin.sin_port),
+                ))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the storage holds a sockaddr_in6.
+                let sin6 = unsafe {
+                    &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                Some(std::net::SocketAddr::new(
+                    IpAddr::from(sin6.sin6_addr.s6_addr),
+                    u16::from_be(sin6.sin6_port),
+                ))
+            }
+            _ => None,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = s;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,6 +126,7 @@ impl TcpRuntime {
         );
         info.has_request = false;
         info.downstream_direct_remote = meta.direct_src;
+        info.internal_addrs = meta.internal.clone().map(Arc::new);
         info.requested_server_name = sni.clone();
         info.tls = tls;
         // The connection's metadata (PROXY protocol `rules`): tcp_proxy's
@@ -226,7 +227,7 @@ impl TcpRuntime {
                 info.flags.set(Flags::UH);
                 return self.finish(info, start);
             };
-            info.upstream_host = Some(host.addr);
+            info.set_upstream_host(&host);
             let attempt_result = match tunneling {
                 Some(t) => {
                     match crate::tunnel::open(&cluster, &host, t, &info, alpn_override.clone())
@@ -241,8 +242,14 @@ impl TcpRuntime {
                         Err(crate::tunnel::OpenError::Failed(e)) => Err((e, true)),
                     }
                 }
-                None => connect(&cluster, &host, &source, alpn_override.as_deref())
-                    .await
+                None => connect(
+                    &cluster,
+                    &host,
+                    &source,
+                    alpn_override.as_deref(),
+                    conn_state.into(),
+                )
+                .await
                     .map(|(s, a)| Up::Tcp(s, a))
                     .map_err(|e| (e, true)),
             };
@@ -468,10 +475,35 @@ pub(crate) async fn connect(
     host: &Host,
     source: &crate::upstream::proxy_protocol::ProxySource,
     alpn: Option<&[Vec<u8>]>,
+    state: Option<&filters::FilterState>,
 ) -> Result<(UpstreamIo, Option<Vec<u8>>), String> {
     let s = &cluster.stats;
     // Envoy counts every connection it creates, including failed ones.
     s.upstream_cx_total.inc();
+    if let Some(h) = &host.internal {
+        // An in-process connection to the internal listener (TLS and
+        // PROXY protocol inside internal_upstream are rejected at load).
+        if cluster.tls_for(host).is_some() || cluster.proxy_protocol_for(host).is_some() {
+            s.upstream_cx_connect_fail.inc();
+            return Err(
+                "TLS or PROXY protocol over an internal connection is not implemented".into(),
+            );
+        }
+        let passed = crate::upstream::pool::InternalDest {
+            host: h.clone(),
+            shared: state
+                .filter(|_| h.upstream)
+                .and_then(crate::internal::shared_objects),
+        }
+        .passed();
+        return match crate::internal::connect(&h.target, passed).await {
+            Ok(c) => Ok((UpstreamIo::Internal(c), None)),
+            Err(e) => {
+                s.upstream_cx_connect_fail.inc();
+                Err(e)
+            }
+        };
+    }
     let tcp = match tokio::time::timeout(
         cluster.config.connect_timeout,
         TcpStream::connect(host.addr),

@@ -143,6 +143,7 @@ fn table(lb: &LbPolicy, eps: &[Ep], usable: &[usize]) -> HashTable {
             };
             Arc::new(Host {
                 addr: format!("127.0.0.1:{}", e.port).parse().expect("addr"),
+                internal: None,
                 hostname: e.hostname.unwrap_or_default().to_owned(),
                 weight: e.weight,
                 healthy: e.healthy,
@@ -1147,6 +1148,7 @@ fn expected_zones(lb: &LbPolicy, zones: &Zones<'_>, local: Option<&str>, hash: u
         for e in eps {
             hosts.push(Arc::new(Host {
                 addr: format!("127.0.0.1:{}", e.port).parse().expect("addr"),
+                internal: None,
                 hostname: String::new(),
                 weight: e.weight,
                 healthy: e.healthy,

@@ -75,11 +75,12 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "max_active_downstream_connections",
     ]),
     ("envoy.config.core.v3.TypedExtensionConfig", &["name", "typed_config"]),
-    ("envoy.extensions.bootstrap.internal_listener.v3.InternalListener", &["**"]),
+    ("envoy.extensions.bootstrap.internal_listener.v3.InternalListener", &["buffer_size_kb"]),
     // istio/proxy's workload discovery extension (WDS over ADS).
     ("istio.workload.BootstrapExtension", &["config_source"]),
     // --- addresses and sockets
-    ("envoy.config.core.v3.Address", &["socket_address", "pipe"]),
+    ("envoy.config.core.v3.Address", &["socket_address", "pipe", "envoy_internal_address"]),
+    ("envoy.config.core.v3.EnvoyInternalAddress", &["server_listener_name", "endpoint_id"]),
     ("envoy.config.core.v3.SocketAddress", &["address", "port_value", "~protocol", "~ipv4_compat"]),
     ("envoy.config.core.v3.Pipe", &["path", "mode"]),
     ("envoy.config.core.v3.SocketOption", &["description", "level", "name", "int_value", "buf_value", "state"]),
@@ -90,8 +91,9 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "stat_prefix", "access_log", "bind_to_port", "~connection_balance_config",
         "listener_filters", "listener_filters_timeout", "continue_on_listener_filters_timeout", "~drain_type",
         "~metadata", "~reuse_port", "ignore_global_conn_limit", "bypass_overload_manager",
-        "filter_chain_matcher",
+        "filter_chain_matcher", "internal_listener",
     ]),
+    ("envoy.config.listener.v3.Listener.InternalListenerConfig", &[]),
     ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", &["**"]),
     ("envoy.config.listener.v3.FilterChain", &[
         "filters", "name", "filter_chain_match", "~metadata", "transport_socket",
@@ -111,6 +113,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "~enable_ja3_fingerprinting", "~enable_ja4_fingerprinting", "~initial_read_buffer_size",
     ]),
     ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", &[]),
+    ("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", &[]),
     ("envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol", &[
         "rules", "allow_requests_without_proxy_protocol", "stat_prefix", "pass_through_tlvs",
         "disallowed_versions",
@@ -146,6 +149,18 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     // --- TLS
     ("envoy.config.core.v3.TransportSocket", &["name", "typed_config"]),
     ("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", &[]),
+    ("envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport", &[
+        "passthrough_metadata", "transport_socket",
+    ]),
+    ("envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport.MetadataValueSource", &[
+        "kind", "name",
+    ]),
+    // Request and route kinds are rejected by the translator, naming the field.
+    ("envoy.type.metadata.v3.MetadataKind", &["host", "cluster", "request", "route"]),
+    ("envoy.type.metadata.v3.MetadataKind.Host", &[]),
+    ("envoy.type.metadata.v3.MetadataKind.Cluster", &[]),
+    ("envoy.type.metadata.v3.MetadataKind.Request", &[]),
+    ("envoy.type.metadata.v3.MetadataKind.Route", &[]),
     ("envoy.extensions.transport_sockets.proxy_protocol.v3.ProxyProtocolUpstreamTransport", &[
         "config", "transport_socket", "~allow_unspecified_address", "~tlv_as_pool_key",
     ]),

@@ -101,7 +101,7 @@ pub(super) async fn terminate(
         info.response_code_details = "no_healthy_upstream";
         return reply(503, NO_HEALTHY_UPSTREAM);
     };
-    info.upstream_host = Some(host.addr);
+    info.set_upstream_host(&host);
     if !host.metadata.is_null() {
         info.upstream_metadata = Some(host.metadata.clone());
     }
@@ -128,7 +128,15 @@ pub(super) async fn terminate(
     };
     cluster.stats.upstream_rq_total.inc();
     let started = Instant::now();
-    let upstream = match crate::tcp::connect(&cluster, &host, &ctx.proxy_source, None).await {
+    let upstream = match crate::tcp::connect(
+        &cluster,
+        &host,
+        &ctx.proxy_source,
+        None,
+        Some(&info.filter_state),
+    )
+    .await
+    {
         Ok((io, _alpn)) => io,
         Err(reason) => {
             cluster.outlier_local(&host, LocalResult::ConnectFailed);

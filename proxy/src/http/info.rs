@@ -30,6 +30,12 @@ pub struct StreamInfo {
     pub duration: Option<Duration>,
     pub upstream_service_time: Option<Duration>,
     pub upstream_host: Option<SocketAddr>,
+    /// The upstream host when it is internal (`upstream_host` is then its
+    /// stand-in): `%UPSTREAM_HOST%` renders `envoy://LISTENER/ID`.
+    pub upstream_internal: Option<std::sync::Arc<crate::internal::InternalHost>>,
+    /// An internal connection's addresses `original_dst` did not restore
+    /// (rendered by Envoy's names, `envoy://…`).
+    pub internal_addrs: Option<std::sync::Arc<crate::internal::InternalAddrs>>,
     pub upstream_cluster: Option<Arc<str>>,
     pub upstream_failure_reason: Option<String>,
     pub upstream_metadata: Option<serde_json::Value>,
@@ -223,6 +229,12 @@ pub fn now_instant() -> tokio::time::Instant {
 }
 
 impl StreamInfo {
+    /// Records the upstream host a try or connection goes to.
+    pub fn set_upstream_host(&mut self, host: &crate::upstream::Host) {
+        self.upstream_host = Some(host.addr);
+        self.upstream_internal = host.internal.clone();
+    }
+
     /// Facts known when a request arrives.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -254,6 +266,8 @@ impl StreamInfo {
             duration: None,
             upstream_service_time: None,
             upstream_host: None,
+            upstream_internal: None,
+            internal_addrs: None,
             upstream_cluster: None,
             upstream_failure_reason: None,
             upstream_metadata: None,
@@ -606,6 +620,13 @@ pub fn eval(
             ms(info.duration)
         }
         Command::UpstreamServiceTime => ms(info.upstream_service_time),
+        Command::UpstreamHost | Command::UpstreamRemoteAddress
+            if info.upstream_internal.is_some() =>
+        {
+            info.upstream_internal
+                .as_ref()
+                .map(|h| h.target.to_string())
+        }
         Command::UpstreamHost | Command::UpstreamRemoteAddress => {
             info.upstream_host.map(|a| a.to_string())
         }
@@ -616,6 +637,30 @@ pub fn eval(
             .upstream_failure_reason
             .as_ref()
             .map(|r| r.replace(' ', "_")),
+        // The direct remote stays the internal client (original_dst
+        // changes the remote address only).
+        Command::DownstreamDirectRemoteAddress
+        | Command::DownstreamDirectRemoteAddressWithoutPort
+            if info.internal_addrs.is_some() =>
+        {
+            Some(crate::internal::CLIENT_ADDRESS.to_owned())
+        }
+        Command::DownstreamRemoteAddress | Command::DownstreamRemoteAddressWithoutPort
+            if info.internal_addrs.as_ref().is_some_and(|a| a.remote) =>
+        {
+            Some(crate::internal::CLIENT_ADDRESS.to_owned())
+        }
+        Command::DownstreamLocalAddress | Command::DownstreamLocalAddressWithoutPort
+            if info
+                .internal_addrs
+                .as_ref()
+                .is_some_and(|a| a.local.is_some()) =>
+        {
+            info.internal_addrs
+                .as_ref()
+                .and_then(|a| a.local.as_deref())
+                .map(str::to_owned)
+        }
         Command::DownstreamRemoteAddress => Some(info.downstream_remote.to_string()),
         Command::DownstreamRemoteAddressWithoutPort => Some(addr_no_port(info.downstream_remote)),
         Command::DownstreamDirectRemoteAddress => Some(info.downstream_direct_remote.to_string()),

@@ -863,6 +863,12 @@ pub async fn forward(
     };
     let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
     let proxy_source = f.proxy_source.clone();
+    // Filter state shared with upstream: only an internal connection
+    // carries it, so only clusters with an internal transport look.
+    let shared_objects = cluster
+        .internal_transport
+        .then(|| crate::internal::shared_objects(&info.filter_state))
+        .flatten();
     // A refcounted clone, not a copy of the text.
     let path_and_query = &parts
         .uri
@@ -931,7 +937,7 @@ pub async fn forward(
                 if prev {
                     tried.push(host.addr);
                 }
-                info.upstream_host = Some(host.addr);
+                info.set_upstream_host(&host);
                 if !host.metadata.is_null() {
                     info.upstream_metadata = Some(host.metadata.clone());
                 }
@@ -963,6 +969,7 @@ pub async fn forward(
                     &host,
                     alpn_override.clone(),
                     &proxy_source,
+                    shared_objects.as_ref(),
                     req,
                 );
                 tries.push(Try {
@@ -1100,7 +1107,7 @@ pub async fn forward(
                     continue;
                 }
                 drop_tries(&cluster, &mut tries);
-                info.upstream_host = Some(t.host.addr);
+                info.set_upstream_host(&t.host);
                 return respond(
                     outcome,
                     t.attempt.max(attempt),
@@ -1153,7 +1160,7 @@ pub async fn forward(
         if retry.as_ref().is_some_and(|r| r.previous_hosts) {
             tried.push(host.addr);
         }
-        info.upstream_host = Some(host.addr);
+        info.set_upstream_host(&host);
         if !host.metadata.is_null() {
             info.upstream_metadata = Some(host.metadata.clone());
         }
@@ -1194,6 +1201,7 @@ pub async fn forward(
             &host,
             alpn_override.clone(),
             &proxy_source,
+            shared_objects.as_ref(),
             req,
         );
         tokio::pin!(fut);
@@ -1400,7 +1408,9 @@ fn respond(
             } else {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".to_owned()
             };
-            info.upstream_failure_reason = Some(reason);
+            // An internal connection the listener refused has none (Envoy's
+            // user-space sockets report no transport failure).
+            info.upstream_failure_reason = (!reason.is_empty()).then_some(reason);
             super::local_reply::reply_owned(503, body.into(), Some("text/plain"))
         }
         Outcome::Reset(reason) => {
@@ -1597,6 +1607,9 @@ fn upstream_alpn(
 /// Sends one try (first, retry or hedged) to `host` on this worker's pool
 /// for the request's protocol and route priority: the one place a try
 /// picks its pool and pool key.
+// Every part of the pool key is an argument: this is the one place a try
+// picks its pool and key.
+#[allow(clippy::too_many_arguments)]
 fn send_try<'a>(
     cluster: &'a ClusterRuntime,
     kind: PoolKind,
@@ -1604,6 +1617,7 @@ fn send_try<'a>(
     host: &crate::upstream::Host,
     alpn: Option<Arc<[Vec<u8>]>>,
     source: &'a crate::upstream::proxy_protocol::ProxySource,
+    shared: Option<&Arc<crate::internal::SharedObjects>>,
     req: Request<Body>,
 ) -> impl std::future::Future<
     Output = Result<
@@ -1619,6 +1633,10 @@ fn send_try<'a>(
         sni: auto_sni(&cluster.config, &req).or(dest.sni),
         alpn,
         source: Some(source),
+        internal: dest.internal.map(|i| crate::upstream::pool::InternalDest {
+            shared: shared.cloned(),
+            ..i
+        }),
         ..dest
     };
     cluster.pool_at(kind, priority).request(dest, req)

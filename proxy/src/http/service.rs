@@ -69,6 +69,8 @@ pub struct StreamReset;
 /// Per-connection facts.
 pub struct ConnCtx {
     pub hcm: Arc<HcmRuntime>,
+    /// An internal connection's unrestored addresses (Envoy's names).
+    pub internal_addrs: Option<Arc<crate::internal::InternalAddrs>>,
     pub shared: Arc<Shared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
@@ -195,8 +197,20 @@ pub async fn handle(
     );
     info.downstream_direct_remote = ctx.direct_peer;
     info.requested_server_name = ctx.sni.clone();
+    info.internal_addrs = ctx.internal_addrs.clone();
     if let Some(t) = &ctx.tls {
         info.tls = Some(t.clone());
+    }
+    // The connection's objects (network set_filter_state, or what an
+    // internal connection brought) under the request's, as Envoy's stream
+    // filter state with its connection parent, whether or not a filter
+    // runs.
+    if let Some(d) = ctx
+        .downstream
+        .as_deref()
+        .filter(|d| !d.filter_state.is_empty())
+    {
+        info.filter_state = d.filter_state.clone();
     }
     // The request's wire size, before anything changes its headers (chains
     // with HTTP filters only: `istio.stats` records it).

@@ -102,7 +102,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
             let (name, port) = match &e.address {
                 EndpointAddress::Dns(h, p) => (h.clone(), *p),
                 EndpointAddress::Ip(a) => (a.ip().to_string(), a.port()),
-                EndpointAddress::Pipe(_) => continue,
+                EndpointAddress::Pipe(_) | EndpointAddress::Internal { .. } => continue,
             };
             match resolve(&name, cfg.dns.family).await {
                 Ok((ips, ttl)) => {
@@ -117,6 +117,7 @@ pub async fn refresh_once(c: Arc<ClusterRuntime>) -> Option<Duration> {
                     };
                     for ip in ips.into_iter().take(take) {
                         hosts.push(Arc::new(Host {
+                            internal: None,
                             addr: SocketAddr::new(ip, port),
                             hostname: if e.hostname.is_empty() {
                                 name.clone()

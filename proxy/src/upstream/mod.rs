@@ -35,7 +35,12 @@ pub use pool::{Client, PoolError, PoolKind};
 /// One upstream host.
 #[derive(Debug)]
 pub struct Host {
+    /// The socket address; for an internal host, a stand-in
+    /// ([`crate::internal::InternalTarget::stand_in`]).
     pub addr: SocketAddr,
+    /// An `envoy_internal_address` host: connections go to that internal
+    /// listener in process.
+    pub internal: Option<Arc<crate::internal::InternalHost>>,
     pub hostname: String,
     pub weight: u32,
     pub healthy: bool,
@@ -67,6 +72,7 @@ impl Host {
     pub(crate) fn test(addr: SocketAddr) -> Host {
         Host {
             addr,
+            internal: None,
             hostname: String::new(),
             weight: 1,
             healthy: true,
@@ -772,6 +778,9 @@ impl ClusterStats {
 /// A cluster at run time.
 pub struct ClusterRuntime {
     pub config: Arc<Cluster>,
+    /// A transport is `internal_upstream`: requests pass their shared
+    /// filter state to internal hosts.
+    pub internal_transport: bool,
     /// The configuration last applied (`config` with newer EDS endpoints).
     pub applied: ArcSwap<Cluster>,
     pub hosts: ArcSwap<HostSet>,
@@ -977,8 +986,12 @@ impl ClusterRuntime {
                 stats.original_dst_host_invalid.clone(),
             )
         });
+        let internal_transport = std::iter::once(&config.transport)
+            .chain(config.transport_matches.iter().map(|m| &m.transport))
+            .any(|t| t.internal().is_some());
         let rt = Arc::new(ClusterRuntime {
             original_dst,
+            internal_transport,
             mx,
             applied: ArcSwap::new(config.clone()),
             config,
@@ -1027,6 +1040,10 @@ impl ClusterRuntime {
         // One metadata match for both halves of the transport.
         let (tls, pp) = self.transport_at(self.transport_index(host));
         pool::Dest {
+            internal: host.internal.as_ref().map(|h| pool::InternalDest {
+                host: h.clone(),
+                shared: None,
+            }),
             addr: host.addr,
             tls,
             proxy_protocol: pp.map(|p| &**p),
@@ -1640,9 +1657,32 @@ fn static_hosts(c: &Cluster) -> Vec<Arc<Host>> {
             sub_zone: l.sub_zone.clone(),
         });
         for e in &l.endpoints {
-            if let EndpointAddress::Ip(addr) = e.address {
+            let (addr, internal) = match &e.address {
+                EndpointAddress::Ip(addr) => (*addr, None),
+                EndpointAddress::Internal {
+                    listener,
+                    endpoint_id,
+                } => {
+                    let t = crate::internal::InternalTarget {
+                        listener: listener.clone(),
+                        endpoint_id: endpoint_id.clone(),
+                    };
+                    let addr = t.stand_in();
+                    (
+                        addr,
+                        Some(Arc::new(crate::internal::InternalHost::new(
+                            t,
+                            c,
+                            &e.metadata,
+                        ))),
+                    )
+                }
+                EndpointAddress::Dns(..) | EndpointAddress::Pipe(_) => continue,
+            };
+            {
                 out.push(Arc::new(Host {
                     addr,
+                    internal,
                     hostname: e.hostname.clone(),
                     weight: e.weight,
                     healthy: e.health.is_usable(),

@@ -168,6 +168,7 @@ impl OriginalDstHosts {
             outlier: OnceLock::new(),
             active_hc: OnceLock::new(),
             since: AtomicU64::new(0),
+            internal: None,
         });
         tracing::debug!(cluster = %self.cluster, %addr, "original_dst: created host");
         map.insert(

@@ -161,6 +161,9 @@ struct Key {
     sni: Option<Arc<str>>,
     alpn: Option<Arc<[Vec<u8>]>>,
     proxy_source: Option<(SocketAddr, SocketAddr)>,
+    /// The hash of the filter state objects an internal connection carries
+    /// (0: none), as Envoy hashes shared objects into the pool key.
+    shared: u64,
 }
 
 /// The hasher of the pool's map: every HTTP/1 request looks its key up
@@ -246,6 +249,44 @@ pub struct Dest<'a> {
     /// The downstream the PROXY protocol header describes (`None`: a
     /// connection for no downstream, e.g. a callout).
     pub source: Option<&'a super::proxy_protocol::ProxySource>,
+    /// An internal host: where its connections go and what they carry.
+    pub internal: Option<InternalDest>,
+}
+
+/// What a connection to an internal host needs.
+#[derive(Clone)]
+pub struct InternalDest {
+    pub host: Arc<crate::internal::InternalHost>,
+    /// The request's filter state shared with upstream (only carried by
+    /// an `internal_upstream` transport).
+    pub shared: Option<Arc<crate::internal::SharedObjects>>,
+}
+
+impl InternalDest {
+    /// What a new connection passes to the internal listener.
+    pub fn passed(&self) -> crate::internal::Passed {
+        if !self.host.upstream {
+            return Default::default();
+        }
+        crate::internal::Passed {
+            ready: None,
+            metadata: self.host.metadata.clone(),
+            state: self
+                .shared
+                .as_ref()
+                .map(|s| s.state.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The pool-key part: connections carrying different objects are
+    /// not shared.
+    fn key(&self) -> u64 {
+        match &self.shared {
+            Some(s) if self.host.upstream => s.hash,
+            _ => 0,
+        }
+    }
 }
 
 /// What a new connection needs beyond its key.
@@ -253,6 +294,7 @@ struct Transport<'a> {
     tls: Option<&'a Arc<crate::tls::ClientTls>>,
     proxy_protocol: Option<&'a xds_client::config::ProxyProtocolUpstream>,
     source: Option<&'a super::proxy_protocol::ProxySource>,
+    internal: Option<InternalDest>,
 }
 
 /// A pool. The mutex is uncontended: each worker thread has its own pool.
@@ -350,11 +392,13 @@ impl Client {
                 .proxy_protocol
                 .and(d.source)
                 .map(super::proxy_protocol::ProxySource::key),
+            shared: d.internal.as_ref().map_or(0, InternalDest::key),
         };
         let t = Transport {
             tls,
             proxy_protocol: d.proxy_protocol,
             source: d.source,
+            internal: d.internal,
         };
         let addr = &key;
         match self.settings.kind {
@@ -675,6 +719,11 @@ impl Client {
             self.host_open(key),
             self.freed.clone(),
         );
+        if let Some(i) = &t.internal {
+            return self
+                .connect_internal(i, tls.is_some() || t.proxy_protocol.is_some(), slot)
+                .await;
+        }
         let mut stream =
             match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => s,
@@ -750,6 +799,42 @@ impl Client {
             },
             alpn,
             conn_tls,
+        ))
+    }
+
+    /// A connection to an internal host: an in-process pipe to its
+    /// listener (see [`crate::internal`]).
+    async fn connect_internal(
+        &self,
+        i: &InternalDest,
+        wrapped: bool,
+        slot: ConnSlot,
+    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnTls), PoolError> {
+        let s = &self.settings;
+        if wrapped {
+            s.connect_fail.inc();
+            return Err(PoolError::Connect(
+                "TLS or PROXY protocol over an internal connection is not implemented".into(),
+            ));
+        }
+        let stream = match crate::internal::connect(&i.host.target, i.passed()).await {
+            Ok(c) => c,
+            Err(e) => {
+                s.connect_fail.inc();
+                return Err(PoolError::Connect(e));
+            }
+        };
+        s.cx_total.inc();
+        s.cx_proto.inc();
+        s.cx_active.inc();
+        Ok((
+            CountedIo {
+                io: TokioIo::new(UpstreamIo::Internal(stream)),
+                active: s.cx_active.clone(),
+                _slot: slot,
+            },
+            None,
+            None,
         ))
     }
 
@@ -853,6 +938,8 @@ pub enum UpstreamIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// After Istio's metadata exchange (its header stripped from reads).
     Exchanged(Box<crate::mx::MxIo<UpstreamIo>>),
+    /// An in-process connection to an internal listener.
+    Internal(tokio::io::DuplexStream),
 }
 
 impl AsyncRead for UpstreamIo {
@@ -865,6 +952,7 @@ impl AsyncRead for UpstreamIo {
             UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            UpstreamIo::Internal(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -879,6 +967,7 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            UpstreamIo::Internal(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -886,6 +975,7 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
             UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
             UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_flush(cx),
+            UpstreamIo::Internal(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -893,6 +983,7 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            UpstreamIo::Internal(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
     fn is_write_vectored(&self) -> bool {
@@ -900,6 +991,7 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => s.is_write_vectored(),
             UpstreamIo::Tls(s) => s.is_write_vectored(),
             UpstreamIo::Exchanged(s) => s.is_write_vectored(),
+            UpstreamIo::Internal(s) => s.is_write_vectored(),
         }
     }
     fn poll_write_vectored(
@@ -911,6 +1003,7 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamIo::Exchanged(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Internal(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 }
@@ -1011,6 +1104,7 @@ mod key_hash_tests {
             sni: sni.map(Into::into),
             alpn: None,
             proxy_source: None,
+            shared: 0,
         }
     }
 

@@ -368,6 +368,12 @@ pub enum EndpointAddress {
     /// A Unix socket (`pipe`): gRPC clusters such as Istio's `xds-grpc`
     /// and `sds-grpc`. HTTP routes to such a cluster find no host (503).
     Pipe(std::path::PathBuf),
+    /// `envoy_internal_address`: an internal listener of this process
+    /// (`server_listener_name`), `endpoint_id` telling endpoints apart.
+    Internal {
+        listener: Name,
+        endpoint_id: Name,
+    },
 }
 
 impl std::fmt::Display for EndpointAddress {
@@ -376,6 +382,11 @@ impl std::fmt::Display for EndpointAddress {
             EndpointAddress::Ip(a) => write!(f, "{a}"),
             EndpointAddress::Dns(h, p) => write!(f, "{h}:{p}"),
             EndpointAddress::Pipe(p) => write!(f, "unix://{}", p.display()),
+            // Envoy's `EnvoyInternalInstance::asString`.
+            EndpointAddress::Internal {
+                listener,
+                endpoint_id,
+            } => write!(f, "envoy://{listener}/{endpoint_id}"),
         }
     }
 }

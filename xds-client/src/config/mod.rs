@@ -90,6 +90,10 @@ pub struct Snapshot {
     /// `cluster_manager.local_cluster_name`: the static cluster whose hosts
     /// give zone-aware routing the local zone distribution.
     pub local_cluster: Option<Name>,
+    /// `bootstrap_extensions` `envoy.bootstrap.internal_listener`: the
+    /// per-direction buffer of an internal connection, in bytes (`None`:
+    /// no extension, internal listeners are rejected).
+    pub internal_listener_buffer: Option<usize>,
 }
 
 /// `node` identity.
@@ -183,6 +187,10 @@ pub struct Listener {
     /// `ignore_global_conn_limit` or `bypass_overload_manager`: connections
     /// are not counted against the global downstream connection limit.
     pub unlimited: bool,
+    /// `internal_listener: {}`: not bound; reached by name from clusters
+    /// whose endpoints are `envoy_internal_address`es (`address` is then
+    /// unspecified).
+    pub internal: bool,
 }
 
 /// Socket settings applied with socket2.
@@ -246,6 +254,10 @@ pub enum ListenerFilter {
     TlsInspector,
     HttpInspector,
     ProxyProtocol(ProxyProtocolConfig),
+    /// `envoy.filters.listener.original_dst`: restores the destination
+    /// (SO_ORIGINAL_DST on sockets; filter state or passed-through
+    /// metadata on internal connections).
+    OriginalDst,
 }
 
 /// A `filter_chain_matcher` action (`google.protobuf.StringValue`): a

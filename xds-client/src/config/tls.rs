@@ -254,6 +254,29 @@ pub enum UpstreamTransport {
     /// header with the downstream connection's addresses, then the inner
     /// transport.
     ProxyProtocol(Arc<ProxyProtocolUpstream>, Box<UpstreamTransport>),
+    /// `envoy.transport_sockets.internal_upstream`: metadata passed into
+    /// the internal connection, then the inner transport (raw_buffer).
+    Internal(Arc<InternalUpstream>, Box<UpstreamTransport>),
+}
+
+/// `InternalUpstreamTransport`: what an internal connection (to an
+/// `envoy_internal_address` host) carries into the internal listener's
+/// connection besides the bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InternalUpstream {
+    /// `passthrough_metadata`, in order (a later entry with the same
+    /// namespace replaces an earlier one, as Envoy).
+    pub passthrough: Vec<PassthroughMetadata>,
+}
+
+/// One `passthrough_metadata` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PassthroughMetadata {
+    /// `kind: {host: {}}`: the endpoint's `filter_metadata[name]`.
+    Host(String),
+    /// `kind: {cluster: {}}`: the cluster's `filter_metadata[name]`,
+    /// resolved when the cluster is translated (`None`: absent).
+    Cluster(String, Option<serde_json::Value>),
 }
 
 /// `ProxyProtocolUpstreamTransport.config`.
@@ -297,7 +320,16 @@ impl UpstreamTransport {
         match self {
             UpstreamTransport::Plain => None,
             UpstreamTransport::Tls(t) => Some(t),
-            UpstreamTransport::ProxyProtocol(_, inner) => inner.tls(),
+            UpstreamTransport::ProxyProtocol(_, inner) | UpstreamTransport::Internal(_, inner) => {
+                inner.tls()
+            }
+        }
+    }
+    /// The internal-upstream settings, when the transport is one.
+    pub fn internal(&self) -> Option<&Arc<InternalUpstream>> {
+        match self {
+            UpstreamTransport::Internal(i, _) => Some(i),
+            _ => None,
         }
     }
     /// The PROXY protocol header to send first, if any.

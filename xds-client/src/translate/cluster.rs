@@ -430,7 +430,7 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             }
         }
     }
-    let transport = match &p.transport_socket {
+    let mut transport = match &p.transport_socket {
         Some(ts) => super::tls::upstream_transport(ts, &join(path, "transport_socket"))
             .unwrap_or_else(|e| {
                 errs.extend(e);
@@ -464,6 +464,23 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             criteria,
             transport,
         });
+    }
+    // `internal_upstream` `passthrough_metadata` of kind `cluster`: the
+    // cluster's own metadata, known now.
+    let cluster_metadata = p.metadata.as_ref();
+    for t in std::iter::once(&mut transport)
+        .chain(transport_matches.iter_mut().map(|m| &mut m.transport))
+    {
+        if let UpstreamTransport::Internal(i, _) = t {
+            let i = std::sync::Arc::make_mut(i);
+            for src in &mut i.passthrough {
+                if let PassthroughMetadata::Cluster(name, value) = src {
+                    *value = cluster_metadata
+                        .and_then(|m| m.filter_metadata.get(name.as_str()))
+                        .map(super::struct_to_json);
+                }
+            }
+        }
     }
     // Upstream network filters: Istio's `istio.metadata_exchange` only.
     let pass_through = Vec::new();
@@ -524,6 +541,19 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             &mut errs,
         ))
     });
+    // Active health checks connect from the control thread, which has no
+    // internal listeners (Envoy's run on workers): not implemented.
+    if health_check.is_some()
+        && localities
+            .iter()
+            .flat_map(|l| &l.endpoints)
+            .any(|e| matches!(e.address, EndpointAddress::Internal { .. }))
+    {
+        errs.push(
+            join(path, "health_checks[0]"),
+            "active health checking of internal addresses (envoy_internal_address) is not implemented",
+        );
+    }
     // Consistent-hash balancers have no zone-aware routing in Envoy.
     let fail_traffic_on_panic = fail_traffic_on_panic && !lb.is_hash();
     // As Envoy: gRPC health checks need an HTTP/2 cluster.
@@ -1173,6 +1203,36 @@ fn locality(
                 if discovery == Discovery::Static && !pipe.path.is_empty() =>
             {
                 EndpointAddress::Pipe(pipe.path.as_str().into())
+            }
+            Some(crate::api::envoy::config::core::v3::address::Address::EnvoyInternalAddress(
+                ia,
+            )) if matches!(discovery, Discovery::Static | Discovery::Eds) => {
+                use crate::api::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier as N;
+                match &ia.address_name_specifier {
+                    Some(N::ServerListenerName(n)) if !n.is_empty() => EndpointAddress::Internal {
+                        listener: n.as_str().into(),
+                        endpoint_id: ia.endpoint_id.as_str().into(),
+                    },
+                    _ => {
+                        errs.push(
+                            join(
+                                &p,
+                                "endpoint.address.envoy_internal_address.server_listener_name",
+                            ),
+                            "an internal address needs server_listener_name",
+                        );
+                        continue;
+                    }
+                }
+            }
+            Some(crate::api::envoy::config::core::v3::address::Address::EnvoyInternalAddress(
+                _,
+            )) => {
+                errs.push(
+                    join(&p, "endpoint.address.envoy_internal_address"),
+                    "internal addresses are for STATIC and EDS clusters",
+                );
+                continue;
             }
             _ => {
                 errs.push(join(&p, "endpoint.address"), "a socket address is required");

@@ -14,7 +14,21 @@ const SNI_CLUSTER_TYPE: &str = "envoy.extensions.filters.network.sni_cluster.v3.
 
 pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigErrors> {
     let mut errs = ConfigErrors::default();
+    let internal = matches!(
+        proto.listener_specifier,
+        Some(l::listener::ListenerSpecifier::InternalListener(_))
+    );
     let address = match &proto.address {
+        // Envoy: "address should not be used when an internal listener
+        // config is provided".
+        Some(_) if internal => {
+            errs.push(
+                join(path, "address"),
+                "address should not be used when an internal listener config is provided",
+            );
+            None
+        }
+        None if internal => Some(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
         Some(a) => match super::listen_address(a, &join(path, "address")) {
             Ok(ListenAddress::Socket(s)) => Some(s),
             Ok(ListenAddress::Pipe(_)) => {
@@ -166,7 +180,10 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         return Err(errs);
     }
     let address = address.expect("checked above");
-    let stat_prefix = if proto.stat_prefix.is_empty() {
+    let stat_prefix = if proto.stat_prefix.is_empty() && internal {
+        // Envoy names an internal listener's stats `envoy_internal_NAME`.
+        format!("listener.envoy_internal_{}.", proto.name)
+    } else if proto.stat_prefix.is_empty() {
         format!("listener.{}.", address.to_string().replace(':', "_"))
     } else {
         format!("listener.{}.", proto.stat_prefix)
@@ -209,6 +226,7 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
         access_logs,
         inbound: proto.traffic_direction == 1,
         unlimited: proto.ignore_global_conn_limit || proto.bypass_overload_manager,
+        internal,
     })
 }
 
@@ -869,6 +887,9 @@ fn listener_filter(lf: &l::ListenerFilter, path: &str) -> Result<ListenerFilter,
         }
         "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector" => {
             Ok(ListenerFilter::HttpInspector)
+        }
+        "envoy.extensions.filters.listener.original_dst.v3.OriginalDst" => {
+            Ok(ListenerFilter::OriginalDst)
         }
         "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" => {
             let p: crate::api::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol =

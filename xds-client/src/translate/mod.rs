@@ -145,7 +145,12 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                     if listeners
                         .iter()
                         // As Envoy, listeners on port 0 never collide.
-                        .any(|x: &Arc<Listener>| x.address == l.address && l.address.port() != 0)
+                        .any(|x: &Arc<Listener>| {
+                            x.address == l.address
+                                && l.address.port() != 0
+                                && !l.internal
+                                && !x.internal
+                        })
                     {
                         errs.push(join(&path, "address"), "another listener has this address");
                     }
@@ -158,7 +163,6 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
     }
     // Static routes must name clusters that exist (Envoy's validate_clusters
     // default for static route configs).
-    let _ = listener_index;
     let ads = dynamic.ads.is_some();
     if let Some(a) = &dynamic.ads {
         if let GrpcTarget::Cluster(c) = &a.target {
@@ -216,11 +220,23 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
             }
         }
     }
+    let mut internal_listener_buffer = None;
     for (i, ext) in b.bootstrap_extensions.iter().enumerate() {
         let path = format!("bootstrap_extensions[{i}]");
         let type_url = ext.typed_config.as_ref().map(|a| a.type_url.as_str());
         match type_url {
-            Some(t) if t.ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener") => {}
+            Some(t) if t.ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener") => {
+                use crate::api::envoy::extensions::bootstrap::internal_listener::v3::InternalListener;
+                let Some(a) = ext.typed_config.as_ref() else { continue };
+                match decode::<InternalListener>(a, &join(&path, "typed_config")) {
+                    // Envoy's default is 1 MiB per direction.
+                    Ok(il) => {
+                        internal_listener_buffer =
+                            Some(il.buffer_size_kb.map_or(1024, |v| v.value as usize) * 1024)
+                    }
+                    Err(e) => errs.extend(e),
+                }
+            }
             // istio/proxy's `envoy.bootstrap.workload_discovery`
             // (`metadata_discovery` in istio-agent's bootstrap).
             Some(t) if t.ends_with(&format!("/{}", crate::descriptors::ISTIO_WORKLOAD_EXTENSION)) => {
@@ -242,6 +258,14 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
                 path,
                 "only envoy.bootstrap.internal_listener and istio.workload.BootstrapExtension are accepted",
             ),
+        }
+    }
+    for (l, i) in listeners.iter().zip(&listener_index) {
+        if l.internal && internal_listener_buffer.is_none() {
+            errs.push(
+                format!("static_resources.listeners[{i}].internal_listener"),
+                INTERNAL_LISTENER_WITHOUT_REGISTRY,
+            );
         }
     }
 
@@ -268,6 +292,7 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
             Name::from(n)
         });
     errs.into_result(Snapshot {
+        internal_listener_buffer,
         local_cluster,
         default_tracer,
         node,
@@ -731,6 +756,11 @@ pub fn data_source(d: &core::DataSource, path: &str) -> Result<Vec<u8>, ConfigEr
         None => Err(err(path, "data source is empty")),
     }
 }
+
+/// Envoy's error for an internal listener without the
+/// `envoy.bootstrap.internal_listener` bootstrap extension.
+pub const INTERNAL_LISTENER_WITHOUT_REGISTRY: &str =
+    "internal listener registry is not initialized (the envoy.bootstrap.internal_listener bootstrap extension is required)";
 
 /// A socket or pipe address to listen on.
 pub fn listen_address(a: &core::Address, path: &str) -> Result<ListenAddress, ConfigErrors> {

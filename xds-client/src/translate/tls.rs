@@ -171,6 +171,9 @@ pub fn upstream_transport(
             _ => Err(errs),
         };
     }
+    if any.type_url.ends_with(INTERNAL_UPSTREAM_TYPE) {
+        return internal_upstream(any, &tpath);
+    }
     if !any.type_url.ends_with(UPSTREAM_TLS_TYPE) {
         return Err(err(
             tpath,
@@ -182,6 +185,61 @@ pub fn upstream_transport(
     }
     let p: tls::UpstreamTlsContext = decode(any, &tpath)?;
     upstream_tls(&p, &tpath).map(|t| UpstreamTransport::Tls(Arc::new(t)))
+}
+
+const INTERNAL_UPSTREAM_TYPE: &str =
+    "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport";
+
+/// `InternalUpstreamTransport`: host and cluster metadata passed through
+/// (request and route kinds are Envoy's proto options it does not
+/// implement either: rejected), over raw_buffer.
+fn internal_upstream(
+    any: &crate::api::google::protobuf::Any,
+    tpath: &str,
+) -> Result<UpstreamTransport, ConfigErrors> {
+    use crate::api::envoy::extensions::transport_sockets::internal_upstream::v3::InternalUpstreamTransport;
+    use crate::api::envoy::r#type::metadata::v3::metadata_kind::Kind;
+    let p: InternalUpstreamTransport = decode(any, tpath)?;
+    let mut errs = ConfigErrors::default();
+    let mut passthrough = Vec::new();
+    for (i, m) in p.passthrough_metadata.iter().enumerate() {
+        let mpath = format!("{tpath}.passthrough_metadata[{i}]");
+        if m.name.is_empty() {
+            errs.push(join(&mpath, "name"), "a metadata namespace is required");
+            continue;
+        }
+        match m.kind.as_ref().and_then(|k| k.kind.as_ref()) {
+            Some(Kind::Host(_)) => passthrough.push(PassthroughMetadata::Host(m.name.clone())),
+            Some(Kind::Cluster(_)) => {
+                passthrough.push(PassthroughMetadata::Cluster(m.name.clone(), None))
+            }
+            Some(Kind::Request(_)) | Some(Kind::Route(_)) => errs.push(
+                join(&mpath, "kind"),
+                "only host and cluster metadata can be passed to an internal connection",
+            ),
+            None => errs.push(join(&mpath, "kind"), "a metadata kind is required"),
+        }
+    }
+    let inner = match &p.transport_socket {
+        Some(ts) => upstream_transport(ts, &join(tpath, "transport_socket"))
+            .map_err(|e| errs.extend(e))
+            .ok(),
+        None => Some(UpstreamTransport::Plain),
+    };
+    match &inner {
+        Some(UpstreamTransport::Plain) | None => {}
+        Some(_) => errs.push(
+            join(tpath, "transport_socket"),
+            "weir runs internal connections over raw_buffer only (TLS or PROXY protocol inside internal_upstream is not implemented)",
+        ),
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(UpstreamTransport::Internal(
+        Arc::new(InternalUpstream { passthrough }),
+        Box::new(UpstreamTransport::Plain),
+    ))
 }
 
 /// `ProxyProtocolUpstreamTransport.config` (unset: v1, no TLVs).

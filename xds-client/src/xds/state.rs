@@ -324,8 +324,14 @@ impl DynamicState {
                         Resource::Listener(l) => Some(l),
                         _ => None,
                     }));
+                if l.internal && self.base.internal_listener_buffer.is_none() {
+                    return Err(format!(
+                        "Listener {name:?}: internal_listener: {}",
+                        crate::translate::INTERNAL_LISTENER_WITHOUT_REGISTRY
+                    ));
+                }
                 for o in others {
-                    if o.address == l.address && l.address.port() != 0 {
+                    if o.address == l.address && l.address.port() != 0 && !l.internal {
                         return Err(format!(
                             "Listener {name:?}: address {} is used by listener {:?}",
                             l.address, o.name
@@ -1038,5 +1044,55 @@ static_resources:
         let a = st.apply(ResourceType::Workload, &[], &["a".into()], false);
         assert!(a.changed);
         assert!(st.workloads().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod internal_listener_tests {
+    use super::*;
+    use crate::bootstrap::{any_from_text, parse_bootstrap, ParseOptions};
+
+    const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+
+    fn state(extension: bool) -> DynamicState {
+        let ext = if extension {
+            "bootstrap_extensions:\n- name: envoy.bootstrap.internal_listener\n  typed_config: {\"@type\": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener, buffer_size_kb: 64}\n"
+        } else {
+            ""
+        };
+        let b = parse_bootstrap(
+            &format!(
+                "{ext}dynamic_resources:\n  lds_config: {{path_config_source: {{path: /nonexistent}}, resource_api_version: V3}}\n"
+            ),
+            ParseOptions::default(),
+        )
+        .expect("bootstrap parses");
+        let snap = crate::translate::bootstrap_to_snapshot(&b).expect("bootstrap translates");
+        DynamicState::new(Arc::new(snap))
+    }
+
+    fn internal_listener() -> (Option<String>, Any, String) {
+        let text = "name: inner\ninternal_listener: {}\nfilter_chains:\n- filters:\n  - name: tcp\n    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: c}\n";
+        (
+            None,
+            any_from_text(LISTENER, text).expect("listener parses"),
+            "1".into(),
+        )
+    }
+
+    #[test]
+    fn lds_internal_listener_needs_the_bootstrap_extension() {
+        let mut st = state(false);
+        let a = st.apply(ResourceType::Listener, &[internal_listener()], &[], true);
+        let why = a.error_detail().expect("NACK");
+        assert!(
+            why.contains("\"inner\"")
+                && why.contains("internal listener registry is not initialized"),
+            "{why}"
+        );
+        let mut st = state(true);
+        assert_eq!(st.base().internal_listener_buffer, Some(64 * 1024));
+        let a = st.apply(ResourceType::Listener, &[internal_listener()], &[], true);
+        assert!(a.rejected.is_empty(), "{:?}", a.rejected);
     }
 }
