@@ -250,8 +250,8 @@ impl TcpRuntime {
                     conn_state.into(),
                 )
                 .await
-                    .map(|(s, a)| Up::Tcp(s, a))
-                    .map_err(|e| (e, true)),
+                .map(|(s, a)| Up::Tcp(s, a))
+                .map_err(|e| (e, true)),
             };
             match attempt_result {
                 Ok(u) => {
