@@ -913,6 +913,8 @@ static_resources:
     // Fields newer than the protos weir reads are unknown fields.
     let e = load(&with(r#"{hostname: "h:1", request_id_extension: {}}"#)).expect_err("unknown");
     assert!(e.contains("request_id_extension"), "{e}");
+}
+
 /// Istio's `connect_originate` cluster shape: ORIGINAL_DST with its
 /// settings; Envoy's defaults when `original_dst_lb_config` is absent.
 #[test]
