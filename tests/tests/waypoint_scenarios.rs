@@ -665,3 +665,53 @@ async fn unknown_vip_is_refused() {
     assert_eq!(status, 200);
     assert_eq!(s.app.requests().len(), 1);
 }
+
+// === sharing ===
+
+/// Two client HBONE connections, eight concurrent CONNECT tunnels, five
+/// requests each: every request answers, and every tunnel the waypoint
+/// opens to the destination rides one HBONE (TLS, HTTP/2) connection;
+/// each is a `CONNECT POD_IP:TARGET_PORT` stream on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tunnels_share_one_hbone_connection() {
+    let s = setup("share").await;
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let (c, _) = s.m.client().connect(s.p.addr()).await.expect("HBONE");
+        conns.push(c);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut t = conns[i % 2].connect(HTTP_VIP, &[]).await.expect("CONNECT");
+        assert_eq!(t.status, 200);
+        tasks.push(tokio::spawn(async move {
+            for j in 0..5 {
+                let (status, body) = get(&mut t.stream, &format!("/t{i}/{j}")).await;
+                assert_eq!(status, 200, "{body}");
+                assert!(body.contains(&format!("\"/t{i}/{j}\"")), "{body}");
+            }
+            t.stream.shutdown().await.expect("END_STREAM");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("tunnel task");
+    }
+    assert_eq!(s.app.requests().len(), 40);
+    let seen = s.hbone.wait_seen(1, WAIT).await;
+    let want = format!("{POD_IP}:{}", s.app.port());
+    assert!(!seen.is_empty() && seen.len() <= 8, "{}", seen.len());
+    for r in &seen {
+        assert_eq!(
+            (r.method.as_str(), r.authority.as_str(), r.conn),
+            ("CONNECT", want.as_str(), 0)
+        );
+    }
+    assert_eq!(s.hbone.tls_connections(), 1);
+    let main = s.p.log_lines(&s.main_log, 40).await;
+    assert_eq!(main.len(), 40);
+    assert!(
+        main.iter()
+            .all(|l| l.starts_with(&format!("{HTTP_VIP} 127.0.0.1:"))),
+        "{main:?}"
+    );
+}
