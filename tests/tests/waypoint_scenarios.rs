@@ -715,3 +715,118 @@ async fn concurrent_tunnels_share_one_hbone_connection() {
         "{main:?}"
     );
 }
+
+// === over delta ADS ===
+
+/// The same resources delivered over delta ADS as istiod does (LDS: the
+/// three listeners; CDS: `main_internal`, `connect_originate` and the
+/// `inbound-vip` cluster as EDS; EDS: its internal endpoint with the
+/// pod's address in the host metadata), certificates as static secrets:
+/// requests go through to the app on one HBONE connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_over_delta_ads() {
+    use weir_tests::xds::{type_url as t, ControlPlane};
+    let m = mesh();
+    let app = weir_tests::upstream::http1("details").await.expect("app");
+    let hbone = m.hbone_server().await;
+    let cp = ControlPlane::start().await.expect("control plane");
+    let port = weir_tests::free_port();
+    let a = Apps {
+        http_port: app.port(),
+        tcp_port: 9,
+        hbone_port: hbone.port(),
+        main_log: log_path("waypoint", "ads-main"),
+        terminate_log: log_path("waypoint", "ads-terminate"),
+        originate_log: log_path("waypoint", "ads-originate"),
+    };
+    let listeners = [
+        connect_terminate(port, &a.terminate_log),
+        main_internal(&a),
+        connect_originate_listener(&a.originate_log),
+    ]
+    .map(|l| l.to_string());
+    let vip = json!({
+        "name": HTTP_CHAIN, "type": "EDS", "connect_timeout": "1s",
+        "eds_cluster_config": {
+            "eds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            "service_name": HTTP_CHAIN,
+        },
+        "transport_socket": internal_upstream(),
+    })
+    .to_string();
+    let clusters = [
+        internal_cluster(
+            "main_internal",
+            "main_internal",
+            Value::Null,
+            internal_upstream(),
+        )
+        .to_string(),
+        vip,
+        inbound_vip_cluster(TCP_CHAIN, 9).to_string(),
+        connect_originate_cluster(hbone.port()).to_string(),
+    ];
+    let cla = json!({"cluster_name": HTTP_CHAIN, "endpoints": [{"lb_endpoints": [{
+        "endpoint": {"address": {"envoy_internal_address": {"server_listener_name": "connect_originate"}}},
+        "metadata": {"filter_metadata": {ORIGINAL_DST_NS: {"local": format!("{POD_IP}:{}", app.port())}}},
+    }]}]})
+    .to_string();
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    cp.set_yaml(t::CLUSTER, &refs(&clusters)).expect("cds");
+    cp.set_yaml(t::ENDPOINT, &[&cla]).expect("eds");
+    let v = cp.set_yaml(t::LISTENER, &refs(&listeners)).expect("lds");
+    let (chain, key, root) = (
+        m.chain.display().to_string(),
+        m.key.display().to_string(),
+        m.root.display().to_string(),
+    );
+    let _p = Proxy::start(|ports| {
+        let mut b: Value = serde_yaml::from_str(&cp.ads_bootstrap(
+            "{id: waypoint~127.0.0.1~waypoint.default~default.svc.cluster.local, cluster: waypoint}",
+            true,
+            ports.admin,
+        ))
+        .expect("bootstrap yaml");
+        b["bootstrap_extensions"] = json!([{"name": "envoy.bootstrap.internal_listener", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+        }}]);
+        b["static_resources"]["secrets"] = json!([
+            {"name": "default", "tls_certificate": {
+                "certificate_chain": {"filename": chain},
+                "private_key": {"filename": key},
+            }},
+            {"name": "ROOTCA", "validation_context": {"trusted_ca": {"filename": root}}},
+        ]);
+        b.to_string()
+    });
+    for ty in [t::CLUSTER, t::ENDPOINT, t::LISTENER] {
+        cp.wait_for_ack(ty, &v, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{ty}: {e:#}"));
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // The listener may take a moment to bind after the ACK.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let c = loop {
+        match m.client().connect(addr).await {
+            Ok((c, _)) => break c,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("HBONE: {e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    for i in 0..2 {
+        let mut t = c.connect(HTTP_VIP, &[]).await.expect("CONNECT");
+        assert_eq!(t.status, 200);
+        for j in 0..3 {
+            let (status, body) = get(&mut t.stream, &format!("/ads/{i}/{j}")).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("\"upstream\":\"details\""), "{body}");
+        }
+    }
+    assert_eq!(app.requests().len(), 6);
+    let seen = hbone.wait_seen(1, WAIT).await;
+    assert_eq!(seen[0].authority, format!("{POD_IP}:{}", app.port()));
+    assert_eq!(hbone.tls_connections(), 1);
+}
