@@ -830,9 +830,10 @@ async fn connection(
     }
     match &chain.network {
         NetworkRuntime::Http(hcm) => {
-            // Also for a router-only chain when network filters left filter
-            // state (an ORIGINAL_DST cluster reads it), and for connections
+            // Built for chains with HTTP filters, and for connections
             // with filter state (an internal connection's shared objects).
+            // Also for a router-only chain when network filters left filter
+            // state (an ORIGINAL_DST cluster reads it).
             let downstream = (!hcm.chain.is_router_only() || !conn_state.is_empty()).then(|| {
                 let peer = tls.as_ref().and_then(|t| t.peer.as_ref());
                 Arc::new(filters::Downstream {

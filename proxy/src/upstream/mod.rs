@@ -979,6 +979,9 @@ impl ClusterRuntime {
                 filters::istio::mx::MxStats::with(|n| store.counter(StatName::plain(n))),
             ))
         });
+        let internal_transport = std::iter::once(&config.transport)
+            .chain(config.transport_matches.iter().map(|m| &m.transport))
+            .any(|t| t.internal().is_some());
         let original_dst = config.original_dst.clone().map(|o| {
             original_dst::OriginalDstHosts::new(
                 o,
@@ -986,12 +989,9 @@ impl ClusterRuntime {
                 stats.original_dst_host_invalid.clone(),
             )
         });
-        let internal_transport = std::iter::once(&config.transport)
-            .chain(config.transport_matches.iter().map(|m| &m.transport))
-            .any(|t| t.internal().is_some());
         let rt = Arc::new(ClusterRuntime {
-            original_dst,
             internal_transport,
+            original_dst,
             mx,
             applied: ArcSwap::new(config.clone()),
             config,

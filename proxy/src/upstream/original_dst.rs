@@ -157,6 +157,7 @@ impl OriginalDstHosts {
         }
         let host = Arc::new(Host {
             addr,
+            internal: None,
             hostname: format!("{}{}", self.cluster, addr),
             weight: 1,
             healthy: true,
@@ -168,7 +169,6 @@ impl OriginalDstHosts {
             outlier: OnceLock::new(),
             active_hc: OnceLock::new(),
             since: AtomicU64::new(0),
-            internal: None,
         });
         tracing::debug!(cluster = %self.cluster, %addr, "original_dst: created host");
         map.insert(

@@ -227,7 +227,9 @@ pub fn bootstrap_to_snapshot(b: &Bootstrap) -> Result<Snapshot, ConfigErrors> {
         match type_url {
             Some(t) if t.ends_with("envoy.extensions.bootstrap.internal_listener.v3.InternalListener") => {
                 use crate::api::envoy::extensions::bootstrap::internal_listener::v3::InternalListener;
-                let Some(a) = ext.typed_config.as_ref() else { continue };
+                let Some(a) = ext.typed_config.as_ref() else {
+                    continue;
+                };
                 match decode::<InternalListener>(a, &join(&path, "typed_config")) {
                     // Envoy's default is 1 MiB per direction.
                     Ok(il) => {
