@@ -565,6 +565,9 @@ fn original_dst(stream: &Conn, meta: &mut ConnMeta, state: &filters::FilterState
         Conn::Tcp(s) => {
             if let Some(a) = crate::netif::original_dst(s) {
                 meta.dst = a;
+                // As Envoy: `restoreLocalAddress` (an ORIGINAL_DST cluster
+                // routes to it).
+                meta.local_restored = true;
             }
         }
         Conn::Internal(_) => {
@@ -576,11 +579,13 @@ fn original_dst(stream: &Conn, meta: &mut ConnMeta, state: &filters::FilterState
                 .and_then(|v| v.parse::<SocketAddr>().ok())
             {
                 meta.dst = a;
+                meta.local_restored = true;
             }
             if let Some(a) =
                 state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_LOCAL_IP)
             {
                 meta.dst = a.0;
+                meta.local_restored = true;
             }
             if let Some(a) =
                 state.get_typed::<filters::AddressObject>(filters::state::ORIGINAL_DST_REMOTE_IP)

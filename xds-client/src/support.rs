@@ -91,7 +91,7 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
         "stat_prefix", "access_log", "bind_to_port", "~connection_balance_config",
         "listener_filters", "listener_filters_timeout", "continue_on_listener_filters_timeout", "~drain_type",
         "~metadata", "~reuse_port", "ignore_global_conn_limit", "bypass_overload_manager",
-        "filter_chain_matcher", "internal_listener",
+        "filter_chain_matcher", "internal_listener", "use_original_dst",
     ]),
     ("envoy.config.listener.v3.Listener.InternalListenerConfig", &[]),
     ("envoy.config.listener.v3.Listener.ConnectionBalanceConfig", &["**"]),

@@ -54,6 +54,15 @@ pub fn listener(proto: &l::Listener, path: &str) -> Result<Listener, ConfigError
             "bind_to_port: false is not implemented yet",
         );
     }
+    // istiod sets `use_original_dst: false` (the default) on the
+    // waypoint's `connect_originate`; only `true` (the deprecated
+    // listener-level original destination redirect) is not implemented.
+    if proto.use_original_dst.as_ref().is_some_and(|b| b.value) {
+        errs.push(
+            join(path, "use_original_dst"),
+            "use_original_dst: true is not implemented (use the envoy.filters.listener.original_dst listener filter)",
+        );
+    }
     if proto.filter_chains.is_empty() && proto.default_filter_chain.is_none() {
         errs.push(
             join(path, "filter_chains"),

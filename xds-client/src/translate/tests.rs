@@ -980,3 +980,40 @@ static_resources:
         assert!(err.contains(path), "{path}: {err}");
     }
 }
+
+/// istiod's `connect_originate` sets `use_original_dst: false` (the
+/// default): accepted; `true` (the listener-level redirect) is rejected
+/// naming the field.
+#[test]
+fn listener_use_original_dst() {
+    let yaml = |v: bool| {
+        format!(
+            r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}
+    use_original_dst: {v}
+    filter_chains:
+    - filters:
+      - name: t
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+  clusters:
+  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 2}}}}}}}}]}}]
+"#
+        )
+    };
+    load(&yaml(false)).expect("false is the default");
+    let e = load(&yaml(true)).expect_err("true");
+    assert!(
+        e.contains("static_resources.listeners[0].use_original_dst"),
+        "{e}"
+    );
+}
