@@ -230,7 +230,9 @@ fn internal_upstream(
         Some(UpstreamTransport::Plain) | None => {}
         Some(_) => errs.push(
             join(tpath, "transport_socket"),
-            "weir runs internal connections over raw_buffer only (TLS or PROXY protocol inside internal_upstream is not implemented)",
+            "weir runs internal connections over raw_buffer only (TLS or PROXY protocol inside \
+             internal_upstream is not implemented: Istio's double HBONE (inner_connect_originate) \
+             and PROXY-protocol sandwich modes need it)",
         ),
     }
     if !errs.is_empty() {
