@@ -31,6 +31,86 @@ use super::service::ConnCtx;
 use crate::body::Body;
 use crate::upstream::{outlier::LocalResult, pool::UpstreamIo, ClusterRuntime, Host};
 
+// === HTTP/2 stream resets ===
+//
+// hyper answers an HTTP/2 CONNECT with a 200 and hands the stream over as
+// an upgrade whose send half runs in a task hyper spawns; dropping the
+// upgraded stream ends it cleanly (END_STREAM), and hyper offers no way to
+// reset it. As Envoy, a tunnel whose upstream failed must end with a
+// reset, so weir spawns hyper's HTTP/2 tasks itself ([`StreamExec`]):
+// each stream task is polled inside [`UPGRADE_SLOT`]'s scope; the service
+// answering a CONNECT with a tunnel leaves a [`StreamAbort`] there, and the
+// task hyper spawns in that same poll (the upgrade's send half, the only
+// task a stream spawns) is tied to it. Aborting that task, then dropping
+// the upgraded stream, leaves h2 a stream nobody holds that was never
+// ended: it resets it (RST_STREAM CANCEL; the code is h2's, Envoy sends
+// CONNECT_ERROR). The connection and its other streams go on.
+
+tokio::task_local! {
+    /// Within an HTTP/2 stream task: the reset slot of the CONNECT the
+    /// stream's service just answered, for the send task hyper spawns next.
+    static UPGRADE_SLOT: std::cell::RefCell<Option<Arc<StreamAbort>>>;
+}
+
+/// hyper's executor for a downstream connection (see above).
+#[derive(Clone, Copy)]
+pub struct StreamExec;
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match UPGRADE_SLOT.try_with(|s| s.borrow_mut().take()) {
+            // Spawned by a stream task that answered a CONNECT: the
+            // tunnel's send half.
+            Ok(Some(slot)) => slot.set(tokio::spawn(fut).abort_handle()),
+            Ok(None) => drop(tokio::spawn(fut)),
+            // Spawned by the connection: a stream.
+            Err(_) => drop(tokio::spawn(
+                UPGRADE_SLOT.scope(std::cell::RefCell::new(None), fut),
+            )),
+        }
+    }
+}
+
+/// Resets an HTTP/2 CONNECT stream whose 200 went out (see above): the
+/// abort handle of the stream's send task, or a reset asked before hyper
+/// spawned it.
+#[derive(Default)]
+pub(super) struct StreamAbort(Mutex<(Option<tokio::task::AbortHandle>, bool)>);
+
+impl StreamAbort {
+    /// Leaves a slot for the stream task's next spawn; `None` outside an
+    /// HTTP/2 stream task (HTTP/1: nothing to reset this way).
+    pub(super) fn offer() -> Option<Arc<StreamAbort>> {
+        let slot = Arc::new(StreamAbort::default());
+        UPGRADE_SLOT
+            .try_with(|s| *s.borrow_mut() = Some(slot.clone()))
+            .ok()
+            .map(|()| slot)
+    }
+
+    fn set(&self, h: tokio::task::AbortHandle) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 {
+            h.abort();
+        }
+        g.0 = Some(h);
+    }
+
+    /// Stops the send half; the stream is reset once the upgraded stream
+    /// is dropped too.
+    fn abort(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        if let Some(h) = &g.0 {
+            h.abort();
+        }
+    }
+}
+
 /// A tunnel waiting for its `200` to be written, carried from the
 /// pipeline to `finish` in the request's extensions (hence `Clone`; it is
 /// taken once).
@@ -187,11 +267,15 @@ pub(super) async fn terminate(
 
 impl Tunnel {
     /// Splices the two sides until the tunnel ends (see the module doc),
-    /// then releases the upstream's accounting.
-    pub(super) async fn run(self) -> TunnelEnd {
+    /// then releases the upstream's accounting. As Envoy: a failed
+    /// upstream resets the downstream stream (`reset_down`, HTTP/2; Envoy's
+    /// `UC` on a CONNECT is CONNECT_ERROR), a failed downstream or a
+    /// timeout resets an internal upstream (Envoy closes it at once).
+    pub(super) async fn run(self, reset_down: Option<Arc<StreamAbort>>) -> TunnelEnd {
         let received = AtomicU64::new(0);
         let sent = AtomicU64::new(0);
         let activity = Activity::new();
+        let reset_up = self.upstream.reset_handle();
         let end = match self.downstream.await {
             Err(e) => {
                 tracing::debug!(error = %e, "connect: the stream ended before the tunnel");
@@ -226,14 +310,22 @@ impl Tunnel {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
+                let end = tokio::select! {
                     e = up_to_down => e,
                     e = down_to_up => e,
                     _ = activity.idle(self.idle) => End::Timeout,
                     _ = max => End::Timeout,
+                };
+                // Before the halves drop (see `StreamAbort`).
+                if let (End::UpstreamFailed, Some(r)) = (end, &reset_down) {
+                    r.abort();
                 }
+                end
             }
         };
+        if let (End::DownstreamFailed | End::Timeout, Some(r)) = (end, &reset_up) {
+            r.reset();
+        }
         drop(self.held);
         TunnelEnd {
             received: received.load(Relaxed),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use hyper::service::service_fn;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{
@@ -22,7 +22,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let h = ctx.hcm.config.clone();
-    let mut b = auto::Builder::new(TokioExecutor::new());
+    let mut b = auto::Builder::new(super::connect::StreamExec);
     {
         let mut h1 = b.http1();
         h1.timer(TokioTimer::new())

@@ -1710,8 +1710,15 @@ fn finish(
     // tunnel, and ends (stats, access log) when the tunnel does.
     if let Some(t) = tunnel.filter(|_| parts.status.is_success()) {
         let h2 = ctx.is_h2.load(std::sync::atomic::Ordering::Relaxed);
+        // hyper spawns the stream's send half once this returns (in the
+        // same poll): the slot ties it to the tunnel, which may reset it.
+        let reset_down = if h2 {
+            super::connect::StreamAbort::offer()
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            let end = t.run().await;
+            let end = t.run(reset_down).await;
             let failed = end.end == super::connect::End::DownstreamFailed;
             // As Envoy: an HTTP/2 client's reset is `DR`; a failed HTTP/1
             // connection is `DC` (an incomplete end).

@@ -942,7 +942,7 @@ pub enum UpstreamIo {
     /// After Istio's metadata exchange (its header stripped from reads).
     Exchanged(Box<crate::mx::MxIo<UpstreamIo>>),
     /// An in-process connection to an internal listener.
-    Internal(tokio::io::DuplexStream),
+    Internal(crate::internal::Pipe),
 }
 
 crate::io::enum_io!(UpstreamIo {
@@ -951,6 +951,18 @@ crate::io::enum_io!(UpstreamIo {
     Exchanged,
     Internal
 });
+
+impl UpstreamIo {
+    /// What resets an internal connection (see [`crate::internal::Pipe`]);
+    /// sockets: none.
+    pub fn reset_handle(&self) -> Option<crate::internal::PipeReset> {
+        match self {
+            UpstreamIo::Internal(p) => Some(p.reset_handle()),
+            UpstreamIo::Exchanged(m) => m.get_ref().reset_handle(),
+            UpstreamIo::Plain(_) | UpstreamIo::Tls(_) => None,
+        }
+    }
+}
 
 /// A connection's place under the cluster's `max_connections`, held from
 /// the connect attempt until the connection closes.
