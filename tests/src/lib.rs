@@ -15,6 +15,7 @@ pub mod tcp;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod waypoint;
 pub mod xds;
 
 pub use proc::{EnvoyProc, ProxyProc, WeirProc};

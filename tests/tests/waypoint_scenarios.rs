@@ -1,5 +1,6 @@
 //! The ambient waypoint pipeline end to end, shaped after istiod's
-//! waypoint (`../shared/fixtures/istio/waypoint/*.json`), static bootstrap:
+//! waypoint (`../shared/fixtures/istio/waypoint/*.json`), static bootstrap
+//! (built by `weir_tests::waypoint`, shared with `benches/hbone.sh`):
 //!
 //! ```text
 //! HBONE client (mTLS, SPIFFE, h2 CONNECT VIP:PORT)
@@ -39,408 +40,18 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weir_tests::config::{
-    chain, file_log, filter, log_path, merge, sock, tcp_proxy, DOWNSTREAM_TLS, HCM,
-    HTTP_PROTOCOL_OPTIONS, ROUTER, UPSTREAM_TLS,
-};
-use weir_tests::hbone::{read_n, H2Tunnel, HboneClient};
-use weir_tests::hbone_server::{Behavior, HboneOptions, HboneProto, HboneServer};
-use weir_tests::scenario::{Proxy, StartOptions, Target};
+use weir_tests::config::log_path;
+use weir_tests::hbone::{read_n, H2Tunnel};
+use weir_tests::hbone_server::HboneServer;
+use weir_tests::scenario::{Proxy, Target};
 use weir_tests::tcp;
-use weir_tests::tls::{Leaf, LeafSpec, TempDir, TestCa, TlsServerOptions, TlsVersions};
+use weir_tests::waypoint::{
+    connect_originate_cluster, connect_originate_listener, connect_terminate, inbound_vip_cluster,
+    internal_cluster, internal_listener_extension, internal_upstream, main_internal, Apps, Mesh,
+    HTTP_CHAIN, HTTP_VIP, ORIGINAL_DST_NS, POD_IP, TCP_CHAIN, TCP_VIP, WAYPOINT_ID,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
-const SET_FILTER_STATE: &str =
-    "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config";
-const ORIGINAL_DST_NS: &str = "envoy.filters.listener.original_dst";
-const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/app/sa/client";
-const ZTUNNEL_ID: &str = "spiffe://cluster.local/ns/default/sa/ztunnel";
-
-/// The HTTP service's VIP and port, the TCP service's.
-const HTTP_VIP: &str = "127.0.0.10:9080";
-const TCP_VIP: &str = "127.0.0.11:9090";
-const HTTP_CHAIN: &str = "inbound-vip|9080|http|details.default.svc.cluster.local";
-const TCP_CHAIN: &str = "inbound-vip|9090|tcp|echo.default.svc.cluster.local";
-/// The pods' address (where the HBONE server and the apps listen).
-const POD_IP: &str = "127.0.0.1";
-
-/// main_internal's HTTP chain access log: the connection as the
-/// inbound chain sees it.
-const MAIN_LOG: &str =
-    "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %UPSTREAM_CLUSTER% %RESPONSE_CODE%\n";
-/// connect_terminate's access log: the client's address.
-/// connect_originate's access log: the restored destination, the HBONE
-/// host, the outcome.
-const ORIGINATE_LOG: &str = "%DOWNSTREAM_LOCAL_ADDRESS% %UPSTREAM_HOST% %RESPONSE_FLAGS% %UPSTREAM_TRANSPORT_FAILURE_REASON%\n";
-const TERMINATE_LOG: &str = "%DOWNSTREAM_REMOTE_ADDRESS% %REQ(:AUTHORITY)% %RESPONSE_CODE%\n";
-
-/// The mesh: one root; the waypoint's certificate (server on
-/// connect_terminate, client on connect_originate), a client workload's,
-/// the destination ztunnel's.
-struct Mesh {
-    ca: TestCa,
-    client: Leaf,
-    ztunnel: Leaf,
-    _dir: TempDir,
-    chain: PathBuf,
-    key: PathBuf,
-    root: PathBuf,
-}
-
-fn mesh() -> Mesh {
-    let ca = TestCa::new("cluster.local root");
-    let dir = TempDir::new("waypoint").expect("temp dir");
-    let files = ca
-        .issue(LeafSpec::spiffe(WAYPOINT_ID))
-        .write_files(&dir, "waypoint");
-    let root = dir.write("root-cert.pem", ca.pem());
-    let client = ca.issue(LeafSpec::spiffe(CLIENT_ID));
-    let ztunnel = ca.issue(LeafSpec::spiffe(ZTUNNEL_ID));
-    Mesh {
-        ca,
-        client,
-        ztunnel,
-        chain: files.chain,
-        key: files.key,
-        root,
-        _dir: dir,
-    }
-}
-
-impl Mesh {
-    fn client(&self) -> HboneClient {
-        HboneClient::expect_server(&self.ca, &self.client, WAYPOINT_ID)
-    }
-
-    /// The destination's HBONE server (ztunnel's inbound): TLS 1.3 only,
-    /// ALPN h2, client certificate required; forwards to the authority.
-    async fn hbone_server(&self) -> HboneServer {
-        HboneServer::start(HboneOptions {
-            tls: TlsServerOptions::new("ztunnel", &self.ztunnel)
-                .alpn(&["h2"])
-                .require_client_cert(&self.ca)
-                .versions(TlsVersions::Tls13Only),
-            proto: HboneProto::Http2,
-            behavior: Behavior::Forward,
-            max_concurrent_streams: None,
-        })
-        .await
-        .expect("hbone server")
-    }
-}
-
-/// What the pipeline connects to.
-struct Apps {
-    http_port: u16,
-    tcp_port: u16,
-    hbone_port: u16,
-    main_log: PathBuf,
-    terminate_log: PathBuf,
-    originate_log: PathBuf,
-}
-
-fn original_dst() -> Value {
-    json!({"name": "envoy.filters.listener.original_dst", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
-    }})
-}
-
-fn http_inspector() -> Value {
-    json!({"name": "envoy.filters.listener.http_inspector", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
-    }})
-}
-
-/// The `internal_upstream` transport passing host metadata namespace
-/// `envoy.filters.listener.original_dst` (istiod's).
-fn internal_upstream() -> Value {
-    json!({"name": "internal_upstream", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
-        "passthrough_metadata": [{"kind": {"host": {}}, "name": ORIGINAL_DST_NS}],
-        "transport_socket": {"name": "raw_buffer", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
-        }},
-    }})
-}
-
-/// A network matching input.
-fn input(name: &str, ty: &str) -> Value {
-    json!({"name": name, "typed_config": {
-        "@type": format!("type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.{ty}"),
-    }})
-}
-
-/// `on_match` selecting chain `name` (istiod names the action as the chain).
-fn to_chain(name: &str) -> Value {
-    json!({"action": {"name": name, "typed_config": {
-        "@type": "type.googleapis.com/google.protobuf.StringValue", "value": name,
-    }}})
-}
-
-/// One IPMatcher range: `vip` (ip:port) -> its port -> chain.
-fn vip_range(vip: &str, chain_name: &str) -> Value {
-    let (ip, port) = vip.rsplit_once(':').expect("ip:port");
-    json!({
-        "ranges": [{"address_prefix": ip, "prefix_len": 32}],
-        "on_match": {"matcher": {"matcher_tree": {
-            "input": input("port", "DestinationPortInput"),
-            "exact_match_map": {"map": {port: to_chain(chain_name)}},
-        }}},
-    })
-}
-
-/// istiod's `main_internal` listener.
-fn main_internal(a: &Apps) -> Value {
-    let http = filter(
-        "envoy.filters.network.http_connection_manager",
-        HCM,
-        json!({
-            "stat_prefix": "inbound_0.0.0.0_9080",
-            "route_config": {
-                "name": HTTP_CHAIN,
-                "virtual_hosts": [{
-                    "name": "inbound|http|9080", "domains": ["*"],
-                    "routes": [{
-                        "match": {"prefix": "/"},
-                        "route": {
-                            "cluster": HTTP_CHAIN, "timeout": "0s",
-                            "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"},
-                        },
-                        "decorator": {"operation": ":9080/*"},
-                        "name": "default",
-                    }],
-                }],
-                "validate_clusters": false,
-            },
-            "http_filters": [
-                {"name": "envoy.filters.http.fault", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
-                {"name": "envoy.filters.http.cors", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
-                {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
-            ],
-            "access_log": [file_log(&a.main_log, MAIN_LOG)],
-        }),
-    );
-    let tcp = tcp_proxy(TCP_CHAIN, TCP_CHAIN, json!({}));
-    json!({
-        "name": "main_internal",
-        "internal_listener": {},
-        "traffic_direction": "INBOUND",
-        "listener_filters": [original_dst(), http_inspector()],
-        "filter_chain_matcher": {"matcher_tree": {
-            "input": input("ip", "DestinationIPInput"),
-            "custom_match": {"name": "ip", "typed_config": {
-                "@type": "type.googleapis.com/xds.type.matcher.v3.IPMatcher",
-                "range_matchers": [vip_range(HTTP_VIP, HTTP_CHAIN), vip_range(TCP_VIP, TCP_CHAIN)],
-            }},
-        }},
-        "filter_chains": [
-            merge(chain(vec![http]), json!({"name": HTTP_CHAIN})),
-            merge(chain(vec![tcp]), json!({"name": TCP_CHAIN})),
-        ],
-    })
-}
-
-/// istiod's `connect_originate` listener.
-fn connect_originate_listener(log: &std::path::Path) -> Value {
-    json!({
-        "name": "connect_originate",
-        "internal_listener": {},
-        "use_original_dst": false,
-        "listener_filters": [original_dst()],
-        "filter_chains": [chain(vec![tcp_proxy(
-            "connect_originate",
-            "connect_originate",
-            json!({
-                "tunneling_config": {"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
-                "access_log": [file_log(log, ORIGINATE_LOG)],
-            }),
-        )])],
-    })
-}
-
-/// istiod's `connect_terminate` (named `l` for the harness), as in
-/// `hbone_terminate_scenarios` without istio/proxy's peer metadata filter.
-fn connect_terminate(port: u16, log: &std::path::Path) -> Value {
-    let state = |key: &str, format: &str, string: bool| {
-        let mut v = json!({
-            "object_key": key,
-            "format_string": {"text_format_source": {"inline_string": format}},
-            "shared_with_upstream": "ONCE",
-        });
-        if string {
-            v["factory_key"] = json!("envoy.string");
-        }
-        v
-    };
-    let hcm = json!({
-        "@type": HCM,
-        "stat_prefix": "connect_terminate",
-        "route_config": {"name": "default", "virtual_hosts": [{
-            "name": "default", "domains": ["*"],
-            "routes": [{"match": {"connect_matcher": {}}, "route": {
-                "cluster": "main_internal",
-                "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
-            }}],
-        }]},
-        "http_filters": [
-            filter(
-                "connect_authority",
-                SET_FILTER_STATE,
-                json!({"on_request_headers": [
-                    state("envoy.filters.listener.original_dst.local_ip", "%REQ(:AUTHORITY)%", false),
-                    state("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", false),
-                    state("io.istio.peer_principal", "%DOWNSTREAM_PEER_URI_SAN%", true),
-                    state("io.istio.local_principal", "%DOWNSTREAM_LOCAL_URI_SAN%", true),
-                ]}),
-            ),
-            filter("envoy.filters.http.router", ROUTER, json!({})),
-        ],
-        "http2_protocol_options": {"max_concurrent_streams": 100, "allow_connect": true},
-        "server_name": "istio-envoy",
-        "use_remote_address": false,
-        "forward_client_cert_details": "APPEND_FORWARD",
-        "set_current_client_cert_details": {"subject": true, "dns": true, "uri": true},
-        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-        "stream_idle_timeout": "0s",
-        "access_log": [file_log(log, TERMINATE_LOG)],
-    });
-    let tls = json!({"name": "tls", "typed_config": {
-        "@type": DOWNSTREAM_TLS,
-        "common_tls_context": {
-            "tls_params": {
-                "tls_minimum_protocol_version": "TLSv1_3",
-                "tls_maximum_protocol_version": "TLSv1_3",
-            },
-            "alpn_protocols": ["h2"],
-            "tls_certificate_sds_secret_configs": [{"name": "default"}],
-            "combined_validation_context": {
-                "default_validation_context": {"match_typed_subject_alt_names": [
-                    {"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}},
-                ]},
-                "validation_context_sds_secret_config": {"name": "ROOTCA"},
-            },
-        },
-        "require_client_certificate": true,
-    }});
-    json!({
-        "name": "l",
-        "address": sock(port),
-        "filter_chains": [{
-            "name": "default",
-            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
-            "transport_socket": tls,
-        }],
-    })
-}
-
-/// A STATIC cluster with one internal endpoint at `listener`, host
-/// metadata `metadata` (null: none) and `transport`.
-fn internal_cluster(name: &str, listener: &str, metadata: Value, transport: Value) -> Value {
-    let mut e = json!({"endpoint": {"address": {"envoy_internal_address": {
-        "server_listener_name": listener,
-    }}}});
-    if !metadata.is_null() {
-        e["metadata"] = json!({"filter_metadata": metadata});
-    }
-    json!({
-        "name": name, "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [e]}]},
-        "transport_socket": transport,
-    })
-}
-
-/// `inbound-vip|…` to `connect_originate` with the pod's address
-/// `POD_IP:port` in the host metadata.
-fn inbound_vip_cluster(name: &str, port: u16) -> Value {
-    internal_cluster(
-        name,
-        "connect_originate",
-        json!({ORIGINAL_DST_NS: {"local": format!("{POD_IP}:{port}")}}),
-        internal_upstream(),
-    )
-}
-
-/// istiod's `connect_originate` cluster (ORIGINAL_DST to the pods' HBONE
-/// port), with the waypoint's certificate from the SDS secret `default`.
-fn connect_originate_cluster(hbone_port: u16) -> Value {
-    json!({
-        "name": "connect_originate",
-        "type": "ORIGINAL_DST",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "connect_timeout": "10s",
-        "original_dst_lb_config": {"upstream_port_override": hbone_port},
-        "cleanup_interval": "60s",
-        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": UPSTREAM_TLS,
-            "common_tls_context": {
-                "tls_params": {
-                    "tls_minimum_protocol_version": "TLSv1_3",
-                    "tls_maximum_protocol_version": "TLSv1_3",
-                },
-                "alpn_protocols": ["h2"],
-                "tls_certificate_sds_secret_configs": [{"name": "default"}],
-                "combined_validation_context": {
-                    "default_validation_context": {"match_typed_subject_alt_names": [
-                        {"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}},
-                    ]},
-                    "validation_context_sds_secret_config": {"name": "ROOTCA"},
-                },
-            },
-        }},
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_PROTOCOL_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {"allow_connect": true}},
-            },
-        },
-    })
-}
-
-/// The whole waypoint; one worker (pools are per worker, and so are the
-/// connection counts the tests check).
-fn waypoint(m: &Mesh, a: Apps) -> Proxy {
-    let (chain, key, root) = (
-        m.chain.display().to_string(),
-        m.key.display().to_string(),
-        m.root.display().to_string(),
-    );
-    let opts = StartOptions {
-        concurrency: Some(1),
-        ..Default::default()
-    };
-    Proxy::start_with(Target::from_env(), opts, move |ports| {
-        json!({
-            "admin": {"address": sock(ports.admin)},
-            "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
-            }}],
-            "static_resources": {
-                "listeners": [
-                    connect_terminate(ports.listen, &a.terminate_log),
-                    main_internal(&a),
-                    connect_originate_listener(&a.originate_log),
-                ],
-                "clusters": [
-                    internal_cluster("main_internal", "main_internal", Value::Null, internal_upstream()),
-                    inbound_vip_cluster(HTTP_CHAIN, a.http_port),
-                    inbound_vip_cluster(TCP_CHAIN, a.tcp_port),
-                    connect_originate_cluster(a.hbone_port),
-                ],
-                "secrets": [
-                    {"name": "default", "tls_certificate": {
-                        "certificate_chain": {"filename": chain},
-                        "private_key": {"filename": key},
-                    }},
-                    {"name": "ROOTCA", "validation_context": {"trusted_ca": {"filename": root}}},
-                ],
-            },
-        })
-        .to_string()
-    })
-}
 
 /// Everything one test needs running.
 struct Setup {
@@ -455,22 +66,22 @@ struct Setup {
 }
 
 async fn setup(name: &str) -> Setup {
-    let m = mesh();
+    let m = Mesh::new();
     let app = weir_tests::upstream::http1("details").await.expect("app");
     let tcp_app = tcp::tcp_echo_server().await.expect("tcp app");
     let hbone = m.hbone_server().await;
     let main_log = log_path("waypoint", &format!("{name}-main"));
     let terminate_log = log_path("waypoint", &format!("{name}-terminate"));
     let originate_log = log_path("waypoint", &format!("{name}-originate"));
-    let p = waypoint(
+    let p = weir_tests::waypoint::start(
         &m,
-        Apps {
+        &Apps {
             http_port: app.port(),
             tcp_port: tcp_app.port(),
             hbone_port: hbone.port(),
-            main_log: main_log.clone(),
-            terminate_log: terminate_log.clone(),
-            originate_log: originate_log.clone(),
+            main_log: Some(main_log.clone()),
+            terminate_log: Some(terminate_log.clone()),
+            originate_log: Some(originate_log.clone()),
         },
     );
     Setup {
@@ -726,7 +337,7 @@ async fn concurrent_tunnels_share_one_hbone_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_over_delta_ads() {
     use weir_tests::xds::{type_url as t, ControlPlane};
-    let m = mesh();
+    let m = Mesh::new();
     let app = weir_tests::upstream::http1("details").await.expect("app");
     let hbone = m.hbone_server().await;
     let cp = ControlPlane::start().await.expect("control plane");
@@ -735,9 +346,9 @@ async fn the_pipeline_over_delta_ads() {
         http_port: app.port(),
         tcp_port: 9,
         hbone_port: hbone.port(),
-        main_log: log_path("waypoint", "ads-main"),
-        terminate_log: log_path("waypoint", "ads-terminate"),
-        originate_log: log_path("waypoint", "ads-originate"),
+        main_log: Some(log_path("waypoint", "ads-main")),
+        terminate_log: Some(log_path("waypoint", "ads-terminate")),
+        originate_log: Some(log_path("waypoint", "ads-originate")),
     };
     let listeners = [
         connect_terminate(port, &a.terminate_log),
@@ -777,11 +388,6 @@ async fn the_pipeline_over_delta_ads() {
     cp.set_yaml(t::CLUSTER, &refs(&clusters)).expect("cds");
     cp.set_yaml(t::ENDPOINT, &[&cla]).expect("eds");
     let v = cp.set_yaml(t::LISTENER, &refs(&listeners)).expect("lds");
-    let (chain, key, root) = (
-        m.chain.display().to_string(),
-        m.key.display().to_string(),
-        m.root.display().to_string(),
-    );
     let _p = Proxy::start(|ports| {
         let mut b: Value = serde_yaml::from_str(&cp.ads_bootstrap(
             "{id: waypoint~127.0.0.1~waypoint.default~default.svc.cluster.local, cluster: waypoint}",
@@ -789,16 +395,8 @@ async fn the_pipeline_over_delta_ads() {
             ports.admin,
         ))
         .expect("bootstrap yaml");
-        b["bootstrap_extensions"] = json!([{"name": "envoy.bootstrap.internal_listener", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
-        }}]);
-        b["static_resources"]["secrets"] = json!([
-            {"name": "default", "tls_certificate": {
-                "certificate_chain": {"filename": chain},
-                "private_key": {"filename": key},
-            }},
-            {"name": "ROOTCA", "validation_context": {"trusted_ca": {"filename": root}}},
-        ]);
+        b["bootstrap_extensions"] = internal_listener_extension();
+        b["static_resources"]["secrets"] = m.secrets();
         b.to_string()
     });
     for ty in [t::CLUSTER, t::ENDPOINT, t::LISTENER] {
