@@ -100,6 +100,15 @@ impl StreamAbort {
         g.0 = Some(h);
     }
 
+    /// Whether the stream's send half ended on its own: the client reset
+    /// the stream (or the connection failed), since it ends cleanly only
+    /// after the tunnel shut its write side. (hyper reads a client's
+    /// RST_STREAM CANCEL or NO_ERROR as a clean end of stream.)
+    fn send_finished(&self) -> bool {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.as_ref().is_some_and(|h| h.is_finished())
+    }
+
     /// Stops the send half; the stream is reset once the upgraded stream
     /// is dropped too.
     fn abort(&self) {
@@ -290,7 +299,16 @@ impl Tunnel {
                 // half-closes the upstream; the tunnel then waits for the
                 // other direction.
                 let down_to_up = async {
-                    match pump(&mut dr, &mut uw, buffer, &received, act).await {
+                    match pump(
+                        &mut dr,
+                        &mut uw,
+                        buffer,
+                        &received,
+                        act,
+                        reset_down.as_deref(),
+                    )
+                    .await
+                    {
                         Ok(()) => std::future::pending::<End>().await,
                         Err(Side::Read) => End::DownstreamFailed,
                         Err(Side::Write) => End::UpstreamFailed,
@@ -298,7 +316,7 @@ impl Tunnel {
                 };
                 // Upstream to downstream: its end ends the tunnel.
                 let up_to_down = async {
-                    match pump(&mut ur, &mut dw, buffer, &sent, act).await {
+                    match pump(&mut ur, &mut dw, buffer, &sent, act, None).await {
                         Ok(()) => End::Done,
                         Err(Side::Read) => End::UpstreamFailed,
                         Err(Side::Write) => End::DownstreamFailed,
@@ -371,13 +389,16 @@ enum Side {
 }
 
 /// Copies `r` to `w` through one bounded buffer until `r` ends, then shuts
-/// `w` down (the half-close). Counts the bytes and the activity.
+/// `w` down (the half-close). Counts the bytes and the activity. `r`'s end
+/// is a reset rather than a half-close when `reset` (the HTTP/2 stream `r`
+/// reads) says the client reset the stream.
 async fn pump<R, W>(
     r: &mut R,
     w: &mut W,
     buffer: usize,
     count: &AtomicU64,
     activity: &Activity,
+    reset: Option<&StreamAbort>,
 ) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
@@ -387,6 +408,14 @@ where
     loop {
         let n = r.read(&mut buf).await.map_err(|_| Side::Read)?;
         if n == 0 {
+            if let Some(a) = reset {
+                // The RST_STREAM that ended the read woke the send half
+                // too: let it run and see the reset first.
+                tokio::task::yield_now().await;
+                if a.send_finished() {
+                    return Err(Side::Read);
+                }
+            }
             return w.shutdown().await.map_err(|_| Side::Write);
         }
         activity.touch();
