@@ -24,9 +24,12 @@
 //! POD_IP is 127.0.0.1 (the test HBONE server listens there); the VIPs are
 //! other loopback addresses, never connected to: they only travel as the
 //! CONNECT authority and the restored local address. istio/proxy's own
-//! filters (`peer_metadata`, `istio.stats`) are not in the chains: Envoy
-//! 1.40 (the oracle) does not have them; their behaviour is checked in
-//! their own suites.
+//! filters (`peer_metadata`, `istio.stats`) are in the chains of
+//! `authz_and_telemetry_in_the_pipeline` on weir only: Envoy 1.40 (the
+//! oracle) does not have them. Failures (`unknown_vip_is_refused` and the
+//! tests after it) end only their tunnel, with a reset; the reset code is
+//! the one documented difference they check. One test takes everything
+//! over delta ADS and the certificates over SDS.
 //!
 //! Every test runs against weir in-process by default and against Envoy
 //! 1.40 with `WEIR_SCENARIO_TARGET=envoy`, same config and assertions:
