@@ -533,7 +533,8 @@ fn sds_secrets(chain: &str, key: &str, root: &str) -> [String; 2] {
 /// Then `default` rotates over SDS (a new certificate, same identity): a
 /// new client connection gets the new certificate, while the established
 /// client connection (its open tunnel and a new CONNECT on it) and the
-/// waypoint's pooled HBONE connection to the destination go on.
+/// waypoint's pooled HBONE connection to the destination go on; the next
+/// HBONE connection to the destination presents the new certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_over_delta_ads_and_sds() {
     use weir_tests::xds::{type_url as t, ControlPlane};
@@ -703,6 +704,27 @@ async fn the_pipeline_over_delta_ads_and_sds() {
     // The pooled HBONE connection to the destination (made with the old
     // certificate) carried everything.
     assert_eq!(hbone.tls_connections(), 1);
+    // Once the destination closes it, the next one presents the rotated
+    // certificate (the first request may meet the closed connection: a
+    // few bounded tries).
+    hbone.close_connections();
+    let mut ok = false;
+    for i in 0..20 {
+        let mut t = c2.connect(HTTP_VIP, &[]).await.expect("CONNECT");
+        if get(&mut t.stream, &format!("/reconnect/{i}")).await.0 == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "no request through a new HBONE connection");
+    let hs = hbone.handshakes();
+    assert!(hs.len() >= 2, "{}", hs.len());
+    let last = hs
+        .last()
+        .and_then(|h| h.client_cert())
+        .expect("the waypoint's client certificate");
+    assert_eq!(last.serial_hex, second.serial_hex);
     drop(p);
 }
 
