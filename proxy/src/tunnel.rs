@@ -645,10 +645,11 @@ async fn open_h2(
                 return Err(OpenError::Failed(format!("http/2 stream reset: {e}")));
             }
         };
-        // As Envoy: over HTTP/2 only 200 opens the tunnel.
+        // As Envoy: over HTTP/2 only 200 opens the tunnel; Envoy's failure
+        // reason names the status so.
         if resp.status() != http::StatusCode::OK {
             return Err(OpenError::Failed(format!(
-                "tunnel refused: {}",
+                "tunnel_response:{}",
                 resp.status().as_u16()
             )));
         }

@@ -328,7 +328,10 @@ async fn refused_destination_resets_only_its_tunnel() {
         .iter()
         .find(|l| l.starts_with(&format!("{POD_IP}:{} ", s.tcp_app.port())))
         .expect("the refused tunnel's log line");
-    assert!(refused.contains(" UF,URX "), "{refused}");
+    assert!(
+        refused.ends_with(" UF,URX tunnel_response:503"),
+        "{refused}"
+    );
     let term = s.p.log_lines(&s.terminate_log, 1).await;
     assert!(
         term.iter().any(|l| l.ends_with(&format!(" {TCP_VIP} 200"))),
