@@ -280,6 +280,7 @@ impl TcpRuntime {
         info.upstream_failure_reason = None;
         let up = match up {
             Up::Tcp(up, up_alpn) => {
+                info.upstream_local = up.local_addr();
                 // The cluster's upstream metadata exchange (Istio's cluster
                 // filter).
                 let up = match crate::mx::start(up, cluster.mx.as_ref(), up_alpn.as_deref()).await {

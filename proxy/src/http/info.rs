@@ -69,6 +69,9 @@ pub struct StreamInfo {
     /// The certificates of the upstream TLS connection that carried the
     /// response (shared with the pooled connection).
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTlsInfo>>,
+    /// The local address of the upstream connection that carried the
+    /// response (kept with the pooled connection), or of tcp_proxy's.
+    pub upstream_local: Option<SocketAddr>,
     /// SNI seen by tls_inspector (TLS passthrough) or the handshake.
     pub requested_server_name: Option<String>,
     /// What HTTP filters left (copied from their context after each phase
@@ -287,6 +290,7 @@ impl StreamInfo {
             stream: None,
             tls: None,
             upstream_tls: None,
+            upstream_local: None,
             requested_server_name: None,
             dynamic_metadata: Default::default(),
             filter_state: Default::default(),
@@ -631,7 +635,9 @@ pub fn eval(
             info.upstream_host.map(|a| a.to_string())
         }
         Command::UpstreamRemoteAddressWithoutPort => info.upstream_host.map(addr_no_port),
-        Command::UpstreamLocalAddress => None,
+        Command::UpstreamLocalAddress => info.upstream_local.map(|a| a.to_string()),
+        Command::UpstreamLocalAddressWithoutPort => info.upstream_local.map(addr_no_port),
+        Command::UpstreamLocalPort => info.upstream_local.map(|a| a.port().to_string()),
         Command::UpstreamCluster => info.upstream_cluster.as_deref().map(str::to_owned),
         Command::UpstreamTransportFailureReason => info
             .upstream_failure_reason

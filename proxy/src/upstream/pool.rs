@@ -82,17 +82,27 @@ impl PoolError {
 /// each response it carries (`None`: plain connection).
 pub type ConnTls = Option<Arc<crate::tls::UpstreamTlsInfo>>;
 
+/// What a pooled connection tells each response it carries: its
+/// certificates and its local address (read once when it is made, for
+/// `%UPSTREAM_LOCAL_ADDRESS%`: no system call per request).
+#[derive(Clone, Default)]
+pub struct ConnInfo {
+    pub tls: ConnTls,
+    /// `None` for an internal connection (no socket).
+    pub local: Option<SocketAddr>,
+}
+
 struct Idle {
     sender: http1::SendRequest<Body>,
     used: u32,
     since: Instant,
-    tls: ConnTls,
+    conn: ConnInfo,
 }
 
 struct H2 {
     sender: http2::SendRequest<Body>,
     used: u32,
-    tls: ConnTls,
+    conn: ConnInfo,
 }
 
 #[derive(Default)]
@@ -385,7 +395,7 @@ impl Client {
         &self,
         d: Dest<'_>,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
         let tls = d.tls;
         let key = Key {
             addr: d.addr,
@@ -455,7 +465,7 @@ impl Client {
         hosts.entry(addr.clone()).or_default().idle.push(c);
     }
 
-    fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32, tls: ConnTls) {
+    fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32, conn: ConnInfo) {
         if self.settings.max_requests.is_some_and(|m| used >= m) {
             return;
         }
@@ -465,7 +475,7 @@ impl Client {
                 sender,
                 used,
                 since: Instant::now(),
-                tls,
+                conn,
             });
         }
         // Requests pending at the connection limit may take it.
@@ -514,7 +524,7 @@ impl Client {
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
         *req.version_mut() = Version::HTTP_11;
         let mut pending: Option<Pending<'_>> = None;
         loop {
@@ -531,9 +541,9 @@ impl Client {
                 let _rq = self.attach()?;
                 match idle.sender.try_send_request(req).await {
                     Ok(resp) => {
-                        let tls = idle.tls.clone();
-                        self.put_idle(addr, idle.sender, idle.used + 1, idle.tls);
-                        return Ok((resp, tls));
+                        let conn = idle.conn.clone();
+                        self.put_idle(addr, idle.sender, idle.used + 1, idle.conn);
+                        return Ok((resp, conn));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(r) => req = r,
@@ -596,7 +606,7 @@ impl Client {
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
         to_h2(&mut req);
         let (mut sender, conn_tls) = match self.take_h2(addr) {
             Ok(s) => s,
@@ -652,7 +662,7 @@ impl Client {
     /// A stream on the key's HTTP/2 connection if it is open and under
     /// `max_requests_per_connection`; else the gate to hold while making
     /// a new one.
-    fn take_h2(&self, addr: &Key) -> Result<(http2::SendRequest<Body>, ConnTls), Arc<H2Gate>> {
+    fn take_h2(&self, addr: &Key) -> Result<(http2::SendRequest<Body>, ConnInfo), Arc<H2Gate>> {
         let mut hosts = self.hosts.lock().expect("pool lock");
         let conns = hosts.entry(addr.clone()).or_default();
         match &mut conns.h2 {
@@ -661,7 +671,7 @@ impl Client {
                     && self.settings.max_requests.is_none_or(|m| h.used < m) =>
             {
                 h.used += 1;
-                Ok((h.sender.clone(), h.tls.clone()))
+                Ok((h.sender.clone(), h.conn.clone()))
             }
             _ => {
                 conns.h2 = None;
@@ -675,7 +685,7 @@ impl Client {
         &self,
         addr: &Key,
         io: CountedIo,
-        tls: ConnTls,
+        info: ConnInfo,
     ) -> Result<http2::SendRequest<Body>, PoolError> {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -699,7 +709,7 @@ impl Client {
         hosts.entry(addr.clone()).or_default().h2 = Some(H2 {
             sender: sender.clone(),
             used: 1,
-            tls,
+            conn: info,
         });
         Ok(sender)
     }
@@ -710,7 +720,7 @@ impl Client {
         &self,
         key: &Key,
         t: &Transport<'_>,
-    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnTls), PoolError> {
+    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnInfo), PoolError> {
         let (addr, sni, alpn_override) = (key.addr, key.sni.as_deref(), key.alpn.as_deref());
         let tls = t.tls;
         let s = &self.settings;
@@ -744,6 +754,7 @@ impl Client {
                 }
             };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         if let Some(k) = &s.tcp_keepalive {
             super::set_keepalive(&stream, k);
         }
@@ -801,7 +812,10 @@ impl Client {
                 _slot: slot,
             },
             alpn,
-            conn_tls,
+            ConnInfo {
+                tls: conn_tls,
+                local,
+            },
         ))
     }
 
@@ -812,7 +826,7 @@ impl Client {
         i: &InternalDest,
         wrapped: bool,
         slot: ConnSlot,
-    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnTls), PoolError> {
+    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnInfo), PoolError> {
         let s = &self.settings;
         if wrapped {
             s.connect_fail.inc();
@@ -837,7 +851,7 @@ impl Client {
                 _slot: slot,
             },
             None,
-            None,
+            ConnInfo::default(),
         ))
     }
 
@@ -951,6 +965,19 @@ crate::io::enum_io!(UpstreamIo {
     Exchanged,
     Internal
 });
+
+impl UpstreamIo {
+    /// The socket's local address (one system call: read once per
+    /// connection). `None` for an internal connection, and for one after
+    /// the metadata exchange (made by the pool, which reads it before).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            UpstreamIo::Plain(s) => s.local_addr().ok(),
+            UpstreamIo::Tls(t) => t.get_ref().0.local_addr().ok(),
+            UpstreamIo::Exchanged(_) | UpstreamIo::Internal(_) => None,
+        }
+    }
+}
 
 /// A connection's place under the cluster's `max_connections`, held from
 /// the connect attempt until the connection closes.
