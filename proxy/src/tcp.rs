@@ -296,6 +296,7 @@ impl TcpRuntime {
             }
             Up::Tunnel(o) => {
                 info.upstream_tls = o.tls;
+                info.upstream_local = o.local;
                 UpSplice::Tunnel(o.io)
             }
         };

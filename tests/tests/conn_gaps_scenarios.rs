@@ -602,3 +602,90 @@ static_resources:
         vec![format!("{} {} {up}", peers[0], peers[0].port())]
     );
 }
+
+/// An upstream connection to an internal listener has Envoy's pivotal
+/// local address `envoy://internal_client_address/` and an empty port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_upstream_local_address() {
+    let log = log_path("internal");
+    let access = file_log(
+        &log,
+        "%UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %UPSTREAM_LOCAL_PORT%",
+        10,
+    );
+    let p = Proxy::start(|ports| {
+        format!(
+            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config: {{"@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener}}
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": {HCM_TYPE}
+          stat_prefix: ingress
+{access}          route_config:
+            name: rc
+            virtual_hosts:
+            - name: main
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: int}}
+                response_headers_to_add:
+                - header: {{key: x-up-local, value: "%UPSTREAM_LOCAL_ADDRESS%"}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  - name: inner
+    internal_listener: {{}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": {HCM_TYPE}
+          stat_prefix: inner
+          route_config:
+            name: rc2
+            virtual_hosts:
+            - name: main
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                direct_response: {{status: 200, body: {{inline_string: inner}}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: int
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: int
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{envoy_internal_address: {{server_listener_name: inner}}}}}}
+"#,
+            admin = ports.admin,
+            listen = ports.listen,
+        )
+    });
+    let r = weir_tests::scenario::Http::h1()
+        .get(&format!("{}/x", p.base()), &[])
+        .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "inner"));
+    assert_eq!(
+        r.header("x-up-local"),
+        Some("envoy://internal_client_address/")
+    );
+    let lines = p.log_lines(&log, 1).await;
+    assert_eq!(
+        lines,
+        vec!["envoy://internal_client_address/ envoy://internal_client_address/ ".to_owned()]
+    );
+}

@@ -8,6 +8,8 @@ use std::{
 };
 
 use http::{HeaderMap, Method};
+
+use crate::upstream::pool::LocalAddr;
 use xds_client::config::{Command, Format, FormatPart, HeaderKey};
 
 /// Facts about one request, filled in as it proceeds.
@@ -71,7 +73,7 @@ pub struct StreamInfo {
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTlsInfo>>,
     /// The local address of the upstream connection that carried the
     /// response (kept with the pooled connection), or of tcp_proxy's.
-    pub upstream_local: Option<SocketAddr>,
+    pub upstream_local: Option<crate::upstream::pool::LocalAddr>,
     /// SNI seen by tls_inspector (TLS passthrough) or the handshake.
     pub requested_server_name: Option<String>,
     /// What HTTP filters left (copied from their context after each phase
@@ -635,9 +637,19 @@ pub fn eval(
             info.upstream_host.map(|a| a.to_string())
         }
         Command::UpstreamRemoteAddressWithoutPort => info.upstream_host.map(addr_no_port),
-        Command::UpstreamLocalAddress => info.upstream_local.map(|a| a.to_string()),
-        Command::UpstreamLocalAddressWithoutPort => info.upstream_local.map(addr_no_port),
-        Command::UpstreamLocalPort => info.upstream_local.map(|a| a.port().to_string()),
+        Command::UpstreamLocalAddress => info.upstream_local.map(|a| match a {
+            LocalAddr::Ip(a) => a.to_string(),
+            LocalAddr::Internal => crate::internal::CLIENT_ADDRESS.to_owned(),
+        }),
+        Command::UpstreamLocalAddressWithoutPort => info.upstream_local.map(|a| match a {
+            LocalAddr::Ip(a) => addr_no_port(a),
+            LocalAddr::Internal => crate::internal::CLIENT_ADDRESS.to_owned(),
+        }),
+        // A non-IP address has an empty port (Envoy's text, not `-`).
+        Command::UpstreamLocalPort => info.upstream_local.map(|a| match a {
+            LocalAddr::Ip(a) => a.port().to_string(),
+            LocalAddr::Internal => String::new(),
+        }),
         Command::UpstreamCluster => info.upstream_cluster.as_deref().map(str::to_owned),
         Command::UpstreamTransportFailureReason => info
             .upstream_failure_reason

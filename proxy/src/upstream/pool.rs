@@ -88,8 +88,16 @@ pub type ConnTls = Option<Arc<crate::tls::UpstreamTlsInfo>>;
 #[derive(Clone, Default)]
 pub struct ConnInfo {
     pub tls: ConnTls,
-    /// `None` for an internal connection (no socket).
-    pub local: Option<SocketAddr>,
+    pub local: Option<LocalAddr>,
+}
+
+/// The local address of an upstream connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalAddr {
+    Ip(SocketAddr),
+    /// A connection to an internal listener (Envoy's
+    /// `envoy://internal_client_address/`; no port).
+    Internal,
 }
 
 struct Idle {
@@ -754,7 +762,7 @@ impl Client {
                 }
             };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().ok();
+        let local = stream.local_addr().ok().map(LocalAddr::Ip);
         if let Some(k) = &s.tcp_keepalive {
             super::set_keepalive(&stream, k);
         }
@@ -851,7 +859,10 @@ impl Client {
                 _slot: slot,
             },
             None,
-            ConnInfo::default(),
+            ConnInfo {
+                tls: None,
+                local: Some(LocalAddr::Internal),
+            },
         ))
     }
 
@@ -967,14 +978,15 @@ crate::io::enum_io!(UpstreamIo {
 });
 
 impl UpstreamIo {
-    /// The socket's local address (one system call: read once per
-    /// connection). `None` for an internal connection, and for one after
-    /// the metadata exchange (made by the pool, which reads it before).
-    pub fn local_addr(&self) -> Option<SocketAddr> {
+    /// The connection's local address (one system call: read once per
+    /// connection). `None` after the metadata exchange (made by the pool,
+    /// which reads it before).
+    pub fn local_addr(&self) -> Option<LocalAddr> {
         match self {
-            UpstreamIo::Plain(s) => s.local_addr().ok(),
-            UpstreamIo::Tls(t) => t.get_ref().0.local_addr().ok(),
-            UpstreamIo::Exchanged(_) | UpstreamIo::Internal(_) => None,
+            UpstreamIo::Plain(s) => s.local_addr().ok().map(LocalAddr::Ip),
+            UpstreamIo::Tls(t) => t.get_ref().0.local_addr().ok().map(LocalAddr::Ip),
+            UpstreamIo::Internal(_) => Some(LocalAddr::Internal),
+            UpstreamIo::Exchanged(_) => None,
         }
     }
 }
