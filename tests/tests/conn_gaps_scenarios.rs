@@ -250,7 +250,10 @@ async fn ws_h1_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 /// `200`, then echoes DATA until the client's END_STREAM or `bye`
 /// (echoed), then ends its side. Records `METHOD :protocol path` of each
 /// request.
-async fn ws_h2_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+/// With `tls`, over TLS offering ALPN `h2` only.
+async fn ws_h2_upstream(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -258,12 +261,18 @@ async fn ws_h2_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let seen = s2.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut conn = match h2::server::Builder::new()
-                    .enable_connect_protocol()
-                    .handshake::<_, Bytes>(s)
-                    .await
-                {
+                let mut b = h2::server::Builder::new();
+                b.enable_connect_protocol();
+                let handshake = match tls {
+                    None => b.handshake::<_, Bytes>(Box::new(s) as Box<dyn Io>).await,
+                    Some(a) => match a.accept(s).await {
+                        Ok(t) => b.handshake::<_, Bytes>(Box::new(t) as Box<dyn Io>).await,
+                        Err(_) => return,
+                    },
+                };
+                let mut conn = match handshake {
                     Ok(c) => c,
                     Err(_) => return,
                 };
@@ -302,6 +311,27 @@ async fn ws_h2_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
         }
     });
     (addr, seen)
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS acceptor for `up.test` offering ALPN `h2` only.
+fn h2_tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    let ca = weir_tests::tls::TestCa::new("ws-ca");
+    let leaf = ca.issue(weir_tests::tls::LeafSpec::server("up.test"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.cert_der.clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf.key_der.clone().into()),
+        )
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
 }
 
 const WS_HCM: &str = "          upgrade_configs: [{upgrade_type: websocket}]\n          http2_protocol_options: {allow_connect: true}\n";
@@ -419,7 +449,7 @@ async fn websocket_over_h2_to_h1_upstream() {
 /// sides.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_to_h2_upstream() {
-    let (up, seen) = ws_h2_upstream().await;
+    let (up, seen) = ws_h2_upstream(None).await;
     let routes = "              - match: {prefix: /}\n                route: {cluster: ws}\n";
     let clusters = cluster("ws", up.port(), H2_CLUSTER);
     let p = Proxy::start(|ports| bootstrap(ports, WS_HCM, routes, &clusters));
@@ -538,18 +568,24 @@ async fn upstream_local_address_in_log_and_headers() {
     let r2 = http.get(&format!("{base}/two"), &[]).await;
     let r3 = http.get(&format!("{base}/direct"), &[]).await;
     assert_eq!((r1.status, r2.status, r3.status), (200, 200, 200));
-    let peers = peers.lock().unwrap().clone();
-    assert_eq!(peers.len(), 1, "one pooled upstream connection: {peers:?}");
-    let local = peers[0];
-    assert_eq!(r1.text(), local.to_string());
-    assert_eq!(r1.header("x-up-local"), Some(local.to_string().as_str()));
-    assert_eq!(r2.header("x-up-local"), Some(local.to_string().as_str()));
+    // Each body is the upstream's view of the connection that carried it.
+    let seen = peers.lock().unwrap().clone();
+    let (l1, l2) = (r1.text(), r2.text());
+    for l in [&l1, &l2] {
+        assert!(seen.iter().any(|p| p.to_string() == **l), "{l} in {seen:?}");
+    }
+    assert_eq!(r1.header("x-up-local"), Some(l1.as_str()));
+    assert_eq!(r2.header("x-up-local"), Some(l2.as_str()));
+    let line = |path: &str, l: &str| {
+        let a: SocketAddr = l.parse().expect("address");
+        format!("{path} {a} {} {} {up}", a.ip(), a.port())
+    };
     let lines = p.log_lines(&log, 3).await;
     assert_eq!(
         lines,
         vec![
-            format!("/one {local} {} {} {up}", local.ip(), local.port()),
-            format!("/two {local} {} {} {up}", local.ip(), local.port()),
+            line("/one", &l1),
+            line("/two", &l2),
             "/direct - - - -".to_owned(),
         ]
     );
@@ -688,4 +724,45 @@ static_resources:
         lines,
         vec!["envoy://internal_client_address/ envoy://internal_client_address/ ".to_owned()]
     );
+}
+
+/// A cluster with `auto_config` over TLS: ALPN picks h2, so the upgrade
+/// goes out as an extended CONNECT on that connection (not as an HTTP/1.1
+/// upgrade the connection cannot carry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_to_alpn_h2_upstream() {
+    let (up, seen) = ws_h2_upstream(Some(h2_tls_acceptor())).await;
+    let routes = "              - match: {prefix: /}\n                route: {cluster: ws}\n";
+    let extra = "    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: up.test\n        common_tls_context: {alpn_protocols: [h2, http/1.1]}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        auto_config: {http2_protocol_options: {}}\n";
+    let clusters = cluster("ws", up.port(), extra);
+    let p = Proxy::start(|ports| bootstrap(ports, WS_HCM, routes, &clusters));
+    // Twice: on the connection ALPN makes, and on the pooled one.
+    for i in 0..2 {
+        let mut s = TcpStream::connect(p.addr()).await.expect("connect");
+        s.write_all(
+            b"GET /alpn HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+                .await
+                .expect("head in time")
+                .expect("read head");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{i}: {head}");
+        s.write_all(b"alpn-bytes").await.expect("write");
+        let mut got = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(&got, b"alpn-bytes");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, vec!["CONNECT websocket /alpn".to_owned(); 2]);
 }

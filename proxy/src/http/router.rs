@@ -857,7 +857,7 @@ pub async fn forward(
     let state = f.state.clone();
     let timers = f.timers;
     // An upgrade goes out in the cluster's protocol too: an HTTP/1.1
-    // upgrade, or an extended CONNECT on HTTP/2 (`h1_upgrade_to_h2`).
+    // upgrade, or an extended CONNECT on HTTP/2 (`pool::to_h2`).
     let kind = cluster.pool_kind(f.downstream_h2);
     let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
     let proxy_source = f.proxy_source.clone();
@@ -1179,8 +1179,11 @@ pub async fn forward(
             f.include_attempt_count.then_some(attempt),
             moved,
         );
-        if let (Some((proto, _)), PoolKind::Http2) = (&upgrade, kind) {
-            h1_upgrade_to_h2(&mut req, proto);
+        // The pool sends it as an extended CONNECT on an HTTP/2
+        // connection (the cluster's protocol or ALPN's choice).
+        if let Some((proto, _)) = &upgrade {
+            req.extensions_mut()
+                .insert(crate::upstream::pool::Upgrade(proto.clone()));
         }
         // One clock read for the try's timeout, its start and the first
         // check of the stream timers.
@@ -1370,9 +1373,13 @@ fn respond(
             info.upstream_tls = conn.tls;
             info.upstream_local = conn.local;
             // An upgrade the upstream accepted: `101` from HTTP/1.1, a 2xx
-            // to an extended CONNECT from HTTP/2.
+            // to an extended CONNECT from HTTP/2 (hyper then offers the
+            // stream as an upgrade).
             let switching = match &upgrade {
-                Some(_) if r.version() == Version::HTTP_2 => r.status().is_success(),
+                Some(_) if r.version() == Version::HTTP_2 => {
+                    r.status().is_success()
+                        && r.extensions().get::<hyper::upgrade::OnUpgrade>().is_some()
+                }
                 _ => r.status() == http::StatusCode::SWITCHING_PROTOCOLS,
             };
             let upgrade_kind = upgrade.as_ref().map(|(k, _)| k.clone());
@@ -1597,25 +1604,6 @@ async fn splice_upgrade(d: hyper::upgrade::Upgraded, u: hyper::upgrade::Upgraded
     tokio::select! {
         _ = client_to_upstream => {}
         _ = upstream_to_client => {}
-    }
-}
-
-/// An upgrade to an HTTP/2 upstream: the extended CONNECT (RFC 8441) it
-/// stands for, as Envoy's `transformUpgradeRequestFromH1toH2`
-/// (`:protocol` from `upgrade`; no `upgrade`, `connection`, nor a zero
-/// `content-length`). The upstream must offer
-/// SETTINGS_ENABLE_CONNECT_PROTOCOL, else the stream fails (a reset).
-fn h1_upgrade_to_h2(req: &mut Request<Body>, proto: &HeaderValue) {
-    let Ok(p) = proto.to_str() else {
-        return;
-    };
-    *req.method_mut() = http::Method::CONNECT;
-    req.extensions_mut().insert(hyper::ext::Protocol::from(p));
-    let h = req.headers_mut();
-    h.remove(header::UPGRADE);
-    h.remove(header::CONNECTION);
-    if h.get(header::CONTENT_LENGTH).is_some_and(|v| v == "0") {
-        h.remove(header::CONTENT_LENGTH);
     }
 }
 

@@ -927,8 +927,32 @@ impl Client {
 /// Turns a request built for HTTP/1.1 (origin-form URI and Host) into an
 /// HTTP/2 one (absolute URI, Host as :authority), for an HTTP/1 pool whose
 /// TLS upstream chose h2 by ALPN. Requests built for HTTP/2 are unchanged.
+/// Marks a request as an upgrade (the `upgrade` value): on an HTTP/2
+/// connection it goes out as an extended CONNECT (see [`to_h2`]).
+#[derive(Clone)]
+pub struct Upgrade(pub http::HeaderValue);
+
+/// A request as HTTP/2 sends it. An [`Upgrade`] becomes the extended
+/// CONNECT (RFC 8441) it stands for, as Envoy's
+/// `transformUpgradeRequestFromH1toH2`: `:protocol` from `upgrade`; no
+/// `upgrade`, `connection`, nor a zero `content-length`. The upstream must
+/// offer SETTINGS_ENABLE_CONNECT_PROTOCOL, else it refuses the stream.
 fn to_h2(req: &mut Request<Body>) {
     *req.version_mut() = Version::HTTP_2;
+    if let Some(Upgrade(proto)) = req.extensions_mut().remove::<Upgrade>() {
+        if let Ok(p) = proto.to_str() {
+            *req.method_mut() = http::Method::CONNECT;
+            req.extensions_mut().insert(hyper::ext::Protocol::from(p));
+            let h = req.headers_mut();
+            h.remove(http::header::UPGRADE);
+            h.remove(http::header::CONNECTION);
+            if h.get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v == "0")
+            {
+                h.remove(http::header::CONTENT_LENGTH);
+            }
+        }
+    }
     if req.uri().authority().is_some() {
         return;
     }
