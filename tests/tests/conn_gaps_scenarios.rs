@@ -431,7 +431,16 @@ async fn websocket_over_h2_to_h1_upstream() {
     let (up, heads) = ws_h1_upstream().await;
     let routes = "              - match: {prefix: /off}\n                route: {cluster: ws, upgrade_configs: [{upgrade_type: websocket, enabled: false}]}\n              - match: {prefix: /}\n                route: {cluster: ws}\n";
     let clusters = cluster("ws", up.port(), "");
-    let p = Proxy::start(|ports| bootstrap(ports, WS_HCM, routes, &clusters));
+    let log = log_path("ws-h2-h1");
+    let hcm = format!(
+        "{WS_HCM}{}",
+        file_log(
+            &log,
+            "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %REQ(UPGRADE)% %UPSTREAM_HOST%",
+            10
+        )
+    );
+    let p = Proxy::start(|ports| bootstrap(ports, &hcm, routes, &clusters));
     assert_eq!(h2_websocket(p.addr(), "/chat", true).await, 200);
     let heads = heads.lock().unwrap().clone();
     assert_eq!(heads.len(), 1, "{heads:?}");
@@ -441,6 +450,15 @@ async fn websocket_over_h2_to_h1_upstream() {
     assert!(h.contains("\r\nconnection: upgrade\r\n"), "{h}");
     assert!(h.contains("\r\nsec-websocket-version: 13\r\n"), "{h}");
     assert_eq!(h2_websocket(p.addr(), "/off", true).await, 403);
+    let lines = p.log_lines(&log, 2).await;
+    assert_eq!(
+        lines,
+        vec![
+            // As Envoy, logs see the `101` the client got as `200`.
+            format!("GET /chat HTTP/2 101 websocket {up}"),
+            "GET /off HTTP/2 403 websocket -".to_owned(),
+        ]
+    );
 }
 
 /// HTTP/1.1 downstream, HTTP/2 upstream: the upgrade goes out as an

@@ -1393,14 +1393,12 @@ fn respond(
                 });
             }
             let (mut rp, rb) = r.into_parts();
-            strip_hop_by_hop(&mut rp.headers, switching && !f.downstream_h2);
-            // As Envoy's codecs: an accepted upgrade is a `200` to an
-            // HTTP/2 client's extended CONNECT and a `101` with `upgrade`
-            // and `connection: upgrade` to an HTTP/1.1 client.
-            if switching && f.downstream_h2 {
-                rp.status = http::StatusCode::OK;
-                rp.headers.remove(header::CONTENT_LENGTH);
-            } else if switching && rp.version == Version::HTTP_2 {
+            strip_hop_by_hop(&mut rp.headers, switching);
+            // As Envoy's codecs: an accepted upgrade is a `101` with
+            // `upgrade` and `connection: upgrade` to filters and logs
+            // whatever the upstream protocol (`finish` makes it the `200`
+            // an HTTP/2 client's extended CONNECT gets).
+            if switching && rp.version == Version::HTTP_2 {
                 rp.status = http::StatusCode::SWITCHING_PROTOCOLS;
                 rp.headers.remove(header::CONTENT_LENGTH);
                 if let Some(k) = upgrade_kind {

@@ -1659,6 +1659,16 @@ fn finish(
         }
         info.response_headers = Some(resp.headers().clone());
     }
+    // An accepted upgrade on HTTP/2 (RFC 8441): Envoy's codec turns the
+    // `101` filters and logs see into a `200` without the HTTP/1.1
+    // upgrade headers.
+    if status == http::StatusCode::SWITCHING_PROTOCOLS && info.protocol == "HTTP/2" {
+        *resp.status_mut() = http::StatusCode::OK;
+        let hs = resp.headers_mut();
+        hs.remove(header::UPGRADE);
+        hs.remove(header::CONNECTION);
+        hs.remove(header::CONTENT_LENGTH);
+    }
     // A trailers-only gRPC answer's status, for the span.
     let grpc_head = if info.span.span.is_some() {
         let text = |n: &str| {
