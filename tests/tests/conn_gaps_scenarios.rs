@@ -227,7 +227,7 @@ async fn ws_h1_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                     head.push(b[0]);
                 }
                 h.lock()
-                    .unwrap()
+                    .expect("lock")
                     .push(String::from_utf8_lossy(&head).to_ascii_lowercase());
                 let _ = s
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
@@ -284,7 +284,7 @@ async fn ws_h2_upstream(
                             .get::<h2::ext::Protocol>()
                             .map(|p| p.as_str().to_owned())
                             .unwrap_or_default();
-                        seen.lock().unwrap().push(format!(
+                        seen.lock().expect("lock").push(format!(
                             "{} {proto} {}",
                             req.method(),
                             req.uri().path()
@@ -442,7 +442,7 @@ async fn websocket_over_h2_to_h1_upstream() {
     );
     let p = Proxy::start(|ports| bootstrap(ports, &hcm, routes, &clusters));
     assert_eq!(h2_websocket(p.addr(), "/chat", true).await, 200);
-    let heads = heads.lock().unwrap().clone();
+    let heads = heads.lock().expect("lock").clone();
     assert_eq!(heads.len(), 1, "{heads:?}");
     let h = &heads[0];
     assert!(h.starts_with("get /chat http/1.1\r\n"), "{h}");
@@ -507,7 +507,7 @@ async fn websocket_to_h2_upstream() {
         .expect("read to end");
     assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(h2_websocket(p.addr(), "/h2", false).await, 200);
-    let seen = seen.lock().unwrap().clone();
+    let seen = seen.lock().expect("lock").clone();
     assert_eq!(
         seen,
         vec![
@@ -530,7 +530,7 @@ async fn addr_upstream(raw: bool) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
     let p2 = peers.clone();
     tokio::spawn(async move {
         while let Ok((mut s, peer)) = l.accept().await {
-            p2.lock().unwrap().push(peer);
+            p2.lock().expect("lock").push(peer);
             tokio::spawn(async move {
                 let text = peer.to_string();
                 if raw {
@@ -587,7 +587,7 @@ async fn upstream_local_address_in_log_and_headers() {
     let r3 = http.get(&format!("{base}/direct"), &[]).await;
     assert_eq!((r1.status, r2.status, r3.status), (200, 200, 200));
     // Each body is the upstream's view of the connection that carried it.
-    let seen = peers.lock().unwrap().clone();
+    let seen = peers.lock().expect("lock").clone();
     let (l1, l2) = (r1.text(), r2.text());
     for l in [&l1, &l2] {
         assert!(seen.iter().any(|p| p.to_string() == **l), "{l} in {seen:?}");
@@ -647,7 +647,7 @@ static_resources:
         .expect("in time")
         .expect("read");
     drop(s);
-    let peers = peers.lock().unwrap().clone();
+    let peers = peers.lock().expect("lock").clone();
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(got, peers[0].to_string());
     let lines = p.log_lines(&log, 1).await;
@@ -781,6 +781,6 @@ async fn websocket_to_alpn_h2_upstream() {
             .expect("read");
         assert_eq!(&got, b"alpn-bytes");
     }
-    let seen = seen.lock().unwrap().clone();
+    let seen = seen.lock().expect("lock").clone();
     assert_eq!(seen, vec!["CONNECT websocket /alpn".to_owned(); 2]);
 }
