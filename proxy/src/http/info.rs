@@ -8,9 +8,9 @@ use std::{
 };
 
 use http::{HeaderMap, Method};
+use xds_client::config::{Command, Format, FormatPart, HeaderKey};
 
 use crate::upstream::pool::LocalAddr;
-use xds_client::config::{Command, Format, FormatPart, HeaderKey};
 
 /// Facts about one request, filled in as it proceeds.
 #[derive(Debug, Clone)]

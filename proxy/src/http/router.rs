@@ -505,7 +505,7 @@ fn report_outlier(cluster: &ClusterRuntime, host: &crate::upstream::Host, outcom
 }
 
 /// What one try's pool exchange gives: the response with its connection's
-/// certificates, or why there is none.
+/// certificates and local address, or why there is none.
 type TryResult =
     Result<(Response<Incoming>, crate::upstream::pool::ConnInfo), crate::upstream::PoolError>;
 
@@ -649,7 +649,8 @@ fn drop_tries(cluster: &ClusterRuntime, tries: &mut Vec<Try<'_>>) {
 }
 
 enum Outcome {
-    /// With the certificates of the upstream connection that carried it.
+    /// With the certificates and local address of the upstream connection
+    /// that carried it.
     Response(Response<Incoming>, crate::upstream::pool::ConnInfo),
     ConnectFailure(String),
     Reset(String),
@@ -1580,10 +1581,9 @@ fn build_request(
 
 /// Copies an accepted upgrade's bytes both ways. The client's end (FIN,
 /// END_STREAM) half-closes the upstream and the upstream may still answer;
-/// the upstream's end ends the downstream side and the splice (as Envoy:
-/// the response is complete, an HTTP/2 stream still open from the client
-/// is reset), so a client that never closes does not hold it. A broken
-/// side (a reset) ends both.
+/// the upstream's end ends the downstream side (FIN, END_STREAM) and the
+/// splice, so a client that never closes does not hold it (Envoy ends the
+/// stream there too). A broken side (a reset) ends both.
 async fn splice_upgrade(d: hyper::upgrade::Upgraded, u: hyper::upgrade::Upgraded) {
     use tokio::io::AsyncWriteExt;
     let (mut dr, mut dw) = tokio::io::split(hyper_util::rt::TokioIo::new(d));

@@ -338,9 +338,9 @@ pub async fn handle(
 /// becomes the HTTP/1.1 upgrade it stands for (`GET`, `upgrade:
 /// <protocol>`, `connection: upgrade`), so routes, `upgrade_configs` and
 /// filters see a websocket upgrade whatever the downstream protocol. The
-/// router then proxies it as any upgrade and answers the upstream's `101`
-/// with `200` (`router::respond`); hyper hands the stream over once that
-/// `200` is written.
+/// router proxies it as any upgrade; `finish` turns the accepted upgrade's
+/// `101` into the `200` the client gets, and hyper hands the stream over
+/// once that `200` is written.
 fn h2_extended_connect(parts: &mut http::request::Parts) {
     let Some(p) = parts.extensions.remove::<hyper::ext::Protocol>() else {
         return;
