@@ -881,6 +881,7 @@ async fn connection(
                 opened: tokio::time::Instant::now(),
                 proto_counted: std::sync::atomic::AtomicBool::new(false),
                 requests: std::sync::atomic::AtomicU32::new(0),
+                max_requests_reached: tokio::sync::Notify::new(),
                 drain: chain.drain.subscribe(),
                 update_drain: chain.update_drain.clone(),
                 is_h2: std::sync::atomic::AtomicBool::new(false),

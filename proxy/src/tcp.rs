@@ -286,6 +286,7 @@ impl TcpRuntime {
         info.upstream_failure_reason = None;
         let up = match up {
             Up::Tcp(up, up_alpn) => {
+                info.upstream_local = up.local_addr();
                 // The cluster's upstream metadata exchange (Istio's cluster
                 // filter).
                 let up = match crate::mx::start(up, cluster.mx.as_ref(), up_alpn.as_deref()).await {
@@ -301,6 +302,7 @@ impl TcpRuntime {
             }
             Up::Tunnel(o) => {
                 info.upstream_tls = o.tls;
+                info.upstream_local = o.local;
                 UpSplice::Tunnel(o.io)
             }
         };

@@ -93,6 +93,9 @@ where
         _ = drain.wait_for(|d| *d) => {}
         _ = &mut max_dur => ctx.hcm.stats.cx_max_duration_reached.inc(),
         _ = &mut idle => ctx.hcm.stats.cx_idle_timeout.inc(),
+        // An HTTP/2 connection reached max_requests_per_connection (Envoy's
+        // drain sequence): GOAWAY below; open streams finish.
+        _ = ctx.max_requests_reached.notified() => {}
     }
     // --drain-strategy gradual spreads connection closes over the drain
     // time (Envoy raises the close probability linearly); immediate closes
