@@ -17,7 +17,6 @@ use std::{
 use rand::Rng;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
     sync::watch,
     time::Instant,
 };
@@ -468,29 +467,15 @@ pub(crate) async fn connect(
             }
         };
     }
-    let tcp = match tokio::time::timeout(
+    let mut tcp = crate::upstream::connect_tcp(
+        host.addr,
         cluster.config.connect_timeout,
-        TcpStream::connect(host.addr),
+        cluster.config.tcp_keepalive.as_ref(),
+        &s.upstream_cx_connect_fail,
+        &s.upstream_cx_connect_timeout,
     )
     .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            s.upstream_cx_connect_fail.inc();
-            let text = e.to_string();
-            return Err(text.split(" (os error").next().unwrap_or(&text).to_owned());
-        }
-        Err(_) => {
-            s.upstream_cx_connect_fail.inc();
-            s.upstream_cx_connect_timeout.inc();
-            return Err("connect timeout".into());
-        }
-    };
-    let mut tcp = tcp;
-    let _ = tcp.set_nodelay(true);
-    if let Some(k) = &cluster.config.tcp_keepalive {
-        crate::upstream::set_keepalive(&tcp, k);
-    }
+    .map_err(|e| e.to_string())?;
     // Upstream PROXY protocol: the header (the downstream connection's
     // addresses and the TLVs the listener kept) goes first, before TLS.
     if let Some(pp) = cluster.proxy_protocol_for(host) {
