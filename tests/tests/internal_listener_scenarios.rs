@@ -20,8 +20,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir_tests::config::{
-    chain, cluster, file_log, filter, h2_upstream, hcm, listener, log_path, merge, route, sock,
-    tcp_proxy, vhost,
+    chain, cluster, file_log, filter, h2_upstream, hcm, internal_cluster, internal_endpoint,
+    internal_extension, internal_listener, internal_upstream, listener, log_path, merge, route,
+    sock, tcp_proxy, vhost, ORIGINAL_DST_NS,
 };
 use weir_tests::scenario::{Http, Ports, Proxy, StartOptions, Target};
 use weir_tests::tcp;
@@ -29,19 +30,11 @@ use weir_tests::tunnel::H2Conn;
 
 const SET_FILTER_STATE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config";
-const ORIGINAL_DST_NS: &str = "envoy.filters.listener.original_dst";
 
 /// How long one read may wait.
 const WAIT: Duration = Duration::from_secs(10);
 
 // === config building ===
-
-/// The bootstrap extension internal listeners need.
-fn internal_extension() -> Value {
-    json!([{"name": "envoy.bootstrap.internal_listener", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
-    }}])
-}
 
 /// A static bootstrap with the internal listener extension.
 fn bootstrap(p: &Ports, listeners: Vec<Value>, clusters: Vec<Value>) -> String {
@@ -51,46 +44,6 @@ fn bootstrap(p: &Ports, listeners: Vec<Value>, clusters: Vec<Value>) -> String {
         "static_resources": {"listeners": listeners, "clusters": clusters},
     })
     .to_string()
-}
-
-/// An internal listener `name` with `fields` (chains, listener filters...).
-fn internal_listener(name: &str, fields: Value) -> Value {
-    merge(json!({"name": name, "internal_listener": {}}), fields)
-}
-
-/// An `LbEndpoint` at internal listener `listener` (`endpoint_id`), with
-/// host `metadata` unless null.
-fn internal_endpoint(listener: &str, endpoint_id: &str, metadata: Value) -> Value {
-    let mut e = json!({"endpoint": {"address": {"envoy_internal_address": {
-        "server_listener_name": listener, "endpoint_id": endpoint_id,
-    }}}});
-    if !metadata.is_null() {
-        e["metadata"] = json!({ "filter_metadata": metadata });
-    }
-    e
-}
-
-/// A STATIC cluster of `endpoints` (`extra`: more cluster fields).
-fn internal_cluster(name: &str, endpoints: Vec<Value>, extra: Value) -> Value {
-    merge(
-        json!({
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
-        }),
-        extra,
-    )
-}
-
-/// The `internal_upstream` transport passing host metadata namespace
-/// `envoy.filters.listener.original_dst` (the waypoint's).
-fn internal_upstream() -> Value {
-    json!({"transport_socket": {"name": "envoy.transport_sockets.internal_upstream", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
-        "passthrough_metadata": [{"kind": {"host": {}}, "name": ORIGINAL_DST_NS}],
-        "transport_socket": {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
-        }},
-    }}})
 }
 
 fn original_dst() -> Value {

@@ -100,6 +100,16 @@ pub fn clock_ms() -> u64 {
 }
 
 impl Host {
+    /// The address workload discovery (WDS) looks this host up by, as
+    /// istio/proxy: an IP host's own; an internal host's `original_dst`
+    /// `local` endpoint metadata (none for `istio.double_hbone`).
+    pub fn workload_addr(&self) -> Option<SocketAddr> {
+        match &self.internal {
+            Some(h) => h.workload_addr,
+            None => Some(self.addr),
+        }
+    }
+
     /// Usable by the load balancer: healthy by EDS, not ejected by
     /// outlier detection (Envoy's FAILED_OUTLIER_CHECK) and not failing
     /// active health checks (FAILED_ACTIVE_HC).
