@@ -305,6 +305,127 @@ async fn tcp_through_an_internal_listener() {
     weir_tests::config::stat_is(&p, "listener.envoy_internal_inner.downstream_cx_active", 0).await;
 }
 
+// === active health checks of internal hosts ===
+
+/// Active HTTP health checks of internal hosts go through the internal
+/// listener, over the host's `internal_upstream` transport: the check
+/// request reaches the app behind it with the host's passed-through
+/// metadata (the internal listener chooses its chain by the restored
+/// destination port), a host whose app answers 503 is failed and gets no
+/// traffic, and recovers. Envoy 1.40 cannot reach internal listeners from
+/// its health checker (every check fails); the Envoy run checks that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_reach_internal_hosts() {
+    let a = weir_tests::upstream::http1("a").await.expect("a");
+    let b = weir_tests::upstream::http1("b").await.expect("b");
+    b.set_default_status(503);
+    let (a_port, b_port) = (a.port(), b.port());
+    let p = Proxy::start(move |ports| {
+        let outer = hcm(
+            "outer",
+            vec![],
+            vec![vhost("vh", vec![route("/", "vip", json!({}))], json!({}))],
+            json!({}),
+        );
+        // Each internal listener routes to its app; `b`'s only on the
+        // destination port the host metadata restores.
+        let to_app = |name: &str, app: &str| {
+            let h = hcm(
+                name,
+                vec![],
+                vec![vhost("vh", vec![route("/", app, json!({}))], json!({}))],
+                json!({}),
+            );
+            merge(chain(vec![h]), json!({"name": name}))
+        };
+        let md = json!({ ORIGINAL_DST_NS: {"local": "10.1.2.3:9080"} });
+        bootstrap(
+            ports,
+            vec![
+                listener("l", ports.listen, vec![chain(vec![outer])]),
+                internal_listener("in_a", json!({"filter_chains": [to_app("in_a", "a")]})),
+                internal_listener(
+                    "in_b",
+                    json!({
+                        "listener_filters": [original_dst()],
+                        "filter_chain_matcher": by_port(&[(9080, "in_b")]),
+                        "filter_chains": [to_app("in_b", "b")],
+                    }),
+                ),
+            ],
+            vec![
+                internal_cluster(
+                    "vip",
+                    vec![
+                        internal_endpoint("in_a", "a", Value::Null),
+                        internal_endpoint("in_b", "10.1.2.3:9080", md.clone()),
+                    ],
+                    merge(
+                        internal_upstream(),
+                        json!({"health_checks": [{
+                            "timeout": "1s", "interval": "0.1s", "no_traffic_interval": "0.1s",
+                            "unhealthy_threshold": 2, "healthy_threshold": 2,
+                            "http_health_check": {"path": "/healthz"},
+                        }]}),
+                    ),
+                ),
+                cluster("a", &[a_port], json!({})),
+                cluster("b", &[b_port], json!({})),
+            ],
+        )
+    });
+    if p.target().is_envoy() {
+        // Envoy 1.40 runs checks on its main thread, whose internal
+        // listener registry has no listener manager (only workers set
+        // one): every check of an internal host is a network failure and
+        // both hosts stay failed (ARCHITECTURE.md, a documented
+        // difference: weir checks them).
+        let nf = "cluster.vip.health_check.network_failure";
+        let last = weir_tests::config::wait_stat(&p, nf, |v| v.unwrap_or(0) >= 6).await;
+        assert!(last.unwrap_or(0) >= 6, "{nf} = {last:?}");
+        assert_eq!(p.stat("cluster.vip.health_check.success").await, Some(0));
+        assert_eq!(p.stat("cluster.vip.health_check.healthy").await, Some(0));
+        assert!(a.requests().is_empty() && b.requests().is_empty());
+        return;
+    }
+    weir_tests::config::stat_is(&p, "cluster.vip.health_check.healthy", 1).await;
+    // The check request crossed the internal listener to the app.
+    let hc = b.wait_requests(1).await;
+    let first = hc.first().expect("b was checked");
+    assert_eq!(
+        (first.method.as_str(), first.path.as_str()),
+        ("GET", "/healthz")
+    );
+    let agent = first
+        .headers
+        .iter()
+        .find(|(k, _)| k == "user-agent")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(agent, Some("Envoy/HC"));
+    // The failed host gets no traffic.
+    let http = Http::h1();
+    for _ in 0..10 {
+        let r = http.get(&format!("{}/x", p.base()), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().upstream, "a");
+    }
+    // Recovery after healthy_threshold passes.
+    b.set_default_status(0);
+    weir_tests::config::stat_is(&p, "cluster.vip.health_check.healthy", 2).await;
+    let mut seen_b = false;
+    for _ in 0..20 {
+        let r = http.get(&format!("{}/x", p.base()), &[]).await;
+        assert_eq!(r.status, 200);
+        seen_b |= r.echo().upstream == "b";
+    }
+    assert!(seen_b, "b takes traffic again");
+    let success = p
+        .stat("cluster.vip.health_check.success")
+        .await
+        .unwrap_or(0);
+    assert!(success >= 3, "success = {success}");
+}
+
 // === original_dst and filter_chain_matcher ===
 
 /// Host metadata `envoy.filters.listener.original_dst: {local: ip:port}`,
@@ -536,26 +657,6 @@ async fn unsupported_internal_fields_are_rejected() {
     let text = format!("{e:#}");
     assert!(
         text.contains("static_resources.clusters[0].transport_socket.typed_config.passthrough_metadata[0].kind"),
-        "{text}"
-    );
-    // Active health checks of internal hosts.
-    let e = try_start(|ports| {
-        bootstrap(
-            ports,
-            vec![],
-            vec![internal_cluster(
-                "c",
-                vec![internal_endpoint("x", "", Value::Null)],
-                json!({"health_checks": [{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 1,
-                    "healthy_threshold": 1, "tcp_health_check": {}}]}),
-            )],
-        )
-    })
-    .err()
-    .expect("rejected");
-    let text = format!("{e:#}");
-    assert!(
-        text.contains("static_resources.clusters[0].health_checks[0]"),
         "{text}"
     );
     // An internal address in a DNS cluster.
