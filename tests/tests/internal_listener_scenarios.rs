@@ -396,12 +396,7 @@ async fn active_health_checks_reach_internal_hosts() {
         (first.method.as_str(), first.path.as_str()),
         ("GET", "/healthz")
     );
-    let agent = first
-        .headers
-        .iter()
-        .find(|(k, _)| k == "user-agent")
-        .map(|(_, v)| v.as_str());
-    assert_eq!(agent, Some("Envoy/HC"));
+    assert_eq!(first.header("user-agent"), Some("Envoy/HC"));
     // The failed host gets no traffic.
     let http = Http::h1();
     for _ in 0..10 {

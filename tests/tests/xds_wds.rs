@@ -246,6 +246,18 @@ async fn log_line(p: &Proxy, log: &Path, n: usize) -> String {
     lines[n - 1].clone()
 }
 
+/// A control plane serving `workloads`: it, its port and the version of
+/// the last upsert (to wait for its ACK).
+async fn control_plane(workloads: &[proto::Workload]) -> (ControlPlane, u16, String) {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let port = cp.addr().expect("tcp control plane").port();
+    let mut version = String::new();
+    for w in workloads {
+        version = cp.upsert(t::WORKLOAD, any(w)).expect("workload");
+    }
+    (cp, port, version)
+}
+
 /// `/stats/prometheus` once `want` is one of its lines.
 async fn prometheus_has(p: &Proxy, want: &str) {
     let mut text = String::new();
@@ -308,12 +320,7 @@ const UNKNOWN_SOURCE: [&str; 7] = [
 /// reason while the others keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_discovery_feeds_peer_metadata_and_stats() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let cp_port = cp.addr().expect("tcp control plane").port();
-    cp.upsert(t::WORKLOAD, any(&sleep("v1"))).expect("sleep");
-    let v = cp
-        .upsert(t::WORKLOAD, any(&productpage()))
-        .expect("productpage");
+    let (cp, cp_port, v) = control_plane(&[sleep("v1"), productpage()]).await;
     let app = upstream::http1("productpage").await.expect("echo upstream");
     let log = log_path("wds", "peers");
     let p = start(cp_port, app.port(), log.clone());
@@ -500,12 +507,7 @@ async fn prometheus_line(p: &Proxy, name: &str, labels: &[&str]) -> String {
 /// the metadata.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_workload_discovery_of_internal_hosts() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let cp_port = cp.addr().expect("tcp control plane").port();
-    cp.upsert(t::WORKLOAD, any(&sleep("v1"))).expect("sleep");
-    cp.upsert(t::WORKLOAD, any(&productpage()))
-        .expect("productpage");
-    let v = cp.upsert(t::WORKLOAD, any(&reviews())).expect("reviews");
+    let (cp, cp_port, v) = control_plane(&[sleep("v1"), productpage(), reviews()]).await;
     let app = upstream::http1("reviews").await.expect("echo upstream");
     let app_port = app.port();
     let log = log_path("wds", "internal-hosts");
@@ -598,12 +600,7 @@ async fn upstream_workload_discovery_of_internal_hosts() {
 /// labels stay Istio's `unknown`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_exchange_falls_back_to_workload_discovery() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let cp_port = cp.addr().expect("tcp control plane").port();
-    cp.upsert(t::WORKLOAD, any(&sleep("v1"))).expect("sleep");
-    let v = cp
-        .upsert(t::WORKLOAD, any(&productpage()))
-        .expect("productpage");
+    let (cp, cp_port, v) = control_plane(&[sleep("v1"), productpage()]).await;
     let echo = weir_tests::tcp::tcp_echo_server().await.expect("echo");
     let echo_port = echo.port();
     let mx = |discovery: bool| {
@@ -619,24 +616,19 @@ async fn metadata_exchange_falls_back_to_workload_discovery() {
         // Downstream filter with discovery; the same without; the cluster
         // filter with discovery behind an outbound (reporter source)
         // listener.
-        let down = listener(
-            "l",
-            ports.listen,
-            vec![chain(vec![
-                mx(true),
-                stats(json!({"reporter": "SERVER_GATEWAY"})),
-                tcp_proxy("down", "echo", json!({})),
-            ])],
-        );
-        let plain = listener(
-            "l2",
-            ports.listen2,
-            vec![chain(vec![
-                mx(false),
-                stats(json!({"reporter": "SERVER_GATEWAY"})),
-                tcp_proxy("plain", "echo", json!({})),
-            ])],
-        );
+        let waypoint = |name: &str, port: u16, discovery: bool| {
+            listener(
+                name,
+                port,
+                vec![chain(vec![
+                    mx(discovery),
+                    stats(json!({"reporter": "SERVER_GATEWAY"})),
+                    tcp_proxy(name, "echo", json!({})),
+                ])],
+            )
+        };
+        let down = waypoint("l", ports.listen, true);
+        let plain = waypoint("l2", ports.listen2, false);
         let out = merge(
             listener(
                 "out",
@@ -675,35 +667,35 @@ async fn metadata_exchange_falls_back_to_workload_discovery() {
         let mut rest = Vec::new();
         let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await;
     }
-    // Listener filter with discovery: both peers from WDS.
-    let found = [
-        "reporter=\"waypoint\"",
-        "source_workload=\"sleep\"",
-        "source_canonical_revision=\"v1\"",
-        "source_workload_namespace=\"default\"",
-        "destination_workload=\"productpage-v1\"",
-        "destination_workload_namespace=\"bookinfo\"",
-        "request_protocol=\"tcp\"",
+    // The listener filter with discovery: both peers from WDS; without
+    // discovery: Istio's unknowns; the cluster filter: the upstream peer
+    // from WDS by its host.
+    let found: [&[&str]; 3] = [
+        &[
+            "reporter=\"waypoint\"",
+            "source_workload=\"sleep\"",
+            "source_canonical_revision=\"v1\"",
+            "source_workload_namespace=\"default\"",
+            "destination_workload=\"productpage-v1\"",
+            "destination_workload_namespace=\"bookinfo\"",
+            "request_protocol=\"tcp\"",
+        ],
+        &[
+            "reporter=\"waypoint\"",
+            "source_workload=\"unknown\"",
+            "destination_workload=\"unknown\"",
+        ],
+        &[
+            "reporter=\"source\"",
+            "destination_workload=\"productpage-v1\"",
+            "destination_canonical_service=\"productpage\"",
+            "destination_principal=\"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage\"",
+        ],
     ];
-    let line = prometheus_line(&p, "istio_tcp_connections_closed_total", &found).await;
-    assert!(line.ends_with(" 1"), "{line}");
-    // Without discovery: Istio's unknowns.
-    let unknown = [
-        "reporter=\"waypoint\"",
-        "source_workload=\"unknown\"",
-        "destination_workload=\"unknown\"",
-    ];
-    let line = prometheus_line(&p, "istio_tcp_connections_closed_total", &unknown).await;
-    assert!(line.ends_with(" 1"), "{line}");
-    // The cluster filter: the upstream peer from WDS by its host.
-    let source = [
-        "reporter=\"source\"",
-        "destination_workload=\"productpage-v1\"",
-        "destination_canonical_service=\"productpage\"",
-        "destination_principal=\"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage\"",
-    ];
-    let line = prometheus_line(&p, "istio_tcp_connections_closed_total", &source).await;
-    assert!(line.ends_with(" 1"), "{line}");
+    for labels in found {
+        let line = prometheus_line(&p, "istio_tcp_connections_closed_total", labels).await;
+        assert!(line.ends_with(" 1"), "{line}");
+    }
     // Each exchange that ran missed the ALPN; the two found by discovery
     // count `metadata_added` (the downstream and the cluster lookups).
     stat_is(&p, "metadata_exchange.alpn_protocol_not_found", 3).await;
