@@ -262,3 +262,45 @@ pub fn internal_upstream() -> Value {
         }},
     }}})
 }
+
+// === CONNECT termination (HBONE's `connect_terminate`) ===
+
+/// The route that terminates CONNECT to `cluster` (`upgrade`: the route's
+/// `upgrade_configs`, e.g. [`connect_terminate_upgrade`]).
+pub fn connect_route(cluster: &str, upgrade: Value) -> Value {
+    json!({"match": {"connect_matcher": {}}, "route": {"cluster": cluster, "upgrade_configs": upgrade}})
+}
+
+/// A route's `upgrade_configs` terminating CONNECT (`connect_config`).
+pub fn connect_terminate_upgrade() -> Value {
+    json!([{"upgrade_type": "CONNECT", "connect_config": {}}])
+}
+
+/// Istio's `connect_terminate` HCM fields: CONNECT enabled, `allow_connect`
+/// (and `extra`).
+pub fn hcm_connect(extra: Value) -> Value {
+    merge(
+        json!({
+            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            "http2_protocol_options": {"allow_connect": true},
+        }),
+        extra,
+    )
+}
+
+/// HBONE's downstream transport: TLS offering ALPN `h2` with `server`'s
+/// certificate, requiring a client certificate that `ca_file` trusts.
+pub fn downstream_mtls_h2(server: &crate::tls::LeafFiles, ca_file: &std::path::Path) -> Value {
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": DOWNSTREAM_TLS,
+        "require_client_certificate": true,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{
+                "certificate_chain": {"filename": server.chain.display().to_string()},
+                "private_key": {"filename": server.key.display().to_string()},
+            }],
+            "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
+        },
+    }})
+}

@@ -18,14 +18,15 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use weir_tests::config::{
-    chain, cluster, file_log, filter, h2_upstream, hcm, internal_cluster, internal_endpoint,
-    internal_extension, internal_listener, internal_upstream, listener, log_path, merge, route,
-    sock, tcp_proxy, vhost, ORIGINAL_DST_NS,
+    chain, cluster, connect_route, connect_terminate_upgrade, downstream_mtls_h2, file_log, filter,
+    h2_upstream, hcm, hcm_connect, internal_cluster, internal_endpoint, internal_extension,
+    internal_listener, internal_upstream, listener, log_path, merge, route, sock, tcp_proxy, vhost,
+    ORIGINAL_DST_NS,
 };
 use weir_tests::scenario::{Http, Ports, Proxy, StartOptions, Target};
-use weir_tests::tcp;
+use weir_tests::tcp::{self, echo_once};
 use weir_tests::tunnel::H2Conn;
 
 const SET_FILTER_STATE: &str =
@@ -102,17 +103,6 @@ fn set_state(key: &str, factory: &str, format: &str, sharing: &str) -> Value {
             "shared_with_upstream": sharing,
         }]}),
     )
-}
-
-/// Writes `msg` into the tunnel and reads the same back.
-async fn echo_once<T: AsyncReadExt + AsyncWriteExt + Unpin>(t: &mut T, msg: &[u8]) {
-    t.write_all(msg).await.expect("write");
-    let mut got = vec![0u8; msg.len()];
-    tokio::time::timeout(WAIT, t.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("read echo");
-    assert_eq!(got, msg);
 }
 
 // === HTTP through an internal listener ===
@@ -696,28 +686,16 @@ async fn hbone_connect_through_an_internal_listener() {
     let client = ca.issue(LeafSpec::spiffe("spiffe://cluster.local/ns/a/sa/b"));
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let port = echo.port();
-    let tls = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
-        "@type": weir_tests::config::DOWNSTREAM_TLS,
-        "require_client_certificate": true,
-        "common_tls_context": {
-            "alpn_protocols": ["h2"],
-            "tls_certificates": [{
-                "certificate_chain": {"filename": files.chain.display().to_string()},
-                "private_key": {"filename": files.key.display().to_string()},
-            }],
-            "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
-        },
-    }});
+    let tls = downstream_mtls_h2(&files, &ca_file);
     let path = log_path("internal", "hbone");
     let log = file_log(
         &path,
         "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %UPSTREAM_CLUSTER% %BYTES_RECEIVED%\n",
     );
     let p = Proxy::start(move |ports| {
-        let vh = vec![json!({"name": "vh", "domains": ["*"], "routes": [{
-            "match": {"connect_matcher": {}},
-            "route": {"cluster": "main_internal", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
-        }]})];
+        let vh = vec![json!({"name": "vh", "domains": ["*"], "routes": [
+            connect_route("main_internal", connect_terminate_upgrade()),
+        ]})];
         let terminate = hcm(
             "connect_terminate",
             vec![set_state(
@@ -727,10 +705,7 @@ async fn hbone_connect_through_an_internal_listener() {
                 "ONCE",
             )],
             vh,
-            json!({
-                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-                "http2_protocol_options": {"allow_connect": true},
-            }),
+            hcm_connect(json!({})),
         );
         bootstrap(
             ports,

@@ -656,13 +656,7 @@ async fn metadata_exchange_falls_back_to_workload_discovery() {
         SocketAddr::from(([127, 0, 0, 1], out_port)),
     ] {
         let mut c = connect_from(SLEEP_IP, to).await;
-        c.write_all(b"ping").await.expect("write");
-        let mut back = [0u8; 4];
-        tokio::time::timeout(WAIT, c.read_exact(&mut back))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(&back, b"ping");
+        weir_tests::tcp::echo_once(&mut c, b"ping").await;
         c.shutdown().await.expect("half-close");
         let mut rest = Vec::new();
         let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await;
