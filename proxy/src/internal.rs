@@ -369,11 +369,11 @@ mod tests {
         let od = "envoy.filters.listener.original_dst";
         assert_eq!(
             workload_addr(&(serde_json::json!({od: {"local": "10.0.0.1:80"}}))),
-            Some("10.0.0.1:80".parse().unwrap())
+            Some("10.0.0.1:80".parse().expect("address"))
         );
         assert_eq!(
             workload_addr(&(serde_json::json!({od: {"local": "[fd00::1]:8080"}}))),
-            Some("[fd00::1]:8080".parse().unwrap())
+            Some("[fd00::1]:8080".parse().expect("address"))
         );
         // Not an address, no metadata, or an east-west gateway endpoint.
         assert_eq!(
