@@ -128,7 +128,11 @@ pub struct FilterContext {
     /// `None`: the connection's.
     pub downstream_remote: Option<std::net::SocketAddr>,
     /// In the response phases: the upstream host that answered, if any
-    /// (Envoy's `upstreamInfo().upstreamHost()->address()`).
+    /// (Envoy's `upstreamInfo().upstreamHost()->address()`); for an
+    /// internal host, the address its endpoint metadata
+    /// `envoy.filters.listener.original_dst` `local` names (what Istio's
+    /// workload discovery looks up; `None` without it or for
+    /// `istio.double_hbone` endpoints).
     pub upstream_host: Option<std::net::SocketAddr>,
     /// Envoy response flags (short names, `DI`, ...) filters set without
     /// answering; a local reply carries its own in [`LocalReply::flag`].

@@ -15,21 +15,20 @@
 //! empty.
 #![no_main]
 
+#[path = "common/xds_frames.rs"]
+mod xds_frames;
+
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use filters::istio::workloads::{peer_of, WorkloadIndex};
 use libfuzzer_sys::fuzz_target;
-use prost::Message;
-use xds_client::api::envoy::service::discovery::v3::DeltaDiscoveryResponse;
-use xds_client::api::google::protobuf::Any;
 use xds_client::config::Snapshot;
 use xds_client::xds::{DynamicState, ResourceType};
+use xds_frames::{delta_changes, next_frame, MAX_FRAMES};
 
 const MAX_INPUT: usize = 64 * 1024;
-const MAX_FRAMES: usize = 8;
-const MAX_RESOURCES: usize = 64;
 const LOCAL_NETWORK: &str = "net1";
 
 const BOOTSTRAP: &str = r#"
@@ -74,30 +73,12 @@ fuzz_target!(|data: &[u8]| {
     let mut index = WorkloadIndex::default();
     let mut rest = data;
     for _ in 0..MAX_FRAMES {
-        let [hi, lo, tail @ ..] = rest else {
+        let Some(body) = next_frame(&mut rest) else {
             break;
         };
-        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
-        let (body, next) = tail.split_at(len);
-        rest = next;
-        let Ok(resp) = DeltaDiscoveryResponse::decode(body) else {
+        let Some((resources, removed)) = delta_changes(body) else {
             continue;
         };
-        let resources: Vec<(Option<String>, Any, String)> = resp
-            .resources
-            .iter()
-            .take(MAX_RESOURCES)
-            .filter_map(|r| {
-                let a = r.resource.as_ref()?;
-                Some((Some(r.name.clone()), a.clone(), r.version.clone()))
-            })
-            .collect();
-        let removed: Vec<String> = resp
-            .removed_resources
-            .iter()
-            .take(MAX_RESOURCES)
-            .cloned()
-            .collect();
         let applied = st.apply(ResourceType::Workload, &resources, &removed, false);
         let _ = applied.error_detail();
         index = rebuild(&st, &index);

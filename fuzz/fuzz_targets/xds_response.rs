@@ -21,21 +21,22 @@
 //! resources (and 64 removed names) per response are used.
 #![no_main]
 
+#[path = "common/xds_frames.rs"]
+mod xds_frames;
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use xds_client::api::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
-use xds_client::api::google::protobuf::Any;
+use xds_client::api::envoy::service::discovery::v3::DiscoveryResponse;
 use xds_client::config::Snapshot;
 use xds_client::xds::resources::unwrap_any;
 use xds_client::xds::state::Applied;
 use xds_client::xds::{DynamicState, ResourceType};
+use xds_frames::{delta_changes, next_frame, MAX_FRAMES, MAX_RESOURCES};
 
 const MAX_INPUT: usize = 64 * 1024;
-const MAX_FRAMES: usize = 8;
-const MAX_RESOURCES: usize = 64;
 
 /// ADS for LDS/CDS, plus static resources the dynamic ones can collide
 /// with or refer to: the ADS cluster, an EDS cluster fed over ADS, and a
@@ -108,33 +109,18 @@ fuzz_target!(|data: &[u8]| {
 
     let mut st = DynamicState::new(base());
     for _ in 0..MAX_FRAMES {
-        let [sel, hi, lo, tail @ ..] = rest else {
+        let [sel, tail @ ..] = rest else {
             break;
         };
         let rt = ResourceType::ALL[usize::from(*sel) % ResourceType::ALL.len()];
-        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
-        let (body, next) = tail.split_at(len);
-        rest = next;
+        rest = tail;
+        let Some(body) = next_frame(&mut rest) else {
+            break;
+        };
         let applied = if delta {
-            let Ok(resp) = DeltaDiscoveryResponse::decode(body) else {
+            let Some((resources, removed)) = delta_changes(body) else {
                 continue;
             };
-            // As the client: a delta resource without a body is skipped.
-            let resources: Vec<(Option<String>, Any, String)> = resp
-                .resources
-                .iter()
-                .take(MAX_RESOURCES)
-                .filter_map(|r| {
-                    let a = r.resource.as_ref()?;
-                    Some((Some(r.name.clone()), a.clone(), r.version.clone()))
-                })
-                .collect();
-            let removed: Vec<String> = resp
-                .removed_resources
-                .iter()
-                .take(MAX_RESOURCES)
-                .cloned()
-                .collect();
             st.apply(rt, &resources, &removed, false)
         } else {
             let Ok(resp) = DiscoveryResponse::decode(body) else {
@@ -142,7 +128,7 @@ fuzz_target!(|data: &[u8]| {
             };
             // As the client: a bad `Resource` wrapper is NACKed, the others
             // are applied.
-            let resources: Vec<(Option<String>, Any, String)> = resp
+            let resources: xds_frames::Resources = resp
                 .resources
                 .iter()
                 .take(MAX_RESOURCES)

@@ -353,6 +353,11 @@ pub fn begin_drain(shared: &Arc<Shared>, exit: bool) {
 }
 
 async fn control(shared: Arc<Shared>, ready: std::sync::mpsc::Sender<anyhow::Result<()>>) {
+    // Active health checks of internal hosts (and callouts to them) reach
+    // internal listeners from here: their connections are served on this
+    // runtime, as Envoy's main thread has its own internal listener
+    // registry slot.
+    crate::internal::set_worker(&shared);
     shared.clusters.warm(Duration::from_secs(5)).await;
     shared.clusters.spawn_dns_refresh();
     let admin = match &shared.snapshot.load().admin {

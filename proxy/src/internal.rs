@@ -80,6 +80,13 @@ pub struct InternalHost {
     pub target: InternalTarget,
     pub upstream: bool,
     pub metadata: filters::DynamicMetadata,
+    /// The address workload discovery looks the host up by (istio/proxy's
+    /// peer metadata and metadata exchange): the endpoint metadata's
+    /// `envoy.filters.listener.original_dst` `local` (the `POD_IP:PORT`
+    /// the waypoint reaches through it); `None` without one, or for an
+    /// east-west gateway endpoint (`istio.double_hbone`), which Istio
+    /// explicitly does not look up.
+    pub workload_addr: Option<std::net::SocketAddr>,
 }
 
 impl InternalHost {
@@ -94,8 +101,26 @@ impl InternalHost {
             target,
             upstream: up.is_some(),
             metadata: passthrough_metadata(up.map(|u| &**u), metadata),
+            workload_addr: workload_addr(metadata),
         }
     }
+}
+
+/// [`InternalHost::workload_addr`] from the endpoint's metadata.
+pub fn workload_addr(host_metadata: &serde_json::Value) -> Option<std::net::SocketAddr> {
+    if host_metadata
+        .get("istio")
+        .and_then(|i| i.get("double_hbone"))
+        .is_some()
+    {
+        return None;
+    }
+    host_metadata
+        .get("envoy.filters.listener.original_dst")?
+        .get("local")?
+        .as_str()?
+        .parse()
+        .ok()
 }
 
 /// The addresses of an internal connection as Envoy names them, for the
@@ -538,5 +563,33 @@ mod tests {
         assert_eq!(md.value("other", &["y"]), Some(&serde_json::json!(2)));
         assert!(md.value("other", &["x"]).is_none());
         assert!(passthrough_metadata(None, &host).is_empty());
+    }
+
+    #[test]
+    fn workload_addr_is_the_original_dst_local_unless_double_hbone() {
+        let od = "envoy.filters.listener.original_dst";
+        assert_eq!(
+            workload_addr(&(serde_json::json!({od: {"local": "10.0.0.1:80"}}))),
+            Some("10.0.0.1:80".parse().expect("address"))
+        );
+        assert_eq!(
+            workload_addr(&(serde_json::json!({od: {"local": "[fd00::1]:8080"}}))),
+            Some("[fd00::1]:8080".parse().expect("address"))
+        );
+        // Not an address, no metadata, or an east-west gateway endpoint.
+        assert_eq!(
+            workload_addr(&(serde_json::json!({od: {"local": "pod:80"}}))),
+            None
+        );
+        assert_eq!(workload_addr(&serde_json::Value::Null), None);
+        assert_eq!(
+            workload_addr(
+                &(serde_json::json!({
+                    od: {"local": "10.0.0.1:80"},
+                    "istio": {"double_hbone": {"hbone_target_address": "svc.ns.svc.cluster.local:80"}},
+                }))
+            ),
+            None
+        );
     }
 }

@@ -29,6 +29,10 @@ pub struct MxIo<T> {
     inner: T,
     state: State,
     peer: PeerSlot,
+    /// The exchange ran and found no peer header (Istio's "metadata not
+    /// found": no ALPN match, no magic, or an unreadable body), the case
+    /// `enable_discovery` falls back to workload discovery.
+    missed: bool,
 }
 
 impl<T> MxIo<T> {
@@ -38,7 +42,13 @@ impl<T> MxIo<T> {
             inner,
             state: State::Off,
             peer: Default::default(),
+            missed: false,
         }
+    }
+
+    /// Whether the exchange ran and found no peer header.
+    pub fn missed(&self) -> bool {
+        self.missed
     }
 
     /// The wrapped stream.
@@ -65,6 +75,8 @@ pub async fn start<T: AsyncRead + AsyncWrite + Unpin>(
         if mx.applies(alpn) {
             io.inner.write_all(&mx.our_header()).await?;
             io.state = State::Reading(mx.reader(), Vec::new());
+        } else {
+            io.missed = true;
         }
     }
     Ok(io)
@@ -110,8 +122,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for MxIo<T> {
                             }
                             State::Draining(std::mem::take(buf), consumed)
                         }
-                        Read::NotExchange => State::Draining(std::mem::take(buf), 0),
+                        Read::NotExchange => {
+                            me.missed = true;
+                            State::Draining(std::mem::take(buf), 0)
+                        }
                         Read::Unreadable { consumed } => {
+                            me.missed = true;
                             State::Draining(std::mem::take(buf), consumed)
                         }
                         Read::TooLong => {

@@ -17,7 +17,6 @@ use std::{
 use rand::Rng;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
     sync::watch,
     time::Instant,
 };
@@ -391,6 +390,17 @@ impl TcpRuntime {
         let mut end = self.finish(info, start);
         end.downstream_peer = downstream_peer.get().cloned();
         end.upstream_peer = upstream_peer.and_then(|p| p.get().cloned());
+        // Istio's `enable_discovery`: an exchange that found no header
+        // looks the peer up in workload discovery.
+        let up_missed = matches!(&up.inner, UpSplice::Tcp(u) if u.missed());
+        discover_peers(
+            &mut end,
+            &shared.workloads,
+            mx.filter(|_| down.inner.missed()),
+            cluster.mx.as_ref().filter(|_| up_missed),
+            meta.src,
+            &host,
+        );
         end.upstream_local_san = upstream_local_san;
         end.upstream_peer_san = upstream_peer_san;
         end
@@ -407,6 +417,50 @@ impl TcpRuntime {
             cluster: info.upstream_cluster.take(),
             flags: info.flags.order(),
             ..Default::default()
+        }
+    }
+}
+
+/// Istio's `enable_discovery` fallback (`setMetadataNotFoundFilterState`
+/// with a workload provider), for the exchanges that ran and found no
+/// header: the cluster filter (`up`) looks the upstream host up (an
+/// internal host by its `original_dst` metadata); the listener's filter
+/// (`down`) the downstream remote address, and the upstream host too when
+/// no upstream peer is known. A peer found by the main lookup counts
+/// `metadata_added`, as Istio.
+fn discover_peers(
+    end: &mut TcpEnd,
+    workloads: &filters::istio::workloads::Workloads,
+    down: Option<&Arc<filters::istio::mx::MetadataExchange>>,
+    up: Option<&Arc<filters::istio::mx::MetadataExchange>>,
+    remote: std::net::SocketAddr,
+    host: &Host,
+) {
+    let (down, up) = (
+        down.filter(|m| m.config.enable_discovery),
+        up.filter(|m| m.config.enable_discovery),
+    );
+    if down.is_none() && up.is_none() {
+        return;
+    }
+    let index = workloads.load();
+    let host_peer = || {
+        host.workload_addr()
+            .and_then(|a| index.get(a.ip()).cloned())
+    };
+    if let Some(m) = up {
+        if let Some(p) = host_peer() {
+            m.stats.metadata_added.inc();
+            end.upstream_peer = Some(p);
+        }
+    }
+    if let Some(m) = down {
+        if let Some(p) = index.get(remote.ip()) {
+            m.stats.metadata_added.inc();
+            end.downstream_peer = Some(p.clone());
+        }
+        if end.upstream_peer.is_none() {
+            end.upstream_peer = host_peer();
         }
     }
 }
@@ -494,29 +548,15 @@ pub(crate) async fn connect(
             }
         };
     }
-    let tcp = match tokio::time::timeout(
+    let mut tcp = crate::upstream::connect_tcp(
+        host.addr,
         cluster.config.connect_timeout,
-        TcpStream::connect(host.addr),
+        cluster.config.tcp_keepalive.as_ref(),
+        &s.upstream_cx_connect_fail,
+        &s.upstream_cx_connect_timeout,
     )
     .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            s.upstream_cx_connect_fail.inc();
-            let text = e.to_string();
-            return Err(text.split(" (os error").next().unwrap_or(&text).to_owned());
-        }
-        Err(_) => {
-            s.upstream_cx_connect_fail.inc();
-            s.upstream_cx_connect_timeout.inc();
-            return Err("connect timeout".into());
-        }
-    };
-    let mut tcp = tcp;
-    let _ = tcp.set_nodelay(true);
-    if let Some(k) = &cluster.config.tcp_keepalive {
-        crate::upstream::set_keepalive(&tcp, k);
-    }
+    .map_err(|e| e.to_string())?;
     // Upstream PROXY protocol: the header (the downstream connection's
     // addresses and the TLVs the listener kept) goes first, before TLS.
     if let Some(pp) = cluster.proxy_protocol_for(host) {

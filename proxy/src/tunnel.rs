@@ -40,10 +40,7 @@ use std::{
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, Method, Request};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use xds_client::config::{TunnelingConfig, UpstreamProtocol};
 
 use crate::{
@@ -229,28 +226,15 @@ async fn dial(
 ) -> Result<(UpstreamIo, ConnTls), String> {
     let s = &cluster.stats;
     s.upstream_cx_total.inc();
-    let tcp = match tokio::time::timeout(
+    let tcp = crate::upstream::connect_tcp(
+        host.addr,
         cluster.config.connect_timeout,
-        TcpStream::connect(host.addr),
+        cluster.config.tcp_keepalive.as_ref(),
+        &s.upstream_cx_connect_fail,
+        &s.upstream_cx_connect_timeout,
     )
     .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            s.upstream_cx_connect_fail.inc();
-            let text = e.to_string();
-            return Err(text.split(" (os error").next().unwrap_or(&text).to_owned());
-        }
-        Err(_) => {
-            s.upstream_cx_connect_fail.inc();
-            s.upstream_cx_connect_timeout.inc();
-            return Err("connect timeout".into());
-        }
-    };
-    let _ = tcp.set_nodelay(true);
-    if let Some(k) = &cluster.config.tcp_keepalive {
-        crate::upstream::set_keepalive(&tcp, k);
-    }
+    .map_err(|e| e.to_string())?;
     match cluster.tls_for(host) {
         None => Ok((UpstreamIo::Plain(tcp), None)),
         Some(c) => {

@@ -209,3 +209,98 @@ pub fn with_node(bootstrap: String, node: Value) -> String {
     let v: Value = serde_json::from_str(&bootstrap).expect("bootstrap JSON");
     merge(v, json!({ "node": node })).to_string()
 }
+
+// === internal listeners (`envoy.bootstrap.internal_listener`) ===
+
+/// The endpoint metadata namespace the `original_dst` listener filter reads
+/// on an internal connection (the waypoint's `POD_IP:PORT`).
+pub const ORIGINAL_DST_NS: &str = "envoy.filters.listener.original_dst";
+
+/// The bootstrap extension internal listeners need.
+pub fn internal_extension() -> Value {
+    json!([{"name": "envoy.bootstrap.internal_listener", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+    }}])
+}
+
+/// An internal listener `name` with `fields` (chains, listener filters...).
+pub fn internal_listener(name: &str, fields: Value) -> Value {
+    merge(json!({"name": name, "internal_listener": {}}), fields)
+}
+
+/// An `LbEndpoint` at internal listener `listener` (`endpoint_id`), with
+/// host `metadata` unless null.
+pub fn internal_endpoint(listener: &str, endpoint_id: &str, metadata: Value) -> Value {
+    let mut e = json!({"endpoint": {"address": {"envoy_internal_address": {
+        "server_listener_name": listener, "endpoint_id": endpoint_id,
+    }}}});
+    if !metadata.is_null() {
+        e["metadata"] = json!({ "filter_metadata": metadata });
+    }
+    e
+}
+
+/// A STATIC cluster of `endpoints` (`extra`: more cluster fields).
+pub fn internal_cluster(name: &str, endpoints: Vec<Value>, extra: Value) -> Value {
+    merge(
+        json!({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
+        }),
+        extra,
+    )
+}
+
+/// The `internal_upstream` transport passing host metadata namespace
+/// `envoy.filters.listener.original_dst` (the waypoint's).
+pub fn internal_upstream() -> Value {
+    json!({"transport_socket": {"name": "envoy.transport_sockets.internal_upstream", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+        "passthrough_metadata": [{"kind": {"host": {}}, "name": ORIGINAL_DST_NS}],
+        "transport_socket": {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
+        }},
+    }}})
+}
+
+// === CONNECT termination (HBONE's `connect_terminate`) ===
+
+/// The route that terminates CONNECT to `cluster` (`upgrade`: the route's
+/// `upgrade_configs`, e.g. [`connect_terminate_upgrade`]).
+pub fn connect_route(cluster: &str, upgrade: Value) -> Value {
+    json!({"match": {"connect_matcher": {}}, "route": {"cluster": cluster, "upgrade_configs": upgrade}})
+}
+
+/// A route's `upgrade_configs` terminating CONNECT (`connect_config`).
+pub fn connect_terminate_upgrade() -> Value {
+    json!([{"upgrade_type": "CONNECT", "connect_config": {}}])
+}
+
+/// Istio's `connect_terminate` HCM fields: CONNECT enabled, `allow_connect`
+/// (and `extra`).
+pub fn hcm_connect(extra: Value) -> Value {
+    merge(
+        json!({
+            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            "http2_protocol_options": {"allow_connect": true},
+        }),
+        extra,
+    )
+}
+
+/// HBONE's downstream transport: TLS offering ALPN `h2` with `server`'s
+/// certificate, requiring a client certificate that `ca_file` trusts.
+pub fn downstream_mtls_h2(server: &crate::tls::LeafFiles, ca_file: &std::path::Path) -> Value {
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": DOWNSTREAM_TLS,
+        "require_client_certificate": true,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{
+                "certificate_chain": {"filename": server.chain.display().to_string()},
+                "private_key": {"filename": server.key.display().to_string()},
+            }],
+            "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
+        },
+    }})
+}

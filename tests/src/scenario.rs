@@ -307,6 +307,25 @@ pub struct Resp {
 }
 
 impl Resp {
+    /// `resp` read whole.
+    pub async fn read(resp: http::Response<hyper::body::Incoming>) -> anyhow::Result<Resp> {
+        let status = resp.status().as_u16();
+        let version = resp.version();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .context("response body")?
+            .to_bytes();
+        Ok(Resp {
+            status,
+            version,
+            headers,
+            body,
+        })
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -416,21 +435,7 @@ impl Http {
         let req = b.body(Full::new(body)).context("build request")?;
         let fut = async {
             let resp = self.client.request(req).await.context("request")?;
-            let status = resp.status().as_u16();
-            let version = resp.version();
-            let headers = resp.headers().clone();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .context("response body")?
-                .to_bytes();
-            anyhow::Ok(Resp {
-                status,
-                version,
-                headers,
-                body,
-            })
+            Resp::read(resp).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await

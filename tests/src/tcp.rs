@@ -132,6 +132,18 @@ pub struct Transfer {
     pub elapsed: Duration,
 }
 
+/// Writes `msg` into `t` and reads the same back (an echo behind it),
+/// within 10 s.
+pub async fn echo_once<T: AsyncRead + AsyncWrite + Unpin>(t: &mut T, msg: &[u8]) {
+    t.write_all(msg).await.expect("write");
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("read echo");
+    assert_eq!(got, msg);
+}
+
 /// Connects to `addr` (an echo server, or a proxy in front of one), sends
 /// `len` pattern bytes, half-closes, and concurrently reads and verifies the
 /// echo until EOF. Errors on a mismatch or an I/O error; `received` may be

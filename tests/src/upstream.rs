@@ -59,6 +59,16 @@ pub struct EchoView {
     pub seen: u64,
 }
 
+impl EchoView {
+    /// The first value of request header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// Which HTTP version an echo upstream serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {

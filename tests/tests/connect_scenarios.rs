@@ -17,36 +17,18 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weir_tests::config::{bootstrap, chain, cluster, file_log, filter, hcm, listener, log_path};
+use weir_tests::config::{
+    bootstrap, chain, cluster, connect_route, connect_terminate_upgrade, downstream_mtls_h2,
+    file_log, filter, hcm, hcm_connect, listener, log_path, merge,
+};
 use weir_tests::scenario::Proxy;
-use weir_tests::tcp;
-use weir_tests::tunnel::{h1_connect, H2Conn, H2Tunnel};
+use weir_tests::tcp::{self, echo_once};
+use weir_tests::tunnel::{h1_connect, H2Conn};
 
 const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
 
 /// How long one read through a tunnel may wait.
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The route that terminates CONNECT to `cluster` (`upgrade`: the route's
-/// `upgrade_configs`).
-fn connect_route(cluster: &str, upgrade: Value) -> Value {
-    json!({"match": {"connect_matcher": {}}, "route": {"cluster": cluster, "upgrade_configs": upgrade}})
-}
-
-fn terminate() -> Value {
-    json!([{"upgrade_type": "CONNECT", "connect_config": {}}])
-}
-
-/// Istio's `connect_terminate` HCM fields: CONNECT enabled, `allow_connect`.
-fn hcm_connect(extra: Value) -> Value {
-    weir_tests::config::merge(
-        json!({
-            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-            "http2_protocol_options": {"allow_connect": true},
-        }),
-        extra,
-    )
-}
 
 /// A proxy whose listener `l` terminates CONNECT: `vhosts` (a default one
 /// to `up` when empty), HTTP `filters`, more HCM fields in `extra`.
@@ -54,7 +36,7 @@ fn start(vhosts: Vec<Value>, filters: Vec<Value>, extra: Value, clusters: Vec<Va
     Proxy::start(move |ports| {
         let vh = if vhosts.is_empty() {
             vec![
-                json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", terminate())]}),
+                json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", connect_terminate_upgrade())]}),
             ]
         } else {
             vhosts.clone()
@@ -72,17 +54,6 @@ fn start(vhosts: Vec<Value>, filters: Vec<Value>, extra: Value, clusters: Vec<Va
 fn dead_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
-}
-
-/// Writes `msg` into the tunnel and reads the same back.
-async fn echo_once(t: &mut H2Tunnel, msg: &[u8]) {
-    t.write_all(msg).await.expect("write");
-    let mut got = vec![0u8; msg.len()];
-    tokio::time::timeout(WAIT, t.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("read echo");
-    assert_eq!(got, msg);
 }
 
 /// HTTP/2 classic CONNECT over h2c: 200 with no content-length, bytes
@@ -214,8 +185,8 @@ async fn one_failing_stream_among_many() {
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let (port, dead) = (echo.port(), dead_port());
     let vhosts = vec![
-        json!({"name": "dead", "domains": ["dead.example:80"], "routes": [connect_route("dead", terminate())]}),
-        json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", terminate())]}),
+        json!({"name": "dead", "domains": ["dead.example:80"], "routes": [connect_route("dead", connect_terminate_upgrade())]}),
+        json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", connect_terminate_upgrade())]}),
     ];
     let p = start(
         vhosts,
@@ -360,7 +331,7 @@ async fn connect_without_a_connect_route_is_404() {
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let port = echo.port();
     let vhosts = vec![json!({"name": "vh", "domains": ["*"], "routes": [
-        {"match": {"prefix": "/"}, "route": {"cluster": "up", "upgrade_configs": terminate()}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "up", "upgrade_configs": connect_terminate_upgrade()}},
     ]})];
     let p = start(
         vhosts,
@@ -413,10 +384,10 @@ async fn failures_answer_like_the_router() {
     let dead = dead_port();
     let vhosts = vec![
         json!({"name": "nc", "domains": ["nc.example:80"], "routes": [
-            {"match": {"connect_matcher": {}}, "route": {"cluster_header": "x-cluster", "upgrade_configs": terminate()}},
+            {"match": {"connect_matcher": {}}, "route": {"cluster_header": "x-cluster", "upgrade_configs": connect_terminate_upgrade()}},
         ]}),
-        json!({"name": "uh", "domains": ["uh.example:80"], "routes": [connect_route("empty", terminate())]}),
-        json!({"name": "uf", "domains": ["uf.example:80"], "routes": [connect_route("dead", terminate())]}),
+        json!({"name": "uh", "domains": ["uh.example:80"], "routes": [connect_route("empty", connect_terminate_upgrade())]}),
+        json!({"name": "uf", "domains": ["uf.example:80"], "routes": [connect_route("dead", connect_terminate_upgrade())]}),
     ];
     let log = file_log(
         &path,
@@ -502,18 +473,7 @@ async fn connect_over_mtls_h2() {
     let client = ca.issue(LeafSpec::spiffe("spiffe://cluster.local/ns/a/sa/b"));
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let port = echo.port();
-    let tls = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
-        "@type": weir_tests::config::DOWNSTREAM_TLS,
-        "require_client_certificate": true,
-        "common_tls_context": {
-            "alpn_protocols": ["h2"],
-            "tls_certificates": [{
-                "certificate_chain": {"filename": files.chain.display().to_string()},
-                "private_key": {"filename": files.key.display().to_string()},
-            }],
-            "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
-        },
-    }});
+    let tls = downstream_mtls_h2(&files, &ca_file);
     let path = log_path("connect", "mtls");
     let log = file_log(
         &path,
@@ -521,7 +481,7 @@ async fn connect_over_mtls_h2() {
     );
     let p = Proxy::start(move |ports| {
         let vh = vec![
-            json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", terminate())]}),
+            json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", connect_terminate_upgrade())]}),
         ];
         let h = hcm(
             "ingress",
@@ -534,7 +494,7 @@ async fn connect_over_mtls_h2() {
             vec![listener(
                 "l",
                 ports.listen,
-                vec![weir_tests::config::merge(
+                vec![merge(
                     chain(vec![h]),
                     json!({"transport_socket": tls.clone()}),
                 )],
@@ -577,7 +537,7 @@ async fn route_upgrade_alone_without_allow_connect() {
     let port = echo.port();
     let p = Proxy::start(move |ports| {
         let vh = vec![
-            json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", terminate())]}),
+            json!({"name": "vh", "domains": ["*"], "routes": [connect_route("up", connect_terminate_upgrade())]}),
         ];
         let h = hcm("ingress", vec![], vh, json!({}));
         bootstrap(

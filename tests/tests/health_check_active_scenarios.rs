@@ -93,18 +93,8 @@ async fn http_check_fails_a_503_host_and_recovers() {
         (first.method.as_str(), first.path.as_str()),
         ("GET", "/healthz")
     );
-    let host = first
-        .headers
-        .iter()
-        .find(|(k, _)| k == "host")
-        .map(|(_, v)| v.as_str());
-    assert_eq!(host, Some("c"));
-    let agent = first
-        .headers
-        .iter()
-        .find(|(k, _)| k == "user-agent")
-        .map(|(_, v)| v.as_str());
-    assert_eq!(agent, Some("Envoy/HC"));
+    assert_eq!(first.header("host"), Some("c"));
+    assert_eq!(first.header("user-agent"), Some("Envoy/HC"));
 
     // b gets no traffic while failed.
     let http = Http::h1();
@@ -187,12 +177,7 @@ async fn expected_statuses_ranges_decide_health() {
         "/failed_active_hc"
     );
     let hc = b.wait_requests(1).await;
-    let host = hc[0]
-        .headers
-        .iter()
-        .find(|(k, _)| k == "host")
-        .map(|(_, v)| v.as_str());
-    assert_eq!(host, Some("hc.example"));
+    assert_eq!(hc[0].header("host"), Some("hc.example"));
 }
 
 #[tokio::test]

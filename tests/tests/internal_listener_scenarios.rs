@@ -18,30 +18,24 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use weir_tests::config::{
-    chain, cluster, file_log, filter, h2_upstream, hcm, listener, log_path, merge, route, sock,
-    tcp_proxy, vhost,
+    chain, cluster, connect_route, connect_terminate_upgrade, downstream_mtls_h2, file_log, filter,
+    h2_upstream, hcm, hcm_connect, internal_cluster, internal_endpoint, internal_extension,
+    internal_listener, internal_upstream, listener, log_path, merge, route, sock, tcp_proxy, vhost,
+    ORIGINAL_DST_NS,
 };
 use weir_tests::scenario::{Http, Ports, Proxy, StartOptions, Target};
-use weir_tests::tcp;
+use weir_tests::tcp::{self, echo_once};
 use weir_tests::tunnel::H2Conn;
 
 const SET_FILTER_STATE: &str =
     "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config";
-const ORIGINAL_DST_NS: &str = "envoy.filters.listener.original_dst";
 
 /// How long one read may wait.
 const WAIT: Duration = Duration::from_secs(10);
 
 // === config building ===
-
-/// The bootstrap extension internal listeners need.
-fn internal_extension() -> Value {
-    json!([{"name": "envoy.bootstrap.internal_listener", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
-    }}])
-}
 
 /// A static bootstrap with the internal listener extension.
 fn bootstrap(p: &Ports, listeners: Vec<Value>, clusters: Vec<Value>) -> String {
@@ -51,46 +45,6 @@ fn bootstrap(p: &Ports, listeners: Vec<Value>, clusters: Vec<Value>) -> String {
         "static_resources": {"listeners": listeners, "clusters": clusters},
     })
     .to_string()
-}
-
-/// An internal listener `name` with `fields` (chains, listener filters...).
-fn internal_listener(name: &str, fields: Value) -> Value {
-    merge(json!({"name": name, "internal_listener": {}}), fields)
-}
-
-/// An `LbEndpoint` at internal listener `listener` (`endpoint_id`), with
-/// host `metadata` unless null.
-fn internal_endpoint(listener: &str, endpoint_id: &str, metadata: Value) -> Value {
-    let mut e = json!({"endpoint": {"address": {"envoy_internal_address": {
-        "server_listener_name": listener, "endpoint_id": endpoint_id,
-    }}}});
-    if !metadata.is_null() {
-        e["metadata"] = json!({ "filter_metadata": metadata });
-    }
-    e
-}
-
-/// A STATIC cluster of `endpoints` (`extra`: more cluster fields).
-fn internal_cluster(name: &str, endpoints: Vec<Value>, extra: Value) -> Value {
-    merge(
-        json!({
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
-        }),
-        extra,
-    )
-}
-
-/// The `internal_upstream` transport passing host metadata namespace
-/// `envoy.filters.listener.original_dst` (the waypoint's).
-fn internal_upstream() -> Value {
-    json!({"transport_socket": {"name": "envoy.transport_sockets.internal_upstream", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
-        "passthrough_metadata": [{"kind": {"host": {}}, "name": ORIGINAL_DST_NS}],
-        "transport_socket": {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
-        }},
-    }}})
 }
 
 fn original_dst() -> Value {
@@ -149,17 +103,6 @@ fn set_state(key: &str, factory: &str, format: &str, sharing: &str) -> Value {
             "shared_with_upstream": sharing,
         }]}),
     )
-}
-
-/// Writes `msg` into the tunnel and reads the same back.
-async fn echo_once<T: AsyncReadExt + AsyncWriteExt + Unpin>(t: &mut T, msg: &[u8]) {
-    t.write_all(msg).await.expect("write");
-    let mut got = vec![0u8; msg.len()];
-    tokio::time::timeout(WAIT, t.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("read echo");
-    assert_eq!(got, msg);
 }
 
 // === HTTP through an internal listener ===
@@ -350,6 +293,122 @@ async fn tcp_through_an_internal_listener() {
     // Envoy names an internal listener's stats `envoy_internal_NAME`.
     weir_tests::config::stat_is(&p, "listener.envoy_internal_inner.downstream_cx_total", 33).await;
     weir_tests::config::stat_is(&p, "listener.envoy_internal_inner.downstream_cx_active", 0).await;
+}
+
+// === active health checks of internal hosts ===
+
+/// Active HTTP health checks of internal hosts go through the internal
+/// listener, over the host's `internal_upstream` transport: the check
+/// request reaches the app behind it with the host's passed-through
+/// metadata (the internal listener chooses its chain by the restored
+/// destination port), a host whose app answers 503 is failed and gets no
+/// traffic, and recovers. Envoy 1.40 cannot reach internal listeners from
+/// its health checker (every check fails); the Envoy run checks that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_reach_internal_hosts() {
+    let a = weir_tests::upstream::http1("a").await.expect("a");
+    let b = weir_tests::upstream::http1("b").await.expect("b");
+    b.set_default_status(503);
+    let (a_port, b_port) = (a.port(), b.port());
+    let p = Proxy::start(move |ports| {
+        let outer = hcm(
+            "outer",
+            vec![],
+            vec![vhost("vh", vec![route("/", "vip", json!({}))], json!({}))],
+            json!({}),
+        );
+        // Each internal listener routes to its app; `b`'s only on the
+        // destination port the host metadata restores.
+        let to_app = |name: &str, app: &str| {
+            let h = hcm(
+                name,
+                vec![],
+                vec![vhost("vh", vec![route("/", app, json!({}))], json!({}))],
+                json!({}),
+            );
+            merge(chain(vec![h]), json!({"name": name}))
+        };
+        let md = json!({ ORIGINAL_DST_NS: {"local": "10.1.2.3:9080"} });
+        bootstrap(
+            ports,
+            vec![
+                listener("l", ports.listen, vec![chain(vec![outer])]),
+                internal_listener("in_a", json!({"filter_chains": [to_app("in_a", "a")]})),
+                internal_listener(
+                    "in_b",
+                    json!({
+                        "listener_filters": [original_dst()],
+                        "filter_chain_matcher": by_port(&[(9080, "in_b")]),
+                        "filter_chains": [to_app("in_b", "b")],
+                    }),
+                ),
+            ],
+            vec![
+                internal_cluster(
+                    "vip",
+                    vec![
+                        internal_endpoint("in_a", "a", Value::Null),
+                        internal_endpoint("in_b", "10.1.2.3:9080", md.clone()),
+                    ],
+                    merge(
+                        internal_upstream(),
+                        json!({"health_checks": [{
+                            "timeout": "1s", "interval": "0.1s", "no_traffic_interval": "0.1s",
+                            "unhealthy_threshold": 2, "healthy_threshold": 2,
+                            "http_health_check": {"path": "/healthz"},
+                        }]}),
+                    ),
+                ),
+                cluster("a", &[a_port], json!({})),
+                cluster("b", &[b_port], json!({})),
+            ],
+        )
+    });
+    if p.target().is_envoy() {
+        // Envoy 1.40 runs checks on its main thread, whose internal
+        // listener registry has no listener manager (only workers set
+        // one): every check of an internal host is a network failure and
+        // both hosts stay failed (ARCHITECTURE.md, a documented
+        // difference: weir checks them).
+        let nf = "cluster.vip.health_check.network_failure";
+        let last = weir_tests::config::wait_stat(&p, nf, |v| v.unwrap_or(0) >= 6).await;
+        assert!(last.unwrap_or(0) >= 6, "{nf} = {last:?}");
+        assert_eq!(p.stat("cluster.vip.health_check.success").await, Some(0));
+        assert_eq!(p.stat("cluster.vip.health_check.healthy").await, Some(0));
+        assert!(a.requests().is_empty() && b.requests().is_empty());
+        return;
+    }
+    weir_tests::config::stat_is(&p, "cluster.vip.health_check.healthy", 1).await;
+    // The check request crossed the internal listener to the app.
+    let hc = b.wait_requests(1).await;
+    let first = hc.first().expect("b was checked");
+    assert_eq!(
+        (first.method.as_str(), first.path.as_str()),
+        ("GET", "/healthz")
+    );
+    assert_eq!(first.header("user-agent"), Some("Envoy/HC"));
+    // The failed host gets no traffic.
+    let http = Http::h1();
+    for _ in 0..10 {
+        let r = http.get(&format!("{}/x", p.base()), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().upstream, "a");
+    }
+    // Recovery after healthy_threshold passes.
+    b.set_default_status(0);
+    weir_tests::config::stat_is(&p, "cluster.vip.health_check.healthy", 2).await;
+    let mut seen_b = false;
+    for _ in 0..20 {
+        let r = http.get(&format!("{}/x", p.base()), &[]).await;
+        assert_eq!(r.status, 200);
+        seen_b |= r.echo().upstream == "b";
+    }
+    assert!(seen_b, "b takes traffic again");
+    let success = p
+        .stat("cluster.vip.health_check.success")
+        .await
+        .unwrap_or(0);
+    assert!(success >= 3, "success = {success}");
 }
 
 // === original_dst and filter_chain_matcher ===
@@ -585,26 +644,6 @@ async fn unsupported_internal_fields_are_rejected() {
         text.contains("static_resources.clusters[0].transport_socket.typed_config.passthrough_metadata[0].kind"),
         "{text}"
     );
-    // Active health checks of internal hosts.
-    let e = try_start(|ports| {
-        bootstrap(
-            ports,
-            vec![],
-            vec![internal_cluster(
-                "c",
-                vec![internal_endpoint("x", "", Value::Null)],
-                json!({"health_checks": [{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 1,
-                    "healthy_threshold": 1, "tcp_health_check": {}}]}),
-            )],
-        )
-    })
-    .err()
-    .expect("rejected");
-    let text = format!("{e:#}");
-    assert!(
-        text.contains("static_resources.clusters[0].health_checks[0]"),
-        "{text}"
-    );
     // An internal address in a DNS cluster.
     let e = try_start(|ports| {
         bootstrap(
@@ -647,28 +686,16 @@ async fn hbone_connect_through_an_internal_listener() {
     let client = ca.issue(LeafSpec::spiffe("spiffe://cluster.local/ns/a/sa/b"));
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let port = echo.port();
-    let tls = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
-        "@type": weir_tests::config::DOWNSTREAM_TLS,
-        "require_client_certificate": true,
-        "common_tls_context": {
-            "alpn_protocols": ["h2"],
-            "tls_certificates": [{
-                "certificate_chain": {"filename": files.chain.display().to_string()},
-                "private_key": {"filename": files.key.display().to_string()},
-            }],
-            "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
-        },
-    }});
+    let tls = downstream_mtls_h2(&files, &ca_file);
     let path = log_path("internal", "hbone");
     let log = file_log(
         &path,
         "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %UPSTREAM_CLUSTER% %BYTES_RECEIVED%\n",
     );
     let p = Proxy::start(move |ports| {
-        let vh = vec![json!({"name": "vh", "domains": ["*"], "routes": [{
-            "match": {"connect_matcher": {}},
-            "route": {"cluster": "main_internal", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
-        }]})];
+        let vh = vec![json!({"name": "vh", "domains": ["*"], "routes": [
+            connect_route("main_internal", connect_terminate_upgrade()),
+        ]})];
         let terminate = hcm(
             "connect_terminate",
             vec![set_state(
@@ -678,10 +705,7 @@ async fn hbone_connect_through_an_internal_listener() {
                 "ONCE",
             )],
             vh,
-            json!({
-                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-                "http2_protocol_options": {"allow_connect": true},
-            }),
+            hcm_connect(json!({})),
         );
         bootstrap(
             ports,

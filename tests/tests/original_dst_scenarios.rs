@@ -25,7 +25,7 @@ use weir_tests::config::{
     bootstrap, chain, file_log, filter, h2_upstream, hcm, log_path, route, stat_is, tcp_proxy,
     vhost, wait_stat, UPSTREAM_TLS,
 };
-use weir_tests::scenario::{Proxy, StartOptions, Target};
+use weir_tests::scenario::{Ports, Proxy, StartOptions, Target};
 use weir_tests::tls::{LeafSpec, TestCa, TlsServerOptions};
 use weir_tests::upstream::{echo_at, EchoServer, EchoView, Proto};
 
@@ -78,6 +78,29 @@ fn listener_at(name: &str, ip: IpAddr, port: u16, chains: Vec<Value>, extra: Val
                "filter_chains": chains}),
         extra,
     )
+}
+
+/// Listener `l` (HTTP, `h`) on 127.0.0.2 and `l2` (`tcp_proxy` to `od`)
+/// on 127.0.0.3, each naming the address the client connected to as the
+/// original destination.
+fn loopback_listeners(ports: &Ports, h: &Value) -> Vec<Value> {
+    let sfs = net_sfs("%DOWNSTREAM_LOCAL_ADDRESS%");
+    vec![
+        listener_at(
+            "l",
+            ip(2),
+            ports.listen,
+            vec![chain(vec![sfs.clone(), h.clone()])],
+            json!({}),
+        ),
+        listener_at(
+            "l2",
+            ip(3),
+            ports.listen2,
+            vec![chain(vec![sfs, tcp_proxy("odtcp", "od", json!({}))])],
+            json!({}),
+        ),
+    ]
 }
 
 /// The network `set_filter_state` filter setting the original destination
@@ -254,29 +277,9 @@ async fn loopback_listeners_name_their_address_in_filter_state() {
     let log = log_path("original_dst", "loopback");
     let h = od_hcm(vec![], &log);
     let p = Proxy::start(move |ports| {
-        let sfs = net_sfs("%DOWNSTREAM_LOCAL_ADDRESS%");
         bootstrap(
             ports,
-            vec![
-                // HTTP on 127.0.0.2, tcp_proxy on 127.0.0.3.
-                listener_at(
-                    "l",
-                    ip(2),
-                    ports.listen,
-                    vec![chain(vec![sfs.clone(), h.clone()])],
-                    json!({}),
-                ),
-                listener_at(
-                    "l2",
-                    ip(3),
-                    ports.listen2,
-                    vec![chain(vec![
-                        sfs.clone(),
-                        tcp_proxy("odtcp", "od", json!({})),
-                    ])],
-                    json!({}),
-                ),
-            ],
+            loopback_listeners(ports, &h),
             vec![od_cluster(
                 json!({"upstream_port_override": port}),
                 json!({}),
@@ -468,28 +471,9 @@ async fn unused_hosts_are_cleaned_up() {
     let log = log_path("original_dst", "cleanup");
     let h = od_hcm(vec![], &log);
     let p = Proxy::start(move |ports| {
-        let sfs = net_sfs("%DOWNSTREAM_LOCAL_ADDRESS%");
         bootstrap(
             ports,
-            vec![
-                listener_at(
-                    "l",
-                    ip(2),
-                    ports.listen,
-                    vec![chain(vec![sfs.clone(), h.clone()])],
-                    json!({}),
-                ),
-                listener_at(
-                    "l2",
-                    ip(3),
-                    ports.listen2,
-                    vec![chain(vec![
-                        sfs.clone(),
-                        tcp_proxy("odtcp", "od", json!({})),
-                    ])],
-                    json!({}),
-                ),
-            ],
+            loopback_listeners(ports, &h),
             vec![od_cluster(
                 json!({"upstream_port_override": port}),
                 // Long enough that a loaded machine sees the host before

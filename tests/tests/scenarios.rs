@@ -126,10 +126,7 @@ fn echo_view(b: &Bytes) -> EchoView {
 }
 
 fn header<'a>(v: &'a EchoView, name: &str) -> Option<&'a str> {
-    v.headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    v.header(name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,10 +26,11 @@ use prost::Message;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir_tests::config::{
-    bootstrap_with, chain, cluster, file_log, filter, h2_upstream, hcm, listener, log_path, route,
-    stat_is, vhost,
+    bootstrap_with, chain, cluster, file_log, filter, h2_upstream, hcm, internal_cluster,
+    internal_endpoint, internal_extension, internal_listener, internal_upstream, listener,
+    log_path, merge, route, stat_is, tcp_proxy, vhost, ORIGINAL_DST_NS,
 };
-use weir_tests::scenario::{Proxy, StartOptions, Target};
+use weir_tests::scenario::{Ports, Proxy, StartOptions, Target};
 use weir_tests::upstream;
 use weir_tests::xds::{type_url as t, ControlPlane};
 use xds_client::api::google::protobuf::Any;
@@ -125,43 +126,69 @@ fn istio_filter(name: &str, ty: &str, value: Value) -> Value {
 /// the echo upstream; WDS over delta ADS from the control plane at
 /// `cp_port`, configured as istio-agent renders it (`metadata_discovery`).
 fn start(cp_port: u16, app_port: u16, log: PathBuf) -> Proxy {
+    start_with_wds(cp_port, move |ports| {
+        let l = waypoint_listener("l", ports.listen, vec![route("/", "app", json!({}))], &log);
+        (vec![l], vec![cluster("app", &[app_port], json!({}))])
+    })
+}
+
+/// An HCM listener with peer metadata by workload discovery in both
+/// directions and `istio.stats` (reporter `waypoint`), logging the peers.
+fn waypoint_listener(name: &str, port: u16, routes: Vec<Value>, log: &Path) -> Value {
+    let filters = vec![
+        istio_filter(
+            "istio.metadata_exchange",
+            "io.istio.http.peer_metadata.Config",
+            json!({
+                "downstream_discovery": [{"workload_discovery": {}}],
+                "upstream_discovery": [{"workload_discovery": {}}],
+            }),
+        ),
+        istio_filter(
+            "istio.stats",
+            "stats.PluginConfig",
+            json!({"reporter": "SERVER_GATEWAY"}),
+        ),
+    ];
+    listener(
+        name,
+        port,
+        vec![chain(vec![hcm(
+            name,
+            filters,
+            vec![vhost("all", routes, json!({}))],
+            json!({"access_log": [file_log(log, LOG_FORMAT)]}),
+        )])],
+    )
+}
+
+/// weir (whatever the target) with the listeners and clusters `config`
+/// makes, WDS over delta ADS from the control plane at `cp_port` as
+/// istio-agent renders it (`metadata_discovery`), and internal listeners.
+fn start_with_wds(
+    cp_port: u16,
+    config: impl Fn(&Ports) -> (Vec<Value>, Vec<Value>) + Send + 'static,
+) -> Proxy {
     let target = match Target::from_env() {
         Target::Envoy => Target::InProcess,
         t => t,
     };
     Proxy::start_with(target, StartOptions::default(), move |ports| {
-        let filters = vec![
-            istio_filter(
-                "istio.metadata_exchange",
-                "io.istio.http.peer_metadata.Config",
-                json!({
-                    "downstream_discovery": [{"workload_discovery": {}}],
-                    "upstream_discovery": [{"workload_discovery": {}}],
-                }),
-            ),
-            istio_filter(
-                "istio.stats",
-                "stats.PluginConfig",
-                json!({"reporter": "SERVER_GATEWAY"}),
-            ),
-        ];
-        let l = listener(
-            "l",
-            ports.listen,
-            vec![chain(vec![hcm(
-                "l",
-                filters,
-                vec![vhost("all", vec![route("/", "app", json!({}))], json!({}))],
-                json!({"access_log": [file_log(&log, LOG_FORMAT)]}),
-            )])],
-        );
+        let (listeners, mut clusters) = config(ports);
+        clusters.push(cluster("xds-grpc", &[cp_port], h2_upstream(json!({}))));
+        let mut extensions = internal_extension();
+        extensions.as_array_mut().expect("a list").push(json!({
+            "name": "metadata_discovery",
+            "typed_config": {
+                "@type": TYPED_STRUCT,
+                "type_url": "type.googleapis.com/istio.workload.BootstrapExtension",
+                "value": {"config_source": {"ads": {}}},
+            },
+        }));
         bootstrap_with(
             ports,
-            vec![l],
-            vec![
-                cluster("app", &[app_port], json!({})),
-                cluster("xds-grpc", &[cp_port], h2_upstream(json!({}))),
-            ],
+            listeners,
+            clusters,
             json!({
                 "node": node(),
                 "dynamic_resources": {"ads_config": {
@@ -170,14 +197,7 @@ fn start(cp_port: u16, app_port: u16, log: PathBuf) -> Proxy {
                     "transport_api_version": "V3",
                     "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
                 }},
-                "bootstrap_extensions": [{
-                    "name": "metadata_discovery",
-                    "typed_config": {
-                        "@type": TYPED_STRUCT,
-                        "type_url": "type.googleapis.com/istio.workload.BootstrapExtension",
-                        "value": {"config_source": {"ads": {}}},
-                    },
-                }],
+                "bootstrap_extensions": extensions,
             }),
         )
     })
@@ -186,13 +206,22 @@ fn start(cp_port: u16, app_port: u16, log: PathBuf) -> Proxy {
 /// An HTTP/1.1 GET to `to` from source address `from` (port chosen by the
 /// kernel); returns the status code.
 async fn get_from(from: &str, to: SocketAddr, extra_headers: &str) -> u16 {
+    get_path_from(from, to, "/reviews", extra_headers).await
+}
+
+/// A TCP connection to `to` from source address `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     let src: IpAddr = from.parse().expect("source ip");
     sock.bind(SocketAddr::new(src, 0)).expect("bind source");
-    let mut s = sock.connect(to).await.expect("connect");
-    let req = format!(
-        "GET /reviews HTTP/1.1\r\nhost: {HOST}\r\n{extra_headers}connection: close\r\n\r\n"
-    );
+    sock.connect(to).await.expect("connect")
+}
+
+/// [`get_from`] of `path`.
+async fn get_path_from(from: &str, to: SocketAddr, path: &str, extra_headers: &str) -> u16 {
+    let mut s = connect_from(from, to).await;
+    let req =
+        format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\n{extra_headers}connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut resp = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut resp))
@@ -215,6 +244,18 @@ async fn log_line(p: &Proxy, log: &Path, n: usize) -> String {
         lines.len()
     );
     lines[n - 1].clone()
+}
+
+/// A control plane serving `workloads`: it, its port and the version of
+/// the last upsert (to wait for its ACK).
+async fn control_plane(workloads: &[proto::Workload]) -> (ControlPlane, u16, String) {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let port = cp.addr().expect("tcp control plane").port();
+    let mut version = String::new();
+    for w in workloads {
+        version = cp.upsert(t::WORKLOAD, any(w)).expect("workload");
+    }
+    (cp, port, version)
 }
 
 /// `/stats/prometheus` once `want` is one of its lines.
@@ -279,12 +320,7 @@ const UNKNOWN_SOURCE: [&str; 7] = [
 /// reason while the others keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_discovery_feeds_peer_metadata_and_stats() {
-    let cp = ControlPlane::start().await.expect("control plane");
-    let cp_port = cp.addr().expect("tcp control plane").port();
-    cp.upsert(t::WORKLOAD, any(&sleep("v1"))).expect("sleep");
-    let v = cp
-        .upsert(t::WORKLOAD, any(&productpage()))
-        .expect("productpage");
+    let (cp, cp_port, v) = control_plane(&[sleep("v1"), productpage()]).await;
     let app = upstream::http1("productpage").await.expect("echo upstream");
     let log = log_path("wds", "peers");
     let p = start(cp_port, app.port(), log.clone());
@@ -404,24 +440,7 @@ async fn without_the_extension_workload_discovery_finds_nothing() {
     };
     let port = app.port();
     let p = Proxy::start_with(target, StartOptions::default(), move |ports| {
-        let filters = vec![istio_filter(
-            "istio.metadata_exchange",
-            "io.istio.http.peer_metadata.Config",
-            json!({
-                "downstream_discovery": [{"workload_discovery": {}}],
-                "upstream_discovery": [{"workload_discovery": {}}],
-            }),
-        )];
-        let l = listener(
-            "l",
-            ports.listen,
-            vec![chain(vec![hcm(
-                "l",
-                filters,
-                vec![vhost("all", vec![route("/", "app", json!({}))], json!({}))],
-                json!({"access_log": [file_log(&l2, LOG_FORMAT)]}),
-            )])],
-        );
+        let l = waypoint_listener("l", ports.listen, vec![route("/", "app", json!({}))], &l2);
         bootstrap_with(
             ports,
             vec![l],
@@ -432,4 +451,248 @@ async fn without_the_extension_workload_discovery_finds_nothing() {
     assert_eq!(get_from(SLEEP_IP, p.addr(), "").await, 200);
     assert_eq!(log_line(&p, &log, 1).await, "200 [-] [-]");
     assert_eq!(p.stat("workload_discovery.total").await, None);
+}
+
+/// A pod behind an internal host: the waypoint's `inbound-vip|…` hosts are
+/// internal addresses whose endpoint metadata
+/// `envoy.filters.listener.original_dst` `local` names the pod.
+const REVIEWS_UID: &str = "Kubernetes//Pod/bookinfo/reviews-v1-545db77b95-lsqxl";
+const REVIEWS_IP: &str = "127.0.0.3";
+
+fn reviews() -> proto::Workload {
+    proto::Workload {
+        uid: REVIEWS_UID.into(),
+        name: "reviews-v1-545db77b95-lsqxl".into(),
+        namespace: "bookinfo".into(),
+        addresses: vec![vec![127, 0, 0, 3]],
+        network: "net1".into(),
+        service_account: "bookinfo-reviews".into(),
+        canonical_name: "reviews".into(),
+        canonical_revision: "v1".into(),
+        workload_name: "reviews-v1".into(),
+        cluster_id: "Kubernetes".into(),
+        ..Default::default()
+    }
+}
+
+const REVIEWS_STATE: &str = "type=deployment,workload=reviews-v1,\
+     name=reviews-v1-545db77b95-lsqxl,cluster=Kubernetes,namespace=bookinfo,\
+     service=reviews,revision=v1,app=reviews,version=v1";
+
+/// `/stats/prometheus` once a line of `name` has all `labels` (substrings).
+async fn prometheus_line(p: &Proxy, name: &str, labels: &[&str]) -> String {
+    let mut text = String::new();
+    for _ in 0..250 {
+        text = p.admin("GET", "/stats/prometheus").await.text();
+        let hit = text.lines().find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') && labels.iter().all(|x| r.contains(x)))
+        });
+        if let Some(l) = hit {
+            return l.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let istio: Vec<&str> = text.lines().filter(|l| l.starts_with("istio_")).collect();
+    panic!("no {name} with {labels:?} in:\n{}", istio.join("\n"));
+}
+
+/// Upstream `workload_discovery` of internal hosts, as istio/proxy's
+/// `XDSMethod`: the host is an internal address (weir keys it by a
+/// stand-in, the bytes reach the app at 127.0.0.1 through an internal
+/// listener), and the peer is the workload at the address its
+/// `original_dst` `local` metadata names (reviews, 127.0.0.3), in the log
+/// and as istio.stats' destination; an east-west gateway endpoint
+/// (`istio.double_hbone` metadata) is not looked up, nor is a host without
+/// the metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_workload_discovery_of_internal_hosts() {
+    let (cp, cp_port, v) = control_plane(&[sleep("v1"), productpage(), reviews()]).await;
+    let app = upstream::http1("reviews").await.expect("echo upstream");
+    let app_port = app.port();
+    let log = log_path("wds", "internal-hosts");
+    let l2 = log.clone();
+    let p = start_with_wds(cp_port, move |ports| {
+        let pod = format!("{REVIEWS_IP}:9080");
+        let vip = json!({ ORIGINAL_DST_NS: {"local": pod} });
+        let ew = json!({
+            ORIGINAL_DST_NS: {"local": pod},
+            "istio": {"double_hbone": {"hbone_target_address": "reviews.bookinfo.svc.cluster.local:9080"}},
+        });
+        let routes = vec![
+            route("/vip", "inbound-vip", json!({})),
+            route("/ew", "east-west", json!({})),
+            route("/bare", "bare", json!({})),
+        ];
+        let l = waypoint_listener("l", ports.listen, routes, &l2);
+        // The internal listener forwards the bytes to the app.
+        let fwd = internal_listener(
+            "fwd",
+            json!({"filter_chains": [chain(vec![tcp_proxy("fwd", "app", json!({}))])]}),
+        );
+        let clusters = vec![
+            internal_cluster(
+                "inbound-vip",
+                vec![internal_endpoint("fwd", &pod, vip.clone())],
+                internal_upstream(),
+            ),
+            internal_cluster(
+                "east-west",
+                vec![internal_endpoint("fwd", &pod, ew.clone())],
+                internal_upstream(),
+            ),
+            internal_cluster(
+                "bare",
+                vec![internal_endpoint("fwd", "bare", Value::Null)],
+                json!({}),
+            ),
+            cluster("app", &[app_port], json!({})),
+        ];
+        (vec![l, fwd], clusters)
+    });
+    cp.wait_for_ack(t::WORKLOAD, &v, WAIT)
+        .await
+        .expect("WDS ACK");
+    stat_is(&p, "workload_discovery.total", 3).await;
+    let addr = p.addr();
+
+    assert_eq!(get_path_from(SLEEP_IP, addr, "/vip", "").await, 200);
+    assert_eq!(
+        log_line(&p, &log, 1).await,
+        format!("200 [{}] [{REVIEWS_STATE}]", sleep_state("v1"))
+    );
+    let line = prometheus_line(
+        &p,
+        "istio_requests_total",
+        &[
+            "reporter=\"waypoint\"",
+            "source_workload=\"sleep\"",
+            "destination_workload=\"reviews-v1\"",
+            "destination_workload_namespace=\"bookinfo\"",
+            "destination_principal=\"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews\"",
+            "destination_canonical_service=\"reviews\"",
+        ],
+    )
+    .await;
+    assert!(line.ends_with(" 1"), "{line}");
+
+    // Double HBONE (another network's gateway) and no metadata: no
+    // upstream peer.
+    assert_eq!(get_path_from(SLEEP_IP, addr, "/ew", "").await, 200);
+    assert_eq!(
+        log_line(&p, &log, 2).await,
+        format!("200 [{}] [-]", sleep_state("v1"))
+    );
+    assert_eq!(get_path_from(SLEEP_IP, addr, "/bare", "").await, 200);
+    assert_eq!(
+        log_line(&p, &log, 3).await,
+        format!("200 [{}] [-]", sleep_state("v1"))
+    );
+    assert_eq!(app.requests().len(), 3, "every request reached the app");
+}
+
+/// The TCP metadata exchange's `enable_discovery` (istio/proxy's
+/// `metadata_exchange.cc`): a peer that sends no exchange header (here a
+/// plain TCP client, so the ALPN does not match) is looked up in WDS. The
+/// listener's filter finds the downstream peer by the client's address
+/// and the upstream peer by the host tcp_proxy chose; the cluster filter
+/// finds the upstream peer by its host; without `enable_discovery` the
+/// labels stay Istio's `unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_exchange_falls_back_to_workload_discovery() {
+    let (cp, cp_port, v) = control_plane(&[sleep("v1"), productpage()]).await;
+    let echo = weir_tests::tcp::tcp_echo_server().await.expect("echo");
+    let echo_port = echo.port();
+    let mx = |discovery: bool| {
+        istio_filter(
+            "istio.metadata_exchange",
+            "envoy.tcp.metadataexchange.config.MetadataExchange",
+            json!({"protocol": "istio-peer-exchange", "enable_discovery": discovery}),
+        )
+    };
+    let stats = |config: Value| istio_filter("istio.stats", "stats.PluginConfig", config);
+    let out_port = weir_tests::free_port();
+    let p = start_with_wds(cp_port, move |ports| {
+        // Downstream filter with discovery; the same without; the cluster
+        // filter with discovery behind an outbound (reporter source)
+        // listener.
+        let waypoint = |name: &str, port: u16, discovery: bool| {
+            listener(
+                name,
+                port,
+                vec![chain(vec![
+                    mx(discovery),
+                    stats(json!({"reporter": "SERVER_GATEWAY"})),
+                    tcp_proxy(name, "echo", json!({})),
+                ])],
+            )
+        };
+        let down = waypoint("l", ports.listen, true);
+        let plain = waypoint("l2", ports.listen2, false);
+        let out = merge(
+            listener(
+                "out",
+                out_port,
+                vec![chain(vec![
+                    stats(json!({})),
+                    tcp_proxy("out", "echo-mx", json!({})),
+                ])],
+            ),
+            json!({"traffic_direction": "OUTBOUND"}),
+        );
+        let clusters = vec![
+            cluster("echo", &[echo_port], json!({})),
+            cluster("echo-mx", &[echo_port], json!({"filters": [mx(true)]})),
+        ];
+        (vec![down, plain, out], clusters)
+    });
+    cp.wait_for_ack(t::WORKLOAD, &v, WAIT)
+        .await
+        .expect("WDS ACK");
+    stat_is(&p, "workload_discovery.total", 2).await;
+    for to in [
+        p.addr(),
+        p.addr2(),
+        SocketAddr::from(([127, 0, 0, 1], out_port)),
+    ] {
+        let mut c = connect_from(SLEEP_IP, to).await;
+        weir_tests::tcp::echo_once(&mut c, b"ping").await;
+        c.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await;
+    }
+    // The listener filter with discovery: both peers from WDS; without
+    // discovery: Istio's unknowns; the cluster filter: the upstream peer
+    // from WDS by its host.
+    let found: [&[&str]; 3] = [
+        &[
+            "reporter=\"waypoint\"",
+            "source_workload=\"sleep\"",
+            "source_canonical_revision=\"v1\"",
+            "source_workload_namespace=\"default\"",
+            "destination_workload=\"productpage-v1\"",
+            "destination_workload_namespace=\"bookinfo\"",
+            "request_protocol=\"tcp\"",
+        ],
+        &[
+            "reporter=\"waypoint\"",
+            "source_workload=\"unknown\"",
+            "destination_workload=\"unknown\"",
+        ],
+        &[
+            "reporter=\"source\"",
+            "destination_workload=\"productpage-v1\"",
+            "destination_canonical_service=\"productpage\"",
+            "destination_principal=\"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage\"",
+        ],
+    ];
+    for labels in found {
+        let line = prometheus_line(&p, "istio_tcp_connections_closed_total", labels).await;
+        assert!(line.ends_with(" 1"), "{line}");
+    }
+    // Each exchange that ran missed the ALPN; the two found by discovery
+    // count `metadata_added` (the downstream and the cluster lookups).
+    stat_is(&p, "metadata_exchange.alpn_protocol_not_found", 3).await;
+    stat_is(&p, "metadata_exchange.metadata_added", 2).await;
+    assert_eq!(echo.bytes(), 12);
 }

@@ -572,12 +572,10 @@ pub static SUPPORTED: &[(&str, &[&str])] = &[
     ("istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig.AlpnOverride", &[
         "upstream_protocol", "alpn_override",
     ]),
-    // `enable_discovery`: Istio falls back to its WDS provider (bootstrap
-    // extension `metadata_discovery`) when no header came; weir's network
-    // filter does not yet (open, see ARCHITECTURE "Workload discovery"):
-    // without the extension both find nothing.
+    // `enable_discovery`: the WDS fallback when no header came (without the
+    // bootstrap extension it finds nothing, as Istio without a provider).
     ("envoy.tcp.metadataexchange.config.MetadataExchange", &[
-        "protocol", "~enable_discovery", "additional_labels",
+        "protocol", "enable_discovery", "additional_labels",
     ]),
     ("envoy.config.core.v3.HttpProtocolOptions", &[
         "idle_timeout", "max_connection_duration", "max_headers_count", "max_stream_duration",

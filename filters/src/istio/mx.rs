@@ -277,6 +277,7 @@ mod tests {
             Arc::new(MetadataExchangeConfig {
                 protocol: "istio-peer-exchange".into(),
                 additional_labels: labels.iter().map(|s| (*s).to_owned()).collect(),
+                enable_discovery: false,
             }),
             &local,
             MxStats::new(&scope),

@@ -240,6 +240,16 @@ impl StreamInfo {
         self.upstream_internal = host.internal.clone();
     }
 
+    /// The address workload discovery looks the upstream host up by: an
+    /// IP host's address, an internal host's `original_dst` `local`
+    /// metadata (as istio/proxy; none for double HBONE).
+    pub fn upstream_workload_addr(&self) -> Option<SocketAddr> {
+        match &self.upstream_internal {
+            Some(h) => h.workload_addr,
+            None => self.upstream_host,
+        }
+    }
+
     /// Facts known when a request arrives.
     #[allow(clippy::too_many_arguments)]
     pub fn new(

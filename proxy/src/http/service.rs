@@ -732,7 +732,7 @@ async fn pipeline(
             // the compressor may compress it).
             let (mut rp, mut rb) = resp.into_parts();
             fcx.end_stream = http_body::Body::is_end_stream(&rb);
-            fcx.upstream_host = info.upstream_host;
+            fcx.upstream_host = info.upstream_workload_addr();
             let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
             keep_filter_state(info, &fcx);
             if let Some(lr) = lr {
@@ -1139,7 +1139,7 @@ async fn pipeline(
                 }
                 let (mut rp, mut rb) = resp.into_parts();
                 fcx.end_stream = http_body::Body::is_end_stream(&rb);
-                fcx.upstream_host = info.upstream_host;
+                fcx.upstream_host = info.upstream_workload_addr();
                 let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
                 keep_filter_state(info, &fcx);
                 if let Some(lr) = lr {
@@ -1169,7 +1169,7 @@ async fn pipeline(
     if !instances.is_empty() {
         let (mut rp, mut rb) = resp.into_parts();
         fcx.end_stream = http_body::Body::is_end_stream(&rb);
-        fcx.upstream_host = info.upstream_host;
+        fcx.upstream_host = info.upstream_workload_addr();
         let lr = filters::run_response_headers(&mut instances, &mut fcx, &mut rp);
         keep_filter_state(info, &fcx);
         if let Some(lr) = lr {

@@ -398,6 +398,7 @@ async fn session(owner: Weak<ClusterRuntime>, host: Arc<Host>, st: Arc<HostState
             tls: tls.cloned(),
             proxy_protocol: proxy_protocol.cloned(),
             alpn: (!cfg.alpn.is_empty()).then(|| cfg.alpn.clone()),
+            internal: host.internal.clone(),
         };
         drop(c);
         ck_stats(&owner, |ck| ck.stats.attempt.inc());
@@ -635,6 +636,10 @@ struct CheckTransport {
     proxy_protocol: Option<Arc<xds_client::config::ProxyProtocolUpstream>>,
     /// `tls_options.alpn_protocols`, offered instead of the context's.
     alpn: Option<Vec<Vec<u8>>>,
+    /// An internal host: checks go through its internal listener, served
+    /// on the control runtime (as Envoy's main thread reaches internal
+    /// listeners through its own registry slot).
+    internal: Option<Arc<crate::internal::InternalHost>>,
 }
 
 /// Connects within `t`, then the PROXY protocol header and the TLS
@@ -645,6 +650,24 @@ async fn connect(
     t: Duration,
     tr: &CheckTransport,
 ) -> Result<Box<dyn CheckIo>, Failure> {
+    if let Some(h) = &tr.internal {
+        // TLS and PROXY protocol inside internal_upstream are rejected at
+        // load; the host's passthrough metadata goes along, no filter
+        // state (a check has no downstream).
+        let passed = super::pool::InternalDest {
+            host: h.clone(),
+            shared: None,
+        }
+        .passed();
+        return match tokio::time::timeout(t, crate::internal::connect(&h.target, passed)).await {
+            Ok(Ok(s)) => Ok(Box::new(s)),
+            Ok(Err(e)) => {
+                tracing::debug!(target: "upstream", host = %h.target, error = %e, "health check internal connect failed");
+                Err(Failure::Network)
+            }
+            Err(_) => Err(Failure::Network),
+        };
+    }
     let mut s = match tokio::time::timeout(t, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);

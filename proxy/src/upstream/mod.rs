@@ -100,6 +100,16 @@ pub fn clock_ms() -> u64 {
 }
 
 impl Host {
+    /// The address workload discovery (WDS) looks this host up by, as
+    /// istio/proxy: an IP host's own; an internal host's `original_dst`
+    /// `local` endpoint metadata (none for `istio.double_hbone`).
+    pub fn workload_addr(&self) -> Option<SocketAddr> {
+        match &self.internal {
+            Some(h) => h.workload_addr,
+            None => Some(self.addr),
+        }
+    }
+
     /// Usable by the load balancer: healthy by EDS, not ejected by
     /// outlier detection (Envoy's FAILED_OUTLIER_CHECK) and not failing
     /// active health checks (FAILED_ACTIVE_HC).
@@ -1909,6 +1919,60 @@ impl ClusterManager {
     pub fn spawn_dns_refresh(&self) {
         for c in self.clusters.load().values() {
             spawn_control_tasks(c);
+        }
+    }
+}
+
+/// Why a timed upstream TCP connect failed.
+#[derive(Debug)]
+pub(crate) enum TcpConnectError {
+    /// The OS error's text without its code: "Connection refused".
+    Io(String),
+    /// `connect_timeout` passed.
+    Timeout,
+}
+
+impl std::fmt::Display for TcpConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => f.write_str(e),
+            Self::Timeout => f.write_str("connect timeout"),
+        }
+    }
+}
+
+/// TCP to an upstream host within `timeout`, with `TCP_NODELAY` and the
+/// cluster's keepalive set. A failure counts `fail` (Envoy's
+/// `upstream_cx_connect_fail`) and, on timeout, `timed_out`
+/// (`upstream_cx_connect_timeout`). One helper for the pools, tcp_proxy,
+/// CONNECT termination and tunnels.
+pub(crate) async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<&xds_client::config::TcpKeepalive>,
+    fail: &Counter,
+    timed_out: &Counter,
+) -> Result<tokio::net::TcpStream, TcpConnectError> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            if let Some(k) = keepalive {
+                set_keepalive(&tcp, k);
+            }
+            Ok(tcp)
+        }
+        Ok(Err(e)) => {
+            fail.inc();
+            // "Connection refused (os error 111)" -> "Connection refused".
+            let text = e.to_string();
+            Err(TcpConnectError::Io(
+                text.split(" (os error").next().unwrap_or(&text).to_owned(),
+            ))
+        }
+        Err(_) => {
+            fail.inc();
+            timed_out.inc();
+            Err(TcpConnectError::Timeout)
         }
     }
 }

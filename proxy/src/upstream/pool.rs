@@ -745,27 +745,21 @@ impl Client {
                 .connect_internal(i, tls.is_some() || t.proxy_protocol.is_some(), slot)
                 .await;
         }
-        let mut stream =
-            match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    s.connect_fail.inc();
-                    // "Connection refused (os error 111)" -> "Connection refused".
-                    let text = e.to_string();
-                    let code = text.split(" (os error").next().unwrap_or(&text).to_owned();
-                    return Err(PoolError::Connect(format!("delayed connect error: {code}")));
-                }
-                Err(_) => {
-                    s.connect_fail.inc();
-                    s.connect_timeout_c.inc();
-                    return Err(PoolError::Connect("connect timeout".into()));
-                }
-            };
-        let _ = stream.set_nodelay(true);
+        let mut stream = super::connect_tcp(
+            addr,
+            s.connect_timeout,
+            s.tcp_keepalive.as_ref(),
+            &s.connect_fail,
+            &s.connect_timeout_c,
+        )
+        .await
+        .map_err(|e| {
+            PoolError::Connect(match e {
+                super::TcpConnectError::Io(code) => format!("delayed connect error: {code}"),
+                super::TcpConnectError::Timeout => e.to_string(),
+            })
+        })?;
         let local = stream.local_addr().ok().map(LocalAddr::Ip);
-        if let Some(k) = &s.tcp_keepalive {
-            super::set_keepalive(&stream, k);
-        }
         // The upstream PROXY protocol header goes first, before TLS.
         if let Some(pp) = t.proxy_protocol {
             if let Err(e) = super::proxy_protocol::write_header(&mut stream, pp, t.source).await {

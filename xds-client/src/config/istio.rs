@@ -181,6 +181,9 @@ pub struct MetadataExchangeConfig {
     pub protocol: String,
     /// `additional_labels`: peer labels kept besides Istio's four.
     pub additional_labels: Vec<String>,
+    /// `enable_discovery`: when the peer sent no header, look it up in
+    /// workload discovery (WDS) by its address.
+    pub enable_discovery: bool,
 }
 
 /// One workload from WDS (`istio.workload.Workload`), reduced to what

@@ -541,19 +541,6 @@ pub fn cluster(p: &c::Cluster, path: &str) -> Result<Cluster, ConfigErrors> {
             &mut errs,
         ))
     });
-    // Active health checks connect from the control thread, which has no
-    // internal listeners (Envoy's run on workers): not implemented.
-    if health_check.is_some()
-        && localities
-            .iter()
-            .flat_map(|l| &l.endpoints)
-            .any(|e| matches!(e.address, EndpointAddress::Internal { .. }))
-    {
-        errs.push(
-            join(path, "health_checks[0]"),
-            "active health checking of internal addresses (envoy_internal_address) is not implemented",
-        );
-    }
     // Consistent-hash balancers have no zone-aware routing in Envoy.
     let fail_traffic_on_panic = fail_traffic_on_panic && !lb.is_hash();
     // As Envoy: gRPC health checks need an HTTP/2 cluster.

@@ -1526,6 +1526,12 @@ load_assignment:
                     }
                 ]
             ));
+            let crate::config::ReadFilterKind::MetadataExchange(m) =
+                &l.filter_chains[0].read_filters[0].kind
+            else {
+                unreachable!()
+            };
+            assert!(m.enable_discovery);
         };
         let s = bootstrap(&tcp_listener("")).unwrap_or_else(|e| panic!("{e}"));
         check(&s.listeners[0]);

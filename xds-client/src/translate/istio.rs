@@ -151,6 +151,7 @@ pub fn metadata_exchange(
     Ok(MetadataExchangeConfig {
         protocol,
         additional_labels: list(m, "additional_labels").iter().map(string).collect(),
+        enable_discovery: boolean(m, "enable_discovery"),
     })
 }
 

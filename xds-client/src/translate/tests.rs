@@ -352,6 +352,7 @@ static_resources:
         Some(&crate::config::MetadataExchangeConfig {
             protocol: "istio-peer-exchange".into(),
             additional_labels: vec![],
+            enable_discovery: false,
         })
     );
     let tls = c.transport_matches[0].transport.tls().expect("tls");
