@@ -8,6 +8,7 @@
 //!             [--seconds 10] [--conns 4] [--streams 16] [--requests 40000]
 //!             [--new-tunnels 4000] [--tunnels 100,1000] [--tunnel-conns 10]
 //!             [--phases throughput,terminate,rps,new,memory] [--proxy-cpu 1]
+//!             [--buffer-limit BYTES]
 //! ```
 //!
 //! The bootstrap is `weir_tests::waypoint::bootstrap` (istiod's waypoint:
@@ -16,8 +17,10 @@
 //! server), without access logs, plus one listener `terminate_only`
 //! (the same `connect_terminate` HTTP connection manager and TLS, its
 //! CONNECT route to a plain TCP cluster: HBONE termination with no internal
-//! hop). Each proxy process runs with `--concurrency 1`, optionally pinned
-//! to `--proxy-cpu`; its CPU time is utime + stime from `/proc/PID/stat`.
+//! hop). `--buffer-limit` sets `per_connection_buffer_limit_bytes` on every
+//! listener and cluster (default: unset, 1 MiB). Each proxy process runs
+//! with `--concurrency 1`, optionally pinned to `--proxy-cpu`; its CPU time
+//! is utime + stime from `/proc/PID/stat`.
 //!
 //! Everything else runs in this process on one thread: the HBONE client
 //! (the test library's: rustls TLS 1.3, h2, workload certificate), the
@@ -82,7 +85,8 @@ const CMD_DOWNLOAD: u8 = 2;
 const CMD_ECHO: u8 = 3;
 
 const REQUEST: &[u8] = b"GET /bench HTTP/1.1\r\nhost: details.default.svc.cluster.local\r\n\r\n";
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok";
+const RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok";
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -99,6 +103,9 @@ struct Opts {
     tunnel_conns: usize,
     phases: Vec<String>,
     proxy_cpu: Option<String>,
+    /// `per_connection_buffer_limit_bytes` on every listener and cluster
+    /// (unset: the default, 1 MiB).
+    buffer_limit: Option<u32>,
 }
 
 const ALL_PHASES: [&str; 5] = ["throughput", "terminate", "rps", "new", "memory"];
@@ -127,6 +134,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         tunnel_conns: 10,
         phases: ALL_PHASES.iter().map(|s| (*s).to_owned()).collect(),
         proxy_cpu: None,
+        buffer_limit: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -143,6 +151,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--new-tunnels" => o.new_tunnels = val()?.parse()?,
             "--tunnel-conns" => o.tunnel_conns = val()?.parse()?,
             "--proxy-cpu" => o.proxy_cpu = Some(val()?),
+            "--buffer-limit" => o.buffer_limit = Some(val()?.parse()?),
             "--tunnels" => {
                 o.tunnels = val()?
                     .split(',')
@@ -160,7 +169,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                     "hbone_bench --weir PATH [--envoy PATH] [--runs 3] [--mib 1024] \
                      [--seconds 10] [--conns 4] [--streams 16] [--requests 40000] \
                      [--new-tunnels 4000] [--tunnels 100,1000] [--tunnel-conns 10] \
-                     [--phases {}] [--proxy-cpu CPU]",
+                     [--phases {}] [--proxy-cpu CPU] [--buffer-limit BYTES]",
                     ALL_PHASES.join(",")
                 );
                 std::process::exit(0);
@@ -178,7 +187,11 @@ fn parse_args() -> anyhow::Result<Opts> {
     if o.streams > 100 {
         bail!("--streams above 100 (connect_terminate's max_concurrent_streams)");
     }
-    if o.tunnel_conns == 0 || o.tunnels.iter().any(|&k| k == 0 || k > o.tunnel_conns * 100) {
+    if o.tunnel_conns == 0
+        || o.tunnels
+            .iter()
+            .any(|&k| k == 0 || k > o.tunnel_conns * 100)
+    {
         bail!("--tunnels must be 1..=100 x --tunnel-conns each");
     }
     if !o.tunnels.windows(2).all(|w| w[0] < w[1]) {
@@ -259,6 +272,7 @@ struct Run {
 
 /// What the proxies talk to, shared by every run.
 struct World {
+    buffer_limit: Option<u32>,
     mesh: Mesh,
     hbone: HboneServer,
     http_port: u16,
@@ -271,6 +285,7 @@ async fn run_all(o: &Opts) -> anyhow::Result<()> {
     let http_port = http_app().await?;
     let tcp_port = tcp_app().await?;
     let world = World {
+        buffer_limit: o.buffer_limit,
         mesh,
         hbone,
         http_port,
@@ -563,7 +578,9 @@ async fn download(
     let cpu = proc_cpu(p.pid())?.saturating_sub(cpu0);
     let other = other.cpus(Some(p.pid()))?;
     if off == bytes {
-        t.shutdown().await.context("END_STREAM after the download")?;
+        t.shutdown()
+            .await
+            .context("END_STREAM after the download")?;
         let rest = tokio::time::timeout(STEP, t.read_all(1 << 20))
             .await
             .context("no end after the download")?
@@ -683,7 +700,9 @@ async fn new_tunnels(o: &Opts, w: &World, p: &Proc) -> anyhow::Result<Requests> 
     let workers = o.conns * o.streams;
     let per = (o.new_tunnels / workers).max(1);
     // Warm-up: one per worker.
-    one_shot_round(&conns, workers, 1).await.context("warm-up")?;
+    one_shot_round(&conns, workers, 1)
+        .await
+        .context("warm-up")?;
     let (cpu0, other) = (proc_cpu(p.pid())?, OtherLoad::start(Some(p.pid()))?);
     let start = Instant::now();
     let mut lat = one_shot_round(&conns, workers, per).await?;
@@ -760,7 +779,9 @@ async fn memory(o: &Opts, w: &World, p: &mut Proc) -> anyhow::Result<Memory> {
             let mut t = tunnel(&conns[i % conns.len()], TCP_VIP)
                 .await
                 .with_context(|| format!("tunnel {i}"))?;
-            echo_once(&mut t).await.with_context(|| format!("tunnel {i}"))?;
+            echo_once(&mut t)
+                .await
+                .with_context(|| format!("tunnel {i}"))?;
             open_tunnels.push(t);
         }
         tokio::time::sleep(SETTLE).await;
@@ -814,6 +835,17 @@ fn config(w: &World, ports: &Ports, terminate_port: u16) -> Value {
     }
     if let Some(c) = b["static_resources"]["clusters"].as_array_mut() {
         c.push(cluster("tcp_app", &[w.tcp_port], json!({})));
+    }
+    if let Some(limit) = w.buffer_limit {
+        for kind in ["listeners", "clusters"] {
+            for r in b["static_resources"][kind]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                r["per_connection_buffer_limit_bytes"] = json!(limit);
+            }
+        }
     }
     b
 }
@@ -915,7 +947,29 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// `POST /quitquitquit` and SIGTERM first (a proxy under a profiler
+    /// writes its profile at exit), SIGKILL after 60 s.
     fn drop(&mut self) {
+        use std::io::Write;
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], self.admin)),
+            Duration::from_secs(1),
+        ) {
+            let _ = s.write_all(
+                b"POST /quitquitquit HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -1131,10 +1185,8 @@ fn summary(o: &Opts, proxies: &[(&str, &Path)], results: &[Vec<Run>]) -> String 
             Box::new(move |runs| column(runs, get, Transfer::cpu_per_gb)),
         ));
     }
-    let requests: [(&str, Get<Requests>); 2] = [
-        ("keep-alive", |r| &r.rps),
-        ("new tunnel", |r| &r.new),
-    ];
+    let requests: [(&str, Get<Requests>); 2] =
+        [("keep-alive", |r| &r.rps), ("new tunnel", |r| &r.new)];
     for (name, get) in requests {
         metrics.push((
             format!("{name} requests/s"),
