@@ -12,10 +12,16 @@ use std::{
     cell::RefCell,
     hash::{Hash, Hasher},
     net::{Ipv6Addr, SocketAddr},
-    sync::{Arc, Weak},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Weak,
+    },
+    task::{Context, Poll},
 };
 
-use tokio::io::DuplexStream;
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use xds_client::config::{InternalUpstream, Name, PassthroughMetadata, Sharing};
 
 use crate::Shared;
@@ -194,7 +200,7 @@ pub fn passthrough_metadata(
 /// refused one when no internal listener has that name (or this thread is
 /// no worker) or when the listener closes it before taking it (no filter
 /// chain matches, a listener filter rejects it).
-pub async fn connect(target: &InternalTarget, passed: Passed) -> Result<DuplexStream, String> {
+pub async fn connect(target: &InternalTarget, passed: Passed) -> Result<Pipe, String> {
     // The spawn is in a plain function: the connection it serves may make
     // internal connections itself, and an async fn spawning it would make
     // its future type contain itself.
@@ -214,7 +220,7 @@ const REFUSED: &str = "";
 fn open(
     target: &InternalTarget,
     mut passed: Passed,
-) -> Result<(DuplexStream, tokio::sync::oneshot::Receiver<()>), String> {
+) -> Result<(Pipe, tokio::sync::oneshot::Receiver<()>), String> {
     // Envoy's text when no internal listener has the name.
     let refused = || format!("immediate connect error: Invalid argument|remote address:{target}");
     let Some(shared) = worker() else {
@@ -236,7 +242,7 @@ fn open(
         .internal_listener_buffer
         .unwrap_or(1024 * 1024)
         .max(1);
-    let (client, server) = tokio::io::duplex(buffer);
+    let (client, server) = pipe(buffer);
     let (tx, rx) = tokio::sync::oneshot::channel();
     passed.ready = Some(tx);
     let lr = handle.current.load_full();
@@ -250,9 +256,204 @@ fn open(
     Ok((client, rx))
 }
 
+/// One end of an internal connection: a `tokio::io::duplex` pipe (bounded
+/// per direction, real half-close) with an abortive close besides, as a
+/// TCP RST is to a FIN: once either end is [`reset`](PipeReset::reset),
+/// every read, write and shutdown on both ends fails with
+/// `ConnectionReset` and bytes not yet read are dropped (as Linux does on
+/// a RST). A plain drop stays a clean close (the peer reads EOF).
+pub struct Pipe {
+    inner: DuplexStream,
+    state: Arc<PipeState>,
+    /// 0 or 1: which end (indexes its wakers).
+    end: usize,
+}
+
+/// What both ends of a pipe share: the reset flag and the tasks to wake
+/// when it is set (a reader or writer of each end waiting on the pipe).
+#[derive(Default)]
+struct PipeState {
+    reset: AtomicBool,
+    /// `[end 0 read, end 0 write, end 1 read, end 1 write]`.
+    wakers: [AtomicWaker; 4],
+}
+
+/// Resets the internal connection it was taken from (see [`Pipe`]); held
+/// apart from the stream so that whoever moved the stream into a codec or
+/// a wrapper can still reset it.
+#[derive(Clone)]
+pub struct PipeReset(Arc<PipeState>);
+
+impl PipeReset {
+    /// The abortive close: both ends fail from now on.
+    pub fn reset(&self) {
+        if !self.0.reset.swap(true, Ordering::AcqRel) {
+            for w in &self.0.wakers {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// A pipe of `buffer` bytes per direction: the two ends.
+pub fn pipe(buffer: usize) -> (Pipe, Pipe) {
+    let (a, b) = tokio::io::duplex(buffer);
+    let state = Arc::new(PipeState::default());
+    (
+        Pipe {
+            inner: a,
+            state: state.clone(),
+            end: 0,
+        },
+        Pipe {
+            inner: b,
+            state,
+            end: 1,
+        },
+    )
+}
+
+fn reset_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "internal connection reset",
+    )
+}
+
+impl Pipe {
+    /// A handle that resets this connection.
+    pub fn reset_handle(&self) -> PipeReset {
+        PipeReset(self.state.clone())
+    }
+
+    /// Resets the connection (see [`Pipe`]) and closes this end.
+    pub fn reset(self) {
+        self.reset_handle().reset();
+    }
+
+    fn is_reset(&self) -> bool {
+        self.state.reset.load(Ordering::Acquire)
+    }
+
+    /// Registers the task for a reset while `op` (0 read, 1 write) waits,
+    /// then checks the flag again (a reset in between is not missed).
+    fn wait(&self, op: usize, cx: &Context<'_>) -> bool {
+        self.state.wakers[self.end * 2 + op].register(cx.waker());
+        self.is_reset()
+    }
+}
+
+impl AsyncRead for Pipe {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.is_reset() {
+            return Poll::Ready(Err(reset_error()));
+        }
+        match Pin::new(&mut me.inner).poll_read(cx, buf) {
+            Poll::Pending if me.wait(0, cx) => Poll::Ready(Err(reset_error())),
+            r => r,
+        }
+    }
+}
+
+impl AsyncWrite for Pipe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        if me.is_reset() {
+            return Poll::Ready(Err(reset_error()));
+        }
+        match Pin::new(&mut me.inner).poll_write(cx, buf) {
+            Poll::Pending if me.wait(1, cx) => Poll::Ready(Err(reset_error())),
+            r => r,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.is_reset() {
+            return Poll::Ready(Err(reset_error()));
+        }
+        Pin::new(&mut me.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.is_reset() {
+            return Poll::Ready(Err(reset_error()));
+        }
+        Pin::new(&mut me.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        if me.is_reset() {
+            return Poll::Ready(Err(reset_error()));
+        }
+        match Pin::new(&mut me.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending if me.wait(1, cx) => Poll::Ready(Err(reset_error())),
+            r => r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_reset_fails_both_ends_a_drop_is_a_clean_end() {
+        let kind = |r: std::io::Result<usize>| r.expect_err("reset").kind();
+        let reset = std::io::ErrorKind::ConnectionReset;
+        // Clean: the peer reads what was written, then EOF.
+        let (mut a, mut b) = pipe(64);
+        a.write_all(b"bye").await.expect("write");
+        drop(a);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.expect("clean end");
+        assert_eq!(got, b"bye");
+        // Reset: unread bytes are dropped, reads and writes fail.
+        let (mut a, mut b) = pipe(64);
+        a.write_all(b"unread").await.expect("write");
+        a.reset();
+        let mut buf = [0u8; 8];
+        assert_eq!(kind(b.read(&mut buf).await), reset);
+        assert_eq!(kind(b.write(b"y").await), reset);
+        // A reader waiting on an empty pipe wakes with the reset.
+        let (a, mut b) = pipe(64);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            b.read(&mut buf).await
+        });
+        tokio::task::yield_now().await;
+        a.reset();
+        assert_eq!(kind(reader.await.expect("task")), reset);
+        // A writer blocked on a full pipe too, reset by a handle of its own
+        // end.
+        let (mut c, _d) = pipe(4);
+        let handle = c.reset_handle();
+        c.write_all(b"full").await.expect("fill");
+        let writer = tokio::spawn(async move { c.write(b"more").await });
+        tokio::task::yield_now().await;
+        handle.reset();
+        assert_eq!(kind(writer.await.expect("task")), reset);
+    }
 
     #[test]
     fn stand_in_addresses_are_stable_and_distinct() {

@@ -162,10 +162,21 @@ pub type Downstream = Rewind<Conn>;
 /// TCP path pays a branch per call, not a boxed stream.
 pub enum Conn {
     Tcp(TcpStream),
-    Internal(tokio::io::DuplexStream),
+    Internal(crate::internal::Pipe),
 }
 
 enum_io!(Conn { Tcp, Internal });
+
+impl Conn {
+    /// What resets an internal connection (a socket: none; weir closes
+    /// sockets as before).
+    pub fn reset_handle(&self) -> Option<crate::internal::PipeReset> {
+        match self {
+            Conn::Tcp(_) => None,
+            Conn::Internal(p) => Some(p.reset_handle()),
+        }
+    }
+}
 
 /// A downstream stream: plaintext, or TLS terminated by weir.
 pub enum DownstreamIo {
@@ -174,3 +185,13 @@ pub enum DownstreamIo {
 }
 
 enum_io!(DownstreamIo { Plain, Tls });
+
+impl DownstreamIo {
+    /// See [`Conn::reset_handle`].
+    pub fn reset_handle(&self) -> Option<crate::internal::PipeReset> {
+        match self {
+            DownstreamIo::Plain(s) => s.inner().reset_handle(),
+            DownstreamIo::Tls(s) => s.get_ref().0.inner().reset_handle(),
+        }
+    }
+}

@@ -612,7 +612,7 @@ fn original_dst(stream: &Conn, meta: &mut ConnMeta, state: &filters::FilterState
 /// (see [`crate::internal`]): counted and logged like an accepted one.
 pub async fn serve_internal(
     lr: Arc<ListenerRuntime>,
-    stream: tokio::io::DuplexStream,
+    stream: crate::internal::Pipe,
     target: crate::internal::InternalTarget,
     passed: crate::internal::Passed,
     shared: Arc<Shared>,
@@ -790,6 +790,13 @@ async fn connection(
             lr.stats.no_filter_chain_match.inc();
             drop(ready);
             tracing::debug!(listener = %lr.config.name, peer = %peer, "no filter chain matches; closing");
+            // As Envoy's close of an internal connection its client still
+            // writes to: the client sees a reset (Envoy's CONNECT
+            // termination then resets the stream, CONNECT_ERROR), not a
+            // clean end.
+            if let Some(r) = stream.reset_handle() {
+                r.reset();
+            }
             return;
         }
     };
@@ -874,6 +881,7 @@ async fn connection(
                 opened: tokio::time::Instant::now(),
                 proto_counted: std::sync::atomic::AtomicBool::new(false),
                 requests: std::sync::atomic::AtomicU32::new(0),
+                max_requests_reached: tokio::sync::Notify::new(),
                 drain: chain.drain.subscribe(),
                 update_drain: chain.update_drain.clone(),
                 is_h2: std::sync::atomic::AtomicBool::new(false),

@@ -98,6 +98,12 @@ impl TcpRuntime {
         let (conn_state, mx) = (conn.state, conn.mx);
         let start = Instant::now();
         self.stats.cx_total.inc();
+        // An internal downstream closed before its splice ended cleanly
+        // (no cluster or host, connect failure, a failed side) is reset,
+        // as Envoy's close of an internal connection its peer still uses:
+        // a CONNECT tunnel in front of it ends with a reset, not a clean
+        // END_STREAM.
+        let mut down_reset = ResetOnDrop(down.reset_handle());
         // Istio's metadata exchange with the downstream peer, when its ALPN
         // was negotiated (else the bytes pass unchanged).
         let alpn = tls.as_ref().and_then(|t| t.alpn.clone());
@@ -280,6 +286,7 @@ impl TcpRuntime {
         info.upstream_failure_reason = None;
         let up = match up {
             Up::Tcp(up, up_alpn) => {
+                info.upstream_local = up.local_addr();
                 // The cluster's upstream metadata exchange (Istio's cluster
                 // filter).
                 let up = match crate::mx::start(up, cluster.mx.as_ref(), up_alpn.as_deref()).await {
@@ -295,11 +302,16 @@ impl TcpRuntime {
             }
             Up::Tunnel(o) => {
                 info.upstream_tls = o.tls;
+                info.upstream_local = o.local;
                 UpSplice::Tunnel(o.io)
             }
         };
         let upstream_peer = match &up {
             UpSplice::Tcp(u) => Some(u.peer()),
+            UpSplice::Tunnel(_) => None,
+        };
+        let up_reset = match &up {
+            UpSplice::Tcp(u) => u.get_ref().reset_handle(),
             UpSplice::Tunnel(_) => None,
         };
         let upstream_local_san = info
@@ -345,19 +357,33 @@ impl TcpRuntime {
             self.config.downstream_idle_timeout,
             self.config.upstream_idle_timeout,
         );
-        tokio::select! {
-            r = copy => {
-                if let Err(e) = r {
+        let failed = tokio::select! {
+            r = copy => match r {
+                Ok(_) => false,
+                Err(e) => {
                     tracing::debug!(error = %e, "tcp_proxy: connection error");
+                    true
                 }
-            }
+            },
             _ = max => {
                 self.stats.max_duration_reached.inc();
                 info.flags.set(Flags::DT);
+                false
             }
             _ = idle => {
                 self.stats.idle_timeout.inc();
+                false
             }
+        };
+        if failed {
+            // One side failed (a reset, a write error): an internal peer on
+            // the other side is reset too, so the failure travels on (a
+            // socket peer is closed as before).
+            if let Some(r) = &up_reset {
+                r.reset();
+            }
+        } else {
+            down_reset.0 = None;
         }
         host.active.fetch_sub(1, Relaxed);
         info.bytes_received = rx.load(Relaxed);
@@ -529,6 +555,17 @@ fn upstream_tls(
     };
     let ctls = cluster.tls_for(host)?;
     Some(std::sync::Arc::new(ctls.upstream_info(t)))
+}
+
+/// Resets an internal connection when dropped, unless emptied first.
+struct ResetOnDrop(Option<crate::internal::PipeReset>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(r) = &self.0 {
+            r.reset();
+        }
+    }
 }
 
 /// Last read or write per side, in ms since `start`.

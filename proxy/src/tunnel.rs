@@ -48,7 +48,7 @@ use xds_client::config::{TunnelingConfig, UpstreamProtocol};
 
 use crate::{
     http::info::StreamInfo,
-    upstream::{pool::ConnTls, pool::UpstreamIo, ClusterRuntime, Host},
+    upstream::{pool::ConnTls, pool::LocalAddr, pool::UpstreamIo, ClusterRuntime, Host},
 };
 
 /// Per-stream receive window cap (bounded memory per tunnel whatever the
@@ -76,6 +76,8 @@ pub struct Opened {
     pub io: Tunnel,
     /// The certificates of the upstream TLS connection.
     pub tls: ConnTls,
+    /// The upstream connection's local address (`%UPSTREAM_LOCAL_ADDRESS%`).
+    pub local: Option<LocalAddr>,
 }
 
 /// An open tunnel.
@@ -122,6 +124,7 @@ struct Conn {
     /// Woken when its last stream ends.
     idle: tokio::sync::Notify,
     tls: ConnTls,
+    local: Option<LocalAddr>,
     /// `max_concurrent_streams` of the cluster.
     local_max: usize,
     max_uses: Option<u32>,
@@ -448,6 +451,7 @@ async fn connect_h2(
     key: &Key,
 ) -> Result<Arc<Conn>, String> {
     let (io, tls) = dial(cluster, host, true, key.alpn.as_deref()).await?;
+    let local = io.local_addr();
     let h = &cluster.config.http2;
     let mut b = h2::client::Builder::new();
     b.initial_window_size(h.initial_stream_window_size.min(MAX_STREAM_WINDOW))
@@ -480,6 +484,7 @@ async fn connect_h2(
         closed: AtomicBool::new(false),
         idle: tokio::sync::Notify::new(),
         tls,
+        local,
         local_max: usize::try_from(h.max_concurrent_streams).unwrap_or(usize::MAX),
         max_uses: cluster.config.max_requests_per_connection,
     });
@@ -645,14 +650,16 @@ async fn open_h2(
                 return Err(OpenError::Failed(format!("http/2 stream reset: {e}")));
             }
         };
-        // As Envoy: over HTTP/2 only 200 opens the tunnel.
+        // As Envoy: over HTTP/2 only 200 opens the tunnel; Envoy's failure
+        // reason names the status so.
         if resp.status() != http::StatusCode::OK {
             return Err(OpenError::Failed(format!(
-                "tunnel refused: {}",
+                "tunnel_response:{}",
                 resp.status().as_u16()
             )));
         }
         let tls = conn.tls.clone();
+        let local = conn.local;
         return Ok(Opened {
             io: Tunnel::H2(H2Stream {
                 send,
@@ -662,6 +669,7 @@ async fn open_h2(
                 _slot: slot,
             }),
             tls,
+            local,
         });
     }
     Err(OpenError::Failed("http/2 connection closed".into()))
@@ -683,6 +691,7 @@ async fn open_h1(
     let (mut io, tls) = dial(cluster, host, false, alpn.as_deref())
         .await
         .map_err(OpenError::Failed)?;
+    let local = io.local_addr();
     cluster.stats.upstream_cx_http1_total.inc();
     let guard = H1Guard::new(cluster.clone());
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
@@ -752,6 +761,7 @@ async fn open_h1(
             _guard: guard,
         }),
         tls,
+        local,
     })
 }
 

@@ -52,6 +52,9 @@ use xds_client::api::envoy::service::discovery::v3::aggregated_discovery_service
 use xds_client::api::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
+use xds_client::api::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
 use xds_client::api::google::protobuf::Any;
 use xds_client::api::google::rpc::Status as RpcStatus;
 
@@ -134,6 +137,9 @@ pub struct ControlPlane {
     addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
     shutdown: Option<oneshot::Sender<()>>,
+    /// The SDS server of [`ControlPlane::serve_sds_unix`]: its socket file
+    /// and shutdown.
+    sds: Option<(PathBuf, oneshot::Sender<()>)>,
 }
 
 struct Shared {
@@ -331,7 +337,32 @@ impl ControlPlane {
             addr: None,
             unix_path: None,
             shutdown: Some(shutdown),
+            sds: None,
         }
+    }
+
+    /// Also serves the secret discovery service (`StreamSecrets`, state of
+    /// the world, and `DeltaSecrets`) on a Unix socket at `path`, from the
+    /// same resources, as Istio's pilot-agent serves the `sds-grpc`
+    /// cluster on its UDS. Requests, ACKs and NACKs are recorded with the
+    /// ADS ones.
+    pub async fn serve_sds_unix(&mut self, path: impl AsRef<Path>) -> std::io::Result<()> {
+        let path = path.as_ref().to_path_buf();
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        let incoming = UnixListenerStream::new(listener);
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let svc = SecretDiscoveryServiceServer::new(Sds {
+            shared: self.shared.clone(),
+        });
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .serve_with_incoming_shutdown(svc, incoming, async {
+                    let _ = stop.await;
+                })
+                .await;
+        });
+        self.sds = Some((path, shutdown));
+        Ok(())
     }
 
     /// The TCP address (`None` for a Unix-socket server).
@@ -630,6 +661,10 @@ impl Drop for ControlPlane {
             let _ = tx.send(());
         }
         if let Some(path) = &self.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some((path, tx)) = self.sds.take() {
+            let _ = tx.send(());
             let _ = std::fs::remove_file(path);
         }
     }
@@ -1020,6 +1055,52 @@ impl AggregatedDiscoveryService for Ads {
             .open(Tx::Delta(tx), request.into_inner(), Shared::on_delta)
             .ok_or_else(paused)?;
         Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+// === impl Sds ===
+
+/// The secret discovery service over the control plane's state (see
+/// [`ControlPlane::serve_sds_unix`]).
+struct Sds {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type StreamSecretsStream = UnboundedReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
+    type DeltaSecretsStream =
+        UnboundedReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    async fn stream_secrets(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared
+            .open(Tx::Sotw(tx), request.into_inner(), Shared::on_sotw)
+            .ok_or_else(paused)?;
+        Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared
+            .open(Tx::Delta(tx), request.into_inner(), Shared::on_delta)
+            .ok_or_else(paused)?;
+        Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: tonic::Request<DiscoveryRequest>,
+    ) -> Result<tonic::Response<DiscoveryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the test SDS server streams only",
+        ))
     }
 }
 

@@ -31,59 +31,21 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use weir_tests::config::{cluster, file_log, filter, log_path, sock, DOWNSTREAM_TLS, HCM, ROUTER};
+use weir_tests::config::{cluster, file_log, filter, log_path, sock};
 use weir_tests::hbone::raw::{self, Answer, RawConn};
 use weir_tests::hbone::{read_n, H2Conn, H2Tunnel, HboneClient};
 use weir_tests::scenario::{Proxy, Target};
 use weir_tests::tcp;
-use weir_tests::tls::{Leaf, LeafSpec, TempDir, TestCa, TlsClient, TlsVersions};
+use weir_tests::tls::{LeafSpec, TestCa, TlsClient, TlsVersions};
+use weir_tests::waypoint::{connect_terminate_to, Mesh, CLIENT_ID, WAYPOINT_ID};
 
 const WAIT: Duration = Duration::from_secs(10);
 const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
-const SET_FILTER_STATE: &str =
-    "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config";
 const TYPED_STRUCT: &str = "type.googleapis.com/udpa.type.v1.TypedStruct";
-const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/app/sa/client";
 
-/// The mesh: a root, the waypoint's and a client workload's certificates,
-/// the files the bootstrap's static secrets name.
-struct Mesh {
-    ca: TestCa,
-    client: Leaf,
-    _dir: TempDir,
-    chain: PathBuf,
-    key: PathBuf,
-    root: PathBuf,
-}
-
-fn mesh() -> Mesh {
-    let ca = TestCa::new("cluster.local root");
-    let dir = TempDir::new("hbone").expect("temp dir");
-    let files = ca
-        .issue(LeafSpec::spiffe(WAYPOINT_ID))
-        .write_files(&dir, "waypoint");
-    let root = dir.write("root-cert.pem", ca.pem());
-    let client = ca.issue(LeafSpec::spiffe(CLIENT_ID));
-    Mesh {
-        ca,
-        client,
-        chain: files.chain,
-        key: files.key,
-        root,
-        _dir: dir,
-    }
-}
-
-impl Mesh {
-    fn client(&self) -> HboneClient {
-        HboneClient::expect_server(&self.ca, &self.client, WAYPOINT_ID)
-    }
-
-    /// A client with another identity from the same root.
-    fn client_as(&self, id: &str) -> HboneClient {
-        HboneClient::new(&self.ca, &self.ca.issue(LeafSpec::spiffe(id)))
-    }
+/// A client with another identity from the mesh's root.
+fn client_as(m: &Mesh, id: &str) -> HboneClient {
+    HboneClient::new(&m.ca, &m.ca.issue(LeafSpec::spiffe(id)))
 }
 
 /// What a test varies around the fixed `connect_terminate` shape.
@@ -108,18 +70,22 @@ impl Opts {
     }
 }
 
-/// istiod's `connect_terminate` (named `l` for the harness) and the
-/// static secrets and cluster it needs.
+/// istiod's `connect_terminate` (named `l` for the harness; the shared
+/// waypoint builder's) with the test's filters, keepalive and access log,
+/// and the static secrets and cluster it needs.
 fn waypoint(m: &Mesh, o: Opts) -> Proxy {
-    let (chain, key, root) = (
-        m.chain.display().to_string(),
-        m.key.display().to_string(),
-        m.root.display().to_string(),
-    );
+    let secrets = m.secrets();
     Proxy::start(move |ports| {
-        let mut http_filters = Vec::new();
+        let mut listener = connect_terminate_to(ports.listen, "main_internal", &None);
+        let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+        let filters = hcm["http_filters"].as_array_mut().expect("http filters");
+        // [connect_authority, router]: the test's filters go between.
+        for (i, f) in o.filters.iter().enumerate() {
+            filters.insert(1 + i, f.clone());
+        }
         if !Target::from_env().is_envoy() {
-            http_filters.push(
+            filters.insert(
+                0,
                 json!({"name": "waypoint_downstream_peer_metadata", "typed_config": {
                     "@type": TYPED_STRUCT,
                     "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config",
@@ -130,94 +96,17 @@ fn waypoint(m: &Mesh, o: Opts) -> Proxy {
                 }}),
             );
         }
-        let state = |key: &str, format: &str, string: bool| {
-            let mut v = json!({
-                "object_key": key,
-                "format_string": {"text_format_source": {"inline_string": format}},
-                "shared_with_upstream": "ONCE",
-            });
-            if string {
-                v["factory_key"] = json!("envoy.string");
-            }
-            v
-        };
-        http_filters.push(filter(
-            "connect_authority",
-            SET_FILTER_STATE,
-            json!({"on_request_headers": [
-                state("envoy.filters.listener.original_dst.local_ip", "%REQ(:AUTHORITY)%", false),
-                state("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", false),
-                state("io.istio.peer_principal", "%DOWNSTREAM_PEER_URI_SAN%", true),
-                state("io.istio.local_principal", "%DOWNSTREAM_LOCAL_URI_SAN%", true),
-            ]}),
-        ));
-        http_filters.extend(o.filters.iter().cloned());
-        http_filters.push(filter("envoy.filters.http.router", ROUTER, json!({})));
-        let mut hcm = json!({
-            "@type": HCM,
-            "stat_prefix": "connect_terminate",
-            "route_config": {"name": "default", "virtual_hosts": [{
-                "name": "default", "domains": ["*"],
-                "routes": [{"match": {"connect_matcher": {}}, "route": {
-                    "cluster": "main_internal",
-                    "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
-                }}],
-            }]},
-            "http_filters": http_filters,
-            "http2_protocol_options": {
-                "max_concurrent_streams": 100,
-                "allow_connect": true,
-                "connection_keepalive": {"interval": o.keepalive.0, "timeout": o.keepalive.1},
-            },
-            "server_name": "istio-envoy",
-            "use_remote_address": false,
-            "forward_client_cert_details": "APPEND_FORWARD",
-            "set_current_client_cert_details": {"subject": true, "dns": true, "uri": true},
-            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-            "stream_idle_timeout": "0s",
-        });
+        hcm["http2_protocol_options"]["connection_keepalive"] =
+            json!({"interval": o.keepalive.0, "timeout": o.keepalive.1});
         if let Some((path, format)) = &o.access_log {
             hcm["access_log"] = json!([file_log(path, format)]);
         }
-        let tls = json!({"name": "tls", "typed_config": {
-            "@type": DOWNSTREAM_TLS,
-            "common_tls_context": {
-                "tls_params": {
-                    "tls_minimum_protocol_version": "TLSv1_3",
-                    "tls_maximum_protocol_version": "TLSv1_3",
-                },
-                "alpn_protocols": ["h2"],
-                "tls_certificate_sds_secret_configs": [{"name": "default"}],
-                "combined_validation_context": {
-                    "default_validation_context": {"match_typed_subject_alt_names": [
-                        {"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}},
-                    ]},
-                    "validation_context_sds_secret_config": {"name": "ROOTCA"},
-                },
-            },
-            "require_client_certificate": true,
-        }});
-        let listener = json!({
-            "name": "l",
-            "address": sock(ports.listen),
-            "filter_chains": [{
-                "name": "default",
-                "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
-                "transport_socket": tls,
-            }],
-        });
         json!({
             "admin": {"address": sock(ports.admin)},
             "static_resources": {
                 "listeners": [listener],
                 "clusters": [cluster("main_internal", &o.upstream, json!({}))],
-                "secrets": [
-                    {"name": "default", "tls_certificate": {
-                        "certificate_chain": {"filename": chain},
-                        "private_key": {"filename": key},
-                    }},
-                    {"name": "ROOTCA", "validation_context": {"trusted_ca": {"filename": root}}},
-                ],
+                "secrets": secrets,
             },
         })
         .to_string()
@@ -268,7 +157,7 @@ async fn echo_once(t: &mut H2Tunnel, msg: &[u8]) {
 /// `connect_authority` set, as Envoy renders it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_shape_tunnels_and_sets_filter_state() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let path = log_path("hbone", "state");
     let mut o = Opts::to(echo.port());
@@ -316,7 +205,7 @@ async fn exact_shape_tunnels_and_sets_filter_state() {
 /// port with a `+` and leading zeros is one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn address_objects_in_the_access_log() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let path = log_path("hbone", "address");
     let mut o = Opts::to(echo.port());
@@ -362,7 +251,7 @@ async fn address_objects_in_the_access_log() {
 /// carries one (ztunnel sends `forwarded`, which is not read), as Envoy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_address_from_xff_without_use_remote_address() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let path = log_path("hbone", "xff");
     let mut o = Opts::to(echo.port());
@@ -396,7 +285,7 @@ async fn remote_address_from_xff_without_use_remote_address() {
 /// another root is refused; the mesh client is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_requirements_as_istiod_sets_them() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let p = waypoint(&m, Opts::to(echo.port()));
     let base = || {
@@ -468,7 +357,7 @@ async fn raw_answer(m: &Mesh, addr: SocketAddr, authority: &[u8]) -> Outcome {
 /// (ARCHITECTURE.md "HBONE termination").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_authorities() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let p = waypoint(&m, Opts::to(echo.port()));
     let envoy = p.target().is_envoy();
@@ -506,7 +395,7 @@ async fn malformed_authorities() {
 /// connection; another identity on the same listener tunnels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_deny_is_403() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let mut o = Opts::to(echo.port());
     o.filters = vec![filter(
@@ -518,8 +407,7 @@ async fn rbac_deny_is_403() {
         }}}}),
     )];
     let p = waypoint(&m, o);
-    let (c, _) = m
-        .client_as("spiffe://cluster.local/ns/app/sa/sleep")
+    let (c, _) = client_as(&m, "spiffe://cluster.local/ns/app/sa/sleep")
         .connect(p.addr())
         .await
         .expect("HBONE");
@@ -538,7 +426,7 @@ async fn rbac_deny_is_403() {
 /// on the connection keep flowing and new ones open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstream_is_503_on_that_stream_only() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let dead = dead_port();
     // Two endpoints: round robin alternates between the live and the dead.
@@ -580,7 +468,7 @@ async fn unreachable_upstream_is_503_on_that_stream_only() {
 /// REFUSED_STREAM); the 100 others are answered and keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_101st_concurrent_stream_is_refused() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let p = waypoint(&m, Opts::to(echo.port()));
     let (tls, _) = m.client().tls(p.addr()).await.expect("TLS");
@@ -626,7 +514,7 @@ async fn the_101st_concurrent_stream_is_refused() {
 /// byte echoes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_and_sequential_streams() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let p = waypoint(&m, Opts::to(echo.port()));
     let (c, _) = m.client().connect(p.addr()).await.expect("HBONE");
@@ -666,7 +554,7 @@ async fn many_concurrent_and_sequential_streams() {
 /// tunnel on the connection keeps flowing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_stream_ends_only_its_tunnel() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let p = waypoint(&m, Opts::to(echo.port()));
     let (c, _) = m.client().connect(p.addr()).await.expect("HBONE");
@@ -688,7 +576,7 @@ async fn reset_stream_ends_only_its_tunnel() {
 /// still sends, and the upstream's close ends the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_first_and_half_close_both_ways() {
-    let m = mesh();
+    let m = Mesh::new();
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = l.local_addr().expect("addr").port();
     let server = tokio::spawn(async move {
@@ -729,7 +617,7 @@ async fn server_first_and_half_close_both_ways() {
 /// byte for byte), flow-controlled by HTTP/2 windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_mib_each_way() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let p = waypoint(&m, Opts::to(echo.port()));
     let (c, _) = m.client().connect(p.addr()).await.expect("HBONE");
@@ -758,7 +646,7 @@ async fn sixteen_mib_each_way() {
 /// stops answering is disconnected after the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_pings_and_closes_a_silent_peer() {
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let mut o = Opts::to(echo.port());
     o.keepalive = ("1s", "1s");
@@ -799,7 +687,7 @@ async fn baggage_peer_metadata() {
     if Target::from_env().is_envoy() {
         return;
     }
-    let m = mesh();
+    let m = Mesh::new();
     let echo = tcp::tcp_echo_server().await.expect("echo");
     let path = log_path("hbone", "baggage");
     let mut o = Opts::to(echo.port());

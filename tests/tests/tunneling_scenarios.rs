@@ -146,12 +146,17 @@ impl Mesh {
 
 /// tcp_proxy with `tunneling` (the `tunneling_config`) and an access log.
 fn tunnel_proxy(tunneling: Value, log: &std::path::Path) -> Value {
+    tunnel_proxy_format(tunneling, log, LOG)
+}
+
+/// [`tunnel_proxy`] with the access log's `format`.
+fn tunnel_proxy_format(tunneling: Value, log: &std::path::Path, format: &str) -> Value {
     tcp_proxy(
         "connect_originate",
         "connect_originate",
         json!({
             "tunneling_config": tunneling,
-            "access_log": [file_log(log, LOG)],
+            "access_log": [file_log(log, format)],
         }),
     )
 }
@@ -248,6 +253,47 @@ async fn connect_authority_headers_and_identity() {
     stat_is(&p, "cluster.connect_originate.upstream_rq_total", 1).await;
     stat_is(&p, "cluster.connect_originate.upstream_rq_active", 0).await;
     stat_is(&p, "cluster.connect_originate.upstream_cx_active", 1).await;
+}
+
+/// `%UPSTREAM_LOCAL_ADDRESS%` of a tunnel is the local address of the
+/// HTTP/2 connection that carries it (shared by the tunnels on it), over
+/// HTTP/1.1 that of the tunnel's own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_local_address_is_the_tunnel_connection() {
+    let mesh = Mesh::new();
+    for h2 in [true, false] {
+        let proto = if h2 {
+            HboneProto::Http2
+        } else {
+            HboneProto::Http1
+        };
+        let srv = mesh.server(proto, Behavior::Echo, None).await;
+        let log = log_path("tunneling", if h2 { "local-h2" } else { "local-h1" });
+        let p = start(
+            tunnel_proxy_format(
+                json!({"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}),
+                &log,
+                "%UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_LOCAL_PORT%\n",
+            ),
+            mesh.cluster(srv.port(), h2, json!({}), json!({})),
+        );
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(p.addr()).await.expect("connect");
+            echo(&mut c, b"local address").await;
+            c.shutdown().await.expect("FIN");
+            assert!(read_to_end(&mut c).await.expect("clean end").is_empty());
+        }
+        let peers: Vec<_> = srv.handshakes().iter().map(|h| h.peer).collect();
+        assert_eq!(peers.len(), if h2 { 1 } else { 2 }, "{peers:?}");
+        let lines = p.log_lines(&log, 2).await;
+        let expected: Vec<String> = (0..2)
+            .map(|i| {
+                let a = peers[if h2 { 0 } else { i }];
+                format!("{a} {}", a.port())
+            })
+            .collect();
+        assert_eq!(lines, expected, "h2: {h2}");
+    }
 }
 
 /// `use_post`: `POST post_path` with `:scheme https` (TLS upstream) and

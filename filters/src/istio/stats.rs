@@ -782,13 +782,15 @@ impl Hasher for KeyBytes<'_> {
 
 /// The destination service from the cluster, as Istio reads the cluster's
 /// `istio.services[0]` metadata: weir has no cluster metadata here, so the
-/// host comes from Istio's cluster name (`outbound|<port>|<subset>|<host>`);
+/// host comes from Istio's cluster name (`outbound|<port>|<subset>|<host>`,
+/// and a waypoint's `inbound-vip|<port>|<protocol>|<host>`, whose
+/// `istio.services` istiod fills with that host);
 /// the short name and namespace from a Kubernetes service host
 /// (`<name>.<namespace>.svc.<domain>`), else the name is the host.
 fn cluster_service(cluster: &str) -> Option<(&str, &str, &str)> {
     let mut parts = cluster.split('|');
     let dir = parts.next()?;
-    if dir != "outbound" && dir != "inbound" {
+    if dir != "outbound" && dir != "inbound" && dir != "inbound-vip" {
         return None;
     }
     let host = parts.nth(2)?;

@@ -31,6 +31,95 @@ use super::service::ConnCtx;
 use crate::body::Body;
 use crate::upstream::{outlier::LocalResult, pool::UpstreamIo, ClusterRuntime, Host};
 
+// === HTTP/2 stream resets ===
+//
+// hyper answers an HTTP/2 CONNECT with a 200 and hands the stream over as
+// an upgrade whose send half runs in a task hyper spawns; dropping the
+// upgraded stream ends it cleanly (END_STREAM), and hyper offers no way to
+// reset it. As Envoy, a tunnel whose upstream failed must end with a
+// reset, so weir spawns hyper's HTTP/2 tasks itself ([`StreamExec`]):
+// each stream task is polled inside [`UPGRADE_SLOT`]'s scope; the service
+// answering a CONNECT with a tunnel leaves a [`StreamAbort`] there, and the
+// task hyper spawns in that same poll (the upgrade's send half, the only
+// task a stream spawns) is tied to it. Aborting that task, then dropping
+// the upgraded stream, leaves h2 a stream nobody holds that was never
+// ended: it resets it (RST_STREAM CANCEL; the code is h2's, Envoy sends
+// CONNECT_ERROR). The connection and its other streams go on.
+
+tokio::task_local! {
+    /// Within an HTTP/2 stream task: the reset slot of the CONNECT the
+    /// stream's service just answered, for the send task hyper spawns next.
+    static UPGRADE_SLOT: std::cell::RefCell<Option<Arc<StreamAbort>>>;
+}
+
+/// hyper's executor for a downstream connection (see above).
+#[derive(Clone, Copy)]
+pub struct StreamExec;
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match UPGRADE_SLOT.try_with(|s| s.borrow_mut().take()) {
+            // Spawned by a stream task that answered a CONNECT: the
+            // tunnel's send half.
+            Ok(Some(slot)) => slot.set(tokio::spawn(fut).abort_handle()),
+            Ok(None) => drop(tokio::spawn(fut)),
+            // Spawned by the connection: a stream.
+            Err(_) => drop(tokio::spawn(
+                UPGRADE_SLOT.scope(std::cell::RefCell::new(None), fut),
+            )),
+        }
+    }
+}
+
+/// Resets an HTTP/2 CONNECT stream whose 200 went out (see above): the
+/// abort handle of the stream's send task, or a reset asked before hyper
+/// spawned it.
+#[derive(Default)]
+pub(super) struct StreamAbort(Mutex<(Option<tokio::task::AbortHandle>, bool)>);
+
+impl StreamAbort {
+    /// Leaves a slot for the stream task's next spawn; `None` outside an
+    /// HTTP/2 stream task (HTTP/1: nothing to reset this way).
+    pub(super) fn offer() -> Option<Arc<StreamAbort>> {
+        let slot = Arc::new(StreamAbort::default());
+        UPGRADE_SLOT
+            .try_with(|s| *s.borrow_mut() = Some(slot.clone()))
+            .ok()
+            .map(|()| slot)
+    }
+
+    fn set(&self, h: tokio::task::AbortHandle) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 {
+            h.abort();
+        }
+        g.0 = Some(h);
+    }
+
+    /// Whether the stream's send half ended on its own: the client reset
+    /// the stream (or the connection failed), since it ends cleanly only
+    /// after the tunnel shut its write side. (hyper reads a client's
+    /// RST_STREAM CANCEL or NO_ERROR as a clean end of stream.)
+    fn send_finished(&self) -> bool {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.as_ref().is_some_and(|h| h.is_finished())
+    }
+
+    /// Stops the send half; the stream is reset once the upgraded stream
+    /// is dropped too.
+    fn abort(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        if let Some(h) = &g.0 {
+            h.abort();
+        }
+    }
+}
+
 /// A tunnel waiting for its `200` to be written, carried from the
 /// pipeline to `finish` in the request's extensions (hence `Clone`; it is
 /// taken once).
@@ -187,11 +276,15 @@ pub(super) async fn terminate(
 
 impl Tunnel {
     /// Splices the two sides until the tunnel ends (see the module doc),
-    /// then releases the upstream's accounting.
-    pub(super) async fn run(self) -> TunnelEnd {
+    /// then releases the upstream's accounting. As Envoy: a failed
+    /// upstream resets the downstream stream (`reset_down`, HTTP/2; Envoy's
+    /// `UC` on a CONNECT is CONNECT_ERROR), a failed downstream or a
+    /// timeout resets an internal upstream (Envoy closes it at once).
+    pub(super) async fn run(self, reset_down: Option<Arc<StreamAbort>>) -> TunnelEnd {
         let received = AtomicU64::new(0);
         let sent = AtomicU64::new(0);
         let activity = Activity::new();
+        let reset_up = self.upstream.reset_handle();
         let end = match self.downstream.await {
             Err(e) => {
                 tracing::debug!(error = %e, "connect: the stream ended before the tunnel");
@@ -206,7 +299,16 @@ impl Tunnel {
                 // half-closes the upstream; the tunnel then waits for the
                 // other direction.
                 let down_to_up = async {
-                    match pump(&mut dr, &mut uw, buffer, &received, act).await {
+                    match pump(
+                        &mut dr,
+                        &mut uw,
+                        buffer,
+                        &received,
+                        act,
+                        reset_down.as_deref(),
+                    )
+                    .await
+                    {
                         Ok(()) => std::future::pending::<End>().await,
                         Err(Side::Read) => End::DownstreamFailed,
                         Err(Side::Write) => End::UpstreamFailed,
@@ -214,7 +316,7 @@ impl Tunnel {
                 };
                 // Upstream to downstream: its end ends the tunnel.
                 let up_to_down = async {
-                    match pump(&mut ur, &mut dw, buffer, &sent, act).await {
+                    match pump(&mut ur, &mut dw, buffer, &sent, act, None).await {
                         Ok(()) => End::Done,
                         Err(Side::Read) => End::UpstreamFailed,
                         Err(Side::Write) => End::DownstreamFailed,
@@ -226,14 +328,22 @@ impl Tunnel {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
+                let end = tokio::select! {
                     e = up_to_down => e,
                     e = down_to_up => e,
                     _ = activity.idle(self.idle) => End::Timeout,
                     _ = max => End::Timeout,
+                };
+                // Before the halves drop (see `StreamAbort`).
+                if let (End::UpstreamFailed, Some(r)) = (end, &reset_down) {
+                    r.abort();
                 }
+                end
             }
         };
+        if let (End::DownstreamFailed | End::Timeout, Some(r)) = (end, &reset_up) {
+            r.reset();
+        }
         drop(self.held);
         TunnelEnd {
             received: received.load(Relaxed),
@@ -279,13 +389,16 @@ enum Side {
 }
 
 /// Copies `r` to `w` through one bounded buffer until `r` ends, then shuts
-/// `w` down (the half-close). Counts the bytes and the activity.
+/// `w` down (the half-close). Counts the bytes and the activity. `r`'s end
+/// is a reset rather than a half-close when `reset` (the HTTP/2 stream `r`
+/// reads) says the client reset the stream.
 async fn pump<R, W>(
     r: &mut R,
     w: &mut W,
     buffer: usize,
     count: &AtomicU64,
     activity: &Activity,
+    reset: Option<&StreamAbort>,
 ) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
@@ -295,6 +408,14 @@ where
     loop {
         let n = r.read(&mut buf).await.map_err(|_| Side::Read)?;
         if n == 0 {
+            if let Some(a) = reset {
+                // The RST_STREAM that ended the read woke the send half
+                // too: let it run and see the reset first.
+                tokio::task::yield_now().await;
+                if a.send_finished() {
+                    return Err(Side::Read);
+                }
+            }
             return w.shutdown().await.map_err(|_| Side::Write);
         }
         activity.touch();

@@ -10,6 +10,8 @@ use std::{
 use http::{HeaderMap, Method};
 use xds_client::config::{Command, Format, FormatPart, HeaderKey};
 
+use crate::upstream::pool::LocalAddr;
+
 /// Facts about one request, filled in as it proceeds.
 #[derive(Debug, Clone)]
 pub struct StreamInfo {
@@ -69,6 +71,9 @@ pub struct StreamInfo {
     /// The certificates of the upstream TLS connection that carried the
     /// response (shared with the pooled connection).
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTlsInfo>>,
+    /// The local address of the upstream connection that carried the
+    /// response (kept with the pooled connection), or of tcp_proxy's.
+    pub upstream_local: Option<crate::upstream::pool::LocalAddr>,
     /// SNI seen by tls_inspector (TLS passthrough) or the handshake.
     pub requested_server_name: Option<String>,
     /// What HTTP filters left (copied from their context after each phase
@@ -287,6 +292,7 @@ impl StreamInfo {
             stream: None,
             tls: None,
             upstream_tls: None,
+            upstream_local: None,
             requested_server_name: None,
             dynamic_metadata: Default::default(),
             filter_state: Default::default(),
@@ -631,7 +637,19 @@ pub fn eval(
             info.upstream_host.map(|a| a.to_string())
         }
         Command::UpstreamRemoteAddressWithoutPort => info.upstream_host.map(addr_no_port),
-        Command::UpstreamLocalAddress => None,
+        Command::UpstreamLocalAddress => info.upstream_local.map(|a| match a {
+            LocalAddr::Ip(a) => a.to_string(),
+            LocalAddr::Internal => crate::internal::CLIENT_ADDRESS.to_owned(),
+        }),
+        Command::UpstreamLocalAddressWithoutPort => info.upstream_local.map(|a| match a {
+            LocalAddr::Ip(a) => addr_no_port(a),
+            LocalAddr::Internal => crate::internal::CLIENT_ADDRESS.to_owned(),
+        }),
+        // A non-IP address has an empty port (Envoy's text, not `-`).
+        Command::UpstreamLocalPort => info.upstream_local.map(|a| match a {
+            LocalAddr::Ip(a) => a.port().to_string(),
+            LocalAddr::Internal => String::new(),
+        }),
         Command::UpstreamCluster => info.upstream_cluster.as_deref().map(str::to_owned),
         Command::UpstreamTransportFailureReason => info
             .upstream_failure_reason

@@ -505,9 +505,9 @@ fn report_outlier(cluster: &ClusterRuntime, host: &crate::upstream::Host, outcom
 }
 
 /// What one try's pool exchange gives: the response with its connection's
-/// certificates, or why there is none.
+/// certificates and local address, or why there is none.
 type TryResult =
-    Result<(Response<Incoming>, crate::upstream::pool::ConnTls), crate::upstream::PoolError>;
+    Result<(Response<Incoming>, crate::upstream::pool::ConnInfo), crate::upstream::PoolError>;
 
 fn outcome_of(res: TryResult) -> Outcome {
     match res {
@@ -649,8 +649,9 @@ fn drop_tries(cluster: &ClusterRuntime, tries: &mut Vec<Try<'_>>) {
 }
 
 enum Outcome {
-    /// With the certificates of the upstream connection that carried it.
-    Response(Response<Incoming>, crate::upstream::pool::ConnTls),
+    /// With the certificates and local address of the upstream connection
+    /// that carried it.
+    Response(Response<Incoming>, crate::upstream::pool::ConnInfo),
     ConnectFailure(String),
     Reset(String),
     Timeout,
@@ -856,11 +857,9 @@ pub async fn forward(
     let deadline = global.map(|g| upstream_start + g);
     let state = f.state.clone();
     let timers = f.timers;
-    let kind = if upgrade.is_some() {
-        PoolKind::Http1
-    } else {
-        cluster.pool_kind(f.downstream_h2)
-    };
+    // An upgrade goes out in the cluster's protocol too: an HTTP/1.1
+    // upgrade, or an extended CONNECT on HTTP/2 (`pool::to_h2`).
+    let kind = cluster.pool_kind(f.downstream_h2);
     let alpn_override = upstream_alpn(&info.filter_state, &cluster.config, f.downstream_h2);
     let proxy_source = f.proxy_source.clone();
     // Filter state shared with upstream: only an internal connection
@@ -1172,7 +1171,7 @@ pub async fn forward(
         let auth = upstream_authority(&f, &host.hostname, &authority, &mut parts.headers);
         // A request that cannot be retried moves its headers.
         let moved = (max_attempts == 1).then(|| std::mem::take(&mut parts.headers));
-        let req = build_request(
+        let mut req = build_request(
             &parts,
             kind,
             path_and_query,
@@ -1181,6 +1180,12 @@ pub async fn forward(
             f.include_attempt_count.then_some(attempt),
             moved,
         );
+        // The pool sends it as an extended CONNECT on an HTTP/2
+        // connection (the cluster's protocol or ALPN's choice).
+        if let Some((proto, _)) = &upgrade {
+            req.extensions_mut()
+                .insert(crate::upstream::pool::Upgrade(proto.clone()));
+        }
         // One clock read for the try's timeout, its start and the first
         // check of the stream timers.
         let started = Instant::now();
@@ -1364,23 +1369,45 @@ fn respond(
         return reply(400, "Bad Request");
     }
     match outcome {
-        Outcome::Response(mut r, conn_tls) => {
+        Outcome::Response(mut r, conn) => {
             info.response_code_details = "via_upstream";
-            info.upstream_tls = conn_tls;
-            let switching = r.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            info.upstream_tls = conn.tls;
+            info.upstream_local = conn.local;
+            // An upgrade the upstream accepted: `101` from HTTP/1.1, a 2xx
+            // to an extended CONNECT from HTTP/2 (hyper then offers the
+            // stream as an upgrade).
+            let switching = match &upgrade {
+                Some(_) if r.version() == Version::HTTP_2 => {
+                    r.status().is_success()
+                        && r.extensions().get::<hyper::upgrade::OnUpgrade>().is_some()
+                }
+                _ => r.status() == http::StatusCode::SWITCHING_PROTOCOLS,
+            };
+            let upgrade_kind = upgrade.as_ref().map(|(k, _)| k.clone());
             if let (true, Some((_, downstream))) = (switching, upgrade) {
                 // Splice the two upgraded connections together.
                 let upstream = hyper::upgrade::on(&mut r);
                 tokio::spawn(async move {
                     if let (Ok(d), Ok(u)) = (downstream.await, upstream.await) {
-                        let mut d = hyper_util::rt::TokioIo::new(d);
-                        let mut u = hyper_util::rt::TokioIo::new(u);
-                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                        splice_upgrade(d, u).await;
                     }
                 });
             }
             let (mut rp, rb) = r.into_parts();
             strip_hop_by_hop(&mut rp.headers, switching);
+            // As Envoy's codecs: an accepted upgrade is a `101` with
+            // `upgrade` and `connection: upgrade` to filters and logs
+            // whatever the upstream protocol (`finish` makes it the `200`
+            // an HTTP/2 client's extended CONNECT gets).
+            if switching && rp.version == Version::HTTP_2 {
+                rp.status = http::StatusCode::SWITCHING_PROTOCOLS;
+                rp.headers.remove(header::CONTENT_LENGTH);
+                if let Some(k) = upgrade_kind {
+                    rp.headers.insert(header::UPGRADE, k);
+                }
+                rp.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
             // A cookie the hash policy generated (Envoy's headers
             // modifier on the upstream response).
             if let Some(c) = set_cookie {
@@ -1552,6 +1579,32 @@ fn build_request(
     req
 }
 
+/// Copies an accepted upgrade's bytes both ways. The client's end (FIN,
+/// END_STREAM) half-closes the upstream and the upstream may still answer;
+/// the upstream's end ends the downstream side (FIN, END_STREAM) and the
+/// splice, so a client that never closes does not hold it (Envoy ends the
+/// stream there too). A broken side (a reset) ends both.
+async fn splice_upgrade(d: hyper::upgrade::Upgraded, u: hyper::upgrade::Upgraded) {
+    use tokio::io::AsyncWriteExt;
+    let (mut dr, mut dw) = tokio::io::split(hyper_util::rt::TokioIo::new(d));
+    let (mut ur, mut uw) = tokio::io::split(hyper_util::rt::TokioIo::new(u));
+    let client_to_upstream = async {
+        if tokio::io::copy(&mut dr, &mut uw).await.is_ok() {
+            let _ = uw.shutdown().await;
+            std::future::pending::<()>().await;
+        }
+    };
+    let upstream_to_client = async {
+        if tokio::io::copy(&mut ur, &mut dw).await.is_ok() {
+            let _ = dw.shutdown().await;
+        }
+    };
+    tokio::select! {
+        _ = client_to_upstream => {}
+        _ = upstream_to_client => {}
+    }
+}
+
 /// Host rewrite; returns the new authority when it changes.
 pub fn host_rewrite(
     action: &RouteAction,
@@ -1623,7 +1676,7 @@ fn send_try<'a>(
     Output = Result<
         (
             Response<hyper::body::Incoming>,
-            crate::upstream::pool::ConnTls,
+            crate::upstream::pool::ConnInfo,
         ),
         crate::upstream::PoolError,
     >,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use hyper::service::service_fn;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{
@@ -22,7 +22,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let h = ctx.hcm.config.clone();
-    let mut b = auto::Builder::new(TokioExecutor::new());
+    let mut b = auto::Builder::new(super::connect::StreamExec);
     {
         let mut h1 = b.http1();
         h1.timer(TokioTimer::new())
@@ -93,6 +93,9 @@ where
         _ = drain.wait_for(|d| *d) => {}
         _ = &mut max_dur => ctx.hcm.stats.cx_max_duration_reached.inc(),
         _ = &mut idle => ctx.hcm.stats.cx_idle_timeout.inc(),
+        // An HTTP/2 connection reached max_requests_per_connection (Envoy's
+        // drain sequence): GOAWAY below; open streams finish.
+        _ = ctx.max_requests_reached.notified() => {}
     }
     // --drain-strategy gradual spreads connection closes over the drain
     // time (Envoy raises the close probability linearly); immediate closes

@@ -105,8 +105,12 @@ pub struct ConnCtx {
     pub update_drain: Arc<std::sync::atomic::AtomicBool>,
     /// The connection speaks HTTP/2 (known at its first request).
     pub is_h2: std::sync::atomic::AtomicBool,
-    /// Requests answered on this connection.
+    /// Requests answered (HTTP/1) or streams started (HTTP/2) on this
+    /// connection, for `max_requests_per_connection`.
     pub requests: std::sync::atomic::AtomicU32,
+    /// Woken when an HTTP/2 connection's stream reaches
+    /// `max_requests_per_connection`: the connection then drains (GOAWAY).
+    pub max_requests_reached: tokio::sync::Notify,
     /// What HTTP filters see of the connection (`None` when the chain is
     /// router-only).
     pub downstream: Option<Arc<filters::Downstream>>,
@@ -166,9 +170,29 @@ pub async fn handle(
             hcm.stats.cx_http1_total.inc();
         }
     }
+    // common_http_protocol_options.max_requests_per_connection on HTTP/2
+    // (Envoy's `newStream`): the stream that reaches the limit starts the
+    // connection's drain (GOAWAY, see `server::serve`) and is served, as
+    // are streams already open; each stream at or past the limit counts.
+    // HTTP/1 counts its responses in `finish`.
+    if let (Some(m), Version::HTTP_2) = (hcm.config.max_requests_per_connection, req.version()) {
+        let n = ctx
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n >= m {
+            hcm.stats.cx_max_requests_reached.inc();
+            if n == m {
+                ctx.max_requests_reached.notify_one();
+            }
+        }
+    }
     hcm.stats.rq_total.inc();
     hcm.stats.rq_active.inc();
     let (mut parts, body) = req.into_parts();
+    if parts.method == http::Method::CONNECT {
+        h2_extended_connect(&mut parts);
+    }
     let protocol = match parts.version {
         Version::HTTP_10 => "HTTP/1.0",
         Version::HTTP_2 => "HTTP/2",
@@ -307,6 +331,28 @@ pub async fn handle(
         .get::<super::connect::PendingTunnel>()
         .and_then(|t| t.take());
     Ok(finish(&ctx, resp, info, parts.headers, tunnel))
+}
+
+/// RFC 8441 extended CONNECT (HTTP/2 `:protocol`, offered with
+/// `http2_protocol_options.allow_connect`): as Envoy's codec, the request
+/// becomes the HTTP/1.1 upgrade it stands for (`GET`, `upgrade:
+/// <protocol>`, `connection: upgrade`), so routes, `upgrade_configs` and
+/// filters see a websocket upgrade whatever the downstream protocol. The
+/// router proxies it as any upgrade; `finish` turns the accepted upgrade's
+/// `101` into the `200` the client gets, and hyper hands the stream over
+/// once that `200` is written.
+fn h2_extended_connect(parts: &mut http::request::Parts) {
+    let Some(p) = parts.extensions.remove::<hyper::ext::Protocol>() else {
+        return;
+    };
+    let Ok(v) = HeaderValue::from_str(p.as_str()) else {
+        return;
+    };
+    parts.method = http::Method::GET;
+    parts.headers.insert(header::UPGRADE, v);
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
 /// The request's path and query as the stream info keeps it (`/` when the
@@ -1442,7 +1488,15 @@ fn upgrade_enabled(
 
 /// The `upgrade` header of an HTTP/1.1 upgrade request (`connection: upgrade`).
 fn upgrade_request(parts: &http::request::Parts) -> Option<HeaderValue> {
-    if parts.version != Version::HTTP_11 {
+    // HTTP/2: an extended CONNECT (`h2_extended_connect`), the only HTTP/2
+    // request with the upgrade hyper hands over (and HTTP/2 refuses a
+    // `connection` header from the client).
+    let h2_upgrade = parts.version == Version::HTTP_2
+        && parts
+            .extensions
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some();
+    if parts.version != Version::HTTP_11 && !h2_upgrade {
         return None;
     }
     let conn_upgrade = parts
@@ -1562,13 +1616,15 @@ fn finish(
         ServerHeaderTransformation::PassThrough => {}
     }
     // common_http_protocol_options.max_requests_per_connection: the last
-    // allowed response on an HTTP/1 connection closes it.
-    let last_request = h.max_requests_per_connection.is_some_and(|m| {
-        ctx.requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1
-            >= m
-    });
+    // allowed response on an HTTP/1 connection closes it (HTTP/2 counts
+    // its streams in `handle`).
+    let last_request = info.protocol != "HTTP/2"
+        && h.max_requests_per_connection.is_some_and(|m| {
+            ctx.requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1
+                >= m
+        });
     if last_request {
         ctx.hcm.stats.cx_max_requests_reached.inc();
     }
@@ -1602,6 +1658,16 @@ fn finish(
             info.request_headers = Some(req_headers);
         }
         info.response_headers = Some(resp.headers().clone());
+    }
+    // An accepted upgrade on HTTP/2 (RFC 8441): Envoy's codec turns the
+    // `101` filters and logs see into a `200` without the HTTP/1.1
+    // upgrade headers.
+    if status == http::StatusCode::SWITCHING_PROTOCOLS && info.protocol == "HTTP/2" {
+        *resp.status_mut() = http::StatusCode::OK;
+        let hs = resp.headers_mut();
+        hs.remove(header::UPGRADE);
+        hs.remove(header::CONNECTION);
+        hs.remove(header::CONTENT_LENGTH);
     }
     // A trailers-only gRPC answer's status, for the span.
     let grpc_head = if info.span.span.is_some() {
@@ -1710,8 +1776,15 @@ fn finish(
     // tunnel, and ends (stats, access log) when the tunnel does.
     if let Some(t) = tunnel.filter(|_| parts.status.is_success()) {
         let h2 = ctx.is_h2.load(std::sync::atomic::Ordering::Relaxed);
+        // hyper spawns the stream's send half once this returns (in the
+        // same poll): the slot ties it to the tunnel, which may reset it.
+        let reset_down = if h2 {
+            super::connect::StreamAbort::offer()
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            let end = t.run().await;
+            let end = t.run(reset_down).await;
             let failed = end.end == super::connect::End::DownstreamFailed;
             // As Envoy: an HTTP/2 client's reset is `DR`; a failed HTTP/1
             // connection is `DC` (an incomplete end).

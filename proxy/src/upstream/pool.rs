@@ -82,17 +82,35 @@ impl PoolError {
 /// each response it carries (`None`: plain connection).
 pub type ConnTls = Option<Arc<crate::tls::UpstreamTlsInfo>>;
 
+/// What a pooled connection tells each response it carries: its
+/// certificates and its local address (read once when it is made, for
+/// `%UPSTREAM_LOCAL_ADDRESS%`: no system call per request).
+#[derive(Clone, Default)]
+pub struct ConnInfo {
+    pub tls: ConnTls,
+    pub local: Option<LocalAddr>,
+}
+
+/// The local address of an upstream connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalAddr {
+    Ip(SocketAddr),
+    /// A connection to an internal listener (Envoy's
+    /// `envoy://internal_client_address/`; no port).
+    Internal,
+}
+
 struct Idle {
     sender: http1::SendRequest<Body>,
     used: u32,
     since: Instant,
-    tls: ConnTls,
+    conn: ConnInfo,
 }
 
 struct H2 {
     sender: http2::SendRequest<Body>,
     used: u32,
-    tls: ConnTls,
+    conn: ConnInfo,
 }
 
 #[derive(Default)]
@@ -385,7 +403,7 @@ impl Client {
         &self,
         d: Dest<'_>,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
         let tls = d.tls;
         let key = Key {
             addr: d.addr,
@@ -455,7 +473,7 @@ impl Client {
         hosts.entry(addr.clone()).or_default().idle.push(c);
     }
 
-    fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32, tls: ConnTls) {
+    fn put_idle(&self, addr: &Key, sender: http1::SendRequest<Body>, used: u32, conn: ConnInfo) {
         if self.settings.max_requests.is_some_and(|m| used >= m) {
             return;
         }
@@ -465,7 +483,7 @@ impl Client {
                 sender,
                 used,
                 since: Instant::now(),
-                tls,
+                conn,
             });
         }
         // Requests pending at the connection limit may take it.
@@ -514,7 +532,7 @@ impl Client {
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
         *req.version_mut() = Version::HTTP_11;
         let mut pending: Option<Pending<'_>> = None;
         loop {
@@ -531,9 +549,9 @@ impl Client {
                 let _rq = self.attach()?;
                 match idle.sender.try_send_request(req).await {
                     Ok(resp) => {
-                        let tls = idle.tls.clone();
-                        self.put_idle(addr, idle.sender, idle.used + 1, idle.tls);
-                        return Ok((resp, tls));
+                        let conn = idle.conn.clone();
+                        self.put_idle(addr, idle.sender, idle.used + 1, idle.conn);
+                        return Ok((resp, conn));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(r) => req = r,
@@ -596,7 +614,7 @@ impl Client {
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
         to_h2(&mut req);
         let (mut sender, conn_tls) = match self.take_h2(addr) {
             Ok(s) => s,
@@ -652,7 +670,7 @@ impl Client {
     /// A stream on the key's HTTP/2 connection if it is open and under
     /// `max_requests_per_connection`; else the gate to hold while making
     /// a new one.
-    fn take_h2(&self, addr: &Key) -> Result<(http2::SendRequest<Body>, ConnTls), Arc<H2Gate>> {
+    fn take_h2(&self, addr: &Key) -> Result<(http2::SendRequest<Body>, ConnInfo), Arc<H2Gate>> {
         let mut hosts = self.hosts.lock().expect("pool lock");
         let conns = hosts.entry(addr.clone()).or_default();
         match &mut conns.h2 {
@@ -661,7 +679,7 @@ impl Client {
                     && self.settings.max_requests.is_none_or(|m| h.used < m) =>
             {
                 h.used += 1;
-                Ok((h.sender.clone(), h.tls.clone()))
+                Ok((h.sender.clone(), h.conn.clone()))
             }
             _ => {
                 conns.h2 = None;
@@ -675,7 +693,7 @@ impl Client {
         &self,
         addr: &Key,
         io: CountedIo,
-        tls: ConnTls,
+        info: ConnInfo,
     ) -> Result<http2::SendRequest<Body>, PoolError> {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -699,7 +717,7 @@ impl Client {
         hosts.entry(addr.clone()).or_default().h2 = Some(H2 {
             sender: sender.clone(),
             used: 1,
-            tls,
+            conn: info,
         });
         Ok(sender)
     }
@@ -710,7 +728,7 @@ impl Client {
         &self,
         key: &Key,
         t: &Transport<'_>,
-    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnTls), PoolError> {
+    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnInfo), PoolError> {
         let (addr, sni, alpn_override) = (key.addr, key.sni.as_deref(), key.alpn.as_deref());
         let tls = t.tls;
         let s = &self.settings;
@@ -744,6 +762,7 @@ impl Client {
                 }
             };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(LocalAddr::Ip);
         if let Some(k) = &s.tcp_keepalive {
             super::set_keepalive(&stream, k);
         }
@@ -801,7 +820,10 @@ impl Client {
                 _slot: slot,
             },
             alpn,
-            conn_tls,
+            ConnInfo {
+                tls: conn_tls,
+                local,
+            },
         ))
     }
 
@@ -812,7 +834,7 @@ impl Client {
         i: &InternalDest,
         wrapped: bool,
         slot: ConnSlot,
-    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnTls), PoolError> {
+    ) -> Result<(CountedIo, Option<Vec<u8>>, ConnInfo), PoolError> {
         let s = &self.settings;
         if wrapped {
             s.connect_fail.inc();
@@ -837,7 +859,10 @@ impl Client {
                 _slot: slot,
             },
             None,
-            None,
+            ConnInfo {
+                tls: None,
+                local: Some(LocalAddr::Internal),
+            },
         ))
     }
 
@@ -902,8 +927,32 @@ impl Client {
 /// Turns a request built for HTTP/1.1 (origin-form URI and Host) into an
 /// HTTP/2 one (absolute URI, Host as :authority), for an HTTP/1 pool whose
 /// TLS upstream chose h2 by ALPN. Requests built for HTTP/2 are unchanged.
+/// Marks a request as an upgrade (the `upgrade` value): on an HTTP/2
+/// connection it goes out as an extended CONNECT (see [`to_h2`]).
+#[derive(Clone)]
+pub struct Upgrade(pub http::HeaderValue);
+
+/// A request as HTTP/2 sends it. An [`Upgrade`] becomes the extended
+/// CONNECT (RFC 8441) it stands for, as Envoy's
+/// `transformUpgradeRequestFromH1toH2`: `:protocol` from `upgrade`; no
+/// `upgrade`, `connection`, nor a zero `content-length`. The upstream must
+/// offer SETTINGS_ENABLE_CONNECT_PROTOCOL, else it refuses the stream.
 fn to_h2(req: &mut Request<Body>) {
     *req.version_mut() = Version::HTTP_2;
+    if let Some(Upgrade(proto)) = req.extensions_mut().remove::<Upgrade>() {
+        if let Ok(p) = proto.to_str() {
+            *req.method_mut() = http::Method::CONNECT;
+            req.extensions_mut().insert(hyper::ext::Protocol::from(p));
+            let h = req.headers_mut();
+            h.remove(http::header::UPGRADE);
+            h.remove(http::header::CONNECTION);
+            if h.get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v == "0")
+            {
+                h.remove(http::header::CONTENT_LENGTH);
+            }
+        }
+    }
     if req.uri().authority().is_some() {
         return;
     }
@@ -942,7 +991,7 @@ pub enum UpstreamIo {
     /// After Istio's metadata exchange (its header stripped from reads).
     Exchanged(Box<crate::mx::MxIo<UpstreamIo>>),
     /// An in-process connection to an internal listener.
-    Internal(tokio::io::DuplexStream),
+    Internal(crate::internal::Pipe),
 }
 
 crate::io::enum_io!(UpstreamIo {
@@ -951,6 +1000,30 @@ crate::io::enum_io!(UpstreamIo {
     Exchanged,
     Internal
 });
+
+impl UpstreamIo {
+    /// What resets an internal connection (see [`crate::internal::Pipe`]);
+    /// sockets: none.
+    pub fn reset_handle(&self) -> Option<crate::internal::PipeReset> {
+        match self {
+            UpstreamIo::Internal(p) => Some(p.reset_handle()),
+            UpstreamIo::Exchanged(m) => m.get_ref().reset_handle(),
+            UpstreamIo::Plain(_) | UpstreamIo::Tls(_) => None,
+        }
+    }
+
+    /// The connection's local address (one system call: read once per
+    /// connection). `None` after the metadata exchange (made by the pool,
+    /// which reads it before).
+    pub fn local_addr(&self) -> Option<LocalAddr> {
+        match self {
+            UpstreamIo::Plain(s) => s.local_addr().ok().map(LocalAddr::Ip),
+            UpstreamIo::Tls(t) => t.get_ref().0.local_addr().ok().map(LocalAddr::Ip),
+            UpstreamIo::Internal(_) => Some(LocalAddr::Internal),
+            UpstreamIo::Exchanged(_) => None,
+        }
+    }
+}
 
 /// A connection's place under the cluster's `max_connections`, held from
 /// the connect attempt until the connection closes.

@@ -45,6 +45,8 @@ pub enum Command {
     UpstreamHost,
     UpstreamCluster,
     UpstreamLocalAddress,
+    UpstreamLocalAddressWithoutPort,
+    UpstreamLocalPort,
     UpstreamRemoteAddress,
     UpstreamRemoteAddressWithoutPort,
     UpstreamTransportFailureReason,

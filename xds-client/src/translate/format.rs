@@ -124,6 +124,8 @@ fn parse_operator(op: &str) -> Result<Operator, String> {
         "UPSTREAM_HOST" => no_args(Command::UpstreamHost)?,
         "UPSTREAM_CLUSTER" => no_args(Command::UpstreamCluster)?,
         "UPSTREAM_LOCAL_ADDRESS" => no_args(Command::UpstreamLocalAddress)?,
+        "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => no_args(Command::UpstreamLocalAddressWithoutPort)?,
+        "UPSTREAM_LOCAL_PORT" => no_args(Command::UpstreamLocalPort)?,
         "UPSTREAM_REMOTE_ADDRESS" => no_args(Command::UpstreamRemoteAddress)?,
         "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => {
             no_args(Command::UpstreamRemoteAddressWithoutPort)?

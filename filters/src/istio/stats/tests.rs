@@ -277,6 +277,13 @@ fn cluster_names_and_sans() {
     );
     assert_eq!(cluster_service("inbound|8080||"), None);
     assert_eq!(cluster_service("echo"), None);
+    // A waypoint's inbound-vip cluster (istiod's `istio.services` names
+    // the same service).
+    assert_eq!(
+        cluster_service("inbound-vip|9080|http|details.default.svc.cluster.local"),
+        Some(("details.default.svc.cluster.local", "details", "default"))
+    );
+    assert_eq!(cluster_service("main_internal"), None);
     assert_eq!(san_namespace("spiffe://td/ns/foo/sa/bar"), Some("foo"));
     assert_eq!(san_namespace("spiffe://td/sa/bar"), None);
     assert_eq!(grpc_from_http(503), 14);
