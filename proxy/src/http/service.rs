@@ -306,7 +306,11 @@ pub async fn handle(
         .extensions
         .get::<super::connect::PendingTunnel>()
         .and_then(|t| t.take());
-    Ok(finish(&ctx, resp, info, parts.headers, tunnel))
+    let mut resp = finish(&ctx, resp, info, parts.headers, tunnel);
+    if h2 {
+        super::server::mark_unindexed(resp.headers_mut());
+    }
+    Ok(resp)
 }
 
 /// The request's path and query as the stream info keeps it (`/` when the
