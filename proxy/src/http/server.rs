@@ -2,6 +2,7 @@
 //! knowledge on one port for codec AUTO), with graceful drain.
 use std::sync::Arc;
 
+use http::{header, HeaderMap};
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
@@ -13,7 +14,36 @@ use tokio::{
 };
 use xds_client::config::Codec;
 
+use super::headers::X_REQUEST_ID;
 use super::service::{handle, ConnCtx};
+
+/// Marks the response headers whose value changes from one response to the
+/// next, `date` and an echoed `x-request-id`, as never to be indexed by
+/// HPACK. Only the HTTP/2 encoder reads the mark (and `HeaderValue`'s
+/// `Debug`, which then hides the value); it is set after `finish`, so access
+/// logs and filters saw the headers unmarked.
+///
+/// The `h2` crate's encoder inserts every new value of a header into the
+/// connection's dynamic table and finds a value by walking, oldest first,
+/// the list of entries that share its name. `date` gets a new value every
+/// second and `x-request-id` one per request: on a long-lived connection
+/// they fill the 4 KiB table, every response walks their whole list (about
+/// 40 value compares per response in `benches/callgrind.sh`), and they evict
+/// the entries that do repeat. As never-indexed literals (RFC 7541 section
+/// 6.2.3, the only non-indexing form `h2` offers for a field it would
+/// otherwise index) they are written out with no table work: `date` by its
+/// static-table name, 24 bytes more than an indexed hit within the same
+/// second. `x-envoy-upstream-service-time` stays indexed: its 29-character
+/// name is not in the static table (as a literal it would go out in full on
+/// every response) and its few common values repeat. The decoded headers are the same; the
+/// representation differs from Envoy's (its codec adds them to the table).
+pub(super) fn mark_unindexed(headers: &mut HeaderMap) {
+    for (name, value) in headers.iter_mut() {
+        if name == header::DATE || name == X_REQUEST_ID {
+            value.set_sensitive(true);
+        }
+    }
+}
 
 /// Serves `stream` until it closes, is drained, or exceeds
 /// `max_connection_duration`.

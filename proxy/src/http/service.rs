@@ -330,7 +330,11 @@ pub async fn handle(
         .extensions
         .get::<super::connect::PendingTunnel>()
         .and_then(|t| t.take());
-    Ok(finish(&ctx, resp, info, parts.headers, tunnel))
+    let mut resp = finish(&ctx, resp, info, parts.headers, tunnel);
+    if h2 {
+        super::server::mark_unindexed(resp.headers_mut());
+    }
+    Ok(resp)
 }
 
 /// RFC 8441 extended CONNECT (HTTP/2 `:protocol`, offered with
