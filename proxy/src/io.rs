@@ -205,6 +205,10 @@ mod tests {
         let mut rest = [0u8; 7];
         r.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"o world");
-        assert_eq!(r.prefix.capacity(), 0, "replayed prefix still holds its buffer");
+        assert_eq!(
+            r.prefix.capacity(),
+            0,
+            "replayed prefix still holds its buffer"
+        );
     }
 }

@@ -414,9 +414,8 @@ impl ServerTls {
                     .cipher_suites()
                     .iter()
                     .any(|s| u16::from(*s) >> 8 == 0x13);
-            let cfg = built.configs[usize::from(tls13)][usize::from(overlap)]
-                [usize::from(ocsp_capable)]
-                .clone();
+            let half = &built.configs[usize::from(tls13)];
+            let cfg = half[usize::from(overlap)][usize::from(ocsp_capable)].clone();
             // The certificate this handshake presents (the resolver makes
             // the same choice), for %DOWNSTREAM_LOCAL_*% and XFCC `By=`.
             let picked = built.resolvers[usize::from(ocsp_capable)]
