@@ -191,19 +191,23 @@ mod tests {
     /// buffer is not kept for the connection's life).
     #[tokio::test]
     async fn rewind_replays_then_frees_its_prefix() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, _) = l.accept().await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
         let mut prefix = BytesMut::with_capacity(16 * 1024);
         prefix.extend_from_slice(b"hello ");
         let mut r = Rewind::new(prefix, server);
-        client.write_all(b"world").await.unwrap();
+        client.write_all(b"world").await.expect("write");
         let mut got = [0u8; 4];
-        r.read_exact(&mut got).await.unwrap();
+        r.read_exact(&mut got).await.expect("read prefix");
         assert_eq!(&got, b"hell");
         assert_eq!(r.prefix.len(), 2);
         let mut rest = [0u8; 7];
-        r.read_exact(&mut rest).await.unwrap();
+        r.read_exact(&mut rest).await.expect("read rest");
         assert_eq!(&rest, b"o world");
         assert_eq!(
             r.prefix.capacity(),
