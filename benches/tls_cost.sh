@@ -30,7 +30,12 @@
 # Knobs: REQS (default 20000), CONNS (default "16 128"), PROTOS (default
 # "h1 h2"), TARGETS (default "tls-direct tls-proxy plain"), CALLGRIND=0 to
 # skip the valgrind runs (they take ~30 s per cell), NATIVE=0 to skip the
-# perf runs, PROXY_CPU / LOAD_CPU (default 1 / 0), BASE_PORT (default 28700).
+# perf runs, MEM=0 to skip the memory per connection (MEM_CONNS, default
+# 500, connections held open after one request each: `benches/conn_mem.py`),
+# TLS13_CIPHERS (h2load --tls13-ciphers: the TLS 1.3 suites it offers, in
+# order; default OpenSSL's, AES-256-GCM first), CG_KEEP=dir to keep each callgrind window's profile there (as
+# dir/TARGET.PROTO.CONNS.REQUESTS.cg; `benches/cg_diff.py A B REQS` gives
+# the per-function difference of two windows, per request), PROXY_CPU / LOAD_CPU (default 1 / 0), BASE_PORT (default 28700).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -47,6 +52,11 @@ PROXY_CPU="${PROXY_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
 BASE="${BASE_PORT:-28700}"
 SIM_LL="${SIM_LL:-1048576,8,64}"
+CG_KEEP="${CG_KEEP:-}"
+MEM="${MEM:-1}"
+TLS13_CIPHERS="${TLS13_CIPHERS:-}"
+MEM_CONNS="${MEM_CONNS:-500}"
+[ -n "$CG_KEEP" ] && mkdir -p "$CG_KEEP" && CG_KEEP="$(realpath "$CG_KEEP")"
 P_DIRECT=$BASE P_PROXY=$((BASE + 1)) P_PLAIN=$((BASE + 2)) P_ADMIN=$((BASE + 3)) P_ORIGIN=$((BASE + 4))
 
 [ -x "$WEIR" ] || { echo "build weir first: cargo build --release -p weir" >&2; exit 1; }
@@ -172,6 +182,7 @@ stop_weir() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; 
 load() { # $1 = target, $2 = proto, $3 = conns, $4 = requests
     local flags=()
     [ "$2" = h1 ] && flags+=(--h1) || flags+=(-m1)
+    [ -n "$TLS13_CIPHERS" ] && flags+=("--tls13-ciphers=$TLS13_CIPHERS")
     local out
     out=$(taskset -c "$LOAD_CPU" timeout 600 h2load "${flags[@]}" -c"$3" -n"$4" "$(url "$1")" 2>&1)
     local ok
@@ -234,10 +245,24 @@ cg_window() { # target proto conns reqs
     done
     # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
     awk '/^totals:/ { print $2, $6 + $7, $8 + $9 + $10 }' "$f"
+    [ -n "$CG_KEEP" ] && cp "$f" "$CG_KEEP/$1.$2.$3.$4.cg"
+    return 0
 }
 
-declare -A NAT CG
+declare -A NAT CG MEMB
 hz=$(getconf CLK_TCK)
+port_of() { case "$1" in tls-direct) echo "$P_DIRECT" ;; tls-proxy) echo "$P_PROXY" ;; plain) echo "$P_PLAIN" ;; esac; }
+if [ "$MEM" = 1 ]; then
+    for t in $TARGETS; do for p in $PROTOS; do
+        # Downstream state only: tls-proxy would add upstream connections.
+        [ "$t" = tls-proxy ] && continue
+        # A fresh weir per cell: what earlier cells freed stays in the heap.
+        start_weir
+        tls=1; [ "$t" = plain ] && tls=0
+        MEMB[$t.$p]=$(python3 benches/conn_mem.py "$PID" "$(port_of "$t")" "$MEM_CONNS" "$p" "$tls")
+        stop_weir
+    done; done
+fi
 if [ "$NATIVE" = 1 ]; then
     start_weir
     for t in $TARGETS; do for p in $PROTOS; do for c in $CONNS; do
@@ -266,7 +291,7 @@ if [ "$CALLGRIND" = 1 ]; then
     stop_weir
 fi
 
-echo "# weir $("$WEIR" --version 2>/dev/null | head -1); $REQS requests per cell; $(date -u +%FT%TZ); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# weir $("$WEIR" --version 2>/dev/null | head -1); $REQS requests per cell; TLS 1.3 suites offered: ${TLS13_CIPHERS:-OpenSSL default}; $(date -u +%FT%TZ); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "| target | proto | conns | Ir/req | D1 miss/req | LL miss/req | sys/req | rd/req | wr/req | epoll/req | cpu us/req |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for t in $TARGETS; do for p in $PROTOS; do for c in $CONNS; do
@@ -274,3 +299,13 @@ for t in $TARGETS; do for p in $PROTOS; do for c in $CONNS; do
     nat="${NAT[$t.$p.$c]:-- | - | - | - | -}"
     echo "| $t | $p | $c | $cg | $nat |"
 done; done; done
+if [ "$MEM" = 1 ]; then
+    echo
+    echo "Memory per open connection after one request (RssAnon growth over $MEM_CONNS connections):"
+    echo "| target | proto | bytes/conn |"
+    echo "|---|---|---|"
+    for t in $TARGETS; do for p in $PROTOS; do
+        [ "$t" = tls-proxy ] && continue
+        echo "| $t | $p | ${MEMB[$t.$p]} |"
+    done; done
+fi

@@ -42,6 +42,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             let n = me.prefix.len().min(buf.remaining());
             buf.put_slice(&me.prefix[..n]);
             me.prefix.advance(n);
+            if me.prefix.is_empty() {
+                // Replayed: free the listener filters' read buffer (a
+                // ClientHello needs 4 KiB or more) instead of keeping it
+                // for the connection's life.
+                me.prefix = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut me.inner).poll_read(cx, buf)
@@ -193,5 +199,41 @@ impl DownstreamIo {
             DownstreamIo::Plain(s) => s.inner().reset_handle(),
             DownstreamIo::Tls(s) => s.get_ref().0.inner().reset_handle(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Rewind replays its prefix, then reads the stream, and frees the
+    /// prefix's buffer once replayed (a listener filter's ClientHello
+    /// buffer is not kept for the connection's life).
+    #[tokio::test]
+    async fn rewind_replays_then_frees_its_prefix() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
+        let mut prefix = BytesMut::with_capacity(16 * 1024);
+        prefix.extend_from_slice(b"hello ");
+        let mut r = Rewind::new(prefix, server);
+        client.write_all(b"world").await.expect("write");
+        let mut got = [0u8; 4];
+        r.read_exact(&mut got).await.expect("read prefix");
+        assert_eq!(&got, b"hell");
+        assert_eq!(r.prefix.len(), 2);
+        let mut rest = [0u8; 7];
+        r.read_exact(&mut rest).await.expect("read rest");
+        assert_eq!(&rest, b"o world");
+        assert_eq!(
+            r.prefix.capacity(),
+            0,
+            "replayed prefix still holds its buffer"
+        );
     }
 }

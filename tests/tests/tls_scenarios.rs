@@ -1568,6 +1568,38 @@ async fn tls10_and_tls11_are_refused() {
     assert_eq!(out.s_client_protocol().as_deref(), Some("TLSv1.2"));
 }
 
+/// 9a'. TLS 1.3 takes the client's cipher suite order, as BoringSSL
+/// (Envoy) on a CPU with AES instructions, although `prefer_client_ciphers`
+/// is off (it is about TLS 1.2): a client preferring AES-128-GCM (Go,
+/// BoringSSL clients) or ChaCha20 gets it; OpenSSL's default order gets
+/// AES-256-GCM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_cipher_suite_follows_client_order() {
+    let pki = Pki::new(&["example.com"]);
+    let p = Cfg::new(Listener::new(vec![
+        Chain::direct("modern").tls(&pki.common(""))
+    ]))
+    .start();
+    let ca = pki.ca_file.display().to_string();
+    for order in [
+        "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+        "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384",
+    ] {
+        let args = ["-CAfile", &ca, "-tls1_3", "-ciphersuites", order];
+        let out = tls::openssl_s_client(p.addr(), Some("example.com"), &args).await;
+        assert!(out.success(), "{order}: {}", out.combined());
+        assert_eq!(out.s_client_protocol().as_deref(), Some("TLSv1.3"));
+        let first = order.split(':').next().expect("first suite");
+        assert_eq!(
+            out.s_client_cipher().as_deref(),
+            Some(first),
+            "offered {order}: {}",
+            out.combined()
+        );
+    }
+}
+
 /// 9b. Configuration errors in `tls_params` name the field.
 #[test]
 fn tls_params_errors_name_the_field() {

@@ -29,11 +29,15 @@ use crate::{io::Rewind, metrics::SslStats};
 pub type Secrets = Arc<BTreeMap<Name, Arc<Secret>>>;
 
 struct Built {
-    /// Server configs by [ALPN overlap][client asks for OCSP status].
-    configs: [[Arc<ServerConfig>; 2]; 2],
+    /// Server configs by [TLS 1.3 ClientHello][ALPN overlap][client asks
+    /// for OCSP status]. The TLS 1.3 half takes the client's cipher suite
+    /// order (see `accept`).
+    configs: [[[Arc<ServerConfig>; 2]; 2]; 2],
     /// The certificate choice of those configs, by [client asks for OCSP
     /// status] (to know, per handshake, which of `certs` was presented).
     resolvers: [Arc<Resolver>; 2],
+    /// The context allows TLS 1.3.
+    tls13: bool,
     /// Stapling can change the choice: the ClientHello is read first to
     /// see whether the client asks for the certificate status.
     ocsp: bool,
@@ -177,8 +181,11 @@ impl ServerTls {
             config,
             secrets: ArcSwap::new(secrets),
             built: ArcSwap::from_pointee(Built {
-                configs: std::array::from_fn(|_| std::array::from_fn(|_| Arc::new(placeholder()))),
+                configs: std::array::from_fn(|_| {
+                    std::array::from_fn(|_| std::array::from_fn(|_| Arc::new(placeholder())))
+                }),
                 resolvers: std::array::from_fn(|_| Arc::new(Resolver::empty())),
+                tls13: false,
                 ocsp: false,
                 certs: vec![],
                 ca: vec![],
@@ -288,20 +295,28 @@ impl ServerTls {
         } else {
             cfg.send_tls13_tickets = 0;
         }
-        cfg.ignore_client_order = !c.prefer_client_ciphers;
-        let variant = |alpn: bool, ocsp_capable: bool| {
+        // `prefer_client_ciphers` is the TLS 1.2 choice; for TLS 1.3 the
+        // client's order wins, as BoringSSL (Envoy) on a CPU with AES
+        // instructions: a client that prefers AES-128-GCM (Go, BoringSSL,
+        // Envoy as a client) gets it, not our AES-256-GCM.
+        let variant = |tls13: bool, alpn: bool, ocsp_capable: bool| {
             let mut v = cfg.clone();
+            v.ignore_client_order = !c.prefer_client_ciphers && !tls13;
             if alpn {
                 v.alpn_protocols = c.alpn.clone();
             }
             v.cert_resolver = resolvers[usize::from(ocsp_capable)].clone();
             Arc::new(v)
         };
+        let half = |tls13: bool| {
+            [
+                [variant(tls13, false, false), variant(tls13, false, true)],
+                [variant(tls13, true, false), variant(tls13, true, true)],
+            ]
+        };
         Ok(Built {
-            configs: [
-                [variant(false, false), variant(false, true)],
-                [variant(true, false), variant(true, true)],
-            ],
+            configs: [half(false), half(true)],
+            tls13: c.params.max_version >= xds_client::config::TlsVersion::V1_3,
             resolvers,
             ocsp,
             certs,
@@ -384,14 +399,23 @@ impl ServerTls {
             };
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
             let hello = start.client_hello();
-            let alpn = &built.configs[1][0].alpn_protocols;
+            let alpn = &built.configs[0][1][0].alpn_protocols;
             let overlap = match hello.alpn() {
                 Some(mut offered) => {
                     alpn.is_empty() || offered.any(|p| alpn.iter().any(|a| a == p))
                 }
                 None => true,
             };
-            let cfg = built.configs[usize::from(overlap)][usize::from(ocsp_capable)].clone();
+            // A client offering a TLS 1.3 suite negotiates TLS 1.3 when the
+            // context allows it (clients list TLS 1.3 suites only when they
+            // offer TLS 1.3).
+            let tls13 = built.tls13
+                && hello
+                    .cipher_suites()
+                    .iter()
+                    .any(|s| u16::from(*s) >> 8 == 0x13);
+            let half = &built.configs[usize::from(tls13)];
+            let cfg = half[usize::from(overlap)][usize::from(ocsp_capable)].clone();
             // The certificate this handshake presents (the resolver makes
             // the same choice), for %DOWNSTREAM_LOCAL_*% and XFCC `By=`.
             let picked = built.resolvers[usize::from(ocsp_capable)]
