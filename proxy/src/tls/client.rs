@@ -9,7 +9,7 @@ use tokio_rustls::{client::TlsStream, TlsConnector};
 use xds_client::config::{Secret, SecretRef, UpstreamTls};
 
 use super::{
-    load_certified_key, provider, server::validator, server::Secrets, verify::ServerVerifier,
+    load_certified_key, server::validator, server::Secrets, verify::ServerVerifier,
     versions, CertInfo, FileStamps,
 };
 use crate::metrics::SslStats;
@@ -226,7 +226,7 @@ fn build(
     stats: &Arc<SslStats>,
     auto_san: bool,
 ) -> Result<Built, String> {
-    let provider = provider(&c.params);
+    let provider = super::client_provider(&c.params);
     let schemes = super::signature_schemes(&c.params);
     let mut stamps = FileStamps::default();
     let validator = match &c.validation {

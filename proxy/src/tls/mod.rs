@@ -174,6 +174,36 @@ pub fn restrict_signing(
     }
 }
 
+/// The provider for upstream TLS: as [`provider`], with the suites in the
+/// order Envoy (BoringSSL) offers them as a client on a CPU with AES
+/// instructions: TLS 1.3 AES-128-GCM, AES-256-GCM, ChaCha20; TLS 1.2 by
+/// default ECDSA then RSA with AES-128-GCM and ChaCha20 before AES-256-GCM
+/// (configured `cipher_suites` keep their configured order). rustls alone
+/// offers AES-256-GCM first.
+pub fn client_provider(params: &TlsParams) -> Arc<CryptoProvider> {
+    use rustls::CipherSuite as C;
+    let mut p = Arc::unwrap_or_clone(provider(params));
+    let configured = !params.cipher_suites.is_empty();
+    p.cipher_suites.sort_by_key(|s| match s {
+        SupportedCipherSuite::Tls13(t) => match t.common.suite {
+            C::TLS13_AES_128_GCM_SHA256 => 0,
+            C::TLS13_AES_256_GCM_SHA384 => 1,
+            _ => 2,
+        },
+        // A stable sort: configured TLS 1.2 suites keep their order.
+        SupportedCipherSuite::Tls12(_) if configured => 3,
+        SupportedCipherSuite::Tls12(t) => match t.common.suite {
+            C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 3,
+            C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => 4,
+            C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 5,
+            C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 6,
+            C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => 7,
+            _ => 8,
+        },
+    });
+    Arc::new(p)
+}
+
 /// A crypto provider restricted to the configured suites and groups.
 pub fn provider(params: &TlsParams) -> Arc<CryptoProvider> {
     let mut p = rp::default_provider();
