@@ -241,8 +241,8 @@ pub async fn handle(
         if !ctx.hcm.logs.is_empty() {
             info.response_code = next.status;
             info.path = request_path(&next.head.uri);
-            info.request_headers = Some(next.head.headers.clone());
-            info.response_headers = Some(resp.headers().clone());
+            info.request_headers = Some(Box::new(next.head.headers.clone()));
+            info.response_headers = Some(Box::new(resp.headers().clone()));
             info.upstream_cluster = next.cluster.clone();
             info.duration = Some(info.start_instant.elapsed());
             for l in &ctx.hcm.logs {
@@ -792,7 +792,7 @@ async fn pipeline(
             ) {
                 Ok(target) => {
                     if !ctx.hcm.logs.is_empty() {
-                        info.request_headers = Some(parts.headers.clone());
+                        info.request_headers = Some(Box::new(parts.headers.clone()));
                     }
                     super::connect::terminate(
                         ctx,
@@ -924,7 +924,7 @@ async fn pipeline(
                 info,
             );
             if !ctx.hcm.logs.is_empty() {
-                info.request_headers = Some(parts.headers.clone());
+                info.request_headers = Some(Box::new(parts.headers.clone()));
             }
             let f = Forward {
                 action,
@@ -1065,7 +1065,7 @@ async fn pipeline(
             }
             // Keep the request headers for logging / response formatting.
             if let Some(h) = &info.request_headers {
-                parts.headers = h.clone();
+                parts.headers = (**h).clone();
             }
             if vh.include_attempt_count_in_response {
                 resp.headers_mut().insert(
@@ -1599,9 +1599,9 @@ fn finish(
     let logs_on = !ctx.hcm.logs.is_empty();
     if logs_on {
         if info.request_headers.is_none() {
-            info.request_headers = Some(req_headers);
+            info.request_headers = Some(Box::new(req_headers));
         }
-        info.response_headers = Some(resp.headers().clone());
+        info.response_headers = Some(Box::new(resp.headers().clone()));
     }
     // A trailers-only gRPC answer's status, for the span.
     let grpc_head = if info.span.span.is_some() {
