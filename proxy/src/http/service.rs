@@ -657,7 +657,7 @@ async fn pipeline(
                 let read = match (buffered.take(), body.as_mut()) {
                     (Some(b), _) if b.len() as u64 > max => Err(payload_too_large()),
                     (Some(b), _) => Ok(Some(b)),
-                    (None, Some(body)) => buffer_body(body, max).await.map(Some),
+                    (None, Some(body)) => Box::pin(buffer_body(body, max)).await.map(Some),
                     (None, None) => Ok(None),
                 };
                 match read {
@@ -794,7 +794,9 @@ async fn pipeline(
                     if !ctx.hcm.logs.is_empty() {
                         info.request_headers = Some(Box::new(parts.headers.clone()));
                     }
-                    super::connect::terminate(
+                    // Boxed: a CONNECT's tunnel set-up would otherwise
+                    // enlarge every request's future.
+                    Box::pin(super::connect::terminate(
                         ctx,
                         action,
                         target,
@@ -802,7 +804,7 @@ async fn pipeline(
                         info,
                         action.idle_timeout.or(h.stream_idle_timeout),
                         action.max_stream_duration.or(h.max_stream_duration),
-                    )
+                    ))
                     .await
                 }
                 Err(status) => {
@@ -926,7 +928,9 @@ async fn pipeline(
             if !ctx.hcm.logs.is_empty() {
                 info.request_headers = Some(Box::new(parts.headers.clone()));
             }
-            let f = Forward {
+            let mut kept = None;
+            let redirect_policy = action.internal_redirect.as_ref();
+            let mut f = Forward {
                 action,
                 route_path: &route.matcher.path,
                 vhost_retry: vh.retry_policy.as_ref(),
@@ -985,14 +989,9 @@ async fn pipeline(
                     .map(|u| (t, u)),
                 None => None,
             };
-            let mut kept = None;
-            let redirect_policy = action.internal_redirect.as_ref();
-            let keep_request = redirect_policy.map(|_| &mut kept);
-            let f = Forward {
-                upgrade,
-                keep_request,
-                ..f
-            };
+            // Set in place: rebuilding the (large) `Forward` would copy it.
+            f.upgrade = upgrade;
+            f.keep_request = redirect_policy.map(|_| &mut kept);
             let cluster = target.cluster.clone();
             let mut resp = router::forward(f, target, head, body, info).await;
             // `override_host` `selected_host_key`: the host the router wrote
