@@ -200,10 +200,10 @@ async fn logged(
         local,
         0,
     );
-    info.request_headers = Some(req.headers().clone());
+    info.request_headers = Some(Box::new(req.headers().clone()));
     let resp = handle(req, shared.clone()).await?;
     info.response_code = resp.status().as_u16();
-    info.response_headers = Some(resp.headers().clone());
+    info.response_headers = Some(Box::new(resp.headers().clone()));
     info.bytes_sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
     info.duration = Some(start.elapsed());
     for l in &shared.admin_logs {

@@ -192,7 +192,7 @@ pub(super) async fn terminate(
     };
     info.set_upstream_host(&host);
     if !host.metadata.is_null() {
-        info.upstream_metadata = Some(host.metadata.clone());
+        info.upstream_metadata = Some(host.clone());
     }
     // Each tunnel is an upstream connection of its own: it holds a place
     // under `max_connections` for its life.

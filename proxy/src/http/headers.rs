@@ -107,19 +107,39 @@ pub fn edge(
     tls: Option<&crate::tls::DownstreamTlsInfo>,
 ) -> Edge {
     // x-forwarded-for is one of Envoy's inline headers: repeated lines are
-    // coalesced into one comma-separated value.
-    if headers.get_all(&XFF).iter().nth(1).is_some() {
-        let joined: Vec<&[u8]> = headers.get_all(&XFF).iter().map(|v| v.as_bytes()).collect();
-        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b","[..])) {
-            headers.insert(XFF.clone(), v);
+    // coalesced into one comma-separated value. One lookup serves the
+    // checks below (each lookup hashes the name).
+    let mut values = headers.get_all(&XFF).iter();
+    let first = values.next();
+    let joined = match values.next() {
+        Some(_) => {
+            let all: Vec<&[u8]> = headers.get_all(&XFF).iter().map(|v| v.as_bytes()).collect();
+            HeaderValue::from_bytes(&all.join(&b","[..])).ok()
         }
-    }
-    let mut remote = None;
+        None => None,
+    };
+    let had_xff = first.is_some();
     // Envoy: with use_remote_address the request is "single address" when
     // the client sent no XFF; otherwise when XFF held exactly one address.
-    let mut single_xff = xff_count(headers) == 1;
+    let (mut single_xff, xff_remote) = {
+        let text = joined
+            .as_ref()
+            .or(first)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        (
+            xff_count(text) == 1,
+            (!h.use_remote_address)
+                .then(|| xff_address(text, h.xff_num_trusted_hops))
+                .flatten(),
+        )
+    };
+    if let Some(v) = joined {
+        headers.insert(XFF.clone(), v);
+    }
+    let mut remote = None;
     if h.use_remote_address {
-        single_xff = !headers.contains_key(&XFF);
+        single_xff = !had_xff;
         remote = Some(peer);
         if !h.skip_xff_append {
             // A loopback peer is recorded as this host's address (Envoy).
@@ -132,7 +152,7 @@ pub fn edge(
         }
         headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
     } else {
-        if let Some(ip) = xff_address(headers, h.xff_num_trusted_hops) {
+        if let Some(ip) = xff_remote {
             remote = Some(SocketAddr::new(ip, 0));
         }
         if !headers.contains_key(&XFP) {
@@ -209,7 +229,8 @@ fn xfcc(
     }
     let peer = tls.and_then(|t| t.peer.as_ref().map(|p| (t, p)));
     let Some((tls, peer)) = peer.filter(|_| h.forward_client_cert != F::Sanitize) else {
-        headers.remove(&XFCC);
+        // Most requests carry none: one scan of the names, no hashing.
+        remove_present(headers, &[&XFCC]);
         return;
     };
     if h.forward_client_cert == F::ForwardOnly {
@@ -296,13 +317,16 @@ pub fn remove_present(headers: &mut HeaderMap, names: &[&HeaderName]) {
 /// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
 pub fn is_hop_by_hop(n: &HeaderName) -> bool {
     use http::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
-    n == CONNECTION
-        || n == TRANSFER_ENCODING
-        || n == UPGRADE
-        || n == TE
-        || n == TRAILER
-        || n.as_str() == "keep-alive"
-        || n.as_str() == "proxy-connection"
+    // By length first: it rules out most names with one comparison (every
+    // request and response header is checked, twice per proxied request).
+    match n.as_str().len() {
+        2 => n == TE,
+        7 => n == UPGRADE || n == TRAILER,
+        10 => n == CONNECTION || n.as_str() == "keep-alive",
+        16 => n.as_str() == "proxy-connection",
+        17 => n == TRANSFER_ENCODING,
+        _ => false,
+    }
 }
 
 /// Removes the hop-by-hop headers (except `keep` ones) in one scan.
@@ -336,14 +360,9 @@ pub fn append_joined(headers: &mut HeaderMap, name: &HeaderName, v: &HeaderValue
     }
 }
 
-fn xff_count(headers: &HeaderMap) -> usize {
-    headers
-        .get_all(&XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter(|s| !s.trim().is_empty())
-        .count()
+/// The addresses in the (coalesced) x-forwarded-for value.
+fn xff_count(xff: &str) -> usize {
+    xff.split(',').filter(|s| !s.trim().is_empty()).count()
 }
 
 fn append_xff(headers: &mut HeaderMap, ip: IpAddr) {
@@ -357,20 +376,15 @@ fn append_xff(headers: &mut HeaderMap, ip: IpAddr) {
     }
 }
 
-fn xff_address(headers: &HeaderMap, trusted_hops: u32) -> Option<IpAddr> {
-    let joined: Vec<String> = headers
-        .get_all(&XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_owned))
-        .collect();
-    let joined = joined.join(",");
-    let parts: Vec<&str> = joined
-        .split(',')
+/// The address `trusted_hops` from the right of the (coalesced)
+/// x-forwarded-for value (Envoy's `xff_num_trusted_hops`), without copies.
+fn xff_address(xff: &str, trusted_hops: u32) -> Option<IpAddr> {
+    xff.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .collect();
-    let idx = parts.len().checked_sub(1 + trusted_hops as usize)?;
-    parts[idx].parse().ok()
+        .nth_back(trusted_hops as usize)?
+        .parse()
+        .ok()
 }
 
 /// A decimal header value (a count of milliseconds, an attempt count)
@@ -730,15 +744,52 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_names() {
+        for n in [
+            "connection",
+            "transfer-encoding",
+            "upgrade",
+            "te",
+            "trailer",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            assert!(is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
+        }
+        // Same lengths as hop-by-hop names, and others.
+        for n in [
+            "user-agent",
+            "x-envoy-ab",
+            "referer",
+            "trailers",
+            "host",
+            "content-type",
+            "x-forwarded-proto",
+            "proxy-authorization",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
+        }
+    }
+
+    #[test]
     fn xff_trusted_hops() {
         let mut h = HeaderMap::new();
         h.insert(
             XFF.clone(),
             HeaderValue::from_static("1.1.1.1, 2.2.2.2,3.3.3.3"),
         );
-        assert_eq!(xff_address(&h, 0), Some("3.3.3.3".parse().expect("ip")));
-        assert_eq!(xff_address(&h, 1), Some("2.2.2.2".parse().expect("ip")));
-        assert_eq!(xff_address(&h, 5), None);
+        let v = h.get(&XFF).and_then(|v| v.to_str().ok()).expect("xff");
+        assert_eq!(xff_address(v, 0), Some("3.3.3.3".parse().expect("ip")));
+        assert_eq!(xff_address(v, 1), Some("2.2.2.2".parse().expect("ip")));
+        assert_eq!(xff_address(v, 2), Some("1.1.1.1".parse().expect("ip")));
+        assert_eq!(xff_address(v, 5), None);
+        assert_eq!(
+            xff_address(" , 4.4.4.4 ,", 0),
+            Some("4.4.4.4".parse().expect("ip"))
+        );
+        assert_eq!(xff_count("1.1.1.1, 2.2.2.2,3.3.3.3"), 3);
+        assert_eq!(xff_count(" , 4.4.4.4 ,"), 1);
+        assert_eq!(xff_count(""), 0);
     }
 
     #[test]

@@ -22,8 +22,10 @@ pub struct StreamInfo {
     pub path: ReqStr,
     pub authority: ReqStr,
     pub scheme: &'static str,
-    pub request_headers: Option<HeaderMap>,
-    pub response_headers: Option<HeaderMap>,
+    /// The request and response headers for access logs (kept only when
+    /// something logs; boxed so the stream info stays small).
+    pub request_headers: Option<Box<HeaderMap>>,
+    pub response_headers: Option<Box<HeaderMap>>,
     pub response_code: u16,
     pub response_code_details: &'static str,
     pub flags: Flags,
@@ -40,7 +42,9 @@ pub struct StreamInfo {
     pub internal_addrs: Option<std::sync::Arc<crate::internal::InternalAddrs>>,
     pub upstream_cluster: Option<Arc<str>>,
     pub upstream_failure_reason: Option<String>,
-    pub upstream_metadata: Option<serde_json::Value>,
+    /// The upstream host whose metadata `%UPSTREAM_METADATA%` reads (a
+    /// refcount, not a copy of its metadata); `None` when it has none.
+    pub upstream_metadata: Option<Arc<crate::upstream::Host>>,
     pub route_name: Option<Arc<str>>,
     pub downstream_remote: SocketAddr,
     pub downstream_direct_remote: SocketAddr,
@@ -91,14 +95,15 @@ pub struct StreamInfo {
 
 /// The filter instances kept for the end of a stream (empty: none asked).
 /// A clone is empty: the instances run once, for the original stream.
+/// Boxed: a `StreamLog` is a few hundred bytes, and most streams keep none.
 #[derive(Default)]
-pub struct FilterLogSlot(Option<std::sync::Mutex<filters::StreamLog>>);
+pub struct FilterLogSlot(Option<Box<std::sync::Mutex<filters::StreamLog>>>);
 
 impl FilterLogSlot {
     /// Keeps the instances of `instances` that want the end of the stream.
     pub fn keep(&mut self, instances: &mut filters::Instances, cx: &mut filters::FilterContext) {
         if self.0.is_none() {
-            self.0 = filters::StreamLog::take(instances, cx).map(std::sync::Mutex::new);
+            self.0 = filters::StreamLog::take(instances, cx).map(|l| Box::new(l.into()));
         }
     }
 
@@ -111,7 +116,7 @@ impl FilterLogSlot {
     pub fn take(&mut self) -> Option<filters::StreamLog> {
         self.0
             .take()
-            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .map(|m| (*m).into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -586,8 +591,8 @@ pub fn eval(
     resp: Option<&HeaderMap>,
 ) -> Option<String> {
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis().to_string());
-    let req = req.or(info.request_headers.as_ref());
-    let resp = resp.or(info.response_headers.as_ref());
+    let req = req.or(info.request_headers.as_deref());
+    let resp = resp.or(info.response_headers.as_deref());
     if !info.has_request
         && matches!(
             cmd,
@@ -729,9 +734,11 @@ pub fn eval(
         Command::Hostname => Some(hostname().to_owned()),
         Command::ConnectionId => Some(info.connection_id.to_string()),
         Command::UpstreamRequestAttemptCount => Some(info.attempt_count.to_string()),
-        Command::UpstreamMetadata(ns, keys) => {
-            metadata_lookup(info.upstream_metadata.as_ref(), ns, keys)
-        }
+        Command::UpstreamMetadata(ns, keys) => metadata_lookup(
+            info.upstream_metadata.as_ref().map(|h| &h.metadata),
+            ns,
+            keys,
+        ),
         Command::DynamicMetadata(ns, keys) => {
             let root = info.dynamic_metadata.namespace(ns)?;
             let mut v = match keys.split_first() {
@@ -856,5 +863,22 @@ mod tests {
             .starts_with("DownstreamRemoteReset,FailedLocalHealthCheck,RateLimitServiceError,"));
         assert_eq!(Flags::from_short("FI"), Flags::FI);
         assert_eq!(Flags::from_short("??"), 0);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// The response's end-of-stream hook owns the stream info and lives in
+    /// one allocation with the tracked body (`service::finish`): 880 bytes
+    /// with a 736-byte `StreamInfo`. glibc serves blocks up to 1,032 bytes
+    /// from its per-thread cache; a larger one takes malloc's slow path
+    /// (about 960 instructions per request when it was 1,216). Rarely used
+    /// parts are boxed (`request_headers`, `response_headers`,
+    /// `filter_log`); a new field that pushes this over the bound belongs
+    /// in a box too.
+    #[test]
+    fn stream_info_stays_under_the_thread_cache_limit() {
+        let n = std::mem::size_of::<super::StreamInfo>();
+        assert!(n <= 800, "StreamInfo is {n} bytes");
     }
 }

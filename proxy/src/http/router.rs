@@ -938,7 +938,7 @@ pub async fn forward(
                 }
                 info.set_upstream_host(&host);
                 if !host.metadata.is_null() {
-                    info.upstream_metadata = Some(host.metadata.clone());
+                    info.upstream_metadata = Some(host.clone());
                 }
                 let body = match (&replay, stream_body.take()) {
                     (Some(b), _) => Body::full(b.clone()),
@@ -1161,7 +1161,7 @@ pub async fn forward(
         }
         info.set_upstream_host(&host);
         if !host.metadata.is_null() {
-            info.upstream_metadata = Some(host.metadata.clone());
+            info.upstream_metadata = Some(host.clone());
         }
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Body::full(b.clone()),

@@ -265,8 +265,8 @@ pub async fn handle(
         if !ctx.hcm.logs.is_empty() {
             info.response_code = next.status;
             info.path = request_path(&next.head.uri);
-            info.request_headers = Some(next.head.headers.clone());
-            info.response_headers = Some(resp.headers().clone());
+            info.request_headers = Some(Box::new(next.head.headers.clone()));
+            info.response_headers = Some(Box::new(resp.headers().clone()));
             info.upstream_cluster = next.cluster.clone();
             info.duration = Some(info.start_instant.elapsed());
             for l in &ctx.hcm.logs {
@@ -707,7 +707,7 @@ async fn pipeline(
                 let read = match (buffered.take(), body.as_mut()) {
                     (Some(b), _) if b.len() as u64 > max => Err(payload_too_large()),
                     (Some(b), _) => Ok(Some(b)),
-                    (None, Some(body)) => buffer_body(body, max).await.map(Some),
+                    (None, Some(body)) => Box::pin(buffer_body(body, max)).await.map(Some),
                     (None, None) => Ok(None),
                 };
                 match read {
@@ -842,9 +842,11 @@ async fn pipeline(
             ) {
                 Ok(target) => {
                     if !ctx.hcm.logs.is_empty() {
-                        info.request_headers = Some(parts.headers.clone());
+                        info.request_headers = Some(Box::new(parts.headers.clone()));
                     }
-                    super::connect::terminate(
+                    // Boxed: a CONNECT's tunnel set-up would otherwise
+                    // enlarge every request's future.
+                    Box::pin(super::connect::terminate(
                         ctx,
                         action,
                         target,
@@ -852,7 +854,7 @@ async fn pipeline(
                         info,
                         action.idle_timeout.or(h.stream_idle_timeout),
                         action.max_stream_duration.or(h.max_stream_duration),
-                    )
+                    ))
                     .await
                 }
                 Err(status) => {
@@ -974,9 +976,11 @@ async fn pipeline(
                 info,
             );
             if !ctx.hcm.logs.is_empty() {
-                info.request_headers = Some(parts.headers.clone());
+                info.request_headers = Some(Box::new(parts.headers.clone()));
             }
-            let f = Forward {
+            let mut kept = None;
+            let redirect_policy = action.internal_redirect.as_ref();
+            let mut f = Forward {
                 action,
                 route_path: &route.matcher.path,
                 vhost_retry: vh.retry_policy.as_ref(),
@@ -1035,14 +1039,9 @@ async fn pipeline(
                     .map(|u| (t, u)),
                 None => None,
             };
-            let mut kept = None;
-            let redirect_policy = action.internal_redirect.as_ref();
-            let keep_request = redirect_policy.map(|_| &mut kept);
-            let f = Forward {
-                upgrade,
-                keep_request,
-                ..f
-            };
+            // Set in place: rebuilding the (large) `Forward` would copy it.
+            f.upgrade = upgrade;
+            f.keep_request = redirect_policy.map(|_| &mut kept);
             let cluster = target.cluster.clone();
             let mut resp = router::forward(f, target, head, body, info).await;
             // `override_host` `selected_host_key`: the host the router wrote
@@ -1115,7 +1114,7 @@ async fn pipeline(
             }
             // Keep the request headers for logging / response formatting.
             if let Some(h) = &info.request_headers {
-                parts.headers = h.clone();
+                parts.headers = (**h).clone();
             }
             if vh.include_attempt_count_in_response {
                 resp.headers_mut().insert(
@@ -1659,9 +1658,9 @@ fn finish(
     let logs_on = !ctx.hcm.logs.is_empty();
     if logs_on {
         if info.request_headers.is_none() {
-            info.request_headers = Some(req_headers);
+            info.request_headers = Some(Box::new(req_headers));
         }
-        info.response_headers = Some(resp.headers().clone());
+        info.response_headers = Some(Box::new(resp.headers().clone()));
     }
     // An accepted upgrade on HTTP/2 (RFC 8441): Envoy's codec turns the
     // `101` filters and logs see into a `200` without the HTTP/1.1

@@ -579,6 +579,20 @@ impl Client {
                 None => freed.await,
             }
         }
+        // A new connection: its futures (TCP and TLS connect, handshakes)
+        // are several times the size of a pooled request's, so they are
+        // boxed rather than carried by every request's future.
+        Box::pin(self.connect_h1(addr, tls, req, pending)).await
+    }
+
+    /// The part of [`Client::request_h1`] that opens a new connection.
+    async fn connect_h1(
+        &self,
+        addr: &Key,
+        tls: &Transport<'_>,
+        mut req: Request<Body>,
+        pending: Option<Pending<'_>>,
+    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
         let (io, alpn, conn_tls) = self.connect(addr, tls).await?;
         drop(pending);
         let _rq = self.attach()?;
@@ -646,12 +660,12 @@ impl Client {
                         if !self.limits().connections.can_create() {
                             self.settings.cx_overflow.inc();
                         }
-                        let made = match self.connect(addr, tls).await {
-                            Ok((io, _, t)) => {
-                                self.h2_handshake(addr, io, t.clone()).await.map(|s| (s, t))
-                            }
-                            Err(e) => Err(e),
-                        };
+                        // Boxed: only a new connection carries these futures.
+                        let made = Box::pin(async {
+                            let (io, _, t) = self.connect(addr, tls).await?;
+                            self.h2_handshake(addr, io, t.clone()).await.map(|s| (s, t))
+                        })
+                        .await;
                         *making = made.as_ref().err().map(|e| (attempt, e.to_string()));
                         drop(pending);
                         made?
