@@ -1853,6 +1853,57 @@ async fn upstream_tls_sni_and_server_certificate_validation() {
     );
 }
 
+/// 11b. As a client, the proxy offers Envoy's (BoringSSL's) suite order:
+/// AES-128-GCM first, for TLS 1.2 (Envoy's default maximum upstream) and
+/// TLS 1.3; an upstream that follows the client's order (rustls' default
+/// here) negotiates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_offers_aes128_first() {
+    let up_ca = TestCa::new("upstream root");
+    let up = tls::tls_upstream(TlsServerOptions::new(
+        "api",
+        &up_ca.issue(LeafSpec::server("api.example.com")),
+    ))
+    .await
+    .expect("tls upstream");
+    let tls_cluster = |name: &str, params: &str| {
+        cluster(
+            name,
+            &[(up.port(), "")],
+            &upstream_tls(&format!(
+                "sni: api.example.com, common_tls_context: {{tls_params: {{{params}}}}}"
+            )),
+        )
+    };
+    let p = Cfg::new(Listener::new(vec![Chain::default().routes(&format!(
+        "[{}, {}]",
+        route("/v12", "v12"),
+        route("/v13", "v13")
+    ))]))
+    .cluster(tls_cluster("v12", ""))
+    .cluster(tls_cluster("v13", "tls_maximum_protocol_version: TLSv1_3"))
+    .start();
+    let http = Http::h1();
+    let base = p.base();
+    for (path, version, first) in [
+        ("/v12", "TLSv1_2", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+        ("/v13", "TLSv1_3", "TLS13_AES_128_GCM_SHA256"),
+    ] {
+        let r = http.get(&format!("{base}{path}"), &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.header("x-upstream-tls-version"), Some(version), "{path}");
+        let c = up.last_connection().expect("a connection");
+        assert_eq!(
+            c.offered_cipher_suites.first().map(String::as_str),
+            Some(first),
+            "{path}: offered {:?}",
+            c.offered_cipher_suites
+        );
+        let tls = c.tls.expect("handshake done");
+        assert_eq!(tls.cipher_suite, first, "{path}");
+    }
+}
+
 /// 12. Upstream mTLS: the cluster presents its workload certificate to an
 /// upstream that requires one; without it the upstream refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

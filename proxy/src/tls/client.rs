@@ -9,8 +9,8 @@ use tokio_rustls::{client::TlsStream, TlsConnector};
 use xds_client::config::{Secret, SecretRef, UpstreamTls};
 
 use super::{
-    load_certified_key, server::validator, server::Secrets, verify::ServerVerifier,
-    versions, CertInfo, FileStamps,
+    load_certified_key, server::validator, server::Secrets, verify::ServerVerifier, versions,
+    CertInfo, FileStamps,
 };
 use crate::metrics::SslStats;
 

@@ -184,6 +184,12 @@ pub fn client_provider(params: &TlsParams) -> Arc<CryptoProvider> {
     use rustls::CipherSuite as C;
     let mut p = Arc::unwrap_or_clone(provider(params));
     let configured = !params.cipher_suites.is_empty();
+    // rustls offers every suite of the provider, whatever the versions:
+    // as BoringSSL, only those of the enabled versions.
+    p.cipher_suites.retain(|s| match s {
+        SupportedCipherSuite::Tls13(_) => params.max_version >= TlsVersion::V1_3,
+        SupportedCipherSuite::Tls12(_) => params.min_version <= TlsVersion::V1_2,
+    });
     p.cipher_suites.sort_by_key(|s| match s {
         SupportedCipherSuite::Tls13(t) => match t.common.suite {
             C::TLS13_AES_128_GCM_SHA256 => 0,

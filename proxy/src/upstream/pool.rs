@@ -592,7 +592,7 @@ impl Client {
         tls: &Transport<'_>,
         mut req: Request<Body>,
         pending: Option<Pending<'_>>,
-    ) -> Result<(Response<Incoming>, ConnTls), PoolError> {
+    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
         let (io, alpn, conn_tls) = self.connect(addr, tls).await?;
         drop(pending);
         let _rq = self.attach()?;

@@ -310,7 +310,21 @@ pub fn upstream_tls(p: &tls::UpstreamTlsContext, path: &str) -> Result<UpstreamT
     let mut errs = ConfigErrors::default();
     let common = p.common_tls_context.clone().unwrap_or_default();
     let cpath = join(path, "common_tls_context");
-    let c = common_context(&common, &cpath, &mut errs);
+    let mut c = common_context(&common, &cpath, &mut errs);
+    // As Envoy: a client's default (TLS_AUTO) maximum is TLS 1.2; servers'
+    // is 1.3.
+    let auto_max = common.tls_params.as_ref().is_none_or(|t| {
+        t.tls_maximum_protocol_version == tls::tls_parameters::TlsProtocol::TlsAuto as i32
+    });
+    if auto_max {
+        c.params.max_version = TlsVersion::V1_2;
+        if c.params.min_version > TlsVersion::V1_2 {
+            errs.push(
+                join(&cpath, "tls_params.tls_minimum_protocol_version"),
+                "TLSv1_3 needs tls_maximum_protocol_version TLSv1_3 upstream (Envoy's client default maximum is TLSv1_2)",
+            );
+        }
+    }
     if c.certs.len() > 1 {
         errs.push(
             join(&cpath, "tls_certificates"),
@@ -959,6 +973,35 @@ mod tests {
             Some([0; 32])
         );
         assert_eq!(base64_32("AAAA"), None);
+    }
+
+    #[test]
+    fn upstream_default_maximum_is_tls12() {
+        use tls::tls_parameters::TlsProtocol as P;
+        let ctx = |params: Option<tls::TlsParameters>| tls::UpstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                tls_params: params,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = upstream_tls(&ctx(None), "u").expect("valid");
+        assert_eq!(t.params.max_version, TlsVersion::V1_2);
+        let v13 = tls::TlsParameters {
+            tls_maximum_protocol_version: P::TlSv13 as i32,
+            ..Default::default()
+        };
+        let t = upstream_tls(&ctx(Some(v13)), "u").expect("valid");
+        assert_eq!(t.params.max_version, TlsVersion::V1_3);
+        let min13 = tls::TlsParameters {
+            tls_minimum_protocol_version: P::TlSv13 as i32,
+            ..Default::default()
+        };
+        let e = upstream_tls(&ctx(Some(min13)), "u").expect_err("min above the default max");
+        assert_eq!(
+            e.0[0].path,
+            "u.common_tls_context.tls_params.tls_minimum_protocol_version"
+        );
     }
 
     #[test]
