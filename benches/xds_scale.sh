@@ -21,7 +21,6 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-ROOT="$(pwd)"
 COMMIT="${COMMIT:-HEAD}"
 PROXY_CPU="${PROXY_CPU:-1}"
 HARNESS_CPU="${HARNESS_CPU:-0}"
@@ -29,32 +28,16 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/weir-release}"
 OUT="${OUT:-/tmp/xds-scale-$(date -u +%Y%m%dT%H%M%SZ).txt}"
 
 short="$(git rev-parse --short "$COMMIT")"
-if [ -z "${WEIR_BIN:-}" ]; then
-    src="/tmp/weir-xds-scale-src-$short"
-    if [ ! -f "$src/Cargo.toml" ]; then
-        rm -rf "$src.tmp"
-        mkdir -p "$src.tmp"
-        git archive "$COMMIT" | tar -x -C "$src.tmp"
-        mv "$src.tmp" "$src"
-    fi
-    (cd "$src" && cargo build --release -p weir)
-    WEIR_BIN="/tmp/weir-xds-scale-weir-$short"
-    cp "$CARGO_TARGET_DIR/release/weir" "$WEIR_BIN"
-fi
+# shellcheck source=benches/lib/harness.sh
+. benches/lib/harness.sh
+release_weir xds-scale
 
 # The harness comes from the working tree (this script's own sources).
 cargo build --release -p weir-benches --bin xds_scale
 HARNESS="$CARGO_TARGET_DIR/release/xds_scale"
 
 args=(--weir "$WEIR_BIN")
-if [ "${NO_ENVOY:-0}" != 1 ]; then
-    ENVOY="${ENVOY_BIN:-$(cat "$ROOT/.tools/envoy-path" 2>/dev/null || true)}"
-    if [ -n "$ENVOY" ] && [ -x "$ENVOY" ]; then
-        args+=(--envoy "$ENVOY")
-    else
-        echo "Envoy not found (ENVOY_BIN or .tools/envoy-path); running weir alone" >&2
-    fi
-fi
+envoy_args
 
 {
     echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

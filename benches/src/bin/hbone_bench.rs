@@ -978,53 +978,7 @@ impl Drop for Proc {
 
 // === /proc ===
 
-fn proc_status(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
-}
-
-/// utime + stime of the process (all threads).
-fn proc_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = s
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime 15.
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // USER_HZ is 100 on Linux.
-    Ok(Duration::from_millis(ticks * 10))
-}
-
-/// (busy, total) CPU ticks of the whole machine (`/proc/stat`).
-fn machine_cpu() -> anyhow::Result<(u64, u64)> {
-    let s = std::fs::read_to_string("/proc/stat")?;
-    let line = s
-        .lines()
-        .next()
-        .ok_or_else(|| anyhow!("empty /proc/stat"))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    let get = |i: usize| f.get(i).copied().unwrap_or(0);
-    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
-    Ok((busy, busy + get(3) + get(4)))
-}
+use weir_benches::procfs::{machine_cpu, proc_cpu, proc_status};
 
 /// CPUs used by everything but this harness and the proxy between two
 /// samples (2.0 = both cores of a 2-CPU machine).
