@@ -19,6 +19,20 @@ const HCM_TYPE: &str =
 
 const H2_CLUSTER: &str = "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {allow_connect: true}}\n";
 
+/// Reads an HTTP/1.1 response head byte by byte (nothing past it), lower-cased.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .expect("head in time")
+            .expect("read head");
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
 /// A bootstrap with HTTP listener `l`: `hcm` extra HCM fields (indent
 /// 10), `routes` route list items (indent 14), `clusters` list items
 /// (indent 2).
@@ -477,16 +491,7 @@ async fn websocket_to_h2_upstream() {
     )
     .await
     .expect("write");
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
-            .await
-            .expect("head in time")
-            .expect("read head");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let head = read_head(&mut s).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
@@ -762,16 +767,7 @@ async fn websocket_to_alpn_h2_upstream() {
         )
         .await
         .expect("write");
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
-                .await
-                .expect("head in time")
-                .expect("read head");
-            head.push(b[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let head = read_head(&mut s).await;
         assert!(head.starts_with("http/1.1 101"), "{i}: {head}");
         s.write_all(b"alpn-bytes").await.expect("write");
         let mut got = [0u8; 10];
