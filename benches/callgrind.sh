@@ -18,6 +18,10 @@
 #             router: grpc_stats (emit_filter_state), fault, cors (all
 #             empty), Istio's peer metadata (istio_headers) and istio.stats
 #   h2c-istio as h2c, same filters
+#   haproxy-h1, haproxy-h2c, nginx-h1, nginx-h2c: the peers of
+#             ../shared/bench/peers.sh in front of the same origin, one
+#             thread/worker, configured as peers.sh configures them (not in
+#             the default CASES)
 #
 # Usage (from the repository root, after `cargo build --release -p weir`):
 #   bash benches/callgrind.sh                 # prints a table
@@ -153,21 +157,98 @@ static_resources:
 EOF
 }
 
+# The peers under the same count, configured as ../shared/bench/peers.sh
+# configures them (one worker or thread, keep-alive upstream connections).
+haproxy_cfg() { # haproxy_cfg PORT H2(0|1)
+    local proto=""
+    [ "$2" = 1 ] && proto=" proto h2"
+    cat <<EOF
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 120s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$1$proto
+    default_backend be
+backend be
+    server origin 127.0.0.1:$ORIGIN
+EOF
+}
+
+nginx_cfg() { # nginx_cfg PORT H2(0|1) DIR
+    local h2=""
+    [ "$2" = 1 ] && h2=" http2"
+    cat <<EOF
+worker_processes 1;
+master_process off;
+pid $3/nginx.pid;
+error_log $3/nginx-error.log warn;
+daemon off;
+events { worker_connections 16384; multi_accept on; }
+http {
+    access_log off;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 100000000;
+    http2_max_concurrent_streams 1024;
+    client_body_temp_path $3/b;
+    proxy_temp_path $3/p;
+    fastcgi_temp_path $3/f;
+    uwsgi_temp_path $3/u;
+    scgi_temp_path $3/s;
+    upstream backend {
+        server 127.0.0.1:$ORIGIN;
+        keepalive 512;
+        keepalive_requests 100000000;
+        keepalive_timeout 120s;
+    }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffer_size 16k;
+    proxy_buffers 16 16k;
+    server {
+        listen 127.0.0.1:$1$h2 backlog=4096;
+        location / { proxy_pass http://backend; }
+    }
+}
+EOF
+}
+
 run_case() { # run_case NAME -> prints "Ir requests Ir/req"
-    local name=$1 istio=0 h2=0 dir port pid
+    local name=$1 istio=0 h2=0 dir port pid peer=""
     case "$name" in
         h1) ;; h2c) h2=1 ;; h1-istio) istio=1 ;; h2c-istio) h2=1; istio=1 ;;
+        haproxy-h1|nginx-h1) peer=${name%-*} ;;
+        haproxy-h2c|nginx-h2c) peer=${name%-*}; h2=1 ;;
         *) echo "unknown case $name" >&2; return 1 ;;
     esac
     dir="$WORK/$name"
     mkdir -p "$dir"
     port=$(free_port)
-    bootstrap "$port" "$istio" >"$dir/weir.yaml"
-    "$WEIR" --mode validate -c "$dir/weir.yaml" >"$dir/validate.log" 2>&1 \
-        || { echo "$name: bootstrap rejected" >&2; cat "$dir/validate.log" >&2; return 1; }
+    local cmd
+    case "$peer" in
+        haproxy)
+            command -v haproxy >/dev/null || { echo "$name: haproxy not installed" >&2; return 1; }
+            haproxy_cfg "$port" "$h2" >"$dir/haproxy.cfg"
+            cmd=(haproxy -db -f "$dir/haproxy.cfg") ;;
+        nginx)
+            nginx_cfg "$port" "$h2" "$dir" >"$dir/nginx.conf"
+            cmd=("$NGINX_BIN" -p "$dir" -e "$dir/nginx-error.log" -c "$dir/nginx.conf") ;;
+        *)
+            bootstrap "$port" "$istio" >"$dir/weir.yaml"
+            "$WEIR" --mode validate -c "$dir/weir.yaml" >"$dir/validate.log" 2>&1 \
+                || { echo "$name: bootstrap rejected" >&2; cat "$dir/validate.log" >&2; return 1; }
+            cmd=("$WEIR" -c "$dir/weir.yaml" --concurrency 1 -l error) ;;
+    esac
     (cd "$dir" && exec valgrind --tool=callgrind --trace-children=no --instr-atstart=no \
-        --callgrind-out-file="$dir/callgrind.out.%p" \
-        "$WEIR" -c "$dir/weir.yaml" --concurrency 1 -l error) >"$dir/weir.log" 2>&1 &
+        --callgrind-out-file="$dir/callgrind.out.%p" "${cmd[@]}") >"$dir/weir.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
     wait_port "$port" || { echo "$name: weir did not start" >&2; cat "$dir/weir.log" >&2; return 1; }

@@ -91,6 +91,12 @@ impl HttpFilterFactory for CorsFactory {
         &self.name
     }
 
+    fn needs_route_config(&self) -> bool {
+        // Policies come only from the route, virtual host or route
+        // configuration (per-filter config or the legacy `cors` fields).
+        true
+    }
+
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
         // Direct responses and redirects have no route entry: Envoy's
         // filter does nothing for them.

@@ -95,6 +95,11 @@ impl HttpFilterFactory for FaultFactory {
         &self.name
     }
 
+    fn needs_route_config(&self) -> bool {
+        // istiod's empty fault filter: only a route's override can act.
+        !self.config.is_active()
+    }
+
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
         let config = match route.override_for(&self.name) {
             Some(FilterOverride::Fault(f)) => f,

@@ -632,6 +632,13 @@ pub trait HttpFilterFactory: Send + Sync + std::fmt::Debug {
     /// The instance for one request on `route`, or `None` when the filter
     /// has nothing to do there (no allocation, nothing runs).
     fn create(&self, route: &RouteView<'_>) -> Option<Box<dyn HttpFilter>>;
+    /// `true`: [`create`](Self::create) makes no instance for a route
+    /// without per-filter config at any level (the filter's policy lives
+    /// only there, as CORS's, or its own config does nothing, as an empty
+    /// fault filter's), so [`FilterChain::instantiate`] does not ask it.
+    fn needs_route_config(&self) -> bool {
+        false
+    }
 }
 
 /// The configured chain: non-terminal factories in order, then the router.
@@ -639,6 +646,9 @@ pub trait HttpFilterFactory: Send + Sync + std::fmt::Debug {
 pub struct FilterChain {
     pub filters: Vec<Arc<dyn HttpFilterFactory>>,
     pub router: Arc<crate::router::RouterFactory>,
+    /// Bit `i`: `filters[i]` [needs route config](HttpFilterFactory::needs_route_config)
+    /// (filters past the 64th are always asked).
+    route_config_only: u64,
 }
 
 impl FilterChain {
@@ -751,8 +761,15 @@ impl FilterChain {
             }
         }
         filters.shrink_to_fit();
+        let route_config_only = filters
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(|(_, f)| f.needs_route_config())
+            .fold(0, |m, (i, _)| m | 1 << i);
         FilterChain {
             filters,
+            route_config_only,
             router: router.unwrap_or_else(|| {
                 Arc::new(crate::router::RouterFactory::new(
                     "envoy.filters.http.router".into(),
@@ -773,9 +790,19 @@ impl FilterChain {
         // Without per-filter config at any level (the common case) no
         // filter is disabled: no lookup per filter.
         let per_filter = route.per_filter.iter().any(|l| !l.is_empty());
+        if !per_filter {
+            let skip = self.route_config_only;
+            return self
+                .filters
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i >= 64 || skip & 1 << i == 0)
+                .filter_map(|(_, f)| f.create(route))
+                .collect();
+        }
         self.filters
             .iter()
-            .filter(|f| !per_filter || !route.disabled(f.name()))
+            .filter(|f| !route.disabled(f.name()))
             .filter_map(|f| f.create(route))
             .collect()
     }
@@ -893,6 +920,68 @@ mod tests {
         fn create(&self, _: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
             Some(Box::new(DenyFilter))
         }
+    }
+
+    /// A factory that counts the requests it was asked about.
+    #[derive(Debug, Default)]
+    struct Counting {
+        asked: std::sync::atomic::AtomicUsize,
+        route_only: bool,
+    }
+    impl HttpFilterFactory for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn create(&self, _: &RouteView<'_>) -> Option<Box<dyn HttpFilter>> {
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+        fn needs_route_config(&self) -> bool {
+            self.route_only
+        }
+    }
+
+    #[test]
+    fn factories_that_need_route_config_are_not_asked_without_it() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats: Arc<dyn StatsScope> = Arc::new(NoStats);
+        let mut chain = FilterChain::build(&[], &stats);
+        let route_only = Arc::new(Counting {
+            route_only: true,
+            ..Default::default()
+        });
+        let always = Arc::new(Counting::default());
+        chain.filters = vec![route_only.clone(), always.clone()];
+        chain.route_config_only = 1;
+        assert!(chain.instantiate(&RouteView::empty()).is_empty());
+        assert_eq!(route_only.asked.load(Relaxed), 0);
+        assert_eq!(always.asked.load(Relaxed), 1);
+        // Any per-filter config on the route (another filter's here): all
+        // are asked, as before.
+        let configs = PerFilterConfigs(vec![(
+            "other".into(),
+            xds_client::config::PerFilterConfig {
+                disabled: None,
+                config: None,
+            },
+        )]);
+        let view = RouteView {
+            per_filter: [&configs, &configs, &configs],
+            ..RouteView::empty()
+        };
+        assert!(chain.instantiate(&view).is_empty());
+        assert_eq!(route_only.asked.load(Relaxed), 1);
+        assert_eq!(always.asked.load(Relaxed), 2);
+        // `build` marks the factories from their answer.
+        let built = FilterChain::build(
+            &[HttpFilterConfig {
+                name: "envoy.filters.http.fault".into(),
+                kind: HttpFilterKind::Fault(Default::default()),
+            }],
+            &stats,
+        );
+        assert_eq!(built.route_config_only, 1, "an empty fault filter");
     }
 
     #[test]

@@ -601,7 +601,9 @@ async fn pipeline(
             }
         }
     }
-    info.force_trace = parts.headers.contains_key("x-envoy-force-trace");
+    // `edge` strips x-envoy-force-trace from every request that is not
+    // internal (Envoy honours it only on internal requests): no lookup then.
+    info.force_trace = edge.internal && parts.headers.contains_key("x-envoy-force-trace");
     info.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
     if let Some(t) = &h.tracing {
         info.span.decorate(
