@@ -11,12 +11,12 @@
 //!     ])])], vec![cluster("echo", &[port], json!({}))])
 //! });
 //! ```
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::scenario::{Ports, Proxy};
+use crate::tmp::TempFile;
 
 pub const HCM: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -156,14 +156,11 @@ pub fn bootstrap(p: &Ports, listeners: Vec<Value>, clusters: Vec<Value>) -> Stri
     .to_string()
 }
 
-/// A fresh (removed if present) log file path `name.log` in a temporary
-/// directory of this test process and `suite`.
-pub fn log_path(suite: &str, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-{suite}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// A log file path `name.log` (not created) in a fresh temporary directory
+/// `weir-<suite>-...` of its own, removed when the guard is dropped (see
+/// [`crate::tmp`]).
+pub fn log_path(suite: &str, name: &str) -> TempFile {
+    TempFile::new(suite, &format!("{name}.log"))
 }
 
 /// Waits (about 2 s at most) until stat `name` satisfies `ok`; returns its

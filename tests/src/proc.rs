@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::tmp::TempDir;
+
 /// How long a proxy may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -136,7 +138,9 @@ pub fn admin_port(config: &str) -> anyhow::Result<u16> {
 pub struct ProxyProc {
     kind: &'static str,
     child: Child,
-    dir: PathBuf,
+    /// Rendered bootstrap, stdout, stderr; removed after the child is
+    /// killed (fields drop after [`Drop::drop`]).
+    dir: TempDir,
     admin_port: u16,
 }
 
@@ -175,13 +179,11 @@ impl ProxyProc {
     ) -> anyhow::Result<ProxyProc> {
         let admin_port = admin_port(config)?;
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("weir-tests-{kind}-{}-{seq}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let cfg = dir.join("bootstrap.yaml");
+        let dir = TempDir::new(&format!("tests-{kind}")).context("create temp dir")?;
+        let cfg = dir.path().join("bootstrap.yaml");
         std::fs::write(&cfg, config).with_context(|| format!("write {}", cfg.display()))?;
-        let stderr = std::fs::File::create(dir.join("stderr"))?;
-        let stdout = std::fs::File::create(dir.join("stdout"))?;
+        let stderr = std::fs::File::create(dir.path().join("stderr"))?;
+        let stdout = std::fs::File::create(dir.path().join("stdout"))?;
         // Unique per process and launch so parallel Envoys never share a
         // base id (shared-memory / domain-socket names).
         let base_id = (std::process::id() % 10_000) * 100 + seq % 100;
@@ -223,12 +225,12 @@ impl ProxyProc {
 
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }
 
     /// Everything the process wrote to stdout so far.
     pub fn stdout(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
     }
 
     /// Whether the process is still running.
@@ -273,9 +275,6 @@ impl Drop for ProxyProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::env::var_os("WEIR_TESTS_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

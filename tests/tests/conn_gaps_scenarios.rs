@@ -76,12 +76,9 @@ fn cluster(name: &str, port: u16, extra: &str) -> String {
     )
 }
 
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-conn-gaps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> weir_tests::tmp::TempFile {
+    weir_tests::config::log_path("conn-gaps", name)
 }
 
 /// A file access log (HCM or tcp_proxy field list item at `indent`).

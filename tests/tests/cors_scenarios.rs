@@ -2,10 +2,12 @@
 //! Every test runs against weir in-process by default and against real
 //! Envoy with `WEIR_SCENARIO_TARGET=envoy` (see `weir_tests::scenario`),
 //! which is how the expectations were checked.
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use weir_tests::scenario::{Http, Ports, Proxy, Resp};
+use weir_tests::tmp::TempFile;
 use weir_tests::upstream::{self, EchoServer};
 
 const HCM_TYPE: &str =
@@ -16,7 +18,7 @@ const LOG_FORMAT: &str = "%RESPONSE_CODE% %REQ(:PATH)% %RESPONSE_FLAGS% %RESPONS
 /// A bootstrap: listener `l` with the CORS filter (then, optionally, the
 /// fault filter) and the router, an access log, cluster `a` (the echo
 /// upstream).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Cfg {
     /// Routes of the one virtual host (list items at indent 14).
     routes: String,
@@ -26,7 +28,8 @@ struct Cfg {
     rc_extra: String,
     /// The fault filter's HTTPFault body, after the CORS filter (empty: none).
     fault: String,
-    log: PathBuf,
+    /// Shared by the clone the bootstrap closure renders.
+    log: Arc<TempFile>,
     port: u16,
 }
 
@@ -34,9 +37,11 @@ impl Cfg {
     fn new(routes: &str, up: &EchoServer, log: &str) -> Cfg {
         Cfg {
             routes: routes.to_owned(),
-            log: log_path(log),
+            vhost_extra: String::new(),
+            rc_extra: String::new(),
+            fault: String::new(),
+            log: Arc::new(log_path(log)),
             port: up.port(),
-            ..Cfg::default()
         }
     }
 
@@ -101,12 +106,9 @@ static_resources:
     }
 }
 
-fn log_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-cors-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> TempFile {
+    weir_tests::config::log_path("cors", name)
 }
 
 /// One route `prefix -> a` with extra route fields (indent 16).

@@ -2,11 +2,13 @@
 //! upstream. Every test runs against weir in-process by default and against
 //! real Envoy with `WEIR_SCENARIO_TARGET=envoy` (see `weir_tests::scenario`),
 //! which is how the expectations were checked.
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use weir_tests::scenario::{Http, Ports, Proxy};
+use weir_tests::tmp::TempFile;
 use weir_tests::upstream::{self, EchoServer};
 
 const HCM_TYPE: &str =
@@ -17,7 +19,7 @@ const LOG_FORMAT: &str = "%RESPONSE_CODE% %REQ(:PATH)% %RESPONSE_FLAGS% %RESPONS
 /// A bootstrap: listener `l` with the fault filter (`fault` is the body of
 /// its HTTPFault, without `@type`), an access log, clusters `a` and `b`
 /// (both the echo upstream).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Cfg {
     fault: String,
     /// Routes of the one virtual host (list items at indent 14).
@@ -26,7 +28,8 @@ struct Cfg {
     vhost_extra: String,
     /// Extra route configuration fields (indent 12).
     rc_extra: String,
-    log: PathBuf,
+    /// Shared by the clone the bootstrap closure renders.
+    log: Arc<TempFile>,
     port: u16,
 }
 
@@ -35,9 +38,10 @@ impl Cfg {
         Cfg {
             fault: fault.to_owned(),
             routes: routes.to_owned(),
-            log: log_path(log),
+            vhost_extra: String::new(),
+            rc_extra: String::new(),
+            log: Arc::new(log_path(log)),
             port: up.port(),
-            ..Cfg::default()
         }
     }
 
@@ -97,12 +101,9 @@ static_resources:
     }
 }
 
-fn log_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-fault-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> TempFile {
+    weir_tests::config::log_path("fault", name)
 }
 
 /// One route `prefix -> cluster` with extra route fields (indent 16).

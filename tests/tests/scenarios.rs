@@ -352,9 +352,7 @@ async fn admin_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_file_lines() {
-    let dir = std::env::temp_dir().join(format!("weir-al-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let path = dir.join("access.log");
+    let path = weir_tests::config::log_path("al", "access");
     let routes = r#"            - name: main
               domains: ["*"]
               routes:
@@ -680,8 +678,7 @@ async fn stream_timers_idle_request_duration_and_connection_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_access_log() {
-    let path = std::env::temp_dir().join(format!("weir-admin-al-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    let path = weir_tests::config::log_path("admin-al", "admin");
     let routes = "            - name: v\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                direct_response: {status: 200}\n";
     let yaml = config(routes, &cluster("a", 1, ""), "").replace(
         "admin: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}",

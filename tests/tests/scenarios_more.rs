@@ -1506,12 +1506,9 @@ async fn h2_max_concurrent_streams_is_advertised() {
 
 // ---------------------------------------------------------------- access logs
 
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-scenarios-more-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> weir_tests::tmp::TempFile {
+    weir_tests::config::log_path("scenarios-more", name)
 }
 
 fn file_log(path: &std::path::Path, format: &str, filter: &str) -> String {
@@ -2480,7 +2477,8 @@ async fn per_try_timeout_header_from_internal_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_response_body_from_a_file() {
-    let path = log_path("body").with_extension("txt");
+    let body = log_path("body");
+    let path = body.with_extension("txt");
     std::fs::write(&path, "from a file\n").expect("write body");
     let routes = format!(
         "              - match: {{prefix: \"/\"}}\n                direct_response: {{status: 200, body: {{filename: {}}}}}\n",

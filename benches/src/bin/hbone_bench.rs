@@ -68,6 +68,7 @@ use weir_tests::hbone::{H2Conn, H2Tunnel};
 use weir_tests::hbone_server::HboneServer;
 use weir_tests::scenario::Ports;
 use weir_tests::tcp::{check_pattern, fill_pattern};
+use weir_tests::tmp::TempDir;
 use weir_tests::waypoint::{self, Apps, Mesh, HTTP_VIP, TCP_VIP};
 
 /// Upper bound of one step (a request, a read).
@@ -810,7 +811,7 @@ async fn echo_once(t: &mut H2Tunnel) -> anyhow::Result<()> {
 
 struct Proc {
     child: Child,
-    dir: PathBuf,
+    dir: TempDir,
     admin: u16,
     waypoint: SocketAddr,
     terminate: SocketAddr,
@@ -858,12 +859,8 @@ impl Proc {
             admin: weir_tests::free_port(),
         };
         let terminate_port = weir_tests::free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "weir-hbone-bench-{kind}-{}-{}",
-            std::process::id(),
-            ports.admin
-        ));
-        std::fs::create_dir_all(&dir)?;
+        // Removed on drop, also when the start fails half-way.
+        let dir = TempDir::new(&format!("hbone-bench-{kind}"))?;
         let cfg = dir.join("bootstrap.yaml");
         std::fs::write(&cfg, config(w, &ports, terminate_port).to_string())?;
         let mut cmd = match cpu {
@@ -972,7 +969,6 @@ impl Drop for Proc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

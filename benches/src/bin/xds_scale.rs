@@ -58,6 +58,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use prost::Message;
 use weir_tests::client::{http1_raw, Outcome};
+use weir_tests::tmp::TempDir;
 use weir_tests::upstream::{self, EchoServer};
 use weir_tests::xds::{type_url as t, ControlPlane};
 use xds_client::api::envoy::config::cluster::v3::{cluster, Cluster};
@@ -562,7 +563,7 @@ fn bootstrap(cp: &ControlPlane, api: Api, admin: u16) -> anyhow::Result<String> 
 
 struct Proc {
     child: Child,
-    dir: PathBuf,
+    dir: TempDir,
     admin: u16,
 }
 
@@ -574,11 +575,8 @@ impl Proc {
         admin: u16,
         cpu: Option<&str>,
     ) -> anyhow::Result<Proc> {
-        let dir = std::env::temp_dir().join(format!(
-            "weir-xds-scale-{kind}-{}-{admin}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir)?;
+        // Removed on drop, also when the start fails half-way.
+        let dir = TempDir::new(&format!("xds-scale-{kind}"))?;
         let cfg = dir.join("bootstrap.yaml");
         std::fs::write(&cfg, config)?;
         let mut cmd = match cpu {
@@ -684,7 +682,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -697,13 +694,9 @@ async fn run_one(
     round: usize,
 ) -> anyhow::Result<RunResult> {
     let admin = weir_tests::free_port();
+    let sock_dir = TempDir::new("xds-scale-uds")?;
     let cp = if o.unix {
-        let path = std::env::temp_dir().join(format!(
-            "weir-xds-scale-{}-{admin}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        ControlPlane::start_unix(&path).await?
+        ControlPlane::start_unix(&sock_dir.join("xds.sock")).await?
     } else {
         ControlPlane::start().await?
     };
