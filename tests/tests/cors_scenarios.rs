@@ -6,12 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use weir_tests::config::{yaml_cluster, yaml_file_log, HttpYaml};
 use weir_tests::scenario::{Http, Ports, Proxy, Resp};
 use weir_tests::tmp::TempFile;
 use weir_tests::upstream::{self, EchoServer};
 
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const POLICY: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
 const LOG_FORMAT: &str = "%RESPONSE_CODE% %REQ(:PATH)% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%";
 
@@ -61,43 +60,18 @@ impl Cfg {
                 "          - name: envoy.filters.http.fault\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, {fault}}}\n"
             )
         };
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {log}
-              log_format: {{text_format_source: {{inline_string: "{LOG_FORMAT}\n"}}}}
-          route_config:
-            name: rc
-{rc_extra}            virtual_hosts:
-            - name: main
-              domains: ["*"]
-{vhost_extra}              routes:
-{routes}
-          http_filters:
-          - name: envoy.filters.http.cors
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}
-{fault}          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - {{name: a, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: a, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}}}
-"#,
-            admin = p.admin,
-            listen = p.listen,
-            log = log.display(),
-        )
+        HttpYaml {
+            hcm: &yaml_file_log(log, LOG_FORMAT, 10),
+            rc: rc_extra,
+            vhost: vhost_extra,
+            routes,
+            filters: &format!(
+                "          - name: envoy.filters.http.cors\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}\n{fault}"
+            ),
+            clusters: &yaml_cluster("a", &[*port], ""),
+            ..HttpYaml::default()
+        }
+        .render(p)
     }
 
     fn start(&self) -> Proxy {

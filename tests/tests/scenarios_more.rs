@@ -6,11 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use weir_tests::config::HttpYaml;
 use weir_tests::scenario::{echo_header, echo_headers, Http, Ports, Proxy, Target};
 use weir_tests::upstream::{self, EchoServer};
-
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 
 /// A bootstrap with one HTTP listener `l`.
 #[derive(Default, Clone)]
@@ -55,37 +53,15 @@ impl Cfg {
             vhosts,
             clusters,
         } = self;
-        let clusters = if clusters.trim().is_empty() {
-            "  clusters: []\n".to_owned()
-        } else {
-            format!("  clusters:\n{clusters}")
-        };
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-{top}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-{listener}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-{hcm}
-          route_config:
-            name: rc
-            virtual_hosts:
-{vhosts}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-{clusters}"#,
-            admin = p.admin,
-            listen = p.listen,
-        )
+        HttpYaml {
+            top,
+            listener,
+            hcm,
+            vhosts,
+            clusters,
+            ..HttpYaml::default()
+        }
+        .render(p)
     }
     fn start(&self) -> Proxy {
         let c = self.clone();
