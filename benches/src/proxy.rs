@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use weir_tests::client::{http1_raw, Outcome};
+use weir_tests::proc::proxy_args;
 use weir_tests::tmp::TempDir;
 
 /// A running proxy (weir or Envoy). Its bootstrap, stdout and stderr live in
@@ -48,18 +49,7 @@ impl ProxyProcess {
         // Distinct per harness process and admin port, so an Envoy of a
         // previous run that is still exiting never shares a base id.
         let base_id = (std::process::id() % 10_000) * 10 + u32::from(admin) % 10;
-        let child = cmd
-            .arg("-c")
-            .arg(&cfg)
-            .args([
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-            ])
-            .arg("--base-id")
-            .arg(base_id.to_string())
+        let child = proxy_args(&mut cmd, &cfg, base_id)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("stdout"))?)
             .stderr(std::fs::File::create(dir.join("stderr"))?)

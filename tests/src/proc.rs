@@ -134,6 +134,24 @@ pub fn admin_port(config: &str) -> anyhow::Result<u16> {
     u16::try_from(port).context("admin port out of range")
 }
 
+/// Appends the command line every proxy process of the tests and benches
+/// gets (weir's is Envoy's): bootstrap file `config`, one worker, warnings
+/// only, no hot restart, `base_id` (distinct per concurrent process: Envoy
+/// names its shared memory and domain sockets after it).
+pub fn proxy_args<'a>(cmd: &'a mut Command, config: &Path, base_id: u32) -> &'a mut Command {
+    cmd.arg("-c")
+        .arg(config)
+        .args([
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+        ])
+        .arg("--base-id")
+        .arg(base_id.to_string())
+}
+
 /// A running proxy process, killed on drop.
 pub struct ProxyProc {
     kind: &'static str,
@@ -187,18 +205,7 @@ impl ProxyProc {
         // Unique per process and launch so parallel Envoys never share a
         // base id (shared-memory / domain-socket names).
         let base_id = (std::process::id() % 10_000) * 100 + seq % 100;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&cfg)
-            .args([
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-            ])
-            .arg("--base-id")
-            .arg(base_id.to_string())
+        let child = proxy_args(&mut Command::new(binary), &cfg, base_id)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(stdout)
