@@ -3,12 +3,16 @@
 
 # release_weir <tag>: sets WEIR_BIN unless it is set: a release build of
 # $COMMIT exported with `git archive` (the binary is exactly that commit,
-# whatever the working tree holds), copied to /tmp/weir-<tag>-weir-<short>.
+# whatever the working tree holds), copied to weir-<tag>-<short>. The
+# export and the copy stay in $CARGO_TARGET_DIR/commits (a cache next to
+# the build they belong to: a later run of the same commit rebuilds
+# nothing), not as loose entries in /tmp.
 release_weir() {
     [ -n "${WEIR_BIN:-}" ] && return 0
     local short src
     short="$(git rev-parse --short "$COMMIT")"
-    src="/tmp/weir-$1-src-$short"
+    mkdir -p "$CARGO_TARGET_DIR/commits"
+    src="$CARGO_TARGET_DIR/commits/$1-src-$short"
     if [ ! -f "$src/Cargo.toml" ]; then
         rm -rf "$src.tmp"
         mkdir -p "$src.tmp"
@@ -16,7 +20,7 @@ release_weir() {
         mv "$src.tmp" "$src"
     fi
     (cd "$src" && cargo build --release -p weir)
-    WEIR_BIN="/tmp/weir-$1-weir-$short"
+    WEIR_BIN="$CARGO_TARGET_DIR/commits/weir-$1-$short"
     cp "$CARGO_TARGET_DIR/release/weir" "$WEIR_BIN"
 }
 

@@ -130,6 +130,8 @@ pub fn vhosts_yaml(n: usize) -> String {
     bootstrap_yaml(&vhosts)
 }
 
+pub mod proxy;
+
 /// Process and machine CPU and memory from `/proc`, for the macro benchmark
 /// binaries (`hbone_bench`, `xds_scale`).
 pub mod procfs {

@@ -1,5 +1,6 @@
 //! Envoy v3 bootstrap builders shared by the scenario suites (JSON, which
-//! both weir and Envoy accept), and the waits scenario tests repeat.
+//! both weir and Envoy accept; [`HttpYaml`] and [`yaml_bootstrap`] for the
+//! suites that write YAML text), and the waits scenario tests repeat.
 //!
 //! A suite composes these and adds only what its feature needs, e.g.:
 //!
@@ -11,12 +12,12 @@
 //!     ])])], vec![cluster("echo", &[port], json!({}))])
 //! });
 //! ```
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::scenario::{Ports, Proxy};
+use crate::tmp::TempFile;
 
 pub const HCM: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -156,14 +157,11 @@ pub fn bootstrap(p: &Ports, listeners: Vec<Value>, clusters: Vec<Value>) -> Stri
     .to_string()
 }
 
-/// A fresh (removed if present) log file path `name.log` in a temporary
-/// directory of this test process and `suite`.
-pub fn log_path(suite: &str, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-{suite}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// A log file path `name.log` (not created) in a fresh temporary directory
+/// `weir-<suite>-...` of its own, removed when the guard is dropped (see
+/// [`crate::tmp`]).
+pub fn log_path(suite: &str, name: &str) -> TempFile {
+    TempFile::new(suite, &format!("{name}.log"))
 }
 
 /// Waits (about 2 s at most) until stat `name` satisfies `ok`; returns its
@@ -303,4 +301,145 @@ pub fn downstream_mtls_h2(server: &crate::tls::LeafFiles, ca_file: &std::path::P
             "validation_context": {"trusted_ca": {"filename": ca_file.display().to_string()}},
         },
     }})
+}
+
+// === YAML bootstraps ===
+//
+// Some suites write their bootstraps as YAML text, the way an operator
+// writes one. These are the parts they all repeat; what a test configures
+// stays in the test, as YAML lines at the indentation each field names
+// (a part ending without a newline gets one).
+
+/// A YAML bootstrap: the admin on `p.admin`, `top` (more top-level fields,
+/// indent 0), listener `l` on `p.listen` with one filter chain of network
+/// filter list items `filters` (indent 6), cluster list items `clusters`
+/// (indent 2; none: `clusters: []`).
+pub fn yaml_bootstrap(p: &Ports, top: &str, filters: &str, clusters: &str) -> String {
+    yaml_bootstrap_with(p, top, "", filters, clusters)
+}
+
+/// [`yaml_bootstrap`] with more fields of listener `l` (`listener`, indent 4).
+fn yaml_bootstrap_with(
+    p: &Ports,
+    top: &str,
+    listener: &str,
+    filters: &str,
+    clusters: &str,
+) -> String {
+    let mut y = format!("admin: {{address: {}}}\n", yaml_sock(p.admin));
+    push_lines(&mut y, top);
+    y.push_str("static_resources:\n  listeners:\n  - name: l\n");
+    y.push_str(&format!("    address: {}\n", yaml_sock(p.listen)));
+    push_lines(&mut y, listener);
+    y.push_str("    filter_chains:\n    - filters:\n");
+    push_lines(&mut y, filters);
+    if clusters.trim().is_empty() {
+        y.push_str("  clusters: []\n");
+    } else {
+        y.push_str("  clusters:\n");
+        push_lines(&mut y, clusters);
+    }
+    y
+}
+
+/// An HTTP bootstrap in YAML ([`yaml_bootstrap`]): one HTTP connection
+/// manager (`stat_prefix: ingress`) whose inline route configuration `rc`
+/// has one virtual host `main` for every domain, the router the last HTTP
+/// filter. Empty parts add nothing:
+///
+/// ```ignore
+/// HttpYaml { hcm: &access_log, routes: &routes, clusters: &clusters, ..HttpYaml::default() }
+///     .render(ports)
+/// ```
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HttpYaml<'a> {
+    /// More top-level bootstrap fields (indent 0).
+    pub top: &'a str,
+    /// More fields of listener `l` (indent 4).
+    pub listener: &'a str,
+    /// More HCM fields (indent 10): `access_log`, codec options...
+    pub hcm: &'a str,
+    /// More `route_config` fields (indent 12).
+    pub rc: &'a str,
+    /// More fields of virtual host `main` (indent 14).
+    pub vhost: &'a str,
+    /// The route list items of `main` (indent 14).
+    pub routes: &'a str,
+    /// Virtual host list items (indent 12) instead of `main` (then `vhost`
+    /// and `routes` are not used).
+    pub vhosts: &'a str,
+    /// HTTP filter list items before the router (indent 10).
+    pub filters: &'a str,
+    /// Cluster list items (indent 2), e.g. [`yaml_cluster`]s.
+    pub clusters: &'a str,
+}
+
+impl HttpYaml<'_> {
+    /// The bootstrap with the admin and listener on `p`'s ports.
+    pub fn render(&self, p: &Ports) -> String {
+        let mut f = format!(
+            "      - name: hcm\n        typed_config:\n          \"@type\": {HCM}\n          stat_prefix: ingress\n"
+        );
+        push_lines(&mut f, self.hcm);
+        f.push_str("          route_config:\n            name: rc\n");
+        push_lines(&mut f, self.rc);
+        f.push_str("            virtual_hosts:\n");
+        if self.vhosts.is_empty() {
+            f.push_str("            - name: main\n              domains: [\"*\"]\n");
+            push_lines(&mut f, self.vhost);
+            f.push_str("              routes:\n");
+            push_lines(&mut f, self.routes);
+        } else {
+            push_lines(&mut f, self.vhosts);
+        }
+        f.push_str("          http_filters:\n");
+        push_lines(&mut f, self.filters);
+        f.push_str(&format!(
+            "          - name: envoy.filters.http.router\n            typed_config: {{\"@type\": {ROUTER}}}\n"
+        ));
+        yaml_bootstrap_with(p, self.top, self.listener, &f, self.clusters)
+    }
+}
+
+/// A STATIC cluster list item (indent 2) `name` over 127.0.0.1 `ports`
+/// (`extra`: more cluster fields, indent 4).
+pub fn yaml_cluster(name: &str, ports: &[u16], extra: &str) -> String {
+    let mut y = format!("  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n");
+    push_lines(&mut y, extra);
+    y.push_str(&format!(
+        "    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n"
+    ));
+    for port in ports {
+        y.push_str(&format!(
+            "        - endpoint: {{address: {}}}\n",
+            yaml_sock(*port)
+        ));
+    }
+    y
+}
+
+/// An `access_log` field at `indent` (10 in an HCM or a `tcp_proxy`)
+/// writing one line of text `format` (YAML double-quoted string content,
+/// without the newline) per request or connection to `path`.
+pub fn yaml_file_log(path: &std::path::Path, format: &str, indent: usize) -> String {
+    let i = " ".repeat(indent);
+    format!(
+        "{i}access_log:\n{i}- name: envoy.access_loggers.file\n{i}  typed_config:\n{i}    \"@type\": {FILE_LOG}\n{i}    path: {}\n{i}    log_format: {{text_format_source: {{inline_string: \"{format}\\n\"}}}}\n",
+        path.display()
+    )
+}
+
+/// A `socket_address` on 127.0.0.1 as a YAML flow mapping.
+fn yaml_sock(port: u16) -> String {
+    format!("{{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}")
+}
+
+/// Appends `lines`, ending them with a newline when they do not.
+fn push_lines(y: &mut String, lines: &str) {
+    if !lines.is_empty() {
+        y.push_str(lines);
+        if !lines.ends_with('\n') {
+            y.push('\n');
+        }
+    }
 }

@@ -13,6 +13,7 @@ pub mod proc;
 pub mod scenario;
 pub mod tcp;
 pub mod tls;
+pub mod tmp;
 pub mod tunnel;
 pub mod upstream;
 pub mod waypoint;

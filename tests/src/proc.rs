@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::tmp::TempDir;
+
 /// How long a proxy may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -132,11 +134,31 @@ pub fn admin_port(config: &str) -> anyhow::Result<u16> {
     u16::try_from(port).context("admin port out of range")
 }
 
+/// Appends the command line every proxy process of the tests and benches
+/// gets (weir's is Envoy's): bootstrap file `config`, one worker, warnings
+/// only, no hot restart, `base_id` (distinct per concurrent process: Envoy
+/// names its shared memory and domain sockets after it).
+pub fn proxy_args<'a>(cmd: &'a mut Command, config: &Path, base_id: u32) -> &'a mut Command {
+    cmd.arg("-c")
+        .arg(config)
+        .args([
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+        ])
+        .arg("--base-id")
+        .arg(base_id.to_string())
+}
+
 /// A running proxy process, killed on drop.
 pub struct ProxyProc {
     kind: &'static str,
     child: Child,
-    dir: PathBuf,
+    /// Rendered bootstrap, stdout, stderr; removed after the child is
+    /// killed (fields drop after [`Drop::drop`]).
+    dir: TempDir,
     admin_port: u16,
 }
 
@@ -175,28 +197,15 @@ impl ProxyProc {
     ) -> anyhow::Result<ProxyProc> {
         let admin_port = admin_port(config)?;
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("weir-tests-{kind}-{}-{seq}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let cfg = dir.join("bootstrap.yaml");
+        let dir = TempDir::new(&format!("tests-{kind}")).context("create temp dir")?;
+        let cfg = dir.path().join("bootstrap.yaml");
         std::fs::write(&cfg, config).with_context(|| format!("write {}", cfg.display()))?;
-        let stderr = std::fs::File::create(dir.join("stderr"))?;
-        let stdout = std::fs::File::create(dir.join("stdout"))?;
+        let stderr = std::fs::File::create(dir.path().join("stderr"))?;
+        let stdout = std::fs::File::create(dir.path().join("stdout"))?;
         // Unique per process and launch so parallel Envoys never share a
         // base id (shared-memory / domain-socket names).
         let base_id = (std::process::id() % 10_000) * 100 + seq % 100;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&cfg)
-            .args([
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-            ])
-            .arg("--base-id")
-            .arg(base_id.to_string())
+        let child = proxy_args(&mut Command::new(binary), &cfg, base_id)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -223,12 +232,12 @@ impl ProxyProc {
 
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }
 
     /// Everything the process wrote to stdout so far.
     pub fn stdout(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
     }
 
     /// Whether the process is still running.
@@ -273,9 +282,6 @@ impl Drop for ProxyProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::env::var_os("WEIR_TESTS_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

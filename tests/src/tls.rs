@@ -42,7 +42,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -66,6 +66,9 @@ use rustls::{
     ClientConfig, CommonState, HandshakeKind, RootCertStore, ServerConfig, SignatureScheme,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where tests keep certificates: see [`crate::tmp`].
+pub use crate::tmp::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -647,48 +650,6 @@ impl TestCa {
             pem: crl.pem().unwrap_or_else(|e| panic!("CRL PEM: {e}")),
             der: crl.der().to_vec(),
         }
-    }
-}
-
-/// A directory under the system temp dir, removed (with its contents) on
-/// drop. For `filename:` paths in proxy configs.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(prefix: &str) -> std::io::Result<TempDir> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "weir-{prefix}-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path)?;
-        Ok(TempDir { path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Writes `contents` to `<dir>/<name>` and returns the absolute path.
-    /// Panics on I/O errors.
-    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
-        let p = self.path.join(name);
-        std::fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

@@ -26,11 +26,11 @@ const PER_ROUTE: &str =
 
 /// A proxy with the buffer filter (`max_request_bytes: 16`) in front of an
 /// echo upstream: `/` uses it, `/off` disables it, `/big` raises the limit.
-async fn proxy(name: &str) -> (Proxy, upstream::EchoServer, std::path::PathBuf) {
+async fn proxy(name: &str) -> (Proxy, upstream::EchoServer, weir_tests::tmp::TempFile) {
     let echo = upstream::http1("echo").await.expect("echo upstream");
     let port = echo.port();
     let log = log_path("buffer", name);
-    let l = log.clone();
+    let l = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         let per = |v: serde_json::Value| {
             json!({"typed_per_filter_config": {"envoy.filters.http.buffer":

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use weir_tests::scenario::{Http, Target};
+use weir_tests::tmp::TempDir;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -31,14 +32,8 @@ fn binary() -> PathBuf {
 }
 
 /// A fresh temporary directory for one test.
-fn tmp_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "weir-cli-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&d).expect("tmp dir");
-    d
+fn tmp_dir() -> TempDir {
+    TempDir::new("cli").expect("tmp dir")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use weir_tests::config::{yaml_bootstrap, yaml_cluster, yaml_file_log, HttpYaml, TCP_PROXY};
 use weir_tests::scenario::{Ports, Proxy, Target};
 use weir_tests::upstream;
 
@@ -37,60 +38,18 @@ async fn read_head(s: &mut TcpStream) -> String {
 /// 10), `routes` route list items (indent 14), `clusters` list items
 /// (indent 2).
 fn bootstrap(p: &Ports, hcm: &str, routes: &str, clusters: &str) -> String {
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-{hcm}          route_config:
-            name: rc
-            virtual_hosts:
-            - name: main
-              domains: ["*"]
-              routes:
-{routes}          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:{clusters}"#,
-        admin = p.admin,
-        listen = p.listen,
-        clusters = if clusters.is_empty() {
-            " []\n".to_owned()
-        } else {
-            format!("\n{clusters}")
-        },
-    )
+    HttpYaml {
+        hcm,
+        routes,
+        clusters,
+        ..HttpYaml::default()
+    }
+    .render(p)
 }
 
-/// A STATIC cluster `name` on 127.0.0.1:`port` (`extra`: more fields, indent 4).
-fn cluster(name: &str, port: u16, extra: &str) -> String {
-    format!(
-        "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n{extra}    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}\n"
-    )
-}
-
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-conn-gaps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-/// A file access log (HCM or tcp_proxy field list item at `indent`).
-fn file_log(path: &std::path::Path, format: &str, indent: usize) -> String {
-    let i = " ".repeat(indent);
-    format!(
-        "{i}access_log:\n{i}- name: envoy.access_loggers.file\n{i}  typed_config:\n{i}    \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n{i}    path: {}\n{i}    log_format: {{text_format_source: {{inline_string: \"{format}\\n\"}}}}\n",
-        path.display()
-    )
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> weir_tests::tmp::TempFile {
+    weir_tests::config::log_path("conn-gaps", name)
 }
 
 /// An HTTP/2 prior-knowledge connection to `addr` (the `h2` crate client);
@@ -145,7 +104,7 @@ async fn h2_max_requests_per_connection_sends_goaway() {
     let up = upstream::http1("a").await.expect("upstream");
     let hcm = "          common_http_protocol_options: {max_requests_per_connection: 2}\n          drain_timeout: 0.2s\n";
     let routes = "              - match: {prefix: /}\n                route: {cluster: a}\n";
-    let clusters = cluster("a", up.port(), "");
+    let clusters = yaml_cluster("a", &[up.port()], "");
     let p = Proxy::start(|ports| bootstrap(ports, hcm, routes, &clusters));
     let addr = p.addr();
     let (send, conn) = h2_connect(addr).await;
@@ -444,11 +403,11 @@ async fn h2_websocket(addr: SocketAddr, path: &str, upstream_h1: bool) -> u16 {
 async fn websocket_over_h2_to_h1_upstream() {
     let (up, heads) = ws_h1_upstream().await;
     let routes = "              - match: {prefix: /off}\n                route: {cluster: ws, upgrade_configs: [{upgrade_type: websocket, enabled: false}]}\n              - match: {prefix: /}\n                route: {cluster: ws}\n";
-    let clusters = cluster("ws", up.port(), "");
+    let clusters = yaml_cluster("ws", &[up.port()], "");
     let log = log_path("ws-h2-h1");
     let hcm = format!(
         "{WS_HCM}{}",
-        file_log(
+        yaml_file_log(
             &log,
             "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %REQ(UPGRADE)% %UPSTREAM_HOST%",
             10
@@ -483,7 +442,7 @@ async fn websocket_over_h2_to_h1_upstream() {
 async fn websocket_to_h2_upstream() {
     let (up, seen) = ws_h2_upstream(None).await;
     let routes = "              - match: {prefix: /}\n                route: {cluster: ws}\n";
-    let clusters = cluster("ws", up.port(), H2_CLUSTER);
+    let clusters = yaml_cluster("ws", &[up.port()], H2_CLUSTER);
     let p = Proxy::start(|ports| bootstrap(ports, WS_HCM, routes, &clusters));
     let mut s = TcpStream::connect(p.addr()).await.expect("connect");
     s.write_all(
@@ -577,13 +536,13 @@ async fn addr_upstream(raw: bool) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
 async fn upstream_local_address_in_log_and_headers() {
     let (up, peers) = addr_upstream(false).await;
     let log = log_path("http");
-    let hcm = file_log(
+    let hcm = yaml_file_log(
         &log,
         "%REQ(:PATH)% %UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %UPSTREAM_LOCAL_PORT% %UPSTREAM_HOST%",
         10,
     );
     let routes = "              - match: {prefix: /direct}\n                direct_response: {status: 200}\n              - match: {prefix: /}\n                route: {cluster: a}\n                response_headers_to_add:\n                - header: {key: x-up-local, value: \"%UPSTREAM_LOCAL_ADDRESS%\"}\n";
-    let clusters = cluster("a", up.port(), "");
+    let clusters = yaml_cluster("a", &[up.port()], "");
     let p = Proxy::start(|ports| bootstrap(ports, &hcm, routes, &clusters));
     let http = weir_tests::scenario::Http::h1();
     let base = p.base();
@@ -619,32 +578,21 @@ async fn upstream_local_address_in_log_and_headers() {
 async fn tcp_proxy_upstream_local_address() {
     let (up, peers) = addr_upstream(true).await;
     let log = log_path("tcp");
-    let access = file_log(
+    let access = yaml_file_log(
         &log,
         "%UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_LOCAL_PORT% %UPSTREAM_HOST%",
         10,
     );
-    let clusters = cluster("a", up.port(), "");
-    let p = Proxy::start(|ports| {
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: tcp
+    let clusters = yaml_cluster("a", &[up.port()], "");
+    let tcp = format!(
+        r#"      - name: tcp
         typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          "@type": {TCP_PROXY}
           stat_prefix: tcp
           cluster: a
-{access}  clusters:
-{clusters}"#,
-            admin = ports.admin,
-            listen = ports.listen,
-        )
-    });
+{access}"#
+    );
+    let p = Proxy::start(|ports| yaml_bootstrap(ports, "", &tcp, &clusters));
     let mut s = TcpStream::connect(p.addr()).await.expect("connect");
     let mut got = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut got))
@@ -667,7 +615,7 @@ static_resources:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_upstream_local_address() {
     let log = log_path("internal");
-    let access = file_log(
+    let access = yaml_file_log(
         &log,
         "%UPSTREAM_LOCAL_ADDRESS% %UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %UPSTREAM_LOCAL_PORT%",
         10,
@@ -757,7 +705,7 @@ async fn websocket_to_alpn_h2_upstream() {
     let (up, seen) = ws_h2_upstream(Some(h2_tls_acceptor())).await;
     let routes = "              - match: {prefix: /}\n                route: {cluster: ws}\n";
     let extra = "    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: up.test\n        common_tls_context: {alpn_protocols: [h2, http/1.1]}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        auto_config: {http2_protocol_options: {}}\n";
-    let clusters = cluster("ws", up.port(), extra);
+    let clusters = yaml_cluster("ws", &[up.port()], extra);
     let p = Proxy::start(|ports| bootstrap(ports, WS_HCM, routes, &clusters));
     // Twice: on the connection ALPN makes, and on the pooled one.
     for i in 0..2 {

@@ -2,21 +2,22 @@
 //! Every test runs against weir in-process by default and against real
 //! Envoy with `WEIR_SCENARIO_TARGET=envoy` (see `weir_tests::scenario`),
 //! which is how the expectations were checked.
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
+use weir_tests::config::{yaml_cluster, yaml_file_log, HttpYaml};
 use weir_tests::scenario::{Http, Ports, Proxy, Resp};
+use weir_tests::tmp::TempFile;
 use weir_tests::upstream::{self, EchoServer};
 
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const POLICY: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
 const LOG_FORMAT: &str = "%RESPONSE_CODE% %REQ(:PATH)% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%";
 
 /// A bootstrap: listener `l` with the CORS filter (then, optionally, the
 /// fault filter) and the router, an access log, cluster `a` (the echo
 /// upstream).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Cfg {
     /// Routes of the one virtual host (list items at indent 14).
     routes: String,
@@ -26,7 +27,8 @@ struct Cfg {
     rc_extra: String,
     /// The fault filter's HTTPFault body, after the CORS filter (empty: none).
     fault: String,
-    log: PathBuf,
+    /// Shared by the clone the bootstrap closure renders.
+    log: Arc<TempFile>,
     port: u16,
 }
 
@@ -34,9 +36,11 @@ impl Cfg {
     fn new(routes: &str, up: &EchoServer, log: &str) -> Cfg {
         Cfg {
             routes: routes.to_owned(),
-            log: log_path(log),
+            vhost_extra: String::new(),
+            rc_extra: String::new(),
+            fault: String::new(),
+            log: Arc::new(log_path(log)),
             port: up.port(),
-            ..Cfg::default()
         }
     }
 
@@ -56,43 +60,18 @@ impl Cfg {
                 "          - name: envoy.filters.http.fault\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, {fault}}}\n"
             )
         };
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {log}
-              log_format: {{text_format_source: {{inline_string: "{LOG_FORMAT}\n"}}}}
-          route_config:
-            name: rc
-{rc_extra}            virtual_hosts:
-            - name: main
-              domains: ["*"]
-{vhost_extra}              routes:
-{routes}
-          http_filters:
-          - name: envoy.filters.http.cors
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}
-{fault}          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - {{name: a, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: a, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}}}
-"#,
-            admin = p.admin,
-            listen = p.listen,
-            log = log.display(),
-        )
+        HttpYaml {
+            hcm: &yaml_file_log(log, LOG_FORMAT, 10),
+            rc: rc_extra,
+            vhost: vhost_extra,
+            routes,
+            filters: &format!(
+                "          - name: envoy.filters.http.cors\n            typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}\n{fault}"
+            ),
+            clusters: &yaml_cluster("a", &[*port], ""),
+            ..HttpYaml::default()
+        }
+        .render(p)
     }
 
     fn start(&self) -> Proxy {
@@ -101,12 +80,9 @@ static_resources:
     }
 }
 
-fn log_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-cors-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> TempFile {
+    weir_tests::config::log_path("cors", name)
 }
 
 /// One route `prefix -> a` with extra route fields (indent 16).

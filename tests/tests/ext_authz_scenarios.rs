@@ -864,6 +864,7 @@ async fn istio_custom_policy_selects_requests_through_rbac_shadow_metadata() {
         "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
         "value": {"string_match": {"prefix": "istio-ext-authz"}},
     }}));
+    let l = &*log;
     let p = Proxy::start(move |ports| {
         bootstrap(
             ports,
@@ -874,7 +875,7 @@ async fn istio_custom_policy_selects_requests_through_rbac_shadow_metadata() {
                     "ingress",
                     vec![rbac.clone(), authz_filter.clone()],
                     vec![vhost("vh", vec![route("/", "echo", json!({}))], json!({}))],
-                    json!({"access_log": [file_log(&log, LOG_FORMAT)]}),
+                    json!({"access_log": [file_log(l, LOG_FORMAT)]}),
                 )])],
             )],
             vec![

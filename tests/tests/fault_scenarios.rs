@@ -2,22 +2,23 @@
 //! upstream. Every test runs against weir in-process by default and against
 //! real Envoy with `WEIR_SCENARIO_TARGET=envoy` (see `weir_tests::scenario`),
 //! which is how the expectations were checked.
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use weir_tests::config::{yaml_cluster, yaml_file_log, HttpYaml};
 use weir_tests::scenario::{Http, Ports, Proxy};
+use weir_tests::tmp::TempFile;
 use weir_tests::upstream::{self, EchoServer};
 
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const FAULT: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
 const LOG_FORMAT: &str = "%RESPONSE_CODE% %REQ(:PATH)% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%";
 
 /// A bootstrap: listener `l` with the fault filter (`fault` is the body of
 /// its HTTPFault, without `@type`), an access log, clusters `a` and `b`
 /// (both the echo upstream).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Cfg {
     fault: String,
     /// Routes of the one virtual host (list items at indent 14).
@@ -26,7 +27,8 @@ struct Cfg {
     vhost_extra: String,
     /// Extra route configuration fields (indent 12).
     rc_extra: String,
-    log: PathBuf,
+    /// Shared by the clone the bootstrap closure renders.
+    log: Arc<TempFile>,
     port: u16,
 }
 
@@ -35,9 +37,10 @@ impl Cfg {
         Cfg {
             fault: fault.to_owned(),
             routes: routes.to_owned(),
-            log: log_path(log),
+            vhost_extra: String::new(),
+            rc_extra: String::new(),
+            log: Arc::new(log_path(log)),
             port: up.port(),
-            ..Cfg::default()
         }
     }
 
@@ -51,44 +54,18 @@ impl Cfg {
             port,
         } = self;
         let sep = if fault.is_empty() { "" } else { ", " };
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {log}
-              log_format: {{text_format_source: {{inline_string: "{LOG_FORMAT}\n"}}}}
-          route_config:
-            name: rc
-{rc_extra}            virtual_hosts:
-            - name: main
-              domains: ["*"]
-{vhost_extra}              routes:
-{routes}
-          http_filters:
-          - name: envoy.filters.http.fault
-            typed_config: {{"@type": {FAULT}{sep}{fault}}}
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - {{name: a, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: a, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}}}
-  - {{name: b, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: b, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}}}
-"#,
-            admin = p.admin,
-            listen = p.listen,
-            log = log.display(),
-        )
+        HttpYaml {
+            hcm: &yaml_file_log(log, LOG_FORMAT, 10),
+            rc: rc_extra,
+            vhost: vhost_extra,
+            routes,
+            filters: &format!(
+                "          - name: envoy.filters.http.fault\n            typed_config: {{\"@type\": {FAULT}{sep}{fault}}}\n"
+            ),
+            clusters: &(yaml_cluster("a", &[*port], "") + &yaml_cluster("b", &[*port], "")),
+            ..HttpYaml::default()
+        }
+        .render(p)
     }
 
     fn start(&self) -> Proxy {
@@ -97,12 +74,9 @@ static_resources:
     }
 }
 
-fn log_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-fault-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> TempFile {
+    weir_tests::config::log_path("fault", name)
 }
 
 /// One route `prefix -> cluster` with extra route fields (indent 16).

@@ -60,11 +60,11 @@ fn rbac_allow(key: &str, want: &str) -> Value {
 async fn proxy(
     name: &str,
     http_filters: Vec<Value>,
-) -> (Proxy, upstream::EchoServer, std::path::PathBuf) {
+) -> (Proxy, upstream::EchoServer, weir_tests::tmp::TempFile) {
     let echo = upstream::http1("echo").await.expect("echo upstream");
     let port = echo.port();
     let log = log_path("filter-state", name);
-    let l = log.clone();
+    let l = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         let r = route(
             "/",
@@ -211,7 +211,7 @@ async fn connection_filter_state_reaches_http_filters() {
     let echo = upstream::http1("echo").await.expect("echo upstream");
     let port = echo.port();
     let log = log_path("filter-state", "network");
-    let l = log.clone();
+    let l = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         let net = filter(
             "envoy.filters.network.set_filter_state",

@@ -14,10 +14,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use weir_tests::config::{yaml_bootstrap, HttpYaml};
 use weir_tests::scenario::{Http, Ports, Proxy};
-
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -181,33 +179,14 @@ fn bootstrap(p: &Ports, filters: &str, routes: &str, clusters: &str) -> String {
 
 /// [`bootstrap`] with more HCM fields (`hcm`: lines at indent 10).
 fn bootstrap_hcm(p: &Ports, hcm: &str, filters: &str, routes: &str, clusters: &str) -> String {
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-{hcm}          route_config:
-            name: rc
-            virtual_hosts:
-            - name: main
-              domains: ["*"]
-              routes:
-{routes}
-          http_filters:
-{filters}          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{clusters}"#,
-        admin = p.admin,
-        listen = p.listen,
-    )
+    HttpYaml {
+        hcm,
+        filters,
+        routes,
+        clusters,
+        ..HttpYaml::default()
+    }
+    .render(p)
 }
 
 // --- gRPC stats
@@ -765,23 +744,10 @@ const ISTIO_PROMETHEUS_HCM: &str = r#"{"@type": "type.googleapis.com/envoy.exten
 async fn istio_prometheus_listener_compresses() {
     let up = text_upstream().await;
     let clusters = cluster("prometheus_stats", up, false);
-    let p = Proxy::start(move |p| {
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config: {ISTIO_PROMETHEUS_HCM}
-  clusters:
-{clusters}"#,
-            admin = p.admin,
-            listen = p.listen,
-        )
-    });
+    let hcm = format!(
+        "      - name: envoy.filters.network.http_connection_manager\n        typed_config: {ISTIO_PROMETHEUS_HCM}\n"
+    );
+    let p = Proxy::start(move |p| yaml_bootstrap(p, "", &hcm, &clusters));
     // Prometheus asks for gzip; curl-like clients for several.
     for (accept, want) in [
         ("gzip", Some("gzip")),

@@ -10,51 +10,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use weir_tests::config::{yaml_cluster, HttpYaml};
 use weir_tests::scenario::{Ports, Proxy};
 use weir_tests::upstream;
 
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-
+/// Listener `l` (request ids on responses) to cluster `a` on `upstream`.
 fn config(p: &Ports, upstream: u16) -> String {
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-          codec_type: AUTO
-          always_set_request_id_in_response: true
-          route_config:
-            name: rc
-            virtual_hosts:
-            - name: main
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: a}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: a
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: a
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}
-"#,
-        admin = p.admin,
-        listen = p.listen,
-    )
+    HttpYaml {
+        hcm: "          codec_type: AUTO\n          always_set_request_id_in_response: true\n",
+        routes: "              - {match: {prefix: \"/\"}, route: {cluster: a}}\n",
+        clusters: &yaml_cluster("a", &[upstream], ""),
+        ..HttpYaml::default()
+    }
+    .render(p)
 }
 
 /// The representation of one header field (RFC 7541 section 6).

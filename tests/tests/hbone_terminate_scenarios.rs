@@ -162,7 +162,7 @@ async fn exact_shape_tunnels_and_sets_filter_state() {
     let path = log_path("hbone", "state");
     let mut o = Opts::to(echo.port());
     o.access_log = Some((
-        path.clone(),
+        path.to_path_buf(),
         "%RESPONSE_CODE% %FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)% \
          %FILTER_STATE(io.istio.peer_principal:PLAIN)% %FILTER_STATE(io.istio.local_principal:PLAIN)% \
          %FILTER_STATE(io.istio.peer_principal)% %DOWNSTREAM_PEER_URI_SAN% %DOWNSTREAM_LOCAL_URI_SAN% \
@@ -210,7 +210,7 @@ async fn address_objects_in_the_access_log() {
     let path = log_path("hbone", "address");
     let mut o = Opts::to(echo.port());
     o.access_log = Some((
-        path.clone(),
+        path.to_path_buf(),
         "%REQ(:AUTHORITY)% %FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)% \
          %FILTER_STATE(envoy.filters.listener.original_dst.local_ip)% \
          %FILTER_STATE(envoy.filters.listener.original_dst.remote_ip:PLAIN)% %DOWNSTREAM_REMOTE_ADDRESS%\n",
@@ -256,7 +256,7 @@ async fn remote_address_from_xff_without_use_remote_address() {
     let path = log_path("hbone", "xff");
     let mut o = Opts::to(echo.port());
     o.access_log = Some((
-        path.clone(),
+        path.to_path_buf(),
         "%FILTER_STATE(envoy.filters.listener.original_dst.remote_ip:PLAIN)% \
          %DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%\n",
     ));
@@ -692,7 +692,7 @@ async fn baggage_peer_metadata() {
     let path = log_path("hbone", "baggage");
     let mut o = Opts::to(echo.port());
     o.access_log = Some((
-        path.clone(),
+        path.to_path_buf(),
         "%FILTER_STATE(downstream_peer:PLAIN)% %FILTER_STATE(io.istio.peer_principal:PLAIN)%\n",
     ));
     let p = waypoint(&m, o);

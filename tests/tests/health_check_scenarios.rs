@@ -23,11 +23,14 @@ const LOG_FORMAT: &str = "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAIL
 /// A proxy (node cluster `gw`) with the health_check filter (`fields`;
 /// health checks are `GET /healthz`), a route to an echo upstream, an
 /// empty cluster `empty`, and an access log.
-async fn proxy(name: &str, fields: Value) -> (Proxy, upstream::EchoServer, std::path::PathBuf) {
+async fn proxy(
+    name: &str,
+    fields: Value,
+) -> (Proxy, upstream::EchoServer, weir_tests::tmp::TempFile) {
     let echo = upstream::http1("echo").await.expect("echo upstream");
     let port = echo.port();
     let log = log_path("health-check", name);
-    let l = log.clone();
+    let l = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         let mut f = json!({"headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}]});
         if let (Some(o), Value::Object(e)) = (f.as_object_mut(), fields.clone()) {

@@ -9,11 +9,12 @@
 //! cargo test -p weir-tests --test http_ratelimit_scenarios
 //! WEIR_SCENARIO_TARGET=envoy cargo test -p weir-tests --test http_ratelimit_scenarios
 //! ```
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
 use weir_tests::scenario::{echo_header, Http, Ports, Proxy, Resp};
+use weir_tests::tmp::TempFile;
 use weir_tests::upstream::{self, EchoServer};
 
 const HCM: &str =
@@ -29,12 +30,9 @@ fn sock(port: u16) -> Value {
     json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
 }
 
-fn log_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-http-rl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> TempFile {
+    weir_tests::config::log_path("http-rl", name)
 }
 
 /// A token bucket of `max` tokens, one more every `interval`.
@@ -76,7 +74,8 @@ struct Cfg {
     filter: Value,
     routes: Vec<Value>,
     vhost_extra: Value,
-    log: PathBuf,
+    /// Shared by the clone the bootstrap closure renders.
+    log: Arc<TempFile>,
     up: u16,
     h2_upstream: bool,
 }
@@ -87,7 +86,7 @@ impl Cfg {
             filter,
             routes,
             vhost_extra: json!({}),
-            log: log_path(log),
+            log: Arc::new(log_path(log)),
             up: up.port(),
             h2_upstream: false,
         }
@@ -122,7 +121,7 @@ impl Cfg {
                         "typed_config": {
                             "@type": HCM, "stat_prefix": "ingress",
                             "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-                                "@type": FILE_LOG, "path": self.log,
+                                "@type": FILE_LOG, "path": self.log.display().to_string(),
                                 "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}},
                             }}],
                             "route_config": {"name": "rc", "virtual_hosts": [vh]},

@@ -209,7 +209,7 @@ async fn tokens_requirements_and_failures() {
         ],
     });
     let port = up.port();
-    let log_file = log.clone();
+    let log_file = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         let per_route = json!({"typed_per_filter_config": {"jwt": {
             "@type": JWT_PER_ROUTE, "requirement_name": "ec"}}});

@@ -262,7 +262,7 @@ async fn rules_set_connection_metadata_seen_by_the_tcp_proxy_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_streams_do_not_see_connection_metadata() {
     let path = log_path(SUITE, "http-rules");
-    let log = path.clone();
+    let log = path.to_path_buf();
     let p = Proxy::start(move |ports| {
         let rules = json!({"rules": [
             {"tlv_type": 0x02, "on_tlv_present": {"key": "authority"}},

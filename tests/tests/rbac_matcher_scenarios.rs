@@ -13,7 +13,6 @@
 //! WEIR_SCENARIO_TARGET=envoy cargo test -p weir-tests --test rbac_matcher_scenarios
 //! ```
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -98,11 +97,11 @@ async fn http_proxy(
     name: &str,
     rbac: Value,
     routes: Value,
-) -> (Proxy, upstream::EchoServer, PathBuf) {
+) -> (Proxy, upstream::EchoServer, weir_tests::tmp::TempFile) {
     let echo = upstream::http1("echo").await.expect("echo upstream");
     let port = echo.port();
     let log = log_path("rbac-matcher", name);
-    let l = log.clone();
+    let l = log.to_path_buf();
     let routes = if routes.is_null() {
         vec![route("/", "echo", json!({}))]
     } else {

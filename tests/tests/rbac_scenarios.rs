@@ -126,12 +126,9 @@ fn bootstrap(p: &Ports, chain: Value, chain2: Value, clusters: &[Value]) -> Stri
     .to_string()
 }
 
-fn log_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-rbac-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> weir_tests::tmp::TempFile {
+    weir_tests::config::log_path("rbac", name)
 }
 
 /// Waits until stat `name` is `want`.
@@ -154,11 +151,11 @@ async fn http_proxy(
     rbac: Value,
     routes: Value,
     vhost_extra: Value,
-) -> (Proxy, upstream::EchoServer, PathBuf) {
+) -> (Proxy, upstream::EchoServer, weir_tests::tmp::TempFile) {
     let echo = upstream::http1("echo").await.expect("echo upstream");
     let port = echo.port();
     let log = log_path(name);
-    let l = log.clone();
+    let l = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         bootstrap(
             ports,
@@ -493,7 +490,7 @@ async fn mtls_principal_allowed_others_denied() {
         ("any-authenticated-get-health", json!([{"url_path": {"path": {"exact": "/health"}}}]),
             json!([{"authenticated": {}}])),
     ])});
-    let (l, tls) = (log.clone(), pki.mtls());
+    let (l, tls) = (log.to_path_buf(), pki.mtls());
     let p = Proxy::start(move |ports| {
         bootstrap(
             ports,

@@ -6,64 +6,25 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir_tests::config::{yaml_bootstrap, yaml_cluster, yaml_file_log, HttpYaml, TCP_PROXY};
 use weir_tests::scenario::{Http, Ports, Proxy, Resp, StartOptions, Target};
 use weir_tests::upstream::{self, EchoServer};
 
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-
 /// A bootstrap with one HTTP listener `l` whose access log writes
-/// `%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%` to `log`.
+/// `%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %REQ(:PATH)%`
+/// to `log`.
 fn http_config(p: &Ports, log: &std::path::Path, routes: &str, clusters: &str) -> String {
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {log}
-              log_format:
-                text_format_source: {{inline_string: "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %REQ(:PATH)%\n"}}
-          route_config:
-            name: rc
-            virtual_hosts:
-            - name: main
-              domains: ["*"]
-              routes:
-{routes}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{clusters}"#,
-        admin = p.admin,
-        listen = p.listen,
-        log = log.display(),
-    )
-}
-
-/// A STATIC cluster `name` over `ports` with extra cluster fields
-/// (indented 4).
-fn cluster(name: &str, ports: &[u16], extra: &str) -> String {
-    let mut eps = String::new();
-    for port in ports {
-        eps.push_str(&format!(
-            "        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}\n"
-        ));
+    HttpYaml {
+        hcm: &yaml_file_log(
+            log,
+            "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %REQ(:PATH)%",
+            10,
+        ),
+        routes,
+        clusters,
+        ..HttpYaml::default()
     }
-    format!(
-        "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n{extra}    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n{eps}"
-    )
+    .render(p)
 }
 
 /// One route `prefix -> cluster` with extra route-action fields.
@@ -71,12 +32,9 @@ fn route(prefix: &str, cluster: &str, action_extra: &str) -> String {
     format!("              - match: {{prefix: \"{prefix}\"}}\n                route: {{cluster: {cluster}{action_extra}}}\n")
 }
 
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-resilience-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> weir_tests::tmp::TempFile {
+    weir_tests::config::log_path("resilience", name)
 }
 
 async fn echo(name: &str) -> EchoServer {
@@ -113,8 +71,8 @@ const OVERFLOW_BODY: &str =
 async fn breaker_gauges_exist_for_both_priorities() {
     let a = echo("a").await;
     let log = log_path("gauges");
-    let clusters = cluster("a", &[a.port()], "")
-        + &cluster(
+    let clusters = yaml_cluster("a", &[a.port()], "")
+        + &yaml_cluster(
             "t",
             &[a.port()],
             "    circuit_breakers:\n      thresholds:\n      - {max_connections: 5, max_pending_requests: 6, max_requests: 7, max_retries: 8, track_remaining: true}\n",
@@ -161,7 +119,7 @@ async fn breaker_gauges_exist_for_both_priorities() {
 async fn max_requests_overflow_is_503_uo() {
     let a = echo("a").await;
     let log = log_path("max_requests");
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {max_requests: 1, track_remaining: true}\n",
@@ -223,7 +181,7 @@ async fn max_requests_overflow_is_503_uo() {
 async fn max_requests_applies_to_http2_streams() {
     let a = upstream::http2("a").await.expect("h2 upstream");
     let log = log_path("max_requests_h2");
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n    circuit_breakers:\n      thresholds:\n      - {max_requests: 1}\n",
@@ -259,7 +217,7 @@ async fn max_requests_applies_to_http2_streams() {
 async fn pending_requests_wait_for_a_connection_then_overflow() {
     let a = echo("a").await;
     let log = log_path("pending");
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {max_connections: 1, max_pending_requests: 1, track_remaining: true}\n",
@@ -337,11 +295,11 @@ async fn retry_overflow_keeps_the_response_and_flags_uo() {
     let log = log_path("retries");
     // max_retries 0: no retry may start. The budget cluster: 0% with no
     // minimum concurrency allows none either.
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {max_retries: 0}\n",
-    ) + &cluster(
+    ) + &yaml_cluster(
         "b",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {track_remaining: true, retry_budget: {budget_percent: {value: 0}, min_retry_concurrency: 0}}\n",
@@ -395,7 +353,7 @@ async fn retry_overflow_keeps_the_response_and_flags_uo() {
 async fn high_priority_route_overflows_high_max_requests_only() {
     let a = echo("a").await;
     let log = log_path("high_max_requests");
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, max_requests: 1, track_remaining: true}\n",
@@ -461,7 +419,7 @@ async fn high_priority_route_overflows_high_max_requests_only() {
 async fn default_route_overflow_leaves_the_high_route_alone() {
     let a = echo("a").await;
     let log = log_path("default_max_requests");
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {priority: DEFAULT, max_requests: 1}\n      - {priority: HIGH, max_requests: 100, track_remaining: true}\n",
@@ -510,7 +468,7 @@ async fn default_route_overflow_leaves_the_high_route_alone() {
 async fn high_priority_connections_come_from_their_own_pool() {
     let a = echo("a").await;
     let log = log_path("high_pool");
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, max_connections: 1, max_pending_requests: 1, track_remaining: true}\n",
@@ -600,11 +558,11 @@ async fn high_priority_connections_come_from_their_own_pool() {
 async fn high_priority_route_uses_high_retry_limits() {
     let a = echo("a").await;
     let log = log_path("high_retries");
-    let clusters = cluster(
+    let clusters = yaml_cluster(
         "a",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, max_retries: 0}\n",
-    ) + &cluster(
+    ) + &yaml_cluster(
         "b",
         &[a.port()],
         "    circuit_breakers:\n      thresholds:\n      - {priority: HIGH, track_remaining: true, retry_budget: {budget_percent: {value: 0}, min_retry_concurrency: 0}}\n",
@@ -661,40 +619,21 @@ async fn high_priority_route_uses_high_retry_limits() {
 async fn tcp_proxy_connections_count_against_max_connections() {
     let up = weir_tests::tcp::tcp_echo_server().await.expect("tcp echo");
     let log = log_path("tcp");
-    let config = |p: &Ports| {
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: tcp
+    let tcp = format!(
+        r#"      - name: tcp
         typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          "@type": {TCP_PROXY}
           stat_prefix: t
           cluster: e
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: {log}
-              log_format:
-                text_format_source: {{inline_string: "%RESPONSE_FLAGS%\n"}}
-  clusters:
-{cluster}"#,
-            admin = p.admin,
-            listen = p.listen,
-            log = log.display(),
-            cluster = cluster(
-                "e",
-                &[up.port()],
-                "    circuit_breakers:\n      thresholds:\n      - {max_connections: 1}\n"
-            ),
-        )
-    };
-    let p = Proxy::start(config);
+{access}"#,
+        access = yaml_file_log(&log, "%RESPONSE_FLAGS%", 10),
+    );
+    let cluster = yaml_cluster(
+        "e",
+        &[up.port()],
+        "    circuit_breakers:\n      thresholds:\n      - {max_connections: 1}\n",
+    );
+    let p = Proxy::start(|p| yaml_bootstrap(p, "", &tcp, &cluster));
     let mut first = tokio::net::TcpStream::connect(p.addr())
         .await
         .expect("connect");
@@ -813,7 +752,7 @@ async fn until_ejected(p: &Proxy, path: &str) -> Vec<u16> {
 }
 
 fn od_cluster(ports: &[u16], od: &str, extra: &str) -> String {
-    cluster(
+    yaml_cluster(
         "c",
         ports,
         &format!("    outlier_detection: {{{od}}}\n{extra}"),
@@ -960,7 +899,7 @@ async fn istio_outlier_fields_and_panic_threshold() {
         "",
     );
     // Every host may go; with no panic threshold nothing is left.
-    let all = cluster(
+    let all = yaml_cluster(
         "d",
         &[a.port, b.port],
         &format!("    outlier_detection: {{{istio}, max_ejection_percent: 100}}\n    common_lb_config: {{healthy_panic_threshold: {{value: 0}}}}\n"),

@@ -327,7 +327,7 @@ async fn per_route_vh_rate_limits_and_domain() {
         ),
         route("/", "echo", json!({})),
     ];
-    let l = log.clone();
+    let l = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         bootstrap(
             ports,

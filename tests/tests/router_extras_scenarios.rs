@@ -919,7 +919,7 @@ async fn redirected_request_is_logged_once() {
     a.set_default_status(302);
     let (ap, bp) = (a.port(), b.port());
     let log = weir_tests::config::log_path("router_extras", "redirect");
-    let log2 = log.clone();
+    let log2 = log.to_path_buf();
     let p = Proxy::start(move |ports| {
         let ra = json!({
             "match": {"prefix": "/a"},

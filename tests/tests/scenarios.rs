@@ -4,6 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use weir_tests::config::{yaml_cluster, HttpYaml};
+use weir_tests::scenario::Ports;
 use weir_tests::upstream::{self, EchoView};
 
 struct Weir {
@@ -52,47 +54,25 @@ impl Drop for Weir {
     }
 }
 
+/// A bootstrap (every port 0) with virtual host list items `routes`,
+/// cluster list items `clusters` and more HCM fields `hcm_extra`.
 fn config(routes: &str, clusters: &str, hcm_extra: &str) -> String {
-    format!(
-        r#"
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-{hcm_extra}
-          route_config:
-            name: rc
-            virtual_hosts:
-{routes}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{clusters}
-"#
-    )
+    let any = Ports {
+        listen: 0,
+        listen2: 0,
+        admin: 0,
+    };
+    HttpYaml {
+        hcm: hcm_extra,
+        vhosts: routes,
+        clusters,
+        ..HttpYaml::default()
+    }
+    .render(&any)
 }
 
 fn cluster(name: &str, port: u16, extra: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    type: STATIC
-    connect_timeout: 1s
-{extra}
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
-"#
-    )
+    yaml_cluster(name, &[port], extra)
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -352,9 +332,7 @@ async fn admin_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_file_lines() {
-    let dir = std::env::temp_dir().join(format!("weir-al-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let path = dir.join("access.log");
+    let path = weir_tests::config::log_path("al", "access");
     let routes = r#"            - name: main
               domains: ["*"]
               routes:
@@ -680,8 +658,7 @@ async fn stream_timers_idle_request_duration_and_connection_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_access_log() {
-    let path = std::env::temp_dir().join(format!("weir-admin-al-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    let path = weir_tests::config::log_path("admin-al", "admin");
     let routes = "            - name: v\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                direct_response: {status: 200}\n";
     let yaml = config(routes, &cluster("a", 1, ""), "").replace(
         "admin: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}",

@@ -6,11 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use weir_tests::config::HttpYaml;
 use weir_tests::scenario::{echo_header, echo_headers, Http, Ports, Proxy, Target};
 use weir_tests::upstream::{self, EchoServer};
-
-const HCM_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 
 /// A bootstrap with one HTTP listener `l`.
 #[derive(Default, Clone)]
@@ -55,37 +53,15 @@ impl Cfg {
             vhosts,
             clusters,
         } = self;
-        let clusters = if clusters.trim().is_empty() {
-            "  clusters: []\n".to_owned()
-        } else {
-            format!("  clusters:\n{clusters}")
-        };
-        format!(
-            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-{top}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-{listener}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": {HCM_TYPE}
-          stat_prefix: ingress
-{hcm}
-          route_config:
-            name: rc
-            virtual_hosts:
-{vhosts}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-{clusters}"#,
-            admin = p.admin,
-            listen = p.listen,
-        )
+        HttpYaml {
+            top,
+            listener,
+            hcm,
+            vhosts,
+            clusters,
+            ..HttpYaml::default()
+        }
+        .render(p)
     }
     fn start(&self) -> Proxy {
         let c = self.clone();
@@ -1506,12 +1482,9 @@ async fn h2_max_concurrent_streams_is_advertised() {
 
 // ---------------------------------------------------------------- access logs
 
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-scenarios-more-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> weir_tests::tmp::TempFile {
+    weir_tests::config::log_path("scenarios-more", name)
 }
 
 fn file_log(path: &std::path::Path, format: &str, filter: &str) -> String {
@@ -2480,7 +2453,8 @@ async fn per_try_timeout_header_from_internal_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_response_body_from_a_file() {
-    let path = log_path("body").with_extension("txt");
+    let body = log_path("body");
+    let path = body.with_extension("txt");
     std::fs::write(&path, "from a file\n").expect("write body");
     let routes = format!(
         "              - match: {{prefix: \"/\"}}\n                direct_response: {{status: 200, body: {{filename: {}}}}}\n",

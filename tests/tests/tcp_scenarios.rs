@@ -317,12 +317,9 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-fn log_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("weir-tcp-scenarios-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let p = dir.join(format!("{name}.log"));
-    let _ = std::fs::remove_file(&p);
-    p
+/// `name.log` in a directory of its own, removed with the guard.
+fn log_path(name: &str) -> weir_tests::tmp::TempFile {
+    weir_tests::config::log_path("tcp-scenarios", name)
 }
 
 /// A port on 127.0.0.1 that refuses connections (bound, then released).
@@ -1487,7 +1484,7 @@ async fn tls_termination_hcm_requested_server_name_needs_tls_inspector() {
         let log = json!({
             "name": "envoy.access_loggers.file",
             "typed_config": {
-                "@type": FILE_LOG, "path": path,
+                "@type": FILE_LOG, "path": path.display().to_string(),
                 "log_format": {"text_format_source": {"inline_string":
                     "%REQ(:PATH)% %DOWNSTREAM_TLS_VERSION% sni=%REQUESTED_SERVER_NAME%\n"}},
             },

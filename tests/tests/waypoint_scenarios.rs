@@ -38,7 +38,6 @@
 //! cargo test -p weir-tests --test waypoint_scenarios
 //! WEIR_SCENARIO_TARGET=envoy cargo test -p weir-tests --test waypoint_scenarios
 //! ```
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -48,6 +47,7 @@ use weir_tests::hbone::{read_n, H2Tunnel};
 use weir_tests::hbone_server::HboneServer;
 use weir_tests::scenario::{Proxy, Target};
 use weir_tests::tcp;
+use weir_tests::tmp::TempFile;
 use weir_tests::waypoint::{
     connect_originate_cluster, connect_originate_listener, connect_terminate, inbound_vip_cluster,
     internal_cluster, internal_listener_extension, internal_upstream, main_internal, Apps, Mesh,
@@ -63,9 +63,9 @@ struct Setup {
     hbone: HboneServer,
     app: weir_tests::upstream::EchoServer,
     tcp_app: tcp::TcpServer,
-    main_log: PathBuf,
-    terminate_log: PathBuf,
-    originate_log: PathBuf,
+    main_log: TempFile,
+    terminate_log: TempFile,
+    originate_log: TempFile,
 }
 
 async fn setup(name: &str) -> Setup {
@@ -82,9 +82,9 @@ async fn setup(name: &str) -> Setup {
             http_port: app.port(),
             tcp_port: tcp_app.port(),
             hbone_port: hbone.port(),
-            main_log: Some(main_log.clone()),
-            terminate_log: Some(terminate_log.clone()),
-            originate_log: Some(originate_log.clone()),
+            main_log: Some(main_log.to_path_buf()),
+            terminate_log: Some(terminate_log.to_path_buf()),
+            originate_log: Some(originate_log.to_path_buf()),
         },
     );
     Setup {
@@ -358,7 +358,7 @@ async fn dead_destination_ztunnel() {
             hbone_port: weir_tests::free_port(),
             main_log: None,
             terminate_log: None,
-            originate_log: Some(log.clone()),
+            originate_log: Some(log.to_path_buf()),
         },
     );
     let (c, _) = m.client().connect(p.addr()).await.expect("HBONE");
@@ -553,9 +553,9 @@ async fn the_pipeline_over_delta_ads_and_sds() {
         http_port: app.port(),
         tcp_port: 9,
         hbone_port: hbone.port(),
-        main_log: Some(log_path("waypoint", "ads-main")),
-        terminate_log: Some(log_path("waypoint", "ads-terminate")),
-        originate_log: Some(log_path("waypoint", "ads-originate")),
+        main_log: Some(sds_dir.path().join("main.log")),
+        terminate_log: Some(sds_dir.path().join("terminate.log")),
+        originate_log: Some(sds_dir.path().join("originate.log")),
     };
     let listeners = [
         connect_terminate(port, &a.terminate_log),

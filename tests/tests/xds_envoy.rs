@@ -407,8 +407,8 @@ async fn delta_reconnect_sends_initial_versions_and_removals_apply() {
 /// empty CDS: the empty wildcard response lets Envoy go LIVE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_control_plane_serves_envoy() {
-    let path = std::env::temp_dir().join(format!("weir-xds-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    let dir = weir_tests::tmp::TempDir::new("xds-uds").expect("temp dir");
+    let path = dir.join("xds.sock");
     let cp = ControlPlane::start_unix(&path)
         .await
         .expect("control plane");

@@ -633,12 +633,7 @@ async fn delta_hundred_updates_of_every_type_lose_no_request() {
 async fn filesystem_xds_applies_file_changes() {
     let a = upstream::http1("a").await.expect("upstream a");
     let b = upstream::http1("b").await.expect("upstream b");
-    let dir = std::env::temp_dir().join(format!(
-        "weir-fs-xds-{}-{}",
-        std::process::id(),
-        weir_tests::free_port()
-    ));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = weir_tests::tmp::TempDir::new("fs-xds").expect("dir");
     let port = weir_tests::free_port();
     let lds = dir.join("lds.yaml");
     let cds = dir.join("cds.yaml");
@@ -700,7 +695,6 @@ dynamic_resources:
     get_until(&url, |r| r.status == 200 && r.echo().upstream == "a").await;
     write(&cds, &cluster(b.port()));
     get_until(&url, |r| r.status == 200 && r.echo().upstream == "b").await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A TLS front for the control plane: terminates TLS (ALPN h2) and relays

@@ -323,7 +323,7 @@ async fn workload_discovery_feeds_peer_metadata_and_stats() {
     let (cp, cp_port, v) = control_plane(&[sleep("v1"), productpage()]).await;
     let app = upstream::http1("productpage").await.expect("echo upstream");
     let log = log_path("wds", "peers");
-    let p = start(cp_port, app.port(), log.clone());
+    let p = start(cp_port, app.port(), log.to_path_buf());
     let addr = p.addr();
 
     // The extension subscribes to every workload (wildcard) and ACKs.
@@ -433,7 +433,7 @@ async fn workload_discovery_feeds_peer_metadata_and_stats() {
 async fn without_the_extension_workload_discovery_finds_nothing() {
     let app = upstream::http1("productpage").await.expect("echo upstream");
     let log = log_path("wds", "no-extension");
-    let l2 = log.clone();
+    let l2 = log.to_path_buf();
     let target = match Target::from_env() {
         Target::Envoy => Target::InProcess,
         t => t,
@@ -511,7 +511,7 @@ async fn upstream_workload_discovery_of_internal_hosts() {
     let app = upstream::http1("reviews").await.expect("echo upstream");
     let app_port = app.port();
     let log = log_path("wds", "internal-hosts");
-    let l2 = log.clone();
+    let l2 = log.to_path_buf();
     let p = start_with_wds(cp_port, move |ports| {
         let pod = format!("{REVIEWS_IP}:9080");
         let vip = json!({ ORIGINAL_DST_NS: {"local": pod} });

@@ -55,14 +55,12 @@
 //! proxy's stderr tail.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weir_tests::client::{http1_raw, Outcome};
 use weir_tests::config::{cluster, sock};
 use weir_tests::hbone::{H2Conn, H2Tunnel};
 use weir_tests::hbone_server::HboneServer;
@@ -364,7 +362,7 @@ async fn traffic(o: &Opts, w: &World, p: &mut Proc, run: &mut Run) {
         run.new = Some(bounded(new_tunnels(o, w, p)).await);
     }
     // A crash shows as failures above; say why.
-    if let Err(e) = p.alive() {
+    if let Err(e) = p.proxy.alive() {
         run.rps = Some(Err(e));
     }
 }
@@ -511,7 +509,10 @@ async fn upload(
     let mut t = tunnel(&c, authority).await?;
     t.write_all(&[CMD_UPLOAD]).await?;
     let mut buf = vec![0u8; 256 << 10];
-    let (cpu0, other) = (proc_cpu(p.pid())?, OtherLoad::start(Some(p.pid()))?);
+    let (cpu0, other) = (
+        proc_cpu(p.proxy.pid())?,
+        OtherLoad::start(Some(p.proxy.pid()))?,
+    );
     let start = Instant::now();
     let mut off = 0u64;
     while off < bytes && start.elapsed() < limit {
@@ -529,7 +530,7 @@ async fn upload(
         .context("no count from the app")?
         .context("reading the app's count")?;
     let wall = start.elapsed();
-    let cpu = proc_cpu(p.pid())?.saturating_sub(cpu0);
+    let cpu = proc_cpu(p.proxy.pid())?.saturating_sub(cpu0);
     let got = u64::from_le_bytes(count);
     if got != off {
         bail!("the app verified {got} of {off} bytes");
@@ -538,7 +539,7 @@ async fn upload(
         bytes: off,
         wall,
         cpu,
-        other: other.cpus(Some(p.pid()))?,
+        other: other.cpus(Some(p.proxy.pid()))?,
     })
 }
 
@@ -557,7 +558,10 @@ async fn download(
     let mut cmd = vec![CMD_DOWNLOAD];
     cmd.extend_from_slice(&bytes.to_le_bytes());
     let mut buf = vec![0u8; 256 << 10];
-    let (cpu0, other) = (proc_cpu(p.pid())?, OtherLoad::start(Some(p.pid()))?);
+    let (cpu0, other) = (
+        proc_cpu(p.proxy.pid())?,
+        OtherLoad::start(Some(p.proxy.pid()))?,
+    );
     let start = Instant::now();
     t.write_all(&cmd).await?;
     let mut off = 0u64;
@@ -575,8 +579,8 @@ async fn download(
         off += n as u64;
     }
     let wall = start.elapsed();
-    let cpu = proc_cpu(p.pid())?.saturating_sub(cpu0);
-    let other = other.cpus(Some(p.pid()))?;
+    let cpu = proc_cpu(p.proxy.pid())?.saturating_sub(cpu0);
+    let other = other.cpus(Some(p.proxy.pid()))?;
     if off == bytes {
         t.shutdown()
             .await
@@ -661,7 +665,10 @@ async fn keepalive_requests(o: &Opts, w: &World, p: &Proc) -> anyhow::Result<Req
         tunnels.push((t, buf));
     }
     let per = o.requests / n;
-    let (cpu0, other) = (proc_cpu(p.pid())?, OtherLoad::start(Some(p.pid()))?);
+    let (cpu0, other) = (
+        proc_cpu(p.proxy.pid())?,
+        OtherLoad::start(Some(p.proxy.pid()))?,
+    );
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for (mut t, mut buf) in tunnels {
@@ -681,14 +688,14 @@ async fn keepalive_requests(o: &Opts, w: &World, p: &Proc) -> anyhow::Result<Req
         lat.extend(t.await??);
     }
     let wall = start.elapsed();
-    let cpu = proc_cpu(p.pid())?.saturating_sub(cpu0);
+    let cpu = proc_cpu(p.proxy.pid())?.saturating_sub(cpu0);
     Ok(Requests {
         count: lat.len(),
         wall,
         cpu,
         p50: pct(&mut lat, 50),
         p99: pct(&mut lat, 99),
-        other: other.cpus(Some(p.pid()))?,
+        other: other.cpus(Some(p.proxy.pid()))?,
     })
 }
 
@@ -703,18 +710,21 @@ async fn new_tunnels(o: &Opts, w: &World, p: &Proc) -> anyhow::Result<Requests> 
     one_shot_round(&conns, workers, 1)
         .await
         .context("warm-up")?;
-    let (cpu0, other) = (proc_cpu(p.pid())?, OtherLoad::start(Some(p.pid()))?);
+    let (cpu0, other) = (
+        proc_cpu(p.proxy.pid())?,
+        OtherLoad::start(Some(p.proxy.pid()))?,
+    );
     let start = Instant::now();
     let mut lat = one_shot_round(&conns, workers, per).await?;
     let wall = start.elapsed();
-    let cpu = proc_cpu(p.pid())?.saturating_sub(cpu0);
+    let cpu = proc_cpu(p.proxy.pid())?.saturating_sub(cpu0);
     Ok(Requests {
         count: lat.len(),
         wall,
         cpu,
         p50: pct(&mut lat, 50),
         p99: pct(&mut lat, 99),
-        other: other.cpus(Some(p.pid()))?,
+        other: other.cpus(Some(p.proxy.pid()))?,
     })
 }
 
@@ -766,7 +776,7 @@ async fn memory(o: &Opts, w: &World, p: &mut Proc) -> anyhow::Result<Memory> {
             .context("warm-up tunnel did not end")??;
     }
     tokio::time::sleep(SETTLE).await;
-    let idle_kib = proc_status(p.pid(), "VmRSS")?;
+    let idle_kib = proc_status(p.proxy.pid(), "VmRSS")?;
     let conns = connections(w, p.waypoint, o.tunnel_conns).await?;
     let mut open_tunnels: Vec<H2Tunnel> = Vec::new();
     let mut m = Memory {
@@ -785,8 +795,8 @@ async fn memory(o: &Opts, w: &World, p: &mut Proc) -> anyhow::Result<Memory> {
             open_tunnels.push(t);
         }
         tokio::time::sleep(SETTLE).await;
-        p.alive()?;
-        let rss = proc_status(p.pid(), "VmRSS")?;
+        p.proxy.alive()?;
+        let rss = proc_status(p.proxy.pid(), "VmRSS")?;
         m.with
             .push((k, rss, w.hbone.tls_connections().saturating_sub(hbone0)));
     }
@@ -808,10 +818,9 @@ async fn echo_once(t: &mut H2Tunnel) -> anyhow::Result<()> {
 
 // === the proxy ===
 
+/// The proxy under test with the waypoint's two listeners.
 struct Proc {
-    child: Child,
-    dir: PathBuf,
-    admin: u16,
+    proxy: ProxyProcess,
     waypoint: SocketAddr,
     terminate: SocketAddr,
 }
@@ -858,127 +867,22 @@ impl Proc {
             admin: weir_tests::free_port(),
         };
         let terminate_port = weir_tests::free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "weir-hbone-bench-{kind}-{}-{}",
-            std::process::id(),
-            ports.admin
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let cfg = dir.join("bootstrap.yaml");
-        std::fs::write(&cfg, config(w, &ports, terminate_port).to_string())?;
-        let mut cmd = match cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpu]).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let base_id = (std::process::id() % 10_000) * 10 + u32::from(ports.admin) % 10;
-        let child = cmd
-            .arg("-c")
-            .arg(&cfg)
-            .args([
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-            ])
-            .arg("--base-id")
-            .arg(base_id.to_string())
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout"))?)
-            .stderr(std::fs::File::create(dir.join("stderr"))?)
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
+        let config = config(w, &ports, terminate_port).to_string();
+        let mut proxy = ProxyProcess::spawn(kind, bin, &config, ports.admin, cpu)?;
+        proxy.wait_ready(READY_TIMEOUT).await?;
         let ip = std::net::Ipv4Addr::LOCALHOST;
-        let mut p = Proc {
-            child,
-            dir,
-            admin: ports.admin,
+        Ok(Proc {
+            proxy,
             waypoint: SocketAddr::from((ip, ports.listen)),
             terminate: SocketAddr::from((ip, terminate_port)),
-        };
-        p.wait_ready().await?;
-        Ok(p)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "proxy exited with {status}; stderr tail:\n{}",
-                self.stderr_tail()
-            );
-        }
-        Ok(())
-    }
-
-    fn stderr_tail(&self) -> String {
-        let s = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let req = b"GET /ready HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n";
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.admin));
-        loop {
-            self.alive()?;
-            if let Outcome::Response(r) = http1_raw(addr, req, Duration::from_secs(5)).await {
-                if r.status == 200 {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "not ready after {READY_TIMEOUT:?}; stderr tail:\n{}",
-                    self.stderr_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    /// `POST /quitquitquit` and SIGTERM first (a proxy under a profiler
-    /// writes its profile at exit), SIGKILL after 60 s.
-    fn drop(&mut self) {
-        use std::io::Write;
-        if let Ok(mut s) = std::net::TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], self.admin)),
-            Duration::from_secs(1),
-        ) {
-            let _ = s.write_all(
-                b"POST /quitquitquit HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
-            );
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        })
     }
 }
 
 // === /proc ===
 
 use weir_benches::procfs::{machine_cpu, proc_cpu, proc_status};
+use weir_benches::proxy::ProxyProcess;
 
 /// CPUs used by everything but this harness and the proxy between two
 /// samples (2.0 = both cores of a 2-CPU machine).

@@ -52,12 +52,12 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use prost::Message;
 use weir_tests::client::{http1_raw, Outcome};
+use weir_tests::tmp::TempDir;
 use weir_tests::upstream::{self, EchoServer};
 use weir_tests::xds::{type_url as t, ControlPlane};
 use xds_client::api::envoy::config::cluster::v3::{cluster, Cluster};
@@ -560,132 +560,27 @@ fn bootstrap(cp: &ControlPlane, api: Api, admin: u16) -> anyhow::Result<String> 
 
 // === one run ===
 
-struct Proc {
-    child: Child,
-    dir: PathBuf,
-    admin: u16,
-}
-
-impl Proc {
-    fn start(
-        kind: &str,
-        bin: &Path,
-        config: &str,
-        admin: u16,
-        cpu: Option<&str>,
-    ) -> anyhow::Result<Proc> {
-        let dir = std::env::temp_dir().join(format!(
-            "weir-xds-scale-{kind}-{}-{admin}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let cfg = dir.join("bootstrap.yaml");
-        std::fs::write(&cfg, config)?;
-        let mut cmd = match cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpu]).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let base_id = (std::process::id() % 10_000) * 10 + u32::from(admin) % 10;
-        let child = cmd
-            .arg("-c")
-            .arg(&cfg)
-            .args([
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-            ])
-            .arg("--base-id")
-            .arg(base_id.to_string())
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout"))?)
-            .stderr(std::fs::File::create(dir.join("stderr"))?)
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
-        Ok(Proc { child, dir, admin })
+/// `cluster_manager.active_clusters` and `warming_clusters` of `p`.
+async fn cluster_gauges(p: &ProxyProcess) -> anyhow::Result<(i64, i64)> {
+    let (code, body) = p
+        .admin_get("/stats?filter=%5Ecluster_manager%5C.%28active%7Cwarming%29_clusters%24")
+        .await?;
+    if code != 200 {
+        bail!("/stats answered {code}");
     }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "proxy exited with {status}; stderr tail:\n{}",
-                self.stderr_tail()
-            );
-        }
-        Ok(())
-    }
-
-    fn stderr_tail(&self) -> String {
-        let s = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.admin));
-        match http1_raw(addr, req.as_bytes(), Duration::from_secs(10)).await {
-            Outcome::Response(r) => Ok((r.status, String::from_utf8_lossy(&r.body).into_owned())),
-            other => bail!("admin {path}: {other:?}"),
-        }
-    }
-
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.alive()?;
-            if let Ok((200, _)) = self.admin_get("/ready").await {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "not ready after {READY_TIMEOUT:?}; stderr tail:\n{}",
-                    self.stderr_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// `cluster_manager.active_clusters` and `warming_clusters`.
-    async fn cluster_gauges(&self) -> anyhow::Result<(i64, i64)> {
-        let (code, body) = self
-            .admin_get("/stats?filter=%5Ecluster_manager%5C.%28active%7Cwarming%29_clusters%24")
-            .await?;
-        if code != 200 {
-            bail!("/stats answered {code}");
-        }
-        let get = |name: &str| {
-            body.lines().find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(": ")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-        };
-        Ok((
-            get("cluster_manager.active_clusters").unwrap_or(-1),
-            get("cluster_manager.warming_clusters").unwrap_or(-1),
-        ))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    let get = |name: &str| {
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    Ok((
+        get("cluster_manager.active_clusters").unwrap_or(-1),
+        get("cluster_manager.warming_clusters").unwrap_or(-1),
+    ))
 }
 
 async fn run_one(
@@ -697,18 +592,14 @@ async fn run_one(
     round: usize,
 ) -> anyhow::Result<RunResult> {
     let admin = weir_tests::free_port();
+    let sock_dir = TempDir::new("xds-scale-uds")?;
     let cp = if o.unix {
-        let path = std::env::temp_dir().join(format!(
-            "weir-xds-scale-{}-{admin}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        ControlPlane::start_unix(&path).await?
+        ControlPlane::start_unix(&sock_dir.join("xds.sock")).await?
     } else {
         ControlPlane::start().await?
     };
     let listen = weir_tests::free_port();
-    let mut p = Proc::start(
+    let mut p = ProxyProcess::spawn(
         kind,
         bin,
         &bootstrap(&cp, api, admin)?,
@@ -752,13 +643,13 @@ async fn run_one(
 async fn measure(
     o: &Opts,
     cp: &ControlPlane,
-    p: &mut Proc,
+    p: &mut ProxyProcess,
     snap: &Snapshot,
     listen: u16,
     round: usize,
 ) -> anyhow::Result<RunResult> {
     let mut r = RunResult::default();
-    p.wait_ready().await?;
+    p.wait_ready(READY_TIMEOUT).await?;
     // The empty wildcard answers are acknowledged: the proxy is idle.
     cp.wait_for_ack(t::CLUSTER, "0", TIMEOUT).await?;
     cp.wait_for_ack(t::LISTENER, "0", TIMEOUT).await?;
@@ -847,7 +738,7 @@ async fn measure(
     // Then the gauges (Envoy's /stats walks every stat, so not polled while
     // the snapshot is being applied).
     let active = loop {
-        let g = p.cluster_gauges().await?;
+        let g = cluster_gauges(p).await?;
         if usize::try_from(g.0).ok() == Some(n + 1) && g.1 == 0 {
             break t0.elapsed();
         }
@@ -936,6 +827,7 @@ fn coverage(cp: &ControlPlane, ty: &str, stream: u64, nonce: &str) -> usize {
 // === /proc ===
 
 use weir_benches::procfs::{machine_cpu, proc_cpu, proc_status};
+use weir_benches::proxy::ProxyProcess;
 
 /// CPU use of everything but this harness and the proxy, between two
 /// samples; in CPUs (2.0 = both cores of this machine busy).
