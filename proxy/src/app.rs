@@ -202,6 +202,8 @@ impl Server {
                         .name(format!("weir-worker-{i}"))
                         .spawn(move || {
                             crate::stats::set_worker_shard(i);
+                            // A worker lives as long as the process.
+                            crate::alloc::enable_thread_cache();
                             let rt = tokio::runtime::Builder::new_current_thread()
                                 .enable_all()
                                 .build()

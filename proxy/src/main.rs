@@ -2,6 +2,10 @@
 use clap::Parser;
 use weir::cli::{Mode, Options};
 
+/// glibc's malloc with a per-thread cache on the workers (`weir::alloc`).
+#[global_allocator]
+static ALLOC: weir::alloc::WeirAlloc = weir::alloc::WeirAlloc;
+
 fn main() {
     // As Envoy: a bad command line exits 1 (clap would use 2).
     let o = match Options::try_parse() {
