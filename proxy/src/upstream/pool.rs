@@ -46,7 +46,7 @@ use xds_client::config::{Cluster, RoutingPriority, UpstreamProtocol};
 
 use super::circuit_breaker::{CircuitBreakers, LimitGuard, ResourceManager};
 use super::ClusterStats;
-use crate::body::Body;
+use crate::body::{Body, UpstreamBody};
 use crate::stats::{Counter, Gauge};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,11 +100,41 @@ pub enum LocalAddr {
     Internal,
 }
 
-struct Idle {
-    sender: http1::SendRequest<Body>,
-    used: u32,
-    since: Instant,
-    conn: ConnInfo,
+/// An HTTP/1 connection in the pool: hyper's client (idle, or still
+/// busy with a response body), or an idle connection weir drives itself
+/// ([`super::h1`]; busy ones are owned by their response body).
+enum Idle {
+    Hyper {
+        sender: http1::SendRequest<Body>,
+        used: u32,
+        since: Instant,
+        conn: ConnInfo,
+    },
+    Inline(Box<super::h1::Conn>),
+}
+
+impl Idle {
+    fn is_closed(&self) -> bool {
+        match self {
+            Idle::Hyper { sender, .. } => sender.is_closed(),
+            // Checked when taken (see `h1::Conn::alive`).
+            Idle::Inline(_) => false,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Idle::Hyper { sender, .. } => sender.is_ready(),
+            Idle::Inline(_) => true,
+        }
+    }
+
+    fn since(&self) -> Instant {
+        match self {
+            Idle::Hyper { since, .. } => *since,
+            Idle::Inline(c) => c.since,
+        }
+    }
 }
 
 struct H2 {
@@ -170,7 +200,7 @@ struct Settings {
 /// (source, destination) the header carries (Envoy's `hashKey` of the
 /// upstream PROXY protocol socket).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
+pub(crate) struct Key {
     addr: SocketAddr,
     sni: Option<Arc<str>>,
     alpn: Option<Arc<[Vec<u8>]>>,
@@ -400,10 +430,10 @@ impl Client {
     /// Sends `req` to `d.addr` on a pooled connection of its key, or a new
     /// one; with the response, that connection's certificates.
     pub async fn request(
-        &self,
+        self: &Arc<Self>,
         d: Dest<'_>,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
+    ) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
         let tls = d.tls;
         let key = Key {
             addr: d.addr,
@@ -426,10 +456,10 @@ impl Client {
             // An HTTP/1 pool whose TLS upstream negotiated h2 by ALPN
             // (`auto_config`) keeps that connection in its h2 slot.
             PoolKind::Http1 if tls.is_some() && self.live_h2(addr) => {
-                self.request_h2(addr, &t, req).await
+                hyper_response(self.request_h2(addr, &t, req).await)
             }
             PoolKind::Http1 => self.request_h1(addr, &t, req).await,
-            PoolKind::Http2 => self.request_h2(addr, &t, req).await,
+            PoolKind::Http2 => hyper_response(self.request_h2(addr, &t, req).await),
         }
     }
 
@@ -448,10 +478,10 @@ impl Client {
         let idle_timeout = self.settings.idle_timeout;
         // Dropping a sender closes its connection.
         conns.idle.retain(|c| {
-            !c.sender.is_closed() && idle_timeout.is_none_or(|t| now.duration_since(c.since) < t)
+            !c.is_closed() && idle_timeout.is_none_or(|t| now.duration_since(c.since()) < t)
         });
         // Most recently used first (warm connections); busy ones stay.
-        let pos = conns.idle.iter().rposition(|c| c.sender.is_ready())?;
+        let pos = conns.idle.iter().rposition(Idle::is_ready)?;
         Some(conns.idle.swap_remove(pos))
     }
 
@@ -463,7 +493,7 @@ impl Client {
         let pos = conns
             .idle
             .iter()
-            .position(|c| !c.sender.is_closed() && !c.sender.is_ready())?;
+            .position(|c| !c.is_closed() && !c.is_ready())?;
         Some(conns.idle.swap_remove(pos))
     }
 
@@ -479,14 +509,36 @@ impl Client {
         }
         {
             let mut hosts = self.hosts.lock().expect("pool lock");
-            hosts.entry(addr.clone()).or_default().idle.push(Idle {
-                sender,
-                used,
-                since: Instant::now(),
-                conn,
-            });
+            hosts
+                .entry(addr.clone())
+                .or_default()
+                .idle
+                .push(Idle::Hyper {
+                    sender,
+                    used,
+                    since: Instant::now(),
+                    conn,
+                });
         }
         // Requests pending at the connection limit may take it.
+        self.freed.notify_waiters();
+    }
+
+    /// Returns an inline connection whose exchange ended cleanly to the
+    /// idle list (unless it reached `max_requests_per_connection`, or its
+    /// host left the pool meanwhile: it closes then).
+    pub(super) fn put_inline(&self, mut c: Box<super::h1::Conn>) {
+        if self.settings.max_requests.is_some_and(|m| c.used >= m) {
+            return;
+        }
+        {
+            let mut hosts = self.hosts.lock().expect("pool lock");
+            let Some(conns) = hosts.get_mut(&c.key) else {
+                return;
+            };
+            c.since = Instant::now();
+            conns.idle.push(Idle::Inline(c));
+        }
         self.freed.notify_waiters();
     }
 
@@ -528,12 +580,14 @@ impl Client {
     }
 
     async fn request_h1(
-        &self,
+        self: &Arc<Self>,
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
+    ) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
         *req.version_mut() = Version::HTTP_11;
+        // Sent by weir itself (see `h1`), or by hyper's client.
+        let inline = super::h1::can_send(&req);
         let mut pending: Option<Pending<'_>> = None;
         loop {
             // Registered before looking, so a connection freed between the
@@ -544,14 +598,35 @@ impl Client {
             // A reused connection may have been closed by the peer; hyper
             // gives the request back when it was not sent, and we try
             // another.
-            while let Some(mut idle) = self.take_idle(addr) {
+            while let Some(idle) = self.take_idle(addr) {
                 pending = None;
                 let _rq = self.attach()?;
-                match idle.sender.try_send_request(req).await {
+                let (mut sender, used, conn) = match idle {
+                    Idle::Hyper {
+                        sender, used, conn, ..
+                    } => (sender, used, conn),
+                    Idle::Inline(mut c) => {
+                        // Closed by the peer meanwhile: try the next one.
+                        if !c.alive().await {
+                            continue;
+                        }
+                        if inline {
+                            return c.exchange(self, req).await;
+                        }
+                        // hyper's client takes the connection over (its
+                        // read buffer is empty between exchanges).
+                        let (used, info) = (c.used, c.info.clone());
+                        match self.hyper_h1(c.into_io()).await {
+                            Ok(sender) => (sender, used, info),
+                            Err(_) => continue,
+                        }
+                    }
+                };
+                match sender.try_send_request(req).await {
                     Ok(resp) => {
-                        let conn = idle.conn.clone();
-                        self.put_idle(addr, idle.sender, idle.used + 1, idle.conn);
-                        return Ok((resp, conn));
+                        let c = conn.clone();
+                        self.put_idle(addr, sender, used + 1, conn);
+                        return Ok((resp.map(UpstreamBody::Hyper), c));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(r) => req = r,
@@ -572,8 +647,10 @@ impl Client {
             self.settings.cx_overflow.inc();
             match self.take_busy(addr) {
                 Some(mut busy) => {
-                    if busy.sender.ready().await.is_ok() {
-                        self.put_back(addr, busy);
+                    if let Idle::Hyper { sender, .. } = &mut busy {
+                        if sender.ready().await.is_ok() {
+                            self.put_back(addr, busy);
+                        }
                     }
                 }
                 None => freed.await,
@@ -582,17 +659,18 @@ impl Client {
         // A new connection: its futures (TCP and TLS connect, handshakes)
         // are several times the size of a pooled request's, so they are
         // boxed rather than carried by every request's future.
-        Box::pin(self.connect_h1(addr, tls, req, pending)).await
+        Box::pin(self.connect_h1(addr, tls, req, pending, inline)).await
     }
 
     /// The part of [`Client::request_h1`] that opens a new connection.
     async fn connect_h1(
-        &self,
+        self: &Arc<Self>,
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
         pending: Option<Pending<'_>>,
-    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
+        inline: bool,
+    ) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
         let (io, alpn, conn_tls) = self.connect(addr, tls).await?;
         drop(pending);
         let _rq = self.attach()?;
@@ -602,25 +680,37 @@ impl Client {
             return sender
                 .send_request(req)
                 .await
-                .map(|r| (r, conn_tls))
+                .map(|r| (r.map(UpstreamBody::Hyper), conn_tls))
                 .map_err(|e| PoolError::Reset(error_text(&e)));
         }
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(io)
+        if inline {
+            return super::h1::Conn::new(io, addr.clone(), conn_tls)
+                .exchange(self, req)
+                .await;
+        }
+        let mut sender = self
+            .hyper_h1(io)
             .await
             .map_err(|e| PoolError::Connect(error_text(&e)))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
         match sender.send_request(req).await {
             Ok(resp) => {
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     self.put_idle(addr, sender, 1, conn_tls.clone());
                 }
-                Ok((resp, conn_tls))
+                Ok((resp.map(UpstreamBody::Hyper), conn_tls))
             }
             Err(e) => Err(PoolError::Reset(error_text(&e))),
         }
+    }
+
+    /// Starts hyper's HTTP/1 client on `io` (its connection task runs on
+    /// its own, upgrades included).
+    async fn hyper_h1(&self, io: CountedIo) -> Result<http1::SendRequest<Body>, hyper::Error> {
+        let (sender, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
     }
 
     async fn request_h2(
@@ -897,7 +987,7 @@ impl Client {
         let hosts = self.hosts.lock().expect("pool lock");
         hosts.iter().any(|(k, c)| {
             k.addr == addr
-                && (c.idle.iter().any(|i| !i.sender.is_closed())
+                && (c.idle.iter().any(|i| !i.is_closed())
                     || c.h2.as_ref().is_some_and(|h| !h.sender.is_closed())
                     || c.open.load(Relaxed) > 0)
         })
@@ -913,12 +1003,12 @@ impl Client {
         for conns in hosts.values_mut() {
             let idle_c = &self.settings.idle_timeout_c;
             conns.idle.retain(|c| {
-                if c.sender.is_closed() {
+                if c.is_closed() {
                     return false;
                 }
                 // Idle past the timeout: closed here (counted, as Envoy's
                 // upstream_cx_idle_timeout). Busy connections are not idle.
-                let expired = c.sender.is_ready() && now.duration_since(c.since) >= t;
+                let expired = c.is_ready() && now.duration_since(c.since()) >= t;
                 if expired {
                     idle_c.inc();
                 }
@@ -980,6 +1070,13 @@ fn to_h2(req: &mut Request<Body>) {
     {
         *req.uri_mut() = uri;
     }
+}
+
+/// A response from hyper's client as the pool returns it.
+fn hyper_response(
+    r: Result<(Response<Incoming>, ConnInfo), PoolError>,
+) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
+    r.map(|(r, c)| (r.map(UpstreamBody::Hyper), c))
 }
 
 fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
@@ -1073,6 +1170,14 @@ pub struct CountedIo {
     io: TokioIo<UpstreamIo>,
     active: Arc<Gauge>,
     _slot: ConnSlot,
+}
+
+impl CountedIo {
+    /// The transport (for [`super::h1`], which drives it with tokio's
+    /// traits).
+    pub(super) fn stream(&mut self) -> &mut UpstreamIo {
+        self.io.inner_mut()
+    }
 }
 
 impl Drop for CountedIo {
