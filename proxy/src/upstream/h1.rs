@@ -70,6 +70,8 @@ pub(crate) struct Conn {
     framing: Framing,
     /// Both sides allow another exchange after this one.
     keep_alive: bool,
+    /// A body error held back for one poll (see [`InlineBody`]).
+    failed: Option<BoxError>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +148,7 @@ impl Conn {
             since: Instant::now(),
             framing: Framing::Done,
             keep_alive: true,
+            failed: None,
         })
     }
 
@@ -248,9 +251,10 @@ impl Conn {
                 return Err(PoolError::Reset("message head is too large".into()));
             }
             self.reserve();
-            let n = self
-                .io
-                .stream()
+            // Never past the limit: a head that fits in it parses, a
+            // longer one fails (as hyper's bounded read buffer).
+            let room = (MAX_HEAD - self.buf.len()) as u64;
+            let n = AsyncReadExt::take(self.io.stream(), room)
                 .read_buf(&mut self.buf)
                 .await
                 .map_err(|e| PoolError::Reset(e.to_string()))?;
@@ -658,6 +662,11 @@ impl http_body::Body for InlineBody {
         let Some((c, _)) = &mut me.0 else {
             return Poll::Ready(None);
         };
+        if let Some(e) = c.failed.take() {
+            // Closes the connection.
+            me.0 = None;
+            return Poll::Ready(Some(Err(e)));
+        }
         match ready!(c.poll_body(cx)) {
             Ok(Some(f)) => {
                 if c.framing == Framing::Done {
@@ -670,9 +679,13 @@ impl http_body::Body for InlineBody {
                 Poll::Ready(None)
             }
             Err(e) => {
-                // Closes the connection.
-                me.0 = None;
-                Poll::Ready(Some(Err(e)))
+                // Held back for one poll: the downstream codec writes out
+                // what it has (the head, data) when the body is pending,
+                // so the client sees the response start before the reset,
+                // as when hyper's client task delivered the error later.
+                c.failed = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
         }
     }
