@@ -165,7 +165,7 @@ impl Conn {
         std::future::poll_fn(|cx| Poll::Ready(self.poll_alive(cx))).await
     }
 
-    fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(super) fn poll_alive(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.buf.is_empty() {
             return false;
         }

@@ -3,7 +3,9 @@
 //! the downstream addresses of an upstream PROXY protocol header, see
 //! [`Key`]).
 //!
-//! Built on hyper's connection-level client so weir controls reuse:
+//! HTTP/1.1 requests are sent by weir itself ([`super::h1`]) or, when
+//! they need it (streamed bodies, upgrades), by hyper's connection-level
+//! client; HTTP/2 uses hyper's. weir controls reuse:
 //! HTTP/1.1 keeps idle connections per host and hands each request a ready
 //! one; HTTP/2 multiplexes every request of a host over one connection
 //! (streams arriving while it is being made wait for it).
@@ -1002,9 +1004,17 @@ impl Client {
         let mut hosts = self.hosts.lock().expect("pool lock");
         for conns in hosts.values_mut() {
             let idle_c = &self.settings.idle_timeout_c;
-            conns.idle.retain(|c| {
+            conns.idle.retain_mut(|c| {
                 if c.is_closed() {
                     return false;
+                }
+                // An inline connection the peer closed (or wrote to) while
+                // idle: found here or when next taken.
+                if let Idle::Inline(i) = c {
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    if !i.poll_alive(&mut cx) {
+                        return false;
+                    }
                 }
                 // Idle past the timeout: closed here (counted, as Envoy's
                 // upstream_cx_idle_timeout). Busy connections are not idle.
