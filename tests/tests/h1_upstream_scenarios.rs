@@ -370,6 +370,22 @@ async fn until_close_response() {
         assert_eq!((g.status, body(&g)), (200, &b"until the end"[..]));
     }
     assert_eq!(up.conns.load(SeqCst), 2);
+    // Neither connection stays open (nor pooled) after its close.
+    assert_eq!(cx_active_settles(&p).await, Some(0));
+}
+
+/// `upstream_cx_active` of cluster `a` once it stops changing (Envoy
+/// updates it from its event loop).
+async fn cx_active_settles(p: &Proxy) -> Option<i64> {
+    let mut last = None;
+    for _ in 0..40 {
+        last = p.stat("cluster.a.upstream_cx_active").await;
+        if last == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
 }
 
 /// HEAD, 204 and 304 responses have no body whatever their headers say;
@@ -490,6 +506,7 @@ async fn connection_close_from_upstream_is_not_reused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(up.closed_by_proxy.load(SeqCst), 2);
+    assert_eq!(cx_active_settles(&p).await, Some(0));
 }
 
 /// An HTTP/1.0 response without keep-alive closes its connection.

@@ -574,8 +574,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Parsed, PoolError> {
     }
     let framing = framing(&parts, is_head).map_err(|e| bad(&e))?;
     // A 101 to a request that asked no upgrade: the connection is the
-    // peer's now, never reused.
-    let keep_alive = keep_alive && status != StatusCode::SWITCHING_PROTOCOLS;
+    // peer's now, never reused; nor is one whose body ends at its close.
+    let keep_alive =
+        keep_alive && status != StatusCode::SWITCHING_PROTOCOLS && framing != Framing::Close;
     Ok(Parsed::Head(Head {
         parts,
         framing,
@@ -743,7 +744,7 @@ mod tests {
         );
         assert_eq!(
             f(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false),
-            Ok((Framing::Close, true))
+            Ok((Framing::Close, false))
         );
         assert_eq!(
             f(
@@ -776,7 +777,7 @@ mod tests {
         .is_err());
         assert_eq!(
             f(b"HTTP/1.1 200 OK\r\n\r\n", false),
-            Ok((Framing::Close, true))
+            Ok((Framing::Close, false))
         );
     }
 
