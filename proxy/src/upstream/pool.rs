@@ -476,15 +476,31 @@ impl Client {
     fn take_idle(&self, addr: &Key) -> Option<Idle> {
         let mut hosts = self.hosts.lock().expect("pool lock");
         let conns = hosts.get_mut(addr)?;
-        let now = Instant::now();
         let idle_timeout = self.settings.idle_timeout;
-        // Dropping a sender closes its connection.
-        conns.idle.retain(|c| {
-            !c.is_closed() && idle_timeout.is_none_or(|t| now.duration_since(c.since()) < t)
-        });
+        let mut now = None;
         // Most recently used first (warm connections); busy ones stay.
-        let pos = conns.idle.iter().rposition(Idle::is_ready)?;
-        Some(conns.idle.swap_remove(pos))
+        // Closed and expired ones met on the way are dropped (dropping a
+        // sender closes its connection); the others wait for the sweep, so
+        // a take looks at one or two entries, not the whole list.
+        while let Some(pos) = conns.idle.iter().rposition(Idle::is_ready) {
+            let c = conns.idle.swap_remove(pos);
+            let expired = idle_timeout.is_some_and(|t| {
+                let now = *now.get_or_insert_with(Instant::now);
+                now.duration_since(c.since()) >= t
+            });
+            if !c.is_closed() && !expired {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Whether a connection to `addr` is ready in the idle list.
+    fn has_idle(&self, addr: &Key) -> bool {
+        let hosts = self.hosts.lock().expect("pool lock");
+        hosts
+            .get(addr)
+            .is_some_and(|c| c.idle.iter().any(|i| i.is_ready() && !i.is_closed()))
     }
 
     /// A pooled connection still busy with a response (its body not yet
@@ -592,11 +608,6 @@ impl Client {
         let inline = super::h1::can_send(&req);
         let mut pending: Option<Pending<'_>> = None;
         loop {
-            // Registered before looking, so a connection freed between the
-            // look and the wait is not missed.
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
             // A reused connection may have been closed by the peer; hyper
             // gives the request back when it was not sent, and we try
             // another.
@@ -655,7 +666,21 @@ impl Client {
                         }
                     }
                 }
-                None => freed.await,
+                None => {
+                    // Registered, then looked at again: a connection freed
+                    // between the look above and the registration is not
+                    // missed (registering only here keeps the Notify off
+                    // the path of requests that find a connection).
+                    let freed = self.freed.notified();
+                    tokio::pin!(freed);
+                    freed.as_mut().enable();
+                    if !self.has_idle(addr)
+                        && !self.limits().connections.can_create()
+                        && open.load(Relaxed) != 0
+                    {
+                        freed.await;
+                    }
+                }
             }
         }
         // A new connection: its futures (TCP and TLS connect, handshakes)
