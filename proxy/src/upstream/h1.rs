@@ -816,6 +816,30 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes as a response head, chunk-size line or trailer
+        /// block: a result or an error, never a panic; a head that parses
+        /// is taken off the buffer whole.
+        #[test]
+        fn arbitrary_input_never_panics(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            prefix in 0usize..3,
+        ) {
+            let heads: [&[u8]; 3] = [b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"];
+            let mut input = heads[prefix].to_vec();
+            input.extend_from_slice(&raw);
+            let mut b = BytesMut::from(&input[..]);
+            let before = b.len();
+            match parse_head(&mut b, false) {
+                Ok(Parsed::Partial) => proptest::prop_assert_eq!(b.len(), before),
+                Ok(_) => proptest::prop_assert!(b.len() < before),
+                Err(_) => {}
+            }
+            let _ = chunk_size(&raw);
+            let _ = parse_trailers(&raw);
+        }
+    }
+
     #[test]
     fn chunk_size_lines() {
         assert_eq!(chunk_size(b"1f").ok(), Some(31));
