@@ -595,3 +595,21 @@ async fn streamed_request_body_shares_the_connection() {
     assert!(heads[1].1.starts_with("post /b "), "{heads:?}");
     assert_eq!(up.conns.load(SeqCst), 1, "{heads:?}");
 }
+
+/// `max_requests_per_connection: 2`: five sequential requests use three
+/// upstream connections, two requests each at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_retires_connections() {
+    let up = raw_upstream(|_| (ok("ok"), Then::Keep)).await;
+    let opts = "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        common_http_protocol_options: {max_requests_per_connection: 2}\n        explicit_http_config: {http_protocol_options: {}}\n";
+    let p = Proxy::start(|ports| bootstrap(ports, up.addr.port(), opts));
+    let mut c = client(p.addr()).await;
+    for i in 0..5 {
+        let g = send(&mut c, "GET", &format!("/{i}")).await;
+        assert_eq!((g.status, body(&g)), (200, &b"ok"[..]), "request {i}");
+    }
+    assert_eq!(up.conns.load(SeqCst), 3);
+    let heads = up.heads.lock().expect("lock").clone();
+    let per_conn: Vec<usize> = heads.iter().map(|(c, _)| *c).collect();
+    assert_eq!(per_conn, [1, 1, 2, 2, 3]);
+}
