@@ -478,10 +478,14 @@ impl Client {
         let conns = hosts.get_mut(addr)?;
         let idle_timeout = self.settings.idle_timeout;
         let mut now = None;
+        // hyper connections that closed leave the list (an atomic load
+        // each; a closed sender is never ready, so nothing else would
+        // remove it when the sweep does not run).
+        conns.idle.retain(|c| !c.is_closed());
         // Most recently used first (warm connections); busy ones stay.
-        // Closed and expired ones met on the way are dropped (dropping a
-        // sender closes its connection); the others wait for the sweep, so
-        // a take looks at one or two entries, not the whole list.
+        // Expired ones met on the way are dropped (dropping a sender
+        // closes its connection); the others wait for the sweep, so a take
+        // reads the clock once, not once per idle connection.
         while let Some(pos) = conns.idle.iter().rposition(Idle::is_ready) {
             let c = conns.idle.swap_remove(pos);
             let expired = idle_timeout.is_some_and(|t| {
