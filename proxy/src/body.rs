@@ -16,6 +16,8 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::upstream::h1::InlineBody;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why weir ended a stream's body.
@@ -74,6 +76,9 @@ pub enum Body {
     None,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// An upstream HTTP/1 response body weir reads itself (see
+    /// [`crate::upstream::h1`]).
+    Inline(InlineBody),
     /// The downstream request body: records activity, completion and
     /// errors (a malformed chunked body must become a 400, not an upstream
     /// failure), and ends with an error at `request_timeout`.
@@ -108,7 +113,7 @@ pub struct Watched {
 }
 
 pub struct Timed {
-    pub inner: Incoming,
+    pub inner: UpstreamBody,
     pub state: Arc<StreamState>,
     pub idle: Option<Duration>,
     /// The stream's end of life (`max_stream_duration`).
@@ -258,13 +263,16 @@ impl Body {
 
     /// An upstream response body under the stream's idle and duration timers.
     pub fn timed(
-        inner: Incoming,
+        inner: UpstreamBody,
         state: Arc<StreamState>,
         idle: Option<Duration>,
         max_duration: Option<Duration>,
     ) -> Body {
         if idle.is_none() && max_duration.is_none() {
-            return Body::Incoming(inner);
+            return match inner {
+                UpstreamBody::Hyper(i) => Body::Incoming(i),
+                UpstreamBody::Inline(i) => Body::Inline(i),
+            };
         }
         let deadline = max_duration.map(|d| state.start + d);
         Body::Timed(Box::new(Timed {
@@ -274,6 +282,43 @@ impl Body {
             deadline,
             sleep: None,
         }))
+    }
+}
+
+/// An upstream response body: hyper's (HTTP/2, and HTTP/1 requests weir
+/// leaves to hyper's client) or read inline by weir.
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    Inline(InlineBody),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(i) => Pin::new(i).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Inline(i) => Pin::new(i).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(i) => i.is_end_stream(),
+            UpstreamBody::Inline(i) => i.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(i) => i.size_hint(),
+            UpstreamBody::Inline(i) => i.size_hint(),
+        }
     }
 }
 
@@ -289,6 +334,7 @@ impl http_body::Body for Body {
             Body::Empty | Body::None => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(i) => Pin::new(i).poll_frame(cx).map_err(Into::into),
+            Body::Inline(i) => Pin::new(i).poll_frame(cx),
             Body::Watched(w) => {
                 let r = Pin::new(&mut w.inner).poll_frame(cx);
                 match &r {
@@ -391,6 +437,7 @@ impl http_body::Body for Body {
             Body::Empty | Body::None => true,
             Body::Full(b) => b.is_none(),
             Body::Incoming(i) => i.is_end_stream(),
+            Body::Inline(i) => i.is_end_stream(),
             Body::Watched(w) => w.inner.is_end_stream(),
             Body::Timed(t) => t.inner.is_end_stream(),
             Body::Tracked(t) => t.inner.is_end_stream() && !t.done.pending(),
@@ -406,6 +453,7 @@ impl http_body::Body for Body {
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Incoming(i) => i.size_hint(),
+            Body::Inline(i) => i.size_hint(),
             Body::Watched(w) => w.inner.size_hint(),
             Body::Timed(t) => t.inner.size_hint(),
             Body::Tracked(t) => t.inner.size_hint(),

@@ -506,8 +506,13 @@ fn report_outlier(cluster: &ClusterRuntime, host: &crate::upstream::Host, outcom
 
 /// What one try's pool exchange gives: the response with its connection's
 /// certificates and local address, or why there is none.
-type TryResult =
-    Result<(Response<Incoming>, crate::upstream::pool::ConnInfo), crate::upstream::PoolError>;
+type TryResult = Result<
+    (
+        Response<crate::body::UpstreamBody>,
+        crate::upstream::pool::ConnInfo,
+    ),
+    crate::upstream::PoolError,
+>;
 
 fn outcome_of(res: TryResult) -> Outcome {
     match res {
@@ -651,7 +656,10 @@ fn drop_tries(cluster: &ClusterRuntime, tries: &mut Vec<Try<'_>>) {
 enum Outcome {
     /// With the certificates and local address of the upstream connection
     /// that carried it.
-    Response(Response<Incoming>, crate::upstream::pool::ConnInfo),
+    Response(
+        Response<crate::body::UpstreamBody>,
+        crate::upstream::pool::ConnInfo,
+    ),
     ConnectFailure(String),
     Reset(String),
     Timeout,
@@ -1675,7 +1683,7 @@ fn send_try<'a>(
 ) -> impl std::future::Future<
     Output = Result<
         (
-            Response<hyper::body::Incoming>,
+            Response<crate::body::UpstreamBody>,
             crate::upstream::pool::ConnInfo,
         ),
         crate::upstream::PoolError,

@@ -22,6 +22,7 @@ use crate::stats::{Counter, Gauge, Histogram, StatName, Store};
 pub mod callout;
 pub mod circuit_breaker;
 pub mod dns;
+pub mod h1;
 pub mod hash_lb;
 pub mod health_check;
 pub mod original_dst;

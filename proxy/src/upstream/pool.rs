@@ -3,7 +3,9 @@
 //! the downstream addresses of an upstream PROXY protocol header, see
 //! [`Key`]).
 //!
-//! Built on hyper's connection-level client so weir controls reuse:
+//! HTTP/1.1 requests are sent by weir itself ([`super::h1`]) or, when
+//! they need it (streamed bodies, upgrades), by hyper's connection-level
+//! client; HTTP/2 uses hyper's. weir controls reuse:
 //! HTTP/1.1 keeps idle connections per host and hands each request a ready
 //! one; HTTP/2 multiplexes every request of a host over one connection
 //! (streams arriving while it is being made wait for it).
@@ -46,7 +48,7 @@ use xds_client::config::{Cluster, RoutingPriority, UpstreamProtocol};
 
 use super::circuit_breaker::{CircuitBreakers, LimitGuard, ResourceManager};
 use super::ClusterStats;
-use crate::body::Body;
+use crate::body::{Body, UpstreamBody};
 use crate::stats::{Counter, Gauge};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,11 +102,41 @@ pub enum LocalAddr {
     Internal,
 }
 
-struct Idle {
-    sender: http1::SendRequest<Body>,
-    used: u32,
-    since: Instant,
-    conn: ConnInfo,
+/// An HTTP/1 connection in the pool: hyper's client (idle, or still
+/// busy with a response body), or an idle connection weir drives itself
+/// ([`super::h1`]; busy ones are owned by their response body).
+enum Idle {
+    Hyper {
+        sender: http1::SendRequest<Body>,
+        used: u32,
+        since: Instant,
+        conn: ConnInfo,
+    },
+    Inline(Box<super::h1::Conn>),
+}
+
+impl Idle {
+    fn is_closed(&self) -> bool {
+        match self {
+            Idle::Hyper { sender, .. } => sender.is_closed(),
+            // Checked when taken (see `h1::Conn::alive`).
+            Idle::Inline(_) => false,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Idle::Hyper { sender, .. } => sender.is_ready(),
+            Idle::Inline(_) => true,
+        }
+    }
+
+    fn since(&self) -> Instant {
+        match self {
+            Idle::Hyper { since, .. } => *since,
+            Idle::Inline(c) => c.since,
+        }
+    }
 }
 
 struct H2 {
@@ -170,7 +202,7 @@ struct Settings {
 /// (source, destination) the header carries (Envoy's `hashKey` of the
 /// upstream PROXY protocol socket).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
+pub(crate) struct Key {
     addr: SocketAddr,
     sni: Option<Arc<str>>,
     alpn: Option<Arc<[Vec<u8>]>>,
@@ -400,10 +432,10 @@ impl Client {
     /// Sends `req` to `d.addr` on a pooled connection of its key, or a new
     /// one; with the response, that connection's certificates.
     pub async fn request(
-        &self,
+        self: &Arc<Self>,
         d: Dest<'_>,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
+    ) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
         let tls = d.tls;
         let key = Key {
             addr: d.addr,
@@ -426,10 +458,10 @@ impl Client {
             // An HTTP/1 pool whose TLS upstream negotiated h2 by ALPN
             // (`auto_config`) keeps that connection in its h2 slot.
             PoolKind::Http1 if tls.is_some() && self.live_h2(addr) => {
-                self.request_h2(addr, &t, req).await
+                hyper_response(self.request_h2(addr, &t, req).await)
             }
             PoolKind::Http1 => self.request_h1(addr, &t, req).await,
-            PoolKind::Http2 => self.request_h2(addr, &t, req).await,
+            PoolKind::Http2 => hyper_response(self.request_h2(addr, &t, req).await),
         }
     }
 
@@ -444,15 +476,35 @@ impl Client {
     fn take_idle(&self, addr: &Key) -> Option<Idle> {
         let mut hosts = self.hosts.lock().expect("pool lock");
         let conns = hosts.get_mut(addr)?;
-        let now = Instant::now();
         let idle_timeout = self.settings.idle_timeout;
-        // Dropping a sender closes its connection.
-        conns.idle.retain(|c| {
-            !c.sender.is_closed() && idle_timeout.is_none_or(|t| now.duration_since(c.since) < t)
-        });
+        let mut now = None;
+        // hyper connections that closed leave the list (an atomic load
+        // each; a closed sender is never ready, so nothing else would
+        // remove it when the sweep does not run).
+        conns.idle.retain(|c| !c.is_closed());
         // Most recently used first (warm connections); busy ones stay.
-        let pos = conns.idle.iter().rposition(|c| c.sender.is_ready())?;
-        Some(conns.idle.swap_remove(pos))
+        // Expired ones met on the way are dropped (dropping a sender
+        // closes its connection); the others wait for the sweep, so a take
+        // reads the clock once, not once per idle connection.
+        while let Some(pos) = conns.idle.iter().rposition(Idle::is_ready) {
+            let c = conns.idle.swap_remove(pos);
+            let expired = idle_timeout.is_some_and(|t| {
+                let now = *now.get_or_insert_with(Instant::now);
+                now.duration_since(c.since()) >= t
+            });
+            if !c.is_closed() && !expired {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Whether a connection to `addr` is ready in the idle list.
+    fn has_idle(&self, addr: &Key) -> bool {
+        let hosts = self.hosts.lock().expect("pool lock");
+        hosts
+            .get(addr)
+            .is_some_and(|c| c.idle.iter().any(|i| i.is_ready() && !i.is_closed()))
     }
 
     /// A pooled connection still busy with a response (its body not yet
@@ -463,7 +515,7 @@ impl Client {
         let pos = conns
             .idle
             .iter()
-            .position(|c| !c.sender.is_closed() && !c.sender.is_ready())?;
+            .position(|c| !c.is_closed() && !c.is_ready())?;
         Some(conns.idle.swap_remove(pos))
     }
 
@@ -479,14 +531,36 @@ impl Client {
         }
         {
             let mut hosts = self.hosts.lock().expect("pool lock");
-            hosts.entry(addr.clone()).or_default().idle.push(Idle {
-                sender,
-                used,
-                since: Instant::now(),
-                conn,
-            });
+            hosts
+                .entry(addr.clone())
+                .or_default()
+                .idle
+                .push(Idle::Hyper {
+                    sender,
+                    used,
+                    since: Instant::now(),
+                    conn,
+                });
         }
         // Requests pending at the connection limit may take it.
+        self.freed.notify_waiters();
+    }
+
+    /// Returns an inline connection whose exchange ended cleanly to the
+    /// idle list (unless it reached `max_requests_per_connection`, or its
+    /// host left the pool meanwhile: it closes then).
+    pub(super) fn put_inline(&self, mut c: Box<super::h1::Conn>) {
+        if self.settings.max_requests.is_some_and(|m| c.used >= m) {
+            return;
+        }
+        {
+            let mut hosts = self.hosts.lock().expect("pool lock");
+            let Some(conns) = hosts.get_mut(&c.key) else {
+                return;
+            };
+            c.since = Instant::now();
+            conns.idle.push(Idle::Inline(c));
+        }
         self.freed.notify_waiters();
     }
 
@@ -528,30 +602,48 @@ impl Client {
     }
 
     async fn request_h1(
-        &self,
+        self: &Arc<Self>,
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
+    ) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
         *req.version_mut() = Version::HTTP_11;
+        // Sent by weir itself (see `h1`), or by hyper's client.
+        let inline = super::h1::can_send(&req);
         let mut pending: Option<Pending<'_>> = None;
         loop {
-            // Registered before looking, so a connection freed between the
-            // look and the wait is not missed.
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
             // A reused connection may have been closed by the peer; hyper
             // gives the request back when it was not sent, and we try
             // another.
-            while let Some(mut idle) = self.take_idle(addr) {
+            while let Some(idle) = self.take_idle(addr) {
                 pending = None;
                 let _rq = self.attach()?;
-                match idle.sender.try_send_request(req).await {
+                let (mut sender, used, conn) = match idle {
+                    Idle::Hyper {
+                        sender, used, conn, ..
+                    } => (sender, used, conn),
+                    Idle::Inline(mut c) => {
+                        // Closed by the peer meanwhile: try the next one.
+                        if !c.alive().await {
+                            continue;
+                        }
+                        if inline {
+                            return c.exchange(self, req).await;
+                        }
+                        // hyper's client takes the connection over (its
+                        // read buffer is empty between exchanges).
+                        let (used, info) = (c.used, c.info.clone());
+                        match self.hyper_h1(c.into_io()).await {
+                            Ok(sender) => (sender, used, info),
+                            Err(_) => continue,
+                        }
+                    }
+                };
+                match sender.try_send_request(req).await {
                     Ok(resp) => {
-                        let conn = idle.conn.clone();
-                        self.put_idle(addr, idle.sender, idle.used + 1, idle.conn);
-                        return Ok((resp, conn));
+                        let c = conn.clone();
+                        self.put_idle(addr, sender, used + 1, conn);
+                        return Ok((resp.map(UpstreamBody::Hyper), c));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(r) => req = r,
@@ -572,27 +664,44 @@ impl Client {
             self.settings.cx_overflow.inc();
             match self.take_busy(addr) {
                 Some(mut busy) => {
-                    if busy.sender.ready().await.is_ok() {
-                        self.put_back(addr, busy);
+                    if let Idle::Hyper { sender, .. } = &mut busy {
+                        if sender.ready().await.is_ok() {
+                            self.put_back(addr, busy);
+                        }
                     }
                 }
-                None => freed.await,
+                None => {
+                    // Registered, then looked at again: a connection freed
+                    // between the look above and the registration is not
+                    // missed (registering only here keeps the Notify off
+                    // the path of requests that find a connection).
+                    let freed = self.freed.notified();
+                    tokio::pin!(freed);
+                    freed.as_mut().enable();
+                    if !self.has_idle(addr)
+                        && !self.limits().connections.can_create()
+                        && open.load(Relaxed) != 0
+                    {
+                        freed.await;
+                    }
+                }
             }
         }
         // A new connection: its futures (TCP and TLS connect, handshakes)
         // are several times the size of a pooled request's, so they are
         // boxed rather than carried by every request's future.
-        Box::pin(self.connect_h1(addr, tls, req, pending)).await
+        Box::pin(self.connect_h1(addr, tls, req, pending, inline)).await
     }
 
     /// The part of [`Client::request_h1`] that opens a new connection.
     async fn connect_h1(
-        &self,
+        self: &Arc<Self>,
         addr: &Key,
         tls: &Transport<'_>,
         mut req: Request<Body>,
         pending: Option<Pending<'_>>,
-    ) -> Result<(Response<Incoming>, ConnInfo), PoolError> {
+        inline: bool,
+    ) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
         let (io, alpn, conn_tls) = self.connect(addr, tls).await?;
         drop(pending);
         let _rq = self.attach()?;
@@ -602,25 +711,37 @@ impl Client {
             return sender
                 .send_request(req)
                 .await
-                .map(|r| (r, conn_tls))
+                .map(|r| (r.map(UpstreamBody::Hyper), conn_tls))
                 .map_err(|e| PoolError::Reset(error_text(&e)));
         }
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(io)
+        if inline {
+            return super::h1::Conn::new(io, addr.clone(), conn_tls)
+                .exchange(self, req)
+                .await;
+        }
+        let mut sender = self
+            .hyper_h1(io)
             .await
             .map_err(|e| PoolError::Connect(error_text(&e)))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
         match sender.send_request(req).await {
             Ok(resp) => {
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     self.put_idle(addr, sender, 1, conn_tls.clone());
                 }
-                Ok((resp, conn_tls))
+                Ok((resp.map(UpstreamBody::Hyper), conn_tls))
             }
             Err(e) => Err(PoolError::Reset(error_text(&e))),
         }
+    }
+
+    /// Starts hyper's HTTP/1 client on `io` (its connection task runs on
+    /// its own, upgrades included).
+    async fn hyper_h1(&self, io: CountedIo) -> Result<http1::SendRequest<Body>, hyper::Error> {
+        let (sender, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
     }
 
     async fn request_h2(
@@ -897,7 +1018,7 @@ impl Client {
         let hosts = self.hosts.lock().expect("pool lock");
         hosts.iter().any(|(k, c)| {
             k.addr == addr
-                && (c.idle.iter().any(|i| !i.sender.is_closed())
+                && (c.idle.iter().any(|i| !i.is_closed())
                     || c.h2.as_ref().is_some_and(|h| !h.sender.is_closed())
                     || c.open.load(Relaxed) > 0)
         })
@@ -912,13 +1033,21 @@ impl Client {
         let mut hosts = self.hosts.lock().expect("pool lock");
         for conns in hosts.values_mut() {
             let idle_c = &self.settings.idle_timeout_c;
-            conns.idle.retain(|c| {
-                if c.sender.is_closed() {
+            conns.idle.retain_mut(|c| {
+                if c.is_closed() {
                     return false;
+                }
+                // An inline connection the peer closed (or wrote to) while
+                // idle: found here or when next taken.
+                if let Idle::Inline(i) = c {
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    if !i.poll_alive(&mut cx) {
+                        return false;
+                    }
                 }
                 // Idle past the timeout: closed here (counted, as Envoy's
                 // upstream_cx_idle_timeout). Busy connections are not idle.
-                let expired = c.sender.is_ready() && now.duration_since(c.since) >= t;
+                let expired = c.is_ready() && now.duration_since(c.since()) >= t;
                 if expired {
                     idle_c.inc();
                 }
@@ -980,6 +1109,13 @@ fn to_h2(req: &mut Request<Body>) {
     {
         *req.uri_mut() = uri;
     }
+}
+
+/// A response from hyper's client as the pool returns it.
+fn hyper_response(
+    r: Result<(Response<Incoming>, ConnInfo), PoolError>,
+) -> Result<(Response<UpstreamBody>, ConnInfo), PoolError> {
+    r.map(|(r, c)| (r.map(UpstreamBody::Hyper), c))
 }
 
 fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
@@ -1073,6 +1209,14 @@ pub struct CountedIo {
     io: TokioIo<UpstreamIo>,
     active: Arc<Gauge>,
     _slot: ConnSlot,
+}
+
+impl CountedIo {
+    /// The transport (for [`super::h1`], which drives it with tokio's
+    /// traits).
+    pub(super) fn stream(&mut self) -> &mut UpstreamIo {
+        self.io.inner_mut()
+    }
 }
 
 impl Drop for CountedIo {
