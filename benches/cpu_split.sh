@@ -54,36 +54,7 @@ P_H1=18100 P_H2C=18101 P_TLS=18102 P_TCP=18103 render "$PEERS_DIR/nginx-proxy.co
 P_H1=18200 P_H2C=18201 P_TLS=18202 P_TCP=18203 render "$PEERS_DIR/haproxy.cfg.tmpl" "$WORK/conf/haproxy.cfg"
 P_H1=18400 P_H2C=18401 P_TLS=18402 P_TCP=18403 P_ADMIN=18409 render "$PEERS_DIR/envoy.yaml.tmpl" "$WORK/conf/weir.yaml"
 # istiod's always-installed filters before the router (as filter_cost.sh).
-python3 - "$WORK/conf/weir.yaml" "$WORK/conf/weir-istio.yaml" <<'PY'
-import sys
-s = open(sys.argv[1]).read()
-router = "          - name: envoy.filters.http.router\n"
-ts = "type.googleapis.com/udpa.type.v1.TypedStruct"
-extra = f"""          - name: envoy.filters.http.grpc_stats
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig
-              emit_filter_state: true
-              stats_for_all_methods: false
-          - name: envoy.filters.http.fault
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-          - name: envoy.filters.http.cors
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
-          - name: istio.metadata_exchange
-            typed_config:
-              "@type": {ts}
-              type_url: type.googleapis.com/io.istio.http.peer_metadata.Config
-              value: {{upstream_discovery: [{{istio_headers: {{}}}}], upstream_propagation: [{{istio_headers: {{}}}}]}}
-          - name: istio.stats
-            typed_config:
-              "@type": {ts}
-              type_url: type.googleapis.com/stats.PluginConfig
-              value: {{disable_host_header_fallback: true, reporter: SERVER_GATEWAY}}
-"""
-assert router in s
-open(sys.argv[2], "w").write(s.replace(router, extra + router))
-PY
+python3 "$ROOT/benches/lib/istio_filters.py" "$WORK/conf/weir.yaml" "$WORK/conf/weir-istio.yaml" all
 taskset -c 0 nginx -p "$WORK" -e "$WORK/log/backend-error.log" -c "$WORK/conf/backend.conf" \
     >"$WORK/log/backend.out" 2>&1 &
 PIDS+=($!)

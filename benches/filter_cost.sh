@@ -30,55 +30,20 @@ cp -r "$PEERS_DIR" "$WORK/filters"
 rm -rf "$WORK/plain/results" "$WORK/filters/results"
 
 # Insert istiod's always-installed filters before every router.
-python3 - "$WORK/filters/envoy.yaml.tmpl" <<'EOF'
-import sys
-p = sys.argv[1]
-s = open(p).read()
-router = "          - name: envoy.filters.http.router\n"
-extra = """          - name: envoy.filters.http.grpc_stats
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig
-              emit_filter_state: true
-              stats_for_all_methods: false
-          - name: envoy.filters.http.fault
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
-          - name: envoy.filters.http.cors
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
-"""
-assert router in s
-open(p, "w").write(s.replace(router, extra + router))
-EOF
+python3 "$ROOT/benches/lib/istio_filters.py" "$WORK/filters/envoy.yaml.tmpl" \
+    "$WORK/filters/envoy.yaml.tmpl" upstream
 
 # weir additionally runs Istio's own filters (not in upstream Envoy).
 cat > "$WORK/istio-weir.sh" <<'EOF'
 #!/usr/bin/env bash
 set -euo pipefail
 out="$BENCH_WORKDIR/ours-istio.yaml"
-python3 - "$BENCH_ENVOY_CONFIG" "$out" <<'PY'
-import sys
-s = open(sys.argv[1]).read()
-router = "          - name: envoy.filters.http.router\n"
-ts = "type.googleapis.com/udpa.type.v1.TypedStruct"
-extra = f"""          - name: istio.metadata_exchange
-            typed_config:
-              "@type": {ts}
-              type_url: type.googleapis.com/io.istio.http.peer_metadata.Config
-              value: {{upstream_discovery: [{{istio_headers: {{}}}}], upstream_propagation: [{{istio_headers: {{}}}}]}}
-          - name: istio.stats
-            typed_config:
-              "@type": {ts}
-              type_url: type.googleapis.com/stats.PluginConfig
-              value: {{disable_host_header_fallback: true, reporter: SERVER_GATEWAY}}
-"""
-open(sys.argv[2], "w").write(s.replace(router, extra + router))
-PY
+python3 "$ROOT/benches/lib/istio_filters.py" "$BENCH_ENVOY_CONFIG" "$out" istio
 exec "$WEIR" -c "$out" --concurrency "$BENCH_WORKERS"
 EOF
 chmod +x "$WORK/istio-weir.sh"
 
-export WEIR
+export WEIR ROOT
 export SCENARIOS=${SCENARIOS:-h1} CONNS=${CONNS:-16}
 
 # ROUNDS=N (N > 1): weir only, router-only and with every istiod filter,
